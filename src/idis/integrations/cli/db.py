@@ -1,0 +1,37 @@
+"""``idis-integrations db upgrade`` and ``db current``."""
+
+from __future__ import annotations
+
+import click
+
+from ..db.migrate import current_revision, head_revision, upgrade
+from . import main
+from ._common import get_settings, handle_errors, stdout
+
+
+@main.group("db")
+def db() -> None:
+    """Create or upgrade the library's tables (own alembic version table)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+@click.option("--database-url", default=None, help="Override IDIS_DATABASE_URL.")
+@handle_errors
+def db_upgrade(revision: str, database_url: str | None) -> None:
+    """Apply migrations up to REVISION."""
+    url = database_url or get_settings().database_url
+    reached = upgrade(url, revision)
+    stdout.print(f"database at revision {reached} (head {head_revision()})", markup=False)
+
+
+@db.command("current")
+@click.option("--database-url", default=None, help="Override IDIS_DATABASE_URL.")
+@handle_errors
+def db_current(database_url: str | None) -> None:
+    """Show the database's revision and the newest one this version ships."""
+    url = database_url or get_settings().database_url
+    current = current_revision(url)
+    head = head_revision()
+    state = "up to date" if current == head else "needs `idis-integrations db upgrade`"
+    stdout.print(f"current: {current or 'none'}  head: {head}  ({state})", markup=False)

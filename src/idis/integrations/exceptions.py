@@ -1,0 +1,270 @@
+"""Every error idis.integrations raises.
+
+The tree::
+
+    IntegrationError                    root; never raised itself
+    ├── ConfigError                     bad environment variable / config file / CLI value
+    │   └── UnknownProviderError        a provider name nobody declared
+    ├── ProviderError                   a call to a provider failed (carries provider, endpoint)
+    │   ├── ProviderTimeout             connect/read/write/pool timeout or deadline exceeded
+    │   ├── ProviderConnectionError     refused, reset, DNS, TLS: never reached the provider
+    │   ├── ProviderUnavailable         5xx from the provider
+    │   ├── RateLimited                 429 (or Retry-After pause in force); has retry_after
+    │   ├── ProviderRejected            4xx we caused; never retried, never trips a breaker
+    │   ├── MalformedResponse           2xx whose body is not what the contract says
+    │   ├── CircuitOpen                 breaker open: the call was not attempted
+    │   ├── BulkheadFull                too many calls in flight to this provider
+    │   ├── RetryBudgetExhausted        a retry was due but the provider's retry budget is spent
+    │   └── ReplayWindowExceeded        asked a replay API for more than it retains
+    ├── AuthError                       OAuth token could not be obtained or refreshed
+    │   ├── ReauthorizationRequired     invalid_grant: a human must re-authorize
+    │   └── TokenLockTimeout            waited too long for another refresh; NOT bad credentials
+    ├── SecretStoreError                Vault unreachable, denied, or the secret is missing
+    ├── WebhookVerificationError        signature, timestamp, size or body rejected
+    ├── StorageError                    the database is unreachable or refused the statement
+    └── UsageError (also RuntimeError)  a programming mistake in the caller; never retried
+
+Each class has a ``retryable`` flag so that one predicate drives every retry
+loop. Messages never contain tokens, secrets or request headers: errors carry
+provider and endpoint names, status codes and the value that was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AuthError",
+    "BulkheadFull",
+    "CircuitOpen",
+    "ConfigError",
+    "IntegrationError",
+    "MalformedResponse",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderRejected",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "RateLimited",
+    "ReauthorizationRequired",
+    "ReplayWindowExceeded",
+    "RetryBudgetExhausted",
+    "SecretStoreError",
+    "StorageError",
+    "TokenLockTimeout",
+    "UnknownProviderError",
+    "UsageError",
+    "WebhookVerificationError",
+]
+
+
+class IntegrationError(Exception):
+    """Base of every error this library raises."""
+
+    #: Whether retrying the same operation later may succeed.
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str | None = None) -> None:
+        # The class docstring's first line is the default message, so a bare
+        # ``raise CircuitOpen()`` still says something useful.
+        super().__init__(message or (self.__doc__ or type(self).__name__).strip().splitlines()[0])
+
+    @property
+    def message(self) -> str:
+        """The human-readable message."""
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(IntegrationError, ValueError):
+    """Configuration is invalid.
+
+    The message names the variable (or flag, or config-file key), the value
+    found and what was expected. Fix the value and restart; nothing was changed.
+    """
+
+    def __init__(self, message: str, *, variable: str | None = None) -> None:
+        super().__init__(message)
+        #: The environment variable, flag or config key that was wrong.
+        self.variable = variable
+
+
+class UnknownProviderError(ConfigError):
+    """The provider name is not declared in the configuration."""
+
+    def __init__(self, name: str, known: list[str] | tuple[str, ...]) -> None:
+        listed = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            f"unknown provider {name!r}: expected one of {listed} "
+            "(declare providers in IDIS_PROVIDERS or the IDIS_CONFIG_FILE TOML)",
+            variable="provider",
+        )
+        self.provider = name
+        self.known = tuple(sorted(known))
+
+
+class ProviderError(IntegrationError):
+    """A call to a provider failed."""
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        provider: str = "",
+        endpoint: str = "",
+        status_code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        #: Provider name as configured.
+        self.provider = provider
+        #: Logical endpoint name (a bounded label, never a URL).
+        self.endpoint = endpoint
+        #: HTTP status code, when the provider answered.
+        self.status_code = status_code
+
+    #: Short, bounded name used as the ``error_type`` metric label.
+    error_type: ClassVar[str] = "error"
+
+    #: Whether this failure is the provider's fault (counts against its breaker).
+    provider_fault: ClassVar[bool] = True
+
+
+class ProviderTimeout(ProviderError):
+    """The provider did not answer in time (timeout or overall deadline)."""
+
+    error_type = "timeout"
+
+
+class ProviderConnectionError(ProviderError):
+    """The provider could not be reached (connection refused, reset or dropped)."""
+
+    error_type = "connection"
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider answered with a server error (5xx)."""
+
+    error_type = "server_error"
+
+
+class RateLimited(ProviderError):
+    """The provider rate-limited us (HTTP 429); wait ``retry_after`` seconds."""
+
+    error_type = "rate_limited"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        provider: str = "",
+        endpoint: str = "",
+        status_code: int | None = 429,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, provider=provider, endpoint=endpoint, status_code=status_code)
+        #: Seconds the provider asked us to wait, if it said.
+        self.retry_after = retry_after
+
+
+class ProviderRejected(ProviderError):
+    """The provider rejected the request (4xx): our request is wrong, do not retry."""
+
+    retryable = False
+    provider_fault = False
+    error_type = "client_error"
+
+
+class MalformedResponse(ProviderError):
+    """The provider answered 2xx with a body that does not match its contract."""
+
+    error_type = "malformed_response"
+
+
+class CircuitOpen(ProviderError):
+    """The provider's circuit breaker is open: the call was not attempted."""
+
+    provider_fault = False
+    error_type = "circuit_open"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        provider: str = "",
+        endpoint: str = "",
+        retry_in: float | None = None,
+    ) -> None:
+        super().__init__(message, provider=provider, endpoint=endpoint)
+        #: Seconds until the breaker lets a trial call through, if known.
+        self.retry_in = retry_in
+
+
+class BulkheadFull(ProviderError):
+    """Too many calls to this provider are already in flight."""
+
+    provider_fault = False
+    error_type = "bulkhead_full"
+
+
+class RetryBudgetExhausted(ProviderError):
+    """A retry was due but the provider's retry budget is spent; the last error is chained."""
+
+    provider_fault = False
+    error_type = "retry_budget_exhausted"
+
+
+class ReplayWindowExceeded(ProviderError):
+    """The replay API does not retain events that far back.
+
+    Reconcile a shorter window, or run a full resync of the affected records.
+    """
+
+    retryable = False
+    provider_fault = False
+    error_type = "replay_window_exceeded"
+
+
+class AuthError(IntegrationError):
+    """An OAuth token could not be obtained or refreshed."""
+
+    retryable = True
+
+    def __init__(self, message: str | None = None, *, provider: str = "") -> None:
+        super().__init__(message)
+        self.provider = provider
+
+
+class ReauthorizationRequired(AuthError):
+    """The provider refused the grant (invalid_grant): a human must re-authorize."""
+
+    retryable = False
+
+
+class TokenLockTimeout(AuthError):
+    """Timed out waiting for another process's token refresh; credentials may be fine."""
+
+
+class SecretStoreError(IntegrationError):
+    """The secret store (Vault) is unreachable, denied the request, or lacks the secret."""
+
+    retryable = True
+
+
+class WebhookVerificationError(IntegrationError):
+    """An inbound webhook failed verification (signature, timestamp, size or body)."""
+
+    def __init__(self, message: str | None = None, *, reason: str = "invalid") -> None:
+        super().__init__(message)
+        #: Bounded reason code, used as a metric label.
+        self.reason = reason
+
+
+class StorageError(IntegrationError):
+    """The database is unreachable or refused a statement."""
+
+    retryable = True
+
+
+class UsageError(IntegrationError, RuntimeError):
+    """The library was called incorrectly; this is a bug in the caller."""

@@ -1,0 +1,92 @@
+"""Durations and --since values parse one way everywhere, and bad ones are named."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from idis.integrations.exceptions import ConfigError
+from idis.integrations.timeparse import format_duration, parse_duration, parse_since
+
+NOW = datetime(2026, 1, 19, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("250ms", 0.25),
+        ("2d", 172800),
+        ("90 minutes", 5400),
+        ("1 hour 30 minutes", 5400),
+        ("45", 45),
+        ("1.5h", 5400),
+        (" 5M ", 300),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    """Compact, long and bare forms all parse to the same seconds."""
+    assert timedelta(seconds=seconds) == parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["", "5 parsecs", "-5m", "m5", "5mm", "1h-30m", "abc", "nan"])
+def test_bad_duration_names_value_and_variable(text: str) -> None:
+    """A bad duration raises ConfigError naming the variable and the value."""
+    with pytest.raises(ConfigError) as info:
+        parse_duration(text, name="CRM_POLL_INTERVAL")
+
+    assert "CRM_POLL_INTERVAL" in str(info.value)
+    assert repr(text) in str(info.value)
+
+
+@given(st.integers(min_value=0, max_value=10**7))
+def test_format_then_parse_round_trips(seconds: int) -> None:
+    """format_duration's output parses back to the same duration."""
+    assert timedelta(seconds=seconds) == parse_duration(format_duration(seconds))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1 hour ago", NOW - timedelta(hours=1)),
+        ("2 hours ago", NOW - timedelta(hours=2)),
+        ("90 minutes ago", NOW - timedelta(minutes=90)),
+        ("4 hours ago", NOW - timedelta(hours=4)),
+        ("2h ago", NOW - timedelta(hours=2)),
+        ("2h", NOW - timedelta(hours=2)),
+        ("now", NOW),
+        ("2026-01-19T10:00:00Z", datetime(2026, 1, 19, 10, tzinfo=UTC)),
+        ("2026-01-19T11:00:00+01:00", datetime(2026, 1, 19, 10, tzinfo=UTC)),
+        ("2026-01-19 10:00", datetime(2026, 1, 19, 10, tzinfo=UTC)),
+        ("2026-01-19", datetime(2026, 1, 19, tzinfo=UTC)),
+    ],
+)
+def test_parse_since(text: str, expected: datetime) -> None:
+    """RB-09's relative times and ISO-8601 give aware UTC datetimes."""
+    assert expected == parse_since(text, now=lambda: NOW)
+
+
+@pytest.mark.parametrize("text", ["yesterday-ish", "1 fortnight ago", "", "2027-01-01T00:00:00Z"])
+def test_bad_since_names_flag_and_value(text: str) -> None:
+    """A bad or future --since raises ConfigError naming the flag and the value."""
+    with pytest.raises(ConfigError) as info:
+        parse_since(text, now=lambda: NOW)
+
+    assert "--since" in str(info.value)
+    assert repr(text) in str(info.value)
+
+
+@given(st.text(max_size=40))
+def test_parse_since_never_raises_anything_but_config_error(text: str) -> None:
+    """Arbitrary input either parses or raises ConfigError, nothing else."""
+    try:
+        result = parse_since(text, now=lambda: NOW)
+    except ConfigError:
+        return
+    assert result.tzinfo is not None
