@@ -14,7 +14,7 @@ import idis.integrations.db.base as idb
 
 revision = "0001_core"
 down_revision = None
-branch_labels = None
+branch_labels = ("core",)
 depends_on = None
 
 

@@ -8,7 +8,12 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from idis.integrations.db.engine import create_db_engine
-from idis.integrations.db.migrate import VERSION_TABLE, current_revision, head_revision, upgrade
+from idis.integrations.db.migrate import (
+    VERSION_TABLE,
+    current_revisions,
+    head_revisions,
+    upgrade,
+)
 from idis.integrations.db.models import metadata
 
 
@@ -27,7 +32,7 @@ def _diff(url: str) -> list[object]:
 def test_upgrade_from_empty_matches_models(db_url: str) -> None:
     """An empty database upgraded to head has no difference from the models."""
     assert [] == _diff(db_url)
-    assert head_revision() == current_revision(db_url)
+    assert head_revisions() == current_revisions(db_url)
 
 
 def test_version_table_is_our_own(sqlite_url: str) -> None:
@@ -44,10 +49,10 @@ def test_version_table_is_our_own(sqlite_url: str) -> None:
 
 def test_upgrade_is_idempotent(sqlite_url: str) -> None:
     """Running db upgrade twice changes nothing."""
-    first = current_revision(sqlite_url)
+    first = current_revisions(sqlite_url)
     upgrade(sqlite_url)
 
-    assert first == current_revision(sqlite_url)
+    assert first == current_revisions(sqlite_url)
 
 
 @pytest.mark.postgres

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..db.migrate import current_revision, head_revision, upgrade
+from ..db.migrate import current_revisions, head_revisions, upgrade
 from . import main
 from ._common import get_settings, handle_errors, stdout
 
@@ -15,14 +15,17 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@click.option("--revision", default="head", show_default=True, help="Target revision.")
+@click.option("--revision", default="heads", show_default=True, help="Target revision.")
 @click.option("--database-url", default=None, help="Override IDIS_DATABASE_URL.")
 @handle_errors
 def db_upgrade(revision: str, database_url: str | None) -> None:
     """Apply migrations up to REVISION."""
     url = database_url or get_settings().database_url
     reached = upgrade(url, revision)
-    stdout.print(f"database at revision {reached} (head {head_revision()})", markup=False)
+    stdout.print(
+        f"database at {', '.join(reached) or 'none'} (heads {', '.join(head_revisions())})",
+        markup=False,
+    )
 
 
 @db.command("current")
@@ -31,7 +34,10 @@ def db_upgrade(revision: str, database_url: str | None) -> None:
 def db_current(database_url: str | None) -> None:
     """Show the database's revision and the newest one this version ships."""
     url = database_url or get_settings().database_url
-    current = current_revision(url)
-    head = head_revision()
-    state = "up to date" if current == head else "needs `idis-integrations db upgrade`"
-    stdout.print(f"current: {current or 'none'}  head: {head}  ({state})", markup=False)
+    current = current_revisions(url)
+    heads = head_revisions()
+    state = "up to date" if current == heads else "needs `idis-integrations db upgrade`"
+    stdout.print(
+        f"current: {', '.join(current) or 'none'}  heads: {', '.join(heads)}  ({state})",
+        markup=False,
+    )

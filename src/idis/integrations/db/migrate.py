@@ -1,5 +1,9 @@
 """Run the library's alembic migrations (``idis-integrations db upgrade`` / ``db current``).
 
+Each capability owns one branch of revisions rooted at ``0001_core`` (labelled with
+the capability's name), so capabilities evolve their tables independently;
+``upgrade`` always targets every head.
+
 The migrations keep their own version table, ``idis_integrations_alembic_version``,
 so they live beside the host service's own alembic history in the same
 database without either seeing the other's revisions.
@@ -17,7 +21,14 @@ from alembic.script import ScriptDirectory
 from ..exceptions import UsageError
 from .engine import create_db_engine, storage_errors
 
-__all__ = ["VERSION_TABLE", "alembic_config", "current_revision", "head_revision", "upgrade"]
+__all__ = [
+    "VERSION_TABLE",
+    "alembic_config",
+    "current_revisions",
+    "head_revisions",
+    "is_up_to_date",
+    "upgrade",
+]
 
 VERSION_TABLE = "idis_integrations_alembic_version"
 
@@ -41,25 +52,36 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def upgrade(url: str, revision: str = "head") -> str | None:
-    """Upgrade the database at ``url`` to ``revision``; return the revision reached."""
+def upgrade(url: str, revision: str = "heads") -> tuple[str, ...]:
+    """Upgrade the database at ``url`` to ``revision`` (every head by default).
+
+    Returns:
+        The revisions the database is at afterwards.
+    """
     with storage_errors():
         command.upgrade(alembic_config(url), revision)
-    return current_revision(url)
+    return current_revisions(url)
 
 
-def current_revision(url: str) -> str | None:
-    """The library's revision in the database at ``url`` (None when never migrated)."""
+def current_revisions(url: str) -> tuple[str, ...]:
+    """The library's revisions in the database at ``url`` (empty when never migrated)."""
     engine = create_db_engine(url)
     try:
         with storage_errors(), engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-            return context.get_current_revision()
+            context = MigrationContext.configure(
+                connection, opts={"version_table": VERSION_TABLE}
+            )
+            return tuple(sorted(context.get_current_heads()))
     finally:
         engine.dispose()
 
 
-def head_revision() -> str | None:
-    """The newest revision shipped with this version of the library."""
+def head_revisions() -> tuple[str, ...]:
+    """The newest revision of each branch shipped with this version of the library."""
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    return script.get_current_head()
+    return tuple(sorted(script.get_heads()))
+
+
+def is_up_to_date(url: str) -> bool:
+    """Whether the database at ``url`` is at every head."""
+    return current_revisions(url) == head_revisions()
