@@ -122,6 +122,8 @@ class ProviderError(IntegrationError):
         self.endpoint = endpoint
         #: HTTP status code, when the provider answered.
         self.status_code = status_code
+        #: Seconds the provider asked us to wait (Retry-After), if it said.
+        self.retry_after: float | None = None
 
     #: Short, bounded name used as the ``error_type`` metric label.
     error_type: ClassVar[str] = "error"
@@ -163,7 +165,6 @@ class RateLimited(ProviderError):
         retry_after: float | None = None,
     ) -> None:
         super().__init__(message, provider=provider, endpoint=endpoint, status_code=status_code)
-        #: Seconds the provider asked us to wait, if it said.
         self.retry_after = retry_after
 
 

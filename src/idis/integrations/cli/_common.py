@@ -50,7 +50,8 @@ EXIT_UNAVAILABLE = 3
 P = ParamSpec("P")
 R = TypeVar("R")
 
-stdout = Console(highlight=False, soft_wrap=True)
+# Piped output (logs, CI, `kubectl exec`) gets wide tables instead of 80 columns.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

@@ -1,0 +1,436 @@
+"""Provider adapters: typed access to a provider's records, changes, replay and enrichment.
+
+:class:`ProviderClient` (sync) and :class:`AsyncProviderClient` speak the
+generic REST shape the simulator serves (and that most CRM/enrichment APIs
+can be mapped onto): records with versions and ``updated_at``, a changes
+feed ordered by sequence number, a replay API with a retention window, and
+an enrichment lookup. Every call goes through the resilient gateway, so
+breakers, retries and metrics apply. A provider with another shape gets its
+own adapter implementing :class:`ProviderAdapter`.
+
+Decoding is written once (``parse_*``); the two clients only differ in
+``await``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, runtime_checkable
+
+from ..exceptions import MalformedResponse, ProviderRejected, ReplayWindowExceeded
+from ..resilience.gateway import AsyncGateway, Gateway
+from ..timeparse import format_duration, utcnow
+
+__all__ = [
+    "AsyncProviderClient",
+    "ChangesPage",
+    "ProviderAdapter",
+    "ProviderClient",
+    "ProviderEvent",
+    "ProviderRecord",
+    "RecordPage",
+    "ReplayPage",
+    "check_replay_window",
+    "parse_event",
+    "parse_record",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRecord:
+    """A record as the provider holds it now."""
+
+    id: str
+    tenant_id: str | None
+    version: int
+    updated_at: datetime
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEvent:
+    """One change the provider emitted (by webhook, changes feed or replay)."""
+
+    #: Provider's event id: the dedupe key across every channel.
+    id: str
+    #: Provider's sequence number (total order per provider).
+    seq: int
+    #: ``record.created``, ``record.updated``, ``record.deleted``...
+    type: str
+    record_id: str
+    tenant_id: str | None
+    #: Record version this event produced (orders events per record).
+    version: int
+    occurred_at: datetime
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPage:
+    """One page of records."""
+
+    items: list[ProviderRecord]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesPage:
+    """One page of the changes feed."""
+
+    events: list[ProviderEvent]
+    next_after: int | None
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPage:
+    """One page of the replay API."""
+
+    events: list[ProviderEvent]
+    next_cursor: str | None
+
+
+def _time(value: Any, what: str, provider: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise MalformedResponse(
+            f"{provider}: {what} is not an ISO-8601 time: {str(value)[:40]!r}", provider=provider
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def parse_record(raw: Any, provider: str) -> ProviderRecord:
+    """Decode one record; raise MalformedResponse when it does not have the expected shape."""
+    try:
+        return ProviderRecord(
+            id=str(raw["id"]),
+            tenant_id=None if raw.get("tenant_id") is None else str(raw["tenant_id"]),
+            version=int(raw.get("version", 0)),
+            updated_at=_time(raw["updated_at"], "record.updated_at", provider),
+            data=dict(raw.get("data") or {}),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedResponse(
+            f"{provider}: malformed record ({type(exc).__name__}: {exc})", provider=provider
+        ) from None
+
+
+def parse_event(raw: Any, provider: str) -> ProviderEvent:
+    """Decode one event; raise MalformedResponse when it does not have the expected shape."""
+    try:
+        return ProviderEvent(
+            id=str(raw["id"]),
+            seq=int(raw["seq"]),
+            type=str(raw["type"]),
+            record_id=str(raw["record_id"]),
+            tenant_id=None if raw.get("tenant_id") is None else str(raw["tenant_id"]),
+            version=int(raw.get("version", 0)),
+            occurred_at=_time(raw["occurred_at"], "event.occurred_at", provider),
+            data=dict(raw.get("data") or {}),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedResponse(
+            f"{provider}: malformed event ({type(exc).__name__}: {exc})", provider=provider
+        ) from None
+
+
+def _records_page(body: Any, provider: str) -> RecordPage:
+    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+        raise MalformedResponse(f"{provider}: records page has no 'items' list", provider=provider)
+    return RecordPage([parse_record(r, provider) for r in body["items"]], body.get("next_cursor"))
+
+
+def _changes_page(body: Any, provider: str) -> ChangesPage:
+    if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+        raise MalformedResponse(f"{provider}: changes page has no 'events' list", provider=provider)
+    events = [parse_event(e, provider) for e in body["events"]]
+    next_after = body.get("next_after")
+    return ChangesPage(
+        events, None if next_after is None else int(next_after), bool(body.get("has_more"))
+    )
+
+
+def _replay_page(body: Any, provider: str) -> ReplayPage:
+    if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+        raise MalformedResponse(f"{provider}: replay page has no 'events' list", provider=provider)
+    return ReplayPage([parse_event(e, provider) for e in body["events"]], body.get("next_cursor"))
+
+
+def check_replay_window(
+    provider: str, since: datetime, retention_seconds: float, *, now: datetime | None = None
+) -> None:
+    """Refuse a replay that reaches further back than the provider retains.
+
+    Raises:
+        ReplayWindowExceeded: naming the window and the fallback.
+    """
+    now = now or utcnow()
+    if since < now - timedelta(seconds=retention_seconds):
+        window = format_duration(retention_seconds)
+        raise ReplayWindowExceeded(
+            f"{provider} replay retains only {window} of events; {since.isoformat()} is older. "
+            f"Reconcile a window within the last {window}, and run a full resync "
+            f"(`idis-integrations reconcile --provider {provider} --resync`) for older changes",
+            provider=provider,
+            endpoint="replay",
+        )
+
+
+def _retention_error(exc: ProviderRejected, provider: str, since: datetime) -> Exception:
+    """A 422 retention_exceeded from the provider, translated."""
+    return ReplayWindowExceeded(
+        f"{provider} replay refused {since.isoformat()}: older than its retention window. "
+        f"Reconcile a shorter window, and run a full resync for older changes",
+        provider=provider,
+        endpoint="replay",
+        status_code=exc.status_code,
+    )
+
+
+@runtime_checkable
+class ProviderAdapter(Protocol):
+    """What the library needs from a provider (sync)."""
+
+    name: str
+
+    def get_record(self, record_id: str) -> ProviderRecord | None:
+        """The record as the provider holds it, or None when it does not exist."""
+
+    def list_records(
+        self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
+    ) -> RecordPage:
+        """One page of records, optionally only those updated since a time."""
+
+    def changes(
+        self, *, after: int | None = None, since: datetime | None = None, limit: int = 100
+    ) -> ChangesPage:
+        """One page of the changes feed after a sequence number (or since a time)."""
+
+    def replay(self, since: datetime, *, cursor: str | None = None, limit: int = 500) -> ReplayPage:
+        """One page of the replay API."""
+
+
+def _records_params(
+    updated_since: datetime | None, cursor: str | None, limit: int
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": limit}
+    if updated_since is not None:
+        params["updated_since"] = updated_since.isoformat()
+    if cursor:
+        params["cursor"] = cursor
+    return params
+
+
+def _changes_params(after: int | None, since: datetime | None, limit: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": limit}
+    if after is not None:
+        params["after"] = after
+    elif since is not None:
+        params["since"] = since.isoformat()
+    return params
+
+
+def _replay_params(since: datetime, cursor: str | None, limit: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"since": since.isoformat(), "limit": limit}
+    if cursor:
+        params["cursor"] = cursor
+    return params
+
+
+class ProviderClient:
+    """Sync adapter for the generic REST provider shape. Thread-safe (the gateway is)."""
+
+    def __init__(self, gateway: Gateway, provider: str) -> None:
+        self.gateway = gateway
+        self.name = provider
+        self.settings = gateway.settings.provider(provider)
+
+    def get_record(self, record_id: str) -> ProviderRecord | None:
+        """The record, or None on 404."""
+        try:
+            body = self.gateway.get_json(self.name, "record", path_params={"id": record_id})
+        except ProviderRejected as exc:
+            if exc.status_code == 404:
+                return None
+            raise
+        return parse_record(body, self.name)
+
+    def list_records(
+        self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
+    ) -> RecordPage:
+        """One page of records."""
+        body = self.gateway.get_json(
+            self.name, "records", params=_records_params(updated_since, cursor, limit)
+        )
+        return _records_page(body, self.name)
+
+    def put_record(
+        self,
+        record_id: str,
+        data: Mapping[str, Any],
+        *,
+        tenant_id: str | None = None,
+        idempotency_key: str,
+    ) -> ProviderRecord:
+        """Create or update a record; the idempotency key makes retries safe."""
+        body = self.gateway.get_json(
+            self.name,
+            "record",
+            method="PUT",
+            path_params={"id": record_id},
+            json={"tenant_id": tenant_id, "data": dict(data)},
+            idempotency_key=idempotency_key,
+        )
+        return parse_record(body, self.name)
+
+    def changes(
+        self, *, after: int | None = None, since: datetime | None = None, limit: int = 100
+    ) -> ChangesPage:
+        """One page of the changes feed."""
+        body = self.gateway.get_json(
+            self.name, "changes", params=_changes_params(after, since, limit)
+        )
+        return _changes_page(body, self.name)
+
+    def replay(self, since: datetime, *, cursor: str | None = None, limit: int = 500) -> ReplayPage:
+        """One page of the replay API.
+
+        Raises:
+            ReplayWindowExceeded: ``since`` is older than the provider retains.
+        """
+        check_replay_window(
+            self.name,
+            since,
+            self.settings.replay_retention.total_seconds(),
+            now=self.gateway.clock.now(),
+        )
+        try:
+            body = self.gateway.get_json(
+                self.name, "replay", params=_replay_params(since, cursor, limit)
+            )
+        except ProviderRejected as exc:
+            if exc.status_code in (410, 422):
+                raise _retention_error(exc, self.name, since) from exc
+            raise
+        return _replay_page(body, self.name)
+
+    def iter_replay(self, since: datetime, *, limit: int = 500) -> Iterator[ReplayPage]:
+        """Every page of the replay since ``since``."""
+        cursor: str | None = None
+        while True:
+            page = self.replay(since, cursor=cursor, limit=limit)
+            yield page
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    def enrich(self, subject_id: str) -> dict[str, Any]:
+        """Enrichment data for a subject."""
+        body = self.gateway.get_json(self.name, "enrich", path_params={"id": subject_id})
+        if not isinstance(body, dict):
+            raise MalformedResponse(f"{self.name}: enrichment is not an object", provider=self.name)
+        return body
+
+    def health(self) -> bool:
+        """Whether the provider's health endpoint answers 2xx."""
+        return self.gateway.health(self.name).ok
+
+
+class AsyncProviderClient:
+    """Async twin of :class:`ProviderClient`."""
+
+    def __init__(self, gateway: AsyncGateway, provider: str) -> None:
+        self.gateway = gateway
+        self.name = provider
+        self.settings = gateway.settings.provider(provider)
+
+    async def get_record(self, record_id: str) -> ProviderRecord | None:
+        """The record, or None on 404."""
+        try:
+            body = await self.gateway.get_json(self.name, "record", path_params={"id": record_id})
+        except ProviderRejected as exc:
+            if exc.status_code == 404:
+                return None
+            raise
+        return parse_record(body, self.name)
+
+    async def list_records(
+        self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
+    ) -> RecordPage:
+        """One page of records."""
+        body = await self.gateway.get_json(
+            self.name, "records", params=_records_params(updated_since, cursor, limit)
+        )
+        return _records_page(body, self.name)
+
+    async def put_record(
+        self,
+        record_id: str,
+        data: Mapping[str, Any],
+        *,
+        tenant_id: str | None = None,
+        idempotency_key: str,
+    ) -> ProviderRecord:
+        """Create or update a record; the idempotency key makes retries safe."""
+        body = await self.gateway.get_json(
+            self.name,
+            "record",
+            method="PUT",
+            path_params={"id": record_id},
+            json={"tenant_id": tenant_id, "data": dict(data)},
+            idempotency_key=idempotency_key,
+        )
+        return parse_record(body, self.name)
+
+    async def changes(
+        self, *, after: int | None = None, since: datetime | None = None, limit: int = 100
+    ) -> ChangesPage:
+        """One page of the changes feed."""
+        body = await self.gateway.get_json(
+            self.name, "changes", params=_changes_params(after, since, limit)
+        )
+        return _changes_page(body, self.name)
+
+    async def replay(
+        self, since: datetime, *, cursor: str | None = None, limit: int = 500
+    ) -> ReplayPage:
+        """One page of the replay API (see :meth:`ProviderClient.replay`)."""
+        check_replay_window(
+            self.name,
+            since,
+            self.settings.replay_retention.total_seconds(),
+            now=self.gateway.clock.now(),
+        )
+        try:
+            body = await self.gateway.get_json(
+                self.name, "replay", params=_replay_params(since, cursor, limit)
+            )
+        except ProviderRejected as exc:
+            if exc.status_code in (410, 422):
+                raise _retention_error(exc, self.name, since) from exc
+            raise
+        return _replay_page(body, self.name)
+
+    async def iter_replay(self, since: datetime, *, limit: int = 500) -> AsyncIterator[ReplayPage]:
+        """Every page of the replay since ``since``."""
+        cursor: str | None = None
+        while True:
+            page = await self.replay(since, cursor=cursor, limit=limit)
+            yield page
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    async def enrich(self, subject_id: str) -> dict[str, Any]:
+        """Enrichment data for a subject."""
+        body = await self.gateway.get_json(self.name, "enrich", path_params={"id": subject_id})
+        if not isinstance(body, dict):
+            raise MalformedResponse(f"{self.name}: enrichment is not an object", provider=self.name)
+        return body
+
+    async def health(self) -> bool:
+        """Whether the provider's health endpoint answers 2xx."""
+        return (await self.gateway.health(self.name)).ok

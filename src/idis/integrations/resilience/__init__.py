@@ -1,0 +1,22 @@
+"""The call pipeline: gateways, breakers, retries, rate limits, bulkheads, clocks."""
+
+from __future__ import annotations
+
+from .breaker import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerTransition
+from .clock import Clock, ManualClock, SystemClock, system_clock
+from .gateway import AsyncGateway, Gateway, HealthReport
+
+__all__ = [
+    "CLOSED",
+    "HALF_OPEN",
+    "OPEN",
+    "AsyncGateway",
+    "Breaker",
+    "BreakerTransition",
+    "Clock",
+    "Gateway",
+    "HealthReport",
+    "ManualClock",
+    "SystemClock",
+    "system_clock",
+]

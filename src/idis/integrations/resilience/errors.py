@@ -1,0 +1,124 @@
+"""Translate httpx failures and HTTP statuses into the library's exception tree.
+
+httpx exceptions never leak out of the gateway: :func:`map_httpx_errors`
+maps each transport failure to the most specific ``ProviderError`` and chains
+the original with ``from``. ``tests/resilience/test_resilience_errors.py``
+fails if an httpx exception class has no mapping. Messages name the provider,
+endpoint and status, never the URL's query, headers or body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .._http import httpx
+from ..exceptions import (
+    MalformedResponse,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderRejected,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+    UsageError,
+)
+
+__all__ = ["HTTPX_MAPPING", "error_for_status", "map_httpx_errors"]
+
+#: httpx exception -> library exception; most specific first.
+HTTPX_MAPPING: tuple[tuple[type[Exception], type[Exception]], ...] = (
+    (httpx.ConnectTimeout, ProviderTimeout),
+    (httpx.ReadTimeout, ProviderTimeout),
+    (httpx.WriteTimeout, ProviderTimeout),
+    (httpx.PoolTimeout, ProviderTimeout),
+    (httpx.TimeoutException, ProviderTimeout),
+    (httpx.ConnectError, ProviderConnectionError),
+    (httpx.ReadError, ProviderConnectionError),
+    (httpx.WriteError, ProviderConnectionError),
+    (httpx.CloseError, ProviderConnectionError),
+    (httpx.NetworkError, ProviderConnectionError),
+    (httpx.RemoteProtocolError, ProviderConnectionError),
+    (httpx.LocalProtocolError, UsageError),
+    (httpx.ProtocolError, ProviderConnectionError),
+    (httpx.ProxyError, ProviderConnectionError),
+    (httpx.UnsupportedProtocol, UsageError),
+    (httpx.TransportError, ProviderConnectionError),
+    (httpx.DecodingError, MalformedResponse),
+    (httpx.TooManyRedirects, ProviderRejected),
+    (httpx.HTTPStatusError, ProviderError),
+    (httpx.RequestError, ProviderConnectionError),
+    (httpx.InvalidURL, UsageError),
+    (httpx.CookieConflict, UsageError),
+    (httpx.StreamError, UsageError),
+    (httpx.HTTPError, ProviderError),
+)
+
+_TIMEOUT_KIND: dict[type[Exception], str] = {
+    httpx.ConnectTimeout: "connect timeout",
+    httpx.ReadTimeout: "read timeout",
+    httpx.WriteTimeout: "write timeout",
+    httpx.PoolTimeout: "pool timeout (no free connection)",
+}
+
+
+def _translate(exc: Exception, provider: str, endpoint: str) -> Exception:
+    for source, target in HTTPX_MAPPING:
+        if isinstance(exc, source):
+            what = _TIMEOUT_KIND.get(type(exc), type(exc).__name__)
+            message = f"{provider} {endpoint}: {what}"
+            if issubclass(target, ProviderError):
+                return target(message, provider=provider, endpoint=endpoint)
+            return target(message)
+    return ProviderError(
+        f"{provider} {endpoint}: {type(exc).__name__}", provider=provider, endpoint=endpoint
+    )
+
+
+@contextmanager
+def map_httpx_errors(provider: str, endpoint: str) -> Iterator[None]:
+    """Re-raise httpx exceptions as library exceptions, chained."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise _translate(exc, provider, endpoint) from exc
+    except (httpx.InvalidURL, httpx.CookieConflict, httpx.StreamError) as exc:
+        raise _translate(exc, provider, endpoint) from exc
+
+
+def error_for_status(
+    status: int, provider: str, endpoint: str, *, retry_after: float | None = None
+) -> ProviderError | None:
+    """The error a response status means, or None for success (1xx-3xx)."""
+    if status < 400:
+        return None
+    if status == 429:
+        suffix = f"; retry after {retry_after:g}s" if retry_after is not None else ""
+        return RateLimited(
+            f"{provider} {endpoint}: rate limit exceeded (HTTP 429){suffix}",
+            provider=provider,
+            endpoint=endpoint,
+            retry_after=retry_after,
+        )
+    if status >= 500:
+        error = ProviderUnavailable(
+            f"{provider} {endpoint}: server error (HTTP {status})",
+            provider=provider,
+            endpoint=endpoint,
+            status_code=status,
+        )
+        error.retry_after = retry_after
+        return error
+    if status == 408:
+        return ProviderTimeout(
+            f"{provider} {endpoint}: provider reported request timeout (HTTP 408)",
+            provider=provider,
+            endpoint=endpoint,
+            status_code=status,
+        )
+    return ProviderRejected(
+        f"{provider} {endpoint}: request rejected (HTTP {status})",
+        provider=provider,
+        endpoint=endpoint,
+        status_code=status,
+    )

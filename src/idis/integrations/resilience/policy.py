@@ -1,0 +1,258 @@
+"""The pipeline's decisions, as pure code: no I/O, no sleeping, time passed in.
+
+Both gateways (sync and async) drive these; nothing here knows which one is
+calling. Each piece is small enough to test exhaustively with a manual clock.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+from ..config import RetryPolicy
+from ..exceptions import ProviderError, RateLimited
+
+__all__ = [
+    "IDEMPOTENT_METHODS",
+    "RetryBudget",
+    "SlidingWindow",
+    "TestingMode",
+    "TokenBucket",
+    "backoff_cap",
+    "effective_attempts",
+    "full_jitter",
+    "is_retry_safe",
+    "parse_retry_after",
+    "retry_delay",
+    "set_testing",
+    "should_retry",
+    "testing_mode",
+]
+
+#: Methods RFC 9110 defines as idempotent; others need an idempotency key to be retried.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def is_retry_safe(method: str, idempotency_key: str | None) -> bool:
+    """Whether a failed request may be sent again without risking a double effect."""
+    return method.upper() in IDEMPOTENT_METHODS or bool(idempotency_key)
+
+
+def should_retry(exc: ProviderError, *, method: str, idempotency_key: str | None) -> bool:
+    """Whether ``exc`` on this request warrants another attempt (budget aside).
+
+    Only provider faults are retried (timeouts, connection errors, 5xx, 429,
+    malformed bodies); a 4xx we caused, an open breaker or a full bulkhead is not.
+    """
+    return exc.retryable and exc.provider_fault and is_retry_safe(method, idempotency_key)
+
+
+class TestingMode:
+    """Process-wide switch for users' test suites: no backoff, capped attempts.
+
+    Strictly private state; use :func:`set_testing`.
+    """
+
+    __slots__ = ("attempts", "enabled")
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.attempts = 1
+
+
+_testing = TestingMode()
+_testing_lock = threading.Lock()
+
+
+def testing_mode() -> TestingMode:
+    """The current testing mode (read-only view)."""
+    return _testing
+
+
+@contextmanager
+def set_testing(enabled: bool = True, *, attempts: int = 1) -> Iterator[None]:
+    """Turn off backoff and cap attempts for the whole process; restore on exit.
+
+    Meant for the test suites of services that embed the library, so a
+    failing provider fails a test at once instead of after seconds of backoff::
+
+        with set_testing(attempts=2):
+            ...
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts={attempts!r}: expected at least 1")
+    with _testing_lock:
+        previous = (_testing.enabled, _testing.attempts)
+        _testing.enabled, _testing.attempts = enabled, attempts
+    try:
+        yield
+    finally:
+        with _testing_lock:
+            _testing.enabled, _testing.attempts = previous
+
+
+def effective_attempts(policy: RetryPolicy) -> int:
+    """``policy.max_attempts``, capped while testing mode is on."""
+    if _testing.enabled:
+        return min(policy.max_attempts, _testing.attempts)
+    return policy.max_attempts
+
+
+def backoff_cap(policy: RetryPolicy, retry_number: int) -> float:
+    """Upper bound of the delay before retry ``retry_number`` (1 for the first retry)."""
+    exponent = max(0, retry_number - 1)
+    # Cap the exponent: 2**1100 overflows a float long before anyone retries that often.
+    return min(policy.max_backoff, policy.initial_backoff * policy.multiplier ** min(exponent, 64))
+
+
+def full_jitter(cap: float, rng: random.Random | None = None) -> float:
+    """AWS "full jitter": uniform in [0, cap], so synchronized clients spread out."""
+    return (rng or random).uniform(0.0, cap)  # jitter, not cryptography  # jitter, not cryptography
+
+
+def parse_retry_after(value: str | None, *, now: datetime, cap: float) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or HTTP-date), capped.
+
+    Returns None when the header is absent or unparseable; never negative.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - now).total_seconds()
+    if math.isnan(seconds):
+        return None
+    return max(0.0, min(seconds, cap))
+
+
+def retry_delay(
+    policy: RetryPolicy, retry_number: int, exc: ProviderError, rng: random.Random | None = None
+) -> float:
+    """Delay before retry ``retry_number``: Retry-After if the provider sent one, else backoff."""
+    if _testing.enabled:
+        return 0.0
+    if isinstance(exc, RateLimited) and exc.retry_after is not None:
+        return min(exc.retry_after, policy.retry_after_cap)
+    return full_jitter(backoff_cap(policy, retry_number), rng)
+
+
+class SlidingWindow:
+    """Calls and failures over the last ``window`` seconds, in fixed buckets.
+
+    Bucketed so that recording is O(1) and memory is bounded however busy the
+    provider is. Not thread-safe by itself; callers hold their own lock.
+    """
+
+    __slots__ = ("_buckets", "_size", "_width")
+
+    def __init__(self, window: float, buckets: int = 12) -> None:
+        self._width = max(window / buckets, 1e-6)
+        self._size = buckets
+        self._buckets: deque[list[float]] = deque()  # [bucket_start, calls, failures]
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self._width * self._size
+        while self._buckets and self._buckets[0][0] <= horizon:
+            self._buckets.popleft()
+
+    def record(self, now: float, *, failed: bool, calls: int = 1) -> None:
+        """Add ``calls`` calls at ``now`` (all failed, or all succeeded)."""
+        start = now - (now % self._width)
+        if not self._buckets or self._buckets[-1][0] != start:
+            self._trim(now)
+            self._buckets.append([start, 0.0, 0.0])
+        bucket = self._buckets[-1]
+        bucket[1] += calls
+        if failed:
+            bucket[2] += calls
+
+    def totals(self, now: float) -> tuple[int, int]:
+        """(calls, failures) within the window ending at ``now``."""
+        self._trim(now)
+        return (
+            int(sum(b[1] for b in self._buckets)),
+            int(sum(b[2] for b in self._buckets)),
+        )
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._buckets.clear()
+
+
+class RetryBudget:
+    """Retries may be at most ``budget_ratio`` of recent calls (plus a floor).
+
+    During an outage every call fails; without a budget each caller retries
+    ``max_attempts - 1`` times and the outage multiplies our traffic. Thread-safe.
+    """
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+        self._calls = SlidingWindow(policy.budget_window)
+        self._retries = SlidingWindow(policy.budget_window)
+        self._lock = threading.Lock()
+
+    def record_call(self, now: float) -> None:
+        """Count one first attempt."""
+        with self._lock:
+            self._calls.record(now, failed=False)
+
+    def try_spend(self, now: float) -> bool:
+        """Reserve one retry if the budget allows it."""
+        with self._lock:
+            calls, _ = self._calls.totals(now)
+            retries, _ = self._retries.totals(now)
+            allowed = max(self._policy.budget_min_retries, self._policy.budget_ratio * calls)
+            if retries + 1 > allowed:
+                return False
+            self._retries.record(now, failed=False)
+            return True
+
+
+class TokenBucket:
+    """Client-side rate limit: ``rate`` tokens a second, up to ``burst``. Thread-safe.
+
+    :meth:`reserve` takes a token now or books the next free one and says how
+    long to wait for it, so waiting callers are served in order without polling.
+    """
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"token bucket needs rate > 0 and burst >= 1, got {rate}, {burst}")
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = now
+        self._lock = threading.Lock()
+
+    def reserve(self, now: float) -> float:
+        """Take one token; return seconds to wait before using it (0 when available now)."""
+        with self._lock:
+            elapsed = max(0.0, now - self._stamp)
+            self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+            self._stamp = now
+            self._tokens -= 1.0
+            if self._tokens >= 0:
+                return 0.0
+            return -self._tokens / self._rate
+
+    def refund(self) -> None:
+        """Give back a token reserved by a call that then did not happen."""
+        with self._lock:
+            self._tokens = min(self._burst, self._tokens + 1.0)
