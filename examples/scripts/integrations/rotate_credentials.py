@@ -1,0 +1,18 @@
+#!/usr/bin/env python3
+"""RB-09 Recovery 2: full credential rotation into Vault.
+
+    python scripts/integrations/rotate_credentials.py --provider crm_provider --store-in-vault
+
+A thin wrapper: the work is done by ``idis-integrations rotate-credentials`` (same flags,
+same exit codes; ``--help`` lists them). Configuration comes from the
+environment (IDIS_DATABASE_URL, providers, Vault), as for the service.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from idis.integrations.cli import main
+
+if __name__ == "__main__":
+    main(["rotate-credentials", *sys.argv[1:]], prog_name="scripts/integrations/rotate_credentials.py")

@@ -1,0 +1,252 @@
+"""Helpers for test suites: a real simulator on 127.0.0.1 and settings pointing at it.
+
+Serve the simulator with uvicorn in a background thread, break it on purpose
+through its control client, and point the library at it::
+
+    from idis.integrations.testing import run_simulator, simulator_settings
+
+    def test_breaker_opens_in_a_5xx_storm() -> None:
+        with run_simulator(seed=1) as sim:
+            settings = simulator_settings(sim.url, database_url=my_sqlite_url)
+            sim.control.set_fault("crm_provider", "error", status=503)
+            ...  # call through a Gateway(settings) and assert
+            assert sim.control.stats("crm_provider")["requests"]["records"] == 5
+
+* :func:`run_simulator` is a context manager yielding a :class:`RunningSimulator`
+  with ``url``, ``port``, ``control`` (a :class:`~idis.integrations.simulator.SimulatorControl`)
+  and ``state`` (the in-process :class:`~idis.integrations.simulator.SimulatorState`,
+  for assertions or direct manipulation). It returns once the server accepts
+  connections and, on exit, releases hanging requests, stops the server and
+  joins its thread. Pass ``clock`` to run the simulator on simulated time.
+* :func:`simulator_settings` builds :class:`~idis.integrations.config.Settings`
+  whose providers (``crm_provider``, ``docs_provider``, ``enrichment_provider`` by
+  default) live on that simulator, with test-friendly policies: short timeouts
+  and backoffs, a quick breaker reset. Keyword overrides replace either a
+  ``Settings`` field (``database_url=...``) or a field of every provider
+  (``retry=RetryPolicy(max_attempts=1)``).
+
+The simulator needs the ``simulator`` extra (uvicorn).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .config import (
+    AuthSettings,
+    BreakerPolicy,
+    ProviderSettings,
+    RetryPolicy,
+    Secret,
+    Settings,
+    TimeoutPolicy,
+)
+from .exceptions import ConfigError, UsageError
+from .simulator.control import SimulatorControl
+from .simulator.state import DEFAULT_WEBHOOK_SECRET, Clock, SimulatorState
+
+__all__ = ["RunningSimulator", "run_simulator", "simulator_settings"]
+
+#: Logical endpoint name -> path on a simulator provider.
+SIMULATOR_ENDPOINTS: dict[str, str] = {
+    "records": "/records",
+    "record": "/records/{id}",
+    "changes": "/changes",
+    "replay": "/replay",
+    "enrich": "/enrich/{id}",
+    "webhooks": "/webhooks/inbound",
+}
+_DEFAULT_PROVIDERS = ("crm_provider", "docs_provider", "enrichment_provider")
+_START_TIMEOUT = 10.0
+_STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunningSimulator:
+    """A simulator being served on 127.0.0.1."""
+
+    #: Base URL, e.g. ``http://127.0.0.1:54321``.
+    url: str
+    #: The port it listens on.
+    port: int
+    #: Sync client of the control API.
+    control: SimulatorControl
+    #: The in-process state the server runs on.
+    state: SimulatorState
+
+    def provider_url(self, provider: str) -> str:
+        """Base URL of one provider (``<url>/p/<provider>``)."""
+        return f"{self.url}/p/{provider}"
+
+
+def _uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "the provider simulator needs uvicorn: pip install 'idis-integrations[simulator]'"
+        ) from exc
+    return uvicorn
+
+
+def make_server(
+    state: SimulatorState, *, log_level: str | None = None, graceful_timeout: float = 2.0
+) -> Any:
+    """A ``uvicorn.Server`` for the simulator app over ``state`` (not started)."""
+    from .simulator.app import build_app
+
+    uvicorn = _uvicorn()
+    config = uvicorn.Config(
+        build_app(state),
+        log_config=None,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        http="h11",
+        ws="none",
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=graceful_timeout,
+    )
+    return uvicorn.Server(config)
+
+
+@contextmanager
+def run_simulator(
+    *,
+    port: int | None = None,
+    clock: Clock | None = None,
+    seed: int = 0,
+    state: SimulatorState | None = None,
+) -> Iterator[RunningSimulator]:
+    """Serve a simulator on 127.0.0.1 in a background thread for the ``with`` block.
+
+    Args:
+        port: TCP port; a free one by default.
+        clock: returns the simulated aware UTC time; real time by default.
+        seed: seeds fault ratios, fake data and webhook reordering.
+        state: serve this existing state instead of a fresh one (``clock`` and
+            ``seed`` are then ignored).
+
+    Yields:
+        The running simulator: ``url``, ``port``, ``control``, ``state``.
+
+    Raises:
+        UsageError: the server did not start (port in use, ...).
+    """
+    sim = state if state is not None else SimulatorState(clock=clock, seed=seed)
+    server = make_server(sim)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only
+    # when the listening socket says TCP, and without it every response waits
+    # out the client's 40 ms delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port or 0))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
+    bound = int(sock.getsockname()[1])
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"idis-simulator-{bound}", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + _START_TIMEOUT
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(_STOP_TIMEOUT)
+            sock.close()
+            raise UsageError(f"the simulator did not start on 127.0.0.1:{bound}")
+        time.sleep(0.005)
+    url = f"http://127.0.0.1:{bound}"
+    control = SimulatorControl(url)
+    try:
+        yield RunningSimulator(url=url, port=bound, control=control, state=sim)
+    finally:
+        control.close()
+        # Hanging requests poll these, so shutdown does not wait out a hang fault.
+        sim.closing = True
+        sim.hang_generation += 1
+        server.should_exit = True
+        thread.join(_STOP_TIMEOUT)
+        sock.close()
+        if thread.is_alive():
+            raise UsageError("the simulator thread did not stop")
+
+
+def _kind(name: str) -> str:
+    if "enrich" in name:
+        return "enrichment"
+    if "doc" in name:
+        return "docs"
+    return "crm"
+
+
+def simulator_settings(
+    url: str,
+    *,
+    providers: tuple[str, ...] | list[str] = _DEFAULT_PROVIDERS,
+    **overrides: Any,
+) -> Settings:
+    """Settings whose providers live on the simulator at ``url``, with test-friendly policies.
+
+    Args:
+        url: the simulator's base URL (``RunningSimulator.url``).
+        providers: provider names; kind is inferred (``*enrich*`` enrichment,
+            ``*doc*`` docs, else crm).
+        **overrides: ``Settings`` fields, or ``ProviderSettings`` fields applied
+            to every provider.
+
+    Raises:
+        ConfigError: an override names neither kind of field.
+    """
+    settings_fields = {f.name for f in fields(Settings)}
+    provider_fields = {f.name for f in fields(ProviderSettings)} - {"name", "base_url"}
+    for key in overrides:
+        if key not in settings_fields and key not in provider_fields:
+            raise ConfigError(
+                f"simulator_settings: unknown override {key!r}: expected a Settings field "
+                f"({', '.join(sorted(settings_fields))}) or a ProviderSettings field "
+                f"({', '.join(sorted(provider_fields))})",
+                variable=key,
+            )
+    if isinstance(providers, str) or not providers:
+        raise ConfigError(
+            f"simulator_settings: providers={providers!r} must be a non-empty list of names",
+            variable="providers",
+        )
+    base = url.rstrip("/")
+    per_provider = {k: v for k, v in overrides.items() if k in provider_fields}
+    top = {k: v for k, v in overrides.items() if k in settings_fields}
+    built: dict[str, ProviderSettings] = {}
+    for name in providers:
+        provider = ProviderSettings(
+            name=name,
+            kind=_kind(name),  # type: ignore[arg-type]  # one of the three kinds
+            base_url=f"{base}/p/{name}",
+            endpoints=dict(SIMULATOR_ENDPOINTS),
+            timeouts=TimeoutPolicy(connect=2.0, read=2.0, write=2.0, pool=2.0, deadline=10.0),
+            retry=RetryPolicy(
+                max_attempts=3, initial_backoff=0.01, max_backoff=0.1, retry_after_cap=5.0
+            ),
+            breaker=BreakerPolicy(reset_timeout=1.0),
+            health_endpoint="/health",
+            auth=AuthSettings(
+                grant="client_credentials",
+                token_url="/oauth/token",  # noqa: S106  # a URL path, not a password
+                client_id="idis-local",
+                client_secret=Secret("local-simulator-secret"),
+                rotation_url="/oauth/rotate",
+            ),
+            webhook_secrets=(Secret(DEFAULT_WEBHOOK_SECRET),),
+        )
+        built[name] = replace(provider, **per_provider) if per_provider else provider
+    settings = Settings(providers=built, embedded_defaults=False, simulator_url=base)
+    return replace(settings, **top) if top else settings

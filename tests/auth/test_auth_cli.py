@@ -1,0 +1,190 @@
+"""The OAuth commands: import-token, refresh-tokens, rotate-credentials, keygen, reencrypt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from cryptography.fernet import Fernet
+from tests.auth.conftest import env_for
+
+from idis.integrations.cli import main
+from idis.integrations.testing import RunningSimulator
+
+P = "crm_provider"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    """A click runner."""
+    return CliRunner()
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for name, value in env.items():
+        if name.startswith(("IDIS_", "VAULT_")):
+            monkeypatch.setenv(name, value)
+
+
+def test_import_token_then_check_and_refresh(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A token piped to import-token is stored, shows as valid, and refresh-tokens renews it."""
+    _env(monkeypatch, env_for(sim, sqlite_url, fernet_key, grant="refresh_token"))
+    issued = sim.control.issue_tokens(P)
+
+    imported = runner.invoke(main, ["import-token", "--provider", P], input=json.dumps(issued))
+    checked = runner.invoke(main, ["check-token", "--provider", P])
+    refreshed = runner.invoke(main, ["refresh-tokens", "--provider", P, "--json"])
+
+    assert 0 == imported.exit_code, imported.output
+    assert "token VALID" in imported.output
+    assert 0 == checked.exit_code
+    assert 0 == refreshed.exit_code, refreshed.output
+    result = json.loads(refreshed.stdout)["results"][0]
+    assert ("refreshed", 2) == (result["outcome"], result["generation"])
+    assert {issued["refresh_token"]: 1} == sim.control.stats(P)["oauth"]["refresh_requests"]
+    for secret in (issued["access_token"], issued["refresh_token"]):
+        assert secret not in imported.output + checked.output + refreshed.output
+
+
+def test_import_token_rejects_bad_input_and_changes_nothing(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Non-JSON, a document without tokens, or no encryption key: exit 2 and a clear reason."""
+    _env(monkeypatch, env_for(sim, sqlite_url, fernet_key, grant="refresh_token"))
+
+    not_json = runner.invoke(main, ["import-token", "--provider", P], input="{oops")
+    no_token = runner.invoke(main, ["import-token", "--provider", P], input='{"scope": "a"}')
+    monkeypatch.delenv("IDIS_ENCRYPTION_KEYS")
+    no_key = runner.invoke(
+        main, ["import-token", "--provider", P], input='{"refresh_token": "rt_abcdef123"}'
+    )
+    status = runner.invoke(main, ["check-token", "--provider", P])
+
+    assert (2, 2, 2) == (not_json.exit_code, no_token.exit_code, no_key.exit_code)
+    assert "not JSON" in not_json.output
+    assert "access_token" in no_token.output
+    assert "IDIS_ENCRYPTION_KEYS" in no_key.output
+    assert "token MISSING" in status.output
+
+
+def test_refresh_tokens_needs_exactly_one_target(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """refresh-tokens without --provider/--all, or with both, exits 2; a failure exits 1."""
+    _env(monkeypatch, env_for(sim, sqlite_url, fernet_key))
+
+    neither = runner.invoke(main, ["refresh-tokens"])
+    both = runner.invoke(main, ["refresh-tokens", "--provider", P, "--all"])
+    sim.control.set_oauth_client(P, "idis-local", "a-secret-we-do-not-have")
+    failing = runner.invoke(main, ["refresh-tokens", "--all"])
+
+    assert (2, 2) == (neither.exit_code, both.exit_code)
+    assert 1 == failing.exit_code
+    assert "crm_provider: FAILED - CredentialsRejected" in failing.output
+
+
+def test_rotate_credentials_reads_the_secret_from_stdin_when_there_is_no_rotation_api(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without ROTATION_URL the new secret comes from stdin, is verified, stored, and used."""
+    env = env_for(sim, sqlite_url, fernet_key)
+    env.pop("IDIS_PROVIDER_CRM_PROVIDER_ROTATION_URL")
+    _env(monkeypatch, env)
+    new_secret = "cs_rotated_by_hand_0123456789"
+    sim.control.set_oauth_client(P, "idis-local", new_secret)
+
+    rotated = runner.invoke(
+        main,
+        ["rotate-credentials", "--provider", P, "--store-in-database"],
+        input=new_secret + "\n",
+    )
+    refreshed = runner.invoke(main, ["refresh-tokens", "--provider", P])
+
+    assert 0 == rotated.exit_code, rotated.output
+    assert "stored encrypted in the database" in rotated.output
+    assert 0 == refreshed.exit_code, refreshed.output
+    assert new_secret not in rotated.output + refreshed.output
+    assert 0 == sim.control.stats(P)["oauth"]["invalid_client"]
+
+
+def test_rotate_credentials_into_vault_without_vault_configured_changes_nothing(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--store-in-vault with no VAULT_ADDR fails first (exit 2) and mints no new secret."""
+    _env(monkeypatch, env_for(sim, sqlite_url, fernet_key))
+
+    result = runner.invoke(main, ["rotate-credentials", "--provider", P, "--store-in-vault"])
+
+    assert 2 == result.exit_code
+    assert "VAULT_ADDR" in result.output
+    assert 0 == sim.control.stats(P)["oauth"]["rotations"]
+
+
+def test_keygen_and_reencrypt(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """keygen prints a usable Fernet key; reencrypt-tokens moves stored tokens to it."""
+    _env(monkeypatch, env_for(sim, sqlite_url, fernet_key))
+    assert 0 == runner.invoke(main, ["refresh-tokens", "--provider", P]).exit_code
+
+    key = runner.invoke(main, ["keygen"]).output.strip()
+    monkeypatch.setenv("IDIS_ENCRYPTION_KEYS", f"{key},{fernet_key}")
+    moved = runner.invoke(main, ["reencrypt-tokens"])
+    monkeypatch.setenv("IDIS_ENCRYPTION_KEYS", key)
+    refreshed_with_new_key_only = runner.invoke(main, ["refresh-tokens", "--provider", P])
+
+    assert 44 == len(key)
+    assert Fernet(key.encode())
+    assert 0 == moved.exit_code, moved.output
+    assert "re-encrypted 1 token row" in moved.output
+    assert 0 == refreshed_with_new_key_only.exit_code, refreshed_with_new_key_only.output
+
+
+def test_rotate_credentials_with_a_wrong_secret_exits_1_and_keeps_the_old_one(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A secret that fails verification: exit 1, step named, and refreshes still work."""
+    _env(monkeypatch, env_for(sim, sqlite_url, fernet_key))
+
+    rotated = runner.invoke(
+        main,
+        ["rotate-credentials", "--provider", P, "--store-in-database", "--from-stdin"],
+        input="cs_not_what_the_provider_has\n",
+    )
+    refreshed = runner.invoke(main, ["refresh-tokens", "--provider", P])
+
+    assert 1 == rotated.exit_code
+    assert "failed at step 'verify'" in rotated.output
+    assert "cs_not_what_the_provider_has" not in rotated.output
+    assert 0 == refreshed.exit_code, refreshed.output
