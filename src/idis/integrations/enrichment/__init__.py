@@ -1,0 +1,125 @@
+"""Deferred enrichment, stale-data defects, CRM sync status and impact (RB-09).
+
+Modules:
+
+* :mod:`.decisions`: the pure decision chain (primary → fallbacks → cache → defer),
+  backoff and slow start, and :class:`EnrichmentResult`;
+* :mod:`.enricher`: :class:`Enricher` / :class:`AsyncEnricher`, the drivers callers use;
+* :mod:`.worker`: :class:`DeferredEnrichmentWorker` / :class:`AsyncDeferredEnrichmentWorker`
+  and :func:`run_deferred`, which refresh deferred subjects once providers recover;
+* :mod:`.defects`: :func:`create_stale_defects`, :func:`clear_stale_defects`, :func:`list_defects`
+  (RB-09 Containment 3, Recovery 4);
+* :mod:`.syncstatus`: :class:`CrmSyncStatusMixin` and the ``mark_sync_*`` helpers;
+* :mod:`.assessment`: :func:`impact` (RB-09 Triage 5);
+* :mod:`.models`: the ``defects``, ``enrichment_cache`` and ``enrichment_requests`` tables.
+
+Names load on first use so that importing the table models (``db/models.py``)
+does not pull in the gateway.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .assessment import TenantImpact, impact
+    from .decisions import Attempt, EnrichmentResult, SubjectKey
+    from .defects import (
+        ClearResult,
+        CreateResult,
+        DefectRecord,
+        clear_stale_defects,
+        create_stale_defects,
+        list_defects,
+    )
+    from .enricher import AsyncEnricher, Enricher
+    from .models import RECOVERY_RESOLUTION, STALE_ENRICHMENT, Defect
+    from .syncstatus import (
+        AsyncSyncStatusDelivery,
+        CrmSyncStatusMixin,
+        SyncStatusDelivery,
+        mark_sync_failed,
+        mark_sync_pending,
+        mark_sync_succeeded,
+        sync_status_update,
+    )
+    from .worker import (
+        AsyncDeferredEnrichmentWorker,
+        DeferredEnrichmentWorker,
+        RunStats,
+        run_deferred,
+    )
+
+__all__ = [
+    "RECOVERY_RESOLUTION",
+    "STALE_ENRICHMENT",
+    "AsyncDeferredEnrichmentWorker",
+    "AsyncEnricher",
+    "AsyncSyncStatusDelivery",
+    "Attempt",
+    "ClearResult",
+    "CreateResult",
+    "CrmSyncStatusMixin",
+    "Defect",
+    "DefectRecord",
+    "DeferredEnrichmentWorker",
+    "Enricher",
+    "EnrichmentResult",
+    "RunStats",
+    "SubjectKey",
+    "SyncStatusDelivery",
+    "TenantImpact",
+    "clear_stale_defects",
+    "create_stale_defects",
+    "impact",
+    "list_defects",
+    "mark_sync_failed",
+    "mark_sync_pending",
+    "mark_sync_succeeded",
+    "run_deferred",
+    "sync_status_update",
+]
+
+_LAZY: dict[str, str] = {
+    "RECOVERY_RESOLUTION": ".models",
+    "STALE_ENRICHMENT": ".models",
+    "AsyncDeferredEnrichmentWorker": ".worker",
+    "AsyncEnricher": ".enricher",
+    "AsyncSyncStatusDelivery": ".syncstatus",
+    "Attempt": ".decisions",
+    "ClearResult": ".defects",
+    "CreateResult": ".defects",
+    "CrmSyncStatusMixin": ".syncstatus",
+    "Defect": ".models",
+    "DefectRecord": ".defects",
+    "DeferredEnrichmentWorker": ".worker",
+    "Enricher": ".enricher",
+    "EnrichmentResult": ".decisions",
+    "RunStats": ".worker",
+    "SubjectKey": ".decisions",
+    "SyncStatusDelivery": ".syncstatus",
+    "TenantImpact": ".assessment",
+    "clear_stale_defects": ".defects",
+    "create_stale_defects": ".defects",
+    "impact": ".assessment",
+    "list_defects": ".defects",
+    "mark_sync_failed": ".syncstatus",
+    "mark_sync_pending": ".syncstatus",
+    "mark_sync_succeeded": ".syncstatus",
+    "run_deferred": ".worker",
+    "sync_status_update": ".syncstatus",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

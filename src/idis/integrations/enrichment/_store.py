@@ -1,0 +1,665 @@
+"""Every statement enrichment runs, as functions of a sync ``Session``.
+
+The async drivers run the very same functions through
+``AsyncSession.run_sync``, SQLAlchemy's own bridge: the function sees a
+``Session`` while the I/O stays on the event loop (greenlets, no threads), so
+the storage logic exists once.
+
+Upserts and "create if absent" use ``INSERT ... ON CONFLICT``, which PostgreSQL
+and SQLite both support, including against the partial unique indexes that
+keep one OPEN defect and one pending request per subject. That is what makes
+defect creation idempotent when several callers defer the same subject at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, case, delete, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from ..audit import AuditEvent, audit_row
+from ..observability.metrics import Metrics
+from .decisions import SubjectKey
+from .models import (
+    DEFECT_OPEN,
+    DEFECT_RESOLVED,
+    RECOVERY_RESOLUTION,
+    REQUEST_DONE,
+    REQUEST_FAILED,
+    REQUEST_PENDING,
+    STALE_ENRICHMENT,
+    Defect,
+    EnrichmentCacheEntry,
+    EnrichmentRequest,
+)
+
+__all__ = ["CachedCopy", "LeasedRequest"]
+
+_OPEN_ONLY = Defect.status == DEFECT_OPEN
+_PENDING_ONLY = EnrichmentRequest.status == REQUEST_PENDING
+# ON CONFLICT must name the partial index's predicate as literal SQL: a bound
+# parameter stops matching it once psycopg switches to a prepared statement.
+_OPEN_INDEX_WHERE = text(f"status = '{DEFECT_OPEN}'")
+_PENDING_INDEX_WHERE = text(f"status = '{REQUEST_PENDING}'")
+_SUBJECT_COLUMNS = ("provider", "tenant_id", "subject_type", "subject_id")
+_DEFECT_KEY = ("defect_type", *_SUBJECT_COLUMNS)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedCopy:
+    """The last good result of a subject."""
+
+    served_by: str
+    data: Mapping[str, Any]
+    fetched_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedRequest:
+    """A deferred request leased by a worker."""
+
+    id: int
+    key: SubjectKey
+    providers: tuple[str, ...]
+    attempts: int
+
+
+def _insert(session: Session, model: Any) -> Any:
+    """A dialect-specific INSERT (for ON CONFLICT)."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(model)
+    if name == "sqlite":
+        return sqlite.insert(model)
+    return insert(model)  # pragma: no cover  # config.py admits only these two
+
+
+def _subject_filter(model: Any, key: SubjectKey) -> Any:
+    return and_(
+        model.provider == key.provider,
+        model.tenant_id == key.tenant_id,
+        model.subject_type == key.subject_type,
+        model.subject_id == key.subject_id,
+    )
+
+
+def _key_values(key: SubjectKey) -> dict[str, str]:
+    return {
+        "provider": key.provider,
+        "tenant_id": key.tenant_id,
+        "subject_type": key.subject_type,
+        "subject_id": key.subject_id,
+    }
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def load_cached(session: Session, key: SubjectKey) -> CachedCopy | None:
+    """The subject's last good result, if it was ever enriched."""
+    row = session.execute(
+        select(
+            EnrichmentCacheEntry.served_by,
+            EnrichmentCacheEntry.data,
+            EnrichmentCacheEntry.fetched_at,
+        ).where(_subject_filter(EnrichmentCacheEntry, key))
+    ).first()
+    if row is None or row.data is None or row.fetched_at is None:
+        return None
+    return CachedCopy(row.served_by or key.provider, dict(row.data), row.fetched_at)
+
+
+def record_success(
+    session: Session,
+    key: SubjectKey,
+    *,
+    served_by: str,
+    data: Mapping[str, Any],
+    fetched_at: datetime,
+    now: datetime,
+    actor: str,
+) -> tuple[list[int], int]:
+    """Store a fresh result: cache it, clear staleness, finish pending requests, resolve defects.
+
+    Returns:
+        The ids of the defects this resolved, and how many pending requests it finished.
+    """
+    cache = EnrichmentCacheEntry.__table__
+    fresh = {
+        "served_by": served_by,
+        "data": dict(data),
+        "fetched_at": fetched_at,
+        "stale": False,
+        "stale_since": None,
+        "last_error": None,
+        "updated_at": now,
+    }
+    stmt = _insert(session, cache).values(**_key_values(key), **fresh)
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[cache.c[n] for n in _SUBJECT_COLUMNS], set_=fresh
+        )
+    )
+    finished = {
+        "status": REQUEST_DONE,
+        "served_by": served_by,
+        "completed_at": now,
+        "updated_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    # Any pending request for the subject is answered by this result, whoever asked.
+    done = session.execute(
+        update(EnrichmentRequest)
+        .where(_subject_filter(EnrichmentRequest, key), _PENDING_ONLY)
+        .values(finished)
+        .execution_options(synchronize_session=False)
+    )
+    resolved = resolve_subject_defects(session, key, now=now, actor=actor)
+    return resolved, int(done.rowcount)  # type: ignore[attr-defined]  # CursorResult for UPDATE
+
+
+def resolve_subject_defects(
+    session: Session, key: SubjectKey, *, now: datetime, actor: str
+) -> list[int]:
+    """Resolve the subject's OPEN stale defects with the recovery resolution (audited)."""
+    rows = session.execute(
+        update(Defect)
+        .where(Defect.defect_type == STALE_ENRICHMENT, _subject_filter(Defect, key), _OPEN_ONLY)
+        .values(status=DEFECT_RESOLVED, resolution=RECOVERY_RESOLUTION, resolved_at=now)
+        .returning(Defect.id)
+    ).all()
+    ids = [row.id for row in rows]
+    if ids:
+        _audit_defects(
+            session,
+            "defect.resolved",
+            key.provider,
+            [(i, key) for i in ids],
+            now=now,
+            actor=actor,
+        )
+    return ids
+
+
+def record_failure(session: Session, key: SubjectKey, *, error: str, now: datetime) -> None:
+    """Mark the subject stale (keeping the time it first went stale) and note the failure."""
+    cache = EnrichmentCacheEntry.__table__
+    stmt = _insert(session, cache).values(
+        **_key_values(key),
+        stale=True,
+        stale_since=now,
+        last_failure_at=now,
+        last_error=error[:255],
+        updated_at=now,
+    )
+    keep_since = case(
+        (
+            and_(cache.c.stale.is_(True), cache.c.stale_since.is_not(None)),
+            cache.c.stale_since,
+        ),
+        else_=stmt.excluded.stale_since,
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[cache.c[n] for n in _SUBJECT_COLUMNS],
+            set_={
+                "stale": True,
+                "stale_since": keep_since,
+                "last_failure_at": now,
+                "last_error": error[:255],
+                "updated_at": now,
+            },
+        )
+    )
+
+
+# --------------------------------------------------------------------------- deferral
+
+
+def ensure_requests(
+    session: Session,
+    items: Sequence[tuple[SubjectKey, Sequence[str]]],
+    *,
+    now: datetime,
+    error: str | None = None,
+) -> tuple[dict[SubjectKey, int], int]:
+    """Make sure each subject has a pending deferred request; create the missing ones.
+
+    Returns:
+        The pending request id per subject (new or existing), and how many were created.
+    """
+    items = list({key: (key, chain) for key, chain in items}.values())
+    if not items:
+        return {}, 0
+    rows = [
+        {
+            **_key_values(key),
+            "providers": list(chain),
+            "status": REQUEST_PENDING,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "last_error": error,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for key, chain in items
+    ]
+    stmt = (
+        _insert(session, EnrichmentRequest.__table__)
+        .on_conflict_do_nothing(
+            index_elements=list(_SUBJECT_COLUMNS), index_where=_PENDING_INDEX_WHERE
+        )
+        .returning(EnrichmentRequest.__table__.c.id)
+    )
+    created = 0
+    for start in range(0, len(rows), 500):
+        created += len(session.execute(stmt, rows[start : start + 500]).all())
+    keys = [key for key, _ in items]
+    return _pending_ids(session, keys), created
+
+
+def _pending_ids(session: Session, keys: Sequence[SubjectKey]) -> dict[SubjectKey, int]:
+    found: dict[SubjectKey, int] = {}
+    wanted = set(keys)
+    for provider in {k.provider for k in keys}:
+        ids = [k.subject_id for k in keys if k.provider == provider]
+        for start in range(0, len(ids), 500):
+            rows = session.execute(
+                select(
+                    EnrichmentRequest.id,
+                    EnrichmentRequest.tenant_id,
+                    EnrichmentRequest.subject_type,
+                    EnrichmentRequest.subject_id,
+                ).where(
+                    EnrichmentRequest.provider == provider,
+                    EnrichmentRequest.subject_id.in_(ids[start : start + 500]),
+                    _PENDING_ONLY,
+                )
+            ).all()
+            for row in rows:
+                key = SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id)
+                if key in wanted:
+                    found[key] = row.id
+    return found
+
+
+def open_defects(
+    session: Session,
+    items: Sequence[tuple[SubjectKey, Mapping[str, Any]]],
+    *,
+    now: datetime,
+    actor: str,
+) -> tuple[dict[SubjectKey, int], dict[SubjectKey, int]]:
+    """Open a STALE_ENRICHMENT defect per subject unless one is OPEN already (audited).
+
+    Returns:
+        (created, already_open): defect id per subject.
+    """
+    items = list({key: (key, details) for key, details in items}.values())
+    if not items:
+        return {}, {}
+    rows = [
+        {
+            "defect_type": STALE_ENRICHMENT,
+            **_key_values(key),
+            "status": DEFECT_OPEN,
+            "details": dict(details),
+            "created_at": now,
+        }
+        for key, details in items
+    ]
+    stmt = (
+        _insert(session, Defect.__table__)
+        .on_conflict_do_nothing(index_elements=list(_DEFECT_KEY), index_where=_OPEN_INDEX_WHERE)
+        .returning(
+            Defect.id, Defect.provider, Defect.tenant_id, Defect.subject_type, Defect.subject_id
+        )
+    )
+    created: dict[SubjectKey, int] = {}
+    for start in range(0, len(rows), 500):
+        for row in session.execute(stmt, rows[start : start + 500]).all():
+            created[SubjectKey(row.provider, row.tenant_id, row.subject_type, row.subject_id)] = (
+                row.id
+            )
+    rest = [key for key, _ in items if key not in created]
+    already = _open_defect_ids(session, rest) if rest else {}
+    if created:
+        by_provider: dict[str, list[tuple[int, SubjectKey]]] = {}
+        for key, defect_id in created.items():
+            by_provider.setdefault(key.provider, []).append((defect_id, key))
+        for provider, pairs in by_provider.items():
+            _audit_defects(session, "defect.created", provider, pairs, now=now, actor=actor)
+    return created, already
+
+
+def _open_defect_ids(session: Session, keys: Sequence[SubjectKey]) -> dict[SubjectKey, int]:
+    found: dict[SubjectKey, int] = {}
+    wanted = set(keys)
+    for provider in {k.provider for k in keys}:
+        ids = [k.subject_id for k in keys if k.provider == provider]
+        for start in range(0, len(ids), 500):
+            rows = session.execute(
+                select(Defect.id, Defect.tenant_id, Defect.subject_type, Defect.subject_id).where(
+                    Defect.defect_type == STALE_ENRICHMENT,
+                    Defect.provider == provider,
+                    Defect.subject_id.in_(ids[start : start + 500]),
+                    _OPEN_ONLY,
+                )
+            ).all()
+            for row in rows:
+                key = SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id)
+                if key in wanted:
+                    found[key] = row.id
+    return found
+
+
+def _audit_defects(
+    session: Session,
+    action: str,
+    provider: str,
+    pairs: Iterable[tuple[int, SubjectKey]],
+    *,
+    now: datetime,
+    actor: str,
+    details: Mapping[str, Any] | None = None,
+) -> None:
+    rows = [
+        audit_row(
+            action,
+            provider=provider,
+            actor=actor,
+            subject_type="defect",
+            subject_id=str(defect_id),
+            tenant_id=key.tenant_id,
+            details={
+                "defect_type": STALE_ENRICHMENT,
+                "subject_type": key.subject_type,
+                "subject_id": key.subject_id,
+                **(details or {}),
+            },
+            occurred_at=now,
+        )
+        for defect_id, key in pairs
+    ]
+    if rows:
+        session.execute(insert(AuditEvent), rows)
+
+
+def defer(
+    session: Session,
+    key: SubjectKey,
+    *,
+    chain: Sequence[str],
+    now: datetime,
+    error: str,
+    origin: str,
+    actor: str,
+    cached_age: timedelta | None = None,
+) -> tuple[int, int]:
+    """Persist a deferred request and open a defect for one subject (both idempotent).
+
+    Returns:
+        (request id, defect id).
+    """
+    request_ids, _ = ensure_requests(session, [(key, chain)], now=now, error=error)
+    details: dict[str, Any] = {"origin": origin, "error": error, "providers": list(chain)}
+    if cached_age is not None:
+        details["cached_age_seconds"] = round(cached_age.total_seconds(), 3)
+    created, already = open_defects(session, [(key, details)], now=now, actor=actor)
+    return request_ids[key], (created.get(key) or already[key])
+
+
+# --------------------------------------------------------------------------- stale windows
+
+
+def stale_subjects(session: Session, provider: str, since: datetime) -> list[SubjectKey]:
+    """Subjects of ``provider`` whose enrichment went stale (failed) at or after ``since``.
+
+    A subject counts when it is stale now and its last failure (deferred,
+    served from cache, or raised) lies in the window, or when a request for it
+    was deferred in the window and is still pending.
+    """
+    keys: dict[SubjectKey, None] = {}
+    cached = session.execute(
+        select(
+            EnrichmentCacheEntry.tenant_id,
+            EnrichmentCacheEntry.subject_type,
+            EnrichmentCacheEntry.subject_id,
+        )
+        .where(
+            EnrichmentCacheEntry.provider == provider,
+            EnrichmentCacheEntry.stale.is_(True),
+            EnrichmentCacheEntry.last_failure_at >= since,
+        )
+        .order_by(EnrichmentCacheEntry.id)
+    ).all()
+    for row in cached:
+        keys[SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id)] = None
+    pending = session.execute(
+        select(
+            EnrichmentRequest.tenant_id,
+            EnrichmentRequest.subject_type,
+            EnrichmentRequest.subject_id,
+        )
+        .where(
+            EnrichmentRequest.provider == provider,
+            _PENDING_ONLY,
+            EnrichmentRequest.created_at >= since,
+        )
+        .order_by(EnrichmentRequest.id)
+    ).all()
+    for row in pending:
+        keys[SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id)] = None
+    return list(keys)
+
+
+def resolve_defects_since(
+    session: Session, provider: str, since: datetime, *, now: datetime, actor: str
+) -> list[int]:
+    """Resolve ``provider``'s OPEN stale defects created after ``since`` (RB-09 Recovery 4)."""
+    rows = session.execute(
+        update(Defect)
+        .where(
+            Defect.defect_type == STALE_ENRICHMENT,
+            Defect.provider == provider,
+            Defect.created_at > since,
+            _OPEN_ONLY,
+        )
+        .values(status=DEFECT_RESOLVED, resolution=RECOVERY_RESOLUTION, resolved_at=now)
+        .returning(Defect.id, Defect.tenant_id, Defect.subject_type, Defect.subject_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    pairs = [
+        (row.id, SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id))
+        for row in rows
+    ]
+    _audit_defects(
+        session, "defect.resolved", provider, pairs, now=now, actor=actor, details={"manual": True}
+    )
+    return sorted(row.id for row in rows)
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def due_providers(session: Session, now: datetime) -> list[str]:
+    """Providers with at least one deferred request due and not leased."""
+    rows = session.execute(
+        select(EnrichmentRequest.provider)
+        .where(
+            _PENDING_ONLY,
+            EnrichmentRequest.next_attempt_at <= now,
+            or_(
+                EnrichmentRequest.lease_expires_at.is_(None),
+                EnrichmentRequest.lease_expires_at <= now,
+            ),
+        )
+        .distinct()
+    ).all()
+    return sorted(row.provider for row in rows)
+
+
+def lease(
+    session: Session,
+    provider: str,
+    *,
+    limit: int,
+    owner: str,
+    now: datetime,
+    lease_for: timedelta,
+) -> list[LeasedRequest]:
+    """Lease up to ``limit`` due requests of ``provider``, oldest due first.
+
+    ``FOR UPDATE SKIP LOCKED`` lets several workers lease side by side on
+    PostgreSQL; SQLite has no row locks, but the engine begins every
+    transaction IMMEDIATE, so lessees queue on the write lock instead.
+    """
+    rows = session.execute(
+        select(
+            EnrichmentRequest.id,
+            EnrichmentRequest.tenant_id,
+            EnrichmentRequest.subject_type,
+            EnrichmentRequest.subject_id,
+            EnrichmentRequest.providers,
+            EnrichmentRequest.attempts,
+        )
+        .where(
+            EnrichmentRequest.provider == provider,
+            _PENDING_ONLY,
+            EnrichmentRequest.next_attempt_at <= now,
+            or_(
+                EnrichmentRequest.lease_expires_at.is_(None),
+                EnrichmentRequest.lease_expires_at <= now,
+            ),
+        )
+        .order_by(EnrichmentRequest.next_attempt_at, EnrichmentRequest.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return []
+    session.execute(
+        update(EnrichmentRequest)
+        .where(EnrichmentRequest.id.in_([row.id for row in rows]))
+        .values(lease_owner=owner, lease_expires_at=now + lease_for, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return [
+        LeasedRequest(
+            id=row.id,
+            key=SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id),
+            providers=tuple(row.providers or (provider,)),
+            attempts=row.attempts,
+        )
+        for row in rows
+    ]
+
+
+def release(session: Session, ids: Sequence[int], *, owner: str, now: datetime) -> None:
+    """Give leased requests back untouched (no attempt counted)."""
+    if not ids:
+        return
+    session.execute(
+        update(EnrichmentRequest)
+        .where(
+            EnrichmentRequest.id.in_(list(ids)),
+            EnrichmentRequest.lease_owner == owner,
+            _PENDING_ONLY,
+        )
+        .values(lease_owner=None, lease_expires_at=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def reschedule(
+    session: Session,
+    request: LeasedRequest,
+    *,
+    next_attempt_at: datetime,
+    error: str,
+    now: datetime,
+) -> None:
+    """Count a failed refresh attempt and schedule the next one."""
+    session.execute(
+        update(EnrichmentRequest)
+        .where(EnrichmentRequest.id == request.id, _PENDING_ONLY)
+        .values(
+            attempts=EnrichmentRequest.attempts + 1,
+            next_attempt_at=next_attempt_at,
+            last_error=error,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    record_failure(session, request.key, error=error, now=now)
+
+
+def fail_request(session: Session, request: LeasedRequest, *, error: str, now: datetime) -> None:
+    """Give up on a request every provider rejected (4xx); its defect stays OPEN."""
+    session.execute(
+        update(EnrichmentRequest)
+        .where(EnrichmentRequest.id == request.id, _PENDING_ONLY)
+        .values(
+            status=REQUEST_FAILED,
+            attempts=EnrichmentRequest.attempts + 1,
+            last_error=error,
+            lease_owner=None,
+            lease_expires_at=None,
+            completed_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+# --------------------------------------------------------------------------- gauges
+
+
+def refresh_gauges(session: Session, metrics: Metrics, providers: Iterable[str]) -> None:
+    """Set ``enrichment_deferred_pending`` and ``defects_open`` from the tables.
+
+    Every configured provider gets a sample, so a count that fell to zero reads 0.
+    """
+    pending = dict(
+        session.execute(
+            select(EnrichmentRequest.provider, func.count())
+            .where(_PENDING_ONLY)
+            .group_by(EnrichmentRequest.provider)
+        ).all()
+    )
+    open_counts: dict[tuple[str, str], int] = {
+        (row.provider, row.defect_type): row.n
+        for row in session.execute(
+            select(Defect.provider, Defect.defect_type, func.count().label("n"))
+            .where(_OPEN_ONLY)
+            .group_by(Defect.provider, Defect.defect_type)
+        ).all()
+    }
+    names = set(providers) | set(pending) | {p for p, _ in open_counts}
+    for name in names:
+        metrics.enrichment_deferred_pending.labels(provider=name).set(pending.get(name, 0))
+    types = {t for _, t in open_counts} | {STALE_ENRICHMENT}
+    for name in names:
+        for defect_type in types:
+            metrics.defects_open.labels(provider=name, defect_type=defect_type).set(
+                open_counts.get((name, defect_type), 0)
+            )
+
+
+def purge_finished(session: Session, before: datetime) -> int:
+    """Delete done/failed requests completed before ``before`` (housekeeping)."""
+    result = session.execute(
+        delete(EnrichmentRequest).where(
+            EnrichmentRequest.status.in_([REQUEST_DONE, REQUEST_FAILED]),
+            EnrichmentRequest.completed_at < before,
+        )
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]  # CursorResult for DELETE
