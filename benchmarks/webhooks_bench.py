@@ -1,0 +1,448 @@
+"""Inbound webhooks: verified and deduplicated webhooks per second, beside the bare alternatives.
+
+    python -m benchmarks.webhooks_bench [--events 1000] [--rounds 5] [--db sqlite|postgres|both]
+                                        [--concurrency 8] [--skip-http]
+
+In one run, on the same machine and databases:
+
+* **CPU only**: the bare minimum (one HMAC-SHA256 + base64 compare + ``json.loads``)
+  against our verification (Standard Webhooks scheme, strict JSON, event parsing).
+* **Through ``handle()``** (no HTTP), per database: a bare ``INSERT`` of one row
+  per transaction (what any receiver that stores an event must at least do),
+  against ``WebhookReceiver.handle()`` for new events (verify, parse, inbox
+  insert, version check, a no-op handler, commit) and for redeliveries of the
+  same events (verify, parse, dedupe).
+* **Over loopback HTTP**: uvicorn in a subprocess, an ``httpx.AsyncClient`` with
+  ``--concurrency`` requests in flight: a bare ASGI app that answers 200 without
+  looking at the request, against the receiver's ASGI app mounted in Starlette,
+  both flavours: ``WebhookReceiver`` (handle() in a worker thread, sync engine)
+  and ``AsyncWebhookReceiver`` (on the event loop, async engine).
+
+PostgreSQL comes from ``IDIS_TEST_POSTGRES_URL`` (default
+``postgresql://postgres@127.0.0.1:5432/test``); a scratch database is created and
+dropped. Results for this repository are in ``docs/performance.md`` ("Inbound webhooks").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+PROVIDER = "crm_provider"
+SECRET = "whsec_YmVuY2htYXJrLXNpZ25pbmcta2V5LTAxMjM0NTY3ODk="
+POSTGRES_URL = os.environ.get("IDIS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def make_bodies(count: int, start: int = 1) -> list[bytes]:
+    """Simulator-shaped webhook bodies (Standard Webhooks envelope around the event)."""
+    bodies = []
+    for seq in range(start, start + count):
+        event = {
+            "id": f"evt_{seq}",
+            "seq": seq,
+            "type": "record.updated",
+            "record_id": f"rec_{seq % 500}",
+            "tenant_id": "tenant_1",
+            "version": seq,
+            "occurred_at": "2026-01-19T10:00:00+00:00",
+            "data": {"name": f"Deal {seq}", "amount": seq * 10, "stage": "won", "owner": "x@y.z"},
+        }
+        bodies.append(
+            json.dumps(
+                {"type": event["type"], "timestamp": event["occurred_at"], "data": event},
+                separators=(",", ":"),
+            ).encode()
+        )
+    return bodies
+
+
+def sign_all(bodies: list[bytes]) -> list[dict[str, str]]:
+    """Standard Webhooks headers for each body, stamped now."""
+    from idis.integrations.webhooks.signing import sign_headers
+
+    now = int(time.time())
+    return [
+        {
+            **sign_headers(SECRET, body, msg_id=f"msg_{i}", timestamp=now),
+            "content-type": "application/json",
+        }
+        for i, body in enumerate(bodies)
+    ]
+
+
+def rate(count: int, seconds: float) -> str:
+    return f"{count / seconds:>10,.0f}/s"
+
+
+# --------------------------------------------------------------------------- databases
+
+
+@contextmanager
+def database(kind: str) -> Iterator[str]:
+    """A migrated scratch database URL (SQLite file or PostgreSQL database), removed afterwards."""
+    from idis.integrations.db.migrate import upgrade
+
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory() as tmp:
+            url = f"sqlite:///{Path(tmp) / 'bench.sqlite3'}"
+            upgrade(url)
+            yield url
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"idis_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def settings_for(url: str) -> Any:
+    from idis.integrations.config import Secret, Settings
+
+    base = Settings.from_env({"IDIS_DATABASE_URL": url})
+    return base.with_providers(replace(base.provider(PROVIDER), webhook_secrets=(Secret(SECRET),)))
+
+
+def make_receiver(url: str) -> Any:
+    from idis.integrations.db.engine import create_db_engine
+    from idis.integrations.sync.inbox import HandlerRegistry
+    from idis.integrations.webhooks.receiver import WebhookReceiver
+
+    registry = HandlerRegistry()
+    registry.register("*", lambda session, event: None)
+    engine = create_db_engine(url, **({} if url.startswith("sqlite") else {"pool_size": 32}))
+    return WebhookReceiver(settings_for(url), engine, registry=registry, providers=[PROVIDER])
+
+
+def make_async_receiver(url: str) -> Any:
+    from idis.integrations.db.engine import create_async_db_engine
+    from idis.integrations.sync.inbox import HandlerRegistry
+    from idis.integrations.webhooks.receiver import AsyncWebhookReceiver
+
+    async def noop(session: Any, event: Any) -> None:
+        return None
+
+    registry = HandlerRegistry()
+    registry.register_async("*", noop)
+    engine = create_async_db_engine(url, **({} if url.startswith("sqlite") else {"pool_size": 32}))
+    return AsyncWebhookReceiver(settings_for(url), engine, registry=registry, providers=[PROVIDER])
+
+
+# --------------------------------------------------------------------------- CPU only
+
+
+def bench_cpu(count: int, rounds: int) -> None:
+    from idis.integrations.sync.events import event_from_payload
+    from idis.integrations.webhooks.verify import (
+        InboundRequest,
+        StandardWebhooksScheme,
+        normalize_headers,
+        parse_json_strict,
+    )
+
+    bodies = make_bodies(count)
+    headers = sign_all(bodies)
+    key = base64.b64decode(SECRET.removeprefix("whsec_"))
+    scheme = StandardWebhooksScheme([SECRET])
+    bare_rates, our_rates = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for body, h in zip(bodies, headers, strict=True):
+            signed = f"{h['webhook-id']}.{h['webhook-timestamp']}.".encode() + body
+            expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+            assert hmac.compare_digest(expected, h["webhook-signature"].split(",", 1)[1])
+            json.loads(body)
+        bare_rates.append(count / (time.perf_counter() - start))
+        now = datetime.now(UTC)
+        start = time.perf_counter()
+        for body, h in zip(bodies, headers, strict=True):
+            scheme.verify(InboundRequest("POST", "/", normalize_headers(h), body), now)
+            event_from_payload(parse_json_strict(body))
+        our_rates.append(count / (time.perf_counter() - start))
+    bare, ours = statistics.median(bare_rates), statistics.median(our_rates)
+    print(
+        f"  CPU only            bare HMAC+json.loads {bare:>8,.0f}/s   "
+        f"verify+strict JSON+event {ours:>8,.0f}/s ({ours / bare:.0%})"
+    )
+
+
+# --------------------------------------------------------------------------- handle()
+
+
+def bench_handle(kind: str, url: str, count: int, rounds: int) -> None:
+    from sqlalchemy import text
+
+    from idis.integrations.db.engine import create_db_engine
+
+    engine = create_db_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE bench_bare (id BIGINT PRIMARY KEY, event_id VARCHAR(255), body TEXT)"
+            )
+        )
+    receiver = make_receiver(url)
+    bare_rates, new_rates, dup_rates = [], [], []
+    for round_no in range(rounds):
+        # Bare and ours alternate, so load from elsewhere hits both alike.
+        bodies = make_bodies(count, start=1 + round_no * count)
+        start = time.perf_counter()
+        for i, body in enumerate(bodies):
+            with engine.begin() as conn:
+                conn.execute(
+                    text("INSERT INTO bench_bare (id, event_id, body) VALUES (:i, :e, :b)"),
+                    {"i": round_no * count + i, "e": f"evt_{i}", "b": body.decode()},
+                )
+        bare_rates.append(count / (time.perf_counter() - start))
+        headers = sign_all(bodies)
+        start = time.perf_counter()
+        for body, h in zip(bodies, headers, strict=True):
+            result = receiver.handle(PROVIDER, h, body)
+            assert result.outcome == "accepted", result
+        new_rates.append(count / (time.perf_counter() - start))
+        start = time.perf_counter()
+        for body, h in zip(bodies, headers, strict=True):
+            result = receiver.handle(PROVIDER, h, body)
+            assert result.outcome == "duplicate", result
+        dup_rates.append(count / (time.perf_counter() - start))
+    engine.dispose()
+    bare, new, dup = (statistics.median(r) for r in (bare_rates, new_rates, dup_rates))
+    print(
+        f"  handle() {kind:<10} bare INSERT+commit {bare:>8,.0f}/s   new {new:>8,.0f}/s "
+        f"({new / bare:.0%})   duplicates {dup:>8,.0f}/s ({dup / bare:.0%})"
+    )
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+async def _bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    body = b'{"status":"ok"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def serve(which: str, port: int, url: str) -> None:
+    """Serve the bare app or the receiver with uvicorn on 127.0.0.1:port until killed."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    if which == "bare":
+        app: Any = _bare_app
+    elif which == "async-receiver":
+        app = Starlette(routes=[Mount("/webhooks", app=make_async_receiver(url).asgi_app())])
+    else:
+        app = Starlette(routes=[Mount("/webhooks", app=make_receiver(url).asgi_app())])
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        date_header=False,
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def server(which: str, url: str) -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(  # our own interpreter and module
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.webhooks_bench",
+            "--serve",
+            which,
+            "--port",
+            str(port),
+            "--url",
+            url,
+        ],
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _blast(
+    base: str, path: str, bodies: list[bytes], headers: list[dict[str, str]], concurrency: int
+) -> tuple[float, Counter[int]]:
+    import httpx
+
+    statuses: Counter[int] = Counter()
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(bodies)):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+
+        async def worker() -> None:
+            while True:
+                try:
+                    i = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                response = await client.post(path, content=bodies[i], headers=headers[i])
+                statuses[response.status_code] += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start, statuses
+
+
+def bench_http(kind: str, url: str, count: int, concurrency: int, rounds: int) -> None:
+    path = f"/webhooks/{PROVIDER}"
+    names = ("bare", "receiver", "async-receiver")
+    rates: dict[str, list[float]] = {name: [] for name in (*names, "receiver-dup", "async-dup")}
+    with (
+        server("bare", url) as bare,
+        server("receiver", url) as sync,
+        server("async-receiver", url) as asynchronous,
+    ):
+        bases = {
+            "bare": (bare, "/"),
+            "receiver": (sync, path),
+            "async-receiver": (asynchronous, path),
+        }
+        for name, (base, route) in bases.items():
+            warm = make_bodies(100, start=10_000_000 + 1000 * names.index(name))
+            asyncio.run(_blast(base, route, warm, sign_all(warm), concurrency))
+        for round_no in range(rounds):
+            # Each receiver gets its own events (they share one database).
+            for index, name in enumerate(names):
+                base, route = bases[name]
+                bodies = make_bodies(count, start=1 + (round_no * 3 + index) * count)
+                took, statuses = asyncio.run(
+                    _blast(base, route, bodies, sign_all(bodies), concurrency)
+                )
+                assert dict(statuses) == {200: count}, statuses
+                rates[name].append(count / took)
+                if name != "bare":
+                    took, statuses = asyncio.run(
+                        _blast(base, route, bodies, sign_all(bodies), concurrency)
+                    )
+                    assert dict(statuses) == {200: count}, statuses
+                    rates["receiver-dup" if name == "receiver" else "async-dup"].append(
+                        count / took
+                    )
+    med = {name: statistics.median(values) for name, values in rates.items()}
+    bare_rate = med["bare"]
+    print(f"  HTTP {kind:<9} bare ASGI app (200, no work) {bare_rate:>7,.0f}/s")
+    for label, new, dup in (
+        ("WebhookReceiver (thread)", "receiver", "receiver-dup"),
+        ("AsyncWebhookReceiver", "async-receiver", "async-dup"),
+    ):
+        print(
+            f"  HTTP {kind:<9} {label:<25} new {med[new]:>6,.0f}/s ({med[new] / bare_rate:.0%})"
+            f"   duplicates {med[dup]:>6,.0f}/s ({med[dup] / bare_rate:.0%})"
+        )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _quiet_logs() -> None:
+    # Production logs at INFO: the per-webhook debug line is filtered, warnings render.
+    from idis.integrations.observability.logs import configure_logging
+
+    configure_logging("json", "INFO", stream=open(os.devnull, "w"))  # noqa: SIM115  # process-long
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--events", type=int, default=1000)
+    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument(
+        "--serve", choices=["bare", "receiver", "async-receiver"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    _quiet_logs()
+    if args.serve:
+        serve(args.serve, args.port, args.url)
+        return
+    print(
+        f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"{args.events} webhooks per measurement, HTTP concurrency {args.concurrency}"
+    )
+    bench_cpu(args.events, args.rounds)
+    kinds = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    for kind in kinds:
+        with database(kind) as url:
+            bench_handle(kind, url, args.events, args.rounds)
+        if not args.skip_http:
+            with database(kind) as url:
+                bench_http(kind, url, args.events, args.concurrency, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""``idis-integrations sync status|poll|mode``: inbound sync, webhook/polling (RB-09 C1, R5).
+
+RB-09 Containment 1 (``CRM_MODE=polling``) and Recovery 5 (back to webhooks)
+are what the mode controller does by itself; ``sync mode --set`` is the
+operator's override when a human wants to decide, and every use is audited.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import ExitStack
+from types import FrameType
+from typing import Any
+
+import click
+
+from ..timeparse import format_duration, utcnow
+from . import main
+from ._common import (
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    fail,
+    get_settings,
+    handle_errors,
+    json_option,
+    print_json,
+    print_table,
+    provider_option,
+    stdout,
+)
+
+
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no login name (some containers)
+        return "cli:unknown"
+
+
+def _register_status_facts() -> None:
+    # `idis-integrations status` shows each provider's sync mode through the
+    # status module's plug point for capability facts.
+    from ..status import FACT_SOURCES
+    from ..sync.state import status_facts
+
+    if status_facts not in FACT_SOURCES:
+        FACT_SOURCES.append(status_facts)
+
+
+_register_status_facts()
+
+
+def _age(value: Any) -> str:
+    if value is None:
+        return "-"
+    return format_duration(max(0.0, (utcnow() - value).total_seconds())) + " ago"
+
+
+def _engine() -> Any:
+    from ..db.engine import create_db_engine
+
+    return create_db_engine(get_settings().database_url)
+
+
+@main.group("sync")
+def sync() -> None:
+    """Inbound sync: webhook/polling mode per provider, the poller, the sync state."""
+
+
+@sync.command("status")
+@provider_option(required=False)
+@json_option
+@handle_errors
+def status(provider: str | None, as_json: bool) -> None:
+    """Mode, reason, webhook health and poller position of each synced provider."""
+    from sqlalchemy.orm import Session
+
+    from ..sync.service import default_providers
+    from ..sync.state import sync_summary
+
+    settings = get_settings()
+    names = [provider] if provider else None
+    engine = _engine()
+    try:
+        with Session(engine) as session:
+            rows = sync_summary(session, names)
+            if not rows and names is None:
+                rows = sync_summary(session, default_providers(settings))
+    finally:
+        engine.dispose()
+    if as_json:
+        print_json([row.as_dict() for row in rows])
+        return
+    stable = settings.sync.stable_period
+    table = []
+    for row in rows:
+        returning = "-"
+        if row.mode == "polling" and row.healthy_since is not None:
+            left = stable - (utcnow() - row.healthy_since)
+            returning = f"in {format_duration(max(0.0, left.total_seconds()))}"
+        table.append(
+            (
+                row.provider,
+                row.mode,
+                row.reason,
+                _age(row.since),
+                row.override or "-",
+                _age(row.last_webhook_at),
+                "-" if row.lag_seconds is None else format_duration(row.lag_seconds),
+                returning,
+                _age(row.polled_at),
+                "-" if row.cursor_seq is None else row.cursor_seq,
+                row.leader or "-",
+            )
+        )
+    print_table(
+        "Sync",
+        [
+            "provider",
+            "mode",
+            "reason",
+            "since",
+            "override",
+            "last webhook",
+            "webhook lag",
+            "back to webhook",
+            "last poll",
+            "cursor",
+            "leader",
+        ],
+        table,
+    )
+
+
+def _client(settings: Any, provider: str, stack: ExitStack, engine: Any) -> Any:
+    from ..providers import ProviderClient
+    from ..resilience import Gateway
+
+    auth = None
+    if settings.provider(provider).auth.grant != "none":
+        from ..auth.httpx_auth import oauth_auth_factory
+
+        factory = oauth_auth_factory(settings, engine=engine)
+        stack.callback(factory.close)
+        auth = factory
+    gateway = Gateway(settings, auth=auth)
+    stack.callback(gateway.close)
+    return ProviderClient(gateway, provider)
+
+
+@sync.command("poll")
+@provider_option()
+@click.option("--once", is_flag=True, help="Poll once now and exit (whatever the mode).")
+@json_option
+@handle_errors
+def poll(provider: str, once: bool, as_json: bool) -> None:
+    """Run the poller for PROVIDER: every CRM_POLL_INTERVAL until SIGTERM, or --once.
+
+    Without --once it takes the provider's poller lock first, so it never polls
+    beside another replica's poller: it stands by until that one stops.
+    """
+    from ..exceptions import AuthError, ProviderError
+    from ..sync.inbox import get_registry
+    from ..sync.leader import LeaderLock
+    from ..sync.poller import Poller, error_type
+
+    settings = get_settings()
+    with ExitStack() as stack:
+        engine = _engine()
+        stack.callback(engine.dispose)
+        poller = Poller(
+            _client(settings, provider, stack, engine),
+            engine,
+            settings,
+            provider,
+            registry=get_registry(),
+        )
+        if once:
+            try:
+                result = poller.poll_once()
+            except (ProviderError, AuthError) as exc:
+                fail(
+                    f"{provider}: poll failed ({error_type(exc)}): {exc}",
+                    EXIT_UNAVAILABLE if exc.retryable else EXIT_USAGE,
+                )
+            _print_poll(result, as_json)
+            return
+        lock = LeaderLock(
+            settings.database_url, f"sync:{provider}", lock_timeout=settings.sync.lock_timeout
+        )
+        stack.callback(lock.close)
+        stop = threading.Event()
+
+        def _stop(_signum: int, _frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        interval = settings.sync.crm_poll_interval.total_seconds()
+        retry = settings.sync.lock_timeout.total_seconds() / 3
+        standing_by = False
+        while not stop.is_set():
+            if not lock.acquire():
+                if not standing_by:
+                    stdout.print(f"{provider}: another replica polls; standing by", markup=False)
+                    standing_by = True
+                stop.wait(retry)
+                continue
+            standing_by = False
+            try:
+                _print_poll(poller.poll_once(), as_json)
+            except (ProviderError, AuthError) as exc:
+                stdout.print(f"{provider}: poll failed ({error_type(exc)}); retrying", markup=False)
+            stop.wait(interval)
+
+
+def _print_poll(result: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(
+            {
+                "provider": result.provider,
+                "fetched": result.fetched,
+                "applied": result.applied,
+                "duplicates": result.duplicates,
+                "superseded": result.superseded,
+                "ignored": result.ignored,
+                "pages": result.pages,
+                "complete": result.complete,
+                "after_seq": result.after_seq,
+                "started_at": result.started_at,
+            }
+        )
+        return
+    stdout.print(
+        f"{result.provider}: fetched {result.fetched}, applied {result.applied}, "
+        f"already had {result.duplicates}, superseded {result.superseded}, "
+        f"ignored {result.ignored} ({result.pages} page(s), cursor {result.after_seq})",
+        markup=False,
+    )
+
+
+@sync.command("mode")
+@provider_option()
+@click.option(
+    "--set",
+    "setting",
+    type=click.Choice(["webhook", "polling", "auto"]),
+    default=None,
+    help="polling: pin polling; webhook: switch to webhooks now (overrides CRM_MODE=polling); "
+    "auto: remove the override and let the controller decide.",
+)
+@json_option
+@handle_errors
+def mode(provider: str, setting: str | None, as_json: bool) -> None:
+    """Show PROVIDER's sync mode, or override it (audited as sync.mode_changed/override)."""
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from ..sync.mode import ModePolicy
+    from ..sync.state import override_mode, sync_summary
+
+    settings = get_settings()
+    engine = _engine()
+    try:
+        if setting is not None:
+            with sessionmaker(engine).begin() as session:
+                override_mode(
+                    session,
+                    provider,
+                    setting,
+                    policy=ModePolicy.from_settings(settings.sync),
+                    now=utcnow(),
+                    actor=_actor(),
+                )
+        with Session(engine) as session:
+            (row,) = sync_summary(session, [provider])
+    finally:
+        engine.dispose()
+    if as_json:
+        print_json(row.as_dict())
+        return
+    override = f", override {row.override}" if row.override else ""
+    stdout.print(
+        f"{provider}: {row.mode} ({row.reason}{override}, since {_age(row.since)})", markup=False
+    )

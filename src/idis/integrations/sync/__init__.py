@@ -1,0 +1,85 @@
+"""Inbound sync: the inbox, the poller, the webhook/polling mode controller and the timeline.
+
+* :mod:`.inbox`: :func:`apply_event` applies each provider event exactly once,
+  whatever channel brought it, in version order per record, through the
+  handlers the host registers in a :class:`HandlerRegistry`.
+* :mod:`.poller`: incremental polling with a durable cursor per provider and
+  stream, overlapping windows, and one poller per provider across replicas.
+* :mod:`.mode`: the mode controller (webhook <-> polling failover and return),
+  written as a pure state machine with thin drivers.
+* :mod:`.sentinel`: the light check that webhooks deliver every change.
+* :mod:`.timeline`: coverage intervals per provider and source.
+* :mod:`.service`: :class:`SyncService` / :class:`AsyncSyncService` wire it all
+  together for the host.
+
+Submodules load on first use so ``db/models.py`` can import the tables cheaply.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .inbox import (
+        ApplyOutcome,
+        HandlerRegistry,
+        apply_event,
+        apply_event_async,
+        apply_event_outcome,
+        get_registry,
+        known_event_ids,
+    )
+    from .mode import ModeController
+    from .service import AsyncSyncService, SyncService
+    from .state import SyncSummary, sync_summary
+    from .timeline import CoveredInterval, coverage, record_coverage
+
+__all__ = [
+    "ApplyOutcome",
+    "AsyncSyncService",
+    "CoveredInterval",
+    "HandlerRegistry",
+    "ModeController",
+    "SyncService",
+    "SyncSummary",
+    "apply_event",
+    "apply_event_async",
+    "apply_event_outcome",
+    "coverage",
+    "get_registry",
+    "known_event_ids",
+    "record_coverage",
+    "sync_summary",
+]
+
+_LAZY: dict[str, str] = {
+    "ApplyOutcome": ".inbox",
+    "HandlerRegistry": ".inbox",
+    "apply_event": ".inbox",
+    "apply_event_async": ".inbox",
+    "apply_event_outcome": ".inbox",
+    "get_registry": ".inbox",
+    "known_event_ids": ".inbox",
+    "ModeController": ".mode",
+    "SyncSummary": ".state",
+    "sync_summary": ".state",
+    "AsyncSyncService": ".service",
+    "SyncService": ".service",
+    "CoveredInterval": ".timeline",
+    "coverage": ".timeline",
+    "record_coverage": ".timeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
