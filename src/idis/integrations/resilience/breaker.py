@@ -1,7 +1,8 @@
 """Circuit breakers on pybreaker, without holding a lock across I/O.
 
-pybreaker's ``call()`` and ``calling()`` hold the breaker's lock for the whole
-protected call, so concurrent calls through one breaker serialize. We use
+pybreaker's ``call()`` holds the breaker's lock for the whole protected call,
+so concurrent calls through one breaker serialize (``calling()`` does not, but
+costs four times as much per call and cannot count a windowed failure rate). We use
 pybreaker for what it is good at (the state storage: in-process or shared
 across replicas, its listener protocol, and its public ``open()``,
 ``half_open()`` and ``close()`` transitions) and drive it from outside: a call
@@ -190,9 +191,10 @@ class Breaker:
                 every trial slot is taken.
         """
         state = self._read_state()
+        if state != self._seen:
+            # Another replica changed the shared state: report it before deciding.
+            self._noticed(state)
         if state == CLOSED:
-            if self._seen != CLOSED:
-                self._noticed(CLOSED)
             return False
         with self._lock:
             state = self._read_state()
@@ -208,7 +210,9 @@ class Breaker:
                         retry_in=wait,
                     )
                 self._transition(HALF_OPEN, "reset timeout elapsed")
-            if self._trials >= self.policy.half_open_max_calls:
+            # A slot stays spent once its trial succeeded: half-open lets exactly
+            # half_open_max_calls trials through, not that many at a time.
+            if self._trials + self._trial_successes >= self.policy.half_open_max_calls:
                 raise CircuitOpen(
                     f"circuit breaker for {self.provider} ({self.name}) is half-open and its "
                     "trial calls are in flight",
@@ -225,7 +229,7 @@ class Breaker:
             return True
         if state == OPEN:
             return self.retry_in() <= 0
-        return self._trials < self.policy.half_open_max_calls
+        return self._trials + self._trial_successes < self.policy.half_open_max_calls
 
     # -------------------------------------------------------------- outcomes
 
@@ -312,8 +316,13 @@ class Breaker:
 
     def _noticed(self, state: str) -> None:
         old, self._seen = self._seen, state
-        if state == OPEN and self._opened_at is None:
-            self._opened_at = self._opened_time()
+        if state == OPEN:
+            # The replica that opened it stamped the shared opened_at; a local
+            # time from an earlier opening would let a trial through too early.
+            stored = self._pb._state_storage.opened_at  # no public getter
+            self._opened_at = (
+                stored.timestamp() if isinstance(stored, datetime) else self._clock.time()
+            )
         if state == CLOSED:
             self._opened_at = None
         self._emit(

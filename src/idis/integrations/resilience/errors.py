@@ -24,7 +24,13 @@ from ..exceptions import (
     UsageError,
 )
 
-__all__ = ["HTTPX_MAPPING", "error_for_status", "map_httpx_errors"]
+__all__ = [
+    "HTTPX_ERRORS",
+    "HTTPX_MAPPING",
+    "error_for_status",
+    "map_httpx_errors",
+    "translate_httpx_error",
+]
 
 #: httpx exception -> library exception; most specific first.
 HTTPX_MAPPING: tuple[tuple[type[Exception], type[Exception]], ...] = (
@@ -50,6 +56,10 @@ HTTPX_MAPPING: tuple[tuple[type[Exception], type[Exception]], ...] = (
     (httpx.RequestError, ProviderConnectionError),
     (httpx.InvalidURL, UsageError),
     (httpx.CookieConflict, UsageError),
+    (httpx.StreamConsumed, UsageError),
+    (httpx.StreamClosed, UsageError),
+    (httpx.ResponseNotRead, UsageError),
+    (httpx.RequestNotRead, UsageError),
     (httpx.StreamError, UsageError),
     (httpx.HTTPError, ProviderError),
 )
@@ -60,6 +70,20 @@ _TIMEOUT_KIND: dict[type[Exception], str] = {
     httpx.WriteTimeout: "write timeout",
     httpx.PoolTimeout: "pool timeout (no free connection)",
 }
+
+
+#: Every httpx exception root (some misuse errors are not HTTPError subclasses).
+HTTPX_ERRORS: tuple[type[Exception], ...] = (
+    httpx.HTTPError,
+    httpx.InvalidURL,
+    httpx.CookieConflict,
+    httpx.StreamError,
+)
+
+
+def translate_httpx_error(exc: Exception, provider: str, endpoint: str) -> Exception:
+    """The library exception for an httpx exception (raise it ``from`` the original)."""
+    return _translate(exc, provider, endpoint)
 
 
 def _translate(exc: Exception, provider: str, endpoint: str) -> Exception:
@@ -80,9 +104,7 @@ def map_httpx_errors(provider: str, endpoint: str) -> Iterator[None]:
     """Re-raise httpx exceptions as library exceptions, chained."""
     try:
         yield
-    except httpx.HTTPError as exc:
-        raise _translate(exc, provider, endpoint) from exc
-    except (httpx.InvalidURL, httpx.CookieConflict, httpx.StreamError) as exc:
+    except HTTPX_ERRORS as exc:
         raise _translate(exc, provider, endpoint) from exc
 
 

@@ -51,7 +51,7 @@ from ..observability.logs import get_logger
 from ..observability.metrics import Metrics, get_metrics
 from .breaker import STATE_VALUE, Breaker, BreakerTransition, TransitionHook
 from .clock import Clock, system_clock
-from .errors import error_for_status, map_httpx_errors
+from .errors import HTTPX_ERRORS, error_for_status, map_httpx_errors, translate_httpx_error
 from .policy import (
     RetryBudget,
     TokenBucket,
@@ -78,22 +78,60 @@ class HealthReport:
     detail: str
 
 
-@dataclass(slots=True)
 class _Call:
-    provider: str
-    endpoint: str
-    method: str
-    url: str
-    params: Any
-    json: Any
-    content: Any
-    headers: dict[str, str]
-    idempotency_key: str | None
-    deadline: float
-    parse_json: bool
-    request_id: str
-    breaker_names: tuple[str, ...] = ()
-    attempts: int = 0
+    """One logical call (all its attempts)."""
+
+    __slots__ = (
+        "_request_id",
+        "attempts",
+        "content",
+        "deadline",
+        "endpoint",
+        "headers",
+        "idempotency_key",
+        "json",
+        "method",
+        "params",
+        "parse_json",
+        "provider",
+        "url",
+    )
+
+    def __init__(  # noqa: PLR0917  # built once per call on the hot path; positional is cheaper
+        self,
+        provider: str,
+        endpoint: str,
+        method: str,
+        url: str,
+        params: Any,
+        json: Any,
+        content: Any,
+        headers: dict[str, str] | None,
+        idempotency_key: str | None,
+        deadline: float,
+        parse_json: bool,
+        request_id: str | None,
+    ) -> None:
+        self.provider = provider
+        self.endpoint = endpoint
+        self.method = method
+        self.url = url
+        self.params = params
+        self.json = json
+        self.content = content
+        self.headers = headers
+        self.idempotency_key = idempotency_key
+        self.deadline = deadline
+        self.parse_json = parse_json
+        self._request_id = request_id
+        self.attempts = 0
+
+    @property
+    def request_id(self) -> str:
+        """Correlation id; made on first use, since most calls never log one."""
+        if self._request_id is None:
+            self._request_id = os.urandom(8).hex()
+        return self._request_id
 
 
 @dataclass(slots=True)
@@ -107,6 +145,8 @@ class _Runtime:
     budget: RetryBudget
     timeout: httpx.Timeout
     paused_until: float = 0.0
+    #: Calls holding a bulkhead slot now; set by the gateway that owns the slots.
+    in_flight: Callable[[], int] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     children: dict[tuple[str, ...], Any] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
@@ -125,8 +165,11 @@ class _Pipeline:
         breaker_storage: Callable[[str, str], Any] | None,
         on_transition: Sequence[TransitionHook],
         seed: int | None,
+        request_id_header: str | None = None,
     ) -> None:
         self.settings = settings
+        #: Header carrying our request id to the provider (None: not sent).
+        self.request_id_header = request_id_header
         self.metrics = metrics or get_metrics()
         self.clock = clock or system_clock
         self._auth_factory = auth
@@ -243,30 +286,29 @@ class _Pipeline:
             if not url:
                 url = settings.base_url + settings.endpoint_path(endpoint)
                 runtime.urls[endpoint] = url
-        request_id = os.urandom(8).hex()
-        merged = {"X-Request-ID": request_id}
-        if headers:
-            merged.update(headers)
+        request_id = None
+        merged: dict[str, str] | None = dict(headers) if headers else None
+        if self.request_id_header:
+            request_id = os.urandom(8).hex()
+            merged = merged or {}
+            merged[self.request_id_header] = request_id
         if idempotency_key:
+            merged = merged or {}
             merged["Idempotency-Key"] = idempotency_key
         deadline_s = settings.timeouts.deadline if timeout is None else timeout
-        names: tuple[str, ...] = (settings.name,)
-        if settings.breaker.per_endpoint:
-            names = (settings.name, endpoint)
         return runtime, _Call(
-            provider=provider,
-            endpoint=endpoint,
-            method=method.upper(),
-            url=url,
-            params=params,
-            json=json,
-            content=content,
-            headers=merged,
-            idempotency_key=idempotency_key,
-            deadline=self.clock.monotonic() + deadline_s,
-            parse_json=parse_json,
-            request_id=request_id,
-            breaker_names=names,
+            provider,
+            endpoint,
+            method.upper(),
+            url,
+            params,
+            json,
+            content,
+            merged,
+            idempotency_key,
+            self.clock.monotonic() + deadline_s,
+            parse_json,
+            request_id,
         )
 
     def remaining(self, call: _Call) -> float:
@@ -287,8 +329,8 @@ class _Pipeline:
         if wait <= 0:
             return 0.0
         if wait >= self.remaining(call):
+            # The logical call's outcome is counted once, by finish().
             self.count_error(runtime, call.endpoint, "rate_limited")
-            self.child(runtime, "requests", call.endpoint, "rate_limited").inc()
             raise RateLimited(
                 f"{call.provider} {call.endpoint}: provider paused by rate limit (HTTP 429) for "
                 f"{wait:.1f}s more, beyond the call's deadline",
@@ -336,13 +378,28 @@ class _Pipeline:
 
     def _short_circuited(self, runtime: _Runtime, call: _Call, exc: CircuitOpen) -> None:
         exc.endpoint = call.endpoint
+        # The logical call's outcome is counted once, by finish().
         self.count_error(runtime, call.endpoint, "circuit_open")
-        self.child(runtime, "requests", call.endpoint, "short_circuited").inc()
 
     def timeout_for(self, runtime: _Runtime, call: _Call) -> httpx.Timeout:
+        """Per-attempt timeouts clipped to the deadline; call it before breaker admission.
+
+        A deadline spent while waiting (pause, limiter, bulkhead) is a timeout of
+        the call but not a provider fault: nothing was sent, so no breaker hears of it.
+        """
         remaining = self.remaining(call)
         if remaining <= 0:
-            raise self.deadline_error(call, "waiting to start an attempt")
+            error = self.deadline_error(call, "waiting to start an attempt")
+            self.count_error(runtime, call.endpoint, error.error_type)
+            _log.warning(
+                "idis.gateway.timeout",
+                msg=f"provider call timed out before it was sent: {error}",
+                provider=call.provider,
+                endpoint=call.endpoint,
+                attempt=call.attempts + 1,
+                request_id=call.request_id,
+            )
+            raise error
         t = runtime.timeout
         # Clip only when the deadline is nearer than a configured timeout.
         longest = max(t.connect or 0, t.read or 0, t.write or 0, t.pool or 0)
@@ -469,6 +526,20 @@ class _Pipeline:
                 request_id=call.request_id,
             )
 
+    def bind_bulkhead(
+        self, runtime: _Runtime, sem: threading.Semaphore | asyncio.Semaphore
+    ) -> None:
+        """Export the bulkhead's occupancy, read at scrape time instead of per call."""
+        size = runtime.settings.max_concurrency
+
+        def in_flight() -> int:
+            # Both semaphore kinds keep their free slots in _value; reading it at
+            # scrape time saves two gauge updates on every call.
+            return size - int(sem._value)
+
+        runtime.in_flight = in_flight
+        self.child(runtime, "in_flight").set_function(in_flight)
+
     def bulkhead_full(self, runtime: _Runtime, call: _Call) -> BulkheadFull:
         self.count_error(runtime, call.endpoint, "bulkhead_full")
         self.metrics.bulkhead_rejected.labels(call.provider).inc()
@@ -487,7 +558,6 @@ class _Pipeline:
         """Admit one attempt (breakers) and start its clock; caller holds a bulkhead slot."""
         admission = self.admit(runtime, call)
         call.attempts += 1
-        self.child(runtime, "in_flight").inc()
         return admission, time.perf_counter()
 
     def abandon(self, admission: tuple[bool, Breaker | None, bool], runtime: _Runtime) -> None:
@@ -614,6 +684,8 @@ class _Pipeline:
             return "short_circuited"
         if isinstance(exc, RetryBudgetExhausted):
             return "budget_exhausted"
+        if isinstance(exc, BulkheadFull):
+            return "bulkhead_full"
         return "rate_limited" if isinstance(exc, RateLimited) else "error"
 
     # ----------------------------------------------------- breaker events
@@ -658,8 +730,7 @@ class _Pipeline:
         runtime = self.runtime(provider)
         stats: dict[str, Any] = dict(runtime.breaker.stats())
         stats["paused_for"] = round(max(0.0, runtime.paused_until - self.clock.monotonic()), 3)
-        # prometheus_client offers no public read of one child's value.
-        stats["in_flight"] = int(self.child(runtime, "in_flight")._value.get())
+        stats["in_flight"] = runtime.in_flight() if runtime.in_flight else 0
         stats["endpoints"] = {
             name: breaker.stats() for name, breaker in runtime.endpoint_breakers.items()
         }
@@ -713,6 +784,8 @@ class Gateway:
             Redis when ``settings.redis_url`` is set, else in-process.
         on_transition: Extra hooks called on every breaker state change.
         seed: Seed for backoff jitter (reproducible tests).
+        request_id_header: Send each call's request id to the provider in this
+            header (e.g. ``X-Request-ID``); off by default, it costs a header per call.
     """
 
     def __init__(
@@ -728,9 +801,11 @@ class Gateway:
         breaker_storage: Callable[[str, str], Any] | None = None,
         on_transition: Sequence[TransitionHook] = (),
         seed: int | None = None,
+        request_id_header: str | None = None,
     ) -> None:
         self._p = _Pipeline(
             settings,
+            request_id_header=request_id_header,
             metrics=metrics,
             clock=clock,
             auth=auth,
@@ -761,9 +836,11 @@ class Gateway:
         sem = self._semaphores.get(name)
         if sem is None:
             with self._sem_lock:
-                sem = self._semaphores.setdefault(
-                    name, threading.BoundedSemaphore(runtime.settings.max_concurrency)
-                )
+                sem = self._semaphores.get(name)
+                if sem is None:
+                    sem = threading.BoundedSemaphore(runtime.settings.max_concurrency)
+                    self._p.bind_bulkhead(runtime, sem)
+                    self._semaphores[name] = sem
         return sem
 
     def request(
@@ -874,27 +951,31 @@ class Gateway:
         if not sem.acquire(timeout=p.bulkhead_timeout(runtime, call)):
             raise p.bulkhead_full(runtime, call)
         try:
+            timeout = p.timeout_for(runtime, call)
             admission, started = p.begin(runtime, call)
             try:
-                with map_httpx_errors(call.provider, call.endpoint):
-                    response = self._client.request(
-                        call.method,
-                        call.url,
-                        params=call.params,
-                        json=call.json,
-                        content=call.content,
-                        headers=call.headers,
-                        timeout=p.timeout_for(runtime, call),
-                        auth=p.auth_for(runtime.settings) or httpx.USE_CLIENT_DEFAULT,
-                    )
-            except ProviderError as exc:
-                p.record(runtime, call, admission, started, exc)
-                raise
+                response = self._client.request(
+                    call.method,
+                    call.url,
+                    params=call.params,
+                    json=call.json,
+                    content=call.content,
+                    headers=call.headers,
+                    timeout=timeout,
+                    auth=p.auth_for(runtime.settings) or httpx.USE_CLIENT_DEFAULT,
+                )
+            except HTTPX_ERRORS as raw:
+                # Inline rather than map_httpx_errors(): a context manager per
+                # call is measurable on the healthy path.
+                error = translate_httpx_error(raw, call.provider, call.endpoint)
+                if isinstance(error, ProviderError):
+                    p.record(runtime, call, admission, started, error)
+                else:
+                    p.abandon(admission, runtime)
+                raise error from raw
             except BaseException:
                 p.abandon(admission, runtime)
                 raise
-            finally:
-                p.child(runtime, "in_flight").dec()
             return p.conclude(runtime, call, admission, started, response)
         finally:
             sem.release()
@@ -960,9 +1041,11 @@ class AsyncGateway:
         breaker_storage: Callable[[str, str], Any] | None = None,
         on_transition: Sequence[TransitionHook] = (),
         seed: int | None = None,
+        request_id_header: str | None = None,
     ) -> None:
         self._p = _Pipeline(
             settings,
+            request_id_header=request_id_header,
             metrics=metrics,
             clock=clock,
             auth=auth,
@@ -992,6 +1075,7 @@ class AsyncGateway:
         sem = self._semaphores.get(name)
         if sem is None:
             sem = self._semaphores[name] = asyncio.Semaphore(runtime.settings.max_concurrency)
+            self._p.bind_bulkhead(runtime, sem)
         return sem
 
     async def request(
@@ -1101,27 +1185,31 @@ class AsyncGateway:
         sem = self._semaphore(runtime)
         await self._acquire(runtime, call, sem)
         try:
+            timeout = p.timeout_for(runtime, call)
             admission, started = p.begin(runtime, call)
             try:
-                with map_httpx_errors(call.provider, call.endpoint):
-                    response = await self._client.request(
-                        call.method,
-                        call.url,
-                        params=call.params,
-                        json=call.json,
-                        content=call.content,
-                        headers=call.headers,
-                        timeout=p.timeout_for(runtime, call),
-                        auth=p.auth_for(runtime.settings) or httpx.USE_CLIENT_DEFAULT,
-                    )
-            except ProviderError as exc:
-                p.record(runtime, call, admission, started, exc)
-                raise
+                response = await self._client.request(
+                    call.method,
+                    call.url,
+                    params=call.params,
+                    json=call.json,
+                    content=call.content,
+                    headers=call.headers,
+                    timeout=timeout,
+                    auth=p.auth_for(runtime.settings) or httpx.USE_CLIENT_DEFAULT,
+                )
+            except HTTPX_ERRORS as raw:
+                # Inline rather than map_httpx_errors(): a context manager per
+                # call is measurable on the healthy path.
+                error = translate_httpx_error(raw, call.provider, call.endpoint)
+                if isinstance(error, ProviderError):
+                    p.record(runtime, call, admission, started, error)
+                else:
+                    p.abandon(admission, runtime)
+                raise error from raw
             except BaseException:
                 p.abandon(admission, runtime)
                 raise
-            finally:
-                p.child(runtime, "in_flight").dec()
             return p.conclude(runtime, call, admission, started, response)
         finally:
             sem.release()
