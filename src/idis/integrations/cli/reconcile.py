@@ -1,0 +1,462 @@
+"""``reconcile``, ``timeline``, ``verify-sync`` and ``audit``: RB-09 Recovery 3 and Verification.
+
+* ``idis-integrations reconcile --provider P --since "2 hours ago" [--dry-run] [--resync]``
+* ``idis-integrations timeline --provider P --since ... [--until ...] [--json]``
+* ``idis-integrations verify-sync --provider P --sample-size 20 [--seed N] [--repair] [--json]``
+* ``idis-integrations audit --provider P --since ... [--action X] [--json]``
+
+Exit codes: 0 done; 1 done but a check failed (reconcile: an event failed;
+timeline: gaps; verify-sync: mismatches left); 2 bad input, nothing changed;
+3 a dependency (database, provider) is unreachable.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from datetime import datetime, timedelta
+from typing import Any
+
+import click
+
+from ..timeparse import format_duration, parse_duration, parse_since, utcnow
+from . import main
+from ._common import (
+    EXIT_CHECK_FAILED,
+    get_settings,
+    handle_errors,
+    json_option,
+    print_json,
+    print_table,
+    progress,
+    provider_option,
+    since_option,
+    stdout,
+)
+
+_HANDLERS_HELP = (
+    "Host handler modules to import (package.module or package.module:function, "
+    "comma-separated); default $IDIS_HANDLERS."
+)
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry in some containers
+        return "cli"
+
+
+def _registry(handlers: str | None) -> Any:
+    from ..reconciliation.handlers import load_handlers
+    from ..sync.inbox import get_registry
+
+    return load_handlers(handlers) if handlers else get_registry()
+
+
+def _time(value: datetime | None) -> str:
+    return "" if value is None else value.isoformat(timespec="seconds")
+
+
+def _until_callback(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> datetime | None:
+    if value is None:
+        return None
+    from ..exceptions import ConfigError
+
+    try:
+        return parse_since(value, name="--until")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+until_option = click.option(
+    "--until",
+    default=None,
+    callback=_until_callback,
+    help="End of the window (default: now); same forms as --since.",
+)
+
+
+# --------------------------------------------------------------------------- reconcile
+
+
+def _print_summary(summary: Any) -> None:
+    title = (
+        f"reconcile {summary.provider} since {_time(summary.since)}"
+        + (" (dry run: nothing changed)" if summary.dry_run else "")
+        + (" (resumed)" if summary.resumed else "")
+    )
+    applied_label = "would apply" if summary.dry_run else "applied"
+    rows = [
+        ("fetched", summary.fetched),
+        ("already applied", summary.already_applied),
+        (applied_label, summary.applied),
+        ("superseded", summary.superseded),
+        ("ignored (no handler)", summary.ignored),
+        ("failed", summary.failed),
+    ]
+    if summary.run_id:
+        rows.append(("run id", summary.run_id))
+    if summary.covered_until is not None:
+        rows.append(("covered until", _time(summary.covered_until)))
+    print_table(title, ["", "events"], rows)
+    if summary.failures:
+        print_table(
+            "failed events (retried by the next run)",
+            ["event", "record", "error", "message"],
+            [(f.event_id, f.record_id, f.error_type, f.message) for f in summary.failures[:20]],
+        )
+
+
+def _print_resync(summary: Any) -> None:
+    title = f"resync {summary.provider}" + (
+        " (dry run: nothing changed)" if summary.dry_run else ""
+    )
+    rows = [
+        ("fetched", summary.fetched),
+        ("unchanged", summary.unchanged),
+        ("would apply" if summary.dry_run else "applied", summary.applied),
+        ("missing", summary.missing),
+        ("ignored (no handler)", summary.ignored),
+        ("failed", summary.failed),
+    ]
+    if summary.run_id:
+        rows.append(("run id", summary.run_id))
+    print_table(title, ["", "records"], rows)
+
+
+@main.command("reconcile")
+@provider_option()
+@since_option()
+@click.option("--dry-run", is_flag=True, help="Fetch and count only; change nothing.")
+@click.option(
+    "--resync",
+    is_flag=True,
+    help="Fetch the current records updated since --since instead of replaying events "
+    "(the fallback beyond the provider's replay retention).",
+)
+@click.option(
+    "--page-size",
+    type=click.IntRange(1, 5000),
+    default=1000,
+    show_default=True,
+    help="Events per replay page; one transaction per page.",
+)
+@click.option("--no-resume", is_flag=True, help="Start afresh instead of resuming a stopped run.")
+@click.option("--handlers", envvar="IDIS_HANDLERS", default=None, help=_HANDLERS_HELP)
+@json_option
+@handle_errors
+def reconcile_command(
+    *,
+    provider: str,
+    since: datetime,
+    dry_run: bool,
+    resync: bool,
+    page_size: int,
+    no_resume: bool,
+    handlers: str | None,
+    as_json: bool,
+) -> None:
+    """Apply the events PROVIDER sent since --since that the host missed (RB-09 Recovery 3)."""
+    from ..reconciliation.fallback import resync as run_resync
+    from ..reconciliation.replay import ReconcileInterrupted, reconcile
+
+    settings = get_settings()
+    registry = _registry(handlers)
+    with progress(f"{'resyncing' if resync else 'reconciling'} {provider}") as advance:
+        if resync:
+            result = run_resync(
+                provider,
+                since=since,
+                settings=settings,
+                handlers=registry,
+                dry_run=dry_run,
+                actor=_actor(),
+                progress=advance,
+            )
+            if as_json:
+                print_json(result.as_dict())
+            else:
+                _print_resync(result)
+            if not result.ok:
+                sys.exit(EXIT_CHECK_FAILED)
+            return
+        try:
+            summary = reconcile(
+                provider,
+                since,
+                settings=settings,
+                dry_run=dry_run,
+                handlers=registry,
+                page_size=page_size,
+                resume=not no_resume,
+                actor=_actor(),
+                progress=advance,
+            )
+        except ReconcileInterrupted as exc:
+            if as_json:
+                print_json(exc.summary.as_dict())
+            else:
+                _print_summary(exc.summary)
+            raise
+    if as_json:
+        print_json(summary.as_dict())
+    else:
+        _print_summary(summary)
+    if not summary.ok:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+# --------------------------------------------------------------------------- timeline
+
+
+def _settle_callback(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> timedelta | None:
+    if value is None:
+        return None
+    from ..exceptions import ConfigError
+
+    try:
+        return parse_duration(value, name="--settle")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command("timeline")
+@provider_option()
+@since_option()
+@until_option
+@click.option(
+    "--settle",
+    default=None,
+    callback=_settle_callback,
+    help="A trailing uncovered stretch younger than this is 'not confirmed yet', not a gap "
+    "(default: sentinel interval + lag threshold; 0 = strict).",
+)
+@json_option
+@handle_errors
+def timeline_command(
+    *,
+    provider: str,
+    since: datetime,
+    until: datetime | None,
+    settle: timedelta | None,
+    as_json: bool,
+) -> None:
+    """Show which channel covered PROVIDER's sync timeline, and the gaps (exit 1 on gaps)."""
+    from ..reconciliation.sync_timeline import timeline
+
+    report = timeline(provider, since, until, settings=get_settings(), settle=settle)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        print_table(
+            f"sync timeline of {provider}",
+            ["source", "start", "end", "covered"],
+            [
+                (i.source, _time(i.start), _time(i.end), format_duration(i.end - i.start))
+                for i in report.intervals
+            ],
+        )
+        if report.gaps:
+            print_table(
+                "gaps (no channel covered these)",
+                ["start", "end", "length"],
+                [(_time(g.start), _time(g.end), format_duration(g.seconds)) for g in report.gaps],
+            )
+        stdout.print(report.statement(), markup=False)
+    if not report.no_gaps:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+# --------------------------------------------------------------------------- verify-sync
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@main.command("verify-sync")
+@provider_option()
+@click.option(
+    "--sample-size",
+    type=click.IntRange(1, 10_000),
+    default=20,
+    show_default=True,
+    help="Local records to compare with the provider.",
+)
+@click.option("--seed", type=int, default=None, help="Sampling seed (printed; reuse to repeat).")
+@click.option("--repair", is_flag=True, help="Re-sync mismatched records through the handlers.")
+@click.option(
+    "--fields", default=None, help="Data fields that matter, comma-separated (default: all)."
+)
+@click.option("--handlers", envvar="IDIS_HANDLERS", default=None, help=_HANDLERS_HELP)
+@json_option
+@handle_errors
+def verify_sync_command(
+    *,
+    provider: str,
+    sample_size: int,
+    seed: int | None,
+    repair: bool,
+    fields: str | None,
+    handlers: str | None,
+    as_json: bool,
+) -> None:
+    """Compare a random sample of local records with PROVIDER's (RB-09 Verification 3)."""
+    from ..reconciliation.verify import verify_sync
+
+    settings = get_settings()
+    registry = _registry(handlers)
+    wanted = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
+    report = verify_sync(
+        provider,
+        sample_size,
+        seed=seed,
+        repair=repair,
+        fields=wanted,
+        settings=settings,
+        handlers=registry,
+        actor=_actor(),
+    )
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        repairs = {r.record_id: r for r in report.repairs}
+        rows = []
+        for comparison in report.comparisons:
+            fixed = repairs.get(comparison.record_id)
+            for index, diff in enumerate(comparison.diffs or (None,)):
+                first = index == 0
+                rows.append(
+                    (
+                        comparison.record_id if first else "",
+                        comparison.status if first else "",
+                        "" if diff is None else diff.field,
+                        "" if diff is None else _cell(diff.local),
+                        "" if diff is None else _cell(diff.remote),
+                        (fixed.outcome if fixed else "") if first else "",
+                    )
+                )
+        print_table(
+            f"verify-sync {provider}: {len(report.comparisons)} records (seed {report.seed})",
+            ["record", "status", "field", "local", "provider", "repair"],
+            rows,
+        )
+        stdout.print(
+            f"{len(report.comparisons)} checked, "
+            f"{len(report.comparisons) - len(report.mismatches)} match, "
+            f"{len(report.mismatches)} mismatch"
+            + (f", {len(report.repaired)} repaired" if repair else "")
+            + (
+                ""
+                if report.ok
+                else "; re-run with --repair to re-sync them"
+                if not repair
+                else "; some mismatches remain"
+            ),
+            markup=False,
+        )
+    if not report.ok:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@main.command("audit")
+@provider_option()
+@since_option()
+@until_option
+@click.option(
+    "--action",
+    default=None,
+    help="Only this action (reconcile.event_applied), or a prefix ending in * (reconcile.*).",
+)
+@click.option(
+    "--limit", type=click.IntRange(1, 100_000), default=1000, show_default=True, help="Most rows."
+)
+@json_option
+@handle_errors
+def audit_command(
+    *,
+    provider: str,
+    since: datetime,
+    until: datetime | None,
+    action: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List PROVIDER's audit events since --since, oldest first (RB-09 Verification 2)."""
+    from ..audit import list_audit_events
+    from ..db.engine import create_db_engine, session_scope
+
+    end = until or utcnow()
+    actions = None
+    prefix = None
+    if action:
+        if action.endswith("*"):
+            prefix = action.rstrip("*")
+        else:
+            actions = [action]
+    engine = create_db_engine(get_settings().database_url)
+    try:
+        with session_scope(engine) as session:
+            records = list_audit_events(
+                session,
+                provider=provider,
+                since=since,
+                until=end,
+                actions=actions,
+                action_prefix=prefix,
+                limit=limit,
+            )
+    finally:
+        engine.dispose()
+    if as_json:
+        print_json(
+            [
+                {
+                    "id": r.id,
+                    "occurred_at": r.occurred_at.isoformat(),
+                    "action": r.action,
+                    "actor": r.actor,
+                    "subject_type": r.subject_type,
+                    "subject_id": r.subject_id,
+                    "tenant_id": r.tenant_id,
+                    "source": r.source,
+                    "outcome": r.outcome,
+                    "details": dict(r.details),
+                    "correlation_id": r.correlation_id,
+                    "message": r.message,
+                }
+                for r in records
+            ]
+        )
+        return
+    print_table(
+        f"audit events of {provider} since {_time(since)}",
+        ["time", "action", "source", "subject", "tenant", "outcome", "actor", "run"],
+        [
+            (
+                _time(r.occurred_at),
+                r.action,
+                r.source or "",
+                f"{r.subject_type}:{r.subject_id}" if r.subject_id else "",
+                r.tenant_id or "",
+                r.outcome,
+                r.actor,
+                r.correlation_id or "",
+            )
+            for r in records
+        ],
+    )
+    stdout.print(
+        f"{len(records)} audit events"
+        + (f" (limit {limit} reached)" if len(records) == limit else ""),
+        markup=False,
+    )

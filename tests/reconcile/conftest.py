@@ -1,0 +1,152 @@
+"""Fixtures for reconciliation tests: a simulator over HTTP, settings, a host table, events."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from idis.integrations.audit import AuditEvent
+from idis.integrations.config import Settings
+from idis.integrations.db.engine import create_db_engine
+from idis.integrations.providers import ProviderEvent
+from idis.integrations.sync.inbox import HandlerRegistry
+from idis.integrations.sync.models import SyncInbox
+from idis.integrations.testing import RunningSimulator, run_simulator, simulator_settings
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    # The host stand-in must be importable by name, here and in CLI subprocesses.
+    sys.path.insert(0, str(HERE))
+
+import reconcile_host  # noqa: E402  # needs the path above
+
+PROVIDER = "crm_provider"
+T0 = datetime(2026, 1, 19, 10, 0, tzinfo=UTC)
+
+
+def make_event(seq: int, *, record_id: str | None = None, version: int = 1, **kw: Any) -> Any:
+    """A ProviderEvent shaped like the simulator's."""
+    return ProviderEvent(
+        id=f"evt_{seq}",
+        seq=seq,
+        type=kw.get("type", "record.updated"),
+        record_id=record_id or f"rec_{seq}",
+        tenant_id="tenant_1",
+        version=version,
+        occurred_at=kw.get("at", T0 + timedelta(seconds=seq)),
+        data=kw.get("data", {"n": seq}),
+    )
+
+
+class Host:
+    """The host's side: a table its handler writes, and a registry with that handler."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        reconcile_host.create_table(engine)
+        self.registry = HandlerRegistry()
+        self.registry.register("*", reconcile_host.apply)
+
+    def applied(self) -> list[tuple[str, str]]:
+        """``(event_id, event_type)`` per application, in order."""
+        return reconcile_host.applied(self.engine)
+
+    def applied_ids(self) -> list[str]:
+        """Event ids per application, in order."""
+        return [event_id for event_id, _type in self.applied()]
+
+
+def count_inbox(engine: Engine, **where: Any) -> int:
+    """Inbox rows matching ``where`` (column=value)."""
+    query = select(func.count()).select_from(SyncInbox)
+    for column, value in where.items():
+        query = query.where(getattr(SyncInbox, column) == value)
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def audit_rows(engine: Engine, action: str) -> list[AuditEvent]:
+    """Audit rows of one action, oldest first (detached copies)."""
+    from sqlalchemy.orm import Session
+
+    with Session(engine, expire_on_commit=False) as session:
+        rows = list(
+            session.scalars(
+                select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.id)
+            )
+        )
+        session.expunge_all()
+    return rows
+
+
+@pytest.fixture
+def sim() -> Iterator[RunningSimulator]:
+    """A simulator served over HTTP on 127.0.0.1."""
+    with run_simulator(seed=7) as running:
+        yield running
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on a migrated database (the test runs on SQLite and on PostgreSQL)."""
+    eng = create_db_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
+    """An engine on a migrated SQLite file."""
+    eng = create_db_engine(sqlite_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def host(engine: Engine) -> Host:
+    """The host table and handler on the test database."""
+    return Host(engine)
+
+
+def settings_for(sim: RunningSimulator, url: str, **overrides: Any) -> Settings:
+    """Settings for the simulator's providers on database ``url``, without OAuth."""
+    from idis.integrations.config import AuthSettings
+
+    return simulator_settings(sim.url, database_url=url, auth=AuthSettings(), **overrides)
+
+
+@contextmanager
+def serve_asgi(app: Any) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on 127.0.0.1 in a thread; yield its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="off", http="h11", ws="none"
+    )
+    server = uvicorn.Server(config)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.005)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
