@@ -83,7 +83,7 @@ def _chart(report: Report, width: int = 1100, row_height: int = 92) -> str:
     series = [s for s in report.series if s.points]
     if not series:
         return "<p>No timeline data.</p>"
-    left, right, top = 170, 20, 28
+    left, right, top = 170, 20, 40
     end = max([p[0] for s in series for p in s.points] + [ph.end for ph in report.phases] + [1.0])
     plot_w = width - left - right
     height = top + row_height * len(series) + 30
@@ -98,18 +98,22 @@ def _chart(report: Report, width: int = 1100, row_height: int = 92) -> str:
         ".ax{stroke:#bbb;stroke-width:1}.grid{stroke:#eee}</style>",
     ]
     for index, phase in enumerate(report.phases):
-        x0, x1 = x(phase.start), x(max(phase.end, phase.start))
+        if phase.end <= phase.start:
+            continue  # an instant (verification) has no band to draw
+        x0, x1 = x(phase.start), x(phase.end)
         fill = _PHASE_FILL[index % len(_PHASE_FILL)]
+        # Alternate label heights so that short neighbouring phases stay readable.
+        label_y = top - 6 - (11 if index % 2 else 0)
         parts.append(
             f'<rect x="{x0:.1f}" y="{top - 18}" width="{max(1.0, x1 - x0):.1f}" '
             f'height="{height - top - 12}" fill="{fill}"/>'
-            f'<text class="ph" x="{x0 + 4:.1f}" y="{top - 6}">{html.escape(phase.name)}</text>'
+            f'<text class="ph" x="{x0 + 4:.1f}" y="{label_y}">{html.escape(phase.name)}</text>'
         )
     for row, line in enumerate(series):
         y0 = top + row * row_height + 10
         y1 = y0 + row_height - 24
         values = [p[1] for p in line.points]
-        vmax = max(*values, 1.0 if not line.labels else max(line.labels))
+        vmax = max(*values, max(line.labels) if line.labels else 0.0) or 1.0
         vmin = min(0.0, *values)
 
         def y(

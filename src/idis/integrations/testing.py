@@ -33,7 +33,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -48,10 +48,18 @@ from .config import (
     TimeoutPolicy,
 )
 from .exceptions import ConfigError, UsageError
+from .resilience.policy import set_testing
 from .simulator.control import SimulatorControl
 from .simulator.state import DEFAULT_WEBHOOK_SECRET, Clock, SimulatorState
 
-__all__ = ["RunningSimulator", "run_simulator", "simulator_settings"]
+__all__ = [
+    "RunningSimulator",
+    "make_server",
+    "run_simulator",
+    "serve_asgi",
+    "set_testing",
+    "simulator_settings",
+]
 
 #: Logical endpoint name -> path on a simulator provider.
 SIMULATOR_ENDPOINTS: dict[str, str] = {
@@ -95,15 +103,10 @@ def _uvicorn() -> Any:
     return uvicorn
 
 
-def make_server(
-    state: SimulatorState, *, log_level: str | None = None, graceful_timeout: float = 2.0
-) -> Any:
-    """A ``uvicorn.Server`` for the simulator app over ``state`` (not started)."""
-    from .simulator.app import build_app
-
+def _server_for(app: Any, *, log_level: str | None = None, graceful_timeout: float = 2.0) -> Any:
     uvicorn = _uvicorn()
     config = uvicorn.Config(
-        build_app(state),
+        app,
         log_config=None,
         log_level=log_level,
         access_log=False,
@@ -115,6 +118,68 @@ def make_server(
         timeout_graceful_shutdown=graceful_timeout,
     )
     return uvicorn.Server(config)
+
+
+def make_server(
+    state: SimulatorState, *, log_level: str | None = None, graceful_timeout: float = 2.0
+) -> Any:
+    """A ``uvicorn.Server`` for the simulator app over ``state`` (not started)."""
+    from .simulator.app import build_app
+
+    return _server_for(build_app(state), log_level=log_level, graceful_timeout=graceful_timeout)
+
+
+@contextmanager
+def serve_asgi(
+    app: Any,
+    *,
+    port: int | None = None,
+    name: str = "idis-asgi",
+    server: Any = None,
+    before_stop: Callable[[], None] | None = None,
+) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on 127.0.0.1 in a background thread; yield its URL.
+
+    Used for the simulator, and for a webhook receiver the simulator posts to
+    (the drill, the example service's tests).
+
+    Raises:
+        UsageError: the server did not start (port in use, ...).
+    """
+    server = server if server is not None else _server_for(app)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only
+    # when the listening socket says TCP, and without it every response waits
+    # out the client's 40 ms delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port or 0))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
+    bound = int(sock.getsockname()[1])
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"{name}-{bound}", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + _START_TIMEOUT
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(_STOP_TIMEOUT)
+            sock.close()
+            raise UsageError(f"{name} did not start on 127.0.0.1:{bound}")
+        time.sleep(0.005)
+    try:
+        yield f"http://127.0.0.1:{bound}"
+    finally:
+        if before_stop is not None:
+            before_stop()
+        server.should_exit = True
+        thread.join(_STOP_TIMEOUT)
+        sock.close()
+        if thread.is_alive():
+            raise UsageError(f"the {name} server thread did not stop")
 
 
 @contextmanager
@@ -141,44 +206,22 @@ def run_simulator(
         UsageError: the server did not start (port in use, ...).
     """
     sim = state if state is not None else SimulatorState(clock=clock, seed=seed)
-    server = make_server(sim)
-    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only
-    # when the listening socket says TCP, and without it every response waits
-    # out the client's 40 ms delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port or 0))
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
-    bound = int(sock.getsockname()[1])
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name=f"idis-simulator-{bound}", daemon=True
-    )
-    thread.start()
-    deadline = time.monotonic() + _START_TIMEOUT
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            thread.join(_STOP_TIMEOUT)
-            sock.close()
-            raise UsageError(f"the simulator did not start on 127.0.0.1:{bound}")
-        time.sleep(0.005)
-    url = f"http://127.0.0.1:{bound}"
-    control = SimulatorControl(url)
-    try:
-        yield RunningSimulator(url=url, port=bound, control=control, state=sim)
-    finally:
-        control.close()
+
+    def release_hangs() -> None:
         # Hanging requests poll these, so shutdown does not wait out a hang fault.
         sim.closing = True
         sim.hang_generation += 1
-        server.should_exit = True
-        thread.join(_STOP_TIMEOUT)
-        sock.close()
-        if thread.is_alive():
-            raise UsageError("the simulator thread did not stop")
+
+    with serve_asgi(
+        None, port=port, name="idis-simulator", server=make_server(sim), before_stop=release_hangs
+    ) as url:
+        control = SimulatorControl(url)
+        try:
+            yield RunningSimulator(
+                url=url, port=int(url.rsplit(":", 1)[1]), control=control, state=sim
+            )
+        finally:
+            control.close()
 
 
 def _kind(name: str) -> str:

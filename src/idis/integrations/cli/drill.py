@@ -1,0 +1,128 @@
+"""``idis-integrations drill`` (rehearse RB-09) and ``postmortem`` (rebuild an incident)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from ..drill import BREAKABLE, SCENARIOS, DrillOptions, run_drill
+from ..timeparse import parse_since
+from . import main
+from ._common import (
+    EXIT_CHECK_FAILED,
+    get_settings,
+    handle_errors,
+    provider_option,
+    since_option,
+    stdout,
+)
+
+
+@main.command("drill")
+@click.option(
+    "--scenario",
+    type=click.Choice(SCENARIOS),
+    default="full-outage",
+    show_default=True,
+    help="Which outage to rehearse.",
+)
+@click.option("--provider", default="crm_provider", show_default=True, help="CRM provider.")
+@click.option(
+    "--speed",
+    type=float,
+    default=15.0,
+    show_default=True,
+    help="Simulated seconds per tick (1-120): higher runs faster and coarser.",
+)
+@click.option("--seed", type=int, default=7, show_default=True, help="Random seed.")
+@click.option(
+    "--database-url",
+    default=None,
+    help="Run against this database (e.g. PostgreSQL) instead of a temporary SQLite file.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("drill-report.html"),
+    show_default=True,
+    help="Where to write the HTML report.",
+)
+@click.option(
+    "--break",
+    "broken",
+    type=click.Choice(BREAKABLE),
+    multiple=True,
+    help="Disable a piece on purpose, to see the drill fail (repeatable).",
+)
+@handle_errors
+def drill(  # noqa: PLR0917  # one parameter per click option
+    scenario: str,
+    provider: str,
+    speed: float,
+    seed: int,
+    database_url: str | None,
+    report_path: Path,
+    broken: tuple[str, ...],
+) -> None:
+    """Run RB-09 against the built-in simulator on a compressed clock; exit 1 if a check fails."""
+    options = DrillOptions(
+        scenario=scenario,
+        provider=provider,
+        speed=speed,
+        seed=seed,
+        database_url=database_url,
+        report_path=report_path,
+        broken=frozenset(broken),
+    )
+    stdout.print(f"RB-09 drill: {scenario} of {provider}", markup=False)
+    result = run_drill(options, echo=lambda line: stdout.print(line, markup=False))
+    verdict = "PASSED" if result.ok else "FAILED"
+    stdout.print(f"\ndrill {verdict}; report: {result.report_path}", markup=False)
+    if not result.ok:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+@main.command("postmortem")
+@provider_option()
+@since_option()
+@click.option("--until", default=None, help="End of the window (default: now).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["html", "markdown"]),
+    default="markdown",
+    show_default=True,
+    help="Report format.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the report here instead of stdout.",
+)
+@handle_errors
+def postmortem(
+    provider: str, since: datetime, until: str | None, fmt: str, output: Path | None
+) -> None:
+    """Rebuild an incident (RB-09 Postmortem) from the audit trail and recorded health."""
+    from ..db.engine import create_db_engine, storage_errors
+    from ..postmortem import build_postmortem
+    from ..report import render_html, render_markdown
+
+    end = parse_since(until, name="--until") if until else None
+    engine = create_db_engine(get_settings().database_url)
+    try:
+        with storage_errors():
+            report, _facts = build_postmortem(engine, provider, since, end)
+    finally:
+        engine.dispose()
+    text = render_html(report) if fmt == "html" else render_markdown(report)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        stdout.print(f"postmortem written to {output}", markup=False)
