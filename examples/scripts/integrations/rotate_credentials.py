@@ -10,9 +10,7 @@ environment (IDIS_DATABASE_URL, providers, Vault), as for the service.
 
 from __future__ import annotations
 
-import sys
-
-from idis.integrations.cli import main
+from idis.integrations.cli import run_script
 
 if __name__ == "__main__":
-    main(["rotate-credentials", *sys.argv[1:]], prog_name="scripts/integrations/rotate_credentials.py")
+    run_script("rotate-credentials", "scripts/integrations/rotate_credentials.py")

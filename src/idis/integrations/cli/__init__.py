@@ -10,7 +10,7 @@ import importlib
 
 import click
 
-__all__ = ["main"]
+__all__ = ["main", "run_script"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -29,7 +29,30 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 
 
 #: Capability modules whose commands attach to ``main`` on import.
-_COMMAND_MODULES = ("db",)
+_COMMAND_MODULES = (
+    "db",
+    "simulate",
+    "status",
+    "enrichment",
+    "outbox",
+    "auth",
+    "reconcile",
+    "sync",
+    "drill",
+)
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"{__name__}.{_name}")
+
+
+def run_script(command: str, prog_name: str, args: list[str] | None = None) -> None:
+    """Run one subcommand as a stand-alone script (RB-09's ``scripts/...py`` wrappers).
+
+    ``--help`` and usage errors then name the script, not ``idis-integrations``.
+    """
+    import sys
+
+    cmd = main.get_command(click.Context(main), command)
+    if cmd is None:
+        raise SystemExit(f"{prog_name}: idis-integrations has no command {command!r}")
+    cmd.main(sys.argv[1:] if args is None else args, prog_name=prog_name)

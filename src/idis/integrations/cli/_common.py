@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -72,7 +73,12 @@ def get_settings(ctx: click.Context | None = None) -> Settings:
         except ConfigError as exc:
             fail(str(exc))
         settings: Settings = root.obj["settings"]
-        configure_logging(settings.log_format, root.obj.get("log_level") or settings.log_level)
+        # Commands print their own summary; library info lines on stderr would
+        # bury it, so a command logs warnings and up unless asked for more.
+        level = root.obj.get("log_level") or (
+            settings.log_level if os.environ.get("IDIS_LOG_LEVEL") else "WARNING"
+        )
+        configure_logging(settings.log_format, level)
     return root.obj["settings"]  # type: ignore[no-any-return]  # click's obj is untyped
 
 
