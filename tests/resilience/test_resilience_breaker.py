@@ -264,3 +264,49 @@ def test_force_moves_state_and_reports_the_operator() -> None:
 
     assert OPEN == breaker.state
     assert "forced by operator" == transitions[-1].reason
+
+
+def test_concurrent_outcomes_never_look_like_another_replica() -> None:
+    """Threads hammering one in-process breaker produce only transitions this process made."""
+    import random
+    import threading
+
+    from idis.integrations.exceptions import CircuitOpen
+    from idis.integrations.resilience.breaker import Breaker, BreakerTransition
+    from idis.integrations.resilience.clock import ManualClock
+
+    seen: list[BreakerTransition] = []
+    clock = ManualClock()
+    breaker = Breaker(
+        "crm",
+        "crm",
+        BreakerPolicy(failure_threshold=3, reset_timeout=0.0, half_open_max_calls=2),
+        clock=clock,
+        hooks=[seen.append],
+    )
+    errors: list[BaseException] = []
+
+    def hammer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(3000):
+                try:
+                    trial = breaker.admit()
+                except CircuitOpen:
+                    continue
+                if rng.random() < 0.5:
+                    breaker.record_failure(trial, "server_error")
+                else:
+                    breaker.record_success(trial)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [] == errors
+    assert seen  # it did trip and recover many times
+    assert [] == [t for t in seen if t.observed]

@@ -150,7 +150,9 @@ class Breaker:
         """``closed``, ``half_open`` or ``open`` (as stored; shared when storage is)."""
         state = self._read_state()
         if state != self._seen:
-            self._noticed(state)
+            with self._lock:
+                state = self._read_state()
+                self._notice_if_changed(state)
         return state
 
     def retry_in(self) -> float:
@@ -191,13 +193,12 @@ class Breaker:
                 every trial slot is taken.
         """
         state = self._read_state()
-        if state != self._seen:
-            # Another replica changed the shared state: report it before deciding.
-            self._noticed(state)
-        if state == CLOSED:
+        if state == CLOSED and self._seen == CLOSED:
             return False
         with self._lock:
             state = self._read_state()
+            # Another replica may have changed the shared state: report it first.
+            self._notice_if_changed(state)
             if state == CLOSED:
                 return False
             if state == OPEN:
@@ -313,6 +314,12 @@ class Breaker:
                 self._pb.close()
         finally:
             self._causing = False
+
+    def _notice_if_changed(self, state: str) -> None:
+        # Caller holds self._lock, so our own transitions (also under the lock)
+        # have already updated _seen: a difference can only come from outside.
+        if state != self._seen:
+            self._noticed(state)
 
     def _noticed(self, state: str) -> None:
         old, self._seen = self._seen, state
