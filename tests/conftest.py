@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import structlog
 from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine
 
+from idis.integrations.db.engine import create_db_engine
 from idis.integrations.observability.metrics import Metrics, set_default_metrics
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -119,11 +121,14 @@ def _pg_template() -> Iterator[str]:
     name = f"idis_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-        try:
-            upgrade(_with_database(POSTGRES_URL, name))
-            yield name
-        finally:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        upgrade(_with_database(POSTGRES_URL, name))
+        yield name
+    finally:
+        # A fresh connection: a test may restart the server mid-session
+        # (tests/outbox), which kills any connection held since the start.
+        with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=10) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -139,6 +144,30 @@ def pg_url(_pg_template: str) -> Iterator[str]:
     finally:
         with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
+    """A sync engine on a migrated SQLite file."""
+    eng = create_db_engine(sqlite_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    """A sync engine on a migrated PostgreSQL database."""
+    eng = create_db_engine(pg_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """A sync engine on a migrated database; the test runs on SQLite and on PostgreSQL."""
+    eng = create_db_engine(db_url)
+    yield eng
+    eng.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

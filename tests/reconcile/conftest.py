@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from sqlalchemy import Engine, func, select
 
 from idis.integrations.audit import AuditEvent
 from idis.integrations.config import Settings
-from idis.integrations.db.engine import create_db_engine
 from idis.integrations.providers import ProviderEvent
 from idis.integrations.sync.inbox import HandlerRegistry
 from idis.integrations.sync.models import SyncInbox
@@ -94,22 +92,6 @@ def sim() -> Iterator[RunningSimulator]:
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    """An engine on a migrated database (the test runs on SQLite and on PostgreSQL)."""
-    eng = create_db_engine(db_url)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
-    """An engine on a migrated SQLite file."""
-    eng = create_db_engine(sqlite_url)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
 def host(engine: Engine) -> Host:
     """The host table and handler on the test database."""
     return Host(engine)
@@ -120,33 +102,3 @@ def settings_for(sim: RunningSimulator, url: str, **overrides: Any) -> Settings:
     from idis.integrations.config import AuthSettings
 
     return simulator_settings(sim.url, database_url=url, auth=AuthSettings(), **overrides)
-
-
-@contextmanager
-def serve_asgi(app: Any) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on 127.0.0.1 in a thread; yield its base URL."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    config = uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="off", http="h11", ws="none"
-    )
-    server = uvicorn.Server(config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.005)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()

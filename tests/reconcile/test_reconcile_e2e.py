@@ -10,10 +10,10 @@ from sqlalchemy import Engine
 from idis.integrations.config import SyncSettings
 from idis.integrations.reconciliation import reconcile, timeline
 from idis.integrations.sync.service import SyncService
-from idis.integrations.testing import RunningSimulator
+from idis.integrations.testing import RunningSimulator, serve_asgi
 from idis.integrations.timeparse import parse_since, utcnow
 
-from .conftest import PROVIDER, Host, audit_rows, count_inbox, serve_asgi, settings_for
+from .conftest import PROVIDER, Host, audit_rows, count_inbox, settings_for
 
 # The numbers on the embedded default (SQLite); a fifth of them on
 # PostgreSQL, where 4,000 sequential webhook commits alone take about a minute

@@ -268,8 +268,7 @@ def test_replay_racing_delayed_webhooks_applies_each_event_once(
 ) -> None:
     """Webhooks arriving for the very events a replay is applying: every event still lands once."""
     from idis.integrations.sync.service import SyncService
-
-    from .conftest import serve_asgi
+    from idis.integrations.testing import serve_asgi
 
     settings = settings_for(sim, db_url)
     since = _since()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,7 +9,6 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from idis.integrations.db.engine import create_db_engine
 from idis.integrations.providers import ProviderEvent
 from idis.integrations.sync.inbox import HandlerRegistry
 
@@ -81,22 +78,6 @@ class HostTable:
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    """A sync engine on a migrated database (SQLite and PostgreSQL)."""
-    eng = create_db_engine(db_url)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
-    """A sync engine on a migrated SQLite file."""
-    eng = create_db_engine(sqlite_url)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
 def host(engine: Engine) -> HostTable:
     """The host table on the test database."""
     return HostTable(engine)
@@ -106,35 +87,6 @@ def host(engine: Engine) -> HostTable:
 def sqlite_host(sqlite_engine: Engine) -> HostTable:
     """The host table on a SQLite test database (for tests the backend cannot change)."""
     return HostTable(sqlite_engine)
-
-
-@contextmanager
-def serve_asgi(app: Any) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on 127.0.0.1 in a thread; yield its base URL."""
-    import socket
-    import threading
-
-    import uvicorn
-
-    config = uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="off", http="h11", ws="none"
-    )
-    server = uvicorn.Server(config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("test server did not start")
-            threading.Event().wait(0.005)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 class OffsetClock:

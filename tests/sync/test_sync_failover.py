@@ -25,10 +25,15 @@ from idis.integrations.sync.models import SyncInbox
 from idis.integrations.sync.service import SyncService, TickReport
 from idis.integrations.sync.state import sync_summary
 from idis.integrations.sync.timeline import coverage
-from idis.integrations.testing import RunningSimulator, run_simulator, simulator_settings
+from idis.integrations.testing import (
+    RunningSimulator,
+    run_simulator,
+    serve_asgi,
+    simulator_settings,
+)
 
 from ..conftest import sample
-from .conftest import HostTable, OffsetClock, serve_asgi
+from .conftest import HostTable, OffsetClock
 
 P = "crm_provider"
 LAG = timedelta(seconds=20)

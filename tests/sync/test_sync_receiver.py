@@ -22,11 +22,12 @@ from idis.integrations.providers import ProviderEvent
 from idis.integrations.resilience.clock import ManualClock
 from idis.integrations.sync.inbox import HandlerRegistry
 from idis.integrations.sync.models import SyncInbox, SyncProviderState
+from idis.integrations.testing import serve_asgi
 from idis.integrations.webhooks.receiver import AsyncWebhookReceiver, WebhookReceiver
 from idis.integrations.webhooks.signing import sign_headers
 
 from ..conftest import free_port, sample
-from .conftest import HostTable, serve_asgi
+from .conftest import HostTable
 
 P = "crm_provider"
 SECRET = "whsec_c3VwZXItc2VjcmV0LXNpZ25pbmcta2V5LTAxMjM0NQ=="

@@ -103,14 +103,20 @@ def _uvicorn() -> Any:
     return uvicorn
 
 
-def _server_for(app: Any, *, log_level: str | None = None, graceful_timeout: float = 2.0) -> Any:
+def _server_for(
+    app: Any,
+    *,
+    log_level: str | None = None,
+    graceful_timeout: float = 2.0,
+    lifespan: str = "auto",
+) -> Any:
     uvicorn = _uvicorn()
     config = uvicorn.Config(
         app,
         log_config=None,
         log_level=log_level,
         access_log=False,
-        lifespan="on",
+        lifespan=lifespan,
         http="h11",
         ws="none",
         proxy_headers=False,
@@ -126,7 +132,9 @@ def make_server(
     """A ``uvicorn.Server`` for the simulator app over ``state`` (not started)."""
     from .simulator.app import build_app
 
-    return _server_for(build_app(state), log_level=log_level, graceful_timeout=graceful_timeout)
+    return _server_for(
+        build_app(state), log_level=log_level, graceful_timeout=graceful_timeout, lifespan="on"
+    )
 
 
 @contextmanager
