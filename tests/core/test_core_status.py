@@ -94,3 +94,15 @@ def test_db_current_on_unreachable_postgres_exits_3(tmp_path: Path) -> None:
     assert 3 == result.returncode
     assert "Traceback" not in result.stderr
     assert "unreachable" in result.stderr
+
+
+def test_status_includes_every_capability(sqlite_url: str) -> None:
+    """status shows sync mode, outbox queue, open defects and token state per provider."""
+    settings = Settings.from_env({"IDIS_DATABASE_URL": sqlite_url})
+
+    statuses, notes = collect_status(settings, providers=["crm_provider"], probe=False)
+
+    (crm,) = statuses
+    assert {"sync_mode", "outbox_pending", "open_defects", "token"} <= set(crm.facts), notes
+    assert "missing" == crm.facts["token"]
+    assert 0 == crm.facts["open_defects"]

@@ -26,11 +26,65 @@ from .exceptions import StorageError
 from .resilience.recorder import HealthSample
 from .timeparse import utcnow
 
-__all__ = ["FACT_SOURCES", "ProviderStatus", "collect_status"]
+__all__ = [
+    "BUILTIN_FACT_SOURCES",
+    "FACT_SOURCES",
+    "ProviderStatus",
+    "collect_status",
+    "defect_facts",
+    "token_facts",
+]
 
-#: Capability fact sources: ``(session, settings, provider) -> {label: value}``.
-#: Each capability module appends its own; a source that fails is reported, not fatal.
-FACT_SOURCES: list[Callable[[Session, Settings, str], dict[str, Any]]] = []
+FactSource = Callable[[Session, Settings, str], dict[str, Any]]
+
+#: Extra fact sources a host may add: ``(session, settings, provider) -> {label: value}``.
+#: A source that fails is reported as a note, never fatal.
+FACT_SOURCES: list[FactSource] = []
+
+#: The library's own sources, imported when status is collected (``module:function``).
+BUILTIN_FACT_SOURCES = (
+    "idis.integrations.sync.state:status_facts",
+    "idis.integrations.outbox.admin:status_facts",
+    "idis.integrations.status:defect_facts",
+)
+
+
+def token_facts(settings: Settings, provider: str) -> dict[str, Any]:
+    """OAuth token state (RB-09 Triage 3), for providers that use OAuth.
+
+    Runs outside the status session: ``check_token`` opens its own read, and on
+    SQLite a second transaction would wait for ours.
+    """
+    if settings.provider(provider).auth.grant == "none":
+        return {}
+    from .auth.status import check_token
+
+    status = check_token(provider, settings=settings)
+    return {"token": str(getattr(status, "state", status))}
+
+
+def defect_facts(session: Session, settings: Settings, provider: str) -> dict[str, Any]:
+    """Open stale-data defects filed under the provider."""
+    del settings
+    from .enrichment.models import Defect
+
+    count = session.scalar(
+        select(func.count())
+        .select_from(Defect)
+        .where(Defect.provider == provider, Defect.status == "OPEN")
+    )
+    return {"open_defects": int(count or 0)}
+
+
+def _fact_sources() -> list[FactSource]:
+    import importlib
+
+    sources: list[FactSource] = []
+    for spec in BUILTIN_FACT_SOURCES:
+        module, _, name = spec.partition(":")
+        sources.append(getattr(importlib.import_module(module), name))
+    return sources + [s for s in FACT_SOURCES if s not in sources]
+
 
 #: Samples older than this say nothing about the present.
 SAMPLE_HORIZON = timedelta(minutes=15)
@@ -160,7 +214,7 @@ def collect_status(
             with Session(engine) as session:
                 for status in statuses:
                     _recorded(session, status, now)
-                    for source in FACT_SOURCES:
+                    for source in _fact_sources():
                         try:
                             status.facts.update(source(session, settings, status.provider))
                         except Exception as exc:  # noqa: BLE001  # one broken source must not hide the rest
@@ -171,6 +225,12 @@ def collect_status(
         notes.append(f"database unreachable: {type(exc).__name__}")
     finally:
         engine.dispose()
+    if not any("db upgrade" in note or "unreachable" in note for note in notes):
+        for status in statuses:
+            try:
+                status.facts.update(token_facts(settings, status.provider))
+            except Exception as exc:  # noqa: BLE001  # one broken source must not hide the rest
+                notes.append(f"token state: {type(exc).__name__}: {exc}")
     try:
         _shared(settings, statuses)
     except Exception as exc:  # noqa: BLE001  # Redis down: say so, keep the rest
