@@ -1,0 +1,346 @@
+"""``idis-integrations outbox work|status|list|purge`` and ``queue-webhook-retries`` (RB-09).
+
+``queue-webhook-retries`` is RB-09 Containment step 4.
+"""
+
+from __future__ import annotations
+
+import signal
+from datetime import datetime, timedelta
+from types import FrameType
+from typing import Any
+
+import click
+
+from ..config import ProviderSettings
+from ..exceptions import ConfigError
+from ..timeparse import format_duration, parse_duration
+from . import main
+from ._common import (
+    get_settings,
+    handle_errors,
+    json_option,
+    print_json,
+    print_table,
+    provider_option,
+    since_option,
+    stdout,
+)
+
+
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no login name (some containers)
+        return "cli:unknown"
+
+
+def _duration(_ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, name=f"--{param.name.replace('_', '-') if param.name else ''}")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _max_retries(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise click.BadParameter(f"--max-retries={value} is invalid: expected an integer >= 0")
+    return value
+
+
+def _providers(
+    ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    settings = get_settings(ctx)
+    for name in value:
+        try:
+            settings.provider(name)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _register_status_facts() -> None:
+    # `idis-integrations status` shows each provider's queue through the status
+    # module's plug point for capability facts.
+    from ..outbox.admin import status_facts
+    from ..status import FACT_SOURCES
+
+    if status_facts not in FACT_SOURCES:
+        FACT_SOURCES.append(status_facts)
+
+
+_register_status_facts()
+
+
+@main.group("outbox")
+def outbox() -> None:
+    """The persistent retry outbox: run workers, inspect the queue, clean up."""
+
+
+@outbox.command("work")
+@click.option(
+    "--provider",
+    "providers",
+    multiple=True,
+    callback=_providers,
+    help="Serve only this provider (repeatable; default: every configured provider).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Messages per lease (default IDIS_OUTBOX_BATCH_SIZE).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Messages of a batch delivered at once (default IDIS_OUTBOX_CONCURRENCY).",
+)
+@click.option(
+    "--lease",
+    callback=_duration,
+    default=None,
+    help="Lease length, e.g. 60s (default IDIS_OUTBOX_LEASE).",
+)
+@click.option(
+    "--poll-interval",
+    callback=_duration,
+    default=None,
+    help="Idle wait when nothing is due (default IDIS_OUTBOX_POLL_INTERVAL).",
+)
+@click.option("--worker-id", default=None, help="Lease owner name (default host:pid:random).")
+@click.option("--until-idle", is_flag=True, help="Exit once nothing is due.")
+@handle_errors
+def work(  # noqa: PLR0917  # click passes every option positionally by name
+    providers: tuple[str, ...],
+    batch_size: int | None,
+    concurrency: int | None,
+    lease: timedelta | None,
+    poll_interval: timedelta | None,
+    worker_id: str | None,
+    until_idle: bool,
+) -> None:
+    """Deliver outbox messages until SIGTERM/SIGINT (or, with --until-idle, until none is due).
+
+    On SIGTERM the delivery in progress finishes and the rest of the batch is
+    given back to the queue before exiting. Run several side by side.
+    """
+    from ..db.engine import create_db_engine
+    from ..outbox.worker import OutboxWorker
+    from ..resilience import Gateway
+
+    settings = get_settings()
+    engine = create_db_engine(settings.database_url)
+    served = providers or tuple(settings.providers)
+    auth = _auth_factory(settings, engine, [settings.provider(p) for p in served])
+    gateway = Gateway(settings, auth=auth)
+    worker = OutboxWorker(
+        engine,
+        settings,
+        gateway=gateway,
+        providers=served,
+        worker_id=worker_id,
+        batch_size=batch_size,
+        concurrency=concurrency,
+        lease=lease,
+        poll_interval=poll_interval,
+    )
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        worker.stop()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        total = worker.run(until_idle=until_idle)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        gateway.close()
+        if auth is not None:
+            auth.close()
+        engine.dispose()
+    stdout.print(
+        f"outbox worker {worker.worker_id} stopped: {total.delivered} delivered, "
+        f"{total.retried} retries scheduled, {total.deferred} deferred, {total.dead} dead, "
+        f"{total.released} released",
+        markup=False,
+    )
+
+
+def _auth_factory(settings: Any, engine: Any, providers: list[ProviderSettings]) -> Any:
+    # Only build token machinery when a served provider actually uses OAuth.
+    if all(p.auth.grant == "none" for p in providers):
+        return None
+    from ..auth.httpx_auth import oauth_auth_factory
+
+    return oauth_auth_factory(settings, engine=engine)
+
+
+@outbox.command("status")
+@provider_option(required=False)
+@json_option
+@handle_errors
+def status_cmd(provider: str | None, as_json: bool) -> None:
+    """The queue per provider: pending, retrying, in flight, delivered, dead, oldest pending age."""
+    from ..db.engine import create_db_engine, session_scope
+    from ..outbox.admin import outbox_summary
+
+    settings = get_settings()
+    names = [provider] if provider else list(settings.providers)
+    engine = create_db_engine(settings.database_url)
+    try:
+        with session_scope(engine) as session:
+            rows = outbox_summary(session, providers=names)
+    finally:
+        engine.dispose()
+    if as_json:
+        print_json([row.as_dict() for row in rows])
+        return
+    print_table(
+        "Outbox",
+        ["provider", "pending", "retrying", "in flight", "delivered", "dead", "oldest pending"],
+        [
+            [
+                r.provider,
+                r.pending,
+                r.retrying,
+                r.in_flight,
+                r.delivered,
+                r.dead,
+                format_duration(r.oldest_pending_age) if r.oldest_pending_age is not None else "-",
+            ]
+            for r in rows
+        ],
+    )
+
+
+@outbox.command("list")
+@provider_option(required=False)
+@click.option(
+    "--status",
+    type=click.Choice(["pending", "in_flight", "delivered", "dead"]),
+    default="dead",
+    show_default=True,
+    help="Which messages (dead: the dead letters).",
+)
+@click.option("--limit", type=click.IntRange(min=1, max=10_000), default=50, show_default=True)
+@json_option
+@handle_errors
+def list_cmd(provider: str | None, status: str, limit: int, as_json: bool) -> None:
+    """List messages, newest first (dead letters by default). Payloads are not shown."""
+    from ..db.engine import create_db_engine, session_scope
+    from ..outbox.admin import list_messages
+
+    engine = create_db_engine(get_settings().database_url)
+    try:
+        with session_scope(engine) as session:
+            rows = list_messages(session, provider=provider, status=status, limit=limit)
+    finally:
+        engine.dispose()
+    if as_json:
+        print_json([{k: getattr(r, k) for k in r.__slots__} for r in rows])
+        return
+    print_table(
+        f"Outbox messages ({status})",
+        ["id", "provider", "kind", "ordering key", "attempts", "last error", "updated"],
+        [
+            [
+                r.id,
+                r.provider,
+                r.kind,
+                r.ordering_key or "-",
+                r.attempts,
+                r.last_error or "-",
+                r.updated_at.isoformat(timespec="seconds"),
+            ]
+            for r in rows
+        ],
+    )
+
+
+@outbox.command("purge")
+@click.option(
+    "--older-than",
+    required=True,
+    callback=_duration,
+    help="Delete delivered messages settled longer ago than this (e.g. 7d).",
+)
+@provider_option(required=False)
+@handle_errors
+def purge_cmd(older_than: timedelta, provider: str | None) -> None:
+    """Delete delivered messages older than --older-than (keeps pending and dead ones)."""
+    from ..db.engine import create_db_engine, session_scope
+    from ..outbox.admin import purge_delivered
+
+    engine = create_db_engine(get_settings().database_url)
+    try:
+        with session_scope(engine) as session:
+            removed = purge_delivered(
+                session, older_than, providers=[provider] if provider else None
+            )
+    finally:
+        engine.dispose()
+    stdout.print(f"purged {removed} delivered outbox message(s)", markup=False)
+
+
+@main.command("queue-webhook-retries")
+@provider_option()
+@click.option(
+    "--max-retries",
+    type=int,
+    required=True,
+    callback=_max_retries,
+    help="Fresh retry budget for each re-queued delivery (>= 0).",
+)
+@since_option(required=False)
+@click.option("--dry-run", is_flag=True, help="Show what would be re-queued; change nothing.")
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    help="Only these message kinds (webhook, request); default all.",
+)
+@json_option
+@handle_errors
+def queue_webhook_retries_cmd(  # noqa: PLR0917  # click passes every option by name
+    provider: str,
+    max_retries: int,
+    since: datetime | None,
+    dry_run: bool,
+    kinds: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Re-queue a provider's failed and dead-lettered deliveries (RB-09 Containment 4).
+
+    Each gets a fresh budget of --max-retries retries and is due now. Idempotent:
+    running it again re-queues nothing new. Audited as outbox.requeued.
+    """
+    from ..outbox.admin import queue_webhook_retries
+
+    result = queue_webhook_retries(
+        provider,
+        max_retries,
+        since,
+        dry_run,
+        kinds=kinds or None,
+        settings=get_settings(),
+        actor=_actor(),
+    )
+    if as_json:
+        print_json(result.as_dict())
+        return
+    verb = "would re-queue" if dry_run else "re-queued"
+    window = f" since {result.since.isoformat()}" if result.since else ""
+    stdout.print(
+        f"{provider}: {verb} {result.total} deliveries{window} "
+        f"({result.dead} dead-lettered, {result.failed} failed and waiting) "
+        f"with max_retries={result.max_retries}; "
+        f"{result.receivers_reactivated} webhook receiver(s) re-activated",
+        markup=False,
+    )
