@@ -143,11 +143,12 @@ class BreakerPolicy:
     #: Consecutive provider faults that open the breaker.
     failure_threshold: int = 5
     #: Failure rate (0-1] over the window that opens the breaker.
-    failure_rate: float = 0.5
+    failure_rate: float = 0.3
     #: Fewest calls in the window before the failure rate is judged.
-    minimum_calls: int = 5
-    #: Sliding window for the failure rate, in seconds.
-    window: float = 60.0
+    minimum_calls: int = 6
+    #: Sliding window for the failure rate, in seconds. Ten minutes, so that a
+    #: CRM called twice a minute still has enough calls to judge a rate by.
+    window: float = 600.0
     #: Seconds an open breaker waits before letting trial calls through.
     reset_timeout: float = 30.0
     #: Trial calls let through while half-open; all must succeed to close.
@@ -186,6 +187,12 @@ class AuthSettings:
     rotation_url: str | None = None
     #: Read client credentials from Vault at start.
     credentials_from_vault: bool = False
+    #: How the client authenticates at the token endpoint.
+    client_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    #: Longest wait, in seconds, for another caller's (or replica's) refresh to finish.
+    lock_timeout: float = 10.0
+    #: Token requests per refresh (network faults, 5xx and 429 are retried with backoff).
+    refresh_attempts: int = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,6 +256,11 @@ class SyncSettings:
     poll_overlap: timedelta = timedelta(minutes=2)
     #: Signature failures per minute that fail over.
     signature_failure_threshold: int = 10
+    #: Poller leadership (PostgreSQL advisory lock): how often a standby tries to
+    #: take over, and how long a vanished leader's connection may linger.
+    lock_timeout: timedelta = timedelta(seconds=15)
+    #: Events fetched per change-feed page by the poller and the sentinel.
+    page_size: int = 500
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -259,16 +271,36 @@ class EnrichmentSettings:
     defer_on_error: bool = False
     #: Serve the last good result (marked stale) while every provider is down.
     serve_cached: bool = True
+    #: ``IDIS_ENRICHMENT_PROVIDER``: primary provider when the caller names none
+    #: (default: the first provider of kind ``enrichment``).
+    provider: str | None = None
+    #: Most deferred requests one worker refreshes per batch, per provider (slow-starts at 1).
+    batch_size: int = 50
+    #: Pause between two refresh batches of one worker (spreads a recovery's backlog).
+    batch_interval: timedelta = timedelta(milliseconds=250)
+    #: Idle wait of the deferred worker when nothing is due.
+    poll_interval: timedelta = timedelta(seconds=5)
+    #: First backoff cap after a failed refresh (doubles per attempt, jittered).
+    retry_backoff: timedelta = timedelta(seconds=5)
+    #: Largest backoff cap between refresh attempts.
+    retry_max_backoff: timedelta = timedelta(minutes=5)
+    #: How long a worker's lease on a deferred request lasts.
+    lease: timedelta = timedelta(seconds=60)
+    #: ``IDIS_IMPACT_DEALS_TABLE``: host table with ``tenant_id`` and the CRM sync-status
+    #: columns, counted by ``impact`` (same database as the library's tables).
+    impact_deals_table: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxSettings:
     """The persistent retry outbox."""
 
-    #: Attempts before a message is dead-lettered.
+    #: Retries after the first attempt before a message is dead-lettered.
     max_retries: int = 10
     #: Messages leased per batch.
     batch_size: int = 100
+    #: Messages of one batch delivered at once (a batch never holds two of one ordering key).
+    concurrency: int = 4
     #: How long a lease lasts before another worker may take the message.
     lease: timedelta = timedelta(seconds=60)
     #: Idle wait between polls when the queue is empty.
@@ -410,6 +442,21 @@ def _delta(value: object, name: str) -> timedelta:
     return parse_duration(value, name=name)  # type: ignore[arg-type]  # TOML gives str/int/float
 
 
+_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
+
+
+def _table_name(value: object, name: str) -> str | None:
+    text = str(value).strip()
+    if not text:
+        return None
+    if not _TABLE_NAME.fullmatch(text):
+        raise ConfigError(
+            f"{name}={value!r} is not a table name: expected deals or schema.deals",
+            variable=name,
+        )
+    return text
+
+
 def _ratio(value: object, name: str) -> float:
     parsed = _float(value, name)
     if not 0 < parsed <= 1:
@@ -531,6 +578,12 @@ _PROVIDER_FIELDS: dict[str, tuple[str, _Conv]] = {
     "REFRESH_MARGIN": ("auth.refresh_margin", _seconds),
     "ROTATION_URL": ("auth.rotation_url", lambda v, n: str(v).strip() or None),
     "CREDENTIALS_FROM_VAULT": ("auth.credentials_from_vault", parse_bool),
+    "CLIENT_AUTH": (
+        "auth.client_auth",
+        lambda v, n: _choice(v, n, ("client_secret_basic", "client_secret_post")),
+    ),
+    "TOKEN_LOCK_TIMEOUT": ("auth.lock_timeout", _seconds),
+    "REFRESH_ATTEMPTS": ("auth.refresh_attempts", lambda v, n: _int(v, n, 1)),
 }
 _SUBSECTIONS: dict[str, type[Any]] = {
     "timeouts": TimeoutPolicy,
@@ -728,6 +781,8 @@ def _load(environ: Mapping[str, str]) -> Settings:
             "stable_period": ("IDIS_SYNC_STABLE_PERIOD", _delta),
             "sentinel_interval": ("IDIS_SYNC_SENTINEL_INTERVAL", _delta),
             "poll_overlap": ("IDIS_SYNC_POLL_OVERLAP", _delta),
+            "lock_timeout": ("IDIS_SYNC_LOCK_TIMEOUT", _delta),
+            "page_size": ("IDIS_SYNC_PAGE_SIZE", lambda v, n: _int(v, n, 1)),
             "signature_failure_threshold": (
                 "IDIS_SYNC_SIGNATURE_FAILURE_THRESHOLD",
                 lambda v, n: _int(v, n, 1),
@@ -741,22 +796,53 @@ def _load(environ: Mapping[str, str]) -> Settings:
             f"CRM_POLL_INTERVAL={environ.get('CRM_POLL_INTERVAL')!r} must be positive",
             variable="CRM_POLL_INTERVAL",
         )
+    for attr, env in (
+        ("sentinel_interval", "IDIS_SYNC_SENTINEL_INTERVAL"),
+        ("lock_timeout", "IDIS_SYNC_LOCK_TIMEOUT"),
+    ):
+        if getattr(sync, attr) <= timedelta(0):
+            raise ConfigError(f"{env}={environ.get(env)!r} must be positive", variable=env)
     enrichment = _section(
         EnrichmentSettings,
         environ,
         {
             "defer_on_error": ("ENRICHMENT_DEFER_ON_ERROR", parse_bool),
             "serve_cached": ("IDIS_ENRICHMENT_SERVE_CACHED", parse_bool),
+            "provider": ("IDIS_ENRICHMENT_PROVIDER", lambda v, n: str(v).strip() or None),
+            "batch_size": ("IDIS_ENRICHMENT_BATCH_SIZE", lambda v, n: _int(v, n, 1)),
+            "batch_interval": ("IDIS_ENRICHMENT_BATCH_INTERVAL", _delta),
+            "poll_interval": ("IDIS_ENRICHMENT_POLL_INTERVAL", _delta),
+            "retry_backoff": ("IDIS_ENRICHMENT_RETRY_BACKOFF", _delta),
+            "retry_max_backoff": ("IDIS_ENRICHMENT_RETRY_MAX_BACKOFF", _delta),
+            "lease": ("IDIS_ENRICHMENT_LEASE", _delta),
+            "impact_deals_table": ("IDIS_IMPACT_DEALS_TABLE", _table_name),
         },
         document.get("enrichment", {}),
         "enrichment",
     )
+    for attr, env in (
+        ("poll_interval", "IDIS_ENRICHMENT_POLL_INTERVAL"),
+        ("lease", "IDIS_ENRICHMENT_LEASE"),
+        ("retry_backoff", "IDIS_ENRICHMENT_RETRY_BACKOFF"),
+    ):
+        if getattr(enrichment, attr) <= timedelta(0):
+            raise ConfigError(
+                f"{env}={environ.get(env)!r} must be positive: expected a duration like 5s",
+                variable=env,
+            )
+    if enrichment.provider is not None and enrichment.provider not in providers:
+        raise ConfigError(
+            f"IDIS_ENRICHMENT_PROVIDER={enrichment.provider!r} names no declared provider: "
+            f"expected one of {', '.join(sorted(providers))}",
+            variable="IDIS_ENRICHMENT_PROVIDER",
+        )
     outbox = _section(
         OutboxSettings,
         environ,
         {
             "max_retries": ("IDIS_OUTBOX_MAX_RETRIES", lambda v, n: _int(v, n, 0)),
             "batch_size": ("IDIS_OUTBOX_BATCH_SIZE", lambda v, n: _int(v, n, 1)),
+            "concurrency": ("IDIS_OUTBOX_CONCURRENCY", lambda v, n: _int(v, n, 1)),
             "lease": ("IDIS_OUTBOX_LEASE", _delta),
             "poll_interval": ("IDIS_OUTBOX_POLL_INTERVAL", _delta),
             "initial_backoff": ("IDIS_OUTBOX_BACKOFF", _delta),
@@ -858,9 +944,10 @@ def _load_providers(
         raw.setdefault(name, {})
     for name in raw:
         if not _NAME.fullmatch(name):
+            source = "IDIS_PROVIDERS" if name in declared else f"IDIS_CONFIG_FILE providers.{name}"
             raise ConfigError(
-                f"provider name {name!r} is invalid: expected lowercase letters, digits and "
-                "underscores, starting with a letter",
+                f"{source}: provider name {name!r} is invalid: expected lowercase letters, "
+                "digits and underscores, starting with a letter",
                 variable="IDIS_PROVIDERS",
             )
     prefixes = {f"IDIS_PROVIDER_{name.upper()}_": name for name in raw}
