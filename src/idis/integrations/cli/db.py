@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..db.migrate import current_revisions, head_revisions, upgrade
 from . import main
 from ._common import get_settings, handle_errors, stdout
 
@@ -20,6 +19,8 @@ def db() -> None:
 @handle_errors
 def db_upgrade(revision: str, database_url: str | None) -> None:
     """Apply migrations up to REVISION."""
+    from ..db.migrate import head_revisions, upgrade  # alembic is slow to import: only here
+
     url = database_url or get_settings().database_url
     reached = upgrade(url, revision)
     stdout.print(
@@ -33,6 +34,8 @@ def db_upgrade(revision: str, database_url: str | None) -> None:
 @handle_errors
 def db_current(database_url: str | None) -> None:
     """Show the database's revision and the newest one this version ships."""
+    from ..db.migrate import current_revisions, head_revisions
+
     url = database_url or get_settings().database_url
     current = current_revisions(url)
     heads = head_revisions()
