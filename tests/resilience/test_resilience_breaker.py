@@ -272,7 +272,7 @@ def test_concurrent_outcomes_never_look_like_another_replica() -> None:
     import threading
 
     from idis.integrations.exceptions import CircuitOpen
-    from idis.integrations.resilience.breaker import Breaker, BreakerTransition
+    from idis.integrations.resilience.breaker import Breaker
     from idis.integrations.resilience.clock import ManualClock
 
     seen: list[BreakerTransition] = []

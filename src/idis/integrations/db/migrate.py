@@ -68,9 +68,7 @@ def current_revisions(url: str) -> tuple[str, ...]:
     engine = create_db_engine(url)
     try:
         with storage_errors(), engine.connect() as connection:
-            context = MigrationContext.configure(
-                connection, opts={"version_table": VERSION_TABLE}
-            )
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
             return tuple(sorted(context.get_current_heads()))
     finally:
         engine.dispose()
