@@ -1,0 +1,71 @@
+"""The example service's own pieces that need no server: settings, event mapping, push keys."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from examples.integrations_service.config import ServiceSettings
+from examples.integrations_service.delivery import idempotency_key, parse_idempotency_key
+from examples.integrations_service.handlers import deal_fields
+
+from idis.integrations.exceptions import ConfigError
+
+
+def test_service_settings_default_and_read_the_environment() -> None:
+    """Unset variables give the defaults; set ones are parsed (durations like 250ms)."""
+    default = ServiceSettings.from_env({})
+    custom = ServiceSettings.from_env(
+        {
+            "IDIS_SERVICE_HOST": "0.0.0.0",
+            "IDIS_SERVICE_PORT": "9000",
+            "IDIS_SERVICE_SAMPLE_INTERVAL": "1m",
+            "IDIS_SERVICE_CLAIMS_REFRESH_INTERVAL": "250ms",
+        }
+    )
+
+    assert ("127.0.0.1", 8000, timedelta(seconds=15), timedelta(seconds=5)) == (
+        default.host,
+        default.port,
+        default.sample_interval,
+        default.claims_refresh_interval,
+    )
+    assert ("0.0.0.0", 9000, timedelta(minutes=1), timedelta(milliseconds=250)) == (
+        custom.host,
+        custom.port,
+        custom.sample_interval,
+        custom.claims_refresh_interval,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("IDIS_SERVICE_PORT", "http"),
+        ("IDIS_SERVICE_PORT", "70000"),
+        ("IDIS_SERVICE_HOST", " "),
+        ("IDIS_SERVICE_SAMPLE_INTERVAL", "often"),
+        ("IDIS_SERVICE_CLAIMS_REFRESH_INTERVAL", "0s"),
+    ],
+)
+def test_a_bad_service_variable_is_refused_naming_it(variable: str, value: str) -> None:
+    """A bad value raises ConfigError naming the variable."""
+    with pytest.raises(ConfigError) as caught:
+        ServiceSettings.from_env({variable: value})
+
+    assert variable == caught.value.variable
+    assert variable in str(caught.value)
+
+
+def test_deal_fields_keep_only_well_formed_values() -> None:
+    """Missing or mistyped fields are left out, so an update keeps the row's value."""
+    assert {"name": "Acme", "stage": "won", "amount": 12} == deal_fields(
+        {"name": "Acme", "stage": "won", "amount": 12.7, "change": 3}
+    )
+    assert {} == deal_fields({"name": " ", "stage": 5, "amount": True})
+
+
+def test_push_keys_round_trip_and_ignore_other_messages() -> None:
+    """deal-<id>-r<revision> parses back, ids with dashes included; other keys are None."""
+    assert ("deal-7", 3) == parse_idempotency_key(idempotency_key("deal-7", 3))
+    assert parse_idempotency_key("evt_42") is None
