@@ -26,6 +26,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy examples/integrations_service
 
 pytest: $(STAMP) services
 	$(BIN)/python -m pytest
