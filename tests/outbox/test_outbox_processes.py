@@ -299,7 +299,9 @@ def test_postgres_restart_mid_drain(
     if not cluster:
         pytest.skip("no local PostgreSQL cluster to restart (pg_ctlcluster)")
     with run_simulator(seed=13) as sim:
-        sim.control.set_fault(CRM, "latency", seconds=0.002)
+        # Slow enough that the drain (~7 s with two workers) outlasts the restart
+        # even on an idle machine, so the restart always lands mid-drain.
+        sim.control.set_fault(CRM, "latency", seconds=0.02)
         put_messages(pg_engine, 3_000, keys=100)
         with workers(_env(pg_url, sim), tmp_path) as group:
             group.start("w0")
