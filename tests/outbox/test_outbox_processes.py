@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
+from tests.conftest import unavailable
 
 from idis.integrations.outbox.models import OutboxMessageRow
 from idis.integrations.testing import RunningSimulator, run_simulator
@@ -297,7 +298,7 @@ def test_postgres_restart_mid_drain(
     """PostgreSQL restarted mid-drain: workers reconnect and finish; nothing lost or doubled."""
     cluster = sorted(os.listdir("/etc/postgresql"))[0] if os.path.isdir("/etc/postgresql") else ""
     if not cluster:
-        pytest.skip("no local PostgreSQL cluster to restart (pg_ctlcluster)")
+        unavailable("a local PostgreSQL cluster to restart (pg_ctlcluster)")
     with run_simulator(seed=13) as sim:
         # Slow enough that the drain (~7 s with two workers) outlasts the restart
         # even on an idle machine, so the restart always lands mid-drain.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import unavailable
 
 from idis.integrations.config import BreakerPolicy, RetryPolicy
 from idis.integrations.exceptions import CircuitOpen, ProviderUnavailable
@@ -173,7 +174,7 @@ class PrivateRedis:
         if binary is None:
             if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
                 pytest.fail("redis-server is not installed in CI")
-            pytest.skip("redis-server is not installed")
+            unavailable("the redis-server binary")
         self.binary = binary
         self.port = _closed_port()
         self.dir = tmp
