@@ -86,7 +86,7 @@ def _settings(batch: int) -> Any:
 
 
 def _message(i: int, keys: int | None) -> Any:
-    from idis.integrations.outbox.messages import NewMessage
+    from idis.integrations.outbox._messages import NewMessage
 
     return NewMessage.request(
         PROVIDER,
@@ -110,7 +110,7 @@ def postgres_database(admin_url: str) -> Iterator[str]:
     """A fresh, migrated PostgreSQL database, dropped afterwards."""
     import psycopg
 
-    from idis.integrations.db.migrate import upgrade
+    from idis.integrations.db._migrate import upgrade
 
     name = f"idis_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
@@ -135,7 +135,7 @@ def postgres_database(admin_url: str) -> Iterator[str]:
 @contextmanager
 def sqlite_database() -> Iterator[str]:
     """A fresh, migrated SQLite file."""
-    from idis.integrations.db.migrate import upgrade
+    from idis.integrations.db._migrate import upgrade
 
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/bench.sqlite3"
@@ -152,8 +152,8 @@ def fill_outbox(url: str, count: int, keys: int | None) -> None:
     from sqlalchemy import text
     from sqlalchemy.orm import Session
 
-    from idis.integrations.db.engine import create_db_engine
-    from idis.integrations.outbox.enqueue import enqueue_many
+    from idis.integrations.db._engine import create_db_engine
+    from idis.integrations.outbox._enqueue import enqueue_many
 
     engine = create_db_engine(url)
     try:
@@ -202,9 +202,9 @@ def _vacuum(engine: Any, table: str) -> None:
 def _ours_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
     from prometheus_client import CollectorRegistry
 
-    from idis.integrations.db.engine import create_db_engine
-    from idis.integrations.observability.metrics import Metrics
-    from idis.integrations.outbox.worker import OutboxWorker
+    from idis.integrations.db._engine import create_db_engine
+    from idis.integrations.observability._metrics import Metrics
+    from idis.integrations.outbox._worker import OutboxWorker
 
     engine = (
         create_db_engine(url, pool_size=1) if url.startswith("postgres") else create_db_engine(url)
@@ -277,8 +277,8 @@ def enqueue_single(url: str, count: int) -> float:
     """Messages per second, one ``enqueue`` per transaction (Session, begin, commit)."""
     from sqlalchemy.orm import Session
 
-    from idis.integrations.db.engine import create_db_engine
-    from idis.integrations.outbox.enqueue import enqueue
+    from idis.integrations.db._engine import create_db_engine
+    from idis.integrations.outbox._enqueue import enqueue
 
     engine = create_db_engine(url)
     messages = [_message(i, None) for i in range(count)]
@@ -296,8 +296,8 @@ def enqueue_batched(url: str, count: int, per_tx: int = 1000) -> float:
     """Messages per second with ``enqueue_many``, ``per_tx`` per transaction."""
     from sqlalchemy.orm import Session
 
-    from idis.integrations.db.engine import create_db_engine
-    from idis.integrations.outbox.enqueue import enqueue_many
+    from idis.integrations.db._engine import create_db_engine
+    from idis.integrations.outbox._enqueue import enqueue_many
 
     engine = create_db_engine(url)
     messages = [_message(i, None) for i in range(count)]
@@ -332,8 +332,8 @@ def statements_per_enqueue(url: str) -> list[str]:
     from sqlalchemy import event, text
     from sqlalchemy.orm import Session
 
-    from idis.integrations.db.engine import create_db_engine
-    from idis.integrations.outbox.enqueue import enqueue
+    from idis.integrations.db._engine import create_db_engine
+    from idis.integrations.outbox._enqueue import enqueue
 
     engine = create_db_engine(url)
     sent: list[str] = []

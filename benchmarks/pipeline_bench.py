@@ -152,7 +152,7 @@ def _mock_transport(async_: bool) -> Any:
 def _metrics() -> Any:
     from prometheus_client import CollectorRegistry
 
-    from idis.integrations.observability.metrics import Metrics
+    from idis.integrations.observability._metrics import Metrics
 
     return Metrics(CollectorRegistry())
 
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve)
         return 0
 
-    from idis.integrations.observability.logs import configure_logging
+    from idis.integrations.observability._logs import configure_logging
 
     # Production logging (JSON, INFO) so that filtered calls cost what they cost in a service.
     configure_logging(fmt="json", level="INFO", stream=open(os.devnull, "w"))  # noqa: SIM115

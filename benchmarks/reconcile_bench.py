@@ -58,7 +58,7 @@ PAGE = 1000
 @contextmanager
 def fresh_database(kind: str, pg_url: str) -> Iterator[str]:
     """A migrated, empty database of ``kind``; dropped afterwards."""
-    from idis.integrations.db.migrate import upgrade
+    from idis.integrations.db._migrate import upgrade
 
     if kind == "sqlite":
         with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +106,7 @@ def events(count: int) -> list[Any]:
 
 def noop_registry() -> tuple[Any, Callable[[Any], int]]:
     """A host whose handler only counts (the library's own cost)."""
-    from idis.integrations.sync.inbox import HandlerRegistry
+    from idis.integrations.sync._inbox import HandlerRegistry
 
     seen = [0]
 
@@ -122,7 +122,7 @@ def table_registry(engine: Any) -> tuple[Any, Callable[[Any], int]]:
     """A host whose handler inserts one row per event into its own table."""
     from sqlalchemy import text
 
-    from idis.integrations.sync.inbox import HandlerRegistry
+    from idis.integrations.sync._inbox import HandlerRegistry
 
     key = "BIGSERIAL PRIMARY KEY" if engine.dialect.name == "postgresql" else "INTEGER PRIMARY KEY"
     with engine.begin() as conn:
@@ -151,8 +151,8 @@ def preapply(engine: Any, evs: list[Any], registry: Any) -> None:
     """Apply every other event as if webhooks had delivered it (not timed)."""
     from sqlalchemy.orm import sessionmaker
 
-    from idis.integrations.reconciliation.batch import apply_page
-    from idis.integrations.timeparse import utcnow
+    from idis.integrations._timeparse import utcnow
+    from idis.integrations.reconciliation._batch import apply_page
 
     factory = sessionmaker(engine)
     half = evs[::2]
@@ -243,7 +243,7 @@ def bare_insert(url: str, count: int) -> float:
 def reconcile_rate(url: str, evs: list[Any], host: str, source: Any = None) -> dict[str, Any]:
     """Events/s of one reconcile over ``evs`` (half pre-applied) with the ``host`` handler."""
     from idis.integrations.config import ProviderSettings, Settings
-    from idis.integrations.db.engine import create_db_engine
+    from idis.integrations.db._engine import create_db_engine
     from idis.integrations.reconciliation import StaticReplaySource, reconcile
 
     engine = create_db_engine(url)
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-http", dest="http", action="store_false", help="skip the HTTP run")
     parser.add_argument("--update-docs", action="store_true", help="rewrite docs/performance.md")
     args = parser.parse_args(argv)
-    from idis.integrations.observability.logs import configure_logging
+    from idis.integrations.observability._logs import configure_logging
 
     # Per-run log lines would interleave with the numbers: warnings only, on stderr.
     configure_logging("console", "WARNING", stream=sys.stderr)

@@ -81,7 +81,7 @@ def make_bodies(count: int, start: int = 1) -> list[bytes]:
 
 def sign_all(bodies: list[bytes]) -> list[dict[str, str]]:
     """Standard Webhooks headers for each body, stamped now."""
-    from idis.integrations.webhooks.signing import sign_headers
+    from idis.integrations.webhooks._signing import sign_headers
 
     now = int(time.time())
     return [
@@ -103,7 +103,7 @@ def rate(count: int, seconds: float) -> str:
 @contextmanager
 def database(kind: str) -> Iterator[str]:
     """A migrated scratch database URL (SQLite file or PostgreSQL database), removed afterwards."""
-    from idis.integrations.db.migrate import upgrade
+    from idis.integrations.db._migrate import upgrade
 
     if kind == "sqlite":
         with tempfile.TemporaryDirectory() as tmp:
@@ -134,9 +134,9 @@ def settings_for(url: str) -> Any:
 
 
 def make_receiver(url: str) -> Any:
-    from idis.integrations.db.engine import create_db_engine
-    from idis.integrations.sync.inbox import HandlerRegistry
-    from idis.integrations.webhooks.receiver import WebhookReceiver
+    from idis.integrations.db._engine import create_db_engine
+    from idis.integrations.sync._inbox import HandlerRegistry
+    from idis.integrations.webhooks._receiver import WebhookReceiver
 
     registry = HandlerRegistry()
     registry.register("*", lambda session, event: None)
@@ -145,9 +145,9 @@ def make_receiver(url: str) -> Any:
 
 
 def make_async_receiver(url: str) -> Any:
-    from idis.integrations.db.engine import create_async_db_engine
-    from idis.integrations.sync.inbox import HandlerRegistry
-    from idis.integrations.webhooks.receiver import AsyncWebhookReceiver
+    from idis.integrations.db._engine import create_async_db_engine
+    from idis.integrations.sync._inbox import HandlerRegistry
+    from idis.integrations.webhooks._receiver import AsyncWebhookReceiver
 
     async def noop(session: Any, event: Any) -> None:
         return None
@@ -162,8 +162,8 @@ def make_async_receiver(url: str) -> Any:
 
 
 def bench_cpu(count: int, rounds: int) -> None:
-    from idis.integrations.sync.events import event_from_payload
-    from idis.integrations.webhooks.verify import (
+    from idis.integrations.sync._events import event_from_payload
+    from idis.integrations.webhooks._verify import (
         InboundRequest,
         StandardWebhooksScheme,
         normalize_headers,
@@ -202,7 +202,7 @@ def bench_cpu(count: int, rounds: int) -> None:
 def bench_handle(kind: str, url: str, count: int, rounds: int) -> None:
     from sqlalchemy import text
 
-    from idis.integrations.db.engine import create_db_engine
+    from idis.integrations.db._engine import create_db_engine
 
     engine = create_db_engine(url)
     with engine.begin() as conn:
@@ -408,7 +408,7 @@ def bench_http(kind: str, url: str, count: int, concurrency: int, rounds: int) -
 
 def _quiet_logs() -> None:
     # Production logs at INFO: the per-webhook debug line is filtered, warnings render.
-    from idis.integrations.observability.logs import configure_logging
+    from idis.integrations.observability._logs import configure_logging
 
     configure_logging("json", "INFO", stream=open(os.devnull, "w"))  # noqa: SIM115  # process-long
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from idis.integrations.db.engine import create_db_engine
-from idis.integrations.db.migrate import VERSION_TABLE
-from idis.integrations.db.models import metadata
+from idis.integrations.db._engine import create_db_engine
+from idis.integrations.db._migrate import VERSION_TABLE
+from idis.integrations.db._models import metadata
 
 config = context.config
 url = config.attributes.get("idis_url") or config.get_main_option("sqlalchemy.url")

@@ -19,8 +19,8 @@ import structlog
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
-from idis.integrations.db.engine import create_db_engine
-from idis.integrations.observability.metrics import Metrics, set_default_metrics
+from idis.integrations.db._engine import create_db_engine
+from idis.integrations.observability._metrics import Metrics, set_default_metrics
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 POSTGRES_URL = os.environ.get("IDIS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -77,7 +77,7 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="session")
 def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from idis.integrations.db.migrate import upgrade
+    from idis.integrations.db._migrate import upgrade
 
     path = tmp_path_factory.mktemp("sqlite-template") / "template.sqlite3"
     upgrade(f"sqlite:///{path}")
@@ -116,7 +116,7 @@ def _pg_template() -> Iterator[str]:
     except Exception as exc:  # any failure means "not available" here
         unavailable(f"PostgreSQL at {POSTGRES_URL} ({type(exc).__name__})")
         raise  # unreachable: unavailable() skips or fails
-    from idis.integrations.db.migrate import upgrade
+    from idis.integrations.db._migrate import upgrade
 
     name = f"idis_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with conn:

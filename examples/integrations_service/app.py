@@ -5,7 +5,7 @@
     POST /webhooks/{provider}     the library's receiver (Standard Webhooks; inbox; handlers)
     GET  /metrics                 Prometheus text (integration_errors_total, ...)
     GET  /healthz                 200 while the database answers and every loop runs, else 503
-    GET  /status[?probe=false]    idis.integrations.status.collect_status as JSON
+    GET  /status[?probe=false]    idis.integrations.ops._status.collect_status as JSON
     POST /deals                   create/update a deal; its CRM push is enqueued in the same
                                   transaction (crm_sync_status PENDING until delivered)
     GET  /deals[?tenant_id=T]     the latest deals
@@ -39,8 +39,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
+from idis.integrations._timeparse import utcnow
 from idis.integrations.config import Settings
-from idis.integrations.enrichment.syncstatus import SYNC_PENDING
+from idis.integrations.enrichment._syncstatus import SYNC_PENDING
 from idis.integrations.exceptions import (
     AuthError,
     ConfigError,
@@ -49,11 +50,10 @@ from idis.integrations.exceptions import (
     StorageError,
     UsageError,
 )
-from idis.integrations.observability.logs import configure_logging, get_logger
-from idis.integrations.observability.metrics import Metrics, get_metrics, metrics_app
+from idis.integrations.observability._logs import configure_logging, get_logger
+from idis.integrations.observability._metrics import Metrics, get_metrics, metrics_app
+from idis.integrations.ops._status import FACT_SOURCES, collect_status
 from idis.integrations.outbox import enqueue_async
-from idis.integrations.status import FACT_SOURCES, collect_status
-from idis.integrations.timeparse import utcnow
 
 from .claims import SUBJECT_TYPE, apply_result, mark_failed, refresh_stale_claims
 from .config import ServiceSettings
@@ -162,8 +162,8 @@ def _runtime(request: Request) -> Runtime:
 def _register_fact_sources() -> None:
     # The CLI registers these when its modules load; this process never loads
     # the CLI, so /status adds the sync mode and outbox facts itself.
-    from idis.integrations.outbox.admin import status_facts as outbox_facts
-    from idis.integrations.sync.state import status_facts as sync_facts
+    from idis.integrations.outbox._admin import status_facts as outbox_facts
+    from idis.integrations.sync._state import status_facts as sync_facts
 
     for source in (sync_facts, outbox_facts):
         if source not in FACT_SOURCES:

@@ -21,8 +21,8 @@ from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from idis.integrations.enrichment import EnrichmentResult
-from idis.integrations.enrichment.models import EnrichmentCacheEntry
-from idis.integrations.observability.logs import get_logger
+from idis.integrations.enrichment._models import EnrichmentCacheEntry
+from idis.integrations.observability._logs import get_logger
 
 from .models import Claim
 

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+from idis.integrations._timeparse import parse_duration
 from idis.integrations.exceptions import ConfigError
-from idis.integrations.timeparse import parse_duration
 
 __all__ = ["ServiceSettings"]
 

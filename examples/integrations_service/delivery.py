@@ -30,13 +30,13 @@ from sqlalchemy import case, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from idis.integrations.config import Settings
-from idis.integrations.enrichment.syncstatus import (
+from idis.integrations.enrichment._syncstatus import (
     SYNC_FAILED,
     SYNC_SYNCED,
     SyncStatus,
     sync_status_update,
 )
-from idis.integrations.observability.logs import get_logger
+from idis.integrations.observability._logs import get_logger
 from idis.integrations.outbox import AsyncGatewayDelivery, NewMessage, build_call
 from idis.integrations.resilience import AsyncGateway
 

@@ -29,9 +29,9 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from idis.integrations.enrichment.syncstatus import SYNC_SYNCED
-from idis.integrations.sync.inbox import HandlerRegistry
-from idis.integrations.timeparse import utcnow
+from idis.integrations._timeparse import utcnow
+from idis.integrations.enrichment._syncstatus import SYNC_SYNCED
+from idis.integrations.sync._inbox import HandlerRegistry
 
 from .models import Deal
 

@@ -22,9 +22,9 @@ from typing import Any
 from sqlalchemy import BigInteger, Boolean, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from idis.integrations.db.base import NAMING_CONVENTION, JSONType, UTCDateTime
+from idis.integrations._timeparse import utcnow
+from idis.integrations.db._base import NAMING_CONVENTION, JSONType, UTCDateTime
 from idis.integrations.enrichment import CrmSyncStatusMixin
-from idis.integrations.timeparse import utcnow
 
 __all__ = ["Claim", "Deal", "HostBase", "host_metadata"]
 

@@ -6,7 +6,7 @@ One :class:`Runtime` per running app holds:
   service's, in one database);
 * one shared :class:`~idis.integrations.resilience.AsyncGateway`, with OAuth
   (:func:`~idis.integrations.oauth_auth_factory`) when a provider uses it,
-  and a :class:`~idis.integrations.resilience.recorder.StateRecorder` hooked to
+  and a :class:`~idis.integrations.resilience._recorder.StateRecorder` hooked to
   its breakers and sampling it, so ``idis-integrations status`` and
   ``postmortem`` (other processes) see what this one saw;
 * the background loops: the sync service (sentinel, mode controller, poller),
@@ -30,19 +30,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from idis.integrations import oauth_auth_factory
 from idis.integrations.config import Settings
-from idis.integrations.db.engine import create_async_db_engine, create_db_engine
-from idis.integrations.db.migrate import upgrade
+from idis.integrations.db._engine import create_async_db_engine, create_db_engine
+from idis.integrations.db._migrate import upgrade
 from idis.integrations.enrichment import AsyncDeferredEnrichmentWorker, AsyncEnricher
-from idis.integrations.enrichment.decisions import default_primary
+from idis.integrations.enrichment._decisions import default_primary
 from idis.integrations.exceptions import ConfigError
-from idis.integrations.observability.logs import get_logger
-from idis.integrations.observability.metrics import Metrics
+from idis.integrations.observability._logs import get_logger
+from idis.integrations.observability._metrics import Metrics
 from idis.integrations.outbox import AsyncOutboxWorker
 from idis.integrations.resilience import AsyncGateway
-from idis.integrations.resilience.recorder import StateRecorder
+from idis.integrations.resilience._recorder import StateRecorder
 from idis.integrations.sync import AsyncSyncService
-from idis.integrations.sync.inbox import HandlerRegistry
-from idis.integrations.sync.service import default_providers
+from idis.integrations.sync._inbox import HandlerRegistry
+from idis.integrations.sync._service import default_providers
 
 from .claims import run_claim_refresher
 from .config import ServiceSettings

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import idis.integrations.db.base as idb
+import idis.integrations.db._base as idb
 
 revision = "0006_enrichment"
 down_revision = "0001_core"

@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import free_port, unavailable
 
 from idis.integrations._http import httpx
-from idis.integrations.auth.crypto import generate_key
+from idis.integrations.auth._crypto import generate_key
 from idis.integrations.config import AuthSettings, Secret, Settings, VaultSettings
 from idis.integrations.testing import RunningSimulator, run_simulator, simulator_settings
 

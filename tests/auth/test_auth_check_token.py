@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from tests.auth.conftest import CLIENT_SECRET, env_for, make_settings, run_python
 from tests.conftest import free_port
 
-from idis.integrations.auth.tokens import TokenManager
+from idis.integrations.auth._tokens import TokenManager
 from idis.integrations.cli import main
 from idis.integrations.exceptions import AuthError
 from idis.integrations.testing import RunningSimulator

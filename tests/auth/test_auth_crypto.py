@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from cryptography.fernet import Fernet
 
-from idis.integrations.auth.crypto import TokenCipher, generate_key
+from idis.integrations.auth._crypto import TokenCipher, generate_key
 from idis.integrations.config import Secret, Settings
 from idis.integrations.exceptions import AuthError, ConfigError
 

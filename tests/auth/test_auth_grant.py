@@ -21,7 +21,7 @@ from idis.integrations.auth._grant import (
     parse_token_response,
     resolve_url,
 )
-from idis.integrations.auth.vault import ClientCredentials
+from idis.integrations.auth._vault import ClientCredentials
 from idis.integrations.config import AuthSettings, ProviderSettings, Secret
 from idis.integrations.exceptions import (
     MalformedResponse,

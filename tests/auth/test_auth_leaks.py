@@ -26,18 +26,18 @@ from prometheus_client import generate_latest
 from sqlalchemy import select
 from tests.auth.conftest import CLIENT_ID, CLIENT_SECRET, OpenBao, env_for, make_settings
 
-from idis.integrations.audit import AuditEvent
-from idis.integrations.auth.httpx_auth import oauth_auth_factory
-from idis.integrations.auth.rotation import rotate_credentials
-from idis.integrations.auth.status import token_status
-from idis.integrations.auth.tokens import TokenManager, refresh_tokens
-from idis.integrations.auth.vault import ClientCredentials, VaultStore
+from idis.integrations._audit import AuditEvent
+from idis.integrations.auth._httpx_auth import oauth_auth_factory
+from idis.integrations.auth._rotation import rotate_credentials
+from idis.integrations.auth._status import token_status
+from idis.integrations.auth._tokens import TokenManager, refresh_tokens
+from idis.integrations.auth._vault import ClientCredentials, VaultStore
 from idis.integrations.cli import main
 from idis.integrations.config import Secret
-from idis.integrations.db.engine import create_db_engine
+from idis.integrations.db._engine import create_db_engine
 from idis.integrations.exceptions import IntegrationError
-from idis.integrations.observability.logs import configure_logging
-from idis.integrations.observability.metrics import Metrics
+from idis.integrations.observability._logs import configure_logging
+from idis.integrations.observability._metrics import Metrics
 from idis.integrations.resilience import Gateway
 from idis.integrations.testing import RunningSimulator
 

@@ -14,12 +14,12 @@ from sqlalchemy import select
 from tests.auth.conftest import env_for, make_settings
 from tests.conftest import sample
 
-from idis.integrations.audit import AuditEvent
+from idis.integrations._audit import AuditEvent
 from idis.integrations.auth._store import TABLE
-from idis.integrations.auth.tokens import TokenManager
-from idis.integrations.db.engine import create_db_engine
+from idis.integrations.auth._tokens import TokenManager
+from idis.integrations.db._engine import create_db_engine
 from idis.integrations.exceptions import AuthError, TokenLockTimeout
-from idis.integrations.observability.metrics import Metrics
+from idis.integrations.observability._metrics import Metrics
 from idis.integrations.testing import RunningSimulator
 
 pytestmark = pytest.mark.postgres
@@ -29,7 +29,7 @@ _WORKER = """
 import json, sys, threading, time
 from pathlib import Path
 from idis.integrations.config import Settings
-from idis.integrations.auth.tokens import TokenManager
+from idis.integrations.auth._tokens import TokenManager
 
 ready, go = Path(sys.argv[1]), Path(sys.argv[2])
 settings = Settings.from_env()

@@ -20,19 +20,19 @@ from tests.auth.conftest import make_settings
 from tests.conftest import sample
 
 from idis.integrations._http import httpx
+from idis.integrations.auth._httpx_auth import oauth_auth_factory
+from idis.integrations.auth._status import token_status
 from idis.integrations.auth._store import TABLE
-from idis.integrations.auth.httpx_auth import oauth_auth_factory
-from idis.integrations.auth.status import token_status
-from idis.integrations.auth.tokens import (
+from idis.integrations.auth._tokens import (
     AsyncTokenManager,
     TokenManager,
     reencrypt_tokens,
     refresh_tokens,
 )
 from idis.integrations.config import Secret
-from idis.integrations.db.engine import create_db_engine
+from idis.integrations.db._engine import create_db_engine
 from idis.integrations.exceptions import AuthError, ConfigError, ReauthorizationRequired
-from idis.integrations.observability.metrics import Metrics
+from idis.integrations.observability._metrics import Metrics
 from idis.integrations.resilience import AsyncGateway, Gateway, ManualClock
 from idis.integrations.testing import RunningSimulator
 
@@ -416,7 +416,7 @@ def test_key_rotation_reencrypts_stored_tokens(
     sim: RunningSimulator, sqlite_url: str, fernet_key: str, manager_factory: Any
 ) -> None:
     """After reencrypt_tokens a manager holding only the new key reads the stored token."""
-    from idis.integrations.auth.crypto import generate_key
+    from idis.integrations.auth._crypto import generate_key
 
     old_settings = make_settings(sim, sqlite_url, fernet_key)
     first = manager_factory(old_settings).get_token(P)

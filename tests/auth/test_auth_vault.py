@@ -11,14 +11,14 @@ from sqlalchemy import select
 from tests.auth.conftest import CLIENT_ID, CLIENT_SECRET, OpenBao, make_settings
 from tests.conftest import free_port, sample
 
-from idis.integrations.audit import AuditEvent
-from idis.integrations.auth.rotation import CredentialRotationError, rotate_credentials
-from idis.integrations.auth.tokens import TokenManager
-from idis.integrations.auth.vault import ClientCredentials, VaultStore
+from idis.integrations._audit import AuditEvent
+from idis.integrations.auth._rotation import CredentialRotationError, rotate_credentials
+from idis.integrations.auth._tokens import TokenManager
+from idis.integrations.auth._vault import ClientCredentials, VaultStore
 from idis.integrations.config import Secret, Settings, VaultSettings
-from idis.integrations.db.engine import create_db_engine
+from idis.integrations.db._engine import create_db_engine
 from idis.integrations.exceptions import ConfigError, SecretStoreError
-from idis.integrations.observability.metrics import Metrics
+from idis.integrations.observability._metrics import Metrics
 from idis.integrations.testing import RunningSimulator
 
 pytestmark = pytest.mark.vault

@@ -7,9 +7,9 @@ import json
 
 import structlog
 
-from idis.integrations.audit import audit_row
+from idis.integrations._audit import audit_row
 from idis.integrations.config import Secret
-from idis.integrations.observability.logs import configure_logging, get_logger, redact_text
+from idis.integrations.observability._logs import configure_logging, get_logger, redact_text
 
 
 def _render(**event: object) -> list[dict[str, object]]:

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from idis.integrations.config import Settings
-from idis.integrations.resilience.breaker import BreakerTransition
-from idis.integrations.resilience.recorder import StateRecorder
-from idis.integrations.status import collect_status
+from idis.integrations.ops._status import collect_status
+from idis.integrations.resilience._breaker import BreakerTransition
+from idis.integrations.resilience._recorder import StateRecorder
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

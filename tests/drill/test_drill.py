@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from tests.conftest import unavailable
 
-from idis.integrations.db.engine import create_db_engine
-from idis.integrations.drill import SCENARIOS, DrillOptions, run_drill
+from idis.integrations.db._engine import create_db_engine
 from idis.integrations.exceptions import ConfigError
-from idis.integrations.postmortem import build_postmortem
+from idis.integrations.ops._drill import SCENARIOS, DrillOptions, run_drill
+from idis.integrations.ops._postmortem import build_postmortem
 
 
 def _quiet(_line: str) -> None:

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
+from idis.integrations._timeparse import utcnow
 from idis.integrations.config import EnrichmentSettings, RetryPolicy, Settings
-from idis.integrations.db.engine import create_db_engine, session_scope
-from idis.integrations.enrichment.models import Defect, EnrichmentCacheEntry, EnrichmentRequest
+from idis.integrations.db._engine import create_db_engine, session_scope
+from idis.integrations.enrichment._models import Defect, EnrichmentCacheEntry, EnrichmentRequest
 from idis.integrations.resilience import Gateway, ManualClock
 from idis.integrations.testing import RunningSimulator, run_simulator, simulator_settings
-from idis.integrations.timeparse import utcnow
 
 #: Worker pacing for tests: short waits, so a recovery drains in well under a second.
 FAST = EnrichmentSettings(

@@ -12,14 +12,14 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine, MetaData, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from idis.integrations.audit import AuditEvent
+from idis.integrations._audit import AuditEvent
+from idis.integrations._timeparse import utcnow
 from idis.integrations.cli import main
-from idis.integrations.db.engine import create_db_engine, session_scope
+from idis.integrations.db._engine import create_db_engine, session_scope
 from idis.integrations.enrichment import CrmSyncStatusMixin, _store, mark_sync_failed
-from idis.integrations.enrichment.decisions import SubjectKey
-from idis.integrations.enrichment.models import Defect, EnrichmentCacheEntry, EnrichmentRequest
+from idis.integrations.enrichment._decisions import SubjectKey
+from idis.integrations.enrichment._models import Defect, EnrichmentCacheEntry, EnrichmentRequest
 from idis.integrations.testing import RunningSimulator, run_simulator
-from idis.integrations.timeparse import utcnow
 
 P = "crm_provider"
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from idis.integrations.config import EnrichmentSettings, Settings
-from idis.integrations.enrichment.decisions import (
+from idis.integrations.enrichment._decisions import (
     Attempt,
     describe_attempts,
     next_batch_size,

@@ -11,19 +11,19 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from tests.conftest import sample
 
-from idis.integrations.audit import AuditEvent
-from idis.integrations.db.engine import create_db_engine, session_scope
+from idis.integrations._audit import AuditEvent
+from idis.integrations._timeparse import utcnow
+from idis.integrations.db._engine import create_db_engine, session_scope
 from idis.integrations.enrichment import (
     RECOVERY_RESOLUTION,
     _store,
     clear_stale_defects,
     create_stale_defects,
 )
-from idis.integrations.enrichment.decisions import SubjectKey
-from idis.integrations.enrichment.models import Defect, EnrichmentCacheEntry, EnrichmentRequest
+from idis.integrations.enrichment._decisions import SubjectKey
+from idis.integrations.enrichment._models import Defect, EnrichmentCacheEntry, EnrichmentRequest
 from idis.integrations.exceptions import ConfigError, UnknownProviderError
 from idis.integrations.testing import simulator_settings
-from idis.integrations.timeparse import utcnow
 
 P = "crm_provider"
 

@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import Engine, MetaData, String, Table, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from idis.integrations.db.engine import create_db_engine, session_scope
+from idis.integrations._timeparse import utcnow
+from idis.integrations.db._engine import create_db_engine, session_scope
 from idis.integrations.enrichment import (
     RECOVERY_RESOLUTION,
     CrmSyncStatusMixin,
@@ -24,11 +25,10 @@ from idis.integrations.enrichment import (
     mark_sync_pending,
     mark_sync_succeeded,
 )
-from idis.integrations.enrichment.decisions import SubjectKey
-from idis.integrations.enrichment.models import Defect
+from idis.integrations.enrichment._decisions import SubjectKey
+from idis.integrations.enrichment._models import Defect
 from idis.integrations.exceptions import ConfigError, UsageError
 from idis.integrations.testing import simulator_settings
-from idis.integrations.timeparse import utcnow
 
 TRIAGE_5 = """
 SELECT tenant_id, COUNT(*) as affected_deals

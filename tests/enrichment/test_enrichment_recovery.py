@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 from tests.conftest import sample
 
-from idis.integrations.db.engine import create_async_db_engine
+from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.enrichment import (
     RECOVERY_RESOLUTION,
     AsyncDeferredEnrichmentWorker,
@@ -22,10 +22,10 @@ from idis.integrations.enrichment import (
     Enricher,
     create_stale_defects,
 )
-from idis.integrations.enrichment.models import Defect
+from idis.integrations.enrichment._models import Defect
 from idis.integrations.exceptions import ProviderError, ProviderRejected
 from idis.integrations.resilience import AsyncGateway
-from idis.integrations.simulator.app import enrichment_for
+from idis.integrations.simulator._app import enrichment_for
 
 PROVIDER = "enrichment_provider"
 
@@ -94,7 +94,7 @@ def test_outage_defers_every_call_then_worker_refreshes_all(env_db: Any, metrics
 
 
 def _audit(env: Any) -> list[Any]:
-    from idis.integrations.audit import AuditEvent
+    from idis.integrations._audit import AuditEvent
 
     return env.rows(AuditEvent)
 
@@ -255,7 +255,7 @@ def test_async_enricher_and_worker_task_heal_an_outage(env_db: Any) -> None:
 
 def test_database_outage_still_returns_fresh_data_but_cannot_defer(env: Any, tmp_path: Any) -> None:
     """Served data is returned even if caching it fails; a deferral that cannot be stored raises."""
-    from idis.integrations.db.engine import create_db_engine
+    from idis.integrations.db._engine import create_db_engine
     from idis.integrations.exceptions import StorageError
 
     settings = env.settings()

@@ -8,7 +8,7 @@ from typing import Any
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
-from idis.integrations.auth.httpx_auth import oauth_auth_factory
+from idis.integrations.auth._httpx_auth import oauth_auth_factory
 from idis.integrations.cli import main
 from idis.integrations.config import Secret
 from idis.integrations.enrichment import Enricher
@@ -58,6 +58,6 @@ def test_wrong_credentials_defer_without_leaking_the_client_secret(env: Any) -> 
 
 
 def _audit(env: Any) -> list[Any]:
-    from idis.integrations.audit import AuditEvent
+    from idis.integrations._audit import AuditEvent
 
     return env.rows(AuditEvent)

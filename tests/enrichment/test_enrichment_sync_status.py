@@ -16,7 +16,7 @@ from idis.integrations.enrichment import (
     mark_sync_pending,
 )
 from idis.integrations.outbox import NewMessage, OutboxWorker, enqueue
-from idis.integrations.outbox.delivery import GatewayDelivery
+from idis.integrations.outbox._delivery import GatewayDelivery
 
 CRM = "crm_provider"
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from idis.integrations.db.engine import create_db_engine, session_scope
+from idis.integrations._timeparse import utcnow
+from idis.integrations.db._engine import create_db_engine, session_scope
 from idis.integrations.enrichment import DeferredEnrichmentWorker, Enricher, _store, run_deferred
-from idis.integrations.timeparse import utcnow
 
 PROVIDER = "enrichment_provider"
 

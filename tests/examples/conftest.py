@@ -27,8 +27,8 @@ import uvicorn
 from sqlalchemy import Engine
 
 from idis.integrations._http import httpx
-from idis.integrations.db.engine import create_db_engine
-from idis.integrations.simulator.state import DEFAULT_WEBHOOK_SECRET
+from idis.integrations.db._engine import create_db_engine
+from idis.integrations.simulator._state import DEFAULT_WEBHOOK_SECRET
 from idis.integrations.testing import RunningSimulator, run_simulator, serve_asgi
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import select
 from tests.examples.conftest import ENRICH, RunningService, service_env, wait_for
 
-from idis.integrations.db.engine import create_db_engine
+from idis.integrations.db._engine import create_db_engine
 from idis.integrations.enrichment import RECOVERY_RESOLUTION, Defect
-from idis.integrations.simulator.app import enrichment_for
+from idis.integrations.simulator._app import enrichment_for
 from idis.integrations.testing import RunningSimulator
 
 

@@ -23,11 +23,11 @@ from tests.examples.conftest import (
     wait_for,
 )
 
-from idis.integrations.audit import AuditEvent
-from idis.integrations.db.engine import create_db_engine
+from idis.integrations._audit import AuditEvent
+from idis.integrations.db._engine import create_db_engine
 from idis.integrations.enrichment import RECOVERY_RESOLUTION, Defect
-from idis.integrations.simulator.app import enrichment_for
-from idis.integrations.simulator.state import DEFAULT_WEBHOOK_SECRET
+from idis.integrations.simulator._app import enrichment_for
+from idis.integrations.simulator._state import DEFAULT_WEBHOOK_SECRET
 from idis.integrations.testing import RunningSimulator
 
 # Verbatim from RB-09 (Triage 5 and Recovery 4).

@@ -7,7 +7,7 @@ from typing import Any
 
 from tests.examples.conftest import CLIENT_SECRET, CRM, ENRICH, service_env, wait_for
 
-from idis.integrations.simulator.state import DEFAULT_WEBHOOK_SECRET
+from idis.integrations.simulator._state import DEFAULT_WEBHOOK_SECRET
 from idis.integrations.testing import RunningSimulator
 
 

@@ -16,8 +16,8 @@ from tests.examples.conftest import (
     wait_for,
 )
 
-from idis.integrations.auth.vault import VaultStore
-from idis.integrations.simulator.state import DEFAULT_WEBHOOK_SECRET
+from idis.integrations.auth._vault import VaultStore
+from idis.integrations.simulator._state import DEFAULT_WEBHOOK_SECRET
 from idis.integrations.testing import RunningSimulator
 
 pytestmark = pytest.mark.vault

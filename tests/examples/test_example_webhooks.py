@@ -9,11 +9,11 @@ from sqlalchemy import Engine, func, select, text
 from tests.conftest import sample
 from tests.examples.conftest import CRM, RunningService, wait_for
 
-from idis.integrations.observability.metrics import Metrics
-from idis.integrations.simulator.state import DEFAULT_WEBHOOK_SECRET
-from idis.integrations.sync.models import SyncInbox
+from idis.integrations.observability._metrics import Metrics
+from idis.integrations.simulator._state import DEFAULT_WEBHOOK_SECRET
+from idis.integrations.sync._models import SyncInbox
 from idis.integrations.testing import RunningSimulator
-from idis.integrations.webhooks.signing import sign_headers
+from idis.integrations.webhooks._signing import sign_headers
 
 
 def _deals(service: RunningService) -> dict[str, dict[str, object]]:

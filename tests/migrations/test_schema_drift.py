@@ -7,14 +7,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from idis.integrations.db.engine import create_db_engine
-from idis.integrations.db.migrate import (
+from idis.integrations.db._engine import create_db_engine
+from idis.integrations.db._migrate import (
     VERSION_TABLE,
     current_revisions,
     head_revisions,
     upgrade,
 )
-from idis.integrations.db.models import metadata
+from idis.integrations.db._models import metadata
 
 
 def _diff(url: str) -> list[object]:

@@ -12,7 +12,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from tests.conftest import unavailable
 
-from idis.integrations.observability.metrics import Metrics
+from idis.integrations.observability._metrics import Metrics
 
 OPS = Path(__file__).resolve().parents[2] / "docs" / "ops"
 _PROMQL_WORDS = {

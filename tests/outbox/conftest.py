@@ -20,12 +20,12 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from idis.integrations._clock import ManualClock
 from idis.integrations.config import OutboxSettings, Settings
 from idis.integrations.exceptions import ProviderUnavailable
-from idis.integrations.outbox.enqueue import enqueue_many
-from idis.integrations.outbox.messages import NewMessage, OutboxMessage
-from idis.integrations.outbox.models import OutboxMessageRow
-from idis.integrations.resilience.clock import ManualClock
+from idis.integrations.outbox._enqueue import enqueue_many
+from idis.integrations.outbox._messages import NewMessage, OutboxMessage
+from idis.integrations.outbox._models import OutboxMessageRow
 from idis.integrations.testing import simulator_settings
 
 #: Nothing listens here: settings for tests whose delivery never touches HTTP.

@@ -17,14 +17,14 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from idis.integrations._clock import ManualClock
 from idis.integrations.config import BreakerPolicy, RetryPolicy, Settings
-from idis.integrations.observability.metrics import Metrics
-from idis.integrations.outbox.admin import queue_webhook_retries
-from idis.integrations.outbox.enqueue import enqueue
-from idis.integrations.outbox.messages import NewMessage
-from idis.integrations.outbox.worker import OutboxWorker
+from idis.integrations.observability._metrics import Metrics
+from idis.integrations.outbox._admin import queue_webhook_retries
+from idis.integrations.outbox._enqueue import enqueue
+from idis.integrations.outbox._messages import NewMessage
+from idis.integrations.outbox._worker import OutboxWorker
 from idis.integrations.resilience import Gateway
-from idis.integrations.resilience.clock import ManualClock
 from idis.integrations.testing import RunningSimulator, run_simulator
 
 from ..conftest import sample

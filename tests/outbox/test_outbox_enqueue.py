@@ -12,17 +12,17 @@ from sqlalchemy import Engine, event, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from idis.integrations.audit import AuditEvent, record_audit
-from idis.integrations.db.engine import create_async_db_engine
+from idis.integrations._audit import AuditEvent, record_audit
+from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.exceptions import ConfigError
-from idis.integrations.outbox.enqueue import (
+from idis.integrations.outbox._enqueue import (
     enqueue,
     enqueue_async,
     enqueue_many,
     enqueue_many_async,
 )
-from idis.integrations.outbox.messages import NewMessage
-from idis.integrations.outbox.models import OutboxMessageRow
+from idis.integrations.outbox._messages import NewMessage
+from idis.integrations.outbox._models import OutboxMessageRow
 
 from .conftest import table
 
@@ -198,7 +198,7 @@ def test_bad_messages_fail_naming_the_value(build: Any, named: str) -> None:
 
 def test_enqueue_rejects_what_is_not_a_message(sqlite_url: str) -> None:
     """Passing a dict instead of a NewMessage fails naming the type, and inserts nothing."""
-    from idis.integrations.db.engine import create_db_engine
+    from idis.integrations.db._engine import create_db_engine
 
     eng = create_db_engine(sqlite_url)
     try:
@@ -219,7 +219,7 @@ def test_public_names_resolve_to_the_functions_not_submodules() -> None:
     import idis.integrations as top
     import idis.integrations.outbox as outbox
 
-    importlib.import_module("idis.integrations.outbox.enqueue")
+    importlib.import_module("idis.integrations.outbox._enqueue")
     missing = [name for name in outbox.__all__ if not hasattr(outbox, name)]
 
     assert callable(outbox.enqueue)

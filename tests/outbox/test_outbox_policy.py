@@ -21,7 +21,7 @@ from idis.integrations.exceptions import (
     ReauthorizationRequired,
     UsageError,
 )
-from idis.integrations.outbox.policy import Action, backoff_delay, decide, describe_error
+from idis.integrations.outbox._policy import Action, backoff_delay, decide, describe_error
 
 NOW = datetime(2026, 1, 19, 9, 0, tzinfo=UTC)
 SETTINGS = OutboxSettings(

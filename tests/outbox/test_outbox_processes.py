@@ -28,7 +28,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
 from tests.conftest import unavailable
 
-from idis.integrations.outbox.models import OutboxMessageRow
+from idis.integrations.outbox._models import OutboxMessageRow
 from idis.integrations.testing import RunningSimulator, run_simulator
 
 from .conftest import put_messages

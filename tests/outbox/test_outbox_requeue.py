@@ -11,15 +11,15 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from idis.integrations.audit import AuditEvent
+from idis.integrations._audit import AuditEvent
+from idis.integrations._clock import ManualClock
 from idis.integrations.cli import main
 from idis.integrations.config import Secret
 from idis.integrations.exceptions import ConfigError, ProviderUnavailable, UnknownProviderError
-from idis.integrations.outbox.admin import outbox_summary, queue_webhook_retries
-from idis.integrations.outbox.enqueue import enqueue
-from idis.integrations.outbox.messages import NewMessage, OutboxMessage
-from idis.integrations.outbox.worker import OutboxWorker
-from idis.integrations.resilience.clock import ManualClock
+from idis.integrations.outbox._admin import outbox_summary, queue_webhook_retries
+from idis.integrations.outbox._enqueue import enqueue
+from idis.integrations.outbox._messages import NewMessage, OutboxMessage
+from idis.integrations.outbox._worker import OutboxWorker
 
 from .conftest import outbox_settings, put_messages, statuses, table
 

@@ -10,13 +10,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine
 
+from idis.integrations._clock import ManualClock
 from idis.integrations.config import Secret
-from idis.integrations.db.engine import create_async_db_engine
+from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.exceptions import CircuitOpen, ProviderUnavailable, UnknownProviderError
-from idis.integrations.observability.metrics import Metrics
-from idis.integrations.outbox.messages import OutboxMessage
-from idis.integrations.outbox.worker import AsyncOutboxWorker, OutboxWorker
-from idis.integrations.resilience.clock import ManualClock
+from idis.integrations.observability._metrics import Metrics
+from idis.integrations.outbox._messages import OutboxMessage
+from idis.integrations.outbox._worker import AsyncOutboxWorker, OutboxWorker
 
 from ..conftest import sample
 from .conftest import Recorder, outbox_settings, put_messages, statuses, table, unavailable

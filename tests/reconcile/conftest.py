@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from idis.integrations.audit import AuditEvent
+from idis.integrations._audit import AuditEvent
 from idis.integrations.config import Settings
 from idis.integrations.providers import ProviderEvent
-from idis.integrations.sync.inbox import HandlerRegistry
-from idis.integrations.sync.models import SyncInbox
+from idis.integrations.sync._inbox import HandlerRegistry
+from idis.integrations.sync._models import SyncInbox
 from idis.integrations.testing import RunningSimulator, run_simulator, simulator_settings
 
 HERE = Path(__file__).resolve().parent

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from idis.integrations.sync.inbox import HandlerRegistry
+from idis.integrations.sync._inbox import HandlerRegistry
 
 TABLE = "rc_host_applied"
 
@@ -47,7 +47,7 @@ def apply(session: Session, event: Any) -> None:
 def register(registry: HandlerRegistry) -> None:
     """``IDIS_HANDLERS`` entry point: create the table, register the handler."""
     from idis.integrations.config import Settings
-    from idis.integrations.db.engine import create_db_engine
+    from idis.integrations.db._engine import create_db_engine
 
     engine = create_db_engine(Settings.from_env().database_url)
     try:

@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from idis.integrations.db.engine import create_async_db_engine
+from idis.integrations._timeparse import utcnow
+from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.reconciliation import areconcile
-from idis.integrations.sync.inbox import HandlerRegistry
+from idis.integrations.sync._inbox import HandlerRegistry
 from idis.integrations.testing import RunningSimulator
-from idis.integrations.timeparse import utcnow
 
 from .conftest import PROVIDER, Host, audit_rows, count_inbox, reconcile_host, settings_for
 

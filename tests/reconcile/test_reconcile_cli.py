@@ -12,12 +12,12 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from idis.integrations._timeparse import utcnow
 from idis.integrations.cli import main
-from idis.integrations.reconciliation.models import ReconcileCheckpoint
-from idis.integrations.sync.inbox import HandlerRegistry, set_registry
-from idis.integrations.sync.models import SyncInbox
+from idis.integrations.reconciliation._models import ReconcileCheckpoint
+from idis.integrations.sync._inbox import HandlerRegistry, set_registry
+from idis.integrations.sync._models import SyncInbox
 from idis.integrations.testing import RunningSimulator
-from idis.integrations.timeparse import utcnow
 
 from .conftest import PROVIDER, Host, audit_rows, reconcile_host
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
-from idis.integrations.reconciliation.models import ReconcileCheckpoint
+from idis.integrations._timeparse import utcnow
+from idis.integrations.reconciliation._models import ReconcileCheckpoint
 from idis.integrations.testing import RunningSimulator
-from idis.integrations.timeparse import utcnow
 
 from .conftest import HERE, PROVIDER, Host, audit_rows, count_inbox
 

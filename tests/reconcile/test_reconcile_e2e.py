@@ -7,11 +7,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine
 
+from idis.integrations._timeparse import parse_since, utcnow
 from idis.integrations.config import SyncSettings
 from idis.integrations.reconciliation import reconcile, timeline
-from idis.integrations.sync.service import SyncService
+from idis.integrations.sync._service import SyncService
 from idis.integrations.testing import RunningSimulator, serve_asgi
-from idis.integrations.timeparse import parse_since, utcnow
 
 from .conftest import PROVIDER, Host, audit_rows, count_inbox, settings_for
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from idis.integrations.exceptions import ReplayWindowExceeded
-from idis.integrations.reconciliation.logic import (
+from idis.integrations.reconciliation._logic import (
     FieldDiff,
     LocalRecord,
     check_retention,
@@ -20,7 +20,7 @@ from idis.integrations.reconciliation.logic import (
     merge_intervals,
     plan_page,
 )
-from idis.integrations.reconciliation.sources import StaticReplaySource
+from idis.integrations.reconciliation._sources import StaticReplaySource
 
 from .conftest import PROVIDER, T0, make_event
 

@@ -10,7 +10,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
-from idis.integrations.audit import AuditEvent
+from idis.integrations._audit import AuditEvent
+from idis.integrations._timeparse import utcnow
 from idis.integrations.exceptions import ConfigError, ReplayWindowExceeded
 from idis.integrations.providers import parse_event
 from idis.integrations.reconciliation import (
@@ -20,11 +21,10 @@ from idis.integrations.reconciliation import (
     timeline,
 )
 from idis.integrations.reconciliation._db import run_lock
-from idis.integrations.reconciliation.models import ReconcileCheckpoint
-from idis.integrations.sync.inbox import HandlerRegistry, apply_event
-from idis.integrations.sync.models import SyncCoverage, SyncInbox
+from idis.integrations.reconciliation._models import ReconcileCheckpoint
+from idis.integrations.sync._inbox import HandlerRegistry, apply_event
+from idis.integrations.sync._models import SyncCoverage, SyncInbox
 from idis.integrations.testing import RunningSimulator
-from idis.integrations.timeparse import utcnow
 
 from ..conftest import sample
 from .conftest import PROVIDER, Host, audit_rows, count_inbox, reconcile_host, settings_for
@@ -267,7 +267,7 @@ def test_replay_racing_delayed_webhooks_applies_each_event_once(
     sim: RunningSimulator, engine: Engine, host: Host, db_url: str
 ) -> None:
     """Webhooks arriving for the very events a replay is applying: every event still lands once."""
-    from idis.integrations.sync.service import SyncService
+    from idis.integrations.sync._service import SyncService
     from idis.integrations.testing import serve_asgi
 
     settings = settings_for(sim, db_url)
@@ -301,7 +301,7 @@ def test_an_event_a_webhook_commits_mid_page_is_skipped_on_retry_not_applied_twi
     """A webhook's uncommitted claim blocks the page's insert; once it commits the page retries."""
     import threading
 
-    from idis.integrations.db.engine import create_db_engine
+    from idis.integrations.db._engine import create_db_engine
 
     engine = create_db_engine(pg_url)
     host = Host(engine)
@@ -341,7 +341,7 @@ def test_an_event_a_webhook_commits_mid_page_is_skipped_on_retry_not_applied_twi
 @pytest.mark.postgres
 def test_one_run_per_provider_at_a_time_on_postgres(sim: RunningSimulator, pg_url: str) -> None:
     """While another run holds the provider's lock, reconcile refuses instead of racing it."""
-    from idis.integrations.db.engine import create_db_engine
+    from idis.integrations.db._engine import create_db_engine
 
     engine = create_db_engine(pg_url)
     host = Host(engine)

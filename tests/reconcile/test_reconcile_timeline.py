@@ -10,7 +10,7 @@ from sqlalchemy.orm import sessionmaker
 
 from idis.integrations.config import ProviderSettings, Settings
 from idis.integrations.reconciliation import gaps, timeline
-from idis.integrations.sync.timeline import record_coverage
+from idis.integrations.sync._timeline import record_coverage
 
 from ..conftest import sample
 from .conftest import PROVIDER, T0

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+from idis.integrations._timeparse import utcnow
 from idis.integrations.exceptions import ConfigError
 from idis.integrations.reconciliation import (
     LocalRecord,
@@ -16,9 +17,8 @@ from idis.integrations.reconciliation import (
     resync,
     verify_sync,
 )
-from idis.integrations.sync.inbox import HandlerRegistry
+from idis.integrations.sync._inbox import HandlerRegistry
 from idis.integrations.testing import RunningSimulator
-from idis.integrations.timeparse import utcnow
 
 from .conftest import PROVIDER, Host, audit_rows, settings_for
 

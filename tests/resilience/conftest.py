@@ -27,8 +27,8 @@ from idis.integrations.config import (
     Settings,
     TimeoutPolicy,
 )
-from idis.integrations.observability.logs import configure_logging
-from idis.integrations.observability.metrics import Metrics
+from idis.integrations.observability._logs import configure_logging
+from idis.integrations.observability._metrics import Metrics
 from idis.integrations.resilience import AsyncGateway, Gateway, ManualClock
 
 ENDPOINTS = {"records": "/records", "record": "/records/{id}", "health": "/health"}

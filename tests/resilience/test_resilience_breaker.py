@@ -271,9 +271,9 @@ def test_concurrent_outcomes_never_look_like_another_replica() -> None:
     import random
     import threading
 
+    from idis.integrations._clock import ManualClock
     from idis.integrations.exceptions import CircuitOpen
-    from idis.integrations.resilience.breaker import Breaker
-    from idis.integrations.resilience.clock import ManualClock
+    from idis.integrations.resilience._breaker import Breaker
 
     seen: list[BreakerTransition] = []
     clock = ManualClock()

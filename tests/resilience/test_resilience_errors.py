@@ -18,7 +18,7 @@ from idis.integrations.exceptions import (
     RateLimited,
     UsageError,
 )
-from idis.integrations.resilience.errors import HTTPX_MAPPING, error_for_status, map_httpx_errors
+from idis.integrations.resilience._errors import HTTPX_MAPPING, error_for_status, map_httpx_errors
 
 
 def _httpx_exception_classes() -> set[type[BaseException]]:

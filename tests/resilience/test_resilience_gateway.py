@@ -35,7 +35,7 @@ from idis.integrations.exceptions import (
     UsageError,
 )
 from idis.integrations.resilience import CLOSED, OPEN, ManualClock
-from idis.integrations.resilience.policy import backoff_cap, set_testing
+from idis.integrations.resilience._policy import backoff_cap, set_testing
 
 ERRORS = "integration_errors_total"
 REQUESTS = "integration_requests_total"

@@ -24,7 +24,7 @@ from idis.integrations.exceptions import (
     RateLimited,
     RetryBudgetExhausted,
 )
-from idis.integrations.resilience.policy import (
+from idis.integrations.resilience._policy import (
     RetryBudget,
     SlidingWindow,
     TokenBucket,

@@ -12,7 +12,7 @@ from prometheus_client import generate_latest
 from idis.integrations._http import httpx
 from idis.integrations.config import AuthSettings, BreakerPolicy, RetryPolicy, Secret
 from idis.integrations.exceptions import ProviderError
-from idis.integrations.observability.logs import get_logger
+from idis.integrations.observability._logs import get_logger
 
 
 class BearerAuth(httpx.Auth):

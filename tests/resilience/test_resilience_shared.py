@@ -20,7 +20,7 @@ from tests.conftest import unavailable
 from idis.integrations.config import BreakerPolicy, RetryPolicy
 from idis.integrations.exceptions import CircuitOpen, ProviderUnavailable
 from idis.integrations.resilience import CLOSED, OPEN, ManualClock, system_clock
-from idis.integrations.resilience.shared import RedisBreakerStorage
+from idis.integrations.resilience._shared import RedisBreakerStorage
 from idis.integrations.testing import simulator_settings
 
 #: Run in a child process: trip the breaker of argv[2] against the simulator at argv[1].

@@ -11,9 +11,9 @@ import sys
 import time
 
 from idis.integrations.config import Settings
-from idis.integrations.observability.logs import configure_logging
-from idis.integrations.sync.inbox import HandlerRegistry
-from idis.integrations.sync.service import SyncService
+from idis.integrations.observability._logs import configure_logging
+from idis.integrations.sync._inbox import HandlerRegistry
+from idis.integrations.sync._service import SyncService
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from idis.integrations.providers import ProviderEvent
-from idis.integrations.sync.inbox import HandlerRegistry
+from idis.integrations.sync._inbox import HandlerRegistry
 
 T0 = datetime(2026, 1, 19, 10, 0, tzinfo=UTC)
 

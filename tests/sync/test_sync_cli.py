@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from idis.integrations.audit import list_audit_events
+from idis.integrations._audit import list_audit_events
 from idis.integrations.cli import main
-from idis.integrations.db.engine import create_db_engine
-from idis.integrations.sync.models import SyncCursor, SyncInbox, SyncProviderState
+from idis.integrations.db._engine import create_db_engine
+from idis.integrations.sync._models import SyncCursor, SyncInbox, SyncProviderState
 from idis.integrations.testing import RunningSimulator, run_simulator
 
 P = "crm_provider"

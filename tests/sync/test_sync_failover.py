@@ -16,15 +16,15 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
-from idis.integrations.audit import list_audit_events
+from idis.integrations._audit import list_audit_events
 from idis.integrations.config import Settings, SyncSettings
-from idis.integrations.observability.metrics import Metrics
-from idis.integrations.simulator.state import DEFAULT_WEBHOOK_SECRET
-from idis.integrations.sync.mode import Mode, Reason
-from idis.integrations.sync.models import SyncInbox
-from idis.integrations.sync.service import SyncService, TickReport
-from idis.integrations.sync.state import sync_summary
-from idis.integrations.sync.timeline import coverage
+from idis.integrations.observability._metrics import Metrics
+from idis.integrations.simulator._state import DEFAULT_WEBHOOK_SECRET
+from idis.integrations.sync._mode import Mode, Reason
+from idis.integrations.sync._models import SyncInbox
+from idis.integrations.sync._service import SyncService, TickReport
+from idis.integrations.sync._state import sync_summary
+from idis.integrations.sync._timeline import coverage
 from idis.integrations.testing import (
     RunningSimulator,
     run_simulator,
@@ -373,9 +373,9 @@ async def test_async_service_fails_over_and_applies_everything(
     sim: RunningSimulator, sqlite_url: str, clock: OffsetClock, anyio_backend: str
 ) -> None:
     """AsyncSyncService (async engine, AsyncGateway, async handlers): same failover, same count."""
-    from idis.integrations.db.engine import create_async_db_engine
-    from idis.integrations.sync.inbox import HandlerRegistry
-    from idis.integrations.sync.service import AsyncSyncService
+    from idis.integrations.db._engine import create_async_db_engine
+    from idis.integrations.sync._inbox import HandlerRegistry
+    from idis.integrations.sync._service import AsyncSyncService
 
     applied: list[str] = []
 

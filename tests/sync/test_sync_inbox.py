@@ -10,11 +10,11 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, sessionmaker
 
-from idis.integrations.db.engine import async_session_factory, create_async_db_engine
+from idis.integrations.db._engine import async_session_factory, create_async_db_engine
 from idis.integrations.exceptions import UsageError
-from idis.integrations.observability.metrics import Metrics
+from idis.integrations.observability._metrics import Metrics
 from idis.integrations.providers import ProviderEvent
-from idis.integrations.sync.inbox import (
+from idis.integrations.sync._inbox import (
     ApplyOutcome,
     HandlerRegistry,
     apply_event,
@@ -25,7 +25,7 @@ from idis.integrations.sync.inbox import (
     known_event_ids,
     set_registry,
 )
-from idis.integrations.sync.models import SyncInbox, SyncRecordVersion
+from idis.integrations.sync._models import SyncInbox, SyncRecordVersion
 
 from ..conftest import sample
 from .conftest import HostTable, make_event
@@ -244,7 +244,7 @@ def test_misuse_is_reported(sqlite_engine: Engine) -> None:
 @pytest.mark.postgres
 def test_concurrent_deliveries_of_one_event_apply_once(pg_url: str) -> None:
     """Eight threads applying the same events at once on PostgreSQL run each handler once."""
-    from idis.integrations.db.engine import create_db_engine
+    from idis.integrations.db._engine import create_db_engine
 
     engine = create_db_engine(pg_url, pool_size=8)
     host = HostTable(engine)

@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from idis.integrations.db.engine import create_db_engine
-from idis.integrations.sync.leader import LeaderLock, lock_key, next_attempt
-from idis.integrations.sync.models import SyncInbox
+from idis.integrations.db._engine import create_db_engine
+from idis.integrations.sync._leader import LeaderLock, lock_key, next_attempt
+from idis.integrations.sync._models import SyncInbox
 from idis.integrations.testing import RunningSimulator, run_simulator
 
 P = "crm_provider"
@@ -78,7 +78,7 @@ def test_one_holder_at_a_time_and_release(pg_url: str) -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_async_lock_excludes_the_sync_lock(pg_url: str, anyio_backend: str) -> None:
     """AsyncLeaderLock and LeaderLock share one advisory lock per name."""
-    from idis.integrations.sync.leader import AsyncLeaderLock
+    from idis.integrations.sync._leader import AsyncLeaderLock
 
     first = AsyncLeaderLock(pg_url, "sync:q", lock_timeout=timedelta(seconds=3))
     second = LeaderLock(pg_url, "sync:q", lock_timeout=timedelta(seconds=3))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from idis.integrations.config import Settings
-from idis.integrations.sync.mode import (
+from idis.integrations.sync._mode import (
     Mode,
     ModeController,
     ModePolicy,

@@ -13,12 +13,12 @@ from sqlalchemy.orm import Session
 
 from idis.integrations.config import Settings, SyncSettings
 from idis.integrations.exceptions import ProviderError
-from idis.integrations.observability.metrics import Metrics
+from idis.integrations.observability._metrics import Metrics
 from idis.integrations.providers import ProviderClient
-from idis.integrations.resilience.gateway import Gateway
-from idis.integrations.sync.poller import Poller, advance_cursor, window_start
-from idis.integrations.sync.state import get_cursor
-from idis.integrations.sync.timeline import coverage
+from idis.integrations.resilience._gateway import Gateway
+from idis.integrations.sync._poller import Poller, advance_cursor, window_start
+from idis.integrations.sync._state import get_cursor
+from idis.integrations.sync._timeline import coverage
 from idis.integrations.testing import RunningSimulator, run_simulator, simulator_settings
 
 from ..conftest import sample
@@ -105,7 +105,7 @@ def test_a_poll_stopped_halfway_resumes_without_applying_twice(
     sim: RunningSimulator, db_url: str, clock: OffsetClock
 ) -> None:
     """A poll limited to one page (as if killed) resumes after its last committed page."""
-    from idis.integrations.db.engine import create_db_engine
+    from idis.integrations.db._engine import create_db_engine
 
     engine = create_db_engine(db_url)
     host = HostTable(engine)

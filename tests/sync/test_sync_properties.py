@@ -13,14 +13,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
 
+from idis.integrations._clock import ManualClock
 from idis.integrations.config import Secret, Settings
-from idis.integrations.db.engine import create_db_engine
+from idis.integrations.db._engine import create_db_engine
 from idis.integrations.exceptions import WebhookVerificationError
-from idis.integrations.resilience.clock import ManualClock
-from idis.integrations.sync.events import event_from_payload
-from idis.integrations.webhooks.receiver import WebhookReceiver
-from idis.integrations.webhooks.signing import sign_headers
-from idis.integrations.webhooks.verify import (
+from idis.integrations.sync._events import event_from_payload
+from idis.integrations.webhooks._receiver import WebhookReceiver
+from idis.integrations.webhooks._signing import sign_headers
+from idis.integrations.webhooks._verify import (
     REASON_STATUS,
     HmacScheme,
     InboundRequest,
@@ -120,7 +120,7 @@ def receiver_and_engine(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[WebhookReceiver, Engine]]:
     """One receiver on a migrated SQLite file for every example of the module."""
-    from idis.integrations.db.migrate import upgrade
+    from idis.integrations.db._migrate import upgrade
 
     path = tmp_path_factory.mktemp("props") / "props.sqlite3"
     url = f"sqlite:///{path}"

@@ -13,18 +13,18 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 from structlog.testing import capture_logs
 
+from idis.integrations._clock import ManualClock
 from idis.integrations._http import httpx
 from idis.integrations.config import Secret, Settings, WebhookSettings
-from idis.integrations.db.engine import create_async_db_engine, create_db_engine
-from idis.integrations.observability.logs import configure_logging
-from idis.integrations.observability.metrics import Metrics
+from idis.integrations.db._engine import create_async_db_engine, create_db_engine
+from idis.integrations.observability._logs import configure_logging
+from idis.integrations.observability._metrics import Metrics
 from idis.integrations.providers import ProviderEvent
-from idis.integrations.resilience.clock import ManualClock
-from idis.integrations.sync.inbox import HandlerRegistry
-from idis.integrations.sync.models import SyncInbox, SyncProviderState
+from idis.integrations.sync._inbox import HandlerRegistry
+from idis.integrations.sync._models import SyncInbox, SyncProviderState
 from idis.integrations.testing import serve_asgi
-from idis.integrations.webhooks.receiver import AsyncWebhookReceiver, WebhookReceiver
-from idis.integrations.webhooks.signing import sign_headers
+from idis.integrations.webhooks._receiver import AsyncWebhookReceiver, WebhookReceiver
+from idis.integrations.webhooks._signing import sign_headers
 
 from ..conftest import free_port, sample
 from .conftest import HostTable

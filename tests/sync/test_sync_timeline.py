@@ -8,10 +8,10 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from idis.integrations.db.engine import async_session_factory, create_async_db_engine
+from idis.integrations.db._engine import async_session_factory, create_async_db_engine
 from idis.integrations.exceptions import UsageError
-from idis.integrations.sync.models import SyncCoverage
-from idis.integrations.sync.timeline import (
+from idis.integrations.sync._models import SyncCoverage
+from idis.integrations.sync._timeline import (
     CoveredInterval,
     coverage,
     coverage_async,

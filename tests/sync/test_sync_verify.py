@@ -12,14 +12,14 @@ import pytest
 
 from idis.integrations.config import Secret
 from idis.integrations.exceptions import ConfigError, WebhookVerificationError
-from idis.integrations.webhooks.signing import (
+from idis.integrations.webhooks._signing import (
     decode_secret,
     generate_secret,
     sign,
     sign_headers,
     signatures_match,
 )
-from idis.integrations.webhooks.verify import (
+from idis.integrations.webhooks._verify import (
     REASON_STATUS,
     HmacScheme,
     InboundRequest,

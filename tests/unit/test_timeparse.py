@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from idis.integrations._timeparse import format_duration, parse_duration, parse_since
 from idis.integrations.exceptions import ConfigError
-from idis.integrations.timeparse import format_duration, parse_duration, parse_since
 
 NOW = datetime(2026, 1, 19, 12, 0, tzinfo=UTC)
 

@@ -26,11 +26,11 @@ from .exceptions import (
 )
 
 if TYPE_CHECKING:
-    from .audit import list_audit_events, record_audit
-    from .auth.httpx_auth import oauth_auth_factory
-    from .auth.rotation import rotate_credentials
-    from .auth.status import check_token
-    from .auth.tokens import AsyncTokenManager, TokenManager, import_token, refresh_tokens
+    from ._audit import list_audit_events, record_audit
+    from .auth._httpx_auth import oauth_auth_factory
+    from .auth._rotation import rotate_credentials
+    from .auth._status import check_token
+    from .auth._tokens import AsyncTokenManager, TokenManager, import_token, refresh_tokens
     from .enrichment import (
         AsyncDeferredEnrichmentWorker,
         AsyncEnricher,
@@ -144,14 +144,14 @@ __all__ = [
 
 #: Public name -> module that defines it, imported on first access.
 _LAZY: dict[str, str] = {
-    "AsyncTokenManager": ".auth.tokens",
-    "TokenManager": ".auth.tokens",
-    "check_token": ".auth.status",
-    "import_token": ".auth.tokens",
-    "oauth_auth_factory": ".auth.httpx_auth",
-    "refresh_tokens": ".auth.tokens",
-    "rotate_credentials": ".auth.rotation",
-    "list_audit_events": ".audit",
+    "AsyncTokenManager": ".auth._tokens",
+    "TokenManager": ".auth._tokens",
+    "check_token": ".auth._status",
+    "import_token": ".auth._tokens",
+    "oauth_auth_factory": ".auth._httpx_auth",
+    "refresh_tokens": ".auth._tokens",
+    "rotate_credentials": ".auth._rotation",
+    "list_audit_events": "._audit",
     "ReconcileSummary": ".reconciliation",
     "VerifyReport": ".reconciliation",
     "areconcile": ".reconciliation",
@@ -167,7 +167,7 @@ _LAZY: dict[str, str] = {
     "enqueue_async": ".outbox",
     "outbox_summary": ".outbox",
     "queue_webhook_retries": ".outbox",
-    "record_audit": ".audit",
+    "record_audit": "._audit",
     "AsyncDeferredEnrichmentWorker": ".enrichment",
     "AsyncEnricher": ".enrichment",
     "CrmSyncStatusMixin": ".enrichment",

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from ._timeparse import parse_duration
 from .exceptions import ConfigError, UnknownProviderError
-from .timeparse import parse_duration
 
 __all__ = [
     "DEFAULT_SIMULATOR_URL",
@@ -69,7 +69,7 @@ class Secret:
 
     def __init__(self, value: str) -> None:
         self._value = value
-        from .observability.logs import register_secret
+        from .observability._logs import register_secret
 
         register_secret(value)
 

@@ -48,9 +48,9 @@ from .config import (
     TimeoutPolicy,
 )
 from .exceptions import ConfigError, UsageError
-from .resilience.policy import set_testing
-from .simulator.control import SimulatorControl
-from .simulator.state import DEFAULT_WEBHOOK_SECRET, Clock, SimulatorState
+from .resilience._policy import set_testing
+from .simulator._control import SimulatorControl
+from .simulator._state import DEFAULT_WEBHOOK_SECRET, Clock, SimulatorState
 
 __all__ = [
     "RunningSimulator",
@@ -130,7 +130,7 @@ def make_server(
     state: SimulatorState, *, log_level: str | None = None, graceful_timeout: float = 2.0
 ) -> Any:
     """A ``uvicorn.Server`` for the simulator app over ``state`` (not started)."""
-    from .simulator.app import build_app
+    from .simulator._app import build_app
 
     return _server_for(
         build_app(state), log_level=log_level, graceful_timeout=graceful_timeout, lifespan="on"

@@ -28,8 +28,8 @@ from ..exceptions import (
     ProviderError,
     ReauthorizationRequired,
 )
-from ..observability.logs import redact_text
-from .vault import ClientCredentials
+from ..observability._logs import redact_text
+from ._vault import ClientCredentials
 
 __all__ = [
     "AccessToken",
@@ -256,7 +256,7 @@ def parse_token_response(
     """
     from authlib.oauth2.rfc6749 import OAuth2Token, scope_to_list
 
-    from ..resilience.errors import error_for_status
+    from ..resilience._errors import error_for_status
 
     document = _json_object(content)
     if 200 <= status < 300:
@@ -348,7 +348,7 @@ def retry_wait(
     policy: RetryPolicy, retry_number: int, exc: BaseException, rng: random.Random | None = None
 ) -> float:
     """Seconds to wait before retry ``retry_number`` of a token request."""
-    from ..resilience.policy import backoff_cap, full_jitter
+    from ..resilience._policy import backoff_cap, full_jitter
 
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(retry_after, int | float):

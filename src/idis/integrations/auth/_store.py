@@ -23,10 +23,10 @@ from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..audit import AuditEvent, audit_row
+from .._audit import AuditEvent, audit_row
 from ..exceptions import StorageError, TokenLockTimeout
-from ..observability.logs import redact_text
-from .models import OAuthTokenRow
+from ..observability._logs import redact_text
+from ._models import OAuthTokenRow
 
 __all__ = ["AsyncTokenStore", "RowSnapshot", "SyncTokenStore", "db_errors"]
 
@@ -238,7 +238,7 @@ class SyncTokenStore:
             return self._fetch(conn, provider, for_update=False)
 
     def _fetch(self, conn: Connection, provider: str, *, for_update: bool) -> RowSnapshot:
-        from ..timeparse import utcnow
+        from .._timeparse import utcnow
 
         row = conn.execute(select_row(provider, for_update=for_update)).mappings().first()
         if row is None:
@@ -360,7 +360,7 @@ class AsyncTokenStore:
     async def _fetch(
         self, conn: AsyncConnection, provider: str, *, for_update: bool
     ) -> RowSnapshot:
-        from ..timeparse import utcnow
+        from .._timeparse import utcnow
 
         row = (await conn.execute(select_row(provider, for_update=for_update))).mappings().first()
         if row is None:

@@ -23,10 +23,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from .._timeparse import parse_since
 from ..config import Settings
 from ..exceptions import ConfigError, IntegrationError, SecretStoreError, StorageError
-from ..observability.logs import configure_logging, redact_text
-from ..timeparse import parse_since
+from ..observability._logs import configure_logging, redact_text
 
 __all__ = [
     "EXIT_CHECK_FAILED",

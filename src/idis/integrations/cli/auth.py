@@ -49,7 +49,7 @@ def check_token_command(provider: str, as_json: bool) -> None:
     Exit status: 0 valid or expiring, 1 anything needing attention, 3 token
     store unreachable.
     """
-    from ..auth.status import token_status
+    from ..auth._status import token_status
 
     status = token_status(get_settings(), provider)
     if as_json:
@@ -73,7 +73,7 @@ def refresh_tokens_command(provider: str | None, all_providers: bool, as_json: b
     Also clears a "refresh failing" or "reauthorization required" state when
     the refresh succeeds. Exit status 1 if any refresh failed.
     """
-    from ..auth.tokens import refresh_tokens
+    from ..auth._tokens import refresh_tokens
 
     if (provider is None) == (not all_providers):
         fail("give either --provider P or --all")
@@ -129,7 +129,7 @@ def rotate_credentials_command(
     Exit status: 0 rotated; 1 the rotation failed (credentials unchanged); 2 bad
     input or configuration; 3 Vault, the provider or the database unreachable.
     """
-    from ..auth.rotation import CredentialRotationError, rotate_credentials
+    from ..auth._rotation import CredentialRotationError, rotate_credentials
 
     settings = get_settings()
     p = settings.provider(provider)
@@ -166,7 +166,7 @@ def import_token_command(provider: str, as_json: bool) -> None:
     The JSON is the token endpoint's response: access_token and/or
     refresh_token, expires_in (or expires_at), scope. Needs IDIS_ENCRYPTION_KEYS.
     """
-    from ..auth.tokens import import_token
+    from ..auth._tokens import import_token
 
     raw = sys.stdin.read()
     try:
@@ -183,7 +183,7 @@ def import_token_command(provider: str, as_json: bool) -> None:
 @main.command("keygen")
 def keygen_command() -> None:
     """Print a new Fernet key for IDIS_ENCRYPTION_KEYS (put it first; keep old keys after it)."""
-    from ..auth.crypto import generate_key
+    from ..auth._crypto import generate_key
 
     click.echo(generate_key())
 
@@ -192,7 +192,7 @@ def keygen_command() -> None:
 @handle_errors
 def reencrypt_tokens_command() -> None:
     """Re-encrypt stored tokens and secrets with the first key in IDIS_ENCRYPTION_KEYS."""
-    from ..auth.tokens import reencrypt_tokens
+    from ..auth._tokens import reencrypt_tokens
 
     count = reencrypt_tokens(settings=get_settings())
     _echo(f"re-encrypted {count} token row(s) with the newest key; older keys may now be removed")

@@ -19,7 +19,7 @@ def db() -> None:
 @handle_errors
 def db_upgrade(revision: str, database_url: str | None) -> None:
     """Apply migrations up to REVISION."""
-    from ..db.migrate import head_revisions, upgrade  # alembic is slow to import: only here
+    from ..db._migrate import head_revisions, upgrade  # alembic is slow to import: only here
 
     url = database_url or get_settings().database_url
     reached = upgrade(url, revision)
@@ -34,7 +34,7 @@ def db_upgrade(revision: str, database_url: str | None) -> None:
 @handle_errors
 def db_current(database_url: str | None) -> None:
     """Show the database's revision and the newest one this version ships."""
-    from ..db.migrate import current_revisions, head_revisions
+    from ..db._migrate import current_revisions, head_revisions
 
     url = database_url or get_settings().database_url
     current = current_revisions(url)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..drill import BREAKABLE, SCENARIOS, DrillOptions, run_drill
-from ..timeparse import parse_since
+from .._timeparse import parse_since
+from ..ops._drill import BREAKABLE, SCENARIOS, DrillOptions, run_drill
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
@@ -109,9 +109,9 @@ def postmortem(
     provider: str, since: datetime, until: str | None, fmt: str, output: Path | None
 ) -> None:
     """Rebuild an incident (RB-09 Postmortem) from the audit trail and recorded health."""
-    from ..db.engine import create_db_engine, storage_errors
-    from ..postmortem import build_postmortem
-    from ..report import render_html, render_markdown
+    from ..db._engine import create_db_engine, storage_errors
+    from ..ops._postmortem import build_postmortem
+    from ..ops._report import render_html, render_markdown
 
     end = parse_since(until, name="--until") if until else None
     engine = create_db_engine(get_settings().database_url)

@@ -8,14 +8,14 @@ from datetime import datetime
 
 import click
 
-from ..enrichment.assessment import impact
-from ..enrichment.defects import (
+from ..enrichment._assessment import impact
+from ..enrichment._defects import (
     clear_stale_defects,
     create_stale_defects,
     default_actor,
     list_defects,
 )
-from ..enrichment.worker import run_deferred
+from ..enrichment._worker import run_deferred
 from . import main
 from ._common import (
     get_settings,

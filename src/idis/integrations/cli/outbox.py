@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
+from .._timeparse import format_duration, parse_duration
 from ..config import ProviderSettings
 from ..exceptions import ConfigError
-from ..timeparse import format_duration, parse_duration
 from . import main
 from ._common import (
     get_settings,
@@ -67,8 +67,8 @@ def _providers(
 def _register_status_facts() -> None:
     # `idis-integrations status` shows each provider's queue through the status
     # module's plug point for capability facts.
-    from ..outbox.admin import status_facts
-    from ..status import FACT_SOURCES
+    from ..ops._status import FACT_SOURCES
+    from ..outbox._admin import status_facts
 
     if status_facts not in FACT_SOURCES:
         FACT_SOURCES.append(status_facts)
@@ -131,8 +131,8 @@ def work(  # noqa: PLR0917  # click passes every option positionally by name
     On SIGTERM the delivery in progress finishes and the rest of the batch is
     given back to the queue before exiting. Run several side by side.
     """
-    from ..db.engine import create_db_engine
-    from ..outbox.worker import OutboxWorker
+    from ..db._engine import create_db_engine
+    from ..outbox._worker import OutboxWorker
     from ..resilience import Gateway
 
     settings = get_settings()
@@ -177,7 +177,7 @@ def _auth_factory(settings: Any, engine: Any, providers: list[ProviderSettings])
     # Only build token machinery when a served provider actually uses OAuth.
     if all(p.auth.grant == "none" for p in providers):
         return None
-    from ..auth.httpx_auth import oauth_auth_factory
+    from ..auth._httpx_auth import oauth_auth_factory
 
     return oauth_auth_factory(settings, engine=engine)
 
@@ -188,8 +188,8 @@ def _auth_factory(settings: Any, engine: Any, providers: list[ProviderSettings])
 @handle_errors
 def status_cmd(provider: str | None, as_json: bool) -> None:
     """The queue per provider: pending, retrying, in flight, delivered, dead, oldest pending age."""
-    from ..db.engine import create_db_engine, session_scope
-    from ..outbox.admin import outbox_summary
+    from ..db._engine import create_db_engine, session_scope
+    from ..outbox._admin import outbox_summary
 
     settings = get_settings()
     names = [provider] if provider else list(settings.providers)
@@ -234,8 +234,8 @@ def status_cmd(provider: str | None, as_json: bool) -> None:
 @handle_errors
 def list_cmd(provider: str | None, status: str, limit: int, as_json: bool) -> None:
     """List messages, newest first (dead letters by default). Payloads are not shown."""
-    from ..db.engine import create_db_engine, session_scope
-    from ..outbox.admin import list_messages
+    from ..db._engine import create_db_engine, session_scope
+    from ..outbox._admin import list_messages
 
     engine = create_db_engine(get_settings().database_url)
     try:
@@ -275,8 +275,8 @@ def list_cmd(provider: str | None, status: str, limit: int, as_json: bool) -> No
 @handle_errors
 def purge_cmd(older_than: timedelta, provider: str | None) -> None:
     """Delete delivered messages older than --older-than (keeps pending and dead ones)."""
-    from ..db.engine import create_db_engine, session_scope
-    from ..outbox.admin import purge_delivered
+    from ..db._engine import create_db_engine, session_scope
+    from ..outbox._admin import purge_delivered
 
     engine = create_db_engine(get_settings().database_url)
     try:
@@ -321,7 +321,7 @@ def queue_webhook_retries_cmd(  # noqa: PLR0917  # click passes every option by 
     Each gets a fresh budget of --max-retries retries and is due now. Idempotent:
     running it again re-queues nothing new. Audited as outbox.requeued.
     """
-    from ..outbox.admin import queue_webhook_retries
+    from ..outbox._admin import queue_webhook_retries
 
     result = queue_webhook_retries(
         provider,

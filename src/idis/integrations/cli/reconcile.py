@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from ..timeparse import format_duration, parse_duration, parse_since, utcnow
+from .._timeparse import format_duration, parse_duration, parse_since, utcnow
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
@@ -48,8 +48,8 @@ def _actor() -> str:
 
 
 def _registry(handlers: str | None) -> Any:
-    from ..reconciliation.handlers import load_handlers
-    from ..sync.inbox import get_registry
+    from ..reconciliation._handlers import load_handlers
+    from ..sync._inbox import get_registry
 
     return load_handlers(handlers) if handlers else get_registry()
 
@@ -160,8 +160,8 @@ def reconcile_command(
     as_json: bool,
 ) -> None:
     """Apply the events PROVIDER sent since --since that the host missed (RB-09 Recovery 3)."""
-    from ..reconciliation.fallback import resync as run_resync
-    from ..reconciliation.replay import ReconcileInterrupted, reconcile
+    from ..reconciliation._fallback import resync as run_resync
+    from ..reconciliation._replay import ReconcileInterrupted, reconcile
 
     settings = get_settings()
     registry = _registry(handlers)
@@ -247,7 +247,7 @@ def timeline_command(
     as_json: bool,
 ) -> None:
     """Show which channel covered PROVIDER's sync timeline, and the gaps (exit 1 on gaps)."""
-    from ..reconciliation.sync_timeline import timeline
+    from ..reconciliation._sync_timeline import timeline
 
     report = timeline(provider, since, until, settings=get_settings(), settle=settle)
     if as_json:
@@ -308,7 +308,7 @@ def verify_sync_command(
     as_json: bool,
 ) -> None:
     """Compare a random sample of local records with PROVIDER's (RB-09 Verification 3)."""
-    from ..reconciliation.verify import verify_sync
+    from ..reconciliation._verify import verify_sync
 
     settings = get_settings()
     registry = _registry(handlers)
@@ -392,8 +392,8 @@ def audit_command(
     as_json: bool,
 ) -> None:
     """List PROVIDER's audit events since --since, oldest first (RB-09 Verification 2)."""
-    from ..audit import list_audit_events
-    from ..db.engine import create_db_engine, session_scope
+    from .._audit import list_audit_events
+    from ..db._engine import create_db_engine, session_scope
 
     end = until or utcnow()
     actions = None

@@ -49,7 +49,7 @@ def simulate(host: str, port: int, seed: int, allow_remote: bool) -> None:
         from ..testing import make_server
     except ModuleNotFoundError as exc:
         fail(str(exc))
-    from ..simulator.state import SimulatorState
+    from ..simulator._state import SimulatorState
 
     try:
         server = make_server(SimulatorState(seed=seed), log_level="warning")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..status import collect_status
+from ..ops._status import collect_status
 from . import main
 from ._common import get_settings, handle_errors, json_option, print_json, print_table, stdout
 

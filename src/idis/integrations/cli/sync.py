@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from ..timeparse import format_duration, utcnow
+from .._timeparse import format_duration, utcnow
 from . import main
 from ._common import (
     EXIT_UNAVAILABLE,
@@ -43,8 +43,8 @@ def _actor() -> str:
 def _register_status_facts() -> None:
     # `idis-integrations status` shows each provider's sync mode through the
     # status module's plug point for capability facts.
-    from ..status import FACT_SOURCES
-    from ..sync.state import status_facts
+    from ..ops._status import FACT_SOURCES
+    from ..sync._state import status_facts
 
     if status_facts not in FACT_SOURCES:
         FACT_SOURCES.append(status_facts)
@@ -60,7 +60,7 @@ def _age(value: Any) -> str:
 
 
 def _engine() -> Any:
-    from ..db.engine import create_db_engine
+    from ..db._engine import create_db_engine
 
     return create_db_engine(get_settings().database_url)
 
@@ -78,8 +78,8 @@ def status(provider: str | None, as_json: bool) -> None:
     """Mode, reason, webhook health and poller position of each synced provider."""
     from sqlalchemy.orm import Session
 
-    from ..sync.service import default_providers
-    from ..sync.state import sync_summary
+    from ..sync._service import default_providers
+    from ..sync._state import sync_summary
 
     settings = get_settings()
     names = [provider] if provider else None
@@ -141,7 +141,7 @@ def _client(settings: Any, provider: str, stack: ExitStack, engine: Any) -> Any:
 
     auth = None
     if settings.provider(provider).auth.grant != "none":
-        from ..auth.httpx_auth import oauth_auth_factory
+        from ..auth._httpx_auth import oauth_auth_factory
 
         factory = oauth_auth_factory(settings, engine=engine)
         stack.callback(factory.close)
@@ -163,9 +163,9 @@ def poll(provider: str, once: bool, as_json: bool) -> None:
     beside another replica's poller: it stands by until that one stops.
     """
     from ..exceptions import AuthError, ProviderError
-    from ..sync.inbox import get_registry
-    from ..sync.leader import LeaderLock
-    from ..sync.poller import Poller, error_type
+    from ..sync._inbox import get_registry
+    from ..sync._leader import LeaderLock
+    from ..sync._poller import Poller, error_type
 
     settings = get_settings()
     with ExitStack() as stack:
@@ -258,8 +258,8 @@ def mode(provider: str, setting: str | None, as_json: bool) -> None:
     """Show PROVIDER's sync mode, or override it (audited as sync.mode_changed/override)."""
     from sqlalchemy.orm import Session, sessionmaker
 
-    from ..sync.mode import ModePolicy
-    from ..sync.state import override_mode, sync_summary
+    from ..sync._mode import ModePolicy
+    from ..sync._state import override_mode, sync_summary
 
     settings = get_settings()
     engine = _engine()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Base, UTCDateTime, metadata
-from .engine import create_async_db_engine, create_db_engine, normalize_url, session_scope
+from ._base import Base, UTCDateTime, metadata
+from ._engine import create_async_db_engine, create_db_engine, normalize_url, session_scope
 
 __all__ = [
     "Base",

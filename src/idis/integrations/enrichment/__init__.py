@@ -23,9 +23,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .assessment import TenantImpact, impact
-    from .decisions import Attempt, EnrichmentResult, SubjectKey
-    from .defects import (
+    from ._assessment import TenantImpact, impact
+    from ._decisions import Attempt, EnrichmentResult, SubjectKey
+    from ._defects import (
         ClearResult,
         CreateResult,
         DefectRecord,
@@ -33,9 +33,9 @@ if TYPE_CHECKING:
         create_stale_defects,
         list_defects,
     )
-    from .enricher import AsyncEnricher, Enricher
-    from .models import RECOVERY_RESOLUTION, STALE_ENRICHMENT, Defect
-    from .syncstatus import (
+    from ._enricher import AsyncEnricher, Enricher
+    from ._models import RECOVERY_RESOLUTION, STALE_ENRICHMENT, Defect
+    from ._syncstatus import (
         AsyncSyncStatusDelivery,
         CrmSyncStatusMixin,
         SyncStatusDelivery,
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
         mark_sync_succeeded,
         sync_status_update,
     )
-    from .worker import (
+    from ._worker import (
         AsyncDeferredEnrichmentWorker,
         DeferredEnrichmentWorker,
         RunStats,
@@ -82,33 +82,33 @@ __all__ = [
 ]
 
 _LAZY: dict[str, str] = {
-    "RECOVERY_RESOLUTION": ".models",
-    "STALE_ENRICHMENT": ".models",
-    "AsyncDeferredEnrichmentWorker": ".worker",
-    "AsyncEnricher": ".enricher",
-    "AsyncSyncStatusDelivery": ".syncstatus",
-    "Attempt": ".decisions",
-    "ClearResult": ".defects",
-    "CreateResult": ".defects",
-    "CrmSyncStatusMixin": ".syncstatus",
-    "Defect": ".models",
-    "DefectRecord": ".defects",
-    "DeferredEnrichmentWorker": ".worker",
-    "Enricher": ".enricher",
-    "EnrichmentResult": ".decisions",
-    "RunStats": ".worker",
-    "SubjectKey": ".decisions",
-    "SyncStatusDelivery": ".syncstatus",
-    "TenantImpact": ".assessment",
-    "clear_stale_defects": ".defects",
-    "create_stale_defects": ".defects",
-    "impact": ".assessment",
-    "list_defects": ".defects",
-    "mark_sync_failed": ".syncstatus",
-    "mark_sync_pending": ".syncstatus",
-    "mark_sync_succeeded": ".syncstatus",
-    "run_deferred": ".worker",
-    "sync_status_update": ".syncstatus",
+    "RECOVERY_RESOLUTION": "._models",
+    "STALE_ENRICHMENT": "._models",
+    "AsyncDeferredEnrichmentWorker": "._worker",
+    "AsyncEnricher": "._enricher",
+    "AsyncSyncStatusDelivery": "._syncstatus",
+    "Attempt": "._decisions",
+    "ClearResult": "._defects",
+    "CreateResult": "._defects",
+    "CrmSyncStatusMixin": "._syncstatus",
+    "Defect": "._models",
+    "DefectRecord": "._defects",
+    "DeferredEnrichmentWorker": "._worker",
+    "Enricher": "._enricher",
+    "EnrichmentResult": "._decisions",
+    "RunStats": "._worker",
+    "SubjectKey": "._decisions",
+    "SyncStatusDelivery": "._syncstatus",
+    "TenantImpact": "._assessment",
+    "clear_stale_defects": "._defects",
+    "create_stale_defects": "._defects",
+    "impact": "._assessment",
+    "list_defects": "._defects",
+    "mark_sync_failed": "._syncstatus",
+    "mark_sync_pending": "._syncstatus",
+    "mark_sync_succeeded": "._syncstatus",
+    "run_deferred": "._worker",
+    "sync_status_update": "._syncstatus",
 }
 
 

@@ -22,10 +22,10 @@ from sqlalchemy import and_, case, delete, func, insert, or_, select, text, upda
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from ..audit import AuditEvent, audit_row
-from ..observability.metrics import Metrics
-from .decisions import SubjectKey
-from .models import (
+from .._audit import AuditEvent, audit_row
+from ..observability._metrics import Metrics
+from ._decisions import SubjectKey
+from ._models import (
     DEFECT_OPEN,
     DEFECT_RESOLVED,
     RECOVERY_RESOLUTION,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .logs import configure_logging, get_logger, redact, register_secret
-from .metrics import Metrics, get_metrics, metrics_app, set_default_metrics
+from ._logs import configure_logging, get_logger, redact, register_secret
+from ._metrics import Metrics, get_metrics, metrics_app, set_default_metrics
 
 __all__ = [
     "Metrics",

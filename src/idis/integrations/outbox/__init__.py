@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 # Eager, not lazy: ``enqueue`` is also a submodule's name, and importing that
 # submodule would otherwise set the package attribute to the module. The
 # module is light (messages, models, statements).
-from .enqueue import enqueue, enqueue_async, enqueue_many, enqueue_many_async
+from ._enqueue import enqueue, enqueue_async, enqueue_many, enqueue_many_async
 
 if TYPE_CHECKING:
-    from .admin import (
+    from ._admin import (
         MessageView,
         OutboxSummary,
         RequeueResult,
@@ -40,11 +40,11 @@ if TYPE_CHECKING:
         refresh_gauges,
         status_facts,
     )
-    from .delivery import AsyncGatewayDelivery, GatewayDelivery, build_call
-    from .messages import KIND_REQUEST, KIND_WEBHOOK, NewMessage, OutboxMessage
-    from .models import DEAD, DELIVERED, IN_FLIGHT, PENDING, OutboxMessageRow, WebhookReceiverRow
-    from .policy import Action, Disposition, backoff_delay, decide
-    from .worker import AsyncDeliver, AsyncOutboxWorker, BatchResult, Deliver, OutboxWorker
+    from ._delivery import AsyncGatewayDelivery, GatewayDelivery, build_call
+    from ._messages import KIND_REQUEST, KIND_WEBHOOK, NewMessage, OutboxMessage
+    from ._models import DEAD, DELIVERED, IN_FLIGHT, PENDING, OutboxMessageRow, WebhookReceiverRow
+    from ._policy import Action, Disposition, backoff_delay, decide
+    from ._worker import AsyncDeliver, AsyncOutboxWorker, BatchResult, Deliver, OutboxWorker
 
 __all__ = [
     "DEAD",
@@ -88,38 +88,38 @@ __all__ = [
 # Submodules load on first use: db/models.py imports .models, and that must not
 # pull in the gateway, the worker or the CLI.
 _LAZY: dict[str, str] = {
-    "Action": ".policy",
-    "AsyncDeliver": ".worker",
-    "AsyncGatewayDelivery": ".delivery",
-    "AsyncOutboxWorker": ".worker",
-    "BatchResult": ".worker",
-    "DEAD": ".models",
-    "DELIVERED": ".models",
-    "Deliver": ".worker",
-    "Disposition": ".policy",
-    "GatewayDelivery": ".delivery",
-    "IN_FLIGHT": ".models",
-    "KIND_REQUEST": ".messages",
-    "KIND_WEBHOOK": ".messages",
-    "MessageView": ".admin",
-    "NewMessage": ".messages",
-    "OutboxMessage": ".messages",
-    "OutboxMessageRow": ".models",
-    "OutboxSummary": ".admin",
-    "OutboxWorker": ".worker",
-    "PENDING": ".models",
-    "RequeueResult": ".admin",
-    "WebhookReceiverRow": ".models",
-    "backoff_delay": ".policy",
-    "build_call": ".delivery",
-    "decide": ".policy",
-    "list_messages": ".admin",
-    "outbox_summary": ".admin",
-    "outbox_summary_async": ".admin",
-    "purge_delivered": ".admin",
-    "queue_webhook_retries": ".admin",
-    "refresh_gauges": ".admin",
-    "status_facts": ".admin",
+    "Action": "._policy",
+    "AsyncDeliver": "._worker",
+    "AsyncGatewayDelivery": "._delivery",
+    "AsyncOutboxWorker": "._worker",
+    "BatchResult": "._worker",
+    "DEAD": "._models",
+    "DELIVERED": "._models",
+    "Deliver": "._worker",
+    "Disposition": "._policy",
+    "GatewayDelivery": "._delivery",
+    "IN_FLIGHT": "._models",
+    "KIND_REQUEST": "._messages",
+    "KIND_WEBHOOK": "._messages",
+    "MessageView": "._admin",
+    "NewMessage": "._messages",
+    "OutboxMessage": "._messages",
+    "OutboxMessageRow": "._models",
+    "OutboxSummary": "._admin",
+    "OutboxWorker": "._worker",
+    "PENDING": "._models",
+    "RequeueResult": "._admin",
+    "WebhookReceiverRow": "._models",
+    "backoff_delay": "._policy",
+    "build_call": "._delivery",
+    "decide": "._policy",
+    "list_messages": "._admin",
+    "outbox_summary": "._admin",
+    "outbox_summary_async": "._admin",
+    "purge_delivered": "._admin",
+    "queue_webhook_retries": "._admin",
+    "refresh_gauges": "._admin",
+    "status_facts": "._admin",
 }
 
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
+from .._timeparse import format_duration, utcnow
 from ..exceptions import MalformedResponse, ProviderRejected, ReplayWindowExceeded
-from ..resilience.gateway import AsyncGateway, Gateway
-from ..timeparse import format_duration, utcnow
+from ..resilience._gateway import AsyncGateway, Gateway
 
 __all__ = [
     "AsyncProviderClient",

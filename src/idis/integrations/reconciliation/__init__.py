@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._db import ReconcileBusy
-    from .fallback import ResyncSummary, resync
-    from .ledger import AppliedRecordSource, LocalRecordSource
-    from .logic import FieldDiff, Gap, LocalRecord, RecordComparison, data_hash
-    from .replay import (
+    from ._fallback import ResyncSummary, resync
+    from ._ledger import AppliedRecordSource, LocalRecordSource
+    from ._logic import FieldDiff, Gap, LocalRecord, RecordComparison, data_hash
+    from ._replay import (
         AsyncReplaySource,
         EventFailure,
         ReconcileInterrupted,
@@ -35,9 +35,9 @@ if TYPE_CHECKING:
         areconcile,
         reconcile,
     )
-    from .sources import StaticReplaySource
-    from .sync_timeline import TimelineReport, gaps, timeline
-    from .verify import Repair, VerifyReport, verify_sync
+    from ._sources import StaticReplaySource
+    from ._sync_timeline import TimelineReport, gaps, timeline
+    from ._verify import Repair, VerifyReport, verify_sync
 
 __all__ = [
     "AppliedRecordSource",
@@ -68,29 +68,29 @@ __all__ = [
 
 _LAZY: dict[str, str] = {
     "ReconcileBusy": "._db",
-    "TimelineReport": ".sync_timeline",
-    "gaps": ".sync_timeline",
-    "timeline": ".sync_timeline",
-    "AppliedRecordSource": ".ledger",
-    "LocalRecordSource": ".ledger",
-    "FieldDiff": ".logic",
-    "Gap": ".logic",
-    "LocalRecord": ".logic",
-    "RecordComparison": ".logic",
-    "data_hash": ".logic",
-    "AsyncReplaySource": ".replay",
-    "EventFailure": ".replay",
-    "areconcile": ".replay",
-    "ReconcileInterrupted": ".replay",
-    "ReconcileSummary": ".replay",
-    "ReplaySource": ".replay",
-    "reconcile": ".replay",
-    "ResyncSummary": ".fallback",
-    "resync": ".fallback",
-    "StaticReplaySource": ".sources",
-    "Repair": ".verify",
-    "VerifyReport": ".verify",
-    "verify_sync": ".verify",
+    "TimelineReport": "._sync_timeline",
+    "gaps": "._sync_timeline",
+    "timeline": "._sync_timeline",
+    "AppliedRecordSource": "._ledger",
+    "LocalRecordSource": "._ledger",
+    "FieldDiff": "._logic",
+    "Gap": "._logic",
+    "LocalRecord": "._logic",
+    "RecordComparison": "._logic",
+    "data_hash": "._logic",
+    "AsyncReplaySource": "._replay",
+    "EventFailure": "._replay",
+    "areconcile": "._replay",
+    "ReconcileInterrupted": "._replay",
+    "ReconcileSummary": "._replay",
+    "ReplaySource": "._replay",
+    "reconcile": "._replay",
+    "ResyncSummary": "._fallback",
+    "resync": "._fallback",
+    "StaticReplaySource": "._sources",
+    "Repair": "._verify",
+    "VerifyReport": "._verify",
+    "verify_sync": "._verify",
 }
 
 

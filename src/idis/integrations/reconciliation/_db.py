@@ -15,13 +15,13 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..audit import AuditEvent
+from .._audit import AuditEvent
 from ..config import Settings
-from ..db.engine import create_db_engine, storage_errors
+from ..db._engine import create_db_engine, storage_errors
 from ..exceptions import IntegrationError, StorageError, UsageError
-from ..observability.logs import get_logger
-from ..sync.inbox import HandlerRegistry
-from .batch import (
+from ..observability._logs import get_logger
+from ..sync._inbox import HandlerRegistry
+from ._batch import (
     HandlerFailed,
     PageConflict,
     PageResult,
@@ -29,7 +29,7 @@ from .batch import (
     apply_page,
     claim_page,
 )
-from .logic import PagePlan
+from ._logic import PagePlan
 
 __all__ = [
     "AUDIT_TABLE",
@@ -157,7 +157,7 @@ def default_client(settings: Settings, provider: str, stack: ExitStack, engine: 
 
     auth = None
     if settings.provider(provider).auth.grant != "none":
-        from ..auth.httpx_auth import oauth_auth_factory
+        from ..auth._httpx_auth import oauth_auth_factory
 
         factory = oauth_auth_factory(settings, engine=engine)
         stack.callback(factory.close)
@@ -176,7 +176,7 @@ async def default_async_client(
 
     auth = None
     if settings.provider(provider).auth.grant != "none":
-        from ..auth.httpx_auth import oauth_auth_factory
+        from ..auth._httpx_auth import oauth_auth_factory
 
         factory = oauth_auth_factory(settings, async_engine=engine)
         stack.push_async_callback(factory.aclose)
@@ -325,7 +325,7 @@ async def acommit_events(
 
     ``also`` writes its rows through the session's sync facade (``run_sync``).
     """
-    from ..sync.inbox import ApplyOutcome, apply_event_outcome_async
+    from ..sync._inbox import ApplyOutcome, apply_event_outcome_async
 
     def claim(session: Session, now: datetime) -> PagePlan:
         return claim_page(session, provider, events, registry=registry, source=source, now=now)

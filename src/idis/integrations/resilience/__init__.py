@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .breaker import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerTransition
-from .clock import Clock, ManualClock, SystemClock, system_clock
-from .gateway import AsyncGateway, Gateway, HealthReport
+from .._clock import Clock, ManualClock, SystemClock, system_clock
+from ._breaker import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerTransition
+from ._gateway import AsyncGateway, Gateway, HealthReport
 
 __all__ = [
     "CLOSED",

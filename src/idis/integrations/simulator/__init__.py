@@ -10,9 +10,9 @@ use :class:`SimulatorState` directly for in-process drills. See docs/simulator.m
 
 from __future__ import annotations
 
-from .app import build_app
-from .control import SimulatorControl
-from .state import RetentionExceeded, SimulatorInputError, SimulatorState
+from ._app import build_app
+from ._control import SimulatorControl
+from ._state import RetentionExceeded, SimulatorInputError, SimulatorState
 
 __all__ = [
     "RetentionExceeded",

@@ -21,7 +21,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .inbox import (
+    from ._inbox import (
         ApplyOutcome,
         HandlerRegistry,
         apply_event,
@@ -30,10 +30,10 @@ if TYPE_CHECKING:
         get_registry,
         known_event_ids,
     )
-    from .mode import ModeController
-    from .service import AsyncSyncService, SyncService
-    from .state import SyncSummary, sync_summary
-    from .timeline import CoveredInterval, coverage, record_coverage
+    from ._mode import ModeController
+    from ._service import AsyncSyncService, SyncService
+    from ._state import SyncSummary, sync_summary
+    from ._timeline import CoveredInterval, coverage, record_coverage
 
 __all__ = [
     "ApplyOutcome",
@@ -54,21 +54,21 @@ __all__ = [
 ]
 
 _LAZY: dict[str, str] = {
-    "ApplyOutcome": ".inbox",
-    "HandlerRegistry": ".inbox",
-    "apply_event": ".inbox",
-    "apply_event_async": ".inbox",
-    "apply_event_outcome": ".inbox",
-    "get_registry": ".inbox",
-    "known_event_ids": ".inbox",
-    "ModeController": ".mode",
-    "SyncSummary": ".state",
-    "sync_summary": ".state",
-    "AsyncSyncService": ".service",
-    "SyncService": ".service",
-    "CoveredInterval": ".timeline",
-    "coverage": ".timeline",
-    "record_coverage": ".timeline",
+    "ApplyOutcome": "._inbox",
+    "HandlerRegistry": "._inbox",
+    "apply_event": "._inbox",
+    "apply_event_async": "._inbox",
+    "apply_event_outcome": "._inbox",
+    "get_registry": "._inbox",
+    "known_event_ids": "._inbox",
+    "ModeController": "._mode",
+    "SyncSummary": "._state",
+    "sync_summary": "._state",
+    "AsyncSyncService": "._service",
+    "SyncService": "._service",
+    "CoveredInterval": "._timeline",
+    "coverage": "._timeline",
+    "record_coverage": "._timeline",
 }
 
 

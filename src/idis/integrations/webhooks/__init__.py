@@ -14,8 +14,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .receiver import AsyncWebhookReceiver, WebhookReceiver, WebhookResult
-    from .verify import (
+    from ._receiver import AsyncWebhookReceiver, WebhookReceiver, WebhookResult
+    from ._verify import (
         HmacScheme,
         StandardWebhooksScheme,
         VerificationScheme,
@@ -35,14 +35,14 @@ __all__ = [
 ]
 
 _LAZY: dict[str, str] = {
-    "AsyncWebhookReceiver": ".receiver",
-    "WebhookReceiver": ".receiver",
-    "WebhookResult": ".receiver",
-    "HmacScheme": ".verify",
-    "StandardWebhooksScheme": ".verify",
-    "VerificationScheme": ".verify",
-    "VerifiedWebhook": ".verify",
-    "parse_json_strict": ".verify",
+    "AsyncWebhookReceiver": "._receiver",
+    "WebhookReceiver": "._receiver",
+    "WebhookResult": "._receiver",
+    "HmacScheme": "._verify",
+    "StandardWebhooksScheme": "._verify",
+    "VerificationScheme": "._verify",
+    "VerifiedWebhook": "._verify",
+    "parse_json_strict": "._verify",
 }
 
 

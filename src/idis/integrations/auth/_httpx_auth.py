@@ -1,0 +1,205 @@
+"""OAuth for httpx: a bearer token on every request, refreshed ahead of expiry and once on a 401.
+
+The Gateway takes ``auth=`` a callable returning an ``httpx.Auth`` per
+provider; :func:`oauth_auth_factory` is that callable::
+
+    auth = oauth_auth_factory(settings)
+    gateway = Gateway(settings, auth=auth)        # or AsyncGateway(settings, auth=auth)
+    ...
+    gateway.close(); auth.close()                 # await auth.aclose() for asyncio
+
+One :class:`OAuth2Auth` serves both httpx clients: ``sync_auth_flow`` runs on
+the factory's :class:`TokenManager`, ``async_auth_flow`` on its
+:class:`AsyncTokenManager`; each is created on first use.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncGenerator, Callable, Generator
+from typing import Any
+
+from .._http import httpx
+from ..config import ProviderSettings, Settings
+from ..observability._logs import get_logger
+from ._tokens import AsyncTokenManager, TokenManager
+
+__all__ = ["OAuth2Auth", "OAuthAuthFactory", "oauth_auth_factory"]
+
+_log = get_logger()
+#: Manager options that only make sense for the sync manager.
+_SYNC_ONLY = frozenset({"engine", "transport", "sleep"})
+
+
+class OAuth2Auth(httpx.Auth):
+    """Bearer-token auth for one provider (httpx sync and async clients alike).
+
+    On a 401 it asks the manager for a newer token (another caller may have
+    refreshed already; otherwise it refreshes once) and sends the request one
+    more time; a second 401 is returned to the caller as it is.
+    """
+
+    # A retried request must be sent again with the same body.
+    requires_request_body = True
+
+    def __init__(
+        self,
+        provider: str,
+        *,
+        manager: Callable[[], TokenManager] | None = None,
+        async_manager: Callable[[], AsyncTokenManager] | None = None,
+    ) -> None:
+        self.provider = provider
+        self._manager = manager
+        self._async_manager = async_manager
+
+    def __repr__(self) -> str:
+        return f"OAuth2Auth(provider={self.provider!r})"
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        """Add the token; on a 401, get a newer one and retry once."""
+        if self._manager is None:
+            raise TypeError("this OAuth2Auth has no TokenManager: use it with an AsyncClient")
+        manager = self._manager()
+        token = manager.get_token(self.provider)
+        request.headers["Authorization"] = token.authorization
+        response = yield request
+        if response.status_code != 401:
+            return
+        _log.info(
+            "idis.auth.unauthorized_retry",
+            msg="provider answered 401; retrying once with a newer token",
+            provider=self.provider,
+            generation=token.generation,
+        )
+        newer = manager.token_rejected(self.provider, token)
+        request.headers["Authorization"] = newer.authorization
+        yield request
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """Async twin of :meth:`sync_auth_flow`."""
+        if self._async_manager is None:
+            raise TypeError("this OAuth2Auth has no AsyncTokenManager: use it with a Client")
+        manager = self._async_manager()
+        token = await manager.get_token(self.provider)
+        request.headers["Authorization"] = token.authorization
+        response = yield request
+        if response.status_code != 401:
+            return
+        _log.info(
+            "idis.auth.unauthorized_retry",
+            msg="provider answered 401; retrying once with a newer token",
+            provider=self.provider,
+            generation=token.generation,
+        )
+        newer = await manager.token_rejected(self.provider, token)
+        request.headers["Authorization"] = newer.authorization
+        yield request
+
+
+class OAuthAuthFactory:
+    """Builds one :class:`OAuth2Auth` per OAuth provider, sharing one manager of each kind.
+
+    Call it with a provider's settings (the Gateway does); it returns None for
+    providers whose grant is ``none``. Thread-safe.
+
+    Args:
+        settings: Library settings.
+        manager: A sync manager to share (default: created on first sync use).
+        async_manager: An async manager to share (default: created on first async use).
+        manager_options: Keyword arguments for managers the factory creates
+            (``metrics``, ``clock``, ``transport``...).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        manager: TokenManager | None = None,
+        async_manager: AsyncTokenManager | None = None,
+        **manager_options: Any,
+    ) -> None:
+        self.settings = settings
+        self._manager = manager
+        self._async_manager = async_manager
+        self._owned: list[Any] = []
+        self._options = manager_options
+        self._lock = threading.Lock()
+
+    def __call__(self, provider: ProviderSettings) -> httpx.Auth | None:
+        if provider.auth.grant == "none":
+            return None
+        return OAuth2Auth(provider.name, manager=self.manager, async_manager=self.async_manager)
+
+    def manager(self) -> TokenManager:
+        """The shared sync token manager."""
+        with self._lock:
+            if self._manager is None:
+                options = {k: v for k, v in self._options.items() if not k.startswith("async_")}
+                self._manager = TokenManager(self.settings, **options)
+                self._owned.append(self._manager)
+            return self._manager
+
+    def async_manager(self) -> AsyncTokenManager:
+        """The shared async token manager."""
+        with self._lock:
+            if self._async_manager is None:
+                # Sync-only options stay out; async_<name> becomes <name>.
+                options = {
+                    k: v
+                    for k, v in self._options.items()
+                    if k not in _SYNC_ONLY and not k.startswith("async_")
+                }
+                options.update(
+                    {
+                        k.removeprefix("async_"): v
+                        for k, v in self._options.items()
+                        if k.startswith("async_")
+                    }
+                )
+                self._async_manager = AsyncTokenManager(self.settings, **options)
+                self._owned.append(self._async_manager)
+            return self._async_manager
+
+    def close(self) -> None:
+        """Close the sync manager this factory created."""
+        for owned in list(self._owned):
+            if isinstance(owned, TokenManager):
+                owned.close()
+                self._owned.remove(owned)
+
+    async def aclose(self) -> None:
+        """Close every manager this factory created."""
+        self.close()
+        for owned in list(self._owned):
+            if isinstance(owned, AsyncTokenManager):
+                await owned.aclose()
+                self._owned.remove(owned)
+
+
+def oauth_auth_factory(
+    settings: Settings,
+    *,
+    manager: TokenManager | None = None,
+    async_manager: AsyncTokenManager | None = None,
+    **manager_options: Any,
+) -> OAuthAuthFactory:
+    """The ``auth=`` callable for :class:`~idis.integrations.resilience.Gateway`.
+
+    Args:
+        settings: Library settings (the same the Gateway gets).
+        manager: Share an existing :class:`TokenManager`.
+        async_manager: Share an existing :class:`AsyncTokenManager`.
+        manager_options: Passed to managers the factory creates (``metrics``,
+            ``clock``, ``vault``; ``engine``, ``transport``, ``sleep`` for the sync
+            manager and ``async_engine``, ``async_transport``, ``async_sleep`` for
+            the async one).
+
+    Returns:
+        A callable ``ProviderSettings -> httpx.Auth | None``; close it at shutdown.
+    """
+    return OAuthAuthFactory(
+        settings, manager=manager, async_manager=async_manager, **manager_options
+    )

@@ -1,0 +1,314 @@
+"""``check_token(provider)``: one readable line about a provider's OAuth token (RB-09 Triage 3).
+
+It reads the ``oauth_tokens`` row at ``IDIS_DATABASE_URL`` and decrypts
+nothing, so it needs no encryption key and can print no secret. It never
+contacts the provider and never raises for an unreachable or uninitialised
+database: those are states of their own (``unknown``) with the next step in
+the line. An unknown provider name raises :class:`UnknownProviderError`,
+whose message lists the configured providers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from .._timeparse import format_duration, utcnow
+from ..config import Settings
+from ..observability._logs import redact_text
+
+__all__ = ["TokenState", "TokenStatus", "check_token", "token_status"]
+
+TokenState = Literal[
+    "valid",
+    "expiring",
+    "expired",
+    "missing",
+    "refresh_failing",
+    "reauthorization_required",
+    "not_required",
+    "unknown",
+]
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStatus:
+    """A provider's token state; ``str()`` is one line with no secret in it."""
+
+    #: Provider name.
+    provider: str
+    #: valid, expiring, expired, missing, refresh_failing, reauthorization_required,
+    #: not_required (no OAuth) or unknown (token store unreadable).
+    state: TokenState
+    #: Seconds until expiry (negative once expired); None when unknown.
+    seconds_left: float | None = None
+    #: Expiry time.
+    expires_at: datetime | None = None
+    #: Granted scopes.
+    scopes: tuple[str, ...] = ()
+    #: Last successful refresh or import.
+    last_refresh: datetime | None = None
+    #: Outcome of the last attempt (ok, failed, invalid_grant, ...).
+    last_outcome: str | None = None
+    #: Last error (redacted), cleared by a success.
+    last_error: str | None = None
+    #: Failed attempts since the last success.
+    consecutive_failures: int = 0
+    #: The configured grant.
+    grant: str = ""
+    #: Refresh margin in seconds (``expiring`` means inside it).
+    refresh_margin: float = 0.0
+    #: What to do next, for the states that need someone.
+    hint: str | None = None
+    #: Whether the token itself is stored (encrypted); False: each process keeps its own
+    #: in memory because IDIS_ENCRYPTION_KEYS is unset.
+    stored: bool = True
+
+    @property
+    def healthy(self) -> bool:
+        """Whether calls can be authenticated now without anyone's help."""
+        return self.state in ("valid", "expiring", "not_required")
+
+    def __str__(self) -> str:
+        label = self.state.replace("_", " ").upper()
+        if not self.stored and self.state in ("valid", "expiring"):
+            label += " (in process memory only: IDIS_ENCRYPTION_KEYS is unset)"
+        parts = [f"{self.provider}: token {label}"]
+        if self.seconds_left is not None:
+            seconds = round(self.seconds_left)
+            if seconds >= 0:
+                parts.append(
+                    f"{seconds}s left ({format_duration(seconds)}, expires {_iso(self.expires_at)})"
+                )
+            else:
+                parts.append(
+                    f"{seconds}s left (expired {format_duration(-seconds)} ago, at "
+                    f"{_iso(self.expires_at)})"
+                )
+        elif self.state not in ("missing", "not_required", "unknown"):
+            parts.append("no expiry given")
+        if self.state not in ("not_required", "unknown"):
+            parts.append(f"scopes: {' '.join(self.scopes) if self.scopes else '-'}")
+            refreshed = _iso(self.last_refresh) or "never"
+            outcome = f" (last attempt: {self.last_outcome})" if self.last_outcome else ""
+            parts.append(f"last refresh: {refreshed}{outcome}")
+            if self.consecutive_failures:
+                parts.append(f"{self.consecutive_failures} consecutive failures")
+            parts.append(f"last error: {self.last_error or 'none'}")
+        line = "; ".join(parts)
+        # Errors raised by the library already say what to run; do not say it twice.
+        if self.hint and "idis-integrations " not in (self.last_error or ""):
+            line += f" -> {self.hint}"
+        # One line, whatever an error message contained.
+        return redact_text(" ".join(line.split()))
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (no secret)."""
+        return {
+            "provider": self.provider,
+            "state": self.state,
+            "seconds_left": None if self.seconds_left is None else round(self.seconds_left),
+            "expires_at": _iso(self.expires_at),
+            "scopes": list(self.scopes),
+            "last_refresh": _iso(self.last_refresh),
+            "last_outcome": self.last_outcome,
+            "last_error": self.last_error,
+            "consecutive_failures": self.consecutive_failures,
+            "grant": self.grant,
+            "healthy": self.healthy,
+            "hint": self.hint,
+            "stored": self.stored,
+        }
+
+
+def _state_for(
+    row: Any, now: datetime, margin: float
+) -> tuple[TokenState, float | None, str | None]:
+    """Pure: the state a token row is in at ``now``."""
+    left = (row.expires_at - now).total_seconds() if row.expires_at is not None else None
+    has_token = row.expires_at is not None or row.issued_at is not None
+    provider = row.provider
+    if row.state == "reauthorization_required":
+        return (
+            "reauthorization_required",
+            left,
+            "re-authorize, then `idis-integrations import-token --provider "
+            f"{provider}` (or fix the credentials and run `idis-integrations refresh-tokens "
+            f"--provider {provider}`)",
+        )
+    if row.state == "refresh_failing":
+        return (
+            "refresh_failing",
+            left,
+            f"`idis-integrations refresh-tokens --provider {provider}` retries now",
+        )
+    if not has_token:
+        return "missing", None, None
+    if left is None or left > margin:
+        return "valid", left, None
+    if left > 0:
+        return "expiring", left, None
+    return "expired", left, None
+
+
+def _missing_hint(provider: str, grant: str) -> str:
+    if grant == "refresh_token":
+        return (
+            f"complete the authorization and run `idis-integrations import-token --provider "
+            f"{provider}`"
+        )
+    return (
+        f"one is obtained on the first call, or run `idis-integrations refresh-tokens "
+        f"--provider {provider}`"
+    )
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001  # any unparsable URL is shown as a placeholder
+        return "<unparsable IDIS_DATABASE_URL>"
+
+
+def token_status(
+    settings: Settings,
+    provider: str,
+    *,
+    engine: Any = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> TokenStatus:
+    """The status of ``provider``'s token in the database of ``settings``.
+
+    Args:
+        settings: Library settings.
+        provider: Provider name.
+        engine: An engine to read through (default: a short-lived one).
+        clock: Current time.
+
+    Raises:
+        UnknownProviderError: the provider is not configured (lists the known ones).
+    """
+    p = settings.provider(provider)
+    grant = p.auth.grant
+    margin = p.auth.refresh_margin
+    if grant == "none":
+        return TokenStatus(provider=provider, state="not_required", grant=grant)
+    url = settings.database_url
+    unknown = _unreadable(provider, grant, url, engine)
+    if isinstance(unknown, TokenStatus):
+        return unknown
+    row = unknown
+    if row is None:
+        return TokenStatus(
+            provider=provider,
+            state="missing",
+            grant=grant,
+            refresh_margin=margin,
+            hint=_missing_hint(provider, grant),
+        )
+    state, left, hint = _state_for(row, clock(), margin)
+    if state == "missing":
+        hint = _missing_hint(provider, grant)
+    return TokenStatus(
+        provider=provider,
+        state=state,
+        seconds_left=left,
+        expires_at=row.expires_at,
+        scopes=tuple(row.scopes or ()),
+        last_refresh=row.last_refresh_at,
+        last_outcome=row.last_outcome,
+        last_error=redact_text(row.last_error) if row.last_error else None,
+        consecutive_failures=row.consecutive_failures,
+        grant=grant,
+        refresh_margin=margin,
+        hint=hint,
+        stored=row.access_token_enc is not None,
+    )
+
+
+def _unreadable(provider: str, grant: str, url: str, engine: Any) -> Any:
+    """The provider's row, None if absent, or an ``unknown`` TokenStatus saying why."""
+    from sqlalchemy import select
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    from ..db._engine import create_db_engine
+    from ._store import TABLE
+
+    def unknown(why: str) -> TokenStatus:
+        return TokenStatus(provider=provider, state="unknown", grant=grant, hint=why)
+
+    own = engine is None
+    if own:
+        try:
+            parsed = make_url(url)
+        except Exception:  # noqa: BLE001  # reported as a status line, not a traceback
+            return unknown(f"IDIS_DATABASE_URL is not a database URL ({_safe_url(url)})")
+        if parsed.get_backend_name() == "sqlite":
+            path = parsed.database or ""
+            if path and path != ":memory:" and not Path(path).exists():
+                # Opening it would create an empty file; report instead.
+                return unknown(
+                    f"token store {_safe_url(url)} does not exist: run `idis-integrations db "
+                    "upgrade` (and check IDIS_DATABASE_URL)"
+                )
+            engine = create_db_engine(url)
+        else:
+            engine = create_db_engine(url, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(select(TABLE).where(TABLE.c.provider == provider)).first()
+    except DBAPIError as exc:
+        text = str(exc.orig) if exc.orig is not None else type(exc).__name__
+        if getattr(exc.orig, "sqlstate", None) == "42P01" or "no such table" in text:
+            return unknown(
+                f"token table missing in {_safe_url(url)}: run `idis-integrations db upgrade`"
+            )
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return unknown(f"token store {_safe_url(url)} unreachable: {redact_text(first)}")
+    except SQLAlchemyError as exc:
+        return unknown(f"token store {_safe_url(url)} unreadable: {type(exc).__name__}")
+    finally:
+        if own:
+            engine.dispose()
+    return row
+
+
+def check_token(provider: str, *, settings: Settings | None = None) -> TokenStatus:
+    """Return ``provider``'s OAuth token status; ``print()`` it for one readable line.
+
+    RB-09 Triage 3 runs::
+
+        python -c "from idis.integrations import check_token; print(check_token('crm_provider'))"
+
+    Configuration comes from the environment alone (``Settings.from_env()``);
+    the token table at ``IDIS_DATABASE_URL`` is read, nothing is decrypted and
+    the provider is not contacted. An unreachable or uninitialised database
+    gives state ``unknown`` with the reason, not a traceback.
+
+    Args:
+        provider: Provider name as configured.
+        settings: Settings to use instead of the environment.
+
+    Returns:
+        A :class:`TokenStatus`: state (valid, expiring, expired, missing,
+        refresh_failing, reauthorization_required), seconds left, scopes, last
+        refresh and last error.
+
+    Raises:
+        UnknownProviderError: the provider is not configured; the message lists
+            the configured ones.
+        ConfigError: the environment itself is invalid (names the variable).
+    """
+    return token_status(settings or Settings.from_env(), provider)

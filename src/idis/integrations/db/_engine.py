@@ -1,0 +1,152 @@
+"""Engines and sessions for the embedded SQLite default and for PostgreSQL.
+
+URLs are normalised so an operator can write ``postgresql://...`` or
+``sqlite:///file.db`` and get psycopg 3 / aiosqlite drivers, WAL mode, a busy
+timeout and foreign keys on SQLite, and pre-ping on PostgreSQL so a restarted
+server costs one failed checkout, not a crashed worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..exceptions import ConfigError, StorageError
+
+__all__ = [
+    "create_async_db_engine",
+    "create_db_engine",
+    "normalize_url",
+    "session_scope",
+    "storage_errors",
+]
+
+#: Seconds SQLite waits on a locked database before failing.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalize_url(url: str, *, asynchronous: bool = False) -> str:
+    """Return the SQLAlchemy URL with this library's chosen driver.
+
+    Raises:
+        ConfigError: when the URL cannot be parsed or names another database.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"IDIS_DATABASE_URL={url!r} is not a database URL: expected sqlite:///path.db "
+            "or postgresql://user@host/db",
+            variable="IDIS_DATABASE_URL",
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    elif backend == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite" if asynchronous else "sqlite")
+    else:
+        raise ConfigError(
+            f"IDIS_DATABASE_URL={url!r} is not supported: expected sqlite or postgresql",
+            variable="IDIS_DATABASE_URL",
+        )
+    return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run beside the single writer; NORMAL sync is durable
+    # across application crashes (not power loss), the usual WAL trade-off.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    # BEGIN IMMEDIATE takes the write lock up front, so two writers queue on
+    # busy_timeout instead of failing with "database is locked" on upgrade.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    event.listen(engine, "connect", _sqlite_pragmas)
+
+    @event.listens_for(engine, "connect")
+    def _no_pysqlite_txn(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not pysqlite, emit BEGIN (see SQLAlchemy's
+        # "Serializable isolation / Savepoints / Transactional DDL" notes).
+        dbapi_connection.isolation_level = None
+
+    event.listen(engine, "begin", _sqlite_begin_immediate)
+
+
+def create_db_engine(url: str, **kwargs: Any) -> Engine:
+    """Create a sync engine for ``url`` (sqlite or postgresql)."""
+    normalized = normalize_url(url)
+    if normalized.startswith("sqlite"):
+        engine = create_engine(normalized, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_size", 5)
+    kwargs.setdefault("max_overflow", 10)
+    return create_engine(normalized, **kwargs)
+
+
+def create_async_db_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """Create an asyncio engine for ``url`` (aiosqlite or psycopg async)."""
+    normalized = normalize_url(url, asynchronous=True)
+    if normalized.startswith("sqlite"):
+        engine = create_async_engine(normalized, **kwargs)
+        _configure_sqlite(engine.sync_engine)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_async_engine(normalized, **kwargs)
+
+
+def async_session_factory(engine: AsyncEngine) -> async_sessionmaker[Any]:
+    """Session factory for an async engine (expire_on_commit off, as asyncio needs)."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def storage_errors(what: str = "database") -> Iterator[None]:
+    """Translate SQLAlchemy connection failures into :class:`StorageError`.
+
+    The message names the database host, never its password.
+    """
+    try:
+        yield
+    except (OperationalError, DBAPIError) as exc:
+        if (
+            isinstance(exc, DBAPIError)
+            and not exc.connection_invalidated
+            and not isinstance(exc, OperationalError)
+        ):
+            raise
+        raise StorageError(
+            f"{what} unreachable or refused the statement: {_describe(exc)}"
+        ) from exc
+
+
+def _describe(exc: DBAPIError) -> str:
+    from ..observability._logs import redact_text
+
+    text = str(exc.orig) if exc.orig is not None else type(exc).__name__
+    return redact_text(text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session in one transaction: commit on success, roll back on error."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+    with storage_errors(), factory.begin() as session:
+        yield session

@@ -1,0 +1,343 @@
+"""CRM sync status on the host's own tables (RB-09 Triage 5).
+
+A host table such as ``deals`` takes :class:`CrmSyncStatusMixin` and gets
+``crm_sync_status`` ('SYNCED', 'PENDING', 'FAILED'), ``crm_synced_at`` and
+``updated_at``, plus an index on ``(crm_sync_status, updated_at)`` that serves
+RB-09's impact query verbatim::
+
+    SELECT tenant_id, COUNT(*) as affected_deals FROM deals
+    WHERE crm_sync_status = 'FAILED' AND updated_at > NOW() - INTERVAL '1 hour'
+    GROUP BY tenant_id;
+
+Every status change moves ``updated_at`` too, because that query reads
+``updated_at`` as "when it failed": a deal last edited a week ago whose push
+failed a minute ago must count.
+
+The ``mark_sync_*`` helpers update rows by primary key inside the caller's
+transaction; async callers execute :func:`sync_status_update` themselves.
+
+Wiring with the outbox: mark rows PENDING in the same transaction that enqueues
+their CRM push, and wrap the outbox worker's delivery strategy in
+:class:`SyncStatusDelivery` (or :class:`AsyncSyncStatusDelivery`), which marks
+the row SYNCED when a delivery succeeds and FAILED when an attempt fails::
+
+    with Session(host_engine) as session, session.begin():
+        deal.amount = 42
+        mark_sync_pending(session, Deal, [deal.id])
+        enqueue(session, NewMessage.request("crm_provider", "record", method="PUT",
+                path_params={"id": deal.id}, json={...}, ordering_key=str(deal.id),
+                idempotency_key=f"deal-{deal.id}-v{deal.version}"))
+
+    deliver = SyncStatusDelivery(GatewayDelivery(gateway), host_engine, Deal)
+    OutboxWorker(engine, settings, deliver=deliver, availability=gateway.available).run()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
+from typing import Any, Final, Literal
+
+from sqlalchemy import CheckConstraint, Engine, Index, String, Table, Update, inspect, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Mapped, Session, declared_attr, mapped_column
+
+from .._timeparse import utcnow
+from ..db._base import UTCDateTime
+from ..exceptions import UsageError
+from ..observability._logs import get_logger
+
+__all__ = [
+    "SYNC_FAILED",
+    "SYNC_PENDING",
+    "SYNC_STATUSES",
+    "SYNC_SYNCED",
+    "AsyncSyncStatusDelivery",
+    "CrmSyncStatusMixin",
+    "SyncStatus",
+    "SyncStatusDelivery",
+    "crm_sync_status_table_args",
+    "mark_sync_failed",
+    "mark_sync_pending",
+    "mark_sync_succeeded",
+    "sync_status_update",
+]
+
+SyncStatus = Literal["SYNCED", "PENDING", "FAILED"]
+SYNC_SYNCED: Final = "SYNCED"
+SYNC_PENDING: Final = "PENDING"
+SYNC_FAILED: Final = "FAILED"
+SYNC_STATUSES: tuple[str, ...] = (SYNC_SYNCED, SYNC_PENDING, SYNC_FAILED)
+
+#: Columns a table needs for impact assessment (the mixin's, plus the host's tenant_id).
+REQUIRED_COLUMNS: tuple[str, ...] = ("tenant_id", "crm_sync_status", "updated_at")
+
+
+def crm_sync_status_table_args(tablename: str) -> tuple[Any, ...]:
+    """The mixin's index and check constraint for ``tablename``.
+
+    Use it when the host class declares its own ``__table_args__`` (which
+    replaces the mixin's): ``__table_args__ = (*crm_sync_status_table_args("deals"), ...)``.
+    Names are explicit so they do not depend on the host's naming convention.
+    """
+    return (
+        Index(f"ix_{tablename}_crm_sync_status_updated_at", "crm_sync_status", "updated_at"),
+        CheckConstraint(
+            "crm_sync_status IN ('SYNCED', 'PENDING', 'FAILED')",
+            name=f"ck_{tablename}_crm_sync_status",
+        ),
+    )
+
+
+class CrmSyncStatusMixin:
+    """Sync-status columns for a host table whose rows are pushed to a CRM.
+
+    Example::
+
+        class Deal(HostBase, CrmSyncStatusMixin):
+            __tablename__ = "deals"
+            id: Mapped[int] = mapped_column(primary_key=True)
+            tenant_id: Mapped[str] = mapped_column(String(128))
+    """
+
+    #: 'SYNCED', 'PENDING' (a push is queued) or 'FAILED' (the last push failed).
+    crm_sync_status: Mapped[str] = mapped_column(
+        String(16), nullable=False, default=SYNC_PENDING, server_default=SYNC_PENDING
+    )
+    #: When the row was last pushed successfully.
+    crm_synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: Last change to the row or to its sync status (RB-09 Triage 5 filters on it).
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), nullable=False, default=utcnow, onupdate=utcnow
+    )
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple[Any, ...]:
+        return crm_sync_status_table_args(cls.__tablename__)  # type: ignore[attr-defined]  # set by the host class
+
+
+def _table(model: Any) -> Table:
+    if isinstance(model, Table):
+        table = model
+    else:
+        try:
+            table = inspect(model).local_table
+        except Exception as exc:
+            raise UsageError(f"{model!r} is neither a Table nor a mapped class") from exc
+    missing = [name for name in ("crm_sync_status", "updated_at") if name not in table.c]
+    if missing:
+        raise UsageError(
+            f"table {table.name!r} has no {', '.join(missing)} column: use CrmSyncStatusMixin"
+        )
+    return table
+
+
+def sync_status_update(
+    model: Any, ids: Iterable[Any], status: SyncStatus, *, now: datetime | None = None
+) -> Update:
+    """The UPDATE that sets ``status`` (and ``updated_at``) on rows with these primary keys.
+
+    Args:
+        model: A mapped class on the mixin, or its ``Table``.
+        ids: Primary-key values (single-column primary keys).
+        status: 'SYNCED', 'PENDING' or 'FAILED'. 'SYNCED' also sets ``crm_synced_at``.
+        now: Timestamp to write (aware UTC); the current time by default.
+
+    Raises:
+        UsageError: for an unknown status, a table without the mixin's columns, or a
+            composite primary key.
+    """
+    if status not in SYNC_STATUSES:
+        raise UsageError(f"sync status {status!r} is invalid: expected one of {SYNC_STATUSES}")
+    table = _table(model)
+    keys = list(table.primary_key.columns)
+    if len(keys) != 1:
+        raise UsageError(f"table {table.name!r} needs a single-column primary key")
+    moment = now or utcnow()
+    values: dict[str, Any] = {"crm_sync_status": status, "updated_at": moment}
+    if status == SYNC_SYNCED:
+        values["crm_synced_at"] = moment
+    return update(table).where(keys[0].in_([_coerce(keys[0], i) for i in ids])).values(values)
+
+
+def _coerce(column: Any, value: Any) -> Any:
+    """An outbox ordering key is text; an integer primary key needs an int (PostgreSQL)."""
+    try:
+        python_type = column.type.python_type
+    except NotImplementedError:
+        return value
+    if isinstance(value, str) and python_type is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise UsageError(
+                f"row id {value!r} is not an integer: table {column.table.name!r} has an "
+                "integer primary key"
+            ) from None
+    return value
+
+
+def _mark(
+    session: Session, model: Any, ids: Iterable[Any], status: SyncStatus, now: datetime | None
+) -> int:
+    id_list = list(ids)
+    if not id_list:
+        return 0
+    result = session.execute(sync_status_update(model, id_list, status, now=now))
+    return int(result.rowcount)  # type: ignore[attr-defined]  # CursorResult for UPDATE
+
+
+def mark_sync_pending(
+    session: Session, model: Any, ids: Iterable[Any], *, now: datetime | None = None
+) -> int:
+    """Mark rows PENDING (a CRM push is queued), in the caller's transaction.
+
+    Returns:
+        The number of rows updated.
+    """
+    return _mark(session, model, ids, SYNC_PENDING, now)
+
+
+def mark_sync_succeeded(
+    session: Session, model: Any, ids: Iterable[Any], *, now: datetime | None = None
+) -> int:
+    """Mark rows SYNCED and stamp ``crm_synced_at``, in the caller's transaction.
+
+    Returns:
+        The number of rows updated.
+    """
+    return _mark(session, model, ids, SYNC_SYNCED, now)
+
+
+def mark_sync_failed(
+    session: Session, model: Any, ids: Iterable[Any], *, now: datetime | None = None
+) -> int:
+    """Mark rows FAILED (the CRM push failed), in the caller's transaction.
+
+    Returns:
+        The number of rows updated.
+    """
+    return _mark(session, model, ids, SYNC_FAILED, now)
+
+
+_log = get_logger()
+
+
+def _ordering_key(message: Any) -> Any:
+    return message.ordering_key
+
+
+class _SyncStatusHook:
+    """Which row a delivered message is about, and how to record the outcome."""
+
+    def __init__(
+        self,
+        model: Any,
+        record_id: Callable[[Any], Any] | None,
+        kinds: Iterable[str] | None,
+    ) -> None:
+        _table(model)  # fail now, not on the first delivery
+        self.model = model
+        self.record_id = record_id or _ordering_key
+        self.kinds = frozenset(kinds) if kinds is not None else None
+
+    def target(self, message: Any) -> Any:
+        if self.kinds is not None and getattr(message, "kind", None) not in self.kinds:
+            return None
+        return self.record_id(message)
+
+    def statement(self, row_id: Any, status: SyncStatus) -> Update:
+        return sync_status_update(self.model, [row_id], status)
+
+    @staticmethod
+    def log_failure(row_id: Any, status: str, exc: Exception) -> None:
+        # The delivery's own outcome matters more than the status column: never
+        # let a failed status write turn a delivered message into a retry.
+        _log.warning(
+            "idis.enrichment.sync_status_write_failed",
+            msg=f"could not mark row {row_id} {status}",
+            error_type=type(exc).__name__,
+        )
+
+
+class SyncStatusDelivery:
+    """Wraps an outbox delivery strategy so each push keeps ``crm_sync_status`` current.
+
+    SYNCED after a successful delivery, FAILED after a failed attempt (the
+    delivery's error is re-raised untouched, so the outbox retries as usual).
+
+    Args:
+        deliver: The outbox delivery callable (e.g. ``GatewayDelivery(gateway)``).
+        engine: Engine of the database holding the host table.
+        model: The host table (a mapped class on the mixin, or its ``Table``).
+        record_id: Row id a message is about (default: its ``ordering_key``).
+        kinds: Only messages of these kinds (default: all with a row id).
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[Any], None],
+        engine: Engine,
+        model: Any,
+        *,
+        record_id: Callable[[Any], Any] | None = None,
+        kinds: Iterable[str] | None = None,
+    ) -> None:
+        self.deliver = deliver
+        self.engine = engine
+        self._hook = _SyncStatusHook(model, record_id, kinds)
+
+    def _mark(self, row_id: Any, status: SyncStatus) -> None:
+        try:
+            with Session(self.engine) as session, session.begin():
+                session.execute(self._hook.statement(row_id, status))
+        except Exception as exc:  # noqa: BLE001  # see _SyncStatusHook.log_failure
+            self._hook.log_failure(row_id, status, exc)
+
+    def __call__(self, message: Any) -> None:
+        """Deliver ``message`` and record the outcome on its row."""
+        row_id = self._hook.target(message)
+        try:
+            self.deliver(message)
+        except Exception:
+            if row_id is not None:
+                self._mark(row_id, SYNC_FAILED)
+            raise
+        if row_id is not None:
+            self._mark(row_id, SYNC_SYNCED)
+
+
+class AsyncSyncStatusDelivery:
+    """Async twin of :class:`SyncStatusDelivery` (an ``AsyncEngine`` and an async strategy)."""
+
+    def __init__(
+        self,
+        deliver: Callable[[Any], Awaitable[None]],
+        engine: AsyncEngine,
+        model: Any,
+        *,
+        record_id: Callable[[Any], Any] | None = None,
+        kinds: Iterable[str] | None = None,
+    ) -> None:
+        self.deliver = deliver
+        self.engine = engine
+        self._hook = _SyncStatusHook(model, record_id, kinds)
+
+    async def _mark(self, row_id: Any, status: SyncStatus) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(self._hook.statement(row_id, status))
+        except Exception as exc:  # noqa: BLE001  # see _SyncStatusHook.log_failure
+            self._hook.log_failure(row_id, status, exc)
+
+    async def __call__(self, message: Any) -> None:
+        """Deliver ``message`` and record the outcome on its row."""
+        row_id = self._hook.target(message)
+        try:
+            await self.deliver(message)
+        except Exception:
+            if row_id is not None:
+                await self._mark(row_id, SYNC_FAILED)
+            raise
+        if row_id is not None:
+            await self._mark(row_id, SYNC_SYNCED)

@@ -1,0 +1,3 @@
+"""Operations tooling: the RB-09 drill, the postmortem report, HTML/Markdown reports, status."""
+
+from __future__ import annotations

@@ -1,0 +1,246 @@
+"""What ``idis-integrations status`` knows about each provider, as data.
+
+The running service records breaker transitions (audit rows) and health
+samples (``provider_health_samples``); Redis holds the live breaker state when
+configured; the provider's health endpoint is probed live. ``status`` runs in
+its own process, so it reads those, and each capability adds its own facts
+(outbox queue, sync mode, token state, open defects) through
+:data:`FACT_SOURCES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import func, inspect, select
+from sqlalchemy.orm import Session
+
+from .._audit import AuditEvent
+from .._timeparse import utcnow
+from ..config import Settings
+from ..db._engine import create_db_engine
+from ..exceptions import StorageError
+from ..resilience._recorder import HealthSample
+
+__all__ = [
+    "BUILTIN_FACT_SOURCES",
+    "FACT_SOURCES",
+    "ProviderStatus",
+    "collect_status",
+    "defect_facts",
+    "token_facts",
+]
+
+FactSource = Callable[[Session, Settings, str], dict[str, Any]]
+
+#: Extra fact sources a host may add: ``(session, settings, provider) -> {label: value}``.
+#: A source that fails is reported as a note, never fatal.
+FACT_SOURCES: list[FactSource] = []
+
+#: The library's own sources, imported when status is collected (``module:function``).
+BUILTIN_FACT_SOURCES = (
+    "idis.integrations.sync._state:status_facts",
+    "idis.integrations.outbox._admin:status_facts",
+    "idis.integrations.ops._status:defect_facts",
+)
+
+
+def token_facts(settings: Settings, provider: str) -> dict[str, Any]:
+    """OAuth token state (RB-09 Triage 3), for providers that use OAuth.
+
+    Runs outside the status session: ``check_token`` opens its own read, and on
+    SQLite a second transaction would wait for ours.
+    """
+    if settings.provider(provider).auth.grant == "none":
+        return {}
+    from ..auth._status import check_token
+
+    status = check_token(provider, settings=settings)
+    return {"token": str(getattr(status, "state", status))}
+
+
+def defect_facts(session: Session, settings: Settings, provider: str) -> dict[str, Any]:
+    """Open stale-data defects filed under the provider."""
+    del settings
+    from ..enrichment._models import Defect
+
+    count = session.scalar(
+        select(func.count())
+        .select_from(Defect)
+        .where(Defect.provider == provider, Defect.status == "OPEN")
+    )
+    return {"open_defects": int(count or 0)}
+
+
+def _fact_sources() -> list[FactSource]:
+    import importlib
+
+    sources: list[FactSource] = []
+    for spec in BUILTIN_FACT_SOURCES:
+        module, _, name = spec.partition(":")
+        sources.append(getattr(importlib.import_module(module), name))
+    return sources + [s for s in FACT_SOURCES if s not in sources]
+
+
+#: Samples older than this say nothing about the present.
+SAMPLE_HORIZON = timedelta(minutes=15)
+
+
+@dataclass(slots=True)
+class ProviderStatus:
+    """Everything known about one provider's health."""
+
+    provider: str
+    kind: str
+    host: str
+    breaker_state: str = "unknown"
+    breaker_source: str = "nothing recorded"
+    error_rate: float | None = None
+    calls: int = 0
+    failures: int = 0
+    last_transition: str | None = None
+    last_transition_at: datetime | None = None
+    probe: str = "not probed"
+    probe_ok: bool | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready representation."""
+        return {
+            "provider": self.provider,
+            "kind": self.kind,
+            "host": self.host,
+            "breaker_state": self.breaker_state,
+            "breaker_source": self.breaker_source,
+            "error_rate": self.error_rate,
+            "calls": self.calls,
+            "failures": self.failures,
+            "last_transition": self.last_transition,
+            "last_transition_at": self.last_transition_at,
+            "probe": self.probe,
+            "probe_ok": self.probe_ok,
+            **self.facts,
+        }
+
+
+def _recorded(session: Session, status: ProviderStatus, now: datetime) -> None:
+    since = now - SAMPLE_HORIZON
+    latest_per_replica = (
+        select(HealthSample.replica, func.max(HealthSample.id).label("id"))
+        .where(HealthSample.provider == status.provider, HealthSample.sampled_at >= since)
+        .group_by(HealthSample.replica)
+        .subquery()
+    )
+    samples = list(
+        session.scalars(
+            select(HealthSample).join(
+                latest_per_replica, HealthSample.id == latest_per_replica.c.id
+            )
+        )
+    )
+    if samples:
+        status.calls = sum(s.calls for s in samples)
+        status.failures = sum(s.failures for s in samples)
+        status.error_rate = status.failures / status.calls if status.calls else 0.0
+        states = {s.breaker_state for s in samples}
+        status.breaker_state = "open" if "open" in states else sorted(states)[0]
+        status.breaker_source = f"recorded by {len(samples)} replica(s)"
+    last = session.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.provider == status.provider, AuditEvent.action.startswith("breaker."))
+        .order_by(AuditEvent.occurred_at.desc(), AuditEvent.id.desc())
+        .limit(1)
+    ).first()
+    if last is not None:
+        status.last_transition = last.action.removeprefix("breaker.")
+        status.last_transition_at = last.occurred_at
+        if status.breaker_source == "nothing recorded":
+            status.breaker_state = status.last_transition
+            status.breaker_source = "last recorded transition"
+
+
+def _shared(settings: Settings, statuses: list[ProviderStatus]) -> None:
+    if not settings.redis_url:
+        return
+    from ..resilience._shared import redis_breaker_storage
+
+    factory = redis_breaker_storage(settings.redis_url)
+    for status in statuses:
+        state = factory(status.provider, status.provider).state
+        status.breaker_state = {"half-open": "half_open"}.get(state, state)
+        status.breaker_source = "redis (live)"
+
+
+def _probe(settings: Settings, statuses: list[ProviderStatus]) -> None:
+    from ..resilience._gateway import Gateway
+
+    with Gateway(settings) as gateway:
+        for status in statuses:
+            report = gateway.health(status.provider)
+            status.probe_ok = report.ok
+            status.probe = report.detail if report.ok else f"unreachable: {report.detail}"
+
+
+def collect_status(
+    settings: Settings,
+    *,
+    providers: list[str] | None = None,
+    probe: bool = True,
+    now: datetime | None = None,
+) -> tuple[list[ProviderStatus], list[str]]:
+    """Collect every provider's status; return it with notes about missing sources."""
+    now = now or utcnow()
+    names = providers or sorted(settings.providers)
+    statuses = [
+        ProviderStatus(
+            provider=name,
+            kind=settings.provider(name).kind,
+            host=urlsplit(settings.provider(name).base_url).netloc,
+        )
+        for name in names
+    ]
+    notes: list[str] = []
+    engine = create_db_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+        if "audit_events" not in tables:
+            notes.append("database has no idis tables yet: run `idis-integrations db upgrade`")
+        else:
+            with Session(engine) as session:
+                for status in statuses:
+                    _recorded(session, status, now)
+                    for source in _fact_sources():
+                        try:
+                            status.facts.update(source(session, settings, status.provider))
+                        except Exception as exc:  # noqa: BLE001  # one broken source must not hide the rest
+                            notes.append(f"{source.__module__}: {type(exc).__name__}: {exc}")
+    except StorageError as exc:
+        notes.append(str(exc))
+    except Exception as exc:  # noqa: BLE001  # status must print something whatever the DB does
+        notes.append(f"database unreachable: {type(exc).__name__}")
+    finally:
+        engine.dispose()
+    if not any("db upgrade" in note or "unreachable" in note for note in notes):
+        for status in statuses:
+            try:
+                status.facts.update(token_facts(settings, status.provider))
+            except Exception as exc:  # noqa: BLE001  # one broken source must not hide the rest
+                notes.append(f"token state: {type(exc).__name__}: {exc}")
+    try:
+        _shared(settings, statuses)
+    except Exception as exc:  # noqa: BLE001  # Redis down: say so, keep the rest
+        notes.append(f"redis unreachable: {type(exc).__name__}")
+    if probe:
+        _probe(settings, statuses)
+    if settings.embedded_defaults:
+        notes.append(
+            "using the embedded default providers (no IDIS_PROVIDERS / IDIS_CONFIG_FILE); "
+            f"they point at the simulator on {settings.simulator_url} "
+            "(`idis-integrations simulate`)"
+        )
+    return statuses, notes

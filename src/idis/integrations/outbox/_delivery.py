@@ -1,0 +1,157 @@
+"""The default delivery strategies: send a leased message through the gateway.
+
+:class:`GatewayDelivery` (sync) and :class:`AsyncGatewayDelivery` build the
+same call with :func:`build_call` and differ only in ``await``:
+
+* ``request`` messages become ``gateway.request(provider, endpoint, method=...,
+  path_params=..., params=..., json=..., idempotency_key=key)``;
+* ``webhook`` messages become a ``POST`` of the stored body to the provider's
+  receiver endpoint, signed with Standard Webhooks headers (``webhook-id``,
+  ``webhook-timestamp``, ``webhook-signature``) by the first of the provider's
+  ``webhook_secrets``, with the idempotency key as ``Idempotency-Key`` too.
+
+The gateway supplies the resilience (timeouts, retries on provider faults,
+breaker, rate-limit pauses); the outbox supplies persistence and the long
+retries. Other kinds go to ``handlers`` (kind -> callable); an unknown kind is
+a :class:`~idis.integrations.exceptions.UsageError`, which dead-letters it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._clock import Clock, system_clock
+from ..config import Settings
+from ..exceptions import ConfigError, UsageError
+from ..webhooks._signing import sign_headers
+from ._messages import KIND_REQUEST, KIND_WEBHOOK, OutboxMessage
+
+__all__ = ["AsyncGatewayDelivery", "GatewayCall", "GatewayDelivery", "build_call"]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayCall:
+    """Arguments of one ``gateway.request`` call."""
+
+    provider: str
+    endpoint: str
+    kwargs: Mapping[str, Any]
+
+
+def build_call(message: OutboxMessage, settings: Settings, *, now: float) -> GatewayCall:
+    """Turn a leased message into the gateway call that delivers it.
+
+    Args:
+        message: The leased message.
+        settings: Library settings (the provider's webhook secrets).
+        now: Unix time of this attempt (``webhook-timestamp``).
+
+    Raises:
+        UsageError: for a kind this strategy does not know or a malformed payload.
+        ConfigError: for a webhook to a provider with no webhook secret.
+    """
+    payload = message.payload
+    if message.kind == KIND_REQUEST:
+        endpoint = payload.get("endpoint")
+        if not isinstance(endpoint, str) or not endpoint:
+            raise UsageError(f"outbox message {message.id}: request payload has no endpoint")
+        kwargs: dict[str, Any] = {
+            "method": str(payload.get("method") or "POST"),
+            "idempotency_key": message.idempotency_key,
+        }
+        for name in ("path_params", "params", "json"):
+            if payload.get(name) is not None:
+                kwargs[name] = payload[name]
+        return GatewayCall(message.provider, endpoint, kwargs)
+    if message.kind == KIND_WEBHOOK:
+        body = payload.get("body")
+        webhook_id = payload.get("webhook_id")
+        if not isinstance(body, str) or not isinstance(webhook_id, str):
+            raise UsageError(f"outbox message {message.id}: webhook payload has no body or id")
+        provider = settings.provider(message.provider)
+        if not provider.webhook_secrets:
+            raise ConfigError(
+                f"provider {message.provider!r} has no webhook secret to sign outbound webhooks: "
+                f"set IDIS_PROVIDER_{message.provider.upper()}_WEBHOOK_SECRETS",
+                variable=f"IDIS_PROVIDER_{message.provider.upper()}_WEBHOOK_SECRETS",
+            )
+        raw = body.encode()
+        headers = sign_headers(
+            provider.webhook_secrets[0], raw, msg_id=webhook_id, timestamp=int(now)
+        )
+        headers["content-type"] = "application/json"
+        return GatewayCall(
+            message.provider,
+            str(payload.get("endpoint") or "webhooks"),
+            {
+                "method": "POST",
+                "content": raw,
+                "headers": headers,
+                "idempotency_key": message.idempotency_key,
+            },
+        )
+    raise UsageError(
+        f"outbox message {message.id}: no delivery strategy for kind {message.kind!r} "
+        "(pass handlers={kind: callable} to the delivery strategy)"
+    )
+
+
+class GatewayDelivery:
+    """Deliver messages through a sync :class:`~idis.integrations.resilience.Gateway`.
+
+    Args:
+        gateway: The gateway.
+        settings: Library settings (default: the gateway's).
+        clock: Time source for ``webhook-timestamp`` (default: the gateway's clock).
+        handlers: Delivery callables for custom kinds.
+    """
+
+    def __init__(
+        self,
+        gateway: Any,
+        settings: Settings | None = None,
+        *,
+        clock: Clock | None = None,
+        handlers: Mapping[str, Callable[[OutboxMessage], None]] | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.settings = settings or gateway.settings
+        self.clock = clock or getattr(gateway, "clock", None) or system_clock
+        self.handlers = dict(handlers or {})
+
+    def __call__(self, message: OutboxMessage) -> None:
+        """Deliver ``message``; raise the gateway's error when it fails."""
+        handler = self.handlers.get(message.kind)
+        if handler is not None:
+            handler(message)
+            return
+        call = build_call(message, self.settings, now=self.clock.time())
+        self.gateway.request(call.provider, call.endpoint, **call.kwargs)
+
+
+class AsyncGatewayDelivery:
+    """Async twin of :class:`GatewayDelivery` over an ``AsyncGateway``."""
+
+    def __init__(
+        self,
+        gateway: Any,
+        settings: Settings | None = None,
+        *,
+        clock: Clock | None = None,
+        handlers: Mapping[str, Callable[[OutboxMessage], Awaitable[None]]] | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.settings = settings or gateway.settings
+        self.clock = clock or getattr(gateway, "clock", None) or system_clock
+        self.handlers = dict(handlers or {})
+
+    async def __call__(self, message: OutboxMessage) -> None:
+        """Deliver ``message``; raise the gateway's error when it fails."""
+        handler = self.handlers.get(message.kind)
+        if handler is not None:
+            await handler(message)
+            return
+        call = build_call(message, self.settings, now=self.clock.time())
+        await self.gateway.request(call.provider, call.endpoint, **call.kwargs)

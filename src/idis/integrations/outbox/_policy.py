@@ -1,0 +1,176 @@
+"""The outbox's decisions, as pure code: no I/O, no sleeping, time passed in.
+
+Both workers (sync and asyncio) drive these. Given how one delivery attempt
+ended, :func:`decide` says what happens to the message:
+
+===================================  ==========================================
+attempt ended with                   the message
+===================================  ==========================================
+success                              ``delivered``
+not attempted (breaker open,         back to ``pending``; the attempt is given
+bulkhead full, worker stopping)      back, so waiting never burns the budget
+provider fault while the provider    back to ``pending``, attempt given back: the
+is now unavailable (the failure      failure is the outage's, not the message's
+opened its breaker or a 429 pause)
+410 Gone on a webhook                ``dead``; the receiver is marked gone
+other 4xx (except 408/409/425/429)   ``dead`` at once: resending cannot succeed
+a caller bug (UsageError, ...)       ``dead`` at once
+any other failure                    retry after jittered backoff, ``dead``
+                                     once ``max_retries`` retries are spent
+===================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.exc import DBAPIError
+
+from ..config import OutboxSettings
+from ..exceptions import (
+    AuthError,
+    BulkheadFull,
+    CircuitOpen,
+    IntegrationError,
+    ProviderError,
+    ProviderRejected,
+)
+from ..observability._logs import redact_text
+
+__all__ = [
+    "Action",
+    "Disposition",
+    "backoff_delay",
+    "decide",
+    "describe_error",
+]
+
+#: 4xx answers that may succeed later (timeout, conflict, too early, rate limited).
+_RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+#: Longest ``last_error`` kept; longer messages are cut.
+MAX_ERROR_LENGTH = 500
+#: Delay before a message whose attempt was given back is due again, when the
+#: error says nothing better. The lease query also skips unavailable providers,
+#: so this only bounds how soon a recovered provider is tried.
+DEFER_DELAY = timedelta(milliseconds=100)
+
+
+class Action(enum.Enum):
+    """What happens to a message after an attempt."""
+
+    #: The provider accepted it.
+    DELIVERED = "delivered"
+    #: Try again at ``Disposition.next_attempt_at``; the attempt counts.
+    RETRY = "retry"
+    #: Back to pending without counting the attempt (not the message's fault).
+    DEFER = "deferred"
+    #: Give up: dead letter.
+    DEAD = "dead"
+    #: Webhook receiver answered 410: dead letter and stop delivering to it.
+    GONE = "gone"
+
+
+@dataclass(frozen=True, slots=True)
+class Disposition:
+    """The outcome of one attempt, ready to be written."""
+
+    action: Action
+    #: When the message is due again (RETRY and DEFER).
+    next_attempt_at: datetime | None = None
+    #: Redacted error summary for ``last_error``.
+    error: str | None = None
+
+    @property
+    def attempted(self) -> bool:
+        """Whether the attempt reached (or may have reached) the provider."""
+        return self.action is not Action.DEFER
+
+
+def backoff_delay(
+    settings: OutboxSettings, attempts: int, rng: random.Random | None = None
+) -> timedelta:
+    """Delay before the next attempt after ``attempts`` failed ones: full jitter.
+
+    Uniform in ``[0, min(max_backoff, initial_backoff * 2 ** (attempts - 1))]``,
+    so workers that failed together spread out instead of retrying in lockstep.
+    """
+    initial = settings.initial_backoff.total_seconds()
+    cap = min(settings.max_backoff.total_seconds(), initial * 2.0 ** min(max(attempts - 1, 0), 60))
+    return timedelta(seconds=(rng or random).uniform(0.0, cap))
+
+
+def describe_error(exc: BaseException) -> str:
+    """One redacted line for ``last_error``: type, status code, message; never a secret."""
+    status = getattr(exc, "status_code", None)
+    head = type(exc).__name__ + (f" (HTTP {status})" if status else "")
+    # A driver error's text carries the SQL and its parameters (payloads):
+    # keep only the driver's own first line.
+    orig = getattr(exc, "orig", None) if isinstance(exc, DBAPIError) else None
+    raw = str(orig).strip().splitlines()[0] if orig is not None and str(orig).strip() else str(exc)
+    if isinstance(exc, DBAPIError) and orig is None:
+        raw = ""
+    text = redact_text(" ".join(raw.split()))
+    summary = f"{head}: {text}" if text else head
+    return summary[:MAX_ERROR_LENGTH]
+
+
+def decide(
+    error: BaseException | None,
+    *,
+    kind: str,
+    attempts: int,
+    max_retries: int,
+    provider_available: bool,
+    now: datetime,
+    settings: OutboxSettings,
+    rng: random.Random | None = None,
+) -> Disposition:
+    """Decide what happens to a message after one attempt.
+
+    Args:
+        error: What the attempt raised, or None when the provider accepted it.
+        kind: The message kind (``webhook`` messages honour 410 Gone).
+        attempts: Attempts counted so far, this one included.
+        max_retries: Retries allowed after the first attempt.
+        provider_available: Whether the provider accepts calls *now* (breaker
+            not open, no 429 pause): False means the failure is the outage's.
+        now: Current time.
+        settings: Backoff settings.
+        rng: Random source for the jitter (tests pass a seeded one).
+
+    Returns:
+        The disposition to write.
+    """
+    if error is None:
+        return Disposition(Action.DELIVERED)
+    summary = describe_error(error)
+    if isinstance(error, CircuitOpen | BulkheadFull):
+        # Never attempted: the message waits for the provider, its budget intact.
+        wait = timedelta(seconds=getattr(error, "retry_in", None) or 0.0)
+        return Disposition(Action.DEFER, now + max(wait, DEFER_DELAY), summary)
+    if isinstance(error, ProviderRejected):
+        if kind == "webhook" and error.status_code == 410:
+            return Disposition(Action.GONE, None, summary)
+        if error.status_code not in _RETRYABLE_4XX:
+            return Disposition(Action.DEAD, None, summary)
+    elif (
+        isinstance(error, IntegrationError)
+        and not isinstance(error, AuthError)
+        and not error.retryable
+    ):
+        # A caller bug, bad configuration or an answer that resending cannot
+        # change; auth failures stay retryable because a refresh may fix them.
+        return Disposition(Action.DEAD, None, summary)
+    backoff = backoff_delay(settings, attempts, rng)
+    if isinstance(error, ProviderError) and error.provider_fault and not provider_available:
+        # The attempt failed *and* the provider is now unavailable (this failure
+        # opened its breaker, or a 429 paused it): the outage's fault, so the
+        # attempt is given back. The backoff still spreads the messages out so
+        # one message does not take every half-open trial slot.
+        return Disposition(Action.DEFER, now + max(backoff, DEFER_DELAY), summary)
+    if attempts > max_retries:
+        return Disposition(Action.DEAD, None, summary)
+    return Disposition(Action.RETRY, now + backoff, summary)

@@ -1,0 +1,359 @@
+"""Every SQL statement the outbox runs, built once, executed by the sync and async drivers alike.
+
+Statements are SQLAlchemy Core (no ORM on the hot path) with named bind
+parameters, prefixed ``p_`` because SQLAlchemy reserves column names in UPDATE
+statements; SQLAlchemy caches their compiled form. Status values appear as SQL
+literals, never as bind parameters, so that PostgreSQL and SQLite can prove the
+partial indexes' ``WHERE status = ...`` predicates from the query (a generic
+plan with a parameter cannot); where SQLite needs the index predicate word for
+word, the query repeats it.
+
+**A lease changes no indexed column.** A leased message keeps ``status =
+'pending'`` and gets ``lease_owner``/``lease_expires_at``: "in flight" is
+*pending with an unexpired lease*. On PostgreSQL that makes the lease a HOT
+update (no index entry written; the table keeps page room for it with
+``fillfactor``), and on SQLite an update of the row alone. Delivery then costs
+one indexed write per message (the settle), not three. It also means a lapsed
+lease needs no reclaiming: the message is simply leasable again.
+
+Leasing (:func:`lease_statement`):
+
+* only ``pending`` messages of one provider, due (``next_attempt_at``), not
+  under an unexpired lease, oldest (lowest id) first. Id order, not due-time
+  order, keeps the scan at the per-key frontier: each key's blocked messages
+  sort after its head, whereas by due time every never-tried blocked message
+  would sort before a head that is backing off, and each lease would probe
+  them all;
+* per-ordering-key FIFO: a message is leased only when no *earlier* message
+  with the same (provider, ordering_key) is still pending (leased or not),
+  i.e. only the head of each key, one index probe per candidate
+  (``ix_outbox_messages_ordering``). A dead message no longer blocks its key
+  (see ``docs/outbox.md``);
+* PostgreSQL: ``FOR UPDATE SKIP LOCKED`` in a materialized CTE, so concurrent
+  workers never block on, nor lease, the same rows, and the LIMIT is applied
+  exactly once;
+* SQLite: the same ``UPDATE ... WHERE id IN (SELECT ... LIMIT n) RETURNING`` runs
+  under the write lock that ``BEGIN IMMEDIATE`` (``db/engine.py``) takes first,
+  so two workers' leases are serialized and cannot overlap.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, cast
+
+from sqlalchemy import (
+    BigInteger,
+    Delete,
+    Insert,
+    Select,
+    Table,
+    Update,
+    and_,
+    any_,
+    bindparam,
+    case,
+    delete,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.elements import ColumnClause
+
+from ..db._base import UTCDateTime
+from ._models import (
+    DEAD,
+    DELIVERED,
+    PENDING,
+    RECEIVER_ACTIVE,
+    RECEIVER_GONE,
+    OutboxMessageRow,
+    WebhookReceiverRow,
+)
+
+__all__ = [
+    "LEASED_COLUMNS",
+    "LEASE_EXPIRED",
+    "UNSETTLED",
+    "insert_statement",
+    "lease_statement",
+    "mark_receiver_statement",
+    "renew_statement",
+    "settle_delivered_statement",
+    "settle_statement",
+]
+
+# Declarative __table__ is typed as a FromClause; it is a Table.
+messages = cast(Table, OutboxMessageRow.__table__)
+receivers = cast(Table, WebhookReceiverRow.__table__)
+
+_PENDING: ColumnClause[Any] = literal_column(f"'{PENDING}'")
+_DELIVERED: ColumnClause[Any] = literal_column(f"'{DELIVERED}'")
+_DEAD: ColumnClause[Any] = literal_column(f"'{DEAD}'")
+#: The predicate of ``ix_outbox_messages_unsettled``: status IN (pending, dead).
+UNSETTLED = [_PENDING, _DEAD]
+#: ``last_error`` a lease writes when it takes over a lapsed lease (a worker died).
+LEASE_EXPIRED = "lease expired: the worker holding it stopped without settling it"
+
+
+def _ts(name: str) -> Any:
+    return bindparam(name, type_=UTCDateTime())
+
+
+#: Columns a lease returns: everything a delivery strategy needs.
+LEASED_COLUMNS = (
+    messages.c.id,
+    messages.c.provider,
+    messages.c.kind,
+    messages.c.idempotency_key,
+    messages.c.payload,
+    messages.c.ordering_key,
+    messages.c.tenant_id,
+    messages.c.attempts,
+    messages.c.max_retries,
+    messages.c.created_at,
+    messages.c.lease_expires_at,
+    messages.c.last_error,
+)
+
+
+def not_leased(table: Any) -> Any:
+    """No unexpired lease on the row at ``:p_now``."""
+    return or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at <= _ts("p_now"))
+
+
+def _insert_for(dialect: str) -> Any:
+    if dialect == "postgresql":
+        return postgresql.insert(messages)
+    if dialect == "sqlite":
+        return sqlite.insert(messages)
+    raise ValueError(f"unsupported database dialect {dialect!r}: expected postgresql or sqlite")
+
+
+@functools.cache
+def insert_statement(dialect: str, *, returning: bool = False) -> Insert:
+    """``INSERT ... ON CONFLICT (idempotency_key) DO NOTHING``: enqueueing a key twice is a no-op.
+
+    With ``returning``, the ids of rows actually inserted come back, in the same
+    round trip: none when the key was already there.
+    """
+    stmt = _insert_for(dialect).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    if returning:
+        stmt = stmt.returning(messages.c.id)
+    return stmt  # type: ignore[no-any-return]  # dialect insert constructs are untyped
+
+
+@functools.cache
+def lease_statement(dialect: str) -> Update:
+    """Lease up to ``:p_limit`` due head-of-key messages of ``:p_provider`` for ``:p_owner``.
+
+    Parameters: ``p_provider``, ``p_now``, ``p_limit``, ``p_owner``, ``p_expires``.
+    Returns :data:`LEASED_COLUMNS` of the leased rows; each lease counts one
+    attempt. Taking over a lapsed lease stamps ``last_error`` with
+    :data:`LEASE_EXPIRED` (the SET sees the old row), so the worker can tell.
+    """
+    cand = messages.alias("cand")
+    earlier = messages.alias("earlier")
+    blocked = (
+        select(literal_column("1"))
+        .where(
+            earlier.c.provider == cand.c.provider,
+            earlier.c.ordering_key == cand.c.ordering_key,
+            earlier.c.id < cand.c.id,
+            earlier.c.status == _PENDING,
+        )
+        .exists()
+    )
+    lowest = messages.alias("lowest")
+    # Where this provider's pending messages start (one probe of the due
+    # index). Without this floor, statistics taken while a backlog was all
+    # pending make the planner walk the primary key through every message
+    # delivered since, on every lease: quadratic over a drain.
+    floor = (
+        select(func.min(lowest.c.id))
+        .where(lowest.c.provider == bindparam("p_provider"), lowest.c.status == _PENDING)
+        .scalar_subquery()
+    )
+    picked: Select[Any] = (
+        select(cand.c.id)
+        .where(
+            cand.c.status == _PENDING,
+            cand.c.provider == bindparam("p_provider"),
+            cand.c.id >= floor,
+            cand.c.next_attempt_at <= _ts("p_now"),
+            not_leased(cand),
+            or_(cand.c.ordering_key.is_(None), ~blocked),
+        )
+        .order_by(cand.c.id)
+        .limit(bindparam("p_limit"))
+    )
+    values = {
+        "lease_owner": bindparam("p_owner"),
+        "lease_expires_at": _ts("p_expires"),
+        "attempts": messages.c.attempts + 1,
+        "last_attempt_at": _ts("p_now"),
+        "updated_at": _ts("p_now"),
+        "last_error": case(
+            (messages.c.lease_owner.is_not(None), literal_column(f"'{LEASE_EXPIRED}'")),
+            else_=messages.c.last_error,
+        ),
+    }
+    if dialect == "postgresql":
+        chosen = picked.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+        stmt = update(messages).where(messages.c.id == chosen.c.id)
+    else:
+        stmt = update(messages).where(messages.c.id.in_(picked))
+    return stmt.values(values).returning(*LEASED_COLUMNS)
+
+
+def _ids(dialect: str) -> Any:
+    """``id`` in the list ``:p_ids``.
+
+    PostgreSQL gets one array parameter (``id = ANY(:p_ids)``): one statement
+    text for any batch size, and no per-id rendering; SQLite an expanded IN.
+    """
+    if dialect == "postgresql":
+        return messages.c.id == any_(bindparam("p_ids", type_=postgresql.ARRAY(BigInteger)))
+    return messages.c.id.in_(bindparam("p_ids", expanding=True))
+
+
+@functools.cache
+def settle_delivered_statement(dialect: str) -> Update:
+    """Mark ``:p_ids`` delivered (parameters ``p_ids``, ``p_now``).
+
+    No lease-owner check: a message the provider accepted is delivered, even if
+    its lease lapsed meanwhile; whoever holds it now finds it settled.
+    """
+    return (
+        update(messages)
+        .where(_ids(dialect), messages.c.status == _PENDING)
+        .values(
+            status=_DELIVERED,
+            delivered_at=_ts("p_now"),
+            updated_at=_ts("p_now"),
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    )
+
+
+@functools.cache
+def settle_statement() -> Update:
+    """Settle one leased message (executemany): retry, defer, release or dead-letter.
+
+    Parameters per row: ``p_b_id``, ``p_b_status`` (pending or dead), ``p_b_next``
+    (new ``next_attempt_at``), ``p_b_error``, ``p_b_giveback`` (1 when the attempt
+    is not counted), and ``p_owner``, ``p_now``. Only the lease holder's settle
+    applies: if the lease lapsed and another worker took the message, this is a
+    no-op.
+    """
+    return (
+        update(messages)
+        .where(
+            messages.c.id == bindparam("p_b_id"),
+            messages.c.lease_owner == bindparam("p_owner"),
+            messages.c.status == _PENDING,
+        )
+        .values(
+            status=bindparam("p_b_status"),
+            next_attempt_at=_ts("p_b_next"),
+            last_error=bindparam("p_b_error"),
+            attempts=messages.c.attempts - bindparam("p_b_giveback"),
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=_ts("p_now"),
+        )
+    )
+
+
+@functools.cache
+def renew_statement(dialect: str) -> Update:
+    """Extend this worker's leases on ``:p_ids`` to ``:p_expires``; returns the ids still held."""
+    return (
+        update(messages)
+        .where(
+            _ids(dialect),
+            messages.c.lease_owner == bindparam("p_owner"),
+            messages.c.status == _PENDING,
+        )
+        .values(lease_expires_at=_ts("p_expires"))
+        .returning(messages.c.id)
+    )
+
+
+def mark_receiver_statement(dialect: str) -> Insert:
+    """Upsert a webhook receiver's state.
+
+    Parameters: p_provider, p_endpoint, p_status, p_code, p_reason, p_now.
+    """
+    base = postgresql.insert(receivers) if dialect == "postgresql" else sqlite.insert(receivers)
+    stmt = base.values(
+        provider=bindparam("p_provider"),
+        endpoint=bindparam("p_endpoint"),
+        status=bindparam("p_status"),
+        status_code=bindparam("p_code"),
+        reason=bindparam("p_reason"),
+        changed_at=_ts("p_now"),
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=["provider", "endpoint"],
+        set_={
+            "status": stmt.excluded.status,
+            "status_code": stmt.excluded.status_code,
+            "reason": stmt.excluded.reason,
+            "changed_at": stmt.excluded.changed_at,
+        },
+    )
+
+
+def gone_receivers_statement() -> Select[Any]:
+    """(provider, endpoint) of every receiver that answered 410 Gone."""
+    return select(receivers.c.provider, receivers.c.endpoint).where(
+        receivers.c.status == literal_column(f"'{RECEIVER_GONE}'")
+    )
+
+
+def reactivate_receivers_statement(provider: str) -> Update:
+    """Let deliveries to ``provider``'s gone receivers resume."""
+    return (
+        update(receivers)
+        .where(
+            receivers.c.provider == provider,
+            receivers.c.status == literal_column(f"'{RECEIVER_GONE}'"),
+        )
+        .values(status=RECEIVER_ACTIVE, reason="re-activated by queue-webhook-retries")
+    )
+
+
+def retryable_filter(provider: str, kinds: tuple[str, ...] | None, since: Any) -> Any:
+    """Messages ``queue_webhook_retries`` re-queues: dead ones, and failed ones still waiting.
+
+    "Failed" means pending, not in flight (no unexpired lease at ``:p_now``),
+    with at least one counted attempt. A re-queued message has ``attempts =
+    0``, so running the re-queue again selects nothing new.
+    """
+    cond = and_(
+        messages.c.provider == provider,
+        messages.c.status.in_(UNSETTLED),  # the partial index's predicate, verbatim
+        or_(
+            messages.c.status == _DEAD,
+            and_(messages.c.status == _PENDING, messages.c.attempts > 0, not_leased(messages)),
+        ),
+    )
+    if kinds:
+        cond = and_(cond, messages.c.kind.in_(list(kinds)))
+    if since is not None:
+        cond = and_(cond, func.coalesce(messages.c.last_attempt_at, messages.c.created_at) >= since)
+    return cond
+
+
+def purge_statement(provider: str, before: Any) -> Delete:
+    """Delete ``provider``'s messages delivered before ``before``."""
+    return delete(messages).where(
+        messages.c.provider == provider,
+        messages.c.status == _DELIVERED,
+        messages.c.delivered_at < before,
+    )

@@ -1,0 +1,1118 @@
+"""Outbox workers: lease a batch, deliver each message, settle the batch; repeat.
+
+One cycle (:meth:`OutboxWorker.run_once`):
+
+1. in one transaction, settle what the previous cycle delivered (or could not
+   write while the database was down) and lease up to ``batch_size`` due
+   head-of-key messages, one provider at a time, skipping providers whose
+   breaker is open or that are paused by a 429 (``availability``): their
+   messages wait, and no attempt is counted. A message whose lease lapsed (its
+   worker died) is due again and leased like any other;
+2. deliver the batch through the ``deliver`` strategy (the gateway by
+   default), ``concurrency`` at a time (a batch never holds two messages of
+   one ordering key), renewing the leases if the batch runs long;
+3. decide each outcome: delivered, retry with backoff, deferred (attempt
+   given back), dead. ``run_once`` writes them at once; ``run`` writes them
+   with the next cycle's lease.
+
+Stopping (:meth:`OutboxWorker.stop`, SIGTERM in ``outbox work``) lets the
+delivery in progress finish, settles it, and gives the rest of the batch back
+(pending, attempt not counted) before the worker returns: nothing waits for a
+lease to lapse. A worker killed outright (SIGKILL, power loss) loses nothing
+either: its leases lapse after ``lease`` and another worker takes the messages.
+
+Delivery is at least once; the idempotency key (sent as ``Idempotency-Key``)
+makes it exactly once from the provider's point of view. Workers may run side
+by side, as threads, asyncio tasks or processes, on one database.
+
+The decisions live in :class:`_WorkerCore` and ``policy.py``; :class:`OutboxWorker`
+and :class:`AsyncOutboxWorker` only differ in how they wait for I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from .._clock import Clock, system_clock
+from ..config import OutboxSettings, Settings
+from ..exceptions import BulkheadFull, CircuitOpen, StorageError, UsageError
+from ..observability._logs import get_logger
+from ..observability._metrics import Metrics, get_metrics
+from ._messages import KIND_WEBHOOK, OutboxMessage
+from ._models import DEAD, PENDING, RECEIVER_GONE
+from ._policy import Action, Disposition, decide, describe_error
+from ._queries import (
+    LEASE_EXPIRED,
+    gone_receivers_statement,
+    lease_statement,
+    mark_receiver_statement,
+    renew_statement,
+    settle_delivered_statement,
+    settle_statement,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+__all__ = [
+    "AsyncDeliver",
+    "AsyncOutboxWorker",
+    "BatchResult",
+    "Deliver",
+    "OutboxWorker",
+]
+
+#: A delivery strategy: return when the provider accepted the message, raise otherwise.
+Deliver = Callable[[OutboxMessage], None]
+#: Async delivery strategy.
+AsyncDeliver = Callable[[OutboxMessage], Awaitable[None]]
+#: Whether a provider accepts calls now (``Gateway.available``).
+Availability = Callable[[str], bool]
+
+_log = get_logger()
+_DELIVERED = Disposition(Action.DELIVERED)
+_DB_ERRORS = (OperationalError, DBAPIError, StorageError)
+#: Longest pause between attempts to reach a database that is down.
+_MAX_DB_BACKOFF = 5.0
+
+
+def default_worker_id() -> str:
+    """``host:pid:random``: unique per worker, readable in ``lease_owner``."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one cycle (or a whole run, summed) did."""
+
+    leased: int = 0
+    delivered: int = 0
+    retried: int = 0
+    deferred: int = 0
+    dead: int = 0
+    released: int = 0
+    #: Leases taken over from workers that died.
+    reclaimed: int = 0
+
+    def add(self, other: BatchResult) -> None:
+        """Add ``other``'s counts to these."""
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass(slots=True)
+class _Settlement:
+    message: OutboxMessage
+    disposition: Disposition
+    #: The attempt reached (or may have reached) the provider and failed.
+    failed_attempt: bool = False
+    #: Given back because the worker is stopping.
+    released: bool = False
+
+
+class _Leases:
+    """The leases of one batch being delivered: when they lapse, which are lost."""
+
+    def __init__(self, batch: Sequence[OutboxMessage]) -> None:
+        #: Messages whose leases renewing keeps: the whole batch, sent ones too,
+        #: until their outcomes are written (else another worker could take a
+        #: message already delivered but not yet marked so).
+        self.open = {m.id for m in batch}
+        #: Messages whose lease could not be renewed: not to be sent.
+        self.lost: set[int] = set()
+        self.expires = min((m.lease_expires_at for m in batch), default=None)
+        #: Serializes renewals between the threads sending the batch.
+        self.lock = threading.Lock()
+
+    def renewed(self, held: set[int], expires: datetime) -> None:
+        """Record a renewal: ``held`` keep their lease to ``expires``; other open ones lost it."""
+        self.lost |= self.open - held
+        self.open &= held
+        self.expires = expires
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Settlements not yet written (the database was unreachable)."""
+
+    items: list[_Settlement] = field(default_factory=list)
+
+
+class _WorkerCore:
+    """Everything a worker decides, with no I/O: shared by the sync and async drivers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        providers: Sequence[str] | None,
+        availability: Availability | None,
+        worker_id: str | None,
+        clock: Clock | None,
+        rng: random.Random | None,
+        metrics: Metrics | None,
+        batch_size: int | None,
+        concurrency: int | None,
+        lease: timedelta | None,
+        poll_interval: timedelta | None,
+        metrics_interval: timedelta | None,
+    ) -> None:
+        outbox = settings.outbox
+        names = tuple(providers) if providers is not None else tuple(settings.providers)
+        for name in names:
+            settings.provider(name)  # UnknownProviderError names it
+        if not names:
+            raise UsageError("an outbox worker needs at least one provider to deliver to")
+        self.settings = settings
+        self.outbox: OutboxSettings = outbox
+        self.providers = names
+        self.available: Availability = availability or (lambda _name: True)
+        self.worker_id = worker_id or default_worker_id()
+        self.clock = clock or system_clock
+        self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
+        self._metrics = metrics
+        self.batch_size = batch_size or outbox.batch_size
+        self.concurrency = max(1, concurrency or outbox.concurrency)
+        self.lease = lease or outbox.lease
+        self.poll_interval = poll_interval if poll_interval is not None else outbox.poll_interval
+        self.metrics_interval = metrics_interval or timedelta(seconds=15)
+        if self.batch_size < 1 or self.lease <= timedelta(0):
+            raise UsageError(
+                f"batch_size={self.batch_size} and lease={self.lease} must both be positive"
+            )
+        self._rotation = 0
+        self._last_gauges: float | None = None
+        self._gone: set[tuple[str, str]] = set()
+        self.unsettled = _Pending()
+        self.db_failures = 0
+        self.log = _log.bind(worker=self.worker_id)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics or get_metrics()
+
+    # ------------------------------------------------------------ scheduling
+
+    def providers_to_lease(self) -> list[str]:
+        """Available providers, rotated so that each gets first pick in turn."""
+        start = self._rotation % len(self.providers)
+        self._rotation += 1
+        ordered = self.providers[start:] + self.providers[:start]
+        return [name for name in ordered if self.available(name)]
+
+    def gauges_due(self) -> bool:
+        now = self.clock.monotonic()
+        if (
+            self._last_gauges is None
+            or now - self._last_gauges >= self.metrics_interval.total_seconds()
+        ):
+            self._last_gauges = now
+            return True
+        return False
+
+    @staticmethod
+    def has_webhooks(rows: Sequence[Any]) -> bool:
+        """Whether a leased batch holds webhooks (whose receivers' state must be read)."""
+        return any(row.kind == KIND_WEBHOOK for row in rows)
+
+    def set_gone(self, rows: Sequence[Any]) -> None:
+        self._gone = {(str(r[0]), str(r[1])) for r in rows}
+
+    def lease_params(self, provider: str, limit: int, now: datetime) -> dict[str, Any]:
+        return {
+            "p_provider": provider,
+            "p_now": now,
+            "p_limit": limit,
+            "p_owner": self.worker_id,
+            "p_expires": now + self.lease,
+        }
+
+    def to_message(self, row: Any) -> OutboxMessage:
+        max_retries = row.max_retries if row.max_retries is not None else self.outbox.max_retries
+        return OutboxMessage(
+            id=int(row.id),
+            provider=row.provider,
+            kind=row.kind,
+            idempotency_key=row.idempotency_key,
+            payload=row.payload,
+            ordering_key=row.ordering_key,
+            tenant_id=row.tenant_id,
+            attempts=int(row.attempts),
+            max_retries=int(max_retries),
+            created_at=row.created_at,
+            lease_expires_at=row.lease_expires_at,
+        )
+
+    def needs_renewal(self, expires: datetime | None, now: datetime) -> bool:
+        return expires is not None and expires - now < self.lease / 2
+
+    @property
+    def renew_check(self) -> float:
+        """Seconds between lease checks while a batch is out (a quarter of the lease)."""
+        return max(0.05, self.lease.total_seconds() / 4)
+
+    # -------------------------------------------------------------- decisions
+
+    def receiver_of(self, message: OutboxMessage) -> tuple[str, str] | None:
+        if message.kind != KIND_WEBHOOK:
+            return None
+        return (message.provider, str(message.payload.get("endpoint") or "webhooks"))
+
+    def skip_gone(self, message: OutboxMessage) -> _Settlement | None:
+        """A webhook to a receiver that answered 410: dead without another attempt."""
+        receiver = self.receiver_of(message)
+        if receiver is None or receiver not in self._gone:
+            return None
+        disposition = Disposition(
+            Action.DEAD, None, "receiver gone: it answered 410, deliveries to it are stopped"
+        )
+        return _Settlement(message, disposition, failed_attempt=False, released=True)
+
+    def split_spent(
+        self, batch: list[OutboxMessage], out: list[_Settlement]
+    ) -> list[OutboxMessage]:
+        """Settle into ``out`` the messages whose budget lapsed leases spent; return the rest."""
+        ready = []
+        for message in batch:
+            spent = self.spent(message)
+            if spent is None:
+                ready.append(message)
+            else:
+                out.append(spent)
+        return ready
+
+    def settle(
+        self, message: OutboxMessage, error: BaseException | None, now: datetime
+    ) -> _Settlement:
+        if error is None:
+            return _Settlement(message, _DELIVERED)
+        available = self.available(message.provider)
+        disposition = decide(
+            error,
+            kind=message.kind,
+            attempts=message.attempts,
+            max_retries=message.max_retries,
+            provider_available=available,
+            now=now,
+            settings=self.outbox,
+            rng=self.rng,
+        )
+        failed = error is not None and not isinstance(error, CircuitOpen | BulkheadFull)
+        if disposition.action is Action.GONE:
+            receiver = self.receiver_of(message)
+            if receiver is not None:
+                self._gone.add(receiver)
+        return _Settlement(message, disposition, failed_attempt=failed)
+
+    def release(self, message: OutboxMessage, now: datetime) -> _Settlement:
+        """Give a leased, unattempted message back (the worker is stopping)."""
+        return _Settlement(
+            message, Disposition(Action.DEFER, now, "released: worker stopping"), released=True
+        )
+
+    def write_params(
+        self, items: Sequence[_Settlement], now: datetime
+    ) -> tuple[list[int], list[dict[str, Any]], list[dict[str, Any]]]:
+        """(delivered ids, settle rows, receiver rows) for one settle transaction."""
+        delivered: list[int] = []
+        rows: list[dict[str, Any]] = []
+        receivers: list[dict[str, Any]] = []
+        for item in items:
+            action = item.disposition.action
+            if action is Action.DELIVERED:
+                delivered.append(item.message.id)
+                continue
+            giveback = 1 if (action is Action.DEFER or item.released) else 0
+            status = DEAD if action in (Action.DEAD, Action.GONE) else PENDING
+            rows.append(
+                {
+                    "p_b_id": item.message.id,
+                    "p_b_status": status,
+                    "p_b_next": item.disposition.next_attempt_at or now,
+                    "p_b_error": item.disposition.error,
+                    "p_b_giveback": giveback,
+                    "p_owner": self.worker_id,
+                    "p_now": now,
+                }
+            )
+            if action is Action.GONE:
+                receiver = self.receiver_of(item.message)
+                assert receiver is not None
+                receivers.append(
+                    {
+                        "p_provider": receiver[0],
+                        "p_endpoint": receiver[1],
+                        "p_status": RECEIVER_GONE,
+                        "p_code": 410,
+                        "p_reason": item.disposition.error,
+                        "p_now": now,
+                    }
+                )
+        return delivered, rows, receivers
+
+    # ---------------------------------------------------------- observation
+
+    def observe(self, items: Sequence[_Settlement], result: BatchResult) -> None:
+        metrics = self.metrics
+        # Counted per batch, not per message: one labelled increment per outcome.
+        outcomes: Counter[tuple[str, str, str]] = Counter()
+        webhook_failures: Counter[str] = Counter()
+        dead: Counter[tuple[str, str]] = Counter()
+        for item in items:
+            msg, action = item.message, item.disposition.action
+            outcome = "released" if item.released and action is Action.DEFER else action.value
+            outcomes[(msg.provider, msg.kind, outcome)] += 1
+            if item.failed_attempt and msg.kind == KIND_WEBHOOK:
+                webhook_failures[msg.provider] += 1
+            if action is Action.DELIVERED:
+                result.delivered += 1
+            elif action is Action.RETRY:
+                result.retried += 1
+                self.log.info(
+                    "idis.outbox.retry_scheduled",
+                    msg="outbox delivery failed; retry scheduled",
+                    provider=msg.provider,
+                    kind=msg.kind,
+                    message_id=msg.id,
+                    attempts=msg.attempts,
+                    max_retries=msg.max_retries,
+                    next_attempt_at=item.disposition.next_attempt_at,
+                    error=item.disposition.error,
+                )
+            elif action is Action.DEFER:
+                if item.released:
+                    result.released += 1
+                else:
+                    result.deferred += 1
+            else:
+                result.dead += 1
+                dead[(msg.provider, msg.kind)] += 1
+                if action is Action.GONE:
+                    self.log.warning(
+                        "idis.outbox.receiver_gone",
+                        msg="webhook receiver answered 410 Gone; deliveries to it stop",
+                        provider=msg.provider,
+                        endpoint=msg.payload.get("endpoint"),
+                    )
+                self.log.warning(
+                    "idis.outbox.dead_lettered",
+                    msg="outbox message dead-lettered",
+                    provider=msg.provider,
+                    kind=msg.kind,
+                    message_id=msg.id,
+                    attempts=msg.attempts,
+                    error=item.disposition.error,
+                )
+        for labels, count in outcomes.items():
+            metrics.outbox_deliveries.labels(*labels).inc(count)
+        for provider, count in webhook_failures.items():
+            metrics.webhook_delivery_failures.labels(provider).inc(count)
+        for (provider, kind), count in dead.items():
+            metrics.outbox_dead_letters.labels(provider, kind).inc(count)
+
+    def taken_over(self, rows: Sequence[Any], result: BatchResult) -> None:
+        """Count and log leases this batch took over from a worker that died."""
+        lapsed = sum(1 for row in rows if row.last_error == LEASE_EXPIRED)
+        if lapsed:
+            result.reclaimed += lapsed
+            self.log.warning(
+                "idis.outbox.leases_reclaimed",
+                msg="took over lapsed outbox leases (a worker stopped without settling)",
+                count=lapsed,
+            )
+
+    def spent(self, message: OutboxMessage) -> _Settlement | None:
+        """A message whose budget lapsed leases used up: dead without another attempt.
+
+        A worker that dies mid-attempt keeps that attempt counted, so a message
+        that kills every worker taking it ends here instead of looping forever.
+        """
+        if message.attempts <= message.max_retries + 1:
+            return None
+        disposition = Disposition(
+            Action.DEAD, None, "retries spent: its last attempts were lost with their workers"
+        )
+        return _Settlement(message, disposition, failed_attempt=False, released=True)
+
+    def db_backoff(self, exc: BaseException) -> float:
+        self.db_failures += 1
+        delay = min(_MAX_DB_BACKOFF, 0.05 * 2 ** min(self.db_failures, 10))
+        self.log.warning(
+            "idis.outbox.storage_error",
+            msg="outbox database unreachable; will retry",
+            error=describe_error(exc),
+            retry_in=round(delay, 3),
+        )
+        return self.rng.uniform(delay / 2, delay)
+
+
+class OutboxWorker:
+    """Deliver outbox messages from a sync engine; run it in a thread or its own process.
+
+    Thread-safe to :meth:`stop` from another thread or a signal handler. Several
+    workers (threads or processes) may share one database.
+
+    Example::
+
+        worker = OutboxWorker(engine, settings, gateway=gateway)
+        thread = worker.start()          # background thread
+        ...
+        worker.stop(); thread.join()
+
+    Args:
+        engine: The library's database.
+        settings: Library settings (providers, ``outbox`` section).
+        deliver: Delivery strategy; defaults to :class:`GatewayDelivery` on ``gateway``.
+        gateway: The resilient call pipeline; also supplies ``availability``.
+        availability: Whether a provider accepts calls now; defaults to
+            ``gateway.available`` (or always True without a gateway).
+        providers: Providers this worker serves (default: every configured one).
+        worker_id: Lease owner name (default ``host:pid:random``).
+        clock: Time source (tests inject a manual clock).
+        rng: Random source for backoff jitter.
+        metrics: Metrics to record into (default: the process-wide set).
+        batch_size: Messages per lease (default ``IDIS_OUTBOX_BATCH_SIZE``).
+        concurrency: Messages of a batch delivered at once, on a thread pool
+            (default ``IDIS_OUTBOX_CONCURRENCY``); 1 delivers one by one.
+        lease: Lease length (default ``IDIS_OUTBOX_LEASE``).
+        poll_interval: Idle wait when nothing is due (default ``IDIS_OUTBOX_POLL_INTERVAL``).
+        metrics_interval: How often the queue gauges are refreshed (default 15 s).
+
+    Raises:
+        UnknownProviderError: when ``providers`` names an undeclared provider.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        *,
+        deliver: Deliver | None = None,
+        gateway: Any = None,
+        availability: Availability | None = None,
+        providers: Sequence[str] | None = None,
+        worker_id: str | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        metrics: Metrics | None = None,
+        batch_size: int | None = None,
+        concurrency: int | None = None,
+        lease: timedelta | None = None,
+        poll_interval: timedelta | None = None,
+        metrics_interval: timedelta | None = None,
+    ) -> None:
+        if deliver is None:
+            if gateway is None:
+                raise UsageError("OutboxWorker needs a deliver strategy or a gateway")
+            from ._delivery import GatewayDelivery
+
+            deliver = GatewayDelivery(gateway, settings, clock=clock)
+        if availability is None and gateway is not None:
+            availability = gateway.available
+        self.engine = engine
+        self.deliver = deliver
+        self._core = _WorkerCore(
+            settings,
+            providers=providers,
+            availability=availability,
+            worker_id=worker_id,
+            clock=clock,
+            rng=rng,
+            metrics=metrics,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            lease=lease,
+            poll_interval=poll_interval,
+            metrics_interval=metrics_interval,
+        )
+        self._dialect = engine.dialect.name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        #: While ``run`` runs, one connection is held for every cycle.
+        self._hold = False
+        self._conn: Connection | None = None
+
+    @property
+    def worker_id(self) -> str:
+        """The lease owner name this worker writes."""
+        return self._core.worker_id
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        """Ask the worker to stop: the delivery in progress finishes, the rest is given back."""
+        self._stop.set()
+
+    # ----------------------------------------------------------------- cycle
+
+    def run_once(self) -> BatchResult:
+        """Run one cycle: settle leftovers, lease, deliver, settle.
+
+        Returns:
+            What the cycle did (``leased == 0`` means nothing was due).
+
+        Raises:
+            StorageError: when the database is unreachable (``run`` retries instead).
+        """
+        result = self._cycle()
+        self._settle_now()
+        return result
+
+    def run(
+        self,
+        *,
+        until_idle: bool = False,
+        max_cycles: int | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> BatchResult:
+        """Run cycles until :meth:`stop` (or until nothing is due, with ``until_idle``).
+
+        Database outages are survived: the worker backs off (up to 5 s) and
+        carries on when the database is back. On stop, leftover settlements are
+        written if the database allows.
+
+        While running, the worker holds one connection, and each cycle's single
+        transaction both settles the previous batch and leases the next one.
+
+        Args:
+            until_idle: Return after the first cycle that found nothing due.
+            max_cycles: Return after this many cycles.
+            sleep: Idle wait (default: an interruptible wait on the stop flag).
+
+        Returns:
+            The summed counts of every cycle.
+        """
+        wait = sleep or (lambda seconds: self._stop.wait(seconds) and None)
+        total = BatchResult()
+        cycles = 0
+        idle = self._core.poll_interval.total_seconds()
+        self._hold = True
+        try:
+            while not self._stop.is_set():
+                try:
+                    result = self._cycle()
+                except StorageError as exc:
+                    wait(self._core.db_backoff(exc))
+                    continue
+                self._core.db_failures = 0
+                total.add(result)
+                cycles += 1
+                if max_cycles is not None and cycles >= max_cycles:
+                    break
+                if result.leased == 0:
+                    if until_idle:
+                        break
+                    wait(idle)
+            self._final_flush()
+        finally:
+            self._hold = False
+            self._release_connection()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+        return total
+
+    def start(self, *, name: str | None = None) -> threading.Thread:
+        """Run :meth:`run` in a daemon thread and return it (stop with :meth:`stop`)."""
+        if self._thread is not None and self._thread.is_alive():
+            raise UsageError("this outbox worker is already running")
+        self._stop.clear()
+        thread = threading.Thread(
+            target=self.run, name=name or f"idis-outbox-{self.worker_id}", daemon=True
+        )
+        self._thread = thread
+        thread.start()
+        return thread
+
+    # --------------------------------------------------------------- pieces
+
+    def _cycle(self) -> BatchResult:
+        core = self._core
+        result = BatchResult()
+        try:
+            # One transaction settles what the last batch did and leases the next
+            # batch: half the round trips of settling and leasing apart.
+            with self._transaction() as conn:
+                self._write_unsettled(conn)
+                batch = self._lease(conn, result)
+            core.unsettled.items.clear()
+            if core.gauges_due():
+                self._refresh_gauges()
+        except _DB_ERRORS as exc:
+            raise _as_storage_error(exc) from exc
+        result.leased = len(batch)
+        if batch:
+            settlements = self._deliver_batch(batch)
+            core.unsettled.items.extend(settlements)
+            core.observe(settlements, result)
+        return result
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        if not self._hold:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        try:
+            with self._conn.begin():
+                yield self._conn
+        except _DB_ERRORS:
+            self._release_connection()  # a restarted server leaves it dead: reconnect next time
+            raise
+
+    def _release_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _lease(self, conn: Connection, result: BatchResult) -> list[OutboxMessage]:
+        core = self._core
+        providers = core.providers_to_lease()
+        rows: list[Any] = []
+        if not providers:
+            return []
+        now = core.clock.now()
+        stmt = lease_statement(self._dialect)
+        for provider in providers:
+            limit = core.batch_size - len(rows)
+            if limit <= 0:
+                break
+            rows.extend(conn.execute(stmt, core.lease_params(provider, limit, now)).all())
+        if core.has_webhooks(rows):
+            # Read in the lease's transaction: a receiver another worker saw
+            # answer 410, or one re-activated by a re-queue, counts at once.
+            core.set_gone(conn.execute(gone_receivers_statement()).all())
+        core.taken_over(rows, result)
+        batch = [core.to_message(row) for row in rows]
+        batch.sort(key=lambda m: m.id)
+        return batch
+
+    def _refresh_gauges(self) -> None:
+        from ._admin import refresh_gauges
+
+        with self._transaction() as conn:
+            refresh_gauges(
+                conn, self._core.metrics, providers=self._core.providers, now=self._core.clock.now()
+            )
+
+    def _renew(self, ids: list[int], now: datetime) -> set[int]:
+        core = self._core
+        params = {"p_ids": ids, "p_owner": core.worker_id, "p_expires": now + core.lease}
+        with self._transaction() as conn:
+            return {int(r[0]) for r in conn.execute(renew_statement(self._dialect), params)}
+
+    def _deliver_batch(self, batch: list[OutboxMessage]) -> list[_Settlement]:
+        core = self._core
+        out: list[_Settlement] = []
+        ready = core.split_spent(batch, out)
+        leases = _Leases(ready)
+        if core.concurrency == 1 or len(ready) <= 1:
+            out.extend(self._deliver_one(message, leases) for message in ready)
+            return out
+        # A sliding window, not chunks: one slow send (a retry backing off in
+        # the gateway) holds one slot, not the whole batch. One batch never
+        # holds two messages of one ordering key, so they may go out side by side.
+        futures = {self._pool().submit(self._deliver_one, m, leases): m for m in ready}
+        while futures:
+            done, _ = wait(futures, timeout=core.renew_check, return_when=FIRST_COMPLETED)
+            for future in done:
+                out.append(future.result())
+                del futures[future]
+            if futures:
+                self._keep_leases(leases)
+        return out
+
+    def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Settlement:
+        # Every send first makes sure the batch's leases will outlast it.
+        self._keep_leases(leases)
+        if self._stop.is_set() or message.id in leases.lost:
+            # Stopping, or the lease could not be kept: give it back unsent
+            # (a lost lease's settle is a no-op: another worker holds it now).
+            return self._core.release(message, self._core.clock.now())
+        # Checked at send time: an earlier send of this batch may have just
+        # found the receiver gone.
+        return self._core.skip_gone(message) or self._attempt(message)
+
+    def _keep_leases(self, leases: _Leases) -> None:
+        core = self._core
+        if not core.needs_renewal(leases.expires, core.clock.now()):
+            return  # the common case, without the lock
+        with leases.lock:
+            now = core.clock.now()
+            if not leases.open or not core.needs_renewal(leases.expires, now):
+                return
+            try:
+                held = self._renew(sorted(leases.open), now)
+            except _DB_ERRORS as exc:
+                held = set()
+                core.log.warning(
+                    "idis.outbox.lease_renewal_failed",
+                    msg="could not renew outbox leases; the rest of the batch is given back",
+                    error=describe_error(exc),
+                )
+            leases.renewed(held, now + core.lease)
+
+    def _attempt(self, message: OutboxMessage) -> _Settlement:
+        error: BaseException | None = None
+        try:
+            self.deliver(message)
+        except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
+            error = exc
+        return self._core.settle(message, error, self._core.clock.now())
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self._core.concurrency, thread_name_prefix="idis-outbox-deliver"
+            )
+        return self._executor
+
+    def _write_unsettled(self, conn: Connection) -> None:
+        core = self._core
+        if not core.unsettled.items:
+            return
+        now = core.clock.now()
+        delivered, rows, receivers = core.write_params(core.unsettled.items, now)
+        if delivered:
+            conn.execute(
+                settle_delivered_statement(self._dialect), {"p_ids": delivered, "p_now": now}
+            )
+        if rows:
+            conn.execute(settle_statement(), rows)
+        for receiver in receivers:
+            conn.execute(mark_receiver_statement(self._dialect), receiver)
+
+    def _settle_now(self) -> None:
+        if not self._core.unsettled.items:
+            return
+        try:
+            with self._transaction() as conn:
+                self._write_unsettled(conn)
+        except _DB_ERRORS as exc:
+            raise _as_storage_error(exc) from exc
+        self._core.unsettled.items.clear()
+
+    def _final_flush(self) -> None:
+        for attempt in range(3):
+            try:
+                self._settle_now()
+                return
+            except StorageError as exc:
+                delay = self._core.db_backoff(exc)
+                if attempt < 2:
+                    time.sleep(delay)
+        self._core.log.warning(
+            "idis.outbox.settle_abandoned",
+            msg="stopping with unsettled outbox messages; their leases will lapse and they "
+            "will be delivered again (idempotently)",
+            count=len(self._core.unsettled.items),
+        )
+
+
+class AsyncOutboxWorker:
+    """Async twin of :class:`OutboxWorker`: same decisions, on an ``AsyncEngine``.
+
+    Run it as a task inside the service::
+
+        worker = AsyncOutboxWorker(async_engine, settings, gateway=async_gateway)
+        task = worker.start()            # asyncio.Task
+        ...
+        worker.stop(); await task
+
+    Args: as :class:`OutboxWorker`, with an async ``deliver`` and an ``AsyncGateway``.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        *,
+        deliver: AsyncDeliver | None = None,
+        gateway: Any = None,
+        availability: Availability | None = None,
+        providers: Sequence[str] | None = None,
+        worker_id: str | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        metrics: Metrics | None = None,
+        batch_size: int | None = None,
+        concurrency: int | None = None,
+        lease: timedelta | None = None,
+        poll_interval: timedelta | None = None,
+        metrics_interval: timedelta | None = None,
+    ) -> None:
+        if deliver is None:
+            if gateway is None:
+                raise UsageError("AsyncOutboxWorker needs a deliver strategy or a gateway")
+            from ._delivery import AsyncGatewayDelivery
+
+            deliver = AsyncGatewayDelivery(gateway, settings, clock=clock)
+        if availability is None and gateway is not None:
+            availability = gateway.available
+        self.engine = engine
+        self.deliver = deliver
+        self._core = _WorkerCore(
+            settings,
+            providers=providers,
+            availability=availability,
+            worker_id=worker_id,
+            clock=clock,
+            rng=rng,
+            metrics=metrics,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            lease=lease,
+            poll_interval=poll_interval,
+            metrics_interval=metrics_interval,
+        )
+        self._dialect = engine.dialect.name
+        self._stop = asyncio.Event()
+        self._stop_requested = False
+        self._hold = False
+        self._conn: AsyncConnection | None = None
+
+    @property
+    def worker_id(self) -> str:
+        """The lease owner name this worker writes."""
+        return self._core.worker_id
+
+    def stop(self) -> None:
+        """Ask the worker to stop (safe from a signal handler on the loop's thread)."""
+        self._stop_requested = True
+        self._stop.set()
+
+    async def run_once(self) -> BatchResult:
+        """One cycle, as :meth:`OutboxWorker.run_once`."""
+        result = await self._cycle()
+        await self._settle_now()
+        return result
+
+    async def run(self, *, until_idle: bool = False, max_cycles: int | None = None) -> BatchResult:
+        """Run cycles until :meth:`stop`, as :meth:`OutboxWorker.run` (one held connection)."""
+        total = BatchResult()
+        cycles = 0
+        idle = self._core.poll_interval.total_seconds()
+        self._hold = True
+        try:
+            while not self._stop_requested:
+                try:
+                    result = await self._cycle()
+                except StorageError as exc:
+                    await self._wait(self._core.db_backoff(exc))
+                    continue
+                self._core.db_failures = 0
+                total.add(result)
+                cycles += 1
+                if max_cycles is not None and cycles >= max_cycles:
+                    break
+                if result.leased == 0:
+                    if until_idle:
+                        break
+                    await self._wait(idle)
+            try:
+                await self._settle_now()
+            except StorageError as exc:
+                self._core.log.warning(
+                    "idis.outbox.settle_abandoned",
+                    msg="stopping with unsettled outbox messages; their leases will lapse",
+                    error=describe_error(exc),
+                )
+        finally:
+            self._hold = False
+            await self._release_connection()
+        return total
+
+    def start(self) -> asyncio.Task[BatchResult]:
+        """Run :meth:`run` as a task on the running loop."""
+        self._stop_requested = False
+        self._stop.clear()
+        return asyncio.get_running_loop().create_task(
+            self.run(), name=f"idis-outbox-{self.worker_id}"
+        )
+
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+    async def _cycle(self) -> BatchResult:
+        core = self._core
+        result = BatchResult()
+        try:
+            async with self._transaction() as conn:
+                await self._write_unsettled(conn)
+                batch = await self._lease(conn, result)
+            core.unsettled.items.clear()
+            if core.gauges_due():
+                await self._refresh_gauges()
+        except _DB_ERRORS as exc:
+            raise _as_storage_error(exc) from exc
+        result.leased = len(batch)
+        if batch:
+            settlements = await self._deliver_batch(batch)
+            core.unsettled.items.extend(settlements)
+            core.observe(settlements, result)
+        return result
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        if not self._hold:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        if self._conn is None:
+            self._conn = await self.engine.connect()
+        try:
+            async with self._conn.begin():
+                yield self._conn
+        except _DB_ERRORS:
+            await self._release_connection()
+            raise
+
+    async def _release_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _lease(self, conn: AsyncConnection, result: BatchResult) -> list[OutboxMessage]:
+        core = self._core
+        providers = core.providers_to_lease()
+        rows: list[Any] = []
+        if not providers:
+            return []
+        now = core.clock.now()
+        stmt = lease_statement(self._dialect)
+        for provider in providers:
+            limit = core.batch_size - len(rows)
+            if limit <= 0:
+                break
+            rows.extend((await conn.execute(stmt, core.lease_params(provider, limit, now))).all())
+        if core.has_webhooks(rows):
+            core.set_gone((await conn.execute(gone_receivers_statement())).all())
+        core.taken_over(rows, result)
+        batch = [core.to_message(row) for row in rows]
+        batch.sort(key=lambda m: m.id)
+        return batch
+
+    async def _refresh_gauges(self) -> None:
+        from ._admin import refresh_gauges
+
+        core = self._core
+        async with self._transaction() as conn:
+            await conn.run_sync(
+                lambda sync_conn: refresh_gauges(
+                    sync_conn, core.metrics, providers=core.providers, now=core.clock.now()
+                )
+            )
+
+    async def _renew(self, ids: list[int], now: datetime) -> set[int]:
+        core = self._core
+        params = {"p_ids": ids, "p_owner": core.worker_id, "p_expires": now + core.lease}
+        async with self._transaction() as conn:
+            result = await conn.execute(renew_statement(self._dialect), params)
+            return {int(r[0]) for r in result}
+
+    async def _deliver_batch(self, batch: list[OutboxMessage]) -> list[_Settlement]:
+        core = self._core
+        out: list[_Settlement] = []
+        ready = core.split_spent(batch, out)
+        leases = _Leases(ready)
+        slots = asyncio.Semaphore(core.concurrency)
+        renewing = asyncio.Lock()
+
+        async def one(message: OutboxMessage) -> _Settlement:
+            # At most ``concurrency`` at once, a sliding window; distinct
+            # ordering keys within a batch, so per-key order holds.
+            async with slots:
+                async with renewing:
+                    await self._keep_leases(leases)
+                return await self._deliver_one(message, leases)
+
+        out.extend(await asyncio.gather(*(one(m) for m in ready)))
+        return out
+
+    async def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Settlement:
+        if self._stop_requested or message.id in leases.lost:
+            return self._core.release(message, self._core.clock.now())
+        gone = self._core.skip_gone(message)
+        if gone is not None:
+            return gone
+        error: BaseException | None = None
+        try:
+            await self.deliver(message)
+        except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
+            error = exc
+        return self._core.settle(message, error, self._core.clock.now())
+
+    async def _keep_leases(self, leases: _Leases) -> None:
+        core = self._core
+        now = core.clock.now()
+        if not leases.open or not core.needs_renewal(leases.expires, now):
+            return
+        try:
+            held = await self._renew(sorted(leases.open), now)
+        except _DB_ERRORS as exc:
+            held = set()
+            core.log.warning(
+                "idis.outbox.lease_renewal_failed",
+                msg="could not renew outbox leases; the rest of the batch is given back",
+                error=describe_error(exc),
+            )
+        leases.renewed(held, now + core.lease)
+
+    async def _write_unsettled(self, conn: AsyncConnection) -> None:
+        core = self._core
+        if not core.unsettled.items:
+            return
+        now = core.clock.now()
+        delivered, rows, receivers = core.write_params(core.unsettled.items, now)
+        if delivered:
+            await conn.execute(
+                settle_delivered_statement(self._dialect), {"p_ids": delivered, "p_now": now}
+            )
+        if rows:
+            await conn.execute(settle_statement(), rows)
+        for receiver in receivers:
+            await conn.execute(mark_receiver_statement(self._dialect), receiver)
+
+    async def _settle_now(self) -> None:
+        if not self._core.unsettled.items:
+            return
+        try:
+            async with self._transaction() as conn:
+                await self._write_unsettled(conn)
+        except _DB_ERRORS as exc:
+            raise _as_storage_error(exc) from exc
+        self._core.unsettled.items.clear()
+
+
+def _as_storage_error(exc: BaseException) -> StorageError:
+    if isinstance(exc, StorageError):
+        return exc
+    return StorageError(
+        f"outbox database unreachable or refused the statement: {describe_error(exc)}"
+    )

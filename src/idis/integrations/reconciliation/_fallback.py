@@ -1,0 +1,322 @@
+"""``resync``: the fallback when the replay does not reach back far enough.
+
+A full resync fetches the records as the provider holds them *now* (those
+updated since a time, or a list of ids) and applies every one whose version
+is newer than what the inbox's ledger says the host applied, through the same
+handlers and the same inbox as every other channel. It cannot reproduce the
+intermediate changes a replay would have delivered, only the current state;
+that is what makes it the fallback rather than the first choice.
+
+Each record is applied as a *snapshot event*: a ``ProviderEvent`` of type
+``record.created`` / ``record.updated`` (``record.deleted`` for a record the
+provider no longer has) whose id, ``resync:<record>:v<version>``, makes a
+second resync of the same version a duplicate. ``verify_sync(repair=True)``
+applies its repairs the same way.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from .._audit import audit_row
+from .._timeparse import parse_since, utcnow
+from ..config import Settings
+from ..exceptions import ConfigError
+from ..observability._logs import get_logger, redact_text
+from ..sync._inbox import HandlerRegistry, get_registry
+from ._batch import PageResult
+from ._bulk import bulk_insert
+from ._db import AUDIT_TABLE, commit_events, default_client, default_engine, sessions, transaction
+from ._ledger import LedgerEntry, read_ledger
+from ._replay import EventFailure, require_handlers
+
+__all__ = ["INBOX_SOURCE", "ResyncSummary", "apply_snapshots", "resync", "snapshot_event"]
+
+log = get_logger()
+
+#: Inbox channel of snapshot events: like a poll, they are fetched by us from the
+#: provider's current state (the inbox knows the channels webhook, poll, replay).
+INBOX_SOURCE = "poll"
+#: Records fetched and applied per transaction.
+_BATCH = 500
+
+
+def snapshot_event(
+    record_id: str,
+    record: Any | None,
+    ledger: LedgerEntry | None,
+) -> Any | None:
+    """The event that brings the host to the provider's current state, or None if it is there.
+
+    Args:
+        record_id: The record id.
+        record: The provider's record now (``ProviderRecord``), or None when it has none.
+        ledger: What the inbox applied for the record, or None.
+
+    Returns:
+        A ``ProviderEvent`` (``seq`` 0: it has no place in the change feed), or
+        None when the ledger already holds this version (or the deletion).
+    """
+    from ..providers import ProviderEvent
+
+    if record is None:
+        if ledger is None or ledger.deleted:
+            return None
+        # The provider's tombstone version is unknown; one past ours orders
+        # the deletion after everything we applied.
+        version = ledger.version + 1
+        return ProviderEvent(
+            id=f"resync:{record_id}:deleted:v{version}",
+            seq=0,
+            type="record.deleted",
+            record_id=record_id,
+            tenant_id=ledger.tenant_id,
+            version=version,
+            occurred_at=utcnow(),
+            data={},
+        )
+    if ledger is not None and ledger.version >= record.version and not ledger.deleted:
+        return None
+    return ProviderEvent(
+        id=f"resync:{record.id}:v{record.version}",
+        seq=0,
+        type="record.created" if ledger is None or ledger.deleted else "record.updated",
+        record_id=record.id,
+        tenant_id=record.tenant_id,
+        version=record.version,
+        occurred_at=record.updated_at,
+        data=dict(record.data),
+    )
+
+
+def apply_snapshots(
+    session_factory: Any,
+    provider: str,
+    events: Sequence[Any],
+    *,
+    registry: HandlerRegistry,
+    action: str,
+    audit_source: str,
+    actor: str,
+    correlation_id: str,
+    clock: Callable[[], datetime] = utcnow,
+    details: Callable[[Any], dict[str, Any]] | None = None,
+) -> PageResult:
+    """Apply snapshot events through the inbox in one transaction, one audit row each.
+
+    Returns:
+        What was applied, superseded (a newer version arrived meanwhile) or failed.
+    """
+
+    def write_audit(session: Session, result: PageResult, now: datetime) -> None:
+        rows = [
+            audit_row(
+                action,
+                provider=provider,
+                actor=actor,
+                subject_type="record",
+                subject_id=event.record_id,
+                tenant_id=event.tenant_id,
+                source=audit_source,
+                details={
+                    "event_id": event.id,
+                    "event_type": event.type,
+                    "version": event.version,
+                    **(details(event) if details else {}),
+                },
+                correlation_id=correlation_id,
+                occurred_at=now,
+            )
+            for event in result.plan.apply
+        ]
+        rows.extend(
+            audit_row(
+                action,
+                provider=provider,
+                actor=actor,
+                subject_type="record",
+                subject_id=event.record_id,
+                tenant_id=event.tenant_id,
+                source=audit_source,
+                outcome="failed",
+                details={"event_id": event.id, "error": type(error).__name__},
+                message=redact_text(str(error))[:500],
+                correlation_id=correlation_id,
+                occurred_at=now,
+            )
+            for event, error in result.failed
+        )
+        if rows:
+            bulk_insert(session, AUDIT_TABLE, rows)
+
+    result, _bulk = commit_events(
+        session_factory,
+        provider,
+        list(events),
+        registry=registry,
+        source=INBOX_SOURCE,
+        clock=clock,
+        also=write_audit,
+    )
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncSummary:
+    """What one resync did."""
+
+    provider: str
+    run_id: str | None
+    #: Records fetched from the provider (ids asked for, or updated since).
+    fetched: int = 0
+    #: Already at the provider's version locally: nothing to do.
+    unchanged: int = 0
+    #: Applied through the host's handlers (dry run: would be applied).
+    applied: int = 0
+    #: Asked for by id but absent at the provider and locally.
+    missing: int = 0
+    #: No handler takes the record's event type: recorded, not applied.
+    ignored: int = 0
+    #: Handler raised: not applied.
+    failed: int = 0
+    dry_run: bool = False
+    failures: tuple[EventFailure, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed."""
+        return self.failed == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+
+def _record_batches(
+    client: Any, since: datetime | None, record_ids: Sequence[str] | None
+) -> Iterable[list[tuple[str, Any | None]]]:
+    if record_ids is not None:
+        for start in range(0, len(record_ids), _BATCH):
+            chunk = record_ids[start : start + _BATCH]
+            yield [(rid, client.get_record(rid)) for rid in chunk]
+        return
+    cursor: str | None = None
+    while True:
+        page = client.list_records(updated_since=since, cursor=cursor, limit=_BATCH)
+        yield [(record.id, record) for record in page.items]
+        cursor = page.next_cursor
+        if not cursor:
+            return
+
+
+def resync(
+    provider: str,
+    *,
+    since: datetime | str | None = None,
+    record_ids: Sequence[str] | None = None,
+    settings: Settings | None = None,
+    handlers: HandlerRegistry | None = None,
+    client: Any | None = None,
+    engine: Engine | None = None,
+    dry_run: bool = False,
+    actor: str = "system",
+    clock: Callable[[], datetime] = utcnow,
+    progress: Callable[[int], None] | None = None,
+) -> ResyncSummary:
+    """Fetch the provider's current records and apply those the host does not have yet.
+
+    Give exactly one of ``since`` (records updated since then, via
+    ``list_records``) or ``record_ids`` (via ``get_record``; an id the provider
+    no longer has is applied as a deletion when the host still has it).
+    Every applied record gets a ``reconcile.record_resynced`` audit row
+    (``source='resync'``).
+
+    Raises:
+        ConfigError: unknown provider, bad ``since``, neither or both selectors,
+            or no handlers registered.
+        ProviderError: the provider failed; records applied so far stay applied,
+            and running again continues (applied ones are unchanged by then).
+        StorageError: the database is unreachable.
+    """
+    settings = settings if settings is not None else Settings.from_env()
+    settings.provider(provider)
+    if (since is None) == (record_ids is None):
+        raise ConfigError(
+            "resync needs exactly one of since= (records updated since a time) or "
+            "record_ids= (a list of ids)",
+            variable="since",
+        )
+    start = None if since is None else parse_since(since, name="since", now=clock)
+    ids = None if record_ids is None else list(dict.fromkeys(str(r) for r in record_ids))
+    registry = handlers if handlers is not None else get_registry()
+    if not dry_run:
+        require_handlers(registry, provider)
+    run_id = f"rs_{uuid.uuid4().hex[:20]}"
+    counts = {"fetched": 0, "unchanged": 0, "applied": 0, "missing": 0, "ignored": 0, "failed": 0}
+    failures: list[EventFailure] = []
+    with ExitStack() as stack:
+        engine = engine if engine is not None else default_engine(settings, stack)
+        client = client if client is not None else default_client(settings, provider, stack, engine)
+        factory = sessions(engine)
+        for batch in _record_batches(client, start, ids):
+            counts["fetched"] += len(batch)
+            with transaction(factory) as session:
+                ledger = read_ledger(session, provider, [rid for rid, _ in batch])
+            events = []
+            for rid, record in batch:
+                event = snapshot_event(rid, record, ledger.get(rid))
+                if event is not None:
+                    events.append(event)
+                elif record is None and rid not in ledger:
+                    counts["missing"] += 1
+                else:
+                    counts["unchanged"] += 1
+            if dry_run or not events:
+                counts["applied"] += len(events) if dry_run else 0
+            else:
+                result = apply_snapshots(
+                    factory,
+                    provider,
+                    events,
+                    registry=registry,
+                    action="reconcile.record_resynced",
+                    audit_source="resync",
+                    actor=actor,
+                    correlation_id=run_id,
+                    clock=clock,
+                )
+                counts["applied"] += len(result.plan.apply)
+                counts["unchanged"] += len(result.plan.duplicates) + len(result.plan.superseded)
+                counts["ignored"] += len(result.plan.ignored)
+                counts["failed"] += len(result.failed)
+                failures.extend(
+                    EventFailure(str(e.id), e.record_id, type(x).__name__, redact_text(str(x)))
+                    for e, x in result.failed
+                )
+            if progress is not None:
+                progress(len(batch))
+    log.info(
+        "idis.reconcile.resynced",
+        provider=provider,
+        run_id=run_id,
+        dry_run=dry_run,
+        msg="resync finished",
+        **counts,
+    )
+    return ResyncSummary(
+        provider=provider,
+        run_id=None if dry_run else run_id,
+        dry_run=dry_run,
+        failures=tuple(failures[:100]),
+        **counts,
+    )

@@ -1,0 +1,965 @@
+"""``reconcile``: catch up on missed events through the provider's replay API (RB-09 Recovery 3).
+
+One run pages through the replay from ``since`` and, per page, in one
+transaction: skips the events the inbox already holds (webhook, poll or an
+earlier replay), applies the others through the host's handlers in the
+provider's order, writes one audit row per applied event
+(``reconcile.event_applied``, ``source='replay'``) and moves the run's
+checkpoint to the page's cursor. A run killed at any instant therefore
+resumes after the last committed page, and a second run applies nothing.
+
+It refuses, before any call, a ``since`` older than the provider's replay
+retention (``ProviderSettings.replay_retention``), naming the window and the
+fallback (:func:`~idis.integrations.reconciliation._fallback`), instead of returning
+a silently partial replay; a provider that answers "retention exceeded" gets
+the same treatment.
+
+When the run completes, the window ``[since, end]`` is recorded as ``replay``
+coverage in the sync timeline, so the gaps it filled close. A run with failed
+events covers only up to the first failure, and exits non-zero from the CLI.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol, runtime_checkable
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import Session
+
+from .._audit import AuditEvent, audit_row
+from .._timeparse import parse_since, utcnow
+from ..config import Settings
+from ..db._engine import create_async_db_engine, storage_errors
+from ..exceptions import (
+    ConfigError,
+    IntegrationError,
+    ProviderError,
+    ReplayWindowExceeded,
+    StorageError,
+)
+from ..observability._logs import get_logger, redact_text
+from ..observability._metrics import get_metrics
+from ..sync._inbox import HandlerRegistry, get_registry
+from ..sync._timeline import record_coverage
+from ._batch import PageResult, page_state
+from ._bulk import bulk_insert
+from ._db import (
+    AUDIT_TABLE,
+    LOCK_WAIT,
+    ReconcileBusy,
+    acommit_events,
+    async_run_lock,
+    async_transaction,
+    commit_events,
+    default_async_client,
+    default_client,
+    default_engine,
+    run_lock,
+    sessions,
+    transaction,
+)
+from ._logic import check_retention, plan_page, retention_error
+from ._models import ReconcileCheckpoint
+from ._sync_timeline import gaps_in
+
+__all__ = [
+    "MAX_PAGE_SIZE",
+    "AsyncReplaySource",
+    "EventFailure",
+    "ReconcileBusy",
+    "ReconcileInterrupted",
+    "ReconcileSummary",
+    "ReplaySource",
+    "areconcile",
+    "reconcile",
+]
+
+log = get_logger()
+
+#: Largest page the replay is asked for (the simulator's ceiling; most providers are lower).
+MAX_PAGE_SIZE = 5000
+#: Failures listed individually in the summary (the count is always exact).
+_MAX_LISTED_FAILURES = 100
+
+
+@runtime_checkable
+class ReplaySource(Protocol):
+    """A provider's replay API: pages of events since a time, resumable by cursor.
+
+    :class:`~idis.integrations.providers.ProviderClient` implements it; so does
+    :class:`~idis.integrations.reconciliation._sources.StaticReplaySource`.
+    """
+
+    def replay(self, since: datetime, *, cursor: str | None = None, limit: int = 500) -> Any:
+        """One page: an object with ``events`` (in provider order) and ``next_cursor``.
+
+        Raises:
+            ReplayWindowExceeded: ``since`` (or the cursor) is older than retained.
+        """
+
+
+class ReconcileInterrupted(IntegrationError):
+    """A reconcile run stopped before the end of the replay; its checkpoint is kept.
+
+    Run the same command again: it resumes after the last committed page.
+    """
+
+    def __init__(self, message: str, *, summary: ReconcileSummary, retryable: bool) -> None:
+        super().__init__(message)
+        #: Counts up to the interruption.
+        self.summary = summary
+        self.retryable = retryable  # type: ignore[misc]  # per instance: depends on the cause
+
+
+@dataclass(frozen=True, slots=True)
+class EventFailure:
+    """One event whose handler raised (not applied; the next run retries it)."""
+
+    event_id: str
+    record_id: str | None
+    error_type: str
+    #: The handler's message, redacted.
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileSummary:
+    """What one reconcile invocation did (a resumed run counts only its own part).
+
+    ``fetched == already_applied + applied + superseded + ignored + failed``.
+    """
+
+    provider: str
+    #: Run id (the audit rows' correlation id); None for a dry run.
+    run_id: str | None
+    since: datetime
+    #: Where the covered window ends (None until the run completes, and for a dry run).
+    covered_until: datetime | None
+    fetched: int = 0
+    #: Skipped: the inbox already had them (webhook, poll or an earlier replay).
+    already_applied: int = 0
+    #: Applied through the host's handlers (dry run: would be applied).
+    applied: int = 0
+    #: Older than an applied version of their record: recorded, not applied.
+    superseded: int = 0
+    #: No handler for the type: recorded, not applied.
+    ignored: int = 0
+    #: Handler raised: not applied, retried by the next run.
+    failed: int = 0
+    pages: int = 0
+    dry_run: bool = False
+    #: Whether this invocation resumed a run that had stopped.
+    resumed: bool = False
+    completed: bool = False
+    failures: tuple[EventFailure, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when the run completed and no event failed."""
+        return self.completed and self.failed == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+
+@dataclass(slots=True)
+class _Counts:
+    fetched: int = 0
+    already_applied: int = 0
+    applied: int = 0
+    superseded: int = 0
+    ignored: int = 0
+    failed: int = 0
+    pages: int = 0
+    failures: list[EventFailure] = field(default_factory=list)
+
+    def add(self, result: PageResult, fetched: int) -> None:
+        plan = result.plan
+        self.fetched += fetched
+        self.already_applied += len(plan.duplicates)
+        self.applied += len(plan.apply)
+        self.superseded += len(plan.superseded)
+        self.ignored += len(plan.ignored)
+        self.failed += len(result.failed)
+        self.pages += 1
+        for event, error in result.failed:
+            if len(self.failures) < _MAX_LISTED_FAILURES:
+                self.failures.append(
+                    EventFailure(
+                        event_id=str(event.id),
+                        record_id=event.record_id,
+                        error_type=type(error).__name__,
+                        message=redact_text(str(error))[:300],
+                    )
+                )
+
+
+@dataclass(slots=True)
+class _Run:
+    """One run's identity and position, plus what it needs to move on."""
+
+    provider: str
+    run_id: str
+    since: datetime
+    cursor: str | None
+    checkpoint_id: int | None
+    resumed: bool
+    #: ``sessionmaker`` (sync driver) or ``async_sessionmaker`` (async driver).
+    factory: Any
+    client: Any
+    registry: HandlerRegistry
+    page_size: int
+    retention: timedelta
+    actor: str
+    clock: Callable[[], datetime]
+    progress: Callable[[int], None] | None
+    counts: _Counts = field(default_factory=_Counts)
+
+    def summary(
+        self, *, dry_run: bool, completed: bool, covered_until: datetime | None
+    ) -> ReconcileSummary:
+        c = self.counts
+        return ReconcileSummary(
+            provider=self.provider,
+            run_id=None if dry_run else self.run_id,
+            since=self.since,
+            covered_until=covered_until,
+            fetched=c.fetched,
+            already_applied=c.already_applied,
+            applied=c.applied,
+            superseded=c.superseded,
+            ignored=c.ignored,
+            failed=c.failed,
+            pages=c.pages,
+            dry_run=dry_run,
+            resumed=self.resumed,
+            completed=completed,
+            failures=tuple(c.failures),
+        )
+
+    def fetch(self) -> Any:
+        """The next page (sync client)."""
+        try:
+            return self.client.replay(self.since, cursor=self.cursor, limit=self.page_size)
+        except ReplayWindowExceeded as exc:
+            raise self._reworded(exc) from exc
+
+    async def afetch(self) -> Any:
+        """The next page (async client)."""
+        try:
+            return await self.client.replay(self.since, cursor=self.cursor, limit=self.page_size)
+        except ReplayWindowExceeded as exc:
+            raise self._reworded(exc) from exc
+
+    def _reworded(self, exc: ReplayWindowExceeded) -> ReplayWindowExceeded:
+        # Re-worded so it names the window and the fallback whatever the
+        # adapter said; a status code means the provider itself refused.
+        return retention_error(
+            self.provider,
+            self.since,
+            self.retention,
+            now=self.clock(),
+            refused_by_provider=exc.status_code is not None,
+            applied_nothing=self.counts.pages == 0 and not self.resumed,
+        )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_page_size(page_size: int) -> None:
+    if isinstance(page_size, bool) or not isinstance(page_size, int):
+        raise ConfigError(f"page_size={page_size!r} is not an integer", variable="page_size")
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ConfigError(
+            f"page_size={page_size!r} must be between 1 and {MAX_PAGE_SIZE}", variable="page_size"
+        )
+
+
+def require_handlers(registry: HandlerRegistry, provider: str) -> None:
+    """Refuse to apply events when the host registered no handler at all.
+
+    Without handlers every event would be recorded as ``ignored``, so no later
+    run would apply it either: an empty registry means "the host's handlers
+    were not loaded", never "the host wants nothing".
+
+    Raises:
+        ConfigError: naming the provider and how to register handlers.
+    """
+    if not registry.event_types():
+        raise ConfigError(
+            f"no event handlers are registered, so applying {provider}'s events would mark "
+            "them handled without applying them; load the host's handlers "
+            "(IDIS_HANDLERS=package.module or handlers=HandlerRegistry), or use a dry run",
+            variable="IDIS_HANDLERS",
+        )
+
+
+# --------------------------------------------------------------------------- checkpoints
+# Each step is written once against a sync Session; the sync driver runs it in
+# a transaction, the async one through ``AsyncSession.run_sync``.
+
+
+def _pick_resumable(
+    session: Session, provider: str, since: datetime, oldest: datetime
+) -> ReconcileCheckpoint | None:
+    """The newest stopped run that can stand in for a run from ``since``; abandon the others.
+
+    A stopped run can stand in when its window starts no later than ``since``
+    (it covers the same events and more) and is still within the replay
+    retention (``oldest``). Every other stopped run of the provider is marked
+    ``abandoned``: the inbox makes a fresh run skip whatever they had applied.
+    """
+    chosen: ReconcileCheckpoint | None = None
+    rows = session.scalars(
+        select(ReconcileCheckpoint)
+        .where(ReconcileCheckpoint.provider == provider, ReconcileCheckpoint.status == "running")
+        .order_by(ReconcileCheckpoint.id.desc())
+    )
+    for row in rows:
+        if chosen is None and oldest <= row.since <= since:
+            chosen = row
+            continue
+        row.status = "abandoned"
+        row.finished_at = utcnow()
+        row.error = (
+            "abandoned: its window is no longer within the replay retention"
+            if row.since < oldest
+            else "abandoned: a later run's window did not match it"
+        )
+    return chosen
+
+
+def _new_checkpoint(run: _Run, now: datetime) -> ReconcileCheckpoint:
+    return ReconcileCheckpoint(
+        run_id=run.run_id,
+        provider=run.provider,
+        status="running",
+        since=run.since,
+        pages=0,
+        fetched=0,
+        already_applied=0,
+        applied=0,
+        superseded=0,
+        ignored=0,
+        failed=0,
+        started_at=now,
+        updated_at=now,
+    )
+
+
+def _save_page(
+    session: Session,
+    run: _Run,
+    result: PageResult,
+    page: Any,
+    now: datetime,
+) -> None:
+    """Move the checkpoint past ``page`` (same transaction as the page's rows)."""
+    plan = result.plan
+    events = page.events
+    values: dict[str, Any] = {
+        "cursor": page.next_cursor,
+        "pages": ReconcileCheckpoint.pages + 1,
+        "fetched": ReconcileCheckpoint.fetched + len(events),
+        "already_applied": ReconcileCheckpoint.already_applied + len(plan.duplicates),
+        "applied": ReconcileCheckpoint.applied + len(plan.apply),
+        "superseded": ReconcileCheckpoint.superseded + len(plan.superseded),
+        "ignored": ReconcileCheckpoint.ignored + len(plan.ignored),
+        "failed": ReconcileCheckpoint.failed + len(result.failed),
+        "updated_at": now,
+        "error": None,
+    }
+    if events:
+        values["last_seq"] = events[-1].seq
+        values["last_occurred_at"] = events[-1].occurred_at
+    if run.checkpoint_id is None:
+        row = _new_checkpoint(run, now)
+        session.add(row)
+        session.flush()
+        run.checkpoint_id = row.id
+    first_failed = min((e.occurred_at for e, _ in result.failed), default=None)
+    if first_failed is not None:
+        current = session.scalar(
+            select(ReconcileCheckpoint.first_failed_at).where(
+                ReconcileCheckpoint.id == run.checkpoint_id
+            )
+        )
+        if current is None or first_failed < current:
+            values["first_failed_at"] = first_failed
+    session.execute(
+        update(ReconcileCheckpoint)
+        .where(ReconcileCheckpoint.id == run.checkpoint_id)
+        .values(values)
+    )
+
+
+def _audit_rows(run: _Run, result: PageResult, now: datetime) -> list[dict[str, Any]]:
+    rows = [
+        audit_row(
+            "reconcile.event_applied",
+            provider=run.provider,
+            actor=run.actor,
+            subject_type="record",
+            subject_id=event.record_id,
+            tenant_id=event.tenant_id,
+            source="replay",
+            details={
+                "event_id": event.id,
+                "event_type": event.type,
+                "seq": event.seq,
+                "version": event.version,
+            },
+            correlation_id=run.run_id,
+            occurred_at=now,
+        )
+        for event in result.plan.apply
+    ]
+    rows.extend(
+        audit_row(
+            "reconcile.event_failed",
+            provider=run.provider,
+            actor=run.actor,
+            subject_type="record",
+            subject_id=event.record_id,
+            tenant_id=event.tenant_id,
+            source="replay",
+            outcome="failed",
+            details={"event_id": event.id, "event_type": event.type, "error": type(error).__name__},
+            message=redact_text(str(error))[:500],
+            correlation_id=run.run_id,
+            occurred_at=now,
+        )
+        for event, error in result.failed
+    )
+    return rows
+
+
+def _writer(run: _Run, page: Any) -> Callable[[Session, PageResult, datetime], None]:
+    """The rows a committed page writes beside its events: audit rows and the checkpoint."""
+
+    def write(session: Session, result: PageResult, now: datetime) -> None:
+        _write_page(session, run, result, page, now)
+
+    return write
+
+
+def _write_page(session: Session, run: _Run, result: PageResult, page: Any, now: datetime) -> None:
+    rows = _audit_rows(run, result, now)
+    if rows:
+        bulk_insert(session, AUDIT_TABLE, rows)
+    _save_page(session, run, result, page, now)
+
+
+def _finish_in(session: Session, run: _Run, end: datetime) -> datetime:
+    """Mark the run completed and record its replay coverage; return where coverage ends."""
+    now = run.clock()
+    row = session.get(ReconcileCheckpoint, run.checkpoint_id) if run.checkpoint_id else None
+    if row is None:
+        # An empty replay: nothing was checkpointed, but the window is covered.
+        row = _new_checkpoint(run, now)
+        session.add(row)
+    covered_until = end if row.first_failed_at is None else min(end, row.first_failed_at)
+    row.status = "completed"
+    row.cursor = None
+    row.covered_until = covered_until
+    row.finished_at = now
+    row.updated_at = now
+    if covered_until > run.since:
+        record_coverage(session, run.provider, "replay", run.since, covered_until)
+    totals = {
+        "fetched": row.fetched,
+        "already_applied": row.already_applied,
+        "applied": row.applied,
+        "superseded": row.superseded,
+        "ignored": row.ignored,
+        "failed": row.failed,
+    }
+    session.add(
+        AuditEvent(
+            **audit_row(
+                "reconcile.completed",
+                provider=run.provider,
+                actor=run.actor,
+                source="replay",
+                outcome="ok" if row.failed == 0 else "failed",
+                details={
+                    **totals,
+                    "since": run.since.isoformat(),
+                    "covered_until": covered_until.isoformat(),
+                    "resumed": run.resumed,
+                },
+                correlation_id=run.run_id,
+                message=(
+                    f"reconciled {run.provider} since {run.since.isoformat()}: "
+                    f"{row.applied} applied, {row.already_applied} already applied, "
+                    f"{row.failed} failed"
+                ),
+                occurred_at=now,
+            )
+        )
+    )
+    # The gauge reflects the window this run covered (normally no gap left).
+    gaps_in(session, run.provider, run.since, max(covered_until, run.since))
+    return covered_until
+
+
+def _note_in(session: Session, run: _Run, error: BaseException, *, abandon: bool) -> None:
+    """Record why the run stopped on its checkpoint (and close it when it cannot resume)."""
+    values: dict[str, Any] = {"error": redact_text(f"{type(error).__name__}: {error}")[:1000]}
+    if abandon:
+        values.update(status="abandoned", finished_at=run.clock())
+    session.execute(
+        update(ReconcileCheckpoint)
+        .where(ReconcileCheckpoint.id == run.checkpoint_id)
+        .values(values)
+    )
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+def _adopt(run: _Run, found: ReconcileCheckpoint | None) -> None:
+    """Continue ``found`` (a stopped run) or start a new run id."""
+    if found is not None:
+        run.run_id, run.since, run.cursor = found.run_id, found.since, found.cursor
+        run.checkpoint_id, run.resumed = found.id, True
+        log.info(
+            "idis.reconcile.resumed",
+            provider=run.provider,
+            run_id=run.run_id,
+            since=run.since.isoformat(),
+            pages=found.pages,
+            applied=found.applied,
+            msg="resuming a stopped reconcile run from its checkpoint",
+        )
+        return
+    run.run_id = f"rc_{uuid.uuid4().hex[:20]}"
+    log.info(
+        "idis.reconcile.started",
+        provider=run.provider,
+        run_id=run.run_id,
+        since=run.since.isoformat(),
+        msg="reconcile run started",
+    )
+
+
+def _stop_reason(run: _Run, exc: BaseException) -> tuple[bool, bool]:
+    """For an error mid-run: (re-raise it as is, abandon the run)."""
+    if isinstance(exc, ReplayWindowExceeded):
+        if run.counts.pages == 0 and not run.resumed:
+            return True, False  # nothing was applied: the plain error says it all
+        # The provider dropped events after our cursor: resuming cannot help,
+        # only a resync can. Close the run so nobody resumes it.
+        return False, True
+    return False, False
+
+
+def _interrupted(run: _Run, exc: IntegrationError, *, resumable: bool) -> ReconcileInterrupted:
+    log.warning(
+        "idis.reconcile.interrupted",
+        provider=run.provider,
+        run_id=run.run_id,
+        pages=run.counts.pages,
+        applied=run.counts.applied,
+        error_type=type(exc).__name__,
+        msg="reconcile run interrupted; its checkpoint is kept",
+    )
+    advice = (
+        " Run the same command again to resume from the checkpoint"
+        if resumable
+        else " The run cannot resume."
+    )
+    return ReconcileInterrupted(
+        f"reconcile of {run.provider} (run {run.run_id}) stopped after {run.counts.pages} "
+        f"pages ({run.counts.applied} events applied) because {type(exc).__name__}: "
+        f"{exc}.{advice}",
+        summary=run.summary(dry_run=False, completed=False, covered_until=None),
+        retryable=exc.retryable,
+    )
+
+
+def _paged(run: _Run, page: Any, result: PageResult, bulk: bool) -> bool:
+    """Account for a committed page; return whether the replay has more."""
+    run.counts.add(result, len(page.events))
+    run.cursor = page.next_cursor
+    _count(get_metrics(), run.provider, result, bulk)
+    if run.progress is not None:
+        run.progress(len(page.events))
+    return bool(page.next_cursor)
+
+
+def _completed(run: _Run, covered_until: datetime, started: float) -> ReconcileSummary:
+    c = run.counts
+    log.info(
+        "idis.reconcile.completed",
+        provider=run.provider,
+        run_id=run.run_id,
+        fetched=c.fetched,
+        already_applied=c.already_applied,
+        applied=c.applied,
+        superseded=c.superseded,
+        failed=c.failed,
+        seconds=round(time.monotonic() - started, 3),
+        msg="reconcile run completed",
+    )
+    return run.summary(dry_run=False, completed=True, covered_until=covered_until)
+
+
+def _prepare(
+    provider: str,
+    since: datetime | str,
+    *,
+    settings: Settings,
+    dry_run: bool,
+    handlers: HandlerRegistry | None,
+    page_size: int,
+    clock: Callable[[], datetime],
+) -> tuple[datetime, timedelta, HandlerRegistry]:
+    """Validate everything before any call: (window start, retention, registry)."""
+    retention = settings.provider(provider).replay_retention
+    start_now = clock()
+    window_start = parse_since(since, name="since", now=lambda: start_now)
+    _check_page_size(page_size)
+    registry = handlers if handlers is not None else get_registry()
+    if not dry_run:
+        require_handlers(registry, provider)
+    check_retention(provider, window_start, retention, start_now)
+    return window_start, retention, registry
+
+
+# --------------------------------------------------------------------------- sync driver
+
+
+def reconcile(
+    provider: str,
+    since: datetime | str,
+    *,
+    settings: Settings | None = None,
+    dry_run: bool = False,
+    handlers: HandlerRegistry | None = None,
+    client: ReplaySource | None = None,
+    engine: Engine | None = None,
+    page_size: int = 1000,
+    resume: bool = True,
+    actor: str = "system",
+    clock: Callable[[], datetime] = utcnow,
+    progress: Callable[[int], None] | None = None,
+    lock_wait: float = LOCK_WAIT,
+) -> ReconcileSummary:
+    """Replay ``provider``'s events since ``since`` and apply the ones the host missed.
+
+    Example::
+
+        summary = reconcile("crm_provider", "2 hours ago")
+        assert summary.ok, summary.failures
+
+    Args:
+        provider: Provider name as configured.
+        since: Start of the window: an aware datetime, ``"2 hours ago"`` or ISO-8601.
+        settings: Library settings (default: from the environment).
+        dry_run: Fetch and count only: no inbox, audit, checkpoint or coverage
+            rows, no handler calls.
+        handlers: The host's handlers (default: the inbox's process-wide registry).
+        client: The replay API (default: a ``ProviderClient`` over a new ``Gateway``).
+        engine: Database engine (default: one for ``settings.database_url``).
+        page_size: Events per replay page (1-5000); each page is one transaction.
+        resume: Resume this provider's stopped run when its window covers ``since``.
+        actor: Who runs it, for the audit trail (``cli:<user>``, ``system``).
+        clock: Current time (tests).
+        progress: Called with the number of events in each page fetched.
+        lock_wait: Seconds to wait for another run's lock (PostgreSQL) before
+            giving up; a killed run's lock goes a moment after the kill.
+
+    Returns:
+        The counts of this invocation (:class:`ReconcileSummary`).
+
+    Raises:
+        ConfigError: unknown provider, bad ``since`` or ``page_size``, or no handlers.
+        ReplayWindowExceeded: ``since`` is older than the provider retains
+            (checked before any call); nothing was applied.
+        ReconcileBusy: another run for the provider holds the lock (PostgreSQL).
+        ReconcileInterrupted: the provider or the database failed mid-run; the
+            checkpoint is kept, run again to resume.
+        StorageError: the database is unreachable.
+    """
+    settings = settings if settings is not None else Settings.from_env()
+    window_start, retention, registry = _prepare(
+        provider,
+        since,
+        settings=settings,
+        dry_run=dry_run,
+        handlers=handlers,
+        page_size=page_size,
+        clock=clock,
+    )
+
+    with ExitStack() as stack:
+        engine = engine if engine is not None else default_engine(settings, stack)
+        client = client if client is not None else default_client(settings, provider, stack, engine)
+        run = _Run(
+            provider=provider,
+            run_id="dry-run",
+            since=window_start,
+            cursor=None,
+            checkpoint_id=None,
+            resumed=False,
+            factory=sessions(engine),
+            client=client,
+            registry=registry,
+            page_size=page_size,
+            retention=retention,
+            actor=actor,
+            clock=clock,
+            progress=progress,
+        )
+        if dry_run:
+            return _dry_run(run)
+        stack.enter_context(run_lock(engine, provider, wait=lock_wait))
+        oldest = clock() - retention
+        with transaction(run.factory) as session:
+            found = _pick_resumable(session, provider, run.since, oldest) if resume else None
+        _adopt(run, found)
+        return _drive(run)
+    raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
+
+
+def _drive(run: _Run) -> ReconcileSummary:
+    started = time.monotonic()
+    while True:
+        fetched_at = run.clock()
+        try:
+            page = run.fetch()
+            result, bulk = commit_events(
+                run.factory,
+                run.provider,
+                list(page.events),
+                registry=run.registry,
+                source="replay",
+                clock=run.clock,
+                also=_writer(run, page),
+            )
+        except (ProviderError, StorageError) as exc:
+            as_is, abandon = _stop_reason(run, exc)
+            if as_is:
+                raise
+            _note(run, exc, abandon=abandon)
+            raise _interrupted(run, exc, resumable=not abandon) from exc
+        if not _paged(run, page, result, bulk):
+            break
+    with transaction(run.factory) as session:
+        covered_until = _finish_in(session, run, fetched_at)
+    return _completed(run, covered_until, started)
+
+
+def _note(run: _Run, error: BaseException, *, abandon: bool) -> None:
+    if run.checkpoint_id is None:
+        return
+    try:
+        with transaction(run.factory) as session:
+            _note_in(session, run, error, abandon=abandon)
+    except StorageError:
+        log.warning("idis.reconcile.checkpoint_note_failed", provider=run.provider)
+
+
+def _count(metrics: Any, provider: str, result: PageResult, bulk: bool) -> None:
+    plan = result.plan
+    outcomes = {
+        "applied": len(plan.apply),
+        "already_applied": len(plan.duplicates),
+        "superseded": len(plan.superseded),
+        "ignored": len(plan.ignored),
+        "failed": len(result.failed),
+    }
+    for outcome, number in outcomes.items():
+        if number:
+            metrics.reconcile_events.labels(provider=provider, outcome=outcome).inc(number)
+    if bulk and plan.apply:
+        # apply_event counts what it applies after commit; the bulk path counts its own.
+        metrics.events_applied.labels(provider=provider, source="replay").inc(len(plan.apply))
+
+
+class _DryRun:
+    """What a dry run has planned so far: later pages see earlier ones as applied."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.ids: set[str] = set()
+        self.versions: dict[str, int] = {}
+
+    def page(self, page: Any, known: set[str], current: dict[str, int]) -> bool:
+        """Plan one page as if the earlier ones had been committed; return whether more."""
+        run = self.run
+        events = list(page.events)
+        for event in events:
+            key = self.versions.get(event.record_id) if event.record_id else None
+            if key is not None:
+                current[event.record_id] = max(current.get(event.record_id, key), key)
+        plan = plan_page(events, known | self.ids, current, run.registry.handles)
+        self.ids.update(e.id for e in (*plan.apply, *plan.superseded, *plan.ignored))
+        self.versions.update({rid: key for rid, (key, _eid) in plan.versions.items()})
+        run.counts.add(PageResult(plan), len(events))
+        if run.progress is not None:
+            run.progress(len(events))
+        run.cursor = page.next_cursor
+        return bool(page.next_cursor)
+
+
+def _dry_run(run: _Run) -> ReconcileSummary:
+    """Count what a run would do, writing nothing: reads run in rolled-back transactions."""
+    planner = _DryRun(run)
+    more = True
+    while more:
+        page = run.fetch()
+        with storage_errors(), run.factory() as session:
+            known, current = page_state(session, run.provider, list(page.events), run.registry)
+            session.rollback()
+        more = planner.page(page, known, current)
+    return run.summary(dry_run=True, completed=True, covered_until=None)
+
+
+# --------------------------------------------------------------------------- async driver
+
+
+@runtime_checkable
+class AsyncReplaySource(Protocol):
+    """Async twin of :class:`ReplaySource` (``AsyncProviderClient`` implements it)."""
+
+    async def replay(self, since: datetime, *, cursor: str | None = None, limit: int = 500) -> Any:
+        """One page: an object with ``events`` and ``next_cursor``."""
+
+
+async def areconcile(
+    provider: str,
+    since: datetime | str,
+    *,
+    settings: Settings | None = None,
+    dry_run: bool = False,
+    handlers: HandlerRegistry | None = None,
+    client: AsyncReplaySource | None = None,
+    engine: AsyncEngine | None = None,
+    page_size: int = 1000,
+    resume: bool = True,
+    actor: str = "system",
+    clock: Callable[[], datetime] = utcnow,
+    progress: Callable[[int], None] | None = None,
+    lock_wait: float = LOCK_WAIT,
+) -> ReconcileSummary:
+    """Async twin of :func:`reconcile`, for the service's event loop.
+
+    Same decisions, checkpoints, audit rows and coverage; the replay comes
+    from an ``AsyncProviderClient`` and the database from an ``AsyncEngine``.
+    Async handlers (``registry.register_async``) are awaited; sync ones run
+    through ``AsyncSession.run_sync``. Takes the arguments of :func:`reconcile`
+    (``client`` async, ``engine`` an ``AsyncEngine``).
+
+    Raises:
+        The exceptions of :func:`reconcile`.
+    """
+    settings = settings if settings is not None else Settings.from_env()
+    window_start, retention, registry = _prepare(
+        provider,
+        since,
+        settings=settings,
+        dry_run=dry_run,
+        handlers=handlers,
+        page_size=page_size,
+        clock=clock,
+    )
+    async with AsyncExitStack() as stack:
+        if engine is None:
+            engine = create_async_db_engine(settings.database_url)
+            stack.push_async_callback(engine.dispose)
+        if client is None:
+            client = await default_async_client(settings, provider, stack, engine)
+        run = _Run(
+            provider=provider,
+            run_id="dry-run",
+            since=window_start,
+            cursor=None,
+            checkpoint_id=None,
+            resumed=False,
+            factory=async_sessionmaker(engine, expire_on_commit=False),
+            client=client,
+            registry=registry,
+            page_size=page_size,
+            retention=retention,
+            actor=actor,
+            clock=clock,
+            progress=progress,
+        )
+        if dry_run:
+            return await _adry_run(run)
+        await stack.enter_async_context(async_run_lock(engine, provider, wait=lock_wait))
+        found = None
+        if resume:
+            async with async_transaction(run.factory) as session:
+                found = await session.run_sync(
+                    _pick_resumable, provider, run.since, clock() - retention
+                )
+        _adopt(run, found)
+        return await _adrive(run)
+    raise AssertionError("unreachable")  # AsyncExitStack does not swallow exceptions
+
+
+async def _adrive(run: _Run) -> ReconcileSummary:
+    started = time.monotonic()
+    while True:
+        fetched_at = run.clock()
+        try:
+            page = await run.afetch()
+            result, bulk = await acommit_events(
+                run.factory,
+                run.provider,
+                list(page.events),
+                registry=run.registry,
+                source="replay",
+                clock=run.clock,
+                also=_writer(run, page),
+            )
+        except (ProviderError, StorageError) as exc:
+            as_is, abandon = _stop_reason(run, exc)
+            if as_is:
+                raise
+            await _anote(run, exc, abandon=abandon)
+            raise _interrupted(run, exc, resumable=not abandon) from exc
+        if not _paged(run, page, result, bulk):
+            break
+    async with async_transaction(run.factory) as session:
+        covered_until = await session.run_sync(_finish_in, run, fetched_at)
+    return _completed(run, covered_until, started)
+
+
+async def _anote(run: _Run, error: BaseException, *, abandon: bool) -> None:
+    if run.checkpoint_id is None:
+        return
+    try:
+        async with async_transaction(run.factory) as session:
+            await session.run_sync(_note_in, run, error, abandon=abandon)
+    except StorageError:
+        log.warning("idis.reconcile.checkpoint_note_failed", provider=run.provider)
+
+
+async def _adry_run(run: _Run) -> ReconcileSummary:
+    planner = _DryRun(run)
+    more = True
+    while more:
+        page = await run.afetch()
+        with storage_errors():
+            async with run.factory() as session:
+                known, current = await session.run_sync(
+                    page_state, run.provider, list(page.events), run.registry
+                )
+                await session.rollback()
+        more = planner.page(page, known, current)
+    return run.summary(dry_run=True, completed=True, covered_until=None)

@@ -1,0 +1,321 @@
+"""The simulator's ASGI app: the provider API under ``/p/{provider}`` and ``/_control``.
+
+Each provider request first passes the fault layer (in :class:`SimulatorApp`,
+before Starlette's own middleware so it still holds the server's raw ``send``),
+then the optional bearer-token check, then the route. The routes are thin:
+they parse parameters and call :class:`~.state.ProviderState` under the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+
+from ._faults import apply_fault, send_json
+from ._oauth import revoke_endpoint, rotate_endpoint, token_endpoint
+from ._state import (
+    RetentionExceeded,
+    SimulatorInputError,
+    SimulatorState,
+    format_time,
+    parse_time,
+)
+from ._webhooks import WebhookEmitter, inbound_endpoint
+
+__all__ = ["SimulatorApp", "build_app", "classify"]
+
+_EXACT = {
+    "health": "health",
+    "records": "records",
+    "changes": "changes",
+    "replay": "replay",
+    "webhooks/inbound": "webhooks_inbound",
+    "oauth/token": "token",
+    "oauth/revoke": "revoke",
+    "oauth/rotate": "rotate",
+}
+#: Endpoints that need a bearer token while the provider's require_auth is on.
+PROTECTED = frozenset({"records", "record", "changes", "replay", "enrich"})
+
+
+def classify(path: str) -> tuple[str, str] | None:
+    """``(provider, endpoint name)`` of a provider API path, or None for anything else."""
+    if not path.startswith("/p/"):
+        return None
+    provider, _, rest = path[3:].partition("/")
+    if not provider:
+        return None
+    rest = rest.rstrip("/")
+    endpoint = _EXACT.get(rest)
+    if endpoint is None:
+        if rest.startswith("records/") and "/" not in rest[8:]:
+            endpoint = "record"
+        elif rest.startswith("enrich/") and "/" not in rest[7:]:
+            endpoint = "enrich"
+        else:
+            return None
+    return provider, endpoint
+
+
+class SimulatorApp(Starlette):
+    """Starlette app with the fault and auth layers in front of routing."""
+
+    sim: SimulatorState
+    emitter: WebhookEmitter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run faults and auth on the raw ASGI call, then route."""
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        if not self.emitter.started and self.sim.has_webhook_targets():
+            # In-process use (httpx.ASGITransport) runs no lifespan; whoever does
+            # that should `await app.emitter.stop()` when done.
+            self.emitter.start()
+        target = classify(scope["path"])
+        if target is None:
+            await super().__call__(scope, receive, send)
+            return
+        name, endpoint = target
+        sim = self.sim
+        try:
+            with sim.lock:
+                provider = sim.provider(name)
+                decision = provider.on_request(endpoint)
+                needs_auth = provider.require_auth and endpoint in PROTECTED
+        except SimulatorInputError as exc:
+            await send_json(send, 404, {"error": "unknown_provider", "detail": str(exc)})
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                with sim.lock:
+                    provider.responses[f"{endpoint}:{message['status']}"] += 1
+            await send(message)
+
+        if decision.latency > 0:
+            await asyncio.sleep(decision.latency)
+        if decision.fault is not None:
+            if decision.fault.kind == "drop":
+                with sim.lock:
+                    provider.responses[f"{endpoint}:dropped"] += 1
+                await apply_fault(decision.fault, sim, endpoint, send)
+            else:
+                await apply_fault(decision.fault, sim, endpoint, counting_send)
+            return
+        if needs_auth and not self._authorized(scope, provider):
+            await send_json(
+                counting_send,
+                401,
+                {"error": "invalid_token"},
+                [(b"www-authenticate", b'Bearer error="invalid_token"')],
+            )
+            return
+        await super().__call__(scope, receive, counting_send)
+
+    def _authorized(self, scope: Scope, provider: Any) -> bool:
+        header = b""
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                header = value
+                break
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        with self.sim.lock:
+            ok = scheme.lower() == "bearer" and provider.oauth.validate_bearer(
+                token.strip(), self.sim.now()
+            )
+            if not ok:
+                provider.auth_failures += 1
+        return bool(ok)
+
+
+def _bad(exc: SimulatorInputError) -> JSONResponse:
+    return JSONResponse(
+        {"error": "invalid_parameter", "parameter": exc.variable, "detail": str(exc)},
+        status_code=400,
+    )
+
+
+def _int_param(request: Request, name: str, default: int | None, maximum: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SimulatorInputError(f"{name}={raw!r} is not an integer", variable=name) from None
+    minimum = 0 if name == "after" else 1
+    if value < minimum or value > maximum:
+        raise SimulatorInputError(
+            f"{name}={raw!r} is out of range: expected {minimum}..{maximum}", variable=name
+        )
+    return value
+
+
+def _time_param(request: Request, name: str) -> Any:
+    raw = request.query_params.get(name)
+    return parse_time(raw, name) if raw else None
+
+
+_INDUSTRIES = ("software", "fintech", "healthcare", "manufacturing", "retail", "energy", "media")
+_SIZES = ("1-10", "11-50", "51-200", "201-1000", "1001-5000", "5000+")
+_COUNTRIES = ("US", "GB", "DE", "FR", "NL", "SE", "SG", "CA")
+
+
+def enrichment_for(subject_id: str) -> dict[str, Any]:
+    """Deterministic fake company data for ``subject_id`` (same id, same data)."""
+    digest = hashlib.sha256(subject_id.encode()).digest()
+    return {
+        "company_name": f"{subject_id.replace('_', ' ').title()} Inc.",
+        "industry": _INDUSTRIES[digest[0] % len(_INDUSTRIES)],
+        "company_size": _SIZES[digest[1] % len(_SIZES)],
+        "employees": 5 + int.from_bytes(digest[2:4], "big") % 20_000,
+        "country": _COUNTRIES[digest[4] % len(_COUNTRIES)],
+        "founded": 1950 + digest[5] % 75,
+        "score": round(digest[6] / 255, 3),
+    }
+
+
+def build_app(state: SimulatorState | None = None) -> SimulatorApp:
+    """The simulator as an ASGI app over ``state`` (a fresh one by default)."""
+    from ._control import control_routes
+
+    sim = state or SimulatorState()
+
+    def provider_of(request: Request) -> Any:
+        return sim.provider(request.path_params["provider"])
+
+    async def health(request: Request) -> Response:
+        with sim.lock:
+            provider = provider_of(request)
+            outage = provider.in_outage()
+        if outage:
+            return JSONResponse({"status": "outage"}, status_code=503)
+        return JSONResponse(
+            {"status": "ok", "provider": provider.name, "time": format_time(sim.now())}
+        )
+
+    async def records(request: Request) -> Response:
+        try:
+            limit = _int_param(request, "limit", 100, 1000)
+            since = _time_param(request, "updated_since")
+            cursor = request.query_params.get("cursor") or None
+            assert limit is not None
+            with sim.lock:
+                items, next_cursor = provider_of(request).list_records(
+                    updated_since=since, cursor=cursor, limit=limit
+                )
+        except SimulatorInputError as exc:
+            return _bad(exc)
+        return JSONResponse({"items": items, "next_cursor": next_cursor})
+
+    async def record(request: Request) -> Response:
+        record_id = request.path_params["record_id"]
+        if request.method == "GET":
+            with sim.lock:
+                found = provider_of(request).records.get(record_id)
+                body = found.to_json() if found is not None and not found.deleted else None
+            if body is None:
+                return JSONResponse({"error": "not_found", "id": record_id}, status_code=404)
+            return JSONResponse(body)
+        raw = await request.body()
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            return JSONResponse(
+                {"error": "invalid_body", "detail": "body is not JSON"}, status_code=400
+            )
+        key = request.headers.get("idempotency-key")
+        try:
+            with sim.lock:
+                status, result, replayed = provider_of(request).put_record(record_id, payload, key)
+        except SimulatorInputError as exc:
+            return JSONResponse({"error": "invalid_body", "detail": str(exc)}, status_code=400)
+        headers = {"Idempotent-Replayed": "true"} if replayed else None
+        return JSONResponse(result, status_code=status, headers=headers)
+
+    async def changes(request: Request) -> Response:
+        try:
+            limit = _int_param(request, "limit", 100, 1000)
+            after = _int_param(request, "after", None, 2**62)
+            since = _time_param(request, "since")
+            assert limit is not None
+            with sim.lock:
+                page = provider_of(request).changes(after=after, since=since, limit=limit)
+        except SimulatorInputError as exc:
+            return _bad(exc)
+        return JSONResponse(page)
+
+    async def replay(request: Request) -> Response:
+        try:
+            limit = _int_param(request, "limit", 500, 5000)
+            since = _time_param(request, "since")
+            cursor = request.query_params.get("cursor") or None
+            assert limit is not None
+            with sim.lock:
+                page = provider_of(request).replay(since=since, cursor=cursor, limit=limit)
+        except SimulatorInputError as exc:
+            return _bad(exc)
+        except RetentionExceeded as exc:
+            return JSONResponse(
+                {
+                    "error": "retention_exceeded",
+                    "retention_seconds": exc.retention_seconds,
+                    "oldest_available": format_time(exc.oldest) if exc.oldest else None,
+                },
+                status_code=422,
+            )
+        return JSONResponse(page)
+
+    async def enrich(request: Request) -> Response:
+        subject_id = request.path_params["subject_id"]
+        provider = request.path_params["provider"]
+        return JSONResponse(
+            {
+                "subject_id": subject_id,
+                "provider": provider,
+                "data": enrichment_for(subject_id),
+                "fetched_at": format_time(sim.now()),
+            }
+        )
+
+    routes = [
+        Route("/p/{provider}/health", health, methods=["GET"]),
+        Route("/p/{provider}/records", records, methods=["GET"]),
+        Route("/p/{provider}/records/{record_id}", record, methods=["GET", "PUT"]),
+        Route("/p/{provider}/changes", changes, methods=["GET"]),
+        Route("/p/{provider}/replay", replay, methods=["GET"]),
+        Route("/p/{provider}/enrich/{subject_id}", enrich, methods=["GET"]),
+        Route("/p/{provider}/webhooks/inbound", inbound_endpoint, methods=["POST"]),
+        Route("/p/{provider}/oauth/token", token_endpoint, methods=["POST"]),
+        Route("/p/{provider}/oauth/revoke", revoke_endpoint, methods=["POST"]),
+        Route("/p/{provider}/oauth/rotate", rotate_endpoint, methods=["POST"]),
+        *control_routes(sim),
+    ]
+    emitter = WebhookEmitter(sim)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        sim.closing = False
+        emitter.start()
+        try:
+            yield
+        finally:
+            sim.closing = True
+            await emitter.stop()
+
+    app = SimulatorApp(routes=routes, lifespan=lifespan)
+    app.sim = sim
+    app.emitter = emitter
+    app.state.sim = sim
+    return app

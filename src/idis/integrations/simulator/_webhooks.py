@@ -1,0 +1,370 @@
+"""Standard Webhooks, both ways: the simulator's outbound emitter and its inbound receiver.
+
+Outbound: each change event of a provider with a registered target is POSTed
+as ``{"type", "timestamp", "data": event}`` with the headers ``webhook-id``
+(the event id), ``webhook-timestamp`` (simulated Unix seconds) and
+``webhook-signature`` (``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``
+under each configured ``whsec_`` secret, space-separated). A background
+task per provider delivers in order, retrying 5xx, 429 and connection errors
+a few times like real providers do; the delivery mode (deliver, stop, delay,
+duplicate, reorder, corrupt) is taken when the event happens.
+
+Inbound: ``POST /p/{provider}/webhooks/inbound`` verifies the same scheme
+against the provider's receiver secrets, dedupes by ``webhook-id`` and counts
+receipts and applications per id; it can be told to answer 410 or to fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .._http import httpx
+from ._state import Delivery, ProviderState, format_time
+
+if TYPE_CHECKING:
+    from ._state import SimulatorState
+
+__all__ = [
+    "WebhookEmitter",
+    "inbound_endpoint",
+    "sign",
+    "signature_header",
+    "verify",
+]
+
+#: How long reorder mode waits for more events to shuffle with, in seconds.
+_REORDER_GATHER = 0.05
+
+
+def _key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix("whsec_"))
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """One ``v1,<signature>`` entry for ``secret`` (a ``whsec_`` key)."""
+    payload = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_key(secret), payload, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def signature_header(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value: one entry per secret."""
+    return " ".join(sign(s, msg_id, timestamp, body) for s in secrets)
+
+
+def verify(
+    secrets: Sequence[str],
+    headers: Mapping[str, str],
+    body: bytes,
+    now: datetime,
+    tolerance: float | None,
+) -> tuple[int, str] | None:
+    """Check a Standard Webhooks request; return (status, reason) when rejected, else None."""
+    msg_id = headers.get("webhook-id")
+    stamp = headers.get("webhook-timestamp")
+    signature = headers.get("webhook-signature")
+    if not msg_id or not stamp or not signature:
+        return 400, "missing_headers"
+    try:
+        timestamp = int(stamp)
+    except ValueError:
+        return 400, "bad_timestamp"
+    if tolerance is not None and abs(now.timestamp() - timestamp) > tolerance:
+        return 401, "stale_timestamp"
+    offered = []
+    for entry in signature.split(" "):
+        version, _, value = entry.partition(",")
+        if version == "v1" and value:
+            try:
+                offered.append(base64.b64decode(value, validate=True))
+            except (binascii.Error, ValueError):
+                continue
+    payload = f"{msg_id}.{timestamp}.".encode() + body
+    for secret in secrets:
+        expected = hmac.new(_key(secret), payload, hashlib.sha256).digest()
+        if any(hmac.compare_digest(expected, candidate) for candidate in offered):
+            return None
+    return 401, "bad_signature"
+
+
+# --------------------------------------------------------------------------- outbound
+
+
+class WebhookEmitter:
+    """Delivers queued webhooks from the server's event loop, one worker per provider."""
+
+    def __init__(self, state: SimulatorState) -> None:
+        self._state = state
+        self._client: httpx.AsyncClient | None = None
+        self._wake: asyncio.Event | None = None
+        self._main: asyncio.Task[None] | None = None
+        # Keyed by the provider object: a reset replaces it under the same name.
+        self._workers: dict[ProviderState, asyncio.Task[None]] = {}
+
+    @property
+    def started(self) -> bool:
+        """True once :meth:`start` ran on a loop."""
+        return self._main is not None
+
+    def start(self) -> None:
+        """Start delivering on the running event loop."""
+        if self._main is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        # trust_env=False: a proxy from the environment must not intercept test traffic.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(5.0), limits=httpx.Limits(max_connections=32), trust_env=False
+        )
+        wake = self._wake
+
+        def wakeup() -> None:
+            # Called from any thread that changed the state.
+            loop.call_soon_threadsafe(wake.set)
+
+        self._main = loop.create_task(self._run(), name="simulator-webhooks")
+        self._state.set_wakeup(wakeup)
+
+    async def stop(self) -> None:
+        """Stop delivering and close the HTTP client."""
+        self._state.set_wakeup(None)
+        tasks = [t for t in (self._main, *self._workers.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._workers.clear()
+        self._main = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            live = self._state.all_providers()
+            for gone in set(self._workers) - set(live):
+                # The provider was reset away: its queued deliveries go with it.
+                self._workers.pop(gone).cancel()
+            for provider in live:
+                if provider in self._workers:
+                    continue
+                with self._state.lock:
+                    busy = bool(provider.webhooks.queue)
+                if busy:
+                    self._workers[provider] = asyncio.create_task(self._worker(provider))
+
+    def _take(self, provider: ProviderState) -> list[Delivery]:
+        config = provider.webhooks
+        first = config.queue.popleft()
+        batch = [first]
+        if first.mode == "reorder":
+            while config.queue and len(batch) < config.reorder_batch:
+                if config.queue[0].mode != "reorder":
+                    break
+                batch.append(config.queue.popleft())
+            if len(batch) > 1:
+                original = list(batch)
+                self._state.reorder_rng.shuffle(batch)
+                if batch == original:
+                    batch.reverse()
+                config.reordered_batches += 1
+        config.in_flight += len(batch)
+        return batch
+
+    async def _worker(self, provider: ProviderState) -> None:
+        state = self._state
+        config = provider.webhooks
+        try:
+            while True:
+                with state.lock:
+                    if not config.queue:
+                        # Synchronous with the check: a later enqueue wakes _run,
+                        # which then starts a fresh worker.
+                        self._workers.pop(provider, None)
+                        return
+                    gather = (
+                        config.queue[0].mode == "reorder"
+                        and len(config.queue) < config.reorder_batch
+                    )
+                if gather:
+                    await asyncio.sleep(_REORDER_GATHER)
+                with state.lock:
+                    batch = self._take(provider)
+                for delivery in batch:
+                    try:
+                        wait = delivery.due - time.monotonic()
+                        if wait > 0:
+                            await asyncio.sleep(wait)
+                        await self._deliver(provider, delivery)
+                    finally:
+                        with state.lock:
+                            config.in_flight -= 1
+        except BaseException:
+            if self._workers.get(provider) is asyncio.current_task():
+                del self._workers[provider]
+            raise
+
+    async def _deliver(self, provider: ProviderState, delivery: Delivery) -> None:
+        state = self._state
+        event = delivery.event
+        with state.lock:
+            config = provider.webhooks
+            url = config.url
+            secrets = config.secrets
+            attempts = config.max_attempts
+            backoff = config.retry_backoff
+            timeout = config.timeout
+        msg_id = str(event["id"])
+        if url is None:
+            with state.lock:
+                config.no_target += 1
+            return
+        body = json.dumps(
+            {"type": event["type"], "timestamp": event["occurred_at"], "data": event},
+            separators=(",", ":"),
+        ).encode()
+        sends = 2 if delivery.mode == "duplicate" else 1
+        delivered = False
+        for _ in range(sends):
+            ok = await self._post(
+                provider,
+                url=url,
+                secrets=secrets,
+                msg_id=msg_id,
+                body=body,
+                mode=delivery.mode,
+                attempts=attempts,
+                backoff=backoff,
+                timeout=timeout,
+            )
+            delivered = delivered or ok
+        with state.lock:
+            if delivery.mode == "duplicate":
+                config.duplicated += 1
+            if delivery.mode == "corrupt":
+                config.corrupted += 1
+            if delivered:
+                config.delivered_events += 1
+            else:
+                config.failed += 1
+                config.failed_ids.append(msg_id)
+
+    async def _post(
+        self,
+        provider: ProviderState,
+        *,
+        url: str,
+        secrets: Sequence[str],
+        msg_id: str,
+        body: bytes,
+        mode: str,
+        attempts: int,
+        backoff: float,
+        timeout: float,
+    ) -> bool:
+        assert self._client is not None
+        state = self._state
+        config = provider.webhooks
+        for attempt in range(attempts):
+            timestamp = int(state.now().timestamp())
+            if mode == "corrupt":
+                # Signed with the right scheme but a key nobody holds.
+                signature = sign(
+                    "whsec_" + base64.b64encode(b"corrupted-key").decode(), msg_id, timestamp, body
+                )
+            else:
+                signature = signature_header(secrets, msg_id, timestamp, body)
+            headers = {
+                "content-type": "application/json",
+                "webhook-id": msg_id,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": signature,
+                "user-agent": "idis-simulator-webhooks",
+            }
+            with state.lock:
+                config.attempts += 1
+            retryable = True
+            try:
+                response = await self._client.post(
+                    url, content=body, headers=headers, timeout=timeout
+                )
+            except httpx.HTTPError:
+                pass
+            else:
+                if response.is_success:
+                    with state.lock:
+                        config.delivered += 1
+                    return True
+                retryable = response.status_code >= 500 or response.status_code == 429
+            if not retryable or attempt + 1 >= attempts:
+                return False
+            with state.lock:
+                config.retries += 1
+            await asyncio.sleep(backoff * (2**attempt))
+        return False
+
+
+# --------------------------------------------------------------------------- inbound
+
+
+def _sim(request: Request) -> SimulatorState:
+    return request.app.state.sim  # type: ignore[no-any-return]  # Starlette's app.state is untyped
+
+
+async def inbound_endpoint(request: Request) -> Response:
+    """``POST /p/{provider}/webhooks/inbound``: a Standard Webhooks receiver."""
+    sim = _sim(request)
+    body = await request.body()
+    headers = {k: v for k, v in request.headers.items() if k.startswith("webhook-")}
+    with sim.lock:
+        provider = sim.provider(request.path_params["provider"])
+        receiver = provider.receiver
+        receiver.received += 1
+        msg_id = headers.get("webhook-id")
+        if msg_id:
+            receiver.received_per_id[msg_id] += 1
+        if receiver.mode == "gone":
+            receiver.rejected["gone"] += 1
+            return JSONResponse({"error": "gone"}, status_code=410)
+        if receiver.mode == "fail" and provider.receiver_rng.random() < receiver.fail_ratio:
+            receiver.rejected["failed"] += 1
+            return JSONResponse({"error": "simulated_failure"}, status_code=receiver.fail_status)
+        problem = verify(receiver.secrets, headers, body, sim.now(), receiver.tolerance)
+        if problem is not None:
+            status, reason = problem
+            receiver.rejected[reason] += 1
+            return JSONResponse({"error": reason}, status_code=status)
+        try:
+            payload: Any = json.loads(body)
+        except ValueError:
+            receiver.rejected["malformed_body"] += 1
+            return JSONResponse({"error": "malformed_body"}, status_code=400)
+        assert msg_id is not None
+        if msg_id in receiver.applied_per_id:
+            receiver.duplicates += 1
+            return JSONResponse({"status": "duplicate", "webhook_id": msg_id})
+        receiver.applied_per_id[msg_id] = 1
+        receiver.accepted += 1
+        receiver.deliveries.append(
+            {
+                "webhook_id": msg_id,
+                "timestamp": headers.get("webhook-timestamp"),
+                "received_at": format_time(sim.now()),
+                "payload": payload,
+            }
+        )
+    return JSONResponse({"status": "accepted", "webhook_id": msg_id})

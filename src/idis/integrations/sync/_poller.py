@@ -1,0 +1,418 @@
+"""The incremental poller: a durable cursor per provider and stream, overlapping windows.
+
+Each poll reads the provider's change feed from the cursor to its end and
+applies every event through the inbox (source ``poll``), one transaction per
+page together with the cursor's new position, so a poller killed at any point
+resumes after the last page it committed and applies nothing twice.
+
+Windows overlap: a poll starts ``poll_overlap`` *before* the newest change the
+previous one saw (``watermark - poll_overlap``), so a change the provider
+committed late, or stamped with a skewed clock, is still picked up; the inbox
+makes the re-read events no-ops. A complete poll records ``poll`` coverage on
+the sync timeline from the window's start to the moment the poll began.
+
+The cursor is also where failover points the poller: on a switch to polling
+it is set to the last position the webhook channel is known to have covered
+(:func:`idis.integrations.sync._state.carry_out`), so the first window covers the
+time between the last good webhook and the switch.
+
+Who polls: see :mod:`.leader` (one replica per provider) and :mod:`.service`
+(when and how often: ``CRM_POLL_INTERVAL``). ``idis-integrations sync poll``
+runs it by hand.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+from .._clock import Clock, system_clock
+from ..config import Settings
+from ..exceptions import AuthError, ProviderError
+from ..observability._logs import get_logger
+from ..observability._metrics import Metrics, get_metrics
+from ._inbox import (
+    ApplyOutcome,
+    HandlerRegistry,
+    apply_event_outcome,
+    apply_event_outcome_async,
+    known_event_ids,
+)
+from ._mode import ModePolicy
+from ._sentinel import AsyncChangeFeed, ChangeFeed
+from ._state import CHANGES_STREAM, get_cursor, load_state, move_cursor
+from ._timeline import record_coverage
+
+__all__ = [
+    "AsyncPoller",
+    "PollResult",
+    "Poller",
+    "advance_cursor",
+    "error_type",
+    "window_start",
+]
+
+_log = get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    """What one poll did."""
+
+    provider: str
+    #: Events read from the feed (overlap re-reads included).
+    fetched: int
+    #: Events applied now.
+    applied: int
+    #: Events the inbox already had (overlap, webhooks, replay).
+    duplicates: int
+    #: Older versions skipped, and types without a handler.
+    superseded: int
+    ignored: int
+    pages: int
+    #: Whether the feed was read to its end.
+    complete: bool
+    #: Start of the window (the cursor's watermark minus the overlap).
+    window_start: datetime | None
+    #: When the poll began (coverage ends here).
+    started_at: datetime
+    #: The cursor afterwards.
+    after_seq: int | None
+
+
+def error_type(exc: ProviderError | AuthError) -> str:
+    """A bounded name for a provider or token failure (``timeout``, ``auth``...)."""
+    return exc.error_type if isinstance(exc, ProviderError) else "auth"
+
+
+def window_start(
+    after_seq: int | None,
+    watermark: datetime | None,
+    *,
+    now: datetime,
+    overlap: timedelta,
+) -> tuple[int | None, datetime | None]:
+    """Where a poll starts: ``(after, since)`` for the first feed request (pure).
+
+    With a watermark the window reaches ``overlap`` back before it (by time);
+    with only a sequence number it starts after it; a provider never polled
+    starts ``overlap`` before now.
+    """
+    if watermark is not None:
+        return None, watermark - overlap
+    if after_seq is not None:
+        return after_seq, None
+    return None, now - overlap
+
+
+def advance_cursor(
+    after_seq: int | None,
+    watermark: datetime | None,
+    events: Sequence[Any],
+    next_after: int | None,
+) -> tuple[int | None, datetime | None]:
+    """The cursor after a page (pure): never moves backwards."""
+    seqs = [e.seq for e in events]
+    if next_after is not None:
+        seqs.append(next_after)
+    if after_seq is not None:
+        seqs.append(after_seq)
+    times = [e.occurred_at for e in events]
+    if watermark is not None:
+        times.append(watermark)
+    return (max(seqs) if seqs else None), (max(times) if times else None)
+
+
+class _PollerBase:
+    def __init__(
+        self,
+        settings: Settings,
+        provider: str,
+        *,
+        registry: HandlerRegistry | None,
+        clock: Clock | None,
+        metrics: Metrics | None,
+        max_pages: int,
+    ) -> None:
+        settings.provider(provider)
+        self.settings = settings
+        self.provider = provider
+        self.registry = registry
+        self.clock: Clock = clock or system_clock
+        self._metrics = metrics
+        self.page_size = settings.sync.page_size
+        self.overlap = settings.sync.poll_overlap
+        self.max_pages = max_pages
+        self.policy = ModePolicy.from_settings(settings.sync)
+
+    @property
+    def metrics(self) -> Metrics:
+        """The metrics this component records into."""
+        return self._metrics if self._metrics is not None else get_metrics()
+
+    def _start(self, session: Session, now: datetime) -> tuple[int | None, datetime | None]:
+        cursor = get_cursor(session, self.provider, CHANGES_STREAM)
+        if cursor is None:
+            return window_start(None, None, now=now, overlap=self.overlap)
+        return window_start(cursor.after_seq, cursor.watermark, now=now, overlap=self.overlap)
+
+    def _save_page(
+        self, session: Session, events: Sequence[Any], next_after: int | None, now: datetime
+    ) -> int | None:
+        cursor = get_cursor(session, self.provider, CHANGES_STREAM)
+        after, mark = advance_cursor(
+            cursor.after_seq if cursor else None,
+            cursor.watermark if cursor else None,
+            events,
+            next_after,
+        )
+        move_cursor(session, self.provider, after_seq=after, watermark=mark, now=now, moved_by=None)
+        return after
+
+    def _finish(self, session: Session, window: datetime | None, started: datetime) -> None:
+        if window is not None and window <= started:
+            record_coverage(session, self.provider, "poll", window, started)
+        row = load_state(session, self.provider, self.policy, started)
+        row.polled_at = started
+        row.updated_at = started
+
+    def _result(
+        self,
+        tally: Counter[ApplyOutcome],
+        *,
+        fetched: int,
+        pages: int,
+        complete: bool,
+        window: datetime | None,
+        started: datetime,
+        after: int | None,
+    ) -> PollResult:
+        result = PollResult(
+            provider=self.provider,
+            fetched=fetched,
+            applied=tally[ApplyOutcome.APPLIED],
+            duplicates=tally[ApplyOutcome.DUPLICATE],
+            superseded=tally[ApplyOutcome.SUPERSEDED],
+            ignored=tally[ApplyOutcome.IGNORED],
+            pages=pages,
+            complete=complete,
+            window_start=window,
+            started_at=started,
+            after_seq=after,
+        )
+        self.metrics.polls.labels(provider=self.provider, outcome="ok").inc()
+        _log.info(
+            "idis.sync.polled",
+            provider=self.provider,
+            fetched=fetched,
+            applied=result.applied,
+            duplicates=result.duplicates,
+            pages=pages,
+            complete=complete,
+            after_seq=after,
+        )
+        return result
+
+    def _failed(self, exc: ProviderError | AuthError) -> None:
+        kind = error_type(exc)
+        self.metrics.polls.labels(provider=self.provider, outcome="error").inc()
+        _log.warning(
+            "idis.sync.poll_failed",
+            msg=f"poll failed ({kind}); the cursor keeps its last committed page",
+            provider=self.provider,
+            error_type=kind,
+        )
+
+
+class Poller(_PollerBase):
+    """Polls one provider's change feed (sync driver).
+
+    Args:
+        feed: ``ProviderClient`` (anything with ``changes(after=, since=, limit=)``).
+        sessions: Engine or session factory of the library's database.
+        settings: Library settings (``sync.poll_overlap``, ``sync.page_size``).
+        provider: Provider name.
+        registry: Handlers (default: the process-wide registry).
+        clock: Time source.
+        metrics: Metrics (default: process-wide).
+        max_pages: Most pages one poll reads before returning (it resumes next time).
+    """
+
+    def __init__(
+        self,
+        feed: ChangeFeed,
+        sessions: Engine | sessionmaker[Session] | Callable[[], Session],
+        settings: Settings,
+        provider: str,
+        *,
+        registry: HandlerRegistry | None = None,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        max_pages: int = 1000,
+    ) -> None:
+        super().__init__(
+            settings, provider, registry=registry, clock=clock, metrics=metrics, max_pages=max_pages
+        )
+        self.feed = feed
+        self._sessions: Any = (
+            sessionmaker(sessions, expire_on_commit=False)
+            if isinstance(sessions, Engine)
+            else sessions
+        )
+
+    def poll_once(self) -> PollResult:
+        """Read the feed from the cursor to its end (or ``max_pages``), applying every event.
+
+        Raises:
+            ProviderError: when the provider fails; pages already applied stay committed.
+            AuthError: when no token could be obtained for the provider.
+        """
+        started = self.clock.now()
+        with self._sessions() as session, session.begin():
+            after, since = self._start(session, started)
+        window = since
+        tally: Counter[ApplyOutcome] = Counter()
+        fetched = pages = 0
+        complete = False
+        position = after
+        try:
+            while pages < self.max_pages:
+                page = self.feed.changes(
+                    after=after, since=since if after is None else None, limit=self.page_size
+                )
+                pages += 1
+                fetched += len(page.events)
+                if window is None and page.events:
+                    window = min(e.occurred_at for e in page.events)
+                with self._sessions() as session, session.begin():
+                    known = known_event_ids(session, self.provider, [e.id for e in page.events])
+                    for event in page.events:
+                        if event.id in known:
+                            tally[ApplyOutcome.DUPLICATE] += 1
+                            continue
+                        tally[
+                            apply_event_outcome(
+                                session,
+                                self.provider,
+                                event,
+                                "poll",
+                                registry=self.registry,
+                                now=self.clock.now(),
+                            )
+                        ] += 1
+                    position = self._save_page(
+                        session, page.events, page.next_after, self.clock.now()
+                    )
+                if not page.has_more or not page.events:
+                    complete = True
+                    break
+                after = page.next_after if page.next_after is not None else page.events[-1].seq
+        except (ProviderError, AuthError) as exc:
+            self._failed(exc)
+            raise
+        if complete:
+            with self._sessions() as session, session.begin():
+                self._finish(session, window or started, started)
+        return self._result(
+            tally,
+            fetched=fetched,
+            pages=pages,
+            complete=complete,
+            window=window,
+            started=started,
+            after=position,
+        )
+
+
+class AsyncPoller(_PollerBase):
+    """Async twin of :class:`Poller` (``AsyncProviderClient``, ``AsyncEngine``)."""
+
+    def __init__(
+        self,
+        feed: AsyncChangeFeed,
+        sessions: AsyncEngine | async_sessionmaker[AsyncSession] | Callable[[], AsyncSession],
+        settings: Settings,
+        provider: str,
+        *,
+        registry: HandlerRegistry | None = None,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        max_pages: int = 1000,
+    ) -> None:
+        super().__init__(
+            settings, provider, registry=registry, clock=clock, metrics=metrics, max_pages=max_pages
+        )
+        self.feed = feed
+        self._sessions: Any = (
+            async_sessionmaker(sessions, expire_on_commit=False)
+            if isinstance(sessions, AsyncEngine)
+            else sessions
+        )
+
+    async def poll_once(self) -> PollResult:
+        """Async twin of :meth:`Poller.poll_once`."""
+        started = self.clock.now()
+        async with self._sessions() as session, session.begin():
+            after, since = await session.run_sync(lambda s: self._start(s, started))
+        window = since
+        tally: Counter[ApplyOutcome] = Counter()
+        fetched = pages = 0
+        complete = False
+        position = after
+        try:
+            while pages < self.max_pages:
+                page = await self.feed.changes(
+                    after=after, since=since if after is None else None, limit=self.page_size
+                )
+                pages += 1
+                fetched += len(page.events)
+                if window is None and page.events:
+                    window = min(e.occurred_at for e in page.events)
+                async with self._sessions() as session, session.begin():
+                    known = await session.run_sync(
+                        known_event_ids, self.provider, [e.id for e in page.events]
+                    )
+                    for event in page.events:
+                        if event.id in known:
+                            tally[ApplyOutcome.DUPLICATE] += 1
+                            continue
+                        tally[
+                            await apply_event_outcome_async(
+                                session,
+                                self.provider,
+                                event,
+                                "poll",
+                                registry=self.registry,
+                                now=self.clock.now(),
+                            )
+                        ] += 1
+                    position = await session.run_sync(
+                        self._save_page, page.events, page.next_after, self.clock.now()
+                    )
+                if not page.has_more or not page.events:
+                    complete = True
+                    break
+                after = page.next_after if page.next_after is not None else page.events[-1].seq
+        except (ProviderError, AuthError) as exc:
+            self._failed(exc)
+            raise
+        if complete:
+            end = window or started
+            async with self._sessions() as session, session.begin():
+                await session.run_sync(lambda s: self._finish(s, end, started))
+        return self._result(
+            tally,
+            fetched=fetched,
+            pages=pages,
+            complete=complete,
+            window=window,
+            started=started,
+            after=position,
+        )

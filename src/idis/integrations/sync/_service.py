@@ -1,0 +1,806 @@
+"""The sync service: receiver, sentinel, mode controller and poller wired together for the host.
+
+::
+
+    service = SyncService(settings, registry=registry)   # sync: a background thread
+    app.mount("/webhooks", service.asgi_app())            # POST /webhooks/{provider}
+    service.start()
+    ...
+    service.stop()
+
+    service = AsyncSyncService(settings, registry=registry)   # asyncio: a task
+    app.mount("/webhooks", service.asgi_app())
+    await service.start()  ...  await service.stop()
+
+Every replica receives webhooks. For each provider, one replica (the
+leader: :mod:`.leader`) also runs, on each tick:
+
+1. the **sentinel** (every ``sentinel_interval``, not while polling is pinned):
+   reads the change feed since its last position and measures webhook lag;
+2. the **mode controller** (:func:`.mode.decide`) on what was observed:
+   the provider's breaker, signature failures (this replica's window and any
+   replica's persisted spike), the sentinel's lag, the last webhook's time;
+3. in webhook mode, the **repair** of lost webhooks the sentinel found (events
+   older than ``lag_threshold`` no channel applied), and webhook coverage;
+4. in polling mode, the **poller** every ``CRM_POLL_INTERVAL`` (at once after a
+   switch), starting where webhooks were last confirmed.
+
+A tick's decisions are pure (:mod:`.mode`, :mod:`.sentinel`, :mod:`.poller`);
+the two services only differ in ``await``. Provider calls happen outside
+database transactions, so a slow provider never holds a database lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session, sessionmaker
+
+from .._clock import Clock, system_clock
+from ..config import Settings
+from ..db._engine import async_session_factory, create_async_db_engine, create_db_engine
+from ..exceptions import AuthError, ProviderError
+from ..observability._logs import get_logger
+from ..observability._metrics import Metrics, get_metrics
+from ._inbox import ApplyOutcome, HandlerRegistry, apply_event_outcome, apply_event_outcome_async
+from ._leader import AsyncLeaderLock, LeaderLock, next_attempt
+from ._mode import Decision, Mode, ModeController, ModePolicy, ModeState, Observation, Transition
+from ._poller import AsyncPoller, Poller, PollResult, error_type
+from ._sentinel import (
+    FeedBatch,
+    SentinelReport,
+    assess,
+    fetch_changes,
+    fetch_changes_async,
+    inbox_status,
+    known_prefix,
+)
+from ._state import carry_out, last_webhook_at, load_state, mode_state, save_mode_state
+from ._timeline import record_coverage
+
+__all__ = ["AsyncSyncService", "SyncService", "TickReport", "default_providers"]
+
+_log = get_logger()
+
+#: Most change-feed pages one sentinel check reads.
+SENTINEL_PAGES = 10
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    """What one tick did for one provider."""
+
+    provider: str
+    #: Whether this replica leads the provider (standbys only receive webhooks).
+    leader: bool
+    mode: Mode | None = None
+    transition: Transition | None = None
+    sentinel: SentinelReport | None = None
+    #: Lost webhooks the sentinel applied itself.
+    repaired: int = 0
+    poll: PollResult | None = None
+    #: A provider error this tick (bounded error type), if any.
+    error: str | None = None
+
+
+def default_providers(settings: Settings) -> list[str]:
+    """Providers a service syncs by default: every provider of kind ``crm``."""
+    return sorted(name for name, p in settings.providers.items() if p.kind == "crm")
+
+
+def default_replica_id() -> str:
+    """``host:pid:random``, shown by ``status`` as the poller's leader."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def tick_interval(settings: Settings) -> float:
+    """How often the service loop ticks: often enough for every interval it serves."""
+    sync = settings.sync
+    shortest = min(sync.sentinel_interval, sync.crm_poll_interval, sync.lock_timeout / 3)
+    return min(5.0, max(0.05, shortest.total_seconds()))
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    state: ModeState
+    sentinel_seq: int | None
+    sentinel_at: datetime | None
+    silent_since: datetime | None
+    polled_at: datetime | None
+    signature_spike_at: datetime | None
+    last_webhook_at: datetime | None
+
+
+def _snapshot(
+    session: Session, provider: str, policy: ModePolicy, now: datetime, replica: str
+) -> _Snapshot:
+    row = load_state(session, provider, policy, now)
+    if row.leader != replica:
+        row.leader = replica
+        row.updated_at = now
+    return _Snapshot(
+        state=mode_state(row),
+        sentinel_seq=row.sentinel_seq,
+        sentinel_at=row.sentinel_at,
+        silent_since=row.silent_since,
+        polled_at=row.polled_at,
+        signature_spike_at=row.signature_spike_at,
+        last_webhook_at=last_webhook_at(session, provider),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    after: int | None
+    since: datetime | None
+
+
+def _sentinel_plan(
+    snap: _Snapshot, now: datetime, settings: Settings, policy: ModePolicy
+) -> _Plan | None:
+    if snap.state.pinned(policy):
+        return None
+    due = snap.sentinel_at is None or now - snap.sentinel_at >= settings.sync.sentinel_interval
+    if not due:
+        return None
+    if snap.sentinel_seq is not None:
+        return _Plan(snap.sentinel_seq, None)
+    return _Plan(None, snap.sentinel_at or now)
+
+
+def _assess(
+    batch: FeedBatch,
+    plan: _Plan,
+    *,
+    snap: _Snapshot,
+    known: set[str],
+    by_webhook: set[str],
+    now: datetime,
+    settings: Settings,
+) -> SentinelReport:
+    return assess(
+        batch.events,
+        by_webhook=by_webhook,
+        known=known,
+        now=now,
+        lag_threshold=settings.sync.lag_threshold,
+        start_seq=plan.after,
+        silent_since=snap.silent_since,
+        next_after=batch.next_after,
+        complete=batch.complete,
+    )
+
+
+def _decide(
+    session: Session,
+    provider: str,
+    controller: ModeController,
+    obs: Observation,
+) -> tuple[Any, ModeState, Decision]:
+    row = load_state(session, provider, controller.policy, obs.now, for_update=True)
+    before = mode_state(row)
+    return row, before, controller.decide(before, obs)
+
+
+def _finish(
+    session: Session,
+    row: Any,
+    before: ModeState,
+    decision: Decision,
+    *,
+    plan: _Plan | None,
+    batch: FeedBatch | None,
+    report: SentinelReport | None,
+    known: set[str],
+    now: datetime,
+    metrics: Metrics,
+) -> None:
+    provider = row.provider
+    if report is not None and plan is not None and batch is not None:
+        if report.next_seq is not None:
+            row.sentinel_seq = report.next_seq
+        row.silent_since = report.silent_since
+        if report.lag is not None:
+            row.lag_seconds = report.lag.total_seconds()
+        row.sentinel_at = now
+        if before.mode is Mode.WEBHOOK:
+            seq, until = known_prefix(
+                batch.events,
+                known,
+                start_seq=plan.after,
+                now=now,
+                next_after=batch.next_after,
+                complete=batch.complete,
+            )
+            if seq is not None and (row.confirmed_seq is None or seq > row.confirmed_seq):
+                row.confirmed_seq = seq
+            if until is not None and (row.confirmed_at is None or until > row.confirmed_at):
+                if row.confirmed_at is not None:
+                    record_coverage(session, provider, "webhook", row.confirmed_at, until)
+                row.confirmed_at = until
+    if decision.transition is not None:
+        carry_out(session, row, decision.state, decision.transition, metrics=metrics)
+    else:
+        save_mode_state(row, decision.state, now)
+
+
+def _gauges(
+    metrics: Metrics, provider: str, mode: Mode, last_webhook: datetime | None, now: datetime
+) -> None:
+    metrics.sync_mode.labels(provider=provider).set(1 if mode is Mode.POLLING else 0)
+    if last_webhook is not None:
+        metrics.last_webhook_age.labels(provider=provider).set(
+            max(0.0, (now - last_webhook).total_seconds())
+        )
+
+
+def _poll_due(
+    mode: Mode,
+    transition: Transition | None,
+    polled_at: datetime | None,
+    now: datetime,
+    interval: timedelta,
+) -> bool:
+    if mode is not Mode.POLLING:
+        return False
+    if transition is not None or polled_at is None:
+        return True
+    return now - polled_at >= interval
+
+
+class _ServiceBase:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        providers: Iterable[str] | None,
+        registry: HandlerRegistry | None,
+        clock: Clock | None,
+        metrics: Metrics | None,
+        replica_id: str | None,
+    ) -> None:
+        self.settings = settings
+        self.providers = list(providers) if providers is not None else default_providers(settings)
+        for name in self.providers:
+            settings.provider(name)
+        self.registry = registry
+        self.clock: Clock = clock or system_clock
+        self._metrics = metrics
+        self.replica_id = replica_id or default_replica_id()
+        self.policy = ModePolicy.from_settings(settings.sync)
+        self.controller = ModeController(self.policy)
+        self.interval = tick_interval(settings)
+        self._last_try: dict[str, float] = {}
+
+    @property
+    def metrics(self) -> Metrics:
+        """The metrics this component records into."""
+        return self._metrics if self._metrics is not None else get_metrics()
+
+    def _observation(
+        self,
+        provider: str,
+        *,
+        now: datetime,
+        snap: _Snapshot,
+        report: SentinelReport | None,
+        failed: bool,
+        breaker: str | None,
+        signature_failures: int,
+    ) -> Observation:
+        return Observation(
+            now=now,
+            breaker=breaker,
+            signature_failures=signature_failures,
+            signature_spike_at=snap.signature_spike_at,
+            lag=report.lag if report is not None else None,
+            sentinel_failed=failed,
+            last_webhook_at=snap.last_webhook_at,
+        )
+
+    def _should_try(self, provider: str) -> bool:
+        mono = self.clock.monotonic()
+        if next_attempt(self._last_try.get(provider), mono, self.settings.sync.lock_timeout):
+            self._last_try[provider] = mono
+            return True
+        return False
+
+
+class SyncService(_ServiceBase):
+    """Webhooks, failover and polling for sync hosts: a background thread.
+
+    Args:
+        settings: Library settings.
+        engine: Engine of the library's database (default: from ``settings.database_url``).
+        gateway: The resilient gateway for provider calls (default: a new ``Gateway``).
+        registry: Handlers (default: the process-wide registry).
+        providers: Providers to sync (default: every provider of kind ``crm``).
+        clock: Time source (tests pass a manual clock).
+        metrics: Metrics (default: process-wide).
+        replica_id: This replica's name in ``status`` (default: host:pid:random).
+        receiver: Build a :class:`~idis.integrations.webhooks._receiver.WebhookReceiver`
+            for the providers that have webhook secrets.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        gateway: Any = None,
+        registry: HandlerRegistry | None = None,
+        providers: Iterable[str] | None = None,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        replica_id: str | None = None,
+        receiver: bool = True,
+    ) -> None:
+        super().__init__(
+            settings,
+            providers=providers,
+            registry=registry,
+            clock=clock,
+            metrics=metrics,
+            replica_id=replica_id,
+        )
+        from ..providers import ProviderClient
+        from ..resilience._gateway import Gateway
+
+        self._own_engine = engine is None
+        self.engine = engine or create_db_engine(settings.database_url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._own_gateway = gateway is None
+        self.gateway = gateway or Gateway(settings, clock=self.clock, metrics=metrics)
+        self.feeds = {name: ProviderClient(self.gateway, name) for name in self.providers}
+        self.pollers = {
+            name: Poller(
+                self.feeds[name],
+                self._sessions,
+                settings,
+                name,
+                registry=registry,
+                clock=self.clock,
+                metrics=metrics,
+            )
+            for name in self.providers
+        }
+        self.locks = {
+            name: LeaderLock(
+                settings.database_url, f"sync:{name}", lock_timeout=settings.sync.lock_timeout
+            )
+            for name in self.providers
+        }
+        self.receiver: Any = None
+        if receiver:
+            from ..webhooks._receiver import WebhookReceiver
+
+            self.receiver = WebhookReceiver(
+                settings,
+                self._sessions,
+                registry=registry,
+                providers=[n for n in self.providers if settings.provider(n).webhook_secrets],
+                clock=self.clock,
+                metrics=metrics,
+            )
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def asgi_app(self) -> Any:
+        """The webhook receiver's ASGI app (``POST /{provider}``)."""
+        if self.receiver is None:
+            raise RuntimeError("this SyncService was built with receiver=False")
+        return self.receiver.asgi_app()
+
+    # ------------------------------------------------------------------ one tick
+
+    def _lead(self, provider: str) -> bool:
+        lock = self.locks[provider]
+        if lock.held:
+            return lock.acquire()
+        return self._should_try(provider) and lock.acquire()
+
+    def tick(self, provider: str) -> TickReport:
+        """One iteration for ``provider``: lead?, sentinel, decide, repair, poll."""
+        if not self._lead(provider):
+            return TickReport(provider, leader=False)
+        settings = self.settings
+        now = self.clock.now()
+        with self._sessions.begin() as session:
+            snap = _snapshot(session, provider, self.policy, now, self.replica_id)
+        plan = _sentinel_plan(snap, now, settings, self.policy)
+        batch: FeedBatch | None = None
+        report: SentinelReport | None = None
+        known: set[str] = set()
+        failed = False
+        error: str | None = None
+        if plan is not None:
+            try:
+                batch = fetch_changes(
+                    self.feeds[provider],
+                    after=plan.after,
+                    since=plan.since,
+                    page_size=settings.sync.page_size,
+                    max_pages=SENTINEL_PAGES,
+                )
+            except (ProviderError, AuthError) as exc:
+                failed, error = True, error_type(exc)
+                _log.warning("idis.sync.sentinel_failed", provider=provider, error_type=error)
+            else:
+                with self._sessions.begin() as session:
+                    known, by_webhook = inbox_status(
+                        session, provider, [e.id for e in batch.events]
+                    )
+                report = _assess(
+                    batch,
+                    plan,
+                    snap=snap,
+                    known=known,
+                    by_webhook=by_webhook,
+                    now=now,
+                    settings=settings,
+                )
+        obs = self._observation(
+            provider,
+            now=now,
+            snap=snap,
+            report=report,
+            failed=failed,
+            breaker=self.gateway.breaker_state(provider),
+            signature_failures=(
+                self.receiver.signature_failures(provider, now) if self.receiver else 0
+            ),
+        )
+        repaired = 0
+        with self._sessions.begin() as session:
+            row, before, decision = _decide(session, provider, self.controller, obs)
+            if (
+                report is not None
+                and before.mode is Mode.WEBHOOK
+                and decision.state.mode is Mode.WEBHOOK
+            ):
+                for event in report.late_unknown:
+                    outcome = apply_event_outcome(
+                        session, provider, event, "poll", registry=self.registry, now=now
+                    )
+                    known.add(event.id)
+                    repaired += outcome is ApplyOutcome.APPLIED
+            _finish(
+                session,
+                row,
+                before,
+                decision,
+                plan=plan,
+                batch=batch,
+                report=report,
+                known=known,
+                now=now,
+                metrics=self.metrics,
+            )
+        if repaired:
+            _log.warning("idis.sync.webhooks_repaired", provider=provider, events=repaired)
+        mode = decision.state.mode
+        poll: PollResult | None = None
+        if _poll_due(
+            mode, decision.transition, snap.polled_at, now, settings.sync.crm_poll_interval
+        ):
+            try:
+                poll = self.pollers[provider].poll_once()
+            except (ProviderError, AuthError) as exc:
+                error = error_type(exc)
+        _gauges(self.metrics, provider, mode, snap.last_webhook_at, now)
+        return TickReport(
+            provider,
+            leader=True,
+            mode=mode,
+            transition=decision.transition,
+            sentinel=report,
+            repaired=repaired,
+            poll=poll,
+            error=error,
+        )
+
+    def tick_all(self) -> list[TickReport]:
+        """One tick for every provider; a failure of one never stops the others."""
+        reports = []
+        for provider in self.providers:
+            try:
+                reports.append(self.tick(provider))
+            except Exception as exc:  # noqa: BLE001  # the loop must survive a bad tick
+                _log.error(
+                    "idis.sync.tick_failed", provider=provider, error_type=type(exc).__name__
+                )
+                reports.append(
+                    TickReport(provider, leader=self.locks[provider].held, error=type(exc).__name__)
+                )
+        return reports
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Tick every provider until ``stop`` is set (blocking)."""
+        event = stop or self._stop
+        while not event.is_set():
+            self.tick_all()
+            event.wait(self.interval)
+
+    def start(self) -> None:
+        """Run in a daemon thread."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, name="idis-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread and give up leadership."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for lock in self.locks.values():
+            lock.release()
+
+    def close(self) -> None:
+        """Stop, then close what this service created (gateway, engine, locks)."""
+        self.stop()
+        for lock in self.locks.values():
+            lock.close()
+        if self._own_gateway:
+            self.gateway.close()
+        if self._own_engine:
+            self.engine.dispose()
+
+    def __enter__(self) -> SyncService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncSyncService(_ServiceBase):
+    """Async twin of :class:`SyncService`: one asyncio task on the host's loop.
+
+    Takes an ``AsyncEngine`` and an ``AsyncGateway``; handlers may be async.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: AsyncEngine | None = None,
+        gateway: Any = None,
+        registry: HandlerRegistry | None = None,
+        providers: Iterable[str] | None = None,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        replica_id: str | None = None,
+        receiver: bool = True,
+    ) -> None:
+        super().__init__(
+            settings,
+            providers=providers,
+            registry=registry,
+            clock=clock,
+            metrics=metrics,
+            replica_id=replica_id,
+        )
+        from ..providers import AsyncProviderClient
+        from ..resilience._gateway import AsyncGateway
+
+        self._own_engine = engine is None
+        self.engine = engine or create_async_db_engine(settings.database_url)
+        self._sessions = async_session_factory(self.engine)
+        self._own_gateway = gateway is None
+        self.gateway = gateway or AsyncGateway(settings, clock=self.clock, metrics=metrics)
+        self.feeds = {name: AsyncProviderClient(self.gateway, name) for name in self.providers}
+        self.pollers = {
+            name: AsyncPoller(
+                self.feeds[name],
+                self._sessions,
+                settings,
+                name,
+                registry=registry,
+                clock=self.clock,
+                metrics=metrics,
+            )
+            for name in self.providers
+        }
+        self.locks = {
+            name: AsyncLeaderLock(
+                settings.database_url, f"sync:{name}", lock_timeout=settings.sync.lock_timeout
+            )
+            for name in self.providers
+        }
+        self.receiver: Any = None
+        if receiver:
+            from ..webhooks._receiver import AsyncWebhookReceiver
+
+            self.receiver = AsyncWebhookReceiver(
+                settings,
+                self._sessions,
+                registry=registry,
+                providers=[n for n in self.providers if settings.provider(n).webhook_secrets],
+                clock=self.clock,
+                metrics=metrics,
+            )
+        self._task: asyncio.Task[None] | None = None
+
+    def asgi_app(self) -> Any:
+        """The webhook receiver's ASGI app (``POST /{provider}``)."""
+        if self.receiver is None:
+            raise RuntimeError("this AsyncSyncService was built with receiver=False")
+        return self.receiver.asgi_app()
+
+    async def _lead(self, provider: str) -> bool:
+        lock = self.locks[provider]
+        if lock.held:
+            return await lock.acquire()
+        return self._should_try(provider) and await lock.acquire()
+
+    async def tick(self, provider: str) -> TickReport:
+        """Async twin of :meth:`SyncService.tick`."""
+        if not await self._lead(provider):
+            return TickReport(provider, leader=False)
+        settings = self.settings
+        now = self.clock.now()
+        session: AsyncSession
+        async with self._sessions() as session, session.begin():
+            snap = await session.run_sync(
+                lambda s: _snapshot(s, provider, self.policy, now, self.replica_id)
+            )
+        plan = _sentinel_plan(snap, now, settings, self.policy)
+        batch: FeedBatch | None = None
+        report: SentinelReport | None = None
+        known: set[str] = set()
+        failed = False
+        error: str | None = None
+        if plan is not None:
+            try:
+                batch = await fetch_changes_async(
+                    self.feeds[provider],
+                    after=plan.after,
+                    since=plan.since,
+                    page_size=settings.sync.page_size,
+                    max_pages=SENTINEL_PAGES,
+                )
+            except (ProviderError, AuthError) as exc:
+                failed, error = True, error_type(exc)
+                _log.warning("idis.sync.sentinel_failed", provider=provider, error_type=error)
+            else:
+                ids = [e.id for e in batch.events]
+                async with self._sessions() as session, session.begin():
+                    known, by_webhook = await session.run_sync(
+                        lambda s: inbox_status(s, provider, ids)
+                    )
+                report = _assess(
+                    batch,
+                    plan,
+                    snap=snap,
+                    known=known,
+                    by_webhook=by_webhook,
+                    now=now,
+                    settings=settings,
+                )
+        obs = self._observation(
+            provider,
+            now=now,
+            snap=snap,
+            report=report,
+            failed=failed,
+            breaker=self.gateway.breaker_state(provider),
+            signature_failures=(
+                self.receiver.signature_failures(provider, now) if self.receiver else 0
+            ),
+        )
+        repaired = 0
+        async with self._sessions() as session, session.begin():
+            row, before, decision = await session.run_sync(
+                lambda s: _decide(s, provider, self.controller, obs)
+            )
+            if (
+                report is not None
+                and before.mode is Mode.WEBHOOK
+                and decision.state.mode is Mode.WEBHOOK
+            ):
+                for event in report.late_unknown:
+                    outcome = await apply_event_outcome_async(
+                        session, provider, event, "poll", registry=self.registry, now=now
+                    )
+                    known.add(event.id)
+                    repaired += outcome is ApplyOutcome.APPLIED
+            await session.run_sync(
+                lambda s: _finish(
+                    s,
+                    row,
+                    before,
+                    decision,
+                    plan=plan,
+                    batch=batch,
+                    report=report,
+                    known=known,
+                    now=now,
+                    metrics=self.metrics,
+                )
+            )
+        if repaired:
+            _log.warning("idis.sync.webhooks_repaired", provider=provider, events=repaired)
+        mode = decision.state.mode
+        poll: PollResult | None = None
+        if _poll_due(
+            mode, decision.transition, snap.polled_at, now, settings.sync.crm_poll_interval
+        ):
+            try:
+                poll = await self.pollers[provider].poll_once()
+            except (ProviderError, AuthError) as exc:
+                error = error_type(exc)
+        _gauges(self.metrics, provider, mode, snap.last_webhook_at, now)
+        return TickReport(
+            provider,
+            leader=True,
+            mode=mode,
+            transition=decision.transition,
+            sentinel=report,
+            repaired=repaired,
+            poll=poll,
+            error=error,
+        )
+
+    async def tick_all(self) -> list[TickReport]:
+        """One tick for every provider; a failure of one never stops the others."""
+        reports = []
+        for provider in self.providers:
+            try:
+                reports.append(await self.tick(provider))
+            except Exception as exc:  # noqa: BLE001  # the loop must survive a bad tick
+                _log.error(
+                    "idis.sync.tick_failed", provider=provider, error_type=type(exc).__name__
+                )
+                reports.append(
+                    TickReport(provider, leader=self.locks[provider].held, error=type(exc).__name__)
+                )
+        return reports
+
+    async def run(self) -> None:
+        """Tick every provider until cancelled."""
+        while True:
+            await self.tick_all()
+            await asyncio.sleep(self.interval)
+
+    async def start(self) -> None:
+        """Run as a task on the current loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="idis-sync")
+
+    async def stop(self) -> None:
+        """Cancel the task and give up leadership."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for lock in self.locks.values():
+            await lock.release()
+
+    async def aclose(self) -> None:
+        """Stop, then close what this service created."""
+        await self.stop()
+        for lock in self.locks.values():
+            await lock.aclose()
+        if self._own_gateway:
+            await self.gateway.aclose()
+        if self._own_engine:
+            await self.engine.dispose()

@@ -1,0 +1,413 @@
+"""Persistence for the mode controller, the sentinel and the poller, and ``sync_summary``.
+
+Everything here takes a SQLAlchemy ``Session`` and joins the caller's
+transaction; the async drivers call the same functions through
+``AsyncSession.run_sync``. Carrying out a mode transition is one function,
+:func:`carry_out`, used by the controller's driver and by the operator's CLI
+alike: it persists the state, writes the audit row (``sync.mode_changed``,
+with the reason), logs ``idis.sync.mode_changed``, updates the metrics, and on
+a switch to polling moves the poller's cursor back to the last position the
+webhook channel is known to have covered, so the window between the last
+good webhook and the switch is polled too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .._audit import record_audit
+from .._timeparse import utcnow
+from ..observability._logs import get_logger
+from ..observability._metrics import Metrics, get_metrics
+from ._mode import Mode, ModePolicy, ModeState, Reason, Transition, initial_state
+from ._models import SyncCursor, SyncInbox, SyncProviderState
+
+__all__ = [
+    "CHANGES_STREAM",
+    "SyncSummary",
+    "carry_out",
+    "get_cursor",
+    "last_webhook_at",
+    "load_state",
+    "mode_state",
+    "move_cursor",
+    "note_signature_spike",
+    "override_mode",
+    "save_mode_state",
+    "status_facts",
+    "sync_summary",
+]
+
+_log = get_logger()
+
+#: The provider's change feed: the stream the poller and the sentinel read.
+CHANGES_STREAM = "changes"
+
+
+def load_state(
+    session: Session,
+    provider: str,
+    policy: ModePolicy,
+    now: datetime,
+    *,
+    for_update: bool = False,
+) -> SyncProviderState:
+    """The provider's state row, created in its initial state when missing.
+
+    Args:
+        session: The caller's session.
+        provider: Provider name.
+        policy: Decides the initial mode (``CRM_MODE``).
+        now: Creation time for a new row.
+        for_update: Lock the row (PostgreSQL) so concurrent writers queue.
+    """
+    query = select(SyncProviderState).where(SyncProviderState.provider == provider)
+    if for_update:
+        query = query.with_for_update()
+    row = session.scalar(query)
+    if row is not None:
+        return row
+    initial = initial_state(policy, now)
+    row = SyncProviderState(
+        provider=provider,
+        mode=initial.mode.value,
+        reason=initial.reason.value,
+        changed_at=now,
+        updated_at=now,
+    )
+    # A savepoint: another replica may create the row at the same instant.
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:  # another replica created it first: use theirs
+        found = session.scalar(query)
+        if found is None:
+            raise
+        return found
+    return row
+
+
+def mode_state(row: SyncProviderState) -> ModeState:
+    """The controller's view of a state row."""
+    return ModeState(
+        mode=Mode(row.mode),
+        reason=Reason(row.reason),
+        changed_at=row.changed_at,
+        override=Mode(row.override) if row.override else None,
+        healthy_since=row.healthy_since,
+    )
+
+
+def save_mode_state(row: SyncProviderState, state: ModeState, now: datetime) -> None:
+    """Write the controller's state into the row."""
+    row.mode = state.mode.value
+    row.reason = state.reason.value
+    row.changed_at = state.changed_at
+    row.override = state.override.value if state.override else None
+    row.healthy_since = state.healthy_since
+    row.updated_at = now
+
+
+def get_cursor(session: Session, provider: str, stream: str = CHANGES_STREAM) -> SyncCursor | None:
+    """The poller's cursor for a provider stream, if it has one."""
+    return session.scalar(
+        select(SyncCursor).where(SyncCursor.provider == provider, SyncCursor.stream == stream)
+    )
+
+
+def move_cursor(
+    session: Session,
+    provider: str,
+    *,
+    after_seq: int | None,
+    watermark: datetime | None,
+    now: datetime,
+    moved_by: str | None = None,
+    stream: str = CHANGES_STREAM,
+) -> SyncCursor:
+    """Set the poller's cursor (creating it)."""
+    cursor = get_cursor(session, provider, stream)
+    if cursor is None:
+        cursor = SyncCursor(provider=provider, stream=stream, updated_at=now)
+        session.add(cursor)
+    cursor.after_seq = after_seq
+    cursor.watermark = watermark
+    cursor.moved_by = moved_by
+    cursor.updated_at = now
+    return cursor
+
+
+def last_webhook_at(session: Session, provider: str) -> datetime | None:
+    """When a webhook last delivered a change for ``provider`` (any replica)."""
+    return session.scalar(
+        select(func.max(SyncInbox.webhook_at)).where(SyncInbox.provider == provider)
+    )
+
+
+def note_signature_spike(session: Session, provider: str, at: datetime) -> None:
+    """Record that the signature failure rate crossed the threshold (seen by every replica)."""
+    row = session.scalar(select(SyncProviderState).where(SyncProviderState.provider == provider))
+    if row is None:
+        row = SyncProviderState(
+            provider=provider,
+            mode=Mode.WEBHOOK.value,
+            reason=Reason.DEFAULT.value,
+            changed_at=at,
+            updated_at=at,
+        )
+        session.add(row)
+    row.signature_spike_at = at
+    row.updated_at = at
+
+
+def _failover_position(row: SyncProviderState) -> tuple[int | None, datetime | None]:
+    """Where polling must start so that nothing after the last good webhook is missed."""
+    return row.confirmed_seq, row.confirmed_at
+
+
+def carry_out(
+    session: Session,
+    row: SyncProviderState,
+    state: ModeState,
+    transition: Transition,
+    *,
+    actor: str = "system",
+    metrics: Metrics | None = None,
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Persist a mode switch and make it visible: audit, log, metrics; move the cursor.
+
+    On a switch to polling the cursor moves to the last position the webhook
+    channel is confirmed to have covered (``confirmed_seq``/``confirmed_at``),
+    so the poller's first window starts there, not at the switch.
+    """
+    provider = row.provider
+    save_mode_state(row, state, transition.at)
+    info: dict[str, Any] = {
+        "from": transition.from_mode.value,
+        "to": transition.to_mode.value,
+        "reason": transition.reason.value,
+        "lag_seconds": row.lag_seconds,
+    }
+    if transition.to_mode is Mode.WEBHOOK:
+        # Webhook coverage resumes where polling left off, and the sentinel
+        # re-reads the feed from the poller's position: anything the poller had
+        # not fetched yet is applied by the sentinel if no webhook brings it.
+        cursor = get_cursor(session, provider)
+        if cursor is not None and cursor.after_seq is not None:
+            row.confirmed_seq = cursor.after_seq
+            row.confirmed_at = cursor.watermark or row.confirmed_at
+            if row.sentinel_seq is None or row.sentinel_seq > cursor.after_seq:
+                row.sentinel_seq = cursor.after_seq
+        row.silent_since = None
+    if transition.to_mode is Mode.POLLING:
+        after_seq, watermark = _failover_position(row)
+        cursor = get_cursor(session, provider)
+        if after_seq is not None or watermark is not None or cursor is None:
+            move_cursor(
+                session,
+                provider,
+                after_seq=after_seq,
+                watermark=watermark,
+                now=transition.at,
+                moved_by="failover",
+            )
+        info["poll_from_seq"] = after_seq
+        info["poll_from"] = watermark.isoformat() if watermark else None
+    info.update(details or {})
+    record_audit(
+        session,
+        "sync.mode_changed",
+        provider=provider,
+        actor=actor,
+        subject_type="provider",
+        subject_id=provider,
+        details=info,
+        message=f"{provider}: {transition.from_mode.value} -> {transition.to_mode.value} "
+        f"({transition.reason.value}): {transition.detail}",
+        occurred_at=transition.at,
+    )
+    m = metrics or get_metrics()
+    m.mode_switches.labels(
+        provider=provider, to_mode=transition.to_mode.value, reason=transition.reason.value
+    ).inc()
+    m.sync_mode.labels(provider=provider).set(1 if transition.to_mode is Mode.POLLING else 0)
+    _log.warning(
+        "idis.sync.mode_changed",
+        msg=f"sync mode {transition.from_mode.value} -> {transition.to_mode.value}: "
+        f"{transition.detail}",
+        provider=provider,
+        from_mode=transition.from_mode.value,
+        to_mode=transition.to_mode.value,
+        reason=transition.reason.value,
+        actor=actor,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSummary:
+    """One provider's sync state, for ``idis-integrations status`` and ``sync status``."""
+
+    provider: str
+    #: ``webhook`` or ``polling``.
+    mode: str
+    #: Why (``default``, ``config``, ``operator``, ``webhook_lag``, ``recovered``...).
+    reason: str
+    #: When the mode last changed (None: the controller has not run yet).
+    since: datetime | None
+    #: Operator override (``polling`` pins, ``webhook`` beats CRM_MODE), or None.
+    override: str | None
+    #: When a webhook last delivered a change.
+    last_webhook_at: datetime | None
+    #: Webhook lag the sentinel last measured, in seconds.
+    lag_seconds: float | None
+    #: When the sentinel last checked.
+    sentinel_at: datetime | None
+    #: Since when webhooks look healthy (polling mode: the return countdown).
+    healthy_since: datetime | None
+    #: When the poller last completed a poll.
+    polled_at: datetime | None
+    #: The poller's cursor (sequence number).
+    cursor_seq: int | None
+    #: Replica holding the poller lock.
+    leader: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "provider": self.provider,
+            "mode": self.mode,
+            "reason": self.reason,
+            "since": self.since.isoformat() if self.since else None,
+            "override": self.override,
+            "last_webhook_at": self.last_webhook_at.isoformat() if self.last_webhook_at else None,
+            "lag_seconds": self.lag_seconds,
+            "sentinel_at": self.sentinel_at.isoformat() if self.sentinel_at else None,
+            "healthy_since": self.healthy_since.isoformat() if self.healthy_since else None,
+            "polled_at": self.polled_at.isoformat() if self.polled_at else None,
+            "cursor_seq": self.cursor_seq,
+            "leader": self.leader,
+        }
+
+
+def sync_summary(session: Session, providers: list[str] | None = None) -> list[SyncSummary]:
+    """The sync state of every provider the controller knows (or of ``providers``), by name.
+
+    Providers never seen by the controller are omitted unless named, in which
+    case they show their initial webhook state.
+    """
+    rows = {row.provider: row for row in session.scalars(select(SyncProviderState))}
+    names = sorted(rows) if providers is None else list(providers)
+    cursors = {
+        c.provider: c.after_seq
+        for c in session.scalars(select(SyncCursor).where(SyncCursor.stream == CHANGES_STREAM))
+    }
+    result = []
+    for name in names:
+        row = rows.get(name)
+        result.append(
+            SyncSummary(
+                provider=name,
+                mode=row.mode if row else Mode.WEBHOOK.value,
+                reason=row.reason if row else Reason.DEFAULT.value,
+                since=row.changed_at if row else None,
+                override=row.override if row else None,
+                last_webhook_at=last_webhook_at(session, name),
+                lag_seconds=row.lag_seconds if row else None,
+                sentinel_at=row.sentinel_at if row else None,
+                healthy_since=row.healthy_since if row else None,
+                polled_at=row.polled_at if row else None,
+                cursor_seq=cursors.get(name),
+                leader=row.leader if row else None,
+            )
+        )
+    return result
+
+
+def override_mode(
+    session: Session,
+    provider: str,
+    setting: str,
+    *,
+    policy: ModePolicy,
+    now: datetime,
+    actor: str,
+    metrics: Metrics | None = None,
+) -> ModeState:
+    """Apply the operator's ``sync mode --set webhook|polling|auto``, audited.
+
+    Raises:
+        ValueError: for an unknown setting (nothing changed).
+    """
+    from ._mode import operator_override
+
+    row = load_state(session, provider, policy, now, for_update=True)
+    decision = operator_override(mode_state(row), setting, now)
+    if decision.transition is not None:
+        carry_out(
+            session,
+            row,
+            decision.state,
+            decision.transition,
+            actor=actor,
+            metrics=metrics,
+            details={"setting": setting},
+        )
+    else:
+        save_mode_state(row, decision.state, now)
+        record_audit(
+            session,
+            "sync.mode_override",
+            provider=provider,
+            actor=actor,
+            subject_type="provider",
+            subject_id=provider,
+            details={"setting": setting, "mode": decision.state.mode.value},
+            message=f"{provider}: operator set mode {setting} "
+            f"(mode stays {decision.state.mode.value})",
+            occurred_at=now,
+        )
+        _log.warning(
+            "idis.sync.mode_override",
+            msg=f"operator set sync mode {setting}",
+            provider=provider,
+            setting=setting,
+            mode=decision.state.mode.value,
+            actor=actor,
+        )
+    return decision.state
+
+
+def status_facts(session: Session, settings: Any, provider: str) -> dict[str, Any]:
+    """Sync facts for ``idis-integrations status`` (a ``status.FACT_SOURCES`` entry).
+
+    Returns:
+        ``sync_mode`` (with its reason), ``sync_override``, ``last_webhook_age_seconds``
+        and ``webhook_lag_seconds`` for a provider the controller runs (or of kind
+        crm, synced by default); nothing for others.
+    """
+    row = session.scalar(select(SyncProviderState).where(SyncProviderState.provider == provider))
+    if row is None and settings.provider(provider).kind != "crm":
+        return {}
+    last = last_webhook_at(session, provider)
+    now = utcnow()
+    if row is None:
+        pinned = settings.sync.crm_mode == "polling"
+        return {
+            "sync_mode": "polling (config, not started)" if pinned else "webhook (not started)",
+            "last_webhook_age_seconds": None,
+        }
+    return {
+        "sync_mode": f"{row.mode} ({row.reason})",
+        "sync_override": row.override,
+        "last_webhook_age_seconds": (
+            round((now - last).total_seconds(), 1) if last is not None else None
+        ),
+        "webhook_lag_seconds": row.lag_seconds,
+    }
