@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import idis.integrations as api
 
 
@@ -41,3 +43,56 @@ def test_python_dash_m_runs_the_cli() -> None:
     assert 0 == result.returncode
     assert "status" in result.stdout
     assert "db" in result.stdout
+
+
+_PACKAGES = (
+    "idis.integrations",
+    "idis.integrations.enrichment",
+    "idis.integrations.outbox",
+    "idis.integrations.reconciliation",
+    "idis.integrations.sync",
+    "idis.integrations.webhooks",
+)
+
+
+def _type_checking_imports(module: object) -> dict[str, str]:
+    """{name: relative module} imported under ``if TYPE_CHECKING:`` in a package __init__."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))  # type: ignore[arg-type]
+    found: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for stmt in node.body:
+                assert isinstance(stmt, ast.ImportFrom)
+                for alias in stmt.names:
+                    found[alias.asname or alias.name] = "." * stmt.level + (stmt.module or "")
+    return found
+
+
+@pytest.mark.parametrize("package", _PACKAGES)
+def test_lazy_surface_is_generated_from_one_mapping(package: str) -> None:
+    """__all__, the export mapping and the TYPE_CHECKING imports list the same names."""
+    import importlib
+
+    module = importlib.import_module(package)
+    table: dict[str, str] = module._EXPORT_TABLE
+    eager = {name for name in module.__all__ if name not in table and name != "__version__"}
+
+    assert len(set(module.__all__)) == len(module.__all__)
+    assert table == {k: v for k, v in _type_checking_imports(module).items() if k in table}
+    assert set(module.__all__) - {"__version__"} == set(table) | eager
+    for name in module.__all__:
+        assert getattr(module, name) is not None
+
+
+@pytest.mark.parametrize("package", _PACKAGES)
+def test_unknown_names_raise_attribute_error(package: str) -> None:
+    """A name the package does not export is an AttributeError naming it."""
+    import importlib
+
+    module = importlib.import_module(package)
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        module.no_such_name  # noqa: B018

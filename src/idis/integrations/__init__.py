@@ -7,9 +7,9 @@ Heavy modules load on first use, so ``from idis.integrations import check_token`
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._lazy import lazy_exports
 from .config import Settings
 from .exceptions import (
     AuthError,
@@ -142,57 +142,61 @@ __all__ = [
     "verify_sync",
 ]
 
-#: Public name -> module that defines it, imported on first access.
-_LAZY: dict[str, str] = {
-    "AsyncTokenManager": ".auth._tokens",
-    "TokenManager": ".auth._tokens",
-    "check_token": ".auth._status",
-    "import_token": ".auth._tokens",
-    "oauth_auth_factory": ".auth._httpx_auth",
-    "refresh_tokens": ".auth._tokens",
-    "rotate_credentials": ".auth._rotation",
-    "list_audit_events": "._audit",
-    "ReconcileSummary": ".reconciliation",
-    "VerifyReport": ".reconciliation",
-    "areconcile": ".reconciliation",
-    "gaps": ".reconciliation",
-    "reconcile": ".reconciliation",
-    "resync": ".reconciliation",
-    "timeline": ".reconciliation",
-    "verify_sync": ".reconciliation",
-    "AsyncOutboxWorker": ".outbox",
-    "NewMessage": ".outbox",
-    "OutboxWorker": ".outbox",
-    "enqueue": ".outbox",
-    "enqueue_async": ".outbox",
-    "outbox_summary": ".outbox",
-    "queue_webhook_retries": ".outbox",
-    "record_audit": "._audit",
-    "AsyncDeferredEnrichmentWorker": ".enrichment",
-    "AsyncEnricher": ".enrichment",
-    "CrmSyncStatusMixin": ".enrichment",
-    "DeferredEnrichmentWorker": ".enrichment",
-    "Enricher": ".enrichment",
-    "EnrichmentResult": ".enrichment",
-    "TenantImpact": ".enrichment",
-    "clear_stale_defects": ".enrichment",
-    "create_stale_defects": ".enrichment",
-    "impact": ".enrichment",
-    "list_defects": ".enrichment",
-    "mark_sync_failed": ".enrichment",
-    "mark_sync_pending": ".enrichment",
-    "mark_sync_succeeded": ".enrichment",
-    "run_deferred": ".enrichment",
-    "AsyncSyncService": ".sync",
-    "HandlerRegistry": ".sync",
-    "SyncService": ".sync",
-    "apply_event": ".sync",
-    "apply_event_async": ".sync",
-    "get_registry": ".sync",
-    "sync_summary": ".sync",
-    "AsyncWebhookReceiver": ".webhooks",
-    "WebhookReceiver": ".webhooks",
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "._audit": ("list_audit_events", "record_audit"),
+    ".auth._httpx_auth": ("oauth_auth_factory",),
+    ".auth._rotation": ("rotate_credentials",),
+    ".auth._status": ("check_token",),
+    ".auth._tokens": ("AsyncTokenManager", "TokenManager", "import_token", "refresh_tokens"),
+    ".enrichment": (
+        "AsyncDeferredEnrichmentWorker",
+        "AsyncEnricher",
+        "CrmSyncStatusMixin",
+        "DeferredEnrichmentWorker",
+        "Enricher",
+        "EnrichmentResult",
+        "TenantImpact",
+        "clear_stale_defects",
+        "create_stale_defects",
+        "impact",
+        "list_defects",
+        "mark_sync_failed",
+        "mark_sync_pending",
+        "mark_sync_succeeded",
+        "run_deferred",
+    ),
+    ".outbox": (
+        "AsyncOutboxWorker",
+        "NewMessage",
+        "OutboxWorker",
+        "enqueue",
+        "enqueue_async",
+        "outbox_summary",
+        "queue_webhook_retries",
+    ),
+    ".reconciliation": (
+        "ReconcileSummary",
+        "VerifyReport",
+        "areconcile",
+        "gaps",
+        "reconcile",
+        "resync",
+        "timeline",
+        "verify_sync",
+    ),
+    ".sync": (
+        "AsyncSyncService",
+        "HandlerRegistry",
+        "SyncService",
+        "apply_event",
+        "apply_event_async",
+        "get_registry",
+        "sync_summary",
+    ),
+    ".webhooks": ("AsyncWebhookReceiver", "WebhookReceiver"),
 }
+
+_getattr, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 def __getattr__(name: str) -> Any:
@@ -200,13 +204,4 @@ def __getattr__(name: str) -> Any:
         from importlib.metadata import version
 
         return version("idis-integrations")
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return _getattr(name)

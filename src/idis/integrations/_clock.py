@@ -1,12 +1,15 @@
-"""Time, injectable: every time-based decision in the library reads a :class:`Clock`.
+"""Time, injectable: every time-based decision and every wait in the library goes through a Clock.
 
-Tests and the drill pass a :class:`ManualClock` and move it, so a two-hour
-outage or a 30-second breaker reset takes no real time and no test asserts on
-wall time.
+There is one :class:`Clock` protocol for the whole library: every ``clock=``
+parameter takes it. Tests and the drill pass a :class:`ManualClock` and move it,
+so a two-hour outage or a 30-second breaker reset takes no real time and no
+test asserts on wall time. Waits go through the clock too (``sleep`` /
+``asleep``), so a manual clock's waits advance it instead of blocking.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -27,6 +30,12 @@ class Clock(Protocol):
     def now(self) -> datetime:
         """Aware UTC datetime."""
 
+    def sleep(self, seconds: float) -> None:
+        """Block the calling thread for ``seconds`` (a manual clock advances instead)."""
+
+    async def asleep(self, seconds: float) -> None:
+        """Suspend the calling task for ``seconds`` (a manual clock advances instead)."""
+
 
 class SystemClock:
     """The real clock."""
@@ -44,6 +53,14 @@ class SystemClock:
     def now(self) -> datetime:
         """Current aware UTC datetime."""
         return datetime.now(UTC)
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep`` (never negative)."""
+        time.sleep(max(0.0, seconds))
+
+    async def asleep(self, seconds: float) -> None:
+        """``asyncio.sleep`` (never negative)."""
+        await asyncio.sleep(max(0.0, seconds))
 
     def __repr__(self) -> str:
         return "SystemClock()"
@@ -90,8 +107,9 @@ class ManualClock:
         self.advance(max(0.0, seconds))
 
     async def asleep(self, seconds: float) -> None:
-        """Async twin of :meth:`sleep`."""
+        """Advance, then yield to the event loop once so other tasks see the new time."""
         self.advance(max(0.0, seconds))
+        await asyncio.sleep(0)
 
     def __repr__(self) -> str:
         return f"ManualClock({self.now().isoformat()})"

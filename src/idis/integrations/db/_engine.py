@@ -8,22 +8,30 @@ server costs one failed checkout, not a crashed worker.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..exceptions import ConfigError, StorageError
 
 __all__ = [
+    "READ_ONLY",
+    "async_session_scope",
     "create_async_db_engine",
     "create_db_engine",
     "normalize_url",
+    "read_only",
     "session_scope",
     "storage_errors",
 ]
@@ -70,7 +78,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _sqlite_begin_immediate(conn: Any) -> None:
+#: Execution option marking a connection whose transactions only read.
+READ_ONLY = "idis_read_only"
+
+
+def _sqlite_begin(conn: Any) -> None:
+    if conn.get_execution_options().get(READ_ONLY):
+        # A deferred BEGIN takes no lock until the first read, and in WAL mode
+        # readers never wait for the writer: status pages stay fast while a
+        # worker drains the outbox.
+        conn.exec_driver_sql("BEGIN")
+        return
     # BEGIN IMMEDIATE takes the write lock up front, so two writers queue on
     # busy_timeout instead of failing with "database is locked" on upgrade.
     conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -85,7 +103,7 @@ def _configure_sqlite(engine: Engine) -> None:
         # "Serializable isolation / Savepoints / Transactional DDL" notes).
         dbapi_connection.isolation_level = None
 
-    event.listen(engine, "begin", _sqlite_begin_immediate)
+    event.listen(engine, "begin", _sqlite_begin)
 
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
@@ -144,9 +162,34 @@ def _describe(exc: DBAPIError) -> str:
     return redact_text(text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
 
 
+def read_only(engine: Engine) -> Engine:
+    """``engine`` with its transactions marked read-only (no write lock on SQLite)."""
+    return engine.execution_options(**{READ_ONLY: True})
+
+
+def aread_only(engine: AsyncEngine) -> AsyncEngine:
+    """Async twin of :func:`read_only`."""
+    return engine.execution_options(**{READ_ONLY: True})
+
+
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session in one transaction: commit on success, roll back on error."""
-    factory = sessionmaker(engine, expire_on_commit=False)
+def session_scope(engine: Engine, *, write: bool = True) -> Iterator[Session]:
+    """A session in one transaction: commit on success, roll back on error.
+
+    ``write=False`` for transactions that only read: on SQLite they take no
+    write lock, so they never queue behind a writer.
+    """
+    factory = sessionmaker(engine if write else read_only(engine), expire_on_commit=False)
     with storage_errors(), factory.begin() as session:
         yield session
+
+
+@asynccontextmanager
+async def async_session_scope(
+    engine: AsyncEngine, *, write: bool = True
+) -> AsyncIterator[AsyncSession]:
+    """Async twin of :func:`session_scope`."""
+    factory = async_sessionmaker(engine if write else aread_only(engine), expire_on_commit=False)
+    with storage_errors():
+        async with factory.begin() as session:
+            yield session

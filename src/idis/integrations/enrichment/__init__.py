@@ -19,8 +19,9 @@ does not pull in the gateway.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._assessment import TenantImpact, impact
@@ -81,45 +82,34 @@ __all__ = [
     "sync_status_update",
 ]
 
-_LAZY: dict[str, str] = {
-    "RECOVERY_RESOLUTION": "._models",
-    "STALE_ENRICHMENT": "._models",
-    "AsyncDeferredEnrichmentWorker": "._worker",
-    "AsyncEnricher": "._enricher",
-    "AsyncSyncStatusDelivery": "._syncstatus",
-    "Attempt": "._decisions",
-    "ClearResult": "._defects",
-    "CreateResult": "._defects",
-    "CrmSyncStatusMixin": "._syncstatus",
-    "Defect": "._models",
-    "DefectRecord": "._defects",
-    "DeferredEnrichmentWorker": "._worker",
-    "Enricher": "._enricher",
-    "EnrichmentResult": "._decisions",
-    "RunStats": "._worker",
-    "SubjectKey": "._decisions",
-    "SyncStatusDelivery": "._syncstatus",
-    "TenantImpact": "._assessment",
-    "clear_stale_defects": "._defects",
-    "create_stale_defects": "._defects",
-    "impact": "._assessment",
-    "list_defects": "._defects",
-    "mark_sync_failed": "._syncstatus",
-    "mark_sync_pending": "._syncstatus",
-    "mark_sync_succeeded": "._syncstatus",
-    "run_deferred": "._worker",
-    "sync_status_update": "._syncstatus",
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "._assessment": ("TenantImpact", "impact"),
+    "._decisions": ("Attempt", "EnrichmentResult", "SubjectKey"),
+    "._defects": (
+        "ClearResult",
+        "CreateResult",
+        "DefectRecord",
+        "clear_stale_defects",
+        "create_stale_defects",
+        "list_defects",
+    ),
+    "._enricher": ("AsyncEnricher", "Enricher"),
+    "._models": ("Defect", "RECOVERY_RESOLUTION", "STALE_ENRICHMENT"),
+    "._syncstatus": (
+        "AsyncSyncStatusDelivery",
+        "CrmSyncStatusMixin",
+        "SyncStatusDelivery",
+        "mark_sync_failed",
+        "mark_sync_pending",
+        "mark_sync_succeeded",
+        "sync_status_update",
+    ),
+    "._worker": (
+        "AsyncDeferredEnrichmentWorker",
+        "DeferredEnrichmentWorker",
+        "RunStats",
+        "run_deferred",
+    ),
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -19,8 +19,9 @@ See ``docs/outbox.md`` for the guarantees and the failure modes.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 # Eager, not lazy: ``enqueue`` is also a submodule's name, and importing that
 # submodule would otherwise set the package attribute to the module. The
@@ -85,52 +86,31 @@ __all__ = [
     "status_facts",
 ]
 
-# Submodules load on first use: db/models.py imports .models, and that must not
-# pull in the gateway, the worker or the CLI.
-_LAZY: dict[str, str] = {
-    "Action": "._policy",
-    "AsyncDeliver": "._worker",
-    "AsyncGatewayDelivery": "._delivery",
-    "AsyncOutboxWorker": "._worker",
-    "BatchResult": "._worker",
-    "DEAD": "._models",
-    "DELIVERED": "._models",
-    "Deliver": "._worker",
-    "Disposition": "._policy",
-    "GatewayDelivery": "._delivery",
-    "IN_FLIGHT": "._models",
-    "KIND_REQUEST": "._messages",
-    "KIND_WEBHOOK": "._messages",
-    "MessageView": "._admin",
-    "NewMessage": "._messages",
-    "OutboxMessage": "._messages",
-    "OutboxMessageRow": "._models",
-    "OutboxSummary": "._admin",
-    "OutboxWorker": "._worker",
-    "PENDING": "._models",
-    "RequeueResult": "._admin",
-    "WebhookReceiverRow": "._models",
-    "backoff_delay": "._policy",
-    "build_call": "._delivery",
-    "decide": "._policy",
-    "list_messages": "._admin",
-    "outbox_summary": "._admin",
-    "outbox_summary_async": "._admin",
-    "purge_delivered": "._admin",
-    "queue_webhook_retries": "._admin",
-    "refresh_gauges": "._admin",
-    "status_facts": "._admin",
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "._admin": (
+        "MessageView",
+        "OutboxSummary",
+        "RequeueResult",
+        "list_messages",
+        "outbox_summary",
+        "outbox_summary_async",
+        "purge_delivered",
+        "queue_webhook_retries",
+        "refresh_gauges",
+        "status_facts",
+    ),
+    "._delivery": ("AsyncGatewayDelivery", "GatewayDelivery", "build_call"),
+    "._messages": ("KIND_REQUEST", "KIND_WEBHOOK", "NewMessage", "OutboxMessage"),
+    "._models": (
+        "DEAD",
+        "DELIVERED",
+        "IN_FLIGHT",
+        "OutboxMessageRow",
+        "PENDING",
+        "WebhookReceiverRow",
+    ),
+    "._policy": ("Action", "Disposition", "backoff_delay", "decide"),
+    "._worker": ("AsyncDeliver", "AsyncOutboxWorker", "BatchResult", "Deliver", "OutboxWorker"),
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

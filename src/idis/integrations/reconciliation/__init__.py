@@ -18,8 +18,9 @@ without pulling in the provider client.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._db import ReconcileBusy
@@ -66,42 +67,23 @@ __all__ = [
     "verify_sync",
 ]
 
-_LAZY: dict[str, str] = {
-    "ReconcileBusy": "._db",
-    "TimelineReport": "._sync_timeline",
-    "gaps": "._sync_timeline",
-    "timeline": "._sync_timeline",
-    "AppliedRecordSource": "._ledger",
-    "LocalRecordSource": "._ledger",
-    "FieldDiff": "._logic",
-    "Gap": "._logic",
-    "LocalRecord": "._logic",
-    "RecordComparison": "._logic",
-    "data_hash": "._logic",
-    "AsyncReplaySource": "._replay",
-    "EventFailure": "._replay",
-    "areconcile": "._replay",
-    "ReconcileInterrupted": "._replay",
-    "ReconcileSummary": "._replay",
-    "ReplaySource": "._replay",
-    "reconcile": "._replay",
-    "ResyncSummary": "._fallback",
-    "resync": "._fallback",
-    "StaticReplaySource": "._sources",
-    "Repair": "._verify",
-    "VerifyReport": "._verify",
-    "verify_sync": "._verify",
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "._db": ("ReconcileBusy",),
+    "._fallback": ("ResyncSummary", "resync"),
+    "._ledger": ("AppliedRecordSource", "LocalRecordSource"),
+    "._logic": ("FieldDiff", "Gap", "LocalRecord", "RecordComparison", "data_hash"),
+    "._replay": (
+        "AsyncReplaySource",
+        "EventFailure",
+        "ReconcileInterrupted",
+        "ReconcileSummary",
+        "ReplaySource",
+        "areconcile",
+        "reconcile",
+    ),
+    "._sources": ("StaticReplaySource",),
+    "._sync_timeline": ("TimelineReport", "gaps", "timeline"),
+    "._verify": ("Repair", "VerifyReport", "verify_sync"),
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

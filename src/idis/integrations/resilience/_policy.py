@@ -10,11 +10,11 @@ import math
 import random
 import threading
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
+from .._backoff import TestingMode, _testing, set_testing, testing_mode
+from .._backoff import effective_attempts as _effective_attempts
 from ..config import RetryPolicy
 from ..exceptions import ProviderError, RateLimited
 
@@ -53,55 +53,9 @@ def should_retry(exc: ProviderError, *, method: str, idempotency_key: str | None
     return exc.retryable and exc.provider_fault and is_retry_safe(method, idempotency_key)
 
 
-class TestingMode:
-    """Process-wide switch for users' test suites: no backoff, capped attempts.
-
-    Strictly private state; use :func:`set_testing`.
-    """
-
-    __slots__ = ("attempts", "enabled")
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self.attempts = 1
-
-
-_testing = TestingMode()
-_testing_lock = threading.Lock()
-
-
-def testing_mode() -> TestingMode:
-    """The current testing mode (read-only view)."""
-    return _testing
-
-
-@contextmanager
-def set_testing(enabled: bool = True, *, attempts: int = 1) -> Iterator[None]:
-    """Turn off backoff and cap attempts for the whole process; restore on exit.
-
-    Meant for the test suites of services that embed the library, so a
-    failing provider fails a test at once instead of after seconds of backoff::
-
-        with set_testing(attempts=2):
-            ...
-    """
-    if attempts < 1:
-        raise ValueError(f"attempts={attempts!r}: expected at least 1")
-    with _testing_lock:
-        previous = (_testing.enabled, _testing.attempts)
-        _testing.enabled, _testing.attempts = enabled, attempts
-    try:
-        yield
-    finally:
-        with _testing_lock:
-            _testing.enabled, _testing.attempts = previous
-
-
 def effective_attempts(policy: RetryPolicy) -> int:
     """``policy.max_attempts``, capped while testing mode is on."""
-    if _testing.enabled:
-        return min(policy.max_attempts, _testing.attempts)
-    return policy.max_attempts
+    return _effective_attempts(policy.max_attempts)
 
 
 def backoff_cap(policy: RetryPolicy, retry_number: int) -> float:

@@ -17,8 +17,9 @@ Submodules load on first use so ``db/models.py`` can import the tables cheaply.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._inbox import (
@@ -53,33 +54,20 @@ __all__ = [
     "sync_summary",
 ]
 
-_LAZY: dict[str, str] = {
-    "ApplyOutcome": "._inbox",
-    "HandlerRegistry": "._inbox",
-    "apply_event": "._inbox",
-    "apply_event_async": "._inbox",
-    "apply_event_outcome": "._inbox",
-    "get_registry": "._inbox",
-    "known_event_ids": "._inbox",
-    "ModeController": "._mode",
-    "SyncSummary": "._state",
-    "sync_summary": "._state",
-    "AsyncSyncService": "._service",
-    "SyncService": "._service",
-    "CoveredInterval": "._timeline",
-    "coverage": "._timeline",
-    "record_coverage": "._timeline",
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "._inbox": (
+        "ApplyOutcome",
+        "HandlerRegistry",
+        "apply_event",
+        "apply_event_async",
+        "apply_event_outcome",
+        "get_registry",
+        "known_event_ids",
+    ),
+    "._mode": ("ModeController",),
+    "._service": ("AsyncSyncService", "SyncService"),
+    "._state": ("SyncSummary", "sync_summary"),
+    "._timeline": ("CoveredInterval", "coverage", "record_coverage"),
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

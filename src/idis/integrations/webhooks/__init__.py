@@ -10,8 +10,9 @@ Submodules load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._receiver import AsyncWebhookReceiver, WebhookReceiver, WebhookResult
@@ -34,26 +35,15 @@ __all__ = [
     "parse_json_strict",
 ]
 
-_LAZY: dict[str, str] = {
-    "AsyncWebhookReceiver": "._receiver",
-    "WebhookReceiver": "._receiver",
-    "WebhookResult": "._receiver",
-    "HmacScheme": "._verify",
-    "StandardWebhooksScheme": "._verify",
-    "VerificationScheme": "._verify",
-    "VerifiedWebhook": "._verify",
-    "parse_json_strict": "._verify",
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "._receiver": ("AsyncWebhookReceiver", "WebhookReceiver", "WebhookResult"),
+    "._verify": (
+        "HmacScheme",
+        "StandardWebhooksScheme",
+        "VerificationScheme",
+        "VerifiedWebhook",
+        "parse_json_strict",
+    ),
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
