@@ -124,6 +124,11 @@ class ProviderError(IntegrationError):
         self.status_code = status_code
         #: Seconds the provider asked us to wait (Retry-After), if it said.
         self.retry_after: float | None = None
+        #: Requests of this logical call that went out on the wire (0: the provider
+        #: never saw it). The gateway sets it; the outbox counts a delivery attempt
+        #: only when it is at least 1, so a call refused before sending (open
+        #: breaker, full bulkhead, spent budget) never burns a message's attempts.
+        self.sent = 0
 
     #: Short, bounded name used as the ``error_type`` metric label.
     error_type: ClassVar[str] = "error"
