@@ -72,6 +72,8 @@ def service_env(sim: RunningSimulator, database_url: str, **extra: str) -> dict[
         "IDIS_ENRICHMENT_RETRY_MAX_BACKOFF": "500ms",
         "IDIS_SERVICE_CLAIMS_REFRESH_INTERVAL": "100ms",
         "IDIS_SERVICE_SAMPLE_INTERVAL": "200ms",
+        # The providers verify with the simulator's published webhook secret: opt in.
+        "IDIS_ALLOW_EMBEDDED_DEFAULTS": "true",
     }
     for name, kind in ((CRM, "crm"), (ENRICH, "enrichment")):
         prefix = f"IDIS_PROVIDER_{name.upper()}_"
