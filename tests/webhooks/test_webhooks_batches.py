@@ -1,0 +1,83 @@
+"""Group commit: concurrent deliveries share a transaction, and none pays for another's failure."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+from tests.sync.conftest import HostTable
+
+from idis.integrations.observability._metrics import Metrics
+from idis.integrations.sync._inbox import HandlerRegistry
+from idis.integrations.sync._models import SyncInbox
+
+from ..conftest import sample
+from .conftest import Face, P, event_body, failing_for, settings_for, signed
+
+
+def _inbox_ids(engine: Engine) -> set[str]:
+    with Session(engine) as session:
+        return set(session.scalars(select(SyncInbox.event_id)))
+
+
+def _wait_for_company(receiver: Any, face: Face, others: int) -> None:
+    """Hold the first batch until ``others`` deliveries queue behind it (sync face only)."""
+    if face.kind != "sync":
+        return  # the async face queues every gathered delivery before its first batch runs
+    deadline = time.monotonic() + 10
+    while len(receiver._io.committer._queue) < others and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def test_concurrent_deliveries_are_each_applied_once(
+    face: Face, sqlite_url: str, sqlite_engine: Engine, host: HostTable, metrics: Metrics
+) -> None:
+    """40 deliveries at once, then the same 40 again: 40 applied, 40 duplicates, nothing twice."""
+    deliveries = [(signed(event_body(n), msg=f"m{n}"), event_body(n)) for n in range(40)]
+    receiver = face.build(settings_for(sqlite_url), host.registry(), providers=[P])
+
+    first = face.send_concurrently(receiver, deliveries)
+    again = face.send_concurrently(receiver, deliveries)
+
+    assert {(200, "accepted")} == {(r.status_code, r.outcome) for r in first}
+    assert {(200, "duplicate")} == {(r.status_code, r.outcome) for r in again}
+    assert sorted(f"evt_{n}" for n in range(40)) == sorted(row[0] for row in host.rows())
+    assert 40.0 == sample(metrics, "integration_events_applied_total", provider=P, source="webhook")
+
+
+def test_a_failing_handler_loses_only_its_own_delivery(
+    face: Face, sqlite_url: str, sqlite_engine: Engine, host: HostTable
+) -> None:
+    """In a shared batch, a handler that raises fails its own event (500) and no other."""
+    failing = {"evt_3", "evt_11"}
+    handler = failing_for(failing, host)
+    held = threading.Event()
+    receiver: Any = None
+
+    def first_waits(session: Any, event: Any) -> None:
+        if not held.is_set():
+            held.set()
+            # 8 client threads: this one leads, up to 7 queue behind it.
+            _wait_for_company(receiver, face, 5)
+        handler(session, event)
+
+    registry = HandlerRegistry()
+    registry.register("record.updated", first_waits)
+    receiver = face.build(settings_for(sqlite_url), registry, providers=[P])
+    deliveries = [(signed(event_body(n), msg=f"m{n}"), event_body(n)) for n in range(16)]
+
+    results = face.send_concurrently(receiver, deliveries)
+    failing.clear()
+    retried = [face.send(receiver, signed(event_body(n)), event_body(n)) for n in (3, 11)]
+
+    by_event = {r.event_id: (r.status_code, r.outcome) for r in results}
+    assert {"evt_3": (500, "handler_error"), "evt_11": (500, "handler_error")} == {
+        k: v for k, v in by_event.items() if v[0] != 200
+    }
+    assert 14 == sum(1 for v in by_event.values() if v == (200, "accepted"))
+    assert [(200, "accepted")] * 2 == [(r.status_code, r.outcome) for r in retried]
+    assert {f"evt_{n}" for n in range(16)} == _inbox_ids(sqlite_engine)
+    assert 16 == len(host.rows())
