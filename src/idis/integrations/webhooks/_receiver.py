@@ -25,12 +25,15 @@ and crossing ``signature_failure_threshold`` is persisted so the replica
 running the controller sees it too.
 
 **Group commit.** Deliveries that arrive while a transaction is running are
-applied together in the next one, each in its own savepoint (a handler that
-raises loses its own event only, and the provider retries it). Under load this
-replaces one transaction per webhook with one per batch, the difference between
-a receiver that keeps up with a provider's burst and one that does not; an idle
-receiver still commits each delivery at once. A batch failing to commit answers
-503 for each of its deliveries.
+applied together in the next one. Under load this replaces one transaction per
+webhook with one per batch, the difference between a receiver that keeps up
+with a provider's burst and one that does not; an idle receiver still commits
+each delivery at once. When anything in a batch fails (a handler raises, the
+commit fails), the batch is rolled back whole and its deliveries are applied
+one by one, so a failing delivery fails alone (500 or 503) and the others are
+applied. A handler may therefore run again for an event whose first run was
+rolled back, which is harmless for handlers written, as they must be, as upserts
+of the event's state inside the session (see ``docs/sync.md``).
 
 Both faces run the same flow (:meth:`_ReceiverBase._receive`), driven by
 :func:`~idis.integrations._flow.drive` or :func:`~idis.integrations._flow.adrive`.
@@ -561,7 +564,7 @@ class WebhookReceiver(_ReceiverBase):
     Args:
         settings: Library settings (providers' ``webhook_secrets``, ``webhooks``, ``sync``).
         sessions: An Engine or a session factory; each batch of deliveries gets its
-            own transaction, each delivery its own savepoint.
+            own transaction.
         registry: Handlers (default: the process-wide registry).
         schemes: Verification scheme per provider, overriding Standard Webhooks.
         providers: Serve only these providers (each must have a secret or a scheme).
@@ -631,31 +634,39 @@ class WebhookReceiver(_ReceiverBase):
             return self._internal_error(provider, exc)
 
     def _apply_batch(self, jobs: list[_Job]) -> None:
-        """Apply ``jobs`` in one transaction; set each job's outcome or error."""
-        # A batch of one needs no savepoint: its transaction holds the one event.
-        atomic = len(jobs) > 1
-        try:
-            with self._write_lock, self._sessions() as session, session.begin():
-                for job in jobs:
-                    verified = job.verified
-                    try:
-                        job.outcome = apply_event_outcome(
-                            session,
-                            verified.provider,
-                            verified.event,
-                            "webhook",
-                            registry=self.registry,
-                            now=verified.now,
-                            atomic=atomic,
-                        )
-                    except Exception as exc:
-                        if not atomic:
-                            raise
-                        job.error = exc
-        except Exception as exc:  # noqa: BLE001  # handed to each delivery of the batch
+        """Apply ``jobs``; set each job's outcome or error (see the module docstring)."""
+        if len(jobs) > 1:
+            try:
+                self._apply_together(jobs)
+                return
+            except Exception:  # noqa: BLE001, S110  # rolled back whole: each delivery alone below
+                pass
+        for job in jobs:
+            try:
+                self._apply_together([job])
+            except Exception as exc:  # noqa: BLE001  # answered by the flow (500 or 503)
+                job.error = exc
+
+    def _apply_together(self, jobs: list[_Job]) -> None:
+        """Apply ``jobs`` in one transaction, or raise (nothing of them kept)."""
+        outcomes: list[ApplyOutcome] = []
+        with self._write_lock, self._sessions() as session, session.begin():
             for job in jobs:
-                job.outcome = None
-                job.error = job.error or exc
+                verified = job.verified
+                outcomes.append(
+                    apply_event_outcome(
+                        session,
+                        verified.provider,
+                        verified.event,
+                        "webhook",
+                        registry=self.registry,
+                        now=verified.now,
+                        # The transaction is rolled back whole on any error: no savepoint.
+                        atomic=False,
+                    )
+                )
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            job.outcome = outcome
 
     def _save_spike(self, provider: str, at: datetime) -> None:
         from ..sync._state import note_signature_spike
@@ -734,29 +745,37 @@ class AsyncWebhookReceiver(_ReceiverBase):
 
     async def _apply_batch(self, jobs: list[_Job]) -> None:
         """Async twin of :meth:`WebhookReceiver._apply_batch`."""
-        atomic = len(jobs) > 1
-        try:
-            async with self._write_lock, self._sessions() as session, session.begin():
-                for job in jobs:
-                    verified = job.verified
-                    try:
-                        job.outcome = await apply_event_outcome_async(
-                            session,
-                            verified.provider,
-                            verified.event,
-                            "webhook",
-                            registry=self.registry,
-                            now=verified.now,
-                            atomic=atomic,
-                        )
-                    except Exception as exc:
-                        if not atomic:
-                            raise
-                        job.error = exc
-        except Exception as exc:  # noqa: BLE001  # handed to each delivery of the batch
+        if len(jobs) > 1:
+            try:
+                await self._apply_together(jobs)
+                return
+            except Exception:  # noqa: BLE001, S110  # rolled back whole: each delivery alone below
+                pass
+        for job in jobs:
+            try:
+                await self._apply_together([job])
+            except Exception as exc:  # noqa: BLE001  # answered by the flow (500 or 503)
+                job.error = exc
+
+    async def _apply_together(self, jobs: list[_Job]) -> None:
+        """Async twin of :meth:`WebhookReceiver._apply_together`."""
+        outcomes: list[ApplyOutcome] = []
+        async with self._write_lock, self._sessions() as session, session.begin():
             for job in jobs:
-                job.outcome = None
-                job.error = job.error or exc
+                verified = job.verified
+                outcomes.append(
+                    await apply_event_outcome_async(
+                        session,
+                        verified.provider,
+                        verified.event,
+                        "webhook",
+                        registry=self.registry,
+                        now=verified.now,
+                        atomic=False,
+                    )
+                )
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            job.outcome = outcome
 
     async def _save_spike(self, provider: str, at: datetime) -> None:
         from ..sync._state import note_signature_spike
@@ -826,8 +845,6 @@ async def _read_body(receive: _ASGIReceive, limit: int) -> bytes | str:
 def _make_asgi(
     receiver: _ReceiverBase, io: _IO, fixed_provider: str | None
 ) -> Callable[..., Awaitable[None]]:
-    import anyio
-
     limit = receiver.max_body_bytes
     deadline = receiver.body_timeout
 
@@ -859,9 +876,11 @@ def _make_asgi(
             return
         # A client trickling its body (1 byte every few seconds) would otherwise
         # hold a connection and a task for as long as it likes.
-        body: bytes | str = "timeout"
-        with anyio.move_on_after(deadline):
-            body = await _read_body(receive, limit)
+        try:
+            async with asyncio.timeout(deadline):
+                body = await _read_body(receive, limit)
+        except TimeoutError:
+            body = "timeout"
         if body == "disconnect":
             return
         if body == "timeout":
