@@ -81,3 +81,45 @@ def test_a_failing_handler_loses_only_its_own_delivery(
     assert [(200, "accepted")] * 2 == [(r.status_code, r.outcome) for r in retried]
     assert {f"evt_{n}" for n in range(16)} == _inbox_ids(sqlite_engine)
     assert 16 == len(host.rows())
+
+
+class _Broken:
+    """A verification scheme with a bug: it raises what no scheme may raise."""
+
+    name = "broken"
+
+    def verify(self, request: Any, now: Any) -> str | None:
+        raise KeyError("a bug in a host's scheme")
+
+
+def test_an_unexpected_error_is_a_counted_500(
+    face: Face, sqlite_url: str, host: HostTable, metrics: Metrics
+) -> None:
+    """A bug behind the receiver answers 500 internal_error, counted, and raises nothing."""
+    receiver = face.build(settings_for(sqlite_url), host.registry(), schemes={P: _Broken()})
+    body = event_body(1)
+
+    result = face.send(receiver, signed(body), body)
+
+    assert (500, "internal_error") == (result.status_code, result.outcome)
+    assert 1.0 == sample(
+        metrics, "integration_webhooks_received_total", provider=P, outcome="internal_error"
+    )
+
+
+def test_a_signature_spike_is_persisted_by_both_faces(
+    face: Face, sqlite_url: str, sqlite_engine: Engine, host: HostTable
+) -> None:
+    """Crossing the signature-failure threshold is written for the mode controller."""
+    from idis.integrations.sync._models import SyncProviderState
+
+    receiver = face.build(settings_for(sqlite_url), host.registry(), providers=[P])
+    body = event_body(1)
+    forged = signed(body, secret="whsec_" + "Zm9yZ2VkLWtleS1mb3JnZWQta2V5LTEyMzQ=")
+    for _ in range(10):
+        face.send(receiver, forged, body)
+    face.send(receiver, forged, body)  # the spike is saved on the next request
+
+    with Session(sqlite_engine) as session:
+        spike = session.scalar(select(SyncProviderState.signature_spike_at))
+    assert spike is not None

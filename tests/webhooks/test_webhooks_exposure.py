@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -188,3 +190,55 @@ def test_the_body_deadline_setting_is_validated() -> None:
     """IDIS_WEBHOOK_BODY_TIMEOUT must be a positive duration."""
     with pytest.raises(ConfigError, match="IDIS_WEBHOOK_BODY_TIMEOUT='0s' must be positive"):
         Settings.from_env({"IDIS_WEBHOOK_BODY_TIMEOUT": "0s"})
+
+
+def test_the_async_receiver_over_real_http(sqlite_url: str, host: HostTable) -> None:
+    """AsyncWebhookReceiver's app, served by uvicorn: accepted, duplicate, 404 route, 408."""
+    from idis.integrations.db._engine import create_async_db_engine
+    from idis.integrations.webhooks._receiver import AsyncWebhookReceiver
+
+    engine = create_async_db_engine(sqlite_url)
+    receiver = AsyncWebhookReceiver(
+        settings_for(sqlite_url, IDIS_WEBHOOK_BODY_TIMEOUT="300ms"),
+        engine,
+        registry=host.registry(),
+        providers=[P],
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        yield
+        await engine.dispose()  # on the server's loop, where the connections live
+
+    app = Starlette(routes=[Mount("/webhooks", app=receiver.asgi_app())], lifespan=lifespan)
+    body = event_body(4)
+    now = datetime.now(UTC)
+
+    with serve_asgi(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        ok = client.post(f"/webhooks/{P}", content=body, headers=signed(body, at=now))
+        dup = client.post(f"/webhooks/{P}", content=body, headers=signed(body, at=now))
+        stray = client.post(f"/webhooks/x/{P}", content=body, headers=signed(body, at=now))
+        slow = _slow_request(url, f"/webhooks/{P}", declared=100)
+
+    assert [(200, "accepted"), (200, "duplicate")] == [
+        (r.status_code, r.json()["status"]) for r in (ok, dup)
+    ]
+    assert 404 == stray.status_code
+    assert slow.startswith(b"HTTP/1.1 408")
+    assert [("evt_4", "rec_4", 1)] == host.rows()
+
+
+def test_a_fixed_provider_app_answers_its_root_only(sqlite_engine: Engine, host: HostTable) -> None:
+    """asgi_app(provider=...) serves POST / (or the mount point) and nothing below it."""
+    receiver = WebhookReceiver(
+        settings_for(str(sqlite_engine.url)), sqlite_engine, registry=host.registry()
+    )
+    app = Starlette(routes=[Mount("/hooks/crm", app=receiver.asgi_app(provider=P))])
+    body = event_body(5)
+    now = datetime.now(UTC)
+
+    with serve_asgi(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        ok = client.post("/hooks/crm/", content=body, headers=signed(body, at=now))
+        below = client.post(f"/hooks/crm/{P}", content=body, headers=signed(body, at=now))
+
+    assert (200, 404) == (ok.status_code, below.status_code)
