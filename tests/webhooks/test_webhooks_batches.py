@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from tests.sync.conftest import HostTable
@@ -123,3 +124,26 @@ def test_a_signature_spike_is_persisted_by_both_faces(
     with Session(sqlite_engine) as session:
         spike = session.scalar(select(SyncProviderState.signature_spike_at))
     assert spike is not None
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_parallel_batches_on_postgres_apply_each_delivery_once(
+    kind: str, pg_url: str, pg_engine: Engine, metrics: Metrics
+) -> None:
+    """On PostgreSQL several batches run at once; every delivery is still applied once."""
+    host = HostTable(pg_engine)
+    pg_face = Face(kind, pg_engine, pg_url)
+    try:
+        receiver = pg_face.build(settings_for(pg_url), host.registry(), providers=[P])
+        deliveries = [(signed(event_body(n), msg=f"m{n}"), event_body(n)) for n in range(60)]
+
+        first = pg_face.send_concurrently(receiver, deliveries)
+        again = pg_face.send_concurrently(receiver, deliveries[::-1])
+    finally:
+        pg_face.close()
+
+    assert {(200, "accepted")} == {(r.status_code, r.outcome) for r in first}
+    assert {(200, "duplicate")} == {(r.status_code, r.outcome) for r in again}
+    assert sorted(f"evt_{n}" for n in range(60)) == sorted(row[0] for row in host.rows())
+    assert 60.0 == sample(metrics, "integration_events_applied_total", provider=P, source="webhook")

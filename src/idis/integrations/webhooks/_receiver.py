@@ -24,16 +24,19 @@ provider; :meth:`WebhookReceiver.signature_failures` feeds the mode controller,
 and crossing ``signature_failure_threshold`` is persisted so the replica
 running the controller sees it too.
 
-**Group commit.** Deliveries that arrive while a transaction is running are
-applied together in the next one. Under load this replaces one transaction per
-webhook with one per batch, the difference between a receiver that keeps up
-with a provider's burst and one that does not; an idle receiver still commits
-each delivery at once. When anything in a batch fails (a handler raises, the
-commit fails), the batch is rolled back whole and its deliveries are applied
-one by one, so a failing delivery fails alone (500 or 503) and the others are
-applied. A handler may therefore run again for an event whose first run was
-rolled back, which is harmless for handlers written, as they must be, as upserts
-of the event's state inside the session (see ``docs/sync.md``).
+**Group commit.** Deliveries that arrive while transactions are running are
+applied together in the next one (one transaction at a time on SQLite, its
+single writer; up to :data:`PARALLEL_BATCHES` on PostgreSQL, whose commits
+overlap). Under load this replaces one transaction per webhook with one per
+batch, the difference between a receiver that keeps up with a provider's burst
+and one that does not; an idle receiver still commits each delivery at once.
+When anything in a batch fails (a handler raises, the commit fails), the batch
+is rolled back whole and its deliveries are applied one by one, so a failing
+delivery fails alone (500 or 503) and the others are applied. A handler may
+therefore run again for an event whose first run was rolled back, which is
+harmless for handlers written, as they must be, as upserts of the event's state
+inside the session (see ``docs/sync.md``). A redelivery of an event this
+receiver already committed is answered from memory, without a transaction.
 
 Both faces run the same flow (:meth:`_ReceiverBase._receive`), driven by
 :func:`~idis.integrations._flow.drive` or :func:`~idis.integrations._flow.adrive`.
@@ -101,6 +104,8 @@ SIGNATURE_FAILURE_REASONS = frozenset({"bad_signature", "stale_timestamp"})
 _WINDOW = timedelta(minutes=1)
 #: Most deliveries one transaction applies (a burst is split into batches of this size).
 MAX_BATCH = 32
+#: Batches in flight at once on PostgreSQL (its commits overlap); SQLite has one writer.
+PARALLEL_BATCHES = 4
 #: Recently committed webhook events remembered per receiver, to answer redeliveries.
 RECENT_EVENTS = 16_384
 #: The route under the mount point: one provider name, as config.py allows it.
@@ -152,7 +157,7 @@ class _Verified:
 class _Job:
     """One verified delivery waiting for (or holding) its place in a batch."""
 
-    __slots__ = ("error", "lead", "outcome", "verified", "wake")
+    __slots__ = ("batch", "error", "outcome", "verified", "wake")
 
     def __init__(self, verified: _Verified) -> None:
         self.verified = verified
@@ -160,7 +165,8 @@ class _Job:
         self.error: BaseException | None = None
         #: Thread committer: set when the job is done, or when its thread must lead.
         self.wake: threading.Event | None = None
-        self.lead = False
+        #: Thread committer: the batch this job's thread leads, once it leads.
+        self.batch: list[_Job] | None = None
 
     def result(self) -> ApplyOutcome:
         if self.error is not None:
@@ -199,43 +205,48 @@ class _SignatureWindow:
 
 
 class _ThreadCommitter:
-    """Group commit for threads: one thread at a time leads, applying a batch for all.
+    """Group commit for threads: up to ``parallel`` threads lead, each applying a batch.
 
-    The first delivery finding no leader leads: it takes the queue's head (its
-    own job first) as one batch, runs it, wakes the batch's owners and hands
-    the lead to the oldest waiting job, so no thread serves others for long.
+    A delivery finding fewer than ``parallel`` leaders leads: it takes the
+    queue's head (its own job first) as one batch. The others wait. A leader
+    that finishes wakes its batch's owners and, if deliveries are waiting,
+    hands the lead to the oldest one with that one's batch already taken from
+    the queue (so no thread serves others for long, and no two leaders share a job).
     """
 
-    def __init__(self, run: Callable[[list[_Job]], None]) -> None:
+    def __init__(self, run: Callable[[list[_Job]], None], parallel: int) -> None:
         self._run = run
+        self._parallel = parallel
         self._lock = threading.Lock()
         self._queue: deque[_Job] = deque()
-        self._busy = False
+        self._leaders = 0
+
+    def _take(self) -> list[_Job]:
+        return [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
 
     def submit(self, job: _Job) -> None:
         """Apply ``job`` in some batch; return once its outcome or error is set."""
         job.wake = threading.Event()
         with self._lock:
             self._queue.append(job)
-            lead = not self._busy
-            self._busy = True
-        if not lead:
+            if self._leaders < self._parallel:
+                # Fewer leaders than allowed means nobody was waiting: ours is the head.
+                self._leaders += 1
+                job.batch = self._take()
+        if job.batch is None:
             job.wake.wait()
-            if not job.lead:
-                return
-        with self._lock:
-            # The leader's job is the queue's head: it was appended to an empty
-            # queue, or promoted as the head.
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+            if job.batch is None:
+                return  # another leader applied it
+        batch = job.batch
         try:
             self._run(batch)
         finally:
             with self._lock:
                 successor = self._queue[0] if self._queue else None
                 if successor is not None:
-                    successor.lead = True
+                    successor.batch = self._take()
                 else:
-                    self._busy = False
+                    self._leaders -= 1
             for done in batch:
                 if done is not job and done.wake is not None:
                     done.wake.set()
@@ -244,24 +255,28 @@ class _ThreadCommitter:
 
 
 class _LoopCommitter:
-    """Group commit on one event loop: a drain task applies batches while deliveries wait.
+    """Group commit on one event loop: up to ``parallel`` drain tasks apply batches.
 
-    The drain task belongs to no request, so a cancelled request (a client that
+    The drain tasks belong to no request, so a cancelled request (a client that
     went away) never strands the other deliveries of its batch.
     """
 
-    def __init__(self, run: Callable[[list[_Job]], Awaitable[None]]) -> None:
+    def __init__(self, run: Callable[[list[_Job]], Awaitable[None]], parallel: int) -> None:
         self._run = run
+        self._parallel = parallel
         self._queue: deque[tuple[_Job, asyncio.Future[None]]] = deque()
-        self._drainer: asyncio.Task[None] | None = None
+        # Strong references: the loop keeps only weak ones to its tasks.
+        self._drainers: set[asyncio.Task[None]] = set()
 
     async def submit(self, job: _Job) -> None:
         """Apply ``job`` in some batch; return once its outcome or error is set."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._queue.append((job, done))
-        if self._drainer is None:
-            self._drainer = loop.create_task(self._drain())
+        if len(self._drainers) < self._parallel:
+            task = loop.create_task(self._drain())
+            self._drainers.add(task)
+            task.add_done_callback(self._drainers.discard)
         await done
 
     async def _drain(self) -> None:
@@ -278,11 +293,13 @@ class _LoopCommitter:
                         done.set_result(None)
                 batch = []
         finally:
-            self._drainer = None
             # Only on loop shutdown: no delivery may wait for a drain that is gone.
-            for _, done in [*batch, *self._queue]:
+            for _, done in batch:
                 done.cancel()
-            self._queue.clear()
+            if len(self._drainers) <= 1:
+                for _, done in self._queue:
+                    done.cancel()
+                self._queue.clear()
 
 
 # --------------------------------------------------------------------------- flow effects
@@ -603,12 +620,12 @@ class WebhookReceiver(_ReceiverBase):
         bind = _bound_engine(sessions, Engine)
         # SQLite has one writer: concurrent batches would otherwise poll its
         # lock with growing sleeps; a Python lock queues them fairly instead.
+        sqlite = bind is not None and bind.dialect.name == "sqlite"
         self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock()
-            if bind is not None and bind.dialect.name == "sqlite"
-            else contextlib.nullcontext()
+            threading.Lock() if sqlite else contextlib.nullcontext()
         )
-        self._io = _IO(_ThreadCommitter(self._apply_batch), self._save_spike)
+        self._parallel = 1 if sqlite else PARALLEL_BATCHES
+        self._io = _IO(_ThreadCommitter(self._apply_batch, self._parallel), self._save_spike)
 
     def handle(
         self,
@@ -688,7 +705,7 @@ class WebhookReceiver(_ReceiverBase):
         async def save_spike(name: str, at: datetime) -> None:
             await anyio.to_thread.run_sync(self._save_spike, name, at)
 
-        return _make_asgi(self, _IO(_LoopCommitter(apply), save_spike), provider)
+        return _make_asgi(self, _IO(_LoopCommitter(apply, self._parallel), save_spike), provider)
 
 
 class AsyncWebhookReceiver(_ReceiverBase):
@@ -724,12 +741,12 @@ class AsyncWebhookReceiver(_ReceiverBase):
         )
         bind = _bound_engine(sessions, AsyncEngine)
         # SQLite has one writer: queue this loop's batches instead of polling its lock.
+        sqlite = bind is not None and bind.dialect.name == "sqlite"
         self._write_lock: asyncio.Lock | contextlib.nullcontext[None] = (
-            asyncio.Lock()
-            if bind is not None and bind.dialect.name == "sqlite"
-            else contextlib.nullcontext()
+            asyncio.Lock() if sqlite else contextlib.nullcontext()
         )
-        self._io = _IO(_LoopCommitter(self._apply_batch), self._save_spike)
+        parallel = 1 if sqlite else PARALLEL_BATCHES
+        self._io = _IO(_LoopCommitter(self._apply_batch, parallel), self._save_spike)
 
     async def handle(
         self,
