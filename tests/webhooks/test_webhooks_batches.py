@@ -147,3 +147,34 @@ def test_parallel_batches_on_postgres_apply_each_delivery_once(
     assert {(200, "duplicate")} == {(r.status_code, r.outcome) for r in again}
     assert sorted(f"evt_{n}" for n in range(60)) == sorted(row[0] for row in host.rows())
     assert 60.0 == sample(metrics, "integration_events_applied_total", provider=P, source="webhook")
+
+
+def test_a_delivery_arriving_as_a_batch_ends_is_never_stranded(
+    sqlite_url: str, host: HostTable
+) -> None:
+    """Deliveries trickling in (a few at a time) are all answered: none waits for a gone drain."""
+    import asyncio
+
+    from idis.integrations.db._engine import create_async_db_engine
+    from idis.integrations.webhooks._receiver import AsyncWebhookReceiver
+
+    async def trickle() -> list[Any]:
+        engine = create_async_db_engine(sqlite_url)
+        receiver = AsyncWebhookReceiver(
+            settings_for(sqlite_url), engine, registry=host.registry(), providers=[P]
+        )
+        gate = asyncio.Semaphore(3)
+
+        async def one(n: int) -> Any:
+            async with gate:
+                return await receiver.handle(P, signed(event_body(n), msg=f"m{n}"), event_body(n))
+
+        try:
+            # A stranded delivery would wait forever: bound the wait, fail instead of hanging.
+            return list(await asyncio.wait_for(asyncio.gather(*map(one, range(300))), 60))
+        finally:
+            await engine.dispose()
+
+    results = asyncio.run(trickle())
+
+    assert {(200, "accepted")} == {(r.status_code, r.outcome) for r in results}

@@ -265,6 +265,9 @@ class _LoopCommitter:
         self._run = run
         self._parallel = parallel
         self._queue: deque[tuple[_Job, asyncio.Future[None]]] = deque()
+        # Drain tasks running; counted down inside the task itself (not by a done
+        # callback, which runs later: a delivery arriving in between would wait forever).
+        self._draining = 0
         # Strong references: the loop keeps only weak ones to its tasks.
         self._drainers: set[asyncio.Task[None]] = set()
 
@@ -273,7 +276,8 @@ class _LoopCommitter:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._queue.append((job, done))
-        if len(self._drainers) < self._parallel:
+        if self._draining < self._parallel:
+            self._draining += 1
             task = loop.create_task(self._drain())
             self._drainers.add(task)
             task.add_done_callback(self._drainers.discard)
@@ -293,10 +297,11 @@ class _LoopCommitter:
                         done.set_result(None)
                 batch = []
         finally:
+            self._draining -= 1
             # Only on loop shutdown: no delivery may wait for a drain that is gone.
             for _, done in batch:
                 done.cancel()
-            if len(self._drainers) <= 1:
+            if self._draining == 0:
                 for _, done in self._queue:
                     done.cancel()
                 self._queue.clear()
