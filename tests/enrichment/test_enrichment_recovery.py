@@ -21,6 +21,7 @@ from idis.integrations.exceptions import ProviderError, ProviderRejected, Storag
 from idis.integrations.simulator._app import enrichment_for
 
 PROVIDER = "enrichment_provider"
+UNREACHABLE = "postgresql://postgres@127.0.0.1:9/idis"
 
 
 async def wait_until(condition: Callable[[], bool], *, timeout: float = 30.0) -> None:
@@ -202,12 +203,13 @@ def test_rejected_by_every_provider_raises_and_records_nothing(env: Any, mode: s
     )
 
 
-def test_database_outage_still_returns_fresh_data_but_cannot_defer(
-    env: Any, tmp_path: Any, mode: str
-) -> None:
+def test_database_outage_still_returns_fresh_data_but_cannot_defer(env: Any, mode: str) -> None:
     """Served data is returned even if caching it fails; a deferral that cannot be stored raises."""
     settings = env.settings()
-    enricher = env.enricher(settings, mode, url=f"sqlite:///{tmp_path}/no/such/dir/db.sqlite3")
+    # Nothing listens on port 9: connecting is refused at once. (A SQLite file in a missing
+    # folder would do for the sync face, but aiosqlite's failed connect leaves a worker thread
+    # that may report to the test's event loop after it closed.)
+    enricher = env.enricher(settings, mode, url=UNREACHABLE)
 
     served = enricher.enrich("claim-1", tenant_id="t1")
     env.outage(PROVIDER)

@@ -222,12 +222,13 @@ def test_run_deferred_once_drains_and_returns(env: Any) -> None:
     assert 0 == env.count(env.Request, status="pending")
 
 
-def test_worker_survives_a_database_outage(env: Any, tmp_path: Any) -> None:
+def test_worker_survives_a_database_outage(env: Any) -> None:
     """A pass that cannot reach the database is logged and retried; the task keeps running."""
     settings = env.settings()
 
     async def scenario() -> AsyncDeferredEnrichmentWorker:
-        broken = create_async_db_engine(f"sqlite:///{tmp_path}/missing/dir/db.sqlite3")
+        # Nothing listens on port 9 (see test_enrichment_recovery for why not a SQLite file).
+        broken = create_async_db_engine("postgresql://postgres@127.0.0.1:9/idis")
         worker = env.worker(settings, engine=broken)
         task = worker.start()
         assert task is worker.start()  # already running: the same task
