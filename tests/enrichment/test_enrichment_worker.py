@@ -297,6 +297,29 @@ def test_stop_finishes_the_request_in_hand_and_gives_the_rest_back(env: Any) -> 
     assert 3 == env.count(env.Request, status="pending", attempts=0, lease_owner=None)
 
 
+def test_stop_skips_the_providers_not_reached_yet(env: Any) -> None:
+    """A stop requested during one provider's batch leaves the next provider's requests alone."""
+    settings = env.settings()
+    with session_scope(env.engine) as session:
+        _store.ensure_requests(
+            session,
+            [
+                (SubjectKey("backup_enrich", "t", "claim", "b1"), ["backup_enrich"]),
+                (SubjectKey(PROVIDER, "t", "claim", "e1"), [PROVIDER]),
+            ],
+            now=env.clock.now(),
+        )
+    worker = env.worker(settings, clock=env.clock)
+    worker.on_refreshed(lambda subject, result: worker.request_stop())
+
+    stats = env.run(worker.run_once())
+
+    assert (1, 1) == (stats.leased, stats.refreshed)
+    assert [("b1", "done"), ("e1", "pending")] == [
+        (r.subject_id, r.status) for r in env.rows(env.Request)
+    ]
+
+
 @pytest.mark.postgres
 def test_two_workers_share_a_backlog_without_double_refreshes(env_pg: Any) -> None:
     """Two workers (SKIP LOCKED) drain one backlog together; each subject is fetched once."""
