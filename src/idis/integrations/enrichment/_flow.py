@@ -403,7 +403,7 @@ class EnrichCore:
                 "idis.enrichment.failed",
                 msg="enrichment failed and is not deferred (ENRICHMENT_DEFER_ON_ERROR=false)"
                 if action.mark_stale
-                else "enrichment rejected by every provider",
+                else "every provider answered without data (no match or invalid request)",
                 provider=key.provider,
                 tenant_id=key.tenant_id,
                 subject_id=key.subject_id,
@@ -429,7 +429,7 @@ class EnrichCore:
             age = max(timedelta(0), now - cached.fetched_at)
             _log.warning(
                 "idis.enrichment.cached_stale",
-                msg="every provider is down; serving the cached enrichment marked stale",
+                msg="no provider could serve; serving the cached enrichment marked stale",
                 provider=key.provider,
                 tenant_id=key.tenant_id,
                 subject_id=key.subject_id,
@@ -447,7 +447,7 @@ class EnrichCore:
             )
         _log.warning(
             "idis.enrichment.deferred",
-            msg="every provider is down; enrichment deferred and the subject marked stale",
+            msg="no provider could serve; enrichment deferred and the subject marked stale",
             provider=key.provider,
             tenant_id=key.tenant_id,
             subject_id=key.subject_id,
