@@ -55,7 +55,7 @@ from idis.integrations.observability._metrics import Metrics, get_metrics, metri
 from idis.integrations.ops._status import FACT_SOURCES, collect_status
 from idis.integrations.outbox import enqueue_async
 
-from .claims import SUBJECT_TYPE, apply_result, mark_failed, refresh_stale_claims
+from .claims import SUBJECT_TYPE, apply_result, mark_failed
 from .config import ServiceSettings
 from .delivery import push_message
 from .models import Claim, Deal
@@ -303,11 +303,10 @@ async def create_claim(request: Request) -> Response:
 
 
 async def get_claim(request: Request) -> Response:
-    """One claim; a stale one picks up a refresh the deferred worker already made."""
+    """One claim (the deferred worker's callback keeps a refreshed one current)."""
     runtime = _runtime(request)
     claim_id = request.path_params["claim_id"]
-    async with runtime.sessions.begin() as session:
-        await refresh_stale_claims(session, [claim_id])
+    async with runtime.sessions() as session:
         claim = await session.get(Claim, claim_id)
         payload = claim.as_dict() if claim is not None else None
     if payload is None:

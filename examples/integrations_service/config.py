@@ -7,9 +7,7 @@ The service adds only where it listens and how often its own loops run:
 * ``IDIS_SERVICE_HOST`` (``127.0.0.1``): address ``python -m integrations_service`` listens on;
 * ``IDIS_SERVICE_PORT`` (``8000``): its port;
 * ``IDIS_SERVICE_SAMPLE_INTERVAL`` (``15s``): how often the gateway's health is sampled
-  into the database for ``idis-integrations status`` and ``postmortem``;
-* ``IDIS_SERVICE_CLAIMS_REFRESH_INTERVAL`` (``5s``): how often refreshed enrichments
-  are copied onto stale claims.
+  into the database for ``idis-integrations status`` and ``postmortem``.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ class ServiceSettings:
     host: str = _DEFAULT_HOST
     port: int = _DEFAULT_PORT
     sample_interval: timedelta = timedelta(seconds=15)
-    claims_refresh_interval: timedelta = timedelta(seconds=5)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
@@ -59,10 +56,7 @@ class ServiceSettings:
                 variable="IDIS_SERVICE_PORT",
             )
         intervals = {}
-        for name, variable in (
-            ("sample_interval", "IDIS_SERVICE_SAMPLE_INTERVAL"),
-            ("claims_refresh_interval", "IDIS_SERVICE_CLAIMS_REFRESH_INTERVAL"),
-        ):
+        for name, variable in (("sample_interval", "IDIS_SERVICE_SAMPLE_INTERVAL"),):
             raw = env.get(variable)
             if raw is None:
                 continue

@@ -70,7 +70,6 @@ def service_env(sim: RunningSimulator, database_url: str, **extra: str) -> dict[
         "IDIS_ENRICHMENT_BATCH_INTERVAL": "50ms",
         "IDIS_ENRICHMENT_RETRY_BACKOFF": "100ms",
         "IDIS_ENRICHMENT_RETRY_MAX_BACKOFF": "500ms",
-        "IDIS_SERVICE_CLAIMS_REFRESH_INTERVAL": "100ms",
         "IDIS_SERVICE_SAMPLE_INTERVAL": "200ms",
     }
     for name, kind in ((CRM, "crm"), (ENRICH, "enrichment")):

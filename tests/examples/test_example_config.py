@@ -20,21 +20,18 @@ def test_service_settings_default_and_read_the_environment() -> None:
             "IDIS_SERVICE_HOST": "0.0.0.0",
             "IDIS_SERVICE_PORT": "9000",
             "IDIS_SERVICE_SAMPLE_INTERVAL": "1m",
-            "IDIS_SERVICE_CLAIMS_REFRESH_INTERVAL": "250ms",
         }
     )
 
-    assert ("127.0.0.1", 8000, timedelta(seconds=15), timedelta(seconds=5)) == (
+    assert ("127.0.0.1", 8000, timedelta(seconds=15)) == (
         default.host,
         default.port,
         default.sample_interval,
-        default.claims_refresh_interval,
     )
-    assert ("0.0.0.0", 9000, timedelta(minutes=1), timedelta(milliseconds=250)) == (
+    assert ("0.0.0.0", 9000, timedelta(minutes=1)) == (
         custom.host,
         custom.port,
         custom.sample_interval,
-        custom.claims_refresh_interval,
     )
 
 
@@ -45,7 +42,7 @@ def test_service_settings_default_and_read_the_environment() -> None:
         ("IDIS_SERVICE_PORT", "70000"),
         ("IDIS_SERVICE_HOST", " "),
         ("IDIS_SERVICE_SAMPLE_INTERVAL", "often"),
-        ("IDIS_SERVICE_CLAIMS_REFRESH_INTERVAL", "0s"),
+        ("IDIS_SERVICE_SAMPLE_INTERVAL", "0s"),
     ],
 )
 def test_a_bad_service_variable_is_refused_naming_it(variable: str, value: str) -> None:
