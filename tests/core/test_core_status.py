@@ -50,8 +50,22 @@ def test_status_shows_recorded_breaker_state_and_error_rate(sqlite_url: str) -> 
 
 
 def test_status_cli_on_a_fresh_database_says_what_to_do(tmp_path: Path) -> None:
-    """On an empty database, status still lists providers and says to run db upgrade."""
+    """Without the library's tables, status stops (exit 2), says to run db upgrade, creates none."""
+    fresh = tmp_path / "fresh.sqlite3"
+    env = {"IDIS_DATABASE_URL": f"sqlite:///{fresh}"}
+
+    result = _cli("status", "--no-probe", "--json", env=env)
+
+    assert 2 == result.returncode, result.stderr
+    assert "" == result.stdout
+    assert "idis-integrations db upgrade" in result.stderr
+    assert not fresh.exists()
+
+
+def test_status_cli_on_a_migrated_database_lists_the_providers(tmp_path: Path) -> None:
+    """After db upgrade, status lists every configured provider."""
     env = {"IDIS_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.sqlite3'}"}
+    _cli("db", "upgrade", env=env)
 
     result = _cli("status", "--no-probe", "--json", env=env)
 
@@ -60,7 +74,6 @@ def test_status_cli_on_a_fresh_database_says_what_to_do(tmp_path: Path) -> None:
     assert ["crm_provider", "docs_provider", "enrichment_provider"] == [
         p["provider"] for p in data["providers"]
     ]
-    assert any("db upgrade" in note for note in data["notes"])
 
 
 def test_status_cli_rejects_unknown_provider(tmp_path: Path) -> None:

@@ -20,9 +20,10 @@ def _rate(value: float | None) -> str:
 @handle_errors
 def status(providers: tuple[str, ...], no_probe: bool, as_json: bool) -> None:
     """Show each provider's breaker state, recent error rate and health facts."""
-    settings = get_settings()
+    settings = get_settings(check=False)
     for name in providers:
         settings.provider(name)
+    get_settings()  # then name the database and check it
     statuses, notes = collect_status(
         settings, providers=list(providers) or None, probe=not no_probe
     )
