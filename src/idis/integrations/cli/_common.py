@@ -23,8 +23,8 @@ import os
 import re
 import sqlite3
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, ParamSpec, TypeVar
@@ -37,6 +37,7 @@ from .._timeparse import parse_since
 from ..config import DEFAULT_DATABASE_URL, Settings
 from ..exceptions import ConfigError, IntegrationError, SecretStoreError, StorageError
 from ..observability._logs import configure_logging, redact_text
+from ._progress import progress  # the one progress helper; commands import it from here too
 
 __all__ = [
     "EXIT_CHECK_FAILED",
@@ -51,6 +52,7 @@ __all__ = [
     "no_database",
     "print_json",
     "print_table",
+    "progress",
     "provider_option",
     "resolve_provider",
     "since_option",
@@ -295,16 +297,3 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     for row in rows:
         table.add_row(*(redact_text("" if cell is None else str(cell)) for cell in row))
     stdout.print(table)
-
-
-@contextmanager
-def progress(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-    """A progress bar on a terminal, nothing otherwise; yields ``advance(n)``."""
-    if not sys.stderr.isatty():
-        yield lambda _n: None
-        return
-    from rich.progress import Progress
-
-    with Progress(console=stderr, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
