@@ -8,7 +8,6 @@ streams in, 400 on JSON nested too deep, and ids that cannot alter a provider UR
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from tests.examples.conftest import (
     TENANT_T1_TOKEN,
     RunningService,
     service_env,
+    wait_for,
 )
 
 from idis.integrations._http import httpx
@@ -329,8 +329,13 @@ def test_access_log_shows_refusals_without_the_token(service: RunningService) ->
     with _as(service, "wrong-token-that-must-not-be-logged-123") as client:
         client.get("/deals")
 
+    # The access log line is written once the response has gone out: wait for it.
+    wait_for(
+        lambda: any(
+            e.get("path") == "/deals" and e.get("status_code") == 401 for e in service.log_events()
+        ),
+        "the 401 in the access log",
+    )
     lines = service.logs.getvalue()
-    events = [json.loads(line) for line in lines.splitlines() if line.strip()]
-    assert any(e.get("path") == "/deals" and e.get("status_code") == 401 for e in events)
     assert "wrong-token-that-must-not-be-logged" not in lines
     assert OPERATOR_TOKEN not in lines
