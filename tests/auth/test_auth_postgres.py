@@ -30,12 +30,15 @@ import json, sys, threading, time
 from pathlib import Path
 from idis.integrations.config import Settings
 from idis.integrations.auth._tokens import TokenManager
+from idis.integrations.db._engine import create_db_engine
 
 ready, go = Path(sys.argv[1]), Path(sys.argv[2])
 settings = Settings.from_env()
+engine = create_db_engine(settings.database_url)
+with engine.connect():  # connect before the race starts
+    pass
 generations = []
-with TokenManager(settings) as manager:
-    manager.store.read("crm_provider")  # connect before the race starts
+with TokenManager(settings, engine=engine) as manager:
     ready.touch()
     deadline = time.monotonic() + 30
     while not go.exists() and time.monotonic() < deadline:

@@ -28,7 +28,7 @@ __all__ = ["OAuth2Auth", "OAuthAuthFactory", "oauth_auth_factory"]
 
 _log = get_logger()
 #: Manager options that only make sense for the sync manager.
-_SYNC_ONLY = frozenset({"engine", "transport", "sleep"})
+_SYNC_ONLY = frozenset({"engine", "transport"})
 
 
 class OAuth2Auth(httpx.Auth):
@@ -193,9 +193,8 @@ def oauth_auth_factory(
         manager: Share an existing :class:`TokenManager`.
         async_manager: Share an existing :class:`AsyncTokenManager`.
         manager_options: Passed to managers the factory creates (``metrics``,
-            ``clock``, ``vault``; ``engine``, ``transport``, ``sleep`` for the sync
-            manager and ``async_engine``, ``async_transport``, ``async_sleep`` for
-            the async one).
+            ``clock``, ``vault``; ``engine`` and ``transport`` for the sync manager,
+            ``async_engine`` and ``async_transport`` for the async one).
 
     Returns:
         A callable ``ProviderSettings -> httpx.Auth | None``; close it at shutdown.
