@@ -118,7 +118,38 @@ class RefreshResult:
         }
 
 
-class TokenManager:
+class _Face:
+    """What both faces share: the token core (settings, clock, caches) and the I/O it runs on."""
+
+    _core: TokenCore
+    _io: TokenIO
+
+    def _start(
+        self, settings: Settings, metrics: Metrics | None, clock: Clock | None, vault: Any
+    ) -> None:
+        self._core = TokenCore(settings, metrics=metrics, clock=clock or system_clock, vault=vault)
+
+    @property
+    def settings(self) -> Settings:
+        """The settings this manager was built with."""
+        return self._core.settings
+
+    @property
+    def clock(self) -> Clock:
+        """The clock this manager reads time from."""
+        return self._core.clock
+
+    def _parse_import(
+        self, provider: str, document: Mapping[str, Any]
+    ) -> tuple[ProviderSettings, IssuedToken]:
+        core = self._core
+        p = core.provider(provider)
+        core.cipher.require(f"imported tokens of {provider!r}")
+        issued = parse_imported_token(document, now=core.now(), default_scopes=p.auth.scopes)
+        return p, issued
+
+
+class TokenManager(_Face):
     """Hands out OAuth access tokens for providers, refreshing them once however many ask.
 
     Thread-safe; share one per process. ``get_token`` is lock-free while the
@@ -146,7 +177,7 @@ class TokenManager:
     ) -> None:
         from ..db._engine import create_db_engine
 
-        self._core = TokenCore(settings, metrics=metrics, clock=clock or system_clock, vault=vault)
+        self._start(settings, metrics, clock, vault)
         self._owns_engine = engine is None
         self._engine = engine if engine is not None else create_db_engine(settings.database_url)
         self._store = SyncTokenStore(self._engine)
@@ -156,16 +187,6 @@ class TokenManager:
         )
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-
-    @property
-    def settings(self) -> Settings:
-        """The settings this manager was built with."""
-        return self._core.settings
-
-    @property
-    def clock(self) -> Clock:
-        """The clock this manager reads time from."""
-        return self._core.clock
 
     def get_token(self, provider: str) -> AccessToken:
         """Return a token valid for at least ``refresh_margin`` (or the best still valid).
@@ -217,7 +238,7 @@ class TokenManager:
             ConfigError: a malformed document (naming the field) or no encryption key.
             TokenLockTimeout: another refresh held the token lock too long.
         """
-        p, issued = _parse_import(self._core, provider, document)
+        p, issued = self._parse_import(provider, document)
         with self._locked(p):
             result: AccessToken | None = drive(
                 import_flow(self._core, p, issued, actor=actor), self._io
@@ -271,7 +292,7 @@ class TokenManager:
         return token
 
 
-class AsyncTokenManager:
+class AsyncTokenManager(_Face):
     """The asyncio face of :class:`TokenManager` (same methods, awaited); one per event loop.
 
     Coroutines of one loop queue on a per-provider ``asyncio.Lock``; replicas on
@@ -291,7 +312,7 @@ class AsyncTokenManager:
     ) -> None:
         from ..db._engine import create_async_db_engine
 
-        self._core = TokenCore(settings, metrics=metrics, clock=clock or system_clock, vault=vault)
+        self._start(settings, metrics, clock, vault)
         self._owns_engine = engine is None
         self._engine = (
             engine if engine is not None else create_async_db_engine(settings.database_url)
@@ -304,16 +325,6 @@ class AsyncTokenManager:
             clock=self._core.clock, store=self._store, http=self._http, vault=self._core.vault
         )
         self._locks: dict[str, asyncio.Lock] = {}
-
-    @property
-    def settings(self) -> Settings:
-        """The settings this manager was built with."""
-        return self._core.settings
-
-    @property
-    def clock(self) -> Clock:
-        """The clock this manager reads time from."""
-        return self._core.clock
 
     async def get_token(self, provider: str) -> AccessToken:
         """Async :meth:`TokenManager.get_token`."""
@@ -337,7 +348,7 @@ class AsyncTokenManager:
         self, provider: str, document: Mapping[str, Any], *, actor: str = "system"
     ) -> AccessToken | None:
         """Async :meth:`TokenManager.import_token`."""
-        p, issued = _parse_import(self._core, provider, document)
+        p, issued = self._parse_import(provider, document)
         async with self._locked(p):
             result: AccessToken | None = await adrive(
                 import_flow(self._core, p, issued, actor=actor), self._io
@@ -387,15 +398,6 @@ class _AsyncProviderLock:
 
     async def __aexit__(self, *exc: object) -> None:
         self._lock.release()
-
-
-def _parse_import(
-    core: TokenCore, provider: str, document: Mapping[str, Any]
-) -> tuple[ProviderSettings, IssuedToken]:
-    p = core.provider(provider)
-    core.cipher.require(f"imported tokens of {provider!r}")
-    issued = parse_imported_token(document, now=core.now(), default_scopes=p.auth.scopes)
-    return p, issued
 
 
 # --------------------------------------------------------------------------- maintenance
