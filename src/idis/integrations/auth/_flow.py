@@ -811,10 +811,7 @@ class TokenCore:
                 sent_at=snap.last_attempt_at,
             )
         if action is Action.REAUTHORIZE:
-            self.mark_stopped(
-                p.name,
-                snap.last_outcome if snap.last_outcome in REAUTHORIZATION_REASONS else None,
-            )
+            self.mark_stopped(p.name, self._stop_reason(snap))
             return ReauthorizationRequired(
                 f"re-authorization required for {p.name!r}: "
                 f"{snap.last_error or 'the provider refused the grant'} (automatic refresh is "
@@ -829,6 +826,12 @@ class TokenCore:
             f"{retry_in:.0f}s",
             provider=p.name,
         )
+
+    @staticmethod
+    def _stop_reason(snap: RowSnapshot) -> str | None:
+        if snap.state == "refresh_outcome_unknown":
+            return "outcome_unknown"
+        return snap.last_outcome if snap.last_outcome in REAUTHORIZATION_REASONS else None
 
     def note_lock_timeout(self, p: ProviderSettings) -> None:
         """Count and log a lock timeout (never a credentials problem)."""
@@ -913,6 +916,10 @@ class TokenCore:
         if decision.action is Action.USE and candidate is not None:
             if from_row:
                 self.count(p.name, "reused")
+            if snap.state in ("reauthorization_required", "refresh_outcome_unknown"):
+                # Still serving on a valid token, but refresh is stopped: a replica that
+                # (re)started meanwhile must raise the alert too.
+                self.mark_stopped(p.name, self._stop_reason(snap))
             return self.adopt(p, candidate)
         if decision.action is not Action.REFRESH:
             raise self.blocked(p, snap, decision.action, decision.retry_in)
