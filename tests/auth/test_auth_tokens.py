@@ -607,3 +607,47 @@ def test_credentials_rotated_into_vault_but_no_vault_settings_name_the_variables
     assert "VAULT_ADDR" == caught.value.variable
     assert "rotated into Vault (secret/idis/integrations/crm_provider version 2)" in text
     assert "set VAULT_ADDR and VAULT_TOKEN (or VAULT_ROLE_ID and VAULT_SECRET_ID" in text
+
+
+class _OtherProcessFirst(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """A token endpoint that fails (503) after another process refreshed meanwhile."""
+
+    def __init__(self, meanwhile: Any) -> None:
+        self._meanwhile = meanwhile
+
+    def _answer(self) -> httpx.Response:
+        if self._meanwhile is not None:
+            self._meanwhile()
+            self._meanwhile = None
+        return httpx.Response(503, json={"error": "temporarily_unavailable"})
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self._answer()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return self._answer()
+
+
+def test_a_failed_refresh_that_lost_the_race_adopts_the_other_processs_token(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    tokens: Any,
+    clock: ManualClock,
+    metrics: Metrics,
+) -> None:
+    """SQLite: our refresh fails while another process refreshed; its token is used, no failure."""
+    settings = make_settings(sim, sqlite_url, fernet_key)
+    other = TokenManager(settings, clock=clock)
+    try:
+        manager = tokens(settings, transport=_OtherProcessFirst(lambda: other.get_token(P)))
+
+        token = manager.get_token(P)
+    finally:
+        other.close()
+
+    row = _row(sqlite_url)
+    assert 1 == token.generation
+    assert "ok" == row["state"]
+    assert 0 == row["consecutive_failures"]
+    assert 1.0 == sample(metrics, "integration_token_refreshes_total", provider=P, outcome="reused")

@@ -419,9 +419,3 @@ class AsyncTokenStore:
         """Async :meth:`SyncTokenStore.reread`."""
         handle.snapshot = await self.read(handle.provider)
         return handle.snapshot
-
-    async def audit_only(self, audit: list[dict[str, Any]]) -> None:
-        """Async :meth:`SyncTokenStore.audit_only`."""
-        with db_errors(""):
-            async with self.engine.begin() as conn:
-                await conn.run_sync(insert_audit, audit)
