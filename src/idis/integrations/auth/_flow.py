@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -132,89 +132,42 @@ class TokenIO:
 
 
 @dataclass(frozen=True, slots=True)
-class LockRow(Effect[RowHandle]):
-    """Read the provider's row; on PostgreSQL lock it (``SELECT ... FOR UPDATE``)."""
+class OnStore(Effect[Any]):
+    """Call ``method`` of the face's token store: the sync and the async store share names.
 
-    provider: str
-    timeout: float
+    ``lock`` (read the row; on PostgreSQL lock it), ``write`` (commit, releasing
+    the lock; False when the compare-and-set lost), ``release``, ``reread``.
+    """
 
-    def run(self, io: TokenIO) -> RowHandle:
-        """Sync store."""
-        store: SyncTokenStore = io.store  # type: ignore[assignment]  # the sync face's store
-        return store.lock(self.provider, self.timeout)
+    method: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    async def arun(self, io: TokenIO) -> RowHandle:
+    def run(self, io: TokenIO) -> Any:
+        """Blocking store."""
+        return getattr(io.store, self.method)(*self.args, **self.kwargs)
+
+    async def arun(self, io: TokenIO) -> Any:
         """Async store."""
-        store: AsyncTokenStore = io.store  # type: ignore[assignment]  # the async face's store
-        return await store.lock(self.provider, self.timeout)
-
-
-@dataclass(frozen=True, slots=True)
-class WriteRow(Effect[bool]):
-    """Write and commit the row (releases the row lock); False if the compare-and-set lost."""
-
-    handle: RowHandle
-    values: Mapping[str, Any]
-    expect_generation: int | None
-    audit: tuple[dict[str, Any], ...] = ()
-
-    def run(self, io: TokenIO) -> bool:
-        """Sync store."""
-        store: SyncTokenStore = io.store  # type: ignore[assignment]  # the sync face's store
-        return store.write(
-            self.handle,
-            self.values,
-            expect_generation=self.expect_generation,
-            audit=list(self.audit),
-        )
-
-    async def arun(self, io: TokenIO) -> bool:
-        """Async store."""
-        store: AsyncTokenStore = io.store  # type: ignore[assignment]  # the async face's store
-        return await store.write(
-            self.handle,
-            self.values,
-            expect_generation=self.expect_generation,
-            audit=list(self.audit),
-        )
+        return await getattr(io.store, self.method)(*self.args, **self.kwargs)
 
     def __repr__(self) -> str:
-        # The values hold ciphertext: not secret, but noise in a traceback.
-        return f"WriteRow({self.handle!r}, columns={sorted(self.values)})"
+        # The arguments hold row values (ciphertext): noise in a traceback.
+        return f"OnStore({self.method!r})"
 
 
-@dataclass(frozen=True, slots=True)
-class ReleaseRow(Effect[None]):
-    """Give up the row lock if it is still held."""
-
-    handle: RowHandle
-
-    def run(self, io: TokenIO) -> None:
-        """Sync store."""
-        store: SyncTokenStore = io.store  # type: ignore[assignment]  # the sync face's store
-        store.release(self.handle)
-
-    async def arun(self, io: TokenIO) -> None:
-        """Async store."""
-        store: AsyncTokenStore = io.store  # type: ignore[assignment]  # the async face's store
-        await store.release(self.handle)
+def _lock(p: ProviderSettings) -> OnStore:
+    return OnStore("lock", (p.name, p.auth.lock_timeout))
 
 
-@dataclass(frozen=True, slots=True)
-class RereadRow(Effect[RowSnapshot]):
-    """Read the row again without locking it."""
-
-    handle: RowHandle
-
-    def run(self, io: TokenIO) -> RowSnapshot:
-        """Sync store."""
-        store: SyncTokenStore = io.store  # type: ignore[assignment]  # the sync face's store
-        return store.reread(self.handle)
-
-    async def arun(self, io: TokenIO) -> RowSnapshot:
-        """Async store."""
-        store: AsyncTokenStore = io.store  # type: ignore[assignment]  # the async face's store
-        return await store.reread(self.handle)
+def _write(
+    handle: RowHandle,
+    values: Mapping[str, Any],
+    expect_generation: int | None,
+    audit: list[dict[str, Any]] | None = None,
+) -> OnStore:
+    kwargs = {"expect_generation": expect_generation, "audit": audit or []}
+    return OnStore("write", (handle, values), kwargs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -982,11 +935,11 @@ def obtain(core: TokenCore, p: ProviderSettings, mode: Mode, rejected: int | Non
         return token
     try:
         while True:
-            handle = yield from perform(LockRow(p.name, p.auth.lock_timeout))
+            handle = yield _lock(p)
             try:
                 result = yield from _on_row(core, p, handle, mode, rejected)
             finally:
-                yield ReleaseRow(handle)
+                yield OnStore("release", (handle,))
             if result is not _AGAIN:
                 return result
     except TokenLockTimeout:
@@ -1003,7 +956,7 @@ def _on_row(
     snap = handle.snapshot
     pending = core.pending_write(p, snap)
     if pending is not None:
-        written = yield from perform(WriteRow(handle, pending.values, snap.generation))
+        written = yield _write(handle, pending.values, snap.generation)
         if written:
             core.pending.pop(p.name, None)
             # The commit released the row lock: decide again on a freshly locked row.
@@ -1017,10 +970,10 @@ def _on_row(
         if isinstance(exc, ConfigError | StorageError | TokenLockTimeout):
             raise
         outcome, values, audit, error = core.failure(p, snap, exc)
-        written = yield from perform(WriteRow(handle, values, snap.generation, tuple(audit)))
+        written = yield _write(handle, values, snap.generation, audit)
         if not written:
             # SQLite: another process refreshed meanwhile; use its token.
-            fresh = yield from perform(RereadRow(handle))
+            fresh = yield OnStore("reread", (handle,))
             token, _, _ = core.candidate(p, fresh)
             if token is not None and not token.is_expired(core.now()):
                 core.count(p.name, "reused")
@@ -1036,7 +989,7 @@ def _on_row(
         p, snap, issued, grant=plan.grant, previous_refresh=plan.refresh_token, mode=mode
     )
     try:
-        yield WriteRow(handle, values, None, tuple(audit))
+        yield _write(handle, values, None, audit)
     except StorageError as exc:
         # The provider may already have rotated the refresh token: keep the new
         # one in memory and persist it at the next chance rather than lose it.
@@ -1167,7 +1120,7 @@ def import_flow(
     core: TokenCore, p: ProviderSettings, issued: IssuedToken, *, actor: str
 ) -> Flow[Any]:
     """Store a token obtained elsewhere (the caller holds the in-process lock)."""
-    handle = yield from perform(LockRow(p.name, p.auth.lock_timeout))
+    handle = yield _lock(p)
     try:
         snap = handle.snapshot
         token, values, audit = core.success(
@@ -1188,9 +1141,9 @@ def import_flow(
                 "expires_at": issued.expires_at.isoformat() if issued.expires_at else None,
             },
         )
-        yield WriteRow(handle, values, None, tuple(audit))
+        yield _write(handle, values, None, audit)
     finally:
-        yield ReleaseRow(handle)
+        yield OnStore("release", (handle,))
     core.pending.pop(p.name, None)
     core.mark_stopped(p.name, None)
     _log.info(
