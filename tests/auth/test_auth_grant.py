@@ -334,6 +334,8 @@ def _httpx_failure(exc: Exception) -> Exception:
         (error_for_status(500, "p", "token"), "server_error"),
         (error_for_status(502, "p", "token"), "server_error"),
         (MalformedResponse("2xx without access_token"), "malformed_response"),
+        (MalformedResponse("2xx without access_token", status_code=200), "malformed_response"),
+        (MalformedResponse("redirected", status_code=307), None),
         (_httpx_failure(httpx.ConnectTimeout("connect")), None),
         (_httpx_failure(httpx.ConnectError("refused")), None),
         (_httpx_failure(httpx.PoolTimeout("pool")), None),

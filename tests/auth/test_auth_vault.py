@@ -395,6 +395,26 @@ def test_a_provider_reading_credentials_from_vault_survives_its_approle_token_ex
     assert 1 == sim.control.stats(P)["oauth"]["invalid_client"]
 
 
+def test_rotation_after_the_approle_token_expired_logs_in_again_instead_of_blaming_the_policy(
+    sim: RunningSimulator, sqlite_url: str, fernet_key: str, openbao: OpenBao, vault_prefix: str
+) -> None:
+    """The AppRole token of a long-running process expired: rotation still works."""
+    _seed(openbao, vault_prefix)
+    settings = _settings(
+        sim, sqlite_url, fernet_key, _approle(openbao, vault_prefix, ttl="2s", max_ttl="2s")
+    )
+    with TokenManager(settings) as manager:
+        manager.get_token(P)  # logs in, reads the credentials
+        with manager.hold(P) as hold:
+            accessor = hold.vault()._hvac().auth.token.lookup_self()["data"]["accessor"]
+        _wait_until_dead(openbao, accessor)
+
+        result = rotate_credentials(P, manager=manager, actor="test")
+
+    assert 2 == result.version
+    assert 2 == VaultStore(openbao.settings(path_prefix=vault_prefix)).current_version(P)
+
+
 # --------------------------------------------------------------------------- writes
 
 

@@ -367,13 +367,16 @@ def lost_answer(exc: BaseException) -> str | None:
     connection dropped before or during the answer, a 5xx (the server, or a
     proxy in front of it, failed after receiving it), or a 2xx we could not
     read. Faults before the request was complete (connect errors and
-    timeouts, pool timeouts, write errors and timeouts), 408 and 429 mean the
-    server did not act on it.
+    timeouts, pool timeouts, write errors and timeouts), 408, 429 and
+    redirects mean the server did not act on it.
     """
     from .._http import httpx
 
     if isinstance(exc, MalformedResponse):
-        return "malformed_response"
+        # A 1xx/3xx answer (redirects are not followed) was not acted on; a 2xx (or a
+        # body that could not be decoded) was.
+        status = exc.status_code
+        return "malformed_response" if status is None or 200 <= status < 300 else None
     if isinstance(exc, ProviderUnavailable):
         return "server_error"
     if not isinstance(exc, ProviderTimeout | ProviderConnectionError):
