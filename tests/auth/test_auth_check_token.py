@@ -26,7 +26,7 @@ def _prepare(state: str, sim: RunningSimulator, url: str, key: str) -> tuple[str
     settings = make_settings(sim, url, key, grant=grant)
     if state == "missing":
         return grant, []
-    with TokenManager(settings, sleep=lambda _s: None) as manager:
+    with TokenManager(settings) as manager:
         if state == "refresh failing":
             sim.control.set_fault(P, "error", endpoint="token", status=503)
             with pytest.raises(AuthError):

@@ -3,10 +3,13 @@
 Every command loads settings from the environment once, validates its flags
 before touching anything, and maps library errors to exit codes:
 
-* 0: done; 1: done, but a check failed (verify-sync mismatch, reconcile failures);
+* 0: done;
+* 1: final: a check failed (verify-sync mismatch, reconcile failures), or the
+  operation failed for a reason retrying will not fix (credentials refused,
+  Vault policy denial, re-authorization required);
 * 2: bad input (flag, environment, unknown provider) or bad setup (a database without the
   library's tables): nothing was changed;
-* 3: a dependency is unreachable (database, Vault, provider).
+* 3: retry later: a dependency is unreachable (database, Vault, provider).
 
 Every command that uses the database names it on stderr first (``database:
 postgresql://user@host:5432/db``, never a password), and stops before doing
@@ -35,7 +38,14 @@ from rich.table import Table
 
 from .._timeparse import parse_since
 from ..config import DEFAULT_DATABASE_URL, Settings
-from ..exceptions import ConfigError, IntegrationError, SecretStoreError, StorageError
+from ..exceptions import (
+    ConfigError,
+    IntegrationError,
+    ReplayWindowExceeded,
+    SecretStoreError,
+    StorageError,
+    UsageError,
+)
 from ..observability._logs import configure_logging, redact_text
 from ._progress import progress  # the one progress helper; commands import it from here too
 
@@ -45,6 +55,7 @@ __all__ = [
     "EXIT_USAGE",
     "check_database",
     "describe_database",
+    "exit_code",
     "fail",
     "get_settings",
     "handle_errors",
@@ -222,11 +233,23 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
         except ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
         except (StorageError, SecretStoreError) as exc:
-            fail(str(exc), EXIT_UNAVAILABLE)
+            fail(str(exc), exit_code(exc))  # the message names the store already
         except IntegrationError as exc:
-            fail(f"{type(exc).__name__}: {exc}", EXIT_UNAVAILABLE if exc.retryable else EXIT_USAGE)
+            fail(f"{type(exc).__name__}: {exc}", exit_code(exc))
 
     return wrapper
+
+
+def exit_code(exc: IntegrationError) -> int:
+    """The exit status a library error means: 2 bad input, 3 retry later, 1 final.
+
+    A refusal (an auth failure, a Vault policy denial) is final, never "bad
+    input": the command line was fine, and retrying will not help until
+    someone acts. Only what the operator typed (or configured) is bad input.
+    """
+    if isinstance(exc, ConfigError | UsageError | ReplayWindowExceeded):
+        return EXIT_USAGE
+    return EXIT_UNAVAILABLE if exc.retryable else EXIT_CHECK_FAILED
 
 
 def _validate_provider(
