@@ -613,7 +613,23 @@ class AuthSettings:
         metadata=_var(
             "REFRESH_ATTEMPTS",
             _at_least(1),
-            "Token requests per refresh (network faults, 5xx and 429 are retried with backoff).",
+            "Token requests per refresh (faults before the request went out, and 429, are "
+            "retried with backoff; a refresh whose answer was lost is not, see "
+            "`REFRESH_REUSE_GRACE`).",
+        ),
+    )
+    #: A refresh whose answer was lost (timeout after sending, dropped connection,
+    #: 5xx) is retried with the same refresh token only inside this window.
+    refresh_reuse_grace: float = field(
+        default=0.0,
+        metadata=_var(
+            "REFRESH_REUSE_GRACE",
+            _seconds,
+            "How long the provider accepts a rotated-out refresh token again. A refresh whose "
+            "answer was lost is retried with the same refresh token only inside this window; "
+            "otherwise the state becomes `refresh_outcome_unknown` (re-authorize). See "
+            "[auth.md](auth.md#a-refresh-whose-answer-was-lost).",
+            shown="`0` (never)",
         ),
     )
 
