@@ -12,12 +12,14 @@ issued and every client secret it knows is then looked for everywhere.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import structlog
@@ -142,9 +144,12 @@ def _scenario(
 def _secrets(sim: RunningSimulator, *extra: str) -> set[str]:
     oauth = sim.state.provider(P).oauth
     found = {*oauth.access_tokens, *oauth.refresh_tokens, *extra}
-    for client in oauth.clients.values():
-        found.add(client.secret)
-        found.update(old.secret for old in client.previous)
+    for client_id, client in oauth.clients.items():
+        for secret in (client.secret, *(old.secret for old in client.previous)):
+            found.add(secret)
+            # The shapes a secret travels in: a Basic header and a form/query field.
+            found.add(base64.b64encode(f"{client_id}:{secret}".encode()).decode())
+            found.add(quote(secret, safe=""))
     return {s for s in found if s}
 
 

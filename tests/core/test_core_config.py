@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from idis.integrations.config import Secret, Settings
+from idis.integrations.config import (
+    _PROVIDER_FIELDS,
+    _SECTIONS,
+    EMBEDDED_WEBHOOK_SECRET,
+    Secret,
+    Settings,
+    _declared,
+    reference_tables,
+)
 from idis.integrations.exceptions import ConfigError, UnknownProviderError
 
 BASE = {
@@ -201,3 +212,195 @@ def test_secret_never_renders() -> None:
     assert "topsecret-123" not in repr(settings)
     assert "topsecret-123" not in str(settings.provider("crm").auth.client_secret)
     assert "topsecret-123" == settings.provider("crm").auth.client_secret.get_secret_value()  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- declarations and docs
+
+
+def test_configuration_doc_lists_every_variable_with_its_default() -> None:
+    """docs/configuration.md holds the tables generated from the field declarations."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+
+    for name, table in reference_tables().items():
+        block = f"<!-- generated:{name} -->\n{table}\n<!-- /generated:{name} -->"
+        assert block in doc, f"run python scripts/config_reference.py ({name} is out of date)"
+
+
+def test_every_declared_variable_is_read_from_the_environment() -> None:
+    """Each declared variable, set alone, changes its field (names and parsers stay wired)."""
+    samples = {
+        "IDIS_DATABASE_URL": ("database_url", "sqlite:///x.db"),
+        "IDIS_REDIS_URL": ("redis_url", "redis://127.0.0.1:6379/1"),
+        "IDIS_ALLOW_EMBEDDED_DEFAULTS": ("allow_embedded_defaults", "true"),
+        "IDIS_LOG_FORMAT": ("log_format", "console"),
+        "IDIS_LOG_LEVEL": ("log_level", "debug"),
+        "IDIS_SIMULATOR_URL": ("simulator_url", "http://127.0.0.1:9"),
+        "IDIS_WEBHOOK_BODY_TIMEOUT": ("webhooks.body_timeout", "3s"),
+        "IDIS_WEBHOOK_TOLERANCE": ("webhooks.tolerance", "1m"),
+        "CRM_MODE": ("sync.crm_mode", "polling"),
+        "IDIS_VAULT_MOUNT": ("vault.mount", "/kv/"),
+    }
+    default = Settings.from_env({})
+    for env, (path, value) in samples.items():
+        changed = Settings.from_env({env: value})
+        head, _, tail = path.partition(".")
+        before = getattr(getattr(default, head), tail) if tail else getattr(default, head)
+        after = getattr(getattr(changed, head), tail) if tail else getattr(changed, head)
+
+        assert before != after, env
+    assert timedelta(seconds=10) == default.webhooks.body_timeout
+    assert False is default.allow_embedded_defaults
+
+
+def test_unknown_key_in_the_idis_table_is_refused(tmp_path: Path) -> None:
+    """A misspelt key in [idis] fails at start instead of being ignored."""
+    path = tmp_path / "idis.toml"
+    path.write_text('[idis]\ndatabse_url = "sqlite:///x.db"\n')
+    path.chmod(0o600)
+
+    with pytest.raises(ConfigError, match=r"idis\.databse_url"):
+        Settings.from_env({"IDIS_CONFIG_FILE": str(path)})
+
+
+# ------------------------------------------------------------------ the config file's owner
+
+
+@pytest.mark.parametrize(
+    ("mode", "shown"),
+    [(0o664, "group-writable"), (0o646, "world-writable"), (0o666, "group- and world-writable")],
+)
+def test_a_config_file_others_can_write_is_refused(tmp_path: Path, mode: int, shown: str) -> None:
+    """A group- or world-writable config file (it may hold a Vault token) is refused."""
+    path = tmp_path / "idis.toml"
+    path.write_text('[vault]\ntoken = "hvs.config-file-token-0123456789"\n')
+    path.chmod(mode)
+
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"IDIS_CONFIG_FILE": str(path)})
+
+    assert str(path) in str(info.value)
+    assert f"{shown} (mode {mode:04o})" in str(info.value)
+    assert "config-file-token" not in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_a_config_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    """A config file owned by someone other than this user (or root) is refused."""
+    path = tmp_path / "idis.toml"
+    path.write_text('[vault]\ntoken = "hvs.config-file-token-0123456789"\n')
+    path.chmod(0o600)
+    os.chown(path, 65534, 65534)
+
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"IDIS_CONFIG_FILE": str(path)})
+
+    assert str(path) in str(info.value)
+    assert "owned by another user (uid 65534, mode 0600)" in str(info.value)
+
+
+def test_a_private_config_file_loads(tmp_path: Path) -> None:
+    """A file only its owner can write loads (0600 and 0644 alike)."""
+    path = tmp_path / "idis.toml"
+    path.write_text('[vault]\ntoken = "hvs.config-file-token-0123456789"\n')
+    for mode in (0o600, 0o644):
+        path.chmod(mode)
+
+        token = Settings.from_env({"IDIS_CONFIG_FILE": str(path)}).vault.token
+
+        assert token is not None
+        assert "hvs.config-file-token-0123456789" == token.get_secret_value()
+
+
+# --------------------------------------------------------------------------- no password in output
+
+
+def test_repr_and_errors_never_show_database_or_redis_passwords(tmp_path: Path) -> None:
+    """repr(Settings) and configuration errors mask the passwords of every URL."""
+    settings = Settings.from_env(
+        {
+            **BASE,
+            "IDIS_DATABASE_URL": "postgresql://svc:db-pass-123456@db.example.com/idis",
+            "IDIS_REDIS_URL": "redis://:redis-pass-123456@cache:6379/0",
+            "IDIS_PROVIDER_CRM_BASE_URL": "https://api-user:api-pass-123456@crm.example.com",
+            "VAULT_ADDR": "https://vault-user:vault-pass-123456@vault.example.com",
+        }
+    )
+    errors = []
+    for env in (
+        {"IDIS_DATABASE_URL": "mysql://svc:db-pass-123456@db/x"},
+        {"IDIS_REDIS_URL": "http://:redis-pass-123456@cache"},
+        {**BASE, "IDIS_PROVIDER_CRM_BASE_URL": "ftp://u:api-pass-123456@x"},
+    ):
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env(env)
+        errors.append(str(info.value))
+
+    shown = repr(settings) + "\n".join(errors)
+    for password in ("db-pass-123456", "redis-pass-123456", "api-pass-123456", "vault-pass-123456"):
+        assert password not in shown
+    assert "postgresql://svc:***@db.example.com/idis" in repr(settings)
+    assert "mysql://svc:***@db/x" in errors[0]
+    # The settings themselves keep the real URLs: only their rendering is masked.
+    assert "db-pass-123456" in settings.database_url
+
+
+# ------------------------------------------------------------------ embedded defaults opt-in
+
+
+def test_the_published_webhook_secret_needs_the_opt_in() -> None:
+    """The embedded secret is refused for verifying and signing unless explicitly allowed."""
+    settings = Settings.from_env({})
+    allowed = Settings.from_env({"IDIS_ALLOW_EMBEDDED_DEFAULTS": "true"})
+    declared = Settings.from_env(
+        {
+            "IDIS_PROVIDERS": "crm",
+            "IDIS_PROVIDER_CRM_KIND": "crm",
+            "IDIS_PROVIDER_CRM_BASE_URL": "https://crm.example.com",
+            "IDIS_PROVIDER_CRM_WEBHOOK_SECRETS": EMBEDDED_WEBHOOK_SECRET,
+        }
+    )
+
+    for use in ("verify", "sign"):
+        with pytest.raises(ConfigError) as info:
+            settings.checked_webhook_secrets("crm_provider", use=use)  # type: ignore[arg-type]
+        message = str(info.value)
+        assert "IDIS_PROVIDER_CRM_PROVIDER_WEBHOOK_SECRETS" in message
+        assert "IDIS_PROVIDERS" in message
+        assert "IDIS_ALLOW_EMBEDDED_DEFAULTS=true" in message
+        assert EMBEDDED_WEBHOOK_SECRET not in message
+    with pytest.raises(ConfigError, match="IDIS_PROVIDER_CRM_WEBHOOK_SECRETS"):
+        declared.checked_webhook_secrets("crm", use="verify")
+    assert 1 == len(allowed.checked_webhook_secrets("crm_provider", use="verify"))
+
+
+def _declared_variables() -> list[str]:
+    names = [var.env for _, var in _declared(Settings)]
+    for cls in _SECTIONS.values():
+        names += [var.env for _, var in _declared(cls)]
+    return names
+
+
+_PROVIDER_SUFFIXES = sorted(_PROVIDER_FIELDS)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    name=st.sampled_from(
+        _declared_variables() + [f"IDIS_PROVIDER_CRM_{s}" for s in _PROVIDER_SUFFIXES]
+    ),
+    value=st.one_of(
+        st.text(max_size=40),
+        st.integers().map(str),
+        st.from_regex(r"\d{1,400}(ms|s|m|h|d|w)?", fullmatch=True),
+    ),
+)
+def test_any_value_of_any_variable_loads_or_is_a_config_error(name: str, value: str) -> None:
+    """Whatever text a variable holds, from_env returns Settings or raises ConfigError."""
+    env = {**BASE, name: value}
+    try:
+        Settings.from_env(env)
+    except ConfigError as exc:
+        variable = exc.variable
+    else:
+        variable = name
+    assert variable is not None

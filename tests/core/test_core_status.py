@@ -128,6 +128,24 @@ def test_status_includes_every_capability(sqlite_url: str) -> None:
     assert 0 == crm.facts["open_defects"]
 
 
+def test_status_host_never_shows_credentials_of_a_base_url(sqlite_url: str) -> None:
+    """A base URL with user info shows as its host alone (no user, no password)."""
+    settings = Settings.from_env(
+        {
+            "IDIS_DATABASE_URL": sqlite_url,
+            "IDIS_PROVIDERS": "crm",
+            "IDIS_PROVIDER_CRM_KIND": "crm",
+            "IDIS_PROVIDER_CRM_BASE_URL": "https://api-user:api-pass-123456@crm.example.com:8443/v2",
+        }
+    )
+
+    statuses, notes = collect_status(settings, providers=["crm"], probe=False)
+
+    (crm,) = statuses
+    assert "crm.example.com:8443" == crm.host
+    assert "api-pass-123456" not in repr(statuses) + repr(notes)
+
+
 # --------------------------------------------------------------------------- width (issue 15)
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

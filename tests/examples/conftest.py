@@ -83,6 +83,8 @@ def service_env(sim: RunningSimulator, database_url: str, **extra: str) -> dict[
         "IDIS_ENRICHMENT_RETRY_BACKOFF": "100ms",
         "IDIS_ENRICHMENT_RETRY_MAX_BACKOFF": "500ms",
         "IDIS_SERVICE_SAMPLE_INTERVAL": "200ms",
+        # The providers verify with the simulator's published webhook secret: opt in.
+        "IDIS_ALLOW_EMBEDDED_DEFAULTS": "true",
         "IDIS_SERVICE_API_TOKENS": API_TOKENS,
     }
     for name, kind in ((CRM, "crm"), (ENRICH, "enrichment")):

@@ -35,13 +35,18 @@ def _healthy(url: str) -> bool:
 def test_the_module_serves_on_the_default_database_and_stops_gracefully_on_sigterm(
     sim: RunningSimulator, tmp_path: Path
 ) -> None:
-    """With IDIS_SIMULATOR_URL alone it uses ./idis-integrations.sqlite3, serves, stops cleanly."""
+    """On the embedded defaults (and their opt-in) it uses ./idis-integrations.sqlite3, serves,
+    stops cleanly."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
         [sys.executable, "-m", "integrations_service"],
         cwd=tmp_path,
-        env=_environment(IDIS_SIMULATOR_URL=sim.url, IDIS_SERVICE_PORT=str(port)),
+        env=_environment(
+            IDIS_SIMULATOR_URL=sim.url,
+            IDIS_SERVICE_PORT=str(port),
+            IDIS_ALLOW_EMBEDDED_DEFAULTS="true",  # the simulator's webhook secret is public
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

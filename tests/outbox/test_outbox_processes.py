@@ -404,7 +404,14 @@ def test_cli_worker_on_the_embedded_providers_with_oauth(
                 )
             enqueue(session, NewMessage.webhook(CRM, "deal.won", {"id": 1}, webhook_id="evt_cli"))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("IDIS_", "CRM_"))}
-        env.update({"IDIS_DATABASE_URL": sqlite_url, "IDIS_SIMULATOR_URL": sim.url})
+        env.update(
+            {
+                "IDIS_DATABASE_URL": sqlite_url,
+                "IDIS_SIMULATOR_URL": sim.url,
+                # The simulator's webhook secret is published: signing with it is opt-in.
+                "IDIS_ALLOW_EMBEDDED_DEFAULTS": "true",
+            }
+        )
         result = subprocess.run(
             [sys.executable, "-m", "idis.integrations", "outbox", "work", "--until-idle"],
             env=env,

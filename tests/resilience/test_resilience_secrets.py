@@ -50,10 +50,16 @@ def test_failures_never_leak_the_client_secret_or_the_bearer_token(
         seen_auth.append(auth)
         echo = {"error": "nope", "you_sent": auth, "secret": client_secret}
         kind = request.url.params.get("fail")
+        # The token in the other shapes a provider or a proxy may echo it in.
+        as_url = httpx.URL("https://x.example.com/", params={"access_token": token})
+        shapes = (
+            f'{{"access_token": "{token}"}} https://idis:{token}@api.example.com/cb?'
+            f"access_token={token} {as_url}"
+        )
         if kind == "timeout":
-            raise httpx.ReadTimeout(f"timed out sending {auth}", request=request)
+            raise httpx.ReadTimeout(f"timed out sending {auth} {shapes}", request=request)
         if kind == "refused":
-            raise httpx.ConnectError(f"refused {auth} {client_secret}", request=request)
+            raise httpx.ConnectError(f"refused {auth} {client_secret} {shapes}", request=request)
         if kind == "malformed":
             return httpx.Response(200, content=f"<html>{auth} {client_secret}".encode())
         status = {"server": 503, "rate": 429, "auth": 401, "missing": 404}[kind or "server"]

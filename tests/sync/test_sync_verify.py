@@ -162,10 +162,10 @@ def test_standard_scheme_needs_a_secret() -> None:
 
 def test_hmac_scheme_over_the_body_hex_with_prefix() -> None:
     """A GitHub-style ``sha256=<hex>`` signature of the body verifies; another key does not."""
-    scheme = HmacScheme(["s3cret-value"], header="X-Hub-Signature-256", prefix="sha256=")
+    scheme = HmacScheme(["s3cret-value-0123"], header="X-Hub-Signature-256", prefix="sha256=")
     body = b'{"id":"e1"}'
-    good = "sha256=" + hmac.new(b"s3cret-value", body, hashlib.sha256).hexdigest()
-    bad = "sha256=" + hmac.new(b"other-value", body, hashlib.sha256).hexdigest()
+    good = "sha256=" + hmac.new(b"s3cret-value-0123", body, hashlib.sha256).hexdigest()
+    bad = "sha256=" + hmac.new(b"other-value-01234", body, hashlib.sha256).hexdigest()
 
     assert scheme.verify(_request({"x-hub-signature-256": good}, body), NOW) is None
     with pytest.raises(WebhookVerificationError) as info:
@@ -176,7 +176,7 @@ def test_hmac_scheme_over_the_body_hex_with_prefix() -> None:
 def test_hmac_scheme_over_method_uri_body_and_timestamp() -> None:
     """A request-signing scheme covers method, URI, body and timestamp; each one matters."""
     scheme = HmacScheme(
-        ["k-123456"],
+        ["k-123456-abcdefgh"],
         header="x-sig",
         signed="request",
         timestamp_header="x-ts",
@@ -187,7 +187,9 @@ def test_hmac_scheme_over_method_uri_body_and_timestamp() -> None:
     ts = str(int(NOW.timestamp()))
     body = b"{}"
     content = b"POST\n/crm?x=1\n{}\n" + ts.encode()
-    sig = base64.b64encode(hmac.new(b"k-123456", content, hashlib.sha256).digest()).decode()
+    sig = base64.b64encode(
+        hmac.new(b"k-123456-abcdefgh", content, hashlib.sha256).digest()
+    ).decode()
     headers = {"x-sig": sig, "x-ts": ts, "x-delivery": "d-9"}
     request = InboundRequest("POST", "/crm?x=1", normalize_headers(headers), body)
 

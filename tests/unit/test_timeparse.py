@@ -90,3 +90,66 @@ def test_parse_since_never_raises_anything_but_config_error(text: str) -> None:
     except ConfigError:
         return
     assert result.tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["100000000 days ago", "99999999999999999999w ago", "0001-01-01T00:00:00+14:00", "1e308s"],
+)
+def test_since_out_of_range_is_a_config_error(text: str) -> None:
+    """A --since too far back (or before the first representable time) is a clean error."""
+    with pytest.raises(ConfigError) as info:
+        parse_since(text, now=lambda: NOW)
+
+    assert "--since" in str(info.value)
+    assert repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["1e308", "inf", "99999999999999999999w", "9" * 400])
+def test_duration_too_long_is_a_config_error(text: str) -> None:
+    """A duration longer than a timedelta holds is a ConfigError naming the variable."""
+    with pytest.raises(ConfigError, match="CRM_POLL_INTERVAL"):
+        parse_duration(text, name="CRM_POLL_INTERVAL")
+
+
+_UNITS = ["ms", "s", "m", "h", "d", "w", "seconds", "minutes", "hours", "days", "weeks", "hour"]
+_amounts = st.one_of(
+    st.integers(min_value=0, max_value=10**40).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(lambda f: repr(abs(f))),
+    st.from_regex(r"\d{1,400}(\.\d{1,20})?", fullmatch=True),
+)
+_relative = st.builds(
+    lambda amount, space, unit, ago: f"{amount}{space}{unit}{ago}",
+    _amounts,
+    st.sampled_from(["", " "]),
+    st.sampled_from(_UNITS),
+    st.sampled_from(["", " ago"]),
+)
+_offsets = st.integers(min_value=-14 * 60, max_value=14 * 60).map(
+    lambda m: f"{'+' if m >= 0 else '-'}{abs(m) // 60:02d}:{abs(m) % 60:02d}"
+)
+_iso = st.builds(
+    lambda when, offset: when.isoformat() + offset,
+    st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)),
+    st.one_of(_offsets, st.just("Z"), st.just("")),
+)
+
+
+@given(st.one_of(_relative, _iso, st.text(max_size=60)))
+def test_any_since_text_parses_or_is_a_config_error(text: str) -> None:
+    """Huge amounts, extreme offsets and any text: a datetime or ConfigError, never a traceback."""
+    try:
+        result = parse_since(text, now=lambda: NOW)
+    except ConfigError:
+        return
+    assert result.tzinfo is not None
+
+
+@given(st.one_of(_relative, st.text(max_size=60)))
+def test_any_duration_text_parses_or_is_a_config_error(text: str) -> None:
+    """Any duration text is a timedelta or a ConfigError, never another exception."""
+    try:
+        result = parse_duration(text.removesuffix(" ago"))
+    except ConfigError:
+        return
+    assert result >= timedelta(0)

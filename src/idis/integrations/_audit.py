@@ -16,9 +16,9 @@ from typing import Any
 from sqlalchemy import Index, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from ._redact import redact_text, redact_value
 from ._timeparse import utcnow
 from .db._base import Base, BigIntPK, JSONType, UTCDateTime
-from .observability._logs import _redact_value
 
 __all__ = ["AuditEvent", "AuditRecord", "audit_row", "list_audit_events", "record_audit"]
 
@@ -113,8 +113,6 @@ def audit_row(
     occurred_at: datetime | None = None,
 ) -> dict[str, Any]:
     """Column values for one audit row, redacted; for bulk inserts (``insert(AuditEvent)``)."""
-    from .observability._logs import redact_text
-
     return {
         "occurred_at": occurred_at or utcnow(),
         "provider": provider,
@@ -125,7 +123,7 @@ def audit_row(
         "tenant_id": tenant_id,
         "source": source,
         "outcome": outcome,
-        "details": _redact_value("details", dict(details or {})),
+        "details": redact_value(dict(details or {}), "details"),
         "correlation_id": correlation_id,
         "message": redact_text(message) if message else None,
     }

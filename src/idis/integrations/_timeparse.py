@@ -115,6 +115,21 @@ def parse_duration(value: str | float | int | timedelta, *, name: str = "duratio
         seconds = parsed
     if seconds < 0 or math.isnan(seconds):
         raise ConfigError(f"{name}={value!r} must not be negative", variable=name)
+    return _delta(seconds, value, name)
+
+
+#: Longest duration a timedelta holds (about 2.7 million years).
+_MAX_SECONDS = timedelta.max.total_seconds()
+
+
+def _delta(seconds: float, value: object, name: str) -> timedelta:
+    # Huge numbers ("1e308", "100000000000 weeks") overflow timedelta: say so
+    # instead of letting OverflowError escape as a traceback.
+    if not seconds <= _MAX_SECONDS:
+        raise ConfigError(
+            f"{name}={value!r} is too long: expected at most {_MAX_SECONDS / 86400:.0f} days",
+            variable=name,
+        )
     return timedelta(seconds=seconds)
 
 
@@ -166,14 +181,25 @@ def parse_since(
         relative = lowered.removesuffix("ago").strip() if lowered.endswith("ago") else lowered
         seconds = _parse_words(relative) if relative else None
         if seconds is not None:
-            return current - timedelta(seconds=seconds)
+            try:
+                return current - _delta(seconds, value, name)
+            except OverflowError:
+                raise ConfigError(
+                    f"{name}={value!r} reaches back before the year 1: expected {_SINCE_HELP}",
+                    variable=name,
+                ) from None
         try:
             result = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
             raise ConfigError(f"{name}={value!r} is not {_SINCE_HELP}", variable=name) from None
         if result.tzinfo is None:
             result = result.replace(tzinfo=UTC)
-    result = result.astimezone(UTC)
+    try:
+        result = result.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is before the first representable time
+        raise ConfigError(
+            f"{name}={value!r} is out of range: expected {_SINCE_HELP}", variable=name
+        ) from None
     if result > current + timedelta(seconds=1):
         raise ConfigError(
             f"{name}={value!r} is in the future ({result.isoformat()}): expected a past time",

@@ -5,6 +5,13 @@ front and raises :class:`~idis.integrations.exceptions.ConfigError` naming the
 variable, the value and what was expected, so a bad deploy fails at start,
 not at 3 a.m. on the first provider call.
 
+Every setting is declared once, on its field: ``field(default=...,
+metadata=_var("ENV_NAME", parser, "meaning", check=...))``. The loader walks
+those declarations (environment beats config file beats default), and
+``docs/configuration.md``'s tables are generated from them
+(``python scripts/config_reference.py``; a test keeps the two equal). To add a
+setting, add one field with its ``_var`` next to its neighbours.
+
 Providers come from, in order of precedence:
 
 1. ``IDIS_PROVIDER_<NAME>_<FIELD>`` environment variables for every name in
@@ -14,26 +21,32 @@ Providers come from, in order of precedence:
    ``docs_provider`` and ``enrichment_provider`` on the local simulator
    (``IDIS_SIMULATOR_URL``), so that every command works on a laptop.
 
-``docs/configuration.md`` lists every variable with its default.
+The embedded defaults carry a webhook secret that is published (README, docs),
+so a webhook receiver or an outbound webhook refuses to use it unless
+``IDIS_ALLOW_EMBEDDED_DEFAULTS=true`` says this machine only talks to the
+simulator (:meth:`Settings.checked_webhook_secrets`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from ._timeparse import parse_duration
+from ._redact import mask_url
+from ._timeparse import format_duration, parse_duration
 from .exceptions import ConfigError, UnknownProviderError
 
 __all__ = [
     "DEFAULT_SIMULATOR_URL",
+    "EMBEDDED_WEBHOOK_SECRET",
     "AuthSettings",
     "BreakerPolicy",
     "EnrichmentSettings",
@@ -56,6 +69,12 @@ _KINDS: tuple[str, ...] = ("crm", "docs", "enrichment")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 DEFAULT_SIMULATOR_URL = "http://127.0.0.1:8765"
 DEFAULT_DATABASE_URL = "sqlite:///idis-integrations.sqlite3"
+#: The webhook secret of the embedded simulator providers. It is printed in the
+#: README and the simulator's docs, so it authenticates nothing: a receiver or an
+#: outbound webhook uses it only with ``IDIS_ALLOW_EMBEDDED_DEFAULTS=true``.
+EMBEDDED_WEBHOOK_SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLXdlYmhvb2s="  # noqa: S105  # public on purpose
+#: The opt-in variable for the embedded defaults' published secrets.
+ALLOW_EMBEDDED_DEFAULTS = "IDIS_ALLOW_EMBEDDED_DEFAULTS"
 
 
 class Secret:
@@ -69,7 +88,7 @@ class Secret:
 
     def __init__(self, value: str) -> None:
         self._value = value
-        from .observability._logs import register_secret
+        from ._redact import register_secret
 
         register_secret(value)
 
@@ -92,318 +111,15 @@ class Secret:
         return bool(self._value)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TimeoutPolicy:
-    """Per-attempt timeouts and the overall deadline for one logical call."""
-
-    #: Seconds to establish a connection.
-    connect: float = 3.0
-    #: Seconds to wait for response bytes.
-    read: float = 10.0
-    #: Seconds to send the request body.
-    write: float = 10.0
-    #: Seconds to wait for a free pooled connection.
-    pool: float = 5.0
-    #: Seconds for the whole call, retries and backoff included.
-    deadline: float = 30.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryPolicy:
-    """When to retry: exponential backoff with full jitter, bounded by a retry budget."""
-
-    #: Total attempts, the first one included (1 disables retries).
-    max_attempts: int = 3
-    #: Backoff cap for the first retry, in seconds (full jitter: uniform in [0, cap]).
-    initial_backoff: float = 0.2
-    #: Largest backoff cap, in seconds.
-    max_backoff: float = 10.0
-    #: Growth factor of the backoff cap per retry.
-    multiplier: float = 2.0
-    #: Longest Retry-After we honour, in seconds; longer ones are capped.
-    retry_after_cap: float = 60.0
-    #: Retries may be at most this fraction of recent calls to the provider.
-    budget_ratio: float = 0.2
-    #: Retries always allowed per budget window, so low traffic can still retry.
-    budget_min_retries: int = 10
-    #: Length of the sliding window the budget is computed over, in seconds.
-    budget_window: float = 10.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BreakerPolicy:
-    """When a provider's circuit opens, and how it closes again.
-
-    It opens on ``failure_threshold`` consecutive provider faults, or when at
-    least ``minimum_calls`` calls in the last ``window`` seconds failed at a rate
-    of ``failure_rate`` or more: the second rule trips at CRM traffic levels (a
-    few calls a minute) where consecutive counts alone never would.
-    """
-
-    #: Consecutive provider faults that open the breaker.
-    failure_threshold: int = 5
-    #: Failure rate (0-1] over the window that opens the breaker.
-    failure_rate: float = 0.3
-    #: Fewest calls in the window before the failure rate is judged.
-    minimum_calls: int = 6
-    #: Sliding window for the failure rate, in seconds. Ten minutes, so that a
-    #: CRM called twice a minute still has enough calls to judge a rate by.
-    window: float = 600.0
-    #: Seconds an open breaker waits before letting trial calls through.
-    reset_timeout: float = 30.0
-    #: Trial calls let through while half-open; all must succeed to close.
-    half_open_max_calls: int = 1
-    #: Keep one breaker per endpoint as well as the provider-wide one.
-    per_endpoint: bool = False
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RateLimitPolicy:
-    """Client-side token bucket; ``rate=None`` disables it."""
-
-    #: Requests per second allowed on average, or None for no limit.
-    rate: float | None = None
-    #: Bucket size: requests allowed in a burst.
-    burst: int = 10
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AuthSettings:
-    """How to obtain an OAuth token for a provider."""
-
-    #: "none", "client_credentials" or "refresh_token".
-    grant: Literal["none", "client_credentials", "refresh_token"] = "none"
-    #: Token endpoint (absolute URL, or a path on the provider's base URL).
-    token_url: str = "/oauth/token"  # noqa: S105  # a URL path, not a password
-    #: OAuth client id.
-    client_id: str = ""
-    #: OAuth client secret.
-    client_secret: Secret | None = None
-    #: Scopes to request.
-    scopes: tuple[str, ...] = ()
-    #: Refresh this long before expiry, in seconds.
-    refresh_margin: float = 300.0
-    #: Endpoint of the provider's credential-rotation API, if it has one.
-    rotation_url: str | None = None
-    #: Read client credentials from Vault at start.
-    credentials_from_vault: bool = False
-    #: How the client authenticates at the token endpoint.
-    client_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
-    #: Longest wait, in seconds, for another caller's (or replica's) refresh to finish.
-    lock_timeout: float = 10.0
-    #: Token requests per refresh (network faults, 5xx and 429 are retried with backoff).
-    refresh_attempts: int = 3
-    #: How long the provider accepts a refresh token again after rotating it, in
-    #: seconds (``REFRESH_REUSE_GRACE``; 0: never). A refresh whose answer was lost
-    #: (timeout after sending, dropped connection, 5xx) is retried with the same
-    #: refresh token only inside this window; see docs/auth.md for providers.
-    refresh_reuse_grace: float = 0.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ProviderSettings:
-    """One third-party provider and the policies its calls run under."""
-
-    #: Name used in every metric label, log line, CLI flag and table row.
-    name: str
-    #: What the provider is for.
-    kind: ProviderKind
-    #: Base URL every endpoint path is joined to.
-    base_url: str
-    #: Logical endpoint name -> path template (``/records/{id}``).
-    endpoints: Mapping[str, str] = field(default_factory=dict)
-    #: Connect/read/write/pool timeouts and the overall deadline.
-    timeouts: TimeoutPolicy = field(default_factory=TimeoutPolicy)
-    #: Retry policy.
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    #: Circuit-breaker policy.
-    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
-    #: Client-side rate limit.
-    rate_limit: RateLimitPolicy = field(default_factory=RateLimitPolicy)
-    #: Most calls in flight at once to this provider (bulkhead), also the pool size.
-    max_concurrency: int = 16
-    #: Seconds a call waits for a bulkhead slot before failing with BulkheadFull.
-    bulkhead_wait: float = 1.0
-    #: Path of the provider's status/health endpoint, if it has one.
-    health_endpoint: str | None = None
-    #: OAuth settings.
-    auth: AuthSettings = field(default_factory=AuthSettings)
-    #: Secrets accepted on inbound webhooks (several during rotation); the first signs outbound.
-    webhook_secrets: tuple[Secret, ...] = ()
-    #: How far back the provider's replay API retains events.
-    replay_retention: timedelta = timedelta(hours=72)
-    #: Providers to try, in order, when this one cannot serve (enrichment fallbacks).
-    fallbacks: tuple[str, ...] = ()
-
-    def endpoint_path(self, endpoint: str) -> str:
-        """Path template for a logical endpoint; an undeclared name is used as the path."""
-        return self.endpoints.get(endpoint, "/" + endpoint.lstrip("/"))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SyncSettings:
-    """Webhook/polling mode control (RB-09 Containment 1, Recovery 5)."""
-
-    #: ``CRM_MODE``: "webhook" (automatic failover on) or "polling" (pinned).
-    crm_mode: SyncMode = "webhook"
-    #: ``CRM_POLL_INTERVAL``: how often the poller runs while polling.
-    crm_poll_interval: timedelta = timedelta(minutes=5)
-    #: Switch to polling by itself when webhooks fail.
-    auto_failover: bool = True
-    #: Webhook lag that fails over: a sentinel poll finds changes this much newer
-    #: than the last webhook.
-    lag_threshold: timedelta = timedelta(minutes=2)
-    #: Webhooks must be healthy this long before returning to webhook mode.
-    stable_period: timedelta = timedelta(minutes=10)
-    #: How often the sentinel poll checks for changes while in webhook mode.
-    sentinel_interval: timedelta = timedelta(minutes=1)
-    #: How far each poll window reaches back before the cursor (clock skew, late commits).
-    poll_overlap: timedelta = timedelta(minutes=2)
-    #: Signature failures per minute that fail over.
-    signature_failure_threshold: int = 10
-    #: Poller leadership (PostgreSQL advisory lock): how often a standby tries to
-    #: take over, and how long a vanished leader's connection may linger.
-    lock_timeout: timedelta = timedelta(seconds=15)
-    #: Events fetched per change-feed page by the poller and the sentinel.
-    page_size: int = 500
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EnrichmentSettings:
-    """Deferred enrichment (RB-09 Containment 2)."""
-
-    #: ``ENRICHMENT_DEFER_ON_ERROR``: defer and mark stale instead of raising.
-    defer_on_error: bool = False
-    #: Serve the last good result (marked stale) while every provider is down.
-    serve_cached: bool = True
-    #: ``IDIS_ENRICHMENT_PROVIDER``: primary provider when the caller names none
-    #: (default: the first provider of kind ``enrichment``).
-    provider: str | None = None
-    #: Most deferred requests one worker refreshes per batch, per provider (slow-starts at 1).
-    batch_size: int = 50
-    #: Pause between two refresh batches of one worker (spreads a recovery's backlog).
-    batch_interval: timedelta = timedelta(milliseconds=250)
-    #: Idle wait of the deferred worker when nothing is due.
-    poll_interval: timedelta = timedelta(seconds=5)
-    #: First backoff cap after a failed refresh (doubles per attempt, jittered).
-    retry_backoff: timedelta = timedelta(seconds=5)
-    #: Largest backoff cap between refresh attempts.
-    retry_max_backoff: timedelta = timedelta(minutes=5)
-    #: How long a worker's lease on a deferred request lasts.
-    lease: timedelta = timedelta(seconds=60)
-    #: ``IDIS_IMPACT_DEALS_TABLE``: host table with ``tenant_id`` and the CRM sync-status
-    #: columns, counted by ``impact`` (same database as the library's tables).
-    impact_deals_table: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OutboxSettings:
-    """The persistent retry outbox."""
-
-    #: Retries after the first attempt before a message is dead-lettered.
-    max_retries: int = 10
-    #: Messages leased per batch.
-    batch_size: int = 100
-    #: Messages of one batch delivered at once (a batch never holds two of one ordering key).
-    concurrency: int = 4
-    #: How long a lease lasts before another worker may take the message.
-    lease: timedelta = timedelta(seconds=60)
-    #: Idle wait between polls when the queue is empty.
-    poll_interval: timedelta = timedelta(seconds=1)
-    #: First retry delay cap (full jitter, doubling per attempt).
-    initial_backoff: timedelta = timedelta(seconds=1)
-    #: Largest retry delay cap.
-    max_backoff: timedelta = timedelta(minutes=10)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WebhookSettings:
-    """Inbound webhook verification."""
-
-    #: Accepted clock difference for webhook-timestamp.
-    tolerance: timedelta = timedelta(minutes=5)
-    #: Largest accepted body, in bytes.
-    max_body_bytes: int = 1_048_576
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VaultSettings:
-    """Where credentials live in Vault (KV v2)."""
-
-    #: ``VAULT_ADDR``; empty means Vault is not configured.
-    addr: str = ""
-    #: ``VAULT_TOKEN``.
-    token: Secret | None = None
-    #: ``VAULT_ROLE_ID`` for AppRole login (with ``VAULT_SECRET_ID``).
-    role_id: str = ""
-    #: ``VAULT_SECRET_ID``.
-    secret_id: Secret | None = None
-    #: ``VAULT_NAMESPACE``.
-    namespace: str = ""
-    #: KV v2 mount point.
-    mount: str = "secret"
-    #: Path prefix under the mount; credentials live at ``<prefix>/<provider>``.
-    path_prefix: str = "idis/integrations"
-    #: Seconds per Vault request.
-    timeout: float = 10.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Settings:
-    """Everything the library is configured with."""
-
-    #: SQLAlchemy URL of the library's database (``IDIS_DATABASE_URL``).
-    database_url: str = DEFAULT_DATABASE_URL
-    #: Redis URL for breaker state shared across replicas; None keeps it in-process.
-    redis_url: str | None = None
-    #: Declared providers by name.
-    providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
-    #: True when ``providers`` are the embedded simulator defaults.
-    embedded_defaults: bool = False
-    sync: SyncSettings = field(default_factory=SyncSettings)
-    enrichment: EnrichmentSettings = field(default_factory=EnrichmentSettings)
-    outbox: OutboxSettings = field(default_factory=OutboxSettings)
-    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
-    vault: VaultSettings = field(default_factory=VaultSettings)
-    #: Fernet keys for tokens at rest, newest first (``IDIS_ENCRYPTION_KEYS``).
-    encryption_keys: tuple[Secret, ...] = ()
-    #: "json" (production) or "console".
-    log_format: Literal["json", "console"] = "json"
-    #: Log level name.
-    log_level: str = "INFO"
-    #: Simulator URL the embedded defaults point at.
-    simulator_url: str = DEFAULT_SIMULATOR_URL
-
-    def provider(self, name: str) -> ProviderSettings:
-        """Return the named provider's settings.
-
-        Raises:
-            UnknownProviderError: naming the provider and the declared ones.
-        """
-        try:
-            return self.providers[name]
-        except KeyError:
-            raise UnknownProviderError(name, tuple(self.providers)) from None
-
-    def with_providers(self, *providers: ProviderSettings) -> Settings:
-        """Return a copy with these providers added or replaced."""
-        merged = dict(self.providers)
-        merged.update({p.name: p for p in providers})
-        return replace(self, providers=merged, embedded_defaults=False)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read and validate settings from an environment mapping (``os.environ`` by default).
-
-        Raises:
-            ConfigError: naming the first invalid variable and the value found.
-        """
-        return _load(os.environ if environ is None else environ)
-
-
-# --------------------------------------------------------------------------- parsing
+# --------------------------------------------------------------------------- parsers
+# Each parser takes the raw value (environment text, or whatever TOML gave) and
+# the name to blame (the variable, or the config-file key), and returns the
+# field's value or raises ConfigError naming both.
 
 _T = TypeVar("_T")
+_Conv = Callable[[object, str], Any]
+#: A check after parsing: (parsed value, raw value, name to blame) -> None, or ConfigError.
+_Check = Callable[[Any, object, str], None]
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -439,12 +155,37 @@ def _float(value: object, name: str, minimum: float = 0.0) -> float:
     return _number(value, name, float, minimum=minimum)
 
 
+def _at_least(minimum: int) -> _Conv:
+    """An integer parser with a lower bound."""
+
+    def parse(value: object, name: str) -> int:
+        return _int(value, name, minimum)
+
+    return parse
+
+
 def _seconds(value: object, name: str) -> float:
     return parse_duration(value, name=name).total_seconds()  # type: ignore[arg-type]  # TOML gives str/int/float
 
 
 def _delta(value: object, name: str) -> timedelta:
     return parse_duration(value, name=name)  # type: ignore[arg-type]  # TOML gives str/int/float
+
+
+def _text(value: object, name: str) -> str:
+    return str(value).strip()
+
+
+def _text_or_none(value: object, name: str) -> str | None:
+    return str(value).strip() or None
+
+
+def _path_part(value: object, name: str) -> str:
+    return str(value).strip().strip("/")
+
+
+def _secret(value: object, name: str) -> Secret:
+    return Secret(str(value).strip())
 
 
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
@@ -474,16 +215,44 @@ def _url(value: object, name: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(
-            f"{name}={value!r} is not an http(s) URL: expected e.g. https://api.example.com",
+            f"{name}={mask_url(str(value))!r} is not an http(s) URL: "
+            "expected e.g. https://api.example.com",
             variable=name,
         )
     return text.rstrip("/")
+
+
+def _database_url(value: object, name: str) -> str:
+    url = str(value).strip()
+    scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme not in ("sqlite", "postgresql", "postgres"):
+        # The URL may carry a password: show it masked.
+        raise ConfigError(
+            f"{name}={mask_url(url)!r} is not supported: expected sqlite:///path.db "
+            "or postgresql://user@host/db",
+            variable=name,
+        )
+    return url
+
+
+def _redis_url(value: object, name: str) -> str | None:
+    url = str(value).strip()
+    if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"{name}={mask_url(url)!r} is not a Redis URL: expected redis://host:6379/0",
+            variable=name,
+        )
+    return url or None
 
 
 def _list(value: object) -> tuple[str, ...]:
     if isinstance(value, list | tuple):
         return tuple(str(v).strip() for v in value if str(v).strip())
     return tuple(part.strip() for part in str(value).replace(" ", ",").split(",") if part.strip())
+
+
+def _names(value: object, name: str) -> tuple[str, ...]:
+    return _list(value)
 
 
 def _endpoints(value: object, name: str) -> dict[str, str]:
@@ -533,72 +302,29 @@ def _rate(value: object, name: str) -> float | None:
     return _float(number, name, minimum=1e-9) / per[unit]
 
 
-def _secrets(value: object) -> tuple[Secret, ...]:
+def _secrets(value: object, name: str = "") -> tuple[Secret, ...]:
     return tuple(Secret(s) for s in _list(value))
 
 
-# Each provider field: env suffix -> (config key, converter). Converters get the
-# raw value and the name to blame, so env vars and TOML keys share one parser.
-_Conv = Callable[[object, str], Any]
-_PROVIDER_FIELDS: dict[str, tuple[str, _Conv]] = {
-    "KIND": ("kind", lambda v, n: _choice(v, n, _KINDS)),
-    "BASE_URL": ("base_url", _url),
-    "ENDPOINTS": ("endpoints", _endpoints),
-    "MAX_CONCURRENCY": ("max_concurrency", lambda v, n: _int(v, n, 1)),
-    "BULKHEAD_WAIT": ("bulkhead_wait", _seconds),
-    "HEALTH_ENDPOINT": ("health_endpoint", lambda v, n: str(v) or None),
-    "WEBHOOK_SECRETS": ("webhook_secrets", lambda v, n: _secrets(v)),
-    "REPLAY_RETENTION": ("replay_retention", _delta),
-    "FALLBACKS": ("fallbacks", lambda v, n: _list(v)),
-    "CONNECT_TIMEOUT": ("timeouts.connect", _seconds),
-    "TIMEOUT": ("timeouts.read", _seconds),
-    "WRITE_TIMEOUT": ("timeouts.write", _seconds),
-    "POOL_TIMEOUT": ("timeouts.pool", _seconds),
-    "DEADLINE": ("timeouts.deadline", _seconds),
-    "RETRY_MAX_ATTEMPTS": ("retry.max_attempts", lambda v, n: _int(v, n, 1)),
-    "RETRY_BACKOFF": ("retry.initial_backoff", _seconds),
-    "RETRY_MAX_BACKOFF": ("retry.max_backoff", _seconds),
-    "RETRY_MULTIPLIER": ("retry.multiplier", lambda v, n: _float(v, n, 1.0)),
-    "RETRY_AFTER_CAP": ("retry.retry_after_cap", _seconds),
-    "RETRY_BUDGET_RATIO": ("retry.budget_ratio", _ratio),
-    "RETRY_BUDGET_MIN": ("retry.budget_min_retries", lambda v, n: _int(v, n, 0)),
-    "RETRY_BUDGET_WINDOW": ("retry.budget_window", _seconds),
-    "BREAKER_FAILURE_THRESHOLD": ("breaker.failure_threshold", lambda v, n: _int(v, n, 1)),
-    "BREAKER_FAILURE_RATE": ("breaker.failure_rate", _ratio),
-    "BREAKER_MINIMUM_CALLS": ("breaker.minimum_calls", lambda v, n: _int(v, n, 1)),
-    "BREAKER_WINDOW": ("breaker.window", _seconds),
-    "BREAKER_RESET_TIMEOUT": ("breaker.reset_timeout", _seconds),
-    "BREAKER_HALF_OPEN_CALLS": ("breaker.half_open_max_calls", lambda v, n: _int(v, n, 1)),
-    "BREAKER_PER_ENDPOINT": ("breaker.per_endpoint", parse_bool),
-    "RATE_LIMIT": ("rate_limit.rate", _rate),
-    "RATE_LIMIT_BURST": ("rate_limit.burst", lambda v, n: _int(v, n, 1)),
-    "AUTH_GRANT": (
-        "auth.grant",
-        lambda v, n: _choice(v, n, ("none", "client_credentials", "refresh_token")),
-    ),
-    "TOKEN_URL": ("auth.token_url", lambda v, n: str(v).strip()),
-    "CLIENT_ID": ("auth.client_id", lambda v, n: str(v).strip()),
-    "CLIENT_SECRET": ("auth.client_secret", lambda v, n: Secret(str(v))),
-    "SCOPES": ("auth.scopes", lambda v, n: _list(v)),
-    "REFRESH_MARGIN": ("auth.refresh_margin", _seconds),
-    "ROTATION_URL": ("auth.rotation_url", lambda v, n: str(v).strip() or None),
-    "CREDENTIALS_FROM_VAULT": ("auth.credentials_from_vault", parse_bool),
-    "CLIENT_AUTH": (
-        "auth.client_auth",
-        lambda v, n: _choice(v, n, ("client_secret_basic", "client_secret_post")),
-    ),
-    "TOKEN_LOCK_TIMEOUT": ("auth.lock_timeout", _seconds),
-    "REFRESH_ATTEMPTS": ("auth.refresh_attempts", lambda v, n: _int(v, n, 1)),
-    "REFRESH_REUSE_GRACE": ("auth.refresh_reuse_grace", _seconds),
-}
-_SUBSECTIONS: dict[str, type[Any]] = {
-    "timeouts": TimeoutPolicy,
-    "retry": RetryPolicy,
-    "breaker": BreakerPolicy,
-    "rate_limit": RateLimitPolicy,
-    "auth": AuthSettings,
-}
-_KEY_TO_SUFFIX = {key: suffix for suffix, (key, _) in _PROVIDER_FIELDS.items()}
+def _fernet_keys(value: object, name: str) -> tuple[Secret, ...]:
+    import base64
+    import binascii
+
+    keys = _secrets(value)
+    for index, key in enumerate(keys):
+        try:
+            raw = base64.urlsafe_b64decode(key.get_secret_value().encode())
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            # Never echo the key itself: name its position instead.
+            raise ConfigError(
+                f"{name}: key #{index + 1} is not a Fernet key "
+                "(expected 32 url-safe base64-encoded bytes, e.g. from "
+                "`idis-integrations keygen`)",
+                variable=name,
+            )
+    return keys
 
 
 def _choice(value: object, name: str, choices: tuple[str, ...]) -> str:
@@ -610,6 +336,912 @@ def _choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     return text
 
 
+def _one_of(*choices: str) -> _Conv:
+    """A parser accepting one of ``choices`` (case-insensitive)."""
+
+    def parse(value: object, name: str) -> str:
+        return _choice(value, name, choices)
+
+    return parse
+
+
+def _log_level(value: object, name: str) -> str:
+    return _choice(value, name, ("debug", "info", "warning", "error", "critical")).upper()
+
+
+def _positive(value: timedelta, raw: object, name: str) -> None:
+    if value <= timedelta(0):
+        raise ConfigError(f"{name}={raw!r} must be positive", variable=name)
+
+
+def _positive_duration(value: timedelta, raw: object, name: str) -> None:
+    if value <= timedelta(0):
+        raise ConfigError(
+            f"{name}={raw!r} must be positive: expected a duration like 5s", variable=name
+        )
+
+
+# --------------------------------------------------------------------------- declarations
+
+_META = "idis.setting"
+
+
+@dataclass(frozen=True, slots=True)
+class _Var:
+    """How one field is read: its variable, parser, check and meaning (for the docs)."""
+
+    #: Environment variable; for provider fields, the suffix after ``IDIS_PROVIDER_<NAME>_``.
+    env: str
+    #: (raw value, name to blame) -> field value.
+    parse: _Conv
+    #: One line for docs/configuration.md.
+    doc: str
+    #: Extra validation of the parsed value.
+    check: _Check | None = None
+    #: The default as the docs show it, when the value itself does not say it well.
+    shown: str | None = None
+    #: Also read from the config file (the field's name in its table).
+    from_file: bool = True
+
+
+def _var(
+    env: str,
+    parse: _Conv,
+    doc: str,
+    *,
+    check: _Check | None = None,
+    shown: str | None = None,
+    from_file: bool = True,
+) -> dict[str, _Var]:
+    """Field metadata declaring how the field is read from the environment."""
+    return {_META: _Var(env, parse, doc, check, shown, from_file)}
+
+
+def _declared(cls: Any) -> Iterator[tuple[Field[Any], _Var]]:
+    for item in fields(cls):
+        var = item.metadata.get(_META)
+        if var is not None:
+            yield item, var
+
+
+def _safe_repr(self: Any) -> str:
+    # Dataclass repr, with the password of any URL field masked (base URLs,
+    # database and Redis URLs may embed credentials).
+    parts = []
+    for item in fields(self):
+        if item.repr:
+            value = getattr(self, item.name)
+            shown = mask_url(value) if isinstance(value, str) else value
+            parts.append(f"{item.name}={shown!r}")
+    return f"{type(self).__name__}({', '.join(parts)})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeoutPolicy:
+    """Per-attempt timeouts and the overall deadline for one logical call (seconds)."""
+
+    connect: float = field(
+        default=3.0, metadata=_var("CONNECT_TIMEOUT", _seconds, "Connect timeout per attempt.")
+    )
+    read: float = field(
+        default=10.0, metadata=_var("TIMEOUT", _seconds, "Read timeout per attempt.")
+    )
+    write: float = field(
+        default=10.0, metadata=_var("WRITE_TIMEOUT", _seconds, "Write timeout per attempt.")
+    )
+    pool: float = field(
+        default=5.0,
+        metadata=_var("POOL_TIMEOUT", _seconds, "Wait for a free pooled connection."),
+    )
+    deadline: float = field(
+        default=30.0, metadata=_var("DEADLINE", _seconds, "Whole call, retries included.")
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """When to retry: exponential backoff with full jitter, bounded by a retry budget."""
+
+    max_attempts: int = field(
+        default=3,
+        metadata=_var("RETRY_MAX_ATTEMPTS", _at_least(1), "Attempts including the first."),
+    )
+    initial_backoff: float = field(
+        default=0.2,
+        metadata=_var("RETRY_BACKOFF", _seconds, "First backoff cap (full jitter)."),
+    )
+    max_backoff: float = field(
+        default=10.0, metadata=_var("RETRY_MAX_BACKOFF", _seconds, "Largest backoff cap.")
+    )
+    multiplier: float = field(
+        default=2.0,
+        metadata=_var(
+            "RETRY_MULTIPLIER", lambda v, n: _float(v, n, 1.0), "Growth of the cap per retry."
+        ),
+    )
+    retry_after_cap: float = field(
+        default=60.0,
+        metadata=_var("RETRY_AFTER_CAP", _seconds, "Longest Retry-After honoured."),
+    )
+    budget_ratio: float = field(
+        default=0.2,
+        metadata=_var(
+            "RETRY_BUDGET_RATIO", _ratio, "Retries at most this fraction of recent calls."
+        ),
+    )
+    budget_min_retries: int = field(
+        default=10,
+        metadata=_var("RETRY_BUDGET_MIN", _at_least(0), "Retries always allowed per window."),
+    )
+    budget_window: float = field(
+        default=10.0,
+        metadata=_var("RETRY_BUDGET_WINDOW", _seconds, "Window the budget is computed over."),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerPolicy:
+    """When a provider's circuit opens, and how it closes again.
+
+    It opens on ``failure_threshold`` consecutive provider faults, or when at
+    least ``minimum_calls`` calls in the last ``window`` seconds failed at a rate
+    of ``failure_rate`` or more: the second rule trips at CRM traffic levels (a
+    few calls a minute) where consecutive counts alone never would.
+    """
+
+    failure_threshold: int = field(
+        default=5,
+        metadata=_var("BREAKER_FAILURE_THRESHOLD", _at_least(1), "Consecutive faults that open."),
+    )
+    failure_rate: float = field(
+        default=0.3,
+        metadata=_var(
+            "BREAKER_FAILURE_RATE", _ratio, "Failure rate (0-1] over the window that opens."
+        ),
+    )
+    minimum_calls: int = field(
+        default=6,
+        metadata=_var(
+            "BREAKER_MINIMUM_CALLS", _at_least(1), "Calls in the window before the rate counts."
+        ),
+    )
+    window: float = field(
+        default=600.0,
+        metadata=_var(
+            "BREAKER_WINDOW",
+            _seconds,
+            "Sliding window of the failure rate (long enough for low-traffic CRMs).",
+        ),
+    )
+    reset_timeout: float = field(
+        default=30.0,
+        metadata=_var("BREAKER_RESET_TIMEOUT", _seconds, "Open → half-open after this."),
+    )
+    half_open_max_calls: int = field(
+        default=1,
+        metadata=_var(
+            "BREAKER_HALF_OPEN_CALLS",
+            _at_least(1),
+            "Trial calls while half-open; all must succeed to close.",
+        ),
+    )
+    per_endpoint: bool = field(
+        default=False,
+        metadata=_var("BREAKER_PER_ENDPOINT", parse_bool, "Also keep one breaker per endpoint."),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimitPolicy:
+    """Client-side token bucket; ``rate=None`` disables it."""
+
+    rate: float | None = field(
+        default=None,
+        metadata=_var(
+            "RATE_LIMIT",
+            _rate,
+            "Client-side limit, requests per second on average: `10/s`, `600/m`.",
+        ),
+    )
+    burst: int = field(
+        default=10, metadata=_var("RATE_LIMIT_BURST", _at_least(1), "Requests allowed in a burst.")
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthSettings:
+    """How to obtain an OAuth token for a provider."""
+
+    grant: Literal["none", "client_credentials", "refresh_token"] = field(
+        default="none",
+        metadata=_var(
+            "AUTH_GRANT",
+            _one_of("none", "client_credentials", "refresh_token"),
+            "`none`, `client_credentials`, `refresh_token`.",
+        ),
+    )
+    token_url: str = field(
+        default="/oauth/token",  # a URL path, not a password
+        metadata=_var("TOKEN_URL", _text, "Token endpoint: absolute, or relative to the base URL."),
+    )
+    client_id: str = field(
+        default="", metadata=_var("CLIENT_ID", _text, "OAuth client id.", shown="empty")
+    )
+    client_secret: Secret | None = field(
+        default=None,
+        metadata=_var(
+            "CLIENT_SECRET", lambda v, n: Secret(str(v)), "OAuth client secret. Never logged."
+        ),
+    )
+    scopes: tuple[str, ...] = field(
+        default=(), metadata=_var("SCOPES", _names, "Comma-separated.", shown="empty")
+    )
+    refresh_margin: float = field(
+        default=300.0,
+        metadata=_var("REFRESH_MARGIN", _seconds, "Refresh this long before expiry."),
+    )
+    rotation_url: str | None = field(
+        default=None,
+        metadata=_var("ROTATION_URL", _text_or_none, "Provider's credential-rotation API."),
+    )
+    credentials_from_vault: bool = field(
+        default=False,
+        metadata=_var(
+            "CREDENTIALS_FROM_VAULT", parse_bool, "Read client credentials from Vault at start."
+        ),
+    )
+    client_auth: Literal["client_secret_basic", "client_secret_post"] = field(
+        default="client_secret_basic",
+        metadata=_var(
+            "CLIENT_AUTH",
+            _one_of("client_secret_basic", "client_secret_post"),
+            "Client authentication at the token endpoint: `client_secret_basic` or "
+            "`client_secret_post`.",
+        ),
+    )
+    lock_timeout: float = field(
+        default=10.0,
+        metadata=_var(
+            "TOKEN_LOCK_TIMEOUT",
+            _seconds,
+            "Longest wait for another caller's (or replica's) token refresh; then "
+            "`TokenLockTimeout`.",
+        ),
+    )
+    refresh_attempts: int = field(
+        default=3,
+        metadata=_var(
+            "REFRESH_ATTEMPTS",
+            _at_least(1),
+            "Token requests per refresh (faults before the request went out, and 429, are "
+            "retried with backoff; a refresh whose answer was lost is not, see "
+            "`REFRESH_REUSE_GRACE`).",
+        ),
+    )
+    #: A refresh whose answer was lost (timeout after sending, dropped connection,
+    #: 5xx) is retried with the same refresh token only inside this window.
+    refresh_reuse_grace: float = field(
+        default=0.0,
+        metadata=_var(
+            "REFRESH_REUSE_GRACE",
+            _seconds,
+            "How long the provider accepts a rotated-out refresh token again. A refresh whose "
+            "answer was lost is retried with the same refresh token only inside this window; "
+            "otherwise the state becomes `refresh_outcome_unknown` (re-authorize). See "
+            "[auth.md](auth.md#a-refresh-whose-answer-was-lost).",
+            shown="`0` (never)",
+        ),
+    )
+
+    __repr__ = _safe_repr
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderSettings:
+    """One third-party provider and the policies its calls run under."""
+
+    #: Name used in every metric label, log line, CLI flag and table row.
+    name: str
+    kind: ProviderKind = field(
+        metadata=_var("KIND", _one_of(*_KINDS), "`crm`, `docs` or `enrichment`.", shown="required")
+    )
+    base_url: str = field(
+        metadata=_var(
+            "BASE_URL",
+            _url,
+            "Every endpoint path is joined to it: `https://api.example.com/v2`.",
+            shown="required",
+        )
+    )
+    endpoints: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata=_var(
+            "ENDPOINTS",
+            _endpoints,
+            "`records=/records,record=/records/{id}`: logical name → path template.",
+            shown="`{}`",
+        ),
+    )
+    #: Connect/read/write/pool timeouts and the overall deadline.
+    timeouts: TimeoutPolicy = field(default_factory=TimeoutPolicy)
+    #: Retry policy.
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Circuit-breaker policy.
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    #: Client-side rate limit.
+    rate_limit: RateLimitPolicy = field(default_factory=RateLimitPolicy)
+    max_concurrency: int = field(
+        default=16,
+        metadata=_var(
+            "MAX_CONCURRENCY",
+            _at_least(1),
+            "Bulkhead: calls in flight at once (also the connection pool size).",
+        ),
+    )
+    bulkhead_wait: float = field(
+        default=1.0,
+        metadata=_var("BULKHEAD_WAIT", _seconds, "How long a call waits for a bulkhead slot."),
+    )
+    health_endpoint: str | None = field(
+        default=None,
+        metadata=_var(
+            "HEALTH_ENDPOINT",
+            lambda v, n: str(v) or None,
+            "Status/health path probed by `status`.",
+        ),
+    )
+    #: OAuth settings.
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    webhook_secrets: tuple[Secret, ...] = field(
+        default=(),
+        metadata=_var(
+            "WEBHOOK_SECRETS",
+            _secrets,
+            "`whsec_...` secrets, comma-separated (several during rotation); the first also "
+            "signs outbound webhooks.",
+        ),
+    )
+    replay_retention: timedelta = field(
+        default=timedelta(hours=72),
+        metadata=_var(
+            "REPLAY_RETENTION",
+            _delta,
+            "How far back the provider's replay API goes; `reconcile --since` older than this "
+            "fails before any call and names the `--resync` fallback.",
+            shown="`72h`",
+        ),
+    )
+    fallbacks: tuple[str, ...] = field(
+        default=(),
+        metadata=_var("FALLBACKS", _names, "Providers to try in order when this one cannot serve."),
+    )
+
+    __repr__ = _safe_repr
+
+    def endpoint_path(self, endpoint: str) -> str:
+        """Path template for a logical endpoint; an undeclared name is used as the path."""
+        return self.endpoints.get(endpoint, "/" + endpoint.lstrip("/"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncSettings:
+    """Webhook/polling mode control (RB-09 Containment 1, Recovery 5)."""
+
+    crm_mode: SyncMode = field(
+        default="webhook",
+        metadata=_var(
+            "CRM_MODE",
+            _one_of("webhook", "polling"),
+            "RB-09 switch. `webhook`: webhooks with automatic failover to polling. "
+            "`polling`: pinned to polling.",
+        ),
+    )
+    crm_poll_interval: timedelta = field(
+        default=timedelta(minutes=5),
+        metadata=_var(
+            "CRM_POLL_INTERVAL",
+            _delta,
+            "RB-09 switch. Poll interval while polling.",
+            check=_positive,
+        ),
+    )
+    auto_failover: bool = field(
+        default=True,
+        metadata=_var(
+            "IDIS_SYNC_AUTO_FAILOVER",
+            parse_bool,
+            "Fail over to polling automatically when webhooks fail.",
+        ),
+    )
+    lag_threshold: timedelta = field(
+        default=timedelta(minutes=2),
+        metadata=_var(
+            "IDIS_SYNC_LAG_THRESHOLD",
+            _delta,
+            "Webhook lag that triggers failover: a sentinel poll finds changes this much newer "
+            "than the last webhook.",
+        ),
+    )
+    stable_period: timedelta = field(
+        default=timedelta(minutes=10),
+        metadata=_var(
+            "IDIS_SYNC_STABLE_PERIOD",
+            _delta,
+            "Healthy webhook time before returning to webhook mode.",
+        ),
+    )
+    sentinel_interval: timedelta = field(
+        default=timedelta(minutes=1),
+        metadata=_var(
+            "IDIS_SYNC_SENTINEL_INTERVAL",
+            _delta,
+            "Sentinel poll interval in webhook mode.",
+            check=_positive,
+        ),
+    )
+    poll_overlap: timedelta = field(
+        default=timedelta(minutes=2),
+        metadata=_var(
+            "IDIS_SYNC_POLL_OVERLAP",
+            _delta,
+            "Poll windows reach back this far before the cursor (clock skew, late commits).",
+        ),
+    )
+    signature_failure_threshold: int = field(
+        default=10,
+        metadata=_var(
+            "IDIS_SYNC_SIGNATURE_FAILURE_THRESHOLD",
+            _at_least(1),
+            "Signature failures per minute that fail over.",
+        ),
+    )
+    lock_timeout: timedelta = field(
+        default=timedelta(seconds=15),
+        metadata=_var(
+            "IDIS_SYNC_LOCK_TIMEOUT",
+            _delta,
+            "Poller leadership (PostgreSQL advisory lock): a standby tries every third of it "
+            "and takes over from a dead leader within it.",
+            check=_positive,
+        ),
+    )
+    page_size: int = field(
+        default=500,
+        metadata=_var(
+            "IDIS_SYNC_PAGE_SIZE",
+            _at_least(1),
+            "Change-feed events per page for the poller and the sentinel.",
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnrichmentSettings:
+    """Deferred enrichment (RB-09 Containment 2)."""
+
+    defer_on_error: bool = field(
+        default=False,
+        metadata=_var(
+            "ENRICHMENT_DEFER_ON_ERROR",
+            parse_bool,
+            "RB-09 switch. Defer enrichment and mark data stale instead of raising.",
+        ),
+    )
+    serve_cached: bool = field(
+        default=True,
+        metadata=_var(
+            "IDIS_ENRICHMENT_SERVE_CACHED",
+            parse_bool,
+            "Serve the last good result (marked stale) while every provider is down.",
+        ),
+    )
+    provider: str | None = field(
+        default=None,
+        metadata=_var(
+            "IDIS_ENRICHMENT_PROVIDER",
+            _text_or_none,
+            "Primary provider when a caller names none (its `FALLBACKS` follow it).",
+            shown="first provider of kind `enrichment`",
+        ),
+    )
+    batch_size: int = field(
+        default=50,
+        metadata=_var(
+            "IDIS_ENRICHMENT_BATCH_SIZE",
+            _at_least(1),
+            "Most deferred requests one worker refreshes per batch and provider (slow-starts "
+            "at 1 after an outage).",
+        ),
+    )
+    batch_interval: timedelta = field(
+        default=timedelta(milliseconds=250),
+        metadata=_var(
+            "IDIS_ENRICHMENT_BATCH_INTERVAL",
+            _delta,
+            "Pause between two refresh batches of one worker (±20% jitter).",
+        ),
+    )
+    poll_interval: timedelta = field(
+        default=timedelta(seconds=5),
+        metadata=_var(
+            "IDIS_ENRICHMENT_POLL_INTERVAL",
+            _delta,
+            "Idle wait of the deferred worker when nothing is due (±20% jitter).",
+            check=_positive_duration,
+        ),
+    )
+    retry_backoff: timedelta = field(
+        default=timedelta(seconds=5),
+        metadata=_var(
+            "IDIS_ENRICHMENT_RETRY_BACKOFF",
+            _delta,
+            "First backoff cap after a failed refresh; doubles per attempt, delay uniform in "
+            "[cap/2, cap].",
+            check=_positive_duration,
+        ),
+    )
+    retry_max_backoff: timedelta = field(
+        default=timedelta(minutes=5),
+        metadata=_var(
+            "IDIS_ENRICHMENT_RETRY_MAX_BACKOFF",
+            _delta,
+            "Largest backoff cap between refresh attempts.",
+        ),
+    )
+    lease: timedelta = field(
+        default=timedelta(seconds=60),
+        metadata=_var(
+            "IDIS_ENRICHMENT_LEASE",
+            _delta,
+            "How long a worker holds a deferred request; a crashed worker's requests return "
+            "after it.",
+            check=_positive_duration,
+        ),
+    )
+    impact_deals_table: str | None = field(
+        default=None,
+        metadata=_var(
+            "IDIS_IMPACT_DEALS_TABLE",
+            _table_name,
+            "Host table (`deals` or `schema.deals`, in the library's database) with "
+            "`tenant_id` and the `CrmSyncStatusMixin` columns; `impact` counts its FAILED rows.",
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxSettings:
+    """The persistent retry outbox."""
+
+    max_retries: int = field(
+        default=10,
+        metadata=_var(
+            "IDIS_OUTBOX_MAX_RETRIES",
+            _at_least(0),
+            "Retries after the first attempt before dead-lettering (a message is tried at most "
+            "1 + this times); per-message `max_retries` and `queue-webhook-retries "
+            "--max-retries` override it.",
+        ),
+    )
+    batch_size: int = field(
+        default=100,
+        metadata=_var("IDIS_OUTBOX_BATCH_SIZE", _at_least(1), "Messages leased per batch."),
+    )
+    concurrency: int = field(
+        default=4,
+        metadata=_var(
+            "IDIS_OUTBOX_CONCURRENCY",
+            _at_least(1),
+            "Messages of a batch delivered at once (a batch never holds two of one ordering "
+            "key); `1` delivers one by one.",
+        ),
+    )
+    lease: timedelta = field(
+        default=timedelta(seconds=60),
+        metadata=_var(
+            "IDIS_OUTBOX_LEASE",
+            _delta,
+            "Lease length; a crashed worker's messages return after it.",
+        ),
+    )
+    poll_interval: timedelta = field(
+        default=timedelta(seconds=1),
+        metadata=_var("IDIS_OUTBOX_POLL_INTERVAL", _delta, "Idle wait when the queue is empty."),
+    )
+    initial_backoff: timedelta = field(
+        default=timedelta(seconds=1),
+        metadata=_var(
+            "IDIS_OUTBOX_BACKOFF", _delta, "First retry delay cap (full jitter, doubling)."
+        ),
+    )
+    max_backoff: timedelta = field(
+        default=timedelta(minutes=10),
+        metadata=_var("IDIS_OUTBOX_MAX_BACKOFF", _delta, "Largest retry delay cap."),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebhookSettings:
+    """Inbound webhook verification."""
+
+    tolerance: timedelta = field(
+        default=timedelta(minutes=5),
+        metadata=_var(
+            "IDIS_WEBHOOK_TOLERANCE",
+            _delta,
+            "Accepted `webhook-timestamp` skew either way (replay guard).",
+        ),
+    )
+    max_body_bytes: int = field(
+        default=1_048_576,
+        metadata=_var("IDIS_WEBHOOK_MAX_BODY_BYTES", _at_least(1), "Largest accepted body."),
+    )
+    body_timeout: timedelta = field(
+        default=timedelta(seconds=10),
+        metadata=_var(
+            "IDIS_WEBHOOK_BODY_TIMEOUT",
+            _delta,
+            "Longest time the ASGI receiver waits for a request's whole body; a slower "
+            "client gets 408 and its connection back.",
+            check=_positive_duration,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VaultSettings:
+    """Where credentials live in Vault (KV v2)."""
+
+    addr: str = field(
+        default="",
+        metadata=_var("VAULT_ADDR", _url, "Vault/OpenBao address.", shown="unset"),
+    )
+    token: Secret | None = field(
+        default=None,
+        metadata=_var("VAULT_TOKEN", _secret, "Token (or use AppRole below)."),
+    )
+    role_id: str = field(
+        default="",
+        metadata=_var(
+            "VAULT_ROLE_ID", _text, "AppRole login (with `VAULT_SECRET_ID`).", shown="unset"
+        ),
+    )
+    secret_id: Secret | None = field(
+        default=None, metadata=_var("VAULT_SECRET_ID", _secret, "AppRole secret id.")
+    )
+    namespace: str = field(
+        default="",
+        metadata=_var("VAULT_NAMESPACE", _text, "Enterprise namespace.", shown="unset"),
+    )
+    mount: str = field(
+        default="secret", metadata=_var("IDIS_VAULT_MOUNT", _path_part, "KV v2 mount.")
+    )
+    path_prefix: str = field(
+        default="idis/integrations",
+        metadata=_var(
+            "IDIS_VAULT_PATH_PREFIX", _path_part, "Credentials live at `<prefix>/<provider>`."
+        ),
+    )
+    timeout: float = field(
+        default=10.0, metadata=_var("IDIS_VAULT_TIMEOUT", _seconds, "Per request.")
+    )
+
+    __repr__ = _safe_repr
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything the library is configured with."""
+
+    database_url: str = field(
+        default=DEFAULT_DATABASE_URL,
+        metadata=_var(
+            "IDIS_DATABASE_URL",
+            _database_url,
+            "The library's database (SQLite or PostgreSQL), e.g. `postgresql://svc@db/idis`.",
+        ),
+    )
+    redis_url: str | None = field(
+        default=None,
+        metadata=_var(
+            "IDIS_REDIS_URL",
+            _redis_url,
+            "Share breaker state across replicas, e.g. `redis://127.0.0.1:6379/0`.",
+            shown="unset (in-process)",
+        ),
+    )
+    #: Declared providers by name.
+    providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
+    #: True when ``providers`` are the embedded simulator defaults.
+    embedded_defaults: bool = False
+    allow_embedded_defaults: bool = field(
+        default=False,
+        metadata=_var(
+            ALLOW_EMBEDDED_DEFAULTS,
+            parse_bool,
+            "Let a webhook receiver or an outbound webhook use the embedded simulator "
+            "providers' published webhook secret. Only where the library talks to the "
+            "simulator alone (the drill, the README tour, tests); elsewhere start-up refuses "
+            "that secret and names the variables to set.",
+        ),
+    )
+    sync: SyncSettings = field(default_factory=SyncSettings)
+    enrichment: EnrichmentSettings = field(default_factory=EnrichmentSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    vault: VaultSettings = field(default_factory=VaultSettings)
+    encryption_keys: tuple[Secret, ...] = field(
+        default=(),
+        metadata=_var(
+            "IDIS_ENCRYPTION_KEYS",
+            _fernet_keys,
+            "Fernet keys for tokens at rest, newest first (key rotation; `idis-integrations "
+            "keygen` makes one). Unset: tokens stay in memory, only their metadata is stored; "
+            "refresh-token grants and `import-token` refuse to run. See `auth.md`.",
+            shown="unset",
+            from_file=False,
+        ),
+    )
+    log_format: Literal["json", "console"] = field(
+        default="json",
+        metadata=_var(
+            "IDIS_LOG_FORMAT",
+            _one_of("json", "console"),
+            "Log rendering for the CLI and the example service: `json` or `console`.",
+        ),
+    )
+    log_level: str = field(
+        default="INFO",
+        metadata=_var("IDIS_LOG_LEVEL", _log_level, "Log level.", shown="`info`"),
+    )
+    simulator_url: str = field(
+        default=DEFAULT_SIMULATOR_URL,
+        metadata=_var("IDIS_SIMULATOR_URL", _url, "Where the embedded default providers point."),
+    )
+
+    __repr__ = _safe_repr
+
+    def provider(self, name: str) -> ProviderSettings:
+        """Return the named provider's settings.
+
+        Raises:
+            UnknownProviderError: naming the provider and the declared ones.
+        """
+        try:
+            return self.providers[name]
+        except KeyError:
+            raise UnknownProviderError(name, tuple(self.providers)) from None
+
+    def with_providers(self, *providers: ProviderSettings) -> Settings:
+        """Return a copy with these providers added or replaced."""
+        merged = dict(self.providers)
+        merged.update({p.name: p for p in providers})
+        return replace(self, providers=merged, embedded_defaults=False)
+
+    def checked_webhook_secrets(
+        self, name: str, *, use: Literal["verify", "sign"]
+    ) -> tuple[Secret, ...]:
+        """The provider's webhook secrets, refusing the published simulator secret.
+
+        The embedded providers' secret is printed in the README: whoever read it
+        could forge deliveries (``verify``) or replay our signed outbound webhooks
+        (``sign``). It is used only with ``IDIS_ALLOW_EMBEDDED_DEFAULTS=true``.
+
+        Raises:
+            UnknownProviderError: for an undeclared provider.
+            ConfigError: naming the variables to set, when a secret is the published one.
+        """
+        secrets = self.provider(name).webhook_secrets
+        if self.allow_embedded_defaults or not any(_is_published(s) for s in secrets):
+            return secrets
+        env = f"IDIS_PROVIDER_{name.upper()}_WEBHOOK_SECRETS"
+        what = "verify inbound" if use == "verify" else "sign outbound"
+        declare = (
+            f"declare the provider in IDIS_PROVIDERS and set {env}"
+            if self.embedded_defaults
+            else f"set {env}"
+        )
+        raise ConfigError(
+            f"provider {name!r} would {what} webhooks with the embedded simulator secret, which "
+            f"is published: {declare} to your own secret (`idis-integrations keygen` style "
+            f"whsec_ value), or set {ALLOW_EMBEDDED_DEFAULTS}=true where only the simulator "
+            "is talked to",
+            variable=env,
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate settings from an environment mapping (``os.environ`` by default).
+
+        Raises:
+            ConfigError: naming the first invalid variable and the value found.
+        """
+        return _load(os.environ if environ is None else environ)
+
+
+def _is_published(secret: Secret) -> bool:
+    published = EMBEDDED_WEBHOOK_SECRET.removeprefix("whsec_")
+    return secret.get_secret_value().strip().removeprefix("whsec_") == published
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_fields(
+    cls: Any, environ: Mapping[str, str], table: Mapping[str, Any], table_name: str
+) -> dict[str, Any]:
+    """Parse every declared field of ``cls``: env var beats config file beats default.
+
+    Raises:
+        ConfigError: for a bad value, or a key of ``table`` that names no setting.
+    """
+    values: dict[str, Any] = {}
+    for item, var in _declared(cls):
+        if environ.get(var.env, "").strip():
+            raw: object = environ[var.env]
+            blame = var.env
+        elif var.from_file and item.name in table:
+            raw, blame = table[item.name], f"{table_name}.{item.name}"
+        else:
+            continue
+        value = var.parse(raw, blame)
+        if var.check is not None:
+            var.check(value, raw, blame)
+        values[item.name] = value
+    readable = {item.name for item, var in _declared(cls) if var.from_file}
+    for key in table:
+        if key not in readable:
+            raise ConfigError(
+                f"IDIS_CONFIG_FILE: unknown setting {table_name}.{key}",
+                variable="IDIS_CONFIG_FILE",
+            )
+    return values
+
+
+def _read_config_file(path_text: str) -> dict[str, Any]:
+    """Read the TOML file, refusing one that someone else could have written.
+
+    The file names the providers' URLs and may hold a Vault token or client
+    secrets: whoever can write it can send our credentials anywhere.
+    """
+    path = Path(path_text)
+    try:
+        with path.open("rb") as handle:
+            _check_file_owner_and_mode(os.fstat(handle.fileno()), path_text)
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"IDIS_CONFIG_FILE={path_text!r} does not exist: expected a TOML file",
+            variable="IDIS_CONFIG_FILE",
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"IDIS_CONFIG_FILE={path_text!r} is not valid TOML: {exc}",
+            variable="IDIS_CONFIG_FILE",
+        ) from None
+
+
+def _check_file_owner_and_mode(info: os.stat_result, path_text: str) -> None:
+    getuid = getattr(os, "getuid", None)
+    if getuid is None:  # Windows: no POSIX modes to judge
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    writable = [who for who, bit in (("group", 0o020), ("world", 0o002)) if mode & bit]
+    if writable:
+        raise ConfigError(
+            f"IDIS_CONFIG_FILE={path_text!r} is {'- and '.join(writable)}-writable (mode "
+            f"{mode:04o}): whoever can write it decides where credentials are sent; "
+            f"run `chmod go-w {path_text}`",
+            variable="IDIS_CONFIG_FILE",
+        )
+    if info.st_uid not in (getuid(), 0):
+        raise ConfigError(
+            f"IDIS_CONFIG_FILE={path_text!r} is owned by another user (uid {info.st_uid}, mode "
+            f"{mode:04o}): expected a file owned by this user (uid {getuid()}) or root",
+            variable="IDIS_CONFIG_FILE",
+        )
+
+
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in table.items():
@@ -619,6 +1251,15 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
+
+
+def _provider_fields() -> dict[str, tuple[str, _Var]]:
+    """Env suffix -> (dotted config key, declaration), top-level fields first."""
+    table = {var.env: (item.name, var) for item, var in _declared(ProviderSettings)}
+    for head, cls in _SUBSECTIONS.items():
+        for item, var in _declared(cls):
+            table[var.env] = (f"{head}.{item.name}", var)
+    return table
 
 
 def _build_provider(name: str, values: dict[str, tuple[object, str]]) -> ProviderSettings:
@@ -633,7 +1274,10 @@ def _build_provider(name: str, values: dict[str, tuple[object, str]]) -> Provide
                 f"{', '.join(sorted(_KEY_TO_SUFFIX))}",
                 variable=blame,
             )
-        converted = _PROVIDER_FIELDS[suffix][1](raw, blame)
+        var = _PROVIDER_FIELDS[suffix][1]
+        converted = var.parse(raw, blame)
+        if var.check is not None:
+            var.check(converted, raw, blame)
         head, _, tail = key.partition(".")
         if tail:
             sub[head][tail] = converted
@@ -651,286 +1295,6 @@ def _build_provider(name: str, values: dict[str, tuple[object, str]]) -> Provide
         if sub[head]:
             top[head] = cls(**sub[head])
     return ProviderSettings(name=name, **top)
-
-
-def _embedded_providers(simulator_url: str) -> dict[str, ProviderSettings]:
-    """The three simulator-backed providers every command works against out of the box."""
-    endpoints = {
-        "records": "/records",
-        "record": "/records/{id}",
-        "changes": "/changes",
-        "replay": "/replay",
-        "enrich": "/enrich/{id}",
-        "webhooks": "/webhooks/inbound",
-    }
-    auth = AuthSettings(
-        grant="client_credentials",
-        token_url="/oauth/token",  # noqa: S106  # a URL path, not a password
-        client_id="idis-local",
-        client_secret=Secret("local-simulator-secret"),
-        rotation_url="/oauth/rotate",
-    )
-    return {
-        name: ProviderSettings(
-            name=name,
-            kind=kind,  # type: ignore[arg-type]  # literal from the tuple below
-            base_url=f"{simulator_url}/p/{name}",
-            endpoints=endpoints,
-            health_endpoint="/health",
-            auth=auth,
-            webhook_secrets=(Secret("whsec_" + "bG9jYWwtc2ltdWxhdG9yLXdlYmhvb2s="),),
-        )
-        for name, kind in (
-            ("crm_provider", "crm"),
-            ("docs_provider", "docs"),
-            ("enrichment_provider", "enrichment"),
-        )
-    }
-
-
-def _read_config_file(path_text: str) -> dict[str, Any]:
-    path = Path(path_text)
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"IDIS_CONFIG_FILE={path_text!r} does not exist: expected a TOML file",
-            variable="IDIS_CONFIG_FILE",
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(
-            f"IDIS_CONFIG_FILE={path_text!r} is not valid TOML: {exc}",
-            variable="IDIS_CONFIG_FILE",
-        ) from None
-
-
-def _section(
-    cls: type[_T],
-    environ: Mapping[str, str],
-    spec: Mapping[str, tuple[str, _Conv]],
-    file_values: Mapping[str, Any],
-    file_prefix: str,
-) -> _T:
-    """Build a settings section: env var beats config file beats default."""
-    kwargs: dict[str, Any] = {}
-    for attr, (env, conv) in spec.items():
-        if env in environ and environ[env].strip() != "":
-            kwargs[attr] = conv(environ[env], env)
-        elif attr in file_values:
-            kwargs[attr] = conv(file_values[attr], f"{file_prefix}.{attr}")
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]  # cls is a dataclass
-    for key in file_values:
-        if key not in known:
-            raise ConfigError(
-                f"IDIS_CONFIG_FILE: unknown setting {file_prefix}.{key}",
-                variable="IDIS_CONFIG_FILE",
-            )
-    return cls(**kwargs)
-
-
-def _mode(value: object, name: str) -> str:
-    return _choice(value, name, ("webhook", "polling"))
-
-
-def _load(environ: Mapping[str, str]) -> Settings:
-    config_path = environ.get("IDIS_CONFIG_FILE", "").strip()
-    document = _read_config_file(config_path) if config_path else {}
-    general = document.get("idis", {})
-
-    def env_or_file(env: str, key: str, default: str | None) -> str | None:
-        if environ.get(env, "").strip():
-            return environ[env].strip()
-        if key in general:
-            return str(general[key])
-        return default
-
-    simulator_url = _url(
-        env_or_file("IDIS_SIMULATOR_URL", "simulator_url", DEFAULT_SIMULATOR_URL),
-        "IDIS_SIMULATOR_URL",
-    )
-    database_url = env_or_file("IDIS_DATABASE_URL", "database_url", DEFAULT_DATABASE_URL)
-    assert database_url is not None
-    _check_database_url(database_url)
-    redis_url = env_or_file("IDIS_REDIS_URL", "redis_url", None)
-    if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            f"IDIS_REDIS_URL={redis_url!r} is not a Redis URL: expected redis://host:6379/0",
-            variable="IDIS_REDIS_URL",
-        )
-    log_format = _choice(
-        env_or_file("IDIS_LOG_FORMAT", "log_format", "json"), "IDIS_LOG_FORMAT", ("json", "console")
-    )
-    log_level = _choice(
-        env_or_file("IDIS_LOG_LEVEL", "log_level", "INFO"),
-        "IDIS_LOG_LEVEL",
-        ("debug", "info", "warning", "error", "critical"),
-    ).upper()
-
-    providers = _load_providers(environ, document)
-    embedded = not providers
-    if embedded:
-        providers = _embedded_providers(simulator_url)
-    for provider in providers.values():
-        for fallback in provider.fallbacks:
-            if fallback not in providers:
-                raise UnknownProviderError(fallback, tuple(providers))
-
-    sync = _section(
-        SyncSettings,
-        environ,
-        {
-            "crm_mode": ("CRM_MODE", _mode),
-            "crm_poll_interval": ("CRM_POLL_INTERVAL", _delta),
-            "auto_failover": ("IDIS_SYNC_AUTO_FAILOVER", parse_bool),
-            "lag_threshold": ("IDIS_SYNC_LAG_THRESHOLD", _delta),
-            "stable_period": ("IDIS_SYNC_STABLE_PERIOD", _delta),
-            "sentinel_interval": ("IDIS_SYNC_SENTINEL_INTERVAL", _delta),
-            "poll_overlap": ("IDIS_SYNC_POLL_OVERLAP", _delta),
-            "lock_timeout": ("IDIS_SYNC_LOCK_TIMEOUT", _delta),
-            "page_size": ("IDIS_SYNC_PAGE_SIZE", lambda v, n: _int(v, n, 1)),
-            "signature_failure_threshold": (
-                "IDIS_SYNC_SIGNATURE_FAILURE_THRESHOLD",
-                lambda v, n: _int(v, n, 1),
-            ),
-        },
-        document.get("sync", {}),
-        "sync",
-    )
-    if sync.crm_poll_interval <= timedelta(0):
-        raise ConfigError(
-            f"CRM_POLL_INTERVAL={environ.get('CRM_POLL_INTERVAL')!r} must be positive",
-            variable="CRM_POLL_INTERVAL",
-        )
-    for attr, env in (
-        ("sentinel_interval", "IDIS_SYNC_SENTINEL_INTERVAL"),
-        ("lock_timeout", "IDIS_SYNC_LOCK_TIMEOUT"),
-    ):
-        if getattr(sync, attr) <= timedelta(0):
-            raise ConfigError(f"{env}={environ.get(env)!r} must be positive", variable=env)
-    enrichment = _section(
-        EnrichmentSettings,
-        environ,
-        {
-            "defer_on_error": ("ENRICHMENT_DEFER_ON_ERROR", parse_bool),
-            "serve_cached": ("IDIS_ENRICHMENT_SERVE_CACHED", parse_bool),
-            "provider": ("IDIS_ENRICHMENT_PROVIDER", lambda v, n: str(v).strip() or None),
-            "batch_size": ("IDIS_ENRICHMENT_BATCH_SIZE", lambda v, n: _int(v, n, 1)),
-            "batch_interval": ("IDIS_ENRICHMENT_BATCH_INTERVAL", _delta),
-            "poll_interval": ("IDIS_ENRICHMENT_POLL_INTERVAL", _delta),
-            "retry_backoff": ("IDIS_ENRICHMENT_RETRY_BACKOFF", _delta),
-            "retry_max_backoff": ("IDIS_ENRICHMENT_RETRY_MAX_BACKOFF", _delta),
-            "lease": ("IDIS_ENRICHMENT_LEASE", _delta),
-            "impact_deals_table": ("IDIS_IMPACT_DEALS_TABLE", _table_name),
-        },
-        document.get("enrichment", {}),
-        "enrichment",
-    )
-    for attr, env in (
-        ("poll_interval", "IDIS_ENRICHMENT_POLL_INTERVAL"),
-        ("lease", "IDIS_ENRICHMENT_LEASE"),
-        ("retry_backoff", "IDIS_ENRICHMENT_RETRY_BACKOFF"),
-    ):
-        if getattr(enrichment, attr) <= timedelta(0):
-            raise ConfigError(
-                f"{env}={environ.get(env)!r} must be positive: expected a duration like 5s",
-                variable=env,
-            )
-    if enrichment.provider is not None and enrichment.provider not in providers:
-        raise ConfigError(
-            f"IDIS_ENRICHMENT_PROVIDER={enrichment.provider!r} names no declared provider: "
-            f"expected one of {', '.join(sorted(providers))}",
-            variable="IDIS_ENRICHMENT_PROVIDER",
-        )
-    outbox = _section(
-        OutboxSettings,
-        environ,
-        {
-            "max_retries": ("IDIS_OUTBOX_MAX_RETRIES", lambda v, n: _int(v, n, 0)),
-            "batch_size": ("IDIS_OUTBOX_BATCH_SIZE", lambda v, n: _int(v, n, 1)),
-            "concurrency": ("IDIS_OUTBOX_CONCURRENCY", lambda v, n: _int(v, n, 1)),
-            "lease": ("IDIS_OUTBOX_LEASE", _delta),
-            "poll_interval": ("IDIS_OUTBOX_POLL_INTERVAL", _delta),
-            "initial_backoff": ("IDIS_OUTBOX_BACKOFF", _delta),
-            "max_backoff": ("IDIS_OUTBOX_MAX_BACKOFF", _delta),
-        },
-        document.get("outbox", {}),
-        "outbox",
-    )
-    webhooks = _section(
-        WebhookSettings,
-        environ,
-        {
-            "tolerance": ("IDIS_WEBHOOK_TOLERANCE", _delta),
-            "max_body_bytes": ("IDIS_WEBHOOK_MAX_BODY_BYTES", lambda v, n: _int(v, n, 1)),
-        },
-        document.get("webhooks", {}),
-        "webhooks",
-    )
-    vault = _section(
-        VaultSettings,
-        environ,
-        {
-            "addr": ("VAULT_ADDR", _url),
-            "token": ("VAULT_TOKEN", lambda v, n: Secret(str(v).strip())),
-            "role_id": ("VAULT_ROLE_ID", lambda v, n: str(v).strip()),
-            "secret_id": ("VAULT_SECRET_ID", lambda v, n: Secret(str(v).strip())),
-            "namespace": ("VAULT_NAMESPACE", lambda v, n: str(v).strip()),
-            "mount": ("IDIS_VAULT_MOUNT", lambda v, n: str(v).strip().strip("/")),
-            "path_prefix": ("IDIS_VAULT_PATH_PREFIX", lambda v, n: str(v).strip().strip("/")),
-            "timeout": ("IDIS_VAULT_TIMEOUT", _seconds),
-        },
-        document.get("vault", {}),
-        "vault",
-    )
-    keys = environ.get("IDIS_ENCRYPTION_KEYS", "").strip()
-    encryption_keys = _secrets(keys) if keys else ()
-    if encryption_keys:
-        _check_fernet_keys(encryption_keys)
-    return Settings(
-        database_url=database_url,
-        redis_url=redis_url,
-        providers=providers,
-        embedded_defaults=embedded,
-        sync=sync,
-        enrichment=enrichment,
-        outbox=outbox,
-        webhooks=webhooks,
-        vault=vault,
-        encryption_keys=encryption_keys,
-        log_format=log_format,  # type: ignore[arg-type]  # validated by _choice
-        log_level=log_level,
-        simulator_url=simulator_url,
-    )
-
-
-def _check_database_url(url: str) -> None:
-    scheme = urlsplit(url).scheme.split("+")[0]
-    if scheme not in ("sqlite", "postgresql", "postgres"):
-        raise ConfigError(
-            f"IDIS_DATABASE_URL={url!r} is not supported: expected sqlite:///path.db "
-            "or postgresql://user@host/db",
-            variable="IDIS_DATABASE_URL",
-        )
-
-
-def _check_fernet_keys(keys: tuple[Secret, ...]) -> None:
-    import base64
-    import binascii
-
-    for index, key in enumerate(keys):
-        try:
-            raw = base64.urlsafe_b64decode(key.get_secret_value().encode())
-        except (binascii.Error, ValueError):
-            raw = b""
-        if len(raw) != 32:
-            # Never echo the key itself: name its position instead.
-            raise ConfigError(
-                f"IDIS_ENCRYPTION_KEYS: key #{index + 1} is not a Fernet key "
-                "(expected 32 url-safe base64-encoded bytes, e.g. from "
-                "`idis-integrations keygen`)",
-                variable="IDIS_ENCRYPTION_KEYS",
-            )
 
 
 def _load_providers(
@@ -977,3 +1341,167 @@ def _load_providers(
             )
         raw[prefixes[prefix]][_PROVIDER_FIELDS[suffix][0]] = (value, env)
     return {name: _build_provider(name, values) for name, values in raw.items()}
+
+
+def _embedded_providers(simulator_url: str) -> dict[str, ProviderSettings]:
+    """The three simulator-backed providers every command works against out of the box."""
+    endpoints = {
+        "records": "/records",
+        "record": "/records/{id}",
+        "changes": "/changes",
+        "replay": "/replay",
+        "enrich": "/enrich/{id}",
+        "webhooks": "/webhooks/inbound",
+    }
+    auth = AuthSettings(
+        grant="client_credentials",
+        token_url="/oauth/token",  # noqa: S106  # a URL path, not a password
+        client_id="idis-local",
+        client_secret=Secret("local-simulator-secret"),
+        rotation_url="/oauth/rotate",
+    )
+    return {
+        name: ProviderSettings(
+            name=name,
+            kind=kind,  # type: ignore[arg-type]  # literal from the tuple below
+            base_url=f"{simulator_url}/p/{name}",
+            endpoints=endpoints,
+            health_endpoint="/health",
+            auth=auth,
+            webhook_secrets=(Secret(EMBEDDED_WEBHOOK_SECRET),),
+        )
+        for name, kind in (
+            ("crm_provider", "crm"),
+            ("docs_provider", "docs"),
+            ("enrichment_provider", "enrichment"),
+        )
+    }
+
+
+def _check_cross_references(settings: Settings) -> None:
+    """Names that must refer to declared providers."""
+    providers = settings.providers
+    for provider in providers.values():
+        for fallback in provider.fallbacks:
+            if fallback not in providers:
+                raise UnknownProviderError(fallback, tuple(providers))
+    chosen = settings.enrichment.provider
+    if chosen is not None and chosen not in providers:
+        raise ConfigError(
+            f"IDIS_ENRICHMENT_PROVIDER={chosen!r} names no declared provider: "
+            f"expected one of {', '.join(sorted(providers))}",
+            variable="IDIS_ENRICHMENT_PROVIDER",
+        )
+
+
+def _load(environ: Mapping[str, str]) -> Settings:
+    config_path = environ.get("IDIS_CONFIG_FILE", "").strip()
+    document = _read_config_file(config_path) if config_path else {}
+    general = _read_fields(Settings, environ, document.get("idis", {}), "idis")
+    sections = {
+        name: cls(**_read_fields(cls, environ, document.get(name, {}), name))
+        for name, cls in _SECTIONS.items()
+    }
+    providers = _load_providers(environ, document)
+    embedded = not providers
+    if embedded:
+        providers = _embedded_providers(general.get("simulator_url", DEFAULT_SIMULATOR_URL))
+    settings = Settings(**general, **sections, providers=providers, embedded_defaults=embedded)
+    _check_cross_references(settings)
+    return settings
+
+
+#: Settings sections, each from the environment or its own config-file table.
+_SECTIONS: dict[str, type[Any]] = {
+    item.name: item.default_factory  # type: ignore[misc]  # a dataclass type
+    for item in fields(Settings)
+    if item.default_factory is not MISSING and is_dataclass(item.default_factory)
+}
+#: Provider sub-policies, each a ``[providers.<name>.<head>]`` table.
+_SUBSECTIONS: dict[str, type[Any]] = {
+    "timeouts": TimeoutPolicy,
+    "retry": RetryPolicy,
+    "breaker": BreakerPolicy,
+    "rate_limit": RateLimitPolicy,
+    "auth": AuthSettings,
+}
+_PROVIDER_FIELDS = _provider_fields()
+_KEY_TO_SUFFIX = {key: suffix for suffix, (key, _) in _PROVIDER_FIELDS.items()}
+
+
+# --------------------------------------------------------------------------- reference docs
+
+#: Variables read outside the field declarations (they choose where settings come from).
+_META_VARS = (
+    (
+        "IDIS_CONFIG_FILE",
+        "unset",
+        "TOML file with `[idis]`, `[providers.<name>]`, `[sync]`, `[enrichment]`, `[outbox]`, "
+        "`[webhooks]`, `[vault]` tables; refused when group- or world-writable or owned by "
+        "another user than this one or root.",
+    ),
+    (
+        "IDIS_PROVIDERS",
+        "unset (embedded defaults)",
+        "Provider names, comma-separated (lowercase, digits, `_`); each is configured by the "
+        "`IDIS_PROVIDER_<NAME>_*` fields below.",
+    ),
+)
+
+
+def _shown_default(item: Field[Any], var: _Var) -> str:
+    if var.shown is not None:
+        return var.shown
+    if item.default is not MISSING:
+        value: Any = item.default
+    elif item.default_factory is not MISSING:
+        value = item.default_factory()
+    else:
+        return "required"
+    if value is None or value in ("", ()):
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, timedelta) or var.parse is _seconds:
+        return f"`{format_duration(value)}`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    return f"`{value}`"
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def reference_tables() -> dict[str, str]:
+    """The Markdown tables of ``docs/configuration.md``, generated from the declarations.
+
+    Keys: ``general``, ``providers`` and one per section (``sync``, ``enrichment``,
+    ``outbox``, ``webhooks``, ``vault``).
+    """
+    header = [_row("Variable", "Default", "Meaning"), _row("---", "---", "---")]
+    general = [
+        *header,
+        *(
+            _row(f"`{var.env}`", _shown_default(item, var), var.doc)
+            for item, var in _declared(Settings)
+        ),
+        *(_row(f"`{env}`", shown, doc) for env, shown, doc in _META_VARS),
+    ]
+    tables = {"general": "\n".join(general)}
+    provider_rows = [
+        _row("Field (env suffix)", "TOML key", "Default", "Meaning"),
+        _row("---", "---", "---", "---"),
+    ]
+    for suffix, (key, var) in _PROVIDER_FIELDS.items():
+        head, _, tail = key.partition(".")
+        cls = _SUBSECTIONS[head] if tail else ProviderSettings
+        item = next(f for f in fields(cls) if f.name == (tail or head))
+        provider_rows.append(_row(f"`{suffix}`", f"`{key}`", _shown_default(item, var), var.doc))
+    tables["providers"] = "\n".join(provider_rows)
+    for name, cls in _SECTIONS.items():
+        rows = [
+            _row(f"`{var.env}`", _shown_default(item, var), var.doc) for item, var in _declared(cls)
+        ]
+        tables[name] = "\n".join([*header, *rows])
+    return tables

@@ -309,5 +309,9 @@ def simulator_settings(
             webhook_secrets=(Secret(DEFAULT_WEBHOOK_SECRET),),
         )
         built[name] = replace(provider, **per_provider) if per_provider else provider
-    settings = Settings(providers=built, embedded_defaults=False, simulator_url=base)
+    # The simulator's webhook secret is published: only settings that talk to a
+    # simulator alone may use it (config.Settings.checked_webhook_secrets).
+    settings = Settings(
+        providers=built, embedded_defaults=False, simulator_url=base, allow_embedded_defaults=True
+    )
     return replace(settings, **top) if top else settings

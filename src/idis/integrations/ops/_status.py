@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 
 from .._audit import AuditEvent
+from .._redact import url_host
 from .._timeparse import utcnow
 from ..config import Settings
 from ..db._engine import create_db_engine
@@ -199,7 +199,7 @@ def collect_status(
         ProviderStatus(
             provider=name,
             kind=settings.provider(name).kind,
-            host=urlsplit(settings.provider(name).base_url).netloc,
+            host=url_host(settings.provider(name).base_url),  # never the user info
         )
         for name in names
     ]

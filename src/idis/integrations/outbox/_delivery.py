@@ -78,9 +78,8 @@ def build_call(message: OutboxMessage, settings: Settings, *, now: float) -> Gat
                 variable=f"IDIS_PROVIDER_{message.provider.upper()}_WEBHOOK_SECRETS",
             )
         raw = body.encode()
-        headers = sign_headers(
-            provider.webhook_secrets[0], raw, msg_id=webhook_id, timestamp=int(now)
-        )
+        secret = settings.checked_webhook_secrets(message.provider, use="sign")[0]
+        headers = sign_headers(secret, raw, msg_id=webhook_id, timestamp=int(now))
         headers["content-type"] = "application/json"
         return GatewayCall(
             message.provider,

@@ -64,7 +64,10 @@ def _time(payload: Mapping[str, Any], key: str) -> datetime | None:
         raise _invalid(f"{key} must be an ISO-8601 time") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 lies before the first representable time
+        raise _invalid(f"{key} is out of range") from None
 
 
 def event_from_payload(payload: Mapping[str, Any]) -> ProviderEvent:

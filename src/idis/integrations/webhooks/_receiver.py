@@ -1,24 +1,45 @@
 """The inbound webhook receiver: framework-free ``handle()`` and an ASGI app.
 
-One request goes through: provider lookup → body size limit → the provider's
-verification scheme (Standard Webhooks by default) → strict JSON → event →
-:func:`~idis.integrations.sync._inbox.apply_event` in its own transaction. The
-answer makes providers behave:
+One request goes through: route (``/{provider}``, the whole path) → provider
+lookup → body size limit and read deadline → the provider's verification scheme
+(Standard Webhooks by default) → strict JSON → event →
+:func:`~idis.integrations.sync._inbox.apply_event_outcome` in a transaction.
+The answer makes providers behave:
 
 * **2xx** for accepted events and for duplicates, superseded versions and
   event types without a handler (all acknowledged, none applied twice);
 * **4xx** for what the provider must not retry as is: bad or missing
-  signature headers, stale timestamps, oversized or malformed bodies
-  (see :data:`~idis.integrations.webhooks._verify.REASON_STATUS`), unknown provider;
+  signature headers, stale or absurd timestamps, oversized or malformed bodies
+  (see :data:`~idis.integrations.webhooks._verify.REASON_STATUS`), unknown
+  provider; **408** for a body that did not arrive within
+  ``IDIS_WEBHOOK_BODY_TIMEOUT`` (a slow client never holds a connection forever);
 * **5xx** only for our own transient faults (database down: 503; a host
   handler that raised: 500), so the provider retries and nothing is lost.
 
 Every request is counted in ``integration_webhooks_received_total{provider,
-outcome}``. Nothing secret is logged: no header values except ``webhook-id``,
-no body. Signature failures (bad signature, stale timestamp) are also counted
-in a one-minute window per provider; :meth:`WebhookReceiver.signature_failures`
-feeds the mode controller, and crossing ``signature_failure_threshold`` is
-persisted so the replica running the controller sees it too.
+outcome}``, rejections and internal errors included. Nothing secret is logged:
+no header values except the delivery id, no body. Signature failures (bad
+signature, stale timestamp) are also counted in a one-minute window per
+provider; :meth:`WebhookReceiver.signature_failures` feeds the mode controller,
+and crossing ``signature_failure_threshold`` is persisted so the replica
+running the controller sees it too.
+
+**Group commit.** Deliveries that arrive while transactions are running are
+applied together in the next one (one transaction at a time on SQLite, its
+single writer; up to :data:`PARALLEL_BATCHES` on PostgreSQL, whose commits
+overlap). Under load this replaces one transaction per webhook with one per
+batch, the difference between a receiver that keeps up with a provider's burst
+and one that does not; an idle receiver still commits each delivery at once.
+When anything in a batch fails (a handler raises, the commit fails), the batch
+is rolled back whole and its deliveries are applied one by one, so a failing
+delivery fails alone (500 or 503) and the others are applied. A handler may
+therefore run again for an event whose first run was rolled back, which is
+harmless for handlers written, as they must be, as upserts of the event's state
+inside the session (see ``docs/sync.md``). A redelivery of an event this
+receiver already committed is answered from memory, without a transaction.
+
+Both faces run the same flow (:meth:`_ReceiverBase._receive`), driven by
+:func:`~idis.integrations._flow.drive` or :func:`~idis.integrations._flow.adrive`.
 
 Mounting::
 
@@ -34,8 +55,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -47,6 +69,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from .._clock import Clock, system_clock
+from .._flow import Effect, Flow, adrive, drive
 from ..config import Settings
 from ..exceptions import (
     ConfigError,
@@ -79,6 +102,14 @@ _log = get_logger()
 #: Rejections that count as signature failures for the mode controller.
 SIGNATURE_FAILURE_REASONS = frozenset({"bad_signature", "stale_timestamp"})
 _WINDOW = timedelta(minutes=1)
+#: Most deliveries one transaction applies (a burst is split into batches of this size).
+MAX_BATCH = 32
+#: Batches in flight at once on PostgreSQL (its commits overlap); SQLite has one writer.
+PARALLEL_BATCHES = 4
+#: Recently committed webhook events remembered per receiver, to answer redeliveries.
+RECENT_EVENTS = 16_384
+#: The route under the mount point: one provider name, as config.py allows it.
+_ROUTE = re.compile(r"/([a-z][a-z0-9_]{0,62})/?")
 
 Headers = Mapping[str, str] | Iterable[tuple[bytes | str, bytes | str]]
 
@@ -91,7 +122,7 @@ class WebhookResult:
     status_code: int
     #: Bounded outcome, also the metric label: ``accepted``, ``duplicate``,
     #: ``superseded``, ``ignored``, a rejection reason, ``unknown_provider``,
-    #: ``unavailable`` or ``handler_error``.
+    #: ``body_timeout``, ``unavailable``, ``handler_error`` or ``internal_error``.
     outcome: str
     #: The provider's event id, once the body was parsed.
     event_id: str | None = None
@@ -123,6 +154,28 @@ class _Verified:
     now: datetime
 
 
+class _Job:
+    """One verified delivery waiting for (or holding) its place in a batch."""
+
+    __slots__ = ("batch", "error", "outcome", "verified", "wake")
+
+    def __init__(self, verified: _Verified) -> None:
+        self.verified = verified
+        self.outcome: ApplyOutcome | None = None
+        self.error: BaseException | None = None
+        #: Thread committer: set when the job is done, or when its thread must lead.
+        self.wake: threading.Event | None = None
+        #: Thread committer: the batch this job's thread leads, once it leads.
+        self.batch: list[_Job] | None = None
+
+    def result(self) -> ApplyOutcome:
+        if self.error is not None:
+            raise self.error
+        if self.outcome is None:
+            raise RuntimeError("the delivery's batch ended without an outcome")
+        return self.outcome
+
+
 class _SignatureWindow:
     """Signature failures per provider over the last minute (thread-safe)."""
 
@@ -148,8 +201,162 @@ class _SignatureWindow:
         return len(times)
 
 
+# --------------------------------------------------------------------------- group commit
+
+
+class _ThreadCommitter:
+    """Group commit for threads: up to ``parallel`` threads lead, each applying a batch.
+
+    A delivery finding fewer than ``parallel`` leaders leads: it takes the
+    queue's head (its own job first) as one batch. The others wait. A leader
+    that finishes wakes its batch's owners and, if deliveries are waiting,
+    hands the lead to the oldest one with that one's batch already taken from
+    the queue (so no thread serves others for long, and no two leaders share a job).
+    """
+
+    def __init__(self, run: Callable[[list[_Job]], None], parallel: int) -> None:
+        self._run = run
+        self._parallel = parallel
+        self._lock = threading.Lock()
+        self._queue: deque[_Job] = deque()
+        self._leaders = 0
+
+    def _take(self) -> list[_Job]:
+        return [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+
+    def submit(self, job: _Job) -> None:
+        """Apply ``job`` in some batch; return once its outcome or error is set."""
+        job.wake = threading.Event()
+        with self._lock:
+            self._queue.append(job)
+            if self._leaders < self._parallel:
+                # Fewer leaders than allowed means nobody was waiting: ours is the head.
+                self._leaders += 1
+                job.batch = self._take()
+        if job.batch is None:
+            job.wake.wait()
+            if job.batch is None:
+                return  # another leader applied it
+        batch = job.batch
+        try:
+            self._run(batch)
+        finally:
+            with self._lock:
+                successor = self._queue[0] if self._queue else None
+                if successor is not None:
+                    successor.batch = self._take()
+                else:
+                    self._leaders -= 1
+            for done in batch:
+                if done is not job and done.wake is not None:
+                    done.wake.set()
+            if successor is not None and successor.wake is not None:
+                successor.wake.set()
+
+
+class _LoopCommitter:
+    """Group commit on one event loop: up to ``parallel`` drain tasks apply batches.
+
+    The drain tasks belong to no request, so a cancelled request (a client that
+    went away) never strands the other deliveries of its batch.
+    """
+
+    def __init__(self, run: Callable[[list[_Job]], Awaitable[None]], parallel: int) -> None:
+        self._run = run
+        self._parallel = parallel
+        self._queue: deque[tuple[_Job, asyncio.Future[None]]] = deque()
+        # Drain tasks running; counted down inside the task itself (not by a done
+        # callback, which runs later: a delivery arriving in between would wait forever).
+        self._draining = 0
+        # Strong references: the loop keeps only weak ones to its tasks.
+        self._drainers: set[asyncio.Task[None]] = set()
+
+    async def submit(self, job: _Job) -> None:
+        """Apply ``job`` in some batch; return once its outcome or error is set."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.append((job, done))
+        if self._draining < self._parallel:
+            self._draining += 1
+            task = loop.create_task(self._drain())
+            self._drainers.add(task)
+            task.add_done_callback(self._drainers.discard)
+        await done
+
+    async def _drain(self) -> None:
+        batch: list[tuple[_Job, asyncio.Future[None]]] = []
+        try:
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+                # A delivery whose request was cancelled before its batch started is dropped.
+                jobs = [job for job, done in batch if not done.cancelled()]
+                if jobs:
+                    await self._run(jobs)
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+                batch = []
+        finally:
+            self._draining -= 1
+            # Only on loop shutdown: no delivery may wait for a drain that is gone.
+            for _, done in batch:
+                done.cancel()
+            if self._draining == 0:
+                for _, done in self._queue:
+                    done.cancel()
+                self._queue.clear()
+
+
+# --------------------------------------------------------------------------- flow effects
+
+
+@dataclass(frozen=True, slots=True)
+class _Submit(Effect[ApplyOutcome]):
+    """Apply one verified delivery through the io's committer (a batch, one transaction)."""
+
+    verified: _Verified
+
+    def run(self, io: Any) -> ApplyOutcome:
+        job = _Job(self.verified)
+        io.committer.submit(job)
+        return job.result()
+
+    async def arun(self, io: Any) -> ApplyOutcome:
+        job = _Job(self.verified)
+        await io.committer.submit(job)
+        return job.result()
+
+
+@dataclass(frozen=True, slots=True)
+class _SaveSpike(Effect[None]):
+    """Persist a signature-failure spike; a failure is logged, never raised."""
+
+    provider: str
+    at: datetime
+
+    def run(self, io: Any) -> None:
+        try:
+            io.save_spike(self.provider, self.at)
+        except Exception as exc:  # noqa: BLE001  # the in-process count still feeds the controller
+            _log.warning("idis.webhooks.spike_not_saved", error_type=type(exc).__name__)
+
+    async def arun(self, io: Any) -> None:
+        try:
+            await io.save_spike(self.provider, self.at)
+        except Exception as exc:  # noqa: BLE001  # the in-process count still feeds the controller
+            _log.warning("idis.webhooks.spike_not_saved", error_type=type(exc).__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _IO:
+    """What the flow's effects run against: a committer and a way to save a spike."""
+
+    committer: Any
+    save_spike: Callable[[str, datetime], Any]
+
+
 class _ReceiverBase:
-    """Verification and bookkeeping shared by the sync and async receivers (no I/O)."""
+    """Verification, the receive flow and bookkeeping shared by both receivers (no I/O)."""
 
     def __init__(
         self,
@@ -173,8 +380,9 @@ class _ReceiverBase:
             if name in given:
                 self.schemes[name] = given[name]
                 continue
-            config = settings.provider(name)
-            if not config.webhook_secrets:
+            # Refuses the embedded simulator secret (published) without the opt-in.
+            secrets = settings.checked_webhook_secrets(name, use="verify")
+            if not secrets:
                 if names is not None:
                     # Asked for explicitly: refuse to start rather than 4xx every delivery.
                     env = f"IDIS_PROVIDER_{name.upper()}_WEBHOOK_SECRETS"
@@ -183,18 +391,24 @@ class _ReceiverBase:
                     )
                 continue
             self.schemes[name] = StandardWebhooksScheme(
-                config.webhook_secrets,
+                secrets,
                 tolerance=settings.webhooks.tolerance,
                 label=f"IDIS_PROVIDER_{name.upper()}_WEBHOOK_SECRETS",
             )
         for name, scheme in given.items():
             self.schemes.setdefault(name, scheme)
         self.max_body_bytes = settings.webhooks.max_body_bytes
+        self.body_timeout = settings.webhooks.body_timeout.total_seconds()
         self.threshold = settings.sync.signature_failure_threshold
         self._signature_failures = _SignatureWindow()
         self._spike_noted: dict[str, datetime] = {}
         self._spike_lock = threading.Lock()
         self._spikes: deque[tuple[str, datetime]] = deque()
+        # (provider, event id) of webhook deliveries this receiver committed: a
+        # redelivery of one is a duplicate without a transaction. Only committed
+        # events enter, so an answer from here is what the inbox would give.
+        self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._recent_lock = threading.Lock()
 
     @property
     def metrics(self) -> Metrics:
@@ -204,6 +418,24 @@ class _ReceiverBase:
     def signature_failures(self, provider: str, now: datetime | None = None) -> int:
         """Bad signatures and stale timestamps for ``provider`` in the last minute."""
         return self._signature_failures.count(provider, now or self.clock.now())
+
+    def _receive(
+        self, provider: str, headers: Headers, body: bytes, method: str, uri: str | None
+    ) -> Flow[WebhookResult]:
+        """The one receive flow: verify, save a spike if one is due, apply, answer."""
+        verified = self._verify(provider, headers, body, method, uri)
+        spike = self._take_spike()
+        if spike is not None:
+            yield _SaveSpike(*spike)
+        if isinstance(verified, WebhookResult):
+            return verified
+        if self._seen(verified):
+            return self._applied(verified, ApplyOutcome.DUPLICATE)
+        try:
+            outcome: ApplyOutcome = yield _Submit(verified)
+        except Exception as exc:  # noqa: BLE001  # any failure is answered, never raised
+            return self._failed(verified, exc)
+        return self._applied(verified, outcome)
 
     def _verify(
         self, provider: str, headers: Headers, body: bytes, method: str, uri: str | None
@@ -268,7 +500,20 @@ class _ReceiverBase:
         )
         return WebhookResult(status, outcome, message_id=message_id, detail=detail)
 
+    def _seen(self, verified: _Verified) -> bool:
+        key = (verified.provider, str(verified.event.id))
+        with self._recent_lock:
+            return key in self._recent
+
+    def _remember(self, verified: _Verified) -> None:
+        with self._recent_lock:
+            self._recent[(verified.provider, str(verified.event.id))] = None
+            if len(self._recent) > RECENT_EVENTS:
+                self._recent.popitem(last=False)
+
     def _applied(self, verified: _Verified, outcome: ApplyOutcome) -> WebhookResult:
+        # Whatever the outcome, the event's inbox row is committed with its webhook stamp.
+        self._remember(verified)
         provider = verified.provider
         label = "accepted" if outcome is ApplyOutcome.APPLIED else outcome.value
         self.metrics.webhooks_received.labels(provider=provider, outcome=label).inc()
@@ -308,6 +553,21 @@ class _ReceiverBase:
             detail="temporarily unable to apply the event" if transient else "event not applied",
         )
 
+    def _internal_error(self, provider: str, exc: BaseException) -> WebhookResult:
+        # Last resort: a bug must not crash the app, and is counted like any answer.
+        label = provider if provider in self.schemes else "unknown"
+        self.metrics.webhooks_received.labels(provider=label, outcome="internal_error").inc()
+        _log.error("idis.webhooks.internal_error", provider=label, error_type=type(exc).__name__)
+        return WebhookResult(500, "internal_error", detail="internal error")
+
+    async def _arun(
+        self, io: _IO, provider: str, headers: Headers, body: bytes, *, method: str, uri: str | None
+    ) -> WebhookResult:
+        try:
+            return await adrive(self._receive(provider, headers, body, method, uri), io)
+        except Exception as exc:  # noqa: BLE001  # last resort, see _internal_error
+            return self._internal_error(provider, exc)
+
 
 def _as_sessionmaker(target: Engine | sessionmaker[Session] | Callable[[], Session]) -> Any:
     if isinstance(target, Engine):
@@ -315,12 +575,18 @@ def _as_sessionmaker(target: Engine | sessionmaker[Session] | Callable[[], Sessi
     return target
 
 
+def _bound_engine(sessions: Any, kind: type[Any]) -> Any:
+    bind = sessions if isinstance(sessions, kind) else getattr(sessions, "kw", {}).get("bind")
+    return bind if isinstance(bind, kind) else None
+
+
 class WebhookReceiver(_ReceiverBase):
     """Receives webhooks for every provider with a webhook secret; sync handlers.
 
     Args:
         settings: Library settings (providers' ``webhook_secrets``, ``webhooks``, ``sync``).
-        sessions: An Engine or a session factory; each event gets its own transaction.
+        sessions: An Engine or a session factory; each batch of deliveries gets its
+            own transaction.
         registry: Handlers (default: the process-wide registry).
         schemes: Verification scheme per provider, overriding Standard Webhooks.
         providers: Serve only these providers (each must have a secret or a scheme).
@@ -328,10 +594,12 @@ class WebhookReceiver(_ReceiverBase):
         metrics: Metrics to count in (default: the process-wide set).
 
     Raises:
-        ConfigError: when a provider named in ``providers`` has no secret or a
-            secret is malformed.
+        ConfigError: when a provider named in ``providers`` has no secret, a
+            secret is malformed, or a secret is the embedded simulator's published
+            one without ``IDIS_ALLOW_EMBEDDED_DEFAULTS=true``.
 
-    ``handle()`` is thread-safe; the ASGI app runs it in a worker thread.
+    ``handle()`` is thread-safe; the ASGI app verifies on the event loop and
+    applies each batch in a worker thread.
     """
 
     def __init__(
@@ -354,14 +622,15 @@ class WebhookReceiver(_ReceiverBase):
             metrics=metrics,
         )
         self._sessions = _as_sessionmaker(sessions)
-        bind = sessions if isinstance(sessions, Engine) else getattr(sessions, "kw", {}).get("bind")
-        # SQLite has one writer: concurrent requests would otherwise poll its
+        bind = _bound_engine(sessions, Engine)
+        # SQLite has one writer: concurrent batches would otherwise poll its
         # lock with growing sleeps; a Python lock queues them fairly instead.
+        sqlite = bind is not None and bind.dialect.name == "sqlite"
         self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock()
-            if isinstance(bind, Engine) and bind.dialect.name == "sqlite"
-            else contextlib.nullcontext()
+            threading.Lock() if sqlite else contextlib.nullcontext()
         )
+        self._parallel = 1 if sqlite else PARALLEL_BATCHES
+        self._io = _IO(_ThreadCommitter(self._apply_batch, self._parallel), self._save_spike)
 
     def handle(
         self,
@@ -382,62 +651,73 @@ class WebhookReceiver(_ReceiverBase):
             uri: Path and query as received (signed by some HMAC schemes).
         """
         try:
-            verified = self._verify(provider, headers, body, method, uri)
-            self._flush_spike()
-            if isinstance(verified, WebhookResult):
-                return verified
+            return drive(self._receive(provider, headers, body, method, uri), self._io)
+        except Exception as exc:  # noqa: BLE001  # last resort, see _internal_error
+            return self._internal_error(provider, exc)
+
+    def _apply_batch(self, jobs: list[_Job]) -> None:
+        """Apply ``jobs``; set each job's outcome or error (see the module docstring)."""
+        if len(jobs) > 1:
             try:
-                with self._write_lock, self._sessions() as session, session.begin():
-                    outcome = apply_event_outcome(
+                self._apply_together(jobs)
+                return
+            except Exception:  # noqa: BLE001, S110  # rolled back whole: each delivery alone below
+                pass
+        for job in jobs:
+            try:
+                self._apply_together([job])
+            except Exception as exc:  # noqa: BLE001  # answered by the flow (500 or 503)
+                job.error = exc
+
+    def _apply_together(self, jobs: list[_Job]) -> None:
+        """Apply ``jobs`` in one transaction, or raise (nothing of them kept)."""
+        outcomes: list[ApplyOutcome] = []
+        with self._write_lock, self._sessions() as session, session.begin():
+            for job in jobs:
+                verified = job.verified
+                outcomes.append(
+                    apply_event_outcome(
                         session,
                         verified.provider,
                         verified.event,
                         "webhook",
                         registry=self.registry,
                         now=verified.now,
-                        # This transaction holds the one event: no savepoint needed.
+                        # The transaction is rolled back whole on any error: no savepoint.
                         atomic=False,
                     )
-            except Exception as exc:  # noqa: BLE001  # any failure is answered, never raised
-                return self._failed(verified, exc)
-            return self._applied(verified, outcome)
-        except Exception as exc:  # noqa: BLE001  # last resort: a bug must not crash the app
-            _log.error("idis.webhooks.internal_error", error_type=type(exc).__name__)
-            return WebhookResult(500, "internal_error", detail="internal error")
+                )
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            job.outcome = outcome
 
-    def _flush_spike(self) -> None:
-        spike = self._take_spike()
-        if spike is None:
-            return
+    def _save_spike(self, provider: str, at: datetime) -> None:
         from ..sync._state import note_signature_spike
 
-        try:
-            with self._sessions() as session, session.begin():
-                note_signature_spike(session, spike[0], spike[1])
-        except Exception as exc:  # noqa: BLE001  # the in-process count still feeds the controller
-            _log.warning("idis.webhooks.spike_not_saved", error_type=type(exc).__name__)
+        with self._sessions() as session, session.begin():
+            note_signature_spike(session, provider, at)
 
     def asgi_app(self, provider: str | None = None) -> Callable[..., Awaitable[None]]:
-        """An ASGI app: ``POST /{provider}`` (or any path, for a fixed ``provider``).
+        """An ASGI app: ``POST /{provider}`` (or ``POST /`` for a fixed ``provider``).
 
-        Runs :meth:`handle` in a worker thread so the event loop never blocks on the database.
+        Verification runs on the event loop; each batch's transaction runs in a
+        worker thread, so the loop never blocks on the database.
         """
         import anyio.to_thread
 
-        async def run(
-            name: str, headers: Headers, body: bytes, method: str, uri: str
-        ) -> WebhookResult:
-            return await anyio.to_thread.run_sync(
-                lambda: self.handle(name, headers, body, method=method, uri=uri)
-            )
+        async def apply(jobs: list[_Job]) -> None:
+            await anyio.to_thread.run_sync(self._apply_batch, jobs)
 
-        return _make_asgi(self, run, provider)
+        async def save_spike(name: str, at: datetime) -> None:
+            await anyio.to_thread.run_sync(self._save_spike, name, at)
+
+        return _make_asgi(self, _IO(_LoopCommitter(apply, self._parallel), save_spike), provider)
 
 
 class AsyncWebhookReceiver(_ReceiverBase):
     """The asyncio twin of :class:`WebhookReceiver` (``AsyncEngine``/``async_sessionmaker``).
 
     Async handlers are awaited; sync ones run through ``AsyncSession.run_sync``.
+    One instance serves one event loop.
     """
 
     def __init__(
@@ -464,17 +744,14 @@ class AsyncWebhookReceiver(_ReceiverBase):
             if isinstance(sessions, AsyncEngine)
             else sessions
         )
-        bind = (
-            sessions
-            if isinstance(sessions, AsyncEngine)
-            else getattr(sessions, "kw", {}).get("bind")
-        )
-        # SQLite has one writer: queue this loop's requests instead of polling its lock.
+        bind = _bound_engine(sessions, AsyncEngine)
+        # SQLite has one writer: queue this loop's batches instead of polling its lock.
+        sqlite = bind is not None and bind.dialect.name == "sqlite"
         self._write_lock: asyncio.Lock | contextlib.nullcontext[None] = (
-            asyncio.Lock()
-            if isinstance(bind, AsyncEngine) and bind.dialect.name == "sqlite"
-            else contextlib.nullcontext()
+            asyncio.Lock() if sqlite else contextlib.nullcontext()
         )
+        parallel = 1 if sqlite else PARALLEL_BATCHES
+        self._io = _IO(_LoopCommitter(self._apply_batch, parallel), self._save_spike)
 
     async def handle(
         self,
@@ -486,83 +763,114 @@ class AsyncWebhookReceiver(_ReceiverBase):
         uri: str | None = None,
     ) -> WebhookResult:
         """Async twin of :meth:`WebhookReceiver.handle`; never raises."""
-        try:
-            verified = self._verify(provider, headers, body, method, uri)
-            await self._flush_spike()
-            if isinstance(verified, WebhookResult):
-                return verified
+        return await self._arun(self._io, provider, headers, body, method=method, uri=uri)
+
+    async def _apply_batch(self, jobs: list[_Job]) -> None:
+        """Async twin of :meth:`WebhookReceiver._apply_batch`."""
+        if len(jobs) > 1:
             try:
-                async with self._write_lock, self._sessions() as session, session.begin():
-                    outcome = await apply_event_outcome_async(
+                await self._apply_together(jobs)
+                return
+            except Exception:  # noqa: BLE001, S110  # rolled back whole: each delivery alone below
+                pass
+        for job in jobs:
+            try:
+                await self._apply_together([job])
+            except Exception as exc:  # noqa: BLE001  # answered by the flow (500 or 503)
+                job.error = exc
+
+    async def _apply_together(self, jobs: list[_Job]) -> None:
+        """Async twin of :meth:`WebhookReceiver._apply_together`."""
+        outcomes: list[ApplyOutcome] = []
+        async with self._write_lock, self._sessions() as session, session.begin():
+            for job in jobs:
+                verified = job.verified
+                outcomes.append(
+                    await apply_event_outcome_async(
                         session,
                         verified.provider,
                         verified.event,
                         "webhook",
                         registry=self.registry,
                         now=verified.now,
-                        # This transaction holds the one event: no savepoint needed.
                         atomic=False,
                     )
-            except Exception as exc:  # noqa: BLE001  # any failure is answered, never raised
-                return self._failed(verified, exc)
-            return self._applied(verified, outcome)
-        except Exception as exc:  # noqa: BLE001  # last resort: a bug must not crash the app
-            _log.error("idis.webhooks.internal_error", error_type=type(exc).__name__)
-            return WebhookResult(500, "internal_error", detail="internal error")
+                )
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            job.outcome = outcome
 
-    async def _flush_spike(self) -> None:
-        spike = self._take_spike()
-        if spike is None:
-            return
+    async def _save_spike(self, provider: str, at: datetime) -> None:
         from ..sync._state import note_signature_spike
 
-        try:
-            async with self._sessions() as session, session.begin():
-                await session.run_sync(lambda s: note_signature_spike(s, spike[0], spike[1]))
-        except Exception as exc:  # noqa: BLE001  # the in-process count still feeds the controller
-            _log.warning("idis.webhooks.spike_not_saved", error_type=type(exc).__name__)
+        async with self._sessions() as session, session.begin():
+            await session.run_sync(lambda s: note_signature_spike(s, provider, at))
 
     def asgi_app(self, provider: str | None = None) -> Callable[..., Awaitable[None]]:
-        """An ASGI app: ``POST /{provider}`` (or any path, for a fixed ``provider``)."""
-
-        async def run(
-            name: str, headers: Headers, body: bytes, method: str, uri: str
-        ) -> WebhookResult:
-            return await self.handle(name, headers, body, method=method, uri=uri)
-
-        return _make_asgi(self, run, provider)
+        """An ASGI app: ``POST /{provider}`` (or ``POST /`` for a fixed ``provider``)."""
+        return _make_asgi(self, self._io, provider)
 
 
 # --------------------------------------------------------------------------- ASGI
 
-_Run = Callable[[str, Headers, bytes, str, str], Awaitable[WebhookResult]]
+_ASGIReceive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+_ASGISend = Callable[..., Awaitable[None]]
 
 
-async def _send_result(send: Callable[..., Awaitable[None]], result: WebhookResult) -> None:
+async def _send_result(send: _ASGISend, result: WebhookResult, *, close: bool = False) -> None:
     body = result.body()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": result.status_code,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": result.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
+def _route_provider(scope: MutableMapping[str, Any], fixed: str | None) -> str | None:
+    """The provider the whole route names, or None when the route names none.
+
+    ``/webhooks/x/crm`` and ``/webhooks/..%2f..%2fcrm`` (decoded by the server
+    to ``/webhooks/../../crm``) name no provider: only ``/{name}`` under the
+    mount point does.
+    """
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    # Starlette >= 0.33 keeps the mount prefix in "path" and names it in "root_path".
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        path = path[len(root) :]
+    if fixed is not None:
+        return fixed if path in ("", "/") else None
+    match = _ROUTE.fullmatch(path)
+    return match.group(1) if match else None
+
+
+async def _read_body(receive: _ASGIReceive, limit: int) -> bytes | str:
+    """The whole body, or ``"too_large"`` / ``"disconnect"``."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return "disconnect"
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            # Stop reading: the rest of an oversized body is never buffered.
+            return "too_large"
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _make_asgi(
-    receiver: _ReceiverBase, run: _Run, fixed_provider: str | None
+    receiver: _ReceiverBase, io: _IO, fixed_provider: str | None
 ) -> Callable[..., Awaitable[None]]:
     limit = receiver.max_body_bytes
+    deadline = receiver.body_timeout
 
-    async def app(
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[..., Awaitable[None]],
-    ) -> None:
+    async def app(scope: MutableMapping[str, Any], receive: _ASGIReceive, send: _ASGISend) -> None:
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
@@ -573,36 +881,44 @@ def _make_asgi(
                     return
         if scope["type"] != "http":
             return
-        path = str(scope.get("path", ""))
-        provider = fixed_provider or path.rstrip("/").rsplit("/", 1)[-1]
         if scope.get("method") != "POST":
             await _send_result(send, WebhookResult(405, "method_not_allowed", detail="POST only"))
+            return
+        provider = _route_provider(scope, fixed_provider)
+        if provider is None or provider not in receiver.schemes:
+            # Answered before the body is read: an unknown route costs no buffering.
+            result = receiver._reject(provider or "", "unknown_provider", 404, "no such route")
+            await _send_result(send, result, close=True)
             return
         headers: list[tuple[bytes, bytes]] = list(scope.get("headers", []))
         declared = next((v for k, v in headers if k.lower() == b"content-length"), None)
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            await _send_result(send, receiver._reject(provider, "too_large", 413, "body too large"))
+            result = receiver._reject(provider, "too_large", 413, "body too large")
+            await _send_result(send, result, close=True)
             return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                # Stop reading: the rest of an oversized body is never buffered.
-                await _send_result(
-                    send, receiver._reject(provider, "too_large", 413, "body too large")
-                )
-                return
-            chunks.append(chunk)
-            more = bool(message.get("more_body", False))
+        # A client trickling its body (1 byte every few seconds) would otherwise
+        # hold a connection and a task for as long as it likes.
+        try:
+            async with asyncio.timeout(deadline):
+                body = await _read_body(receive, limit)
+        except TimeoutError:
+            body = "timeout"
+        if body == "disconnect":
+            return
+        if body == "timeout":
+            result = receiver._reject(
+                provider, "body_timeout", 408, f"body not received within {deadline:g} s"
+            )
+            await _send_result(send, result, close=True)
+            return
+        if body == "too_large":
+            result = receiver._reject(provider, "too_large", 413, "body too large")
+            await _send_result(send, result, close=True)
+            return
+        assert isinstance(body, bytes)
         query = scope.get("query_string", b"")
-        uri = path + ("?" + query.decode("latin-1") if query else "")
-        result = await run(provider, headers, b"".join(chunks), "POST", uri)
+        uri = str(scope.get("path", "")) + ("?" + query.decode("latin-1") if query else "")
+        result = await receiver._arun(io, provider, headers, body, method="POST", uri=uri)
         await _send_result(send, result)
 
     return app

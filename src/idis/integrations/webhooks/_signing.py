@@ -32,7 +32,11 @@ if TYPE_CHECKING:
     from ..config import Secret
 
 __all__ = [
+    "MIN_KEY_BYTES",
     "SECRET_PREFIX",
+    "SVIX_ID",
+    "SVIX_SIGNATURE",
+    "SVIX_TIMESTAMP",
     "WEBHOOK_ID",
     "WEBHOOK_SIGNATURE",
     "WEBHOOK_TIMESTAMP",
@@ -49,11 +53,16 @@ __all__ = [
 WEBHOOK_ID = "webhook-id"
 WEBHOOK_TIMESTAMP = "webhook-timestamp"
 WEBHOOK_SIGNATURE = "webhook-signature"
+#: The same three headers as Svix names them (same signed content, same signature format:
+#: https://docs.svix.com/receiving/verifying-payloads/how-manual).
+SVIX_ID = "svix-id"
+SVIX_TIMESTAMP = "svix-timestamp"
+SVIX_SIGNATURE = "svix-signature"
 #: Prefix of Standard Webhooks secrets.
 SECRET_PREFIX = "whsec_"  # noqa: S105  # a prefix, not a password
 _VERSION = "v1"
 #: Shortest key we accept: HMAC-SHA256 keys below 128 bits are guessable.
-_MIN_KEY_BYTES = 16
+MIN_KEY_BYTES = 16
 
 
 def decode_secret(secret: str | bytes | Secret, *, name: str = "webhook secret") -> bytes:
@@ -79,9 +88,9 @@ def decode_secret(secret: str | bytes | Secret, *, name: str = "webhook secret")
                 "base64 (e.g. from `idis.integrations.webhooks._signing.generate_secret()`)",
                 variable=name,
             ) from None
-    if len(key) < _MIN_KEY_BYTES:
+    if len(key) < MIN_KEY_BYTES:
         raise ConfigError(
-            f"{name} is too short: expected at least {_MIN_KEY_BYTES} key bytes", variable=name
+            f"{name} is too short: expected at least {MIN_KEY_BYTES} key bytes", variable=name
         )
     return key
 

@@ -9,7 +9,7 @@ body) at a given time and either returns the delivery's message id or raises
 reason              status  meaning
 =================== ======= ==================================================
 ``missing_headers`` 400     a header the scheme needs is absent or empty
-``bad_timestamp``   400     the timestamp header is not integer Unix seconds
+``bad_timestamp``   400     the timestamp header is not integer Unix seconds up to year 9999
 ``stale_timestamp`` 401     the timestamp is outside the tolerance (replay guard)
 ``bad_signature``   401     no offered signature matches any configured secret
 ``too_large``       413     the body exceeds ``WebhookSettings.max_body_bytes``
@@ -20,11 +20,13 @@ reason              status  meaning
 Schemes shipped:
 
 * :class:`StandardWebhooksScheme`: ``webhook-id``/``webhook-timestamp``/
-  ``webhook-signature`` with several ``whsec_`` secrets at once (rotation) and a
-  ±``tolerance`` window (default 5 minutes, ``IDIS_WEBHOOK_TOLERANCE``).
+  ``webhook-signature`` (or Svix's ``svix-*`` names for the same scheme) with
+  several ``whsec_`` secrets at once (rotation) and a ±``tolerance`` window
+  (default 5 minutes, ``IDIS_WEBHOOK_TOLERANCE``).
 * :class:`HmacScheme`: HMAC-SHA256 in a named header, over the body alone or
   over method + URI + body + timestamp (hex or base64, optional prefix such as
-  ``sha256=``), for providers with their own scheme.
+  ``sha256=``), for providers with their own scheme. Keys are at least 16
+  bytes; a timestamp is trusted only when it is signed (``signed="request"``).
 
 Every comparison is constant-time. Error messages name the header that was
 wrong, never a secret, a signature or the body.
@@ -39,11 +41,15 @@ import hmac
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..exceptions import WebhookVerificationError
 from ._signing import (
+    MIN_KEY_BYTES,
+    SVIX_ID,
+    SVIX_SIGNATURE,
+    SVIX_TIMESTAMP,
     WEBHOOK_ID,
     WEBHOOK_SIGNATURE,
     WEBHOOK_TIMESTAMP,
@@ -80,6 +86,8 @@ REASON_STATUS: Mapping[str, int] = {
 MAX_HEADER_VALUE = 8192
 #: Deepest JSON nesting accepted (the stdlib parser recurses).
 MAX_JSON_DEPTH = 64
+#: 9999-12-31T23:59:59Z: a later "timestamp" is malformed, not merely stale.
+_LAST_UNIX_SECOND = 253_402_300_799
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,14 +180,25 @@ def _check_timestamp(name: str, value: str, now: datetime, tolerance: timedelta)
         raise WebhookVerificationError(
             f"webhook {name} header is not integer Unix seconds", reason="bad_timestamp"
         )
-    sent = datetime.fromtimestamp(int(value), UTC)
-    skew = abs((now - sent).total_seconds())
+    sent = int(value)
+    if sent > _LAST_UNIX_SECOND:
+        raise WebhookVerificationError(
+            f"webhook {name} header is not a Unix time (it lies after the year 9999)",
+            reason="bad_timestamp",
+        )
+    # Integer seconds, never a datetime: the header is not authenticated yet, and
+    # datetime.fromtimestamp(999999999999) overflows (year 33658).
+    skew = abs(now.timestamp() - sent)
     if skew > tolerance.total_seconds():
         raise WebhookVerificationError(
             f"webhook {name} is {skew:.0f} s away from our clock; the tolerance is "
             f"{tolerance.total_seconds():.0f} s",
             reason="stale_timestamp",
         )
+
+
+_HEADERS = (WEBHOOK_ID, WEBHOOK_TIMESTAMP, WEBHOOK_SIGNATURE)
+_SVIX_HEADERS = (SVIX_ID, SVIX_TIMESTAMP, SVIX_SIGNATURE)
 
 
 class StandardWebhooksScheme:
@@ -216,11 +235,21 @@ class StandardWebhooksScheme:
         return f"StandardWebhooksScheme(secrets={len(self._keys)}, tolerance={self.tolerance})"
 
     def verify(self, request: InboundRequest, now: datetime) -> str | None:
-        """Check the three Standard Webhooks headers; return ``webhook-id``."""
-        msg_id = _header(request, WEBHOOK_ID)
-        timestamp = _header(request, WEBHOOK_TIMESTAMP)
-        signature = _header(request, WEBHOOK_SIGNATURE)
-        _check_timestamp(WEBHOOK_TIMESTAMP, timestamp, now, self.tolerance)
+        """Check the three Standard Webhooks headers; return ``webhook-id``.
+
+        Svix (and senders built on its libraries) send the same scheme under
+        ``svix-id``/``svix-timestamp``/``svix-signature``; those are read when
+        ``webhook-id`` is absent.
+        """
+        names = (
+            _SVIX_HEADERS
+            if WEBHOOK_ID not in request.headers and SVIX_ID in request.headers
+            else _HEADERS
+        )
+        msg_id = _header(request, names[0])
+        timestamp = _header(request, names[1])
+        signature = _header(request, names[2])
+        _check_timestamp(names[1], timestamp, now, self.tolerance)
         if not signatures_match(self._keys, msg_id, timestamp, request.body, signature):
             raise WebhookVerificationError(
                 "webhook signature does not match any configured secret", reason="bad_signature"
@@ -232,21 +261,26 @@ class HmacScheme:
     """HMAC-SHA256 in a named header, over the body or over method + URI + body + timestamp.
 
     Args:
-        secrets: Shared secrets (the UTF-8 bytes of each are the HMAC key); several
-            are accepted at once for rotation.
+        secrets: Shared secrets (the UTF-8 bytes of each are the HMAC key, at least
+            16 bytes); several are accepted at once for rotation.
         header: Header carrying the signature (e.g. ``x-signature``).
         signed: ``"body"`` signs the raw body; ``"request"`` signs
             ``METHOD + separator + URI + separator + body + separator + timestamp``.
-        timestamp_header: Header with integer Unix seconds; required for
-            ``signed="request"``, checked against ``tolerance`` whenever set.
+        timestamp_header: Header with integer Unix seconds, signed with the request;
+            required for ``signed="request"`` and refused with ``signed="body"``
+            (a timestamp outside the signature proves nothing: anyone can replay a
+            captured body with a fresh one).
         encoding: ``"hex"`` or ``"base64"`` signature encoding.
         prefix: Text before the signature in the header (e.g. ``sha256=``).
         separator: Bytes between the parts of a ``"request"`` signature.
         id_header: Header with the delivery id, if the provider sends one.
         tolerance: Accepted clock difference for the timestamp.
+        label: What the secrets are, for errors: name the provider
+            (``"IDIS_PROVIDER_CRM_WEBHOOK_SECRETS"``, ``"crm webhook secret"``).
 
     Raises:
-        ConfigError: without secrets, or for ``signed="request"`` without a timestamp header.
+        ConfigError: without secrets, with a key shorter than 16 bytes, for
+            ``signed="request"`` without a timestamp header, or ``signed="body"`` with one.
     """
 
     name = "hmac"
@@ -273,12 +307,30 @@ class HmacScheme:
             raise ConfigError(
                 "HmacScheme(signed='request') needs timestamp_header", variable="timestamp_header"
             )
+        if signed == "body" and timestamp_header:
+            # Checking an unsigned timestamp would look like a replay guard and be none.
+            raise ConfigError(
+                f"{label}: HmacScheme(signed='body') cannot trust timestamp_header: the body "
+                "signature does not cover it, so a captured delivery replays with a fresh "
+                "timestamp; use signed='request' (which signs it) or drop timestamp_header "
+                "(the inbox ignores a replayed event id)",
+                variable="timestamp_header",
+            )
         self._keys = tuple(
             s
             if isinstance(s, bytes)
             else (s if isinstance(s, str) else s.get_secret_value()).encode()
             for s in secrets
         )
+        for index, key in enumerate(self._keys):
+            if len(key) < MIN_KEY_BYTES:
+                # Name the secret by its position and owner, never its value or length.
+                raise ConfigError(
+                    f"{label} #{index + 1} is too short: expected at least {MIN_KEY_BYTES} "
+                    "bytes of key (e.g. from `idis.integrations.webhooks._signing."
+                    "generate_secret()`)",
+                    variable=label,
+                )
         self.header = header.lower()
         self.signed = signed
         self.timestamp_header = timestamp_header.lower() if timestamp_header else None

@@ -1,0 +1,190 @@
+"""Group commit: concurrent deliveries share a transaction, and none pays for another's failure."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+from tests.sync.conftest import HostTable
+
+from idis.integrations._clock import ManualClock
+from idis.integrations.observability._metrics import Metrics
+from idis.integrations.sync._inbox import HandlerRegistry
+from idis.integrations.sync._models import SyncInbox
+
+from ..conftest import sample
+from .conftest import NOW, Face, P, event_body, failing_for, settings_for, signed
+
+
+def _inbox_ids(engine: Engine) -> set[str]:
+    with Session(engine) as session:
+        return set(session.scalars(select(SyncInbox.event_id)))
+
+
+def _wait_for_company(receiver: Any, face: Face, others: int) -> None:
+    """Hold the first batch until ``others`` deliveries queue behind it (sync face only)."""
+    if face.kind != "sync":
+        return  # the async face queues every gathered delivery before its first batch runs
+    deadline = time.monotonic() + 10
+    while len(receiver._io.committer._queue) < others and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def test_concurrent_deliveries_are_each_applied_once(
+    face: Face, sqlite_url: str, sqlite_engine: Engine, host: HostTable, metrics: Metrics
+) -> None:
+    """40 deliveries at once, then the same 40 again: 40 applied, 40 duplicates, nothing twice."""
+    deliveries = [(signed(event_body(n), msg=f"m{n}"), event_body(n)) for n in range(40)]
+    receiver = face.build(settings_for(sqlite_url), host.registry(), providers=[P])
+
+    first = face.send_concurrently(receiver, deliveries)
+    again = face.send_concurrently(receiver, deliveries)
+
+    assert {(200, "accepted")} == {(r.status_code, r.outcome) for r in first}
+    assert {(200, "duplicate")} == {(r.status_code, r.outcome) for r in again}
+    assert sorted(f"evt_{n}" for n in range(40)) == sorted(row[0] for row in host.rows())
+    assert 40.0 == sample(metrics, "integration_events_applied_total", provider=P, source="webhook")
+
+
+def test_a_failing_handler_loses_only_its_own_delivery(
+    face: Face, sqlite_url: str, sqlite_engine: Engine, host: HostTable
+) -> None:
+    """In a shared batch, a handler that raises fails its own event (500) and no other."""
+    failing = {"evt_3", "evt_11"}
+    handler = failing_for(failing, host)
+    held = threading.Event()
+    receiver: Any = None
+
+    def first_waits(session: Any, event: Any) -> None:
+        if not held.is_set():
+            held.set()
+            # 8 client threads: this one leads, up to 7 queue behind it.
+            _wait_for_company(receiver, face, 5)
+        handler(session, event)
+
+    registry = HandlerRegistry()
+    registry.register("record.updated", first_waits)
+    receiver = face.build(settings_for(sqlite_url), registry, providers=[P])
+    deliveries = [(signed(event_body(n), msg=f"m{n}"), event_body(n)) for n in range(16)]
+
+    results = face.send_concurrently(receiver, deliveries)
+    failing.clear()
+    retried = [face.send(receiver, signed(event_body(n)), event_body(n)) for n in (3, 11)]
+
+    by_event = {r.event_id: (r.status_code, r.outcome) for r in results}
+    assert {"evt_3": (500, "handler_error"), "evt_11": (500, "handler_error")} == {
+        k: v for k, v in by_event.items() if v[0] != 200
+    }
+    assert 14 == sum(1 for v in by_event.values() if v == (200, "accepted"))
+    assert [(200, "accepted")] * 2 == [(r.status_code, r.outcome) for r in retried]
+    assert {f"evt_{n}" for n in range(16)} == _inbox_ids(sqlite_engine)
+    assert 16 == len(host.rows())
+
+
+class _Broken:
+    """A verification scheme with a bug: it raises what no scheme may raise."""
+
+    name = "broken"
+
+    def verify(self, request: Any, now: Any) -> str | None:
+        raise KeyError("a bug in a host's scheme")
+
+
+def test_an_unexpected_error_is_a_counted_500(
+    face: Face, sqlite_url: str, host: HostTable, metrics: Metrics
+) -> None:
+    """A bug behind the receiver answers 500 internal_error, counted, and raises nothing."""
+    receiver = face.build(settings_for(sqlite_url), host.registry(), schemes={P: _Broken()})
+    body = event_body(1)
+
+    result = face.send(receiver, signed(body), body)
+
+    assert (500, "internal_error") == (result.status_code, result.outcome)
+    assert 1.0 == sample(
+        metrics, "integration_webhooks_received_total", provider=P, outcome="internal_error"
+    )
+
+
+def test_a_signature_spike_is_persisted_by_both_faces(
+    face: Face, sqlite_url: str, sqlite_engine: Engine, host: HostTable
+) -> None:
+    """Crossing the signature-failure threshold is written for the mode controller."""
+    from idis.integrations.sync._models import SyncProviderState
+
+    receiver = face.build(settings_for(sqlite_url), host.registry(), providers=[P])
+    body = event_body(1)
+    forged = signed(body, secret="whsec_" + "Zm9yZ2VkLWtleS1mb3JnZWQta2V5LTEyMzQ=")
+    for _ in range(10):
+        face.send(receiver, forged, body)
+    face.send(receiver, forged, body)  # the spike is saved on the next request
+
+    with Session(sqlite_engine) as session:
+        spike = session.scalar(select(SyncProviderState.signature_spike_at))
+    assert spike is not None
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_parallel_batches_on_postgres_apply_each_delivery_once(
+    kind: str, pg_url: str, pg_engine: Engine, metrics: Metrics
+) -> None:
+    """On PostgreSQL several batches run at once; every delivery is still applied once."""
+    host = HostTable(pg_engine)
+    pg_face = Face(kind, pg_engine, pg_url)
+    try:
+        receiver = pg_face.build(settings_for(pg_url), host.registry(), providers=[P])
+        deliveries = [(signed(event_body(n), msg=f"m{n}"), event_body(n)) for n in range(60)]
+
+        first = pg_face.send_concurrently(receiver, deliveries)
+        again = pg_face.send_concurrently(receiver, deliveries[::-1])
+    finally:
+        pg_face.close()
+
+    assert {(200, "accepted")} == {(r.status_code, r.outcome) for r in first}
+    assert {(200, "duplicate")} == {(r.status_code, r.outcome) for r in again}
+    assert sorted(f"evt_{n}" for n in range(60)) == sorted(row[0] for row in host.rows())
+    assert 60.0 == sample(metrics, "integration_events_applied_total", provider=P, source="webhook")
+
+
+def test_a_delivery_arriving_as_a_batch_ends_is_never_stranded(
+    sqlite_url: str, host: HostTable
+) -> None:
+    """A delivery submitted the moment the previous batch ends is answered (not stranded).
+
+    Awaited back to back, each delivery resumes its caller before the finished drain
+    task's done callbacks run; a drain count kept by those callbacks strands the next one.
+    """
+    import asyncio
+
+    from idis.integrations.db._engine import create_async_db_engine
+    from idis.integrations.webhooks._receiver import AsyncWebhookReceiver
+
+    async def back_to_back() -> list[Any]:
+        engine = create_async_db_engine(sqlite_url)
+        receiver = AsyncWebhookReceiver(
+            settings_for(sqlite_url),
+            engine,
+            registry=host.registry(),
+            providers=[P],
+            clock=ManualClock(NOW),
+        )
+
+        async def in_turn() -> list[Any]:
+            return [
+                await receiver.handle(P, signed(event_body(n), msg=f"m{n}"), event_body(n))
+                for n in range(20)
+            ]
+
+        try:
+            # A stranded delivery would wait forever: bound the wait, fail instead of hanging.
+            return await asyncio.wait_for(in_turn(), 60)
+        finally:
+            await engine.dispose()
+
+    results = asyncio.run(back_to_back())
+
+    assert {(200, "accepted")} == {(r.status_code, r.outcome) for r in results}
