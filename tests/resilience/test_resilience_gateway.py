@@ -30,7 +30,6 @@ from idis.integrations.exceptions import (
     ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
-    RetryBudgetExhausted,
     UnknownProviderError,
     UsageError,
 )
@@ -399,19 +398,19 @@ def test_retry_after_longer_than_the_deadline_is_not_slept(make_harness: Any, he
 # --------------------------------------------------------------------------- budget
 
 
-def test_retry_budget_exhausted_has_its_own_error_and_counters(
+def test_retry_budget_exhausted_ends_with_the_last_error_and_its_own_counters(
     make_harness: Any, helpers: Any, read_metric: Any, logs: Any
 ) -> None:
-    """Once the budget is spent the call ends with RetryBudgetExhausted, counted on its own."""
+    """Once the budget is spent the call ends with the provider's last error, counted apart."""
     retry = RetryPolicy(max_attempts=4, budget_ratio=0.1, budget_min_retries=1, budget_window=60.0)
     h = make_harness(helpers.settings_for(helpers.provider_settings(retry=retry)), sequence(503))
 
-    with pytest.raises(RetryBudgetExhausted, match="retry budget exhausted") as info:
+    with pytest.raises(ProviderUnavailable) as info:
         h.get_json("crm", "records")
 
     assert 2 == len(h.requests)
-    assert isinstance(info.value.__cause__, ProviderUnavailable)
-    assert 503 == info.value.status_code
+    assert (503, 2) == (info.value.status_code, info.value.sent)
+    assert any("retry budget of crm exhausted" in note for note in info.value.__notes__)
     assert 1.0 == read_metric("integration_retry_budget_exhausted_total", provider="crm")
     assert 1.0 == read_metric(
         ERRORS, provider="crm", endpoint="records", error_type="retry_budget_exhausted"
@@ -432,7 +431,7 @@ def test_retry_budget_limits_amplification_during_an_outage(
     h = make_harness(helpers.settings_for(helpers.provider_settings(retry=retry)), sequence(503))
 
     for _ in range(50):
-        with pytest.raises((ProviderUnavailable, RetryBudgetExhausted)):
+        with pytest.raises(ProviderUnavailable):
             h.get_json("crm", "records")
 
     assert 50 < len(h.requests) <= 60
@@ -583,20 +582,24 @@ def test_half_open_trial_through_the_gateway_closes_the_breaker(
 
 
 def test_failed_trial_reopens_through_the_gateway(make_harness: Any, helpers: Any) -> None:
-    """A failed half-open trial re-opens the breaker; the call after it is short-circuited."""
+    """A failed half-open trial re-opens the breaker and is reported as the provider's error."""
     provider = helpers.provider_settings(
         retry=RetryPolicy(max_attempts=3, budget_min_retries=100),
         breaker=BreakerPolicy(failure_threshold=1, minimum_calls=1000, reset_timeout=30.0),
     )
     h = make_harness(helpers.settings_for(provider), sequence(500))
-    with pytest.raises(CircuitOpen):  # the retry after the first failure is short-circuited
+    with pytest.raises(ProviderUnavailable):  # the retry after the first failure is refused
         h.get_json("crm", "records")
     h.clock.advance(30)
 
-    with pytest.raises(CircuitOpen):
+    with pytest.raises(ProviderUnavailable) as trial:
+        h.get_json("crm", "records")
+    with pytest.raises(CircuitOpen) as after:
         h.get_json("crm", "records")
 
     assert 2 == len(h.requests)
+    assert (500, 1) == (trial.value.status_code, trial.value.sent)
+    assert 0 == after.value.sent
     assert OPEN == h.gateway.breaker_state("crm")
 
 

@@ -166,13 +166,13 @@ def _recorded(session: Session, status: ProviderStatus, now: datetime) -> None:
 def _shared(settings: Settings, statuses: list[ProviderStatus]) -> None:
     if not settings.redis_url:
         return
-    from ..resilience._shared import redis_breaker_storage
+    from ..resilience._shared import read_shared_state
 
-    factory = redis_breaker_storage(settings.redis_url)
     for status in statuses:
-        state = factory(status.provider, status.provider).state
-        status.breaker_state = {"half-open": "half_open"}.get(state, state)
-        status.breaker_source = "redis (live)"
+        shared = read_shared_state(settings.redis_url, status.provider)
+        if shared is not None:
+            status.breaker_state = shared.state
+            status.breaker_source = "redis (live)"
 
 
 def _probe(settings: Settings, statuses: list[ProviderStatus]) -> None:
