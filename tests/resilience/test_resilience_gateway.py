@@ -820,3 +820,34 @@ def test_no_request_id_header_unless_asked(make_harness: Any, helpers: Any) -> N
     h.get_json("crm", "records")
 
     assert "x-request-id" not in h.requests[0].headers
+
+
+def test_error_series_exist_at_zero_from_the_start(mode: str, helpers: Any, metrics: Any) -> None:
+    """Issue 15: every configured provider and endpoint has its provider-fault error series at 0
+    as soon as a gateway exists, so rate() sees the first error; nothing else is created."""
+    from idis.integrations.resilience import AsyncGateway, Gateway
+    from idis.integrations.resilience._gateway import PRESET_ERROR_TYPES
+
+    other = helpers.provider_settings("docs", endpoints={"files": "/files"})
+    settings = helpers.settings_for(helpers.provider_settings(), other)
+    gateway = (Gateway if mode == "sync" else AsyncGateway)(settings, metrics=metrics)
+
+    series = {
+        (s.labels["provider"], s.labels["endpoint"], s.labels["error_type"]): s.value
+        for family in metrics.registry.collect()
+        if family.name == "integration_errors"
+        for s in family.samples
+        if s.name == ERRORS
+    }
+    expected = {
+        (provider, endpoint, error_type): 0.0
+        for provider, endpoints in (("crm", ("records", "record", "health")), ("docs", ("files",)))
+        for endpoint in endpoints
+        for error_type in PRESET_ERROR_TYPES
+    }
+    assert expected == series
+    assert "client_error" not in PRESET_ERROR_TYPES
+    if mode == "sync":
+        gateway.close()
+    else:
+        asyncio.run(gateway.aclose())
