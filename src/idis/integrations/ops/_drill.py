@@ -29,6 +29,7 @@ piece on purpose to show that the drill can fail.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -326,7 +327,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     from ..reconciliation import reconcile, verify_sync
     from ..reconciliation._sync_timeline import timeline
     from ..resilience._gateway import Gateway
-    from ..resilience._recorder import StateRecorder
+    from ..resilience._recorder import HealthSampler
     from ..sync import HandlerRegistry, SyncService, sync_summary
     from ..testing import run_simulator, serve_asgi, simulator_settings
 
@@ -363,8 +364,10 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
 
     auth = oauth_auth_factory(settings)
     stack.callback(auth.close)
-    recorder = StateRecorder(database_url, clock=drill.clock)
-    stack.callback(recorder.stop)
+    # The async sampler's breaker hook queues audit rows; the sync drill writes them
+    # with asyncio.run(flush()) when it needs them, and at the end.
+    recorder = HealthSampler(database_url, clock=drill.clock)
+    stack.callback(lambda: asyncio.run(recorder.flush()))
     gateway = Gateway(
         settings,
         metrics=drill.metrics,
@@ -559,7 +562,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
         tick(emit=False)
 
     drill.phase("6. verification")
-    recorder.flush()
+    asyncio.run(recorder.flush())
     _verify(
         drill,
         engine=engine,

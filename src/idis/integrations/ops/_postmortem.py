@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from .._audit import AuditEvent
 from .._timeparse import format_duration, utcnow
-from ..resilience._recorder import HealthSample
+from ..resilience._recorder import HealthSample, timeline_of_live_samples
 from ._report import Check, Phase, Report, Series
 
 __all__ = ["PostmortemFacts", "build_postmortem"]
@@ -162,12 +162,7 @@ def build_postmortem(
     )
 
     series = [
-        Series(
-            "error rate",
-            [(t(s.sampled_at), round(s.error_rate, 3)) for s in samples],
-            "of calls",
-            step=False,
-        ),
+        Series("error rate", _error_rate(samples, t), "of calls", step=False),
         Series(
             "breaker",
             [(0.0, 0.0)]
@@ -237,6 +232,20 @@ def build_postmortem(
         ][:500],
     )
     return report, facts
+
+
+def _error_rate(samples: Sequence[HealthSample], t: Any) -> list[tuple[float, float]]:
+    """The error rate over every replica still reporting at each sample time.
+
+    A replica counts while it keeps reporting (``live_samples``): samples of a
+    replica that was restarted stop counting within two of its intervals.
+    """
+    points = []
+    for at, live in timeline_of_live_samples(samples):
+        calls = sum(s.calls for s in live)
+        failures = sum(s.failures for s in live)
+        points.append((t(at), round(failures / calls, 3) if calls else 0.0))
+    return points
 
 
 def _defect_series(

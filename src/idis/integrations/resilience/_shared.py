@@ -110,6 +110,12 @@ class _Clients:
     """The Redis clients of one gateway: one blocking, one ``redis.asyncio`` per event loop."""
 
     def __init__(self, url: str, socket_timeout: float) -> None:
+        # Imported here, when the gateway is built: importing redis.asyncio on first
+        # use would stall the event loop for the length of the import.
+        import redis
+        import redis.asyncio
+
+        del redis
         self.url = url
         self.socket_timeout = socket_timeout
         self._sync: Any = None
