@@ -239,7 +239,8 @@ def test_429_retry_after_seconds_is_waited_exactly(
         "integration_rate_limited_total", provider="crm", endpoint="records", source="provider"
     )
     assert 1.0 == read_metric(ERRORS, provider="crm", endpoint="records", error_type="rate_limited")
-    lines = logs.grep("rate limit", "429")
+    # RB-09's `grep -i "rate limit\|429"` finds the line (and maybe a request id with 429 in it).
+    lines = [line for line in logs.grep("rate limit", "429") if "gateway.rate_limited" in line]
     assert 1 == len(lines)
     assert "rate limit" in lines[0].lower()
     assert "429" in lines[0]
@@ -851,3 +852,83 @@ def test_error_series_exist_at_zero_from_the_start(mode: str, helpers: Any, metr
         gateway.close()
     else:
         asyncio.run(gateway.aclose())
+
+
+def test_health_probe_without_endpoint_or_reachable_provider(
+    make_harness: Any, helpers: Any, read_metric: Any
+) -> None:
+    """No health endpoint: reported as such, nothing sent; an unreachable one: down, with why."""
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    plain = make_harness(helpers.settings_for(helpers.provider_settings()), refuse)
+    probed = make_harness(
+        helpers.settings_for(helpers.provider_settings("docs", health_endpoint="/health")), refuse
+    )
+
+    none = plain.call("health", "crm")
+    down = probed.call("health", "docs")
+
+    assert (True, "no health endpoint configured", []) == (none.ok, none.detail, plain.requests)
+    assert (False, "docs health: ConnectError") == (down.ok, down.detail)
+    assert 0.0 == read_metric("integration_provider_up", provider="docs")
+
+
+def test_a_caller_waiting_for_a_slot_gives_up_after_bulkhead_wait(
+    mode: str, helpers: Any, metrics: Any, read_metric: Any
+) -> None:
+    """With the only slot held, a second caller waits bulkhead_wait, then fails, nothing sent."""
+    from idis.integrations.resilience import AsyncGateway, Gateway
+
+    provider = helpers.provider_settings(max_concurrency=1, bulkhead_wait=0.05)
+    caught: list[BaseException] = []
+
+    if mode == "sync":
+        holder: list[Any] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/records":
+                try:
+                    holder[0].get_json("crm", "record", path_params={"id": "1"})
+                except BulkheadFull as exc:
+                    caught.append(exc)
+            return ok()
+
+        with Gateway(
+            helpers.settings_for(provider), metrics=metrics, transport=httpx.MockTransport(handler)
+        ) as gateway:
+            holder.append(gateway)
+            gateway.get_json("crm", "records")
+    else:
+
+        async def scenario() -> None:
+            inside = asyncio.Event()
+            leave = asyncio.Event()
+
+            async def handler(request: httpx.Request) -> httpx.Response:
+                if request.url.path == "/records":
+                    inside.set()
+                    await leave.wait()
+                return ok()
+
+            async with AsyncGateway(
+                helpers.settings_for(provider),
+                metrics=metrics,
+                transport=httpx.MockTransport(handler),
+            ) as gateway:
+                first = asyncio.create_task(gateway.get_json("crm", "records"))
+                await inside.wait()
+                try:
+                    await gateway.get_json("crm", "record", path_params={"id": "1"})
+                except BulkheadFull as exc:
+                    caught.append(exc)
+                leave.set()
+                await first
+
+        asyncio.run(scenario())
+
+    [error] = caught
+    assert isinstance(error, BulkheadFull)
+    assert 0 == error.sent
+    assert 1.0 == read_metric("integration_bulkhead_rejected_total", provider="crm")

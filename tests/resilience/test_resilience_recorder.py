@@ -201,12 +201,28 @@ async def _run_until(sampler: HealthSampler, snapshot: Any, engine: Engine, rows
     task = asyncio.create_task(sampler.run(snapshot, [P]))
     try:
         for _ in range(500):  # a hang guard, not a timing
-            if len(_breaker_actions(engine)) >= rows or task.done():
+            # Read from a thread: the sampler's writes need this loop to finish.
+            if len(await asyncio.to_thread(_breaker_actions, engine)) >= rows or task.done():
                 break
             await asyncio.sleep(0.01)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _until_sampled(engine: Engine, replica: str) -> None:
+    """Wait until ``replica`` has written a sample (a hang guard, not a timing)."""
+
+    def sampled() -> bool:
+        with Session(read_only(engine)) as session:
+            query = select(HealthSample).where(HealthSample.replica == replica)
+            return session.scalars(query).first() is not None
+
+    for _ in range(500):
+        # From a thread: the sampler's write needs this loop to run to commit.
+        if await asyncio.to_thread(sampled):
+            return
+        await asyncio.sleep(0.01)
 
 
 def _snapshot(state: str, shared: str = "not shared") -> Any:
@@ -248,13 +264,7 @@ def test_no_restart_closing_while_another_replica_reports_it_open(db: tuple[str,
 
     async def scenario() -> None:
         task = asyncio.create_task(sampler.run(_snapshot("closed"), [P]))
-        for _ in range(500):  # until our first sample is written (a hang guard)
-            with Session(engine) as session:
-                if session.scalars(
-                    select(HealthSample).where(HealthSample.replica == "new-1")
-                ).first():
-                    break
-            await asyncio.sleep(0.01)
+        await _until_sampled(engine, "new-1")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
@@ -271,11 +281,7 @@ def test_no_restart_closing_before_the_shared_state_is_read(db: tuple[str, Engin
 
     async def scenario() -> None:
         task = asyncio.create_task(sampler.run(_snapshot("closed", "not read yet"), [P]))
-        for _ in range(500):
-            with Session(read_only(engine)) as session:
-                if session.scalars(select(HealthSample)).first():
-                    break
-            await asyncio.sleep(0.01)
+        await _until_sampled(engine, "new-1")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 

@@ -515,10 +515,12 @@ def test_async_gateway_never_blocks_its_loop_on_a_slow_redis(
     async def scenario(url: str) -> list[str]:
         clock = ManualClock()
         gateway = AsyncGateway(
-            helpers.settings_for(provider, redis_url=url),
+            helpers.settings_for(provider),
             clock=clock,
             metrics=metrics,
             transport=httpx.MockTransport(handler),
+            # Redis is 200 ms away on a loaded machine: a timeout well above that.
+            breaker_storage=RedisBreakerStores(url, clock=clock, socket_timeout=5.0),
         )
         outcomes = []
         sys.setprofile(profile)

@@ -346,9 +346,6 @@ class _Pipeline:
                 self._runtimes[provider] = runtime
         return runtime
 
-    def runtimes(self) -> list[_Runtime]:
-        return list(self._runtimes.values())
-
     def _breaker(self, provider: ProviderSettings, name: str) -> Breaker:
         store = self.storage(provider.name, name) if self.storage else None
         breaker = Breaker(
@@ -979,7 +976,62 @@ def _limits(settings: Settings) -> httpx.Limits:
 # --------------------------------------------------------------------------- faces
 
 
-class Gateway:
+class _Face:
+    """What both faces share: the pipeline, the settings, and the sync accessors."""
+
+    _p: _Pipeline
+
+    def __init__(
+        self,
+        settings: Settings,
+        bulkhead: Callable[[int], Any],
+        options: dict[str, Any],
+    ) -> None:
+        self._p = _Pipeline(settings, bulkhead=bulkhead, **options)
+
+    @property
+    def settings(self) -> Settings:
+        """The settings this gateway was built with."""
+        return self._p.settings
+
+    @property
+    def clock(self) -> Clock:
+        """The clock deadlines, breakers and pauses read."""
+        return self._p.clock
+
+    def _refresh(self, provider: str) -> None:
+        """Exchange due shared breaker state before an accessor reads it (face-specific)."""
+        raise NotImplementedError
+
+    def _call(self, provider: str, endpoint: str, **options: Any) -> Flow[Any]:
+        runtime, call = self._p.prepare(provider, endpoint, **options)
+        return self._p.call_flow(runtime, call)
+
+    def available(self, provider: str) -> bool:
+        """False while the provider's breaker is open or a Retry-After pause holds."""
+        self._refresh(provider)
+        return self._p.available(provider)
+
+    def breaker_state(self, provider: str, endpoint: str | None = None) -> str:
+        """``closed``, ``half_open`` or ``open``."""
+        self._refresh(provider)
+        return self._p.breaker_state(provider, endpoint)
+
+    def breaker(self, provider: str, endpoint: str | None = None) -> Breaker:
+        """The provider's (or an endpoint's) breaker, for operators and tests."""
+        return self._p.breaker(provider, endpoint)
+
+    def snapshot(self, provider: str) -> dict[str, Any]:
+        """Breaker state, recent error rate, pause and in-flight count (for ``status``)."""
+        self._refresh(provider)
+        return self._p.snapshot(provider)
+
+
+def _options(**options: Any) -> dict[str, Any]:
+    return options
+
+
+class Gateway(_Face):
     """Resilient provider calls for sync code (scripts, worker threads). Thread-safe.
 
     Example::
@@ -1022,16 +1074,18 @@ class Gateway:
         seed: int | None = None,
         request_id_header: str | None = None,
     ) -> None:
-        self._p = _Pipeline(
+        super().__init__(
             settings,
-            bulkhead=ThreadBulkhead,
-            request_id_header=request_id_header,
-            metrics=metrics,
-            clock=clock,
-            auth=auth,
-            breaker_storage=breaker_storage,
-            on_transition=on_transition,
-            seed=seed,
+            ThreadBulkhead,
+            _options(
+                metrics=metrics,
+                clock=clock,
+                auth=auth,
+                breaker_storage=breaker_storage,
+                on_transition=on_transition,
+                seed=seed,
+                request_id_header=request_id_header,
+            ),
         )
         # Clocks written before Clock gained sleep()/asleep() still work (real sleep).
         self.sleep = sleep or getattr(self._p.clock, "sleep", time.sleep)
@@ -1039,16 +1093,6 @@ class Gateway:
         self.client = client or httpx.Client(
             transport=transport, limits=_limits(settings), follow_redirects=False
         )
-
-    @property
-    def settings(self) -> Settings:
-        """The settings this gateway was built with."""
-        return self._p.settings
-
-    @property
-    def clock(self) -> Clock:
-        """The clock deadlines, breakers and pauses read."""
-        return self._p.clock
 
     def request(
         self,
@@ -1072,8 +1116,7 @@ class Gateway:
             ProviderError: a subclass saying what failed, with ``sent`` set (see
                 the module docstring).
         """
-        p = self._p
-        runtime, call = p.prepare(
+        flow = self._call(
             provider,
             endpoint,
             method=method,
@@ -1086,7 +1129,7 @@ class Gateway:
             timeout=timeout,
             parse_json=False,
         )
-        return drive(p.call_flow(runtime, call), self)  # type: ignore[no-any-return]
+        return drive(flow, self)  # type: ignore[no-any-return]
 
     def get_json(
         self,
@@ -1106,8 +1149,7 @@ class Gateway:
         A body that is not JSON is a provider fault (``MalformedResponse``):
         counted against the breaker and retried like a 5xx.
         """
-        p = self._p
-        runtime, call = p.prepare(
+        flow = self._call(
             provider,
             endpoint,
             method=method,
@@ -1120,30 +1162,11 @@ class Gateway:
             timeout=timeout,
             parse_json=True,
         )
-        return drive(p.call_flow(runtime, call), self)
+        return drive(flow, self)
 
     def _refresh(self, provider: str) -> None:
         for breaker in self._p.due_shares(provider):
             breaker.share()
-
-    def available(self, provider: str) -> bool:
-        """False while the provider's breaker is open or a Retry-After pause holds."""
-        self._refresh(provider)
-        return self._p.available(provider)
-
-    def breaker_state(self, provider: str, endpoint: str | None = None) -> str:
-        """``closed``, ``half_open`` or ``open``."""
-        self._refresh(provider)
-        return self._p.breaker_state(provider, endpoint)
-
-    def breaker(self, provider: str, endpoint: str | None = None) -> Breaker:
-        """The provider's (or an endpoint's) breaker, for operators and tests."""
-        return self._p.breaker(provider, endpoint)
-
-    def snapshot(self, provider: str) -> dict[str, Any]:
-        """Breaker state, recent error rate, pause and in-flight count (for ``status``)."""
-        self._refresh(provider)
-        return self._p.snapshot(provider)
 
     def health(self, provider: str) -> HealthReport:
         """Probe the provider's health endpoint once (no retries, no breaker)."""
@@ -1164,7 +1187,7 @@ class Gateway:
         self.close()
 
 
-class AsyncGateway:
+class AsyncGateway(_Face):
     """Resilient provider calls for asyncio code. Safe to share between tasks of one loop.
 
     Same arguments and methods as :class:`Gateway`; ``request``, ``get_json``
@@ -1188,16 +1211,18 @@ class AsyncGateway:
         seed: int | None = None,
         request_id_header: str | None = None,
     ) -> None:
-        self._p = _Pipeline(
+        super().__init__(
             settings,
-            bulkhead=AsyncBulkhead,
-            request_id_header=request_id_header,
-            metrics=metrics,
-            clock=clock,
-            auth=auth,
-            breaker_storage=breaker_storage,
-            on_transition=on_transition,
-            seed=seed,
+            AsyncBulkhead,
+            _options(
+                metrics=metrics,
+                clock=clock,
+                auth=auth,
+                breaker_storage=breaker_storage,
+                on_transition=on_transition,
+                seed=seed,
+                request_id_header=request_id_header,
+            ),
         )
         self.asleep = sleep or getattr(self._p.clock, "asleep", asyncio.sleep)
         self._owns_client = client is None
@@ -1205,16 +1230,6 @@ class AsyncGateway:
             transport=transport, limits=_limits(settings), follow_redirects=False
         )
         self._tasks: set[asyncio.Task[Any]] = set()
-
-    @property
-    def settings(self) -> Settings:
-        """The settings this gateway was built with."""
-        return self._p.settings
-
-    @property
-    def clock(self) -> Clock:
-        """The clock deadlines, breakers and pauses read."""
-        return self._p.clock
 
     def background(self, work: Awaitable[Any]) -> None:
         """Run ``work`` as a task of this gateway (cancelled by :meth:`aclose`)."""
@@ -1237,8 +1252,7 @@ class AsyncGateway:
         timeout: float | None = None,
     ) -> httpx.Response:
         """Async twin of :meth:`Gateway.request`."""
-        p = self._p
-        runtime, call = p.prepare(
+        flow = self._call(
             provider,
             endpoint,
             method=method,
@@ -1251,7 +1265,7 @@ class AsyncGateway:
             timeout=timeout,
             parse_json=False,
         )
-        return await adrive(p.call_flow(runtime, call), self)
+        return await adrive(flow, self)
 
     async def get_json(
         self,
@@ -1267,8 +1281,7 @@ class AsyncGateway:
         timeout: float | None = None,
     ) -> Any:
         """Async twin of :meth:`Gateway.get_json`."""
-        p = self._p
-        runtime, call = p.prepare(
+        flow = self._call(
             provider,
             endpoint,
             method=method,
@@ -1281,7 +1294,7 @@ class AsyncGateway:
             timeout=timeout,
             parse_json=True,
         )
-        return await adrive(p.call_flow(runtime, call), self)
+        return await adrive(flow, self)
 
     def _refresh(self, provider: str) -> None:
         # Never awaited here (these accessors are sync): a due exchange starts in
@@ -1294,25 +1307,6 @@ class AsyncGateway:
             work = breaker.start_ashare()
             if work is not None:
                 self.background(work)
-
-    def available(self, provider: str) -> bool:
-        """False while the provider's breaker is open or a Retry-After pause holds."""
-        self._refresh(provider)
-        return self._p.available(provider)
-
-    def breaker_state(self, provider: str, endpoint: str | None = None) -> str:
-        """``closed``, ``half_open`` or ``open``."""
-        self._refresh(provider)
-        return self._p.breaker_state(provider, endpoint)
-
-    def breaker(self, provider: str, endpoint: str | None = None) -> Breaker:
-        """The provider's (or an endpoint's) breaker, for operators and tests."""
-        return self._p.breaker(provider, endpoint)
-
-    def snapshot(self, provider: str) -> dict[str, Any]:
-        """Breaker state, recent error rate, pause and in-flight count (for ``status``)."""
-        self._refresh(provider)
-        return self._p.snapshot(provider)
 
     async def health(self, provider: str) -> HealthReport:
         """Probe the provider's health endpoint once (no retries, no breaker)."""
