@@ -10,13 +10,18 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from idis.integrations._http import httpx
 from idis.integrations.exceptions import UsageError
 from idis.integrations.resilience import Gateway, ManualClock
 
+#: Any text, with the dot-segment and separator shapes mixed in (plain text rarely hits them).
+_VALUES = st.one_of(
+    st.text(),
+    st.sampled_from(["", ".", "..", "...", "./", "../", "%2e%2e", "a/..", "?", "#"]),
+)
 ENDPOINTS = {"record": "/api/v1/records/{id}", "note": "/api/v1/records/{id}/notes/{note}"}
 
 
@@ -72,7 +77,9 @@ def test_dots_inside_a_value_are_kept_in_their_segment(make_harness: Any, helper
     # `helpers` only hands out module functions: nothing in it changes between examples.
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(value=st.text(), note=st.text())
+@given(value=_VALUES, note=_VALUES)
+@example(value="..", note="n-1")
+@example(value="42", note=".")
 def test_no_value_escapes_its_path_segment(helpers: Any, value: str, note: str) -> None:
     """For any strings, the request path is the template with each value as one whole segment
     (or the call is refused with nothing sent)."""
