@@ -250,7 +250,7 @@ def test_a_thread_coming_back_for_more_waits_behind_the_queue(helpers: Any) -> N
             if request.url.path.endswith("/a1"):
                 b.start()
 
-        gateway.client.event_hooks["request"] = [start_b_once_a_is_inside]
+        gateway._client.event_hooks["request"] = [start_b_once_a_is_inside]
         gateway.get_json("crm", "record", path_params={"id": "a1"})
         gateway.get_json("crm", "record", path_params={"id": "a2"})
         b.join(HANG_GUARD)

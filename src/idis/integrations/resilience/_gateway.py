@@ -266,6 +266,23 @@ class _Probe(Effect[httpx.Response]):
         return await io.client.get(self.url, timeout=self.timeout)  # type: ignore[no-any-return]
 
 
+@dataclass(slots=True)
+class _SyncIO:
+    """What the effects need from :class:`Gateway`."""
+
+    client: httpx.Client
+    sleep: Callable[[float], None]
+
+
+@dataclass(slots=True)
+class _AsyncIO:
+    """What the effects need from :class:`AsyncGateway`."""
+
+    client: httpx.AsyncClient
+    asleep: Callable[[float], Awaitable[None]]
+    background: Callable[[Awaitable[Any]], None]
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -1027,6 +1044,11 @@ class _Face:
         return self._p.snapshot(provider)
 
 
+def _clock_wait(clock: Clock, name: str, default: Any) -> Any:
+    """The clock's ``sleep``/``asleep``; a real wait for clocks written before Clock had them."""
+    return getattr(clock, name, default)
+
+
 def _options(**options: Any) -> dict[str, Any]:
     return options
 
@@ -1087,12 +1109,12 @@ class Gateway(_Face):
                 request_id_header=request_id_header,
             ),
         )
-        # Clocks written before Clock gained sleep()/asleep() still work (real sleep).
-        self.sleep = sleep or getattr(self._p.clock, "sleep", time.sleep)
         self._owns_client = client is None
-        self.client = client or httpx.Client(
+        self._client = client or httpx.Client(
             transport=transport, limits=_limits(settings), follow_redirects=False
         )
+        wait: Callable[[float], None] = sleep or _clock_wait(self._p.clock, "sleep", time.sleep)
+        self._io = _SyncIO(self._client, wait)
 
     def request(
         self,
@@ -1129,7 +1151,7 @@ class Gateway(_Face):
             timeout=timeout,
             parse_json=False,
         )
-        return drive(flow, self)  # type: ignore[no-any-return]
+        return drive(flow, self._io)  # type: ignore[no-any-return]
 
     def get_json(
         self,
@@ -1162,7 +1184,7 @@ class Gateway(_Face):
             timeout=timeout,
             parse_json=True,
         )
-        return drive(flow, self)
+        return drive(flow, self._io)
 
     def _refresh(self, provider: str) -> None:
         for breaker in self._p.due_shares(provider):
@@ -1170,12 +1192,12 @@ class Gateway(_Face):
 
     def health(self, provider: str) -> HealthReport:
         """Probe the provider's health endpoint once (no retries, no breaker)."""
-        return drive(self._p.health_flow(provider), self)
+        return drive(self._p.health_flow(provider), self._io)
 
     def close(self) -> None:
         """Close the HTTP client (when the gateway created it) and the Redis client."""
         if self._owns_client:
-            self.client.close()
+            self._client.close()
         close = getattr(self._p.storage, "close", None)
         if close is not None:
             close()
@@ -1224,14 +1246,17 @@ class AsyncGateway(_Face):
                 request_id_header=request_id_header,
             ),
         )
-        self.asleep = sleep or getattr(self._p.clock, "asleep", asyncio.sleep)
         self._owns_client = client is None
-        self.client = client or httpx.AsyncClient(
+        self._client = client or httpx.AsyncClient(
             transport=transport, limits=_limits(settings), follow_redirects=False
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        wait: Callable[[float], Awaitable[None]] = sleep or _clock_wait(
+            self._p.clock, "asleep", asyncio.sleep
+        )
+        self._io = _AsyncIO(self._client, wait, self._background)
 
-    def background(self, work: Awaitable[Any]) -> None:
+    def _background(self, work: Awaitable[Any]) -> None:
         """Run ``work`` as a task of this gateway (cancelled by :meth:`aclose`)."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
@@ -1265,7 +1290,7 @@ class AsyncGateway(_Face):
             timeout=timeout,
             parse_json=False,
         )
-        return await adrive(flow, self)
+        return await adrive(flow, self._io)
 
     async def get_json(
         self,
@@ -1294,7 +1319,7 @@ class AsyncGateway(_Face):
             timeout=timeout,
             parse_json=True,
         )
-        return await adrive(flow, self)
+        return await adrive(flow, self._io)
 
     def _refresh(self, provider: str) -> None:
         # Never awaited here (these accessors are sync): a due exchange starts in
@@ -1306,11 +1331,11 @@ class AsyncGateway(_Face):
         for breaker in self._p.due_shares(provider):
             work = breaker.start_ashare()
             if work is not None:
-                self.background(work)
+                self._background(work)
 
     async def health(self, provider: str) -> HealthReport:
         """Probe the provider's health endpoint once (no retries, no breaker)."""
-        return await adrive(self._p.health_flow(provider), self)
+        return await adrive(self._p.health_flow(provider), self._io)
 
     async def aclose(self) -> None:
         """Close the HTTP client (when the gateway created it), background work and Redis."""
@@ -1319,7 +1344,7 @@ class AsyncGateway(_Face):
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._owns_client:
-            await self.client.aclose()
+            await self._client.aclose()
         aclose = getattr(self._p.storage, "aclose", None)
         if aclose is not None:
             await aclose()
