@@ -401,23 +401,24 @@ class Breaker:
         self._state = state
         self._version = record.version
         self._opened_at = record.opened_at if state == OPEN else 0.0
+        if state == old:
+            return  # a newer record of the same state: trials in flight stay counted
         self._reset_trials()
         if state == CLOSED:
             self._consecutive = 0
             self._window.clear()
-        if state != old:
-            self._reason = "changed by another replica"
-            self._emit(
-                BreakerTransition(
-                    self.provider,
-                    self.name,
-                    old,
-                    state,
-                    self._reason,
-                    self._clock.time(),
-                    observed=True,
-                )
+        self._reason = "changed by another replica"
+        self._emit(
+            BreakerTransition(
+                self.provider,
+                self.name,
+                old,
+                state,
+                self._reason,
+                self._clock.time(),
+                observed=True,
             )
+        )
 
     def __repr__(self) -> str:
         return f"<Breaker {self.provider}:{self.name} {self._state} v{self._version}>"
