@@ -551,3 +551,49 @@ def test_async_gateway_never_blocks_its_loop_on_a_slow_redis(
     assert ["ok"] * 20 + ["503"] * 3 + ["open"] * 2 == outcomes
     assert stored is not None
     assert OPEN == stored.state
+
+
+@pytest.mark.redis
+def test_async_breaker_exchange_and_accessors_never_wait_for_redis(
+    private_redis: PrivateRedis, helpers: Any, metrics: Any
+) -> None:
+    """`await breaker.ashare()` adopts another replica's change; the async accessors only start
+    an exchange in the background, and aclose() cancels one still pending."""
+    from idis.integrations.resilience import AsyncGateway
+
+    clock = ManualClock()
+    there, stores = _store_breaker(private_redis.url, clock, reset_timeout=60.0)
+    provider = helpers.provider_settings("p", retry=RetryPolicy(max_attempts=1))
+
+    async def scenario() -> tuple[str, str, str, int]:
+        gateway = AsyncGateway(
+            helpers.settings_for(provider, redis_url=private_redis.url),
+            clock=clock,
+            metrics=metrics,
+            transport=httpx.MockTransport(lambda r: httpx.Response(200, json={})),
+        )
+        await gateway.get_json("p", "records")  # reads the shared state once
+        there.force(OPEN, "tripped there")
+        there.share()
+        clock.advance(1)
+        before = gateway.breaker_state("p")  # starts a background exchange, returns at once
+        await gateway.breaker("p").ashare()  # the exchange in flight: returns at once too
+        for _ in range(200):  # a hang guard, not a timing
+            if not gateway._tasks:
+                break
+            await asyncio.sleep(0.01)
+        after = gateway.breaker_state("p")
+        there.force(CLOSED, "closed there")
+        there.share()
+        clock.advance(1)
+        gateway.breaker_state("p")  # a background exchange that aclose() cancels
+        pending = len(gateway._tasks)
+        await gateway.aclose()
+        direct = Breaker("p", "p", BreakerPolicy(), clock=clock, store=stores("p", "p"))
+        await direct.ashare()
+        await stores.aclose()
+        return before, after, direct.state, pending
+
+    before, after, direct, pending = asyncio.run(scenario())
+
+    assert (CLOSED, OPEN, CLOSED, 1) == (before, after, direct, pending)
