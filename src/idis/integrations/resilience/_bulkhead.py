@@ -20,23 +20,24 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
+from typing import Any
 
 __all__ = ["AsyncBulkhead", "ThreadBulkhead"]
 
 
-class ThreadBulkhead:
-    """At most ``size`` holders at a time, admitted in arrival order. Thread-safe."""
+class _Slots:
+    """Size, free slots and the queue of waiters, as both bulkheads count them."""
 
-    __slots__ = ("_free", "_lock", "_waiters", "size")
+    __slots__ = ("_free", "_waiters", "size")
+
+    _waiters: deque[Any]
 
     def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError(f"bulkhead size={size!r}: expected at least 1")
         self.size = size
         self._free = size
-        self._lock = threading.Lock()
-        # One pre-acquired lock per waiting thread; releasing it hands the slot over.
-        self._waiters: deque[threading.Lock] = deque()
+        self._waiters = deque()
 
     @property
     def in_flight(self) -> int:
@@ -47,6 +48,19 @@ class ThreadBulkhead:
     def waiting(self) -> int:
         """Callers queued for a slot."""
         return len(self._waiters)
+
+
+class ThreadBulkhead(_Slots):
+    """At most ``size`` holders at a time, admitted in arrival order. Thread-safe."""
+
+    __slots__ = ("_lock",)
+
+    # _waiters holds one pre-acquired lock per waiting thread; releasing it hands the slot over.
+    _waiters: deque[threading.Lock]
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self._lock = threading.Lock()
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free and nobody is queued before us."""
@@ -87,27 +101,12 @@ class ThreadBulkhead:
                 self._free += 1
 
 
-class AsyncBulkhead:
+class AsyncBulkhead(_Slots):
     """At most ``size`` holders at a time, admitted in arrival order. For one event loop."""
 
-    __slots__ = ("_free", "_waiters", "size")
+    __slots__ = ()
 
-    def __init__(self, size: int) -> None:
-        if size < 1:
-            raise ValueError(f"bulkhead size={size!r}: expected at least 1")
-        self.size = size
-        self._free = size
-        self._waiters: deque[asyncio.Future[bool]] = deque()
-
-    @property
-    def in_flight(self) -> int:
-        """Slots held now."""
-        return self.size - self._free
-
-    @property
-    def waiting(self) -> int:
-        """Callers queued for a slot."""
-        return len(self._waiters)
+    _waiters: deque[asyncio.Future[bool]]
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free and nobody is queued before us."""
