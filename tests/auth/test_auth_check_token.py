@@ -139,6 +139,6 @@ def test_cli_check_token_json_and_exit_status(
     assert 1 == result.exit_code
     assert "missing" == data["state"]
     assert False is data["healthy"]
-    assert 1 == len(plain.output.splitlines())
+    assert 1 == len(plain.stdout.splitlines())
     assert 2 == unknown.exit_code
     assert "crm_provider" in unknown.output

@@ -34,6 +34,7 @@ from idis.integrations.db._engine import create_db_engine
 from idis.integrations.exceptions import AuthError, ConfigError, ReauthorizationRequired
 from idis.integrations.observability._metrics import Metrics
 from idis.integrations.resilience import AsyncGateway, Gateway, ManualClock
+from idis.integrations.simulator import token_fingerprint
 from idis.integrations.testing import RunningSimulator
 
 P = "crm_provider"
@@ -194,7 +195,7 @@ def test_hundred_threads_on_an_expired_token_make_one_refresh(
     stats = sim.control.stats(P)
     assert 100 == len(results)
     assert 1 == oauth["refreshes"]
-    assert {original: 1} == oauth["refresh_requests"]
+    assert {token_fingerprint(original): 1} == oauth["refresh_requests"]
     assert 100 == stats["responses"].get("records:200")
     assert 0 == stats["auth_failures"]
 
@@ -223,7 +224,7 @@ def test_hundred_coroutines_on_an_expired_token_make_one_refresh(
     oauth = _oauth(sim)
     assert 100 == len(results)
     assert 1 == oauth["refreshes"]
-    assert {original: 1} == oauth["refresh_requests"]
+    assert {token_fingerprint(original): 1} == oauth["refresh_requests"]
     assert 100 == sim.control.stats(P)["responses"].get("records:200")
 
 
@@ -253,7 +254,7 @@ def test_rotated_refresh_token_is_used_next_time_and_the_old_one_never_again(
     assert 0 == oauth["reuse_detected"]
     assert 3 == len(oauth["refresh_requests"])
     assert {1} == set(oauth["refresh_requests"].values())
-    assert 1 == oauth["refresh_requests"][original]
+    assert 1 == oauth["refresh_requests"][token_fingerprint(original)]
 
 
 def test_revoked_refresh_token_needs_reauthorization_without_endless_retry(
@@ -283,7 +284,7 @@ def test_revoked_refresh_token_needs_reauthorization_without_endless_retry(
     healed = manager.get_token(P)
     after_import = token_status(settings, P, clock=clock.now)
 
-    assert {original: 1} == _oauth(sim)["refresh_requests"]
+    assert {token_fingerprint(original): 1} == _oauth(sim)["refresh_requests"]
     assert "reauthorization_required" == status.state
     assert "REAUTHORIZATION REQUIRED" in str(status)
     assert "import-token" in str(status)

@@ -52,7 +52,7 @@ from ..config import (
     SyncSettings,
     TimeoutPolicy,
 )
-from ..db._engine import create_db_engine
+from ..db._engine import create_async_db_engine, create_db_engine
 from ..db._migrate import upgrade
 from ..exceptions import ConfigError, IntegrationError
 from ..observability._metrics import Metrics
@@ -322,11 +322,11 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
 
     from ..auth._httpx_auth import oauth_auth_factory
     from ..auth._tokens import refresh_tokens
-    from ..enrichment import DeferredEnrichmentWorker, Enricher
+    from ..enrichment import AsyncDeferredEnrichmentWorker, AsyncEnricher
     from ..outbox import NewMessage, OutboxWorker, enqueue
     from ..reconciliation import reconcile, verify_sync
     from ..reconciliation._sync_timeline import timeline
-    from ..resilience._gateway import Gateway
+    from ..resilience._gateway import AsyncGateway, Gateway
     from ..resilience._recorder import HealthSampler
     from ..sync import HandlerRegistry, SyncService, sync_summary
     from ..testing import run_simulator, serve_asgi, simulator_settings
@@ -365,7 +365,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     auth = oauth_auth_factory(settings)
     stack.callback(auth.close)
     # The async sampler's breaker hook queues audit rows; the sync drill writes them
-    # with asyncio.run(flush()) when it needs them, and at the end.
+    # with flush() when it needs them (on the drill's event loop), and at the end.
     recorder = HealthSampler(database_url, clock=drill.clock)
     stack.callback(lambda: asyncio.run(recorder.flush()))
     gateway = Gateway(
@@ -408,11 +408,31 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     secret = settings.provider(provider).webhook_secrets[0].get_secret_value()
     sim.control.set_webhook_target(provider, f"{receiver_url}/{provider}", [secret])
 
-    enricher = Enricher(settings, gateway, engine=engine, metrics=drill.metrics, clock=drill.clock)
-    enrich_worker = DeferredEnrichmentWorker(
+    # Enrichment runs as in the example service: the async enricher and the async
+    # deferred worker (background workers are async only) on one AsyncGateway, so
+    # the worker's gate sees the breaker the enricher's failures opened. One event
+    # loop for the whole drill: the async gateway's connections belong to it.
+    runner = stack.enter_context(asyncio.Runner())
+    async_engine = create_async_db_engine(database_url)
+    stack.callback(lambda: runner.run(async_engine.dispose()))
+    stack.callback(lambda: runner.run(auth.aclose()))
+    enrich_gateway = AsyncGateway(
         settings,
-        gateway,
-        engine=engine,
+        metrics=drill.metrics,
+        clock=drill.clock,
+        sleep=drill.clock.asleep,
+        auth=auth,
+        seed=options.seed,
+        on_transition=[recorder.on_transition],
+    )
+    stack.callback(lambda: runner.run(enrich_gateway.aclose()))
+    enricher = AsyncEnricher(
+        settings, enrich_gateway, engine=async_engine, metrics=drill.metrics, clock=drill.clock
+    )
+    enrich_worker = AsyncDeferredEnrichmentWorker(
+        settings,
+        enrich_gateway,
+        engine=async_engine,
         metrics=drill.metrics,
         clock=drill.clock,
         seed=options.seed,
@@ -448,8 +468,8 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     def enrich_claim() -> None:
         drill.claims += 1
         try:
-            result = enricher.enrich(
-                f"claim-{drill.claims}", tenant_id=f"tenant-{drill.claims % 3}"
+            result = runner.run(
+                enricher.enrich(f"claim-{drill.claims}", tenant_id=f"tenant-{drill.claims % 3}")
             )
             drill.enrichment_results[result.status] += 1
         except IntegrationError as exc:
@@ -467,7 +487,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
         outbox_worker.run_once()
         if round(drill.t / step) % 3 == 0:
             enrich_claim()
-        enrich_worker.run_once()
+        runner.run(enrich_worker.run_once())
         _sample(drill, engine, gateway, provider, service)
         drill.clock.advance(step)
 
@@ -562,7 +582,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
         tick(emit=False)
 
     drill.phase("6. verification")
-    asyncio.run(recorder.flush())
+    runner.run(recorder.flush())
     _verify(
         drill,
         engine=engine,
