@@ -597,3 +597,45 @@ def test_async_breaker_exchange_and_accessors_never_wait_for_redis(
     before, after, direct, pending = asyncio.run(scenario())
 
     assert (CLOSED, OPEN, CLOSED, 1) == (before, after, direct, pending)
+
+
+def test_gateways_of_one_process_share_breakers_through_memory(helpers: Any, metrics: Any) -> None:
+    """A sync and an async gateway given one MemoryBreakerStores see each other's breaker at once,
+    with the same newest-wins rule as Redis."""
+    from idis.integrations.resilience import AsyncGateway, Gateway
+    from idis.integrations.resilience._shared import MemoryBreakerStores
+
+    clock = ManualClock()
+    stores = MemoryBreakerStores()
+    provider = helpers.provider_settings(
+        retry=RetryPolicy(max_attempts=1),
+        breaker=BreakerPolicy(failure_threshold=1, minimum_calls=1000, reset_timeout=30.0),
+    )
+    settings = helpers.settings_for(provider)
+    failing = Gateway(
+        settings,
+        clock=clock,
+        metrics=metrics,
+        breaker_storage=stores,
+        transport=httpx.MockTransport(lambda r: httpx.Response(503)),
+    )
+    healthy = httpx.MockTransport(lambda r: httpx.Response(200, json={}))
+
+    async def scenario() -> tuple[str, str, str]:
+        async with AsyncGateway(
+            settings, clock=clock, metrics=metrics, breaker_storage=stores, transport=healthy
+        ) as gateway:
+            await gateway.get_json("crm", "records")
+            with pytest.raises(ProviderUnavailable):
+                failing.get_json("crm", "records")  # opens it, here and there
+            with pytest.raises(CircuitOpen):
+                await gateway.get_json("crm", "records")
+            opened = gateway.breaker_state("crm")
+            clock.advance(30)
+            await gateway.get_json("crm", "records")  # the trial succeeds: closed for both
+            return opened, gateway.breaker_state("crm"), failing.breaker_state("crm")
+
+    try:
+        assert (OPEN, CLOSED, CLOSED) == asyncio.run(scenario())
+    finally:
+        failing.close()

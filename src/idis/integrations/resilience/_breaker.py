@@ -53,7 +53,7 @@ OPEN: Final = "open"
 _STATES: Final = {CLOSED: CLOSED, HALF_OPEN: HALF_OPEN, OPEN: OPEN}
 #: Gauge value per state (integration_circuit_breaker_state).
 STATE_VALUE: Final = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
-#: Seconds a breaker's view of the shared state stays fresh.
+#: Seconds a breaker's view of the shared state stays fresh (unless its store says otherwise).
 SHARED_TTL: Final = 0.5
 
 
@@ -79,7 +79,12 @@ TransitionHook = Callable[[BreakerTransition], None]
 
 
 class BreakerStore(Protocol):
-    """Where replicas share a breaker's state (``RedisBreakerStore`` implements it)."""
+    """Where breakers share their state (``RedisBreakerStore``, ``MemoryBreakerStore``)."""
+
+    #: Seconds a read of the shared state stays fresh.
+    ttl: float
+    #: True when an exchange does no I/O (it is then done inline on every call).
+    local: bool
 
     def usable(self) -> bool:
         """False while the store is known to be failing."""
@@ -315,6 +320,11 @@ class Breaker:
         return now >= self._fresh_until or self._outgoing() is not None
 
     @property
+    def local_store(self) -> bool:
+        """Whether the shared state lives in this process (an exchange does no I/O)."""
+        return self._store is not None and self._store.local
+
+    @property
     def synced(self) -> bool:
         """Whether this breaker has read the shared state at least once."""
         return self._synced
@@ -322,7 +332,10 @@ class Breaker:
     def share_urgent(self) -> bool:
         """Whether a call should wait for the exchange: a transition of ours to publish,
         or no shared state read yet (a fresh replica must not ignore an open breaker)."""
-        return not self._synced or self._outgoing() is not None
+        store = self._store
+        return (
+            (store is not None and store.local) or not self._synced or self._outgoing() is not None
+        )
 
     def share(self) -> None:
         """Exchange the state with the store (blocking I/O; the sync gateway's way)."""
@@ -387,7 +400,8 @@ class Breaker:
             return None  # the store said why (once); keep our state and publish it later
         with self._lock:
             self._synced = True
-            self._fresh_until = self._clock.monotonic() + SHARED_TTL
+            ttl = self._store.ttl if self._store is not None else SHARED_TTL
+            self._fresh_until = self._clock.monotonic() + ttl
             self._published = standing
             if newer(standing, self._record()):
                 assert standing is not None

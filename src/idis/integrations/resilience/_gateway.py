@@ -154,6 +154,9 @@ class _Share(Effect[None]):
         self.breaker.share()
 
     async def arun(self, io: Any) -> None:
+        if self.breaker.local_store:
+            self.breaker.share()  # in this process: no I/O, nothing to wait for
+            return
         work = self.breaker.start_ashare()
         if work is None:
             return  # another task's exchange is in flight
@@ -1044,6 +1047,14 @@ class _Face:
         return self._p.snapshot(provider)
 
 
+def _running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _clock_wait(clock: Clock, name: str, default: Any) -> Any:
     """The clock's ``sleep``/``asleep``; a real wait for clocks written before Clock had them."""
     return getattr(clock, name, default)
@@ -1322,16 +1333,15 @@ class AsyncGateway(_Face):
         return await adrive(flow, self._io)
 
     def _refresh(self, provider: str) -> None:
-        # Never awaited here (these accessors are sync): a due exchange starts in
-        # the background when a loop runs, and the next read sees its result.
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return
+        # Never awaited here (these accessors are sync): a due exchange with Redis
+        # starts in the background when a loop runs, and the next read sees its result.
         for breaker in self._p.due_shares(provider):
-            work = breaker.start_ashare()
-            if work is not None:
-                self._background(work)
+            if breaker.local_store:
+                breaker.share()  # in this process: no I/O
+            elif _running_loop():
+                work = breaker.start_ashare()
+                if work is not None:
+                    self._background(work)
 
     async def health(self, provider: str) -> HealthReport:
         """Probe the provider's health endpoint once (no retries, no breaker)."""

@@ -38,6 +38,8 @@ from ..observability._logs import get_logger
 
 __all__ = [
     "RANK",
+    "MemoryBreakerStore",
+    "MemoryBreakerStores",
     "RedisBreakerStore",
     "RedisBreakerStores",
     "SharedState",
@@ -176,6 +178,54 @@ class _Clients:
             await found[0].aclose()
 
 
+class MemoryBreakerStore:
+    """One breaker's :class:`SharedState` shared by the gateways of this process.
+
+    The same newest-wins rule as Redis, without I/O: a sync and an async gateway
+    in one process (or a test) share their breakers at once, on every call.
+    """
+
+    #: Exchanged on every admission and awaited inline: there is no I/O to wait for.
+    ttl = 0.0
+    local = True
+
+    def __init__(self, records: dict[str, SharedState], lock: threading.Lock, key: str) -> None:
+        self._records = records
+        self._lock = lock
+        self.key = key
+
+    def usable(self) -> bool:
+        """Always: memory does not fail."""
+        return True
+
+    def exchange(self, local: SharedState | None) -> tuple[bool, SharedState | None]:
+        """Keep ``local`` if it is newer; return the record that stands."""
+        with self._lock:
+            if newer(local, self._records.get(self.key)):
+                assert local is not None
+                self._records[self.key] = local
+            return True, self._records.get(self.key)
+
+    async def aexchange(self, local: SharedState | None) -> tuple[bool, SharedState | None]:
+        """Same as :meth:`exchange` (nothing to wait for)."""
+        return self.exchange(local)
+
+
+class MemoryBreakerStores:
+    """A ``(provider, breaker) -> store`` factory whose stores live in this process.
+
+    Pass one instance as ``breaker_storage`` to several gateways (a sync and an
+    async one, say) to give them one breaker per provider.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[str, SharedState] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, provider: str, breaker: str) -> MemoryBreakerStore:
+        return MemoryBreakerStore(self._records, self._lock, f"{provider}:{breaker}")
+
+
 class RedisBreakerStore:
     """One breaker's :class:`SharedState` in Redis, exchanged by compare-and-set.
 
@@ -184,6 +234,11 @@ class RedisBreakerStore:
     (``None``: nothing stored). While Redis is failing they raise nothing and
     return ``None`` without trying, for ``retry_after`` seconds at a time.
     """
+
+    #: Seconds a read of the shared state stays fresh (a round trip at most this often).
+    ttl = 0.5
+    #: Exchanges are network I/O: the async gateway does the periodic ones in the background.
+    local = False
 
     def __init__(
         self,
