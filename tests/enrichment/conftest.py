@@ -30,8 +30,7 @@ from idis.integrations.config import EnrichmentSettings, RetryPolicy, Settings
 from idis.integrations.db._engine import create_async_db_engine, create_db_engine, session_scope
 from idis.integrations.enrichment import AsyncDeferredEnrichmentWorker, AsyncEnricher, Enricher
 from idis.integrations.enrichment._models import Defect, EnrichmentCacheEntry, EnrichmentRequest
-from idis.integrations.resilience import AsyncGateway, Gateway, ManualClock
-from idis.integrations.resilience._shared import MemoryBreakerStores
+from idis.integrations.resilience import AsyncGateway, Gateway, ManualClock, MemoryBreakerStores
 from idis.integrations.testing import RunningSimulator, run_simulator, simulator_settings
 
 T = TypeVar("T")

@@ -6,8 +6,10 @@ What a host uses::
 
 ``Gateway`` / ``AsyncGateway`` make every provider call (one call flow, see
 ``_gateway.py``); ``HealthSampler`` records breaker transitions and health
-samples for ``status`` and ``postmortem``; ``Breaker`` and the state names are
-for operators and tests; the clocks are re-exported from the foundation.
+samples for ``status`` and ``postmortem``; ``MemoryBreakerStores`` lets several
+gateways of one process share their breakers (``breaker_storage=``; Redis does it
+across replicas); ``Breaker`` and the state names are for operators and tests;
+the clocks are re-exported from the foundation.
 Names load on first use.
 """
 
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from ._breaker import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerTransition
     from ._gateway import AsyncGateway, Gateway, HealthReport
     from ._recorder import HealthSampler
+    from ._shared import MemoryBreakerStores
 
 __all__ = [
     "CLOSED",
@@ -35,6 +38,7 @@ __all__ = [
     "HealthReport",
     "HealthSampler",
     "ManualClock",
+    "MemoryBreakerStores",
     "SystemClock",
     "system_clock",
 ]
@@ -43,6 +47,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "._breaker": ("CLOSED", "HALF_OPEN", "OPEN", "Breaker", "BreakerTransition"),
     "._gateway": ("AsyncGateway", "Gateway", "HealthReport"),
     "._recorder": ("HealthSampler",),
+    "._shared": ("MemoryBreakerStores",),
     ".._clock": ("Clock", "ManualClock", "SystemClock", "system_clock"),
 }
 
