@@ -6,7 +6,7 @@ One :class:`Runtime` per running app holds:
   service's, in one database);
 * one shared :class:`~idis.integrations.resilience.AsyncGateway`, with OAuth
   (:func:`~idis.integrations.oauth_auth_factory`) when a provider uses it,
-  and a :class:`~idis.integrations.resilience._recorder.StateRecorder` hooked to
+  and a :class:`~idis.integrations.resilience.HealthSampler` hooked to
   its breakers and sampling it, so ``idis-integrations status`` and
   ``postmortem`` (other processes) see what this one saw;
 * the background loops: the sync service (sentinel, mode controller, poller),
@@ -39,8 +39,7 @@ from idis.integrations.exceptions import ConfigError
 from idis.integrations.observability._logs import get_logger
 from idis.integrations.observability._metrics import Metrics
 from idis.integrations.outbox import AsyncOutboxWorker
-from idis.integrations.resilience import AsyncGateway
-from idis.integrations.resilience._recorder import StateRecorder
+from idis.integrations.resilience import AsyncGateway, HealthSampler
 from idis.integrations.sync import AsyncSyncService
 from idis.integrations.sync._inbox import HandlerRegistry
 from idis.integrations.sync._service import default_providers
@@ -159,18 +158,15 @@ class Runtime:
         if any(p.auth.grant != "none" for p in settings.providers.values()):
             auth = oauth_auth_factory(settings, async_engine=engine, metrics=self.metrics)
             self._exit.push_async_callback(auth.aclose)
-        recorder = StateRecorder(settings.database_url)
+        sampler = HealthSampler(
+            engine=engine, interval=self.service.sample_interval.total_seconds()
+        )
         gateway = self._gateway = AsyncGateway(
-            settings, metrics=self.metrics, auth=auth, on_transition=[recorder.on_transition]
+            settings, metrics=self.metrics, auth=auth, on_transition=[sampler.on_transition]
         )
         self._exit.push_async_callback(gateway.aclose)
-        recorder.start(
-            gateway.snapshot,
-            settings.providers,
-            interval=self.service.sample_interval.total_seconds(),
-        )
-        # Runs after the loops below have stopped: their last transitions are written too.
-        self._exit.push_async_callback(anyio.to_thread.run_sync, recorder.stop)
+        # Stopped after the loops below: their last transitions are written too.
+        self._spawn("health-sampler", sampler.run(gateway.snapshot, settings.providers))
 
         crm = default_providers(settings)
         self.crm_provider = crm[0] if crm else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -18,7 +19,7 @@ import pytest
 from idis.integrations.config import Settings
 from idis.integrations.ops._status import collect_status
 from idis.integrations.resilience._breaker import BreakerTransition
-from idis.integrations.resilience._recorder import StateRecorder
+from idis.integrations.resilience._recorder import HealthSampler
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -35,7 +36,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_status_shows_recorded_breaker_state_and_error_rate(sqlite_url: str) -> None:
     """Samples and transitions written by a service appear in another process's status."""
     settings = Settings.from_env({"IDIS_DATABASE_URL": sqlite_url})
-    recorder = StateRecorder(sqlite_url)
+    recorder = HealthSampler(sqlite_url)
     recorder.on_transition(
         BreakerTransition("crm_provider", "crm_provider", "closed", "open", "5 failures", 0.0)
     )
@@ -48,7 +49,7 @@ def test_status_shows_recorded_breaker_state_and_error_rate(sqlite_url: str) -> 
         "paused_for": 0.0,
     }
     recorder.sample(lambda _p: snapshot, ["crm_provider"])
-    recorder.stop()
+    asyncio.run(recorder.flush())
 
     statuses, _ = collect_status(settings, providers=["crm_provider"], probe=False)
 
@@ -166,13 +167,13 @@ def _recorded_database(tmp_path: Path) -> dict[str, str]:
         "IDIS_PROVIDER_ENRICHMENT_PROVIDER_KIND": "enrichment",
     }
     assert 0 == _cli("db", "upgrade", env=env).returncode
-    recorder = StateRecorder(url)
+    recorder = HealthSampler(url)
     recorder.on_transition(
         BreakerTransition("crm_provider", "crm_provider", "closed", "open", "5 failures", 0.0)
     )
     snapshot = {"state": "open", "window_calls": 10, "window_failures": 6, "error_rate": 0.6}
     recorder.sample(lambda _p: {**snapshot, "in_flight": 0, "paused_for": 0.0}, ["crm_provider"])
-    recorder.stop()
+    asyncio.run(recorder.flush())
     return env
 
 

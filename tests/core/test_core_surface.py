@@ -51,6 +51,7 @@ _PACKAGES = (
     "idis.integrations.enrichment",
     "idis.integrations.outbox",
     "idis.integrations.reconciliation",
+    "idis.integrations.resilience",
     "idis.integrations.sync",
     "idis.integrations.webhooks",
 )

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
-import pybreaker
 import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -31,7 +30,7 @@ from idis.integrations.config import EnrichmentSettings, RetryPolicy, Settings
 from idis.integrations.db._engine import create_async_db_engine, create_db_engine, session_scope
 from idis.integrations.enrichment import AsyncDeferredEnrichmentWorker, AsyncEnricher, Enricher
 from idis.integrations.enrichment._models import Defect, EnrichmentCacheEntry, EnrichmentRequest
-from idis.integrations.resilience import AsyncGateway, Gateway, ManualClock
+from idis.integrations.resilience import AsyncGateway, Gateway, ManualClock, MemoryBreakerStores
 from idis.integrations.testing import RunningSimulator, run_simulator, simulator_settings
 
 T = TypeVar("T")
@@ -95,7 +94,7 @@ class EnrichmentEnv:
     _closers: list[Any] = field(default_factory=list)
     _async_closers: list[Any] = field(default_factory=list)
     _gateways: dict[tuple[int, str], Any] = field(default_factory=dict)
-    _breakers: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _breakers: MemoryBreakerStores = field(default_factory=MemoryBreakerStores)
     _async_engine: AsyncEngine | None = None
 
     Defect = Defect
@@ -129,10 +128,8 @@ class EnrichmentEnv:
         return self.runner.run(coroutine)
 
     def _storage(self, provider: str, breaker: str) -> Any:
-        key = (provider, breaker)
-        if key not in self._breakers:
-            self._breakers[key] = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
-        return self._breakers[key]
+        # One breaker per provider for the sync and the async gateway of a test.
+        return self._breakers(provider, breaker)
 
     def gateway(self, settings: Settings) -> Gateway:
         """The sync gateway on the manual clock (backoff sleeps advance it); one per settings."""

@@ -251,6 +251,7 @@ def test_stats_report_window_and_state() -> None:
         "error_rate": 0.25,
         "consecutive_failures": 0,
         "retry_in": 0.0,
+        "version": 0,
     } == stats
 
 

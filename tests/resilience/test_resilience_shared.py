@@ -1,7 +1,8 @@
-"""Breaker state shared through Redis: across processes, and surviving a Redis outage."""
+"""Breaker state shared through Redis: across processes, versioned, surviving a Redis outage."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -10,18 +11,24 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.conftest import unavailable
 
+from idis.integrations._http import httpx
 from idis.integrations.config import BreakerPolicy, RetryPolicy
 from idis.integrations.exceptions import CircuitOpen, ProviderUnavailable
-from idis.integrations.resilience import CLOSED, OPEN, ManualClock, system_clock
-from idis.integrations.resilience._shared import RedisBreakerStorage
-from idis.integrations.testing import simulator_settings
+from idis.integrations.resilience import CLOSED, HALF_OPEN, OPEN, Breaker, ManualClock
+from idis.integrations.resilience._shared import (
+    RedisBreakerStores,
+    SharedState,
+    newer,
+    read_shared_state,
+)
+from idis.integrations.testing import latency_proxy, simulator_settings
 
 #: Run in a child process: trip the breaker of argv[2] against the simulator at argv[1].
 _TRIPPER = textwrap.dedent(
@@ -94,6 +101,8 @@ def test_two_processes_share_an_open_breaker(
         retry=RetryPolicy(max_attempts=1),
         breaker=BreakerPolicy(failure_threshold=2, minimum_calls=1000, reset_timeout=300.0),
     )
+    from idis.integrations.resilience import system_clock
+
     h = make_harness(settings, clock=system_clock, advance=False)
 
     with pytest.raises(CircuitOpen) as info:
@@ -101,6 +110,7 @@ def test_two_processes_share_an_open_breaker(
 
     assert info.value.retry_in is not None
     assert 0 < info.value.retry_in <= 300.0
+    assert 0 == info.value.sent
     assert 2 == sim.control.stats(provider_name)["requests"]["records"]
     assert OPEN == h.gateway.breaker_state(provider_name)
     assert 2.0 == read_metric(
@@ -112,9 +122,7 @@ def test_two_processes_share_an_open_breaker(
 def test_a_breaker_opened_here_is_written_to_redis(
     sim: Any, make_harness: Any, redis_url: str, provider_name: str
 ) -> None:
-    """Opening the breaker stores state and opened_at under the provider's key."""
-    import redis
-
+    """Opening the breaker stores its versioned state and opened_at under the provider's key."""
     settings = simulator_settings(
         sim.url,
         providers=(provider_name,),
@@ -128,13 +136,10 @@ def test_a_breaker_opened_here_is_written_to_redis(
     with pytest.raises(ProviderUnavailable):
         h.get_json(provider_name, "records")
 
-    client = redis.Redis.from_url(redis_url)
-    key = f"idis:breaker:{provider_name}:{provider_name}"
-    state, opened_at = client.mget(f"{key}:state", f"{key}:opened_at")
-    client.close()
-    assert b"open" == state
-    assert isinstance(opened_at, bytes)
-    assert h.clock.time() == pytest.approx(float(opened_at))
+    stored = read_shared_state(redis_url, provider_name)
+    assert stored is not None
+    assert (1, OPEN) == (stored.version, stored.state)
+    assert h.clock.time() == pytest.approx(stored.opened_at)
 
 
 def test_redis_down_does_not_take_provider_calls_down(
@@ -166,6 +171,9 @@ def test_redis_down_does_not_take_provider_calls_down(
     assert "Redis breaker state unavailable" in warnings[0]["msg"]
 
 
+# --------------------------------------------------------------------------- private Redis
+
+
 class PrivateRedis:
     """A redis-server of this test's own on a free port, which the test can stop and restart."""
 
@@ -186,7 +194,7 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        """Start the server and wait until it answers PING."""
+        """Start the server (loading a snapshot saved by :meth:`save`) and wait for PING."""
         import redis
 
         self.proc = subprocess.Popen(
@@ -207,12 +215,23 @@ class PrivateRedis:
             stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.01)
+        try:
+            for _ in range(1000):  # a hang guard, not a timing
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    time.sleep(0.01)
+            pytest.fail(f"private redis-server on port {self.port} did not answer PING")
+        finally:
+            client.close()
+
+    def save(self) -> None:
+        """Snapshot the data to disk, so a restart keeps it (a flap, not a wipe)."""
+        import redis
+
+        client = redis.Redis(port=self.port)
+        client.save()
         client.close()
 
     def stop(self) -> None:
@@ -232,57 +251,391 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     server.stop()
 
 
+def _store_breaker(url: str, clock: ManualClock, **policy: Any) -> tuple[Breaker, Any]:
+    stores = RedisBreakerStores(url, clock=clock)
+    breaker = Breaker("p", "p", BreakerPolicy(**policy), clock=clock, store=stores("p", "p"))
+    return breaker, stores
+
+
 @pytest.mark.redis
-def test_storage_caches_reads_for_ttl(private_redis: PrivateRedis) -> None:
-    """A change made by another replica is seen once the ttl has passed, not on every call."""
-    import redis
+def test_a_change_by_another_replica_is_seen_after_the_ttl_not_on_every_call(
+    private_redis: PrivateRedis,
+) -> None:
+    """Between exchanges a breaker reads only its own memory; after the ttl it adopts the change."""
+    clock = ManualClock()
+    here, stores = _store_breaker(private_redis.url, clock, reset_timeout=60.0)
+    there, other = _store_breaker(private_redis.url, clock, reset_timeout=60.0)
+    here.share()
+    there.force(OPEN, "tripped there")
+    there.share()
+
+    cached = (here.share_due(clock.monotonic()), here.state)
+    clock.advance(0.6)
+    due = here.share_due(clock.monotonic())
+    here.share()
+
+    stores.close()
+    other.close()
+    assert (False, CLOSED) == cached
+    assert (True, OPEN) == (due, here.state)
+
+
+@pytest.mark.redis
+def test_publish_keeps_the_newest_version_in_both_directions(private_redis: PrivateRedis) -> None:
+    """The Lua compare-and-set keeps a newer record and refuses an older one, atomically."""
+    store = RedisBreakerStores(private_redis.url)("p", "p")
+
+    first = store.exchange(SharedState(3, OPEN, 100.0))
+    stale = store.exchange(SharedState(2, CLOSED, 0.0))
+    tie = store.exchange(SharedState(3, CLOSED, 0.0))
+    cautious_tie = store.exchange(SharedState(4, HALF_OPEN, 100.0))
+    overtaken = store.exchange(SharedState(4, OPEN, 160.0))
+    read = store.exchange(None)
+
+    assert (True, SharedState(3, OPEN, 100.0)) == first
+    assert (True, SharedState(3, OPEN, 100.0)) == stale
+    assert (True, SharedState(3, OPEN, 100.0)) == tie
+    assert (True, SharedState(4, HALF_OPEN, 100.0)) == cautious_tie
+    assert (True, SharedState(4, OPEN, 160.0)) == overtaken
+    assert (True, SharedState(4, OPEN, 160.0)) == read
+
+
+def test_newer_prefers_the_version_then_the_more_cautious_state() -> None:
+    """newer() is the same rule as the script: higher version, then open > half-open > closed."""
+    assert newer(SharedState(2, CLOSED, 0), SharedState(1, OPEN, 5))
+    assert not newer(SharedState(1, OPEN, 5), SharedState(2, CLOSED, 0))
+    assert newer(SharedState(2, OPEN, 5), SharedState(2, HALF_OPEN, 5))
+    assert not newer(SharedState(2, CLOSED, 0), SharedState(2, HALF_OPEN, 5))
+    assert newer(SharedState(1, CLOSED, 0), None)
+    assert not newer(None, SharedState(1, CLOSED, 0))
+
+
+# --------------------------------------------------------------------------- the flap
+
+
+def _replica(make_harness: Any, url: str, clock: ManualClock, handler: Callable[[Any], Any]) -> Any:
+    settings = simulator_settings(
+        "http://replica.test",
+        providers=("crm_provider",),
+        redis_url=url,
+        retry=RetryPolicy(max_attempts=1),
+        breaker=BreakerPolicy(failure_threshold=2, minimum_calls=1000, reset_timeout=60.0),
+    )
+    return make_harness(settings, handler, clock=clock)
+
+
+def _settle(h: Any) -> str:
+    """A replica's breaker state once the exchange its read starts (async: in the background)
+    has finished."""
+    if h.runner is None:
+        return str(h.gateway.breaker_state("crm_provider"))
+
+    async def settled() -> str:
+        h.gateway.breaker_state("crm_provider")  # starts the exchange if one is due
+        await asyncio.gather(*h.gateway._tasks)
+        return str(h.gateway.breaker_state("crm_provider"))
+
+    return str(h.runner.run(settled()))
+
+
+@pytest.mark.redis
+def test_a_breaker_opened_during_a_redis_flap_stays_open_until_its_trial_succeeds(
+    make_harness: Any, private_redis: PrivateRedis
+) -> None:
+    """Issue 11 item 4: the stale shared `closed` left in Redis never shuts a newer `open`.
+
+    Two replicas share Redis. The breaker went open -> half-open -> closed once
+    (Redis holds that `closed`), then Redis stops, replica A trips its breaker
+    alone, and Redis comes back with its old data. A stays open, B adopts the
+    open, and it closes again only through a successful trial after the reset
+    timeout, on every replica.
+    """
+    clock = ManualClock()
+    failing = {"a": True}
+
+    def a_handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503 if failing["a"] else 200, json={})
+
+    def b_handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"ok": True})
+
+    a = _replica(make_harness, private_redis.url, clock, a_handler)
+    b = _replica(make_harness, private_redis.url, clock, b_handler)
+    # One full cycle while Redis is up: A opens, B's trial closes it (Redis: closed).
+    for _ in range(2):
+        with pytest.raises(ProviderUnavailable):
+            a.get_json("crm_provider", "records")
+    clock.advance(61)
+    assert {"ok": True} == b.get_json("crm_provider", "records")
+    assert CLOSED == _settle(b)
+    clock.advance(1)
+    assert CLOSED == _settle(a)
+    before = read_shared_state(private_redis.url, "crm_provider")
+    assert before is not None
+    assert CLOSED == before.state
+
+    private_redis.save()
+    private_redis.stop()
+    clock.advance(1)
+    for _ in range(2):  # A trips alone while Redis is down
+        with pytest.raises(ProviderUnavailable):
+            a.get_json("crm_provider", "records")
+    assert OPEN == a.gateway.breaker_state("crm_provider")
+    private_redis.start()  # back, with the stale `closed` from before the outage
+    clock.advance(6)  # past the 5 s local fallback
+
+    with pytest.raises(CircuitOpen) as short:
+        a.get_json("crm_provider", "records")
+    a_state = _settle(a)  # A's newer `open` is published
+    clock.advance(1)
+    b_state = _settle(b)  # B's next exchange adopts it
+    after = read_shared_state(private_redis.url, "crm_provider")
+
+    assert (OPEN, OPEN) == (a_state, b_state)
+    assert 0 == short.value.sent
+    assert after is not None
+    assert (OPEN, before.version + 1) == (after.state, after.version)
+    assert 4 == len(a.requests)  # nothing went out while open
+
+    # Only a successful trial closes it: before the reset timeout nothing does.
+    clock.advance(30)
+    with pytest.raises(CircuitOpen):
+        b.get_json("crm_provider", "records")
+    clock.advance(31)
+    assert {"ok": True} == b.get_json("crm_provider", "records")
+    clock.advance(1)
+    assert (CLOSED, CLOSED) == (_settle(b), _settle(a))
+
+
+@pytest.mark.redis
+def test_a_redis_outage_costs_one_warning_and_its_end_is_logged(
+    make_harness: Any, private_redis: PrivateRedis, logs: Any
+) -> None:
+    """While Redis is down the breaker works locally; one warning, then one line when it is back."""
+    clock = ManualClock()
+    a = _replica(make_harness, private_redis.url, clock, lambda r: httpx.Response(503))
+    with pytest.raises(ProviderUnavailable):
+        a.get_json("crm_provider", "records")
+    _settle(a)
+    private_redis.stop()
+    clock.advance(1)
+
+    with pytest.raises(ProviderUnavailable):  # trips: the publish fails, the call does not
+        a.get_json("crm_provider", "records")
+    for _ in range(3):
+        clock.advance(1)
+        with pytest.raises(CircuitOpen):
+            a.get_json("crm_provider", "records")
+    private_redis.start()
+    clock.advance(6)
+    with pytest.raises(CircuitOpen):
+        a.get_json("crm_provider", "records")
+    stored = read_shared_state(private_redis.url, "crm_provider")
+
+    assert 1 == len(logs.events("idis.breaker.shared_state_unavailable"))
+    assert 1 == len(logs.events("idis.breaker.shared_state_restored"))
+    assert stored is not None
+    assert OPEN == stored.state
+
+
+@pytest.mark.redis
+def test_redis_restarted_empty_gets_the_newest_state_back(
+    make_harness: Any, private_redis: PrivateRedis
+) -> None:
+    """A Redis that lost its data is refilled from the replicas: the open breaker is kept."""
+    clock = ManualClock()
+    a = _replica(make_harness, private_redis.url, clock, lambda r: httpx.Response(503))
+    b = _replica(make_harness, private_redis.url, clock, lambda r: httpx.Response(200, json={}))
+    b.get_json("crm_provider", "records")
+    for _ in range(2):
+        with pytest.raises(ProviderUnavailable):
+            a.get_json("crm_provider", "records")
+    private_redis.stop()
+    private_redis.start()  # no snapshot: empty
+    clock.advance(1)
+
+    b.get_json("crm_provider", "records")  # B republishes nothing it did not change
+    with pytest.raises(CircuitOpen):
+        a.get_json("crm_provider", "records")
+    clock.advance(1)
+    _settle(a)
+    stored = read_shared_state(private_redis.url, "crm_provider")
+
+    assert stored is not None
+    assert OPEN == stored.state
+    assert OPEN == _settle(b)
+
+
+# --------------------------------------------------------------------------- event loop
+
+#: Socket methods that wait on the network when the socket is in blocking mode.
+_SOCKET_IO = frozenset(
+    {"accept", "connect", "connect_ex", "recv", "recv_into", "recvfrom", "recvmsg"}
+    | {"send", "sendall", "sendto", "sendmsg", "sendfile"}
+)
+
+
+@pytest.mark.redis
+def test_async_gateway_never_blocks_its_loop_on_a_slow_redis(
+    private_redis: PrivateRedis, helpers: Any, metrics: Any
+) -> None:
+    """Issue 16: with a Redis 200 ms away no blocking socket call runs on the loop's thread.
+
+    A profile hook on the loop thread records every socket method called on a
+    socket in blocking mode (timeout other than 0); asyncio's own sockets are
+    non-blocking, the blocking Redis client's are not. Shared state must still
+    flow: the breaker this loop opens reaches Redis.
+    """
+    from idis.integrations.resilience import AsyncGateway
+
+    blocking: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event != "c_call":
+            return
+        owner = getattr(arg, "__self__", None)
+        if (
+            isinstance(owner, socket.socket)
+            and arg.__name__ in _SOCKET_IO
+            and owner.gettimeout() != 0.0
+        ):
+            blocking.append(f"{arg.__name__} on a blocking socket")
+
+    provider = helpers.provider_settings(
+        "crm_provider",
+        retry=RetryPolicy(max_attempts=1),
+        breaker=BreakerPolicy(failure_threshold=3, minimum_calls=1000, reset_timeout=600.0),
+    )
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        return httpx.Response(503 if calls["n"] > 20 else 200, json={})
+
+    async def scenario(url: str) -> list[str]:
+        clock = ManualClock()
+        gateway = AsyncGateway(
+            helpers.settings_for(provider),
+            clock=clock,
+            metrics=metrics,
+            transport=httpx.MockTransport(handler),
+            # Redis is 200 ms away on a loaded machine: a timeout well above that.
+            breaker_storage=RedisBreakerStores(url, clock=clock, socket_timeout=5.0),
+        )
+        outcomes = []
+        sys.setprofile(profile)
+        try:
+            for _ in range(25):
+                clock.advance(0.3)  # every other call finds the shared state due
+                try:
+                    await gateway.get_json("crm_provider", "records")
+                    outcomes.append("ok")
+                except ProviderUnavailable:
+                    outcomes.append("503")
+                except CircuitOpen:
+                    outcomes.append("open")
+            for _ in range(200):  # let background exchanges finish (a hang guard)
+                if not gateway._tasks:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            sys.setprofile(None)
+            await gateway.aclose()
+        return outcomes
+
+    with latency_proxy(private_redis.port, 0.2) as proxy:
+        outcomes = asyncio.run(scenario(f"redis://127.0.0.1:{proxy.port}/0"))
+
+    stored = read_shared_state(private_redis.url, "crm_provider")
+    assert [] == blocking
+    assert ["ok"] * 20 + ["503"] * 3 + ["open"] * 2 == outcomes
+    assert stored is not None
+    assert OPEN == stored.state
+
+
+@pytest.mark.redis
+def test_async_breaker_exchange_and_accessors_never_wait_for_redis(
+    private_redis: PrivateRedis, helpers: Any, metrics: Any
+) -> None:
+    """`await breaker.ashare()` adopts another replica's change; the async accessors only start
+    an exchange in the background, and aclose() cancels one still pending."""
+    from idis.integrations.resilience import AsyncGateway
 
     clock = ManualClock()
-    client = redis.Redis.from_url(private_redis.url)
-    storage = RedisBreakerStorage(client, "idis:breaker:p:p", clock=clock, ttl=0.5)
-    first = storage.state
-    client.set("idis:breaker:p:p:state", "open")
+    there, stores = _store_breaker(private_redis.url, clock, reset_timeout=60.0)
+    provider = helpers.provider_settings("p", retry=RetryPolicy(max_attempts=1))
 
-    cached = storage.state
-    clock.advance(0.6)
-    fresh = storage.state
-    client.close()
+    async def scenario() -> tuple[str, str, str, int]:
+        gateway = AsyncGateway(
+            helpers.settings_for(provider, redis_url=private_redis.url),
+            clock=clock,
+            metrics=metrics,
+            transport=httpx.MockTransport(lambda r: httpx.Response(200, json={})),
+        )
+        await gateway.get_json("p", "records")  # reads the shared state once
+        there.force(OPEN, "tripped there")
+        there.share()
+        clock.advance(1)
+        before = gateway.breaker_state("p")  # starts a background exchange, returns at once
+        await gateway.breaker("p").ashare()  # the exchange in flight: returns at once too
+        for _ in range(200):  # a hang guard, not a timing
+            if not gateway._tasks:
+                break
+            await asyncio.sleep(0.01)
+        after = gateway.breaker_state("p")
+        there.force(CLOSED, "closed there")
+        there.share()
+        clock.advance(1)
+        gateway.breaker_state("p")  # a background exchange that aclose() cancels
+        pending = len(gateway._tasks)
+        await gateway.aclose()
+        direct = Breaker("p", "p", BreakerPolicy(), clock=clock, store=stores("p", "p"))
+        await direct.ashare()
+        await stores.aclose()
+        return before, after, direct.state, pending
 
-    assert (CLOSED, CLOSED, OPEN) == (first, cached, fresh)
+    before, after, direct, pending = asyncio.run(scenario())
+
+    assert (CLOSED, OPEN, CLOSED, 1) == (before, after, direct, pending)
 
 
-@pytest.mark.redis
-def test_redis_outage_mid_run_falls_back_then_recovers(
-    sim: Any, make_harness: Any, private_redis: PrivateRedis, logs: Any
-) -> None:
-    """Redis dying mid-run costs one warning and no failed call; once back, shared state is read."""
-    import redis
+def test_gateways_of_one_process_share_breakers_through_memory(helpers: Any, metrics: Any) -> None:
+    """A sync and an async gateway given one MemoryBreakerStores see each other's breaker at once,
+    with the same newest-wins rule as Redis."""
+    from idis.integrations.resilience import AsyncGateway, Gateway
+    from idis.integrations.resilience._shared import MemoryBreakerStores
 
-    settings = simulator_settings(
-        sim.url,
-        providers=("crm_provider",),
-        redis_url=private_redis.url,
+    clock = ManualClock()
+    stores = MemoryBreakerStores()
+    provider = helpers.provider_settings(
         retry=RetryPolicy(max_attempts=1),
-        breaker=BreakerPolicy(failure_threshold=2, minimum_calls=1000, reset_timeout=600.0),
+        breaker=BreakerPolicy(failure_threshold=1, minimum_calls=1000, reset_timeout=30.0),
     )
-    h = make_harness(settings)
-    h.get_json("crm_provider", "records")
-    private_redis.stop()
+    settings = helpers.settings_for(provider)
+    failing = Gateway(
+        settings,
+        clock=clock,
+        metrics=metrics,
+        breaker_storage=stores,
+        transport=httpx.MockTransport(lambda r: httpx.Response(503)),
+    )
+    healthy = httpx.MockTransport(lambda r: httpx.Response(200, json={}))
 
-    during = []
-    for _ in range(5):
-        h.clock.advance(0.6)  # past the state cache's ttl, so each call wants Redis
-        during.append(h.get_json("crm_provider", "records"))
-    h.clock.advance(6)  # past the storage's 5 s local-fallback period
-    private_redis.start()
-    other_replica = redis.Redis.from_url(private_redis.url)
-    key = "idis:breaker:crm_provider:crm_provider"
-    other_replica.mset({f"{key}:state": "open", f"{key}:opened_at": repr(h.clock.time())})
-    other_replica.close()
+    async def scenario() -> tuple[str, str, str]:
+        async with AsyncGateway(
+            settings, clock=clock, metrics=metrics, breaker_storage=stores, transport=healthy
+        ) as gateway:
+            await gateway.get_json("crm", "records")
+            with pytest.raises(ProviderUnavailable):
+                failing.get_json("crm", "records")  # opens it, here and there
+            with pytest.raises(CircuitOpen):
+                await gateway.get_json("crm", "records")
+            opened = gateway.breaker_state("crm")
+            clock.advance(30)
+            await gateway.get_json("crm", "records")  # the trial succeeds: closed for both
+            return opened, gateway.breaker_state("crm"), failing.breaker_state("crm")
 
-    with pytest.raises(CircuitOpen):
-        h.get_json("crm_provider", "records")
-
-    assert [{"items": [], "next_cursor": None}] * 5 == during
-    assert 1 == len(logs.events("idis.breaker.shared_state_unavailable"))
-    assert 6 == sim.control.stats("crm_provider")["requests"]["records"]
+    try:
+        assert (OPEN, CLOSED, CLOSED) == asyncio.run(scenario())
+    finally:
+        failing.close()

@@ -14,7 +14,7 @@ The tree::
     │   ├── MalformedResponse           2xx whose body is not what the contract says
     │   ├── CircuitOpen                 breaker open: the call was not attempted
     │   ├── BulkheadFull                too many calls in flight to this provider
-    │   ├── RetryBudgetExhausted        a retry was due but the provider's retry budget is spent
+    │   ├── RetryBudgetExhausted        (no longer raised: the call ends with the provider's error)
     │   └── ReplayWindowExceeded        asked a replay API for more than it retains
     ├── AuthError                       OAuth token could not be obtained or refreshed
     │   ├── ReauthorizationRequired     invalid_grant: a human must re-authorize
@@ -225,7 +225,12 @@ class BulkheadFull(ProviderError):
 
 
 class RetryBudgetExhausted(ProviderError):
-    """A retry was due but the provider's retry budget is spent; the last error is chained."""
+    """A retry was due but the provider's retry budget is spent; the last error is chained.
+
+    The gateway no longer raises it: a call whose retry the budget refuses ends
+    with the provider's own error (``sent >= 1``), and the refusal is counted in
+    ``integration_retry_budget_exhausted_total``. Kept so code that catches it imports.
+    """
 
     provider_fault = False
     error_type = "retry_budget_exhausted"

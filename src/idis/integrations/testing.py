@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -53,7 +53,9 @@ from .simulator._control import SimulatorControl
 from .simulator._state import DEFAULT_WEBHOOK_SECRET, Clock, SimulatorState
 
 __all__ = [
+    "LatencyProxy",
     "RunningSimulator",
+    "latency_proxy",
     "make_server",
     "run_simulator",
     "serve_asgi",
@@ -315,3 +317,97 @@ def simulator_settings(
         providers=built, embedded_defaults=False, simulator_url=base, allow_embedded_defaults=True
     )
     return replace(settings, **top) if top else settings
+
+
+class LatencyProxy:
+    """A loopback TCP proxy that delays every chunk from the server by ``delay`` seconds.
+
+    Put it between the library and a real Redis (or any TCP service) to make
+    that service slow without touching it: the benchmark and the tests use it
+    to show that a slow Redis never blocks the async gateway's event loop.
+    Use :func:`latency_proxy`; ``port`` is where clients connect.
+    """
+
+    def __init__(self, target: tuple[str, int], delay: float) -> None:
+        self.target = target
+        self.delay = delay
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = int(self._listener.getsockname()[1])
+        self._closing = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Accept connections in a background thread."""
+        self._spawn(self._accept)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name="idis-latency-proxy", daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        # accept() is not interrupted by close() from another thread: poll instead.
+        self._listener.settimeout(0.05)
+        while not self._closing.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # listener closed
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            self._spawn(self._pump, client, upstream, 0.0)
+            self._spawn(self._pump, upstream, client, self.delay)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, delay: float) -> None:
+        try:
+            while not self._closing.is_set():
+                chunk = source.recv(65536)
+                if not chunk:
+                    break
+                if delay:
+                    self._closing.wait(delay)
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop accepting, close every connection and join the threads."""
+        self._closing.set()
+        self._listener.close()
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in threads:
+            thread.join(_STOP_TIMEOUT)
+
+
+@contextmanager
+def latency_proxy(port: int, delay: float, host: str = "127.0.0.1") -> Iterator[LatencyProxy]:
+    """Run a :class:`LatencyProxy` to ``host:port`` adding ``delay`` seconds to each reply."""
+    proxy = LatencyProxy((host, port), delay)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -327,7 +327,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     from ..reconciliation import reconcile, verify_sync
     from ..reconciliation._sync_timeline import timeline
     from ..resilience._gateway import AsyncGateway, Gateway
-    from ..resilience._recorder import StateRecorder
+    from ..resilience._recorder import HealthSampler
     from ..sync import HandlerRegistry, SyncService, sync_summary
     from ..testing import run_simulator, serve_asgi, simulator_settings
 
@@ -364,8 +364,10 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
 
     auth = oauth_auth_factory(settings)
     stack.callback(auth.close)
-    recorder = StateRecorder(database_url, clock=drill.clock)
-    stack.callback(recorder.stop)
+    # The async sampler's breaker hook queues audit rows; the sync drill writes them
+    # with flush() when it needs them (on the drill's event loop), and at the end.
+    recorder = HealthSampler(database_url, clock=drill.clock)
+    stack.callback(lambda: asyncio.run(recorder.flush()))
     gateway = Gateway(
         settings,
         metrics=drill.metrics,
@@ -580,7 +582,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
         tick(emit=False)
 
     drill.phase("6. verification")
-    recorder.flush()
+    runner.run(recorder.flush())
     _verify(
         drill,
         engine=engine,

@@ -4,7 +4,7 @@ RB-09's postmortem asks: was the fallback effective, was reconciliation
 complete, how long did it take. Everything needed is already in the database
 of a running service: the audit trail (breaker and mode transitions, defects,
 reconciled events, token refreshes), the health samples the
-:class:`~idis.integrations.resilience._recorder.StateRecorder` writes, and the
+:class:`~idis.integrations.resilience.HealthSampler` writes, and the
 outbox's own timestamps. This module turns them into the same report the
 drill writes (HTML with a timeline chart, or Markdown).
 
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from .._audit import AuditEvent
 from .._timeparse import format_duration, utcnow
-from ..resilience._recorder import HealthSample
+from ..resilience._recorder import HealthSample, timeline_of_live_samples
 from ._report import Check, Phase, Report, Series
 
 __all__ = ["PostmortemFacts", "build_postmortem", "describe_audit_row", "incident_window"]
@@ -321,11 +321,7 @@ def build_postmortem(
         series=[
             Series(
                 "error rate",
-                [
-                    (t(s.sampled_at), round(s.error_rate, 3))
-                    for s in samples
-                    if start <= s.sampled_at <= end
-                ],
+                _error_rate(samples, start, end, t),
                 "of calls",
                 step=False,
             ),
@@ -448,6 +444,23 @@ def _fact_rows(
     if window is not None and outside:
         rows.append(("audit rows outside the incident window (not shown)", str(outside)))
     return rows
+
+
+def _error_rate(
+    samples: Sequence[HealthSample], start: datetime, end: datetime, t: Any
+) -> list[tuple[float, float]]:
+    """The error rate over every replica still reporting at each sample time in the window.
+
+    A replica counts while it keeps reporting (``live_samples``): samples of a
+    replica that was restarted stop counting within two of its intervals.
+    """
+    points = []
+    for at, live in timeline_of_live_samples(samples):
+        if start <= at <= end:
+            calls = sum(s.calls for s in live)
+            failures = sum(s.failures for s in live)
+            points.append((t(at), round(failures / calls, 3) if calls else 0.0))
+    return points
 
 
 def _defect_series(

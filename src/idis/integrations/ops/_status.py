@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, inspect, select
@@ -24,7 +24,7 @@ from .._timeparse import utcnow
 from ..config import Settings
 from ..db._engine import create_db_engine
 from ..exceptions import StorageError
-from ..resilience._recorder import HealthSample
+from ..resilience._recorder import SAMPLE_HORIZON, latest_samples, live_samples
 
 __all__ = [
     "BUILTIN_FACT_SOURCES",
@@ -86,10 +86,6 @@ def _fact_sources() -> list[FactSource]:
     return sources + [s for s in FACT_SOURCES if s not in sources]
 
 
-#: Samples older than this say nothing about the present.
-SAMPLE_HORIZON = timedelta(minutes=15)
-
-
 @dataclass(slots=True)
 class ProviderStatus:
     """Everything known about one provider's health."""
@@ -128,20 +124,9 @@ class ProviderStatus:
 
 
 def _recorded(session: Session, status: ProviderStatus, now: datetime) -> None:
-    since = now - SAMPLE_HORIZON
-    latest_per_replica = (
-        select(HealthSample.replica, func.max(HealthSample.id).label("id"))
-        .where(HealthSample.provider == status.provider, HealthSample.sampled_at >= since)
-        .group_by(HealthSample.replica)
-        .subquery()
-    )
-    samples = list(
-        session.scalars(
-            select(HealthSample).join(
-                latest_per_replica, HealthSample.id == latest_per_replica.c.id
-            )
-        )
-    )
+    # Only replicas still reporting count (within two of their sample intervals):
+    # a restarted replica's last sample must not keep a breaker "open" here.
+    samples = live_samples(latest_samples(session, status.provider, now - SAMPLE_HORIZON), now)
     if samples:
         status.calls = sum(s.calls for s in samples)
         status.failures = sum(s.failures for s in samples)
@@ -166,13 +151,13 @@ def _recorded(session: Session, status: ProviderStatus, now: datetime) -> None:
 def _shared(settings: Settings, statuses: list[ProviderStatus]) -> None:
     if not settings.redis_url:
         return
-    from ..resilience._shared import redis_breaker_storage
+    from ..resilience._shared import read_shared_state
 
-    factory = redis_breaker_storage(settings.redis_url)
     for status in statuses:
-        state = factory(status.provider, status.provider).state
-        status.breaker_state = {"half-open": "half_open"}.get(state, state)
-        status.breaker_source = "redis (live)"
+        shared = read_shared_state(settings.redis_url, status.provider)
+        if shared is not None:
+            status.breaker_state = shared.state
+            status.breaker_source = "redis (live)"
 
 
 def _probe(settings: Settings, statuses: list[ProviderStatus]) -> None:

@@ -1,13 +1,9 @@
-"""Circuit breakers on pybreaker, without holding a lock across I/O.
+"""Circuit breakers that hold no lock across I/O and share a versioned state across replicas.
 
-pybreaker's ``call()`` holds the breaker's lock for the whole protected call,
-so concurrent calls through one breaker serialize (``calling()`` does not, but
-costs four times as much per call and cannot count a windowed failure rate). We use
-pybreaker for what it is good at (the state storage: in-process or shared
-across replicas, its listener protocol, and its public ``open()``,
-``half_open()`` and ``close()`` transitions) and drive it from outside: a call
-is *admitted* under a short lock, runs with no lock held, and its outcome is
-*recorded* under a short lock.
+A call is *admitted* under a short lock, runs with no lock held, and its outcome
+is *recorded* under a short lock, so concurrent calls through one breaker run
+concurrently (pybreaker's ``call()`` holds its lock for the whole call; see
+docs/architecture.md for why this module no longer builds on pybreaker).
 
 Tripping rules (``BreakerPolicy``):
 
@@ -21,44 +17,44 @@ Open → half-open after ``reset_timeout``; half-open admits at most
 re-opens. Only provider faults count (5xx, timeouts, connection errors, 429,
 malformed bodies); a 4xx we caused counts as a success (the provider answered).
 
-Time comes from an injectable :class:`~idis.integrations._clock.Clock`.
-Counters and the failure window are per process; the *state* lives in the
-pybreaker storage, so with Redis one replica tripping opens it for all.
+Counters and the failure window are per process. The *state* can be shared
+through a store (:mod:`._shared`): every transition gets a version, the newest
+version wins in both directions, and the gateway exchanges the state with the
+store at most once per ``ttl`` (:meth:`Breaker.share` / :meth:`Breaker.ashare`),
+never on every call. Time comes from an injectable :class:`~idis.integrations._clock.Clock`.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Final
-
-import pybreaker
+from typing import Any, Final, Protocol
 
 from .._clock import Clock, system_clock
 from ..config import BreakerPolicy
 from ..exceptions import CircuitOpen
 from ._policy import SlidingWindow
+from ._shared import SharedState, newer
 
 __all__ = [
     "CLOSED",
     "HALF_OPEN",
     "OPEN",
     "Breaker",
+    "BreakerStore",
     "BreakerTransition",
 ]
 
 CLOSED: Final = "closed"
 HALF_OPEN: Final = "half_open"
 OPEN: Final = "open"
-_FROM_PB = {
-    pybreaker.STATE_CLOSED: CLOSED,
-    pybreaker.STATE_HALF_OPEN: HALF_OPEN,
-    pybreaker.STATE_OPEN: OPEN,
-}
+#: The canonical string for each state name (states read from Redis are new str objects).
+_STATES: Final = {CLOSED: CLOSED, HALF_OPEN: HALF_OPEN, OPEN: OPEN}
 #: Gauge value per state (integration_circuit_breaker_state).
 STATE_VALUE: Final = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+#: Seconds a breaker's view of the shared state stays fresh (unless its store says otherwise).
+SHARED_TTL: Final = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +78,22 @@ class BreakerTransition:
 TransitionHook = Callable[[BreakerTransition], None]
 
 
-class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(self, owner: Breaker) -> None:
-        self._owner = owner
+class BreakerStore(Protocol):
+    """Where breakers share their state (``RedisBreakerStore``, ``MemoryBreakerStore``)."""
 
-    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
-        old = _FROM_PB.get(old_state.name, CLOSED) if old_state is not None else CLOSED
-        # The listener is part of Breaker; _notify is private to the pair.
-        self._owner._notify(old, _FROM_PB.get(new_state.name, CLOSED))
+    #: Seconds a read of the shared state stays fresh.
+    ttl: float
+    #: True when an exchange does no I/O (it is then done inline on every call).
+    local: bool
+
+    def usable(self) -> bool:
+        """False while the store is known to be failing."""
+
+    def exchange(self, local: SharedState | None) -> tuple[bool, SharedState | None]:
+        """Publish ``local`` if given; return (store reached, the record that stands)."""
+
+    async def aexchange(self, local: SharedState | None) -> tuple[bool, SharedState | None]:
+        """Async twin of :meth:`exchange` (must not block the event loop)."""
 
 
 class Breaker:
@@ -113,7 +117,7 @@ class Breaker:
         policy: BreakerPolicy,
         *,
         clock: Clock = system_clock,
-        storage: pybreaker.CircuitBreakerStorage | None = None,
+        store: BreakerStore | None = None,
         hooks: Sequence[TransitionHook] = (),
     ) -> None:
         self.provider = provider
@@ -126,40 +130,35 @@ class Breaker:
         self._consecutive = 0
         self._trials = 0
         self._trial_successes = 0
-        self._opened_at: float | None = None
         self._reason = "initial"
-        self._causing = False
-        storage = storage or pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
-        self._pb = pybreaker.CircuitBreaker(
-            fail_max=policy.failure_threshold,
-            reset_timeout=policy.reset_timeout,
-            success_threshold=policy.half_open_max_calls,
-            state_storage=storage,
-            name=f"{provider}:{name}",
-            listeners=[_Listener(self)],
-        )
-        self._seen = self._read_state()
+        # The state, its version and when it opened (wall time), as one record.
+        self._state: str = CLOSED
+        self._version = 0
+        self._opened_at = 0.0
+        # Shared state: the record the store holds as far as we know, when to look again.
+        self._store = store
+        self._published: SharedState | None = None
+        self._fresh_until = 0.0
+        self._sharing = False
+        self._synced = False
 
     # ------------------------------------------------------------------ state
 
-    def _read_state(self) -> str:
-        return _FROM_PB.get(self._pb.current_state, CLOSED)
-
     @property
     def state(self) -> str:
-        """``closed``, ``half_open`` or ``open`` (as stored; shared when storage is)."""
-        state = self._read_state()
-        if state != self._seen:
-            with self._lock:
-                state = self._read_state()
-                self._notice_if_changed(state)
-        return state
+        """``closed``, ``half_open`` or ``open`` (this process's view of the shared state)."""
+        return self._state
+
+    @property
+    def shared(self) -> bool:
+        """Whether the state is shared with other replicas through a store."""
+        return self._store is not None
 
     def retry_in(self) -> float:
         """Seconds until an open breaker admits a trial call (0 when not open)."""
-        if self.state != OPEN:
+        if self._state != OPEN:
             return 0.0
-        return max(0.0, self._opened_time() + self.policy.reset_timeout - self._clock.time())
+        return max(0.0, self._opened_at + self.policy.reset_timeout - self._clock.time())
 
     def stats(self) -> dict[str, float | int | str]:
         """Window calls/failures, consecutive failures and state, for ``status``."""
@@ -167,21 +166,14 @@ class Breaker:
             calls, failures = self._window.totals(self._clock.time())
             consecutive = self._consecutive
         return {
-            "state": self.state,
+            "state": self._state,
             "window_calls": calls,
             "window_failures": failures,
             "error_rate": (failures / calls) if calls else 0.0,
             "consecutive_failures": consecutive,
             "retry_in": round(self.retry_in(), 3),
+            "version": self._version,
         }
-
-    def _opened_time(self) -> float:
-        if self._opened_at is not None:
-            return self._opened_at
-        stored = self._pb._state_storage.opened_at  # pybreaker exposes no getter
-        if isinstance(stored, datetime):
-            return stored.timestamp()
-        return self._clock.time()
 
     # ------------------------------------------------------------ admission
 
@@ -192,17 +184,13 @@ class Breaker:
             CircuitOpen: while open (with ``retry_in``), or when half-open and
                 every trial slot is taken.
         """
-        state = self._read_state()
-        if state == CLOSED and self._seen == CLOSED:
+        if self._state == CLOSED:
             return False
         with self._lock:
-            state = self._read_state()
-            # Another replica may have changed the shared state: report it first.
-            self._notice_if_changed(state)
-            if state == CLOSED:
+            if self._state == CLOSED:
                 return False
-            if state == OPEN:
-                wait = self._opened_time() + self.policy.reset_timeout - self._clock.time()
+            if self._state == OPEN:
+                wait = self._opened_at + self.policy.reset_timeout - self._clock.time()
                 if wait > 0:
                     raise CircuitOpen(
                         f"circuit breaker for {self.provider} ({self.name}) is open; "
@@ -225,7 +213,7 @@ class Breaker:
 
     def would_admit(self) -> bool:
         """Whether :meth:`admit` would let a call through now (no side effects)."""
-        state = self.state
+        state = self._state
         if state == CLOSED:
             return True
         if state == OPEN:
@@ -245,7 +233,7 @@ class Breaker:
             self._trials = max(0, self._trials - 1)
             self._trial_successes += 1
             if (
-                self._read_state() == HALF_OPEN
+                self._state == HALF_OPEN
                 and self._trial_successes >= self.policy.half_open_max_calls
             ):
                 self._transition(CLOSED, "trial calls succeeded")
@@ -258,10 +246,10 @@ class Breaker:
             self._consecutive += 1
             if trial:
                 self._trials = max(0, self._trials - 1)
-                if self._read_state() != OPEN:
+                if self._state != OPEN:
                     self._transition(OPEN, f"trial call failed ({error_type})")
                 return
-            if self._read_state() != CLOSED:
+            if self._state != CLOSED:
                 return
             policy = self.policy
             if self._consecutive >= policy.failure_threshold:
@@ -287,74 +275,164 @@ class Breaker:
 
     def force(self, state: str, reason: str = "forced by operator") -> None:
         """Move to ``state`` now (operator override, tests)."""
+        if state not in _STATES:
+            raise ValueError(f"breaker state {state!r}: expected closed, half_open or open")
         with self._lock:
-            self._transition(state, reason)
+            self._transition(_STATES[state], reason)
 
     def _transition(self, to_state: str, reason: str) -> None:
-        # Caller holds self._lock. pybreaker's transitions take its own lock
-        # briefly and call our listener synchronously.
+        # Caller holds self._lock; hooks run under it so their order is the order of changes.
+        old = self._state
         self._reason = reason
+        self._state = to_state
+        self._version += 1
+        self._reset_trials()
+        if to_state == OPEN:
+            self._opened_at = self._clock.time()
+        elif to_state == CLOSED:
+            self._opened_at = 0.0
+            self._consecutive = 0
+            self._window.clear()
+        self._emit(
+            BreakerTransition(self.provider, self.name, old, to_state, reason, self._clock.time())
+        )
+
+    def _reset_trials(self) -> None:
         self._trials = 0
         self._trial_successes = 0
-        self._causing = True
+
+    def _emit(self, transition: BreakerTransition) -> None:
+        for hook in self._hooks:
+            hook(transition)
+
+    # --------------------------------------------------------- shared state
+
+    def share_due(self, now: float) -> bool:
+        """Whether the state should be exchanged with the store now (``now``: monotonic).
+
+        True when a transition of ours is not yet published, or our view of the
+        shared state is older than ``SHARED_TTL``; never while an exchange is in
+        flight or the store is failing.
+        """
+        store = self._store
+        if store is None or self._sharing or not store.usable():
+            return False
+        return now >= self._fresh_until or self._outgoing() is not None
+
+    @property
+    def local_store(self) -> bool:
+        """Whether the shared state lives in this process (an exchange does no I/O)."""
+        return self._store is not None and self._store.local
+
+    @property
+    def synced(self) -> bool:
+        """Whether this breaker has read the shared state at least once."""
+        return self._synced
+
+    def share_urgent(self) -> bool:
+        """Whether a call should wait for the exchange: a transition of ours to publish,
+        or no shared state read yet (a fresh replica must not ignore an open breaker)."""
+        store = self._store
+        return (
+            (store is not None and store.local) or not self._synced or self._outgoing() is not None
+        )
+
+    def share(self) -> None:
+        """Exchange the state with the store (blocking I/O; the sync gateway's way)."""
+        claimed, outgoing = self._claim_share()
+        if not claimed:
+            return
+        assert self._store is not None
         try:
-            if to_state == OPEN:
-                self._opened_at = self._clock.time()
-                self._pb.open()
-                # pybreaker stamps opened_at from the real clock; ours may be injected.
-                self._pb._state_storage.opened_at = datetime.fromtimestamp(  # no public setter
-                    self._opened_at, UTC
-                )
-            elif to_state == HALF_OPEN:
-                self._pb.half_open()
-            else:
-                self._opened_at = None
-                self._consecutive = 0
-                self._window.clear()
-                self._pb.close()
+            for _ in range(2):  # once more at once if a transition happened meanwhile
+                reached, standing = self._store.exchange(outgoing)
+                outgoing = self._end_share(reached, standing)
+                if outgoing is None:
+                    return
         finally:
-            self._causing = False
+            self._sharing = False
 
-    def _notice_if_changed(self, state: str) -> None:
-        # Caller holds self._lock, so our own transitions (also under the lock)
-        # have already updated _seen: a difference can only come from outside.
-        if state != self._seen:
-            self._noticed(state)
+    async def ashare(self) -> None:
+        """Exchange the state with the store without blocking the event loop."""
+        work = self.start_ashare()
+        if work is not None:
+            await work
 
-    def _noticed(self, state: str) -> None:
-        old, self._seen = self._seen, state
-        if state == OPEN:
-            # The replica that opened it stamped the shared opened_at; a local
-            # time from an earlier opening would let a trial through too early.
-            stored = self._pb._state_storage.opened_at  # no public getter
-            self._opened_at = (
-                stored.timestamp() if isinstance(stored, datetime) else self._clock.time()
-            )
+    def start_ashare(self) -> Coroutine[Any, Any, None] | None:
+        """Claim the exchange now (one at a time) and return the coroutine doing it.
+
+        Claiming before the coroutine runs keeps a background exchange single:
+        the next call sees it in flight and does not start another.
+        """
+        claimed, outgoing = self._claim_share()
+        return self._aexchange(outgoing) if claimed else None
+
+    async def _aexchange(self, outgoing: SharedState | None) -> None:
+        assert self._store is not None
+        try:
+            for _ in range(2):  # once more at once if a transition happened meanwhile
+                reached, standing = await self._store.aexchange(outgoing)
+                outgoing = self._end_share(reached, standing)
+                if outgoing is None:
+                    return
+        finally:
+            self._sharing = False
+
+    def _record(self) -> SharedState:
+        return SharedState(self._version, self._state, self._opened_at)
+
+    def _outgoing(self) -> SharedState | None:
+        if self._version == 0:
+            return None  # nothing happened here yet: nothing to tell the others
+        record = self._record()
+        return None if record == self._published else record
+
+    def _claim_share(self) -> tuple[bool, SharedState | None]:
+        with self._lock:
+            if self._store is None or self._sharing:
+                return False, None
+            self._sharing = True
+            return True, self._outgoing()
+
+    def _end_share(self, reached: bool, standing: SharedState | None) -> SharedState | None:
+        """Take in what the store holds; return our record if it still needs publishing."""
+        if not reached:
+            return None  # the store said why (once); keep our state and publish it later
+        with self._lock:
+            self._synced = True
+            ttl = self._store.ttl if self._store is not None else SHARED_TTL
+            self._fresh_until = self._clock.monotonic() + ttl
+            self._published = standing
+            if newer(standing, self._record()):
+                assert standing is not None
+                self._adopt(standing)
+            return self._outgoing()
+
+    def _adopt(self, record: SharedState) -> None:
+        # Caller holds self._lock. Another replica's newer state wins over ours.
+        old = self._state
+        state = _STATES[record.state]
+        self._state = state
+        self._version = record.version
+        self._opened_at = record.opened_at if state == OPEN else 0.0
+        if state == old:
+            return  # a newer record of the same state: trials in flight stay counted
+        self._reset_trials()
         if state == CLOSED:
-            self._opened_at = None
+            self._consecutive = 0
+            self._window.clear()
+        self._reason = "changed by another replica"
         self._emit(
             BreakerTransition(
                 self.provider,
                 self.name,
                 old,
                 state,
-                "changed by another replica",
+                self._reason,
                 self._clock.time(),
                 observed=True,
             )
         )
 
-    def _notify(self, old: str, new: str) -> None:
-        if not self._causing:
-            return  # pybreaker noticing a shared-storage change: _noticed reports it
-        self._seen = new
-        self._emit(
-            BreakerTransition(self.provider, self.name, old, new, self._reason, self._clock.time())
-        )
-
-    def _emit(self, transition: BreakerTransition) -> None:
-        for hook in self._hooks:
-            hook(transition)
-
     def __repr__(self) -> str:
-        return f"<Breaker {self.provider}:{self.name} {self.state}>"
+        return f"<Breaker {self.provider}:{self.name} {self._state} v{self._version}>"

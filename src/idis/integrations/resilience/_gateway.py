@@ -1,21 +1,32 @@
 """The call pipeline: every provider call goes through a :class:`Gateway` or :class:`AsyncGateway`.
 
-One logical call::
+One logical call is one *flow* (:meth:`_Pipeline.call_flow`, see ``_flow.py``),
+written once and driven by :func:`~idis.integrations._flow.drive` (``Gateway``)
+or :func:`~idis.integrations._flow.adrive` (``AsyncGateway``)::
 
     deadline → provider pause (429 / Retry-After, shared by every caller in the process)
-      → client-side token bucket → bulkhead slot → breaker admission
+      → client-side token bucket → shared breaker state (Redis, at most every 0.5 s)
+      → bulkhead slot (FIFO) → breaker admission
       → one attempt (per-attempt timeouts, clipped to the deadline) → classify
       → record the outcome in the breaker and the metrics
       → retry? only provider faults, only idempotent requests or ones carrying an
-        idempotency key, backoff with full jitter or Retry-After, within the
-        deadline and the provider's retry budget
+        idempotency key, after the ``Backoff`` derived from ``RetryPolicy`` (or the
+        provider's Retry-After, capped), within the deadline and the retry budget
 
-Every decision lives in :class:`_Pipeline` or in ``policy.py`` and ``breaker.py``;
-the two gateways differ only in ``send``/``await send`` and ``sleep``/``await
-sleep``. The first attempt runs without tenacity (its loop costs tens of
-microseconds a call, more than the rest of the pipeline); once a retry is due,
-the rest of the call is driven by tenacity ``Retrying``/``AsyncRetrying`` built
-from one shared configuration.
+The flow yields the I/O it needs as effects: a wait (:class:`_Wait`), a
+bulkhead slot when none is free (:class:`_Slot`), the HTTP request (the
+:class:`_Call` itself), a shared-state exchange (:class:`_Share`). Each effect
+runs itself blocking or under asyncio; the order of the steps, the
+classification, the retry loop and the error handling exist only in the flow.
+
+The error contract (issue 11): every ``ProviderError`` the gateway raises has
+``sent`` set to the number of requests of the logical call that went out. When
+at least one went out, the error raised is the last real attempt's (the 503,
+the timeout, ...), even if a retry was then refused by an open breaker, a full
+bulkhead, the retry budget or the deadline. ``CircuitOpen``, ``BulkheadFull``
+and the deadline/pause refusals are raised only when nothing went out
+(``sent == 0``), so a caller that counts delivery attempts (the outbox) counts
+exactly the requests the provider saw, a failed half-open trial included.
 
 Both gateways are safe to share: ``Gateway`` between threads, ``AsyncGateway``
 between the tasks of one event loop.
@@ -32,10 +43,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import tenacity
+from urllib.parse import quote
 
 from .._clock import Clock, system_clock
+from .._flow import Effect, Flow, adrive, drive
 from .._http import httpx
 from ..config import ProviderSettings, Settings
 from ..exceptions import (
@@ -45,13 +56,13 @@ from ..exceptions import (
     ProviderError,
     ProviderTimeout,
     RateLimited,
-    RetryBudgetExhausted,
     UsageError,
 )
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from ._breaker import STATE_VALUE, Breaker, BreakerTransition, TransitionHook
-from ._errors import HTTPX_ERRORS, error_for_status, map_httpx_errors, translate_httpx_error
+from ._bulkhead import AsyncBulkhead, ThreadBulkhead
+from ._errors import HTTPX_ERRORS, error_for_status, translate_httpx_error
 from ._policy import (
     RetryBudget,
     TokenBucket,
@@ -61,10 +72,23 @@ from ._policy import (
     should_retry,
 )
 
-__all__ = ["AsyncGateway", "Gateway", "HealthReport"]
+__all__ = ["PRESET_ERROR_TYPES", "AsyncGateway", "Gateway", "HealthReport"]
 
 AuthFactory = Callable[[ProviderSettings], "httpx.Auth | None"]
 _log = get_logger()
+
+#: ``integration_errors_total`` series created at 0 for every configured provider and
+#: endpoint when a gateway is built, so that ``rate()`` sees the first error of each
+#: (Prometheus needs a sample before the increase). The provider faults the RB-09
+#: alert sums (it excludes only client_error); 5 types x endpoints keeps it bounded.
+PRESET_ERROR_TYPES = ("timeout", "connection", "server_error", "rate_limited", "malformed_response")
+
+#: What :meth:`_Pipeline.retry_wait` returns when a retry was due but the budget is spent.
+BUDGET_EXHAUSTED = -1.0
+
+#: Path values that would leave their path segment once httpx normalizes the URL
+#: (RFC 3986 dot segments), or that name no resource at all.
+_UNSAFE_PATH_VALUES = frozenset({"", ".", ".."})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +102,76 @@ class HealthReport:
     detail: str
 
 
-class _Call:
-    """One logical call (all its attempts)."""
+# --------------------------------------------------------------------------- effects
+
+
+class _Wait(Effect[None]):
+    """Wait ``seconds`` (the face's sleep: the clock's by default)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def run(self, io: Any) -> None:
+        io.sleep(self.seconds)
+
+    async def arun(self, io: Any) -> None:
+        await io.asleep(self.seconds)
+
+
+class _Slot(Effect[bool]):
+    """Queue for a bulkhead slot (only yielded when none is free); True once one is ours."""
+
+    __slots__ = ("bulkhead", "timeout")
+
+    def __init__(self, bulkhead: Any, timeout: float) -> None:
+        self.bulkhead = bulkhead
+        self.timeout = timeout
+
+    def run(self, io: Any) -> bool:
+        return bool(self.bulkhead.acquire(self.timeout))
+
+    async def arun(self, io: Any) -> bool:
+        return bool(await self.bulkhead.acquire(self.timeout))
+
+
+class _Share(Effect[None]):
+    """Exchange a breaker's state with the shared store (Redis).
+
+    Blocking in the sync face. Under asyncio always through ``redis.asyncio``:
+    awaited when the call needs the answer (a transition to publish, or no
+    shared state read yet), else started in the background so no call waits.
+    """
+
+    __slots__ = ("breaker", "urgent")
+
+    def __init__(self, breaker: Breaker, urgent: bool) -> None:
+        self.breaker = breaker
+        self.urgent = urgent
+
+    def run(self, io: Any) -> None:
+        self.breaker.share()
+
+    async def arun(self, io: Any) -> None:
+        if self.breaker.local_store:
+            self.breaker.share()  # in this process: no I/O, nothing to wait for
+            return
+        work = self.breaker.start_ashare()
+        if work is None:
+            return  # another task's exchange is in flight
+        if self.urgent:
+            await work
+        else:
+            io.background(work)
+
+
+class _Call(Effect[httpx.Response]):
+    """One logical call (all its attempts); yielded by the flow, it sends one attempt."""
 
     __slots__ = (
         "_request_id",
-        "attempts",
+        "auth",
         "content",
         "deadline",
         "endpoint",
@@ -94,6 +182,8 @@ class _Call:
         "params",
         "parse_json",
         "provider",
+        "sent",
+        "timeout",
         "url",
     )
 
@@ -102,7 +192,7 @@ class _Call:
         provider: str,
         endpoint: str,
         method: str,
-        url: str,
+        url: httpx.URL | str,
         params: Any,
         json: Any,
         content: Any,
@@ -111,6 +201,7 @@ class _Call:
         deadline: float,
         parse_json: bool,
         request_id: str | None,
+        auth: Any,
     ) -> None:
         self.provider = provider
         self.endpoint = endpoint
@@ -124,7 +215,11 @@ class _Call:
         self.deadline = deadline
         self.parse_json = parse_json
         self._request_id = request_id
-        self.attempts = 0
+        self.auth = auth
+        #: Requests of this call that went out (attempts that reached the send step).
+        self.sent = 0
+        #: Per-attempt httpx timeouts, set before each send.
+        self.timeout: Any = None
 
     @property
     def request_id(self) -> str:
@@ -133,10 +228,70 @@ class _Call:
             self._request_id = os.urandom(8).hex()
         return self._request_id
 
+    def run(self, io: Any) -> httpx.Response:
+        return io.client.request(  # type: ignore[no-any-return]  # httpx.Client
+            self.method,
+            self.url,
+            params=self.params,
+            json=self.json,
+            content=self.content,
+            headers=self.headers,
+            timeout=self.timeout,
+            auth=self.auth,
+        )
+
+    async def arun(self, io: Any) -> httpx.Response:
+        return await io.client.request(  # type: ignore[no-any-return]  # httpx.AsyncClient
+            self.method,
+            self.url,
+            params=self.params,
+            json=self.json,
+            content=self.content,
+            headers=self.headers,
+            timeout=self.timeout,
+            auth=self.auth,
+        )
+
+
+class _Probe(Effect[httpx.Response]):
+    """One health-endpoint request (no retries, no breaker)."""
+
+    __slots__ = ("timeout", "url")
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+
+    def run(self, io: Any) -> httpx.Response:
+        return io.client.get(self.url, timeout=self.timeout)  # type: ignore[no-any-return]
+
+    async def arun(self, io: Any) -> httpx.Response:
+        return await io.client.get(self.url, timeout=self.timeout)  # type: ignore[no-any-return]
+
+
+@dataclass(slots=True)
+class _SyncIO:
+    """What the effects need from :class:`Gateway`."""
+
+    client: httpx.Client
+    sleep: Callable[[float], None]
+
+
+@dataclass(slots=True)
+class _AsyncIO:
+    """What the effects need from :class:`AsyncGateway`."""
+
+    client: httpx.AsyncClient
+    asleep: Callable[[float], Awaitable[None]]
+    background: Callable[[Awaitable[Any]], None]
+
+
+# --------------------------------------------------------------------------- state
+
 
 @dataclass(slots=True)
 class _Runtime:
-    """Per-provider state: breakers, limiter, budget, pause, pre-bound metric children."""
+    """Per-provider state: breakers, limiter, budget, pause, bulkhead, pre-bound metric children."""
 
     settings: ProviderSettings
     breaker: Breaker
@@ -144,21 +299,27 @@ class _Runtime:
     bucket: TokenBucket | None
     budget: RetryBudget
     timeout: httpx.Timeout
+    bulkhead: Any
+    auth: Any
     paused_until: float = 0.0
-    #: Calls holding a bulkhead slot now; set by the gateway that owns the slots.
-    in_flight: Callable[[], int] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     children: dict[tuple[str, ...], Any] = field(default_factory=dict)
-    urls: dict[str, str] = field(default_factory=dict)
+    #: Parsed URL per endpoint without path parameters (parsing costs ~6 µs a call).
+    urls: dict[str, httpx.URL] = field(default_factory=dict)
+
+
+#: Errors that refuse an attempt before anything is sent.
+_Refusal = ProviderError
 
 
 class _Pipeline:
-    """Everything both gateways share: configuration, decisions, metrics, logs."""
+    """Everything both gateways share: configuration, the call flow, decisions, metrics, logs."""
 
     def __init__(
         self,
         settings: Settings,
         *,
+        bulkhead: Callable[[int], Any],
         metrics: Metrics | None,
         clock: Clock | None,
         auth: AuthFactory | None,
@@ -172,6 +333,7 @@ class _Pipeline:
         self.request_id_header = request_id_header
         self.metrics = metrics or get_metrics()
         self.clock = clock or system_clock
+        self._bulkhead = bulkhead
         self._auth_factory = auth
         self._rng = random.Random(seed)  # noqa: S311  # jitter, not cryptography
         self._hooks: tuple[TransitionHook, ...] = (self._on_transition, *on_transition)
@@ -179,10 +341,17 @@ class _Pipeline:
             from ._shared import redis_breaker_storage
 
             breaker_storage = redis_breaker_storage(settings.redis_url, clock=self.clock)
-        self._storage_factory = breaker_storage
+        self.storage = breaker_storage
         self._runtimes: dict[str, _Runtime] = {}
         self._runtimes_lock = threading.Lock()
-        self._auths: dict[str, httpx.Auth | None] = {}
+        self._preset_error_series()
+
+    def _preset_error_series(self) -> None:
+        errors = self.metrics.errors
+        for provider in self.settings.providers.values():
+            for endpoint in provider.endpoints:
+                for error_type in PRESET_ERROR_TYPES:
+                    errors.labels(provider.name, endpoint, error_type)
 
     # ------------------------------------------------------------- runtimes
 
@@ -198,13 +367,13 @@ class _Pipeline:
         return runtime
 
     def _breaker(self, provider: ProviderSettings, name: str) -> Breaker:
-        storage = self._storage_factory(provider.name, name) if self._storage_factory else None
+        store = self.storage(provider.name, name) if self.storage else None
         breaker = Breaker(
             provider.name,
             name,
             provider.breaker,
             clock=self.clock,
-            storage=storage,
+            store=store,
             hooks=self._hooks,
         )
         self.metrics.breaker_state.labels(provider.name, name).set(STATE_VALUE[breaker.state])
@@ -217,14 +386,21 @@ class _Pipeline:
             if provider.rate_limit.rate
             else None
         )
-        return _Runtime(
+        auth = self._auth_factory(provider) if self._auth_factory else None
+        runtime = _Runtime(
             settings=provider,
             breaker=self._breaker(provider, provider.name),
             endpoint_breakers={},
             bucket=bucket,
             budget=RetryBudget(provider.retry),
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
+            bulkhead=self._bulkhead(provider.max_concurrency),
+            auth=httpx.USE_CLIENT_DEFAULT if auth is None else auth,
         )
+        bulkhead = runtime.bulkhead
+        # Occupancy is read at scrape time instead of two gauge updates per call.
+        self.metrics.in_flight.labels(provider.name).set_function(lambda: bulkhead.in_flight)
+        return runtime
 
     def endpoint_breaker(self, runtime: _Runtime, endpoint: str) -> Breaker | None:
         if not runtime.settings.breaker.per_endpoint:
@@ -238,12 +414,8 @@ class _Pipeline:
                     runtime.endpoint_breakers[endpoint] = breaker
         return breaker
 
-    def auth_for(self, provider: ProviderSettings) -> httpx.Auth | None:
-        if self._auth_factory is None:
-            return None
-        if provider.name not in self._auths:
-            self._auths[provider.name] = self._auth_factory(provider)
-        return self._auths[provider.name]
+    def breakers(self, runtime: _Runtime) -> list[Breaker]:
+        return [runtime.breaker, *runtime.endpoint_breakers.values()]
 
     def child(self, runtime: _Runtime, metric: str, *labels: str) -> Any:
         key = (metric, *labels)
@@ -272,20 +444,16 @@ class _Pipeline:
     ) -> tuple[_Runtime, _Call]:
         runtime = self.runtime(provider)
         settings = runtime.settings
+        url: httpx.URL | str
         if path_params:
-            template = settings.endpoint_path(endpoint)
-            try:
-                path = template.format(**{k: _quote(v) for k, v in path_params.items()})
-            except (KeyError, IndexError) as exc:
-                raise UsageError(
-                    f"endpoint {endpoint!r} of {provider} ({template}) needs path parameter {exc}"
-                ) from None
-            url = settings.base_url + path
+            url = settings.base_url + self._path(settings, endpoint, path_params)
         else:
-            url = runtime.urls.get(endpoint) or ""
-            if not url:
-                url = settings.base_url + settings.endpoint_path(endpoint)
-                runtime.urls[endpoint] = url
+            found = runtime.urls.get(endpoint)
+            if found is None:
+                found = runtime.urls[endpoint] = httpx.URL(
+                    settings.base_url + settings.endpoint_path(endpoint)
+                )
+            url = found
         request_id = None
         merged: dict[str, str] | None = dict(headers) if headers else None
         if self.request_id_header:
@@ -309,7 +477,142 @@ class _Pipeline:
             self.clock.monotonic() + deadline_s,
             parse_json,
             request_id,
+            runtime.auth,
         )
+
+    @staticmethod
+    def _path(settings: ProviderSettings, endpoint: str, path_params: Mapping[str, Any]) -> str:
+        """The endpoint's path with each value percent-encoded into its own segment.
+
+        ``quote(..., safe="")`` encodes ``/ ? # %``, so no value can add a segment,
+        a query or a fragment; ``.`` and ``..`` are unreserved and would be
+        collapsed by httpx (RFC 3986 dot segments) into a different path (issue
+        17: ``{"id": ".."}`` turned ``PUT /api/v1/records/..`` into ``PUT /api/v1``
+        with the bearer token), and an empty value names the collection instead
+        of one record: those are refused before anything is sent.
+        """
+        template = settings.endpoint_path(endpoint)
+        quoted: dict[str, str] = {}
+        for name, value in path_params.items():
+            text = None if value is None else str(value)
+            if text is None or text in _UNSAFE_PATH_VALUES:
+                raise UsageError(
+                    f"endpoint {endpoint!r} of {settings.name} ({template}): path parameter "
+                    f"{name!r}={value!r} would not name one resource; expected a non-empty "
+                    "value other than '.' and '..'"
+                )
+            quoted[name] = quote(text, safe="")
+        try:
+            return template.format(**quoted)
+        except (KeyError, IndexError) as exc:
+            raise UsageError(
+                f"endpoint {endpoint!r} of {settings.name} ({template}) needs path parameter {exc}"
+            ) from None
+
+    def call_flow(self, runtime: _Runtime, call: _Call) -> Flow[Any]:
+        """One logical call, all its attempts: the only place the pipeline's steps are ordered."""
+        clock = self.clock
+        breaker = runtime.breaker
+        bulkhead = runtime.bulkhead
+        runtime.budget.record_call(clock.monotonic())
+        failure: ProviderError | None = None  # the last real attempt's error
+        while True:
+            # -- before sending: any step may refuse the attempt; nothing has gone out for it.
+            refusal: ProviderError | None = None
+            try:
+                wait = self.wait_before(runtime, call)
+                if wait > 0:
+                    yield _Wait(wait)
+                if breaker.shared:
+                    for due in self.call_shares(runtime, call):
+                        yield _Share(due, urgent=due.share_urgent())
+                if not bulkhead.try_acquire() and not (
+                    yield _Slot(bulkhead, self.bulkhead_timeout(runtime, call))
+                ):
+                    raise self.bulkhead_full(runtime, call)
+            except _Refusal as exc:
+                refusal = exc
+            else:
+                try:
+                    call.timeout = self.timeout_for(runtime, call)
+                    admission = self.admit(runtime, call)
+                except _Refusal as exc:
+                    bulkhead.release()
+                    refusal = exc
+            if refusal is not None:
+                raise self.refused(runtime, call, refusal, failure)
+
+            # -- one attempt, holding a bulkhead slot and a breaker admission.
+            started = time.perf_counter()
+            call.sent += 1
+            try:
+                response = yield call
+            except HTTPX_ERRORS as raw:
+                bulkhead.release()
+                translated = translate_httpx_error(raw, call.provider, call.endpoint)
+                if not isinstance(translated, ProviderError):
+                    self.abandon(runtime, admission)
+                    raise translated from raw
+                error: ProviderError | None = translated
+                translated.__cause__ = raw
+                translated.__suppress_context__ = True
+                result = None
+            except BaseException:
+                bulkhead.release()
+                self.abandon(runtime, admission)
+                raise
+            else:
+                bulkhead.release()
+                result, error = self.classify(runtime, call, response)
+            self.record(runtime, call, admission, started, error)
+
+            # -- settle: publish a transition, then succeed, give up, or wait and go again.
+            if breaker.shared:
+                for due in self.call_shares(runtime, call):
+                    yield _Share(due, urgent=due.share_urgent())
+            if error is None:
+                self.finish(runtime, call, "success")
+                return result
+            error.sent = call.sent
+            failure = error
+            delay = self.retry_wait(runtime, call, error)
+            if delay is None or delay < 0:
+                outcome = "budget_exhausted" if delay is not None else self.outcome_for(error)
+                self.finish(runtime, call, outcome)
+                raise error
+            yield _Wait(delay)
+
+    def refused(
+        self,
+        runtime: _Runtime,
+        call: _Call,
+        refusal: ProviderError,
+        failure: ProviderError | None,
+    ) -> ProviderError:
+        """The error that ends a call whose next attempt was refused before sending.
+
+        Nothing went out: the refusal itself (``sent == 0``). Otherwise the last
+        real attempt's error, so the caller sees what the provider did.
+        """
+        refusal.endpoint = call.endpoint
+        self.count_error(runtime, call.endpoint, refusal.error_type)
+        if failure is None:
+            refusal.sent = 0
+            self.finish(runtime, call, self.outcome_for(refusal))
+            return refusal
+        failure.sent = call.sent
+        failure.add_note(f"not retried: {refusal}")
+        self.finish(runtime, call, self.outcome_for(failure))
+        return failure
+
+    def wait_before(self, runtime: _Runtime, call: _Call) -> float:
+        """Seconds to wait before the next attempt: provider pause, then the token bucket."""
+        wait = 0.0
+        if runtime.paused_until:
+            wait = self.pause_wait(runtime, call)
+        if runtime.bucket is not None:
+            wait += self.bucket_wait(runtime, call)
+        return wait
 
     def remaining(self, call: _Call) -> float:
         return call.deadline - self.clock.monotonic()
@@ -323,14 +626,10 @@ class _Pipeline:
 
     def pause_wait(self, runtime: _Runtime, call: _Call) -> float:
         """Seconds to wait for a provider pause (429/Retry-After); raises if past the deadline."""
-        if not runtime.paused_until:
-            return 0.0
         wait = runtime.paused_until - self.clock.monotonic()
         if wait <= 0:
             return 0.0
         if wait >= self.remaining(call):
-            # The logical call's outcome is counted once, by finish().
-            self.count_error(runtime, call.endpoint, "rate_limited")
             raise RateLimited(
                 f"{call.provider} {call.endpoint}: provider paused by rate limit (HTTP 429) for "
                 f"{wait:.1f}s more, beyond the call's deadline",
@@ -341,8 +640,7 @@ class _Pipeline:
         return wait
 
     def bucket_wait(self, runtime: _Runtime, call: _Call) -> float:
-        if runtime.bucket is None:
-            return 0.0
+        assert runtime.bucket is not None
         wait = runtime.bucket.reserve(self.clock.monotonic())
         if wait <= 0:
             return 0.0
@@ -360,29 +658,19 @@ class _Pipeline:
 
     def admit(self, runtime: _Runtime, call: _Call) -> tuple[bool, Breaker | None, bool]:
         """Breaker admission for the provider-wide and (optionally) the endpoint breaker."""
-        try:
-            trial = runtime.breaker.admit()
-        except CircuitOpen as exc:
-            self._short_circuited(runtime, call, exc)
-            raise
+        trial = runtime.breaker.admit()
         endpoint_breaker = self.endpoint_breaker(runtime, call.endpoint)
         endpoint_trial = False
         if endpoint_breaker is not None:
             try:
                 endpoint_trial = endpoint_breaker.admit()
-            except CircuitOpen as exc:
+            except CircuitOpen:
                 runtime.breaker.release(trial)
-                self._short_circuited(runtime, call, exc)
                 raise
         return trial, endpoint_breaker, endpoint_trial
 
-    def _short_circuited(self, runtime: _Runtime, call: _Call, exc: CircuitOpen) -> None:
-        exc.endpoint = call.endpoint
-        # The logical call's outcome is counted once, by finish().
-        self.count_error(runtime, call.endpoint, "circuit_open")
-
     def timeout_for(self, runtime: _Runtime, call: _Call) -> httpx.Timeout:
-        """Per-attempt timeouts clipped to the deadline; call it before breaker admission.
+        """Per-attempt timeouts clipped to the deadline.
 
         A deadline spent while waiting (pause, limiter, bulkhead) is a timeout of
         the call but not a provider fault: nothing was sent, so no breaker hears of it.
@@ -390,13 +678,12 @@ class _Pipeline:
         remaining = self.remaining(call)
         if remaining <= 0:
             error = self.deadline_error(call, "waiting to start an attempt")
-            self.count_error(runtime, call.endpoint, error.error_type)
             _log.warning(
                 "idis.gateway.timeout",
                 msg=f"provider call timed out before it was sent: {error}",
                 provider=call.provider,
                 endpoint=call.endpoint,
-                attempt=call.attempts + 1,
+                attempt=call.sent + 1,
                 request_id=call.request_id,
             )
             raise error
@@ -412,7 +699,9 @@ class _Pipeline:
             pool=min(t.pool or remaining, remaining),
         )
 
-    def classify(self, call: _Call, response: httpx.Response) -> tuple[Any, ProviderError | None]:
+    def classify(
+        self, runtime: _Runtime, call: _Call, response: httpx.Response
+    ) -> tuple[Any, ProviderError | None]:
         """(decoded JSON or the response, error) for a received response."""
         status = response.status_code
         if status < 400:
@@ -431,7 +720,6 @@ class _Pipeline:
         retry_after = None
         header = response.headers.get("retry-after")
         if header is not None:
-            runtime = self.runtime(call.provider)
             retry_after = parse_retry_after(
                 header, now=self.clock.now(), cap=runtime.settings.retry.retry_after_cap
             )
@@ -477,7 +765,7 @@ class _Pipeline:
                 msg=f"provider call timed out: {error}",
                 provider=call.provider,
                 endpoint=call.endpoint,
-                attempt=call.attempts,
+                attempt=call.sent,
                 request_id=call.request_id,
             )
         else:
@@ -488,7 +776,7 @@ class _Pipeline:
                 endpoint=call.endpoint,
                 error_type=error.error_type,
                 status=error.status_code,
-                attempt=call.attempts,
+                attempt=call.sent,
                 request_id=call.request_id,
             )
 
@@ -526,22 +814,7 @@ class _Pipeline:
                 request_id=call.request_id,
             )
 
-    def bind_bulkhead(
-        self, runtime: _Runtime, sem: threading.Semaphore | asyncio.Semaphore
-    ) -> None:
-        """Export the bulkhead's occupancy, read at scrape time instead of per call."""
-        size = runtime.settings.max_concurrency
-
-        def in_flight() -> int:
-            # Both semaphore kinds keep their free slots in _value; reading it at
-            # scrape time saves two gauge updates on every call.
-            return size - int(sem._value)
-
-        runtime.in_flight = in_flight
-        self.child(runtime, "in_flight").set_function(in_flight)
-
     def bulkhead_full(self, runtime: _Runtime, call: _Call) -> BulkheadFull:
-        self.count_error(runtime, call.endpoint, "bulkhead_full")
         self.metrics.bulkhead_rejected.labels(call.provider).inc()
         return BulkheadFull(
             f"{call.provider}: {runtime.settings.max_concurrency} calls already in flight",
@@ -552,51 +825,76 @@ class _Pipeline:
     def bulkhead_timeout(self, runtime: _Runtime, call: _Call) -> float:
         return min(runtime.settings.bulkhead_wait, max(0.0, self.remaining(call)))
 
-    def begin(
-        self, runtime: _Runtime, call: _Call
-    ) -> tuple[tuple[bool, Breaker | None, bool], float]:
-        """Admit one attempt (breakers) and start its clock; caller holds a bulkhead slot."""
-        admission = self.admit(runtime, call)
-        call.attempts += 1
-        return admission, time.perf_counter()
-
-    def abandon(self, admission: tuple[bool, Breaker | None, bool], runtime: _Runtime) -> None:
+    def abandon(self, runtime: _Runtime, admission: tuple[bool, Breaker | None, bool]) -> None:
         """Release an attempt that was cancelled before the provider answered."""
         trial, endpoint_breaker, endpoint_trial = admission
         runtime.breaker.release(trial)
         if endpoint_breaker is not None:
             endpoint_breaker.release(endpoint_trial)
 
-    def conclude(
-        self,
-        runtime: _Runtime,
-        call: _Call,
-        admission: tuple[bool, Breaker | None, bool],
-        started: float,
-        response: httpx.Response,
-    ) -> Any:
-        """Classify a response, record it, and return the result or raise its error."""
-        result, error = self.classify(call, response)
-        self.record(runtime, call, admission, started, error)
-        if error is not None:
-            raise error
-        return result
+    def retry_wait(self, runtime: _Runtime, call: _Call, error: ProviderError) -> float | None:
+        """Seconds to wait before retrying after ``error``; None (or ``BUDGET_EXHAUSTED``,
+        a negative number) to give up now."""
+        if not should_retry(error, method=call.method, idempotency_key=call.idempotency_key):
+            return None
+        policy = runtime.settings.retry
+        if call.sent >= effective_attempts(policy):
+            return None
+        delay = retry_delay(policy, call.sent, error, self._rng)
+        if delay >= self.remaining(call):
+            return None  # waiting would outlast the deadline
+        if not runtime.budget.try_spend(self.clock.monotonic()):
+            self.metrics.retry_budget_exhausted.labels(call.provider).inc()
+            self.count_error(runtime, call.endpoint, "retry_budget_exhausted")
+            error.add_note(f"not retried: retry budget of {call.provider} exhausted")
+            _log.warning(
+                "idis.gateway.retry_budget_exhausted",
+                msg=f"retry budget of {call.provider} spent: not retrying ({error})",
+                provider=call.provider,
+                endpoint=call.endpoint,
+                request_id=call.request_id,
+            )
+            return BUDGET_EXHAUSTED
+        self.child(runtime, "retries", call.endpoint, error.error_type).inc()
+        _log.info(
+            "idis.gateway.retry_scheduled",
+            msg=f"retrying in {delay:.2f}s after {error.error_type}",
+            provider=call.provider,
+            endpoint=call.endpoint,
+            attempt=call.sent,
+            wait=round(delay, 3),
+            request_id=call.request_id,
+        )
+        return delay
 
-    def health_url(self, provider: str) -> tuple[str | None, float]:
+    def count_error(self, runtime: _Runtime, endpoint: str, error_type: str) -> None:
+        self.child(runtime, "errors", endpoint, error_type).inc()
+
+    def finish(self, runtime: _Runtime, call: _Call, outcome: str) -> None:
+        self.child(runtime, "requests", call.endpoint, outcome).inc()
+
+    @staticmethod
+    def outcome_for(exc: ProviderError) -> str:
+        if isinstance(exc, CircuitOpen):
+            return "short_circuited"
+        if isinstance(exc, BulkheadFull):
+            return "bulkhead_full"
+        return "rate_limited" if isinstance(exc, RateLimited) else "error"
+
+    # ---------------------------------------------------------------- health
+
+    def health_flow(self, provider: str) -> Flow[HealthReport]:
+        """Probe the provider's health endpoint once (no retries, no breaker)."""
         settings = self.settings.provider(provider)
         if not settings.health_endpoint:
-            return None, 0.0
-        return settings.base_url + settings.health_endpoint, min(5.0, settings.timeouts.read)
-
-    def health_report(
-        self,
-        provider: str,
-        started: float,
-        response: httpx.Response | None,
-        error: Exception | None,
-    ) -> HealthReport:
-        if response is None:
+            return HealthReport(provider, True, None, None, "no health endpoint configured")
+        url = settings.base_url + settings.health_endpoint
+        started = time.perf_counter()
+        try:
+            response = yield _Probe(url, min(5.0, settings.timeouts.read))
+        except HTTPX_ERRORS as raw:
             self.metrics.provider_up.labels(provider).set(0)
+            error = translate_httpx_error(raw, provider, "health")
             return HealthReport(provider, False, None, None, str(error))
         ok = response.status_code < 400
         self.metrics.provider_up.labels(provider).set(1 if ok else 0)
@@ -607,86 +905,6 @@ class _Pipeline:
             time.perf_counter() - started,
             f"HTTP {response.status_code}",
         )
-
-    def count_error(self, runtime: _Runtime, endpoint: str, error_type: str) -> None:
-        self.child(runtime, "errors", endpoint, error_type).inc()
-
-    def finish(self, runtime: _Runtime, call: _Call, outcome: str) -> None:
-        self.child(runtime, "requests", call.endpoint, outcome).inc()
-
-    # -------------------------------------------------------------- retries
-
-    def retry_config(self, runtime: _Runtime, call: _Call, first: ProviderError) -> dict[str, Any]:
-        """tenacity configuration for the rest of a call whose first attempt failed.
-
-        The wrapped function re-raises ``first`` on tenacity's first attempt, so
-        tenacity's own bookkeeping (attempt numbers, waits, stop) covers the
-        whole call, and the first attempt still ran without tenacity's overhead.
-        """
-        policy = runtime.settings.retry
-
-        def retryable(exc: BaseException) -> bool:
-            return isinstance(exc, ProviderError) and should_retry(
-                exc, method=call.method, idempotency_key=call.idempotency_key
-            )
-
-        def wait(state: tenacity.RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            assert isinstance(exc, ProviderError)
-            delay = retry_delay(policy, state.attempt_number, exc, self._rng)
-            return max(0.0, min(delay, self.remaining(call)))
-
-        def stop(state: tenacity.RetryCallState) -> bool:
-            if state.attempt_number >= effective_attempts(policy):
-                return True
-            return self.remaining(call) - state.upcoming_sleep <= 0
-
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            assert isinstance(exc, ProviderError)
-            if not runtime.budget.try_spend(self.clock.monotonic()):
-                self.metrics.retry_budget_exhausted.labels(call.provider).inc()
-                self.count_error(runtime, call.endpoint, "retry_budget_exhausted")
-                _log.warning(
-                    "idis.gateway.retry_budget_exhausted",
-                    msg=f"retry budget of {call.provider} spent: not retrying ({exc})",
-                    provider=call.provider,
-                    endpoint=call.endpoint,
-                    request_id=call.request_id,
-                )
-                raise RetryBudgetExhausted(
-                    f"{call.provider} {call.endpoint}: retry budget exhausted after {exc}",
-                    provider=call.provider,
-                    endpoint=call.endpoint,
-                    status_code=exc.status_code,
-                ) from exc
-            self.child(runtime, "retries", call.endpoint, exc.error_type).inc()
-            _log.info(
-                "idis.gateway.retry_scheduled",
-                msg=f"retrying in {state.upcoming_sleep:.2f}s after {exc.error_type}",
-                provider=call.provider,
-                endpoint=call.endpoint,
-                attempt=state.attempt_number,
-                wait=round(state.upcoming_sleep, 3),
-                request_id=call.request_id,
-            )
-
-        return {
-            "retry": tenacity.retry_if_exception(retryable),
-            "wait": wait,
-            "stop": stop,
-            "before_sleep": before_sleep,
-            "reraise": True,
-        }
-
-    def outcome_for(self, exc: ProviderError) -> str:
-        if isinstance(exc, CircuitOpen):
-            return "short_circuited"
-        if isinstance(exc, RetryBudgetExhausted):
-            return "budget_exhausted"
-        if isinstance(exc, BulkheadFull):
-            return "bulkhead_full"
-        return "rate_limited" if isinstance(exc, RateLimited) else "error"
 
     # ----------------------------------------------------- breaker events
 
@@ -718,6 +936,15 @@ class _Pipeline:
             return False
         return runtime.breaker.would_admit()
 
+    def breaker(self, provider: str, endpoint: str | None = None) -> Breaker:
+        runtime = self.runtime(provider)
+        if endpoint is None:
+            return runtime.breaker
+        breaker = self.endpoint_breaker(runtime, endpoint)
+        if breaker is None:
+            raise UsageError(f"{provider} has no per-endpoint breakers (BREAKER_PER_ENDPOINT)")
+        return breaker
+
     def breaker_state(self, provider: str, endpoint: str | None = None) -> str:
         runtime = self.runtime(provider)
         if endpoint is not None:
@@ -730,26 +957,30 @@ class _Pipeline:
         runtime = self.runtime(provider)
         stats: dict[str, Any] = dict(runtime.breaker.stats())
         stats["paused_for"] = round(max(0.0, runtime.paused_until - self.clock.monotonic()), 3)
-        stats["in_flight"] = runtime.in_flight() if runtime.in_flight else 0
+        stats["in_flight"] = runtime.bulkhead.in_flight
+        stats["shared"] = (
+            "not shared"
+            if not runtime.breaker.shared
+            else ("synced" if runtime.breaker.synced else "not read yet")
+        )
         stats["endpoints"] = {
             name: breaker.stats() for name, breaker in runtime.endpoint_breakers.items()
         }
         return stats
 
-    def breaker(self, provider: str, endpoint: str | None = None) -> Breaker:
-        runtime = self.runtime(provider)
-        if endpoint is None:
-            return runtime.breaker
-        breaker = self.endpoint_breaker(runtime, endpoint)
-        if breaker is None:
-            raise UsageError(f"{provider} has no per-endpoint breakers (BREAKER_PER_ENDPOINT)")
-        return breaker
+    def call_shares(self, runtime: _Runtime, call: _Call) -> list[Breaker]:
+        """The breakers a call goes through whose shared state is due for an exchange."""
+        now = self.clock.monotonic()
+        found = [runtime.breaker] if runtime.breaker.share_due(now) else []
+        endpoint_breaker = self.endpoint_breaker(runtime, call.endpoint)
+        if endpoint_breaker is not None and endpoint_breaker.share_due(now):
+            found.append(endpoint_breaker)
+        return found
 
-
-def _quote(value: Any) -> str:
-    from urllib.parse import quote
-
-    return quote(str(value), safe="")
+    def due_shares(self, provider: str) -> list[Breaker]:
+        """Breakers of ``provider`` whose shared state should be exchanged now."""
+        now = self.clock.monotonic()
+        return [b for b in self.breakers(self.runtime(provider)) if b.share_due(now)]
 
 
 def _limits(settings: Settings) -> httpx.Limits:
@@ -762,7 +993,78 @@ def _limits(settings: Settings) -> httpx.Limits:
     )
 
 
-class Gateway:
+# --------------------------------------------------------------------------- faces
+
+
+class _Face:
+    """What both faces share: the pipeline, the settings, and the sync accessors."""
+
+    _p: _Pipeline
+
+    def __init__(
+        self,
+        settings: Settings,
+        bulkhead: Callable[[int], Any],
+        options: dict[str, Any],
+    ) -> None:
+        self._p = _Pipeline(settings, bulkhead=bulkhead, **options)
+
+    @property
+    def settings(self) -> Settings:
+        """The settings this gateway was built with."""
+        return self._p.settings
+
+    @property
+    def clock(self) -> Clock:
+        """The clock deadlines, breakers and pauses read."""
+        return self._p.clock
+
+    def _refresh(self, provider: str) -> None:
+        """Exchange due shared breaker state before an accessor reads it (face-specific)."""
+        raise NotImplementedError
+
+    def _call(self, provider: str, endpoint: str, **options: Any) -> Flow[Any]:
+        runtime, call = self._p.prepare(provider, endpoint, **options)
+        return self._p.call_flow(runtime, call)
+
+    def available(self, provider: str) -> bool:
+        """False while the provider's breaker is open or a Retry-After pause holds."""
+        self._refresh(provider)
+        return self._p.available(provider)
+
+    def breaker_state(self, provider: str, endpoint: str | None = None) -> str:
+        """``closed``, ``half_open`` or ``open``."""
+        self._refresh(provider)
+        return self._p.breaker_state(provider, endpoint)
+
+    def breaker(self, provider: str, endpoint: str | None = None) -> Breaker:
+        """The provider's (or an endpoint's) breaker, for operators and tests."""
+        return self._p.breaker(provider, endpoint)
+
+    def snapshot(self, provider: str) -> dict[str, Any]:
+        """Breaker state, recent error rate, pause and in-flight count (for ``status``)."""
+        self._refresh(provider)
+        return self._p.snapshot(provider)
+
+
+def _running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _clock_wait(clock: Clock, name: str, default: Any) -> Any:
+    """The clock's ``sleep``/``asleep``; a real wait for clocks written before Clock had them."""
+    return getattr(clock, name, default)
+
+
+def _options(**options: Any) -> dict[str, Any]:
+    return options
+
+
+class Gateway(_Face):
     """Resilient provider calls for sync code (scripts, worker threads). Thread-safe.
 
     Example::
@@ -775,13 +1077,15 @@ class Gateway:
     Args:
         settings: Library settings (providers and their policies).
         metrics: Metrics to record into (default: the process-wide set).
-        clock: Time source for deadlines, breakers and pauses.
-        sleep: How to wait (default ``time.sleep``); tests pass a fake.
+        clock: Time source for deadlines, breakers and pauses; waits go through
+            its ``sleep`` (a ``ManualClock`` advances instead of sleeping).
+        sleep: How to wait instead of ``clock.sleep`` (tests record waits with it).
         auth: Returns an ``httpx.Auth`` per provider (the OAuth module's factory).
         transport: An httpx transport (tests: ``httpx.MockTransport``).
         client: A ready ``httpx.Client`` to use instead of building one.
-        breaker_storage: ``(provider, breaker) -> pybreaker storage``; default is
-            Redis when ``settings.redis_url`` is set, else in-process.
+        breaker_storage: ``(provider, breaker) -> store`` sharing breaker state
+            (see ``_shared.py``); default is Redis when ``settings.redis_url`` is
+            set, else in-process.
         on_transition: Extra hooks called on every breaker state change.
         seed: Seed for backoff jitter (reproducible tests).
         request_id_header: Send each call's request id to the provider in this
@@ -803,45 +1107,25 @@ class Gateway:
         seed: int | None = None,
         request_id_header: str | None = None,
     ) -> None:
-        self._p = _Pipeline(
+        super().__init__(
             settings,
-            request_id_header=request_id_header,
-            metrics=metrics,
-            clock=clock,
-            auth=auth,
-            breaker_storage=breaker_storage,
-            on_transition=on_transition,
-            seed=seed,
+            ThreadBulkhead,
+            _options(
+                metrics=metrics,
+                clock=clock,
+                auth=auth,
+                breaker_storage=breaker_storage,
+                on_transition=on_transition,
+                seed=seed,
+                request_id_header=request_id_header,
+            ),
         )
-        self._sleep = sleep or time.sleep
         self._owns_client = client is None
         self._client = client or httpx.Client(
             transport=transport, limits=_limits(settings), follow_redirects=False
         )
-        self._semaphores: dict[str, threading.BoundedSemaphore] = {}
-        self._sem_lock = threading.Lock()
-
-    @property
-    def settings(self) -> Settings:
-        """The settings this gateway was built with."""
-        return self._p.settings
-
-    @property
-    def clock(self) -> Clock:
-        """The clock deadlines, breakers and pauses read."""
-        return self._p.clock
-
-    def _semaphore(self, runtime: _Runtime) -> threading.BoundedSemaphore:
-        name = runtime.settings.name
-        sem = self._semaphores.get(name)
-        if sem is None:
-            with self._sem_lock:
-                sem = self._semaphores.get(name)
-                if sem is None:
-                    sem = threading.BoundedSemaphore(runtime.settings.max_concurrency)
-                    self._p.bind_bulkhead(runtime, sem)
-                    self._semaphores[name] = sem
-        return sem
+        wait: Callable[[float], None] = sleep or _clock_wait(self._p.clock, "sleep", time.sleep)
+        self._io = _SyncIO(self._client, wait)
 
     def request(
         self,
@@ -861,9 +1145,11 @@ class Gateway:
 
         Raises:
             UnknownProviderError: the provider is not configured.
-            ProviderError: a subclass saying what failed (see ``exceptions.py``).
+            UsageError: a path parameter is missing, empty, ``.`` or ``..``.
+            ProviderError: a subclass saying what failed, with ``sent`` set (see
+                the module docstring).
         """
-        result = self._run(
+        flow = self._call(
             provider,
             endpoint,
             method=method,
@@ -876,8 +1162,7 @@ class Gateway:
             timeout=timeout,
             parse_json=False,
         )
-        assert isinstance(result, httpx.Response)
-        return result
+        return drive(flow, self._io)  # type: ignore[no-any-return]
 
     def get_json(
         self,
@@ -897,7 +1182,7 @@ class Gateway:
         A body that is not JSON is a provider fault (``MalformedResponse``):
         counted against the breaker and retried like a 5xx.
         """
-        return self._run(
+        flow = self._call(
             provider,
             endpoint,
             method=method,
@@ -910,109 +1195,23 @@ class Gateway:
             timeout=timeout,
             parse_json=True,
         )
+        return drive(flow, self._io)
 
-    def _run(self, provider: str, endpoint: str, **kwargs: Any) -> Any:
-        p = self._p
-        runtime, call = p.prepare(provider, endpoint, **kwargs)
-        runtime.budget.record_call(p.clock.monotonic())
-        try:
-            result = self._attempt(runtime, call)
-        except ProviderError as first:
-            if not should_retry(first, method=call.method, idempotency_key=call.idempotency_key):
-                p.finish(runtime, call, p.outcome_for(first))
-                raise
-            result = self._retry(runtime, call, first)
-        p.finish(runtime, call, "success")
-        return result
-
-    def _retry(self, runtime: _Runtime, call: _Call, first: ProviderError) -> Any:
-        pending: list[ProviderError] = [first]
-
-        def attempt() -> Any:
-            if pending:
-                raise pending.pop()
-            return self._attempt(runtime, call)
-
-        retrying = tenacity.Retrying(
-            sleep=self._sleep, **self._p.retry_config(runtime, call, first)
-        )
-        try:
-            return retrying(attempt)
-        except ProviderError as exc:
-            self._p.finish(runtime, call, self._p.outcome_for(exc))
-            raise
-
-    def _attempt(self, runtime: _Runtime, call: _Call) -> Any:
-        p = self._p
-        wait = p.pause_wait(runtime, call) + p.bucket_wait(runtime, call)
-        if wait > 0:
-            self._sleep(wait)
-        sem = self._semaphore(runtime)
-        if not sem.acquire(timeout=p.bulkhead_timeout(runtime, call)):
-            raise p.bulkhead_full(runtime, call)
-        try:
-            timeout = p.timeout_for(runtime, call)
-            admission, started = p.begin(runtime, call)
-            try:
-                response = self._client.request(
-                    call.method,
-                    call.url,
-                    params=call.params,
-                    json=call.json,
-                    content=call.content,
-                    headers=call.headers,
-                    timeout=timeout,
-                    auth=p.auth_for(runtime.settings) or httpx.USE_CLIENT_DEFAULT,
-                )
-            except HTTPX_ERRORS as raw:
-                # Inline rather than map_httpx_errors(): a context manager per
-                # call is measurable on the healthy path.
-                error = translate_httpx_error(raw, call.provider, call.endpoint)
-                if isinstance(error, ProviderError):
-                    p.record(runtime, call, admission, started, error)
-                else:
-                    p.abandon(admission, runtime)
-                raise error from raw
-            except BaseException:
-                p.abandon(admission, runtime)
-                raise
-            return p.conclude(runtime, call, admission, started, response)
-        finally:
-            sem.release()
-
-    def available(self, provider: str) -> bool:
-        """False while the provider's breaker is open or a Retry-After pause holds."""
-        return self._p.available(provider)
-
-    def breaker_state(self, provider: str, endpoint: str | None = None) -> str:
-        """``closed``, ``half_open`` or ``open``."""
-        return self._p.breaker_state(provider, endpoint)
-
-    def breaker(self, provider: str, endpoint: str | None = None) -> Breaker:
-        """The provider's (or an endpoint's) breaker, for operators and tests."""
-        return self._p.breaker(provider, endpoint)
-
-    def snapshot(self, provider: str) -> dict[str, Any]:
-        """Breaker state, recent error rate, pause and in-flight count (for ``status``)."""
-        return self._p.snapshot(provider)
+    def _refresh(self, provider: str) -> None:
+        for breaker in self._p.due_shares(provider):
+            breaker.share()
 
     def health(self, provider: str) -> HealthReport:
         """Probe the provider's health endpoint once (no retries, no breaker)."""
-        url, timeout = self._p.health_url(provider)
-        if url is None:
-            return HealthReport(provider, True, None, None, "no health endpoint configured")
-        started = time.perf_counter()
-        try:
-            with map_httpx_errors(provider, "health"):
-                response = self._client.get(url, timeout=timeout)
-        except ProviderError as exc:
-            return self._p.health_report(provider, started, None, exc)
-        return self._p.health_report(provider, started, response, None)
+        return drive(self._p.health_flow(provider), self._io)
 
     def close(self) -> None:
-        """Close the HTTP client (when the gateway created it)."""
+        """Close the HTTP client (when the gateway created it) and the Redis client."""
         if self._owns_client:
             self._client.close()
+        close = getattr(self._p.storage, "close", None)
+        if close is not None:
+            close()
 
     def __enter__(self) -> Gateway:
         return self
@@ -1021,11 +1220,13 @@ class Gateway:
         self.close()
 
 
-class AsyncGateway:
+class AsyncGateway(_Face):
     """Resilient provider calls for asyncio code. Safe to share between tasks of one loop.
 
     Same arguments and methods as :class:`Gateway`; ``request``, ``get_json``
-    and ``health`` are coroutines, ``aclose`` closes it.
+    and ``health`` are coroutines, ``aclose`` closes it. Nothing in it blocks the
+    event loop: shared breaker state goes through ``redis.asyncio``, and the
+    periodic refresh of it runs in the background, so no call waits for Redis.
     """
 
     def __init__(
@@ -1043,40 +1244,34 @@ class AsyncGateway:
         seed: int | None = None,
         request_id_header: str | None = None,
     ) -> None:
-        self._p = _Pipeline(
+        super().__init__(
             settings,
-            request_id_header=request_id_header,
-            metrics=metrics,
-            clock=clock,
-            auth=auth,
-            breaker_storage=breaker_storage,
-            on_transition=on_transition,
-            seed=seed,
+            AsyncBulkhead,
+            _options(
+                metrics=metrics,
+                clock=clock,
+                auth=auth,
+                breaker_storage=breaker_storage,
+                on_transition=on_transition,
+                seed=seed,
+                request_id_header=request_id_header,
+            ),
         )
-        self._sleep = sleep or asyncio.sleep
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(
             transport=transport, limits=_limits(settings), follow_redirects=False
         )
-        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        wait: Callable[[float], Awaitable[None]] = sleep or _clock_wait(
+            self._p.clock, "asleep", asyncio.sleep
+        )
+        self._io = _AsyncIO(self._client, wait, self._background)
 
-    @property
-    def settings(self) -> Settings:
-        """The settings this gateway was built with."""
-        return self._p.settings
-
-    @property
-    def clock(self) -> Clock:
-        """The clock deadlines, breakers and pauses read."""
-        return self._p.clock
-
-    def _semaphore(self, runtime: _Runtime) -> asyncio.Semaphore:
-        name = runtime.settings.name
-        sem = self._semaphores.get(name)
-        if sem is None:
-            sem = self._semaphores[name] = asyncio.Semaphore(runtime.settings.max_concurrency)
-            self._p.bind_bulkhead(runtime, sem)
-        return sem
+    def _background(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` as a task of this gateway (cancelled by :meth:`aclose`)."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def request(
         self,
@@ -1093,7 +1288,7 @@ class AsyncGateway:
         timeout: float | None = None,
     ) -> httpx.Response:
         """Async twin of :meth:`Gateway.request`."""
-        result = await self._run(
+        flow = self._call(
             provider,
             endpoint,
             method=method,
@@ -1106,8 +1301,7 @@ class AsyncGateway:
             timeout=timeout,
             parse_json=False,
         )
-        assert isinstance(result, httpx.Response)
-        return result
+        return await adrive(flow, self._io)
 
     async def get_json(
         self,
@@ -1123,7 +1317,7 @@ class AsyncGateway:
         timeout: float | None = None,
     ) -> Any:
         """Async twin of :meth:`Gateway.get_json`."""
-        return await self._run(
+        flow = self._call(
             provider,
             endpoint,
             method=method,
@@ -1136,117 +1330,34 @@ class AsyncGateway:
             timeout=timeout,
             parse_json=True,
         )
+        return await adrive(flow, self._io)
 
-    async def _run(self, provider: str, endpoint: str, **kwargs: Any) -> Any:
-        p = self._p
-        runtime, call = p.prepare(provider, endpoint, **kwargs)
-        runtime.budget.record_call(p.clock.monotonic())
-        try:
-            result = await self._attempt(runtime, call)
-        except ProviderError as first:
-            if not should_retry(first, method=call.method, idempotency_key=call.idempotency_key):
-                p.finish(runtime, call, p.outcome_for(first))
-                raise
-            result = await self._retry(runtime, call, first)
-        p.finish(runtime, call, "success")
-        return result
-
-    async def _retry(self, runtime: _Runtime, call: _Call, first: ProviderError) -> Any:
-        pending: list[ProviderError] = [first]
-
-        async def attempt() -> Any:
-            if pending:
-                raise pending.pop()
-            return await self._attempt(runtime, call)
-
-        retrying = tenacity.AsyncRetrying(
-            sleep=self._sleep, **self._p.retry_config(runtime, call, first)
-        )
-        try:
-            return await retrying(attempt)
-        except ProviderError as exc:
-            self._p.finish(runtime, call, self._p.outcome_for(exc))
-            raise
-
-    async def _acquire(self, runtime: _Runtime, call: _Call, sem: asyncio.Semaphore) -> None:
-        if not sem.locked():
-            await sem.acquire()
-            return
-        try:
-            await asyncio.wait_for(sem.acquire(), self._p.bulkhead_timeout(runtime, call))
-        except TimeoutError:
-            raise self._p.bulkhead_full(runtime, call) from None
-
-    async def _attempt(self, runtime: _Runtime, call: _Call) -> Any:
-        p = self._p
-        wait = p.pause_wait(runtime, call) + p.bucket_wait(runtime, call)
-        if wait > 0:
-            await self._sleep(wait)
-        sem = self._semaphore(runtime)
-        await self._acquire(runtime, call, sem)
-        try:
-            timeout = p.timeout_for(runtime, call)
-            admission, started = p.begin(runtime, call)
-            try:
-                response = await self._client.request(
-                    call.method,
-                    call.url,
-                    params=call.params,
-                    json=call.json,
-                    content=call.content,
-                    headers=call.headers,
-                    timeout=timeout,
-                    auth=p.auth_for(runtime.settings) or httpx.USE_CLIENT_DEFAULT,
-                )
-            except HTTPX_ERRORS as raw:
-                # Inline rather than map_httpx_errors(): a context manager per
-                # call is measurable on the healthy path.
-                error = translate_httpx_error(raw, call.provider, call.endpoint)
-                if isinstance(error, ProviderError):
-                    p.record(runtime, call, admission, started, error)
-                else:
-                    p.abandon(admission, runtime)
-                raise error from raw
-            except BaseException:
-                p.abandon(admission, runtime)
-                raise
-            return p.conclude(runtime, call, admission, started, response)
-        finally:
-            sem.release()
-
-    def available(self, provider: str) -> bool:
-        """False while the provider's breaker is open or a Retry-After pause holds."""
-        return self._p.available(provider)
-
-    def breaker_state(self, provider: str, endpoint: str | None = None) -> str:
-        """``closed``, ``half_open`` or ``open``."""
-        return self._p.breaker_state(provider, endpoint)
-
-    def breaker(self, provider: str, endpoint: str | None = None) -> Breaker:
-        """The provider's (or an endpoint's) breaker, for operators and tests."""
-        return self._p.breaker(provider, endpoint)
-
-    def snapshot(self, provider: str) -> dict[str, Any]:
-        """Breaker state, recent error rate, pause and in-flight count (for ``status``)."""
-        return self._p.snapshot(provider)
+    def _refresh(self, provider: str) -> None:
+        # Never awaited here (these accessors are sync): a due exchange with Redis
+        # starts in the background when a loop runs, and the next read sees its result.
+        for breaker in self._p.due_shares(provider):
+            if breaker.local_store:
+                breaker.share()  # in this process: no I/O
+            elif _running_loop():
+                work = breaker.start_ashare()
+                if work is not None:
+                    self._background(work)
 
     async def health(self, provider: str) -> HealthReport:
         """Probe the provider's health endpoint once (no retries, no breaker)."""
-        url, timeout = self._p.health_url(provider)
-        if url is None:
-            return HealthReport(provider, True, None, None, "no health endpoint configured")
-        started = time.perf_counter()
-        try:
-            with map_httpx_errors(provider, "health"):
-                response = await self._client.get(url, timeout=timeout)
-        except ProviderError as exc:
-            return self._p.health_report(provider, started, None, exc)
-        return self._p.health_report(provider, started, response, None)
+        return await adrive(self._p.health_flow(provider), self._io)
 
     async def aclose(self) -> None:
-        """Close the HTTP client (when the gateway created it)."""
+        """Close the HTTP client (when the gateway created it), background work and Redis."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._owns_client:
             await self._client.aclose()
+        aclose = getattr(self._p.storage, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     async def __aenter__(self) -> AsyncGateway:
         return self

@@ -6,6 +6,7 @@ calling. Each piece is small enough to test exhaustively with a manual clock.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import threading
@@ -13,10 +14,10 @@ from collections import deque
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-from .._backoff import TestingMode, _testing, set_testing, testing_mode
+from .._backoff import Backoff, TestingMode, _testing, set_testing, testing_mode
 from .._backoff import effective_attempts as _effective_attempts
 from ..config import RetryPolicy
-from ..exceptions import ProviderError, RateLimited
+from ..exceptions import ProviderError
 
 __all__ = [
     "IDEMPOTENT_METHODS",
@@ -29,6 +30,7 @@ __all__ = [
     "full_jitter",
     "is_retry_safe",
     "parse_retry_after",
+    "retry_backoff",
     "retry_delay",
     "set_testing",
     "should_retry",
@@ -58,16 +60,26 @@ def effective_attempts(policy: RetryPolicy) -> int:
     return _effective_attempts(policy.max_attempts)
 
 
+@functools.lru_cache(maxsize=256)
+def retry_backoff(policy: RetryPolicy) -> Backoff:
+    """The :class:`~idis.integrations._backoff.Backoff` of a provider's retries (full jitter)."""
+    # max_backoff is the ceiling even when configured below initial_backoff.
+    return Backoff(
+        initial=min(policy.initial_backoff, policy.max_backoff),
+        maximum=policy.max_backoff,
+        multiplier=policy.multiplier,
+        jitter="full",
+    )
+
+
 def backoff_cap(policy: RetryPolicy, retry_number: int) -> float:
     """Upper bound of the delay before retry ``retry_number`` (1 for the first retry)."""
-    exponent = max(0, retry_number - 1)
-    # Cap the exponent: 2**1100 overflows a float long before anyone retries that often.
-    return min(policy.max_backoff, policy.initial_backoff * policy.multiplier ** min(exponent, 64))
+    return retry_backoff(policy).cap(retry_number)
 
 
 def full_jitter(cap: float, rng: random.Random | None = None) -> float:
-    """AWS "full jitter": uniform in [0, cap], so synchronized clients spread out."""
-    return (rng or random).uniform(0.0, cap)  # jitter, not cryptography  # jitter, not cryptography
+    """AWS "full jitter": uniform in [0, cap] (kept for callers outside the gateway)."""
+    return (rng or random).uniform(0.0, cap)  # jitter, not cryptography
 
 
 def parse_retry_after(value: str | None, *, now: datetime, cap: float) -> float | None:
@@ -98,12 +110,15 @@ def parse_retry_after(value: str | None, *, now: datetime, cap: float) -> float 
 def retry_delay(
     policy: RetryPolicy, retry_number: int, exc: ProviderError, rng: random.Random | None = None
 ) -> float:
-    """Delay before retry ``retry_number``: Retry-After if the provider sent one, else backoff."""
+    """Delay before retry ``retry_number``: Retry-After if the provider sent one, else backoff.
+
+    Retry-After (a 429's or a 503's) wins over the backoff, capped at ``retry_after_cap``.
+    """
     if _testing.enabled:
         return 0.0
-    if isinstance(exc, RateLimited) and exc.retry_after is not None:
+    if exc.retry_after is not None:
         return min(exc.retry_after, policy.retry_after_cap)
-    return full_jitter(backoff_cap(policy, retry_number), rng)
+    return retry_backoff(policy).delay(retry_number, rng)
 
 
 class SlidingWindow:

@@ -2,37 +2,64 @@
 
 The gateway keeps breaker state and error rates in memory (and Redis). The
 ``status`` and ``postmortem`` commands run in other processes, later, so a
-running service records what they need: every breaker transition as an
-audit row, and a health sample per provider every ``interval`` seconds.
+running service records what they need: every breaker transition it makes as
+an audit row, and a health sample per provider every ``interval`` seconds.
 
-All writes go through one background thread with a bounded queue: a slow or
-unreachable database delays the *record*, never a provider call. When the
-queue is full, the oldest samples are dropped (transitions are kept).
+:class:`HealthSampler` is an async background worker (the only implementation;
+sync code runs it with ``asyncio.run``). The breaker hook only appends to a
+bounded queue and never blocks; the worker writes through the async database
+driver, so a slow or unreachable database delays the *record*, never a
+provider call. When the queue is full, the oldest samples are dropped
+(transitions are kept).
+
+Samples say something only while their replica keeps reporting:
+:func:`live_samples` counts a replica's latest sample only within two of that
+replica's own sample intervals (issue 15: samples of replicas that had been
+restarted kept a breaker "open (recorded by 4 replicas)" in ``status`` for 15
+minutes). A replica that starts with its breaker closed while the audit trail
+still says open records that closing too, so opening and closing both leave
+audit rows, restarts included.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-import queue
 import socket
 import threading
-from collections.abc import Callable, Iterable
-from datetime import datetime
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Float, Index, Integer, String, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .._audit import AuditEvent, audit_row
+from .._clock import Clock, system_clock
 from ..db._base import Base, BigIntPK, UTCDateTime
-from ..db._engine import create_db_engine
 from ..exceptions import StorageError
 from ..observability._logs import get_logger
 from ._breaker import BreakerTransition
 
-__all__ = ["HealthSample", "StateRecorder", "latest_samples", "replica_name"]
+__all__ = [
+    "DEFAULT_SAMPLE_INTERVAL",
+    "HealthSample",
+    "HealthSampler",
+    "latest_samples",
+    "live_samples",
+    "replica_name",
+    "timeline_of_live_samples",
+]
 
 _log = get_logger()
+
+#: Seconds between two samples of one replica, unless configured otherwise.
+DEFAULT_SAMPLE_INTERVAL = 15.0
+#: A replica's sample counts while no more than this many of its intervals old.
+LIVE_INTERVALS = 2.0
 
 
 def replica_name() -> str:
@@ -64,50 +91,99 @@ class HealthSample(Base):
     paused_for: Mapped[float] = mapped_column(Float, nullable=False)
 
 
-class StateRecorder:
-    """Writes breaker transitions and health samples from a background thread.
+Snapshot = Callable[[str], dict[str, Any]]
 
-    Usage::
 
-        recorder = StateRecorder(settings.database_url)
-        gateway = Gateway(settings, on_transition=[recorder.on_transition])
-        recorder.start(gateway.snapshot, settings.providers, interval=15)
+class HealthSampler:
+    """Audits breaker transitions and samples provider health: an async background worker.
+
+    Usage (the example service does this)::
+
+        sampler = HealthSampler(settings.database_url, interval=15)
+        gateway = AsyncGateway(settings, on_transition=[sampler.on_transition])
+        task = asyncio.create_task(sampler.run(gateway.snapshot, settings.providers))
         ...
-        recorder.stop()
+        task.cancel()            # writes what is queued, then ends
+        await asyncio.gather(task, return_exceptions=True)
+
+    Sync code that only needs the transitions audited (the drill) hooks
+    :meth:`on_transition` and calls ``asyncio.run(sampler.flush())``.
+
+    Args:
+        database_url: Where to write (an async engine is made per event loop).
+        engine: An async engine to write through instead (not disposed here).
+        clock: Time of samples and audit rows.
+        interval: Seconds between samples.
+        replica: Name of this replica in samples and audit rows (``host:pid``).
+        max_queue: Rows held while the database is slow; the oldest samples go first.
     """
 
-    def __init__(self, database_url: str, *, clock: Any = None, max_queue: int = 10_000) -> None:
-        from .._clock import system_clock
-
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        engine: AsyncEngine | None = None,
+        clock: Clock = system_clock,
+        interval: float = DEFAULT_SAMPLE_INTERVAL,
+        replica: str | None = None,
+        max_queue: int = 10_000,
+    ) -> None:
+        if database_url is None and engine is None:
+            raise ValueError("HealthSampler needs a database_url or an engine")
+        if not interval > 0:
+            raise ValueError(f"interval={interval!r}: expected seconds > 0")
         self._url = database_url
-        self._clock = clock or system_clock
-        self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(max_queue)
-        self._thread: threading.Thread | None = None
-        self._sampler: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._replica = replica_name()
+        self._engine = engine
+        self._clock = clock
+        self.interval = interval
+        self.replica = replica or replica_name()
+        self._max = max_queue
+        self._queue: deque[tuple[str, dict[str, Any]]] = deque()
+        self._lock = threading.Lock()
+        # Set (thread-safely) when a transition is queued, so it is written promptly.
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._restart_checked: set[str] = set()
+        #: Rows given up on (queue full, or the database refused them).
         self.dropped = 0
 
     # ------------------------------------------------------------ producers
 
     def on_transition(self, event: BreakerTransition) -> None:
-        """Breaker hook: queue one audit row (never blocks)."""
+        """Breaker hook: queue one audit row. Never blocks; callable from any thread."""
         if event.observed:
             return  # the replica that made the change audits it
-        row = audit_row(
-            f"breaker.{event.to_state}",
-            provider=event.provider,
-            actor=f"replica:{self._replica}",
-            subject_type="breaker",
-            subject_id=event.breaker,
-            details={"from": event.from_state, "to": event.to_state, "reason": event.reason},
-            message=f"circuit breaker {event.from_state} -> {event.to_state}: {event.reason}",
-            occurred_at=self._clock.now(),
+        self._put(
+            (
+                "audit",
+                self._breaker_row(
+                    event.provider,
+                    event.breaker,
+                    old=event.from_state,
+                    new=event.to_state,
+                    reason=event.reason,
+                    at=self._clock.now(),
+                ),
+            ),
+            keep=True,
         )
-        self._put(("audit", row), keep=True)
 
-    def sample(self, snapshot: Callable[[str], dict[str, Any]], providers: Iterable[str]) -> None:
-        """Queue one health sample per provider from a gateway's ``snapshot``."""
+    def _breaker_row(
+        self, provider: str, breaker: str, *, old: str, new: str, reason: str, at: datetime
+    ) -> dict[str, Any]:
+        return audit_row(
+            f"breaker.{new}",
+            provider=provider,
+            actor=f"replica:{self.replica}",
+            subject_type="breaker",
+            subject_id=breaker,
+            details={"from": old, "to": new, "reason": reason},
+            message=f"circuit breaker {old} -> {new}: {reason}",
+            occurred_at=at,
+        )
+
+    def sample(self, snapshot: Snapshot, providers: Iterable[str]) -> None:
+        """Queue one health sample per provider from a gateway's (non-blocking) ``snapshot``."""
         now = self._clock.now()
         for provider in providers:
             snap = snapshot(provider)
@@ -117,7 +193,7 @@ class StateRecorder:
                     {
                         "provider": provider,
                         "sampled_at": now,
-                        "replica": self._replica,
+                        "replica": self.replica,
                         "breaker_state": snap["state"],
                         "calls": int(snap["window_calls"]),
                         "failures": int(snap["window_failures"]),
@@ -130,104 +206,257 @@ class StateRecorder:
             )
 
     def _put(self, item: tuple[str, dict[str, Any]], *, keep: bool) -> None:
-        self._ensure_writer()
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            if not keep:
-                self.dropped += 1
-                return
-            try:  # make room by dropping the oldest item
-                self._queue.get_nowait()
-                self.dropped += 1
-            except queue.Empty:
-                pass
-            self._queue.put_nowait(item)
-
-    # --------------------------------------------------------------- writer
-
-    def _ensure_writer(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(
-                target=self._write_loop, name="idis-state-recorder", daemon=True
-            )
-            self._thread.start()
-
-    def _write_loop(self) -> None:
-        engine = create_db_engine(self._url)
-        try:
-            while True:
-                item = self._queue.get()
-                if item is None:
+        with self._lock:
+            if len(self._queue) >= self._max:
+                if not keep:
+                    self.dropped += 1
                     return
-                batch = [item]
-                while len(batch) < 500:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
+                for index, (kind, _) in enumerate(self._queue):
+                    if kind == "sample":  # make room by dropping the oldest sample
+                        del self._queue[index]
                         break
-                    if nxt is None:
-                        self._flush(engine, batch)
-                        return
-                    batch.append(nxt)
-                self._flush(engine, batch)
-        finally:
-            engine.dispose()
+                else:
+                    self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(item)
+            wake, loop = self._wake, self._loop
+        if keep and wake is not None and loop is not None and not loop.is_closed():
+            try:
+                if _running_loop() is loop:
+                    wake.set()
+                else:
+                    loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:
+                pass  # the loop is shutting down; flush() at the end writes the row
 
-    def _flush(self, engine: Any, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        audits = [row for kind, row in batch if kind == "audit"]
-        samples = [row for kind, row in batch if kind == "sample"]
+    # --------------------------------------------------------------- worker
+
+    async def run(self, snapshot: Snapshot, providers: Iterable[str]) -> None:
+        """Sample every ``interval`` seconds and write transitions as they come, until cancelled.
+
+        The first sample is taken at once. On cancellation what is queued is
+        written (as far as the database allows) before the task ends.
+        """
+        names = list(providers)
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        engine, owned = self._engine_for_loop()
         try:
-            with engine.begin() as conn:
-                if audits:
-                    conn.execute(insert(AuditEvent), audits)
-                if samples:
-                    conn.execute(insert(HealthSample), samples)
-        except Exception as exc:  # noqa: BLE001  # recording must never take the service down
-            self.dropped += len(batch)
+            next_sample = self._clock.monotonic()
+            while True:
+                now = self._clock.monotonic()
+                if now >= next_sample:
+                    self.sample(snapshot, names)
+                    await self._check_restart(engine, snapshot, names)
+                    next_sample = now + self.interval
+                await self._write(engine)
+                self._wake.clear()
+                # Paced in real time (a worker), stamped with the clock (a manual clock
+                # in the drill): transitions wake it at once.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._wake.wait(), max(0.0, next_sample - self._clock.monotonic())
+                    )
+        finally:
+            self._wake = None
+            self._loop = None
+            try:
+                await asyncio.shield(self._write(engine))
+            finally:
+                if owned:
+                    await engine.dispose()
+
+    async def flush(self) -> None:
+        """Write everything queued so far (with an engine of this event loop)."""
+        engine, owned = self._engine_for_loop()
+        try:
+            await self._write(engine)
+        finally:
+            if owned:
+                await engine.dispose()
+
+    def _engine_for_loop(self) -> tuple[AsyncEngine, bool]:
+        if self._engine is not None:
+            return self._engine, False
+        from ..db._engine import create_async_db_engine
+
+        assert self._url is not None
+        return create_async_db_engine(self._url), True
+
+    async def _write(self, engine: AsyncEngine) -> None:
+        while True:
+            with self._lock:
+                batch = [self._queue.popleft() for _ in range(min(500, len(self._queue)))]
+            if not batch:
+                return
+            audits = [row for kind, row in batch if kind == "audit"]
+            samples = [row for kind, row in batch if kind == "sample"]
+            try:
+                async with engine.begin() as conn:
+                    if audits:
+                        await conn.execute(insert(AuditEvent), audits)
+                    if samples:
+                        await conn.execute(insert(HealthSample), samples)
+            except Exception as exc:  # noqa: BLE001  # recording must never take the service down
+                self.dropped += len(batch)
+                _log.warning(
+                    "idis.recorder.write_failed",
+                    msg=f"could not record {len(batch)} breaker/health rows: {type(exc).__name__}",
+                )
+                return
+
+    def _restart_closing(self, conn: Any, provider: str) -> tuple[str, str] | None:
+        return _restart_closing(Session(bind=conn), provider, self._clock.now(), self.replica)
+
+    async def _check_restart(
+        self, engine: AsyncEngine, snapshot: Snapshot, providers: Sequence[str]
+    ) -> None:
+        """Audit the closing a restart made: our breaker is closed, the trail says open.
+
+        Done once per provider, as soon as this replica knows the shared state
+        (when it is shared). Skipped while a live replica still reports the
+        breaker not closed: then it is not closed, whatever we think.
+        """
+        pending = [p for p in providers if p not in self._restart_checked]
+        if not pending:
+            return
+        from ..db._engine import aread_only
+
+        try:
+            async with aread_only(engine).connect() as conn:
+                for provider in pending:
+                    snap = snapshot(provider)
+                    if snap.get("shared") == "not read yet":
+                        continue  # ask again at the next sample
+                    self._restart_checked.add(provider)
+                    if snap["state"] != "closed":
+                        continue
+                    row = await conn.run_sync(self._restart_closing, provider)
+                    if row is not None:
+                        old, reason = row
+                        self._put(
+                            (
+                                "audit",
+                                self._breaker_row(
+                                    provider,
+                                    provider,
+                                    old=old,
+                                    new="closed",
+                                    reason=reason,
+                                    at=self._clock.now(),
+                                ),
+                            ),
+                            keep=True,
+                        )
+        except Exception as exc:  # noqa: BLE001  # a check for the record only; never fatal
             _log.warning(
-                "idis.recorder.write_failed",
-                msg=f"could not record {len(batch)} breaker/health rows: {type(exc).__name__}",
+                "idis.recorder.check_failed",
+                msg=f"could not read the breaker's audit trail: {type(exc).__name__}",
             )
 
-    # ------------------------------------------------------------- sampling
 
-    def start(
-        self,
-        snapshot: Callable[[str], dict[str, Any]],
-        providers: Iterable[str],
-        *,
-        interval: float = 15.0,
-    ) -> None:
-        """Sample every provider every ``interval`` seconds until :meth:`stop`."""
-        names = list(providers)
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
-        def loop() -> None:
-            while not self._stop.wait(interval):
-                self.sample(snapshot, names)
 
-        self._sampler = threading.Thread(target=loop, name="idis-health-sampler", daemon=True)
-        self._sampler.start()
+def _restart_closing(
+    session: Session, provider: str, now: datetime, replica: str
+) -> tuple[str, str] | None:
+    """(last audited state, reason) when a closing must be audited for ``replica``; else None."""
+    last = session.scalars(
+        select(AuditEvent)
+        .where(
+            AuditEvent.provider == provider,
+            AuditEvent.action.startswith("breaker."),
+            AuditEvent.subject_id == provider,
+        )
+        .order_by(AuditEvent.occurred_at.desc(), AuditEvent.id.desc())
+        .limit(1)
+    ).first()
+    if last is None or last.action == "breaker.closed":
+        return None
+    recent = session.scalars(
+        select(HealthSample)
+        .where(
+            HealthSample.provider == provider,
+            HealthSample.sampled_at >= now - SAMPLE_HORIZON,
+            HealthSample.replica != replica,
+        )
+        .order_by(HealthSample.sampled_at, HealthSample.id)
+    ).all()
+    if any(s.breaker_state != "closed" for s in live_samples(recent, now)):
+        return None
+    old = last.action.removeprefix("breaker.")
+    return old, f"replica {replica} started with the breaker closed (last recorded: {old})"
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything queued so far is written (or ``timeout``)."""
-        done = threading.Event()
-        if self._thread is None or not self._thread.is_alive():
-            return
-        deadline = self._clock.monotonic() + timeout
-        while not self._queue.empty() and self._clock.monotonic() < deadline:
-            done.wait(0.02)
-        # The writer may still be inside _flush for the last batch.
-        done.wait(0.05)
 
-    def stop(self) -> None:
-        """Stop sampling, write what is queued, and end the writer thread."""
-        self._stop.set()
-        if self._sampler is not None:
-            self._sampler.join(timeout=5)
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout=10)
+#: Samples older than this say nothing about the present, however a replica reports.
+SAMPLE_HORIZON = timedelta(minutes=15)
+
+
+class _Replicas:
+    """Follows each replica's samples in time order: its latest one and its interval."""
+
+    def __init__(self, default_interval: float) -> None:
+        self._default = default_interval
+        self._latest: dict[str, HealthSample] = {}
+        self._interval: dict[str, float] = {}
+
+    def add(self, sample: HealthSample) -> None:
+        before = self._latest.get(sample.replica)
+        if before is not None and sample.sampled_at > before.sampled_at:
+            self._interval[sample.replica] = (sample.sampled_at - before.sampled_at).total_seconds()
+        self._latest[sample.replica] = sample
+
+    def live(self, at: datetime) -> list[HealthSample]:
+        horizon = SAMPLE_HORIZON.total_seconds()
+        found = []
+        for replica, sample in self._latest.items():
+            limit = LIVE_INTERVALS * self._interval.get(replica, self._default)
+            if (at - sample.sampled_at).total_seconds() <= min(limit, horizon):
+                found.append(sample)
+        return sorted(found, key=lambda s: (s.sampled_at, s.id or 0))
+
+
+def _in_order(samples: Iterable[HealthSample]) -> list[HealthSample]:
+    return sorted(samples, key=lambda s: (s.sampled_at, s.id or 0))
+
+
+def live_samples(
+    samples: Iterable[HealthSample],
+    at: datetime,
+    *,
+    default_interval: float = DEFAULT_SAMPLE_INTERVAL,
+) -> list[HealthSample]:
+    """The latest sample of each replica that was still reporting at ``at``.
+
+    A replica's latest sample (at or before ``at``) counts while it is at most
+    ``LIVE_INTERVALS`` of that replica's own intervals old (the spacing of its
+    last two samples; ``default_interval`` for a replica with one sample), and
+    never beyond ``SAMPLE_HORIZON``: a replica that stopped reporting
+    (restarted, scaled down, crashed) stops counting within two intervals.
+    """
+    replicas = _Replicas(default_interval)
+    for sample in _in_order(samples):
+        if sample.sampled_at <= at:
+            replicas.add(sample)
+    return replicas.live(at)
+
+
+def timeline_of_live_samples(
+    samples: Iterable[HealthSample], *, default_interval: float = DEFAULT_SAMPLE_INTERVAL
+) -> Iterator[tuple[datetime, list[HealthSample]]]:
+    """At each sample time, the live sample of every replica (the postmortem's error rate)."""
+    replicas = _Replicas(default_interval)
+    ordered = _in_order(samples)
+    for index, sample in enumerate(ordered):
+        replicas.add(sample)
+        following = ordered[index + 1] if index + 1 < len(ordered) else None
+        if following is None or following.sampled_at != sample.sampled_at:
+            yield sample.sampled_at, replicas.live(sample.sampled_at)
 
 
 def latest_samples(session: Session, provider: str, since: datetime) -> list[HealthSample]:
