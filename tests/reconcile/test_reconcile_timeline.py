@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
+from idis.integrations._clock import ManualClock
 from idis.integrations.config import ProviderSettings, Settings
 from idis.integrations.reconciliation import gaps, timeline
 from idis.integrations.sync._timeline import record_coverage
@@ -37,7 +38,7 @@ def test_gaps_between_channels_and_the_gauge(engine: Engine, db_url: str, metric
     settings = _settings(db_url)
 
     report = timeline(
-        PROVIDER, _at(0), _at(500), settings=settings, engine=engine, clock=lambda: _at(9000)
+        PROVIDER, _at(0), _at(500), settings=settings, engine=engine, clock=ManualClock(_at(9000))
     )
 
     assert [(_at(200), _at(260)), (_at(400), _at(500))] == [(g.start, g.end) for g in report.gaps]
@@ -55,10 +56,10 @@ def test_a_fresh_trailing_stretch_is_pending_but_an_old_one_is_a_gap(
     settings = _settings(db_url)  # settle = 1 min sentinel + 2 min lag threshold
 
     fresh = timeline(
-        PROVIDER, _at(0), _at(160), settings=settings, engine=engine, clock=lambda: _at(160)
+        PROVIDER, _at(0), _at(160), settings=settings, engine=engine, clock=ManualClock(_at(160))
     )
     stale = gaps(
-        PROVIDER, _at(0), _at(160), settings=settings, engine=engine, clock=lambda: _at(3600)
+        PROVIDER, _at(0), _at(160), settings=settings, engine=engine, clock=ManualClock(_at(3600))
     )
 
     assert fresh.no_gaps

@@ -227,6 +227,10 @@ class ProviderSettings:
     webhook_secrets: tuple[Secret, ...] = ()
     #: How far back the provider's replay API retains events.
     replay_retention: timedelta = timedelta(hours=72)
+    #: How events and records of one record are ordered: ``version`` (the record
+    #: version the provider sends) or ``modified`` (its modification time, for
+    #: providers that send no version). See ``providers.ordering_for``.
+    order_by: str = "version"
     #: Providers to try, in order, when this one cannot serve (enrichment fallbacks).
     fallbacks: tuple[str, ...] = ()
 
@@ -254,7 +258,8 @@ class SyncSettings:
     sentinel_interval: timedelta = timedelta(minutes=1)
     #: How far each poll window reaches back before the cursor (clock skew, late commits).
     poll_overlap: timedelta = timedelta(minutes=2)
-    #: Signature failures per minute that fail over.
+    #: Signature failures per minute at which a receiver records a spike (shown by
+    #: ``status``); they never switch modes (a forged request costs an attacker nothing).
     signature_failure_threshold: int = 10
     #: Poller leadership (PostgreSQL advisory lock): how often a standby tries to
     #: take over, and how long a vanished leader's connection may linger.
@@ -544,6 +549,7 @@ _PROVIDER_FIELDS: dict[str, tuple[str, _Conv]] = {
     "HEALTH_ENDPOINT": ("health_endpoint", lambda v, n: str(v) or None),
     "WEBHOOK_SECRETS": ("webhook_secrets", lambda v, n: _secrets(v)),
     "REPLAY_RETENTION": ("replay_retention", _delta),
+    "ORDER_BY": ("order_by", lambda v, n: _choice(v, n, ("version", "modified"))),
     "FALLBACKS": ("fallbacks", lambda v, n: _list(v)),
     "CONNECT_TIMEOUT": ("timeouts.connect", _seconds),
     "TIMEOUT": ("timeouts.read", _seconds),

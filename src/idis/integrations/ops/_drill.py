@@ -29,6 +29,7 @@ piece on purpose to show that the drill can fail.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -51,7 +52,7 @@ from ..config import (
     SyncSettings,
     TimeoutPolicy,
 )
-from ..db._engine import create_db_engine
+from ..db._engine import create_async_db_engine, create_db_engine
 from ..db._migrate import upgrade
 from ..exceptions import ConfigError, IntegrationError
 from ..observability._metrics import Metrics
@@ -325,10 +326,11 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     from ..outbox import NewMessage, OutboxWorker, enqueue
     from ..reconciliation import reconcile, verify_sync
     from ..reconciliation._sync_timeline import timeline
-    from ..resilience._gateway import Gateway
+    from ..resilience._gateway import AsyncGateway, Gateway
     from ..resilience._recorder import StateRecorder
-    from ..sync import HandlerRegistry, SyncService, sync_summary
+    from ..sync import AsyncSyncService, HandlerRegistry, sync_summary
     from ..testing import run_simulator, serve_asgi, simulator_settings
+    from ..webhooks import WebhookReceiver
 
     options = drill.options
     provider, enrich_provider = options.provider, options.enrichment_provider
@@ -391,17 +393,45 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     for event_type in ("record.created", "record.updated", "record.deleted"):
         registry.register(event_type, apply)
 
-    service = SyncService(
+    # The sync service is a background worker, async only (the one the example
+    # service runs): one event loop for the drill's ticks, on its own async
+    # engine and gateway. Webhooks go to a receiver on the drill's engine,
+    # served by its own thread.
+    runner = stack.enter_context(asyncio.Runner())
+    async_engine = create_async_db_engine(database_url)
+    stack.callback(lambda: runner.run(async_engine.dispose()))
+    async_auth = oauth_auth_factory(settings, async_engine=async_engine)
+    stack.callback(lambda: runner.run(async_auth.aclose()))
+    sync_gateway = AsyncGateway(
         settings,
-        engine=engine,
-        gateway=gateway,
+        metrics=drill.metrics,
+        clock=drill.clock,
+        sleep=drill.clock.asleep,
+        auth=async_auth,
+        seed=options.seed,
+    )
+    stack.callback(lambda: runner.run(sync_gateway.aclose()))
+    service = AsyncSyncService(
+        settings,
+        engine=async_engine,
+        gateway=sync_gateway,
         registry=registry,
         providers=[provider],
         clock=drill.clock,
         metrics=drill.metrics,
         replica_id="drill",
+        receiver=False,
     )
-    receiver_url = stack.enter_context(serve_asgi(service.asgi_app(), name="idis-drill-webhooks"))
+    stack.callback(lambda: runner.run(service.aclose()))
+    receiver = WebhookReceiver(
+        settings,
+        engine,
+        registry=registry,
+        providers=[provider],
+        clock=drill.clock,
+        metrics=drill.metrics,
+    )
+    receiver_url = stack.enter_context(serve_asgi(receiver.asgi_app(), name="idis-drill-webhooks"))
     secret = settings.provider(provider).webhook_secrets[0].get_secret_value()
     sim.control.set_webhook_target(provider, f"{receiver_url}/{provider}", [secret])
 
@@ -458,7 +488,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
                 provider, drill.options.events_per_tick, tenant_ids=["tenant-a", "tenant-b"]
             )
         sim.control.flush_webhooks(provider, timeout=5)
-        service.tick_all()
+        runner.run(service.tick_all())
         if drill.deal_version < 10_000 and round(drill.t / step) % 2 == 0:
             push_deal()
         outbox_worker.run_once()
@@ -533,7 +563,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
             handlers=registry,
             engine=engine,
             actor="drill",
-            clock=drill.clock.now,
+            clock=drill.clock,
         )
         drill.note(
             f"reconcile: fetched {reconciled.fetched}, already applied "
@@ -839,7 +869,7 @@ def _verify(drill: _Drill, **ctx: Any) -> None:
         engine=engine,
         handlers=ctx["registry"],
         actor="drill",
-        clock=drill.clock.now,
+        clock=drill.clock,
     )
     mismatches = len(report.mismatches)
     drill.check(
@@ -854,7 +884,7 @@ def _verify(drill: _Drill, **ctx: Any) -> None:
         drill.clock.now() - timedelta(seconds=options.speed * 3),
         settings=settings,
         engine=engine,
-        clock=drill.clock.now,
+        clock=drill.clock,
     )
     drill.check(
         "Verification 2: no gaps in the sync timeline",
