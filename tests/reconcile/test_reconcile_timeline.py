@@ -67,3 +67,41 @@ def test_a_fresh_trailing_stretch_is_pending_but_an_old_one_is_a_gap(
     assert 60.0 == fresh.pending.seconds
     assert "not confirmed yet" in fresh.statement()
     assert [(_at(100), _at(160))] == [(g.start, g.end) for g in stale]
+
+
+def test_a_window_reaching_before_the_first_coverage_starts_there(
+    engine: Engine, db_url: str
+) -> None:
+    """Issue 15: `timeline --since "4 hours ago"` on a service two hours old reported a gap
+    from before the service existed and told the operator to reconcile it. Nothing was synced
+    then, so nothing can be missing: the window starts at the first recorded coverage."""
+    _cover(engine, ("webhook", 4 * 3600 - 7200, 4 * 3600))
+    settings = _settings(db_url)
+
+    report = timeline(
+        PROVIDER,
+        _at(0),
+        _at(4 * 3600),
+        settings=settings,
+        engine=engine,
+        clock=ManualClock(_at(4 * 3600)),
+    )
+
+    assert report.no_gaps, report.statement()
+    assert (_at(4 * 3600 - 7200), _at(0)) == (report.since, report.requested_since)
+    assert report.clipped
+    assert "nothing was synced before that first recorded coverage" in report.statement()
+    assert "reconcile" not in report.statement()
+    assert _at(0).isoformat() == report.as_dict()["requested_since"]
+
+
+def test_a_gap_after_the_first_coverage_is_still_a_gap(engine: Engine, db_url: str) -> None:
+    """Clipping the start never hides a real hole after the service started syncing."""
+    _cover(engine, ("webhook", 1000, 2000), ("poll", 2500, 4000))
+    settings = _settings(db_url)
+
+    found = gaps(
+        PROVIDER, _at(0), _at(4000), settings=settings, engine=engine, clock=ManualClock(_at(9000))
+    )
+
+    assert [(_at(2000), _at(2500))] == [(g.start, g.end) for g in found]

@@ -292,9 +292,22 @@ def _repair(
     suspects = [rid for rid in mismatched if remotes[rid] is None]
     remotes.update(confirm_missing(client, suspects, clock=clock, after=confirm_after))
     repairs: dict[str, Repair] = {}
+    for record_id in suspects:
+        again = remotes[record_id]
+        if (
+            again is not None
+            and compare_record(
+                local.get(record_id), record_id, _as_mapping(again), fields=fields
+            ).ok
+        ):
+            repairs[record_id] = Repair(
+                record_id, "repaired", "the provider's 404 was transient: the record matches"
+            )
     events = []
     now = clock.now()
     for record_id in mismatched:
+        if record_id in repairs:
+            continue
         event = snapshot_event(
             record_id, remotes[record_id], ledger.get(record_id), ordering=ordering, now=now
         )
