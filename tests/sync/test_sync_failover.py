@@ -435,3 +435,34 @@ def _provider_log_async_free(sim: RunningSimulator) -> list[str]:
 
     body = httpx.get(f"{sim.url}/p/{P}/changes", params={"after": 0, "limit": 500}).json()
     return [e["id"] for e in body["events"]]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_down_database_is_retried_with_backoff(tmp_path: Any, anyio_backend: str) -> None:
+    """While every tick fails (the database is unreachable), the worker's waits grow (the
+    library's one Backoff) instead of hammering it every tick interval."""
+    from structlog.testing import capture_logs
+
+    from idis.integrations._clock import ManualClock
+    from idis.integrations.db._engine import create_async_db_engine
+    from idis.integrations.sync._service import AsyncSyncService
+
+    url = f"sqlite:///{tmp_path / 'missing' / 'nowhere.sqlite3'}"  # its folder does not exist
+    settings = simulator_settings("http://127.0.0.1:9", providers=(P,), database_url=url)
+    clock = ManualClock()
+    engine = create_async_db_engine(url)
+    service = AsyncSyncService(settings, engine=engine, clock=clock, receiver=False)
+    start = clock.now()
+    with capture_logs() as logs:
+        task = asyncio.create_task(service.run())
+        while clock.now() - start < timedelta(minutes=10):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await service.aclose()
+    await engine.dispose()
+
+    failures = [e for e in logs if e["event"] == "idis.sync.tick_failed"]
+    assert 5 <= len(failures) <= 30  # every 5 s tick interval would be 120

@@ -162,7 +162,7 @@ def parse_record(raw: Any, provider: str, ordering: Ordering = BY_VERSION) -> Pr
             data=dict(raw.get("data") or {}),
             order=ordering.record_key(version=version or None, updated_at=updated_at),
         )
-    except (KeyError, TypeError, ValueError, AttributeError, UsageError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, UsageError, MissingOrder) as exc:
         raise MalformedResponse(
             f"{provider}: malformed record ({type(exc).__name__}: {exc})", provider=provider
         ) from None
@@ -193,7 +193,7 @@ def parse_event(raw: Any, provider: str, ordering: Ordering = BY_VERSION) -> Pro
                 event_id=event_id, seq=seq, version=version or None, occurred_at=occurred_at
             ),
         )
-    except (KeyError, TypeError, ValueError, AttributeError, UsageError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, UsageError, MissingOrder) as exc:
         raise MalformedResponse(
             f"{provider}: malformed event ({type(exc).__name__}: {exc})", provider=provider
         ) from None

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from ..exceptions import UsageError
+from ..exceptions import IntegrationError, UsageError
 
 __all__ = [
     "BY_MODIFIED",
@@ -100,8 +100,14 @@ class OrderKey:
         return f"{self.major}" if not self.minor else f"{self.major}/{self.minor}"
 
 
-class MissingOrder(ValueError):
-    """An event or record lacks what its provider's ordering rule needs (e.g. a version)."""
+class MissingOrder(IntegrationError, ValueError):
+    """An event or record lacks what its provider's ordering rule needs (e.g. a version).
+
+    Adapters turn it into ``MalformedResponse`` (feed, replay, records) or a 400
+    ``invalid_event`` (webhooks); the message names the setting that fixes it.
+    """
+
+    retryable = False
 
 
 def micros(moment: datetime) -> int:

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from .._audit import AuditEvent, audit_row
 from .._clock import Clock, system_clock
 from .._flow import Flow, Transaction, adrive, drive, perform
-from .._timeparse import parse_since, utcnow
+from .._timeparse import parse_since
 from ..config import Settings
 from ..db._engine import create_async_db_engine
 from ..exceptions import (
@@ -312,7 +312,7 @@ def require_handlers(registry: HandlerRegistry, provider: str) -> None:
 
 
 def _pick_resumable(
-    session: Session, provider: str, since: datetime, oldest: datetime
+    session: Session, provider: str, since: datetime, oldest: datetime, now: datetime
 ) -> ReconcileCheckpoint | None:
     """The newest stopped run that can stand in for a run from ``since``; abandon the others.
 
@@ -332,7 +332,7 @@ def _pick_resumable(
             chosen = row
             continue
         row.status = "abandoned"
-        row.finished_at = utcnow()
+        row.finished_at = now
         row.error = (
             "abandoned: its window is no longer within the replay retention"
             if row.since < oldest
@@ -665,9 +665,10 @@ def _reconcile_flow(
     try:
         found = None
         if resume:
-            oldest = run.clock.now() - run.retention
+            now = run.clock.now()
+            oldest = now - run.retention
             found = yield from perform(
-                Transaction(lambda s: _pick_resumable(s, run.provider, run.since, oldest))
+                Transaction(lambda s: _pick_resumable(s, run.provider, run.since, oldest, now))
             )
         _adopt(run, found)
         return (yield from _pages_flow(run))

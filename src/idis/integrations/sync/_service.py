@@ -46,6 +46,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from .._backoff import Backoff
 from .._clock import Clock, system_clock
 from ..config import Settings
 from ..db._engine import async_session_factory, create_async_db_engine
@@ -73,6 +74,8 @@ _log = get_logger()
 
 #: Most change-feed pages one sentinel check reads.
 SENTINEL_PAGES = 10
+#: Extra wait between ticks while every tick fails (the database is down, typically).
+_TICK_BACKOFF = Backoff(initial=1.0, maximum=60.0, jitter="equal")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,8 @@ class TickReport:
     #: A provider error this tick (bounded error type), if any; ``fenced`` when
     #: another replica or an operator took over mid-tick.
     error: str | None = None
+    #: The tick itself failed (our database, a bug): logged, retried with backoff.
+    failed: bool = False
 
 
 def default_providers(settings: Settings) -> list[str]:
@@ -498,17 +503,31 @@ class AsyncSyncService:
                     "idis.sync.tick_failed", provider=provider, error_type=type(exc).__name__
                 )
                 reports.append(
-                    TickReport(provider, leader=self.locks[provider].held, error=type(exc).__name__)
+                    TickReport(
+                        provider,
+                        leader=self.locks[provider].held,
+                        error=type(exc).__name__,
+                        failed=True,
+                    )
                 )
         return reports
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        """Tick every provider until cancelled (waits go through the clock)."""
+        """Tick every provider until cancelled (waits go through the clock).
+
+        While every tick fails (our database unreachable, say), the wait between
+        ticks backs off (the library's one ``Backoff``, from the tick interval up
+        to a minute), so a down database is not hammered by every replica.
+        """
+        failures = 0
         while True:
-            await self.tick_all()
-            await self.clock.asleep(self.interval)
+            reports = await self.tick_all()
+            broken = bool(reports) and all(r.failed for r in reports)
+            failures = failures + 1 if broken else 0
+            wait = self.interval + (_TICK_BACKOFF.delay(failures) if failures else 0.0)
+            await self.clock.asleep(wait)
 
     async def start(self) -> None:
         """Run as a task on the current loop."""
