@@ -5,10 +5,11 @@
     POST /webhooks/{provider}     the library's receiver (Standard Webhooks; inbox; handlers)
     GET  /metrics                 Prometheus text (integration_errors_total, ...)
     GET  /healthz                 200 while the database answers and every loop runs, else 503
-    GET  /status[?probe=false]    idis.integrations.ops._status.collect_status as JSON
+    GET  /status[?probe=true]     idis.integrations.ops._status.collect_status as JSON
+                                  (probing providers: operators only, rate-limited)
     POST /deals                   create/update a deal; its CRM push is enqueued in the same
                                   transaction (crm_sync_status PENDING until delivered)
-    GET  /deals[?tenant_id=T]     the latest deals
+    GET  /deals[?tenant_id=T]     the latest deals of the caller's tenants
     GET  /deals/{id}
     POST /claims                  create a claim
     GET  /claims/{id}
@@ -16,7 +17,9 @@
 
 Configured from the environment only (the library's variables, plus the few
 ``IDIS_SERVICE_*`` ones in :mod:`.config`); :func:`create_app` takes the
-settings explicitly for tests and embedding.
+settings explicitly for tests and embedding. Every route but /healthz,
+/webhooks and a public /metrics needs an authenticated caller and shows only
+its tenants' records (:mod:`.security`).
 """
 
 from __future__ import annotations
@@ -55,11 +58,22 @@ from idis.integrations.observability._metrics import Metrics, get_metrics, metri
 from idis.integrations.ops._status import FACT_SOURCES, collect_status
 from idis.integrations.outbox import enqueue_async
 
-from .claims import SUBJECT_TYPE, apply_result, mark_failed, refresh_stale_claims
+from .claims import SUBJECT_TYPE, apply_result, mark_failed
 from .config import ServiceSettings
 from .delivery import push_message
 from .models import Claim, Deal
 from .runtime import Runtime
+from .security import (
+    Authenticate,
+    BadRequest,
+    BearerTokens,
+    Guard,
+    Principal,
+    RequestTooLarge,
+    allow_everyone,
+    principal_of,
+    read_json,
+)
 
 __all__ = ["create_app"]
 
@@ -68,14 +82,11 @@ _Scope = MutableMapping[str, Any]
 _Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 _Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Ids end up in provider URLs (PUT /records/{id}): no empty, "." or ".." segment (issue 17).
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LIST_LIMIT = 100
 #: Longest /status may take (collect_status probes providers and reads the database).
 STATUS_TIMEOUT = 20.0
-
-
-class BadRequest(Exception):
-    """A request the service refuses; the message names the bad value and what was expected."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -98,16 +109,8 @@ def _error(code: int, message: str, **extra: Any) -> Response:
 
 
 async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw.strip() and optional:
-        return {}
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise BadRequest("request body is not valid JSON: expected a JSON object") from None
-    if not isinstance(data, dict):
-        raise BadRequest(f"request body is a JSON {type(data).__name__}: expected a JSON object")
-    return data
+    # Capped while streaming and depth-limited: see security.read_json.
+    return await read_json(request, _runtime(request).service.max_body_bytes, optional=optional)
 
 
 def _only(body: Mapping[str, Any], allowed: set[str]) -> None:
@@ -140,7 +143,8 @@ def _identifier(body: Mapping[str, Any], name: str, *, required: bool = False) -
         return None
     if not isinstance(value, str) or not _ID.fullmatch(value):
         raise BadRequest(
-            f"{name}={value!r} is invalid: expected 1-64 letters, digits, '_', '.' or '-'"
+            f"{name}={value!r} is invalid: expected 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
         )
     return value
 
@@ -157,6 +161,31 @@ def _amount(body: Mapping[str, Any]) -> int | None:
 def _runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+def _tenant_allowed(principal: Principal, tenant_id: str) -> None:
+    if not principal.can_see(tenant_id):
+        raise Forbidden(f"tenant_id={tenant_id!r} is not one of your tenants")
+
+
+class Forbidden(Exception):
+    """The caller is authenticated but may not do this (403)."""
+
+
+class _ProbeGate:
+    """At most one provider-probing ``/status`` per interval: each probe calls every provider."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = 0.0
+
+    def wait(self) -> float:
+        """0 and book the slot if a probe may run now, else the seconds until it may."""
+        now = time.monotonic()
+        if now < self._next:
+            return self._next - now
+        self._next = now + self.interval
+        return 0.0
 
 
 def _register_fact_sources() -> None:
@@ -195,7 +224,27 @@ async def healthz(request: Request) -> Response:
 async def status(request: Request) -> Response:
     """``idis-integrations status`` as JSON: breakers, error rates, health, sync and outbox."""
     runtime = _runtime(request)
-    probe = request.query_params.get("probe", "true").lower() not in ("0", "false", "no")
+    principal = principal_of(request)
+    asked = request.query_params.get("probe")
+    # Operators probe by default; anyone else only reads what was recorded.
+    probe = principal.operator if asked is None else asked.lower() not in ("0", "false", "no")
+    if probe and not principal.operator:
+        raise Forbidden("probe=true calls every provider: it needs the operator role")
+    if probe:
+        wait = request.app.state.probe_gate.wait()
+        if wait > 0:
+            return Response(
+                json.dumps(
+                    {
+                        "error": f"providers were probed less than "
+                        f"{runtime.service.probe_interval.total_seconds():g}s ago; retry in "
+                        f"{wait:.0f}s or ask with probe=false",
+                    }
+                ),
+                status_code=429,
+                media_type="application/json",
+                headers={"Retry-After": str(max(1, round(wait)))},
+            )
     # collect_status blocks (database, health probes): a thread, and an answer in bounded
     # time even when the database is locked or a provider hangs.
     with anyio.move_on_after(STATUS_TIMEOUT):
@@ -220,10 +269,16 @@ async def upsert_deal(request: Request) -> Response:
     amount = _amount(body)
     if runtime.crm_provider is None:
         return _error(503, "no CRM provider is configured: declare a provider of kind crm")
+    principal = principal_of(request)
+    if tenant_id is not None:
+        _tenant_allowed(principal, tenant_id)
     async with runtime.sessions.begin() as session:
         deal = None
         if deal_id is not None:
             deal = await session.get(Deal, deal_id, with_for_update=True)
+            if deal is not None and not principal.can_see(deal.tenant_id):
+                # Another tenant's deal: as good as missing, and this caller may not create it.
+                return _error(404, f"no deal {deal_id!r}")
         created = deal is None
         if deal is None:
             if tenant_id is None or name is None:
@@ -262,10 +317,14 @@ async def upsert_deal(request: Request) -> Response:
 async def list_deals(request: Request) -> Response:
     """The most recently updated deals, optionally of one tenant."""
     runtime = _runtime(request)
+    principal = principal_of(request)
     query = select(Deal).order_by(Deal.updated_at.desc()).limit(_LIST_LIMIT)
     tenant_id = request.query_params.get("tenant_id")
     if tenant_id:
+        _tenant_allowed(principal, tenant_id)
         query = query.where(Deal.tenant_id == tenant_id)
+    elif principal.tenants is not None:
+        query = query.where(Deal.tenant_id.in_(sorted(principal.tenants)))
     async with runtime.sessions() as session:
         deals = (await session.scalars(query)).all()
     return json_response({"deals": [d.as_dict() for d in deals]})
@@ -276,7 +335,7 @@ async def get_deal(request: Request) -> Response:
     runtime = _runtime(request)
     async with runtime.sessions() as session:
         deal = await session.get(Deal, request.path_params["deal_id"])
-    if deal is None:
+    if deal is None or not principal_of(request).can_see(deal.tenant_id):
         return _error(404, f"no deal {request.path_params['deal_id']!r}")
     return json_response(deal.as_dict())
 
@@ -292,6 +351,7 @@ async def create_claim(request: Request) -> Response:
     claim_text = _text(body, "text", 10_000, required=True)
     assert tenant_id is not None  # required=True
     assert claim_text is not None
+    _tenant_allowed(principal_of(request), tenant_id)
     async with runtime.sessions.begin() as session:
         if await session.get(Claim, claim_id) is not None:
             return _error(409, f"claim {claim_id!r} already exists")
@@ -303,11 +363,13 @@ async def create_claim(request: Request) -> Response:
 
 
 async def get_claim(request: Request) -> Response:
-    """One claim; a stale one picks up a refresh the deferred worker already made."""
+    """One claim (the deferred worker's callback keeps a refreshed one current)."""
     runtime = _runtime(request)
     claim_id = request.path_params["claim_id"]
-    async with runtime.sessions.begin() as session:
-        await refresh_stale_claims(session, [claim_id])
+    async with runtime.sessions() as session:
+        owner = await session.scalar(select(Claim.tenant_id).where(Claim.id == claim_id))
+        if owner is None or not principal_of(request).can_see(owner):
+            return _error(404, f"no claim {claim_id!r}")
         claim = await session.get(Claim, claim_id)
         payload = claim.as_dict() if claim is not None else None
     if payload is None:
@@ -341,7 +403,7 @@ async def enrich_claim(request: Request) -> Response:
     assert primary is not None
     async with runtime.sessions() as session:
         claim = await session.get(Claim, claim_id)
-    if claim is None:
+    if claim is None or not principal_of(request).can_see(claim.tenant_id):
         return _error(404, f"no claim {claim_id!r}")
     try:
         result = await enricher.enrich(
@@ -396,6 +458,16 @@ async def _bad_request(request: Request, exc: Exception) -> Response:
     return _error(400, str(exc))
 
 
+async def _forbidden(request: Request, exc: Exception) -> Response:
+    return _error(403, str(exc))
+
+
+async def _too_large(request: Request, exc: Exception) -> Response:
+    # Starlette's server closes the connection after this answer: the rest of
+    # the body is never read.
+    return _error(413, str(exc))
+
+
 async def _conflict(request: Request, exc: Exception) -> Response:
     # Two requests created the same id at once: the loser's transaction rolled back.
     return _error(409, "a concurrent request created or changed the same record; retry")
@@ -407,19 +479,33 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
     return _error(503, f"database unavailable ({type(exc).__name__}); try again")
 
 
-class _AsgiEndpoint:
-    """Serves a plain ASGI function at a Route.
+class _MetricsEndpoint:
+    """``/metrics``: public (Prometheus scrapes it as before) or for the metrics/operator role."""
 
-    Starlette's Route treats a bare function as a request handler; an instance is
-    served as an ASGI app. A Route (unlike a Mount) answers ``/metrics`` itself,
-    without a redirect to ``/metrics/``.
-    """
-
-    def __init__(self, app: Callable[[_Scope, _Receive, _Send], Awaitable[None]]) -> None:
-        self.app = app
+    def __init__(self, registry: Any, service: ServiceSettings) -> None:
+        self.app = metrics_app(registry)
+        self.protected = service.metrics == "token"
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if self.protected:
+            principal = principal_of(Request(scope))
+            if not principal.roles & {"metrics", "operator"}:
+                await _error(403, "/metrics needs a token with the metrics or operator role")(
+                    scope, receive, send
+                )
+                return
         await self.app(scope, receive, send)
+
+
+def _public_paths(service: ServiceSettings) -> Callable[[str], bool]:
+    """Paths served without a principal (the guard protects every other one)."""
+    exact = {"/healthz"} | ({"/metrics"} if service.metrics == "public" else set())
+
+    def public(path: str) -> bool:
+        # Webhooks authenticate by signature (the library's receiver verifies them).
+        return path in exact or path.startswith("/webhooks/")
+
+    return public
 
 
 class _WebhookEndpoint:
@@ -476,6 +562,7 @@ def create_app(
     service: ServiceSettings | None = None,
     metrics: Metrics | None = None,
     log_stream: IO[str] | None = None,
+    authenticate: Authenticate | None = None,
 ) -> Starlette:
     """Build the service's ASGI app; the lifespan starts and stops the background work.
 
@@ -484,6 +571,9 @@ def create_app(
         service: The service's own settings (default: ``ServiceSettings.from_env()``).
         metrics: Where to record metrics and what ``/metrics`` serves (default: process-wide).
         log_stream: Where JSON log lines go (default: stderr).
+        authenticate: ``(request) -> Principal | None`` (or async): who is calling. Default:
+            bearer tokens from ``IDIS_SERVICE_API_TOKENS`` (every caller is the local
+            operator with ``IDIS_SERVICE_AUTH=off``).
 
     Raises:
         ConfigError: naming the first invalid environment variable.
@@ -507,7 +597,7 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
-            Route("/metrics", _AsgiEndpoint(metrics_app(metrics.registry)), methods=["GET"]),
+            Route("/metrics", _MetricsEndpoint(metrics.registry, service), methods=["GET"]),
             Route("/status", status, methods=["GET"]),
             Route("/deals", upsert_deal, methods=["POST"]),
             Route("/deals", list_deals, methods=["GET"]),
@@ -519,6 +609,8 @@ def create_app(
         exception_handlers={
             BadRequest: _bad_request,
             UsageError: _bad_request,
+            Forbidden: _forbidden,
+            RequestTooLarge: _too_large,
             StorageError: _unavailable,
             OperationalError: _unavailable,
             IntegrityError: _conflict,
@@ -526,6 +618,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.runtime = Runtime(settings, service, metrics)
+    app.state.probe_gate = _ProbeGate(service.probe_interval.total_seconds())
     app.router.routes.append(Mount("/webhooks", app=_WebhookEndpoint(app)))
+    if authenticate is None:
+        authenticate = allow_everyone if service.auth == "off" else BearerTokens(service.api_tokens)
+    # Added first, so it runs inside the access log: refused requests are logged too.
+    app.add_middleware(Guard, hook=authenticate, public=_public_paths(service))
     app.add_middleware(_AccessLog)
     return app

@@ -4,23 +4,22 @@
 and writes what it answered onto the claim (:func:`apply_result`, :func:`mark_failed`).
 
 When a deferred enrichment is refreshed later, the library's deferred worker
-writes the fresh data to its own ``enrichment_cache`` table and resolves the
-claim's defects; it has no hook to tell the host. So the service copies fresh
-cache entries onto its stale claims itself (:func:`refresh_stale_claims`): in a
-background loop, and for one claim on every read, so ``GET /claims/{id}`` is
-never behind the library.
+calls back (``on_refreshed``) once the refresh has committed; :func:`claim_refresher`
+is that callback and copies the fresh data onto the claim, so the service never
+polls for refreshes. A refresh committed while no callback could run (the
+service crashed between the commit and the callback, or an operator ran
+``idis-integrations enrichment run-deferred`` while the service was down) is
+picked up once at start by :func:`refresh_stale_claims`, from the library's cache.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from idis.integrations.enrichment import EnrichmentResult
+from idis.integrations.enrichment import EnrichmentResult, SubjectKey
 from idis.integrations.enrichment._models import EnrichmentCacheEntry
 from idis.integrations.observability._logs import get_logger
 
@@ -29,9 +28,9 @@ from .models import Claim
 __all__ = [
     "SUBJECT_TYPE",
     "apply_result",
+    "claim_refresher",
     "mark_failed",
     "refresh_stale_claims",
-    "run_claim_refresher",
 ]
 
 _log = get_logger()
@@ -55,10 +54,50 @@ def mark_failed(claim: Claim, primary: str) -> None:
     claim.enrichment_stale = True
 
 
+def claim_refresher(
+    sessions: async_sessionmaker[AsyncSession],
+) -> Callable[[SubjectKey, EnrichmentResult], Awaitable[None]]:
+    """The deferred worker's ``on_refreshed`` callback: copy a fresh refresh onto its claim.
+
+    Only a claim still enriched from the same primary provider is touched, and
+    only with data newer than what it holds, so a refresh that lands after a
+    newer direct ``POST /claims/{id}/enrich`` never rolls the claim back.
+    """
+
+    async def refreshed(subject: SubjectKey, result: EnrichmentResult) -> None:
+        if subject.subject_type != SUBJECT_TYPE or result.data is None:
+            return
+        async with sessions.begin() as session:
+            claim = await session.get(Claim, subject.subject_id, with_for_update=True)
+            if (
+                claim is None
+                or claim.tenant_id != subject.tenant_id
+                or claim.enrichment_provider != subject.provider
+            ):
+                return
+            newer = (
+                claim.enriched_at is None
+                or result.fetched_at is None
+                or claim.enriched_at <= result.fetched_at
+            )
+            if not newer:
+                return
+            apply_result(claim, result)
+        _log.info(
+            "idis.example.claim_refreshed",
+            msg="deferred enrichment refreshed; copied onto the claim",
+            claim_id=subject.subject_id,
+            tenant_id=subject.tenant_id,
+            provider=result.provider,
+        )
+
+    return refreshed
+
+
 async def refresh_stale_claims(
     session: AsyncSession, claim_ids: Sequence[str] | None = None
 ) -> int:
-    """Copy fresh data from the library's enrichment cache onto stale claims.
+    """Copy fresh data from the library's enrichment cache onto stale claims (catch-up).
 
     Args:
         session: A session in an open transaction.
@@ -94,22 +133,3 @@ async def refresh_stale_claims(
         claim.enrichment_stale = False
         refreshed += 1
     return refreshed
-
-
-async def run_claim_refresher(
-    sessions: async_sessionmaker[AsyncSession], interval: timedelta
-) -> None:
-    """Refresh stale claims from the cache every ``interval`` until cancelled."""
-    while True:
-        try:
-            async with sessions.begin() as session:
-                count = await refresh_stale_claims(session)
-            if count:
-                _log.info(
-                    "idis.example.claims_refreshed",
-                    msg=f"{count} stale claim(s) refreshed from the enrichment cache",
-                    claims=count,
-                )
-        except Exception as exc:  # noqa: BLE001  # the loop must survive a database hiccup
-            _log.warning("idis.example.claims_refresh_failed", error_type=type(exc).__name__)
-        await asyncio.sleep(interval.total_seconds())

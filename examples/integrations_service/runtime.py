@@ -10,7 +10,8 @@ One :class:`Runtime` per running app holds:
   its breakers and sampling it, so ``idis-integrations status`` and
   ``postmortem`` (other processes) see what this one saw;
 * the background loops: the sync service (sentinel, mode controller, poller),
-  the outbox worker, the deferred-enrichment worker and the claim refresher.
+  the outbox worker and the deferred-enrichment worker (which copies refreshed
+  enrichments onto claims through its ``on_refreshed`` callback).
 
 Start order: schema, engine, gateway, then the loops that use them. Every part
 registers its own cleanup as it is created, so :meth:`Runtime.stop` undoes
@@ -44,7 +45,7 @@ from idis.integrations.sync import AsyncSyncService
 from idis.integrations.sync._inbox import HandlerRegistry
 from idis.integrations.sync._service import default_providers
 
-from .claims import run_claim_refresher
+from .claims import claim_refresher, refresh_stale_claims
 from .config import ServiceSettings
 from .delivery import DealPushDelivery
 from .handlers import register
@@ -202,15 +203,18 @@ class Runtime:
             self.enrichment_provider = None
         if self.enrichment_provider is not None:
             self.enricher = AsyncEnricher(settings, gateway, engine=engine, metrics=self.metrics)
+            # Refreshed claims arrive through the worker's callback; the catch-up
+            # covers refreshes committed while no callback could run (see claims.py).
+            async with self._sessions.begin() as session:
+                await refresh_stale_claims(session)
             deferred = AsyncDeferredEnrichmentWorker(
-                settings, gateway, engine=engine, metrics=self.metrics
+                settings,
+                gateway,
+                engine=engine,
+                metrics=self.metrics,
+                on_refreshed=[claim_refresher(self._sessions)],
             )
             self._adopt("deferred_enrichment", deferred.start(), deferred.stop)
-
-        self._spawn(
-            "claims_refresher",
-            run_claim_refresher(self._sessions, self.service.claims_refresh_interval),
-        )
         _log.info(
             "idis.example.started",
             msg="integrations service started",

@@ -26,7 +26,7 @@ def _prepare(state: str, sim: RunningSimulator, url: str, key: str) -> tuple[str
     settings = make_settings(sim, url, key, grant=grant)
     if state == "missing":
         return grant, []
-    with TokenManager(settings, sleep=lambda _s: None) as manager:
+    with TokenManager(settings) as manager:
         if state == "refresh failing":
             sim.control.set_fault(P, "error", endpoint="token", status=503)
             with pytest.raises(AuthError):
@@ -139,6 +139,6 @@ def test_cli_check_token_json_and_exit_status(
     assert 1 == result.exit_code
     assert "missing" == data["state"]
     assert False is data["healthy"]
-    assert 1 == len(plain.output.splitlines())
+    assert 1 == len(plain.stdout.splitlines())
     assert 2 == unknown.exit_code
     assert "crm_provider" in unknown.output

@@ -10,6 +10,7 @@ from cryptography.fernet import Fernet
 from tests.auth.conftest import env_for
 
 from idis.integrations.cli import main
+from idis.integrations.simulator import token_fingerprint
 from idis.integrations.testing import RunningSimulator
 
 P = "crm_provider"
@@ -48,7 +49,9 @@ def test_import_token_then_check_and_refresh(
     assert 0 == refreshed.exit_code, refreshed.output
     result = json.loads(refreshed.stdout)["results"][0]
     assert ("refreshed", 2) == (result["outcome"], result["generation"])
-    assert {issued["refresh_token"]: 1} == sim.control.stats(P)["oauth"]["refresh_requests"]
+    assert {token_fingerprint(issued["refresh_token"]): 1} == sim.control.stats(P)["oauth"][
+        "refresh_requests"
+    ]
     for secret in (issued["access_token"], issued["refresh_token"]):
         assert secret not in imported.output + checked.output + refreshed.output
 
@@ -188,3 +191,51 @@ def test_rotate_credentials_with_a_wrong_secret_exits_1_and_keeps_the_old_one(
     assert "failed at step 'verify'" in rotated.output
     assert "cs_not_what_the_provider_has" not in rotated.output
     assert 0 == refreshed.exit_code, refreshed.output
+
+
+def test_an_auth_failure_in_reconcile_exits_1_final_not_2_bad_input(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused credentials are final (1), not "bad input" (2): the command line was fine."""
+    env = env_for(sim, sqlite_url, fernet_key)
+    env["IDIS_PROVIDER_CRM_PROVIDER_CLIENT_SECRET"] = "not-the-secret-the-provider-has"
+    _env(monkeypatch, env)
+    sim.control.require_auth(P)
+
+    result = runner.invoke(
+        main, ["reconcile", "--provider", P, "--since", "1 hour ago", "--dry-run"]
+    )
+
+    assert 1 == result.exit_code, result.output
+    assert "CredentialsRejected" in result.output
+    assert "not-the-secret-the-provider-has" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        ("ConfigError", 2),
+        ("ReplayWindowExceeded", 2),
+        ("StorageError", 3),
+        ("SecretStoreError", 3),
+        ("ProviderTimeout", 3),
+        ("TokenLockTimeout", 3),
+        ("SecretStoreRefused", 1),
+        ("ReauthorizationRequired", 1),
+        ("CredentialsRejected", 1),
+        ("RefreshOutcomeUnknown", 1),
+    ],
+)
+def test_exit_codes_are_1_final_2_bad_input_3_retry_later(error: str, code: int) -> None:
+    """One mapping for every command: refusals are final, outages retry later."""
+    from idis.integrations import exceptions
+    from idis.integrations.cli._common import exit_code
+
+    cls = getattr(exceptions, error)
+    exc = cls("x", reason="denied") if error == "SecretStoreRefused" else cls("x")
+
+    assert code == exit_code(exc)

@@ -9,26 +9,29 @@ from urllib.parse import parse_qs
 
 import pytest
 
+from idis.integrations._backoff import set_testing
+from idis.integrations._http import httpx
 from idis.integrations.auth._grant import (
-    MAX_FAILURE_BACKOFF,
+    REFRESH_FAILURE_BACKOFF,
     AccessToken,
     Action,
-    CredentialsRejected,
-    TokenRequestRejected,
     build_token_request,
     decide,
-    failure_backoff,
+    lost_answer,
     parse_token_response,
     resolve_url,
 )
 from idis.integrations.auth._vault import ClientCredentials
 from idis.integrations.config import AuthSettings, ProviderSettings, Secret
 from idis.integrations.exceptions import (
+    CredentialsRejected,
     MalformedResponse,
     ProviderUnavailable,
     RateLimited,
     ReauthorizationRequired,
+    TokenRequestRejected,
 )
+from idis.integrations.resilience._errors import error_for_status, translate_httpx_error
 
 NOW = datetime(2026, 1, 19, 9, 0, tzinfo=UTC)
 
@@ -255,7 +258,96 @@ def test_decide_stops_on_reauthorization_state() -> None:
     assert Action.REAUTHORIZE == decision.action
 
 
-def test_failure_backoff_grows_and_is_capped() -> None:
-    """The shared backoff doubles per consecutive failure up to its cap."""
-    assert [5.0, 10.0, 20.0, 40.0] == [failure_backoff(n) for n in range(1, 5)]
-    assert MAX_FAILURE_BACKOFF == failure_backoff(60)
+def test_failure_backoff_is_the_shared_backoff_policy_and_testing_mode_reaches_it() -> None:
+    """Refresh failures back off by the one Backoff value (5 s first, capped), jittered."""
+    import random
+
+    rng = random.Random(7)
+    first = [REFRESH_FAILURE_BACKOFF.delay(1, rng) for _ in range(50)]
+    capped = [REFRESH_FAILURE_BACKOFF.delay(60, rng) for _ in range(50)]
+    with set_testing():
+        in_testing = REFRESH_FAILURE_BACKOFF.delay(3)
+
+    assert all(2.5 <= delay <= 5.0 for delay in first)  # equal jitter: never collapses to 0
+    assert len(set(first)) > 1  # replicas that failed together spread out
+    assert all(150.0 <= delay <= 300.0 for delay in capped)
+    assert 0.0 == in_testing
+
+
+def test_decide_reauthorization_keeps_a_valid_token_for_plain_callers() -> None:
+    """After a refusal a still-valid token keeps calls going; a 401 or an expired token stops."""
+
+    def action(mode: str, token: AccessToken | None) -> Action:
+        return decide(
+            mode=mode,  # type: ignore[arg-type]
+            candidate=token,
+            stored_state="reauthorization_required",
+            next_attempt_at=None,
+            now=NOW,
+            margin=300,
+            rejected_generation=1,
+        ).action
+
+    assert Action.USE == action("ensure", _token(expires_in=200))
+    assert Action.REAUTHORIZE == action("ensure", _token(expires_in=-1))
+    assert Action.REAUTHORIZE == action("rejected", _token(expires_in=200))
+    assert Action.REFRESH == action("force", _token(expires_in=200))
+
+
+def test_decide_outcome_unknown_stops_even_a_forced_refresh_outside_the_grace() -> None:
+    """refresh_outcome_unknown: no resend (not even forced) unless the reuse grace is open."""
+
+    def action(mode: str, token: AccessToken | None, reuse_until: datetime | None) -> Action:
+        return decide(
+            mode=mode,  # type: ignore[arg-type]
+            candidate=token,
+            stored_state="refresh_outcome_unknown",
+            next_attempt_at=None,
+            now=NOW,
+            margin=300,
+            reuse_until=reuse_until,
+        ).action
+
+    open_grace = NOW + timedelta(seconds=10)
+    closed = NOW - timedelta(seconds=1)
+
+    assert Action.OUTCOME_UNKNOWN == action("force", _token(expires_in=200), None)
+    assert Action.OUTCOME_UNKNOWN == action("force", None, closed)
+    assert Action.OUTCOME_UNKNOWN == action("ensure", _token(expires_in=-1), None)
+    assert Action.USE == action("ensure", _token(expires_in=200), None)
+    assert Action.REFRESH == action("force", None, open_grace)
+    assert Action.REFRESH == action("ensure", _token(expires_in=-1), open_grace)
+
+
+def _httpx_failure(exc: Exception) -> Exception:
+    error = translate_httpx_error(exc, "p", "token")
+    error.__cause__ = exc
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (_httpx_failure(httpx.ReadTimeout("read")), "timeout"),
+        (_httpx_failure(httpx.RemoteProtocolError("disconnected")), "connection"),
+        (_httpx_failure(httpx.ReadError("reset")), "connection"),
+        (error_for_status(500, "p", "token"), "server_error"),
+        (error_for_status(502, "p", "token"), "server_error"),
+        (MalformedResponse("2xx without access_token"), "malformed_response"),
+        (MalformedResponse("2xx without access_token", status_code=200), "malformed_response"),
+        (MalformedResponse("redirected", status_code=307), None),
+        (_httpx_failure(httpx.ConnectTimeout("connect")), None),
+        (_httpx_failure(httpx.ConnectError("refused")), None),
+        (_httpx_failure(httpx.PoolTimeout("pool")), None),
+        (_httpx_failure(httpx.WriteTimeout("write")), None),
+        (_httpx_failure(httpx.WriteError("write")), None),
+        (error_for_status(408, "p", "token"), None),
+        (error_for_status(429, "p", "token"), None),
+        (TokenRequestRejected("invalid_scope"), None),
+    ],
+)
+def test_lost_answer_tells_a_sent_request_from_one_the_server_never_acted_on(
+    error: Exception, expected: str | None
+) -> None:
+    """Timeouts and drops after sending, 5xx and unreadable 2xx are unknown; the rest are not."""
+    assert expected == lost_answer(error)

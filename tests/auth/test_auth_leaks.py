@@ -27,6 +27,7 @@ from sqlalchemy import select
 from tests.auth.conftest import CLIENT_ID, CLIENT_SECRET, OpenBao, env_for, make_settings
 
 from idis.integrations._audit import AuditEvent
+from idis.integrations._http import httpx
 from idis.integrations.auth._httpx_auth import oauth_auth_factory
 from idis.integrations.auth._rotation import rotate_credentials
 from idis.integrations.auth._status import token_status
@@ -70,7 +71,7 @@ def _scenario(
     outputs: list[str] = []
     vault = openbao.settings(token=vault_token, path_prefix=prefix)
     VaultStore(vault).write_credentials(
-        P, ClientCredentials(client_id=CLIENT_ID, client_secret=Secret(CLIENT_SECRET)), cas=0
+        P, ClientCredentials(client_id=CLIENT_ID, client_secret=Secret(CLIENT_SECRET))
     )
     settings = replace(
         make_settings(sim, url, key, grant="refresh_token", credentials_from_vault=True),
@@ -82,7 +83,7 @@ def _scenario(
             action()
         outputs.extend(_exception_texts(caught.value))
 
-    with TokenManager(settings, metrics=metrics, sleep=lambda _s: None) as manager:
+    with TokenManager(settings, metrics=metrics) as manager:
         manager.import_token(P, {**sim.control.issue_tokens(P), "expires_in": -5})
         manager.get_token(P)  # refresh with rotation
         manager.refresh(P)
@@ -229,4 +230,131 @@ def test_no_secret_in_logs_audit_metrics_errors_or_cli_output(
         for secret in secrets
         if secret in text
     ]
+    assert [] == leaks
+
+
+# --------------------------------------------------------------------------- reprs
+
+_SECRET = "s3cr3t-never-in-a-repr"
+#: Field names that may hold a secret (tokens, secrets, request bodies, encrypted values).
+_SECRET_FIELD = ("token", "secret", "body", "password", "values", "headers", "_enc", "key")
+#: ...except these, which only look like it.
+_NOT_SECRET = ("token_type", "previous_secret_valid_until")
+
+
+def _auth_dataclasses() -> list[type]:
+    """Every dataclass defined in an ``idis.integrations.auth`` module."""
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import idis.integrations.auth as auth
+
+    found = []
+    for info in pkgutil.iter_modules(auth.__path__):
+        module = importlib.import_module(f"idis.integrations.auth.{info.name}")
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and dataclasses.is_dataclass(value)
+                and value.__module__ == module.__name__
+            ):
+                found.append(value)
+    return found
+
+
+def _plain() -> dict[str, Callable[[], Any]]:
+    from idis.integrations._clock import system_clock
+    from idis.integrations.auth._grant import Action
+
+    return {
+        "GrantType": lambda: "refresh_token",
+        "Mode": lambda: "force",
+        "TokenState": lambda: "valid",
+        "Action": lambda: Action.REFRESH,
+        "Any": lambda: None,
+        "Clock": lambda: system_clock,
+        "httpx.Timeout": lambda: httpx.Timeout(1.0),
+        "SyncTokenStore | AsyncTokenStore": lambda: None,
+        "Callable[[], VaultStore]": lambda: lambda: None,
+    }
+
+
+_PLAIN = _plain()
+
+
+def _build(cls: type, depth: int = 0) -> Any:
+    """An instance of ``cls`` whose secret-looking fields hold ``_SECRET`` (None: cannot build)."""
+    import dataclasses
+    from datetime import UTC, datetime
+
+    if depth > 3:
+        return None
+    known = {c.__name__: c for c in _auth_dataclasses()}
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = str(f.type)
+        secretish = f.name not in _NOT_SECRET and any(part in f.name for part in _SECRET_FIELD)
+        if "Secret" in kind:
+            values[f.name] = Secret(_SECRET)
+        elif kind.startswith("str"):
+            values[f.name] = _SECRET if secretish else "x"
+        elif kind.startswith(("dict", "Mapping")):
+            values[f.name] = {"access_token_enc": _SECRET, "client_secret": _SECRET}
+        elif kind.startswith(("list", "tuple")):
+            values[f.name] = []
+        elif kind.startswith("int"):
+            values[f.name] = 1
+        elif kind.startswith("float"):
+            values[f.name] = 1.0
+        elif kind.startswith("bool"):
+            values[f.name] = False
+        elif kind.startswith("datetime"):
+            values[f.name] = datetime(2026, 1, 19, tzinfo=UTC)
+        elif kind.split(" ", maxsplit=1)[0] in known:
+            values[f.name] = _build(known[kind.split(" ", maxsplit=1)[0]], depth + 1)
+        elif "None" in kind:
+            values[f.name] = None
+        elif f.default is not dataclasses.MISSING:
+            continue
+        elif kind in _PLAIN:
+            values[f.name] = _PLAIN[kind]()
+        else:
+            return None
+    try:
+        return cls(**values)
+    except TypeError:
+        return None
+
+
+def test_no_repr_or_str_in_the_auth_package_shows_a_secret(
+    sim: RunningSimulator, sqlite_url: str, fernet_key: str
+) -> None:
+    """Every auth dataclass, built with secrets in its secret-looking fields, prints none of them.
+
+    Found by walking the package, so a new class is checked without anyone
+    remembering to add it (the refresh plan's repr once showed the refresh token).
+    """
+    classes = _auth_dataclasses()
+    built = {cls.__name__: _build(cls) for cls in classes}
+    settings = make_settings(sim, sqlite_url, fernet_key, grant="refresh_token")
+    with TokenManager(settings) as manager:
+        manager.import_token(P, {"access_token": _SECRET, "refresh_token": _SECRET})
+        with manager.hold(P) as hold:
+            others = [
+                manager,
+                hold,
+                hold.vault() if settings.vault.addr else None,
+                oauth_auth_factory(settings, manager=manager)(settings.provider(P)),
+                hold.cipher,
+            ]
+
+    unbuildable = sorted(name for name, instance in built.items() if instance is None)
+    leaks = [
+        name
+        for name, instance in [*built.items(), *((type(o).__name__, o) for o in others)]
+        if instance is not None and (_SECRET in repr(instance) or _SECRET in str(instance))
+    ]
+    assert len(classes) >= 10  # the walk found the package's dataclasses
+    assert [] == unbuildable
     assert [] == leaks

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,6 +21,7 @@ from idis.integrations.auth._tokens import TokenManager
 from idis.integrations.db._engine import create_db_engine
 from idis.integrations.exceptions import AuthError, TokenLockTimeout
 from idis.integrations.observability._metrics import Metrics
+from idis.integrations.simulator import token_fingerprint
 from idis.integrations.testing import RunningSimulator
 
 pytestmark = pytest.mark.postgres
@@ -28,14 +30,18 @@ P = "crm_provider"
 _WORKER = """
 import json, sys, threading, time
 from pathlib import Path
+from typing import Any
 from idis.integrations.config import Settings
 from idis.integrations.auth._tokens import TokenManager
+from idis.integrations.db._engine import create_db_engine
 
 ready, go = Path(sys.argv[1]), Path(sys.argv[2])
 settings = Settings.from_env()
+engine = create_db_engine(settings.database_url)
+with engine.connect():  # connect before the race starts
+    pass
 generations = []
-with TokenManager(settings) as manager:
-    manager.store.read("crm_provider")  # connect before the race starts
+with TokenManager(settings, engine=engine) as manager:
     ready.touch()
     deadline = time.monotonic() + 30
     while not go.exists() and time.monotonic() < deadline:
@@ -102,24 +108,21 @@ def test_two_processes_on_an_expired_token_make_one_refresh(
     engine.dispose()
     oauth = sim.control.stats(P)["oauth"]
     assert 1 == oauth["refreshes"]
-    assert {issued["refresh_token"]: 1} == oauth["refresh_requests"]
+    assert {token_fingerprint(issued["refresh_token"]): 1} == oauth["refresh_requests"]
     assert [{"generations": [2], "calls": 10}] * 2 == outputs
     assert 1 == len(refreshed)
     assert 2 == generation
 
 
 def test_a_held_row_lock_times_out_as_a_lock_timeout_not_bad_credentials(
-    sim: RunningSimulator, pg_url: str, fernet_key: str, metrics: Metrics
+    sim: RunningSimulator, pg_url: str, fernet_key: str, metrics: Metrics, tokens: Any
 ) -> None:
     """Waiting past lock_timeout raises TokenLockTimeout, sends nothing, and records no failure."""
     settings = make_settings(sim, pg_url, fernet_key, grant="refresh_token", lock_timeout=0.3)
     issued = sim.control.issue_tokens(P)
-    with TokenManager(settings, metrics=metrics) as manager:
-        manager.import_token(P, {**issued, "expires_in": -60})
-    with (
-        psycopg.connect(pg_url, autocommit=False) as holder,
-        TokenManager(settings, metrics=metrics) as manager,
-    ):
+    tokens(settings).import_token(P, {**issued, "expires_in": -60})
+    manager = tokens(settings)
+    with psycopg.connect(pg_url, autocommit=False) as holder:
         holder.execute("SELECT 1 FROM oauth_tokens WHERE provider = %s FOR UPDATE", (P,))
         with pytest.raises(TokenLockTimeout) as caught:
             manager.get_token(P)
@@ -138,4 +141,6 @@ def test_a_held_row_lock_times_out_as_a_lock_timeout_not_bad_credentials(
     assert 0 == row["consecutive_failures"]
     assert "ok" == row["state"]
     assert 2 == token.generation
-    assert {issued["refresh_token"]: 1} == sim.control.stats(P)["oauth"]["refresh_requests"]
+    assert {token_fingerprint(issued["refresh_token"]): 1} == sim.control.stats(P)["oauth"][
+        "refresh_requests"
+    ]

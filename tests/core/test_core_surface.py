@@ -47,6 +47,7 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 _PACKAGES = (
     "idis.integrations",
+    "idis.integrations.auth",
     "idis.integrations.enrichment",
     "idis.integrations.outbox",
     "idis.integrations.reconciliation",

@@ -10,19 +10,26 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from idis.integrations._backoff import set_testing
 from idis.integrations.config import EnrichmentSettings, Settings
 from idis.integrations.enrichment._decisions import (
     Attempt,
     describe_attempts,
+    is_outage,
     next_batch_size,
     plan_failure,
     provider_chain,
-    refresh_delay,
+    refresh_backoff,
+    refresh_verdict,
 )
 from idis.integrations.exceptions import (
+    AuthError,
+    CircuitOpen,
     ConfigError,
     ProviderRejected,
+    ProviderTimeout,
     ProviderUnavailable,
+    RateLimited,
     UnknownProviderError,
 )
 
@@ -179,19 +186,96 @@ def test_refresh_delay_stays_within_its_doubling_cap(attempts: int, seed: int) -
     )
     cap = min(60.0, 2.0 * 2 ** (attempts - 1))
 
-    delay = refresh_delay(attempts, settings, random.Random(seed)).total_seconds()
+    delay = refresh_backoff(settings).delay(attempts, random.Random(seed))
 
     assert cap / 2 <= delay <= cap
 
 
 def test_refresh_delays_of_many_subjects_spread_out() -> None:
     """Jitter: a hundred subjects failing together do not all retry at the same instant."""
-    settings = replace(EnrichmentSettings(), retry_backoff=timedelta(seconds=10))
+    backoff = refresh_backoff(replace(EnrichmentSettings(), retry_backoff=timedelta(seconds=10)))
     rng = random.Random(5)
 
-    delays = {round(refresh_delay(1, settings, rng).total_seconds(), 3) for _ in range(100)}
+    delays = {round(backoff.delay(1, rng), 3) for _ in range(100)}
 
     assert len(delays) > 90
+
+
+def test_a_maximum_below_the_first_backoff_caps_every_delay() -> None:
+    """IDIS_ENRICHMENT_RETRY_MAX_BACKOFF below IDIS_ENRICHMENT_RETRY_BACKOFF still starts."""
+    settings = EnrichmentSettings(
+        retry_backoff=timedelta(seconds=30), retry_max_backoff=timedelta(seconds=10)
+    )
+
+    assert [10.0, 10.0] == [refresh_backoff(settings).cap(n) for n in (1, 5)]
+
+
+def test_testing_mode_turns_the_refresh_backoff_off() -> None:
+    """set_testing() reaches the refresh backoff like every other wait."""
+    with set_testing():
+        delay = refresh_backoff(EnrichmentSettings()).delay(3)
+
+    assert 0.0 == delay
+
+
+def _failed(status: int) -> Attempt:
+    """The attempt record of a provider that answered ``status``."""
+    if status == 429:
+        return Attempt.from_error("p", RateLimited("x", provider="p", status_code=429))
+    if status >= 500:
+        return Attempt.from_error("p", ProviderUnavailable("x", provider="p", status_code=status))
+    return Attempt.from_error("p", ProviderRejected("x", provider="p", status_code=status))
+
+
+SERVED = Attempt("q", "served")
+
+
+@pytest.mark.parametrize(
+    ("chain", "outage", "verdict"),
+    [
+        # A 404 "no match" is an answer; a 503 is unavailability: mixed chains are outages.
+        ([_failed(404), _failed(503)], True, "rescheduled"),
+        ([_failed(503), _failed(404)], True, "rescheduled"),
+        ([_failed(410), _failed(502)], True, "rescheduled"),
+        ([_failed(404), SKIPPED], True, "rescheduled"),
+        ([_failed(429), SERVED], False, "refreshed"),
+        ([_failed(503), _failed(500)], True, "rescheduled"),
+        ([_failed(429), _failed(429)], True, "rescheduled"),
+        ([_failed(404), _failed(404)], False, "failed"),
+        ([_failed(404), _failed(422)], False, "failed"),
+        ([SKIPPED, SKIPPED], True, "gated"),
+        ([], False, "gated"),
+    ],
+)
+def test_what_a_chain_means(chain: list[Attempt], outage: bool, verdict: str) -> None:
+    """An outage needs one unavailable provider; only answers from every provider are final."""
+    assert (outage, verdict) == (is_outage(chain), refresh_verdict(chain))
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable"),
+    [
+        (ProviderRejected("x", provider="p", status_code=404), False),
+        (ProviderRejected("x", provider="p", status_code=410), False),
+        (ProviderRejected("x", provider="p", status_code=409), True),
+        (RateLimited("x", provider="p", status_code=429), True),
+        (ProviderTimeout("x", provider="p"), True),
+        (CircuitOpen("x", provider="p"), True),
+        (AuthError("token refused"), True),
+    ],
+)
+def test_which_answers_are_final(error: Exception, retryable: bool) -> None:
+    """Only a provider's answer about the subject is final; unavailability never is."""
+    assert retryable == Attempt.from_error("p", error).retryable  # type: ignore[arg-type]
+
+
+def test_a_mixed_chain_is_deferred_not_raised() -> None:
+    """Primary 404 + fallback 503 with deferral on: deferred and marked stale, not raised."""
+    settings = EnrichmentSettings(defer_on_error=True)
+
+    action = plan_failure([_failed(404), _failed(503)], has_cache=False, settings=settings)
+
+    assert ("deferred", True, True) == (action.kind, action.defer, action.mark_stale)
 
 
 def test_slow_start_doubles_then_resets() -> None:

@@ -1,4 +1,8 @@
-"""Against the real simulator: deferral during an outage, fallbacks, cache, and self-healing."""
+"""Against the real simulator: deferral during an outage, fallbacks, cache, and self-healing.
+
+Every enricher test runs through both faces (``mode``: :class:`Enricher` and
+:class:`AsyncEnricher`); the deferred worker is the async one either way.
+"""
 
 from __future__ import annotations
 
@@ -10,45 +14,36 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
 from tests.conftest import sample
 
-from idis.integrations.db._engine import create_async_db_engine
-from idis.integrations.enrichment import (
-    RECOVERY_RESOLUTION,
-    AsyncDeferredEnrichmentWorker,
-    AsyncEnricher,
-    DeferredEnrichmentWorker,
-    Enricher,
-    create_stale_defects,
-)
-from idis.integrations.enrichment._models import Defect
-from idis.integrations.exceptions import ProviderError, ProviderRejected
-from idis.integrations.resilience import AsyncGateway
+from idis.integrations.enrichment import RECOVERY_RESOLUTION, create_stale_defects
+from idis.integrations.exceptions import ProviderError, ProviderRejected, StorageError
 from idis.integrations.simulator._app import enrichment_for
 
 PROVIDER = "enrichment_provider"
+UNREACHABLE = "postgresql://postgres@127.0.0.1:9/idis"
 
 
-def wait_until(condition: Callable[[], bool], *, timeout: float = 30.0) -> None:
+async def wait_until(condition: Callable[[], bool], *, timeout: float = 30.0) -> None:
     """Poll ``condition`` until true; fail the test (not time it) if it never becomes true."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             pytest.fail("condition not reached: the background worker made no progress")
-        time.sleep(0.02)
+        await asyncio.sleep(0.02)
 
 
-def test_outage_defers_every_call_then_worker_refreshes_all(env_db: Any, metrics: Any) -> None:
+def test_outage_defers_every_call_then_worker_refreshes_all(
+    env_db: Any, metrics: Any, mode: str
+) -> None:
     """N calls in an outage give N deferred results and N open defects; recovery resolves all."""
     env = env_db
     settings = env.settings()
-    gateway = env.gateway(settings)
     subjects = [f"claim-{i}" for i in range(12)]
     env.outage(PROVIDER)
 
-    with Enricher(settings, gateway, engine=env.engine, clock=env.clock) as enricher:
-        results = [enricher.enrich(s, tenant_id=f"t{i % 3}") for i, s in enumerate(subjects)]
+    enricher = env.enricher(settings, mode)
+    results = [enricher.enrich(s, tenant_id=f"t{i % 3}") for i, s in enumerate(subjects)]
 
     assert ["deferred"] * 12 == [r.status for r in results]
     assert all(r.stale and r.deferred and r.data is None and r.provider is None for r in results)
@@ -62,16 +57,22 @@ def test_outage_defers_every_call_then_worker_refreshes_all(env_db: Any, metrics
         metrics, "integration_enrichment_requests_total", provider=PROVIDER, result="deferred"
     )
 
-    worker = DeferredEnrichmentWorker(settings, gateway, engine=env.engine, seed=3)
-    worker.start()
-    try:
-        # While the provider is down the worker waits without calling it or burning attempts.
-        wait_until(lambda: worker.totals.gated >= 3)
-        calls_during_outage = env.sim.control.stats(PROVIDER)["requests"].get("enrich", 0)
-        env.recover(PROVIDER)
-        wait_until(lambda: env.count(env.Defect, status="OPEN") == 0)
-    finally:
-        worker.stop()
+    # The worker's clock is the real one: the manual clock (breakers) moves only on recover().
+    worker = env.worker(settings, seed=3)
+
+    async def recovery() -> int:
+        worker.start()
+        try:
+            # While the provider is down the worker waits without calling it or burning attempts.
+            await wait_until(lambda: worker.totals.gated >= 3)
+            calls = int(env.sim.control.stats(PROVIDER)["requests"].get("enrich", 0))
+            env.recover(PROVIDER)
+            await wait_until(lambda: env.count(env.Defect, status="OPEN") == 0)
+            return calls
+        finally:
+            await worker.stop()
+
+    calls_during_outage = env.run(recovery())
 
     defects = env.rows(env.Defect)
     assert 12 == len(defects)
@@ -99,14 +100,12 @@ def _audit(env: Any) -> list[Any]:
     return env.rows(AuditEvent)
 
 
-def test_fallback_serves_while_primary_is_down(env: Any) -> None:
+def test_fallback_serves_while_primary_is_down(env: Any, mode: str) -> None:
     """With the primary down, the next provider in the chain serves and the result says which."""
     settings = env.settings(fallbacks={PROVIDER: ("backup_enrich",)})
-    gateway = env.gateway(settings)
     env.outage(PROVIDER)
 
-    with Enricher(settings, gateway, engine=env.engine, clock=env.clock) as enricher:
-        result = enricher.enrich("claim-7", tenant_id="t1")
+    result = env.enricher(settings, mode).enrich("claim-7", tenant_id="t1")
 
     assert "served_from_fallback" == result.status
     assert "backup_enrich" == result.provider
@@ -120,14 +119,13 @@ def test_fallback_serves_while_primary_is_down(env: Any) -> None:
     assert "backup_enrich" == env.rows(env.Cache)[0].served_by
 
 
-def test_explicit_provider_list_overrides_the_configured_chain(env: Any) -> None:
+def test_explicit_provider_list_overrides_the_configured_chain(env: Any, mode: str) -> None:
     """``providers=`` picks the order; the first is the primary defects are filed under."""
     settings = env.settings()
-    gateway = env.gateway(settings)
     env.outage("backup_enrich")
 
-    with Enricher(settings, gateway, engine=env.engine, clock=env.clock) as enricher:
-        result = enricher.enrich("c1", tenant_id="t1", providers=["backup_enrich", PROVIDER])
+    enricher = env.enricher(settings, mode)
+    result = enricher.enrich("c1", tenant_id="t1", providers=["backup_enrich", PROVIDER])
 
     assert ("served_from_fallback", PROVIDER, "backup_enrich") == (
         result.status,
@@ -137,19 +135,18 @@ def test_explicit_provider_list_overrides_the_configured_chain(env: Any) -> None
 
 
 @pytest.mark.parametrize("defer", [True, False])
-def test_cached_copy_is_served_stale_with_its_age(env: Any, defer: bool) -> None:
+def test_cached_copy_is_served_stale_with_its_age(env: Any, defer: bool, mode: str) -> None:
     """With every provider down, the last good result is served marked stale, with its age."""
     settings = env.settings(
         enrichment=replace(env.FAST, defer_on_error=defer),
         fallbacks={PROVIDER: ("backup_enrich",)},
     )
-    gateway = env.gateway(settings)
-    with Enricher(settings, gateway, engine=env.engine, clock=env.clock) as enricher:
-        first = enricher.enrich("claim-9", tenant_id="t1")
-        env.outage(PROVIDER)
-        env.outage("backup_enrich")
-        env.clock.advance(90)
-        result = enricher.enrich("claim-9", tenant_id="t1")
+    enricher = env.enricher(settings, mode)
+    first = enricher.enrich("claim-9", tenant_id="t1")
+    env.outage(PROVIDER)
+    env.outage("backup_enrich")
+    env.clock.advance(90)
+    result = enricher.enrich("claim-9", tenant_id="t1")
 
     assert "enriched" == first.status
     assert "cached_stale" == result.status
@@ -166,17 +163,15 @@ def test_cached_copy_is_served_stale_with_its_age(env: Any, defer: bool) -> None
     assert "enrichment_provider:server_error, backup_enrich:server_error" == cache.last_error
 
 
-def test_defer_off_raises_records_staleness_and_create_stale_defects_heals(env: Any) -> None:
+def test_defer_off_raises_records_staleness_and_create_stale_defects_heals(
+    env: Any, mode: str
+) -> None:
     """With deferral off the error propagates, but the stale subject is recorded; RB-09's
     create-stale-defects then opens its defect and queues a refresh that resolves it."""
     settings = env.settings(enrichment=replace(env.FAST, defer_on_error=False))
-    gateway = env.gateway(settings)
     env.outage(PROVIDER)
-    with (
-        Enricher(settings, gateway, engine=env.engine, clock=env.clock) as enricher,
-        pytest.raises(ProviderError) as raised,
-    ):
-        enricher.enrich("claim-1", tenant_id="t1")
+    with pytest.raises(ProviderError) as raised:
+        env.enricher(settings, mode).enrich("claim-1", tenant_id="t1")
 
     assert PROVIDER == raised.value.provider
     assert 0 == env.count(env.Defect)
@@ -184,9 +179,7 @@ def test_defer_off_raises_records_staleness_and_create_stale_defects_heals(env: 
 
     created = create_stale_defects(PROVIDER, "1 hour ago", settings=settings, engine=env.engine)
     env.recover(PROVIDER)
-    worker = DeferredEnrichmentWorker(settings, gateway, engine=env.engine, seed=1)
-    stats = worker.drain()
-    worker.close()
+    stats = env.run(env.worker(settings, seed=1).drain())
 
     assert (1, 1) == (created.created, created.requests_enqueued)
     assert 1 == stats.refreshed
@@ -195,17 +188,13 @@ def test_defer_off_raises_records_staleness_and_create_stale_defects_heals(env: 
     ]
 
 
-def test_rejected_by_every_provider_raises_and_records_nothing(env: Any) -> None:
+def test_rejected_by_every_provider_raises_and_records_nothing(env: Any, mode: str) -> None:
     """A 404 from every provider is not an outage: it raises even with deferral on."""
     settings = env.settings()
-    gateway = env.gateway(settings)
     env.sim.control.set_fault(PROVIDER, "error", endpoint="enrich", status=404)
 
-    with (
-        Enricher(settings, gateway, engine=env.engine, clock=env.clock) as enricher,
-        pytest.raises(ProviderRejected),
-    ):
-        enricher.enrich("claim-404", tenant_id="t1")
+    with pytest.raises(ProviderRejected):
+        env.enricher(settings, mode).enrich("claim-404", tenant_id="t1")
 
     assert (0, 0, 0) == (
         env.count(env.Defect),
@@ -214,60 +203,17 @@ def test_rejected_by_every_provider_raises_and_records_nothing(env: Any) -> None
     )
 
 
-def test_async_enricher_and_worker_task_heal_an_outage(env_db: Any) -> None:
-    """The asyncio drivers share the decisions: deferred during the outage, refreshed by a task."""
-    env = env_db
-    settings = env.settings()
-
-    async def open_defects(engine: Any) -> int:
-        async with engine.connect() as conn:
-            query = select(func.count()).select_from(Defect).where(Defect.status == "OPEN")
-            return int((await conn.execute(query)).scalar_one())
-
-    async def scenario() -> tuple[list[str], int]:
-        engine = create_async_db_engine(env.db_url)
-        gateway = AsyncGateway(settings, clock=env.clock, sleep=env.clock.asleep, seed=1)
-        try:
-            enricher = AsyncEnricher(settings, gateway, engine=engine, clock=env.clock)
-            env.outage(PROVIDER)
-            results = [await enricher.enrich(f"a{i}", tenant_id="t9") for i in range(5)]
-            worker = AsyncDeferredEnrichmentWorker(settings, gateway, engine=engine, seed=2)
-            worker.start()
-            env.recover(PROVIDER)
-            for _ in range(1500):
-                if await open_defects(engine) == 0:
-                    break
-                await asyncio.sleep(0.02)
-            await worker.stop()
-            return [r.status for r in results], worker.totals.refreshed
-        finally:
-            await gateway.aclose()
-            await engine.dispose()
-
-    statuses, refreshed = asyncio.run(scenario())
-
-    assert ["deferred"] * 5 == statuses
-    assert 5 == refreshed
-    assert {("RESOLVED", RECOVERY_RESOLUTION)} == {
-        (d.status, d.resolution) for d in env.rows(env.Defect)
-    }
-
-
-def test_database_outage_still_returns_fresh_data_but_cannot_defer(env: Any, tmp_path: Any) -> None:
+def test_database_outage_still_returns_fresh_data_but_cannot_defer(env: Any, mode: str) -> None:
     """Served data is returned even if caching it fails; a deferral that cannot be stored raises."""
-    from idis.integrations.db._engine import create_db_engine
-    from idis.integrations.exceptions import StorageError
-
     settings = env.settings()
-    gateway = env.gateway(settings)
-    broken = create_db_engine(f"sqlite:///{tmp_path}/no/such/dir/db.sqlite3")
-    try:
-        with Enricher(settings, gateway, engine=broken, clock=env.clock) as enricher:
-            served = enricher.enrich("claim-1", tenant_id="t1")
-            env.outage(PROVIDER)
-            with pytest.raises(StorageError):
-                enricher.enrich("claim-2", tenant_id="t1")
-    finally:
-        broken.dispose()
+    # Nothing listens on port 9: connecting is refused at once. (A SQLite file in a missing
+    # folder would do for the sync face, but aiosqlite's failed connect leaves a worker thread
+    # that may report to the test's event loop after it closed.)
+    enricher = env.enricher(settings, mode, url=UNREACHABLE)
+
+    served = enricher.enrich("claim-1", tenant_id="t1")
+    env.outage(PROVIDER)
+    with pytest.raises(StorageError):
+        enricher.enrich("claim-2", tenant_id="t1")
 
     assert ("enriched", enrichment_for("claim-1")) == (served.status, served.data)

@@ -11,29 +11,48 @@ from structlog.testing import capture_logs
 from idis.integrations.auth._httpx_auth import oauth_auth_factory
 from idis.integrations.cli import main
 from idis.integrations.config import Secret
-from idis.integrations.enrichment import Enricher
-from idis.integrations.resilience import Gateway
+from idis.integrations.enrichment import AsyncEnricher, Enricher
+from idis.integrations.resilience import AsyncGateway, Gateway
 
 PROVIDER = "enrichment_provider"
 CLIENT_SECRET = "enrich-client-secret-Q9x7Zt4w"  # a test secret to hunt for
 
 
-def test_wrong_credentials_defer_without_leaking_the_client_secret(env: Any) -> None:
+def _enrich(env: Any, settings: Any, mode: str) -> Any:
+    """Enrich claim-1 through the ``mode`` face with real OAuth (the token endpoint refuses)."""
+    if mode == "sync":
+        auth = oauth_auth_factory(settings, engine=env.engine)
+        gateway = Gateway(settings, auth=auth, clock=env.clock, sleep=env.clock.sleep)
+        try:
+            with Enricher(settings, gateway, engine=env.engine) as enricher:
+                return enricher.enrich("claim-1", tenant_id="t1")
+        finally:
+            gateway.close()
+            auth.close()
+
+    async def enrich() -> Any:
+        auth = oauth_auth_factory(settings, async_engine=env.async_engine)
+        gateway = AsyncGateway(settings, auth=auth, clock=env.clock, sleep=env.clock.asleep)
+        try:
+            async with AsyncEnricher(settings, gateway, engine=env.async_engine) as enricher:
+                return await enricher.enrich("claim-1", tenant_id="t1")
+        finally:
+            await gateway.aclose()
+            await auth.aclose()
+
+    return env.run(enrich())
+
+
+def test_wrong_credentials_defer_without_leaking_the_client_secret(env: Any, mode: str) -> None:
     """A token refused for a bad secret defers the enrichment; the secret appears nowhere."""
     base = env.settings()
     auth_settings = replace(base.provider(PROVIDER).auth, client_secret=Secret(CLIENT_SECRET))
     settings = base.with_providers(replace(base.provider(PROVIDER), auth=auth_settings))
     env.sim.control.require_auth(PROVIDER)
     env.sim.control.set_oauth_client(PROVIDER, "idis-local", "the-provider-expects-this-one")
-    auth = oauth_auth_factory(settings, engine=env.engine)
-    gateway = Gateway(settings, auth=auth, clock=env.clock, sleep=env.clock.sleep)
 
-    try:
-        with capture_logs() as logs, Enricher(settings, gateway, engine=env.engine) as enricher:
-            result = enricher.enrich("claim-1", tenant_id="t1")
-    finally:
-        gateway.close()
-        auth.close()
+    with capture_logs() as logs:
+        result = _enrich(env, settings, mode)
     cli = CliRunner().invoke(
         main,
         ["enrichment", "defects", "--json"],

@@ -42,6 +42,18 @@ ENDPOINTS = (
     "enrich=/enrich/{id},webhooks=/webhooks/inbound"
 )
 
+#: Bearer tokens the service accepts in these tests (IDIS_SERVICE_API_TOKENS).
+OPERATOR_TOKEN = "test-operator-token-0123456789abcdef"
+TENANT_T1_TOKEN = "test-tenant-t1-token-0123456789abcdef"
+METRICS_TOKEN = "test-metrics-token-0123456789abcdef"
+API_TOKENS = json.dumps(
+    [
+        {"token": OPERATOR_TOKEN, "subject": "oncall", "tenants": "*", "roles": ["operator"]},
+        {"token": TENANT_T1_TOKEN, "subject": "analyst-t1", "tenants": ["t1"]},
+        {"token": METRICS_TOKEN, "subject": "prometheus", "tenants": [], "roles": ["metrics"]},
+    ]
+)
+
 T = TypeVar("T")
 
 
@@ -70,8 +82,8 @@ def service_env(sim: RunningSimulator, database_url: str, **extra: str) -> dict[
         "IDIS_ENRICHMENT_BATCH_INTERVAL": "50ms",
         "IDIS_ENRICHMENT_RETRY_BACKOFF": "100ms",
         "IDIS_ENRICHMENT_RETRY_MAX_BACKOFF": "500ms",
-        "IDIS_SERVICE_CLAIMS_REFRESH_INTERVAL": "100ms",
         "IDIS_SERVICE_SAMPLE_INTERVAL": "200ms",
+        "IDIS_SERVICE_API_TOKENS": API_TOKENS,
     }
     for name, kind in ((CRM, "crm"), (ENRICH, "enrichment")):
         prefix = f"IDIS_PROVIDER_{name.upper()}_"
@@ -140,23 +152,26 @@ def sim() -> Iterator[RunningSimulator]:
 def start_service(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Callable[..., Any]:
-    """``with start_service(env) as svc:`` serves the app configured by exactly ``env``."""
+    """``with start_service(env, **create_app_options) as svc:`` serves the app configured
+    by exactly ``env``."""
 
     @contextmanager
-    def start(env: dict[str, str]) -> Iterator[RunningService]:
+    def start(env: dict[str, str], **app_options: Any) -> Iterator[RunningService]:
         from examples.integrations_service import create_app
 
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         logs = io.StringIO()
-        app = create_app(log_stream=logs)
+        app = create_app(log_stream=logs, **app_options)
         # lifespan="on": a start-up failure fails the test instead of serving without one.
         server = uvicorn.Server(
             uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, ws="none")
         )
         with (
             serve_asgi(app, name="example-service", server=server) as url,
-            httpx.Client(base_url=url, timeout=30) as client,
+            httpx.Client(
+                base_url=url, timeout=30, headers={"authorization": f"Bearer {OPERATOR_TOKEN}"}
+            ) as client,
         ):
             service = RunningService(url, client, env["IDIS_DATABASE_URL"], logs)
             health = client.get("/healthz")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import select
-from tests.examples.conftest import ENRICH, RunningService, service_env, wait_for
+from tests.examples.conftest import (
+    ENRICH,
+    RunningService,
+    run_script,
+    script_env,
+    service_env,
+    wait_for,
+)
 
 from idis.integrations.db._engine import create_db_engine
 from idis.integrations.enrichment import RECOVERY_RESOLUTION, Defect
@@ -64,10 +72,12 @@ def test_an_outage_defers_enrichment_opens_a_defect_and_recovery_resolves_both(
     )
 
     sim.control.clear_faults(ENRICH)
+    # GET reads the claim row only: it turns fresh through the worker's on_refreshed callback.
     after = wait_for(
         lambda: (claim := svc.get("/claims/c1").json())["enrichment_stale"] is False and claim,
         "claim c1 refreshed after recovery",
     )
+    copied = [e for e in svc.log_events() if e["event"] == "idis.example.claim_refreshed"]
 
     assert 200 == deferred.status_code, deferred.text
     body = deferred.json()
@@ -91,6 +101,34 @@ def test_an_outage_defers_enrichment_opens_a_defect_and_recovery_resolves_both(
     assert enrichment_for("c1") == after["enrichment"]
     assert after["enriched_at"] is not None
     assert [("c1", ENRICH, "RESOLVED", RECOVERY_RESOLUTION)] == _defects(svc.database_url)
+    assert ["c1"] == [e["claim_id"] for e in copied]
+
+
+def test_a_refresh_made_while_the_service_was_down_reaches_the_claim_at_start(
+    sim: RunningSimulator, sqlite_url: str, start_service: Callable[..., Any]
+) -> None:
+    """A refresh no callback saw (run-deferred while the service was down) is caught up at start."""
+    env = service_env(sim, sqlite_url, ENRICHMENT_DEFER_ON_ERROR="true")
+    with start_service(env) as svc:
+        svc.post("/claims", {"id": "c5", "tenant_id": "t1", "text": "Hooli spins off"})
+        svc.post("/claims", {"id": "c6", "tenant_id": "t1", "text": "Before the outage"})
+        # Holds a token from before the outage (see the test above).
+        assert "enriched" == svc.post("/claims/c6/enrich").json()["status"]
+        sim.control.outage(ENRICH)
+        deferred = svc.post("/claims/c5/enrich").json()
+    sim.control.clear_faults(ENRICH)
+    ran = run_script(
+        "python -m idis.integrations enrichment run-deferred --once --json",
+        script_env(sim, sqlite_url),
+    )
+
+    with start_service(env) as svc:
+        claim = svc.get("/claims/c5").json()
+
+    assert ("deferred", True) == (deferred["status"], deferred["stale"])
+    assert 0 == ran.returncode, ran.stderr
+    assert 1 == json.loads(ran.stdout)["refreshed"], ran.stdout + ran.stderr
+    assert (enrichment_for("c5"), False) == (claim["enrichment"], claim["enrichment_stale"])
 
 
 def test_without_deferral_an_outage_serves_the_cached_copy_or_answers_503(

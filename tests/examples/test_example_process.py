@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import free_port
-from tests.examples.conftest import CRM, EXAMPLES, wait_for
+from tests.examples.conftest import API_TOKENS, CRM, EXAMPLES, OPERATOR_TOKEN, wait_for
 
 from idis.integrations._http import httpx
 from idis.integrations.testing import RunningSimulator
@@ -20,6 +20,7 @@ def _environment(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IDIS_", "CRM_", "VAULT_"))}
     env.pop("ENRICHMENT_DEFER_ON_ERROR", None)
     env["PYTHONPATH"] = str(EXAMPLES)
+    env["IDIS_SERVICE_API_TOKENS"] = API_TOKENS
     env.update(extra)
     return env
 
@@ -47,12 +48,21 @@ def test_the_module_serves_on_the_default_database_and_stops_gracefully_on_sigte
     )
     try:
         wait_for(lambda: _healthy(url) or process.poll() is not None, "the service to answer")
-        status = httpx.get(f"{url}/status", params={"probe": "false"}, timeout=10).json()
+        auth = {"authorization": f"Bearer {OPERATOR_TOKEN}"}
+        status = httpx.get(
+            f"{url}/status", params={"probe": "false"}, headers=auth, timeout=10
+        ).json()
         deal = httpx.post(
-            f"{url}/deals", json={"id": "p1", "tenant_id": "t1", "name": "Proc"}, timeout=10
+            f"{url}/deals",
+            json={"id": "p1", "tenant_id": "t1", "name": "Proc"},
+            headers=auth,
+            timeout=10,
         )
         synced = wait_for(
-            lambda: httpx.get(f"{url}/deals/p1", timeout=5).json()["crm_sync_status"] == "SYNCED",
+            lambda: (
+                httpx.get(f"{url}/deals/p1", headers=auth, timeout=5).json()["crm_sync_status"]
+                == "SYNCED"
+            ),
             "deal p1 SYNCED",
         )
     finally:

@@ -193,6 +193,11 @@ class AuthSettings:
     lock_timeout: float = 10.0
     #: Token requests per refresh (network faults, 5xx and 429 are retried with backoff).
     refresh_attempts: int = 3
+    #: How long the provider accepts a refresh token again after rotating it, in
+    #: seconds (``REFRESH_REUSE_GRACE``; 0: never). A refresh whose answer was lost
+    #: (timeout after sending, dropped connection, 5xx) is retried with the same
+    #: refresh token only inside this window; see docs/auth.md for providers.
+    refresh_reuse_grace: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -590,6 +595,7 @@ _PROVIDER_FIELDS: dict[str, tuple[str, _Conv]] = {
     ),
     "TOKEN_LOCK_TIMEOUT": ("auth.lock_timeout", _seconds),
     "REFRESH_ATTEMPTS": ("auth.refresh_attempts", lambda v, n: _int(v, n, 1)),
+    "REFRESH_REUSE_GRACE": ("auth.refresh_reuse_grace", _seconds),
 }
 _SUBSECTIONS: dict[str, type[Any]] = {
     "timeouts": TimeoutPolicy,

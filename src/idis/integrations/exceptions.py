@@ -18,8 +18,13 @@ The tree::
     │   └── ReplayWindowExceeded        asked a replay API for more than it retains
     ├── AuthError                       OAuth token could not be obtained or refreshed
     │   ├── ReauthorizationRequired     invalid_grant: a human must re-authorize
+    │   │   ├── CredentialsRejected     invalid_client: the client id or secret was refused
+    │   │   └── RefreshOutcomeUnknown   a refresh's answer was lost: its refresh token may be spent
+    │   ├── TokenRequestRejected        the token endpoint refused the request (another 4xx)
+    │   ├── CredentialRotationError     a rotation step failed; the credentials in use are unchanged
     │   └── TokenLockTimeout            waited too long for another refresh; NOT bad credentials
-    ├── SecretStoreError                Vault unreachable, denied, or the secret is missing
+    ├── SecretStoreError                Vault unreachable, sealed or overloaded: retry later
+    │   └── SecretStoreRefused          Vault said no (policy, expired token, missing, conflict)
     ├── WebhookVerificationError        signature, timestamp, size or body rejected
     ├── StorageError                    the database is unreachable or refused the statement
     └── UsageError (also RuntimeError)  a programming mistake in the caller; never retried
@@ -32,7 +37,7 @@ provider and endpoint names, status codes and the value that was wrong.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 __all__ = [
@@ -40,6 +45,8 @@ __all__ = [
     "BulkheadFull",
     "CircuitOpen",
     "ConfigError",
+    "CredentialRotationError",
+    "CredentialsRejected",
     "IntegrationError",
     "MalformedResponse",
     "ProviderConnectionError",
@@ -49,11 +56,14 @@ __all__ = [
     "ProviderUnavailable",
     "RateLimited",
     "ReauthorizationRequired",
+    "RefreshOutcomeUnknown",
     "ReplayWindowExceeded",
     "RetryBudgetExhausted",
     "SecretStoreError",
+    "SecretStoreRefused",
     "StorageError",
     "TokenLockTimeout",
+    "TokenRequestRejected",
     "UnknownProviderError",
     "UsageError",
     "WebhookVerificationError",
@@ -255,14 +265,90 @@ class ReauthorizationRequired(AuthError):
     retryable = False
 
 
+class CredentialsRejected(ReauthorizationRequired):
+    """The token endpoint rejected the client credentials (invalid_client).
+
+    Check CLIENT_ID / CLIENT_SECRET (or the Vault secret), or rotate them with
+    ``idis-integrations rotate-credentials``.
+    """
+
+
+class RefreshOutcomeUnknown(ReauthorizationRequired):
+    """A refresh request was sent but its answer was lost; the refresh token may be spent.
+
+    The provider may have rotated the refresh token and sent the new one in the
+    answer we never read. Sending the old one again would look like token theft
+    to a provider with reuse protection, which then revokes the whole token
+    family, so automatic refresh stops: re-authorize and import the new token
+    (or, for a provider that tolerates reuse, configure its grace period).
+    """
+
+    def __init__(
+        self, message: str, *, provider: str = "", reason: str = "", sent_at: datetime | None = None
+    ) -> None:
+        super().__init__(message, provider=provider)
+        #: What was lost: ``timeout``, ``connection``, ``server_error``, ``malformed_response``.
+        self.reason = reason
+        #: When the first request whose answer was lost was sent.
+        self.sent_at = sent_at
+
+
+class TokenRequestRejected(AuthError):
+    """The token endpoint refused the request for a reason retrying will not fix (4xx)."""
+
+    retryable = False
+
+
+class CredentialRotationError(AuthError):
+    """A credential rotation failed at ``step``; the credentials in use did not change.
+
+    The message says which step failed, why, and what (if anything) the
+    operator should do; for the rotation API, how long the previous secret
+    stays valid. ``retryable`` says whether running it again later may work
+    (Vault, the provider or the database was unreachable) or someone must fix
+    something first.
+    """
+
+    retryable = False
+
+    def __init__(
+        self, message: str, *, provider: str, step: str, retry_later: bool = False
+    ) -> None:
+        super().__init__(message, provider=provider)
+        #: prepare, obtain, verify, store or switch.
+        self.step = step
+        #: True when a dependency was unreachable: the same rotation may work later.
+        self.retry_later = retry_later
+
+
 class TokenLockTimeout(AuthError):
     """Timed out waiting for another process's token refresh; credentials may be fine."""
 
 
 class SecretStoreError(IntegrationError):
-    """The secret store (Vault) is unreachable, denied the request, or lacks the secret."""
+    """The secret store (Vault) is unreachable, sealed or overloaded; retry later."""
 
     retryable = True
+
+
+class SecretStoreRefused(SecretStoreError):
+    """Vault answered, and the answer is no: retrying will not help until someone acts.
+
+    ``reason`` says which: ``denied`` (the policy does not grant it),
+    ``token_expired`` (the token expired or was revoked and could not be
+    renewed or re-logged in), ``login_failed`` (AppRole refused the role or
+    secret id), ``missing`` (no such secret), ``conflict`` (another writer
+    changed the secret: nothing was written), ``redirect`` (Vault redirected to
+    another origin: refused, the token was not sent there), ``no_version``
+    (a write answered without a version: not trusted as written).
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        #: Bounded reason code (see the class docstring).
+        self.reason = reason
 
 
 class WebhookVerificationError(IntegrationError):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -127,13 +127,23 @@ def _server_for(
 
 
 def make_server(
-    state: SimulatorState, *, log_level: str | None = None, graceful_timeout: float = 2.0
+    state: SimulatorState,
+    *,
+    log_level: str | None = None,
+    graceful_timeout: float = 2.0,
+    control_hosts: Sequence[str] = (),
 ) -> Any:
-    """A ``uvicorn.Server`` for the simulator app over ``state`` (not started)."""
+    """A ``uvicorn.Server`` for the simulator app over ``state`` (not started).
+
+    ``control_hosts``: Host names the control API accepts besides loopback ones.
+    """
     from .simulator._app import build_app
 
     return _server_for(
-        build_app(state), log_level=log_level, graceful_timeout=graceful_timeout, lifespan="on"
+        build_app(state, control_hosts=control_hosts),
+        log_level=log_level,
+        graceful_timeout=graceful_timeout,
+        lifespan="on",
     )
 
 

@@ -1,7 +1,8 @@
 """The token logic as pure code: build grant requests, read token responses, decide what to do.
 
-No I/O and no sleeping here; time is passed in. The sync and async token
-managers (``tokens.py``) drive these functions, so every decision exists once.
+No I/O and no sleeping here; time is passed in. The token flow (``_flow.py``),
+which both token managers drive, calls these functions, so every decision
+exists once.
 
 Requests and responses follow RFC 6749 through authlib's own helpers
 (``prepare_token_request``, ``ClientAuth``, ``OAuth2Token``); authlib's HTTP
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,39 +21,49 @@ from enum import Enum
 from typing import Any, Literal
 from urllib.parse import quote
 
+from .._backoff import Backoff
 from ..config import ProviderSettings, RetryPolicy
 from ..exceptions import (
-    AuthError,
+    ConfigError,
+    CredentialsRejected,
     MalformedResponse,
+    ProviderConnectionError,
     ProviderError,
+    ProviderTimeout,
+    ProviderUnavailable,
     ReauthorizationRequired,
+    TokenRequestRejected,
 )
 from ..observability._logs import redact_text
 from ._vault import ClientCredentials
 
 __all__ = [
+    "REFRESH_FAILURE_BACKOFF",
     "AccessToken",
     "Action",
-    "CredentialsRejected",
     "Decision",
     "IssuedToken",
     "Mode",
     "PreparedTokenRequest",
-    "TokenRequestRejected",
     "basic_authorization",
     "build_token_request",
     "decide",
-    "failure_backoff",
+    "lost_answer",
+    "parse_imported_token",
     "parse_token_response",
+    "request_backoff",
     "resolve_url",
+    "retry_wait",
 ]
 
 #: The logical endpoint name token calls are counted under.
 TOKEN_ENDPOINT = "token"  # noqa: S105  # an endpoint label, not a password
-#: Longest pause between automatic refresh attempts after repeated failures, in seconds.
-MAX_FAILURE_BACKOFF = 300.0
-#: First pause after a failed refresh, in seconds.
-FIRST_FAILURE_BACKOFF = 5.0
+#: Pause before the next automatic refresh after ``n`` failed refreshes in a row
+#: (stored in the row, so shared by every caller and replica: a token endpoint
+#: outage costs one attempt per interval, not one per provider call). Equal
+#: jitter keeps at least half of each step, so a held refresh is never retried
+#: at once, while replicas that failed together spread out.
+REFRESH_FAILURE_BACKOFF = Backoff(initial=5.0, maximum=300.0, multiplier=2.0, jitter="equal")
 _DESCRIPTION_LIMIT = 200
 
 #: Why a token is being asked for.
@@ -61,20 +71,6 @@ _DESCRIPTION_LIMIT = 200
 #: ``rejected``: the provider answered 401 to the token of ``rejected_generation``;
 #: ``force``: an operator asked for a refresh now (ignores backoff and reauthorization state).
 Mode = Literal["ensure", "rejected", "force"]
-
-
-class CredentialsRejected(ReauthorizationRequired):
-    """The token endpoint rejected the client credentials (invalid_client).
-
-    Check CLIENT_ID / CLIENT_SECRET (or the Vault secret), or rotate them with
-    ``idis-integrations rotate-credentials``.
-    """
-
-
-class TokenRequestRejected(AuthError):
-    """The token endpoint refused the request for a reason retrying will not fix (4xx)."""
-
-    retryable = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -344,26 +340,60 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, ProviderError) and exc.retryable and exc.provider_fault
 
 
-def retry_wait(
-    policy: RetryPolicy, retry_number: int, exc: BaseException, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait before retry ``retry_number`` of a token request."""
-    from ..resilience._policy import backoff_cap, full_jitter
+def request_backoff(policy: RetryPolicy) -> Backoff:
+    """The backoff between token requests of one refresh: the provider's retry policy's shape."""
+    return Backoff(
+        initial=policy.initial_backoff, maximum=policy.max_backoff, multiplier=policy.multiplier
+    )
 
+
+def retry_wait(policy: RetryPolicy, retry_number: int, exc: BaseException) -> float:
+    """Seconds to wait before retry ``retry_number`` of a token request.
+
+    A ``Retry-After`` the endpoint sent wins (capped by ``retry_after_cap``);
+    otherwise the provider's backoff, with full jitter.
+    """
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(retry_after, int | float):
         return min(float(retry_after), policy.retry_after_cap)
-    return full_jitter(backoff_cap(policy, retry_number), rng)
+    return request_backoff(policy).delay(retry_number)
 
 
-def failure_backoff(consecutive_failures: int) -> float:
-    """Seconds before the next automatic attempt after ``consecutive_failures`` failed refreshes.
+def lost_answer(exc: BaseException) -> str | None:
+    """Why a token request's outcome is unknown, or None when the server surely did not act on it.
 
-    Shared by every caller and replica (stored in the row), so a token endpoint
-    outage costs one attempt per interval, not one per provider call.
+    The request may have been processed (and a refresh token rotated) when it
+    was sent completely and the answer was lost or useless: a read timeout, a
+    connection dropped before or during the answer, a 5xx (the server, or a
+    proxy in front of it, failed after receiving it), or a 2xx we could not
+    read. Faults before the request was complete (connect errors and
+    timeouts, pool timeouts, write errors and timeouts), 408, 429 and
+    redirects mean the server did not act on it.
     """
-    exponent = min(max(consecutive_failures - 1, 0), 16)
-    return float(min(MAX_FAILURE_BACKOFF, FIRST_FAILURE_BACKOFF * 2**exponent))
+    from .._http import httpx
+
+    if isinstance(exc, MalformedResponse):
+        # A 1xx/3xx answer (redirects are not followed) was not acted on; a 2xx (or a
+        # body that could not be decoded) was.
+        status = exc.status_code
+        return "malformed_response" if status is None or 200 <= status < 300 else None
+    if isinstance(exc, ProviderUnavailable):
+        return "server_error"
+    if not isinstance(exc, ProviderTimeout | ProviderConnectionError):
+        return None
+    if exc.status_code is not None:  # 408: the server says it did not get the whole request
+        return None
+    never_sent = (
+        httpx.ConnectTimeout,
+        httpx.ConnectError,
+        httpx.PoolTimeout,
+        httpx.WriteTimeout,
+        httpx.WriteError,
+        httpx.ProxyError,
+    )
+    if isinstance(exc.__cause__, never_sent):
+        return None
+    return "timeout" if isinstance(exc, ProviderTimeout) else "connection"
 
 
 class Action(Enum):
@@ -377,6 +407,8 @@ class Action(Enum):
     BACKOFF = "backoff"
     #: Automatic refreshes stopped: a human must re-authorize.
     REAUTHORIZE = "reauthorize"
+    #: The last refresh's answer was lost and its refresh token may be spent: re-authorize.
+    OUTCOME_UNKNOWN = "outcome_unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +429,7 @@ def decide(
     now: datetime,
     margin: float,
     rejected_generation: int | None = None,
+    reuse_until: datetime | None = None,
 ) -> Decision:
     """Decide between using the best known token, refreshing, or failing fast.
 
@@ -408,11 +441,21 @@ def decide(
         now: Current time.
         margin: Refresh this many seconds before expiry.
         rejected_generation: With ``mode="rejected"``, the generation the provider refused.
+        reuse_until: In state ``refresh_outcome_unknown``, until when the provider still
+            accepts the refresh token that was sent (its reuse grace); None: never.
     """
+    # A still-valid token keeps plain callers going in every stopped state: the
+    # provider answers 401 if it revoked it, and the state alerts meanwhile.
+    usable = mode == "ensure" and candidate is not None and not candidate.is_expired(now)
+    if stored_state == "refresh_outcome_unknown":
+        if reuse_until is not None and now < reuse_until:
+            return Decision(Action.REFRESH)
+        # Even an operator's forced refresh would resend a possibly spent refresh token.
+        return Decision(Action.USE) if usable else Decision(Action.OUTCOME_UNKNOWN)
     if mode == "force":
         return Decision(Action.REFRESH)
     if stored_state == "reauthorization_required":
-        return Decision(Action.REAUTHORIZE)
+        return Decision(Action.USE) if usable else Decision(Action.REAUTHORIZE)
     if mode == "rejected":
         newer = (
             candidate is not None
@@ -428,7 +471,89 @@ def decide(
     if waiting > 0:
         # Failures put refreshes on hold; a still-valid token keeps callers going meanwhile
         # (except a token the provider just refused).
-        if mode == "ensure" and candidate is not None and not candidate.is_expired(now):
+        if usable:
             return Decision(Action.USE, retry_in=waiting)
         return Decision(Action.BACKOFF, retry_in=waiting)
     return Decision(Action.REFRESH)
+
+
+def _absolute_expiry(raw: object, now: datetime) -> datetime | None:
+    if isinstance(raw, bool):
+        return None
+    try:
+        if isinstance(raw, int | float):
+            return datetime.fromtimestamp(float(raw), now.tzinfo)
+        parsed = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+    except (ValueError, OverflowError, OSError):
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def _relative_expiry(raw: object, now: datetime) -> datetime | None:
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        return None
+    try:
+        return now + timedelta(seconds=float(raw))
+    except (ValueError, OverflowError):
+        return None
+
+
+def parse_imported_token(
+    document: Mapping[str, Any], *, now: datetime, default_scopes: tuple[str, ...] = ()
+) -> IssuedToken:
+    """Validate a token document given by an operator (``import-token``).
+
+    Raises:
+        ConfigError: naming the field that is missing or malformed (never its value).
+    """
+    if not isinstance(document, Mapping):
+        raise ConfigError("the token must be a JSON object (a token endpoint response)")
+    access = document.get("access_token")
+    refresh = document.get("refresh_token")
+    for name, value in (("access_token", access), ("refresh_token", refresh)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigError(f"token field {name!r} must be a non-empty string", variable=name)
+    if not access and not refresh:
+        raise ConfigError(
+            "the token has neither 'access_token' nor 'refresh_token': expected a token "
+            "endpoint response (RFC 6749 section 5.1)",
+            variable="access_token",
+        )
+    expires_at: datetime | None = None
+    if document.get("expires_at") is not None:
+        expires_at = _absolute_expiry(document["expires_at"], now)
+        if expires_at is None:
+            raise ConfigError(
+                "token field 'expires_at' must be epoch seconds or an ISO-8601 time with an "
+                "offset (e.g. 2026-01-19T10:00:00Z)",
+                variable="expires_at",
+            )
+    elif document.get("expires_in") is not None:
+        expires_at = _relative_expiry(document["expires_in"], now)
+        if expires_at is None:
+            raise ConfigError(
+                "token field 'expires_in' must be a number of seconds", variable="expires_in"
+            )
+    scope = document.get("scope", document.get("scopes"))
+    if scope is None:
+        scopes = tuple(default_scopes)
+    elif isinstance(scope, str):
+        scopes = tuple(scope.split())
+    elif isinstance(scope, list | tuple) and all(isinstance(s, str) for s in scope):
+        scopes = tuple(scope)
+    else:
+        raise ConfigError(
+            "token field 'scope' must be a space-separated string or a list of strings",
+            variable="scope",
+        )
+    token_type = document.get("token_type") or "Bearer"
+    if not isinstance(token_type, str):
+        raise ConfigError("token field 'token_type' must be a string", variable="token_type")
+    return IssuedToken(
+        access_token=str(access or ""),
+        token_type=token_type,
+        expires_at=expires_at,
+        refresh_token=str(refresh) if refresh else None,
+        scopes=scopes,
+        issued_at=now,
+    )

@@ -8,9 +8,12 @@ provider; :func:`oauth_auth_factory` is that callable::
     ...
     gateway.close(); auth.close()                 # await auth.aclose() for asyncio
 
-One :class:`OAuth2Auth` serves both httpx clients: ``sync_auth_flow`` runs on
-the factory's :class:`TokenManager`, ``async_auth_flow`` on its
-:class:`AsyncTokenManager`; each is created on first use.
+One :class:`OAuth2Auth` serves both httpx clients. Its decisions (bearer
+header, one newer token and one retry after a 401) are written once, in
+:meth:`OAuth2Auth.bearer_flow`; ``sync_auth_flow`` runs it on the factory's
+:class:`TokenManager`, ``async_auth_flow`` on its :class:`AsyncTokenManager`
+(each created on first use). httpx's own split: one ``auth_flow``, and
+separate sync and async bodies only where the flow needs I/O of its own.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ __all__ = ["OAuth2Auth", "OAuthAuthFactory", "oauth_auth_factory"]
 
 _log = get_logger()
 #: Manager options that only make sense for the sync manager.
-_SYNC_ONLY = frozenset({"engine", "transport", "sleep"})
+_SYNC_ONLY = frozenset({"engine", "transport"})
 
 
 class OAuth2Auth(httpx.Auth):
@@ -56,12 +59,14 @@ class OAuth2Auth(httpx.Auth):
     def __repr__(self) -> str:
         return f"OAuth2Auth(provider={self.provider!r})"
 
-    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
-        """Add the token; on a 401, get a newer one and retry once."""
-        if self._manager is None:
-            raise TypeError("this OAuth2Auth has no TokenManager: use it with an AsyncClient")
-        manager = self._manager()
-        token = manager.get_token(self.provider)
+    def bearer_flow(self, request: httpx.Request) -> Generator[Any, Any, None]:
+        """The auth decisions, once for both clients: yields token needs and requests.
+
+        Yields ``("token", None)`` for the current token, ``("rejected", token)``
+        after a 401 (a newer token, refreshed once if needed), and requests to
+        send; receives tokens and responses. A second 401 is returned as it is.
+        """
+        token = yield ("token", None)
         request.headers["Authorization"] = token.authorization
         response = yield request
         if response.status_code != 401:
@@ -72,31 +77,49 @@ class OAuth2Auth(httpx.Auth):
             provider=self.provider,
             generation=token.generation,
         )
-        newer = manager.token_rejected(self.provider, token)
+        newer = yield ("rejected", token)
         request.headers["Authorization"] = newer.authorization
         yield request
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        """Run :meth:`bearer_flow` on the sync :class:`TokenManager`."""
+        if self._manager is None:
+            raise TypeError("this OAuth2Auth has no TokenManager: use it with an AsyncClient")
+        manager = self._manager()
+        flow = self.bearer_flow(request)
+        sent: Any = None
+        while True:
+            try:
+                step = flow.send(sent)
+            except StopIteration:
+                return
+            if isinstance(step, httpx.Request):
+                sent = yield step
+            elif step[0] == "token":
+                sent = manager.get_token(self.provider)
+            else:
+                sent = manager.token_rejected(self.provider, step[1])
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        """Async twin of :meth:`sync_auth_flow`."""
+        """Run :meth:`bearer_flow` on the :class:`AsyncTokenManager`."""
         if self._async_manager is None:
             raise TypeError("this OAuth2Auth has no AsyncTokenManager: use it with a Client")
         manager = self._async_manager()
-        token = await manager.get_token(self.provider)
-        request.headers["Authorization"] = token.authorization
-        response = yield request
-        if response.status_code != 401:
-            return
-        _log.info(
-            "idis.auth.unauthorized_retry",
-            msg="provider answered 401; retrying once with a newer token",
-            provider=self.provider,
-            generation=token.generation,
-        )
-        newer = await manager.token_rejected(self.provider, token)
-        request.headers["Authorization"] = newer.authorization
-        yield request
+        flow = self.bearer_flow(request)
+        sent: Any = None
+        while True:
+            try:
+                step = flow.send(sent)
+            except StopIteration:
+                return
+            if isinstance(step, httpx.Request):
+                sent = yield step
+            elif step[0] == "token":
+                sent = await manager.get_token(self.provider)
+            else:
+                sent = await manager.token_rejected(self.provider, step[1])
 
 
 class OAuthAuthFactory:
@@ -193,9 +216,8 @@ def oauth_auth_factory(
         manager: Share an existing :class:`TokenManager`.
         async_manager: Share an existing :class:`AsyncTokenManager`.
         manager_options: Passed to managers the factory creates (``metrics``,
-            ``clock``, ``vault``; ``engine``, ``transport``, ``sleep`` for the sync
-            manager and ``async_engine``, ``async_transport``, ``async_sleep`` for
-            the async one).
+            ``clock``, ``vault``; ``engine`` and ``transport`` for the sync manager,
+            ``async_engine`` and ``async_transport`` for the async one).
 
     Returns:
         A callable ``ProviderSettings -> httpx.Auth | None``; close it at shutdown.

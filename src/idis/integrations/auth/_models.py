@@ -20,7 +20,7 @@ from ..db._base import Base, BigIntPK, JSONType, UTCDateTime
 __all__ = ["STORED_STATES", "OAuthTokenRow"]
 
 #: Values of ``oauth_tokens.state``.
-STORED_STATES = ("ok", "refresh_failing", "reauthorization_required")
+STORED_STATES = ("ok", "refresh_failing", "reauthorization_required", "refresh_outcome_unknown")
 
 
 class OAuthTokenRow(Base):
@@ -29,7 +29,9 @@ class OAuthTokenRow(Base):
     __tablename__ = "oauth_tokens"
     __table_args__ = (
         CheckConstraint(
-            "state IN ('ok', 'refresh_failing', 'reauthorization_required')", name="state"
+            "state IN ('ok', 'refresh_failing', 'reauthorization_required', "
+            "'refresh_outcome_unknown')",
+            name="state",
         ),
     )
 
@@ -38,7 +40,8 @@ class OAuthTokenRow(Base):
     provider: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
     #: Grant the token came from: client_credentials, refresh_token, imported.
     grant_type: Mapped[str] = mapped_column(String(32), nullable=False, default="")
-    #: ``ok``, ``refresh_failing`` (retryable failures) or ``reauthorization_required``.
+    #: ``ok``, ``refresh_failing`` (retryable failures), ``reauthorization_required``, or
+    #: ``refresh_outcome_unknown`` (a refresh's answer was lost: re-authorize).
     state: Mapped[str] = mapped_column(String(32), nullable=False, default="ok")
     #: Incremented on every new token; tells "a newer token exists" without decrypting.
     generation: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
@@ -56,7 +59,8 @@ class OAuthTokenRow(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: Last successful refresh (or import).
     last_refresh_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    #: Last refresh attempt, successful or not.
+    #: Last refresh attempt, successful or not (in ``refresh_outcome_unknown``: when the
+    #: request whose answer was lost was sent; the reuse grace counts from it).
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: Outcome of the last attempt (the ``token_refreshes`` outcome label).
     last_outcome: Mapped[str | None] = mapped_column(String(32))

@@ -12,14 +12,16 @@ in use unchanged:
    operator supplied (the CLI reads it from stdin, never from an argument);
 3. **verify**: obtain a token with the new credentials;
 4. **store**: write a new Vault KV version (check-and-set against the version
-   read in step 1; older versions stay for rollback), or an encrypted copy in
-   the database with ``store_in_vault=False``;
+   read in step 1, keeping every field of the secret the library does not own;
+   older versions stay for rollback), or an encrypted copy in the database
+   with ``store_in_vault=False``;
 5. **switch**: in one database transaction, record the new credentials (and
    their version) in the provider's token row together with the verified
    token, so every process and replica uses them from its next refresh.
 
 The whole rotation holds the provider's token lock (in-process and, on
-PostgreSQL, the row lock), so no refresh runs half-way through it. Every
+PostgreSQL, the row lock) through :meth:`TokenManager.hold`, the public token
+API for maintenance, so no refresh runs half-way through it. Every
 outcome is audited (``credentials.rotated`` / ``credentials.rotation_failed``)
 and counted in ``integration_credential_rotations_total{outcome}``.
 """
@@ -35,13 +37,19 @@ from ..config import ProviderSettings, Secret, Settings
 from ..exceptions import (
     AuthError,
     ConfigError,
+    CredentialRotationError,
+    CredentialsRejected,
     IntegrationError,
     ProviderError,
+    ReauthorizationRequired,
     SecretStoreError,
+    SecretStoreRefused,
+    StorageError,
+    TokenLockTimeout,
 )
 from ..observability._logs import get_logger, redact_text
-from ._grant import basic_authorization, resolve_url
-from ._tokens import TokenManager
+from ._grant import IssuedToken, basic_authorization, resolve_url
+from ._tokens import RotatedCredentials, TokenHold, TokenManager
 from ._vault import ClientCredentials, VaultStore
 
 __all__ = ["CredentialRotationError", "RotationResult", "rotate_credentials"]
@@ -56,22 +64,15 @@ OUTCOMES = (
     "store_failed",
     "switch_failed",
 )
-
-
-class CredentialRotationError(AuthError):
-    """A credential rotation failed at ``step``; the credentials in use did not change.
-
-    The message says which step failed, why, and what (if anything) the
-    operator should do; for the rotation API, how long the previous secret
-    stays valid.
-    """
-
-    retryable = False
-
-    def __init__(self, message: str, *, provider: str, step: str) -> None:
-        super().__init__(message, provider=provider)
-        #: prepare, obtain, verify, store or switch.
-        self.step = step
+#: What each step's failure means for the operator.
+_STEP_MEANING = {
+    "prepare": "stopped before anything changed",
+    "obtain": "could not obtain new credentials",
+    "verify": "the new credentials did not work (no token could be obtained with them); "
+    "nothing was stored",
+    "store": "the new credentials work but could not be stored; nothing was switched",
+    "switch": "the new credentials were stored but switching to them failed",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,85 +152,6 @@ class _NewCredentials:
     previous_valid_until: str | None
 
 
-def _call_rotation_api(
-    manager: TokenManager, p: ProviderSettings, current: ClientCredentials | None
-) -> _NewCredentials:
-    """POST the provider's rotation API once (never retried: each call mints a secret)."""
-    from ..resilience._errors import error_for_status, map_httpx_errors
-
-    assert p.auth.rotation_url is not None
-    if current is None or not current.client_secret:
-        raise AuthError(
-            f"provider {p.name!r} has no current client secret to authenticate the rotation "
-            "API with: supply the new secret instead (the CLI reads it from stdin)",
-            provider=p.name,
-        )
-    url = resolve_url(p.base_url, p.auth.rotation_url)
-    headers = {
-        "Authorization": basic_authorization(
-            current.client_id, current.client_secret.get_secret_value()
-        ),
-        "Accept": "application/json",
-    }
-    with map_httpx_errors(p.name, "rotate"):
-        response = manager._http.post(url, headers=headers, timeout=manager._core.timeout(p))
-    if response.status_code == 401:
-        raise AuthError(
-            f"{p.name} rotation API rejected the current client credentials (HTTP 401)",
-            provider=p.name,
-        )
-    error = error_for_status(response.status_code, p.name, "rotate")
-    if error is not None:
-        raise error
-    try:
-        document = json.loads(response.content or b"null")
-    except ValueError:
-        document = None
-    secret = document.get("client_secret") if isinstance(document, dict) else None
-    if not isinstance(secret, str) or not secret:
-        raise AuthError(
-            f"{p.name} rotation API answered {response.status_code} without a client_secret",
-            provider=p.name,
-        )
-    assert isinstance(document, dict)
-    client_id = document.get("client_id")
-    until = document.get("previous_secret_valid_until")
-    return _NewCredentials(
-        credentials=ClientCredentials(
-            client_id=client_id if isinstance(client_id, str) and client_id else current.client_id,
-            client_secret=Secret(secret),
-            source="rotation_api",
-        ),
-        source="rotation_api",
-        previous_valid_until=until if isinstance(until, str) else None,
-    )
-
-
-def _failure_message(
-    provider: str, step: str, exc: BaseException, new: _NewCredentials | None
-) -> str:
-    reason = redact_text(str(exc))
-    grace = ""
-    if new is not None and new.source == "rotation_api":
-        until = new.previous_valid_until or "the provider's grace period ends"
-        grace = (
-            f" The provider already issued a new secret; the current one stays valid until "
-            f"{until}: run the rotation again before then."
-        )
-    what = {
-        "prepare": "stopped before anything changed",
-        "obtain": "could not obtain new credentials",
-        "verify": "the new credentials did not work (no token could be obtained with them); "
-        "nothing was stored",
-        "store": "the new credentials work but could not be stored; nothing was switched",
-        "switch": "the new credentials were stored but switching to them failed",
-    }[step]
-    return (
-        f"credential rotation for {provider!r} failed at step {step!r}: {what}: {reason}. "
-        f"The credentials in use are unchanged.{grace}"
-    )
-
-
 def rotate_credentials(
     provider: str,
     store_in_vault: bool = True,
@@ -262,7 +184,8 @@ def rotate_credentials(
     Raises:
         ConfigError: unknown provider, no OAuth, Vault not configured, no key,
             no rotation API and no secret given. Nothing changed.
-        CredentialRotationError: a step failed (``.step``); nothing was switched.
+        CredentialRotationError: a step failed (``.step``; ``.retry_later`` when a
+            dependency was unreachable); nothing was switched.
         TokenLockTimeout: a refresh held the token lock too long; nothing changed.
     """
     if new_secret is not None and not new_secret.strip():
@@ -271,7 +194,7 @@ def rotate_credentials(
     settings = settings or (manager.settings if manager is not None else Settings.from_env())
     manager = manager or TokenManager(settings)
     try:
-        return _rotate(
+        rotation = _Rotation(
             manager,
             provider,
             store_in_vault=store_in_vault,
@@ -280,210 +203,305 @@ def rotate_credentials(
             vault=vault,
             actor=actor,
         )
+        return rotation.run()
     finally:
         if owns:
             manager.close()
 
 
-def _rotate(
-    manager: TokenManager,
-    provider: str,
-    *,
-    store_in_vault: bool,
-    new_secret: str | None,
-    new_client_id: str | None,
-    vault: VaultStore | None,
-    actor: str,
-) -> RotationResult:
-    core = manager._core
-    p = core.provider(provider)
-    store = (vault or core.vault()) if store_in_vault else None
-    if store is None:
-        core.cipher.require(f"the rotated client secret of {provider!r}")
-    if new_secret is None and not p.auth.rotation_url:
-        raise ConfigError(
-            f"provider {provider!r} has no rotation API (IDIS_PROVIDER_{provider.upper()}"
-            "_ROTATION_URL is not set): supply the new secret (the CLI reads it from stdin)",
-            variable=f"IDIS_PROVIDER_{provider.upper()}_ROTATION_URL",
-        )
-    grant = core.grant_for(p)
-    lock = manager._lock(p.name)
-    if not lock.acquire(timeout=p.auth.lock_timeout):
-        raise core.lock_timeout(p)
-    try:
-        with manager._store.locked(p.name, p.auth.lock_timeout) as row:
-            snap = row.snapshot
-            step = "prepare"
-            new: _NewCredentials | None = None
-            verified = None
+class _Rotation:
+    """One rotation, step by step, on the provider's held token lock."""
+
+    def __init__(
+        self,
+        manager: TokenManager,
+        provider: str,
+        *,
+        store_in_vault: bool,
+        new_secret: str | None,
+        new_client_id: str | None,
+        vault: VaultStore | None,
+        actor: str,
+    ) -> None:
+        self.manager = manager
+        self.provider = provider
+        self.store_in_vault = store_in_vault
+        self.new_secret = new_secret
+        self.new_client_id = new_client_id
+        self.vault = vault
+        self.actor = actor
+        self.step = "prepare"
+        self.new: _NewCredentials | None = None
+        self.verified: IssuedToken | None = None
+        self.base: tuple[dict[str, Any], int] | None = None
+        self.previous_version: int | None = None
+        self.version = 0
+
+    def run(self) -> RotationResult:
+        """Check the request, hold the lock, run the steps; on failure audit and raise."""
+        with self.manager.hold(self.provider) as hold:
+            p = hold.provider
+            store = self._check(hold)
             try:
-                previous_version = (
-                    store.current_version(p.name) if store is not None else snap.credential_version
-                )
-                if store is not None and store.writable(p.name) is False:
-                    raise SecretStoreError(
-                        f"the Vault token may not write {store.location(p.name)}: its policy "
-                        f"needs create and update on {store.settings.mount}/data/"
-                        f"{store.path(p.name)}"
-                    )
-                current = manager._credentials(p, snap)
-                step = "obtain"
-                if new_secret is not None:
-                    client_id = new_client_id or (current.client_id if current else "")
-                    new = _NewCredentials(
-                        ClientCredentials(
-                            client_id=client_id or p.auth.client_id,
-                            client_secret=Secret(new_secret),
-                            source="operator",
-                        ),
-                        "operator",
-                        None,
-                    )
-                else:
-                    new = _call_rotation_api(manager, p, current)
-                step = "verify"
-                _, refresh_token, _ = core.candidate(p, snap)
-                verified = manager.request_token(p, new.credentials, grant, refresh_token)
-                token, values, audit = core.success(
-                    p, snap, verified, grant=grant, previous_refresh=refresh_token, mode="force"
-                )
-                step = "store"
-                now = core.now()
-                secret = new.credentials.client_secret.get_secret_value()
-                if store is not None:
-                    version = store.write_credentials(
-                        p.name,
-                        new.credentials,
-                        cas=previous_version or 0,
-                        extra={
-                            "rotated_at": now.isoformat(),
-                            "rotated_by": actor,
-                            "source": new.source,
-                        },
-                    )
-                    # The encrypted copy lets replicas without Vault access follow.
-                    secret_enc = core.cipher.encrypt_optional(secret)
-                else:
-                    version = (snap.credential_version or 0) + 1
-                    secret_enc = core.cipher.encrypt(secret, what="the rotated client secret")
-                step = "switch"
-                values.update(
-                    client_id=new.credentials.client_id,
-                    client_secret_enc=secret_enc,
-                    credential_source="vault" if store is not None else "database",
-                    credential_version=version,
-                    credentials_rotated_at=now,
-                )
-                location = store.location(p.name) if store is not None else None
-                audit.insert(
-                    0,
-                    {
-                        "action": "credentials.rotated",
-                        "provider": p.name,
-                        "actor": actor,
-                        "subject_type": "credentials",
-                        "subject_id": p.name,
-                        "details": {
-                            "client_id": new.credentials.client_id,
-                            "source": new.source,
-                            "stored_in": "vault" if store is not None else "database",
-                            "location": location,
-                            "credential_version": version,
-                            "previous_version": previous_version,
-                        },
-                    },
-                )
-                row.write(values, expect_generation=None, audit=audit)
+                current = self._prepare(hold, store)
+                self.step = "obtain"
+                self.new = self._obtain(hold, current)
+                self.step = "verify"
+                self.verified = self._verify(hold, self.new)
+                self.step = "store"
+                self.version = self._store(hold, store, self.new)
+                self.step = "switch"
+                token = self._switch(hold, store, self.new, self.verified)
             except (IntegrationError, ProviderError) as exc:
-                if step == "prepare" and isinstance(exc, ConfigError):
+                if self.step == "prepare" and isinstance(exc, ConfigError):
                     raise
-                _record_failure(manager, p, step, exc, new=new, actor=actor)
-                if verified is not None and step == "store" and grant == "refresh_token":
-                    # The verification refresh rotated the refresh token: keep it.
-                    token, values, audit = core.success(
-                        p, snap, verified, grant=grant, previous_refresh=refresh_token, mode="force"
-                    )
-                    row.write(values, expect_generation=None, audit=audit)
-                    core.cache[p.name] = token
-                raise CredentialRotationError(
-                    _failure_message(p.name, step, exc, new), provider=p.name, step=step
-                ) from exc
-    finally:
-        lock.release()
-    assert new is not None
-    assert verified is not None
-    credentials = ClientCredentials(
-        client_id=new.credentials.client_id,
-        client_secret=new.credentials.client_secret,
-        source="vault" if store is not None else "database",
-        version=version,
-    )
-    if store is not None:
-        core.vault_credentials[p.name] = credentials
-    core.after_success(p, token, mode="force", rotated=False)
-    core.metrics.credential_rotations.labels(p.name, "ok").inc()
-    result = RotationResult(
-        provider=p.name,
-        client_id=credentials.client_id,
-        source=new.source,
-        stored_in="vault" if store is not None else "database",
-        version=version,
-        previous_version=previous_version,
-        location=location,
-        token_expires_at=token.expires_at,
-        previous_secret_valid_until=new.previous_valid_until,
-    )
-    _log.info(
-        "idis.auth.credentials_rotated",
-        msg="client credentials rotated and in use",
-        provider=p.name,
-        client_id=credentials.client_id,
-        source=new.source,
-        stored_in=result.stored_in,
-        credential_version=version,
-        actor=actor,
-    )
-    return result
+                raise self._failed(hold, exc) from exc
+            hold.metrics.credential_rotations.labels(p.name, "ok").inc()
+        return self._succeeded(p, store, token.expires_at)
 
+    def _check(self, hold: TokenHold) -> VaultStore | None:
+        """Refuse a rotation that cannot work, before anything happens (ConfigError)."""
+        p = hold.provider
+        store = (self.vault or hold.vault()) if self.store_in_vault else None
+        if store is None:
+            hold.cipher.require(f"the rotated client secret of {p.name!r}")
+        if self.new_secret is None and not p.auth.rotation_url:
+            raise ConfigError(
+                f"provider {p.name!r} has no rotation API (IDIS_PROVIDER_{p.name.upper()}"
+                "_ROTATION_URL is not set): supply the new secret (the CLI reads it from stdin)",
+                variable=f"IDIS_PROVIDER_{p.name.upper()}_ROTATION_URL",
+            )
+        return store
 
-def _record_failure(
-    manager: TokenManager,
-    p: ProviderSettings,
-    step: str,
-    exc: BaseException,
-    *,
-    new: _NewCredentials | None,
-    actor: str,
-) -> None:
-    message = _failure_message(p.name, step, exc, new)
-    manager._core.metrics.credential_rotations.labels(p.name, f"{step}_failed").inc()
-    _log.error(
-        "idis.auth.rotation_failed",
-        msg="credential rotation failed; the credentials in use are unchanged",
-        provider=p.name,
-        step=step,
-        error=message,
-        actor=actor,
-    )
-    try:
-        manager._store.audit_only(
-            [
+    def _prepare(self, hold: TokenHold, store: VaultStore | None) -> ClientCredentials | None:
+        """Read where the credentials are now, and check that Vault will take the new ones."""
+        p = hold.provider
+        if store is None:
+            self.previous_version = hold.snapshot.credential_version
+        else:
+            self.base = store.current(p.name)
+            self.previous_version = self.base[1] or None
+            if store.writable(p.name) is False:
+                raise SecretStoreRefused(
+                    f"the Vault token may not write {store.location(p.name)}: its policy "
+                    f"needs create and update on {store.settings.mount}/data/"
+                    f"{store.path(p.name)}",
+                    reason="denied",
+                )
+        return hold.credentials()
+
+    def _obtain(self, hold: TokenHold, current: ClientCredentials | None) -> _NewCredentials:
+        """The new secret: the operator's, or one minted by the provider's rotation API."""
+        p = hold.provider
+        if self.new_secret is None:
+            return _call_rotation_api(hold, current)
+        client_id = self.new_client_id or (current.client_id if current else "")
+        return _NewCredentials(
+            ClientCredentials(
+                client_id=client_id or p.auth.client_id,
+                client_secret=Secret(self.new_secret),
+                source="operator",
+            ),
+            "operator",
+            None,
+        )
+
+    def _verify(self, hold: TokenHold, new: _NewCredentials) -> IssuedToken:
+        """Obtain a token with the new credentials (spends the refresh token, if any)."""
+        try:
+            return hold.request_token(new.credentials)
+        except ReauthorizationRequired as exc:
+            if hold.grant == "refresh_token" and not isinstance(exc, CredentialsRejected):
+                # The refresh token was refused or its fate is unknown: the token row
+                # must say so, as a refresh would have.
+                hold.record_failure(exc)
+            raise
+
+    def _store(self, hold: TokenHold, store: VaultStore | None, new: _NewCredentials) -> int:
+        """Write the new credentials to Vault (a new KV version), or count a database rotation."""
+        if store is None:
+            hold.cipher.require(f"the rotated client secret of {hold.provider.name!r}")
+            return (hold.snapshot.credential_version or 0) + 1
+        return store.write_credentials(
+            hold.provider.name,
+            new.credentials,
+            base=self.base,
+            extra={
+                "rotated_at": hold.now().isoformat(),
+                "rotated_by": self.actor,
+                "source": new.source,
+            },
+        )
+
+    def _switch(
+        self, hold: TokenHold, store: VaultStore | None, new: _NewCredentials, verified: IssuedToken
+    ) -> Any:
+        """Record the new credentials and the verified token in the row: in use from now on."""
+        p = hold.provider
+        stored_in = "vault" if store is not None else "database"
+        return hold.commit(
+            verified,
+            switch_to=RotatedCredentials(
+                client_id=new.credentials.client_id,
+                client_secret=new.credentials.client_secret,
+                stored_in=stored_in,
+                version=self.version,
+            ),
+            audit={
+                "action": "credentials.rotated",
+                "provider": p.name,
+                "actor": self.actor,
+                "subject_type": "credentials",
+                "subject_id": p.name,
+                "details": {
+                    "client_id": new.credentials.client_id,
+                    "source": new.source,
+                    "stored_in": stored_in,
+                    "location": store.location(p.name) if store is not None else None,
+                    "credential_version": self.version,
+                    "previous_version": self.previous_version,
+                },
+            },
+        )
+
+    def _failed(self, hold: TokenHold, exc: BaseException) -> CredentialRotationError:
+        """Audit, count and log the failure; keep a token the verification obtained."""
+        p = hold.provider
+        message = _failure_message(p.name, self.step, exc, self.new)
+        hold.metrics.credential_rotations.labels(p.name, f"{self.step}_failed").inc()
+        _log.error(
+            "idis.auth.rotation_failed",
+            msg="credential rotation failed; the credentials in use are unchanged",
+            provider=p.name,
+            step=self.step,
+            error=message,
+            actor=self.actor,
+        )
+        try:
+            hold.audit(
                 {
                     "action": "credentials.rotation_failed",
                     "provider": p.name,
-                    "actor": actor,
+                    "actor": self.actor,
                     "subject_type": "credentials",
                     "subject_id": p.name,
                     "outcome": "failed",
-                    "details": {"step": step, "error_type": type(exc).__name__},
+                    "details": {"step": self.step, "error_type": type(exc).__name__},
                     "message": message,
                 }
-            ]
+            )
+        except IntegrationError as audit_exc:
+            _log.error(
+                "idis.auth.audit_failed",
+                msg="could not audit the failed rotation",
+                provider=p.name,
+                error=str(audit_exc),
+            )
+        if self.verified is not None and self.step == "store" and hold.grant == "refresh_token":
+            # The verification refresh rotated the refresh token: keep it.
+            hold.commit(self.verified)
+        return CredentialRotationError(
+            message, provider=p.name, step=self.step, retry_later=_retry_later(exc)
         )
-    except IntegrationError as audit_exc:
-        _log.error(
-            "idis.auth.audit_failed",
-            msg="could not audit the failed rotation",
+
+    def _succeeded(
+        self, p: ProviderSettings, store: VaultStore | None, expires_at: datetime | None
+    ) -> RotationResult:
+        assert self.new is not None
+        result = RotationResult(
             provider=p.name,
-            error=str(audit_exc),
+            client_id=self.new.credentials.client_id,
+            source=self.new.source,
+            stored_in="vault" if store is not None else "database",
+            version=self.version,
+            previous_version=self.previous_version,
+            location=store.location(p.name) if store is not None else None,
+            token_expires_at=expires_at,
+            previous_secret_valid_until=self.new.previous_valid_until,
         )
+        _log.info(
+            "idis.auth.credentials_rotated",
+            msg="client credentials rotated and in use",
+            provider=p.name,
+            client_id=result.client_id,
+            source=result.source,
+            stored_in=result.stored_in,
+            credential_version=self.version,
+            actor=self.actor,
+        )
+        return result
+
+
+def _retry_later(exc: BaseException) -> bool:
+    """Whether the same rotation may work later (a dependency was unreachable)."""
+    transient = (ProviderError, SecretStoreError, StorageError, TokenLockTimeout)
+    return isinstance(exc, transient) and isinstance(exc, IntegrationError) and exc.retryable
+
+
+def _call_rotation_api(hold: TokenHold, current: ClientCredentials | None) -> _NewCredentials:
+    """POST the provider's rotation API once (never retried: each call mints a secret)."""
+    from ..resilience._errors import error_for_status
+
+    p = hold.provider
+    assert p.auth.rotation_url is not None
+    if current is None or not current.client_secret:
+        raise AuthError(
+            f"provider {p.name!r} has no current client secret to authenticate the rotation "
+            "API with: supply the new secret instead (the CLI reads it from stdin)",
+            provider=p.name,
+        )
+    response = hold.post(
+        resolve_url(p.base_url, p.auth.rotation_url),
+        headers={
+            "Authorization": basic_authorization(
+                current.client_id, current.client_secret.get_secret_value()
+            ),
+            "Accept": "application/json",
+        },
+    )
+    if response.status_code == 401:
+        raise CredentialsRejected(
+            f"{p.name} rotation API rejected the current client credentials (HTTP 401)",
+            provider=p.name,
+        )
+    error = error_for_status(response.status_code, p.name, "rotate")
+    if error is not None:
+        raise error
+    try:
+        document = json.loads(response.content or b"null")
+    except ValueError:
+        document = None
+    secret = document.get("client_secret") if isinstance(document, dict) else None
+    if not isinstance(secret, str) or not secret or not isinstance(document, dict):
+        raise AuthError(
+            f"{p.name} rotation API answered {response.status_code} without a client_secret",
+            provider=p.name,
+        )
+    client_id = document.get("client_id")
+    until = document.get("previous_secret_valid_until")
+    return _NewCredentials(
+        credentials=ClientCredentials(
+            client_id=client_id if isinstance(client_id, str) and client_id else current.client_id,
+            client_secret=Secret(secret),
+            source="rotation_api",
+        ),
+        source="rotation_api",
+        previous_valid_until=until if isinstance(until, str) else None,
+    )
+
+
+def _failure_message(
+    provider: str, step: str, exc: BaseException, new: _NewCredentials | None
+) -> str:
+    reason = redact_text(str(exc))
+    grace = ""
+    if new is not None and new.source == "rotation_api":
+        until = new.previous_valid_until or "the provider's grace period ends"
+        grace = (
+            f" The provider already issued a new secret; the current one stays valid until "
+            f"{until}: run the rotation again before then."
+        )
+    return (
+        f"credential rotation for {provider!r} failed at step {step!r}: {_STEP_MEANING[step]}: "
+        f"{reason}. The credentials in use are unchanged.{grace}"
+    )

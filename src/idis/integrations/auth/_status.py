@@ -10,13 +10,13 @@ whose message lists the configured providers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from .._timeparse import format_duration, utcnow
+from .._clock import Clock, system_clock
+from .._timeparse import format_duration
 from ..config import Settings
 from ..observability._logs import redact_text
 
@@ -29,6 +29,7 @@ TokenState = Literal[
     "missing",
     "refresh_failing",
     "reauthorization_required",
+    "refresh_outcome_unknown",
     "not_required",
     "unknown",
 ]
@@ -47,6 +48,7 @@ class TokenStatus:
     #: Provider name.
     provider: str
     #: valid, expiring, expired, missing, refresh_failing, reauthorization_required,
+    #: refresh_outcome_unknown (a refresh's answer was lost: re-authorize),
     #: not_required (no OAuth) or unknown (token store unreadable).
     state: TokenState
     #: Seconds until expiry (negative once expired); None when unknown.
@@ -145,6 +147,14 @@ def _state_for(
             f"{provider}` (or fix the credentials and run `idis-integrations refresh-tokens "
             f"--provider {provider}`)",
         )
+    if row.state == "refresh_outcome_unknown":
+        return (
+            "refresh_outcome_unknown",
+            left,
+            "re-authorize: the provider may have rotated the refresh token in an answer that "
+            "was lost, and resending the old one could revoke the whole token family; then "
+            f"`idis-integrations import-token --provider {provider}`",
+        )
     if row.state == "refresh_failing":
         return (
             "refresh_failing",
@@ -186,7 +196,7 @@ def token_status(
     provider: str,
     *,
     engine: Any = None,
-    clock: Callable[[], datetime] = utcnow,
+    clock: Clock | None = None,
 ) -> TokenStatus:
     """The status of ``provider``'s token in the database of ``settings``.
 
@@ -194,7 +204,7 @@ def token_status(
         settings: Library settings.
         provider: Provider name.
         engine: An engine to read through (default: a short-lived one).
-        clock: Current time.
+        clock: Where "now" comes from (default: the system clock; the drill passes its own).
 
     Raises:
         UnknownProviderError: the provider is not configured (lists the known ones).
@@ -217,7 +227,7 @@ def token_status(
             refresh_margin=margin,
             hint=_missing_hint(provider, grant),
         )
-    state, left, hint = _state_for(row, clock(), margin)
+    state, left, hint = _state_for(row, (clock or system_clock).now(), margin)
     if state == "missing":
         hint = _missing_hint(provider, grant)
     return TokenStatus(
@@ -285,7 +295,9 @@ def _unreadable(provider: str, grant: str, url: str, engine: Any) -> Any:
     return row
 
 
-def check_token(provider: str, *, settings: Settings | None = None) -> TokenStatus:
+def check_token(
+    provider: str, *, settings: Settings | None = None, clock: Clock | None = None
+) -> TokenStatus:
     """Return ``provider``'s OAuth token status; ``print()`` it for one readable line.
 
     RB-09 Triage 3 runs::
@@ -300,15 +312,17 @@ def check_token(provider: str, *, settings: Settings | None = None) -> TokenStat
     Args:
         provider: Provider name as configured.
         settings: Settings to use instead of the environment.
+        clock: Where "now" comes from (default: the system clock; a simulated
+            timeline, like the drill's, passes its own).
 
     Returns:
         A :class:`TokenStatus`: state (valid, expiring, expired, missing,
-        refresh_failing, reauthorization_required), seconds left, scopes, last
-        refresh and last error.
+        refresh_failing, reauthorization_required, refresh_outcome_unknown),
+        seconds left, scopes, last refresh and last error.
 
     Raises:
         UnknownProviderError: the provider is not configured; the message lists
             the configured ones.
         ConfigError: the environment itself is invalid (names the variable).
     """
-    return token_status(settings or Settings.from_env(), provider)
+    return token_status(settings or Settings.from_env(), provider, clock=clock)

@@ -1,4 +1,9 @@
-"""Statements on ``oauth_tokens``, built once and run by the sync and async stores.
+"""Statements on ``oauth_tokens``, written once and run by the sync and async stores.
+
+The statements run on a sync ``Connection``; the async store runs the very
+same functions on its connection through ``AsyncConnection.run_sync``. Only
+the lifecycle of the connection that holds the row lock (connect, begin,
+commit, roll back, close) has a sync and an async body.
 
 Locking: on PostgreSQL a refresh runs inside one transaction that holds
 ``SELECT ... FOR UPDATE`` on the provider's row (waiting at most
@@ -12,8 +17,8 @@ single-process default; replicas share PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, cast
@@ -28,7 +33,7 @@ from ..exceptions import StorageError, TokenLockTimeout
 from ..observability._logs import redact_text
 from ._models import OAuthTokenRow
 
-__all__ = ["AsyncTokenStore", "RowSnapshot", "SyncTokenStore", "db_errors"]
+__all__ = ["AsyncTokenStore", "RowHandle", "RowSnapshot", "SyncTokenStore", "db_errors"]
 
 # Declarative models expose __table__ as FromClause; it is a Table.
 TABLE = cast(Table, OAuthTokenRow.__table__)
@@ -170,63 +175,80 @@ def db_errors(provider: str, lock_timeout: float = 0.0) -> Iterator[None]:
         raise translate_db_error(exc, provider, lock_timeout) from exc
 
 
-# --------------------------------------------------------------------------- sync
+# --------------------------------------------------------------------------- statements
 
 
-class SyncRow:
-    """The provider's row, read (and on PostgreSQL locked) for one refresh decision."""
+def fetch(
+    conn: Connection,
+    provider: str,
+    *,
+    for_update: bool,
+    dialect: str,
+    lock_timeout: float = 10.0,
+) -> RowSnapshot:
+    """Read the provider's row (creating an empty one if needed), locked if ``for_update``.
 
-    def __init__(
-        self,
-        store: SyncTokenStore,
-        provider: str,
-        snapshot: RowSnapshot,
-        connection: Connection | None,
-    ) -> None:
-        self._store = store
-        self.provider = provider
-        self.snapshot = snapshot
-        self._connection = connection  # set while a PostgreSQL row lock is held
+    Locking waits at most ``lock_timeout`` (PostgreSQL ``SET LOCAL lock_timeout``).
+    """
+    from .._timeparse import utcnow
+
+    if for_update and dialect == "postgresql":
+        conn.exec_driver_sql(lock_timeout_sql(lock_timeout))
+    row = conn.execute(select_row(provider, for_update=for_update)).mappings().first()
+    if row is None:
+        conn.execute(insert_missing(provider, utcnow(), dialect))
+        row = conn.execute(select_row(provider, for_update=for_update)).mappings().one()
+    return RowSnapshot.from_mapping(row)
+
+
+def write_values(
+    conn: Connection,
+    provider: str,
+    values: Mapping[str, Any],
+    expect_generation: int | None,
+    audit: list[dict[str, Any]],
+) -> bool:
+    """UPDATE the row (and insert audit rows if it was written); False if the CAS lost."""
+    written = conn.execute(update_row(provider, values, expect_generation)).rowcount == 1
+    if written:
+        for entry in audit_insert(audit):
+            conn.execute(entry)
+    return written
+
+
+def insert_audit(conn: Connection, audit: list[dict[str, Any]]) -> None:
+    """Insert audit rows only."""
+    for entry in audit_insert(audit):
+        conn.execute(entry)
+
+
+@dataclass(slots=True)
+class RowHandle:
+    """A provider's row read for one decision; on PostgreSQL it holds the row lock.
+
+    ``connection`` is the sync or async connection whose transaction holds
+    ``SELECT ... FOR UPDATE``; None on SQLite (no row locks) and once the
+    handle was written (the commit released the lock) or released.
+    """
+
+    provider: str
+    snapshot: RowSnapshot
+    connection: Any = None
 
     @property
     def locked(self) -> bool:
-        """Whether this process holds the row lock (PostgreSQL)."""
-        return self._connection is not None
+        """Whether the row lock is still held."""
+        return self.connection is not None
 
-    def write(
-        self,
-        values: Mapping[str, Any],
-        *,
-        expect_generation: int | None,
-        audit: list[dict[str, Any]] | None = None,
-    ) -> bool:
-        """Write and commit ``values`` (with audit rows); False if the compare-and-set lost."""
-        statement = update_row(self.provider, values, expect_generation)
-        with db_errors(self.provider):
-            if self._connection is not None:
-                conn = self._connection
-                written = conn.execute(statement).rowcount == 1
-                if written:
-                    for entry in audit_insert(audit or []):
-                        conn.execute(entry)
-                conn.commit()
-                self._connection = None
-                return written
-            with self._store.engine.begin() as conn:
-                written = conn.execute(statement).rowcount == 1
-                if written:
-                    for entry in audit_insert(audit or []):
-                        conn.execute(entry)
-                return written
+    def __repr__(self) -> str:
+        return f"RowHandle(provider={self.provider!r}, locked={self.locked})"
 
-    def reread(self) -> RowSnapshot:
-        """Read the row again (after a lost compare-and-set)."""
-        self.snapshot = self._store.read(self.provider)
-        return self.snapshot
+
+# --------------------------------------------------------------------------- sync
 
 
 class SyncTokenStore:
-    """Token rows through a sync engine."""
+    """Token rows through a sync engine (thread-safe: each call uses its own connection)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -235,117 +257,94 @@ class SyncTokenStore:
     def read(self, provider: str) -> RowSnapshot:
         """Read (creating if needed) the provider's row without locking it."""
         with db_errors(provider), self.engine.begin() as conn:
-            return self._fetch(conn, provider, for_update=False)
+            return fetch(conn, provider, for_update=False, dialect=self.dialect)
 
-    def _fetch(self, conn: Connection, provider: str, *, for_update: bool) -> RowSnapshot:
-        from .._timeparse import utcnow
-
-        row = conn.execute(select_row(provider, for_update=for_update)).mappings().first()
-        if row is None:
-            conn.execute(insert_missing(provider, utcnow(), self.dialect))
-            row = conn.execute(select_row(provider, for_update=for_update)).mappings().one()
-        return RowSnapshot.from_mapping(row)
-
-    @contextmanager
-    def locked(self, provider: str, lock_timeout: float) -> Iterator[SyncRow]:
-        """The provider's row, locked on PostgreSQL until written (or the block ends)."""
+    def lock(self, provider: str, lock_timeout: float) -> RowHandle:
+        """The provider's row, locked on PostgreSQL until written or released."""
         if self.dialect != "postgresql":
-            yield SyncRow(self, provider, self.read(provider), None)
-            return
+            return RowHandle(provider, self.read(provider))
         with db_errors(provider, lock_timeout):
             conn = self.engine.connect()
         try:
             with db_errors(provider, lock_timeout):
                 conn.begin()
-                conn.exec_driver_sql(lock_timeout_sql(lock_timeout))
-                snapshot = self._fetch(conn, provider, for_update=True)
-            handle = SyncRow(self, provider, snapshot, conn)
-            yield handle
-        finally:
-            try:
-                if conn.in_transaction():
-                    conn.rollback()
-            finally:
-                conn.close()
+                snapshot = fetch(
+                    conn,
+                    provider,
+                    for_update=True,
+                    dialect=self.dialect,
+                    lock_timeout=lock_timeout,
+                )
+        except BaseException:
+            self._close(conn)
+            raise
+        return RowHandle(provider, snapshot, conn)
 
-    def audit_only(self, audit: list[dict[str, Any]]) -> None:
-        """Insert audit rows in a transaction of their own (touches no token row)."""
-        with db_errors(""), self.engine.begin() as conn:
-            for entry in audit_insert(audit):
-                conn.execute(entry)
-
-    def write_unlocked(
+    def write(
         self,
-        provider: str,
-        values: Mapping[str, Any],
-        *,
-        audit: list[dict[str, Any]] | None = None,
-    ) -> None:
-        """Write without a refresh lock (metadata only, e.g. rotation bookkeeping)."""
-        with db_errors(provider), self.engine.begin() as conn:
-            self._fetch(conn, provider, for_update=False)
-            conn.execute(update_row(provider, values, None))
-            for entry in audit_insert(audit or []):
-                conn.execute(entry)
-
-
-# --------------------------------------------------------------------------- async
-
-
-class AsyncRow:
-    """Async twin of :class:`SyncRow`."""
-
-    def __init__(
-        self,
-        store: AsyncTokenStore,
-        provider: str,
-        snapshot: RowSnapshot,
-        connection: AsyncConnection | None,
-    ) -> None:
-        self._store = store
-        self.provider = provider
-        self.snapshot = snapshot
-        self._connection = connection
-
-    @property
-    def locked(self) -> bool:
-        """Whether this task holds the row lock (PostgreSQL)."""
-        return self._connection is not None
-
-    async def write(
-        self,
+        handle: RowHandle,
         values: Mapping[str, Any],
         *,
         expect_generation: int | None,
         audit: list[dict[str, Any]] | None = None,
     ) -> bool:
-        """Write and commit ``values`` (with audit rows); False if the compare-and-set lost."""
-        statement = update_row(self.provider, values, expect_generation)
-        with db_errors(self.provider):
-            if self._connection is not None:
-                conn = self._connection
-                written = (await conn.execute(statement)).rowcount == 1
-                if written:
-                    for entry in audit_insert(audit or []):
-                        await conn.execute(entry)
-                await conn.commit()
-                self._connection = None
-                return written
-            async with self._store.engine.begin() as aconn:
-                written = (await aconn.execute(statement)).rowcount == 1
-                if written:
-                    for entry in audit_insert(audit or []):
-                        await aconn.execute(entry)
-                return written
+        """Write and commit ``values`` (with audit rows); False if the compare-and-set lost.
 
-    async def reread(self) -> RowSnapshot:
+        With the row lock held the write commits its transaction, which releases
+        the lock; otherwise it runs in a short transaction of its own.
+        """
+        with db_errors(handle.provider):
+            conn: Connection | None = handle.connection
+            if conn is not None:
+                written = write_values(
+                    conn, handle.provider, values, expect_generation, audit or []
+                )
+                conn.commit()
+                self.release(handle)
+                return written
+            with self.engine.begin() as own:
+                return write_values(own, handle.provider, values, expect_generation, audit or [])
+
+    def release(self, handle: RowHandle) -> None:
+        """Give up the row lock (roll back) if it is still held; safe to call twice."""
+        conn: Connection | None = handle.connection
+        handle.connection = None
+        if conn is not None:
+            self._close(conn)
+
+    @staticmethod
+    def _close(conn: Connection) -> None:
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+        finally:
+            conn.close()
+
+    def reread(self, handle: RowHandle) -> RowSnapshot:
         """Read the row again (after a lost compare-and-set)."""
-        self.snapshot = await self._store.read(self.provider)
-        return self.snapshot
+        handle.snapshot = self.read(handle.provider)
+        return handle.snapshot
+
+    @contextmanager
+    def locked(self, provider: str, lock_timeout: float) -> Iterator[RowHandle]:
+        """``lock`` as a context manager (released on exit)."""
+        handle = self.lock(provider, lock_timeout)
+        try:
+            yield handle
+        finally:
+            self.release(handle)
+
+    def audit_only(self, audit: list[dict[str, Any]]) -> None:
+        """Insert audit rows in a transaction of their own (touches no token row)."""
+        with db_errors(""), self.engine.begin() as conn:
+            insert_audit(conn, audit)
+
+
+# --------------------------------------------------------------------------- async
 
 
 class AsyncTokenStore:
-    """Token rows through an async engine."""
+    """Token rows through an async engine: the same statements, run through ``run_sync``."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -355,37 +354,68 @@ class AsyncTokenStore:
         """Read (creating if needed) the provider's row without locking it."""
         with db_errors(provider):
             async with self.engine.begin() as conn:
-                return await self._fetch(conn, provider, for_update=False)
+                return await conn.run_sync(fetch, provider, for_update=False, dialect=self.dialect)
 
-    async def _fetch(
-        self, conn: AsyncConnection, provider: str, *, for_update: bool
-    ) -> RowSnapshot:
-        from .._timeparse import utcnow
-
-        row = (await conn.execute(select_row(provider, for_update=for_update))).mappings().first()
-        if row is None:
-            await conn.execute(insert_missing(provider, utcnow(), self.dialect))
-            result = await conn.execute(select_row(provider, for_update=for_update))
-            row = result.mappings().one()
-        return RowSnapshot.from_mapping(row)
-
-    @asynccontextmanager
-    async def locked(self, provider: str, lock_timeout: float) -> AsyncIterator[AsyncRow]:
-        """The provider's row, locked on PostgreSQL until written (or the block ends)."""
+    async def lock(self, provider: str, lock_timeout: float) -> RowHandle:
+        """The provider's row, locked on PostgreSQL until written or released."""
         if self.dialect != "postgresql":
-            yield AsyncRow(self, provider, await self.read(provider), None)
-            return
+            return RowHandle(provider, await self.read(provider))
         with db_errors(provider, lock_timeout):
             conn = await self.engine.connect()
         try:
             with db_errors(provider, lock_timeout):
                 await conn.begin()
-                await conn.exec_driver_sql(lock_timeout_sql(lock_timeout))
-                snapshot = await self._fetch(conn, provider, for_update=True)
-            yield AsyncRow(self, provider, snapshot, conn)
+                snapshot = await conn.run_sync(
+                    fetch,
+                    provider,
+                    for_update=True,
+                    dialect=self.dialect,
+                    lock_timeout=lock_timeout,
+                )
+        except BaseException:
+            await self._close(conn)
+            raise
+        return RowHandle(provider, snapshot, conn)
+
+    async def write(
+        self,
+        handle: RowHandle,
+        values: Mapping[str, Any],
+        *,
+        expect_generation: int | None,
+        audit: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """Async :meth:`SyncTokenStore.write`."""
+        with db_errors(handle.provider):
+            conn: AsyncConnection | None = handle.connection
+            if conn is not None:
+                written = await conn.run_sync(
+                    write_values, handle.provider, values, expect_generation, audit or []
+                )
+                await conn.commit()
+                await self.release(handle)
+                return written
+            async with self.engine.begin() as own:
+                return await own.run_sync(
+                    write_values, handle.provider, values, expect_generation, audit or []
+                )
+
+    async def release(self, handle: RowHandle) -> None:
+        """Async :meth:`SyncTokenStore.release`."""
+        conn: AsyncConnection | None = handle.connection
+        handle.connection = None
+        if conn is not None:
+            await self._close(conn)
+
+    @staticmethod
+    async def _close(conn: AsyncConnection) -> None:
+        try:
+            if conn.in_transaction():
+                await conn.rollback()
         finally:
-            try:
-                if conn.in_transaction():
-                    await conn.rollback()
-            finally:
-                await conn.close()
+            await conn.close()
+
+    async def reread(self, handle: RowHandle) -> RowSnapshot:
+        """Async :meth:`SyncTokenStore.reread`."""
+        handle.snapshot = await self.read(handle.provider)
+        return handle.snapshot

@@ -1,27 +1,13 @@
-"""OAuth tokens: obtain, cache, refresh ahead of expiry, single-flight, persisted encrypted.
+"""OAuth token managers: the sync and the asyncio face of one token flow.
 
-:class:`TokenManager` (threads) and :class:`AsyncTokenManager` (asyncio) share
-every decision (``_grant.py``, ``_store.py`` and :class:`_ManagerCore`); they
-differ only in how they wait and do I/O. One refresh, however many callers:
-
-1. **in memory**: a token valid for more than ``refresh_margin`` is handed out
-   with no lock and no I/O;
-2. **in the process**: otherwise callers queue on a per-provider
-   ``threading.Lock`` / ``asyncio.Lock`` (bounded by ``lock_timeout``) and the
-   first one in does the work; the rest find the fresh token when they get in;
-3. **across processes** (PostgreSQL): the one in the lead takes
-   ``SELECT ... FOR UPDATE`` on the provider's ``oauth_tokens`` row (again
-   bounded: a timeout raises :class:`TokenLockTimeout`, never an
-   invalid-credentials error), re-reads it, and refreshes only if no other
-   replica already has.
-
-A rotated refresh token is written in the same UPDATE that drops the old one,
-and committed before anyone uses the new access token. ``invalid_grant``
-stops automatic refreshes (state ``reauthorization_required``, error
-:class:`ReauthorizationRequired`) until an operator imports a token or runs
-``refresh-tokens``; network faults, 5xx and 429 are retried with backoff
-and, once exhausted, put further automatic attempts on a shared backoff so
-an outage costs one attempt per interval, not one per call.
+:class:`TokenManager` (threads) and :class:`AsyncTokenManager` (asyncio) hand
+out tokens, refresh them ahead of expiry, after a 401 or on demand, once
+however many callers, replicas and processes need them, and persist them
+encrypted. Both run the same flow (``_flow.py``: every step and every error
+decision), driven by :func:`~idis.integrations._flow.drive` or
+:func:`~idis.integrations._flow.adrive`; what differs is only the in-process
+single-flight lock (``threading.Lock`` vs ``asyncio.Lock``) and the I/O
+clients they hand the flow.
 
 Token requests use their own HTTP client, not the Gateway: see docs/auth.md.
 """
@@ -29,72 +15,53 @@ Token requests use their own HTTP client, not the Gateway: see docs/auth.md.
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
-import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from .._clock import Clock, system_clock
+from .._flow import adrive, drive
 from .._http import httpx
 from ..config import ProviderSettings, Secret, Settings
-from ..exceptions import (
-    AuthError,
-    ConfigError,
-    IntegrationError,
-    ProviderError,
-    ReauthorizationRequired,
-    StorageError,
-    TokenLockTimeout,
-)
+from ..exceptions import ConfigError, IntegrationError
 from ..observability._logs import get_logger, redact_text
-from ..observability._metrics import Metrics, get_metrics
+from ..observability._metrics import Metrics
 from ._crypto import TokenCipher
-from ._grant import (
-    TOKEN_ENDPOINT,
-    AccessToken,
-    Action,
-    CredentialsRejected,
-    IssuedToken,
-    Mode,
-    TokenRequestRejected,
-    build_token_request,
-    decide,
-    failure_backoff,
-    is_retryable,
-    parse_token_response,
-    retry_wait,
+from ._flow import (
+    SECRET_COLUMNS,
+    GrantType,
+    TokenCore,
+    TokenIO,
+    credentials,
+    import_flow,
+    obtain,
+    request_token,
 )
-from ._store import AsyncTokenStore, RowSnapshot, SyncTokenStore
+from ._grant import AccessToken, IssuedToken, Mode, parse_imported_token
+from ._store import AsyncTokenStore, RowHandle, RowSnapshot, SyncTokenStore
 from ._vault import ClientCredentials, VaultStore
 
 __all__ = [
     "AccessToken",
     "AsyncTokenManager",
-    "CredentialsRejected",
     "RefreshResult",
+    "RotatedCredentials",
+    "TokenHold",
     "TokenManager",
-    "TokenRequestRejected",
     "import_token",
+    "reencrypt_tokens",
     "refresh_tokens",
 ]
 
 _log = get_logger()
-GrantType = Literal["client_credentials", "refresh_token"]
 
-#: ``token_refreshes_total{outcome}`` values.
-OUTCOMES = (
-    "ok",  # a new token was obtained
-    "reused",  # another process/replica had refreshed: its token was adopted, no request made
-    "failed",  # network fault, timeout, 5xx, 429 or malformed answer, after retries
-    "invalid_grant",  # the refresh token was refused: re-authorization required
-    "invalid_client",  # the client credentials were refused
-    "rejected",  # another 4xx from the token endpoint
-    "lock_timeout",  # waited too long for another refresh
-    "backoff",  # not attempted: earlier failures put refreshes on hold
-)
+#: Token requests are rare (one per provider per token lifetime) and each must
+#: reach the server on a connection of its own: a pooled connection the server
+#: already closed would turn "not sent" into "answer lost" (see lost_answer).
+_NO_KEEPALIVE = httpx.Limits(max_keepalive_connections=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,645 +118,38 @@ class RefreshResult:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """A refresh to make: the grant, the refresh token to send, and what to fall back on."""
+class _Face:
+    """What both faces share: the token core (settings, clock, caches) and the I/O it runs on."""
 
-    grant: GrantType
-    refresh_token: str | None
-    #: The current token if it is still valid (ahead-of-expiry refresh): used if refresh fails.
-    fallback: AccessToken | None
+    _core: TokenCore
+    _io: TokenIO
 
-
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    """A token obtained but not yet committed (the database failed right after)."""
-
-    token: AccessToken
-    values: dict[str, Any]
-    base_generation: int
-
-
-class _ManagerCore:
-    """Everything the two managers share: settings, caches, decisions, bookkeeping."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        metrics: Metrics | None,
-        clock: Clock | None,
-        vault: VaultStore | None,
-        rng: random.Random | None,
+    def _start(
+        self, settings: Settings, metrics: Metrics | None, clock: Clock | None, vault: Any
     ) -> None:
-        self.settings = settings
-        self.cipher = TokenCipher(settings.encryption_keys)
-        self._metrics = metrics
-        self.clock = clock or system_clock
-        self._vault = vault
-        self._rng = rng
-        self.cache: dict[str, AccessToken] = {}
-        self.pending: dict[str, _Pending] = {}
-        self.vault_credentials: dict[str, ClientCredentials] = {}
-        self._guard = threading.Lock()
-
-    # ------------------------------------------------------------------ lookups
+        self._core = TokenCore(settings, metrics=metrics, clock=clock or system_clock, vault=vault)
 
     @property
-    def metrics(self) -> Metrics:
-        return self._metrics if self._metrics is not None else get_metrics()
+    def settings(self) -> Settings:
+        """The settings this manager was built with."""
+        return self._core.settings
 
-    def now(self) -> datetime:
-        return self.clock.now()
+    @property
+    def clock(self) -> Clock:
+        """The clock this manager reads time from."""
+        return self._core.clock
 
-    def provider(self, name: str) -> ProviderSettings:
-        """The provider's settings; it must use OAuth."""
-        provider = self.settings.provider(name)
-        if provider.auth.grant == "none":
-            raise ConfigError(
-                f"provider {name!r} does not use OAuth (IDIS_PROVIDER_{name.upper()}_AUTH_GRANT="
-                "none): expected client_credentials or refresh_token",
-                variable=f"IDIS_PROVIDER_{name.upper()}_AUTH_GRANT",
-            )
-        if provider.auth.grant == "refresh_token":
-            # A refresh token that cannot be persisted is lost on restart, or
-            # worse, after the provider rotated it: refuse up front.
-            self.cipher.require(f"refresh tokens of {name!r}")
-        return provider
-
-    def vault(self) -> VaultStore:
-        with self._guard:
-            if self._vault is None:
-                self._vault = VaultStore(self.settings.vault)
-            return self._vault
-
-    def fast(self, provider: str, margin: float) -> AccessToken | None:
-        """The cached token if it is fresh (no lock, no I/O)."""
-        token = self.cache.get(provider)
-        if token is None:
-            return None
-        now = self.now()
-        if not token.is_fresh(now, margin):
-            return None
-        self.gauge(token, now)
-        return token
-
-    def gauge(self, token: AccessToken, now: datetime) -> None:
-        left = token.seconds_left(now)
-        if left is not None:
-            self.metrics.token_expiry.labels(token.provider).set(left)
-
-    def count(self, provider: str, outcome: str) -> None:
-        self.metrics.token_refreshes.labels(provider, outcome).inc()
-
-    def count_error(self, provider: str, exc: BaseException) -> None:
-        error_type = exc.error_type if isinstance(exc, ProviderError) else "auth_error"
-        self.metrics.errors.labels(provider, TOKEN_ENDPOINT, error_type).inc()
-
-    # ------------------------------------------------------------------ tokens from rows
-
-    def stored(
-        self, p: ProviderSettings, snap: RowSnapshot
-    ) -> tuple[AccessToken | None, str | None]:
-        """The row's token and refresh token, decrypted (None where absent or unreadable)."""
-        if not self.cipher.available:
-            return None, None
-        try:
-            access = (
-                self.cipher.decrypt(snap.access_token_enc, provider=p.name)
-                if snap.access_token_enc
-                else None
-            )
-            refresh = (
-                self.cipher.decrypt(snap.refresh_token_enc, provider=p.name)
-                if snap.refresh_token_enc
-                else None
-            )
-        except AuthError:
-            if p.auth.grant == "refresh_token":
-                raise
-            # A client_credentials token can simply be obtained again.
-            _log.warning(
-                "idis.auth.stored_token_unreadable",
-                msg="stored token unreadable with IDIS_ENCRYPTION_KEYS; obtaining a new one",
-                provider=p.name,
-            )
-            return None, None
-        if access is None:
-            return None, refresh
-        token = AccessToken(
-            provider=p.name,
-            access_token=access,
-            token_type=snap.token_type or "Bearer",
-            expires_at=snap.expires_at,
-            scopes=tuple(snap.scopes),
-            generation=snap.generation,
-            refresh_token=refresh,
-        )
-        return token, refresh
-
-    def candidate(
-        self, p: ProviderSettings, snap: RowSnapshot
-    ) -> tuple[AccessToken | None, str | None, bool]:
-        """The newest known token, the refresh token to use, and whether it came from the row.
-
-        The row wins when it is newer than memory: another process refreshed,
-        and its refresh token is the only one still valid after a rotation.
-        """
-        memory = self.cache.get(p.name)
-        stored, stored_refresh = self.stored(p, snap)
-        if stored is not None and (memory is None or stored.generation > memory.generation):
-            return stored, stored.refresh_token, True
-        if memory is not None and memory.generation >= snap.generation:
-            return memory, memory.refresh_token or stored_refresh, False
-        return memory, stored_refresh, False
-
-    def grant_for(self, p: ProviderSettings) -> GrantType:
-        return "refresh_token" if p.auth.grant == "refresh_token" else "client_credentials"
-
-    def credentials_plan(
-        self, p: ProviderSettings, snap: RowSnapshot
-    ) -> tuple[ClientCredentials | None, bool]:
-        """Credentials known without I/O, or (None, True) when Vault must be read.
-
-        Precedence: Vault when ``CREDENTIALS_FROM_VAULT`` is on (it is the source
-        of truth: read at start, again when a rotation recorded a newer version);
-        otherwise the encrypted copy a rotation left in the row; otherwise Vault
-        if a rotation stored them only there; otherwise the settings.
-        """
-        if p.auth.credentials_from_vault:
-            cached = self.vault_credentials.get(p.name)
-            wanted = snap.credential_version if snap.credential_source == "vault" else None
-            if cached is None or (wanted is not None and (cached.version or 0) < wanted):
-                return None, True
-            return cached, False
-        if snap.client_secret_enc:
-            secret = self.cipher.decrypt(snap.client_secret_enc, provider=p.name)
-            return (
-                ClientCredentials(
-                    client_id=snap.client_id or p.auth.client_id,
-                    client_secret=Secret(secret),
-                    source=snap.credential_source or "database",
-                    version=snap.credential_version,
-                ),
-                False,
-            )
-        if snap.credential_source == "vault":
-            cached = self.vault_credentials.get(p.name)
-            if cached is None or (cached.version or 0) < (snap.credential_version or 0):
-                return None, True
-            return cached, False
-        if p.auth.client_secret is None and self.grant_for(p) == "client_credentials":
-            variable = f"IDIS_PROVIDER_{p.name.upper()}_CLIENT_SECRET"
-            raise ConfigError(
-                f"{variable} is not set: the client_credentials grant needs a client secret "
-                f"(or set IDIS_PROVIDER_{p.name.upper()}_CREDENTIALS_FROM_VAULT=true)",
-                variable=variable,
-            )
-        return (
-            ClientCredentials(
-                client_id=p.auth.client_id,
-                client_secret=p.auth.client_secret or Secret(""),
-                source="settings",
-            ),
-            False,
-        )
-
-    def may_reread_vault(self, credentials: ClientCredentials | None) -> bool:
-        """After invalid_client: whether reading Vault again might find newer credentials."""
-        return (
-            credentials is not None
-            and credentials.source == "vault"
-            and (self._vault is not None or bool(self.settings.vault.addr))
-        )
-
-    def remember_vault(
-        self, p: ProviderSettings, credentials: ClientCredentials
-    ) -> ClientCredentials:
-        if not credentials.client_id:
-            credentials = replace(credentials, client_id=p.auth.client_id)
-        self.vault_credentials[p.name] = credentials
-        return credentials
-
-    # ------------------------------------------------------------------ plans
-
-    def timeout(self, p: ProviderSettings) -> httpx.Timeout:
-        t = p.timeouts
-        return httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool)
-
-    def parse(self, p: ProviderSettings, response: httpx.Response, grant: GrantType) -> IssuedToken:
-        from ..resilience._policy import parse_retry_after
-
-        now = self.now()
-        retry_after = parse_retry_after(
-            response.headers.get("Retry-After"), now=now, cap=p.retry.retry_after_cap
-        )
-        return parse_token_response(
-            p.name,
-            response.status_code,
-            response.content,
-            now=now,
-            grant_type=grant,
-            requested_scopes=p.auth.scopes,
-            retry_after=retry_after,
-        )
-
-    def retry_delay(self, p: ProviderSettings, attempt: int, exc: BaseException) -> float:
-        delay = retry_wait(p.retry, attempt, exc, self._rng)
-        _log.info(
-            "idis.auth.token_retry",
-            msg=f"token request failed, retrying in {delay:.2f}s",
-            provider=p.name,
-            attempt=attempt,
-            error_type=getattr(exc, "error_type", type(exc).__name__),
-        )
-        return delay
-
-    def success(
-        self,
-        p: ProviderSettings,
-        snap: RowSnapshot,
-        issued: IssuedToken,
-        *,
-        grant: GrantType,
-        previous_refresh: str | None,
-        mode: Mode,
-    ) -> tuple[AccessToken, dict[str, Any], list[dict[str, Any]]]:
-        """The new token, the row values that persist it, and the audit rows."""
-        refresh = issued.refresh_token or previous_refresh
-        if refresh is not None and grant == "client_credentials" and issued.refresh_token is None:
-            refresh = None  # client_credentials tokens are re-obtained, never refreshed
-        token = AccessToken(
-            provider=p.name,
-            access_token=issued.access_token,
-            token_type=issued.token_type,
-            expires_at=issued.expires_at,
-            scopes=issued.scopes,
-            generation=snap.generation + 1,
-            refresh_token=refresh,
-        )
-        now = issued.issued_at
-        values: dict[str, Any] = {
-            "grant_type": grant,
-            "state": "ok",
-            "generation": token.generation,
-            "token_type": token.token_type,
-            # One UPDATE replaces the old refresh token with the rotated one: the old
-            # one is never dropped before the new one is committed.
-            "access_token_enc": self.cipher.encrypt_optional(token.access_token),
-            "refresh_token_enc": self.cipher.encrypt_optional(refresh),
-            "scopes": list(token.scopes),
-            "issued_at": now,
-            "expires_at": token.expires_at,
-            "last_refresh_at": now,
-            "last_attempt_at": now,
-            "last_outcome": "ok",
-            "last_error": None,
-            "consecutive_failures": 0,
-            "next_attempt_at": None,
-            "updated_at": now,
-        }
-        audit = [
-            {
-                "action": "token.refreshed",
-                "provider": p.name,
-                "subject_type": "token",
-                "subject_id": p.name,
-                "details": {
-                    "grant": grant,
-                    "reason": mode,
-                    "generation": token.generation,
-                    "expires_at": token.expires_at.isoformat() if token.expires_at else None,
-                    "refresh_rotated": issued.refresh_token is not None
-                    and issued.refresh_token != previous_refresh,
-                },
-            }
-        ]
-        return token, values, audit
-
-    def failure(
-        self, p: ProviderSettings, snap: RowSnapshot, exc: BaseException
-    ) -> tuple[str, dict[str, Any], list[dict[str, Any]], Exception]:
-        """Outcome label, row values, audit rows and the error to raise for a failed refresh."""
-        now = self.now()
-        reauthorize = isinstance(exc, ReauthorizationRequired)
-        if isinstance(exc, CredentialsRejected):
-            outcome = "invalid_client"
-        elif reauthorize:
-            outcome = "invalid_grant"
-        elif isinstance(exc, TokenRequestRejected):
-            outcome = "rejected"
-        else:
-            outcome = "failed"
-        failures = snap.consecutive_failures + 1
-        message = redact_text(str(exc))
-        state = "reauthorization_required" if reauthorize else "refresh_failing"
-        delay = None if reauthorize else failure_backoff(failures)
-        values: dict[str, Any] = {
-            "state": state,
-            "last_attempt_at": now,
-            "last_outcome": outcome,
-            "last_error": message[:1000],
-            "consecutive_failures": failures,
-            "next_attempt_at": now + timedelta(seconds=delay) if delay is not None else None,
-            "updated_at": now,
-        }
-        audit: list[dict[str, Any]] = []
-        if snap.state != state:
-            audit.append(
-                {
-                    "action": (
-                        "token.reauthorization_required" if reauthorize else "token.refresh_failing"
-                    ),
-                    "provider": p.name,
-                    "subject_type": "token",
-                    "subject_id": p.name,
-                    "outcome": "failed",
-                    "details": {"outcome": outcome, "consecutive_failures": failures},
-                    "message": message,
-                }
-            )
-        if isinstance(exc, AuthError):
-            error: Exception = exc
-        else:
-            error = AuthError(
-                f"token refresh for {p.name!r} failed: {message}; next automatic attempt in "
-                f"{delay:.0f}s",
-                provider=p.name,
-            )
-        return outcome, values, audit, error
-
-    def after_success(
-        self, p: ProviderSettings, token: AccessToken, *, mode: Mode, rotated: bool
-    ) -> None:
-        now = self.now()
-        self.cache[p.name] = token
-        self.pending.pop(p.name, None)
-        self.count(p.name, "ok")
-        self.gauge(token, now)
-        left = token.seconds_left(now)
-        _log.info(
-            "idis.auth.token_refreshed",
-            msg="OAuth token refreshed",
-            provider=p.name,
-            reason=mode,
-            generation=token.generation,
-            token_expires_in=None if left is None else round(left),
-            refresh_rotated=rotated,
-        )
-
-    def after_failure(
-        self, p: ProviderSettings, outcome: str, error: Exception, values: Mapping[str, Any]
-    ) -> None:
-        self.count(p.name, outcome)
-        if outcome in ("invalid_grant", "invalid_client"):
-            _log.error(
-                "idis.auth.reauthorization_required",
-                msg="OAuth re-authorization required: automatic refresh stopped",
-                provider=p.name,
-                outcome=outcome,
-                error=str(error),
-            )
-        else:
-            _log.warning(
-                "idis.auth.refresh_failed",
-                msg="OAuth token refresh failed",
-                provider=p.name,
-                outcome=outcome,
-                error=str(error),
-                consecutive_failures=values.get("consecutive_failures"),
-            )
-
-    def adopt(self, p: ProviderSettings, token: AccessToken) -> AccessToken:
-        """Use a token another process or thread obtained."""
-        now = self.now()
-        previous = self.cache.get(p.name)
-        self.cache[p.name] = token
-        if previous is None or token.generation > previous.generation:
-            self.pending.pop(p.name, None)
-        self.gauge(token, now)
-        return token
-
-    def blocked(
-        self, p: ProviderSettings, snap: RowSnapshot, action: Action, retry_in: float
-    ) -> Exception:
-        if action is Action.REAUTHORIZE:
-            return ReauthorizationRequired(
-                f"re-authorization required for {p.name!r}: "
-                f"{snap.last_error or 'the provider refused the grant'} (automatic refresh is "
-                f"stopped; after re-authorizing run `idis-integrations import-token --provider "
-                f"{p.name}`, or `idis-integrations refresh-tokens --provider {p.name}` to retry)",
-                provider=p.name,
-            )
-        self.count(p.name, "backoff")
-        return AuthError(
-            f"token refresh for {p.name!r} is failing ({snap.consecutive_failures} consecutive "
-            f"failures; last error: {snap.last_error or 'unknown'}); next attempt in "
-            f"{retry_in:.0f}s",
-            provider=p.name,
-        )
-
-    def note_lock_timeout(self, p: ProviderSettings) -> None:
-        self.count(p.name, "lock_timeout")
-        _log.warning(
-            "idis.auth.lock_timeout",
-            msg="timed out waiting for another token refresh (not a credentials problem)",
-            provider=p.name,
-            lock_timeout=p.auth.lock_timeout,
-        )
-
-    def storage_fallback(self, p: ProviderSettings, mode: Mode, exc: StorageError) -> AccessToken:
-        """The database failed: keep going on a still-valid cached token, else re-raise."""
-        token = self.cache.get(p.name)
-        if mode == "ensure" and token is not None and not token.is_expired(self.now()):
-            _log.warning(
-                "idis.auth.store_unavailable",
-                msg="token store unavailable; using the cached token until it expires",
-                provider=p.name,
-                error=str(exc),
-            )
-            return token
-        raise exc
-
-    def lock_timeout(self, p: ProviderSettings) -> TokenLockTimeout:
-        self.note_lock_timeout(p)
-        return TokenLockTimeout(
-            f"waited {p.auth.lock_timeout:g}s for another caller's token refresh of "
-            f"{p.name!r}; the credentials may be fine - retry shortly",
-            provider=p.name,
-        )
-
-    def memory_decision(
-        self, p: ProviderSettings, mode: Mode, rejected: int | None
-    ) -> AccessToken | None:
-        """Inside the process lock: a token another thread/task just obtained, if usable."""
-        token = self.cache.get(p.name)
-        if token is None or mode == "force":
-            return None
-        now = self.now()
-        if mode == "ensure" and token.is_fresh(now, p.auth.refresh_margin):
-            return token
-        if (
-            mode == "rejected"
-            and rejected is not None
-            and token.generation > rejected
-            and not token.is_expired(now)
-        ):
-            return token
-        return None
-
-    def plan(
-        self, p: ProviderSettings, snap: RowSnapshot, mode: Mode, rejected: int | None
-    ) -> AccessToken | _Plan:
-        """On the (locked) row: a token to use, or how to request a new one.
-
-        Raises:
-            ReauthorizationRequired: automatic refresh is stopped, or there is no refresh token.
-            AuthError: refreshes are on hold after failures and no valid token is left.
-        """
-        candidate, refresh_token, from_row = self.candidate(p, snap)
-        decision = decide(
-            mode=mode,
-            candidate=candidate,
-            stored_state=snap.state,
-            next_attempt_at=snap.next_attempt_at,
-            now=self.now(),
-            margin=p.auth.refresh_margin,
-            rejected_generation=rejected,
-        )
-        if decision.action is Action.USE and candidate is not None:
-            if from_row:
-                self.count(p.name, "reused")
-            return self.adopt(p, candidate)
-        if decision.action is not Action.REFRESH:
-            raise self.blocked(p, snap, decision.action, decision.retry_in)
-        grant = self.grant_for(p)
-        if grant == "refresh_token" and not refresh_token:
-            # Nothing was ever imported (or it was lost): that is "missing", not a refusal,
-            # so the row's state is left alone.
-            _log.warning(
-                "idis.auth.token_missing",
-                msg="no refresh token stored: import one with `idis-integrations import-token`",
-                provider=p.name,
-            )
-            raise ReauthorizationRequired(
-                f"provider {p.name!r} has no refresh token stored: complete the authorization "
-                f"and import the token with `idis-integrations import-token --provider {p.name}`",
-                provider=p.name,
-            )
-        fallback = (
-            candidate
-            if mode == "ensure" and candidate is not None and not candidate.is_expired(self.now())
-            else None
-        )
-        return _Plan(grant, refresh_token, fallback)
-
-    def fallback_after_failure(
-        self, p: ProviderSettings, plan: _Plan, error: Exception
-    ) -> AccessToken | None:
-        """A still-valid token to keep calls going after a retryable refresh failure."""
-        if plan.fallback is None or isinstance(error, ReauthorizationRequired):
-            return None
-        if plan.fallback.is_expired(self.now()):
-            return None
-        return self.adopt(p, plan.fallback)
-
-    def pending_write(self, p: ProviderSettings, snap: RowSnapshot) -> _Pending | None:
-        pending = self.pending.get(p.name)
-        if pending is None:
-            return None
-        if snap.generation != pending.base_generation:
-            self.pending.pop(p.name, None)  # someone wrote a newer token since
-            return None
-        return pending
+    def _parse_import(
+        self, provider: str, document: Mapping[str, Any]
+    ) -> tuple[ProviderSettings, IssuedToken]:
+        core = self._core
+        p = core.provider(provider)
+        core.cipher.require(f"imported tokens of {provider!r}")
+        issued = parse_imported_token(document, now=core.now(), default_scopes=p.auth.scopes)
+        return p, issued
 
 
-def _absolute_expiry(raw: object, now: datetime) -> datetime | None:
-    if isinstance(raw, bool):
-        return None
-    try:
-        if isinstance(raw, int | float):
-            return datetime.fromtimestamp(float(raw), now.tzinfo)
-        parsed = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
-    except (ValueError, OverflowError, OSError):
-        return None
-    return parsed if parsed.tzinfo is not None else None
-
-
-def _relative_expiry(raw: object, now: datetime) -> datetime | None:
-    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-        return None
-    try:
-        return now + timedelta(seconds=float(raw))
-    except (ValueError, OverflowError):
-        return None
-
-
-def parse_imported_token(
-    document: Mapping[str, Any], *, now: datetime, default_scopes: tuple[str, ...] = ()
-) -> IssuedToken:
-    """Validate a token document given by an operator (``import-token``).
-
-    Raises:
-        ConfigError: naming the field that is missing or malformed (never its value).
-    """
-    if not isinstance(document, Mapping):
-        raise ConfigError("the token must be a JSON object (a token endpoint response)")
-    access = document.get("access_token")
-    refresh = document.get("refresh_token")
-    for name, value in (("access_token", access), ("refresh_token", refresh)):
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise ConfigError(f"token field {name!r} must be a non-empty string", variable=name)
-    if not access and not refresh:
-        raise ConfigError(
-            "the token has neither 'access_token' nor 'refresh_token': expected a token "
-            "endpoint response (RFC 6749 section 5.1)",
-            variable="access_token",
-        )
-    expires_at: datetime | None = None
-    if document.get("expires_at") is not None:
-        expires_at = _absolute_expiry(document["expires_at"], now)
-        if expires_at is None:
-            raise ConfigError(
-                "token field 'expires_at' must be epoch seconds or an ISO-8601 time with an "
-                "offset (e.g. 2026-01-19T10:00:00Z)",
-                variable="expires_at",
-            )
-    elif document.get("expires_in") is not None:
-        expires_at = _relative_expiry(document["expires_in"], now)
-        if expires_at is None:
-            raise ConfigError(
-                "token field 'expires_in' must be a number of seconds", variable="expires_in"
-            )
-    scope = document.get("scope", document.get("scopes"))
-    if scope is None:
-        scopes = tuple(default_scopes)
-    elif isinstance(scope, str):
-        scopes = tuple(scope.split())
-    elif isinstance(scope, list | tuple) and all(isinstance(s, str) for s in scope):
-        scopes = tuple(scope)
-    else:
-        raise ConfigError(
-            "token field 'scope' must be a space-separated string or a list of strings",
-            variable="scope",
-        )
-    token_type = document.get("token_type") or "Bearer"
-    if not isinstance(token_type, str):
-        raise ConfigError("token field 'token_type' must be a string", variable="token_type")
-    return IssuedToken(
-        access_token=str(access or ""),
-        token_type=token_type,
-        expires_at=expires_at,
-        refresh_token=str(refresh) if refresh else None,
-        scopes=scopes,
-        issued_at=now,
-    )
-
-
-# =========================================================================== sync
-
-
-class TokenManager:
+class TokenManager(_Face):
     """Hands out OAuth access tokens for providers, refreshing them once however many ask.
 
     Thread-safe; share one per process. ``get_token`` is lock-free while the
@@ -800,11 +160,9 @@ class TokenManager:
         engine: SQLAlchemy engine for the token table (default: one for
             ``settings.database_url``, disposed by :meth:`close`).
         metrics: Metrics to record into (default: the process-wide set).
-        clock: Time source (tests pass a ``ManualClock``).
-        sleep: How to wait between token request retries.
+        clock: Time source and waits between token requests (tests pass a ``ManualClock``).
         transport: httpx transport for token requests (tests).
         vault: Vault store (default: built from ``settings.vault`` when needed).
-        rng: Random source for backoff jitter.
     """
 
     def __init__(
@@ -814,54 +172,31 @@ class TokenManager:
         engine: Any = None,
         metrics: Metrics | None = None,
         clock: Clock | None = None,
-        sleep: Callable[[float], None] | None = None,
         transport: httpx.BaseTransport | None = None,
         vault: VaultStore | None = None,
-        rng: random.Random | None = None,
     ) -> None:
         from ..db._engine import create_db_engine
 
-        self._core = _ManagerCore(settings, metrics=metrics, clock=clock, vault=vault, rng=rng)
+        self._start(settings, metrics, clock, vault)
         self._owns_engine = engine is None
         self._engine = engine if engine is not None else create_db_engine(settings.database_url)
         self._store = SyncTokenStore(self._engine)
-        self._sleep = sleep or time.sleep
-        self._http = httpx.Client(transport=transport, follow_redirects=False)
+        self._http = httpx.Client(transport=transport, follow_redirects=False, limits=_NO_KEEPALIVE)
+        self._io = TokenIO(
+            clock=self._core.clock, store=self._store, http=self._http, vault=self._core.vault
+        )
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-
-    @property
-    def settings(self) -> Settings:
-        """The settings this manager was built with."""
-        return self._core.settings
-
-    @property
-    def store(self) -> SyncTokenStore:
-        """The token table access (used by rotation and status)."""
-        return self._store
-
-    @property
-    def cipher(self) -> TokenCipher:
-        """The encryption keys in use."""
-        return self._core.cipher
-
-    def _lock(self, provider: str) -> threading.Lock:
-        with self._locks_guard:
-            lock = self._locks.get(provider)
-            if lock is None:
-                lock = self._locks[provider] = threading.Lock()
-            return lock
-
-    # ------------------------------------------------------------------ public
 
     def get_token(self, provider: str) -> AccessToken:
         """Return a token valid for at least ``refresh_margin`` (or the best still valid).
 
         Raises:
             ReauthorizationRequired: the refresh token was refused; a human must act.
+            RefreshOutcomeUnknown: a refresh's answer was lost; a human must re-authorize.
             TokenLockTimeout: another refresh held the lock longer than ``lock_timeout``.
             AuthError: the refresh failed (network, 5xx) and no valid token is left.
-            ConfigError: unknown provider, no OAuth, missing secret or encryption key.
+            ConfigError: unknown provider, no OAuth, missing secret, key or Vault settings.
             StorageError: the token table is unreachable.
         """
         p = self._core.provider(provider)
@@ -876,7 +211,11 @@ class TokenManager:
         return self._obtain(p, "rejected", token.generation)
 
     def refresh(self, provider: str) -> AccessToken:
-        """Refresh now, whatever the cached token's expiry or failure backoff."""
+        """Refresh now, whatever the cached token's expiry or failure backoff.
+
+        A refresh whose previous answer was lost (``refresh_outcome_unknown``)
+        is still refused: only re-authorizing (``import_token``) clears it.
+        """
         p = self._core.provider(provider)
         return self._obtain(p, "force", None)
 
@@ -899,51 +238,30 @@ class TokenManager:
             ConfigError: a malformed document (naming the field) or no encryption key.
             TokenLockTimeout: another refresh held the token lock too long.
         """
-        core = self._core
-        p = core.provider(provider)
-        core.cipher.require(f"imported tokens of {provider!r}")
-        issued = parse_imported_token(document, now=core.now(), default_scopes=p.auth.scopes)
-        lock = self._lock(p.name)
-        if not lock.acquire(timeout=p.auth.lock_timeout):
-            raise core.lock_timeout(p)
-        try:
-            with self._store.locked(p.name, p.auth.lock_timeout) as row:
-                snap: RowSnapshot = row.snapshot
-                token, values, audit = core.success(
-                    p, snap, issued, grant=core.grant_for(p), previous_refresh=None, mode="force"
-                )
-                values["grant_type"] = "imported"
-                if not issued.access_token:
-                    # Only a refresh token: the status shows an expired token, and the
-                    # first call refreshes it.
-                    values["access_token_enc"] = None
-                    values["expires_at"] = issued.issued_at
-                audit[0].update(
-                    action="token.imported",
-                    actor=actor,
-                    details={
-                        "generation": token.generation,
-                        "has_refresh_token": issued.refresh_token is not None,
-                        "expires_at": issued.expires_at.isoformat() if issued.expires_at else None,
-                    },
-                )
-                row.write(values, expect_generation=None, audit=audit)
-        finally:
-            lock.release()
-        core.pending.pop(p.name, None)
-        _log.info(
-            "idis.auth.token_imported",
-            msg="OAuth token imported",
-            provider=p.name,
-            generation=token.generation,
-            actor=actor,
-        )
-        if not issued.access_token:
-            core.cache.pop(p.name, None)
-            return None
-        core.cache[p.name] = token
-        core.gauge(token, core.now())
-        return token
+        p, issued = self._parse_import(provider, document)
+        with self._locked(p):
+            result: AccessToken | None = drive(
+                import_flow(self._core, p, issued, actor=actor), self._io
+            )
+        return result
+
+    @contextmanager
+    def hold(self, provider: str) -> Iterator[TokenHold]:
+        """Hold the provider's token lock (in-process and the row) for a maintenance operation.
+
+        Credential rotation runs inside it, so no refresh runs half-way through.
+        The row lock is released when the hold commits or when the block ends.
+
+        Raises:
+            TokenLockTimeout: another refresh held the lock longer than ``lock_timeout``.
+        """
+        p = self._core.provider(provider)
+        with self._locked(p):
+            handle = self._store.lock(p.name, p.auth.lock_timeout)
+            try:
+                yield TokenHold(self, p, handle)
+            finally:
+                self._store.release(handle)
 
     def close(self) -> None:
         """Close the HTTP client (and the engine, if this manager created it)."""
@@ -957,150 +275,29 @@ class TokenManager:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ driver
-
-    def _obtain(self, p: ProviderSettings, mode: Mode, rejected: int | None) -> AccessToken:
-        core = self._core
-        lock = self._lock(p.name)
+    @contextmanager
+    def _locked(self, p: ProviderSettings) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(p.name, threading.Lock())
         if not lock.acquire(timeout=p.auth.lock_timeout):
-            raise core.lock_timeout(p)
+            raise self._core.lock_timeout(p)
         try:
-            token = core.memory_decision(p, mode, rejected)
-            if token is not None:
-                return token
-            try:
-                with self._store.locked(p.name, p.auth.lock_timeout) as row:
-                    return self._decide_and_act(p, row, mode, rejected)
-            except TokenLockTimeout:
-                core.note_lock_timeout(p)
-                raise
-            except StorageError as exc:
-                return core.storage_fallback(p, mode, exc)
+            yield
         finally:
             lock.release()
 
-    def _decide_and_act(
-        self, p: ProviderSettings, row: Any, mode: Mode, rejected: int | None
-    ) -> AccessToken:
-        core = self._core
-        snap: RowSnapshot = row.snapshot
-        pending = core.pending_write(p, snap)
-        if pending is not None and row.write(pending.values, expect_generation=snap.generation):
-            core.pending.pop(p.name, None)
-            # The commit released the row lock: decide again on a freshly locked row.
-            with self._store.locked(p.name, p.auth.lock_timeout) as again:
-                return self._decide_and_act(p, again, mode, rejected)
-        plan = core.plan(p, snap, mode, rejected)
-        if isinstance(plan, AccessToken):
-            return plan
-        grant, refresh_token = plan.grant, plan.refresh_token
-        try:
-            issued = self._request_with_credentials(p, snap, grant, refresh_token)
-        except (IntegrationError, ProviderError) as exc:
-            if isinstance(exc, ConfigError | StorageError | TokenLockTimeout):
-                raise
-            outcome, values, audit, error = core.failure(p, snap, exc)
-            if not row.write(values, expect_generation=snap.generation, audit=audit):
-                # SQLite: another process refreshed meanwhile; use its token.
-                fresh = row.reread()
-                token, _, _ = core.candidate(p, fresh)
-                if token is not None and not token.is_expired(core.now()):
-                    core.count(p.name, "reused")
-                    return core.adopt(p, token)
-            core.after_failure(p, outcome, error, values)
-            fallback = core.fallback_after_failure(p, plan, error)
-            if fallback is not None:
-                return fallback
-            if error is exc:
-                raise
-            raise error from exc
-        token, values, audit = core.success(
-            p, snap, issued, grant=grant, previous_refresh=refresh_token, mode=mode
-        )
-        try:
-            row.write(values, expect_generation=None, audit=audit)
-        except StorageError as exc:
-            # The provider may already have rotated the refresh token: keep the new
-            # one in memory and persist it at the next chance rather than lose it.
-            core.pending[p.name] = _Pending(token, values, snap.generation)
-            _log.error(
-                "idis.auth.persist_failed",
-                msg="new token obtained but not persisted; kept in memory, retried next time",
-                provider=p.name,
-                error=str(exc),
-            )
-        core.after_success(
-            p,
-            token,
-            mode=mode,
-            rotated=grant == "refresh_token" and issued.refresh_token not in (None, refresh_token),
-        )
+    def _obtain(self, p: ProviderSettings, mode: Mode, rejected: int | None) -> AccessToken:
+        with self._locked(p):
+            token: AccessToken = drive(obtain(self._core, p, mode, rejected), self._io)
         return token
 
-    def _credentials(self, p: ProviderSettings, snap: RowSnapshot) -> ClientCredentials | None:
-        credentials, from_vault = self._core.credentials_plan(p, snap)
-        if from_vault:
-            credentials = self._core.remember_vault(p, self._core.vault().read_credentials(p.name))
-        return credentials
 
-    def _request_with_credentials(
-        self, p: ProviderSettings, snap: RowSnapshot, grant: GrantType, refresh_token: str | None
-    ) -> IssuedToken:
-        credentials = self._credentials(p, snap)
-        try:
-            return self.request_token(p, credentials, grant, refresh_token)
-        except CredentialsRejected:
-            if credentials is None or not self._core.may_reread_vault(credentials):
-                raise
-            # Another replica may have rotated the secret: read Vault again, once.
-            latest = self._core.remember_vault(p, self._core.vault().read_credentials(p.name))
-            if latest.version == credentials.version:
-                raise
-            return self.request_token(p, latest, grant, refresh_token)
-
-    def request_token(
-        self,
-        p: ProviderSettings,
-        credentials: ClientCredentials | None,
-        grant: GrantType,
-        refresh_token: str | None = None,
-    ) -> IssuedToken:
-        """One token request with retries (no locking, no persistence: callers do that)."""
-        from ..resilience._errors import map_httpx_errors
-
-        core = self._core
-        prepared = build_token_request(p, credentials, grant, refresh_token=refresh_token)
-        deadline = core.clock.monotonic() + p.timeouts.deadline
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                with map_httpx_errors(p.name, TOKEN_ENDPOINT):
-                    response = self._http.post(
-                        prepared.url,
-                        content=prepared.body,
-                        headers=prepared.headers,
-                        timeout=core.timeout(p),
-                    )
-                return core.parse(p, response, grant)
-            except (ProviderError, AuthError) as exc:
-                core.count_error(p.name, exc)
-                if not is_retryable(exc) or attempt >= p.auth.refresh_attempts:
-                    raise
-                delay = core.retry_delay(p, attempt, exc)
-                if core.clock.monotonic() + delay > deadline:
-                    raise
-                self._sleep(delay)
-
-
-# =========================================================================== async
-
-
-class AsyncTokenManager:
-    """Asyncio twin of :class:`TokenManager`; share one per event loop.
+class AsyncTokenManager(_Face):
+    """The asyncio face of :class:`TokenManager` (same methods, awaited); one per event loop.
 
     Coroutines of one loop queue on a per-provider ``asyncio.Lock``; replicas on
     PostgreSQL on the row lock. Vault reads (rare) run in a worker thread.
+    Arguments as for :class:`TokenManager`, with an async engine and transport.
     """
 
     def __init__(
@@ -1110,33 +307,24 @@ class AsyncTokenManager:
         engine: Any = None,
         metrics: Metrics | None = None,
         clock: Clock | None = None,
-        sleep: Callable[[float], Awaitable[None]] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         vault: VaultStore | None = None,
-        rng: random.Random | None = None,
     ) -> None:
         from ..db._engine import create_async_db_engine
 
-        self._core = _ManagerCore(settings, metrics=metrics, clock=clock, vault=vault, rng=rng)
+        self._start(settings, metrics, clock, vault)
         self._owns_engine = engine is None
         self._engine = (
             engine if engine is not None else create_async_db_engine(settings.database_url)
         )
         self._store = AsyncTokenStore(self._engine)
-        self._sleep = sleep or asyncio.sleep
-        self._http = httpx.AsyncClient(transport=transport, follow_redirects=False)
+        self._http = httpx.AsyncClient(
+            transport=transport, follow_redirects=False, limits=_NO_KEEPALIVE
+        )
+        self._io = TokenIO(
+            clock=self._core.clock, store=self._store, http=self._http, vault=self._core.vault
+        )
         self._locks: dict[str, asyncio.Lock] = {}
-
-    @property
-    def settings(self) -> Settings:
-        """The settings this manager was built with."""
-        return self._core.settings
-
-    def _lock(self, provider: str) -> asyncio.Lock:
-        lock = self._locks.get(provider)
-        if lock is None:
-            lock = self._locks[provider] = asyncio.Lock()
-        return lock
 
     async def get_token(self, provider: str) -> AccessToken:
         """Async :meth:`TokenManager.get_token`."""
@@ -1156,6 +344,17 @@ class AsyncTokenManager:
         p = self._core.provider(provider)
         return await self._obtain(p, "force", None)
 
+    async def import_token(
+        self, provider: str, document: Mapping[str, Any], *, actor: str = "system"
+    ) -> AccessToken | None:
+        """Async :meth:`TokenManager.import_token`."""
+        p, issued = self._parse_import(provider, document)
+        async with self._locked(p):
+            result: AccessToken | None = await adrive(
+                import_flow(self._core, p, issued, actor=actor), self._io
+            )
+        return result
+
     async def aclose(self) -> None:
         """Close the HTTP client (and the engine, if this manager created it)."""
         await self._http.aclose()
@@ -1168,144 +367,205 @@ class AsyncTokenManager:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def _locked(self, p: ProviderSettings) -> _AsyncProviderLock:
+        lock = self._locks.get(p.name)
+        if lock is None:
+            lock = self._locks[p.name] = asyncio.Lock()
+        return _AsyncProviderLock(self._core, p, lock)
+
     async def _obtain(self, p: ProviderSettings, mode: Mode, rejected: int | None) -> AccessToken:
-        core = self._core
-        lock = self._lock(p.name)
+        async with self._locked(p):
+            token: AccessToken = await adrive(obtain(self._core, p, mode, rejected), self._io)
+        return token
+
+
+class _AsyncProviderLock:
+    """``async with``: the provider's asyncio.Lock, waited on at most ``lock_timeout``."""
+
+    __slots__ = ("_core", "_lock", "_p")
+
+    def __init__(self, core: TokenCore, p: ProviderSettings, lock: asyncio.Lock) -> None:
+        self._core, self._p, self._lock = core, p, lock
+
+    async def __aenter__(self) -> None:
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can time out after the
             # lock was granted and leak it.
-            async with asyncio.timeout(p.auth.lock_timeout):
-                await lock.acquire()
+            async with asyncio.timeout(self._p.auth.lock_timeout):
+                await self._lock.acquire()
         except TimeoutError:
-            raise core.lock_timeout(p) from None
-        try:
-            token = core.memory_decision(p, mode, rejected)
-            if token is not None:
-                return token
-            try:
-                async with self._store.locked(p.name, p.auth.lock_timeout) as row:
-                    return await self._decide_and_act(p, row, mode, rejected)
-            except TokenLockTimeout:
-                core.note_lock_timeout(p)
-                raise
-            except StorageError as exc:
-                return core.storage_fallback(p, mode, exc)
-        finally:
-            lock.release()
+            raise self._core.lock_timeout(self._p) from None
 
-    async def _decide_and_act(
-        self, p: ProviderSettings, row: Any, mode: Mode, rejected: int | None
-    ) -> AccessToken:
-        core = self._core
-        snap: RowSnapshot = row.snapshot
-        pending = core.pending_write(p, snap)
-        if pending is not None and await row.write(
-            pending.values, expect_generation=snap.generation
-        ):
-            core.pending.pop(p.name, None)
-            async with self._store.locked(p.name, p.auth.lock_timeout) as again:
-                return await self._decide_and_act(p, again, mode, rejected)
-        plan = core.plan(p, snap, mode, rejected)
-        if isinstance(plan, AccessToken):
-            return plan
-        grant, refresh_token = plan.grant, plan.refresh_token
-        try:
-            issued = await self._request_with_credentials(p, snap, grant, refresh_token)
-        except (IntegrationError, ProviderError) as exc:
-            if isinstance(exc, ConfigError | StorageError | TokenLockTimeout):
-                raise
-            outcome, values, audit, error = core.failure(p, snap, exc)
-            if not await row.write(values, expect_generation=snap.generation, audit=audit):
-                fresh = await row.reread()
-                token, _, _ = core.candidate(p, fresh)
-                if token is not None and not token.is_expired(core.now()):
-                    core.count(p.name, "reused")
-                    return core.adopt(p, token)
-            core.after_failure(p, outcome, error, values)
-            fallback = core.fallback_after_failure(p, plan, error)
-            if fallback is not None:
-                return fallback
-            if error is exc:
-                raise
-            raise error from exc
-        token, values, audit = core.success(
-            p, snap, issued, grant=grant, previous_refresh=refresh_token, mode=mode
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+# --------------------------------------------------------------------------- maintenance
+
+
+@dataclass(frozen=True, slots=True)
+class RotatedCredentials:
+    """New client credentials to switch to (``TokenHold.commit``); the secret never prints."""
+
+    #: Client id.
+    client_id: str
+    #: The new client secret.
+    client_secret: Secret
+    #: Where they live: ``vault`` or ``database``.
+    stored_in: str
+    #: Vault KV version, or the rotation counter in the database.
+    version: int
+
+
+class TokenHold:
+    """A provider's token lock, held: the public token API for maintenance (rotation).
+
+    Obtained from :meth:`TokenManager.hold`; valid inside its ``with`` block.
+    Nothing here is cached or counted until :meth:`commit`.
+    """
+
+    def __init__(self, manager: TokenManager, provider: ProviderSettings, handle: RowHandle):
+        self._manager = manager
+        self._core = manager._core
+        self._handle = handle
+        #: The provider's settings.
+        self.provider = provider
+
+    def __repr__(self) -> str:
+        return f"TokenHold(provider={self.provider.name!r}, locked={self._handle.locked})"
+
+    @property
+    def snapshot(self) -> RowSnapshot:
+        """The provider's token row as read when the lock was taken."""
+        return self._handle.snapshot
+
+    @property
+    def grant(self) -> GrantType:
+        """The grant a token request uses for this provider."""
+        return self._core.grant_for(self.provider)
+
+    @property
+    def cipher(self) -> TokenCipher:
+        """The encryption keys in use."""
+        return self._core.cipher
+
+    def vault(self) -> VaultStore:
+        """The Vault store of the manager (built from the settings on first use)."""
+        return self._core.vault()
+
+    def now(self) -> datetime:
+        """The manager's clock."""
+        return self._core.now()
+
+    def credentials(self) -> ClientCredentials | None:
+        """The client credentials token requests use now (may read Vault)."""
+        found: ClientCredentials | None = drive(
+            credentials(self._core, self.provider, self.snapshot), self._manager._io
         )
-        try:
-            await row.write(values, expect_generation=None, audit=audit)
-        except StorageError as exc:
-            core.pending[p.name] = _Pending(token, values, snap.generation)
-            _log.error(
-                "idis.auth.persist_failed",
-                msg="new token obtained but not persisted; kept in memory, retried next time",
-                provider=p.name,
-                error=str(exc),
-            )
-        core.after_success(
-            p,
-            token,
-            mode=mode,
-            rotated=grant == "refresh_token" and issued.refresh_token not in (None, refresh_token),
+        return found
+
+    def refresh_token(self) -> str | None:
+        """The refresh token a request would send now (None for client_credentials)."""
+        _, refresh, _ = self._core.candidate(self.provider, self.snapshot)
+        return refresh
+
+    def request_token(self, client: ClientCredentials) -> IssuedToken:
+        """Obtain a token with ``client`` (retries as for a refresh; nothing is stored).
+
+        With the refresh-token grant this spends the current refresh token:
+        :meth:`commit` (or :meth:`keep`) the result.
+        """
+        issued: IssuedToken = drive(
+            request_token(self._core, self.provider, client, self.grant, self.refresh_token()),
+            self._manager._io,
         )
-        return token
+        return issued
 
-    async def _credentials(
-        self, p: ProviderSettings, snap: RowSnapshot
-    ) -> ClientCredentials | None:
-        credentials, from_vault = self._core.credentials_plan(p, snap)
-        if from_vault:
-            read = await asyncio.to_thread(self._core.vault().read_credentials, p.name)
-            credentials = self._core.remember_vault(p, read)
-        return credentials
-
-    async def _request_with_credentials(
-        self, p: ProviderSettings, snap: RowSnapshot, grant: GrantType, refresh_token: str | None
-    ) -> IssuedToken:
-        credentials = await self._credentials(p, snap)
-        try:
-            return await self.request_token(p, credentials, grant, refresh_token)
-        except CredentialsRejected:
-            if credentials is None or not self._core.may_reread_vault(credentials):
-                raise
-            read = await asyncio.to_thread(self._core.vault().read_credentials, p.name)
-            latest = self._core.remember_vault(p, read)
-            if latest.version == credentials.version:
-                raise
-            return await self.request_token(p, latest, grant, refresh_token)
-
-    async def request_token(
-        self,
-        p: ProviderSettings,
-        credentials: ClientCredentials | None,
-        grant: GrantType,
-        refresh_token: str | None = None,
-    ) -> IssuedToken:
-        """Async :meth:`TokenManager.request_token`."""
+    def post(self, url: str, *, headers: Mapping[str, str]) -> httpx.Response:
+        """POST ``url`` once with the provider's timeouts (no redirects; never retried)."""
         from ..resilience._errors import map_httpx_errors
 
-        core = self._core
-        prepared = build_token_request(p, credentials, grant, refresh_token=refresh_token)
-        deadline = core.clock.monotonic() + p.timeouts.deadline
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                with map_httpx_errors(p.name, TOKEN_ENDPOINT):
-                    response = await self._http.post(
-                        prepared.url,
-                        content=prepared.body,
-                        headers=prepared.headers,
-                        timeout=core.timeout(p),
-                    )
-                return core.parse(p, response, grant)
-            except (ProviderError, AuthError) as exc:
-                core.count_error(p.name, exc)
-                if not is_retryable(exc) or attempt >= p.auth.refresh_attempts:
-                    raise
-                delay = core.retry_delay(p, attempt, exc)
-                if core.clock.monotonic() + delay > deadline:
-                    raise
-                await self._sleep(delay)
+        with map_httpx_errors(self.provider.name, "rotate"):
+            return self._manager._http.post(
+                url, headers=dict(headers), timeout=self._core.timeout(self.provider)
+            )
+
+    def commit(
+        self,
+        issued: IssuedToken,
+        *,
+        switch_to: RotatedCredentials | None = None,
+        audit: Mapping[str, Any] | None = None,
+    ) -> AccessToken:
+        """Persist ``issued`` (and, with ``switch_to``, the new credentials) in one transaction.
+
+        Every process and replica uses them from its next refresh. Releases the
+        row lock.
+
+        Args:
+            issued: A token obtained with :meth:`request_token`.
+            switch_to: New credentials to record in the row; their secret is kept as an
+                encrypted copy when a key is configured (needed when stored in the database).
+            audit: An audit entry written with it (besides ``token.refreshed``).
+
+        Raises:
+            ConfigError: credentials to keep in the database but no encryption key.
+            StorageError: the database failed; nothing was switched.
+        """
+        core, p, snap = self._core, self.provider, self.snapshot
+        previous = self.refresh_token()
+        token, values, entries = core.success(
+            p, snap, issued, grant=self.grant, previous_refresh=previous, mode="force"
+        )
+        if switch_to is not None:
+            secret = switch_to.client_secret.get_secret_value()
+            copy: str | None
+            if switch_to.stored_in == "database":
+                copy = core.cipher.encrypt(
+                    secret, provider=p.name, field="client_secret", what="the rotated client secret"
+                )
+            else:
+                # The encrypted copy lets replicas without Vault access follow.
+                copy = core.cipher.encrypt_optional(secret, provider=p.name, field="client_secret")
+            values.update(
+                client_id=switch_to.client_id,
+                client_secret_enc=copy,
+                credential_source=switch_to.stored_in,
+                credential_version=switch_to.version,
+                credentials_rotated_at=issued.issued_at,
+            )
+        if audit is not None:
+            entries.insert(0, dict(audit))
+        self._manager._store.write(self._handle, values, expect_generation=None, audit=entries)
+        if switch_to is not None and switch_to.stored_in == "vault":
+            core.vault_credentials[p.name] = ClientCredentials(
+                client_id=switch_to.client_id,
+                client_secret=switch_to.client_secret,
+                source="vault",
+                version=switch_to.version,
+            )
+        core.after_success(p, token, mode="force", rotated=False)
+        return token
+
+    def record_failure(self, exc: BaseException) -> None:
+        """Record a failed token request in the row as a refresh failure would (releases the lock).
+
+        For a verification that spent or lost the refresh token: the row must say
+        ``reauthorization_required`` or ``refresh_outcome_unknown``.
+        """
+        core, p = self._core, self.provider
+        outcome, values, entries, error = core.failure(p, self.snapshot, exc)
+        self._manager._store.write(self._handle, values, expect_generation=None, audit=entries)
+        core.after_failure(p, outcome, error, values)
+
+    def audit(self, entry: Mapping[str, Any]) -> None:
+        """Write one audit row on its own (e.g. a failed rotation); touches no token row."""
+        self._manager._store.audit_only([dict(entry)])
+
+    @property
+    def metrics(self) -> Metrics:
+        """The metrics the manager records into."""
+        return self._core.metrics
 
 
 # =========================================================================== maintenance API
@@ -1373,7 +633,7 @@ def refresh_tokens(
                     provider=name,
                     outcome="refreshed",
                     expires_at=token.expires_at,
-                    seconds_left=token.seconds_left(manager._core.now()),
+                    seconds_left=token.seconds_left(manager.clock.now()),
                     generation=token.generation,
                 )
             )
@@ -1410,7 +670,7 @@ def import_token(
     settings = settings or Settings.from_env()
     with TokenManager(settings) as manager:
         manager.import_token(provider, token, actor=actor)
-        return token_status(settings, provider, engine=manager._engine)
+        return token_status(settings, provider, engine=manager._engine, clock=manager.clock)
 
 
 def reencrypt_tokens(*, settings: Settings | None = None, engine: Any = None) -> int:
@@ -1418,7 +678,8 @@ def reencrypt_tokens(*, settings: Settings | None = None, engine: Any = None) ->
 
     Put the new key first in ``IDIS_ENCRYPTION_KEYS`` (keep the old ones after
     it), run this, then drop the old keys. Each row is rewritten under its
-    token lock and only if no newer token was written meanwhile.
+    token lock and only if no newer token was written meanwhile. Values written
+    before ciphertexts were bound to their provider and field become bound.
 
     Returns:
         The number of rows re-encrypted.
@@ -1451,12 +712,13 @@ def reencrypt_tokens(*, settings: Settings | None = None, engine: Any = None) ->
             )
             with store.locked(provider, timeout) as row:
                 snap: RowSnapshot = row.snapshot
+                # Also binds values written before ciphertexts were bound to their row.
                 values = {
-                    column: cipher.reencrypt(getattr(snap, column), provider=provider)
-                    for column in ("access_token_enc", "refresh_token_enc", "client_secret_enc")
+                    column: cipher.reencrypt(getattr(snap, column), provider=provider, field=field)
+                    for column, field in SECRET_COLUMNS.items()
                     if getattr(snap, column)
                 }
-                if values and row.write(values, expect_generation=snap.generation):
+                if values and store.write(row, values, expect_generation=snap.generation):
                     done += 1
     finally:
         if own:

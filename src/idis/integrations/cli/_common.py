@@ -3,9 +3,19 @@
 Every command loads settings from the environment once, validates its flags
 before touching anything, and maps library errors to exit codes:
 
-* 0: done; 1: done, but a check failed (verify-sync mismatch, reconcile failures);
-* 2: bad input (flag, environment, unknown provider): nothing was changed;
-* 3: a dependency is unreachable (database, Vault, provider).
+* 0: done;
+* 1: final: a check failed (verify-sync mismatch, reconcile failures), or the
+  operation failed for a reason retrying will not fix (credentials refused,
+  Vault policy denial, re-authorization required);
+* 2: bad input (flag, environment, unknown provider) or bad setup (a database without the
+  library's tables): nothing was changed;
+* 3: retry later: a dependency is unreachable (database, Vault, provider).
+
+Every command that uses the database names it on stderr first (``database:
+postgresql://user@host:5432/db``, never a password), and stops before doing
+anything if it has none of the library's tables (:func:`check_database`):
+the database a command silently defaults to, ``./idis-integrations.sqlite3``
+of the current directory, is rarely the service's.
 """
 
 from __future__ import annotations
@@ -13,10 +23,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import sqlite3
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import closing
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
@@ -24,20 +37,33 @@ from rich.console import Console
 from rich.table import Table
 
 from .._timeparse import parse_since
-from ..config import Settings
-from ..exceptions import ConfigError, IntegrationError, SecretStoreError, StorageError
+from ..config import DEFAULT_DATABASE_URL, Settings
+from ..exceptions import (
+    ConfigError,
+    IntegrationError,
+    ReplayWindowExceeded,
+    SecretStoreError,
+    StorageError,
+    UsageError,
+)
 from ..observability._logs import configure_logging, redact_text
+from ._progress import progress  # the one progress helper; commands import it from here too
 
 __all__ = [
     "EXIT_CHECK_FAILED",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
+    "check_database",
+    "describe_database",
+    "exit_code",
     "fail",
     "get_settings",
     "handle_errors",
     "json_option",
+    "no_database",
     "print_json",
     "print_table",
+    "progress",
     "provider_option",
     "resolve_provider",
     "since_option",
@@ -62,8 +88,14 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     sys.exit(code)
 
 
-def get_settings(ctx: click.Context | None = None) -> Settings:
-    """The settings for this invocation, read from the environment once."""
+def get_settings(ctx: click.Context | None = None, *, check: bool = True) -> Settings:
+    """The settings for this invocation, read from the environment once.
+
+    Unless the command is marked :func:`no_database`, the first call with ``check``
+    (every command body makes one) names the database and stops if it lacks the
+    library's tables. Option callbacks pass ``check=False``, so that a bad flag is
+    reported before the database is looked at.
+    """
     context = ctx or click.get_current_context()
     root = context.find_root()
     root.ensure_object(dict)
@@ -79,7 +111,110 @@ def get_settings(ctx: click.Context | None = None) -> Settings:
             settings.log_level if os.environ.get("IDIS_LOG_LEVEL") else "WARNING"
         )
         configure_logging(settings.log_format, level)
+    if check and not root.obj.get("database_checked") and not _exempt(context):
+        root.obj["database_checked"] = True
+        url = root.obj["settings"].database_url
+        defaulted = url == DEFAULT_DATABASE_URL and "IDIS_DATABASE_URL" not in os.environ
+        check_database(url, defaulted=defaulted)
     return root.obj["settings"]  # type: ignore[no-any-return]  # click's obj is untyped
+
+
+# --------------------------------------------------------------------------- the database
+
+#: The library's alembic version table (db/_migrate.py; not imported: alembic is slow
+#: to import and most commands never migrate). Its presence means "db upgrade ran here".
+LIBRARY_VERSION_TABLE = "idis_integrations_alembic_version"
+_SENSITIVE_QUERY = re.compile(r"pass|secret|token|key", re.IGNORECASE)
+
+
+def no_database(func: Callable[P, R]) -> Callable[P, R]:
+    """Mark a command that needs no migrated database (``db upgrade``, ``drill``)."""
+    func.__dict__["_idis_no_database"] = True
+    return func
+
+
+def _exempt(context: click.Context) -> bool:
+    callback = context.command.callback
+    return bool(callback is not None and getattr(callback, "_idis_no_database", False))
+
+
+def describe_database(url: str) -> str:
+    """``url`` as an operator should read it: no password, an absolute SQLite path."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return "an unparseable IDIS_DATABASE_URL"
+    if parsed.get_backend_name() == "sqlite":
+        path = parsed.database
+        if path and path != ":memory:" and not path.startswith("file:"):
+            return f"sqlite:///{Path(path).resolve()}"
+        return parsed.render_as_string(hide_password=False)
+    query = {k: v for k, v in parsed.query.items() if not _SENSITIVE_QUERY.search(k)}
+    # URL.set() ignores None, so the password is dropped with the NamedTuple _replace.
+    return parsed._replace(password=None).set(query=query).render_as_string(hide_password=False)
+
+
+def check_database(url: str, *, defaulted: bool = False) -> None:
+    """Name the database on stderr; exit 2 (creating nothing) if it lacks the library's tables.
+
+    Args:
+        url: the database URL the command is about to use.
+        defaulted: the URL is the built-in default (no ``IDIS_DATABASE_URL``): say so.
+    """
+    shown = describe_database(url)
+    origin = " (the default: IDIS_DATABASE_URL is not set)" if defaulted else ""
+    stderr.print(f"database: {shown}{origin}", markup=False)
+    problem = _missing_tables(url)
+    if problem is None:
+        return
+    hint = (
+        "set IDIS_DATABASE_URL to the service's database, "
+        if defaulted
+        else "check IDIS_DATABASE_URL, "
+    )
+    fail(
+        f"{problem}: looked in {shown}{origin}; nothing was changed. {hint}or create the "
+        "library's tables there with `idis-integrations db upgrade`"
+    )
+
+
+def _missing_tables(url: str) -> str | None:
+    """Why ``url`` has no library tables, or None when it has them. Creates nothing."""
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    from ..db._engine import create_db_engine, storage_errors
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = parsed.database
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return None  # nothing to look at without creating it
+        file = Path(path).resolve()
+        if not file.is_file():
+            return "no database file"
+        try:
+            # Read-only: connecting normally would turn an empty file into a database.
+            with closing(sqlite3.connect(f"{file.as_uri()}?mode=ro", uri=True)) as conn:
+                found = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                    (LIBRARY_VERSION_TABLE,),
+                ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            return f"not a readable SQLite database ({exc})"
+        return None if found else "no idis-integrations tables (db upgrade never ran there)"
+    engine = create_db_engine(url)
+    try:
+        with storage_errors(), engine.connect() as conn:
+            found = inspect(conn).has_table(LIBRARY_VERSION_TABLE)
+    except StorageError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    finally:
+        engine.dispose()
+    return None if found else "no idis-integrations tables (db upgrade never ran there)"
 
 
 def resolve_provider(name: str) -> str:
@@ -98,11 +233,23 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
         except ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
         except (StorageError, SecretStoreError) as exc:
-            fail(str(exc), EXIT_UNAVAILABLE)
+            fail(str(exc), exit_code(exc))  # the message names the store already
         except IntegrationError as exc:
-            fail(f"{type(exc).__name__}: {exc}", EXIT_UNAVAILABLE if exc.retryable else EXIT_USAGE)
+            fail(f"{type(exc).__name__}: {exc}", exit_code(exc))
 
     return wrapper
+
+
+def exit_code(exc: IntegrationError) -> int:
+    """The exit status a library error means: 2 bad input, 3 retry later, 1 final.
+
+    A refusal (an auth failure, a Vault policy denial) is final, never "bad
+    input": the command line was fine, and retrying will not help until
+    someone acts. Only what the operator typed (or configured) is bad input.
+    """
+    if isinstance(exc, ConfigError | UsageError | ReplayWindowExceeded):
+        return EXIT_USAGE
+    return EXIT_UNAVAILABLE if exc.retryable else EXIT_CHECK_FAILED
 
 
 def _validate_provider(
@@ -111,7 +258,7 @@ def _validate_provider(
     if value is None:
         return None
     try:
-        get_settings(ctx).provider(value)
+        get_settings(ctx, check=False).provider(value)
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from None
     return value
@@ -173,16 +320,3 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     for row in rows:
         table.add_row(*(redact_text("" if cell is None else str(cell)) for cell in row))
     stdout.print(table)
-
-
-@contextmanager
-def progress(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-    """A progress bar on a terminal, nothing otherwise; yields ``advance(n)``."""
-    if not sys.stderr.isatty():
-        yield lambda _n: None
-        return
-    from rich.progress import Progress
-
-    with Progress(console=stderr, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)

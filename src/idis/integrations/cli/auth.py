@@ -13,7 +13,6 @@ import sys
 
 import click
 
-from ..exceptions import IntegrationError
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
@@ -126,8 +125,10 @@ def rotate_credentials_command(
     previous one stays for rollback), and only then switched to. A failure at
     any step leaves the current credentials in use.
 
-    Exit status: 0 rotated; 1 the rotation failed (credentials unchanged); 2 bad
-    input or configuration; 3 Vault, the provider or the database unreachable.
+    Exit status: 0 rotated; 1 the rotation failed and retrying will not help
+    until someone acts (credentials refused, Vault policy denial, a conflicting
+    writer; the credentials in use are unchanged); 2 bad input or configuration;
+    3 Vault, the provider or the database unreachable (retry later).
     """
     from ..auth._rotation import CredentialRotationError, rotate_credentials
 
@@ -147,9 +148,10 @@ def rotate_credentials_command(
         )
     except CredentialRotationError as exc:
         # 3 when a dependency was down (retry later), 1 when the rotation itself failed.
-        cause = exc.__cause__
-        unavailable = isinstance(cause, IntegrationError) and cause.retryable
-        fail(f"{type(exc).__name__}: {exc}", EXIT_UNAVAILABLE if unavailable else EXIT_CHECK_FAILED)
+        fail(
+            f"{type(exc).__name__}: {exc}",
+            EXIT_UNAVAILABLE if exc.retry_later else EXIT_CHECK_FAILED,
+        )
     if as_json:
         print_json(result.as_dict())
     else:

@@ -15,6 +15,7 @@ from ._common import (
     EXIT_CHECK_FAILED,
     get_settings,
     handle_errors,
+    no_database,
     provider_option,
     since_option,
     stdout,
@@ -58,6 +59,7 @@ from ._common import (
     multiple=True,
     help="Disable a piece on purpose, to see the drill fail (repeatable).",
 )
+@no_database  # its own temporary database (or --database-url, which it migrates)
 @handle_errors
 def drill(  # noqa: PLR0917  # one parameter per click option
     scenario: str,

@@ -38,13 +38,25 @@ def _is_loopback(host: str) -> bool:
     is_flag=True,
     help="Allow a non-loopback --host; the control API has no authentication.",
 )
-def simulate(host: str, port: int, seed: int, allow_remote: bool) -> None:
+@click.option(
+    "--control-host",
+    "control_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="A Host name the control API accepts besides loopback ones (repeatable); "
+    "only with --allow-remote.",
+)
+def simulate(
+    host: str, port: int, seed: int, allow_remote: bool, control_hosts: tuple[str, ...]
+) -> None:
     """Serve the provider simulator (providers under /p/NAME, control API under /_control)."""
     if not _is_loopback(host) and not allow_remote:
         fail(
             f"--host {host!r} is not a loopback address: anyone who reaches it can break the "
             "simulator through its unauthenticated control API; pass --allow-remote to insist"
         )
+    if control_hosts and not allow_remote:
+        fail("--control-host opens the control API to other machines: pass --allow-remote too")
     try:
         from ..testing import make_server
     except ModuleNotFoundError as exc:
@@ -52,7 +64,9 @@ def simulate(host: str, port: int, seed: int, allow_remote: bool) -> None:
     from ..simulator._state import SimulatorState
 
     try:
-        server = make_server(SimulatorState(seed=seed), log_level="warning")
+        server = make_server(
+            SimulatorState(seed=seed), log_level="warning", control_hosts=control_hosts
+        )
     except ModuleNotFoundError as exc:
         fail(str(exc))
     server.config.host = host

@@ -1,20 +1,23 @@
 """Deferred enrichment, stale-data defects, CRM sync status and impact (RB-09).
 
-Modules:
+What a host uses:
 
-* :mod:`.decisions`: the pure decision chain (primary → fallbacks → cache → defer),
-  backoff and slow start, and :class:`EnrichmentResult`;
-* :mod:`.enricher`: :class:`Enricher` / :class:`AsyncEnricher`, the drivers callers use;
-* :mod:`.worker`: :class:`DeferredEnrichmentWorker` / :class:`AsyncDeferredEnrichmentWorker`
-  and :func:`run_deferred`, which refresh deferred subjects once providers recover;
-* :mod:`.defects`: :func:`create_stale_defects`, :func:`clear_stale_defects`, :func:`list_defects`
-  (RB-09 Containment 3, Recovery 4);
-* :mod:`.syncstatus`: :class:`CrmSyncStatusMixin` and the ``mark_sync_*`` helpers;
-* :mod:`.assessment`: :func:`impact` (RB-09 Triage 5);
-* :mod:`.models`: the ``defects``, ``enrichment_cache`` and ``enrichment_requests`` tables.
+* :class:`Enricher` / :class:`AsyncEnricher`: the sync and async faces of one
+  enrichment flow (primary → fallbacks → stale cache → deferral with a defect),
+  answering an :class:`EnrichmentResult`;
+* :class:`AsyncDeferredEnrichmentWorker` (an asyncio task, with an
+  ``on_refreshed`` callback) and :func:`run_deferred` (the same with
+  ``asyncio.run``), which refresh deferred subjects once providers recover;
+* :func:`create_stale_defects`, :func:`clear_stale_defects`, :func:`list_defects`
+  (RB-09 Containment 3, Recovery 4) and :func:`impact` (RB-09 Triage 5);
+* :class:`CrmSyncStatusMixin` and the ``mark_sync_*`` helpers;
+* :class:`Defect` and its constants, for the host's own queries.
 
-Names load on first use so that importing the table models (``db/models.py``)
-does not pull in the gateway.
+Private modules: ``_decisions`` (pure decisions), ``_flow`` (the enrichment
+flow), ``_enricher`` (its faces), ``_worker``, ``_store`` (every statement),
+``_defects``, ``_assessment``, ``_syncstatus``, ``_models``. Names load on first
+use so that importing the table models (``db/_models.py``) does not pull in the
+gateway.
 """
 
 from __future__ import annotations
@@ -45,12 +48,7 @@ if TYPE_CHECKING:
         mark_sync_succeeded,
         sync_status_update,
     )
-    from ._worker import (
-        AsyncDeferredEnrichmentWorker,
-        DeferredEnrichmentWorker,
-        RunStats,
-        run_deferred,
-    )
+    from ._worker import AsyncDeferredEnrichmentWorker, RunStats, run_deferred
 
 __all__ = [
     "RECOVERY_RESOLUTION",
@@ -64,7 +62,6 @@ __all__ = [
     "CrmSyncStatusMixin",
     "Defect",
     "DefectRecord",
-    "DeferredEnrichmentWorker",
     "Enricher",
     "EnrichmentResult",
     "RunStats",
@@ -104,12 +101,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "mark_sync_succeeded",
         "sync_status_update",
     ),
-    "._worker": (
-        "AsyncDeferredEnrichmentWorker",
-        "DeferredEnrichmentWorker",
-        "RunStats",
-        "run_deferred",
-    ),
+    "._worker": ("AsyncDeferredEnrichmentWorker", "RunStats", "run_deferred"),
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,15 +1,32 @@
-"""Enrichment decisions, written once and shared by the sync and async drivers.
+"""Enrichment decisions, written once: the enricher's flow and the deferred worker share them.
 
-Nothing here does I/O or sleeps. The drivers (:mod:`.enricher`, :mod:`.worker`)
-ask these functions which providers to try, what to do when none served, how
-long a deferred request waits before its next attempt, and how large the next
-refresh batch may be.
+Nothing here does I/O or sleeps. The enricher (:mod:`._flow`) and the worker
+(:mod:`._worker`) ask these functions which providers to try, what a chain's
+answers mean, what to do when none served, how long a deferred request waits
+before its next attempt, and how large the next refresh batch may be.
+
+What one provider's answer means (:meth:`Attempt.from_error`):
+
+* **served**: 2xx with data;
+* **an answer without data**: 404/410 ("no match": the provider does not know
+  the subject) and 400/422 (the request about the subject is invalid). Asking
+  again later would get the same answer: final;
+* **unavailable**: 5xx, timeouts, connection errors, 429 (rate limited), 401/403
+  or a token that cannot be obtained (our credentials, fixed by an operator),
+  and a provider skipped without a call (breaker open or 429 pause). Asking
+  again later may succeed.
+
+A chain is an **outage** (:func:`is_outage`) when no provider served and at
+least one was unavailable, even if others answered "no match": the unavailable
+one might have had the data, so the subject is stale, not absent. A mixed chain
+(primary 404, fallback 503; or primary 503, fallback 404) is therefore an
+outage; only a chain where *every* provider answered without data is final.
 
 The decision chain for one enrichment::
 
     primary → fallbacks (in order; a provider whose breaker is open is skipped)
       → served?                 enriched / served_from_fallback
-      → every failure a 4xx?    raise ProviderRejected (deferring would not help)
+      → not an outage?          raise ProviderRejected (every provider answered: no data)
       → cached result?          cached_stale (and, with defer_on_error, also defer)
       → defer_on_error?         deferred (request persisted, subject stale, defect opened)
       → otherwise               raise the primary's ProviderError
@@ -17,12 +34,12 @@ The decision chain for one enrichment::
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from .._backoff import Backoff
 from ..config import EnrichmentSettings, Settings
 from ..exceptions import AuthError, ConfigError, ProviderError, UnknownProviderError
 
@@ -30,20 +47,26 @@ __all__ = [
     "Attempt",
     "EnrichmentResult",
     "FailureAction",
+    "RefreshVerdict",
     "ResultStatus",
     "SubjectKey",
     "default_primary",
     "describe_attempts",
+    "is_outage",
     "next_batch_size",
     "plan_failure",
     "provider_chain",
-    "refresh_delay",
+    "refresh_backoff",
+    "refresh_verdict",
 ]
 
 ResultStatus = Literal["enriched", "served_from_fallback", "cached_stale", "deferred"]
+#: What a deferred refresh came to (see :func:`refresh_verdict`).
+RefreshVerdict = Literal["refreshed", "rescheduled", "failed", "gated"]
 #: Bounded vocabulary of ``EnrichmentResult.status`` (also the metric's ``result`` label).
 RESULT_STATUSES: tuple[str, ...] = ("enriched", "served_from_fallback", "cached_stale", "deferred")
-#: 4xx statuses that say the subject itself cannot be enriched: retrying will not help.
+#: 4xx statuses that answer about the subject itself: 404/410 "no match", 400/422 "invalid".
+#: Asking again later gets the same answer, so they are final, never an outage.
 _FINAL_STATUSES = frozenset({400, 404, 410, 422})
 
 
@@ -67,14 +90,16 @@ class Attempt:
     outcome: Literal["served", "failed", "skipped"]
     #: The error's bounded type (``server_error``, ``circuit_open``...), if it failed.
     error_type: str | None = None
-    #: Whether asking again later may succeed (False for a 4xx).
+    #: Whether asking again later may succeed: False for an answer without data
+    #: (404/410 no match, 400/422 invalid), True for unavailability and skips.
     retryable: bool = True
 
     @classmethod
     def from_error(cls, provider: str, error: ProviderError | AuthError) -> Attempt:
         """The attempt record for a provider that raised ``error``.
 
-        Only a 4xx about the subject itself (400, 404, 410, 422) is final. A 401,
+        Only a 4xx about the subject itself (404/410 no match, 400/422 invalid)
+        is final. A 429 is unavailability (the provider will answer later). A 401,
         a 403 or a token that cannot be obtained (``AuthError``) says our
         credentials are wrong, which an operator fixes (RB-09 Recovery 1-2)
         without the subject changing, so it is treated like an outage: deferred
@@ -190,15 +215,15 @@ def plan_failure(
 ) -> FailureAction:
     """Decide what happens when no provider served.
 
-    A chain where every provider answered 4xx is the caller's problem, not an
-    outage: the error is raised and nothing is deferred. Otherwise the subject
-    is stale; the cached copy is served if allowed and present, and the request
-    is deferred (with a defect) when ``defer_on_error`` is on, whether or not a
-    cached copy was served, so that the cached subject also refreshes by itself
-    and stays visible as a defect until it has.
+    A chain where every provider answered without data (no match, invalid) is
+    not an outage: the error is raised and nothing is deferred. Otherwise (see
+    :func:`is_outage`) the subject is stale; the cached copy is served if
+    allowed and present, and the request is deferred (with a defect) when
+    ``defer_on_error`` is on, whether or not a cached copy was served, so that
+    the cached subject also refreshes by itself and stays visible as a defect
+    until it has.
     """
-    outage = any(a.outcome != "served" and a.retryable for a in attempts)
-    if not outage:
+    if not is_outage(attempts):
         return FailureAction("raise", defer=False, mark_stale=False)
     defer = settings.defer_on_error
     if settings.serve_cached and has_cache:
@@ -208,29 +233,55 @@ def plan_failure(
     return FailureAction("raise", defer=False, mark_stale=True)
 
 
+def is_outage(attempts: Sequence[Attempt]) -> bool:
+    """Whether the chain failed for unavailability (the subject is stale: retry later).
+
+    True when no provider served and at least one was unavailable or skipped,
+    whatever the others answered: a primary's 404 next to a fallback's 503 (or
+    the reverse) leaves the subject's data unknown, not absent. False when a
+    provider served, when every provider answered without data (404/410/400/422),
+    and for an empty chain.
+    """
+    if any(a.outcome == "served" for a in attempts):
+        return False
+    return any(a.retryable for a in attempts)
+
+
+def refresh_verdict(attempts: Sequence[Attempt]) -> RefreshVerdict:
+    """What a deferred refresh came to, from its chain's attempts.
+
+    ``refreshed``: a provider served. ``gated``: no provider was called (all
+    skipped, or none left configured): the request goes back untouched.
+    ``rescheduled``: an outage (:func:`is_outage`): retry after a backoff.
+    ``failed``: every provider answered without data: give up, keep the defect.
+    """
+    if any(a.outcome == "served" for a in attempts):
+        return "refreshed"
+    if all(a.outcome == "skipped" for a in attempts):
+        return "gated"
+    return "rescheduled" if is_outage(attempts) else "failed"
+
+
 def describe_attempts(attempts: Sequence[Attempt]) -> str:
     """A bounded one-line summary, e.g. ``enrichment_provider:server_error, backup:skipped``."""
     parts = [f"{a.provider}:{a.error_type or a.outcome}" for a in attempts if a.outcome != "served"]
     return ", ".join(parts)[:255]
 
 
-def refresh_delay(
-    attempts: int,
-    settings: EnrichmentSettings,
-    rng: random.Random | None = None,
-) -> timedelta:
-    """Wait before the next refresh attempt: exponential cap, full jitter.
+def refresh_backoff(settings: EnrichmentSettings) -> Backoff:
+    """The backoff between refresh attempts of one deferred request.
 
-    ``attempts`` counts attempts already made (1 after the first failure). The
-    cap doubles from ``retry_backoff`` up to ``retry_max_backoff``; the delay is
-    uniform in [cap/2, cap] so retries of many subjects spread out while each
-    still waits a meaningful time.
+    The cap doubles from ``retry_backoff`` up to ``retry_max_backoff``; the delay
+    is drawn in [cap/2, cap] ("equal" jitter) so retries of many subjects spread
+    out while each still waits a meaningful time. A maximum below the first cap
+    caps every delay at the maximum, as it always did.
     """
-    base = settings.retry_backoff.total_seconds()
     ceiling = settings.retry_max_backoff.total_seconds()
-    cap = min(ceiling, base * (2 ** max(0, attempts - 1)))
-    draw = (rng or random).uniform(cap / 2, cap)
-    return timedelta(seconds=draw)
+    return Backoff(
+        initial=min(settings.retry_backoff.total_seconds(), ceiling),
+        maximum=ceiling,
+        jitter="equal",
+    )
 
 
 def next_batch_size(current: int, maximum: int, outcome: Literal["ok", "failed", "gated"]) -> int:

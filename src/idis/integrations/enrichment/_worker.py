@@ -1,6 +1,12 @@
 """The deferred-enrichment worker: refresh stale subjects once their providers recover.
 
-Each pass (:meth:`DeferredEnrichmentWorker.run_once`), per provider with due requests:
+One implementation, for asyncio (background workers are async only): the
+example service runs it as a task, ``idis-integrations enrichment
+run-deferred`` and :func:`run_deferred` run it with ``asyncio.run``, and the
+drill runs the same class.
+
+Each pass (:meth:`AsyncDeferredEnrichmentWorker.run_once`), per provider with
+due requests:
 
 1. **Gate.** Skip the provider while no provider of its chain is available
    (breaker open and not yet due for a trial, or a 429 pause): waiting burns
@@ -9,60 +15,74 @@ Each pass (:meth:`DeferredEnrichmentWorker.run_once`), per provider with due req
 2. **Lease** a batch (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), oldest due
    first. The batch slow-starts: 1 request after the provider was unavailable
    or failed, doubling per fully successful batch up to ``batch_size``.
-3. **Refresh** the batch one request at a time through the same chain logic as
-   :class:`~idis.integrations.enrichment.Enricher`. A success caches the data,
-   clears the stale mark and resolves the subject's defects with
-   'Data refreshed after provider recovery'. The first outage failure stops
-   the batch: that request is rescheduled with exponential backoff and jitter,
-   the rest go back untouched. A 4xx from every provider fails the request and
-   leaves its defect OPEN.
+3. **Refresh** the batch one request at a time through the enricher's own
+   chain flow (:func:`~._flow.ask_chain`) and decisions
+   (:func:`~._decisions.refresh_verdict`). A success caches the data, clears
+   the stale mark and resolves the subject's defects with 'Data refreshed after
+   provider recovery', then calls the ``on_refreshed`` callbacks. The first
+   outage failure stops the batch: that request is rescheduled after the
+   refresh backoff, the rest go back untouched. A chain where every provider
+   answered without data fails the request and leaves its defect OPEN.
 
 Between passes the worker waits ``batch_interval`` while work remains, else
-``poll_interval``, each jittered by ±20% so replicas drift apart. Together
-these keep a recovered provider from being hit by the whole backlog at once.
+``poll_interval``, each jittered by ±20% so replicas drift apart. Waits go
+through the clock, so a ``ManualClock`` advances instead of sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import random
 import signal
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 
-from sqlalchemy import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .._clock import Clock, system_clock
+from .._flow import adrive
 from ..config import Settings
-from ..db._engine import create_async_db_engine, create_db_engine, session_scope, storage_errors
-from ..exceptions import IntegrationError
+from ..db._engine import async_session_scope
+from ..exceptions import IntegrationError, UsageError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from . import _store
-from ._decisions import describe_attempts, next_batch_size, provider_chain, refresh_delay
-from ._enricher import ChainOutcome, Clock, _UTCNow, atry_chain, default_auth, try_chain
+from ._decisions import (
+    EnrichmentResult,
+    RefreshVerdict,
+    SubjectKey,
+    describe_attempts,
+    next_batch_size,
+    provider_chain,
+    refresh_backoff,
+    refresh_verdict,
+)
+from ._enricher import async_parts
+from ._flow import ChainOutcome, FlowIO, ask_chain, served_result
 
 if TYPE_CHECKING:
-    from ..resilience import AsyncGateway, Gateway
+    from sqlalchemy.orm import Session
 
-__all__ = [
-    "AsyncDeferredEnrichmentWorker",
-    "DeferredEnrichmentWorker",
-    "RunStats",
-    "run_deferred",
-]
+    from ..resilience import AsyncGateway
+
+__all__ = ["AsyncDeferredEnrichmentWorker", "RefreshedCallback", "RunStats", "run_deferred"]
 
 _log = get_logger()
-_Verdict = Literal["refreshed", "rescheduled", "failed", "gated"]
+T = TypeVar("T")
+_BatchOutcome = Literal["ok", "failed", "gated"]
+
+#: Called after a deferred subject's refresh committed: ``(subject, fresh result)``.
+#: A plain function or a coroutine function; see :meth:`AsyncDeferredEnrichmentWorker.on_refreshed`.
+RefreshedCallback: TypeAlias = Callable[[SubjectKey, EnrichmentResult], Awaitable[None] | None]
 
 
 @dataclass(slots=True)
@@ -77,7 +97,7 @@ class RunStats:
     refreshed: int = 0
     #: Refreshes that failed on an outage and were rescheduled with backoff.
     rescheduled: int = 0
-    #: Requests every provider rejected (4xx); their defects stay OPEN.
+    #: Requests every provider answered without data (404/410/400/422); defects stay OPEN.
     failed: int = 0
     #: Leased requests handed back untouched (the batch stopped early).
     released: int = 0
@@ -87,6 +107,8 @@ class RunStats:
     defects_resolved: int = 0
     #: Passes that failed (database or configuration error), logged and retried.
     errors: int = 0
+    #: ``on_refreshed`` callbacks that raised (logged; the refresh stays committed).
+    callback_errors: int = 0
     #: Whether a batch came back full (more may be due right away).
     more_due: bool = False
 
@@ -107,350 +129,41 @@ class RunStats:
         return {f.name: int(getattr(self, f.name)) for f in fields(self) if f.name != "more_due"}
 
 
-@dataclass(slots=True)
-class _Plan:
-    """Pure per-worker state: slow-start batch sizes, backoff, jitter."""
-
-    settings: Settings
-    owner: str
-    rng: random.Random
-    ramp: dict[str, int] = field(default_factory=dict)
-
-    def gate_chain(self, provider: str) -> tuple[str, ...]:
-        if provider not in self.settings.providers:
-            return ()
-        return provider_chain(self.settings, provider)
-
-    def known(self, providers: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(p for p in providers if p in self.settings.providers)
-
-    def batch_size(self, provider: str) -> int:
-        return self.ramp.get(provider, 1)
-
-    def after_batch(self, provider: str, outcome: Literal["ok", "failed", "gated"]) -> None:
-        current = self.batch_size(provider)
-        self.ramp[provider] = next_batch_size(current, self.settings.enrichment.batch_size, outcome)
-
-    def verdict(self, outcome: ChainOutcome) -> _Verdict:
-        if outcome.served_by is not None:
-            return "refreshed"
-        if not outcome.attempted:
-            return "gated"
-        if any(a.retryable for a in outcome.attempts if a.outcome != "served"):
-            return "rescheduled"
-        return "failed"
-
-    def pause(self, stats: RunStats) -> float:
-        enrichment = self.settings.enrichment
-        base = enrichment.batch_interval if stats.more_due else enrichment.poll_interval
-        return base.total_seconds() * self.rng.uniform(0.8, 1.2)
-
-    def delay(self, attempts: int) -> timedelta:
-        return refresh_delay(attempts, self.settings.enrichment, self.rng)
-
-
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def apply_verdict(
-    session: Session,
-    request: _store.LeasedRequest,
-    *,
-    verdict: _Verdict,
-    outcome: ChainOutcome,
-    plan: _Plan,
-    now: datetime,
-    metrics: Metrics,
-    actor: str,
-) -> int:
-    """Store one refresh's outcome (one transaction); return the defects it resolved."""
-    if verdict == "refreshed":
-        assert outcome.served_by is not None
-        assert outcome.data is not None
-        resolved, _ = _store.record_success(
-            session,
-            request.key,
-            served_by=outcome.served_by,
-            data=outcome.data,
-            fetched_at=now,
-            now=now,
-            actor=actor,
-        )
-        metrics.enrichment_requests.labels(provider=request.key.provider, result="refreshed").inc()
-        return len(resolved)
-    error = describe_attempts(outcome.attempts)
-    if verdict == "rescheduled":
-        _store.reschedule(
-            session,
-            request,
-            next_attempt_at=now + plan.delay(request.attempts + 1),
-            error=error,
-            now=now,
-        )
-    elif verdict == "failed":
-        _store.fail_request(session, request, error=error, now=now)
-    return 0
+def _callback_name(callback: Callable[..., Any]) -> str:
+    return str(getattr(callback, "__qualname__", None) or type(callback).__qualname__)
 
 
-class _Base:
-    """Configuration and logging shared by both workers."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        metrics: Metrics | None,
-        clock: Clock | None,
-        worker_id: str | None,
-        seed: int | None,
-    ) -> None:
-        self.settings = settings
-        self.metrics = metrics or get_metrics()
-        self.clock: Clock = clock or _UTCNow()
-        self.worker_id = worker_id or _worker_id()
-        self.actor = f"worker:{self.worker_id}"
-        self._plan = _Plan(settings, self.worker_id, random.Random(seed))  # noqa: S311  # jitter, not crypto
-
-    def _log_verdict(self, request: _store.LeasedRequest, verdict: _Verdict, resolved: int) -> None:
-        if verdict == "refreshed":
-            _log.info(
-                "idis.enrichment.refreshed",
-                msg="deferred enrichment refreshed after provider recovery",
-                provider=request.key.provider,
-                tenant_id=request.key.tenant_id,
-                subject_id=request.key.subject_id,
-                defects_resolved=resolved,
-                worker=self.worker_id,
-            )
-        elif verdict == "rescheduled":
-            _log.info(
-                "idis.enrichment.refresh_rescheduled",
-                msg="deferred enrichment failed again; retrying later with backoff",
-                provider=request.key.provider,
-                subject_id=request.key.subject_id,
-                attempts=request.attempts + 1,
-                worker=self.worker_id,
-            )
-        elif verdict == "failed":
-            _log.warning(
-                "idis.enrichment.refresh_rejected",
-                msg="every provider rejected the deferred enrichment; its defect stays open",
-                provider=request.key.provider,
-                subject_id=request.key.subject_id,
-                worker=self.worker_id,
-            )
-
-    @staticmethod
-    def _count(stats: RunStats, verdict: _Verdict) -> None:
-        if verdict == "refreshed":
-            stats.refreshed += 1
-        elif verdict == "rescheduled":
-            stats.rescheduled += 1
-        elif verdict == "failed":
-            stats.failed += 1
-
-
-class DeferredEnrichmentWorker(_Base):
-    """Runs deferred enrichments in a thread, a loop, or one pass at a time.
+class AsyncDeferredEnrichmentWorker:
+    """Refreshes deferred enrichments as their providers recover (an asyncio task).
 
     Example (inside a service)::
 
-        worker = DeferredEnrichmentWorker(settings, gateway)
-        worker.start()          # background thread
+        worker = AsyncDeferredEnrichmentWorker(settings, async_gateway, engine=async_engine)
+
+        @worker.on_refreshed
+        async def copy_to_claim(subject: SubjectKey, result: EnrichmentResult) -> None:
+            ...  # write result.data onto the host's row for subject.subject_id
+
+        task = worker.start()
         ...
-        worker.stop()
+        await worker.stop()      # finishes the request in hand
+
+    Scripts run it with ``asyncio.run`` (:func:`run_deferred`). Not thread-safe:
+    use it from one event loop.
 
     Args:
-        settings: Library settings (default: from the environment).
-        gateway: Sync gateway (default: a new one, closed with the worker).
-        engine: Database engine (default: one on ``settings.database_url``).
+        settings: Library settings (default: the gateway's, else from the environment).
+        gateway: Async gateway (default: a new one, closed by :meth:`aclose`).
+        engine: Async database engine (default: one on ``settings.database_url``).
         metrics: Metrics to record into.
-        clock: Time source (``.now()``).
+        clock: Time source for due times, leases and the waits between passes.
         worker_id: Lease owner name (default: host:pid:random).
         seed: Seed for jitter (reproducible tests).
-    """
-
-    def __init__(
-        self,
-        settings: Settings | None = None,
-        gateway: Gateway | None = None,
-        *,
-        engine: Engine | None = None,
-        metrics: Metrics | None = None,
-        clock: Clock | None = None,
-        worker_id: str | None = None,
-        seed: int | None = None,
-    ) -> None:
-        settings = settings or (gateway.settings if gateway is not None else Settings.from_env())
-        super().__init__(settings, metrics=metrics, clock=clock, worker_id=worker_id, seed=seed)
-        self._owned: list[Callable[[], None]] = []
-        if engine is None:
-            engine = create_db_engine(settings.database_url)
-            self._owned.append(engine.dispose)
-        if gateway is None:
-            from ..resilience import Gateway
-
-            auth = default_auth(settings, engine=engine)
-            if auth is not None:
-                self._owned.append(auth.close)
-            gateway = Gateway(settings, metrics=self.metrics, auth=auth)
-            self._owned.append(gateway.close)
-        self._gateway = gateway
-        self._engine = engine
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.totals = RunStats()
-
-    def run_once(self) -> RunStats:
-        """One pass: at most one (slow-started) batch per provider with due requests."""
-        stats = RunStats(passes=1)
-        plan = self._plan
-        with session_scope(self._engine) as session:
-            providers = _store.due_providers(session, self.clock.now())
-        for provider in providers:
-            chain = plan.gate_chain(provider)
-            if not any(self._gateway.available(name) for name in chain):
-                stats.gated += 1
-                plan.after_batch(provider, "gated")
-                continue
-            size = plan.batch_size(provider)
-            with session_scope(self._engine) as session:
-                leased = _store.lease(
-                    session,
-                    provider,
-                    limit=size,
-                    owner=self.worker_id,
-                    now=self.clock.now(),
-                    lease_for=self.settings.enrichment.lease,
-                )
-            stats.leased += len(leased)
-            batch_outcome: Literal["ok", "failed", "gated"] = "ok"
-            for index, request in enumerate(leased):
-                outcome = try_chain(
-                    self._gateway, plan.known(request.providers), request.key.subject_id
-                )
-                verdict = plan.verdict(outcome)
-                if verdict == "gated":
-                    batch_outcome = "gated"
-                    rest = leased[index:]
-                else:
-                    with session_scope(self._engine) as session:
-                        resolved = apply_verdict(
-                            session,
-                            request,
-                            verdict=verdict,
-                            outcome=outcome,
-                            plan=plan,
-                            now=self.clock.now(),
-                            metrics=self.metrics,
-                            actor=self.actor,
-                        )
-                    stats.defects_resolved += resolved
-                    self._count(stats, verdict)
-                    self._log_verdict(request, verdict, resolved)
-                    if verdict != "rescheduled":
-                        continue
-                    batch_outcome = "failed"
-                    rest = leased[index + 1 :]
-                with session_scope(self._engine) as session:
-                    _store.release(
-                        session, [r.id for r in rest], owner=self.worker_id, now=self.clock.now()
-                    )
-                stats.released += len(rest)
-                break
-            if batch_outcome == "ok" and len(leased) == size:
-                stats.more_due = True
-            plan.after_batch(provider, batch_outcome)
-        with session_scope(self._engine) as session:
-            _store.refresh_gauges(session, self.metrics, self.settings.providers)
-        self.totals.add(stats)
-        return stats
-
-    def drain(
-        self, *, max_passes: int | None = None, stop: threading.Event | None = None
-    ) -> RunStats:
-        """Run passes until one does no work (``run-deferred --once``); return the totals."""
-        event = stop or self._stop
-        total = RunStats()
-        while max_passes is None or total.passes < max_passes:
-            stats = self.run_once()
-            total.add(stats)
-            if not stats.worked and not stats.more_due:
-                break
-            if event.wait(self._plan.pause(stats)) or self._stop.is_set():
-                break
-        return total
-
-    def run(self, stop: threading.Event | None = None) -> RunStats:
-        """Run passes until ``stop`` (or :meth:`stop`) is set; errors are logged, not raised.
-
-        Returns:
-            The accumulated counts.
-        """
-        event = stop or self._stop
-        total = RunStats()
-        while not event.is_set() and not self._stop.is_set():
-            try:
-                stats = self.run_once()
-            except IntegrationError as exc:
-                # A database or provider hiccup must not kill a long-running worker.
-                _log.warning(
-                    "idis.enrichment.worker_error",
-                    msg="deferred enrichment pass failed; retrying after the poll interval",
-                    error_type=type(exc).__name__,
-                    error=str(exc),
-                    worker=self.worker_id,
-                )
-                stats = RunStats(passes=1, errors=1)
-                self.totals.add(stats)
-            total.add(stats)
-            pause = self._plan.pause(stats)
-            if event.wait(pause) or self._stop.is_set():
-                break
-        return total
-
-    def start(self) -> threading.Thread:
-        """Run :meth:`run` in a daemon thread; :meth:`stop` ends it."""
-        if self._thread is not None and self._thread.is_alive():
-            return self._thread
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self.run, name=f"idis-enrichment-{self.worker_id}", daemon=True
-        )
-        self._thread.start()
-        return self._thread
-
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Ask the loop to stop after the current request and wait for the thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def close(self) -> None:
-        """Stop, then close what the worker created."""
-        self.stop()
-        for closer in reversed(self._owned):
-            closer()
-        self._owned.clear()
-
-    def __enter__(self) -> DeferredEnrichmentWorker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncDeferredEnrichmentWorker(_Base):
-    """Async twin of :class:`DeferredEnrichmentWorker`, for an asyncio task in the service.
-
-    Example::
-
-        worker = AsyncDeferredEnrichmentWorker(settings, async_gateway)
-        task = worker.start()   # asyncio task
-        ...
-        await worker.stop()
+        on_refreshed: Callbacks called after each refresh committed (see :meth:`on_refreshed`).
     """
 
     def __init__(
@@ -463,113 +176,297 @@ class AsyncDeferredEnrichmentWorker(_Base):
         clock: Clock | None = None,
         worker_id: str | None = None,
         seed: int | None = None,
+        on_refreshed: Iterable[RefreshedCallback] = (),
     ) -> None:
         settings = settings or (gateway.settings if gateway is not None else Settings.from_env())
-        super().__init__(settings, metrics=metrics, clock=clock, worker_id=worker_id, seed=seed)
-        self._owned_gateway = gateway is None
-        self._owned_engine = engine is None
-        self._engine = engine or create_async_db_engine(settings.database_url)
-        self._auth: Any = None
-        if gateway is None:
-            from ..resilience import AsyncGateway
-
-            self._auth = default_auth(settings, async_engine=self._engine)
-            gateway = AsyncGateway(settings, metrics=self.metrics, auth=self._auth)
+        self.settings = settings
+        self.metrics = metrics or get_metrics()
+        self.clock: Clock = clock or system_clock
+        self.worker_id = worker_id or _worker_id()
+        self.actor = f"worker:{self.worker_id}"
+        #: What the worker did since it was created.
+        self.totals = RunStats()
+        self._rng = random.Random(seed)  # noqa: S311  # jitter, not cryptography
+        self._backoff = refresh_backoff(settings.enrichment)
+        self._ramp: dict[str, int] = {}
+        self._callbacks: list[RefreshedCallback] = []
+        for callback in on_refreshed:
+            self.on_refreshed(callback)
+        gateway, engine, self._closers = async_parts(settings, gateway, engine, self.metrics)
         self._gateway = gateway
-        self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
+        self._engine = engine
+        self._io = FlowIO(gateway, engine, self.clock)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[RunStats] | None = None
-        self.totals = RunStats()
 
-    async def _tx(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with storage_errors():
-            async with self._sessions.begin() as session:
-                return await session.run_sync(func, *args, **kwargs)
+    # ------------------------------------------------------------ callbacks
+
+    def on_refreshed(self, callback: RefreshedCallback) -> RefreshedCallback:
+        """Register ``callback(subject, result)``, called after a refresh committed.
+
+        ``subject`` is the :class:`SubjectKey` (primary provider, tenant, type, id);
+        ``result`` the fresh :class:`EnrichmentResult` (``enriched`` or
+        ``served_from_fallback``, with ``data`` and ``fetched_at``). A coroutine
+        function is awaited; a plain function runs on the event loop, so keep it
+        short. Callbacks run in registration order, after the transaction that
+        cached the data and resolved the defects, so a callback that raises is
+        logged (``idis.enrichment.refreshed_callback_failed``, its error type only)
+        and counted, never undoes or retries the refresh. A crash between the
+        commit and the callback skips the callback: hosts that must not miss one
+        catch up from the cache at start (the example service does).
+
+        Returns ``callback``, so it works as a decorator.
+
+        Raises:
+            UsageError: ``callback`` is not callable.
+        """
+        if not callable(callback):
+            raise UsageError(
+                f"on_refreshed expects a callable (subject, result), got {type(callback).__name__}"
+            )
+        self._callbacks.append(callback)
+        return callback
+
+    async def _notify(self, key: SubjectKey, result: EnrichmentResult, stats: RunStats) -> None:
+        for callback in self._callbacks:
+            try:
+                outcome = callback(key, result)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception as exc:  # noqa: BLE001  # the host's code: log it, keep refreshing
+                stats.callback_errors += 1
+                # Only the type: a host's exception text may carry anything, secrets included.
+                _log.error(
+                    "idis.enrichment.refreshed_callback_failed",
+                    msg="an on_refreshed callback raised; the refresh itself is committed",
+                    callback=_callback_name(callback),
+                    error_type=type(exc).__name__,
+                    provider=key.provider,
+                    tenant_id=key.tenant_id,
+                    subject_id=key.subject_id,
+                    worker=self.worker_id,
+                )
+
+    # ------------------------------------------------------------ one pass
+
+    async def _tx(self, work: Callable[[Session], T], *, write: bool = True) -> T:
+        async with async_session_scope(self._engine, write=write) as session:
+            return await session.run_sync(work)
+
+    def _gate_chain(self, provider: str) -> tuple[str, ...]:
+        if provider not in self.settings.providers:
+            return ()
+        return provider_chain(self.settings, provider)
 
     async def run_once(self) -> RunStats:
-        """One pass; see :meth:`DeferredEnrichmentWorker.run_once`."""
+        """One pass: at most one (slow-started) batch per provider with due requests.
+
+        Raises:
+            StorageError: the database is unreachable (:meth:`run` logs and retries).
+        """
         stats = RunStats(passes=1)
-        plan = self._plan
-        providers = await self._tx(_store.due_providers, self.clock.now())
+        providers = await self._tx(partial(_store.due_providers, now=self.clock.now()), write=False)
         for provider in providers:
-            chain = plan.gate_chain(provider)
-            if not any(self._gateway.available(name) for name in chain):
-                stats.gated += 1
-                plan.after_batch(provider, "gated")
-                continue
-            size = plan.batch_size(provider)
-            leased: list[_store.LeasedRequest] = await self._tx(
-                _store.lease,
-                provider,
-                limit=size,
-                owner=self.worker_id,
-                now=self.clock.now(),
-                lease_for=self.settings.enrichment.lease,
-            )
-            stats.leased += len(leased)
-            batch_outcome: Literal["ok", "failed", "gated"] = "ok"
-            for index, request in enumerate(leased):
-                outcome = await atry_chain(
-                    self._gateway, plan.known(request.providers), request.key.subject_id
-                )
-                verdict = plan.verdict(outcome)
-                if verdict == "gated":
-                    batch_outcome = "gated"
-                    rest = leased[index:]
-                else:
-                    resolved = await self._tx(
-                        apply_verdict,
-                        request,
-                        verdict=verdict,
-                        outcome=outcome,
-                        plan=plan,
-                        now=self.clock.now(),
-                        metrics=self.metrics,
-                        actor=self.actor,
-                    )
-                    stats.defects_resolved += resolved
-                    self._count(stats, verdict)
-                    self._log_verdict(request, verdict, resolved)
-                    if verdict != "rescheduled":
-                        continue
-                    batch_outcome = "failed"
-                    rest = leased[index + 1 :]
-                await self._tx(
-                    _store.release, [r.id for r in rest], owner=self.worker_id, now=self.clock.now()
-                )
-                stats.released += len(rest)
+            if self._stop.is_set():
                 break
-            if batch_outcome == "ok" and len(leased) == size:
-                stats.more_due = True
-            plan.after_batch(provider, batch_outcome)
-        await self._tx(_store.refresh_gauges, self.metrics, self.settings.providers)
+            outcome = await self._batch(provider, stats)
+            current = self._ramp.get(provider, 1)
+            maximum = self.settings.enrichment.batch_size
+            self._ramp[provider] = next_batch_size(current, maximum, outcome)
+        await self._tx(
+            partial(_store.refresh_gauges, metrics=self.metrics, providers=self.settings.providers)
+        )
         self.totals.add(stats)
         return stats
 
-    async def _wait(self, seconds: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+    async def _batch(self, provider: str, stats: RunStats) -> _BatchOutcome:
+        """Gate, lease and refresh one provider's batch."""
+        if not any(self._gateway.available(name) for name in self._gate_chain(provider)):
+            stats.gated += 1
+            return "gated"
+        size = self._ramp.get(provider, 1)
+        lease = partial(
+            _store.lease,
+            provider=provider,
+            limit=size,
+            owner=self.worker_id,
+            now=self.clock.now(),
+            lease_for=self.settings.enrichment.lease,
+        )
+        leased = await self._tx(lease)
+        stats.leased += len(leased)
+        for index, request in enumerate(leased):
+            if self._stop.is_set():
+                # Stopping: the request in hand is done; the rest go back for another worker.
+                await self._release(leased[index:], stats)
+                return "ok"
+            verdict = await self._refresh(request, stats)
+            if verdict == "gated":
+                await self._release(leased[index:], stats)
+                return "gated"
+            if verdict == "rescheduled":
+                await self._release(leased[index + 1 :], stats)
+                return "failed"
+        if len(leased) == size:
+            stats.more_due = True
+        return "ok"
+
+    async def _release(self, rest: list[_store.LeasedRequest], stats: RunStats) -> None:
+        if rest:
+            release = partial(
+                _store.release,
+                ids=[r.id for r in rest],
+                owner=self.worker_id,
+                now=self.clock.now(),
+            )
+            await self._tx(release)
+        stats.released += len(rest)
+
+    async def _refresh(self, request: _store.LeasedRequest, stats: RunStats) -> RefreshVerdict:
+        """Ask the request's chain, store the verdict, then tell the callbacks."""
+        chain = tuple(p for p in request.providers if p in self.settings.providers)
+        outcome = await adrive(ask_chain(chain, request.key.subject_id), self._io)
+        verdict = refresh_verdict(outcome.attempts)
+        if verdict == "gated":
+            return verdict
+        now = self.clock.now()
+        store = partial(
+            self._store_verdict, request=request, verdict=verdict, outcome=outcome, now=now
+        )
+        resolved = await self._tx(store)
+        stats.defects_resolved += resolved
+        self._log_verdict(request, verdict, resolved)
+        if verdict == "refreshed":
+            stats.refreshed += 1
+            await self._notify(request.key, served_result(request.key, outcome, now), stats)
+        elif verdict == "rescheduled":
+            stats.rescheduled += 1
+        else:
+            stats.failed += 1
+        return verdict
+
+    def _store_verdict(
+        self,
+        session: Session,
+        *,
+        request: _store.LeasedRequest,
+        verdict: RefreshVerdict,
+        outcome: ChainOutcome,
+        now: datetime,
+    ) -> int:
+        """Store one refresh's outcome (one transaction); return the defects it resolved."""
+        if verdict == "refreshed":
+            assert outcome.served_by is not None
+            assert outcome.data is not None
+            resolved, _ = _store.record_success(
+                session,
+                request.key,
+                served_by=outcome.served_by,
+                data=outcome.data,
+                fetched_at=now,
+                now=now,
+                actor=self.actor,
+            )
+            self.metrics.enrichment_requests.labels(
+                provider=request.key.provider, result="refreshed"
+            ).inc()
+            return len(resolved)
+        error = describe_attempts(outcome.attempts)
+        if verdict == "rescheduled":
+            delay = self._backoff.delay(request.attempts + 1, self._rng)
+            _store.reschedule(
+                session,
+                request,
+                next_attempt_at=now + timedelta(seconds=delay),
+                error=error,
+                now=now,
+            )
+        else:
+            _store.fail_request(session, request, error=error, now=now)
+        return 0
+
+    def _log_verdict(
+        self, request: _store.LeasedRequest, verdict: RefreshVerdict, resolved: int
+    ) -> None:
+        key = request.key
+        if verdict == "refreshed":
+            _log.info(
+                "idis.enrichment.refreshed",
+                msg="deferred enrichment refreshed after provider recovery",
+                provider=key.provider,
+                tenant_id=key.tenant_id,
+                subject_id=key.subject_id,
+                defects_resolved=resolved,
+                worker=self.worker_id,
+            )
+        elif verdict == "rescheduled":
+            _log.info(
+                "idis.enrichment.refresh_rescheduled",
+                msg="deferred enrichment failed again; retrying later with backoff",
+                provider=key.provider,
+                subject_id=key.subject_id,
+                attempts=request.attempts + 1,
+                worker=self.worker_id,
+            )
+        else:
+            _log.warning(
+                "idis.enrichment.refresh_rejected",
+                msg="every provider answered the deferred enrichment without data; "
+                "its defect stays open",
+                provider=key.provider,
+                subject_id=key.subject_id,
+                worker=self.worker_id,
+            )
+
+    # ------------------------------------------------------------ loops
+
+    def _pause_seconds(self, stats: RunStats) -> float:
+        enrichment = self.settings.enrichment
+        base = enrichment.batch_interval if stats.more_due else enrichment.poll_interval
+        return base.total_seconds() * self._rng.uniform(0.8, 1.2)
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` on the clock or until stopped; return whether stopped."""
+        if self._stop.is_set():
+            return True
+        sleeping = asyncio.ensure_future(self.clock.asleep(seconds))
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({sleeping, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (sleeping, stopping):
+                waiter.cancel()
+            await asyncio.gather(sleeping, stopping, return_exceptions=True)
         return self._stop.is_set()
 
     async def drain(self, *, max_passes: int | None = None) -> RunStats:
-        """Run passes until one does no work; return the totals."""
+        """Run passes until one does no work (``run-deferred --once``); return the totals.
+
+        Raises:
+            StorageError: the database is unreachable.
+        """
         total = RunStats()
         while max_passes is None or total.passes < max_passes:
             stats = await self.run_once()
             total.add(stats)
             if not stats.worked and not stats.more_due:
                 break
-            if await self._wait(self._plan.pause(stats)):
+            if await self._pause(self._pause_seconds(stats)):
                 break
         return total
 
     async def run(self) -> RunStats:
-        """Run passes until :meth:`stop`; errors are logged, not raised."""
+        """Run passes until :meth:`stop`; a failed pass is logged and retried, not raised.
+
+        Returns:
+            The accumulated counts.
+        """
         total = RunStats()
         while not self._stop.is_set():
             try:
                 stats = await self.run_once()
             except IntegrationError as exc:
+                # A database or configuration hiccup must not kill a long-running worker.
                 _log.warning(
                     "idis.enrichment.worker_error",
                     msg="deferred enrichment pass failed; retrying after the poll interval",
@@ -580,12 +477,12 @@ class AsyncDeferredEnrichmentWorker(_Base):
                 stats = RunStats(passes=1, errors=1)
                 self.totals.add(stats)
             total.add(stats)
-            if await self._wait(self._plan.pause(stats)):
+            if await self._pause(self._pause_seconds(stats)):
                 break
         return total
 
     def start(self) -> asyncio.Task[RunStats]:
-        """Run :meth:`run` as an asyncio task of the running loop."""
+        """Run :meth:`run` as a task of the running loop (the same task if already running)."""
         if self._task is None or self._task.done():
             self._stop.clear()
             self._task = asyncio.get_running_loop().create_task(
@@ -593,80 +490,89 @@ class AsyncDeferredEnrichmentWorker(_Base):
             )
         return self._task
 
+    def request_stop(self) -> None:
+        """Ask :meth:`run` / :meth:`drain` to stop after the request in hand (signal-safe)."""
+        self._stop.set()
+
     async def stop(self) -> None:
-        """Ask the loop to stop after the current request and wait for the task."""
+        """Ask the loop to stop after the request in hand and wait for the task."""
         self._stop.set()
         if self._task is not None:
             await self._task
             self._task = None
 
     async def aclose(self) -> None:
-        """Stop, then close what the worker created."""
+        """Stop, then close the gateway and engine the worker created (not ones passed in)."""
         await self.stop()
-        if self._owned_gateway:
-            await self._gateway.aclose()
-            self._owned_gateway = False
-        if self._auth is not None:
-            await self._auth.aclose()
-            self._auth = None
-        if self._owned_engine:
-            await self._engine.dispose()
-            self._owned_engine = False
+        while self._closers:
+            await self._closers.pop()()
+
+    async def __aenter__(self) -> AsyncDeferredEnrichmentWorker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 @contextlib.contextmanager
-def _stop_on_signals(event: threading.Event) -> Iterator[None]:
-    """SIGTERM/SIGINT set ``event`` (main thread only); previous handlers come back after."""
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM/SIGINT call ``stop`` (main thread, Unix); the previous handling comes back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        event.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover  # Windows event loops
+            continue
+        installed.append(sig)
     try:
         yield
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 def run_deferred(
     settings: Settings | None = None,
     *,
     once: bool = False,
-    gateway: Gateway | None = None,
-    engine: Engine | None = None,
     metrics: Metrics | None = None,
     clock: Clock | None = None,
-    stop: threading.Event | None = None,
     worker_id: str | None = None,
+    on_refreshed: Iterable[RefreshedCallback] = (),
 ) -> RunStats:
-    """Run deferred enrichments (``idis-integrations enrichment run-deferred``).
+    """Run deferred enrichments under ``asyncio.run`` (``enrichment run-deferred``).
+
+    Builds its own gateway and engine from ``settings``. Not for code already
+    inside an event loop: run :class:`AsyncDeferredEnrichmentWorker` there.
 
     Args:
         settings: Library settings (default: from the environment).
-        once: Drain what can run now, then return; otherwise run until ``stop`` is set
-            or SIGTERM/SIGINT arrives (finishing the request in hand).
-        gateway: Sync gateway (default: a new one).
-        engine: Database engine (default: one on ``settings.database_url``).
+        once: Drain what can run now, then return; otherwise run until SIGTERM/SIGINT
+            (finishing the request in hand).
         metrics: Metrics to record into.
         clock: Time source.
-        stop: Event that ends a continuous run.
         worker_id: Lease owner name.
+        on_refreshed: Callbacks called after each refresh committed.
 
     Returns:
         The accumulated counts.
+
+    Raises:
+        StorageError: with ``once``, the database is unreachable.
     """
-    worker = DeferredEnrichmentWorker(
-        settings, gateway, engine=engine, metrics=metrics, clock=clock, worker_id=worker_id
-    )
-    event = stop or threading.Event()
-    try:
-        with _stop_on_signals(event):
-            if once:
-                return worker.drain(stop=event)
-            return worker.run(event)
-    finally:
-        worker.close()
+
+    async def main() -> RunStats:
+        worker = AsyncDeferredEnrichmentWorker(
+            settings, metrics=metrics, clock=clock, worker_id=worker_id, on_refreshed=on_refreshed
+        )
+        try:
+            with _stop_on_signals(worker.request_stop):
+                return await (worker.drain() if once else worker.run())
+        finally:
+            await worker.aclose()
+
+    return asyncio.run(main())

@@ -216,6 +216,13 @@ class Metrics:
             ["provider", "outcome"],
             registry=r,
         )
+        self.token_reauthorization_required = Gauge(
+            "integration_token_reauthorization_required",
+            "1 while automatic token refresh is stopped until someone re-authorizes, by reason "
+            "(invalid_grant, invalid_client, outcome_unknown).",
+            ["provider", "reason"],
+            registry=r,
+        )
         # --- enrichment and defects
         self.enrichment_requests = Counter(
             "integration_enrichment_requests",

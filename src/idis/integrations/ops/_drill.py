@@ -322,7 +322,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
 
     from ..auth._httpx_auth import oauth_auth_factory
     from ..auth._tokens import refresh_tokens
-    from ..enrichment import DeferredEnrichmentWorker, Enricher
+    from ..enrichment import AsyncDeferredEnrichmentWorker, AsyncEnricher
     from ..outbox import NewMessage, OutboxWorker, enqueue
     from ..reconciliation import reconcile, verify_sync
     from ..reconciliation._sync_timeline import timeline
@@ -393,21 +393,22 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     for event_type in ("record.created", "record.updated", "record.deleted"):
         registry.register(event_type, apply)
 
-    # The sync service is a background worker, async only (the one the example
-    # service runs): one event loop for the drill's ticks, on its own async
-    # engine and gateway. Webhooks go to a receiver on the drill's engine,
-    # served by its own thread.
+    # Background workers are async only (the ones the example service runs). One
+    # event loop and one async engine for the whole drill: the async gateways'
+    # connections belong to that loop.
     runner = stack.enter_context(asyncio.Runner())
     async_engine = create_async_db_engine(database_url)
     stack.callback(lambda: runner.run(async_engine.dispose()))
-    async_auth = oauth_auth_factory(settings, async_engine=async_engine)
-    stack.callback(lambda: runner.run(async_auth.aclose()))
+    stack.callback(lambda: runner.run(auth.aclose()))
+
+    # The sync service (sentinel, mode controller, poller), on its own async gateway.
+    # Webhooks go to a receiver on the drill's engine, served by its own thread.
     sync_gateway = AsyncGateway(
         settings,
         metrics=drill.metrics,
         clock=drill.clock,
         sleep=drill.clock.asleep,
-        auth=async_auth,
+        auth=auth,
         seed=options.seed,
     )
     stack.callback(lambda: runner.run(sync_gateway.aclose()))
@@ -435,11 +436,26 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     secret = settings.provider(provider).webhook_secrets[0].get_secret_value()
     sim.control.set_webhook_target(provider, f"{receiver_url}/{provider}", [secret])
 
-    enricher = Enricher(settings, gateway, engine=engine, metrics=drill.metrics, clock=drill.clock)
-    enrich_worker = DeferredEnrichmentWorker(
+    # Enrichment runs as in the example service: the async enricher and the async
+    # deferred worker on one AsyncGateway, so the worker's gate sees the breaker
+    # the enricher's failures opened (on the drill's one loop, above).
+    enrich_gateway = AsyncGateway(
         settings,
-        gateway,
-        engine=engine,
+        metrics=drill.metrics,
+        clock=drill.clock,
+        sleep=drill.clock.asleep,
+        auth=auth,
+        seed=options.seed,
+        on_transition=[recorder.on_transition],
+    )
+    stack.callback(lambda: runner.run(enrich_gateway.aclose()))
+    enricher = AsyncEnricher(
+        settings, enrich_gateway, engine=async_engine, metrics=drill.metrics, clock=drill.clock
+    )
+    enrich_worker = AsyncDeferredEnrichmentWorker(
+        settings,
+        enrich_gateway,
+        engine=async_engine,
         metrics=drill.metrics,
         clock=drill.clock,
         seed=options.seed,
@@ -475,8 +491,8 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     def enrich_claim() -> None:
         drill.claims += 1
         try:
-            result = enricher.enrich(
-                f"claim-{drill.claims}", tenant_id=f"tenant-{drill.claims % 3}"
+            result = runner.run(
+                enricher.enrich(f"claim-{drill.claims}", tenant_id=f"tenant-{drill.claims % 3}")
             )
             drill.enrichment_results[result.status] += 1
         except IntegrationError as exc:
@@ -494,7 +510,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
         outbox_worker.run_once()
         if round(drill.t / step) % 3 == 0:
             enrich_claim()
-        enrich_worker.run_once()
+        runner.run(enrich_worker.run_once())
         _sample(drill, engine, gateway, provider, service)
         drill.clock.advance(step)
 

@@ -7,11 +7,16 @@ reconciled events, token refreshes), the health samples the
 :class:`~idis.integrations.resilience._recorder.StateRecorder` writes, and the
 outbox's own timestamps. This module turns them into the same report the
 drill writes (HTML with a timeline chart, or Markdown).
+
+The operator's ``--since`` is a search window ("6 hours ago"); the report
+zooms to the incident in it: from the first sign of failure to the recovery,
+with a margin either side, so a ten-minute outage is not a sliver of a
+six-hour chart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,9 +29,13 @@ from .._timeparse import format_duration, utcnow
 from ..resilience._recorder import HealthSample
 from ._report import Check, Phase, Report, Series
 
-__all__ = ["PostmortemFacts", "build_postmortem"]
+__all__ = ["PostmortemFacts", "build_postmortem", "describe_audit_row", "incident_window"]
 
 _BREAKER_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+#: Margin either side of the incident: this share of its length, at least MIN_MARGIN.
+MARGIN_SHARE = 0.1
+MIN_MARGIN = timedelta(minutes=2)
+_TIME = "%Y-%m-%d %H:%M:%S"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +50,19 @@ class PostmortemFacts:
     queue_peak: int
     queue_drain_seconds: float | None
     token_refresh_failures: int
+    #: Messages dead-lettered (gave up) and still dead at the end of the window.
+    dead_letters: int = 0
+    #: Messages still pending (waiting to be delivered) at the end of the window.
+    pending_at_end: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Outbox:
+    """One outbox message's life: created, then delivered or dead-lettered (or neither yet)."""
+
+    created: datetime
+    delivered: datetime | None
+    died: datetime | None
 
 
 def _intervals(
@@ -60,33 +82,140 @@ def _intervals(
             started = None
     if started is not None:
         spans.append((started, until))
-    return [(max(a, since), min(b, until)) for a, b in spans if b > since]
+    return [(max(a, since), min(b, until)) for a, b in spans if b > since and a < until]
 
 
-def _queue_series(
-    session: Session, provider: str, since: datetime, until: datetime
-) -> list[tuple[datetime, int]]:
-    """Pending outbox messages over time, from each message's created/delivered times."""
+def _outbox(session: Session, provider: str, since: datetime, until: datetime) -> list[_Outbox]:
+    """Outbox messages alive in the window; a dead one died at its last update."""
     from ..outbox import OutboxMessageRow
 
     rows = session.execute(
-        select(OutboxMessageRow.created_at, OutboxMessageRow.delivered_at).where(
+        select(
+            OutboxMessageRow.created_at,
+            OutboxMessageRow.delivered_at,
+            OutboxMessageRow.status,
+            OutboxMessageRow.updated_at,
+        ).where(
             OutboxMessageRow.provider == provider,
             OutboxMessageRow.created_at < until,
             or_(OutboxMessageRow.delivered_at.is_(None), OutboxMessageRow.delivered_at >= since),
         )
     ).all()
-    steps: list[tuple[datetime, int]] = []
-    for created, delivered in rows:
-        steps.append((max(created, since), 1))
-        if delivered is not None and delivered < until:
-            steps.append((delivered, -1))
-    steps.sort(key=lambda item: (item[0], item[1]))
+    return [
+        _Outbox(created, delivered, updated if status == "dead" else None)
+        for created, delivered, status, updated in rows
+    ]
+
+
+def _step_series(
+    steps: list[tuple[datetime, int]], since: datetime, until: datetime
+) -> list[tuple[datetime, int]]:
+    # At the same instant an arrival counts before a departure: depth never dips below 0.
+    steps = sorted(
+        ((max(at, since), delta) for at, delta in steps if at < until),
+        key=lambda step: (step[0], -step[1]),
+    )
     series, depth = [(since, 0)], 0
     for at, delta in steps:
         depth += delta
         series.append((at, depth))
     return series
+
+
+def _pending_series(
+    messages: Sequence[_Outbox], since: datetime, until: datetime
+) -> list[tuple[datetime, int]]:
+    """Messages waiting to be delivered over time (not the dead-lettered ones)."""
+    steps: list[tuple[datetime, int]] = []
+    for message in messages:
+        end = message.delivered or message.died
+        if end is not None and end < since:
+            continue
+        steps.append((message.created, 1))
+        if end is not None:
+            steps.append((end, -1))
+    return _step_series(steps, since, until)
+
+
+def _dead_series(
+    messages: Sequence[_Outbox], since: datetime, until: datetime
+) -> list[tuple[datetime, int]]:
+    """Dead letters over time (they stay until re-queued)."""
+    return _step_series([(m.died, 1) for m in messages if m.died is not None], since, until)
+
+
+def incident_window(
+    marks: Sequence[datetime], recovered: datetime | None, since: datetime, until: datetime
+) -> tuple[datetime, datetime] | None:
+    """The incident, first sign of failure to recovery, widened by a margin, within the search.
+
+    Args:
+        marks: times something failed or recovered (transitions, failing samples, defects...).
+        recovered: when it was over (the last breaker close, return to webhooks, drain), if it was.
+        since: start of the operator's search window.
+        until: end of the operator's search window.
+
+    Returns:
+        ``(start, end)``, or None when nothing happened in the search window.
+    """
+    inside = [m for m in marks if since <= m <= until]
+    if not inside:
+        return None
+    first = min(inside)
+    last = max([*inside, recovered] if recovered is not None else inside)
+    margin = max(MIN_MARGIN, (last - first) * MARGIN_SHARE)
+    return max(since, first - margin), min(until, last + margin)
+
+
+def _plain(value: Any) -> str:
+    """A detail value as text an operator reads: never a Python repr of a dict or list."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_plain(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple | set):
+        items = [_plain(v) for v in value]
+        return ", ".join(items) if len(items) <= 5 else f"{len(items)} items"
+    if isinstance(value, datetime):
+        return value.strftime(_TIME)
+    return str(value)
+
+
+#: Detail keys that name one record or one moment; left out of a line so that lines
+#: about the same kind of thing group ("defect.created: STALE_ENRICHMENT, claim x11").
+_IDENTIFYING = ("_id", "_ids", "_at", "_seq", "generation", "since", "until")
+
+
+def describe_audit_row(row: AuditEvent, provider: str) -> str:
+    """One line for an audit row: action, then its message or its details, as plain text."""
+    text = row.message
+    if not text:
+        details = {
+            key: value
+            for key, value in (row.details or {}).items()
+            if value not in (None, "", [], {}) and not key.endswith(_IDENTIFYING)
+        }
+        text = ", ".join(f"{k}={_plain(v)}" for k, v in details.items())
+    line = f"{row.action}: {text}" if text else row.action
+    if row.provider and row.provider != provider:
+        line = f"[{row.provider}] {line}"
+    return line
+
+
+def _recovery(
+    breaker_changes: Sequence[tuple[datetime, str]],
+    mode_changes: Sequence[tuple[datetime, str]],
+    pending: Sequence[tuple[datetime, int]],
+) -> datetime | None:
+    """When the incident was over: breaker closed, back on webhooks, queue drained."""
+    if breaker_changes and breaker_changes[-1][1] != "closed":
+        return None  # still failing at the end of the window
+    if mode_changes and mode_changes[-1][1] == "polling":
+        return None
+    ends = [at for at, state in breaker_changes[-1:]] + [at for at, _ in mode_changes[-1:]]
+    if not ends:
+        return None
+    closed = max(ends)
+    drained = next((at for at, depth in pending if at >= closed and depth == 0), None)
+    return max(closed, drained) if drained is not None else closed
 
 
 def build_postmortem(
@@ -95,7 +224,7 @@ def build_postmortem(
     since: datetime,
     until: datetime | None = None,
 ) -> tuple[Report, PostmortemFacts]:
-    """Rebuild the incident of ``provider`` in ``[since, until]`` from the database."""
+    """Rebuild the incident of ``provider`` found in ``[since, until]`` from the database."""
     until = until or utcnow()
     with Session(engine) as session:
         audit = list(
@@ -116,10 +245,7 @@ def build_postmortem(
                 .order_by(HealthSample.sampled_at, HealthSample.id)
             )
         )
-        queue = _queue_series(session, provider, since, until)
-
-    def t(at: datetime) -> float:
-        return (at - since).total_seconds()
+        messages = _outbox(session, provider, since, until)
 
     ours = [row for row in audit if row.provider == provider]
     breaker_changes = [
@@ -132,68 +258,147 @@ def build_postmortem(
         for row in ours
         if row.action in ("sync.mode_changed", "sync.mode_override")
     ]
-    # A breaker that half-opens and fails its trial is one outage, not several.
-    open_spans = _intervals(breaker_changes, frozenset({"open", "half_open"}), since, until)
-    fallback_spans = _intervals(mode_changes, frozenset({"polling"}), since, until)
-    reconciled = sum(1 for row in ours if row.action == "reconcile.event_applied")
     created = [row for row in audit if row.action == "defect.created"]
     resolved = [row for row in audit if row.action == "defect.resolved"]
+    marks = (
+        [at for at, _ in breaker_changes]
+        + [at for at, _ in mode_changes]
+        + [s.sampled_at for s in samples if s.failures]
+        + [row.occurred_at for row in created + resolved]
+        + [m.died for m in messages if m.died is not None]
+    )
+    recovered = _recovery(breaker_changes, mode_changes, _pending_series(messages, since, until))
+    window = incident_window(marks, recovered, since, until)
+    start, end = window if window is not None else (since, until)
+
+    def t(at: datetime) -> float:
+        return (at - start).total_seconds()
+
+    pending = _pending_series(messages, start, end)
+    dead = _dead_series(messages, start, end)
+    # A breaker that half-opens and fails its trial is one outage, not several.
+    open_spans = _intervals(breaker_changes, frozenset({"open", "half_open"}), start, end)
+    fallback_spans = _intervals(mode_changes, frozenset({"polling"}), start, end)
+    in_window = [row for row in audit if start <= row.occurred_at <= end]
     refresh_failures = sum(
         1
-        for row in ours
-        if row.action in ("token.refresh_failing", "token.reauthorization_required")
+        for row in in_window
+        if row.provider == provider
+        and row.action in ("token.refresh_failing", "token.reauthorization_required")
     )
-    peak = max((depth for _, depth in queue), default=0)
+    peak = max((depth for _, depth in pending), default=0)
     drain: float | None = None
     last_close = next((at for at, state in reversed(breaker_changes) if state == "closed"), None)
     if last_close is not None:
-        empty_after = next((at for at, depth in queue if at >= last_close and depth == 0), None)
+        empty_after = next((at for at, depth in pending if at >= last_close and depth == 0), None)
         drain = (empty_after - last_close).total_seconds() if empty_after else None
 
     facts = PostmortemFacts(
         breaker_open_seconds=sum((b - a).total_seconds() for a, b in open_spans),
         fallback_seconds=sum((b - a).total_seconds() for a, b in fallback_spans),
-        events_reconciled=reconciled,
+        events_reconciled=sum(1 for row in ours if row.action == "reconcile.event_applied"),
         defects_created=len(created),
         defects_resolved=len(resolved),
         queue_peak=peak,
         queue_drain_seconds=drain,
         token_refresh_failures=refresh_failures,
+        dead_letters=dead[-1][1],
+        pending_at_end=pending[-1][1],
     )
+    report = Report(
+        title=f"RB-09 postmortem: {provider}",
+        subtitle=_subtitle(window, recovered, since, until),
+        started_at=start,
+        ended_at=end,
+        phases=sorted(
+            [
+                Phase(f"breaker not closed {format_duration(b - a)}", t(a), t(b))
+                for a, b in open_spans
+            ]
+            + [Phase(f"polling {format_duration(b - a)}", t(a), t(b)) for a, b in fallback_spans],
+            key=lambda p: p.start,
+        ),
+        series=[
+            Series(
+                "error rate",
+                [
+                    (t(s.sampled_at), round(s.error_rate, 3))
+                    for s in samples
+                    if start <= s.sampled_at <= end
+                ],
+                "of calls",
+                step=False,
+            ),
+            Series(
+                "breaker",
+                [(0.0, _state_at(breaker_changes, start, _BREAKER_VALUE))]
+                + [
+                    (t(at), _BREAKER_VALUE.get(s, 0.0))
+                    for at, s in breaker_changes
+                    if start < at <= end
+                ],
+                labels={0: "closed", 1: "half", 2: "open"},
+            ),
+            Series(
+                "sync mode",
+                [(0.0, _state_at(mode_changes, start, {"polling": 1.0}))]
+                + [
+                    (t(at), 1.0 if m == "polling" else 0.0)
+                    for at, m in mode_changes
+                    if start < at <= end
+                ],
+                labels={0: "webhook", 1: "polling"},
+            ),
+            Series("outbox pending", [(t(at), float(depth)) for at, depth in pending], "msgs"),
+            Series("dead letters", [(t(at), float(depth)) for at, depth in dead], "msgs"),
+            Series("open defects", _defect_series(created, resolved, start, end, t)),
+        ],
+        checks=_checks(facts, bool(open_spans), pending, dead),
+        facts=_fact_rows(facts, drain, window=window, audit=audit, start=start, end=end),
+        events=[
+            (t(row.occurred_at), describe_audit_row(row, provider))
+            for row in in_window
+            if row.action != "reconcile.event_applied"
+        ][:2000],
+    )
+    return report, facts
 
-    series = [
-        Series(
-            "error rate",
-            [(t(s.sampled_at), round(s.error_rate, 3)) for s in samples],
-            "of calls",
-            step=False,
-        ),
-        Series(
-            "breaker",
-            [(0.0, 0.0)]
-            + [(t(at), _BREAKER_VALUE.get(state, 0.0)) for at, state in breaker_changes],
-            labels={0: "closed", 1: "half", 2: "open"},
-        ),
-        Series(
-            "sync mode",
-            [(0.0, 0.0)]
-            + [(t(at), 1.0 if mode == "polling" else 0.0) for at, mode in mode_changes],
-            labels={0: "webhook", 1: "polling"},
-        ),
-        Series("outbox pending", [(t(at), float(depth)) for at, depth in queue], "msgs"),
-        Series("open defects", _defect_series(created, resolved, t)),
-    ]
-    phases = [
-        Phase(f"breaker not closed {format_duration(b - a)}", t(a), t(b)) for a, b in open_spans
-    ] + [Phase(f"polling {format_duration(b - a)}", t(a), t(b)) for a, b in fallback_spans]
-    phases.sort(key=lambda p: p.start)
-    still_open = len(created) - len(resolved)
-    checks = [
+
+def _state_at(
+    changes: Sequence[tuple[datetime, str]], at: datetime, values: Mapping[str, float]
+) -> float:
+    """The chart value of the state in force at ``at`` (the last change before it)."""
+    before = [state for when, state in changes if when <= at]
+    return values.get(before[-1], 0.0) if before else 0.0
+
+
+def _subtitle(
+    window: tuple[datetime, datetime] | None,
+    recovered: datetime | None,
+    since: datetime,
+    until: datetime,
+) -> str:
+    searched = f"searched {since:{_TIME}} to {until:{_TIME}} UTC"
+    if window is None:
+        return f"no incident found ({searched}): nothing failed or changed state"
+    start, end = window
+    state = f"recovered {recovered:%H:%M:%S}" if recovered is not None else "not recovered yet"
+    return f"incident window {start:{_TIME}} to {end:{_TIME}} UTC, {state} ({searched})"
+
+
+def _checks(
+    facts: PostmortemFacts,
+    breaker_opened: bool,
+    pending: Sequence[tuple[datetime, int]],
+    dead: Sequence[tuple[datetime, int]],
+) -> list[Check]:
+    still_open = facts.defects_created - facts.defects_resolved
+    return [
         Check(
             "Fallback engaged while the breaker was open",
             "polling during the outage",
             format_duration(facts.fallback_seconds) + " in polling",
-            not open_spans or facts.fallback_seconds > 0,
+            not breaker_opened or facts.fallback_seconds > 0,
         ),
         Check(
             "Stale defects resolved",
@@ -204,43 +409,53 @@ def build_postmortem(
         Check(
             "Retry queue drained",
             "0 pending at the end",
-            f"{queue[-1][1]} pending",
-            queue[-1][1] == 0,
+            f"{pending[-1][1]} pending",
+            pending[-1][1] == 0,
+        ),
+        Check(
+            "No dead letters left",
+            "0 dead (re-queued with queue-webhook-retries)",
+            f"{dead[-1][1]} dead",
+            dead[-1][1] == 0,
         ),
     ]
-    report = Report(
-        title=f"RB-09 postmortem: {provider}",
-        subtitle=f"{since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC, from the audit trail",
-        started_at=since,
-        phases=phases,
-        series=series,
-        checks=checks,
-        facts=[
-            ("time with the breaker open", format_duration(facts.breaker_open_seconds)),
-            ("time in polling fallback", format_duration(facts.fallback_seconds)),
-            ("events missed and reconciled by replay", str(facts.events_reconciled)),
-            (
-                "stale defects created / resolved",
-                f"{facts.defects_created} / {facts.defects_resolved}",
-            ),
-            ("retry-queue peak", f"{facts.queue_peak} messages"),
-            (
-                "retry-queue drain time after recovery",
-                "n/a" if drain is None else format_duration(drain),
-            ),
-            ("token refresh failures", str(facts.token_refresh_failures)),
-        ],
-        events=[
-            (t(row.occurred_at), f"{row.action}: {row.message or ''}".strip(": "))
-            for row in audit
-            if row.action != "reconcile.event_applied"
-        ][:500],
-    )
-    return report, facts
+
+
+def _fact_rows(
+    facts: PostmortemFacts,
+    drain: float | None,
+    *,
+    window: tuple[datetime, datetime] | None,
+    audit: Sequence[AuditEvent],
+    start: datetime,
+    end: datetime,
+) -> list[tuple[str, str]]:
+    rows = [
+        ("time with the breaker open", format_duration(facts.breaker_open_seconds)),
+        ("time in polling fallback", format_duration(facts.fallback_seconds)),
+        ("events missed and reconciled by replay", str(facts.events_reconciled)),
+        ("stale defects created / resolved", f"{facts.defects_created} / {facts.defects_resolved}"),
+        ("retry-queue peak (pending)", f"{facts.queue_peak} messages"),
+        (
+            "retry-queue drain time after recovery",
+            "n/a" if drain is None else format_duration(drain),
+        ),
+        ("pending at the end (waiting to be delivered)", f"{facts.pending_at_end} messages"),
+        ("dead letters at the end (gave up; need a re-queue)", f"{facts.dead_letters} messages"),
+        ("token refresh failures", str(facts.token_refresh_failures)),
+    ]
+    outside = sum(1 for row in audit if not start <= row.occurred_at <= end)
+    if window is not None and outside:
+        rows.append(("audit rows outside the incident window (not shown)", str(outside)))
+    return rows
 
 
 def _defect_series(
-    created: Sequence[AuditEvent], resolved: Sequence[AuditEvent], t: Any
+    created: Sequence[AuditEvent],
+    resolved: Sequence[AuditEvent],
+    start: datetime,
+    end: datetime,
+    t: Any,
 ) -> list[tuple[float, float]]:
     steps = sorted(
         [(row.occurred_at, 1) for row in created] + [(row.occurred_at, -1) for row in resolved],
@@ -249,7 +464,9 @@ def _defect_series(
     series, depth = [(0.0, 0.0)], 0
     for at, delta in steps:
         depth = max(0, depth + delta)
-        series.append((t(at), float(depth)))
+        if at > end:
+            break
+        series.append((max(0.0, t(at)), float(depth)) if at >= start else (0.0, float(depth)))
     return series
 
 

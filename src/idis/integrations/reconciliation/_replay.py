@@ -301,7 +301,7 @@ def require_handlers(registry: HandlerRegistry, provider: str) -> None:
         raise ConfigError(
             f"no event handlers are registered, so applying {provider}'s events would mark "
             "them handled without applying them; load the host's handlers "
-            "(IDIS_HANDLERS=package.module or handlers=HandlerRegistry), or use a dry run",
+            "(IDIS_HANDLERS=package.module:register or handlers=HandlerRegistry), or use a dry run",
             variable="IDIS_HANDLERS",
         )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ._app import build_app
 from ._control import SimulatorControl
+from ._oauth import token_fingerprint
 from ._state import RetentionExceeded, SimulatorInputError, SimulatorState
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "SimulatorInputError",
     "SimulatorState",
     "build_app",
+    "token_fingerprint",
 ]

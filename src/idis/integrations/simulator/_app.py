@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -186,8 +186,16 @@ def enrichment_for(subject_id: str) -> dict[str, Any]:
     }
 
 
-def build_app(state: SimulatorState | None = None) -> SimulatorApp:
-    """The simulator as an ASGI app over ``state`` (a fresh one by default)."""
+def build_app(
+    state: SimulatorState | None = None, *, control_hosts: Sequence[str] = ()
+) -> SimulatorApp:
+    """The simulator as an ASGI app over ``state`` (a fresh one by default).
+
+    Args:
+        state: the simulated providers; a fresh :class:`SimulatorState` by default.
+        control_hosts: Host names the control API accepts besides loopback ones
+            (``simulate --control-host``); it refuses every other ``Host``.
+    """
     from ._control import control_routes
 
     sim = state or SimulatorState()
@@ -300,7 +308,7 @@ def build_app(state: SimulatorState | None = None) -> SimulatorApp:
         Route("/p/{provider}/oauth/token", token_endpoint, methods=["POST"]),
         Route("/p/{provider}/oauth/revoke", revoke_endpoint, methods=["POST"]),
         Route("/p/{provider}/oauth/rotate", rotate_endpoint, methods=["POST"]),
-        *control_routes(sim),
+        *control_routes(sim, allowed_hosts=control_hosts),
     ]
     emitter = WebhookEmitter(sim)
 

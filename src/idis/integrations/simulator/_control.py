@@ -1,363 +1,474 @@
 """The control API (``/_control/...``, JSON) and :class:`SimulatorControl`, its sync client.
 
-Every action validates its whole input before changing anything and answers
-``400 {"error": "invalid_request", "parameter", "detail"}`` naming the bad
-value; :class:`SimulatorControl` turns that into :class:`SimulatorInputError`.
-docs/simulator.md lists every action with a curl example.
+The API is a table (:data:`CONTROL_ACTIONS`): each row is a route, a method, a
+handler ``(state, body) -> JSON`` and the body's schema (allowed and required
+fields). One endpoint serves every row: it guards against cross-site use,
+reads the body, checks it against the schema, and runs the handler under the
+state's lock. Every action validates its whole input before changing
+anything and answers ``400 {"error": "invalid_request", "parameter", "detail"}``
+naming the bad value; :class:`SimulatorControl` turns that into
+:class:`SimulatorInputError`. docs/simulator.md lists every action with a curl example.
+
+The control API has no authentication, and it can make the simulator POST to
+any URL (a webhook target). A web page the developer visits must not be able to
+drive it (issue 17): a request whose ``Host`` is not loopback (DNS rebinding),
+whose ``Origin`` is another site, or a POST that is not ``application/json``
+(the only body type a cross-site form or ``fetch`` can send without a CORS
+preflight, which this API never grants, is a "simple" one) is refused before
+anything is read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .._http import httpx
-from ._state import SimulatorInputError, SimulatorState, format_time, parse_time
+from ._state import (
+    ProviderState,
+    SimulatorInputError,
+    SimulatorState,
+    format_time,
+    parse_time,
+)
 
-__all__ = ["SimulatorControl", "control_routes"]
+__all__ = ["CONTROL_ACTIONS", "ControlAction", "SimulatorControl", "control_routes"]
 
-_Handler = Callable[[dict[str, Any]], Any]
-
-
-def _require(body: Mapping[str, Any], name: str) -> Any:
-    if name not in body or body[name] is None:
-        raise SimulatorInputError(f"{name} is required", variable=name)
-    return body[name]
+Handler = Callable[[SimulatorState, dict[str, Any]], Any]
 
 
-def _check_keys(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
+@dataclass(frozen=True, slots=True)
+class ControlAction:
+    """One row of the control API."""
+
+    #: Path under the simulator's root (``/_control/...``).
+    path: str
+    #: ``GET`` (parameters in the query string) or ``POST`` (a JSON object body).
+    method: str
+    #: ``(state, body) -> JSON-ready result`` (or a coroutine for a waiting action);
+    #: run under ``state.lock``; raises :class:`SimulatorInputError` on a bad value.
+    handler: Handler
+    #: Fields the body may carry; any other is refused, naming it.
+    fields: tuple[str, ...] = ()
+    #: Fields that must be present and not null.
+    required: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- guard
+
+#: Host names that always mean this machine (RFC 6761 reserves ``localhost``).
+_LOOPBACK_NAMES = frozenset({"localhost"})
+
+
+def _host_name(authority: str) -> str:
+    """The host part of ``host[:port]`` or ``[v6][:port]``, lower-cased."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:].partition("]")[0]
+    if authority.count(":") == 1:
+        return authority.partition(":")[0]
+    return authority
+
+
+def is_loopback_host(name: str) -> bool:
+    """Whether ``name`` (a Host header's host part) can only mean this machine."""
+    if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _refusal(request: Request, extra_hosts: Collection[str]) -> JSONResponse | None:
+    """Why a control request must be refused (cross-site or rebinding), or None."""
+    host_header = request.headers.get("host", "")
+    host = _host_name(host_header)
+    if not host or not (is_loopback_host(host) or host in extra_hosts):
+        return _forbidden(
+            f"Host {host_header!r} is not loopback: the control API answers only requests "
+            "addressed to 127.0.0.1, ::1 or localhost (or a name given with --control-host)"
+        )
+    origin = request.headers.get("origin")
+    if origin is not None:
+        parts = urlsplit(origin)
+        if parts.netloc.lower() != host_header.strip().lower() or parts.scheme not in (
+            "http",
+            "https",
+        ):
+            return _forbidden(
+                f"Origin {origin!r} is another site: the control API refuses cross-site requests"
+            )
+    if request.method == "POST":
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            return JSONResponse(
+                {
+                    "error": "unsupported_media_type",
+                    "detail": f"content-type {media or 'none'!r}: expected application/json",
+                },
+                status_code=415,
+            )
+    return None
+
+
+def _forbidden(detail: str) -> JSONResponse:
+    return JSONResponse({"error": "forbidden", "detail": detail}, status_code=403)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _provider(sim: SimulatorState, body: Mapping[str, Any]) -> ProviderState:
+    return sim.provider(body["provider"])
+
+
+def _ping(sim: SimulatorState, _body: dict[str, Any]) -> Any:
+    return {"status": "ok", "now": format_time(sim.now()), "providers": sim.providers()}
+
+
+def _declare(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    declared = sim.declare_provider(
+        body["provider"],
+        retention_seconds=body.get("retention_seconds"),
+        require_auth=body.get("require_auth"),
+    )
+    return {
+        "provider": declared.name,
+        "retention_seconds": declared.retention_seconds,
+        "require_auth": declared.require_auth,
+    }
+
+
+def _list_faults(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    return {"faults": [f.to_json() for f in _provider(sim, body).faults]}
+
+
+def _set_fault(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    options = {k: v for k, v in body.items() if k not in ("provider", "kind")}
+    return _provider(sim, body).add_fault(body["kind"], **options).to_json()
+
+
+def _clear_faults(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    fault_id = body.get("fault_id")
+    if fault_id is not None and (isinstance(fault_id, bool) or not isinstance(fault_id, int)):
+        raise SimulatorInputError(f"fault_id={fault_id!r} is not an integer", variable="fault_id")
+    cleared = sim.clear_faults(
+        body.get("provider"), endpoint=body.get("endpoint"), fault_id=fault_id
+    )
+    return {"cleared": cleared}
+
+
+def _emit(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    events = _provider(sim, body).emit(
+        body.get("count", 1),
+        tenant_ids=body.get("tenant_ids"),
+        record_ids=body.get("record_ids"),
+        event_type=body.get("type"),
+        data=body.get("data"),
+        webhook=bool(body.get("webhook", True)),
+    )
+    if body.get("summary"):
+        return {"count": len(events), "first_seq": events[0]["seq"], "last_seq": events[-1]["seq"]}
+    return {"events": events}
+
+
+def _mutate(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    record, _, _ = _provider(sim, body).write_record(
+        body["record_id"],
+        body.get("data", {}),
+        tenant_id=body.get("tenant_id"),
+        event_type="record.deleted" if body.get("delete") else None,
+        emit_event=bool(body.get("event", False)),
+        webhook=bool(body.get("webhook", False)),
+    )
+    return record.to_json()
+
+
+def _webhook_target(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    target = _provider(sim, body)
+    target.set_webhook_target(
+        body.get("url"),
+        body.get("secrets"),
+        max_attempts=body.get("max_attempts"),
+        retry_backoff=body.get("retry_backoff"),
+        timeout=body.get("timeout"),
+    )
+    return target.webhooks.stats()
+
+
+def _webhook_mode(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    target = _provider(sim, body)
+    target.set_webhook_mode(body["mode"], delay=body.get("delay"), batch=body.get("batch"))
+    return target.webhooks.stats()
+
+
+def _stop_window(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    target = _provider(sim, body)
+    start = _when(body.get("start"), "start") or sim.now()
+    end = _when(body.get("end"), "end")
+    duration = body.get("duration")
+    if end is None:
+        if isinstance(duration, bool) or not isinstance(duration, int | float) or duration <= 0:
+            raise SimulatorInputError(
+                f"duration={duration!r}: give end=ISO time or a positive duration in seconds",
+                variable="duration",
+            )
+        end = start + timedelta(seconds=duration)
+    target.add_stop_window(start, end)
+    return {"start": format_time(start), "end": format_time(end)}
+
+
+def _flush(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    timeout = body.get("timeout", 10.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+        raise SimulatorInputError(f"timeout={timeout!r} must be seconds >= 0", variable="timeout")
+    name = body.get("provider")
+    sim.pending_webhooks(name)  # validates the name before the wait starts
+
+    async def wait() -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(timeout)
+        pending = sim.pending_webhooks(name)
+        while pending and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+            pending = sim.pending_webhooks(name)
+        return {"idle": pending == 0, "pending": pending}
+
+    return wait()
+
+
+def _inbound(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    target = _provider(sim, body)
+    target.configure_receiver(
+        secrets=body.get("secrets"),
+        mode=body.get("mode"),
+        fail_status=body.get("fail_status"),
+        fail_ratio=body.get("fail_ratio"),
+        tolerance=body.get("tolerance"),
+    )
+    return target.receiver.stats()
+
+
+def _inbound_deliveries(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    return {"deliveries": list(_provider(sim, body).receiver.deliveries)}
+
+
+def _oauth(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    target = _provider(sim, body)
+    target.oauth.configure(**{k: v for k, v in body.items() if k != "provider"})
+    return target.oauth.stats()
+
+
+def _oauth_client(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    scopes = body.get("scopes")
+    if scopes is not None and (isinstance(scopes, str) or not isinstance(scopes, list)):
+        raise SimulatorInputError(f"scopes={scopes!r} must be a list", variable="scopes")
+    _provider(sim, body).oauth.set_client(
+        body["client_id"], body["client_secret"], tuple(scopes) if scopes is not None else None
+    )
+    return {"client_id": body["client_id"]}
+
+
+def _oauth_issue(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    return _provider(sim, body).oauth.issue(
+        body.get("client_id", "idis-local"), body.get("scope"), sim.now()
+    )
+
+
+def _oauth_revoke(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    return {"revoked": _provider(sim, body).oauth.revoke(str(body["token"]))}
+
+
+def _oauth_expire(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    return {"expired": _provider(sim, body).oauth.expire_access_tokens(sim.now())}
+
+
+def _retention(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    target = _provider(sim, body)
+    target.set_retention(body["seconds"])
+    return {"retention_seconds": target.retention_seconds}
+
+
+def _require_auth(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    enabled = body.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise SimulatorInputError(f"enabled={enabled!r} is not true or false", variable="enabled")
+    _provider(sim, body).require_auth = enabled
+    return {"require_auth": enabled}
+
+
+def _clock(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    if "advance" in body:
+        sim.advance_clock(body["advance"])
+    return {"now": format_time(sim.now()), "offset_seconds": sim.clock_offset}
+
+
+def _stats(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    detail = str(body.get("detail", "true")).lower() not in ("false", "0", "no")
+    return sim.stats(body.get("provider") or None, detail=detail)
+
+
+def _reset(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    sim.reset(body.get("provider"))
+    return {"reset": body.get("provider") or "all"}
+
+
+_P = ("provider",)
+_OAUTH = (
+    "access_token_lifetime",
+    "scopes",
+    "issue_refresh_token",
+    "rotation_grace_seconds",
+    "rotation_grace_uses",
+    "revoke_family_on_reuse",
+)
+
+#: The control API: route, method, handler, body schema (allowed fields, required fields).
+CONTROL_ACTIONS: tuple[ControlAction, ...] = (
+    ControlAction("/_control/ping", "GET", _ping),
+    ControlAction(
+        "/_control/providers", "POST", _declare, (*_P, "retention_seconds", "require_auth"), _P
+    ),
+    ControlAction("/_control/faults", "GET", _list_faults, _P, _P),
+    ControlAction(
+        "/_control/faults",
+        "POST",
+        _set_fault,
+        (
+            *_P,
+            *("kind", "endpoint", "status", "ratio", "seconds"),
+            *("retry_after", "retry_after_format", "duration", "count"),
+        ),
+        (*_P, "kind"),
+    ),
+    ControlAction("/_control/faults/clear", "POST", _clear_faults, (*_P, "endpoint", "fault_id")),
+    ControlAction(
+        "/_control/emit",
+        "POST",
+        _emit,
+        (*_P, "count", "tenant_ids", "record_ids", "type", "data", "webhook", "summary"),
+        _P,
+    ),
+    ControlAction(
+        "/_control/mutate",
+        "POST",
+        _mutate,
+        (*_P, "record_id", "data", "tenant_id", "event", "webhook", "delete"),
+        (*_P, "record_id"),
+    ),
+    ControlAction(
+        "/_control/webhooks/target",
+        "POST",
+        _webhook_target,
+        (*_P, "url", "secrets", "max_attempts", "retry_backoff", "timeout"),
+        _P,
+    ),
+    ControlAction(
+        "/_control/webhooks/mode",
+        "POST",
+        _webhook_mode,
+        (*_P, "mode", "delay", "batch"),
+        (*_P, "mode"),
+    ),
+    ControlAction(
+        "/_control/webhooks/stop_window",
+        "POST",
+        _stop_window,
+        (*_P, "start", "end", "duration"),
+        _P,
+    ),
+    ControlAction("/_control/webhooks/flush", "POST", _flush, (*_P, "timeout")),
+    ControlAction(
+        "/_control/inbound",
+        "POST",
+        _inbound,
+        (*_P, "secrets", "mode", "fail_status", "fail_ratio", "tolerance"),
+        _P,
+    ),
+    ControlAction("/_control/inbound", "GET", _inbound_deliveries, _P, _P),
+    ControlAction("/_control/oauth", "POST", _oauth, (*_P, *_OAUTH), _P),
+    ControlAction(
+        "/_control/oauth/client",
+        "POST",
+        _oauth_client,
+        (*_P, "client_id", "client_secret", "scopes"),
+        (*_P, "client_id", "client_secret"),
+    ),
+    ControlAction("/_control/oauth/issue", "POST", _oauth_issue, (*_P, "client_id", "scope"), _P),
+    ControlAction("/_control/oauth/revoke", "POST", _oauth_revoke, (*_P, "token"), (*_P, "token")),
+    ControlAction("/_control/oauth/expire", "POST", _oauth_expire, _P, _P),
+    ControlAction("/_control/retention", "POST", _retention, (*_P, "seconds"), (*_P, "seconds")),
+    ControlAction("/_control/require_auth", "POST", _require_auth, (*_P, "enabled"), _P),
+    ControlAction("/_control/clock", "GET", _clock),
+    ControlAction("/_control/clock", "POST", _clock, ("advance",)),
+    ControlAction("/_control/stats", "GET", _stats, (*_P, "detail")),
+    ControlAction("/_control/reset", "POST", _reset, _P),
+)
+
+
+def _endpoint(
+    sim: SimulatorState, action: ControlAction, extra_hosts: frozenset[str]
+) -> Callable[[Request], Awaitable[Response]]:
+    allowed = frozenset(action.fields)
+
+    async def endpoint(request: Request) -> Response:
+        refused = _refusal(request, extra_hosts)
+        if refused is not None:
+            return refused
+        try:
+            body = await _read_body(request)
+            _check_keys(body, allowed, action.required)
+            with sim.lock:
+                result = action.handler(sim, body)
+        except SimulatorInputError as exc:
+            return _invalid(exc.variable, str(exc))
+        except ValueError as exc:
+            return _invalid(None, str(exc))
+        if inspect.iscoroutine(result):
+            # Waiting actions validate under the lock, then wait without it.
+            result = await result
+        return JSONResponse(result)
+
+    return endpoint
+
+
+def control_routes(sim: SimulatorState, *, allowed_hosts: Sequence[str] = ()) -> list[Route]:
+    """Starlette routes of the control API over ``sim``.
+
+    Args:
+        sim: the state the actions change.
+        allowed_hosts: Host names accepted besides loopback ones (for a simulator
+            reached by name from another container; ``simulate --control-host``).
+    """
+    extra = frozenset(_host_name(h) for h in allowed_hosts)
+    return [
+        Route(action.path, _endpoint(sim, action, extra), methods=[action.method])
+        for action in CONTROL_ACTIONS
+    ]
+
+
+def _check_keys(body: Mapping[str, Any], allowed: frozenset[str], required: Sequence[str]) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise SimulatorInputError(
             f"unknown field {unknown[0]!r}: expected some of {', '.join(sorted(allowed))}",
             variable=unknown[0],
         )
-
-
-def control_routes(sim: SimulatorState) -> list[Route]:
-    """Starlette routes of the control API over ``sim``."""
-
-    def action(allowed: Sequence[str], func: _Handler) -> Callable[[Request], Awaitable[Response]]:
-        keys = frozenset(allowed)
-
-        async def endpoint(request: Request) -> Response:
-            try:
-                body = await _read_body(request)
-                _check_keys(body, keys)
-                with sim.lock:
-                    result = func(body)
-            except SimulatorInputError as exc:
-                return _invalid(exc.variable, str(exc))
-            except ValueError as exc:
-                return _invalid(None, str(exc))
-            if inspect.iscoroutine(result):
-                # Waiting actions validate under the lock, then wait without it.
-                result = await result
-            return JSONResponse(result)
-
-        return endpoint
-
-    def provider(body: Mapping[str, Any]) -> Any:
-        return sim.provider(_require(body, "provider"))
-
-    def ping(_body: dict[str, Any]) -> Any:
-        return {"status": "ok", "now": format_time(sim.now()), "providers": sim.providers()}
-
-    def declare(body: dict[str, Any]) -> Any:
-        declared = sim.declare_provider(
-            _require(body, "provider"),
-            retention_seconds=body.get("retention_seconds"),
-            require_auth=body.get("require_auth"),
-        )
-        return {
-            "provider": declared.name,
-            "retention_seconds": declared.retention_seconds,
-            "require_auth": declared.require_auth,
-        }
-
-    def list_faults(body: dict[str, Any]) -> Any:
-        return {"faults": [f.to_json() for f in provider(body).faults]}
-
-    def set_fault(body: dict[str, Any]) -> Any:
-        options = {k: v for k, v in body.items() if k not in ("provider", "kind")}
-        return provider(body).add_fault(_require(body, "kind"), **options).to_json()
-
-    def clear_faults(body: dict[str, Any]) -> Any:
-        name = body.get("provider")
-        fault_id = body.get("fault_id")
-        if fault_id is not None and (isinstance(fault_id, bool) or not isinstance(fault_id, int)):
-            raise SimulatorInputError(
-                f"fault_id={fault_id!r} is not an integer", variable="fault_id"
-            )
-        cleared = sim.clear_faults(name, endpoint=body.get("endpoint"), fault_id=fault_id)
-        return {"cleared": cleared}
-
-    def emit(body: dict[str, Any]) -> Any:
-        summary = bool(body.get("summary", False))
-        events = provider(body).emit(
-            body.get("count", 1),
-            tenant_ids=body.get("tenant_ids"),
-            record_ids=body.get("record_ids"),
-            event_type=body.get("type"),
-            data=body.get("data"),
-            webhook=bool(body.get("webhook", True)),
-        )
-        if summary:
-            return {
-                "count": len(events),
-                "first_seq": events[0]["seq"],
-                "last_seq": events[-1]["seq"],
-            }
-        return {"events": events}
-
-    def mutate(body: dict[str, Any]) -> Any:
-        data = body.get("data", {})
-        record, _, _ = provider(body).write_record(
-            _require(body, "record_id"),
-            data,
-            tenant_id=body.get("tenant_id"),
-            event_type="record.deleted" if body.get("delete") else None,
-            emit_event=bool(body.get("event", False)),
-            webhook=bool(body.get("webhook", False)),
-        )
-        return record.to_json()
-
-    def webhook_target(body: dict[str, Any]) -> Any:
-        target = provider(body)
-        target.set_webhook_target(
-            body.get("url"),
-            body.get("secrets"),
-            max_attempts=body.get("max_attempts"),
-            retry_backoff=body.get("retry_backoff"),
-            timeout=body.get("timeout"),
-        )
-        return target.webhooks.stats()
-
-    def webhook_mode(body: dict[str, Any]) -> Any:
-        target = provider(body)
-        target.set_webhook_mode(
-            _require(body, "mode"), delay=body.get("delay"), batch=body.get("batch")
-        )
-        return target.webhooks.stats()
-
-    def stop_window(body: dict[str, Any]) -> Any:
-        target = provider(body)
-        start = _when(body.get("start"), "start") or sim.now()
-        end = _when(body.get("end"), "end")
-        duration = body.get("duration")
-        if end is None:
-            if isinstance(duration, bool) or not isinstance(duration, int | float) or duration <= 0:
-                raise SimulatorInputError(
-                    f"duration={duration!r}: give end=ISO time or a positive duration in seconds",
-                    variable="duration",
-                )
-            end = start + timedelta(seconds=duration)
-        target.add_stop_window(start, end)
-        return {"start": format_time(start), "end": format_time(end)}
-
-    def inbound(body: dict[str, Any]) -> Any:
-        target = provider(body)
-        target.configure_receiver(
-            secrets=body.get("secrets"),
-            mode=body.get("mode"),
-            fail_status=body.get("fail_status"),
-            fail_ratio=body.get("fail_ratio"),
-            tolerance=body.get("tolerance"),
-        )
-        return target.receiver.stats()
-
-    def inbound_deliveries(body: dict[str, Any]) -> Any:
-        return {"deliveries": list(provider(body).receiver.deliveries)}
-
-    def oauth(body: dict[str, Any]) -> Any:
-        target = provider(body)
-        options = {k: v for k, v in body.items() if k != "provider"}
-        target.oauth.configure(**options)
-        return target.oauth.stats()
-
-    def oauth_client(body: dict[str, Any]) -> Any:
-        scopes = body.get("scopes")
-        if scopes is not None and (isinstance(scopes, str) or not isinstance(scopes, list)):
-            raise SimulatorInputError(f"scopes={scopes!r} must be a list", variable="scopes")
-        provider(body).oauth.set_client(
-            _require(body, "client_id"),
-            _require(body, "client_secret"),
-            tuple(scopes) if scopes is not None else None,
-        )
-        return {"client_id": body["client_id"]}
-
-    def oauth_issue(body: dict[str, Any]) -> Any:
-        return provider(body).oauth.issue(
-            body.get("client_id", "idis-local"), body.get("scope"), sim.now()
-        )
-
-    def oauth_revoke(body: dict[str, Any]) -> Any:
-        return {"revoked": provider(body).oauth.revoke(str(_require(body, "token")))}
-
-    def oauth_expire(body: dict[str, Any]) -> Any:
-        return {"expired": provider(body).oauth.expire_access_tokens(sim.now())}
-
-    def retention(body: dict[str, Any]) -> Any:
-        target = provider(body)
-        target.set_retention(_require(body, "seconds"))
-        return {"retention_seconds": target.retention_seconds}
-
-    def require_auth(body: dict[str, Any]) -> Any:
-        target = provider(body)
-        enabled = body.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise SimulatorInputError(
-                f"enabled={enabled!r} is not true or false", variable="enabled"
-            )
-        target.require_auth = enabled
-        return {"require_auth": enabled}
-
-    def clock(body: dict[str, Any]) -> Any:
-        if "advance" in body:
-            sim.advance_clock(body["advance"])
-        return {"now": format_time(sim.now()), "offset_seconds": sim.clock_offset}
-
-    def stats(body: dict[str, Any]) -> Any:
-        detail = str(body.get("detail", "true")).lower() not in ("false", "0", "no")
-        return sim.stats(body.get("provider") or None, detail=detail)
-
-    def reset(body: dict[str, Any]) -> Any:
-        sim.reset(body.get("provider"))
-        return {"reset": body.get("provider") or "all"}
-
-    def flush(body: dict[str, Any]) -> Any:
-        timeout = body.get("timeout", 10.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-            raise SimulatorInputError(
-                f"timeout={timeout!r} must be seconds >= 0", variable="timeout"
-            )
-        name = body.get("provider")
-        sim.pending_webhooks(name)
-
-        async def wait() -> Any:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + float(timeout)
-            pending = sim.pending_webhooks(name)
-            while pending and loop.time() < deadline:
-                await asyncio.sleep(0.01)
-                pending = sim.pending_webhooks(name)
-            return {"idle": pending == 0, "pending": pending}
-
-        return wait()
-
-    p = ("provider",)
-    return [
-        Route("/_control/ping", action((), ping), methods=["GET"]),
-        Route(
-            "/_control/providers",
-            action((*p, "retention_seconds", "require_auth"), declare),
-            methods=["POST"],
-        ),
-        Route("/_control/faults", action(p, list_faults), methods=["GET"]),
-        Route(
-            "/_control/faults",
-            action(
-                (
-                    *p,
-                    "kind",
-                    "endpoint",
-                    "status",
-                    "ratio",
-                    "seconds",
-                    "retry_after",
-                    "retry_after_format",
-                    "duration",
-                    "count",
-                ),
-                set_fault,
-            ),
-            methods=["POST"],
-        ),
-        Route(
-            "/_control/faults/clear",
-            action((*p, "endpoint", "fault_id"), clear_faults),
-            methods=["POST"],
-        ),
-        Route(
-            "/_control/emit",
-            action(
-                (*p, "count", "tenant_ids", "record_ids", "type", "data", "webhook", "summary"),
-                emit,
-            ),
-            methods=["POST"],
-        ),
-        Route(
-            "/_control/mutate",
-            action((*p, "record_id", "data", "tenant_id", "event", "webhook", "delete"), mutate),
-            methods=["POST"],
-        ),
-        Route(
-            "/_control/webhooks/target",
-            action(
-                (*p, "url", "secrets", "max_attempts", "retry_backoff", "timeout"), webhook_target
-            ),
-            methods=["POST"],
-        ),
-        Route(
-            "/_control/webhooks/mode",
-            action((*p, "mode", "delay", "batch"), webhook_mode),
-            methods=["POST"],
-        ),
-        Route(
-            "/_control/webhooks/stop_window",
-            action((*p, "start", "end", "duration"), stop_window),
-            methods=["POST"],
-        ),
-        Route("/_control/webhooks/flush", action((*p, "timeout"), flush), methods=["POST"]),
-        Route(
-            "/_control/inbound",
-            action((*p, "secrets", "mode", "fail_status", "fail_ratio", "tolerance"), inbound),
-            methods=["POST"],
-        ),
-        Route("/_control/inbound", action(p, inbound_deliveries), methods=["GET"]),
-        Route(
-            "/_control/oauth",
-            action(
-                (
-                    *p,
-                    "access_token_lifetime",
-                    "scopes",
-                    "issue_refresh_token",
-                    "rotation_grace_seconds",
-                    "rotation_grace_uses",
-                    "revoke_family_on_reuse",
-                ),
-                oauth,
-            ),
-            methods=["POST"],
-        ),
-        Route(
-            "/_control/oauth/client",
-            action((*p, "client_id", "client_secret", "scopes"), oauth_client),
-            methods=["POST"],
-        ),
-        Route(
-            "/_control/oauth/issue",
-            action((*p, "client_id", "scope"), oauth_issue),
-            methods=["POST"],
-        ),
-        Route("/_control/oauth/revoke", action((*p, "token"), oauth_revoke), methods=["POST"]),
-        Route("/_control/oauth/expire", action(p, oauth_expire), methods=["POST"]),
-        Route("/_control/retention", action((*p, "seconds"), retention), methods=["POST"]),
-        Route("/_control/require_auth", action((*p, "enabled"), require_auth), methods=["POST"]),
-        Route("/_control/clock", action((), clock), methods=["GET"]),
-        Route("/_control/clock", action(("advance",), clock), methods=["POST"]),
-        Route("/_control/stats", action((*p, "detail"), stats), methods=["GET"]),
-        Route("/_control/reset", action(p, reset), methods=["POST"]),
-    ]
+    for name in required:
+        if body.get(name) is None:
+            raise SimulatorInputError(f"{name} is required", variable=name)
 
 
 async def _read_body(request: Request) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import secrets
 from collections import Counter
@@ -44,6 +45,7 @@ __all__ = [
     "revoke_endpoint",
     "rotate_endpoint",
     "token_endpoint",
+    "token_fingerprint",
 ]
 
 DEFAULT_CLIENT_ID = "idis-local"
@@ -97,6 +99,16 @@ class _RefreshToken:
     requests: int = 0
 
 
+def token_fingerprint(token: str) -> str:
+    """A short, stable stand-in for a token in stats: ``sha256:`` and 12 hex digits.
+
+    Stats are printed, logged and pasted into bug reports; a live refresh token
+    there could be replayed. The fingerprint still tells tokens apart and lets a
+    test match the token it holds (``token_fingerprint(token)``).
+    """
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
+
+
 class OAuthState:
     """Clients, issued tokens, settings and counters of one provider's OAuth server."""
 
@@ -128,6 +140,7 @@ class OAuthState:
         self.invalid_client = 0
         self.revocations = 0
         self.rotations = 0
+        #: Refresh-grant requests per refresh token sent, keyed by :func:`token_fingerprint`.
         self.refresh_requests: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ settings
@@ -310,7 +323,7 @@ class OAuthState:
         """
         if not refresh_token:
             raise OAuthError("invalid_request", "refresh_token is required")
-        self.refresh_requests[refresh_token] += 1
+        self.refresh_requests[token_fingerprint(refresh_token)] += 1
         # Confidential clients authenticate; a public client sends only its id.
         owner = client_id
         if client_secret is not None:

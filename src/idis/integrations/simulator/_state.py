@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .._timeparse import utcnow
 from ..exceptions import ConfigError
@@ -293,7 +294,7 @@ class WebhookConfig:
     def stats(self) -> dict[str, Any]:
         """Counters for the stats API."""
         return {
-            "url": self.url,
+            "url": _masked_url(self.url),
             "mode": self.mode,
             "delay": self.delay,
             "stop_windows": [[format_time(a), format_time(b)] for a, b in self.stop_windows],
@@ -312,6 +313,21 @@ class WebhookConfig:
             "dropped_ids": list(self.dropped_ids),
             "no_target": self.no_target,
         }
+
+
+def _masked_url(url: str | None) -> str | None:
+    """``url`` for the stats: a password in it, or any query value, becomes ``***``."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(":" + parts.password + "@", ":***@", 1)
+    query = "&".join(
+        f"{name}=***" if value else name
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @dataclass(slots=True)
