@@ -152,18 +152,18 @@ def preapply(engine: Any, evs: list[Any], registry: Any) -> None:
     from sqlalchemy.orm import sessionmaker
 
     from idis.integrations._timeparse import utcnow
-    from idis.integrations.reconciliation._batch import apply_page
+    from idis.integrations.sync import apply_events
 
     factory = sessionmaker(engine)
     half = evs[::2]
     for start in range(0, len(half), PAGE):
         with factory.begin() as session:
-            apply_page(
+            apply_events(
                 session,
                 PROVIDER,
                 half[start : start + PAGE],
+                "webhook",
                 registry=registry,
-                source="webhook",
                 now=utcnow(),
             )
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from sqlalchemy import Engine, func, select
 
 from idis.integrations._audit import AuditEvent
 from idis.integrations.config import Settings
+from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.providers import ProviderEvent
 from idis.integrations.sync._inbox import HandlerRegistry
 from idis.integrations.sync._models import SyncInbox
@@ -102,3 +104,44 @@ def settings_for(sim: RunningSimulator, url: str, **overrides: Any) -> Settings:
     from idis.integrations.config import AuthSettings
 
     return simulator_settings(sim.url, database_url=url, auth=AuthSettings(), **overrides)
+
+
+@pytest.fixture(params=["sync", "async"])
+def mode(request: pytest.FixtureRequest) -> str:
+    """Run the test once through ``reconcile`` and once through ``reconcile_async``."""
+    return str(request.param)
+
+
+def run_face(mode: str, function: Any, async_function: Any) -> Callable[..., Any]:
+    """``function(...)``, or ``asyncio.run(async_function(...))`` with an async engine.
+
+    The async face gets an ``AsyncEngine`` on the same database as the test's
+    ``engine=`` (or the settings' URL), so one test body checks both faces.
+    """
+    if mode == "sync":
+        return function  # type: ignore[no-any-return]
+
+    def call(*args: Any, engine: Engine | None = None, **kwargs: Any) -> Any:
+        async def go() -> Any:
+            url = (
+                engine.url.render_as_string(hide_password=False)
+                if engine is not None
+                else kwargs["settings"].database_url
+            )
+            async_engine = create_async_db_engine(url)
+            try:
+                return await async_function(*args, engine=async_engine, **kwargs)
+            finally:
+                await async_engine.dispose()
+
+        return asyncio.run(go())
+
+    return call
+
+
+@pytest.fixture
+def reconcile_any(mode: str) -> Callable[..., Any]:
+    """``reconcile`` with the signature of the sync face, run through the face ``mode`` says."""
+    from idis.integrations.reconciliation import reconcile, reconcile_async
+
+    return run_face(mode, reconcile, reconcile_async)

@@ -1,4 +1,4 @@
-"""areconcile(): the asyncio driver, with async handlers, over HTTP, on SQLite and PostgreSQL."""
+"""reconcile_async(): async handlers are awaited (the async face only), both databases."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from idis.integrations._timeparse import utcnow
 from idis.integrations.db._engine import create_async_db_engine
-from idis.integrations.reconciliation import areconcile
+from idis.integrations.reconciliation import reconcile_async
 from idis.integrations.sync._inbox import HandlerRegistry
 from idis.integrations.testing import RunningSimulator
 
@@ -47,7 +47,7 @@ async def test_async_driver_applies_each_missing_event_once_through_async_handle
     sim.control.emit(PROVIDER, 90, webhook=False)
     async_engine = create_async_db_engine(db_url)
     try:
-        first = await areconcile(
+        first = await reconcile_async(
             PROVIDER,
             since,
             settings=settings,
@@ -55,10 +55,10 @@ async def test_async_driver_applies_each_missing_event_once_through_async_handle
             engine=async_engine,
             page_size=25,
         )
-        second = await areconcile(
+        second = await reconcile_async(
             PROVIDER, since, settings=settings, handlers=_async_registry(), engine=async_engine
         )
-        dry = await areconcile(
+        dry = await reconcile_async(
             PROVIDER, since, settings=settings, engine=async_engine, dry_run=True
         )
     finally:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
 from idis.integrations._timeparse import parse_since, utcnow
-from idis.integrations.config import SyncSettings
-from idis.integrations.reconciliation import reconcile, timeline
-from idis.integrations.sync._service import SyncService
+from idis.integrations.config import Settings, SyncSettings
+from idis.integrations.db._engine import create_async_db_engine
+from idis.integrations.reconciliation import timeline
+from idis.integrations.sync._service import AsyncSyncService
 from idis.integrations.testing import RunningSimulator, serve_asgi
+from idis.integrations.webhooks import WebhookReceiver
 
 from .conftest import PROVIDER, Host, audit_rows, count_inbox, settings_for
 
@@ -21,9 +25,21 @@ from .conftest import PROVIDER, Host, audit_rows, count_inbox, settings_for
 SIZES = {"sqlite": (2000, 1000, 2000), "postgresql": (400, 200, 400)}
 
 
+async def _sentinel_tick(settings: Settings, db_url: str, registry: Any) -> None:
+    """One tick of the sync worker (async only): the sentinel confirms webhook coverage."""
+    engine = create_async_db_engine(db_url)
+    try:
+        async with AsyncSyncService(
+            settings, engine=engine, registry=registry, providers=[PROVIDER], receiver=False
+        ) as service:
+            await service.tick(PROVIDER)
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.slow
 def test_reconcile_applies_exactly_the_events_whose_webhooks_were_dropped(
-    sim: RunningSimulator, engine: Engine, host: Host, db_url: str
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str
 ) -> None:
     """Of 5,000 changes whose webhooks skip 1,000, reconcile applies just those, audited, once."""
     head, hole, tail = SIZES[engine.dialect.name]
@@ -36,12 +52,8 @@ def test_reconcile_applies_exactly_the_events_whose_webhooks_were_dropped(
         sync=SyncSettings(lag_threshold=timedelta(hours=1)),
     )
     start = utcnow() - timedelta(seconds=1)
-    with (
-        SyncService(
-            settings, engine=engine, registry=host.registry, providers=[PROVIDER]
-        ) as service,
-        serve_asgi(service.asgi_app()) as receiver_url,
-    ):
+    receiver = WebhookReceiver(settings, engine, registry=host.registry, providers=[PROVIDER])
+    with serve_asgi(receiver.asgi_app()) as receiver_url:
         sim.control.set_webhook_target(PROVIDER, f"{receiver_url}/{PROVIDER}")
         sim.control.emit(PROVIDER, head)
         sim.control.set_webhook_mode(PROVIDER, "stop")
@@ -50,7 +62,7 @@ def test_reconcile_applies_exactly_the_events_whose_webhooks_were_dropped(
         sim.control.emit(PROVIDER, tail)
         assert sim.control.flush_webhooks(PROVIDER, timeout=120)
         # The sentinel confirms what webhooks delivered and records it in the timeline.
-        service.tick(PROVIDER)
+        asyncio.run(_sentinel_tick(settings, db_url, host.registry))
     end = utcnow()
     dropped = {e["id"] for e in lost}
     hole_start, hole_end = (parse_since(lost[i]["occurred_at"]) for i in (0, -1))
@@ -60,8 +72,10 @@ def test_reconcile_applies_exactly_the_events_whose_webhooks_were_dropped(
     strict = timedelta(0)
     before = timeline(PROVIDER, start, end, settings=settings, engine=engine, settle=strict)
 
-    first = reconcile(PROVIDER, start, settings=settings, handlers=host.registry, engine=engine)
-    second = reconcile(PROVIDER, start, settings=settings, handlers=host.registry, engine=engine)
+    first = reconcile_any(PROVIDER, start, settings=settings, handlers=host.registry, engine=engine)
+    second = reconcile_any(
+        PROVIDER, start, settings=settings, handlers=host.registry, engine=engine
+    )
     after = timeline(PROVIDER, start, end, settings=settings, engine=engine, settle=strict)
 
     applied = host.applied_ids()

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from idis.integrations._clock import ManualClock
 from idis.integrations.exceptions import ReplayWindowExceeded
+from idis.integrations.providers import OrderKey
 from idis.integrations.reconciliation._logic import (
     FieldDiff,
     LocalRecord,
@@ -18,9 +20,9 @@ from idis.integrations.reconciliation._logic import (
     compute_gaps,
     data_hash,
     merge_intervals,
-    plan_page,
 )
 from idis.integrations.reconciliation._sources import StaticReplaySource
+from idis.integrations.sync._inbox import ApplyOutcome, plan_batch
 
 from .conftest import PROVIDER, T0, make_event
 
@@ -47,6 +49,17 @@ def test_retention_check_accepts_a_window_inside_the_retention() -> None:
     check_retention(PROVIDER, _at(0), timedelta(hours=1), _at(3600))
 
 
+def _plan(events: list[Any], known: set[str], current: dict[str, int], handles: Any) -> Any:
+    keys = [e.order if handles(e.type) else None for e in events]
+    return plan_batch(
+        events,
+        keys,
+        known=known,
+        current={rid: OrderKey(v) for rid, v in current.items()},
+        handles=handles,
+    )
+
+
 def test_plan_splits_a_page_the_way_the_inbox_would() -> None:
     """Known ids skip, unhandled types are ignored, old versions superseded, the rest applied."""
     events = [
@@ -58,20 +71,24 @@ def test_plan_splits_a_page_the_way_the_inbox_would() -> None:
         make_event(1),
     ]
 
-    plan = plan_page(events, {"evt_1"}, {"deal": 1}, lambda t: t.startswith("record."))
+    plan = _plan(events, {"evt_1"}, {"deal": 1}, lambda t: t.startswith("record."))
 
-    assert ["evt_1", "evt_1"] == [e.id for e in plan.duplicates]
-    assert ["evt_2", "evt_5"] == [e.id for e in plan.apply]
-    assert ["evt_3"] == [e.id for e in plan.superseded]
-    assert ["evt_4"] == [e.id for e in plan.ignored]
-    assert {"deal": (4, "evt_5")} == plan.versions
+    assert [
+        ApplyOutcome.DUPLICATE,
+        ApplyOutcome.APPLIED,
+        ApplyOutcome.SUPERSEDED,
+        ApplyOutcome.IGNORED,
+        ApplyOutcome.APPLIED,
+        ApplyOutcome.DUPLICATE,
+    ] == plan.outcomes
+    assert {"deal": (OrderKey(4), "evt_5")} == plan.advance
 
 
 def test_plan_treats_an_equal_version_as_superseded() -> None:
     """The version already applied is not applied again under another event id."""
-    plan = plan_page([make_event(9, record_id="deal", version=5)], set(), {"deal": 5}, bool)
+    plan = _plan([make_event(9, record_id="deal", version=5)], set(), {"deal": 5}, bool)
 
-    assert ["evt_9"] == [e.id for e in plan.superseded]
+    assert [ApplyOutcome.SUPERSEDED] == plan.outcomes
 
 
 def test_gaps_are_the_uncovered_parts_of_the_window() -> None:
@@ -159,7 +176,7 @@ def test_static_source_pages_by_cursor_and_honours_retention() -> None:
         PROVIDER,
         [make_event(n) for n in range(1, 8)],
         retention=timedelta(hours=1),
-        clock=lambda: _at(100),
+        clock=ManualClock(_at(100)),
     )
 
     first = source.replay(_at(3), limit=3)
@@ -185,7 +202,7 @@ def test_public_names_stay_functions_whatever_was_imported_first() -> None:
 
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{info.name}")
-    names = ("areconcile", "gaps", "reconcile", "resync", "timeline", "verify_sync")
+    names = ("gaps", "reconcile", "reconcile_async", "resync", "timeline", "verify_sync")
 
     assert [] == [n for n in names if isinstance(getattr(top, n), types.ModuleType)]
     assert [] == [n for n in names if isinstance(getattr(package, n), types.ModuleType)]

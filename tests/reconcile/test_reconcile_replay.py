@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from structlog.testing import capture_logs
 
@@ -17,10 +17,9 @@ from idis.integrations.providers import parse_event
 from idis.integrations.reconciliation import (
     ReconcileBusy,
     ReconcileInterrupted,
-    reconcile,
     timeline,
 )
-from idis.integrations.reconciliation._db import run_lock
+from idis.integrations.reconciliation._db import _lock_key
 from idis.integrations.reconciliation._models import ReconcileCheckpoint
 from idis.integrations.sync._inbox import HandlerRegistry, apply_event
 from idis.integrations.sync._models import SyncCoverage, SyncInbox
@@ -47,7 +46,7 @@ def _rows(engine: Engine, model: Any) -> int:
 
 
 def test_reconcile_skips_what_webhooks_applied_and_applies_the_rest_once(
-    sim: RunningSimulator, engine: Engine, host: Host, db_url: str, metrics: Any
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str, metrics: Any
 ) -> None:
     """Events webhooks delivered are skipped; the others are applied once and audited per event."""
     settings = settings_for(sim, db_url)
@@ -55,8 +54,8 @@ def test_reconcile_skips_what_webhooks_applied_and_applies_the_rest_once(
     events = sim.control.emit(PROVIDER, 250, webhook=False)
     _apply_by_webhook(engine, events[::2], host.registry)
 
-    first = reconcile(PROVIDER, since, settings=settings, handlers=host.registry, page_size=40)
-    second = reconcile(PROVIDER, since, settings=settings, handlers=host.registry, page_size=40)
+    first = reconcile_any(PROVIDER, since, settings=settings, handlers=host.registry, page_size=40)
+    second = reconcile_any(PROVIDER, since, settings=settings, handlers=host.registry, page_size=40)
 
     missing = {e["id"] for e in events[1::2]}
     audited = audit_rows(engine, "reconcile.event_applied")
@@ -83,7 +82,7 @@ def test_reconcile_skips_what_webhooks_applied_and_applies_the_rest_once(
 
 
 def test_dry_run_counts_and_changes_nothing(
-    sim: RunningSimulator, engine: Engine, host: Host, db_url: str
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str
 ) -> None:
     """--dry-run reports what it would apply and writes no inbox, audit, checkpoint, coverage."""
     settings = settings_for(sim, db_url)
@@ -92,7 +91,7 @@ def test_dry_run_counts_and_changes_nothing(
     _apply_by_webhook(engine, events[:20], host.registry)
     before = (_rows(engine, SyncInbox), _rows(engine, AuditEvent))
 
-    summary = reconcile(
+    summary = reconcile_any(
         PROVIDER, since, settings=settings, handlers=host.registry, dry_run=True, page_size=50
     )
 
@@ -110,14 +109,14 @@ def test_dry_run_counts_and_changes_nothing(
 
 
 def test_since_older_than_the_configured_retention_fails_before_any_call(
-    sim: RunningSimulator, engine: Engine, host: Host, db_url: str
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str
 ) -> None:
     """A window older than replay_retention names the window and the fallback; nothing happens."""
     settings = settings_for(sim, db_url, replay_retention=timedelta(hours=1))
     sim.control.emit(PROVIDER, 10, webhook=False)
 
     with pytest.raises(ReplayWindowExceeded) as caught:
-        reconcile(PROVIDER, "2 hours ago", settings=settings, handlers=host.registry)
+        reconcile_any(PROVIDER, "2 hours ago", settings=settings, handlers=host.registry)
 
     message = str(caught.value)
     assert "replay retention of 1h" in message
@@ -133,7 +132,7 @@ def test_since_older_than_the_configured_retention_fails_before_any_call(
 
 
 def test_a_provider_refusing_the_window_gets_the_same_clear_error(
-    sim: RunningSimulator, engine: Engine, host: Host, db_url: str
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str
 ) -> None:
     """The provider's own 422 retention_exceeded becomes an error naming window and fallback."""
     settings = settings_for(sim, db_url)  # believes 72 h
@@ -141,17 +140,20 @@ def test_a_provider_refusing_the_window_gets_the_same_clear_error(
     sim.control.emit(PROVIDER, 10, webhook=False)
 
     with pytest.raises(ReplayWindowExceeded) as caught:
-        reconcile(PROVIDER, "10 minutes ago", settings=settings, handlers=host.registry)
+        reconcile_any(PROVIDER, "10 minutes ago", settings=settings, handlers=host.registry)
 
     message = str(caught.value)
     assert "the provider refused it" in message
     assert "--resync" in message
     assert 422 == getattr(caught.value.__cause__, "status_code", None)
+    # The retention the provider stated in its 422 is kept and reported.
+    assert timedelta(seconds=60) == caught.value.retention
+    assert "replay retention of 1m (as the provider states it; configured 3d)" in message
     assert (0, 0) == (_rows(engine, SyncInbox), _rows(engine, ReconcileCheckpoint))
 
 
 def test_an_interrupted_run_resumes_after_its_last_committed_page(
-    sim: RunningSimulator, engine: Engine, host: Host, db_url: str
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str
 ) -> None:
     """A provider outage mid-run keeps the checkpoint; the next run resumes, applying each once."""
     settings = settings_for(sim, db_url)
@@ -165,7 +167,7 @@ def test_an_interrupted_run_resumes_after_its_last_committed_page(
             sim.control.outage(PROVIDER)
 
     with pytest.raises(ReconcileInterrupted) as caught:
-        reconcile(
+        reconcile_any(
             PROVIDER,
             since,
             settings=settings,
@@ -175,7 +177,9 @@ def test_an_interrupted_run_resumes_after_its_last_committed_page(
         )
     stopped = caught.value.summary
     sim.control.clear_faults(PROVIDER)
-    resumed = reconcile(PROVIDER, since, settings=settings, handlers=host.registry, page_size=50)
+    resumed = reconcile_any(
+        PROVIDER, since, settings=settings, handlers=host.registry, page_size=50
+    )
 
     assert caught.value.retryable
     assert "Run the same command again" in str(caught.value)
@@ -191,7 +195,7 @@ def test_an_interrupted_run_resumes_after_its_last_committed_page(
 
 
 def test_a_failing_handler_loses_only_its_own_event_and_the_next_run_applies_it(
-    sim: RunningSimulator, engine: Engine, host: Host, db_url: str
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str
 ) -> None:
     """One event's handler raising fails that event alone, audited; coverage stops before it."""
     settings = settings_for(sim, db_url)
@@ -207,8 +211,8 @@ def test_a_failing_handler_loses_only_its_own_event_and_the_next_run_applies_it(
 
     registry.register("*", picky)
 
-    first = reconcile(PROVIDER, since, settings=settings, handlers=registry, page_size=25)
-    second = reconcile(PROVIDER, since, settings=settings, handlers=host.registry, page_size=25)
+    first = reconcile_any(PROVIDER, since, settings=settings, handlers=registry, page_size=25)
+    second = reconcile_any(PROVIDER, since, settings=settings, handlers=host.registry, page_size=25)
 
     failed = audit_rows(engine, "reconcile.event_failed")
     assert (59, 1, False) == (first.applied, first.failed, first.ok)
@@ -221,7 +225,7 @@ def test_a_failing_handler_loses_only_its_own_event_and_the_next_run_applies_it(
 
 
 def test_events_older_than_an_applied_version_are_superseded_not_applied(
-    sim: RunningSimulator, engine: Engine, host: Host, db_url: str
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str
 ) -> None:
     """Replayed versions older than one a webhook applied are recorded, never applied over it."""
     settings = settings_for(sim, db_url)
@@ -229,7 +233,7 @@ def test_events_older_than_an_applied_version_are_superseded_not_applied(
     events = sim.control.emit(PROVIDER, 3, record_ids=["deal_1"], webhook=False)
     _apply_by_webhook(engine, events[-1:], host.registry)
 
-    summary = reconcile(PROVIDER, since, settings=settings, handlers=host.registry)
+    summary = reconcile_any(PROVIDER, since, settings=settings, handlers=host.registry)
 
     assert (0, 2, 1) == (summary.applied, summary.superseded, summary.already_applied)
     assert [events[-1]["id"]] == host.applied_ids()
@@ -237,51 +241,49 @@ def test_events_older_than_an_applied_version_are_superseded_not_applied(
 
 
 def test_without_any_handler_reconcile_refuses_and_changes_nothing(
-    sim: RunningSimulator, engine: Engine, db_url: str
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, db_url: str
 ) -> None:
     """An empty registry would mark events handled without applying them: refused up front."""
     settings = settings_for(sim, db_url)
     sim.control.emit(PROVIDER, 5, webhook=False)
 
     with pytest.raises(ConfigError) as caught:
-        reconcile(PROVIDER, _since(), settings=settings, handlers=HandlerRegistry())
+        reconcile_any(PROVIDER, _since(), settings=settings, handlers=HandlerRegistry())
 
     assert "IDIS_HANDLERS" in str(caught.value)
     assert 0 == sim.control.stats(PROVIDER)["requests"].get("replay", 0)
     assert 0 == _rows(engine, SyncInbox)
 
 
-def test_bad_arguments_name_the_value(sim: RunningSimulator, host: Host, db_url: str) -> None:
+def test_bad_arguments_name_the_value(
+    reconcile_any: Any, sim: RunningSimulator, host: Host, db_url: str
+) -> None:
     """An unknown provider, a bad since or page size fail naming the value."""
     settings = settings_for(sim, db_url)
 
     with pytest.raises(ConfigError, match="nope"):
-        reconcile("nope", _since(), settings=settings, handlers=host.registry)
+        reconcile_any("nope", _since(), settings=settings, handlers=host.registry)
     with pytest.raises(ConfigError, match="yesterday-ish"):
-        reconcile(PROVIDER, "yesterday-ish", settings=settings, handlers=host.registry)
+        reconcile_any(PROVIDER, "yesterday-ish", settings=settings, handlers=host.registry)
     with pytest.raises(ConfigError, match="page_size=0"):
-        reconcile(PROVIDER, _since(), settings=settings, handlers=host.registry, page_size=0)
+        reconcile_any(PROVIDER, _since(), settings=settings, handlers=host.registry, page_size=0)
 
 
 def test_replay_racing_delayed_webhooks_applies_each_event_once(
-    sim: RunningSimulator, engine: Engine, host: Host, db_url: str
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str
 ) -> None:
     """Webhooks arriving for the very events a replay is applying: every event still lands once."""
-    from idis.integrations.sync._service import SyncService
     from idis.integrations.testing import serve_asgi
+    from idis.integrations.webhooks import WebhookReceiver
 
     settings = settings_for(sim, db_url)
     since = _since()
-    with (
-        SyncService(
-            settings, engine=engine, registry=host.registry, providers=[PROVIDER]
-        ) as service,
-        serve_asgi(service.asgi_app()) as url,
-    ):
+    receiver = WebhookReceiver(settings, engine, registry=host.registry, providers=[PROVIDER])
+    with serve_asgi(receiver.asgi_app()) as url:
         sim.control.set_webhook_target(PROVIDER, f"{url}/{PROVIDER}")
         sim.control.emit(PROVIDER, 300)
         sim.control.set_fault(PROVIDER, "latency", endpoint="replay", seconds=0.05)
-        summary = reconcile(
+        summary = reconcile_any(
             PROVIDER, since, settings=settings, handlers=host.registry, page_size=20
         )
         assert sim.control.flush_webhooks(PROVIDER, timeout=60)
@@ -295,10 +297,14 @@ def test_replay_racing_delayed_webhooks_applies_each_event_once(
 
 
 @pytest.mark.postgres
-def test_an_event_a_webhook_commits_mid_page_is_skipped_on_retry_not_applied_twice(
-    sim: RunningSimulator, pg_url: str
+def test_an_event_a_webhook_holds_mid_page_makes_the_page_wait_then_skip_it(
+    reconcile_any: Any, sim: RunningSimulator, pg_url: str
 ) -> None:
-    """A webhook's uncommitted claim blocks the page's insert; once it commits the page retries."""
+    """A webhook's uncommitted apply holds its record's ledger row: the page waits, then skips it.
+
+    One lock order (ledger rows, then inbox rows) everywhere: the page queues
+    behind the webhook instead of racing it, so it needs no retry.
+    """
     import threading
 
     from idis.integrations.db._engine import create_db_engine
@@ -318,13 +324,13 @@ def test_an_event_a_webhook_commits_mid_page_is_skipped_on_retry_not_applied_twi
         with capture_logs() as logs:
             runner = threading.Thread(
                 target=lambda: results.append(
-                    reconcile(
+                    reconcile_any(
                         PROVIDER, since, settings=settings, handlers=host.registry, engine=engine
                     )
                 )
             )
             runner.start()
-            runner.join(0.5)  # the page is now waiting on the webhook's row lock
+            runner.join(0.5)  # the page is now waiting on the webhook's ledger row lock
             webhook.commit()
             webhook.close()
             runner.join(30)
@@ -335,11 +341,13 @@ def test_an_event_a_webhook_commits_mid_page_is_skipped_on_retry_not_applied_twi
     summary = results[0]
     assert (9, 1) == (summary.applied, summary.already_applied)
     assert 10 == len(applied) == len(set(applied))
-    assert any(e["event"] == "idis.reconcile.page_conflict" for e in logs)
+    assert not any(e["event"] == "idis.reconcile.page_conflict" for e in logs)
 
 
 @pytest.mark.postgres
-def test_one_run_per_provider_at_a_time_on_postgres(sim: RunningSimulator, pg_url: str) -> None:
+def test_one_run_per_provider_at_a_time_on_postgres(
+    reconcile_any: Any, sim: RunningSimulator, pg_url: str
+) -> None:
     """While another run holds the provider's lock, reconcile refuses instead of racing it."""
     from idis.integrations.db._engine import create_db_engine
 
@@ -347,16 +355,21 @@ def test_one_run_per_provider_at_a_time_on_postgres(sim: RunningSimulator, pg_ur
     host = Host(engine)
     settings = settings_for(sim, pg_url)
     try:
-        with run_lock(engine, PROVIDER), pytest.raises(ReconcileBusy, match="in progress"):
-            reconcile(
-                PROVIDER,
-                _since(),
-                settings=settings,
-                handlers=host.registry,
-                engine=engine,
-                lock_wait=0,
-            )
-        summary = reconcile(
+        with engine.connect() as holder:  # another run's lock
+            holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _lock_key(PROVIDER)})
+            holder.commit()
+            with pytest.raises(ReconcileBusy, match="in progress"):
+                reconcile_any(
+                    PROVIDER,
+                    _since(),
+                    settings=settings,
+                    handlers=host.registry,
+                    engine=engine,
+                    lock_wait=0,
+                )
+            holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(PROVIDER)})
+            holder.commit()
+        summary = reconcile_any(
             PROVIDER, _since(), settings=settings, handlers=host.registry, engine=engine
         )
     finally:
@@ -366,7 +379,7 @@ def test_one_run_per_provider_at_a_time_on_postgres(sim: RunningSimulator, pg_ur
 
 
 def test_completed_run_closes_the_gap_in_the_timeline(
-    sim: RunningSimulator, engine: Engine, host: Host, db_url: str, metrics: Any
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str, metrics: Any
 ) -> None:
     """Replay coverage of a completed run covers its window: no gaps inside it afterwards."""
     settings = settings_for(sim, db_url)
@@ -376,7 +389,7 @@ def test_completed_run_closes_the_gap_in_the_timeline(
     before = timeline(PROVIDER, since, end, settings=settings, engine=engine, settle=timedelta(0))
     gauge_before = sample(metrics, "integration_sync_timeline_gap_seconds", provider=PROVIDER)
 
-    summary = reconcile(PROVIDER, since, settings=settings, handlers=host.registry)
+    summary = reconcile_any(PROVIDER, since, settings=settings, handlers=host.registry)
     after = timeline(PROVIDER, since, end, settings=settings, engine=engine, settle=timedelta(0))
     gauge_after = sample(metrics, "integration_sync_timeline_gap_seconds", provider=PROVIDER)
 
@@ -390,7 +403,7 @@ def test_completed_run_closes_the_gap_in_the_timeline(
 
 
 def test_a_stopped_run_that_cannot_stand_in_is_abandoned_not_resumed(
-    sim: RunningSimulator, engine: Engine, host: Host, db_url: str
+    reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str
 ) -> None:
     """A stopped run whose window is beyond the retention, or starts later, is not resumed."""
     settings = settings_for(sim, db_url)
@@ -418,7 +431,7 @@ def test_a_stopped_run_that_cannot_stand_in_is_abandoned_not_resumed(
             )
     sim.control.emit(PROVIDER, 7, webhook=False)
 
-    summary = reconcile(PROVIDER, since, settings=settings, handlers=host.registry)
+    summary = reconcile_any(PROVIDER, since, settings=settings, handlers=host.registry)
 
     with Session(engine) as session:
         statuses = dict(

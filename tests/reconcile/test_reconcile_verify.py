@@ -91,7 +91,13 @@ def test_a_record_deleted_only_at_the_provider_is_repaired_as_a_deletion(
     sim.control.mutate(PROVIDER, "rec_2", {}, delete=True)
 
     report = verify_sync(
-        PROVIDER, 3, seed=1, repair=True, settings=settings, handlers=host.registry
+        PROVIDER,
+        3,
+        seed=1,
+        repair=True,
+        settings=settings,
+        handlers=host.registry,
+        confirm_after=timedelta(0),
     )
     after = verify_sync(PROVIDER, 3, seed=1, settings=settings)
 
@@ -187,9 +193,59 @@ def test_resync_by_ids_applies_a_deletion_and_counts_the_missing(
         record_ids=["rec_1", "rec_3", "rec_404"],
         settings=settings,
         handlers=host.registry,
+        confirm_after=timedelta(0),
     )
 
     assert (3, 1, 1, 1) == (summary.fetched, summary.unchanged, summary.applied, summary.missing)
     assert ("resync:rec_3:deleted:v2", "record.deleted") == host.applied()[-1]
     with pytest.raises(ConfigError, match="exactly one of"):
         resync(PROVIDER, settings=settings, handlers=host.registry)
+
+
+def test_a_transient_404_is_not_taken_for_a_deletion(
+    sim: RunningSimulator, host: Host, db_url: str
+) -> None:
+    """Issue 11: resync tombstoned a record on one 404, which can be transient. A record is
+    deleted only when a second read, after the rest of the batch, still finds nothing."""
+    settings = _synced(sim, db_url, host, 3)
+    sim.control.set_fault(PROVIDER, "error", status=404, endpoint="record", count=1)
+    before = host.applied()
+
+    summary = resync(
+        PROVIDER,
+        record_ids=["rec_2"],
+        settings=settings,
+        handlers=host.registry,
+        confirm_after=timedelta(0),
+    )
+
+    assert (1, 1, 0, 1) == (
+        summary.fetched,
+        summary.unchanged,
+        summary.applied,
+        summary.unconfirmed,
+    )
+    assert before == host.applied()  # no record.deleted applied
+
+
+def test_verify_repair_does_not_delete_on_a_transient_404(
+    sim: RunningSimulator, host: Host, db_url: str
+) -> None:
+    """verify-sync --repair reads a 404 again before deleting the host's copy."""
+    settings = _synced(sim, db_url, host, 1)
+    sim.control.set_fault(PROVIDER, "error", status=404, endpoint="record", count=1)
+    before = host.applied()
+
+    report = verify_sync(
+        PROVIDER,
+        1,
+        seed=1,
+        repair=True,
+        settings=settings,
+        handlers=host.registry,
+        confirm_after=timedelta(0),
+    )
+
+    assert ["missing_remote"] == [c.status for c in report.mismatches]
+    assert report.ok
+    assert before == host.applied()

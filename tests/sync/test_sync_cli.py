@@ -129,3 +129,78 @@ def test_status_lists_default_providers_before_anything_ran(env: str) -> None:
     assert 0 == code
     assert "crm_provider" in out
     assert "webhook" in out
+
+
+def test_poll_once_refuses_while_another_replica_leads(env: str) -> None:
+    """`sync poll --once` takes the provider's leadership first: while another replica's lease
+    holds it, it exits 3 naming that, and writes nothing (no second poller, no cursor race)."""
+    from datetime import timedelta
+
+    from idis.integrations._timeparse import utcnow
+    from idis.integrations.sync._mode import ModePolicy
+    from idis.integrations.sync._state import take_epoch
+
+    engine = create_db_engine(env)
+    with Session(engine) as session, session.begin():
+        take_epoch(session, P, ModePolicy(), utcnow(), "service-1", lease=timedelta(minutes=5))
+
+    code, _, err = _run("sync", "poll", "--provider", P, "--once")
+
+    with Session(engine) as session:
+        cursor = session.scalar(select(SyncCursor))
+    engine.dispose()
+    assert 3 == code
+    assert "another replica leads" in err
+    assert cursor is None
+
+
+def test_sync_run_runs_the_worker_until_sigterm(env: str, sim: RunningSimulator) -> None:
+    """`idis-integrations sync run` is the async worker under asyncio.run: it polls (pinned
+    polling here) and stops cleanly on SIGTERM, giving its leadership back."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    sim.control.emit(P, 3, webhook=False)
+    environment = {
+        **os.environ,
+        "IDIS_DATABASE_URL": env,
+        "IDIS_SIMULATOR_URL": sim.url,
+        "CRM_MODE": "polling",
+        "CRM_POLL_INTERVAL": "200ms",
+        "IDIS_SYNC_POLL_OVERLAP": "1h",
+        "IDIS_LOG_LEVEL": "warning",
+    }
+    cli = str(Path(sys.executable).with_name("idis-integrations"))
+    proc = subprocess.Popen(  # our own console script
+        [cli, "sync", "run", "--provider", P],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    engine = create_db_engine(env)
+    try:
+        deadline = time.monotonic() + 60
+        inbox = 0
+        while inbox < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            with Session(engine) as session:
+                inbox = int(session.scalar(select(func.count()).select_from(SyncInbox)) or 0)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        with Session(engine) as session:
+            state = session.scalar(select(SyncProviderState))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        engine.dispose()
+
+    assert 3 == inbox
+    assert 0 == proc.returncode, err
+    assert "syncing crm_provider" in out
+    assert state is not None
+    assert state.leader is None  # given back on a clean stop

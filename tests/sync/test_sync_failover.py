@@ -22,18 +22,17 @@ from idis.integrations.observability._metrics import Metrics
 from idis.integrations.simulator._state import DEFAULT_WEBHOOK_SECRET
 from idis.integrations.sync._mode import Mode, Reason
 from idis.integrations.sync._models import SyncInbox
-from idis.integrations.sync._service import SyncService, TickReport
+from idis.integrations.sync._service import TickReport
 from idis.integrations.sync._state import sync_summary
 from idis.integrations.sync._timeline import coverage
 from idis.integrations.testing import (
     RunningSimulator,
     run_simulator,
-    serve_asgi,
     simulator_settings,
 )
 
 from ..conftest import sample
-from .conftest import HostTable, OffsetClock
+from .conftest import HostTable, OffsetClock, ServiceHarness, provider_log
 
 P = "crm_provider"
 LAG = timedelta(seconds=20)
@@ -70,22 +69,10 @@ def _settings(sim: RunningSimulator, url: str, **sync: Any) -> Settings:
     return replace(base, sync=SyncSettings(**values))
 
 
-def _provider_log(service: SyncService) -> list[Any]:
-    """Every event the simulator emitted, read from its change feed over HTTP."""
-    events: list[Any] = []
-    after = 0
-    while True:
-        page = service.feeds[P].changes(after=after, limit=500)
-        events.extend(page.events)
-        if not page.has_more or not page.events:
-            return events
-        after = page.next_after
-
-
 class _Run:
     """Drives a service tick by tick on the shared clock."""
 
-    def __init__(self, service: SyncService, sim: RunningSimulator, clock: OffsetClock) -> None:
+    def __init__(self, service: ServiceHarness, sim: RunningSimulator, clock: OffsetClock) -> None:
         self.service = service
         self.sim = sim
         self.clock = clock
@@ -110,11 +97,9 @@ def test_webhooks_stop_and_resume_failover_and_return_nothing_lost_or_doubled(
     """Stop webhooks mid-stream: polling within the lag threshold; resume: webhook mode after the
     stable period; every provider event applied exactly once."""
     settings = _settings(sim, str(sqlite_engine.url))
-    service = SyncService(
-        settings, engine=sqlite_engine, registry=sqlite_host.registry(), clock=clock
-    )
+    service = ServiceHarness(settings, sqlite_engine, registry=sqlite_host.registry(), clock=clock)
     records = [f"deal_{i}" for i in range(7)]
-    with service, serve_asgi(service.asgi_app()) as url:
+    with service, service.serve() as url:
         sim.control.set_webhook_target(P, f"{url}/{P}", [DEFAULT_WEBHOOK_SECRET])
         run = _Run(service, sim, clock)
         assert Mode.WEBHOOK == run.step(0).mode  # first sentinel check: baseline
@@ -154,7 +139,7 @@ def test_webhooks_stop_and_resume_failover_and_return_nothing_lost_or_doubled(
             run.step()
         run.step()
 
-        log = _provider_log(service)
+        log = provider_log(sim.url, P)
         with Session(sqlite_engine) as session:
             inbox = {row.event_id: row for row in session.scalars(select(SyncInbox))}
             audit = list_audit_events(session, provider=P, actions=["sync.mode_changed"])
@@ -231,10 +216,8 @@ def test_crm_mode_polling_polls_every_interval_from_start_and_never_returns(
         simulator_settings(sim.url, providers=(P,), database_url=str(sqlite_engine.url)),
         sync=from_env.sync,
     )
-    service = SyncService(
-        settings, engine=sqlite_engine, registry=sqlite_host.registry(), clock=clock
-    )
-    with service, serve_asgi(service.asgi_app()) as url:
+    service = ServiceHarness(settings, sqlite_engine, registry=sqlite_host.registry(), clock=clock)
+    with service, service.serve() as url:
         sim.control.set_webhook_target(P, f"{url}/{P}", [DEFAULT_WEBHOOK_SECRET])
         polled_at: list[int] = []
         for tick in range(int(timedelta(minutes=21).total_seconds() / 30)):
@@ -265,7 +248,7 @@ def test_defaults_when_unset(
         sync=from_env.sync,
     )
 
-    with SyncService(settings, engine=sqlite_engine, clock=clock) as service:
+    with ServiceHarness(settings, sqlite_engine, clock=clock) as service:
         report = service.tick(P)
 
     assert ("webhook", timedelta(minutes=5), True) == (
@@ -277,15 +260,21 @@ def test_defaults_when_unset(
     assert report.sentinel is not None
 
 
-def test_corrupt_signatures_fail_over_on_the_signature_spike(
-    sim: RunningSimulator, sqlite_engine: Engine, sqlite_host: HostTable, clock: OffsetClock
+def test_bad_signatures_alone_never_switch_modes(
+    sim: RunningSimulator,
+    sqlite_engine: Engine,
+    sqlite_host: HostTable,
+    clock: OffsetClock,
+    metrics: Metrics,
 ) -> None:
-    """Webhooks signed with a key we do not hold are rejected; the spike fails over at once."""
+    """Twelve forged deliveries are rejected and counted, and the mode stays webhook (issue 17).
+
+    Anyone can POST a bad signature; only a missing flow of valid deliveries
+    (lag) fails over. The sentinel repairs the changes those deliveries stood for.
+    """
     settings = _settings(sim, str(sqlite_engine.url), lag_threshold=timedelta(minutes=10))
-    service = SyncService(
-        settings, engine=sqlite_engine, registry=sqlite_host.registry(), clock=clock
-    )
-    with service, serve_asgi(service.asgi_app()) as url:
+    service = ServiceHarness(settings, sqlite_engine, registry=sqlite_host.registry(), clock=clock)
+    with service, service.serve() as url:
         sim.control.set_webhook_target(P, f"{url}/{P}", [DEFAULT_WEBHOOK_SECRET])
         service.tick(P)
         sim.control.set_webhook_mode(P, "corrupt")
@@ -293,11 +282,15 @@ def test_corrupt_signatures_fail_over_on_the_signature_spike(
         sim.control.flush_webhooks(P)
         clock.advance(1)
         report = service.tick(P)
+        service.tick(P)
+        with Session(sqlite_engine) as session:
+            audit = list_audit_events(session, provider=P, actions=["sync.mode_changed"])
 
-    assert report.transition is not None
-    assert (Mode.POLLING, Reason.SIGNATURE_FAILURES) == (report.mode, report.transition.reason)
-    assert report.poll is not None
-    assert 12 == report.poll.applied
+    assert (Mode.WEBHOOK, None) == (report.mode, report.transition)
+    assert [] == audit
+    assert 12.0 == sample(
+        metrics, "integration_webhooks_received_total", provider=P, outcome="bad_signature"
+    )
 
 
 def test_duplicated_and_reordered_webhooks_apply_once_in_version_order(
@@ -305,10 +298,8 @@ def test_duplicated_and_reordered_webhooks_apply_once_in_version_order(
 ) -> None:
     """Duplicate and reorder delivery: each event handled once, never older after newer."""
     settings = _settings(sim, str(sqlite_engine.url))
-    service = SyncService(
-        settings, engine=sqlite_engine, registry=sqlite_host.registry(), clock=clock
-    )
-    with service, serve_asgi(service.asgi_app()) as url:
+    service = ServiceHarness(settings, sqlite_engine, registry=sqlite_host.registry(), clock=clock)
+    with service, service.serve() as url:
         sim.control.set_webhook_target(P, f"{url}/{P}", [DEFAULT_WEBHOOK_SECRET])
         service.tick(P)
         sim.control.set_webhook_mode(P, "duplicate")
@@ -318,7 +309,7 @@ def test_duplicated_and_reordered_webhooks_apply_once_in_version_order(
         sim.control.flush_webhooks(P)
         clock.advance(30)  # past the lag threshold: anything lost would be repaired now
         report = service.tick(P)
-        log = _provider_log(service)
+        log = provider_log(sim.url, P)
         with Session(sqlite_engine) as session:
             statuses = Counter(row.status for row in session.scalars(select(SyncInbox)))
 
@@ -340,10 +331,8 @@ def test_provider_outage_opens_the_breaker_and_fails_over(
     """An outage makes the sentinel's calls fail until the breaker opens: failover (breaker_open);
     after recovery the poller catches up everything emitted during the outage."""
     settings = _settings(sim, str(sqlite_engine.url))
-    service = SyncService(
-        settings, engine=sqlite_engine, registry=sqlite_host.registry(), clock=clock
-    )
-    with service, serve_asgi(service.asgi_app()) as url:
+    service = ServiceHarness(settings, sqlite_engine, registry=sqlite_host.registry(), clock=clock)
+    with service, service.serve() as url:
         sim.control.set_webhook_target(P, f"{url}/{P}", [DEFAULT_WEBHOOK_SECRET])
         service.tick(P)
         sim.control.outage(P)
@@ -446,3 +435,34 @@ def _provider_log_async_free(sim: RunningSimulator) -> list[str]:
 
     body = httpx.get(f"{sim.url}/p/{P}/changes", params={"after": 0, "limit": 500}).json()
     return [e["id"] for e in body["events"]]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_down_database_is_retried_with_backoff(tmp_path: Any, anyio_backend: str) -> None:
+    """While every tick fails (the database is unreachable), the worker's waits grow (the
+    library's one Backoff) instead of hammering it every tick interval."""
+    from structlog.testing import capture_logs
+
+    from idis.integrations._clock import ManualClock
+    from idis.integrations.db._engine import create_async_db_engine
+    from idis.integrations.sync._service import AsyncSyncService
+
+    url = f"sqlite:///{tmp_path / 'missing' / 'nowhere.sqlite3'}"  # its folder does not exist
+    settings = simulator_settings("http://127.0.0.1:9", providers=(P,), database_url=url)
+    clock = ManualClock()
+    engine = create_async_db_engine(url)
+    service = AsyncSyncService(settings, engine=engine, clock=clock, receiver=False)
+    start = clock.now()
+    with capture_logs() as logs:
+        task = asyncio.create_task(service.run())
+        while clock.now() - start < timedelta(minutes=10):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await service.aclose()
+    await engine.dispose()
+
+    failures = [e for e in logs if e["event"] == "idis.sync.tick_failed"]
+    assert 5 <= len(failures) <= 30  # every 5 s tick interval would be 120

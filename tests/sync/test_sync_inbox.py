@@ -1,25 +1,26 @@
-"""The inbox applies each event exactly once, in version order per record (SQLite, PostgreSQL)."""
+"""The inbox applies each event once, in order per record (SQLite, PostgreSQL, both faces)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, sessionmaker
 
 from idis.integrations.db._engine import async_session_factory, create_async_db_engine
 from idis.integrations.exceptions import UsageError
 from idis.integrations.observability._metrics import Metrics
-from idis.integrations.providers import ProviderEvent
+from idis.integrations.providers import BY_MODIFIED, OrderKey, ProviderEvent
+from idis.integrations.sync import _inbox as inbox_module
 from idis.integrations.sync._inbox import (
     ApplyOutcome,
     HandlerRegistry,
     apply_event,
     apply_event_async,
-    apply_event_outcome,
     apply_event_outcome_async,
     get_registry,
     known_event_ids,
@@ -28,17 +29,9 @@ from idis.integrations.sync._inbox import (
 from idis.integrations.sync._models import SyncInbox, SyncRecordVersion
 
 from ..conftest import sample
-from .conftest import HostTable, make_event
+from .conftest import Faces, HostTable, make_event
 
 P = "crm_provider"
-
-
-def _apply(
-    engine: Engine, event: ProviderEvent, source: str, registry: HandlerRegistry
-) -> ApplyOutcome:
-    factory = sessionmaker(engine)
-    with factory.begin() as session:
-        return apply_event_outcome(session, P, event, source, registry=registry)
 
 
 def _inbox(engine: Engine) -> dict[str, tuple[str, str, bool]]:
@@ -49,87 +42,136 @@ def _inbox(engine: Engine) -> dict[str, tuple[str, str, bool]]:
         }
 
 
-def test_an_event_is_applied_once_whatever_the_channel(engine: Engine, host: HostTable) -> None:
+def _ledger(engine: Engine) -> dict[str, tuple[int, str, str]]:
+    with Session(engine) as session:
+        return {
+            row.record_id: (row.order_major, row.order_minor, row.event_id)
+            for row in session.scalars(select(SyncRecordVersion))
+        }
+
+
+def test_an_event_is_applied_once_whatever_the_channel(faces: Faces, host: HostTable) -> None:
     """The same event by webhook, poll and replay runs the handler once; the rest are duplicates."""
     registry = host.registry()
-    event = make_event(1)
+    one = make_event(1)
 
-    outcomes = [_apply(engine, event, source, registry) for source in ("webhook", "poll", "replay")]
+    outcomes = [faces.apply(one, source, registry) for source in ("webhook", "poll", "replay")]
 
     assert [ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE, ApplyOutcome.DUPLICATE] == outcomes
     assert [("evt_1", "rec_1", 1)] == host.rows()
-    assert {"evt_1": ("webhook", "applied", True)} == _inbox(engine)
+    assert {"evt_1": ("webhook", "applied", True)} == _inbox(faces.engine)
 
 
 def test_a_webhook_after_a_poll_is_recorded_as_webhook_delivery(
-    sqlite_engine: Engine, sqlite_host: HostTable
+    sqlite_faces: Faces, sqlite_host: HostTable
 ) -> None:
     """A webhook duplicate of a polled event marks webhook_at (the sentinel's health evidence)."""
     registry = sqlite_host.registry()
-    event = make_event(1)
-    _apply(sqlite_engine, event, "poll", registry)
-    assert {"evt_1": ("poll", "applied", False)} == _inbox(sqlite_engine)
+    sqlite_faces.apply(make_event(1), "poll", registry)
+    assert {"evt_1": ("poll", "applied", False)} == _inbox(sqlite_faces.engine)
 
-    outcome = _apply(sqlite_engine, event, "webhook", registry)
+    outcome = sqlite_faces.apply(make_event(1), "webhook", registry)
 
     assert ApplyOutcome.DUPLICATE == outcome
-    assert {"evt_1": ("poll", "applied", True)} == _inbox(sqlite_engine)
+    assert {"evt_1": ("poll", "applied", True)} == _inbox(sqlite_faces.engine)
 
 
-def test_an_older_version_never_overwrites_a_newer_one(engine: Engine, host: HostTable) -> None:
+def test_an_older_version_never_overwrites_a_newer_one(faces: Faces, host: HostTable) -> None:
     """Version 2 arriving after version 3 is recorded as superseded and not applied."""
     registry = host.registry()
     v3 = make_event(3, record_id="deal_1", version=3)
     v2 = make_event(2, record_id="deal_1", version=2)
     v4 = make_event(4, record_id="deal_1", version=4)
 
-    outcomes = [_apply(engine, e, "webhook", registry) for e in (v3, v2, v4)]
+    outcomes = [faces.apply(e, "webhook", registry) for e in (v3, v2, v4)]
 
     assert [ApplyOutcome.APPLIED, ApplyOutcome.SUPERSEDED, ApplyOutcome.APPLIED] == outcomes
     assert [("evt_3", "deal_1", 3), ("evt_4", "deal_1", 4)] == host.rows()
-    assert "superseded" == _inbox(engine)["evt_2"][1]
-    with Session(engine) as session:
-        assert 4 == session.scalar(select(SyncRecordVersion.version))
+    assert "superseded" == _inbox(faces.engine)["evt_2"][1]
+    assert {"deal_1": (4, "", "evt_4")} == _ledger(faces.engine)
 
 
-def test_records_are_ordered_independently(sqlite_engine: Engine, sqlite_host: HostTable) -> None:
+def test_the_same_version_under_another_id_is_superseded(faces: Faces, host: HostTable) -> None:
+    """Two events carrying one version carry one state: the second is not applied (issue 15)."""
+    registry = host.registry()
+
+    first = faces.apply(make_event(1, record_id="deal", version=5), "webhook", registry)
+    second = faces.apply(make_event(2, record_id="deal", version=5), "poll", registry)
+
+    assert (ApplyOutcome.APPLIED, ApplyOutcome.SUPERSEDED) == (first, second)
+    assert ["evt_1"] == [r[0] for r in host.rows()]
+
+
+def test_records_are_ordered_independently(sqlite_faces: Faces, sqlite_host: HostTable) -> None:
     """An old version of one record is still applied when another record is far ahead."""
     registry = sqlite_host.registry()
-    _apply(sqlite_engine, make_event(9, record_id="a", version=9), "poll", registry)
+    sqlite_faces.apply(make_event(9, record_id="a", version=9), "poll", registry)
 
-    outcome = _apply(sqlite_engine, make_event(10, record_id="b", version=1), "poll", registry)
+    outcome = sqlite_faces.apply(make_event(10, record_id="b", version=1), "poll", registry)
 
     assert ApplyOutcome.APPLIED == outcome
 
 
-def test_events_without_a_version_are_ordered_by_seq(
-    sqlite_engine: Engine, sqlite_host: HostTable
+def test_an_event_with_no_order_key_is_refused_and_changes_nothing(
+    sqlite_faces: Faces, sqlite_host: HostTable
 ) -> None:
-    """Version 0 (none sent) falls back to the feed's seq for ordering."""
+    """No version and no adapter key: nothing can order it, so it is refused up front (issue 11:
+    version 0 used to mean "order by seq", a key no record fetched by resync has)."""
     registry = sqlite_host.registry()
-    _apply(sqlite_engine, make_event(7, record_id="x", version=0), "poll", registry)
 
-    outcome = _apply(sqlite_engine, make_event(5, record_id="x", version=0), "poll", registry)
+    with pytest.raises(UsageError, match="ORDER_BY=modified"):
+        sqlite_faces.apply(make_event(7, record_id="x", version=0), "poll", registry)
 
-    assert ApplyOutcome.SUPERSEDED == outcome
+    assert {} == _inbox(sqlite_faces.engine)
+
+
+def test_a_provider_ordered_by_modification_time(faces: Faces, host: HostTable) -> None:
+    """Version-less events keyed by their time (the modified rule): a later change wins,
+    an earlier one arriving late is superseded, and equal times fall back to seq."""
+    registry = host.registry()
+
+    def modified(seq: int, second: int) -> ProviderEvent:
+        base = make_event(seq, record_id="x", version=0)
+        at = base.occurred_at.replace(second=second)
+        key = BY_MODIFIED.event_key(event_id=base.id, seq=seq, version=None, occurred_at=at)
+        return ProviderEvent(
+            id=base.id,
+            seq=seq,
+            type=base.type,
+            record_id="x",
+            tenant_id="t",
+            version=0,
+            occurred_at=at,
+            data={},
+            order=key,
+        )
+
+    outcomes = [
+        faces.apply(modified(7, 30), "webhook", registry),
+        faces.apply(modified(5, 10), "poll", registry),  # older change, late
+        faces.apply(modified(9, 30), "poll", registry),  # same microsecond, later in the feed
+    ]
+
+    assert [ApplyOutcome.APPLIED, ApplyOutcome.SUPERSEDED, ApplyOutcome.APPLIED] == outcomes
+    assert "00000000000000000009:evt_9" == _ledger(faces.engine)["x"][1]
 
 
 def test_an_event_type_without_a_handler_is_recorded_as_ignored(
-    sqlite_engine: Engine, sqlite_host: HostTable
+    sqlite_faces: Faces, sqlite_host: HostTable
 ) -> None:
     """No handler for the type: nothing applied, the event recorded as ignored (and deduped)."""
     registry = sqlite_host.registry("record.created")
 
-    first = _apply(sqlite_engine, make_event(1, type_="record.archived"), "webhook", registry)
-    again = _apply(sqlite_engine, make_event(1, type_="record.archived"), "poll", registry)
+    first = sqlite_faces.apply(make_event(1, type_="record.archived"), "webhook", registry)
+    again = sqlite_faces.apply(make_event(1, type_="record.archived"), "poll", registry)
 
     assert (ApplyOutcome.IGNORED, ApplyOutcome.DUPLICATE) == (first, again)
     assert [] == sqlite_host.rows()
-    assert "ignored" == _inbox(sqlite_engine)["evt_1"][1]
+    assert "ignored" == _inbox(sqlite_faces.engine)["evt_1"][1]
 
 
 def test_a_failing_handler_leaves_no_trace_and_the_event_applies_later(
-    engine: Engine, host: HostTable
+    faces: Faces, host: HostTable
 ) -> None:
     """A handler that raises rolls back its savepoint: no inbox row, so a retry applies it."""
     calls: list[str] = []
@@ -142,45 +184,79 @@ def test_a_failing_handler_leaves_no_trace_and_the_event_applies_later(
 
     registry = HandlerRegistry()
     registry.register("*", flaky)
-    factory = sessionmaker(engine)
-    with factory.begin() as session:
-        with pytest.raises(RuntimeError):
-            apply_event(session, P, make_event(1), "webhook", registry=registry)
-        # The caller's transaction survives; other events still apply in it.
-        assert apply_event(session, P, make_event(2), "webhook", registry=registry)
+    options = {"registry": registry}
 
+    failed, applied = faces.transaction(
+        [("one", make_event(1), "webhook", options), ("one", make_event(2), "webhook", options)]
+    )
+
+    assert isinstance(failed, RuntimeError)
+    # The caller's transaction survived; the other event applied in it.
+    assert ApplyOutcome.APPLIED == applied
     assert ["evt_2"] == [r[0] for r in host.rows()]
-    assert ["evt_2"] == list(_inbox(engine))
-    assert ApplyOutcome.APPLIED == _apply(engine, make_event(1), "poll", registry)
+    assert ["evt_2"] == list(_inbox(faces.engine))
+    assert ApplyOutcome.APPLIED == faces.apply(make_event(1), "poll", registry)
+
+
+def test_a_batch_isolates_a_failing_handler(faces: Faces, host: HostTable) -> None:
+    """apply_events(isolate=True): the failing event is left out, the rest of the batch applies."""
+    registry = HandlerRegistry()
+
+    def picky(session: Session, event: ProviderEvent) -> None:
+        if event.id == "evt_2":
+            raise ValueError("cannot map stage")
+        host.handler(session, event)
+
+    registry.register("*", picky)
+    events = [make_event(n, record_id="deal", version=n) for n in (1, 2, 3)]
+
+    result = faces.apply_events(events, "replay", registry, isolate=True)
+
+    assert [ApplyOutcome.APPLIED, None, ApplyOutcome.APPLIED] == result.outcomes
+    assert ["evt_2"] == [e.id for e, _error in result.failed]
+    assert ["evt_1", "evt_3"] == [r[0] for r in host.rows()]
+    assert {"deal": (3, "", "evt_3")} == _ledger(faces.engine)
 
 
 def test_events_applied_are_counted_only_after_commit(
-    sqlite_engine: Engine, sqlite_host: HostTable, metrics: Metrics
+    sqlite_faces: Faces, sqlite_host: HostTable, metrics: Metrics
 ) -> None:
     """events_applied counts by source on commit, and not at all when the caller rolls back."""
     registry = sqlite_host.registry()
-    factory = sessionmaker(sqlite_engine)
-    with factory() as session:
-        with session.begin():
-            apply_event(session, P, make_event(1), "poll", registry=registry)
-            assert 0.0 == sample(
-                metrics, "integration_events_applied_total", provider=P, source="poll"
-            )
-        with session.begin():
-            apply_event(session, P, make_event(2), "poll", registry=registry)
-            session.rollback()
+    options = {"registry": registry}
 
-    assert 1.0 == sample(metrics, "integration_events_applied_total", provider=P, source="poll")
-    assert ["evt_1"] == list(_inbox(sqlite_engine))
+    sqlite_faces.transaction([("one", make_event(1), "poll", options)])
+    sqlite_faces.transaction([("many", [make_event(2), make_event(3)], "poll", options)])
+    sqlite_faces.transaction([("one", make_event(4), "poll", options)], commit=False)
+
+    assert 3.0 == sample(metrics, "integration_events_applied_total", provider=P, source="poll")
+    assert ["evt_1", "evt_2", "evt_3"] == list(_inbox(sqlite_faces.engine))
 
 
-def test_known_event_ids(sqlite_engine: Engine, sqlite_host: HostTable) -> None:
+def test_the_commit_listener_is_on_the_library_s_sessions_only(
+    sqlite_engine: Engine, sqlite_host: HostTable
+) -> None:
+    """Only a session the inbox applied through gets the after_commit listener; the host's
+    other sessions, and the Session class, never do (issue 12)."""
+    host_session = Session(sqlite_engine)
+    used = Session(sqlite_engine)
+    with used.begin():
+        apply_event(used, P, make_event(1), "poll", registry=sqlite_host.registry())
+
+    assert not event.contains(Session, "after_commit", inbox_module._count_after_commit)
+    assert not event.contains(host_session, "after_commit", inbox_module._count_after_commit)
+    assert event.contains(used, "after_commit", inbox_module._count_after_commit)
+    host_session.close()
+    used.close()
+
+
+def test_known_event_ids(sqlite_faces: Faces, sqlite_host: HostTable) -> None:
     """known_event_ids reports which ids the inbox holds, whatever their status."""
     registry = sqlite_host.registry("record.updated")
-    _apply(sqlite_engine, make_event(1), "poll", registry)
-    _apply(sqlite_engine, make_event(2, type_="record.other"), "poll", registry)
+    sqlite_faces.apply(make_event(1), "poll", registry)
+    sqlite_faces.apply(make_event(2, type_="record.other"), "poll", registry)
 
-    with Session(sqlite_engine) as session:
+    with Session(sqlite_faces.engine) as session:
         found = known_event_ids(
             session, P, ["evt_1", "evt_2", "evt_3", *(f"x{i}" for i in range(600))]
         )
@@ -225,20 +301,30 @@ def test_default_registry_is_replaceable() -> None:
     assert previous is get_registry()
 
 
-def test_misuse_is_reported(sqlite_engine: Engine) -> None:
-    """An unknown source, a non-event, or an async-only handler (sync driver) raise UsageError."""
+def test_misuse_is_reported_and_changes_nothing(sqlite_faces: Faces) -> None:
+    """An unknown source or a non-event raise UsageError, whichever face."""
+    registry = HandlerRegistry()
+    registry.register("*", lambda session, event: None)
+
+    with pytest.raises(UsageError, match="source"):
+        sqlite_faces.apply(make_event(1), "carrier-pigeon", registry)
+    with pytest.raises(UsageError, match="not an event"):
+        sqlite_faces.apply({"id": "x"}, "poll", registry)
+
+    assert {} == _inbox(sqlite_faces.engine)
+
+
+def test_the_sync_face_refuses_an_async_only_handler(sqlite_engine: Engine) -> None:
+    """The sync face cannot await: an async-only type is refused before any write."""
     registry = HandlerRegistry()
 
     async def only_async(session: AsyncSession, event: Any) -> None: ...
 
     registry.register_async("record.updated", only_async)
-    with Session(sqlite_engine) as session:
-        with pytest.raises(UsageError, match="source"):
-            apply_event(session, P, make_event(1), "carrier-pigeon", registry=registry)
-        with pytest.raises(UsageError, match="not an event"):
-            apply_event(session, P, {"id": "x"}, "poll", registry=registry)  # type: ignore[arg-type]
-        with pytest.raises(UsageError, match="async"):
-            apply_event(session, P, make_event(1), "poll", registry=registry)
+    with Session(sqlite_engine) as session, pytest.raises(UsageError, match="async"):
+        apply_event(session, P, make_event(1), "poll", registry=registry)
+
+    assert {} == _inbox(sqlite_engine)
 
 
 @pytest.mark.postgres
@@ -258,11 +344,9 @@ def test_concurrent_deliveries_of_one_event_apply_once(pg_url: str) -> None:
             barrier.wait()
             for seq in range(1, 21):
                 # Versions of one record interleave across threads too.
-                event = make_event(seq, record_id=f"r{seq % 3}", version=seq)
+                one = make_event(seq, record_id=f"r{seq % 3}", version=seq)
                 with factory.begin() as session:
-                    apply_event(
-                        session, P, event, ("webhook", "poll")[index % 2], registry=registry
-                    )
+                    apply_event(session, P, one, ("webhook", "poll")[index % 2], registry=registry)
         except BaseException as exc:
             errors.append(exc)
 
@@ -273,10 +357,7 @@ def test_concurrent_deliveries_of_one_event_apply_once(pg_url: str) -> None:
         thread.join()
     try:
         rows = host.rows()
-        with engine.connect() as conn:
-            final = dict(
-                conn.execute(text("SELECT record_id, version FROM sync_record_versions")).all()
-            )
+        final = {k: v[0] for k, v in _ledger(engine).items()}
     finally:
         engine.dispose()
 
@@ -287,6 +368,44 @@ def test_concurrent_deliveries_of_one_event_apply_once(pg_url: str) -> None:
     for record in ("r0", "r1", "r2"):
         versions = [r[2] for r in rows if r[1] == record]
         assert sorted(versions) == versions
+
+
+@pytest.mark.postgres
+def test_concurrent_async_deliveries_apply_once(pg_url: str) -> None:
+    """The async face under eight concurrent tasks on PostgreSQL: each event applied once."""
+    from idis.integrations.db._engine import create_db_engine
+
+    sync_engine = create_db_engine(pg_url)
+    host = HostTable(sync_engine)
+    registry = host.registry()
+
+    async def main() -> None:
+        engine = create_async_db_engine(pg_url, pool_size=8)
+        factory = async_session_factory(engine)
+
+        async def worker(index: int) -> None:
+            for seq in range(1, 21):
+                one = make_event(seq, record_id=f"r{seq % 3}", version=seq)
+                async with factory() as session, session.begin():
+                    await apply_event_async(
+                        session, P, one, ("webhook", "poll")[index % 2], registry=registry
+                    )
+
+        try:
+            await asyncio.gather(*(worker(i) for i in range(8)))
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(main())
+        rows = host.rows()
+        final = {k: v[0] for k, v in _ledger(sync_engine).items()}
+    finally:
+        sync_engine.dispose()
+
+    applied = [r[0] for r in rows]
+    assert 20 == len(applied) == len(set(applied))
+    assert {"r0": 18, "r1": 19, "r2": 20} == final
 
 
 @pytest.mark.anyio
@@ -323,3 +442,18 @@ async def test_async_apply_with_async_and_sync_handlers(db_url: str, anyio_backe
 
     assert (True, ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE) == (first, created, again)
     assert [("async", "evt_1"), ("sync", "evt_2")] == seen
+
+
+def test_order_keys_compare_by_code_point() -> None:
+    """OrderKey orders as (major, minor), minor by code point: "B" < "a" < "b" < "é"."""
+    keys = [OrderKey(2), OrderKey(1, "é"), OrderKey(1, "b"), OrderKey(1, "a"), OrderKey(1, "B")]
+
+    assert [
+        OrderKey(1, "B"),
+        OrderKey(1, "a"),
+        OrderKey(1, "b"),
+        OrderKey(1, "é"),
+        OrderKey(2),
+    ] == sorted(keys)
+    with pytest.raises(UsageError, match="64-bit"):
+        OrderKey(2**63)

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,12 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from idis.integrations.db._engine import create_db_engine
+from idis.integrations._clock import ManualClock
+from idis.integrations.db._engine import (
+    async_session_factory,
+    create_async_db_engine,
+    create_db_engine,
+)
 from idis.integrations.sync._leader import LeaderLock, lock_key, next_attempt
 from idis.integrations.sync._models import SyncInbox
 from idis.integrations.testing import RunningSimulator, run_simulator
@@ -47,51 +53,73 @@ def test_standbys_try_every_third_of_the_lock_timeout() -> None:
     assert next_attempt(100.0, 101.0, timeout)
 
 
-def test_sqlite_is_single_process_and_always_leads(sqlite_url: str) -> None:
-    """On SQLite the lock is always held (the embedded default runs one process)."""
-    lock = LeaderLock(sqlite_url, "sync:x", lock_timeout=timedelta(seconds=3))
-
-    assert lock.acquire()
-    assert lock.held
-    lock.close()
-
-
-@pytest.mark.postgres
-def test_one_holder_at_a_time_and_release(pg_url: str) -> None:
-    """Two locks on PostgreSQL: the second fails while the first holds, succeeds after release."""
-    first = LeaderLock(pg_url, "sync:p", lock_timeout=timedelta(seconds=3))
-    second = LeaderLock(pg_url, "sync:p", lock_timeout=timedelta(seconds=3))
+@asynccontextmanager
+async def _locks(url: str, *replicas: str, clock: Any = None) -> AsyncIterator[list[LeaderLock]]:
+    """One LeaderLock per replica name for crm_provider, on their own async engine."""
+    engine = create_async_db_engine(url)
+    sessions = async_session_factory(engine)
+    locks = [
+        LeaderLock(
+            url,
+            P,
+            sessions=sessions,
+            replica=name,
+            lock_timeout=timedelta(seconds=LOCK_TIMEOUT),
+            clock=clock,
+        )
+        for name in replicas
+    ]
     try:
-        assert first.acquire()
-        assert not second.acquire()
-        assert first.acquire()  # still held: confirmed by a live connection
-        first.release()
-        assert second.acquire()
-        assert not first.acquire()
+        yield locks
     finally:
-        first.close()
-        second.close()
+        for lock in locks:
+            await lock.aclose()
+        await engine.dispose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sqlite_leads_by_lease_and_fences_a_lapsed_leader(
+    sqlite_url: str, anyio_backend: str
+) -> None:
+    """SQLite: one lease holder; a lapsed lease passes to another process with a new epoch,
+    and the old leader's fenced writes are refused."""
+    from idis.integrations.sync._state import Fenced, fence
+
+    clock = ManualClock()
+    async with _locks(sqlite_url, "a", "b", clock=clock) as (a, b):
+        first = await a.acquire()
+        assert first is not None
+        assert await b.acquire() is None  # a holds an unexpired lease
+        assert first == await a.acquire()  # renewed, same epoch
+        clock.advance(LOCK_TIMEOUT + 1)  # a stalls past its lease
+        second = await b.acquire()
+        assert second is not None
+        assert second > first
+        assert await a.acquire() is None  # a notices it lost the lease
+        async with a._sessions() as session:
+            with pytest.raises(Fenced):
+                await session.run_sync(lambda s: fence(s, P, first))
+        await b.release()  # a clean stop lets the other lead at once
+        assert await a.acquire() is not None
 
 
 @pytest.mark.postgres
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_async_lock_excludes_the_sync_lock(pg_url: str, anyio_backend: str) -> None:
-    """AsyncLeaderLock and LeaderLock share one advisory lock per name."""
-    from idis.integrations.sync._leader import AsyncLeaderLock
-
-    first = AsyncLeaderLock(pg_url, "sync:q", lock_timeout=timedelta(seconds=3))
-    second = LeaderLock(pg_url, "sync:q", lock_timeout=timedelta(seconds=3))
-    try:
-        assert await first.acquire()
-        assert await first.acquire()
-        assert not second.acquire()
+async def test_one_holder_at_a_time_and_release(pg_url: str, anyio_backend: str) -> None:
+    """Two locks on PostgreSQL: the second fails while the first holds, succeeds after release;
+    each leadership takes a new epoch."""
+    async with _locks(pg_url, "a", "b") as (first, second):
+        epoch = await first.acquire()
+        assert epoch is not None
+        assert await second.acquire() is None
+        assert epoch == await first.acquire()  # still held: confirmed by a live connection
         await first.release()
-        assert second.acquire()
-        assert not await first.acquire()
-    finally:
-        await first.aclose()
-        second.close()
+        taken = await second.acquire()
+        assert taken is not None
+        assert taken > epoch
+        assert await first.acquire() is None
 
 
 class _Replica:

@@ -28,7 +28,6 @@ from .conftest import T0
 POLICY = ModePolicy(
     lag_threshold=timedelta(seconds=120),
     stable_period=timedelta(seconds=600),
-    signature_failure_threshold=10,
 )
 WEBHOOK = initial_state(POLICY, T0)
 S = timedelta(seconds=1)
@@ -66,13 +65,11 @@ def test_initial_state_follows_crm_mode() -> None:
     ("obs", "reason"),
     [
         (Observation(now=T0, breaker="open"), Reason.BREAKER_OPEN),
-        (Observation(now=T0, signature_failures=10), Reason.SIGNATURE_FAILURES),
-        (Observation(now=T0, signature_spike_at=T0 - 59 * S), Reason.SIGNATURE_FAILURES),
         (Observation(now=T0, lag=timedelta(seconds=121)), Reason.WEBHOOK_LAG),
     ],
 )
 def test_each_failure_signal_fails_over(obs: Observation, reason: Reason) -> None:
-    """Breaker open, a signature spike (here or another replica) or lag over threshold fail over."""
+    """Breaker open or lag over the threshold fail over (bad signatures never do)."""
     decision = decide(WEBHOOK, obs, POLICY)
 
     assert Transition(Mode.WEBHOOK, Mode.POLLING, reason, T0, decision.transition.detail) == (  # type: ignore[union-attr]
@@ -85,8 +82,6 @@ def test_each_failure_signal_fails_over(obs: Observation, reason: Reason) -> Non
     "obs",
     [
         Observation(now=T0, breaker="half_open"),
-        Observation(now=T0, signature_failures=9),
-        Observation(now=T0, signature_spike_at=T0 - 60 * S),
         Observation(now=T0, lag=timedelta(seconds=120)),
         Observation(now=T0, sentinel_failed=True),
     ],
@@ -133,11 +128,10 @@ def test_no_return_without_a_webhook_during_the_healthy_stretch() -> None:
 
 
 def test_one_bad_observation_restarts_the_stable_clock() -> None:
-    """Lag, a half-open breaker or a signature spike during the stretch restart it."""
+    """Lag or a half-open breaker during the stretch restart it."""
     for bad in (
         Observation(now=T0 + 300 * S, lag=timedelta(seconds=200)),
         Observation(now=T0 + 300 * S, breaker="half_open"),
-        Observation(now=T0 + 300 * S, signature_failures=50),
     ):
         state = decide(_failed_over(), _healthy(T0), POLICY).state
         state = decide(state, bad, POLICY).state
@@ -227,7 +221,6 @@ _observations = st.lists(
     st.tuples(
         st.integers(min_value=1, max_value=90),  # seconds since the previous observation
         st.sampled_from(["closed", "closed", "closed", "half_open", "open", None]),
-        st.integers(min_value=0, max_value=15),  # signature failures
         st.one_of(st.none(), st.integers(min_value=0, max_value=300)),  # lag seconds
         st.booleans(),  # a webhook arrived just now
     ),
@@ -236,16 +229,14 @@ _observations = st.lists(
 
 
 def _bad(obs: Observation) -> bool:
-    return (
-        obs.breaker in ("open", "half_open")
-        or obs.signature_failures >= POLICY.signature_failure_threshold
-        or (obs.lag is not None and obs.lag > POLICY.lag_threshold)
+    return obs.breaker in ("open", "half_open") or (
+        obs.lag is not None and obs.lag > POLICY.lag_threshold
     )
 
 
 @settings(max_examples=300, deadline=None)
 @given(_observations)
-def test_hysteresis_never_flaps(steps: list[tuple[int, str | None, int, int | None, bool]]) -> None:
+def test_hysteresis_never_flaps(steps: list[tuple[int, str | None, int | None, bool]]) -> None:
     """For any observation sequence: a return follows stable_period without a bad sample, and
     the controller switches at most twice in any stable_period."""
     state = WEBHOOK
@@ -253,14 +244,13 @@ def test_hysteresis_never_flaps(steps: list[tuple[int, str | None, int, int | No
     last_webhook: datetime | None = None
     last_bad: datetime | None = None
     switches: list[Transition] = []
-    for gap, breaker, failures, lag, webhook in steps:
+    for gap, breaker, lag, webhook in steps:
         now += gap * S
         if webhook:
             last_webhook = now
         obs = Observation(
             now=now,
             breaker=breaker,
-            signature_failures=failures,
             lag=None if lag is None else lag * S,
             last_webhook_at=last_webhook,
         )

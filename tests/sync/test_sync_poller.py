@@ -1,28 +1,37 @@
-"""The poller against the simulator over HTTP: durable cursor, overlapping windows, resume."""
+"""The poller (async only) over HTTP: durable cursor by feed position, resume, late commits."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from idis.integrations.config import Settings, SyncSettings
+from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.exceptions import ProviderError
 from idis.integrations.observability._metrics import Metrics
-from idis.integrations.providers import ProviderClient
-from idis.integrations.resilience._gateway import Gateway
+from idis.integrations.providers import AsyncProviderClient
+from idis.integrations.resilience._gateway import AsyncGateway
+from idis.integrations.sync._inbox import HandlerRegistry
 from idis.integrations.sync._poller import Poller, advance_cursor, window_start
 from idis.integrations.sync._state import get_cursor
 from idis.integrations.sync._timeline import coverage
-from idis.integrations.testing import RunningSimulator, run_simulator, simulator_settings
+from idis.integrations.testing import (
+    RunningSimulator,
+    run_simulator,
+    serve_asgi,
+    simulator_settings,
+)
 
 from ..conftest import sample
-from .conftest import T0, HostTable, OffsetClock, make_event
+from .conftest import T0, FeedServer, HostTable, OffsetClock, feed_event, make_event
 
 P = "crm_provider"
 
@@ -45,11 +54,49 @@ def _settings(sim: RunningSimulator, url: str, **sync: object) -> Settings:
     return replace(base, sync=SyncSettings(poll_overlap=timedelta(seconds=30), page_size=7, **sync))  # type: ignore[arg-type]
 
 
+class Polls:
+    """Async pollers driven from a sync test on one event loop (the poller is async only)."""
+
+    def __init__(
+        self, settings: Settings, url: str, registry: HandlerRegistry, clock: OffsetClock
+    ) -> None:
+        self.runner = asyncio.Runner()
+        self.engine = create_async_db_engine(url)
+        self.gateway = AsyncGateway(settings, clock=clock)
+        self.feed = AsyncProviderClient(self.gateway, P)
+        self.settings, self.registry, self.clock = settings, registry, clock
+
+    def poller(self, **options: Any) -> Poller:
+        return Poller(
+            self.feed,
+            self.engine,
+            self.settings,
+            P,
+            registry=self.registry,
+            clock=self.clock,
+            **options,
+        )
+
+    def poll(self, poller: Poller | None = None, **options: Any) -> Any:
+        return self.runner.run((poller or self.poller()).poll_once(**options))
+
+    def __enter__(self) -> Polls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.runner.run(self.gateway.aclose())
+            self.runner.run(self.engine.dispose())
+        finally:
+            self.runner.close()
+
+
 def test_window_start_and_cursor_rules() -> None:
-    """Windows start overlap before the watermark; the cursor never moves backwards."""
+    """The feed position wins over the watermark; the cursor never moves backwards."""
     overlap = timedelta(minutes=2)
 
-    assert (None, T0 - overlap) == window_start(10, T0, now=T0, overlap=overlap)
+    assert (10, None) == window_start(10, T0, now=T0, overlap=overlap)
+    assert (None, T0 - overlap) == window_start(None, T0, now=T0, overlap=overlap)
     assert (10, None) == window_start(10, None, now=T0, overlap=overlap)
     assert (None, T0 - overlap) == window_start(None, None, now=T0, overlap=overlap)
     events = [make_event(3), make_event(4)]
@@ -57,37 +104,29 @@ def test_window_start_and_cursor_rules() -> None:
     assert (9, events[-1].occurred_at) == advance_cursor(None, None, events, 9)
 
 
-def test_poll_applies_everything_once_and_overlap_rereads_are_deduped(
+def test_poll_applies_everything_once_by_feed_position(
     sim: RunningSimulator,
     sqlite_engine: Engine,
     sqlite_host: HostTable,
     clock: OffsetClock,
     metrics: Metrics,
 ) -> None:
-    """Two polls over overlapping windows apply each of 30 events once; coverage is recorded."""
+    """Polls apply each of 30 events once, continuing after the cursor; coverage is recorded."""
     settings = _settings(sim, str(sqlite_engine.url))
-    with Gateway(settings, clock=clock) as gateway:
-        poller = Poller(
-            ProviderClient(gateway, P),
-            sqlite_engine,
-            settings,
-            P,
-            registry=sqlite_host.registry(),
-            clock=clock,
-        )
-        first_poll = poller.poll_once()  # nothing yet: sets the window
+    with Polls(settings, str(sqlite_engine.url), sqlite_host.registry(), clock) as polls:
+        poller = polls.poller()
+        first_poll = polls.poll(poller)  # nothing yet: sets the window
         sim.control.emit(P, 20, record_ids=[f"deal_{i}" for i in range(6)], webhook=False)
         clock.advance(5)
-        second = poller.poll_once()
+        second = polls.poll(poller)
         sim.control.emit(P, 10, webhook=False)
         clock.advance(5)
-        third = poller.poll_once()
+        third = polls.poll(poller)
 
     applied = [row[0] for row in sqlite_host.rows()]
     assert 0 == first_poll.fetched
     assert (20, 20) == (second.fetched, second.applied)
-    assert third.duplicates > 0  # the overlap re-read some of the previous window
-    assert 10 == third.applied
+    assert (10, 0) == (third.applied, third.duplicates)  # read from after the cursor
     assert [f"evt_{n}" for n in range(1, 31)] == applied
     assert 3.0 == sample(metrics, "integration_polls_total", provider=P, outcome="ok")
     assert 30.0 == sample(metrics, "integration_events_applied_total", provider=P, source="poll")
@@ -111,18 +150,12 @@ def test_a_poll_stopped_halfway_resumes_without_applying_twice(
     host = HostTable(engine)
     settings = _settings(sim, db_url)
     try:
-        with Gateway(settings, clock=clock) as gateway:
-            feed = ProviderClient(gateway, P)
-            Poller(feed, engine, settings, P, registry=host.registry(), clock=clock).poll_once()
+        with Polls(settings, db_url, host.registry(), clock) as polls:
+            polls.poll()
             sim.control.emit(P, 25, webhook=False)
             clock.advance(1)
-            partial = Poller(
-                feed, engine, settings, P, registry=host.registry(), clock=clock, max_pages=1
-            )
-            cut = partial.poll_once()
-            rest = Poller(
-                feed, engine, settings, P, registry=host.registry(), clock=clock
-            ).poll_once()
+            cut = polls.poll(polls.poller(max_pages=1))
+            rest = polls.poll()
         rows = host.rows()
     finally:
         engine.dispose()
@@ -142,23 +175,16 @@ def test_provider_failure_keeps_committed_pages_and_counts_the_error(
 ) -> None:
     """An outage fails the poll (ProviderError); the cursor stays and the next poll catches up."""
     settings = _settings(sim, str(sqlite_engine.url))
-    with Gateway(settings, clock=clock) as gateway:
-        poller = Poller(
-            ProviderClient(gateway, P),
-            sqlite_engine,
-            settings,
-            P,
-            registry=sqlite_host.registry(),
-            clock=clock,
-        )
-        poller.poll_once()
+    with Polls(settings, str(sqlite_engine.url), sqlite_host.registry(), clock) as polls:
+        poller = polls.poller()
+        polls.poll(poller)
         sim.control.emit(P, 5, webhook=False)
         sim.control.outage(P)
         with pytest.raises(ProviderError):
-            poller.poll_once()
+            polls.poll(poller)
         sim.control.clear_faults(P)
         clock.advance(2)  # past the breaker's reset timeout
-        recovered = poller.poll_once()
+        recovered = polls.poll(poller)
 
     assert 1.0 == sample(metrics, "integration_polls_total", provider=P, outcome="error")
     assert 5 == recovered.applied
@@ -170,22 +196,50 @@ def test_versions_apply_in_order_per_record(
 ) -> None:
     """Changes to three records: each record's versions apply in increasing order, to the newest."""
     settings = _settings(sim, str(sqlite_engine.url))
-    with Gateway(settings, clock=clock) as gateway:
-        poller = Poller(
-            ProviderClient(gateway, P),
-            sqlite_engine,
-            settings,
-            P,
-            registry=sqlite_host.registry(),
-            clock=clock,
-        )
-        poller.poll_once()
+    with Polls(settings, str(sqlite_engine.url), sqlite_host.registry(), clock) as polls:
+        poller = polls.poller()
+        polls.poll(poller)
         sim.control.emit(P, 30, record_ids=["a", "b", "c"], webhook=False)
         clock.advance(1)
-        poller.poll_once()
+        polls.poll(poller)
 
     by_record: dict[str, list[int]] = {}
     for _event, record, version in sqlite_host.rows():
         by_record.setdefault(record, []).append(version)
     assert {"a": list(range(1, 11)), "b": list(range(1, 11)), "c": list(range(1, 11))} == by_record
     assert Counter({"a": 10, "b": 10, "c": 10}) == Counter(r[1] for r in sqlite_host.rows())
+
+
+def test_an_event_the_provider_commits_late_is_still_polled(
+    sqlite_engine: Engine, sqlite_host: HostTable, clock: OffsetClock
+) -> None:
+    """A change committed after the cursor but stamped long before the overlap is applied.
+
+    Issue 11: the time watermark won over the seq cursor, so the next poll asked
+    for ``since=watermark - overlap`` and never saw an event whose
+    ``occurred_at`` was older than that, though the feed served it after the cursor.
+    """
+    feed = FeedServer()
+    now = clock.now()
+    with serve_asgi(feed.app()) as url:
+        settings = _settings(_Url(url), str(sqlite_engine.url))  # overlap 30 s
+        with Polls(settings, str(sqlite_engine.url), sqlite_host.registry(), clock) as polls:
+            poller = polls.poller()
+            feed.append(feed_event(1, "deal_a", now, version=1))
+            feed.append(feed_event(2, "deal_b", now, version=1))
+            first = polls.poll(poller)
+            # Committed now, but stamped ten minutes ago (a long transaction at the provider).
+            feed.append(feed_event(3, "deal_c", now - timedelta(minutes=10), version=1))
+            clock.advance(5)
+            second = polls.poll(poller)
+
+    assert (2, 1) == (first.applied, second.applied)
+    assert ["evt_1", "evt_2", "evt_3"] == [row[0] for row in sqlite_host.rows()]
+    assert "2" == feed.requests[-1]["after"]  # asked after the cursor, not since a time
+
+
+class _Url:
+    """Stands in for a RunningSimulator where only ``.url`` is read."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url

@@ -711,6 +711,16 @@ class ProviderSettings:
             shown="`72h`",
         ),
     )
+    order_by: str = field(
+        default="version",
+        metadata=_var(
+            "ORDER_BY",
+            _one_of("version", "modified"),
+            "How events of one record are ordered: `version` (the record version the provider "
+            "sends) or `modified` (its modification time, for providers that send no version). "
+            "See docs/sync.md.",
+        ),
+    )
     fallbacks: tuple[str, ...] = field(
         default=(),
         metadata=_var("FALLBACKS", _names, "Providers to try in order when this one cannot serve."),
@@ -784,7 +794,8 @@ class SyncSettings:
         metadata=_var(
             "IDIS_SYNC_POLL_OVERLAP",
             _delta,
-            "Poll windows reach back this far before the cursor (clock skew, late commits).",
+            "A poll whose cursor has no feed position (first poll, time-ordered feeds) reaches "
+            "back this far before its watermark; with a position it reads after it.",
         ),
     )
     signature_failure_threshold: int = field(
@@ -792,7 +803,10 @@ class SyncSettings:
         metadata=_var(
             "IDIS_SYNC_SIGNATURE_FAILURE_THRESHOLD",
             _at_least(1),
-            "Signature failures per minute that fail over.",
+            "Signature failures per minute at which a receiver records a spike (`status` shows "
+            "it). Bad signatures never switch modes; they feed "
+            '`integration_webhooks_received_total{outcome="bad_signature"}` and the '
+            "`IDISIntegrationWebhookSignatureFailures` alert.",
         ),
     )
     lock_timeout: timedelta = field(
@@ -800,8 +814,9 @@ class SyncSettings:
         metadata=_var(
             "IDIS_SYNC_LOCK_TIMEOUT",
             _delta,
-            "Poller leadership (PostgreSQL advisory lock): a standby tries every third of it "
-            "and takes over from a dead leader within it.",
+            "Poller leadership (PostgreSQL advisory lock; on SQLite the lease length): a standby "
+            "tries every third of it and takes over from a dead leader within it. Each "
+            "leadership takes a fencing epoch.",
             check=_positive,
         ),
     )

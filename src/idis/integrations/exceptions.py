@@ -36,8 +36,9 @@ provider and endpoint names, status codes and the value that was wrong.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import ClassVar
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any, ClassVar
 
 __all__ = [
     "AuthError",
@@ -140,6 +141,9 @@ class ProviderError(IntegrationError):
         #: only when it is at least 1, so a call refused before sending (open
         #: breaker, full bulkhead, spent budget) never burns a message's attempts.
         self.sent = 0
+        #: Top-level scalar fields of a 4xx JSON body (e.g. a replay refusal's
+        #: ``retention_seconds``), for adapters; never put into a message or log.
+        self.details: Mapping[str, Any] | None = None
 
     #: Short, bounded name used as the ``error_type`` metric label.
     error_type: ClassVar[str] = "error"
@@ -245,6 +249,9 @@ class ReplayWindowExceeded(ProviderError):
     retryable = False
     provider_fault = False
     error_type = "replay_window_exceeded"
+
+    #: The retention the provider stated when it refused (None: it did not say).
+    retention: timedelta | None = None
 
 
 class AuthError(IntegrationError):

@@ -1,4 +1,4 @@
-"""``idis-integrations sync status|poll|mode``: inbound sync, webhook/polling (RB-09 C1, R5).
+"""``idis-integrations sync status|poll|run|mode``: inbound sync, webhook/polling (RB-09 C1, R5).
 
 RB-09 Containment 1 (``CRM_MODE=polling``) and Recovery 5 (back to webhooks)
 are what the mode controller does by itself; ``sync mode --set`` is the
@@ -7,10 +7,10 @@ operator's override when a human wants to decide, and every use is audited.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
-import threading
-from contextlib import ExitStack
-from types import FrameType
+from contextlib import AsyncExitStack
 from typing import Any
 
 import click
@@ -28,6 +28,11 @@ from ._common import (
     print_table,
     provider_option,
     stdout,
+)
+
+_HANDLERS_HELP = (
+    "Host handler modules to import (package.module or package.module:function, "
+    "comma-separated); default $IDIS_HANDLERS."
 )
 
 
@@ -135,22 +140,6 @@ def status(provider: str | None, as_json: bool) -> None:
     )
 
 
-def _client(settings: Any, provider: str, stack: ExitStack, engine: Any) -> Any:
-    from ..providers import ProviderClient
-    from ..resilience import Gateway
-
-    auth = None
-    if settings.provider(provider).auth.grant != "none":
-        from ..auth._httpx_auth import oauth_auth_factory
-
-        factory = oauth_auth_factory(settings, engine=engine)
-        stack.callback(factory.close)
-        auth = factory
-    gateway = Gateway(settings, auth=auth)
-    stack.callback(gateway.close)
-    return ProviderClient(gateway, provider)
-
-
 @sync.command("poll")
 @provider_option()
 @click.option("--once", is_flag=True, help="Poll once now and exit (whatever the mode).")
@@ -159,28 +148,33 @@ def _client(settings: Any, provider: str, stack: ExitStack, engine: Any) -> Any:
 def poll(provider: str, once: bool, as_json: bool) -> None:
     """Run the poller for PROVIDER: every CRM_POLL_INTERVAL until SIGTERM, or --once.
 
-    Without --once it takes the provider's poller lock first, so it never polls
-    beside another replica's poller: it stands by until that one stops.
+    It takes the provider's leadership first (the advisory lock on PostgreSQL,
+    the lease on SQLite), so it never polls beside another replica's poller:
+    without --once it stands by until that one stops; --once fails (exit 3)
+    while another replica leads.
     """
+    settings = get_settings()
+    asyncio.run(_poll(settings, provider, once=once, as_json=as_json))
+
+
+async def _poll(settings: Any, provider: str, *, once: bool, as_json: bool) -> None:
     from ..exceptions import AuthError, ProviderError
     from ..sync._inbox import get_registry
-    from ..sync._leader import LeaderLock
     from ..sync._poller import Poller, error_type
+    from ..sync._state import Fenced
 
-    settings = get_settings()
-    with ExitStack() as stack:
-        engine = _engine()
-        stack.callback(engine.dispose)
-        poller = Poller(
-            _client(settings, provider, stack, engine),
-            engine,
-            settings,
-            provider,
-            registry=get_registry(),
-        )
+    async with AsyncExitStack() as stack:
+        poller, lock = await _poller_and_lock(settings, provider, stack, Poller, get_registry())
         if once:
+            epoch = await lock.acquire()
+            if epoch is None:
+                fail(
+                    f"{provider}: another replica leads its sync and polls it; "
+                    "run `sync status` to see which",
+                    EXIT_UNAVAILABLE,
+                )
             try:
-                result = poller.poll_once()
+                result = await poller.poll_once(epoch=epoch)
             except (ProviderError, AuthError) as exc:
                 fail(
                     f"{provider}: poll failed ({error_type(exc)}): {exc}",
@@ -188,33 +182,111 @@ def poll(provider: str, once: bool, as_json: bool) -> None:
                 )
             _print_poll(result, as_json)
             return
-        lock = LeaderLock(
-            settings.database_url, f"sync:{provider}", lock_timeout=settings.sync.lock_timeout
-        )
-        stack.callback(lock.close)
-        stop = threading.Event()
-
-        def _stop(_signum: int, _frame: FrameType | None) -> None:
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        stop = _stop_on_signals()
         interval = settings.sync.crm_poll_interval.total_seconds()
         retry = settings.sync.lock_timeout.total_seconds() / 3
         standing_by = False
         while not stop.is_set():
-            if not lock.acquire():
+            epoch = await lock.acquire()
+            if epoch is None:
                 if not standing_by:
                     stdout.print(f"{provider}: another replica polls; standing by", markup=False)
                     standing_by = True
-                stop.wait(retry)
+                await _wait(stop, retry)
                 continue
             standing_by = False
             try:
-                _print_poll(poller.poll_once(), as_json)
+                _print_poll(await poller.poll_once(epoch=epoch), as_json)
             except (ProviderError, AuthError) as exc:
                 stdout.print(f"{provider}: poll failed ({error_type(exc)}); retrying", markup=False)
-            stop.wait(interval)
+            except Fenced:
+                lock.deposed()
+                stdout.print(f"{provider}: another replica took over; standing by", markup=False)
+            await _wait(stop, interval)
+
+
+async def _poller_and_lock(
+    settings: Any, provider: str, stack: AsyncExitStack, poller_class: Any, registry: Any
+) -> tuple[Any, Any]:
+    from ..db._engine import async_session_factory, create_async_db_engine
+    from ..reconciliation._db import default_async_client
+    from ..sync._leader import LeaderLock
+    from ..sync._mode import ModePolicy
+    from ..sync._service import default_replica_id
+
+    engine = create_async_db_engine(settings.database_url)
+    stack.push_async_callback(engine.dispose)
+    client = await default_async_client(settings, provider, stack, engine)
+    sessions = async_session_factory(engine)
+    poller = poller_class(client, sessions, settings, provider, registry=registry)
+    lock = LeaderLock(
+        settings.database_url,
+        provider,
+        sessions=sessions,
+        replica=default_replica_id(),
+        lock_timeout=settings.sync.lock_timeout,
+        policy=ModePolicy.from_settings(settings.sync),
+    )
+    stack.push_async_callback(lock.aclose)
+    return poller, lock
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (the loop keeps running until it is seen)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+@sync.command("run")
+@click.option(
+    "--provider",
+    "providers",
+    multiple=True,
+    help="Provider to sync (repeatable; default: every provider of kind crm).",
+)
+@click.option("--handlers", envvar="IDIS_HANDLERS", default=None, help=_HANDLERS_HELP)
+@handle_errors
+def run(providers: tuple[str, ...], handlers: str | None) -> None:
+    """Run the sync worker (sentinel, mode controller, poller) until SIGTERM.
+
+    What the service runs in its event loop, as a process of its own: it leads
+    the providers no other replica leads and stands by for the others.
+    Webhooks are not received here (mount the receiver in the service).
+    """
+    settings = get_settings()
+    for name in providers:
+        settings.provider(name)
+    registry = _registry(handlers)
+    asyncio.run(_run_service(settings, list(providers) or None, registry))
+
+
+async def _run_service(settings: Any, providers: list[str] | None, registry: Any) -> None:
+    from ..sync._service import AsyncSyncService
+
+    service = AsyncSyncService(settings, registry=registry, providers=providers, receiver=False)
+    try:
+        stop = _stop_on_signals()
+        stdout.print(f"syncing {', '.join(service.providers)}; SIGTERM stops", markup=False)
+        while not stop.is_set():
+            await service.tick_all()
+            await _wait(stop, service.interval)
+    finally:
+        await service.aclose()
+
+
+def _registry(handlers: str | None) -> Any:
+    from ..reconciliation._handlers import load_handlers
+    from ..sync._inbox import get_registry
+
+    return load_handlers(handlers) if handlers else get_registry()
 
 
 def _print_poll(result: Any, as_json: bool) -> None:

@@ -328,8 +328,9 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     from ..reconciliation._sync_timeline import timeline
     from ..resilience._gateway import AsyncGateway, Gateway
     from ..resilience._recorder import HealthSampler
-    from ..sync import HandlerRegistry, SyncService, sync_summary
+    from ..sync import AsyncSyncService, HandlerRegistry, sync_summary
     from ..testing import run_simulator, serve_asgi, simulator_settings
+    from ..webhooks import WebhookReceiver
 
     options = drill.options
     provider, enrich_provider = options.provider, options.enrichment_provider
@@ -394,28 +395,52 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
     for event_type in ("record.created", "record.updated", "record.deleted"):
         registry.register(event_type, apply)
 
-    service = SyncService(
+    # Background workers are async only (the ones the example service runs). One
+    # event loop and one async engine for the whole drill: the async gateways'
+    # connections belong to that loop.
+    runner = stack.enter_context(asyncio.Runner())
+    async_engine = create_async_db_engine(database_url)
+    stack.callback(lambda: runner.run(async_engine.dispose()))
+    stack.callback(lambda: runner.run(auth.aclose()))
+
+    # The sync service (sentinel, mode controller, poller), on its own async gateway.
+    # Webhooks go to a receiver on the drill's engine, served by its own thread.
+    sync_gateway = AsyncGateway(
         settings,
-        engine=engine,
-        gateway=gateway,
+        metrics=drill.metrics,
+        clock=drill.clock,
+        sleep=drill.clock.asleep,
+        auth=auth,
+        seed=options.seed,
+    )
+    stack.callback(lambda: runner.run(sync_gateway.aclose()))
+    service = AsyncSyncService(
+        settings,
+        engine=async_engine,
+        gateway=sync_gateway,
         registry=registry,
         providers=[provider],
         clock=drill.clock,
         metrics=drill.metrics,
         replica_id="drill",
+        receiver=False,
     )
-    receiver_url = stack.enter_context(serve_asgi(service.asgi_app(), name="idis-drill-webhooks"))
+    stack.callback(lambda: runner.run(service.aclose()))
+    receiver = WebhookReceiver(
+        settings,
+        engine,
+        registry=registry,
+        providers=[provider],
+        clock=drill.clock,
+        metrics=drill.metrics,
+    )
+    receiver_url = stack.enter_context(serve_asgi(receiver.asgi_app(), name="idis-drill-webhooks"))
     secret = settings.provider(provider).webhook_secrets[0].get_secret_value()
     sim.control.set_webhook_target(provider, f"{receiver_url}/{provider}", [secret])
 
     # Enrichment runs as in the example service: the async enricher and the async
-    # deferred worker (background workers are async only) on one AsyncGateway, so
-    # the worker's gate sees the breaker the enricher's failures opened. One event
-    # loop for the whole drill: the async gateway's connections belong to it.
-    runner = stack.enter_context(asyncio.Runner())
-    async_engine = create_async_db_engine(database_url)
-    stack.callback(lambda: runner.run(async_engine.dispose()))
-    stack.callback(lambda: runner.run(auth.aclose()))
+    # deferred worker on one AsyncGateway, so the worker's gate sees the breaker
+    # the enricher's failures opened (on the drill's one loop, above).
     enrich_gateway = AsyncGateway(
         settings,
         metrics=drill.metrics,
@@ -481,7 +506,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
                 provider, drill.options.events_per_tick, tenant_ids=["tenant-a", "tenant-b"]
             )
         sim.control.flush_webhooks(provider, timeout=5)
-        service.tick_all()
+        runner.run(service.tick_all())
         if drill.deal_version < 10_000 and round(drill.t / step) % 2 == 0:
             push_deal()
         outbox_worker.run_once()
@@ -556,7 +581,7 @@ def _run(drill: _Drill, stack: ExitStack) -> Report:
             handlers=registry,
             engine=engine,
             actor="drill",
-            clock=drill.clock.now,
+            clock=drill.clock,
         )
         drill.note(
             f"reconcile: fetched {reconciled.fetched}, already applied "
@@ -862,7 +887,7 @@ def _verify(drill: _Drill, **ctx: Any) -> None:
         engine=engine,
         handlers=ctx["registry"],
         actor="drill",
-        clock=drill.clock.now,
+        clock=drill.clock,
     )
     mismatches = len(report.mismatches)
     drill.check(
@@ -877,7 +902,7 @@ def _verify(drill: _Drill, **ctx: Any) -> None:
         drill.clock.now() - timedelta(seconds=options.speed * 3),
         settings=settings,
         engine=engine,
-        clock=drill.clock.now,
+        clock=drill.clock,
     )
     drill.check(
         "Verification 2: no gaps in the sync timeline",

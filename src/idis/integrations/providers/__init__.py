@@ -20,12 +20,30 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
 from .._timeparse import format_duration, utcnow
-from ..exceptions import MalformedResponse, ProviderRejected, ReplayWindowExceeded
+from ..exceptions import MalformedResponse, ProviderRejected, ReplayWindowExceeded, UsageError
 from ..resilience._gateway import AsyncGateway, Gateway
+from ._order import (
+    BY_MODIFIED,
+    BY_VERSION,
+    ByModified,
+    ByVersion,
+    MissingOrder,
+    Ordering,
+    OrderKey,
+    order_key,
+    ordering_for,
+)
 
 __all__ = [
+    "BY_MODIFIED",
+    "BY_VERSION",
     "AsyncProviderClient",
+    "ByModified",
+    "ByVersion",
     "ChangesPage",
+    "MissingOrder",
+    "OrderKey",
+    "Ordering",
     "ProviderAdapter",
     "ProviderClient",
     "ProviderEvent",
@@ -33,8 +51,11 @@ __all__ = [
     "RecordPage",
     "ReplayPage",
     "check_replay_window",
+    "order_key",
+    "ordering_for",
     "parse_event",
     "parse_record",
+    "stated_retention",
 ]
 
 
@@ -44,9 +65,17 @@ class ProviderRecord:
 
     id: str
     tenant_id: str | None
+    #: The provider's record version (0 when the provider sends none).
     version: int
     updated_at: datetime
     data: Mapping[str, Any] = field(default_factory=dict)
+    #: Where this state stands in the record's history, comparable with the keys of
+    #: the record's events (see :mod:`._order`); set by the adapter, or from ``version``.
+    order: OrderKey | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.order is None and self.version and self.version > 0:
+            object.__setattr__(self, "order", OrderKey(int(self.version)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +90,18 @@ class ProviderEvent:
     type: str
     record_id: str
     tenant_id: str | None
-    #: Record version this event produced (orders events per record).
+    #: Record version this event produced (0 when the provider sends none).
     version: int
     occurred_at: datetime
     data: Mapping[str, Any] = field(default_factory=dict)
+    #: The event's place in its record's history: what every apply path orders by
+    #: (see :mod:`._order`). Set by the adapter from its dialect's rule; when not
+    #: given it is the record version (None when there is none).
+    order: OrderKey | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.order is None and self.version and self.version > 0:
+            object.__setattr__(self, "order", OrderKey(int(self.version)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,61 +139,90 @@ def _time(value: Any, what: str, provider: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def parse_record(raw: Any, provider: str) -> ProviderRecord:
-    """Decode one record; raise MalformedResponse when it does not have the expected shape."""
+def _version(raw: Any) -> int:
+    value = raw.get("version")
+    return 0 if value is None else int(value)
+
+
+def parse_record(raw: Any, provider: str, ordering: Ordering = BY_VERSION) -> ProviderRecord:
+    """Decode one record, keyed by ``ordering``.
+
+    Raises:
+        MalformedResponse: it does not have the expected shape, or lacks what
+            ``ordering`` needs (a version under ``ByVersion``).
+    """
     try:
+        version = _version(raw)
+        updated_at = _time(raw["updated_at"], "record.updated_at", provider)
         return ProviderRecord(
             id=str(raw["id"]),
             tenant_id=None if raw.get("tenant_id") is None else str(raw["tenant_id"]),
-            version=int(raw.get("version", 0)),
-            updated_at=_time(raw["updated_at"], "record.updated_at", provider),
+            version=version,
+            updated_at=updated_at,
             data=dict(raw.get("data") or {}),
+            order=ordering.record_key(version=version or None, updated_at=updated_at),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, UsageError, MissingOrder) as exc:
         raise MalformedResponse(
             f"{provider}: malformed record ({type(exc).__name__}: {exc})", provider=provider
         ) from None
 
 
-def parse_event(raw: Any, provider: str) -> ProviderEvent:
-    """Decode one event; raise MalformedResponse when it does not have the expected shape."""
+def parse_event(raw: Any, provider: str, ordering: Ordering = BY_VERSION) -> ProviderEvent:
+    """Decode one event, keyed by ``ordering``.
+
+    Raises:
+        MalformedResponse: it does not have the expected shape, or lacks what
+            ``ordering`` needs (a version under ``ByVersion``).
+    """
     try:
+        event_id = str(raw["id"])
+        seq = int(raw["seq"])
+        version = _version(raw)
+        occurred_at = _time(raw["occurred_at"], "event.occurred_at", provider)
         return ProviderEvent(
-            id=str(raw["id"]),
-            seq=int(raw["seq"]),
+            id=event_id,
+            seq=seq,
             type=str(raw["type"]),
             record_id=str(raw["record_id"]),
             tenant_id=None if raw.get("tenant_id") is None else str(raw["tenant_id"]),
-            version=int(raw.get("version", 0)),
-            occurred_at=_time(raw["occurred_at"], "event.occurred_at", provider),
+            version=version,
+            occurred_at=occurred_at,
             data=dict(raw.get("data") or {}),
+            order=ordering.event_key(
+                event_id=event_id, seq=seq, version=version or None, occurred_at=occurred_at
+            ),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, UsageError, MissingOrder) as exc:
         raise MalformedResponse(
             f"{provider}: malformed event ({type(exc).__name__}: {exc})", provider=provider
         ) from None
 
 
-def _records_page(body: Any, provider: str) -> RecordPage:
+def _records_page(body: Any, provider: str, ordering: Ordering) -> RecordPage:
     if not isinstance(body, dict) or not isinstance(body.get("items"), list):
         raise MalformedResponse(f"{provider}: records page has no 'items' list", provider=provider)
-    return RecordPage([parse_record(r, provider) for r in body["items"]], body.get("next_cursor"))
+    return RecordPage(
+        [parse_record(r, provider, ordering) for r in body["items"]], body.get("next_cursor")
+    )
 
 
-def _changes_page(body: Any, provider: str) -> ChangesPage:
+def _changes_page(body: Any, provider: str, ordering: Ordering) -> ChangesPage:
     if not isinstance(body, dict) or not isinstance(body.get("events"), list):
         raise MalformedResponse(f"{provider}: changes page has no 'events' list", provider=provider)
-    events = [parse_event(e, provider) for e in body["events"]]
+    events = [parse_event(e, provider, ordering) for e in body["events"]]
     next_after = body.get("next_after")
     return ChangesPage(
         events, None if next_after is None else int(next_after), bool(body.get("has_more"))
     )
 
 
-def _replay_page(body: Any, provider: str) -> ReplayPage:
+def _replay_page(body: Any, provider: str, ordering: Ordering) -> ReplayPage:
     if not isinstance(body, dict) or not isinstance(body.get("events"), list):
         raise MalformedResponse(f"{provider}: replay page has no 'events' list", provider=provider)
-    return ReplayPage([parse_event(e, provider) for e in body["events"]], body.get("next_cursor"))
+    return ReplayPage(
+        [parse_event(e, provider, ordering) for e in body["events"]], body.get("next_cursor")
+    )
 
 
 def check_replay_window(
@@ -179,15 +245,28 @@ def check_replay_window(
         )
 
 
+def stated_retention(exc: ProviderRejected) -> timedelta | None:
+    """The retention a refusal states (``retention_seconds`` in a 410/422 body), if any."""
+    details = exc.details or {}
+    value = details.get("retention_seconds")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e10:
+        return None
+    return timedelta(seconds=value)
+
+
 def _retention_error(exc: ProviderRejected, provider: str, since: datetime) -> Exception:
-    """A 422 retention_exceeded from the provider, translated."""
-    return ReplayWindowExceeded(
-        f"{provider} replay refused {since.isoformat()}: older than its retention window. "
+    """A 410/422 retention_exceeded from the provider, translated; keeps the stated retention."""
+    retention = stated_retention(exc)
+    held = f" of {format_duration(retention)}" if retention is not None else ""
+    error = ReplayWindowExceeded(
+        f"{provider} replay refused {since.isoformat()}: older than its retention window{held}. "
         f"Reconcile a shorter window, and run a full resync for older changes",
         provider=provider,
         endpoint="replay",
         status_code=exc.status_code,
     )
+    error.retention = retention
+    return error
 
 
 @runtime_checkable
@@ -247,6 +326,8 @@ class ProviderClient:
         self.gateway = gateway
         self.name = provider
         self.settings = gateway.settings.provider(provider)
+        #: How this provider's events and records are ordered (``order_by``).
+        self.ordering = ordering_for(self.settings.order_by)
 
     def get_record(self, record_id: str) -> ProviderRecord | None:
         """The record, or None on 404."""
@@ -256,7 +337,7 @@ class ProviderClient:
             if exc.status_code == 404:
                 return None
             raise
-        return parse_record(body, self.name)
+        return parse_record(body, self.name, self.ordering)
 
     def list_records(
         self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
@@ -265,7 +346,7 @@ class ProviderClient:
         body = self.gateway.get_json(
             self.name, "records", params=_records_params(updated_since, cursor, limit)
         )
-        return _records_page(body, self.name)
+        return _records_page(body, self.name, self.ordering)
 
     def put_record(
         self,
@@ -284,7 +365,7 @@ class ProviderClient:
             json={"tenant_id": tenant_id, "data": dict(data)},
             idempotency_key=idempotency_key,
         )
-        return parse_record(body, self.name)
+        return parse_record(body, self.name, self.ordering)
 
     def changes(
         self, *, after: int | None = None, since: datetime | None = None, limit: int = 100
@@ -293,7 +374,7 @@ class ProviderClient:
         body = self.gateway.get_json(
             self.name, "changes", params=_changes_params(after, since, limit)
         )
-        return _changes_page(body, self.name)
+        return _changes_page(body, self.name, self.ordering)
 
     def replay(self, since: datetime, *, cursor: str | None = None, limit: int = 500) -> ReplayPage:
         """One page of the replay API.
@@ -315,7 +396,7 @@ class ProviderClient:
             if exc.status_code in (410, 422):
                 raise _retention_error(exc, self.name, since) from exc
             raise
-        return _replay_page(body, self.name)
+        return _replay_page(body, self.name, self.ordering)
 
     def iter_replay(self, since: datetime, *, limit: int = 500) -> Iterator[ReplayPage]:
         """Every page of the replay since ``since``."""
@@ -346,6 +427,8 @@ class AsyncProviderClient:
         self.gateway = gateway
         self.name = provider
         self.settings = gateway.settings.provider(provider)
+        #: How this provider's events and records are ordered (``order_by``).
+        self.ordering = ordering_for(self.settings.order_by)
 
     async def get_record(self, record_id: str) -> ProviderRecord | None:
         """The record, or None on 404."""
@@ -355,7 +438,7 @@ class AsyncProviderClient:
             if exc.status_code == 404:
                 return None
             raise
-        return parse_record(body, self.name)
+        return parse_record(body, self.name, self.ordering)
 
     async def list_records(
         self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
@@ -364,7 +447,7 @@ class AsyncProviderClient:
         body = await self.gateway.get_json(
             self.name, "records", params=_records_params(updated_since, cursor, limit)
         )
-        return _records_page(body, self.name)
+        return _records_page(body, self.name, self.ordering)
 
     async def put_record(
         self,
@@ -383,7 +466,7 @@ class AsyncProviderClient:
             json={"tenant_id": tenant_id, "data": dict(data)},
             idempotency_key=idempotency_key,
         )
-        return parse_record(body, self.name)
+        return parse_record(body, self.name, self.ordering)
 
     async def changes(
         self, *, after: int | None = None, since: datetime | None = None, limit: int = 100
@@ -392,7 +475,7 @@ class AsyncProviderClient:
         body = await self.gateway.get_json(
             self.name, "changes", params=_changes_params(after, since, limit)
         )
-        return _changes_page(body, self.name)
+        return _changes_page(body, self.name, self.ordering)
 
     async def replay(
         self, since: datetime, *, cursor: str | None = None, limit: int = 500
@@ -412,7 +495,7 @@ class AsyncProviderClient:
             if exc.status_code in (410, 422):
                 raise _retention_error(exc, self.name, since) from exc
             raise
-        return _replay_page(body, self.name)
+        return _replay_page(body, self.name, self.ordering)
 
     async def iter_replay(self, since: datetime, *, limit: int = 500) -> AsyncIterator[ReplayPage]:
         """Every page of the replay since ``since``."""

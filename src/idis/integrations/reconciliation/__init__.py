@@ -1,6 +1,6 @@
 """Replay-based reconciliation, the sync timeline, and sync verification (RB-09 Recovery 3).
 
-* :func:`reconcile` (asyncio: :func:`areconcile`) pages through a provider's
+* :func:`reconcile` (asyncio: :func:`reconcile_async`, the same flow) pages through a provider's
   replay API, skips the events webhook, poll or an earlier replay already
   applied, applies the missing ones through the host's handlers, audits each
   one (``source='replay'``) and checkpoints every page so a killed run
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
         ReconcileInterrupted,
         ReconcileSummary,
         ReplaySource,
-        areconcile,
         reconcile,
+        reconcile_async,
     )
     from ._sources import StaticReplaySource
     from ._sync_timeline import TimelineReport, gaps, timeline
@@ -58,10 +58,10 @@ __all__ = [
     "StaticReplaySource",
     "TimelineReport",
     "VerifyReport",
-    "areconcile",
     "data_hash",
     "gaps",
     "reconcile",
+    "reconcile_async",
     "resync",
     "timeline",
     "verify_sync",
@@ -78,8 +78,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "ReconcileInterrupted",
         "ReconcileSummary",
         "ReplaySource",
-        "areconcile",
         "reconcile",
+        "reconcile_async",
     ),
     "._sources": ("StaticReplaySource",),
     "._sync_timeline": ("TimelineReport", "gaps", "timeline"),

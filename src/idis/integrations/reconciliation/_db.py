@@ -1,51 +1,50 @@
-"""Plumbing shared by reconcile, resync and verify-sync: transactions, conflicts, clients."""
+"""Plumbing shared by reconcile, resync and verify-sync: page commits, the run lock, clients.
+
+A page of events commits in one transaction with its audit and checkpoint rows
+(:func:`commit_flow`), through the inbox's one apply flow
+(:func:`~idis.integrations.sync._inbox.apply_flow`): the same decisions, rows
+and lock order as a webhook. The run lock and the provider calls are effects,
+so :func:`~._replay.reconcile` and :func:`~._replay.reconcile_async` are one
+flow driven twice.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AsyncExitStack, ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, Table, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .._audit import AuditEvent
+from .._clock import Clock
+from .._flow import Effect, Flow, InSession, Sleep, perform
 from ..config import Settings
 from ..db._engine import create_db_engine, storage_errors
-from ..exceptions import IntegrationError, StorageError, UsageError
+from ..exceptions import IntegrationError, StorageError
 from ..observability._logs import get_logger
-from ..sync._inbox import HandlerRegistry
-from ._batch import (
-    HandlerFailed,
-    PageConflict,
-    PageResult,
-    apply_one_by_one,
-    apply_page,
-    claim_page,
-)
-from ._logic import PagePlan
+from ..sync._effects import TransactionFlow
+from ..sync._inbox import ApplyResult, HandlerRegistry, apply_flow
 
 __all__ = [
     "AUDIT_TABLE",
     "LOCK_WAIT",
     "ReconcileBusy",
-    "acommit_events",
-    "async_run_lock",
-    "async_transaction",
-    "commit_events",
+    "commit_flow",
     "default_async_client",
     "default_client",
     "default_engine",
     "is_conflict",
-    "run_lock",
+    "run_lock_flow",
     "sessions",
     "transaction",
+    "unlock",
 ]
 
 log = get_logger()
@@ -53,7 +52,7 @@ log = get_logger()
 #: ``audit_events`` as a Core table: bulk audit inserts skip the ORM's per-row bookkeeping.
 AUDIT_TABLE: Table = AuditEvent.__table__  # type: ignore[assignment]  # declarative __table__
 
-#: Bulk attempts after a concurrent channel wrote part of a page, before going event by event.
+#: Attempts at a page whose transaction hit a serialization failure or a unique violation.
 _CONFLICT_RETRIES = 3
 #: SQLSTATEs that mean "another transaction got there first": retry the page.
 _RETRY_SQLSTATES = frozenset({"23505", "40001", "40P01"})
@@ -81,7 +80,7 @@ def is_conflict(exc: BaseException) -> bool:
     """Whether ``exc`` (or its cause) means a concurrent writer got there first."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, PageConflict | IntegrityError):
+        if isinstance(seen, IntegrityError):
             return True
         if isinstance(seen, DBAPIError):
             state = getattr(seen.orig, "sqlstate", None)
@@ -89,6 +88,9 @@ def is_conflict(exc: BaseException) -> bool:
                 return True
         seen = seen.__cause__
     return False
+
+
+# --------------------------------------------------------------------------- the run lock
 
 
 def _lock_key(provider: str) -> int:
@@ -101,42 +103,186 @@ def _lock_key(provider: str) -> int:
 #: moment after the kill; a live run keeps it.
 LOCK_WAIT = 10.0
 _LOCK_POLL = 0.2
+#: The lock handle of a database that needs none (SQLite: every page transaction
+#: takes the database's write lock, and the inbox's unique key does the rest).
+_NO_LOCK = object()
 
 
-@contextmanager
-def run_lock(engine: Engine, provider: str, *, wait: float = LOCK_WAIT) -> Iterator[None]:
-    """One reconcile run per provider at a time on PostgreSQL (session advisory lock).
+@dataclass(frozen=True, slots=True)
+class _TryLock(Effect[Any]):
+    """Try the provider's session advisory lock on a dedicated connection (PostgreSQL).
 
-    The lock dies with its connection, so a killed run never blocks the next
-    one. SQLite needs none: every page transaction takes the database's write
-    lock (``BEGIN IMMEDIATE``) and the inbox's unique key does the rest.
+    Returns the connection holding it, ``_NO_LOCK`` on SQLite, or None when
+    another run holds it.
+    """
+
+    provider: str
+
+    def run(self, io: Any) -> Any:
+        engine: Engine = io.engine
+        if engine.dialect.name != "postgresql":
+            return _NO_LOCK
+        with storage_errors():
+            conn = engine.connect()
+            try:
+                query = text("SELECT pg_try_advisory_lock(:k)")
+                got = conn.execute(query, {"k": _lock_key(self.provider)}).scalar()
+                conn.commit()
+            except BaseException:
+                conn.close()
+                raise
+        if got:
+            return conn
+        conn.close()
+        return None
+
+    async def arun(self, io: Any) -> Any:
+        engine: AsyncEngine = io.engine
+        if engine.dialect.name != "postgresql":
+            return _NO_LOCK
+        with storage_errors():
+            conn = await engine.connect()
+            try:
+                query = text("SELECT pg_try_advisory_lock(:k)")
+                result = await conn.execute(query, {"k": _lock_key(self.provider)})
+                got = result.scalar()
+                await conn.commit()
+            except BaseException:
+                await conn.close()
+                raise
+        if got:
+            return conn
+        await conn.close()
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Unlock(Effect[None]):
+    """Release the lock a :class:`_TryLock` took and close its connection."""
+
+    provider: str
+    handle: Any
+
+    def run(self, io: Any) -> None:
+        if self.handle is _NO_LOCK:
+            return
+        try:
+            self.handle.execute(
+                text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(self.provider)}
+            )
+            self.handle.commit()
+        finally:
+            self.handle.close()  # closing the session releases it anyway
+
+    async def arun(self, io: Any) -> None:
+        if self.handle is _NO_LOCK:
+            return
+        try:
+            await self.handle.execute(
+                text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(self.provider)}
+            )
+            await self.handle.commit()
+        finally:
+            await self.handle.close()
+
+
+def run_lock_flow(provider: str, *, wait: float, clock: Clock) -> Flow[Any]:
+    """Take the one-run-per-provider lock, waiting up to ``wait`` seconds; return its handle.
+
+    On PostgreSQL a session advisory lock, which dies with its connection, so a
+    killed run never blocks the next one. Release it with :func:`unlock`.
 
     Raises:
         ReconcileBusy: another run still holds the lock after ``wait`` seconds.
     """
-    if engine.dialect.name != "postgresql":
-        yield
-        return
-    key = _lock_key(provider)
-    deadline = time.monotonic() + wait
-    with storage_errors(), engine.connect() as conn:
-        while True:
-            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
-            conn.commit()
-            if got or time.monotonic() >= deadline:
-                break
-            time.sleep(_LOCK_POLL)
-        if not got:
+    deadline = clock.monotonic() + wait
+    while True:
+        handle = yield from perform(_TryLock(provider))
+        if handle is not None:
+            return handle
+        if clock.monotonic() >= deadline:
             raise ReconcileBusy(
                 f"another reconcile run for {provider} is in progress (its PostgreSQL "
                 f"advisory lock was still held after {wait:g}s); wait for it to finish, "
                 "then run again"
             )
+        yield from perform(Sleep(_LOCK_POLL))
+
+
+def unlock(provider: str, handle: Any) -> Flow[None]:
+    """Release a lock taken by :func:`run_lock_flow`."""
+    yield from perform(_Unlock(provider, handle))
+
+
+# --------------------------------------------------------------------------- page commits
+
+
+def _page_flow(
+    provider: str,
+    events: Sequence[Any],
+    *,
+    registry: HandlerRegistry,
+    source: str,
+    now: datetime,
+    also: Callable[[Session, ApplyResult, datetime], None],
+) -> Flow[ApplyResult]:
+    result = yield from apply_flow(
+        provider, events, source, registry=registry, now=now, isolate=True
+    )
+    yield from perform(InSession(lambda session: also(session, result, now)))
+    return result
+
+
+def commit_flow(
+    provider: str,
+    events: Sequence[Any],
+    *,
+    registry: HandlerRegistry,
+    source: str,
+    clock: Clock,
+    also: Callable[[Session, ApplyResult, datetime], None],
+) -> Flow[ApplyResult]:
+    """Apply ``events`` through the inbox in one transaction, with ``also``'s rows beside them.
+
+    A handler that raises costs only its own event (the inbox re-applies the
+    page event by event, ``ApplyResult.failed``). A transaction that lost a
+    race to another writer (unique violation, serialization failure) is retried.
+
+    Args:
+        provider: Provider name.
+        events: The events, in the provider's order.
+        registry: The host's handlers.
+        source: Inbox channel.
+        clock: Current time.
+        also: Writes the caller's rows (audit, checkpoint) in the same transaction.
+    """
+    for attempt in range(_CONFLICT_RETRIES):
         try:
-            yield
-        finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            conn.commit()
+            result: ApplyResult = yield from perform(
+                TransactionFlow(
+                    _page_flow(
+                        provider,
+                        events,
+                        registry=registry,
+                        source=source,
+                        now=clock.now(),
+                        also=also,
+                    )
+                )
+            )
+            return result
+        except (IntegrityError, StorageError) as exc:
+            if not is_conflict(exc) or attempt == _CONFLICT_RETRIES - 1:
+                raise
+            log.info(
+                "idis.reconcile.page_conflict",
+                provider=provider,
+                msg="a concurrent writer got there first; retrying the page",
+            )
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- defaults
 
 
 def default_engine(settings: Settings, stack: ExitStack) -> Engine:
@@ -184,192 +330,3 @@ async def default_async_client(
     gateway = AsyncGateway(settings, auth=auth)
     stack.push_async_callback(gateway.aclose)
     return AsyncProviderClient(gateway, provider)
-
-
-def commit_events(
-    factory: sessionmaker[Session],
-    provider: str,
-    events: Sequence[Any],
-    *,
-    registry: HandlerRegistry,
-    source: str,
-    clock: Callable[[], datetime],
-    also: Callable[[Session, PageResult, datetime], None],
-) -> tuple[PageResult, bool]:
-    """Apply ``events`` through the inbox in one transaction, with ``also``'s rows beside them.
-
-    Tries the bulk path (:func:`~.batch.apply_page`) and retries it when a
-    concurrent channel wrote part of the page; after a failing handler, or
-    after repeated conflicts, applies the page event by event through the
-    inbox's own ``apply_event`` so that only the failing events are lost.
-
-    Args:
-        factory: Session factory.
-        provider: Provider name.
-        events: The events, in the provider's order.
-        registry: The host's handlers.
-        source: Inbox channel.
-        clock: Current time.
-        also: Writes the caller's rows (audit, checkpoint) in the same transaction.
-
-    Returns:
-        The page result and whether the bulk path applied it.
-    """
-    for _attempt in range(_CONFLICT_RETRIES):
-        now = clock()
-        try:
-            with transaction(factory) as session:
-                result = apply_page(
-                    session, provider, events, registry=registry, source=source, now=now
-                )
-                also(session, result, now)
-            return result, True
-        except HandlerFailed:
-            break
-        except (PageConflict, IntegrityError, StorageError) as exc:
-            if not is_conflict(exc):
-                raise
-            log.info(
-                "idis.reconcile.page_conflict",
-                provider=provider,
-                msg="a concurrent channel wrote part of the page; retrying it",
-            )
-    now = clock()
-    with transaction(factory) as session:
-        result = apply_one_by_one(
-            session, provider, events, registry=registry, source=source, now=now
-        )
-        also(session, result, now)
-    return result, False
-
-
-# --------------------------------------------------------------------------- asyncio twins
-
-
-@asynccontextmanager
-async def async_transaction(
-    factory: async_sessionmaker[AsyncSession],
-) -> AsyncIterator[AsyncSession]:
-    """Async twin of :func:`transaction`."""
-    with storage_errors():
-        async with factory.begin() as session:
-            yield session
-
-
-@asynccontextmanager
-async def async_run_lock(
-    engine: AsyncEngine, provider: str, *, wait: float = LOCK_WAIT
-) -> AsyncIterator[None]:
-    """Async twin of :func:`run_lock`.
-
-    Raises:
-        ReconcileBusy: another run still holds the lock after ``wait`` seconds.
-    """
-    if engine.dialect.name != "postgresql":
-        yield
-        return
-    key = _lock_key(provider)
-    deadline = time.monotonic() + wait
-    with storage_errors():
-        async with engine.connect() as conn:
-            while True:
-                got = (
-                    await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
-                ).scalar()
-                await conn.commit()
-                if got or time.monotonic() >= deadline:
-                    break
-                await asyncio.sleep(_LOCK_POLL)
-            if not got:
-                raise ReconcileBusy(
-                    f"another reconcile run for {provider} is in progress (its PostgreSQL "
-                    f"advisory lock was still held after {wait:g}s); wait for it to "
-                    "finish, then run again"
-                )
-            try:
-                yield
-            finally:
-                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                await conn.commit()
-
-
-async def _run_handlers(session: AsyncSession, plan: PagePlan, registry: HandlerRegistry) -> None:
-    for event in plan.apply:
-        async_handler = registry.async_handler_for(event.type)
-        sync_handler = registry.handler_for(event.type)
-        try:
-            if async_handler is not None:
-                await async_handler(session, event)
-            else:
-                assert sync_handler is not None  # the plan applies handled types only
-                await session.run_sync(sync_handler, event)
-        except Exception as exc:
-            raise HandlerFailed(event, exc) from exc
-    try:
-        await session.flush()
-    except Exception as exc:
-        raise HandlerFailed(None, exc) from exc
-
-
-async def acommit_events(
-    factory: async_sessionmaker[AsyncSession],
-    provider: str,
-    events: Sequence[Any],
-    *,
-    registry: HandlerRegistry,
-    source: str,
-    clock: Callable[[], datetime],
-    also: Callable[[Session, PageResult, datetime], None],
-) -> tuple[PageResult, bool]:
-    """Async twin of :func:`commit_events`: async handlers are awaited, sync ones run in place.
-
-    ``also`` writes its rows through the session's sync facade (``run_sync``).
-    """
-    from ..sync._inbox import ApplyOutcome, apply_event_outcome_async
-
-    def claim(session: Session, now: datetime) -> PagePlan:
-        return claim_page(session, provider, events, registry=registry, source=source, now=now)
-
-    for _attempt in range(_CONFLICT_RETRIES):
-        now = clock()
-        try:
-            async with async_transaction(factory) as session:
-                plan = await session.run_sync(claim, now)
-                await _run_handlers(session, plan, registry)
-                result = PageResult(plan)
-                await session.run_sync(also, result, now)
-            return result, True
-        except HandlerFailed:
-            break
-        except (PageConflict, IntegrityError, StorageError) as exc:
-            if not is_conflict(exc):
-                raise
-            log.info(
-                "idis.reconcile.page_conflict",
-                provider=provider,
-                msg="a concurrent channel wrote part of the page; retrying it",
-            )
-    now = clock()
-    plan = PagePlan()
-    failed: list[tuple[Any, BaseException]] = []
-    buckets = {
-        ApplyOutcome.APPLIED: plan.apply,
-        ApplyOutcome.DUPLICATE: plan.duplicates,
-        ApplyOutcome.SUPERSEDED: plan.superseded,
-        ApplyOutcome.IGNORED: plan.ignored,
-    }
-    async with async_transaction(factory) as session:
-        for event in events:
-            try:
-                outcome = await apply_event_outcome_async(
-                    session, provider, event, source, registry=registry, now=now
-                )
-            except UsageError:
-                raise
-            except Exception as exc:  # noqa: BLE001  # a host handler may raise anything
-                failed.append((event, exc))
-                continue
-            buckets[outcome].append(event)
-        result = PageResult(plan, failed)
-        await session.run_sync(also, result, now)
-    return result, False

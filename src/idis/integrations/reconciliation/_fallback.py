@@ -1,17 +1,22 @@
 """``resync``: the fallback when the replay does not reach back far enough.
 
 A full resync fetches the records as the provider holds them *now* (those
-updated since a time, or a list of ids) and applies every one whose version
-is newer than what the inbox's ledger says the host applied, through the same
-handlers and the same inbox as every other channel. It cannot reproduce the
-intermediate changes a replay would have delivered, only the current state;
-that is what makes it the fallback rather than the first choice.
+updated since a time, or a list of ids) and applies every one whose order key
+(``ProviderRecord.order``, the adapter's rule) is newer than the key the
+inbox's ledger holds for it, through the same handlers and the same inbox as
+every other channel. It cannot reproduce the intermediate changes a replay
+would have delivered, only the current state; that is what makes it the
+fallback rather than the first choice.
 
 Each record is applied as a *snapshot event*: a ``ProviderEvent`` of type
-``record.created`` / ``record.updated`` (``record.deleted`` for a record the
-provider no longer has) whose id, ``resync:<record>:v<version>``, makes a
-second resync of the same version a duplicate. ``verify_sync(repair=True)``
-applies its repairs the same way.
+``record.created`` / ``record.updated`` carrying the record's order key, whose
+id, ``resync:<record>:v<key>``, makes a second resync of the same state a
+duplicate. A record asked for by id that the provider answers 404 for is a
+deletion only once a second read, after the rest of the batch and
+``confirm_after``, still finds nothing (a 404 can be transient: a replica
+behind, an eventually consistent index); it is then applied as
+``record.deleted`` at the adapter's deletion key, just after everything we
+applied. ``verify_sync(repair=True)`` applies its repairs the same way.
 """
 
 from __future__ import annotations
@@ -20,25 +25,37 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from .._audit import audit_row
-from .._timeparse import parse_since, utcnow
+from .._clock import Clock, system_clock
+from .._flow import drive
+from .._timeparse import parse_since
 from ..config import Settings
 from ..exceptions import ConfigError
 from ..observability._logs import get_logger, redact_text
-from ..sync._inbox import HandlerRegistry, get_registry
-from ._batch import PageResult
-from ._bulk import bulk_insert
-from ._db import AUDIT_TABLE, commit_events, default_client, default_engine, sessions, transaction
+from ..providers._order import Ordering, ordering_for
+from ..sync._bulk import bulk_insert
+from ..sync._effects import SyncFace
+from ..sync._inbox import ApplyOutcome, ApplyResult, HandlerRegistry, get_registry
+from ._db import AUDIT_TABLE, commit_flow, default_client, default_engine, sessions, transaction
 from ._ledger import LedgerEntry, read_ledger
 from ._replay import EventFailure, require_handlers
 
-__all__ = ["INBOX_SOURCE", "ResyncSummary", "apply_snapshots", "resync", "snapshot_event"]
+__all__ = [
+    "CONFIRM_AFTER",
+    "INBOX_SOURCE",
+    "ResyncSummary",
+    "adapter_ordering",
+    "apply_snapshots",
+    "confirm_missing",
+    "resync",
+    "snapshot_event",
+]
 
 log = get_logger()
 
@@ -47,46 +64,63 @@ log = get_logger()
 INBOX_SOURCE = "poll"
 #: Records fetched and applied per transaction.
 _BATCH = 500
+#: How long after a 404 the record is read again before its deletion is believed.
+CONFIRM_AFTER = timedelta(seconds=2)
+
+
+def adapter_ordering(client: Any, settings: Settings, provider: str) -> Ordering:
+    """The provider adapter's ordering rule (``client.ordering``), else the configured one."""
+    ordering = getattr(client, "ordering", None)
+    if ordering is not None:
+        return ordering  # type: ignore[no-any-return]  # an adapter's Ordering
+    return ordering_for(settings.provider(provider).order_by)
 
 
 def snapshot_event(
     record_id: str,
     record: Any | None,
     ledger: LedgerEntry | None,
+    *,
+    ordering: Ordering,
+    now: datetime,
 ) -> Any | None:
     """The event that brings the host to the provider's current state, or None if it is there.
 
     Args:
         record_id: The record id.
-        record: The provider's record now (``ProviderRecord``), or None when it has none.
+        record: The provider's record now (``ProviderRecord``), or None when the
+            provider confirmed it has none (see :func:`confirm_missing`).
         ledger: What the inbox applied for the record, or None.
+        ordering: The provider's ordering rule (deletion keys).
+        now: The current time (a deletion's time and key).
 
     Returns:
         A ``ProviderEvent`` (``seq`` 0: it has no place in the change feed), or
-        None when the ledger already holds this version (or the deletion).
+        None when the ledger already holds this state (or the deletion).
     """
     from ..providers import ProviderEvent
+    from ..providers._order import OrderKey
 
     if record is None:
         if ledger is None or ledger.deleted:
             return None
-        # The provider's tombstone version is unknown; one past ours orders
-        # the deletion after everything we applied.
-        version = ledger.version + 1
+        key = ordering.deletion_key(ledger.order, now)
         return ProviderEvent(
-            id=f"resync:{record_id}:deleted:v{version}",
+            id=f"resync:{record_id}:deleted:v{key}",
             seq=0,
             type="record.deleted",
             record_id=record_id,
             tenant_id=ledger.tenant_id,
-            version=version,
-            occurred_at=utcnow(),
+            version=key.major if ordering.name == "version" else 0,
+            occurred_at=now,
             data={},
+            order=key,
         )
-    if ledger is not None and ledger.version >= record.version and not ledger.deleted:
+    order = record.order if isinstance(record.order, OrderKey) else OrderKey(record.version)
+    if ledger is not None and ledger.order >= order and not ledger.deleted:
         return None
     return ProviderEvent(
-        id=f"resync:{record.id}:v{record.version}",
+        id=f"resync:{record.id}:v{order}",
         seq=0,
         type="record.created" if ledger is None or ledger.deleted else "record.updated",
         record_id=record.id,
@@ -94,11 +128,27 @@ def snapshot_event(
         version=record.version,
         occurred_at=record.updated_at,
         data=dict(record.data),
+        order=order,
     )
 
 
+def confirm_missing(
+    client: Any, record_ids: Iterable[str], *, clock: Clock, after: timedelta
+) -> dict[str, Any | None]:
+    """Read records that answered 404 once more, ``after`` later: ``{id: record or None}``.
+
+    None means the deletion is confirmed by two reads; a record means the
+    first 404 was transient.
+    """
+    ids = list(record_ids)
+    if not ids:
+        return {}
+    clock.sleep(after.total_seconds())
+    return {rid: client.get_record(rid) for rid in ids}
+
+
 def apply_snapshots(
-    session_factory: Any,
+    engine: Engine,
     provider: str,
     events: Sequence[Any],
     *,
@@ -107,16 +157,16 @@ def apply_snapshots(
     audit_source: str,
     actor: str,
     correlation_id: str,
-    clock: Callable[[], datetime] = utcnow,
+    clock: Clock = system_clock,
     details: Callable[[Any], dict[str, Any]] | None = None,
-) -> PageResult:
+) -> ApplyResult:
     """Apply snapshot events through the inbox in one transaction, one audit row each.
 
     Returns:
-        What was applied, superseded (a newer version arrived meanwhile) or failed.
+        What was applied, superseded (a newer key arrived meanwhile) or failed.
     """
 
-    def write_audit(session: Session, result: PageResult, now: datetime) -> None:
+    def write_audit(session: Session, result: ApplyResult, now: datetime) -> None:
         rows = [
             audit_row(
                 action,
@@ -130,12 +180,13 @@ def apply_snapshots(
                     "event_id": event.id,
                     "event_type": event.type,
                     "version": event.version,
+                    "order": str(event.order),
                     **(details(event) if details else {}),
                 },
                 correlation_id=correlation_id,
                 occurred_at=now,
             )
-            for event in result.plan.apply
+            for event in result.applied
         ]
         rows.extend(
             audit_row(
@@ -157,16 +208,17 @@ def apply_snapshots(
         if rows:
             bulk_insert(session, AUDIT_TABLE, rows)
 
-    result, _bulk = commit_events(
-        session_factory,
-        provider,
-        list(events),
-        registry=registry,
-        source=INBOX_SOURCE,
-        clock=clock,
-        also=write_audit,
+    return drive(
+        commit_flow(
+            provider,
+            list(events),
+            registry=registry,
+            source=INBOX_SOURCE,
+            clock=clock,
+            also=write_audit,
+        ),
+        SyncFace(clock=clock, engine=engine),
     )
-    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +229,7 @@ class ResyncSummary:
     run_id: str | None
     #: Records fetched from the provider (ids asked for, or updated since).
     fetched: int = 0
-    #: Already at the provider's version locally: nothing to do.
+    #: Already at the provider's state locally: nothing to do.
     unchanged: int = 0
     #: Applied through the host's handlers (dry run: would be applied).
     applied: int = 0
@@ -187,6 +239,8 @@ class ResyncSummary:
     ignored: int = 0
     #: Handler raised: not applied.
     failed: int = 0
+    #: A 404 the second read contradicted (the record exists): not deleted.
+    unconfirmed: int = 0
     dry_run: bool = False
     failures: tuple[EventFailure, ...] = ()
 
@@ -230,16 +284,17 @@ def resync(
     engine: Engine | None = None,
     dry_run: bool = False,
     actor: str = "system",
-    clock: Callable[[], datetime] = utcnow,
+    clock: Clock = system_clock,
     progress: Callable[[int], None] | None = None,
+    confirm_after: timedelta = CONFIRM_AFTER,
 ) -> ResyncSummary:
     """Fetch the provider's current records and apply those the host does not have yet.
 
     Give exactly one of ``since`` (records updated since then, via
     ``list_records``) or ``record_ids`` (via ``get_record``; an id the provider
-    no longer has is applied as a deletion when the host still has it).
-    Every applied record gets a ``reconcile.record_resynced`` audit row
-    (``source='resync'``).
+    answers 404 for twice, ``confirm_after`` apart, is applied as a deletion
+    when the host still has it). Every applied record gets a
+    ``reconcile.record_resynced`` audit row (``source='resync'``).
 
     Raises:
         ConfigError: unknown provider, bad ``since``, neither or both selectors,
@@ -256,25 +311,43 @@ def resync(
             "record_ids= (a list of ids)",
             variable="since",
         )
-    start = None if since is None else parse_since(since, name="since", now=clock)
+    start = None if since is None else parse_since(since, name="since", now=clock.now)
     ids = None if record_ids is None else list(dict.fromkeys(str(r) for r in record_ids))
     registry = handlers if handlers is not None else get_registry()
     if not dry_run:
         require_handlers(registry, provider)
     run_id = f"rs_{uuid.uuid4().hex[:20]}"
-    counts = {"fetched": 0, "unchanged": 0, "applied": 0, "missing": 0, "ignored": 0, "failed": 0}
+    counts = {
+        "fetched": 0,
+        "unchanged": 0,
+        "applied": 0,
+        "missing": 0,
+        "ignored": 0,
+        "failed": 0,
+        "unconfirmed": 0,
+    }
     failures: list[EventFailure] = []
     with ExitStack() as stack:
         engine = engine if engine is not None else default_engine(settings, stack)
         client = client if client is not None else default_client(settings, provider, stack, engine)
+        ordering = adapter_ordering(client, settings, provider)
         factory = sessions(engine)
         for batch in _record_batches(client, start, ids):
             counts["fetched"] += len(batch)
             with transaction(factory) as session:
                 ledger = read_ledger(session, provider, [rid for rid, _ in batch])
+            suspects = [
+                rid
+                for rid, record in batch
+                if record is None and rid in ledger and not ledger[rid].deleted
+            ]
+            second = confirm_missing(client, suspects, clock=clock, after=confirm_after)
+            counts["unconfirmed"] += sum(1 for r in second.values() if r is not None)
+            now = clock.now()
             events = []
-            for rid, record in batch:
-                event = snapshot_event(rid, record, ledger.get(rid))
+            for rid, first in batch:
+                record = second.get(rid, first)
+                event = snapshot_event(rid, record, ledger.get(rid), ordering=ordering, now=now)
                 if event is not None:
                     events.append(event)
                 elif record is None and rid not in ledger:
@@ -285,7 +358,7 @@ def resync(
                 counts["applied"] += len(events) if dry_run else 0
             else:
                 result = apply_snapshots(
-                    factory,
+                    engine,
                     provider,
                     events,
                     registry=registry,
@@ -295,9 +368,11 @@ def resync(
                     correlation_id=run_id,
                     clock=clock,
                 )
-                counts["applied"] += len(result.plan.apply)
-                counts["unchanged"] += len(result.plan.duplicates) + len(result.plan.superseded)
-                counts["ignored"] += len(result.plan.ignored)
+                counts["applied"] += result.count(ApplyOutcome.APPLIED)
+                counts["unchanged"] += result.count(ApplyOutcome.DUPLICATE) + result.count(
+                    ApplyOutcome.SUPERSEDED
+                )
+                counts["ignored"] += result.count(ApplyOutcome.IGNORED)
                 counts["failed"] += len(result.failed)
                 failures.extend(
                     EventFailure(str(e.id), e.record_id, type(x).__name__, redact_text(str(x)))

@@ -1,10 +1,12 @@
 """What the host holds, as far as the library knows: the inbox's per-record version ledger.
 
-The sync inbox keeps, per provider and record, the newest version it applied
-through the host's handlers (``sync_record_versions``) and the event that
-brought it (whose ``sync_inbox`` row has the tenant and the event type). That
-is enough to tell whether the provider's copy moved on without us: every
-change at the provider increments the record's version.
+The sync inbox keeps, per provider and record, the order key of the newest
+event it applied through the host's handlers (``sync_record_versions``) and
+the event that brought it (whose ``sync_inbox`` row has the tenant, the type
+and the version). That is enough to tell whether the provider's copy moved on
+without us: every change at the provider moves the record's key (its version,
+or its modification time for providers ordered by time). ``LocalRecord.version``
+is that key's major part.
 
 :class:`LocalRecordSource` is the protocol ``verify_sync`` samples from;
 :class:`AppliedRecordSource` is its default, backed by that ledger. A host
@@ -22,6 +24,7 @@ from typing import Protocol, runtime_checkable
 from sqlalchemy import Engine, and_, select
 from sqlalchemy.orm import Session
 
+from ..providers._order import OrderKey
 from ..sync._models import SyncInbox, SyncRecordVersion
 from ._db import sessions, transaction
 from ._logic import LocalRecord
@@ -44,21 +47,24 @@ class LocalRecordSource(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
-    """The newest version of one record applied through the inbox."""
+    """The newest state of one record applied through the inbox."""
 
     record_id: str
-    version: int
+    #: The order key of the newest applied event (``providers.OrderKey``).
+    order: OrderKey
     event_id: str
     tenant_id: str | None
-    #: The event that brought the version deleted the record.
+    #: The event that brought it deleted the record.
     deleted: bool
+    #: The record version that event carried (0: the provider sends none).
+    version: int = 0
 
     def as_local(self) -> LocalRecord:
-        """As a :class:`LocalRecord` (no data, no hash: compared on versions)."""
+        """As a :class:`LocalRecord` (no data, no hash: compared on the order key's major)."""
         return LocalRecord(
             record_id=self.record_id,
             tenant_id=self.tenant_id,
-            version=self.version,
+            version=self.order.major,
             deleted=self.deleted,
         )
 
@@ -74,10 +80,12 @@ def read_ledger(
         query = (
             select(
                 SyncRecordVersion.record_id,
-                SyncRecordVersion.version,
+                SyncRecordVersion.order_major,
+                SyncRecordVersion.order_minor,
                 SyncRecordVersion.event_id,
                 SyncInbox.tenant_id,
                 SyncInbox.event_type,
+                SyncInbox.version,
             )
             .select_from(SyncRecordVersion)
             .outerjoin(
@@ -87,15 +95,22 @@ def read_ledger(
                     SyncInbox.event_id == SyncRecordVersion.event_id,
                 ),
             )
-            .where(SyncRecordVersion.provider == provider, SyncRecordVersion.record_id.in_(chunk))
+            .where(
+                SyncRecordVersion.provider == provider,
+                SyncRecordVersion.record_id.in_(chunk),
+                # A lock placeholder of an uncommitted apply is not a state.
+                SyncRecordVersion.event_id != "",
+            )
         )
-        for record_id, version, event_id, tenant_id, event_type in session.execute(query):
+        for row in session.execute(query):
+            record_id, major, minor, event_id, tenant_id, event_type, version = row
             found[record_id] = LedgerEntry(
                 record_id=record_id,
-                version=int(version),
+                order=OrderKey(int(major), minor),
                 event_id=event_id,
                 tenant_id=tenant_id,
                 deleted=event_type == "record.deleted",
+                version=int(version or 0),
             )
     return found
 
@@ -122,7 +137,10 @@ class AppliedRecordSource:
             ids = list(
                 session.scalars(
                     select(SyncRecordVersion.record_id)
-                    .where(SyncRecordVersion.provider == self.provider)
+                    .where(
+                        SyncRecordVersion.provider == self.provider,
+                        SyncRecordVersion.event_id != "",
+                    )
                     .order_by(SyncRecordVersion.record_id)
                 )
             )

@@ -22,15 +22,12 @@ __all__ = [
     "FieldDiff",
     "Gap",
     "LocalRecord",
-    "PagePlan",
     "RecordComparison",
     "check_retention",
     "compare_record",
     "compute_gaps",
     "data_hash",
     "merge_intervals",
-    "order_key",
-    "plan_page",
     "retention_error",
 ]
 
@@ -46,27 +43,40 @@ def retention_error(
     now: datetime | None = None,
     refused_by_provider: bool = False,
     applied_nothing: bool = True,
+    stated: timedelta | None = None,
 ) -> ReplayWindowExceeded:
     """The error for a replay window older than the provider retains.
 
     The message names the window, the retention and the fallback, so the
     operator reading it at 3 a.m. knows both what is wrong and what to run.
+    When the provider refused and stated its own retention (``stated``: a
+    422's ``retention_seconds``), that is the retention reported, next to the
+    configured one, and kept on the error's ``retention``.
     """
-    held = format_duration(retention) if retention is not None else "unknown"
+    effective = stated if stated is not None else retention
+    held = format_duration(effective) if effective is not None else "unknown"
     asked = f" ({format_duration(now - since)} ago)" if now is not None else ""
     who = "the provider refused it: " if refused_by_provider else ""
+    source = (
+        "as the provider states it"
+        + (f"; configured {format_duration(retention)}" if retention is not None else "")
+        if stated is not None
+        else "replay_retention"
+    )
     outcome = " Nothing was applied." if applied_nothing else ""
     command = (
         f'idis-integrations reconcile --provider {provider} --since "{since.isoformat()}" --resync'
     )
-    return ReplayWindowExceeded(
+    error = ReplayWindowExceeded(
         f"{provider}: the replay window since {since.isoformat()}{asked} is older than "
-        f"{who}the provider's replay retention of {held} (replay_retention).{outcome} "
+        f"{who}the provider's replay retention of {held} ({source}).{outcome} "
         f"Reconcile a window within the last {held}, or run a full resync of the affected "
         f"records instead: {command} (resync(provider, since=...) in Python)",
         provider=provider,
         endpoint="replay",
     )
+    error.retention = effective
+    return error
 
 
 def check_retention(provider: str, since: datetime, retention: timedelta, now: datetime) -> None:
@@ -266,84 +276,3 @@ def compare_record(
         remote_version,
         tuple(diffs),
     )
-
-
-# --------------------------------------------------------------------------- page plan
-
-
-@dataclass(slots=True)
-class PagePlan:
-    """What to do with each event of one replay page (see :func:`plan_page`)."""
-
-    #: Already in the inbox (any channel) or repeated within the page: skip.
-    duplicates: list[Any] = field(default_factory=list)
-    #: Call the handler, in this order.
-    apply: list[Any] = field(default_factory=list)
-    #: A newer version of the record is (or will be) applied: record, do not apply.
-    superseded: list[Any] = field(default_factory=list)
-    #: No handler takes the type: record, do not apply.
-    ignored: list[Any] = field(default_factory=list)
-    #: Newest order key applied per record, to store in the version ledger.
-    versions: dict[str, tuple[int, str]] = field(default_factory=dict)
-
-    def status_of(self) -> dict[str, str]:
-        """Inbox status per new event id (``applied``, ``superseded``, ``ignored``)."""
-        statuses = {e.id: "applied" for e in self.apply}
-        statuses.update({e.id: "superseded" for e in self.superseded})
-        statuses.update({e.id: "ignored" for e in self.ignored})
-        return statuses
-
-
-def order_key(event: Any) -> int | None:
-    """The event's position in its record's history: its version, else its feed seq."""
-    if event.version is not None:
-        return int(event.version)
-    if event.seq is not None:
-        return int(event.seq)
-    return None
-
-
-def plan_page(
-    events: Sequence[Any],
-    known_ids: set[str],
-    current_versions: Mapping[str, int],
-    handles: Any,
-) -> PagePlan:
-    """Split one page of events the way the inbox's ``apply_event`` would, event by event.
-
-    This is the inbox's rule (``sync.inbox``) applied to a whole page at once,
-    so the page can be written with one statement per table: an event id
-    already known is a duplicate; a type without a handler is ignored; an
-    event whose version is not newer than the record's newest applied one is
-    superseded; anything else is applied, in page (provider) order, and
-    becomes the record's newest version.
-
-    Args:
-        events: The page, in the provider's order.
-        known_ids: Ids the inbox already holds.
-        current_versions: Newest applied order key per record id (from the ledger).
-        handles: ``handles(event_type) -> bool``, whether a handler takes the type.
-    """
-    plan = PagePlan()
-    seen: set[str] = set(known_ids)
-    newest: dict[str, int] = dict(current_versions)
-    for event in events:
-        if event.id in seen:
-            plan.duplicates.append(event)
-            continue
-        seen.add(event.id)
-        if not handles(event.type):
-            plan.ignored.append(event)
-            continue
-        key = order_key(event)
-        if event.record_id is None or key is None:
-            plan.apply.append(event)
-            continue
-        current = newest.get(event.record_id)
-        if current is not None and key <= current:
-            plan.superseded.append(event)
-            continue
-        newest[event.record_id] = key
-        plan.versions[event.record_id] = (key, event.id)
-        plan.apply.append(event)
-    return plan

@@ -21,7 +21,6 @@ events covers only up to the first failure, and exits non-zero from the CLI.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack, ExitStack
@@ -30,13 +29,15 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import Engine, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from .._audit import AuditEvent, audit_row
-from .._timeparse import parse_since, utcnow
+from .._clock import Clock, system_clock
+from .._flow import Flow, Transaction, adrive, drive, perform
+from .._timeparse import parse_since
 from ..config import Settings
-from ..db._engine import create_async_db_engine, storage_errors
+from ..db._engine import create_async_db_engine
 from ..exceptions import (
     ConfigError,
     IntegrationError,
@@ -46,26 +47,29 @@ from ..exceptions import (
 )
 from ..observability._logs import get_logger, redact_text
 from ..observability._metrics import get_metrics
-from ..sync._inbox import HandlerRegistry, get_registry
+from ..sync._bulk import bulk_insert
+from ..sync._effects import AsyncFace, ClientCall, SyncFace
+from ..sync._inbox import (
+    ApplyOutcome,
+    ApplyResult,
+    HandlerRegistry,
+    get_registry,
+    plan_batch,
+    preview,
+)
 from ..sync._timeline import record_coverage
-from ._batch import PageResult, page_state
-from ._bulk import bulk_insert
 from ._db import (
     AUDIT_TABLE,
     LOCK_WAIT,
     ReconcileBusy,
-    acommit_events,
-    async_run_lock,
-    async_transaction,
-    commit_events,
+    commit_flow,
     default_async_client,
     default_client,
     default_engine,
-    run_lock,
-    sessions,
-    transaction,
+    run_lock_flow,
+    unlock,
 )
-from ._logic import check_retention, plan_page, retention_error
+from ._logic import check_retention, retention_error
 from ._models import ReconcileCheckpoint
 from ._sync_timeline import gaps_in
 
@@ -77,8 +81,8 @@ __all__ = [
     "ReconcileInterrupted",
     "ReconcileSummary",
     "ReplaySource",
-    "areconcile",
     "reconcile",
+    "reconcile_async",
 ]
 
 log = get_logger()
@@ -183,13 +187,12 @@ class _Counts:
     pages: int = 0
     failures: list[EventFailure] = field(default_factory=list)
 
-    def add(self, result: PageResult, fetched: int) -> None:
-        plan = result.plan
+    def add(self, result: ApplyResult, fetched: int) -> None:
         self.fetched += fetched
-        self.already_applied += len(plan.duplicates)
-        self.applied += len(plan.apply)
-        self.superseded += len(plan.superseded)
-        self.ignored += len(plan.ignored)
+        self.already_applied += result.count(ApplyOutcome.DUPLICATE)
+        self.applied += result.count(ApplyOutcome.APPLIED)
+        self.superseded += result.count(ApplyOutcome.SUPERSEDED)
+        self.ignored += result.count(ApplyOutcome.IGNORED)
         self.failed += len(result.failed)
         self.pages += 1
         for event, error in result.failed:
@@ -214,14 +217,11 @@ class _Run:
     cursor: str | None
     checkpoint_id: int | None
     resumed: bool
-    #: ``sessionmaker`` (sync driver) or ``async_sessionmaker`` (async driver).
-    factory: Any
-    client: Any
     registry: HandlerRegistry
     page_size: int
     retention: timedelta
     actor: str
-    clock: Callable[[], datetime]
+    clock: Clock
     progress: Callable[[int], None] | None
     counts: _Counts = field(default_factory=_Counts)
 
@@ -247,30 +247,31 @@ class _Run:
             failures=tuple(c.failures),
         )
 
-    def fetch(self) -> Any:
-        """The next page (sync client)."""
+    def fetch(self) -> Flow[Any]:
+        """The next page of the replay (a provider call through the io's adapter)."""
         try:
-            return self.client.replay(self.since, cursor=self.cursor, limit=self.page_size)
-        except ReplayWindowExceeded as exc:
-            raise self._reworded(exc) from exc
-
-    async def afetch(self) -> Any:
-        """The next page (async client)."""
-        try:
-            return await self.client.replay(self.since, cursor=self.cursor, limit=self.page_size)
+            return (
+                yield from perform(
+                    ClientCall(
+                        "replay", (self.since,), {"cursor": self.cursor, "limit": self.page_size}
+                    )
+                )
+            )
         except ReplayWindowExceeded as exc:
             raise self._reworded(exc) from exc
 
     def _reworded(self, exc: ReplayWindowExceeded) -> ReplayWindowExceeded:
         # Re-worded so it names the window and the fallback whatever the
-        # adapter said; a status code means the provider itself refused.
+        # adapter said; a status code means the provider itself refused, and
+        # the retention it stated (if any) is kept.
         return retention_error(
             self.provider,
             self.since,
             self.retention,
-            now=self.clock(),
+            now=self.clock.now(),
             refused_by_provider=exc.status_code is not None,
             applied_nothing=self.counts.pages == 0 and not self.resumed,
+            stated=exc.retention if exc.status_code is not None else None,
         )
 
 
@@ -311,7 +312,7 @@ def require_handlers(registry: HandlerRegistry, provider: str) -> None:
 
 
 def _pick_resumable(
-    session: Session, provider: str, since: datetime, oldest: datetime
+    session: Session, provider: str, since: datetime, oldest: datetime, now: datetime
 ) -> ReconcileCheckpoint | None:
     """The newest stopped run that can stand in for a run from ``since``; abandon the others.
 
@@ -331,7 +332,7 @@ def _pick_resumable(
             chosen = row
             continue
         row.status = "abandoned"
-        row.finished_at = utcnow()
+        row.finished_at = now
         row.error = (
             "abandoned: its window is no longer within the replay retention"
             if row.since < oldest
@@ -361,21 +362,21 @@ def _new_checkpoint(run: _Run, now: datetime) -> ReconcileCheckpoint:
 def _save_page(
     session: Session,
     run: _Run,
-    result: PageResult,
+    result: ApplyResult,
     page: Any,
     now: datetime,
 ) -> None:
     """Move the checkpoint past ``page`` (same transaction as the page's rows)."""
-    plan = result.plan
     events = page.events
     values: dict[str, Any] = {
         "cursor": page.next_cursor,
         "pages": ReconcileCheckpoint.pages + 1,
         "fetched": ReconcileCheckpoint.fetched + len(events),
-        "already_applied": ReconcileCheckpoint.already_applied + len(plan.duplicates),
-        "applied": ReconcileCheckpoint.applied + len(plan.apply),
-        "superseded": ReconcileCheckpoint.superseded + len(plan.superseded),
-        "ignored": ReconcileCheckpoint.ignored + len(plan.ignored),
+        "already_applied": ReconcileCheckpoint.already_applied
+        + result.count(ApplyOutcome.DUPLICATE),
+        "applied": ReconcileCheckpoint.applied + result.count(ApplyOutcome.APPLIED),
+        "superseded": ReconcileCheckpoint.superseded + result.count(ApplyOutcome.SUPERSEDED),
+        "ignored": ReconcileCheckpoint.ignored + result.count(ApplyOutcome.IGNORED),
         "failed": ReconcileCheckpoint.failed + len(result.failed),
         "updated_at": now,
         "error": None,
@@ -404,7 +405,7 @@ def _save_page(
     )
 
 
-def _audit_rows(run: _Run, result: PageResult, now: datetime) -> list[dict[str, Any]]:
+def _audit_rows(run: _Run, result: ApplyResult, now: datetime) -> list[dict[str, Any]]:
     rows = [
         audit_row(
             "reconcile.event_applied",
@@ -423,7 +424,7 @@ def _audit_rows(run: _Run, result: PageResult, now: datetime) -> list[dict[str, 
             correlation_id=run.run_id,
             occurred_at=now,
         )
-        for event in result.plan.apply
+        for event in result.applied
     ]
     rows.extend(
         audit_row(
@@ -445,16 +446,16 @@ def _audit_rows(run: _Run, result: PageResult, now: datetime) -> list[dict[str, 
     return rows
 
 
-def _writer(run: _Run, page: Any) -> Callable[[Session, PageResult, datetime], None]:
+def _writer(run: _Run, page: Any) -> Callable[[Session, ApplyResult, datetime], None]:
     """The rows a committed page writes beside its events: audit rows and the checkpoint."""
 
-    def write(session: Session, result: PageResult, now: datetime) -> None:
+    def write(session: Session, result: ApplyResult, now: datetime) -> None:
         _write_page(session, run, result, page, now)
 
     return write
 
 
-def _write_page(session: Session, run: _Run, result: PageResult, page: Any, now: datetime) -> None:
+def _write_page(session: Session, run: _Run, result: ApplyResult, page: Any, now: datetime) -> None:
     rows = _audit_rows(run, result, now)
     if rows:
         bulk_insert(session, AUDIT_TABLE, rows)
@@ -463,7 +464,7 @@ def _write_page(session: Session, run: _Run, result: PageResult, page: Any, now:
 
 def _finish_in(session: Session, run: _Run, end: datetime) -> datetime:
     """Mark the run completed and record its replay coverage; return where coverage ends."""
-    now = run.clock()
+    now = run.clock.now()
     row = session.get(ReconcileCheckpoint, run.checkpoint_id) if run.checkpoint_id else None
     if row is None:
         # An empty replay: nothing was checkpointed, but the window is covered.
@@ -518,7 +519,7 @@ def _note_in(session: Session, run: _Run, error: BaseException, *, abandon: bool
     """Record why the run stopped on its checkpoint (and close it when it cannot resume)."""
     values: dict[str, Any] = {"error": redact_text(f"{type(error).__name__}: {error}")[:1000]}
     if abandon:
-        values.update(status="abandoned", finished_at=run.clock())
+        values.update(status="abandoned", finished_at=run.clock.now())
     session.execute(
         update(ReconcileCheckpoint)
         .where(ReconcileCheckpoint.id == run.checkpoint_id)
@@ -589,14 +590,27 @@ def _interrupted(run: _Run, exc: IntegrationError, *, resumable: bool) -> Reconc
     )
 
 
-def _paged(run: _Run, page: Any, result: PageResult, bulk: bool) -> bool:
+def _paged(run: _Run, page: Any, result: ApplyResult) -> bool:
     """Account for a committed page; return whether the replay has more."""
     run.counts.add(result, len(page.events))
     run.cursor = page.next_cursor
-    _count(get_metrics(), run.provider, result, bulk)
+    _count(get_metrics(), run.provider, result)
     if run.progress is not None:
         run.progress(len(page.events))
     return bool(page.next_cursor)
+
+
+def _count(metrics: Any, provider: str, result: ApplyResult) -> None:
+    outcomes = {
+        "applied": result.count(ApplyOutcome.APPLIED),
+        "already_applied": result.count(ApplyOutcome.DUPLICATE),
+        "superseded": result.count(ApplyOutcome.SUPERSEDED),
+        "ignored": result.count(ApplyOutcome.IGNORED),
+        "failed": len(result.failed),
+    }
+    for outcome, number in outcomes.items():
+        if number:
+            metrics.reconcile_events.labels(provider=provider, outcome=outcome).inc(number)
 
 
 def _completed(run: _Run, covered_until: datetime, started: float) -> ReconcileSummary:
@@ -610,7 +624,7 @@ def _completed(run: _Run, covered_until: datetime, started: float) -> ReconcileS
         applied=c.applied,
         superseded=c.superseded,
         failed=c.failed,
-        seconds=round(time.monotonic() - started, 3),
+        seconds=round(run.clock.monotonic() - started, 3),
         msg="reconcile run completed",
     )
     return run.summary(dry_run=False, completed=True, covered_until=covered_until)
@@ -624,11 +638,11 @@ def _prepare(
     dry_run: bool,
     handlers: HandlerRegistry | None,
     page_size: int,
-    clock: Callable[[], datetime],
+    clock: Clock,
 ) -> tuple[datetime, timedelta, HandlerRegistry]:
     """Validate everything before any call: (window start, retention, registry)."""
     retention = settings.provider(provider).replay_retention
-    start_now = clock()
+    start_now = clock.now()
     window_start = parse_since(since, name="since", now=lambda: start_now)
     _check_page_size(page_size)
     registry = handlers if handlers is not None else get_registry()
@@ -638,7 +652,151 @@ def _prepare(
     return window_start, retention, registry
 
 
-# --------------------------------------------------------------------------- sync driver
+# --------------------------------------------------------------------------- the flow
+
+
+def _reconcile_flow(
+    run: _Run, *, dry_run: bool, resume: bool, lock_wait: float
+) -> Flow[ReconcileSummary]:
+    """One reconcile run, written once: ``reconcile`` drives it sync, ``reconcile_async`` async."""
+    if dry_run:
+        return (yield from _dry_run_flow(run))
+    handle = yield from run_lock_flow(run.provider, wait=lock_wait, clock=run.clock)
+    try:
+        found = None
+        if resume:
+            now = run.clock.now()
+            oldest = now - run.retention
+            found = yield from perform(
+                Transaction(lambda s: _pick_resumable(s, run.provider, run.since, oldest, now))
+            )
+        _adopt(run, found)
+        return (yield from _pages_flow(run))
+    finally:
+        yield from unlock(run.provider, handle)
+
+
+def _pages_flow(run: _Run) -> Flow[ReconcileSummary]:
+    """Fetch, apply and checkpoint page after page; then record the run's coverage."""
+    started = run.clock.monotonic()
+    while True:
+        fetched_at = run.clock.now()
+        try:
+            page = yield from run.fetch()
+            result = yield from commit_flow(
+                run.provider,
+                list(page.events),
+                registry=run.registry,
+                source="replay",
+                clock=run.clock,
+                also=_writer(run, page),
+            )
+        except (ProviderError, StorageError) as exc:
+            as_is, abandon = _stop_reason(run, exc)
+            if as_is:
+                raise
+            yield from _note_flow(run, exc, abandon=abandon)
+            raise _interrupted(run, exc, resumable=not abandon) from exc
+        if not _paged(run, page, result):
+            break
+    covered_until = yield from perform(Transaction(lambda s: _finish_in(s, run, fetched_at)))
+    return _completed(run, covered_until, started)
+
+
+def _note_flow(run: _Run, error: BaseException, *, abandon: bool) -> Flow[None]:
+    if run.checkpoint_id is None:
+        return
+    try:
+        yield from perform(Transaction(lambda s: _note_in(s, run, error, abandon=abandon)))
+    except StorageError:
+        log.warning("idis.reconcile.checkpoint_note_failed", provider=run.provider)
+
+
+def _dry_run_flow(run: _Run) -> Flow[ReconcileSummary]:
+    """Count what a run would do, writing nothing: pages planned as if earlier ones committed."""
+    planned_ids: set[str] = set()
+    planned_keys: dict[str, Any] = {}
+    more = True
+    while more:
+        page = yield from run.fetch()
+        events = list(page.events)
+        known, current = yield from perform(Transaction(_previewer(run, events), write=False))
+        # Earlier pages' planned keys are newer than what the database holds.
+        current.update(planned_keys)
+        keys = [
+            _key_or_none(e) if e.record_id is not None and run.registry.handles(e.type) else None
+            for e in events
+        ]
+        plan = plan_batch(
+            events,
+            keys,
+            known=known | planned_ids,
+            current=current,
+            handles=run.registry.handles,
+        )
+        planned_ids.update(
+            e.id
+            for e, o in zip(events, plan.outcomes, strict=True)
+            if o is not ApplyOutcome.DUPLICATE
+        )
+        planned_keys.update({rid: key for rid, (key, _eid) in plan.advance.items()})
+        run.counts.add(ApplyResult(events, list[ApplyOutcome | None](plan.outcomes)), len(events))
+        if run.progress is not None:
+            run.progress(len(events))
+        run.cursor = page.next_cursor
+        more = bool(page.next_cursor)
+    return run.summary(dry_run=True, completed=True, covered_until=None)
+
+
+def _previewer(run: _Run, events: list[Any]) -> Callable[[Session], Any]:
+    def read(session: Session) -> Any:
+        return preview(session, run.provider, events, run.registry)
+
+    return read
+
+
+def _key_or_none(event: Any) -> Any:
+    from ..providers._order import order_key
+
+    return order_key(event)
+
+
+# --------------------------------------------------------------------------- faces
+
+
+@runtime_checkable
+class AsyncReplaySource(Protocol):
+    """Async twin of :class:`ReplaySource` (``AsyncProviderClient`` implements it)."""
+
+    async def replay(self, since: datetime, *, cursor: str | None = None, limit: int = 500) -> Any:
+        """One page: an object with ``events`` and ``next_cursor``."""
+
+
+def _new_run(
+    provider: str,
+    window_start: datetime,
+    *,
+    registry: HandlerRegistry,
+    page_size: int,
+    retention: timedelta,
+    actor: str,
+    clock: Clock,
+    progress: Callable[[int], None] | None,
+) -> _Run:
+    return _Run(
+        provider=provider,
+        run_id="dry-run",
+        since=window_start,
+        cursor=None,
+        checkpoint_id=None,
+        resumed=False,
+        registry=registry,
+        page_size=page_size,
+        retention=retention,
+        actor=actor,
+        clock=clock,
+        progress=progress,
+    )
 
 
 def reconcile(
@@ -653,7 +811,7 @@ def reconcile(
     page_size: int = 1000,
     resume: bool = True,
     actor: str = "system",
-    clock: Callable[[], datetime] = utcnow,
+    clock: Clock = system_clock,
     progress: Callable[[int], None] | None = None,
     lock_wait: float = LOCK_WAIT,
 ) -> ReconcileSummary:
@@ -676,7 +834,7 @@ def reconcile(
         page_size: Events per replay page (1-5000); each page is one transaction.
         resume: Resume this provider's stopped run when its window covers ``since``.
         actor: Who runs it, for the audit trail (``cli:<user>``, ``system``).
-        clock: Current time (tests).
+        clock: Time source (tests and the drill pass a manual clock).
         progress: Called with the number of events in each page fetched.
         lock_wait: Seconds to wait for another run's lock (PostgreSQL) before
             giving up; a killed run's lock goes a moment after the kill.
@@ -703,143 +861,27 @@ def reconcile(
         page_size=page_size,
         clock=clock,
     )
-
+    run = _new_run(
+        provider,
+        window_start,
+        registry=registry,
+        page_size=page_size,
+        retention=retention,
+        actor=actor,
+        clock=clock,
+        progress=progress,
+    )
     with ExitStack() as stack:
         engine = engine if engine is not None else default_engine(settings, stack)
         client = client if client is not None else default_client(settings, provider, stack, engine)
-        run = _Run(
-            provider=provider,
-            run_id="dry-run",
-            since=window_start,
-            cursor=None,
-            checkpoint_id=None,
-            resumed=False,
-            factory=sessions(engine),
-            client=client,
-            registry=registry,
-            page_size=page_size,
-            retention=retention,
-            actor=actor,
-            clock=clock,
-            progress=progress,
+        return drive(
+            _reconcile_flow(run, dry_run=dry_run, resume=resume, lock_wait=lock_wait),
+            SyncFace(clock=clock, engine=engine, client=client),
         )
-        if dry_run:
-            return _dry_run(run)
-        stack.enter_context(run_lock(engine, provider, wait=lock_wait))
-        oldest = clock() - retention
-        with transaction(run.factory) as session:
-            found = _pick_resumable(session, provider, run.since, oldest) if resume else None
-        _adopt(run, found)
-        return _drive(run)
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
 
 
-def _drive(run: _Run) -> ReconcileSummary:
-    started = time.monotonic()
-    while True:
-        fetched_at = run.clock()
-        try:
-            page = run.fetch()
-            result, bulk = commit_events(
-                run.factory,
-                run.provider,
-                list(page.events),
-                registry=run.registry,
-                source="replay",
-                clock=run.clock,
-                also=_writer(run, page),
-            )
-        except (ProviderError, StorageError) as exc:
-            as_is, abandon = _stop_reason(run, exc)
-            if as_is:
-                raise
-            _note(run, exc, abandon=abandon)
-            raise _interrupted(run, exc, resumable=not abandon) from exc
-        if not _paged(run, page, result, bulk):
-            break
-    with transaction(run.factory) as session:
-        covered_until = _finish_in(session, run, fetched_at)
-    return _completed(run, covered_until, started)
-
-
-def _note(run: _Run, error: BaseException, *, abandon: bool) -> None:
-    if run.checkpoint_id is None:
-        return
-    try:
-        with transaction(run.factory) as session:
-            _note_in(session, run, error, abandon=abandon)
-    except StorageError:
-        log.warning("idis.reconcile.checkpoint_note_failed", provider=run.provider)
-
-
-def _count(metrics: Any, provider: str, result: PageResult, bulk: bool) -> None:
-    plan = result.plan
-    outcomes = {
-        "applied": len(plan.apply),
-        "already_applied": len(plan.duplicates),
-        "superseded": len(plan.superseded),
-        "ignored": len(plan.ignored),
-        "failed": len(result.failed),
-    }
-    for outcome, number in outcomes.items():
-        if number:
-            metrics.reconcile_events.labels(provider=provider, outcome=outcome).inc(number)
-    if bulk and plan.apply:
-        # apply_event counts what it applies after commit; the bulk path counts its own.
-        metrics.events_applied.labels(provider=provider, source="replay").inc(len(plan.apply))
-
-
-class _DryRun:
-    """What a dry run has planned so far: later pages see earlier ones as applied."""
-
-    def __init__(self, run: _Run) -> None:
-        self.run = run
-        self.ids: set[str] = set()
-        self.versions: dict[str, int] = {}
-
-    def page(self, page: Any, known: set[str], current: dict[str, int]) -> bool:
-        """Plan one page as if the earlier ones had been committed; return whether more."""
-        run = self.run
-        events = list(page.events)
-        for event in events:
-            key = self.versions.get(event.record_id) if event.record_id else None
-            if key is not None:
-                current[event.record_id] = max(current.get(event.record_id, key), key)
-        plan = plan_page(events, known | self.ids, current, run.registry.handles)
-        self.ids.update(e.id for e in (*plan.apply, *plan.superseded, *plan.ignored))
-        self.versions.update({rid: key for rid, (key, _eid) in plan.versions.items()})
-        run.counts.add(PageResult(plan), len(events))
-        if run.progress is not None:
-            run.progress(len(events))
-        run.cursor = page.next_cursor
-        return bool(page.next_cursor)
-
-
-def _dry_run(run: _Run) -> ReconcileSummary:
-    """Count what a run would do, writing nothing: reads run in rolled-back transactions."""
-    planner = _DryRun(run)
-    more = True
-    while more:
-        page = run.fetch()
-        with storage_errors(), run.factory() as session:
-            known, current = page_state(session, run.provider, list(page.events), run.registry)
-            session.rollback()
-        more = planner.page(page, known, current)
-    return run.summary(dry_run=True, completed=True, covered_until=None)
-
-
-# --------------------------------------------------------------------------- async driver
-
-
-@runtime_checkable
-class AsyncReplaySource(Protocol):
-    """Async twin of :class:`ReplaySource` (``AsyncProviderClient`` implements it)."""
-
-    async def replay(self, since: datetime, *, cursor: str | None = None, limit: int = 500) -> Any:
-        """One page: an object with ``events`` and ``next_cursor``."""
-
-
-async def areconcile(
+async def reconcile_async(
     provider: str,
     since: datetime | str,
     *,
@@ -851,17 +893,17 @@ async def areconcile(
     page_size: int = 1000,
     resume: bool = True,
     actor: str = "system",
-    clock: Callable[[], datetime] = utcnow,
+    clock: Clock = system_clock,
     progress: Callable[[int], None] | None = None,
     lock_wait: float = LOCK_WAIT,
 ) -> ReconcileSummary:
-    """Async twin of :func:`reconcile`, for the service's event loop.
+    """Async face of :func:`reconcile`, for the service's event loop.
 
-    Same decisions, checkpoints, audit rows and coverage; the replay comes
-    from an ``AsyncProviderClient`` and the database from an ``AsyncEngine``.
-    Async handlers (``registry.register_async``) are awaited; sync ones run
-    through ``AsyncSession.run_sync``. Takes the arguments of :func:`reconcile`
-    (``client`` async, ``engine`` an ``AsyncEngine``).
+    The same flow: decisions, checkpoints, audit rows and coverage. The replay
+    comes from an ``AsyncProviderClient`` and the database from an
+    ``AsyncEngine``; async handlers (``registry.register_async``) are awaited,
+    sync ones run through ``AsyncSession.run_sync``. Takes the arguments of
+    :func:`reconcile` (``client`` async, ``engine`` an ``AsyncEngine``).
 
     Raises:
         The exceptions of :func:`reconcile`.
@@ -876,90 +918,24 @@ async def areconcile(
         page_size=page_size,
         clock=clock,
     )
+    run = _new_run(
+        provider,
+        window_start,
+        registry=registry,
+        page_size=page_size,
+        retention=retention,
+        actor=actor,
+        clock=clock,
+        progress=progress,
+    )
     async with AsyncExitStack() as stack:
         if engine is None:
             engine = create_async_db_engine(settings.database_url)
             stack.push_async_callback(engine.dispose)
         if client is None:
             client = await default_async_client(settings, provider, stack, engine)
-        run = _Run(
-            provider=provider,
-            run_id="dry-run",
-            since=window_start,
-            cursor=None,
-            checkpoint_id=None,
-            resumed=False,
-            factory=async_sessionmaker(engine, expire_on_commit=False),
-            client=client,
-            registry=registry,
-            page_size=page_size,
-            retention=retention,
-            actor=actor,
-            clock=clock,
-            progress=progress,
+        return await adrive(
+            _reconcile_flow(run, dry_run=dry_run, resume=resume, lock_wait=lock_wait),
+            AsyncFace(clock=clock, engine=engine, client=client),
         )
-        if dry_run:
-            return await _adry_run(run)
-        await stack.enter_async_context(async_run_lock(engine, provider, wait=lock_wait))
-        found = None
-        if resume:
-            async with async_transaction(run.factory) as session:
-                found = await session.run_sync(
-                    _pick_resumable, provider, run.since, clock() - retention
-                )
-        _adopt(run, found)
-        return await _adrive(run)
     raise AssertionError("unreachable")  # AsyncExitStack does not swallow exceptions
-
-
-async def _adrive(run: _Run) -> ReconcileSummary:
-    started = time.monotonic()
-    while True:
-        fetched_at = run.clock()
-        try:
-            page = await run.afetch()
-            result, bulk = await acommit_events(
-                run.factory,
-                run.provider,
-                list(page.events),
-                registry=run.registry,
-                source="replay",
-                clock=run.clock,
-                also=_writer(run, page),
-            )
-        except (ProviderError, StorageError) as exc:
-            as_is, abandon = _stop_reason(run, exc)
-            if as_is:
-                raise
-            await _anote(run, exc, abandon=abandon)
-            raise _interrupted(run, exc, resumable=not abandon) from exc
-        if not _paged(run, page, result, bulk):
-            break
-    async with async_transaction(run.factory) as session:
-        covered_until = await session.run_sync(_finish_in, run, fetched_at)
-    return _completed(run, covered_until, started)
-
-
-async def _anote(run: _Run, error: BaseException, *, abandon: bool) -> None:
-    if run.checkpoint_id is None:
-        return
-    try:
-        async with async_transaction(run.factory) as session:
-            await session.run_sync(_note_in, run, error, abandon=abandon)
-    except StorageError:
-        log.warning("idis.reconcile.checkpoint_note_failed", provider=run.provider)
-
-
-async def _adry_run(run: _Run) -> ReconcileSummary:
-    planner = _DryRun(run)
-    more = True
-    while more:
-        page = await run.afetch()
-        with storage_errors():
-            async with run.factory() as session:
-                known, current = await session.run_sync(
-                    page_state, run.provider, list(page.events), run.registry
-                )
-                await session.rollback()
-        more = planner.page(page, known, current)
-    return run.summary(dry_run=True, completed=True, covered_until=None)

@@ -9,12 +9,12 @@ provider client: pages in ``seq`` order from ``since``, an opaque cursor, and
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from .._timeparse import utcnow
+from .._clock import Clock, system_clock
 from ..exceptions import ConfigError
 from ._logic import retention_error
 
@@ -36,7 +36,7 @@ class StaticReplaySource:
         provider: Provider name (for errors).
         events: The events; sorted by ``seq`` here.
         retention: How far back the source serves (None: forever).
-        clock: Current time, for the retention check.
+        clock: Time source, for the retention check.
     """
 
     def __init__(
@@ -45,7 +45,7 @@ class StaticReplaySource:
         events: Iterable[Any],
         *,
         retention: timedelta | None = None,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Clock = system_clock,
     ) -> None:
         self.provider = provider
         self._events = sorted(events, key=lambda e: e.seq)
@@ -64,8 +64,9 @@ class StaticReplaySource:
             ReplayWindowExceeded: ``since`` is older than the retention.
             ConfigError: a cursor this source did not issue.
         """
-        if self._retention is not None and since < self._clock() - self._retention:
-            raise retention_error(self.provider, since, self._retention, now=self._clock())
+        now = self._clock.now()
+        if self._retention is not None and since < now - self._retention:
+            raise retention_error(self.provider, since, self._retention, now=now)
         if cursor is None:
             start = bisect.bisect_left(self._times, since)
         else:

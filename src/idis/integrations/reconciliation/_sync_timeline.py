@@ -14,25 +14,32 @@ ago (default ``sentinel_interval + lag_threshold``) is reported as
 ``pending``, not as a gap; one that began earlier is a gap like any other
 (nothing has confirmed anything for too long).
 
+The oldest stretch is special too: before the provider's first recorded
+coverage nothing was syncing it (the service did not exist yet, or had never
+run for this provider), so no event from then can be "missed" and no
+reconcile can fill it. A window that starts earlier starts at that first
+coverage (``TimelineReport.requested_since`` keeps what was asked for).
+
 :func:`gaps` and :func:`timeline` read that coverage and also export the total
 uncovered time as the ``integration_sync_timeline_gap_seconds`` gauge.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from .._clock import Clock, system_clock
 from .._timeparse import format_duration, parse_since, utcnow
 from ..config import Settings
 from ..exceptions import ConfigError
 from ..observability._metrics import get_metrics
+from ..sync._models import SyncCoverage
 from ..sync._timeline import CoveredInterval, coverage
 from ._db import default_engine, sessions, transaction
 from ._logic import Gap, compute_gaps
@@ -45,6 +52,8 @@ class TimelineReport:
     """Coverage and gaps of one provider's sync timeline over a window."""
 
     provider: str
+    #: Start of the inspected window: the asked-for start, or the provider's first
+    #: recorded coverage when that is later (nothing was synced before it).
     since: datetime
     until: datetime
     #: Covered stretches per channel, clipped to the window, sorted by start.
@@ -53,6 +62,13 @@ class TimelineReport:
     gaps: list[Gap] = field(default_factory=list)
     #: The trailing stretch not confirmed *yet* (began less than ``settle`` ago), if any.
     pending: Gap | None = None
+    #: The start that was asked for (earlier than ``since`` when it was clipped).
+    requested_since: datetime | None = None
+
+    @property
+    def clipped(self) -> bool:
+        """Whether the window was moved to the provider's first recorded coverage."""
+        return self.requested_since is not None and self.requested_since < self.since
 
     @property
     def gap_seconds(self) -> float:
@@ -67,6 +83,8 @@ class TimelineReport:
     def statement(self) -> str:
         """One line for the operator (and RB-09's Verification checklist)."""
         window = f"{self.since.isoformat()} .. {self.until.isoformat()}"
+        if self.clipped:
+            window += "; nothing was synced before that first recorded coverage"
         if self.no_gaps:
             tail = (
                 f"; the last {format_duration(self.pending.seconds)} not confirmed yet"
@@ -86,6 +104,7 @@ class TimelineReport:
         return {
             "provider": self.provider,
             "since": self.since.isoformat(),
+            "requested_since": (self.requested_since or self.since).isoformat(),
             "until": self.until.isoformat(),
             "no_gaps": self.no_gaps,
             "gap_seconds": round(self.gap_seconds, 3),
@@ -135,13 +154,19 @@ def timeline_in(
     now: datetime | None = None,
 ) -> TimelineReport:
     """:func:`timeline` inside the caller's session (reads only); updates the gauge."""
+    requested = since
+    first = session.scalar(
+        select(func.min(SyncCoverage.start_at)).where(SyncCoverage.provider == provider)
+    )
+    if first is not None and since < first:
+        since = min(first, until)
     intervals = coverage(session, provider, since, until)
     found = compute_gaps(provider, intervals, since, until, tolerance=tolerance)
     pending = None
     current = now if now is not None else utcnow()
     if found and found[-1].end == until and found[-1].start >= current - settle:
         pending = found.pop()
-    report = TimelineReport(provider, since, until, intervals, found, pending)
+    report = TimelineReport(provider, since, until, intervals, found, pending, requested)
     get_metrics().timeline_gap_seconds.labels(provider=provider).set(report.gap_seconds)
     return report
 
@@ -173,7 +198,7 @@ def timeline(
     engine: Engine | None = None,
     tolerance: timedelta = timedelta(0),
     settle: timedelta | None = None,
-    clock: Callable[[], datetime] = utcnow,
+    clock: Clock = system_clock,
 ) -> TimelineReport:
     """The sync timeline of ``provider`` over ``[since, until]``: covered intervals and gaps.
 
@@ -187,7 +212,7 @@ def timeline(
         settle: A trailing uncovered stretch that began less than this long ago is
             ``pending``, not a gap (default: ``sentinel_interval + lag_threshold``;
             ``timedelta(0)`` makes every uncovered moment a gap).
-        clock: Current time (tests).
+        clock: Time source (tests pass a manual clock).
 
     Raises:
         ConfigError: unknown provider, or a bad or inverted window.
@@ -195,7 +220,7 @@ def timeline(
     """
     settings = settings if settings is not None else Settings.from_env()
     settings.provider(provider)
-    now = clock()
+    now = clock.now()
     start, end = _window(since, until, now)
     allowance = default_settle(settings) if settle is None else settle
     with ExitStack() as stack:
@@ -216,7 +241,7 @@ def gaps(
     engine: Engine | None = None,
     tolerance: timedelta = timedelta(0),
     settle: timedelta | None = None,
-    clock: Callable[[], datetime] = utcnow,
+    clock: Clock = system_clock,
 ) -> list[Gap]:
     """Stretches of ``[since, until]`` that no channel covered for ``provider``, oldest first.
 

@@ -19,22 +19,28 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
 
 from .._audit import record_audit
-from .._timeparse import utcnow
+from .._clock import Clock, system_clock
 from ..config import Settings
 from ..exceptions import ConfigError
 from ..observability._logs import get_logger
-from ..sync._inbox import HandlerRegistry, get_registry
+from ..sync._inbox import ApplyOutcome, HandlerRegistry, get_registry
 from ._db import default_client, default_engine, sessions, transaction
-from ._fallback import apply_snapshots, snapshot_event
+from ._fallback import (
+    CONFIRM_AFTER,
+    adapter_ordering,
+    apply_snapshots,
+    confirm_missing,
+    snapshot_event,
+)
 from ._ledger import AppliedRecordSource, LocalRecordSource, read_ledger
 from ._logic import RecordComparison, compare_record
 from ._replay import require_handlers
@@ -133,9 +139,12 @@ def _check_sample_size(sample_size: int) -> None:
 
 
 def _as_mapping(record: Any | None) -> dict[str, Any] | None:
+    """The provider's record as compare_record reads it (``version``: its order key's major)."""
     if record is None:
         return None
-    return {"tenant_id": record.tenant_id, "version": record.version, "data": record.data}
+    order = getattr(record, "order", None)
+    version = order.major if order is not None else record.version
+    return {"tenant_id": record.tenant_id, "version": version, "data": record.data}
 
 
 def verify_sync(
@@ -151,7 +160,8 @@ def verify_sync(
     engine: Engine | None = None,
     handlers: HandlerRegistry | None = None,
     actor: str = "system",
-    clock: Callable[[], datetime] = utcnow,
+    clock: Clock = system_clock,
+    confirm_after: timedelta = CONFIRM_AFTER,
 ) -> VerifyReport:
     """Compare ``sample_size`` random local records with the provider's copies.
 
@@ -173,7 +183,9 @@ def verify_sync(
         engine: Database engine (default: one for ``settings.database_url``).
         handlers: The host's handlers, for repairs (default: the process-wide registry).
         actor: Who runs it, for the audit trail.
-        clock: Current time (tests).
+        clock: Time source (tests pass a manual clock).
+        confirm_after: A record the provider answers 404 for is read again this
+            much later before a repair deletes it locally.
 
     Raises:
         ConfigError: unknown provider, bad sample size, or ``repair`` without handlers.
@@ -193,6 +205,7 @@ def verify_sync(
         engine = engine if engine is not None else default_engine(settings, stack)
         client = client if client is not None else default_client(settings, provider, stack, engine)
         factory = sessions(engine)
+        ordering = adapter_ordering(client, settings, provider)
         local = (
             local_records if local_records is not None else AppliedRecordSource(engine, provider)
         )
@@ -212,10 +225,13 @@ def verify_sync(
                     report,
                     remotes,
                     local,
-                    factory=factory,
+                    engine=engine,
+                    client=client,
+                    ordering=ordering,
                     registry=registry,
                     actor=actor,
                     clock=clock,
+                    confirm_after=confirm_after,
                     fields=fields,
                 )
             )
@@ -239,7 +255,7 @@ def verify_sync(
                     f"verified {len(comparisons)} {provider} records: "
                     f"{len(report.mismatches)} mismatched, {len(report.repaired)} repaired"
                 ),
-                occurred_at=clock(),
+                occurred_at=clock.now(),
             )
     log.info(
         "idis.reconcile.verified",
@@ -259,20 +275,42 @@ def _repair(
     remotes: dict[str, Any | None],
     local: LocalRecordSource,
     *,
-    factory: Any,
+    engine: Engine,
+    client: Any,
+    ordering: Any,
     registry: HandlerRegistry,
     actor: str,
-    clock: Callable[[], datetime],
+    clock: Clock,
+    confirm_after: timedelta,
     fields: Sequence[str] | None,
 ) -> list[Repair]:
     provider = report.provider
     mismatched = {c.record_id: c for c in report.mismatches}
-    with transaction(factory) as session:
+    with transaction(sessions(engine)) as session:
         ledger = read_ledger(session, provider, list(mismatched))
+    # A 404 may be transient: read again before deleting the host's copy.
+    suspects = [rid for rid in mismatched if remotes[rid] is None]
+    remotes.update(confirm_missing(client, suspects, clock=clock, after=confirm_after))
     repairs: dict[str, Repair] = {}
+    for record_id in suspects:
+        again = remotes[record_id]
+        if (
+            again is not None
+            and compare_record(
+                local.get(record_id), record_id, _as_mapping(again), fields=fields
+            ).ok
+        ):
+            repairs[record_id] = Repair(
+                record_id, "repaired", "the provider's 404 was transient: the record matches"
+            )
     events = []
+    now = clock.now()
     for record_id in mismatched:
-        event = snapshot_event(record_id, remotes[record_id], ledger.get(record_id))
+        if record_id in repairs:
+            continue
+        event = snapshot_event(
+            record_id, remotes[record_id], ledger.get(record_id), ordering=ordering, now=now
+        )
         if event is None:
             # The inbox already holds the provider's version: the host's data
             # differs at the same version, which only the host can repair.
@@ -287,7 +325,7 @@ def _repair(
     if events:
         by_id = {e.record_id: e for e in events}
         result = apply_snapshots(
-            factory,
+            engine,
             provider,
             events,
             registry=registry,
@@ -303,7 +341,7 @@ def _repair(
         )
         for event, error in result.failed:
             repairs[event.record_id] = Repair(event.record_id, "failed", type(error).__name__)
-        for event in [*result.plan.superseded, *result.plan.ignored]:
+        for event in [*result.of(ApplyOutcome.SUPERSEDED), *result.of(ApplyOutcome.IGNORED)]:
             repairs[event.record_id] = Repair(
                 event.record_id, "not_repairable", "the inbox did not apply the snapshot"
             )

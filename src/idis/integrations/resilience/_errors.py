@@ -9,8 +9,10 @@ endpoint and status, never the URL's query, headers or body.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from .._http import httpx
 from ..exceptions import (
@@ -29,6 +31,7 @@ __all__ = [
     "HTTPX_MAPPING",
     "error_for_status",
     "map_httpx_errors",
+    "rejection_details",
     "translate_httpx_error",
 ]
 
@@ -144,3 +147,29 @@ def error_for_status(
         endpoint=endpoint,
         status_code=status,
     )
+
+
+#: Largest 4xx body whose fields are kept on the error (a refusal states a reason, not a page).
+_DETAILS_MAX_BYTES = 4096
+
+
+def rejection_details(body: bytes) -> dict[str, Any] | None:
+    """Top-level scalar fields of a small JSON 4xx body (``ProviderError.details``), else None.
+
+    Adapters read documented fields from it (a replay refusal's
+    ``retention_seconds``); nested values are dropped, and nothing of it is
+    ever put into a message or a log line.
+    """
+    if not body or len(body) > _DETAILS_MAX_BYTES:
+        return None
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(decoded, dict):
+        return None
+    return {
+        str(key): value
+        for key, value in decoded.items()
+        if value is None or isinstance(value, str | int | float | bool)
+    }

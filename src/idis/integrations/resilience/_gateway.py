@@ -54,6 +54,7 @@ from ..exceptions import (
     CircuitOpen,
     MalformedResponse,
     ProviderError,
+    ProviderRejected,
     ProviderTimeout,
     RateLimited,
     UsageError,
@@ -62,7 +63,12 @@ from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from ._breaker import STATE_VALUE, Breaker, BreakerTransition, TransitionHook
 from ._bulkhead import AsyncBulkhead, ThreadBulkhead
-from ._errors import HTTPX_ERRORS, error_for_status, translate_httpx_error
+from ._errors import (
+    HTTPX_ERRORS,
+    error_for_status,
+    rejection_details,
+    translate_httpx_error,
+)
 from ._policy import (
     RetryBudget,
     TokenBucket,
@@ -723,7 +729,10 @@ class _Pipeline:
             retry_after = parse_retry_after(
                 header, now=self.clock.now(), cap=runtime.settings.retry.retry_after_cap
             )
-        return None, error_for_status(status, call.provider, call.endpoint, retry_after=retry_after)
+        error = error_for_status(status, call.provider, call.endpoint, retry_after=retry_after)
+        if isinstance(error, ProviderRejected):
+            error.details = rejection_details(response.content)
+        return None, error
 
     def record(
         self,

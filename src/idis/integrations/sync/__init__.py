@@ -1,16 +1,15 @@
 """Inbound sync: the inbox, the poller, the webhook/polling mode controller and the timeline.
 
-* :mod:`.inbox`: :func:`apply_event` applies each provider event exactly once,
-  whatever channel brought it, in version order per record, through the
-  handlers the host registers in a :class:`HandlerRegistry`.
-* :mod:`.poller`: incremental polling with a durable cursor per provider and
-  stream, overlapping windows, and one poller per provider across replicas.
-* :mod:`.mode`: the mode controller (webhook <-> polling failover and return),
-  written as a pure state machine with thin drivers.
-* :mod:`.sentinel`: the light check that webhooks deliver every change.
-* :mod:`.timeline`: coverage intervals per provider and source.
-* :mod:`.service`: :class:`SyncService` / :class:`AsyncSyncService` wire it all
-  together for the host.
+* The inbox (:func:`apply_event`, :func:`apply_events`, and their ``_async``
+  faces) applies each provider event exactly once, whatever channel brought
+  it, in order per record (the adapter's order key), through the handlers the
+  host registers in a :class:`HandlerRegistry`.
+* :class:`AsyncSyncService` runs the background work for the host: the
+  sentinel that checks webhooks keep up, the mode controller (webhook <->
+  polling failover and return), and the poller (one leader per provider,
+  fenced by an epoch). It is async only; sync programs use ``asyncio.run``.
+* :func:`sync_summary` is the state ``status`` and ``sync status`` show;
+  :func:`coverage` / :func:`record_coverage` are the sync timeline.
 
 Submodules load on first use so ``db/models.py`` can import the tables cheaply.
 """
@@ -24,29 +23,34 @@ from .._lazy import lazy_exports
 if TYPE_CHECKING:
     from ._inbox import (
         ApplyOutcome,
+        ApplyResult,
         HandlerRegistry,
         apply_event,
         apply_event_async,
         apply_event_outcome,
+        apply_event_outcome_async,
+        apply_events,
+        apply_events_async,
         get_registry,
         known_event_ids,
     )
-    from ._mode import ModeController
-    from ._service import AsyncSyncService, SyncService
+    from ._service import AsyncSyncService
     from ._state import SyncSummary, sync_summary
     from ._timeline import CoveredInterval, coverage, record_coverage
 
 __all__ = [
     "ApplyOutcome",
+    "ApplyResult",
     "AsyncSyncService",
     "CoveredInterval",
     "HandlerRegistry",
-    "ModeController",
-    "SyncService",
     "SyncSummary",
     "apply_event",
     "apply_event_async",
     "apply_event_outcome",
+    "apply_event_outcome_async",
+    "apply_events",
+    "apply_events_async",
     "coverage",
     "get_registry",
     "known_event_ids",
@@ -57,15 +61,18 @@ __all__ = [
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "._inbox": (
         "ApplyOutcome",
+        "ApplyResult",
         "HandlerRegistry",
         "apply_event",
         "apply_event_async",
         "apply_event_outcome",
+        "apply_event_outcome_async",
+        "apply_events",
+        "apply_events_async",
         "get_registry",
         "known_event_ids",
     ),
-    "._mode": ("ModeController",),
-    "._service": ("AsyncSyncService", "SyncService"),
+    "._service": ("AsyncSyncService",),
     "._state": ("SyncSummary", "sync_summary"),
     "._timeline": ("CoveredInterval", "coverage", "record_coverage"),
 }

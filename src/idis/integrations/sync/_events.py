@@ -5,7 +5,11 @@ A webhook body may be the event itself (``{"id", "seq", "type", "record_id",
 "tenant_id", "version", "occurred_at", "data"}``) or a Standard Webhooks
 envelope whose ``data`` is the event (``{"type", "timestamp", "data": {...}}``).
 Every stored field is checked here (types, lengths, characters PostgreSQL
-cannot store) so a hostile body is a 400, never a database error.
+cannot store) so a hostile body is a 400, never a database error. The event is
+keyed here too, by the provider's ordering rule (``ProviderSettings.order_by``,
+see :mod:`idis.integrations.providers._order`): an event that lacks what the
+rule needs (a version, for a provider ordered by version) is a 400 naming the
+setting, never a 5xx the provider would retry forever.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from ..exceptions import WebhookVerificationError
+from ..exceptions import UsageError, WebhookVerificationError
 from ..providers import ProviderEvent
+from ..providers._order import BY_VERSION, MissingOrder, Ordering, ordering_for
 
-__all__ = ["event_from_payload"]
+__all__ = ["event_from_payload", "ordering_of"]
 
 _LIMITS = {"id": 255, "type": 128, "record_id": 255, "tenant_id": 128}
 #: Largest integer a BIGINT column holds.
@@ -70,11 +75,20 @@ def _time(payload: Mapping[str, Any], key: str) -> datetime | None:
         raise _invalid(f"{key} is out of range") from None
 
 
-def event_from_payload(payload: Mapping[str, Any]) -> ProviderEvent:
-    """Build a ``ProviderEvent`` from a verified webhook's JSON object.
+def ordering_of(settings: Any, provider: str) -> Ordering:
+    """The ordering rule of ``provider`` (``order_by``), or the default for an unknown name."""
+    config = settings.providers.get(provider)
+    return ordering_for(config.order_by) if config is not None else BY_VERSION
+
+
+def event_from_payload(
+    payload: Mapping[str, Any], *, ordering: Ordering = BY_VERSION
+) -> ProviderEvent:
+    """Build a ``ProviderEvent`` from a verified webhook's JSON object, keyed by ``ordering``.
 
     Raises:
-        WebhookVerificationError: reason ``invalid_event``, naming the field.
+        WebhookVerificationError: reason ``invalid_event``, naming the field (or
+            the ordering setting an event without a version needs).
     """
     body = payload
     inner = payload.get("data")
@@ -92,8 +106,15 @@ def event_from_payload(payload: Mapping[str, Any]) -> ProviderEvent:
     if occurred_at is None:
         raise _invalid("occurred_at is missing")
     version = _integer(body, "version")
+    event_id = _required(body, "id")
+    try:
+        order = ordering.event_key(
+            event_id=event_id, seq=seq, version=version or None, occurred_at=occurred_at
+        )
+    except (MissingOrder, UsageError) as exc:
+        raise _invalid(str(exc)) from None
     return ProviderEvent(
-        id=_required(body, "id"),
+        id=event_id,
         seq=seq,
         type=_required(body, "type"),
         record_id=_required(body, "record_id"),
@@ -101,6 +122,7 @@ def event_from_payload(payload: Mapping[str, Any]) -> ProviderEvent:
         version=0 if version is None else version,
         occurred_at=occurred_at,
         data=dict(data),
+        order=order,
     )
 
 

@@ -10,13 +10,12 @@ transitions (:mod:`.state`): audit row, log line, metrics, cursor move.
 
 States and thresholds::
 
-                 breaker open | signature failures >= threshold/min
-                 | sentinel lag > lag_threshold        (auto_failover on)
+                 breaker open | sentinel lag > lag_threshold   (auto_failover on)
       WEBHOOK  ----------------------------------------------------->  POLLING (automatic)
          ^                                                                 |
          |  healthy for stable_period without interruption, and at least  |
          +-- one webhook arrived during it (sentinel lag <= threshold,  ---+
-             breaker closed, no signature spike)
+             breaker closed)
 
       POLLING (pinned): CRM_MODE=polling, or `sync mode --set polling`.
       No automatic return. Unsetting CRM_MODE (RB-09 Recovery 5) switches
@@ -33,6 +32,13 @@ Webhook lag is the age of the oldest change newer than the last change the
 webhook channel delivered (the sentinel measures it). Isolated lost webhooks
 (a hole followed by delivered changes) are not silence: the sentinel applies
 them itself and the mode stays.
+
+Bad signatures never switch modes. Anyone can POST a forged request, so a
+count of them is an attacker's lever, not evidence that deliveries stopped:
+twelve forged POSTs must not move a provider to polling. What fails over is a
+missing flow of *valid* deliveries (lag), which forged requests cannot fake.
+Signature failures feed ``integration_webhooks_received_total{outcome=
+"bad_signature"}`` and the ``IDISIntegrationWebhookSignatureFailures`` alert.
 """
 
 from __future__ import annotations
@@ -46,7 +52,6 @@ if TYPE_CHECKING:
     from ..config import SyncSettings
 
 __all__ = [
-    "SIGNATURE_WINDOW",
     "Mode",
     "ModeController",
     "ModePolicy",
@@ -58,9 +63,6 @@ __all__ = [
     "initial_state",
     "operator_override",
 ]
-
-#: Signature failures are counted over this window.
-SIGNATURE_WINDOW = timedelta(minutes=1)
 
 
 class Mode(StrEnum):
@@ -83,7 +85,8 @@ class Reason(StrEnum):
     OPERATOR = "operator"
     #: The provider's circuit breaker opened.
     BREAKER_OPEN = "breaker_open"
-    #: Signature failures crossed the threshold.
+    #: No longer decided (bad signatures never switch modes); kept so that audit
+    #: rows and metrics written by earlier versions still parse.
     SIGNATURE_FAILURES = "signature_failures"
     #: Webhooks fell silent while the provider kept changing.
     WEBHOOK_LAG = "webhook_lag"
@@ -103,8 +106,6 @@ class ModePolicy:
     lag_threshold: timedelta = timedelta(minutes=2)
     #: Uninterrupted health needed to return to webhook mode.
     stable_period: timedelta = timedelta(minutes=10)
-    #: Signature failures per minute that fail over.
-    signature_failure_threshold: int = 10
 
     @classmethod
     def from_settings(cls, sync: SyncSettings) -> ModePolicy:
@@ -114,7 +115,6 @@ class ModePolicy:
             auto_failover=sync.auto_failover,
             lag_threshold=sync.lag_threshold,
             stable_period=sync.stable_period,
-            signature_failure_threshold=sync.signature_failure_threshold,
         )
 
 
@@ -146,10 +146,6 @@ class Observation:
     now: datetime
     #: The provider's breaker: ``closed``, ``half_open``, ``open`` (None: unknown).
     breaker: str | None = None
-    #: Signature failures in the last minute on this replica.
-    signature_failures: int = 0
-    #: When any replica last saw the signature failure rate cross the threshold.
-    signature_spike_at: datetime | None = None
     #: The sentinel's measured webhook lag; None when no sentinel result this time.
     lag: timedelta | None = None
     #: Whether the sentinel could not check (provider error): health is unknown.
@@ -194,17 +190,7 @@ def _failure(obs: Observation, policy: ModePolicy) -> tuple[Reason, str] | None:
     """The first hard failure signal in ``obs``, as (reason, detail)."""
     if obs.breaker == "open":
         return Reason.BREAKER_OPEN, "the provider's circuit breaker is open"
-    spike_recent = (
-        obs.signature_spike_at is not None and obs.now - obs.signature_spike_at < SIGNATURE_WINDOW
-    )
-    if obs.signature_failures >= policy.signature_failure_threshold or spike_recent:
-        return (
-            Reason.SIGNATURE_FAILURES,
-            f"{obs.signature_failures} webhook signature failures in the last minute "
-            f"(threshold {policy.signature_failure_threshold})"
-            if not spike_recent or obs.signature_failures >= policy.signature_failure_threshold
-            else "webhook signature failures crossed the threshold on another replica",
-        )
+    # Signature failures are deliberately not a signal (see the module docstring).
     if obs.lag is not None and obs.lag > policy.lag_threshold:
         return (
             Reason.WEBHOOK_LAG,

@@ -68,8 +68,18 @@ class SyncInbox(Base):
     webhook_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+#: The order key's tie-break: compared by code point, never by the database's collation
+#: (``COLLATE "C"`` on PostgreSQL; SQLite's default ``BINARY`` already is), so SQL and
+#: Python (``providers.OrderKey``) agree.
+ORDER_MINOR = String(320).with_variant(String(320, collation="C"), "postgresql")
+
+
 class SyncRecordVersion(Base):
-    """The newest version of one record applied so far (the per-record ordering guard)."""
+    """The newest order key applied so far per record (the per-record ordering guard).
+
+    An event is applied only when its key (``providers.order_key``) is greater
+    than ``(order_major, order_minor)``; the row is then moved to its key.
+    """
 
     __tablename__ = "sync_record_versions"
     __table_args__ = (UniqueConstraint("provider", "record_id"),)
@@ -77,9 +87,11 @@ class SyncRecordVersion(Base):
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     provider: Mapped[str] = mapped_column(String(64), nullable=False)
     record_id: Mapped[str] = mapped_column(String(255), nullable=False)
-    #: Ordering key of the newest applied event: its version, or its seq when it has none.
-    version: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    #: Event that brought that version.
+    #: ``OrderKey.major`` of the newest applied event (a version, or microseconds).
+    order_major: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    #: ``OrderKey.minor`` of it (tie-break; empty for version-ordered providers).
+    order_minor: Mapped[str] = mapped_column(ORDER_MINOR, nullable=False, server_default="")
+    #: Event that brought that key (its inbox row has the version, tenant and type).
     event_id: Mapped[str] = mapped_column(String(255), nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
@@ -140,6 +152,13 @@ class SyncProviderState(Base):
     polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: Replica that holds the poller lock (for ``status``), None when nobody does.
     leader: Mapped[str | None] = mapped_column(String(128))
+    #: Fencing token: bumped each time a replica takes the leadership (or an operator
+    #: overrides the mode). Cursor and mode writes are compare-and-set on it, so a
+    #: deposed leader's late writes change nothing.
+    leader_epoch: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    #: SQLite leadership lease: the leader renews it every tick; another process may
+    #: take over once it has passed (PostgreSQL leads by advisory lock instead).
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 

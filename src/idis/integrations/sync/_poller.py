@@ -5,11 +5,19 @@ applies every event through the inbox (source ``poll``), one transaction per
 page together with the cursor's new position, so a poller killed at any point
 resumes after the last page it committed and applies nothing twice.
 
-Windows overlap: a poll starts ``poll_overlap`` *before* the newest change the
-previous one saw (``watermark - poll_overlap``), so a change the provider
-committed late, or stamped with a skewed clock, is still picked up; the inbox
+Where a poll starts: after the cursor's feed position (``after_seq``) when it
+has one. The feed's ``seq`` is its commit order, so a change the provider
+commits late (with an ``occurred_at`` long past) still comes after the cursor
+and is read; a time window would skip it once it is older than the overlap.
+Only a cursor without a position (a provider never polled, or a time-ordered
+feed) starts by time, ``poll_overlap`` before its watermark, and the inbox
 makes the re-read events no-ops. A complete poll records ``poll`` coverage on
-the sync timeline from the window's start to the moment the poll began.
+the sync timeline from the cursor's watermark to the moment the poll began.
+
+Each page is applied as one batch (``apply_events_async``: the inbox's one
+flow), in a transaction that first fences on the leader's epoch
+(:func:`~idis.integrations.sync._state.fence`), so a poller deposed mid-poll
+writes nothing.
 
 The cursor is also where failover points the poller: on a switch to polling
 it is set to the last position the webhook channel is known to have covered
@@ -18,7 +26,7 @@ time between the last good webhook and the switch.
 
 Who polls: see :mod:`.leader` (one replica per provider) and :mod:`.service`
 (when and how often: ``CRM_POLL_INTERVAL``). ``idis-integrations sync poll``
-runs it by hand.
+runs it by hand (``asyncio.run``). The poller is a background worker: async only.
 """
 
 from __future__ import annotations
@@ -29,29 +37,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from .._clock import Clock, system_clock
 from ..config import Settings
 from ..exceptions import AuthError, ProviderError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
-from ._inbox import (
-    ApplyOutcome,
-    HandlerRegistry,
-    apply_event_outcome,
-    apply_event_outcome_async,
-    known_event_ids,
-)
+from ._inbox import ApplyOutcome, HandlerRegistry, apply_events_async
 from ._mode import ModePolicy
-from ._sentinel import AsyncChangeFeed, ChangeFeed
-from ._state import CHANGES_STREAM, get_cursor, load_state, move_cursor
+from ._sentinel import AsyncChangeFeed
+from ._state import CHANGES_STREAM, fence, get_cursor, load_state, move_cursor
 from ._timeline import record_coverage
 
 __all__ = [
-    "AsyncPoller",
     "PollResult",
     "Poller",
     "advance_cursor",
@@ -79,7 +79,7 @@ class PollResult:
     pages: int
     #: Whether the feed was read to its end.
     complete: bool
-    #: Start of the window (the cursor's watermark minus the overlap).
+    #: Start of the window (the cursor's watermark; minus the overlap for a time window).
     window_start: datetime | None
     #: When the poll began (coverage ends here).
     started_at: datetime
@@ -101,14 +101,15 @@ def window_start(
 ) -> tuple[int | None, datetime | None]:
     """Where a poll starts: ``(after, since)`` for the first feed request (pure).
 
-    With a watermark the window reaches ``overlap`` back before it (by time);
-    with only a sequence number it starts after it; a provider never polled
-    starts ``overlap`` before now.
+    The feed position wins: with a sequence number the poll starts after it
+    (the feed's commit order, so a change committed late is never skipped);
+    with only a watermark the window reaches ``overlap`` back before it (by
+    time); a provider never polled starts ``overlap`` before now.
     """
-    if watermark is not None:
-        return None, watermark - overlap
     if after_seq is not None:
         return after_seq, None
+    if watermark is not None:
+        return None, watermark - overlap
     return None, now - overlap
 
 
@@ -119,7 +120,7 @@ def advance_cursor(
     next_after: int | None,
 ) -> tuple[int | None, datetime | None]:
     """The cursor after a page (pure): never moves backwards."""
-    seqs = [e.seq for e in events]
+    seqs = [e.seq for e in events if e.seq is not None]
     if next_after is not None:
         seqs.append(next_after)
     if after_seq is not None:
@@ -130,18 +131,39 @@ def advance_cursor(
     return (max(seqs) if seqs else None), (max(times) if times else None)
 
 
-class _PollerBase:
+class Poller:
+    """Polls one provider's change feed (a background worker's part: async only).
+
+    Args:
+        feed: ``AsyncProviderClient`` (anything with ``async changes(after=, since=, limit=)``).
+        sessions: ``AsyncEngine`` or async session factory of the library's database.
+        settings: Library settings (``sync.poll_overlap``, ``sync.page_size``).
+        provider: Provider name.
+        registry: Handlers (default: the process-wide registry).
+        clock: Time source.
+        metrics: Metrics (default: process-wide).
+        max_pages: Most pages one poll reads before returning (it resumes next time).
+    """
+
     def __init__(
         self,
+        feed: AsyncChangeFeed,
+        sessions: AsyncEngine | async_sessionmaker[AsyncSession] | Callable[[], AsyncSession],
         settings: Settings,
         provider: str,
         *,
-        registry: HandlerRegistry | None,
-        clock: Clock | None,
-        metrics: Metrics | None,
-        max_pages: int,
+        registry: HandlerRegistry | None = None,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        max_pages: int = 1000,
     ) -> None:
         settings.provider(provider)
+        self.feed = feed
+        self._sessions: Any = (
+            async_sessionmaker(sessions, expire_on_commit=False)
+            if isinstance(sessions, AsyncEngine)
+            else sessions
+        )
         self.settings = settings
         self.provider = provider
         self.registry = registry
@@ -163,6 +185,12 @@ class _PollerBase:
             return window_start(None, None, now=now, overlap=self.overlap)
         return window_start(cursor.after_seq, cursor.watermark, now=now, overlap=self.overlap)
 
+    def _coverage_start(self, session: Session, since: datetime | None) -> datetime | None:
+        if since is not None:
+            return since
+        cursor = get_cursor(session, self.provider, CHANGES_STREAM)
+        return cursor.watermark if cursor is not None else None
+
     def _save_page(
         self, session: Session, events: Sequence[Any], next_after: int | None, now: datetime
     ) -> int | None:
@@ -176,12 +204,92 @@ class _PollerBase:
         move_cursor(session, self.provider, after_seq=after, watermark=mark, now=now, moved_by=None)
         return after
 
-    def _finish(self, session: Session, window: datetime | None, started: datetime) -> None:
+    def _finish(
+        self, session: Session, window: datetime | None, started: datetime, epoch: int | None
+    ) -> None:
+        if epoch is not None:
+            fence(session, self.provider, epoch)
         if window is not None and window <= started:
             record_coverage(session, self.provider, "poll", window, started)
+        # The feed was read to its end as of ``started``: the next poll's coverage
+        # starts there (its window, by feed position, holds everything after).
+        cursor = get_cursor(session, self.provider, CHANGES_STREAM)
+        if cursor is not None and (cursor.watermark is None or cursor.watermark < started):
+            cursor.watermark = started
+            cursor.updated_at = started
         row = load_state(session, self.provider, self.policy, started)
         row.polled_at = started
         row.updated_at = started
+
+    async def poll_once(self, *, epoch: int | None = None) -> PollResult:
+        """Read the feed from the cursor to its end (or ``max_pages``), applying every event.
+
+        Args:
+            epoch: The leadership epoch this poll runs under (``LeaderLock.acquire``):
+                every page's cursor write is compare-and-set on it. None: unfenced
+                (only for a caller that knows nobody else polls).
+
+        Raises:
+            ProviderError: when the provider fails; pages already applied stay committed.
+            AuthError: when no token could be obtained for the provider.
+            Fenced: another replica (or an operator) took over; nothing more was written.
+        """
+        started = self.clock.now()
+        async with self._sessions() as session, session.begin():
+            after, since = await session.run_sync(lambda s: self._start(s, started))
+            window = await session.run_sync(lambda s: self._coverage_start(s, since))
+        tally: Counter[ApplyOutcome] = Counter()
+        fetched = pages = 0
+        complete = False
+        position = after
+        try:
+            while pages < self.max_pages:
+                page = await self.feed.changes(
+                    after=after, since=since if after is None else None, limit=self.page_size
+                )
+                pages += 1
+                fetched += len(page.events)
+                if window is None and page.events:
+                    window = min(e.occurred_at for e in page.events)
+                position = await self._commit_page(page, epoch, tally)
+                if not page.has_more or not page.events:
+                    complete = True
+                    break
+                after = page.next_after if page.next_after is not None else page.events[-1].seq
+        except (ProviderError, AuthError) as exc:
+            self._failed(exc)
+            raise
+        if complete:
+            end = window or started
+            async with self._sessions() as session, session.begin():
+                await session.run_sync(lambda s: self._finish(s, end, started, epoch))
+        return self._result(
+            tally,
+            fetched=fetched,
+            pages=pages,
+            complete=complete,
+            window=window,
+            started=started,
+            after=position,
+        )
+
+    async def _commit_page(
+        self, page: Any, epoch: int | None, tally: Counter[ApplyOutcome]
+    ) -> int | None:
+        """One page in one transaction: fence, apply the batch, move the cursor."""
+        now = self.clock.now()
+        async with self._sessions() as session, session.begin():
+            if epoch is not None:
+                # First: the state row, then the inbox's ledger and inbox rows.
+                await session.run_sync(lambda s: fence(s, self.provider, epoch))
+            result = await apply_events_async(
+                session, self.provider, page.events, "poll", registry=self.registry, now=now
+            )
+            position: int | None = await session.run_sync(
+                lambda s: self._save_page(s, page.events, page.next_after, now)
+            )
+        tally.update(o for o in result.outcomes if o is not None)
+        return position
 
     def _result(
         self,
@@ -228,191 +336,4 @@ class _PollerBase:
             msg=f"poll failed ({kind}); the cursor keeps its last committed page",
             provider=self.provider,
             error_type=kind,
-        )
-
-
-class Poller(_PollerBase):
-    """Polls one provider's change feed (sync driver).
-
-    Args:
-        feed: ``ProviderClient`` (anything with ``changes(after=, since=, limit=)``).
-        sessions: Engine or session factory of the library's database.
-        settings: Library settings (``sync.poll_overlap``, ``sync.page_size``).
-        provider: Provider name.
-        registry: Handlers (default: the process-wide registry).
-        clock: Time source.
-        metrics: Metrics (default: process-wide).
-        max_pages: Most pages one poll reads before returning (it resumes next time).
-    """
-
-    def __init__(
-        self,
-        feed: ChangeFeed,
-        sessions: Engine | sessionmaker[Session] | Callable[[], Session],
-        settings: Settings,
-        provider: str,
-        *,
-        registry: HandlerRegistry | None = None,
-        clock: Clock | None = None,
-        metrics: Metrics | None = None,
-        max_pages: int = 1000,
-    ) -> None:
-        super().__init__(
-            settings, provider, registry=registry, clock=clock, metrics=metrics, max_pages=max_pages
-        )
-        self.feed = feed
-        self._sessions: Any = (
-            sessionmaker(sessions, expire_on_commit=False)
-            if isinstance(sessions, Engine)
-            else sessions
-        )
-
-    def poll_once(self) -> PollResult:
-        """Read the feed from the cursor to its end (or ``max_pages``), applying every event.
-
-        Raises:
-            ProviderError: when the provider fails; pages already applied stay committed.
-            AuthError: when no token could be obtained for the provider.
-        """
-        started = self.clock.now()
-        with self._sessions() as session, session.begin():
-            after, since = self._start(session, started)
-        window = since
-        tally: Counter[ApplyOutcome] = Counter()
-        fetched = pages = 0
-        complete = False
-        position = after
-        try:
-            while pages < self.max_pages:
-                page = self.feed.changes(
-                    after=after, since=since if after is None else None, limit=self.page_size
-                )
-                pages += 1
-                fetched += len(page.events)
-                if window is None and page.events:
-                    window = min(e.occurred_at for e in page.events)
-                with self._sessions() as session, session.begin():
-                    known = known_event_ids(session, self.provider, [e.id for e in page.events])
-                    for event in page.events:
-                        if event.id in known:
-                            tally[ApplyOutcome.DUPLICATE] += 1
-                            continue
-                        tally[
-                            apply_event_outcome(
-                                session,
-                                self.provider,
-                                event,
-                                "poll",
-                                registry=self.registry,
-                                now=self.clock.now(),
-                            )
-                        ] += 1
-                    position = self._save_page(
-                        session, page.events, page.next_after, self.clock.now()
-                    )
-                if not page.has_more or not page.events:
-                    complete = True
-                    break
-                after = page.next_after if page.next_after is not None else page.events[-1].seq
-        except (ProviderError, AuthError) as exc:
-            self._failed(exc)
-            raise
-        if complete:
-            with self._sessions() as session, session.begin():
-                self._finish(session, window or started, started)
-        return self._result(
-            tally,
-            fetched=fetched,
-            pages=pages,
-            complete=complete,
-            window=window,
-            started=started,
-            after=position,
-        )
-
-
-class AsyncPoller(_PollerBase):
-    """Async twin of :class:`Poller` (``AsyncProviderClient``, ``AsyncEngine``)."""
-
-    def __init__(
-        self,
-        feed: AsyncChangeFeed,
-        sessions: AsyncEngine | async_sessionmaker[AsyncSession] | Callable[[], AsyncSession],
-        settings: Settings,
-        provider: str,
-        *,
-        registry: HandlerRegistry | None = None,
-        clock: Clock | None = None,
-        metrics: Metrics | None = None,
-        max_pages: int = 1000,
-    ) -> None:
-        super().__init__(
-            settings, provider, registry=registry, clock=clock, metrics=metrics, max_pages=max_pages
-        )
-        self.feed = feed
-        self._sessions: Any = (
-            async_sessionmaker(sessions, expire_on_commit=False)
-            if isinstance(sessions, AsyncEngine)
-            else sessions
-        )
-
-    async def poll_once(self) -> PollResult:
-        """Async twin of :meth:`Poller.poll_once`."""
-        started = self.clock.now()
-        async with self._sessions() as session, session.begin():
-            after, since = await session.run_sync(lambda s: self._start(s, started))
-        window = since
-        tally: Counter[ApplyOutcome] = Counter()
-        fetched = pages = 0
-        complete = False
-        position = after
-        try:
-            while pages < self.max_pages:
-                page = await self.feed.changes(
-                    after=after, since=since if after is None else None, limit=self.page_size
-                )
-                pages += 1
-                fetched += len(page.events)
-                if window is None and page.events:
-                    window = min(e.occurred_at for e in page.events)
-                async with self._sessions() as session, session.begin():
-                    known = await session.run_sync(
-                        known_event_ids, self.provider, [e.id for e in page.events]
-                    )
-                    for event in page.events:
-                        if event.id in known:
-                            tally[ApplyOutcome.DUPLICATE] += 1
-                            continue
-                        tally[
-                            await apply_event_outcome_async(
-                                session,
-                                self.provider,
-                                event,
-                                "poll",
-                                registry=self.registry,
-                                now=self.clock.now(),
-                            )
-                        ] += 1
-                    position = await session.run_sync(
-                        self._save_page, page.events, page.next_after, self.clock.now()
-                    )
-                if not page.has_more or not page.events:
-                    complete = True
-                    break
-                after = page.next_after if page.next_after is not None else page.events[-1].seq
-        except (ProviderError, AuthError) as exc:
-            self._failed(exc)
-            raise
-        if complete:
-            end = window or started
-            async with self._sessions() as session, session.begin():
-                await session.run_sync(lambda s: self._finish(s, end, started))
-        return self._result(
-            tally,
-            fetched=fetched,
-            pages=pages,
-            complete=complete,
-            window=window,
-            started=started,
-            after=position,
         )

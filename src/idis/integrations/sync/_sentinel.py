@@ -33,28 +33,18 @@ from sqlalchemy.orm import Session
 from ._inbox import inbox_rows
 
 __all__ = [
-    "ChangeFeed",
+    "AsyncChangeFeed",
     "FeedBatch",
     "SentinelReport",
     "assess",
-    "fetch_changes",
     "fetch_changes_async",
     "inbox_status",
     "known_prefix",
 ]
 
 
-class ChangeFeed(Protocol):
-    """The part of ``ProviderClient`` the sentinel and the poller use."""
-
-    def changes(
-        self, *, after: int | None = None, since: datetime | None = None, limit: int = 100
-    ) -> Any:
-        """One page: ``.events``, ``.next_after``, ``.has_more``."""
-
-
 class AsyncChangeFeed(Protocol):
-    """The part of ``AsyncProviderClient`` the async drivers use."""
+    """The part of ``AsyncProviderClient`` the sentinel and the poller use."""
 
     async def changes(
         self, *, after: int | None = None, since: datetime | None = None, limit: int = 100
@@ -73,31 +63,6 @@ class FeedBatch:
     complete: bool
 
 
-def fetch_changes(
-    feed: ChangeFeed,
-    *,
-    after: int | None,
-    since: datetime | None,
-    page_size: int,
-    max_pages: int,
-) -> FeedBatch:
-    """Read up to ``max_pages`` pages of the change feed from ``after`` (or ``since``)."""
-    events: list[Any] = []
-    next_after = after
-    for _ in range(max_pages):
-        page = feed.changes(
-            after=next_after, since=since if next_after is None else None, limit=page_size
-        )
-        events.extend(page.events)
-        if page.next_after is not None:
-            next_after = page.next_after
-        elif page.events:
-            next_after = page.events[-1].seq
-        if not page.has_more or not page.events:
-            return FeedBatch(events, next_after, True)
-    return FeedBatch(events, next_after, False)
-
-
 async def fetch_changes_async(
     feed: AsyncChangeFeed,
     *,
@@ -106,7 +71,7 @@ async def fetch_changes_async(
     page_size: int,
     max_pages: int,
 ) -> FeedBatch:
-    """Async twin of :func:`fetch_changes`."""
+    """Read up to ``max_pages`` pages of the change feed from ``after`` (or ``since``)."""
     events: list[Any] = []
     next_after = after
     for _ in range(max_pages):

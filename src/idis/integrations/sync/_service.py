@@ -2,15 +2,15 @@
 
 ::
 
-    service = SyncService(settings, registry=registry)   # sync: a background thread
-    app.mount("/webhooks", service.asgi_app())            # POST /webhooks/{provider}
-    service.start()
+    service = AsyncSyncService(settings, registry=registry)   # asyncio: one task
+    app.mount("/webhooks", service.asgi_app())                 # POST /webhooks/{provider}
+    await service.start()
     ...
-    service.stop()
+    await service.aclose()
 
-    service = AsyncSyncService(settings, registry=registry)   # asyncio: a task
-    app.mount("/webhooks", service.asgi_app())
-    await service.start()  ...  await service.stop()
+The service is a background worker, so it exists once, async (issue 12): a
+sync program runs it with ``asyncio.run(service.run())`` (``idis-integrations
+sync run``), or ticks it with ``asyncio.run(service.tick_all())``.
 
 Every replica receives webhooks. For each provider, one replica (the
 leader: :mod:`.leader`) also runs, on each tick:
@@ -18,16 +18,17 @@ leader: :mod:`.leader`) also runs, on each tick:
 1. the **sentinel** (every ``sentinel_interval``, not while polling is pinned):
    reads the change feed since its last position and measures webhook lag;
 2. the **mode controller** (:func:`.mode.decide`) on what was observed:
-   the provider's breaker, signature failures (this replica's window and any
-   replica's persisted spike), the sentinel's lag, the last webhook's time;
+   the provider's breaker, the sentinel's lag, the last webhook's time (bad
+   signatures are not a signal: anyone can forge those);
 3. in webhook mode, the **repair** of lost webhooks the sentinel found (events
    older than ``lag_threshold`` no channel applied), and webhook coverage;
 4. in polling mode, the **poller** every ``CRM_POLL_INTERVAL`` (at once after a
    switch), starting where webhooks were last confirmed.
 
-A tick's decisions are pure (:mod:`.mode`, :mod:`.sentinel`, :mod:`.poller`);
-the two services only differ in ``await``. Provider calls happen outside
-database transactions, so a slow provider never holds a database lock.
+A tick's decisions are pure (:mod:`.mode`, :mod:`.sentinel`, :mod:`.poller`).
+Provider calls happen outside database transactions, so a slow provider never
+holds a database lock. Every write of the leader is fenced on its epoch
+(:func:`~idis.integrations.sync._state.fence`); a fenced tick steps down.
 """
 
 from __future__ import annotations
@@ -36,45 +37,45 @@ import asyncio
 import contextlib
 import os
 import socket
-import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
+from .._backoff import Backoff
 from .._clock import Clock, system_clock
 from ..config import Settings
-from ..db._engine import async_session_factory, create_async_db_engine, create_db_engine
+from ..db._engine import async_session_factory, create_async_db_engine
 from ..exceptions import AuthError, ProviderError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
-from ._inbox import ApplyOutcome, HandlerRegistry, apply_event_outcome, apply_event_outcome_async
-from ._leader import AsyncLeaderLock, LeaderLock, next_attempt
+from ._inbox import ApplyOutcome, HandlerRegistry, apply_events_async
+from ._leader import LeaderLock, next_attempt
 from ._mode import Decision, Mode, ModeController, ModePolicy, ModeState, Observation, Transition
-from ._poller import AsyncPoller, Poller, PollResult, error_type
+from ._poller import Poller, PollResult, error_type
 from ._sentinel import (
     FeedBatch,
     SentinelReport,
     assess,
-    fetch_changes,
     fetch_changes_async,
     inbox_status,
     known_prefix,
 )
-from ._state import carry_out, last_webhook_at, load_state, mode_state, save_mode_state
+from ._state import Fenced, carry_out, fence, last_webhook_at, mode_state, save_mode_state
 from ._timeline import record_coverage
 
-__all__ = ["AsyncSyncService", "SyncService", "TickReport", "default_providers"]
+__all__ = ["AsyncSyncService", "TickReport", "default_providers"]
 
 _log = get_logger()
 
 #: Most change-feed pages one sentinel check reads.
 SENTINEL_PAGES = 10
+#: Extra wait between ticks while every tick fails (the database is down, typically).
+_TICK_BACKOFF = Backoff(initial=1.0, maximum=60.0, jitter="equal")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +91,11 @@ class TickReport:
     #: Lost webhooks the sentinel applied itself.
     repaired: int = 0
     poll: PollResult | None = None
-    #: A provider error this tick (bounded error type), if any.
+    #: A provider error this tick (bounded error type), if any; ``fenced`` when
+    #: another replica or an operator took over mid-tick.
     error: str | None = None
+    #: The tick itself failed (our database, a bug): logged, retried with backoff.
+    failed: bool = False
 
 
 def default_providers(settings: Settings) -> list[str]:
@@ -121,24 +125,17 @@ class _Snapshot:
     sentinel_at: datetime | None
     silent_since: datetime | None
     polled_at: datetime | None
-    signature_spike_at: datetime | None
     last_webhook_at: datetime | None
 
 
-def _snapshot(
-    session: Session, provider: str, policy: ModePolicy, now: datetime, replica: str
-) -> _Snapshot:
-    row = load_state(session, provider, policy, now)
-    if row.leader != replica:
-        row.leader = replica
-        row.updated_at = now
+def _snapshot(session: Session, provider: str, epoch: int) -> _Snapshot:
+    row = fence(session, provider, epoch)
     return _Snapshot(
         state=mode_state(row),
         sentinel_seq=row.sentinel_seq,
         sentinel_at=row.sentinel_at,
         silent_since=row.silent_since,
         polled_at=row.polled_at,
-        signature_spike_at=row.signature_spike_at,
         last_webhook_at=last_webhook_at(session, provider),
     )
 
@@ -190,8 +187,10 @@ def _decide(
     provider: str,
     controller: ModeController,
     obs: Observation,
+    epoch: int,
 ) -> tuple[Any, ModeState, Decision]:
-    row = load_state(session, provider, controller.policy, obs.now, for_update=True)
+    # Fenced: the state row is locked first, and only the current leader decides.
+    row = fence(session, provider, epoch)
     before = mode_state(row)
     return row, before, controller.decide(before, obs)
 
@@ -262,319 +261,21 @@ def _poll_due(
     return now - polled_at >= interval
 
 
-class _ServiceBase:
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        providers: Iterable[str] | None,
-        registry: HandlerRegistry | None,
-        clock: Clock | None,
-        metrics: Metrics | None,
-        replica_id: str | None,
-    ) -> None:
-        self.settings = settings
-        self.providers = list(providers) if providers is not None else default_providers(settings)
-        for name in self.providers:
-            settings.provider(name)
-        self.registry = registry
-        self.clock: Clock = clock or system_clock
-        self._metrics = metrics
-        self.replica_id = replica_id or default_replica_id()
-        self.policy = ModePolicy.from_settings(settings.sync)
-        self.controller = ModeController(self.policy)
-        self.interval = tick_interval(settings)
-        self._last_try: dict[str, float] = {}
-
-    @property
-    def metrics(self) -> Metrics:
-        """The metrics this component records into."""
-        return self._metrics if self._metrics is not None else get_metrics()
-
-    def _observation(
-        self,
-        provider: str,
-        *,
-        now: datetime,
-        snap: _Snapshot,
-        report: SentinelReport | None,
-        failed: bool,
-        breaker: str | None,
-        signature_failures: int,
-    ) -> Observation:
-        return Observation(
-            now=now,
-            breaker=breaker,
-            signature_failures=signature_failures,
-            signature_spike_at=snap.signature_spike_at,
-            lag=report.lag if report is not None else None,
-            sentinel_failed=failed,
-            last_webhook_at=snap.last_webhook_at,
-        )
-
-    def _should_try(self, provider: str) -> bool:
-        mono = self.clock.monotonic()
-        if next_attempt(self._last_try.get(provider), mono, self.settings.sync.lock_timeout):
-            self._last_try[provider] = mono
-            return True
-        return False
-
-
-class SyncService(_ServiceBase):
-    """Webhooks, failover and polling for sync hosts: a background thread.
+class AsyncSyncService:
+    """Webhooks, failover and polling for one host process: an asyncio task.
 
     Args:
         settings: Library settings.
-        engine: Engine of the library's database (default: from ``settings.database_url``).
-        gateway: The resilient gateway for provider calls (default: a new ``Gateway``).
-        registry: Handlers (default: the process-wide registry).
+        engine: ``AsyncEngine`` of the library's database (default: from
+            ``settings.database_url``).
+        gateway: The ``AsyncGateway`` for provider calls (default: a new one).
+        registry: Handlers (default: the process-wide registry); may be async.
         providers: Providers to sync (default: every provider of kind ``crm``).
-        clock: Time source (tests pass a manual clock).
+        clock: Time source (tests and the drill pass a manual clock).
         metrics: Metrics (default: process-wide).
         replica_id: This replica's name in ``status`` (default: host:pid:random).
-        receiver: Build a :class:`~idis.integrations.webhooks._receiver.WebhookReceiver`
-            for the providers that have webhook secrets.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        engine: Engine | None = None,
-        gateway: Any = None,
-        registry: HandlerRegistry | None = None,
-        providers: Iterable[str] | None = None,
-        clock: Clock | None = None,
-        metrics: Metrics | None = None,
-        replica_id: str | None = None,
-        receiver: bool = True,
-    ) -> None:
-        super().__init__(
-            settings,
-            providers=providers,
-            registry=registry,
-            clock=clock,
-            metrics=metrics,
-            replica_id=replica_id,
-        )
-        from ..providers import ProviderClient
-        from ..resilience._gateway import Gateway
-
-        self._own_engine = engine is None
-        self.engine = engine or create_db_engine(settings.database_url)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._own_gateway = gateway is None
-        self.gateway = gateway or Gateway(settings, clock=self.clock, metrics=metrics)
-        self.feeds = {name: ProviderClient(self.gateway, name) for name in self.providers}
-        self.pollers = {
-            name: Poller(
-                self.feeds[name],
-                self._sessions,
-                settings,
-                name,
-                registry=registry,
-                clock=self.clock,
-                metrics=metrics,
-            )
-            for name in self.providers
-        }
-        self.locks = {
-            name: LeaderLock(
-                settings.database_url, f"sync:{name}", lock_timeout=settings.sync.lock_timeout
-            )
-            for name in self.providers
-        }
-        self.receiver: Any = None
-        if receiver:
-            from ..webhooks._receiver import WebhookReceiver
-
-            self.receiver = WebhookReceiver(
-                settings,
-                self._sessions,
-                registry=registry,
-                providers=[n for n in self.providers if settings.provider(n).webhook_secrets],
-                clock=self.clock,
-                metrics=metrics,
-            )
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    def asgi_app(self) -> Any:
-        """The webhook receiver's ASGI app (``POST /{provider}``)."""
-        if self.receiver is None:
-            raise RuntimeError("this SyncService was built with receiver=False")
-        return self.receiver.asgi_app()
-
-    # ------------------------------------------------------------------ one tick
-
-    def _lead(self, provider: str) -> bool:
-        lock = self.locks[provider]
-        if lock.held:
-            return lock.acquire()
-        return self._should_try(provider) and lock.acquire()
-
-    def tick(self, provider: str) -> TickReport:
-        """One iteration for ``provider``: lead?, sentinel, decide, repair, poll."""
-        if not self._lead(provider):
-            return TickReport(provider, leader=False)
-        settings = self.settings
-        now = self.clock.now()
-        with self._sessions.begin() as session:
-            snap = _snapshot(session, provider, self.policy, now, self.replica_id)
-        plan = _sentinel_plan(snap, now, settings, self.policy)
-        batch: FeedBatch | None = None
-        report: SentinelReport | None = None
-        known: set[str] = set()
-        failed = False
-        error: str | None = None
-        if plan is not None:
-            try:
-                batch = fetch_changes(
-                    self.feeds[provider],
-                    after=plan.after,
-                    since=plan.since,
-                    page_size=settings.sync.page_size,
-                    max_pages=SENTINEL_PAGES,
-                )
-            except (ProviderError, AuthError) as exc:
-                failed, error = True, error_type(exc)
-                _log.warning("idis.sync.sentinel_failed", provider=provider, error_type=error)
-            else:
-                with self._sessions.begin() as session:
-                    known, by_webhook = inbox_status(
-                        session, provider, [e.id for e in batch.events]
-                    )
-                report = _assess(
-                    batch,
-                    plan,
-                    snap=snap,
-                    known=known,
-                    by_webhook=by_webhook,
-                    now=now,
-                    settings=settings,
-                )
-        obs = self._observation(
-            provider,
-            now=now,
-            snap=snap,
-            report=report,
-            failed=failed,
-            breaker=self.gateway.breaker_state(provider),
-            signature_failures=(
-                self.receiver.signature_failures(provider, now) if self.receiver else 0
-            ),
-        )
-        repaired = 0
-        with self._sessions.begin() as session:
-            row, before, decision = _decide(session, provider, self.controller, obs)
-            if (
-                report is not None
-                and before.mode is Mode.WEBHOOK
-                and decision.state.mode is Mode.WEBHOOK
-            ):
-                for event in report.late_unknown:
-                    outcome = apply_event_outcome(
-                        session, provider, event, "poll", registry=self.registry, now=now
-                    )
-                    known.add(event.id)
-                    repaired += outcome is ApplyOutcome.APPLIED
-            _finish(
-                session,
-                row,
-                before,
-                decision,
-                plan=plan,
-                batch=batch,
-                report=report,
-                known=known,
-                now=now,
-                metrics=self.metrics,
-            )
-        if repaired:
-            _log.warning("idis.sync.webhooks_repaired", provider=provider, events=repaired)
-        mode = decision.state.mode
-        poll: PollResult | None = None
-        if _poll_due(
-            mode, decision.transition, snap.polled_at, now, settings.sync.crm_poll_interval
-        ):
-            try:
-                poll = self.pollers[provider].poll_once()
-            except (ProviderError, AuthError) as exc:
-                error = error_type(exc)
-        _gauges(self.metrics, provider, mode, snap.last_webhook_at, now)
-        return TickReport(
-            provider,
-            leader=True,
-            mode=mode,
-            transition=decision.transition,
-            sentinel=report,
-            repaired=repaired,
-            poll=poll,
-            error=error,
-        )
-
-    def tick_all(self) -> list[TickReport]:
-        """One tick for every provider; a failure of one never stops the others."""
-        reports = []
-        for provider in self.providers:
-            try:
-                reports.append(self.tick(provider))
-            except Exception as exc:  # noqa: BLE001  # the loop must survive a bad tick
-                _log.error(
-                    "idis.sync.tick_failed", provider=provider, error_type=type(exc).__name__
-                )
-                reports.append(
-                    TickReport(provider, leader=self.locks[provider].held, error=type(exc).__name__)
-                )
-        return reports
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def run(self, stop: threading.Event | None = None) -> None:
-        """Tick every provider until ``stop`` is set (blocking)."""
-        event = stop or self._stop
-        while not event.is_set():
-            self.tick_all()
-            event.wait(self.interval)
-
-    def start(self) -> None:
-        """Run in a daemon thread."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self.run, name="idis-sync", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread and give up leadership."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        for lock in self.locks.values():
-            lock.release()
-
-    def close(self) -> None:
-        """Stop, then close what this service created (gateway, engine, locks)."""
-        self.stop()
-        for lock in self.locks.values():
-            lock.close()
-        if self._own_gateway:
-            self.gateway.close()
-        if self._own_engine:
-            self.engine.dispose()
-
-    def __enter__(self) -> SyncService:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncSyncService(_ServiceBase):
-    """Async twin of :class:`SyncService`: one asyncio task on the host's loop.
-
-    Takes an ``AsyncEngine`` and an ``AsyncGateway``; handlers may be async.
+        receiver: Build an ``AsyncWebhookReceiver`` for the providers that have
+            webhook secrets (``asgi_app()``).
     """
 
     def __init__(
@@ -590,17 +291,21 @@ class AsyncSyncService(_ServiceBase):
         replica_id: str | None = None,
         receiver: bool = True,
     ) -> None:
-        super().__init__(
-            settings,
-            providers=providers,
-            registry=registry,
-            clock=clock,
-            metrics=metrics,
-            replica_id=replica_id,
-        )
         from ..providers import AsyncProviderClient
         from ..resilience._gateway import AsyncGateway
 
+        self.settings = settings
+        self.providers = list(providers) if providers is not None else default_providers(settings)
+        for name in self.providers:
+            settings.provider(name)
+        self.registry = registry
+        self.clock: Clock = clock or system_clock
+        self._metrics = metrics
+        self.replica_id = replica_id or default_replica_id()
+        self.policy = ModePolicy.from_settings(settings.sync)
+        self.controller = ModeController(self.policy)
+        self.interval = tick_interval(settings)
+        self._last_try: dict[str, float] = {}
         self._own_engine = engine is None
         self.engine = engine or create_async_db_engine(settings.database_url)
         self._sessions = async_session_factory(self.engine)
@@ -608,7 +313,7 @@ class AsyncSyncService(_ServiceBase):
         self.gateway = gateway or AsyncGateway(settings, clock=self.clock, metrics=metrics)
         self.feeds = {name: AsyncProviderClient(self.gateway, name) for name in self.providers}
         self.pollers = {
-            name: AsyncPoller(
+            name: Poller(
                 self.feeds[name],
                 self._sessions,
                 settings,
@@ -620,8 +325,14 @@ class AsyncSyncService(_ServiceBase):
             for name in self.providers
         }
         self.locks = {
-            name: AsyncLeaderLock(
-                settings.database_url, f"sync:{name}", lock_timeout=settings.sync.lock_timeout
+            name: LeaderLock(
+                settings.database_url,
+                name,
+                sessions=self._sessions,
+                replica=self.replica_id,
+                lock_timeout=settings.sync.lock_timeout,
+                policy=self.policy,
+                clock=self.clock,
             )
             for name in self.providers
         }
@@ -639,29 +350,55 @@ class AsyncSyncService(_ServiceBase):
             )
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def metrics(self) -> Metrics:
+        """The metrics this component records into."""
+        return self._metrics if self._metrics is not None else get_metrics()
+
     def asgi_app(self) -> Any:
         """The webhook receiver's ASGI app (``POST /{provider}``)."""
         if self.receiver is None:
             raise RuntimeError("this AsyncSyncService was built with receiver=False")
         return self.receiver.asgi_app()
 
-    async def _lead(self, provider: str) -> bool:
+    # ------------------------------------------------------------------ one tick
+
+    def _should_try(self, provider: str) -> bool:
+        mono = self.clock.monotonic()
+        if next_attempt(self._last_try.get(provider), mono, self.settings.sync.lock_timeout):
+            self._last_try[provider] = mono
+            return True
+        return False
+
+    async def _lead(self, provider: str) -> int | None:
         lock = self.locks[provider]
         if lock.held:
             return await lock.acquire()
-        return self._should_try(provider) and await lock.acquire()
+        return await lock.acquire() if self._should_try(provider) else None
 
     async def tick(self, provider: str) -> TickReport:
-        """Async twin of :meth:`SyncService.tick`."""
-        if not await self._lead(provider):
+        """One iteration for ``provider``: lead?, sentinel, decide, repair, poll."""
+        epoch = await self._lead(provider)
+        if epoch is None:
             return TickReport(provider, leader=False)
+        try:
+            return await self._tick(provider, epoch)
+        except Fenced:
+            self.locks[provider].deposed()
+            _log.warning(
+                "idis.sync.fenced",
+                provider=provider,
+                epoch=epoch,
+                msg="another replica or an operator took over mid-tick; nothing more written",
+            )
+            return TickReport(provider, leader=False, error="fenced")
+
+    async def _tick(self, provider: str, epoch: int) -> TickReport:
         settings = self.settings
         now = self.clock.now()
         session: AsyncSession
         async with self._sessions() as session, session.begin():
-            snap = await session.run_sync(
-                lambda s: _snapshot(s, provider, self.policy, now, self.replica_id)
-            )
+            snap = await session.run_sync(lambda s: _snapshot(s, provider, epoch))
         plan = _sentinel_plan(snap, now, settings, self.policy)
         batch: FeedBatch | None = None
         report: SentinelReport | None = None
@@ -695,33 +432,29 @@ class AsyncSyncService(_ServiceBase):
                     now=now,
                     settings=settings,
                 )
-        obs = self._observation(
-            provider,
+        obs = Observation(
             now=now,
-            snap=snap,
-            report=report,
-            failed=failed,
             breaker=self.gateway.breaker_state(provider),
-            signature_failures=(
-                self.receiver.signature_failures(provider, now) if self.receiver else 0
-            ),
+            lag=report.lag if report is not None else None,
+            sentinel_failed=failed,
+            last_webhook_at=snap.last_webhook_at,
         )
         repaired = 0
         async with self._sessions() as session, session.begin():
             row, before, decision = await session.run_sync(
-                lambda s: _decide(s, provider, self.controller, obs)
+                lambda s: _decide(s, provider, self.controller, obs, epoch)
             )
             if (
                 report is not None
+                and report.late_unknown
                 and before.mode is Mode.WEBHOOK
                 and decision.state.mode is Mode.WEBHOOK
             ):
-                for event in report.late_unknown:
-                    outcome = await apply_event_outcome_async(
-                        session, provider, event, "poll", registry=self.registry, now=now
-                    )
-                    known.add(event.id)
-                    repaired += outcome is ApplyOutcome.APPLIED
+                result = await apply_events_async(
+                    session, provider, report.late_unknown, "poll", registry=self.registry, now=now
+                )
+                known.update(e.id for e in report.late_unknown)
+                repaired = result.count(ApplyOutcome.APPLIED)
             await session.run_sync(
                 lambda s: _finish(
                     s,
@@ -744,7 +477,7 @@ class AsyncSyncService(_ServiceBase):
             mode, decision.transition, snap.polled_at, now, settings.sync.crm_poll_interval
         ):
             try:
-                poll = await self.pollers[provider].poll_once()
+                poll = await self.pollers[provider].poll_once(epoch=epoch)
             except (ProviderError, AuthError) as exc:
                 error = error_type(exc)
         _gauges(self.metrics, provider, mode, snap.last_webhook_at, now)
@@ -770,15 +503,31 @@ class AsyncSyncService(_ServiceBase):
                     "idis.sync.tick_failed", provider=provider, error_type=type(exc).__name__
                 )
                 reports.append(
-                    TickReport(provider, leader=self.locks[provider].held, error=type(exc).__name__)
+                    TickReport(
+                        provider,
+                        leader=self.locks[provider].held,
+                        error=type(exc).__name__,
+                        failed=True,
+                    )
                 )
         return reports
 
+    # ------------------------------------------------------------------ lifecycle
+
     async def run(self) -> None:
-        """Tick every provider until cancelled."""
+        """Tick every provider until cancelled (waits go through the clock).
+
+        While every tick fails (our database unreachable, say), the wait between
+        ticks backs off (the library's one ``Backoff``, from the tick interval up
+        to a minute), so a down database is not hammered by every replica.
+        """
+        failures = 0
         while True:
-            await self.tick_all()
-            await asyncio.sleep(self.interval)
+            reports = await self.tick_all()
+            broken = bool(reports) and all(r.failed for r in reports)
+            failures = failures + 1 if broken else 0
+            wait = self.interval + (_TICK_BACKOFF.delay(failures) if failures else 0.0)
+            await self.clock.asleep(wait)
 
     async def start(self) -> None:
         """Run as a task on the current loop."""
@@ -804,3 +553,9 @@ class AsyncSyncService(_ServiceBase):
             await self.gateway.aclose()
         if self._own_engine:
             await self.engine.dispose()
+
+    async def __aenter__(self) -> AsyncSyncService:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -9,20 +9,34 @@ with the reason), logs ``idis.sync.mode_changed``, updates the metrics, and on
 a switch to polling moves the poller's cursor back to the last position the
 webhook channel is known to have covered, so the window between the last
 good webhook and the switch is polled too.
+
+Fencing
+-------
+Leadership (one poller, sentinel and controller per provider) is held by an
+advisory lock on PostgreSQL or a lease row on SQLite (:mod:`.leader`); each
+time a replica takes it, :func:`take_epoch` bumps the provider's
+``leader_epoch``. Every write the leader makes to the cursor or the mode
+state runs in a transaction that first calls :func:`fence`: it locks the state
+row and checks the epoch is still its own, else raises :class:`Fenced` and
+the transaction rolls back. So a poller deposed mid-poll (its lock connection
+dropped, its lease lapsed), or one racing an operator's ``sync mode --set``
+(which bumps the epoch too), can no longer move the cursor: a failover rewind
+is never undone by a late page.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .._audit import record_audit
 from .._timeparse import utcnow
+from ..exceptions import IntegrationError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from ._mode import Mode, ModePolicy, ModeState, Reason, Transition, initial_state
@@ -30,8 +44,10 @@ from ._models import SyncCursor, SyncInbox, SyncProviderState
 
 __all__ = [
     "CHANGES_STREAM",
+    "Fenced",
     "SyncSummary",
     "carry_out",
+    "fence",
     "get_cursor",
     "last_webhook_at",
     "load_state",
@@ -39,9 +55,11 @@ __all__ = [
     "move_cursor",
     "note_signature_spike",
     "override_mode",
+    "release_epoch",
     "save_mode_state",
     "status_facts",
     "sync_summary",
+    "take_epoch",
 ]
 
 _log = get_logger()
@@ -90,6 +108,84 @@ def load_state(
         if found is None:
             raise
         return found
+    return row
+
+
+class Fenced(IntegrationError):
+    """This replica's leadership epoch is no longer current: its write was refused.
+
+    Another replica took the leadership, or an operator overrode the mode, since
+    this one took its epoch. Nothing was written; the leader steps down and
+    tries again at its next tick.
+    """
+
+    retryable = True
+
+
+def take_epoch(
+    session: Session,
+    provider: str,
+    policy: ModePolicy,
+    now: datetime,
+    replica: str,
+    *,
+    lease: timedelta | None = None,
+    current: int | None = None,
+) -> int | None:
+    """Take (or renew) the leadership of ``provider``: the new epoch, or None if refused.
+
+    Args:
+        session: The caller's session (commit to make it count).
+        provider: Provider name.
+        policy: For creating the state row.
+        now: The current time.
+        replica: This replica's id.
+        lease: SQLite: take it only if nobody else holds an unexpired lease, and
+            hold it until ``now + lease``. None (PostgreSQL): the caller holds the
+            advisory lock, which is the leadership.
+        current: The epoch this replica holds, to renew it: kept while it is
+            still the row's (nobody took over), else a new one is taken.
+    """
+    row = load_state(session, provider, policy, now, for_update=True)
+    if lease is not None:
+        held_by_other = row.leader not in (None, replica)
+        if held_by_other and row.lease_until is not None and row.lease_until > now:
+            return None
+    if current is None or row.leader_epoch != current or row.leader != replica:
+        row.leader_epoch = (row.leader_epoch or 0) + 1
+    row.leader = replica
+    row.lease_until = now + lease if lease is not None else None
+    row.updated_at = now
+    return int(row.leader_epoch)
+
+
+def release_epoch(session: Session, provider: str, replica: str, epoch: int) -> None:
+    """Give up a leadership this replica still holds (lets a standby lead at once)."""
+    session.execute(
+        update(SyncProviderState)
+        .where(
+            SyncProviderState.provider == provider,
+            SyncProviderState.leader == replica,
+            SyncProviderState.leader_epoch == epoch,
+        )
+        .values(leader=None, lease_until=None)
+    )
+
+
+def fence(session: Session, provider: str, epoch: int) -> SyncProviderState:
+    """Lock the provider's state row and check ``epoch`` is current (first in the transaction).
+
+    Raises:
+        Fenced: another replica or an operator moved the epoch on.
+    """
+    row = session.scalar(
+        select(SyncProviderState).where(SyncProviderState.provider == provider).with_for_update()
+    )
+    if row is None or row.leader_epoch != epoch:
+        raise Fenced(
+            f"{provider}: leadership epoch {epoch} is no longer current "
+            f"({None if row is None else row.leader_epoch}); the write was refused"
+        )
     return row
 
 
@@ -348,6 +444,9 @@ def override_mode(
     from ._mode import operator_override
 
     row = load_state(session, provider, policy, now, for_update=True)
+    # Fence the leader: a poll it has in flight must not undo what this does
+    # (a cursor moved by a switch to polling); it takes a new epoch next tick.
+    row.leader_epoch = (row.leader_epoch or 0) + 1
     decision = operator_override(mode_state(row), setting, now)
     if decision.transition is not None:
         carry_out(
@@ -410,4 +509,8 @@ def status_facts(session: Session, settings: Any, provider: str) -> dict[str, An
             round((now - last).total_seconds(), 1) if last is not None else None
         ),
         "webhook_lag_seconds": row.lag_seconds,
+        # Bad signatures never switch modes; a recent spike is worth a look.
+        "webhook_signature_spike_at": (
+            row.signature_spike_at.isoformat() if row.signature_spike_at is not None else None
+        ),
     }

@@ -78,7 +78,7 @@ from ..exceptions import (
 )
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
-from ..sync._events import event_from_payload
+from ..sync._events import event_from_payload, ordering_of
 from ..sync._inbox import (
     ApplyOutcome,
     HandlerRegistry,
@@ -455,7 +455,7 @@ class _ReceiverBase:
             check_body_size(body, self.max_body_bytes)
             message_id = scheme.verify(request, now)
             payload = parse_json_strict(body)
-            event = event_from_payload(payload)
+            event = event_from_payload(payload, ordering=ordering_of(self.settings, provider))
         except WebhookVerificationError as exc:
             if exc.reason in SIGNATURE_FAILURE_REASONS:
                 self._signature_failed(provider, now)

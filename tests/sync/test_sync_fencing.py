@@ -1,0 +1,181 @@
+"""Fencing: a poller deposed mid-poll, or racing an operator, never undoes a cursor rewind.
+
+The leader checks its leadership once per tick, but one poll may read hundreds
+of pages. Each leadership takes an epoch, and every page's cursor write is
+compare-and-set on it (issue 11, "suspected": cursor writes had no
+compare-and-set, so a late page of a deposed poller undid the new leader's
+failover rewind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from idis.integrations.config import SyncSettings
+from idis.integrations.db._engine import (
+    async_session_factory,
+    create_async_db_engine,
+    create_db_engine,
+)
+from idis.integrations.providers import AsyncProviderClient
+from idis.integrations.resilience._gateway import AsyncGateway
+from idis.integrations.sync._leader import LeaderLock
+from idis.integrations.sync._mode import ModePolicy
+from idis.integrations.sync._models import SyncCursor, SyncProviderState
+from idis.integrations.sync._poller import Poller
+from idis.integrations.sync._state import Fenced, fence, move_cursor, override_mode
+from idis.integrations.testing import serve_asgi, simulator_settings
+
+from .conftest import T0, FeedServer, HostTable, feed_event
+
+P = "crm_provider"
+#: Where a failover rewinds the cursor to: the last position webhooks were confirmed at.
+REWIND = 5
+
+
+def _settings(url: str, db_url: str) -> Any:
+    return simulator_settings(
+        url,
+        providers=(P,),
+        database_url=db_url,
+        sync=SyncSettings(page_size=10, lock_timeout=timedelta(seconds=3)),
+    )
+
+
+def _feed_of_30() -> FeedServer:
+    feed = FeedServer()
+    start = datetime.now(UTC) - timedelta(seconds=40)  # inside the first poll's window
+    for seq in range(1, 31):
+        feed.append(feed_event(seq, f"deal_{seq % 4}", start + timedelta(seconds=seq), version=seq))
+    return feed
+
+
+def _cursor(engine: Engine) -> tuple[int | None, str | None, int]:
+    with Session(engine) as session:
+        cursor = session.scalar(select(SyncCursor))
+        epoch = session.scalar(select(SyncProviderState.leader_epoch))
+    assert cursor is not None
+    return cursor.after_seq, cursor.moved_by, int(epoch or 0)
+
+
+async def _poll_as_leader(settings: Any, db_url: str, registry: Any, replica: str) -> Any:
+    """Take the leadership (epoch) and poll once under it, as the service's tick does."""
+    engine = create_async_db_engine(db_url)
+    sessions = async_session_factory(engine)
+    gateway = AsyncGateway(settings)
+    lock = LeaderLock(
+        db_url, P, sessions=sessions, replica=replica, lock_timeout=timedelta(seconds=3)
+    )
+    try:
+        epoch = await lock.acquire()
+        assert epoch is not None
+        poller = Poller(AsyncProviderClient(gateway, P), sessions, settings, P, registry=registry)
+        return await poller.poll_once(epoch=epoch)
+    finally:
+        await lock.aclose()
+        await gateway.aclose()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_poller_deposed_mid_poll_cannot_undo_the_new_leaders_rewind(pg_url: str) -> None:
+    """Two pollers on PostgreSQL: A leads and polls; between its pages its lock connection
+    drops, B takes over (a new epoch) and rewinds the cursor; A's next page changes nothing."""
+    engine = create_db_engine(pg_url)
+    host = HostTable(engine)
+    feed = _feed_of_30()
+    taken_over: list[int] = []
+
+    def partition_then_takeover(params: dict[str, str]) -> None:
+        if params.get("after") != "10" or taken_over:
+            return
+        # A's lock connection is gone (network partition, server restart): PostgreSQL
+        # releases the advisory lock. A itself does not know until its next tick.
+        with engine.connect() as conn:
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = :name"
+                ),
+                {"name": f"idis-leader:sync:{P}"},
+            )
+        taken_over.append(asyncio.run(_take_over_and_rewind(settings, pg_url)))
+
+    feed.on_request = partition_then_takeover
+    try:
+        with serve_asgi(feed.app()) as url:
+            settings = _settings(url, pg_url)
+            with pytest.raises(Fenced):
+                asyncio.run(_poll_as_leader(settings, pg_url, host.registry(), "a"))
+        after_seq, moved_by, epoch = _cursor(engine)
+        applied = len(host.rows())
+    finally:
+        engine.dispose()
+
+    assert [2] == taken_over  # B's epoch
+    assert (REWIND, "failover", 2) == (after_seq, moved_by, epoch)
+    assert 10 == applied  # A's first page only: its second changed nothing
+
+
+async def _take_over_and_rewind(settings: Any, db_url: str) -> int:
+    """Replica B: take the leadership and, like a failover, move the cursor back (fenced)."""
+    engine = create_async_db_engine(db_url)
+    sessions = async_session_factory(engine)
+    lock = LeaderLock(db_url, P, sessions=sessions, replica="b", lock_timeout=timedelta(seconds=3))
+    try:
+        epoch = await lock.acquire()
+        assert epoch is not None
+
+        def rewind(session: Session) -> None:
+            fence(session, P, epoch)
+            move_cursor(
+                session,
+                P,
+                after_seq=REWIND,
+                watermark=T0 + timedelta(seconds=REWIND),
+                now=T0,
+                moved_by="failover",
+            )
+
+        async with sessions() as session, session.begin():
+            await session.run_sync(rewind)
+        return epoch
+    finally:
+        await lock.aclose()
+        await engine.dispose()
+
+
+def test_an_operators_mode_change_fences_the_poll_in_flight(engine: Engine) -> None:
+    """`sync mode --set polling` mid-poll moves the cursor to the confirmed position and bumps
+    the epoch: the leader's next page is refused instead of overwriting the cursor."""
+    db_url = engine.url.render_as_string(hide_password=False)
+    host = HostTable(engine)
+    feed = _feed_of_30()
+    done: list[bool] = []
+
+    def operator(params: dict[str, str]) -> None:
+        if params.get("after") != "10" or done:
+            return
+        with sessionmaker(engine).begin() as session:
+            row = session.scalar(select(SyncProviderState))
+            assert row is not None
+            row.confirmed_seq = REWIND
+            row.confirmed_at = T0 + timedelta(seconds=REWIND)
+        with sessionmaker(engine).begin() as session:
+            override_mode(session, P, "polling", policy=ModePolicy(), now=T0, actor="cli:operator")
+        done.append(True)
+
+    feed.on_request = operator
+    with serve_asgi(feed.app()) as url:
+        settings = _settings(url, db_url)
+        with pytest.raises(Fenced):
+            asyncio.run(_poll_as_leader(settings, db_url, host.registry(), "a"))
+
+    assert (REWIND, "failover", 2) == _cursor(engine)
+    assert 10 == len(host.rows())
