@@ -54,9 +54,19 @@ def test_the_module_serves_on_the_default_database_and_stops_gracefully_on_sigte
     try:
         wait_for(lambda: _healthy(url) or process.poll() is not None, "the service to answer")
         auth = {"authorization": f"Bearer {OPERATOR_TOKEN}"}
-        status = httpx.get(
-            f"{url}/status", params={"probe": "false"}, headers=auth, timeout=10
-        ).json()
+        # The sync service's first tick writes the mode row ("not started" until then).
+        status = wait_for(
+            lambda: (
+                "not started"
+                not in str(
+                    answer := httpx.get(
+                        f"{url}/status", params={"probe": "false"}, headers=auth, timeout=10
+                    ).json()
+                )
+                and answer
+            ),
+            "the sync service's first tick",
+        )
         deal = httpx.post(
             f"{url}/deals",
             json={"id": "p1", "tenant_id": "t1", "name": "Proc"},

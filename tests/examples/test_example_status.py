@@ -6,14 +6,22 @@ import sqlite3
 
 import pytest
 from examples.integrations_service import app as service_app
-from tests.examples.conftest import CRM, ENRICH, RunningService
+from tests.examples.conftest import CRM, ENRICH, RunningService, wait_for
 
 
 def test_status_reports_each_provider_with_its_sync_and_outbox_facts(
     service: RunningService,
 ) -> None:
     """/status lists the configured providers, probes them, and adds sync and outbox facts."""
-    answer = service.get("/status")
+    # The sync service's first tick writes the mode row; until then status says "not started".
+    answer = wait_for(
+        lambda: (
+            (got := service.get("/status")).status_code == 200
+            and "not started" not in str(got.json())
+            and got
+        ),
+        "the sync service's first tick",
+    )
 
     assert 200 == answer.status_code
     providers = {p["provider"]: p for p in answer.json()["providers"]}
