@@ -16,6 +16,7 @@ reports, it does not gate): the exit code is 0 unless mutmut itself failed (1), 
 was wrong (2) or the run was interrupted (130).
 
 Usage: .venv/bin/python scripts/mutate.py [--module outbox/_policy[,sync/_mode]] [--max-children 2]
+       .venv/bin/python scripts/mutate.py --report-only   (re-read the last run's verdicts)
 """
 
 # A command-line tool: it prints, and it runs the venv's own mutmut.
