@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: drill test lint typecheck pytest services clean bench
+.PHONY: drill test lint typecheck pytest services clean bench mutate
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ test: lint typecheck pytest
 
 bench: $(STAMP) services
 	$(BIN)/python -m benchmarks
+
+# Mutation testing of the decision modules (docs/testing.md); not part of `make test` or CI.
+# make mutate                          every module of scripts/mutation_modules.toml (~30-60 min)
+# make mutate MODULE=outbox/_policy    one module (or a comma-separated list)
+MUTATE_STAMP := $(VENV)/.mutate-installed
+MUTATE_JOBS ?= 2
+$(MUTATE_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,mutate]"
+	touch $(MUTATE_STAMP)
+
+mutate: $(MUTATE_STAMP)
+	$(BIN)/python scripts/mutate.py --max-children $(MUTATE_JOBS) $(if $(MODULE),--module "$(MODULE)")
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
