@@ -193,9 +193,7 @@ def test_events_older_than_retention_are_pruned_from_replay(sim, http, clock) ->
     assert ([3, 4], 3) == ([e["seq"] for e in changes["events"]], changes["oldest_seq"])
 
 
-def test_a_feed_retention_shorter_than_replay_leaves_old_events_to_replay(
-    sim, http, clock
-) -> None:
+def test_a_feed_retention_shorter_than_replay_leaves_old_events_to_replay(sim, http, clock) -> None:
     """/changes stops serving events older than its own retention; /replay still has them."""
     sim.control.set_feed_retention("crm_provider", 600)
     sim.control.emit("crm_provider", 2)
@@ -218,9 +216,7 @@ def test_feed_retention_resets_and_rejects_bad_values(sim, http, clock) -> None:
     sim.control.emit("crm_provider", 1)
     clock.advance(900)
 
-    refused = http.post(
-        "/_control/feed_retention", json={"provider": "crm_provider", "seconds": 0}
-    )
+    refused = http.post("/_control/feed_retention", json={"provider": "crm_provider", "seconds": 0})
     sim.control.set_feed_retention("crm_provider", None)
     changes = http.get(f"{CRM}/changes").json()
 
