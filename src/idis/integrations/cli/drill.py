@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .._timeparse import parse_since
-from ..ops._drill import BREAKABLE, SCENARIOS, DrillOptions, run_drill
+from ..ops._drill import BREAKABLE, DEFAULT_SPEED, SCENARIOS, DrillOptions, run_drill
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
@@ -36,7 +36,7 @@ from ._common import (
 @click.option(
     "--speed",
     type=float,
-    default=15.0,
+    default=DEFAULT_SPEED,
     show_default=True,
     help="Simulated seconds per tick (1-120): higher runs faster and coarser.",
 )

@@ -80,8 +80,11 @@ OUTAGE_TICKS = 48
 #: How long the provider's changes feed serves an event (the simulator's feed retention):
 #: the outage's first OUTAGE_TICKS - FEED_RETENTION_TICKS ticks come back by replay only.
 FEED_RETENTION_TICKS = 16
+#: The simulated seconds a tick lasts by default (``--speed``).
+DEFAULT_SPEED = 15.0
 #: The alert (docs/ops/alerts.yml): ``rate(...[15m]) > 0.05`` ``for: 5m``, in ticks of the
-#: default 15 s, so that the alert keeps its shape at any speed.
+#: default 15 s, so that it keeps its shape at any speed. The drill's traffic is so much per
+#: tick, so at another speed the threshold scales too (:func:`alert_threshold`).
 ALERT_THRESHOLD = 0.05
 ALERT_WINDOW_TICKS = 60
 ALERT_FOR_TICKS = 20
@@ -114,7 +117,7 @@ class DrillOptions:
     #: The enrichment provider (also down in a full outage).
     enrichment_provider: str = "enrichment_provider"
     #: Simulated seconds per tick: larger is faster and coarser.
-    speed: float = 15.0
+    speed: float = DEFAULT_SPEED
     #: Seed for the simulator's faults and the verification sample.
     seed: int = 7
     #: Run against this database instead of a temporary SQLite file.
@@ -146,6 +149,11 @@ class DrillOptions:
                 f"{', '.join(BREAKABLE)}",
                 variable="--break",
             )
+
+
+def alert_threshold(speed: float) -> float:
+    """The alert's 0.05 errors/s, for the drill's traffic at ``speed`` seconds per tick."""
+    return ALERT_THRESHOLD * DEFAULT_SPEED / speed
 
 
 @dataclass(frozen=True, slots=True)
@@ -749,7 +757,8 @@ class _Stage:
     def _alert_transitions(self, rates: Sequence[tuple[str, str, float]]) -> None:
         """``> 0.05`` for 5m: pending when the expression turns true, firing once it held."""
         found, record = self.found, self.record
-        if not rates or rates[0][2] <= ALERT_THRESHOLD:
+        threshold = alert_threshold(self.options.speed)
+        if not rates or rates[0][2] <= threshold:
             if found.alert_fired_at is None:
                 found.alert_true_at = None
             return
@@ -758,7 +767,7 @@ class _Stage:
             provider, endpoint, value = rates[0]
             record.note(
                 f"alert expression true for {provider}/{endpoint} ({value:.3f} errors/s over "
-                f"15m > {ALERT_THRESHOLD}): pending, fires if it holds 5m"
+                f"15m > {threshold:g}): pending, fires if it holds 5m"
             )
         held = record.t - found.alert_true_at
         if found.alert_fired_at is None and held >= ALERT_FOR_TICKS * self.options.speed:
@@ -901,7 +910,7 @@ async def _detection(stage: _Stage) -> None:
         fired = found.alert_fired_at
         record.check(
             "Detection: alert IDISIntegrationProviderErrors fired",
-            f"rate > {ALERT_THRESHOLD}/s for 5m",
+            f"rate > {alert_threshold(stage.options.speed):g}/s for 5m",
             "never" if fired is None else f"fired at {_clock_label(fired)}",
             fired is not None,
         )
@@ -1516,8 +1525,8 @@ def _report(stage: _Stage, wall: datetime, seconds: float) -> Report:
                 series.get("error rate", []),
                 "errors/s",
                 step=False,
-                threshold=ALERT_THRESHOLD,
-                threshold_label=f"alert threshold {ALERT_THRESHOLD}/s",
+                threshold=alert_threshold(options.speed),
+                threshold_label=f"alert threshold {alert_threshold(options.speed):g}/s",
             ),
             Series(
                 "breaker",
