@@ -88,6 +88,9 @@ DEFAULT_SPEED = 15.0
 ALERT_THRESHOLD = 0.05
 ALERT_WINDOW_TICKS = 60
 ALERT_FOR_TICKS = 20
+#: When the alert does not fire (tokens revoked, webhooks only), how long until someone
+#: notices the missing sync, unless the sync service fails over first.
+QUIET_DETECTION_TICKS = 8
 #: Most ticks the steps after the outage may take (each waits at most this long).
 RECOVERY_TICKS = 1 + 8 + 12 + 24 + 3
 #: Upper bound of the ticks one drill runs, to place simulated time before the run.
@@ -903,9 +906,18 @@ async def _detection(stage: _Stage) -> None:
         async def detected() -> bool:
             if expect.alert:
                 return found.alert_fired_at is not None
-            return stage.mode == "polling" or stage.ticks >= HEALTHY_TICKS + 8
+            return stage.mode == "polling" or stage.ticks >= HEALTHY_TICKS + QUIET_DETECTION_TICKS
 
         await stage.ticks_until(detected, limit=ALERT_FOR_TICKS + 16)
+        if not expect.alert:
+            rates = stage.error_rates(alerting=True)
+            highest = f"{rates[0][0]}/{rates[0][1]} {rates[0][2]:.3f}/s" if rates else "no errors"
+            how = (
+                "the sync service's failover (webhook lag)"
+                if stage.mode == "polling"
+                else "missing CRM sync (webhooks silent, nothing polled)"
+            )
+            record.note(f"alert not firing at this traffic (highest: {highest}); noticed by {how}")
     if expect.alert:
         fired = found.alert_fired_at
         record.check(
