@@ -1,11 +1,15 @@
-"""The RB-09 drill runs end to end, can fail, and its reports are built from real data."""
+"""The RB-09 drill runs end to end, needs every way back, can fail, and its reports are real."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -13,8 +17,33 @@ from tests.conftest import unavailable
 
 from idis.integrations.db._engine import create_db_engine
 from idis.integrations.exceptions import ConfigError
-from idis.integrations.ops._drill import SCENARIOS, DrillOptions, run_drill
+from idis.integrations.ops._drill import (
+    SCENARIOS,
+    DrillOptions,
+    DrillResult,
+    id_ranges,
+    run_drill,
+)
 from idis.integrations.ops._postmortem import build_postmortem
+from idis.integrations.ops._report import MIN_PHASE_WIDTH
+
+#: The phases RB-09 orders, each recorded by the drill's step that plays it.
+RB09_PHASES = [
+    "healthy traffic",
+    "Detection",
+    "Triage",
+    "Containment 1: polling failover",
+    "Containment 2: enrichment deferred",
+    "Containment 3: stale defects",
+    "Containment 4: retries queued",
+    "outage continues",
+    "Recovery 1: re-auth",
+    "Recovery 2: rotation (not needed)",
+    "Recovery 3: reconcile",
+    "Recovery 4: stale defects cleared",
+    "Recovery 5: normal mode",
+    "Verification",
+]
 
 
 def _quiet(_line: str) -> None:
@@ -34,21 +63,92 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_full_outage_drill_passes_and_writes_a_report(tmp_path: Path) -> None:
+def _failed(result: DrillResult) -> list[str]:
+    return [f"{c.name}: {c.actual}" for c in result.report.checks if not c.ok]
+
+
+@pytest.fixture(scope="module")
+def full_outage(tmp_path_factory: pytest.TempPathFactory) -> tuple[DrillResult, Path]:
+    """One default drill (full outage) on a SQLite file kept for the postmortem."""
+    folder = tmp_path_factory.mktemp("drill")
+    url = f"sqlite:///{folder / 'incident.sqlite3'}"
+    report_path = folder / "report.html"
+    result = run_drill(DrillOptions(database_url=url, report_path=report_path), echo=_quiet)
+    return result, report_path
+
+
+def test_full_outage_drill_passes_and_writes_a_report(
+    full_outage: tuple[DrillResult, Path],
+) -> None:
     """The default drill passes every check and writes a self-contained HTML timeline."""
-    report_path = tmp_path / "report.html"
+    result, report_path = full_outage
 
-    result = run_drill(DrillOptions(report_path=report_path), echo=_quiet)
-
-    failed = [c.name for c in result.report.checks if not c.ok]
-    assert [] == failed
-    names = {c.name for c in result.report.checks}
-    assert {"Zero events lost", "Zero events applied twice"} <= names
+    assert [] == _failed(result)
     html = report_path.read_text()
     assert "<svg" in html
     assert "PASSED" in html
     for external in ("<script", "<link", "src=", "@import"):
         assert external not in html
+
+
+def test_the_outage_outlasts_the_feed_and_reconcile_brings_back_the_rest(
+    full_outage: tuple[DrillResult, Path],
+) -> None:
+    """Replay applies what neither webhooks nor polling could (issue 15); nothing is lost."""
+    summary = full_outage[0].summary
+
+    assert summary.reconcile_applied is not None
+    assert summary.reconcile_applied > 0
+    assert () == summary.lost
+    assert () == summary.doubled
+    assert summary.emitted == summary.applied_once > 0
+    assert 0 == summary.dead_letters
+
+
+def test_check_token_reads_the_drill_clock(full_outage: tuple[DrillResult, Path]) -> None:
+    """Triage 3's check_token reports a last refresh in the drill's past, not the real now."""
+    report = full_outage[0].report
+    [(t, line)] = [(t, text) for t, text in report.events if "check_token" in text]
+    asked_at = report.started_at + timedelta(seconds=t)
+
+    refreshed = datetime.fromisoformat(re.search(r"last refresh: (\S+?Z)", line)[1])  # type: ignore[index]  # the line always names it
+    expires = datetime.fromisoformat(re.search(r"expires (\S+?Z)", line)[1])  # type: ignore[index]  # idem
+    left = float(re.search(r"(\d+)s left", line)[1])  # type: ignore[index]  # idem
+
+    assert report.started_at <= refreshed <= asked_at
+    assert abs((expires - asked_at).total_seconds() - left) <= 1
+
+
+def test_the_drill_runs_the_example_services_parts(
+    full_outage: tuple[DrillResult, Path],
+) -> None:
+    """Issue 12: the same async workers the example service builds, and no sync twin."""
+    from examples.integrations_service import runtime
+
+    facts = dict(full_outage[0].report.facts)
+    parts = facts["service parts (one event loop)"].split(", ")
+
+    assert [
+        "AsyncGateway",
+        "HealthSampler",
+        "AsyncSyncService",
+        "AsyncWebhookReceiver",
+        "AsyncOutboxWorker",
+        "AsyncEnricher",
+        "AsyncDeferredEnrichmentWorker",
+    ] == parts
+    for name in parts:
+        if name != "AsyncWebhookReceiver":  # the example gets it from AsyncSyncService too
+            assert hasattr(runtime, name), name
+
+
+def test_every_rb09_phase_is_recorded_in_order(full_outage: tuple[DrillResult, Path]) -> None:
+    """One phase per RB-09 step, contiguous, each with its own start and end."""
+    phases = full_outage[0].report.phases
+
+    assert RB09_PHASES == [p.name for p in phases]
+    assert all(a.end == b.start for a, b in itertools.pairwise(phases))
+    assert all(p.end >= p.start for p in phases)
 
 
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s != "full-outage"])
@@ -58,17 +158,69 @@ def test_every_scenario_passes(scenario: str, tmp_path: Path) -> None:
         DrillOptions(scenario=scenario, report_path=tmp_path / "r.html"), echo=_quiet
     )
 
-    assert [] == [f"{c.name}: {c.actual}" for c in result.report.checks if not c.ok]
+    assert [] == _failed(result)
+    assert () == result.summary.lost
+    if scenario != "webhook-only":  # webhooks only: polling covers the outage by itself
+        assert (result.summary.reconcile_applied or 0) > 0
 
 
-def test_a_broken_piece_fails_the_drill_and_the_exit_code(tmp_path: Path) -> None:
-    """With reconciliation disabled the verification table fails and the CLI exits 1."""
+def test_break_reconcile_loses_events_and_names_them(tmp_path: Path) -> None:
+    """Without Recovery 3 the events only replay had are lost: the CLI names them, exits 1."""
     result = _cli("drill", "--break", "reconcile", "--report", "r.html", cwd=tmp_path)
 
     assert 1 == result.returncode, result.stdout + result.stderr
-    assert "FAIL  Recovery 3" in result.stdout
+    lost = re.search(r"FAIL\s+[^\n]*events lost[^\n]*?(\d+) lost: (evt_\d+[^\n]*)", result.stdout)
+    assert lost is not None, result.stdout
+    assert int(lost[1]) > 0
+    assert f"lost: {lost[2]}" in result.stdout  # the summary names them too
+    assert "reconcile: not run" in result.stdout
     assert "drill FAILED" in result.stdout
+    assert re.search(r"^database: sqlite:///\S+ \(temporary", result.stderr, re.MULTILINE)
     assert (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("broken", "reason"),
+    [
+        ("failover", "Containment 1: automatic polling failover"),
+        ("enrichment", "Containment 2: enrichment deferred, no exception"),
+    ],
+)
+def test_a_broken_piece_fails_for_its_own_reason(broken: str, reason: str, tmp_path: Path) -> None:
+    """--break failover/enrichment fail the check of that piece; nothing is lost meanwhile."""
+    result = run_drill(
+        DrillOptions(broken=frozenset({broken}), report_path=tmp_path / "r.html"), echo=_quiet
+    )
+
+    failed = {c.name for c in result.report.checks if not c.ok}
+    assert reason in failed
+    assert failed <= {reason, "Verification 2: every step audited"}
+    assert () == result.summary.lost
+
+
+def test_the_summary_counts_and_names() -> None:
+    """Event ids read as runs; the summary says checks, events, reconcile and dead letters."""
+    from idis.integrations.ops._drill import DrillSummary
+
+    summary = DrillSummary(
+        checks_passed=14,
+        checks_failed=3,
+        emitted=166,
+        applied_once=98,
+        lost=("evt_21", "evt_22", "evt_23", "evt_40"),
+        doubled=(),
+        reconcile_applied=None,
+        dead_letters=0,
+    )
+
+    assert "evt_3-evt_5, evt_9, other" == id_ranges(["evt_9", "evt_4", "other", "evt_3", "evt_5"])
+    assert [
+        "checks: 14 passed, 3 failed",
+        "events: 166 emitted, 98 applied once, 4 lost, 0 applied twice",
+        "reconcile: not run",
+        "dead letters: 0",
+        "lost: evt_21-evt_23, evt_40",
+    ] == summary.lines()
 
 
 @pytest.mark.parametrize(
@@ -92,14 +244,16 @@ def test_drill_on_postgres(pg_url: str, tmp_path: Path) -> None:
         DrillOptions(database_url=pg_url, report_path=tmp_path / "r.html"), echo=_quiet
     )
 
-    assert [] == [f"{c.name}: {c.actual}" for c in result.report.checks if not c.ok]
+    assert [] == _failed(result)
+    assert (result.summary.reconcile_applied or 0) > 0
 
 
-def test_postmortem_rebuilds_the_incident_from_the_database(tmp_path: Path) -> None:
+def test_postmortem_rebuilds_the_incident_from_the_database(
+    full_outage: tuple[DrillResult, Path],
+) -> None:
     """postmortem finds the breaker outage, the fallback, the defects and the queue drain."""
-    url = f"sqlite:///{tmp_path / 'incident.sqlite3'}"
-    result = run_drill(DrillOptions(database_url=url, report_path=None), echo=_quiet)
-    engine = create_db_engine(url)
+    result = full_outage[0]
+    engine = create_db_engine(result.database_url)
     try:
         report, facts = build_postmortem(engine, "crm_provider", result.report.started_at)
     finally:
@@ -108,6 +262,7 @@ def test_postmortem_rebuilds_the_incident_from_the_database(tmp_path: Path) -> N
     assert facts.breaker_open_seconds > 0
     assert facts.fallback_seconds > 0
     assert facts.defects_created == facts.defects_resolved > 0
+    assert facts.events_reconciled == result.summary.reconcile_applied
     assert facts.queue_peak > 0
     assert facts.queue_drain_seconds is not None
     assert report.ok
@@ -115,44 +270,15 @@ def test_postmortem_rebuilds_the_incident_from_the_database(tmp_path: Path) -> N
 
 def test_postmortem_cli_markdown_and_bad_input(tmp_path: Path) -> None:
     """The CLI prints Markdown for a window, and rejects a bad --since naming it."""
-    env_db = f"sqlite:///{tmp_path / 'pm.sqlite3'}"
-    subprocess.run(
-        [sys.executable, "-m", "idis.integrations", "db", "upgrade"],
-        env={**os.environ, "IDIS_DATABASE_URL": env_db},
-        check=True,
-        capture_output=True,
-    )
+    env = {**os.environ, "IDIS_DATABASE_URL": f"sqlite:///{tmp_path / 'pm.sqlite3'}"}
+    command = [sys.executable, "-m", "idis.integrations"]
+    subprocess.run([*command, "db", "upgrade"], env=env, check=True, capture_output=True)
+    postmortem = [*command, "postmortem", "--provider", "crm_provider", "--since"]
     ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "idis.integrations",
-            "postmortem",
-            "--provider",
-            "crm_provider",
-            "--since",
-            "2 hours ago",
-        ],
-        env={**os.environ, "IDIS_DATABASE_URL": env_db},
-        capture_output=True,
-        text=True,
-        check=False,
+        [*postmortem, "2 hours ago"], env=env, capture_output=True, text=True, check=False
     )
     bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "idis.integrations",
-            "postmortem",
-            "--provider",
-            "crm_provider",
-            "--since",
-            "last tuesday",
-        ],
-        env={**os.environ, "IDIS_DATABASE_URL": env_db},
-        capture_output=True,
-        text=True,
-        check=False,
+        [*postmortem, "last tuesday"], env=env, capture_output=True, text=True, check=False
     )
 
     assert 0 == ok.returncode, ok.stderr
@@ -161,39 +287,96 @@ def test_postmortem_cli_markdown_and_bad_input(tmp_path: Path) -> None:
     assert "'last tuesday'" in bad.stderr
 
 
-def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
-    """The drill's HTML report renders in a real browser (a screenshot with content)."""
+# --------------------------------------------------------------------------- the browser
+
+#: Added to a copy of the report only: the browser writes each label's box into the DOM.
+_MEASURE = """<script>
+const boxes = [...document.querySelectorAll('g.marker text, g.phase text')].map(t => {
+  const b = t.getBBox();
+  return [t.closest('g').getAttribute('class'), t.textContent, b.x, b.y, b.width, b.height];
+});
+const phases = [...document.querySelectorAll('g.phase rect')].map(r => r.getBBox().width);
+document.body.setAttribute('data-boxes', JSON.stringify(boxes));
+document.body.setAttribute('data-phase-widths', JSON.stringify(phases));
+</script></body>"""
+
+
+def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         unavailable("chromium (Debian package chromium)")
     assert browser is not None
-    report_path = tmp_path / "report.html"
-    run_drill(DrillOptions(report_path=report_path), echo=_quiet)
-    shot = tmp_path / "shot.png"
-
-    subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1200,1400",
-            f"--screenshot={shot}",
-            report_path.as_uri(),
-        ],
-        capture_output=True,
-        check=False,
-        timeout=120,
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,1400",
+    ]
+    return subprocess.run(
+        [browser, *flags, *args], capture_output=True, text=True, check=False, timeout=120
     )
 
-    assert shot.exists()
+
+def _overlap(a: list[float], b: list[float]) -> bool:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    return ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah
+
+
+def test_report_renders_in_headless_chromium(
+    full_outage: tuple[DrillResult, Path], tmp_path: Path
+) -> None:
+    """In a real browser: a screenshot with content; every phase, marker, threshold and axis
+    label in the DOM; labels that do not overlap; no Python repr; the header's times are the
+    run's."""
+    result, report_path = full_outage
+    report = result.report
+    shot = tmp_path / "shot.png"
+    measured = tmp_path / "measured.html"
+    measured.write_text(report_path.read_text().replace("</body>", _MEASURE), encoding="utf-8")
+
+    _chromium(tmp_path, f"--screenshot={shot}", report_path.as_uri())
+    dom = _chromium(tmp_path, "--dump-dom", measured.as_uri()).stdout
+
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG")
-    # A blank page compresses to a few KB; the chart and tables do not.
-    assert len(data) > 40_000
+    assert len(data) > 40_000  # a blank page compresses to a few KB
+    phases = set(re.findall(r'<g class="phase" data-phase="([^"]+)"', dom))
+    assert set(RB09_PHASES) == phases
+    widths = json.loads(re.search(r"data-phase-widths=\"([^\"]+)\"", dom)[1].replace("&quot;", '"'))  # type: ignore[index]  # set by _MEASURE
+    assert len(RB09_PHASES) == len(widths)
+    assert min(widths) >= MIN_PHASE_WIDTH - 0.01  # Recovery 2 is an instant, still visible
+    kinds = set(re.findall(r'<g class="marker" data-kind="(\w+)"', dom))
+    assert {"outage", "alert", "breaker", "mode", "token", "reconcile"} == kinds
+    for label in ("alert fires", "breaker open", "breaker closed", "failover: polling"):
+        assert f">{label}</text>" in dom
+    assert ">back to webhooks</text>" in dom
+    assert re.search(r">reconcile: \d+ applied</text>", dom)
+    assert 'class="threshold"' in dom
+    assert ">alert threshold 0.05/s</text>" in dom
+    axis = re.findall(r">(\d\d:\d\d:\d\d)</text>", dom)
+    assert axis
+    assert all(label.endswith(("0:00", "5:00")) for label in axis)  # round wall-clock ticks
+    boxes = json.loads(re.search(r"data-boxes=\"([^\"]+)\"", dom)[1].replace("&quot;", '"'))  # type: ignore[index]  # set by _MEASURE
+    labels = [(kind, text, box) for kind, text, *box in boxes]
+    clashes = [
+        (a[1], b[1])
+        for i, a in enumerate(labels)
+        for b in labels[i + 1 :]
+        if _overlap(a[2], b[2]) and not (a[0] == b[0] == "phase" and a[1] == b[1])
+    ]
+    assert [] == clashes
+    text = re.sub(r"<(style|script)>.*?</\1>", "", dom, flags=re.DOTALL)
+    for python_repr in ("{", "}", "': ", "['", "Counter(", "datetime("):
+        assert python_repr not in text
+    start, end = report.started_at, report.ended_at
+    assert end is not None
+    assert f"simulated incident {start:%H:%M:%S} to {end:%H:%M:%S} UTC" in dom
+    assert f"started {start:%Y-%m-%d %H:%M:%S} UTC" in dom
+    assert all(f"{start:%H:%M:%S}" <= label <= f"{end:%H:%M:%S}" for label in axis)

@@ -193,6 +193,38 @@ def test_events_older_than_retention_are_pruned_from_replay(sim, http, clock) ->
     assert ([3, 4], 3) == ([e["seq"] for e in changes["events"]], changes["oldest_seq"])
 
 
+def test_a_feed_retention_shorter_than_replay_leaves_old_events_to_replay(sim, http, clock) -> None:
+    """/changes stops serving events older than its own retention; /replay still has them."""
+    sim.control.set_feed_retention("crm_provider", 600)
+    sim.control.emit("crm_provider", 2)
+    start = clock.now.isoformat()
+    clock.advance(900)
+    sim.control.emit("crm_provider", 2)
+
+    changes = http.get(f"{CRM}/changes", params={"after": 0}).json()
+    replayed = http.get(f"{CRM}/replay", params={"since": start}).json()
+    stats = sim.control.stats("crm_provider", detail=False)
+
+    assert ([3, 4], 3) == ([e["seq"] for e in changes["events"]], changes["oldest_seq"])
+    assert [1, 2, 3, 4] == [e["seq"] for e in replayed["events"]]
+    assert (600, 259200) == (stats["feed_retention_seconds"], stats["retention_seconds"])
+
+
+def test_feed_retention_resets_and_rejects_bad_values(sim, http, clock) -> None:
+    """None gives the feed the replay retention back; a bad value is a 400 naming it."""
+    sim.control.set_feed_retention("crm_provider", 600)
+    sim.control.emit("crm_provider", 1)
+    clock.advance(900)
+
+    refused = http.post("/_control/feed_retention", json={"provider": "crm_provider", "seconds": 0})
+    sim.control.set_feed_retention("crm_provider", None)
+    changes = http.get(f"{CRM}/changes").json()
+
+    assert (400, "seconds") == (refused.status_code, refused.json()["parameter"])
+    assert [1] == [e["seq"] for e in changes["events"]]
+    assert sim.control.stats("crm_provider")["feed_retention_seconds"] is None
+
+
 def test_replay_cursor_past_pruned_events_is_422(sim, http, clock) -> None:
     """Continuing a replay whose next events were pruned meanwhile is refused, not skipped."""
     sim.control.set_retention("crm_provider", 3600)

@@ -9,15 +9,17 @@ from pathlib import Path
 import click
 
 from .._timeparse import parse_since
-from ..ops._drill import BREAKABLE, SCENARIOS, DrillOptions, run_drill
+from ..ops._drill import BREAKABLE, DEFAULT_SPEED, SCENARIOS, DrillOptions, run_drill
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
+    describe_database,
     get_settings,
     handle_errors,
     no_database,
     provider_option,
     since_option,
+    stderr,
     stdout,
 )
 
@@ -34,7 +36,7 @@ from ._common import (
 @click.option(
     "--speed",
     type=float,
-    default=15.0,
+    default=DEFAULT_SPEED,
     show_default=True,
     help="Simulated seconds per tick (1-120): higher runs faster and coarser.",
 )
@@ -70,7 +72,12 @@ def drill(  # noqa: PLR0917  # one parameter per click option
     report_path: Path,
     broken: tuple[str, ...],
 ) -> None:
-    """Run RB-09 against the built-in simulator on a compressed clock; exit 1 if a check fails."""
+    """Run RB-09 against the built-in simulator on a compressed clock; exit 1 if a check fails.
+
+    Names its database on stderr first, as every command does (a temporary SQLite
+    file unless --database-url), prints each phase as it happens, the verification
+    table and a summary, and writes the HTML report.
+    """
     options = DrillOptions(
         scenario=scenario,
         provider=provider,
@@ -80,10 +87,20 @@ def drill(  # noqa: PLR0917  # one parameter per click option
         report_path=report_path,
         broken=frozenset(broken),
     )
+
+    def name_database(url: str) -> None:
+        where = "" if database_url else " (temporary: deleted after the drill)"
+        stderr.print(f"database: {describe_database(url)}{where}", markup=False)
+
     stdout.print(f"RB-09 drill: {scenario} of {provider}", markup=False)
-    result = run_drill(options, echo=lambda line: stdout.print(line, markup=False))
+    result = run_drill(
+        options, echo=lambda line: stdout.print(line, markup=False), on_database=name_database
+    )
+    stdout.print("", markup=False)
+    for line in result.summary.lines():
+        stdout.print(line, markup=False)
     verdict = "PASSED" if result.ok else "FAILED"
-    stdout.print(f"\ndrill {verdict}; report: {result.report_path}", markup=False)
+    stdout.print(f"drill {verdict}; report: {result.report_path}", markup=False)
     if not result.ok:
         sys.exit(EXIT_CHECK_FAILED)
 

@@ -1,48 +1,55 @@
 """``idis-integrations drill``: rehearse RB-09 end to end on the embedded defaults, in seconds.
 
 The drill runs the real library against the real simulator over loopback HTTP:
-a SQLite file in a temporary folder (or ``--database-url``), the simulator and
-a webhook receiver served by uvicorn in this process, one manual clock that
-every part reads. Time is compressed by advancing that clock one tick at a
-time (``--speed`` simulated seconds per tick), so a forty-minute incident takes
-a few hundred ticks.
+a SQLite file in a temporary folder (or ``--database-url``), the simulator in a
+thread of its own, and one event loop that runs what the example service runs
+(``examples/integrations_service/runtime.py``): one async engine, one shared
+``AsyncGateway`` with OAuth and a ``HealthSampler`` hooked to its breakers, the
+``AsyncSyncService`` (sentinel, mode controller, poller) with its webhook
+receiver served by uvicorn on that same loop, the ``AsyncOutboxWorker``, the
+``AsyncEnricher`` and the ``AsyncDeferredEnrichmentWorker``. Every part reads
+one manual clock. Two differences, both about time: the parts get the drill's
+clock (and its seed), and the drill turns each loop once per tick
+(``tick_all``, ``run_once``, ``sample``) instead of starting their ``run()``,
+because a manual clock's waits advance it: a worker waiting for its next poll
+would move the whole incident forward. A tick is ``--speed`` simulated
+seconds, so a twenty-minute incident takes about eighty ticks.
 
-Phases, as RB-09 orders them:
+The outage is built so that every way back is needed. Webhooks stop; the
+provider's changes feed keeps events for :data:`FEED_RETENTION_TICKS` only
+(the simulator's feed retention), and the outage lasts longer than that. The
+events of the outage's first minutes then come back through nothing but
+replay: without Recovery 3 (``--break reconcile``) they are lost and the drill
+fails, naming them.
 
-1. **healthy**: changes arrive by webhook, claims are enriched, deal updates
-   are pushed to the CRM through the outbox;
-2. **outage** (scenario-dependent): the provider fails (5xx, timeouts, 429s or
-   revoked tokens), webhooks stop, enrichment is down;
-3. **detection**: errors counted, breaker open, the alert expression true;
-4. **containment**, by the library itself: polling failover, deferred
-   enrichment with stale defects, the outbox holding deliveries;
-5. **recovery**: provider back, token refresh, replay reconciliation,
-   defects resolved, back to webhooks, outbox drained;
-6. **verification**: verify-sync on a sample, no gaps in the timeline, zero
-   events lost or applied twice, every step audited.
-
-Each phase prints as it happens; a verification table ends the run; the exit
-status is non-zero when a check fails; an HTML report with a timeline chart is
-written. ``--break reconcile`` (or ``failover``, ``enrichment``) disables a
-piece on purpose to show that the drill can fail.
+The drill's steps follow RB-09, one function each (:data:`STEPS`): healthy
+traffic, Detection, Triage, Containment 1-4, the rest of the outage, Recovery
+1-5 and Verification. Each step records its phase on the timeline, its markers
+(alert, breaker, failover and return, token refresh, reconcile) and its checks.
+A verification table and a summary end the run; the exit status is non-zero
+when a check fails; an HTML report with the timeline chart is written.
+``--break reconcile`` (or ``failover``, ``enrichment``) disables a piece on
+purpose to show that the drill can fail.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import socket
 import tempfile
+import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, func, insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from .._audit import AuditEvent
 from .._clock import ManualClock
 from ..config import (
     BreakerPolicy,
@@ -52,23 +59,42 @@ from ..config import (
     SyncSettings,
     TimeoutPolicy,
 )
-from ..db._engine import create_async_db_engine, create_db_engine
-from ..db._migrate import upgrade
-from ..exceptions import ConfigError, IntegrationError
+from ..exceptions import ConfigError, IntegrationError, UsageError
 from ..observability._metrics import Metrics
-from ._report import Check, Phase, Report, Series, render_html
+from ._report import Check, Marker, Phase, Report, Series, render_html
 
-__all__ = ["BREAKABLE", "SCENARIOS", "DrillOptions", "DrillResult", "run_drill"]
+__all__ = ["BREAKABLE", "SCENARIOS", "STEPS", "DrillOptions", "DrillResult", "run_drill"]
+
+T = TypeVar("T")
 
 #: Outages the drill can rehearse.
 SCENARIOS = ("full-outage", "rate-limit-storm", "token-revocation", "webhook-only")
 #: Pieces ``--break`` can disable to prove the drill fails.
 BREAKABLE = ("reconcile", "failover", "enrichment")
 
-#: Upper bound of the ticks one drill runs (phases below), to place simulated time.
-MAX_TICKS = 70
-#: The alert's threshold: errors per second over 15 minutes (docs/ops/alerts.yml).
+# The schedule, in ticks (``--speed`` simulated seconds each; 15 s by default).
+#: Healthy traffic before the outage.
+HEALTHY_TICKS = 8
+#: From the provider failing to its recovery: longer than the feed retention below.
+OUTAGE_TICKS = 48
+#: How long the provider's changes feed serves an event (the simulator's feed retention):
+#: the outage's first OUTAGE_TICKS - FEED_RETENTION_TICKS ticks come back by replay only.
+FEED_RETENTION_TICKS = 16
+#: The simulated seconds a tick lasts by default (``--speed``).
+DEFAULT_SPEED = 15.0
+#: The alert (docs/ops/alerts.yml): ``rate(...[15m]) > 0.05`` ``for: 5m``, in ticks of the
+#: default 15 s, so that it keeps its shape at any speed. The drill's traffic is so much per
+#: tick, so at another speed the threshold scales too (:func:`alert_threshold`).
 ALERT_THRESHOLD = 0.05
+ALERT_WINDOW_TICKS = 60
+ALERT_FOR_TICKS = 20
+#: When the alert does not fire (tokens revoked, webhooks only), how long until someone
+#: notices the missing sync, unless the sync service fails over first.
+QUIET_DETECTION_TICKS = 8
+#: Most ticks the steps after the outage may take (each waits at most this long).
+RECOVERY_TICKS = 1 + 8 + 12 + 24 + 3
+#: Upper bound of the ticks one drill runs, to place simulated time before the run.
+MAX_TICKS = HEALTHY_TICKS + OUTAGE_TICKS + RECOVERY_TICKS
 
 _drill_meta = MetaData()
 #: The drill's stand-in for the host's data: every application of every event.
@@ -85,7 +111,7 @@ applied_table = Table(
 
 @dataclass(frozen=True, slots=True)
 class DrillOptions:
-    """How to run the drill."""
+    """How to run the drill. Every field is validated in ``__post_init__``."""
 
     #: One of :data:`SCENARIOS`.
     scenario: str = "full-outage"
@@ -94,7 +120,7 @@ class DrillOptions:
     #: The enrichment provider (also down in a full outage).
     enrichment_provider: str = "enrichment_provider"
     #: Simulated seconds per tick: larger is faster and coarser.
-    speed: float = 15.0
+    speed: float = DEFAULT_SPEED
     #: Seed for the simulator's faults and the verification sample.
     seed: int = 7
     #: Run against this database instead of a temporary SQLite file.
@@ -128,6 +154,48 @@ class DrillOptions:
             )
 
 
+def alert_threshold(speed: float) -> float:
+    """The alert's 0.05 errors/s, for the drill's traffic at ``speed`` seconds per tick."""
+    return ALERT_THRESHOLD * DEFAULT_SPEED / speed
+
+
+@dataclass(frozen=True, slots=True)
+class DrillSummary:
+    """The drill's outcome in numbers (what the CLI prints last)."""
+
+    checks_passed: int
+    checks_failed: int
+    #: Events the provider emitted (its event log).
+    emitted: int
+    #: Events the host applied exactly once.
+    applied_once: int
+    #: Ids of events the host never applied, and of those it applied more than once.
+    lost: tuple[str, ...]
+    doubled: tuple[str, ...]
+    #: Events reconcile applied (None: it did not run).
+    reconcile_applied: int | None
+    #: Outbox messages given up on.
+    dead_letters: int
+
+    def lines(self) -> list[str]:
+        """The summary as a few lines of text."""
+        replayed = (
+            "not run" if self.reconcile_applied is None else f"{self.reconcile_applied} applied"
+        )
+        lines = [
+            f"checks: {self.checks_passed} passed, {self.checks_failed} failed",
+            f"events: {self.emitted} emitted, {self.applied_once} applied once, "
+            f"{len(self.lost)} lost, {len(self.doubled)} applied twice",
+            f"reconcile: {replayed}",
+            f"dead letters: {self.dead_letters}",
+        ]
+        if self.lost:
+            lines.append(f"lost: {id_ranges(self.lost)}")
+        if self.doubled:
+            lines.append(f"applied twice: {id_ranges(self.doubled)}")
+        return lines
+
+
 @dataclass(slots=True)
 class DrillResult:
     """The outcome of one drill."""
@@ -135,6 +203,7 @@ class DrillResult:
     report: Report
     report_path: Path | None
     database_url: str
+    summary: DrillSummary
 
     @property
     def ok(self) -> bool:
@@ -142,88 +211,90 @@ class DrillResult:
         return self.report.ok
 
 
-@dataclass(slots=True)
-class _Samples:
-    """Time series for the report, one point per tick."""
+def id_ranges(ids: Sequence[str]) -> str:
+    """``evt_3-evt_7, evt_9``: provider event ids (``<prefix><n>``) as runs."""
+    numbered: list[tuple[str, int]] = []
+    others: list[str] = []
+    for event_id in ids:
+        match = re.fullmatch(r"(.*?)(\d+)", event_id)
+        if match is None:
+            others.append(event_id)
+        else:
+            numbered.append((match[1], int(match[2])))
+    numbered.sort()
+    runs: list[str] = []
+    index = 0
+    while index < len(numbered):
+        prefix, first = numbered[index]
+        last = first
+        while index + 1 < len(numbered) and numbered[index + 1] == (prefix, last + 1):
+            index += 1
+            last += 1
+        runs.append(f"{prefix}{first}" + (f"-{prefix}{last}" if last > first else ""))
+        index += 1
+    return ", ".join(runs + sorted(others))
 
-    error_rate: list[tuple[float, float]] = field(default_factory=list)
-    breaker: list[tuple[float, float]] = field(default_factory=list)
-    mode: list[tuple[float, float]] = field(default_factory=list)
-    queue: list[tuple[float, float]] = field(default_factory=list)
-    defects: list[tuple[float, float]] = field(default_factory=list)
-    errors_total: list[tuple[float, float]] = field(default_factory=list)
+
+# --------------------------------------------------------------------------- the record
 
 
-def _sum_samples(metrics: Metrics, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in metrics.registry.collect():
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+def _clock_label(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"T+{minutes:02d}:{secs:02d}"
 
 
-class _Drill:
-    """One drill run: the parts, the clock, the phases and the checks."""
+class _Record:
+    """What the drill saw, on its clock: phases, markers, notes, checks and chart samples."""
 
-    def __init__(self, options: DrillOptions, echo: Callable[[str], None]) -> None:
-        self.options = options
+    def __init__(self, clock: ManualClock, echo: Callable[[str], None]) -> None:
+        self.clock = clock
+        self.start = clock.now()
         self.echo = echo
-        # Simulated time ends about now: the drill's rows then read like a real
-        # incident's (postmortem, audit --since) rather than lying in the future.
-        self.start = datetime.now(UTC).replace(microsecond=0) - timedelta(
-            seconds=options.speed * MAX_TICKS
-        )
-        self.clock = ManualClock(self.start)
-        self.metrics = Metrics(_fresh_registry())
-        self.samples = _Samples()
         self.phases: list[Phase] = []
+        self.markers: list[Marker] = []
         self.events: list[tuple[float, str]] = []
         self.checks: list[Check] = []
         self.facts: list[tuple[str, str]] = []
-        self._phase_start = 0.0
-        self._phase_notes: list[str] = []
-        self.claims = 0
-        self.enrichment_results: Counter[str] = Counter()
-        self.deal_version = 0
-
-    # --------------------------------------------------------------- helpers
+        self.series: dict[str, list[tuple[float, float]]] = {}
+        self._notes: list[str] = []
 
     @property
     def t(self) -> float:
+        """Simulated seconds since the drill started."""
         return (self.clock.now() - self.start).total_seconds()
 
-    def note(self, text: str) -> None:
+    def note(self, text: str, *, echo: bool = True) -> None:
+        """A line of the story: printed, listed under the current phase and in the events."""
         self.events.append((self.t, text))
-        self._phase_notes.append(text)
-        self.echo(f"  [{_clock(self.t)}] {text}")
+        self._notes.append(text)
+        if echo:
+            self.echo(f"  [{_clock_label(self.t)}] {text}")
 
-    def phase(self, name: str) -> None:
-        if self.phases or self._phase_notes:
-            self._close_phase()
-        self._current = name
-        self._phase_start = self.t
-        self._phase_notes = []
+    def mark(self, kind: str, label: str, note: str | None = None) -> None:
+        """A moment drawn on the chart (and told as a note)."""
+        self.markers.append(Marker(self.t, label, kind))
+        self.note(note or label)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, short: str = "") -> Iterator[None]:
+        """Record ``name`` from now to the end of the ``with`` block."""
         self.echo(f"== {name}")
-
-    def _close_phase(self) -> None:
-        self.phases.append(
-            Phase(self._current, self._phase_start, self.t, tuple(self._phase_notes))
-        )
+        start, self._notes = self.t, []
+        try:
+            yield
+        finally:
+            self.phases.append(Phase(name, start, self.t, tuple(self._notes), short))
 
     def check(self, name: str, expected: str, actual: str, ok: bool) -> None:
+        """One row of the verification table."""
         self.checks.append(Check(name, expected, actual, ok))
 
-
-def _fresh_registry() -> Any:
-    from prometheus_client import CollectorRegistry
-
-    return CollectorRegistry()
+    def sample(self, name: str, value: float) -> None:
+        """One point of a chart series, now."""
+        self.series.setdefault(name, []).append((self.t, value))
 
 
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    return f"T+{minutes:02d}:{secs:02d}"
+# --------------------------------------------------------------------------- settings
 
 
 def _drill_settings(base: Settings, options: DrillOptions) -> Settings:
@@ -278,16 +349,1102 @@ def _drill_settings(base: Settings, options: DrillOptions) -> Settings:
     return replace(base, providers=providers, sync=sync, outbox=outbox, enrichment=enrichment)
 
 
-@contextmanager
-def _quiet_logs() -> Iterator[None]:
-    """The drill prints its own story; library warnings go to a null logger meanwhile."""
+@dataclass(frozen=True, slots=True)
+class _Expect:
+    """What a scenario should make the library do."""
+
+    #: The provider's calls fail: errors counted, the alert fires, the breaker opens.
+    alert: bool
+    failover: bool
+    deferral: bool
+    outbox_hold: bool
+    token: bool
+    #: Nothing reaches the host during the outage (webhooks stopped, every poll fails),
+    #: so replay must bring back what the feed no longer serves.
+    replay: bool
+
+
+_EXPECT = {
+    "full-outage": _Expect(
+        alert=True, failover=True, deferral=True, outbox_hold=True, token=False, replay=True
+    ),
+    "rate-limit-storm": _Expect(
+        alert=True, failover=True, deferral=True, outbox_hold=True, token=False, replay=True
+    ),
+    "token-revocation": _Expect(
+        alert=False, failover=False, deferral=True, outbox_hold=True, token=True, replay=True
+    ),
+    "webhook-only": _Expect(
+        alert=False, failover=True, deferral=False, outbox_hold=False, token=False, replay=False
+    ),
+}
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+@dataclass(slots=True)
+class _Findings:
+    """What one step learns and a later one checks."""
+
+    outage_start: datetime | None = None
+    alert_true_at: float | None = None
+    alert_fired_at: float | None = None
+    mode_during: str = "unknown"
+    pending_during: int = 0
+    defects_during: int = 0
+    token_during: Any = None
+    reconciled: Any = None
+    emitted: int = 0
+    applied_once: int = 0
+    lost: tuple[str, ...] = ()
+    doubled: tuple[str, ...] = ()
+    dead_letters: int = 0
+    #: The sim's webhook deliveries when the provider came back.
+    webhooks_at_recovery: int = 0
+    log_lines: Counter[str] = field(default_factory=Counter)
+    enrichment: Counter[str] = field(default_factory=Counter)
+    refreshed_claims: int = 0
+
+
+class _Stage:
+    """The parts the drill runs (built as the example service builds them) and one tick."""
+
+    def __init__(self, options: DrillOptions, record: _Record, metrics: Metrics) -> None:
+        self.options = options
+        self.record = record
+        self.metrics = metrics
+        self.clock = record.clock
+        self.provider = options.provider
+        self.enrich_provider = options.enrichment_provider
+        self.expect = _EXPECT[options.scenario]
+        self.found = _Findings()
+        self.ticks = 0
+        self.claims = 0
+        self.deal_version = 0
+        self.mode = "webhook"
+        self.breaker = "closed"
+        self._errors: list[tuple[float, dict[tuple[str, str, str], float]]] = []
+        # Set by build().
+        self.database_url = ""
+        self.engine: Any = None
+        self.async_engine: AsyncEngine = None  # type: ignore[assignment]  # set by build()
+        self.settings: Settings = None  # type: ignore[assignment]  # set by build()
+        self.sim: Any = None
+        self.gateway: Any = None
+        self.sampler: Any = None
+        self.service: Any = None
+        self.outbox: Any = None
+        self.enricher: Any = None
+        self.deferred: Any = None
+        self.registry: Any = None
+
+    # ------------------------------------------------------------------ building
+
+    async def build(
+        self, stack: contextlib.AsyncExitStack, on_database: Callable[[str], None]
+    ) -> None:
+        """Database, simulator, settings, then the service's parts (the example's order)."""
+        from ..db._engine import create_async_db_engine, create_db_engine
+        from ..db._migrate import upgrade
+
+        url = self.options.database_url
+        if not url:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="idis-drill-"))
+            url = f"sqlite:///{Path(folder) / 'drill.sqlite3'}"
+        self.database_url = url
+        on_database(url)
+        await asyncio.to_thread(upgrade, url)
+        # The sync engine is for the operator's commands (run in threads, as scripts).
+        self.engine = create_db_engine(url)
+        stack.callback(self.engine.dispose)
+        await asyncio.to_thread(_drill_meta.drop_all, self.engine)
+        await asyncio.to_thread(_drill_meta.create_all, self.engine)
+        self.async_engine = create_async_db_engine(url)
+        stack.push_async_callback(self.async_engine.dispose)
+        await self._start_simulator(stack)
+        await self._start_service(stack)
+
+    async def _start_simulator(self, stack: contextlib.AsyncExitStack) -> None:
+        from cryptography.fernet import Fernet
+
+        from ..config import Secret
+        from ..testing import run_simulator, simulator_settings
+
+        options = self.options
+        sim = self.sim = stack.enter_context(run_simulator(clock=self.clock.now, seed=options.seed))
+        base = simulator_settings(
+            sim.url,
+            providers=sorted({self.provider, self.enrich_provider, "docs_provider"}),
+            database_url=self.database_url,
+            encryption_keys=(Secret(Fernet.generate_key().decode()),),
+        )
+        self.settings = _drill_settings(base, options)
+        await self.control(
+            sim.control.set_feed_retention, self.provider, FEED_RETENTION_TICKS * options.speed
+        )
+        temporary = "" if options.database_url else " (temporary: deleted after the drill)"
+        self.record.facts += [
+            ("database", _safe_url(self.database_url) + temporary),
+            ("scenario", options.scenario),
+            ("provider", self.provider),
+            ("simulator", sim.url),
+            ("simulated seconds per tick", f"{options.speed:g}"),
+            (
+                "provider's changes feed keeps",
+                f"{FEED_RETENTION_TICKS * options.speed:g} s "
+                f"(the outage lasts {OUTAGE_TICKS * options.speed:g} s)",
+            ),
+            ("broken on purpose", ", ".join(sorted(options.broken)) or "nothing"),
+        ]
+
+    async def _start_service(self, stack: contextlib.AsyncExitStack) -> None:
+        """The example service's ``Runtime._start``, on the drill's clock (see the module doc).
+
+        Every part registers its cleanup as it is created, so the stack undoes
+        exactly what started, in reverse order.
+        """
+        from ..auth._httpx_auth import oauth_auth_factory
+        from ..resilience import AsyncGateway, HealthSampler
+
+        settings, engine, clock, metrics = (
+            self.settings,
+            self.async_engine,
+            self.clock,
+            self.metrics,
+        )
+        auth = oauth_auth_factory(settings, async_engine=engine, metrics=metrics, clock=clock)
+        stack.push_async_callback(auth.aclose)
+        self.sampler = HealthSampler(engine=engine, clock=clock, interval=self.options.speed)
+        stack.push_async_callback(self.sampler.flush)
+        self.gateway = AsyncGateway(
+            settings,
+            metrics=metrics,
+            auth=auth,
+            on_transition=[self.sampler.on_transition],
+            clock=clock,
+            sleep=clock.asleep,
+            seed=self.options.seed,
+        )
+        stack.push_async_callback(self.gateway.aclose)
+        await self._start_sync(stack)
+        self._start_workers()
+        parts = [self.gateway, self.sampler, self.service, self.service.receiver]
+        parts += [self.outbox, self.enricher, self.deferred]
+        self.record.facts.append(
+            ("service parts (one event loop)", ", ".join(type(p).__name__ for p in parts))
+        )
+
+    async def _start_sync(self, stack: contextlib.AsyncExitStack) -> None:
+        """The sync service, its webhook receiver served on this loop, the simulator aimed at it."""
+        from ..sync import AsyncSyncService, HandlerRegistry
+
+        self.registry = HandlerRegistry()
+        for event_type in ("record.created", "record.updated", "record.deleted"):
+            self.registry.register(event_type, self._apply)
+        self.service = AsyncSyncService(
+            self.settings,
+            engine=self.async_engine,
+            gateway=self.gateway,
+            registry=self.registry,
+            metrics=self.metrics,
+            clock=self.clock,
+            replica_id="drill",
+        )
+        stack.push_async_callback(self.service.aclose)
+        url = await stack.enter_async_context(_serve_here(self.service.asgi_app()))
+        secret = self.settings.provider(self.provider).webhook_secrets[0].get_secret_value()
+        await self.control(
+            self.sim.control.set_webhook_target, self.provider, f"{url}/{self.provider}", [secret]
+        )
+
+    def _start_workers(self) -> None:
+        """The outbox worker, the enricher and the deferred-enrichment worker, on the gateway."""
+        from ..enrichment import AsyncDeferredEnrichmentWorker, AsyncEnricher
+        from ..outbox import AsyncOutboxWorker
+
+        settings, engine, clock, metrics = (
+            self.settings,
+            self.async_engine,
+            self.clock,
+            self.metrics,
+        )
+        gateway = self.gateway
+        # The library's own delivery (AsyncGatewayDelivery); the example wraps it to keep
+        # its deals' crm_sync_status, which the drill's host has no column for.
+        self.outbox = AsyncOutboxWorker(
+            engine, settings, gateway=gateway, metrics=metrics, clock=clock
+        )
+        self.enricher = AsyncEnricher(
+            settings, gateway, engine=engine, metrics=metrics, clock=clock
+        )
+        self.deferred = AsyncDeferredEnrichmentWorker(
+            settings,
+            gateway,
+            engine=engine,
+            metrics=metrics,
+            clock=clock,
+            seed=self.options.seed,
+            on_refreshed=[self._refreshed],
+        )
+
+    def _apply(self, session: Any, event: Any) -> None:
+        """The host's handler: one row per application (so a double shows)."""
+        session.execute(
+            insert(applied_table).values(
+                event_id=event.id,
+                record_id=event.record_id,
+                version=event.version,
+                applied_at=self.clock.now(),
+            )
+        )
+
+    def _refreshed(self, _subject: Any, _result: Any) -> None:
+        """The host's on_refreshed callback (the example copies the data onto the claim)."""
+        self.found.refreshed_claims += 1
+
+    # ------------------------------------------------------------------ running things
+
+    async def control(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A simulator control call, off the loop (the receiver on this loop must answer)."""
+        return await asyncio.to_thread(call, *args, **kwargs)
+
+    async def command(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """An operator's command (a sync maintenance function), as a script runs it."""
+        return await asyncio.to_thread(call, *args, **kwargs)
+
+    async def tick(self, *, emit: bool = True) -> None:
+        """One tick: provider changes, every loop once, the samples; then the clock moves."""
+        options, control = self.options, self.sim.control
+        self.ticks += 1
+        if emit:
+            await self.control(
+                control.emit,
+                self.provider,
+                options.events_per_tick,
+                tenant_ids=["tenant-a", "tenant-b"],
+            )
+        await self.control(control.flush_webhooks, self.provider, timeout=5)
+        reports = await self.service.tick_all()
+        if self.ticks % 2 == 0:
+            await self._push_deal()
+        await self.outbox.run_once()
+        if self.ticks % 3 == 0:
+            await self.enrich_claim()
+        await self.deferred.run_once()
+        self.sampler.sample(self.gateway.snapshot, self.settings.providers)
+        await self.sampler.flush()
+        await self._observe(reports)
+        self.clock.advance(options.speed)
+
+    async def ticks_until(self, done: Callable[[], Awaitable[bool]], limit: int) -> bool:
+        """Tick until ``done()`` (checked before each tick) or ``limit`` ticks; whether done."""
+        for _ in range(limit):
+            if await done():
+                return True
+            await self.tick()
+        return await done()
+
+    async def _push_deal(self) -> None:
+        """A host change pushed to the CRM through the outbox (a deal's stage)."""
+        from ..outbox import NewMessage, enqueue_async
+
+        self.deal_version += 1
+        deal = f"deal-{self.deal_version % 7}"
+        async with AsyncSession(self.async_engine) as session, session.begin():
+            await enqueue_async(
+                session,
+                NewMessage.request(
+                    self.provider,
+                    "record",
+                    method="PUT",
+                    path_params={"id": deal},
+                    json={"tenant_id": "tenant-a", "data": {"stage": f"v{self.deal_version}"}},
+                    idempotency_key=f"{deal}-v{self.deal_version}",
+                    ordering_key=deal,
+                    tenant_id="tenant-a",
+                ),
+                now=self.clock.now(),
+            )
+
+    async def enrich_claim(self) -> None:
+        """A claim enriched as the host's request path does it."""
+        self.claims += 1
+        try:
+            result = await self.enricher.enrich(
+                f"claim-{self.claims}", tenant_id=f"tenant-{self.claims % 3}"
+            )
+            self.found.enrichment[str(result.status)] += 1
+        except IntegrationError as exc:
+            self.found.enrichment[f"error: {type(exc).__name__}"] += 1
+
+    # ------------------------------------------------------------------ observing
+
+    async def _observe(self, reports: Sequence[Any]) -> None:
+        """Chart samples, and markers for what changed this tick."""
+        record = self.record
+        mode = next((str(r.mode) for r in reports if r.mode is not None), self.mode)
+        if mode != self.mode:
+            if mode == "polling":
+                record.mark("mode", "failover: polling", "sync mode webhook -> polling")
+            else:
+                record.mark("mode", "back to webhooks", "sync mode polling -> webhook")
+            self.mode = mode
+        state = self.gateway.breaker_state(self.provider)
+        if state != self.breaker:
+            # Half-open trials are on the breaker line; the markers are open and closed.
+            if state == "open" and self.breaker == "closed":
+                record.mark("breaker", "breaker open", "breaker closed -> open")
+            elif state == "closed":
+                record.mark("breaker", "breaker closed", f"breaker {self.breaker} -> closed")
+            self.breaker = state
+        self._count_errors()
+        rates = self.error_rates(alerting=True)
+        self._alert_transitions(rates)
+        emitted = await self.emitted()
+        applied = len(await self.applications())
+        pending, dead = await self.outbox_counts()
+        record.sample("error rate", round(rates[0][2] if rates else 0.0, 4))
+        record.sample("breaker", {"closed": 0, "half_open": 1, "open": 2}[state])
+        record.sample("sync mode", 1 if mode == "polling" else 0)
+        record.sample("events not applied", max(0, emitted - applied))
+        record.sample("outbox pending", pending)
+        record.sample("dead letters", dead)
+        record.sample("open defects", await self.open_defects())
+
+    def _count_errors(self) -> None:
+        """Keep ``integration_errors_total`` by (provider, endpoint, error_type), per tick."""
+        counts: dict[tuple[str, str, str], float] = {}
+        for family in self.metrics.registry.collect():
+            for sample in family.samples:
+                if sample.name == "integration_errors_total":
+                    labels = sample.labels
+                    key = (labels["provider"], labels["endpoint"], labels["error_type"])
+                    counts[key] = sample.value
+        self._errors.append((self.record.t, counts))
+
+    def calls(self) -> tuple[float, float]:
+        """The provider's successful calls and failed attempts so far (its metrics)."""
+        ok = failed = 0.0
+        for family in self.metrics.registry.collect():
+            for sample in family.samples:
+                if sample.labels.get("provider") != self.provider:
+                    continue
+                if sample.name == "integration_requests_total":
+                    ok += sample.value if sample.labels.get("outcome") == "success" else 0.0
+                elif sample.name == "integration_errors_total":
+                    failed += sample.value
+        return ok, failed
+
+    def error_rates(self, *, alerting: bool = False) -> list[tuple[str, str, float]]:
+        """``sum by (provider, endpoint) (rate(integration_errors_total[15m]))``, highest first.
+
+        RB-09 Triage 1's query; ``alerting``: the alert's, which leaves out
+        ``error_type="client_error"`` (our own bad requests, docs/runbook.md).
+        """
+        if len(self._errors) < 2:
+            return []
+        now, counts = self._errors[-1]
+        window = ALERT_WINDOW_TICKS * self.options.speed
+        t0, before = next(p for p in self._errors if p[0] >= now - window)
+        if now <= t0:
+            return []
+        sums: dict[tuple[str, str], float] = {}
+        for (provider, endpoint, kind), value in counts.items():
+            if not (alerting and kind == "client_error"):
+                rate = (value - before.get((provider, endpoint, kind), 0.0)) / (now - t0)
+                sums[(provider, endpoint)] = sums.get((provider, endpoint), 0.0) + rate
+        ranked = sorted(sums.items(), key=lambda item: -item[1])
+        return [(p, e, rate) for (p, e), rate in ranked if rate > 0]
+
+    def _alert_transitions(self, rates: Sequence[tuple[str, str, float]]) -> None:
+        """``> 0.05`` for 5m: pending when the expression turns true, firing once it held."""
+        found, record = self.found, self.record
+        threshold = alert_threshold(self.options.speed)
+        if not rates or rates[0][2] <= threshold:
+            if found.alert_fired_at is None:
+                found.alert_true_at = None
+            return
+        if found.alert_true_at is None:
+            found.alert_true_at = record.t
+            provider, endpoint, value = rates[0]
+            record.note(
+                f"alert expression true for {provider}/{endpoint} ({value:.3f} errors/s over "
+                f"15m > {threshold:g}): pending, fires if it holds 5m"
+            )
+        held = record.t - found.alert_true_at
+        if found.alert_fired_at is None and held >= ALERT_FOR_TICKS * self.options.speed:
+            found.alert_fired_at = record.t
+            record.mark("alert", "alert fires", "alert IDISIntegrationProviderErrors FIRING")
+
+    # ------------------------------------------------------------------ queries
+
+    async def emitted(self) -> int:
+        """Events in the provider's log."""
+        stats = await self.control(self.sim.control.stats, self.provider, detail=False)
+        return int(stats.get("events", 0) or 0)
+
+    async def webhooks_delivered(self) -> int:
+        """Webhook deliveries the provider made so far."""
+        stats = await self.control(self.sim.control.stats, self.provider, detail=False)
+        return int(stats.get("webhooks", {}).get("delivered", 0) or 0)
+
+    async def applications(self) -> dict[str, int]:
+        """Event id -> how many times the host applied it."""
+        async with self.async_engine.connect() as conn:
+            rows = await conn.execute(
+                select(applied_table.c.event_id, func.count()).group_by(applied_table.c.event_id)
+            )
+            return {str(row[0]): int(row[1]) for row in rows}
+
+    async def outbox_counts(self) -> tuple[int, int]:
+        """The provider's undelivered and dead-lettered outbox messages."""
+        from ..outbox import outbox_summary_async
+
+        async with AsyncSession(self.async_engine) as session:
+            summaries = await outbox_summary_async(
+                session, providers=[self.provider], include_delivered=False, now=self.clock.now()
+            )
+        return (
+            sum(s.undelivered for s in summaries),
+            sum(s.dead for s in summaries),
+        )
+
+    async def open_defects(self) -> int:
+        """STALE_ENRICHMENT defects still open."""
+        from ..enrichment._models import Defect
+
+        async with self.async_engine.connect() as conn:
+            return int(
+                (
+                    await conn.execute(
+                        select(func.count()).select_from(Defect).where(Defect.status == "OPEN")
+                    )
+                ).scalar_one()
+            )
+
+    async def impact(self) -> str:
+        """RB-09 Triage 5: undelivered pushes and open defects, per tenant."""
+        from ..enrichment._models import Defect
+        from ..outbox import DELIVERED, OutboxMessageRow
+
+        async with self.async_engine.connect() as conn:
+            pushes = (
+                await conn.execute(
+                    select(OutboxMessageRow.tenant_id, func.count())
+                    .where(
+                        OutboxMessageRow.provider == self.provider,
+                        OutboxMessageRow.status != DELIVERED,
+                    )
+                    .group_by(OutboxMessageRow.tenant_id)
+                )
+            ).all()
+            defects = (
+                await conn.execute(
+                    select(Defect.tenant_id, func.count())
+                    .where(Defect.status == "OPEN")
+                    .group_by(Defect.tenant_id)
+                )
+            ).all()
+
+        def per_tenant(rows: Sequence[Any]) -> str:
+            return ", ".join(f"{tenant or 'none'} {count}" for tenant, count in sorted(rows))
+
+        return (
+            f"deal pushes not delivered: {per_tenant(pushes) or 'none'}; "
+            f"claims with stale enrichment: {per_tenant(defects) or 'none'}"
+        )
+
+
+@contextlib.asynccontextmanager
+async def _serve_here(app: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1, on the running loop (as the service does).
+
+    ``Server._serve`` rather than ``serve``: ``serve`` takes over SIGINT, and
+    Ctrl-C must stop the drill, not just this server.
+    """
+    from ..testing import _server_for
+
+    server = _server_for(app, lifespan="off")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    task = asyncio.get_running_loop().create_task(server._serve(sockets=[sock]))
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if task.done() or time.monotonic() > deadline:
+                raise UsageError("the drill's webhook receiver did not start")
+            await asyncio.sleep(0.005)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sock.close()
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+async def _healthy(stage: _Stage) -> None:
+    """Traffic before the outage: webhooks apply changes, pushes go out, claims enrich."""
+    with stage.record.phase("healthy traffic", "healthy"):
+        for _ in range(HEALTHY_TICKS):
+            await stage.tick()
+        applied = len(await stage.applications())
+        stage.record.note(f"{applied} events applied by webhook; breaker {stage.breaker}")
+
+
+async def _detection(stage: _Stage) -> None:
+    """RB-09 Detection: the provider fails; wait for the alert (or, webhooks only, failover)."""
+    record, found, expect = stage.record, stage.found, stage.expect
+    with record.phase("Detection", "Detection"):
+        found.outage_start = stage.clock.now()
+        await _start_outage(stage)
+
+        async def detected() -> bool:
+            if expect.alert:
+                return found.alert_fired_at is not None
+            return stage.mode == "polling" or stage.ticks >= HEALTHY_TICKS + QUIET_DETECTION_TICKS
+
+        await stage.ticks_until(detected, limit=ALERT_FOR_TICKS + 16)
+        if not expect.alert:
+            rates = stage.error_rates(alerting=True)
+            highest = f"{rates[0][0]}/{rates[0][1]} {rates[0][2]:.3f}/s" if rates else "no errors"
+            how = (
+                "the sync service's failover (webhook lag)"
+                if stage.mode == "polling"
+                else "missing CRM sync (webhooks silent, nothing polled)"
+            )
+            record.note(f"alert not firing at this traffic (highest: {highest}); noticed by {how}")
+    if expect.alert:
+        fired = found.alert_fired_at
+        record.check(
+            "Detection: alert IDISIntegrationProviderErrors fired",
+            f"rate > {alert_threshold(stage.options.speed):g}/s for 5m",
+            "never" if fired is None else f"fired at {_clock_label(fired)}",
+            fired is not None,
+        )
+        opened = any(v == 2 for _, v in record.series.get("breaker", []))
+        record.check(
+            "Detection: breaker opened",
+            "open during the outage",
+            "opened" if opened else "never opened",
+            opened,
+        )
+
+
+async def _start_outage(stage: _Stage) -> None:
+    provider, enrich, control = stage.provider, stage.enrich_provider, stage.sim.control
+    scenario = stage.options.scenario
+    call = stage.control
+    await call(control.set_webhook_mode, provider, "stop")
+    if scenario == "full-outage":
+        await call(control.set_fault, provider, "error", status=503)
+        await call(control.set_fault, provider, "timeout", endpoint="changes", ratio=0.5)
+        await call(control.set_fault, enrich, "error", status=503)
+        what = f"{provider}: 5xx storm and timeouts; webhooks stopped; {enrich} down"
+    elif scenario == "rate-limit-storm":
+        await call(
+            control.set_fault, provider, "rate_limit", retry_after=stage.options.speed, ratio=0.8
+        )
+        await call(control.set_fault, enrich, "rate_limit", retry_after=stage.options.speed)
+        what = f"{provider} and {enrich}: 429 storm with Retry-After; webhooks stopped"
+    elif scenario == "token-revocation":
+        await call(control.require_auth, provider, enabled=True)
+        await call(control.set_fault, provider, "error", status=401, endpoint="token")
+        await call(control.expire_tokens, provider)
+        await call(control.set_fault, enrich, "error", status=503)
+        what = f"{provider}: tokens revoked and the token endpoint refusing; webhooks stopped"
+    else:
+        what = f"{provider}: API healthy but webhooks silently dropped"
+    stage.record.mark("outage", "outage begins", what)
+
+
+async def _triage(stage: _Stage) -> None:
+    """RB-09 Triage 1-5, one tick each (the clock runs while on-call looks)."""
+    from ..auth import check_token
+
+    record, provider = stage.record, stage.provider
+    with record.phase("Triage", "Triage"):
+        rates = stage.error_rates()
+        record.note(
+            "Triage 1: errors/s by provider and endpoint: "
+            + (", ".join(f"{p}/{e} {r:.3f}" for p, e, r in rates[:4]) or "none")
+        )
+        await stage.tick()
+        grep = stage.found.log_lines["rate limit|429"]
+        record.note(f'Triage 2: log lines matching grep -i "rate limit\\|429": {grep}')
+        await stage.tick()
+        token = await stage.command(
+            check_token, provider, settings=stage.settings, clock=stage.clock
+        )
+        record.note(f"Triage 3: check_token: {token}")
+        stage.found.token_during = token
+        await stage.tick()
+        health = await _health(stage)
+        record.note(f"Triage 4: {provider} health endpoint: {health}")
+        await stage.tick()
+        record.note(f"Triage 5: impact: {await stage.impact()}")
+        await stage.tick()
+    if stage.expect.token:
+        state = str(getattr(token, "state", token))
+        record.check(
+            "Triage 3: check_token shows the broken token",
+            "not valid",
+            state,
+            state != "valid",
+        )
+
+
+async def _health(stage: _Stage) -> str:
+    """The provider's health endpoint, asked directly (a status page is not behind our gateway)."""
+    from .._http import httpx
+
+    url = f"{stage.sim.url}/p/{stage.provider}/health"
+    try:
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as exc:
+        return f"unreachable ({type(exc).__name__})"
+    return f"HTTP {response.status_code}"
+
+
+async def _contain_failover(stage: _Stage) -> None:
+    """RB-09 Containment 1: the library failed over to polling by itself (CRM_MODE unchanged)."""
+    with stage.record.phase("Containment 1: polling failover", "C1"):
+        await stage.tick()
+        stage.found.mode_during = stage.mode
+        stage.record.note(f"sync mode {stage.mode} (automatic failover; CRM_MODE unchanged)")
+    if stage.expect.failover:
+        stage.record.check(
+            "Containment 1: automatic polling failover",
+            "polling during the outage",
+            stage.found.mode_during,
+            stage.found.mode_during == "polling",
+        )
+
+
+async def _contain_enrichment(stage: _Stage) -> None:
+    """RB-09 Containment 2: enrichment deferred (ENRICHMENT_DEFER_ON_ERROR) as claims arrive."""
+    found = stage.found
+    with stage.record.phase("Containment 2: enrichment deferred", "C2"):
+        for _ in range(2):
+            await stage.enrich_claim()
+            await stage.tick()
+        stage.record.note(
+            "enrichment results so far: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(found.enrichment.items()))
+        )
+    if stage.expect.deferral:
+        deferred = found.enrichment["deferred"] + found.enrichment["cached_stale"]
+        errors = sum(v for k, v in found.enrichment.items() if k.startswith("error"))
+        stage.record.check(
+            "Containment 2: enrichment deferred, no exception",
+            "deferred results, no errors",
+            f"{deferred} deferred or stale, {errors} errors",
+            deferred > 0 and errors == 0,
+        )
+
+
+async def _contain_defects(stage: _Stage) -> None:
+    """RB-09 Containment 3: ``create_stale_defects --since <outage start>``."""
+    from ..enrichment import create_stale_defects
+
+    found = stage.found
+    with stage.record.phase("Containment 3: stale defects", "C3"):
+        result = await stage.command(
+            create_stale_defects,
+            stage.enrich_provider,
+            found.outage_start,
+            settings=stage.settings,
+            engine=stage.engine,
+            actor="drill",
+            now=stage.clock.now(),
+        )
+        found.defects_during = await stage.open_defects()
+        stage.record.note(
+            f"create_stale_defects: {result.created} created, {result.already_open} already "
+            f"open; {found.defects_during} stale-enrichment defects open"
+        )
+        await stage.tick()
+    if stage.expect.deferral:
+        stage.record.check(
+            "Containment 3: stale defects open for deferred claims",
+            "at least one open",
+            f"{found.defects_during} open",
+            found.defects_during > 0,
+        )
+
+
+async def _contain_retries(stage: _Stage) -> None:
+    """RB-09 Containment 4: ``queue_webhook_retries --max-retries 10``; the outbox holds."""
+    from ..outbox import queue_webhook_retries
+
+    found = stage.found
+    with stage.record.phase("Containment 4: retries queued", "C4"):
+        result = await stage.command(
+            queue_webhook_retries,
+            stage.provider,
+            10,
+            settings=stage.settings,
+            engine=stage.engine,
+            actor="drill",
+            now=stage.clock.now(),
+        )
+        found.pending_during, dead = await stage.outbox_counts()
+        stage.record.note(
+            f"queue_webhook_retries: {result.dead + result.failed} re-queued; outbox holding "
+            f"{found.pending_during} deliveries, {dead} dead letters"
+        )
+        await stage.tick()
+    if stage.expect.outbox_hold:
+        stage.record.check(
+            "Containment 4: outbox held deliveries",
+            "pending while the provider is down",
+            f"{found.pending_during} pending",
+            found.pending_during > 0,
+        )
+
+
+async def _outage_continues(stage: _Stage) -> None:
+    """The provider stays down past its feed's retention; then it comes back."""
+    record, provider, control = stage.record, stage.provider, stage.sim.control
+    with record.phase("outage continues", "outage"):
+        while stage.ticks < HEALTHY_TICKS + OUTAGE_TICKS:
+            await stage.tick()
+        await stage.control(control.clear_faults, provider)
+        await stage.control(control.clear_faults, stage.enrich_provider)
+        await stage.control(control.set_webhook_mode, provider, "deliver")
+        await stage.control(control.require_auth, provider, enabled=False)
+        stage.found.webhooks_at_recovery = await stage.webhooks_delivered()
+        record.mark("outage", "provider back", "provider back: faults cleared, webhooks delivering")
+
+
+async def _recover_auth(stage: _Stage) -> None:
+    """RB-09 Recovery 1: ``refresh_tokens --provider`` (a script: its own token manager)."""
+    from ..auth import TokenManager, refresh_tokens
+
+    record = stage.record
+    with record.phase("Recovery 1: re-auth", "R1"):
+        manager = TokenManager(
+            stage.settings, engine=stage.engine, metrics=stage.metrics, clock=stage.clock
+        )
+        try:
+            results = await stage.command(
+                refresh_tokens, stage.provider, settings=stage.settings, manager=manager
+            )
+        finally:
+            manager.close()
+        outcome = ", ".join(f"{r.provider} {r.outcome}" for r in results)
+        record.mark("token", "token refreshed", f"refresh_tokens: {outcome}")
+        await stage.tick()
+    refreshed = all(r.outcome in ("refreshed", "skipped") for r in results)
+    record.check("Recovery 1: tokens refreshed", "refreshed", outcome, refreshed)
+
+
+async def _recover_rotation(stage: _Stage) -> None:
+    """RB-09 Recovery 2: rotate credentials only if compromised; in this drill they are not."""
+    with stage.record.phase("Recovery 2: rotation (not needed)", "R2"):
+        stage.record.note("credentials not compromised: rotate_credentials not run")
+
+
+async def _recover_reconcile(stage: _Stage) -> None:
+    """RB-09 Recovery 3: replay the outage (what the feed no longer serves comes back here)."""
+    from ..providers import AsyncProviderClient
+    from ..reconciliation import reconcile_async
+
+    record, found = stage.record, stage.found
+    assert found.outage_start is not None
+    with record.phase("Recovery 3: reconcile", "R3"):
+
+        async def breaker_closed() -> bool:
+            return stage.breaker == "closed"
+
+        await stage.ticks_until(breaker_closed, limit=8)
+        if "reconcile" in stage.options.broken:
+            record.note("reconcile SKIPPED (--break reconcile)")
+        else:
+            found.reconciled = summary = await reconcile_async(
+                stage.provider,
+                found.outage_start - timedelta(seconds=stage.options.speed * 2),
+                settings=stage.settings,
+                handlers=stage.registry,
+                client=AsyncProviderClient(stage.gateway, stage.provider),
+                engine=stage.async_engine,
+                actor="drill",
+                clock=stage.clock,
+            )
+            record.mark(
+                "reconcile",
+                f"reconcile: {summary.applied} applied",
+                f"reconcile: fetched {summary.fetched}, already applied "
+                f"{summary.already_applied}, applied {summary.applied}, failed {summary.failed}",
+            )
+        await stage.tick()
+    _check_reconcile(stage)
+
+
+def _check_reconcile(stage: _Stage) -> None:
+    summary = stage.found.reconciled
+    if summary is None:
+        actual, ok = "skipped", False
+    else:
+        actual = f"fetched {summary.fetched}, applied {summary.applied}, failed {summary.failed}"
+        ok = summary.completed and summary.failed == 0
+        if stage.expect.replay:
+            ok = ok and summary.applied > 0
+    expected = (
+        "a completed run that applied what the feed no longer served"
+        if stage.expect.replay
+        else "a completed run (polling covered the outage)"
+    )
+    stage.record.check("Recovery 3: replay reconciliation", expected, actual, ok)
+
+
+async def _recover_defects(stage: _Stage) -> None:
+    """RB-09 Recovery 4: the deferred worker refreshes stale claims and resolves their defects."""
+    from ..enrichment import clear_stale_defects
+
+    record, found = stage.record, stage.found
+    with record.phase("Recovery 4: stale defects cleared", "R4"):
+
+        async def none_open() -> bool:
+            return await stage.open_defects() == 0
+
+        await stage.ticks_until(none_open, limit=12)
+        open_after = await stage.open_defects()
+        # RB-09's UPDATE (clear-stale-defects) for what the worker did not resolve.
+        cleared = await stage.command(
+            clear_stale_defects,
+            stage.enrich_provider,
+            found.outage_start,
+            settings=stage.settings,
+            engine=stage.engine,
+            actor="drill",
+            now=stage.clock.now(),
+        )
+        record.note(
+            f"{found.refreshed_claims} claims refreshed by the deferred worker; "
+            f"{open_after} defects left for clear_stale_defects, which resolved "
+            f"{cleared.resolved}"
+        )
+    record.check(
+        "Recovery 4: stale defects resolved by the worker",
+        "0 open",
+        f"{open_after} open",
+        open_after == 0,
+    )
+
+
+async def _recover_mode(stage: _Stage) -> None:
+    """RB-09 Recovery 5: back to webhooks (after the stable period), the outbox drained.
+
+    What the outbox gave up on during the outage (Containment 4's ``--max-retries 10``
+    can run out before a long outage ends) is re-queued once more, now that the
+    provider answers, so that it drains too.
+    """
+    from ..outbox import queue_webhook_retries
+
+    record = stage.record
+    with record.phase("Recovery 5: normal mode", "R5"):
+        _, dead = await stage.outbox_counts()
+        if dead:
+            result = await stage.command(
+                queue_webhook_retries,
+                stage.provider,
+                10,
+                settings=stage.settings,
+                engine=stage.engine,
+                actor="drill",
+                now=stage.clock.now(),
+            )
+            record.note(f"queue_webhook_retries: {result.dead} dead letters re-queued")
+
+        async def normal() -> bool:
+            pending, _ = await stage.outbox_counts()
+            return stage.mode == "webhook" and pending == 0
+
+        await stage.ticks_until(normal, limit=24)
+        pending, dead = await stage.outbox_counts()
+        record.note(f"sync mode {stage.mode}; outbox pending {pending}, dead letters {dead}")
+    record.check("Recovery 5: back to webhooks", "webhook", stage.mode, stage.mode == "webhook")
+
+
+async def _verification(stage: _Stage) -> None:
+    """RB-09 Verification 1-4: sync resumed; nothing lost, doubled or unaudited; verify-sync
+    agrees; webhooks flow and the retry queue is empty."""
+    record = stage.record
+    with record.phase("Verification", "Verify"):
+        before = stage.calls()
+        # The provider's last changes arrive before anything is counted.
+        for _ in range(3):
+            await stage.tick(emit=False)
+        _check_sync_resumed(stage, before)
+        await _check_events(stage)
+        await _check_timeline(stage)
+        await _check_audit(stage)
+        await _check_verify_sync(stage)
+        await _check_delivery(stage)
+        for line in _summary(stage).lines():
+            record.note(line, echo=False)  # the caller prints the summary after the table
+
+
+def _check_sync_resumed(stage: _Stage, before: tuple[float, float]) -> None:
+    ok, failed = (now - then for now, then in zip(stage.calls(), before, strict=True))
+    stage.record.check(
+        "Verification 1: sync resumed, no new errors",
+        "calls succeed, 0 errors",
+        f"{ok:.0f} calls succeeded, {failed:.0f} errors in the last {3 * stage.options.speed:g} s",
+        ok > 0 and failed == 0,
+    )
+
+
+async def _check_events(stage: _Stage) -> None:
+    """Zero lost, zero doubled: the provider's event log against the host's applications."""
+    found = stage.found
+    emitted = found.emitted = await stage.emitted()
+    applied = await stage.applications()
+    provider_ids = [f"evt_{seq}" for seq in range(1, emitted + 1)]
+    lost = found.lost = tuple(i for i in provider_ids if i not in applied)
+    doubled = found.doubled = tuple(sorted(i for i, n in applied.items() if n > 1))
+    found.applied_once = sum(1 for i in provider_ids if applied.get(i) == 1)
+    stage.record.check(
+        "Verification 2: zero events lost",
+        f"{emitted} of {emitted} applied",
+        f"{emitted - len(lost)} applied, {len(lost)} lost"
+        + (f": {id_ranges(lost)}" if lost else ""),
+        not lost,
+    )
+    stage.record.check(
+        "Verification 2: zero events applied twice",
+        "0",
+        str(len(doubled)) + (f": {id_ranges(doubled)}" if doubled else ""),
+        not doubled,
+    )
+
+
+async def _check_verify_sync(stage: _Stage) -> None:
+    from ..reconciliation import verify_sync
+
+    report = await stage.command(
+        verify_sync,
+        stage.provider,
+        20,
+        seed=stage.options.seed,
+        settings=stage.settings,
+        engine=stage.engine,
+        handlers=stage.registry,
+        actor="drill",
+        clock=stage.clock,
+    )
+    mismatches = len(report.mismatches)
+    stage.record.check(
+        "Verification 3: verify-sync on 20 sampled records",
+        "0 mismatches",
+        f"{len(report.comparisons)} compared, {mismatches} mismatches",
+        mismatches == 0,
+    )
+
+
+async def _check_timeline(stage: _Stage) -> None:
+    from ..reconciliation import timeline
+
+    report = await stage.command(
+        timeline,
+        stage.provider,
+        stage.record.start,
+        stage.clock.now() - timedelta(seconds=stage.options.speed * 3),
+        settings=stage.settings,
+        engine=stage.engine,
+        clock=stage.clock,
+    )
+    stage.record.check(
+        "Verification 2: no gaps in the sync timeline",
+        "0 gaps",
+        f"{len(report.gaps)} gaps",
+        not report.gaps,
+    )
+
+
+async def _check_delivery(stage: _Stage) -> None:
+    """Webhooks delivered again since the provider came back; the retry queue empty."""
+    found = stage.found
+    pending, found.dead_letters = await stage.outbox_counts()
+    delivered = await stage.webhooks_delivered() - found.webhooks_at_recovery
+    stage.record.check(
+        "Verification 4: webhooks delivered, retry queue drained",
+        "webhooks arriving; 0 pending, 0 dead letters",
+        f"{delivered} webhooks since recovery; {pending} pending, {found.dead_letters} dead",
+        delivered > 0 and pending == 0 and found.dead_letters == 0,
+    )
+
+
+async def _check_audit(stage: _Stage) -> None:
+    from .._audit import AuditEvent
+
+    async with stage.async_engine.connect() as conn:
+        actions = set((await conn.execute(select(AuditEvent.action).distinct())).scalars())
+    expect = stage.expect
+    wanted: list[tuple[str, str]] = [("reconcile", "reconcile.")]
+    if expect.alert:
+        wanted.append(("breaker transitions", "breaker."))
+    if expect.failover:
+        wanted.append(("sync mode switches", "sync.mode"))
+    if expect.deferral:
+        wanted.append(("defects", "defect"))
+    if expect.token:
+        wanted.append(("token refresh", "token."))
+    missing = [label for label, prefix in wanted if not any(a.startswith(prefix) for a in actions)]
+    stage.record.check(
+        "Verification 2: every step audited",
+        ", ".join(label for label, _ in wanted),
+        f"{len(actions)} kinds of audit rows"
+        + (f"; missing {', '.join(missing)}" if missing else ""),
+        not missing,
+    )
+
+
+#: The drill, in RB-09's order: each step records its phase, markers and checks.
+STEPS: tuple[Callable[[_Stage], Awaitable[None]], ...] = (
+    _healthy,
+    _detection,
+    _triage,
+    _contain_failover,
+    _contain_enrichment,
+    _contain_defects,
+    _contain_retries,
+    _outage_continues,
+    _recover_auth,
+    _recover_rotation,
+    _recover_reconcile,
+    _recover_defects,
+    _recover_mode,
+    _verification,
+)
+
+
+# --------------------------------------------------------------------------- running it
+
+
+@contextlib.contextmanager
+def _drill_logs(counts: Counter[str]) -> Iterator[None]:
+    """The drill prints its own story; library warnings are counted (Triage 2's grep), not shown."""
     import structlog
+
+    pattern = re.compile(r"rate limit|429", re.IGNORECASE)
+
+    def grep(_logger: Any, _name: str, line: Any) -> Any:
+        if pattern.search(str(line)):
+            counts["rate limit|429"] += 1
+        raise structlog.DropEvent
 
     previous = structlog.get_config()
     structlog.configure(
-        processors=[structlog.processors.JSONRenderer()],
+        processors=[structlog.processors.JSONRenderer(), grep],
         logger_factory=structlog.ReturnLoggerFactory(),
-        wrapper_class=structlog.make_filtering_bound_logger(50),
+        wrapper_class=structlog.make_filtering_bound_logger(30),
     )
     try:
         yield
@@ -295,642 +1452,120 @@ def _quiet_logs() -> Iterator[None]:
         structlog.configure(**previous)
 
 
-def run_drill(options: DrillOptions, *, echo: Callable[[str], None] = print) -> DrillResult:
+async def _rehearse(stage: _Stage, on_database: Callable[[str], None]) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        await stage.build(stack, on_database)
+        for step in STEPS:
+            await step(stage)
+
+
+def run_drill(
+    options: DrillOptions,
+    *,
+    echo: Callable[[str], None] = print,
+    on_database: Callable[[str], None] | None = None,
+) -> DrillResult:
     """Run the RB-09 drill; return its report (``result.ok`` tells whether it passed).
+
+    Args:
+        options: What to rehearse.
+        echo: Where the story goes, line by line.
+        on_database: Called with the database URL once chosen (default: echoed,
+            password hidden); the CLI names it on stderr as every command does.
 
     Raises:
         ConfigError: a bad option (named).
         StorageError: the database is unreachable.
     """
+    from prometheus_client import CollectorRegistry
+
     from ..observability._metrics import set_default_metrics
 
-    drill = _Drill(options, echo)
-    previous = set_default_metrics(drill.metrics)
+    began, wall = time.monotonic(), datetime.now(UTC).replace(microsecond=0)
+    # Simulated time ends before now: the drill's rows then read like a real incident's
+    # (postmortem, audit --since) rather than lying in the future.
+    clock = ManualClock(wall - timedelta(seconds=options.speed * MAX_TICKS))
+    record = _Record(clock, echo)
+    metrics = Metrics(CollectorRegistry())
+    stage = _Stage(options, record, metrics)
+    announce = on_database or (lambda url: echo(f"database: {_safe_url(url)}"))
+    previous = set_default_metrics(metrics)
     try:
-        with ExitStack() as stack, _quiet_logs():
-            report = _run(drill, stack)
+        with _drill_logs(stage.found.log_lines):
+            asyncio.run(_rehearse(stage, announce))
     finally:
         set_default_metrics(previous)
-    path = options.report_path
-    if path is not None:
-        path.write_text(render_html(report), encoding="utf-8")
-    return DrillResult(report, path, drill.facts[0][1] if drill.facts else "")
+    summary = _summary(stage)
+    report = _report(stage, wall, time.monotonic() - began)
+    _echo_table(record)
+    if options.report_path is not None:
+        options.report_path.write_text(render_html(report), encoding="utf-8")
+    return DrillResult(report, options.report_path, stage.database_url, summary)
 
 
-def _run(drill: _Drill, stack: ExitStack) -> Report:
-    from cryptography.fernet import Fernet
-
-    from ..auth._httpx_auth import oauth_auth_factory
-    from ..auth._tokens import refresh_tokens
-    from ..enrichment import AsyncDeferredEnrichmentWorker, AsyncEnricher
-    from ..outbox import NewMessage, OutboxWorker, enqueue
-    from ..reconciliation import reconcile, verify_sync
-    from ..reconciliation._sync_timeline import timeline
-    from ..resilience._gateway import AsyncGateway, Gateway
-    from ..resilience._recorder import HealthSampler
-    from ..sync import AsyncSyncService, HandlerRegistry, sync_summary
-    from ..testing import run_simulator, serve_asgi, simulator_settings
-    from ..webhooks import WebhookReceiver
-
-    options = drill.options
-    provider, enrich_provider = options.provider, options.enrichment_provider
-    step = options.speed
-    if options.database_url:
-        database_url = options.database_url
-    else:
-        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="idis-drill-")))
-        database_url = f"sqlite:///{folder / 'drill.sqlite3'}"
-    drill.facts.append(("database", _safe_url(database_url)))
-    upgrade(database_url)
-    engine = create_db_engine(database_url)
-    stack.callback(engine.dispose)
-    _drill_meta.drop_all(engine)
-    _drill_meta.create_all(engine)
-
-    sim = stack.enter_context(run_simulator(clock=drill.clock.now, seed=options.seed))
-    base = simulator_settings(
-        sim.url,
-        providers=sorted({provider, enrich_provider, "docs_provider"}),
-        database_url=database_url,
-        encryption_keys=(_secret(Fernet.generate_key().decode()),),
-    )
-    settings = _drill_settings(base, options)
-    drill.facts += [
-        ("scenario", options.scenario),
-        ("provider", provider),
-        ("simulator", sim.url),
-        ("simulated seconds per tick", f"{step:g}"),
-        ("broken on purpose", ", ".join(sorted(options.broken)) or "nothing"),
-    ]
-
-    auth = oauth_auth_factory(settings)
-    stack.callback(auth.close)
-    # The async sampler's breaker hook queues audit rows; the sync drill writes them
-    # with flush() when it needs them (on the drill's event loop), and at the end.
-    recorder = HealthSampler(database_url, clock=drill.clock)
-    stack.callback(lambda: asyncio.run(recorder.flush()))
-    gateway = Gateway(
-        settings,
-        metrics=drill.metrics,
-        clock=drill.clock,
-        sleep=drill.clock.sleep,
-        auth=auth,
-        seed=options.seed,
-        on_transition=[recorder.on_transition],
-    )
-    stack.callback(gateway.close)
-
-    registry = HandlerRegistry()
-
-    def apply(session: Session, event: Any) -> None:
-        session.execute(
-            insert(applied_table).values(
-                event_id=event.id,
-                record_id=event.record_id,
-                version=event.version,
-                applied_at=drill.clock.now(),
-            )
-        )
-
-    for event_type in ("record.created", "record.updated", "record.deleted"):
-        registry.register(event_type, apply)
-
-    # Background workers are async only (the ones the example service runs). One
-    # event loop and one async engine for the whole drill: the async gateways'
-    # connections belong to that loop.
-    runner = stack.enter_context(asyncio.Runner())
-    async_engine = create_async_db_engine(database_url)
-    stack.callback(lambda: runner.run(async_engine.dispose()))
-    stack.callback(lambda: runner.run(auth.aclose()))
-
-    # The sync service (sentinel, mode controller, poller), on its own async gateway.
-    # Webhooks go to a receiver on the drill's engine, served by its own thread.
-    sync_gateway = AsyncGateway(
-        settings,
-        metrics=drill.metrics,
-        clock=drill.clock,
-        sleep=drill.clock.asleep,
-        auth=auth,
-        seed=options.seed,
-    )
-    stack.callback(lambda: runner.run(sync_gateway.aclose()))
-    service = AsyncSyncService(
-        settings,
-        engine=async_engine,
-        gateway=sync_gateway,
-        registry=registry,
-        providers=[provider],
-        clock=drill.clock,
-        metrics=drill.metrics,
-        replica_id="drill",
-        receiver=False,
-    )
-    stack.callback(lambda: runner.run(service.aclose()))
-    receiver = WebhookReceiver(
-        settings,
-        engine,
-        registry=registry,
-        providers=[provider],
-        clock=drill.clock,
-        metrics=drill.metrics,
-    )
-    receiver_url = stack.enter_context(serve_asgi(receiver.asgi_app(), name="idis-drill-webhooks"))
-    secret = settings.provider(provider).webhook_secrets[0].get_secret_value()
-    sim.control.set_webhook_target(provider, f"{receiver_url}/{provider}", [secret])
-
-    # Enrichment runs as in the example service: the async enricher and the async
-    # deferred worker on one AsyncGateway, so the worker's gate sees the breaker
-    # the enricher's failures opened (on the drill's one loop, above).
-    enrich_gateway = AsyncGateway(
-        settings,
-        metrics=drill.metrics,
-        clock=drill.clock,
-        sleep=drill.clock.asleep,
-        auth=auth,
-        seed=options.seed,
-        on_transition=[recorder.on_transition],
-    )
-    stack.callback(lambda: runner.run(enrich_gateway.aclose()))
-    enricher = AsyncEnricher(
-        settings, enrich_gateway, engine=async_engine, metrics=drill.metrics, clock=drill.clock
-    )
-    enrich_worker = AsyncDeferredEnrichmentWorker(
-        settings,
-        enrich_gateway,
-        engine=async_engine,
-        metrics=drill.metrics,
-        clock=drill.clock,
-        seed=options.seed,
-    )
-    outbox_worker = OutboxWorker(
-        engine,
-        settings,
-        gateway=gateway,
-        clock=drill.clock,
-        metrics=drill.metrics,
-        providers=[provider],
-        concurrency=1,
+def _summary(stage: _Stage) -> DrillSummary:
+    checks, found = stage.record.checks, stage.found
+    return DrillSummary(
+        checks_passed=sum(1 for c in checks if c.ok),
+        checks_failed=sum(1 for c in checks if not c.ok),
+        emitted=found.emitted,
+        applied_once=found.applied_once,
+        lost=found.lost,
+        doubled=found.doubled,
+        reconcile_applied=found.reconciled.applied if found.reconciled is not None else None,
+        dead_letters=found.dead_letters,
     )
 
-    def push_deal() -> None:
-        drill.deal_version += 1
-        deal = f"deal-{drill.deal_version % 7}"
-        with Session(engine) as session, session.begin():
-            enqueue(
-                session,
-                NewMessage.request(
-                    provider,
-                    "record",
-                    method="PUT",
-                    path_params={"id": deal},
-                    json={"tenant_id": "tenant-a", "data": {"stage": f"v{drill.deal_version}"}},
-                    idempotency_key=f"{deal}-v{drill.deal_version}",
-                    ordering_key=deal,
-                ),
-                now=drill.clock.now(),
-            )
 
-    def enrich_claim() -> None:
-        drill.claims += 1
-        try:
-            result = runner.run(
-                enricher.enrich(f"claim-{drill.claims}", tenant_id=f"tenant-{drill.claims % 3}")
-            )
-            drill.enrichment_results[result.status] += 1
-        except IntegrationError as exc:
-            drill.enrichment_results[f"error:{type(exc).__name__}"] += 1
-
-    def tick(*, emit: bool = True) -> None:
-        if emit:
-            sim.control.emit(
-                provider, drill.options.events_per_tick, tenant_ids=["tenant-a", "tenant-b"]
-            )
-        sim.control.flush_webhooks(provider, timeout=5)
-        runner.run(service.tick_all())
-        if drill.deal_version < 10_000 and round(drill.t / step) % 2 == 0:
-            push_deal()
-        outbox_worker.run_once()
-        if round(drill.t / step) % 3 == 0:
-            enrich_claim()
-        runner.run(enrich_worker.run_once())
-        _sample(drill, engine, gateway, provider, service)
-        drill.clock.advance(step)
-
-    # ------------------------------------------------------------- phases
-    healthy_ticks = 8
-    drill.phase("1. healthy traffic")
-    for _ in range(healthy_ticks):
-        tick()
-    drill.note(f"{_count_applied(engine)} events applied by webhook; breaker closed")
-
-    drill.phase(f"2. outage: {options.scenario}")
-    outage_start = drill.clock.now()
-    _start_outage(drill, sim.control, provider, enrich_provider)
-    for _ in range(6):
-        tick()
-
-    drill.phase("3. detection")
-    alert_true_at = None
-    for _ in range(24):
-        tick()
-        if alert_true_at is None and _alert_rate(drill.samples.errors_total) > ALERT_THRESHOLD:
-            alert_true_at = drill.t
-            drill.note(
-                "alert expression true: sum by (provider, endpoint) "
-                f"(rate(integration_errors_total[15m])) > {ALERT_THRESHOLD}"
-            )
-    errors = _sum_samples(drill.metrics, "integration_errors_total", provider=provider)
-    drill.note(
-        f"{errors:.0f} errors counted for {provider}; breaker {gateway.breaker_state(provider)}"
-    )
-
-    drill.phase("4. containment (by the library)")
-    with Session(engine) as session:
-        summary = {s.provider: s for s in sync_summary(session, [provider])}
-    mode_during = summary[provider].mode if provider in summary else "unknown"
-    pending_during = _outbox_pending(engine, provider)
-    open_defects_during = _open_defects(engine)
-    from .. import check_token
-
-    token_during = check_token(provider, settings=settings)
-    drill.note(f"check_token: {token_during}")
-    drill.note(
-        f"sync mode {mode_during}; outbox holding {pending_during} deliveries; "
-        f"{open_defects_during} stale-enrichment defects open; enrichment results "
-        f"{dict(drill.enrichment_results)}"
-    )
-
-    drill.phase("5. recovery")
-    sim.control.clear_faults(provider)
-    sim.control.clear_faults(enrich_provider)
-    sim.control.set_webhook_mode(provider, "deliver")
-    sim.control.require_auth(provider, enabled=False)
-    drill.note("provider back: faults cleared, webhooks delivering")
-    refreshed = refresh_tokens(provider, settings=settings)
-    drill.note(
-        "token refresh: " + ", ".join(f"{r.provider} {getattr(r, 'outcome', r)}" for r in refreshed)
-    )
-    for _ in range(6):
-        tick()
-    reconciled = None
-    if "reconcile" not in options.broken:
-        reconciled = reconcile(
-            provider,
-            outage_start - timedelta(seconds=step * 2),
-            settings=settings,
-            handlers=registry,
-            engine=engine,
-            actor="drill",
-            clock=drill.clock,
-        )
-        drill.note(
-            f"reconcile: fetched {reconciled.fetched}, already applied "
-            f"{reconciled.already_applied}, applied {reconciled.applied}, "
-            f"failed {reconciled.failed}"
-        )
-    else:
-        drill.note("reconcile SKIPPED (--break reconcile)")
-    for _ in range(20):
-        tick()
-        if (
-            _mode(engine, provider) == "webhook"
-            and _outbox_pending(engine, provider) == 0
-            and _open_defects(engine) == 0
-        ):
-            break
-    drill.note(
-        f"mode {_mode(engine, provider)}; outbox pending {_outbox_pending(engine, provider)}; "
-        f"open defects {_open_defects(engine)}"
-    )
-    # Let the provider's last changes arrive before verifying.
-    for _ in range(3):
-        tick(emit=False)
-
-    drill.phase("6. verification")
-    runner.run(recorder.flush())
-    _verify(
-        drill,
-        engine=engine,
-        sim=sim,
-        settings=settings,
-        registry=registry,
-        outage_start=outage_start,
-        alert_true_at=alert_true_at,
-        mode_during=mode_during,
-        pending_during=pending_during,
-        open_defects_during=open_defects_during,
-        token_during=token_during,
-        reconciled=reconciled,
-        verify_sync=verify_sync,
-        timeline=timeline,
-    )
-    drill._close_phase()
+def _report(stage: _Stage, wall: datetime, seconds: float) -> Report:
+    record, options = stage.record, stage.options
+    end = record.clock.now()
+    series = record.series
     return Report(
-        title=f"RB-09 drill: {options.scenario} of {provider}",
-        subtitle="idis-integrations drill on the embedded defaults",
-        started_at=drill.start,
-        phases=drill.phases,
+        title=f"RB-09 drill: {options.scenario} of {options.provider}",
+        subtitle=(
+            f"simulated incident {record.start:%H:%M:%S} to {end:%H:%M:%S} UTC "
+            f"({options.speed:g} s per tick), rehearsed {wall:%Y-%m-%d %H:%M:%S} UTC "
+            f"in {seconds:.1f} s on the embedded defaults"
+        ),
+        started_at=record.start,
+        ended_at=end,
+        phases=record.phases,
         series=[
-            Series("error rate", drill.samples.error_rate, "errors/s", step=False),
-            Series("breaker", drill.samples.breaker, labels={0: "closed", 1: "half", 2: "open"}),
-            Series("sync mode", drill.samples.mode, labels={0: "webhook", 1: "polling"}),
-            Series("outbox pending", drill.samples.queue, "msgs"),
-            Series("open defects", drill.samples.defects),
+            Series(
+                "alert expression",
+                series.get("error rate", []),
+                "errors/s",
+                step=False,
+                threshold=alert_threshold(options.speed),
+                threshold_label=f"alert threshold {alert_threshold(options.speed):g}/s",
+            ),
+            Series(
+                "breaker",
+                series.get("breaker", []),
+                labels={0: "closed", 1: "half", 2: "open"},
+            ),
+            Series("sync mode", series.get("sync mode", []), labels={0: "webhook", 1: "polling"}),
+            Series("events not applied", series.get("events not applied", []), "events"),
+            Series("outbox pending", series.get("outbox pending", []), "msgs"),
+            Series("dead letters", series.get("dead letters", []), "msgs"),
+            Series("open defects", series.get("open defects", [])),
         ],
-        checks=drill.checks,
-        facts=drill.facts,
-        events=drill.events,
+        checks=record.checks,
+        facts=record.facts,
+        events=record.events,
+        markers=record.markers,
     )
 
 
-def _secret(value: str) -> Any:
-    from ..config import Secret
-
-    return Secret(value)
+def _echo_table(record: _Record) -> None:
+    width = max((len(c.name) for c in record.checks), default=0)
+    record.echo("")
+    for c in record.checks:
+        record.echo(f"  {'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.actual}")
 
 
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
-
-
-def _start_outage(drill: _Drill, control: Any, provider: str, enrich_provider: str) -> None:
-    scenario = drill.options.scenario
-    if scenario == "full-outage":
-        control.set_fault(provider, "error", status=503)
-        control.set_fault(provider, "timeout", endpoint="changes", ratio=0.5)
-        control.set_webhook_mode(provider, "stop")
-        control.set_fault(enrich_provider, "error", status=503)
-        drill.note(f"{provider}: 5xx storm and timeouts; webhooks stopped; {enrich_provider} down")
-    elif scenario == "rate-limit-storm":
-        control.set_fault(provider, "rate_limit", retry_after=drill.options.speed, ratio=0.8)
-        control.set_webhook_mode(provider, "stop")
-        control.set_fault(enrich_provider, "rate_limit", retry_after=drill.options.speed)
-        drill.note(
-            f"{provider} and {enrich_provider}: 429 storm with Retry-After; webhooks stopped"
-        )
-    elif scenario == "token-revocation":
-        control.require_auth(provider, enabled=True)
-        control.set_fault(provider, "error", status=401, endpoint="token")
-        control.expire_tokens(provider)
-        control.set_webhook_mode(provider, "stop")
-        control.set_fault(enrich_provider, "error", status=503)
-        drill.note(f"{provider}: tokens revoked and the token endpoint refusing; webhooks stopped")
-    else:
-        control.set_webhook_mode(provider, "stop")
-        drill.note(f"{provider}: API healthy but webhooks silently dropped")
-
-
-def _alert_rate(errors_total: list[tuple[float, float]]) -> float:
-    """rate(integration_errors_total[15m]) at the last point, as Prometheus would see it."""
-    if len(errors_total) < 2:
-        return 0.0
-    t_now, v_now = errors_total[-1]
-    window = [p for p in errors_total if p[0] >= t_now - 900]
-    t0, v0 = window[0]
-    return (v_now - v0) / (t_now - t0) if t_now > t0 else 0.0
-
-
-def _count_applied(engine: Any) -> int:
-    with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(applied_table)).scalar_one())
-
-
-def _outbox_pending(engine: Any, provider: str) -> int:
-    from ..outbox import DELIVERED, OutboxMessageRow
-
-    with Session(engine) as session:
-        return int(
-            session.scalar(
-                select(func.count())
-                .select_from(OutboxMessageRow)
-                .where(OutboxMessageRow.provider == provider, OutboxMessageRow.status != DELIVERED)
-            )
-            or 0
-        )
-
-
-def _open_defects(engine: Any) -> int:
-    from ..enrichment._models import Defect
-
-    with Session(engine) as session:
-        return int(
-            session.scalar(select(func.count()).select_from(Defect).where(Defect.status == "OPEN"))
-            or 0
-        )
-
-
-def _mode(engine: Any, provider: str) -> str:
-    from ..sync import sync_summary
-
-    with Session(engine) as session:
-        for summary in sync_summary(session, [provider]):
-            return str(summary.mode)
-    return "unknown"
-
-
-def _sample(drill: _Drill, engine: Any, gateway: Any, provider: str, service: Any) -> None:
-    t = drill.t
-    errors = _sum_samples(drill.metrics, "integration_errors_total", provider=provider)
-    drill.samples.errors_total.append((t, errors))
-    drill.samples.error_rate.append((t, round(_alert_rate(drill.samples.errors_total), 4)))
-    state = gateway.breaker_state(provider)
-    drill.samples.breaker.append((t, {"closed": 0, "half_open": 1, "open": 2}[state]))
-    drill.samples.mode.append((t, 1 if _mode(engine, provider) == "polling" else 0))
-    drill.samples.queue.append((t, _outbox_pending(engine, provider)))
-    drill.samples.defects.append((t, _open_defects(engine)))
-    previous_state = getattr(drill, "_last_breaker", "closed")
-    if state != previous_state:
-        drill.note(f"breaker {previous_state} -> {state}")
-        drill._last_breaker = state  # type: ignore[attr-defined]  # ad hoc drill memory
-    previous_mode = getattr(drill, "_last_mode", "webhook")
-    mode = "polling" if drill.samples.mode[-1][1] else "webhook"
-    if mode != previous_mode:
-        drill.note(f"sync mode {previous_mode} -> {mode}")
-        drill._last_mode = mode  # type: ignore[attr-defined]  # ad hoc drill memory
-
-
-@dataclass(frozen=True, slots=True)
-class _Expect:
-    """What a scenario should make the library do."""
-
-    breaker: bool
-    failover: bool
-    deferral: bool
-    outbox_hold: bool
-    token: bool
-
-
-_EXPECT = {
-    "full-outage": _Expect(
-        breaker=True, failover=True, deferral=True, outbox_hold=True, token=False
-    ),
-    "rate-limit-storm": _Expect(
-        breaker=True, failover=True, deferral=True, outbox_hold=True, token=False
-    ),
-    "token-revocation": _Expect(
-        breaker=False, failover=False, deferral=True, outbox_hold=True, token=True
-    ),
-    "webhook-only": _Expect(
-        breaker=False, failover=True, deferral=False, outbox_hold=False, token=False
-    ),
-}
-
-
-def _verify(drill: _Drill, **ctx: Any) -> None:
-    options = drill.options
-    provider = options.provider
-    engine = ctx["engine"]
-    sim = ctx["sim"]
-    settings: Settings = ctx["settings"]
-    expect = _EXPECT[options.scenario]
-
-    if expect.breaker:
-        alert_at = ctx["alert_true_at"]
-        drill.check(
-            "Detection: alert expression true during the outage",
-            f"rate > {ALERT_THRESHOLD}/s",
-            "never" if alert_at is None else f"true at {_clock(alert_at)}",
-            alert_at is not None,
-        )
-        opened = any(v == 2 for _, v in drill.samples.breaker)
-        drill.check(
-            "Detection: breaker opened",
-            "open during the outage",
-            "opened" if opened else "never opened",
-            opened,
-        )
-    if expect.token:
-        state = str(getattr(ctx["token_during"], "state", ctx["token_during"]))
-        drill.check(
-            "Triage 3: check_token shows the broken token",
-            "not valid",
-            state,
-            "valid" not in state.lower() or "invalid" in state.lower(),
-        )
-    if expect.failover:
-        drill.check(
-            "Containment 1: automatic polling failover",
-            "polling during the outage",
-            ctx["mode_during"],
-            ctx["mode_during"] == "polling",
-        )
-    if expect.deferral:
-        results = drill.enrichment_results
-        deferred = results.get("deferred", 0) + results.get("cached_stale", 0)
-        errors = sum(v for k, v in results.items() if k.startswith("error"))
-        drill.check(
-            "Containment 2-3: enrichment deferred with stale defects",
-            "deferred results and open defects, no exception",
-            f"{deferred} deferred/stale, {ctx['open_defects_during']} defects open, "
-            f"{errors} errors",
-            deferred > 0 and ctx["open_defects_during"] > 0 and errors == 0,
-        )
-    if expect.outbox_hold:
-        drill.check(
-            "Containment 4: outbox held deliveries",
-            "pending while the provider is down",
-            f"{ctx['pending_during']} pending",
-            ctx["pending_during"] > 0,
-        )
-    reconciled = ctx["reconciled"]
-    drill.check(
-        "Recovery 3: replay reconciliation ran and was audited",
-        "a completed reconcile run",
-        "skipped"
-        if reconciled is None
-        else (
-            f"fetched {reconciled.fetched}, applied {reconciled.applied}, "
-            f"failed {reconciled.failed}"
-        ),
-        reconciled is not None and reconciled.completed and reconciled.failed == 0,
-    )
-    open_after = _open_defects(engine)
-    drill.check(
-        "Recovery 4: stale defects resolved", "0 open", f"{open_after} open", open_after == 0
-    )
-    mode_after = _mode(engine, provider)
-    drill.check("Recovery 5: back to webhooks", "webhook", mode_after, mode_after == "webhook")
-    pending_after = _outbox_pending(engine, provider)
-    drill.check(
-        "Verification 4: retry queue drained",
-        "0 pending",
-        f"{pending_after} pending",
-        pending_after == 0,
-    )
-
-    # Zero lost, zero doubled: the provider's event log against the host's applications.
-    stats = sim.control.stats(provider, detail=False)
-    emitted = int(stats.get("events", stats.get("last_seq", 0)) or 0)
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(applied_table.c.event_id, func.count()).group_by(applied_table.c.event_id)
-        ).all()
-    applied_ids = {row[0] for row in rows}
-    doubled = sum(1 for row in rows if row[1] > 1)
-    provider_ids = {f"evt_{seq}" for seq in range(1, emitted + 1)}
-    lost = len(provider_ids - applied_ids)
-    drill.check(
-        "Zero events lost",
-        f"{emitted} of {emitted} applied",
-        f"{len(provider_ids & applied_ids)} applied, {lost} lost",
-        lost == 0,
-    )
-    drill.check("Zero events applied twice", "0", str(doubled), doubled == 0)
-
-    report = ctx["verify_sync"](
-        provider,
-        20,
-        seed=options.seed,
-        settings=settings,
-        engine=engine,
-        handlers=ctx["registry"],
-        actor="drill",
-        clock=drill.clock,
-    )
-    mismatches = len(report.mismatches)
-    drill.check(
-        "Verification 3: verify-sync on 20 sampled records",
-        "0 mismatches",
-        f"{len(report.comparisons)} compared, {mismatches} mismatches",
-        mismatches == 0,
-    )
-    tl = ctx["timeline"](
-        provider,
-        drill.start,
-        drill.clock.now() - timedelta(seconds=options.speed * 3),
-        settings=settings,
-        engine=engine,
-        clock=drill.clock,
-    )
-    drill.check(
-        "Verification 2: no gaps in the sync timeline",
-        "0 gaps",
-        f"{len(tl.gaps)} gaps",
-        not tl.gaps,
-    )
-
-    with Session(engine) as session:
-        actions = set(session.scalars(select(AuditEvent.action).distinct()))
-    wanted: list[tuple[str, str]] = [("reconcile", "reconcile.")]
-    if expect.breaker:
-        wanted.append(("breaker transitions", "breaker."))
-    if expect.failover:
-        wanted.append(("sync mode switches", "sync.mode"))
-    if expect.deferral:
-        wanted.append(("defects", "defect."))
-    if expect.token:
-        wanted.append(("token refresh", "token."))
-    missing = [label for label, prefix in wanted if not any(a.startswith(prefix) for a in actions)]
-    drill.check(
-        "Every step audited",
-        ", ".join(label for label, _ in wanted),
-        f"{len(actions)} kinds of audit rows"
-        + (f"; missing {', '.join(missing)}" if missing else ""),
-        not missing,
-    )
-    width = max(len(c.name) for c in drill.checks)
-    drill.echo("")
-    for c in drill.checks:
-        drill.echo(f"  {'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.actual}")

@@ -106,8 +106,8 @@ class HealthSampler:
         task.cancel()            # writes what is queued, then ends
         await asyncio.gather(task, return_exceptions=True)
 
-    Sync code that only needs the transitions audited (the drill) hooks
-    :meth:`on_transition` and calls ``asyncio.run(sampler.flush())``.
+    Code on a manual clock (the drill) hooks :meth:`on_transition` and calls
+    :meth:`sample` and :meth:`flush` itself, once per step of its clock.
 
     Args:
         database_url: Where to write (an async engine is made per event loop).

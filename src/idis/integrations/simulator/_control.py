@@ -301,6 +301,12 @@ def _retention(sim: SimulatorState, body: dict[str, Any]) -> Any:
     return {"retention_seconds": target.retention_seconds}
 
 
+def _feed_retention(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    target = _provider(sim, body)
+    target.set_feed_retention(body.get("seconds"))
+    return {"feed_retention_seconds": target.feed_retention_seconds}
+
+
 def _require_auth(sim: SimulatorState, body: dict[str, Any]) -> Any:
     enabled = body.get("enabled", True)
     if not isinstance(enabled, bool):
@@ -410,6 +416,7 @@ CONTROL_ACTIONS: tuple[ControlAction, ...] = (
     ControlAction("/_control/oauth/revoke", "POST", _oauth_revoke, (*_P, "token"), (*_P, "token")),
     ControlAction("/_control/oauth/expire", "POST", _oauth_expire, _P, _P),
     ControlAction("/_control/retention", "POST", _retention, (*_P, "seconds"), (*_P, "seconds")),
+    ControlAction("/_control/feed_retention", "POST", _feed_retention, (*_P, "seconds"), _P),
     ControlAction("/_control/require_auth", "POST", _require_auth, (*_P, "enabled"), _P),
     ControlAction("/_control/clock", "GET", _clock),
     ControlAction("/_control/clock", "POST", _clock, ("advance",)),
@@ -570,6 +577,10 @@ class SimulatorControl:
     def set_retention(self, provider: str, seconds: float) -> None:
         """Set how far back the provider's replay API reaches."""
         self._call("POST", "/retention", {"provider": provider, "seconds": seconds})
+
+    def set_feed_retention(self, provider: str, seconds: float | None) -> None:
+        """Set how far back the changes feed reaches (None: as far as replay)."""
+        self._call("POST", "/feed_retention", {"provider": provider, "seconds": seconds})
 
     def require_auth(self, provider: str, enabled: bool = True) -> None:
         """Require a valid bearer token on records/changes/replay/enrich."""

@@ -371,6 +371,10 @@ class ProviderState:
         self.name = name
         self._owner = owner
         self.retention_seconds = owner.default_retention_seconds
+        #: How far back ``/changes`` reaches (None: as far as replay). Real feeds are
+        #: bounded (Salesforce keeps Change Data Capture events 72 hours, Pub/Sub API
+        #: guide "Event Message Durability"); a client further behind must replay.
+        self.feed_retention_seconds: int | None = None
         self.require_auth = False
         self.records: dict[str, Record] = {}
         # Records in write order: parallel lists, sorted by write number and time.
@@ -604,6 +608,10 @@ class ProviderState:
         """A page of the event log by sequence number (``after``) or time (``since``)."""
         now = self._owner.now()
         cutoff = self._cutoff_index(now)
+        if self.feed_retention_seconds is not None:
+            # After _cutoff_index, which may prune (and so move every index).
+            feed_start = now - timedelta(seconds=self.feed_retention_seconds)
+            cutoff = max(cutoff, bisect.bisect_left(self._event_times, feed_start))
         start = 0
         if after is not None:
             start = max(start, after - self._base_seq)
@@ -958,6 +966,23 @@ class ProviderState:
         _number(seconds, "seconds", minimum=1.0, maximum=100 * 365 * 86400.0)
         self.retention_seconds = int(seconds)
 
+    def set_feed_retention(self, seconds: float | None) -> None:
+        """Set how long ``/changes`` serves events; None: as long as replay does.
+
+        The feed never reaches further back than the replay retention. Events it
+        no longer serves stay in ``/replay``: a client whose feed position fell
+        behind this window (an outage longer than it, webhooks lost meanwhile)
+        gets them back only by replaying.
+
+        Raises:
+            SimulatorInputError: for a non-positive value.
+        """
+        if seconds is None:
+            self.feed_retention_seconds = None
+            return
+        _number(seconds, "seconds", minimum=1.0, maximum=100 * 365 * 86400.0)
+        self.feed_retention_seconds = int(seconds)
+
     def stats(self, *, detail: bool = True) -> dict[str, Any]:
         """Everything tests assert on, as JSON; ``detail=False`` leaves out per-id/per-key maps."""
         result: dict[str, Any] = {
@@ -969,6 +994,7 @@ class ProviderState:
             "records": sum(1 for r in self.records.values() if not r.deleted),
             "events": self.event_count(),
             "retention_seconds": self.retention_seconds,
+            "feed_retention_seconds": self.feed_retention_seconds,
             "require_auth": self.require_auth,
             "idempotency": {
                 "keys": len(self.idempotency),
