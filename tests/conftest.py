@@ -13,6 +13,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -42,6 +43,27 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+#: Vault clients and stores a test opened; closed when it ends (see _close_opened).
+_OPENED: list[Any] = []
+
+
+def opened(resource: Any) -> Any:
+    """Close ``resource`` (anything with ``close()``) when the current test ends.
+
+    A requests session pools sockets; one the garbage collector finds open is
+    reported as a ResourceWarning in whichever later test happens to be running.
+    """
+    _OPENED.append(resource)
+    return resource
+
+
+@pytest.fixture(autouse=True)
+def _close_opened() -> Iterator[None]:
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import free_port, unavailable
+from tests.conftest import free_port, opened, unavailable
 
 from idis.integrations._clock import ManualClock
 from idis.integrations._http import httpx
@@ -139,7 +139,9 @@ class OpenBao:
         """An hvac client (root token by default)."""
         import hvac
 
-        return hvac.Client(url=self.addr, token=token or self.root_token, timeout=5)
+        client = hvac.Client(url=self.addr, token=token or self.root_token, timeout=5)
+        opened(client.adapter)
+        return client
 
     def settings(self, token: str | None = None, **kw: Any) -> VaultSettings:
         """VaultSettings pointing at this server."""

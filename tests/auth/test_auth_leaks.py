@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from prometheus_client import generate_latest
 from sqlalchemy import select
 from tests.auth.conftest import CLIENT_ID, CLIENT_SECRET, OpenBao, env_for, make_settings
+from tests.conftest import opened
 
 from idis.integrations._audit import AuditEvent
 from idis.integrations._http import httpx
@@ -72,7 +73,7 @@ def _scenario(
     """Run every refresh and rotation path; return exception texts and CLI outputs."""
     outputs: list[str] = []
     vault = openbao.settings(token=vault_token, path_prefix=prefix)
-    VaultStore(vault).write_credentials(
+    opened(VaultStore(vault)).write_credentials(
         P, ClientCredentials(client_id=CLIENT_ID, client_secret=Secret(CLIENT_SECRET))
     )
     settings = replace(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ import structlog
 from sqlalchemy import select
 from tests.auth.conftest import CLIENT_ID, CLIENT_SECRET, OpenBao, make_settings
 from tests.auth.loopback import Answer, Recorded, http_server
-from tests.conftest import free_port, sample
+from tests.conftest import free_port, opened, sample
 
 from idis.integrations._audit import AuditEvent
 from idis.integrations._http import httpx
@@ -45,7 +47,7 @@ def _settings(
 
 
 def _seed(openbao: OpenBao, prefix: str, secret: str = CLIENT_SECRET) -> int:
-    store = VaultStore(openbao.settings(path_prefix=prefix))
+    store = opened(VaultStore(openbao.settings(path_prefix=prefix)))
     return store.write_credentials(
         P, ClientCredentials(client_id=CLIENT_ID, client_secret=Secret(secret))
     )
@@ -60,6 +62,23 @@ def _scoped_token(openbao: OpenBao, prefix: str, capabilities: list[str]) -> str
         name=name, policy=f'path "secret/data/{prefix}/{P}" {{ capabilities = [{caps}] }}'
     )
     return str(root.auth.token.create(policies=[name], ttl="10m")["auth"]["client_token"])
+
+
+def _open_connections_to(port: int) -> int:
+    """Sockets of this process still connected to 127.0.0.1:``port`` (Linux /proc)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                ours.add(target[len("socket:[") : -1])
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].split(":")[1], 16)
+        if remote_port == port and fields[9] in ours and fields[3] != "07":  # 07: CLOSE
+            count += 1
+    return count
 
 
 def _audit_actions(url: str) -> list[tuple[str, str]]:
@@ -92,7 +111,7 @@ def test_rotation_writes_a_new_version_keeps_the_previous_and_switches(
     with TokenManager(settings, metrics=metrics) as other_process:
         other = other_process.refresh(P)
 
-    store = VaultStore(openbao.settings(path_prefix=vault_prefix))
+    store = opened(VaultStore(openbao.settings(path_prefix=vault_prefix)))
     previous, _ = store.read_secret(P, version=first_version)
     current = store.read_credentials(P)
     issued_secret = sim.state.provider(P).oauth.clients[CLIENT_ID].secret
@@ -128,7 +147,7 @@ def test_failed_verification_leaves_vault_and_running_credentials_unchanged(
             rotate_credentials(P, new_secret="not-the-real-secret-at-all", manager=manager)
         still_working = manager.refresh(P)
 
-    store = VaultStore(openbao.settings(path_prefix=vault_prefix))
+    store = opened(VaultStore(openbao.settings(path_prefix=vault_prefix)))
     assert "verify" == caught.value.step
     assert "unchanged" in str(caught.value)
     assert "not-the-real-secret-at-all" not in str(caught.value)
@@ -154,7 +173,7 @@ def test_a_token_scoped_to_the_provider_path_is_enough(
         result = rotate_credentials(P, manager=manager)
         refreshed = manager.refresh(P)
     with pytest.raises(SecretStoreError) as denied:
-        VaultStore(vault).read_credentials("docs_provider")
+        opened(VaultStore(vault)).read_credentials("docs_provider")
 
     assert 2 == result.version
     assert 2 == refreshed.generation
@@ -178,7 +197,7 @@ def test_a_read_only_token_fails_the_rotation_before_the_provider_is_asked(
     assert "prepare" == caught.value.step
     assert "create and update" in str(caught.value)
     assert 0 == sim.control.stats(P)["oauth"]["rotations"]
-    assert 1 == VaultStore(openbao.settings(path_prefix=vault_prefix)).current_version(P)
+    assert 1 == opened(VaultStore(openbao.settings(path_prefix=vault_prefix))).current_version(P)
 
 
 def test_credentials_are_read_from_vault_when_configured(
@@ -204,10 +223,14 @@ def test_credentials_are_read_from_vault_when_configured(
 def test_vault_errors_name_the_problem_never_the_token(openbao: OpenBao, vault_prefix: str) -> None:
     """Missing secret, bad token, unreachable Vault: a reason each, never the token."""
     bad_token = "definitely-not-a-valid-vault-token-" + uuid.uuid4().hex
-    missing = VaultStore(openbao.settings(path_prefix=vault_prefix))
-    rejected = VaultStore(openbao.settings(token=bad_token, path_prefix=vault_prefix))
-    down = VaultStore(
-        VaultSettings(addr=f"http://127.0.0.1:{free_port()}", token=Secret(bad_token), timeout=2)
+    missing = opened(VaultStore(openbao.settings(path_prefix=vault_prefix)))
+    rejected = opened(VaultStore(openbao.settings(token=bad_token, path_prefix=vault_prefix)))
+    down = opened(
+        VaultStore(
+            VaultSettings(
+                addr=f"http://127.0.0.1:{free_port()}", token=Secret(bad_token), timeout=2
+            )
+        )
     )
 
     errors = []
@@ -226,7 +249,7 @@ def test_vault_errors_name_the_problem_never_the_token(openbao: OpenBao, vault_p
     assert not errors[1].retryable
     assert all(bad_token not in str(error) for error in errors)
     with pytest.raises(ConfigError) as unset:
-        VaultStore(VaultSettings())
+        opened(VaultStore(VaultSettings()))
     assert "VAULT_ADDR" == unset.value.variable
 
 
@@ -236,7 +259,7 @@ def test_a_policy_denial_and_a_dead_token_are_told_apart(
     """403 from a policy says "policy"; 403 from a revoked token says "expired or revoked"."""
     _seed(openbao, vault_prefix)
     token = _scoped_token(openbao, vault_prefix, ["read"])
-    store = VaultStore(openbao.settings(token=token, path_prefix=vault_prefix))
+    store = opened(VaultStore(openbao.settings(token=token, path_prefix=vault_prefix)))
 
     with pytest.raises(SecretStoreRefused) as denied:
         store.read_credentials("docs_provider")  # valid token, path outside its policy
@@ -295,7 +318,7 @@ def _wait_until_dead(openbao: OpenBao, accessor: str) -> None:
 def test_approle_login_reads_credentials(openbao: OpenBao, vault_prefix: str) -> None:
     """VAULT_ROLE_ID/VAULT_SECRET_ID log in through AppRole and read the provider's secret."""
     _seed(openbao, vault_prefix)
-    store = VaultStore(_approle(openbao, vault_prefix, ttl="10m"))
+    store = opened(VaultStore(_approle(openbao, vault_prefix, ttl="10m")))
 
     assert CLIENT_SECRET == store.read_credentials(P).client_secret.get_secret_value()
 
@@ -305,7 +328,7 @@ def test_an_expired_approle_token_is_replaced_by_a_new_login(
 ) -> None:
     """A 2-second AppRole token: after it expires, the next read logs in again and works."""
     _seed(openbao, vault_prefix)
-    store = VaultStore(_approle(openbao, vault_prefix, ttl="2s", max_ttl="2s"))
+    store = opened(VaultStore(_approle(openbao, vault_prefix, ttl="2s", max_ttl="2s")))
     with structlog.testing.capture_logs() as logs:
         store.read_credentials(P)
         first = store._hvac().auth.token.lookup_self()["data"]["accessor"]
@@ -322,7 +345,7 @@ def test_a_403_from_a_revoked_approle_token_logs_in_again_once(
 ) -> None:
     """Vault revoked the token early (store still thinks it valid): one re-login, then it works."""
     _seed(openbao, vault_prefix)
-    store = VaultStore(_approle(openbao, vault_prefix, ttl="10m"))
+    store = opened(VaultStore(_approle(openbao, vault_prefix, ttl="10m")))
     store.read_credentials(P)
     openbao.client().auth.token.revoke_accessor(
         store._hvac().auth.token.lookup_self()["data"]["accessor"]
@@ -344,7 +367,7 @@ def test_a_renewable_approle_token_is_renewed_before_it_expires(
     _seed(openbao, vault_prefix)
     # 12 s: renewal is due in the last 4 s by the store's (conservative) count; waiting
     # until Vault reports at most 3 s left lands inside it with seconds to spare.
-    store = VaultStore(_approle(openbao, vault_prefix, ttl="12s", max_ttl="1h"))
+    store = opened(VaultStore(_approle(openbao, vault_prefix, ttl="12s", max_ttl="1h")))
     with structlog.testing.capture_logs() as logs:
         store.read_credentials(P)
         client = store._hvac()
@@ -385,7 +408,7 @@ def test_a_provider_reading_credentials_from_vault_survives_its_approle_token_ex
     # Another replica rotates the secret: provider and Vault have a new one.
     rotated = "cs_rotated_elsewhere_" + uuid.uuid4().hex
     sim.control.set_oauth_client(P, CLIENT_ID, rotated)
-    VaultStore(openbao.settings(path_prefix=vault_prefix)).write_credentials(
+    opened(VaultStore(openbao.settings(path_prefix=vault_prefix))).write_credentials(
         P, ClientCredentials(client_id=CLIENT_ID, client_secret=Secret(rotated))
     )
 
@@ -412,7 +435,7 @@ def test_rotation_after_the_approle_token_expired_logs_in_again_instead_of_blami
         result = rotate_credentials(P, manager=manager, actor="test")
 
     assert 2 == result.version
-    assert 2 == VaultStore(openbao.settings(path_prefix=vault_prefix)).current_version(P)
+    assert 2 == opened(VaultStore(openbao.settings(path_prefix=vault_prefix))).current_version(P)
 
 
 # --------------------------------------------------------------------------- writes
@@ -438,7 +461,7 @@ def test_rotation_keeps_the_fields_of_the_secret_it_does_not_own(
     with TokenManager(settings) as manager:
         result = rotate_credentials(P, manager=manager, actor="test")
 
-    data, version = VaultStore(openbao.settings(path_prefix=vault_prefix)).read_secret(P)
+    data, version = opened(VaultStore(openbao.settings(path_prefix=vault_prefix))).read_secret(P)
     assert 2 == version == result.version
     assert "crm-team@example.com" == data["owner"]
     assert "whsec_kept_by_another_tool" == data["webhook_secret"]
@@ -496,7 +519,7 @@ def test_a_concurrent_writer_is_merged_or_refused_never_clobbered(
             with pytest.raises(CredentialRotationError) as caught:
                 rotate_credentials(P, manager=manager)
 
-    data, version = VaultStore(openbao.settings(path_prefix=vault_prefix)).read_secret(P)
+    data, version = opened(VaultStore(openbao.settings(path_prefix=vault_prefix))).read_secret(P)
     if edit == "another field":
         assert 3 == version == result.version
         assert "added by the operator mid-rotation" == data["note"]
@@ -554,8 +577,12 @@ def test_a_redirect_to_another_origin_gets_neither_the_token_nor_the_secret(
             return Answer(307, headers={"Location": elsewhere.url + request.path})
 
         with http_server(redirect) as vault:
-            store = VaultStore(
-                VaultSettings(addr=vault.url, token=Secret(vault_token), path_prefix=vault_prefix)
+            store = opened(
+                VaultStore(
+                    VaultSettings(
+                        addr=vault.url, token=Secret(vault_token), path_prefix=vault_prefix
+                    )
+                )
             )
             with pytest.raises(SecretStoreRefused) as on_write:
                 store.write_credentials(
@@ -564,6 +591,9 @@ def test_a_redirect_to_another_origin_gets_neither_the_token_nor_the_secret(
                 )
             with pytest.raises(SecretStoreRefused) as on_read:
                 store.read_credentials(P)
+            # The refused 307's connection is closed at once, not left open for the
+            # garbage collector to find (a ResourceWarning in some later test).
+            assert 0 == _open_connections_to(int(vault.url.rsplit(":", 1)[1]))
 
     assert [] == elsewhere.requests
     assert "redirect" == on_write.value.reason == on_read.value.reason
@@ -592,9 +622,11 @@ def test_a_same_origin_redirect_is_followed_and_a_write_without_version_fails(
         return Answer(200, b"{}", {"Content-Type": "application/json"})  # no version
 
     with http_server(vault) as server:
-        store = VaultStore(
-            VaultSettings(
-                addr=server.url, token=Secret("t-" + uuid.uuid4().hex), path_prefix=vault_prefix
+        store = opened(
+            VaultStore(
+                VaultSettings(
+                    addr=server.url, token=Secret("t-" + uuid.uuid4().hex), path_prefix=vault_prefix
+                )
             )
         )
         read = store.read_credentials(P)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from tests.auth.conftest import OpenBao, openbao, vault_prefix  # noqa: F401  # fixtures
+from tests.conftest import opened
 from tests.examples.conftest import (
     CLIENT_SECRET,
     CRM,
@@ -60,7 +61,7 @@ def test_rotated_credentials_land_in_vault_and_every_process_switches_to_them(
         )
 
     issued = sim.state.provider(CRM).oauth.clients["idis-local"].secret
-    stored = VaultStore(openbao.settings(path_prefix=vault_prefix)).read_credentials(CRM)
+    stored = opened(VaultStore(openbao.settings(path_prefix=vault_prefix))).read_credentials(CRM)
     assert 0 == rotated.returncode, rotated.stdout + rotated.stderr
     assert "stored in Vault" in rotated.stdout
     assert 0 == refreshed.returncode, refreshed.stdout + refreshed.stderr

@@ -268,6 +268,8 @@ class TokenCore:
         self._metrics = metrics
         self.clock = clock
         self._vault = vault
+        # A store handed in belongs to the caller; one built here is closed by close().
+        self._owns_vault = vault is None
         self.cache: dict[str, AccessToken] = {}
         self.pending: dict[str, PendingWrite] = {}
         self.vault_credentials: dict[str, ClientCredentials] = {}
@@ -314,6 +316,15 @@ class TokenCore:
             if self._vault is None:
                 self._vault = VaultStore(self.settings.vault, clock=self.clock)
             return self._vault
+
+    def close(self) -> None:
+        """Close the Vault store built by :meth:`vault`, if any."""
+        with self._guard:
+            vault, owned = self._vault, self._owns_vault
+            if owned:
+                self._vault = None
+        if vault is not None and owned:
+            vault.close()
 
     def fast(self, provider: str, margin: float) -> AccessToken | None:
         """The cached token if it is fresh (no lock, no I/O)."""

@@ -266,6 +266,7 @@ class TokenManager(_Face):
     def close(self) -> None:
         """Close the HTTP client (and the engine, if this manager created it)."""
         self._http.close()
+        self._core.close()
         if self._owns_engine:
             self._engine.dispose()
 
@@ -358,6 +359,7 @@ class AsyncTokenManager(_Face):
     async def aclose(self) -> None:
         """Close the HTTP client (and the engine, if this manager created it)."""
         await self._http.aclose()
+        self._core.close()
         if self._owns_engine:
             await self._engine.dispose()
 

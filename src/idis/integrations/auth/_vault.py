@@ -102,6 +102,9 @@ def _cross_origin_session(addr: str) -> Any:
             absolute = urljoin(resp.url, target)
             if _origin(absolute) != _origin(addr):
                 scheme, host, port = _origin(absolute)
+                # requests reads and releases a response only when it follows it;
+                # one left open keeps its socket out of the pool until the GC finds it.
+                resp.close()
                 raise CrossOriginRedirect(f"{scheme}://{host}:{port}")
             return target
 
@@ -140,12 +143,25 @@ class VaultStore:
             )
         self.settings = settings
         self._client = client
+        # A client handed in belongs to the caller, who closes it.
+        self._owns_client = client is None
         self._clock = clock or system_clock
         self._lock = threading.RLock()
         #: Monotonic time the token's lease ends; None: unknown or never.
         self._expires: float | None = None
         self._lease = 0.0
         self._renewable = False
+
+    def close(self) -> None:
+        """Close the HTTP session of the client this store built (idempotent).
+
+        The session pools connections to Vault; left to the garbage collector,
+        each open socket is reported as a ResourceWarning.
+        """
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None and self._owns_client:
+            client.adapter.close()
 
     def __repr__(self) -> str:
         return f"VaultStore(addr={self.settings.addr!r}, mount={self.settings.mount!r})"
