@@ -64,7 +64,7 @@ class DealRecords:
         """Up to ``n`` deals chosen uniformly at random (seedable; ids read in a fixed order)."""
         with self._sessions() as session:
             ids = list(session.scalars(select(Deal.id).order_by(Deal.id)))
-            chosen = random.Random(seed).sample(ids, min(n, len(ids)))  # noqa: S311  # sampling
+            chosen = random.Random(seed).sample(ids, min(n, len(ids)))
             deals = {d.id: d for d in session.scalars(select(Deal).where(Deal.id.in_(chosen)))}
         return [_local(deals[i]) for i in chosen if i in deals]
 
@@ -96,7 +96,9 @@ class DealRecords:
         deal.stage = stage[:32] if isinstance(stage, str) else None
         amount = data.get("amount")
         deal.amount = (
-            int(amount) if isinstance(amount, int | float) and not isinstance(amount, bool) else None
+            int(amount)
+            if isinstance(amount, int | float) and not isinstance(amount, bool)
+            else None
         )
         deal.crm_version = remote.version
         # The row now is the CRM's state: nothing of it waits to be pushed.

@@ -91,7 +91,9 @@ def load_host_records(
             variable=HOST_RECORDS_VARIABLE,
         )
     source = factory(provider=provider, engine=engine, settings=settings)
-    missing = [name for name in ("sample", "get", "write") if not callable(getattr(source, name, None))]
+    missing = [
+        name for name in ("sample", "get", "write") if not callable(getattr(source, name, None))
+    ]
     if missing:
         raise ConfigError(
             f"{HOST_RECORDS_VARIABLE}={entry!r} returned {type(source).__name__}, which has no "

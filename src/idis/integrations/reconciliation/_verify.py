@@ -187,8 +187,10 @@ def _repair_side(repair: bool | str | None) -> RepairSide | None:
         return None
     if repair is True:
         return "host"  # the historical --repair: the provider's state into the host
-    if repair == "host" or repair == "provider":
-        return repair
+    if repair == "host":
+        return "host"
+    if repair == "provider":
+        return "provider"
     raise ConfigError(
         f"--repair={repair!r} is not a side: expected host (the provider's version into the "
         "host) or provider (the host's version to the provider)",
@@ -272,7 +274,8 @@ def verify_sync(
             the older form of ``host_records``, which cannot ``write``.
         fields: Data fields that matter (default: the source's ``fields``, else all).
         settings: Library settings (default: from the environment).
-        client: The provider adapter (``get_record``, ``list_records``); default a ``ProviderClient``.
+        client: The provider adapter (``get_record``, ``list_records``); default a
+            ``ProviderClient``.
         engine: Database engine (default: one for ``settings.database_url``).
         handlers: The host's handlers, for host repairs (default: the process-wide registry).
         actor: Who runs it, for the audit trail.
@@ -603,9 +606,18 @@ def _write_host(ctx: _RepairContext, record_id: str, comparison: RecordCompariso
     return Repair(record_id, "failed", "still differs after the host record source wrote it")
 
 
+def _enqueuer(message: Any) -> Callable[[Any], None]:
+    from ..outbox import enqueue
+
+    def add(session: Any) -> None:
+        enqueue(session, message)
+
+    return add
+
+
 def _repair_provider(ctx: _RepairContext) -> list[Repair]:
     """Push the host's version of each mismatched record through the outbox."""
-    from ..outbox import NewMessage, enqueue
+    from ..outbox import NewMessage
 
     provider = ctx.report.provider
     repairs: list[Repair] = []
@@ -658,7 +670,7 @@ def _repair_provider(ctx: _RepairContext) -> list[Repair]:
                 "status": comparison.status,
             },
             message=f"queued the host's version of {record_id} for {provider}",
-            also=lambda session, message=message: enqueue(session, message),  # type: ignore[misc]
+            also=_enqueuer(message),
         )
         repairs.append(Repair(record_id, "queued", "the outbox delivers it", side="provider"))
     return repairs
