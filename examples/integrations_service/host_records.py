@@ -23,12 +23,14 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from idis.integrations._redact import mask_url
 from idis.integrations._timeparse import utcnow
 from idis.integrations.config import Settings
 from idis.integrations.enrichment._syncstatus import SYNC_SYNCED
+from idis.integrations.exceptions import ConfigError
 from idis.integrations.reconciliation import LocalRecord
 
 from .models import Deal
@@ -58,6 +60,15 @@ class DealRecords:
     fields = FIELDS
 
     def __init__(self, engine: Engine) -> None:
+        if not inspect(engine).has_table(Deal.__tablename__):
+            # Say where we looked and what creates it, not an SQL traceback.
+            raise ConfigError(
+                f"IDIS_HOST_RECORDS: no {Deal.__tablename__!r} table in "
+                f"{mask_url(engine.url.render_as_string(hide_password=False))}: the service "
+                "creates its tables when it starts (integrations_service.runtime."
+                "prepare_database); start it once against this database",
+                variable="IDIS_HOST_RECORDS",
+            )
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     def sample(self, n: int, seed: int | None) -> list[LocalRecord]:

@@ -313,3 +313,15 @@ def test_cli_prints_the_mismatches_and_a_summary_not_every_match(
     assert "1 repaired" in repaired.stdout
     body = json.loads(clean.stdout)
     assert (0, "host_records", 40) == (body["mismatched"], body["local_source"], body["checked"])
+
+
+def test_a_missing_deals_table_is_named_not_an_sql_traceback(
+    sim: RunningSimulator, db_url: str, engine: Engine, cli_env: dict[str, str]
+) -> None:
+    """verify-sync before the service ever created its tables: exit 2, what and where."""
+    result = _run("verify-sync", "--provider", PROVIDER, "--sample-size", "5")
+
+    assert 2 == result.exit_code, result.output
+    assert "no 'deals' table" in result.output
+    assert "prepare_database" in result.output
+    assert "Traceback" not in result.output
