@@ -306,8 +306,9 @@ def test_cli_prints_the_mismatches_and_a_summary_not_every_match(
 
     assert 1 == found.exit_code, found.output
     assert "TAMPERED" in found.stdout
-    assert "40 checked (40 sampled from the host's table, 40 from crm_provider)" in found.stdout
-    assert "1 mismatch" in found.stdout
+    assert "40 checked, 39 match, 1 mismatch (40 sampled from the host's table, 40 from" in (
+        found.stdout
+    )
     assert 1 == found.stdout.count("rec_")  # the mismatch only, not 40 "match" rows
     assert 0 == repaired.exit_code, repaired.output
     assert "1 repaired" in repaired.stdout
@@ -325,3 +326,21 @@ def test_a_missing_deals_table_is_named_not_an_sql_traceback(
     assert "no 'deals' table" in result.output
     assert "prepare_database" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_example_handlers_apply_an_update_to_an_existing_deal(
+    sim: RunningSimulator, engine: Engine, db_url: str, deals: DealRecords, handlers: Any
+) -> None:
+    """Found by verify-sync on PostgreSQL: the handlers' conflict-free insert took psycopg's
+    rowcount of -1 for "created", so an existing deal never took the CRM's update there."""
+    settings = _crm_deals(sim, db_url, handlers, 2)
+    since = utcnow() - timedelta(seconds=1)
+    current = sim.control.stats(PROVIDER)["writes"]["rec_1"][-1]["data"]
+    sim.control.mutate(PROVIDER, "rec_1", dict(current, name="renamed at the CRM"), event=True)
+
+    assert reconcile(PROVIDER, since, settings=settings, handlers=handlers).ok
+
+    assert ("renamed at the CRM", 2) == tuple(
+        (_deal(engine, "rec_1") or {}).get(k) for k in ("name", "crm_version")
+    )
+    assert [] == verify_sync(PROVIDER, 5, seed=0, host_records=deals, settings=settings).mismatches

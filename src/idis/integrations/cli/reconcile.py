@@ -400,18 +400,19 @@ def _print_verify(report: Any) -> None:
             stdout.print(f"  {repair.record_id}: {repair.outcome}: {repair.reason}", markup=False)
     side = "the host's table" if report.local_source == "host_records" else "the inbox's ledger"
     summary = (
-        f"verify-sync {provider} (seed {report.seed}): {len(report.comparisons)} checked "
-        f"({report.host_sampled} sampled from {side}, {report.provider_sampled} from "
-        f"{provider}), {len(report.comparisons) - len(report.mismatches)} match, "
+        f"verify-sync {provider} (seed {report.seed}): {len(report.comparisons)} checked, "
+        f"{len(report.comparisons) - len(report.mismatches)} match, "
         f"{len(report.mismatches)} mismatch"
     )
     if report.repair_side is not None:
         summary += f", {len(report.repaired)} repaired"
         if report.queued:
-            summary += (
-                f", {len(report.queued)} queued for {provider} (the outbox delivers them; "
-                "run verify-sync again after)"
-            )
+            summary += f", {len(report.queued)} queued for {provider}"
+    summary += (
+        f" ({report.host_sampled} sampled from {side}, {report.provider_sampled} from {provider})"
+    )
+    if report.queued:
+        summary += "; the outbox delivers the queued pushes: run verify-sync again after"
     if not report.ok:
         summary += (
             "; some mismatches remain"
