@@ -67,9 +67,15 @@ def _insert_ignoring_conflict(session: Session, values: dict[str, Any]) -> bool:
     """INSERT ... ON CONFLICT (id) DO NOTHING; True when the row was new."""
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(Deal).values(values).on_conflict_do_nothing(index_elements=[Deal.id])
-    result = session.execute(statement)
-    return bool(result.rowcount)  # type: ignore[attr-defined]  # CursorResult for INSERT
+    statement = (
+        insert(Deal)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=[Deal.id])
+        .returning(Deal.id)
+    )
+    # RETURNING, not rowcount: psycopg reports -1 for this statement, which read as
+    # "created" and made every update of an existing deal a no-op on PostgreSQL.
+    return session.execute(statement).first() is not None
 
 
 def upsert_deal(session: Session, event: Any) -> None:

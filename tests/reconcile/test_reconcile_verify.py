@@ -79,7 +79,10 @@ def test_the_same_seed_samples_the_same_records(
     ids = [c.record_id for c in one.comparisons]
     assert ids == [c.record_id for c in two.comparisons]
     assert ids != [c.record_id for c in other.comparisons]
-    assert 5 == len(set(ids))
+    # Five from the host's side, five from the provider's; one drawn twice is compared once.
+    assert (5, 5) == (one.host_sampled, one.provider_sampled)
+    assert 5 == len(set(ids[:5]))
+    assert len(ids) == len(set(ids))
     assert isinstance(unseeded.seed, int)
 
 
@@ -125,9 +128,15 @@ def test_a_host_source_with_data_gets_field_level_diffs(
 ) -> None:
     """Local data that drifted at the same version is reported per field and not 'repaired'."""
     settings = _synced(sim, db_url, host, 2)
-    remote = sim.control.stats(PROVIDER)["writes"]["rec_1"][-1]["data"]
+    writes = sim.control.stats(PROVIDER)["writes"]
+    remote = writes["rec_1"][-1]["data"]
     drifted = dict(remote, stage="drifted")
-    source = HostRecords({"rec_1": LocalRecord("rec_1", "tenant_1", 1, data=drifted)})
+    source = HostRecords(
+        {
+            "rec_1": LocalRecord("rec_1", "tenant_1", 1, data=drifted),
+            "rec_2": LocalRecord("rec_2", "tenant_1", 1, data=writes["rec_2"][-1]["data"]),
+        }
+    )
 
     report = verify_sync(
         PROVIDER,

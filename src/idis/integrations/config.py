@@ -222,6 +222,18 @@ def _url(value: object, name: str) -> str:
     return text.rstrip("/")
 
 
+_ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _entry_point(value: object, name: str) -> str:
+    text = str(value).strip()
+    if not _ENTRY_POINT.fullmatch(text):
+        raise ConfigError(
+            f"{name}={text!r} is invalid: expected package.module:factory", variable=name
+        )
+    return text
+
+
 def _database_url(value: object, name: str) -> str:
     url = str(value).strip()
     scheme = urlsplit(url).scheme.split("+")[0]
@@ -1108,6 +1120,19 @@ class Settings:
     log_level: str = field(
         default="INFO",
         metadata=_var("IDIS_LOG_LEVEL", _log_level, "Log level.", shown="`info`"),
+    )
+    host_records: str | None = field(
+        default=None,
+        metadata=_var(
+            "IDIS_HOST_RECORDS",
+            _entry_point,
+            "The host's records for `verify-sync` (`package.module:factory`, called with "
+            "`provider`, `engine`, `settings`; returns a `HostRecordSource`), e.g. "
+            "`integrations_service.host_records:deal_records`. Unset: `verify-sync` compares "
+            "the provider with the inbox's version ledger only, which cannot see a row "
+            "changed or created in the host's table (see `reconcile.md`).",
+            shown="unset (the inbox's ledger)",
+        ),
     )
     simulator_url: str = field(
         default=DEFAULT_SIMULATOR_URL,

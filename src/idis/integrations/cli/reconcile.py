@@ -2,7 +2,8 @@
 
 * ``idis-integrations reconcile --provider P --since "2 hours ago" [--dry-run] [--resync]``
 * ``idis-integrations timeline --provider P --since ... [--until ...] [--json]``
-* ``idis-integrations verify-sync --provider P --sample-size 20 [--seed N] [--repair] [--json]``
+* ``idis-integrations verify-sync --provider P --sample-size 20 [--seed N]
+  [--repair[=host|provider]] [--host-records package.module:factory] [--json]``
 * ``idis-integrations audit --provider P --since ... [--action X] [--json]``
 
 Exit codes: 0 done; 1 done but a check failed (reconcile: an event failed;
@@ -30,6 +31,7 @@ from ._common import (
     print_table,
     provider_option,
     since_option,
+    stderr,
     stdout,
 )
 from ._progress import progress
@@ -278,27 +280,15 @@ def timeline_command(
 # --------------------------------------------------------------------------- verify-sync
 
 
-class _CountingClient:
-    """The provider client, counting each record fetched (the progress of verify-sync)."""
-
-    def __init__(self, client: Any, advance: Any) -> None:
-        self._client = client
-        self._advance = advance
-
-    def get_record(self, record_id: str) -> Any:
-        """Fetch one record, then count it."""
-        try:
-            return self._client.get_record(record_id)
-        finally:
-            self._advance(1)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-
 def _cell(value: Any) -> str:
     text = "" if value is None else str(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+_HOST_RECORDS_HELP = (
+    "The host's records to compare (package.module:factory returning a HostRecordSource); "
+    "default $IDIS_HOST_RECORDS, else the inbox's version ledger."
+)
 
 
 @main.command("verify-sync")
@@ -308,14 +298,23 @@ def _cell(value: Any) -> str:
     type=click.IntRange(1, 10_000),
     default=20,
     show_default=True,
-    help="Local records to compare with the provider.",
+    help="Records to sample on each side (host and provider).",
 )
 @click.option("--seed", type=int, default=None, help="Sampling seed (printed; reuse to repeat).")
-@click.option("--repair", is_flag=True, help="Re-sync mismatched records through the handlers.")
+@click.option(
+    "--repair",
+    type=click.Choice(["host", "provider"]),
+    is_flag=False,
+    flag_value="host",
+    default=None,
+    help="Fix the mismatches on one side: host (bare --repair; the provider's version through "
+    "the handlers) or provider (the host's version pushed through the outbox).",
+)
 @click.option(
     "--fields", default=None, help="Data fields that matter, comma-separated (default: all)."
 )
 @click.option("--handlers", envvar="IDIS_HANDLERS", default=None, help=_HANDLERS_HELP)
+@click.option("--host-records", default=None, help=_HOST_RECORDS_HELP)
 @json_option
 @handle_errors
 def verify_sync_command(
@@ -323,77 +322,110 @@ def verify_sync_command(
     provider: str,
     sample_size: int,
     seed: int | None,
-    repair: bool,
+    repair: str | None,
     fields: str | None,
     handlers: str | None,
+    host_records: str | None,
     as_json: bool,
 ) -> None:
-    """Compare a random sample of local records with PROVIDER's (RB-09 Verification 3)."""
+    """Compare a random sample of the host's and PROVIDER's records (RB-09 Verification 3)."""
     from contextlib import ExitStack
 
     from ..reconciliation._db import default_client, default_engine
+    from ..reconciliation._host import load_host_records
     from ..reconciliation._verify import verify_sync
 
     settings = get_settings()
     registry = _registry(handlers)
     wanted = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
+    spec = host_records or settings.host_records
     with ExitStack() as stack, progress(f"verifying {provider}", unit="records") as advance:
         engine = default_engine(settings, stack)
-        client = _CountingClient(default_client(settings, provider, stack, engine), advance)
+        client = default_client(settings, provider, stack, engine)
+        source = None
+        if spec:
+            source = load_host_records(spec, provider=provider, engine=engine, settings=settings)
+            close = getattr(source, "close", None)
+            if callable(close):
+                stack.callback(close)
         report = verify_sync(
             provider,
             sample_size,
             seed=seed,
             repair=repair,
+            host_records=source,
             fields=wanted,
             settings=settings,
             client=client,
             engine=engine,
             handlers=registry,
             actor=_actor(),
+            on_checked=advance,
         )
     if as_json:
         print_json(report.as_dict())
     else:
-        # Only what needs a look: 2,000 "match" rows would bury the one mismatch.
-        repairs = {r.record_id: r for r in report.repairs}
-        rows = []
-        for comparison in report.mismatches:
-            fixed = repairs.get(comparison.record_id)
-            for index, diff in enumerate(comparison.diffs or (None,)):
-                first = index == 0
-                rows.append(
-                    (
-                        comparison.record_id if first else "",
-                        comparison.status if first else "",
-                        "" if diff is None else diff.field,
-                        "" if diff is None else _cell(diff.local),
-                        "" if diff is None else _cell(diff.remote),
-                        (fixed.outcome if fixed else "") if first else "",
-                    )
-                )
-        if rows:
-            print_table(
-                f"verify-sync {provider}: {len(report.mismatches)} mismatched record(s)",
-                ["record", "status", "field", "local", "provider", "repair"],
-                rows,
-            )
-        stdout.print(
-            f"verify-sync {provider} (seed {report.seed}): {len(report.comparisons)} checked, "
-            f"{len(report.comparisons) - len(report.mismatches)} match, "
-            f"{len(report.mismatches)} mismatch"
-            + (f", {len(report.repaired)} repaired" if repair else "")
-            + (
-                ""
-                if report.ok
-                else "; re-run with --repair to re-sync them"
-                if not repair
-                else "; some mismatches remain"
-            ),
-            markup=False,
-        )
+        _print_verify(report)
     if not report.ok:
         sys.exit(EXIT_CHECK_FAILED)
+
+
+def _print_verify(report: Any) -> None:
+    # Only what needs a look: 2,000 "match" rows would bury the one mismatch.
+    provider = report.provider
+    repairs = {r.record_id: r for r in report.repairs}
+    rows = []
+    for comparison in report.mismatches:
+        fixed = repairs.get(comparison.record_id)
+        for index, diff in enumerate(comparison.diffs or (None,)):
+            first = index == 0
+            rows.append(
+                (
+                    comparison.record_id if first else "",
+                    comparison.status if first else "",
+                    "" if diff is None else diff.field,
+                    "" if diff is None else _cell(diff.local),
+                    "" if diff is None else _cell(diff.remote),
+                    (fixed.outcome if fixed else "") if first else "",
+                )
+            )
+    if rows:
+        print_table(
+            f"verify-sync {provider}: {len(report.mismatches)} mismatched record(s)",
+            ["record", "status", "field", "host", "provider", "repair"],
+            rows,
+        )
+    for repair in report.repairs:
+        if repair.outcome in ("failed", "not_repairable") and repair.reason:
+            stdout.print(f"  {repair.record_id}: {repair.outcome}: {repair.reason}", markup=False)
+    side = "the host's table" if report.local_source == "host_records" else "the inbox's ledger"
+    summary = (
+        f"verify-sync {provider} (seed {report.seed}): {len(report.comparisons)} checked, "
+        f"{len(report.comparisons) - len(report.mismatches)} match, "
+        f"{len(report.mismatches)} mismatch"
+    )
+    if report.repair_side is not None:
+        summary += f", {len(report.repaired)} repaired"
+        if report.queued:
+            summary += f", {len(report.queued)} queued for {provider}"
+    summary += (
+        f" ({report.host_sampled} sampled from {side}, {report.provider_sampled} from {provider})"
+    )
+    if report.queued:
+        summary += "; the outbox delivers the queued pushes: run verify-sync again after"
+    if not report.ok:
+        summary += (
+            "; some mismatches remain"
+            if report.repair_side is not None
+            else "; re-run with --repair=host or --repair=provider to fix one side"
+        )
+    stdout.print(summary, markup=False)
+    if report.local_source == "ledger":
+        stderr.print(
+            "note: compared with the inbox's ledger, which cannot see rows changed in the "
+            "host's table; set IDIS_HOST_RECORDS (or --host-records) to read the host's records",
+            markup=False,
+        )
 
 
 # --------------------------------------------------------------------------- audit

@@ -9,8 +9,9 @@
   retains: it fetches the current records and applies those that changed.
 * :func:`gaps` and :func:`timeline` show where no channel covered the sync
   timeline; a completed reconcile records replay coverage so its gaps close.
-* :func:`verify_sync` compares a random, seedable sample of local records
-  with the provider's copies and can repair the ones that differ.
+* :func:`verify_sync` compares a random, seedable sample of the host's records
+  (a :class:`HostRecordSource`, else the inbox's ledger) and of the provider's
+  across the two, and can repair either side.
 
 Submodules load on first use so that ``db/models.py`` can import the table
 without pulling in the provider client.
@@ -25,6 +26,7 @@ from .._lazy import lazy_exports
 if TYPE_CHECKING:
     from ._db import ReconcileBusy
     from ._fallback import ResyncSummary, resync
+    from ._host import HostRecordSource, load_host_records
     from ._ledger import AppliedRecordSource, LocalRecordSource
     from ._logic import FieldDiff, Gap, LocalRecord, RecordComparison, data_hash
     from ._replay import (
@@ -46,6 +48,7 @@ __all__ = [
     "EventFailure",
     "FieldDiff",
     "Gap",
+    "HostRecordSource",
     "LocalRecord",
     "LocalRecordSource",
     "ReconcileBusy",
@@ -60,6 +63,7 @@ __all__ = [
     "VerifyReport",
     "data_hash",
     "gaps",
+    "load_host_records",
     "reconcile",
     "reconcile_async",
     "resync",
@@ -70,6 +74,7 @@ __all__ = [
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "._db": ("ReconcileBusy",),
     "._fallback": ("ResyncSummary", "resync"),
+    "._host": ("HostRecordSource", "load_host_records"),
     "._ledger": ("AppliedRecordSource", "LocalRecordSource"),
     "._logic": ("FieldDiff", "Gap", "LocalRecord", "RecordComparison", "data_hash"),
     "._replay": (

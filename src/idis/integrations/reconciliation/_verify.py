@@ -1,29 +1,44 @@
-"""``verify_sync``: compare a random sample of local records with the provider (RB-09 Verif. 3).
+"""``verify_sync``: compare the host's records with the provider's (RB-09 Verification 3).
 
-A seedable random sample comes from a :class:`~.ledger.LocalRecordSource`
-(default: :class:`~.ledger.AppliedRecordSource`, the inbox's version ledger);
-each sampled record is fetched from the provider and compared
-(:func:`~.logic.compare_record`: versions and tenants, plus data fields or a
-data hash when the local source has them). A record changed only at the
-provider, say by an edit whose webhook never came, shows as a version
-mismatch.
+Two samples, so that a record missing on either side can be found:
 
-With ``repair=True`` every mismatched record is re-synced through the host's
-handlers as a snapshot event (see :mod:`.fallback`), audited as
-``verify_sync.record_repaired`` (``source='repair'``), and compared again.
-Every run writes one ``verify_sync.completed`` audit row: the evidence for
-the runbook's Verification step.
+* ``sample_size`` records drawn from the host's side, each fetched from the
+  provider (a record the host created that never reached the provider shows
+  as ``missing_remote``);
+* ``sample_size`` records drawn from the provider's list, each read on the
+  host's side (a record whose creation never reached the host shows as
+  ``missing_local``).
+
+A record drawn by both is compared once. The host's side is a
+:class:`~._host.HostRecordSource` over the host's own table when one is given
+(``host_records=``, ``Settings.host_records`` / ``IDIS_HOST_RECORDS``): then a
+row changed by hand is a field-level mismatch. Without one it is the inbox's
+version ledger (:class:`~._ledger.AppliedRecordSource`), which only tells
+whether the provider moved on without us.
+
+``repair`` fixes the mismatches on one side:
+
+* ``"host"`` (``True``, the historical ``--repair``): the provider's state is
+  applied through the host's handlers as a snapshot event (see
+  :mod:`._fallback`); when the inbox already applied that version (the row was
+  changed in the host, not at the provider) the host record source writes it;
+* ``"provider"``: the host's record is pushed to the provider through the
+  outbox (``PUT /records/{id}``), queued for the outbox workers to deliver.
+
+Each repair writes one ``verify_sync.record_repaired`` audit row
+(``source='repair'``, ``details.side``), and each run one
+``verify_sync.completed`` row: the evidence for the runbook's Verification step.
 """
 
 from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Engine
 
@@ -31,7 +46,7 @@ from .._audit import record_audit
 from .._clock import Clock, system_clock
 from ..config import Settings
 from ..exceptions import ConfigError
-from ..observability._logs import get_logger
+from ..observability._logs import get_logger, redact_text
 from ..sync._inbox import ApplyOutcome, HandlerRegistry, get_registry
 from ._db import default_client, default_engine, sessions, transaction
 from ._fallback import (
@@ -41,27 +56,39 @@ from ._fallback import (
     confirm_missing,
     snapshot_event,
 )
+from ._host import HostRecordSource, load_host_records
 from ._ledger import AppliedRecordSource, LocalRecordSource, read_ledger
-from ._logic import RecordComparison, compare_record
+from ._logic import LocalRecord, RecordComparison, compare_record
 from ._replay import require_handlers
 
-__all__ = ["MAX_SAMPLE_SIZE", "Repair", "VerifyReport", "verify_sync"]
+__all__ = ["MAX_SAMPLE_SIZE", "REPAIR_SIDES", "Repair", "VerifyReport", "verify_sync"]
 
 log = get_logger()
 
-#: Largest sample one run checks (each sampled record costs one provider call).
+#: Largest sample one run checks per direction (each sampled record costs one call).
 MAX_SAMPLE_SIZE = 10_000
+#: The sides ``repair`` can fix.
+REPAIR_SIDES = ("host", "provider")
+#: Records per page when listing the provider's side.
+_LIST_PAGE = 500
+#: Audit action of a repair.
+REPAIRED = "verify_sync.record_repaired"
+
+RepairSide = Literal["host", "provider"]
 
 
 @dataclass(frozen=True, slots=True)
 class Repair:
-    """What ``--repair`` did for one mismatched record."""
+    """What ``repair`` did for one mismatched record."""
 
     record_id: str
-    #: ``repaired``, ``failed`` or ``not_repairable``.
+    #: ``repaired`` (verified equal afterwards), ``queued`` (a push waits in the
+    #: outbox), ``failed`` or ``not_repairable``.
     outcome: str
     #: Why, when not repaired.
     reason: str | None = None
+    #: The side repaired: ``host`` or ``provider``.
+    side: str = "host"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +96,22 @@ class VerifyReport:
     """The result of one verification run."""
 
     provider: str
-    #: The seed the sample was drawn with (pass it again to check the same records).
+    #: The seed the samples were drawn with (pass it again to check the same records).
     seed: int
     sample_size: int
-    #: One comparison per sampled record, in sample order (before any repair).
+    #: One comparison per sampled record (host sample first), before any repair.
     comparisons: list[RecordComparison] = field(default_factory=list)
-    #: Repairs attempted (``repair=True`` only).
+    #: Repairs attempted (``repair`` only).
     repairs: list[Repair] = field(default_factory=list)
     #: Run id (correlation id of its audit rows).
     run_id: str = ""
+    #: Records drawn from the host's side and from the provider's.
+    host_sampled: int = 0
+    provider_sampled: int = 0
+    #: What the host's side was: ``host_records`` (the host's table) or ``ledger``.
+    local_source: str = "ledger"
+    #: The side ``repair`` fixed, or None.
+    repair_side: str | None = None
 
     @property
     def mismatches(self) -> list[RecordComparison]:
@@ -90,9 +124,14 @@ class VerifyReport:
         return [r.record_id for r in self.repairs if r.outcome == "repaired"]
 
     @property
+    def queued(self) -> list[str]:
+        """Ids whose host version waits in the outbox for the provider."""
+        return [r.record_id for r in self.repairs if r.outcome == "queued"]
+
+    @property
     def ok(self) -> bool:
-        """No mismatch is left: none found, or every one repaired."""
-        return len(self.repaired) == len(self.mismatches)
+        """No mismatch is left: none found, or every one repaired (or its push queued)."""
+        return len(self.repaired) + len(self.queued) == len(self.mismatches)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -100,10 +139,15 @@ class VerifyReport:
             "provider": self.provider,
             "seed": self.seed,
             "sample_size": self.sample_size,
+            "local_source": self.local_source,
+            "host_sampled": self.host_sampled,
+            "provider_sampled": self.provider_sampled,
             "checked": len(self.comparisons),
             "matched": len(self.comparisons) - len(self.mismatches),
             "mismatched": len(self.mismatches),
+            "repair_side": self.repair_side,
             "repaired": len(self.repaired),
+            "queued": len(self.queued),
             "ok": self.ok,
             "run_id": self.run_id,
             "records": [
@@ -120,7 +164,7 @@ class VerifyReport:
                 for c in self.comparisons
             ],
             "repairs": [
-                {"record_id": r.record_id, "outcome": r.outcome, "reason": r.reason}
+                {"record_id": r.record_id, "side": r.side, "outcome": r.outcome, "reason": r.reason}
                 for r in self.repairs
             ],
         }
@@ -138,6 +182,22 @@ def _check_sample_size(sample_size: int) -> None:
         )
 
 
+def _repair_side(repair: bool | str | None) -> RepairSide | None:
+    if repair is None or repair is False:
+        return None
+    if repair is True:
+        return "host"  # the historical --repair: the provider's state into the host
+    if repair == "host":
+        return "host"
+    if repair == "provider":
+        return "provider"
+    raise ConfigError(
+        f"--repair={repair!r} is not a side: expected host (the provider's version into the "
+        "host) or provider (the host's version to the provider)",
+        variable="--repair",
+    )
+
+
 def _as_mapping(record: Any | None) -> dict[str, Any] | None:
     """The provider's record as compare_record reads it (``version``: its order key's major)."""
     if record is None:
@@ -147,12 +207,42 @@ def _as_mapping(record: Any | None) -> dict[str, Any] | None:
     return {"tenant_id": record.tenant_id, "version": version, "data": record.data}
 
 
+def _sample_provider(client: Any, n: int, seed: int) -> list[Any]:
+    """``n`` of the provider's records, uniformly at random (one pass, reservoir sampling).
+
+    Seeded from ``seed`` on its own stream, so the host's sample and this one
+    are independent, and a seed repeats both while neither side changes.
+    """
+    rng = random.Random(f"provider:{seed}")  # noqa: S311  # sampling, not crypto
+    chosen: list[Any] = []
+    seen = 0
+    cursor: str | None = None
+    cursors: set[str] = set()
+    while True:
+        page = client.list_records(cursor=cursor, limit=_LIST_PAGE)
+        for record in page.items:
+            seen += 1
+            if len(chosen) < n:
+                chosen.append(record)
+            else:
+                slot = rng.randrange(seen)
+                if slot < n:
+                    chosen[slot] = record
+        cursor = page.next_cursor
+        # A provider that hands back a cursor it gave before would loop forever.
+        if not cursor or cursor in cursors:
+            break
+        cursors.add(cursor)
+    return chosen
+
+
 def verify_sync(
     provider: str,
     sample_size: int,
     *,
     seed: int | None = None,
-    repair: bool = False,
+    repair: bool | str | None = False,
+    host_records: HostRecordSource | None = None,
     local_records: LocalRecordSource | None = None,
     fields: Sequence[str] | None = None,
     settings: Settings | None = None,
@@ -162,78 +252,134 @@ def verify_sync(
     actor: str = "system",
     clock: Clock = system_clock,
     confirm_after: timedelta = CONFIRM_AFTER,
+    on_checked: Callable[[int], None] | None = None,
 ) -> VerifyReport:
-    """Compare ``sample_size`` random local records with the provider's copies.
+    """Compare a random sample of the host's records, and of the provider's, across the two.
 
     Example::
 
-        report = verify_sync("crm_provider", 20, seed=7)
+        report = verify_sync("crm_provider", 20, seed=7, host_records=deals)
         for mismatch in report.mismatches:
-            print(mismatch.record_id, mismatch.diffs)
+            print(mismatch.record_id, mismatch.status, mismatch.diffs)
 
     Args:
         provider: Provider name as configured.
-        sample_size: Records to sample (1-10000).
+        sample_size: Records to sample on each side (1-10000).
         seed: Sampling seed (default: a random one, reported in the result).
-        repair: Re-sync mismatched records through the host's handlers.
-        local_records: The host's records (default: the inbox's version ledger).
-        fields: Data fields that matter (default: all; needs a source with data).
+        repair: ``"host"`` (or True): bring the host to the provider's state;
+            ``"provider"``: push the host's records through the outbox.
+        host_records: The host's records (default: the factory named by
+            ``settings.host_records``, else the inbox's version ledger).
+        local_records: A read-only source of the host's records (sample, get);
+            the older form of ``host_records``, which cannot ``write``.
+        fields: Data fields that matter (default: the source's ``fields``, else all).
         settings: Library settings (default: from the environment).
-        client: The provider adapter (``get_record``); default a ``ProviderClient``.
+        client: The provider adapter (``get_record``, ``list_records``); default a
+            ``ProviderClient``.
         engine: Database engine (default: one for ``settings.database_url``).
-        handlers: The host's handlers, for repairs (default: the process-wide registry).
+        handlers: The host's handlers, for host repairs (default: the process-wide registry).
         actor: Who runs it, for the audit trail.
         clock: Time source (tests pass a manual clock).
         confirm_after: A record the provider answers 404 for is read again this
-            much later before a repair deletes it locally.
+            much later before a host repair deletes it.
+        on_checked: Called with 1 after each record compared (progress).
 
     Raises:
-        ConfigError: unknown provider, bad sample size, or ``repair`` without handlers.
+        ConfigError: unknown provider, bad sample size or repair side, a host
+            repair without handlers, or both ``host_records`` and ``local_records``.
         ProviderError: the provider failed while fetching a record.
         StorageError: the database is unreachable.
     """
     settings = settings if settings is not None else Settings.from_env()
     settings.provider(provider)
     _check_sample_size(sample_size)
+    side = _repair_side(repair)
+    if host_records is not None and local_records is not None:
+        raise ConfigError(
+            "verify_sync takes host_records or local_records, not both", variable="host_records"
+        )
     registry = handlers if handlers is not None else get_registry()
-    if repair:
+    if side == "host":
         require_handlers(registry, provider)
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
     run_id = f"vs_{uuid.uuid4().hex[:20]}"
+    tick = on_checked if on_checked is not None else (lambda _n: None)
     with ExitStack() as stack:
         engine = engine if engine is not None else default_engine(settings, stack)
         client = client if client is not None else default_client(settings, provider, stack, engine)
         factory = sessions(engine)
         ordering = adapter_ordering(client, settings, provider)
-        local = (
-            local_records if local_records is not None else AppliedRecordSource(engine, provider)
+        host = host_records
+        if host is None and local_records is None and settings.host_records:
+            host = load_host_records(
+                settings.host_records, provider=provider, engine=engine, settings=settings
+            )
+            close = getattr(host, "close", None)
+            if callable(close):
+                stack.callback(close)
+        local: LocalRecordSource = (
+            host
+            if host is not None
+            else local_records
+            if local_records is not None
+            else AppliedRecordSource(engine, provider)
         )
-        sample = local.sample(sample_size, seed)
+        wanted = fields if fields is not None else getattr(host, "fields", None)
         remotes: dict[str, Any | None] = {}
         comparisons: list[RecordComparison] = []
-        for item in sample:
+        host_sample = local.sample(sample_size, seed)
+        for item in host_sample:
+            if item.record_id in remotes:
+                continue
             remote = client.get_record(item.record_id)
             remotes[item.record_id] = remote
             comparisons.append(
-                compare_record(item, item.record_id, _as_mapping(remote), fields=fields)
+                compare_record(item, item.record_id, _as_mapping(remote), fields=wanted)
             )
-        report = VerifyReport(provider, seed, sample_size, comparisons, [], run_id)
-        if repair and report.mismatches:
+            tick(1)
+        provider_sample = (
+            _sample_provider(client, sample_size, seed)
+            if callable(getattr(client, "list_records", None))
+            else []
+        )
+        for record in provider_sample:
+            if record.id in remotes:
+                continue  # drawn by both samples: compared once
+            remotes[record.id] = record
+            comparisons.append(
+                compare_record(local.get(record.id), record.id, _as_mapping(record), fields=wanted)
+            )
+            tick(1)
+        report = VerifyReport(
+            provider,
+            seed,
+            sample_size,
+            comparisons,
+            [],
+            run_id,
+            host_sampled=len(host_sample),
+            provider_sampled=len(provider_sample),
+            local_source="host_records" if host is not None else "ledger",
+            repair_side=side,
+        )
+        if side is not None and report.mismatches:
+            context = _RepairContext(
+                report=report,
+                remotes=remotes,
+                local=local,
+                host=host,
+                engine=engine,
+                client=client,
+                ordering=ordering,
+                registry=registry,
+                actor=actor,
+                clock=clock,
+                confirm_after=confirm_after,
+                fields=wanted,
+            )
             report.repairs.extend(
-                _repair(
-                    report,
-                    remotes,
-                    local,
-                    engine=engine,
-                    client=client,
-                    ordering=ordering,
-                    registry=registry,
-                    actor=actor,
-                    clock=clock,
-                    confirm_after=confirm_after,
-                    fields=fields,
-                )
+                _repair_host(context) if side == "host" else _repair_provider(context)
             )
         with transaction(factory) as session:
             record_audit(
@@ -245,15 +391,21 @@ def verify_sync(
                 details={
                     "seed": seed,
                     "sample_size": sample_size,
+                    "local_source": report.local_source,
+                    "host_sampled": report.host_sampled,
+                    "provider_sampled": report.provider_sampled,
                     "checked": len(comparisons),
                     "mismatched": len(report.mismatches),
+                    "repair_side": side,
                     "repaired": len(report.repaired),
+                    "queued": len(report.queued),
                     "mismatched_ids": [c.record_id for c in report.mismatches][:100],
                 },
                 correlation_id=run_id,
                 message=(
                     f"verified {len(comparisons)} {provider} records: "
                     f"{len(report.mismatches)} mismatched, {len(report.repaired)} repaired"
+                    + (f", {len(report.queued)} queued for the provider" if report.queued else "")
                 ),
                 occurred_at=clock.now(),
             )
@@ -262,79 +414,135 @@ def verify_sync(
         provider=provider,
         run_id=run_id,
         seed=seed,
+        local_source=report.local_source,
         checked=len(comparisons),
         mismatched=len(report.mismatches),
         repaired=len(report.repaired),
+        queued=len(report.queued),
         msg="sync verification finished",
     )
     return report
 
 
-def _repair(
-    report: VerifyReport,
-    remotes: dict[str, Any | None],
-    local: LocalRecordSource,
-    *,
-    engine: Engine,
-    client: Any,
-    ordering: Any,
-    registry: HandlerRegistry,
-    actor: str,
-    clock: Clock,
-    confirm_after: timedelta,
-    fields: Sequence[str] | None,
-) -> list[Repair]:
-    provider = report.provider
-    mismatched = {c.record_id: c for c in report.mismatches}
-    with transaction(sessions(engine)) as session:
+@dataclass(slots=True)
+class _RepairContext:
+    report: VerifyReport
+    remotes: dict[str, Any | None]
+    local: LocalRecordSource
+    host: HostRecordSource | None
+    engine: Engine
+    client: Any
+    ordering: Any
+    registry: HandlerRegistry
+    actor: str
+    clock: Clock
+    confirm_after: timedelta
+    fields: Sequence[str] | None
+
+    def compare(self, record_id: str) -> RecordComparison:
+        return compare_record(
+            self.local.get(record_id),
+            record_id,
+            _as_mapping(self.remotes[record_id]),
+            fields=self.fields,
+        )
+
+    def audit(
+        self,
+        record_id: str,
+        tenant_id: str | None,
+        *,
+        side: str,
+        outcome: str,
+        details: dict[str, Any],
+        message: str | None = None,
+        also: Callable[[Any], None] | None = None,
+    ) -> None:
+        """One ``verify_sync.record_repaired`` row (with ``also`` in the same transaction)."""
+        with transaction(sessions(self.engine)) as session:
+            if also is not None:
+                also(session)
+            record_audit(
+                session,
+                REPAIRED,
+                provider=self.report.provider,
+                actor=self.actor,
+                subject_type="record",
+                subject_id=record_id,
+                tenant_id=tenant_id,
+                source="repair",
+                outcome=outcome,
+                details={"side": side, **details},
+                message=message,
+                correlation_id=self.report.run_id,
+                occurred_at=self.clock.now(),
+            )
+
+
+def _repair_host(ctx: _RepairContext) -> list[Repair]:
+    """Bring the host to the provider's state: through the inbox, else the source's ``write``."""
+    provider = ctx.report.provider
+    mismatched = {c.record_id: c for c in ctx.report.mismatches}
+    with transaction(sessions(ctx.engine)) as session:
         ledger = read_ledger(session, provider, list(mismatched))
     # A 404 may be transient: read again before deleting the host's copy.
-    suspects = [rid for rid in mismatched if remotes[rid] is None]
-    remotes.update(confirm_missing(client, suspects, clock=clock, after=confirm_after))
+    suspects = [rid for rid in mismatched if ctx.remotes[rid] is None]
+    ctx.remotes.update(
+        confirm_missing(ctx.client, suspects, clock=ctx.clock, after=ctx.confirm_after)
+    )
     repairs: dict[str, Repair] = {}
     for record_id in suspects:
-        again = remotes[record_id]
-        if (
-            again is not None
-            and compare_record(
-                local.get(record_id), record_id, _as_mapping(again), fields=fields
-            ).ok
-        ):
+        if ctx.remotes[record_id] is not None and ctx.compare(record_id).ok:
             repairs[record_id] = Repair(
                 record_id, "repaired", "the provider's 404 was transient: the record matches"
             )
     events = []
-    now = clock.now()
+    writes: list[str] = []
+    now = ctx.clock.now()
     for record_id in mismatched:
         if record_id in repairs:
             continue
+        remote = ctx.remotes[record_id]
+        if remote is None and record_id not in ledger:
+            # Nothing says the provider ever had it: deleting the host's row
+            # would lose a record that only needs pushing.
+            repairs[record_id] = Repair(
+                record_id,
+                "not_repairable",
+                "the provider never had this record as far as the inbox knows; "
+                "--repair=provider pushes the host's",
+            )
+            continue
         event = snapshot_event(
-            record_id, remotes[record_id], ledger.get(record_id), ordering=ordering, now=now
+            record_id, remote, ledger.get(record_id), ordering=ctx.ordering, now=now
         )
-        if event is None:
+        if event is not None:
+            events.append(event)
+        elif ctx.host is not None:
+            writes.append(record_id)
+        else:
             # The inbox already holds the provider's version: the host's data
             # differs at the same version, which only the host can repair.
             repairs[record_id] = Repair(
                 record_id,
                 "not_repairable",
                 "the provider's version is already applied; the local data differs at the "
-                "same version, so the host must repair it",
+                "same version, so the host must repair it (IDIS_HOST_RECORDS can)",
             )
-        else:
-            events.append(event)
     if events:
-        by_id = {e.record_id: e for e in events}
         result = apply_snapshots(
-            engine,
+            ctx.engine,
             provider,
             events,
-            registry=registry,
-            action="verify_sync.record_repaired",
+            registry=ctx.registry,
+            action=REPAIRED,
             audit_source="repair",
-            actor=actor,
-            correlation_id=report.run_id,
-            clock=clock,
+            actor=ctx.actor,
+            correlation_id=ctx.report.run_id,
+            clock=ctx.clock,
             details=lambda e: {
+                "side": "host",
+                "via": "handlers",
                 "fields": [d.field for d in mismatched[e.record_id].diffs],
                 "local_version": mismatched[e.record_id].local_version,
             },
@@ -342,18 +550,127 @@ def _repair(
         for event, error in result.failed:
             repairs[event.record_id] = Repair(event.record_id, "failed", type(error).__name__)
         for event in [*result.of(ApplyOutcome.SUPERSEDED), *result.of(ApplyOutcome.IGNORED)]:
-            repairs[event.record_id] = Repair(
-                event.record_id, "not_repairable", "the inbox did not apply the snapshot"
-            )
-        for record_id in by_id:
-            if record_id in repairs:
-                continue
-            after = compare_record(
-                local.get(record_id), record_id, _as_mapping(remotes[record_id]), fields=fields
-            )
-            repairs[record_id] = (
-                Repair(record_id, "repaired")
-                if after.ok
-                else Repair(record_id, "failed", "still differs after the repair")
-            )
+            if ctx.host is not None:
+                writes.append(event.record_id)
+            else:
+                repairs[event.record_id] = Repair(
+                    event.record_id, "not_repairable", "the inbox did not apply the snapshot"
+                )
+        for event in result.applied:
+            record_id = event.record_id
+            if ctx.compare(record_id).ok:
+                repairs[record_id] = Repair(record_id, "repaired")
+            elif ctx.host is not None:
+                # The handlers kept the host's row (say, an unpushed local edit):
+                # the operator asked for the provider's version, so write it.
+                writes.append(record_id)
+            else:
+                repairs[record_id] = Repair(record_id, "failed", "still differs after the repair")
+    for record_id in writes:
+        repairs[record_id] = _write_host(ctx, record_id, mismatched[record_id])
     return [repairs[rid] for rid in mismatched if rid in repairs]
+
+
+def _write_host(ctx: _RepairContext, record_id: str, comparison: RecordComparison) -> Repair:
+    assert ctx.host is not None  # only called with a host source
+    remote = ctx.remotes[record_id]
+    changed = [d.field for d in comparison.diffs]
+    try:
+        ctx.host.write(record_id, remote)
+    except Exception as exc:  # noqa: BLE001  # the host's code: report, audit, go on
+        ctx.audit(
+            record_id,
+            comparison.tenant_id,
+            side="host",
+            outcome="failed",
+            details={"via": "host_records", "fields": changed, "error": type(exc).__name__},
+            message=redact_text(str(exc))[:500],
+        )
+        return Repair(record_id, "failed", type(exc).__name__)
+    after = ctx.compare(record_id)
+    ctx.audit(
+        record_id,
+        comparison.tenant_id,
+        side="host",
+        outcome="ok" if after.ok else "failed",
+        details={
+            "via": "host_records",
+            "fields": changed,
+            "local_version": comparison.local_version,
+            "remote_version": comparison.remote_version,
+            "deleted": remote is None,
+        },
+    )
+    if after.ok:
+        return Repair(record_id, "repaired")
+    return Repair(record_id, "failed", "still differs after the host record source wrote it")
+
+
+def _enqueuer(message: Any) -> Callable[[Any], None]:
+    from ..outbox import enqueue
+
+    def add(session: Any) -> None:
+        enqueue(session, message)
+
+    return add
+
+
+def _repair_provider(ctx: _RepairContext) -> list[Repair]:
+    """Push the host's version of each mismatched record through the outbox."""
+    from ..outbox import NewMessage
+
+    provider = ctx.report.provider
+    repairs: list[Repair] = []
+    for comparison in ctx.report.mismatches:
+        record_id = comparison.record_id
+        local: LocalRecord | None = ctx.local.get(record_id)
+        if local is None or local.deleted:
+            repairs.append(
+                Repair(
+                    record_id,
+                    "not_repairable",
+                    "the host has no such record; --repair=host brings the provider's",
+                    side="provider",
+                )
+            )
+            continue
+        if local.data is None:
+            repairs.append(
+                Repair(
+                    record_id,
+                    "not_repairable",
+                    "the host's side has no data to push (the inbox's ledger): set "
+                    "IDIS_HOST_RECORDS or --host-records",
+                    side="provider",
+                )
+            )
+            continue
+        data = {k: v for k, v in local.data.items() if ctx.fields is None or k in ctx.fields}
+        key = f"verify-{ctx.report.run_id}-{record_id}"
+        message = NewMessage.request(
+            provider,
+            "record",
+            method="PUT",
+            path_params={"id": record_id},
+            json={"tenant_id": local.tenant_id, "data": data},
+            idempotency_key=key,
+            # Behind any push of the same record the host already queued.
+            ordering_key=record_id,
+            tenant_id=local.tenant_id,
+        )
+        ctx.audit(
+            record_id,
+            local.tenant_id,
+            side="provider",
+            outcome="ok",
+            details={
+                "via": "outbox",
+                "idempotency_key": key,
+                "fields": [d.field for d in comparison.diffs],
+                "status": comparison.status,
+            },
+            message=f"queued the host's version of {record_id} for {provider}",
+            also=_enqueuer(message),
+        )
+        repairs.append(Repair(record_id, "queued", "the outbox delivers it", side="provider"))
+    return repairs
