@@ -2,11 +2,12 @@
 
 The tour's bash block is taken from README.md and run by bash in an empty
 directory (holding only a link to ``examples/``, as a clone would), so the
-database it names (``$PWD/tour.sqlite3``) is fresh. Two things differ from a
-reader's shell, both outside the commands: the install line is skipped (the
-test runs inside the installed environment) and the simulator gets a free port
-instead of 8765 (``IDIS_SIMULATOR_URL`` says which), so the test never meets
-another process on 8765.
+database it names (``$PWD/tour.sqlite3``) is fresh. What differs from a
+reader's shell: the install line is skipped (the test runs inside the installed
+environment), the simulator gets a free port instead of 8765
+(``IDIS_SIMULATOR_URL`` says which) so the test never meets another process on
+8765, and the README's Python example runs just before the simulator is
+stopped, where its text places it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 _TOUR = re.compile(r"^## A 5-minute tour\n.*?^```bash\n(?P<body>.*?)^```", re.M | re.S)
+_IN_CODE = re.compile(r"^In code, a provider call.*?^```python\n(?P<body>.*?)^```", re.M | re.S)
 
 
 def tour_commands() -> str:
@@ -32,6 +34,13 @@ def tour_commands() -> str:
     lines = match.group("body").splitlines()
     assert lines[0].startswith("python3 -m venv"), "the tour starts by installing"
     return "\n".join(lines[1:]) + "\n"
+
+
+def code_example() -> str:
+    """The README's Python example, which runs against the tour's simulator."""
+    match = _IN_CODE.search((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert match is not None, "README.md has no python block after 'In code, a provider call'"
+    return match.group("body")
 
 
 def test_the_tour_block_is_found_and_does_the_whole_job() -> None:
@@ -54,7 +63,9 @@ def test_the_tour_block_is_found_and_does_the_whole_job() -> None:
 def test_the_readme_tour_runs_as_written(tmp_path: Path) -> None:
     """Every command succeeds; reconcile applies the provider's changes; verify-sync checks them."""
     port = free_port()
-    script = tour_commands().replace("8765", str(port))
+    # The Python example runs where its text says: before the simulator is stopped.
+    example = f"python - <<'EOF'\n{code_example()}print('example ok')\nEOF\n"
+    script = tour_commands().replace("kill %1", example + "kill %1").replace("8765", str(port))
     (tmp_path / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDIS_")}
     env.pop("PYTHONPATH", None)
@@ -90,3 +101,4 @@ def test_the_readme_tour_runs_as_written(tmp_path: Path) -> None:
     assert "10 checked, 10 match, 0 mismatch" in out
     assert re.search(r"rec_1 .*│ repaired", out), out
     assert "10 checked, 9 match, 1 mismatch, 1 repaired" in out
+    assert "example ok" in out
