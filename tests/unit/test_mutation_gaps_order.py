@@ -114,3 +114,20 @@ def test_a_host_event_without_an_order_key_is_ordered_by_its_version() -> None:
     for version in (0, True, None):
         with pytest.raises(UsageError, match="event 'h1' has no order key"):
             order_key(_HostEvent("h1", version))
+
+
+def test_an_event_with_neither_order_nor_version_is_refused_by_name() -> None:
+    """A host object without a ``version`` attribute gets the named error, not AttributeError."""
+
+    @dataclass
+    class Bare:
+        id: str
+
+    with pytest.raises(UsageError, match="event 'b1' has no order key and no record version"):
+        order_key(Bare("b1"))
+
+
+def test_a_tie_break_with_nul_is_refused() -> None:
+    """PostgreSQL text cannot hold NUL; the key refuses it before any statement runs."""
+    with pytest.raises(UsageError, match="contains NUL"):
+        OrderKey(1, "a\x00b")
