@@ -44,6 +44,7 @@ def test_a_posted_deal_is_pushed_once_with_its_idempotency_key_and_becomes_synce
     synced = wait_for(lambda: _synced(service, "d1", 1), "deal d1 SYNCED")
     stats = sim.control.stats(CRM)
     assert {"deal-d1-r1": 1} == stats["idempotency"]["applications"]
+    assert {"deal-d1-r1": 1} == stats["idempotency"]["received"]  # sent once, not replayed
     writes = stats["writes"]["d1"]
     assert [("deal-d1-r1", {"name": "Acme", "stage": "lead", "amount": 5000})] == [
         (w["idempotency_key"], w["data"]) for w in writes
