@@ -10,8 +10,12 @@ success                              ``delivered``
 not attempted (breaker open,         back to ``pending``; the attempt is given
 bulkhead full, worker stopping)      back, so waiting never burns the budget
 provider fault while the provider    back to ``pending``, attempt given back: the
-is now unavailable (the failure      failure is the outage's, not the message's
-opened its breaker or a 429 pause)
+is now unavailable (the failure      failure is the outage's, not the message's;
+opened its breaker or a 429 pause)   the delay grows with each such failure, so
+                                     the next half-open trial is another message
+the same, but the provider served    counted like any other failure: the message
+other messages since this one last   is poison, not the provider down, so it is
+failed                               retried and dead-lettered in the end
 410 Gone on a webhook                ``dead``; the receiver is marked gone
 other 4xx (except 408/409/425/429)   ``dead`` at once: resending cannot succeed
 a caller bug (UsageError, ...)       ``dead`` at once
@@ -127,6 +131,8 @@ def decide(
     now: datetime,
     settings: OutboxSettings,
     rng: random.Random | None = None,
+    served_others: bool = False,
+    excused: int = 0,
 ) -> Disposition:
     """Decide what happens to a message after one attempt.
 
@@ -140,6 +146,11 @@ def decide(
         now: Current time.
         settings: Backoff settings.
         rng: Random source for the jitter (tests pass a seeded one).
+        served_others: The provider accepted other messages since this one's
+            last failure: a failure that leaves it unavailable is this
+            message's own (poison), and counts.
+        excused: Earlier failures of this message given back as the outage's;
+            each one doubles the delay before it is due again.
 
     Returns:
         The disposition to write.
@@ -164,13 +175,21 @@ def decide(
         # A caller bug, bad configuration or an answer that resending cannot
         # change; auth failures stay retryable because a refresh may fix them.
         return Disposition(Action.DEAD, None, summary)
-    backoff = backoff_delay(settings, attempts, rng)
-    if isinstance(error, ProviderError) and error.provider_fault and not provider_available:
+    outage = (
+        isinstance(error, ProviderError)
+        and error.provider_fault
+        and not provider_available
+        and not served_others
+    )
+    if outage:
         # The attempt failed *and* the provider is now unavailable (this failure
-        # opened its breaker, or a 429 paused it): the outage's fault, so the
-        # attempt is given back. The backoff still spreads the messages out so
-        # one message does not take every half-open trial slot.
+        # opened its breaker, or a 429 paused it), and nothing says it works for
+        # others: the outage's fault, so the attempt is given back. The delay
+        # grows with each such failure, so the message that failed the last
+        # half-open trial is not the next trial too.
+        backoff = backoff_delay(settings, attempts + excused, rng)
         return Disposition(Action.DEFER, now + max(backoff, DEFER_DELAY), summary)
+    backoff = backoff_delay(settings, attempts, rng)
     if attempts > max_retries:
         return Disposition(Action.DEAD, None, summary)
     return Disposition(Action.RETRY, now + backoff, summary)

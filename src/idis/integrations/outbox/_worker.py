@@ -89,6 +89,8 @@ Availability = Callable[[str], bool]
 _log = get_logger()
 _DELIVERED = Disposition(Action.DELIVERED)
 _DB_ERRORS = (OperationalError, DBAPIError, StorageError)
+#: Messages whose excused failures a worker remembers (a bound, not a tuning knob).
+_MAX_EXCUSED = 10_000
 #: Longest pause between attempts to reach a database that is down.
 _MAX_DB_BACKOFF = 5.0
 
@@ -200,6 +202,12 @@ class _WorkerCore:
         self._rotation = 0
         self._last_gauges: float | None = None
         self._gone: set[tuple[str, str]] = set()
+        #: Deliveries per provider, by this worker: the evidence that a provider
+        #: works for others while one message keeps failing.
+        self._served: Counter[str] = Counter()
+        #: Message id -> (``_served`` of its provider when its failure was last
+        #: excused as the outage's, failures excused so far).
+        self._excused: dict[int, tuple[int, int]] = {}
         self.unsettled = _Pending()
         self.db_failures = 0
         self.log = _log.bind(worker=self.worker_id)
@@ -301,20 +309,36 @@ class _WorkerCore:
     def settle(
         self, message: OutboxMessage, error: BaseException | None, now: datetime
     ) -> _Settlement:
+        provider = message.provider
         if error is None:
+            self._served[provider] += 1
+            self._excused.pop(message.id, None)
             return _Settlement(message, _DELIVERED)
-        available = self.available(message.provider)
+        # The gateway raises CircuitOpen/BulkheadFull only when nothing went
+        # out; once a request was sent, its failure is what comes back.
+        failed = not isinstance(error, CircuitOpen | BulkheadFull)
+        served, excused = self._excused.get(message.id, (self._served[provider], 0))
         disposition = decide(
             error,
             kind=message.kind,
             attempts=message.attempts,
             max_retries=message.max_retries,
-            provider_available=available,
+            provider_available=self.available(provider),
             now=now,
             settings=self.outbox,
             rng=self.rng,
+            served_others=self._served[provider] > served,
+            excused=excused,
         )
-        failed = error is not None and not isinstance(error, CircuitOpen | BulkheadFull)
+        if disposition.action is Action.DEFER and failed:
+            # Given back as the outage's: remember what the provider had served,
+            # so that its next failure counts if others got through meanwhile.
+            self._excused[message.id] = (self._served[provider], excused + 1)
+            if len(self._excused) > _MAX_EXCUSED:
+                # Messages another worker settled never come back here: forget the oldest.
+                del self._excused[next(iter(self._excused))]
+        elif failed:
+            self._excused.pop(message.id, None)
         if disposition.action is Action.GONE:
             receiver = self.receiver_of(message)
             if receiver is not None:
