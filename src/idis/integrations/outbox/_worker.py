@@ -754,21 +754,40 @@ class OutboxWorker:
         out: list[_Settlement] = []
         ready = core.split_spent(batch, out)
         leases = _Leases(ready)
-        if core.concurrency == 1 or len(ready) <= 1:
-            out.extend(self._deliver_one(message, leases) for message in ready)
+        if not ready:
             return out
-        # A sliding window, not chunks: one slow send (a retry backing off in
-        # the gateway) holds one slot, not the whole batch. One batch never
-        # holds two messages of one ordering key, so they may go out side by side.
-        futures = {self._pool().submit(self._deliver_one, m, leases): m for m in ready}
-        while futures:
-            done, _ = wait(futures, timeout=core.renew_check, return_when=FIRST_COMPLETED)
-            for future in done:
-                out.append(future.result())
-                del futures[future]
-            if futures:
-                self._keep_leases(leases)
-        return out
+        # A heartbeat renews the leases while the batch is out, whatever the
+        # path: a single send that outlasts the lease must not let another
+        # worker send the message again behind it.
+        finished = threading.Event()
+        heartbeat = threading.Thread(
+            target=self._heartbeat,
+            args=(leases, finished),
+            name=f"idis-outbox-heartbeat-{core.worker_id}",
+            daemon=True,
+        )
+        heartbeat.start()
+        try:
+            if core.concurrency == 1 or len(ready) == 1:
+                out.extend(self._deliver_one(message, leases) for message in ready)
+                return out
+            # A sliding window, not chunks: one slow send (a retry backing off in
+            # the gateway) holds one slot, not the whole batch. One batch never
+            # holds two messages of one ordering key, so they may go out side by side.
+            futures = {self._pool().submit(self._deliver_one, m, leases): m for m in ready}
+            while futures:
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for future in done:
+                    out.append(future.result())
+                    del futures[future]
+            return out
+        finally:
+            finished.set()
+            heartbeat.join()
+
+    def _heartbeat(self, leases: _Leases, finished: threading.Event) -> None:
+        while not finished.wait(self._core.renew_check):
+            self._keep_leases(leases)
 
     def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Settlement:
         # Every send first makes sure the batch's leases will outlast it.
@@ -1068,6 +1087,8 @@ class AsyncOutboxWorker:
         slots = asyncio.Semaphore(core.concurrency)
         renewing = asyncio.Lock()
 
+        finished = asyncio.Event()
+
         async def one(message: OutboxMessage) -> _Settlement:
             # At most ``concurrency`` at once, a sliding window; distinct
             # ordering keys within a batch, so per-key order holds.
@@ -1076,7 +1097,24 @@ class AsyncOutboxWorker:
                     await self._keep_leases(leases)
                 return await self._deliver_one(message, leases)
 
-        out.extend(await asyncio.gather(*(one(m) for m in ready)))
+        async def heartbeat() -> None:
+            # Renews while any send runs, even the only one of a batch of one.
+            # Stopped by an event, never cancelled: a cancelled renewal would
+            # leave the held connection mid-transaction.
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), timeout=core.renew_check)
+                if finished.is_set():
+                    return
+                async with renewing:
+                    await self._keep_leases(leases)
+
+        beat = asyncio.get_running_loop().create_task(heartbeat())
+        try:
+            out.extend(await asyncio.gather(*(one(m) for m in ready)))
+        finally:
+            finished.set()
+            await beat
         return out
 
     async def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Settlement:

@@ -1,0 +1,89 @@
+"""Leases hold while a send outlasts them, whatever the delivery path (issue 11 item 3).
+
+Real clock here (a heartbeat is about time passing while a send blocks), but no
+timed assertion: the slow send itself waits until the first lease is past its
+expiry on the database's clock, then lets a rival worker try to lease. With the
+heartbeat the rival finds nothing; without it, the rival sends the message too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine
+
+from idis.integrations.db._engine import create_async_db_engine
+from idis.integrations.outbox._messages import OutboxMessage
+from idis.integrations.outbox._worker import AsyncOutboxWorker, OutboxWorker
+
+from .conftest import Recorder, outbox_settings, put_messages, statuses, table
+
+LEASE = timedelta(seconds=1)
+
+
+def _past_first_lease(engine: Engine, message: OutboxMessage) -> None:
+    """Block (like a slow provider) until the message's first lease would have lapsed."""
+    assert message.lease_expires_at is not None
+    first = message.lease_expires_at
+    first = first if first.tzinfo else first.replace(tzinfo=UTC)
+    while datetime.now(UTC) < first + LEASE / 2:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("batch_size", "concurrency"), [(1, 1), (5, 1)])
+def test_a_send_longer_than_the_lease_keeps_it_sync(
+    engine: Engine, batch_size: int, concurrency: int
+) -> None:
+    """Sync worker, batch of one or concurrency 1: the heartbeat renews during the send."""
+    put_messages(engine, 1, keys=1)
+    settings = outbox_settings(lease=LEASE, batch_size=batch_size, concurrency=concurrency)
+    rival_recorder = Recorder()
+    rival = OutboxWorker(engine, settings, deliver=rival_recorder, providers=["crm_provider"])
+    rival_leased: list[int] = []
+
+    def slow(message: OutboxMessage) -> None:
+        _past_first_lease(engine, message)
+        rival_leased.append(rival.run_once().leased)
+
+    worker = OutboxWorker(engine, settings, deliver=slow, providers=["crm_provider"])
+    result = worker.run_once()
+
+    assert (1, [0], []) == (result.delivered, rival_leased, rival_recorder.attempts)
+    assert {"delivered": 1} == statuses(engine)
+    assert 1 == table(engine)[0].attempts
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_send_longer_than_the_lease_keeps_it_async(engine: Engine, concurrency: int) -> None:
+    """Async worker (the production one): the heartbeat renews while the only send runs."""
+    put_messages(engine, 1, keys=1)
+    settings = outbox_settings(lease=LEASE, batch_size=1, concurrency=concurrency)
+    async_engine = create_async_db_engine(engine.url.render_as_string(hide_password=False))
+    rival_attempts: list[int] = []
+    rival_leased: list[int] = []
+
+    async def rival_deliver(message: OutboxMessage) -> None:
+        rival_attempts.append(message.id)
+
+    async def scenario() -> int:
+        rival = AsyncOutboxWorker(
+            async_engine, settings, deliver=rival_deliver, providers=["crm_provider"]
+        )
+
+        async def slow(message: OutboxMessage) -> None:
+            await asyncio.to_thread(_past_first_lease, engine, message)
+            rival_leased.append((await rival.run_once()).leased)
+
+        worker = AsyncOutboxWorker(async_engine, settings, deliver=slow, providers=["crm_provider"])
+        return (await worker.run_once()).delivered
+
+    try:
+        delivered = asyncio.run(scenario())
+    finally:
+        asyncio.run(async_engine.dispose())
+
+    assert (1, [0], []) == (delivered, rival_leased, rival_attempts)
+    assert {"delivered": 1} == statuses(engine)
