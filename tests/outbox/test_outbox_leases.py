@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
+from idis.integrations._clock import ManualClock
 from idis.integrations.db._engine import create_async_db_engine
+from idis.integrations.exceptions import StorageError
 from idis.integrations.outbox._messages import OutboxMessage
 from idis.integrations.outbox._worker import AsyncOutboxWorker, OutboxWorker
 
@@ -87,3 +90,63 @@ def test_a_send_longer_than_the_lease_keeps_it_async(engine: Engine, concurrency
 
     assert (1, [0], []) == (delivered, rival_leased, rival_attempts)
     assert {"delivered": 1} == statuses(engine)
+
+
+def _lose_next_commit_ack(engine: Engine) -> list[bool]:
+    """Make the next COMMIT succeed on the server and then fail on the client (a lost ack)."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    armed = [True]
+
+    def commit(conn: Any) -> None:
+        if armed[0]:
+            armed[0] = False
+            conn.connection.dbapi_connection.commit()  # the server commits ...
+            # ... and the acknowledgement is lost on the way back.
+            raise OperationalError("COMMIT", {}, ConnectionError("connection lost during COMMIT"))
+
+    event.listen(engine, "commit", commit)
+    return armed
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_lease_whose_commit_ack_was_lost_is_not_stranded(
+    engine: Engine, clock: ManualClock, driver: str
+) -> None:
+    """COMMIT succeeded but failed to acknowledge: the next cycle delivers, no lease to wait out."""
+    put_messages(engine, 6, keys=3, clock=clock)
+    recorder = Recorder()
+    settings = outbox_settings(lease=timedelta(minutes=5))
+    if driver == "sync":
+        worker: Any = OutboxWorker(
+            engine, settings, deliver=recorder, providers=["crm_provider"], clock=clock
+        )
+        armed = _lose_next_commit_ack(engine)
+        with pytest.raises(StorageError):
+            worker.run_once()
+        results = [worker.run_once() for _ in range(3)]
+    else:
+        async_engine = create_async_db_engine(engine.url.render_as_string(hide_password=False))
+        armed = _lose_next_commit_ack(async_engine.sync_engine)
+
+        async def deliver(message: OutboxMessage) -> None:
+            recorder(message)
+
+        async def scenario() -> list[Any]:
+            worker = AsyncOutboxWorker(
+                async_engine, settings, deliver=deliver, providers=["crm_provider"], clock=clock
+            )
+            with pytest.raises(StorageError):
+                await worker.run_once()
+            return [await worker.run_once() for _ in range(3)]
+
+        try:
+            results = asyncio.run(scenario())
+        finally:
+            asyncio.run(async_engine.dispose())
+
+    assert [False] == armed  # the lost acknowledgement really happened
+    assert {"delivered": 6} == statuses(engine)  # the clock never moved: no lease lapsed
+    assert [1] * 6 == [r.attempts for r in table(engine)]  # the unsent lease is not counted
+    assert [3, 3, 0] == [r.delivered for r in results]

@@ -62,6 +62,7 @@ from ._queries import (
     gone_receivers_statement,
     lease_statement,
     mark_receiver_statement,
+    release_own_statement,
     renew_statement,
     settle_delivered_statement,
     settle_statement,
@@ -209,6 +210,9 @@ class _WorkerCore:
         #: excused as the outage's, failures excused so far).
         self._excused: dict[int, tuple[int, int]] = {}
         self.unsettled = _Pending()
+        #: A cycle's transaction failed: its COMMIT may have succeeded unseen,
+        #: leaving leases this worker does not know it holds.
+        self.unsure_of_leases = False
         self.db_failures = 0
         self.log = _log.bind(worker=self.worker_id)
 
@@ -251,6 +255,14 @@ class _WorkerCore:
             "p_owner": self.worker_id,
             "p_expires": now + self.lease,
         }
+
+    def release_own_params(self) -> dict[str, Any]:
+        """Parameters of ``release_own_statement``: run before leasing, no batch in flight."""
+        self.log.warning(
+            "idis.outbox.unacknowledged_leases_released",
+            msg="a cycle's transaction failed; leases it may have taken unseen are given back",
+        )
+        return {"p_owner": self.worker_id, "p_now": self.clock.now()}
 
     def to_message(self, row: Any) -> OutboxMessage:
         max_retries = row.max_retries if row.max_retries is not None else self.outbox.max_retries
@@ -679,11 +691,15 @@ class OutboxWorker:
             # batch: half the round trips of settling and leasing apart.
             with self._transaction() as conn:
                 self._write_unsettled(conn)
+                if core.unsure_of_leases:
+                    conn.execute(release_own_statement(), core.release_own_params())
                 batch = self._lease(conn, result)
+            core.unsure_of_leases = False
             core.unsettled.items.clear()
             if core.gauges_due():
                 self._refresh_gauges()
         except _DB_ERRORS as exc:
+            core.unsure_of_leases = True
             raise _as_storage_error(exc) from exc
         result.leased = len(batch)
         if batch:
@@ -1007,11 +1023,15 @@ class AsyncOutboxWorker:
         try:
             async with self._transaction() as conn:
                 await self._write_unsettled(conn)
+                if core.unsure_of_leases:
+                    await conn.execute(release_own_statement(), core.release_own_params())
                 batch = await self._lease(conn, result)
+            core.unsure_of_leases = False
             core.unsettled.items.clear()
             if core.gauges_due():
                 await self._refresh_gauges()
         except _DB_ERRORS as exc:
+            core.unsure_of_leases = True
             raise _as_storage_error(exc) from exc
         result.leased = len(batch)
         if batch:
