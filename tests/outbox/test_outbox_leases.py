@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from idis.integrations._clock import ManualClock
+from idis.integrations._clock import ManualClock, SystemClock
 from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.exceptions import StorageError
 from idis.integrations.outbox._messages import OutboxMessage
@@ -150,3 +150,67 @@ def test_a_lease_whose_commit_ack_was_lost_is_not_stranded(
     assert {"delivered": 6} == statuses(engine)  # the clock never moved: no lease lapsed
     assert [1] * 6 == [r.attempts for r in table(engine)]  # the unsent lease is not counted
     assert [3, 3, 0] == [r.delivered for r in results]
+
+
+class _AheadClock(SystemClock):
+    """The real clock, one hour fast: a worker host whose clock drifted."""
+
+    def time(self) -> float:
+        return super().time() + 3600
+
+    def now(self) -> datetime:
+        return super().now() + timedelta(hours=1)
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_worker_whose_clock_runs_ahead_takes_no_live_lease(engine: Engine, driver: str) -> None:
+    """Lease times come from the database's clock: a fast worker clock takes over nothing."""
+    put_messages(engine, 1)
+    settings = outbox_settings(lease=timedelta(minutes=5))
+    ahead_recorder = Recorder()
+    taken: list[int] = []
+
+    if driver == "sync":
+        ahead = OutboxWorker(
+            engine,
+            settings,
+            deliver=ahead_recorder,
+            providers=["crm_provider"],
+            clock=_AheadClock(),
+            lease_clock="database",
+        )
+
+        def holder(message: OutboxMessage) -> None:
+            taken.append(ahead.run_once().leased)
+
+        OutboxWorker(engine, settings, deliver=holder, providers=["crm_provider"]).run_once()
+    else:
+        async_engine = create_async_db_engine(engine.url.render_as_string(hide_password=False))
+
+        async def ahead_deliver(message: OutboxMessage) -> None:
+            ahead_recorder(message)
+
+        async def scenario() -> None:
+            ahead = AsyncOutboxWorker(
+                async_engine,
+                settings,
+                deliver=ahead_deliver,
+                providers=["crm_provider"],
+                clock=_AheadClock(),
+                lease_clock="database",
+            )
+
+            async def holder(message: OutboxMessage) -> None:
+                taken.append((await ahead.run_once()).leased)
+
+            await AsyncOutboxWorker(
+                async_engine, settings, deliver=holder, providers=["crm_provider"]
+            ).run_once()
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            asyncio.run(async_engine.dispose())
+
+    assert ([0], []) == (taken, ahead_recorder.attempts)
+    assert {"delivered": 1} == statuses(engine)

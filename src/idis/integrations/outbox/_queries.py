@@ -269,6 +269,14 @@ def settle_statement() -> Update:
     )
 
 
+@functools.cache
+def database_now_statement(dialect: str) -> Select[Any]:
+    """The database's current time: PostgreSQL an aware timestamp, SQLite UTC text (ms)."""
+    if dialect == "postgresql":
+        return select(func.clock_timestamp())
+    return select(func.strftime("%Y-%m-%d %H:%M:%f", "now"))
+
+
 #: ``last_error`` of a message given back after a lease whose COMMIT was not acknowledged.
 LEASE_UNACKNOWLEDGED = "lease given back: its COMMIT was not acknowledged, nothing was sent"
 

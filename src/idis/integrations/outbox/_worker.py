@@ -44,12 +44,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from .._clock import Clock, system_clock
+from .._clock import Clock, SystemClock, system_clock
 from ..config import OutboxSettings, Settings
 from ..exceptions import BulkheadFull, CircuitOpen, StorageError, UsageError
 from ..observability._logs import get_logger
@@ -59,6 +59,7 @@ from ._models import DEAD, PENDING, RECEIVER_GONE
 from ._policy import Action, Disposition, decide, describe_error
 from ._queries import (
     LEASE_EXPIRED,
+    database_now_statement,
     gone_receivers_statement,
     lease_statement,
     mark_receiver_statement,
@@ -176,6 +177,7 @@ class _WorkerCore:
         lease: timedelta | None,
         poll_interval: timedelta | None,
         metrics_interval: timedelta | None,
+        lease_clock: str | None = None,
     ) -> None:
         outbox = settings.outbox
         names = tuple(providers) if providers is not None else tuple(settings.providers)
@@ -189,6 +191,17 @@ class _WorkerCore:
         self.available: Availability = availability or (lambda _name: True)
         self.worker_id = worker_id or default_worker_id()
         self.clock = clock or system_clock
+        if lease_clock not in (None, "database", "worker"):
+            raise UsageError(f"lease_clock={lease_clock!r}: expected 'database' or 'worker'")
+        #: Lease, due and settle times follow the database's clock (a worker whose
+        #: clock runs ahead would otherwise take over live leases). A manual
+        #: clock (tests, the drill) is its own authority.
+        self.database_clock = (
+            lease_clock == "database"
+            if lease_clock is not None
+            else isinstance(self.clock, SystemClock)
+        )
+        self._offset = timedelta(0)
         self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
         self._metrics = metrics
         self.batch_size = batch_size or outbox.batch_size
@@ -256,13 +269,25 @@ class _WorkerCore:
             "p_expires": now + self.lease,
         }
 
+    def now(self) -> datetime:
+        """The worker's time, corrected to the database's clock when it follows it."""
+        return self.clock.now() + self._offset
+
+    def follow_database(self, database_now: Any) -> None:
+        """Correct :meth:`now` by the database's clock, read in the lease transaction."""
+        if isinstance(database_now, str):  # SQLite: text, UTC
+            database_now = datetime.fromisoformat(database_now).replace(tzinfo=UTC)
+        elif database_now.tzinfo is None:
+            database_now = database_now.replace(tzinfo=UTC)
+        self._offset = database_now - self.clock.now()
+
     def release_own_params(self) -> dict[str, Any]:
         """Parameters of ``release_own_statement``: run before leasing, no batch in flight."""
         self.log.warning(
             "idis.outbox.unacknowledged_leases_released",
             msg="a cycle's transaction failed; leases it may have taken unseen are given back",
         )
-        return {"p_owner": self.worker_id, "p_now": self.clock.now()}
+        return {"p_owner": self.worker_id, "p_now": self.now()}
 
     def to_message(self, row: Any) -> OutboxMessage:
         max_retries = row.max_retries if row.max_retries is not None else self.outbox.max_retries
@@ -530,6 +555,9 @@ class OutboxWorker:
         lease: Lease length (default ``IDIS_OUTBOX_LEASE``).
         poll_interval: Idle wait when nothing is due (default ``IDIS_OUTBOX_POLL_INTERVAL``).
         metrics_interval: How often the queue gauges are refreshed (default 15 s).
+        lease_clock: ``"database"``: lease, due and settle times follow the
+            database's clock, read once per cycle (default with the system clock);
+            ``"worker"``: the worker's own ``clock`` (default with an injected one).
 
     Raises:
         UnknownProviderError: when ``providers`` names an undeclared provider.
@@ -553,6 +581,7 @@ class OutboxWorker:
         lease: timedelta | None = None,
         poll_interval: timedelta | None = None,
         metrics_interval: timedelta | None = None,
+        lease_clock: str | None = None,
     ) -> None:
         if deliver is None:
             if gateway is None:
@@ -577,6 +606,7 @@ class OutboxWorker:
             lease=lease,
             poll_interval=poll_interval,
             metrics_interval=metrics_interval,
+            lease_clock=lease_clock,
         )
         self._dialect = engine.dialect.name
         self._stop = threading.Event()
@@ -735,7 +765,9 @@ class OutboxWorker:
         rows: list[Any] = []
         if not providers:
             return []
-        now = core.clock.now()
+        if core.database_clock:
+            core.follow_database(conn.execute(database_now_statement(self._dialect)).scalar_one())
+        now = core.now()
         stmt = lease_statement(self._dialect)
         for provider in providers:
             limit = core.batch_size - len(rows)
@@ -756,7 +788,7 @@ class OutboxWorker:
 
         with self._transaction() as conn:
             refresh_gauges(
-                conn, self._core.metrics, providers=self._core.providers, now=self._core.clock.now()
+                conn, self._core.metrics, providers=self._core.providers, now=self._core.now()
             )
 
     def _renew(self, ids: list[int], now: datetime) -> set[int]:
@@ -811,17 +843,17 @@ class OutboxWorker:
         if self._stop.is_set() or message.id in leases.lost:
             # Stopping, or the lease could not be kept: give it back unsent
             # (a lost lease's settle is a no-op: another worker holds it now).
-            return self._core.release(message, self._core.clock.now())
+            return self._core.release(message, self._core.now())
         # Checked at send time: an earlier send of this batch may have just
         # found the receiver gone.
         return self._core.skip_gone(message) or self._attempt(message)
 
     def _keep_leases(self, leases: _Leases) -> None:
         core = self._core
-        if not core.needs_renewal(leases.expires, core.clock.now()):
+        if not core.needs_renewal(leases.expires, core.now()):
             return  # the common case, without the lock
         with leases.lock:
-            now = core.clock.now()
+            now = core.now()
             if not leases.open or not core.needs_renewal(leases.expires, now):
                 return
             try:
@@ -841,7 +873,7 @@ class OutboxWorker:
             self.deliver(message)
         except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
             error = exc
-        return self._core.settle(message, error, self._core.clock.now())
+        return self._core.settle(message, error, self._core.now())
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -854,7 +886,7 @@ class OutboxWorker:
         core = self._core
         if not core.unsettled.items:
             return
-        now = core.clock.now()
+        now = core.now()
         delivered, rows, receivers = core.write_params(core.unsettled.items, now)
         if delivered:
             conn.execute(
@@ -923,6 +955,7 @@ class AsyncOutboxWorker:
         lease: timedelta | None = None,
         poll_interval: timedelta | None = None,
         metrics_interval: timedelta | None = None,
+        lease_clock: str | None = None,
     ) -> None:
         if deliver is None:
             if gateway is None:
@@ -947,6 +980,7 @@ class AsyncOutboxWorker:
             lease=lease,
             poll_interval=poll_interval,
             metrics_interval=metrics_interval,
+            lease_clock=lease_clock,
         )
         self._dialect = engine.dialect.name
         self._stop = asyncio.Event()
@@ -1067,7 +1101,10 @@ class AsyncOutboxWorker:
         rows: list[Any] = []
         if not providers:
             return []
-        now = core.clock.now()
+        if core.database_clock:
+            database_now = await conn.execute(database_now_statement(self._dialect))
+            core.follow_database(database_now.scalar_one())
+        now = core.now()
         stmt = lease_statement(self._dialect)
         for provider in providers:
             limit = core.batch_size - len(rows)
@@ -1088,7 +1125,7 @@ class AsyncOutboxWorker:
         async with self._transaction() as conn:
             await conn.run_sync(
                 lambda sync_conn: refresh_gauges(
-                    sync_conn, core.metrics, providers=core.providers, now=core.clock.now()
+                    sync_conn, core.metrics, providers=core.providers, now=core.now()
                 )
             )
 
@@ -1139,7 +1176,7 @@ class AsyncOutboxWorker:
 
     async def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Settlement:
         if self._stop_requested or message.id in leases.lost:
-            return self._core.release(message, self._core.clock.now())
+            return self._core.release(message, self._core.now())
         gone = self._core.skip_gone(message)
         if gone is not None:
             return gone
@@ -1148,11 +1185,11 @@ class AsyncOutboxWorker:
             await self.deliver(message)
         except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
             error = exc
-        return self._core.settle(message, error, self._core.clock.now())
+        return self._core.settle(message, error, self._core.now())
 
     async def _keep_leases(self, leases: _Leases) -> None:
         core = self._core
-        now = core.clock.now()
+        now = core.now()
         if not leases.open or not core.needs_renewal(leases.expires, now):
             return
         try:
@@ -1170,7 +1207,7 @@ class AsyncOutboxWorker:
         core = self._core
         if not core.unsettled.items:
             return
-        now = core.clock.now()
+        now = core.now()
         delivered, rows, receivers = core.write_params(core.unsettled.items, now)
         if delivered:
             await conn.execute(
