@@ -251,6 +251,8 @@ async def status(request: Request) -> Response:
         statuses, notes = await anyio.to_thread.run_sync(
             lambda: collect_status(runtime.settings, probe=probe), abandon_on_cancel=True
         )
+        # What only the running service knows: deliveries our configuration stops.
+        notes = [*notes, *runtime.configuration_notes()]
         return json_response({"providers": [s.as_dict() for s in statuses], "notes": notes})
     return _error(
         504, f"status took longer than {STATUS_TIMEOUT:g}s: the database or a probe hangs"

@@ -16,6 +16,9 @@ opened its breaker or a 429 pause)   the delay grows with each such failure, so
 the same, but the provider served    counted like any other failure: the message
 other messages since this one last   is poison, not the provider down, so it is
 failed                               retried and dead-lettered in the end
+our configuration is wrong           back to ``pending``, attempt given back, due
+(``ConfigError``: no webhook secret, again after a pause: not the message's fault
+missing Vault variables, ...)        (the worker reports itself unhealthy)
 410 Gone on a webhook                ``dead``; the receiver is marked gone
 other 4xx (except 408/409/425/429)   ``dead`` at once: resending cannot succeed
 a caller bug (UsageError, ...)       ``dead`` at once
@@ -38,6 +41,7 @@ from ..exceptions import (
     AuthError,
     BulkheadFull,
     CircuitOpen,
+    ConfigError,
     IntegrationError,
     ProviderError,
     ProviderRejected,
@@ -60,6 +64,9 @@ MAX_ERROR_LENGTH = 500
 #: error says nothing better. The lease query also skips unavailable providers,
 #: so this only bounds how soon a recovered provider is tried.
 DEFER_DELAY = timedelta(milliseconds=100)
+#: Pause before a message that met a configuration error is tried again: long
+#: enough not to flood the log, short enough to resume soon after the fix.
+CONFIG_ERROR_DELAY = timedelta(seconds=30)
 
 
 class Action(enum.Enum):
@@ -162,6 +169,12 @@ def decide(
         # Never attempted: the message waits for the provider, its budget intact.
         wait = timedelta(seconds=getattr(error, "retry_in", None) or 0.0)
         return Disposition(Action.DEFER, now + max(wait, DEFER_DELAY), summary)
+    if isinstance(error, ConfigError):
+        # Our configuration, not the message: it waits for the fix (the worker
+        # reports it), its budget intact, and is never dead-lettered for it.
+        return Disposition(
+            Action.DEFER, now + min(CONFIG_ERROR_DELAY, settings.max_backoff), summary
+        )
     if isinstance(error, ProviderRejected):
         if kind == "webhook" and error.status_code == 410:
             return Disposition(Action.GONE, None, summary)

@@ -51,7 +51,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .._clock import Clock, SystemClock, system_clock
 from ..config import OutboxSettings, Settings
-from ..exceptions import BulkheadFull, CircuitOpen, StorageError, UsageError
+from ..exceptions import BulkheadFull, CircuitOpen, ConfigError, StorageError, UsageError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from ._messages import KIND_WEBHOOK, OutboxMessage
@@ -222,6 +222,8 @@ class _WorkerCore:
         #: Message id -> (``_served`` of its provider when its failure was last
         #: excused as the outage's, failures excused so far).
         self._excused: dict[int, tuple[int, int]] = {}
+        #: Provider -> the configuration error its last delivery met (cleared by a delivery).
+        self.config_errors: dict[str, str] = {}
         self.unsettled = _Pending()
         #: A cycle's transaction failed: its COMMIT may have succeeded unseen,
         #: leaving leases this worker does not know it holds.
@@ -350,10 +352,22 @@ class _WorkerCore:
         if error is None:
             self._served[provider] += 1
             self._excused.pop(message.id, None)
+            self.config_errors.pop(provider, None)
             return _Settlement(message, _DELIVERED)
+        if isinstance(error, ConfigError):
+            text = describe_error(error)
+            if self.config_errors.get(provider) != text:
+                self.log.error(
+                    "idis.outbox.config_error",
+                    msg="outbox delivery stopped by our configuration; messages wait, "
+                    "their attempts are not counted",
+                    provider=provider,
+                    error=text,
+                )
+            self.config_errors[provider] = text
         # The gateway raises CircuitOpen/BulkheadFull only when nothing went
         # out; once a request was sent, its failure is what comes back.
-        failed = not isinstance(error, CircuitOpen | BulkheadFull)
+        failed = not isinstance(error, CircuitOpen | BulkheadFull | ConfigError)
         served, excused = self._excused.get(message.id, (self._served[provider], 0))
         disposition = decide(
             error,
@@ -620,6 +634,17 @@ class OutboxWorker:
     def worker_id(self) -> str:
         """The lease owner name this worker writes."""
         return self._core.worker_id
+
+    @property
+    def config_errors(self) -> dict[str, str]:
+        """Provider -> the configuration error stopping its deliveries (empty when healthy).
+
+        A configuration error (missing Vault variables, no webhook secret) is
+        ours, not the message's: the message waits with its attempts intact,
+        and the host reports the worker unhealthy with this text until a
+        delivery to that provider succeeds.
+        """
+        return dict(self._core.config_errors)
 
     @property
     def stopping(self) -> bool:
@@ -992,6 +1017,17 @@ class AsyncOutboxWorker:
     def worker_id(self) -> str:
         """The lease owner name this worker writes."""
         return self._core.worker_id
+
+    @property
+    def config_errors(self) -> dict[str, str]:
+        """Provider -> the configuration error stopping its deliveries (empty when healthy).
+
+        A configuration error (missing Vault variables, no webhook secret) is
+        ours, not the message's: the message waits with its attempts intact,
+        and the host reports the worker unhealthy with this text until a
+        delivery to that provider succeeds.
+        """
+        return dict(self._core.config_errors)
 
     def stop(self) -> None:
         """Ask the worker to stop (safe from a signal handler on the loop's thread)."""
