@@ -46,7 +46,7 @@ from idis.integrations.sync._service import default_providers
 
 from .claims import claim_refresher, refresh_stale_claims
 from .config import ServiceSettings
-from .delivery import DealPushDelivery
+from .delivery import deal_push_delivery
 from .handlers import register
 from .models import host_metadata
 
@@ -188,7 +188,7 @@ class Runtime:
         outbox = AsyncOutboxWorker(
             engine,
             settings,
-            deliver=DealPushDelivery(gateway, settings, engine),
+            deliver=deal_push_delivery(gateway, settings, engine),
             gateway=gateway,
             metrics=self.metrics,
         )

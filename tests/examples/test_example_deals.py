@@ -154,3 +154,34 @@ def test_a_crm_change_never_overwrites_an_edit_that_is_not_pushed_yet(
         record["data"],
         record["idempotency_key"],
     )
+
+
+def test_a_deal_edited_while_the_crm_is_down_is_failed_until_delivered(
+    service: RunningService, sim: RunningSimulator, db: Engine
+) -> None:
+    """Breaker open: an edit is FAILED at once (RB-09 Triage 5 counts it), SYNCED once through."""
+    sim.control.outage(CRM)
+    service.post("/deals", {"id": "o1", "tenant_id": "t3", "name": "Initech"})
+    # Edits go on; once the pushes' failures have opened the breaker, an edit is
+    # written FAILED before any attempt is made for it.
+    answer = wait_for(
+        lambda: (
+            (got := service.post("/deals", {"id": "o1", "amount": 7})).json()["crm_sync_status"]
+            == "FAILED"
+            and got.json()
+        ),
+        "an edit answered FAILED while the CRM is down",
+        30,
+    )
+    with db.connect() as conn:
+        counted = conn.execute(
+            text("SELECT COUNT(*) FROM deals WHERE crm_sync_status = 'FAILED'")
+        ).scalar_one()
+
+    sim.control.clear_faults(CRM)
+    final = wait_for(
+        lambda: _synced(service, "o1", answer["revision"]), "o1 SYNCED at its last revision", 60
+    )
+
+    assert 1 == counted
+    assert (7, "SYNCED") == (final["amount"], final["crm_sync_status"])

@@ -120,14 +120,13 @@ class GatewayDelivery:
         self.clock = clock or getattr(gateway, "clock", None) or system_clock
         self.handlers = dict(handlers or {})
 
-    def __call__(self, message: OutboxMessage) -> None:
-        """Deliver ``message``; raise the gateway's error when it fails."""
+    def __call__(self, message: OutboxMessage) -> Any:
+        """Deliver ``message``; return the provider's answer, raise the gateway's error."""
         handler = self.handlers.get(message.kind)
         if handler is not None:
-            handler(message)
-            return
+            return handler(message)
         call = build_call(message, self.settings, now=self.clock.time())
-        self.gateway.request(call.provider, call.endpoint, **call.kwargs)
+        return self.gateway.request(call.provider, call.endpoint, **call.kwargs)
 
 
 class AsyncGatewayDelivery:
@@ -146,11 +145,10 @@ class AsyncGatewayDelivery:
         self.clock = clock or getattr(gateway, "clock", None) or system_clock
         self.handlers = dict(handlers or {})
 
-    async def __call__(self, message: OutboxMessage) -> None:
-        """Deliver ``message``; raise the gateway's error when it fails."""
+    async def __call__(self, message: OutboxMessage) -> Any:
+        """Deliver ``message``; return the provider's answer, raise the gateway's error."""
         handler = self.handlers.get(message.kind)
         if handler is not None:
-            await handler(message)
-            return
+            return await handler(message)
         call = build_call(message, self.settings, now=self.clock.time())
-        await self.gateway.request(call.provider, call.endpoint, **call.kwargs)
+        return await self.gateway.request(call.provider, call.endpoint, **call.kwargs)
