@@ -34,9 +34,11 @@ VAULT = "IDIS_VAULT_ADDR is not set: credentials are read from Vault (CREDENTIAL
 def test_a_webhook_with_no_secret_waits_and_the_worker_says_why(
     engine: Engine, clock: ManualClock
 ) -> None:
-    """No webhook secret: pending, attempts 0, config_errors names the variable; never dead."""
+    """No outbound secret: pending, attempts 0, config_errors names the variable; never dead."""
     settings = outbox_settings(max_retries=2)
-    settings = settings.with_providers(replace(settings.provider(CRM), webhook_secrets=()))
+    settings = settings.with_providers(
+        replace(settings.provider(CRM), outbound_webhook_secret=None)
+    )
     _webhooks(engine, clock, "deal.won", 2)
     with Gateway(settings, clock=clock, sleep=clock.sleep) as gateway:
         worker = OutboxWorker(
@@ -53,7 +55,7 @@ def test_a_webhook_with_no_secret_waits_and_the_worker_says_why(
     rows = table(engine)
     assert {"pending": 2} == statuses(engine)
     assert [0, 0] == [r.attempts for r in rows]
-    assert "WEBHOOK_SECRETS" in worker.config_errors[CRM]
+    assert "OUTBOUND_WEBHOOK_SECRET" in worker.config_errors[CRM]
     assert all("ConfigError" in (r.last_error or "") for r in rows)
 
 

@@ -30,6 +30,7 @@ from ..exceptions import ConfigError
 from ._oauth import OAuthState
 
 __all__ = [
+    "DEFAULT_OUTBOUND_WEBHOOK_SECRET",
     "DEFAULT_RETENTION_SECONDS",
     "DEFAULT_WEBHOOK_SECRET",
     "ENDPOINTS",
@@ -79,6 +80,9 @@ EVENT_TYPES: tuple[str, ...] = ("record.created", "record.updated", "record.dele
 DEFAULT_RETENTION_SECONDS = 72 * 3600
 #: Same value as the embedded default settings, so the library and the simulator agree.
 DEFAULT_WEBHOOK_SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLXdlYmhvb2s="  # noqa: S105  # public test key
+#: What the receiver for the library's outbound webhooks verifies by default: a
+#: key of its own, so a captured outbound delivery never verifies inbound.
+DEFAULT_OUTBOUND_WEBHOOK_SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLW91dGJvdW5k"  # noqa: S105  # public test key
 _PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _RECORD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 #: Physically drop expired events once this many have piled up (memory, not semantics).
@@ -341,7 +345,7 @@ def _masked_url(url: str | None) -> str | None:
 class ReceiverConfig:
     """The inbound webhook receiver (for the library's outbound webhooks)."""
 
-    secrets: tuple[str, ...] = (DEFAULT_WEBHOOK_SECRET,)
+    secrets: tuple[str, ...] = (DEFAULT_OUTBOUND_WEBHOOK_SECRET,)
     mode: str = "accept"
     fail_status: int = 503
     fail_ratio: float = 1.0
