@@ -44,7 +44,7 @@ from starlette.routing import Mount, Route
 
 from idis.integrations._timeparse import utcnow
 from idis.integrations.config import Settings
-from idis.integrations.enrichment._syncstatus import SYNC_PENDING
+from idis.integrations.enrichment._syncstatus import SYNC_FAILED, SYNC_PENDING
 from idis.integrations.exceptions import (
     AuthError,
     ConfigError,
@@ -251,6 +251,8 @@ async def status(request: Request) -> Response:
         statuses, notes = await anyio.to_thread.run_sync(
             lambda: collect_status(runtime.settings, probe=probe), abandon_on_cancel=True
         )
+        # What only the running service knows: deliveries our configuration stops.
+        notes = [*notes, *runtime.configuration_notes()]
         return json_response({"providers": [s.as_dict() for s in statuses], "notes": notes})
     return _error(
         504, f"status took longer than {STATUS_TIMEOUT:g}s: the database or a probe hangs"
@@ -300,7 +302,11 @@ async def upsert_deal(request: Request) -> Response:
         if "amount" in body:
             deal.amount = amount
         deal.revision += 1
-        deal.crm_sync_status = SYNC_PENDING
+        # Queued either way; while the CRM is down (breaker open, 429 pause) the push
+        # cannot be delivered, and the deal says so until it is (RB-09 Triage 5).
+        deal.crm_sync_status = (
+            SYNC_PENDING if runtime.gateway.available(runtime.crm_provider) else SYNC_FAILED
+        )
         deal.updated_at = utcnow()
         await session.flush()
         message = push_message(runtime.crm_provider, deal)

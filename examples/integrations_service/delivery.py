@@ -2,9 +2,8 @@
 
 ``POST /deals`` writes the row (PENDING) and enqueues the push in one
 transaction (:func:`push_message`). The outbox worker delivers it through the
-shared gateway with :class:`DealPushDelivery`, which records each attempt's
-outcome on the row with the library's
-:func:`~idis.integrations.enrichment.sync_status_update` statement:
+shared gateway with :func:`deal_push_delivery`, which records each attempt's
+outcome on the row:
 
 * FAILED after a failed attempt (the outbox retries it; RB-09 Triage 5 counts it);
 * SYNCED after a delivery, but only if the delivered push carried the row's
@@ -14,37 +13,31 @@ outcome on the row with the library's
   answer), so that the provider's webhook echoing an *older* push, arriving
   late, is recognised as stale by the handler and never undoes a newer edit.
 
-The library's ``AsyncSyncStatusDelivery`` wraps ``AsyncGatewayDelivery``, which
-discards the provider's answer, and marks the row SYNCED on any delivered push;
-the two points above are why this service builds the call itself (with the
-library's :func:`~idis.integrations.outbox.build_call`).
+All of it is the library's ``AsyncSyncStatusDelivery`` (``revision=``,
+``on_delivered=``) over ``AsyncGatewayDelivery``: :func:`deal_push_delivery`
+only says which deal and revision a push is about, and how to keep
+``crm_version``. A deal edited while the CRM is down is written FAILED at once
+(``app.upsert_deal`` asks the gateway), so RB-09's impact query counts it
+mid-outage, before any attempt.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
-from sqlalchemy import case, update
+from sqlalchemy import Update, case, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from idis.integrations.config import Settings
-from idis.integrations.enrichment._syncstatus import (
-    SYNC_FAILED,
-    SYNC_SYNCED,
-    SyncStatus,
-    sync_status_update,
-)
-from idis.integrations.observability._logs import get_logger
-from idis.integrations.outbox import AsyncGatewayDelivery, NewMessage, build_call
+from idis.integrations.enrichment import AsyncSyncStatusDelivery
+from idis.integrations.outbox import AsyncGatewayDelivery, NewMessage
 from idis.integrations.resilience import AsyncGateway
 
 from .models import Deal
 
-__all__ = ["DealPushDelivery", "idempotency_key", "parse_idempotency_key", "push_message"]
+__all__ = ["deal_push_delivery", "idempotency_key", "parse_idempotency_key", "push_message"]
 
-_log = get_logger()
 _KEY = re.compile(r"^deal-(?P<id>.+)-r(?P<revision>\d+)$")
 
 
@@ -81,63 +74,50 @@ def push_message(crm_provider: str, deal: Deal) -> NewMessage:
     )
 
 
-class DealPushDelivery:
-    """Outbox delivery strategy: deal pushes through the gateway, recorded on the deal.
+def deal_push_delivery(
+    gateway: AsyncGateway, settings: Settings, engine: AsyncEngine
+) -> AsyncSyncStatusDelivery:
+    """The outbox delivery strategy: the library's, version-aware, keeping ``crm_version``.
 
-    Other messages go to the library's ``AsyncGatewayDelivery`` unchanged.
-
-    Args:
-        gateway: The shared gateway.
-        settings: The library's settings.
-        engine: The service's async engine (the ``deals`` table).
+    :class:`~idis.integrations.enrichment.AsyncSyncStatusDelivery` over
+    :class:`~idis.integrations.outbox.AsyncGatewayDelivery`: a deal push marks the
+    deal FAILED after a failed attempt and SYNCED after its delivery only if the
+    deal is still at the pushed revision; every delivered push keeps the highest
+    CRM record version it produced in ``crm_version``. Other messages (webhooks)
+    go through unrecorded.
     """
+    return AsyncSyncStatusDelivery(
+        AsyncGatewayDelivery(gateway, settings),
+        engine,
+        Deal,
+        record_id=_deal_of,
+        kinds=("request",),
+        revision=_revision_of,
+        on_delivered=_keep_crm_version,
+    )
 
-    def __init__(self, gateway: AsyncGateway, settings: Settings, engine: AsyncEngine) -> None:
-        self.gateway = gateway
-        self.settings = settings
-        self.engine = engine
-        self._default = AsyncGatewayDelivery(gateway, settings)
 
-    async def __call__(self, message: Any) -> None:
-        """Deliver ``message``; record the outcome on its deal; re-raise a failure."""
-        target = parse_idempotency_key(message.idempotency_key)
-        if target is None or message.kind != "request":
-            await self._default(message)
-            return
-        deal_id, revision = target
-        call = build_call(message, self.settings, now=time.time())
-        try:
-            response = await self.gateway.request(call.provider, call.endpoint, **call.kwargs)
-        except Exception:
-            await self._record(deal_id, revision, version=None, delivered=False)
-            raise
-        await self._record(deal_id, revision, version=_version(response), delivered=True)
+def _deal_of(message: Any) -> str | None:
+    target = parse_idempotency_key(message.idempotency_key)
+    return target[0] if target is not None else None
 
-    async def _record(
-        self, deal_id: str, revision: int, *, version: int | None, delivered: bool
-    ) -> None:
-        status: SyncStatus = SYNC_SYNCED if delivered else SYNC_FAILED
-        try:
-            async with self.engine.begin() as conn:
-                if version is not None:
-                    newer = case(
-                        (Deal.crm_version.is_(None) | (Deal.crm_version < version), version),
-                        else_=Deal.crm_version,
-                    )
-                    await conn.execute(
-                        update(Deal).where(Deal.id == deal_id).values(crm_version=newer)
-                    )
-                statement = sync_status_update(Deal, [deal_id], status)
-                if delivered:
-                    # An older edit's push leaves a newer pending edit PENDING.
-                    statement = statement.where(Deal.revision == revision)
-                await conn.execute(statement)
-        except Exception as exc:  # noqa: BLE001  # a status write must not turn a delivery into a retry
-            _log.warning(
-                "idis.example.sync_status_write_failed",
-                msg=f"could not mark deal {deal_id} {status}",
-                error_type=type(exc).__name__,
-            )
+
+def _revision_of(message: Any) -> int | None:
+    target = parse_idempotency_key(message.idempotency_key)
+    return target[1] if target is not None else None
+
+
+def _keep_crm_version(message: Any, response: Any) -> Update | None:
+    """Raise ``crm_version`` to the version this push produced (never lower it)."""
+    version = _version(response)
+    deal_id = _deal_of(message)
+    if version is None or deal_id is None:
+        return None
+    newer = case(
+        (Deal.crm_version.is_(None) | (Deal.crm_version < version), version),
+        else_=Deal.crm_version,
+    )
+    return update(Deal).where(Deal.id == deal_id).values(crm_version=newer)
 
 
 def _version(response: Any) -> int | None:

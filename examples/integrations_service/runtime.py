@@ -46,7 +46,7 @@ from idis.integrations.sync._service import default_providers
 
 from .claims import claim_refresher, refresh_stale_claims
 from .config import ServiceSettings
-from .delivery import DealPushDelivery
+from .delivery import deal_push_delivery
 from .handlers import register
 from .models import host_metadata
 
@@ -98,6 +98,7 @@ class Runtime:
         self._sync: AsyncSyncService | None = None
         self._webhooks: Any = None
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._outbox: AsyncOutboxWorker | None = None
         self._exit = contextlib.AsyncExitStack()
 
     @property
@@ -187,11 +188,12 @@ class Runtime:
         outbox = AsyncOutboxWorker(
             engine,
             settings,
-            deliver=DealPushDelivery(gateway, settings, engine),
+            deliver=deal_push_delivery(gateway, settings, engine),
             gateway=gateway,
             metrics=self.metrics,
         )
         self._adopt("outbox", outbox.start(), outbox.stop)
+        self._outbox = outbox
 
         try:
             self.enrichment_provider = default_primary(settings)
@@ -248,7 +250,9 @@ class Runtime:
         self._exit.push_async_callback(finish)
 
     def health(self) -> dict[str, str]:
-        """Each background loop: ``running``, ``stopped`` or ``failed: <error type>``."""
+        """Each background loop: ``running``, ``stopped``, ``failed: <error type>``, or for the
+        outbox ``configuration error (<provider>): <message>`` while our configuration stops
+        its deliveries."""
         states: dict[str, str] = {}
         for name, task in self._tasks.items():
             if not task.done():
@@ -257,7 +261,23 @@ class Runtime:
                 states[name] = "stopped"
             else:
                 states[name] = f"failed: {type(task.exception()).__name__}"
+        outbox = self._outbox
+        if outbox is not None and states.get("outbox") == "running":
+            # Our configuration stops deliveries (missing Vault variables, no
+            # webhook secret): the loop runs, but the service is not healthy.
+            for provider, error in sorted(outbox.config_errors.items()):
+                states["outbox"] = f"configuration error ({provider}): {error}"
+                break
         return states
+
+    def configuration_notes(self) -> list[str]:
+        """One line per provider whose outbox deliveries our configuration stops."""
+        if self._outbox is None:
+            return []
+        return [
+            f"outbox deliveries to {provider} stopped by our configuration: {error}"
+            for provider, error in sorted(self._outbox.config_errors.items())
+        ]
 
     async def stop(self) -> None:
         """Stop every loop (each finishes the item in hand), then close the shared parts."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, select, text
-from tests.examples.conftest import CRM, RunningService, wait_for
+from sqlalchemy import Engine, create_engine, select, text
+from tests.examples.conftest import CRM, RunningService, service_env, wait_for
 
 from idis.integrations.outbox import OutboxMessageRow
 from idis.integrations.testing import RunningSimulator
@@ -44,6 +45,7 @@ def test_a_posted_deal_is_pushed_once_with_its_idempotency_key_and_becomes_synce
     synced = wait_for(lambda: _synced(service, "d1", 1), "deal d1 SYNCED")
     stats = sim.control.stats(CRM)
     assert {"deal-d1-r1": 1} == stats["idempotency"]["applications"]
+    assert {"deal-d1-r1": 1} == stats["idempotency"]["received"]  # sent once, not replayed
     writes = stats["writes"]["d1"]
     assert [("deal-d1-r1", {"name": "Acme", "stage": "lead", "amount": 5000})] == [
         (w["idempotency_key"], w["data"]) for w in writes
@@ -153,3 +155,42 @@ def test_a_crm_change_never_overwrites_an_edit_that_is_not_pushed_yet(
         record["data"],
         record["idempotency_key"],
     )
+
+
+def test_a_deal_edited_while_the_crm_is_down_is_failed_until_delivered(
+    sim: RunningSimulator, sqlite_url: str, start_service: Callable[..., Any]
+) -> None:
+    """Breaker open: an edit is FAILED at once (RB-09 Triage 5 counts it), SYNCED once through."""
+    # A reset timeout long enough that the open breaker is seen whatever the load.
+    env = service_env(sim, sqlite_url, IDIS_PROVIDER_CRM_PROVIDER_BREAKER_RESET_TIMEOUT="10s")
+    with start_service(env) as service:
+        sim.control.outage(CRM)
+        service.post("/deals", {"id": "o1", "tenant_id": "t3", "name": "Initech"})
+        # Edits go on; once the pushes' failures have opened the breaker, an edit is
+        # written FAILED before any attempt is made for it.
+        answer = wait_for(
+            lambda: (
+                (got := service.post("/deals", {"id": "o1", "amount": 7})).json()["crm_sync_status"]
+                == "FAILED"
+                and got.json()
+            ),
+            "an edit answered FAILED while the CRM is down",
+            60,
+        )
+        engine = create_engine(sqlite_url)
+        try:
+            with engine.connect() as conn:
+                counted = conn.execute(
+                    text("SELECT COUNT(*) FROM deals WHERE crm_sync_status = 'FAILED'")
+                ).scalar_one()
+        finally:
+            engine.dispose()
+        sim.control.clear_faults(CRM)
+        final = wait_for(
+            lambda: _synced(service, "o1", answer["revision"]),
+            "o1 SYNCED at its last revision",
+            90,
+        )
+
+    assert 1 == counted
+    assert (7, "SYNCED") == (final["amount"], final["crm_sync_status"])

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from examples.integrations_service import app as service_app
-from tests.examples.conftest import CRM, ENRICH, RunningService, wait_for
+from sqlalchemy import create_engine, text
+from tests.examples.conftest import CRM, ENRICH, RunningService, service_env, wait_for
+
+from idis.integrations.testing import RunningSimulator
 
 
 def test_status_reports_each_provider_with_its_sync_and_outbox_facts(
@@ -51,3 +56,32 @@ def test_status_answers_504_in_bounded_time_while_the_database_is_locked(
     assert 504 == locked.status_code
     assert "status took longer than 0.5s" in locked.json()["error"]
     assert 200 == released.status_code
+
+
+def test_a_configuration_error_makes_healthz_unhealthy_and_dead_letters_nothing(
+    sim: RunningSimulator, sqlite_url: str, start_service: Callable[..., Any]
+) -> None:
+    """Vault credentials asked for, no Vault variables: the push waits, /healthz says why."""
+    env = service_env(sim, sqlite_url, IDIS_PROVIDER_CRM_PROVIDER_CREDENTIALS_FROM_VAULT="true")
+    env.pop("VAULT_ADDR", None)
+    with start_service(env) as svc:
+        svc.post("/deals", {"id": "c1", "tenant_id": "t1", "name": "Acme"})
+        health = wait_for(
+            lambda: (got := svc.client.get("/healthz")).status_code == 503 and got,
+            "/healthz unhealthy",
+        )
+        status = svc.get("/status", params={"probe": "false"})
+        deal = svc.deal("c1")
+    engine = create_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT status, attempts FROM outbox_messages")).all()
+    finally:
+        engine.dispose()
+
+    outbox = health.json()["loops"]["outbox"]
+    assert outbox.startswith(f"configuration error ({CRM}): ConfigError:"), outbox
+    assert "VAULT" in outbox
+    assert any("stopped by our configuration" in n for n in status.json()["notes"])
+    assert [("pending", 0)] == [tuple(r) for r in rows]
+    assert "SYNCED" != deal["crm_sync_status"]

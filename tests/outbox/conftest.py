@@ -138,3 +138,48 @@ def unavailable(message: OutboxMessage) -> ProviderUnavailable:
         endpoint="record",
         status_code=503,
     )
+
+
+@dataclass(frozen=True)
+class ProviderCounts:
+    """What the simulated provider really did, per idempotency key (counted, not assumed)."""
+
+    #: Key -> writes really applied under it.
+    applications: dict[str, int]
+    #: Key -> requests that reached the provider with it (faults answer before that).
+    received: dict[str, int]
+    #: Record id -> the ``seq`` of each write, in application order.
+    writes: dict[str, list[int]]
+
+    @property
+    def repeats(self) -> int:
+        """Requests beyond the first per key: sends the worker made again."""
+        return sum(n - 1 for n in self.received.values() if n > 1)
+
+
+def provider_counts(sim: Any, provider: str = "crm_provider") -> ProviderCounts:
+    """Read the simulator's per-key counts under its lock."""
+    with sim.state.lock:
+        state = sim.state.provider(provider)
+        return ProviderCounts(
+            applications={k: e.applications for k, e in state.idempotency.items()},
+            received={k: e.received for k, e in state.idempotency.items()},
+            writes={
+                rid: [w["data"].get("seq", -1) for w in ws] for rid, ws in state.writes.items()
+            },
+        )
+
+
+def assert_applied_once(counts: ProviderCounts, total: int, *, max_repeats: int = 0) -> None:
+    """Every key applied exactly once, and at most ``max_repeats`` sends repeated in all.
+
+    The repeat bound is what makes "applied once" able to fail: the provider's
+    idempotency store hides a message sent twice from ``applications``, never
+    from ``received``.
+    """
+    assert total == len(counts.applications), "messages lost or unknown keys applied"
+    assert [] == [k for k, n in counts.applications.items() if n != 1], "applied twice"
+    assert counts.repeats <= max_repeats, (
+        f"{counts.repeats} repeated sends, at most {max_repeats} allowed: "
+        f"{sorted(k for k, n in counts.received.items() if n > 1)[:10]}"
+    )

@@ -137,11 +137,17 @@ def test_transient_4xx_is_retried(status: int) -> None:
 
 
 def test_caller_bugs_dead_letter_and_auth_failures_retry() -> None:
-    """A UsageError or ConfigError dead-letters; auth failures stay retryable (refresh may fix)."""
+    """A UsageError dead-letters; auth failures stay retryable (refresh may fix)."""
     assert Action.DEAD == _decide(UsageError("no such kind"))[0]
-    assert Action.DEAD == _decide(ConfigError("no secret"))[0]
     assert Action.RETRY == _decide(AuthError("token endpoint down"))[0]
     assert Action.RETRY == _decide(ReauthorizationRequired("invalid_grant"))[0]
+
+
+@pytest.mark.parametrize("attempts", [1, 6, 50])
+def test_a_configuration_error_is_ours_never_the_messages(attempts: int) -> None:
+    """ConfigError waits with the attempt given back, however many attempts: never dead."""
+    action = _decide(ConfigError("IDIS_VAULT_ADDR is not set"), attempts=attempts)[0]
+    assert Action.DEFER == action
 
 
 def test_unknown_exceptions_from_a_custom_strategy_are_retried_then_dead() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -336,9 +337,27 @@ def test_two_workers_side_by_side_never_share_a_message(engine: Engine) -> None:
     recorder = Recorder()
     recorder.expect(engine)
     settings = outbox_settings(batch_size=20)
+    shares: list[list[int]] = [[], []]
+    # Each worker's first send waits for the other's: both hold a batch at once.
+    both_started = threading.Barrier(2, timeout=30)
+    first = [threading.Event(), threading.Event()]
+    share_lock = threading.Lock()
+
+    def deliver_as(n: int) -> Callable[[OutboxMessage], None]:
+        def deliver(message: OutboxMessage) -> None:
+            with share_lock:
+                wait, _ = not first[n].is_set(), first[n].set()
+            if wait:
+                both_started.wait()
+            recorder(message)
+            with share_lock:
+                shares[n].append(message.id)
+
+        return deliver
+
     workers = [
-        OutboxWorker(engine, settings, deliver=recorder, providers=["crm_provider"])
-        for _ in range(2)
+        OutboxWorker(engine, settings, deliver=deliver_as(n), providers=["crm_provider"])
+        for n in range(2)
     ]
 
     threads = [threading.Thread(target=w.run, kwargs={"until_idle": True}) for w in workers]
@@ -351,6 +370,8 @@ def test_two_workers_side_by_side_never_share_a_message(engine: Engine) -> None:
 
     assert 600 == len(recorder.delivered)
     assert 600 == len(set(recorder.delivered))
+    assert all(shares), "both workers must have delivered"
+    assert set() == set(shares[0]) & set(shares[1])
     assert [] == recorder.order_violations
     assert {"delivered": 600} == statuses(engine)
 
@@ -389,7 +410,7 @@ def test_async_worker_drains_in_order(engine: Engine, clock: ManualClock) -> Non
         asyncio.run(async_engine.dispose())
 
     assert [] == recorder.order_violations
-    assert 80 == len(set(recorder.delivered))
+    assert sorted(recorder.delivered) == [r.id for r in table(engine)]  # each once, none twice
 
 
 def test_async_worker_task_stops_on_request(engine: Engine) -> None:

@@ -139,7 +139,12 @@ def test_stats_without_detail_leave_out_growing_maps(sim, http) -> None:
     brief = sim.control.stats("crm_provider", detail=False)
 
     assert "writes" not in brief
-    assert {"keys": 1, "duplicate_total": 1} == brief["idempotency"]
+    assert {
+        "keys": 1,
+        "duplicate_total": 1,
+        "received_total": 2,
+        "applied_total": 1,
+    } == brief["idempotency"]
 
 
 def test_rejections_never_echo_a_secret(sim, http) -> None:

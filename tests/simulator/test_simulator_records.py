@@ -82,8 +82,23 @@ def test_repeated_idempotency_key_is_applied_once(sim, http) -> None:
     assert all(r.json() == first.json() and r.status_code == 201 for r in again)
     assert all(r.headers["idempotent-replayed"] == "true" for r in again)
     assert {"key-1": 1} == stats["idempotency"]["applications"]
+    assert {"key-1": 4} == stats["idempotency"]["received"]
     assert {"key-1": 3} == stats["idempotency"]["duplicates"]
     assert 1 == stats["events"]
+
+
+def test_a_provider_that_ignores_keys_counts_every_application(sim, http) -> None:
+    """honor_idempotency=False: a repeated key applies again, and applications says so."""
+    sim.control.honor_idempotency("crm_provider", False)
+    headers = {"Idempotency-Key": "key-1"}
+    for n in range(3):
+        http.put(f"{CRM}/records/d1", json={"data": {"n": n}}, headers=headers)
+    stats = sim.control.stats("crm_provider")
+
+    assert {"key-1": 3} == stats["idempotency"]["applications"]
+    assert {"key-1": 3} == stats["idempotency"]["received"]
+    assert 3 == len(stats["writes"]["d1"])
+    assert (3, 3) == (stats["idempotency"]["applied_total"], stats["idempotency"]["received_total"])
 
 
 def test_idempotency_key_reused_for_another_request_is_rejected(sim, http) -> None:

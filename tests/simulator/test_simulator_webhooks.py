@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from idis.integrations.simulator._state import DEFAULT_WEBHOOK_SECRET
+
 SECRET = "whsec_" + base64.b64encode(b"test-secret-for-simulator-hooks").decode()
 OTHER = "whsec_" + base64.b64encode(b"second-secret-during-rotation").decode()
 
@@ -250,12 +252,21 @@ def test_receiver_can_answer_gone_or_fail(sim, http, clock, signature) -> None:
     assert {} == sim.control.stats("crm_provider")["inbound"]["applied_per_id"]
 
 
-def test_simulator_webhooks_verify_at_its_own_receiver(sim) -> None:
-    """With default secrets, outbound webhooks pointed at a receiver are all accepted."""
+def test_simulator_webhooks_verify_at_its_own_receiver_given_their_secret(sim) -> None:
+    """The provider's webhooks verify at a receiver holding their secret, and only there.
+
+    The receiver (for the library's outbound webhooks) defaults to a secret of its
+    own: one key for both directions would let a captured delivery replay.
+    """
     sim.control.set_webhook_target("crm_provider", f"{sim.url}/p/sink/webhooks/inbound")
+    sim.control.emit("crm_provider", 2)
+    sim.control.flush_webhooks("crm_provider")
+    by_default = sim.control.stats("sink")["inbound"]
+    sim.control.configure_receiver("sink", secrets=[DEFAULT_WEBHOOK_SECRET])
     sim.control.emit("crm_provider", 4)
     sim.control.flush_webhooks("crm_provider")
 
     inbound = sim.control.stats("sink")["inbound"]
 
-    assert (4, {}) == (inbound["accepted"], inbound["rejected"])
+    assert 0 == by_default["accepted"]
+    assert 4 == inbound["accepted"]

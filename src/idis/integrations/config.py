@@ -73,6 +73,9 @@ DEFAULT_DATABASE_URL = "sqlite:///idis-integrations.sqlite3"
 #: README and the simulator's docs, so it authenticates nothing: a receiver or an
 #: outbound webhook uses it only with ``IDIS_ALLOW_EMBEDDED_DEFAULTS=true``.
 EMBEDDED_WEBHOOK_SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLXdlYmhvb2s="  # noqa: S105  # public on purpose
+#: The embedded providers' outbound signing secret (the simulator's receiver's):
+#: published too, and distinct from the inbound one.
+EMBEDDED_OUTBOUND_WEBHOOK_SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLW91dGJvdW5k"  # noqa: S105  # public on purpose
 #: The opt-in variable for the embedded defaults' published secrets.
 ALLOW_EMBEDDED_DEFAULTS = "IDIS_ALLOW_EMBEDDED_DEFAULTS"
 
@@ -709,8 +712,19 @@ class ProviderSettings:
         metadata=_var(
             "WEBHOOK_SECRETS",
             _secrets,
-            "`whsec_...` secrets, comma-separated (several during rotation); the first also "
-            "signs outbound webhooks.",
+            "`whsec_...` secrets that verify the provider's inbound webhooks, comma-separated "
+            "(several during rotation). Never used to sign outbound ones.",
+        ),
+    )
+    outbound_webhook_secret: Secret | None = field(
+        default=None,
+        metadata=_var(
+            "OUTBOUND_WEBHOOK_SECRET",
+            _secret,
+            "`whsec_...` secret that signs the webhooks we send to the provider; must differ "
+            "from every inbound secret, so a captured outbound delivery never verifies at our "
+            "receiver. Outbound webhooks wait (a configuration error) until it is set.",
+            shown="unset",
         ),
     )
     replay_retention: timedelta = field(
@@ -1189,6 +1203,45 @@ class Settings:
             variable=env,
         )
 
+    def checked_outbound_webhook_secret(self, name: str) -> Secret:
+        """The secret that signs outbound webhooks to ``name``: its own, never an inbound one.
+
+        Raises:
+            UnknownProviderError: for an undeclared provider.
+            ConfigError: naming the variable, when it is unset, equal to an inbound
+                secret, or the published simulator secret without the opt-in.
+        """
+        provider = self.provider(name)
+        env = f"IDIS_PROVIDER_{name.upper()}_OUTBOUND_WEBHOOK_SECRET"
+        secret = provider.outbound_webhook_secret
+        if secret is None or not secret.get_secret_value().strip():
+            raise ConfigError(
+                f"provider {name!r} has no secret to sign outbound webhooks: set {env} to a "
+                "whsec_ value of its own (not one of its inbound WEBHOOK_SECRETS)",
+                variable=env,
+            )
+        key = secret.get_secret_value().strip().removeprefix("whsec_")
+        inbound = {
+            s.get_secret_value().strip().removeprefix("whsec_") for s in provider.webhook_secrets
+        }
+        if key in inbound:
+            raise ConfigError(
+                f"provider {name!r} would sign outbound webhooks with one of its inbound "
+                f"secrets: a captured delivery would then verify at our receiver; set {env} "
+                "to a secret of its own",
+                variable=env,
+            )
+        if key == EMBEDDED_OUTBOUND_WEBHOOK_SECRET.removeprefix("whsec_") and not (
+            self.allow_embedded_defaults
+        ):
+            raise ConfigError(
+                f"provider {name!r} would sign outbound webhooks with the embedded simulator "
+                f"secret, which is published: set {env} to your own secret, or set "
+                f"{ALLOW_EMBEDDED_DEFAULTS}=true where only the simulator is talked to",
+                variable=env,
+            )
+        return secret
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate settings from an environment mapping (``os.environ`` by default).
@@ -1409,6 +1462,7 @@ def _embedded_providers(simulator_url: str) -> dict[str, ProviderSettings]:
             health_endpoint="/health",
             auth=auth,
             webhook_secrets=(Secret(EMBEDDED_WEBHOOK_SECRET),),
+            outbound_webhook_secret=Secret(EMBEDDED_OUTBOUND_WEBHOOK_SECRET),
         )
         for name, kind in (
             ("crm_provider", "crm"),

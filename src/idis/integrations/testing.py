@@ -50,7 +50,12 @@ from .config import (
 from .exceptions import ConfigError, UsageError
 from .resilience._policy import set_testing
 from .simulator._control import SimulatorControl
-from .simulator._state import DEFAULT_WEBHOOK_SECRET, Clock, SimulatorState
+from .simulator._state import (
+    DEFAULT_OUTBOUND_WEBHOOK_SECRET,
+    DEFAULT_WEBHOOK_SECRET,
+    Clock,
+    SimulatorState,
+)
 
 __all__ = [
     "LatencyProxy",
@@ -309,6 +314,7 @@ def simulator_settings(
                 rotation_url="/oauth/rotate",
             ),
             webhook_secrets=(Secret(DEFAULT_WEBHOOK_SECRET),),
+            outbound_webhook_secret=Secret(DEFAULT_OUTBOUND_WEBHOOK_SECRET),
         )
         built[name] = replace(provider, **per_provider) if per_provider else provider
     # The simulator's webhook secret is published: only settings that talk to a

@@ -41,6 +41,7 @@ from typing import Any, Final, Literal
 from sqlalchemy import CheckConstraint, Engine, Index, String, Table, Update, inspect, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapped, Session, declared_attr, mapped_column
+from sqlalchemy.sql.expression import Executable
 
 from .._timeparse import utcnow
 from ..db._base import UTCDateTime
@@ -235,19 +236,47 @@ class _SyncStatusHook:
         model: Any,
         record_id: Callable[[Any], Any] | None,
         kinds: Iterable[str] | None,
+        *,
+        revision: Callable[[Any], Any] | None,
+        revision_column: str,
+        on_delivered: Callable[[Any, Any], Executable | None] | None,
     ) -> None:
-        _table(model)  # fail now, not on the first delivery
+        table = _table(model)  # fail now, not on the first delivery
+        if revision is not None and revision_column not in table.c:
+            raise UsageError(
+                f"table {table.name!r} has no {revision_column!r} column to compare a push's "
+                "revision with: pass revision_column= naming it"
+            )
         self.model = model
+        self.table = table
         self.record_id = record_id or _ordering_key
         self.kinds = frozenset(kinds) if kinds is not None else None
+        self.revision = revision
+        self.revision_column = revision_column
+        self.on_delivered = on_delivered
 
     def target(self, message: Any) -> Any:
         if self.kinds is not None and getattr(message, "kind", None) not in self.kinds:
             return None
         return self.record_id(message)
 
-    def statement(self, row_id: Any, status: SyncStatus) -> Update:
-        return sync_status_update(self.model, [row_id], status)
+    def statements(
+        self, message: Any, row_id: Any, status: SyncStatus, result: Any = None
+    ) -> list[Executable]:
+        """The writes that record ``status`` for ``row_id``, in one transaction."""
+        out: list[Executable] = []
+        if status == SYNC_SYNCED and self.on_delivered is not None:
+            extra = self.on_delivered(message, result)
+            if extra is not None:
+                out.append(extra)
+        statement = sync_status_update(self.model, [row_id], status)
+        revision = self.revision(message) if self.revision is not None else None
+        if status == SYNC_SYNCED and revision is not None:
+            # A push of an older edit leaves the row PENDING while a newer edit
+            # of it is still queued: SYNCED only when the provider has the latest.
+            statement = statement.where(self.table.c[self.revision_column] == revision)
+        out.append(statement)
+        return out
 
     @staticmethod
     def log_failure(row_id: Any, status: str, exc: Exception) -> None:
@@ -266,45 +295,69 @@ class SyncStatusDelivery:
     SYNCED after a successful delivery, FAILED after a failed attempt (the
     delivery's error is re-raised untouched, so the outbox retries as usual).
 
+    Version-aware with ``revision``: a push carries the row's revision (the
+    edit it sends), and its delivery marks the row SYNCED only if the row is
+    still at that revision. A row edited twice while the provider was down
+    stays PENDING (or FAILED) until its latest push is through: the host never
+    shows SYNCED for a state the provider does not have.
+
     Args:
         deliver: The outbox delivery callable (e.g. ``GatewayDelivery(gateway)``).
         engine: Engine of the database holding the host table.
         model: The host table (a mapped class on the mixin, or its ``Table``).
         record_id: Row id a message is about (default: its ``ordering_key``).
         kinds: Only messages of these kinds (default: all with a row id).
+        revision: The row revision a message pushes (None: not versioned).
+        revision_column: The row's revision column (default ``revision``).
+        on_delivered: ``(message, provider answer) -> statement or None``, run in
+            the SYNCED transaction whether or not the row is still at that
+            revision (e.g. keep the provider's record version for stale-echo
+            checks).
     """
 
     def __init__(
         self,
-        deliver: Callable[[Any], None],
+        deliver: Callable[[Any], Any],
         engine: Engine,
         model: Any,
         *,
         record_id: Callable[[Any], Any] | None = None,
         kinds: Iterable[str] | None = None,
+        revision: Callable[[Any], Any] | None = None,
+        revision_column: str = "revision",
+        on_delivered: Callable[[Any, Any], Executable | None] | None = None,
     ) -> None:
         self.deliver = deliver
         self.engine = engine
-        self._hook = _SyncStatusHook(model, record_id, kinds)
+        self._hook = _SyncStatusHook(
+            model,
+            record_id,
+            kinds,
+            revision=revision,
+            revision_column=revision_column,
+            on_delivered=on_delivered,
+        )
 
-    def _mark(self, row_id: Any, status: SyncStatus) -> None:
+    def _mark(self, message: Any, row_id: Any, status: SyncStatus, result: Any = None) -> None:
         try:
             with Session(self.engine) as session, session.begin():
-                session.execute(self._hook.statement(row_id, status))
+                for statement in self._hook.statements(message, row_id, status, result):
+                    session.execute(statement)
         except Exception as exc:  # noqa: BLE001  # see _SyncStatusHook.log_failure
             self._hook.log_failure(row_id, status, exc)
 
-    def __call__(self, message: Any) -> None:
-        """Deliver ``message`` and record the outcome on its row."""
+    def __call__(self, message: Any) -> Any:
+        """Deliver ``message`` and record the outcome on its row; return the provider's answer."""
         row_id = self._hook.target(message)
         try:
-            self.deliver(message)
+            result = self.deliver(message)
         except Exception:
             if row_id is not None:
-                self._mark(row_id, SYNC_FAILED)
+                self._mark(message, row_id, SYNC_FAILED)
             raise
         if row_id is not None:
-            self._mark(row_id, SYNC_SYNCED)
+            self._mark(message, row_id, SYNC_SYNCED, result)
+        return result
 
 
 class AsyncSyncStatusDelivery:
@@ -312,32 +365,46 @@ class AsyncSyncStatusDelivery:
 
     def __init__(
         self,
-        deliver: Callable[[Any], Awaitable[None]],
+        deliver: Callable[[Any], Awaitable[Any]],
         engine: AsyncEngine,
         model: Any,
         *,
         record_id: Callable[[Any], Any] | None = None,
         kinds: Iterable[str] | None = None,
+        revision: Callable[[Any], Any] | None = None,
+        revision_column: str = "revision",
+        on_delivered: Callable[[Any, Any], Executable | None] | None = None,
     ) -> None:
         self.deliver = deliver
         self.engine = engine
-        self._hook = _SyncStatusHook(model, record_id, kinds)
+        self._hook = _SyncStatusHook(
+            model,
+            record_id,
+            kinds,
+            revision=revision,
+            revision_column=revision_column,
+            on_delivered=on_delivered,
+        )
 
-    async def _mark(self, row_id: Any, status: SyncStatus) -> None:
+    async def _mark(
+        self, message: Any, row_id: Any, status: SyncStatus, result: Any = None
+    ) -> None:
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(self._hook.statement(row_id, status))
+                for statement in self._hook.statements(message, row_id, status, result):
+                    await conn.execute(statement)
         except Exception as exc:  # noqa: BLE001  # see _SyncStatusHook.log_failure
             self._hook.log_failure(row_id, status, exc)
 
-    async def __call__(self, message: Any) -> None:
-        """Deliver ``message`` and record the outcome on its row."""
+    async def __call__(self, message: Any) -> Any:
+        """Deliver ``message`` and record the outcome on its row; return the provider's answer."""
         row_id = self._hook.target(message)
         try:
-            await self.deliver(message)
+            result = await self.deliver(message)
         except Exception:
             if row_id is not None:
-                await self._mark(row_id, SYNC_FAILED)
+                await self._mark(message, row_id, SYNC_FAILED)
             raise
         if row_id is not None:
-            await self._mark(row_id, SYNC_SYNCED)
+            await self._mark(message, row_id, SYNC_SYNCED, result)
+        return result

@@ -7,8 +7,9 @@ same call with :func:`build_call` and differ only in ``await``:
   path_params=..., params=..., json=..., idempotency_key=key)``;
 * ``webhook`` messages become a ``POST`` of the stored body to the provider's
   receiver endpoint, signed with Standard Webhooks headers (``webhook-id``,
-  ``webhook-timestamp``, ``webhook-signature``) by the first of the provider's
-  ``webhook_secrets``, with the idempotency key as ``Idempotency-Key`` too.
+  ``webhook-timestamp``, ``webhook-signature``) by the provider's own
+  ``outbound_webhook_secret`` (never an inbound ``webhook_secrets`` one), with
+  the idempotency key as ``Idempotency-Key`` too.
 
 The gateway supplies the resilience (timeouts, retries on provider faults,
 breaker, rate-limit pauses); the outbox supplies persistence and the long
@@ -24,7 +25,7 @@ from typing import Any
 
 from .._clock import Clock, system_clock
 from ..config import Settings
-from ..exceptions import ConfigError, UsageError
+from ..exceptions import UsageError
 from ..webhooks._signing import sign_headers
 from ._messages import KIND_REQUEST, KIND_WEBHOOK, OutboxMessage
 
@@ -50,7 +51,7 @@ def build_call(message: OutboxMessage, settings: Settings, *, now: float) -> Gat
 
     Raises:
         UsageError: for a kind this strategy does not know or a malformed payload.
-        ConfigError: for a webhook to a provider with no webhook secret.
+        ConfigError: for a webhook to a provider with no outbound webhook secret of its own.
     """
     payload = message.payload
     if message.kind == KIND_REQUEST:
@@ -70,15 +71,10 @@ def build_call(message: OutboxMessage, settings: Settings, *, now: float) -> Gat
         webhook_id = payload.get("webhook_id")
         if not isinstance(body, str) or not isinstance(webhook_id, str):
             raise UsageError(f"outbox message {message.id}: webhook payload has no body or id")
-        provider = settings.provider(message.provider)
-        if not provider.webhook_secrets:
-            raise ConfigError(
-                f"provider {message.provider!r} has no webhook secret to sign outbound webhooks: "
-                f"set IDIS_PROVIDER_{message.provider.upper()}_WEBHOOK_SECRETS",
-                variable=f"IDIS_PROVIDER_{message.provider.upper()}_WEBHOOK_SECRETS",
-            )
         raw = body.encode()
-        secret = settings.checked_webhook_secrets(message.provider, use="sign")[0]
+        # Its own secret, never an inbound one: a captured delivery must not
+        # verify at our receiver (ConfigError, our configuration, when unset).
+        secret = settings.checked_outbound_webhook_secret(message.provider)
         headers = sign_headers(secret, raw, msg_id=webhook_id, timestamp=int(now))
         headers["content-type"] = "application/json"
         return GatewayCall(
@@ -120,14 +116,13 @@ class GatewayDelivery:
         self.clock = clock or getattr(gateway, "clock", None) or system_clock
         self.handlers = dict(handlers or {})
 
-    def __call__(self, message: OutboxMessage) -> None:
-        """Deliver ``message``; raise the gateway's error when it fails."""
+    def __call__(self, message: OutboxMessage) -> Any:
+        """Deliver ``message``; return the provider's answer, raise the gateway's error."""
         handler = self.handlers.get(message.kind)
         if handler is not None:
-            handler(message)
-            return
+            return handler(message)
         call = build_call(message, self.settings, now=self.clock.time())
-        self.gateway.request(call.provider, call.endpoint, **call.kwargs)
+        return self.gateway.request(call.provider, call.endpoint, **call.kwargs)
 
 
 class AsyncGatewayDelivery:
@@ -146,11 +141,10 @@ class AsyncGatewayDelivery:
         self.clock = clock or getattr(gateway, "clock", None) or system_clock
         self.handlers = dict(handlers or {})
 
-    async def __call__(self, message: OutboxMessage) -> None:
-        """Deliver ``message``; raise the gateway's error when it fails."""
+    async def __call__(self, message: OutboxMessage) -> Any:
+        """Deliver ``message``; return the provider's answer, raise the gateway's error."""
         handler = self.handlers.get(message.kind)
         if handler is not None:
-            await handler(message)
-            return
+            return await handler(message)
         call = build_call(message, self.settings, now=self.clock.time())
-        await self.gateway.request(call.provider, call.endpoint, **call.kwargs)
+        return await self.gateway.request(call.provider, call.endpoint, **call.kwargs)

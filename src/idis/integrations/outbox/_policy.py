@@ -10,8 +10,15 @@ success                              ``delivered``
 not attempted (breaker open,         back to ``pending``; the attempt is given
 bulkhead full, worker stopping)      back, so waiting never burns the budget
 provider fault while the provider    back to ``pending``, attempt given back: the
-is now unavailable (the failure      failure is the outage's, not the message's
-opened its breaker or a 429 pause)
+is now unavailable (the failure      failure is the outage's, not the message's;
+opened its breaker or a 429 pause)   the delay grows with each such failure, so
+                                     the next half-open trial is another message
+the same, but the provider served    counted like any other failure: the message
+other messages since this one last   is poison, not the provider down, so it is
+failed                               retried and dead-lettered in the end
+our configuration is wrong           back to ``pending``, attempt given back, due
+(``ConfigError``: no webhook secret, again after a pause: not the message's fault
+missing Vault variables, ...)        (the worker reports itself unhealthy)
 410 Gone on a webhook                ``dead``; the receiver is marked gone
 other 4xx (except 408/409/425/429)   ``dead`` at once: resending cannot succeed
 a caller bug (UsageError, ...)       ``dead`` at once
@@ -34,6 +41,7 @@ from ..exceptions import (
     AuthError,
     BulkheadFull,
     CircuitOpen,
+    ConfigError,
     IntegrationError,
     ProviderError,
     ProviderRejected,
@@ -56,6 +64,9 @@ MAX_ERROR_LENGTH = 500
 #: error says nothing better. The lease query also skips unavailable providers,
 #: so this only bounds how soon a recovered provider is tried.
 DEFER_DELAY = timedelta(milliseconds=100)
+#: Pause before a message that met a configuration error is tried again: long
+#: enough not to flood the log, short enough to resume soon after the fix.
+CONFIG_ERROR_DELAY = timedelta(seconds=30)
 
 
 class Action(enum.Enum):
@@ -127,6 +138,8 @@ def decide(
     now: datetime,
     settings: OutboxSettings,
     rng: random.Random | None = None,
+    served_others: bool = False,
+    excused: int = 0,
 ) -> Disposition:
     """Decide what happens to a message after one attempt.
 
@@ -140,6 +153,11 @@ def decide(
         now: Current time.
         settings: Backoff settings.
         rng: Random source for the jitter (tests pass a seeded one).
+        served_others: The provider accepted other messages since this one's
+            last failure: a failure that leaves it unavailable is this
+            message's own (poison), and counts.
+        excused: Earlier failures of this message given back as the outage's;
+            each one doubles the delay before it is due again.
 
     Returns:
         The disposition to write.
@@ -151,6 +169,12 @@ def decide(
         # Never attempted: the message waits for the provider, its budget intact.
         wait = timedelta(seconds=getattr(error, "retry_in", None) or 0.0)
         return Disposition(Action.DEFER, now + max(wait, DEFER_DELAY), summary)
+    if isinstance(error, ConfigError):
+        # Our configuration, not the message: it waits for the fix (the worker
+        # reports it), its budget intact, and is never dead-lettered for it.
+        return Disposition(
+            Action.DEFER, now + min(CONFIG_ERROR_DELAY, settings.max_backoff), summary
+        )
     if isinstance(error, ProviderRejected):
         if kind == "webhook" and error.status_code == 410:
             return Disposition(Action.GONE, None, summary)
@@ -164,13 +188,21 @@ def decide(
         # A caller bug, bad configuration or an answer that resending cannot
         # change; auth failures stay retryable because a refresh may fix them.
         return Disposition(Action.DEAD, None, summary)
-    backoff = backoff_delay(settings, attempts, rng)
-    if isinstance(error, ProviderError) and error.provider_fault and not provider_available:
+    outage = (
+        isinstance(error, ProviderError)
+        and error.provider_fault
+        and not provider_available
+        and not served_others
+    )
+    if outage:
         # The attempt failed *and* the provider is now unavailable (this failure
-        # opened its breaker, or a 429 paused it): the outage's fault, so the
-        # attempt is given back. The backoff still spreads the messages out so
-        # one message does not take every half-open trial slot.
+        # opened its breaker, or a 429 paused it), and nothing says it works for
+        # others: the outage's fault, so the attempt is given back. The delay
+        # grows with each such failure, so the message that failed the last
+        # half-open trial is not the next trial too.
+        backoff = backoff_delay(settings, attempts + excused, rng)
         return Disposition(Action.DEFER, now + max(backoff, DEFER_DELAY), summary)
+    backoff = backoff_delay(settings, attempts, rng)
     if attempts > max_retries:
         return Disposition(Action.DEAD, None, summary)
     return Disposition(Action.RETRY, now + backoff, summary)

@@ -270,6 +270,40 @@ def settle_statement() -> Update:
 
 
 @functools.cache
+def database_now_statement(dialect: str) -> Select[Any]:
+    """The database's current time: PostgreSQL an aware timestamp, SQLite UTC text (ms)."""
+    if dialect == "postgresql":
+        return select(func.clock_timestamp())
+    return select(func.strftime("%Y-%m-%d %H:%M:%f", "now"))
+
+
+#: ``last_error`` of a message given back after a lease whose COMMIT was not acknowledged.
+LEASE_UNACKNOWLEDGED = "lease given back: its COMMIT was not acknowledged, nothing was sent"
+
+
+@functools.cache
+def release_own_statement() -> Update:
+    """Give back every pending message leased to ``:p_owner`` (parameters ``p_owner``, ``p_now``).
+
+    Run by a worker that holds no delivery in flight, after a transaction whose
+    outcome it could not see (a COMMIT that failed to acknowledge may have
+    succeeded): whatever it still holds was leased and never sent. The attempt
+    the lease counted is given back.
+    """
+    return (
+        update(messages)
+        .where(messages.c.status == _PENDING, messages.c.lease_owner == bindparam("p_owner"))
+        .values(
+            lease_owner=None,
+            lease_expires_at=None,
+            attempts=messages.c.attempts - 1,
+            last_error=literal_column(f"'{LEASE_UNACKNOWLEDGED}'"),
+            updated_at=_ts("p_now"),
+        )
+    )
+
+
+@functools.cache
 def renew_statement(dialect: str) -> Update:
     """Extend this worker's leases on ``:p_ids`` to ``:p_expires``; returns the ids still held."""
     return (

@@ -44,14 +44,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from .._clock import Clock, system_clock
+from .._clock import Clock, SystemClock, system_clock
 from ..config import OutboxSettings, Settings
-from ..exceptions import BulkheadFull, CircuitOpen, StorageError, UsageError
+from ..exceptions import BulkheadFull, CircuitOpen, ConfigError, StorageError, UsageError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from ._messages import KIND_WEBHOOK, OutboxMessage
@@ -59,9 +59,11 @@ from ._models import DEAD, PENDING, RECEIVER_GONE
 from ._policy import Action, Disposition, decide, describe_error
 from ._queries import (
     LEASE_EXPIRED,
+    database_now_statement,
     gone_receivers_statement,
     lease_statement,
     mark_receiver_statement,
+    release_own_statement,
     renew_statement,
     settle_delivered_statement,
     settle_statement,
@@ -89,6 +91,8 @@ Availability = Callable[[str], bool]
 _log = get_logger()
 _DELIVERED = Disposition(Action.DELIVERED)
 _DB_ERRORS = (OperationalError, DBAPIError, StorageError)
+#: Messages whose excused failures a worker remembers (a bound, not a tuning knob).
+_MAX_EXCUSED = 10_000
 #: Longest pause between attempts to reach a database that is down.
 _MAX_DB_BACKOFF = 5.0
 
@@ -173,6 +177,7 @@ class _WorkerCore:
         lease: timedelta | None,
         poll_interval: timedelta | None,
         metrics_interval: timedelta | None,
+        lease_clock: str | None = None,
     ) -> None:
         outbox = settings.outbox
         names = tuple(providers) if providers is not None else tuple(settings.providers)
@@ -186,6 +191,17 @@ class _WorkerCore:
         self.available: Availability = availability or (lambda _name: True)
         self.worker_id = worker_id or default_worker_id()
         self.clock = clock or system_clock
+        if lease_clock not in (None, "database", "worker"):
+            raise UsageError(f"lease_clock={lease_clock!r}: expected 'database' or 'worker'")
+        #: Lease, due and settle times follow the database's clock (a worker whose
+        #: clock runs ahead would otherwise take over live leases). A manual
+        #: clock (tests, the drill) is its own authority.
+        self.database_clock = (
+            lease_clock == "database"
+            if lease_clock is not None
+            else isinstance(self.clock, SystemClock)
+        )
+        self._offset = timedelta(0)
         self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
         self._metrics = metrics
         self.batch_size = batch_size or outbox.batch_size
@@ -200,7 +216,18 @@ class _WorkerCore:
         self._rotation = 0
         self._last_gauges: float | None = None
         self._gone: set[tuple[str, str]] = set()
+        #: Deliveries per provider, by this worker: the evidence that a provider
+        #: works for others while one message keeps failing.
+        self._served: Counter[str] = Counter()
+        #: Message id -> (``_served`` of its provider when its failure was last
+        #: excused as the outage's, failures excused so far).
+        self._excused: dict[int, tuple[int, int]] = {}
+        #: Provider -> the configuration error its last delivery met (cleared by a delivery).
+        self.config_errors: dict[str, str] = {}
         self.unsettled = _Pending()
+        #: A cycle's transaction failed: its COMMIT may have succeeded unseen,
+        #: leaving leases this worker does not know it holds.
+        self.unsure_of_leases = False
         self.db_failures = 0
         self.log = _log.bind(worker=self.worker_id)
 
@@ -243,6 +270,26 @@ class _WorkerCore:
             "p_owner": self.worker_id,
             "p_expires": now + self.lease,
         }
+
+    def now(self) -> datetime:
+        """The worker's time, corrected to the database's clock when it follows it."""
+        return self.clock.now() + self._offset
+
+    def follow_database(self, database_now: Any) -> None:
+        """Correct :meth:`now` by the database's clock, read in the lease transaction."""
+        if isinstance(database_now, str):  # SQLite: text, UTC
+            database_now = datetime.fromisoformat(database_now).replace(tzinfo=UTC)
+        elif database_now.tzinfo is None:
+            database_now = database_now.replace(tzinfo=UTC)
+        self._offset = database_now - self.clock.now()
+
+    def release_own_params(self) -> dict[str, Any]:
+        """Parameters of ``release_own_statement``: run before leasing, no batch in flight."""
+        self.log.warning(
+            "idis.outbox.unacknowledged_leases_released",
+            msg="a cycle's transaction failed; leases it may have taken unseen are given back",
+        )
+        return {"p_owner": self.worker_id, "p_now": self.now()}
 
     def to_message(self, row: Any) -> OutboxMessage:
         max_retries = row.max_retries if row.max_retries is not None else self.outbox.max_retries
@@ -301,20 +348,48 @@ class _WorkerCore:
     def settle(
         self, message: OutboxMessage, error: BaseException | None, now: datetime
     ) -> _Settlement:
+        provider = message.provider
         if error is None:
+            self._served[provider] += 1
+            self._excused.pop(message.id, None)
+            self.config_errors.pop(provider, None)
             return _Settlement(message, _DELIVERED)
-        available = self.available(message.provider)
+        if isinstance(error, ConfigError):
+            text = describe_error(error)
+            if self.config_errors.get(provider) != text:
+                self.log.error(
+                    "idis.outbox.config_error",
+                    msg="outbox delivery stopped by our configuration; messages wait, "
+                    "their attempts are not counted",
+                    provider=provider,
+                    error=text,
+                )
+            self.config_errors[provider] = text
+        # The gateway raises CircuitOpen/BulkheadFull only when nothing went
+        # out; once a request was sent, its failure is what comes back.
+        failed = not isinstance(error, CircuitOpen | BulkheadFull | ConfigError)
+        served, excused = self._excused.get(message.id, (self._served[provider], 0))
         disposition = decide(
             error,
             kind=message.kind,
             attempts=message.attempts,
             max_retries=message.max_retries,
-            provider_available=available,
+            provider_available=self.available(provider),
             now=now,
             settings=self.outbox,
             rng=self.rng,
+            served_others=self._served[provider] > served,
+            excused=excused,
         )
-        failed = error is not None and not isinstance(error, CircuitOpen | BulkheadFull)
+        if disposition.action is Action.DEFER and failed:
+            # Given back as the outage's: remember what the provider had served,
+            # so that its next failure counts if others got through meanwhile.
+            self._excused[message.id] = (self._served[provider], excused + 1)
+            if len(self._excused) > _MAX_EXCUSED:
+                # Messages another worker settled never come back here: forget the oldest.
+                del self._excused[next(iter(self._excused))]
+        elif failed:
+            self._excused.pop(message.id, None)
         if disposition.action is Action.GONE:
             receiver = self.receiver_of(message)
             if receiver is not None:
@@ -494,6 +569,9 @@ class OutboxWorker:
         lease: Lease length (default ``IDIS_OUTBOX_LEASE``).
         poll_interval: Idle wait when nothing is due (default ``IDIS_OUTBOX_POLL_INTERVAL``).
         metrics_interval: How often the queue gauges are refreshed (default 15 s).
+        lease_clock: ``"database"``: lease, due and settle times follow the
+            database's clock, read once per cycle (default with the system clock);
+            ``"worker"``: the worker's own ``clock`` (default with an injected one).
 
     Raises:
         UnknownProviderError: when ``providers`` names an undeclared provider.
@@ -517,6 +595,7 @@ class OutboxWorker:
         lease: timedelta | None = None,
         poll_interval: timedelta | None = None,
         metrics_interval: timedelta | None = None,
+        lease_clock: str | None = None,
     ) -> None:
         if deliver is None:
             if gateway is None:
@@ -541,6 +620,7 @@ class OutboxWorker:
             lease=lease,
             poll_interval=poll_interval,
             metrics_interval=metrics_interval,
+            lease_clock=lease_clock,
         )
         self._dialect = engine.dialect.name
         self._stop = threading.Event()
@@ -554,6 +634,17 @@ class OutboxWorker:
     def worker_id(self) -> str:
         """The lease owner name this worker writes."""
         return self._core.worker_id
+
+    @property
+    def config_errors(self) -> dict[str, str]:
+        """Provider -> the configuration error stopping its deliveries (empty when healthy).
+
+        A configuration error (missing Vault variables, no webhook secret) is
+        ours, not the message's: the message waits with its attempts intact,
+        and the host reports the worker unhealthy with this text until a
+        delivery to that provider succeeds.
+        """
+        return dict(self._core.config_errors)
 
     @property
     def stopping(self) -> bool:
@@ -655,11 +746,15 @@ class OutboxWorker:
             # batch: half the round trips of settling and leasing apart.
             with self._transaction() as conn:
                 self._write_unsettled(conn)
+                if core.unsure_of_leases:
+                    conn.execute(release_own_statement(), core.release_own_params())
                 batch = self._lease(conn, result)
+            core.unsure_of_leases = False
             core.unsettled.items.clear()
             if core.gauges_due():
                 self._refresh_gauges()
         except _DB_ERRORS as exc:
+            core.unsure_of_leases = True
             raise _as_storage_error(exc) from exc
         result.leased = len(batch)
         if batch:
@@ -695,7 +790,9 @@ class OutboxWorker:
         rows: list[Any] = []
         if not providers:
             return []
-        now = core.clock.now()
+        if core.database_clock:
+            core.follow_database(conn.execute(database_now_statement(self._dialect)).scalar_one())
+        now = core.now()
         stmt = lease_statement(self._dialect)
         for provider in providers:
             limit = core.batch_size - len(rows)
@@ -716,7 +813,7 @@ class OutboxWorker:
 
         with self._transaction() as conn:
             refresh_gauges(
-                conn, self._core.metrics, providers=self._core.providers, now=self._core.clock.now()
+                conn, self._core.metrics, providers=self._core.providers, now=self._core.now()
             )
 
     def _renew(self, ids: list[int], now: datetime) -> set[int]:
@@ -730,21 +827,40 @@ class OutboxWorker:
         out: list[_Settlement] = []
         ready = core.split_spent(batch, out)
         leases = _Leases(ready)
-        if core.concurrency == 1 or len(ready) <= 1:
-            out.extend(self._deliver_one(message, leases) for message in ready)
+        if not ready:
             return out
-        # A sliding window, not chunks: one slow send (a retry backing off in
-        # the gateway) holds one slot, not the whole batch. One batch never
-        # holds two messages of one ordering key, so they may go out side by side.
-        futures = {self._pool().submit(self._deliver_one, m, leases): m for m in ready}
-        while futures:
-            done, _ = wait(futures, timeout=core.renew_check, return_when=FIRST_COMPLETED)
-            for future in done:
-                out.append(future.result())
-                del futures[future]
-            if futures:
-                self._keep_leases(leases)
-        return out
+        # A heartbeat renews the leases while the batch is out, whatever the
+        # path: a single send that outlasts the lease must not let another
+        # worker send the message again behind it.
+        finished = threading.Event()
+        heartbeat = threading.Thread(
+            target=self._heartbeat,
+            args=(leases, finished),
+            name=f"idis-outbox-heartbeat-{core.worker_id}",
+            daemon=True,
+        )
+        heartbeat.start()
+        try:
+            if core.concurrency == 1 or len(ready) == 1:
+                out.extend(self._deliver_one(message, leases) for message in ready)
+                return out
+            # A sliding window, not chunks: one slow send (a retry backing off in
+            # the gateway) holds one slot, not the whole batch. One batch never
+            # holds two messages of one ordering key, so they may go out side by side.
+            futures = {self._pool().submit(self._deliver_one, m, leases): m for m in ready}
+            while futures:
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for future in done:
+                    out.append(future.result())
+                    del futures[future]
+            return out
+        finally:
+            finished.set()
+            heartbeat.join()
+
+    def _heartbeat(self, leases: _Leases, finished: threading.Event) -> None:
+        while not finished.wait(self._core.renew_check):
+            self._keep_leases(leases)
 
     def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Settlement:
         # Every send first makes sure the batch's leases will outlast it.
@@ -752,17 +868,17 @@ class OutboxWorker:
         if self._stop.is_set() or message.id in leases.lost:
             # Stopping, or the lease could not be kept: give it back unsent
             # (a lost lease's settle is a no-op: another worker holds it now).
-            return self._core.release(message, self._core.clock.now())
+            return self._core.release(message, self._core.now())
         # Checked at send time: an earlier send of this batch may have just
         # found the receiver gone.
         return self._core.skip_gone(message) or self._attempt(message)
 
     def _keep_leases(self, leases: _Leases) -> None:
         core = self._core
-        if not core.needs_renewal(leases.expires, core.clock.now()):
+        if not core.needs_renewal(leases.expires, core.now()):
             return  # the common case, without the lock
         with leases.lock:
-            now = core.clock.now()
+            now = core.now()
             if not leases.open or not core.needs_renewal(leases.expires, now):
                 return
             try:
@@ -782,7 +898,7 @@ class OutboxWorker:
             self.deliver(message)
         except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
             error = exc
-        return self._core.settle(message, error, self._core.clock.now())
+        return self._core.settle(message, error, self._core.now())
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -795,7 +911,7 @@ class OutboxWorker:
         core = self._core
         if not core.unsettled.items:
             return
-        now = core.clock.now()
+        now = core.now()
         delivered, rows, receivers = core.write_params(core.unsettled.items, now)
         if delivered:
             conn.execute(
@@ -864,6 +980,7 @@ class AsyncOutboxWorker:
         lease: timedelta | None = None,
         poll_interval: timedelta | None = None,
         metrics_interval: timedelta | None = None,
+        lease_clock: str | None = None,
     ) -> None:
         if deliver is None:
             if gateway is None:
@@ -888,6 +1005,7 @@ class AsyncOutboxWorker:
             lease=lease,
             poll_interval=poll_interval,
             metrics_interval=metrics_interval,
+            lease_clock=lease_clock,
         )
         self._dialect = engine.dialect.name
         self._stop = asyncio.Event()
@@ -899,6 +1017,17 @@ class AsyncOutboxWorker:
     def worker_id(self) -> str:
         """The lease owner name this worker writes."""
         return self._core.worker_id
+
+    @property
+    def config_errors(self) -> dict[str, str]:
+        """Provider -> the configuration error stopping its deliveries (empty when healthy).
+
+        A configuration error (missing Vault variables, no webhook secret) is
+        ours, not the message's: the message waits with its attempts intact,
+        and the host reports the worker unhealthy with this text until a
+        delivery to that provider succeeds.
+        """
+        return dict(self._core.config_errors)
 
     def stop(self) -> None:
         """Ask the worker to stop (safe from a signal handler on the loop's thread)."""
@@ -964,11 +1093,15 @@ class AsyncOutboxWorker:
         try:
             async with self._transaction() as conn:
                 await self._write_unsettled(conn)
+                if core.unsure_of_leases:
+                    await conn.execute(release_own_statement(), core.release_own_params())
                 batch = await self._lease(conn, result)
+            core.unsure_of_leases = False
             core.unsettled.items.clear()
             if core.gauges_due():
                 await self._refresh_gauges()
         except _DB_ERRORS as exc:
+            core.unsure_of_leases = True
             raise _as_storage_error(exc) from exc
         result.leased = len(batch)
         if batch:
@@ -1004,7 +1137,10 @@ class AsyncOutboxWorker:
         rows: list[Any] = []
         if not providers:
             return []
-        now = core.clock.now()
+        if core.database_clock:
+            database_now = await conn.execute(database_now_statement(self._dialect))
+            core.follow_database(database_now.scalar_one())
+        now = core.now()
         stmt = lease_statement(self._dialect)
         for provider in providers:
             limit = core.batch_size - len(rows)
@@ -1025,7 +1161,7 @@ class AsyncOutboxWorker:
         async with self._transaction() as conn:
             await conn.run_sync(
                 lambda sync_conn: refresh_gauges(
-                    sync_conn, core.metrics, providers=core.providers, now=core.clock.now()
+                    sync_conn, core.metrics, providers=core.providers, now=core.now()
                 )
             )
 
@@ -1044,6 +1180,8 @@ class AsyncOutboxWorker:
         slots = asyncio.Semaphore(core.concurrency)
         renewing = asyncio.Lock()
 
+        finished = asyncio.Event()
+
         async def one(message: OutboxMessage) -> _Settlement:
             # At most ``concurrency`` at once, a sliding window; distinct
             # ordering keys within a batch, so per-key order holds.
@@ -1052,12 +1190,29 @@ class AsyncOutboxWorker:
                     await self._keep_leases(leases)
                 return await self._deliver_one(message, leases)
 
-        out.extend(await asyncio.gather(*(one(m) for m in ready)))
+        async def heartbeat() -> None:
+            # Renews while any send runs, even the only one of a batch of one.
+            # Stopped by an event, never cancelled: a cancelled renewal would
+            # leave the held connection mid-transaction.
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), timeout=core.renew_check)
+                if finished.is_set():
+                    return
+                async with renewing:
+                    await self._keep_leases(leases)
+
+        beat = asyncio.get_running_loop().create_task(heartbeat())
+        try:
+            out.extend(await asyncio.gather(*(one(m) for m in ready)))
+        finally:
+            finished.set()
+            await beat
         return out
 
     async def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Settlement:
         if self._stop_requested or message.id in leases.lost:
-            return self._core.release(message, self._core.clock.now())
+            return self._core.release(message, self._core.now())
         gone = self._core.skip_gone(message)
         if gone is not None:
             return gone
@@ -1066,11 +1221,11 @@ class AsyncOutboxWorker:
             await self.deliver(message)
         except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
             error = exc
-        return self._core.settle(message, error, self._core.clock.now())
+        return self._core.settle(message, error, self._core.now())
 
     async def _keep_leases(self, leases: _Leases) -> None:
         core = self._core
-        now = core.clock.now()
+        now = core.now()
         if not leases.open or not core.needs_renewal(leases.expires, now):
             return
         try:
@@ -1088,7 +1243,7 @@ class AsyncOutboxWorker:
         core = self._core
         if not core.unsettled.items:
             return
-        now = core.clock.now()
+        now = core.now()
         delivered, rows, receivers = core.write_params(core.unsettled.items, now)
         if delivered:
             await conn.execute(

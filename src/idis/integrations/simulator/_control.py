@@ -315,6 +315,14 @@ def _require_auth(sim: SimulatorState, body: dict[str, Any]) -> Any:
     return {"require_auth": enabled}
 
 
+def _idempotency(sim: SimulatorState, body: dict[str, Any]) -> Any:
+    honor = body.get("honor", True)
+    if not isinstance(honor, bool):
+        raise SimulatorInputError(f"honor={honor!r} is not true or false", variable="honor")
+    _provider(sim, body).honor_idempotency = honor
+    return {"honor_idempotency": honor}
+
+
 def _clock(sim: SimulatorState, body: dict[str, Any]) -> Any:
     if "advance" in body:
         sim.advance_clock(body["advance"])
@@ -418,6 +426,7 @@ CONTROL_ACTIONS: tuple[ControlAction, ...] = (
     ControlAction("/_control/retention", "POST", _retention, (*_P, "seconds"), (*_P, "seconds")),
     ControlAction("/_control/feed_retention", "POST", _feed_retention, (*_P, "seconds"), _P),
     ControlAction("/_control/require_auth", "POST", _require_auth, (*_P, "enabled"), _P),
+    ControlAction("/_control/idempotency", "POST", _idempotency, (*_P, "honor"), _P),
     ControlAction("/_control/clock", "GET", _clock),
     ControlAction("/_control/clock", "POST", _clock, ("advance",)),
     ControlAction("/_control/stats", "GET", _stats, (*_P, "detail")),
@@ -585,6 +594,14 @@ class SimulatorControl:
     def require_auth(self, provider: str, enabled: bool = True) -> None:
         """Require a valid bearer token on records/changes/replay/enrich."""
         self._call("POST", "/require_auth", {"provider": provider, "enabled": enabled})
+
+    def honor_idempotency(self, provider: str, honor: bool = True) -> None:
+        """Whether a repeated Idempotency-Key is answered from its first outcome.
+
+        ``False`` plays a provider without idempotency: every request applies
+        again, so ``applications`` counts what the client really sent twice.
+        """
+        self._call("POST", "/idempotency", {"provider": provider, "honor": honor})
 
     def advance_clock(self, seconds: float) -> datetime:
         """Move simulated time forward; return the new simulated time."""

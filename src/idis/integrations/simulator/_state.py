@@ -30,6 +30,7 @@ from ..exceptions import ConfigError
 from ._oauth import OAuthState
 
 __all__ = [
+    "DEFAULT_OUTBOUND_WEBHOOK_SECRET",
     "DEFAULT_RETENTION_SECONDS",
     "DEFAULT_WEBHOOK_SECRET",
     "ENDPOINTS",
@@ -79,6 +80,9 @@ EVENT_TYPES: tuple[str, ...] = ("record.created", "record.updated", "record.dele
 DEFAULT_RETENTION_SECONDS = 72 * 3600
 #: Same value as the embedded default settings, so the library and the simulator agree.
 DEFAULT_WEBHOOK_SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLXdlYmhvb2s="  # noqa: S105  # public test key
+#: What the receiver for the library's outbound webhooks verifies by default: a
+#: key of its own, so a captured outbound delivery never verifies inbound.
+DEFAULT_OUTBOUND_WEBHOOK_SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLW91dGJvdW5k"  # noqa: S105  # public test key
 _PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _RECORD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 #: Physically drop expired events once this many have piled up (memory, not semantics).
@@ -241,13 +245,20 @@ class Record:
 
 @dataclass(slots=True)
 class IdempotencyEntry:
-    """The stored outcome of the first request that carried a key."""
+    """The stored outcome of the first request that carried a key, and what the key did since.
+
+    Counted, never assumed: ``received`` is every request that reached the
+    provider with the key (faults answer before that and are counted in
+    ``faults_fired``), ``applications`` every time a write under it was really
+    applied, ``duplicates`` the repeats answered from this entry instead.
+    """
 
     fingerprint: str
     status: int
     body: dict[str, Any]
-    applications: int = 1
+    applications: int = 0
     duplicates: int = 0
+    received: int = 0
 
 
 # --------------------------------------------------------------------------- webhooks
@@ -334,7 +345,7 @@ def _masked_url(url: str | None) -> str | None:
 class ReceiverConfig:
     """The inbound webhook receiver (for the library's outbound webhooks)."""
 
-    secrets: tuple[str, ...] = (DEFAULT_WEBHOOK_SECRET,)
+    secrets: tuple[str, ...] = (DEFAULT_OUTBOUND_WEBHOOK_SECRET,)
     mode: str = "accept"
     fail_status: int = 503
     fail_ratio: float = 1.0
@@ -376,6 +387,8 @@ class ProviderState:
         #: guide "Event Message Durability"); a client further behind must replay.
         self.feed_retention_seconds: int | None = None
         self.require_auth = False
+        #: False plays a provider that ignores Idempotency-Key (every request applies).
+        self.honor_idempotency = True
         self.records: dict[str, Record] = {}
         # Records in write order: parallel lists, sorted by write number and time.
         self._order_nos: list[int] = []
@@ -678,7 +691,10 @@ class ProviderState:
         """Apply a client PUT; return (status, body, replayed).
 
         A repeated ``idempotency_key`` returns the first outcome without applying
-        anything; the same key with a different request is a 422.
+        anything; the same key with a different request is a 422. Unless the
+        provider ignores keys (``honor_idempotency = False``): then every
+        request applies again. Either way the key's entry counts what was
+        received and what was applied.
 
         Raises:
             SimulatorInputError: for a bad body or record id.
@@ -689,12 +705,17 @@ class ProviderState:
                 variable="data",
             )
         tenant = body.get("tenant_id")
+        entry: IdempotencyEntry | None = None
         if idempotency_key is not None:
             fingerprint = hashlib.sha256(
                 json.dumps([record_id, body], sort_keys=True, default=str).encode()
             ).hexdigest()
             entry = self.idempotency.get(idempotency_key)
-            if entry is not None:
+            if entry is None:
+                entry = IdempotencyEntry(fingerprint, 0, {})
+                self.idempotency[idempotency_key] = entry
+            entry.received += 1
+            if entry.applications and self.honor_idempotency:
                 if entry.fingerprint != fingerprint:
                     return (
                         422,
@@ -714,8 +735,10 @@ class ProviderState:
         )
         status = 201 if created else 200
         result = record.to_json()
-        if idempotency_key is not None:
-            self.idempotency[idempotency_key] = IdempotencyEntry(fingerprint, status, result)
+        if entry is not None:
+            entry.applications += 1
+            if entry.applications == 1:
+                entry.status, entry.body = status, result
         return status, result, False
 
     # ------------------------------------------------------------------ faults
@@ -996,9 +1019,12 @@ class ProviderState:
             "retention_seconds": self.retention_seconds,
             "feed_retention_seconds": self.feed_retention_seconds,
             "require_auth": self.require_auth,
+            "honor_idempotency": self.honor_idempotency,
             "idempotency": {
                 "keys": len(self.idempotency),
                 "duplicate_total": sum(e.duplicates for e in self.idempotency.values()),
+                "received_total": sum(e.received for e in self.idempotency.values()),
+                "applied_total": sum(e.applications for e in self.idempotency.values()),
             },
             "webhooks": self.webhooks.stats(),
             "inbound": self.receiver.stats(),
@@ -1011,6 +1037,7 @@ class ProviderState:
             result["idempotency"]["duplicates"] = {
                 k: e.duplicates for k, e in self.idempotency.items() if e.duplicates
             }
+            result["idempotency"]["received"] = {k: e.received for k, e in self.idempotency.items()}
             result["writes"] = {rid: list(w) for rid, w in self.writes.items()}
         else:
             for section, key in (
