@@ -22,7 +22,7 @@ from .._audit import AuditEvent
 from .._redact import url_host
 from .._timeparse import utcnow
 from ..config import Settings
-from ..db._engine import create_db_engine
+from ..db._engine import create_db_engine, read_only
 from ..exceptions import StorageError
 from ..resilience._recorder import SAMPLE_HORIZON, latest_samples, live_samples
 
@@ -191,12 +191,14 @@ def collect_status(
     notes: list[str] = []
     engine = create_db_engine(settings.database_url)
     try:
-        with engine.connect() as conn:
+        # Reads only: on SQLite a write lock here would queue status behind every writer.
+        reader = read_only(engine)
+        with reader.connect() as conn:
             tables = set(inspect(conn).get_table_names())
         if "audit_events" not in tables:
             notes.append("database has no idis tables yet: run `idis-integrations db upgrade`")
         else:
-            with Session(engine) as session:
+            with Session(reader) as session:
                 for status in statuses:
                     _recorded(session, status, now)
                     for source in _fact_sources():

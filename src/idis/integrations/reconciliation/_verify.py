@@ -286,7 +286,7 @@ def _repair(
 ) -> list[Repair]:
     provider = report.provider
     mismatched = {c.record_id: c for c in report.mismatches}
-    with transaction(sessions(engine)) as session:
+    with transaction(sessions(engine, write=False)) as session:
         ledger = read_ledger(session, provider, list(mismatched))
     # A 404 may be transient: read again before deleting the host's copy.
     suspects = [rid for rid in mismatched if remotes[rid] is None]
