@@ -118,3 +118,28 @@ def test_the_status_json_is_the_same_with_and_without_a_writer(sqlite_url: str) 
         holder.close()
 
     assert before == during
+
+
+def test_status_keeps_its_engine_between_calls(sqlite_url: str) -> None:
+    """A second status call opens no connection: /status paid a new engine per request.
+
+    A fresh engine per call also compiled every statement again, most of the call's time.
+    """
+    from sqlalchemy import event as sa_event
+    from sqlalchemy.pool import Pool
+
+    settings = Settings.from_env({"IDIS_DATABASE_URL": sqlite_url})
+    connections: list[object] = []
+
+    def connected(dbapi_connection: object, _record: object) -> None:
+        connections.append(dbapi_connection)
+
+    collect_status(settings, probe=False)
+    sa_event.listen(Pool, "connect", connected)
+    try:
+        _statuses, notes = collect_status(settings, probe=False)
+    finally:
+        sa_event.remove(Pool, "connect", connected)
+
+    assert [] == connections
+    assert [] == [n for n in notes if "embedded default providers" not in n]
