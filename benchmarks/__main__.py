@@ -14,6 +14,7 @@ BENCHMARKS = (
     "benchmarks.pipeline_bench",
     "benchmarks.webhooks_bench",
     "benchmarks.outbox_bench",
+    "benchmarks.status_bench",
     "benchmarks.reconcile_bench",
 )
 

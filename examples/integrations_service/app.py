@@ -44,6 +44,7 @@ from starlette.routing import Mount, Route
 
 from idis.integrations._timeparse import utcnow
 from idis.integrations.config import Settings
+from idis.integrations.db._engine import aread_only
 from idis.integrations.enrichment._syncstatus import SYNC_FAILED, SYNC_PENDING
 from idis.integrations.exceptions import (
     AuthError,
@@ -209,7 +210,9 @@ async def healthz(request: Request) -> Response:
         return json_response({"status": "starting"}, 503)
     loops = runtime.health()
     try:
-        async with runtime.engine.connect() as conn:
+        # Read-only: a probe that queued behind the outbox's writes would call a busy
+        # database dead.
+        async with aread_only(runtime.engine).connect() as conn:
             await conn.execute(text("SELECT 1"))
         database = "ok"
     except Exception as exc:  # noqa: BLE001  # any failure is "the database is not ok"

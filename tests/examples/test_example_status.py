@@ -38,24 +38,48 @@ def test_status_reports_each_provider_with_its_sync_and_outbox_facts(
     )
 
 
-def test_status_answers_504_in_bounded_time_while_the_database_is_locked(
-    service: RunningService, monkeypatch: pytest.MonkeyPatch
+def test_status_and_healthz_answer_while_a_writer_holds_the_write_lock(
+    service: RunningService,
 ) -> None:
-    """A write-locked database makes /status answer 504 instead of hanging; then 200 again."""
-    monkeypatch.setattr(service_app, "STATUS_TIMEOUT", 0.5)
-    path = service.database_url.removeprefix("sqlite:///")
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        locked = service.get("/status", params={"probe": "false"})
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-    released = service.get("/status", params={"probe": "false"})
+    """Reads take no write lock: a writer mid-transaction (the outbox draining) delays nothing.
 
-    assert 504 == locked.status_code
-    assert "status took longer than 0.5s" in locked.json()["error"]
-    assert 200 == released.status_code
+    Before issue 16 every transaction began with BEGIN IMMEDIATE, so /status queued
+    behind the writer for the whole busy timeout and answered 504.
+    """
+    path = service.database_url.removeprefix("sqlite:///")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        status = service.get("/status", params={"probe": "false"})
+        health = service.get("/healthz")
+        held = writer.in_transaction
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+    assert (200, 200, True) == (status.status_code, health.status_code, held)
+    assert "database" not in " ".join(status.json()["notes"])
+    assert "ok" == health.json()["database"]
+
+
+def test_status_answers_504_in_bounded_time_while_a_probe_hangs(
+    service: RunningService, sim: RunningSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider whose health endpoint hangs makes /status answer 504 instead of hanging.
+
+    (A database locked for readers did this before issue 16; reads no longer wait for writers.)
+    """
+    monkeypatch.setattr(service_app, "STATUS_TIMEOUT", 0.5)
+    sim.control.set_fault(CRM, "latency", endpoint="health", seconds=5)
+    try:
+        hung = service.get("/status", params={"probe": "true"})
+    finally:
+        sim.control.clear_faults(CRM)
+    recorded = service.get("/status", params={"probe": "false"})
+
+    assert 504 == hung.status_code
+    assert "status took longer than 0.5s" in hung.json()["error"]
+    assert 200 == recorded.status_code
 
 
 def test_a_configuration_error_makes_healthz_unhealthy_and_dead_letters_nothing(

@@ -188,3 +188,53 @@ def test_a_delivery_arriving_as_a_batch_ends_is_never_stranded(
     results = asyncio.run(back_to_back())
 
     assert {(200, "accepted")} == {(r.status_code, r.outcome) for r in results}
+
+
+def test_a_shared_batch_costs_the_same_statements_as_a_single_delivery(
+    face: Face, sqlite_url: str
+) -> None:
+    """A group-committed batch claims its events with one multi-row statement set (issue 16).
+
+    Applying each delivery of the batch alone sent four statements per delivery
+    (ledger read, inbox read, claim, version); the batch now sends them once.
+    """
+    from sqlalchemy import event as sa_event
+
+    transactions: list[list[str]] = []
+    held = threading.Event()
+    receiver: Any = None
+
+    def counting(session: Any, event: Any) -> None:
+        transactions[-1].append("(handler)")
+        if not held.is_set():
+            held.set()
+            _wait_for_company(receiver, face, 5)
+
+    registry = HandlerRegistry()
+    registry.register("record.updated", counting)
+    receiver = face.build(settings_for(sqlite_url), registry, providers=[P])
+    engine = face.engine if face.kind == "sync" else face._async_engine.sync_engine
+
+    def began(_conn: Any) -> None:
+        transactions.append([])
+
+    def executed(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if transactions and not statement.lstrip().upper().startswith(("BEGIN", "PRAGMA")):
+            transactions[-1].append(statement)
+
+    sa_event.listen(engine, "begin", began)
+    sa_event.listen(engine, "before_cursor_execute", executed)
+    try:
+        deliveries = [(signed(event_body(n), msg=f"m{n}"), event_body(n)) for n in range(24)]
+        results = face.send_concurrently(receiver, deliveries)
+    finally:
+        sa_event.remove(engine, "begin", began)
+        sa_event.remove(engine, "before_cursor_execute", executed)
+
+    shapes = [
+        (tx.count("(handler)"), sum(1 for s in tx if s != "(handler)")) for tx in transactions
+    ]
+    assert {(200, "accepted")} == {(r.status_code, r.outcome) for r in results}
+    assert 24 == sum(events for events, _ in shapes)
+    assert max(events for events, _ in shapes) > 1, shapes  # some deliveries shared a batch
+    assert {4} == {statements for events, statements in shapes if events}, shapes

@@ -253,7 +253,7 @@ def _unreadable(provider: str, grant: str, url: str, engine: Any) -> Any:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-    from ..db._engine import create_db_engine
+    from ..db._engine import create_db_engine, read_only
     from ._store import TABLE
 
     def unknown(why: str) -> TokenStatus:
@@ -277,7 +277,7 @@ def _unreadable(provider: str, grant: str, url: str, engine: Any) -> Any:
         else:
             engine = create_db_engine(url, connect_args={"connect_timeout": 5})
     try:
-        with engine.connect() as conn:
+        with read_only(engine).connect() as conn:
             row = conn.execute(select(TABLE).where(TABLE.c.provider == provider)).first()
     except DBAPIError as exc:
         text = str(exc.orig) if exc.orig is not None else type(exc).__name__

@@ -195,7 +195,7 @@ def status_cmd(provider: str | None, as_json: bool) -> None:
     names = [provider] if provider else list(settings.providers)
     engine = create_db_engine(settings.database_url)
     try:
-        with session_scope(engine) as session:
+        with session_scope(engine, write=False) as session:
             rows = outbox_summary(session, providers=names)
     finally:
         engine.dispose()
@@ -239,7 +239,7 @@ def list_cmd(provider: str | None, status: str, limit: int, as_json: bool) -> No
 
     engine = create_db_engine(get_settings().database_url)
     try:
-        with session_scope(engine) as session:
+        with session_scope(engine, write=False) as session:
             rows = list_messages(session, provider=provider, status=status, limit=limit)
     finally:
         engine.dispose()

@@ -468,7 +468,7 @@ def audit_command(
             actions = [action]
     engine = create_db_engine(get_settings().database_url)
     try:
-        with session_scope(engine) as session:
+        with session_scope(engine, write=False) as session:
             records = list_audit_events(
                 session,
                 provider=provider,

@@ -83,6 +83,7 @@ def status(provider: str | None, as_json: bool) -> None:
     """Mode, reason, webhook health and poller position of each synced provider."""
     from sqlalchemy.orm import Session
 
+    from ..db._engine import read_only
     from ..sync._service import default_providers
     from ..sync._state import sync_summary
 
@@ -90,7 +91,7 @@ def status(provider: str | None, as_json: bool) -> None:
     names = [provider] if provider else None
     engine = _engine()
     try:
-        with Session(engine) as session:
+        with Session(read_only(engine)) as session:
             rows = sync_summary(session, names)
             if not rows and names is None:
                 rows = sync_summary(session, default_providers(settings))
@@ -330,6 +331,7 @@ def mode(provider: str, setting: str | None, as_json: bool) -> None:
     """Show PROVIDER's sync mode, or override it (audited as sync.mode_changed/override)."""
     from sqlalchemy.orm import Session, sessionmaker
 
+    from ..db._engine import read_only
     from ..sync._mode import ModePolicy
     from ..sync._state import override_mode, sync_summary
 
@@ -346,7 +348,7 @@ def mode(provider: str, setting: str | None, as_json: bool) -> None:
                     now=utcnow(),
                     actor=_actor(),
                 )
-        with Session(engine) as session:
+        with Session(read_only(engine)) as session:
             (row,) = sync_summary(session, [provider])
     finally:
         engine.dispose()

@@ -27,6 +27,7 @@ from ..exceptions import ConfigError, StorageError
 
 __all__ = [
     "READ_ONLY",
+    "aread_only",
     "async_session_scope",
     "create_async_db_engine",
     "create_db_engine",

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from .._timeparse import parse_since
 from ..config import Settings
 from ..db._base import UTCDateTime
-from ..db._engine import session_scope
+from ..db._engine import read_only, session_scope
 from ..exceptions import ConfigError
 from ._defects import _Database
 from ._models import DEFECT_OPEN, REQUEST_PENDING, STALE_ENRICHMENT, Defect, EnrichmentRequest
@@ -183,6 +183,7 @@ def impact(
     kind = settings.provider(provider).kind
     start = parse_since(since, name="since")
     with _Database(settings, engine) as db:
-        table = _resolve_table(deals_table, db, settings) if kind == "crm" else None
-        with session_scope(db) as session:
+        reader = read_only(db)
+        table = _resolve_table(deals_table, reader, settings) if kind == "crm" else None
+        with session_scope(db, write=False) as session:
             return impact_in_session(session, provider, start, table)

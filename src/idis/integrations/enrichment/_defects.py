@@ -333,7 +333,7 @@ def list_defects(
     if provider is not None:
         settings.provider(provider)
     start = parse_since(since, name="since") if since is not None else None
-    with _Database(settings, engine) as db, session_scope(db) as session:
+    with _Database(settings, engine) as db, session_scope(db, write=False) as session:
         return query_defects(
             session, provider=provider, status=status, since=start, tenant_id=tenant_id, limit=limit
         )

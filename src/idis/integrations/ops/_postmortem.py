@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from .._audit import AuditEvent
 from .._timeparse import format_duration, utcnow
+from ..db._engine import read_only
 from ..resilience._recorder import HealthSample, timeline_of_live_samples
 from ._report import Check, Phase, Report, Series
 
@@ -226,7 +227,7 @@ def build_postmortem(
 ) -> tuple[Report, PostmortemFacts]:
     """Rebuild the incident of ``provider`` found in ``[since, until]`` from the database."""
     until = until or utcnow()
-    with Session(engine) as session:
+    with Session(read_only(engine)) as session:
         audit = list(
             session.scalars(
                 select(AuditEvent)

@@ -10,19 +10,21 @@ its own process, so it reads those, and each capability adds its own facts
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.orm import Session
 
 from .._audit import AuditEvent
 from .._redact import url_host
 from .._timeparse import utcnow
 from ..config import Settings
-from ..db._engine import create_db_engine
+from ..db._engine import create_db_engine, read_only
 from ..exceptions import StorageError
 from ..resilience._recorder import SAMPLE_HORIZON, latest_samples, live_samples
 
@@ -49,17 +51,19 @@ BUILTIN_FACT_SOURCES = (
 )
 
 
-def token_facts(settings: Settings, provider: str) -> dict[str, Any]:
+def token_facts(
+    settings: Settings, provider: str, *, engine: Engine | None = None
+) -> dict[str, Any]:
     """OAuth token state (RB-09 Triage 3), for providers that use OAuth.
 
-    Runs outside the status session: ``check_token`` opens its own read, and on
-    SQLite a second transaction would wait for ours.
+    Read outside the status session, through ``engine`` (default: a short-lived
+    one for ``settings.database_url``).
     """
     if settings.provider(provider).auth.grant == "none":
         return {}
-    from ..auth._status import check_token
+    from ..auth._status import token_status
 
-    status = check_token(provider, settings=settings)
+    status = token_status(settings, provider, engine=engine)
     return {"token": str(getattr(status, "state", status))}
 
 
@@ -121,6 +125,22 @@ class ProviderStatus:
             "probe_ok": self.probe_ok,
             **self.facts,
         }
+
+
+#: Engines kept between calls, per database URL, least recently used evicted. A fresh
+#: engine per call (0.1) compiled every statement again, most of what /status cost.
+_ENGINES: OrderedDict[str, Engine] = OrderedDict()
+_ENGINES_KEPT = 4
+_ENGINES_LOCK = threading.Lock()
+
+
+def _engine_for(url: str) -> Engine:
+    with _ENGINES_LOCK:
+        engine = _ENGINES.pop(url, None) or create_db_engine(url)
+        _ENGINES[url] = engine
+        while len(_ENGINES) > _ENGINES_KEPT:
+            _ENGINES.popitem(last=False)[1].dispose()
+    return engine
 
 
 def _recorded(session: Session, status: ProviderStatus, now: datetime) -> None:
@@ -189,14 +209,17 @@ def collect_status(
         for name in names
     ]
     notes: list[str] = []
-    engine = create_db_engine(settings.database_url)
+    engine: Engine | None = None
     try:
-        with engine.connect() as conn:
+        engine = _engine_for(settings.database_url)
+        # Reads only: on SQLite a write lock here would queue status behind every writer.
+        reader = read_only(engine)
+        with reader.connect() as conn:
             tables = set(inspect(conn).get_table_names())
         if "audit_events" not in tables:
             notes.append("database has no idis tables yet: run `idis-integrations db upgrade`")
         else:
-            with Session(engine) as session:
+            with Session(reader) as session:
                 for status in statuses:
                     _recorded(session, status, now)
                     for source in _fact_sources():
@@ -208,12 +231,10 @@ def collect_status(
         notes.append(str(exc))
     except Exception as exc:  # noqa: BLE001  # status must print something whatever the DB does
         notes.append(f"database unreachable: {type(exc).__name__}")
-    finally:
-        engine.dispose()
     if not any("db upgrade" in note or "unreachable" in note for note in notes):
         for status in statuses:
             try:
-                status.facts.update(token_facts(settings, status.provider))
+                status.facts.update(token_facts(settings, status.provider, engine=engine))
             except Exception as exc:  # noqa: BLE001  # one broken source must not hide the rest
                 notes.append(f"token state: {type(exc).__name__}: {exc}")
     try:

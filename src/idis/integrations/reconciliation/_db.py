@@ -26,7 +26,7 @@ from .._audit import AuditEvent
 from .._clock import Clock
 from .._flow import Effect, Flow, InSession, Sleep, perform
 from ..config import Settings
-from ..db._engine import create_db_engine, storage_errors
+from ..db._engine import create_db_engine, read_only, storage_errors
 from ..exceptions import IntegrationError, StorageError
 from ..observability._logs import get_logger
 from ..sync._effects import TransactionFlow
@@ -64,9 +64,13 @@ class ReconcileBusy(IntegrationError):
     retryable = True
 
 
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    """A session factory that keeps loaded values after commit."""
-    return sessionmaker(engine, expire_on_commit=False)
+def sessions(engine: Engine, *, write: bool = True) -> sessionmaker[Session]:
+    """A session factory that keeps loaded values after commit.
+
+    ``write=False`` for reads: on SQLite they take no write lock, so a timeline
+    or a verify sample never queues behind a worker's writes.
+    """
+    return sessionmaker(engine if write else read_only(engine), expire_on_commit=False)
 
 
 @contextmanager

@@ -124,7 +124,7 @@ class AppliedRecordSource:
     """
 
     def __init__(self, engine: Engine, provider: str) -> None:
-        self._factory = sessions(engine)
+        self._factory = sessions(engine, write=False)
         self.provider = provider
 
     def sample(self, n: int, seed: int | None) -> list[LocalRecord]:

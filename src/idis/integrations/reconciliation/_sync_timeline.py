@@ -225,7 +225,7 @@ def timeline(
     allowance = default_settle(settings) if settle is None else settle
     with ExitStack() as stack:
         engine = engine if engine is not None else default_engine(settings, stack)
-        with transaction(sessions(engine)) as session:
+        with transaction(sessions(engine, write=False)) as session:
             return timeline_in(
                 session, provider, start, end, tolerance=tolerance, settle=allowance, now=now
             )

@@ -483,7 +483,7 @@ def _repair_host(ctx: _RepairContext) -> list[Repair]:
     """Bring the host to the provider's state: through the inbox, else the source's ``write``."""
     provider = ctx.report.provider
     mismatched = {c.record_id: c for c in ctx.report.mismatches}
-    with transaction(sessions(ctx.engine)) as session:
+    with transaction(sessions(ctx.engine, write=False)) as session:
         ledger = read_ledger(session, provider, list(mismatched))
     # A 404 may be transient: read again before deleting the host's copy.
     suspects = [rid for rid in mismatched if ctx.remotes[rid] is None]

@@ -861,6 +861,7 @@ def apply_events(
     registry: HandlerRegistry | None = None,
     now: datetime | None = None,
     isolate: bool = False,
+    atomic: bool = True,
 ) -> ApplyResult:
     """Apply a batch of events (a page) through the inbox, in the caller's transaction.
 
@@ -876,6 +877,9 @@ def apply_events(
         now: Receipt time (default: the current UTC time).
         isolate: When a handler raises, re-apply the batch event by event so only
             the failing events are left out (listed in ``ApplyResult.failed``).
+        atomic: Run in a savepoint (see :func:`apply_event_outcome`). Pass False only
+            when the transaction is rolled back whole on error (the webhook
+            receiver's group commit does).
 
     Raises:
         UsageError: a bad source or event, an event without an order key, or an
@@ -884,7 +888,7 @@ def apply_events(
         StorageError: the database failed, or other transactions kept claiming the batch.
     """
     batch = _require_sync_handlers(_prepare(provider, events, source, registry, now))
-    return drive(_apply_flow(batch, isolate=isolate), SyncIO(session=session))
+    return drive(_apply_flow(batch, atomic=atomic, isolate=isolate), SyncIO(session=session))
 
 
 async def apply_events_async(
@@ -896,10 +900,13 @@ async def apply_events_async(
     registry: HandlerRegistry | None = None,
     now: datetime | None = None,
     isolate: bool = False,
+    atomic: bool = True,
 ) -> ApplyResult:
     """Async face of :func:`apply_events`: async handlers awaited, sync ones via ``run_sync``."""
     batch = _prepare(provider, events, source, registry, now)
-    return await adrive(_apply_flow(batch, isolate=isolate), AsyncIO(session=session))
+    return await adrive(
+        _apply_flow(batch, atomic=atomic, isolate=isolate), AsyncIO(session=session)
+    )
 
 
 def apply_event_outcome(

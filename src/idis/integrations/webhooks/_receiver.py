@@ -3,7 +3,7 @@
 One request goes through: route (``/{provider}``, the whole path) → provider
 lookup → body size limit and read deadline → the provider's verification scheme
 (Standard Webhooks by default) → strict JSON → event →
-:func:`~idis.integrations.sync._inbox.apply_event_outcome` in a transaction.
+:func:`~idis.integrations.sync._inbox.apply_events` in a transaction.
 The answer makes providers behave:
 
 * **2xx** for accepted events and for duplicates, superseded versions and
@@ -81,9 +81,10 @@ from ..observability._metrics import Metrics, get_metrics
 from ..sync._events import event_from_payload, ordering_of
 from ..sync._inbox import (
     ApplyOutcome,
+    ApplyResult,
     HandlerRegistry,
-    apply_event_outcome,
-    apply_event_outcome_async,
+    apply_events,
+    apply_events_async,
 )
 from ._verify import (
     REASON_STATUS,
@@ -569,6 +570,27 @@ class _ReceiverBase:
             return self._internal_error(provider, exc)
 
 
+def _by_provider(jobs: list[_Job]) -> list[tuple[str, list[_Job]]]:
+    """``jobs`` grouped by provider, each group in arrival order.
+
+    One inbox batch per provider: a handful of statements (one ledger read, one
+    multi-row claim, one version upsert) for the whole group instead of a
+    handful per delivery, the same decisions as applying them one by one.
+    """
+    groups: dict[str, list[_Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.verified.provider, []).append(job)
+    return list(groups.items())
+
+
+def _settle(results: list[tuple[list[_Job], ApplyResult]]) -> None:
+    """Give each job its outcome, once the transaction committed."""
+    for group, result in results:
+        for job, outcome in zip(group, result.outcomes, strict=True):
+            assert outcome is not None  # not isolated: a failure raised instead
+            job.outcome = outcome
+
+
 def _as_sessionmaker(target: Engine | sessionmaker[Session] | Callable[[], Session]) -> Any:
     if isinstance(target, Engine):
         return sessionmaker(target, expire_on_commit=False)
@@ -671,24 +693,25 @@ class WebhookReceiver(_ReceiverBase):
 
     def _apply_together(self, jobs: list[_Job]) -> None:
         """Apply ``jobs`` in one transaction, or raise (nothing of them kept)."""
-        outcomes: list[ApplyOutcome] = []
+        results: list[tuple[list[_Job], ApplyResult]] = []
         with self._write_lock, self._sessions() as session, session.begin():
-            for job in jobs:
-                verified = job.verified
-                outcomes.append(
-                    apply_event_outcome(
-                        session,
-                        verified.provider,
-                        verified.event,
-                        "webhook",
-                        registry=self.registry,
-                        now=verified.now,
-                        # The transaction is rolled back whole on any error: no savepoint.
-                        atomic=False,
+            for provider, group in _by_provider(jobs):
+                results.append(
+                    (
+                        group,
+                        apply_events(
+                            session,
+                            provider,
+                            [job.verified.event for job in group],
+                            "webhook",
+                            registry=self.registry,
+                            now=group[-1].verified.now,
+                            # The transaction is rolled back whole on any error: no savepoint.
+                            atomic=False,
+                        ),
                     )
                 )
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            job.outcome = outcome
+        _settle(results)
 
     def _save_spike(self, provider: str, at: datetime) -> None:
         from ..sync._state import note_signature_spike
@@ -781,23 +804,24 @@ class AsyncWebhookReceiver(_ReceiverBase):
 
     async def _apply_together(self, jobs: list[_Job]) -> None:
         """Async twin of :meth:`WebhookReceiver._apply_together`."""
-        outcomes: list[ApplyOutcome] = []
+        results: list[tuple[list[_Job], ApplyResult]] = []
         async with self._write_lock, self._sessions() as session, session.begin():
-            for job in jobs:
-                verified = job.verified
-                outcomes.append(
-                    await apply_event_outcome_async(
-                        session,
-                        verified.provider,
-                        verified.event,
-                        "webhook",
-                        registry=self.registry,
-                        now=verified.now,
-                        atomic=False,
+            for provider, group in _by_provider(jobs):
+                results.append(
+                    (
+                        group,
+                        await apply_events_async(
+                            session,
+                            provider,
+                            [job.verified.event for job in group],
+                            "webhook",
+                            registry=self.registry,
+                            now=group[-1].verified.now,
+                            atomic=False,
+                        ),
                     )
                 )
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            job.outcome = outcome
+        _settle(results)
 
     async def _save_spike(self, provider: str, at: datetime) -> None:
         from ..sync._state import note_signature_spike
