@@ -498,13 +498,13 @@ class _Core:
         self.rate_limit: RateLimitReading | None = None
 
     def search(self) -> str:
-        return endpoint(self.settings, "search", f"/crm/v3/objects/{self.object_type}/search")
+        return endpoint(self.settings, "deals_search", f"/crm/v3/objects/{self.object_type}/search")
 
     def record(self) -> str:
-        return endpoint(self.settings, "record", f"/crm/v3/objects/{self.object_type}/{{id}}")
+        return endpoint(self.settings, "deal", f"/crm/v3/objects/{self.object_type}/{{id}}")
 
     def records(self) -> str:
-        return endpoint(self.settings, "records", f"/crm/v3/objects/{self.object_type}")
+        return endpoint(self.settings, "deals", f"/crm/v3/objects/{self.object_type}")
 
     def start(self, after: str | int | None, since: datetime | None) -> SearchCursor:
         if after is not None and not isinstance(after, int):

@@ -76,7 +76,9 @@ REPLAY_WINDOW = timedelta(days=30)
 #: How far back ``/deleted/`` answers (vendor limit); older deletions need a resync.
 DELETED_WINDOW = timedelta(days=15)
 _OBJECT = "Opportunity"
-_ID = re.compile(r"^[A-Za-z0-9]{15,18}$")
+# Salesforce ids are 15 or 18 letters and digits; the simulator's ids add ``_.@-``.
+# Never a quote or a space, so an id can be put into SOQL as a literal.
+_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 _LIMIT_INFO = re.compile(r"api-usage=(\d+)/(\d+)")
 
 
@@ -270,21 +272,25 @@ class _Core:
         self.rate_limit: RateLimitReading | None = None
 
     def query(self) -> str:
-        return endpoint(self.settings, "query", f"/services/data/{self.version}/query")
+        return endpoint(self.settings, "soql", f"/services/data/{self.version}/query")
 
     def record(self) -> str:
         return endpoint(
-            self.settings, "record", f"/services/data/{self.version}/sobjects/{_OBJECT}/{{id}}"
+            self.settings, "opportunity", f"/services/data/{self.version}/sobjects/{_OBJECT}/{{id}}"
         )
 
     def updated(self) -> str:
         return endpoint(
-            self.settings, "updated", f"/services/data/{self.version}/sobjects/{_OBJECT}/updated/"
+            self.settings,
+            "opportunity_updated",
+            f"/services/data/{self.version}/sobjects/{_OBJECT}/updated/",
         )
 
     def deleted(self) -> str:
         return endpoint(
-            self.settings, "deleted", f"/services/data/{self.version}/sobjects/{_OBJECT}/deleted/"
+            self.settings,
+            "opportunity_deleted",
+            f"/services/data/{self.version}/sobjects/{_OBJECT}/deleted/",
         )
 
     def read(self, response: Any) -> Any:
