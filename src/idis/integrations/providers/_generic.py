@@ -110,6 +110,17 @@ class GenericPack:
         """The gateway's mapping is the generic dialect's."""
         return exc
 
+    def update_call(
+        self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``PUT record`` with ``{"data": data}`` (what ``ProviderClient.put_record`` sends)."""
+        return {
+            "endpoint": "record",
+            "method": "PUT",
+            "path_params": {"id": record_id},
+            "json": {"data": dict(data)},
+        }
+
     def client(self, gateway: Gateway, provider: str) -> Any:
         """:class:`~idis.integrations.providers.ProviderClient`."""
         from . import ProviderClient

@@ -745,6 +745,18 @@ class HubSpotPack:
         """A ``DAILY`` 429 is not retried before the reset."""
         return map_error(exc)
 
+    def update_call(
+        self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``PATCH /crm/v3/objects/deals/{id}`` with ``{"properties": data}`` (property values
+        as HubSpot stores them: text)."""
+        return {
+            "endpoint": endpoint(settings, "deal", "/crm/v3/objects/deals/{id}"),
+            "method": "PATCH",
+            "path_params": {"id": record_id},
+            "json": {"properties": {k: None if v is None else str(v) for k, v in data.items()}},
+        }
+
     def client(self, gateway: Gateway, provider: str) -> HubSpotClient:
         """:class:`HubSpotClient`."""
         return HubSpotClient(gateway, provider)

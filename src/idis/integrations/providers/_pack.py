@@ -145,6 +145,12 @@ class ProviderPack(Protocol):
     def map_error(self, exc: ProviderError) -> ProviderError:
         """The library's error for a provider error in this API's dialect (or ``exc``)."""
 
+    def update_call(
+        self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The call that updates a record in this API: keyword arguments for
+        ``NewMessage.request(provider, idempotency_key=..., **call)`` (an outbox push)."""
+
     def client(self, gateway: Gateway, provider: str) -> Any:
         """The sync adapter (records, changes, replay) over ``gateway``."""
 

@@ -579,6 +579,19 @@ class SalesforcePack:
         """``REQUEST_LIMIT_EXCEEDED`` → :class:`RateLimited`."""
         return map_error(exc)
 
+    def update_call(
+        self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``PATCH /services/data/<v>/sobjects/Opportunity/{id}`` with the fields (204)."""
+        version = settings.api_version or DEFAULT_API_VERSION
+        path = f"/services/data/{version}/sobjects/{_OBJECT}/{{id}}"
+        return {
+            "endpoint": endpoint(settings, "opportunity", path),
+            "method": "PATCH",
+            "path_params": {"id": record_id},
+            "json": dict(data),
+        }
+
     def client(self, gateway: Gateway, provider: str) -> SalesforceClient:
         """:class:`SalesforceClient`."""
         return SalesforceClient(gateway, provider)

@@ -9,11 +9,12 @@ change paths, payload shapes, headers and error bodies.
 HubSpot (https://developers.hubspot.com/docs/api/crm/search):
     ``POST /crm/v3/objects/deals/search`` (``hs_lastmodifieddate`` GTE filter,
     ascending, ``after`` paging, HTTP 400 past 10,000 results),
-    ``GET /crm/v3/objects/deals[/{id}]``; ``X-HubSpot-RateLimit-*`` on every answer.
+    ``GET /crm/v3/objects/deals[/{id}]``, ``PATCH /crm/v3/objects/deals/{id}``
+    (``{"properties": {...}}``); ``X-HubSpot-RateLimit-*`` on every answer.
 Salesforce (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/):
     ``GET /services/data/{v}/query?q=`` (the SOQL forms the pack sends),
-    ``/sobjects/Opportunity/{id}``, ``/updated/`` (30 days), ``/deleted/`` (15
-    days); errors as JSON arrays (``INVALID_SESSION_ID`` on a bad token,
+    ``/sobjects/Opportunity/{id}`` (GET; PATCH answers 204), ``/updated/`` (30
+    days), ``/deleted/`` (15 days); errors as JSON arrays (``INVALID_SESSION_ID`` on a bad token,
     ``NOT_FOUND``, ``INVALID_REPLICATION_DATE``); ``Sforce-Limit-Info``.
 """
 
@@ -213,6 +214,8 @@ def dialect_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -
         return JSONResponse(answer, headers=headers)
 
     async def hs_object(request: Request) -> Response:
+        if request.method == "PATCH":
+            return await patch(request, hubspot=True)
         with sim.lock:
             provider = provider_of(request)
             found = provider.records.get(request.path_params["object_id"])
@@ -256,7 +259,39 @@ def dialect_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -
             headers=headers,
         )
 
+    async def patch(request: Request, *, hubspot: bool) -> Response:
+        """An update of an existing record (HubSpot: ``{"properties"}``; Salesforce: fields)."""
+        record_id = request.path_params["object_id"]
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        fields = body.get("properties") if hubspot and isinstance(body, dict) else body
+        if not isinstance(fields, dict):
+            if hubspot:
+                return _hs_error(400, "VALIDATION_ERROR", "body needs a properties object")
+            return _sf_error(400, "JSON_PARSER_ERROR", "body is not a JSON object")
+        with sim.lock:
+            provider = provider_of(request)
+            found = provider.records.get(record_id)
+            if found is None or found.deleted:
+                missing = True
+            else:
+                missing = False
+                record, _, _ = provider.write_record(record_id, {**found.data, **fields})
+                answer = _hs_object(record) if hubspot else None
+            headers = hs_headers(provider) if hubspot else sf_headers(provider)
+        if missing:
+            if hubspot:
+                return _hs_error(404, "OBJECT_NOT_FOUND", "resource not found")
+            return _sf_error(404, "NOT_FOUND", "The requested resource does not exist")
+        if hubspot:
+            return JSONResponse(answer, headers=headers)
+        return Response(status_code=204, headers=headers)
+
     async def sf_sobject(request: Request) -> Response:
+        if request.method == "PATCH":
+            return await patch(request, hubspot=False)
         version = request.path_params["version"]
         with sim.lock:
             provider = provider_of(request)
@@ -321,13 +356,13 @@ def dialect_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -
     return [
         Route(base + "/crm/v3/objects/deals/search", hs_search, methods=["POST"]),
         Route(base + "/crm/v3/objects/deals", hs_list, methods=["GET"]),
-        Route(base + "/crm/v3/objects/deals/{object_id}", hs_object, methods=["GET"]),
+        Route(base + "/crm/v3/objects/deals/{object_id}", hs_object, methods=["GET", "PATCH"]),
         Route(sf + "/query", sf_query, methods=["GET"]),
         Route(sf + "/sobjects/Opportunity/updated/", sf_updated, methods=["GET"]),
         Route(sf + "/sobjects/Opportunity/updated", sf_updated, methods=["GET"]),
         Route(sf + "/sobjects/Opportunity/deleted/", sf_deleted, methods=["GET"]),
         Route(sf + "/sobjects/Opportunity/deleted", sf_deleted, methods=["GET"]),
-        Route(sf + "/sobjects/Opportunity/{object_id}", sf_sobject, methods=["GET"]),
+        Route(sf + "/sobjects/Opportunity/{object_id}", sf_sobject, methods=["GET", "PATCH"]),
     ]
 
 
