@@ -19,8 +19,9 @@ from idis.integrations.exceptions import ReplayWindowExceeded
 from idis.integrations.providers import async_client_for, client_for
 from idis.integrations.resilience import Gateway
 from idis.integrations.resilience._gateway import AsyncGateway
+from idis.integrations.sync._mode import ModePolicy
 from idis.integrations.sync._poller import Poller
-from idis.integrations.sync._state import get_cursor
+from idis.integrations.sync._state import get_cursor, load_state, override_mode
 from idis.integrations.testing import RunningSimulator, run_simulator, simulator_settings
 
 P = "crm_provider"
@@ -164,3 +165,49 @@ def test_salesforce_record_lookup_and_not_found(sim: RunningSimulator) -> None:
     assert found is not None
     assert "opp_9" == found.id
     assert missing is None
+
+
+@pytest.mark.parametrize("api", ["hubspot", "salesforce"])
+def test_failover_to_polling_and_back_with_an_opaque_cursor(
+    sim: RunningSimulator,
+    sqlite_engine: Engine,
+    sqlite_host: HostTable,
+    clock: OffsetClock,
+    api: str,
+) -> None:
+    """A switch to polling leaves the sentinel's feed seq in the cursor: the pack's poller reads
+    from the covered moment instead of failing on a cursor that is not its own; and back."""
+    settings = _settings(sim, api, str(sqlite_engine.url))
+    policy = ModePolicy.from_settings(settings.sync)
+    polls = Polls(settings, str(sqlite_engine.url), sqlite_host, clock)
+    try:
+        polls.poll()
+        clock.advance(1)
+        sim.control.emit(P, 3, record_ids=["deal_1", "deal_2", "deal_3"], webhook=False)
+        clock.advance(1)
+        polls.poll()
+        covered = clock.now()
+        clock.advance(1)
+        sim.control.emit(P, 4, record_ids=[f"deal_{i}" for i in range(4, 8)], webhook=False)
+        with Session(sqlite_engine) as session, session.begin():
+            row = load_state(session, P, policy, clock.now(), for_update=True)
+            row.confirmed_seq, row.confirmed_at = 3, covered  # as the sentinel records it
+        with Session(sqlite_engine) as session, session.begin():
+            to_polling = override_mode(
+                session, P, "polling", policy=policy, now=clock.now(), actor="test"
+            )
+        moved = _cursor(sqlite_engine)
+        clock.advance(5)
+        after_failover = polls.poll()
+        with Session(sqlite_engine) as session, session.begin():
+            back = override_mode(session, P, "webhook", policy=policy, now=clock.now(), actor="t")
+        stored = _cursor(sqlite_engine)
+    finally:
+        polls.close()
+
+    assert "3" == moved
+    assert 4 == after_failover.applied
+    assert sorted(f"deal_{i}" for i in range(1, 8)) == sorted(r[1] for r in sqlite_host.rows())
+    assert ("polling", "webhook") == (to_polling.mode.value, back.mode.value)
+    assert stored is not None
+    assert not stored.isdigit()

@@ -563,6 +563,11 @@ class HubSpotClient:
         self._core = _Core(self.settings, provider)
         self.ordering = self._core.ordering
 
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is this API's cursor (``hs1:...``)."""
+        return position.startswith("hs1:")
+
     @property
     def rate_limit(self) -> RateLimitReading | None:
         """What the last response's ``X-HubSpot-RateLimit-*`` headers said."""
@@ -625,6 +630,11 @@ class AsyncHubSpotClient:
         self.settings = gateway.settings.provider(provider)
         self._core = _Core(self.settings, provider)
         self.ordering = self._core.ordering
+
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is this API's cursor (``hs1:...``)."""
+        return position.startswith("hs1:")
 
     @property
     def rate_limit(self) -> RateLimitReading | None:

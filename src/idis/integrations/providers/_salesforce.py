@@ -358,6 +358,11 @@ class SalesforceClient:
         self._core = _Core(self.settings, provider)
         self.ordering: Ordering = BY_MODIFIED
 
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is this API's cursor (``sf1:...``)."""
+        return position.startswith("sf1:")
+
     @property
     def rate_limit(self) -> RateLimitReading | None:
         """What the last ``Sforce-Limit-Info`` said."""
@@ -444,6 +449,11 @@ class AsyncSalesforceClient:
         self.settings = gateway.settings.provider(provider)
         self._core = _Core(self.settings, provider)
         self.ordering: Ordering = BY_MODIFIED
+
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is this API's cursor (``sf1:...``)."""
+        return position.startswith("sf1:")
 
     @property
     def rate_limit(self) -> RateLimitReading | None:

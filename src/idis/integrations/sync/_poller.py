@@ -210,7 +210,19 @@ class Poller:
         cursor = get_cursor(session, self.provider, CHANGES_STREAM)
         if cursor is None:
             return window_start(None, None, now=now, overlap=self.overlap)
-        return window_start(cursor.position, cursor.watermark, now=now, overlap=self.overlap)
+        position = cursor.position
+        accepts = getattr(self.feed, "accepts_cursor", None)
+        if position is not None and callable(accepts) and not accepts(position):
+            # Not this API's cursor: a feed seq that failover (the sentinel's
+            # confirmed position) or an earlier API left. Start by time from the
+            # watermark instead, which failover set to the covered moment.
+            _log.info(
+                "idis.sync.cursor_not_this_api",
+                msg="the stored cursor is not this API's; polling from the watermark",
+                provider=self.provider,
+            )
+            position = None
+        return window_start(position, cursor.watermark, now=now, overlap=self.overlap)
 
     def _coverage_start(self, session: Session, since: datetime | None) -> datetime | None:
         if since is not None:
