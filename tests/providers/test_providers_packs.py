@@ -101,3 +101,17 @@ def test_a_static_api_token_is_sent_as_bearer_and_never_shown() -> None:
     assert [f"Bearer {token}"] == seen
     assert token not in repr(auth)
     assert token not in repr(settings.provider("crm"))
+
+
+def test_each_client_knows_its_own_cursors() -> None:
+    """The poller asks; a cursor another API left is polled from the watermark instead."""
+    from idis.integrations.providers._hubspot import HubSpotClient
+    from idis.integrations.providers._salesforce import SalesforceClient
+
+    cursors = ("42", "hs1:1764000000000:0:", "sf1:2026-12-01T08:30:00.000Z:opp_1")
+
+    assert [
+        [ProviderClient.accepts_cursor(c) for c in cursors],
+        [HubSpotClient.accepts_cursor(c) for c in cursors],
+        [SalesforceClient.accepts_cursor(c) for c in cursors],
+    ] == [[True, False, False], [False, True, False], [False, False, True]]

@@ -361,6 +361,11 @@ class ProviderClient:
         #: How this provider's events and records are ordered (``order_by``).
         self.ordering = ordering_for(self.settings.order_by)
 
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is a changes-feed cursor of this shape (a ``seq``)."""
+        return position.isascii() and position.isdigit()
+
     def get_record(self, record_id: str) -> ProviderRecord | None:
         """The record, or None on 404."""
         try:
@@ -461,6 +466,11 @@ class AsyncProviderClient:
         self.settings = gateway.settings.provider(provider)
         #: How this provider's events and records are ordered (``order_by``).
         self.ordering = ordering_for(self.settings.order_by)
+
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is a changes-feed cursor of this shape (a ``seq``)."""
+        return position.isascii() and position.isdigit()
 
     async def get_record(self, record_id: str) -> ProviderRecord | None:
         """The record, or None on 404."""
