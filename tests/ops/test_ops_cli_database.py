@@ -26,7 +26,7 @@ from idis.integrations.cli._common import LIBRARY_VERSION_TABLE, describe_databa
 from idis.integrations.db._migrate import VERSION_TABLE
 
 #: Commands that need no migrated database: they create it, or use none of their own.
-EXEMPT = {"db upgrade", "simulate", "keygen", "drill"}
+EXEMPT = {"db upgrade", "simulate", "keygen", "drill", "providers"}
 #: Values for each command's required options.
 VALUES = {
     "provider": ["--provider", "crm_provider"],

@@ -92,16 +92,28 @@ class Polls:
 
 
 def test_window_start_and_cursor_rules() -> None:
-    """The feed position wins over the watermark; the cursor never moves backwards."""
+    """The feed position wins over the watermark; a seq position never moves backwards."""
     overlap = timedelta(minutes=2)
 
-    assert (10, None) == window_start(10, T0, now=T0, overlap=overlap)
+    assert ("10", None) == window_start("10", T0, now=T0, overlap=overlap)
     assert (None, T0 - overlap) == window_start(None, T0, now=T0, overlap=overlap)
-    assert (10, None) == window_start(10, None, now=T0, overlap=overlap)
+    assert ("10", None) == window_start("10", None, now=T0, overlap=overlap)
     assert (None, T0 - overlap) == window_start(None, None, now=T0, overlap=overlap)
     events = [make_event(3), make_event(4)]
-    assert (12, T0 + timedelta(hours=1)) == advance_cursor(12, T0 + timedelta(hours=1), events, 4)
-    assert (9, events[-1].occurred_at) == advance_cursor(None, None, events, 9)
+    assert ("12", T0 + timedelta(hours=1)) == advance_cursor(
+        "12", T0 + timedelta(hours=1), events, "4"
+    )
+    assert ("9", events[-1].occurred_at) == advance_cursor(None, None, events, "9")
+
+
+def test_an_opaque_position_is_the_providers_to_move() -> None:
+    """A position that is not a seq (a search token, a keyset) is replaced, never compared."""
+    events = [make_event(3)]
+    hubspot = "hs1:1764000000000:200:NTI1Cg%3D%3D"
+
+    assert (hubspot, events[0].occurred_at) == advance_cursor("10", None, events, hubspot)
+    assert ("hs1:1:0:", T0) == advance_cursor("hs1:1:0:", T0, [], None)
+    assert ("sf1:b", T0) == advance_cursor("sf1:a", T0, [], "sf1:b")
 
 
 def test_poll_applies_everything_once_by_feed_position(

@@ -360,6 +360,17 @@ def _one_of(*choices: str) -> _Conv:
     return parse
 
 
+def _pack_name(value: object, name: str) -> str:
+    text = str(value).strip().lower()
+    if not _NAME.fullmatch(text):
+        raise ConfigError(
+            f"{name}={value!r} is not a provider pack name: expected lowercase letters, digits "
+            "and underscores (generic, hubspot, salesforce)",
+            variable=name,
+        )
+    return text
+
+
 def _log_level(value: object, name: str) -> str:
     return _choice(value, name, ("debug", "info", "warning", "error", "critical")).upper()
 
@@ -750,6 +761,44 @@ class ProviderSettings:
     fallbacks: tuple[str, ...] = field(
         default=(),
         metadata=_var("FALLBACKS", _names, "Providers to try in order when this one cannot serve."),
+    )
+    api: str = field(
+        default="generic",
+        metadata=_var(
+            "API",
+            _pack_name,
+            "Provider pack (the API this provider speaks): `generic` (the simulator's shape), "
+            "`hubspot`, `salesforce`. `idis-integrations providers` lists them. See "
+            "docs/providers/.",
+        ),
+    )
+    api_token: Secret | None = field(
+        default=None,
+        metadata=_var(
+            "API_TOKEN",
+            lambda v, n: Secret(str(v)),
+            "Static bearer token (a HubSpot private-app token) used instead of OAuth. "
+            "Never logged.",
+        ),
+    )
+    api_version: str = field(
+        default="",
+        metadata=_var(
+            "API_VERSION",
+            _text,
+            "API version the pack speaks (Salesforce: `v60.0`); empty: the pack's default.",
+            shown="empty",
+        ),
+    )
+    app_id: str = field(
+        default="",
+        metadata=_var(
+            "APP_ID",
+            _text,
+            "The provider's id of our app (HubSpot: the app id that webhook subscriptions "
+            "and the webhooks journal belong to).",
+            shown="empty",
+        ),
     )
 
     __repr__ = _safe_repr

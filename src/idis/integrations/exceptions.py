@@ -10,6 +10,7 @@ The tree::
     │   ├── ProviderConnectionError     refused, reset, DNS, TLS: never reached the provider
     │   ├── ProviderUnavailable         5xx from the provider
     │   ├── RateLimited                 429 (or Retry-After pause in force); has retry_after
+    │   │   └── QuotaExhausted          a daily/org quota is spent: wait for the reset, no retry
     │   ├── ProviderRejected            4xx we caused; never retried, never trips a breaker
     │   ├── MalformedResponse           2xx whose body is not what the contract says
     │   ├── CircuitOpen                 breaker open: the call was not attempted
@@ -54,6 +55,7 @@ __all__ = [
     "ProviderRejected",
     "ProviderTimeout",
     "ProviderUnavailable",
+    "QuotaExhausted",
     "RateLimited",
     "ReauthorizationRequired",
     "RefreshOutcomeUnknown",
@@ -186,6 +188,14 @@ class RateLimited(ProviderError):
     ) -> None:
         super().__init__(message, provider=provider, endpoint=endpoint, status_code=status_code)
         self.retry_after = retry_after
+
+
+class QuotaExhausted(RateLimited):
+    """A quota that resets on the provider's schedule is spent (HubSpot's daily limit,
+    Salesforce's REQUEST_LIMIT_EXCEEDED): retrying before ``retry_after`` only spends more."""
+
+    retryable = False
+    error_type = "rate_limited"
 
 
 class ProviderRejected(ProviderError):

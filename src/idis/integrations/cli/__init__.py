@@ -39,6 +39,7 @@ _COMMAND_MODULES = (
     "reconcile",
     "sync",
     "drill",
+    "providers",
 )
 
 for _name in _COMMAND_MODULES:

@@ -303,6 +303,7 @@ def _print_poll(result: Any, as_json: bool) -> None:
                 "pages": result.pages,
                 "complete": result.complete,
                 "after_seq": result.after_seq,
+                "position": result.position,
                 "started_at": result.started_at,
             }
         )
@@ -310,7 +311,7 @@ def _print_poll(result: Any, as_json: bool) -> None:
     stdout.print(
         f"{result.provider}: fetched {result.fetched}, applied {result.applied}, "
         f"already had {result.duplicates}, superseded {result.superseded}, "
-        f"ignored {result.ignored} ({result.pages} page(s), cursor {result.after_seq})",
+        f"ignored {result.ignored} ({result.pages} page(s), cursor {result.position})",
         markup=False,
     )
 

@@ -33,13 +33,24 @@ from ._order import (
     order_key,
     ordering_for,
 )
+from ._pack import (
+    BearerToken,
+    Capabilities,
+    ProviderPack,
+    RateLimitReading,
+    known_packs,
+    pack_for,
+    register_pack,
+)
 
 __all__ = [
     "BY_MODIFIED",
     "BY_VERSION",
     "AsyncProviderClient",
+    "BearerToken",
     "ByModified",
     "ByVersion",
+    "Capabilities",
     "ChangesPage",
     "MissingOrder",
     "OrderKey",
@@ -47,14 +58,21 @@ __all__ = [
     "ProviderAdapter",
     "ProviderClient",
     "ProviderEvent",
+    "ProviderPack",
     "ProviderRecord",
+    "RateLimitReading",
     "RecordPage",
     "ReplayPage",
+    "async_client_for",
     "check_replay_window",
+    "client_for",
+    "known_packs",
     "order_key",
     "ordering_for",
+    "pack_for",
     "parse_event",
     "parse_record",
+    "register_pack",
     "stated_retention",
 ]
 
@@ -117,8 +135,17 @@ class ChangesPage:
     """One page of the changes feed."""
 
     events: list[ProviderEvent]
+    #: The generic feed's next ``seq`` (None for APIs whose cursor is not a number).
     next_after: int | None
     has_more: bool
+    #: Where the next page starts, as the provider states it: opaque text the
+    #: poller stores and hands back as ``changes(after=...)``. The generic feed's
+    #: is its ``next_after`` as text.
+    next_cursor: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.next_cursor is None and self.next_after is not None:
+            object.__setattr__(self, "next_cursor", str(self.next_after))
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +311,7 @@ class ProviderAdapter(Protocol):
         """One page of records, optionally only those updated since a time."""
 
     def changes(
-        self, *, after: int | None = None, since: datetime | None = None, limit: int = 100
+        self, *, after: int | str | None = None, since: datetime | None = None, limit: int = 100
     ) -> ChangesPage:
         """One page of the changes feed after a sequence number (or since a time)."""
 
@@ -303,10 +330,15 @@ def _records_params(
     return params
 
 
-def _changes_params(after: int | None, since: datetime | None, limit: int) -> dict[str, Any]:
+def _changes_params(after: int | str | None, since: datetime | None, limit: int) -> dict[str, Any]:
     params: dict[str, Any] = {"limit": limit}
     if after is not None:
-        params["after"] = after
+        if isinstance(after, str) and not (after.isascii() and after.isdigit()):
+            raise UsageError(
+                f"cursor {after[:40]!r} is not a position in the generic changes feed: "
+                "expected its seq (digits)"
+            )
+        params["after"] = int(after)
     elif since is not None:
         params["since"] = since.isoformat()
     return params
@@ -328,6 +360,11 @@ class ProviderClient:
         self.settings = gateway.settings.provider(provider)
         #: How this provider's events and records are ordered (``order_by``).
         self.ordering = ordering_for(self.settings.order_by)
+
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is a changes-feed cursor of this shape (a ``seq``)."""
+        return position.isascii() and position.isdigit()
 
     def get_record(self, record_id: str) -> ProviderRecord | None:
         """The record, or None on 404."""
@@ -368,7 +405,7 @@ class ProviderClient:
         return parse_record(body, self.name, self.ordering)
 
     def changes(
-        self, *, after: int | None = None, since: datetime | None = None, limit: int = 100
+        self, *, after: int | str | None = None, since: datetime | None = None, limit: int = 100
     ) -> ChangesPage:
         """One page of the changes feed."""
         body = self.gateway.get_json(
@@ -430,6 +467,11 @@ class AsyncProviderClient:
         #: How this provider's events and records are ordered (``order_by``).
         self.ordering = ordering_for(self.settings.order_by)
 
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is a changes-feed cursor of this shape (a ``seq``)."""
+        return position.isascii() and position.isdigit()
+
     async def get_record(self, record_id: str) -> ProviderRecord | None:
         """The record, or None on 404."""
         try:
@@ -469,7 +511,7 @@ class AsyncProviderClient:
         return parse_record(body, self.name, self.ordering)
 
     async def changes(
-        self, *, after: int | None = None, since: datetime | None = None, limit: int = 100
+        self, *, after: int | str | None = None, since: datetime | None = None, limit: int = 100
     ) -> ChangesPage:
         """One page of the changes feed."""
         body = await self.gateway.get_json(
@@ -517,3 +559,17 @@ class AsyncProviderClient:
     async def health(self) -> bool:
         """Whether the provider's health endpoint answers 2xx."""
         return (await self.gateway.health(self.name)).ok
+
+
+def client_for(gateway: Gateway, provider: str) -> Any:
+    """The sync adapter of ``provider``'s pack (``IDIS_PROVIDER_<NAME>_API``) over ``gateway``.
+
+    Raises:
+        ConfigError: the provider's pack is unknown.
+    """
+    return pack_for(gateway.settings.provider(provider)).client(gateway, provider)
+
+
+def async_client_for(gateway: AsyncGateway, provider: str) -> Any:
+    """The async adapter of ``provider``'s pack over ``gateway`` (see :func:`client_for`)."""
+    return pack_for(gateway.settings.provider(provider)).async_client(gateway, provider)

@@ -302,35 +302,37 @@ def default_client(settings: Settings, provider: str, stack: ExitStack, engine: 
     A provider that uses OAuth gets the auth module's token machinery (tokens
     stored in ``engine``'s database); others get none, so its table is never touched.
     """
-    from ..providers import ProviderClient
+    from ..providers import client_for
+    from ..providers._pack import pack_auth
     from ..resilience import Gateway
 
-    auth = None
+    oauth = None
     if settings.provider(provider).auth.grant != "none":
         from ..auth._httpx_auth import oauth_auth_factory
 
         factory = oauth_auth_factory(settings, engine=engine)
         stack.callback(factory.close)
-        auth = factory
-    gateway = Gateway(settings, auth=auth)
+        oauth = factory
+    gateway = Gateway(settings, auth=pack_auth(oauth))
     stack.callback(gateway.close)
-    return ProviderClient(gateway, provider)
+    return client_for(gateway, provider)
 
 
 async def default_async_client(
     settings: Settings, provider: str, stack: AsyncExitStack, engine: AsyncEngine
 ) -> Any:
     """An ``AsyncProviderClient`` over a new ``AsyncGateway``, closed when ``stack`` closes."""
-    from ..providers import AsyncProviderClient
+    from ..providers import async_client_for
+    from ..providers._pack import pack_auth
     from ..resilience import AsyncGateway
 
-    auth = None
+    oauth = None
     if settings.provider(provider).auth.grant != "none":
         from ..auth._httpx_auth import oauth_auth_factory
 
         factory = oauth_auth_factory(settings, async_engine=engine)
         stack.push_async_callback(factory.aclose)
-        auth = factory
-    gateway = AsyncGateway(settings, auth=auth)
+        oauth = factory
+    gateway = AsyncGateway(settings, auth=pack_auth(oauth))
     stack.push_async_callback(gateway.aclose)
-    return AsyncProviderClient(gateway, provider)
+    return async_client_for(gateway, provider)

@@ -262,8 +262,10 @@ class _Run:
 
     def _reworded(self, exc: ReplayWindowExceeded) -> ReplayWindowExceeded:
         # Re-worded so it names the window and the fallback whatever the
-        # adapter said; a status code means the provider itself refused, and
-        # the retention it stated (if any) is kept.
+        # adapter said; a status code means the provider itself refused. The
+        # retention the provider stated (a 422's retention_seconds), or the one
+        # its pack knows from the vendor's documentation (Salesforce's 30 days),
+        # is kept.
         return retention_error(
             self.provider,
             self.since,
@@ -271,7 +273,7 @@ class _Run:
             now=self.clock.now(),
             refused_by_provider=exc.status_code is not None,
             applied_nothing=self.counts.pages == 0 and not self.resumed,
-            stated=exc.retention if exc.status_code is not None else None,
+            stated=exc.retention,
         )
 
 

@@ -166,6 +166,10 @@ def rejection_details(body: bytes) -> dict[str, Any] | None:
         decoded = json.loads(body)
     except ValueError:
         return None
+    if isinstance(decoded, list) and decoded and isinstance(decoded[0], dict):
+        # Some APIs (Salesforce) answer errors as a JSON array of objects: the first
+        # one states the error (``errorCode``).
+        decoded = decoded[0]
     if not isinstance(decoded, dict):
         return None
     return {

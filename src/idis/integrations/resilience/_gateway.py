@@ -730,7 +730,9 @@ class _Pipeline:
                 header, now=self.clock.now(), cap=runtime.settings.retry.retry_after_cap
             )
         error = error_for_status(status, call.provider, call.endpoint, retry_after=retry_after)
-        if isinstance(error, ProviderRejected):
+        if isinstance(error, ProviderRejected | RateLimited):
+            # A 429's body names the limit that applies (HubSpot's policyName):
+            # provider packs read it, like a refusal's retention_seconds.
             error.details = rejection_details(response.content)
         return None, error
 

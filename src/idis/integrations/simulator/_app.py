@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from ._dialects import dialect_endpoint, dialect_routes, unauthorized_body
 from ._faults import apply_fault, send_json
 from ._oauth import revoke_endpoint, rotate_endpoint, token_endpoint
 from ._state import (
@@ -63,7 +64,10 @@ def classify(path: str) -> tuple[str, str] | None:
         elif rest.startswith("enrich/") and "/" not in rest[7:]:
             endpoint = "enrich"
         else:
-            return None
+            # A provider dialect's path (HubSpot, Salesforce): same faults, same auth.
+            endpoint = dialect_endpoint(rest)
+            if endpoint is None:
+                return None
     return provider, endpoint
 
 
@@ -114,11 +118,13 @@ class SimulatorApp(Starlette):
                 await apply_fault(decision.fault, sim, endpoint, counting_send)
             return
         if needs_auth and not self._authorized(scope, provider):
+            dialect = unauthorized_body(scope["path"][3:].partition("/")[2])
             await send_json(
                 counting_send,
                 401,
                 {"error": "invalid_token"},
                 [(b"www-authenticate", b'Bearer error="invalid_token"')],
+                raw=None if dialect is None else dialect[0],
             )
             return
         await super().__call__(scope, receive, counting_send)
@@ -308,6 +314,7 @@ def build_app(
         Route("/p/{provider}/oauth/token", token_endpoint, methods=["POST"]),
         Route("/p/{provider}/oauth/revoke", revoke_endpoint, methods=["POST"]),
         Route("/p/{provider}/oauth/rotate", rotate_endpoint, methods=["POST"]),
+        *dialect_routes(sim, provider_of),
         *control_routes(sim, allowed_hosts=control_hosts),
     ]
     emitter = WebhookEmitter(sim)

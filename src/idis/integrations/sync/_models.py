@@ -28,6 +28,7 @@ __all__ = [
     "SyncInbox",
     "SyncProviderState",
     "SyncRecordVersion",
+    "seq_of",
 ]
 
 
@@ -106,13 +107,27 @@ class SyncCursor(Base):
     provider: Mapped[str] = mapped_column(String(64), nullable=False)
     #: Stream name (``changes`` for the provider's change feed).
     stream: Mapped[str] = mapped_column(String(64), nullable=False)
-    #: Highest sequence number fetched (None: start from the watermark).
-    after_seq: Mapped[int | None] = mapped_column(BigInteger)
+    #: Where the next poll starts, as the provider's API states it (opaque text: the
+    #: generic feed's seq, a search watermark and paging token...); None: start
+    #: from the watermark.
+    position: Mapped[str | None] = mapped_column(String(1024))
     #: Newest ``occurred_at`` fetched; the next window starts ``poll_overlap`` before it.
     watermark: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: Why the cursor was last moved by something other than a poll (``failover``, ``operator``).
     moved_by: Mapped[str | None] = mapped_column(String(32))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+    @property
+    def after_seq(self) -> int | None:
+        """The position as a generic-feed seq (None when it is not a decimal integer)."""
+        return seq_of(self.position)
+
+
+def seq_of(position: str | None) -> int | None:
+    """A cursor position read as the generic feed's seq, or None when it is not one."""
+    if position is None or not (position.isascii() and position.isdigit()) or len(position) > 18:
+        return None
+    return int(position)
 
 
 class SyncProviderState(Base):

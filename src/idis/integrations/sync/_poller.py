@@ -5,13 +5,17 @@ applies every event through the inbox (source ``poll``), one transaction per
 page together with the cursor's new position, so a poller killed at any point
 resumes after the last page it committed and applies nothing twice.
 
-Where a poll starts: after the cursor's feed position (``after_seq``) when it
-has one. The feed's ``seq`` is its commit order, so a change the provider
-commits late (with an ``occurred_at`` long past) still comes after the cursor
-and is read; a time window would skip it once it is older than the overlap.
-Only a cursor without a position (a provider never polled, or a time-ordered
-feed) starts by time, ``poll_overlap`` before its watermark, and the inbox
-makes the re-read events no-ops. A complete poll records ``poll`` coverage on
+Where a poll starts: at the cursor's position when it has one. The position is
+opaque text, whatever the provider's API hands back as "the next page starts
+here" (``ChangesPage.next_cursor``): the generic feed's ``seq`` as text, a
+HubSpot search watermark with its paging token, a Salesforce SOQL keyset. It is
+stored and handed back as is (``changes(after=position)``). The generic feed's
+``seq`` is its commit order, so a change the provider commits late (with an
+``occurred_at`` long past) still comes after the cursor and is read; a time
+window would skip it once it is older than the overlap. Only a cursor without a
+position (a provider never polled, or moved by failover to a time) starts by
+time, ``poll_overlap`` before its watermark, and the inbox makes the re-read
+events no-ops. A complete poll records ``poll`` coverage on
 the sync timeline from the cursor's watermark to the moment the poll began.
 
 Each page is applied as one batch (``apply_events_async``: the inbox's one
@@ -47,6 +51,7 @@ from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from ._inbox import ApplyOutcome, HandlerRegistry, apply_events_async
 from ._mode import ModePolicy
+from ._models import seq_of
 from ._sentinel import AsyncChangeFeed
 from ._state import CHANGES_STREAM, fence, get_cursor, load_state, move_cursor
 from ._timeline import record_coverage
@@ -83,8 +88,13 @@ class PollResult:
     window_start: datetime | None
     #: When the poll began (coverage ends here).
     started_at: datetime
-    #: The cursor afterwards.
-    after_seq: int | None
+    #: The cursor's position afterwards (opaque text).
+    position: str | None
+
+    @property
+    def after_seq(self) -> int | None:
+        """The position as a generic-feed seq (None when it is not one)."""
+        return seq_of(self.position)
 
 
 def error_type(exc: ProviderError | AuthError) -> str:
@@ -93,42 +103,59 @@ def error_type(exc: ProviderError | AuthError) -> str:
 
 
 def window_start(
-    after_seq: int | None,
+    position: str | None,
     watermark: datetime | None,
     *,
     now: datetime,
     overlap: timedelta,
-) -> tuple[int | None, datetime | None]:
+) -> tuple[str | None, datetime | None]:
     """Where a poll starts: ``(after, since)`` for the first feed request (pure).
 
-    The feed position wins: with a sequence number the poll starts after it
-    (the feed's commit order, so a change committed late is never skipped);
-    with only a watermark the window reaches ``overlap`` back before it (by
-    time); a provider never polled starts ``overlap`` before now.
+    The provider's position wins: the poll starts there (for the generic feed,
+    its commit order, so a change committed late is never skipped); with only a
+    watermark the window reaches ``overlap`` back before it (by time); a
+    provider never polled starts ``overlap`` before now.
     """
-    if after_seq is not None:
-        return after_seq, None
+    if position is not None:
+        return position, None
     if watermark is not None:
         return None, watermark - overlap
     return None, now - overlap
 
 
 def advance_cursor(
-    after_seq: int | None,
+    position: str | None,
     watermark: datetime | None,
     events: Sequence[Any],
-    next_after: int | None,
-) -> tuple[int | None, datetime | None]:
-    """The cursor after a page (pure): never moves backwards."""
-    seqs = [e.seq for e in events if e.seq is not None]
-    if next_after is not None:
-        seqs.append(next_after)
-    if after_seq is not None:
-        seqs.append(after_seq)
+    next_cursor: str | None,
+) -> tuple[str | None, datetime | None]:
+    """The cursor after a page (pure).
+
+    A generic-feed position (a seq) never moves backwards: the highest of the
+    old one, the events' seqs and the page's ``next_cursor``. Any other
+    position is the provider's to define: the page's ``next_cursor`` replaces
+    it (kept when the page gives none). The watermark never moves backwards.
+    """
     times = [e.occurred_at for e in events]
     if watermark is not None:
         times.append(watermark)
-    return (max(seqs) if seqs else None), (max(times) if times else None)
+    mark = max(times) if times else None
+    numeric = [p for p in (position, next_cursor) if p is not None]
+    if all(seq_of(p) is not None for p in numeric):
+        seqs = [seq_of(p) for p in numeric]
+        seqs += [e.seq for e in events if isinstance(e.seq, int) and e.seq > 0]
+        found = [s for s in seqs if s is not None]
+        return (str(max(found)) if found else None), mark
+    return (next_cursor if next_cursor is not None else position), mark
+
+
+def _next_cursor(page: Any) -> str | None:
+    """A page's next position as text: ``next_cursor``, or (a host's own feed) ``next_after``."""
+    found = getattr(page, "next_cursor", None)
+    if isinstance(found, str):
+        return found
+    after = getattr(page, "next_after", None)
+    return None if after is None else str(after)
 
 
 class Poller:
@@ -179,11 +206,23 @@ class Poller:
         """The metrics this component records into."""
         return self._metrics if self._metrics is not None else get_metrics()
 
-    def _start(self, session: Session, now: datetime) -> tuple[int | None, datetime | None]:
+    def _start(self, session: Session, now: datetime) -> tuple[str | None, datetime | None]:
         cursor = get_cursor(session, self.provider, CHANGES_STREAM)
         if cursor is None:
             return window_start(None, None, now=now, overlap=self.overlap)
-        return window_start(cursor.after_seq, cursor.watermark, now=now, overlap=self.overlap)
+        position = cursor.position
+        accepts = getattr(self.feed, "accepts_cursor", None)
+        if position is not None and callable(accepts) and not accepts(position):
+            # Not this API's cursor: a feed seq that failover (the sentinel's
+            # confirmed position) or an earlier API left. Start by time from the
+            # watermark instead, which failover set to the covered moment.
+            _log.info(
+                "idis.sync.cursor_not_this_api",
+                msg="the stored cursor is not this API's; polling from the watermark",
+                provider=self.provider,
+            )
+            position = None
+        return window_start(position, cursor.watermark, now=now, overlap=self.overlap)
 
     def _coverage_start(self, session: Session, since: datetime | None) -> datetime | None:
         if since is not None:
@@ -192,16 +231,16 @@ class Poller:
         return cursor.watermark if cursor is not None else None
 
     def _save_page(
-        self, session: Session, events: Sequence[Any], next_after: int | None, now: datetime
-    ) -> int | None:
+        self, session: Session, events: Sequence[Any], next_cursor: str | None, now: datetime
+    ) -> str | None:
         cursor = get_cursor(session, self.provider, CHANGES_STREAM)
         after, mark = advance_cursor(
-            cursor.after_seq if cursor else None,
+            cursor.position if cursor else None,
             cursor.watermark if cursor else None,
             events,
-            next_after,
+            next_cursor,
         )
-        move_cursor(session, self.provider, after_seq=after, watermark=mark, now=now, moved_by=None)
+        move_cursor(session, self.provider, position=after, watermark=mark, now=now, moved_by=None)
         return after
 
     def _finish(
@@ -255,7 +294,7 @@ class Poller:
                 if not page.has_more or not page.events:
                     complete = True
                     break
-                after = page.next_after if page.next_after is not None else page.events[-1].seq
+                after = position
         except (ProviderError, AuthError) as exc:
             self._failed(exc)
             raise
@@ -275,7 +314,7 @@ class Poller:
 
     async def _commit_page(
         self, page: Any, epoch: int | None, tally: Counter[ApplyOutcome]
-    ) -> int | None:
+    ) -> str | None:
         """One page in one transaction: fence, apply the batch, move the cursor."""
         now = self.clock.now()
         async with self._sessions() as session, session.begin():
@@ -285,8 +324,8 @@ class Poller:
             result = await apply_events_async(
                 session, self.provider, page.events, "poll", registry=self.registry, now=now
             )
-            position: int | None = await session.run_sync(
-                lambda s: self._save_page(s, page.events, page.next_after, now)
+            position: str | None = await session.run_sync(
+                lambda s: self._save_page(s, page.events, _next_cursor(page), now)
             )
         tally.update(o for o in result.outcomes if o is not None)
         return position
@@ -300,7 +339,7 @@ class Poller:
         complete: bool,
         window: datetime | None,
         started: datetime,
-        after: int | None,
+        after: str | None,
     ) -> PollResult:
         result = PollResult(
             provider=self.provider,
@@ -313,7 +352,7 @@ class Poller:
             complete=complete,
             window_start=window,
             started_at=started,
-            after_seq=after,
+            position=after,
         )
         self.metrics.polls.labels(provider=self.provider, outcome="ok").inc()
         _log.info(
@@ -324,7 +363,7 @@ class Poller:
             duplicates=result.duplicates,
             pages=pages,
             complete=complete,
-            after_seq=after,
+            position=after,
         )
         return result
 

@@ -47,9 +47,10 @@ class AsyncChangeFeed(Protocol):
     """The part of ``AsyncProviderClient`` the sentinel and the poller use."""
 
     async def changes(
-        self, *, after: int | None = None, since: datetime | None = None, limit: int = 100
+        self, *, after: int | str | None = None, since: datetime | None = None, limit: int = 100
     ) -> Any:
-        """One page: ``.events``, ``.next_after``, ``.has_more``."""
+        """One page: ``.events``, ``.next_after``, ``.has_more`` (and ``.next_cursor``, the
+        position as opaque text, which the poller stores)."""
 
 
 @dataclass(frozen=True, slots=True)

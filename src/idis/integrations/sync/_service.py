@@ -291,7 +291,7 @@ class AsyncSyncService:
         replica_id: str | None = None,
         receiver: bool = True,
     ) -> None:
-        from ..providers import AsyncProviderClient
+        from ..providers import async_client_for
         from ..resilience._gateway import AsyncGateway
 
         self.settings = settings
@@ -311,7 +311,7 @@ class AsyncSyncService:
         self._sessions = async_session_factory(self.engine)
         self._own_gateway = gateway is None
         self.gateway = gateway or AsyncGateway(settings, clock=self.clock, metrics=metrics)
-        self.feeds = {name: AsyncProviderClient(self.gateway, name) for name in self.providers}
+        self.feeds = {name: async_client_for(self.gateway, name) for name in self.providers}
         self.pollers = {
             name: Poller(
                 self.feeds[name],

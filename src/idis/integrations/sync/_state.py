@@ -221,18 +221,26 @@ def move_cursor(
     session: Session,
     provider: str,
     *,
-    after_seq: int | None,
+    after_seq: int | None = None,
     watermark: datetime | None,
     now: datetime,
     moved_by: str | None = None,
     stream: str = CHANGES_STREAM,
+    position: str | None = None,
 ) -> SyncCursor:
-    """Set the poller's cursor (creating it)."""
+    """Set the poller's cursor (creating it).
+
+    ``position`` is the provider's opaque cursor text; ``after_seq`` a generic
+    feed seq (stored as its decimal text). With neither, the next poll starts
+    from ``watermark``.
+    """
     cursor = get_cursor(session, provider, stream)
     if cursor is None:
         cursor = SyncCursor(provider=provider, stream=stream, updated_at=now)
         session.add(cursor)
-    cursor.after_seq = after_seq
+    if position is None and after_seq is not None:
+        position = str(after_seq)
+    cursor.position = position
     cursor.watermark = watermark
     cursor.moved_by = moved_by
     cursor.updated_at = now

@@ -1,0 +1,70 @@
+"""``idis-integrations providers``: the provider packs and what each supports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from . import main
+from ._common import get_settings, handle_errors, json_option, no_database, print_json
+
+
+def pack_rows() -> list[dict[str, Any]]:
+    """One mapping per pack: name, summary and capabilities (what ``providers`` prints)."""
+    from ..providers import known_packs
+
+    return [
+        {"name": pack.name, "summary": pack.summary, **asdict(pack.capabilities)}
+        for pack in known_packs()
+    ]
+
+
+_LABELS = (
+    ("webhooks", "webhooks"),
+    ("polling", "polling"),
+    ("replay", "replay"),
+    ("replay_window", "replay window"),
+    ("resync", "resync"),
+    ("auth", "auth"),
+    ("rate_limit_headers", "rate-limit headers"),
+    ("ordering", "ordering"),
+    ("event_identity", "event identity"),
+)
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "not supported"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple | list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+@main.command("providers")
+@json_option
+@no_database
+@handle_errors
+def providers_command(as_json: bool) -> None:
+    """List the provider packs (IDIS_PROVIDER_<NAME>_API) and what each supports.
+
+    Also names the pack each configured provider uses.
+    """
+    from ..providers import pack_for
+
+    settings = get_settings()
+    rows = pack_rows()
+    using = {name: pack_for(p).name for name, p in sorted(settings.providers.items())}
+    if as_json:
+        print_json({"packs": rows, "providers": using})
+        return
+    for row in rows:
+        click.echo(f"{row['name']}: {row['summary']}")
+        for key, label in _LABELS:
+            click.echo(f"  {label + ':':<20}{_shown(row[key])}")
+        users = [name for name, pack in using.items() if pack == row["name"]]
+        click.echo(f"  {'used by:':<20}{', '.join(users) or 'no configured provider'}")
+        click.echo("")
