@@ -239,8 +239,12 @@ class HostTable:
                 )
             )
 
-    def registry(self, provider: str) -> Any:
-        """A handler registry recording ``provider``'s events, for every event type."""
+    def registry(self, provider: str | None = None) -> Any:
+        """A handler registry recording ``provider``'s events, for every event type.
+
+        Without ``provider``, it is the record id's part before ``:`` (the soak names its
+        records ``<provider>:r<n>``), so one registry serves a receiver of several providers.
+        """
         from idis.integrations.sync import HandlerRegistry
 
         def handler(session: Session, event: Any) -> None:
@@ -249,7 +253,12 @@ class HostTable:
                     "INSERT INTO soak_applied (provider, event_id, record_id, seq)"
                     " VALUES (:p, :e, :r, :s)"
                 ),
-                {"p": provider, "e": event.id, "r": event.record_id, "s": event.seq},
+                {
+                    "p": provider or event.record_id.split(":")[0],
+                    "e": event.id,
+                    "r": event.record_id,
+                    "s": event.seq,
+                },
             )
 
         registry = HandlerRegistry()
