@@ -380,8 +380,11 @@ class Soak:
         self.done_producing.set()
 
     def replay_loop(self, settings: Any, engine: Any, since: datetime) -> None:
+        # The periodic runs replay the last two minutes (what an operator would after an
+        # incident); the last run, after the storm, replays everything from the start.
         while not self.stop_replay.wait(10):
-            self.replay_all(settings, engine, since)
+            recent = datetime.now(UTC) - timedelta(minutes=2)
+            self.replay_all(settings, engine, max(since, recent))
 
     def replay_all(self, settings: Any, engine: Any, since: datetime) -> bool:
         from idis.integrations.reconciliation import reconcile

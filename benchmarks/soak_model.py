@@ -137,7 +137,14 @@ class ProviderFaults:
         async def capture(message: dict[str, Any]) -> None:
             captured.append(message)
 
-        await app(scope, receive, capture)
+        try:
+            await app(scope, receive, capture)
+        except Exception as exc:
+            if type(exc).__name__ != "ClientDisconnect":
+                raise
+            # The client went away before its body was read (a SIGKILLed worker): not applied.
+            self._note((provider, record, key, 0, "disconnected"))
+            return
         status = next((m["status"] for m in captured if m["type"] == "http.response.start"), 0)
         self._note((provider, record, key, status, kind))
         if kind == "error_after":
