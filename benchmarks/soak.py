@@ -527,9 +527,10 @@ class Soak:
                 workers.stop_all()
             drained = time.monotonic() - healthy_at
             with engine.connect() as conn:
-                statuses = dict(
-                    conn.execute(text("SELECT idempotency_key, status FROM outbox_messages")).all()
-                )
+                rows = conn.execute(
+                    text("SELECT idempotency_key, status FROM outbox_messages")
+                ).all()
+            statuses: dict[str, str] = {str(key): str(status) for key, status in rows}
             writes = state.stats(OUT)["writes"]
             out = check_outbox(self.expected, self.poison_keys, writes, statuses, self.faults.log)
             inbound = {
@@ -544,7 +545,7 @@ class Soak:
         poison_pending = (
             out.poison
             - out.poison_dead
-            - sum(1 for k in self.poison_keys if statuses.get(k) == "delivered")
+            - len([k for k in self.poison_keys if statuses.get(k) == "delivered"])
         )
         stuck = out.pending + poison_pending
         lost = out.lost + sum(f.lost for f in inbound.values())

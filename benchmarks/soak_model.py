@@ -20,7 +20,7 @@ import random
 import re
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -319,7 +319,7 @@ class OutboxFigures:
 def check_outbox(
     expected: Mapping[str, list[str]],
     poison: Iterable[str],
-    writes: Mapping[str, list[Mapping[str, Any]]],
+    writes: Mapping[str, Sequence[Mapping[str, Any]]],
     statuses: Mapping[str, str],
     received: Iterable[tuple[str, str, str, int, str]] = (),
 ) -> OutboxFigures:

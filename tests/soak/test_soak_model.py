@@ -249,13 +249,12 @@ class SoakModel(RuleBasedStateMachine):
     def _outbox(self) -> Any:
         stats = self.env.state.stats(self.out)
         with self.engine.connect() as conn:
-            statuses = dict(
-                conn.execute(
-                    select(OutboxMessageRow.idempotency_key, OutboxMessageRow.status).where(
-                        OutboxMessageRow.provider == self.out
-                    )
+            rows = conn.execute(
+                select(OutboxMessageRow.idempotency_key, OutboxMessageRow.status).where(
+                    OutboxMessageRow.provider == self.out
                 )
-            )
+            ).all()
+        statuses: dict[str, str] = {str(key): str(status) for key, status in rows}
         return check_outbox(self.expected, (), stats["writes"], statuses, self.env.faults.log)
 
     @invariant()
@@ -321,7 +320,7 @@ def test_the_soak_model_holds(
         run_state_machine_as_test(
             Bound,
             settings=settings(
-                max_examples=10,
+                max_examples=8,
                 stateful_step_count=25,
                 deadline=None,
                 suppress_health_check=list(HealthCheck),
