@@ -107,7 +107,7 @@ class SoakModel(RuleBasedStateMachine):
         self.settings = replace(
             self.settings,
             outbox=OutboxSettings(
-                max_retries=1000,
+                max_retries=4,
                 batch_size=4,
                 concurrency=1,
                 lease=timedelta(seconds=60),
@@ -123,6 +123,10 @@ class SoakModel(RuleBasedStateMachine):
             self.engine, self.settings, gateway=self.gateway, providers=[self.out]
         )
         self.expected: dict[str, list[str]] = {f"{self.out}-k{k}": [] for k in range(KEYS)}
+        # A record the provider always refuses: its messages are poison.
+        self.poison_record = f"{self.out}-poison"
+        env.faults.poison.add(self.poison_record)
+        self.expected[self.poison_record] = []
         self.zombies: list[str] = []
         self.since = datetime.now(UTC) - timedelta(minutes=1)
         self.receivers = {
@@ -137,9 +141,10 @@ class SoakModel(RuleBasedStateMachine):
 
     # ----------------------------------------------------------------- outbox rules
 
-    @rule(key=st.integers(0, KEYS - 1), count=st.integers(1, 3))
+    @rule(key=st.integers(0, KEYS), count=st.integers(1, 3))
     def enqueue(self, key: int, count: int) -> None:
-        record = f"{self.out}-k{key}"
+        """Key ``KEYS`` is the poison record."""
+        record = f"{self.out}-k{key}" if key < KEYS else self.poison_record
         keys = self.expected[record]
         messages = []
         for _ in range(count):
@@ -255,7 +260,13 @@ class SoakModel(RuleBasedStateMachine):
                 )
             ).all()
         statuses: dict[str, str] = {str(key): str(status) for key, status in rows}
-        return check_outbox(self.expected, (), stats["writes"], statuses, self.env.faults.log)
+        return check_outbox(
+            self.expected,
+            self.expected[self.poison_record],
+            stats["writes"],
+            statuses,
+            self.env.faults.log,
+        )
 
     @invariant()
     def nothing_applied_twice_or_out_of_order(self) -> None:
@@ -290,11 +301,15 @@ class SoakModel(RuleBasedStateMachine):
                 .values(lease_expires_at=datetime(2000, 1, 1, tzinfo=UTC))
             )
         for _ in range(200):
-            if self.worker.run_once().leased == 0 and self._outbox().pending == 0:
+            self.worker.run_once()
+            now = self._outbox()
+            if now.pending == 0 and now.poison_dead == now.poison:
                 break
         figures = self._outbox()
         assert figures.clean, figures.examples
         assert figures.pending == 0, figures
+        # Poison is dead-lettered and wedged nothing (every other message was applied above).
+        assert figures.poison_dead == figures.poison, figures
         for name in (self.inv, self.mod):
             self._replay(name)
             inbound = check_inbound(provider_events(self.env.state, name), self.host.rows(name))
