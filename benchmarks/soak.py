@@ -649,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("initdb", "pg_ctl", "redis-server"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not on PATH: the soak starts its own PostgreSQL and Redis")
+    # Stopped early (Ctrl-C, or SIGTERM; a background shell ignores SIGINT): clean up anyway.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="idis-soak-"))
     soak = Soak(args, root)
     try:
