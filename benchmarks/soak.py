@@ -320,7 +320,7 @@ class Soak:
         """(record id, idempotency key) in enqueue order; ~20 messages per key."""
         count = self.args.messages
         keys = max(1, count // 20)
-        poison = max(1, keys // 500)
+        poison = 0 if self.args.no_poison else max(1, keys // 500)
         plan: list[tuple[str, str]] = []
         for _i in range(count):
             k = self.rng.randrange(keys + poison)
@@ -638,6 +638,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=3600,
         help="seconds of load and faults at most; enqueueing stops there (half of it paces it)",
+    )
+    parser.add_argument(
+        "--no-poison",
+        action="store_true",
+        help="no poison messages (to see the other faults apart from a poison message's)",
     )
     parser.add_argument(
         "--drain", type=float, default=900, help="seconds the outbox gets to drain afterwards"
