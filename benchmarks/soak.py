@@ -1,7 +1,7 @@
 """The fault soak: outbox messages and inbound events through 4 worker processes, faults at random.
 
     python -m benchmarks.soak [--messages 100000] [--events 100000] [--seed 1]
-                              [--workers 4] [--duration 3600]
+                              [--workers 4] [--duration 3600] [--drain 900] [--no-poison]
     make soak   (same, defaults)
 
 Everything runs on this machine and is thrown away afterwards:
