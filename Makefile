@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: drill test lint typecheck pytest services clean bench mutate
+.PHONY: drill test lint typecheck pytest services clean bench mutate soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,3 +50,8 @@ mutate: $(MUTATE_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The fault soak (docs/performance.md, "Fault soak"): a private PostgreSQL and Redis, 4 worker
+# processes, faults at random; not part of `make test`. Smaller: make soak SOAK_ARGS="--messages 10000 --events 10000"
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
