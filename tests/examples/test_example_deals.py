@@ -162,7 +162,14 @@ def test_a_deal_edited_while_the_crm_is_down_is_failed_until_delivered(
 ) -> None:
     """Breaker open: an edit is FAILED at once (RB-09 Triage 5 counts it), SYNCED once through."""
     # A reset timeout long enough that the open breaker is seen whatever the load.
-    env = service_env(sim, sqlite_url, IDIS_PROVIDER_CRM_PROVIDER_BREAKER_RESET_TIMEOUT="10s")
+    # Two consecutive faults open it, so the first push's own retries open it soon
+    # even on a loaded machine (the key's later edits wait behind that push).
+    env = service_env(
+        sim,
+        sqlite_url,
+        IDIS_PROVIDER_CRM_PROVIDER_BREAKER_RESET_TIMEOUT="10s",
+        IDIS_PROVIDER_CRM_PROVIDER_BREAKER_FAILURE_THRESHOLD="2",
+    )
     with start_service(env) as service:
         sim.control.outage(CRM)
         service.post("/deals", {"id": "o1", "tenant_id": "t3", "name": "Initech"})
@@ -175,7 +182,7 @@ def test_a_deal_edited_while_the_crm_is_down_is_failed_until_delivered(
                 and got.json()
             ),
             "an edit answered FAILED while the CRM is down",
-            60,
+            120,
         )
         engine = create_engine(sqlite_url)
         try:
