@@ -54,7 +54,7 @@ def test_an_unknown_pack_names_the_variable_and_the_known_packs() -> None:
         pack_for(settings.provider("crm"))
 
     assert "IDIS_PROVIDER_CRM_API='pipedrive'" in str(caught.value)
-    assert "generic, hubspot, salesforce" in str(caught.value)
+    assert "gdrive, generic, hubspot, pdl, salesforce" in str(caught.value)
 
 
 def test_a_malformed_pack_name_is_refused_at_load() -> None:
