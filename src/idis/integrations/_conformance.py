@@ -191,8 +191,8 @@ def _order(h: AdapterHarness, tag: str) -> None:
 def _replay(h: AdapterHarness, tag: str) -> None:
     caps = h.pack.capabilities
     _expect(
-        (caps.replay is None) == (caps.replay_window is None) or caps.replay_window is not None,
-        "a pack with replay states its replay_window",
+        caps.replay_window is not None and bool(caps.replay_window.strip()),
+        "the pack has a replay source but states no replay_window",
     )
     client = h.client()
     try:

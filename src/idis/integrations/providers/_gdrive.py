@@ -659,6 +659,52 @@ class AsyncDriveClient:
         raw = await self._json(self._core.path("files"), params=params)
         return self._core.replay_page(self._core.files_page(raw), raw)
 
+    async def watch(
+        self,
+        address: str,
+        token: str,
+        *,
+        ttl: timedelta = MAX_CHANNEL_TTL,
+        page_token: str | None = None,
+    ) -> Channel:
+        """Open a ``changes.watch`` channel (see :meth:`DriveClient.watch`)."""
+        body = self._core.watch_body(address, token, ttl, self.gateway.clock.now())
+        start = page_token or await self.start_page_token()
+        answer = await self._json(
+            self._core.path("watch"), method="POST", params={"pageToken": start}, json=body
+        )
+        return self._core.channel(answer)
+
+    async def stop(self, channel: Channel) -> None:
+        """``channels.stop``."""
+        try:
+            await self.gateway.request(
+                self.name,
+                self._core.path("stop"),
+                method="POST",
+                json={"id": channel.id, "resourceId": channel.resource_id},
+            )
+        except ProviderError as exc:
+            raise self._core.map(exc) from exc
+
+    async def renew(
+        self,
+        channel: Channel | None,
+        address: str,
+        token: str,
+        *,
+        margin: timedelta,
+        ttl: timedelta = MAX_CHANNEL_TTL,
+    ) -> Channel:
+        """See :meth:`DriveClient.renew`."""
+        now = self.gateway.clock.now()
+        if channel is not None and not channel.due(now, margin):
+            return channel
+        fresh = await self.watch(address, token, ttl=ttl)
+        if channel is not None and channel.expiration > now:
+            await self.stop(channel)
+        return fresh
+
     async def health(self) -> bool:
         """Whether the provider's health endpoint answers 2xx."""
         return (await self.gateway.health(self.name)).ok
