@@ -304,3 +304,15 @@ def test_the_async_client_renews_a_channel_too(sim: RunningSimulator, clock: Off
     assert {renewed.id} == channels  # type: ignore[attr-defined]
     assert renewed.id != first.id  # type: ignore[attr-defined]
     assert page.next_cursor.startswith("gd1:")  # type: ignore[attr-defined]
+
+
+def test_a_simulator_reset_forgets_the_channels(sim: RunningSimulator) -> None:
+    gateway = Gateway(_settings(sim, "gdrive"))
+    try:
+        client_for(gateway, P).watch(HOOK, "t1")
+    finally:
+        gateway.close()
+    sim.control.reset(P)
+    sim.control.emit(P, 1, record_ids=["doc_1"], webhook=False)
+
+    assert [] == _notifications(sim)

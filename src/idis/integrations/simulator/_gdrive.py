@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -111,10 +112,14 @@ class _Extra:
 
 def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> list[Route]:
     """The Drive and PDL routes."""
-    extras: dict[str, _Extra] = {}
+    # Keyed by the provider's state object: a reset replaces it, and forgets these too.
+    extras: weakref.WeakKeyDictionary[Any, _Extra] = weakref.WeakKeyDictionary()
 
     def extra(provider: Any) -> _Extra:
-        return extras.setdefault(provider.name, _Extra())
+        found = extras.get(provider)
+        if found is None:
+            found = extras[provider] = _Extra()
+        return found
 
     def events_after(provider: Any, after: int, limit: int) -> dict[str, Any]:
         return dict(provider.changes(after=after, since=None, limit=limit))
