@@ -13,7 +13,7 @@ from idis.integrations.config import Secret, Settings
 from idis.integrations.exceptions import ProviderRejected, QuotaExhausted
 from idis.integrations.providers import client_for
 from idis.integrations.providers._pack import pack_auth
-from idis.integrations.providers._pdl import PDL_ENRICH, read_rate_limit
+from idis.integrations.providers._pdl import read_rate_limit
 from idis.integrations.resilience import Gateway
 
 # The enrichment tests' fixtures (database, simulator, manual clock), shared.
@@ -36,7 +36,8 @@ def _settings(env: Any, *, fallback: bool) -> Settings:
             provider,
             api="pdl",
             api_token=Secret("pdl-key-123"),
-            endpoints={**provider.endpoints, "enrich": PDL_ENRICH},
+            # No ENDPOINTS entry for enrich: the pack's own path is used.
+            endpoints={k: v for k, v in provider.endpoints.items() if k != "enrich"},
         )
     )
 
@@ -131,3 +132,20 @@ def test_the_client_reads_no_match_credits_and_limits(env: Any) -> None:
     assert spent_reading.exhausted
     assert "pdl-key-123" not in str(spent.value)
     assert read_rate_limit(402, {}, None).exhausted  # type: ignore[union-attr]
+
+
+def test_endpoints_may_send_the_subject_as_an_email(env: Any) -> None:
+    env.sim.control.emit(PDL, 1, record_ids=["ada@example.com"], webhook=False)
+    base = _settings(env, fallback=False)
+    provider = base.provider(PDL)
+    settings = base.with_providers(
+        replace(provider, endpoints={"enrich": "/v5/person/enrich?email={id}"})
+    )
+    gateway = Gateway(settings, auth=pack_auth())
+    try:
+        found = client_for(gateway, PDL).enrich("ada@example.com")
+    finally:
+        gateway.close()
+
+    assert found is not None
+    assert "ada@example.com" == found["id"]

@@ -156,6 +156,8 @@ class ChannelToken:
     def verify(self, request: InboundRequest, now: datetime) -> str | None:
         """Check the token; the delivery id is ``<channel>:<message number>``."""
         note = self.notification(request.headers)
+        if note.message_number is None:
+            return note.channel_id
         return f"{note.channel_id}:{note.message_number}"
 
 
