@@ -149,3 +149,17 @@ def test_endpoints_may_send_the_subject_as_an_email(env: Any) -> None:
 
     assert found is not None
     assert "ada@example.com" == found["id"]
+
+
+def test_nested_error_bodies_reach_the_details() -> None:
+    """Google's and PDL's ``{"error": {...}}`` bodies: their fields (scalars only) are read."""
+    from idis.integrations.resilience._errors import rejection_details
+
+    google = rejection_details(
+        b'{"error": {"code": 403, "message": "m", "errors": [{"reason": "userRateLimitExceeded"}]}}'
+    )
+    pdl = rejection_details(b'{"status": 402, "error": {"type": "payment_required", "x": [1]}}')
+
+    assert google is not None
+    assert (403, "userRateLimitExceeded") == (google["code"], google["reason"])
+    assert {"status": 402, "type": "payment_required"} == pdl
