@@ -107,7 +107,9 @@ def test_402_and_429_are_unavailability_fallback_then_stale_and_deferred(
     assert "STALE" in defects[0].defect_type.upper()
 
 
-def test_the_client_reads_no_match_credits_and_limits(env: Any) -> None:
+def test_the_client_reads_no_match_credits_and_limits(
+    env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     env.sim.control.emit(PDL, 1, record_ids=["person_1"], webhook=False)
     settings = _settings(env, fallback=False)
     _control(env, credits=2)
@@ -131,6 +133,9 @@ def test_the_client_reads_no_match_credits_and_limits(env: Any) -> None:
     assert spent_reading is not None
     assert spent_reading.exhausted
     assert "pdl-key-123" not in str(spent.value)
+    logged = capsys.readouterr()
+    assert "HTTP 402" in logged.out + logged.err  # the refusal was logged...
+    assert "pdl-key-123" not in logged.out + logged.err  # ...without the key
     assert read_rate_limit(402, {}, None).exhausted  # type: ignore[union-attr]
 
 
