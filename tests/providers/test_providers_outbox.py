@@ -34,7 +34,7 @@ def _settings(sim: RunningSimulator, url: str, api: str) -> Settings:
     )
 
 
-@pytest.mark.parametrize("api", ["hubspot", "salesforce", "generic"])
+@pytest.mark.parametrize("api", ["hubspot", "salesforce", "generic", "gdrive"])
 def test_a_push_in_the_packs_dialect_lands_once(
     sim: RunningSimulator, sqlite_engine: Engine, api: str
 ) -> None:

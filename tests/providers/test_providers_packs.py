@@ -54,7 +54,7 @@ def test_an_unknown_pack_names_the_variable_and_the_known_packs() -> None:
         pack_for(settings.provider("crm"))
 
     assert "IDIS_PROVIDER_CRM_API='pipedrive'" in str(caught.value)
-    assert "generic, hubspot, salesforce" in str(caught.value)
+    assert "gdrive, generic, hubspot, pdl, salesforce" in str(caught.value)
 
 
 def test_a_malformed_pack_name_is_refused_at_load() -> None:
@@ -115,3 +115,17 @@ def test_each_client_knows_its_own_cursors() -> None:
         [HubSpotClient.accepts_cursor(c) for c in cursors],
         [SalesforceClient.accepts_cursor(c) for c in cursors],
     ] == [[True, False, False], [False, True, False], [False, False, True]]
+
+
+def test_a_packs_own_endpoints_apply_unless_endpoints_declares_the_name() -> None:
+    """PDL's enrich path comes from its pack; ENDPOINTS wins; generic keeps names as paths."""
+    by_pack = Settings.from_env(_env(API="pdl")).provider("crm")
+    declared = Settings.from_env(
+        _env(API="pdl", ENDPOINTS="enrich=/v5/person/enrich?email={id}")
+    ).provider("crm")
+    generic = Settings.from_env(_env()).provider("crm")
+
+    assert "/v5/person/enrich?pdl_id={id}" == by_pack.endpoint_path("enrich")
+    assert "/v5/person/enrich?email={id}" == declared.endpoint_path("enrich")
+    assert "/enrich" == generic.endpoint_path("enrich")
+    assert "/health" == by_pack.endpoint_path("health")

@@ -35,7 +35,7 @@ def _settings(sim: RunningSimulator, url: str, api: str, retention: timedelta) -
     )
 
 
-@pytest.mark.parametrize("api", ["hubspot", "salesforce"])
+@pytest.mark.parametrize("api", ["hubspot", "salesforce", "gdrive"])
 def test_reconcile_applies_the_missed_changes_once(
     sim: RunningSimulator, sqlite_engine: Engine, api: str
 ) -> None:

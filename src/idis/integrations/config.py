@@ -804,8 +804,20 @@ class ProviderSettings:
     __repr__ = _safe_repr
 
     def endpoint_path(self, endpoint: str) -> str:
-        """Path template for a logical endpoint; an undeclared name is used as the path."""
-        return self.endpoints.get(endpoint, "/" + endpoint.lstrip("/"))
+        """Path template for a logical endpoint: ``ENDPOINTS``, else the pack's own
+        (``ProviderPack.endpoints``), else the name used as the path."""
+        declared = self.endpoints.get(endpoint)
+        if declared is not None:
+            return declared
+        # The generic pack's table documents the simulator's shape: a generic provider
+        # keeps using undeclared names as paths, as it always did.
+        if self.api != "generic":
+            from .providers._pack import _load
+
+            pack = _load(self.api)
+            if pack is not None and endpoint in pack.endpoints:
+                return pack.endpoints[endpoint]
+        return "/" + endpoint.lstrip("/")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -38,6 +38,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from ._conformance import (
+    AdapterHarness,
+    CheckResult,
+    ConformanceReport,
+    check_adapter,
+    simulator_harness,
+)
 from .config import (
     AuthSettings,
     BreakerPolicy,
@@ -58,13 +65,18 @@ from .simulator._state import (
 )
 
 __all__ = [
+    "AdapterHarness",
+    "CheckResult",
+    "ConformanceReport",
     "LatencyProxy",
     "RunningSimulator",
+    "check_adapter",
     "latency_proxy",
     "make_server",
     "run_simulator",
     "serve_asgi",
     "set_testing",
+    "simulator_harness",
     "simulator_settings",
 ]
 

@@ -165,6 +165,8 @@ _BUILTIN: dict[str, str] = {
     "generic": "._generic",
     "hubspot": "._hubspot",
     "salesforce": "._salesforce",
+    "gdrive": "._gdrive",
+    "pdl": "._pdl",
 }
 
 

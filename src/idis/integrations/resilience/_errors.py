@@ -172,6 +172,16 @@ def rejection_details(body: bytes) -> dict[str, Any] | None:
         decoded = decoded[0]
     if not isinstance(decoded, dict):
         return None
+    if isinstance(decoded.get("error"), dict):
+        # Google (``{"error": {"code", "message", "errors": [{"reason"}]}}``) and People
+        # Data Labs (``{"error": {"type", "message"}}``) nest the error: its fields and
+        # the first listed error's ``reason`` are what the packs read.
+        inner = decoded["error"]
+        listed = inner.get("errors")
+        first = (
+            listed[0] if isinstance(listed, list) and listed and isinstance(listed[0], dict) else {}
+        )
+        decoded = {**{k: v for k, v in decoded.items() if k != "error"}, **first, **inner}
     return {
         str(key): value
         for key, value in decoded.items()

@@ -23,6 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ._dialects import dialect_endpoint, dialect_routes, unauthorized_body
 from ._faults import apply_fault, send_json
+from ._gdrive import extra_routes
 from ._oauth import revoke_endpoint, rotate_endpoint, token_endpoint
 from ._state import (
     RetentionExceeded,
@@ -315,6 +316,7 @@ def build_app(
         Route("/p/{provider}/oauth/revoke", revoke_endpoint, methods=["POST"]),
         Route("/p/{provider}/oauth/rotate", rotate_endpoint, methods=["POST"]),
         *dialect_routes(sim, provider_of),
+        *extra_routes(sim, provider_of),
         *control_routes(sim, allowed_hosts=control_hosts),
     ]
     emitter = WebhookEmitter(sim)

@@ -54,7 +54,9 @@ DIALECT_ENDPOINTS: tuple[tuple[re.Pattern[str], str], ...] = (
 
 def dialect_endpoint(rest: str) -> str | None:
     """The endpoint name of a dialect path (after ``/p/{provider}/``), or None."""
-    for pattern, name in DIALECT_ENDPOINTS:
+    from ._gdrive import EXTRA_ENDPOINTS
+
+    for pattern, name in (*DIALECT_ENDPOINTS, *EXTRA_ENDPOINTS):
         if pattern.match(rest):
             return name
     return None
@@ -72,7 +74,9 @@ def unauthorized_body(rest: str) -> tuple[bytes, bytes] | None:
             "category": "INVALID_AUTHENTICATION",
         }
         return json.dumps(body2).encode(), b"application/json"
-    return None
+    from ._gdrive import extra_unauthorized_body
+
+    return extra_unauthorized_body(rest)
 
 
 def _ms(moment: datetime) -> int:

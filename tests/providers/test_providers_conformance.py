@@ -1,0 +1,80 @@
+"""The adapter conformance kit over every pack the library ships, and over a broken adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from idis.integrations.config import Secret
+from idis.integrations.providers import OrderKey
+from idis.integrations.providers._pdl import PDL_ENRICH
+from idis.integrations.testing import (
+    RunningSimulator,
+    check_adapter,
+    run_simulator,
+    simulator_harness,
+)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[RunningSimulator]:
+    with run_simulator(seed=21) as running:
+        yield running
+
+
+@pytest.mark.parametrize("api", ["generic", "hubspot", "salesforce", "gdrive"])
+def test_every_polling_pack_passes_the_kit(sim: RunningSimulator, api: str) -> None:
+    with simulator_harness(sim, api) as harness:
+        report = check_adapter(harness)
+
+    report.assert_conformant()
+    assert "passed" == report.outcome("cursors_survive_restarts")
+    assert "passed" == report.outcome("order_holds")
+    assert "passed" == report.outcome("errors_classified")
+    assert "passed" == report.outcome("rate_limits_read")
+
+
+def test_the_enrichment_pack_passes_the_kit(sim: RunningSimulator) -> None:
+    with simulator_harness(
+        sim,
+        "pdl",
+        provider="enrichment_provider",
+        api_token=Secret("pdl-conformance-key"),
+        endpoints={"enrich": PDL_ENRICH},
+    ) as harness:
+        report = check_adapter(harness)
+
+    report.assert_conformant()
+    assert "skipped" == report.outcome("cursors_survive_restarts")
+    assert "passed" == report.outcome("enrichment_answers")
+
+
+class _Forgetful:
+    """An adapter whose cursor does not survive a restart and whose keys go backwards."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def changes(self, *, after: Any = None, since: Any = None, limit: int = 100) -> Any:
+        page = self._inner.changes(after=None, since=since, limit=limit)
+        events = [replace(e, order=OrderKey(-e.version)) for e in page.events]
+        return replace(page, events=events)
+
+
+def test_a_broken_adapter_fails_the_kit_with_reasons(sim: RunningSimulator) -> None:
+    with simulator_harness(sim, "generic") as harness:
+        real = harness.client
+        harness.client = lambda: _Forgetful(real())
+        report = check_adapter(harness)
+
+    with pytest.raises(AssertionError) as caught:
+        report.assert_conformant()
+    assert "failed" == report.outcome("cursors_survive_restarts")
+    assert "failed" == report.outcome("order_holds")
+    assert "order key" in str(caught.value)
