@@ -157,6 +157,43 @@ def test_a_crm_change_never_overwrites_an_edit_that_is_not_pushed_yet(
     )
 
 
+def test_a_push_waits_out_an_outage_of_the_token_endpoint_too(
+    sim: RunningSimulator, sqlite_url: str, start_service: Callable[..., Any]
+) -> None:
+    """No token can be had while the CRM is down: the push waits, its attempts intact, then lands.
+
+    Token failures were charged to the message, which was dead-lettered within seconds.
+    """
+    env = service_env(sim, sqlite_url, IDIS_PROVIDER_CRM_PROVIDER_BREAKER_FAILURE_THRESHOLD="2")
+    with start_service(env) as service:
+        sim.control.outage(CRM)
+        created = service.post("/deals", {"id": "t1", "tenant_id": "t3", "name": "Globex"})
+        wait_for(
+            lambda: sim.control.stats(CRM)["responses"].get("token:503", 0) >= 2,
+            "token requests refused during the outage",
+            90,
+        )
+        engine = create_engine(sqlite_url)
+        try:
+            with engine.connect() as conn:
+                during = conn.execute(text("SELECT status, attempts FROM outbox_messages")).all()
+        finally:
+            engine.dispose()
+        sim.control.clear_faults(CRM)
+        final = wait_for(
+            lambda: _synced(service, "t1", created.json()["revision"]),
+            "t1 SYNCED after the outage",
+            90,
+        )
+
+    # A push sent with a token fetched before the outage may have counted one
+    # attempt; the token failures after it count none (before: dead in seconds).
+    assert 1 == len(during)
+    assert "pending" == during[0][0]
+    assert during[0][1] <= 1
+    assert "SYNCED" == final["crm_sync_status"]
+
+
 def test_a_deal_edited_while_the_crm_is_down_is_failed_until_delivered(
     sim: RunningSimulator, sqlite_url: str, start_service: Callable[..., Any]
 ) -> None:
@@ -171,8 +208,12 @@ def test_a_deal_edited_while_the_crm_is_down_is_failed_until_delivered(
         IDIS_PROVIDER_CRM_PROVIDER_BREAKER_FAILURE_THRESHOLD="2",
     )
     with start_service(env) as service:
+        # Synced once first: the service holds a CRM token when the outage begins
+        # (an outage that also takes the token endpoint down is the next test).
+        created = service.post("/deals", {"id": "o1", "tenant_id": "t3", "name": "Initech"})
+        wait_for(lambda: _synced(service, "o1", created.json()["revision"]), "o1 synced", 90)
         sim.control.outage(CRM)
-        service.post("/deals", {"id": "o1", "tenant_id": "t3", "name": "Initech"})
+        service.post("/deals", {"id": "o1", "amount": 5})
         # Edits go on; once the pushes' failures have opened the breaker, an edit is
         # written FAILED before any attempt is made for it.
         answer = wait_for(

@@ -136,11 +136,40 @@ def test_transient_4xx_is_retried(status: int) -> None:
     assert Action.RETRY == _decide(ProviderRejected("later", status_code=status))[0]
 
 
-def test_caller_bugs_dead_letter_and_auth_failures_retry() -> None:
-    """A UsageError dead-letters; auth failures stay retryable (refresh may fix)."""
+def test_caller_bugs_dead_letter() -> None:
+    """A UsageError dead-letters at once."""
     assert Action.DEAD == _decide(UsageError("no such kind"))[0]
-    assert Action.RETRY == _decide(AuthError("token endpoint down"))[0]
-    assert Action.RETRY == _decide(ReauthorizationRequired("invalid_grant"))[0]
+
+
+@pytest.mark.parametrize("attempts", [1, 3, 4, 50])
+def test_a_token_we_cannot_get_waits_with_the_attempt_given_back(attempts: int) -> None:
+    """Token endpoint down or re-authorization required: never the message's fault, never dead.
+
+    An outage that took the token endpoint down too used to dead-letter every push.
+    """
+    down = decide(
+        AuthError("token refresh is failing"),
+        kind="request",
+        attempts=attempts,
+        max_retries=3,
+        provider_available=True,
+        now=NOW,
+        settings=SETTINGS,
+        rng=random.Random(1),
+    )
+    stopped = decide(
+        ReauthorizationRequired("invalid_grant"),
+        kind="request",
+        attempts=attempts,
+        max_retries=3,
+        provider_available=True,
+        now=NOW,
+        settings=SETTINGS,
+    )
+    assert (Action.DEFER, Action.DEFER) == (down.action, stopped.action)
+    assert down.next_attempt_at is not None
+    assert down.next_attempt_at > NOW
+    assert stopped.next_attempt_at == NOW + min(timedelta(seconds=30), SETTINGS.max_backoff)
 
 
 @pytest.mark.parametrize("attempts", [1, 6, 50])

@@ -45,6 +45,7 @@ from ..exceptions import (
     IntegrationError,
     ProviderError,
     ProviderRejected,
+    ReauthorizationRequired,
 )
 from ..observability._logs import redact_text
 
@@ -175,18 +176,24 @@ def decide(
         return Disposition(
             Action.DEFER, now + min(CONFIG_ERROR_DELAY, settings.max_backoff), summary
         )
+    if isinstance(error, AuthError):
+        # A token we cannot get is not the message's fault: the token endpoint is
+        # down (the provider's outage) or a person must re-authorize. The message
+        # waits with its budget intact, like an outage's; the token state, its
+        # metric and alert tell the operator. Counting these attempts dead-lettered
+        # every push of an outage that took the token endpoint down too.
+        if isinstance(error, ReauthorizationRequired):
+            delay = min(CONFIG_ERROR_DELAY, settings.max_backoff)
+        else:
+            delay = max(backoff_delay(settings, excused + 1, rng), DEFER_DELAY)
+        return Disposition(Action.DEFER, now + delay, summary)
     if isinstance(error, ProviderRejected):
         if kind == "webhook" and error.status_code == 410:
             return Disposition(Action.GONE, None, summary)
         if error.status_code not in _RETRYABLE_4XX:
             return Disposition(Action.DEAD, None, summary)
-    elif (
-        isinstance(error, IntegrationError)
-        and not isinstance(error, AuthError)
-        and not error.retryable
-    ):
-        # A caller bug, bad configuration or an answer that resending cannot
-        # change; auth failures stay retryable because a refresh may fix them.
+    elif isinstance(error, IntegrationError) and not error.retryable:
+        # A caller bug or an answer that resending cannot change.
         return Disposition(Action.DEAD, None, summary)
     outage = (
         isinstance(error, ProviderError)
