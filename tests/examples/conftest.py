@@ -217,6 +217,8 @@ def script_env(sim: RunningSimulator, database_url: str, **extra: str) -> dict[s
             "IDIS_SIMULATOR_URL": sim.url,
             # The scripts import the service's handlers (reconcile applies events with them).
             "IDIS_HANDLERS": "integrations_service.handlers:register",
+            # verify-sync compares the service's deals (not the library's ledger) with the CRM.
+            "IDIS_HOST_RECORDS": "integrations_service.host_records:deal_records",
             "PYTHONPATH": ".",
             "COLUMNS": "200",
         }
