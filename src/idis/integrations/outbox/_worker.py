@@ -93,6 +93,8 @@ _DELIVERED = Disposition(Action.DELIVERED)
 _DB_ERRORS = (OperationalError, DBAPIError, StorageError)
 #: Messages whose excused failures a worker remembers (a bound, not a tuning knob).
 _MAX_EXCUSED = 10_000
+#: Tries to write the last outcomes when stopping, before leaving them to lapse.
+_FLUSH_ATTEMPTS = 3
 #: Longest pause between attempts to reach a database that is down.
 _MAX_DB_BACKOFF = 5.0
 
@@ -566,6 +568,14 @@ class _WorkerCore:
         )
         return _Settlement(message, disposition, failed_attempt=False, released=True)
 
+    def flush_abandoned(self) -> None:
+        self.log.warning(
+            "idis.outbox.settle_abandoned",
+            msg="stopping with unsettled outbox messages; their leases will lapse and they "
+            "will be delivered again (idempotently)",
+            count=len(self.unsettled.items),
+        )
+
     def db_backoff(self, exc: BaseException) -> float:
         self.db_failures += 1
         delay = min(_MAX_DB_BACKOFF, 0.05 * 2 ** min(self.db_failures, 10))
@@ -982,20 +992,15 @@ class OutboxWorker:
         return fenced
 
     def _final_flush(self) -> None:
-        for attempt in range(3):
+        for attempt in range(_FLUSH_ATTEMPTS):
             try:
                 self._settle_now()
                 return
             except StorageError as exc:
                 delay = self._core.db_backoff(exc)
-                if attempt < 2:
+                if attempt < _FLUSH_ATTEMPTS - 1:
                     time.sleep(delay)
-        self._core.log.warning(
-            "idis.outbox.settle_abandoned",
-            msg="stopping with unsettled outbox messages; their leases will lapse and they "
-            "will be delivered again (idempotently)",
-            count=len(self._core.unsettled.items),
-        )
+        self._core.flush_abandoned()
 
 
 class AsyncOutboxWorker:
@@ -1117,14 +1122,7 @@ class AsyncOutboxWorker:
                     if until_idle:
                         break
                     await self._wait(idle)
-            try:
-                await self._settle_now()
-            except StorageError as exc:
-                self._core.log.warning(
-                    "idis.outbox.settle_abandoned",
-                    msg="stopping with unsettled outbox messages; their leases will lapse",
-                    error=describe_error(exc),
-                )
+            await self._final_flush()
         finally:
             self._hold = False
             await self._release_connection()
@@ -1311,6 +1309,17 @@ class AsyncOutboxWorker:
         for receiver in receivers:
             await conn.execute(mark_receiver_statement(self._dialect), receiver)
         return core.fenced(items, applied)
+
+    async def _final_flush(self) -> None:
+        for attempt in range(_FLUSH_ATTEMPTS):
+            try:
+                await self._settle_now()
+                return
+            except StorageError as exc:
+                delay = self._core.db_backoff(exc)
+                if attempt < _FLUSH_ATTEMPTS - 1:
+                    await asyncio.sleep(delay)
+        self._core.flush_abandoned()
 
     async def _settle_now(self) -> int:
         if not self._core.unsettled.items:
