@@ -58,6 +58,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -227,9 +228,9 @@ def _ids(dialect: str) -> Any:
 def settle_delivered_statement(dialect: str) -> Update:
     """Mark leased messages delivered, each only under the lease generation it was sent under.
 
-    PostgreSQL: one statement for the whole batch, parameters ``p_ids`` and
-    ``p_gens`` (two arrays, pairwise) and ``p_now``. SQLite: executemany,
-    parameters per row ``p_b_id``, ``p_b_gen``, and ``p_now``.
+    One statement for the whole batch. PostgreSQL: parameters ``p_ids`` and
+    ``p_gens`` (two arrays, pairwise, one statement text for any batch size)
+    and ``p_now``. SQLite: ``p_pairs``, a list of (id, generation), and ``p_now``.
 
     No lease-owner check: the generation is the fence. A message the provider
     accepted is delivered even if its lease lapsed meanwhile, as long as no
@@ -250,9 +251,8 @@ def settle_delivered_statement(dialect: str) -> Update:
             messages.c.lease_generation == sent.c.gen,
         )
     else:
-        fence = and_(
-            messages.c.id == bindparam("p_b_id"),
-            messages.c.lease_generation == bindparam("p_b_gen"),
+        fence = tuple_(messages.c.id, messages.c.lease_generation).in_(
+            bindparam("p_pairs", expanding=True)
         )
     return (
         update(messages)

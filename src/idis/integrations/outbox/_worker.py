@@ -415,8 +415,7 @@ class _WorkerCore:
         """(delivered params, settle rows, receiver rows) for one settle transaction.
 
         Delivered params are None when nothing was delivered, else what
-        ``settle_delivered_statement(dialect)`` takes: one row of two arrays on
-        PostgreSQL, one row per message on SQLite.
+        ``settle_delivered_statement(dialect)`` takes.
         """
         delivered: list[OutboxMessage] = []
         rows: list[dict[str, Any]] = []
@@ -461,9 +460,7 @@ class _WorkerCore:
                 "p_now": now,
             }
         elif delivered:
-            params = [
-                {"p_b_id": m.id, "p_b_gen": m.lease_generation, "p_now": now} for m in delivered
-            ]
+            params = {"p_pairs": [(m.id, m.lease_generation) for m in delivered], "p_now": now}
         return params, rows, receivers
 
     def fenced(self, items: Sequence[_Settlement], applied: int) -> int:
