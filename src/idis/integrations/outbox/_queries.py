@@ -230,7 +230,8 @@ def settle_delivered_statement(dialect: str) -> Update:
 
     One statement for the whole batch. PostgreSQL: parameters ``p_ids`` and
     ``p_gens`` (two arrays, pairwise, one statement text for any batch size)
-    and ``p_now``. SQLite: ``p_pairs``, a list of (id, generation), and ``p_now``.
+    and ``p_now``. SQLite: ``p_ids``, ``p_pairs`` (the same ids with their
+    generations, as (id, generation) tuples) and ``p_now``.
 
     No lease-owner check: the generation is the fence. A message the provider
     accepted is delivered even if its lease lapsed meanwhile, as long as no
@@ -251,8 +252,13 @@ def settle_delivered_statement(dialect: str) -> Update:
             messages.c.lease_generation == sent.c.gen,
         )
     else:
-        fence = tuple_(messages.c.id, messages.c.lease_generation).in_(
-            bindparam("p_pairs", expanding=True)
+        # The plain id list lets SQLite walk the primary key; the pairs alone
+        # (a row-value IN over VALUES) would scan the table.
+        fence = and_(
+            _ids(dialect),
+            tuple_(messages.c.id, messages.c.lease_generation).in_(
+                bindparam("p_pairs", expanding=True)
+            ),
         )
     return (
         update(messages)

@@ -460,7 +460,11 @@ class _WorkerCore:
                 "p_now": now,
             }
         elif delivered:
-            params = {"p_pairs": [(m.id, m.lease_generation) for m in delivered], "p_now": now}
+            params = {
+                "p_ids": [m.id for m in delivered],
+                "p_pairs": [(m.id, m.lease_generation) for m in delivered],
+                "p_now": now,
+            }
         return params, rows, receivers
 
     def fenced(self, items: Sequence[_Settlement], applied: int) -> int:
