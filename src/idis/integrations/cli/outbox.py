@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 from datetime import datetime, timedelta
-from types import FrameType
 from typing import Any
 
 import click
@@ -131,46 +130,56 @@ def work(  # noqa: PLR0917  # click passes every option positionally by name
     On SIGTERM the delivery in progress finishes and the rest of the batch is
     given back to the queue before exiting. Run several side by side.
     """
-    from ..db._engine import create_db_engine
-    from ..outbox._worker import OutboxWorker
-    from ..resilience import Gateway
+    import asyncio
 
     settings = get_settings()
-    engine = create_db_engine(settings.database_url)
     served = providers or tuple(settings.providers)
-    auth = _auth_factory(settings, engine, [settings.provider(p) for p in served])
-    gateway = Gateway(settings, auth=auth)
-    worker = OutboxWorker(
-        engine,
-        settings,
-        gateway=gateway,
-        providers=served,
-        worker_id=worker_id,
-        batch_size=batch_size,
-        concurrency=concurrency,
-        lease=lease,
-        poll_interval=poll_interval,
-    )
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        worker.stop()
-
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        total = worker.run(until_idle=until_idle)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        gateway.close()
-        if auth is not None:
-            auth.close()
-        engine.dispose()
+    options: dict[str, Any] = {
+        "worker_id": worker_id,
+        "batch_size": batch_size,
+        "concurrency": concurrency,
+        "lease": lease,
+        "poll_interval": poll_interval,
+    }
+    worker_id, total = asyncio.run(_work(settings, served, until_idle, options))
     stdout.print(
-        f"outbox worker {worker.worker_id} stopped: {total.delivered} delivered, "
+        f"outbox worker {worker_id} stopped: {total.delivered} delivered, "
         f"{total.retried} retries scheduled, {total.deferred} deferred, {total.dead} dead, "
         f"{total.released} released",
         markup=False,
     )
+
+
+async def _work(
+    settings: Any, served: tuple[str, ...], until_idle: bool, options: dict[str, Any]
+) -> tuple[str, Any]:
+    """Run the production worker, ``AsyncOutboxWorker``: the one the example service runs."""
+    import asyncio
+
+    from ..db._engine import create_async_db_engine
+    from ..outbox._worker import AsyncOutboxWorker
+    from ..resilience import AsyncGateway
+
+    engine = create_async_db_engine(settings.database_url)
+    auth = _auth_factory(settings, engine, [settings.provider(p) for p in served])
+    gateway = AsyncGateway(settings, auth=auth)
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    try:
+        worker = AsyncOutboxWorker(engine, settings, gateway=gateway, providers=served, **options)
+        for sig in signals:
+            loop.add_signal_handler(sig, worker.stop)
+        try:
+            total = await worker.run(until_idle=until_idle)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+    finally:
+        await gateway.aclose()
+        if auth is not None:
+            await auth.aclose()
+        await engine.dispose()
+    return worker.worker_id, total
 
 
 def _auth_factory(settings: Any, engine: Any, providers: list[ProviderSettings]) -> Any:
@@ -179,7 +188,7 @@ def _auth_factory(settings: Any, engine: Any, providers: list[ProviderSettings])
         return None
     from ..auth._httpx_auth import oauth_auth_factory
 
-    return oauth_auth_factory(settings, engine=engine)
+    return oauth_auth_factory(settings, async_engine=engine)
 
 
 @outbox.command("status")

@@ -279,3 +279,6 @@ class OutboxMessage:
     created_at: datetime
     #: When this worker's lease lapses.
     lease_expires_at: datetime = field(compare=False)
+    #: The lease's generation (fencing token): the settle of this lease applies
+    #: only while the message is still under it.
+    lease_generation: int = field(default=0, compare=False)

@@ -151,6 +151,11 @@ class OutboxMessageRow(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     #: When the lease lapses and another worker may take the message.
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: Leases taken so far (the fencing token): every lease bumps it, and a
+    #: settle applies only under the generation its worker leased.
+    lease_generation: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default=text("0")
+    )
     #: Last failure: error type, status code and a redacted message; never a secret.
     last_error: Mapped[str | None] = mapped_column(Text)
     #: When the last attempt started.

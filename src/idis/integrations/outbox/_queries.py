@@ -58,6 +58,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -116,6 +117,7 @@ LEASED_COLUMNS = (
     messages.c.max_retries,
     messages.c.created_at,
     messages.c.lease_expires_at,
+    messages.c.lease_generation,
     messages.c.last_error,
 )
 
@@ -152,7 +154,8 @@ def lease_statement(dialect: str) -> Update:
 
     Parameters: ``p_provider``, ``p_now``, ``p_limit``, ``p_owner``, ``p_expires``.
     Returns :data:`LEASED_COLUMNS` of the leased rows; each lease counts one
-    attempt. Taking over a lapsed lease stamps ``last_error`` with
+    attempt and bumps ``lease_generation`` (the fencing token its settle must
+    present). Taking over a lapsed lease stamps ``last_error`` with
     :data:`LEASE_EXPIRED` (the SET sees the old row), so the worker can tell.
     """
     cand = messages.alias("cand")
@@ -194,6 +197,7 @@ def lease_statement(dialect: str) -> Update:
         "lease_owner": bindparam("p_owner"),
         "lease_expires_at": _ts("p_expires"),
         "attempts": messages.c.attempts + 1,
+        "lease_generation": messages.c.lease_generation + 1,
         "last_attempt_at": _ts("p_now"),
         "updated_at": _ts("p_now"),
         "last_error": case(
@@ -222,14 +226,43 @@ def _ids(dialect: str) -> Any:
 
 @functools.cache
 def settle_delivered_statement(dialect: str) -> Update:
-    """Mark ``:p_ids`` delivered (parameters ``p_ids``, ``p_now``).
+    """Mark leased messages delivered, each only under the lease generation it was sent under.
 
-    No lease-owner check: a message the provider accepted is delivered, even if
-    its lease lapsed meanwhile; whoever holds it now finds it settled.
+    One statement for the whole batch. PostgreSQL: parameters ``p_ids`` and
+    ``p_gens`` (two arrays, pairwise, one statement text for any batch size)
+    and ``p_now``. SQLite: ``p_ids``, ``p_pairs`` (the same ids with their
+    generations, as (id, generation) tuples) and ``p_now``.
+
+    No lease-owner check: the generation is the fence. A message the provider
+    accepted is delivered even if its lease lapsed meanwhile, as long as no
+    other worker leased it since; once one has, the late settle is a no-op
+    (the rowcount tells) and the current holder's outcome stands.
     """
+    if dialect == "postgresql":
+        sent = (
+            func.unnest(
+                bindparam("p_ids", type_=postgresql.ARRAY(BigInteger)),
+                bindparam("p_gens", type_=postgresql.ARRAY(BigInteger)),
+            )
+            .table_valued("id", "gen")
+            .render_derived(name="sent")
+        )
+        fence = and_(
+            messages.c.id == sent.c.id,
+            messages.c.lease_generation == sent.c.gen,
+        )
+    else:
+        # The plain id list lets SQLite walk the primary key; the pairs alone
+        # (a row-value IN over VALUES) would scan the table.
+        fence = and_(
+            _ids(dialect),
+            tuple_(messages.c.id, messages.c.lease_generation).in_(
+                bindparam("p_pairs", expanding=True)
+            ),
+        )
     return (
         update(messages)
-        .where(_ids(dialect), messages.c.status == _PENDING)
+        .where(fence, messages.c.status == _PENDING)
         .values(
             status=_DELIVERED,
             delivered_at=_ts("p_now"),
@@ -244,16 +277,18 @@ def settle_delivered_statement(dialect: str) -> Update:
 def settle_statement() -> Update:
     """Settle one leased message (executemany): retry, defer, release or dead-letter.
 
-    Parameters per row: ``p_b_id``, ``p_b_status`` (pending or dead), ``p_b_next``
-    (new ``next_attempt_at``), ``p_b_error``, ``p_b_giveback`` (1 when the attempt
+    Parameters per row: ``p_b_id``, ``p_b_gen`` (the lease generation it was
+    leased under), ``p_b_status`` (pending or dead), ``p_b_next`` (new
+    ``next_attempt_at``), ``p_b_error``, ``p_b_giveback`` (1 when the attempt
     is not counted), and ``p_owner``, ``p_now``. Only the lease holder's settle
-    applies: if the lease lapsed and another worker took the message, this is a
-    no-op.
+    applies: if the lease lapsed and another worker took the message (a newer
+    generation), this is a no-op.
     """
     return (
         update(messages)
         .where(
             messages.c.id == bindparam("p_b_id"),
+            messages.c.lease_generation == bindparam("p_b_gen"),
             messages.c.lease_owner == bindparam("p_owner"),
             messages.c.status == _PENDING,
         )

@@ -93,6 +93,8 @@ _DELIVERED = Disposition(Action.DELIVERED)
 _DB_ERRORS = (OperationalError, DBAPIError, StorageError)
 #: Messages whose excused failures a worker remembers (a bound, not a tuning knob).
 _MAX_EXCUSED = 10_000
+#: Tries to write the last outcomes when stopping, before leaving them to lapse.
+_FLUSH_ATTEMPTS = 3
 #: Longest pause between attempts to reach a database that is down.
 _MAX_DB_BACKOFF = 5.0
 
@@ -114,6 +116,8 @@ class BatchResult:
     released: int = 0
     #: Leases taken over from workers that died.
     reclaimed: int = 0
+    #: Settles written after another worker re-leased the message: fenced off, no effect.
+    fenced: int = 0
 
     def add(self, other: BatchResult) -> None:
         """Add ``other``'s counts to these."""
@@ -229,6 +233,8 @@ class _WorkerCore:
         #: leaving leases this worker does not know it holds.
         self.unsure_of_leases = False
         self.db_failures = 0
+        #: Settles fenced off by a newer lease generation, since the worker started.
+        self.stale_settles = 0
         self.log = _log.bind(worker=self.worker_id)
 
     @property
@@ -305,6 +311,7 @@ class _WorkerCore:
             max_retries=int(max_retries),
             created_at=row.created_at,
             lease_expires_at=row.lease_expires_at,
+            lease_generation=int(row.lease_generation),
         )
 
     def needs_renewal(self, expires: datetime | None, now: datetime) -> bool:
@@ -403,22 +410,27 @@ class _WorkerCore:
         )
 
     def write_params(
-        self, items: Sequence[_Settlement], now: datetime
-    ) -> tuple[list[int], list[dict[str, Any]], list[dict[str, Any]]]:
-        """(delivered ids, settle rows, receiver rows) for one settle transaction."""
-        delivered: list[int] = []
+        self, items: Sequence[_Settlement], now: datetime, dialect: str
+    ) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
+        """(delivered params, settle rows, receiver rows) for one settle transaction.
+
+        Delivered params are None when nothing was delivered, else what
+        ``settle_delivered_statement(dialect)`` takes.
+        """
+        delivered: list[OutboxMessage] = []
         rows: list[dict[str, Any]] = []
         receivers: list[dict[str, Any]] = []
         for item in items:
             action = item.disposition.action
             if action is Action.DELIVERED:
-                delivered.append(item.message.id)
+                delivered.append(item.message)
                 continue
             giveback = 1 if (action is Action.DEFER or item.released) else 0
             status = DEAD if action in (Action.DEAD, Action.GONE) else PENDING
             rows.append(
                 {
                     "p_b_id": item.message.id,
+                    "p_b_gen": item.message.lease_generation,
                     "p_b_status": status,
                     "p_b_next": item.disposition.next_attempt_at or now,
                     "p_b_error": item.disposition.error,
@@ -440,7 +452,38 @@ class _WorkerCore:
                         "p_now": now,
                     }
                 )
-        return delivered, rows, receivers
+        params: Any = None
+        if delivered and dialect == "postgresql":
+            params = {
+                "p_ids": [m.id for m in delivered],
+                "p_gens": [m.lease_generation for m in delivered],
+                "p_now": now,
+            }
+        elif delivered:
+            params = {
+                "p_ids": [m.id for m in delivered],
+                "p_pairs": [(m.id, m.lease_generation) for m in delivered],
+                "p_now": now,
+            }
+        return params, rows, receivers
+
+    def fenced(self, items: Sequence[_Settlement], applied: int) -> int:
+        """Count and log the settles that found the message re-leased by another worker.
+
+        A worker whose lease lapsed (a pause, a partition) settles late: the
+        generation it leased under is no longer the message's, so its settle
+        changed nothing and the current holder's outcome stands.
+        """
+        stale = len(items) - applied
+        if stale > 0:
+            self.stale_settles += stale
+            self.log.warning(
+                "idis.outbox.stale_settle_fenced",
+                msg="outbox settles ignored: their leases lapsed and the messages were "
+                "leased again (the current holder's outcome stands)",
+                count=stale,
+            )
+        return max(stale, 0)
 
     # ---------------------------------------------------------- observation
 
@@ -525,6 +568,14 @@ class _WorkerCore:
             Action.DEAD, None, "retries spent: its last attempts were lost with their workers"
         )
         return _Settlement(message, disposition, failed_attempt=False, released=True)
+
+    def flush_abandoned(self) -> None:
+        self.log.warning(
+            "idis.outbox.settle_abandoned",
+            msg="stopping with unsettled outbox messages; their leases will lapse and they "
+            "will be delivered again (idempotently)",
+            count=len(self.unsettled.items),
+        )
 
     def db_backoff(self, exc: BaseException) -> float:
         self.db_failures += 1
@@ -647,6 +698,12 @@ class OutboxWorker:
         return dict(self._core.config_errors)
 
     @property
+    def stale_settles(self) -> int:
+        """Settles fenced off since the worker started: its lease lapsed and another worker
+        leased the message again, so the late outcome was not written."""
+        return self._core.stale_settles
+
+    @property
     def stopping(self) -> bool:
         """Whether :meth:`stop` was called."""
         return self._stop.is_set()
@@ -667,7 +724,7 @@ class OutboxWorker:
             StorageError: when the database is unreachable (``run`` retries instead).
         """
         result = self._cycle()
-        self._settle_now()
+        result.fenced += self._settle_now()
         return result
 
     def run(
@@ -745,7 +802,7 @@ class OutboxWorker:
             # One transaction settles what the last batch did and leases the next
             # batch: half the round trips of settling and leasing apart.
             with self._transaction() as conn:
-                self._write_unsettled(conn)
+                result.fenced += self._write_unsettled(conn)
                 if core.unsure_of_leases:
                     conn.execute(release_own_statement(), core.release_own_params())
                 batch = self._lease(conn, result)
@@ -907,46 +964,44 @@ class OutboxWorker:
             )
         return self._executor
 
-    def _write_unsettled(self, conn: Connection) -> None:
+    def _write_unsettled(self, conn: Connection) -> int:
+        """Write the pending settlements; return how many were fenced off."""
         core = self._core
-        if not core.unsettled.items:
-            return
+        items = core.unsettled.items
+        if not items:
+            return 0
         now = core.now()
-        delivered, rows, receivers = core.write_params(core.unsettled.items, now)
+        delivered, rows, receivers = core.write_params(items, now, self._dialect)
+        applied = 0
         if delivered:
-            conn.execute(
-                settle_delivered_statement(self._dialect), {"p_ids": delivered, "p_now": now}
-            )
+            applied += conn.execute(settle_delivered_statement(self._dialect), delivered).rowcount
         if rows:
-            conn.execute(settle_statement(), rows)
+            applied += conn.execute(settle_statement(), rows).rowcount
         for receiver in receivers:
             conn.execute(mark_receiver_statement(self._dialect), receiver)
+        return core.fenced(items, applied)
 
-    def _settle_now(self) -> None:
+    def _settle_now(self) -> int:
         if not self._core.unsettled.items:
-            return
+            return 0
         try:
             with self._transaction() as conn:
-                self._write_unsettled(conn)
+                fenced = self._write_unsettled(conn)
         except _DB_ERRORS as exc:
             raise _as_storage_error(exc) from exc
         self._core.unsettled.items.clear()
+        return fenced
 
     def _final_flush(self) -> None:
-        for attempt in range(3):
+        for attempt in range(_FLUSH_ATTEMPTS):
             try:
                 self._settle_now()
                 return
             except StorageError as exc:
                 delay = self._core.db_backoff(exc)
-                if attempt < 2:
+                if attempt < _FLUSH_ATTEMPTS - 1:
                     time.sleep(delay)
-        self._core.log.warning(
-            "idis.outbox.settle_abandoned",
-            msg="stopping with unsettled outbox messages; their leases will lapse and they "
-            "will be delivered again (idempotently)",
-            count=len(self._core.unsettled.items),
-        )
+        self._core.flush_abandoned()
 
 
 class AsyncOutboxWorker:
@@ -1029,6 +1084,12 @@ class AsyncOutboxWorker:
         """
         return dict(self._core.config_errors)
 
+    @property
+    def stale_settles(self) -> int:
+        """Settles fenced off since the worker started: its lease lapsed and another worker
+        leased the message again, so the late outcome was not written."""
+        return self._core.stale_settles
+
     def stop(self) -> None:
         """Ask the worker to stop (safe from a signal handler on the loop's thread)."""
         self._stop_requested = True
@@ -1037,7 +1098,7 @@ class AsyncOutboxWorker:
     async def run_once(self) -> BatchResult:
         """One cycle, as :meth:`OutboxWorker.run_once`."""
         result = await self._cycle()
-        await self._settle_now()
+        result.fenced += await self._settle_now()
         return result
 
     async def run(self, *, until_idle: bool = False, max_cycles: int | None = None) -> BatchResult:
@@ -1062,14 +1123,7 @@ class AsyncOutboxWorker:
                     if until_idle:
                         break
                     await self._wait(idle)
-            try:
-                await self._settle_now()
-            except StorageError as exc:
-                self._core.log.warning(
-                    "idis.outbox.settle_abandoned",
-                    msg="stopping with unsettled outbox messages; their leases will lapse",
-                    error=describe_error(exc),
-                )
+            await self._final_flush()
         finally:
             self._hold = False
             await self._release_connection()
@@ -1092,7 +1146,7 @@ class AsyncOutboxWorker:
         result = BatchResult()
         try:
             async with self._transaction() as conn:
-                await self._write_unsettled(conn)
+                result.fenced += await self._write_unsettled(conn)
                 if core.unsure_of_leases:
                     await conn.execute(release_own_statement(), core.release_own_params())
                 batch = await self._lease(conn, result)
@@ -1239,30 +1293,45 @@ class AsyncOutboxWorker:
             )
         leases.renewed(held, now + core.lease)
 
-    async def _write_unsettled(self, conn: AsyncConnection) -> None:
+    async def _write_unsettled(self, conn: AsyncConnection) -> int:
+        """Write the pending settlements; return how many were fenced off."""
         core = self._core
-        if not core.unsettled.items:
-            return
+        items = core.unsettled.items
+        if not items:
+            return 0
         now = core.now()
-        delivered, rows, receivers = core.write_params(core.unsettled.items, now)
+        delivered, rows, receivers = core.write_params(items, now, self._dialect)
+        applied = 0
         if delivered:
-            await conn.execute(
-                settle_delivered_statement(self._dialect), {"p_ids": delivered, "p_now": now}
-            )
+            stmt = settle_delivered_statement(self._dialect)
+            applied += (await conn.execute(stmt, delivered)).rowcount
         if rows:
-            await conn.execute(settle_statement(), rows)
+            applied += (await conn.execute(settle_statement(), rows)).rowcount
         for receiver in receivers:
             await conn.execute(mark_receiver_statement(self._dialect), receiver)
+        return core.fenced(items, applied)
 
-    async def _settle_now(self) -> None:
+    async def _final_flush(self) -> None:
+        for attempt in range(_FLUSH_ATTEMPTS):
+            try:
+                await self._settle_now()
+                return
+            except StorageError as exc:
+                delay = self._core.db_backoff(exc)
+                if attempt < _FLUSH_ATTEMPTS - 1:
+                    await asyncio.sleep(delay)
+        self._core.flush_abandoned()
+
+    async def _settle_now(self) -> int:
         if not self._core.unsettled.items:
-            return
+            return 0
         try:
             async with self._transaction() as conn:
-                await self._write_unsettled(conn)
+                fenced = await self._write_unsettled(conn)
         except _DB_ERRORS as exc:
             raise _as_storage_error(exc) from exc
         self._core.unsettled.items.clear()
+        return fenced
 
 
 def _as_storage_error(exc: BaseException) -> StorageError:
