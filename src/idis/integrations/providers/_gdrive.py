@@ -45,7 +45,7 @@ from ..exceptions import (
     WebhookVerificationError,
 )
 from ._order import BY_MODIFIED, Ordering
-from ._pack import BearerToken, Capabilities, RateLimitReading, endpoint, register_pack
+from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings, Secret
@@ -739,11 +739,7 @@ class DrivePack:
 
     def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
         """A static token when set, else OAuth (a refresh token granted by the user)."""
-        if settings.api_token is not None:
-            return BearerToken(settings.api_token.get_secret_value())
-        if settings.auth.grant != "none" and oauth is not None:
-            return oauth(settings)
-        return None
+        return token_or_oauth(settings, oauth)
 
     def webhook_scheme(self, settings: ProviderSettings) -> ChannelToken | None:
         """Channel tokens are ``WEBHOOK_SECRETS`` (several while channels are renewed)."""

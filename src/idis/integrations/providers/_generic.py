@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import MalformedResponse, ProviderError
 from ._order import Ordering, ordering_for
-from ._pack import BearerToken, Capabilities, RateLimitReading, register_pack
+from ._pack import Capabilities, RateLimitReading, register_pack, token_or_oauth
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings
@@ -59,11 +59,7 @@ class GenericPack:
 
     def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
         """A static token when one is set, else OAuth when a grant is configured."""
-        if settings.api_token is not None:
-            return BearerToken(settings.api_token.get_secret_value())
-        if settings.auth.grant != "none" and oauth is not None:
-            return oauth(settings)
-        return None
+        return token_or_oauth(settings, oauth)
 
     def webhook_scheme(self, settings: ProviderSettings) -> VerificationScheme | None:
         """Standard Webhooks with every configured secret (None without secrets)."""

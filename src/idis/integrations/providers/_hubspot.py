@@ -53,7 +53,7 @@ from ..exceptions import (
     WebhookVerificationError,
 )
 from ._order import BY_MODIFIED, Ordering, micros
-from ._pack import BearerToken, Capabilities, RateLimitReading, endpoint, register_pack
+from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings, Secret
@@ -724,11 +724,7 @@ class HubSpotPack:
 
     def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
         """The private-app token when set, else OAuth (refresh tokens)."""
-        if settings.api_token is not None:
-            return BearerToken(settings.api_token.get_secret_value())
-        if settings.auth.grant != "none" and oauth is not None:
-            return oauth(settings)
-        return None
+        return token_or_oauth(settings, oauth)
 
     def webhook_scheme(self, settings: ProviderSettings) -> HubSpotSignature | None:
         """v3 signatures keyed by ``WEBHOOK_SECRETS``, else the app's ``CLIENT_SECRET``."""

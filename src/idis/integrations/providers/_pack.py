@@ -106,6 +106,18 @@ class BearerToken(httpx.Auth):
         yield request
 
 
+def token_or_oauth(settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
+    """The bearer auth most packs use: ``API_TOKEN`` when set, else OAuth when a grant is set.
+
+    None when neither is configured (the provider is called without credentials).
+    """
+    if settings.api_token is not None:
+        return BearerToken(settings.api_token.get_secret_value())
+    if settings.auth.grant != "none" and oauth is not None:
+        return oauth(settings)
+    return None
+
+
 @runtime_checkable
 class ProviderPack(Protocol):
     """One provider API's dialect (see the module docstring)."""

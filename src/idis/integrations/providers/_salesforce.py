@@ -49,7 +49,7 @@ from ..exceptions import (
     ReplayWindowExceeded,
 )
 from ._order import BY_MODIFIED, Ordering
-from ._pack import BearerToken, Capabilities, RateLimitReading, endpoint, register_pack
+from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings
@@ -557,11 +557,7 @@ class SalesforcePack:
 
     def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
         """OAuth (refresh token), or a static session token."""
-        if settings.api_token is not None:
-            return BearerToken(settings.api_token.get_secret_value())
-        if settings.auth.grant != "none" and oauth is not None:
-            return oauth(settings)
-        return None
+        return token_or_oauth(settings, oauth)
 
     def webhook_scheme(self, settings: ProviderSettings) -> VerificationScheme | None:
         """Salesforce sends no plain webhooks: this pack polls."""
