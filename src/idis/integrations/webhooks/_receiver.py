@@ -2,8 +2,18 @@
 
 One request goes through: route (``/{provider}``, the whole path) → provider
 lookup → body size limit and read deadline → the provider's verification scheme
-(Standard Webhooks by default) → strict JSON → event →
+(Standard Webhooks by default) → strict JSON → event(s) →
 :func:`~idis.integrations.sync._inbox.apply_events` in a transaction.
+
+**Pack-defined bodies.** A provider whose pack is not ``generic``
+(``IDIS_PROVIDER_<NAME>_API=hubspot``) is verified with the pack's scheme
+(``pack.webhook_scheme``, unless ``schemes=`` names another) and its body is
+split by the pack (``pack.webhook_events``): HubSpot POSTs a JSON array of
+events, and all of them are applied in one inbox batch, in the same
+transaction (all or nothing). A batch that is not the pack's shape, or any
+element that is not an event, is a 400 ``invalid_event`` naming the element
+and the field, and nothing of it is applied. The answer of a batch counts its
+outcomes (``{"status": "accepted", "events": {"accepted": 3, "duplicate": 1}}``).
 The answer makes providers behave:
 
 * **2xx** for accepted events and for duplicates, superseded versions and
@@ -94,6 +104,7 @@ from ._verify import (
     check_body_size,
     normalize_headers,
     parse_json_strict,
+    parse_json_value,
 )
 
 __all__ = ["AsyncWebhookReceiver", "WebhookReceiver", "WebhookResult"]
@@ -131,6 +142,8 @@ class WebhookResult:
     message_id: str | None = None
     #: Human-readable detail (never a secret or the body).
     detail: str | None = None
+    #: A batched body's outcomes, counted (``{"accepted": 3, "duplicate": 1}``).
+    counts: Mapping[str, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -142,6 +155,8 @@ class WebhookResult:
         doc: dict[str, Any] = {"status": self.outcome}
         if self.event_id is not None:
             doc["event_id"] = self.event_id
+        if self.counts is not None:
+            doc["events"] = dict(self.counts)
         if self.detail is not None and not self.ok:
             doc["error"] = self.detail
         return json.dumps(doc).encode()
@@ -150,9 +165,12 @@ class WebhookResult:
 @dataclass(frozen=True, slots=True)
 class _Verified:
     provider: str
-    event: Any
+    #: The request's events: one, or a pack's batch (HubSpot), applied together.
+    events: tuple[Any, ...]
     message_id: str | None
     now: datetime
+    #: Whether the body was a batch (the answer then counts outcomes).
+    batch: bool = False
 
 
 class _Job:
@@ -162,14 +180,14 @@ class _Job:
 
     def __init__(self, verified: _Verified) -> None:
         self.verified = verified
-        self.outcome: ApplyOutcome | None = None
+        self.outcome: list[ApplyOutcome] | None = None
         self.error: BaseException | None = None
         #: Thread committer: set when the job is done, or when its thread must lead.
         self.wake: threading.Event | None = None
         #: Thread committer: the batch this job's thread leads, once it leads.
         self.batch: list[_Job] | None = None
 
-    def result(self) -> ApplyOutcome:
+    def result(self) -> list[ApplyOutcome]:
         if self.error is not None:
             raise self.error
         if self.outcome is None:
@@ -312,17 +330,17 @@ class _LoopCommitter:
 
 
 @dataclass(frozen=True, slots=True)
-class _Submit(Effect[ApplyOutcome]):
-    """Apply one verified delivery through the io's committer (a batch, one transaction)."""
+class _Submit(Effect[list[ApplyOutcome]]):
+    """Apply one verified delivery (all its events) through the io's committer (one transaction)."""
 
     verified: _Verified
 
-    def run(self, io: Any) -> ApplyOutcome:
+    def run(self, io: Any) -> list[ApplyOutcome]:
         job = _Job(self.verified)
         io.committer.submit(job)
         return job.result()
 
-    async def arun(self, io: Any) -> ApplyOutcome:
+    async def arun(self, io: Any) -> list[ApplyOutcome]:
         job = _Job(self.verified)
         await io.committer.submit(job)
         return job.result()
@@ -377,12 +395,29 @@ class _ReceiverBase:
         given = dict(schemes or {})
         self.schemes: dict[str, VerificationScheme] = {}
         candidates = names if names is not None else list(settings.providers)
+        #: Providers whose pack defines the body (and, unless ``schemes`` says otherwise,
+        #: the signature): HubSpot's batches. The generic pack's shape is the default.
+        self.packs: dict[str, Any] = {}
         for name in candidates:
+            pack = _pack_of(settings, name)
+            if pack is not None:
+                self.packs[name] = pack
             if name in given:
                 self.schemes[name] = given[name]
                 continue
             # Refuses the embedded simulator secret (published) without the opt-in.
             secrets = settings.checked_webhook_secrets(name, use="verify")
+            if pack is not None:
+                scheme = pack.webhook_scheme(settings.provider(name))
+                if scheme is not None:
+                    self.schemes[name] = scheme
+                elif names is not None:
+                    env = f"IDIS_PROVIDER_{name.upper()}_WEBHOOK_SECRETS"
+                    raise ConfigError(
+                        f"provider {name!r} ({pack.name} pack) has no webhook secret: set {env}",
+                        variable=env,
+                    )
+                continue
             if not secrets:
                 if names is not None:
                     # Asked for explicitly: refuse to start rather than 4xx every delivery.
@@ -396,8 +431,12 @@ class _ReceiverBase:
                 tolerance=settings.webhooks.tolerance,
                 label=f"IDIS_PROVIDER_{name.upper()}_WEBHOOK_SECRETS",
             )
-        for name, scheme in given.items():
-            self.schemes.setdefault(name, scheme)
+        for name, given_scheme in given.items():
+            self.schemes.setdefault(name, given_scheme)
+            if name not in self.packs:
+                pack = _pack_of(settings, name)
+                if pack is not None:
+                    self.packs[name] = pack
         self.max_body_bytes = settings.webhooks.max_body_bytes
         self.body_timeout = settings.webhooks.body_timeout.total_seconds()
         self.threshold = settings.sync.signature_failure_threshold
@@ -430,13 +469,15 @@ class _ReceiverBase:
             yield _SaveSpike(*spike)
         if isinstance(verified, WebhookResult):
             return verified
+        if not verified.events:
+            return self._nothing(verified)
         if self._seen(verified):
-            return self._applied(verified, ApplyOutcome.DUPLICATE)
+            return self._applied(verified, [ApplyOutcome.DUPLICATE] * len(verified.events))
         try:
-            outcome: ApplyOutcome = yield _Submit(verified)
+            outcomes: list[ApplyOutcome] = yield _Submit(verified)
         except Exception as exc:  # noqa: BLE001  # any failure is answered, never raised
             return self._failed(verified, exc)
-        return self._applied(verified, outcome)
+        return self._applied(verified, outcomes)
 
     def _verify(
         self, provider: str, headers: Headers, body: bytes, method: str, uri: str | None
@@ -452,9 +493,15 @@ class _ReceiverBase:
             body=body,
         )
         message_id: str | None = None
+        pack = self.packs.get(provider)
         try:
             check_body_size(body, self.max_body_bytes)
             message_id = scheme.verify(request, now)
+            if pack is not None:
+                # The pack's body shape (HubSpot: a JSON array of events), strictly parsed first.
+                parse_json_value(body)
+                events = _pack_events(pack, body, provider)
+                return _Verified(provider, tuple(events), message_id, now, batch=True)
             payload = parse_json_strict(body)
             event = event_from_payload(payload, ordering=ordering_of(self.settings, provider))
         except WebhookVerificationError as exc:
@@ -462,7 +509,7 @@ class _ReceiverBase:
                 self._signature_failed(provider, now)
             status = REASON_STATUS.get(exc.reason, 400)
             return self._reject(provider, exc.reason, status, str(exc), message_id)
-        return _Verified(provider, event, message_id, now)
+        return _Verified(provider, (event,), message_id, now)
 
     def _signature_failed(self, provider: str, now: datetime) -> None:
         count = self._signature_failures.add(provider, now)
@@ -502,35 +549,50 @@ class _ReceiverBase:
         return WebhookResult(status, outcome, message_id=message_id, detail=detail)
 
     def _seen(self, verified: _Verified) -> bool:
-        key = (verified.provider, str(verified.event.id))
         with self._recent_lock:
-            return key in self._recent
+            return all((verified.provider, str(e.id)) in self._recent for e in verified.events)
 
     def _remember(self, verified: _Verified) -> None:
         with self._recent_lock:
-            self._recent[(verified.provider, str(verified.event.id))] = None
-            if len(self._recent) > RECENT_EVENTS:
+            for event in verified.events:
+                self._recent[(verified.provider, str(event.id))] = None
+            while len(self._recent) > RECENT_EVENTS:
                 self._recent.popitem(last=False)
 
-    def _applied(self, verified: _Verified, outcome: ApplyOutcome) -> WebhookResult:
-        # Whatever the outcome, the event's inbox row is committed with its webhook stamp.
+    def _applied(self, verified: _Verified, outcomes: list[ApplyOutcome]) -> WebhookResult:
+        # Whatever the outcome, the events' inbox rows are committed with their webhook stamp.
         self._remember(verified)
         provider = verified.provider
-        label = "accepted" if outcome is ApplyOutcome.APPLIED else outcome.value
+        labels = ["accepted" if o is ApplyOutcome.APPLIED else o.value for o in outcomes]
+        # A batch is "accepted" when any of its events was applied, else its first outcome.
+        label = "accepted" if "accepted" in labels else labels[0]
         self.metrics.webhooks_received.labels(provider=provider, outcome=label).inc()
-        event_id = str(verified.event.id)
+        event_id = _first_id(verified)
+        counts: dict[str, int] | None = None
+        if verified.batch:
+            counts = {}
+            for name in labels:
+                counts[name] = counts.get(name, 0) + 1
         _log.debug(
             "idis.webhooks.received",
             provider=provider,
             outcome=label,
             event_id=event_id,
+            events=len(outcomes),
             webhook_id=verified.message_id,
         )
-        return WebhookResult(200, label, event_id=event_id, message_id=verified.message_id)
+        return WebhookResult(
+            200, label, event_id=event_id, message_id=verified.message_id, counts=counts
+        )
+
+    def _nothing(self, verified: _Verified) -> WebhookResult:
+        """A verified request that carries no event (a channel handshake): 200, nothing applied."""
+        self.metrics.webhooks_received.labels(provider=verified.provider, outcome="ignored").inc()
+        return WebhookResult(200, "ignored", message_id=verified.message_id, counts={})
 
     def _failed(self, verified: _Verified, exc: BaseException) -> WebhookResult:
         provider = verified.provider
-        event_id = str(verified.event.id)
+        event_id = _first_id(verified)
         transient = isinstance(exc, OperationalError | StorageError) or (
             isinstance(exc, DBAPIError) and exc.connection_invalidated
         )
@@ -570,6 +632,36 @@ class _ReceiverBase:
             return self._internal_error(provider, exc)
 
 
+def _first_id(verified: _Verified) -> str | None:
+    return str(verified.events[0].id) if verified.events else None
+
+
+def _pack_of(settings: Settings, name: str) -> Any:
+    """The provider's pack when it is not the generic one (whose shape is the default)."""
+    config = settings.providers.get(name)
+    if config is None or config.api == "generic":
+        return None
+    from ..providers._pack import pack_for
+
+    return pack_for(config)
+
+
+def _pack_events(pack: Any, body: bytes, provider: str) -> list[Any]:
+    """The pack's events of one verified body; a malformed one is ``invalid_event`` (400)."""
+    from ..exceptions import MalformedResponse
+
+    try:
+        return list(pack.webhook_events(body, provider))
+    except MalformedResponse as exc:
+        raise WebhookVerificationError(
+            f"webhook body is invalid: {exc}", reason="invalid_event"
+        ) from None
+
+
+def _events(group: list[_Job]) -> list[Any]:
+    return [event for job in group for event in job.verified.events]
+
+
 def _by_provider(jobs: list[_Job]) -> list[tuple[str, list[_Job]]]:
     """``jobs`` grouped by provider, each group in arrival order.
 
@@ -586,9 +678,15 @@ def _by_provider(jobs: list[_Job]) -> list[tuple[str, list[_Job]]]:
 def _settle(results: list[tuple[list[_Job], ApplyResult]]) -> None:
     """Give each job its outcome, once the transaction committed."""
     for group, result in results:
-        for job, outcome in zip(group, result.outcomes, strict=True):
-            assert outcome is not None  # not isolated: a failure raised instead
-            job.outcome = outcome
+        outcomes = list(result.outcomes)
+        if len(outcomes) != sum(len(job.verified.events) for job in group):
+            raise RuntimeError("the inbox answered a different number of outcomes than events")
+        at = 0
+        for job in group:
+            taken = outcomes[at : at + len(job.verified.events)]
+            at += len(taken)
+            assert all(o is not None for o in taken)  # not isolated: a failure raised instead
+            job.outcome = [o for o in taken if o is not None]
 
 
 def _as_sessionmaker(target: Engine | sessionmaker[Session] | Callable[[], Session]) -> Any:
@@ -702,7 +800,7 @@ class WebhookReceiver(_ReceiverBase):
                         apply_events(
                             session,
                             provider,
-                            [job.verified.event for job in group],
+                            _events(group),
                             "webhook",
                             registry=self.registry,
                             now=group[-1].verified.now,
@@ -813,7 +911,7 @@ class AsyncWebhookReceiver(_ReceiverBase):
                         await apply_events_async(
                             session,
                             provider,
-                            [job.verified.event for job in group],
+                            _events(group),
                             "webhook",
                             registry=self.registry,
                             now=group[-1].verified.now,
