@@ -14,6 +14,13 @@ transaction (all or nothing). A batch that is not the pack's shape, or any
 element that is not an event, is a 400 ``invalid_event`` naming the element
 and the field, and nothing of it is applied. The answer of a batch counts its
 outcomes (``{"status": "accepted", "events": {"accepted": 3, "duplicate": 1}}``).
+
+**Data-less notifications.** A pack with ``webhook_triggers_fetch(headers)``
+(Google Drive) sends no data: after verification the body is not read; a
+``sync`` handshake is answered 200 ``ignored``, anything else runs one changes
+fetch for the provider from its stored cursor (the poller's ``poll_once``,
+source ``webhook``) with the adapter given in ``feeds=``, answered 200
+``fetched`` with the outcomes counted, or 503 when the provider failed.
 The answer makes providers behave:
 
 * **2xx** for accepted events and for duplicates, superseded versions and
@@ -82,7 +89,9 @@ from .._clock import Clock, system_clock
 from .._flow import Effect, Flow, adrive, drive
 from ..config import Settings
 from ..exceptions import (
+    AuthError,
     ConfigError,
+    ProviderError,
     StorageError,
     WebhookVerificationError,
 )
@@ -171,6 +180,8 @@ class _Verified:
     now: datetime
     #: Whether the body was a batch (the answer then counts outcomes).
     batch: bool = False
+    #: A data-less notification that means "fetch the changes feed now" (Google Drive).
+    fetch: bool = False
 
 
 class _Job:
@@ -367,11 +378,25 @@ class _SaveSpike(Effect[None]):
 
 
 @dataclass(frozen=True, slots=True)
+class _Fetch(Effect[Any]):
+    """Fetch a provider's changes feed from its stored cursor and apply it (a ``PollResult``)."""
+
+    provider: str
+
+    def run(self, io: Any) -> Any:
+        return io.fetch(self.provider)
+
+    async def arun(self, io: Any) -> Any:
+        return await io.fetch(self.provider)
+
+
+@dataclass(frozen=True, slots=True)
 class _IO:
-    """What the flow's effects run against: a committer and a way to save a spike."""
+    """What the flow's effects run against: a committer, a way to save a spike, a fetch."""
 
     committer: Any
     save_spike: Callable[[str, datetime], Any]
+    fetch: Callable[[str], Any] | None = None
 
 
 class _ReceiverBase:
@@ -386,9 +411,12 @@ class _ReceiverBase:
         providers: Iterable[str] | None,
         clock: Clock | None,
         metrics: Metrics | None,
+        feeds: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
+        #: Provider → the pack's adapter whose changes a data-less notification fetches.
+        self.feeds: dict[str, Any] = dict(feeds or {})
         self.clock: Clock = clock or system_clock
         self._metrics = metrics
         names = list(providers) if providers is not None else None
@@ -469,6 +497,14 @@ class _ReceiverBase:
             yield _SaveSpike(*spike)
         if isinstance(verified, WebhookResult):
             return verified
+        if verified.fetch:
+            if verified.provider not in self.feeds:
+                return self._nothing(verified, unfed=True)
+            try:
+                polled = yield _Fetch(verified.provider)
+            except Exception as exc:  # noqa: BLE001  # any failure is answered, never raised
+                return self._failed(verified, exc)
+            return self._fetched(verified, polled)
         if not verified.events:
             return self._nothing(verified)
         if self._seen(verified):
@@ -497,6 +533,10 @@ class _ReceiverBase:
         try:
             check_body_size(body, self.max_body_bytes)
             message_id = scheme.verify(request, now)
+            if pack is not None and callable(getattr(pack, "webhook_triggers_fetch", None)):
+                # A data-less notification (Google Drive): the body is not read.
+                fetch = bool(pack.webhook_triggers_fetch(request.headers))
+                return _Verified(provider, (), message_id, now, batch=True, fetch=fetch)
             if pack is not None:
                 # The pack's body shape (HubSpot: a JSON array of events), strictly parsed first.
                 parse_json_value(body)
@@ -585,17 +625,52 @@ class _ReceiverBase:
             200, label, event_id=event_id, message_id=verified.message_id, counts=counts
         )
 
-    def _nothing(self, verified: _Verified) -> WebhookResult:
-        """A verified request that carries no event (a channel handshake): 200, nothing applied."""
+    def _nothing(self, verified: _Verified, *, unfed: bool = False) -> WebhookResult:
+        """A verified request that carries no event (a channel handshake): 200, nothing applied.
+
+        ``unfed``: a notification that asks for a fetch, but the receiver was given no
+        feed for the provider (``feeds=``); the poller and the sentinel still catch up.
+        """
         self.metrics.webhooks_received.labels(provider=verified.provider, outcome="ignored").inc()
+        if unfed:
+            _log.warning(
+                "idis.webhooks.no_feed",
+                msg="notification asks for a changes fetch, but the receiver has no feed for "
+                "this provider (pass feeds=); the poller will catch up",
+                provider=verified.provider,
+            )
         return WebhookResult(200, "ignored", message_id=verified.message_id, counts={})
+
+    def _fetched(self, verified: _Verified, polled: Any) -> WebhookResult:
+        """A notification whose changes fetch ran: 200 with the fetch's outcomes counted."""
+        counts = {
+            "accepted": int(polled.applied),
+            "duplicate": int(polled.duplicates),
+            "superseded": int(polled.superseded),
+            "ignored": int(polled.ignored),
+        }
+        label = "fetched"
+        self.metrics.webhooks_received.labels(provider=verified.provider, outcome=label).inc()
+        _log.debug(
+            "idis.webhooks.fetched",
+            provider=verified.provider,
+            fetched=int(polled.fetched),
+            applied=int(polled.applied),
+            webhook_id=verified.message_id,
+        )
+        return WebhookResult(
+            200,
+            label,
+            message_id=verified.message_id,
+            counts={k: v for k, v in counts.items() if v},
+        )
 
     def _failed(self, verified: _Verified, exc: BaseException) -> WebhookResult:
         provider = verified.provider
         event_id = _first_id(verified)
-        transient = isinstance(exc, OperationalError | StorageError) or (
-            isinstance(exc, DBAPIError) and exc.connection_invalidated
-        )
+        transient = isinstance(
+            exc, OperationalError | StorageError | ProviderError | AuthError
+        ) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
         outcome, status = ("unavailable", 503) if transient else ("handler_error", 500)
         self.metrics.webhooks_received.labels(provider=provider, outcome=outcome).inc()
         # The exception's type only: its text may quote the host's data.
@@ -630,6 +705,19 @@ class _ReceiverBase:
             return await adrive(self._receive(provider, headers, body, method, uri), io)
         except Exception as exc:  # noqa: BLE001  # last resort, see _internal_error
             return self._internal_error(provider, exc)
+
+
+class _InPlaceFeed:
+    """A sync adapter as the poller's async feed, called in place (on a private loop)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        accepts = getattr(client, "accepts_cursor", None)
+        if callable(accepts):
+            self.accepts_cursor = accepts
+
+    async def changes(self, **kwargs: Any) -> Any:
+        return self._client.changes(**kwargs)
 
 
 def _first_id(verified: _Verified) -> str | None:
@@ -712,6 +800,9 @@ class WebhookReceiver(_ReceiverBase):
         providers: Serve only these providers (each must have a secret or a scheme).
         clock: Current time (injectable for tests).
         metrics: Metrics to count in (default: the process-wide set).
+        feeds: Provider → its pack's sync adapter (``client_for(gateway, name)``), for
+            providers whose notifications carry no data (Google Drive): a ``change``
+            notification fetches the adapter's changes from the stored cursor.
 
     Raises:
         ConfigError: when a provider named in ``providers`` has no secret, a
@@ -732,6 +823,7 @@ class WebhookReceiver(_ReceiverBase):
         providers: Iterable[str] | None = None,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
+        feeds: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
             settings,
@@ -740,6 +832,7 @@ class WebhookReceiver(_ReceiverBase):
             providers=providers,
             clock=clock,
             metrics=metrics,
+            feeds=feeds,
         )
         self._sessions = _as_sessionmaker(sessions)
         bind = _bound_engine(sessions, Engine)
@@ -750,7 +843,20 @@ class WebhookReceiver(_ReceiverBase):
             threading.Lock() if sqlite else contextlib.nullcontext()
         )
         self._parallel = 1 if sqlite else PARALLEL_BATCHES
-        self._io = _IO(_ThreadCommitter(self._apply_batch, self._parallel), self._save_spike)
+        # A notification's changes fetch runs the (async) poller on a private loop over
+        # a pool-less async engine of the same database (see _fetch).
+        self._db_url = None if bind is None else bind.url.render_as_string(hide_password=False)
+        if self.feeds and self._db_url is None:
+            raise ConfigError(
+                "WebhookReceiver(feeds=...) needs an Engine (or a sessionmaker bound to one): "
+                "a notification's changes fetch opens its own connections",
+                variable="feeds",
+            )
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._fetch_guard = threading.Lock()
+        self._io = _IO(
+            _ThreadCommitter(self._apply_batch, self._parallel), self._save_spike, self._fetch
+        )
 
     def handle(
         self,
@@ -817,6 +923,41 @@ class WebhookReceiver(_ReceiverBase):
         with self._sessions() as session, session.begin():
             note_signature_spike(session, provider, at)
 
+    def _fetch(self, provider: str) -> Any:
+        """Fetch ``provider``'s changes from its stored cursor and apply them (one at a time).
+
+        The poller is async only: it runs here on a private event loop (this is a
+        worker thread: ``handle()``'s caller or the ASGI app's), with the sync feed
+        called in place and an async engine without a pool, disposed at the end.
+        """
+        with self._fetch_guard:
+            lock = self._fetch_locks.setdefault(provider, threading.Lock())
+        with lock:
+            return asyncio.run(self._poll_once(provider))
+
+    async def _poll_once(self, provider: str) -> Any:
+        from sqlalchemy.pool import NullPool
+
+        from ..db._engine import create_async_db_engine
+        from ..sync._poller import Poller
+
+        assert self._db_url is not None
+        engine = create_async_db_engine(self._db_url, poolclass=NullPool)
+        try:
+            poller = Poller(
+                _InPlaceFeed(self.feeds[provider]),
+                engine,
+                self.settings,
+                provider,
+                registry=self.registry,
+                clock=self.clock,
+                metrics=self._metrics,
+                source="webhook",
+            )
+            return await poller.poll_once()
+        finally:
+            await engine.dispose()
+
     def asgi_app(self, provider: str | None = None) -> Callable[..., Awaitable[None]]:
         """An ASGI app: ``POST /{provider}`` (or ``POST /`` for a fixed ``provider``).
 
@@ -831,14 +972,19 @@ class WebhookReceiver(_ReceiverBase):
         async def save_spike(name: str, at: datetime) -> None:
             await anyio.to_thread.run_sync(self._save_spike, name, at)
 
-        return _make_asgi(self, _IO(_LoopCommitter(apply, self._parallel), save_spike), provider)
+        async def fetch(name: str) -> Any:
+            return await anyio.to_thread.run_sync(self._fetch, name)
+
+        io = _IO(_LoopCommitter(apply, self._parallel), save_spike, fetch)
+        return _make_asgi(self, io, provider)
 
 
 class AsyncWebhookReceiver(_ReceiverBase):
     """The asyncio twin of :class:`WebhookReceiver` (``AsyncEngine``/``async_sessionmaker``).
 
     Async handlers are awaited; sync ones run through ``AsyncSession.run_sync``.
-    One instance serves one event loop.
+    One instance serves one event loop. ``feeds`` maps a provider to its pack's async
+    adapter (``async_client_for``), as :class:`WebhookReceiver`'s sync ones.
     """
 
     def __init__(
@@ -851,6 +997,7 @@ class AsyncWebhookReceiver(_ReceiverBase):
         providers: Iterable[str] | None = None,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
+        feeds: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
             settings,
@@ -859,6 +1006,7 @@ class AsyncWebhookReceiver(_ReceiverBase):
             providers=providers,
             clock=clock,
             metrics=metrics,
+            feeds=feeds,
         )
         self._sessions: Any = (
             async_sessionmaker(sessions, expire_on_commit=False)
@@ -872,7 +1020,8 @@ class AsyncWebhookReceiver(_ReceiverBase):
             asyncio.Lock() if sqlite else contextlib.nullcontext()
         )
         parallel = 1 if sqlite else PARALLEL_BATCHES
-        self._io = _IO(_LoopCommitter(self._apply_batch, parallel), self._save_spike)
+        self._fetch_locks: dict[str, asyncio.Lock] = {}
+        self._io = _IO(_LoopCommitter(self._apply_batch, parallel), self._save_spike, self._fetch)
 
     async def handle(
         self,
@@ -926,6 +1075,25 @@ class AsyncWebhookReceiver(_ReceiverBase):
 
         async with self._sessions() as session, session.begin():
             await session.run_sync(lambda s: note_signature_spike(s, provider, at))
+
+    async def _fetch(self, provider: str) -> Any:
+        """Async twin of :meth:`WebhookReceiver._fetch`: the poller over this receiver's
+        sessions and the provider's async adapter, one fetch per provider at a time."""
+        from ..sync._poller import Poller
+
+        lock = self._fetch_locks.setdefault(provider, asyncio.Lock())
+        async with lock:
+            poller = Poller(
+                self.feeds[provider],
+                self._sessions,
+                self.settings,
+                provider,
+                registry=self.registry,
+                clock=self.clock,
+                metrics=self._metrics,
+                source="webhook",
+            )
+            return await poller.poll_once()
 
     def asgi_app(self, provider: str | None = None) -> Callable[..., Awaitable[None]]:
         """An ASGI app: ``POST /{provider}`` (or ``POST /`` for a fixed ``provider``)."""
