@@ -103,7 +103,7 @@ def test_salesforce_calls_go_to_the_instance_url_of_the_token(
         replace(
             provider,
             base_url=f"{sim.url}/p/{P}/login",
-            auth=replace(provider.auth, token_url="/services/oauth2/token"),  # noqa: S106
+            auth=replace(provider.auth, token_url="/services/oauth2/token"),
         )
     )
     engine = create_db_engine(sqlite_url)
