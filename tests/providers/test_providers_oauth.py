@@ -82,7 +82,7 @@ def test_without_a_token_the_dialect_says_why(sim: RunningSimulator, sqlite_url:
 
 @pytest.mark.parametrize("face", ["sync", "async"])
 def test_salesforce_calls_go_to_the_instance_url_of_the_token(
-    sim: RunningSimulator, sqlite_url: str, face: str
+    sim: RunningSimulator, db_url: str, face: str
 ) -> None:
     """BASE_URL is the login host (it serves only the token endpoint); the token answer's
     instance_url is the org's API base, stored with the token, and every call goes there."""
@@ -97,7 +97,7 @@ def test_salesforce_calls_go_to_the_instance_url_of_the_token(
 
     sim.control.emit(P, 2, record_ids=["opp_a", "opp_b"], webhook=False)
     sim.control.require_auth(P)
-    base = _settings(sim, sqlite_url, "salesforce")
+    base = _settings(sim, db_url, "salesforce")
     provider = base.provider(P)
     settings = base.with_providers(
         replace(
@@ -106,7 +106,7 @@ def test_salesforce_calls_go_to_the_instance_url_of_the_token(
             auth=replace(provider.auth, token_url="/services/oauth2/token"),
         )
     )
-    engine = create_db_engine(sqlite_url)
+    engine = create_db_engine(db_url)
     if face == "sync":
         manager = TokenManager(settings, engine=engine)
         gateway = Gateway(settings, auth=pack_auth(oauth_auth_factory(settings, manager=manager)))
@@ -120,7 +120,7 @@ def test_salesforce_calls_go_to_the_instance_url_of_the_token(
     else:
 
         async def run() -> tuple[object, object]:
-            async_engine = create_async_db_engine(sqlite_url)
+            async_engine = create_async_db_engine(db_url)
             manager = AsyncTokenManager(settings, engine=async_engine)
             factory = oauth_auth_factory(settings, async_manager=manager)
             gateway = AsyncGateway(settings, auth=pack_auth(factory))
