@@ -204,6 +204,8 @@ class DrillSummary:
     dead_letters: int
     #: Checks this provider API cannot make (each says why in the table).
     checks_not_applicable: int = 0
+    #: Records the resync by id applied (None: it did not run; ``--api hubspot``).
+    resync_applied: int | None = None
 
     def lines(self) -> list[str]:
         """The summary as a few lines of text."""
@@ -218,6 +220,7 @@ class DrillSummary:
             f"events: {self.emitted} emitted, {self.applied_once} applied once, "
             f"{len(self.lost)} lost, {len(self.doubled)} applied twice",
             f"reconcile: {replayed}",
+            *([] if self.resync_applied is None else [f"resync: {self.resync_applied} applied"]),
             f"dead letters: {self.dead_letters}",
         ]
         if self.lost:
@@ -1037,7 +1040,7 @@ async def _detection(stage: _Stage) -> None:
                 return found.alert_fired_at is not None
             return stage.mode == "polling" or stage.ticks >= HEALTHY_TICKS + QUIET_DETECTION_TICKS
 
-        await stage.ticks_until(detected, limit=ALERT_FOR_TICKS + 16)
+        await stage.ticks_until(detected, limit=ALERT_FOR_TICKS + 16 + stage.api.extra_ticks)
         if not expect.alert:
             rates = stage.error_rates(alerting=True)
             highest = f"{rates[0][0]}/{rates[0][1]} {rates[0][2]:.3f}/s" if rates else "no errors"
@@ -1242,6 +1245,29 @@ async def _contain_defects(stage: _Stage) -> None:
             f"{found.defects_during} open",
             found.defects_during > 0,
         )
+    if stage.api.enrichment_api == "pdl":
+        await _check_no_match(stage)
+
+
+async def _check_no_match(stage: _Stage) -> None:
+    """PDL's 404 not_found is an answer: those subjects are neither deferred nor defects."""
+    from ..enrichment._models import Defect
+
+    subjects = stage.found.no_match
+    async with stage.async_engine.connect() as conn:
+        defects = int(
+            (
+                await conn.execute(
+                    select(func.count()).select_from(Defect).where(Defect.subject_id.in_(subjects))
+                )
+            ).scalar_one()
+        )
+    stage.record.check(
+        "Containment 3: PDL no-match is an answer, not a defect",
+        "404 not_found answered; 0 defects for those subjects",
+        f"{len(subjects)} subjects not found, {defects} defects",
+        len(subjects) > 0 and defects == 0,
+    )
 
 
 async def _contain_retries(stage: _Stage) -> None:
@@ -1336,6 +1362,8 @@ async def _recover_reconcile(stage: _Stage) -> None:
             return stage.breaker == "closed"
 
         await stage.ticks_until(breaker_closed, limit=8)
+        if stage.api.recovery == "none":
+            await _caught_up(stage)
         if "reconcile" in stage.options.broken:
             record.note("reconcile SKIPPED (--break reconcile)")
         else:
@@ -1359,6 +1387,24 @@ async def _recover_reconcile(stage: _Stage) -> None:
                 await _resync_by_id(stage)
         await stage.tick()
     _check_reconcile(stage)
+
+
+async def _caught_up(stage: _Stage) -> None:
+    """A durable feed (Drive): the outbox drains and a poll reads it, before reconcile runs.
+
+    Reconcile then shows what only it could bring back, which for a durable feed
+    is nothing; a push delivered after the last poll would otherwise be counted
+    as "replayed" although the next poll reads it anyway.
+    """
+
+    async def drained() -> bool:
+        pending, _ = await stage.outbox_counts()
+        return pending == 0
+
+    await stage.ticks_until(drained, limit=8)
+    for _ in range(2):  # one poll interval, nothing new emitted or pushed
+        await stage.tick(emit=False)
+    stage.record.note("outbox drained and polled again before reconcile (the feed is durable)")
 
 
 async def _resync_by_id(stage: _Stage) -> None:
@@ -1829,7 +1875,8 @@ def run_drill(
     began, wall = time.monotonic(), datetime.now(UTC).replace(microsecond=0)
     # Simulated time ends before now: the drill's rows then read like a real incident's
     # (postmortem, audit --since) rather than lying in the future.
-    clock = ManualClock(wall - timedelta(seconds=options.speed * MAX_TICKS))
+    extra = drill_api(options.api).extra_ticks
+    clock = ManualClock(wall - timedelta(seconds=options.speed * (MAX_TICKS + extra)))
     record = _Record(clock, echo)
     metrics = Metrics(CollectorRegistry())
     stage = _Stage(options, record, metrics)
@@ -1860,6 +1907,7 @@ def _summary(stage: _Stage) -> DrillSummary:
         doubled=found.doubled,
         reconcile_applied=found.reconciled.applied if found.reconciled is not None else None,
         dead_letters=found.dead_letters,
+        resync_applied=found.resynced.applied if found.resynced is not None else None,
     )
 
 

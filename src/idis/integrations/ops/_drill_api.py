@@ -77,6 +77,10 @@ class DrillApi:
     recovery: str = "replay"
     #: What the drill's facts say about the dialect (None for the default drill).
     about: str | None = None
+    #: Ticks Detection may wait beyond the default drill's (the alert can take longer:
+    #: HubSpot's search is a POST, which the gateway does not retry, so a poll in the
+    #: outage fails once where a GET fails twice, and the error rate is half).
+    extra_ticks: int = 0
 
     @property
     def generic(self) -> bool:
@@ -134,6 +138,7 @@ _APIS = {
         feed_retention=False,
         deletions=True,
         recovery="resync",
+        extra_ticks=16,
         about=(
             "HubSpot CRM deals: CRM search on hs_lastmodifieddate (current states); "
             "deletions during the outage come back by resync (HubSpot has no replay "
@@ -150,6 +155,7 @@ _APIS = {
         feed_retention=False,
         deletions=True,
         recovery="replay",
+        extra_ticks=16,
         about=(
             "Salesforce Opportunity: SOQL on SystemModstamp (current states); deletions "
             "during the outage come back by the deleted/ replay"
@@ -167,6 +173,7 @@ _APIS = {
         by_event_id=False,
         feed_retention=False,
         recovery="none",
+        extra_ticks=16,
         about=(
             "Google Drive as the documents provider: changes.list page tokens (a durable "
             "feed); replay by files.list"
