@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from .._timeparse import parse_since
-from ..ops._drill_api import drill_api
 from ..ops._drill import APIS, BREAKABLE, DEFAULT_SPEED, SCENARIOS, DrillOptions, run_drill
+from ..ops._drill_api import drill_api
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,

@@ -212,9 +212,7 @@ class DrillSummary:
         replayed = (
             "not run" if self.reconcile_applied is None else f"{self.reconcile_applied} applied"
         )
-        na = (
-            f", {self.checks_not_applicable} not applicable" if self.checks_not_applicable else ""
-        )
+        na = f", {self.checks_not_applicable} not applicable" if self.checks_not_applicable else ""
         lines = [
             f"checks: {self.checks_passed} passed, {self.checks_failed} failed{na}",
             f"events: {self.emitted} emitted, {self.applied_once} applied once, "
@@ -575,7 +573,11 @@ class _Stage:
         if self.api.enrichment_api == "pdl":
             subjects = [f"claim-{n}" for n in range(1, PDL_SUBJECTS + 1)]
             await self.control(
-                control.emit, self.enrich_provider, len(subjects), record_ids=subjects, webhook=False
+                control.emit,
+                self.enrich_provider,
+                len(subjects),
+                record_ids=subjects,
+                webhook=False,
             )
             await self._pdl_control(
                 no_match=[s for n, s in enumerate(subjects, 1) if n % PDL_NO_MATCH_EVERY == 0]

@@ -48,7 +48,7 @@ __all__ = ["APIS", "DrillApi", "drill_api"]
 APIS = ("generic", "hubspot", "salesforce", "gdrive", "pdl")
 
 #: The PDL API key the drill configures (the simulator does not check it).
-_PDL_KEY = "drill-pdl-key"  # noqa: S105  # a simulator-only placeholder, not a credential
+_PDL_KEY = "drill-pdl-key"  # a simulator-only placeholder, not a credential
 
 
 @dataclass(frozen=True, slots=True)
