@@ -727,6 +727,17 @@ class ProviderSettings:
             "(several during rotation). Never used to sign outbound ones.",
         ),
     )
+    webhook_public_url: str = field(
+        default="",
+        metadata=_var(
+            "WEBHOOK_PUBLIC_URL",
+            lambda v, n: _url(v, n) if str(v).strip() else "",
+            "Scheme and host the provider calls our webhook receiver at "
+            "(`https://hooks.example.com`), for signatures over the full URL (HubSpot v3); "
+            "empty: `https://` and the request's Host header.",
+            shown="empty",
+        ),
+    )
     outbound_webhook_secret: Secret | None = field(
         default=None,
         metadata=_var(

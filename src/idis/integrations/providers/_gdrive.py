@@ -754,6 +754,13 @@ class DrivePack:
         """None: a notification carries no data; it triggers a changes fetch."""
         return []
 
+    def webhook_triggers_fetch(self, headers: Mapping[str, str]) -> bool:
+        """Whether a verified notification means "fetch changes now" (``change``, not the
+        ``sync`` handshake a new channel sends first). The receiver then runs a changes
+        fetch from the stored page token instead of reading the (empty) body."""
+        state = {k.lower(): v for k, v in headers.items()}.get("x-goog-resource-state", "")
+        return state.strip() != "sync"
+
     def read_rate_limit(
         self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None
     ) -> RateLimitReading | None:

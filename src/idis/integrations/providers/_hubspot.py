@@ -3,6 +3,10 @@
 What comes from where (vendor pages):
 
 * Webhook signatures: https://developers.hubspot.com/docs/api/webhooks/validating-requests
+  (and, for apps on the new developer platform, the same scheme at
+  https://developers.hubspot.com/docs/apps/developer-platform/build-apps/authentication/request-validation;
+  HubSpot publishes worked examples for v1 and v2 only, which are this pack's
+  test vectors; v3 is tested against the simulator's independent signer)
   (v3: base64 HMAC-SHA256 over ``method + URI + body + timestamp`` keyed by the
   app's client secret, ``X-HubSpot-Request-Timestamp`` in milliseconds, refused
   when older than 5 minutes; v1: hex SHA-256 of ``secret + body``; v2: hex
@@ -237,53 +241,116 @@ def _event_type(subscription: str) -> str:
     return _ACTIONS.get(action, f"hubspot.{subscription}")
 
 
-def webhook_event(raw: Any, provider: str, ordering: Ordering = BY_MODIFIED) -> ProviderEvent:
-    """One HubSpot webhook event (an element of the batch) as a :class:`ProviderEvent`."""
+#: Most events one delivery may carry (HubSpot sends up to 100; a little headroom).
+MAX_BATCH_EVENTS = 1000
+_MAX_ID = 255
+
+
+def _bad(provider: str, where: str, what: str) -> MalformedResponse:
+    return MalformedResponse(f"{provider}: HubSpot webhook {where}: {what}", provider=provider)
+
+
+def _field_text(raw: Mapping[str, Any], key: str, provider: str, where: str) -> str | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _bad(provider, where, f"{key} must be a string or an integer")
+    text = str(value)
+    if not text or len(text) > 128 or not text.isprintable():
+        raise _bad(provider, where, f"{key} must be 1 to 128 printable characters")
+    return text
+
+
+def webhook_event(
+    raw: Any, provider: str, ordering: Ordering = BY_MODIFIED, *, index: int = 0
+) -> ProviderEvent:
+    """One HubSpot webhook event (an element of the batch) as a :class:`ProviderEvent`.
+
+    Raises:
+        MalformedResponse: naming the element (``event 3``) and the field that is wrong.
+    """
     from . import ProviderEvent
 
+    where = f"event {index}"
+    if not isinstance(raw, dict):
+        raise _bad(provider, where, f"is a JSON {type(raw).__name__}, expected an object")
+    subscription = _field_text(raw, "subscriptionType", provider, where)
+    object_id = _field_text(raw, "objectId", provider, where)
+    for key, value in (("subscriptionType", subscription), ("objectId", object_id)):
+        if value is None:
+            raise _bad(provider, where, f"{key} is missing")
+    assert subscription is not None
+    assert object_id is not None
+    stamp = raw.get("occurredAt")
+    if stamp is None:
+        raise _bad(provider, where, "occurredAt is missing")
+    if isinstance(stamp, bool) or not isinstance(stamp, int) or not 0 <= stamp < 2**53:
+        raise _bad(provider, where, "occurredAt must be integer epoch milliseconds")
+    prop = _field_text(raw, "propertyName", provider, where)
+    portal = _field_text(raw, "portalId", provider, where)
     try:
-        subscription = str(raw["subscriptionType"])
-        object_id = str(raw["objectId"])
-        occurred_ms = int(raw["occurredAt"])
-        occurred = datetime.fromtimestamp(occurred_ms / 1000, tz=UTC)
-        prop = raw.get("propertyName")
-        event_id = f"hs:{subscription}:{object_id}:{occurred_ms}" + (f":{prop}" if prop else "")
-        data: dict[str, Any] = {}
-        if prop:
-            data[str(prop)] = raw.get("propertyValue")
-        return ProviderEvent(
-            id=event_id,
-            seq=0,
-            type=_event_type(subscription),
-            record_id=object_id,
-            tenant_id=None if raw.get("portalId") is None else str(raw["portalId"]),
-            version=0,
-            occurred_at=occurred,
-            data=data,
-            order=ordering.event_key(
-                event_id=event_id, seq=None, version=None, occurred_at=occurred
-            ),
-        )
-    except (KeyError, TypeError, ValueError, OverflowError, OSError) as exc:
+        occurred = datetime.fromtimestamp(stamp / 1000, tz=UTC)
+    except (ValueError, OverflowError, OSError):
+        raise _bad(provider, where, "occurredAt is out of range") from None
+    event_id = f"hs:{subscription}:{object_id}:{stamp}" + (f":{prop}" if prop else "")
+    if len(event_id) > _MAX_ID:
+        raise _bad(provider, where, f"its derived event id is longer than {_MAX_ID} characters")
+    data: dict[str, Any] = {}
+    if prop:
+        data[prop] = raw.get("propertyValue")
+    return ProviderEvent(
+        id=event_id,
+        seq=0,
+        type=_event_type(subscription),
+        record_id=object_id,
+        tenant_id=portal,
+        version=0,
+        occurred_at=occurred,
+        data=data,
+        order=ordering.event_key(event_id=event_id, seq=None, version=None, occurred_at=occurred),
+    )
+
+
+def batch_events(payload: Any, provider: str) -> list[ProviderEvent]:
+    """The events of an already parsed HubSpot webhook body (a JSON array).
+
+    Raises:
+        MalformedResponse: the body is not a non-empty array of events, or an
+            element is not an event (the message names the element and the field).
+    """
+    if not isinstance(payload, list):
         raise MalformedResponse(
-            f"{provider}: malformed HubSpot webhook event ({type(exc).__name__})",
+            f"{provider}: HubSpot webhook body is a JSON {type(payload).__name__}, expected an "
+            "array of events",
             provider=provider,
-        ) from None
+        )
+    if not payload:
+        raise MalformedResponse(
+            f"{provider}: HubSpot webhook body is an empty array", provider=provider
+        )
+    if len(payload) > MAX_BATCH_EVENTS:
+        raise MalformedResponse(
+            f"{provider}: HubSpot webhook body has {len(payload)} events, more than "
+            f"{MAX_BATCH_EVENTS}",
+            provider=provider,
+        )
+    return [webhook_event(item, provider, index=i) for i, item in enumerate(payload)]
 
 
 def webhook_events(body: bytes, provider: str) -> list[ProviderEvent]:
-    """The events of one HubSpot webhook request (a JSON array of up to 100)."""
+    """The events of one HubSpot webhook request (a JSON array of up to 100).
+
+    Raises:
+        MalformedResponse: see :func:`batch_events`.
+    """
     try:
         payload = json.loads(body)
     except ValueError:
         raise MalformedResponse(
             f"{provider}: HubSpot webhook body is not JSON", provider=provider
         ) from None
-    if not isinstance(payload, list):
-        raise MalformedResponse(
-            f"{provider}: HubSpot webhook body is not a JSON array of events", provider=provider
-        )
-    return [webhook_event(item, provider) for item in payload]
+    return batch_events(payload, provider)
 
 
 # --------------------------------------------------------------------------- search cursor
@@ -734,7 +801,9 @@ class HubSpotPack:
         if not secrets:
             return None
         return HubSpotSignature(
-            secrets, label=f"IDIS_PROVIDER_{settings.name.upper()}_WEBHOOK_SECRETS"
+            secrets,
+            public_url=settings.webhook_public_url or None,
+            label=f"IDIS_PROVIDER_{settings.name.upper()}_WEBHOOK_SECRETS",
         )
 
     def webhook_events(self, body: bytes, provider: str) -> list[ProviderEvent]:

@@ -149,6 +149,10 @@ class ProviderPack(Protocol):
             MalformedResponse: the body is not the API's webhook shape.
         """
 
+    # Optional (not part of the protocol check): ``webhook_triggers_fetch(headers) -> bool``
+    # for APIs whose notifications carry no data (Google Drive): the receiver then ignores
+    # the body and, when it returns True, fetches the changes feed (see webhooks/_receiver.py).
+
     def read_rate_limit(
         self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None
     ) -> RateLimitReading | None:

@@ -204,6 +204,7 @@ def _webhook_target(sim: SimulatorState, body: dict[str, Any]) -> Any:
         max_attempts=body.get("max_attempts"),
         retry_backoff=body.get("retry_backoff"),
         timeout=body.get("timeout"),
+        format=body.get("format"),
     )
     return target.webhooks.stats()
 
@@ -386,7 +387,7 @@ CONTROL_ACTIONS: tuple[ControlAction, ...] = (
         "/_control/webhooks/target",
         "POST",
         _webhook_target,
-        (*_P, "url", "secrets", "max_attempts", "retry_backoff", "timeout"),
+        (*_P, "url", "secrets", "max_attempts", "retry_backoff", "timeout", "format"),
         _P,
     ),
     ControlAction(
@@ -776,8 +777,13 @@ class SimulatorControl:
         max_attempts: int | None = None,
         retry_backoff: float | None = None,
         timeout: float | None = None,
+        format: str | None = None,  # the control API's field name
     ) -> dict[str, Any]:
-        """Where the provider POSTs its change webhooks (``url=None`` stops sending)."""
+        """Where the provider POSTs its change webhooks (``url=None`` stops sending).
+
+        ``format="hubspot"``: batched HubSpot events signed with ``X-HubSpot-Signature-v3``
+        (the provider's ``API=hubspot`` pack verifies them); default Standard Webhooks.
+        """
         return dict(
             self._call(
                 "POST",
@@ -789,6 +795,7 @@ class SimulatorControl:
                     "max_attempts": max_attempts,
                     "retry_backoff": retry_backoff,
                     "timeout": timeout,
+                    "format": format,
                 },
             )
         )

@@ -75,6 +75,8 @@ FAULT_KINDS: tuple[str, ...] = (
 )
 _FAULT_ALIASES = {"hang": "timeout", "http_error": "error", "429": "rate_limit"}
 WEBHOOK_MODES: tuple[str, ...] = ("deliver", "stop", "delay", "duplicate", "reorder", "corrupt")
+#: Outbound webhook shapes (``WebhookConfig.format``).
+WEBHOOK_FORMATS = ("standard", "hubspot")
 RECEIVER_MODES: tuple[str, ...] = ("accept", "gone", "fail")
 EVENT_TYPES: tuple[str, ...] = ("record.created", "record.updated", "record.deleted")
 DEFAULT_RETENTION_SECONDS = 72 * 3600
@@ -280,6 +282,9 @@ class WebhookConfig:
 
     url: str | None = None
     secrets: tuple[str, ...] = (DEFAULT_WEBHOOK_SECRET,)
+    #: Body shape and signature: ``standard`` (Standard Webhooks, one event per request)
+    #: or ``hubspot`` (a JSON array of HubSpot events per request, ``X-HubSpot-Signature-v3``).
+    format: str = "standard"
     mode: str = "deliver"
     delay: float = 0.0
     reorder_batch: int = 5
@@ -306,6 +311,7 @@ class WebhookConfig:
         """Counters for the stats API."""
         return {
             "url": _masked_url(self.url),
+            "format": self.format,
             "mode": self.mode,
             "delay": self.delay,
             "stop_windows": [[format_time(a), format_time(b)] for a, b in self.stop_windows],
@@ -867,8 +873,12 @@ class ProviderState:
         max_attempts: int | None = None,
         retry_backoff: float | None = None,
         timeout: float | None = None,
+        format: str | None = None,  # the control API's field name
     ) -> None:
         """Register (or with ``url=None`` remove) the outbound webhook target.
+
+        ``format`` is ``standard`` (default) or ``hubspot`` (batched, v3-signed with the
+        secret's text as HubSpot's client secret).
 
         Raises:
             SimulatorInputError: for a non-http URL, bad secrets or limits.
@@ -890,8 +900,12 @@ class ProviderState:
             _number(retry_backoff, "retry_backoff", minimum=0.0, maximum=60.0)
         if timeout is not None:
             _number(timeout, "timeout", minimum=0.01, maximum=300.0)
+        if format is not None:
+            _choice(format, "format", WEBHOOK_FORMATS)
         config = self.webhooks
         config.url = url
+        if format is not None:
+            config.format = format
         if checked is not None:
             config.secrets = checked
         if max_attempts is not None:

@@ -9,6 +9,19 @@ task per provider delivers in order, retrying 5xx, 429 and connection errors
 a few times like real providers do; the delivery mode (deliver, stop, delay,
 duplicate, reorder, corrupt) is taken when the event happens.
 
+HubSpot shape (``format="hubspot"`` on the target, for a provider the library
+reads with ``IDIS_PROVIDER_<NAME>_API=hubspot``): the queued events go out as
+one JSON array per request (up to :data:`HUBSPOT_BATCH`), each change as
+HubSpot describes its webhook events (``eventId``, ``subscriptionId``,
+``portalId``, ``appId``, ``occurredAt`` in ms, ``subscriptionType`` such as
+``deal.propertyChange``, ``attemptNumber``, ``objectId``, ``propertyName``,
+``propertyValue``, ``changeSource``; an update becomes one ``propertyChange``
+per property, in property-name order), signed with ``X-HubSpot-Signature-v3``
+(base64 HMAC-SHA256 of method + URL + body + ``X-HubSpot-Request-Timestamp``
+in ms, keyed by the target secret's text as the app's client secret):
+https://developers.hubspot.com/docs/api/webhooks and
+https://developers.hubspot.com/docs/api/webhooks/validating-requests.
+
 Inbound: ``POST /p/{provider}/webhooks/inbound`` verifies the same scheme
 against the provider's receiver secrets, dedupes by ``webhook-id`` and counts
 receipts and applications per id; it can be told to answer 410 or to fail.
@@ -46,6 +59,65 @@ __all__ = [
 
 #: How long reorder mode waits for more events to shuffle with, in seconds.
 _REORDER_GATHER = 0.05
+#: Most events in one HubSpot-shaped request (HubSpot sends up to 100).
+HUBSPOT_BATCH = 100
+_HS_SUBSCRIPTIONS = {
+    "record.created": "deal.creation",
+    "record.updated": "deal.propertyChange",
+    "record.deleted": "deal.deletion",
+}
+
+
+def _hs_ms(text: str) -> int:
+    moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    return int(moment.timestamp() * 1000)
+
+
+def hubspot_events(event: Mapping[str, Any], attempt: int) -> list[dict[str, Any]]:
+    """A simulator change event as the HubSpot webhook events it would be (one per property)."""
+    seq = int(event["seq"])
+    kind = str(event["type"])
+    subscription = _HS_SUBSCRIPTIONS.get(kind, "deal." + kind.rpartition(".")[2])
+    record_id = str(event["record_id"])
+    base: dict[str, Any] = {
+        "eventId": seq * 1000,
+        "subscriptionId": 1,
+        "portalId": event.get("tenant_id"),
+        "appId": 1,
+        "occurredAt": _hs_ms(event["occurred_at"]),
+        "subscriptionType": subscription,
+        "attemptNumber": attempt,
+        "objectId": int(record_id) if record_id.isdigit() else record_id,
+        "changeSource": "CRM",
+    }
+    if subscription != "deal.propertyChange":
+        if subscription == "deal.creation":
+            base["changeFlag"] = "NEW"
+        return [base]
+    data = event.get("data") or {}
+    names = sorted(data) or ["hs_lastmodifieddate"]
+    out = []
+    for i, name in enumerate(names):
+        value = data.get(name, base["occurredAt"])
+        out.append(
+            {
+                **base,
+                "eventId": seq * 1000 + i,
+                "propertyName": name,
+                "propertyValue": None if value is None else str(value),
+            }
+        )
+    return out
+
+
+def sign_hubspot_v3(secret: str, method: str, url: str, body: bytes, timestamp: str) -> str:
+    """``X-HubSpot-Signature-v3``: base64 HMAC-SHA256 of method + URL + body + timestamp.
+
+    The simulator's own implementation (not the library's), so a test of one against
+    the other can fail.
+    """
+    source = method.encode() + url.encode() + body + timestamp.encode()
+    return base64.b64encode(hmac.new(secret.encode(), source, hashlib.sha256).digest()).decode()
 
 
 def _key(secret: str) -> bytes:
@@ -204,6 +276,19 @@ class WebhookEmitter:
                     await asyncio.sleep(_REORDER_GATHER)
                 with state.lock:
                     batch = self._take(provider)
+                    hubspot = config.format == "hubspot"
+                    if hubspot:
+                        self._take_more(provider, batch)
+                if hubspot:
+                    try:
+                        wait = max(d.due for d in batch) - time.monotonic()
+                        if wait > 0:
+                            await asyncio.sleep(wait)
+                        await self._deliver_hubspot(provider, batch)
+                    finally:
+                        with state.lock:
+                            config.in_flight -= len(batch)
+                    continue
                 for delivery in batch:
                     try:
                         wait = delivery.due - time.monotonic()
@@ -217,6 +302,78 @@ class WebhookEmitter:
             if self._workers.get(provider) is asyncio.current_task():
                 del self._workers[provider]
             raise
+
+    @staticmethod
+    def _take_more(provider: ProviderState, batch: list[Delivery]) -> None:
+        """Add the queued deliveries of the same mode to ``batch`` (one HubSpot request)."""
+        config = provider.webhooks
+        mode = batch[0].mode
+        while config.queue and len(batch) < HUBSPOT_BATCH and config.queue[0].mode == mode:
+            batch.append(config.queue.popleft())
+            config.in_flight += 1
+
+    async def _deliver_hubspot(self, provider: ProviderState, batch: list[Delivery]) -> None:
+        """One HubSpot-shaped request for ``batch``, retried as HubSpot retries."""
+        assert self._client is not None
+        state = self._state
+        with state.lock:
+            config = provider.webhooks
+            url = config.url
+            secret = config.secrets[0]
+            attempts = config.max_attempts
+            backoff = config.retry_backoff
+            timeout = config.timeout
+        ids = [str(d.event["id"]) for d in batch]
+        if url is None:
+            with state.lock:
+                config.no_target += len(batch)
+            return
+        mode = batch[0].mode
+        sends = 2 if mode == "duplicate" else 1
+        delivered = False
+        for _ in range(sends):
+            for attempt in range(attempts):
+                events = [e for d in batch for e in hubspot_events(d.event, attempt)]
+                body = json.dumps(events, separators=(",", ":")).encode()
+                stamp = str(int(state.now().timestamp() * 1000))
+                key = "not-the-client-secret" if mode == "corrupt" else secret
+                headers = {
+                    "content-type": "application/json",
+                    "x-hubspot-signature-v3": sign_hubspot_v3(key, "POST", url, body, stamp),
+                    "x-hubspot-request-timestamp": stamp,
+                    "user-agent": "idis-simulator-webhooks (HubSpot)",
+                }
+                with state.lock:
+                    config.attempts += 1
+                retryable = True
+                try:
+                    response = await self._client.post(
+                        url, content=body, headers=headers, timeout=timeout
+                    )
+                except httpx.HTTPError:
+                    pass
+                else:
+                    if response.is_success:
+                        with state.lock:
+                            config.delivered += 1
+                        delivered = True
+                        break
+                    retryable = response.status_code >= 500 or response.status_code == 429
+                if not retryable or attempt + 1 >= attempts:
+                    break
+                with state.lock:
+                    config.retries += 1
+                await asyncio.sleep(backoff * (2**attempt))
+        with state.lock:
+            if mode == "duplicate":
+                config.duplicated += len(batch)
+            if mode == "corrupt":
+                config.corrupted += len(batch)
+            if delivered:
+                config.delivered_events += len(batch)
+            else:
+                config.failed += len(batch)
+                config.failed_ids.extend(ids)
 
     async def _deliver(self, provider: ProviderState, delivery: Delivery) -> None:
         state = self._state

@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 
 from .._clock import Clock, system_clock
 from ..config import Settings
-from ..exceptions import AuthError, ProviderError
+from ..exceptions import AuthError, ProviderError, UsageError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from ._inbox import ApplyOutcome, HandlerRegistry, apply_events_async
@@ -170,6 +170,10 @@ class Poller:
         clock: Time source.
         metrics: Metrics (default: process-wide).
         max_pages: Most pages one poll reads before returning (it resumes next time).
+        source: The channel the events are applied as: ``poll``, or ``webhook`` for a
+            fetch a data-less push notification triggered (Google Drive): the events
+            then carry the webhook stamp and coverage, as the sentinel expects of the
+            webhook channel.
     """
 
     def __init__(
@@ -183,8 +187,12 @@ class Poller:
         clock: Clock | None = None,
         metrics: Metrics | None = None,
         max_pages: int = 1000,
+        source: str = "poll",
     ) -> None:
         settings.provider(provider)
+        if source not in ("poll", "webhook"):
+            raise UsageError(f"Poller source={source!r}: expected 'poll' or 'webhook'")
+        self.source = source
         self.feed = feed
         self._sessions: Any = (
             async_sessionmaker(sessions, expire_on_commit=False)
@@ -249,16 +257,17 @@ class Poller:
         if epoch is not None:
             fence(session, self.provider, epoch)
         if window is not None and window <= started:
-            record_coverage(session, self.provider, "poll", window, started)
+            record_coverage(session, self.provider, self.source, window, started)
         # The feed was read to its end as of ``started``: the next poll's coverage
         # starts there (its window, by feed position, holds everything after).
         cursor = get_cursor(session, self.provider, CHANGES_STREAM)
         if cursor is not None and (cursor.watermark is None or cursor.watermark < started):
             cursor.watermark = started
             cursor.updated_at = started
-        row = load_state(session, self.provider, self.policy, started)
-        row.polled_at = started
-        row.updated_at = started
+        if self.source == "poll":
+            row = load_state(session, self.provider, self.policy, started)
+            row.polled_at = started
+            row.updated_at = started
 
     async def poll_once(self, *, epoch: int | None = None) -> PollResult:
         """Read the feed from the cursor to its end (or ``max_pages``), applying every event.
@@ -322,7 +331,7 @@ class Poller:
                 # First: the state row, then the inbox's ledger and inbox rows.
                 await session.run_sync(lambda s: fence(s, self.provider, epoch))
             result = await apply_events_async(
-                session, self.provider, page.events, "poll", registry=self.registry, now=now
+                session, self.provider, page.events, self.source, registry=self.registry, now=now
             )
             position: str | None = await session.run_sync(
                 lambda s: self._save_page(s, page.events, _next_cursor(page), now)

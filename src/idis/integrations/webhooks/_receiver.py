@@ -2,8 +2,25 @@
 
 One request goes through: route (``/{provider}``, the whole path) → provider
 lookup → body size limit and read deadline → the provider's verification scheme
-(Standard Webhooks by default) → strict JSON → event →
+(Standard Webhooks by default) → strict JSON → event(s) →
 :func:`~idis.integrations.sync._inbox.apply_events` in a transaction.
+
+**Pack-defined bodies.** A provider whose pack is not ``generic``
+(``IDIS_PROVIDER_<NAME>_API=hubspot``) is verified with the pack's scheme
+(``pack.webhook_scheme``, unless ``schemes=`` names another) and its body is
+split by the pack (``pack.webhook_events``): HubSpot POSTs a JSON array of
+events, and all of them are applied in one inbox batch, in the same
+transaction (all or nothing). A batch that is not the pack's shape, or any
+element that is not an event, is a 400 ``invalid_event`` naming the element
+and the field, and nothing of it is applied. The answer of a batch counts its
+outcomes (``{"status": "accepted", "events": {"accepted": 3, "duplicate": 1}}``).
+
+**Data-less notifications.** A pack with ``webhook_triggers_fetch(headers)``
+(Google Drive) sends no data: after verification the body is not read; a
+``sync`` handshake is answered 200 ``ignored``, anything else runs one changes
+fetch for the provider from its stored cursor (the poller's ``poll_once``,
+source ``webhook``) with the adapter given in ``feeds=``, answered 200
+``fetched`` with the outcomes counted, or 503 when the provider failed.
 The answer makes providers behave:
 
 * **2xx** for accepted events and for duplicates, superseded versions and
@@ -72,7 +89,9 @@ from .._clock import Clock, system_clock
 from .._flow import Effect, Flow, adrive, drive
 from ..config import Settings
 from ..exceptions import (
+    AuthError,
     ConfigError,
+    ProviderError,
     StorageError,
     WebhookVerificationError,
 )
@@ -94,6 +113,7 @@ from ._verify import (
     check_body_size,
     normalize_headers,
     parse_json_strict,
+    parse_json_value,
 )
 
 __all__ = ["AsyncWebhookReceiver", "WebhookReceiver", "WebhookResult"]
@@ -131,6 +151,8 @@ class WebhookResult:
     message_id: str | None = None
     #: Human-readable detail (never a secret or the body).
     detail: str | None = None
+    #: A batched body's outcomes, counted (``{"accepted": 3, "duplicate": 1}``).
+    counts: Mapping[str, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -142,6 +164,8 @@ class WebhookResult:
         doc: dict[str, Any] = {"status": self.outcome}
         if self.event_id is not None:
             doc["event_id"] = self.event_id
+        if self.counts is not None:
+            doc["events"] = dict(self.counts)
         if self.detail is not None and not self.ok:
             doc["error"] = self.detail
         return json.dumps(doc).encode()
@@ -150,9 +174,14 @@ class WebhookResult:
 @dataclass(frozen=True, slots=True)
 class _Verified:
     provider: str
-    event: Any
+    #: The request's events: one, or a pack's batch (HubSpot), applied together.
+    events: tuple[Any, ...]
     message_id: str | None
     now: datetime
+    #: Whether the body was a batch (the answer then counts outcomes).
+    batch: bool = False
+    #: A data-less notification that means "fetch the changes feed now" (Google Drive).
+    fetch: bool = False
 
 
 class _Job:
@@ -162,14 +191,14 @@ class _Job:
 
     def __init__(self, verified: _Verified) -> None:
         self.verified = verified
-        self.outcome: ApplyOutcome | None = None
+        self.outcome: list[ApplyOutcome] | None = None
         self.error: BaseException | None = None
         #: Thread committer: set when the job is done, or when its thread must lead.
         self.wake: threading.Event | None = None
         #: Thread committer: the batch this job's thread leads, once it leads.
         self.batch: list[_Job] | None = None
 
-    def result(self) -> ApplyOutcome:
+    def result(self) -> list[ApplyOutcome]:
         if self.error is not None:
             raise self.error
         if self.outcome is None:
@@ -312,17 +341,17 @@ class _LoopCommitter:
 
 
 @dataclass(frozen=True, slots=True)
-class _Submit(Effect[ApplyOutcome]):
-    """Apply one verified delivery through the io's committer (a batch, one transaction)."""
+class _Submit(Effect[list[ApplyOutcome]]):
+    """Apply one verified delivery (all its events) through the io's committer (one transaction)."""
 
     verified: _Verified
 
-    def run(self, io: Any) -> ApplyOutcome:
+    def run(self, io: Any) -> list[ApplyOutcome]:
         job = _Job(self.verified)
         io.committer.submit(job)
         return job.result()
 
-    async def arun(self, io: Any) -> ApplyOutcome:
+    async def arun(self, io: Any) -> list[ApplyOutcome]:
         job = _Job(self.verified)
         await io.committer.submit(job)
         return job.result()
@@ -349,11 +378,25 @@ class _SaveSpike(Effect[None]):
 
 
 @dataclass(frozen=True, slots=True)
+class _Fetch(Effect[Any]):
+    """Fetch a provider's changes feed from its stored cursor and apply it (a ``PollResult``)."""
+
+    provider: str
+
+    def run(self, io: Any) -> Any:
+        return io.fetch(self.provider)
+
+    async def arun(self, io: Any) -> Any:
+        return await io.fetch(self.provider)
+
+
+@dataclass(frozen=True, slots=True)
 class _IO:
-    """What the flow's effects run against: a committer and a way to save a spike."""
+    """What the flow's effects run against: a committer, a way to save a spike, a fetch."""
 
     committer: Any
     save_spike: Callable[[str, datetime], Any]
+    fetch: Callable[[str], Any] | None = None
 
 
 class _ReceiverBase:
@@ -368,21 +411,41 @@ class _ReceiverBase:
         providers: Iterable[str] | None,
         clock: Clock | None,
         metrics: Metrics | None,
+        feeds: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
+        #: Provider → the pack's adapter whose changes a data-less notification fetches.
+        self.feeds: dict[str, Any] = dict(feeds or {})
         self.clock: Clock = clock or system_clock
         self._metrics = metrics
         names = list(providers) if providers is not None else None
         given = dict(schemes or {})
         self.schemes: dict[str, VerificationScheme] = {}
         candidates = names if names is not None else list(settings.providers)
+        #: Providers whose pack defines the body (and, unless ``schemes`` says otherwise,
+        #: the signature): HubSpot's batches. The generic pack's shape is the default.
+        self.packs: dict[str, Any] = {}
         for name in candidates:
+            pack = _pack_of(settings, name)
+            if pack is not None:
+                self.packs[name] = pack
             if name in given:
                 self.schemes[name] = given[name]
                 continue
             # Refuses the embedded simulator secret (published) without the opt-in.
             secrets = settings.checked_webhook_secrets(name, use="verify")
+            if pack is not None:
+                scheme = pack.webhook_scheme(settings.provider(name))
+                if scheme is not None:
+                    self.schemes[name] = scheme
+                elif names is not None:
+                    env = f"IDIS_PROVIDER_{name.upper()}_WEBHOOK_SECRETS"
+                    raise ConfigError(
+                        f"provider {name!r} ({pack.name} pack) has no webhook secret: set {env}",
+                        variable=env,
+                    )
+                continue
             if not secrets:
                 if names is not None:
                     # Asked for explicitly: refuse to start rather than 4xx every delivery.
@@ -396,8 +459,12 @@ class _ReceiverBase:
                 tolerance=settings.webhooks.tolerance,
                 label=f"IDIS_PROVIDER_{name.upper()}_WEBHOOK_SECRETS",
             )
-        for name, scheme in given.items():
-            self.schemes.setdefault(name, scheme)
+        for name, given_scheme in given.items():
+            self.schemes.setdefault(name, given_scheme)
+            if name not in self.packs:
+                pack = _pack_of(settings, name)
+                if pack is not None:
+                    self.packs[name] = pack
         self.max_body_bytes = settings.webhooks.max_body_bytes
         self.body_timeout = settings.webhooks.body_timeout.total_seconds()
         self.threshold = settings.sync.signature_failure_threshold
@@ -430,13 +497,23 @@ class _ReceiverBase:
             yield _SaveSpike(*spike)
         if isinstance(verified, WebhookResult):
             return verified
+        if verified.fetch:
+            if verified.provider not in self.feeds:
+                return self._nothing(verified, unfed=True)
+            try:
+                polled = yield _Fetch(verified.provider)
+            except Exception as exc:  # noqa: BLE001  # any failure is answered, never raised
+                return self._failed(verified, exc)
+            return self._fetched(verified, polled)
+        if not verified.events:
+            return self._nothing(verified)
         if self._seen(verified):
-            return self._applied(verified, ApplyOutcome.DUPLICATE)
+            return self._applied(verified, [ApplyOutcome.DUPLICATE] * len(verified.events))
         try:
-            outcome: ApplyOutcome = yield _Submit(verified)
+            outcomes: list[ApplyOutcome] = yield _Submit(verified)
         except Exception as exc:  # noqa: BLE001  # any failure is answered, never raised
             return self._failed(verified, exc)
-        return self._applied(verified, outcome)
+        return self._applied(verified, outcomes)
 
     def _verify(
         self, provider: str, headers: Headers, body: bytes, method: str, uri: str | None
@@ -452,9 +529,19 @@ class _ReceiverBase:
             body=body,
         )
         message_id: str | None = None
+        pack = self.packs.get(provider)
         try:
             check_body_size(body, self.max_body_bytes)
             message_id = scheme.verify(request, now)
+            if pack is not None and callable(getattr(pack, "webhook_triggers_fetch", None)):
+                # A data-less notification (Google Drive): the body is not read.
+                fetch = bool(pack.webhook_triggers_fetch(request.headers))
+                return _Verified(provider, (), message_id, now, batch=True, fetch=fetch)
+            if pack is not None:
+                # The pack's body shape (HubSpot: a JSON array of events), strictly parsed first.
+                parse_json_value(body)
+                events = _pack_events(pack, body, provider)
+                return _Verified(provider, tuple(events), message_id, now, batch=True)
             payload = parse_json_strict(body)
             event = event_from_payload(payload, ordering=ordering_of(self.settings, provider))
         except WebhookVerificationError as exc:
@@ -462,7 +549,7 @@ class _ReceiverBase:
                 self._signature_failed(provider, now)
             status = REASON_STATUS.get(exc.reason, 400)
             return self._reject(provider, exc.reason, status, str(exc), message_id)
-        return _Verified(provider, event, message_id, now)
+        return _Verified(provider, (event,), message_id, now)
 
     def _signature_failed(self, provider: str, now: datetime) -> None:
         count = self._signature_failures.add(provider, now)
@@ -502,38 +589,88 @@ class _ReceiverBase:
         return WebhookResult(status, outcome, message_id=message_id, detail=detail)
 
     def _seen(self, verified: _Verified) -> bool:
-        key = (verified.provider, str(verified.event.id))
         with self._recent_lock:
-            return key in self._recent
+            return all((verified.provider, str(e.id)) in self._recent for e in verified.events)
 
     def _remember(self, verified: _Verified) -> None:
         with self._recent_lock:
-            self._recent[(verified.provider, str(verified.event.id))] = None
-            if len(self._recent) > RECENT_EVENTS:
+            for event in verified.events:
+                self._recent[(verified.provider, str(event.id))] = None
+            while len(self._recent) > RECENT_EVENTS:
                 self._recent.popitem(last=False)
 
-    def _applied(self, verified: _Verified, outcome: ApplyOutcome) -> WebhookResult:
-        # Whatever the outcome, the event's inbox row is committed with its webhook stamp.
+    def _applied(self, verified: _Verified, outcomes: list[ApplyOutcome]) -> WebhookResult:
+        # Whatever the outcome, the events' inbox rows are committed with their webhook stamp.
         self._remember(verified)
         provider = verified.provider
-        label = "accepted" if outcome is ApplyOutcome.APPLIED else outcome.value
+        labels = ["accepted" if o is ApplyOutcome.APPLIED else o.value for o in outcomes]
+        # A batch is "accepted" when any of its events was applied, else its first outcome.
+        label = "accepted" if "accepted" in labels else labels[0]
         self.metrics.webhooks_received.labels(provider=provider, outcome=label).inc()
-        event_id = str(verified.event.id)
+        event_id = _first_id(verified)
+        counts: dict[str, int] | None = None
+        if verified.batch:
+            counts = {}
+            for name in labels:
+                counts[name] = counts.get(name, 0) + 1
         _log.debug(
             "idis.webhooks.received",
             provider=provider,
             outcome=label,
             event_id=event_id,
+            events=len(outcomes),
             webhook_id=verified.message_id,
         )
-        return WebhookResult(200, label, event_id=event_id, message_id=verified.message_id)
+        return WebhookResult(
+            200, label, event_id=event_id, message_id=verified.message_id, counts=counts
+        )
+
+    def _nothing(self, verified: _Verified, *, unfed: bool = False) -> WebhookResult:
+        """A verified request that carries no event (a channel handshake): 200, nothing applied.
+
+        ``unfed``: a notification that asks for a fetch, but the receiver was given no
+        feed for the provider (``feeds=``); the poller and the sentinel still catch up.
+        """
+        self.metrics.webhooks_received.labels(provider=verified.provider, outcome="ignored").inc()
+        if unfed:
+            _log.warning(
+                "idis.webhooks.no_feed",
+                msg="notification asks for a changes fetch, but the receiver has no feed for "
+                "this provider (pass feeds=); the poller will catch up",
+                provider=verified.provider,
+            )
+        return WebhookResult(200, "ignored", message_id=verified.message_id, counts={})
+
+    def _fetched(self, verified: _Verified, polled: Any) -> WebhookResult:
+        """A notification whose changes fetch ran: 200 with the fetch's outcomes counted."""
+        counts = {
+            "accepted": int(polled.applied),
+            "duplicate": int(polled.duplicates),
+            "superseded": int(polled.superseded),
+            "ignored": int(polled.ignored),
+        }
+        label = "fetched"
+        self.metrics.webhooks_received.labels(provider=verified.provider, outcome=label).inc()
+        _log.debug(
+            "idis.webhooks.fetched",
+            provider=verified.provider,
+            fetched=int(polled.fetched),
+            applied=int(polled.applied),
+            webhook_id=verified.message_id,
+        )
+        return WebhookResult(
+            200,
+            label,
+            message_id=verified.message_id,
+            counts={k: v for k, v in counts.items() if v},
+        )
 
     def _failed(self, verified: _Verified, exc: BaseException) -> WebhookResult:
         provider = verified.provider
-        event_id = str(verified.event.id)
-        transient = isinstance(exc, OperationalError | StorageError) or (
-            isinstance(exc, DBAPIError) and exc.connection_invalidated
-        )
+        event_id = _first_id(verified)
+        transient = isinstance(
+            exc, OperationalError | StorageError | ProviderError | AuthError
+        ) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
         outcome, status = ("unavailable", 503) if transient else ("handler_error", 500)
         self.metrics.webhooks_received.labels(provider=provider, outcome=outcome).inc()
         # The exception's type only: its text may quote the host's data.
@@ -570,6 +707,49 @@ class _ReceiverBase:
             return self._internal_error(provider, exc)
 
 
+class _InPlaceFeed:
+    """A sync adapter as the poller's async feed, called in place (on a private loop)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        accepts = getattr(client, "accepts_cursor", None)
+        if callable(accepts):
+            self.accepts_cursor = accepts
+
+    async def changes(self, **kwargs: Any) -> Any:
+        return self._client.changes(**kwargs)
+
+
+def _first_id(verified: _Verified) -> str | None:
+    return str(verified.events[0].id) if verified.events else None
+
+
+def _pack_of(settings: Settings, name: str) -> Any:
+    """The provider's pack when it is not the generic one (whose shape is the default)."""
+    config = settings.providers.get(name)
+    if config is None or config.api == "generic":
+        return None
+    from ..providers._pack import pack_for
+
+    return pack_for(config)
+
+
+def _pack_events(pack: Any, body: bytes, provider: str) -> list[Any]:
+    """The pack's events of one verified body; a malformed one is ``invalid_event`` (400)."""
+    from ..exceptions import MalformedResponse
+
+    try:
+        return list(pack.webhook_events(body, provider))
+    except MalformedResponse as exc:
+        raise WebhookVerificationError(
+            f"webhook body is invalid: {exc}", reason="invalid_event"
+        ) from None
+
+
+def _events(group: list[_Job]) -> list[Any]:
+    return [event for job in group for event in job.verified.events]
+
+
 def _by_provider(jobs: list[_Job]) -> list[tuple[str, list[_Job]]]:
     """``jobs`` grouped by provider, each group in arrival order.
 
@@ -586,9 +766,15 @@ def _by_provider(jobs: list[_Job]) -> list[tuple[str, list[_Job]]]:
 def _settle(results: list[tuple[list[_Job], ApplyResult]]) -> None:
     """Give each job its outcome, once the transaction committed."""
     for group, result in results:
-        for job, outcome in zip(group, result.outcomes, strict=True):
-            assert outcome is not None  # not isolated: a failure raised instead
-            job.outcome = outcome
+        outcomes = list(result.outcomes)
+        if len(outcomes) != sum(len(job.verified.events) for job in group):
+            raise RuntimeError("the inbox answered a different number of outcomes than events")
+        at = 0
+        for job in group:
+            taken = outcomes[at : at + len(job.verified.events)]
+            at += len(taken)
+            assert all(o is not None for o in taken)  # not isolated: a failure raised instead
+            job.outcome = [o for o in taken if o is not None]
 
 
 def _as_sessionmaker(target: Engine | sessionmaker[Session] | Callable[[], Session]) -> Any:
@@ -614,6 +800,9 @@ class WebhookReceiver(_ReceiverBase):
         providers: Serve only these providers (each must have a secret or a scheme).
         clock: Current time (injectable for tests).
         metrics: Metrics to count in (default: the process-wide set).
+        feeds: Provider → its pack's sync adapter (``client_for(gateway, name)``), for
+            providers whose notifications carry no data (Google Drive): a ``change``
+            notification fetches the adapter's changes from the stored cursor.
 
     Raises:
         ConfigError: when a provider named in ``providers`` has no secret, a
@@ -634,6 +823,7 @@ class WebhookReceiver(_ReceiverBase):
         providers: Iterable[str] | None = None,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
+        feeds: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
             settings,
@@ -642,6 +832,7 @@ class WebhookReceiver(_ReceiverBase):
             providers=providers,
             clock=clock,
             metrics=metrics,
+            feeds=feeds,
         )
         self._sessions = _as_sessionmaker(sessions)
         bind = _bound_engine(sessions, Engine)
@@ -652,7 +843,20 @@ class WebhookReceiver(_ReceiverBase):
             threading.Lock() if sqlite else contextlib.nullcontext()
         )
         self._parallel = 1 if sqlite else PARALLEL_BATCHES
-        self._io = _IO(_ThreadCommitter(self._apply_batch, self._parallel), self._save_spike)
+        # A notification's changes fetch runs the (async) poller on a private loop over
+        # a pool-less async engine of the same database (see _fetch).
+        self._db_url = None if bind is None else bind.url.render_as_string(hide_password=False)
+        if self.feeds and self._db_url is None:
+            raise ConfigError(
+                "WebhookReceiver(feeds=...) needs an Engine (or a sessionmaker bound to one): "
+                "a notification's changes fetch opens its own connections",
+                variable="feeds",
+            )
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._fetch_guard = threading.Lock()
+        self._io = _IO(
+            _ThreadCommitter(self._apply_batch, self._parallel), self._save_spike, self._fetch
+        )
 
     def handle(
         self,
@@ -702,7 +906,7 @@ class WebhookReceiver(_ReceiverBase):
                         apply_events(
                             session,
                             provider,
-                            [job.verified.event for job in group],
+                            _events(group),
                             "webhook",
                             registry=self.registry,
                             now=group[-1].verified.now,
@@ -719,6 +923,41 @@ class WebhookReceiver(_ReceiverBase):
         with self._sessions() as session, session.begin():
             note_signature_spike(session, provider, at)
 
+    def _fetch(self, provider: str) -> Any:
+        """Fetch ``provider``'s changes from its stored cursor and apply them (one at a time).
+
+        The poller is async only: it runs here on a private event loop (this is a
+        worker thread: ``handle()``'s caller or the ASGI app's), with the sync feed
+        called in place and an async engine without a pool, disposed at the end.
+        """
+        with self._fetch_guard:
+            lock = self._fetch_locks.setdefault(provider, threading.Lock())
+        with lock:
+            return asyncio.run(self._poll_once(provider))
+
+    async def _poll_once(self, provider: str) -> Any:
+        from sqlalchemy.pool import NullPool
+
+        from ..db._engine import create_async_db_engine
+        from ..sync._poller import Poller
+
+        assert self._db_url is not None
+        engine = create_async_db_engine(self._db_url, poolclass=NullPool)
+        try:
+            poller = Poller(
+                _InPlaceFeed(self.feeds[provider]),
+                engine,
+                self.settings,
+                provider,
+                registry=self.registry,
+                clock=self.clock,
+                metrics=self._metrics,
+                source="webhook",
+            )
+            return await poller.poll_once()
+        finally:
+            await engine.dispose()
+
     def asgi_app(self, provider: str | None = None) -> Callable[..., Awaitable[None]]:
         """An ASGI app: ``POST /{provider}`` (or ``POST /`` for a fixed ``provider``).
 
@@ -733,14 +972,19 @@ class WebhookReceiver(_ReceiverBase):
         async def save_spike(name: str, at: datetime) -> None:
             await anyio.to_thread.run_sync(self._save_spike, name, at)
 
-        return _make_asgi(self, _IO(_LoopCommitter(apply, self._parallel), save_spike), provider)
+        async def fetch(name: str) -> Any:
+            return await anyio.to_thread.run_sync(self._fetch, name)
+
+        io = _IO(_LoopCommitter(apply, self._parallel), save_spike, fetch)
+        return _make_asgi(self, io, provider)
 
 
 class AsyncWebhookReceiver(_ReceiverBase):
     """The asyncio twin of :class:`WebhookReceiver` (``AsyncEngine``/``async_sessionmaker``).
 
     Async handlers are awaited; sync ones run through ``AsyncSession.run_sync``.
-    One instance serves one event loop.
+    One instance serves one event loop. ``feeds`` maps a provider to its pack's async
+    adapter (``async_client_for``), as :class:`WebhookReceiver`'s sync ones.
     """
 
     def __init__(
@@ -753,6 +997,7 @@ class AsyncWebhookReceiver(_ReceiverBase):
         providers: Iterable[str] | None = None,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
+        feeds: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
             settings,
@@ -761,6 +1006,7 @@ class AsyncWebhookReceiver(_ReceiverBase):
             providers=providers,
             clock=clock,
             metrics=metrics,
+            feeds=feeds,
         )
         self._sessions: Any = (
             async_sessionmaker(sessions, expire_on_commit=False)
@@ -774,7 +1020,8 @@ class AsyncWebhookReceiver(_ReceiverBase):
             asyncio.Lock() if sqlite else contextlib.nullcontext()
         )
         parallel = 1 if sqlite else PARALLEL_BATCHES
-        self._io = _IO(_LoopCommitter(self._apply_batch, parallel), self._save_spike)
+        self._fetch_locks: dict[str, asyncio.Lock] = {}
+        self._io = _IO(_LoopCommitter(self._apply_batch, parallel), self._save_spike, self._fetch)
 
     async def handle(
         self,
@@ -813,7 +1060,7 @@ class AsyncWebhookReceiver(_ReceiverBase):
                         await apply_events_async(
                             session,
                             provider,
-                            [job.verified.event for job in group],
+                            _events(group),
                             "webhook",
                             registry=self.registry,
                             now=group[-1].verified.now,
@@ -828,6 +1075,25 @@ class AsyncWebhookReceiver(_ReceiverBase):
 
         async with self._sessions() as session, session.begin():
             await session.run_sync(lambda s: note_signature_spike(s, provider, at))
+
+    async def _fetch(self, provider: str) -> Any:
+        """Async twin of :meth:`WebhookReceiver._fetch`: the poller over this receiver's
+        sessions and the provider's async adapter, one fetch per provider at a time."""
+        from ..sync._poller import Poller
+
+        lock = self._fetch_locks.setdefault(provider, asyncio.Lock())
+        async with lock:
+            poller = Poller(
+                self.feeds[provider],
+                self._sessions,
+                self.settings,
+                provider,
+                registry=self.registry,
+                clock=self.clock,
+                metrics=self._metrics,
+                source="webhook",
+            )
+            return await poller.poll_once()
 
     def asgi_app(self, provider: str | None = None) -> Callable[..., Awaitable[None]]:
         """An ASGI app: ``POST /{provider}`` (or ``POST /`` for a fixed ``provider``)."""

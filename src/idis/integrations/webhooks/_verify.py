@@ -70,6 +70,7 @@ __all__ = [
     "check_body_size",
     "normalize_headers",
     "parse_json_strict",
+    "parse_json_value",
 ]
 
 #: HTTP status answered for each rejection reason.
@@ -456,9 +457,28 @@ def _has_unstorable(value: Any) -> bool:
 def parse_json_strict(body: bytes) -> dict[str, Any]:
     """Parse a webhook body as strict JSON: one UTF-8 object, nothing JSON does not allow.
 
-    Rejected: invalid UTF-8 (or a BOM), NaN/Infinity, duplicate keys, a top
-    level that is not an object, nesting deeper than 64, and ``\\u0000`` or lone
-    surrogate escapes (they cannot be stored).
+    See :func:`parse_json_value` (this one also requires the top level to be an object).
+
+    Raises:
+        WebhookVerificationError: reason ``malformed_json``, saying what was wrong
+            (never echoing the body).
+    """
+    payload = parse_json_value(body)
+    if not isinstance(payload, dict):
+        raise WebhookVerificationError(
+            f"webhook body is a JSON {type(payload).__name__}, expected an object",
+            reason="malformed_json",
+        )
+    return payload
+
+
+def parse_json_value(body: bytes) -> Any:
+    """Parse a webhook body as strict JSON: one UTF-8 value, nothing JSON does not allow.
+
+    A batched body (HubSpot's JSON array of events) is parsed with this one.
+
+    Rejected: invalid UTF-8 (or a BOM), NaN/Infinity, duplicate keys, nesting deeper
+    than 64, and ``\\u0000`` or lone surrogate escapes (they cannot be stored).
 
     Raises:
         WebhookVerificationError: reason ``malformed_json``, saying what was wrong
@@ -490,11 +510,6 @@ def parse_json_strict(body: bytes) -> dict[str, Any]:
         raise WebhookVerificationError(
             f"webhook body is not valid JSON: {detail}", reason="malformed_json"
         ) from None
-    if not isinstance(payload, dict):
-        raise WebhookVerificationError(
-            f"webhook body is a JSON {type(payload).__name__}, expected an object",
-            reason="malformed_json",
-        )
     # Escapes are the only way to spell NUL or a lone surrogate in valid UTF-8.
     if "\\u" in text and _has_unstorable(payload):
         raise WebhookVerificationError(
