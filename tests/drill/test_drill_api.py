@@ -95,6 +95,7 @@ def test_api_salesforce_polls_soql_and_replays_the_deletions(tmp_path: Path) -> 
     assert () == result.summary.lost
     assert () == result.summary.doubled
     assert "3 not applicable" in result.summary.lines()[0]
+    assert result.summary.lines()[1].startswith(f"records: {result.summary.records} at the")
 
 
 def test_api_salesforce_without_reconcile_loses_the_deletions(tmp_path: Path) -> None:
@@ -107,14 +108,22 @@ def test_api_salesforce_without_reconcile_loses_the_deletions(tmp_path: Path) ->
     assert all(lost.endswith("@deleted") for lost in result.summary.lost)
 
 
-def test_api_hubspot_polls_search_and_resyncs_the_deletions(tmp_path: Path) -> None:
-    """HubSpot: CRM search polling; search replay sees no deletions, the resync by id does."""
+def test_api_hubspot_takes_batched_webhooks_polls_search_and_resyncs_deletions(
+    tmp_path: Path,
+) -> None:
+    """HubSpot: batched v3-signed webhooks and CRM search polling (pinned: the sentinel cannot
+    judge HubSpot's webhooks); search replay sees no deletions, the resync by id does."""
     result, ids = _drill(tmp_path, "hubspot")
 
     assert [] == _failed(result)
-    assert _NO_WEBHOOK_ROWS == set(_not_applicable(result))
+    assert _NO_WEBHOOK_ROWS - {"Verification 4: webhooks delivered"} == set(_not_applicable(result))
+    assert all("sentinel" in why for why in _not_applicable(result).values())
     assert ids
-    assert all(i.startswith(("hs:deals.poll:", "resync:")) for i in ids)
+    assert all(i.startswith(("hs:deals.poll:", "hs:deal.", "resync:")) for i in ids)
+    assert any(i.startswith("hs:deal.propertyChange:") for i in ids)  # by webhook
+    assert (
+        _check(result, "Verification 4: webhooks delivered, retry queue drained").split()[0] != "0"
+    )
     deletions = [i for i in ids if i.startswith("resync:") and ":deleted:" in i]
     assert OUTAGE_DELETIONS == len(deletions)
     assert result.summary.resync_applied is not None
@@ -127,13 +136,19 @@ def test_api_hubspot_polls_search_and_resyncs_the_deletions(tmp_path: Path) -> N
 
 
 def test_api_gdrive_rehearses_the_documents_provider_on_a_durable_feed(tmp_path: Path) -> None:
-    """Drive: the documents provider; its changes feed is durable, so replay finds nothing
-    left, and the drill says replay was not needed instead of passing it."""
+    """Drive: the documents provider; notifications through a renewed watch channel that lapses
+    in the outage (failover) and is opened again (return); the changes feed is durable, so
+    replay finds nothing left, and the drill says replay was not needed instead of passing it."""
     result, ids = _drill(tmp_path, "gdrive")
 
     assert [] == _failed(result)
     assert result.report.title == "RB-09 drill: full-outage of docs_provider (gdrive API)"
-    assert _NO_WEBHOOK_ROWS | {"Recovery 3: replay needed"} == set(_not_applicable(result))
+    assert {"Recovery 3: replay needed"} == set(_not_applicable(result))
+    assert "polling" == _check(result, "Containment 1: automatic polling failover")
+    assert "webhook" == _check(result, "Recovery 5: back to webhooks")
+    notes = [text for _, text in result.report.events]
+    assert "Drive watch channel renewed before expiry" in notes
+    assert "Drive watch channel opened again (the last one lapsed in the outage)" in notes
     assert ids
     assert all(i.startswith("gd:") for i in ids)
     assert 0 == result.summary.reconcile_applied
@@ -164,9 +179,10 @@ def test_a_bad_api_is_a_config_error_naming_the_value_and_the_choices() -> None:
     assert "generic, hubspot, salesforce, gdrive, pdl" in str(caught.value)
 
 
-def test_webhook_only_needs_an_api_with_webhooks() -> None:
+@pytest.mark.parametrize("api", ["salesforce", "hubspot"])
+def test_webhook_only_needs_an_api_whose_webhooks_the_sync_service_can_judge(api: str) -> None:
     with pytest.raises(ConfigError, match="--scenario"):
-        DrillOptions(api="salesforce", scenario="webhook-only")
+        DrillOptions(api=api, scenario="webhook-only")
 
 
 def test_the_cli_refuses_a_bad_api_with_exit_2_and_changes_nothing(tmp_path: Path) -> None:
@@ -218,8 +234,6 @@ def test_the_drill_table_is_kept_on_a_database_the_operator_names(tmp_path: Path
     finally:
         engine.dispose()
 
-    result = run_drill(
-        DrillOptions(api="pdl", database_url=url, report_path=None), echo=_quiet
-    )
+    result = run_drill(DrillOptions(api="pdl", database_url=url, report_path=None), echo=_quiet)
 
     assert [] == _failed(result)

@@ -105,6 +105,11 @@ PDL_NO_MATCH_EVERY = 10
 #: Records deleted in the outage's first ticks (``--api`` hubspot/salesforce): their
 #: deletions are seen by no poll, only by Recovery 3.
 OUTAGE_DELETIONS = 3
+#: Drive watch channels (``--api gdrive``): how long one lives, and how long before its
+#: expiry the host's scheduler opens the next. In the outage renewal fails and the
+#: channel lapses without a word: the webhook loss RB-09's failover exists for.
+CHANNEL_TTL_TICKS = 8
+CHANNEL_MARGIN_TICKS = 3
 
 _drill_meta = MetaData()
 #: The drill's stand-in for the host's data: every application of every event.
@@ -153,10 +158,10 @@ class DrillOptions:
                 f"--api={self.api!r} is not valid: expected one of {', '.join(APIS)}",
                 variable="--api",
             )
-        if self.scenario == "webhook-only" and not drill_api(self.api).webhooks:
+        if self.scenario == "webhook-only" and not drill_api(self.api).failover:
             raise ConfigError(
                 f"--scenario=webhook-only is not valid with --api={self.api}: "
-                f"{drill_api(self.api).no_webhooks}",
+                f"{drill_api(self.api).no_failover}",
                 variable="--scenario",
             )
         if self.scenario not in SCENARIOS:
@@ -206,6 +211,9 @@ class DrillSummary:
     checks_not_applicable: int = 0
     #: Records the resync by id applied (None: it did not run; ``--api hubspot``).
     resync_applied: int | None = None
+    #: Records at the provider, when events are counted by record state (``--api`` with
+    #: derived ids): ``lost`` then names records, ``applied_once`` counts event ids.
+    records: int | None = None
 
     def lines(self) -> list[str]:
         """The summary as a few lines of text."""
@@ -216,7 +224,11 @@ class DrillSummary:
         lines = [
             f"checks: {self.checks_passed} passed, {self.checks_failed} failed{na}",
             f"events: {self.emitted} emitted, {self.applied_once} applied once, "
-            f"{len(self.lost)} lost, {len(self.doubled)} applied twice",
+            f"{len(self.lost)} lost, {len(self.doubled)} applied twice"
+            if self.records is None
+            else f"records: {self.records} at the provider, {self.records - len(self.lost)} at "
+            f"their latest state, {len(self.lost)} lost; events: {self.emitted} emitted, "
+            f"{self.applied_once} applied once, {len(self.doubled)} applied twice",
             f"reconcile: {replayed}",
             *([] if self.resync_applied is None else [f"resync: {self.resync_applied} applied"]),
             f"dead letters: {self.dead_letters}",
@@ -359,7 +371,7 @@ def _drill_settings(base: Settings, options: DrillOptions) -> Settings:
         )
     sync = SyncSettings(
         # An API without webhooks in the drill is polled throughout (CRM_MODE=polling).
-        crm_mode="webhook" if drill_api(options.api).webhooks else "polling",
+        crm_mode="webhook" if drill_api(options.api).failover else "polling",
         crm_poll_interval=timedelta(seconds=step * 2),
         auto_failover="failover" not in options.broken,
         lag_threshold=timedelta(seconds=step * 4),
@@ -448,8 +460,10 @@ class _Findings:
     deleted: list[str] = field(default_factory=list)
     #: The resync that followed the replay (``--api hubspot``).
     resynced: Any = None
-    #: State accounting (``--api`` by record state): changes superseded before a read.
+    #: State accounting (``--api`` by record state): changes superseded before a read,
+    #: and the records at the provider.
     superseded: int = 0
+    records: int | None = None
 
 
 class _Stage:
@@ -469,7 +483,7 @@ class _Stage:
         self.ticks = 0
         self.claims = 0
         self.deal_version = 0
-        self.mode = "webhook" if self.api.webhooks else "polling"
+        self.mode = "webhook" if self.api.failover else "polling"
         self.breaker = "closed"
         self._errors: list[tuple[float, dict[tuple[str, str, str], float]]] = []
         # Set by build().
@@ -485,6 +499,13 @@ class _Stage:
         self.enricher: Any = None
         self.deferred: Any = None
         self.registry: Any = None
+        #: The receiver's socket, bound early when its URL must be known (HubSpot v3).
+        self._receiver_socket: socket.socket | None = None
+        self.receiver_url = ""
+        #: The open Drive watch channel (``--api gdrive``), and notifications delivered.
+        self.channel: Any = None
+        self.notifications_delivered = 0
+        self._renewal_failed = False
 
     # ------------------------------------------------------------------ building
 
@@ -527,6 +548,13 @@ class _Stage:
             encryption_keys=(Secret(Fernet.generate_key().decode()),),
         )
         base = self.api.configure(base, self.provider, self.enrich_provider)
+        if self.api.webhook_format == "hubspot":
+            # HubSpot signs the full URL it calls (v3): the receiver must know its own.
+            self._receiver_socket = stack.enter_context(contextlib.closing(_loopback_socket()))
+            port = self._receiver_socket.getsockname()[1]
+            base = base.with_providers(
+                replace(base.provider(self.provider), webhook_public_url=f"http://127.0.0.1:{port}")
+            )
         self.settings = _drill_settings(base, options)
         if self.api.feed_retention:
             await self.control(
@@ -655,10 +683,22 @@ class _Stage:
             providers=None if self.api.generic else [self.provider],
         )
         stack.push_async_callback(self.service.aclose)
-        url = await stack.enter_async_context(_serve_here(self.service.asgi_app()))
-        if not self.api.webhooks:
-            return
+        url = await stack.enter_async_context(
+            _serve_here(self.service.asgi_app(), self._receiver_socket)
+        )
+        self.receiver_url = url
+        if not self.api.webhooks or self.api.notifications:
+            return  # Drive: the channel is opened by the first tick's renewal
         secret = self.settings.provider(self.provider).webhook_secrets[0].get_secret_value()
+        if self.api.webhook_format is not None:
+            await self.control(
+                self.sim.control.set_webhook_target,
+                self.provider,
+                f"{url}/{self.provider}",
+                [secret],
+                format=self.api.webhook_format,
+            )
+            return
         await self.control(
             self.sim.control.set_webhook_target, self.provider, f"{url}/{self.provider}", [secret]
         )
@@ -732,6 +772,8 @@ class _Stage:
                 tenant_ids=["tenant-a", "tenant-b"],
             )
         await self.control(control.flush_webhooks, self.provider, timeout=5)
+        if self.api.notifications:
+            await self._drive_push()
         reports = await self.service.tick_all()
         # --api drills push nothing in Verification's quiet ticks: a poll reads the last push.
         if self.ticks % 2 == 0 and (emit or self.api.generic):
@@ -744,6 +786,48 @@ class _Stage:
         await self.sampler.flush()
         await self._observe(reports)
         self.clock.advance(options.speed)
+
+    async def _drive_push(self) -> None:
+        """Drive (``--api gdrive``): the host renews its watch channel on schedule, and
+        what Drive would push to the channel's address arrives at the receiver.
+
+        The simulator does not push by itself: the notifications it would have sent
+        (headers only) are fetched and POSTed to the receiver as Drive would.
+        """
+        from .._http import httpx
+        from ..exceptions import AuthError, ProviderError
+
+        feed = self.service.feeds[self.provider]
+        address = f"{self.receiver_url}/{self.provider}"
+        token = self.settings.provider(self.provider).webhook_secrets[0].get_secret_value()
+        step = self.options.speed
+        previous = self.channel
+        try:
+            self.channel = await feed.renew(
+                self.channel,
+                address,
+                token,
+                margin=timedelta(seconds=step * CHANNEL_MARGIN_TICKS),
+                ttl=timedelta(seconds=step * CHANNEL_TTL_TICKS),
+            )
+        except (ProviderError, AuthError) as exc:
+            if not self._renewal_failed:
+                self.record.note(f"Drive channel renewal failed ({type(exc).__name__}): it lapses")
+            self._renewal_failed = True
+        else:
+            if self.channel is not previous:
+                what = "opened" if previous is None else "renewed before expiry"
+                if self._renewal_failed:
+                    what = "opened again (the last one lapsed in the outage)"
+                self.record.note(f"Drive watch channel {what}")
+                self._renewal_failed = False
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+            pending = await client.get(f"{self.sim.url}/p/{self.provider}/drive/_notifications")
+            pending.raise_for_status()
+            for headers in pending.json()["notifications"]:
+                answer = await client.post(address, headers=headers, content=b"")
+                if answer.status_code == 200:
+                    self.notifications_delivered += 1
 
     async def ticks_until(self, done: Callable[[], Awaitable[bool]], limit: int) -> bool:
         """Tick until ``done()`` (checked before each tick) or ``limit`` ticks; whether done."""
@@ -913,6 +997,8 @@ class _Stage:
 
     async def webhooks_delivered(self) -> int:
         """Webhook deliveries the provider made so far."""
+        if self.api.notifications:
+            return self.notifications_delivered
         stats = await self.control(self.sim.control.stats, self.provider, detail=False)
         return int(stats.get("webhooks", {}).get("delivered", 0) or 0)
 
@@ -989,8 +1075,16 @@ class _Stage:
         )
 
 
+def _loopback_socket() -> socket.socket:
+    """A TCP socket bound to a free port on 127.0.0.1 (the receiver's, before it serves)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 @contextlib.asynccontextmanager
-async def _serve_here(app: Any) -> AsyncIterator[str]:
+async def _serve_here(app: Any, sock: socket.socket | None = None) -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn on 127.0.0.1, on the running loop (as the service does).
 
     ``Server._serve`` rather than ``serve``: ``serve`` takes over SIGINT, and
@@ -999,9 +1093,7 @@ async def _serve_here(app: Any) -> AsyncIterator[str]:
     from ..testing import _server_for
 
     server = _server_for(app, lifespan="off")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = sock or _loopback_socket()
     task = asyncio.get_running_loop().create_task(server._serve(sockets=[sock]))
     try:
         deadline = time.monotonic() + 10
@@ -1026,7 +1118,13 @@ async def _healthy(stage: _Stage) -> None:
         for _ in range(HEALTHY_TICKS):
             await stage.tick()
         applied = len(await stage.applications())
-        how = "webhook" if stage.api.webhooks else "polling"
+        how = (
+            "webhook"
+            if stage.api.failover
+            else "webhook and polling"
+            if stage.api.webhooks
+            else "polling"
+        )
         stage.record.note(f"{applied} events applied by {how}; breaker {stage.breaker}")
 
 
@@ -1073,6 +1171,8 @@ async def _start_outage(stage: _Stage) -> None:
     provider, enrich, control = stage.provider, stage.enrich_provider, stage.sim.control
     scenario = stage.options.scenario
     call = stage.control
+    # Drive stops nothing: its watch channel lapses when renewal fails (see _drive_push).
+    stopped = "its watch channel left to lapse" if stage.api.notifications else "webhooks stopped"
     await call(control.set_webhook_mode, provider, "stop")
     if scenario == "full-outage":
         await call(control.set_fault, provider, "error", status=503)
@@ -1080,10 +1180,10 @@ async def _start_outage(stage: _Stage) -> None:
         if stage.api.enrichment_api == "pdl":
             # What PDL answers when it is unavailable to us: 402, the credits are spent.
             await stage._pdl_control(credits=0)
-            what = f"{provider}: 5xx storm and timeouts; webhooks stopped; {enrich} credits spent"
+            what = f"{provider}: 5xx storm and timeouts; {stopped}; {enrich} credits spent"
         else:
             await call(control.set_fault, enrich, "error", status=503)
-            what = f"{provider}: 5xx storm and timeouts; webhooks stopped; {enrich} down"
+            what = f"{provider}: 5xx storm and timeouts; {stopped}; {enrich} down"
     elif scenario == "rate-limit-storm":
         await call(
             control.set_fault, provider, "rate_limit", retry_after=stage.options.speed, ratio=0.8
@@ -1181,12 +1281,11 @@ async def _contain_failover(stage: _Stage) -> None:
     with stage.record.phase("Containment 1: polling failover", "C1"):
         await stage.tick()
         stage.found.mode_during = stage.mode
-        how = "automatic failover; CRM_MODE unchanged" if stage.api.webhooks else "CRM_MODE=polling"
+        how = "automatic failover; CRM_MODE unchanged" if stage.api.failover else "CRM_MODE=polling"
         stage.record.note(f"sync mode {stage.mode} ({how})")
-    if stage.expect.failover and not stage.api.webhooks:
+    if stage.expect.failover and not stage.api.failover:
         stage.record.not_applicable(
-            "Containment 1: automatic polling failover",
-            f"{stage.api.no_webhooks} (CRM_MODE=polling)",
+            "Containment 1: automatic polling failover", stage.api.no_failover
         )
     elif stage.expect.failover:
         stage.record.check(
@@ -1567,7 +1666,7 @@ async def _recover_mode(stage: _Stage) -> None:
             )
             record.note(f"queue_webhook_retries: {result.dead} dead letters re-queued")
 
-        normal_mode = "webhook" if stage.api.webhooks else "polling"
+        normal_mode = "webhook" if stage.api.failover else "polling"
 
         async def normal() -> bool:
             pending, _ = await stage.outbox_counts()
@@ -1576,9 +1675,9 @@ async def _recover_mode(stage: _Stage) -> None:
         await stage.ticks_until(normal, limit=24)
         pending, dead = await stage.outbox_counts()
         record.note(f"sync mode {stage.mode}; outbox pending {pending}, dead letters {dead}")
-    if not stage.api.webhooks:
+    if not stage.api.failover:
         record.not_applicable(
-            "Recovery 5: back to webhooks", f"{stage.api.no_webhooks}; mode {stage.mode}"
+            "Recovery 5: back to webhooks", f"{stage.api.no_failover}; mode {stage.mode}"
         )
         return
     record.check("Recovery 5: back to webhooks", "webhook", stage.mode, stage.mode == "webhook")
@@ -1652,9 +1751,12 @@ async def _check_states(stage: _Stage) -> None:
     Search, SOQL and Drive's changes name no event of the provider's log, and a
     record changed twice between two reads is read once: the change in between
     is *superseded*, not lost. So here a record is lost when its latest state at
-    the provider (its last modification, or its deletion) was never applied, and
-    a state is applied twice when the host's handler ran twice for the same
-    record at the same modification time (or for the same deletion).
+    the provider (its last modification, or its deletion) was never applied. An
+    event is applied twice when the host's handler ran twice for one event id
+    (the pack's derived ids are the same on every read and redelivery: the
+    inbox's promise). HubSpot's webhook deltas and its search snapshots of the
+    same moment have different ids by design; states applied by both are
+    counted and told, not failed.
     """
     found = stage.found
     found.emitted = await stage.emitted()
@@ -1668,6 +1770,7 @@ async def _check_states(stage: _Stage) -> None:
         rows = (
             await conn.execute(
                 select(
+                    applied_table.c.event_id,
                     applied_table.c.record_id,
                     applied_table.c.event_type,
                     applied_table.c.occurred_at,
@@ -1675,17 +1778,30 @@ async def _check_states(stage: _Stage) -> None:
             )
         ).all()
     states: Counter[tuple[str, str]] = Counter()
-    for record_id, event_type, occurred_at in rows:
+    ids: Counter[str] = Counter()
+    channels: dict[tuple[str, str], set[str]] = {}
+    for event_id, record_id, event_type, occurred_at in rows:
         deleted = event_type == "record.deleted"
-        states[(str(record_id), "deleted" if deleted else str(_ms(occurred_at)))] += 1
+        state = (str(record_id), "deleted" if deleted else str(_ms(occurred_at)))
+        states[state] += 1
+        ids[str(event_id)] += 1
+        channels.setdefault(state, set()).add(".poll:" if ".poll:" in str(event_id) else "other")
     lost = []
     for rid, (deleted, modified) in sorted(final.items()):
         if states[(rid, "deleted" if deleted else str(modified))] == 0:
             lost.append(f"{rid}@{'deleted' if deleted else modified}")
-    doubled = sorted(f"{rid}@{state}" for (rid, state), n in states.items() if n > 1)
+    doubled = sorted(event_id for event_id, n in ids.items() if n > 1)
     found.lost, found.doubled = tuple(lost), tuple(doubled)
-    found.applied_once = sum(1 for n in states.values() if n == 1)
+    found.applied_once = sum(1 for n in ids.values() if n == 1)
     found.superseded = max(0, found.emitted - len(final))
+    found.records = len(final)
+    both = sum(1 for kinds in channels.values() if len(kinds) > 1)
+    if both:
+        stage.record.note(
+            f"{both} record states applied both as webhook deltas and as a poll's snapshot "
+            f"({stage.api.name}'s webhook events and search results never share an id; the "
+            "snapshot, which carries every property, is applied after the deltas)"
+        )
     stage.record.note(
         f"{found.emitted} changes at the provider over {len(final)} records: "
         f"{found.superseded} superseded by a later change before any read "
@@ -1700,7 +1816,7 @@ async def _check_states(stage: _Stage) -> None:
         not lost,
     )
     stage.record.check(
-        "Verification 2: zero states applied twice",
+        "Verification 2: zero events applied twice",
         "0",
         str(len(doubled)) + (f": {', '.join(doubled[:8])}" if doubled else ""),
         not doubled,
@@ -1783,7 +1899,7 @@ async def _check_audit(stage: _Stage) -> None:
     wanted: list[tuple[str, str]] = [("reconcile", "reconcile.")]
     if expect.alert:
         wanted.append(("breaker transitions", "breaker."))
-    if expect.failover and stage.api.webhooks:
+    if expect.failover and stage.api.failover:
         wanted.append(("sync mode switches", "sync.mode"))
     if expect.deferral:
         wanted.append(("defects", "defect"))
@@ -1910,6 +2026,7 @@ def _summary(stage: _Stage) -> DrillSummary:
         reconcile_applied=found.reconciled.applied if found.reconciled is not None else None,
         dead_letters=found.dead_letters,
         resync_applied=found.resynced.applied if found.resynced is not None else None,
+        records=found.records,
     )
 
 

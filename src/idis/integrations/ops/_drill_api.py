@@ -65,6 +65,14 @@ class DrillApi:
     webhooks: bool
     #: Why it does not (shown where a check about webhooks does not apply).
     no_webhooks: str = ""
+    #: Whether the sync service can judge the webhooks (fail over to polling and back);
+    #: else polling is pinned (``CRM_MODE=polling``), webhooks or not.
+    failover: bool = True
+    #: Why it cannot (shown where a check about failover does not apply).
+    no_failover: str = ""
+    #: Drive's data-less push notifications: the drill opens (and renews) a watch
+    #: channel and delivers what the simulator would have pushed to the receiver.
+    notifications: bool = False
     #: Whether events are counted by the provider's event ids (the generic shape);
     #: else by record state (derived ids: every record's latest state applied once).
     by_event_id: bool = True
@@ -77,6 +85,8 @@ class DrillApi:
     recovery: str = "replay"
     #: What the drill's facts say about the dialect (None for the default drill).
     about: str | None = None
+    #: The simulator's webhook format for the provider (None: Standard Webhooks).
+    webhook_format: str | None = None
     #: Ticks Detection may wait beyond the default drill's (the alert can take longer:
     #: HubSpot's search is a POST, which the gateway does not retry, so a poll in the
     #: outage fails once where a GET fails twice, and the error rate is half).
@@ -123,16 +133,21 @@ class DrillApi:
         return settings.with_providers(*changed)
 
 
+_SF_NO_WEBHOOKS = "Salesforce sends no plain webhooks: the drill polls it throughout"
+
 _APIS = {
     "generic": DrillApi("generic", "generic", "generic", webhooks=True),
     "hubspot": DrillApi(
         "hubspot",
         "hubspot",
         "generic",
-        webhooks=False,
-        no_webhooks=(
-            "the simulator does not send HubSpot's batched v3-signed webhooks yet: "
-            "the drill polls HubSpot throughout"
+        webhooks=True,
+        webhook_format="hubspot",
+        failover=False,
+        no_failover=(
+            "the sentinel confirms webhooks by event id, and HubSpot's webhook events "
+            "(per-property deltas) never share an id with its search snapshots, so it cannot "
+            "judge them: the drill pins polling (CRM_MODE=polling), webhooks deliver alongside"
         ),
         by_event_id=False,
         feed_retention=False,
@@ -140,9 +155,9 @@ _APIS = {
         recovery="resync",
         extra_ticks=16,
         about=(
-            "HubSpot CRM deals: CRM search on hs_lastmodifieddate (current states); "
-            "deletions during the outage come back by resync (HubSpot has no replay "
-            "that sees them)"
+            "HubSpot CRM deals: batched v3-signed webhooks and CRM search on "
+            "hs_lastmodifieddate (current states); deletions during the outage come back "
+            "by resync (HubSpot has no replay that sees them)"
         ),
     ),
     "salesforce": DrillApi(
@@ -150,7 +165,9 @@ _APIS = {
         "salesforce",
         "generic",
         webhooks=False,
-        no_webhooks="Salesforce sends no plain webhooks: the drill polls it throughout",
+        no_webhooks=_SF_NO_WEBHOOKS,
+        failover=False,
+        no_failover=_SF_NO_WEBHOOKS + " (CRM_MODE=polling)",
         by_event_id=False,
         feed_retention=False,
         deletions=True,
@@ -165,18 +182,16 @@ _APIS = {
         "gdrive",
         "gdrive",
         "generic",
-        webhooks=False,
-        no_webhooks=(
-            "the receiver does not turn Drive's data-less notifications into polls yet: "
-            "the drill polls Drive throughout"
-        ),
+        webhooks=True,
+        notifications=True,
         by_event_id=False,
         feed_retention=False,
         recovery="none",
         extra_ticks=16,
         about=(
-            "Google Drive as the documents provider: changes.list page tokens (a durable "
-            "feed); replay by files.list"
+            "Google Drive as the documents provider: changes.watch channels (data-less "
+            "notifications, renewed before expiry; they lapse in the outage), changes.list "
+            "page tokens (a durable feed); replay by files.list"
         ),
     ),
     "pdl": DrillApi(
