@@ -164,7 +164,7 @@ def test_api_pdl_defers_on_spent_credits_and_answers_no_match(tmp_path: Path) ->
     assert [] == _failed(result)
     assert {} == _not_applicable(result)
     assert all(i.startswith("evt_") for i in ids)
-    no_match = _check(result, "Containment 3: PDL no-match is an answer, not a defect")
+    no_match = _check(result, "Verification 2: PDL no-match is an answer, not a defect")
     assert no_match.endswith(", 0 defects")
     assert not no_match.startswith("0 ")
     assert any("credits spent" in text for _, text in result.report.events)

@@ -611,6 +611,17 @@ class _Stage:
                 no_match=[s for n, s in enumerate(subjects, 1) if n % PDL_NO_MATCH_EVERY == 0]
             )
 
+    async def drive_silence(self, on: bool) -> None:
+        """The simulator's Drive channels stop (or resume) notifying, without a word."""
+        from .._http import httpx
+
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+            answer = await client.post(
+                f"{self.sim.url}/p/{self.provider}/drive/_silence",
+                params={"on": "true" if on else "false"},
+            )
+            answer.raise_for_status()
+
     async def _pdl_control(self, **body: Any) -> None:
         """The simulator's PDL knobs (credits, no-match subjects)."""
         from .._http import httpx
@@ -801,6 +812,15 @@ class _Stage:
         address = f"{self.receiver_url}/{self.provider}"
         token = self.settings.provider(self.provider).webhook_secrets[0].get_secret_value()
         step = self.options.speed
+        # First what Drive pushed since the last tick (it pushes at once: before any renewal
+        # below stops the channel that would have sent it).
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+            pending = await client.get(f"{self.sim.url}/p/{self.provider}/drive/_notifications")
+            pending.raise_for_status()
+            for headers in pending.json()["notifications"]:
+                answer = await client.post(address, headers=headers, content=b"")
+                if answer.status_code == 200:
+                    self.notifications_delivered += 1
         previous = self.channel
         try:
             self.channel = await feed.renew(
@@ -821,13 +841,6 @@ class _Stage:
                     what = "opened again (the last one lapsed in the outage)"
                 self.record.note(f"Drive watch channel {what}")
                 self._renewal_failed = False
-        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
-            pending = await client.get(f"{self.sim.url}/p/{self.provider}/drive/_notifications")
-            pending.raise_for_status()
-            for headers in pending.json()["notifications"]:
-                answer = await client.post(address, headers=headers, content=b"")
-                if answer.status_code == 200:
-                    self.notifications_delivered += 1
 
     async def ticks_until(self, done: Callable[[], Awaitable[bool]], limit: int) -> bool:
         """Tick until ``done()`` (checked before each tick) or ``limit`` ticks; whether done."""
@@ -1171,9 +1184,12 @@ async def _start_outage(stage: _Stage) -> None:
     provider, enrich, control = stage.provider, stage.enrich_provider, stage.sim.control
     scenario = stage.options.scenario
     call = stage.control
-    # Drive stops nothing: its watch channel lapses when renewal fails (see _drive_push).
-    stopped = "its watch channel left to lapse" if stage.api.notifications else "webhooks stopped"
+    stopped = "webhooks stopped"
     await call(control.set_webhook_mode, provider, "stop")
+    if stage.api.notifications:
+        # Drive's channel stops notifying without a word (and, the API down, cannot be renewed).
+        await stage.drive_silence(True)
+        stopped = "its watch channel silent"
     if scenario == "full-outage":
         await call(control.set_fault, provider, "error", status=503)
         await call(control.set_fault, provider, "timeout", endpoint="changes", ratio=0.5)
@@ -1346,8 +1362,6 @@ async def _contain_defects(stage: _Stage) -> None:
             f"{found.defects_during} open",
             found.defects_during > 0,
         )
-    if stage.api.enrichment_api == "pdl":
-        await _check_no_match(stage)
 
 
 async def _check_no_match(stage: _Stage) -> None:
@@ -1364,7 +1378,7 @@ async def _check_no_match(stage: _Stage) -> None:
             ).scalar_one()
         )
     stage.record.check(
-        "Containment 3: PDL no-match is an answer, not a defect",
+        "Verification 2: PDL no-match is an answer, not a defect",
         "404 not_found answered; 0 defects for those subjects",
         f"{len(subjects)} subjects not found, {defects} defects",
         len(subjects) > 0 and defects == 0,
@@ -1411,6 +1425,8 @@ async def _outage_continues(stage: _Stage) -> None:
         await stage.control(control.clear_faults, stage.enrich_provider)
         if stage.api.enrichment_api == "pdl":
             await stage._pdl_control(credits=None)  # credits bought again
+        if stage.api.notifications:
+            await stage.drive_silence(False)
         await stage.control(control.set_webhook_mode, provider, "deliver")
         await stage.control(control.require_auth, provider, enabled=False)
         stage.found.webhooks_at_recovery = await stage.webhooks_delivered()
@@ -1698,6 +1714,8 @@ async def _verification(stage: _Stage) -> None:
         await _check_audit(stage)
         await _check_verify_sync(stage)
         await _check_delivery(stage)
+        if stage.api.enrichment_api == "pdl":
+            await _check_no_match(stage)
         for line in _summary(stage).lines():
             record.note(line, echo=False)  # the caller prints the summary after the table
 
