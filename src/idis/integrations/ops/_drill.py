@@ -1055,6 +1055,14 @@ class _Stage:
                 ).scalar_one()
             )
 
+    async def open_defect_subjects(self) -> list[str]:
+        """The subjects of the STALE_ENRICHMENT defects still open, sorted."""
+        from ..enrichment._models import Defect
+
+        async with self.async_engine.connect() as conn:
+            rows = await conn.execute(select(Defect.subject_id).where(Defect.status == "OPEN"))
+            return sorted(str(row[0]) for row in rows)
+
     async def impact(self) -> str:
         """RB-09 Triage 5: undelivered pushes and open defects, per tenant."""
         from ..enrichment._models import Defect
@@ -1369,6 +1377,15 @@ async def _check_no_match(stage: _Stage) -> None:
     from ..enrichment._models import Defect
 
     subjects = stage.found.no_match
+    if not subjects:
+        asked = [f"claim-{n}" for n in range(1, stage.claims + 1) if n % PDL_NO_MATCH_EVERY == 0]
+        stage.record.not_applicable(
+            "Verification 2: PDL no-match is an answer, not a defect",
+            f"PDL answered no unknown subject directly: {', '.join(asked) or 'none'} arrived in "
+            "the outage and were deferred before PDL could say; Recovery 4 shows what their "
+            "refresh left",
+        )
+        return
     async with stage.async_engine.connect() as conn:
         defects = int(
             (
@@ -1635,6 +1652,7 @@ async def _recover_defects(stage: _Stage) -> None:
 
         await stage.ticks_until(none_open, limit=12)
         open_after = await stage.open_defects()
+        left = await stage.open_defect_subjects() if open_after else []
         # RB-09's UPDATE (clear-stale-defects) for what the worker did not resolve.
         cleared = await stage.command(
             clear_stale_defects,
@@ -1653,7 +1671,7 @@ async def _recover_defects(stage: _Stage) -> None:
     record.check(
         "Recovery 4: stale defects resolved by the worker",
         "0 open",
-        f"{open_after} open",
+        f"{open_after} open" + (f": {', '.join(left[:8])}" if left else ""),
         open_after == 0,
     )
 
