@@ -268,7 +268,7 @@ def bench_batches(kind: str, url: str, count: int, rounds: int, size: int = 8) -
             [
                 _Job(
                     _Verified(
-                        PROVIDER, event_from_payload(json.loads(b), ordering=order), None, now
+                        PROVIDER, (event_from_payload(json.loads(b), ordering=order),), None, now
                     )
                 )
                 for b in bodies[start : start + size]
@@ -279,7 +279,7 @@ def bench_batches(kind: str, url: str, count: int, rounds: int, size: int = 8) -
         wall = time.perf_counter()
         for jobs in batches:
             receiver._apply_batch(jobs)
-            assert all(job.error is None and job.outcome == "applied" for job in jobs)
+            assert all(job.error is None and job.outcome == ["applied"] for job in jobs)
         wall_us.append((time.perf_counter() - wall) / count * 1e6)
         cpu_us.append((time.process_time() - cpu) / count * 1e6)
     print(

@@ -334,7 +334,7 @@ async def list_deals(request: Request) -> Response:
         query = query.where(Deal.tenant_id == tenant_id)
     elif principal.tenants is not None:
         query = query.where(Deal.tenant_id.in_(sorted(principal.tenants)))
-    async with runtime.sessions() as session:
+    async with runtime.reads() as session:
         deals = (await session.scalars(query)).all()
     return json_response({"deals": [d.as_dict() for d in deals]})
 
@@ -342,7 +342,7 @@ async def list_deals(request: Request) -> Response:
 async def get_deal(request: Request) -> Response:
     """One deal, with its CRM sync status."""
     runtime = _runtime(request)
-    async with runtime.sessions() as session:
+    async with runtime.reads() as session:
         deal = await session.get(Deal, request.path_params["deal_id"])
     if deal is None or not principal_of(request).can_see(deal.tenant_id):
         return _error(404, f"no deal {request.path_params['deal_id']!r}")
@@ -375,7 +375,7 @@ async def get_claim(request: Request) -> Response:
     """One claim (the deferred worker's callback keeps a refreshed one current)."""
     runtime = _runtime(request)
     claim_id = request.path_params["claim_id"]
-    async with runtime.sessions() as session:
+    async with runtime.reads() as session:
         owner = await session.scalar(select(Claim.tenant_id).where(Claim.id == claim_id))
         if owner is None or not principal_of(request).can_see(owner):
             return _error(404, f"no claim {claim_id!r}")
@@ -410,7 +410,7 @@ async def enrich_claim(request: Request) -> Response:
             raise BadRequest(str(exc)) from None
     primary = chain[0] if chain else runtime.enrichment_provider
     assert primary is not None
-    async with runtime.sessions() as session:
+    async with runtime.reads() as session:
         claim = await session.get(Claim, claim_id)
     if claim is None or not principal_of(request).can_see(claim.tenant_id):
         return _error(404, f"no claim {claim_id!r}")

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from idis.integrations import oauth_auth_factory
 from idis.integrations.config import Settings
-from idis.integrations.db._engine import create_async_db_engine, create_db_engine
+from idis.integrations.db._engine import aread_only, create_async_db_engine, create_db_engine
 from idis.integrations.db._migrate import upgrade
 from idis.integrations.enrichment import AsyncDeferredEnrichmentWorker, AsyncEnricher
 from idis.integrations.enrichment._decisions import default_primary
@@ -94,6 +94,7 @@ class Runtime:
         self.started = False
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self._reads: async_sessionmaker[AsyncSession] | None = None
         self._gateway: AsyncGateway | None = None
         self._sync: AsyncSyncService | None = None
         self._webhooks: Any = None
@@ -114,6 +115,13 @@ class Runtime:
         if self._sessions is None:
             raise RuntimeError("the service has not started")
         return self._sessions
+
+    @property
+    def reads(self) -> async_sessionmaker[AsyncSession]:
+        """Session factory for read-only work (no write lock on SQLite)."""
+        if self._reads is None:
+            raise RuntimeError("the service has not started")
+        return self._reads
 
     @property
     def gateway(self) -> AsyncGateway:
@@ -155,6 +163,8 @@ class Runtime:
         engine = self._engine = create_async_db_engine(settings.database_url)
         self._exit.push_async_callback(engine.dispose)
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # Page views only read: without a write lock they never queue behind the outbox.
+        self._reads = async_sessionmaker(aread_only(engine), expire_on_commit=False)
         auth = None
         if any(p.auth.grant != "none" for p in settings.providers.values()):
             auth = oauth_auth_factory(settings, async_engine=engine, metrics=self.metrics)

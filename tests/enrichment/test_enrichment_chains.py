@@ -126,10 +126,17 @@ def test_without_deferral_an_outage_raises_unavailability_not_no_match(
 
     assert (raised, status_code) == (type(caught.value), caught.value.status_code)
     assert (0, 0, [("claim-m", True)]) == _recorded(env)
+    # A chain with an unavailable provider does not know: no "no match" is remembered.
+    assert env.rows(env.Cache)[0].no_match_at is None
 
 
-def test_every_provider_answering_no_match_raises_and_records_nothing(env: Any, mode: str) -> None:
-    """All 404: the primary's ProviderRejected, even with deferral on; nothing stale, no defect."""
+def test_every_provider_answering_no_match_raises_and_records_only_the_answer(
+    env: Any, mode: str
+) -> None:
+    """All 404: the primary's ProviderRejected, even with deferral on; nothing stale, no defect.
+
+    The only row written remembers the answer (``no_match_at``), not stale.
+    """
     settings = env.settings(fallbacks={PRIMARY: (FALLBACK,)})
     _answer(env, PRIMARY, 404)
     _answer(env, FALLBACK, 404)
@@ -138,7 +145,8 @@ def test_every_provider_answering_no_match_raises_and_records_nothing(env: Any, 
         env.enricher(settings, mode).enrich("claim-n", tenant_id="t1")
 
     assert (PRIMARY, 404) == (caught.value.provider, caught.value.status_code)
-    assert (0, 0, []) == _recorded(env)
+    assert (0, 0, [("claim-n", False)]) == _recorded(env)
+    assert env.rows(env.Cache)[0].no_match_at is not None
 
 
 def test_a_rate_limited_primary_falls_back_to_a_healthy_provider(env: Any, mode: str) -> None:

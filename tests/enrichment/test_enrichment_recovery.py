@@ -188,8 +188,11 @@ def test_defer_off_raises_records_staleness_and_create_stale_defects_heals(
     ]
 
 
-def test_rejected_by_every_provider_raises_and_records_nothing(env: Any, mode: str) -> None:
-    """A 404 from every provider is not an outage: it raises even with deferral on."""
+def test_rejected_by_every_provider_raises_and_defers_nothing(env: Any, mode: str) -> None:
+    """A 404 from every provider is not an outage: it raises even with deferral on.
+
+    No defect, no request; the cache row only remembers the no-match (not stale).
+    """
     settings = env.settings()
     env.sim.control.set_fault(PROVIDER, "error", endpoint="enrich", status=404)
 
@@ -199,7 +202,7 @@ def test_rejected_by_every_provider_raises_and_records_nothing(env: Any, mode: s
     assert (0, 0, 0) == (
         env.count(env.Defect),
         env.count(env.Request),
-        env.count(env.Cache),
+        env.count(env.Cache, stale=True),
     )
 
 

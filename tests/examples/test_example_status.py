@@ -62,6 +62,33 @@ def test_status_and_healthz_answer_while_a_writer_holds_the_write_lock(
     assert "ok" == health.json()["database"]
 
 
+def test_reading_deals_and_claims_waits_for_no_writer(service: RunningService) -> None:
+    """GET /deals, /deals/{id} and /claims/{id} read without a write lock.
+
+    They used write transactions (BEGIN IMMEDIATE on SQLite), so a page view queued
+    behind the outbox for the whole busy timeout.
+    """
+    assert (
+        201 == service.post("/deals", {"id": "deal-ro", "tenant_id": "t1", "name": "R"}).status_code
+    )
+    claim = {"id": "claim-ro", "tenant_id": "t1", "text": "revenue grew"}
+    assert 201 == service.post("/claims", claim).status_code
+    path = service.database_url.removeprefix("sqlite:///")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        answers = [
+            service.get(p, timeout=3).status_code
+            for p in ("/deals", "/deals/deal-ro", "/claims/claim-ro")
+        ]
+        held = writer.in_transaction
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+    assert ([200, 200, 200], True) == (answers, held)
+
+
 def test_status_answers_504_in_bounded_time_while_a_probe_hangs(
     service: RunningService, sim: RunningSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -78,3 +78,22 @@ def test_modstamp_cursor_round_trips_and_pages_by_keyset() -> None:
 def test_a_cursor_that_could_inject_soql_is_refused() -> None:
     with pytest.raises(MalformedResponse):
         ModstampCursor.decode("sf1:2026-12-01T08:30:00.000Z:x' OR Name != '")
+
+
+def test_only_an_http_origin_is_taken_as_the_instance_url() -> None:
+    from idis.integrations.auth._grant import instance_url, parse_token_response
+
+    body = (
+        b'{"access_token": "00D!x", "token_type": "Bearer",'
+        b' "instance_url": "https://acme.my.salesforce.com/"}'
+    )
+    issued = parse_token_response(
+        "crm", 200, body, now=NOW, grant_type="refresh_token", requested_scopes=()
+    )
+
+    assert "https://acme.my.salesforce.com" == issued.instance_url
+    assert instance_url("https://acme.my.salesforce.com?x=1") is None
+    assert instance_url("https://user:pw@acme.my.salesforce.com") is None
+    assert instance_url("javascript:alert(1)") is None
+    assert instance_url(42) is None
+    assert "acme" not in repr(issued)  # the repr shows neither tokens nor the instance

@@ -109,6 +109,12 @@ def _push(sim: RunningSimulator, address: str) -> list[httpx.Response]:
     ]
 
 
+def _sim_push(sim: RunningSimulator) -> list[tuple[str, int]]:
+    """The simulator itself POSTs its pending notifications to the channel address."""
+    answer = httpx.post(f"{sim.url}/p/{P}/drive/_push", trust_env=False, timeout=60)
+    return [(p["state"], p["status"]) for p in answer.json()["pushed"]]
+
+
 def _inbox(engine: Engine) -> set[str]:
     with engine.connect() as conn:
         return {r[0] for r in conn.execute(text("SELECT DISTINCT source FROM sync_inbox"))}
@@ -142,6 +148,8 @@ def test_a_change_notification_fetches_the_changes_a_sync_one_applies_nothing(
                 trust_env=False,
             )
             bare = httpx.post(address, headers={"X-Goog-Resource-State": "change"})
+            sim.control.emit(P, 1, record_ids=["doc_5"], webhook=False)
+            pushed = _sim_push(sim)
     finally:
         watcher.close()
 
@@ -159,6 +167,9 @@ def test_a_change_notification_fetches_the_changes_a_sync_one_applies_nothing(
     )
     assert (401, "bad_signature") == (forged.status_code, forged.json()["status"])
     assert (400, "missing_headers") == (bare.status_code, bare.json()["status"])
-    assert ["doc_1", "doc_1", "doc_2", "doc_3", "doc_4"] == sorted(r[1] for r in host.rows())
+    assert [("change", 200)] == pushed
+    assert ["doc_1", "doc_1", "doc_2", "doc_3", "doc_4", "doc_5"] == sorted(
+        r[1] for r in host.rows()
+    )
     assert {"webhook"} == _inbox(engine)
     engine.dispose()

@@ -199,3 +199,17 @@ def test_a_malformed_batch_is_a_400_naming_the_element_and_applies_nothing(
     # Only the one good delivery was applied; the malformed batch's good element was not.
     assert [("hs:deal.propertyChange:123:1768816740000:dealstage", "123", 0)] == host.rows()
     engine.dispose()
+
+
+def test_a_provider_whose_api_sends_no_webhooks_is_refused_by_name(
+    sim: RunningSimulator, sqlite_engine: Engine
+) -> None:
+    from idis.integrations.exceptions import ConfigError
+
+    settings = simulator_settings(sim.url, providers=(P,), api="salesforce")
+
+    with pytest.raises(ConfigError) as caught:
+        WebhookReceiver(settings, sqlite_engine, providers=[P])
+
+    assert "sends no webhooks" in str(caught.value)
+    assert f"IDIS_PROVIDER_{P.upper()}_API" == caught.value.variable

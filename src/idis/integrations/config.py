@@ -948,6 +948,15 @@ class EnrichmentSettings:
             "Serve the last good result (marked stale) while every provider is down.",
         ),
     )
+    no_match_ttl: timedelta = field(
+        default=timedelta(hours=24),
+        metadata=_var(
+            "IDIS_ENRICHMENT_NO_MATCH_TTL",
+            _delta,
+            'How long a subject every provider answered "no match" (404/410) is answered '
+            "from the cache without asking again; 0 asks every time.",
+        ),
+    )
     provider: str | None = field(
         default=None,
         metadata=_var(

@@ -396,6 +396,7 @@ class TokenCore:
             scopes=tuple(snap.scopes),
             generation=snap.generation,
             refresh_token=refresh,
+            instance_url=snap.instance_url,
         )
         return token, refresh
 
@@ -593,6 +594,8 @@ class TokenCore:
             scopes=issued.scopes,
             generation=snap.generation + 1,
             refresh_token=refresh,
+            # Salesforce names it on every token response; keep the last one otherwise.
+            instance_url=issued.instance_url or snap.instance_url,
         )
         now = issued.issued_at
         cipher, name = self.cipher, p.name
@@ -610,6 +613,7 @@ class TokenCore:
                 refresh, provider=name, field="refresh_token"
             ),
             "scopes": list(token.scopes),
+            "instance_url": token.instance_url,
             "issued_at": now,
             "expires_at": token.expires_at,
             "last_refresh_at": now,

@@ -95,6 +95,9 @@ class AccessToken:
     generation: int
     #: The refresh token that came with it, if any.
     refresh_token: str | None = None
+    #: The API base the token is for, when the token response named one (Salesforce's
+    #: ``instance_url``): calls to the provider's ``BASE_URL`` go there instead. Not a secret.
+    instance_url: str | None = None
 
     def seconds_left(self, now: datetime) -> float | None:
         """Seconds until expiry at ``now`` (negative once expired), None if unknown."""
@@ -134,6 +137,8 @@ class IssuedToken:
     refresh_token: str | None
     scopes: tuple[str, ...]
     issued_at: datetime
+    #: ``instance_url`` of the token response (Salesforce), when it is an http(s) origin.
+    instance_url: str | None = None
 
     def __repr__(self) -> str:
         return f"IssuedToken(token_type={self.token_type!r}, expires_at={self.expires_at!r})"
@@ -149,6 +154,31 @@ class PreparedTokenRequest:
 
     def __repr__(self) -> str:
         return f"PreparedTokenRequest(url={self.url!r})"
+
+
+def instance_url(value: object) -> str | None:
+    """A token response's ``instance_url`` (Salesforce: the org's API base), or None.
+
+    Only an http(s) URL without query, fragment or credentials is taken; anything else
+    is ignored (the provider's ``BASE_URL`` stays the API base). Salesforce's token
+    response names the org's server instance, the base of its REST calls:
+    https://developer.salesforce.com/docs/atlas.en-us.chatterapi.meta/chatterapi/quickstart_connecting.htm
+    """
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str) or len(value) > 255:
+        return None
+    parts = urlsplit(value.strip())
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or parts.username
+        or parts.password
+    ):
+        return None
+    return value.strip().rstrip("/")
 
 
 def resolve_url(base_url: str, url: str) -> str:
@@ -290,6 +320,7 @@ def parse_token_response(
             refresh_token=str(refresh) if isinstance(refresh, str) and refresh else None,
             scopes=scopes,
             issued_at=now,
+            instance_url=instance_url(document.get("instance_url")),
         )
     code = document.get("error") if document else None
     if isinstance(code, str) and 400 <= status < 500 and status not in (408, 429):
@@ -556,4 +587,5 @@ def parse_imported_token(
         refresh_token=str(refresh) if refresh else None,
         scopes=scopes,
         issued_at=now,
+        instance_url=instance_url(document.get("instance_url")),
     )

@@ -12,8 +12,11 @@ One :class:`OAuth2Auth` serves both httpx clients. Its decisions (bearer
 header, one newer token and one retry after a 401) are written once, in
 :meth:`OAuth2Auth.bearer_flow`; ``sync_auth_flow`` runs it on the factory's
 :class:`TokenManager`, ``async_auth_flow`` on its :class:`AsyncTokenManager`
-(each created on first use). httpx's own split: one ``auth_flow``, and
-separate sync and async bodies only where the flow needs I/O of its own.
+(each created on first use). A token whose response named an ``instance_url``
+(Salesforce) sends the provider's calls there instead of ``BASE_URL`` (the path
+under ``BASE_URL`` kept), so ``BASE_URL`` may be the login host. httpx's own
+split: one ``auth_flow``, and separate sync and async bodies only where the flow
+needs I/O of its own.
 """
 
 from __future__ import annotations
@@ -51,10 +54,23 @@ class OAuth2Auth(httpx.Auth):
         *,
         manager: Callable[[], TokenManager] | None = None,
         async_manager: Callable[[], AsyncTokenManager] | None = None,
+        base_url: str | None = None,
     ) -> None:
         self.provider = provider
         self._manager = manager
         self._async_manager = async_manager
+        #: The provider's ``BASE_URL``: replaced by a token's ``instance_url`` when it has one.
+        self.base_url = base_url.rstrip("/") if base_url else None
+
+    def _to_instance(self, request: httpx.Request, original: str, token: Any) -> None:
+        """Send ``request`` to the token's ``instance_url`` (Salesforce: the org's API base)
+        instead of ``BASE_URL``, when the token names one and the request is under ``BASE_URL``."""
+        instance = getattr(token, "instance_url", None)
+        base = self.base_url
+        if not instance or base is None or instance == base:
+            return
+        if original == base or original.startswith((base + "/", base + "?")):
+            request.url = httpx.URL(instance + original[len(base) :])
 
     def __repr__(self) -> str:
         return f"OAuth2Auth(provider={self.provider!r})"
@@ -66,8 +82,10 @@ class OAuth2Auth(httpx.Auth):
         after a 401 (a newer token, refreshed once if needed), and requests to
         send; receives tokens and responses. A second 401 is returned as it is.
         """
+        original = str(request.url)
         token = yield ("token", None)
         request.headers["Authorization"] = token.authorization
+        self._to_instance(request, original, token)
         response = yield request
         if response.status_code != 401:
             return
@@ -79,6 +97,7 @@ class OAuth2Auth(httpx.Auth):
         )
         newer = yield ("rejected", token)
         request.headers["Authorization"] = newer.authorization
+        self._to_instance(request, original, newer)
         yield request
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
@@ -154,7 +173,12 @@ class OAuthAuthFactory:
     def __call__(self, provider: ProviderSettings) -> httpx.Auth | None:
         if provider.auth.grant == "none":
             return None
-        return OAuth2Auth(provider.name, manager=self.manager, async_manager=self.async_manager)
+        return OAuth2Auth(
+            provider.name,
+            manager=self.manager,
+            async_manager=self.async_manager,
+            base_url=provider.base_url,
+        )
 
     def manager(self) -> TokenManager:
         """The shared sync token manager."""

@@ -82,6 +82,8 @@ class OAuthTokenRow(Base):
     credentials_rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: Last change to this row.
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    #: The API base the token response named (Salesforce ``instance_url``); not a secret.
+    instance_url: Mapped[str | None] = mapped_column(String(255))
 
     def __repr__(self) -> str:
         # Never show the *_enc columns: ciphertext is not a secret, but it is noise.

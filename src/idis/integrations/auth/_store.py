@@ -70,6 +70,8 @@ class RowSnapshot:
     credential_version: int | None
     credentials_rotated_at: datetime | None
     updated_at: datetime
+    #: The token response's ``instance_url`` (Salesforce), not a secret.
+    instance_url: str | None = None
 
     @classmethod
     def from_mapping(cls, row: RowMapping | Mapping[str, Any]) -> RowSnapshot:

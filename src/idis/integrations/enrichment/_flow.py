@@ -35,6 +35,7 @@ from ..exceptions import (
     CircuitOpen,
     MalformedResponse,
     ProviderError,
+    ProviderRejected,
     StorageError,
     UsageError,
 )
@@ -69,6 +70,8 @@ __all__ = [
 _log = get_logger()
 #: Endpoint name of the enrichment call (``/enrich/{id}`` on the simulator).
 ENRICH_ENDPOINT = "enrich"
+#: Statuses that say the provider does not know the subject ("no match").
+_NO_MATCH_STATUSES = frozenset({404, 410})
 _ID = re.compile(r"^\S(.*\S)?$")
 
 
@@ -142,6 +145,22 @@ class ChainOutcome:
     errors: dict[str, ProviderError | AuthError] = field(default_factory=dict)
     served_by: str | None = None
     data: Mapping[str, Any] | None = None
+
+    @property
+    def no_match(self) -> bool:
+        """Every provider was asked and answered "no match" (404/410): an answer, not a failure.
+
+        A skipped provider (breaker open, pause) or any other error means the
+        chain does not know, so nothing is remembered.
+        """
+        return (
+            self.served_by is None
+            and len(self.errors) == len(self.attempts) > 0
+            and all(
+                isinstance(error, ProviderRejected) and error.status_code in _NO_MATCH_STATUSES
+                for error in self.errors.values()
+            )
+        )
 
     def error_to_raise(self, *, outage: bool) -> ProviderError | AuthError:
         """The error a chain that did not serve raises.
@@ -246,6 +265,7 @@ def _store_failure(
     *,
     chain: Sequence[str],
     attempts: Sequence[Attempt],
+    no_match: bool,
     settings: Settings,
     now: datetime,
     actor: str,
@@ -258,6 +278,8 @@ def _store_failure(
     if action.mark_stale:
         _store.record_failure(session, key, error=error, now=now)
     request_id = defect_id = None
+    if no_match:
+        _store.record_no_match(session, key, now=now)
     if action.defer:
         request_id, defect_id = _store.defer(
             session,
@@ -318,6 +340,18 @@ class EnrichCore:
 
     def enrich_flow(self, key: SubjectKey, chain: Sequence[str]) -> Flow[EnrichmentResult]:
         """The whole enrichment of one subject (see the module docstring)."""
+        ttl = self.settings.enrichment.no_match_ttl
+        if ttl > timedelta(0):
+            since = self.clock.now() - ttl
+            known = partial(_store.load_no_match, key=key, since=since)
+            try:
+                answered_at = yield from perform(Transaction(known, write=False))
+            except StorageError:
+                # The remembered answer only saves a call: without the database,
+                # ask the providers (fresh data is still worth returning).
+                answered_at = None
+            if answered_at is not None:
+                raise self._no_match_known(key, answered_at)
         outcome = yield from ask_chain(chain, key.subject_id)
         now = self.clock.now()
         if outcome.served_by is not None:
@@ -342,6 +376,7 @@ class EnrichCore:
             key=key,
             chain=chain,
             attempts=outcome.attempts,
+            no_match=outcome.no_match,
             settings=self.settings,
             now=now,
             actor=self.actor,
@@ -349,6 +384,29 @@ class EnrichCore:
         )
         stored = yield from perform(Transaction(fail))
         return self._failed(key, outcome, stored)
+
+    def _no_match_known(self, key: SubjectKey, answered_at: datetime) -> ProviderRejected:
+        """The remembered "no match", raised as the provider's own 404 was (no call made)."""
+        self.metrics.enrichment_requests.labels(
+            provider=key.provider, result="no_match_cached"
+        ).inc()
+        _log.info(
+            "idis.enrichment.no_match_cached",
+            msg="every provider answered no match recently; answering that without asking",
+            provider=key.provider,
+            tenant_id=key.tenant_id,
+            subject_id=key.subject_id,
+            no_match_at=answered_at.isoformat(),
+        )
+        error = ProviderRejected(
+            f"{key.provider} found no match for this subject at {answered_at.isoformat()}; "
+            "answered from the cache without a call (IDIS_ENRICHMENT_NO_MATCH_TTL)",
+            provider=key.provider,
+            endpoint=ENRICH_ENDPOINT,
+            status_code=404,
+        )
+        error.details = {"cached": True}
+        return error
 
     @staticmethod
     def _cache_write_failed(key: SubjectKey, exc: StorageError) -> list[int]:

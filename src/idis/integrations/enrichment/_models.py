@@ -147,6 +147,10 @@ class EnrichmentCacheEntry(Base):
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: Bounded description of the last failure (error types per provider; no secrets).
     last_error: Mapped[str | None] = mapped_column(String(255))
+    #: When every provider of the chain last answered "no match" (404/410); cleared by
+    #: a success. Within ``IDIS_ENRICHMENT_NO_MATCH_TTL`` the answer is given again
+    #: without asking (a no-match is an answer about the subject, not a failure).
+    no_match_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 

@@ -114,6 +114,30 @@ def load_cached(session: Session, key: SubjectKey) -> CachedCopy | None:
     return CachedCopy(row.served_by or key.provider, dict(row.data), row.fetched_at)
 
 
+def load_no_match(session: Session, key: SubjectKey, *, since: datetime) -> datetime | None:
+    """When every provider last answered "no match" for the subject, if at or after ``since``."""
+    return session.execute(
+        select(EnrichmentCacheEntry.no_match_at).where(
+            _subject_filter(EnrichmentCacheEntry, key),
+            EnrichmentCacheEntry.no_match_at >= since,
+        )
+    ).scalar_one_or_none()
+
+
+def record_no_match(session: Session, key: SubjectKey, *, now: datetime) -> None:
+    """Remember that every provider answered "no match" (keeps any cached data as it is)."""
+    cache = EnrichmentCacheEntry.__table__
+    stmt = _insert(session, cache).values(
+        **_key_values(key), stale=False, no_match_at=now, updated_at=now
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[cache.c[n] for n in _SUBJECT_COLUMNS],
+            set_={"no_match_at": now, "updated_at": now},
+        )
+    )
+
+
 def record_success(
     session: Session,
     key: SubjectKey,
@@ -137,6 +161,7 @@ def record_success(
         "stale": False,
         "stale_since": None,
         "last_error": None,
+        "no_match_at": None,
         "updated_at": now,
     }
     stmt = _insert(session, cache).values(**_key_values(key), **fresh)

@@ -383,6 +383,8 @@ class AsyncDeferredEnrichmentWorker:
             )
         else:
             _store.fail_request(session, request, error=error, now=now)
+            if outcome.no_match:
+                _store.record_no_match(session, request.key, now=now)
         return 0
 
     def _log_verdict(

@@ -721,7 +721,10 @@ class DrivePack:
     name = "gdrive"
     summary = "Google Drive files: changes feed (page tokens), watch channels, OAuth."
     capabilities = Capabilities(
-        webhooks="changes.watch channels, X-Goog-Channel-Token; data-less, expire (<= 7 days)",
+        webhooks=(
+            "changes.watch channels, X-Goog-Channel-Token; data-less (the receiver fetches "
+            "changes), expire (<= 7 days)"
+        ),
         polling="changes.list with page tokens (newStartPageToken stored)",
         replay="files.list modifiedTime >= since (current states)",
         replay_window="unbounded for current states; permanent deletions only by the feed",

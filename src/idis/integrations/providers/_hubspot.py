@@ -534,8 +534,11 @@ def read_rate_limit(
 
 
 def map_error(exc: ProviderError, *, now: datetime | None = None) -> ProviderError:
-    """A 429 whose policy is ``DAILY``: a rate limit that lasts until the reset, not retried."""
-    if isinstance(exc, RateLimited):
+    """A 429 whose policy is ``DAILY``: a rate limit that lasts until the reset, not retried.
+
+    Idempotent: the gateway maps a refusal first (its response hook), the client again.
+    """
+    if isinstance(exc, RateLimited) and not isinstance(exc, QuotaExhausted):
         reading = read_rate_limit(429, {}, exc.details, now=now)
         if reading is not None and reading.exhausted:
             error = QuotaExhausted(

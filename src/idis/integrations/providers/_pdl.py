@@ -110,6 +110,7 @@ def map_error(exc: ProviderError) -> ProviderError:
             "payment_required); enrichment falls back and defers until credits are restored",
             provider=exc.provider,
             endpoint=exc.endpoint,
+            status_code=exc.status_code,
         )
         error.details = exc.details
         return error

@@ -116,15 +116,29 @@ def read_limit_info(headers: Mapping[str, str]) -> RateLimitReading | None:
     )
 
 
+#: How long the provider is paused after ``REQUEST_LIMIT_EXCEEDED``: Salesforce's limit is a
+#: rolling 24 hours and the refusal names no reset, so the gateway pauses, then the next call
+#: finds out whether it cleared (another 403 pauses again).
+REQUEST_LIMIT_PAUSE = 300.0
+
+
 def map_error(exc: ProviderError) -> ProviderError:
-    """``REQUEST_LIMIT_EXCEEDED`` (403) is a rate limit; other errors stay as they are."""
+    """``REQUEST_LIMIT_EXCEEDED`` (403) is a rate limit; other errors stay as they are.
+
+    Idempotent (the gateway maps a refusal first, the client again): a
+    :class:`QuotaExhausted` is returned as it is.
+    """
+    if isinstance(exc, QuotaExhausted):
+        return exc
     details = exc.details or {}
     if isinstance(exc, ProviderRejected) and details.get("errorCode") == "REQUEST_LIMIT_EXCEEDED":
         error = QuotaExhausted(
             f"{exc.provider} {exc.endpoint}: rate limit: the org's API request limit is "
-            "spent (HTTP 403 REQUEST_LIMIT_EXCEEDED)",
+            f"spent (HTTP 403 REQUEST_LIMIT_EXCEEDED); calls paused for "
+            f"{REQUEST_LIMIT_PAUSE:.0f} s, then tried again",
             provider=exc.provider,
             endpoint=exc.endpoint,
+            retry_after=exc.retry_after or REQUEST_LIMIT_PAUSE,
         )
         error.status_code = exc.status_code
         error.details = exc.details
@@ -555,7 +569,11 @@ class SalesforcePack:
         replay="sObject updated/ (30 days) and deleted/ (15 days)",
         replay_window="30 days (deletions 15); older: --resync",
         resync=True,
-        auth=("oauth refresh_token (reactive refresh on 401 INVALID_SESSION_ID)", "static token"),
+        auth=(
+            "oauth refresh_token (the token's instance_url is the API base; reactive refresh "
+            "on 401 INVALID_SESSION_ID)",
+            "static token",
+        ),
         rate_limit_headers=("Sforce-Limit-Info",),
         ordering="modified (SystemModstamp), ties by event id",
         event_identity="derived: sObject, Id, SystemModstamp (or deletedDate)",

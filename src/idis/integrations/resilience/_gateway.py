@@ -56,6 +56,7 @@ from ..exceptions import (
     ProviderError,
     ProviderRejected,
     ProviderTimeout,
+    QuotaExhausted,
     RateLimited,
     UsageError,
 )
@@ -307,6 +308,9 @@ class _Runtime:
     timeout: httpx.Timeout
     bulkhead: Any
     auth: Any
+    #: The provider's pack when it is not the generic one: it sees every refusal first
+    #: (``map_error``), so a spent quota is never retried blindly.
+    pack: Any = None
     paused_until: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     children: dict[tuple[str, ...], Any] = field(default_factory=dict)
@@ -402,6 +406,7 @@ class _Pipeline:
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
             bulkhead=self._bulkhead(provider.max_concurrency),
             auth=httpx.USE_CLIENT_DEFAULT if auth is None else auth,
+            pack=_pack_of(provider),
         )
         bulkhead = runtime.bulkhead
         # Occupancy is read at scrape time instead of two gauge updates per call.
@@ -734,6 +739,11 @@ class _Pipeline:
             # A 429's body names the limit that applies (HubSpot's policyName):
             # provider packs read it, like a refusal's retention_seconds.
             error.details = rejection_details(response.content)
+        if error is not None and runtime.pack is not None:
+            # The response hook: the pack classifies the refusal before the retry
+            # decision (Salesforce's 403 REQUEST_LIMIT_EXCEEDED, HubSpot's DAILY 429 are
+            # a QuotaExhausted: the provider is paused for its retry_after, no retry).
+            error = runtime.pack.map_error(error)
         return None, error
 
     def record(
@@ -747,7 +757,8 @@ class _Pipeline:
         """Feed one attempt's outcome to the breakers, the metrics and the logs."""
         trial, endpoint_breaker, endpoint_trial = admission
         self.child(runtime, "latency", call.endpoint).observe(time.perf_counter() - started)
-        if error is None or not error.provider_fault:
+        # A spent quota is the provider saying "not now", not an outage: no breaker failure.
+        if error is None or not error.provider_fault or isinstance(error, QuotaExhausted):
             runtime.breaker.record_success(trial)
             if endpoint_breaker is not None:
                 endpoint_breaker.record_success(endpoint_trial)
@@ -762,12 +773,13 @@ class _Pipeline:
             self.pause(runtime, call, error)
         elif isinstance(error, RateLimited):
             self.child(runtime, "rate_limited", call.endpoint, "provider").inc()
+            what = "quota spent" if isinstance(error, QuotaExhausted) else "without Retry-After"
             _log.warning(
                 "idis.gateway.rate_limited",
-                msg="provider rate limit hit (HTTP 429) without Retry-After",
+                msg=f"provider rate limit hit (HTTP {error.status_code}) {what}",
                 provider=call.provider,
                 endpoint=call.endpoint,
-                status=429,
+                status=error.status_code,
                 request_id=call.request_id,
             )
         elif isinstance(error, ProviderTimeout):
@@ -799,15 +811,16 @@ class _Pipeline:
             runtime.paused_until = max(runtime.paused_until, until)
         if isinstance(error, RateLimited):
             self.child(runtime, "rate_limited", call.endpoint, "provider").inc()
+            what = "quota spent" if isinstance(error, QuotaExhausted) else "Retry-After"
             _log.warning(
                 "idis.gateway.rate_limited",
                 msg=(
-                    f"provider rate limit hit (HTTP 429): pausing all calls to {call.provider} "
-                    f"for {error.retry_after:g}s (Retry-After)"
+                    f"provider rate limit hit (HTTP {error.status_code}): pausing all calls to "
+                    f"{call.provider} for {error.retry_after:g}s ({what})"
                 ),
                 provider=call.provider,
                 endpoint=call.endpoint,
-                status=429,
+                status=error.status_code,
                 retry_after=error.retry_after,
                 request_id=call.request_id,
             )
@@ -992,6 +1005,15 @@ class _Pipeline:
         """Breakers of ``provider`` whose shared state should be exchanged now."""
         now = self.clock.monotonic()
         return [b for b in self.breakers(self.runtime(provider)) if b.share_due(now)]
+
+
+def _pack_of(provider: ProviderSettings) -> Any:
+    """The provider's pack, when it is not the generic one (whose errors need no mapping)."""
+    if provider.api == "generic":
+        return None
+    from ..providers._pack import pack_for
+
+    return pack_for(provider)
 
 
 def _limits(settings: Settings) -> httpx.Limits:

@@ -24,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 from ._dialects import dialect_endpoint, dialect_routes, unauthorized_body
 from ._faults import apply_fault, send_json
 from ._gdrive import extra_routes
-from ._oauth import revoke_endpoint, rotate_endpoint, token_endpoint
+from ._oauth import revoke_endpoint, rotate_endpoint, salesforce_token_endpoint, token_endpoint
 from ._state import (
     RetentionExceeded,
     SimulatorInputError,
@@ -43,6 +43,8 @@ _EXACT = {
     "replay": "replay",
     "webhooks/inbound": "webhooks_inbound",
     "oauth/token": "token",
+    "services/oauth2/token": "token",
+    "login/services/oauth2/token": "token",
     "oauth/revoke": "revoke",
     "oauth/rotate": "rotate",
 }
@@ -116,7 +118,8 @@ class SimulatorApp(Starlette):
                     provider.responses[f"{endpoint}:dropped"] += 1
                 await apply_fault(decision.fault, sim, endpoint, send)
             else:
-                await apply_fault(decision.fault, sim, endpoint, counting_send)
+                rest = scope["path"][3:].partition("/")[2]
+                await apply_fault(decision.fault, sim, endpoint, counting_send, rest)
             return
         if needs_auth and not self._authorized(scope, provider):
             dialect = unauthorized_body(scope["path"][3:].partition("/")[2])
@@ -313,6 +316,12 @@ def build_app(
         Route("/p/{provider}/enrich/{subject_id}", enrich, methods=["GET"]),
         Route("/p/{provider}/webhooks/inbound", inbound_endpoint, methods=["POST"]),
         Route("/p/{provider}/oauth/token", token_endpoint, methods=["POST"]),
+        Route("/p/{provider}/services/oauth2/token", salesforce_token_endpoint, methods=["POST"]),
+        Route(
+            "/p/{provider}/login/services/oauth2/token",
+            salesforce_token_endpoint,
+            methods=["POST"],
+        ),
         Route("/p/{provider}/oauth/revoke", revoke_endpoint, methods=["POST"]),
         Route("/p/{provider}/oauth/rotate", rotate_endpoint, methods=["POST"]),
         *dialect_routes(sim, provider_of),

@@ -364,7 +364,7 @@ CONTROL_ACTIONS: tuple[ControlAction, ...] = (
         (
             *_P,
             *("kind", "endpoint", "status", "ratio", "seconds"),
-            *("retry_after", "retry_after_format", "duration", "count"),
+            *("retry_after", "retry_after_format", "duration", "count", "policy"),
         ),
         (*_P, "kind"),
     ),
@@ -641,8 +641,13 @@ class SimulatorControl:
         retry_after_format: str | None = None,
         duration: float | None = None,
         count: int | None = None,
+        policy: str | None = None,
     ) -> dict[str, Any]:
-        """Install a fault; returns it (with its ``id``)."""
+        """Install a fault; returns it (with its ``id``).
+
+        ``policy``: HubSpot's ``policyName`` of a ``rate_limit`` on its paths (``DAILY``
+        or ``TEN_SECONDLY_ROLLING``); ``REQUEST_LIMIT_EXCEEDED`` makes it Salesforce's 403
+        on Salesforce's paths."""
         return dict(
             self._call(
                 "POST",
@@ -658,6 +663,7 @@ class SimulatorControl:
                     "retry_after_format": retry_after_format,
                     "duration": duration,
                     "count": count,
+                    "policy": policy,
                 },
             )
         )

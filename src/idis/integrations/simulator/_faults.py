@@ -80,8 +80,35 @@ async def interruptible_sleep(state: SimulatorState, seconds: float) -> bool:
             return False
 
 
-async def apply_fault(fault: Fault, state: SimulatorState, endpoint: str, send: Send) -> None:
-    """Answer a request the way ``fault`` says."""
+def _dialect_rate_limit(fault: Fault, rest: str) -> tuple[int, Any] | None:
+    """A ``rate_limit`` on a dialect's path, as that API answers it (status, body), or None.
+
+    Salesforce (``policy="REQUEST_LIMIT_EXCEEDED"``): 403
+    ``[{"errorCode": "REQUEST_LIMIT_EXCEEDED"}]``
+    (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/errorcodes.htm);
+    HubSpot: 429 whose ``policyName`` names the limit
+    (https://developers.hubspot.com/docs/api/usage-details).
+    """
+    if rest.startswith("services/data/"):
+        if fault.policy != "REQUEST_LIMIT_EXCEEDED":
+            return None
+        message = "TotalRequests Limit exceeded."
+        return 403, [{"message": message, "errorCode": "REQUEST_LIMIT_EXCEEDED"}]
+    if rest.startswith("crm/"):
+        policy = fault.policy if fault.policy in ("DAILY",) else "TEN_SECONDLY_ROLLING"
+        return 429, {
+            "status": "error",
+            "message": f"You have reached your {policy.lower().replace('_', ' ')} limit.",
+            "errorType": "RATE_LIMIT",
+            "policyName": policy,
+        }
+    return None
+
+
+async def apply_fault(
+    fault: Fault, state: SimulatorState, endpoint: str, send: Send, rest: str = ""
+) -> None:
+    """Answer a request the way ``fault`` says (``rest``: the path after ``/p/{provider}/``)."""
     kind = fault.kind
     if kind == "drop":
         if drop_connection(send):
@@ -99,6 +126,9 @@ async def apply_fault(fault: Fault, state: SimulatorState, endpoint: str, send: 
     headers: list[tuple[bytes, bytes]] = []
     if fault.retry_after is not None:
         headers.append((b"retry-after", _retry_after(fault, state).encode()))
+    if kind == "rate_limit" and (dialect := _dialect_rate_limit(fault, rest)) is not None:
+        await send_json(send, dialect[0], dialect[1], headers)
+        return
     if kind == "rate_limit":
         await send_json(
             send,

@@ -8,7 +8,8 @@ Google Drive (https://developers.google.com/drive/api/reference/rest/v3/changes)
     (channels expiring on the simulator's clock), ``POST /drive/v3/channels/stop``;
     errors as Google's ``{"error": {"code", "message", "errors": [{"reason"}]}}``.
     Push is pulled by tests: ``GET /drive/_notifications`` lists the data-less
-    notifications (``X-Goog-*`` headers) Drive would have sent to live channels;
+    notifications (``X-Goog-*`` headers) Drive would have sent to live channels,
+    and ``POST /drive/_push`` delivers them (``POST`` to each channel's address);
     ``POST /drive/_silence`` makes every channel stop without a word.
 People Data Labs (https://docs.peopledatalabs.com/docs/errors):
     ``GET /v5/person/enrich?pdl_id=|email=|profile=`` answers ``{"status": 200,
@@ -249,9 +250,9 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
             return _gerror(404, "notFound", f"Channel '{channel_id}' not found")
         return Response(status_code=204)
 
-    async def notifications(request: Request) -> Response:
-        """What Drive would have pushed since the last call (headers only)."""
-        sent: list[dict[str, str]] = []
+    def pending(request: Request) -> list[tuple[str, dict[str, str]]]:
+        """(channel address, headers) of what Drive would have pushed since the last call."""
+        sent: list[tuple[str, dict[str, str]]] = []
         with sim.lock:
             provider = provider_of(request)
             state = extra(provider)
@@ -275,19 +276,53 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
                 if channel.messages == 0:
                     channel.messages = 1
                     sent.append(
-                        {**base, "X-Goog-Resource-State": "sync", "X-Goog-Message-Number": "1"}
+                        (
+                            channel.address,
+                            {**base, "X-Goog-Resource-State": "sync", "X-Goog-Message-Number": "1"},
+                        )
                     )
                 if last > channel.after_seq:
                     channel.after_seq = last
                     channel.messages += 1
                     sent.append(
-                        {
-                            **base,
-                            "X-Goog-Resource-State": "change",
-                            "X-Goog-Message-Number": str(channel.messages),
-                        }
+                        (
+                            channel.address,
+                            {
+                                **base,
+                                "X-Goog-Resource-State": "change",
+                                "X-Goog-Message-Number": str(channel.messages),
+                            },
+                        )
                     )
-        return JSONResponse({"notifications": sent})
+        return sent
+
+    async def notifications(request: Request) -> Response:
+        """What Drive would have pushed since the last call (headers only)."""
+        return JSONResponse({"notifications": [headers for _, headers in pending(request)]})
+
+    async def push(request: Request) -> Response:
+        """Deliver what Drive would have pushed since the last call: a data-less ``POST`` of
+        each notification to its channel's address (one attempt each), answering the
+        statuses. Drive's own delivery retries 5xx with backoff; call this again for that."""
+        from .._http import httpx
+
+        delivered: list[dict[str, Any]] = []
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), trust_env=False) as client:
+            for address, headers in pending(request):
+                try:
+                    answer = await client.post(address, content=b"", headers=headers)
+                    status: int | None = answer.status_code
+                except httpx.HTTPError:
+                    status = None
+                delivered.append(
+                    {
+                        "channel": headers["X-Goog-Channel-ID"],
+                        "state": headers["X-Goog-Resource-State"],
+                        "message": headers["X-Goog-Message-Number"],
+                        "status": status,
+                    }
+                )
+        return JSONResponse({"pushed": delivered})
 
     async def silence(request: Request) -> Response:
         with sim.lock:
@@ -368,6 +403,7 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
         Route(drive + "/files", files, methods=["GET"]),
         Route(drive + "/files/{file_id}", one_file, methods=["GET", "PATCH"]),
         Route(base + "/drive/_notifications", notifications, methods=["GET"]),
+        Route(base + "/drive/_push", push, methods=["POST"]),
         Route(base + "/drive/_silence", silence, methods=["POST"]),
         Route(base + "/v5/person/enrich", pdl_enrich, methods=["GET"]),
         Route(base + "/v5/_control", pdl_control, methods=["POST"]),

@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
@@ -521,6 +522,20 @@ async def token_endpoint(request: Request) -> Response:
     except OAuthError as exc:
         return _error(exc)
     return JSONResponse(result, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+async def salesforce_token_endpoint(request: Request) -> Response:
+    """``POST /p/{provider}/services/oauth2/token`` (and ``/p/{provider}/login/...``, the
+    login host): the token answer with Salesforce's ``instance_url``, the org's API base
+    (``/p/{provider}`` on this simulator).
+    """
+    response = await token_endpoint(request)
+    if response.status_code != 200:
+        return response
+    body = json.loads(bytes(response.body))
+    origin = f"{request.url.scheme}://{request.url.netloc}"
+    body["instance_url"] = f"{origin}/p/{request.path_params['provider']}"
+    return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
 
 async def revoke_endpoint(request: Request) -> Response:

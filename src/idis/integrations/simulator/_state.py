@@ -193,6 +193,9 @@ class Fault:
     remaining: int | None
     rng: random.Random
     fired: int = 0
+    #: A dialect's name for the limit a ``rate_limit`` fault reports (HubSpot's
+    #: ``policyName``: ``DAILY`` or ``TEN_SECONDLY_ROLLING``, the default).
+    policy: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON view for the control API."""
@@ -208,6 +211,7 @@ class Fault:
             "expires_at": format_time(self.expires_at) if self.expires_at else None,
             "remaining": self.remaining,
             "fired": self.fired,
+            "policy": self.policy,
         }
 
 
@@ -761,8 +765,14 @@ class ProviderState:
         retry_after_format: str = "seconds",
         duration: float | None = None,
         count: int | None = None,
+        policy: str | None = None,
     ) -> Fault:
         """Validate and install a fault.
+
+        On a dialect's path a ``rate_limit`` answers as that API does: with
+        ``policy="REQUEST_LIMIT_EXCEEDED"`` Salesforce's 403 (a JSON error array), and
+        HubSpot's 429 with ``policyName`` ``policy`` (``DAILY`` or ``TEN_SECONDLY_ROLLING``,
+        the default).
 
         Raises:
             SimulatorInputError: naming the bad argument.
@@ -787,6 +797,8 @@ class ProviderState:
             _number(duration, "duration", minimum=0.0)
         if count is not None:
             _integer(count, "count", minimum=1)
+        if policy is not None:
+            _choice(policy, "policy", ("DAILY", "TEN_SECONDLY_ROLLING", "REQUEST_LIMIT_EXCEEDED"))
         fault_id = self._owner._next_fault_id()
         fault = Fault(
             id=fault_id,
@@ -802,6 +814,7 @@ class ProviderState:
             ),
             remaining=count,
             rng=random.Random(f"{self._owner.seed}:{self.name}:fault:{fault_id}"),  # noqa: S311  # seeded
+            policy=policy,
         )
         self.faults.append(fault)
         return fault

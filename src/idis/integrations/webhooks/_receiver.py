@@ -441,6 +441,12 @@ class _ReceiverBase:
                     self.schemes[name] = scheme
                 elif names is not None:
                     env = f"IDIS_PROVIDER_{name.upper()}_WEBHOOK_SECRETS"
+                    if pack.capabilities.webhooks is None:
+                        raise ConfigError(
+                            f"provider {name!r} speaks the {pack.name} API, which sends no "
+                            "webhooks: serve it by polling",
+                            variable=f"IDIS_PROVIDER_{name.upper()}_API",
+                        )
                     raise ConfigError(
                         f"provider {name!r} ({pack.name} pack) has no webhook secret: set {env}",
                         variable=env,
