@@ -799,12 +799,9 @@ class _Stage:
         self.clock.advance(options.speed)
 
     async def _drive_push(self) -> None:
-        """Drive (``--api gdrive``): the host renews its watch channel on schedule, and
-        what Drive would push to the channel's address arrives at the receiver.
-
-        The simulator does not push by itself: the notifications it would have sent
-        (headers only) are fetched and POSTed to the receiver as Drive would.
-        """
+        """Drive (``--api gdrive``): what Drive pushes to the channel's address arrives at
+        the receiver (the simulator's ``_push``, once a tick), and the host renews its watch
+        channel on schedule."""
         from .._http import httpx
         from ..exceptions import AuthError, ProviderError
 
@@ -813,14 +810,14 @@ class _Stage:
         token = self.settings.provider(self.provider).webhook_secrets[0].get_secret_value()
         step = self.options.speed
         # First what Drive pushed since the last tick (it pushes at once: before any renewal
-        # below stops the channel that would have sent it).
-        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
-            pending = await client.get(f"{self.sim.url}/p/{self.provider}/drive/_notifications")
-            pending.raise_for_status()
-            for headers in pending.json()["notifications"]:
-                answer = await client.post(address, headers=headers, content=b"")
-                if answer.status_code == 200:
-                    self.notifications_delivered += 1
+        # below stops the channel that would have sent it). The simulator POSTs each
+        # notification to its channel's address, this receiver, served on this loop.
+        async with httpx.AsyncClient(timeout=60.0, trust_env=False) as client:
+            pushed = await client.post(f"{self.sim.url}/p/{self.provider}/drive/_push")
+            pushed.raise_for_status()
+        self.notifications_delivered += sum(
+            1 for sent in pushed.json()["pushed"] if sent.get("status") == 200
+        )
         previous = self.channel
         try:
             self.channel = await feed.renew(
