@@ -95,6 +95,15 @@ def test_api_salesforce_polls_soql_and_replays_the_deletions(tmp_path: Path) -> 
     assert () == result.summary.lost
     assert () == result.summary.doubled
     assert "3 not applicable" in result.summary.lines()[0]
+    engine = create_engine(result.database_url)
+    try:
+        with engine.connect() as conn:
+            instance = conn.execute(
+                text("SELECT instance_url FROM oauth_tokens WHERE provider = 'crm_provider'")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert str(instance).endswith("/p/crm_provider")  # the token answer's instance_url
     assert result.summary.lines()[1].startswith(f"records: {result.summary.records} at the")
 
 

@@ -112,10 +112,15 @@ class DrillApi:
         changed = []
         if self.sync_api != "generic":
             current = settings.provider(provider)
+            auth = current.auth
+            if self.sync_api == "salesforce":
+                # Salesforce's token endpoint: its answer's instance_url is the org's API base.
+                auth = replace(auth, token_url="/services/oauth2/token")  # noqa: S106  # a path
             changed.append(
                 replace(
                     current,
                     api=self.sync_api,
+                    auth=auth,
                     webhook_secrets=current.webhook_secrets if self.webhooks else (),
                 )
             )
