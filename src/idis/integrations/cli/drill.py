@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from .._timeparse import parse_since
-from ..ops._drill import BREAKABLE, DEFAULT_SPEED, SCENARIOS, DrillOptions, run_drill
+from ..ops._drill import APIS, BREAKABLE, DEFAULT_SPEED, SCENARIOS, DrillOptions, run_drill
+from ..ops._drill_api import drill_api
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
@@ -33,6 +34,13 @@ from ._common import (
     help="Which outage to rehearse.",
 )
 @click.option("--provider", default="crm_provider", show_default=True, help="CRM provider.")
+@click.option(
+    "--api",
+    default="generic",
+    show_default=True,
+    help=f"Provider API to rehearse against the simulator's dialect: {', '.join(APIS)} "
+    "(generic: the embedded defaults).",
+)
 @click.option(
     "--speed",
     type=float,
@@ -66,6 +74,7 @@ from ._common import (
 def drill(  # noqa: PLR0917  # one parameter per click option
     scenario: str,
     provider: str,
+    api: str,
     speed: float,
     seed: int,
     database_url: str | None,
@@ -86,13 +95,17 @@ def drill(  # noqa: PLR0917  # one parameter per click option
         database_url=database_url,
         report_path=report_path,
         broken=frozenset(broken),
+        api=api,
     )
 
     def name_database(url: str) -> None:
         where = "" if database_url else " (temporary: deleted after the drill)"
         stderr.print(f"database: {describe_database(url)}{where}", markup=False)
 
-    stdout.print(f"RB-09 drill: {scenario} of {provider}", markup=False)
+    title = f"RB-09 drill: {scenario} of {provider}"
+    if api != "generic":
+        title = f"RB-09 drill: {scenario} of {drill_api(api).rehearsed(provider)} ({api} API)"
+    stdout.print(title, markup=False)
     result = run_drill(
         options, echo=lambda line: stdout.print(line, markup=False), on_database=name_database
     )

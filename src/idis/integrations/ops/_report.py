@@ -82,6 +82,15 @@ class Check:
     expected: str
     actual: str
     ok: bool
+    #: False: the check cannot apply here (``actual`` says why); shown as n/a, never a pass.
+    applicable: bool = True
+
+    @property
+    def result(self) -> str:
+        """``pass``, ``FAIL`` or ``n/a``."""
+        if not self.applicable:
+            return "n/a"
+        return "pass" if self.ok else "FAIL"
 
 
 @dataclass(slots=True)
@@ -507,7 +516,7 @@ def render_html(report: Report) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(c.name)}</td><td>{html.escape(c.expected)}</td>"
         f"<td>{html.escape(c.actual)}</td><td class='{'ok' if c.ok else 'bad'}'>"
-        f"{'pass' if c.ok else 'FAIL'}</td></tr>"
+        f"{c.result}</td></tr>"
         for c in report.checks
     )
     facts = "".join(
@@ -570,7 +579,7 @@ def render_markdown(report: Report) -> str:
         "|---|---|---|---|",
     ]
     lines += [
-        f"| {c.name} | {c.expected} | {c.actual} | {'pass' if c.ok else '**FAIL**'} |"
+        f"| {c.name} | {c.expected} | {c.actual} | {c.result if c.ok else '**FAIL**'} |"
         for c in report.checks
     ]
     lines += ["", "## Phases", ""]

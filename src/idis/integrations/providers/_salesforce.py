@@ -331,8 +331,19 @@ class _Core:
     def page(self, records: list[ProviderRecord], cursor: ModstampCursor, limit: int) -> Any:
         from . import ChangesPage
 
-        moved = ModstampCursor(records[-1].updated_at, records[-1].id) if records else cursor
         more = len(records) >= max(1, min(limit, 2000))
+        if not records:
+            moved = cursor
+        elif more:
+            # Inside a run of pages: the keyset moves past every record read.
+            moved = ModstampCursor(records[-1].updated_at, records[-1].id)
+        else:
+            # The end of the feed: the next poll reads the last millisecond again. A
+            # record written later in that same millisecond with a smaller Id would
+            # otherwise sit behind the keyset until its next change (found by
+            # `drill --api salesforce`); the records read again keep their event ids,
+            # and the inbox drops them.
+            moved = ModstampCursor(records[-1].updated_at)
         return ChangesPage([_change(r) for r in records], None, more, next_cursor=moved.encode())
 
     def ids_in(self, ids: Sequence[str]) -> str:

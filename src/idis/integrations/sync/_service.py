@@ -347,6 +347,8 @@ class AsyncSyncService:
                 providers=[n for n in self.providers if settings.provider(n).webhook_secrets],
                 clock=self.clock,
                 metrics=metrics,
+                # A data-less notification (Drive) fetches through the service's own adapter.
+                feeds=self.feeds,
             )
         self._task: asyncio.Task[None] | None = None
 
