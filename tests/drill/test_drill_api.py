@@ -180,6 +180,17 @@ def test_api_pdl_defers_on_spent_credits_and_answers_no_match(tmp_path: Path) ->
     assert "deferred" in _check(result, "Containment 2: enrichment deferred, no exception")
 
 
+def test_api_pdl_rate_limit_storm_settles_subjects_pdl_does_not_know(tmp_path: Path) -> None:
+    """Subjects deferred in the storm that PDL then answers "no match" leave no defect open
+    (they have no data to be stale): Recovery 4 passes. It failed naming claim-10, claim-20."""
+    result, _ = _drill(tmp_path, "pdl", scenario="rate-limit-storm")
+
+    assert [] == _failed(result)
+    assert set(_not_applicable(result)) <= {
+        "Verification 2: PDL no-match is an answer, not a defect"
+    }
+
+
 def test_a_bad_api_is_a_config_error_naming_the_value_and_the_choices() -> None:
     with pytest.raises(ConfigError, match="--api") as caught:
         DrillOptions(api="zoho")

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from idis.integrations.enrichment import NO_MATCH_RESOLUTION
 from idis.integrations.exceptions import ProviderError, ProviderRejected
 from idis.integrations.simulator._app import enrichment_for
 
@@ -117,8 +118,10 @@ def test_a_deferred_refresh_answered_no_match_is_remembered(env: Any) -> None:
 
     assert ("deferred", 1) == (deferred.status, stats.failed)
     assert ["failed"] == [r.status for r in env.rows(env.Request)]
-    # The defect stays OPEN for a human (unchanged behaviour); the answer is remembered.
-    assert 1 == env.count(env.Defect, status="OPEN")
+    # Never enriched: nothing stale is left, so its defect is resolved as a no-match.
+    assert [("RESOLVED", NO_MATCH_RESOLUTION)] == [
+        (d.status, d.resolution) for d in env.rows(env.Defect)
+    ]
     assert [True] == [r.no_match_at is not None for r in env.rows(env.Cache)]
     calls = _calls(env, PROVIDER)
     with pytest.raises(ProviderRejected) as caught:

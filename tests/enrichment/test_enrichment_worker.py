@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from idis.integrations._timeparse import utcnow
 from idis.integrations.db._engine import create_async_db_engine, session_scope
 from idis.integrations.enrichment import (
+    NO_MATCH_RESOLUTION,
     AsyncDeferredEnrichmentWorker,
     EnrichmentResult,
     SubjectKey,
@@ -116,19 +117,39 @@ def test_backoff_caps_double_per_attempt_up_to_the_maximum(env: Any) -> None:
     assert 6 == env.rows(env.Request)[0].attempts
 
 
-def test_rejected_refresh_fails_the_request_and_keeps_the_defect(env: Any) -> None:
-    """A 404 on refresh ends the request as failed; its defect stays OPEN for a human."""
+@pytest.mark.parametrize("cached", [False, True], ids=["never-enriched", "cached-copy"])
+def test_a_no_match_on_refresh_fails_the_request_and_settles_only_a_subject_without_data(
+    env: Any, cached: bool
+) -> None:
+    """A 404 on refresh ends the request as failed.
+
+    A subject never enriched has nothing stale to show: its defect is resolved as
+    "no match". A subject with a cached copy keeps its defect OPEN for a human
+    (whether to drop data the provider no longer knows is not the library's call).
+    """
     settings = env.settings()
-    _defer_all(env, settings, 1)
+    if cached:
+        assert "enriched" == env.enricher(settings, "async").enrich("c0", tenant_id="t").status
+        env.outage(PROVIDER)
+        stale = env.enricher(settings, "async").enrich("c0", tenant_id="t")
+        assert ("cached_stale", True) == (stale.status, stale.deferred)
+    else:
+        _defer_all(env, settings, 1)
     env.recover(PROVIDER)
     env.sim.control.set_fault(PROVIDER, "error", endpoint="enrich", status=404)
     worker = env.worker(settings, clock=env.clock)
 
     stats = env.run(worker.run_once())
 
-    assert 1 == stats.failed
+    assert (1, 0 if cached else 1) == (stats.failed, stats.defects_resolved)
     assert ["failed"] == [r.status for r in env.rows(env.Request)]
-    assert 1 == env.count(env.Defect, status="OPEN")
+    defects = [(d.status, d.resolution) for d in env.rows(env.Defect)]
+    if cached:
+        assert [("OPEN", None)] == defects
+        assert [True] == [c.stale for c in env.rows(env.Cache)]
+    else:
+        assert [("RESOLVED", NO_MATCH_RESOLUTION)] == defects
+        assert [False] == [c.stale for c in env.rows(env.Cache)]
 
 
 @pytest.mark.parametrize(
@@ -160,7 +181,9 @@ def test_a_mixed_chain_on_refresh_is_an_outage_unless_every_provider_answered(
 
     assert 1 == getattr(stats, verdict)
     assert [request_status] == [r.status for r in env.rows(env.Request)]
-    assert (0 if verdict == "refreshed" else 1) == env.count(env.Defect, status="OPEN")
+    # A never-enriched subject that every provider answered "no match" is settled too.
+    settled = verdict in {"refreshed", "failed"}
+    assert (0 if settled else 1) == env.count(env.Defect, status="OPEN")
 
 
 def _answer(env: Any, provider: str, status: int) -> None:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
         list_defects,
     )
     from ._enricher import AsyncEnricher, Enricher
-    from ._models import RECOVERY_RESOLUTION, STALE_ENRICHMENT, Defect
+    from ._models import NO_MATCH_RESOLUTION, RECOVERY_RESOLUTION, STALE_ENRICHMENT, Defect
     from ._syncstatus import (
         AsyncSyncStatusDelivery,
         CrmSyncStatusMixin,
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ._worker import AsyncDeferredEnrichmentWorker, RunStats, run_deferred
 
 __all__ = [
+    "NO_MATCH_RESOLUTION",
     "RECOVERY_RESOLUTION",
     "STALE_ENRICHMENT",
     "AsyncDeferredEnrichmentWorker",
@@ -91,7 +92,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "list_defects",
     ),
     "._enricher": ("AsyncEnricher", "Enricher"),
-    "._models": ("Defect", "RECOVERY_RESOLUTION", "STALE_ENRICHMENT"),
+    "._models": ("Defect", "NO_MATCH_RESOLUTION", "RECOVERY_RESOLUTION", "STALE_ENRICHMENT"),
     "._syncstatus": (
         "AsyncSyncStatusDelivery",
         "CrmSyncStatusMixin",

@@ -278,8 +278,8 @@ def _store_failure(
     if action.mark_stale:
         _store.record_failure(session, key, error=error, now=now)
     request_id = defect_id = None
-    if no_match:
-        _store.record_no_match(session, key, now=now)
+    if no_match and _store.record_no_match(session, key, now=now, actor=actor):
+        _store.refresh_gauges(session, metrics, settings.providers)
     if action.defer:
         request_id, defect_id = _store.defer(
             session,

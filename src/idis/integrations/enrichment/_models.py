@@ -29,6 +29,7 @@ from ..db._base import Base, BigIntPK, JSONType, UTCDateTime
 __all__ = [
     "DEFECT_OPEN",
     "DEFECT_RESOLVED",
+    "NO_MATCH_RESOLUTION",
     "RECOVERY_RESOLUTION",
     "REQUEST_DONE",
     "REQUEST_FAILED",
@@ -46,6 +47,9 @@ DEFECT_OPEN = "OPEN"
 DEFECT_RESOLVED = "RESOLVED"
 #: The resolution RB-09 Recovery 4 writes; the library writes the same words.
 RECOVERY_RESOLUTION = "Data refreshed after provider recovery"
+#: The resolution of a subject that was never enriched and that every provider, asked
+#: again after the outage, answered "no match": nothing stale is left to show.
+NO_MATCH_RESOLUTION = "No match at the provider after recovery"
 #: ``enrichment_requests.status`` values.
 REQUEST_PENDING = "pending"
 REQUEST_DONE = "done"

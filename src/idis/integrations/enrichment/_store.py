@@ -28,6 +28,7 @@ from ._decisions import SubjectKey
 from ._models import (
     DEFECT_OPEN,
     DEFECT_RESOLVED,
+    NO_MATCH_RESOLUTION,
     RECOVERY_RESOLUTION,
     REQUEST_DONE,
     REQUEST_FAILED,
@@ -124,8 +125,18 @@ def load_no_match(session: Session, key: SubjectKey, *, since: datetime) -> date
     ).scalar_one_or_none()
 
 
-def record_no_match(session: Session, key: SubjectKey, *, now: datetime) -> None:
-    """Remember that every provider answered "no match" (keeps any cached data as it is)."""
+def record_no_match(session: Session, key: SubjectKey, *, now: datetime, actor: str) -> list[int]:
+    """Remember that every provider answered "no match"; settle the subject if it has no data.
+
+    A subject that was never enriched has nothing stale to show: the answer ends its
+    staleness and resolves its OPEN stale defects (``NO_MATCH_RESOLUTION``, audited).
+    A subject with cached data keeps it as it was (stale, defect OPEN): whether the
+    old data should go now that the provider no longer knows the subject is a
+    human's call.
+
+    Returns:
+        The ids of the defects this resolved.
+    """
     cache = EnrichmentCacheEntry.__table__
     stmt = _insert(session, cache).values(
         **_key_values(key), stale=False, no_match_at=now, updated_at=now
@@ -135,6 +146,22 @@ def record_no_match(session: Session, key: SubjectKey, *, now: datetime) -> None
             index_elements=[cache.c[n] for n in _SUBJECT_COLUMNS],
             set_={"no_match_at": now, "updated_at": now},
         )
+    )
+    has_data = session.execute(
+        select(EnrichmentCacheEntry.fetched_at.is_not(None)).where(
+            _subject_filter(EnrichmentCacheEntry, key)
+        )
+    ).scalar_one()
+    if has_data:
+        return []
+    session.execute(
+        update(EnrichmentCacheEntry)
+        .where(_subject_filter(EnrichmentCacheEntry, key))
+        .values(stale=False, stale_since=None)
+        .execution_options(synchronize_session=False)
+    )
+    return resolve_subject_defects(
+        session, key, now=now, actor=actor, resolution=NO_MATCH_RESOLUTION
     )
 
 
@@ -190,13 +217,18 @@ def record_success(
 
 
 def resolve_subject_defects(
-    session: Session, key: SubjectKey, *, now: datetime, actor: str
+    session: Session,
+    key: SubjectKey,
+    *,
+    now: datetime,
+    actor: str,
+    resolution: str = RECOVERY_RESOLUTION,
 ) -> list[int]:
-    """Resolve the subject's OPEN stale defects with the recovery resolution (audited)."""
+    """Resolve the subject's OPEN stale defects (by default with RB-09's resolution; audited)."""
     rows = session.execute(
         update(Defect)
         .where(Defect.defect_type == STALE_ENRICHMENT, _subject_filter(Defect, key), _OPEN_ONLY)
-        .values(status=DEFECT_RESOLVED, resolution=RECOVERY_RESOLUTION, resolved_at=now)
+        .values(status=DEFECT_RESOLVED, resolution=resolution, resolved_at=now)
         .returning(Defect.id)
     ).all()
     ids = [row.id for row in rows]

@@ -384,7 +384,7 @@ class AsyncDeferredEnrichmentWorker:
         else:
             _store.fail_request(session, request, error=error, now=now)
             if outcome.no_match:
-                _store.record_no_match(session, request.key, now=now)
+                return len(_store.record_no_match(session, request.key, now=now, actor=self.actor))
         return 0
 
     def _log_verdict(
