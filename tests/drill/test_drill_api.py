@@ -120,13 +120,15 @@ def test_api_salesforce_without_reconcile_loses_the_deletions(tmp_path: Path) ->
 def test_api_hubspot_takes_batched_webhooks_polls_search_and_resyncs_deletions(
     tmp_path: Path,
 ) -> None:
-    """HubSpot: batched v3-signed webhooks and CRM search polling (pinned: the sentinel cannot
-    judge HubSpot's webhooks); search replay sees no deletions, the resync by id does."""
+    """HubSpot: batched v3-signed webhooks, failover to CRM search polling and back (the
+    sentinel matches webhook deltas to search snapshots by record); search replay sees no
+    deletions, the resync by id does."""
     result, ids = _drill(tmp_path, "hubspot")
 
     assert [] == _failed(result)
-    assert _NO_WEBHOOK_ROWS - {"Verification 4: webhooks delivered"} == set(_not_applicable(result))
-    assert all("sentinel" in why for why in _not_applicable(result).values())
+    assert {} == _not_applicable(result)
+    assert "polling" == _check(result, "Containment 1: automatic polling failover")
+    assert "webhook" == _check(result, "Recovery 5: back to webhooks")
     assert ids
     assert all(i.startswith(("hs:deals.poll:", "hs:deal.", "resync:")) for i in ids)
     assert any(i.startswith("hs:deal.propertyChange:") for i in ids)  # by webhook
@@ -199,10 +201,22 @@ def test_a_bad_api_is_a_config_error_naming_the_value_and_the_choices() -> None:
     assert "generic, hubspot, salesforce, gdrive, pdl" in str(caught.value)
 
 
-@pytest.mark.parametrize("api", ["salesforce", "hubspot"])
-def test_webhook_only_needs_an_api_whose_webhooks_the_sync_service_can_judge(api: str) -> None:
+def test_webhook_only_needs_an_api_with_webhooks() -> None:
     with pytest.raises(ConfigError, match="--scenario"):
-        DrillOptions(api=api, scenario="webhook-only")
+        DrillOptions(api="salesforce", scenario="webhook-only")
+
+
+@pytest.mark.parametrize("api", ["hubspot", "gdrive"])
+def test_silent_webhooks_of_a_healthy_api_fail_over_and_return(tmp_path: Path, api: str) -> None:
+    """webhook-only: the API stays up, its webhooks go silent. The sentinel must notice by
+    itself (no breaker opens): HubSpot's deltas are matched to search results by record, Drive's
+    feed is read with its page tokens. Before, HubSpot's ids never matched (false failover in
+    healthy traffic) and Drive's feed was re-read from its first page (no failover, no return)."""
+    result, _ = _drill(tmp_path, api, scenario="webhook-only")
+
+    assert [] == _failed(result)
+    assert "polling" == _check(result, "Containment 1: automatic polling failover")
+    assert "webhook" == _check(result, "Recovery 5: back to webhooks")
 
 
 def test_the_cli_refuses_a_bad_api_with_exit_2_and_changes_nothing(tmp_path: Path) -> None:

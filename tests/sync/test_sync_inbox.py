@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -27,9 +28,10 @@ from idis.integrations.sync._inbox import (
     set_registry,
 )
 from idis.integrations.sync._models import SyncInbox, SyncRecordVersion
+from idis.integrations.sync._sentinel import feed_position, inbox_status
 
 from ..conftest import sample
-from .conftest import Faces, HostTable, make_event
+from .conftest import T0, Faces, HostTable, make_event
 
 P = "crm_provider"
 
@@ -457,3 +459,47 @@ def test_order_keys_compare_by_code_point() -> None:
     ] == sorted(keys)
     with pytest.raises(UsageError, match="64-bit"):
         OrderKey(2**63)
+
+
+def test_the_sentinel_matches_derived_ids_by_record_and_time(faces: Faces, host: HostTable) -> None:
+    """An API whose webhooks and feed name one change differently (HubSpot: a delta per
+    property by webhook, a snapshot per record in search) is judged by record: a feed event is
+    delivered by webhook when a webhook reported a change of its record at least as recent, and
+    known when the record's applied key is at least its own. By id alone none would match."""
+    registry = host.registry()
+
+    def change(event_id: str, record_id: str, second: int) -> ProviderEvent:
+        at = T0.replace(second=second)
+        key = BY_MODIFIED.event_key(event_id=event_id, seq=None, version=None, occurred_at=at)
+        return ProviderEvent(
+            id=event_id,
+            seq=0,
+            type="record.updated",
+            record_id=record_id,
+            tenant_id="t",
+            version=0,
+            occurred_at=at,
+            data={},
+            order=key,
+        )
+
+    faces.apply(change("hs:delta:a:20:amount", "a", 20), "webhook", registry)
+    faces.apply(change("hs:poll:b:20", "b", 20), "poll", registry)
+    feed = [
+        change("hs:poll:a:20", "a", 20),  # the webhook's change, seen by search
+        change("hs:poll:a:10", "a", 10),  # an older state of a: covered too
+        change("hs:poll:a:30", "a", 30),  # newer than anything a webhook said
+        change("hs:poll:b:20", "b", 20),  # same id as the poll that applied it
+        change("hs:poll:c:20", "c", 20),  # nobody has c
+    ]
+
+    with Session(faces.engine) as session:
+        known, by_webhook = inbox_status(session, P, feed)
+
+    assert {"hs:poll:a:20", "hs:poll:a:10"} == by_webhook
+    assert {"hs:poll:a:20", "hs:poll:a:10", "hs:poll:b:20"} == known
+
+
+def test_an_event_without_a_feed_position_has_none() -> None:
+    """Generic feed events number from 1; a pack's seq=0 means "no integer position"."""
+    assert (7, None) == (feed_position(make_event(7)), feed_position(replace(make_event(7), seq=0)))

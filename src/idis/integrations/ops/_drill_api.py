@@ -148,12 +148,6 @@ _APIS = {
         "generic",
         webhooks=True,
         webhook_format="hubspot",
-        failover=False,
-        no_failover=(
-            "the sentinel confirms webhooks by event id, and HubSpot's webhook events "
-            "(per-property deltas) never share an id with its search snapshots, so it cannot "
-            "judge them: the drill pins polling (CRM_MODE=polling), webhooks deliver alongside"
-        ),
         by_event_id=False,
         feed_retention=False,
         deletions=True,

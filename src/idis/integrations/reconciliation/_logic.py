@@ -216,8 +216,9 @@ def compare_record(
 ) -> RecordComparison:
     """Compare a local record with the provider's copy.
 
-    Versions and tenants are always compared. The data is compared field by
-    field when the local source has it (only ``fields`` when given), else by
+    Versions are always compared, tenants when both sides state one. The data
+    is compared field by field when the local source has it (only ``fields``
+    when given), else by
     :func:`data_hash` when the local source knows the hash; a source that knows
     neither (the default ledger) is compared on versions, which every change
     at the provider increments.
@@ -255,7 +256,9 @@ def compare_record(
     diffs: list[FieldDiff] = []
     if local.version != remote_version:
         diffs.append(FieldDiff("version", local.version, remote_version))
-    if local.tenant_id is not None and local.tenant_id != remote_tenant:
+    # A side that does not state the tenant cannot disagree about it: HubSpot's
+    # objects carry none (the portal is the tenant), its webhooks do (portalId).
+    if None not in (local.tenant_id, remote_tenant) and local.tenant_id != remote_tenant:
         diffs.append(FieldDiff("tenant_id", local.tenant_id, remote_tenant))
     if local.data is not None:
         names = list(fields) if fields is not None else sorted(set(local.data) | set(remote_data))

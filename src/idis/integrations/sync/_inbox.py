@@ -59,7 +59,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol, TypeAlias, cast, runtime_checkable
 
-from sqlalchemy import Table, bindparam, select, text, tuple_, update
+from sqlalchemy import Table, bindparam, func, select, text, tuple_, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -500,6 +500,24 @@ def current_keys(session: Session, provider: str, record_ids: Sequence[str]) -> 
         )
         found.update({rid: OrderKey(int(major), minor) for rid, major, minor in rows})
     return found
+
+
+def webhook_reports(session: Session, provider: str, since: datetime) -> dict[str, datetime]:
+    """Per record, the newest change a webhook received at or after ``since`` reported.
+
+    Reads the webhook deliveries of the window only (the ``(provider, webhook_at)`` index).
+    """
+    rows = session.execute(
+        select(SyncInbox.record_id, func.max(SyncInbox.occurred_at))
+        .where(
+            SyncInbox.provider == provider,
+            SyncInbox.webhook_at >= since,
+            SyncInbox.record_id.is_not(None),
+            SyncInbox.occurred_at.is_not(None),
+        )
+        .group_by(SyncInbox.record_id)
+    )
+    return {str(rid): newest for rid, newest in rows if newest is not None}
 
 
 def _lock_records(

@@ -53,7 +53,14 @@ from ._inbox import ApplyOutcome, HandlerRegistry, apply_events_async
 from ._mode import ModePolicy
 from ._models import seq_of
 from ._sentinel import AsyncChangeFeed
-from ._state import CHANGES_STREAM, fence, get_cursor, load_state, move_cursor
+from ._state import (
+    CHANGES_STREAM,
+    NOTIFICATIONS_STREAM,
+    fence,
+    get_cursor,
+    load_state,
+    move_cursor,
+)
 from ._timeline import record_coverage
 
 __all__ = [
@@ -193,6 +200,10 @@ class Poller:
         if source not in ("poll", "webhook"):
             raise UsageError(f"Poller source={source!r}: expected 'poll' or 'webhook'")
         self.source = source
+        # A notification channel keeps its own place in the feed: were it to share the
+        # poller's, whichever read a change first would hide it from the other, and the
+        # sentinel could not tell whether notifications keep up while polling runs.
+        self.stream = CHANGES_STREAM if source == "poll" else NOTIFICATIONS_STREAM
         self.feed = feed
         self._sessions: Any = (
             async_sessionmaker(sessions, expire_on_commit=False)
@@ -215,7 +226,7 @@ class Poller:
         return self._metrics if self._metrics is not None else get_metrics()
 
     def _start(self, session: Session, now: datetime) -> tuple[str | None, datetime | None]:
-        cursor = get_cursor(session, self.provider, CHANGES_STREAM)
+        cursor = get_cursor(session, self.provider, self.stream)
         if cursor is None:
             return window_start(None, None, now=now, overlap=self.overlap)
         position = cursor.position
@@ -235,20 +246,28 @@ class Poller:
     def _coverage_start(self, session: Session, since: datetime | None) -> datetime | None:
         if since is not None:
             return since
-        cursor = get_cursor(session, self.provider, CHANGES_STREAM)
+        cursor = get_cursor(session, self.provider, self.stream)
         return cursor.watermark if cursor is not None else None
 
     def _save_page(
         self, session: Session, events: Sequence[Any], next_cursor: str | None, now: datetime
     ) -> str | None:
-        cursor = get_cursor(session, self.provider, CHANGES_STREAM)
+        cursor = get_cursor(session, self.provider, self.stream)
         after, mark = advance_cursor(
             cursor.position if cursor else None,
             cursor.watermark if cursor else None,
             events,
             next_cursor,
         )
-        move_cursor(session, self.provider, position=after, watermark=mark, now=now, moved_by=None)
+        move_cursor(
+            session,
+            self.provider,
+            position=after,
+            watermark=mark,
+            now=now,
+            moved_by=None,
+            stream=self.stream,
+        )
         return after
 
     def _finish(
@@ -260,7 +279,7 @@ class Poller:
             record_coverage(session, self.provider, self.source, window, started)
         # The feed was read to its end as of ``started``: the next poll's coverage
         # starts there (its window, by feed position, holds everything after).
-        cursor = get_cursor(session, self.provider, CHANGES_STREAM)
+        cursor = get_cursor(session, self.provider, self.stream)
         if cursor is not None and (cursor.watermark is None or cursor.watermark < started):
             cursor.watermark = started
             cursor.updated_at = started

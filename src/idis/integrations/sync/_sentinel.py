@@ -23,20 +23,25 @@ flight is looked at again next time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
-from ._inbox import inbox_rows
+from ..providers._order import MissingOrder, order_key
+from ._inbox import current_keys, inbox_rows, webhook_reports
+
+#: How far a provider's clock may run ahead of ours when a webhook is matched to a change.
+WEBHOOK_SKEW = timedelta(minutes=5)
 
 __all__ = [
     "AsyncChangeFeed",
     "FeedBatch",
     "SentinelReport",
     "assess",
+    "feed_position",
     "fetch_changes_async",
     "inbox_status",
     "known_prefix",
@@ -64,6 +69,17 @@ class FeedBatch:
     complete: bool
 
 
+def feed_position(event: Any) -> int | None:
+    """The event's integer place in its feed, or None for an API without one.
+
+    Only the generic feed numbers its changes (``seq`` from 1). A pack whose
+    positions are opaque (a HubSpot search watermark, a Drive page token) sends
+    ``seq=0``: the sentinel then reads such a feed by time, never from a seq.
+    """
+    seq = getattr(event, "seq", None)
+    return seq if isinstance(seq, int) and seq > 0 else None
+
+
 async def fetch_changes_async(
     feed: AsyncChangeFeed,
     *,
@@ -72,29 +88,68 @@ async def fetch_changes_async(
     page_size: int,
     max_pages: int,
 ) -> FeedBatch:
-    """Read up to ``max_pages`` pages of the change feed from ``after`` (or ``since``)."""
+    """Read up to ``max_pages`` pages of the change feed from ``after`` (or ``since``).
+
+    Pages follow the feed's own next position: its integer ``next_after``, else
+    its opaque ``next_cursor`` (a Drive page token, a HubSpot paging token),
+    which is used only to read on within this batch.
+    """
     events: list[Any] = []
     next_after = after
+    position: int | str | None = after
     for _ in range(max_pages):
         page = await feed.changes(
-            after=next_after, since=since if next_after is None else None, limit=page_size
+            after=position, since=since if position is None else None, limit=page_size
         )
         events.extend(page.events)
         if page.next_after is not None:
             next_after = page.next_after
-        elif page.events:
+        elif page.events and feed_position(page.events[-1]) is not None:
             next_after = page.events[-1].seq
         if not page.has_more or not page.events:
             return FeedBatch(events, next_after, True)
+        position = next_after if page.next_after is not None else page.next_cursor
+        if position is None:
+            # More pages, but no way to ask for them: no verdict beyond this one.
+            break
     return FeedBatch(events, next_after, False)
 
 
 def inbox_status(
-    session: Session, provider: str, event_ids: Iterable[str]
+    session: Session, provider: str, events: Sequence[Any]
 ) -> tuple[set[str], set[str]]:
-    """Which of ``event_ids`` the inbox holds, and which of those a webhook delivered."""
-    rows = inbox_rows(session, provider, event_ids)
-    return set(rows), {event_id for event_id, webhook in rows.items() if webhook}
+    """Which ``events`` the host has (any channel), and which of those a webhook delivered.
+
+    By event id first. An API whose webhooks and change feed name one change
+    differently (HubSpot: a webhook per changed property, a search result per
+    record, both with ids the pack derives) is judged by record: an event is
+    known when the record's applied order key is at least the event's, and
+    delivered by webhook when a webhook reported a change of the record at
+    least as recent (by ``occurred_at``; whichever channel applied it first).
+    """
+    rows = inbox_rows(session, provider, [e.id for e in events])
+    known = set(rows)
+    by_webhook = {event_id for event_id, webhook in rows.items() if webhook}
+    rest = [e for e in events if e.id not in rows and getattr(e, "record_id", None)]
+    if not rest:
+        return known, by_webhook
+    ledger = current_keys(session, provider, sorted({e.record_id for e in rest}))
+    # A webhook arrives after the change it reports; the margin absorbs clock skew.
+    floor = min(e.occurred_at for e in rest) - WEBHOOK_SKEW
+    reported = webhook_reports(session, provider, floor)
+    for event in rest:
+        current = ledger.get(event.record_id)
+        try:
+            key = order_key(event)
+        except MissingOrder:
+            continue
+        if current is not None and current >= key:
+            known.add(event.id)
+        newest = reported.get(event.record_id)
+        if newest is not None and newest >= event.occurred_at:
+            by_webhook.add(event.id)
+            known.add(event.id)
+    return known, by_webhook
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +218,7 @@ def assess(
         if event.id not in by_webhook and now - event.occurred_at <= lag_threshold:
             settled_all = False
             break
-        position = event.seq
+        position = feed_position(event) or position
     if settled_all and complete and next_after is not None:
         position = next_after if position is None else max(position, next_after)
     return SentinelReport(
@@ -195,7 +250,7 @@ def known_prefix(
     for event in events:
         if event.id not in known:
             return seq, event.occurred_at
-        seq = event.seq
+        seq = feed_position(event) or seq
     if complete:
         if next_after is not None:
             seq = next_after if seq is None else max(seq, next_after)

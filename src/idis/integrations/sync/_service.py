@@ -156,7 +156,10 @@ def _sentinel_plan(
         return None
     if snap.sentinel_seq is not None:
         return _Plan(snap.sentinel_seq, None)
-    return _Plan(None, snap.sentinel_at or now)
+    # No feed position (the first check, or an API whose positions are opaque):
+    # read by time, back to the lag threshold, so that a change whose webhook
+    # never came is looked at again once it is late.
+    return _Plan(None, (snap.sentinel_at or now) - settings.sync.lag_threshold)
 
 
 def _assess(
@@ -420,10 +423,10 @@ class AsyncSyncService:
                 failed, error = True, error_type(exc)
                 _log.warning("idis.sync.sentinel_failed", provider=provider, error_type=error)
             else:
-                ids = [e.id for e in batch.events]
+                events = batch.events
                 async with self._sessions() as session, session.begin():
                     known, by_webhook = await session.run_sync(
-                        lambda s: inbox_status(s, provider, ids)
+                        lambda s: inbox_status(s, provider, events)
                     )
                 report = _assess(
                     batch,

@@ -44,6 +44,7 @@ from ._models import SyncCursor, SyncInbox, SyncProviderState
 
 __all__ = [
     "CHANGES_STREAM",
+    "NOTIFICATIONS_STREAM",
     "Fenced",
     "SyncSummary",
     "carry_out",
@@ -66,6 +67,9 @@ _log = get_logger()
 
 #: The provider's change feed: the stream the poller and the sentinel read.
 CHANGES_STREAM = "changes"
+#: The feed position of a data-less notification channel (Google Drive): the fetches
+#: notifications trigger read from here, apart from the poller's ``changes``.
+NOTIFICATIONS_STREAM = "notifications"
 
 
 def load_state(
