@@ -56,7 +56,7 @@ from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from ._messages import KIND_WEBHOOK, OutboxMessage
 from ._models import DEAD, PENDING, RECEIVER_GONE
-from ._policy import Action, Disposition, decide, describe_error
+from ._policy import DEFER_DELAY, Action, Disposition, decide, describe_error, probe_decides
 from ._queries import (
     LEASE_EXPIRED,
     database_now_statement,
@@ -157,6 +157,18 @@ class _Leases:
 
 
 @dataclass(slots=True)
+class _ProbeVerdict:
+    """A provider's last health probe, as the outbox worker uses it."""
+
+    #: When it started (the clock's monotonic time): evidence only for failures before.
+    started: float
+    #: Still waiting for the answer.
+    running: bool = False
+    #: It answered healthy (an unhealthy answer, an error or no endpoint: False).
+    healthy: bool = False
+
+
+@dataclass(slots=True)
 class _Pending:
     """Settlements not yet written (the database was unreachable)."""
 
@@ -182,6 +194,7 @@ class _WorkerCore:
         poll_interval: timedelta | None,
         metrics_interval: timedelta | None,
         lease_clock: str | None = None,
+        probing: bool = False,
     ) -> None:
         outbox = settings.outbox
         names = tuple(providers) if providers is not None else tuple(settings.providers)
@@ -228,6 +241,15 @@ class _WorkerCore:
         self._excused: dict[int, tuple[int, int]] = {}
         #: Provider -> the configuration error its last delivery met (cleared by a delivery).
         self.config_errors: dict[str, str] = {}
+        #: The driver can probe a provider's health (it has a gateway).
+        self.probing = probing
+        #: Provider -> its last health probe (the evidence when only poison is left).
+        self._probes: dict[str, _ProbeVerdict] = {}
+        #: At most one probe per provider per backoff step (never longer than a lease).
+        self.probe_interval = max(
+            DEFER_DELAY.total_seconds(),
+            min(outbox.initial_backoff, self.lease).total_seconds(),
+        )
         self.unsettled = _Pending()
         #: A cycle's transaction failed: its COMMIT may have succeeded unseen,
         #: leaving leases this worker does not know it holds.
@@ -352,9 +374,79 @@ class _WorkerCore:
                 out.append(spent)
         return ready
 
+    def probe_due(self, message: OutboxMessage, error: BaseException | None) -> float | None:
+        """Whether to probe the provider's health before settling this failure.
+
+        Only when the probe is the evidence the failure lacks (``probe_decides``:
+        a provider fault left the provider unavailable and no other message got
+        through since, e.g. only a poison message is left), no probe of the
+        provider is running, and the last one started at least
+        ``probe_interval`` ago. Returns the probe's start (monotonic), to be
+        passed to :meth:`probed`, or None: no probe.
+        """
+        provider = message.provider
+        if error is None or not self.probing:
+            return None
+        served, _excused = self._excused.get(message.id, (self._served[provider], 0))
+        if not probe_decides(
+            error,
+            provider_available=self.available(provider),
+            served_others=self._served[provider] > served,
+        ):
+            return None
+        now = self.clock.monotonic()
+        last = self._probes.get(provider)
+        if last is not None and (last.running or now - last.started < self.probe_interval):
+            return None
+        self._probes[provider] = _ProbeVerdict(started=now, running=True)
+        return now
+
+    def probed(
+        self, provider: str, started: float, report: Any, error: BaseException | None
+    ) -> None:
+        """Record a health probe's answer (``report``), or the error it raised."""
+        if error is not None:
+            result, detail = "error", describe_error(error)
+        elif report is None or getattr(report, "status_code", None) is None:
+            # No health endpoint configured: the gateway says "ok" without asking.
+            result, detail = "unknown", str(getattr(report, "detail", "no report"))
+        else:
+            result = "healthy" if report.ok else "unhealthy"
+            detail = str(report.detail)
+        self._probes[provider] = _ProbeVerdict(started=started, healthy=result == "healthy")
+        self.metrics.outbox_health_probes.labels(provider, result).inc()
+        self.log.info(
+            "idis.outbox.health_probe",
+            msg="probed a provider whose message failed while nothing else got through: "
+            + (
+                "healthy, so the failure is the message's own and counts"
+                if result == "healthy"
+                else "no evidence it works, so the failure is given back as the outage's"
+            ),
+            provider=provider,
+            result=result,
+            detail=detail,
+        )
+
+    def healthy_since(self, provider: str, failed_at: float) -> bool:
+        """Whether a probe started at or after ``failed_at`` found the provider healthy."""
+        verdict = self._probes.get(provider)
+        return (
+            verdict is not None
+            and not verdict.running
+            and verdict.healthy
+            and verdict.started >= failed_at
+        )
+
     def settle(
-        self, message: OutboxMessage, error: BaseException | None, now: datetime
+        self,
+        message: OutboxMessage,
+        error: BaseException | None,
+        now: datetime,
+        *,
+        failed_at: float | None = None,
     ) -> _Settlement:
+        """Decide one attempt's outcome (``failed_at``: when it failed, monotonic)."""
         provider = message.provider
         if error is None:
             self._served[provider] += 1
@@ -386,6 +478,7 @@ class _WorkerCore:
             settings=self.outbox,
             rng=self.rng,
             served_others=self._served[provider] > served,
+            provider_healthy=failed_at is not None and self.healthy_since(provider, failed_at),
             excused=excused,
         )
         if disposition.action is Action.DEFER and failed:
@@ -658,6 +751,7 @@ class OutboxWorker:
             availability = gateway.available
         self.engine = engine
         self.deliver = deliver
+        self._health = getattr(gateway, "health", None)
         self._core = _WorkerCore(
             settings,
             providers=providers,
@@ -672,6 +766,7 @@ class OutboxWorker:
             poll_interval=poll_interval,
             metrics_interval=metrics_interval,
             lease_clock=lease_clock,
+            probing=self._health is not None,
         )
         self._dialect = engine.dialect.name
         self._stop = threading.Event()
@@ -950,12 +1045,29 @@ class OutboxWorker:
             leases.renewed(held, now + core.lease)
 
     def _attempt(self, message: OutboxMessage) -> _Settlement:
+        core = self._core
         error: BaseException | None = None
         try:
             self.deliver(message)
         except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
             error = exc
-        return self._core.settle(message, error, self._core.now())
+        failed_at = core.clock.monotonic()
+        started = core.probe_due(message, error)
+        if started is not None:
+            self._probe(message.provider, started)
+        return core.settle(message, error, core.now(), failed_at=failed_at)
+
+    def _probe(self, provider: str, started: float) -> None:
+        assert self._health is not None
+        try:
+            report = self._health(provider)
+        except Exception as exc:  # noqa: BLE001  # a failed probe is no evidence
+            self._core.probed(provider, started, None, exc)
+        except BaseException as exc:
+            self._core.probed(provider, started, None, exc)
+            raise
+        else:
+            self._core.probed(provider, started, report, None)
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -1047,6 +1159,7 @@ class AsyncOutboxWorker:
             availability = gateway.available
         self.engine = engine
         self.deliver = deliver
+        self._health = getattr(gateway, "health", None)
         self._core = _WorkerCore(
             settings,
             providers=providers,
@@ -1061,6 +1174,7 @@ class AsyncOutboxWorker:
             poll_interval=poll_interval,
             metrics_interval=metrics_interval,
             lease_clock=lease_clock,
+            probing=self._health is not None,
         )
         self._dialect = engine.dialect.name
         self._stop = asyncio.Event()
@@ -1270,12 +1384,29 @@ class AsyncOutboxWorker:
         gone = self._core.skip_gone(message)
         if gone is not None:
             return gone
+        core = self._core
         error: BaseException | None = None
         try:
             await self.deliver(message)
         except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
             error = exc
-        return self._core.settle(message, error, self._core.now())
+        failed_at = core.clock.monotonic()
+        started = core.probe_due(message, error)
+        if started is not None:
+            await self._probe(message.provider, started)
+        return core.settle(message, error, core.now(), failed_at=failed_at)
+
+    async def _probe(self, provider: str, started: float) -> None:
+        assert self._health is not None
+        try:
+            report = await self._health(provider)
+        except Exception as exc:  # noqa: BLE001  # a failed probe is no evidence
+            self._core.probed(provider, started, None, exc)
+        except BaseException as exc:  # cancelled: recorded, then propagated
+            self._core.probed(provider, started, None, exc)
+            raise
+        else:
+            self._core.probed(provider, started, report, None)
 
     async def _keep_leases(self, leases: _Leases) -> None:
         core = self._core
