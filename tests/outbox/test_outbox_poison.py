@@ -26,8 +26,8 @@ from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.observability._metrics import Metrics
 from idis.integrations.outbox._enqueue import enqueue
 from idis.integrations.outbox._messages import NewMessage
-from idis.integrations.outbox._worker import AsyncOutboxWorker, OutboxWorker
-from idis.integrations.resilience import AsyncGateway, Gateway
+from idis.integrations.outbox._worker import AsyncOutboxWorker
+from idis.integrations.resilience import AsyncGateway
 from idis.integrations.testing import run_simulator
 
 from ..conftest import sample
@@ -51,15 +51,6 @@ def _poison(engine: Engine, clock: ManualClock) -> None:
         enqueue(session, message, now=clock.now())
 
 
-def _run_sync(engine: Engine, settings: Any, clock: ManualClock, step: Callable[[], bool]) -> None:
-    with Gateway(settings, clock=clock, sleep=clock.sleep, seed=7) as gateway:
-        worker = OutboxWorker(
-            engine, settings, gateway=gateway, providers=[CRM], clock=clock, rng=random.Random(3)
-        )
-        while not step():
-            worker.run_once()
-
-
 def _run_async(engine: Engine, settings: Any, clock: ManualClock, step: Callable[[], bool]) -> None:
     async_engine = create_async_db_engine(engine.url.render_as_string(hide_password=False))
 
@@ -80,10 +71,9 @@ def _run_async(engine: Engine, settings: Any, clock: ManualClock, step: Callable
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("driver", ["sync", "async"])
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_a_poison_message_is_dead_lettered_and_the_others_delivered(
-    engine: Engine, clock: ManualClock, driver: str, concurrency: int
+    engine: Engine, clock: ManualClock, concurrency: int
 ) -> None:
     """One message always 5xx + 90 others: the 90 are delivered, the poison dead-lettered."""
     with run_simulator(clock=clock.now, seed=9) as sim:
@@ -100,7 +90,7 @@ def test_a_poison_message_is_dead_lettered_and_the_others_delivered(
             clock.advance(30)
             return False
 
-        (_run_sync if driver == "sync" else _run_async)(engine, settings, clock, step)
+        _run_async(engine, settings, clock, step)
         counts = provider_counts(sim, CRM)
 
     rows = {r.idempotency_key: r for r in table(engine)}
@@ -113,10 +103,9 @@ def test_a_poison_message_is_dead_lettered_and_the_others_delivered(
     assert "503" in (poison.last_error or "")
 
 
-@pytest.mark.parametrize("driver", ["sync", "async"])
 @pytest.mark.parametrize("health", ["up", "down"])
 def test_poison_alone_is_dead_lettered_unless_the_health_endpoint_is_down_too(
-    engine: Engine, clock: ManualClock, metrics: Metrics, driver: str, health: str
+    engine: Engine, clock: ManualClock, metrics: Metrics, health: str
 ) -> None:
     """Only poison left: a healthy health probe makes its failures count; a down one does not.
 
@@ -140,7 +129,7 @@ def test_poison_alone_is_dead_lettered_unless_the_health_endpoint_is_down_too(
             clock.advance(30)
             return False
 
-        (_run_sync if driver == "sync" else _run_async)(engine, settings, clock, step)
+        _run_async(engine, settings, clock, step)
 
     poison = table(engine)[0]
     probes = {
