@@ -15,13 +15,16 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine
+from structlog.testing import capture_logs
 
 from idis.integrations._clock import ManualClock, SystemClock
 from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.exceptions import StorageError
+from idis.integrations.observability._metrics import Metrics
 from idis.integrations.outbox._messages import OutboxMessage
 from idis.integrations.outbox._worker import AsyncOutboxWorker
 
+from ..conftest import sample
 from .conftest import Loop, Recorder, outbox_settings, put_messages, statuses, table
 
 LEASE = timedelta(seconds=1)
@@ -154,3 +157,66 @@ def test_a_worker_whose_clock_runs_ahead_takes_no_live_lease(loop: Loop, engine:
 
     assert ([0], []) == (taken, ahead_recorder.attempts)
     assert {"delivered": 1} == statuses(engine)
+
+
+def _fail_renewals(engine: Engine) -> list[int]:
+    """Make every lease renewal statement fail on the client (the database is unreachable)."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    failed: list[int] = []
+
+    def before(conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if (
+            " ".join(statement.split())
+            .upper()
+            .startswith("UPDATE OUTBOX_MESSAGES SET LEASE_EXPIRES_AT")
+        ):
+            failed.append(1)
+            raise OperationalError("renew", {}, ConnectionError("connection lost"))
+
+    event.listen(engine, "before_cursor_execute", before)
+    return failed
+
+
+def test_a_lease_that_cannot_be_renewed_gives_the_rest_of_the_batch_back(
+    loop: Loop, engine: Engine, clock: ManualClock, metrics: Metrics
+) -> None:
+    """Renewal fails mid-batch: the sent message settles, the unsent ones go back unattempted."""
+    put_messages(engine, 3, clock=clock)
+    failed = _fail_renewals(loop.async_engine(engine).sync_engine)
+    recorder = Recorder()
+
+    def slow(message: OutboxMessage) -> None:
+        clock.advance(6)  # past half the 10 s lease: the next send renews first
+        recorder(message)
+
+    worker = loop.worker(
+        engine,
+        outbox_settings(lease=timedelta(seconds=10)),
+        deliver=slow,
+        providers=["crm_provider"],
+        clock=clock,
+        batch_size=3,
+        concurrency=1,
+    )
+    with capture_logs() as logs:
+        first = worker.run_once()
+    rows = table(engine)
+    warned = [e for e in logs if e["event"] == "idis.outbox.lease_renewal_failed"]
+
+    assert failed, "the renewal really failed"
+    assert (3, 1, 2) == (first.leased, first.delivered, first.released)
+    assert [rows[0].id] == recorder.delivered
+    assert ["delivered", "pending", "pending"] == [r.status for r in rows]
+    assert [1, 0, 0] == [r.attempts for r in rows]  # given back: no attempt counted
+    assert all(r.lease_owner is None for r in rows[1:])
+    assert 2 == sample(
+        metrics,
+        "integration_outbox_deliveries_total",
+        provider="crm_provider",
+        kind="request",
+        outcome="released",
+    )
+    assert warned, "the failed renewal is logged"
+    assert "connection lost" in warned[0]["error"]
