@@ -238,11 +238,23 @@ class _WorkerCore:
         self.probing = probing
         #: Provider -> its last health probe (the evidence when only poison is left).
         self._probes: dict[str, _ProbeVerdict] = {}
-        #: At most one probe per provider per backoff step (never longer than a lease).
-        self.probe_interval = max(
-            DEFER_DELAY.total_seconds(),
-            min(outbox.initial_backoff, self.lease).total_seconds(),
-        )
+        #: Provider -> seconds between its probes, and the quiet time (no delivery
+        #: by this worker) before the first: its breaker's reset timeout (the pace
+        #: of its half-open trials, so a lone poison message's every trial may be
+        #: judged), at least a backoff step, never longer than a lease.
+        self.probe_interval = {
+            name: min(
+                self.lease.total_seconds(),
+                max(
+                    DEFER_DELAY.total_seconds(),
+                    outbox.initial_backoff.total_seconds(),
+                    settings.provider(name).breaker.reset_timeout,
+                ),
+            )
+            for name in names
+        }
+        #: Provider -> when this worker last delivered to it (monotonic).
+        self._served_at: dict[str, float] = {}
         self.unsettled = _Pending()
         #: A cycle's transaction failed: its COMMIT may have succeeded unseen,
         #: leaving leases this worker does not know it holds.
@@ -372,8 +384,10 @@ class _WorkerCore:
 
         Only when the probe is the evidence the failure lacks (``probe_decides``:
         a provider fault left the provider unavailable and no other message got
-        through since, e.g. only a poison message is left), no probe of the
-        provider is running, and the last one started at least
+        through since), this worker delivered nothing to the provider for
+        ``probe_interval`` (only poison is left: while others get through, their
+        deliveries are the evidence, and a busy provider is not probed at all),
+        no probe of the provider is running, and the last one started at least
         ``probe_interval`` ago. Returns the probe's start (monotonic), to be
         passed to :meth:`probed`, or None: no probe.
         """
@@ -388,8 +402,12 @@ class _WorkerCore:
         ):
             return None
         now = self.clock.monotonic()
+        interval = self.probe_interval[provider]
+        served_at = self._served_at.get(provider)
+        if served_at is not None and now - served_at < interval:
+            return None
         last = self._probes.get(provider)
-        if last is not None and (last.running or now - last.started < self.probe_interval):
+        if last is not None and (last.running or now - last.started < interval):
             return None
         self._probes[provider] = _ProbeVerdict(started=now, running=True)
         return now
@@ -443,6 +461,7 @@ class _WorkerCore:
         provider = message.provider
         if error is None:
             self._served[provider] += 1
+            self._served_at[provider] = self.clock.monotonic()
             self._excused.pop(message.id, None)
             self.config_errors.pop(provider, None)
             return _Settlement(message, _DELIVERED)
