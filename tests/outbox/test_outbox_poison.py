@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -103,7 +104,7 @@ def test_a_poison_message_is_dead_lettered_and_the_others_delivered(
     assert "503" in (poison.last_error or "")
 
 
-@pytest.mark.parametrize("health", ["up", "down"])
+@pytest.mark.parametrize("health", ["up", "down", "none"])
 def test_poison_alone_is_dead_lettered_unless_the_health_endpoint_is_down_too(
     engine: Engine, clock: ManualClock, metrics: Metrics, health: str
 ) -> None:
@@ -113,10 +114,15 @@ def test_poison_alone_is_dead_lettered_unless_the_health_endpoint_is_down_too(
     works for others: the worker probes the provider's health endpoint. Up, the
     message's failures are its own and it is dead-lettered after max_retries;
     down too, it is an outage, and its attempts are given back (the outage
-    test's rule: a provider-wide outage burns nothing).
+    test's rule: a provider-wide outage burns nothing). No health endpoint
+    configured is no evidence either: given back.
     """
     with run_simulator(clock=clock.now, seed=9) as sim:
         settings = outbox_settings(sim.url, max_retries=5, batch_size=10)
+        if health == "none":
+            settings = settings.with_providers(
+                replace(settings.provider(CRM), health_endpoint=None)
+            )
         sim.control.set_fault(CRM, "error", endpoint="enrich", status=503)
         if health == "down":
             sim.control.set_fault(CRM, "error", endpoint="health", status=503)
@@ -136,16 +142,17 @@ def test_poison_alone_is_dead_lettered_unless_the_health_endpoint_is_down_too(
         result: sample(
             metrics, "integration_outbox_health_probes_total", provider=CRM, result=result
         )
-        for result in ("healthy", "unhealthy")
+        for result in ("healthy", "unhealthy", "unknown")
     }
     if health == "up":
         assert "dead" == poison.status
         assert poison.attempts == settings.outbox.max_retries + 1
         assert "503" in (poison.last_error or "")
         assert probes["healthy"] >= 1
-        assert 0 == probes["unhealthy"]
+        assert (0, 0) == (probes["unhealthy"], probes["unknown"])
     else:
         assert "pending" == poison.status
         assert poison.attempts <= 2  # only attempts made before the breaker opened
-        assert probes["unhealthy"] > 10  # probed again and again, never healthy
+        verdict = "unhealthy" if health == "down" else "unknown"
+        assert probes[verdict] > 10  # probed again and again, never healthy
         assert 0 == probes["healthy"]
