@@ -10,6 +10,7 @@ failover rewind).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,7 +33,7 @@ from idis.integrations.sync._poller import Poller
 from idis.integrations.sync._state import Fenced, fence, move_cursor, override_mode
 from idis.integrations.testing import serve_asgi, simulator_settings
 
-from .conftest import T0, FeedServer, HostTable, feed_event
+from .conftest import T0, FeedServer, HostTable, ServiceHarness, feed_event
 
 P = "crm_provider"
 #: Where a failover rewinds the cursor to: the last position webhooks were confirmed at.
@@ -179,3 +180,31 @@ def test_an_operators_mode_change_fences_the_poll_in_flight(engine: Engine) -> N
 
     assert (REWIND, "failover", 2) == _cursor(engine)
     assert 10 == len(host.rows())
+
+
+def test_a_tick_deposed_mid_poll_is_fenced_and_writes_nothing_more(engine: Engine) -> None:
+    """The service's tick polls; an operator's override lands between two pages: the tick
+    ends fenced (leader=False, error "fenced") and the override's state stands."""
+    db_url = engine.url.render_as_string(hide_password=False)
+    host = HostTable(engine)
+    feed = _feed_of_30()
+    done: list[bool] = []
+
+    def operator(params: dict[str, str]) -> None:
+        if params.get("after") != "10" or done:
+            return
+        with sessionmaker(engine).begin() as session:
+            override_mode(session, P, "webhook", policy=ModePolicy(), now=T0, actor="cli:operator")
+        done.append(True)
+
+    feed.on_request = operator
+    with serve_asgi(feed.app()) as url:
+        settings = _settings(url, db_url)
+        settings = replace(settings, sync=replace(settings.sync, crm_mode="polling"))
+        with ServiceHarness(settings, engine, registry=host.registry()) as service:
+            report = service.tick(P)
+
+    assert [True] == done
+    assert (False, "fenced") == (report.leader, report.error)
+    assert 10 == len(host.rows())  # the first page was applied; nothing after the override
+    assert 10 == _cursor(engine)[0]
