@@ -10,7 +10,7 @@ breaker transition, and the sync, outbox and defect facts. This calls it back
 to back, on a fresh migrated database holding a backlog of outbox messages:
 
 * **idle**: nothing else touches the database;
-* **draining**: ``OutboxWorker`` processes (1 on SQLite, its single writer; 4
+* **draining**: ``AsyncOutboxWorker`` processes (1 on SQLite, its single writer; 4
   on PostgreSQL) drain the backlog with a no-op delivery, as fast as they go,
   while status is called until the last worker finishes;
 * **draining, status in write transactions**: the same, with status's reads in
@@ -190,7 +190,7 @@ def render(args: argparse.Namespace, rows: list[Row]) -> str:
         "",
         "What `/status` of the example service and `idis-integrations status` run per request "
         "(`collect_status`, no provider probes) called back to back, on a fresh database with "
-        f'{args.messages:,} outbox messages queued; "draining" while `OutboxWorker` processes '
+        f'{args.messages:,} outbox messages queued; "draining" while `AsyncOutboxWorker` processes '
         "drain them with a no-op delivery as fast as they go (1 on SQLite, 4 on PostgreSQL). "
         "The last row of each database puts status's reads back in write transactions "
         "(`BEGIN IMMEDIATE` on SQLite), as 0.1 did.",

@@ -7,11 +7,12 @@ test CI can run must run.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,22 @@ def metrics() -> Iterator[Metrics]:
 def _reset_structlog() -> Iterator[None]:
     yield
     structlog.reset_defaults()
+
+
+async def dies_whole(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Await a worker's cycle; if it dies (a ``BaseException`` that is no ``Exception``, a
+    test's stand-in for the process dying mid-batch), the rest of its batch dies with it: the
+    loop's other tasks are cancelled, as they would be with the process."""
+    try:
+        return await coro
+    except Exception:
+        raise
+    except BaseException:
+        current = asyncio.current_task()
+        for task in asyncio.all_tasks():
+            if task is not current:
+                task.cancel()
+        raise
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

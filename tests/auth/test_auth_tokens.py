@@ -33,6 +33,7 @@ from idis.integrations.exceptions import (
     ConfigError,
     ReauthorizationRequired,
     RefreshOutcomeUnknown,
+    TokenLockTimeout,
 )
 from idis.integrations.observability._metrics import Metrics
 from idis.integrations.resilience import AsyncGateway, Gateway, ManualClock
@@ -656,3 +657,36 @@ def test_a_failed_refresh_that_lost_the_race_adopts_the_other_processs_token(
     assert "ok" == row["state"]
     assert 0 == row["consecutive_failures"]
     assert 1.0 == sample(metrics, "integration_token_refreshes_total", provider=P, outcome="reused")
+
+
+def test_a_caller_waiting_past_lock_timeout_in_process_gets_a_lock_timeout(
+    sim: RunningSimulator, sqlite_url: str, fernet_key: str, tokens: Any, metrics: Metrics
+) -> None:
+    """The provider's lock in this process (a thread's, a task's) held past lock_timeout:
+    TokenLockTimeout (an AuthError that says the credentials may be fine), nothing sent."""
+    settings = make_settings(sim, sqlite_url, fernet_key, lock_timeout=0.2)
+    manager = tokens(settings)
+    provider = settings.provider(P)
+
+    async def while_held_async() -> BaseException:
+        async with manager.manager._locked(provider):
+            with pytest.raises(TokenLockTimeout) as caught:
+                await manager.manager.get_token(P)
+        return caught.value
+
+    if manager.mode == "sync":
+        with manager.manager._locked(provider), pytest.raises(TokenLockTimeout) as caught:
+            manager.get_token(P)
+        error: BaseException = caught.value
+    else:
+        error = manager.run(while_held_async())
+    grants_while_held = _oauth(sim)["client_credentials_grants"]
+    token = manager.get_token(P)
+
+    assert isinstance(error, AuthError)
+    assert "credentials may be fine" in str(error)
+    assert 0 == grants_while_held
+    assert 1.0 == sample(
+        metrics, "integration_token_refreshes_total", provider=P, outcome="lock_timeout"
+    )
+    assert 1 == token.generation

@@ -98,3 +98,23 @@ def test_unknown_names_raise_attribute_error(package: str) -> None:
 
     with pytest.raises(AttributeError, match="no_such_name"):
         module.no_such_name  # noqa: B018
+
+
+def test_background_workers_are_async_only() -> None:
+    """Issue 12: one outbox worker, on asyncio; the sync twin and its sync strategy are gone."""
+    import importlib
+    import inspect
+
+    top = importlib.import_module("idis.integrations")
+    outbox = importlib.import_module("idis.integrations.outbox")
+
+    for module in (top, outbox):
+        for gone in ("OutboxWorker", "GatewayDelivery", "Deliver"):
+            assert gone not in module.__all__
+            with pytest.raises(AttributeError):
+                getattr(module, gone)
+    assert top.AsyncOutboxWorker is outbox.AsyncOutboxWorker
+    assert inspect.iscoroutinefunction(outbox.AsyncOutboxWorker.run_once)
+    # The request path keeps both faces.
+    assert not inspect.iscoroutinefunction(outbox.enqueue)
+    assert inspect.iscoroutinefunction(outbox.enqueue_async)

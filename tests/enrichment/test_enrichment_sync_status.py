@@ -10,13 +10,13 @@ from sqlalchemy import MetaData, String, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from idis.integrations.enrichment import (
+    AsyncSyncStatusDelivery,
     CrmSyncStatusMixin,
     SyncStatusDelivery,
     impact,
     mark_sync_pending,
 )
-from idis.integrations.outbox import NewMessage, OutboxWorker, enqueue
-from idis.integrations.outbox._delivery import GatewayDelivery
+from idis.integrations.outbox import AsyncGatewayDelivery, AsyncOutboxWorker, NewMessage, enqueue
 
 CRM = "crm_provider"
 
@@ -80,21 +80,25 @@ def test_outbox_pushes_mark_deals_synced_or_failed(deals: Any) -> None:
     """Delivered pushes mark SYNCED, failed ones FAILED; impact counts the failures per tenant."""
     env = deals
     settings = env.settings()
-    gateway = env.gateway(settings)
-    deliver = SyncStatusDelivery(GatewayDelivery(gateway), env.engine, SyncDeal)
-    worker = OutboxWorker(
-        env.engine, settings, deliver=deliver, availability=gateway.available, providers=[CRM]
+    gateway = env.async_gateway(settings)
+    deliver = AsyncSyncStatusDelivery(AsyncGatewayDelivery(gateway), env.async_engine, SyncDeal)
+    worker = AsyncOutboxWorker(
+        env.async_engine,
+        settings,
+        deliver=deliver,
+        availability=gateway.available,
+        providers=[CRM],
     )
     _push(env, 1, "t1")
     _push(env, 2, "t1")
     pending = _statuses(env)
-    worker.run(until_idle=True)
+    env.run(worker.run(until_idle=True))
     synced = _statuses(env)
 
     env.outage(CRM)
     _push(env, 3, "t1", max_retries=0)
     _push(env, 4, "t2", max_retries=0)
-    worker.run(until_idle=True)
+    env.run(worker.run(until_idle=True))
     after_outage = _statuses(env)
     result = impact(CRM, "1 hour ago", deals_table=SyncDeal, settings=settings, engine=env.engine)
 

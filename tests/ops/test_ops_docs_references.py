@@ -120,7 +120,7 @@ def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
 
     assert not _py_exists("outbox/worker.py", page)
     assert _py_exists("outbox/_worker.py", page)
-    assert _resolves("idis.integrations.outbox.OutboxWorker")
+    assert _resolves("idis.integrations.outbox.AsyncOutboxWorker")
     assert not _resolves("idis.integrations.outbox.NoSuchThing")
     assert _COMMAND.findall(_code("run `idis-integrations db upgrade` now")) == [("db", "upgrade")]
     assert _COMMAND.findall(_code("idis-integrations is a library")) == []

@@ -6,27 +6,41 @@ the shared ``tests/conftest.py``.
 The recording delivery is a delivery *strategy*, the worker's plug point (what
 a service passes as ``deliver=``), not a mock of library code: the worker,
 its SQL and its decisions run for real against SQLite and PostgreSQL.
+
+The outbox worker is async only (``AsyncOutboxWorker``). ``loop`` gives a test
+one event loop (``asyncio.Runner``) and :class:`DrivenWorker` drives a real
+``AsyncOutboxWorker`` on it from sync test code, one coroutine at a time, so a
+scenario reads as a script; a plain function passed as ``deliver`` is called
+from the worker's coroutine (and awaited if it returns an awaitable).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from idis.integrations._clock import ManualClock
 from idis.integrations.config import OutboxSettings, Settings
+from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.exceptions import ProviderUnavailable
 from idis.integrations.outbox._enqueue import enqueue_many
 from idis.integrations.outbox._messages import NewMessage, OutboxMessage
 from idis.integrations.outbox._models import OutboxMessageRow
+from idis.integrations.outbox._worker import AsyncOutboxWorker, BatchResult
+from idis.integrations.resilience import AsyncGateway
 from idis.integrations.testing import simulator_settings
+
+from ..conftest import dies_whole
 
 #: Nothing listens here: settings for tests whose delivery never touches HTTP.
 NO_SERVER = "http://127.0.0.1:9"
@@ -183,3 +197,117 @@ def assert_applied_once(counts: ProviderCounts, total: int, *, max_repeats: int 
         f"{counts.repeats} repeated sends, at most {max_repeats} allowed: "
         f"{sorted(k for k, n in counts.received.items() if n > 1)[:10]}"
     )
+
+
+# --------------------------------------------------------------------------- the async worker
+
+
+def as_async(deliver: Any) -> Any:
+    """A delivery strategy the async worker can await: plain callables are called from it."""
+    if deliver is None or inspect.iscoroutinefunction(deliver):
+        return deliver
+
+    async def call(message: OutboxMessage) -> Any:
+        result = deliver(message)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    return call
+
+
+class Loop:
+    """One event loop for a test: async engines and gateways on it, closed at the end."""
+
+    def __init__(self, runner: asyncio.Runner) -> None:
+        self.runner = runner
+        self._engines: dict[str, AsyncEngine] = {}
+        self._closers: list[Callable[[], Awaitable[Any]]] = []
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on the test's loop and return its result."""
+        return self.runner.run(coro)
+
+    def async_engine(self, engine: Engine) -> AsyncEngine:
+        """The async engine on the same database as ``engine`` (one per database)."""
+        url = engine.url.render_as_string(hide_password=False)
+        if url not in self._engines:
+            self._engines[url] = create_async_db_engine(url)
+        return self._engines[url]
+
+    def gateway(self, settings: Settings, **kw: Any) -> AsyncGateway:
+        """An ``AsyncGateway`` closed when the test ends."""
+        gateway = AsyncGateway(settings, **kw)
+        self._closers.append(gateway.aclose)
+        return gateway
+
+    def worker(self, engine: Engine, settings: Settings, **kw: Any) -> DrivenWorker:
+        """A real ``AsyncOutboxWorker`` on ``engine``'s database, driven from sync code."""
+        if "deliver" in kw:
+            kw["deliver"] = as_async(kw["deliver"])
+        return DrivenWorker(
+            self, engine, AsyncOutboxWorker(self.async_engine(engine), settings, **kw)
+        )
+
+    def close(self) -> None:
+        for close in reversed(self._closers):
+            self.run(close())
+        for async_engine in self._engines.values():
+            self.run(async_engine.dispose())
+
+
+@pytest.fixture
+def loop() -> Iterator[Loop]:
+    """The test's event loop (see :class:`Loop`)."""
+    with asyncio.Runner() as runner:
+        running = Loop(runner)
+        try:
+            yield running
+        finally:
+            running.close()
+
+
+class DrivenWorker:
+    """An ``AsyncOutboxWorker`` whose coroutines a sync test runs on its :class:`Loop`.
+
+    A delivery that raises a ``BaseException`` (a test's stand-in for the process
+    dying mid-batch) ends the call, and the rest of the batch dies with it: its
+    pending tasks are cancelled, as they would be with the process.
+    """
+
+    def __init__(self, loop: Loop, engine: Engine, worker: AsyncOutboxWorker) -> None:
+        self.loop = loop
+        self.engine = engine
+        self.worker = worker
+
+    @property
+    def worker_id(self) -> str:
+        return self.worker.worker_id
+
+    @property
+    def config_errors(self) -> dict[str, str]:
+        return self.worker.config_errors
+
+    @property
+    def stale_settles(self) -> int:
+        return self.worker.stale_settles
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    def run_once(self) -> BatchResult:
+        return self.loop.run(dies_whole(self.worker.run_once()))  # type: ignore[no-any-return]
+
+    def run(self, **kw: Any) -> BatchResult:
+        return self.loop.run(dies_whole(self.worker.run(**kw)))  # type: ignore[no-any-return]
+
+
+def work_once(engine: Engine, settings: Settings, *, until_idle: bool = False, **kw: Any) -> Any:
+    """One ``run_once`` (or a ``run(until_idle=True)``) of a fresh worker on its own loop."""
+    with asyncio.Runner() as runner:
+        loop = Loop(runner)
+        try:
+            worker = loop.worker(engine, settings, **kw)
+            return worker.run(until_idle=True) if until_idle else worker.run_once()
+        finally:
+            loop.close()

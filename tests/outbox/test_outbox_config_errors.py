@@ -9,22 +9,15 @@ delivery to that provider succeeds.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
-from typing import Any
 
-import pytest
 from sqlalchemy import Engine
 
 from idis.integrations._clock import ManualClock
-from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.exceptions import ConfigError
-from idis.integrations.outbox._delivery import GatewayDelivery
-from idis.integrations.outbox._messages import OutboxMessage
-from idis.integrations.outbox._worker import AsyncOutboxWorker, OutboxWorker
-from idis.integrations.resilience import Gateway
+from idis.integrations.outbox._delivery import AsyncGatewayDelivery
 
-from .conftest import Recorder, outbox_settings, put_messages, statuses, table
+from .conftest import Loop, Recorder, outbox_settings, put_messages, statuses, table
 from .test_outbox_delivery import _webhooks
 
 CRM = "crm_provider"
@@ -32,7 +25,7 @@ VAULT = "IDIS_VAULT_ADDR is not set: credentials are read from Vault (CREDENTIAL
 
 
 def test_a_webhook_with_no_secret_waits_and_the_worker_says_why(
-    engine: Engine, clock: ManualClock
+    loop: Loop, engine: Engine, clock: ManualClock
 ) -> None:
     """No outbound secret: pending, attempts 0, config_errors names the variable; never dead."""
     settings = outbox_settings(max_retries=2)
@@ -40,17 +33,17 @@ def test_a_webhook_with_no_secret_waits_and_the_worker_says_why(
         replace(settings.provider(CRM), outbound_webhook_secret=None)
     )
     _webhooks(engine, clock, "deal.won", 2)
-    with Gateway(settings, clock=clock, sleep=clock.sleep) as gateway:
-        worker = OutboxWorker(
-            engine,
-            settings,
-            deliver=GatewayDelivery(gateway, settings, clock=clock),
-            providers=[CRM],
-            clock=clock,
-        )
-        for _ in range(10):  # far more than 1 + max_retries
-            worker.run_once()
-            clock.advance(3600)
+    gateway = loop.gateway(settings, clock=clock, sleep=clock.asleep)
+    worker = loop.worker(
+        engine,
+        settings,
+        deliver=AsyncGatewayDelivery(gateway, settings, clock=clock),
+        providers=[CRM],
+        clock=clock,
+    )
+    for _ in range(10):  # far more than 1 + max_retries
+        worker.run_once()
+        clock.advance(3600)
 
     rows = table(engine)
     assert {"pending": 2} == statuses(engine)
@@ -59,47 +52,24 @@ def test_a_webhook_with_no_secret_waits_and_the_worker_says_why(
     assert all("ConfigError" in (r.last_error or "") for r in rows)
 
 
-@pytest.mark.parametrize("driver", ["sync", "async"])
 def test_missing_vault_variables_never_dead_letter_a_push(
-    engine: Engine, clock: ManualClock, driver: str
+    loop: Loop, engine: Engine, clock: ManualClock
 ) -> None:
     """A ConfigError from delivery: attempts intact, reported; once fixed, delivered and healthy."""
     put_messages(engine, 3, keys=1, clock=clock, max_retries=1)
     settings = outbox_settings()
     fixed = [False]
     recorder = Recorder(fail=lambda _m: None if fixed[0] else ConfigError(VAULT))
+    worker = loop.worker(engine, settings, deliver=recorder, providers=[CRM], clock=clock)
 
-    if driver == "sync":
-        worker: Any = OutboxWorker(engine, settings, deliver=recorder, providers=[CRM], clock=clock)
-
-        def cycle() -> None:
-            worker.run_once()
-
-    else:
-        async_engine = create_async_db_engine(engine.url.render_as_string(hide_password=False))
-
-        async def deliver(message: OutboxMessage) -> None:
-            recorder(message)
-
-        worker = AsyncOutboxWorker(
-            async_engine, settings, deliver=deliver, providers=[CRM], clock=clock
-        )
-
-        def cycle() -> None:
-            asyncio.run(worker.run_once())
-
-    try:
-        for _ in range(6):
-            cycle()
-            clock.advance(3600)
-        during = (statuses(engine), [r.attempts for r in table(engine)], worker.config_errors)
-        fixed[0] = True
-        for _ in range(5):
-            cycle()
-            clock.advance(60)
-    finally:
-        if driver == "async":
-            asyncio.run(async_engine.dispose())
+    for _ in range(6):
+        worker.run_once()
+        clock.advance(3600)
+    during = (statuses(engine), [r.attempts for r in table(engine)], worker.config_errors)
+    fixed[0] = True
+    for _ in range(5):
+        worker.run_once()
+        clock.advance(60)
 
     assert {"pending": 3} == during[0]
     assert [0, 0, 0] == during[1]

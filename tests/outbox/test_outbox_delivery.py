@@ -23,12 +23,13 @@ from idis.integrations.observability._metrics import Metrics
 from idis.integrations.outbox._admin import queue_webhook_retries
 from idis.integrations.outbox._enqueue import enqueue
 from idis.integrations.outbox._messages import NewMessage
-from idis.integrations.outbox._worker import OutboxWorker
-from idis.integrations.resilience import Gateway
+from idis.integrations.resilience import AsyncGateway
 from idis.integrations.testing import RunningSimulator, run_simulator
 
 from ..conftest import sample
 from .conftest import (
+    DrivenWorker,
+    Loop,
     assert_applied_once,
     outbox_settings,
     provider_counts,
@@ -55,9 +56,14 @@ def _settings(sim: RunningSimulator, **provider: Any) -> Settings:
 
 
 def _worker(
-    engine: Engine, settings: Settings, gateway: Gateway, clock: ManualClock, **kw: Any
-) -> OutboxWorker:
-    return OutboxWorker(
+    loop: Loop,
+    engine: Engine,
+    settings: Settings,
+    gateway: AsyncGateway,
+    clock: ManualClock,
+    **kw: Any,
+) -> DrivenWorker:
+    return loop.worker(
         engine,
         settings,
         gateway=gateway,
@@ -82,19 +88,19 @@ def _check_applied_once_in_order(sim: RunningSimulator, expected: int) -> None:
 
 
 def test_provider_calls_carry_the_idempotency_key_and_apply_once(
-    engine: Engine, sim: RunningSimulator, clock: ManualClock
+    loop: Loop, engine: Engine, sim: RunningSimulator, clock: ManualClock
 ) -> None:
     """Each queued PUT reaches the provider with its Idempotency-Key, applied once, in key order."""
     settings = _settings(sim)
     put_messages(engine, 40, keys=5, clock=clock)
     sim.control.set_fault(CRM, "error", status=503, ratio=0.3)
-    with Gateway(settings, clock=clock, sleep=clock.sleep, seed=3) as gateway:
-        worker = _worker(engine, settings, gateway, clock)
-        for _ in range(200):
-            if worker.run_once().leased == 0:
-                if statuses(engine) == {"delivered": 40}:
-                    break
-                clock.advance(5)
+    gateway = loop.gateway(settings, clock=clock, sleep=clock.asleep, seed=3)
+    worker = _worker(loop, engine, settings, gateway, clock)
+    for _ in range(200):
+        if worker.run_once().leased == 0:
+            if statuses(engine) == {"delivered": 40}:
+                break
+            clock.advance(5)
 
     assert {"delivered": 40} == statuses(engine)
     _check_applied_once_in_order(sim, 40)
@@ -104,7 +110,7 @@ def test_provider_calls_carry_the_idempotency_key_and_apply_once(
 
 @pytest.mark.parametrize("step", [60.0])
 def test_two_hour_outage_dead_letters_nothing_and_drains_after(
-    engine: Engine, sim: RunningSimulator, clock: ManualClock, step: float
+    loop: Loop, engine: Engine, sim: RunningSimulator, clock: ManualClock, step: float
 ) -> None:
     """A 2 h outage with max_retries=10 dead-letters nothing; afterwards everything is delivered."""
     settings = _settings(sim, breaker=BreakerPolicy(reset_timeout=30.0))
@@ -113,20 +119,20 @@ def test_two_hour_outage_dead_letters_nothing_and_drains_after(
     end = clock.time() + 2 * 3600
     open_seen = 0
     cycles = 0
-    with Gateway(settings, clock=clock, sleep=clock.sleep, seed=5) as gateway:
-        worker = _worker(engine, settings, gateway, clock)
-        while clock.time() < end:
-            worker.run_once()
-            cycles += 1
-            open_seen += gateway.breaker_state(CRM) == "open"
+    gateway = loop.gateway(settings, clock=clock, sleep=clock.asleep, seed=5)
+    worker = _worker(loop, engine, settings, gateway, clock)
+    while clock.time() < end:
+        worker.run_once()
+        cycles += 1
+        open_seen += gateway.breaker_state(CRM) == "open"
+        clock.advance(step)
+    during = table(engine)
+    sim.control.clear_faults(CRM)
+    for _ in range(400):
+        if worker.run_once().leased == 0:
+            if statuses(engine) == {"delivered": 60}:
+                break
             clock.advance(step)
-        during = table(engine)
-        sim.control.clear_faults(CRM)
-        for _ in range(400):
-            if worker.run_once().leased == 0:
-                if statuses(engine) == {"delivered": 60}:
-                    break
-                clock.advance(step)
 
     assert 0 == sum(r.status == "dead" for r in during)
     assert max(r.attempts for r in during) <= 2  # only attempts made before the breaker opened
@@ -150,13 +156,13 @@ def _webhooks(engine: Engine, clock: ManualClock, event: str, count: int) -> Non
 
 
 def test_webhooks_are_signed_and_accepted_by_a_standard_webhooks_receiver(
-    sqlite_engine: Engine, sim: RunningSimulator, clock: ManualClock
+    loop: Loop, sqlite_engine: Engine, sim: RunningSimulator, clock: ManualClock
 ) -> None:
     """The simulator's receiver verifies each signature and sees the stored body and webhook-id."""
     settings = _settings(sim)
     _webhooks(sqlite_engine, clock, "deal.won", 3)
-    with Gateway(settings, clock=clock, sleep=clock.sleep) as gateway:
-        result = _worker(sqlite_engine, settings, gateway, clock).run(until_idle=True)
+    gateway = loop.gateway(settings, clock=clock, sleep=clock.asleep)
+    result = _worker(loop, sqlite_engine, settings, gateway, clock).run(until_idle=True)
 
     deliveries = sim.control.inbound_deliveries(CRM)
     inbound = _provider_stats(sim)["inbound"]
@@ -170,21 +176,21 @@ def test_webhooks_are_signed_and_accepted_by_a_standard_webhooks_receiver(
 
 
 def test_every_failed_webhook_attempt_is_counted(
-    sqlite_engine: Engine, sim: RunningSimulator, clock: ManualClock, metrics: Metrics
+    loop: Loop, sqlite_engine: Engine, sim: RunningSimulator, clock: ManualClock, metrics: Metrics
 ) -> None:
     """webhook_delivery_failures_total{provider} grows by one per failed attempt."""
     settings = _settings(sim, retry=RetryPolicy(max_attempts=1))
     sim.control.configure_receiver(CRM, mode="fail", fail_status=503, fail_ratio=1.0)
     _webhooks(sqlite_engine, clock, "deal.lost", 1)
-    with Gateway(settings, clock=clock, sleep=clock.sleep) as gateway:
-        worker = _worker(sqlite_engine, settings, gateway, clock)
-        for _ in range(3):
-            worker.run_once()
-            clock.advance(60)
-        failures = sample(metrics, "webhook_delivery_failures_total", provider=CRM)
-        received = _provider_stats(sim)["inbound"]["received"]
-        sim.control.configure_receiver(CRM, mode="accept")
+    gateway = loop.gateway(settings, clock=clock, sleep=clock.asleep)
+    worker = _worker(loop, sqlite_engine, settings, gateway, clock)
+    for _ in range(3):
         worker.run_once()
+        clock.advance(60)
+    failures = sample(metrics, "webhook_delivery_failures_total", provider=CRM)
+    received = _provider_stats(sim)["inbound"]["received"]
+    sim.control.configure_receiver(CRM, mode="accept")
+    worker.run_once()
 
     assert (3.0, 3) == (failures, received)
     assert {"delivered": 1} == statuses(sqlite_engine)
@@ -192,22 +198,22 @@ def test_every_failed_webhook_attempt_is_counted(
 
 
 def test_410_stops_deliveries_until_retries_are_queued(
-    engine: Engine, sim: RunningSimulator, clock: ManualClock, metrics: Metrics
+    loop: Loop, engine: Engine, sim: RunningSimulator, clock: ManualClock, metrics: Metrics
 ) -> None:
     """After a 410 the receiver gets nothing more; queue_webhook_retries re-opens and re-queues."""
     settings = _settings(sim)
     sim.control.configure_receiver(CRM, mode="gone")
     _webhooks(engine, clock, "deal.won", 4)
-    with Gateway(settings, clock=clock, sleep=clock.sleep) as gateway:
-        # One at a time: with concurrency N, up to N - 1 sends already in flight
-        # beside the one that gets the 410 cannot be called back.
-        worker = _worker(engine, settings, gateway, clock, concurrency=1)
-        stopped = worker.run(until_idle=True)
-        received_while_gone = _provider_stats(sim)["inbound"]["received"]
-        dead = [r.last_error or "" for r in table(engine)]
-        sim.control.configure_receiver(CRM, mode="accept")
-        requeued = queue_webhook_retries(CRM, 5, settings=settings, engine=engine, now=clock.now())
-        resumed = worker.run(until_idle=True)
+    gateway = loop.gateway(settings, clock=clock, sleep=clock.asleep)
+    # One at a time: with concurrency N, up to N - 1 sends already in flight
+    # beside the one that gets the 410 cannot be called back.
+    worker = _worker(loop, engine, settings, gateway, clock, concurrency=1)
+    stopped = worker.run(until_idle=True)
+    received_while_gone = _provider_stats(sim)["inbound"]["received"]
+    dead = [r.last_error or "" for r in table(engine)]
+    sim.control.configure_receiver(CRM, mode="accept")
+    requeued = queue_webhook_retries(CRM, 5, settings=settings, engine=engine, now=clock.now())
+    resumed = worker.run(until_idle=True)
 
     assert (0, 4) == (stopped.delivered, stopped.dead)
     assert 1 == received_while_gone  # one 410, then nothing more was sent

@@ -25,7 +25,7 @@ from idis.integrations._clock import ManualClock
 from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.exceptions import ProviderRejected
 from idis.integrations.outbox._messages import OutboxMessage
-from idis.integrations.outbox._worker import AsyncOutboxWorker, OutboxWorker
+from idis.integrations.outbox._worker import AsyncOutboxWorker
 
 from .conftest import outbox_settings, put_messages, table, unavailable
 
@@ -62,10 +62,9 @@ def _expected(kind: str) -> str:
     return {"retry": "pending", "dead": "dead", "delivered": "delivered"}[kind]
 
 
-@pytest.mark.parametrize("driver", ["sync", "async"])
 @pytest.mark.parametrize(("b_outcome", "a_outcome"), CASES)
 def test_a_late_settle_does_not_overwrite_the_new_holders_outcome(
-    engine: Engine, clock: ManualClock, driver: str, b_outcome: str, a_outcome: str
+    engine: Engine, clock: ManualClock, b_outcome: str, a_outcome: str
 ) -> None:
     """A's lease lapses, B re-leases and settles, A settles late: B's outcome stands."""
     put_messages(engine, 1, keys=1, clock=clock)
@@ -86,44 +85,32 @@ def test_a_late_settle_does_not_overwrite_the_new_holders_outcome(
         if error is not None:
             raise error
 
-    if driver == "sync":
-        b = OutboxWorker(engine, settings, deliver=b_send, **{**common, "worker_id": "B"})
+    async_engine = create_async_db_engine(engine.url.render_as_string(hide_password=False))
 
-        def a_send(message: OutboxMessage) -> None:
-            clock.advance(LEASE + timedelta(seconds=1))  # A stalls past its lease
-            b_results.append(b.run_once())
+    async def b_send_async(message: OutboxMessage) -> None:
+        b_send(message)
+
+    async def scenario() -> Any:
+        b = AsyncOutboxWorker(
+            async_engine, settings, deliver=b_send_async, **{**common, "worker_id": "B"}
+        )
+
+        async def a_send(message: OutboxMessage) -> None:
+            clock.advance(LEASE + timedelta(seconds=1))
+            b_results.append(await b.run_once())
             a_after_stall(message)
 
-        a = OutboxWorker(engine, settings, deliver=a_send, **{**common, "worker_id": "A"})
-        a_result = a.run_once()
+        a = AsyncOutboxWorker(
+            async_engine, settings, deliver=a_send, **{**common, "worker_id": "A"}
+        )
+        result = await a.run_once()
         assert 1 == a.stale_settles
-    else:
-        async_engine = create_async_db_engine(engine.url.render_as_string(hide_password=False))
+        return result
 
-        async def b_send_async(message: OutboxMessage) -> None:
-            b_send(message)
-
-        async def scenario() -> Any:
-            b = AsyncOutboxWorker(
-                async_engine, settings, deliver=b_send_async, **{**common, "worker_id": "B"}
-            )
-
-            async def a_send(message: OutboxMessage) -> None:
-                clock.advance(LEASE + timedelta(seconds=1))
-                b_results.append(await b.run_once())
-                a_after_stall(message)
-
-            a = AsyncOutboxWorker(
-                async_engine, settings, deliver=a_send, **{**common, "worker_id": "A"}
-            )
-            result = await a.run_once()
-            assert 1 == a.stale_settles
-            return result
-
-        try:
-            a_result = asyncio.run(scenario())
-        finally:
-            asyncio.run(async_engine.dispose())
+    try:
+        a_result = asyncio.run(scenario())
+    finally:
+        asyncio.run(async_engine.dispose())
 
     # B really re-leased it under a newer generation, and settled it.
     assert (1, 2) == (seen["a"].lease_generation, seen["b"].lease_generation)

@@ -16,14 +16,12 @@ from sqlalchemy import Engine
 from idis.integrations._clock import ManualClock
 from idis.integrations.config import Secret, Settings
 from idis.integrations.exceptions import ConfigError
-from idis.integrations.outbox._delivery import GatewayDelivery, build_call
+from idis.integrations.outbox._delivery import AsyncGatewayDelivery, build_call
 from idis.integrations.outbox._messages import OutboxMessage
-from idis.integrations.outbox._worker import OutboxWorker
-from idis.integrations.resilience import Gateway
 from idis.integrations.testing import run_simulator
 from idis.integrations.webhooks import WebhookReceiver
 
-from .conftest import outbox_settings, table
+from .conftest import Loop, outbox_settings, table
 from .test_outbox_delivery import _webhooks
 
 CRM = "crm_provider"
@@ -42,18 +40,18 @@ def _settings(url: str, outbound: str | None = OUTBOUND) -> Settings:
 
 
 def test_a_captured_outbound_delivery_does_not_verify_at_our_receiver(
-    engine: Engine, clock: ManualClock
+    loop: Loop, engine: Engine, clock: ManualClock
 ) -> None:
     """Delivered to the provider with the outbound secret; replayed to us: refused."""
     with run_simulator(clock=clock.now, seed=5) as sim:
         settings = _settings(sim.url)
         sim.control.configure_receiver(CRM, secrets=[OUTBOUND])
         _webhooks(engine, clock, "deal.won", 1)
-        with Gateway(settings, clock=clock, sleep=clock.sleep) as gateway:
-            delivery = GatewayDelivery(gateway, settings, clock=clock)
-            result = OutboxWorker(
-                engine, settings, deliver=delivery, providers=[CRM], clock=clock
-            ).run_once()
+        gateway = loop.gateway(settings, clock=clock, sleep=clock.asleep)
+        delivery = AsyncGatewayDelivery(gateway, settings, clock=clock)
+        result = loop.worker(
+            engine, settings, deliver=delivery, providers=[CRM], clock=clock
+        ).run_once()
         inbound = sim.control.stats(CRM)["inbound"]
 
     (row,) = table(engine)

@@ -21,7 +21,13 @@ from idis.integrations.exceptions import (
     ReauthorizationRequired,
     UsageError,
 )
-from idis.integrations.outbox._policy import Action, backoff_delay, decide, describe_error
+from idis.integrations.outbox._policy import (
+    Action,
+    backoff_delay,
+    decide,
+    describe_error,
+    probe_decides,
+)
 
 NOW = datetime(2026, 1, 19, 9, 0, tzinfo=UTC)
 SETTINGS = OutboxSettings(
@@ -202,3 +208,40 @@ def test_last_error_is_redacted_and_bounded() -> None:
 def unavailable_error() -> ProviderUnavailable:
     """A 503 from the provider."""
     return ProviderUnavailable("HTTP 503", status_code=503)
+
+
+def _fault() -> ProviderUnavailable:
+    return ProviderUnavailable("crm record: HTTP 503", provider="crm", status_code=503)
+
+
+def test_a_healthy_probe_counts_a_failure_nothing_else_would() -> None:
+    """Unavailable, nobody served: given back; with a healthy probe: counted, dead when spent."""
+    quiet = {"provider_available": False, "served_others": False}
+    assert probe_decides(_fault(), **quiet)  # type: ignore[arg-type]
+    assert Action.DEFER == _decide(_fault(), **quiet)[0]
+    assert Action.RETRY == _decide(_fault(), provider_healthy=True, **quiet)[0]
+    assert Action.DEAD == _decide(_fault(), attempts=4, provider_healthy=True, **quiet)[0]
+
+
+def test_a_probe_is_not_asked_when_other_evidence_decides() -> None:
+    """Available provider, others served, a 429, a refusal, nothing sent: no probe."""
+    limited = RateLimited("crm record: HTTP 429", provider="crm", status_code=429)
+    cases = [
+        (_fault(), {"provider_available": True, "served_others": False}),
+        (_fault(), {"provider_available": False, "served_others": True}),
+        (limited, {"provider_available": False, "served_others": False}),
+        (
+            CircuitOpen("open", provider="crm"),
+            {"provider_available": False, "served_others": False},
+        ),
+        (
+            ProviderRejected("400", provider="crm", status_code=400),
+            {"provider_available": False, "served_others": False},
+        ),
+    ]
+    assert [] == [e for e, kw in cases if probe_decides(e, **kw)]  # type: ignore[arg-type]
+    # A rate limit is provider-wide: a healthy health endpoint never counts it.
+    assert (
+        Action.DEFER
+        == _decide(limited, provider_available=False, provider_healthy=True, attempts=4)[0]
+    )

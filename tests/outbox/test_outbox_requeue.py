@@ -19,9 +19,8 @@ from idis.integrations.exceptions import ConfigError, ProviderUnavailable, Unkno
 from idis.integrations.outbox._admin import outbox_summary, queue_webhook_retries
 from idis.integrations.outbox._enqueue import enqueue
 from idis.integrations.outbox._messages import NewMessage, OutboxMessage
-from idis.integrations.outbox._worker import OutboxWorker
 
-from .conftest import outbox_settings, put_messages, statuses, table
+from .conftest import outbox_settings, put_messages, statuses, table, work_once
 
 CRM = "crm_provider"
 SECRET = Secret("sk_outbox_test_" + "q" * 20)
@@ -49,14 +48,14 @@ def _shape(engine: Engine, clock: ManualClock) -> None:
     with Session(engine) as session, session.begin():
         for row in session.scalars(select(type(rows[0])).where(type(rows[0]).id.in_(waiting))):
             row.max_retries = 5
-    OutboxWorker(
+    work_once(
         engine,
         outbox_settings(),
         deliver=deliver,
         providers=[CRM],
         clock=clock,
         rng=random.Random(1),
-    ).run_once()
+    )
 
 
 def _snapshot(engine: Engine) -> list[tuple[Any, ...]]:
@@ -267,8 +266,8 @@ def test_summary_counts_statuses_and_oldest_pending_age(engine: Engine, clock: M
 def test_purge_removes_only_old_delivered_messages(sqlite_url: str, sqlite_engine: Engine) -> None:
     """outbox purge deletes delivered rows older than --older-than and nothing else."""
     put_messages(sqlite_engine, 4)
-    OutboxWorker(sqlite_engine, outbox_settings(), deliver=lambda m: None, providers=[CRM]).run(
-        until_idle=True
+    work_once(
+        sqlite_engine, outbox_settings(), deliver=lambda m: None, providers=[CRM], until_idle=True
     )
     put_messages(sqlite_engine, 2, prefix="later")
 

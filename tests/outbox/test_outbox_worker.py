@@ -1,11 +1,15 @@
-"""Workers on real databases: leasing, per-key FIFO, backoff, dead letters, lease expiry, stop."""
+"""The worker on real databases: leasing, per-key FIFO, backoff, dead letters, lease expiry, stop.
+
+Every test drives a real ``AsyncOutboxWorker`` (the only outbox worker) on the
+test's event loop (``loop``, ``DrivenWorker`` in conftest).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import pytest
@@ -17,27 +21,38 @@ from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.exceptions import CircuitOpen, ProviderUnavailable, UnknownProviderError
 from idis.integrations.observability._metrics import Metrics
 from idis.integrations.outbox._messages import OutboxMessage
-from idis.integrations.outbox._worker import AsyncOutboxWorker, OutboxWorker
+from idis.integrations.outbox._worker import AsyncOutboxWorker
 
 from ..conftest import sample
-from .conftest import Recorder, outbox_settings, put_messages, statuses, table, unavailable
+from .conftest import (
+    DrivenWorker,
+    Loop,
+    Recorder,
+    outbox_settings,
+    put_messages,
+    statuses,
+    table,
+    unavailable,
+)
 
 
-def _worker(engine: Engine, deliver: object, clock: ManualClock, **kw: object) -> OutboxWorker:
+def _worker(
+    loop: Loop, engine: Engine, deliver: object, clock: ManualClock, **kw: object
+) -> DrivenWorker:
     settings = kw.pop("settings", None) or outbox_settings()
-    return OutboxWorker(
+    return loop.worker(
         engine,
         settings,  # type: ignore[arg-type]
-        deliver=deliver,  # type: ignore[arg-type]
+        deliver=deliver,
         providers=["crm_provider"],
         clock=clock,
         rng=random.Random(5),
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
 
 
 def _drain(
-    worker: OutboxWorker, clock: ManualClock, *, step: float = 5.0, cycles: int = 2000
+    worker: DrivenWorker, clock: ManualClock, *, step: float = 5.0, cycles: int = 2000
 ) -> None:
     for _ in range(cycles):
         if worker.run_once().leased == 0:
@@ -48,13 +63,13 @@ def _drain(
 
 
 def test_worker_delivers_every_message_once(
-    engine: Engine, clock: ManualClock, metrics: Metrics
+    loop: Loop, engine: Engine, clock: ManualClock, metrics: Metrics
 ) -> None:
     """Every queued message is delivered once and marked delivered; counters match."""
     put_messages(engine, 120, clock=clock)
     recorder = Recorder()
 
-    result = _worker(engine, recorder, clock, batch_size=50).run(until_idle=True)
+    result = _worker(loop, engine, recorder, clock, batch_size=50).run(until_idle=True)
 
     assert 120 == result.delivered
     assert sorted(recorder.delivered) == [r.id for r in table(engine)]
@@ -69,14 +84,14 @@ def test_worker_delivers_every_message_once(
 
 
 def test_per_key_fifo_holds_while_messages_fail_and_retry(
-    engine: Engine, clock: ManualClock
+    loop: Loop, engine: Engine, clock: ManualClock
 ) -> None:
     """Under random failures a later message of a key never goes before the earlier is delivered."""
     put_messages(engine, 300, keys=12, clock=clock)
     rng = random.Random(11)
     recorder = Recorder(fail=lambda m: unavailable(m) if rng.random() < 0.4 else None)
     recorder.expect(engine)
-    worker = _worker(engine, recorder, clock, settings=outbox_settings(max_retries=50))
+    worker = _worker(loop, engine, recorder, clock, settings=outbox_settings(max_retries=50))
 
     _drain(worker, clock)
 
@@ -89,12 +104,18 @@ def test_per_key_fifo_holds_while_messages_fail_and_retry(
     assert all(ids == sorted(ids) for ids in per_key.values())
 
 
-def test_failed_message_waits_out_its_backoff(engine: Engine, clock: ManualClock) -> None:
+def test_failed_message_waits_out_its_backoff(
+    loop: Loop, engine: Engine, clock: ManualClock
+) -> None:
     """A failed message is not leased again before its jittered backoff has passed."""
     put_messages(engine, 1, clock=clock)
     recorder = Recorder(fail=lambda m: unavailable(m) if m.attempts == 1 else None)
     worker = _worker(
-        engine, recorder, clock, settings=outbox_settings(initial_backoff=timedelta(seconds=8))
+        loop,
+        engine,
+        recorder,
+        clock,
+        settings=outbox_settings(initial_backoff=timedelta(seconds=8)),
     )
 
     first = worker.run_once()
@@ -112,7 +133,7 @@ def test_failed_message_waits_out_its_backoff(engine: Engine, clock: ManualClock
 
 
 def test_retries_run_out_then_dead_letter(
-    engine: Engine, clock: ManualClock, metrics: Metrics
+    loop: Loop, engine: Engine, clock: ManualClock, metrics: Metrics
 ) -> None:
     """A message failing every time is attempted 1 + max_retries times, then dead-lettered."""
     put_messages(engine, 1, clock=clock, max_retries=3)
@@ -123,7 +144,7 @@ def test_retries_run_out_then_dead_letter(
         )
     )
 
-    _drain(_worker(engine, recorder, clock), clock, step=120)
+    _drain(_worker(loop, engine, recorder, clock), clock, step=120)
 
     (row,) = table(engine)
     assert ("dead", 4, 4) == (row.status, row.attempts, len(recorder.attempts))
@@ -133,7 +154,9 @@ def test_retries_run_out_then_dead_letter(
     )
 
 
-def test_a_dead_letter_does_not_block_its_key(engine: Engine, clock: ManualClock) -> None:
+def test_a_dead_letter_does_not_block_its_key(
+    loop: Loop, engine: Engine, clock: ManualClock
+) -> None:
     """Once the head of a key is dead-lettered, the key's later messages are delivered."""
     put_messages(engine, 3, keys=1, clock=clock)
     poison = table(engine)[0].id
@@ -142,7 +165,9 @@ def test_a_dead_letter_does_not_block_its_key(engine: Engine, clock: ManualClock
     )
 
     _drain(
-        _worker(engine, recorder, clock, settings=outbox_settings(max_retries=1)), clock, step=60
+        _worker(loop, engine, recorder, clock, settings=outbox_settings(max_retries=1)),
+        clock,
+        step=60,
     )
 
     assert ["dead", "delivered", "delivered"] == [r.status for r in table(engine)]
@@ -150,7 +175,7 @@ def test_a_dead_letter_does_not_block_its_key(engine: Engine, clock: ManualClock
 
 
 def test_a_crashed_workers_leases_come_back_after_expiry(
-    engine: Engine, clock: ManualClock
+    loop: Loop, engine: Engine, clock: ManualClock
 ) -> None:
     """Messages leased by a worker that died mid-batch are delivered by another after the lease."""
     put_messages(engine, 40, keys=4, clock=clock)
@@ -164,14 +189,14 @@ def test_a_crashed_workers_leases_come_back_after_expiry(
             raise Crash  # not an Exception: escapes like a process dying mid-batch
 
     crashing = _worker(
-        engine, die_on_third, clock, lease=timedelta(seconds=30), batch_size=10, concurrency=1
+        loop, engine, die_on_third, clock, lease=timedelta(seconds=30), batch_size=10, concurrency=1
     )
     with pytest.raises(Crash):
         crashing.run_once()
     leased = [r for r in table(engine) if r.lease_owner == crashing.worker_id]
     recorder = Recorder()
     recorder.expect(engine)
-    survivor = _worker(engine, recorder, clock, lease=timedelta(seconds=30))
+    survivor = _worker(loop, engine, recorder, clock, lease=timedelta(seconds=30))
 
     before_expiry = survivor.run_once()
     clock.advance(31)
@@ -188,7 +213,7 @@ def test_a_crashed_workers_leases_come_back_after_expiry(
 
 
 def test_a_message_whose_workers_keep_dying_ends_dead_unsent(
-    engine: Engine, clock: ManualClock, metrics: Metrics
+    loop: Loop, engine: Engine, clock: ManualClock, metrics: Metrics
 ) -> None:
     """Attempts lost with crashed workers stay counted: once spent, the message dies unsent."""
     put_messages(engine, 1, clock=clock, max_retries=1)
@@ -201,10 +226,10 @@ def test_a_message_whose_workers_keep_dying_ends_dead_unsent(
 
     for _ in range(2):  # two attempts allowed (1 + max_retries), both lost
         with pytest.raises(Crash):
-            _worker(engine, crash, clock, concurrency=1).run_once()
+            _worker(loop, engine, crash, clock, concurrency=1).run_once()
         clock.advance(31)
     recorder = Recorder()
-    result = _worker(engine, recorder, clock).run_once()
+    result = _worker(loop, engine, recorder, clock).run_once()
 
     (row,) = table(engine)
     assert ("dead", 0) == (row.status, len(recorder.attempts))
@@ -217,21 +242,27 @@ def test_a_message_whose_workers_keep_dying_ends_dead_unsent(
 
 @pytest.mark.parametrize(("concurrency", "step"), [(1, 4.0), (3, 1.5)])
 def test_a_long_batch_renews_its_leases(
-    engine: Engine, clock: ManualClock, concurrency: int, step: float
+    loop: Loop, engine: Engine, clock: ManualClock, concurrency: int, step: float
 ) -> None:
     """A batch outliving its lease renews it: another worker cannot take its messages meanwhile."""
     put_messages(engine, 12, clock=clock)
-    rival = _worker(engine, Recorder(), clock, lease=timedelta(seconds=10))
+    rival = _worker(loop, engine, Recorder(), clock, lease=timedelta(seconds=10))
     stolen: list[int] = []
 
-    def slow(message: OutboxMessage) -> None:
+    async def slow(message: OutboxMessage) -> None:
         # Each send takes `step` seconds; the batch takes far longer than the
         # 10 s lease, and another worker keeps trying to lease meanwhile.
         clock.advance(step)
-        stolen.append(rival.run_once().leased)
+        stolen.append((await rival.worker.run_once()).leased)
 
     worker = _worker(
-        engine, slow, clock, lease=timedelta(seconds=10), batch_size=12, concurrency=concurrency
+        loop,
+        engine,
+        slow,
+        clock,
+        lease=timedelta(seconds=10),
+        batch_size=12,
+        concurrency=concurrency,
     )
     result = worker.run_once()
 
@@ -242,7 +273,7 @@ def test_a_long_batch_renews_its_leases(
 
 
 def test_unavailable_provider_is_not_leased_and_burns_nothing(
-    engine: Engine, clock: ManualClock
+    loop: Loop, engine: Engine, clock: ManualClock
 ) -> None:
     """While the breaker is open nothing is leased; a failure that opens it is given back."""
     put_messages(engine, 5, clock=clock, max_retries=0)
@@ -253,7 +284,7 @@ def test_unavailable_provider_is_not_leased_and_burns_nothing(
         raise unavailable(message)
 
     worker = _worker(
-        engine, fail_and_open, clock, availability=lambda _p: state["available"], batch_size=1
+        loop, engine, fail_and_open, clock, availability=lambda _p: state["available"], batch_size=1
     )
 
     first = worker.run_once()
@@ -265,11 +296,13 @@ def test_unavailable_provider_is_not_leased_and_burns_nothing(
     assert all(r.status == "pending" and r.attempts == 0 for r in rows)
 
 
-def test_short_circuited_calls_wait_for_the_breaker(engine: Engine, clock: ManualClock) -> None:
+def test_short_circuited_calls_wait_for_the_breaker(
+    loop: Loop, engine: Engine, clock: ManualClock
+) -> None:
     """CircuitOpen from the gateway defers the message until the breaker admits trials."""
     put_messages(engine, 1, clock=clock, max_retries=0)
     worker = _worker(
-        engine, lambda m: (_ for _ in ()).throw(CircuitOpen("open", retry_in=20.0)), clock
+        loop, engine, lambda m: (_ for _ in ()).throw(CircuitOpen("open", retry_in=20.0)), clock
     )
 
     result = worker.run_once()
@@ -280,7 +313,7 @@ def test_short_circuited_calls_wait_for_the_breaker(engine: Engine, clock: Manua
 
 
 def test_stop_finishes_the_current_delivery_and_releases_the_rest(
-    engine: Engine, clock: ManualClock
+    loop: Loop, engine: Engine, clock: ManualClock
 ) -> None:
     """Stopping mid-batch settles the delivery in progress and gives the rest back at once."""
     put_messages(engine, 10, clock=clock)
@@ -290,7 +323,7 @@ def test_stop_finishes_the_current_delivery_and_releases_the_rest(
         worker.stop()
         delivered.append(message.id)
 
-    worker = _worker(engine, deliver_then_stop, clock, batch_size=10, concurrency=1)
+    worker = _worker(loop, engine, deliver_then_stop, clock, batch_size=10, concurrency=1)
 
     result = worker.run()
     rows = table(engine)
@@ -303,28 +336,27 @@ def test_stop_finishes_the_current_delivery_and_releases_the_rest(
 
 
 def test_a_batch_is_delivered_concurrently_one_message_per_key(
-    engine: Engine, clock: ManualClock
+    loop: Loop, engine: Engine, clock: ManualClock
 ) -> None:
     """With concurrency 4, four of a batch are in flight at once, and never two of one key."""
     put_messages(engine, 40, keys=8, clock=clock)
     in_flight: set[str] = set()
     same_key_overlaps: list[int] = []
     peak = {"all": 0}
-    gate = threading.Barrier(4, timeout=10)
-    lock = threading.Lock()
+    gate = asyncio.Barrier(4)
 
-    def deliver(message: OutboxMessage) -> None:
-        with lock:
-            if message.ordering_key in in_flight:
-                same_key_overlaps.append(message.id)
-            in_flight.add(message.ordering_key or "")
-            peak["all"] = max(peak["all"], len(in_flight))
+    async def deliver(message: OutboxMessage) -> None:
+        if message.ordering_key in in_flight:
+            same_key_overlaps.append(message.id)
+        in_flight.add(message.ordering_key or "")
+        peak["all"] = max(peak["all"], len(in_flight))
         if message.id <= 4:
-            gate.wait()  # the first four only finish together: proof they overlapped
-        with lock:
-            in_flight.discard(message.ordering_key or "")
+            async with asyncio.timeout(10):
+                await gate.wait()  # the first four only finish together: proof they overlapped
+        await asyncio.sleep(0)  # let the other sends of the window start
+        in_flight.discard(message.ordering_key or "")
 
-    _drain(_worker(engine, deliver, clock, batch_size=8, concurrency=4), clock)
+    _drain(_worker(loop, engine, deliver, clock, batch_size=8, concurrency=4), clock)
 
     assert 4 == peak["all"]
     assert [] == same_key_overlaps
@@ -332,7 +364,7 @@ def test_a_batch_is_delivered_concurrently_one_message_per_key(
 
 
 def test_two_workers_side_by_side_never_share_a_message(engine: Engine) -> None:
-    """Two worker threads on one database each deliver a disjoint share; none twice."""
+    """Two workers, each on its own thread and event loop, share the work; none delivers twice."""
     put_messages(engine, 600, keys=40)
     recorder = Recorder()
     recorder.expect(engine)
@@ -342,31 +374,38 @@ def test_two_workers_side_by_side_never_share_a_message(engine: Engine) -> None:
     both_started = threading.Barrier(2, timeout=30)
     first = [threading.Event(), threading.Event()]
     share_lock = threading.Lock()
+    url = engine.url.render_as_string(hide_password=False)
 
-    def deliver_as(n: int) -> Callable[[OutboxMessage], None]:
-        def deliver(message: OutboxMessage) -> None:
+    def deliver_as(n: int) -> Callable[[OutboxMessage], Awaitable[None]]:
+        async def deliver(message: OutboxMessage) -> None:
             with share_lock:
                 wait, _ = not first[n].is_set(), first[n].set()
             if wait:
-                both_started.wait()
+                await asyncio.to_thread(both_started.wait)
             recorder(message)
             with share_lock:
                 shares[n].append(message.id)
 
         return deliver
 
-    workers = [
-        OutboxWorker(engine, settings, deliver=deliver_as(n), providers=["crm_provider"])
-        for n in range(2)
-    ]
+    async def work(n: int, rounds: int) -> None:
+        async_engine = create_async_db_engine(url)
+        try:
+            worker = AsyncOutboxWorker(
+                async_engine, settings, deliver=deliver_as(n), providers=["crm_provider"]
+            )
+            for _ in range(rounds):
+                await worker.run(until_idle=True)
+        finally:
+            await async_engine.dispose()
 
-    threads = [threading.Thread(target=w.run, kwargs={"until_idle": True}) for w in workers]
+    threads = [threading.Thread(target=asyncio.run, args=(work(n, 1),)) for n in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    for _ in range(3):  # a worker may go idle while the other still holds a key's head
-        workers[0].run(until_idle=True)
+    # A worker may go idle while the other still holds a key's head.
+    asyncio.run(work(0, 3))
 
     assert 600 == len(recorder.delivered)
     assert 600 == len(set(recorder.delivered))
@@ -446,9 +485,9 @@ def test_async_worker_task_stops_on_request(engine: Engine) -> None:
     assert {"delivered": 30} == statuses(engine)
 
 
-def test_worker_refuses_an_unknown_provider(sqlite_engine: Engine) -> None:
+def test_worker_refuses_an_unknown_provider(loop: Loop, sqlite_engine: Engine) -> None:
     """A worker asked to serve an undeclared provider fails at construction, naming it."""
     with pytest.raises(UnknownProviderError) as caught:
-        OutboxWorker(sqlite_engine, outbox_settings(), deliver=print, providers=["nope"])
+        loop.worker(sqlite_engine, outbox_settings(), deliver=print, providers=["nope"])
 
     assert "'nope'" in str(caught.value)

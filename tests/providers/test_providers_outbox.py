@@ -3,6 +3,7 @@ retried across an outage, lands in the provider once."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterator
 
@@ -12,11 +13,12 @@ from sqlalchemy.orm import Session
 
 from idis.integrations._timeparse import utcnow
 from idis.integrations.config import AuthSettings, Settings
+from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.outbox._enqueue import enqueue
 from idis.integrations.outbox._messages import NewMessage
-from idis.integrations.outbox._worker import OutboxWorker
+from idis.integrations.outbox._worker import AsyncOutboxWorker, BatchResult
 from idis.integrations.providers import pack_for
-from idis.integrations.resilience import Gateway, ManualClock
+from idis.integrations.resilience import AsyncGateway, ManualClock
 from idis.integrations.testing import RunningSimulator, run_simulator, simulator_settings
 
 P = "crm_provider"
@@ -51,21 +53,28 @@ def test_a_push_in_the_packs_dialect_lands_once(
             now=clock.now(),
         )
     sim.control.set_fault(P, "outage")
-    with Gateway(settings, clock=clock) as gateway:
-        worker = OutboxWorker(
-            sqlite_engine,
-            settings,
-            gateway=gateway,
-            providers=[P],
-            rng=random.Random(3),
-            clock=clock,
-        )
-        first = worker.run_once()
-        sim.control.clear_faults(P)
-        later = []
-        for _ in range(3):
-            clock.advance(3600)
-            later.append(worker.run_once())
+    async_engine = create_async_db_engine(str(sqlite_engine.url))
+
+    async def scenario() -> tuple[BatchResult, list[BatchResult]]:
+        async with AsyncGateway(settings, clock=clock) as gateway:
+            worker = AsyncOutboxWorker(
+                async_engine,
+                settings,
+                gateway=gateway,
+                providers=[P],
+                rng=random.Random(3),
+                clock=clock,
+            )
+            first = await worker.run_once()
+            sim.control.clear_faults(P)
+            later = []
+            for _ in range(3):
+                clock.advance(3600)
+                later.append(await worker.run_once())
+        await async_engine.dispose()
+        return first, later
+
+    first, later = asyncio.run(scenario())
 
     with sim.state.lock:
         record = sim.state.provider(P).records["deal_7"]

@@ -10,6 +10,7 @@ PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 from datetime import timedelta
@@ -26,10 +27,11 @@ from sqlalchemy.orm import Session
 from idis.integrations._timeparse import utcnow
 from idis.integrations.cli import main
 from idis.integrations.config import Settings
+from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.exceptions import ConfigError
-from idis.integrations.outbox import OutboxMessageRow, OutboxWorker
+from idis.integrations.outbox import AsyncOutboxWorker, BatchResult, OutboxMessageRow
 from idis.integrations.reconciliation import reconcile, verify_sync
-from idis.integrations.resilience import Gateway
+from idis.integrations.resilience import AsyncGateway
 from idis.integrations.sync._inbox import HandlerRegistry, set_registry
 from idis.integrations.testing import RunningSimulator
 
@@ -209,11 +211,7 @@ def test_repair_provider_pushes_the_deals_through_the_outbox(
             row.idempotency_key.rsplit("-", 1)[-1]
             for row in session.scalars(select(OutboxMessageRow))
         )
-    gateway = Gateway(settings)
-    try:
-        delivered = OutboxWorker(engine, settings, gateway=gateway).run_once()
-    finally:
-        gateway.close()
+    delivered = asyncio.run(_deliver_once(engine, settings))
     crm = sim.control.stats(PROVIDER)["writes"]
 
     outcomes = {r.record_id: (r.side, r.outcome) for r in report.repairs}
@@ -344,3 +342,13 @@ def test_the_example_handlers_apply_an_update_to_an_existing_deal(
         (_deal(engine, "rec_1") or {}).get(k) for k in ("name", "crm_version")
     )
     assert [] == verify_sync(PROVIDER, 5, seed=0, host_records=deals, settings=settings).mismatches
+
+
+async def _deliver_once(engine: Engine, settings: Any) -> BatchResult:
+    """One cycle of the (async) outbox worker on ``engine``'s database."""
+    async_engine = create_async_db_engine(engine.url.render_as_string(hide_password=False))
+    try:
+        async with AsyncGateway(settings) as gateway:
+            return await AsyncOutboxWorker(async_engine, settings, gateway=gateway).run_once()
+    finally:
+        await async_engine.dispose()

@@ -45,7 +45,13 @@ from idis.integrations.config import (
     TimeoutPolicy,
 )
 from idis.integrations.db._engine import create_async_db_engine
-from idis.integrations.outbox import GatewayDelivery, NewMessage, OutboxWorker, enqueue_many
+from idis.integrations.outbox import (
+    AsyncGatewayDelivery,
+    AsyncOutboxWorker,
+    BatchResult,
+    NewMessage,
+    enqueue_many,
+)
 from idis.integrations.outbox._models import OutboxMessageRow
 from idis.integrations.providers import AsyncProviderClient, ProviderClient
 from idis.integrations.reconciliation import reconcile
@@ -55,6 +61,8 @@ from idis.integrations.sync._poller import Poller
 from idis.integrations.testing import simulator_settings
 from idis.integrations.webhooks import WebhookReceiver
 from idis.integrations.webhooks._signing import sign_headers
+
+from ..conftest import dies_whole
 
 SECRET = "whsec_bG9jYWwtc2ltdWxhdG9yLXdlYmhvb2s="  # the simulator's public default
 KEYS = 3
@@ -119,9 +127,6 @@ class SoakModel(RuleBasedStateMachine):
         self.engine: Engine = _engine(env.url)
         self.host = HostTable(self.engine)
         self.gateway = Gateway(self.settings)
-        self.worker = OutboxWorker(
-            self.engine, self.settings, gateway=self.gateway, providers=[self.out]
-        )
         self.expected: dict[str, list[str]] = {f"{self.out}-k{k}": [] for k in range(KEYS)}
         # A record the provider always refuses: its messages are poison.
         self.poison_record = f"{self.out}-poison"
@@ -138,6 +143,9 @@ class SoakModel(RuleBasedStateMachine):
         self.runner = asyncio.Runner()
         self.async_engine = create_async_db_engine(env.url)
         self.async_gateway = AsyncGateway(self.settings)
+        self.worker = AsyncOutboxWorker(
+            self.async_engine, self.settings, gateway=self.async_gateway, providers=[self.out]
+        )
 
     # ----------------------------------------------------------------- outbox rules
 
@@ -164,30 +172,34 @@ class SoakModel(RuleBasedStateMachine):
         with Session(self.engine) as session, session.begin():
             enqueue_many(session, messages)
 
+    def _run_once(self, worker: AsyncOutboxWorker | None = None) -> BatchResult:
+        """One cycle of ``worker`` (the outbox worker by default) on the machine's loop."""
+        return self.runner.run(dies_whole((worker or self.worker).run_once()))
+
     @rule()
     def deliver(self) -> None:
-        self.worker.run_once()
+        self._run_once()
 
     @rule(kind=st.sampled_from(["error_after", "timeout_after"]))
     def fail_after_apply(self, kind: str) -> None:
         self.env.faults.arm(self.out, kind)
-        self.worker.run_once()
+        self._run_once()
         self.env.faults.disarm()
 
     @rule()
     def kill_a_lease(self) -> None:
         """A worker leases a batch, sends one message, dies; its leases are made to lapse."""
-        real = GatewayDelivery(self.gateway, self.settings)
+        real = AsyncGatewayDelivery(self.async_gateway, self.settings)
 
-        def send_then_die(message: Any) -> None:
-            real(message)
+        async def send_then_die(message: Any) -> None:
+            await real(message)
             raise Killed
 
-        zombie = OutboxWorker(
-            self.engine, self.settings, deliver=send_then_die, providers=[self.out]
+        zombie = AsyncOutboxWorker(
+            self.async_engine, self.settings, deliver=send_then_die, providers=[self.out]
         )
         with contextlib.suppress(Killed):
-            zombie.run_once()
+            self._run_once(zombie)
         self._expire(zombie.worker_id)
 
     def _expire(self, owner: str) -> None:
@@ -301,7 +313,7 @@ class SoakModel(RuleBasedStateMachine):
                 .values(lease_expires_at=datetime(2000, 1, 1, tzinfo=UTC))
             )
         for _ in range(200):
-            self.worker.run_once()
+            self._run_once()
             now = self._outbox()
             if now.pending == 0 and now.poison_dead == now.poison:
                 break

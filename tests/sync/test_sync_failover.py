@@ -437,6 +437,25 @@ def _provider_log_async_free(sim: RunningSimulator) -> list[str]:
     return [e["id"] for e in body["events"]]
 
 
+def test_a_second_replica_does_not_lead(
+    sim: RunningSimulator, sqlite_engine: Engine, clock: OffsetClock
+) -> None:
+    """While replica A leads, replica B's tick does nothing and says so (leader=False)."""
+    settings = _settings(sim, str(sqlite_engine.url))
+    with (
+        ServiceHarness(settings, sqlite_engine, clock=clock) as a,
+        ServiceHarness(settings, sqlite_engine, clock=clock) as b,
+    ):
+        led = a.tick(P)
+        follower = b.tick(P)
+        clock.advance(SENTINEL.total_seconds())
+        still = a.tick(P)
+
+    assert (True, None) == (led.leader, led.error)
+    assert (False, None, None) == (follower.leader, follower.error, follower.sentinel)
+    assert (True, None) == (still.leader, still.error)
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_down_database_is_retried_with_backoff(tmp_path: Any, anyio_backend: str) -> None:

@@ -10,6 +10,7 @@ failover rewind).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,7 +33,7 @@ from idis.integrations.sync._poller import Poller
 from idis.integrations.sync._state import Fenced, fence, move_cursor, override_mode
 from idis.integrations.testing import serve_asgi, simulator_settings
 
-from .conftest import T0, FeedServer, HostTable, feed_event
+from .conftest import T0, FeedServer, HostTable, ServiceHarness, feed_event
 
 P = "crm_provider"
 #: Where a failover rewinds the cursor to: the last position webhooks were confirmed at.
@@ -151,27 +152,36 @@ async def _take_over_and_rewind(settings: Any, db_url: str) -> int:
         await engine.dispose()
 
 
+def _operator_after_the_first_page(
+    engine: Engine, setting: str, *, rewind: bool = False
+) -> tuple[Any, list[bool]]:
+    """A feed hook: once the first page (seq 1-10) is served, the operator runs
+    `sync mode --set <setting>` (after confirming webhooks up to REWIND, with ``rewind``)."""
+    done: list[bool] = []
+
+    def operator(params: dict[str, str]) -> None:
+        if params.get("after") != "10" or done:
+            return
+        if rewind:
+            with sessionmaker(engine).begin() as session:
+                row = session.scalar(select(SyncProviderState))
+                assert row is not None
+                row.confirmed_seq = REWIND
+                row.confirmed_at = T0 + timedelta(seconds=REWIND)
+        with sessionmaker(engine).begin() as session:
+            override_mode(session, P, setting, policy=ModePolicy(), now=T0, actor="cli:operator")
+        done.append(True)
+
+    return operator, done
+
+
 def test_an_operators_mode_change_fences_the_poll_in_flight(engine: Engine) -> None:
     """`sync mode --set polling` mid-poll moves the cursor to the confirmed position and bumps
     the epoch: the leader's next page is refused instead of overwriting the cursor."""
     db_url = engine.url.render_as_string(hide_password=False)
     host = HostTable(engine)
     feed = _feed_of_30()
-    done: list[bool] = []
-
-    def operator(params: dict[str, str]) -> None:
-        if params.get("after") != "10" or done:
-            return
-        with sessionmaker(engine).begin() as session:
-            row = session.scalar(select(SyncProviderState))
-            assert row is not None
-            row.confirmed_seq = REWIND
-            row.confirmed_at = T0 + timedelta(seconds=REWIND)
-        with sessionmaker(engine).begin() as session:
-            override_mode(session, P, "polling", policy=ModePolicy(), now=T0, actor="cli:operator")
-        done.append(True)
-
-    feed.on_request = operator
+    feed.on_request, _done = _operator_after_the_first_page(engine, "polling", rewind=True)
     with serve_asgi(feed.app()) as url:
         settings = _settings(url, db_url)
         with pytest.raises(Fenced):
@@ -179,3 +189,22 @@ def test_an_operators_mode_change_fences_the_poll_in_flight(engine: Engine) -> N
 
     assert (REWIND, "failover", 2) == _cursor(engine)
     assert 10 == len(host.rows())
+
+
+def test_a_tick_deposed_mid_poll_is_fenced_and_writes_nothing_more(engine: Engine) -> None:
+    """The service's tick polls; an operator's override lands between two pages: the tick
+    ends fenced (leader=False, error "fenced") and the override's state stands."""
+    db_url = engine.url.render_as_string(hide_password=False)
+    host = HostTable(engine)
+    feed = _feed_of_30()
+    feed.on_request, done = _operator_after_the_first_page(engine, "webhook")
+    with serve_asgi(feed.app()) as url:
+        settings = _settings(url, db_url)
+        settings = replace(settings, sync=replace(settings.sync, crm_mode="polling"))
+        with ServiceHarness(settings, engine, registry=host.registry()) as service:
+            report = service.tick(P)
+
+    assert [True] == done
+    assert (False, "fenced") == (report.leader, report.error)
+    assert 10 == len(host.rows())  # the first page was applied; nothing after the override
+    assert 10 == _cursor(engine)[0]

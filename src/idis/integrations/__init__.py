@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from .outbox import (
         AsyncOutboxWorker,
         NewMessage,
-        OutboxWorker,
         enqueue,
         enqueue_async,
         outbox_summary,
@@ -92,7 +91,6 @@ __all__ = [
     "HandlerRegistry",
     "IntegrationError",
     "NewMessage",
-    "OutboxWorker",
     "ProviderError",
     "ProviderRejected",
     "ProviderTimeout",
@@ -163,7 +161,6 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".outbox": (
         "AsyncOutboxWorker",
         "NewMessage",
-        "OutboxWorker",
         "enqueue",
         "enqueue_async",
         "outbox_summary",

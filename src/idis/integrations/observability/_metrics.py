@@ -163,6 +163,12 @@ class Metrics:
             ["provider", "kind"],
             registry=r,
         )
+        self.outbox_health_probes = Counter(
+            "integration_outbox_health_probes",
+            "Health probes the outbox worker made to tell a poison message from an outage.",
+            ["provider", "result"],
+            registry=r,
+        )
         # --- inbound webhooks, polling and mode control
         self.webhooks_received = Counter(
             "integration_webhooks_received",

@@ -3,7 +3,7 @@
 Enqueue inside your own transaction, run workers, and the provider sees each
 message applied once, in order per ordering key, whatever fails in between::
 
-    from idis.integrations.outbox import NewMessage, enqueue, OutboxWorker
+    from idis.integrations.outbox import NewMessage, enqueue, AsyncOutboxWorker
 
     with session.begin():
         deal.status = "won"                                   # your business change
@@ -12,7 +12,8 @@ message applied once, in order per ordering key, whatever fails in between::
             json={"data": {...}}, idempotency_key=f"deal-{deal.id}-v{deal.version}",
             ordering_key=deal.id))
 
-    OutboxWorker(engine, settings, gateway=gateway).start()   # or `idis-integrations outbox work`
+    # the worker is async only: a task in your service, or `idis-integrations outbox work`
+    AsyncOutboxWorker(async_engine, settings, gateway=async_gateway).start()
 
 See ``docs/outbox.md`` for the guarantees and the failure modes.
 """
@@ -41,11 +42,11 @@ if TYPE_CHECKING:
         refresh_gauges,
         status_facts,
     )
-    from ._delivery import AsyncGatewayDelivery, GatewayDelivery, build_call
+    from ._delivery import AsyncGatewayDelivery, build_call
     from ._messages import KIND_REQUEST, KIND_WEBHOOK, NewMessage, OutboxMessage
     from ._models import DEAD, DELIVERED, IN_FLIGHT, PENDING, OutboxMessageRow, WebhookReceiverRow
     from ._policy import Action, Disposition, backoff_delay, decide
-    from ._worker import AsyncDeliver, AsyncOutboxWorker, BatchResult, Deliver, OutboxWorker
+    from ._worker import AsyncDeliver, AsyncOutboxWorker, BatchResult
 
 __all__ = [
     "DEAD",
@@ -59,15 +60,12 @@ __all__ = [
     "AsyncGatewayDelivery",
     "AsyncOutboxWorker",
     "BatchResult",
-    "Deliver",
     "Disposition",
-    "GatewayDelivery",
     "MessageView",
     "NewMessage",
     "OutboxMessage",
     "OutboxMessageRow",
     "OutboxSummary",
-    "OutboxWorker",
     "RequeueResult",
     "WebhookReceiverRow",
     "backoff_delay",
@@ -99,7 +97,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "refresh_gauges",
         "status_facts",
     ),
-    "._delivery": ("AsyncGatewayDelivery", "GatewayDelivery", "build_call"),
+    "._delivery": ("AsyncGatewayDelivery", "build_call"),
     "._messages": ("KIND_REQUEST", "KIND_WEBHOOK", "NewMessage", "OutboxMessage"),
     "._models": (
         "DEAD",
@@ -110,7 +108,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "WebhookReceiverRow",
     ),
     "._policy": ("Action", "Disposition", "backoff_delay", "decide"),
-    "._worker": ("AsyncDeliver", "AsyncOutboxWorker", "BatchResult", "Deliver", "OutboxWorker"),
+    "._worker": ("AsyncDeliver", "AsyncOutboxWorker", "BatchResult"),
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,7 +1,7 @@
 """The default delivery strategies: send a leased message through the gateway.
 
-:class:`GatewayDelivery` (sync) and :class:`AsyncGatewayDelivery` build the
-same call with :func:`build_call` and differ only in ``await``:
+:class:`AsyncGatewayDelivery` (the outbox worker's default strategy) builds
+the call with :func:`build_call`:
 
 * ``request`` messages become ``gateway.request(provider, endpoint, method=...,
   path_params=..., params=..., json=..., idempotency_key=key)``;
@@ -29,7 +29,7 @@ from ..exceptions import UsageError
 from ..webhooks._signing import sign_headers
 from ._messages import KIND_REQUEST, KIND_WEBHOOK, OutboxMessage
 
-__all__ = ["AsyncGatewayDelivery", "GatewayCall", "GatewayDelivery", "build_call"]
+__all__ = ["AsyncGatewayDelivery", "GatewayCall", "build_call"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,40 +93,15 @@ def build_call(message: OutboxMessage, settings: Settings, *, now: float) -> Gat
     )
 
 
-class GatewayDelivery:
-    """Deliver messages through a sync :class:`~idis.integrations.resilience.Gateway`.
+class AsyncGatewayDelivery:
+    """Deliver messages through an :class:`~idis.integrations.resilience.AsyncGateway`.
 
     Args:
         gateway: The gateway.
         settings: Library settings (default: the gateway's).
         clock: Time source for ``webhook-timestamp`` (default: the gateway's clock).
-        handlers: Delivery callables for custom kinds.
+        handlers: Delivery coroutine functions for custom kinds.
     """
-
-    def __init__(
-        self,
-        gateway: Any,
-        settings: Settings | None = None,
-        *,
-        clock: Clock | None = None,
-        handlers: Mapping[str, Callable[[OutboxMessage], None]] | None = None,
-    ) -> None:
-        self.gateway = gateway
-        self.settings = settings or gateway.settings
-        self.clock = clock or getattr(gateway, "clock", None) or system_clock
-        self.handlers = dict(handlers or {})
-
-    def __call__(self, message: OutboxMessage) -> Any:
-        """Deliver ``message``; return the provider's answer, raise the gateway's error."""
-        handler = self.handlers.get(message.kind)
-        if handler is not None:
-            return handler(message)
-        call = build_call(message, self.settings, now=self.clock.time())
-        return self.gateway.request(call.provider, call.endpoint, **call.kwargs)
-
-
-class AsyncGatewayDelivery:
-    """Async twin of :class:`GatewayDelivery` over an ``AsyncGateway``."""
 
     def __init__(
         self,

@@ -15,7 +15,9 @@ opened its breaker or a 429 pause)   the delay grows with each such failure, so
                                      the next half-open trial is another message
 the same, but the provider served    counted like any other failure: the message
 other messages since this one last   is poison, not the provider down, so it is
-failed                               retried and dead-lettered in the end
+failed, or its health endpoint       retried and dead-lettered in the end (the
+answered healthy after the failure   probe is the evidence when nothing else is
+                                     left to deliver to the provider)
 our configuration is wrong           back to ``pending``, attempt given back, due
 (``ConfigError``: no webhook secret, again after a pause: not the message's fault
 missing Vault variables, ...)        (the worker reports itself unhealthy)
@@ -45,6 +47,7 @@ from ..exceptions import (
     IntegrationError,
     ProviderError,
     ProviderRejected,
+    RateLimited,
     ReauthorizationRequired,
 )
 from ..observability._logs import redact_text
@@ -55,6 +58,7 @@ __all__ = [
     "backoff_delay",
     "decide",
     "describe_error",
+    "probe_decides",
 ]
 
 #: 4xx answers that may succeed later (timeout, conflict, too early, rate limited).
@@ -129,6 +133,37 @@ def describe_error(exc: BaseException) -> str:
     return summary[:MAX_ERROR_LENGTH]
 
 
+def _wants_evidence(
+    error: BaseException | None, provider_available: bool, served_others: bool
+) -> bool:
+    """A provider fault that left the provider unavailable, and nothing says it works."""
+    return (
+        isinstance(error, ProviderError)
+        and error.provider_fault
+        and error.retryable
+        and not provider_available
+        and not served_others
+    )
+
+
+def probe_decides(
+    error: BaseException | None, *, provider_available: bool, served_others: bool
+) -> bool:
+    """Whether a health probe of the provider is the evidence this failure lacks.
+
+    True for a provider fault (5xx, timeout, dropped connection, malformed
+    answer) that left the provider unavailable while no other message got
+    through since: :func:`decide` gives such an attempt back as the outage's,
+    unless a probe made after the failure finds the provider healthy
+    (``provider_healthy``), in which case the failure is the message's own and
+    counts. Never for a 429: a rate limit is provider-wide by nature, and a
+    healthy health endpoint says nothing against it.
+    """
+    return _wants_evidence(error, provider_available, served_others) and not isinstance(
+        error, RateLimited
+    )
+
+
 def decide(
     error: BaseException | None,
     *,
@@ -140,6 +175,7 @@ def decide(
     settings: OutboxSettings,
     rng: random.Random | None = None,
     served_others: bool = False,
+    provider_healthy: bool = False,
     excused: int = 0,
 ) -> Disposition:
     """Decide what happens to a message after one attempt.
@@ -157,6 +193,10 @@ def decide(
         served_others: The provider accepted other messages since this one's
             last failure: a failure that leaves it unavailable is this
             message's own (poison), and counts.
+        provider_healthy: A health probe of the provider, made after this
+            failure, answered healthy: the same evidence as ``served_others``
+            when nothing else is left to deliver (only poison remains). False
+            when the probe failed, was unhealthy, or was not made.
         excused: Earlier failures of this message given back as the outage's;
             each one doubles the delay before it is due again.
 
@@ -195,16 +235,14 @@ def decide(
     elif isinstance(error, IntegrationError) and not error.retryable:
         # A caller bug or an answer that resending cannot change.
         return Disposition(Action.DEAD, None, summary)
-    outage = (
-        isinstance(error, ProviderError)
-        and error.provider_fault
-        and not provider_available
-        and not served_others
-    )
+    # A healthy probe never excuses a 429's (see probe_decides).
+    healthy = provider_healthy and not isinstance(error, RateLimited)
+    outage = _wants_evidence(error, provider_available, served_others) and not healthy
     if outage:
         # The attempt failed *and* the provider is now unavailable (this failure
-        # opened its breaker, or a 429 paused it), and nothing says it works for
-        # others: the outage's fault, so the attempt is given back. The delay
+        # opened its breaker, or a 429 paused it), and nothing says it works
+        # (no other message got through, no healthy probe since): the outage's
+        # fault, so the attempt is given back. The delay
         # grows with each such failure, so the message that failed the last
         # half-open trial is not the next trial too.
         backoff = backoff_delay(settings, attempts + excused, rng)

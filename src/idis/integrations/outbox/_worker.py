@@ -1,6 +1,6 @@
-"""Outbox workers: lease a batch, deliver each message, settle the batch; repeat.
+"""The outbox worker: lease a batch, deliver each message, settle the batch; repeat.
 
-One cycle (:meth:`OutboxWorker.run_once`):
+One cycle (:meth:`AsyncOutboxWorker.run_once`):
 
 1. in one transaction, settle what the previous cycle delivered (or could not
    write while the database was down) and lease up to ``batch_size`` due
@@ -10,12 +10,12 @@ One cycle (:meth:`OutboxWorker.run_once`):
    worker died) is due again and leased like any other;
 2. deliver the batch through the ``deliver`` strategy (the gateway by
    default), ``concurrency`` at a time (a batch never holds two messages of
-   one ordering key), renewing the leases if the batch runs long;
+   one ordering key), a heartbeat renewing the leases while any send runs;
 3. decide each outcome: delivered, retry with backoff, deferred (attempt
    given back), dead. ``run_once`` writes them at once; ``run`` writes them
    with the next cycle's lease.
 
-Stopping (:meth:`OutboxWorker.stop`, SIGTERM in ``outbox work``) lets the
+Stopping (:meth:`AsyncOutboxWorker.stop`, SIGTERM in ``outbox work``) lets the
 delivery in progress finish, settles it, and gives the rest of the batch back
 (pending, attempt not counted) before the worker returns: nothing waits for a
 lease to lapse. A worker killed outright (SIGKILL, power loss) loses nothing
@@ -23,10 +23,13 @@ either: its leases lapse after ``lease`` and another worker takes the messages.
 
 Delivery is at least once; the idempotency key (sent as ``Idempotency-Key``)
 makes it exactly once from the provider's point of view. Workers may run side
-by side, as threads, asyncio tasks or processes, on one database.
+by side, as asyncio tasks or processes, on one database.
 
-The decisions live in :class:`_WorkerCore` and ``policy.py``; :class:`OutboxWorker`
-and :class:`AsyncOutboxWorker` only differ in how they wait for I/O.
+Background workers are async only (issue 12): this is the one outbox worker, as
+the CLI (``outbox work``), the drill and the example service run it. The
+decisions live in :class:`_WorkerCore` (no I/O) and ``_policy.py``; the worker
+only performs the I/O they ask for. Enqueueing (the request path) keeps a sync
+and an async face (``enqueue`` / ``enqueue_async``).
 """
 
 from __future__ import annotations
@@ -36,13 +39,10 @@ import contextlib
 import os
 import random
 import socket
-import threading
-import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -56,7 +56,7 @@ from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from ._messages import KIND_WEBHOOK, OutboxMessage
 from ._models import DEAD, PENDING, RECEIVER_GONE
-from ._policy import Action, Disposition, decide, describe_error
+from ._policy import DEFER_DELAY, Action, Disposition, decide, describe_error, probe_decides
 from ._queries import (
     LEASE_EXPIRED,
     database_now_statement,
@@ -70,20 +70,15 @@ from ._queries import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection, Engine
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 __all__ = [
     "AsyncDeliver",
     "AsyncOutboxWorker",
     "BatchResult",
-    "Deliver",
-    "OutboxWorker",
 ]
 
 #: A delivery strategy: return when the provider accepted the message, raise otherwise.
-Deliver = Callable[[OutboxMessage], None]
-#: Async delivery strategy.
 AsyncDeliver = Callable[[OutboxMessage], Awaitable[None]]
 #: Whether a provider accepts calls now (``Gateway.available``).
 Availability = Callable[[str], bool]
@@ -146,14 +141,24 @@ class _Leases:
         #: Messages whose lease could not be renewed: not to be sent.
         self.lost: set[int] = set()
         self.expires = min((m.lease_expires_at for m in batch), default=None)
-        #: Serializes renewals between the threads sending the batch.
-        self.lock = threading.Lock()
 
     def renewed(self, held: set[int], expires: datetime) -> None:
         """Record a renewal: ``held`` keep their lease to ``expires``; other open ones lost it."""
         self.lost |= self.open - held
         self.open &= held
         self.expires = expires
+
+
+@dataclass(slots=True)
+class _ProbeVerdict:
+    """A provider's last health probe, as the outbox worker uses it."""
+
+    #: When it started (the clock's monotonic time): evidence only for failures before.
+    started: float
+    #: Still waiting for the answer.
+    running: bool = False
+    #: It answered healthy (an unhealthy answer, an error or no endpoint: False).
+    healthy: bool = False
 
 
 @dataclass(slots=True)
@@ -164,7 +169,7 @@ class _Pending:
 
 
 class _WorkerCore:
-    """Everything a worker decides, with no I/O: shared by the sync and async drivers."""
+    """Everything the worker decides, with no I/O (the worker performs what it asks for)."""
 
     def __init__(
         self,
@@ -182,6 +187,7 @@ class _WorkerCore:
         poll_interval: timedelta | None,
         metrics_interval: timedelta | None,
         lease_clock: str | None = None,
+        probing: bool = False,
     ) -> None:
         outbox = settings.outbox
         names = tuple(providers) if providers is not None else tuple(settings.providers)
@@ -228,6 +234,27 @@ class _WorkerCore:
         self._excused: dict[int, tuple[int, int]] = {}
         #: Provider -> the configuration error its last delivery met (cleared by a delivery).
         self.config_errors: dict[str, str] = {}
+        #: The driver can probe a provider's health (it has a gateway).
+        self.probing = probing
+        #: Provider -> its last health probe (the evidence when only poison is left).
+        self._probes: dict[str, _ProbeVerdict] = {}
+        #: Provider -> seconds between its probes, and the quiet time (no delivery
+        #: by this worker) before the first: its breaker's reset timeout (the pace
+        #: of its half-open trials, so a lone poison message's every trial may be
+        #: judged), at least a backoff step, never longer than a lease.
+        self.probe_interval = {
+            name: min(
+                self.lease.total_seconds(),
+                max(
+                    DEFER_DELAY.total_seconds(),
+                    outbox.initial_backoff.total_seconds(),
+                    settings.provider(name).breaker.reset_timeout,
+                ),
+            )
+            for name in names
+        }
+        #: Provider -> when this worker last delivered to it (monotonic).
+        self._served_at: dict[str, float] = {}
         self.unsettled = _Pending()
         #: A cycle's transaction failed: its COMMIT may have succeeded unseen,
         #: leaving leases this worker does not know it holds.
@@ -352,12 +379,89 @@ class _WorkerCore:
                 out.append(spent)
         return ready
 
+    def probe_due(self, message: OutboxMessage, error: BaseException | None) -> float | None:
+        """Whether to probe the provider's health before settling this failure.
+
+        Only when the probe is the evidence the failure lacks (``probe_decides``:
+        a provider fault left the provider unavailable and no other message got
+        through since), this worker delivered nothing to the provider for
+        ``probe_interval`` (only poison is left: while others get through, their
+        deliveries are the evidence, and a busy provider is not probed at all),
+        no probe of the provider is running, and the last one started at least
+        ``probe_interval`` ago. Returns the probe's start (monotonic), to be
+        passed to :meth:`probed`, or None: no probe.
+        """
+        provider = message.provider
+        if error is None or not self.probing:
+            return None
+        served, _excused = self._excused.get(message.id, (self._served[provider], 0))
+        if not probe_decides(
+            error,
+            provider_available=self.available(provider),
+            served_others=self._served[provider] > served,
+        ):
+            return None
+        now = self.clock.monotonic()
+        interval = self.probe_interval[provider]
+        served_at = self._served_at.get(provider)
+        if served_at is not None and now - served_at < interval:
+            return None
+        last = self._probes.get(provider)
+        if last is not None and (last.running or now - last.started < interval):
+            return None
+        self._probes[provider] = _ProbeVerdict(started=now, running=True)
+        return now
+
+    def probed(
+        self, provider: str, started: float, report: Any, error: BaseException | None
+    ) -> None:
+        """Record a health probe's answer (``report``), or the error it raised."""
+        if error is not None:
+            result, detail = "error", describe_error(error)
+        elif report is None or getattr(report, "status_code", None) is None:
+            # No health endpoint configured: the gateway says "ok" without asking.
+            result, detail = "unknown", str(getattr(report, "detail", "no report"))
+        else:
+            result = "healthy" if report.ok else "unhealthy"
+            detail = str(report.detail)
+        self._probes[provider] = _ProbeVerdict(started=started, healthy=result == "healthy")
+        self.metrics.outbox_health_probes.labels(provider, result).inc()
+        self.log.info(
+            "idis.outbox.health_probe",
+            msg="probed a provider whose message failed while nothing else got through: "
+            + (
+                "healthy, so the failure is the message's own and counts"
+                if result == "healthy"
+                else "no evidence it works, so the failure is given back as the outage's"
+            ),
+            provider=provider,
+            result=result,
+            detail=detail,
+        )
+
+    def healthy_since(self, provider: str, failed_at: float) -> bool:
+        """Whether a probe started at or after ``failed_at`` found the provider healthy."""
+        verdict = self._probes.get(provider)
+        return (
+            verdict is not None
+            and not verdict.running
+            and verdict.healthy
+            and verdict.started >= failed_at
+        )
+
     def settle(
-        self, message: OutboxMessage, error: BaseException | None, now: datetime
+        self,
+        message: OutboxMessage,
+        error: BaseException | None,
+        now: datetime,
+        *,
+        failed_at: float | None = None,
     ) -> _Settlement:
+        """Decide one attempt's outcome (``failed_at``: when it failed, monotonic)."""
         provider = message.provider
         if error is None:
             self._served[provider] += 1
+            self._served_at[provider] = self.clock.monotonic()
             self._excused.pop(message.id, None)
             self.config_errors.pop(provider, None)
             return _Settlement(message, _DELIVERED)
@@ -386,6 +490,7 @@ class _WorkerCore:
             settings=self.outbox,
             rng=self.rng,
             served_others=self._served[provider] > served,
+            provider_healthy=failed_at is not None and self.healthy_since(provider, failed_at),
             excused=excused,
         )
         if disposition.action is Action.DEFER and failed:
@@ -589,24 +694,28 @@ class _WorkerCore:
         return self.rng.uniform(delay / 2, delay)
 
 
-class OutboxWorker:
-    """Deliver outbox messages from a sync engine; run it in a thread or its own process.
+class AsyncOutboxWorker:
+    """Deliver outbox messages from an ``AsyncEngine``: the library's one outbox worker.
 
-    Thread-safe to :meth:`stop` from another thread or a signal handler. Several
-    workers (threads or processes) may share one database.
+    Run it as a task inside the service, or alone with ``asyncio.run`` (what
+    ``idis-integrations outbox work`` does)::
 
-    Example::
-
-        worker = OutboxWorker(engine, settings, gateway=gateway)
-        thread = worker.start()          # background thread
+        worker = AsyncOutboxWorker(async_engine, settings, gateway=async_gateway)
+        task = worker.start()            # asyncio.Task
         ...
-        worker.stop(); thread.join()
+        worker.stop(); await task
+
+    :meth:`stop` is safe from a signal handler on the loop's thread. Several
+    workers (tasks or processes) may share one database.
 
     Args:
-        engine: The library's database.
+        engine: The library's database (an async engine).
         settings: Library settings (providers, ``outbox`` section).
-        deliver: Delivery strategy; defaults to :class:`GatewayDelivery` on ``gateway``.
-        gateway: The resilient call pipeline; also supplies ``availability``.
+        deliver: Delivery strategy (a coroutine function); defaults to
+            :class:`AsyncGatewayDelivery` on ``gateway``.
+        gateway: The resilient call pipeline (``AsyncGateway``); also supplies
+            ``availability`` and the health probe that tells a poison message
+            from an outage when nothing else is left to deliver.
         availability: Whether a provider accepts calls now; defaults to
             ``gateway.available`` (or always True without a gateway).
         providers: Providers this worker serves (default: every configured one).
@@ -615,8 +724,8 @@ class OutboxWorker:
         rng: Random source for backoff jitter.
         metrics: Metrics to record into (default: the process-wide set).
         batch_size: Messages per lease (default ``IDIS_OUTBOX_BATCH_SIZE``).
-        concurrency: Messages of a batch delivered at once, on a thread pool
-            (default ``IDIS_OUTBOX_CONCURRENCY``); 1 delivers one by one.
+        concurrency: Messages of a batch delivered at once (default
+            ``IDIS_OUTBOX_CONCURRENCY``); 1 delivers one by one.
         lease: Lease length (default ``IDIS_OUTBOX_LEASE``).
         poll_interval: Idle wait when nothing is due (default ``IDIS_OUTBOX_POLL_INTERVAL``).
         metrics_interval: How often the queue gauges are refreshed (default 15 s).
@@ -626,395 +735,6 @@ class OutboxWorker:
 
     Raises:
         UnknownProviderError: when ``providers`` names an undeclared provider.
-    """
-
-    def __init__(
-        self,
-        engine: Engine,
-        settings: Settings,
-        *,
-        deliver: Deliver | None = None,
-        gateway: Any = None,
-        availability: Availability | None = None,
-        providers: Sequence[str] | None = None,
-        worker_id: str | None = None,
-        clock: Clock | None = None,
-        rng: random.Random | None = None,
-        metrics: Metrics | None = None,
-        batch_size: int | None = None,
-        concurrency: int | None = None,
-        lease: timedelta | None = None,
-        poll_interval: timedelta | None = None,
-        metrics_interval: timedelta | None = None,
-        lease_clock: str | None = None,
-    ) -> None:
-        if deliver is None:
-            if gateway is None:
-                raise UsageError("OutboxWorker needs a deliver strategy or a gateway")
-            from ._delivery import GatewayDelivery
-
-            deliver = GatewayDelivery(gateway, settings, clock=clock)
-        if availability is None and gateway is not None:
-            availability = gateway.available
-        self.engine = engine
-        self.deliver = deliver
-        self._core = _WorkerCore(
-            settings,
-            providers=providers,
-            availability=availability,
-            worker_id=worker_id,
-            clock=clock,
-            rng=rng,
-            metrics=metrics,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            lease=lease,
-            poll_interval=poll_interval,
-            metrics_interval=metrics_interval,
-            lease_clock=lease_clock,
-        )
-        self._dialect = engine.dialect.name
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        #: While ``run`` runs, one connection is held for every cycle.
-        self._hold = False
-        self._conn: Connection | None = None
-
-    @property
-    def worker_id(self) -> str:
-        """The lease owner name this worker writes."""
-        return self._core.worker_id
-
-    @property
-    def config_errors(self) -> dict[str, str]:
-        """Provider -> the configuration error stopping its deliveries (empty when healthy).
-
-        A configuration error (missing Vault variables, no webhook secret) is
-        ours, not the message's: the message waits with its attempts intact,
-        and the host reports the worker unhealthy with this text until a
-        delivery to that provider succeeds.
-        """
-        return dict(self._core.config_errors)
-
-    @property
-    def stale_settles(self) -> int:
-        """Settles fenced off since the worker started: its lease lapsed and another worker
-        leased the message again, so the late outcome was not written."""
-        return self._core.stale_settles
-
-    @property
-    def stopping(self) -> bool:
-        """Whether :meth:`stop` was called."""
-        return self._stop.is_set()
-
-    def stop(self) -> None:
-        """Ask the worker to stop: the delivery in progress finishes, the rest is given back."""
-        self._stop.set()
-
-    # ----------------------------------------------------------------- cycle
-
-    def run_once(self) -> BatchResult:
-        """Run one cycle: settle leftovers, lease, deliver, settle.
-
-        Returns:
-            What the cycle did (``leased == 0`` means nothing was due).
-
-        Raises:
-            StorageError: when the database is unreachable (``run`` retries instead).
-        """
-        result = self._cycle()
-        result.fenced += self._settle_now()
-        return result
-
-    def run(
-        self,
-        *,
-        until_idle: bool = False,
-        max_cycles: int | None = None,
-        sleep: Callable[[float], None] | None = None,
-    ) -> BatchResult:
-        """Run cycles until :meth:`stop` (or until nothing is due, with ``until_idle``).
-
-        Database outages are survived: the worker backs off (up to 5 s) and
-        carries on when the database is back. On stop, leftover settlements are
-        written if the database allows.
-
-        While running, the worker holds one connection, and each cycle's single
-        transaction both settles the previous batch and leases the next one.
-
-        Args:
-            until_idle: Return after the first cycle that found nothing due.
-            max_cycles: Return after this many cycles.
-            sleep: Idle wait (default: an interruptible wait on the stop flag).
-
-        Returns:
-            The summed counts of every cycle.
-        """
-        wait = sleep or (lambda seconds: self._stop.wait(seconds) and None)
-        total = BatchResult()
-        cycles = 0
-        idle = self._core.poll_interval.total_seconds()
-        self._hold = True
-        try:
-            while not self._stop.is_set():
-                try:
-                    result = self._cycle()
-                except StorageError as exc:
-                    wait(self._core.db_backoff(exc))
-                    continue
-                self._core.db_failures = 0
-                total.add(result)
-                cycles += 1
-                if max_cycles is not None and cycles >= max_cycles:
-                    break
-                if result.leased == 0:
-                    if until_idle:
-                        break
-                    wait(idle)
-            self._final_flush()
-        finally:
-            self._hold = False
-            self._release_connection()
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-        return total
-
-    def start(self, *, name: str | None = None) -> threading.Thread:
-        """Run :meth:`run` in a daemon thread and return it (stop with :meth:`stop`)."""
-        if self._thread is not None and self._thread.is_alive():
-            raise UsageError("this outbox worker is already running")
-        self._stop.clear()
-        thread = threading.Thread(
-            target=self.run, name=name or f"idis-outbox-{self.worker_id}", daemon=True
-        )
-        self._thread = thread
-        thread.start()
-        return thread
-
-    # --------------------------------------------------------------- pieces
-
-    def _cycle(self) -> BatchResult:
-        core = self._core
-        result = BatchResult()
-        try:
-            # One transaction settles what the last batch did and leases the next
-            # batch: half the round trips of settling and leasing apart.
-            with self._transaction() as conn:
-                result.fenced += self._write_unsettled(conn)
-                if core.unsure_of_leases:
-                    conn.execute(release_own_statement(), core.release_own_params())
-                batch = self._lease(conn, result)
-            core.unsure_of_leases = False
-            core.unsettled.items.clear()
-            if core.gauges_due():
-                self._refresh_gauges()
-        except _DB_ERRORS as exc:
-            core.unsure_of_leases = True
-            raise _as_storage_error(exc) from exc
-        result.leased = len(batch)
-        if batch:
-            settlements = self._deliver_batch(batch)
-            core.unsettled.items.extend(settlements)
-            core.observe(settlements, result)
-        return result
-
-    @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
-        if not self._hold:
-            with self.engine.begin() as conn:
-                yield conn
-            return
-        if self._conn is None:
-            self._conn = self.engine.connect()
-        try:
-            with self._conn.begin():
-                yield self._conn
-        except _DB_ERRORS:
-            self._release_connection()  # a restarted server leaves it dead: reconnect next time
-            raise
-
-    def _release_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def _lease(self, conn: Connection, result: BatchResult) -> list[OutboxMessage]:
-        core = self._core
-        providers = core.providers_to_lease()
-        rows: list[Any] = []
-        if not providers:
-            return []
-        if core.database_clock:
-            core.follow_database(conn.execute(database_now_statement(self._dialect)).scalar_one())
-        now = core.now()
-        stmt = lease_statement(self._dialect)
-        for provider in providers:
-            limit = core.batch_size - len(rows)
-            if limit <= 0:
-                break
-            rows.extend(conn.execute(stmt, core.lease_params(provider, limit, now)).all())
-        if core.has_webhooks(rows):
-            # Read in the lease's transaction: a receiver another worker saw
-            # answer 410, or one re-activated by a re-queue, counts at once.
-            core.set_gone(conn.execute(gone_receivers_statement()).all())
-        core.taken_over(rows, result)
-        batch = [core.to_message(row) for row in rows]
-        batch.sort(key=lambda m: m.id)
-        return batch
-
-    def _refresh_gauges(self) -> None:
-        from ._admin import refresh_gauges
-
-        with self._transaction() as conn:
-            refresh_gauges(
-                conn, self._core.metrics, providers=self._core.providers, now=self._core.now()
-            )
-
-    def _renew(self, ids: list[int], now: datetime) -> set[int]:
-        core = self._core
-        params = {"p_ids": ids, "p_owner": core.worker_id, "p_expires": now + core.lease}
-        with self._transaction() as conn:
-            return {int(r[0]) for r in conn.execute(renew_statement(self._dialect), params)}
-
-    def _deliver_batch(self, batch: list[OutboxMessage]) -> list[_Settlement]:
-        core = self._core
-        out: list[_Settlement] = []
-        ready = core.split_spent(batch, out)
-        leases = _Leases(ready)
-        if not ready:
-            return out
-        # A heartbeat renews the leases while the batch is out, whatever the
-        # path: a single send that outlasts the lease must not let another
-        # worker send the message again behind it.
-        finished = threading.Event()
-        heartbeat = threading.Thread(
-            target=self._heartbeat,
-            args=(leases, finished),
-            name=f"idis-outbox-heartbeat-{core.worker_id}",
-            daemon=True,
-        )
-        heartbeat.start()
-        try:
-            if core.concurrency == 1 or len(ready) == 1:
-                out.extend(self._deliver_one(message, leases) for message in ready)
-                return out
-            # A sliding window, not chunks: one slow send (a retry backing off in
-            # the gateway) holds one slot, not the whole batch. One batch never
-            # holds two messages of one ordering key, so they may go out side by side.
-            futures = {self._pool().submit(self._deliver_one, m, leases): m for m in ready}
-            while futures:
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for future in done:
-                    out.append(future.result())
-                    del futures[future]
-            return out
-        finally:
-            finished.set()
-            heartbeat.join()
-
-    def _heartbeat(self, leases: _Leases, finished: threading.Event) -> None:
-        while not finished.wait(self._core.renew_check):
-            self._keep_leases(leases)
-
-    def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Settlement:
-        # Every send first makes sure the batch's leases will outlast it.
-        self._keep_leases(leases)
-        if self._stop.is_set() or message.id in leases.lost:
-            # Stopping, or the lease could not be kept: give it back unsent
-            # (a lost lease's settle is a no-op: another worker holds it now).
-            return self._core.release(message, self._core.now())
-        # Checked at send time: an earlier send of this batch may have just
-        # found the receiver gone.
-        return self._core.skip_gone(message) or self._attempt(message)
-
-    def _keep_leases(self, leases: _Leases) -> None:
-        core = self._core
-        if not core.needs_renewal(leases.expires, core.now()):
-            return  # the common case, without the lock
-        with leases.lock:
-            now = core.now()
-            if not leases.open or not core.needs_renewal(leases.expires, now):
-                return
-            try:
-                held = self._renew(sorted(leases.open), now)
-            except _DB_ERRORS as exc:
-                held = set()
-                core.log.warning(
-                    "idis.outbox.lease_renewal_failed",
-                    msg="could not renew outbox leases; the rest of the batch is given back",
-                    error=describe_error(exc),
-                )
-            leases.renewed(held, now + core.lease)
-
-    def _attempt(self, message: OutboxMessage) -> _Settlement:
-        error: BaseException | None = None
-        try:
-            self.deliver(message)
-        except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
-            error = exc
-        return self._core.settle(message, error, self._core.now())
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=self._core.concurrency, thread_name_prefix="idis-outbox-deliver"
-            )
-        return self._executor
-
-    def _write_unsettled(self, conn: Connection) -> int:
-        """Write the pending settlements; return how many were fenced off."""
-        core = self._core
-        items = core.unsettled.items
-        if not items:
-            return 0
-        now = core.now()
-        delivered, rows, receivers = core.write_params(items, now, self._dialect)
-        applied = 0
-        if delivered:
-            applied += conn.execute(settle_delivered_statement(self._dialect), delivered).rowcount
-        if rows:
-            applied += conn.execute(settle_statement(), rows).rowcount
-        for receiver in receivers:
-            conn.execute(mark_receiver_statement(self._dialect), receiver)
-        return core.fenced(items, applied)
-
-    def _settle_now(self) -> int:
-        if not self._core.unsettled.items:
-            return 0
-        try:
-            with self._transaction() as conn:
-                fenced = self._write_unsettled(conn)
-        except _DB_ERRORS as exc:
-            raise _as_storage_error(exc) from exc
-        self._core.unsettled.items.clear()
-        return fenced
-
-    def _final_flush(self) -> None:
-        for attempt in range(_FLUSH_ATTEMPTS):
-            try:
-                self._settle_now()
-                return
-            except StorageError as exc:
-                delay = self._core.db_backoff(exc)
-                if attempt < _FLUSH_ATTEMPTS - 1:
-                    time.sleep(delay)
-        self._core.flush_abandoned()
-
-
-class AsyncOutboxWorker:
-    """Async twin of :class:`OutboxWorker`: same decisions, on an ``AsyncEngine``.
-
-    Run it as a task inside the service::
-
-        worker = AsyncOutboxWorker(async_engine, settings, gateway=async_gateway)
-        task = worker.start()            # asyncio.Task
-        ...
-        worker.stop(); await task
-
-    Args: as :class:`OutboxWorker`, with an async ``deliver`` and an ``AsyncGateway``.
     """
 
     def __init__(
@@ -1047,6 +767,7 @@ class AsyncOutboxWorker:
             availability = gateway.available
         self.engine = engine
         self.deliver = deliver
+        self._health = getattr(gateway, "health", None)
         self._core = _WorkerCore(
             settings,
             providers=providers,
@@ -1061,6 +782,7 @@ class AsyncOutboxWorker:
             poll_interval=poll_interval,
             metrics_interval=metrics_interval,
             lease_clock=lease_clock,
+            probing=self._health is not None,
         )
         self._dialect = engine.dialect.name
         self._stop = asyncio.Event()
@@ -1096,13 +818,34 @@ class AsyncOutboxWorker:
         self._stop.set()
 
     async def run_once(self) -> BatchResult:
-        """One cycle, as :meth:`OutboxWorker.run_once`."""
+        """Run one cycle: settle leftovers, lease, deliver, settle.
+
+        Returns:
+            What the cycle did (``leased == 0`` means nothing was due).
+
+        Raises:
+            StorageError: when the database is unreachable (``run`` retries instead).
+        """
         result = await self._cycle()
         result.fenced += await self._settle_now()
         return result
 
     async def run(self, *, until_idle: bool = False, max_cycles: int | None = None) -> BatchResult:
-        """Run cycles until :meth:`stop`, as :meth:`OutboxWorker.run` (one held connection)."""
+        """Run cycles until :meth:`stop` (or until nothing is due, with ``until_idle``).
+
+        Database outages are survived: the worker backs off (up to 5 s) and
+        carries on when the database is back. On stop, leftover settlements are
+        written if the database allows (three tries). While running, the worker
+        holds one connection, and each cycle's single transaction both settles
+        the previous batch and leases the next one.
+
+        Args:
+            until_idle: Return after the first cycle that found nothing due.
+            max_cycles: Return after this many cycles.
+
+        Returns:
+            The summed counts of every cycle.
+        """
         total = BatchResult()
         cycles = 0
         idle = self._core.poll_interval.total_seconds()
@@ -1270,12 +1013,29 @@ class AsyncOutboxWorker:
         gone = self._core.skip_gone(message)
         if gone is not None:
             return gone
+        core = self._core
         error: BaseException | None = None
         try:
             await self.deliver(message)
         except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
             error = exc
-        return self._core.settle(message, error, self._core.now())
+        failed_at = core.clock.monotonic()
+        started = core.probe_due(message, error)
+        if started is not None:
+            await self._probe(message.provider, started)
+        return core.settle(message, error, core.now(), failed_at=failed_at)
+
+    async def _probe(self, provider: str, started: float) -> None:
+        assert self._health is not None
+        try:
+            report = await self._health(provider)
+        except Exception as exc:  # noqa: BLE001  # a failed probe is no evidence
+            self._core.probed(provider, started, None, exc)
+        except BaseException as exc:  # cancelled: recorded, then propagated
+            self._core.probed(provider, started, None, exc)
+            raise
+        else:
+            self._core.probed(provider, started, report, None)
 
     async def _keep_leases(self, leases: _Leases) -> None:
         core = self._core
