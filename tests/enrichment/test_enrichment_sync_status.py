@@ -12,7 +12,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from idis.integrations.enrichment import (
     AsyncSyncStatusDelivery,
     CrmSyncStatusMixin,
-    SyncStatusDelivery,
     impact,
     mark_sync_pending,
 )
@@ -122,7 +121,11 @@ def test_a_failed_status_write_never_fails_the_delivery(deals_sqlite: Any) -> No
     """If the status cannot be written the delivery still counts as delivered."""
     env = deals_sqlite
     delivered: list[Any] = []
-    broken = SyncStatusDelivery(delivered.append, env.engine, SyncDeal.__table__)
+
+    async def send(message: Any) -> None:
+        delivered.append(message)
+
+    broken = AsyncSyncStatusDelivery(send, env.async_engine, SyncDeal.__table__)
     with env.engine.begin() as conn:
         conn.execute(text("DROP TABLE deals"))
 
@@ -130,7 +133,7 @@ def test_a_failed_status_write_never_fails_the_delivery(deals_sqlite: Any) -> No
         kind = "request"
         ordering_key = "7"
 
-    broken(Message())
+    env.run(broken(Message()))
 
     assert 1 == len(delivered)
 
@@ -140,13 +143,17 @@ def test_messages_of_other_kinds_leave_rows_alone(deals_sqlite: Any) -> None:
     env = deals_sqlite
     with Session(env.engine) as session, session.begin():
         session.add(SyncDeal(id=5, tenant_id="t"))
-    wrapped = SyncStatusDelivery(lambda _m: None, env.engine, SyncDeal, kinds=["request"])
+
+    async def send(_message: Any) -> None:
+        return None
+
+    wrapped = AsyncSyncStatusDelivery(send, env.async_engine, SyncDeal, kinds=["request"])
 
     class Webhook:
         kind = "webhook"
         ordering_key = "5"
 
-    wrapped(Webhook())
+    env.run(wrapped(Webhook()))
 
     with Session(env.engine) as session:
         assert "PENDING" == session.scalar(select(SyncDeal.crm_sync_status))

@@ -1,6 +1,6 @@
 """Version-aware sync status: a row is not SYNCED while a newer edit of it is still queued.
 
-The library's ``SyncStatusDelivery`` (and its async twin) with ``revision=``:
+The library's ``AsyncSyncStatusDelivery`` with ``revision=``:
 a delivered push marks its row SYNCED only if the row is still at the revision
 the push carried; ``on_delivered`` runs for every delivered push. Real SQLite and
 PostgreSQL; the wrapped delivery strategy is the host's plug point.
@@ -21,7 +21,6 @@ from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.enrichment import (
     AsyncSyncStatusDelivery,
     CrmSyncStatusMixin,
-    SyncStatusDelivery,
     mark_sync_pending,
 )
 from idis.integrations.exceptions import UsageError
@@ -90,43 +89,38 @@ def _options() -> dict[str, Any]:
     return {"revision": lambda m: m.revision, "on_delivered": _seen}
 
 
-@pytest.mark.parametrize("driver", ["sync", "async"])
-def test_an_older_push_leaves_a_newer_edit_pending(deals: Engine, driver: str) -> None:
+def test_an_older_push_leaves_a_newer_edit_pending(deals: Engine) -> None:
     """Edited twice: r1's delivery keeps it PENDING, r2's makes it SYNCED; the hook sees both."""
     _edit(deals, "d1", 1)
     _edit(deals, "d1", 2)
     states = []
-    if driver == "sync":
-        deliver = SyncStatusDelivery(
-            lambda m: f"answer to r{m.revision}", deals, VersionedDeal, **_options()
-        )
+    async_engine = create_async_db_engine(deals.url.render_as_string(hide_password=False))
+
+    async def send(message: Any) -> str:
+        return f"answer to r{message.revision}"
+
+    async def scenario() -> None:
+        deliver = AsyncSyncStatusDelivery(send, async_engine, VersionedDeal, **_options())
         for revision in (1, 2):
-            deliver(Push("d1", revision))
-            states.append(_row(deals, "d1"))
-    else:
-        async_engine = create_async_db_engine(deals.url.render_as_string(hide_password=False))
+            await deliver(Push("d1", revision))
+            states.append(await asyncio.to_thread(_row, deals, "d1"))
+        await async_engine.dispose()
 
-        async def send(message: Any) -> str:
-            return f"answer to r{message.revision}"
-
-        async def scenario() -> None:
-            deliver = AsyncSyncStatusDelivery(send, async_engine, VersionedDeal, **_options())
-            for revision in (1, 2):
-                await deliver(Push("d1", revision))
-                states.append(await asyncio.to_thread(_row, deals, "d1"))
-            await async_engine.dispose()
-
-        asyncio.run(scenario())
+    asyncio.run(scenario())
 
     assert [("PENDING", 1), ("SYNCED", 2)] == states
+
+
+async def _nothing(_message: Any) -> None:
+    return None
 
 
 def test_a_revision_column_the_table_lacks_is_refused(deals: Engine) -> None:
     """revision= on a table without the column: a UsageError naming it, at construction."""
     with pytest.raises(UsageError, match="'version'"):
-        SyncStatusDelivery(
-            lambda _m: None,
-            deals,
+        AsyncSyncStatusDelivery(
+            _nothing,
+            create_async_db_engine(deals.url.render_as_string(hide_password=False)),
             VersionedDeal,
             revision=lambda m: m.revision,
             revision_column="version",

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from ._syncstatus import (
         AsyncSyncStatusDelivery,
         CrmSyncStatusMixin,
-        SyncStatusDelivery,
         mark_sync_failed,
         mark_sync_pending,
         mark_sync_succeeded,
@@ -67,7 +66,6 @@ __all__ = [
     "EnrichmentResult",
     "RunStats",
     "SubjectKey",
-    "SyncStatusDelivery",
     "TenantImpact",
     "clear_stale_defects",
     "create_stale_defects",
@@ -96,7 +94,6 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "._syncstatus": (
         "AsyncSyncStatusDelivery",
         "CrmSyncStatusMixin",
-        "SyncStatusDelivery",
         "mark_sync_failed",
         "mark_sync_pending",
         "mark_sync_succeeded",

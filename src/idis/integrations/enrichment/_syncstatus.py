@@ -18,8 +18,8 @@ transaction; async callers execute :func:`sync_status_update` themselves.
 
 Wiring with the outbox: mark rows PENDING in the same transaction that enqueues
 their CRM push, and wrap the outbox worker's delivery strategy in
-:class:`SyncStatusDelivery` (or :class:`AsyncSyncStatusDelivery`), which marks
-the row SYNCED when a delivery succeeds and FAILED when an attempt fails::
+:class:`AsyncSyncStatusDelivery`, which marks the row SYNCED when a delivery
+succeeds and FAILED when an attempt fails::
 
     with Session(host_engine) as session, session.begin():
         deal.amount = 42
@@ -28,8 +28,8 @@ the row SYNCED when a delivery succeeds and FAILED when an attempt fails::
                 path_params={"id": deal.id}, json={...}, ordering_key=str(deal.id),
                 idempotency_key=f"deal-{deal.id}-v{deal.version}"))
 
-    deliver = SyncStatusDelivery(GatewayDelivery(gateway), host_engine, Deal)
-    OutboxWorker(engine, settings, deliver=deliver, availability=gateway.available).run()
+    deliver = AsyncSyncStatusDelivery(AsyncGatewayDelivery(gateway), async_host_engine, Deal)
+    await AsyncOutboxWorker(engine, settings, deliver=deliver).run()
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from sqlalchemy import CheckConstraint, Engine, Index, String, Table, Update, inspect, update
+from sqlalchemy import CheckConstraint, Index, String, Table, Update, inspect, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapped, Session, declared_attr, mapped_column
 from sqlalchemy.sql.expression import Executable
@@ -56,7 +56,6 @@ __all__ = [
     "AsyncSyncStatusDelivery",
     "CrmSyncStatusMixin",
     "SyncStatus",
-    "SyncStatusDelivery",
     "crm_sync_status_table_args",
     "mark_sync_failed",
     "mark_sync_pending",
@@ -289,7 +288,7 @@ class _SyncStatusHook:
         )
 
 
-class SyncStatusDelivery:
+class AsyncSyncStatusDelivery:
     """Wraps an outbox delivery strategy so each push keeps ``crm_sync_status`` current.
 
     SYNCED after a successful delivery, FAILED after a failed attempt (the
@@ -302,8 +301,9 @@ class SyncStatusDelivery:
     shows SYNCED for a state the provider does not have.
 
     Args:
-        deliver: The outbox delivery callable (e.g. ``GatewayDelivery(gateway)``).
-        engine: Engine of the database holding the host table.
+        deliver: The outbox delivery callable (a coroutine function, e.g.
+            ``AsyncGatewayDelivery(gateway)``).
+        engine: Async engine of the database holding the host table.
         model: The host table (a mapped class on the mixin, or its ``Table``).
         record_id: Row id a message is about (default: its ``ordering_key``).
         kinds: Only messages of these kinds (default: all with a row id).
@@ -314,54 +314,6 @@ class SyncStatusDelivery:
             revision (e.g. keep the provider's record version for stale-echo
             checks).
     """
-
-    def __init__(
-        self,
-        deliver: Callable[[Any], Any],
-        engine: Engine,
-        model: Any,
-        *,
-        record_id: Callable[[Any], Any] | None = None,
-        kinds: Iterable[str] | None = None,
-        revision: Callable[[Any], Any] | None = None,
-        revision_column: str = "revision",
-        on_delivered: Callable[[Any, Any], Executable | None] | None = None,
-    ) -> None:
-        self.deliver = deliver
-        self.engine = engine
-        self._hook = _SyncStatusHook(
-            model,
-            record_id,
-            kinds,
-            revision=revision,
-            revision_column=revision_column,
-            on_delivered=on_delivered,
-        )
-
-    def _mark(self, message: Any, row_id: Any, status: SyncStatus, result: Any = None) -> None:
-        try:
-            with Session(self.engine) as session, session.begin():
-                for statement in self._hook.statements(message, row_id, status, result):
-                    session.execute(statement)
-        except Exception as exc:  # noqa: BLE001  # see _SyncStatusHook.log_failure
-            self._hook.log_failure(row_id, status, exc)
-
-    def __call__(self, message: Any) -> Any:
-        """Deliver ``message`` and record the outcome on its row; return the provider's answer."""
-        row_id = self._hook.target(message)
-        try:
-            result = self.deliver(message)
-        except Exception:
-            if row_id is not None:
-                self._mark(message, row_id, SYNC_FAILED)
-            raise
-        if row_id is not None:
-            self._mark(message, row_id, SYNC_SYNCED, result)
-        return result
-
-
-class AsyncSyncStatusDelivery:
-    """Async twin of :class:`SyncStatusDelivery` (an ``AsyncEngine`` and an async strategy)."""
 
     def __init__(
         self,
