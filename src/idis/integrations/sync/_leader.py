@@ -125,6 +125,8 @@ class LeaderLock:
         self.epoch: int | None = None
         #: Times this replica tried to take the lock (standby attempts).
         self.attempts = 0
+        #: Why the last attempt could not even ask (the database's error type), or None.
+        self.unavailable: str | None = None
 
     @property
     def held(self) -> bool:
@@ -183,21 +185,20 @@ class LeaderLock:
     async def _acquire_lock(self) -> int | None:
         assert self._engine is not None
         self.attempts += 1
+        self.unavailable = None
         try:
             conn = await self._engine.connect()
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
         except Exception as exc:  # noqa: BLE001  # database down: stand by, retry later
-            _log.warning(
-                "idis.sync.lock_unavailable", lock=self.name, error_type=type(exc).__name__
-            )
+            self.unavailable = type(exc).__name__
+            _log.warning("idis.sync.lock_unavailable", lock=self.name, error_type=self.unavailable)
             return None
         try:
             result = await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key})
             got = bool(result.scalar())
         except Exception as exc:  # noqa: BLE001  # same
-            _log.warning(
-                "idis.sync.lock_unavailable", lock=self.name, error_type=type(exc).__name__
-            )
+            self.unavailable = type(exc).__name__
+            _log.warning("idis.sync.lock_unavailable", lock=self.name, error_type=self.unavailable)
             await conn.close()
             return None
         if not got:

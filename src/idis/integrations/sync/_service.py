@@ -385,6 +385,11 @@ class AsyncSyncService:
         """One iteration for ``provider``: lead?, sentinel, decide, repair, poll."""
         epoch = await self._lead(provider)
         if epoch is None:
+            # Standing by because another replica leads is normal; because the database
+            # could not be asked, it is a failed tick (the run loop backs off on those).
+            unavailable = getattr(self.locks[provider], "unavailable", None)
+            if unavailable is not None:
+                return TickReport(provider, leader=False, error=unavailable, failed=True)
             return TickReport(provider, leader=False)
         try:
             return await self._tick(provider, epoch)
