@@ -314,7 +314,6 @@ class WebhookEmitter:
 
     async def _deliver_hubspot(self, provider: ProviderState, batch: list[Delivery]) -> None:
         """One HubSpot-shaped request for ``batch``, retried as HubSpot retries."""
-        assert self._client is not None
         state = self._state
         with state.lock:
             config = provider.webhooks
@@ -343,23 +342,8 @@ class WebhookEmitter:
                     "x-hubspot-request-timestamp": stamp,
                     "user-agent": "idis-simulator-webhooks (HubSpot)",
                 }
-                with state.lock:
-                    config.attempts += 1
-                retryable = True
-                try:
-                    response = await self._client.post(
-                        url, content=body, headers=headers, timeout=timeout
-                    )
-                except httpx.HTTPError:
-                    pass
-                else:
-                    if response.is_success:
-                        with state.lock:
-                            config.delivered += 1
-                        delivered = True
-                        break
-                    retryable = response.status_code >= 500 or response.status_code == 429
-                if not retryable or attempt + 1 >= attempts:
+                delivered, retryable = await self._attempt(config, url, body, headers, timeout)
+                if delivered or not retryable or attempt + 1 >= attempts:
                     break
                 with state.lock:
                     config.retries += 1
@@ -374,6 +358,27 @@ class WebhookEmitter:
             else:
                 config.failed += len(batch)
                 config.failed_ids.extend(ids)
+
+    async def _attempt(
+        self, config: Any, url: str, body: bytes, headers: dict[str, str], timeout: float
+    ) -> tuple[bool, bool]:
+        """One delivery attempt, counted: (delivered, worth retrying).
+
+        A receiver's 5xx, its 429 and a network error are retried, as the real
+        senders do; any other refusal is final.
+        """
+        assert self._client is not None  # started
+        with self._state.lock:
+            config.attempts += 1
+        try:
+            response = await self._client.post(url, content=body, headers=headers, timeout=timeout)
+        except httpx.HTTPError:
+            return False, True
+        if response.is_success:
+            with self._state.lock:
+                config.delivered += 1
+            return True, True
+        return False, response.status_code >= 500 or response.status_code == 429
 
     async def _deliver(self, provider: ProviderState, delivery: Delivery) -> None:
         state = self._state
@@ -433,7 +438,6 @@ class WebhookEmitter:
         backoff: float,
         timeout: float,
     ) -> bool:
-        assert self._client is not None
         state = self._state
         config = provider.webhooks
         for attempt in range(attempts):
@@ -452,21 +456,9 @@ class WebhookEmitter:
                 "webhook-signature": signature,
                 "user-agent": "idis-simulator-webhooks",
             }
-            with state.lock:
-                config.attempts += 1
-            retryable = True
-            try:
-                response = await self._client.post(
-                    url, content=body, headers=headers, timeout=timeout
-                )
-            except httpx.HTTPError:
-                pass
-            else:
-                if response.is_success:
-                    with state.lock:
-                        config.delivered += 1
-                    return True
-                retryable = response.status_code >= 500 or response.status_code == 429
+            delivered, retryable = await self._attempt(config, url, body, headers, timeout)
+            if delivered:
+                return True
             if not retryable or attempt + 1 >= attempts:
                 return False
             with state.lock:
