@@ -712,6 +712,22 @@ class _ReceiverBase:
         except Exception as exc:  # noqa: BLE001  # last resort, see _internal_error
             return self._internal_error(provider, exc)
 
+    async def _notification_fetch(self, feed: Any, sessions: Any, provider: str) -> Any:
+        """Fetch the changes a data-less notification announced, applied as the webhook channel."""
+        from ..sync._poller import Poller
+
+        poller = Poller(
+            feed,
+            sessions,
+            self.settings,
+            provider,
+            registry=self.registry,
+            clock=self.clock,
+            metrics=self._metrics,
+            source="webhook",
+        )
+        return await poller.poll_once()
+
 
 class _InPlaceFeed:
     """A sync adapter as the poller's async feed, called in place (on a private loop)."""
@@ -945,22 +961,13 @@ class WebhookReceiver(_ReceiverBase):
         from sqlalchemy.pool import NullPool
 
         from ..db._engine import create_async_db_engine
-        from ..sync._poller import Poller
 
         assert self._db_url is not None
         engine = create_async_db_engine(self._db_url, poolclass=NullPool)
         try:
-            poller = Poller(
-                _InPlaceFeed(self.feeds[provider]),
-                engine,
-                self.settings,
-                provider,
-                registry=self.registry,
-                clock=self.clock,
-                metrics=self._metrics,
-                source="webhook",
+            return await self._notification_fetch(
+                _InPlaceFeed(self.feeds[provider]), engine, provider
             )
-            return await poller.poll_once()
         finally:
             await engine.dispose()
 
@@ -1085,21 +1092,10 @@ class AsyncWebhookReceiver(_ReceiverBase):
     async def _fetch(self, provider: str) -> Any:
         """Async twin of :meth:`WebhookReceiver._fetch`: the poller over this receiver's
         sessions and the provider's async adapter, one fetch per provider at a time."""
-        from ..sync._poller import Poller
 
         lock = self._fetch_locks.setdefault(provider, asyncio.Lock())
         async with lock:
-            poller = Poller(
-                self.feeds[provider],
-                self._sessions,
-                self.settings,
-                provider,
-                registry=self.registry,
-                clock=self.clock,
-                metrics=self._metrics,
-                source="webhook",
-            )
-            return await poller.poll_once()
+            return await self._notification_fetch(self.feeds[provider], self._sessions, provider)
 
     def asgi_app(self, provider: str | None = None) -> Callable[..., Awaitable[None]]:
         """An ASGI app: ``POST /{provider}`` (or ``POST /`` for a fixed ``provider``)."""
