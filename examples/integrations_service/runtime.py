@@ -39,6 +39,7 @@ from idis.integrations.exceptions import ConfigError
 from idis.integrations.observability._logs import get_logger
 from idis.integrations.observability._metrics import Metrics
 from idis.integrations.outbox import AsyncOutboxWorker
+from idis.integrations.providers import pack_auth
 from idis.integrations.resilience import AsyncGateway, HealthSampler
 from idis.integrations.sync import AsyncSyncService
 from idis.integrations.sync._inbox import HandlerRegistry
@@ -165,10 +166,12 @@ class Runtime:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         # Page views only read: without a write lock they never queue behind the outbox.
         self._reads = async_sessionmaker(aread_only(engine), expire_on_commit=False)
-        auth = None
+        oauth = None
         if any(p.auth.grant != "none" for p in settings.providers.values()):
-            auth = oauth_auth_factory(settings, async_engine=engine, metrics=self.metrics)
-            self._exit.push_async_callback(auth.aclose)
+            oauth = oauth_auth_factory(settings, async_engine=engine, metrics=self.metrics)
+            self._exit.push_async_callback(oauth.aclose)
+        # Each provider's pack decides: its API token or key (PDL), else OAuth.
+        auth = pack_auth(oauth)
         sampler = HealthSampler(
             engine=engine, interval=self.service.sample_interval.total_seconds()
         )

@@ -39,6 +39,7 @@ from ._pack import (
     ProviderPack,
     RateLimitReading,
     known_packs,
+    pack_auth,
     pack_for,
     register_pack,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "known_packs",
     "order_key",
     "ordering_for",
+    "pack_auth",
     "pack_for",
     "parse_event",
     "parse_record",

@@ -344,6 +344,12 @@ class _Pipeline:
         self.metrics = metrics or get_metrics()
         self.clock = clock or system_clock
         self._bulkhead = bulkhead
+        if auth is None:
+            from ..providers._pack import pack_auth
+
+            # Credentials the settings carry (API_TOKEN, a pack's API key) are sent even
+            # when the host passes no factory: without one, a configured key went unsent.
+            auth = pack_auth(None)
         self._auth_factory = auth
         self._rng = random.Random(seed)  # noqa: S311  # jitter, not cryptography
         self._hooks: tuple[TransitionHook, ...] = (self._on_transition, *on_transition)
@@ -1113,7 +1119,9 @@ class Gateway(_Face):
         clock: Time source for deadlines, breakers and pauses; waits go through
             its ``sleep`` (a ``ManualClock`` advances instead of sleeping).
         sleep: How to wait instead of ``clock.sleep`` (tests record waits with it).
-        auth: Returns an ``httpx.Auth`` per provider (the OAuth module's factory).
+        auth: Returns an ``httpx.Auth`` per provider (the OAuth module's factory, or
+            ``pack_auth(oauth)`` so each pack decides). Default: each provider's pack
+            with static credentials only (``API_TOKEN``, PDL's key); no OAuth.
         transport: An httpx transport (tests: ``httpx.MockTransport``).
         client: A ready ``httpx.Client`` to use instead of building one.
         breaker_storage: ``(provider, breaker) -> store`` sharing breaker state

@@ -349,6 +349,10 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
             ),
             None,
         )
+        if not request.headers.get("x-api-key", "").strip():
+            # PDL refuses every call without its key (X-Api-Key), whatever else it carries.
+            body = {"status": 401, "error": {"type": "invalid_auth", "message": "Invalid API key"}}
+            return JSONResponse(body, status_code=401)
         if not subject:
             body = {
                 "status": 400,
