@@ -190,9 +190,9 @@ def _assert_exactly_once_in_order(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("database", "processes", "total"),
-    # One SQLite worker drains half as many: the same 500 keys, 10 messages each,
-    # at half the suite's time (its 10,000 took 50 s, the longest test).
-    [pytest.param("postgres", 4, 10_000, marks=pytest.mark.postgres), ("sqlite", 1, 5_000)],
+    # The same 500 keys at a size the suite can afford (10,000 and 5,000 were its two
+    # longest tests, 31 s and 27 s); scale is the fault soak's job (100,000 messages).
+    [pytest.param("postgres", 4, 6_000, marks=pytest.mark.postgres), ("sqlite", 1, 3_000)],
 )
 def test_volume_every_message_applied_once_in_order(
     request: pytest.FixtureRequest, tmp_path: Path, database: str, processes: int, total: int
@@ -221,7 +221,7 @@ def test_volume_every_message_applied_once_in_order(
     _note(request, "duplicate_sends", duplicates)
     assert {"delivered": total} == counts
     assert [0] * processes == codes
-    assert failed > 2_000  # the 30 % really fired
+    assert failed > total // 4  # the 30 % really fired (about 0.43 x total attempts failed)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from .conftest import PROVIDER, Host, audit_rows, count_inbox, settings_for
 # The issue's numbers on the embedded default (SQLite); a fifth of them on
 # PostgreSQL, where 4,000 sequential webhook commits alone take about a minute
 # on the 2-core CI machine. The replay path itself is the same code on both.
-SIZES = {"sqlite": (2000, 1000, 2000), "postgresql": (400, 200, 400)}
+SIZES = {"sqlite": (1000, 500, 1000), "postgresql": (400, 200, 400)}
 
 
 async def _sentinel_tick(settings: Settings, db_url: str, registry: Any) -> None:
@@ -41,7 +41,7 @@ async def _sentinel_tick(settings: Settings, db_url: str, registry: Any) -> None
 def test_reconcile_applies_exactly_the_events_whose_webhooks_were_dropped(
     reconcile_any: Any, sim: RunningSimulator, engine: Engine, host: Host, db_url: str
 ) -> None:
-    """Of 5,000 changes whose webhooks skip 1,000, reconcile applies just those, audited, once."""
+    """Of 2,500 changes whose webhooks skip 500, reconcile applies just those, audited, once."""
     head, hole, tail = SIZES[engine.dialect.name]
     total = head + hole + tail
     settings = settings_for(
