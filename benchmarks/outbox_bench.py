@@ -44,12 +44,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from benchmarks import update_docs_section
+
 if __package__ in (None, ""):  # `python benchmarks/outbox_bench.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROVIDER = "bench"
 DEFAULT_PG = os.environ.get("IDIS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 COMMAND = "python -m benchmarks.outbox_bench --update-docs"
 NOTES = """What the numbers come from, measured on the way (same machine, same loop):
 
@@ -549,22 +550,6 @@ def render(
     )
 
 
-def update_docs(section: str) -> None:
-    """Replace (or append) the "## Outbox" section of docs/performance.md."""
-    text = (
-        DOCS.read_text()
-        if DOCS.exists()
-        else "# Performance\n\nMeasured, never asserted in tests.\n"
-    )
-    start = text.find("\n## Outbox\n")
-    if start == -1:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + (text[end:] if end != -1 else "")
-    DOCS.write_text(text.rstrip() + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=30_000, help="messages per drain run")
@@ -582,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     section = render(args, enqueues, drains, checks)
     print(section)
     if args.update_docs:
-        update_docs(section)
+        update_docs_section("Outbox", section)
 
 
 if __name__ == "__main__":

@@ -42,12 +42,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from benchmarks import update_docs_section
+
 if __package__ in (None, ""):  # `python benchmarks/reconcile_bench.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROVIDER = "crm_provider"
 DEFAULT_PG = os.environ.get("IDIS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 COMMAND = "python -m benchmarks.reconcile_bench --update-docs"
 PAGE = 1000
 
@@ -381,22 +382,6 @@ def render(args: argparse.Namespace, results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_docs(section: str) -> None:
-    """Replace (or append) the "## Reconciliation" section of docs/performance.md."""
-    text = (
-        DOCS.read_text()
-        if DOCS.exists()
-        else "# Performance\n\nMeasured, never asserted in tests.\n"
-    )
-    start = text.find("\n## Reconciliation\n")
-    if start == -1:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + (text[end:] if end != -1 else "")
-    DOCS.write_text(text.rstrip() + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--events", type=int, default=100_000, help="replayed events")
@@ -415,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     section = render(args, run(args))
     print(section)
     if args.update_docs:
-        update_docs(section)
+        update_docs_section("Reconciliation", section)
 
 
 if __name__ == "__main__":

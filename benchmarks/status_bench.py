@@ -36,6 +36,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchmarks import update_docs_section
+
 if __package__ in (None, ""):  # `python benchmarks/status_bench.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -48,7 +50,6 @@ from benchmarks.outbox_bench import (
     sqlite_database,
 )
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 SECTION = "## Status under load"
 COMMAND = "python -m benchmarks.status_bench --update-docs"
 #: Issue 16: /status answers within this while the outbox drains at full speed (p99).
@@ -210,18 +211,6 @@ def render(args: argparse.Namespace, rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_docs(section: str) -> None:
-    """Replace (or append) the status section of docs/performance.md."""
-    text = DOCS.read_text()
-    start = text.find(f"\n{SECTION}\n")
-    if start == -1:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + (text[end:] if end != -1 else "")
-    DOCS.write_text(text.rstrip() + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=60_000, help="outbox backlog to drain")
@@ -247,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     section = render(args, rows)
     print(section)
     if args.update_docs:
-        update_docs(section)
+        update_docs_section(SECTION.removeprefix("## "), section)
 
 
 if __name__ == "__main__":
