@@ -387,7 +387,7 @@ class AsyncSyncService:
         if epoch is None:
             # Standing by because another replica leads is normal; because the database
             # could not be asked, it is a failed tick (the run loop backs off on those).
-            unavailable = getattr(self.locks[provider], "unavailable", None)
+            unavailable = self.locks[provider].unavailable
             if unavailable is not None:
                 return TickReport(provider, leader=False, error=unavailable, failed=True)
             return TickReport(provider, leader=False)
