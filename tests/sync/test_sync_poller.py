@@ -255,3 +255,42 @@ class _Url:
 
     def __init__(self, url: str) -> None:
         self.url = url
+
+
+def test_events_the_feed_no_longer_serves_leave_a_gap_in_the_timeline(
+    sim: RunningSimulator,
+    sqlite_engine: Engine,
+    sqlite_host: HostTable,
+    clock: OffsetClock,
+) -> None:
+    """Events aged out of the feed's retention before a poll: their time is not claimed.
+
+    The poll applies what the feed still serves and records coverage only from
+    the oldest event it still serves, so the timeline shows the lost stretch as a
+    gap (for reconcile to fill) instead of claiming it.
+    """
+    settings = _settings(sim, str(sqlite_engine.url))
+    sim.control.set_feed_retention(P, 60)
+    with Polls(settings, str(sqlite_engine.url), sqlite_host.registry(), clock) as polls:
+        poller = polls.poller()
+        first = polls.poll(poller)
+        sim.control.emit(P, 5, webhook=False)
+        clock.advance(120)  # the five age out of the feed
+        sim.control.emit(P, 5, webhook=False)
+        clock.advance(1)
+        second = polls.poll(poller)
+        clock.advance(1)
+        third = polls.poll(poller)  # nothing lost since: no gap
+
+    assert ["evt_6", "evt_7", "evt_8", "evt_9", "evt_10"] == [r[0] for r in sqlite_host.rows()]
+    assert second.feed_gap_until is not None
+    assert third.feed_gap_until is None
+    assert second.window_start == second.feed_gap_until
+    with Session(sqlite_engine) as session:
+        intervals = coverage(session, P, first.started_at - timedelta(hours=1), clock.now())
+    assert 2 == len(intervals)
+    assert first.started_at == intervals[0].end
+    # The lost events happened between the two intervals: nothing claims their time.
+    assert first.started_at + timedelta(seconds=100) < intervals[1].start
+    assert second.feed_gap_until == intervals[1].start
+    assert third.started_at == intervals[1].end

@@ -144,6 +144,10 @@ class ChangesPage:
     #: poller stores and hands back as ``changes(after=...)``. The generic feed's
     #: is its ``next_after`` as text.
     next_cursor: str | None = field(default=None, kw_only=True)
+    #: The oldest ``seq`` the feed still serves, when the API states it (the
+    #: generic feed's ``oldest_seq``): a position before it means the feed no
+    #: longer holds some events after that position.
+    oldest_seq: int | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.next_cursor is None and self.next_after is not None:
@@ -241,8 +245,12 @@ def _changes_page(body: Any, provider: str, ordering: Ordering) -> ChangesPage:
         raise MalformedResponse(f"{provider}: changes page has no 'events' list", provider=provider)
     events = [parse_event(e, provider, ordering) for e in body["events"]]
     next_after = body.get("next_after")
+    oldest = body.get("oldest_seq")
     return ChangesPage(
-        events, None if next_after is None else int(next_after), bool(body.get("has_more"))
+        events,
+        None if next_after is None else int(next_after),
+        bool(body.get("has_more")),
+        oldest_seq=None if oldest is None else int(oldest),
     )
 
 

@@ -68,6 +68,7 @@ __all__ = [
     "Poller",
     "advance_cursor",
     "error_type",
+    "feed_gap",
     "window_start",
 ]
 
@@ -97,6 +98,11 @@ class PollResult:
     started_at: datetime
     #: The cursor's position afterwards (opaque text).
     position: str | None
+    #: Set when the feed no longer served some events after the cursor's position
+    #: (they aged out of its retention): when the oldest event it still served
+    #: happened. Coverage starts there, so the sync timeline shows the stretch
+    #: before it as a gap for reconcile to fill. None: nothing was missing.
+    feed_gap_until: datetime | None = None
 
     @property
     def after_seq(self) -> int | None:
@@ -154,6 +160,24 @@ def advance_cursor(
         found = [s for s in seqs if s is not None]
         return (str(max(found)) if found else None), mark
     return (next_cursor if next_cursor is not None else position), mark
+
+
+def feed_gap(position: str | None, page: Any) -> tuple[bool, datetime | None]:
+    """Whether a feed page skips events after ``position``, and where coverage resumes (pure).
+
+    A generic feed states the oldest ``seq`` it still serves (``oldest_seq``). A
+    position before it means the events in between are gone from the feed: the
+    poll cannot have applied them, so it must not claim their time. Returns
+    ``(missing, resume)``: ``resume`` is when the oldest event still served
+    happened (None when the page has none to tell). Feeds that state nothing,
+    and opaque positions, never report a gap.
+    """
+    after = seq_of(position)
+    oldest = getattr(page, "oldest_seq", None)
+    if after is None or not isinstance(oldest, int) or oldest <= after + 1:
+        return False, None
+    served = [e.occurred_at for e in page.events if getattr(e, "seq", None) == oldest]
+    return True, (served[0] if served else None)
 
 
 def _next_cursor(page: Any) -> str | None:
@@ -308,12 +332,21 @@ class Poller:
         tally: Counter[ApplyOutcome] = Counter()
         fetched = pages = 0
         complete = False
+        claim = True
+        gap_until: datetime | None = None
         position = after
         try:
             while pages < self.max_pages:
                 page = await self.feed.changes(
                     after=after, since=since if after is None else None, limit=self.page_size
                 )
+                if pages == 0:
+                    missing, resume = feed_gap(after, page)
+                    if missing:
+                        # Coverage may only start where the feed still holds everything.
+                        claim = resume is not None
+                        window = gap_until = resume
+                        self._feed_gap(after, page, resume)
                 pages += 1
                 fetched += len(page.events)
                 if window is None and page.events:
@@ -327,7 +360,7 @@ class Poller:
             self._failed(exc)
             raise
         if complete:
-            end = window or started
+            end = (window or started) if claim else None
             async with self._sessions() as session, session.begin():
                 await session.run_sync(lambda s: self._finish(s, end, started, epoch))
         return self._result(
@@ -338,6 +371,20 @@ class Poller:
             window=window,
             started=started,
             after=position,
+            gap_until=gap_until,
+        )
+
+    def _feed_gap(self, after: str | None, page: Any, resume: datetime | None) -> None:
+        _log.warning(
+            "idis.sync.feed_gap",
+            msg=(
+                "the change feed no longer serves every event after the cursor; the sync "
+                "timeline shows the stretch before its oldest event as a gap: reconcile it"
+            ),
+            provider=self.provider,
+            position=after,
+            oldest_seq=page.oldest_seq,
+            resume=resume.isoformat() if resume else None,
         )
 
     async def _commit_page(
@@ -368,6 +415,7 @@ class Poller:
         window: datetime | None,
         started: datetime,
         after: str | None,
+        gap_until: datetime | None,
     ) -> PollResult:
         result = PollResult(
             provider=self.provider,
@@ -381,6 +429,7 @@ class Poller:
             window_start=window,
             started_at=started,
             position=after,
+            feed_gap_until=gap_until,
         )
         self.metrics.polls.labels(provider=self.provider, outcome="ok").inc()
         _log.info(

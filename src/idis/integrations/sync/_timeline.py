@@ -8,7 +8,9 @@ that source. Who records what:
   that every event in the provider's change feed up to time T arrived by
   webhook, and records ``[previous T, T]``.
 * ``poll``: every completed poll window records ``[window start, poll time]``
-  (the window start is the cursor's watermark minus ``poll_overlap``).
+  (the window start is the cursor's watermark minus ``poll_overlap``, or, when
+  the feed no longer served every event after the cursor, the oldest event it
+  still served).
 * ``replay``: every completed reconcile run records ``[since, covered_until]``
   (the reconcile helper calls :func:`record_coverage`).
 
