@@ -81,6 +81,12 @@ __all__ = [
 ]
 
 
+def _order_from_version(item: ProviderRecord | ProviderEvent) -> None:
+    """An item without an order key is ordered by its version (when it has one)."""
+    if item.order is None and item.version and item.version > 0:
+        object.__setattr__(item, "order", OrderKey(int(item.version)))
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderRecord:
     """A record as the provider holds it now."""
@@ -96,8 +102,7 @@ class ProviderRecord:
     order: OrderKey | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.order is None and self.version and self.version > 0:
-            object.__setattr__(self, "order", OrderKey(int(self.version)))
+        _order_from_version(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +127,7 @@ class ProviderEvent:
     order: OrderKey | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.order is None and self.version and self.version > 0:
-            object.__setattr__(self, "order", OrderKey(int(self.version)))
+        _order_from_version(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,6 @@ import importlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .._http import httpx
@@ -245,13 +244,6 @@ def endpoint(settings: ProviderSettings, name: str, template: str) -> str:
     """The endpoint to call: the logical ``name`` when ``ENDPOINTS`` declares it, else
     the pack's path ``template`` (which is then also the endpoint's metric label)."""
     return name if name in settings.endpoints else template
-
-
-def utc_ms(value: Any) -> datetime:
-    """A time from epoch milliseconds (HubSpot's ``occurredAt``), aware UTC."""
-    from datetime import UTC
-
-    return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
 
 
 def pack_auth(oauth: Callable[[Any], Any] | None = None) -> Callable[[Any], Any]:
