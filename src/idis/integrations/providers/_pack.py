@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .._http import httpx
-from ..exceptions import ConfigError, ProviderError
+from ..exceptions import ConfigError, MalformedResponse, ProviderError
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings
@@ -88,6 +88,26 @@ class RateLimitReading:
     #: Whether retrying before the reset is pointless (a daily quota is spent):
     #: callers pause until ``reset_after`` instead of backing off.
     exhausted: bool = False
+
+
+class NoWebhooks:
+    """For a pack whose provider sends no webhooks (it is polled, or only asked)."""
+
+    name: str
+
+    def webhook_scheme(self, settings: ProviderSettings) -> VerificationScheme | None:
+        """None: the provider sends no webhooks."""
+        return None
+
+    def webhook_events(self, body: bytes, provider: str) -> list[ProviderEvent]:
+        """Never called (no webhooks).
+
+        Raises:
+            MalformedResponse: always.
+        """
+        raise MalformedResponse(
+            f"{provider}: the {self.name} pack receives no webhooks", provider=provider
+        )
 
 
 class BearerToken(httpx.Auth):

@@ -39,13 +39,11 @@ from .._http import httpx
 from ..exceptions import MalformedResponse, ProviderError, ProviderRejected, QuotaExhausted
 from ._client import Call, ClientFlows
 from ._order import BY_MODIFIED, Ordering
-from ._pack import Capabilities, RateLimitReading, register_pack
+from ._pack import Capabilities, NoWebhooks, RateLimitReading, register_pack
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings
     from ..resilience._gateway import AsyncGateway, Gateway
-    from ..webhooks._verify import VerificationScheme
-    from . import ProviderEvent
 
 __all__ = ["PDL", "PDL_ENRICH", "ApiKey", "AsyncPDLClient", "PDLClient", "PDLPack"]
 
@@ -169,7 +167,7 @@ class AsyncPDLClient(_PDLFlows):
     health = async_face(_PDLFlows._health)
 
 
-class PDLPack:
+class PDLPack(NoWebhooks):
     """People Data Labs person enrichment."""
 
     name = "pdl"
@@ -201,20 +199,6 @@ class PDLPack:
         if settings.api_token is None:
             return None
         return ApiKey(settings.api_token.get_secret_value())
-
-    def webhook_scheme(self, settings: ProviderSettings) -> VerificationScheme | None:
-        """None: PDL sends no webhooks."""
-        return None
-
-    def webhook_events(self, body: bytes, provider: str) -> list[ProviderEvent]:
-        """Never called (no webhooks).
-
-        Raises:
-            MalformedResponse: always.
-        """
-        raise MalformedResponse(
-            f"{provider}: People Data Labs sends no webhooks", provider=provider
-        )
 
     def read_rate_limit(
         self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None

@@ -51,12 +51,18 @@ from ..exceptions import (
 )
 from ._client import Call, ClientFlows
 from ._order import BY_MODIFIED, Ordering
-from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
+from ._pack import (
+    Capabilities,
+    NoWebhooks,
+    RateLimitReading,
+    endpoint,
+    register_pack,
+    token_or_oauth,
+)
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings
     from ..resilience._gateway import AsyncGateway, Gateway
-    from ..webhooks._verify import VerificationScheme
     from . import ChangesPage, ProviderEvent, ProviderRecord, RecordPage, ReplayPage
 
 __all__ = [
@@ -492,7 +498,7 @@ class AsyncSalesforceClient(_SalesforceFlows):
 # --------------------------------------------------------------------------- the pack
 
 
-class SalesforcePack:
+class SalesforcePack(NoWebhooks):
     """Salesforce (Opportunity)."""
 
     name = "salesforce"
@@ -521,20 +527,6 @@ class SalesforcePack:
     def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
         """OAuth (refresh token), or a static session token."""
         return token_or_oauth(settings, oauth)
-
-    def webhook_scheme(self, settings: ProviderSettings) -> VerificationScheme | None:
-        """Salesforce sends no plain webhooks: this pack polls."""
-        return None
-
-    def webhook_events(self, body: bytes, provider: str) -> list[ProviderEvent]:
-        """Never called (no webhooks).
-
-        Raises:
-            MalformedResponse: always.
-        """
-        raise MalformedResponse(
-            f"{provider}: the salesforce pack receives no webhooks", provider=provider
-        )
 
     def read_rate_limit(
         self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None
