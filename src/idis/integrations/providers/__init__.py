@@ -8,8 +8,8 @@ an enrichment lookup. Every call goes through the resilient gateway, so
 breakers, retries and metrics apply. A provider with another shape gets its
 own adapter implementing :class:`ProviderAdapter`.
 
-Decoding is written once (``parse_*``); the two clients only differ in
-``await``.
+Decoding is written once (``parse_*``), and so is each client method: a flow
+on ``_GenericFlows`` that both clients list (``sync_face`` / ``async_face``).
 """
 
 from __future__ import annotations
