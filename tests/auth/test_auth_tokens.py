@@ -669,13 +669,13 @@ def test_a_caller_waiting_past_lock_timeout_in_process_gets_a_lock_timeout(
     provider = settings.provider(P)
 
     async def while_held_async() -> BaseException:
-        async with manager.manager._locked(provider):
+        async with manager.manager._lock(provider):
             with pytest.raises(TokenLockTimeout) as caught:
                 await manager.manager.get_token(P)
         return caught.value
 
     if manager.mode == "sync":
-        with manager.manager._locked(provider), pytest.raises(TokenLockTimeout) as caught:
+        with manager.manager._lock(provider), pytest.raises(TokenLockTimeout) as caught:
             manager.get_token(P)
         error: BaseException = caught.value
     else:

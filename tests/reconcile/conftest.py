@@ -116,19 +116,17 @@ def run_face(mode: str, function: Any, async_function: Any) -> Callable[..., Any
     """``function(...)``, or ``asyncio.run(async_function(...))`` with an async engine.
 
     The async face gets an ``AsyncEngine`` on the same database as the test's
-    ``engine=`` (or the settings' URL), so one test body checks both faces.
+    ``engine=``, so one test body checks both faces; without ``engine=`` each face
+    opens (and disposes) its own on the settings' URL, as without the fixture.
     """
     if mode == "sync":
         return function  # type: ignore[no-any-return]
 
     def call(*args: Any, engine: Engine | None = None, **kwargs: Any) -> Any:
         async def go() -> Any:
-            url = (
-                engine.url.render_as_string(hide_password=False)
-                if engine is not None
-                else kwargs["settings"].database_url
-            )
-            async_engine = create_async_db_engine(url)
+            if engine is None:
+                return await async_function(*args, **kwargs)
+            async_engine = create_async_db_engine(engine.url.render_as_string(hide_password=False))
             try:
                 return await async_function(*args, engine=async_engine, **kwargs)
             finally:

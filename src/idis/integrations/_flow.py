@@ -33,9 +33,10 @@ execute over the async database driver.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Generator
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeAlias, TypeVar
 
 from ._clock import Clock, system_clock
 
@@ -53,12 +54,16 @@ __all__ = [
     "SyncIO",
     "Transaction",
     "adrive",
+    "async_face",
     "drive",
     "perform",
+    "sync_face",
 ]
 
 R = TypeVar("R")
 T = TypeVar("T")
+S = TypeVar("S")
+P = ParamSpec("P")
 
 
 class Effect(Generic[R]):
@@ -126,6 +131,40 @@ async def adrive(flow: Flow[T], io: Any) -> T:
             error = exc
         finally:
             del effect
+
+
+def sync_face(flow: Callable[Concatenate[S, P], Flow[T]]) -> Callable[Concatenate[S, P], T]:
+    """A blocking method made from a flow method: ``drive(flow(self, ...), self._io)``.
+
+    A face class lists its public methods as ``name = sync_face(Flows._name)``
+    (and its async twin ``name = async_face(Flows._name)``), so each method's
+    signature, docstring and steps are written once, on the flow.
+    """
+
+    @functools.wraps(flow)
+    def method(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return drive(flow(self, *args, **kwargs), self._io)  # type: ignore[attr-defined]
+
+    return _public(method)
+
+
+def async_face(
+    flow: Callable[Concatenate[S, P], Flow[T]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """The coroutine method made from a flow method (see :func:`sync_face`)."""
+
+    @functools.wraps(flow)
+    async def method(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await adrive(flow(self, *args, **kwargs), self._io)  # type: ignore[attr-defined]
+
+    return _public(method)
+
+
+def _public(method: Callable[P, T]) -> Callable[P, T]:
+    """Name a face method as it is called: ``_request`` becomes ``request``."""
+    method.__name__ = method.__name__.lstrip("_")
+    method.__qualname__ = method.__name__
+    return method
 
 
 @dataclass(slots=True)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -1517,9 +1518,10 @@ def _load_providers(
     return {name: _build_provider(name, values) for name, values in raw.items()}
 
 
-def _embedded_providers(simulator_url: str) -> dict[str, ProviderSettings]:
-    """The three simulator-backed providers every command works against out of the box."""
-    endpoints = {
+#: Logical endpoint name -> path on a simulator provider (the embedded defaults' and
+#: ``testing.simulator_settings``').
+SIMULATOR_ENDPOINTS: Mapping[str, str] = MappingProxyType(
+    {
         "records": "/records",
         "record": "/records/{id}",
         "changes": "/changes",
@@ -1527,6 +1529,12 @@ def _embedded_providers(simulator_url: str) -> dict[str, ProviderSettings]:
         "enrich": "/enrich/{id}",
         "webhooks": "/webhooks/inbound",
     }
+)
+
+
+def _embedded_providers(simulator_url: str) -> dict[str, ProviderSettings]:
+    """The three simulator-backed providers every command works against out of the box."""
+    endpoints = dict(SIMULATOR_ENDPOINTS)
     auth = AuthSettings(
         grant="client_credentials",
         token_url="/oauth/token",  # noqa: S106  # a URL path, not a password

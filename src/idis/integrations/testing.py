@@ -46,6 +46,7 @@ from ._conformance import (
     simulator_harness,
 )
 from .config import (
+    SIMULATOR_ENDPOINTS,
     AuthSettings,
     BreakerPolicy,
     ProviderSettings,
@@ -80,15 +81,6 @@ __all__ = [
     "simulator_settings",
 ]
 
-#: Logical endpoint name -> path on a simulator provider.
-SIMULATOR_ENDPOINTS: dict[str, str] = {
-    "records": "/records",
-    "record": "/records/{id}",
-    "changes": "/changes",
-    "replay": "/replay",
-    "enrich": "/enrich/{id}",
-    "webhooks": "/webhooks/inbound",
-}
 _DEFAULT_PROVIDERS = ("crm_provider", "docs_provider", "enrichment_provider")
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0

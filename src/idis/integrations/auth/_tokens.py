@@ -20,10 +20,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from .._clock import Clock, system_clock
-from .._flow import adrive, drive
+from .._flow import Effect, Flow, async_face, drive, sync_face
 from .._http import httpx
 from ..config import ProviderSettings, Secret, Settings
 from ..exceptions import ConfigError, IntegrationError
@@ -40,7 +40,7 @@ from ._flow import (
     obtain,
     request_token,
 )
-from ._grant import AccessToken, IssuedToken, Mode, parse_imported_token
+from ._grant import AccessToken, IssuedToken, parse_imported_token
 from ._store import AsyncTokenStore, RowHandle, RowSnapshot, SyncTokenStore
 from ._vault import ClientCredentials, VaultStore
 
@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 _log = get_logger()
+T = TypeVar("T")
 
 #: Token requests are rare (one per provider per token lifetime) and each must
 #: reach the server on a connection of its own: a pooled connection the server
@@ -118,6 +119,30 @@ class RefreshResult:
         }
 
 
+class _Acquire(Effect[None]):
+    """Take the provider's lock (``threading.Lock`` or ``asyncio.Lock``) within ``lock_timeout``."""
+
+    __slots__ = ("core", "lock", "p")
+
+    def __init__(self, lock: Any, core: TokenCore, p: ProviderSettings) -> None:
+        self.lock, self.core, self.p = lock, core, p
+
+    def run(self, io: Any) -> None:
+        """Block on the thread lock."""
+        if not self.lock.acquire(timeout=self.p.auth.lock_timeout):
+            raise self.core.lock_timeout(self.p)
+
+    async def arun(self, io: Any) -> None:
+        """Await the asyncio lock."""
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can time out after the
+            # lock was granted and leak it.
+            async with asyncio.timeout(self.p.auth.lock_timeout):
+                await self.lock.acquire()
+        except TimeoutError:
+            raise self.core.lock_timeout(self.p) from None
+
+
 class _Face:
     """What both faces share: the token core (settings, clock, caches) and the I/O it runs on."""
 
@@ -147,6 +172,81 @@ class _Face:
         core.cipher.require(f"imported tokens of {provider!r}")
         issued = parse_imported_token(document, now=core.now(), default_scopes=p.auth.scopes)
         return p, issued
+
+    def _lock(self, p: ProviderSettings) -> Any:
+        """The provider's in-process single-flight lock (a thread's or a task's)."""
+        raise NotImplementedError
+
+    def _single_flight(self, p: ProviderSettings, flow: Flow[T]) -> Flow[T]:
+        """``flow`` holding the provider's in-process lock, waited on at most ``lock_timeout``."""
+        lock = self._lock(p)
+        yield _Acquire(lock, self._core, p)
+        try:
+            return (yield from flow)
+        finally:
+            lock.release()
+
+    def _get_token(self, provider: str) -> Flow[AccessToken]:
+        """Return a token valid for at least ``refresh_margin`` (or the best still valid).
+
+        Raises:
+            ReauthorizationRequired: the refresh token was refused; a human must act.
+            RefreshOutcomeUnknown: a refresh's answer was lost; a human must re-authorize.
+            TokenLockTimeout: another refresh held the lock longer than ``lock_timeout``.
+            AuthError: the refresh failed (network, 5xx) and no valid token is left.
+            ConfigError: unknown provider, no OAuth, missing secret, key or Vault settings.
+            StorageError: the token table is unreachable.
+        """
+        p = self._core.provider(provider)
+        token = self._core.fast(provider, p.auth.refresh_margin)
+        if token is not None:
+            return token
+        fresh: AccessToken = yield from self._single_flight(
+            p, obtain(self._core, p, "ensure", None)
+        )
+        return fresh
+
+    def _token_rejected(self, provider: str, token: AccessToken) -> Flow[AccessToken]:
+        """The provider answered 401 to ``token``: return a newer one (refresh once if needed)."""
+        p = self._core.provider(provider)
+        newer: AccessToken = yield from self._single_flight(
+            p, obtain(self._core, p, "rejected", token.generation)
+        )
+        return newer
+
+    def _refresh(self, provider: str) -> Flow[AccessToken]:
+        """Refresh now, whatever the cached token's expiry or failure backoff.
+
+        A refresh whose previous answer was lost (``refresh_outcome_unknown``)
+        is still refused: only re-authorizing (``import_token``) clears it.
+        """
+        p = self._core.provider(provider)
+        fresh: AccessToken = yield from self._single_flight(p, obtain(self._core, p, "force", None))
+        return fresh
+
+    def _import_token(
+        self, provider: str, document: Mapping[str, Any], *, actor: str = "system"
+    ) -> Flow[AccessToken | None]:
+        """Store a token obtained elsewhere (the authorization-code bootstrap).
+
+        ``document`` is a token response as RFC 6749 section 5.1 defines it:
+        ``access_token`` and/or ``refresh_token``, ``token_type``, ``expires_in``
+        (or ``expires_at``, epoch seconds or ISO-8601) and ``scope``. It replaces
+        the stored token, clears any failure or re-authorization state, and is
+        audited as ``token.imported``.
+
+        Returns:
+            The imported access token, or None when only a refresh token was given
+            (the first call then refreshes).
+
+        Raises:
+            ConfigError: a malformed document (naming the field) or no encryption key.
+            TokenLockTimeout: another refresh held the token lock too long.
+        """
+        p, issued = self._parse_import(provider, document)
+        flow = import_flow(self._core, p, issued, actor=actor)
+        imported: AccessToken | None = yield from self._single_flight(p, flow)
+        return imported
 
 
 class TokenManager(_Face):
@@ -188,62 +288,10 @@ class TokenManager(_Face):
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
-    def get_token(self, provider: str) -> AccessToken:
-        """Return a token valid for at least ``refresh_margin`` (or the best still valid).
-
-        Raises:
-            ReauthorizationRequired: the refresh token was refused; a human must act.
-            RefreshOutcomeUnknown: a refresh's answer was lost; a human must re-authorize.
-            TokenLockTimeout: another refresh held the lock longer than ``lock_timeout``.
-            AuthError: the refresh failed (network, 5xx) and no valid token is left.
-            ConfigError: unknown provider, no OAuth, missing secret, key or Vault settings.
-            StorageError: the token table is unreachable.
-        """
-        p = self._core.provider(provider)
-        token = self._core.fast(provider, p.auth.refresh_margin)
-        if token is not None:
-            return token
-        return self._obtain(p, "ensure", None)
-
-    def token_rejected(self, provider: str, token: AccessToken) -> AccessToken:
-        """The provider answered 401 to ``token``: return a newer one (refresh once if needed)."""
-        p = self._core.provider(provider)
-        return self._obtain(p, "rejected", token.generation)
-
-    def refresh(self, provider: str) -> AccessToken:
-        """Refresh now, whatever the cached token's expiry or failure backoff.
-
-        A refresh whose previous answer was lost (``refresh_outcome_unknown``)
-        is still refused: only re-authorizing (``import_token``) clears it.
-        """
-        p = self._core.provider(provider)
-        return self._obtain(p, "force", None)
-
-    def import_token(
-        self, provider: str, document: Mapping[str, Any], *, actor: str = "system"
-    ) -> AccessToken | None:
-        """Store a token obtained elsewhere (the authorization-code bootstrap).
-
-        ``document`` is a token response as RFC 6749 section 5.1 defines it:
-        ``access_token`` and/or ``refresh_token``, ``token_type``, ``expires_in``
-        (or ``expires_at``, epoch seconds or ISO-8601) and ``scope``. It replaces
-        the stored token, clears any failure or re-authorization state, and is
-        audited as ``token.imported``.
-
-        Returns:
-            The imported access token, or None when only a refresh token was given
-            (the first call then refreshes).
-
-        Raises:
-            ConfigError: a malformed document (naming the field) or no encryption key.
-            TokenLockTimeout: another refresh held the token lock too long.
-        """
-        p, issued = self._parse_import(provider, document)
-        with self._locked(p):
-            result: AccessToken | None = drive(
-                import_flow(self._core, p, issued, actor=actor), self._io
-            )
-        return result
+    get_token = sync_face(_Face._get_token)
+    token_rejected = sync_face(_Face._token_rejected)
+    refresh = sync_face(_Face._refresh)
+    import_token = sync_face(_Face._import_token)
 
     @contextmanager
     def hold(self, provider: str) -> Iterator[TokenHold]:
@@ -276,21 +324,18 @@ class TokenManager(_Face):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _lock(self, p: ProviderSettings) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(p.name, threading.Lock())
+
     @contextmanager
     def _locked(self, p: ProviderSettings) -> Iterator[None]:
-        with self._locks_guard:
-            lock = self._locks.setdefault(p.name, threading.Lock())
-        if not lock.acquire(timeout=p.auth.lock_timeout):
-            raise self._core.lock_timeout(p)
+        lock = self._lock(p)
+        _Acquire(lock, self._core, p).run(self._io)
         try:
             yield
         finally:
             lock.release()
-
-    def _obtain(self, p: ProviderSettings, mode: Mode, rejected: int | None) -> AccessToken:
-        with self._locked(p):
-            token: AccessToken = drive(obtain(self._core, p, mode, rejected), self._io)
-        return token
 
 
 class AsyncTokenManager(_Face):
@@ -327,34 +372,10 @@ class AsyncTokenManager(_Face):
         )
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def get_token(self, provider: str) -> AccessToken:
-        """Async :meth:`TokenManager.get_token`."""
-        p = self._core.provider(provider)
-        token = self._core.fast(provider, p.auth.refresh_margin)
-        if token is not None:
-            return token
-        return await self._obtain(p, "ensure", None)
-
-    async def token_rejected(self, provider: str, token: AccessToken) -> AccessToken:
-        """Async :meth:`TokenManager.token_rejected`."""
-        p = self._core.provider(provider)
-        return await self._obtain(p, "rejected", token.generation)
-
-    async def refresh(self, provider: str) -> AccessToken:
-        """Async :meth:`TokenManager.refresh`."""
-        p = self._core.provider(provider)
-        return await self._obtain(p, "force", None)
-
-    async def import_token(
-        self, provider: str, document: Mapping[str, Any], *, actor: str = "system"
-    ) -> AccessToken | None:
-        """Async :meth:`TokenManager.import_token`."""
-        p, issued = self._parse_import(provider, document)
-        async with self._locked(p):
-            result: AccessToken | None = await adrive(
-                import_flow(self._core, p, issued, actor=actor), self._io
-            )
-        return result
+    get_token = async_face(_Face._get_token)
+    token_rejected = async_face(_Face._token_rejected)
+    refresh = async_face(_Face._refresh)
+    import_token = async_face(_Face._import_token)
 
     async def aclose(self) -> None:
         """Close the HTTP client (and the engine, if this manager created it)."""
@@ -369,37 +390,11 @@ class AsyncTokenManager(_Face):
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _locked(self, p: ProviderSettings) -> _AsyncProviderLock:
+    def _lock(self, p: ProviderSettings) -> asyncio.Lock:
         lock = self._locks.get(p.name)
         if lock is None:
             lock = self._locks[p.name] = asyncio.Lock()
-        return _AsyncProviderLock(self._core, p, lock)
-
-    async def _obtain(self, p: ProviderSettings, mode: Mode, rejected: int | None) -> AccessToken:
-        async with self._locked(p):
-            token: AccessToken = await adrive(obtain(self._core, p, mode, rejected), self._io)
-        return token
-
-
-class _AsyncProviderLock:
-    """``async with``: the provider's asyncio.Lock, waited on at most ``lock_timeout``."""
-
-    __slots__ = ("_core", "_lock", "_p")
-
-    def __init__(self, core: TokenCore, p: ProviderSettings, lock: asyncio.Lock) -> None:
-        self._core, self._p, self._lock = core, p, lock
-
-    async def __aenter__(self) -> None:
-        try:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can time out after the
-            # lock was granted and leak it.
-            async with asyncio.timeout(self._p.auth.lock_timeout):
-                await self._lock.acquire()
-        except TimeoutError:
-            raise self._core.lock_timeout(self._p) from None
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
+        return lock
 
 
 # --------------------------------------------------------------------------- maintenance

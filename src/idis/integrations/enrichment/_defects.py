@@ -31,7 +31,7 @@ from ..exceptions import ConfigError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from . import _store
-from ._decisions import SubjectKey, provider_chain
+from ._decisions import provider_chain
 from ._models import DEFECT_OPEN, DEFECT_RESOLVED, STALE_ENRICHMENT, Defect
 
 __all__ = [
@@ -337,8 +337,3 @@ def list_defects(
         return query_defects(
             session, provider=provider, status=status, since=start, tenant_id=tenant_id, limit=limit
         )
-
-
-def subject_key(record: DefectRecord) -> SubjectKey:
-    """The subject a defect is about."""
-    return SubjectKey(record.provider, record.tenant_id, record.subject_type, record.subject_id)

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._clock import Clock
-from .._flow import adrive, drive
+from .._flow import Flow, async_face, sync_face
 from ..config import Settings
 from ..db._engine import create_async_db_engine, create_db_engine
 from ..observability._metrics import Metrics, get_metrics
@@ -86,7 +86,53 @@ def _core(
     )
 
 
-class Enricher:
+class _EnricherFace:
+    """What both enrichers share: the core, and ``enrich`` written once as a flow."""
+
+    _core: EnrichCore
+    _io: FlowIO
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in use."""
+        return self._core.settings
+
+    def _enrich(
+        self,
+        subject_id: str,
+        *,
+        tenant_id: str,
+        subject_type: str = "claim",
+        providers: Sequence[str] | None = None,
+    ) -> Flow[EnrichmentResult]:
+        """Enrich one subject.
+
+        Args:
+            subject_id: The subject's id (a claim id).
+            tenant_id: Its tenant.
+            subject_type: Kind of subject.
+            providers: Ordered providers to try instead of the primary and its fallbacks.
+
+        Returns:
+            ``enriched``, ``served_from_fallback``, ``cached_stale`` (with ``age``) or
+            ``deferred``.
+
+        Raises:
+            ProviderRejected: every provider answered without data (404/410 no match,
+                400/422 invalid); nothing is recorded.
+            ProviderError: when no provider served and the result could neither come from
+                the cache nor be deferred (``ENRICHMENT_DEFER_ON_ERROR=false``); the
+                primary's error, the subject recorded as stale.
+            AuthError: likewise, when the primary's token could not be obtained.
+            StorageError: the database is unreachable when no provider served (the request
+                cannot be deferred). When a provider served, the data is returned anyway.
+            UsageError: a blank or oversized id.
+        """
+        key, chain = self._core.prepare(subject_id, tenant_id, subject_type, providers)
+        return (yield from self._core.enrich_flow(key, chain))
+
+
+class Enricher(_EnricherFace):
     """Enrich subjects (claims) through the gateway, with fallbacks, cache and deferral.
 
     Thread-safe when the gateway is (``Gateway`` is). Example::
@@ -140,44 +186,7 @@ class Enricher:
             self._closers.append(gateway.close)
         self._io = FlowIO(gateway, engine, self._core.clock)
 
-    @property
-    def settings(self) -> Settings:
-        """The settings in use."""
-        return self._core.settings
-
-    def enrich(
-        self,
-        subject_id: str,
-        *,
-        tenant_id: str,
-        subject_type: str = "claim",
-        providers: Sequence[str] | None = None,
-    ) -> EnrichmentResult:
-        """Enrich one subject.
-
-        Args:
-            subject_id: The subject's id (a claim id).
-            tenant_id: Its tenant.
-            subject_type: Kind of subject.
-            providers: Ordered providers to try instead of the primary and its fallbacks.
-
-        Returns:
-            ``enriched``, ``served_from_fallback``, ``cached_stale`` (with ``age``) or
-            ``deferred``.
-
-        Raises:
-            ProviderRejected: every provider answered without data (404/410 no match,
-                400/422 invalid); nothing is recorded.
-            ProviderError: when no provider served and the result could neither come from
-                the cache nor be deferred (``ENRICHMENT_DEFER_ON_ERROR=false``); the
-                primary's error, the subject recorded as stale.
-            AuthError: likewise, when the primary's token could not be obtained.
-            StorageError: the database is unreachable when no provider served (the request
-                cannot be deferred). When a provider served, the data is returned anyway.
-            UsageError: a blank or oversized id.
-        """
-        key, chain = self._core.prepare(subject_id, tenant_id, subject_type, providers)
-        return drive(self._core.enrich_flow(key, chain), self._io)
+    enrich = sync_face(_EnricherFace._enrich)
 
     def close(self) -> None:
         """Close the gateway and engine this enricher created (not ones passed in)."""
@@ -191,7 +200,7 @@ class Enricher:
         self.close()
 
 
-class AsyncEnricher:
+class AsyncEnricher(_EnricherFace):
     """Async face of :class:`Enricher`: the same flow, driven under asyncio.
 
     Safe to share between the tasks of one event loop. Takes the same arguments
@@ -221,22 +230,7 @@ class AsyncEnricher:
         )
         self._io = FlowIO(gateway, engine, self._core.clock)
 
-    @property
-    def settings(self) -> Settings:
-        """The settings in use."""
-        return self._core.settings
-
-    async def enrich(
-        self,
-        subject_id: str,
-        *,
-        tenant_id: str,
-        subject_type: str = "claim",
-        providers: Sequence[str] | None = None,
-    ) -> EnrichmentResult:
-        """Enrich one subject; see :meth:`Enricher.enrich` (same arguments, result, errors)."""
-        key, chain = self._core.prepare(subject_id, tenant_id, subject_type, providers)
-        return await adrive(self._core.enrich_flow(key, chain), self._io)
+    enrich = async_face(_EnricherFace._enrich)
 
     async def aclose(self) -> None:
         """Close the gateway and engine this enricher created (not ones passed in)."""

@@ -322,22 +322,22 @@ def ensure_requests(
 
 
 def _pending_ids(session: Session, keys: Sequence[SubjectKey]) -> dict[SubjectKey, int]:
+    return _ids_by_key(session, EnrichmentRequest, keys, _PENDING_ONLY)
+
+
+def _ids_by_key(
+    session: Session, model: Any, keys: Sequence[SubjectKey], *where: Any
+) -> dict[SubjectKey, int]:
+    """The id of ``model``'s row per subject key, among the rows matching ``where``."""
     found: dict[SubjectKey, int] = {}
     wanted = set(keys)
+    columns = (model.id, model.tenant_id, model.subject_type, model.subject_id)
     for provider in {k.provider for k in keys}:
         ids = [k.subject_id for k in keys if k.provider == provider]
         for start in range(0, len(ids), 500):
+            chunk = model.subject_id.in_(ids[start : start + 500])
             rows = session.execute(
-                select(
-                    EnrichmentRequest.id,
-                    EnrichmentRequest.tenant_id,
-                    EnrichmentRequest.subject_type,
-                    EnrichmentRequest.subject_id,
-                ).where(
-                    EnrichmentRequest.provider == provider,
-                    EnrichmentRequest.subject_id.in_(ids[start : start + 500]),
-                    _PENDING_ONLY,
-                )
+                select(*columns).where(model.provider == provider, chunk, *where)
             ).all()
             for row in rows:
                 key = SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id)
@@ -396,24 +396,7 @@ def open_defects(
 
 
 def _open_defect_ids(session: Session, keys: Sequence[SubjectKey]) -> dict[SubjectKey, int]:
-    found: dict[SubjectKey, int] = {}
-    wanted = set(keys)
-    for provider in {k.provider for k in keys}:
-        ids = [k.subject_id for k in keys if k.provider == provider]
-        for start in range(0, len(ids), 500):
-            rows = session.execute(
-                select(Defect.id, Defect.tenant_id, Defect.subject_type, Defect.subject_id).where(
-                    Defect.defect_type == STALE_ENRICHMENT,
-                    Defect.provider == provider,
-                    Defect.subject_id.in_(ids[start : start + 500]),
-                    _OPEN_ONLY,
-                )
-            ).all()
-            for row in rows:
-                key = SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id)
-                if key in wanted:
-                    found[key] = row.id
-    return found
+    return _ids_by_key(session, Defect, keys, Defect.defect_type == STALE_ENRICHMENT, _OPEN_ONLY)
 
 
 def _audit_defects(

@@ -771,6 +771,17 @@ class _Stage:
         """An operator's command (a sync maintenance function), as a script runs it."""
         return await asyncio.to_thread(call, *args, **kwargs)
 
+    async def maintain(self, call: Callable[..., T], *args: Any) -> T:
+        """A maintenance command on the drill's database, audited as ``drill``, at clock time."""
+        return await self.command(
+            call,
+            *args,
+            settings=self.settings,
+            engine=self.engine,
+            actor="drill",
+            now=self.clock.now(),
+        )
+
     async def tick(self, *, emit: bool = True) -> None:
         """One tick: provider changes, every loop once, the samples; then the clock moves."""
         options, control = self.options, self.sim.control
@@ -1345,14 +1356,8 @@ async def _contain_defects(stage: _Stage) -> None:
 
     found = stage.found
     with stage.record.phase("Containment 3: stale defects", "C3"):
-        result = await stage.command(
-            create_stale_defects,
-            stage.enrich_provider,
-            found.outage_start,
-            settings=stage.settings,
-            engine=stage.engine,
-            actor="drill",
-            now=stage.clock.now(),
+        result = await stage.maintain(
+            create_stale_defects, stage.enrich_provider, found.outage_start
         )
         found.defects_during = await stage.open_defects()
         stage.record.note(
@@ -1405,15 +1410,7 @@ async def _contain_retries(stage: _Stage) -> None:
 
     found = stage.found
     with stage.record.phase("Containment 4: retries queued", "C4"):
-        result = await stage.command(
-            queue_webhook_retries,
-            stage.provider,
-            10,
-            settings=stage.settings,
-            engine=stage.engine,
-            actor="drill",
-            now=stage.clock.now(),
-        )
+        result = await stage.maintain(queue_webhook_retries, stage.provider, 10)
         found.pending_during, dead = await stage.outbox_counts()
         stage.record.note(
             f"queue_webhook_retries: {result.dead + result.failed} re-queued; outbox holding "
@@ -1651,14 +1648,8 @@ async def _recover_defects(stage: _Stage) -> None:
         open_after = await stage.open_defects()
         left = await stage.open_defect_subjects() if open_after else []
         # RB-09's UPDATE (clear-stale-defects) for what the worker did not resolve.
-        cleared = await stage.command(
-            clear_stale_defects,
-            stage.enrich_provider,
-            found.outage_start,
-            settings=stage.settings,
-            engine=stage.engine,
-            actor="drill",
-            now=stage.clock.now(),
+        cleared = await stage.maintain(
+            clear_stale_defects, stage.enrich_provider, found.outage_start
         )
         record.note(
             f"{found.refreshed_claims} claims refreshed by the deferred worker; "
@@ -1686,15 +1677,7 @@ async def _recover_mode(stage: _Stage) -> None:
     with record.phase("Recovery 5: normal mode", "R5"):
         _, dead = await stage.outbox_counts()
         if dead:
-            result = await stage.command(
-                queue_webhook_retries,
-                stage.provider,
-                10,
-                settings=stage.settings,
-                engine=stage.engine,
-                actor="drill",
-                now=stage.clock.now(),
-            )
+            result = await stage.maintain(queue_webhook_retries, stage.provider, 10)
             record.note(f"queue_webhook_retries: {result.dead} dead letters re-queued")
 
         normal_mode = "webhook" if stage.api.failover else "polling"

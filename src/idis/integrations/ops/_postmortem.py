@@ -482,9 +482,3 @@ def _defect_series(
             break
         series.append((max(0.0, t(at)), float(depth)) if at >= start else (0.0, float(depth)))
     return series
-
-
-def default_window() -> tuple[datetime, datetime]:
-    """The last four hours (RB-09 Recovery 4's window)."""
-    now = utcnow()
-    return now - timedelta(hours=4), now

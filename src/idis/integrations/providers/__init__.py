@@ -8,8 +8,8 @@ an enrichment lookup. Every call goes through the resilient gateway, so
 breakers, retries and metrics apply. A provider with another shape gets its
 own adapter implementing :class:`ProviderAdapter`.
 
-Decoding is written once (``parse_*``); the two clients only differ in
-``await``.
+Decoding is written once (``parse_*``), and so is each client method: a flow
+on ``_GenericFlows`` that both clients list (``sync_face`` / ``async_face``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
+from .._flow import Flow, async_face, sync_face
 from .._timeparse import format_duration, utcnow
 from ..exceptions import MalformedResponse, ProviderRejected, ReplayWindowExceeded, UsageError
 from ..resilience._gateway import AsyncGateway, Gateway
+from ._client import Call, ClientFlows
 from ._order import (
     BY_MODIFIED,
     BY_VERSION,
@@ -79,6 +81,12 @@ __all__ = [
 ]
 
 
+def _order_from_version(item: ProviderRecord | ProviderEvent) -> None:
+    """An item without an order key is ordered by its version (when it has one)."""
+    if item.order is None and item.version and item.version > 0:
+        object.__setattr__(item, "order", OrderKey(int(item.version)))
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderRecord:
     """A record as the provider holds it now."""
@@ -94,8 +102,7 @@ class ProviderRecord:
     order: OrderKey | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.order is None and self.version and self.version > 0:
-            object.__setattr__(self, "order", OrderKey(int(self.version)))
+        _order_from_version(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +127,7 @@ class ProviderEvent:
     order: OrderKey | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.order is None and self.version and self.version > 0:
-            object.__setattr__(self, "order", OrderKey(int(self.version)))
+        _order_from_version(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,13 +367,11 @@ def _replay_params(since: datetime, cursor: str | None, limit: int) -> dict[str,
     return params
 
 
-class ProviderClient:
-    """Sync adapter for the generic REST provider shape. Thread-safe (the gateway is)."""
+class _GenericFlows(ClientFlows):
+    """The generic REST shape's client methods, each written once as a flow."""
 
-    def __init__(self, gateway: Gateway, provider: str) -> None:
-        self.gateway = gateway
-        self.name = provider
-        self.settings = gateway.settings.provider(provider)
+    def __init__(self, gateway: Any, provider: str) -> None:
+        super().__init__(gateway, provider)
         #: How this provider's events and records are ordered (``order_by``).
         self.ordering = ordering_for(self.settings.order_by)
 
@@ -376,54 +380,53 @@ class ProviderClient:
         """Whether ``position`` is a changes-feed cursor of this shape (a ``seq``)."""
         return position.isascii() and position.isdigit()
 
-    def get_record(self, record_id: str) -> ProviderRecord | None:
+    def _get_record(self, record_id: str) -> Flow[ProviderRecord | None]:
         """The record, or None on 404."""
         try:
-            body = self.gateway.get_json(self.name, "record", path_params={"id": record_id})
+            body = yield Call("record", {"path_params": {"id": record_id}})
         except ProviderRejected as exc:
             if exc.status_code == 404:
                 return None
             raise
         return parse_record(body, self.name, self.ordering)
 
-    def list_records(
+    def _list_records(
         self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
-    ) -> RecordPage:
+    ) -> Flow[RecordPage]:
         """One page of records."""
-        body = self.gateway.get_json(
-            self.name, "records", params=_records_params(updated_since, cursor, limit)
-        )
+        body = yield Call("records", {"params": _records_params(updated_since, cursor, limit)})
         return _records_page(body, self.name, self.ordering)
 
-    def put_record(
+    def _put_record(
         self,
         record_id: str,
         data: Mapping[str, Any],
         *,
         tenant_id: str | None = None,
         idempotency_key: str,
-    ) -> ProviderRecord:
+    ) -> Flow[ProviderRecord]:
         """Create or update a record; the idempotency key makes retries safe."""
-        body = self.gateway.get_json(
-            self.name,
+        body = yield Call(
             "record",
-            method="PUT",
-            path_params={"id": record_id},
-            json={"tenant_id": tenant_id, "data": dict(data)},
-            idempotency_key=idempotency_key,
+            {
+                "method": "PUT",
+                "path_params": {"id": record_id},
+                "json": {"tenant_id": tenant_id, "data": dict(data)},
+                "idempotency_key": idempotency_key,
+            },
         )
         return parse_record(body, self.name, self.ordering)
 
-    def changes(
+    def _changes(
         self, *, after: int | str | None = None, since: datetime | None = None, limit: int = 100
-    ) -> ChangesPage:
+    ) -> Flow[ChangesPage]:
         """One page of the changes feed."""
-        body = self.gateway.get_json(
-            self.name, "changes", params=_changes_params(after, since, limit)
-        )
+        body = yield Call("changes", {"params": _changes_params(after, since, limit)})
         return _changes_page(body, self.name, self.ordering)
 
-    def replay(self, since: datetime, *, cursor: str | None = None, limit: int = 500) -> ReplayPage:
+    def _replay(
+        self, since: datetime, *, cursor: str | None = None, limit: int = 500
+    ) -> Flow[ReplayPage]:
         """One page of the replay API.
 
         Raises:
@@ -436,139 +439,63 @@ class ProviderClient:
             now=self.gateway.clock.now(),
         )
         try:
-            body = self.gateway.get_json(
-                self.name, "replay", params=_replay_params(since, cursor, limit)
-            )
+            body = yield Call("replay", {"params": _replay_params(since, cursor, limit)})
         except ProviderRejected as exc:
             if exc.status_code in (410, 422):
                 raise _retention_error(exc, self.name, since) from exc
             raise
         return _replay_page(body, self.name, self.ordering)
+
+    def _enrich(self, subject_id: str) -> Flow[dict[str, Any]]:
+        """Enrichment data for a subject."""
+        body = yield Call("enrich", {"path_params": {"id": subject_id}})
+        if not isinstance(body, dict):
+            raise MalformedResponse(f"{self.name}: enrichment is not an object", provider=self.name)
+        return body
+
+
+class ProviderClient(_GenericFlows):
+    """Sync adapter for the generic REST provider shape. Thread-safe (the gateway is)."""
+
+    gateway: Gateway
+
+    get_record = sync_face(_GenericFlows._get_record)
+    list_records = sync_face(_GenericFlows._list_records)
+    put_record = sync_face(_GenericFlows._put_record)
+    changes = sync_face(_GenericFlows._changes)
+    replay = sync_face(_GenericFlows._replay)
+    enrich = sync_face(_GenericFlows._enrich)
+    health = sync_face(_GenericFlows._health)
 
     def iter_replay(self, since: datetime, *, limit: int = 500) -> Iterator[ReplayPage]:
         """Every page of the replay since ``since``."""
-        cursor: str | None = None
-        while True:
-            page = self.replay(since, cursor=cursor, limit=limit)
+        page = self.replay(since, limit=limit)
+        yield page
+        while page.next_cursor:
+            page = self.replay(since, cursor=page.next_cursor, limit=limit)
             yield page
-            if not page.next_cursor:
-                return
-            cursor = page.next_cursor
-
-    def enrich(self, subject_id: str) -> dict[str, Any]:
-        """Enrichment data for a subject."""
-        body = self.gateway.get_json(self.name, "enrich", path_params={"id": subject_id})
-        if not isinstance(body, dict):
-            raise MalformedResponse(f"{self.name}: enrichment is not an object", provider=self.name)
-        return body
-
-    def health(self) -> bool:
-        """Whether the provider's health endpoint answers 2xx."""
-        return self.gateway.health(self.name).ok
 
 
-class AsyncProviderClient:
+class AsyncProviderClient(_GenericFlows):
     """Async twin of :class:`ProviderClient`."""
 
-    def __init__(self, gateway: AsyncGateway, provider: str) -> None:
-        self.gateway = gateway
-        self.name = provider
-        self.settings = gateway.settings.provider(provider)
-        #: How this provider's events and records are ordered (``order_by``).
-        self.ordering = ordering_for(self.settings.order_by)
+    gateway: AsyncGateway
 
-    @staticmethod
-    def accepts_cursor(position: str) -> bool:
-        """Whether ``position`` is a changes-feed cursor of this shape (a ``seq``)."""
-        return position.isascii() and position.isdigit()
-
-    async def get_record(self, record_id: str) -> ProviderRecord | None:
-        """The record, or None on 404."""
-        try:
-            body = await self.gateway.get_json(self.name, "record", path_params={"id": record_id})
-        except ProviderRejected as exc:
-            if exc.status_code == 404:
-                return None
-            raise
-        return parse_record(body, self.name, self.ordering)
-
-    async def list_records(
-        self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
-    ) -> RecordPage:
-        """One page of records."""
-        body = await self.gateway.get_json(
-            self.name, "records", params=_records_params(updated_since, cursor, limit)
-        )
-        return _records_page(body, self.name, self.ordering)
-
-    async def put_record(
-        self,
-        record_id: str,
-        data: Mapping[str, Any],
-        *,
-        tenant_id: str | None = None,
-        idempotency_key: str,
-    ) -> ProviderRecord:
-        """Create or update a record; the idempotency key makes retries safe."""
-        body = await self.gateway.get_json(
-            self.name,
-            "record",
-            method="PUT",
-            path_params={"id": record_id},
-            json={"tenant_id": tenant_id, "data": dict(data)},
-            idempotency_key=idempotency_key,
-        )
-        return parse_record(body, self.name, self.ordering)
-
-    async def changes(
-        self, *, after: int | str | None = None, since: datetime | None = None, limit: int = 100
-    ) -> ChangesPage:
-        """One page of the changes feed."""
-        body = await self.gateway.get_json(
-            self.name, "changes", params=_changes_params(after, since, limit)
-        )
-        return _changes_page(body, self.name, self.ordering)
-
-    async def replay(
-        self, since: datetime, *, cursor: str | None = None, limit: int = 500
-    ) -> ReplayPage:
-        """One page of the replay API (see :meth:`ProviderClient.replay`)."""
-        check_replay_window(
-            self.name,
-            since,
-            self.settings.replay_retention.total_seconds(),
-            now=self.gateway.clock.now(),
-        )
-        try:
-            body = await self.gateway.get_json(
-                self.name, "replay", params=_replay_params(since, cursor, limit)
-            )
-        except ProviderRejected as exc:
-            if exc.status_code in (410, 422):
-                raise _retention_error(exc, self.name, since) from exc
-            raise
-        return _replay_page(body, self.name, self.ordering)
+    get_record = async_face(_GenericFlows._get_record)
+    list_records = async_face(_GenericFlows._list_records)
+    put_record = async_face(_GenericFlows._put_record)
+    changes = async_face(_GenericFlows._changes)
+    replay = async_face(_GenericFlows._replay)
+    enrich = async_face(_GenericFlows._enrich)
+    health = async_face(_GenericFlows._health)
 
     async def iter_replay(self, since: datetime, *, limit: int = 500) -> AsyncIterator[ReplayPage]:
         """Every page of the replay since ``since``."""
-        cursor: str | None = None
-        while True:
-            page = await self.replay(since, cursor=cursor, limit=limit)
+        page = await self.replay(since, limit=limit)
+        yield page
+        while page.next_cursor:
+            page = await self.replay(since, cursor=page.next_cursor, limit=limit)
             yield page
-            if not page.next_cursor:
-                return
-            cursor = page.next_cursor
-
-    async def enrich(self, subject_id: str) -> dict[str, Any]:
-        """Enrichment data for a subject."""
-        body = await self.gateway.get_json(self.name, "enrich", path_params={"id": subject_id})
-        if not isinstance(body, dict):
-            raise MalformedResponse(f"{self.name}: enrichment is not an object", provider=self.name)
-        return body
-
-    async def health(self) -> bool:
-        """Whether the provider's health endpoint answers 2xx."""
-        return (await self.gateway.health(self.name)).ok
 
 
 def client_for(gateway: Gateway, provider: str) -> Any:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from .._flow import Flow, async_face, sync_face
 from ..exceptions import (
     MalformedResponse,
     ProviderError,
@@ -44,6 +45,7 @@ from ..exceptions import (
     RateLimited,
     WebhookVerificationError,
 )
+from ._client import Call, ClientFlows
 from ._order import BY_MODIFIED, Ordering
 from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
 
@@ -449,13 +451,11 @@ class _Core:
             ) from None
 
 
-class DriveClient:
-    """Sync Drive adapter: the changes feed (opaque page tokens), files, watch channels."""
+class _DriveFlows(ClientFlows):
+    """Drive's client methods, each written once as a flow."""
 
-    def __init__(self, gateway: Gateway, provider: str) -> None:
-        self.gateway = gateway
-        self.name = provider
-        self.settings = gateway.settings.provider(provider)
+    def __init__(self, gateway: Any, provider: str) -> None:
+        super().__init__(gateway, provider)
         self._core = _Core(self.settings, provider)
         self.ordering: Ordering = BY_MODIFIED
 
@@ -469,20 +469,20 @@ class DriveClient:
         """What the last refusal said about Drive's limits (Drive sends no quota headers)."""
         return self._core.rate_limit
 
-    def _json(self, path: str, **kwargs: Any) -> Any:
+    def _json(self, path: str, raw: bool = False, **kwargs: Any) -> Flow[Any]:
         try:
-            return self.gateway.get_json(self.name, path, **kwargs)
+            return (yield Call(path, kwargs, raw=raw))
         except ProviderError as exc:
             raise self._core.map(exc) from exc
 
-    def start_page_token(self) -> str:
+    def _start_page_token(self) -> Flow[str]:
         """``changes.getStartPageToken``: where changes from now on start."""
-        return self._core.start_token(self._json(self._core.path("start")))
+        return self._core.start_token((yield from self._json(self._core.path("start"))))
 
-    def get_record(self, record_id: str) -> ProviderRecord | None:
+    def _get_record(self, record_id: str) -> Flow[ProviderRecord | None]:
         """The file, or None when Drive answers 404."""
         try:
-            body = self._json(
+            body = yield from self._json(
                 self._core.path("file"), path_params={"id": record_id}, params={"fields": _FIELDS}
             )
         except ProviderRejected as exc:
@@ -491,16 +491,19 @@ class DriveClient:
             raise
         return _file_record(body, self.name)
 
-    def list_records(
-        self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
-    ) -> RecordPage:
-        """One page of ``files.list`` (modified since ``updated_since``), by modification time."""
-        params = self._core.files_params(updated_since, cursor, limit)
-        return self._core.files_page(self._json(self._core.path("files"), params=params))
+    def _files(self, since: datetime | None, cursor: str | None, limit: int) -> Flow[Any]:
+        params = self._core.files_params(since, cursor, limit)
+        return (yield from self._json(self._core.path("files"), params=params))
 
-    def changes(
+    def _list_records(
+        self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
+    ) -> Flow[RecordPage]:
+        """One page of ``files.list`` (modified since ``updated_since``), by modification time."""
+        return self._core.files_page((yield from self._files(updated_since, cursor, limit)))
+
+    def _changes(
         self, *, after: str | int | None = None, since: datetime | None = None, limit: int = 100
-    ) -> ChangesPage:
+    ) -> Flow[ChangesPage]:
         """One page of ``changes.list`` after the stored token.
 
         Without a Drive token (a first poll, or a failover from the webhook feed)
@@ -508,58 +511,56 @@ class DriveClient:
         so what changed since ``since`` is reconciled by :meth:`replay`.
         """
         if isinstance(after, str) and after.startswith("gd1f:"):
-            return self._catch_up(CatchUp.decode(after), limit)
+            return (yield from self._catch_up(CatchUp.decode(after), limit))
         if after is None or isinstance(after, int) or not after.startswith("gd1:"):
-            token = self.start_page_token()
+            token = yield from self._start_page_token()
             if since is not None:
-                return self._catch_up(CatchUp(_ms(since), token), limit)
+                return (yield from self._catch_up(CatchUp(_ms(since), token), limit))
         else:
             token = _token(after)
-        body = self._json(
-            self._core.path("changes"), params=self._core.changes_params(token, limit)
+        params = self._core.changes_params(token, limit)
+        return self._core.changes_page(
+            (yield from self._json(self._core.path("changes"), params=params))
         )
-        return self._core.changes_page(body)
 
-    def _catch_up(self, catch: CatchUp, limit: int) -> ChangesPage:
+    def _catch_up(self, catch: CatchUp, limit: int) -> Flow[ChangesPage]:
         since = datetime.fromtimestamp(catch.since_ms / 1000, tz=UTC)
-        params = self._core.files_params(since, catch.files_token, limit)
-        return self._core.catch_up_page(catch, self._json(self._core.path("files"), params=params))
+        raw = yield from self._files(since, catch.files_token, limit)
+        return self._core.catch_up_page(catch, raw)
 
-    def replay(self, since: datetime, *, cursor: str | None = None, limit: int = 100) -> ReplayPage:
+    def _replay(
+        self, since: datetime, *, cursor: str | None = None, limit: int = 100
+    ) -> Flow[ReplayPage]:
         """Files modified since ``since`` (current states; trashed ones as deletions)."""
-        params = self._core.files_params(since, cursor, limit)
-        raw = self._json(self._core.path("files"), params=params)
+        raw = yield from self._files(since, cursor, limit)
         return self._core.replay_page(self._core.files_page(raw), raw)
 
-    def watch(
+    def _watch(
         self,
         address: str,
         token: str,
         *,
         ttl: timedelta = MAX_CHANNEL_TTL,
         page_token: str | None = None,
-    ) -> Channel:
+    ) -> Flow[Channel]:
         """Open a ``changes.watch`` channel to ``address``, verified by ``token``."""
         body = self._core.watch_body(address, token, ttl, self.gateway.clock.now())
-        start = page_token or self.start_page_token()
-        answer = self._json(
+        start = page_token or (yield from self._start_page_token())
+        answer = yield from self._json(
             self._core.path("watch"), method="POST", params={"pageToken": start}, json=body
         )
         return self._core.channel(answer)
 
-    def stop(self, channel: Channel) -> None:
+    def _stop(self, channel: Channel) -> Flow[None]:
         """``channels.stop``: Drive stops notifying the channel."""
-        try:
-            self.gateway.request(
-                self.name,
-                self._core.path("stop"),
-                method="POST",
-                json={"id": channel.id, "resourceId": channel.resource_id},
-            )
-        except ProviderError as exc:
-            raise self._core.map(exc) from exc
+        yield from self._json(
+            self._core.path("stop"),
+            raw=True,
+            method="POST",
+            json={"id": channel.id, "resourceId": channel.resource_id},
+        )
 
-    def renew(
+    def _renew(
         self,
         channel: Channel | None,
         address: str,
@@ -567,149 +568,48 @@ class DriveClient:
         *,
         margin: timedelta,
         ttl: timedelta = MAX_CHANNEL_TTL,
-    ) -> Channel:
+    ) -> Flow[Channel]:
         """Open the next channel when ``channel`` is missing or within ``margin`` of expiry,
         then stop the old one (overlap: no notification is lost in between)."""
         now = self.gateway.clock.now()
         if channel is not None and not channel.due(now, margin):
             return channel
-        fresh = self.watch(address, token, ttl=ttl)
+        fresh = yield from self._watch(address, token, ttl=ttl)
         if channel is not None and channel.expiration > now:
-            self.stop(channel)
+            yield from self._stop(channel)
         return fresh
 
-    def health(self) -> bool:
-        """Whether the provider's health endpoint answers 2xx."""
-        return self.gateway.health(self.name).ok
+
+class DriveClient(_DriveFlows):
+    """Sync Drive adapter: the changes feed (opaque page tokens), files, watch channels."""
+
+    gateway: Gateway
+
+    start_page_token = sync_face(_DriveFlows._start_page_token)
+    get_record = sync_face(_DriveFlows._get_record)
+    list_records = sync_face(_DriveFlows._list_records)
+    changes = sync_face(_DriveFlows._changes)
+    replay = sync_face(_DriveFlows._replay)
+    watch = sync_face(_DriveFlows._watch)
+    stop = sync_face(_DriveFlows._stop)
+    renew = sync_face(_DriveFlows._renew)
+    health = sync_face(_DriveFlows._health)
 
 
-class AsyncDriveClient:
+class AsyncDriveClient(_DriveFlows):
     """Async twin of :class:`DriveClient`."""
 
-    def __init__(self, gateway: AsyncGateway, provider: str) -> None:
-        self.gateway = gateway
-        self.name = provider
-        self.settings = gateway.settings.provider(provider)
-        self._core = _Core(self.settings, provider)
-        self.ordering: Ordering = BY_MODIFIED
+    gateway: AsyncGateway
 
-    @staticmethod
-    def accepts_cursor(position: str) -> bool:
-        """Whether ``position`` is a Drive cursor (``gd1:`` page token, ``gd1f:`` catch-up)."""
-        return position.startswith(("gd1:", "gd1f:"))
-
-    @property
-    def rate_limit(self) -> RateLimitReading | None:
-        """What the last refusal said about Drive's limits."""
-        return self._core.rate_limit
-
-    async def _json(self, path: str, **kwargs: Any) -> Any:
-        try:
-            return await self.gateway.get_json(self.name, path, **kwargs)
-        except ProviderError as exc:
-            raise self._core.map(exc) from exc
-
-    async def start_page_token(self) -> str:
-        """``changes.getStartPageToken``."""
-        return self._core.start_token(await self._json(self._core.path("start")))
-
-    async def get_record(self, record_id: str) -> ProviderRecord | None:
-        """The file, or None when Drive answers 404."""
-        try:
-            body = await self._json(
-                self._core.path("file"), path_params={"id": record_id}, params={"fields": _FIELDS}
-            )
-        except ProviderRejected as exc:
-            if exc.status_code == 404:
-                return None
-            raise
-        return _file_record(body, self.name)
-
-    async def list_records(
-        self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
-    ) -> RecordPage:
-        """One page of ``files.list``."""
-        params = self._core.files_params(updated_since, cursor, limit)
-        return self._core.files_page(await self._json(self._core.path("files"), params=params))
-
-    async def changes(
-        self, *, after: str | int | None = None, since: datetime | None = None, limit: int = 100
-    ) -> ChangesPage:
-        """One page of ``changes.list`` (see :meth:`DriveClient.changes`)."""
-        if isinstance(after, str) and after.startswith("gd1f:"):
-            return await self._catch_up(CatchUp.decode(after), limit)
-        if after is None or isinstance(after, int) or not after.startswith("gd1:"):
-            token = await self.start_page_token()
-            if since is not None:
-                return await self._catch_up(CatchUp(_ms(since), token), limit)
-        else:
-            token = _token(after)
-        params = self._core.changes_params(token, limit)
-        return self._core.changes_page(await self._json(self._core.path("changes"), params=params))
-
-    async def _catch_up(self, catch: CatchUp, limit: int) -> ChangesPage:
-        since = datetime.fromtimestamp(catch.since_ms / 1000, tz=UTC)
-        params = self._core.files_params(since, catch.files_token, limit)
-        raw = await self._json(self._core.path("files"), params=params)
-        return self._core.catch_up_page(catch, raw)
-
-    async def replay(
-        self, since: datetime, *, cursor: str | None = None, limit: int = 100
-    ) -> ReplayPage:
-        """Files modified since ``since`` (see :meth:`DriveClient.replay`)."""
-        params = self._core.files_params(since, cursor, limit)
-        raw = await self._json(self._core.path("files"), params=params)
-        return self._core.replay_page(self._core.files_page(raw), raw)
-
-    async def watch(
-        self,
-        address: str,
-        token: str,
-        *,
-        ttl: timedelta = MAX_CHANNEL_TTL,
-        page_token: str | None = None,
-    ) -> Channel:
-        """Open a ``changes.watch`` channel (see :meth:`DriveClient.watch`)."""
-        body = self._core.watch_body(address, token, ttl, self.gateway.clock.now())
-        start = page_token or await self.start_page_token()
-        answer = await self._json(
-            self._core.path("watch"), method="POST", params={"pageToken": start}, json=body
-        )
-        return self._core.channel(answer)
-
-    async def stop(self, channel: Channel) -> None:
-        """``channels.stop``."""
-        try:
-            await self.gateway.request(
-                self.name,
-                self._core.path("stop"),
-                method="POST",
-                json={"id": channel.id, "resourceId": channel.resource_id},
-            )
-        except ProviderError as exc:
-            raise self._core.map(exc) from exc
-
-    async def renew(
-        self,
-        channel: Channel | None,
-        address: str,
-        token: str,
-        *,
-        margin: timedelta,
-        ttl: timedelta = MAX_CHANNEL_TTL,
-    ) -> Channel:
-        """See :meth:`DriveClient.renew`."""
-        now = self.gateway.clock.now()
-        if channel is not None and not channel.due(now, margin):
-            return channel
-        fresh = await self.watch(address, token, ttl=ttl)
-        if channel is not None and channel.expiration > now:
-            await self.stop(channel)
-        return fresh
-
-    async def health(self) -> bool:
-        """Whether the provider's health endpoint answers 2xx."""
-        return (await self.gateway.health(self.name)).ok
+    start_page_token = async_face(_DriveFlows._start_page_token)
+    get_record = async_face(_DriveFlows._get_record)
+    list_records = async_face(_DriveFlows._list_records)
+    changes = async_face(_DriveFlows._changes)
+    replay = async_face(_DriveFlows._replay)
+    watch = async_face(_DriveFlows._watch)
+    stop = async_face(_DriveFlows._stop)
+    renew = async_face(_DriveFlows._renew)
+    health = async_face(_DriveFlows._health)
 
 
 # --------------------------------------------------------------------------- the pack

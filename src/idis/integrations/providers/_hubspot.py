@@ -47,6 +47,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from .._flow import Flow, async_face, sync_face
 from .._timeparse import utcnow
 from ..exceptions import (
     MalformedResponse,
@@ -56,6 +57,7 @@ from ..exceptions import (
     RateLimited,
     WebhookVerificationError,
 )
+from ._client import Call, ClientFlows
 from ._order import BY_MODIFIED, Ordering, micros
 from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
 
@@ -623,13 +625,11 @@ class _Core:
         return ReplayPage(page.events, page.next_cursor if page.has_more else None)
 
 
-class HubSpotClient:
-    """Sync HubSpot adapter: deals by CRM search (polling, replay) and by id (resync, verify)."""
+class _HubSpotFlows(ClientFlows):
+    """HubSpot's client methods, each written once as a flow."""
 
-    def __init__(self, gateway: Gateway, provider: str) -> None:
-        self.gateway = gateway
-        self.name = provider
-        self.settings = gateway.settings.provider(provider)
+    def __init__(self, gateway: Any, provider: str) -> None:
+        super().__init__(gateway, provider)
         self._core = _Core(self.settings, provider)
         self.ordering = self._core.ordering
 
@@ -643,17 +643,17 @@ class HubSpotClient:
         """What the last response's ``X-HubSpot-RateLimit-*`` headers said."""
         return self._core.rate_limit
 
-    def _call(self, endpoint_name: str, **kwargs: Any) -> Any:
+    def _call(self, endpoint_name: str, **kwargs: Any) -> Flow[Any]:
         try:
-            response = self.gateway.request(self.name, endpoint_name, **kwargs)
+            response = yield Call(endpoint_name, kwargs, raw=True)
         except ProviderError as exc:
             raise map_error(exc, now=self.gateway.clock.now()) from exc
         return self._core.read(response)
 
-    def get_record(self, record_id: str) -> ProviderRecord | None:
+    def _get_record(self, record_id: str) -> Flow[ProviderRecord | None]:
         """The object, or None when HubSpot answers 404."""
         try:
-            body = self._call(
+            body = yield from self._call(
                 self._core.record(),
                 path_params={"id": record_id},
                 params={"properties": MODIFIED},
@@ -664,101 +664,55 @@ class HubSpotClient:
             raise
         return parse_object(body, self.name)
 
-    def list_records(
+    def _list_records(
         self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
-    ) -> RecordPage:
+    ) -> Flow[RecordPage]:
         """One page of every object (``updated_since`` is served by :meth:`changes`)."""
         params: dict[str, Any] = {"limit": min(limit, 100), "properties": MODIFIED}
         if cursor:
             params["after"] = cursor
-        return self._core.records_page(self._call(self._core.records(), params=params))
+        return self._core.records_page((yield from self._call(self._core.records(), params=params)))
 
-    def changes(
+    def _changes(
         self, *, after: str | int | None = None, since: datetime | None = None, limit: int = 100
-    ) -> ChangesPage:
+    ) -> Flow[ChangesPage]:
         """One CRM-search page after the opaque cursor ``after`` (or modified since ``since``)."""
         cursor = self._core.start(after, since)
-        body = self._call(self._core.search(), method="POST", json=search_body(cursor, limit))
+        body = yield from self._call(
+            self._core.search(), method="POST", json=search_body(cursor, limit)
+        )
         return self._core.page(body, cursor)
 
-    def replay(self, since: datetime, *, cursor: str | None = None, limit: int = 100) -> ReplayPage:
+    def _replay(
+        self, since: datetime, *, cursor: str | None = None, limit: int = 100
+    ) -> Flow[ReplayPage]:
         """Objects modified since ``since`` (current states): HubSpot's replay by search."""
-        page = self.changes(after=cursor, since=since, limit=limit)
+        page = yield from self._changes(after=cursor, since=since, limit=limit)
         return self._core.replay_page(page)
 
-    def health(self) -> bool:
-        """Whether the provider's health endpoint answers 2xx."""
-        return self.gateway.health(self.name).ok
+
+class HubSpotClient(_HubSpotFlows):
+    """Sync HubSpot adapter: deals by CRM search (polling, replay) and by id (resync, verify)."""
+
+    gateway: Gateway
+
+    get_record = sync_face(_HubSpotFlows._get_record)
+    list_records = sync_face(_HubSpotFlows._list_records)
+    changes = sync_face(_HubSpotFlows._changes)
+    replay = sync_face(_HubSpotFlows._replay)
+    health = sync_face(_HubSpotFlows._health)
 
 
-class AsyncHubSpotClient:
+class AsyncHubSpotClient(_HubSpotFlows):
     """Async twin of :class:`HubSpotClient`."""
 
-    def __init__(self, gateway: AsyncGateway, provider: str) -> None:
-        self.gateway = gateway
-        self.name = provider
-        self.settings = gateway.settings.provider(provider)
-        self._core = _Core(self.settings, provider)
-        self.ordering = self._core.ordering
+    gateway: AsyncGateway
 
-    @staticmethod
-    def accepts_cursor(position: str) -> bool:
-        """Whether ``position`` is this API's cursor (``hs1:...``)."""
-        return position.startswith("hs1:")
-
-    @property
-    def rate_limit(self) -> RateLimitReading | None:
-        """What the last response's ``X-HubSpot-RateLimit-*`` headers said."""
-        return self._core.rate_limit
-
-    async def _call(self, endpoint_name: str, **kwargs: Any) -> Any:
-        try:
-            response = await self.gateway.request(self.name, endpoint_name, **kwargs)
-        except ProviderError as exc:
-            raise map_error(exc, now=self.gateway.clock.now()) from exc
-        return self._core.read(response)
-
-    async def get_record(self, record_id: str) -> ProviderRecord | None:
-        """The object, or None when HubSpot answers 404."""
-        try:
-            body = await self._call(
-                self._core.record(),
-                path_params={"id": record_id},
-                params={"properties": MODIFIED},
-            )
-        except ProviderRejected as exc:
-            if exc.status_code == 404:
-                return None
-            raise
-        return parse_object(body, self.name)
-
-    async def list_records(
-        self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
-    ) -> RecordPage:
-        """One page of every object."""
-        params: dict[str, Any] = {"limit": min(limit, 100), "properties": MODIFIED}
-        if cursor:
-            params["after"] = cursor
-        return self._core.records_page(await self._call(self._core.records(), params=params))
-
-    async def changes(
-        self, *, after: str | int | None = None, since: datetime | None = None, limit: int = 100
-    ) -> ChangesPage:
-        """One CRM-search page (see :meth:`HubSpotClient.changes`)."""
-        cursor = self._core.start(after, since)
-        body = await self._call(self._core.search(), method="POST", json=search_body(cursor, limit))
-        return self._core.page(body, cursor)
-
-    async def replay(
-        self, since: datetime, *, cursor: str | None = None, limit: int = 100
-    ) -> ReplayPage:
-        """Objects modified since ``since`` (see :meth:`HubSpotClient.replay`)."""
-        page = await self.changes(after=cursor, since=since, limit=limit)
-        return self._core.replay_page(page)
-
-    async def health(self) -> bool:
-        """Whether the provider's health endpoint answers 2xx."""
-        return (await self.gateway.health(self.name)).ok
+    get_record = async_face(_HubSpotFlows._get_record)
+    list_records = async_face(_HubSpotFlows._list_records)
+    changes = async_face(_HubSpotFlows._changes)
+    replay = async_face(_HubSpotFlows._replay)
+    health = async_face(_HubSpotFlows._health)
 
 
 # --------------------------------------------------------------------------- the pack

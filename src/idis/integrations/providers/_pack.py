@@ -26,11 +26,10 @@ import importlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .._http import httpx
-from ..exceptions import ConfigError, ProviderError
+from ..exceptions import ConfigError, MalformedResponse, ProviderError
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings
@@ -89,6 +88,26 @@ class RateLimitReading:
     #: Whether retrying before the reset is pointless (a daily quota is spent):
     #: callers pause until ``reset_after`` instead of backing off.
     exhausted: bool = False
+
+
+class NoWebhooks:
+    """For a pack whose provider sends no webhooks (it is polled, or only asked)."""
+
+    name: str
+
+    def webhook_scheme(self, settings: ProviderSettings) -> VerificationScheme | None:
+        """None: the provider sends no webhooks."""
+        return None
+
+    def webhook_events(self, body: bytes, provider: str) -> list[ProviderEvent]:
+        """Never called (no webhooks).
+
+        Raises:
+            MalformedResponse: always.
+        """
+        raise MalformedResponse(
+            f"{provider}: the {self.name} pack receives no webhooks", provider=provider
+        )
 
 
 class BearerToken(httpx.Auth):
@@ -245,13 +264,6 @@ def endpoint(settings: ProviderSettings, name: str, template: str) -> str:
     """The endpoint to call: the logical ``name`` when ``ENDPOINTS`` declares it, else
     the pack's path ``template`` (which is then also the endpoint's metric label)."""
     return name if name in settings.endpoints else template
-
-
-def utc_ms(value: Any) -> datetime:
-    """A time from epoch milliseconds (HubSpot's ``occurredAt``), aware UTC."""
-    from datetime import UTC
-
-    return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
 
 
 def pack_auth(oauth: Callable[[Any], Any] | None = None) -> Callable[[Any], Any]:

@@ -34,16 +34,16 @@ import json
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .._flow import Flow, async_face, sync_face
 from .._http import httpx
 from ..exceptions import MalformedResponse, ProviderError, ProviderRejected, QuotaExhausted
+from ._client import Call, ClientFlows
 from ._order import BY_MODIFIED, Ordering
-from ._pack import Capabilities, RateLimitReading, register_pack
+from ._pack import Capabilities, NoWebhooks, RateLimitReading, register_pack
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings
     from ..resilience._gateway import AsyncGateway, Gateway
-    from ..webhooks._verify import VerificationScheme
-    from . import ProviderEvent
 
 __all__ = ["PDL", "PDL_ENRICH", "ApiKey", "AsyncPDLClient", "PDLClient", "PDLPack"]
 
@@ -123,17 +123,15 @@ def _data(body: Any, provider: str) -> dict[str, Any]:
     return dict(body["data"])
 
 
-class PDLClient:
-    """Sync PDL adapter: ``enrich`` answers the person's data, or None for no match."""
+class _PDLFlows(ClientFlows):
+    """PDL's client methods, each written once as a flow."""
 
-    def __init__(self, gateway: Gateway, provider: str) -> None:
-        self.gateway = gateway
-        self.name = provider
-        self.settings = gateway.settings.provider(provider)
+    def __init__(self, gateway: Any, provider: str) -> None:
+        super().__init__(gateway, provider)
         self.ordering: Ordering = BY_MODIFIED
         self.rate_limit: RateLimitReading | None = None
 
-    def enrich(self, subject_id: str) -> dict[str, Any] | None:
+    def _enrich(self, subject_id: str) -> Flow[dict[str, Any] | None]:
         """The person's data; None when PDL finds no match (an answer, not a failure).
 
         Raises:
@@ -141,7 +139,7 @@ class PDLClient:
             RateLimited: 429.
         """
         try:
-            response = self.gateway.request(self.name, "enrich", path_params={"id": subject_id})
+            response = yield Call("enrich", {"path_params": {"id": subject_id}}, raw=True)
         except ProviderError as exc:
             self.rate_limit = read_rate_limit(exc.status_code or 0, {}, exc.details)
             if isinstance(exc, ProviderRejected) and exc.status_code == 404:
@@ -150,41 +148,26 @@ class PDLClient:
         self.rate_limit = read_rate_limit(response.status_code, response.headers, None)
         return _data(response.json(), self.name)
 
-    def health(self) -> bool:
-        """Whether the provider's health endpoint answers 2xx."""
-        return self.gateway.health(self.name).ok
+
+class PDLClient(_PDLFlows):
+    """Sync PDL adapter: ``enrich`` answers the person's data, or None for no match."""
+
+    gateway: Gateway
+
+    enrich = sync_face(_PDLFlows._enrich)
+    health = sync_face(_PDLFlows._health)
 
 
-class AsyncPDLClient:
+class AsyncPDLClient(_PDLFlows):
     """Async twin of :class:`PDLClient`."""
 
-    def __init__(self, gateway: AsyncGateway, provider: str) -> None:
-        self.gateway = gateway
-        self.name = provider
-        self.settings = gateway.settings.provider(provider)
-        self.ordering: Ordering = BY_MODIFIED
-        self.rate_limit: RateLimitReading | None = None
+    gateway: AsyncGateway
 
-    async def enrich(self, subject_id: str) -> dict[str, Any] | None:
-        """See :meth:`PDLClient.enrich`."""
-        try:
-            response = await self.gateway.request(
-                self.name, "enrich", path_params={"id": subject_id}
-            )
-        except ProviderError as exc:
-            self.rate_limit = read_rate_limit(exc.status_code or 0, {}, exc.details)
-            if isinstance(exc, ProviderRejected) and exc.status_code == 404:
-                return None
-            raise map_error(exc) from exc
-        self.rate_limit = read_rate_limit(response.status_code, response.headers, None)
-        return _data(response.json(), self.name)
-
-    async def health(self) -> bool:
-        """Whether the provider's health endpoint answers 2xx."""
-        return (await self.gateway.health(self.name)).ok
+    enrich = async_face(_PDLFlows._enrich)
+    health = async_face(_PDLFlows._health)
 
 
-class PDLPack:
+class PDLPack(NoWebhooks):
     """People Data Labs person enrichment."""
 
     name = "pdl"
@@ -216,20 +199,6 @@ class PDLPack:
         if settings.api_token is None:
             return None
         return ApiKey(settings.api_token.get_secret_value())
-
-    def webhook_scheme(self, settings: ProviderSettings) -> VerificationScheme | None:
-        """None: PDL sends no webhooks."""
-        return None
-
-    def webhook_events(self, body: bytes, provider: str) -> list[ProviderEvent]:
-        """Never called (no webhooks).
-
-        Raises:
-            MalformedResponse: always.
-        """
-        raise MalformedResponse(
-            f"{provider}: People Data Labs sends no webhooks", provider=provider
-        )
 
     def read_rate_limit(
         self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None

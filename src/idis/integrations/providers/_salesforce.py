@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from .._flow import Flow, async_face, sync_face
 from .._timeparse import format_duration, utcnow
 from ..exceptions import (
     MalformedResponse,
@@ -48,13 +49,20 @@ from ..exceptions import (
     QuotaExhausted,
     ReplayWindowExceeded,
 )
+from ._client import Call, ClientFlows
 from ._order import BY_MODIFIED, Ordering
-from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
+from ._pack import (
+    Capabilities,
+    NoWebhooks,
+    RateLimitReading,
+    endpoint,
+    register_pack,
+    token_or_oauth,
+)
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings
     from ..resilience._gateway import AsyncGateway, Gateway
-    from ..webhooks._verify import VerificationScheme
     from . import ChangesPage, ProviderEvent, ProviderRecord, RecordPage, ReplayPage
 
 __all__ = [
@@ -373,13 +381,11 @@ class _Core:
 _REPLAY_BATCH = 200
 
 
-class SalesforceClient:
-    """Sync Salesforce adapter (Opportunity)."""
+class _SalesforceFlows(ClientFlows):
+    """Salesforce's client methods, each written once as a flow."""
 
-    def __init__(self, gateway: Gateway, provider: str) -> None:
-        self.gateway = gateway
-        self.name = provider
-        self.settings = gateway.settings.provider(provider)
+    def __init__(self, gateway: Any, provider: str) -> None:
+        super().__init__(gateway, provider)
         self._core = _Core(self.settings, provider)
         self.ordering: Ordering = BY_MODIFIED
 
@@ -393,47 +399,48 @@ class SalesforceClient:
         """What the last ``Sforce-Limit-Info`` said."""
         return self._core.rate_limit
 
-    def _call(self, endpoint_name: str, **kwargs: Any) -> Any:
+    def _call(self, endpoint_name: str, **kwargs: Any) -> Flow[Any]:
         try:
-            response = self.gateway.request(self.name, endpoint_name, **kwargs)
+            response = yield Call(endpoint_name, kwargs, raw=True)
         except ProviderError as exc:
             raise map_error(exc) from exc
         return self._core.read(response)
 
-    def get_record(self, record_id: str) -> ProviderRecord | None:
+    def _query(self, soql: str) -> Flow[list[ProviderRecord]]:
+        return self._core.records((yield from self._call(self._core.query(), params={"q": soql})))
+
+    def _get_record(self, record_id: str) -> Flow[ProviderRecord | None]:
         """The record, or None on 404 (``NOT_FOUND``)."""
         try:
-            body = self._call(self._core.record(), path_params={"id": record_id})
+            body = yield from self._call(self._core.record(), path_params={"id": record_id})
         except ProviderRejected as exc:
             if exc.status_code == 404:
                 return None
             raise
         return parse_sobject(body, self.name)
 
-    def list_records(
+    def _list_records(
         self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
-    ) -> RecordPage:
+    ) -> Flow[RecordPage]:
         """Every record by keyset pages (the cursor is a :class:`ModstampCursor`)."""
         from . import RecordPage
 
         start = self._core.start(cursor, updated_since or datetime(1970, 1, 1, tzinfo=UTC))
-        records = self._core.records(
-            self._call(self._core.query(), params={"q": soql_after(start, limit)})
-        )
+        records = yield from self._query(soql_after(start, limit))
         page = self._core.page(records, start, limit)
         return RecordPage(records, page.next_cursor if page.has_more else None)
 
-    def changes(
+    def _changes(
         self, *, after: str | int | None = None, since: datetime | None = None, limit: int = 100
-    ) -> ChangesPage:
+    ) -> Flow[ChangesPage]:
         """Records whose ``SystemModstamp`` is after the cursor (or since ``since``)."""
         cursor = self._core.start(after, since)
-        records = self._core.records(
-            self._call(self._core.query(), params={"q": soql_after(cursor, limit)})
-        )
+        records = yield from self._query(soql_after(cursor, limit))
         return self._core.page(records, cursor, limit)  # type: ignore[no-any-return]
 
-    def replay(self, since: datetime, *, cursor: str | None = None, limit: int = 500) -> ReplayPage:
+    def _replay(
+        self, since: datetime, *, cursor: str | None = None, limit: int = 500
+    ) -> Flow[ReplayPage]:
         """Updated and deleted records since ``since`` (one page: every id of the window).
 
         Raises:
@@ -444,121 +451,54 @@ class SalesforceClient:
         now = self.gateway.clock.now()
         check_window(self.name, since, now)
         window = self._core.window(since, now)
-        updated = self._call(self._core.updated(), params=window)
+        updated = yield from self._call(self._core.updated(), params=window)
         ids = [str(i) for i in (updated or {}).get("ids") or []]
         events: list[ProviderEvent] = []
         for start in range(0, len(ids), _REPLAY_BATCH):
             query = self._core.ids_in(ids[start : start + _REPLAY_BATCH])
-            body = self._call(self._core.query(), params={"q": query})
-            events.extend(_change(r) for r in self._core.records(body))
+            events.extend(_change(r) for r in (yield from self._query(query)))
         if since >= now - DELETED_WINDOW:
-            deleted = self._call(self._core.deleted(), params=window)
+            deleted = yield from self._call(self._core.deleted(), params=window)
             events.extend(self._core.deletions(deleted, since))
         return ReplayPage(events, None)
+
+
+class SalesforceClient(_SalesforceFlows):
+    """Sync Salesforce adapter (Opportunity)."""
+
+    gateway: Gateway
+
+    get_record = sync_face(_SalesforceFlows._get_record)
+    list_records = sync_face(_SalesforceFlows._list_records)
+    changes = sync_face(_SalesforceFlows._changes)
+    replay = sync_face(_SalesforceFlows._replay)
+    health = sync_face(_SalesforceFlows._health)
 
     def iter_replay(self, since: datetime, *, limit: int = 500) -> Any:
         """The replay's pages (one)."""
         yield self.replay(since, limit=limit)
 
-    def health(self) -> bool:
-        """Whether the provider's health endpoint answers 2xx."""
-        return self.gateway.health(self.name).ok
 
-
-class AsyncSalesforceClient:
+class AsyncSalesforceClient(_SalesforceFlows):
     """Async twin of :class:`SalesforceClient`."""
 
-    def __init__(self, gateway: AsyncGateway, provider: str) -> None:
-        self.gateway = gateway
-        self.name = provider
-        self.settings = gateway.settings.provider(provider)
-        self._core = _Core(self.settings, provider)
-        self.ordering: Ordering = BY_MODIFIED
+    gateway: AsyncGateway
 
-    @staticmethod
-    def accepts_cursor(position: str) -> bool:
-        """Whether ``position`` is this API's cursor (``sf1:...``)."""
-        return position.startswith("sf1:")
-
-    @property
-    def rate_limit(self) -> RateLimitReading | None:
-        """What the last ``Sforce-Limit-Info`` said."""
-        return self._core.rate_limit
-
-    async def _call(self, endpoint_name: str, **kwargs: Any) -> Any:
-        try:
-            response = await self.gateway.request(self.name, endpoint_name, **kwargs)
-        except ProviderError as exc:
-            raise map_error(exc) from exc
-        return self._core.read(response)
-
-    async def get_record(self, record_id: str) -> ProviderRecord | None:
-        """The record, or None on 404."""
-        try:
-            body = await self._call(self._core.record(), path_params={"id": record_id})
-        except ProviderRejected as exc:
-            if exc.status_code == 404:
-                return None
-            raise
-        return parse_sobject(body, self.name)
-
-    async def list_records(
-        self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
-    ) -> RecordPage:
-        """Every record by keyset pages."""
-        from . import RecordPage
-
-        start = self._core.start(cursor, updated_since or datetime(1970, 1, 1, tzinfo=UTC))
-        records = self._core.records(
-            await self._call(self._core.query(), params={"q": soql_after(start, limit)})
-        )
-        page = self._core.page(records, start, limit)
-        return RecordPage(records, page.next_cursor if page.has_more else None)
-
-    async def changes(
-        self, *, after: str | int | None = None, since: datetime | None = None, limit: int = 100
-    ) -> ChangesPage:
-        """See :meth:`SalesforceClient.changes`."""
-        cursor = self._core.start(after, since)
-        records = self._core.records(
-            await self._call(self._core.query(), params={"q": soql_after(cursor, limit)})
-        )
-        return self._core.page(records, cursor, limit)  # type: ignore[no-any-return]
-
-    async def replay(
-        self, since: datetime, *, cursor: str | None = None, limit: int = 500
-    ) -> ReplayPage:
-        """See :meth:`SalesforceClient.replay`."""
-        from . import ReplayPage
-
-        now = self.gateway.clock.now()
-        check_window(self.name, since, now)
-        window = self._core.window(since, now)
-        updated = await self._call(self._core.updated(), params=window)
-        ids = [str(i) for i in (updated or {}).get("ids") or []]
-        events: list[ProviderEvent] = []
-        for start in range(0, len(ids), _REPLAY_BATCH):
-            query = self._core.ids_in(ids[start : start + _REPLAY_BATCH])
-            body = await self._call(self._core.query(), params={"q": query})
-            events.extend(_change(r) for r in self._core.records(body))
-        if since >= now - DELETED_WINDOW:
-            deleted = await self._call(self._core.deleted(), params=window)
-            events.extend(self._core.deletions(deleted, since))
-        return ReplayPage(events, None)
+    get_record = async_face(_SalesforceFlows._get_record)
+    list_records = async_face(_SalesforceFlows._list_records)
+    changes = async_face(_SalesforceFlows._changes)
+    replay = async_face(_SalesforceFlows._replay)
+    health = async_face(_SalesforceFlows._health)
 
     async def iter_replay(self, since: datetime, *, limit: int = 500) -> Any:
         """The replay's pages (one)."""
         yield await self.replay(since, limit=limit)
 
-    async def health(self) -> bool:
-        """Whether the provider's health endpoint answers 2xx."""
-        return (await self.gateway.health(self.name)).ok
-
 
 # --------------------------------------------------------------------------- the pack
 
 
-class SalesforcePack:
+class SalesforcePack(NoWebhooks):
     """Salesforce (Opportunity)."""
 
     name = "salesforce"
@@ -587,20 +527,6 @@ class SalesforcePack:
     def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
         """OAuth (refresh token), or a static session token."""
         return token_or_oauth(settings, oauth)
-
-    def webhook_scheme(self, settings: ProviderSettings) -> VerificationScheme | None:
-        """Salesforce sends no plain webhooks: this pack polls."""
-        return None
-
-    def webhook_events(self, body: bytes, provider: str) -> list[ProviderEvent]:
-        """Never called (no webhooks).
-
-        Raises:
-            MalformedResponse: always.
-        """
-        raise MalformedResponse(
-            f"{provider}: the salesforce pack receives no webhooks", provider=provider
-        )
 
     def read_rate_limit(
         self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None

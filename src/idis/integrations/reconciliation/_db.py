@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, Table, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -31,6 +31,9 @@ from ..exceptions import IntegrationError, StorageError
 from ..observability._logs import get_logger
 from ..sync._effects import TransactionFlow
 from ..sync._inbox import ApplyResult, HandlerRegistry, apply_flow
+
+if TYPE_CHECKING:
+    from ..auth._httpx_auth import OAuthAuthFactory
 
 __all__ = [
     "AUDIT_TABLE",
@@ -296,6 +299,16 @@ def default_engine(settings: Settings, stack: ExitStack) -> Engine:
     return engine
 
 
+def _oauth(settings: Settings, provider: str, **engine: Any) -> OAuthAuthFactory | None:
+    """The auth module's token machinery when the provider uses OAuth, else None (its token
+    table is then never touched)."""
+    if settings.provider(provider).auth.grant == "none":
+        return None
+    from ..auth._httpx_auth import oauth_auth_factory
+
+    return oauth_auth_factory(settings, **engine)
+
+
 def default_client(settings: Settings, provider: str, stack: ExitStack, engine: Engine) -> Any:
     """A ``ProviderClient`` over a new ``Gateway``, closed when ``stack`` closes.
 
@@ -306,13 +319,9 @@ def default_client(settings: Settings, provider: str, stack: ExitStack, engine: 
     from ..providers._pack import pack_auth
     from ..resilience import Gateway
 
-    oauth = None
-    if settings.provider(provider).auth.grant != "none":
-        from ..auth._httpx_auth import oauth_auth_factory
-
-        factory = oauth_auth_factory(settings, engine=engine)
-        stack.callback(factory.close)
-        oauth = factory
+    oauth = _oauth(settings, provider, engine=engine)
+    if oauth is not None:
+        stack.callback(oauth.close)
     gateway = Gateway(settings, auth=pack_auth(oauth))
     stack.callback(gateway.close)
     return client_for(gateway, provider)
@@ -326,13 +335,9 @@ async def default_async_client(
     from ..providers._pack import pack_auth
     from ..resilience import AsyncGateway
 
-    oauth = None
-    if settings.provider(provider).auth.grant != "none":
-        from ..auth._httpx_auth import oauth_auth_factory
-
-        factory = oauth_auth_factory(settings, async_engine=engine)
-        stack.push_async_callback(factory.aclose)
-        oauth = factory
+    oauth = _oauth(settings, provider, async_engine=engine)
+    if oauth is not None:
+        stack.push_async_callback(oauth.aclose)
     gateway = AsyncGateway(settings, auth=pack_auth(oauth))
     stack.push_async_callback(gateway.aclose)
     return async_client_for(gateway, provider)

@@ -21,6 +21,7 @@ applied. ``verify_sync(repair=True)`` applies its repairs the same way.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
@@ -167,15 +168,20 @@ def apply_snapshots(
     """
 
     def write_audit(session: Session, result: ApplyResult, now: datetime) -> None:
+        row = functools.partial(
+            audit_row,
+            action,
+            provider=provider,
+            actor=actor,
+            subject_type="record",
+            source=audit_source,
+            correlation_id=correlation_id,
+            occurred_at=now,
+        )
         rows = [
-            audit_row(
-                action,
-                provider=provider,
-                actor=actor,
-                subject_type="record",
+            row(
                 subject_id=event.record_id,
                 tenant_id=event.tenant_id,
-                source=audit_source,
                 details={
                     "event_id": event.id,
                     "event_type": event.type,
@@ -183,25 +189,16 @@ def apply_snapshots(
                     "order": str(event.order),
                     **(details(event) if details else {}),
                 },
-                correlation_id=correlation_id,
-                occurred_at=now,
             )
             for event in result.applied
         ]
         rows.extend(
-            audit_row(
-                action,
-                provider=provider,
-                actor=actor,
-                subject_type="record",
+            row(
                 subject_id=event.record_id,
                 tenant_id=event.tenant_id,
-                source=audit_source,
                 outcome="failed",
                 details={"event_id": event.id, "error": type(error).__name__},
                 message=redact_text(str(error))[:500],
-                correlation_id=correlation_id,
-                occurred_at=now,
             )
             for event, error in result.failed
         )

@@ -632,17 +632,22 @@ def _completed(run: _Run, covered_until: datetime, started: float) -> ReconcileS
     return run.summary(dry_run=False, completed=True, covered_until=covered_until)
 
 
-def _prepare(
+def _plan(
     provider: str,
     since: datetime | str,
     *,
-    settings: Settings,
+    settings: Settings | None,
     dry_run: bool,
     handlers: HandlerRegistry | None,
     page_size: int,
+    resume: bool,
+    actor: str,
     clock: Clock,
-) -> tuple[datetime, timedelta, HandlerRegistry]:
-    """Validate everything before any call: (window start, retention, registry)."""
+    progress: Callable[[int], None] | None,
+    lock_wait: float,
+) -> tuple[Settings, Flow[ReconcileSummary]]:
+    """Validate everything before any call; the settings, and the flow both faces drive."""
+    settings = settings if settings is not None else Settings.from_env()
     retention = settings.provider(provider).replay_retention
     start_now = clock.now()
     window_start = parse_since(since, name="since", now=lambda: start_now)
@@ -651,7 +656,21 @@ def _prepare(
     if not dry_run:
         require_handlers(registry, provider)
     check_retention(provider, window_start, retention, start_now)
-    return window_start, retention, registry
+    run = _Run(
+        provider=provider,
+        run_id="dry-run",
+        since=window_start,
+        cursor=None,
+        checkpoint_id=None,
+        resumed=False,
+        registry=registry,
+        page_size=page_size,
+        retention=retention,
+        actor=actor,
+        clock=clock,
+        progress=progress,
+    )
+    return settings, _reconcile_flow(run, dry_run=dry_run, resume=resume, lock_wait=lock_wait)
 
 
 # --------------------------------------------------------------------------- the flow
@@ -774,33 +793,6 @@ class AsyncReplaySource(Protocol):
         """One page: an object with ``events`` and ``next_cursor``."""
 
 
-def _new_run(
-    provider: str,
-    window_start: datetime,
-    *,
-    registry: HandlerRegistry,
-    page_size: int,
-    retention: timedelta,
-    actor: str,
-    clock: Clock,
-    progress: Callable[[int], None] | None,
-) -> _Run:
-    return _Run(
-        provider=provider,
-        run_id="dry-run",
-        since=window_start,
-        cursor=None,
-        checkpoint_id=None,
-        resumed=False,
-        registry=registry,
-        page_size=page_size,
-        retention=retention,
-        actor=actor,
-        clock=clock,
-        progress=progress,
-    )
-
-
 def reconcile(
     provider: str,
     since: datetime | str,
@@ -853,33 +845,23 @@ def reconcile(
             checkpoint is kept, run again to resume.
         StorageError: the database is unreachable.
     """
-    settings = settings if settings is not None else Settings.from_env()
-    window_start, retention, registry = _prepare(
+    settings, flow = _plan(
         provider,
         since,
         settings=settings,
         dry_run=dry_run,
         handlers=handlers,
         page_size=page_size,
-        clock=clock,
-    )
-    run = _new_run(
-        provider,
-        window_start,
-        registry=registry,
-        page_size=page_size,
-        retention=retention,
+        resume=resume,
         actor=actor,
         clock=clock,
         progress=progress,
+        lock_wait=lock_wait,
     )
     with ExitStack() as stack:
         engine = engine if engine is not None else default_engine(settings, stack)
         client = client if client is not None else default_client(settings, provider, stack, engine)
-        return drive(
-            _reconcile_flow(run, dry_run=dry_run, resume=resume, lock_wait=lock_wait),
-            SyncFace(clock=clock, engine=engine, client=client),
-        )
+        return drive(flow, SyncFace(clock=clock, engine=engine, client=client))
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
 
 
@@ -910,25 +892,18 @@ async def reconcile_async(
     Raises:
         The exceptions of :func:`reconcile`.
     """
-    settings = settings if settings is not None else Settings.from_env()
-    window_start, retention, registry = _prepare(
+    settings, flow = _plan(
         provider,
         since,
         settings=settings,
         dry_run=dry_run,
         handlers=handlers,
         page_size=page_size,
-        clock=clock,
-    )
-    run = _new_run(
-        provider,
-        window_start,
-        registry=registry,
-        page_size=page_size,
-        retention=retention,
+        resume=resume,
         actor=actor,
         clock=clock,
         progress=progress,
+        lock_wait=lock_wait,
     )
     async with AsyncExitStack() as stack:
         if engine is None:
@@ -936,8 +911,5 @@ async def reconcile_async(
             stack.push_async_callback(engine.dispose)
         if client is None:
             client = await default_async_client(settings, provider, stack, engine)
-        return await adrive(
-            _reconcile_flow(run, dry_run=dry_run, resume=resume, lock_wait=lock_wait),
-            AsyncFace(clock=clock, engine=engine, client=client),
-        )
+        return await adrive(flow, AsyncFace(clock=clock, engine=engine, client=client))
     raise AssertionError("unreachable")  # AsyncExitStack does not swallow exceptions

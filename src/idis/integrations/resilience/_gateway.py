@@ -46,7 +46,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .._clock import Clock, system_clock
-from .._flow import Effect, Flow, adrive, drive
+from .._flow import Effect, Flow, async_face, sync_face
 from .._http import httpx
 from ..config import ProviderSettings, Settings
 from ..exceptions import (
@@ -1066,6 +1066,78 @@ class _Face:
         runtime, call = self._p.prepare(provider, endpoint, **options)
         return self._p.call_flow(runtime, call)
 
+    def _request(
+        self,
+        provider: str,
+        endpoint: str,
+        *,
+        method: str = "GET",
+        path_params: Mapping[str, Any] | None = None,
+        params: Any = None,
+        json: Any = None,
+        content: Any = None,
+        headers: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Flow[httpx.Response]:
+        """Call ``endpoint`` of ``provider``; return the (1xx-3xx) response.
+
+        Raises:
+            UnknownProviderError: the provider is not configured.
+            UsageError: a path parameter is missing, empty, ``.`` or ``..``.
+            ProviderError: a subclass saying what failed, with ``sent`` set (see
+                the module docstring).
+        """
+        return self._call(
+            provider,
+            endpoint,
+            method=method,
+            path_params=path_params,
+            params=params,
+            json=json,
+            content=content,
+            headers=headers,
+            idempotency_key=idempotency_key,
+            timeout=timeout,
+            parse_json=False,
+        )
+
+    def _get_json(
+        self,
+        provider: str,
+        endpoint: str,
+        *,
+        method: str = "GET",
+        path_params: Mapping[str, Any] | None = None,
+        params: Any = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Flow[Any]:
+        """Like :meth:`request`, returning the decoded JSON body.
+
+        A body that is not JSON is a provider fault (``MalformedResponse``):
+        counted against the breaker and retried like a 5xx.
+        """
+        return self._call(
+            provider,
+            endpoint,
+            method=method,
+            path_params=path_params,
+            params=params,
+            json=json,
+            content=None,
+            headers=headers,
+            idempotency_key=idempotency_key,
+            timeout=timeout,
+            parse_json=True,
+        )
+
+    def _health(self, provider: str) -> Flow[HealthReport]:
+        """Probe the provider's health endpoint once (no retries, no breaker)."""
+        return self._p.health_flow(provider)
+
     def available(self, provider: str) -> bool:
         """False while the provider's breaker is open or a Retry-After pause holds."""
         self._refresh(provider)
@@ -1168,83 +1240,13 @@ class Gateway(_Face):
         wait: Callable[[float], None] = sleep or _clock_wait(self._p.clock, "sleep", time.sleep)
         self._io = _SyncIO(self._client, wait)
 
-    def request(
-        self,
-        provider: str,
-        endpoint: str,
-        *,
-        method: str = "GET",
-        path_params: Mapping[str, Any] | None = None,
-        params: Any = None,
-        json: Any = None,
-        content: Any = None,
-        headers: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-        timeout: float | None = None,
-    ) -> httpx.Response:
-        """Call ``endpoint`` of ``provider``; return the (1xx-3xx) response.
-
-        Raises:
-            UnknownProviderError: the provider is not configured.
-            UsageError: a path parameter is missing, empty, ``.`` or ``..``.
-            ProviderError: a subclass saying what failed, with ``sent`` set (see
-                the module docstring).
-        """
-        flow = self._call(
-            provider,
-            endpoint,
-            method=method,
-            path_params=path_params,
-            params=params,
-            json=json,
-            content=content,
-            headers=headers,
-            idempotency_key=idempotency_key,
-            timeout=timeout,
-            parse_json=False,
-        )
-        return drive(flow, self._io)  # type: ignore[no-any-return]
-
-    def get_json(
-        self,
-        provider: str,
-        endpoint: str,
-        *,
-        method: str = "GET",
-        path_params: Mapping[str, Any] | None = None,
-        params: Any = None,
-        json: Any = None,
-        headers: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-        timeout: float | None = None,
-    ) -> Any:
-        """Like :meth:`request`, returning the decoded JSON body.
-
-        A body that is not JSON is a provider fault (``MalformedResponse``):
-        counted against the breaker and retried like a 5xx.
-        """
-        flow = self._call(
-            provider,
-            endpoint,
-            method=method,
-            path_params=path_params,
-            params=params,
-            json=json,
-            content=None,
-            headers=headers,
-            idempotency_key=idempotency_key,
-            timeout=timeout,
-            parse_json=True,
-        )
-        return drive(flow, self._io)
+    request = sync_face(_Face._request)
+    get_json = sync_face(_Face._get_json)
+    health = sync_face(_Face._health)
 
     def _refresh(self, provider: str) -> None:
         for breaker in self._p.due_shares(provider):
             breaker.share()
-
-    def health(self, provider: str) -> HealthReport:
-        """Probe the provider's health endpoint once (no retries, no breaker)."""
-        return drive(self._p.health_flow(provider), self._io)
 
     def close(self) -> None:
         """Close the HTTP client (when the gateway created it) and the Redis client."""
@@ -1314,64 +1316,9 @@ class AsyncGateway(_Face):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def request(
-        self,
-        provider: str,
-        endpoint: str,
-        *,
-        method: str = "GET",
-        path_params: Mapping[str, Any] | None = None,
-        params: Any = None,
-        json: Any = None,
-        content: Any = None,
-        headers: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-        timeout: float | None = None,
-    ) -> httpx.Response:
-        """Async twin of :meth:`Gateway.request`."""
-        flow = self._call(
-            provider,
-            endpoint,
-            method=method,
-            path_params=path_params,
-            params=params,
-            json=json,
-            content=content,
-            headers=headers,
-            idempotency_key=idempotency_key,
-            timeout=timeout,
-            parse_json=False,
-        )
-        return await adrive(flow, self._io)
-
-    async def get_json(
-        self,
-        provider: str,
-        endpoint: str,
-        *,
-        method: str = "GET",
-        path_params: Mapping[str, Any] | None = None,
-        params: Any = None,
-        json: Any = None,
-        headers: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-        timeout: float | None = None,
-    ) -> Any:
-        """Async twin of :meth:`Gateway.get_json`."""
-        flow = self._call(
-            provider,
-            endpoint,
-            method=method,
-            path_params=path_params,
-            params=params,
-            json=json,
-            content=None,
-            headers=headers,
-            idempotency_key=idempotency_key,
-            timeout=timeout,
-            parse_json=True,
-        )
-        return await adrive(flow, self._io)
+    request = async_face(_Face._request)
+    get_json = async_face(_Face._get_json)
+    health = async_face(_Face._health)
 
     def _refresh(self, provider: str) -> None:
         # Never awaited here (these accessors are sync): a due exchange with Redis
@@ -1383,10 +1330,6 @@ class AsyncGateway(_Face):
                 work = breaker.start_ashare()
                 if work is not None:
                     self._background(work)
-
-    async def health(self, provider: str) -> HealthReport:
-        """Probe the provider's health endpoint once (no retries, no breaker)."""
-        return await adrive(self._p.health_flow(provider), self._io)
 
     async def aclose(self) -> None:
         """Close the HTTP client (when the gateway created it), background work and Redis."""

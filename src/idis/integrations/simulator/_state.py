@@ -155,6 +155,17 @@ def _choice(value: object, name: str, choices: Sequence[str]) -> str:
     return cast(str, value)
 
 
+def _whsec_list(secrets: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``secrets`` checked (a non-empty list of whsec_ secrets), or None when not given."""
+    if secrets is None:
+        return None
+    if isinstance(secrets, str) or not secrets:
+        raise SimulatorInputError(
+            "secrets must be a non-empty list of whsec_ secrets", variable="secrets"
+        )
+    return tuple(_whsec(s, f"secrets[{i}]") for i, s in enumerate(secrets))
+
+
 def _whsec(value: object, name: str) -> str:
     import base64
     import binascii
@@ -900,13 +911,7 @@ class ProviderState:
             not isinstance(url, str) or not url.startswith(("http://", "https://"))
         ):
             raise SimulatorInputError(f"url={url!r} is not an http(s) URL", variable="url")
-        checked: tuple[str, ...] | None = None
-        if secrets is not None:
-            if isinstance(secrets, str) or not secrets:
-                raise SimulatorInputError(
-                    "secrets must be a non-empty list of whsec_ secrets", variable="secrets"
-                )
-            checked = tuple(_whsec(s, f"secrets[{i}]") for i, s in enumerate(secrets))
+        checked = _whsec_list(secrets)
         if max_attempts is not None:
             _integer(max_attempts, "max_attempts", minimum=1, maximum=20)
         if retry_backoff is not None:
@@ -978,13 +983,7 @@ class ProviderState:
         Raises:
             SimulatorInputError: naming the bad argument.
         """
-        checked: tuple[str, ...] | None = None
-        if secrets is not None:
-            if isinstance(secrets, str) or not secrets:
-                raise SimulatorInputError(
-                    "secrets must be a non-empty list of whsec_ secrets", variable="secrets"
-                )
-            checked = tuple(_whsec(s, f"secrets[{i}]") for i, s in enumerate(secrets))
+        checked = _whsec_list(secrets)
         if mode is not None:
             _choice(mode, "mode", RECEIVER_MODES)
         if fail_status is not None:

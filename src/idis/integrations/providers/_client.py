@@ -1,0 +1,74 @@
+"""What every pack's sync and async clients share: one flow per method, two faces.
+
+A pack writes each client method once, as a flow on a ``ClientFlows`` subclass
+that yields :class:`Call` (a gateway call) and :data:`HEALTH`; its sync client
+lists the methods as ``name = sync_face(Flows._name)`` over a :class:`Gateway`,
+its async client as ``name = async_face(Flows._name)`` over an
+:class:`AsyncGateway` (see :mod:`idis.integrations._flow`). The order of the
+calls, the 404-means-absent rules and the error mapping exist once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._flow import Effect, Flow
+
+__all__ = ["HEALTH", "Call", "ClientFlows"]
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Effect[Any]):
+    """``gateway.get_json`` (or, ``raw``, ``gateway.request``) of the client's provider."""
+
+    endpoint: str
+    options: dict[str, Any] = field(default_factory=dict)
+    raw: bool = False
+
+    def run(self, io: ClientFlows) -> Any:
+        """Through the sync gateway."""
+        gateway = io.gateway
+        send = gateway.request if self.raw else gateway.get_json
+        return send(io.name, self.endpoint, **self.options)
+
+    async def arun(self, io: ClientFlows) -> Any:
+        """Through the async gateway."""
+        gateway = io.gateway
+        send = gateway.request if self.raw else gateway.get_json
+        return await send(io.name, self.endpoint, **self.options)
+
+
+@dataclass(frozen=True, slots=True)
+class _Health(Effect[bool]):
+    def run(self, io: ClientFlows) -> bool:
+        return bool(io.gateway.health(io.name).ok)
+
+    async def arun(self, io: ClientFlows) -> bool:
+        return bool((await io.gateway.health(io.name)).ok)
+
+
+#: Whether the provider's health endpoint answers 2xx.
+HEALTH = _Health()
+
+
+class ClientFlows:
+    """A client's state (gateway, provider name, settings) and the flows every pack has."""
+
+    #: A :class:`Gateway` for the sync client, an :class:`AsyncGateway` for the async one.
+    gateway: Any
+
+    def __init__(self, gateway: Any, provider: str) -> None:
+        self.gateway = gateway
+        self.name = provider
+        self.settings = gateway.settings.provider(provider)
+
+    @property
+    def _io(self) -> ClientFlows:
+        """The flows' effects run against the client itself (its gateway and name)."""
+        return self
+
+    def _health(self) -> Flow[bool]:
+        """Whether the provider's health endpoint answers 2xx."""
+        ok: bool = yield HEALTH
+        return ok
