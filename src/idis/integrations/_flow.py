@@ -34,6 +34,7 @@ execute over the async database driver.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeAlias, TypeVar
@@ -161,9 +162,16 @@ def async_face(
 
 
 def _public(method: Callable[P, T]) -> Callable[P, T]:
-    """Name a face method as it is called: ``_request`` becomes ``request``."""
+    """Name a face method as it is called (``_request`` becomes ``request``), and have its
+    signature say what it returns (``Flow[X]`` becomes ``X``) for ``help()`` and ``inspect``."""
     method.__name__ = method.__name__.lstrip("_")
     method.__qualname__ = method.__name__
+    signature = inspect.signature(method)
+    returns = signature.return_annotation
+    if isinstance(returns, str) and returns.startswith("Flow[") and returns.endswith("]"):
+        returns = returns[len("Flow[") : -1]
+        method.__signature__ = signature.replace(return_annotation=returns)  # type: ignore[attr-defined]
+        method.__annotations__ = {**method.__annotations__, "return": returns}
     return method
 
 
