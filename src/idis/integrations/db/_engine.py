@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from ..exceptions import ConfigError, StorageError
 
@@ -34,6 +35,7 @@ __all__ = [
     "normalize_url",
     "read_only",
     "session_scope",
+    "sqlite_blocking_twin",
     "storage_errors",
 ]
 
@@ -95,16 +97,58 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _no_pysqlite_txn(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy, not pysqlite, emit BEGIN (see SQLAlchemy's
+    # "Serializable isolation / Savepoints / Transactional DDL" notes).
+    dbapi_connection.isolation_level = None
+
+
 def _configure_sqlite(engine: Engine) -> None:
     event.listen(engine, "connect", _sqlite_pragmas)
-
-    @event.listens_for(engine, "connect")
-    def _no_pysqlite_txn(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy, not pysqlite, emit BEGIN (see SQLAlchemy's
-        # "Serializable isolation / Savepoints / Transactional DDL" notes).
-        dbapi_connection.isolation_level = None
-
+    event.listen(engine, "connect", _no_pysqlite_txn)
     event.listen(engine, "begin", _sqlite_begin)
+
+
+def sqlite_blocking_twin(engine: AsyncEngine) -> Engine | None:
+    """A blocking (pysqlite) engine on the same SQLite file as ``engine``, or None.
+
+    For work that runs a whole transaction in one hop to a thread: aiosqlite
+    sends every statement, cursor call and COMMIT to its own thread and back,
+    one hop each. The twin opens its own connections (no pool: whoever uses it
+    holds its connection), with the same pragmas and ``BEGIN IMMEDIATE``, and
+    fires ``engine``'s connection events (``begin``, ``commit``,
+    ``before_cursor_execute``, ...), those added later too. Connections may
+    move between threads (``check_same_thread`` off); the caller uses each from
+    one thread at a time.
+
+    None when ``engine`` is not SQLite, is an in-memory database (a second
+    connection would see another database), or was not made by
+    :func:`create_async_db_engine` (its transactions would not ``BEGIN
+    IMMEDIATE``).
+    """
+    sync = engine.sync_engine
+    if sync.dialect.name != "sqlite" or not event.contains(sync, "begin", _sqlite_begin):
+        return None
+    url = sync.url
+    database = url.database or ""
+    if (
+        database in ("", ":memory:")
+        or "mode=memory" in database
+        or url.query.get("mode") == "memory"
+    ):
+        return None
+    twin = create_engine(
+        url.set(drivername="sqlite"),
+        poolclass=NullPool,
+        connect_args={"check_same_thread": False},
+    )
+    event.listen(twin, "connect", _sqlite_pragmas)
+    event.listen(twin, "connect", _no_pysqlite_txn)
+    # The async engine's connection events, dispatched on the twin's connections
+    # as well (what SQLAlchemy's own Engine.execution_options copies do).
+    twin.dispatch = twin.dispatch._join(sync.dispatch)
+    twin._has_events = True
+    return twin
 
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:

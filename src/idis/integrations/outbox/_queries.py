@@ -40,6 +40,8 @@ Leasing (:func:`lease_statement`):
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Sequence
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -79,6 +81,7 @@ __all__ = [
     "LEASED_COLUMNS",
     "LEASE_EXPIRED",
     "UNSETTLED",
+    "id_list",
     "insert_statement",
     "lease_statement",
     "mark_receiver_statement",
@@ -214,14 +217,26 @@ def lease_statement(dialect: str) -> Update:
 
 
 def _ids(dialect: str) -> Any:
-    """``id`` in the list ``:p_ids``.
+    """``id`` in the list ``:p_ids`` (pass :func:`id_list`'s value).
 
-    PostgreSQL gets one array parameter (``id = ANY(:p_ids)``): one statement
-    text for any batch size, and no per-id rendering; SQLite an expanded IN.
+    One parameter and one statement text for any batch size, so the compiled
+    form is cached and nothing is rendered per id: PostgreSQL an array
+    (``id = ANY(:p_ids)``), SQLite a JSON array (``id IN (SELECT value FROM
+    json_each(:p_ids))``, a primary-key probe per id). An expanding ``IN``
+    would render one bind parameter per id on every execution.
     """
     if dialect == "postgresql":
         return messages.c.id == any_(bindparam("p_ids", type_=postgresql.ARRAY(BigInteger)))
-    return messages.c.id.in_(bindparam("p_ids", expanding=True))
+    return messages.c.id.in_(
+        select(literal_column("value")).select_from(func.json_each(bindparam("p_ids")))
+    )
+
+
+def id_list(dialect: str, ids: Sequence[int]) -> Any:
+    """The value of ``:p_ids`` for ``ids``: a list (PostgreSQL) or JSON array text (SQLite)."""
+    if dialect == "postgresql":
+        return list(ids)
+    return json.dumps(list(ids))
 
 
 @functools.cache
@@ -230,8 +245,9 @@ def settle_delivered_statement(dialect: str) -> Update:
 
     One statement for the whole batch. PostgreSQL: parameters ``p_ids`` and
     ``p_gens`` (two arrays, pairwise, one statement text for any batch size)
-    and ``p_now``. SQLite: ``p_ids``, ``p_pairs`` (the same ids with their
-    generations, as (id, generation) tuples) and ``p_now``.
+    and ``p_now``. SQLite: ``p_ids`` (:func:`id_list`), ``p_pairs`` (the same
+    ids with their generations, a JSON array of [id, generation] pairs) and
+    ``p_now``.
 
     No lease-owner check: the generation is the fence. A message the provider
     accepted is delivered even if its lease lapsed meanwhile, as long as no
@@ -253,11 +269,17 @@ def settle_delivered_statement(dialect: str) -> Update:
         )
     else:
         # The plain id list lets SQLite walk the primary key; the pairs alone
-        # (a row-value IN over VALUES) would scan the table.
+        # (a row-value IN) would scan the table. The pairs' subquery is
+        # materialized once per statement.
+        pair: ColumnClause[Any] = literal_column("value")
+        pairs = select(
+            func.json_extract(pair, literal_column("'$[0]'")),
+            func.json_extract(pair, literal_column("'$[1]'")),
+        )
         fence = and_(
             _ids(dialect),
             tuple_(messages.c.id, messages.c.lease_generation).in_(
-                bindparam("p_pairs", expanding=True)
+                pairs.select_from(func.json_each(bindparam("p_pairs")))
             ),
         )
     return (
