@@ -40,7 +40,6 @@ Leasing (:func:`lease_statement`):
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -50,6 +49,7 @@ from sqlalchemy import (
     Insert,
     Select,
     Table,
+    Text,
     Update,
     and_,
     any_,
@@ -63,6 +63,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnClause
 
@@ -107,7 +108,9 @@ def _ts(name: str) -> Any:
     return bindparam(name, type_=UTCDateTime())
 
 
-#: Columns a lease returns: everything a delivery strategy needs.
+#: Columns a lease returns: everything a delivery strategy needs, in the order
+#: ``_WorkerCore.to_message`` unpacks them (the lease's expiry is not returned:
+#: the worker wrote it, ``:p_expires``).
 LEASED_COLUMNS = (
     messages.c.id,
     messages.c.provider,
@@ -119,7 +122,6 @@ LEASED_COLUMNS = (
     messages.c.attempts,
     messages.c.max_retries,
     messages.c.created_at,
-    messages.c.lease_expires_at,
     messages.c.lease_generation,
     messages.c.last_error,
 )
@@ -226,17 +228,26 @@ def _ids(dialect: str) -> Any:
     would render one bind parameter per id on every execution.
     """
     if dialect == "postgresql":
-        return messages.c.id == any_(bindparam("p_ids", type_=postgresql.ARRAY(BigInteger)))
+        return messages.c.id == any_(_bigint_array("p_ids"))
     return messages.c.id.in_(
         select(literal_column("value")).select_from(func.json_each(bindparam("p_ids")))
     )
 
 
-def id_list(dialect: str, ids: Sequence[int]) -> Any:
-    """The value of ``:p_ids`` for ``ids``: a list (PostgreSQL) or JSON array text (SQLite)."""
-    if dialect == "postgresql":
-        return list(ids)
-    return json.dumps(list(ids))
+def _bigint_array(name: str) -> Any:
+    """``CAST(:name AS BIGINT[])``, the parameter an array literal (``{1,2,3}``) as text.
+
+    psycopg adapts a Python list of ints element by element in Python; the
+    literal costs one ``join``.
+    """
+    return sql_cast(bindparam(name, type_=Text()), postgresql.ARRAY(BigInteger))
+
+
+def id_list(dialect: str, ids: Sequence[int]) -> str:
+    """The value of ``:p_ids`` (or ``:p_gens``) for ``ids``: an array literal
+    (PostgreSQL) or a JSON array (SQLite), as text."""
+    text = ",".join(map(str, ids))
+    return f"{{{text}}}" if dialect == "postgresql" else f"[{text}]"
 
 
 @functools.cache
@@ -244,10 +255,10 @@ def settle_delivered_statement(dialect: str) -> Update:
     """Mark leased messages delivered, each only under the lease generation it was sent under.
 
     One statement for the whole batch. PostgreSQL: parameters ``p_ids`` and
-    ``p_gens`` (two arrays, pairwise, one statement text for any batch size)
-    and ``p_now``. SQLite: ``p_ids`` (:func:`id_list`), ``p_pairs`` (the same
-    ids with their generations, a JSON array of [id, generation] pairs) and
-    ``p_now``.
+    ``p_gens`` (two arrays, pairwise, one statement text for any batch size,
+    each :func:`id_list`'s text) and ``p_now``. SQLite: ``p_ids``
+    (:func:`id_list`), ``p_pairs`` (the same ids with their generations, a
+    JSON array of [id, generation] pairs) and ``p_now``.
 
     No lease-owner check: the generation is the fence. A message the provider
     accepted is delivered even if its lease lapsed meanwhile, as long as no
@@ -256,10 +267,7 @@ def settle_delivered_statement(dialect: str) -> Update:
     """
     if dialect == "postgresql":
         sent = (
-            func.unnest(
-                bindparam("p_ids", type_=postgresql.ARRAY(BigInteger)),
-                bindparam("p_gens", type_=postgresql.ARRAY(BigInteger)),
-            )
+            func.unnest(_bigint_array("p_ids"), _bigint_array("p_gens"))
             .table_valued("id", "gen")
             .render_derived(name="sent")
         )

@@ -52,7 +52,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .._clock import Clock, SystemClock, system_clock
 from ..config import OutboxSettings, Settings
-from ..db._engine import sqlite_blocking_twin
+from ..db._engine import blocking_twin
 from ..exceptions import BulkheadFull, CircuitOpen, ConfigError, StorageError, UsageError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
@@ -307,7 +307,7 @@ class _WorkerCore:
             "p_now": now,
             "p_limit": limit,
             "p_owner": self.worker_id,
-            "p_expires": now + self.lease,
+            "p_expires": now + self.lease,  # what ``to_message`` is told
         }
 
     def now(self) -> datetime:
@@ -330,21 +330,35 @@ class _WorkerCore:
         )
         return {"p_owner": self.worker_id, "p_now": self.now()}
 
-    def to_message(self, row: Any) -> OutboxMessage:
-        max_retries = row.max_retries if row.max_retries is not None else self.outbox.max_retries
+    def to_message(self, row: Any, expires: datetime) -> OutboxMessage:
+        """A leased row (``LEASED_COLUMNS``) as a message; ``expires``: when its lease ends."""
+        (
+            id_,
+            provider,
+            kind,
+            idempotency_key,
+            payload,
+            ordering_key,
+            tenant_id,
+            attempts,
+            max_retries,
+            created_at,
+            generation,
+            _last_error,
+        ) = row
         return OutboxMessage(
-            id=int(row.id),
-            provider=row.provider,
-            kind=row.kind,
-            idempotency_key=row.idempotency_key,
-            payload=row.payload,
-            ordering_key=row.ordering_key,
-            tenant_id=row.tenant_id,
-            attempts=int(row.attempts),
-            max_retries=int(max_retries),
-            created_at=row.created_at,
-            lease_expires_at=row.lease_expires_at,
-            lease_generation=int(row.lease_generation),
+            id=int(id_),
+            provider=provider,
+            kind=kind,
+            idempotency_key=idempotency_key,
+            payload=payload,
+            ordering_key=ordering_key,
+            tenant_id=tenant_id,
+            attempts=int(attempts),
+            max_retries=int(max_retries if max_retries is not None else self.outbox.max_retries),
+            created_at=created_at,
+            lease_expires_at=expires,
+            lease_generation=int(generation),
         )
 
     def needs_renewal(self, expires: datetime | None, now: datetime) -> bool:
@@ -573,8 +587,8 @@ class _WorkerCore:
         params: Any = None
         if delivered and dialect == "postgresql":
             params = {
-                "p_ids": [m.id for m in delivered],
-                "p_gens": [m.lease_generation for m in delivered],
+                "p_ids": id_list(dialect, [m.id for m in delivered]),
+                "p_gens": id_list(dialect, [m.lease_generation for m in delivered]),
                 "p_now": now,
             }
         elif delivered:
@@ -720,8 +734,8 @@ class _Database(Protocol):
 
 
 class _AsyncDatabase:
-    """The async engine (PostgreSQL): ``work`` runs through ``run_sync``, each statement
-    awaited on the async driver."""
+    """The async engine itself, for one without a blocking twin: ``work`` runs through
+    ``run_sync``, each statement awaited on the async driver."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -748,10 +762,12 @@ class _AsyncDatabase:
 
 
 class _ThreadDatabase:
-    """SQLite: a whole transaction in one hop to a thread, on a blocking twin of the engine.
+    """A whole transaction in one hop to a thread, on a blocking twin of the engine.
 
     aiosqlite hops to its thread and back for every statement, cursor call and
-    COMMIT (about a dozen per cycle); here a cycle's settle and lease cost one.
+    COMMIT (about a dozen per cycle), and psycopg's async driver waits for
+    each result through the event loop; here a cycle's settle and lease cost
+    one hop, and the event loop is never blocked.
     The lock keeps the held connection to one thread at a time, also when a
     cancelled caller releases it while its last transaction still runs.
     """
@@ -886,9 +902,10 @@ class AsyncOutboxWorker:
         self._stop = asyncio.Event()
         self._stop_requested = False
         self._hold = False
-        twin = sqlite_blocking_twin(engine)
-        #: Where each transaction runs: SQLite in one hop to a thread (a blocking
-        #: twin of the engine), PostgreSQL on the async engine.
+        twin = blocking_twin(engine)
+        #: Where each transaction runs: in one hop to a thread, on a blocking twin
+        #: of the engine (one hop per cycle instead of one or more per statement);
+        #: on the async engine itself when it has no twin.
         self._db: _Database = _AsyncDatabase(engine) if twin is None else _ThreadDatabase(twin)
 
     @property
@@ -1022,6 +1039,7 @@ class AsyncOutboxWorker:
             core.follow_database(database_now.scalar_one())
         now = core.now()
         stmt = lease_statement(self._dialect)
+        expires = now + core.lease
         for provider in providers:
             limit = core.batch_size - len(rows)
             if limit <= 0:
@@ -1030,7 +1048,7 @@ class AsyncOutboxWorker:
         if core.has_webhooks(rows):
             core.set_gone(conn.execute(gone_receivers_statement()).all())
         core.taken_over(rows, result)
-        batch = [core.to_message(row) for row in rows]
+        batch = [core.to_message(row, expires) for row in rows]
         batch.sort(key=lambda m: m.id)
         return batch
 
