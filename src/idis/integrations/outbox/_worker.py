@@ -1006,11 +1006,15 @@ class AsyncOutboxWorker:
         core = self._core
         result = BatchResult()
 
+        # Decided here, on the loop: availability may read the gateway's state,
+        # which belongs to the loop's thread; the work below runs in another.
+        providers = core.providers_to_lease()
+
         def work(conn: Connection) -> list[OutboxMessage]:
             result.fenced += self._write_unsettled(conn)
             if core.unsure_of_leases:
                 conn.execute(release_own_statement(), core.release_own_params())
-            return self._lease(conn, result)
+            return self._lease(conn, providers, result)
 
         try:
             batch = await self._db.run(work, hold=self._hold)
@@ -1028,9 +1032,10 @@ class AsyncOutboxWorker:
             core.observe(settlements, result)
         return result
 
-    def _lease(self, conn: Connection, result: BatchResult) -> list[OutboxMessage]:
+    def _lease(
+        self, conn: Connection, providers: list[str], result: BatchResult
+    ) -> list[OutboxMessage]:
         core = self._core
-        providers = core.providers_to_lease()
         rows: list[Any] = []
         if not providers:
             return []
