@@ -30,6 +30,13 @@ the CLI (``outbox work``), the drill and the example service run it. The
 decisions live in :class:`_WorkerCore` (no I/O) and ``_policy.py``; the worker
 only performs the I/O they ask for. Enqueueing (the request path) keeps a sync
 and an async face (``enqueue`` / ``enqueue_async``).
+
+Each database transaction of the worker is one function of a blocking
+``Connection``, run in one hop to a thread on a blocking twin of the async
+engine (``db._engine.blocking_twin``: pysqlite, psycopg's blocking connection),
+or through ``run_sync`` on the async engine when it has no twin. aiosqlite hops
+to its thread for every statement and cursor call, and psycopg's async driver
+waits for each result through the loop; a cycle here costs one hop.
 """
 
 from __future__ import annotations
@@ -955,7 +962,10 @@ class AsyncOutboxWorker:
         carries on when the database is back. On stop, leftover settlements are
         written if the database allows (three tries). While running, the worker
         holds one connection, and each cycle's single transaction both settles
-        the previous batch and leases the next one.
+        the previous batch and leases the next one. The transaction runs in one
+        hop to a thread, on a blocking twin of ``engine`` (``blocking_twin``):
+        the event loop is never blocked, and the held connection is the twin's,
+        outside ``engine``'s pool.
 
         Args:
             until_idle: Return after the first cycle that found nothing due.
