@@ -632,8 +632,14 @@ class _WorkerCore:
         outcomes: Counter[tuple[str, str, str]] = Counter()
         webhook_failures: Counter[str] = Counter()
         dead: Counter[tuple[str, str]] = Counter()
+        delivered = _DELIVERED
         for item in items:
-            msg, action = item.message, item.disposition.action
+            msg = item.message
+            if item.disposition is delivered:  # the common case, first and short
+                outcomes[(msg.provider, msg.kind, "delivered")] += 1
+                result.delivered += 1
+                continue
+            action = item.disposition.action
             outcome = "released" if item.released and action is Action.DEFER else action.value
             outcomes[(msg.provider, msg.kind, outcome)] += 1
             if item.failed_attempt and msg.kind == KIND_WEBHOOK:
