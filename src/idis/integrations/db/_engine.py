@@ -8,6 +8,8 @@ server costs one failed checkout, not a crashed worker.
 
 from __future__ import annotations
 
+import json
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -22,6 +24,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from ..exceptions import ConfigError, StorageError
 
@@ -29,6 +32,7 @@ __all__ = [
     "READ_ONLY",
     "aread_only",
     "async_session_scope",
+    "blocking_twin",
     "create_async_db_engine",
     "create_db_engine",
     "normalize_url",
@@ -95,16 +99,83 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _no_pysqlite_txn(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy, not pysqlite, emit BEGIN (see SQLAlchemy's
+    # "Serializable isolation / Savepoints / Transactional DDL" notes).
+    dbapi_connection.isolation_level = None
+
+
 def _configure_sqlite(engine: Engine) -> None:
     event.listen(engine, "connect", _sqlite_pragmas)
-
-    @event.listens_for(engine, "connect")
-    def _no_pysqlite_txn(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy, not pysqlite, emit BEGIN (see SQLAlchemy's
-        # "Serializable isolation / Savepoints / Transactional DDL" notes).
-        dbapi_connection.isolation_level = None
-
+    event.listen(engine, "connect", _no_pysqlite_txn)
     event.listen(engine, "begin", _sqlite_begin)
+
+
+_json_decode = json.JSONDecoder().decode
+
+
+def _json_loads(data: bytes | str) -> Any:
+    # PostgreSQL sends json/jsonb as UTF-8; json.loads(bytes) would first
+    # sniff the encoding (twice the cost of the decode for a small payload).
+    return _json_decode(data.decode() if isinstance(data, bytes) else data)
+
+
+def _fast_json(dbapi_connection: Any, _record: Any) -> None:
+    from psycopg.types.json import set_json_loads
+
+    set_json_loads(_json_loads, dbapi_connection)
+
+
+#: Async engines made by :func:`create_async_db_engine` -> their ``connect_args``.
+_MADE_HERE: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def blocking_twin(engine: AsyncEngine) -> Engine | None:
+    """A blocking engine on the same database as ``engine``, or None.
+
+    For work that runs a whole transaction in one hop to a thread instead of
+    awaiting each statement: aiosqlite sends every statement, cursor call and
+    COMMIT to its own thread and back; psycopg's async driver waits for each
+    result through the event loop. The twin (pysqlite, or psycopg's blocking
+    connection) opens its own connections with the same URL and
+    ``connect_args`` (no pool: whoever uses it holds its connection), with the
+    same SQLite pragmas and ``BEGIN IMMEDIATE``, and fires ``engine``'s
+    connection events (``begin``, ``commit``, ``before_cursor_execute``, ...),
+    those added later too. Connections may move between threads; the caller
+    uses each from one thread at a time.
+
+    None when ``engine`` was not made by :func:`create_async_db_engine` (its
+    options are unknown) or is an in-memory SQLite database (a second
+    connection would see another database).
+    """
+    sync = engine.sync_engine
+    connect_args = _MADE_HERE.get(sync)
+    if connect_args is None:
+        return None
+    url = sync.url
+    if sync.dialect.name == "sqlite":
+        database = url.database or ""
+        if (
+            database in ("", ":memory:")
+            or "mode=memory" in database
+            or url.query.get("mode") == "memory"
+        ):
+            return None
+        twin = create_engine(
+            url.set(drivername="sqlite"),
+            poolclass=NullPool,
+            connect_args={"check_same_thread": False, **connect_args},
+        )
+        event.listen(twin, "connect", _sqlite_pragmas)
+        event.listen(twin, "connect", _no_pysqlite_txn)
+    else:
+        twin = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+        event.listen(twin, "connect", _fast_json)
+    # The async engine's connection events, dispatched on the twin's connections
+    # as well (what SQLAlchemy's own Engine.execution_options copies do).
+    twin.dispatch = twin.dispatch._join(sync.dispatch)
+    twin._has_events = True
+    return twin
 
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
@@ -126,9 +197,11 @@ def create_async_db_engine(url: str, **kwargs: Any) -> AsyncEngine:
     if normalized.startswith("sqlite"):
         engine = create_async_engine(normalized, **kwargs)
         _configure_sqlite(engine.sync_engine)
-        return engine
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_async_engine(normalized, **kwargs)
+    else:
+        kwargs.setdefault("pool_pre_ping", True)
+        engine = create_async_engine(normalized, **kwargs)
+    _MADE_HERE[engine.sync_engine] = dict(kwargs.get("connect_args") or {})
+    return engine
 
 
 def async_session_factory(engine: AsyncEngine) -> async_sessionmaker[Any]:

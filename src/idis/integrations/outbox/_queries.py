@@ -40,6 +40,9 @@ Leasing (:func:`lease_statement`):
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -47,7 +50,10 @@ from sqlalchemy import (
     Delete,
     Insert,
     Select,
+    String,
     Table,
+    Text,
+    TypeDecorator,
     Update,
     and_,
     any_,
@@ -59,9 +65,12 @@ from sqlalchemy import (
     or_,
     select,
     tuple_,
+    type_coerce,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import ColumnClause
 
 from ..db._base import UTCDateTime
@@ -79,6 +88,7 @@ __all__ = [
     "LEASED_COLUMNS",
     "LEASE_EXPIRED",
     "UNSETTLED",
+    "id_list",
     "insert_statement",
     "lease_statement",
     "mark_receiver_statement",
@@ -104,7 +114,9 @@ def _ts(name: str) -> Any:
     return bindparam(name, type_=UTCDateTime())
 
 
-#: Columns a lease returns: everything a delivery strategy needs.
+#: Columns a lease returns: everything a delivery strategy needs, in the order
+#: ``_WorkerCore.to_message`` unpacks them (the lease's expiry is not returned:
+#: the worker wrote it, ``:p_expires``).
 LEASED_COLUMNS = (
     messages.c.id,
     messages.c.provider,
@@ -116,10 +128,47 @@ LEASED_COLUMNS = (
     messages.c.attempts,
     messages.c.max_retries,
     messages.c.created_at,
-    messages.c.lease_expires_at,
     messages.c.lease_generation,
     messages.c.last_error,
 )
+
+
+class _SQLiteTime(TypeDecorator[datetime]):
+    """A stored UTC time (fixed-width text) read with ``datetime.fromisoformat``.
+
+    SQLAlchemy's SQLite ``DATETIME`` parses each value with a regular
+    expression, several times slower; the lease reads one per message.
+    """
+
+    impl = String
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+class _SQLiteJSON(TypeDecorator[Any]):
+    """A stored JSON document (text) decoded with one ``JSONDecoder.decode`` call."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else _json_decode(value)
+
+
+_json_decode = json.JSONDecoder().decode
+
+
+def _leased_columns(dialect: str) -> tuple[Any, ...]:
+    """:data:`LEASED_COLUMNS`, read back the fast way on SQLite."""
+    if dialect != "sqlite":
+        return LEASED_COLUMNS
+    fast = {
+        "payload": type_coerce(messages.c.payload, _SQLiteJSON()).label("payload"),
+        "created_at": type_coerce(messages.c.created_at, _SQLiteTime()).label("created_at"),
+    }
+    return tuple(fast.get(column.name, column) for column in LEASED_COLUMNS)
 
 
 def not_leased(table: Any) -> Any:
@@ -210,18 +259,39 @@ def lease_statement(dialect: str) -> Update:
         stmt = update(messages).where(messages.c.id == chosen.c.id)
     else:
         stmt = update(messages).where(messages.c.id.in_(picked))
-    return stmt.values(values).returning(*LEASED_COLUMNS)
+    return stmt.values(values).returning(*_leased_columns(dialect))
 
 
 def _ids(dialect: str) -> Any:
-    """``id`` in the list ``:p_ids``.
+    """``id`` in the list ``:p_ids`` (pass :func:`id_list`'s value).
 
-    PostgreSQL gets one array parameter (``id = ANY(:p_ids)``): one statement
-    text for any batch size, and no per-id rendering; SQLite an expanded IN.
+    One parameter and one statement text for any batch size, so the compiled
+    form is cached and nothing is rendered per id: PostgreSQL an array
+    (``id = ANY(:p_ids)``), SQLite a JSON array (``id IN (SELECT value FROM
+    json_each(:p_ids))``, a primary-key probe per id). An expanding ``IN``
+    would render one bind parameter per id on every execution.
     """
     if dialect == "postgresql":
-        return messages.c.id == any_(bindparam("p_ids", type_=postgresql.ARRAY(BigInteger)))
-    return messages.c.id.in_(bindparam("p_ids", expanding=True))
+        return messages.c.id == any_(_bigint_array("p_ids"))
+    return messages.c.id.in_(
+        select(literal_column("value")).select_from(func.json_each(bindparam("p_ids")))
+    )
+
+
+def _bigint_array(name: str) -> Any:
+    """``CAST(:name AS BIGINT[])``, the parameter an array literal (``{1,2,3}``) as text.
+
+    psycopg adapts a Python list of ints element by element in Python; the
+    literal costs one ``join``.
+    """
+    return sql_cast(bindparam(name, type_=Text()), postgresql.ARRAY(BigInteger))
+
+
+def id_list(dialect: str, ids: Sequence[int]) -> str:
+    """The value of ``:p_ids`` (or ``:p_gens``) for ``ids``: an array literal
+    (PostgreSQL) or a JSON array (SQLite), as text."""
+    text = ",".join(map(str, ids))
+    return f"{{{text}}}" if dialect == "postgresql" else f"[{text}]"
 
 
 @functools.cache
@@ -229,9 +299,10 @@ def settle_delivered_statement(dialect: str) -> Update:
     """Mark leased messages delivered, each only under the lease generation it was sent under.
 
     One statement for the whole batch. PostgreSQL: parameters ``p_ids`` and
-    ``p_gens`` (two arrays, pairwise, one statement text for any batch size)
-    and ``p_now``. SQLite: ``p_ids``, ``p_pairs`` (the same ids with their
-    generations, as (id, generation) tuples) and ``p_now``.
+    ``p_gens`` (two arrays, pairwise, one statement text for any batch size,
+    each :func:`id_list`'s text) and ``p_now``. SQLite: ``p_ids``
+    (:func:`id_list`), ``p_pairs`` (the same ids with their generations, a
+    JSON array of [id, generation] pairs) and ``p_now``.
 
     No lease-owner check: the generation is the fence. A message the provider
     accepted is delivered even if its lease lapsed meanwhile, as long as no
@@ -240,10 +311,7 @@ def settle_delivered_statement(dialect: str) -> Update:
     """
     if dialect == "postgresql":
         sent = (
-            func.unnest(
-                bindparam("p_ids", type_=postgresql.ARRAY(BigInteger)),
-                bindparam("p_gens", type_=postgresql.ARRAY(BigInteger)),
-            )
+            func.unnest(_bigint_array("p_ids"), _bigint_array("p_gens"))
             .table_valued("id", "gen")
             .render_derived(name="sent")
         )
@@ -253,11 +321,17 @@ def settle_delivered_statement(dialect: str) -> Update:
         )
     else:
         # The plain id list lets SQLite walk the primary key; the pairs alone
-        # (a row-value IN over VALUES) would scan the table.
+        # (a row-value IN) would scan the table. The pairs' subquery is
+        # materialized once per statement.
+        pair: ColumnClause[Any] = literal_column("value")
+        pairs = select(
+            func.json_extract(pair, literal_column("'$[0]'")),
+            func.json_extract(pair, literal_column("'$[1]'")),
+        )
         fence = and_(
             _ids(dialect),
             tuple_(messages.c.id, messages.c.lease_generation).in_(
-                bindparam("p_pairs", expanding=True)
+                pairs.select_from(func.json_each(bindparam("p_pairs")))
             ),
         )
     return (

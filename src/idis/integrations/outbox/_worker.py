@@ -30,27 +30,36 @@ the CLI (``outbox work``), the drill and the example service run it. The
 decisions live in :class:`_WorkerCore` (no I/O) and ``_policy.py``; the worker
 only performs the I/O they ask for. Enqueueing (the request path) keeps a sync
 and an async face (``enqueue`` / ``enqueue_async``).
+
+Each database transaction of the worker is one function of a blocking
+``Connection``, run in one hop to a thread on a blocking twin of the async
+engine (``db._engine.blocking_twin``: pysqlite, psycopg's blocking connection),
+or through ``run_sync`` on the async engine when it has no twin. aiosqlite hops
+to its thread for every statement and cursor call, and psycopg's async driver
+waits for each result through the loop; a cycle here costs one hop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import socket
+import threading
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .._clock import Clock, SystemClock, system_clock
 from ..config import OutboxSettings, Settings
+from ..db._engine import blocking_twin
 from ..exceptions import BulkheadFull, CircuitOpen, ConfigError, StorageError, UsageError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
@@ -61,6 +70,7 @@ from ._queries import (
     LEASE_EXPIRED,
     database_now_statement,
     gone_receivers_statement,
+    id_list,
     lease_statement,
     mark_receiver_statement,
     release_own_statement,
@@ -70,7 +80,10 @@ from ._queries import (
 )
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+T = TypeVar("T")
 
 __all__ = [
     "AsyncDeliver",
@@ -301,7 +314,7 @@ class _WorkerCore:
             "p_now": now,
             "p_limit": limit,
             "p_owner": self.worker_id,
-            "p_expires": now + self.lease,
+            "p_expires": now + self.lease,  # what ``to_message`` is told
         }
 
     def now(self) -> datetime:
@@ -324,21 +337,35 @@ class _WorkerCore:
         )
         return {"p_owner": self.worker_id, "p_now": self.now()}
 
-    def to_message(self, row: Any) -> OutboxMessage:
-        max_retries = row.max_retries if row.max_retries is not None else self.outbox.max_retries
+    def to_message(self, row: Any, expires: datetime) -> OutboxMessage:
+        """A leased row (``LEASED_COLUMNS``) as a message; ``expires``: when its lease ends."""
+        (
+            id_,
+            provider,
+            kind,
+            idempotency_key,
+            payload,
+            ordering_key,
+            tenant_id,
+            attempts,
+            max_retries,
+            created_at,
+            generation,
+            _last_error,
+        ) = row
         return OutboxMessage(
-            id=int(row.id),
-            provider=row.provider,
-            kind=row.kind,
-            idempotency_key=row.idempotency_key,
-            payload=row.payload,
-            ordering_key=row.ordering_key,
-            tenant_id=row.tenant_id,
-            attempts=int(row.attempts),
-            max_retries=int(max_retries),
-            created_at=row.created_at,
-            lease_expires_at=row.lease_expires_at,
-            lease_generation=int(row.lease_generation),
+            id=int(id_),
+            provider=provider,
+            kind=kind,
+            idempotency_key=idempotency_key,
+            payload=payload,
+            ordering_key=ordering_key,
+            tenant_id=tenant_id,
+            attempts=int(attempts),
+            max_retries=int(max_retries if max_retries is not None else self.outbox.max_retries),
+            created_at=created_at,
+            lease_expires_at=expires,
+            lease_generation=int(generation),
         )
 
     def needs_renewal(self, expires: datetime | None, now: datetime) -> bool:
@@ -460,11 +487,7 @@ class _WorkerCore:
         """Decide one attempt's outcome (``failed_at``: when it failed, monotonic)."""
         provider = message.provider
         if error is None:
-            self._served[provider] += 1
-            self._served_at[provider] = self.clock.monotonic()
-            self._excused.pop(message.id, None)
-            self.config_errors.pop(provider, None)
-            return _Settlement(message, _DELIVERED)
+            return self.delivered(message)
         if isinstance(error, ConfigError):
             text = describe_error(error)
             if self.config_errors.get(provider) != text:
@@ -507,6 +530,17 @@ class _WorkerCore:
             if receiver is not None:
                 self._gone.add(receiver)
         return _Settlement(message, disposition, failed_attempt=failed)
+
+    def delivered(self, message: OutboxMessage) -> _Settlement:
+        """The provider accepted ``message``."""
+        provider = message.provider
+        self._served[provider] += 1
+        self._served_at[provider] = self.clock.monotonic()
+        if self._excused:
+            self._excused.pop(message.id, None)
+        if self.config_errors:
+            self.config_errors.pop(provider, None)
+        return _Settlement(message, _DELIVERED)
 
     def release(self, message: OutboxMessage, now: datetime) -> _Settlement:
         """Give a leased, unattempted message back (the worker is stopping)."""
@@ -560,14 +594,14 @@ class _WorkerCore:
         params: Any = None
         if delivered and dialect == "postgresql":
             params = {
-                "p_ids": [m.id for m in delivered],
-                "p_gens": [m.lease_generation for m in delivered],
+                "p_ids": id_list(dialect, [m.id for m in delivered]),
+                "p_gens": id_list(dialect, [m.lease_generation for m in delivered]),
                 "p_now": now,
             }
         elif delivered:
             params = {
-                "p_ids": [m.id for m in delivered],
-                "p_pairs": [(m.id, m.lease_generation) for m in delivered],
+                "p_ids": id_list(dialect, [m.id for m in delivered]),
+                "p_pairs": json.dumps([(m.id, m.lease_generation) for m in delivered]),
                 "p_now": now,
             }
         return params, rows, receivers
@@ -598,8 +632,14 @@ class _WorkerCore:
         outcomes: Counter[tuple[str, str, str]] = Counter()
         webhook_failures: Counter[str] = Counter()
         dead: Counter[tuple[str, str]] = Counter()
+        delivered = _DELIVERED
         for item in items:
-            msg, action = item.message, item.disposition.action
+            msg = item.message
+            if item.disposition is delivered:  # the common case, first and short
+                outcomes[(msg.provider, msg.kind, "delivered")] += 1
+                result.delivered += 1
+                continue
+            action = item.disposition.action
             outcome = "released" if item.released and action is Action.DEFER else action.value
             outcomes[(msg.provider, msg.kind, outcome)] += 1
             if item.failed_attempt and msg.kind == KIND_WEBHOOK:
@@ -692,6 +732,93 @@ class _WorkerCore:
             retry_in=round(delay, 3),
         )
         return self.rng.uniform(delay / 2, delay)
+
+
+class _Database(Protocol):
+    """Where the worker's transactions run; each is one function of a blocking ``Connection``."""
+
+    async def run(self, work: Callable[[Connection], T], *, hold: bool) -> T:
+        """Run ``work`` in one transaction (on the held connection with ``hold``); commit."""
+        ...
+
+    async def release(self) -> None:
+        """Close the held connection, if any."""
+        ...
+
+
+class _AsyncDatabase:
+    """The async engine itself, for one without a blocking twin: ``work`` runs through
+    ``run_sync``, each statement awaited on the async driver."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._conn: AsyncConnection | None = None
+
+    async def run(self, work: Callable[[Connection], T], *, hold: bool) -> T:
+        if not hold:
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(work)
+        if self._conn is None:
+            self._conn = await self.engine.connect()
+        try:
+            async with self._conn.begin():
+                return await self._conn.run_sync(work)
+        except _DB_ERRORS:
+            await self.release()
+            raise
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+class _ThreadDatabase:
+    """A whole transaction in one hop to a thread, on a blocking twin of the engine.
+
+    aiosqlite hops to its thread and back for every statement, cursor call and
+    COMMIT (about a dozen per cycle), and psycopg's async driver waits for
+    each result through the event loop; here a cycle's settle and lease cost
+    one hop, and the event loop is never blocked.
+    The lock keeps the held connection to one thread at a time, also when a
+    cancelled caller releases it while its last transaction still runs.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+
+    async def run(self, work: Callable[[Connection], T], *, hold: bool) -> T:
+        return await asyncio.to_thread(self._run, work, hold)
+
+    def _run(self, work: Callable[[Connection], T], hold: bool) -> T:
+        with self._lock:
+            if not hold:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            if self._conn is None:
+                self._conn = self.engine.connect()
+            try:
+                with self._conn.begin():
+                    return work(self._conn)
+            except _DB_ERRORS:
+                self._close()
+                raise
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._close()
+
+    async def release(self) -> None:
+        await asyncio.to_thread(self._release)
 
 
 class AsyncOutboxWorker:
@@ -788,7 +915,11 @@ class AsyncOutboxWorker:
         self._stop = asyncio.Event()
         self._stop_requested = False
         self._hold = False
-        self._conn: AsyncConnection | None = None
+        twin = blocking_twin(engine)
+        #: Where each transaction runs: in one hop to a thread, on a blocking twin
+        #: of the engine (one hop per cycle instead of one or more per statement);
+        #: on the async engine itself when it has no twin.
+        self._db: _Database = _AsyncDatabase(engine) if twin is None else _ThreadDatabase(twin)
 
     @property
     def worker_id(self) -> str:
@@ -837,7 +968,10 @@ class AsyncOutboxWorker:
         carries on when the database is back. On stop, leftover settlements are
         written if the database allows (three tries). While running, the worker
         holds one connection, and each cycle's single transaction both settles
-        the previous batch and leases the next one.
+        the previous batch and leases the next one. The transaction runs in one
+        hop to a thread, on a blocking twin of ``engine`` (``blocking_twin``):
+        the event loop is never blocked, and the held connection is the twin's,
+        outside ``engine``'s pool.
 
         Args:
             until_idle: Return after the first cycle that found nothing due.
@@ -869,7 +1003,7 @@ class AsyncOutboxWorker:
             await self._final_flush()
         finally:
             self._hold = False
-            await self._release_connection()
+            await self._db.release()
         return total
 
     def start(self) -> asyncio.Task[BatchResult]:
@@ -887,12 +1021,19 @@ class AsyncOutboxWorker:
     async def _cycle(self) -> BatchResult:
         core = self._core
         result = BatchResult()
+
+        # Decided here, on the loop: availability may read the gateway's state,
+        # which belongs to the loop's thread; the work below runs in another.
+        providers = core.providers_to_lease()
+
+        def work(conn: Connection) -> list[OutboxMessage]:
+            result.fenced += self._write_unsettled(conn)
+            if core.unsure_of_leases:
+                conn.execute(release_own_statement(), core.release_own_params())
+            return self._lease(conn, providers, result)
+
         try:
-            async with self._transaction() as conn:
-                result.fenced += await self._write_unsettled(conn)
-                if core.unsure_of_leases:
-                    await conn.execute(release_own_statement(), core.release_own_params())
-                batch = await self._lease(conn, result)
+            batch = await self._db.run(work, hold=self._hold)
             core.unsure_of_leases = False
             core.unsettled.items.clear()
             if core.gauges_due():
@@ -907,47 +1048,28 @@ class AsyncOutboxWorker:
             core.observe(settlements, result)
         return result
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        if not self._hold:
-            async with self.engine.begin() as conn:
-                yield conn
-            return
-        if self._conn is None:
-            self._conn = await self.engine.connect()
-        try:
-            async with self._conn.begin():
-                yield self._conn
-        except _DB_ERRORS:
-            await self._release_connection()
-            raise
-
-    async def _release_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
-
-    async def _lease(self, conn: AsyncConnection, result: BatchResult) -> list[OutboxMessage]:
+    def _lease(
+        self, conn: Connection, providers: list[str], result: BatchResult
+    ) -> list[OutboxMessage]:
         core = self._core
-        providers = core.providers_to_lease()
         rows: list[Any] = []
         if not providers:
             return []
         if core.database_clock:
-            database_now = await conn.execute(database_now_statement(self._dialect))
+            database_now = conn.execute(database_now_statement(self._dialect))
             core.follow_database(database_now.scalar_one())
         now = core.now()
         stmt = lease_statement(self._dialect)
+        expires = now + core.lease
         for provider in providers:
             limit = core.batch_size - len(rows)
             if limit <= 0:
                 break
-            rows.extend((await conn.execute(stmt, core.lease_params(provider, limit, now))).all())
+            rows.extend(conn.execute(stmt, core.lease_params(provider, limit, now)).all())
         if core.has_webhooks(rows):
-            core.set_gone((await conn.execute(gone_receivers_statement())).all())
+            core.set_gone(conn.execute(gone_receivers_statement()).all())
         core.taken_over(rows, result)
-        batch = [core.to_message(row) for row in rows]
+        batch = [core.to_message(row, expires) for row in rows]
         batch.sort(key=lambda m: m.id)
         return batch
 
@@ -955,37 +1077,46 @@ class AsyncOutboxWorker:
         from ._admin import refresh_gauges
 
         core = self._core
-        async with self._transaction() as conn:
-            await conn.run_sync(
-                lambda sync_conn: refresh_gauges(
-                    sync_conn, core.metrics, providers=core.providers, now=core.now()
-                )
-            )
+        now = core.now()
+        await self._db.run(
+            lambda conn: refresh_gauges(conn, core.metrics, providers=core.providers, now=now),
+            hold=self._hold,
+        )
 
     async def _renew(self, ids: list[int], now: datetime) -> set[int]:
         core = self._core
-        params = {"p_ids": ids, "p_owner": core.worker_id, "p_expires": now + core.lease}
-        async with self._transaction() as conn:
-            result = await conn.execute(renew_statement(self._dialect), params)
-            return {int(r[0]) for r in result}
+        params = {
+            "p_ids": id_list(self._dialect, ids),
+            "p_owner": core.worker_id,
+            "p_expires": now + core.lease,
+        }
+        stmt = renew_statement(self._dialect)
+        return await self._db.run(
+            lambda conn: {int(r[0]) for r in conn.execute(stmt, params)}, hold=self._hold
+        )
 
     async def _deliver_batch(self, batch: list[OutboxMessage]) -> list[_Settlement]:
         core = self._core
         out: list[_Settlement] = []
         ready = core.split_spent(batch, out)
         leases = _Leases(ready)
-        slots = asyncio.Semaphore(core.concurrency)
         renewing = asyncio.Lock()
-
         finished = asyncio.Event()
+        settled: list[_Settlement | None] = [None] * len(ready)
+        queue = iter(enumerate(ready))
 
-        async def one(message: OutboxMessage) -> _Settlement:
-            # At most ``concurrency`` at once, a sliding window; distinct
-            # ordering keys within a batch, so per-key order holds.
-            async with slots:
-                async with renewing:
-                    await self._keep_leases(leases)
-                return await self._deliver_one(message, leases)
+        async def lane() -> None:
+            # ``concurrency`` lanes take the batch's messages in order: at most
+            # that many sends at once, a sliding window; distinct ordering keys
+            # within a batch, so per-key order holds. No task per message.
+            for index, message in queue:
+                # A renewal due or running: wait for it (it may lose this lease).
+                if renewing.locked() or (
+                    leases.open and core.needs_renewal(leases.expires, core.now())
+                ):
+                    async with renewing:
+                        await self._keep_leases(leases)
+                settled[index] = await self._deliver_one(message, leases)
 
         async def heartbeat() -> None:
             # Renews while any send runs, even the only one of a batch of one.
@@ -1001,29 +1132,33 @@ class AsyncOutboxWorker:
 
         beat = asyncio.get_running_loop().create_task(heartbeat())
         try:
-            out.extend(await asyncio.gather(*(one(m) for m in ready)))
+            lanes = min(core.concurrency, len(ready))
+            if lanes == 1:
+                await lane()
+            elif lanes > 1:
+                await asyncio.gather(*(lane() for _ in range(lanes)))
         finally:
             finished.set()
             await beat
+        out.extend(item for item in settled if item is not None)
         return out
 
     async def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Settlement:
+        core = self._core
         if self._stop_requested or message.id in leases.lost:
-            return self._core.release(message, self._core.now())
-        gone = self._core.skip_gone(message)
+            return core.release(message, core.now())
+        gone = core.skip_gone(message)
         if gone is not None:
             return gone
-        core = self._core
-        error: BaseException | None = None
         try:
             await self.deliver(message)
         except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
-            error = exc
-        failed_at = core.clock.monotonic()
-        started = core.probe_due(message, error)
-        if started is not None:
-            await self._probe(message.provider, started)
-        return core.settle(message, error, core.now(), failed_at=failed_at)
+            failed_at = core.clock.monotonic()
+            started = core.probe_due(message, exc)
+            if started is not None:
+                await self._probe(message.provider, started)
+            return core.settle(message, exc, core.now(), failed_at=failed_at)
+        return core.delivered(message)
 
     async def _probe(self, provider: str, started: float) -> None:
         assert self._health is not None
@@ -1053,7 +1188,7 @@ class AsyncOutboxWorker:
             )
         leases.renewed(held, now + core.lease)
 
-    async def _write_unsettled(self, conn: AsyncConnection) -> int:
+    def _write_unsettled(self, conn: Connection) -> int:
         """Write the pending settlements; return how many were fenced off."""
         core = self._core
         items = core.unsettled.items
@@ -1064,11 +1199,11 @@ class AsyncOutboxWorker:
         applied = 0
         if delivered:
             stmt = settle_delivered_statement(self._dialect)
-            applied += (await conn.execute(stmt, delivered)).rowcount
+            applied += conn.execute(stmt, delivered).rowcount
         if rows:
-            applied += (await conn.execute(settle_statement(), rows)).rowcount
+            applied += conn.execute(settle_statement(), rows).rowcount
         for receiver in receivers:
-            await conn.execute(mark_receiver_statement(self._dialect), receiver)
+            conn.execute(mark_receiver_statement(self._dialect), receiver)
         return core.fenced(items, applied)
 
     async def _final_flush(self) -> None:
@@ -1086,8 +1221,7 @@ class AsyncOutboxWorker:
         if not self._core.unsettled.items:
             return 0
         try:
-            async with self._transaction() as conn:
-                fenced = await self._write_unsettled(conn)
+            fenced = await self._db.run(self._write_unsettled, hold=self._hold)
         except _DB_ERRORS as exc:
             raise _as_storage_error(exc) from exc
         self._core.unsettled.items.clear()
