@@ -38,14 +38,16 @@ ms>``. Ordering: by modification time (``hs_lastmodifieddate`` /
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
+from zoneinfo import ZoneInfo
 
 from .._flow import Flow, async_face, sync_face
 from .._timeparse import utcnow
@@ -62,6 +64,7 @@ from ._order import BY_MODIFIED, Ordering, micros
 from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
 
 if TYPE_CHECKING:
+    from .._clock import Clock
     from ..config import ProviderSettings, Secret
     from ..resilience._gateway import AsyncGateway, Gateway
     from ..webhooks._verify import InboundRequest
@@ -75,6 +78,8 @@ __all__ = [
     "HubSpotPack",
     "HubSpotSignature",
     "SearchCursor",
+    "quota_zone",
+    "seconds_to_local_midnight",
     "sign_v1",
     "sign_v2",
     "sign_v3",
@@ -496,10 +501,32 @@ def _int(headers: Mapping[str, str], name: str) -> int | None:
     return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
 
 
+def seconds_to_local_midnight(now: datetime, zone: tzinfo = UTC) -> float:
+    """Seconds from ``now`` (aware) until the next midnight in ``zone``.
+
+    HubSpot resets the daily quota at midnight in the account's time zone. The
+    arithmetic is done in UTC, so a day of 23 or 25 hours (a DST change) counts
+    the hours that really pass; where a DST change skips midnight itself, the day
+    starts at the change (the first instant of the new date).
+    """
+    local = now.astimezone(zone)
+    tomorrow = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), zone)
+    return (tomorrow.astimezone(UTC) - now.astimezone(UTC)).total_seconds()
+
+
 def seconds_to_utc_midnight(now: datetime) -> float:
-    """Seconds until the next UTC midnight (HubSpot resets the daily quota at midnight)."""
-    tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return (tomorrow - now).total_seconds()
+    """Seconds until the next UTC midnight (:func:`seconds_to_local_midnight` in UTC)."""
+    return seconds_to_local_midnight(now, UTC)
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(name: str) -> tzinfo:
+    return UTC if name == "UTC" else ZoneInfo(name)
+
+
+def quota_zone(settings: ProviderSettings) -> tzinfo:
+    """The time zone of the provider's daily quota (``IDIS_PROVIDER_<NAME>_QUOTA_TIMEZONE``)."""
+    return _zone(settings.quota_timezone or "UTC")
 
 
 def read_rate_limit(
@@ -508,8 +535,10 @@ def read_rate_limit(
     details: Mapping[str, Any] | None,
     *,
     now: datetime | None = None,
+    zone: tzinfo = UTC,
 ) -> RateLimitReading | None:
-    """What HubSpot's ``X-HubSpot-RateLimit-*`` headers and a 429's ``policyName`` say."""
+    """What HubSpot's ``X-HubSpot-RateLimit-*`` headers and a 429's ``policyName`` say
+    (a spent daily quota resets at the next midnight in ``zone``)."""
     lower = {k.lower(): v for k, v in headers.items()}
     policy = None
     if details and isinstance(details.get("policyName"), str):
@@ -521,7 +550,7 @@ def read_rate_limit(
         return RateLimitReading(
             remaining=0,
             limit=_int(lower, "x-hubspot-ratelimit-daily"),
-            reset_after=seconds_to_utc_midnight(now or utcnow()),
+            reset_after=seconds_to_local_midnight(now or utcnow(), zone),
             policy="DAILY",
             exhausted=True,
         )
@@ -535,13 +564,16 @@ def read_rate_limit(
     )
 
 
-def map_error(exc: ProviderError, *, now: datetime | None = None) -> ProviderError:
-    """A 429 whose policy is ``DAILY``: a rate limit that lasts until the reset, not retried.
+def map_error(
+    exc: ProviderError, *, now: datetime | None = None, zone: tzinfo = UTC
+) -> ProviderError:
+    """A 429 whose policy is ``DAILY``: a rate limit that lasts until the reset (the next
+    midnight in the account's time zone ``zone``), not retried.
 
     Idempotent: the gateway maps a refusal first (its response hook), the client again.
     """
     if isinstance(exc, RateLimited) and not isinstance(exc, QuotaExhausted):
-        reading = read_rate_limit(429, {}, exc.details, now=now)
+        reading = read_rate_limit(429, {}, exc.details, now=now, zone=zone)
         if reading is not None and reading.exhausted:
             error = QuotaExhausted(
                 f"{exc.provider} {exc.endpoint}: rate limit (HTTP 429): HubSpot's daily quota "
@@ -647,7 +679,9 @@ class _HubSpotFlows(ClientFlows):
         try:
             response = yield Call(endpoint_name, kwargs, raw=True)
         except ProviderError as exc:
-            raise map_error(exc, now=self.gateway.clock.now()) from exc
+            raise map_error(
+                exc, now=self.gateway.clock.now(), zone=quota_zone(self.settings)
+            ) from exc
         return self._core.read(response)
 
     def _get_record(self, record_id: str) -> Flow[ProviderRecord | None]:
@@ -678,8 +712,9 @@ class _HubSpotFlows(ClientFlows):
     ) -> Flow[ChangesPage]:
         """One CRM-search page after the opaque cursor ``after`` (or modified since ``since``)."""
         cursor = self._core.start(after, since)
+        # A search is a read sent as a POST: safe to repeat, so the gateway retries it.
         body = yield from self._call(
-            self._core.search(), method="POST", json=search_body(cursor, limit)
+            self._core.search(), method="POST", json=search_body(cursor, limit), idempotent=True
         )
         return self._core.page(body, cursor)
 
@@ -774,8 +809,21 @@ class HubSpotPack:
         return read_rate_limit(status, headers, details)
 
     def map_error(self, exc: ProviderError) -> ProviderError:
-        """A ``DAILY`` 429 is not retried before the reset."""
+        """A ``DAILY`` 429 is not retried before the reset (midnight UTC: no settings here)."""
         return map_error(exc)
+
+    def error_hook(
+        self, settings: ProviderSettings, clock: Clock
+    ) -> Callable[[ProviderError], ProviderError]:
+        """The gateway's response hook for one provider: :meth:`map_error` with the time of
+        the gateway's clock and the quota's time zone (``QUOTA_TIMEZONE``), so a ``DAILY``
+        429 pauses the provider until the next midnight there."""
+        zone = quota_zone(settings)
+
+        def hook(exc: ProviderError) -> ProviderError:
+            return map_error(exc, now=clock.now(), zone=zone)
+
+        return hook
 
     def update_call(
         self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]
