@@ -19,6 +19,7 @@ from idis.integrations.config import Settings
 from idis.integrations.exceptions import ConfigError, QuotaExhausted, RateLimited
 from idis.integrations.providers import client_for
 from idis.integrations.providers._hubspot import (
+    account_zone,
     map_error,
     quota_zone,
     read_rate_limit,
@@ -103,14 +104,16 @@ def test_the_quota_time_zone_is_read_from_the_environment() -> None:
     assert ZoneInfo("US/Eastern") == quota_zone(settings)
 
 
-def test_the_quota_time_zone_defaults_to_utc() -> None:
+def test_unset_the_quota_time_zone_is_utc_until_account_info_says() -> None:
     env = _env("x")
     del env["IDIS_PROVIDER_CRM_QUOTA_TIMEZONE"]
+    settings = Settings.from_env(env).provider("crm")
 
-    assert UTC == quota_zone(Settings.from_env(env).provider("crm"))
+    assert "" == settings.quota_timezone
+    assert UTC == quota_zone(settings)
 
 
-@pytest.mark.parametrize("bad", ["Mars/Olympus_Mons", "America", "../etc/passwd", " "])
+@pytest.mark.parametrize("bad", ["Mars/Olympus_Mons", "America", "../etc/passwd", "+05:00"])
 def test_a_bad_time_zone_is_refused_at_startup(bad: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env(_env(bad))
@@ -151,3 +154,55 @@ def test_a_daily_429_from_hubspot_pauses_the_provider_until_the_zones_midnight(
     assert hours * HOUR == caught.value.retry_after
     assert hours * HOUR == snapshot["paused_for"]
     assert not available
+
+
+def test_account_info_names_the_zone() -> None:
+    assert ZoneInfo("US/Eastern") == account_zone({"portalId": 1, "timeZone": "US/Eastern"})
+    assert account_zone({"timeZone": "Mars/Olympus_Mons"}) is None
+    assert account_zone({"timeZone": ""}) is None
+    assert account_zone({"portalId": 1}) is None
+    assert account_zone(["US/Eastern"]) is None
+
+
+def _daily_429(sim: RunningSimulator, settings: Settings, clock: ManualClock) -> QuotaExhausted:
+    """Read a deal (asks account-info first), then meet a DAILY 429 on the next read."""
+    with Gateway(settings, clock=clock) as gateway:
+        client = client_for(gateway, P)
+        assert client.get_record("deal_1") is not None
+        sim.control.set_fault(P, "rate_limit", endpoint="record", count=1, policy="DAILY")
+        with pytest.raises(QuotaExhausted) as caught:
+            client.get_record("deal_1")
+        assert caught.value.retry_after == gateway.snapshot(P)["paused_for"]
+    return caught.value
+
+
+def test_without_a_setting_the_zone_comes_from_account_info_once(sim: RunningSimulator) -> None:
+    clock = ManualClock(datetime(2026, 3, 8, 12, 0, tzinfo=UTC))
+    settings = simulator_settings(sim.url, providers=(P,), api="hubspot")
+
+    error = _daily_429(sim, settings, clock)
+    again = _daily_429(sim, settings, clock)  # a second gateway in the same process
+
+    assert 16 * HOUR == error.retry_after  # midnight in US/Eastern, the simulated account's zone
+    assert 16 * HOUR == again.retry_after
+    assert 1 == sim.control.stats(P)["requests"]["account_info"]  # asked once
+    assert ZoneInfo("US/Eastern") == quota_zone(settings.provider(P))
+
+
+def test_when_account_info_is_refused_the_zone_is_utc_said_once(
+    sim: RunningSimulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = ManualClock(datetime(2026, 3, 8, 12, 0, tzinfo=UTC))
+    settings = simulator_settings(sim.url, providers=(P,), api="hubspot")
+    # A token without the scope: HubSpot answers 403.
+    sim.control.set_fault(P, "error", endpoint="account_info", status=403)
+
+    error = _daily_429(sim, settings, clock)
+    again = _daily_429(sim, settings, clock)
+
+    assert 12 * HOUR == error.retry_after  # midnight UTC
+    assert 12 * HOUR == again.retry_after
+    assert 1 == sim.control.stats(P)["requests"]["account_info"]
+    out = capsys.readouterr().out
+    assert 1 == out.count("idis.hubspot.quota_timezone_unknown")
+    assert "IDIS_PROVIDER_CRM_PROVIDER_QUOTA_TIMEZONE" in out

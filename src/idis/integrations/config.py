@@ -373,12 +373,14 @@ def _pack_name(value: object, name: str) -> str:
 
 
 def _time_zone(value: object, name: str) -> str:
-    """An IANA time zone name that ``zoneinfo`` knows (``UTC``, ``US/Eastern``, ...)."""
+    """An IANA time zone name that ``zoneinfo`` knows (``UTC``, ``US/Eastern``, ...), or empty."""
     import zoneinfo
 
     text = str(value).strip()
+    if not text:
+        return ""
     try:
-        known = bool(text) and zoneinfo.ZoneInfo(text) is not None
+        known = zoneinfo.ZoneInfo(text) is not None
     except (ValueError, OSError, zoneinfo.ZoneInfoNotFoundError):
         known = False
     if not known:
@@ -831,13 +833,15 @@ class ProviderSettings:
         ),
     )
     quota_timezone: str = field(
-        default="UTC",
+        default="",
         metadata=_var(
             "QUOTA_TIMEZONE",
             _time_zone,
-            "IANA time zone the provider's daily quota resets in, at local midnight (HubSpot: "
-            "the account's time zone, `timeZone` of `GET /account-info/v3/details`, such as "
-            "`US/Eastern`); a spent daily quota pauses the provider until then.",
+            "IANA time zone the provider's daily quota resets in, at local midnight (`UTC`, "
+            "`US/Eastern`); a spent daily quota pauses the provider until then. Empty: the "
+            "pack's default (HubSpot asks the account's `timeZone` once, from "
+            "`GET /account-info/v3/details`, and falls back to UTC; other packs: UTC).",
+            shown="empty",
         ),
     )
 

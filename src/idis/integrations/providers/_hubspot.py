@@ -42,12 +42,13 @@ import functools
 import hashlib
 import hmac
 import json
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .._flow import Flow, async_face, sync_face
 from .._timeparse import utcnow
@@ -78,6 +79,7 @@ __all__ = [
     "HubSpotPack",
     "HubSpotSignature",
     "SearchCursor",
+    "account_zone",
     "quota_zone",
     "seconds_to_local_midnight",
     "sign_v1",
@@ -524,9 +526,34 @@ def _zone(name: str) -> tzinfo:
     return UTC if name == "UTC" else ZoneInfo(name)
 
 
+#: The account's time zone, per (provider, base URL), as account-info said (UTC when it
+#: could not say): asked once per process, by the first call of a client.
+_ACCOUNT_ZONES: dict[tuple[str, str], tzinfo] = {}
+_ACCOUNT_LOCK = threading.Lock()
+
+
+def _account_key(settings: ProviderSettings) -> tuple[str, str]:
+    return settings.name, settings.base_url
+
+
 def quota_zone(settings: ProviderSettings) -> tzinfo:
-    """The time zone of the provider's daily quota (``IDIS_PROVIDER_<NAME>_QUOTA_TIMEZONE``)."""
-    return _zone(settings.quota_timezone or "UTC")
+    """The time zone of the provider's daily quota: ``QUOTA_TIMEZONE`` when set, else the
+    account's ``timeZone`` from account-info once a client has asked, else UTC."""
+    if settings.quota_timezone:
+        return _zone(settings.quota_timezone)
+    return _ACCOUNT_ZONES.get(_account_key(settings), UTC)
+
+
+def account_zone(body: Any) -> tzinfo | None:
+    """The ``timeZone`` of an account-info answer (``GET /account-info/v3/details``), when
+    ``zoneinfo`` knows it (HubSpot sends names such as ``US/Eastern``); else None."""
+    name = body.get("timeZone") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        return None
+    try:
+        return _zone(name.strip())
+    except (ValueError, OSError, ZoneInfoNotFoundError):
+        return None
 
 
 def read_rate_limit(
@@ -676,6 +703,8 @@ class _HubSpotFlows(ClientFlows):
         return self._core.rate_limit
 
     def _call(self, endpoint_name: str, **kwargs: Any) -> Flow[Any]:
+        if not self.settings.quota_timezone and _account_key(self.settings) not in _ACCOUNT_ZONES:
+            yield from self._learn_quota_zone()
         try:
             response = yield Call(endpoint_name, kwargs, raw=True)
         except ProviderError as exc:
@@ -683,6 +712,35 @@ class _HubSpotFlows(ClientFlows):
                 exc, now=self.gateway.clock.now(), zone=quota_zone(self.settings)
             ) from exc
         return self._core.read(response)
+
+    def _learn_quota_zone(self) -> Flow[None]:
+        """Ask account-info for the account's time zone, once per process (no
+        ``QUOTA_TIMEZONE`` set); on any failure, UTC, said once in the log."""
+        settings = self.settings
+        zone: tzinfo | None = None
+        reason = "its answer names no time zone that zoneinfo knows"
+        try:
+            body = yield Call(endpoint(settings, "account_info", "/account-info/v3/details"))
+        except ProviderError as exc:
+            reason = str(exc)
+        else:
+            zone = account_zone(body)
+        with _ACCOUNT_LOCK:
+            first = _account_key(settings) not in _ACCOUNT_ZONES
+            _ACCOUNT_ZONES[_account_key(settings)] = zone or UTC
+        if zone is None and first:
+            from ..observability._logs import get_logger
+
+            variable = f"IDIS_PROVIDER_{self.name.upper()}_QUOTA_TIMEZONE"
+            get_logger().warning(
+                "idis.hubspot.quota_timezone_unknown",
+                msg=(
+                    f"{self.name}: HubSpot's account-info did not give the account's time zone "
+                    f"({reason}); the daily quota is taken to reset at midnight UTC. Set "
+                    f"{variable} to the account's time zone (an IANA name such as US/Eastern)"
+                ),
+                provider=self.name,
+            )
 
     def _get_record(self, record_id: str) -> Flow[ProviderRecord | None]:
         """The object, or None when HubSpot answers 404."""
@@ -818,10 +876,10 @@ class HubSpotPack:
         """The gateway's response hook for one provider: :meth:`map_error` with the time of
         the gateway's clock and the quota's time zone (``QUOTA_TIMEZONE``), so a ``DAILY``
         429 pauses the provider until the next midnight there."""
-        zone = quota_zone(settings)
 
         def hook(exc: ProviderError) -> ProviderError:
-            return map_error(exc, now=clock.now(), zone=zone)
+            # Read at each refusal: account-info may answer after the hook is made.
+            return map_error(exc, now=clock.now(), zone=quota_zone(settings))
 
         return hook
 
