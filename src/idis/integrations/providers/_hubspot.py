@@ -644,7 +644,9 @@ class _Core:
         return SearchCursor(_ms(moment))
 
     def read(self, response: Any) -> Any:
-        self.rate_limit = read_rate_limit(response.status_code, response.headers, None)
+        self.rate_limit = read_rate_limit(
+            response.status_code, response.headers, None, zone=quota_zone(self.settings)
+        )
         try:
             return response.json()
         except ValueError:
