@@ -372,6 +372,26 @@ def _pack_name(value: object, name: str) -> str:
     return text
 
 
+def _time_zone(value: object, name: str) -> str:
+    """An IANA time zone name that ``zoneinfo`` knows (``UTC``, ``US/Eastern``, ...), or empty."""
+    import zoneinfo
+
+    text = str(value).strip()
+    if not text:
+        return ""
+    try:
+        known = zoneinfo.ZoneInfo(text) is not None
+    except (ValueError, OSError, zoneinfo.ZoneInfoNotFoundError):
+        known = False
+    if not known:
+        raise ConfigError(
+            f"{name}={value!r} is not a time zone: expected an IANA name such as UTC, "
+            "America/New_York or US/Eastern",
+            variable=name,
+        )
+    return text
+
+
 def _log_level(value: object, name: str) -> str:
     return _choice(value, name, ("debug", "info", "warning", "error", "critical")).upper()
 
@@ -809,6 +829,18 @@ class ProviderSettings:
             _text,
             "The provider's id of our app (HubSpot: the app id that webhook subscriptions "
             "and the webhooks journal belong to).",
+            shown="empty",
+        ),
+    )
+    quota_timezone: str = field(
+        default="",
+        metadata=_var(
+            "QUOTA_TIMEZONE",
+            _time_zone,
+            "IANA time zone the provider's daily quota resets in, at local midnight (`UTC`, "
+            "`US/Eastern`); a spent daily quota pauses the provider until then. Empty: the "
+            "pack's default (HubSpot asks the account's `timeZone` once, from "
+            "`GET /account-info/v3/details`, and falls back to UTC; other packs: UTC).",
             shown="empty",
         ),
     )

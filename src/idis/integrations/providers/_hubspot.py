@@ -38,14 +38,17 @@ ms>``. Ordering: by modification time (``hs_lastmodifieddate`` /
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .._flow import Flow, async_face, sync_face
 from .._timeparse import utcnow
@@ -62,6 +65,7 @@ from ._order import BY_MODIFIED, Ordering, micros
 from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
 
 if TYPE_CHECKING:
+    from .._clock import Clock
     from ..config import ProviderSettings, Secret
     from ..resilience._gateway import AsyncGateway, Gateway
     from ..webhooks._verify import InboundRequest
@@ -75,6 +79,9 @@ __all__ = [
     "HubSpotPack",
     "HubSpotSignature",
     "SearchCursor",
+    "account_zone",
+    "quota_zone",
+    "seconds_to_local_midnight",
     "sign_v1",
     "sign_v2",
     "sign_v3",
@@ -496,10 +503,57 @@ def _int(headers: Mapping[str, str], name: str) -> int | None:
     return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
 
 
+def seconds_to_local_midnight(now: datetime, zone: tzinfo = UTC) -> float:
+    """Seconds from ``now`` (aware) until the next midnight in ``zone``.
+
+    HubSpot resets the daily quota at midnight in the account's time zone. The
+    arithmetic is done in UTC, so a day of 23 or 25 hours (a DST change) counts
+    the hours that really pass; where a DST change skips midnight itself, the day
+    starts at the change (the first instant of the new date).
+    """
+    local = now.astimezone(zone)
+    tomorrow = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), zone)
+    return (tomorrow.astimezone(UTC) - now.astimezone(UTC)).total_seconds()
+
+
 def seconds_to_utc_midnight(now: datetime) -> float:
-    """Seconds until the next UTC midnight (HubSpot resets the daily quota at midnight)."""
-    tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return (tomorrow - now).total_seconds()
+    """Seconds until the next UTC midnight (:func:`seconds_to_local_midnight` in UTC)."""
+    return seconds_to_local_midnight(now, UTC)
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(name: str) -> tzinfo:
+    return UTC if name == "UTC" else ZoneInfo(name)
+
+
+#: The account's time zone, per (provider, base URL), as account-info said (UTC when it
+#: could not say): asked once per process, by the first call of a client.
+_ACCOUNT_ZONES: dict[tuple[str, str], tzinfo] = {}
+_ACCOUNT_LOCK = threading.Lock()
+
+
+def _account_key(settings: ProviderSettings) -> tuple[str, str]:
+    return settings.name, settings.base_url
+
+
+def quota_zone(settings: ProviderSettings) -> tzinfo:
+    """The time zone of the provider's daily quota: ``QUOTA_TIMEZONE`` when set, else the
+    account's ``timeZone`` from account-info once a client has asked, else UTC."""
+    if settings.quota_timezone:
+        return _zone(settings.quota_timezone)
+    return _ACCOUNT_ZONES.get(_account_key(settings), UTC)
+
+
+def account_zone(body: Any) -> tzinfo | None:
+    """The ``timeZone`` of an account-info answer (``GET /account-info/v3/details``), when
+    ``zoneinfo`` knows it (HubSpot sends names such as ``US/Eastern``); else None."""
+    name = body.get("timeZone") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        return None
+    try:
+        return _zone(name.strip())
+    except (ValueError, OSError, ZoneInfoNotFoundError):
+        return None
 
 
 def read_rate_limit(
@@ -508,8 +562,10 @@ def read_rate_limit(
     details: Mapping[str, Any] | None,
     *,
     now: datetime | None = None,
+    zone: tzinfo = UTC,
 ) -> RateLimitReading | None:
-    """What HubSpot's ``X-HubSpot-RateLimit-*`` headers and a 429's ``policyName`` say."""
+    """What HubSpot's ``X-HubSpot-RateLimit-*`` headers and a 429's ``policyName`` say
+    (a spent daily quota resets at the next midnight in ``zone``)."""
     lower = {k.lower(): v for k, v in headers.items()}
     policy = None
     if details and isinstance(details.get("policyName"), str):
@@ -521,7 +577,7 @@ def read_rate_limit(
         return RateLimitReading(
             remaining=0,
             limit=_int(lower, "x-hubspot-ratelimit-daily"),
-            reset_after=seconds_to_utc_midnight(now or utcnow()),
+            reset_after=seconds_to_local_midnight(now or utcnow(), zone),
             policy="DAILY",
             exhausted=True,
         )
@@ -535,13 +591,16 @@ def read_rate_limit(
     )
 
 
-def map_error(exc: ProviderError, *, now: datetime | None = None) -> ProviderError:
-    """A 429 whose policy is ``DAILY``: a rate limit that lasts until the reset, not retried.
+def map_error(
+    exc: ProviderError, *, now: datetime | None = None, zone: tzinfo = UTC
+) -> ProviderError:
+    """A 429 whose policy is ``DAILY``: a rate limit that lasts until the reset (the next
+    midnight in the account's time zone ``zone``), not retried.
 
     Idempotent: the gateway maps a refusal first (its response hook), the client again.
     """
     if isinstance(exc, RateLimited) and not isinstance(exc, QuotaExhausted):
-        reading = read_rate_limit(429, {}, exc.details, now=now)
+        reading = read_rate_limit(429, {}, exc.details, now=now, zone=zone)
         if reading is not None and reading.exhausted:
             error = QuotaExhausted(
                 f"{exc.provider} {exc.endpoint}: rate limit (HTTP 429): HubSpot's daily quota "
@@ -585,7 +644,9 @@ class _Core:
         return SearchCursor(_ms(moment))
 
     def read(self, response: Any) -> Any:
-        self.rate_limit = read_rate_limit(response.status_code, response.headers, None)
+        self.rate_limit = read_rate_limit(
+            response.status_code, response.headers, None, zone=quota_zone(self.settings)
+        )
         try:
             return response.json()
         except ValueError:
@@ -644,11 +705,44 @@ class _HubSpotFlows(ClientFlows):
         return self._core.rate_limit
 
     def _call(self, endpoint_name: str, **kwargs: Any) -> Flow[Any]:
+        if not self.settings.quota_timezone and _account_key(self.settings) not in _ACCOUNT_ZONES:
+            yield from self._learn_quota_zone()
         try:
             response = yield Call(endpoint_name, kwargs, raw=True)
         except ProviderError as exc:
-            raise map_error(exc, now=self.gateway.clock.now()) from exc
+            raise map_error(
+                exc, now=self.gateway.clock.now(), zone=quota_zone(self.settings)
+            ) from exc
         return self._core.read(response)
+
+    def _learn_quota_zone(self) -> Flow[None]:
+        """Ask account-info for the account's time zone, once per process (no
+        ``QUOTA_TIMEZONE`` set); on any failure, UTC, said once in the log."""
+        settings = self.settings
+        zone: tzinfo | None = None
+        reason = "its answer names no time zone that zoneinfo knows"
+        try:
+            body = yield Call(endpoint(settings, "account_info", "/account-info/v3/details"))
+        except ProviderError as exc:
+            reason = str(exc)
+        else:
+            zone = account_zone(body)
+        with _ACCOUNT_LOCK:
+            first = _account_key(settings) not in _ACCOUNT_ZONES
+            _ACCOUNT_ZONES[_account_key(settings)] = zone or UTC
+        if zone is None and first:
+            from ..observability._logs import get_logger
+
+            variable = f"IDIS_PROVIDER_{self.name.upper()}_QUOTA_TIMEZONE"
+            get_logger().warning(
+                "idis.hubspot.quota_timezone_unknown",
+                msg=(
+                    f"{self.name}: HubSpot's account-info did not give the account's time zone "
+                    f"({reason}); the daily quota is taken to reset at midnight UTC. Set "
+                    f"{variable} to the account's time zone (an IANA name such as US/Eastern)"
+                ),
+                provider=self.name,
+            )
 
     def _get_record(self, record_id: str) -> Flow[ProviderRecord | None]:
         """The object, or None when HubSpot answers 404."""
@@ -678,8 +772,9 @@ class _HubSpotFlows(ClientFlows):
     ) -> Flow[ChangesPage]:
         """One CRM-search page after the opaque cursor ``after`` (or modified since ``since``)."""
         cursor = self._core.start(after, since)
+        # A search is a read sent as a POST: safe to repeat, so the gateway retries it.
         body = yield from self._call(
-            self._core.search(), method="POST", json=search_body(cursor, limit)
+            self._core.search(), method="POST", json=search_body(cursor, limit), idempotent=True
         )
         return self._core.page(body, cursor)
 
@@ -774,8 +869,21 @@ class HubSpotPack:
         return read_rate_limit(status, headers, details)
 
     def map_error(self, exc: ProviderError) -> ProviderError:
-        """A ``DAILY`` 429 is not retried before the reset."""
+        """A ``DAILY`` 429 is not retried before the reset (midnight UTC: no settings here)."""
         return map_error(exc)
+
+    def error_hook(
+        self, settings: ProviderSettings, clock: Clock
+    ) -> Callable[[ProviderError], ProviderError]:
+        """The gateway's response hook for one provider: :meth:`map_error` with the time of
+        the gateway's clock and the quota's time zone (``QUOTA_TIMEZONE``), so a ``DAILY``
+        429 pauses the provider until the next midnight there."""
+
+        def hook(exc: ProviderError) -> ProviderError:
+            # Read at each refusal: account-info may answer after the hook is made.
+            return map_error(exc, now=clock.now(), zone=quota_zone(settings))
+
+        return hook
 
     def update_call(
         self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]

@@ -180,6 +180,11 @@ class ProviderPack(Protocol):
     def map_error(self, exc: ProviderError) -> ProviderError:
         """The library's error for a provider error in this API's dialect (or ``exc``)."""
 
+    # Optional (not part of the protocol check): ``error_hook(settings, clock) ->
+    # (ProviderError -> ProviderError)``, the gateway's response hook for one provider when
+    # the mapping needs its settings or the time (HubSpot: a DAILY 429 pauses until the
+    # next midnight in QUOTA_TIMEZONE); without it the gateway calls ``map_error``.
+
     def update_call(
         self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]
     ) -> dict[str, Any]:

@@ -9,9 +9,10 @@ or :func:`~idis.integrations._flow.adrive` (``AsyncGateway``)::
       → bulkhead slot (FIFO) → breaker admission
       → one attempt (per-attempt timeouts, clipped to the deadline) → classify
       → record the outcome in the breaker and the metrics
-      → retry? only provider faults, only idempotent requests or ones carrying an
-        idempotency key, after the ``Backoff`` derived from ``RetryPolicy`` (or the
-        provider's Retry-After, capped), within the deadline and the retry budget
+      → retry? only provider faults, only idempotent requests (by method, or marked
+        ``idempotent=True`` by the caller) or ones carrying an idempotency key, after
+        the ``Backoff`` derived from ``RetryPolicy`` (or the provider's Retry-After,
+        capped), within the deadline and the retry budget
 
 The flow yields the I/O it needs as effects: a wait (:class:`_Wait`), a
 bulkhead slot when none is free (:class:`_Slot`), the HTTP request (the
@@ -184,6 +185,7 @@ class _Call(Effect[httpx.Response]):
         "endpoint",
         "headers",
         "idempotency_key",
+        "idempotent",
         "json",
         "method",
         "params",
@@ -209,6 +211,7 @@ class _Call(Effect[httpx.Response]):
         parse_json: bool,
         request_id: str | None,
         auth: Any,
+        idempotent: bool | None = None,
     ) -> None:
         self.provider = provider
         self.endpoint = endpoint
@@ -223,6 +226,8 @@ class _Call(Effect[httpx.Response]):
         self.parse_json = parse_json
         self._request_id = request_id
         self.auth = auth
+        #: The caller's word on whether repeating the request is safe (None: by method).
+        self.idempotent = idempotent
         #: Requests of this call that went out (attempts that reached the send step).
         self.sent = 0
         #: Per-attempt httpx timeouts, set before each send.
@@ -311,6 +316,8 @@ class _Runtime:
     #: The provider's pack when it is not the generic one: it sees every refusal first
     #: (``map_error``), so a spent quota is never retried blindly.
     pack: Any = None
+    #: The pack's response hook for this provider (:func:`_error_hook`); None: no mapping.
+    map_error: Callable[[ProviderError], ProviderError] | None = None
     paused_until: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     children: dict[tuple[str, ...], Any] = field(default_factory=dict)
@@ -403,6 +410,7 @@ class _Pipeline:
             else None
         )
         auth = self._auth_factory(provider) if self._auth_factory else None
+        pack = _pack_of(provider)
         runtime = _Runtime(
             settings=provider,
             breaker=self._breaker(provider, provider.name),
@@ -412,7 +420,8 @@ class _Pipeline:
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
             bulkhead=self._bulkhead(provider.max_concurrency),
             auth=httpx.USE_CLIENT_DEFAULT if auth is None else auth,
-            pack=_pack_of(provider),
+            pack=pack,
+            map_error=_error_hook(pack, provider, self.clock),
         )
         bulkhead = runtime.bulkhead
         # Occupancy is read at scrape time instead of two gauge updates per call.
@@ -458,6 +467,7 @@ class _Pipeline:
         idempotency_key: str | None,
         timeout: float | None,
         parse_json: bool,
+        idempotent: bool | None = None,
     ) -> tuple[_Runtime, _Call]:
         runtime = self.runtime(provider)
         settings = runtime.settings
@@ -495,6 +505,7 @@ class _Pipeline:
             parse_json,
             request_id,
             runtime.auth,
+            idempotent,
         )
 
     @staticmethod
@@ -745,11 +756,11 @@ class _Pipeline:
             # A 429's body names the limit that applies (HubSpot's policyName):
             # provider packs read it, like a refusal's retention_seconds.
             error.details = rejection_details(response.content)
-        if error is not None and runtime.pack is not None:
+        if error is not None and runtime.map_error is not None:
             # The response hook: the pack classifies the refusal before the retry
             # decision (Salesforce's 403 REQUEST_LIMIT_EXCEEDED, HubSpot's DAILY 429 are
             # a QuotaExhausted: the provider is paused for its retry_after, no retry).
-            error = runtime.pack.map_error(error)
+            error = runtime.map_error(error)
         return None, error
 
     def record(
@@ -865,7 +876,12 @@ class _Pipeline:
     def retry_wait(self, runtime: _Runtime, call: _Call, error: ProviderError) -> float | None:
         """Seconds to wait before retrying after ``error``; None (or ``BUDGET_EXHAUSTED``,
         a negative number) to give up now."""
-        if not should_retry(error, method=call.method, idempotency_key=call.idempotency_key):
+        if not should_retry(
+            error,
+            method=call.method,
+            idempotency_key=call.idempotency_key,
+            idempotent=call.idempotent,
+        ):
             return None
         policy = runtime.settings.retry
         if call.sent >= effective_attempts(policy):
@@ -1022,6 +1038,20 @@ def _pack_of(provider: ProviderSettings) -> Any:
     return pack_for(provider)
 
 
+def _error_hook(
+    pack: Any, provider: ProviderSettings, clock: Clock
+) -> Callable[[ProviderError], ProviderError] | None:
+    """The response hook of a provider: ``pack.error_hook(settings, clock)`` when the pack
+    has one (its mapping needs the provider's settings or the time, as HubSpot's quota
+    reset does), else ``pack.map_error``."""
+    if pack is None:
+        return None
+    bind = getattr(pack, "error_hook", None)
+    if bind is None:
+        return pack.map_error  # type: ignore[no-any-return]
+    return bind(provider, clock)  # type: ignore[no-any-return]
+
+
 def _limits(settings: Settings) -> httpx.Limits:
     # A pool sized to the largest bulkhead: 64 fresh connections per burst was
     # several times slower than a pool capped per provider (issue 2's notes).
@@ -1079,8 +1109,16 @@ class _Face:
         headers: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
+        idempotent: bool | None = None,
     ) -> Flow[httpx.Response]:
         """Call ``endpoint`` of ``provider``; return the (1xx-3xx) response.
+
+        A failed attempt is retried only when repeating the request is safe: its
+        method is idempotent (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) or it carries
+        ``idempotency_key`` (sent as ``Idempotency-Key``). ``idempotent=True`` says a
+        request whose method is not idempotent is safe to repeat anyway (a read sent
+        as a POST, such as HubSpot's CRM search); ``idempotent=False`` says the
+        opposite of a request whose method is (default None: decided by the method).
 
         Raises:
             UnknownProviderError: the provider is not configured.
@@ -1100,6 +1138,7 @@ class _Face:
             idempotency_key=idempotency_key,
             timeout=timeout,
             parse_json=False,
+            idempotent=idempotent,
         )
 
     def _get_json(
@@ -1114,6 +1153,7 @@ class _Face:
         headers: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
+        idempotent: bool | None = None,
     ) -> Flow[Any]:
         """Like :meth:`request`, returning the decoded JSON body.
 
@@ -1132,6 +1172,7 @@ class _Face:
             idempotency_key=idempotency_key,
             timeout=timeout,
             parse_json=True,
+            idempotent=idempotent,
         )
 
     def _health(self, provider: str) -> Flow[HealthReport]:

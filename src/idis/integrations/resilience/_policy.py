@@ -41,18 +41,37 @@ __all__ = [
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
-def is_retry_safe(method: str, idempotency_key: str | None) -> bool:
-    """Whether a failed request may be sent again without risking a double effect."""
-    return method.upper() in IDEMPOTENT_METHODS or bool(idempotency_key)
+def is_retry_safe(method: str, idempotency_key: str | None, idempotent: bool | None = None) -> bool:
+    """Whether a failed request may be sent again without risking a double effect.
+
+    ``idempotent`` is the caller's word on this one request, overriding the method:
+    True for a read sent as a POST (HubSpot's CRM search), False for a request that
+    must never be repeated even though its method is idempotent. An idempotency key
+    makes any request safe.
+    """
+    if idempotency_key:
+        return True
+    if idempotent is not None:
+        return idempotent
+    return method.upper() in IDEMPOTENT_METHODS
 
 
-def should_retry(exc: ProviderError, *, method: str, idempotency_key: str | None) -> bool:
+def should_retry(
+    exc: ProviderError,
+    *,
+    method: str,
+    idempotency_key: str | None,
+    idempotent: bool | None = None,
+) -> bool:
     """Whether ``exc`` on this request warrants another attempt (budget aside).
 
     Only provider faults are retried (timeouts, connection errors, 5xx, 429,
     malformed bodies); a 4xx we caused, an open breaker or a full bulkhead is not.
+    And only requests safe to repeat (:func:`is_retry_safe`).
     """
-    return exc.retryable and exc.provider_fault and is_retry_safe(method, idempotency_key)
+    return (
+        exc.retryable and exc.provider_fault and is_retry_safe(method, idempotency_key, idempotent)
+    )
 
 
 def effective_attempts(policy: RetryPolicy) -> int:

@@ -10,7 +10,8 @@ HubSpot (https://developers.hubspot.com/docs/api/crm/search):
     ``POST /crm/v3/objects/deals/search`` (``hs_lastmodifieddate`` GTE filter,
     ascending, ``after`` paging, HTTP 400 past 10,000 results),
     ``GET /crm/v3/objects/deals[/{id}]``, ``PATCH /crm/v3/objects/deals/{id}``
-    (``{"properties": {...}}``); ``X-HubSpot-RateLimit-*`` on every answer.
+    (``{"properties": {...}}``); ``X-HubSpot-RateLimit-*`` on every answer;
+    ``GET /account-info/v3/details`` (the account's ``timeZone``: ``US/Eastern``).
 Salesforce (https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/):
     ``GET /services/data/{v}/query?q=`` (the SOQL forms the pack sends),
     ``/sobjects/Opportunity/{id}`` (GET; PATCH answers 204), ``/updated/`` (30
@@ -25,6 +26,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,17 +34,26 @@ from starlette.routing import Route
 
 from ._state import Record, SimulatorState
 
-__all__ = ["DIALECT_ENDPOINTS", "dialect_endpoint", "dialect_routes", "unauthorized_body"]
+__all__ = [
+    "DIALECT_ENDPOINTS",
+    "HUBSPOT_TIME_ZONE",
+    "dialect_endpoint",
+    "dialect_routes",
+    "unauthorized_body",
+]
 
 #: Results one HubSpot search query pages through before HubSpot answers 400.
 HUBSPOT_SEARCH_LIMIT = 10_000
 HUBSPOT_DAILY = 250_000
+#: The simulated HubSpot account's time zone (``GET /account-info/v3/details``).
+HUBSPOT_TIME_ZONE = "US/Eastern"
 SALESFORCE_DAILY = 15_000
 _SF_UPDATED_WINDOW = timedelta(days=30)
 _SF_DELETED_WINDOW = timedelta(days=15)
 
 #: (pattern of the path after ``/p/{provider}/``, endpoint name the fault layer and auth see).
 DIALECT_ENDPOINTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^account-info/v3/details$"), "account_info"),
     (re.compile(r"^crm/v3/objects/deals/search$"), "changes"),
     (re.compile(r"^crm/v3/objects/deals$"), "records"),
     (re.compile(r"^crm/v3/objects/deals/[^/]+$"), "record"),
@@ -199,6 +210,27 @@ def dialect_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -
         if offset + limit < len(found):
             after = str(offset + limit)
             answer["paging"] = {"next": {"after": after, "link": f"?after={after}"}}
+        return JSONResponse(answer, headers=headers)
+
+    async def hs_account(request: Request) -> Response:
+        with sim.lock:
+            provider = provider_of(request)
+            headers = hs_headers(provider)
+            now = sim.now()
+        offset = now.astimezone(ZoneInfo(HUBSPOT_TIME_ZONE)).utcoffset() or timedelta(0)
+        minutes = int(offset.total_seconds()) // 60
+        sign = "-" if minutes < 0 else "+"
+        answer = {
+            "portalId": 62515,
+            "accountType": "STANDARD",
+            "timeZone": HUBSPOT_TIME_ZONE,
+            "companyCurrency": "USD",
+            "additionalCurrencies": [],
+            "utcOffset": f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}",
+            "utcOffsetMilliseconds": minutes * 60_000,
+            "uiDomain": "app.hubspot.com",
+            "dataHostingLocation": "na1",
+        }
         return JSONResponse(answer, headers=headers)
 
     async def hs_list(request: Request) -> Response:
@@ -358,6 +390,7 @@ def dialect_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -
     base = "/p/{provider}"
     sf = base + "/services/data/{version}"
     return [
+        Route(base + "/account-info/v3/details", hs_account, methods=["GET"]),
         Route(base + "/crm/v3/objects/deals/search", hs_search, methods=["POST"]),
         Route(base + "/crm/v3/objects/deals", hs_list, methods=["GET"]),
         Route(base + "/crm/v3/objects/deals/{object_id}", hs_object, methods=["GET", "PATCH"]),

@@ -63,6 +63,7 @@ ENDPOINTS: tuple[str, ...] = (
     "revoke",
     "rotate",
     "webhooks_inbound",
+    "account_info",
 )
 FAULT_KINDS: tuple[str, ...] = (
     "error",
