@@ -172,7 +172,8 @@ def _daily_429(sim: RunningSimulator, settings: Settings, clock: ManualClock) ->
         sim.control.set_fault(P, "rate_limit", endpoint="record", count=1, policy="DAILY")
         with pytest.raises(QuotaExhausted) as caught:
             client.get_record("deal_1")
-        assert caught.value.retry_after == gateway.snapshot(P)["paused_for"]
+        paused = gateway.snapshot(P)["paused_for"]  # rounded to the millisecond
+        assert pytest.approx(caught.value.retry_after, abs=0.001) == paused
     return caught.value
 
 
@@ -206,3 +207,29 @@ def test_when_account_info_is_refused_the_zone_is_utc_said_once(
     out = capsys.readouterr().out
     assert 1 == out.count("idis.hubspot.quota_timezone_unknown")
     assert "IDIS_PROVIDER_CRM_PROVIDER_QUOTA_TIMEZONE" in out
+
+
+def test_when_account_info_fails_the_zone_is_utc_for_an_hour_then_asked_again(
+    sim: RunningSimulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A provider down when first asked must not pin UTC for the life of the process."""
+    clock = ManualClock(datetime(2026, 3, 8, 12, 0, tzinfo=UTC))
+    settings = simulator_settings(sim.url, providers=(P,), api="hubspot")
+    sim.control.set_fault(P, "error", endpoint="account_info", status=503)
+
+    during = _daily_429(sim, settings, clock)
+    asked_during = sim.control.stats(P)["requests"]["account_info"]
+    clock.advance(30 * 60)
+    within_the_hour = _daily_429(sim, settings, clock)  # not asked again yet
+    sim.control.clear_faults(P)
+    clock.advance(31 * 60)
+    after = _daily_429(sim, settings, clock)
+
+    # (The manual clock also moved by the retries' short sleeps.)
+    assert pytest.approx(12 * HOUR, abs=1) == during.retry_after  # midnight UTC meanwhile
+    assert pytest.approx(11.5 * HOUR, abs=1) == within_the_hour.retry_after
+    assert asked_during == sim.control.stats(P)["requests"]["account_info"] - 1
+    eastern = seconds_to_local_midnight(clock.now(), ZoneInfo("US/Eastern"))
+    assert pytest.approx(eastern, abs=1) == after.retry_after
+    assert ZoneInfo("US/Eastern") == quota_zone(settings.provider(P))
+    assert 1 == capsys.readouterr().out.count("idis.hubspot.quota_timezone_unknown")

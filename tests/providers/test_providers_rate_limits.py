@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from idis.integrations._clock import ManualClock
 from idis.integrations.exceptions import QuotaExhausted, RateLimited
 from idis.integrations.providers import async_client_for, client_for
 from idis.integrations.resilience import Gateway
@@ -30,10 +32,15 @@ def sim() -> Iterator[RunningSimulator]:
 
 
 def _get(sim: RunningSimulator, api: str, face: str) -> tuple[Any, Any, bool, str]:
-    """Fetch ``deal_1`` once; the outcome (record or error), then the gateway's view."""
+    """Fetch ``deal_1`` once; the outcome (record or error), then the gateway's view.
+
+    The gateway's clock stands at noon UTC: a quota pause that lasts until a
+    midnight is then hours long whenever the test runs.
+    """
     settings = simulator_settings(sim.url, providers=(P,), api=api)
+    clock = ManualClock(datetime(2026, 12, 7, 12, 0, tzinfo=UTC))
     if face == "sync":
-        gateway = Gateway(settings)
+        gateway = Gateway(settings, clock=clock)
         try:
             try:
                 outcome: Any = client_for(gateway, P).get_record("deal_1")
@@ -44,7 +51,7 @@ def _get(sim: RunningSimulator, api: str, face: str) -> tuple[Any, Any, bool, st
             gateway.close()
 
     async def run() -> tuple[Any, Any, bool, str]:
-        agw = AsyncGateway(settings)
+        agw = AsyncGateway(settings, clock=clock)
         try:
             try:
                 outcome: Any = await async_client_for(agw, P).get_record("deal_1")

@@ -527,8 +527,13 @@ def _zone(name: str) -> tzinfo:
 
 
 #: The account's time zone, per (provider, base URL), as account-info said (UTC when it
-#: could not say): asked once per process, by the first call of a client.
+#: answered without one, or refused: a token without the scope): asked once per process,
+#: by the first call of a client.
 _ACCOUNT_ZONES: dict[tuple[str, str], tzinfo] = {}
+#: When to ask again after account-info failed (outage, timeout, 429): a provider down at
+#: start-up must not pin UTC for the life of the process, nor be asked before every call.
+_ACCOUNT_RETRY_AT: dict[tuple[str, str], datetime] = {}
+_ACCOUNT_RETRY = timedelta(hours=1)
 _ACCOUNT_LOCK = threading.Lock()
 
 
@@ -705,7 +710,7 @@ class _HubSpotFlows(ClientFlows):
         return self._core.rate_limit
 
     def _call(self, endpoint_name: str, **kwargs: Any) -> Flow[Any]:
-        if not self.settings.quota_timezone and _account_key(self.settings) not in _ACCOUNT_ZONES:
+        if self._quota_zone_unknown():
             yield from self._learn_quota_zone()
         try:
             response = yield Call(endpoint_name, kwargs, raw=True)
@@ -715,21 +720,42 @@ class _HubSpotFlows(ClientFlows):
             ) from exc
         return self._core.read(response)
 
+    def _quota_zone_unknown(self) -> bool:
+        """Whether to ask account-info now: no ``QUOTA_TIMEZONE``, no answer yet, and no
+        failed ask within the last hour."""
+        if self.settings.quota_timezone:
+            return False
+        key = _account_key(self.settings)
+        if key in _ACCOUNT_ZONES:
+            return False
+        retry_at = _ACCOUNT_RETRY_AT.get(key)
+        return retry_at is None or self.gateway.clock.now() >= retry_at
+
     def _learn_quota_zone(self) -> Flow[None]:
         """Ask account-info for the account's time zone, once per process (no
-        ``QUOTA_TIMEZONE`` set); on any failure, UTC, said once in the log."""
+        ``QUOTA_TIMEZONE`` set). An answer without a zone, or a refusal (a token
+        without the scope), settles on UTC; a failure (outage, timeout, 429) means
+        UTC for now and another ask an hour later. Either is said once in the log."""
         settings = self.settings
+        key = _account_key(settings)
         zone: tzinfo | None = None
+        answered = True
         reason = "its answer names no time zone that zoneinfo knows"
         try:
             body = yield Call(endpoint(settings, "account_info", "/account-info/v3/details"))
-        except ProviderError as exc:
+        except ProviderRejected as exc:
             reason = str(exc)
+        except ProviderError as exc:
+            reason, answered = f"{exc}; asked again in an hour", False
         else:
             zone = account_zone(body)
         with _ACCOUNT_LOCK:
-            first = _account_key(settings) not in _ACCOUNT_ZONES
-            _ACCOUNT_ZONES[_account_key(settings)] = zone or UTC
+            first = key not in _ACCOUNT_ZONES and key not in _ACCOUNT_RETRY_AT
+            if answered:
+                _ACCOUNT_ZONES[key] = zone or UTC
+                _ACCOUNT_RETRY_AT.pop(key, None)
+            else:
+                _ACCOUNT_RETRY_AT[key] = self.gateway.clock.now() + _ACCOUNT_RETRY
         if zone is None and first:
             from ..observability._logs import get_logger
 
