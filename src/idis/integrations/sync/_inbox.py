@@ -383,19 +383,6 @@ _PG_LOCK = text(
     "ON CONFLICT (provider, record_id) DO UPDATE SET event_id = sync_record_versions.event_id "
     "RETURNING record_id, order_major, order_minor, event_id"
 )
-_PG_ADVANCE = text(
-    "UPDATE sync_record_versions AS v SET order_major = u.ma, order_minor = u.mi, "
-    "event_id = u.e, updated_at = :now "
-    "FROM unnest(CAST(:r AS VARCHAR[]), CAST(:ma AS BIGINT[]), CAST(:mi AS VARCHAR[]), "
-    "CAST(:e AS VARCHAR[])) AS u(r, ma, mi, e) "
-    "WHERE v.provider = :provider AND v.record_id = u.r "
-    'AND (v.order_major, v.order_minor) < (u.ma, u.mi COLLATE "C") '
-    "RETURNING v.record_id"
-)
-_PG_DROP_PLACEHOLDERS = text(
-    "DELETE FROM sync_record_versions WHERE provider = :provider "
-    "AND record_id = ANY(CAST(:ids AS VARCHAR[])) AND event_id = ''"
-)
 # PostgreSQL: one index probe per id. An IN list's prepared generic plan can
 # scan the provider's whole inbox once statistics go stale after a backlog
 # (measured at 150 ms per 1,000-id page on a 20,000-row inbox); unnest +
@@ -405,14 +392,17 @@ _PG_INBOX_ROWS = text(
     "CROSS JOIN LATERAL (SELECT i.event_id, i.webhook_at FROM sync_inbox AS i "
     "WHERE i.provider = :provider AND i.event_id = u.id LIMIT 1) AS x"
 )
-_PG_TOUCH = text(
-    "UPDATE sync_inbox SET webhook_at = :now WHERE provider = :provider "
-    "AND event_id = ANY(CAST(:ids AS VARCHAR[])) AND webhook_at IS NULL"
-)
-# The batch's claim: one row per new event, the columns that vary per event as
-# arrays, the ones a batch shares (provider, source, receipt and webhook time)
-# as single values. Built once: a batch binds values and nothing else.
-_PG_INSERT_INBOX = text(
+# Everything a batch writes once it is decided, in one statement (one round trip):
+# ``claimed`` inserts the new inbox rows (the columns that vary per event as
+# arrays, the ones a batch shares as single values); ``moved`` advances the
+# ledger rows the batch locked; ``touched`` stamps ``webhook_at`` on events a
+# webhook redelivered; ``dropped`` removes the placeholders no event moved. The
+# four touch disjoint rows (a row changed twice in one statement is undefined in
+# PostgreSQL): new inbox ids vs known ones, moved records vs unmoved placeholders.
+# Data-modifying CTEs run whether or not the final SELECT reads them. Ledger rows
+# are all locked already (``_PG_LOCK``), so the lock order stays ledger, then inbox.
+_PG_WRITE = text(
+    "WITH claimed AS ("
     "INSERT INTO sync_inbox (provider, event_id, event_type, record_id, tenant_id, seq, "
     "version, occurred_at, source, status, received_at, webhook_at) "
     "SELECT CAST(:provider AS VARCHAR), u.e, u.t, u.r, u.tn, u.s, u.v, u.o, "
@@ -422,7 +412,21 @@ _PG_INSERT_INBOX = text(
     "CAST(:tn AS VARCHAR[]), CAST(:s AS BIGINT[]), CAST(:v AS BIGINT[]), "
     "CAST(:o AS TIMESTAMP WITH TIME ZONE[]), CAST(:st AS VARCHAR[])) "
     "AS u(e, t, r, tn, s, v, o, st) "
-    "ON CONFLICT (provider, event_id) DO NOTHING RETURNING event_id"
+    "ON CONFLICT (provider, event_id) DO NOTHING RETURNING 1), "
+    "moved AS ("
+    "UPDATE sync_record_versions AS v SET order_major = a.ma, order_minor = a.mi, "
+    "event_id = a.e, updated_at = :now "
+    "FROM unnest(CAST(:ar AS VARCHAR[]), CAST(:ama AS BIGINT[]), CAST(:ami AS VARCHAR[]), "
+    "CAST(:ae AS VARCHAR[])) AS a(r, ma, mi, e) "
+    "WHERE v.provider = :provider AND v.record_id = a.r "
+    'AND (v.order_major, v.order_minor) < (a.ma, a.mi COLLATE "C") RETURNING 1), '
+    "touched AS ("
+    "UPDATE sync_inbox SET webhook_at = :now WHERE provider = :provider "
+    "AND event_id = ANY(CAST(:touch AS VARCHAR[])) AND webhook_at IS NULL RETURNING 1), "
+    "dropped AS ("
+    "DELETE FROM sync_record_versions WHERE provider = :provider "
+    "AND record_id = ANY(CAST(:drop AS VARCHAR[])) AND event_id = '' RETURNING 1) "
+    "SELECT (SELECT count(*) FROM claimed), (SELECT count(*) FROM moved)"
 )
 
 
@@ -541,13 +545,13 @@ def webhook_reports(session: Session, provider: str, since: datetime) -> dict[st
 
 def _lock_records(
     session: _Executor, provider: str, record_ids: list[str], now: datetime
-) -> tuple[dict[str, OrderKey], bool]:
+) -> tuple[dict[str, OrderKey], set[str]]:
     """Lock the records' ledger rows (sorted) and read them: (current keys, placeholders made)."""
     if not record_ids:
-        return {}, False
+        return {}, set()
     if _dialect(session) != "postgresql":
         # SQLite: BEGIN IMMEDIATE already holds the database's only write lock.
-        return current_keys(session, provider, record_ids), False
+        return current_keys(session, provider, record_ids), set()
     rows = session.execute(
         _PG_LOCK, {"provider": provider, "ids": record_ids, "floor": _MIN_MAJOR, "now": now}
     ).all()
@@ -556,39 +560,68 @@ def _lock_records(
         for rid, major, minor, event_id in rows
         if event_id != _PLACEHOLDER
     }
-    return current, len(current) < len(rows)
+    return current, {rid for rid, _major, _minor, event_id in rows if event_id == _PLACEHOLDER}
 
 
-def _insert_inbox(
-    session: _Executor,
-    batch: _Batch,
-    claimed: list[tuple[Any, ApplyOutcome]],
-    webhook_at: datetime | None,
-) -> set[str]:
-    """Insert the inbox rows of ``claimed`` in event-id order; return the ids actually inserted."""
-    if not claimed:
-        return set()
-    claimed.sort(key=lambda c: c[0].id)
-    provider, source, now = batch.provider, batch.source, batch.now
-    if _dialect(session) == "postgresql":
-        result = session.execute(
-            _PG_INSERT_INBOX,
-            {
-                "provider": provider,
-                "source": source,
-                "now": now,
-                "webhook_at": webhook_at,
-                "e": [e.id for e, _ in claimed],
-                "t": [e.type for e, _ in claimed],
-                "r": [e.record_id for e, _ in claimed],
-                "tn": [e.tenant_id for e, _ in claimed],
-                "s": [e.seq for e, _ in claimed],
-                "v": [e.version for e, _ in claimed],
-                "o": [e.occurred_at for e, _ in claimed],
-                "st": [o.value for _, o in claimed],
-            },
-        )
-    else:
+@dataclass(frozen=True, slots=True)
+class _Writes:
+    """What a decided batch writes."""
+
+    #: New inbox rows (event, outcome), in event-id order.
+    claimed: list[tuple[Any, ApplyOutcome]]
+    #: ``webhook_at`` of the new rows (None unless a webhook brought them).
+    webhook_at: datetime | None
+    #: Known events a webhook redelivered (``webhook_at`` stamped if still empty), sorted.
+    touch: list[str]
+    #: Ledger rows to move: (record id, (new key, event id)), in record-id order.
+    advance: list[tuple[str, tuple[OrderKey, str]]]
+    #: Placeholder ledger rows no event moved (PostgreSQL), sorted.
+    drop: list[str]
+
+    def any(self) -> bool:
+        return bool(self.claimed or self.advance or self.touch or self.drop)
+
+
+def _pg_write(session: _Executor, batch: _Batch, writes: _Writes) -> tuple[int, int]:
+    """PostgreSQL: every write of a decided batch in one statement; (rows claimed, rows moved)."""
+    claimed, advance = writes.claimed, writes.advance
+    row = session.execute(
+        _PG_WRITE,
+        {
+            "provider": batch.provider,
+            "source": batch.source,
+            "now": batch.now,
+            "webhook_at": writes.webhook_at,
+            "e": [e.id for e, _ in claimed],
+            "t": [e.type for e, _ in claimed],
+            "r": [e.record_id for e, _ in claimed],
+            "tn": [e.tenant_id for e, _ in claimed],
+            "s": [e.seq for e, _ in claimed],
+            "v": [e.version for e, _ in claimed],
+            "o": [e.occurred_at for e, _ in claimed],
+            "st": [o.value for _, o in claimed],
+            "ar": [rid for rid, _ in advance],
+            "ama": [key.major for _, (key, _e) in advance],
+            "ami": [key.minor for _, (key, _e) in advance],
+            "ae": [event_id for _, (_k, event_id) in advance],
+            "touch": writes.touch,
+            "drop": writes.drop,
+        },
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+def _sqlite_write(session: _Executor, batch: _Batch, writes: _Writes) -> tuple[int, int]:
+    """SQLite: the same writes as :func:`_pg_write` (no placeholders), executemany each."""
+    provider, now = batch.provider, batch.now
+    claimed, touch, advance, webhook_at = (
+        writes.claimed,
+        writes.touch,
+        writes.advance,
+        writes.webhook_at,
+    )
+    claimed_count = moved = 0
+    if claimed:
         result = session.execute(
             _SQLITE_INSERT_INBOX,
             [
@@ -601,7 +634,7 @@ def _insert_inbox(
                     "seq": event.seq,
                     "version": event.version,
                     "occurred_at": event.occurred_at,
-                    "source": source,
+                    "source": batch.source,
                     "status": outcome.value,
                     "received_at": now,
                     "webhook_at": webhook_at,
@@ -609,37 +642,11 @@ def _insert_inbox(
                 for event, outcome in claimed
             ],
         )
-    return {row[0] for row in result}
-
-
-def _touch(session: _Executor, provider: str, ids: list[str], now: datetime) -> None:
-    """Stamp ``webhook_at`` on events a webhook redelivered (the sentinel's health evidence)."""
-    if not ids:
-        return
-    if _dialect(session) == "postgresql":
-        session.execute(_PG_TOUCH, {"provider": provider, "ids": ids, "now": now})
-    else:
-        session.execute(_SQLITE_TOUCH, [{"p": provider, "e": i, "w": now} for i in ids])
-
-
-def _advance(session: _Executor, provider: str, plan: BatchPlan, now: datetime) -> int:
-    """Move the ledger rows to their new keys; return how many moved."""
-    if not plan.advance:
-        return 0
-    items = sorted(plan.advance.items())
-    if _dialect(session) == "postgresql":
-        result = session.execute(
-            _PG_ADVANCE,
-            {
-                "provider": provider,
-                "now": now,
-                "r": [rid for rid, _ in items],
-                "ma": [key.major for _, (key, _e) in items],
-                "mi": [key.minor for _, (key, _e) in items],
-                "e": [event_id for _, (_k, event_id) in items],
-            },
-        )
-    else:
+        claimed_count = len(result.all())
+    if touch:
+        # A redelivery of a webhook-delivered event writes nothing (webhook_at IS NULL).
+        session.execute(_SQLITE_TOUCH, [{"p": provider, "e": i, "w": now} for i in touch])
+    if advance:
         result = session.execute(
             _SQLITE_ADVANCE,
             [
@@ -651,10 +658,11 @@ def _advance(session: _Executor, provider: str, plan: BatchPlan, now: datetime) 
                     "event_id": event_id,
                     "updated_at": now,
                 }
-                for rid, (key, event_id) in items
+                for rid, (key, event_id) in advance
             ],
         )
-    return len(result.all())
+        moved = len(result.all())
+    return claimed_count, moved
 
 
 class _Conflict(Exception):
@@ -701,15 +709,25 @@ def _claim(orm_session: Session, batch: _Batch) -> BatchPlan:
                 touch.append(event.id)
             continue
         claimed.append((event, outcome))
-    if len(_insert_inbox(session, batch, claimed, webhook_at)) != len(claimed):
+    # Event-id order for the inbox rows, record-id order for the ledger's.
+    claimed.sort(key=lambda c: c[0].id)
+    writes = _Writes(
+        claimed,
+        webhook_at,
+        sorted(set(touch)),
+        sorted(plan.advance.items()),
+        sorted(placeholders.difference(plan.advance)),
+    )
+    if _dialect(session) == "postgresql":
+        inserted, moved = _pg_write(session, batch, writes) if writes.any() else (0, 0)
+    else:
+        inserted, moved = _sqlite_write(session, batch, writes)
+    if inserted != len(claimed):
         # Only an event no ledger lock covers (no record, or a type this
         # replica's registry does not handle) can be claimed meanwhile.
         raise _Conflict(f"{provider}: events of the batch were claimed meanwhile")
-    _touch(session, provider, sorted(set(touch)), now)
-    if _advance(session, provider, plan, now) != len(plan.advance):
+    if moved != len(writes.advance):
         raise _Conflict(f"{provider}: records of the batch moved meanwhile")
-    if placeholders:
-        session.execute(_PG_DROP_PLACEHOLDERS, {"provider": provider, "ids": records})
     return plan
 
 
