@@ -556,3 +556,24 @@ def test_a_batch_writes_with_one_statement_after_its_two_reads(
     assert [("evt_1", "rec_a", 5), ("evt_4", "rec_c", 1), ("evt_5", "rec_c", 2)] == host.rows()
     if faces.engine.dialect.name == "postgresql":
         assert 3 == len(statements), statements
+
+
+def test_a_batch_larger_than_one_in_list_reads_in_chunks(
+    sqlite_faces: Faces, sqlite_host: HostTable
+) -> None:
+    """More ids than one IN list takes (SQLite's parameter limit): the reads go in chunks.
+
+    Below the limit a batch's ledger and inbox reads are one statement; above it
+    they fall back to chunked reads, with the same decisions.
+    """
+    registry = sqlite_host.registry()
+    events = [make_event(n, record_id=f"rec_{n % 700}", version=n) for n in range(1, 1202)]
+    sqlite_faces.apply_events(events[:600], "poll", registry)
+
+    result = sqlite_faces.apply_events(events, "webhook", registry)
+
+    assert [ApplyOutcome.DUPLICATE] * 600 == result.outcomes[:600]
+    # Events 701.. come back to records 1..501 with newer versions: applied.
+    assert all(o is ApplyOutcome.APPLIED for o in result.outcomes[600:])
+    assert 1201 == len(_inbox(sqlite_faces.engine))
+    assert 700 == len(_ledger(sqlite_faces.engine))

@@ -492,6 +492,35 @@ _SQLITE_TOUCH = (
 )
 
 
+# SQLite: a batch's two reads (the ledger keys of its records, the inbox rows of
+# its events) in one statement; each row says which read it answers.
+_SQLITE_READS = text(
+    "SELECT 0, record_id, order_major, order_minor FROM sync_record_versions "
+    "WHERE provider = :provider AND record_id IN :records AND event_id != '' "
+    "UNION ALL "
+    "SELECT 1, event_id, webhook_at IS NOT NULL, NULL FROM sync_inbox "
+    "WHERE provider = :provider AND event_id IN :ids"
+).bindparams(bindparam("records", expanding=True), bindparam("ids", expanding=True))
+
+
+def _sqlite_reads(
+    session: _Executor, provider: str, record_ids: list[str], event_ids: list[str]
+) -> tuple[dict[str, OrderKey], dict[str, bool]]:
+    """SQLite: :func:`current_keys` and :func:`inbox_rows` of a batch, in one statement."""
+    ids = list(dict.fromkeys(event_ids))
+    if len(record_ids) > _CHUNK or len(ids) > _CHUNK:
+        return current_keys(session, provider, record_ids), inbox_rows(session, provider, ids)
+    current: dict[str, OrderKey] = {}
+    known: dict[str, bool] = {}
+    rows = session.execute(_SQLITE_READS, {"provider": provider, "records": record_ids, "ids": ids})
+    for which, key, first, second in rows:
+        if which == 0:
+            current[key] = OrderKey(int(first), second)
+        else:
+            known[key] = bool(first)
+    return current, known
+
+
 def inbox_rows(session: _Executor, provider: str, event_ids: Iterable[str]) -> dict[str, bool]:
     """Which of ``event_ids`` the inbox holds, each with whether a webhook delivered it."""
     ids = list(dict.fromkeys(event_ids))
@@ -546,12 +575,12 @@ def webhook_reports(session: Session, provider: str, since: datetime) -> dict[st
 def _lock_records(
     session: _Executor, provider: str, record_ids: list[str], now: datetime
 ) -> tuple[dict[str, OrderKey], set[str]]:
-    """Lock the records' ledger rows (sorted) and read them: (current keys, placeholders made)."""
+    """PostgreSQL: lock the records' ledger rows (sorted) and read them.
+
+    Returns the current keys and the placeholder rows made (see ``_PG_LOCK``).
+    """
     if not record_ids:
         return {}, set()
-    if _dialect(session) != "postgresql":
-        # SQLite: BEGIN IMMEDIATE already holds the database's only write lock.
-        return current_keys(session, provider, record_ids), set()
     rows = session.execute(
         _PG_LOCK, {"provider": provider, "ids": record_ids, "floor": _MIN_MAJOR, "now": now}
     ).all()
@@ -697,8 +726,13 @@ def _claim(orm_session: Session, batch: _Batch) -> BatchPlan:
             if key is not None and e.record_id is not None and handles(e.type)
         }
     )
-    current, placeholders = _lock_records(session, provider, records, now)
-    rows_known = inbox_rows(session, provider, [e.id for e in events])
+    if _dialect(session) == "postgresql":
+        current, placeholders = _lock_records(session, provider, records, now)
+        rows_known = inbox_rows(session, provider, [e.id for e in events])
+    else:
+        # BEGIN IMMEDIATE already holds the database's only write lock: read both at once.
+        current, rows_known = _sqlite_reads(session, provider, records, [e.id for e in events])
+        placeholders = set()
     plan = plan_batch(events, batch.keys, known=set(rows_known), current=current, handles=handles)
     claimed: list[tuple[Any, ApplyOutcome]] = []
     touch: list[str] = []
