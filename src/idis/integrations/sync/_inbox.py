@@ -52,6 +52,7 @@ increase.
 from __future__ import annotations
 
 import inspect
+import json
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -393,14 +394,16 @@ _PG_INBOX_ROWS = text(
     "WHERE i.provider = :provider AND i.event_id = u.id LIMIT 1) AS x"
 )
 # Everything a batch writes once it is decided, in one statement (one round trip):
-# ``claimed`` inserts the new inbox rows (the columns that vary per event as
-# arrays, the ones a batch shares as single values); ``moved`` advances the
-# ledger rows the batch locked; ``touched`` stamps ``webhook_at`` on events a
-# webhook redelivered; ``dropped`` removes the placeholders no event moved. The
-# four touch disjoint rows (a row changed twice in one statement is undefined in
-# PostgreSQL): new inbox ids vs known ones, moved records vs unmoved placeholders.
-# Data-modifying CTEs run whether or not the final SELECT reads them. Ledger rows
-# are all locked already (``_PG_LOCK``), so the lock order stays ledger, then inbox.
+# ``claimed`` inserts the new inbox rows (the values a batch shares as single
+# parameters); ``moved`` advances the ledger rows the batch locked; ``touched``
+# stamps ``webhook_at`` on events a webhook redelivered; ``dropped`` removes the
+# placeholders no event moved. The four touch disjoint rows (a row changed twice
+# in one statement is undefined in PostgreSQL): new inbox ids vs known ones, moved
+# records vs unmoved placeholders. Data-modifying CTEs run whether or not the final
+# SELECT reads them. Ledger rows are all locked already (``_PG_LOCK``), so the lock
+# order stays ledger, then inbox. The rows travel as JSON (one text parameter each,
+# expanded in order by ``json_to_recordset``): sixteen arrays cost psycopg more CPU
+# to adapt than the statement's whole round trip.
 _PG_WRITE = text(
     "WITH claimed AS ("
     "INSERT INTO sync_inbox (provider, event_id, event_type, record_id, tenant_id, seq, "
@@ -408,24 +411,24 @@ _PG_WRITE = text(
     "SELECT CAST(:provider AS VARCHAR), u.e, u.t, u.r, u.tn, u.s, u.v, u.o, "
     "CAST(:source AS VARCHAR), u.st, CAST(:now AS TIMESTAMP WITH TIME ZONE), "
     "CAST(:webhook_at AS TIMESTAMP WITH TIME ZONE) "
-    "FROM unnest(CAST(:e AS VARCHAR[]), CAST(:t AS VARCHAR[]), CAST(:r AS VARCHAR[]), "
-    "CAST(:tn AS VARCHAR[]), CAST(:s AS BIGINT[]), CAST(:v AS BIGINT[]), "
-    "CAST(:o AS TIMESTAMP WITH TIME ZONE[]), CAST(:st AS VARCHAR[])) "
-    "AS u(e, t, r, tn, s, v, o, st) "
+    "FROM json_to_recordset(CAST(:claimed AS JSON)) AS u(e VARCHAR, t VARCHAR, r VARCHAR, "
+    "tn VARCHAR, s BIGINT, v BIGINT, o TIMESTAMP WITH TIME ZONE, st VARCHAR) "
     "ON CONFLICT (provider, event_id) DO NOTHING RETURNING 1), "
     "moved AS ("
     "UPDATE sync_record_versions AS v SET order_major = a.ma, order_minor = a.mi, "
     "event_id = a.e, updated_at = :now "
-    "FROM unnest(CAST(:ar AS VARCHAR[]), CAST(:ama AS BIGINT[]), CAST(:ami AS VARCHAR[]), "
-    "CAST(:ae AS VARCHAR[])) AS a(r, ma, mi, e) "
+    "FROM json_to_recordset(CAST(:moves AS JSON)) AS a(r VARCHAR, ma BIGINT, mi VARCHAR, "
+    "e VARCHAR) "
     "WHERE v.provider = :provider AND v.record_id = a.r "
     'AND (v.order_major, v.order_minor) < (a.ma, a.mi COLLATE "C") RETURNING 1), '
     "touched AS ("
     "UPDATE sync_inbox SET webhook_at = :now WHERE provider = :provider "
-    "AND event_id = ANY(CAST(:touch AS VARCHAR[])) AND webhook_at IS NULL RETURNING 1), "
+    "AND event_id IN (SELECT json_array_elements_text(CAST(:touch AS JSON))) "
+    "AND webhook_at IS NULL RETURNING 1), "
     "dropped AS ("
     "DELETE FROM sync_record_versions WHERE provider = :provider "
-    "AND record_id = ANY(CAST(:drop AS VARCHAR[])) AND event_id = '' RETURNING 1) "
+    "AND record_id IN (SELECT json_array_elements_text(CAST(:drop AS JSON))) "
+    "AND event_id = '' RETURNING 1) "
     "SELECT (SELECT count(*) FROM claimed), (SELECT count(*) FROM moved)"
 )
 
@@ -621,20 +624,29 @@ def _pg_write(session: _Executor, batch: _Batch, writes: _Writes) -> tuple[int, 
             "source": batch.source,
             "now": batch.now,
             "webhook_at": writes.webhook_at,
-            "e": [e.id for e, _ in claimed],
-            "t": [e.type for e, _ in claimed],
-            "r": [e.record_id for e, _ in claimed],
-            "tn": [e.tenant_id for e, _ in claimed],
-            "s": [e.seq for e, _ in claimed],
-            "v": [e.version for e, _ in claimed],
-            "o": [e.occurred_at for e, _ in claimed],
-            "st": [o.value for _, o in claimed],
-            "ar": [rid for rid, _ in advance],
-            "ama": [key.major for _, (key, _e) in advance],
-            "ami": [key.minor for _, (key, _e) in advance],
-            "ae": [event_id for _, (_k, event_id) in advance],
-            "touch": writes.touch,
-            "drop": writes.drop,
+            "claimed": json.dumps(
+                [
+                    {
+                        "e": e.id,
+                        "t": e.type,
+                        "r": e.record_id,
+                        "tn": e.tenant_id,
+                        "s": e.seq,
+                        "v": e.version,
+                        "o": None if e.occurred_at is None else e.occurred_at.isoformat(),
+                        "st": o.value,
+                    }
+                    for e, o in claimed
+                ]
+            ),
+            "moves": json.dumps(
+                [
+                    {"r": rid, "ma": key.major, "mi": key.minor, "e": event_id}
+                    for rid, (key, event_id) in advance
+                ]
+            ),
+            "touch": json.dumps(writes.touch),
+            "drop": json.dumps(writes.drop),
         },
     ).one()
     return int(row[0]), int(row[1])
