@@ -143,3 +143,56 @@ def test_status_keeps_its_engine_between_calls(sqlite_url: str) -> None:
 
     assert [] == connections
     assert [] == [n for n in notes if "embedded default providers" not in n]
+
+
+def test_status_reads_on_one_connection_without_the_catalog(db_url: str) -> None:
+    """A status call on a migrated database: one pool checkout, no catalog query (issue 16).
+
+    The table check used to read the catalog on a second connection at every call, a fifth
+    of the call's CPU on PostgreSQL; it now runs only when a read failed.
+    """
+    from sqlalchemy import event as sa_event
+
+    from idis.integrations.config import ProviderSettings
+    from idis.integrations.ops._status import _engine_for
+
+    # One provider without OAuth: the token state reads on a connection of its own.
+    provider = ProviderSettings(name=PROVIDER, kind="crm", base_url="http://127.0.0.1:9")
+    settings = Settings(providers={PROVIDER: provider}, database_url=db_url)
+    collect_status(settings, probe=False)  # creates the engine, first connection
+    engine = _engine_for(db_url)
+    checkouts: list[object] = []
+    statements: list[str] = []
+
+    def checked_out(*_args: object) -> None:
+        checkouts.append(_args[0])
+
+    def executed(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        statements.append(statement)
+
+    sa_event.listen(engine.pool, "checkout", checked_out)
+    sa_event.listen(engine, "before_cursor_execute", executed)
+    try:
+        statuses, notes = collect_status(settings, probe=False)
+    finally:
+        sa_event.remove(engine.pool, "checkout", checked_out)
+        sa_event.remove(engine, "before_cursor_execute", executed)
+
+    assert [] == notes
+    assert "outbox_pending" in statuses[0].facts
+    assert 1 == len(checkouts)
+    catalog = [s for s in statements if "pg_catalog" in s or "sqlite_master" in s]
+    assert [] == catalog
+
+
+def test_status_without_tables_still_says_to_run_db_upgrade(tmp_path: object) -> None:
+    """No library tables: the failed read leads to the catalog check and the db upgrade note."""
+    from pathlib import Path
+
+    url = f"sqlite:///{Path(str(tmp_path)) / 'empty.sqlite3'}"
+    settings = Settings.from_env({"IDIS_DATABASE_URL": url})
+
+    statuses, notes = collect_status(settings, probe=False)
+
+    assert any("idis-integrations db upgrade" in n for n in notes), notes
+    assert all(s.facts == {} and s.breaker_state == "unknown" for s in statuses)

@@ -503,3 +503,77 @@ def test_the_sentinel_matches_derived_ids_by_record_and_time(faces: Faces, host:
 def test_an_event_without_a_feed_position_has_none() -> None:
     """Generic feed events number from 1; a pack's seq=0 means "no integer position"."""
     assert (7, None) == (feed_position(make_event(7)), feed_position(replace(make_event(7), seq=0)))
+
+
+def test_a_batch_writes_with_one_statement_after_its_two_reads(
+    faces: Faces, host: HostTable
+) -> None:
+    """A batch of new, superseded, redelivered and re-handled events: same rows as one by one.
+
+    On PostgreSQL everything a decided batch writes (new inbox rows, ledger moves,
+    webhook stamps, dropped placeholders) goes in one statement after the ledger lock
+    and the inbox read: three statements per batch whatever it holds (issue 16).
+    """
+    registry = host.registry("record.updated")
+    faces.apply(make_event(1, record_id="rec_a", version=5), "poll", registry)
+    # Recorded as ignored (no handler for its type then): a duplicate from here on.
+    faces.apply(make_event(2, record_id="rec_b", type_="record.archived"), "poll", registry)
+    registry.register("record.archived", host.handler)
+    statements: list[str] = []
+
+    def executed(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "sync_" in statement:  # the inbox's own (not the host handler's, not BEGIN)
+            statements.append(statement)
+
+    engine = faces.engine if faces.mode == "sync" else faces.async_engine.sync_engine
+    event.listen(engine, "before_cursor_execute", executed)
+    try:
+        result = faces.apply_events(
+            [
+                make_event(1, record_id="rec_a", version=5),  # polled before: webhook stamp
+                make_event(2, record_id="rec_b", type_="record.archived"),  # duplicate
+                make_event(3, record_id="rec_a", version=4),  # older than rec_a's 5
+                make_event(4, record_id="rec_c", version=1),  # new record
+                make_event(5, record_id="rec_c", version=2),  # newer, same batch
+            ],
+            "webhook",
+            registry,
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", executed)
+
+    D, S, A = ApplyOutcome.DUPLICATE, ApplyOutcome.SUPERSEDED, ApplyOutcome.APPLIED
+    assert [D, D, S, A, A] == result.outcomes
+    assert {
+        "evt_1": ("poll", "applied", True),
+        "evt_2": ("poll", "ignored", True),
+        "evt_3": ("webhook", "superseded", True),
+        "evt_4": ("webhook", "applied", True),
+        "evt_5": ("webhook", "applied", True),
+    } == _inbox(faces.engine)
+    # rec_b's ledger row was only a lock placeholder (its event a duplicate): gone again.
+    assert {"rec_a": (5, "", "evt_1"), "rec_c": (2, "", "evt_5")} == _ledger(faces.engine)
+    assert [("evt_1", "rec_a", 5), ("evt_4", "rec_c", 1), ("evt_5", "rec_c", 2)] == host.rows()
+    if faces.engine.dialect.name == "postgresql":
+        assert 3 == len(statements), statements
+
+
+def test_a_batch_larger_than_one_in_list_reads_in_chunks(
+    sqlite_faces: Faces, sqlite_host: HostTable
+) -> None:
+    """More ids than one IN list takes (SQLite's parameter limit): the reads go in chunks.
+
+    Below the limit a batch's ledger and inbox reads are one statement; above it
+    they fall back to chunked reads, with the same decisions.
+    """
+    registry = sqlite_host.registry()
+    events = [make_event(n, record_id=f"rec_{n % 700}", version=n) for n in range(1, 1202)]
+    sqlite_faces.apply_events(events[:600], "poll", registry)
+
+    result = sqlite_faces.apply_events(events, "webhook", registry)
+
+    assert [ApplyOutcome.DUPLICATE] * 600 == result.outcomes[:600]
+    # Events 701.. come back to records 1..501 with newer versions: applied.
+    assert all(o is ApplyOutcome.APPLIED for o in result.outcomes[600:])
+    assert 1201 == len(_inbox(sqlite_faces.engine))
+    assert 700 == len(_ledger(sqlite_faces.engine))

@@ -102,6 +102,7 @@ from ..sync._inbox import (
     ApplyOutcome,
     ApplyResult,
     HandlerRegistry,
+    _CountingSession,
     apply_events,
     apply_events_async,
 )
@@ -388,6 +389,19 @@ class _Fetch(Effect[Any]):
 
     async def arun(self, io: Any) -> Any:
         return await io.fetch(self.provider)
+
+
+@dataclass(frozen=True, slots=True)
+class _Together(Effect[None]):
+    """Apply deliveries in one transaction; the io is the face's ``_apply_together``."""
+
+    jobs: list[_Job]
+
+    def run(self, io: Any) -> None:
+        io(self.jobs)
+
+    async def arun(self, io: Any) -> None:
+        await io(self.jobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -704,6 +718,27 @@ class _ReceiverBase:
         _log.error("idis.webhooks.internal_error", provider=label, error_type=type(exc).__name__)
         return WebhookResult(500, "internal_error", detail="internal error")
 
+    @staticmethod
+    def _batch_flow(jobs: list[_Job]) -> Flow[None]:
+        """Apply a batch of deliveries: together, or, when anything of it failed, one by one.
+
+        Yields :class:`_Together` (one transaction) against the face's
+        ``_apply_together``. A batch in which anything failed was rolled back
+        whole; each delivery is then applied alone, so a failing one fails alone
+        (its error answered 500 or 503 by the receive flow) and the others apply.
+        """
+        if len(jobs) > 1:
+            try:
+                yield _Together(jobs)
+                return
+            except Exception:  # noqa: BLE001, S110  # rolled back whole: each delivery alone below
+                pass
+        for job in jobs:
+            try:
+                yield _Together([job])
+            except Exception as exc:  # noqa: BLE001  # answered by the flow (500 or 503)
+                job.error = exc
+
     async def _arun(
         self, io: _IO, provider: str, headers: Headers, body: bytes, *, method: str, uri: str | None
     ) -> WebhookResult:
@@ -785,6 +820,30 @@ def _by_provider(jobs: list[_Job]) -> list[tuple[str, list[_Job]]]:
     return list(groups.items())
 
 
+def _inbox_calls(
+    jobs: list[_Job], registry: HandlerRegistry | None
+) -> list[tuple[list[_Job], dict[str, Any]]]:
+    """Each provider's jobs with the inbox batch that applies them (``apply_events``' arguments).
+
+    The receiver's transaction is rolled back whole on any error: no savepoint
+    (``atomic=False``).
+    """
+    return [
+        (
+            group,
+            {
+                "provider": provider,
+                "events": _events(group),
+                "source": "webhook",
+                "registry": registry,
+                "now": group[-1].verified.now,
+                "atomic": False,
+            },
+        )
+        for provider, group in _by_provider(jobs)
+    ]
+
+
 def _settle(results: list[tuple[list[_Job], ApplyResult]]) -> None:
     """Give each job its outcome, once the transaction committed."""
     for group, result in results:
@@ -801,7 +860,7 @@ def _settle(results: list[tuple[list[_Job], ApplyResult]]) -> None:
 
 def _as_sessionmaker(target: Engine | sessionmaker[Session] | Callable[[], Session]) -> Any:
     if isinstance(target, Engine):
-        return sessionmaker(target, expire_on_commit=False)
+        return sessionmaker(target, class_=_CountingSession, expire_on_commit=False)
     return target
 
 
@@ -904,39 +963,16 @@ class WebhookReceiver(_ReceiverBase):
             return self._internal_error(provider, exc)
 
     def _apply_batch(self, jobs: list[_Job]) -> None:
-        """Apply ``jobs``; set each job's outcome or error (see the module docstring)."""
-        if len(jobs) > 1:
-            try:
-                self._apply_together(jobs)
-                return
-            except Exception:  # noqa: BLE001, S110  # rolled back whole: each delivery alone below
-                pass
-        for job in jobs:
-            try:
-                self._apply_together([job])
-            except Exception as exc:  # noqa: BLE001  # answered by the flow (500 or 503)
-                job.error = exc
+        """Apply ``jobs``; set each job's outcome or error (see :meth:`_batch_flow`)."""
+        drive(self._batch_flow(jobs), self._apply_together)
 
     def _apply_together(self, jobs: list[_Job]) -> None:
         """Apply ``jobs`` in one transaction, or raise (nothing of them kept)."""
-        results: list[tuple[list[_Job], ApplyResult]] = []
         with self._write_lock, self._sessions() as session, session.begin():
-            for provider, group in _by_provider(jobs):
-                results.append(
-                    (
-                        group,
-                        apply_events(
-                            session,
-                            provider,
-                            _events(group),
-                            "webhook",
-                            registry=self.registry,
-                            now=group[-1].verified.now,
-                            # The transaction is rolled back whole on any error: no savepoint.
-                            atomic=False,
-                        ),
-                    )
-                )
+            results = [
+                (group, apply_events(session, **call))
+                for group, call in _inbox_calls(jobs, self.registry)
+            ]
         _settle(results)
 
     def _save_spike(self, provider: str, at: datetime) -> None:
@@ -1022,7 +1058,9 @@ class AsyncWebhookReceiver(_ReceiverBase):
             feeds=feeds,
         )
         self._sessions: Any = (
-            async_sessionmaker(sessions, expire_on_commit=False)
+            async_sessionmaker(
+                sessions, expire_on_commit=False, sync_session_class=_CountingSession
+            )
             if isinstance(sessions, AsyncEngine)
             else sessions
         )
@@ -1049,38 +1087,16 @@ class AsyncWebhookReceiver(_ReceiverBase):
         return await self._arun(self._io, provider, headers, body, method=method, uri=uri)
 
     async def _apply_batch(self, jobs: list[_Job]) -> None:
-        """Async twin of :meth:`WebhookReceiver._apply_batch`."""
-        if len(jobs) > 1:
-            try:
-                await self._apply_together(jobs)
-                return
-            except Exception:  # noqa: BLE001, S110  # rolled back whole: each delivery alone below
-                pass
-        for job in jobs:
-            try:
-                await self._apply_together([job])
-            except Exception as exc:  # noqa: BLE001  # answered by the flow (500 or 503)
-                job.error = exc
+        """Async twin of :meth:`WebhookReceiver._apply_batch` (the same flow)."""
+        await adrive(self._batch_flow(jobs), self._apply_together)
 
     async def _apply_together(self, jobs: list[_Job]) -> None:
         """Async twin of :meth:`WebhookReceiver._apply_together`."""
-        results: list[tuple[list[_Job], ApplyResult]] = []
         async with self._write_lock, self._sessions() as session, session.begin():
-            for provider, group in _by_provider(jobs):
-                results.append(
-                    (
-                        group,
-                        await apply_events_async(
-                            session,
-                            provider,
-                            _events(group),
-                            "webhook",
-                            registry=self.registry,
-                            now=group[-1].verified.now,
-                            atomic=False,
-                        ),
-                    )
-                )
+            results = [
+                (group, await apply_events_async(session, **call))
+                for group, call in _inbox_calls(jobs, self.registry)
+            ]
         _settle(results)
 
     async def _save_spike(self, provider: str, at: datetime) -> None:
