@@ -196,3 +196,61 @@ def test_status_without_tables_still_says_to_run_db_upgrade(tmp_path: object) ->
 
     assert any("idis-integrations db upgrade" in n for n in notes), notes
     assert all(s.facts == {} and s.breaker_state == "unknown" for s in statuses)
+
+
+def test_status_reads_the_outbox_once_for_every_provider(db_url: str) -> None:
+    """The outbox aggregate walks every unsettled message: one read per status call.
+
+    It ran once per provider (three times for the example service), most of a
+    status call's time on a large backlog (issue 16's /status p99).
+    """
+    from sqlalchemy import event as sa_event
+    from sqlalchemy.orm import Session
+
+    from idis.integrations.config import ProviderSettings
+    from idis.integrations.db._engine import create_db_engine
+    from idis.integrations.ops._status import _engine_for
+    from idis.integrations.outbox import NewMessage, enqueue
+
+    names = ("crm_a", "crm_b", "docs_c")
+    providers = {
+        n: ProviderSettings(name=n, kind="crm", base_url="http://127.0.0.1:9") for n in names
+    }
+    settings = Settings(providers=providers, database_url=db_url)
+    writer = create_db_engine(db_url)
+    try:
+        with Session(writer) as session, session.begin():
+            for i in range(3):
+                enqueue(session, NewMessage(provider="crm_a", idempotency_key=f"a{i}", payload={}))
+            enqueue(session, NewMessage(provider="docs_c", idempotency_key="c0", payload={}))
+    finally:
+        writer.dispose()
+    collect_status(settings, probe=False)  # creates the engine
+    statements: list[str] = []
+
+    def executed(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        statements.append(statement)
+
+    engine = _engine_for(db_url)
+    sa_event.listen(engine, "before_cursor_execute", executed)
+    try:
+        statuses, notes = collect_status(settings, probe=False)
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", executed)
+
+    assert [] == notes
+    assert {"crm_a": 3, "crm_b": 0, "docs_c": 1} == {
+        s.provider: s.facts["outbox_pending"] for s in statuses
+    }
+    assert 1 == sum("FROM outbox_messages" in s for s in statements), statements
+    # A new transaction reads again (the facts are never older than the call).
+    with Session(_engine_for(db_url)) as session:
+        from idis.integrations.outbox._admin import status_facts
+
+        with session.begin():
+            first = status_facts(session, settings, "crm_a")
+        with session.begin():
+            enqueue(session, NewMessage(provider="crm_a", idempotency_key="a9", payload={}))
+        with session.begin():
+            again = status_facts(session, settings, "crm_a")
+    assert (3, 4) == (first["outbox_pending"], again["outbox_pending"])
