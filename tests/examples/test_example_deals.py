@@ -165,8 +165,11 @@ def test_a_push_waits_out_an_outage_of_the_token_endpoint_too(
     Token failures were charged to the message, which was dead-lettered within seconds.
     """
     env = service_env(sim, sqlite_url, IDIS_PROVIDER_CRM_PROVIDER_BREAKER_FAILURE_THRESHOLD="2")
+    # Down before the service starts: a background loop (the poller, the sentinel)
+    # that fetched a token between start-up and the outage would leave the push a
+    # valid token, and no token request would ever be refused (a flake under load).
+    sim.control.outage(CRM)
     with start_service(env) as service:
-        sim.control.outage(CRM)
         created = service.post("/deals", {"id": "t1", "tenant_id": "t3", "name": "Globex"})
         wait_for(
             lambda: sim.control.stats(CRM)["responses"].get("token:503", 0) >= 2,
