@@ -242,7 +242,20 @@ def test_status_reads_the_outbox_once_for_every_provider(db_url: str) -> None:
     assert {"crm_a": 3, "crm_b": 0, "docs_c": 1} == {
         s.provider: s.facts["outbox_pending"] for s in statuses
     }
-    assert 1 == sum("FROM outbox_messages" in s for s in statements), statements
+    reads = [s for s in statements if "FROM outbox_messages" in s]
+    assert 1 == sum("count(" in s for s in reads), reads  # one aggregate for all three
+    assert 2 == sum("LIMIT" in s for s in reads), reads  # the first pending of crm_a, docs_c
+    assert all("lease_expires_at" not in s for s in reads), reads  # the index alone
+    with Session(_engine_for(db_url)) as session:
+        from idis.integrations.outbox import outbox_summary
+
+        full = {r.provider: r for r in outbox_summary(session, providers=names)}
+    for status in statuses:  # the same facts the detailed summary gives
+        row = full[status.provider]
+        assert row.undelivered == status.facts["outbox_pending"]
+        assert row.dead == status.facts["outbox_dead"]
+        age = status.facts["outbox_oldest_pending_age_seconds"]
+        assert (row.oldest_pending_age is None) == (age is None)
     # A new transaction reads again (the facts are never older than the call).
     with Session(_engine_for(db_url)) as session:
         from idis.integrations.outbox._admin import status_facts

@@ -101,6 +101,7 @@ def outbox_summary(
     providers: Iterable[str] | None = None,
     include_delivered: bool = True,
     now: datetime | None = None,
+    detail: bool = True,
 ) -> list[OutboxSummary]:
     """The outbox queue per provider: counts by status and the oldest pending age.
 
@@ -115,11 +116,17 @@ def outbox_summary(
         include_delivered: Count delivered rows as well (a scan of every
             delivered row kept; workers refreshing gauges skip it).
         now: Reference time for the age (default: now).
+        detail: Split pending into retrying and in flight. False counts by status
+            only (``pending`` then includes the in-flight ones) and takes the oldest
+            pending message as the first by id: the counts come from the partial
+            index alone, a fraction of the cost on a large backlog (``status``).
 
     Returns:
         One :class:`OutboxSummary` per provider.
     """
     now = now or utcnow()
+    if not detail:
+        return _counts_only(session, providers, now)
     t = messages
     # Two reads, each on its partial index: the unsettled rows (the IN list is
     # the index predicate word for word, so SQLite uses it too), and, only if
@@ -180,6 +187,42 @@ def outbox_summary(
                 in_flight=entry.get(IN_FLIGHT, 0),
                 delivered=entry.get(DELIVERED, 0),
                 dead=entry.get(DEAD, 0),
+                oldest_pending_at=oldest,
+                oldest_pending_age=max(0.0, (now - oldest).total_seconds()) if oldest else None,
+            )
+        )
+    return out
+
+
+def _counts_only(
+    session: Session | Connection, providers: Iterable[str] | None, now: datetime
+) -> list[OutboxSummary]:
+    t = messages
+    counts = select(t.c.provider, t.c.status, func.count()).where(t.c.status.in_(UNSETTLED))
+    wanted = list(providers) if providers is not None else None
+    if wanted is not None:
+        counts = counts.where(t.c.provider.in_(wanted))
+    found: dict[str, dict[str, int]] = {name: {} for name in wanted or ()}
+    for provider, status, count in session.execute(counts.group_by(t.c.provider, t.c.status)):
+        found.setdefault(provider, {})[status] = int(count)
+    out = []
+    for provider in sorted(found):
+        pending = found[provider].get(PENDING, 0)
+        oldest = None
+        if pending:
+            # The first pending by id, through the due index: no walk over the backlog.
+            first = session.execute(
+                select(t.c.created_at)
+                .where(t.c.provider == provider, t.c.status == PENDING)
+                .order_by(t.c.id)
+                .limit(1)
+            ).scalar()
+            oldest = _aware(first) if first is not None else None
+        out.append(
+            OutboxSummary(
+                provider=provider,
+                pending=pending,
+                dead=found[provider].get(DEAD, 0),
                 oldest_pending_at=oldest,
                 oldest_pending_age=max(0.0, (now - oldest).total_seconds()) if oldest else None,
             )
@@ -252,13 +295,10 @@ def status_facts(session: Session, settings: Settings, provider: str) -> dict[st
         summaries: dict[str, OutboxSummary] = kept[1]
     else:
         names = sorted({*settings.providers, provider})
-        rows = outbox_summary(session, providers=names, include_delivered=False)
+        rows = outbox_summary(session, providers=names, include_delivered=False, detail=False)
         summaries = {r.provider: r for r in rows}
         session.info[_STATUS_SUMMARIES] = (session.get_transaction(), summaries)
-    row = (
-        summaries.get(provider)
-        or outbox_summary(session, providers=[provider], include_delivered=False)[0]
-    )
+    row = summaries.get(provider) or OutboxSummary(provider)
     return {
         "outbox_pending": row.undelivered,
         "outbox_dead": row.dead,
