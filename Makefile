@@ -29,7 +29,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy examples/integrations_service
 
 pytest: $(STAMP) services
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 test: lint typecheck pytest
 
