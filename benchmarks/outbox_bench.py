@@ -559,8 +559,8 @@ def render(
             "",
             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}, "
-            f"load average {load:.1f} at the end of the run (other test suites were running "
-            f"on the same 2 CPUs, so single rounds vary by 2x). Median of {args.rounds} rounds "
+            f"load average {load:.1f} at the end of the run (anything else running on the "
+            f"2 CPUs moves single rounds by up to 2x). Median of {args.rounds} rounds "
             f"of {args.messages:,} messages; the ratio is the median of the per-round ratios, "
             f"each round running ours and the plain loop back to back (alternating which goes "
             f"first). Ours is `AsyncOutboxWorker` (the only outbox worker) under "
