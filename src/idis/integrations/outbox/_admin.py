@@ -9,12 +9,24 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, bindparam, case, func, literal_column, null, or_, select, update
+from sqlalchemy import (
+    Select,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from .._audit import record_audit
@@ -27,6 +39,7 @@ from ..observability._metrics import Metrics
 from ._models import DEAD, DELIVERED, IN_FLIGHT, PENDING, REPORTED_STATES, OutboxMessageRow
 from ._queries import (
     UNSETTLED,
+    first_pending,
     messages,
     purge_statement,
     reactivate_receivers_statement,
@@ -194,10 +207,19 @@ def outbox_summary(
     return out
 
 
+@functools.cache
+def first_pending_statement(dialect: str) -> Select[Any]:
+    """``created_at`` of the first pending message of ``:p_provider`` (due index)."""
+    provider = bindparam("p_provider", type_=messages.c.provider.type)
+    head = first_pending(messages, provider, dialect)
+    return head.with_only_columns(messages.c.created_at)
+
+
 def _counts_only(
     session: Session | Connection, providers: Iterable[str] | None, now: datetime
 ) -> list[OutboxSummary]:
     t = messages
+    dialect = (session.get_bind() if isinstance(session, Session) else session).dialect.name
     counts = select(t.c.provider, t.c.status, func.count()).where(t.c.status.in_(UNSETTLED))
     wanted = list(providers) if providers is not None else None
     if wanted is not None:
@@ -210,13 +232,8 @@ def _counts_only(
         pending = found[provider].get(PENDING, 0)
         oldest = None
         if pending:
-            # The first pending by id, through the due index: no walk over the backlog.
-            first = session.execute(
-                select(t.c.created_at)
-                .where(t.c.provider == provider, t.c.status == PENDING)
-                .order_by(t.c.id)
-                .limit(1)
-            ).scalar()
+            head = first_pending_statement(dialect)
+            first = session.execute(head, {"p_provider": provider}).scalar()
             oldest = _aware(first) if first is not None else None
         out.append(
             OutboxSummary(

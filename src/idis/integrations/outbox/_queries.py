@@ -72,6 +72,7 @@ from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.expression import FromClause
 
 from ..db._base import UTCDateTime
 from ._models import (
@@ -88,6 +89,7 @@ __all__ = [
     "LEASED_COLUMNS",
     "LEASE_EXPIRED",
     "UNSETTLED",
+    "first_pending",
     "id_list",
     "insert_statement",
     "lease_statement",
@@ -197,6 +199,24 @@ def insert_statement(dialect: str, *, returning: bool = False) -> Insert:
     return stmt  # type: ignore[no-any-return]  # dialect insert constructs are untyped
 
 
+def first_pending(table: FromClause, provider: Any, dialect: str) -> Select[Any]:
+    """The id of ``provider``'s first pending message, read from the due index.
+
+    On PostgreSQL a row comparison that is always true (ids start at 1), but that
+    only the due index ``(provider, id)`` can answer, makes the planner take that
+    index whatever its statistics say. Asked as ``min(id)`` or ``ORDER BY id
+    LIMIT 1``, statistics taken while a backlog was all pending made it walk the
+    primary key through every message delivered since: 127 ms per lease, and per
+    ``status`` call, at 50,000 delivered. SQLite takes the due index for the plain
+    form and sorts for the row comparison, so it gets the plain form
+    (tests/outbox/test_outbox_summary_plan.py reads both plans).
+    """
+    where = [table.c.provider == provider, table.c.status == _PENDING]
+    if dialect == "postgresql":
+        where.append(tuple_(table.c.provider, table.c.id) > tuple_(provider, literal_column("0")))
+    return select(table.c.id).where(*where).order_by(table.c.provider, table.c.id).limit(1)
+
+
 @functools.cache
 def lease_statement(dialect: str) -> Update:
     """Lease up to ``:p_limit`` due head-of-key messages of ``:p_provider`` for ``:p_owner``.
@@ -219,16 +239,12 @@ def lease_statement(dialect: str) -> Update:
         )
         .exists()
     )
-    lowest = messages.alias("lowest")
     # Where this provider's pending messages start (one probe of the due
     # index). Without this floor, statistics taken while a backlog was all
     # pending make the planner walk the primary key through every message
     # delivered since, on every lease: quadratic over a drain.
-    floor = (
-        select(func.min(lowest.c.id))
-        .where(lowest.c.provider == bindparam("p_provider"), lowest.c.status == _PENDING)
-        .scalar_subquery()
-    )
+    lowest = first_pending(messages.alias("lowest"), bindparam("p_provider"), dialect)
+    floor = lowest.scalar_subquery()
     picked: Select[Any] = (
         select(cand.c.id)
         .where(
