@@ -23,7 +23,9 @@ In one run, on the same machine and databases:
 
 PostgreSQL comes from ``IDIS_TEST_POSTGRES_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``); a scratch database is created and
-dropped. Results for this repository are in ``docs/performance.md`` ("Inbound webhooks").
+dropped. ``IDIS_WEBHOOK_BATCH_LINGER`` in the environment sets the receivers' group-commit
+linger (default 2ms). Results for this repository are in ``docs/performance.md``
+("Inbound webhooks").
 """
 
 from __future__ import annotations
@@ -134,7 +136,11 @@ def database(kind: str) -> Iterator[str]:
 def settings_for(url: str) -> Any:
     from idis.integrations.config import Secret, Settings
 
-    base = Settings.from_env({"IDIS_DATABASE_URL": url})
+    env = {"IDIS_DATABASE_URL": url}
+    # The receiver's group-commit linger can be tried from the environment.
+    if "IDIS_WEBHOOK_BATCH_LINGER" in os.environ:
+        env["IDIS_WEBHOOK_BATCH_LINGER"] = os.environ["IDIS_WEBHOOK_BATCH_LINGER"]
+    base = Settings.from_env(env)
     return base.with_providers(replace(base.provider(PROVIDER), webhook_secrets=(Secret(SECRET),)))
 
 
