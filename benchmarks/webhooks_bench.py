@@ -1,7 +1,7 @@
 """Inbound webhooks: verified and deduplicated webhooks per second, beside the bare alternatives.
 
     python -m benchmarks.webhooks_bench [--events 1000] [--rounds 5] [--db sqlite|postgres|both]
-                                        [--concurrency 8] [--skip-http]
+                                        [--concurrency 8] [--skip-http | --http-only]
 
 In one run, on the same machine and databases:
 
@@ -23,7 +23,9 @@ In one run, on the same machine and databases:
 
 PostgreSQL comes from ``IDIS_TEST_POSTGRES_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``); a scratch database is created and
-dropped. Results for this repository are in ``docs/performance.md`` ("Inbound webhooks").
+dropped. ``IDIS_WEBHOOK_BATCH_LINGER`` in the environment sets the receivers' group-commit
+linger (default 2ms). Results for this repository are in ``docs/performance.md``
+("Inbound webhooks").
 """
 
 from __future__ import annotations
@@ -134,7 +136,11 @@ def database(kind: str) -> Iterator[str]:
 def settings_for(url: str) -> Any:
     from idis.integrations.config import Secret, Settings
 
-    base = Settings.from_env({"IDIS_DATABASE_URL": url})
+    env = {"IDIS_DATABASE_URL": url}
+    # The receiver's group-commit linger can be tried from the environment.
+    if "IDIS_WEBHOOK_BATCH_LINGER" in os.environ:
+        env["IDIS_WEBHOOK_BATCH_LINGER"] = os.environ["IDIS_WEBHOOK_BATCH_LINGER"]
+    base = Settings.from_env(env)
     return base.with_providers(replace(base.provider(PROVIDER), webhook_secrets=(Secret(SECRET),)))
 
 
@@ -317,14 +323,26 @@ def serve(which: str, port: int, url: str) -> None:
     """Serve the bare app or the receiver with uvicorn on 127.0.0.1:port until killed."""
     import uvicorn
     from starlette.applications import Starlette
-    from starlette.routing import Mount
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
 
     if which == "bare":
         app: Any = _bare_app
-    elif which == "async-receiver":
-        app = Starlette(routes=[Mount("/webhooks", app=make_async_receiver(url).asgi_app())])
     else:
-        app = Starlette(routes=[Mount("/webhooks", app=make_receiver(url).asgi_app())])
+        receiver = make_async_receiver(url) if which == "async-receiver" else make_receiver(url)
+
+        async def batches(request: Any) -> Any:
+            # The group commit's counts so far (batches, deliveries): the mean batch size.
+            # (Empty from a receiver without the counts: an older one, compared side by side.)
+            counts = getattr(receiver, "_batch_counts", None)
+            return JSONResponse(list(counts()) if counts is not None else [])
+
+        app = Starlette(
+            routes=[
+                Route("/batches", batches),
+                Mount("/webhooks", app=receiver.asgi_app()),
+            ]
+        )
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -382,6 +400,13 @@ def server(which: str, url: str) -> Iterator[tuple[str, int]]:
         proc.wait(10)
 
 
+def _batch_counts(base: str) -> list[int]:
+    """A receiver server's group-commit counts so far: [batches, deliveries] (or [])."""
+    import httpx
+
+    return list(httpx.get(f"{base}/batches").json())
+
+
 async def _blast(
     base: str, path: str, bodies: list[bytes], headers: list[dict[str, str]], concurrency: int
 ) -> tuple[float, Counter[int]]:
@@ -418,7 +443,10 @@ def bench_http(kind: str, url: str, count: int, concurrency: int, rounds: int) -
     ratios: dict[str, list[float]] = {}
     #: Server CPU microseconds per request: what load on the machine does not move.
     cpu: dict[str, list[float]] = {"bare": []}
+    #: Deliveries per group-committed transaction, new events (the receivers that count them).
+    sizes: dict[str, list[float]] = {}
     for name in receivers:
+        sizes[name] = []
         for phase in ("new", "dup"):
             rates[f"{name}-{phase}"] = []
             ratios[f"{name}-{phase}"] = []
@@ -450,7 +478,12 @@ def bench_http(kind: str, url: str, count: int, concurrency: int, rounds: int) -
                 for phase in ("new", "dup"):  # the same bodies twice: new, then redelivered
                     bare_rate = blast(bare, "/", bodies)
                     cpu["bare"].append(spent[-1])
+                    counts = _batch_counts(base[0])
                     rate = blast(base, path, bodies)
+                    if phase == "new" and counts:
+                        after = _batch_counts(base[0])
+                        batches = after[0] - counts[0]
+                        sizes[name].append((after[1] - counts[1]) / batches if batches else 0.0)
                     cpu[f"{name}-{phase}"].append(spent[-1])
                     rates["bare"].append(bare_rate)
                     rates[f"{name}-{phase}"].append(rate)
@@ -472,6 +505,11 @@ def bench_http(kind: str, url: str, count: int, concurrency: int, rounds: int) -
             f"   {verdict} >= {TARGET_RATIO:.2f}"
             f"   server CPU us/request new {us[f'{name}-new']:,.0f}"
             f" dup {us[f'{name}-dup']:,.0f}"
+            + (
+                f"   {statistics.median(sizes[name]):.1f} new deliveries per transaction"
+                if sizes[name]
+                else ""
+            )
         )
 
 
@@ -492,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--http-only", action="store_true", help="only the HTTP measurements")
     parser.add_argument(
         "--batches-only", action="store_true", help="only the group-commit batch measurement"
     )
@@ -515,11 +554,13 @@ def main(argv: list[str] | None = None) -> None:
             with database(kind) as url:
                 bench_batches(kind, url, args.events, args.rounds)
         return
-    bench_cpu(args.events, args.rounds)
+    if not args.http_only:
+        bench_cpu(args.events, args.rounds)
     for kind in kinds:
-        with database(kind) as url:
-            bench_handle(kind, url, args.events, args.rounds)
-            bench_batches(kind, url, args.events, args.rounds)
+        if not args.http_only:
+            with database(kind) as url:
+                bench_handle(kind, url, args.events, args.rounds)
+                bench_batches(kind, url, args.events, args.rounds)
         if not args.skip_http:
             with database(kind) as url:
                 bench_http(kind, url, args.events, args.concurrency, args.rounds)

@@ -237,6 +237,7 @@ def test_every_declared_variable_is_read_from_the_environment() -> None:
         "IDIS_LOG_LEVEL": ("log_level", "debug"),
         "IDIS_SIMULATOR_URL": ("simulator_url", "http://127.0.0.1:9"),
         "IDIS_WEBHOOK_BODY_TIMEOUT": ("webhooks.body_timeout", "3s"),
+        "IDIS_WEBHOOK_BATCH_LINGER": ("webhooks.batch_linger", "0"),
         "IDIS_WEBHOOK_TOLERANCE": ("webhooks.tolerance", "1m"),
         "CRM_MODE": ("sync.crm_mode", "polling"),
         "IDIS_VAULT_MOUNT": ("vault.mount", "/kv/"),
@@ -251,6 +252,16 @@ def test_every_declared_variable_is_read_from_the_environment() -> None:
         assert before != after, env
     assert timedelta(seconds=10) == default.webhooks.body_timeout
     assert False is default.allow_embedded_defaults
+
+
+@pytest.mark.parametrize("value", ["1500ms", "2s"])
+def test_a_batch_linger_over_1s_is_refused(value: str) -> None:
+    """The receiver's linger adds latency under load: a long one fails at start."""
+    with pytest.raises(ConfigError, match="IDIS_WEBHOOK_BATCH_LINGER") as info:
+        Settings.from_env({"IDIS_WEBHOOK_BATCH_LINGER": value})
+
+    assert "between 0 and 1s" in str(info.value)
+    assert timedelta(milliseconds=2) == Settings.from_env({}).webhooks.batch_linger
 
 
 def test_unknown_key_in_the_idis_table_is_refused(tmp_path: Path) -> None:

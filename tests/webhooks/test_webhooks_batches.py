@@ -239,3 +239,222 @@ def test_a_shared_batch_costs_the_same_statements_as_a_single_delivery(
     assert 24 == sum(events for events, _ in shapes)
     assert max(events for events, _ in shapes) > 1, shapes  # some deliveries shared a batch
     assert {3} == {statements for events, statements in shapes if events}, shapes
+
+
+# --------------------------------------------------------------------------- pacing and linger
+
+
+def _job(number: int) -> Any:
+    from idis.integrations.webhooks._receiver import _Job, _Verified
+
+    return _Job(_Verified(P, (), f"m{number}", NOW))
+
+
+class _Recorder:
+    """A committer's ``run``: records batch sizes and how many batches ran at once."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.running = 0
+        self.most = 0
+
+
+def test_the_loop_committer_lingers_while_busy_for_a_batch_as_large_as_the_last() -> None:
+    """After a batch of 4, one waiting delivery lingers until 4 wait, then they go together.
+
+    Without the linger the deliveries after the first batch would go as 1 and 3.
+    The linger is a minute here: only the count, never the timer, ends it.
+    """
+    import asyncio
+
+    from idis.integrations.webhooks._receiver import _LoopCommitter
+
+    record = _Recorder()
+
+    async def scenario() -> None:
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def run(jobs: list[Any]) -> None:
+            record.sizes.append(len(jobs))
+            started.set()
+            await release.wait()
+
+        committer = _LoopCommitter(run, parallel=1, linger=60.0)
+        first = [asyncio.create_task(committer.submit(_job(n))) for n in range(4)]
+        await started.wait()
+        lone = asyncio.create_task(committer.submit(_job(4)))
+        while len(committer._queue) < 1:
+            await asyncio.sleep(0)
+        release.set()
+        while committer._gathering is None:
+            await asyncio.sleep(0)
+        assert [4] == record.sizes  # the lone delivery waits for company
+        rest = [asyncio.create_task(committer.submit(_job(n))) for n in range(5, 8)]
+        await asyncio.wait_for(asyncio.gather(*first, lone, *rest), 30)
+
+    asyncio.run(scenario())
+
+    assert [4, 4] == record.sizes
+
+
+def test_an_idle_loop_committer_never_lingers() -> None:
+    """One delivery at a time: each starts its transaction at once, alone (linger a minute)."""
+    import asyncio
+
+    from idis.integrations.webhooks._receiver import _LoopCommitter
+
+    record = _Recorder()
+
+    async def scenario() -> None:
+        async def run(jobs: list[Any]) -> None:
+            record.sizes.append(len(jobs))
+
+        committer = _LoopCommitter(run, parallel=1, linger=60.0)
+        for n in range(5):
+            # A lingering drain would hold this for a minute: the guard fails it first.
+            await asyncio.wait_for(committer.submit(_job(n)), 30)
+        assert (5, 5) == (committer.pace.batches, committer.pace.deliveries)
+
+    asyncio.run(scenario())
+
+    assert [1] * 5 == record.sizes
+
+
+def test_a_stream_of_single_deliveries_never_lingers() -> None:
+    """Recent batches of one each: a delivery waiting as one ends goes next, without a wait."""
+    import asyncio
+
+    from idis.integrations.webhooks._receiver import _LoopCommitter
+
+    record = _Recorder()
+
+    async def scenario() -> None:
+        committer: Any = None
+
+        async def run(jobs: list[Any]) -> None:
+            record.sizes.append(len(jobs))
+            if len(record.sizes) < 4:
+                # The next delivery arrives while this batch runs.
+                asyncio.get_running_loop().create_task(committer.submit(_job(len(record.sizes))))
+            await asyncio.sleep(0)
+            assert committer._gathering is None
+
+        committer = _LoopCommitter(run, parallel=1, linger=60.0)
+        await asyncio.wait_for(committer.submit(_job(0)), 30)
+        while committer.pace.batches < 4:
+            await asyncio.wait_for(asyncio.sleep(0), 30)
+
+    asyncio.run(scenario())
+
+    assert [1, 1, 1, 1] == record.sizes
+
+
+@pytest.mark.parametrize("waiting", [5, 32])
+def test_the_loop_committer_runs_one_batch_at_a_time_until_a_full_batch_waits(
+    waiting: int,
+) -> None:
+    """Up to four at once on PostgreSQL, but another batch starts only when 32 wait."""
+    import asyncio
+
+    from idis.integrations.webhooks._receiver import MAX_BATCH, _LoopCommitter
+
+    record = _Recorder()
+
+    async def scenario() -> None:
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def run(jobs: list[Any]) -> None:
+            record.sizes.append(len(jobs))
+            record.running += 1
+            record.most = max(record.most, record.running)
+            started.set()
+            await release.wait()
+            record.running -= 1
+
+        committer = _LoopCommitter(run, parallel=4, linger=0.0)
+        first = asyncio.create_task(committer.submit(_job(0)))
+        await started.wait()
+        more = [asyncio.create_task(committer.submit(_job(n))) for n in range(1, waiting + 1)]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, *more), 30)
+
+    asyncio.run(scenario())
+
+    if waiting < MAX_BATCH:
+        assert (1, [1, waiting]) == (record.most, record.sizes)
+    else:
+        # The 32nd waiting delivery starts a second batch beside the first.
+        assert (2, [1, MAX_BATCH]) == (record.most, record.sizes)
+
+
+def test_a_slow_batch_lets_another_start_beside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch running longer than SLOW_BATCH (a lock wait) no longer holds the others back."""
+    import asyncio
+
+    from idis.integrations.webhooks import _receiver
+
+    monkeypatch.setattr(_receiver, "SLOW_BATCH", -1.0)  # every running batch counts as slow
+    record = _Recorder()
+
+    async def scenario() -> None:
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def run(jobs: list[Any]) -> None:
+            record.sizes.append(len(jobs))
+            record.running += 1
+            record.most = max(record.most, record.running)
+            started.set()
+            await release.wait()
+            record.running -= 1
+
+        committer = _receiver._LoopCommitter(run, parallel=4, linger=0.0)
+        first = asyncio.create_task(committer.submit(_job(0)))
+        await started.wait()
+        second = asyncio.create_task(committer.submit(_job(1)))
+        while record.most < 2:
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+
+    asyncio.run(scenario())
+
+    assert (2, [1, 1]) == (record.most, record.sizes)
+
+
+def test_the_thread_committer_runs_one_batch_at_a_time_until_it_falls_behind() -> None:
+    """Threads: the first leads alone; five arriving meanwhile go in one batch after it."""
+    from idis.integrations.webhooks._receiver import _ThreadCommitter
+
+    record = _Recorder()
+    lock = threading.Lock()
+    release = threading.Event()
+    committer: Any = None
+
+    def run(jobs: list[Any]) -> None:
+        with lock:
+            record.sizes.append(len(jobs))
+            record.running += 1
+            record.most = max(record.most, record.running)
+        if len(record.sizes) == 1:
+            release.wait(30)
+        with lock:
+            record.running -= 1
+
+    committer = _ThreadCommitter(run, parallel=4)
+    threads = [threading.Thread(target=committer.submit, args=(_job(n),)) for n in range(6)]
+    threads[0].start()
+    while not record.sizes:
+        time.sleep(0.001)
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(committer._queue) < 5 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert (1, [1, 5]) == (record.most, record.sizes)
+    assert (2, 6) == (committer.pace.batches, committer.pace.deliveries)

@@ -401,6 +401,14 @@ def _positive(value: timedelta, raw: object, name: str) -> None:
         raise ConfigError(f"{name}={raw!r} must be positive", variable=name)
 
 
+def _linger(value: timedelta, raw: object, name: str) -> None:
+    if not timedelta(0) <= value <= timedelta(seconds=1):
+        raise ConfigError(
+            f"{name}={raw!r} must be between 0 and 1s: expected a short duration like 2ms",
+            variable=name,
+        )
+
+
 def _positive_duration(value: timedelta, raw: object, name: str) -> None:
     if value <= timedelta(0):
         raise ConfigError(
@@ -1139,6 +1147,18 @@ class WebhookSettings:
             "Longest time the ASGI receiver waits for a request's whole body; a slower "
             "client gets 408 and its connection back.",
             check=_positive_duration,
+        ),
+    )
+    batch_linger: timedelta = field(
+        default=timedelta(milliseconds=2),
+        metadata=_var(
+            "IDIS_WEBHOOK_BATCH_LINGER",
+            _delta,
+            "Longest wait of the receiver's group commit on an event loop (ASGI apps, "
+            "`AsyncWebhookReceiver`), while busy, for as many deliveries as the largest of "
+            "its last 8 transactions held before starting the next (`0`: none, at most "
+            "`1s`); an idle receiver never waits.",
+            check=_linger,
         ),
     )
 

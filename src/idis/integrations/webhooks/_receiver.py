@@ -41,10 +41,16 @@ provider; :meth:`WebhookReceiver.signature_failures` feeds the mode controller,
 and crossing ``signature_failure_threshold`` is persisted so the replica
 running the controller sees it too.
 
-**Group commit.** Deliveries that arrive while transactions are running are
-applied together in the next one (one transaction at a time on SQLite, its
-single writer; up to :data:`PARALLEL_BATCHES` on PostgreSQL, whose commits
-overlap). Under load this replaces one transaction per webhook with one per
+**Group commit.** Deliveries that arrive while a transaction runs are applied
+together in the next one. One transaction runs at a time: on a CPU-bound
+machine another concurrent one would split arrivals into batches of one or two
+and pay a transaction's fixed cost for each. On PostgreSQL, whose commits
+overlap, another starts beside it (up to :data:`PARALLEL_BATCHES`) when the
+running ones cannot keep up: a full batch waits, or one has run longer than
+:data:`SLOW_BATCH` (see :class:`_Pace`); SQLite has a single writer. While busy,
+a group commit on an event loop (the ASGI apps, :class:`AsyncWebhookReceiver`)
+waits up to ``IDIS_WEBHOOK_BATCH_LINGER`` for its next batch to be as large as
+recent ones. Under load this replaces one transaction per webhook with one per
 batch, the difference between a receiver that keeps up with a provider's burst
 and one that does not; an idle receiver still commits each delivery at once.
 When anything in a batch fails (a handler raises, the commit fails), the batch
@@ -74,6 +80,7 @@ import contextlib
 import json
 import re
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -128,6 +135,10 @@ _WINDOW = timedelta(minutes=1)
 MAX_BATCH = 32
 #: Batches in flight at once on PostgreSQL (its commits overlap); SQLite has one writer.
 PARALLEL_BATCHES = 4
+#: Batches whose largest size a lingering group commit waits for (see ``_LoopCommitter``).
+RECENT_BATCHES = 8
+#: Seconds a batch runs before another may start beside it (see :class:`_Pace`).
+SLOW_BATCH = 0.05
 #: Recently committed webhook events remembered per receiver, to answer redeliveries.
 RECENT_EVENTS = 16_384
 #: The route under the mount point: one provider name, as config.py allows it.
@@ -188,7 +199,7 @@ class _Verified:
 class _Job:
     """One verified delivery waiting for (or holding) its place in a batch."""
 
-    __slots__ = ("batch", "error", "outcome", "verified", "wake")
+    __slots__ = ("batch", "error", "finished", "outcome", "verified", "wake")
 
     def __init__(self, verified: _Verified) -> None:
         self.verified = verified
@@ -198,6 +209,8 @@ class _Job:
         self.wake: threading.Event | None = None
         #: Thread committer: the batch this job's thread leads, once it leads.
         self.batch: list[_Job] | None = None
+        #: Thread committer: set (before ``wake``) once another leader's batch ended.
+        self.finished = False
 
     def result(self) -> list[ApplyOutcome]:
         if self.error is not None:
@@ -235,44 +248,97 @@ class _SignatureWindow:
 # --------------------------------------------------------------------------- group commit
 
 
-class _ThreadCommitter:
-    """Group commit for threads: up to ``parallel`` threads lead, each applying a batch.
+class _Pace:
+    """When a committer runs another transaction beside the running ones, and its counts.
 
-    A delivery finding fewer than ``parallel`` leaders leads: it takes the
-    queue's head (its own job first) as one batch. The others wait. A leader
-    that finishes wakes its batch's owners and, if deliveries are waiting,
-    hands the lead to the oldest one with that one's batch already taken from
-    the queue (so no thread serves others for long, and no two leaders share a job).
+    An idle committer starts a delivery's transaction at once. While one runs,
+    arrivals wait and go together in the next batch: on a CPU-bound machine
+    (the receiver, its HTTP clients and the database sharing a few cores)
+    another concurrent transaction would split arrivals into small batches and
+    pay a transaction's fixed cost (pool checkout, ``BEGIN``, statements,
+    ``COMMIT``, a thread hop) once per one or two deliveries. Another one starts
+    only when the running ones cannot keep up: a full batch (:data:`MAX_BATCH`)
+    is waiting, or a running batch has taken longer than :data:`SLOW_BATCH`
+    seconds (a lock wait on PostgreSQL), up to ``parallel`` at once.
+    """
+
+    __slots__ = ("_parallel", "_starts", "batches", "deliveries")
+
+    def __init__(self, parallel: int) -> None:
+        self._parallel = parallel
+        #: Start times (monotonic) of the running batches, by a token per batch.
+        self._starts: dict[object, float] = {}
+        #: Batches run and deliveries they held (``deliveries / batches``: mean batch size).
+        self.batches = 0
+        self.deliveries = 0
+
+    def more(self, running: int, waiting: int) -> bool:
+        """Whether to start another transaction, ``running`` running and ``waiting`` queued."""
+        if running == 0:
+            return True
+        if running >= self._parallel:
+            return False
+        if waiting >= MAX_BATCH:
+            return True
+        starts = self._starts
+        return bool(starts) and time.monotonic() - min(starts.values()) > SLOW_BATCH
+
+    def started(self, token: object, size: int) -> None:
+        self._starts[token] = time.monotonic()
+        self.batches += 1
+        self.deliveries += size
+
+    def ended(self, token: object) -> None:
+        self._starts.pop(token, None)
+
+
+class _ThreadCommitter:
+    """Group commit for threads: leaders apply batches, the other threads wait.
+
+    A delivery finding no leader leads: it takes the queue's head (its own job
+    first) as one batch. The others wait, unless the running batches cannot
+    keep up (see :class:`_Pace`): then, up to ``parallel`` threads lead. A
+    leader that finishes wakes its batch's owners and, if deliveries are
+    waiting, hands the lead to the oldest one with that one's batch already
+    taken from the queue (so no thread serves others for long, and no two
+    leaders share a job).
     """
 
     def __init__(self, run: Callable[[list[_Job]], None], parallel: int) -> None:
         self._run = run
-        self._parallel = parallel
+        self.pace = _Pace(parallel)
         self._lock = threading.Lock()
         self._queue: deque[_Job] = deque()
         self._leaders = 0
 
     def _take(self) -> list[_Job]:
-        return [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+        batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+        self.pace.started(batch[0], len(batch))
+        return batch
 
     def submit(self, job: _Job) -> None:
         """Apply ``job`` in some batch; return once its outcome or error is set."""
         job.wake = threading.Event()
         with self._lock:
             self._queue.append(job)
-            if self._leaders < self._parallel:
-                # Fewer leaders than allowed means nobody was waiting: ours is the head.
+            if self.pace.more(self._leaders, len(self._queue)):
+                # The queue's head leads: the oldest waiting delivery, with its company.
                 self._leaders += 1
-                job.batch = self._take()
-        if job.batch is None:
+                head = self._queue[0]
+                head.batch = self._take()
+                if head is not job and head.wake is not None:
+                    head.wake.set()
+        while job.batch is None:
             job.wake.wait()
-            if job.batch is None:
+            job.wake.clear()
+            if job.finished:
                 return  # another leader applied it
         batch = job.batch
         try:
             self._run(batch)
         finally:
             with self._lock:
+                self.pace.ended(batch[0])
                 successor = self._queue[0] if self._queue else None
                 if successor is not None:
                     successor.batch = self._take()
@@ -280,21 +346,31 @@ class _ThreadCommitter:
                     self._leaders -= 1
             for done in batch:
                 if done is not job and done.wake is not None:
+                    done.finished = True
                     done.wake.set()
             if successor is not None and successor.wake is not None:
                 successor.wake.set()
 
 
 class _LoopCommitter:
-    """Group commit on one event loop: up to ``parallel`` drain tasks apply batches.
+    """Group commit on one event loop: drain tasks apply batches (see :class:`_Pace`).
 
     The drain tasks belong to no request, so a cancelled request (a client that
     went away) never strands the other deliveries of its batch.
     """
 
-    def __init__(self, run: Callable[[list[_Job]], Awaitable[None]], parallel: int) -> None:
+    def __init__(
+        self, run: Callable[[list[_Job]], Awaitable[None]], parallel: int, linger: float = 0.0
+    ) -> None:
         self._run = run
-        self._parallel = parallel
+        self.pace = _Pace(parallel)
+        #: Seconds a busy drain waits for company (``IDIS_WEBHOOK_BATCH_LINGER``).
+        self._linger = linger
+        #: While a drain lingers: resolved once ``_wanted`` deliveries wait.
+        self._gathering: asyncio.Future[None] | None = None
+        self._wanted = 0
+        #: Sizes of the last batches: a lingering drain waits for as many as the largest.
+        self._sizes: deque[int] = deque(maxlen=RECENT_BATCHES)
         self._queue: deque[tuple[_Job, asyncio.Future[None]]] = deque()
         # Drain tasks running; counted down inside the task itself (not by a done
         # callback, which runs later: a delivery arriving in between would wait forever).
@@ -307,26 +383,61 @@ class _LoopCommitter:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._queue.append((job, done))
-        if self._draining < self._parallel:
+        gathering = self._gathering
+        if gathering is not None and len(self._queue) >= self._wanted and not gathering.done():
+            gathering.set_result(None)  # the lingering batch is as large as the last one
+        if self.pace.more(self._draining, len(self._queue)):
             self._draining += 1
             task = loop.create_task(self._drain())
             self._drainers.add(task)
             task.add_done_callback(self._drainers.discard)
         await done
 
+    async def _gather(self, wanted: int) -> None:
+        """Linger while busy: wait up to the linger for ``wanted`` deliveries to queue.
+
+        Called only right after a batch committed, with some deliveries but fewer
+        than the largest of the last :data:`RECENT_BATCHES` batches waiting:
+        under a steady stream the next batch is then about as large as those
+        instead of holding the one or two that arrived meanwhile (each
+        transaction has a fixed cost). A receiver whose recent batches held one
+        delivery each never lingers, nor does one with nothing waiting (its
+        drain ends), so an idle receiver starts a delivery's transaction at once.
+        """
+        loop = asyncio.get_running_loop()
+        gathering: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(self._linger, _resolve, gathering)
+        self._gathering, self._wanted = gathering, wanted
+        try:
+            await gathering
+        finally:
+            timer.cancel()
+            self._gathering = None
+
     async def _drain(self) -> None:
         batch: list[tuple[_Job, asyncio.Future[None]]] = []
+        token = object()
         try:
             while self._queue:
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
                 # A delivery whose request was cancelled before its batch started is dropped.
                 jobs = [job for job, done in batch if not done.cancelled()]
                 if jobs:
-                    await self._run(jobs)
+                    self.pace.started(token, len(jobs))
+                    try:
+                        await self._run(jobs)
+                    finally:
+                        self.pace.ended(token)
                 for _, done in batch:
                     if not done.done():
                         done.set_result(None)
                 batch = []
+                self._sizes.append(len(jobs))
+                if self._linger > 0 and self._gathering is None and self._queue:
+                    # (Not while another drain lingers: one gathers for both.)
+                    wanted = max(self._sizes)
+                    if len(self._queue) < wanted:
+                        await self._gather(wanted)
         finally:
             self._draining -= 1
             # Only on loop shutdown: no delivery may wait for a drain that is gone.
@@ -336,6 +447,11 @@ class _LoopCommitter:
                 for _, done in self._queue:
                     done.cancel()
                 self._queue.clear()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 # --------------------------------------------------------------------------- flow effects
@@ -487,6 +603,7 @@ class _ReceiverBase:
                     self.packs[name] = pack
         self.max_body_bytes = settings.webhooks.max_body_bytes
         self.body_timeout = settings.webhooks.body_timeout.total_seconds()
+        self.batch_linger = settings.webhooks.batch_linger.total_seconds()
         self.threshold = settings.sync.signature_failure_threshold
         self._signature_failures = _SignatureWindow()
         self._spike_noted: dict[str, datetime] = {}
@@ -497,6 +614,13 @@ class _ReceiverBase:
         # events enter, so an answer from here is what the inbox would give.
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._recent_lock = threading.Lock()
+        #: The group committers of ``handle()`` and of each ASGI app (their batch counts).
+        self._committers: list[Any] = []
+
+    def _batch_counts(self) -> tuple[int, int]:
+        """Group-committed batches run so far and the deliveries they held (all faces)."""
+        paces = [committer.pace for committer in self._committers]
+        return sum(p.batches for p in paces), sum(p.deliveries for p in paces)
 
     @property
     def metrics(self) -> Metrics:
@@ -938,6 +1062,7 @@ class WebhookReceiver(_ReceiverBase):
         self._io = _IO(
             _ThreadCommitter(self._apply_batch, self._parallel), self._save_spike, self._fetch
         )
+        self._committers.append(self._io.committer)
 
     def handle(
         self,
@@ -1024,8 +1149,9 @@ class WebhookReceiver(_ReceiverBase):
         async def fetch(name: str) -> Any:
             return await anyio.to_thread.run_sync(self._fetch, name)
 
-        io = _IO(_LoopCommitter(apply, self._parallel), save_spike, fetch)
-        return _make_asgi(self, io, provider)
+        committer = _LoopCommitter(apply, self._parallel, self.batch_linger)
+        self._committers.append(committer)
+        return _make_asgi(self, _IO(committer, save_spike, fetch), provider)
 
 
 class AsyncWebhookReceiver(_ReceiverBase):
@@ -1072,7 +1198,12 @@ class AsyncWebhookReceiver(_ReceiverBase):
         )
         parallel = 1 if sqlite else PARALLEL_BATCHES
         self._fetch_locks: dict[str, asyncio.Lock] = {}
-        self._io = _IO(_LoopCommitter(self._apply_batch, parallel), self._save_spike, self._fetch)
+        self._io = _IO(
+            _LoopCommitter(self._apply_batch, parallel, self.batch_linger),
+            self._save_spike,
+            self._fetch,
+        )
+        self._committers.append(self._io.committer)
 
     async def handle(
         self,
