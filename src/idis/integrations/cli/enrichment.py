@@ -4,6 +4,7 @@ and ``enrichment run-deferred`` / ``enrichment defects``.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 
 import click
@@ -42,17 +43,7 @@ def create_stale_defects_cmd(provider: str, since: datetime, as_json: bool) -> N
     """
     result = create_stale_defects(provider, since, settings=get_settings(), actor=default_actor())
     if as_json:
-        print_json(
-            {
-                "provider": result.provider,
-                "since": result.since,
-                "subjects": result.subjects,
-                "created": result.created,
-                "already_open": result.already_open,
-                "requests_enqueued": result.requests_enqueued,
-                "defect_ids": list(result.defect_ids),
-            }
-        )
+        print_json(asdict(result))
         return
     stdout.print(
         f"{provider}: {result.subjects} stale subject(s) since {result.since.isoformat()}: "
@@ -74,14 +65,7 @@ def clear_stale_defects_cmd(provider: str, since: datetime, as_json: bool) -> No
     """
     result = clear_stale_defects(provider, since, settings=get_settings(), actor=default_actor())
     if as_json:
-        print_json(
-            {
-                "provider": result.provider,
-                "since": result.since,
-                "resolved": result.resolved,
-                "defect_ids": list(result.defect_ids),
-            }
-        )
+        print_json(asdict(result))
         return
     stdout.print(
         f"{provider}: {result.resolved} stale defect(s) resolved "
