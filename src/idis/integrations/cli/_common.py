@@ -59,6 +59,8 @@ __all__ = [
     "fail",
     "get_settings",
     "handle_errors",
+    "handler_registry",
+    "handlers_option",
     "json_option",
     "no_database",
     "print_json",
@@ -299,6 +301,22 @@ def since_option(
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+handlers_option = click.option(
+    "--handlers",
+    envvar="IDIS_HANDLERS",
+    default=None,
+    help="Host handler modules to import (package.module or package.module:function, "
+    "comma-separated); default $IDIS_HANDLERS.",
+)
+
+
+def handler_registry(handlers: str | None) -> Any:
+    """The handlers ``--handlers`` names (imported now), else the host's registered ones."""
+    from ..reconciliation._handlers import load_handlers
+    from ..sync._inbox import get_registry
+
+    return load_handlers(handlers) if handlers else get_registry()
 
 
 def _default(value: Any) -> Any:

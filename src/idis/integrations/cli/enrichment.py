@@ -9,11 +9,11 @@ from datetime import datetime
 
 import click
 
+from .._audit import cli_actor
 from ..enrichment._assessment import impact
 from ..enrichment._defects import (
     clear_stale_defects,
     create_stale_defects,
-    default_actor,
     list_defects,
 )
 from ..enrichment._worker import run_deferred
@@ -41,7 +41,7 @@ def create_stale_defects_cmd(provider: str, since: datetime, as_json: bool) -> N
     Idempotent: subjects that already have an OPEN defect are reported, not duplicated. Each
     subject also gets a deferred refresh, so its defect resolves once the provider recovers.
     """
-    result = create_stale_defects(provider, since, settings=get_settings(), actor=default_actor())
+    result = create_stale_defects(provider, since, settings=get_settings(), actor=cli_actor())
     if as_json:
         print_json(asdict(result))
         return
@@ -63,7 +63,7 @@ def clear_stale_defects_cmd(provider: str, since: datetime, as_json: bool) -> No
 
     Sets status RESOLVED, resolution 'Data refreshed after provider recovery' and resolved_at.
     """
-    result = clear_stale_defects(provider, since, settings=get_settings(), actor=default_actor())
+    result = clear_stale_defects(provider, since, settings=get_settings(), actor=cli_actor())
     if as_json:
         print_json(asdict(result))
         return

@@ -13,19 +13,21 @@ timeline: gaps; verify-sync: mismatches left); 2 bad input, nothing changed;
 
 from __future__ import annotations
 
-import getpass
 import sys
 from datetime import datetime, timedelta
 from typing import Any
 
 import click
 
+from .._audit import cli_actor
 from .._timeparse import format_duration, parse_duration, parse_since, utcnow
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
     get_settings,
     handle_errors,
+    handler_registry,
+    handlers_option,
     json_option,
     print_json,
     print_table,
@@ -35,25 +37,6 @@ from ._common import (
     stdout,
 )
 from ._progress import progress
-
-_HANDLERS_HELP = (
-    "Host handler modules to import (package.module or package.module:function, "
-    "comma-separated); default $IDIS_HANDLERS."
-)
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):  # no passwd entry in some containers
-        return "cli"
-
-
-def _registry(handlers: str | None) -> Any:
-    from ..reconciliation._handlers import load_handlers
-    from ..sync._inbox import get_registry
-
-    return load_handlers(handlers) if handlers else get_registry()
 
 
 def _time(value: datetime | None) -> str:
@@ -147,7 +130,7 @@ def _print_resync(summary: Any) -> None:
     help="Events per replay page; one transaction per page.",
 )
 @click.option("--no-resume", is_flag=True, help="Start afresh instead of resuming a stopped run.")
-@click.option("--handlers", envvar="IDIS_HANDLERS", default=None, help=_HANDLERS_HELP)
+@handlers_option
 @json_option
 @handle_errors
 def reconcile_command(
@@ -166,7 +149,7 @@ def reconcile_command(
     from ..reconciliation._replay import ReconcileInterrupted, reconcile
 
     settings = get_settings()
-    registry = _registry(handlers)
+    registry = handler_registry(handlers)
     with progress(
         f"{'resyncing' if resync else 'reconciling'} {provider}",
         unit="records" if resync else "events",
@@ -178,7 +161,7 @@ def reconcile_command(
                 settings=settings,
                 handlers=registry,
                 dry_run=dry_run,
-                actor=_actor(),
+                actor=cli_actor(),
                 progress=advance,
             )
             if as_json:
@@ -197,7 +180,7 @@ def reconcile_command(
                 handlers=registry,
                 page_size=page_size,
                 resume=not no_resume,
-                actor=_actor(),
+                actor=cli_actor(),
                 progress=advance,
             )
         except ReconcileInterrupted as exc:
@@ -313,7 +296,7 @@ _HOST_RECORDS_HELP = (
 @click.option(
     "--fields", default=None, help="Data fields that matter, comma-separated (default: all)."
 )
-@click.option("--handlers", envvar="IDIS_HANDLERS", default=None, help=_HANDLERS_HELP)
+@handlers_option
 @click.option("--host-records", default=None, help=_HOST_RECORDS_HELP)
 @json_option
 @handle_errors
@@ -336,7 +319,7 @@ def verify_sync_command(
     from ..reconciliation._verify import verify_sync
 
     settings = get_settings()
-    registry = _registry(handlers)
+    registry = handler_registry(handlers)
     wanted = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
     spec = host_records or settings.host_records
     with ExitStack() as stack, progress(f"verifying {provider}", unit="records") as advance:
@@ -359,7 +342,7 @@ def verify_sync_command(
             client=client,
             engine=engine,
             handlers=registry,
-            actor=_actor(),
+            actor=cli_actor(),
             on_checked=advance,
         )
     if as_json:

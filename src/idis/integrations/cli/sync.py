@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from .._audit import cli_actor
 from .._timeparse import format_duration, utcnow
 from . import main
 from ._common import (
@@ -23,26 +24,14 @@ from ._common import (
     fail,
     get_settings,
     handle_errors,
+    handler_registry,
+    handlers_option,
     json_option,
     print_json,
     print_table,
     provider_option,
     stdout,
 )
-
-_HANDLERS_HELP = (
-    "Host handler modules to import (package.module or package.module:function, "
-    "comma-separated); default $IDIS_HANDLERS."
-)
-
-
-def _actor() -> str:
-    import getpass
-
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):  # no login name (some containers)
-        return "cli:unknown"
 
 
 def _register_status_facts() -> None:
@@ -253,7 +242,7 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
     multiple=True,
     help="Provider to sync (repeatable; default: every provider of kind crm).",
 )
-@click.option("--handlers", envvar="IDIS_HANDLERS", default=None, help=_HANDLERS_HELP)
+@handlers_option
 @handle_errors
 def run(providers: tuple[str, ...], handlers: str | None) -> None:
     """Run the sync worker (sentinel, mode controller, poller) until SIGTERM.
@@ -265,7 +254,7 @@ def run(providers: tuple[str, ...], handlers: str | None) -> None:
     settings = get_settings()
     for name in providers:
         settings.provider(name)
-    registry = _registry(handlers)
+    registry = handler_registry(handlers)
     asyncio.run(_run_service(settings, list(providers) or None, registry))
 
 
@@ -281,13 +270,6 @@ async def _run_service(settings: Any, providers: list[str] | None, registry: Any
             await _wait(stop, service.interval)
     finally:
         await service.aclose()
-
-
-def _registry(handlers: str | None) -> Any:
-    from ..reconciliation._handlers import load_handlers
-    from ..sync._inbox import get_registry
-
-    return load_handlers(handlers) if handlers else get_registry()
 
 
 def _print_poll(result: Any, as_json: bool) -> None:
@@ -347,7 +329,7 @@ def mode(provider: str, setting: str | None, as_json: bool) -> None:
                     setting,
                     policy=ModePolicy.from_settings(settings.sync),
                     now=utcnow(),
-                    actor=_actor(),
+                    actor=cli_actor(),
                 )
         with Session(read_only(engine)) as session:
             (row,) = sync_summary(session, [provider])
