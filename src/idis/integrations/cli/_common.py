@@ -70,6 +70,7 @@ __all__ = [
     "resolve_provider",
     "since_option",
     "stdout",
+    "until_option",
 ]
 
 EXIT_CHECK_FAILED = 1
@@ -299,6 +300,13 @@ def since_option(
         help='Start of the window: "1 hour ago", "90 minutes ago", "2h", or ISO-8601.',
     )
 
+
+until_option = click.option(
+    "--until",
+    default=None,
+    callback=_validate_since,
+    help="End of the window (default: now); same forms as --since.",
+)
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from .._audit import cli_actor
-from .._timeparse import format_duration, parse_duration, parse_since, utcnow
+from .._timeparse import format_duration, parse_duration, utcnow
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
@@ -35,33 +35,13 @@ from ._common import (
     since_option,
     stderr,
     stdout,
+    until_option,
 )
 from ._progress import progress
 
 
 def _time(value: datetime | None) -> str:
     return "" if value is None else value.isoformat(timespec="seconds")
-
-
-def _until_callback(
-    _ctx: click.Context, _param: click.Parameter, value: str | None
-) -> datetime | None:
-    if value is None:
-        return None
-    from ..exceptions import ConfigError
-
-    try:
-        return parse_since(value, name="--until")
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-until_option = click.option(
-    "--until",
-    default=None,
-    callback=_until_callback,
-    help="End of the window (default: now); same forms as --since.",
-)
 
 
 # --------------------------------------------------------------------------- reconcile
