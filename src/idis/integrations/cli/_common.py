@@ -288,14 +288,11 @@ def provider_option(*, required: bool = True) -> Callable[[Callable[P, R]], Call
     )
 
 
-def since_option(
-    *, required: bool = True, default: str | None = None
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+def since_option(*, required: bool = True) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """``--since "2 hours ago"`` (or ISO-8601), parsed into an aware UTC datetime."""
     return click.option(
         "--since",
-        required=required and default is None,
-        default=default,
+        required=required,
         callback=_validate_since,
         help='Start of the window: "1 hour ago", "90 minutes ago", "2h", or ISO-8601.',
     )

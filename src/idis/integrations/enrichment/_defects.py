@@ -14,7 +14,6 @@ It does not cancel pending refreshes: the data itself is still refreshed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -268,7 +267,6 @@ def query_defects(
     status: str | None = None,
     since: datetime | None = None,
     tenant_id: str | None = None,
-    subject_ids: Sequence[str] | None = None,
     limit: int | None = 1000,
 ) -> list[DefectRecord]:
     """Stale defects in ``session``, oldest first, filtered (see :func:`list_defects`)."""
@@ -287,8 +285,6 @@ def query_defects(
         query = query.where(Defect.created_at > since)
     if tenant_id is not None:
         query = query.where(Defect.tenant_id == tenant_id)
-    if subject_ids is not None:
-        query = query.where(Defect.subject_id.in_(list(subject_ids)))
     if limit is not None:
         query = query.limit(limit)
     return [DefectRecord.from_row(row) for row in session.scalars(query)]
