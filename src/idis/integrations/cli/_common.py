@@ -26,11 +26,11 @@ import os
 import re
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 from rich.console import Console
@@ -49,11 +49,15 @@ from ..exceptions import (
 from ..observability._logs import configure_logging, redact_text
 from ._progress import progress  # the one progress helper; commands import it from here too
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
 __all__ = [
     "EXIT_CHECK_FAILED",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
     "check_database",
+    "database_engine",
     "describe_database",
     "exit_code",
     "fail",
@@ -218,6 +222,18 @@ def _missing_tables(url: str) -> str | None:
     finally:
         engine.dispose()
     return None if found else "no idis-integrations tables (db upgrade never ran there)"
+
+
+@contextmanager
+def database_engine() -> Iterator[Engine]:
+    """An engine on the configured database for one command, disposed of afterwards."""
+    from ..db._engine import create_db_engine
+
+    engine = create_db_engine(get_settings().database_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def resolve_provider(name: str) -> str:

@@ -13,8 +13,8 @@ from ..ops._drill_api import drill_api
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
+    database_engine,
     describe_database,
-    get_settings,
     handle_errors,
     no_database,
     provider_option,
@@ -141,16 +141,12 @@ def postmortem(
     provider: str, since: datetime, until: datetime | None, fmt: str, output: Path | None
 ) -> None:
     """Rebuild an incident (RB-09 Postmortem) from the audit trail and recorded health."""
-    from ..db._engine import create_db_engine, storage_errors
+    from ..db._engine import storage_errors
     from ..ops._postmortem import build_postmortem
     from ..ops._report import render_html, render_markdown
 
-    engine = create_db_engine(get_settings().database_url)
-    try:
-        with storage_errors():
-            report, _facts = build_postmortem(engine, provider, since, until)
-    finally:
-        engine.dispose()
+    with database_engine() as engine, storage_errors():
+        report, _facts = build_postmortem(engine, provider, since, until)
     text = render_html(report) if fmt == "html" else render_markdown(report)
     if output is None:
         click.echo(text, nl=False)

@@ -24,6 +24,7 @@ from .._timeparse import format_duration, parse_duration, utcnow
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
+    database_engine,
     get_settings,
     handle_errors,
     handler_registry,
@@ -419,7 +420,7 @@ def audit_command(
 ) -> None:
     """List PROVIDER's audit events since --since, oldest first (RB-09 Verification 2)."""
     from .._audit import list_audit_events
-    from ..db._engine import create_db_engine, session_scope
+    from ..db._engine import session_scope
 
     end = until or utcnow()
     actions = None
@@ -429,20 +430,16 @@ def audit_command(
             prefix = action.rstrip("*")
         else:
             actions = [action]
-    engine = create_db_engine(get_settings().database_url)
-    try:
-        with session_scope(engine, write=False) as session:
-            records = list_audit_events(
-                session,
-                provider=provider,
-                since=since,
-                until=end,
-                actions=actions,
-                action_prefix=prefix,
-                limit=limit,
-            )
-    finally:
-        engine.dispose()
+    with database_engine() as engine, session_scope(engine, write=False) as session:
+        records = list_audit_events(
+            session,
+            provider=provider,
+            since=since,
+            until=end,
+            actions=actions,
+            action_prefix=prefix,
+            limit=limit,
+        )
     if as_json:
         print_json(
             [

@@ -21,6 +21,7 @@ from . import main
 from ._common import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    database_engine,
     fail,
     get_settings,
     handle_errors,
@@ -53,12 +54,6 @@ def _age(value: Any) -> str:
     return format_duration(max(0.0, (utcnow() - value).total_seconds())) + " ago"
 
 
-def _engine() -> Any:
-    from ..db._engine import create_db_engine
-
-    return create_db_engine(get_settings().database_url)
-
-
 @main.group("sync")
 def sync() -> None:
     """Inbound sync: webhook/polling mode per provider, the poller, the sync state."""
@@ -78,14 +73,10 @@ def status(provider: str | None, as_json: bool) -> None:
 
     settings = get_settings()
     names = [provider] if provider else None
-    engine = _engine()
-    try:
-        with Session(read_only(engine)) as session:
-            rows = sync_summary(session, names)
-            if not rows and names is None:
-                rows = sync_summary(session, default_providers(settings))
-    finally:
-        engine.dispose()
+    with database_engine() as engine, Session(read_only(engine)) as session:
+        rows = sync_summary(session, names)
+        if not rows and names is None:
+            rows = sync_summary(session, default_providers(settings))
     if as_json:
         print_json([row.as_dict() for row in rows])
         return
@@ -319,8 +310,7 @@ def mode(provider: str, setting: str | None, as_json: bool) -> None:
     from ..sync._state import override_mode, sync_summary
 
     settings = get_settings()
-    engine = _engine()
-    try:
+    with database_engine() as engine:
         if setting is not None:
             with sessionmaker(engine).begin() as session:
                 override_mode(
@@ -333,8 +323,6 @@ def mode(provider: str, setting: str | None, as_json: bool) -> None:
                 )
         with Session(read_only(engine)) as session:
             (row,) = sync_summary(session, [provider])
-    finally:
-        engine.dispose()
     if as_json:
         print_json(row.as_dict())
         return
