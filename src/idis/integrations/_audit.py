@@ -8,6 +8,7 @@ never hold a secret: ``details`` passes through the same redaction as logs.
 
 from __future__ import annotations
 
+import getpass
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +21,22 @@ from ._redact import redact_text, redact_value
 from ._timeparse import utcnow
 from .db._base import Base, BigIntPK, JSONType, UTCDateTime
 
-__all__ = ["AuditEvent", "AuditRecord", "audit_row", "list_audit_events", "record_audit"]
+__all__ = [
+    "AuditEvent",
+    "AuditRecord",
+    "audit_row",
+    "cli_actor",
+    "list_audit_events",
+    "record_audit",
+]
+
+
+def cli_actor() -> str:
+    """``cli:<login>``: the actor of the audit rows a person's command writes."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no login name (some containers)
+        return "cli:unknown"
 
 
 class AuditEvent(Base):

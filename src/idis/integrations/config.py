@@ -1584,27 +1584,30 @@ SIMULATOR_ENDPOINTS: Mapping[str, str] = MappingProxyType(
 )
 
 
+def _simulator_provider(name: str, kind: str, simulator_url: str) -> ProviderSettings:
+    """A provider served by the simulator at ``simulator_url``, on its client credentials."""
+    return ProviderSettings(
+        name=name,
+        kind=kind,  # type: ignore[arg-type]  # one of the three kinds
+        base_url=f"{simulator_url}/p/{name}",
+        endpoints=dict(SIMULATOR_ENDPOINTS),
+        health_endpoint="/health",
+        auth=AuthSettings(
+            grant="client_credentials",
+            token_url="/oauth/token",  # noqa: S106  # a URL path, not a password
+            client_id="idis-local",
+            client_secret=Secret("local-simulator-secret"),
+            rotation_url="/oauth/rotate",
+        ),
+        webhook_secrets=(Secret(EMBEDDED_WEBHOOK_SECRET),),
+        outbound_webhook_secret=Secret(EMBEDDED_OUTBOUND_WEBHOOK_SECRET),
+    )
+
+
 def _embedded_providers(simulator_url: str) -> dict[str, ProviderSettings]:
     """The three simulator-backed providers every command works against out of the box."""
-    endpoints = dict(SIMULATOR_ENDPOINTS)
-    auth = AuthSettings(
-        grant="client_credentials",
-        token_url="/oauth/token",  # noqa: S106  # a URL path, not a password
-        client_id="idis-local",
-        client_secret=Secret("local-simulator-secret"),
-        rotation_url="/oauth/rotate",
-    )
     return {
-        name: ProviderSettings(
-            name=name,
-            kind=kind,  # type: ignore[arg-type]  # literal from the tuple below
-            base_url=f"{simulator_url}/p/{name}",
-            endpoints=endpoints,
-            health_endpoint="/health",
-            auth=auth,
-            webhook_secrets=(Secret(EMBEDDED_WEBHOOK_SECRET),),
-            outbound_webhook_secret=Secret(EMBEDDED_OUTBOUND_WEBHOOK_SECRET),
-        )
+        name: _simulator_provider(name, kind, simulator_url)
         for name, kind in (
             ("crm_provider", "crm"),
             ("docs_provider", "docs"),

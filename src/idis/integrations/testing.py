@@ -46,24 +46,17 @@ from ._conformance import (
     simulator_harness,
 )
 from .config import (
-    SIMULATOR_ENDPOINTS,
-    AuthSettings,
     BreakerPolicy,
     ProviderSettings,
     RetryPolicy,
-    Secret,
     Settings,
     TimeoutPolicy,
+    _simulator_provider,
 )
 from .exceptions import ConfigError, UsageError
 from .resilience._policy import set_testing
 from .simulator._control import SimulatorControl
-from .simulator._state import (
-    DEFAULT_OUTBOUND_WEBHOOK_SECRET,
-    DEFAULT_WEBHOOK_SECRET,
-    Clock,
-    SimulatorState,
-)
+from .simulator._state import Clock, SimulatorState
 
 __all__ = [
     "AdapterHarness",
@@ -299,26 +292,13 @@ def simulator_settings(
     top = {k: v for k, v in overrides.items() if k in settings_fields}
     built: dict[str, ProviderSettings] = {}
     for name in providers:
-        provider = ProviderSettings(
-            name=name,
-            kind=_kind(name),  # type: ignore[arg-type]  # one of the three kinds
-            base_url=f"{base}/p/{name}",
-            endpoints=dict(SIMULATOR_ENDPOINTS),
+        provider = replace(
+            _simulator_provider(name, _kind(name), base),
             timeouts=TimeoutPolicy(connect=2.0, read=2.0, write=2.0, pool=2.0, deadline=10.0),
             retry=RetryPolicy(
                 max_attempts=3, initial_backoff=0.01, max_backoff=0.1, retry_after_cap=5.0
             ),
             breaker=BreakerPolicy(reset_timeout=1.0),
-            health_endpoint="/health",
-            auth=AuthSettings(
-                grant="client_credentials",
-                token_url="/oauth/token",  # noqa: S106  # a URL path, not a password
-                client_id="idis-local",
-                client_secret=Secret("local-simulator-secret"),
-                rotation_url="/oauth/rotate",
-            ),
-            webhook_secrets=(Secret(DEFAULT_WEBHOOK_SECRET),),
-            outbound_webhook_secret=Secret(DEFAULT_OUTBOUND_WEBHOOK_SECRET),
         )
         built[name] = replace(provider, **per_provider) if per_provider else provider
     # The simulator's webhook secret is published: only settings that talk to a

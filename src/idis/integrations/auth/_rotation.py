@@ -29,7 +29,7 @@ and counted in ``integration_credential_rotations_total{outcome}``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -130,19 +130,8 @@ class RotationResult:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields (no secret)."""
-        return {
-            "provider": self.provider,
-            "client_id": self.client_id,
-            "source": self.source,
-            "stored_in": self.stored_in,
-            "version": self.version,
-            "previous_version": self.previous_version,
-            "location": self.location,
-            "token_expires_at": (
-                self.token_expires_at.isoformat() if self.token_expires_at else None
-            ),
-            "previous_secret_valid_until": self.previous_secret_valid_until,
-        }
+        expires = self.token_expires_at
+        return asdict(self) | {"token_expires_at": expires.isoformat() if expires else None}
 
 
 @dataclass(frozen=True, slots=True)

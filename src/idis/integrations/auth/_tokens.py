@@ -18,7 +18,7 @@ import asyncio
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -108,14 +108,9 @@ class RefreshResult:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields (no secret)."""
-        return {
-            "provider": self.provider,
-            "outcome": self.outcome,
+        return asdict(self) | {
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "seconds_left": None if self.seconds_left is None else round(self.seconds_left),
-            "generation": self.generation,
-            "error": self.error,
-            "error_type": self.error_type,
         }
 
 

@@ -26,11 +26,11 @@ import os
 import re
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 from rich.console import Console
@@ -49,16 +49,22 @@ from ..exceptions import (
 from ..observability._logs import configure_logging, redact_text
 from ._progress import progress  # the one progress helper; commands import it from here too
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
 __all__ = [
     "EXIT_CHECK_FAILED",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
     "check_database",
+    "database_engine",
     "describe_database",
     "exit_code",
     "fail",
     "get_settings",
     "handle_errors",
+    "handler_registry",
+    "handlers_option",
     "json_option",
     "no_database",
     "print_json",
@@ -68,6 +74,7 @@ __all__ = [
     "resolve_provider",
     "since_option",
     "stdout",
+    "until_option",
 ]
 
 EXIT_CHECK_FAILED = 1
@@ -217,6 +224,18 @@ def _missing_tables(url: str) -> str | None:
     return None if found else "no idis-integrations tables (db upgrade never ran there)"
 
 
+@contextmanager
+def database_engine() -> Iterator[Engine]:
+    """An engine on the configured database for one command, disposed of afterwards."""
+    from ..db._engine import create_db_engine
+
+    engine = create_db_engine(get_settings().database_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
 def resolve_provider(name: str) -> str:
     """Validate a provider name against the configuration; exit 2 naming it if unknown."""
     get_settings().provider(name)
@@ -285,20 +304,40 @@ def provider_option(*, required: bool = True) -> Callable[[Callable[P, R]], Call
     )
 
 
-def since_option(
-    *, required: bool = True, default: str | None = None
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+def since_option(*, required: bool = True) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """``--since "2 hours ago"`` (or ISO-8601), parsed into an aware UTC datetime."""
     return click.option(
         "--since",
-        required=required and default is None,
-        default=default,
+        required=required,
         callback=_validate_since,
         help='Start of the window: "1 hour ago", "90 minutes ago", "2h", or ISO-8601.',
     )
 
 
+until_option = click.option(
+    "--until",
+    default=None,
+    callback=_validate_since,
+    help="End of the window (default: now); same forms as --since.",
+)
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+handlers_option = click.option(
+    "--handlers",
+    envvar="IDIS_HANDLERS",
+    default=None,
+    help="Host handler modules to import (package.module or package.module:function, "
+    "comma-separated); default $IDIS_HANDLERS.",
+)
+
+
+def handler_registry(handlers: str | None) -> Any:
+    """The handlers ``--handlers`` names (imported now), else the host's registered ones."""
+    from ..reconciliation._handlers import load_handlers
+    from ..sync._inbox import get_registry
+
+    return load_handlers(handlers) if handlers else get_registry()
 
 
 def _default(value: Any) -> Any:

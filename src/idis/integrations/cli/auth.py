@@ -7,12 +7,12 @@ Secrets never travel on the command line (they would sit in shell history and
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 
 import click
 
+from .._audit import cli_actor
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
@@ -25,13 +25,6 @@ from ._common import (
     provider_option,
     stdout,
 )
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):  # no passwd entry (containers)
-        return "cli"
 
 
 def _echo(line: str) -> None:
@@ -144,7 +137,7 @@ def rotate_credentials_command(
             new_secret=new_secret,
             new_client_id=client_id,
             settings=settings,
-            actor=_actor(),
+            actor=cli_actor(),
         )
     except CredentialRotationError as exc:
         # 3 when a dependency was down (retry later), 1 when the rotation itself failed.
@@ -175,7 +168,7 @@ def import_token_command(provider: str, as_json: bool) -> None:
         document = json.loads(raw)
     except ValueError as exc:
         fail(f"stdin is not JSON (line {getattr(exc, 'lineno', '?')}): expected a token object")
-    status = import_token(provider, document, settings=get_settings(), actor=_actor())
+    status = import_token(provider, document, settings=get_settings(), actor=cli_actor())
     if as_json:
         print_json(status.as_dict())
     else:

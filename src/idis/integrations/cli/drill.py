@@ -8,20 +8,20 @@ from pathlib import Path
 
 import click
 
-from .._timeparse import parse_since
 from ..ops._drill import APIS, BREAKABLE, DEFAULT_SPEED, SCENARIOS, DrillOptions, run_drill
 from ..ops._drill_api import drill_api
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
+    database_engine,
     describe_database,
-    get_settings,
     handle_errors,
     no_database,
     provider_option,
     since_option,
     stderr,
     stdout,
+    until_option,
 )
 
 
@@ -121,7 +121,7 @@ def drill(  # noqa: PLR0917  # one parameter per click option
 @main.command("postmortem")
 @provider_option()
 @since_option()
-@click.option("--until", default=None, help="End of the window (default: now).")
+@until_option
 @click.option(
     "--format",
     "fmt",
@@ -138,20 +138,15 @@ def drill(  # noqa: PLR0917  # one parameter per click option
 )
 @handle_errors
 def postmortem(
-    provider: str, since: datetime, until: str | None, fmt: str, output: Path | None
+    provider: str, since: datetime, until: datetime | None, fmt: str, output: Path | None
 ) -> None:
     """Rebuild an incident (RB-09 Postmortem) from the audit trail and recorded health."""
-    from ..db._engine import create_db_engine, storage_errors
+    from ..db._engine import storage_errors
     from ..ops._postmortem import build_postmortem
     from ..ops._report import render_html, render_markdown
 
-    end = parse_since(until, name="--until") if until else None
-    engine = create_db_engine(get_settings().database_url)
-    try:
-        with storage_errors():
-            report, _facts = build_postmortem(engine, provider, since, end)
-    finally:
-        engine.dispose()
+    with database_engine() as engine, storage_errors():
+        report, _facts = build_postmortem(engine, provider, since, until)
     text = render_html(report) if fmt == "html" else render_markdown(report)
     if output is None:
         click.echo(text, nl=False)

@@ -4,15 +4,16 @@ and ``enrichment run-deferred`` / ``enrichment defects``.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 
 import click
 
+from .._audit import cli_actor
 from ..enrichment._assessment import impact
 from ..enrichment._defects import (
     clear_stale_defects,
     create_stale_defects,
-    default_actor,
     list_defects,
 )
 from ..enrichment._worker import run_deferred
@@ -40,19 +41,9 @@ def create_stale_defects_cmd(provider: str, since: datetime, as_json: bool) -> N
     Idempotent: subjects that already have an OPEN defect are reported, not duplicated. Each
     subject also gets a deferred refresh, so its defect resolves once the provider recovers.
     """
-    result = create_stale_defects(provider, since, settings=get_settings(), actor=default_actor())
+    result = create_stale_defects(provider, since, settings=get_settings(), actor=cli_actor())
     if as_json:
-        print_json(
-            {
-                "provider": result.provider,
-                "since": result.since,
-                "subjects": result.subjects,
-                "created": result.created,
-                "already_open": result.already_open,
-                "requests_enqueued": result.requests_enqueued,
-                "defect_ids": list(result.defect_ids),
-            }
-        )
+        print_json(asdict(result))
         return
     stdout.print(
         f"{provider}: {result.subjects} stale subject(s) since {result.since.isoformat()}: "
@@ -72,16 +63,9 @@ def clear_stale_defects_cmd(provider: str, since: datetime, as_json: bool) -> No
 
     Sets status RESOLVED, resolution 'Data refreshed after provider recovery' and resolved_at.
     """
-    result = clear_stale_defects(provider, since, settings=get_settings(), actor=default_actor())
+    result = clear_stale_defects(provider, since, settings=get_settings(), actor=cli_actor())
     if as_json:
-        print_json(
-            {
-                "provider": result.provider,
-                "since": result.since,
-                "resolved": result.resolved,
-                "defect_ids": list(result.defect_ids),
-            }
-        )
+        print_json(asdict(result))
         return
     stdout.print(
         f"{provider}: {result.resolved} stale defect(s) resolved "

@@ -13,19 +13,22 @@ timeline: gaps; verify-sync: mismatches left); 2 bad input, nothing changed;
 
 from __future__ import annotations
 
-import getpass
 import sys
 from datetime import datetime, timedelta
 from typing import Any
 
 import click
 
-from .._timeparse import format_duration, parse_duration, parse_since, utcnow
+from .._audit import cli_actor
+from .._timeparse import format_duration, parse_duration, utcnow
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
+    database_engine,
     get_settings,
     handle_errors,
+    handler_registry,
+    handlers_option,
     json_option,
     print_json,
     print_table,
@@ -33,52 +36,13 @@ from ._common import (
     since_option,
     stderr,
     stdout,
+    until_option,
 )
 from ._progress import progress
-
-_HANDLERS_HELP = (
-    "Host handler modules to import (package.module or package.module:function, "
-    "comma-separated); default $IDIS_HANDLERS."
-)
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):  # no passwd entry in some containers
-        return "cli"
-
-
-def _registry(handlers: str | None) -> Any:
-    from ..reconciliation._handlers import load_handlers
-    from ..sync._inbox import get_registry
-
-    return load_handlers(handlers) if handlers else get_registry()
 
 
 def _time(value: datetime | None) -> str:
     return "" if value is None else value.isoformat(timespec="seconds")
-
-
-def _until_callback(
-    _ctx: click.Context, _param: click.Parameter, value: str | None
-) -> datetime | None:
-    if value is None:
-        return None
-    from ..exceptions import ConfigError
-
-    try:
-        return parse_since(value, name="--until")
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-until_option = click.option(
-    "--until",
-    default=None,
-    callback=_until_callback,
-    help="End of the window (default: now); same forms as --since.",
-)
 
 
 # --------------------------------------------------------------------------- reconcile
@@ -147,7 +111,7 @@ def _print_resync(summary: Any) -> None:
     help="Events per replay page; one transaction per page.",
 )
 @click.option("--no-resume", is_flag=True, help="Start afresh instead of resuming a stopped run.")
-@click.option("--handlers", envvar="IDIS_HANDLERS", default=None, help=_HANDLERS_HELP)
+@handlers_option
 @json_option
 @handle_errors
 def reconcile_command(
@@ -166,7 +130,7 @@ def reconcile_command(
     from ..reconciliation._replay import ReconcileInterrupted, reconcile
 
     settings = get_settings()
-    registry = _registry(handlers)
+    registry = handler_registry(handlers)
     with progress(
         f"{'resyncing' if resync else 'reconciling'} {provider}",
         unit="records" if resync else "events",
@@ -178,7 +142,7 @@ def reconcile_command(
                 settings=settings,
                 handlers=registry,
                 dry_run=dry_run,
-                actor=_actor(),
+                actor=cli_actor(),
                 progress=advance,
             )
             if as_json:
@@ -197,7 +161,7 @@ def reconcile_command(
                 handlers=registry,
                 page_size=page_size,
                 resume=not no_resume,
-                actor=_actor(),
+                actor=cli_actor(),
                 progress=advance,
             )
         except ReconcileInterrupted as exc:
@@ -313,7 +277,7 @@ _HOST_RECORDS_HELP = (
 @click.option(
     "--fields", default=None, help="Data fields that matter, comma-separated (default: all)."
 )
-@click.option("--handlers", envvar="IDIS_HANDLERS", default=None, help=_HANDLERS_HELP)
+@handlers_option
 @click.option("--host-records", default=None, help=_HOST_RECORDS_HELP)
 @json_option
 @handle_errors
@@ -336,7 +300,7 @@ def verify_sync_command(
     from ..reconciliation._verify import verify_sync
 
     settings = get_settings()
-    registry = _registry(handlers)
+    registry = handler_registry(handlers)
     wanted = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
     spec = host_records or settings.host_records
     with ExitStack() as stack, progress(f"verifying {provider}", unit="records") as advance:
@@ -359,7 +323,7 @@ def verify_sync_command(
             client=client,
             engine=engine,
             handlers=registry,
-            actor=_actor(),
+            actor=cli_actor(),
             on_checked=advance,
         )
     if as_json:
@@ -456,7 +420,7 @@ def audit_command(
 ) -> None:
     """List PROVIDER's audit events since --since, oldest first (RB-09 Verification 2)."""
     from .._audit import list_audit_events
-    from ..db._engine import create_db_engine, session_scope
+    from ..db._engine import session_scope
 
     end = until or utcnow()
     actions = None
@@ -466,20 +430,16 @@ def audit_command(
             prefix = action.rstrip("*")
         else:
             actions = [action]
-    engine = create_db_engine(get_settings().database_url)
-    try:
-        with session_scope(engine, write=False) as session:
-            records = list_audit_events(
-                session,
-                provider=provider,
-                since=since,
-                until=end,
-                actions=actions,
-                action_prefix=prefix,
-                limit=limit,
-            )
-    finally:
-        engine.dispose()
+    with database_engine() as engine, session_scope(engine, write=False) as session:
+        records = list_audit_events(
+            session,
+            provider=provider,
+            since=since,
+            until=end,
+            actions=actions,
+            action_prefix=prefix,
+            limit=limit,
+        )
     if as_json:
         print_json(
             [

@@ -15,34 +15,24 @@ from typing import Any
 
 import click
 
+from .._audit import cli_actor
 from .._timeparse import format_duration, utcnow
 from . import main
 from ._common import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    database_engine,
     fail,
     get_settings,
     handle_errors,
+    handler_registry,
+    handlers_option,
     json_option,
     print_json,
     print_table,
     provider_option,
     stdout,
 )
-
-_HANDLERS_HELP = (
-    "Host handler modules to import (package.module or package.module:function, "
-    "comma-separated); default $IDIS_HANDLERS."
-)
-
-
-def _actor() -> str:
-    import getpass
-
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):  # no login name (some containers)
-        return "cli:unknown"
 
 
 def _register_status_facts() -> None:
@@ -64,12 +54,6 @@ def _age(value: Any) -> str:
     return format_duration(max(0.0, (utcnow() - value).total_seconds())) + " ago"
 
 
-def _engine() -> Any:
-    from ..db._engine import create_db_engine
-
-    return create_db_engine(get_settings().database_url)
-
-
 @main.group("sync")
 def sync() -> None:
     """Inbound sync: webhook/polling mode per provider, the poller, the sync state."""
@@ -89,14 +73,10 @@ def status(provider: str | None, as_json: bool) -> None:
 
     settings = get_settings()
     names = [provider] if provider else None
-    engine = _engine()
-    try:
-        with Session(read_only(engine)) as session:
-            rows = sync_summary(session, names)
-            if not rows and names is None:
-                rows = sync_summary(session, default_providers(settings))
-    finally:
-        engine.dispose()
+    with database_engine() as engine, Session(read_only(engine)) as session:
+        rows = sync_summary(session, names)
+        if not rows and names is None:
+            rows = sync_summary(session, default_providers(settings))
     if as_json:
         print_json([row.as_dict() for row in rows])
         return
@@ -253,7 +233,7 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
     multiple=True,
     help="Provider to sync (repeatable; default: every provider of kind crm).",
 )
-@click.option("--handlers", envvar="IDIS_HANDLERS", default=None, help=_HANDLERS_HELP)
+@handlers_option
 @handle_errors
 def run(providers: tuple[str, ...], handlers: str | None) -> None:
     """Run the sync worker (sentinel, mode controller, poller) until SIGTERM.
@@ -265,7 +245,7 @@ def run(providers: tuple[str, ...], handlers: str | None) -> None:
     settings = get_settings()
     for name in providers:
         settings.provider(name)
-    registry = _registry(handlers)
+    registry = handler_registry(handlers)
     asyncio.run(_run_service(settings, list(providers) or None, registry))
 
 
@@ -281,13 +261,6 @@ async def _run_service(settings: Any, providers: list[str] | None, registry: Any
             await _wait(stop, service.interval)
     finally:
         await service.aclose()
-
-
-def _registry(handlers: str | None) -> Any:
-    from ..reconciliation._handlers import load_handlers
-    from ..sync._inbox import get_registry
-
-    return load_handlers(handlers) if handlers else get_registry()
 
 
 def _print_poll(result: Any, as_json: bool) -> None:
@@ -337,8 +310,7 @@ def mode(provider: str, setting: str | None, as_json: bool) -> None:
     from ..sync._state import override_mode, sync_summary
 
     settings = get_settings()
-    engine = _engine()
-    try:
+    with database_engine() as engine:
         if setting is not None:
             with sessionmaker(engine).begin() as session:
                 override_mode(
@@ -347,12 +319,10 @@ def mode(provider: str, setting: str | None, as_json: bool) -> None:
                     setting,
                     policy=ModePolicy.from_settings(settings.sync),
                     now=utcnow(),
-                    actor=_actor(),
+                    actor=cli_actor(),
                 )
         with Session(read_only(engine)) as session:
             (row,) = sync_summary(session, [provider])
-    finally:
-        engine.dispose()
     if as_json:
         print_json(row.as_dict())
         return

@@ -60,11 +60,10 @@ __all__ = [
     "refresh_verdict",
 ]
 
+#: Bounded vocabulary of ``EnrichmentResult.status`` (also the metric's ``result`` label).
 ResultStatus = Literal["enriched", "served_from_fallback", "cached_stale", "deferred"]
 #: What a deferred refresh came to (see :func:`refresh_verdict`).
 RefreshVerdict = Literal["refreshed", "rescheduled", "failed", "gated"]
-#: Bounded vocabulary of ``EnrichmentResult.status`` (also the metric's ``result`` label).
-RESULT_STATUSES: tuple[str, ...] = ("enriched", "served_from_fallback", "cached_stale", "deferred")
 #: 4xx statuses that answer about the subject itself: 404/410 "no match", 400/422 "invalid".
 #: Asking again later gets the same answer, so they are final, never an outage.
 _FINAL_STATUSES = frozenset({400, 404, 410, 422})

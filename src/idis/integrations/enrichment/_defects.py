@@ -14,8 +14,6 @@ It does not cancel pending refreshes: the data itself is still refreshed.
 
 from __future__ import annotations
 
-import getpass
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from .._audit import record_audit
+from .._audit import cli_actor, record_audit
 from .._timeparse import parse_since, utcnow
 from ..config import Settings
 from ..db._engine import create_db_engine, session_scope
@@ -110,14 +108,6 @@ class DefectRecord:
         )
 
 
-def default_actor() -> str:
-    """``cli:<login>`` for audit rows written by a person's command."""
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):  # no login name (some containers)
-        return "cli:unknown"
-
-
 def _validated(
     provider: str, since: str | datetime, settings: Settings | None
 ) -> tuple[Settings, datetime]:
@@ -180,7 +170,7 @@ def create_stale_defects(
     settings, start = _validated(provider, since, settings)
     chain = provider_chain(settings, provider)
     moment = now or utcnow()
-    who = actor or default_actor()
+    who = actor or cli_actor()
     with _Database(settings, engine) as db, session_scope(db) as session:
         keys = _store.stale_subjects(session, provider, start)
         _, enqueued = _store.ensure_requests(session, [(key, chain) for key in keys], now=moment)
@@ -245,7 +235,7 @@ def clear_stale_defects(
     """
     settings, start = _validated(provider, since, settings)
     moment = now or utcnow()
-    who = actor or default_actor()
+    who = actor or cli_actor()
     with _Database(settings, engine) as db, session_scope(db) as session:
         ids = _store.resolve_defects_since(session, provider, start, now=moment, actor=who)
         record_audit(
@@ -277,7 +267,6 @@ def query_defects(
     status: str | None = None,
     since: datetime | None = None,
     tenant_id: str | None = None,
-    subject_ids: Sequence[str] | None = None,
     limit: int | None = 1000,
 ) -> list[DefectRecord]:
     """Stale defects in ``session``, oldest first, filtered (see :func:`list_defects`)."""
@@ -296,8 +285,6 @@ def query_defects(
         query = query.where(Defect.created_at > since)
     if tenant_id is not None:
         query = query.where(Defect.tenant_id == tenant_id)
-    if subject_ids is not None:
-        query = query.where(Defect.subject_id.in_(list(subject_ids)))
     if limit is not None:
         query = query.limit(limit)
     return [DefectRecord.from_row(row) for row in session.scalars(query)]

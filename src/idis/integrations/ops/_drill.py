@@ -442,7 +442,6 @@ class _Findings:
     mode_during: str = "unknown"
     pending_during: int = 0
     defects_during: int = 0
-    token_during: Any = None
     reconciled: Any = None
     emitted: int = 0
     applied_once: int = 0
@@ -1278,7 +1277,6 @@ async def _triage(stage: _Stage) -> None:
             check_token, provider, settings=stage.settings, clock=stage.clock
         )
         record.note(f"Triage 3: check_token: {token}")
-        stage.found.token_during = token
         await stage.tick()
         health = await _health(stage)
         record.note(f"Triage 4: {provider} health endpoint: {health}")

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
 from .._flow import Flow, async_face, sync_face
 from .._timeparse import format_duration, utcnow
 from ..exceptions import MalformedResponse, ProviderRejected, ReplayWindowExceeded, UsageError
 from ..resilience._gateway import AsyncGateway, Gateway
-from ._client import Call, ClientFlows
+from ._client import Call, ClientFlows, provider_time
 from ._order import (
     BY_MODIFIED,
     BY_VERSION,
@@ -168,16 +168,6 @@ class ReplayPage:
     next_cursor: str | None
 
 
-def _time(value: Any, what: str, provider: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise MalformedResponse(
-            f"{provider}: {what} is not an ISO-8601 time: {str(value)[:40]!r}", provider=provider
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def _version(raw: Any) -> int:
     value = raw.get("version")
     return 0 if value is None else int(value)
@@ -192,7 +182,7 @@ def parse_record(raw: Any, provider: str, ordering: Ordering = BY_VERSION) -> Pr
     """
     try:
         version = _version(raw)
-        updated_at = _time(raw["updated_at"], "record.updated_at", provider)
+        updated_at = provider_time(raw["updated_at"], "record.updated_at", provider)
         return ProviderRecord(
             id=str(raw["id"]),
             tenant_id=None if raw.get("tenant_id") is None else str(raw["tenant_id"]),
@@ -218,7 +208,7 @@ def parse_event(raw: Any, provider: str, ordering: Ordering = BY_VERSION) -> Pro
         event_id = str(raw["id"])
         seq = int(raw["seq"])
         version = _version(raw)
-        occurred_at = _time(raw["occurred_at"], "event.occurred_at", provider)
+        occurred_at = provider_time(raw["occurred_at"], "event.occurred_at", provider)
         return ProviderEvent(
             id=event_id,
             seq=seq,

@@ -11,11 +11,24 @@ calls, the 404-means-absent rules and the error mapping exist once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from .._flow import Effect, Flow
+from ..exceptions import MalformedResponse
 
-__all__ = ["HEALTH", "Call", "ClientFlows"]
+__all__ = ["HEALTH", "Call", "ClientFlows", "provider_time"]
+
+
+def provider_time(value: Any, what: str, provider: str, form: str = "an ISO-8601 time") -> datetime:
+    """A time a provider stated (``Z`` or an offset; none means UTC), else MalformedResponse."""
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise MalformedResponse(
+            f"{provider}: {what} is not {form}: {str(value)[:40]!r}", provider=provider
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ from ..exceptions import (
     RateLimited,
     WebhookVerificationError,
 )
-from ._client import Call, ClientFlows
+from ._client import Call, ClientFlows, provider_time
 from ._order import BY_MODIFIED, Ordering
 from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
 
@@ -75,14 +75,7 @@ _CHANGE_FIELDS = f"nextPageToken,newStartPageToken,changes(fileId,removed,time,f
 
 
 def _time(value: Any, what: str, provider: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise MalformedResponse(
-            f"{provider}: Drive {what} is not an RFC 3339 time: {str(value)[:40]!r}",
-            provider=provider,
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return provider_time(value, f"Drive {what}", provider, "an RFC 3339 time")
 
 
 def _ms(moment: datetime) -> int:

@@ -516,11 +516,6 @@ def seconds_to_local_midnight(now: datetime, zone: tzinfo = UTC) -> float:
     return (tomorrow.astimezone(UTC) - now.astimezone(UTC)).total_seconds()
 
 
-def seconds_to_utc_midnight(now: datetime) -> float:
-    """Seconds until the next UTC midnight (:func:`seconds_to_local_midnight` in UTC)."""
-    return seconds_to_local_midnight(now, UTC)
-
-
 @functools.lru_cache(maxsize=64)
 def _zone(name: str) -> tzinfo:
     return UTC if name == "UTC" else ZoneInfo(name)

@@ -49,7 +49,7 @@ from ..exceptions import (
     QuotaExhausted,
     ReplayWindowExceeded,
 )
-from ._client import Call, ClientFlows
+from ._client import Call, ClientFlows, provider_time
 from ._order import BY_MODIFIED, Ordering
 from ._pack import (
     Capabilities,
@@ -97,15 +97,8 @@ def _iso(moment: datetime) -> str:
 
 
 def _time(value: Any, what: str, provider: str) -> datetime:
-    text = str(value)
     # Salesforce writes +0000 (no colon), which fromisoformat reads on 3.11+.
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise MalformedResponse(
-            f"{provider}: {what} is not a Salesforce dateTime: {text[:40]!r}", provider=provider
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return provider_time(value, what, provider, "a Salesforce dateTime")
 
 
 # --------------------------------------------------------------------------- limits, errors

@@ -21,6 +21,7 @@ events covers only up to the first failure, and exits non-zero from the CLI.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack, ExitStack
@@ -448,16 +449,8 @@ def _audit_rows(run: _Run, result: ApplyResult, now: datetime) -> list[dict[str,
     return rows
 
 
-def _writer(run: _Run, page: Any) -> Callable[[Session, ApplyResult, datetime], None]:
+def _write_page(run: _Run, page: Any, session: Session, result: ApplyResult, now: datetime) -> None:
     """The rows a committed page writes beside its events: audit rows and the checkpoint."""
-
-    def write(session: Session, result: ApplyResult, now: datetime) -> None:
-        _write_page(session, run, result, page, now)
-
-    return write
-
-
-def _write_page(session: Session, run: _Run, result: ApplyResult, page: Any, now: datetime) -> None:
     rows = _audit_rows(run, result, now)
     if rows:
         bulk_insert(session, AUDIT_TABLE, rows)
@@ -710,7 +703,7 @@ def _pages_flow(run: _Run) -> Flow[ReconcileSummary]:
                 registry=run.registry,
                 source="replay",
                 clock=run.clock,
-                also=_writer(run, page),
+                also=functools.partial(_write_page, run, page),
             )
         except (ProviderError, StorageError) as exc:
             as_is, abandon = _stop_reason(run, exc)

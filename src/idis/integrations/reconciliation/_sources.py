@@ -52,8 +52,6 @@ class StaticReplaySource:
         self._times = [e.occurred_at for e in self._events]
         self._retention = retention
         self._clock = clock
-        #: Pages served so far (tests and benchmarks read it).
-        self.pages_served = 0
 
     def replay(
         self, since: datetime, *, cursor: str | None = None, limit: int = 500
@@ -74,7 +72,6 @@ class StaticReplaySource:
                 raise ConfigError(f"cursor={cursor!r} was not issued by this source")
             start = int(cursor[1:])
         end = min(start + limit, len(self._events))
-        self.pages_served += 1
         return StaticReplayPage(
             self._events[start:end], f"i{end}" if end < len(self._events) else None
         )

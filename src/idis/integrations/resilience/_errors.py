@@ -86,10 +86,6 @@ HTTPX_ERRORS: tuple[type[Exception], ...] = (
 
 def translate_httpx_error(exc: Exception, provider: str, endpoint: str) -> Exception:
     """The library exception for an httpx exception (raise it ``from`` the original)."""
-    return _translate(exc, provider, endpoint)
-
-
-def _translate(exc: Exception, provider: str, endpoint: str) -> Exception:
     for source, target in HTTPX_MAPPING:
         if isinstance(exc, source):
             what = _TIMEOUT_KIND.get(type(exc), type(exc).__name__)
@@ -108,7 +104,7 @@ def map_httpx_errors(provider: str, endpoint: str) -> Iterator[None]:
     try:
         yield
     except HTTPX_ERRORS as exc:
-        raise _translate(exc, provider, endpoint) from exc
+        raise translate_httpx_error(exc, provider, endpoint) from exc
 
 
 def error_for_status(

@@ -361,9 +361,9 @@ class _Pipeline:
         self._rng = random.Random(seed)  # noqa: S311  # jitter, not cryptography
         self._hooks: tuple[TransitionHook, ...] = (self._on_transition, *on_transition)
         if breaker_storage is None and settings.redis_url:
-            from ._shared import redis_breaker_storage
+            from ._shared import RedisBreakerStores
 
-            breaker_storage = redis_breaker_storage(settings.redis_url, clock=self.clock)
+            breaker_storage = RedisBreakerStores(settings.redis_url, clock=self.clock)
         self.storage = breaker_storage
         self._runtimes: dict[str, _Runtime] = {}
         self._runtimes_lock = threading.Lock()

@@ -400,8 +400,7 @@ SAMPLE_HORIZON = timedelta(minutes=15)
 class _Replicas:
     """Follows each replica's samples in time order: its latest one and its interval."""
 
-    def __init__(self, default_interval: float) -> None:
-        self._default = default_interval
+    def __init__(self) -> None:
         self._latest: dict[str, HealthSample] = {}
         self._interval: dict[str, float] = {}
 
@@ -415,31 +414,26 @@ class _Replicas:
         horizon = SAMPLE_HORIZON.total_seconds()
         found = []
         for replica, sample in self._latest.items():
-            limit = LIVE_INTERVALS * self._interval.get(replica, self._default)
+            limit = LIVE_INTERVALS * self._interval.get(replica, DEFAULT_SAMPLE_INTERVAL)
             if (at - sample.sampled_at).total_seconds() <= min(limit, horizon):
                 found.append(sample)
-        return sorted(found, key=lambda s: (s.sampled_at, s.id or 0))
+        return _in_order(found)
 
 
 def _in_order(samples: Iterable[HealthSample]) -> list[HealthSample]:
     return sorted(samples, key=lambda s: (s.sampled_at, s.id or 0))
 
 
-def live_samples(
-    samples: Iterable[HealthSample],
-    at: datetime,
-    *,
-    default_interval: float = DEFAULT_SAMPLE_INTERVAL,
-) -> list[HealthSample]:
+def live_samples(samples: Iterable[HealthSample], at: datetime) -> list[HealthSample]:
     """The latest sample of each replica that was still reporting at ``at``.
 
     A replica's latest sample (at or before ``at``) counts while it is at most
     ``LIVE_INTERVALS`` of that replica's own intervals old (the spacing of its
-    last two samples; ``default_interval`` for a replica with one sample), and
+    last two samples; ``DEFAULT_SAMPLE_INTERVAL`` for a replica with one sample), and
     never beyond ``SAMPLE_HORIZON``: a replica that stopped reporting
     (restarted, scaled down, crashed) stops counting within two intervals.
     """
-    replicas = _Replicas(default_interval)
+    replicas = _Replicas()
     for sample in _in_order(samples):
         if sample.sampled_at <= at:
             replicas.add(sample)
@@ -447,10 +441,10 @@ def live_samples(
 
 
 def timeline_of_live_samples(
-    samples: Iterable[HealthSample], *, default_interval: float = DEFAULT_SAMPLE_INTERVAL
+    samples: Iterable[HealthSample],
 ) -> Iterator[tuple[datetime, list[HealthSample]]]:
     """At each sample time, the live sample of every replica (the postmortem's error rate)."""
-    replicas = _Replicas(default_interval)
+    replicas = _Replicas()
     ordered = _in_order(samples)
     for index, sample in enumerate(ordered):
         replicas.add(sample)

@@ -45,7 +45,6 @@ __all__ = [
     "SharedState",
     "newer",
     "read_shared_state",
-    "redis_breaker_storage",
 ]
 
 _log = get_logger()
@@ -314,8 +313,9 @@ class RedisBreakerStore:
 class RedisBreakerStores:
     """A ``(provider, breaker) -> store`` factory for one gateway; its stores share the clients.
 
-    Nothing connects until the first exchange, so a Redis outage at start-up
-    costs a warning, not an exception.
+    A gateway uses one when ``settings.redis_url`` is set and it is given no
+    ``breaker_storage``. Nothing connects until the first exchange, so a Redis
+    outage at start-up costs a warning, not an exception.
     """
 
     def __init__(
@@ -348,20 +348,6 @@ class RedisBreakerStores:
         """Close the current event loop's asyncio client (and the blocking one)."""
         await self._clients.aclose()
         self._clients.close()
-
-
-def redis_breaker_storage(
-    url: str,
-    *,
-    clock: Clock = system_clock,
-    prefix: str = "idis:breaker:",
-    socket_timeout: float = 0.25,
-    retry_after: float = 5.0,
-) -> RedisBreakerStores:
-    """The store factory a gateway uses when ``settings.redis_url`` is set."""
-    return RedisBreakerStores(
-        url, clock=clock, prefix=prefix, socket_timeout=socket_timeout, retry_after=retry_after
-    )
 
 
 def read_shared_state(

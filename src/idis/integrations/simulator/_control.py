@@ -518,6 +518,15 @@ def _invalid(parameter: str | None, detail: str) -> JSONResponse:
 # --------------------------------------------------------------------------- client
 
 
+def _json_value(value: Any) -> Any:
+    """A control body's value as JSON: mappings as objects, sequences (not text) as lists."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return list(value)
+    return value
+
+
 class SimulatorControl:
     """Sync client of the control API; one method per action.
 
@@ -546,17 +555,20 @@ class SimulatorControl:
         self.close()
 
     def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        values = {k: _json_value(v) for k, v in (body or {}).items() if v is not None}
         if method == "GET":
-            params = {k: v for k, v in (body or {}).items() if v is not None}
-            response = self._client.get(path, params=params)
+            response = self._client.get(path, params=values)
         else:
-            payload = {k: v for k, v in (body or {}).items() if v is not None}
-            response = self._client.post(path, json=payload)
+            response = self._client.post(path, json=values)
         if response.status_code == 400:
             error = response.json()
             raise SimulatorInputError(str(error.get("detail")), variable=error.get("parameter"))
         response.raise_for_status()
         return response.json()
+
+    def _post(self, path: str, **body: Any) -> dict[str, Any]:
+        """POST ``body`` to a control route (None values left out); its JSON answer."""
+        return dict(self._call("POST", path, body))
 
     # ------------------------------------------------------------------ providers and time
 
@@ -572,29 +584,24 @@ class SimulatorControl:
         require_auth: bool | None = None,
     ) -> dict[str, Any]:
         """Create a provider (providers are also created on first use)."""
-        return dict(
-            self._call(
-                "POST",
-                "/providers",
-                {
-                    "provider": provider,
-                    "retention_seconds": retention_seconds,
-                    "require_auth": require_auth,
-                },
-            )
+        return self._post(
+            "/providers",
+            provider=provider,
+            retention_seconds=retention_seconds,
+            require_auth=require_auth,
         )
 
     def set_retention(self, provider: str, seconds: float) -> None:
         """Set how far back the provider's replay API reaches."""
-        self._call("POST", "/retention", {"provider": provider, "seconds": seconds})
+        self._post("/retention", provider=provider, seconds=seconds)
 
     def set_feed_retention(self, provider: str, seconds: float | None) -> None:
         """Set how far back the changes feed reaches (None: as far as replay)."""
-        self._call("POST", "/feed_retention", {"provider": provider, "seconds": seconds})
+        self._post("/feed_retention", provider=provider, seconds=seconds)
 
     def require_auth(self, provider: str, enabled: bool = True) -> None:
         """Require a valid bearer token on records/changes/replay/enrich."""
-        self._call("POST", "/require_auth", {"provider": provider, "enabled": enabled})
+        self._post("/require_auth", provider=provider, enabled=enabled)
 
     def honor_idempotency(self, provider: str, honor: bool = True) -> None:
         """Whether a repeated Idempotency-Key is answered from its first outcome.
@@ -602,11 +609,11 @@ class SimulatorControl:
         ``False`` plays a provider without idempotency: every request applies
         again, so ``applications`` counts what the client really sent twice.
         """
-        self._call("POST", "/idempotency", {"provider": provider, "honor": honor})
+        self._post("/idempotency", provider=provider, honor=honor)
 
     def advance_clock(self, seconds: float) -> datetime:
         """Move simulated time forward; return the new simulated time."""
-        result = self._call("POST", "/clock", {"advance": seconds})
+        result = self._post("/clock", advance=seconds)
         return parse_time(result["now"], "now")
 
     def now(self) -> datetime:
@@ -624,7 +631,7 @@ class SimulatorControl:
 
     def reset(self, provider: str | None = None) -> None:
         """Forget one provider, or everything (clock offset included)."""
-        self._call("POST", "/reset", {"provider": provider})
+        self._post("/reset", provider=provider)
 
     # ------------------------------------------------------------------ faults
 
@@ -648,24 +655,19 @@ class SimulatorControl:
         ``policy``: HubSpot's ``policyName`` of a ``rate_limit`` on its paths (``DAILY``
         or ``TEN_SECONDLY_ROLLING``); ``REQUEST_LIMIT_EXCEEDED`` makes it Salesforce's 403
         on Salesforce's paths."""
-        return dict(
-            self._call(
-                "POST",
-                "/faults",
-                {
-                    "provider": provider,
-                    "kind": kind,
-                    "endpoint": endpoint,
-                    "status": status,
-                    "ratio": ratio,
-                    "seconds": seconds,
-                    "retry_after": retry_after,
-                    "retry_after_format": retry_after_format,
-                    "duration": duration,
-                    "count": count,
-                    "policy": policy,
-                },
-            )
+        return self._post(
+            "/faults",
+            provider=provider,
+            kind=kind,
+            endpoint=endpoint,
+            status=status,
+            ratio=ratio,
+            seconds=seconds,
+            retry_after=retry_after,
+            retry_after_format=retry_after_format,
+            duration=duration,
+            count=count,
+            policy=policy,
         )
 
     def clear_faults(
@@ -676,10 +678,8 @@ class SimulatorControl:
         fault_id: int | None = None,
     ) -> int:
         """Remove faults; returns how many."""
-        result = self._call(
-            "POST",
-            "/faults/clear",
-            {"provider": provider, "endpoint": endpoint, "fault_id": fault_id},
+        result = self._post(
+            "/faults/clear", provider=provider, endpoint=endpoint, fault_id=fault_id
         )
         return int(result["cleared"])
 
@@ -705,18 +705,15 @@ class SimulatorControl:
         webhook: bool = True,
     ) -> list[dict[str, Any]]:
         """Make ``count`` changes; returns their events."""
-        result = self._call(
-            "POST",
+        result = self._post(
             "/emit",
-            {
-                "provider": provider,
-                "count": count,
-                "tenant_ids": list(tenant_ids) if tenant_ids is not None else None,
-                "record_ids": list(record_ids) if record_ids is not None else None,
-                "type": type,
-                "data": dict(data) if data is not None else None,
-                "webhook": webhook,
-            },
+            provider=provider,
+            count=count,
+            tenant_ids=tenant_ids,
+            record_ids=record_ids,
+            type=type,
+            data=data,
+            webhook=webhook,
         )
         return list(result["events"])
 
@@ -730,17 +727,14 @@ class SimulatorControl:
         webhook: bool = True,
     ) -> tuple[int, int]:
         """Like :meth:`emit` for large counts: returns only (first_seq, last_seq)."""
-        result = self._call(
-            "POST",
+        result = self._post(
             "/emit",
-            {
-                "provider": provider,
-                "count": count,
-                "tenant_ids": list(tenant_ids) if tenant_ids is not None else None,
-                "record_ids": list(record_ids) if record_ids is not None else None,
-                "webhook": webhook,
-                "summary": True,
-            },
+            provider=provider,
+            count=count,
+            tenant_ids=tenant_ids,
+            record_ids=record_ids,
+            webhook=webhook,
+            summary=True,
         )
         return int(result["first_seq"]), int(result["last_seq"])
 
@@ -756,20 +750,15 @@ class SimulatorControl:
         delete: bool = False,
     ) -> dict[str, Any]:
         """Change a record behind the library's back (no event, no webhook by default)."""
-        return dict(
-            self._call(
-                "POST",
-                "/mutate",
-                {
-                    "provider": provider,
-                    "record_id": record_id,
-                    "data": dict(data),
-                    "tenant_id": tenant_id,
-                    "event": event,
-                    "webhook": webhook,
-                    "delete": delete,
-                },
-            )
+        return self._post(
+            "/mutate",
+            provider=provider,
+            record_id=record_id,
+            data=data,
+            tenant_id=tenant_id,
+            event=event,
+            webhook=webhook,
+            delete=delete,
         )
 
     # ------------------------------------------------------------------ outbound webhooks
@@ -790,38 +779,22 @@ class SimulatorControl:
         ``format="hubspot"``: batched HubSpot events signed with ``X-HubSpot-Signature-v3``
         (the provider's ``API=hubspot`` pack verifies them); default Standard Webhooks.
         """
-        return dict(
-            self._call(
-                "POST",
-                "/webhooks/target",
-                {
-                    "provider": provider,
-                    "url": url,
-                    "secrets": list(secrets) if secrets is not None else None,
-                    "max_attempts": max_attempts,
-                    "retry_backoff": retry_backoff,
-                    "timeout": timeout,
-                    "format": format,
-                },
-            )
+        return self._post(
+            "/webhooks/target",
+            provider=provider,
+            url=url,
+            secrets=secrets,
+            max_attempts=max_attempts,
+            retry_backoff=retry_backoff,
+            timeout=timeout,
+            format=format,
         )
 
     def set_webhook_mode(
         self, provider: str, mode: str, *, delay: float | None = None, batch: int | None = None
     ) -> dict[str, Any]:
         """deliver | stop | delay | duplicate | reorder | corrupt."""
-        return dict(
-            self._call(
-                "POST",
-                "/webhooks/mode",
-                {
-                    "provider": provider,
-                    "mode": mode,
-                    "delay": delay,
-                    "batch": batch,
-                },
-            )
-        )
+        return self._post("/webhooks/mode", provider=provider, mode=mode, delay=delay, batch=batch)
 
     def stop_webhooks_window(
         self,
@@ -832,15 +805,12 @@ class SimulatorControl:
         duration: float | None = None,
     ) -> tuple[datetime, datetime]:
         """Drop webhooks of events occurring in [start, end) of simulated time."""
-        result = self._call(
-            "POST",
+        result = self._post(
             "/webhooks/stop_window",
-            {
-                "provider": provider,
-                "start": format_time(start) if start else None,
-                "end": format_time(end) if end else None,
-                "duration": duration,
-            },
+            provider=provider,
+            start=format_time(start) if start else None,
+            end=format_time(end) if end else None,
+            duration=duration,
         )
         return parse_time(result["start"], "start"), parse_time(result["end"], "end")
 
@@ -869,19 +839,14 @@ class SimulatorControl:
         tolerance: float | None = None,
     ) -> dict[str, Any]:
         """Secrets and behaviour (accept | gone | fail) of the inbound webhook receiver."""
-        return dict(
-            self._call(
-                "POST",
-                "/inbound",
-                {
-                    "provider": provider,
-                    "secrets": list(secrets) if secrets is not None else None,
-                    "mode": mode,
-                    "fail_status": fail_status,
-                    "fail_ratio": fail_ratio,
-                    "tolerance": tolerance,
-                },
-            )
+        return self._post(
+            "/inbound",
+            provider=provider,
+            secrets=secrets,
+            mode=mode,
+            fail_status=fail_status,
+            fail_ratio=fail_ratio,
+            tolerance=tolerance,
         )
 
     def inbound_deliveries(self, provider: str) -> list[dict[str, Any]]:
@@ -902,20 +867,15 @@ class SimulatorControl:
         revoke_family_on_reuse: bool | None = None,
     ) -> dict[str, Any]:
         """OAuth settings of a provider (token lifetime, scopes, rotation grace...)."""
-        return dict(
-            self._call(
-                "POST",
-                "/oauth",
-                {
-                    "provider": provider,
-                    "access_token_lifetime": access_token_lifetime,
-                    "scopes": list(scopes) if scopes is not None else None,
-                    "issue_refresh_token": issue_refresh_token,
-                    "rotation_grace_seconds": rotation_grace_seconds,
-                    "rotation_grace_uses": rotation_grace_uses,
-                    "revoke_family_on_reuse": revoke_family_on_reuse,
-                },
-            )
+        return self._post(
+            "/oauth",
+            provider=provider,
+            access_token_lifetime=access_token_lifetime,
+            scopes=scopes,
+            issue_refresh_token=issue_refresh_token,
+            rotation_grace_seconds=rotation_grace_seconds,
+            rotation_grace_uses=rotation_grace_uses,
+            revoke_family_on_reuse=revoke_family_on_reuse,
         )
 
     def set_oauth_client(
@@ -926,35 +886,24 @@ class SimulatorControl:
         scopes: Sequence[str] | None = None,
     ) -> None:
         """Register or replace an OAuth client."""
-        self._call(
-            "POST",
+        self._post(
             "/oauth/client",
-            {
-                "provider": provider,
-                "client_id": client_id,
-                "client_secret": client_secret,
-                "scopes": list(scopes) if scopes is not None else None,
-            },
+            provider=provider,
+            client_id=client_id,
+            client_secret=client_secret,
+            scopes=scopes,
         )
 
     def issue_tokens(
         self, provider: str, *, client_id: str = "idis-local", scope: str | None = None
     ) -> dict[str, Any]:
         """Mint an access + refresh token pair, as an authorization-code flow would."""
-        return dict(
-            self._call(
-                "POST",
-                "/oauth/issue",
-                {"provider": provider, "client_id": client_id, "scope": scope},
-            )
-        )
+        return self._post("/oauth/issue", provider=provider, client_id=client_id, scope=scope)
 
     def revoke_token(self, provider: str, token: str) -> bool:
         """Revoke a refresh or access token; True if it existed."""
-        return bool(
-            self._call("POST", "/oauth/revoke", {"provider": provider, "token": token})["revoked"]
-        )
+        return bool(self._post("/oauth/revoke", provider=provider, token=token)["revoked"])
 
     def expire_tokens(self, provider: str) -> int:
         """Make every access token of the provider expired now."""
-        return int(self._call("POST", "/oauth/expire", {"provider": provider})["expired"])
+        return int(self._post("/oauth/expire", provider=provider)["expired"])

@@ -20,7 +20,7 @@ import re
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -211,20 +211,8 @@ class Fault:
 
     def to_json(self) -> dict[str, Any]:
         """JSON view for the control API."""
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "endpoint": self.endpoint,
-            "status": self.status,
-            "ratio": self.ratio,
-            "seconds": self.seconds,
-            "retry_after": self.retry_after,
-            "retry_after_format": self.retry_after_format,
-            "expires_at": format_time(self.expires_at) if self.expires_at else None,
-            "remaining": self.remaining,
-            "fired": self.fired,
-            "policy": self.policy,
-        }
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rng"}
+        return shown | {"expires_at": format_time(self.expires_at) if self.expires_at else None}
 
 
 @dataclass(slots=True)
