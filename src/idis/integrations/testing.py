@@ -125,6 +125,11 @@ def _server_for(
         ws="none",
         proxy_headers=False,
         server_header=False,
+        # Longer than httpx's 5 s pool keep-alive: the client drops an idle
+        # connection before the server closes it. At uvicorn's default (5 s, the
+        # same) a request could go out on a connection the server was closing and
+        # fail with "connection reset by peer" (seen in a test's teardown).
+        timeout_keep_alive=75,
         timeout_graceful_shutdown=graceful_timeout,
     )
     return uvicorn.Server(config)
