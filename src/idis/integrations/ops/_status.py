@@ -254,7 +254,7 @@ def _read(
             # provider opened a connection of its own); on failure each is read alone.
             tokens = _token_states(session, settings, [s.provider for s in statuses])
     except Exception:
-        if _has_tables(reader):
+        if _LOST.seen or _has_tables(reader):  # a dropped connection: read again instead
             raise
         for status in statuses:  # nothing was read: keep what a fresh status says
             status.facts.clear()
