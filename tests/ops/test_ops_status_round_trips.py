@@ -24,8 +24,8 @@ from idis.integrations.ops._status import _engine_for, collect_status
 __all__ = ["private_pg"]  # the fixture, imported for the restart test
 
 #: Statements each provider's facts take: health samples, last breaker transition,
-#: sync state, last webhook, open defects.
-PER_PROVIDER = 5
+#: sync state with the last webhook (two statements before), open defects.
+PER_PROVIDER = 4
 
 
 def _settings(url: str, *, oauth: int, plain: int) -> Settings:
@@ -97,7 +97,7 @@ def test_a_status_call_is_one_checkout_no_ping_and_one_token_read(db_url: str) -
 
     Before: a pre-ping and BEGIN/ROLLBACK on the status connection, then for each
     OAuth provider a connection of its own (checkout, ping, BEGIN, SELECT, ROLLBACK):
-    31 round trips for three providers on PostgreSQL instead of 17.
+    31 round trips for three providers and one without OAuth on PostgreSQL; now 18.
     """
     settings = _settings(db_url, oauth=3, plain=1)
     collect_status(settings, probe=False)  # the engine, its first connection
@@ -197,3 +197,51 @@ def test_status_answers_right_after_a_postgres_restart(private_pg: PrivateCluste
     assert [] == notes
     assert all("outbox_pending" in s.facts for s in statuses)
     assert "missing" == statuses[0].facts["token"]
+
+
+def test_the_sync_facts_are_one_statement_with_the_last_webhook(db_url: str) -> None:
+    """The sync state row and the last webhook time come from one statement, as before."""
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from idis.integrations._timeparse import utcnow
+    from idis.integrations.sync._models import SyncInbox, SyncProviderState
+
+    settings = _settings(db_url, oauth=0, plain=2)
+    now = utcnow()
+    with Session(_engine_for(db_url)) as session, session.begin():
+        session.add(
+            SyncProviderState(
+                provider="plain_0",
+                mode="webhook",
+                reason="default",
+                changed_at=now,
+                updated_at=now,
+            )
+        )
+        for seconds, event in ((90, "e1"), (30, "e2")):
+            session.add(
+                SyncInbox(
+                    provider="plain_0",
+                    event_id=event,
+                    event_type="contact.updated",
+                    source="webhook",
+                    status="applied",
+                    received_at=now - timedelta(seconds=seconds),
+                    webhook_at=now - timedelta(seconds=seconds),
+                )
+            )
+    collect_status(settings, probe=False)
+
+    with counting(_engine_for(db_url)) as counts:
+        statuses, notes = collect_status(settings, probe=False)
+
+    assert [] == notes
+    started, fresh = statuses
+    assert "webhook (default)" == started.facts["sync_mode"]
+    assert 30 <= started.facts["last_webhook_age_seconds"] < 90
+    assert "webhook (not started)" == fresh.facts["sync_mode"]
+    assert fresh.facts["last_webhook_age_seconds"] is None
+    sync_reads = [s for s in counts.statements if "sync_" in s]
+    assert 2 == len(sync_reads), sync_reads  # one per provider
