@@ -92,12 +92,12 @@ def write_transactions() -> Iterator[None]:
     from idis.integrations.ops import _status
 
     names = vars(_status)
-    original = names["read_only"]
-    names["read_only"] = lambda engine: engine  # 0.1's behaviour
+    original = names["_reader"]
+    names["_reader"] = lambda engine: engine  # 0.1's behaviour: BEGIN, reads, ROLLBACK
     try:
         yield
     finally:
-        names["read_only"] = original
+        names["_reader"] = original
 
 
 def _percentiles(samples: list[tuple[float, float]]) -> tuple[float, float, float]:

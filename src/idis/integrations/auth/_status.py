@@ -10,6 +10,7 @@ whose message lists the configured providers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from .._timeparse import format_duration
 from ..config import Settings
 from ..observability._logs import redact_text
 
-__all__ = ["TokenState", "TokenStatus", "check_token", "token_status"]
+__all__ = ["TokenState", "TokenStatus", "check_token", "token_status", "token_statuses"]
 
 TokenState = Literal[
     "valid",
@@ -219,6 +220,11 @@ def token_status(
     if isinstance(unknown, TokenStatus):
         return unknown
     row = unknown
+    return _from_row(provider, grant, margin, row, (clock or system_clock).now())
+
+
+def _from_row(provider: str, grant: str, margin: float, row: Any, now: datetime) -> TokenStatus:
+    """The status a provider's ``oauth_tokens`` row (None: no row) gives at ``now``."""
     if row is None:
         return TokenStatus(
             provider=provider,
@@ -227,7 +233,7 @@ def token_status(
             refresh_margin=margin,
             hint=_missing_hint(provider, grant),
         )
-    state, left, hint = _state_for(row, (clock or system_clock).now(), margin)
+    state, left, hint = _state_for(row, now, margin)
     if state == "missing":
         hint = _missing_hint(provider, grant)
     return TokenStatus(
@@ -245,6 +251,50 @@ def token_status(
         hint=hint,
         stored=row.access_token_enc is not None,
     )
+
+
+def token_statuses(
+    settings: Settings,
+    providers: Iterable[str],
+    connection: Any,
+    *,
+    clock: Clock | None = None,
+) -> dict[str, TokenStatus]:
+    """Every listed provider's token status from one read, on ``connection``.
+
+    One statement for all the OAuth providers among ``providers`` (none for
+    the others: ``not_required``), on a Connection or Session the caller
+    already holds (``status`` reads everything on one connection). Unlike
+    :func:`token_status`, a database error is raised, not reported as
+    ``unknown``: the caller decides (``status`` falls back to
+    :func:`token_status`, which says why).
+
+    Raises:
+        UnknownProviderError: a provider is not configured.
+        sqlalchemy.exc.SQLAlchemyError: the token table could not be read.
+    """
+    from sqlalchemy import select
+
+    from ._store import TABLE
+
+    auth = {name: settings.provider(name).auth for name in providers}
+    out = {
+        name: TokenStatus(provider=name, state="not_required", grant=a.grant)
+        for name, a in auth.items()
+        if a.grant == "none"
+    }
+    wanted = sorted(name for name, a in auth.items() if a.grant != "none")
+    if not wanted:
+        return out
+    rows = {
+        row.provider: row
+        for row in connection.execute(select(TABLE).where(TABLE.c.provider.in_(wanted)))
+    }
+    now = (clock or system_clock).now()
+    for name in wanted:
+        a = auth[name]
+        out[name] = _from_row(name, a.grant, a.refresh_margin, rows.get(name), now)
+    return out
 
 
 def _unreadable(provider: str, grant: str, url: str, engine: Any) -> Any:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, inspect, select
+from sqlalchemy import Engine, event, func, inspect, select
 from sqlalchemy.orm import Session
 
 from .._audit import AuditEvent
@@ -136,11 +136,44 @@ _ENGINES_LOCK = threading.Lock()
 
 def _engine_for(url: str) -> Engine:
     with _ENGINES_LOCK:
-        engine = _ENGINES.pop(url, None) or create_db_engine(url)
+        engine = _ENGINES.pop(url, None) or _new_engine(url)
         _ENGINES[url] = engine
         while len(_ENGINES) > _ENGINES_KEPT:
             _ENGINES.popitem(last=False)[1].dispose()
     return engine
+
+
+#: Per thread: whether a statement of the current status read lost its connection.
+_LOST = threading.local()
+
+
+def _note_disconnect(context: Any) -> None:
+    if context.is_disconnect:
+        _LOST.seen = True
+
+
+def _new_engine(url: str) -> Engine:
+    # No pre-ping: it cost a round trip per call (a wait for a CPU each, under load).
+    # A connection the server dropped (restart, failover) fails the read instead,
+    # which SQLAlchemy reports as a disconnect, invalidating the pool; the read then
+    # runs once more on a fresh connection (collect_status), so a restarted server
+    # does not fail the next call either.
+    engine = create_db_engine(url, pool_pre_ping=False)
+    event.listen(engine, "handle_error", _note_disconnect)
+    return engine
+
+
+def _reader(engine: Engine) -> Engine:
+    """``engine`` for status's reads: no write lock on SQLite, no BEGIN/ROLLBACK on PostgreSQL.
+
+    On PostgreSQL each statement of a READ COMMITTED transaction reads its own
+    snapshot anyway, so autocommit reads the same facts without the two round
+    trips of BEGIN and ROLLBACK.
+    """
+    reader = read_only(engine)
+    if engine.dialect.name == "postgresql":
+        reader = reader.execution_options(isolation_level="AUTOCOMMIT")
+    return reader
 
 
 def _recorded(session: Session, status: ProviderStatus, now: datetime) -> None:
@@ -196,6 +229,50 @@ def _probe(settings: Settings, statuses: list[ProviderStatus]) -> None:
             status.probe = report.detail if report.ok else f"unreachable: {report.detail}"
 
 
+def _read(
+    reader: Engine,
+    settings: Settings,
+    statuses: list[ProviderStatus],
+    now: datetime,
+    notes: list[str],
+) -> dict[str, Any] | None:
+    """Every database fact, on one connection; the token states too (None: unread)."""
+    tokens: dict[str, Any] | None = None
+    try:
+        # One connection, and the catalog read only when a read failed: the
+        # tables exist on every call but the first (a catalog query and a
+        # second pool checkout were a fifth of a call's CPU on PostgreSQL).
+        with Session(reader) as session:
+            for status in statuses:
+                _recorded(session, status, now)
+                for source in _fact_sources():
+                    try:
+                        status.facts.update(source(session, settings, status.provider))
+                    except Exception as exc:  # noqa: BLE001  # one broken source must not hide the rest
+                        notes.append(f"{source.__module__}: {type(exc).__name__}: {exc}")
+            # Every provider's token row in one statement on the same connection (each
+            # provider opened a connection of its own); on failure each is read alone.
+            tokens = _token_states(session, settings, [s.provider for s in statuses])
+    except Exception:
+        if _LOST.seen or _has_tables(reader):  # a dropped connection: read again instead
+            raise
+        for status in statuses:  # nothing was read: keep what a fresh status says
+            status.facts.clear()
+        notes.append("database has no idis tables yet: run `idis-integrations db upgrade`")
+    return tokens
+
+
+def _token_states(
+    session: Session, settings: Settings, providers: list[str]
+) -> dict[str, Any] | None:
+    from ..auth._status import token_statuses
+
+    try:
+        return token_statuses(settings, providers, session)
+    except Exception:  # noqa: BLE001  # token_status, per provider, says what is wrong
+        return None
+
+
 def collect_status(
     settings: Settings,
     *,
@@ -216,28 +293,26 @@ def collect_status(
     ]
     notes: list[str] = []
     engine: Engine | None = None
+    tokens: dict[str, Any] | None = None
     try:
         engine = _engine_for(settings.database_url)
         # Reads only: on SQLite a write lock here would queue status behind every writer.
-        reader = read_only(engine)
-        try:
-            # One connection, and the catalog read only when a read failed: the
-            # tables exist on every call but the first (a catalog query and a
-            # second pool checkout were a fifth of a call's CPU on PostgreSQL).
-            with Session(reader) as session:
-                for status in statuses:
-                    _recorded(session, status, now)
-                    for source in _fact_sources():
-                        try:
-                            status.facts.update(source(session, settings, status.provider))
-                        except Exception as exc:  # noqa: BLE001  # one broken source must not hide the rest
-                            notes.append(f"{source.__module__}: {type(exc).__name__}: {exc}")
-        except Exception:
-            if _has_tables(reader):
-                raise
-            for status in statuses:  # nothing was read: keep what a fresh status says
-                status.facts.clear()
-            notes.append("database has no idis tables yet: run `idis-integrations db upgrade`")
+        reader = _reader(engine)
+        for attempt in (1, 2):
+            _LOST.seen = False
+            try:
+                tokens = _read(reader, settings, statuses, now, notes)
+            except Exception:
+                if not _LOST.seen or attempt == 2:
+                    raise
+            if not _LOST.seen or attempt == 2:
+                break
+            # The server dropped the connection (a restart): what was read is
+            # incomplete. Once more on a fresh connection (the pool was invalidated).
+            notes.clear()
+            statuses[:] = [
+                ProviderStatus(provider=s.provider, kind=s.kind, host=s.host) for s in statuses
+            ]
     except StorageError as exc:
         notes.append(str(exc))
     except Exception as exc:  # noqa: BLE001  # status must print something whatever the DB does
@@ -245,7 +320,11 @@ def collect_status(
     if not any("db upgrade" in note or "unreachable" in note for note in notes):
         for status in statuses:
             try:
-                status.facts.update(token_facts(settings, status.provider, engine=engine))
+                if tokens is not None:
+                    if tokens[status.provider].state != "not_required":
+                        status.facts["token"] = str(tokens[status.provider].state)
+                else:  # the one read failed: each on its own, saying why
+                    status.facts.update(token_facts(settings, status.provider, engine=engine))
             except Exception as exc:  # noqa: BLE001  # one broken source must not hide the rest
                 notes.append(f"token state: {type(exc).__name__}: {exc}")
     try:
