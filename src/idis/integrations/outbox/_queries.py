@@ -40,20 +40,18 @@ Leasing (:func:`lease_statement`):
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
+    DateTime,
     Delete,
     Insert,
     Select,
     String,
     Table,
     Text,
-    TypeDecorator,
     Update,
     and_,
     any_,
@@ -70,7 +68,6 @@ from sqlalchemy import (
 )
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import ColumnClause
 
 from ..db._base import UTCDateTime
@@ -133,42 +130,25 @@ LEASED_COLUMNS = (
 )
 
 
-class _SQLiteTime(TypeDecorator[datetime]):
-    """A stored UTC time (fixed-width text) read with ``datetime.fromisoformat``.
-
-    SQLAlchemy's SQLite ``DATETIME`` parses each value with a regular
-    expression, several times slower; the lease reads one per message.
-    """
-
-    impl = String
-    cache_ok = True
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
-class _SQLiteJSON(TypeDecorator[Any]):
-    """A stored JSON document (text) decoded with one ``JSONDecoder.decode`` call."""
-
-    impl = Text
-    cache_ok = True
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        return None if value is None else _json_decode(value)
-
-
-_json_decode = json.JSONDecoder().decode
-
-
 def _leased_columns(dialect: str) -> tuple[Any, ...]:
-    """:data:`LEASED_COLUMNS`, read back the fast way on SQLite."""
-    if dialect != "sqlite":
-        return LEASED_COLUMNS
-    fast = {
-        "payload": type_coerce(messages.c.payload, _SQLiteJSON()).label("payload"),
-        "created_at": type_coerce(messages.c.created_at, _SQLiteTime()).label("created_at"),
-    }
-    return tuple(fast.get(column.name, column) for column in LEASED_COLUMNS)
+    """:data:`LEASED_COLUMNS`, with no result processing by SQLAlchemy.
+
+    The worker converts each leased row itself, in one pass
+    (``_WorkerCore.to_messages``): SQLite's ``payload`` (JSON text) and
+    ``created_at`` (fixed-width UTC text) come back as text, PostgreSQL's
+    ``created_at`` as the driver's aware datetime. SQLAlchemy's processors
+    would cost two Python calls per value, and the SQLite ``DATETIME`` type a
+    regular expression.
+    """
+    raw: dict[str, Any]
+    if dialect == "sqlite":
+        raw = {"payload": Text(), "created_at": String()}
+    else:
+        raw = {"created_at": DateTime(timezone=True)}
+    return tuple(
+        type_coerce(column, raw[column.name]).label(column.name) if column.name in raw else column
+        for column in LEASED_COLUMNS
+    )
 
 
 def not_leased(table: Any) -> Any:
