@@ -48,6 +48,7 @@ from sqlalchemy import (
     DateTime,
     Delete,
     Insert,
+    Interval,
     Select,
     String,
     Table,
@@ -151,9 +152,10 @@ def _leased_columns(dialect: str) -> tuple[Any, ...]:
     )
 
 
-def not_leased(table: Any) -> Any:
-    """No unexpired lease on the row at ``:p_now``."""
-    return or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at <= _ts("p_now"))
+def not_leased(table: Any, now: Any = None) -> Any:
+    """No unexpired lease on the row at ``now`` (default ``:p_now``)."""
+    at = _ts("p_now") if now is None else now
+    return or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at <= at)
 
 
 def _insert_for(dialect: str) -> Any:
@@ -178,7 +180,7 @@ def insert_statement(dialect: str, *, returning: bool = False) -> Insert:
 
 
 @functools.cache
-def lease_statement(dialect: str) -> Update:
+def lease_statement(dialect: str, *, database_clock: bool = False) -> Update:
     """Lease up to ``:p_limit`` due head-of-key messages of ``:p_provider`` for ``:p_owner``.
 
     Parameters: ``p_provider``, ``p_now``, ``p_limit``, ``p_owner``, ``p_expires``.
@@ -186,7 +188,17 @@ def lease_statement(dialect: str) -> Update:
     attempt and bumps ``lease_generation`` (the fencing token its settle must
     present). Taking over a lapsed lease stamps ``last_error`` with
     :data:`LEASE_EXPIRED` (the SET sees the old row), so the worker can tell.
+
+    With ``database_clock`` (PostgreSQL only), the statement's own time is
+    "now": ``statement_timestamp()`` replaces ``p_now``, the lease lasts
+    ``:p_lease`` (an interval) instead of ending at ``p_expires``, and each
+    row returns that time after :data:`LEASED_COLUMNS`, so the worker follows
+    the database's clock without a round trip of its own to read it.
     """
+    if database_clock and dialect != "postgresql":
+        raise ValueError("a lease on the statement's own clock is PostgreSQL's")
+    now: Any = func.statement_timestamp() if database_clock else _ts("p_now")
+    expires: Any = now + bindparam("p_lease", type_=Interval()) if database_clock else None
     cand = messages.alias("cand")
     earlier = messages.alias("earlier")
     blocked = (
@@ -215,8 +227,8 @@ def lease_statement(dialect: str) -> Update:
             cand.c.status == _PENDING,
             cand.c.provider == bindparam("p_provider"),
             cand.c.id >= floor,
-            cand.c.next_attempt_at <= _ts("p_now"),
-            not_leased(cand),
+            cand.c.next_attempt_at <= now,
+            not_leased(cand, now),
             or_(cand.c.ordering_key.is_(None), ~blocked),
         )
         .order_by(cand.c.id)
@@ -224,11 +236,11 @@ def lease_statement(dialect: str) -> Update:
     )
     values = {
         "lease_owner": bindparam("p_owner"),
-        "lease_expires_at": _ts("p_expires"),
+        "lease_expires_at": _ts("p_expires") if expires is None else expires,
         "attempts": messages.c.attempts + 1,
         "lease_generation": messages.c.lease_generation + 1,
-        "last_attempt_at": _ts("p_now"),
-        "updated_at": _ts("p_now"),
+        "last_attempt_at": now,
+        "updated_at": now,
         "last_error": case(
             (messages.c.lease_owner.is_not(None), literal_column(f"'{LEASE_EXPIRED}'")),
             else_=messages.c.last_error,
@@ -239,7 +251,10 @@ def lease_statement(dialect: str) -> Update:
         stmt = update(messages).where(messages.c.id == chosen.c.id)
     else:
         stmt = update(messages).where(messages.c.id.in_(picked))
-    return stmt.values(values).returning(*_leased_columns(dialect))
+    returned = _leased_columns(dialect)
+    if database_clock:
+        returned = (*returned, now.label("database_now"))
+    return stmt.values(values).returning(*returned)
 
 
 def _ids(dialect: str) -> Any:

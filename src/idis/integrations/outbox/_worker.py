@@ -341,12 +341,14 @@ class _WorkerCore:
         return bool(self._gone)
 
     def lease_params(self, provider: str, limit: int, now: datetime) -> dict[str, Any]:
+        """Parameters of ``lease_statement`` (both clocks': each ignores the other's)."""
         return {
             "p_provider": provider,
             "p_now": now,
             "p_limit": limit,
             "p_owner": self.worker_id,
-            "p_expires": now + self.lease,  # what ``to_message`` is told
+            "p_expires": now + self.lease,  # what ``to_messages`` is told
+            "p_lease": self.lease,  # on the statement's clock (PostgreSQL)
         }
 
     def now(self) -> datetime:
@@ -372,12 +374,13 @@ class _WorkerCore:
     def to_messages(
         self, rows: Sequence[Any], expires: datetime, dialect: str
     ) -> list[OutboxMessage]:
-        """Leased rows (``LEASED_COLUMNS``, unprocessed) as messages sorted by id.
+        """Leased rows (``LEASED_COLUMNS``, unprocessed; any column after them
+        ignored) as messages.
 
-        ``expires``: when their lease ends (the worker wrote it). One pass: the
-        SQLite text columns are decoded here (``_queries._leased_columns``),
-        and leases taken over from a worker that died are counted in
-        :attr:`reclaimed` for :meth:`taken_over`.
+        ``expires``: when their lease ends. One pass: the SQLite text columns
+        are decoded here (``_queries._leased_columns``), and leases taken over
+        from a worker that died are counted in :attr:`reclaimed` for
+        :meth:`taken_over`.
         """
         default_retries = self.outbox.max_retries
         sqlite = dialect == "sqlite"
@@ -397,6 +400,7 @@ class _WorkerCore:
             raw_created,
             generation,
             last_error,
+            *_database_now,
         ) in rows:
             if sqlite:
                 payload = load(raw_payload)
@@ -424,8 +428,7 @@ class _WorkerCore:
                     generation,
                 )
             )
-        batch.sort(key=_by_id)
-        self.reclaimed = lapsed
+        self.reclaimed += lapsed
         return batch
 
     def needs_renewal(self, expires: datetime | None, now: datetime) -> bool:
@@ -1115,23 +1118,40 @@ class AsyncOutboxWorker:
         self, conn: Connection, providers: list[str], result: BatchResult
     ) -> list[OutboxMessage]:
         core = self._core
-        rows: list[Any] = []
         if not providers:
             return []
-        if core.database_clock:
+        # PostgreSQL leases on the statement's own clock, whose time comes back
+        # with the rows: no round trip to read it. SQLite reads it in-process.
+        on_statement_clock = core.database_clock and self._dialect == "postgresql"
+        if core.database_clock and not on_statement_clock:
             database_now = conn.execute(database_now_statement(self._dialect))
             core.follow_database(database_now.scalar_one())
         now = core.now()
-        stmt = lease_statement(self._dialect)
-        expires = now + core.lease
+        stmt = lease_statement(self._dialect, database_clock=on_statement_clock)
+        batch: list[OutboxMessage] = []
+        webhooks = False
         for provider in providers:
-            limit = core.batch_size - len(rows)
+            limit = core.batch_size - len(batch)
             if limit <= 0:
                 break
-            rows.extend(conn.execute(stmt, core.lease_params(provider, limit, now)).all())
-        if core.has_webhooks(rows):
+            rows = conn.execute(stmt, core.lease_params(provider, limit, now)).all()
+            if not rows:
+                continue
+            if on_statement_clock:
+                database_now = rows[0][-1].astimezone(UTC)
+                core.follow_database(database_now)
+                expires = database_now + core.lease
+            else:
+                expires = now + core.lease
+            webhooks = webhooks or core.has_webhooks(rows)
+            batch.extend(core.to_messages(rows, expires, self._dialect))
+        if on_statement_clock and not batch:
+            # Nothing leased, so no time came back: read it, so the worker's
+            # time (gauges, the next cycle's settles) still follows the database.
+            core.follow_database(conn.execute(database_now_statement(self._dialect)).scalar_one())
+        if webhooks:
             core.set_gone(conn.execute(gone_receivers_statement()).all())
-        batch = core.to_messages(rows, expires, self._dialect)
+        batch.sort(key=_by_id)
         core.taken_over(result)
         return batch
 
