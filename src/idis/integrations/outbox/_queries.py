@@ -90,6 +90,7 @@ __all__ = [
     "insert_statement",
     "lease_statement",
     "mark_receiver_statement",
+    "packed_keys",
     "renew_statement",
     "settle_delivered_statement",
     "settle_statement",
@@ -289,15 +290,35 @@ def id_list(dialect: str, ids: Sequence[int]) -> str:
     return f"{{{text}}}" if dialect == "postgresql" else f"[{text}]"
 
 
+#: SQLite packs (id, lease generation) into one integer, ``id * 2**20 +
+#: generation``, when every id is below 2**43 and every generation below 2**20
+#: (the product stays a 64-bit integer, and distinct pairs give distinct keys).
+_PACK = 2**20
+_PACKED_ID_LIMIT = 2**43
+
+
+def packed_keys(ids: Sequence[int], generations: Sequence[int]) -> str | None:
+    """The value of ``:p_keys`` (a JSON array of packed (id, generation) keys), or
+    None when a pair does not fit (the unpacked statement takes ``:p_pairs``)."""
+    if max(ids, default=0) >= _PACKED_ID_LIMIT or max(generations, default=0) >= _PACK:
+        return None
+    if min(ids, default=0) < 0 or min(generations, default=0) < 0:
+        return None
+    return "[" + ",".join([str(i * _PACK + g) for i, g in zip(ids, generations, strict=True)]) + "]"
+
+
 @functools.cache
-def settle_delivered_statement(dialect: str) -> Update:
+def settle_delivered_statement(dialect: str, *, packed: bool = False) -> Update:
     """Mark leased messages delivered, each only under the lease generation it was sent under.
 
     One statement for the whole batch. PostgreSQL: parameters ``p_ids`` and
     ``p_gens`` (two arrays, pairwise, one statement text for any batch size,
     each :func:`id_list`'s text) and ``p_now``. SQLite: ``p_ids``
     (:func:`id_list`), ``p_pairs`` (the same ids with their generations, a
-    JSON array of [id, generation] pairs) and ``p_now``.
+    JSON array of [id, generation] pairs) and ``p_now``; with ``packed``,
+    ``p_keys`` (:func:`packed_keys`) instead of ``p_pairs``: one integer per
+    pair, compared with the row's own, where the pairs cost two
+    ``json_extract`` calls each and a row-value comparison.
 
     No lease-owner check: the generation is the fence. A message the provider
     accepted is delivered even if its lease lapsed meanwhile, as long as no
@@ -313,6 +334,15 @@ def settle_delivered_statement(dialect: str) -> Update:
         fence = and_(
             messages.c.id == sent.c.id,
             messages.c.lease_generation == sent.c.gen,
+        )
+    elif packed:
+        # The id list walks the primary key; the packed key is the fence.
+        keys: Select[Any] = select(literal_column("value")).select_from(
+            func.json_each(bindparam("p_keys"))
+        )
+        fence = and_(
+            _ids(dialect),
+            (messages.c.id * literal_column(str(_PACK)) + messages.c.lease_generation).in_(keys),
         )
     else:
         # The plain id list lets SQLite walk the primary key; the pairs alone

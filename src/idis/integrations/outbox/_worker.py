@@ -73,6 +73,7 @@ from ._queries import (
     id_list,
     lease_statement,
     mark_receiver_statement,
+    packed_keys,
     release_own_statement,
     renew_statement,
     settle_delivered_statement,
@@ -662,14 +663,19 @@ class _WorkerCore:
                 "p_now": now,
             }
         elif delivered:
-            params = {
-                "p_ids": id_list(dialect, [m.id for m in delivered]),
+            ids = [m.id for m in delivered]
+            generations = [m.lease_generation for m in delivered]
+            params = {"p_ids": id_list(dialect, ids), "p_now": now}
+            keys = packed_keys(ids, generations)
+            if keys is not None:
+                params["p_keys"] = keys
+            else:
                 # [[id, generation], ...]: the JSON text, without json.dumps's walk.
-                "p_pairs": "["
-                + ",".join([f"[{m.id},{m.lease_generation}]" for m in delivered])
-                + "]",
-                "p_now": now,
-            }
+                params["p_pairs"] = (
+                    "["
+                    + ",".join([f"[{i},{g}]" for i, g in zip(ids, generations, strict=True)])
+                    + "]"
+                )
         return params, rows, receivers
 
     def fenced(self, items: Sequence[_Settlement], applied: int) -> int:
@@ -1279,7 +1285,7 @@ class AsyncOutboxWorker:
         delivered, rows, receivers = core.write_params(items, now, self._dialect)
         applied = 0
         if delivered:
-            stmt = settle_delivered_statement(self._dialect)
+            stmt = settle_delivered_statement(self._dialect, packed="p_keys" in delivered)
             applied += conn.execute(stmt, delivered).rowcount
         if rows:
             applied += conn.execute(settle_statement(), rows).rowcount
