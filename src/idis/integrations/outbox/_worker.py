@@ -357,7 +357,7 @@ class _WorkerCore:
         return self.clock.now() + self._offset
 
     def follow_database(self, database_now: Any) -> None:
-        """Correct :meth:`now` by the database's clock, read in the lease transaction."""
+        """Correct :meth:`now` by the database's clock, as the lease transaction saw it."""
         if isinstance(database_now, str):  # SQLite: text, UTC
             database_now = datetime.fromisoformat(database_now).replace(tzinfo=UTC)
         elif database_now.tzinfo is None:
@@ -929,7 +929,8 @@ class AsyncOutboxWorker:
         poll_interval: Idle wait when nothing is due (default ``IDIS_OUTBOX_POLL_INTERVAL``).
         metrics_interval: How often the queue gauges are refreshed (default 15 s).
         lease_clock: ``"database"``: lease, due and settle times follow the
-            database's clock, read once per cycle (default with the system clock);
+            database's clock, once per cycle: PostgreSQL leases on the statement's
+            own clock, SQLite's is the host's (default with the system clock);
             ``"worker"``: the worker's own ``clock`` (default with an injected one).
 
     Raises:
@@ -1127,11 +1128,12 @@ class AsyncOutboxWorker:
         if not providers:
             return []
         # PostgreSQL leases on the statement's own clock, whose time comes back
-        # with the rows: no round trip to read it. SQLite reads it in-process.
+        # with the rows: no round trip to read it. SQLite runs in this process:
+        # its clock ('now') is this host's real-time clock, read here without
+        # a statement.
         on_statement_clock = core.database_clock and self._dialect == "postgresql"
         if core.database_clock and not on_statement_clock:
-            database_now = conn.execute(database_now_statement(self._dialect))
-            core.follow_database(database_now.scalar_one())
+            core.follow_database(datetime.now(UTC))
         now = core.now()
         stmt = lease_statement(self._dialect, database_clock=on_statement_clock)
         batch: list[OutboxMessage] = []
