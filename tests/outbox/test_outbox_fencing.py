@@ -19,12 +19,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 
 from idis.integrations._clock import ManualClock
 from idis.integrations.db._engine import create_async_db_engine
 from idis.integrations.exceptions import ProviderRejected
 from idis.integrations.outbox._messages import OutboxMessage
+from idis.integrations.outbox._models import OutboxMessageRow
 from idis.integrations.outbox._worker import AsyncOutboxWorker
 
 from .conftest import outbox_settings, put_messages, table, unavailable
@@ -62,12 +63,21 @@ def _expected(kind: str) -> str:
     return {"retry": "pending", "dead": "dead", "delivered": "delivered"}[kind]
 
 
+#: Generations before A's lease: 0, and one where A's and B's leases (2**20,
+#: 2**20 + 1) no longer fit SQLite's packed (id, generation) key, so the
+#: settle of a delivery takes the unpacked statement.
+START_GENERATIONS = [0, 2**20 - 1]
+
+
+@pytest.mark.parametrize("start", START_GENERATIONS)
 @pytest.mark.parametrize(("b_outcome", "a_outcome"), CASES)
 def test_a_late_settle_does_not_overwrite_the_new_holders_outcome(
-    engine: Engine, clock: ManualClock, b_outcome: str, a_outcome: str
+    engine: Engine, clock: ManualClock, b_outcome: str, a_outcome: str, start: int
 ) -> None:
     """A's lease lapses, B re-leases and settles, A settles late: B's outcome stands."""
     put_messages(engine, 1, keys=1, clock=clock)
+    with engine.begin() as conn:
+        conn.execute(update(OutboxMessageRow).values(lease_generation=start))
     settings = outbox_settings(lease=LEASE, batch_size=1, concurrency=1)
     common: dict[str, Any] = {"providers": ["crm_provider"], "clock": clock}
     b_results: list[Any] = []
@@ -113,12 +123,12 @@ def test_a_late_settle_does_not_overwrite_the_new_holders_outcome(
         asyncio.run(async_engine.dispose())
 
     # B really re-leased it under a newer generation, and settled it.
-    assert (1, 2) == (seen["a"].lease_generation, seen["b"].lease_generation)
+    assert (start + 1, start + 2) == (seen["a"].lease_generation, seen["b"].lease_generation)
     assert [1] == [r.leased for r in b_results]
     assert [0] == [r.fenced for r in b_results]
     [row] = table(engine)
     assert _expected(b_outcome) == row.status, "A's late settle overwrote B's outcome"
-    assert 2 == row.lease_generation
+    assert start + 2 == row.lease_generation
     assert 2 == row.attempts
     assert 1 == a_result.fenced
     if b_outcome == "retry":

@@ -40,20 +40,19 @@ Leasing (:func:`lease_statement`):
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
+    DateTime,
     Delete,
     Insert,
+    Interval,
     Select,
     String,
     Table,
     Text,
-    TypeDecorator,
     Update,
     and_,
     any_,
@@ -70,7 +69,6 @@ from sqlalchemy import (
 )
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.sql.expression import FromClause
 
@@ -94,6 +92,7 @@ __all__ = [
     "insert_statement",
     "lease_statement",
     "mark_receiver_statement",
+    "packed_keys",
     "renew_statement",
     "settle_delivered_statement",
     "settle_statement",
@@ -135,47 +134,31 @@ LEASED_COLUMNS = (
 )
 
 
-class _SQLiteTime(TypeDecorator[datetime]):
-    """A stored UTC time (fixed-width text) read with ``datetime.fromisoformat``.
-
-    SQLAlchemy's SQLite ``DATETIME`` parses each value with a regular
-    expression, several times slower; the lease reads one per message.
-    """
-
-    impl = String
-    cache_ok = True
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
-class _SQLiteJSON(TypeDecorator[Any]):
-    """A stored JSON document (text) decoded with one ``JSONDecoder.decode`` call."""
-
-    impl = Text
-    cache_ok = True
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        return None if value is None else _json_decode(value)
-
-
-_json_decode = json.JSONDecoder().decode
-
-
 def _leased_columns(dialect: str) -> tuple[Any, ...]:
-    """:data:`LEASED_COLUMNS`, read back the fast way on SQLite."""
-    if dialect != "sqlite":
-        return LEASED_COLUMNS
-    fast = {
-        "payload": type_coerce(messages.c.payload, _SQLiteJSON()).label("payload"),
-        "created_at": type_coerce(messages.c.created_at, _SQLiteTime()).label("created_at"),
-    }
-    return tuple(fast.get(column.name, column) for column in LEASED_COLUMNS)
+    """:data:`LEASED_COLUMNS`, with no result processing by SQLAlchemy.
+
+    The worker converts each leased row itself, in one pass
+    (``_WorkerCore.to_messages``): SQLite's ``payload`` (JSON text) and
+    ``created_at`` (fixed-width UTC text) come back as text, PostgreSQL's
+    ``created_at`` as the driver's aware datetime. SQLAlchemy's processors
+    would cost two Python calls per value, and the SQLite ``DATETIME`` type a
+    regular expression.
+    """
+    raw: dict[str, Any]
+    if dialect == "sqlite":
+        raw = {"payload": Text(), "created_at": String()}
+    else:
+        raw = {"created_at": DateTime(timezone=True)}
+    return tuple(
+        type_coerce(column, raw[column.name]).label(column.name) if column.name in raw else column
+        for column in LEASED_COLUMNS
+    )
 
 
-def not_leased(table: Any) -> Any:
-    """No unexpired lease on the row at ``:p_now``."""
-    return or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at <= _ts("p_now"))
+def not_leased(table: Any, now: Any = None) -> Any:
+    """No unexpired lease on the row at ``now`` (default ``:p_now``)."""
+    at = _ts("p_now") if now is None else now
+    return or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at <= at)
 
 
 def _insert_for(dialect: str) -> Any:
@@ -218,7 +201,7 @@ def first_pending(table: FromClause, provider: Any, dialect: str) -> Select[Any]
 
 
 @functools.cache
-def lease_statement(dialect: str) -> Update:
+def lease_statement(dialect: str, *, database_clock: bool = False) -> Update:
     """Lease up to ``:p_limit`` due head-of-key messages of ``:p_provider`` for ``:p_owner``.
 
     Parameters: ``p_provider``, ``p_now``, ``p_limit``, ``p_owner``, ``p_expires``.
@@ -226,7 +209,17 @@ def lease_statement(dialect: str) -> Update:
     attempt and bumps ``lease_generation`` (the fencing token its settle must
     present). Taking over a lapsed lease stamps ``last_error`` with
     :data:`LEASE_EXPIRED` (the SET sees the old row), so the worker can tell.
+
+    With ``database_clock`` (PostgreSQL only), the statement's own time is
+    "now": ``statement_timestamp()`` replaces ``p_now``, the lease lasts
+    ``:p_lease`` (an interval) instead of ending at ``p_expires``, and each
+    row returns that time after :data:`LEASED_COLUMNS`, so the worker follows
+    the database's clock without a round trip of its own to read it.
     """
+    if database_clock and dialect != "postgresql":
+        raise ValueError("a lease on the statement's own clock is PostgreSQL's")
+    now: Any = func.statement_timestamp() if database_clock else _ts("p_now")
+    expires: Any = now + bindparam("p_lease", type_=Interval()) if database_clock else None
     cand = messages.alias("cand")
     earlier = messages.alias("earlier")
     blocked = (
@@ -251,8 +244,8 @@ def lease_statement(dialect: str) -> Update:
             cand.c.status == _PENDING,
             cand.c.provider == bindparam("p_provider"),
             cand.c.id >= floor,
-            cand.c.next_attempt_at <= _ts("p_now"),
-            not_leased(cand),
+            cand.c.next_attempt_at <= now,
+            not_leased(cand, now),
             or_(cand.c.ordering_key.is_(None), ~blocked),
         )
         .order_by(cand.c.id)
@@ -260,11 +253,11 @@ def lease_statement(dialect: str) -> Update:
     )
     values = {
         "lease_owner": bindparam("p_owner"),
-        "lease_expires_at": _ts("p_expires"),
+        "lease_expires_at": _ts("p_expires") if expires is None else expires,
         "attempts": messages.c.attempts + 1,
         "lease_generation": messages.c.lease_generation + 1,
-        "last_attempt_at": _ts("p_now"),
-        "updated_at": _ts("p_now"),
+        "last_attempt_at": now,
+        "updated_at": now,
         "last_error": case(
             (messages.c.lease_owner.is_not(None), literal_column(f"'{LEASE_EXPIRED}'")),
             else_=messages.c.last_error,
@@ -275,7 +268,10 @@ def lease_statement(dialect: str) -> Update:
         stmt = update(messages).where(messages.c.id == chosen.c.id)
     else:
         stmt = update(messages).where(messages.c.id.in_(picked))
-    return stmt.values(values).returning(*_leased_columns(dialect))
+    returned = _leased_columns(dialect)
+    if database_clock:
+        returned = (*returned, now.label("database_now"))
+    return stmt.values(values).returning(*returned)
 
 
 def _ids(dialect: str) -> Any:
@@ -310,15 +306,35 @@ def id_list(dialect: str, ids: Sequence[int]) -> str:
     return f"{{{text}}}" if dialect == "postgresql" else f"[{text}]"
 
 
+#: SQLite packs (id, lease generation) into one integer, ``id * 2**20 +
+#: generation``, when every id is below 2**43 and every generation below 2**20
+#: (the product stays a 64-bit integer, and distinct pairs give distinct keys).
+_PACK = 2**20
+_PACKED_ID_LIMIT = 2**43
+
+
+def packed_keys(ids: Sequence[int], generations: Sequence[int]) -> str | None:
+    """The value of ``:p_keys`` (a JSON array of packed (id, generation) keys), or
+    None when a pair does not fit (the unpacked statement takes ``:p_pairs``)."""
+    if max(ids, default=0) >= _PACKED_ID_LIMIT or max(generations, default=0) >= _PACK:
+        return None
+    if min(ids, default=0) < 0 or min(generations, default=0) < 0:
+        return None
+    return "[" + ",".join([str(i * _PACK + g) for i, g in zip(ids, generations, strict=True)]) + "]"
+
+
 @functools.cache
-def settle_delivered_statement(dialect: str) -> Update:
+def settle_delivered_statement(dialect: str, *, packed: bool = False) -> Update:
     """Mark leased messages delivered, each only under the lease generation it was sent under.
 
     One statement for the whole batch. PostgreSQL: parameters ``p_ids`` and
     ``p_gens`` (two arrays, pairwise, one statement text for any batch size,
     each :func:`id_list`'s text) and ``p_now``. SQLite: ``p_ids``
     (:func:`id_list`), ``p_pairs`` (the same ids with their generations, a
-    JSON array of [id, generation] pairs) and ``p_now``.
+    JSON array of [id, generation] pairs) and ``p_now``; with ``packed``,
+    ``p_keys`` (:func:`packed_keys`) instead of ``p_pairs``: one integer per
+    pair, compared with the row's own, where the pairs cost two
+    ``json_extract`` calls each and a row-value comparison.
 
     No lease-owner check: the generation is the fence. A message the provider
     accepted is delivered even if its lease lapsed meanwhile, as long as no
@@ -334,6 +350,15 @@ def settle_delivered_statement(dialect: str) -> Update:
         fence = and_(
             messages.c.id == sent.c.id,
             messages.c.lease_generation == sent.c.gen,
+        )
+    elif packed:
+        # The id list walks the primary key; the packed key is the fence.
+        keys: Select[Any] = select(literal_column("value")).select_from(
+            func.json_each(bindparam("p_keys"))
+        )
+        fence = and_(
+            _ids(dialect),
+            (messages.c.id * literal_column(str(_PACK)) + messages.c.lease_generation).in_(keys),
         )
     else:
         # The plain id list lets SQLite walk the primary key; the pairs alone

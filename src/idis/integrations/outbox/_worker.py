@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import math
 import os
 import random
 import socket
@@ -59,11 +59,11 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .._clock import Clock, SystemClock, system_clock
 from ..config import OutboxSettings, Settings
-from ..db._engine import blocking_twin
+from ..db._engine import blocking_twin, load_json
 from ..exceptions import BulkheadFull, CircuitOpen, ConfigError, StorageError, UsageError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
-from ._messages import KIND_WEBHOOK, OutboxMessage
+from ._messages import KIND_WEBHOOK, OutboxMessage, leased_message
 from ._models import DEAD, PENDING, RECEIVER_GONE
 from ._policy import DEFER_DELAY, Action, Disposition, decide, describe_error, probe_decides
 from ._queries import (
@@ -73,6 +73,7 @@ from ._queries import (
     id_list,
     lease_statement,
     mark_receiver_statement,
+    packed_keys,
     release_own_statement,
     renew_statement,
     settle_delivered_statement,
@@ -97,6 +98,13 @@ AsyncDeliver = Callable[[OutboxMessage], Awaitable[None]]
 Availability = Callable[[str], bool]
 
 _log = get_logger()
+_from_iso = datetime.fromisoformat
+
+
+def _by_id(message: OutboxMessage) -> int:
+    return message.id
+
+
 _DELIVERED = Disposition(Action.DELIVERED)
 _DB_ERRORS = (OperationalError, DBAPIError, StorageError)
 #: Messages whose excused failures a worker remembers (a bound, not a tuning knob).
@@ -146,7 +154,8 @@ class _Settlement:
 class _Leases:
     """The leases of one batch being delivered: when they lapse, which are lost."""
 
-    def __init__(self, batch: Sequence[OutboxMessage]) -> None:
+    def __init__(self, batch: Sequence[OutboxMessage], core: _WorkerCore) -> None:
+        self._core = core
         #: Messages whose leases renewing keeps: the whole batch, sent ones too,
         #: until their outcomes are written (else another worker could take a
         #: message already delivered but not yet marked so).
@@ -154,12 +163,29 @@ class _Leases:
         #: Messages whose lease could not be renewed: not to be sent.
         self.lost: set[int] = set()
         self.expires = min((m.lease_expires_at for m in batch), default=None)
+        #: When (the clock's monotonic time) a renewal falls due: checked before
+        #: each send, where reading the time of day would cost more.
+        self.renew_at = self._renew_at()
+
+    def _renew_at(self) -> float:
+        core = self._core
+        if self.expires is None:
+            return math.inf
+        # ``needs_renewal``'s moment (less than half a lease left), on the
+        # monotonic clock, which moves as the time of day does.
+        left = (self.expires - core.now() - core.lease / 2).total_seconds()
+        return core.clock.monotonic() + left
+
+    def renewal_due(self) -> bool:
+        """A renewal may be due (:meth:`_WorkerCore.needs_renewal` decides)."""
+        return bool(self.open) and self._core.clock.monotonic() >= self.renew_at
 
     def renewed(self, held: set[int], expires: datetime) -> None:
         """Record a renewal: ``held`` keep their lease to ``expires``; other open ones lost it."""
         self.lost |= self.open - held
         self.open &= held
         self.expires = expires
+        self.renew_at = self._renew_at()
 
 
 @dataclass(slots=True)
@@ -275,6 +301,8 @@ class _WorkerCore:
         self.db_failures = 0
         #: Settles fenced off by a newer lease generation, since the worker started.
         self.stale_settles = 0
+        #: Leases the last batch took over from workers that died (``to_messages``).
+        self.reclaimed = 0
         self.log = _log.bind(worker=self.worker_id)
 
     @property
@@ -303,18 +331,25 @@ class _WorkerCore:
     @staticmethod
     def has_webhooks(rows: Sequence[Any]) -> bool:
         """Whether a leased batch holds webhooks (whose receivers' state must be read)."""
-        return any(row.kind == KIND_WEBHOOK for row in rows)
+        return any(row[2] == KIND_WEBHOOK for row in rows)  # LEASED_COLUMNS' kind
 
     def set_gone(self, rows: Sequence[Any]) -> None:
         self._gone = {(str(r[0]), str(r[1])) for r in rows}
 
+    @property
+    def gone_receivers(self) -> bool:
+        """Whether any webhook receiver is known gone (else no message is skipped)."""
+        return bool(self._gone)
+
     def lease_params(self, provider: str, limit: int, now: datetime) -> dict[str, Any]:
+        """Parameters of ``lease_statement`` (both clocks': each ignores the other's)."""
         return {
             "p_provider": provider,
             "p_now": now,
             "p_limit": limit,
             "p_owner": self.worker_id,
-            "p_expires": now + self.lease,  # what ``to_message`` is told
+            "p_expires": now + self.lease,  # what ``to_messages`` is told
+            "p_lease": self.lease,  # on the statement's clock (PostgreSQL)
         }
 
     def now(self) -> datetime:
@@ -322,7 +357,7 @@ class _WorkerCore:
         return self.clock.now() + self._offset
 
     def follow_database(self, database_now: Any) -> None:
-        """Correct :meth:`now` by the database's clock, read in the lease transaction."""
+        """Correct :meth:`now` by the database's clock, as the lease transaction saw it."""
         if isinstance(database_now, str):  # SQLite: text, UTC
             database_now = datetime.fromisoformat(database_now).replace(tzinfo=UTC)
         elif database_now.tzinfo is None:
@@ -337,36 +372,65 @@ class _WorkerCore:
         )
         return {"p_owner": self.worker_id, "p_now": self.now()}
 
-    def to_message(self, row: Any, expires: datetime) -> OutboxMessage:
-        """A leased row (``LEASED_COLUMNS``) as a message; ``expires``: when its lease ends."""
-        (
+    def to_messages(
+        self, rows: Sequence[Any], expires: datetime, dialect: str
+    ) -> list[OutboxMessage]:
+        """Leased rows (``LEASED_COLUMNS``, unprocessed; any column after them
+        ignored) as messages.
+
+        ``expires``: when their lease ends. One pass: the SQLite text columns
+        are decoded here (``_queries._leased_columns``), and leases taken over
+        from a worker that died are counted in :attr:`reclaimed` for
+        :meth:`taken_over`.
+        """
+        default_retries = self.outbox.max_retries
+        sqlite = dialect == "sqlite"
+        load = load_json
+        batch = []
+        lapsed = 0
+        for (
             id_,
             provider,
             kind,
             idempotency_key,
-            payload,
+            raw_payload,
             ordering_key,
             tenant_id,
             attempts,
             max_retries,
-            created_at,
+            raw_created,
             generation,
-            _last_error,
-        ) = row
-        return OutboxMessage(
-            id=int(id_),
-            provider=provider,
-            kind=kind,
-            idempotency_key=idempotency_key,
-            payload=payload,
-            ordering_key=ordering_key,
-            tenant_id=tenant_id,
-            attempts=int(attempts),
-            max_retries=int(max_retries if max_retries is not None else self.outbox.max_retries),
-            created_at=created_at,
-            lease_expires_at=expires,
-            lease_generation=int(generation),
-        )
+            last_error,
+            *_database_now,
+        ) in rows:
+            if sqlite:
+                payload = load(raw_payload)
+                created_at = _from_iso(raw_created + "+00:00")
+            else:
+                payload = raw_payload
+                created_at = (
+                    raw_created if raw_created.tzinfo is UTC else raw_created.astimezone(UTC)
+                )
+            if last_error is not None and last_error == LEASE_EXPIRED:
+                lapsed += 1
+            batch.append(
+                leased_message(
+                    id_,
+                    provider,
+                    kind,
+                    idempotency_key,
+                    payload,
+                    ordering_key,
+                    tenant_id,
+                    attempts,
+                    default_retries if max_retries is None else max_retries,
+                    created_at,
+                    expires,
+                    generation,
+                )
+            )
+        self.reclaimed += lapsed
+        return batch
 
     def needs_renewal(self, expires: datetime | None, now: datetime) -> bool:
         return expires is not None and expires - now < self.lease / 2
@@ -599,11 +663,19 @@ class _WorkerCore:
                 "p_now": now,
             }
         elif delivered:
-            params = {
-                "p_ids": id_list(dialect, [m.id for m in delivered]),
-                "p_pairs": json.dumps([(m.id, m.lease_generation) for m in delivered]),
-                "p_now": now,
-            }
+            ids = [m.id for m in delivered]
+            generations = [m.lease_generation for m in delivered]
+            params = {"p_ids": id_list(dialect, ids), "p_now": now}
+            keys = packed_keys(ids, generations)
+            if keys is not None:
+                params["p_keys"] = keys
+            else:
+                # [[id, generation], ...]: the JSON text, without json.dumps's walk.
+                params["p_pairs"] = (
+                    "["
+                    + ",".join([f"[{i},{g}]" for i, g in zip(ids, generations, strict=True)])
+                    + "]"
+                )
         return params, rows, receivers
 
     def fenced(self, items: Sequence[_Settlement], applied: int) -> int:
@@ -690,9 +762,9 @@ class _WorkerCore:
         for (provider, kind), count in dead.items():
             metrics.outbox_dead_letters.labels(provider, kind).inc(count)
 
-    def taken_over(self, rows: Sequence[Any], result: BatchResult) -> None:
-        """Count and log leases this batch took over from a worker that died."""
-        lapsed = sum(1 for row in rows if row.last_error == LEASE_EXPIRED)
+    def taken_over(self, result: BatchResult) -> None:
+        """Count and log the leases the last batch took over from a worker that died."""
+        lapsed, self.reclaimed = self.reclaimed, 0
         if lapsed:
             result.reclaimed += lapsed
             self.log.warning(
@@ -857,7 +929,8 @@ class AsyncOutboxWorker:
         poll_interval: Idle wait when nothing is due (default ``IDIS_OUTBOX_POLL_INTERVAL``).
         metrics_interval: How often the queue gauges are refreshed (default 15 s).
         lease_clock: ``"database"``: lease, due and settle times follow the
-            database's clock, read once per cycle (default with the system clock);
+            database's clock, once per cycle: PostgreSQL leases on the statement's
+            own clock, SQLite's is the host's (default with the system clock);
             ``"worker"``: the worker's own ``clock`` (default with an injected one).
 
     Raises:
@@ -1052,25 +1125,42 @@ class AsyncOutboxWorker:
         self, conn: Connection, providers: list[str], result: BatchResult
     ) -> list[OutboxMessage]:
         core = self._core
-        rows: list[Any] = []
         if not providers:
             return []
-        if core.database_clock:
-            database_now = conn.execute(database_now_statement(self._dialect))
-            core.follow_database(database_now.scalar_one())
+        # PostgreSQL leases on the statement's own clock, whose time comes back
+        # with the rows: no round trip to read it. SQLite runs in this process:
+        # its clock ('now') is this host's real-time clock, read here without
+        # a statement.
+        on_statement_clock = core.database_clock and self._dialect == "postgresql"
+        if core.database_clock and not on_statement_clock:
+            core.follow_database(datetime.now(UTC))
         now = core.now()
-        stmt = lease_statement(self._dialect)
-        expires = now + core.lease
+        stmt = lease_statement(self._dialect, database_clock=on_statement_clock)
+        batch: list[OutboxMessage] = []
+        webhooks = False
         for provider in providers:
-            limit = core.batch_size - len(rows)
+            limit = core.batch_size - len(batch)
             if limit <= 0:
                 break
-            rows.extend(conn.execute(stmt, core.lease_params(provider, limit, now)).all())
-        if core.has_webhooks(rows):
+            rows = conn.execute(stmt, core.lease_params(provider, limit, now)).all()
+            if not rows:
+                continue
+            if on_statement_clock:
+                database_now = rows[0][-1].astimezone(UTC)
+                core.follow_database(database_now)
+                expires = database_now + core.lease
+            else:
+                expires = now + core.lease
+            webhooks = webhooks or core.has_webhooks(rows)
+            batch.extend(core.to_messages(rows, expires, self._dialect))
+        if on_statement_clock and not batch:
+            # Nothing leased, so no time came back: read it, so the worker's
+            # time (gauges, the next cycle's settles) still follows the database.
+            core.follow_database(conn.execute(database_now_statement(self._dialect)).scalar_one())
+        if webhooks:
             core.set_gone(conn.execute(gone_receivers_statement()).all())
-        core.taken_over(rows, result)
-        batch = [core.to_message(row, expires) for row in rows]
-        batch.sort(key=lambda m: m.id)
+        batch.sort(key=_by_id)
+        core.taken_over(result)
         return batch
 
     async def _refresh_gauges(self) -> None:
@@ -1099,7 +1189,7 @@ class AsyncOutboxWorker:
         core = self._core
         out: list[_Settlement] = []
         ready = core.split_spent(batch, out)
-        leases = _Leases(ready)
+        leases = _Leases(ready, core)
         renewing = asyncio.Lock()
         finished = asyncio.Event()
         settled: list[_Settlement | None] = [None] * len(ready)
@@ -1111,9 +1201,7 @@ class AsyncOutboxWorker:
             # within a batch, so per-key order holds. No task per message.
             for index, message in queue:
                 # A renewal due or running: wait for it (it may lose this lease).
-                if renewing.locked() or (
-                    leases.open and core.needs_renewal(leases.expires, core.now())
-                ):
+                if renewing.locked() or leases.renewal_due():
                     async with renewing:
                         await self._keep_leases(leases)
                 settled[index] = await self._deliver_one(message, leases)
@@ -1145,11 +1233,12 @@ class AsyncOutboxWorker:
 
     async def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Settlement:
         core = self._core
-        if self._stop_requested or message.id in leases.lost:
+        if self._stop_requested or (leases.lost and message.id in leases.lost):
             return core.release(message, core.now())
-        gone = core.skip_gone(message)
-        if gone is not None:
-            return gone
+        if core.gone_receivers:
+            gone = core.skip_gone(message)
+            if gone is not None:
+                return gone
         try:
             await self.deliver(message)
         except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
@@ -1198,7 +1287,7 @@ class AsyncOutboxWorker:
         delivered, rows, receivers = core.write_params(items, now, self._dialect)
         applied = 0
         if delivered:
-            stmt = settle_delivered_statement(self._dialect)
+            stmt = settle_delivered_statement(self._dialect, packed="p_keys" in delivered)
             applied += conn.execute(stmt, delivered).rowcount
         if rows:
             applied += conn.execute(settle_statement(), rows).rowcount
