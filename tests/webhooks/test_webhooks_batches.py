@@ -258,6 +258,19 @@ class _Recorder:
         self.running = 0
         self.most = 0
 
+    def held(self, started: Any, release: Any) -> Any:
+        """An async ``run`` that records each batch, sets ``started``, waits for ``release``."""
+
+        async def run(jobs: list[Any]) -> None:
+            self.sizes.append(len(jobs))
+            self.running += 1
+            self.most = max(self.most, self.running)
+            started.set()
+            await release.wait()
+            self.running -= 1
+
+        return run
+
 
 def test_the_loop_committer_lingers_while_busy_for_a_batch_as_large_as_the_last() -> None:
     """After a batch of 4, one waiting delivery lingers until 4 wait, then they go together.
@@ -362,15 +375,7 @@ def test_the_loop_committer_runs_one_batch_at_a_time_until_a_full_batch_waits(
 
     async def scenario() -> None:
         started, release = asyncio.Event(), asyncio.Event()
-
-        async def run(jobs: list[Any]) -> None:
-            record.sizes.append(len(jobs))
-            record.running += 1
-            record.most = max(record.most, record.running)
-            started.set()
-            await release.wait()
-            record.running -= 1
-
+        run = record.held(started, release)
         committer = _LoopCommitter(run, parallel=4, linger=0.0)
         first = asyncio.create_task(committer.submit(_job(0)))
         await started.wait()
@@ -400,15 +405,7 @@ def test_a_slow_batch_lets_another_start_beside_it(monkeypatch: pytest.MonkeyPat
 
     async def scenario() -> None:
         started, release = asyncio.Event(), asyncio.Event()
-
-        async def run(jobs: list[Any]) -> None:
-            record.sizes.append(len(jobs))
-            record.running += 1
-            record.most = max(record.most, record.running)
-            started.set()
-            await release.wait()
-            record.running -= 1
-
+        run = record.held(started, release)
         committer = _receiver._LoopCommitter(run, parallel=4, linger=0.0)
         first = asyncio.create_task(committer.submit(_job(0)))
         await started.wait()
