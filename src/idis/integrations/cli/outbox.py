@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from .._audit import cli_actor
 from .._timeparse import format_duration, parse_duration
 from ..config import ProviderSettings
 from ..exceptions import ConfigError
@@ -25,15 +26,6 @@ from ._common import (
     since_option,
     stdout,
 )
-
-
-def _actor() -> str:
-    import getpass
-
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):  # no login name (some containers)
-        return "cli:unknown"
 
 
 def _duration(_ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
@@ -339,7 +331,7 @@ def queue_webhook_retries_cmd(  # noqa: PLR0917  # click passes every option by 
         dry_run,
         kinds=kinds or None,
         settings=get_settings(),
-        actor=_actor(),
+        actor=cli_actor(),
     )
     if as_json:
         print_json(result.as_dict())
