@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -251,11 +251,13 @@ def move_cursor(
     return cursor
 
 
+def _last_webhook(provider: str) -> Select[datetime | None]:
+    return select(func.max(SyncInbox.webhook_at)).where(SyncInbox.provider == provider)
+
+
 def last_webhook_at(session: Session, provider: str) -> datetime | None:
     """When a webhook last delivered a change for ``provider`` (any replica)."""
-    return session.scalar(
-        select(func.max(SyncInbox.webhook_at)).where(SyncInbox.provider == provider)
-    )
+    return session.scalar(_last_webhook(provider))
 
 
 def note_signature_spike(session: Session, provider: str, at: datetime) -> None:
@@ -505,11 +507,7 @@ def status_facts(session: Session, settings: Any, provider: str) -> dict[str, An
     """
     # The state row and the last webhook in one statement (two round trips were two
     # waits for a CPU per /status call on a busy machine); no row, no webhook read.
-    last_webhook = (
-        select(func.max(SyncInbox.webhook_at))
-        .where(SyncInbox.provider == provider)
-        .scalar_subquery()
-    )
+    last_webhook = _last_webhook(provider).scalar_subquery()
     found = session.execute(
         select(SyncProviderState, last_webhook).where(SyncProviderState.provider == provider)
     ).first()
