@@ -84,7 +84,7 @@ class Env:
 @pytest.fixture(scope="module")
 def simulator() -> Iterator[tuple[str, SimulatorState, ProviderFaults]]:
     state = SimulatorState(seed=11)
-    faults = ProviderFaults(seed=11, hang=0.6)
+    faults = ProviderFaults(seed=11, hang=2.0)
     with serve_simulator(state, faults) as url:
         yield url, state, faults
 
@@ -105,12 +105,17 @@ class SoakModel(RuleBasedStateMachine):
             providers=(self.out, self.inv, self.mod),
             database_url=env.url,
             retry=RetryPolicy(max_attempts=1),
-            timeouts=TimeoutPolicy(connect=2.0, read=0.3, write=2.0, pool=2.0, deadline=5.0),
+            timeouts=TimeoutPolicy(connect=2.0, read=0.5, write=2.0, pool=2.0, deadline=5.0),
             # The model is about the queue, not the breaker: no failure pattern opens it here.
             breaker=BreakerPolicy(failure_threshold=100_000, minimum_calls=100_000),
         )
+        # No fault hangs the inbound feeds: their read timeout is generous, so a replay or
+        # poll that a loaded CI machine slows is not mistaken for a fault the model plays.
+        # Only the outbox's provider keeps a read timeout below the fault wrapper's hang.
+        inbound = TimeoutPolicy(connect=2.0, read=10.0, write=2.0, pool=2.0, deadline=20.0)
         self.settings: Settings = base.with_providers(
-            replace(base.provider(self.mod), order_by="modified")
+            replace(base.provider(self.inv), timeouts=inbound),
+            replace(base.provider(self.mod), order_by="modified", timeouts=inbound),
         )
         self.settings = replace(
             self.settings,
