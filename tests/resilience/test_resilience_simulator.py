@@ -153,7 +153,7 @@ def test_errors_total_counts_each_failure_with_its_type(
     h = make_harness(
         settings(
             sim,
-            timeouts=TimeoutPolicy(connect=1.0, read=0.3, write=1.0, pool=1.0, deadline=10.0),
+            timeouts=TimeoutPolicy(connect=1.0, read=1.0, write=1.0, pool=1.0, deadline=10.0),
             breaker=BreakerPolicy(failure_threshold=100, minimum_calls=1000),
         )
     )

@@ -78,7 +78,7 @@ def test_latency_fault_makes_a_short_client_timeout_fire(sim, http) -> None:
 
     with pytest.raises(httpx.ReadTimeout):
         http.get(f"{CRM}/records", timeout=0.2)
-    assert 200 == http.get(f"{CRM}/changes", timeout=0.2).status_code
+    assert 200 == http.get(f"{CRM}/changes", timeout=5.0).status_code
 
 
 def test_hang_does_not_block_other_requests_and_clear_releases_it(sim, http) -> None:
