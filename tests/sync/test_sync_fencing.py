@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import structlog.testing
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -208,3 +209,61 @@ def test_a_tick_deposed_mid_poll_is_fenced_and_writes_nothing_more(engine: Engin
     assert (False, "fenced") == (report.leader, report.error)
     assert 10 == len(host.rows())  # the first page was applied; nothing after the override
     assert 10 == _cursor(engine)[0]
+
+
+async def _notification_fetch(
+    settings: Any, db_url: str, registry: Any, *, max_pages: int = 1000
+) -> Any:
+    """One replica's fetch of what a data-less notification announced (no leadership)."""
+    engine = create_async_db_engine(db_url)
+    gateway = AsyncGateway(settings)
+    try:
+        poller = Poller(
+            AsyncProviderClient(gateway, P),
+            async_session_factory(engine),
+            settings,
+            P,
+            registry=registry,
+            max_pages=max_pages,
+            source="webhook",
+        )
+        return await poller.poll_once()
+    finally:
+        await gateway.aclose()
+        await engine.dispose()
+
+
+def test_two_replicas_notification_fetches_never_move_the_cursor_back(engine: Engine) -> None:
+    """Replica B starts a notification fetch; before its first page comes back, replica A
+    fetches the whole feed (30 events, to position 30). B's page (seq 1-10) then finds the
+    cursor moved: it is not applied, B stops, and the cursor stays at 30 instead of going
+    back to B's 10, then 20 (fetches run unfenced: every replica answers notifications)."""
+    db_url = engine.url.render_as_string(hide_password=False)
+    host = HostTable(engine)
+    feed = _feed_of_30()
+    first: list[Any] = []
+
+    def the_other_replica_fetches_first(_params: dict[str, str]) -> None:
+        if first:
+            return
+        first.append(None)
+        first[0] = asyncio.run(_notification_fetch(settings, db_url, host.registry()))
+
+    feed.on_request = the_other_replica_fetches_first
+    with serve_asgi(feed.app()) as url, structlog.testing.capture_logs() as logs:
+        settings = _settings(url, db_url)
+        late = asyncio.run(_notification_fetch(settings, db_url, host.registry(), max_pages=2))
+    with Session(engine) as session:
+        cursor = session.scalar(select(SyncCursor).where(SyncCursor.stream == "notifications"))
+    assert cursor is not None
+
+    assert (True, 30) == (first[0].complete, first[0].applied)
+    assert (False, 0, 1) == (late.complete, late.applied, late.pages)
+    assert "30" == cursor.position
+    assert 30 == len(host.rows())
+    [overtaken] = [e for e in logs if e["event"] == "idis.sync.poll_overtaken"]
+    assert (P, "notifications", None) == (
+        overtaken["provider"],
+        overtaken["stream"],
+        overtaken["position"],
+    )

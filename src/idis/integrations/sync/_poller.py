@@ -56,6 +56,7 @@ from ._sentinel import AsyncChangeFeed
 from ._state import (
     CHANGES_STREAM,
     NOTIFICATIONS_STREAM,
+    claim_cursor,
     fence,
     get_cursor,
     load_state,
@@ -73,6 +74,10 @@ __all__ = [
 ]
 
 _log = get_logger()
+
+
+class _Overtaken(Exception):
+    """A page's transaction found the stream's cursor moved by another poll: roll it back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,11 +254,14 @@ class Poller:
         """The metrics this component records into."""
         return self._metrics if self._metrics is not None else get_metrics()
 
-    def _start(self, session: Session, now: datetime) -> tuple[str | None, datetime | None]:
+    def _start(
+        self, session: Session, now: datetime
+    ) -> tuple[str | None, datetime | None, str | None]:
+        """Where to read from (position, or time), and the stored position (to claim)."""
         cursor = get_cursor(session, self.provider, self.stream)
         if cursor is None:
-            return window_start(None, None, now=now, overlap=self.overlap)
-        position = cursor.position
+            return (*window_start(None, None, now=now, overlap=self.overlap), None)
+        position = stored = cursor.position
         accepts = getattr(self.feed, "accepts_cursor", None)
         if position is not None and callable(accepts) and not accepts(position):
             # Not this API's cursor: a feed seq that failover (the sentinel's
@@ -265,7 +273,7 @@ class Poller:
                 provider=self.provider,
             )
             position = None
-        return window_start(position, cursor.watermark, now=now, overlap=self.overlap)
+        return (*window_start(position, cursor.watermark, now=now, overlap=self.overlap), stored)
 
     def _coverage_start(self, session: Session, since: datetime | None) -> datetime | None:
         if since is not None:
@@ -327,7 +335,7 @@ class Poller:
         """
         started = self.clock.now()
         async with self._sessions() as session, session.begin():
-            after, since = await session.run_sync(lambda s: self._start(s, started))
+            after, since, expected = await session.run_sync(lambda s: self._start(s, started))
             window = await session.run_sync(lambda s: self._coverage_start(s, since))
         tally: Counter[ApplyOutcome] = Counter()
         fetched = pages = 0
@@ -351,7 +359,12 @@ class Poller:
                 fetched += len(page.events)
                 if window is None and page.events:
                     window = min(e.occurred_at for e in page.events)
-                position = await self._commit_page(page, epoch, tally)
+                try:
+                    position = await self._commit_page(page, epoch, tally, expected)
+                except _Overtaken:
+                    self._overtaken(expected)
+                    break
+                expected = position
                 if not page.has_more or not page.events:
                     complete = True
                     break
@@ -374,6 +387,18 @@ class Poller:
             gap_until=gap_until,
         )
 
+    def _overtaken(self, expected: str | None) -> None:
+        _log.info(
+            "idis.sync.poll_overtaken",
+            msg=(
+                "another poll of this stream moved its cursor: this one stops, its last "
+                "page not applied (the other read on from where this one started)"
+            ),
+            provider=self.provider,
+            stream=self.stream,
+            position=expected,
+        )
+
     def _feed_gap(self, after: str | None, page: Any, resume: datetime | None) -> None:
         _log.warning(
             "idis.sync.feed_gap",
@@ -388,14 +413,22 @@ class Poller:
         )
 
     async def _commit_page(
-        self, page: Any, epoch: int | None, tally: Counter[ApplyOutcome]
+        self, page: Any, epoch: int | None, tally: Counter[ApplyOutcome], expected: str | None
     ) -> str | None:
-        """One page in one transaction: fence, apply the batch, move the cursor."""
+        """One page in one transaction: fence, claim the cursor, apply the batch, move it.
+
+        Raises:
+            _Overtaken: another poll of this stream moved the cursor since ``expected``.
+        """
         now = self.clock.now()
         async with self._sessions() as session, session.begin():
             if epoch is not None:
-                # First: the state row, then the inbox's ledger and inbox rows.
+                # First: the state row, then the cursor, then the inbox's ledger and rows.
                 await session.run_sync(lambda s: fence(s, self.provider, epoch))
+            if not await session.run_sync(
+                lambda s: claim_cursor(s, self.provider, self.stream, expected, now)
+            ):
+                raise _Overtaken
             result = await apply_events_async(
                 session, self.provider, page.events, self.source, registry=self.registry, now=now
             )

@@ -48,6 +48,7 @@ __all__ = [
     "Fenced",
     "SyncSummary",
     "carry_out",
+    "claim_cursor",
     "fence",
     "get_cursor",
     "last_webhook_at",
@@ -219,6 +220,44 @@ def get_cursor(session: Session, provider: str, stream: str = CHANGES_STREAM) ->
     return session.scalar(
         select(SyncCursor).where(SyncCursor.provider == provider, SyncCursor.stream == stream)
     )
+
+
+def claim_cursor(
+    session: Session, provider: str, stream: str, expected: str | None, now: datetime
+) -> bool:
+    """Lock the stream's cursor row (created blank if missing) and check it still reads
+    ``expected``, the position this poll started from or last wrote.
+
+    Two polls of one stream (two replicas' webhook receivers each fetching what a Drive
+    notification announced, or ``sync poll`` by hand beside the leader) both start from
+    the same position; without this, the one that finishes last writes its page's
+    position over the other's further one, and the stream goes back. The row lock
+    orders the pages of both; the one that finds the position moved is told to stop
+    (False): whoever moved it read on from where this one started. A blank row is
+    inserted with ON CONFLICT DO NOTHING so that two first polls do not fail on the
+    unique (provider, stream); a blank row starts a poll as no row does.
+    """
+    values = {"provider": provider, "stream": stream, "updated_at": now}
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect_insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        session.execute(
+            dialect_insert(SyncCursor)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["provider", "stream"])
+        )
+    elif get_cursor(session, provider, stream) is None:
+        session.add(SyncCursor(**values))
+        session.flush()
+    cursor = session.scalar(
+        select(SyncCursor)
+        .where(SyncCursor.provider == provider, SyncCursor.stream == stream)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return cursor is not None and cursor.position == expected
 
 
 def move_cursor(
