@@ -299,3 +299,53 @@ def test_a_task_coming_back_for_more_waits_behind_the_queue(helpers: Any) -> Non
         return arrived
 
     assert ["a1", "b", "a2"] == asyncio.run(scenario())
+
+
+def test_async_bulkhead_free_slot_is_taken_without_queueing() -> None:
+    """acquire() on a bulkhead with a free slot takes it at once: nobody is queued."""
+
+    async def scenario() -> tuple[bool, int, int]:
+        bulkhead = AsyncBulkhead(2)
+        got = await bulkhead.acquire(HANG_GUARD)
+        return got, bulkhead.in_flight, bulkhead.waiting
+
+    assert (True, 1, 0) == asyncio.run(scenario())
+
+
+def test_async_bulkhead_slot_handed_to_a_cancelled_waiter_passes_on() -> None:
+    """A slot handed over to a waiter that is cancelled in the same loop turn, before it
+    resumed, goes to the next waiter instead of being lost."""
+
+    async def scenario() -> tuple[bool, int, int]:
+        bulkhead = AsyncBulkhead(1)
+        assert bulkhead.try_acquire()
+        first = asyncio.create_task(bulkhead.acquire(HANG_GUARD))
+        second = asyncio.create_task(bulkhead.acquire(HANG_GUARD))
+        await asyncio.sleep(0)
+        bulkhead.release()  # hands the slot to ``first``...
+        first.cancel()  # ...which is cancelled before it runs again
+        await asyncio.gather(first, return_exceptions=True)
+        got = await second
+        return got, bulkhead.in_flight, bulkhead.waiting
+
+    assert (True, 1, 0) == asyncio.run(scenario())
+
+
+def test_async_bulkhead_release_skips_a_waiter_cancelled_in_the_same_turn() -> None:
+    """A release in the same loop turn as a waiter's cancellation (its ticket is done but
+    still queued) skips that ticket and hands the slot to the next waiter."""
+
+    async def scenario() -> tuple[bool, bool, int, int]:
+        bulkhead = AsyncBulkhead(1)
+        assert bulkhead.try_acquire()
+        first = asyncio.create_task(bulkhead.acquire(HANG_GUARD))
+        second = asyncio.create_task(bulkhead.acquire(HANG_GUARD))
+        await asyncio.sleep(0)
+        first.cancel()  # cancels ``first``'s ticket at once...
+        still_queued = bulkhead.waiting == 2  # ...but its handler leaves the queue later
+        bulkhead.release()
+        await asyncio.gather(first, return_exceptions=True)
+        got = await second
+        return still_queued, got, bulkhead.in_flight, bulkhead.waiting
+
+    assert (True, True, 1, 0) == asyncio.run(scenario())
