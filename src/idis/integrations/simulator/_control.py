@@ -190,15 +190,7 @@ def _emit(sim: SimulatorState, body: dict[str, Any]) -> Any:
 
 
 def _mutate(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    record, _, _ = _provider(sim, body).write_record(
-        body["record_id"],
-        body.get("data", {}),
-        tenant_id=body.get("tenant_id"),
-        event_type="record.deleted" if body.get("delete") else None,
-        emit_event=bool(body.get("event", False)),
-        webhook=bool(body.get("webhook", False)),
-    )
-    return record.to_json()
+    return sim.mutate(**{"data": {}, **body})  # the route's fields are mutate's arguments
 
 
 def _webhook_target(sim: SimulatorState, body: dict[str, Any]) -> Any:
