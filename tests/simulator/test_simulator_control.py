@@ -221,3 +221,22 @@ def test_webhook_setters_apply_checked_values_and_leave_the_rest(sim) -> None:
         provider.receiver.tolerance,
         provider.receiver.mode,
     )
+
+
+def test_delay_mode_without_a_delay_waits_a_second_and_an_explicit_zero_stays(sim) -> None:
+    """``delay`` mode with no delay yet would not delay: it takes 1 s; a given 0 is kept."""
+    webhooks = sim.state.provider("crm_provider").webhooks
+
+    sim.control.set_webhook_mode("crm_provider", "delay")
+    first = (webhooks.mode, webhooks.delay)
+    sim.control.set_webhook_mode("crm_provider", "delay", delay=0, batch=7)
+
+    assert (("delay", 1.0), 0.0, 7) == (first, webhooks.delay, webhooks.reorder_batch)
+
+
+def test_feed_retention_none_serves_as_far_as_replay_again(sim) -> None:
+    """A feed retention set and then cleared (None) is gone from the stats."""
+    sim.control.set_feed_retention("crm_provider", 600)
+    sim.control.set_feed_retention("crm_provider", None)
+
+    assert sim.control.stats("crm_provider")["feed_retention_seconds"] is None

@@ -792,8 +792,7 @@ class ProviderState:
         """
         kind = _FAULT_ALIASES.get(kind, kind)
         _choice(kind, "kind", FAULT_KINDS)
-        if endpoint is not None:
-            _choice(endpoint, "endpoint", ENDPOINTS)
+        _given(_choice, endpoint, "endpoint", ENDPOINTS)
         default_status = {"rate_limit": 429, "timeout": 504}.get(kind, 503)
         resolved_status = default_status if status is None else status
         _integer(resolved_status, "status", minimum=100, maximum=599)
@@ -803,15 +802,13 @@ class ProviderState:
         _number(resolved_seconds, "seconds", minimum=0.0, maximum=3600.0)
         if kind == "rate_limit" and retry_after is None:
             retry_after = 1.0
-        if retry_after is not None:
-            _number(retry_after, "retry_after", minimum=0.0, maximum=86400.0)
+        _given(_number, retry_after, "retry_after", minimum=0.0, maximum=86400.0)
         _choice(retry_after_format, "retry_after_format", ("seconds", "date"))
-        if duration is not None:
-            _number(duration, "duration", minimum=0.0)
-        if count is not None:
-            _integer(count, "count", minimum=1)
-        if policy is not None:
-            _choice(policy, "policy", ("DAILY", "TEN_SECONDLY_ROLLING", "REQUEST_LIMIT_EXCEEDED"))
+        _given(_number, duration, "duration", minimum=0.0)
+        _given(_integer, count, "count", minimum=1)
+        _given(
+            _choice, policy, "policy", ("DAILY", "TEN_SECONDLY_ROLLING", "REQUEST_LIMIT_EXCEEDED")
+        )
         fault_id = self._owner._next_fault_id()
         fault = Fault(
             id=fault_id,
@@ -931,18 +928,14 @@ class ProviderState:
         Raises:
             SimulatorInputError: for an unknown mode or bad delay/batch.
         """
-        _choice(mode, "mode", WEBHOOK_MODES)
-        if delay is not None:
-            _number(delay, "delay", minimum=0.0, maximum=3600.0)
-        if batch is not None:
-            _integer(batch, "batch", minimum=2, maximum=1000)
-        self.webhooks.mode = mode
-        if delay is not None:
-            self.webhooks.delay = float(delay)
-        elif mode == "delay" and self.webhooks.delay == 0.0:
-            self.webhooks.delay = 1.0
-        if batch is not None:
-            self.webhooks.reorder_batch = batch
+        changes = {
+            "mode": _choice(mode, "mode", WEBHOOK_MODES),
+            "delay": _given(_number, delay, "delay", minimum=0.0, maximum=3600.0),
+            "reorder_batch": _given(_integer, batch, "batch", minimum=2, maximum=1000),
+        }
+        if mode == "delay" and delay is None and self.webhooks.delay == 0.0:
+            changes["delay"] = 1.0  # a delay mode with no delay yet would not delay
+        _apply(self.webhooks, changes)
 
     def add_stop_window(self, start: datetime, end: datetime) -> None:
         """Drop webhooks of events that occur in ``[start, end)`` (simulated time).
@@ -1007,11 +1000,8 @@ class ProviderState:
         Raises:
             SimulatorInputError: for a non-positive value.
         """
-        if seconds is None:
-            self.feed_retention_seconds = None
-            return
-        _number(seconds, "seconds", minimum=1.0, maximum=100 * 365 * 86400.0)
-        self.feed_retention_seconds = int(seconds)
+        checked = _given(_number, seconds, "seconds", minimum=1.0, maximum=100 * 365 * 86400.0)
+        self.feed_retention_seconds = None if checked is None else int(checked)
 
     def stats(self, *, detail: bool = True) -> dict[str, Any]:
         """Everything tests assert on, as JSON; ``detail=False`` leaves out per-id/per-key maps."""
