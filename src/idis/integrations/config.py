@@ -129,6 +129,11 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def _bad(name: str, value: object, why: str) -> ConfigError:
+    """The error for a bad value: ``NAME='value' <why>``, naming the variable."""
+    return ConfigError(f"{name}={value!r} {why}", variable=name)
+
+
 def parse_bool(value: object, name: str) -> bool:
     """Parse true/false/1/0/yes/no/on/off."""
     if isinstance(value, bool):
@@ -138,7 +143,7 @@ def parse_bool(value: object, name: str) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ConfigError(f"{name}={value!r} is not a boolean: expected true or false", variable=name)
+    raise _bad(name, value, "is not a boolean: expected true or false")
 
 
 def _number(value: object, name: str, kind: Callable[[str], _T], *, minimum: float) -> _T:
@@ -146,9 +151,9 @@ def _number(value: object, name: str, kind: Callable[[str], _T], *, minimum: flo
         parsed = kind(str(value).strip())
     except ValueError:
         noun = "an integer" if kind is int else "a number"
-        raise ConfigError(f"{name}={value!r} is not {noun}", variable=name) from None
+        raise _bad(name, value, f"is not {noun}") from None
     if float(parsed) < minimum:  # type: ignore[arg-type]  # _T is int or float here
-        raise ConfigError(f"{name}={value!r} must be at least {minimum:g}", variable=name)
+        raise _bad(name, value, f"must be at least {minimum:g}")
     return parsed
 
 
@@ -201,17 +206,14 @@ def _table_name(value: object, name: str) -> str | None:
     if not text:
         return None
     if not _TABLE_NAME.fullmatch(text):
-        raise ConfigError(
-            f"{name}={value!r} is not a table name: expected deals or schema.deals",
-            variable=name,
-        )
+        raise _bad(name, value, "is not a table name: expected deals or schema.deals")
     return text
 
 
 def _ratio(value: object, name: str) -> float:
     parsed = _float(value, name)
     if not 0 < parsed <= 1:
-        raise ConfigError(f"{name}={value!r} must be a fraction in (0, 1]", variable=name)
+        raise _bad(name, value, "must be a fraction in (0, 1]")
     return parsed
 
 
@@ -219,10 +221,10 @@ def _url(value: object, name: str) -> str:
     text = str(value).strip()
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(
-            f"{name}={mask_url(str(value))!r} is not an http(s) URL: "
-            "expected e.g. https://api.example.com",
-            variable=name,
+        raise _bad(
+            name,
+            mask_url(str(value)),
+            "is not an http(s) URL: expected e.g. https://api.example.com",
         )
     return text.rstrip("/")
 
@@ -233,9 +235,7 @@ _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 def _entry_point(value: object, name: str) -> str:
     text = str(value).strip()
     if not _ENTRY_POINT.fullmatch(text):
-        raise ConfigError(
-            f"{name}={text!r} is invalid: expected package.module:factory", variable=name
-        )
+        raise _bad(name, text, "is invalid: expected package.module:factory")
     return text
 
 
@@ -244,10 +244,10 @@ def _database_url(value: object, name: str) -> str:
     scheme = urlsplit(url).scheme.split("+")[0]
     if scheme not in ("sqlite", "postgresql", "postgres"):
         # The URL may carry a password: show it masked.
-        raise ConfigError(
-            f"{name}={mask_url(url)!r} is not supported: expected sqlite:///path.db "
-            "or postgresql://user@host/db",
-            variable=name,
+        raise _bad(
+            name,
+            mask_url(url),
+            "is not supported: expected sqlite:///path.db or postgresql://user@host/db",
         )
     return url
 
@@ -255,10 +255,7 @@ def _database_url(value: object, name: str) -> str:
 def _redis_url(value: object, name: str) -> str | None:
     url = str(value).strip()
     if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            f"{name}={mask_url(url)!r} is not a Redis URL: expected redis://host:6379/0",
-            variable=name,
-        )
+        raise _bad(name, mask_url(url), "is not a Redis URL: expected redis://host:6379/0")
     return url or None
 
 
@@ -280,10 +277,11 @@ def _endpoints(value: object, name: str) -> dict[str, str]:
         for item in _list(value):
             key, sep, path = item.partition("=")
             if not sep or not key or not path:
-                raise ConfigError(
-                    f"{name}={value!r} is not a list of name=/path pairs "
+                raise _bad(
+                    name,
+                    value,
+                    "is not a list of name=/path pairs "
                     "(e.g. records=/records,record=/records/{id})",
-                    variable=name,
                 )
             pairs.append((key.strip(), path.strip()))
     for key, path in pairs:
@@ -313,9 +311,7 @@ def _rate(value: object, name: str) -> float | None:
         "hour": 3600.0,
     }
     if unit not in per:
-        raise ConfigError(
-            f"{name}={value!r} is not a rate: expected e.g. 10/s, 600/m or 5", variable=name
-        )
+        raise _bad(name, value, "is not a rate: expected e.g. 10/s, 600/m or 5")
     return _float(number, name, minimum=1e-9) / per[unit]
 
 
@@ -347,9 +343,7 @@ def _fernet_keys(value: object, name: str) -> tuple[Secret, ...]:
 def _choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     text = str(value).strip().lower()
     if text not in choices:
-        raise ConfigError(
-            f"{name}={value!r} is not valid: expected one of {', '.join(choices)}", variable=name
-        )
+        raise _bad(name, value, f"is not valid: expected one of {', '.join(choices)}")
     return text
 
 
@@ -365,10 +359,11 @@ def _one_of(*choices: str) -> _Conv:
 def _pack_name(value: object, name: str) -> str:
     text = str(value).strip().lower()
     if not _NAME.fullmatch(text):
-        raise ConfigError(
-            f"{name}={value!r} is not a provider pack name: expected lowercase letters, digits "
+        raise _bad(
+            name,
+            value,
+            "is not a provider pack name: expected lowercase letters, digits "
             "and underscores (generic, hubspot, salesforce)",
-            variable=name,
         )
     return text
 
@@ -385,10 +380,10 @@ def _time_zone(value: object, name: str) -> str:
     except (ValueError, OSError, zoneinfo.ZoneInfoNotFoundError):
         known = False
     if not known:
-        raise ConfigError(
-            f"{name}={value!r} is not a time zone: expected an IANA name such as UTC, "
-            "America/New_York or US/Eastern",
-            variable=name,
+        raise _bad(
+            name,
+            value,
+            "is not a time zone: expected an IANA name such as UTC, America/New_York or US/Eastern",
         )
     return text
 
@@ -399,22 +394,17 @@ def _log_level(value: object, name: str) -> str:
 
 def _positive(value: timedelta, raw: object, name: str) -> None:
     if value <= timedelta(0):
-        raise ConfigError(f"{name}={raw!r} must be positive", variable=name)
+        raise _bad(name, raw, "must be positive")
 
 
 def _linger(value: timedelta, raw: object, name: str) -> None:
     if not timedelta(0) <= value <= timedelta(seconds=1):
-        raise ConfigError(
-            f"{name}={raw!r} must be between 0 and 1s: expected a short duration like 2ms",
-            variable=name,
-        )
+        raise _bad(name, raw, "must be between 0 and 1s: expected a short duration like 2ms")
 
 
 def _positive_duration(value: timedelta, raw: object, name: str) -> None:
     if value <= timedelta(0):
-        raise ConfigError(
-            f"{name}={raw!r} must be positive: expected a duration like 5s", variable=name
-        )
+        raise _bad(name, raw, "must be positive: expected a duration like 5s")
 
 
 # --------------------------------------------------------------------------- declarations
