@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 
@@ -162,3 +163,80 @@ def test_rejections_never_echo_a_secret(sim, http) -> None:
     assert "SUPERSECRET" not in str(caught.value)
     assert 401 == refused.status_code
     assert "SUPERSECRET" not in refused.text
+
+
+_GOOD_SECRET = "whsec_c2V0dGVyLWNoZWNrcy1maXJzdC1rZXk="
+
+
+@pytest.mark.parametrize(
+    ("setter", "bad", "named"),
+    [
+        ("set_webhook_target", {"max_attempts": 0}, "max_attempts"),
+        ("set_webhook_target", {"retry_backoff": 61}, "retry_backoff"),
+        ("set_webhook_target", {"timeout": 0}, "timeout"),
+        ("set_webhook_target", {"format": "xml"}, "format"),
+        ("configure_receiver", {"mode": "explode"}, "mode"),
+        ("configure_receiver", {"fail_status": 200}, "fail_status"),
+        ("configure_receiver", {"fail_ratio": 1.5}, "fail_ratio"),
+    ],
+)
+def test_bad_webhook_setting_is_named_and_nothing_is_applied(sim, setter, bad, named) -> None:
+    """A webhook setter checks every argument before it sets any: one value out of range
+    is named, and the good values given with it (secrets, URL) are not applied either."""
+    provider = sim.state.provider("crm_provider")
+    outbound = setter == "set_webhook_target"
+    config = provider.webhooks if outbound else provider.receiver
+    before = (config.secrets, getattr(config, "url", None))
+
+    call = (
+        partial(sim.control.set_webhook_target, "crm_provider", "http://127.0.0.1:9/hook")
+        if outbound
+        else partial(sim.control.configure_receiver, "crm_provider")
+    )
+
+    with pytest.raises(SimulatorInputError) as caught:
+        call(secrets=[_GOOD_SECRET], **bad)
+
+    assert named == caught.value.variable
+    assert before == (config.secrets, getattr(config, "url", None))
+
+
+def test_webhook_setters_apply_checked_values_and_leave_the_rest(sim) -> None:
+    """Given values are set (numbers as floats); values not given stay as they were."""
+    provider = sim.state.provider("crm_provider")
+    sim.control.set_webhook_target(
+        "crm_provider", "http://127.0.0.1:9/hook", max_attempts=7, retry_backoff=2
+    )
+    sim.control.configure_receiver("crm_provider", fail_ratio=0, tolerance=-1)
+
+    assert ("http://127.0.0.1:9/hook", 7, 2.0) == (
+        provider.webhooks.url,
+        provider.webhooks.max_attempts,
+        provider.webhooks.retry_backoff,
+    )
+    assert isinstance(provider.webhooks.retry_backoff, float)
+    assert (5.0, "standard") == (provider.webhooks.timeout, provider.webhooks.format)
+    assert (0.0, None, "accept") == (
+        provider.receiver.fail_ratio,
+        provider.receiver.tolerance,
+        provider.receiver.mode,
+    )
+
+
+def test_delay_mode_without_a_delay_waits_a_second_and_an_explicit_zero_stays(sim) -> None:
+    """``delay`` mode with no delay yet would not delay: it takes 1 s; a given 0 is kept."""
+    webhooks = sim.state.provider("crm_provider").webhooks
+
+    sim.control.set_webhook_mode("crm_provider", "delay")
+    first = (webhooks.mode, webhooks.delay)
+    sim.control.set_webhook_mode("crm_provider", "delay", delay=0, batch=7)
+
+    assert (("delay", 1.0), 0.0, 7) == (first, webhooks.delay, webhooks.reorder_batch)
+
+
+def test_feed_retention_none_serves_as_far_as_replay_again(sim) -> None:
+    """A feed retention set and then cleared (None) is gone from the stats."""
+    sim.control.set_feed_retention("crm_provider", 600)
+    sim.control.set_feed_retention("crm_provider", None)
+
+    assert sim.control.stats("crm_provider")["feed_retention_seconds"] is None

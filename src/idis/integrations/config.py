@@ -5,8 +5,9 @@ front and raises :class:`~idis.integrations.exceptions.ConfigError` naming the
 variable, the value and what was expected, so a bad deploy fails at start,
 not at 3 a.m. on the first provider call.
 
-Every setting is declared once, on its field: ``field(default=...,
-metadata=_var("ENV_NAME", parser, "meaning", check=...))``. The loader walks
+Every setting is declared once, on its field: ``_setting(default, "ENV_NAME",
+parser, "meaning", check=...)`` (a ``field`` whose metadata is its ``_var``;
+a field without a default is ``field(metadata=_var(...))``). The loader walks
 those declarations (environment beats config file beats default), and
 ``docs/configuration.md``'s tables are generated from them
 (``python scripts/config_reference.py``; a test keeps the two equal). To add a
@@ -128,6 +129,11 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def _bad(name: str, value: object, why: str) -> ConfigError:
+    """The error for a bad value: ``NAME='value' <why>``, naming the variable."""
+    return ConfigError(f"{name}={value!r} {why}", variable=name)
+
+
 def parse_bool(value: object, name: str) -> bool:
     """Parse true/false/1/0/yes/no/on/off."""
     if isinstance(value, bool):
@@ -137,7 +143,7 @@ def parse_bool(value: object, name: str) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ConfigError(f"{name}={value!r} is not a boolean: expected true or false", variable=name)
+    raise _bad(name, value, "is not a boolean: expected true or false")
 
 
 def _number(value: object, name: str, kind: Callable[[str], _T], *, minimum: float) -> _T:
@@ -145,9 +151,9 @@ def _number(value: object, name: str, kind: Callable[[str], _T], *, minimum: flo
         parsed = kind(str(value).strip())
     except ValueError:
         noun = "an integer" if kind is int else "a number"
-        raise ConfigError(f"{name}={value!r} is not {noun}", variable=name) from None
+        raise _bad(name, value, f"is not {noun}") from None
     if float(parsed) < minimum:  # type: ignore[arg-type]  # _T is int or float here
-        raise ConfigError(f"{name}={value!r} must be at least {minimum:g}", variable=name)
+        raise _bad(name, value, f"must be at least {minimum:g}")
     return parsed
 
 
@@ -200,17 +206,14 @@ def _table_name(value: object, name: str) -> str | None:
     if not text:
         return None
     if not _TABLE_NAME.fullmatch(text):
-        raise ConfigError(
-            f"{name}={value!r} is not a table name: expected deals or schema.deals",
-            variable=name,
-        )
+        raise _bad(name, value, "is not a table name: expected deals or schema.deals")
     return text
 
 
 def _ratio(value: object, name: str) -> float:
     parsed = _float(value, name)
     if not 0 < parsed <= 1:
-        raise ConfigError(f"{name}={value!r} must be a fraction in (0, 1]", variable=name)
+        raise _bad(name, value, "must be a fraction in (0, 1]")
     return parsed
 
 
@@ -218,10 +221,10 @@ def _url(value: object, name: str) -> str:
     text = str(value).strip()
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(
-            f"{name}={mask_url(str(value))!r} is not an http(s) URL: "
-            "expected e.g. https://api.example.com",
-            variable=name,
+        raise _bad(
+            name,
+            mask_url(str(value)),
+            "is not an http(s) URL: expected e.g. https://api.example.com",
         )
     return text.rstrip("/")
 
@@ -232,9 +235,7 @@ _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 def _entry_point(value: object, name: str) -> str:
     text = str(value).strip()
     if not _ENTRY_POINT.fullmatch(text):
-        raise ConfigError(
-            f"{name}={text!r} is invalid: expected package.module:factory", variable=name
-        )
+        raise _bad(name, text, "is invalid: expected package.module:factory")
     return text
 
 
@@ -243,10 +244,10 @@ def _database_url(value: object, name: str) -> str:
     scheme = urlsplit(url).scheme.split("+")[0]
     if scheme not in ("sqlite", "postgresql", "postgres"):
         # The URL may carry a password: show it masked.
-        raise ConfigError(
-            f"{name}={mask_url(url)!r} is not supported: expected sqlite:///path.db "
-            "or postgresql://user@host/db",
-            variable=name,
+        raise _bad(
+            name,
+            mask_url(url),
+            "is not supported: expected sqlite:///path.db or postgresql://user@host/db",
         )
     return url
 
@@ -254,10 +255,7 @@ def _database_url(value: object, name: str) -> str:
 def _redis_url(value: object, name: str) -> str | None:
     url = str(value).strip()
     if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            f"{name}={mask_url(url)!r} is not a Redis URL: expected redis://host:6379/0",
-            variable=name,
-        )
+        raise _bad(name, mask_url(url), "is not a Redis URL: expected redis://host:6379/0")
     return url or None
 
 
@@ -279,10 +277,11 @@ def _endpoints(value: object, name: str) -> dict[str, str]:
         for item in _list(value):
             key, sep, path = item.partition("=")
             if not sep or not key or not path:
-                raise ConfigError(
-                    f"{name}={value!r} is not a list of name=/path pairs "
+                raise _bad(
+                    name,
+                    value,
+                    "is not a list of name=/path pairs "
                     "(e.g. records=/records,record=/records/{id})",
-                    variable=name,
                 )
             pairs.append((key.strip(), path.strip()))
     for key, path in pairs:
@@ -312,9 +311,7 @@ def _rate(value: object, name: str) -> float | None:
         "hour": 3600.0,
     }
     if unit not in per:
-        raise ConfigError(
-            f"{name}={value!r} is not a rate: expected e.g. 10/s, 600/m or 5", variable=name
-        )
+        raise _bad(name, value, "is not a rate: expected e.g. 10/s, 600/m or 5")
     return _float(number, name, minimum=1e-9) / per[unit]
 
 
@@ -346,9 +343,7 @@ def _fernet_keys(value: object, name: str) -> tuple[Secret, ...]:
 def _choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     text = str(value).strip().lower()
     if text not in choices:
-        raise ConfigError(
-            f"{name}={value!r} is not valid: expected one of {', '.join(choices)}", variable=name
-        )
+        raise _bad(name, value, f"is not valid: expected one of {', '.join(choices)}")
     return text
 
 
@@ -364,10 +359,11 @@ def _one_of(*choices: str) -> _Conv:
 def _pack_name(value: object, name: str) -> str:
     text = str(value).strip().lower()
     if not _NAME.fullmatch(text):
-        raise ConfigError(
-            f"{name}={value!r} is not a provider pack name: expected lowercase letters, digits "
+        raise _bad(
+            name,
+            value,
+            "is not a provider pack name: expected lowercase letters, digits "
             "and underscores (generic, hubspot, salesforce)",
-            variable=name,
         )
     return text
 
@@ -384,10 +380,10 @@ def _time_zone(value: object, name: str) -> str:
     except (ValueError, OSError, zoneinfo.ZoneInfoNotFoundError):
         known = False
     if not known:
-        raise ConfigError(
-            f"{name}={value!r} is not a time zone: expected an IANA name such as UTC, "
-            "America/New_York or US/Eastern",
-            variable=name,
+        raise _bad(
+            name,
+            value,
+            "is not a time zone: expected an IANA name such as UTC, America/New_York or US/Eastern",
         )
     return text
 
@@ -398,22 +394,17 @@ def _log_level(value: object, name: str) -> str:
 
 def _positive(value: timedelta, raw: object, name: str) -> None:
     if value <= timedelta(0):
-        raise ConfigError(f"{name}={raw!r} must be positive", variable=name)
+        raise _bad(name, raw, "must be positive")
 
 
 def _linger(value: timedelta, raw: object, name: str) -> None:
     if not timedelta(0) <= value <= timedelta(seconds=1):
-        raise ConfigError(
-            f"{name}={raw!r} must be between 0 and 1s: expected a short duration like 2ms",
-            variable=name,
-        )
+        raise _bad(name, raw, "must be between 0 and 1s: expected a short duration like 2ms")
 
 
 def _positive_duration(value: timedelta, raw: object, name: str) -> None:
     if value <= timedelta(0):
-        raise ConfigError(
-            f"{name}={raw!r} must be positive: expected a duration like 5s", variable=name
-        )
+        raise _bad(name, raw, "must be positive: expected a duration like 5s")
 
 
 # --------------------------------------------------------------------------- declarations
@@ -452,6 +443,23 @@ def _var(
     return {_META: _Var(env, parse, doc, check, shown, from_file)}
 
 
+def _setting(
+    default: _T,
+    env: str,
+    parse: _Conv,
+    doc: str,
+    *,
+    check: _Check | None = None,
+    shown: str | None = None,
+    from_file: bool = True,
+) -> _T:
+    """A field with ``default``, read from the environment as ``_var`` declares it."""
+    return field(
+        default=default,
+        metadata=_var(env, parse, doc, check=check, shown=shown, from_file=from_file),
+    )
+
+
 def _declared(cls: Any) -> Iterator[tuple[Field[Any], _Var]]:
     for item in fields(cls):
         var = item.metadata.get(_META)
@@ -475,62 +483,38 @@ def _safe_repr(self: Any) -> str:
 class TimeoutPolicy:
     """Per-attempt timeouts and the overall deadline for one logical call (seconds)."""
 
-    connect: float = field(
-        default=3.0, metadata=_var("CONNECT_TIMEOUT", _seconds, "Connect timeout per attempt.")
-    )
-    read: float = field(
-        default=10.0, metadata=_var("TIMEOUT", _seconds, "Read timeout per attempt.")
-    )
-    write: float = field(
-        default=10.0, metadata=_var("WRITE_TIMEOUT", _seconds, "Write timeout per attempt.")
-    )
-    pool: float = field(
-        default=5.0,
-        metadata=_var("POOL_TIMEOUT", _seconds, "Wait for a free pooled connection."),
-    )
-    deadline: float = field(
-        default=30.0, metadata=_var("DEADLINE", _seconds, "Whole call, retries included.")
-    )
+    connect: float = _setting(3.0, "CONNECT_TIMEOUT", _seconds, "Connect timeout per attempt.")
+    read: float = _setting(10.0, "TIMEOUT", _seconds, "Read timeout per attempt.")
+    write: float = _setting(10.0, "WRITE_TIMEOUT", _seconds, "Write timeout per attempt.")
+    pool: float = _setting(5.0, "POOL_TIMEOUT", _seconds, "Wait for a free pooled connection.")
+    deadline: float = _setting(30.0, "DEADLINE", _seconds, "Whole call, retries included.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """When to retry: exponential backoff with full jitter, bounded by a retry budget."""
 
-    max_attempts: int = field(
-        default=3,
-        metadata=_var("RETRY_MAX_ATTEMPTS", _at_least(1), "Attempts including the first."),
+    max_attempts: int = _setting(
+        3, "RETRY_MAX_ATTEMPTS", _at_least(1), "Attempts including the first."
     )
-    initial_backoff: float = field(
-        default=0.2,
-        metadata=_var("RETRY_BACKOFF", _seconds, "First backoff cap (full jitter)."),
+    initial_backoff: float = _setting(
+        0.2, "RETRY_BACKOFF", _seconds, "First backoff cap (full jitter)."
     )
-    max_backoff: float = field(
-        default=10.0, metadata=_var("RETRY_MAX_BACKOFF", _seconds, "Largest backoff cap.")
+    max_backoff: float = _setting(10.0, "RETRY_MAX_BACKOFF", _seconds, "Largest backoff cap.")
+    multiplier: float = _setting(
+        2.0, "RETRY_MULTIPLIER", lambda v, n: _float(v, n, 1.0), "Growth of the cap per retry."
     )
-    multiplier: float = field(
-        default=2.0,
-        metadata=_var(
-            "RETRY_MULTIPLIER", lambda v, n: _float(v, n, 1.0), "Growth of the cap per retry."
-        ),
+    retry_after_cap: float = _setting(
+        60.0, "RETRY_AFTER_CAP", _seconds, "Longest Retry-After honoured."
     )
-    retry_after_cap: float = field(
-        default=60.0,
-        metadata=_var("RETRY_AFTER_CAP", _seconds, "Longest Retry-After honoured."),
+    budget_ratio: float = _setting(
+        0.2, "RETRY_BUDGET_RATIO", _ratio, "Retries at most this fraction of recent calls."
     )
-    budget_ratio: float = field(
-        default=0.2,
-        metadata=_var(
-            "RETRY_BUDGET_RATIO", _ratio, "Retries at most this fraction of recent calls."
-        ),
+    budget_min_retries: int = _setting(
+        10, "RETRY_BUDGET_MIN", _at_least(0), "Retries always allowed per window."
     )
-    budget_min_retries: int = field(
-        default=10,
-        metadata=_var("RETRY_BUDGET_MIN", _at_least(0), "Retries always allowed per window."),
-    )
-    budget_window: float = field(
-        default=10.0,
-        metadata=_var("RETRY_BUDGET_WINDOW", _seconds, "Window the budget is computed over."),
+    budget_window: float = _setting(
+        10.0, "RETRY_BUDGET_WINDOW", _seconds, "Window the budget is computed over."
     )
 
 
@@ -544,45 +528,32 @@ class BreakerPolicy:
     few calls a minute) where consecutive counts alone never would.
     """
 
-    failure_threshold: int = field(
-        default=5,
-        metadata=_var("BREAKER_FAILURE_THRESHOLD", _at_least(1), "Consecutive faults that open."),
+    failure_threshold: int = _setting(
+        5, "BREAKER_FAILURE_THRESHOLD", _at_least(1), "Consecutive faults that open."
     )
-    failure_rate: float = field(
-        default=0.3,
-        metadata=_var(
-            "BREAKER_FAILURE_RATE", _ratio, "Failure rate (0-1] over the window that opens."
-        ),
+    failure_rate: float = _setting(
+        0.3, "BREAKER_FAILURE_RATE", _ratio, "Failure rate (0-1] over the window that opens."
     )
-    minimum_calls: int = field(
-        default=6,
-        metadata=_var(
-            "BREAKER_MINIMUM_CALLS", _at_least(1), "Calls in the window before the rate counts."
-        ),
+    minimum_calls: int = _setting(
+        6, "BREAKER_MINIMUM_CALLS", _at_least(1), "Calls in the window before the rate counts."
     )
-    window: float = field(
-        default=600.0,
-        metadata=_var(
-            "BREAKER_WINDOW",
-            _seconds,
-            "Sliding window of the failure rate (long enough for low-traffic CRMs).",
-        ),
+    window: float = _setting(
+        600.0,
+        "BREAKER_WINDOW",
+        _seconds,
+        "Sliding window of the failure rate (long enough for low-traffic CRMs).",
     )
-    reset_timeout: float = field(
-        default=30.0,
-        metadata=_var("BREAKER_RESET_TIMEOUT", _seconds, "Open → half-open after this."),
+    reset_timeout: float = _setting(
+        30.0, "BREAKER_RESET_TIMEOUT", _seconds, "Open → half-open after this."
     )
-    half_open_max_calls: int = field(
-        default=1,
-        metadata=_var(
-            "BREAKER_HALF_OPEN_CALLS",
-            _at_least(1),
-            "Trial calls while half-open; all must succeed to close.",
-        ),
+    half_open_max_calls: int = _setting(
+        1,
+        "BREAKER_HALF_OPEN_CALLS",
+        _at_least(1),
+        "Trial calls while half-open; all must succeed to close.",
     )
-    per_endpoint: bool = field(
-        default=False,
-        metadata=_var("BREAKER_PER_ENDPOINT", parse_bool, "Also keep one breaker per endpoint."),
+    per_endpoint: bool = _setting(
+        False, "BREAKER_PER_ENDPOINT", parse_bool, "Also keep one breaker per endpoint."
     )
 
 
@@ -590,102 +561,77 @@ class BreakerPolicy:
 class RateLimitPolicy:
     """Client-side token bucket; ``rate=None`` disables it."""
 
-    rate: float | None = field(
-        default=None,
-        metadata=_var(
-            "RATE_LIMIT",
-            _rate,
-            "Client-side limit, requests per second on average: `10/s`, `600/m`.",
-        ),
+    rate: float | None = _setting(
+        None,
+        "RATE_LIMIT",
+        _rate,
+        "Client-side limit, requests per second on average: `10/s`, `600/m`.",
     )
-    burst: int = field(
-        default=10, metadata=_var("RATE_LIMIT_BURST", _at_least(1), "Requests allowed in a burst.")
-    )
+    burst: int = _setting(10, "RATE_LIMIT_BURST", _at_least(1), "Requests allowed in a burst.")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthSettings:
     """How to obtain an OAuth token for a provider."""
 
-    grant: Literal["none", "client_credentials", "refresh_token"] = field(
-        default="none",
-        metadata=_var(
-            "AUTH_GRANT",
-            _one_of("none", "client_credentials", "refresh_token"),
-            "`none`, `client_credentials`, `refresh_token`.",
-        ),
+    grant: Literal["none", "client_credentials", "refresh_token"] = _setting(
+        "none",
+        "AUTH_GRANT",
+        _one_of("none", "client_credentials", "refresh_token"),
+        "`none`, `client_credentials`, `refresh_token`.",
     )
-    token_url: str = field(
-        default="/oauth/token",  # a URL path, not a password
-        metadata=_var("TOKEN_URL", _text, "Token endpoint: absolute, or relative to the base URL."),
+    token_url: str = _setting(
+        "/oauth/token",  # a URL path, not a password
+        "TOKEN_URL",
+        _text,
+        "Token endpoint: absolute, or relative to the base URL.",
     )
-    client_id: str = field(
-        default="", metadata=_var("CLIENT_ID", _text, "OAuth client id.", shown="empty")
+    client_id: str = _setting("", "CLIENT_ID", _text, "OAuth client id.", shown="empty")
+    client_secret: Secret | None = _setting(
+        None, "CLIENT_SECRET", lambda v, n: Secret(str(v)), "OAuth client secret. Never logged."
     )
-    client_secret: Secret | None = field(
-        default=None,
-        metadata=_var(
-            "CLIENT_SECRET", lambda v, n: Secret(str(v)), "OAuth client secret. Never logged."
-        ),
+    scopes: tuple[str, ...] = _setting((), "SCOPES", _names, "Comma-separated.", shown="empty")
+    refresh_margin: float = _setting(
+        300.0, "REFRESH_MARGIN", _seconds, "Refresh this long before expiry."
     )
-    scopes: tuple[str, ...] = field(
-        default=(), metadata=_var("SCOPES", _names, "Comma-separated.", shown="empty")
+    rotation_url: str | None = _setting(
+        None, "ROTATION_URL", _text_or_none, "Provider's credential-rotation API."
     )
-    refresh_margin: float = field(
-        default=300.0,
-        metadata=_var("REFRESH_MARGIN", _seconds, "Refresh this long before expiry."),
+    credentials_from_vault: bool = _setting(
+        False, "CREDENTIALS_FROM_VAULT", parse_bool, "Read client credentials from Vault at start."
     )
-    rotation_url: str | None = field(
-        default=None,
-        metadata=_var("ROTATION_URL", _text_or_none, "Provider's credential-rotation API."),
+    client_auth: Literal["client_secret_basic", "client_secret_post"] = _setting(
+        "client_secret_basic",
+        "CLIENT_AUTH",
+        _one_of("client_secret_basic", "client_secret_post"),
+        "Client authentication at the token endpoint: `client_secret_basic` or "
+        "`client_secret_post`.",
     )
-    credentials_from_vault: bool = field(
-        default=False,
-        metadata=_var(
-            "CREDENTIALS_FROM_VAULT", parse_bool, "Read client credentials from Vault at start."
-        ),
+    lock_timeout: float = _setting(
+        10.0,
+        "TOKEN_LOCK_TIMEOUT",
+        _seconds,
+        "Longest wait for another caller's (or replica's) token refresh; then `TokenLockTimeout`.",
     )
-    client_auth: Literal["client_secret_basic", "client_secret_post"] = field(
-        default="client_secret_basic",
-        metadata=_var(
-            "CLIENT_AUTH",
-            _one_of("client_secret_basic", "client_secret_post"),
-            "Client authentication at the token endpoint: `client_secret_basic` or "
-            "`client_secret_post`.",
-        ),
-    )
-    lock_timeout: float = field(
-        default=10.0,
-        metadata=_var(
-            "TOKEN_LOCK_TIMEOUT",
-            _seconds,
-            "Longest wait for another caller's (or replica's) token refresh; then "
-            "`TokenLockTimeout`.",
-        ),
-    )
-    refresh_attempts: int = field(
-        default=3,
-        metadata=_var(
-            "REFRESH_ATTEMPTS",
-            _at_least(1),
-            "Token requests per refresh (faults before the request went out, and 429, are "
-            "retried with backoff; a refresh whose answer was lost is not, see "
-            "`REFRESH_REUSE_GRACE`).",
-        ),
+    refresh_attempts: int = _setting(
+        3,
+        "REFRESH_ATTEMPTS",
+        _at_least(1),
+        "Token requests per refresh (faults before the request went out, and 429, are "
+        "retried with backoff; a refresh whose answer was lost is not, see "
+        "`REFRESH_REUSE_GRACE`).",
     )
     #: A refresh whose answer was lost (timeout after sending, dropped connection,
     #: 5xx) is retried with the same refresh token only inside this window.
-    refresh_reuse_grace: float = field(
-        default=0.0,
-        metadata=_var(
-            "REFRESH_REUSE_GRACE",
-            _seconds,
-            "How long the provider accepts a rotated-out refresh token again. A refresh whose "
-            "answer was lost is retried with the same refresh token only inside this window; "
-            "otherwise the state becomes `refresh_outcome_unknown` (re-authorize). See "
-            "[auth.md](auth.md#a-refresh-whose-answer-was-lost).",
-            shown="`0` (never)",
-        ),
+    refresh_reuse_grace: float = _setting(
+        0.0,
+        "REFRESH_REUSE_GRACE",
+        _seconds,
+        "How long the provider accepts a rotated-out refresh token again. A refresh whose "
+        "answer was lost is retried with the same refresh token only inside this window; "
+        "otherwise the state becomes `refresh_outcome_unknown` (re-authorize). See "
+        "[auth.md](auth.md#a-refresh-whose-answer-was-lost).",
+        shown="`0` (never)",
     )
 
     __repr__ = _safe_repr
@@ -725,132 +671,105 @@ class ProviderSettings:
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     #: Client-side rate limit.
     rate_limit: RateLimitPolicy = field(default_factory=RateLimitPolicy)
-    max_concurrency: int = field(
-        default=16,
-        metadata=_var(
-            "MAX_CONCURRENCY",
-            _at_least(1),
-            "Bulkhead: calls in flight at once (also the connection pool size).",
-        ),
+    max_concurrency: int = _setting(
+        16,
+        "MAX_CONCURRENCY",
+        _at_least(1),
+        "Bulkhead: calls in flight at once (also the connection pool size).",
     )
-    bulkhead_wait: float = field(
-        default=1.0,
-        metadata=_var("BULKHEAD_WAIT", _seconds, "How long a call waits for a bulkhead slot."),
+    bulkhead_wait: float = _setting(
+        1.0, "BULKHEAD_WAIT", _seconds, "How long a call waits for a bulkhead slot."
     )
-    health_endpoint: str | None = field(
-        default=None,
-        metadata=_var(
-            "HEALTH_ENDPOINT",
-            lambda v, n: str(v) or None,
-            "Status/health path probed by `status`.",
-        ),
+    health_endpoint: str | None = _setting(
+        None,
+        "HEALTH_ENDPOINT",
+        lambda v, n: str(v) or None,
+        "Status/health path probed by `status`.",
     )
     #: OAuth settings.
     auth: AuthSettings = field(default_factory=AuthSettings)
-    webhook_secrets: tuple[Secret, ...] = field(
-        default=(),
-        metadata=_var(
-            "WEBHOOK_SECRETS",
-            _secrets,
-            "`whsec_...` secrets that verify the provider's inbound webhooks, comma-separated "
-            "(several during rotation). Never used to sign outbound ones.",
-        ),
+    webhook_secrets: tuple[Secret, ...] = _setting(
+        (),
+        "WEBHOOK_SECRETS",
+        _secrets,
+        "`whsec_...` secrets that verify the provider's inbound webhooks, comma-separated "
+        "(several during rotation). Never used to sign outbound ones.",
     )
-    webhook_public_url: str = field(
-        default="",
-        metadata=_var(
-            "WEBHOOK_PUBLIC_URL",
-            lambda v, n: _url(v, n) if str(v).strip() else "",
-            "Scheme and host the provider calls our webhook receiver at "
-            "(`https://hooks.example.com`), for signatures over the full URL (HubSpot v3); "
-            "empty: `https://` and the request's Host header.",
-            shown="empty",
-        ),
+    webhook_public_url: str = _setting(
+        "",
+        "WEBHOOK_PUBLIC_URL",
+        lambda v, n: _url(v, n) if str(v).strip() else "",
+        "Scheme and host the provider calls our webhook receiver at "
+        "(`https://hooks.example.com`), for signatures over the full URL (HubSpot v3); "
+        "empty: `https://` and the request's Host header.",
+        shown="empty",
     )
-    outbound_webhook_secret: Secret | None = field(
-        default=None,
-        metadata=_var(
-            "OUTBOUND_WEBHOOK_SECRET",
-            _secret,
-            "`whsec_...` secret that signs the webhooks we send to the provider; must differ "
-            "from every inbound secret, so a captured outbound delivery never verifies at our "
-            "receiver. Outbound webhooks wait (a configuration error) until it is set.",
-            shown="unset",
-        ),
+    outbound_webhook_secret: Secret | None = _setting(
+        None,
+        "OUTBOUND_WEBHOOK_SECRET",
+        _secret,
+        "`whsec_...` secret that signs the webhooks we send to the provider; must differ "
+        "from every inbound secret, so a captured outbound delivery never verifies at our "
+        "receiver. Outbound webhooks wait (a configuration error) until it is set.",
+        shown="unset",
     )
-    replay_retention: timedelta = field(
-        default=timedelta(hours=72),
-        metadata=_var(
-            "REPLAY_RETENTION",
-            _delta,
-            "How far back the provider's replay API goes; `reconcile --since` older than this "
-            "fails before any call and names the `--resync` fallback.",
-            shown="`72h`",
-        ),
+    replay_retention: timedelta = _setting(
+        timedelta(hours=72),
+        "REPLAY_RETENTION",
+        _delta,
+        "How far back the provider's replay API goes; `reconcile --since` older than this "
+        "fails before any call and names the `--resync` fallback.",
+        shown="`72h`",
     )
-    order_by: str = field(
-        default="version",
-        metadata=_var(
-            "ORDER_BY",
-            _one_of("version", "modified"),
-            "How events of one record are ordered: `version` (the record version the provider "
-            "sends) or `modified` (its modification time, for providers that send no version). "
-            "See docs/sync.md.",
-        ),
+    order_by: str = _setting(
+        "version",
+        "ORDER_BY",
+        _one_of("version", "modified"),
+        "How events of one record are ordered: `version` (the record version the provider "
+        "sends) or `modified` (its modification time, for providers that send no version). "
+        "See docs/sync.md.",
     )
-    fallbacks: tuple[str, ...] = field(
-        default=(),
-        metadata=_var("FALLBACKS", _names, "Providers to try in order when this one cannot serve."),
+    fallbacks: tuple[str, ...] = _setting(
+        (), "FALLBACKS", _names, "Providers to try in order when this one cannot serve."
     )
-    api: str = field(
-        default="generic",
-        metadata=_var(
-            "API",
-            _pack_name,
-            "Provider pack (the API this provider speaks): `generic` (the simulator's shape), "
-            "`hubspot`, `salesforce`. `idis-integrations providers` lists them. See "
-            "docs/providers/.",
-        ),
+    api: str = _setting(
+        "generic",
+        "API",
+        _pack_name,
+        "Provider pack (the API this provider speaks): `generic` (the simulator's shape), "
+        "`hubspot`, `salesforce`. `idis-integrations providers` lists them. See "
+        "docs/providers/.",
     )
-    api_token: Secret | None = field(
-        default=None,
-        metadata=_var(
-            "API_TOKEN",
-            lambda v, n: Secret(str(v)),
-            "Static bearer token (a HubSpot private-app token) used instead of OAuth. "
-            "Never logged.",
-        ),
+    api_token: Secret | None = _setting(
+        None,
+        "API_TOKEN",
+        lambda v, n: Secret(str(v)),
+        "Static bearer token (a HubSpot private-app token) used instead of OAuth. Never logged.",
     )
-    api_version: str = field(
-        default="",
-        metadata=_var(
-            "API_VERSION",
-            _text,
-            "API version the pack speaks (Salesforce: `v60.0`); empty: the pack's default.",
-            shown="empty",
-        ),
+    api_version: str = _setting(
+        "",
+        "API_VERSION",
+        _text,
+        "API version the pack speaks (Salesforce: `v60.0`); empty: the pack's default.",
+        shown="empty",
     )
-    app_id: str = field(
-        default="",
-        metadata=_var(
-            "APP_ID",
-            _text,
-            "The provider's id of our app (HubSpot: the app id that webhook subscriptions "
-            "and the webhooks journal belong to).",
-            shown="empty",
-        ),
+    app_id: str = _setting(
+        "",
+        "APP_ID",
+        _text,
+        "The provider's id of our app (HubSpot: the app id that webhook subscriptions "
+        "and the webhooks journal belong to).",
+        shown="empty",
     )
-    quota_timezone: str = field(
-        default="",
-        metadata=_var(
-            "QUOTA_TIMEZONE",
-            _time_zone,
-            "IANA time zone the provider's daily quota resets in, at local midnight (`UTC`, "
-            "`US/Eastern`); a spent daily quota pauses the provider until then. Empty: the "
-            "pack's default (HubSpot asks the account's `timeZone` once, from "
-            "`GET /account-info/v3/details`, and falls back to UTC; other packs: UTC).",
-            shown="empty",
-        ),
+    quota_timezone: str = _setting(
+        "",
+        "QUOTA_TIMEZONE",
+        _time_zone,
+        "IANA time zone the provider's daily quota resets in, at local midnight (`UTC`, "
+        "`US/Eastern`); a spent daily quota pauses the provider until then. Empty: the "
+        "pack's default (HubSpot asks the account's `timeZone` once, from "
+        "`GET /account-info/v3/details`, and falls back to UTC; other packs: UTC).",
+        shown="empty",
     )
 
     __repr__ = _safe_repr
@@ -876,96 +795,76 @@ class ProviderSettings:
 class SyncSettings:
     """Webhook/polling mode control (RB-09 Containment 1, Recovery 5)."""
 
-    crm_mode: SyncMode = field(
-        default="webhook",
-        metadata=_var(
-            "CRM_MODE",
-            _one_of("webhook", "polling"),
-            "RB-09 switch. `webhook`: webhooks with automatic failover to polling. "
-            "`polling`: pinned to polling.",
-        ),
+    crm_mode: SyncMode = _setting(
+        "webhook",
+        "CRM_MODE",
+        _one_of("webhook", "polling"),
+        "RB-09 switch. `webhook`: webhooks with automatic failover to polling. "
+        "`polling`: pinned to polling.",
     )
-    crm_poll_interval: timedelta = field(
-        default=timedelta(minutes=5),
-        metadata=_var(
-            "CRM_POLL_INTERVAL",
-            _delta,
-            "RB-09 switch. Poll interval while polling.",
-            check=_positive,
-        ),
+    crm_poll_interval: timedelta = _setting(
+        timedelta(minutes=5),
+        "CRM_POLL_INTERVAL",
+        _delta,
+        "RB-09 switch. Poll interval while polling.",
+        check=_positive,
     )
-    auto_failover: bool = field(
-        default=True,
-        metadata=_var(
-            "IDIS_SYNC_AUTO_FAILOVER",
-            parse_bool,
-            "Fail over to polling automatically when webhooks fail.",
-        ),
+    auto_failover: bool = _setting(
+        True,
+        "IDIS_SYNC_AUTO_FAILOVER",
+        parse_bool,
+        "Fail over to polling automatically when webhooks fail.",
     )
-    lag_threshold: timedelta = field(
-        default=timedelta(minutes=2),
-        metadata=_var(
-            "IDIS_SYNC_LAG_THRESHOLD",
-            _delta,
-            "Webhook lag that triggers failover: a sentinel poll finds changes this much newer "
-            "than the last webhook.",
-        ),
+    lag_threshold: timedelta = _setting(
+        timedelta(minutes=2),
+        "IDIS_SYNC_LAG_THRESHOLD",
+        _delta,
+        "Webhook lag that triggers failover: a sentinel poll finds changes this much newer "
+        "than the last webhook.",
     )
-    stable_period: timedelta = field(
-        default=timedelta(minutes=10),
-        metadata=_var(
-            "IDIS_SYNC_STABLE_PERIOD",
-            _delta,
-            "Healthy webhook time before returning to webhook mode.",
-        ),
+    stable_period: timedelta = _setting(
+        timedelta(minutes=10),
+        "IDIS_SYNC_STABLE_PERIOD",
+        _delta,
+        "Healthy webhook time before returning to webhook mode.",
     )
-    sentinel_interval: timedelta = field(
-        default=timedelta(minutes=1),
-        metadata=_var(
-            "IDIS_SYNC_SENTINEL_INTERVAL",
-            _delta,
-            "Sentinel poll interval in webhook mode.",
-            check=_positive,
-        ),
+    sentinel_interval: timedelta = _setting(
+        timedelta(minutes=1),
+        "IDIS_SYNC_SENTINEL_INTERVAL",
+        _delta,
+        "Sentinel poll interval in webhook mode.",
+        check=_positive,
     )
-    poll_overlap: timedelta = field(
-        default=timedelta(minutes=2),
-        metadata=_var(
-            "IDIS_SYNC_POLL_OVERLAP",
-            _delta,
-            "A poll whose cursor has no feed position (first poll, time-ordered feeds) reaches "
-            "back this far before its watermark; with a position it reads after it.",
-        ),
+    poll_overlap: timedelta = _setting(
+        timedelta(minutes=2),
+        "IDIS_SYNC_POLL_OVERLAP",
+        _delta,
+        "A poll whose cursor has no feed position (first poll, time-ordered feeds) reaches "
+        "back this far before its watermark; with a position it reads after it.",
     )
-    signature_failure_threshold: int = field(
-        default=10,
-        metadata=_var(
-            "IDIS_SYNC_SIGNATURE_FAILURE_THRESHOLD",
-            _at_least(1),
-            "Signature failures per minute at which a receiver records a spike (`status` shows "
-            "it). Bad signatures never switch modes; they feed "
-            '`integration_webhooks_received_total{outcome="bad_signature"}` and the '
-            "`IDISIntegrationWebhookSignatureFailures` alert.",
-        ),
+    signature_failure_threshold: int = _setting(
+        10,
+        "IDIS_SYNC_SIGNATURE_FAILURE_THRESHOLD",
+        _at_least(1),
+        "Signature failures per minute at which a receiver records a spike (`status` shows "
+        "it). Bad signatures never switch modes; they feed "
+        '`integration_webhooks_received_total{outcome="bad_signature"}` and the '
+        "`IDISIntegrationWebhookSignatureFailures` alert.",
     )
-    lock_timeout: timedelta = field(
-        default=timedelta(seconds=15),
-        metadata=_var(
-            "IDIS_SYNC_LOCK_TIMEOUT",
-            _delta,
-            "Poller leadership (PostgreSQL advisory lock; on SQLite the lease length): a standby "
-            "tries every third of it and takes over from a dead leader within it. Each "
-            "leadership takes a fencing epoch.",
-            check=_positive,
-        ),
+    lock_timeout: timedelta = _setting(
+        timedelta(seconds=15),
+        "IDIS_SYNC_LOCK_TIMEOUT",
+        _delta,
+        "Poller leadership (PostgreSQL advisory lock; on SQLite the lease length): a standby "
+        "tries every third of it and takes over from a dead leader within it. Each "
+        "leadership takes a fencing epoch.",
+        check=_positive,
     )
-    page_size: int = field(
-        default=500,
-        metadata=_var(
-            "IDIS_SYNC_PAGE_SIZE",
-            _at_least(1),
-            "Change-feed events per page for the poller and the sentinel.",
-        ),
+    page_size: int = _setting(
+        500,
+        "IDIS_SYNC_PAGE_SIZE",
+        _at_least(1),
+        "Change-feed events per page for the poller and the sentinel.",
     )
 
 
@@ -973,102 +872,79 @@ class SyncSettings:
 class EnrichmentSettings:
     """Deferred enrichment (RB-09 Containment 2)."""
 
-    defer_on_error: bool = field(
-        default=False,
-        metadata=_var(
-            "ENRICHMENT_DEFER_ON_ERROR",
-            parse_bool,
-            "RB-09 switch. Defer enrichment and mark data stale instead of raising.",
-        ),
+    defer_on_error: bool = _setting(
+        False,
+        "ENRICHMENT_DEFER_ON_ERROR",
+        parse_bool,
+        "RB-09 switch. Defer enrichment and mark data stale instead of raising.",
     )
-    serve_cached: bool = field(
-        default=True,
-        metadata=_var(
-            "IDIS_ENRICHMENT_SERVE_CACHED",
-            parse_bool,
-            "Serve the last good result (marked stale) while every provider is down.",
-        ),
+    serve_cached: bool = _setting(
+        True,
+        "IDIS_ENRICHMENT_SERVE_CACHED",
+        parse_bool,
+        "Serve the last good result (marked stale) while every provider is down.",
     )
-    no_match_ttl: timedelta = field(
-        default=timedelta(hours=24),
-        metadata=_var(
-            "IDIS_ENRICHMENT_NO_MATCH_TTL",
-            _delta,
-            'How long a subject every provider answered "no match" (404/410) is answered '
-            "from the cache without asking again; 0 asks every time.",
-        ),
+    no_match_ttl: timedelta = _setting(
+        timedelta(hours=24),
+        "IDIS_ENRICHMENT_NO_MATCH_TTL",
+        _delta,
+        'How long a subject every provider answered "no match" (404/410) is answered '
+        "from the cache without asking again; 0 asks every time.",
     )
-    provider: str | None = field(
-        default=None,
-        metadata=_var(
-            "IDIS_ENRICHMENT_PROVIDER",
-            _text_or_none,
-            "Primary provider when a caller names none (its `FALLBACKS` follow it).",
-            shown="first provider of kind `enrichment`",
-        ),
+    provider: str | None = _setting(
+        None,
+        "IDIS_ENRICHMENT_PROVIDER",
+        _text_or_none,
+        "Primary provider when a caller names none (its `FALLBACKS` follow it).",
+        shown="first provider of kind `enrichment`",
     )
-    batch_size: int = field(
-        default=50,
-        metadata=_var(
-            "IDIS_ENRICHMENT_BATCH_SIZE",
-            _at_least(1),
-            "Most deferred requests one worker refreshes per batch and provider (slow-starts "
-            "at 1 after an outage).",
-        ),
+    batch_size: int = _setting(
+        50,
+        "IDIS_ENRICHMENT_BATCH_SIZE",
+        _at_least(1),
+        "Most deferred requests one worker refreshes per batch and provider (slow-starts "
+        "at 1 after an outage).",
     )
-    batch_interval: timedelta = field(
-        default=timedelta(milliseconds=250),
-        metadata=_var(
-            "IDIS_ENRICHMENT_BATCH_INTERVAL",
-            _delta,
-            "Pause between two refresh batches of one worker (±20% jitter).",
-        ),
+    batch_interval: timedelta = _setting(
+        timedelta(milliseconds=250),
+        "IDIS_ENRICHMENT_BATCH_INTERVAL",
+        _delta,
+        "Pause between two refresh batches of one worker (±20% jitter).",
     )
-    poll_interval: timedelta = field(
-        default=timedelta(seconds=5),
-        metadata=_var(
-            "IDIS_ENRICHMENT_POLL_INTERVAL",
-            _delta,
-            "Idle wait of the deferred worker when nothing is due (±20% jitter).",
-            check=_positive_duration,
-        ),
+    poll_interval: timedelta = _setting(
+        timedelta(seconds=5),
+        "IDIS_ENRICHMENT_POLL_INTERVAL",
+        _delta,
+        "Idle wait of the deferred worker when nothing is due (±20% jitter).",
+        check=_positive_duration,
     )
-    retry_backoff: timedelta = field(
-        default=timedelta(seconds=5),
-        metadata=_var(
-            "IDIS_ENRICHMENT_RETRY_BACKOFF",
-            _delta,
-            "First backoff cap after a failed refresh; doubles per attempt, delay uniform in "
-            "[cap/2, cap].",
-            check=_positive_duration,
-        ),
+    retry_backoff: timedelta = _setting(
+        timedelta(seconds=5),
+        "IDIS_ENRICHMENT_RETRY_BACKOFF",
+        _delta,
+        "First backoff cap after a failed refresh; doubles per attempt, delay uniform in "
+        "[cap/2, cap].",
+        check=_positive_duration,
     )
-    retry_max_backoff: timedelta = field(
-        default=timedelta(minutes=5),
-        metadata=_var(
-            "IDIS_ENRICHMENT_RETRY_MAX_BACKOFF",
-            _delta,
-            "Largest backoff cap between refresh attempts.",
-        ),
+    retry_max_backoff: timedelta = _setting(
+        timedelta(minutes=5),
+        "IDIS_ENRICHMENT_RETRY_MAX_BACKOFF",
+        _delta,
+        "Largest backoff cap between refresh attempts.",
     )
-    lease: timedelta = field(
-        default=timedelta(seconds=60),
-        metadata=_var(
-            "IDIS_ENRICHMENT_LEASE",
-            _delta,
-            "How long a worker holds a deferred request; a crashed worker's requests return "
-            "after it.",
-            check=_positive_duration,
-        ),
+    lease: timedelta = _setting(
+        timedelta(seconds=60),
+        "IDIS_ENRICHMENT_LEASE",
+        _delta,
+        "How long a worker holds a deferred request; a crashed worker's requests return after it.",
+        check=_positive_duration,
     )
-    impact_deals_table: str | None = field(
-        default=None,
-        metadata=_var(
-            "IDIS_IMPACT_DEALS_TABLE",
-            _table_name,
-            "Host table (`deals` or `schema.deals`, in the library's database) with "
-            "`tenant_id` and the `CrmSyncStatusMixin` columns; `impact` counts its FAILED rows.",
-        ),
+    impact_deals_table: str | None = _setting(
+        None,
+        "IDIS_IMPACT_DEALS_TABLE",
+        _table_name,
+        "Host table (`deals` or `schema.deals`, in the library's database) with "
+        "`tenant_id` and the `CrmSyncStatusMixin` columns; `impact` counts its FAILED rows.",
     )
 
 
@@ -1076,50 +952,44 @@ class EnrichmentSettings:
 class OutboxSettings:
     """The persistent retry outbox."""
 
-    max_retries: int = field(
-        default=10,
-        metadata=_var(
-            "IDIS_OUTBOX_MAX_RETRIES",
-            _at_least(0),
-            "Retries after the first attempt before dead-lettering (a message is tried at most "
-            "1 + this times); per-message `max_retries` and `queue-webhook-retries "
-            "--max-retries` override it.",
-        ),
+    max_retries: int = _setting(
+        10,
+        "IDIS_OUTBOX_MAX_RETRIES",
+        _at_least(0),
+        "Retries after the first attempt before dead-lettering (a message is tried at most "
+        "1 + this times); per-message `max_retries` and `queue-webhook-retries "
+        "--max-retries` override it.",
     )
-    batch_size: int = field(
-        default=100,
-        metadata=_var("IDIS_OUTBOX_BATCH_SIZE", _at_least(1), "Messages leased per batch."),
+    batch_size: int = _setting(
+        100, "IDIS_OUTBOX_BATCH_SIZE", _at_least(1), "Messages leased per batch."
     )
-    concurrency: int = field(
-        default=4,
-        metadata=_var(
-            "IDIS_OUTBOX_CONCURRENCY",
-            _at_least(1),
-            "Messages of a batch delivered at once (a batch never holds two of one ordering "
-            "key); `1` delivers one by one.",
-        ),
+    concurrency: int = _setting(
+        4,
+        "IDIS_OUTBOX_CONCURRENCY",
+        _at_least(1),
+        "Messages of a batch delivered at once (a batch never holds two of one ordering "
+        "key); `1` delivers one by one.",
     )
-    lease: timedelta = field(
-        default=timedelta(seconds=60),
-        metadata=_var(
-            "IDIS_OUTBOX_LEASE",
-            _delta,
-            "Lease length; a crashed worker's messages return after it.",
-        ),
+    lease: timedelta = _setting(
+        timedelta(seconds=60),
+        "IDIS_OUTBOX_LEASE",
+        _delta,
+        "Lease length; a crashed worker's messages return after it.",
     )
-    poll_interval: timedelta = field(
-        default=timedelta(seconds=1),
-        metadata=_var("IDIS_OUTBOX_POLL_INTERVAL", _delta, "Idle wait when the queue is empty."),
+    poll_interval: timedelta = _setting(
+        timedelta(seconds=1),
+        "IDIS_OUTBOX_POLL_INTERVAL",
+        _delta,
+        "Idle wait when the queue is empty.",
     )
-    initial_backoff: timedelta = field(
-        default=timedelta(seconds=1),
-        metadata=_var(
-            "IDIS_OUTBOX_BACKOFF", _delta, "First retry delay cap (full jitter, doubling)."
-        ),
+    initial_backoff: timedelta = _setting(
+        timedelta(seconds=1),
+        "IDIS_OUTBOX_BACKOFF",
+        _delta,
+        "First retry delay cap (full jitter, doubling).",
     )
-    max_backoff: timedelta = field(
-        default=timedelta(minutes=10),
-        metadata=_var("IDIS_OUTBOX_MAX_BACKOFF", _delta, "Largest retry delay cap."),
+    max_backoff: timedelta = _setting(
+        timedelta(minutes=10), "IDIS_OUTBOX_MAX_BACKOFF", _delta, "Largest retry delay cap."
     )
 
 
@@ -1127,39 +997,32 @@ class OutboxSettings:
 class WebhookSettings:
     """Inbound webhook verification."""
 
-    tolerance: timedelta = field(
-        default=timedelta(minutes=5),
-        metadata=_var(
-            "IDIS_WEBHOOK_TOLERANCE",
-            _delta,
-            "Accepted `webhook-timestamp` skew either way (replay guard).",
-        ),
+    tolerance: timedelta = _setting(
+        timedelta(minutes=5),
+        "IDIS_WEBHOOK_TOLERANCE",
+        _delta,
+        "Accepted `webhook-timestamp` skew either way (replay guard).",
     )
-    max_body_bytes: int = field(
-        default=1_048_576,
-        metadata=_var("IDIS_WEBHOOK_MAX_BODY_BYTES", _at_least(1), "Largest accepted body."),
+    max_body_bytes: int = _setting(
+        1_048_576, "IDIS_WEBHOOK_MAX_BODY_BYTES", _at_least(1), "Largest accepted body."
     )
-    body_timeout: timedelta = field(
-        default=timedelta(seconds=10),
-        metadata=_var(
-            "IDIS_WEBHOOK_BODY_TIMEOUT",
-            _delta,
-            "Longest time the ASGI receiver waits for a request's whole body; a slower "
-            "client gets 408 and its connection back.",
-            check=_positive_duration,
-        ),
+    body_timeout: timedelta = _setting(
+        timedelta(seconds=10),
+        "IDIS_WEBHOOK_BODY_TIMEOUT",
+        _delta,
+        "Longest time the ASGI receiver waits for a request's whole body; a slower "
+        "client gets 408 and its connection back.",
+        check=_positive_duration,
     )
-    batch_linger: timedelta = field(
-        default=timedelta(milliseconds=2),
-        metadata=_var(
-            "IDIS_WEBHOOK_BATCH_LINGER",
-            _delta,
-            "Longest wait of the receiver's group commit on an event loop (ASGI apps, "
-            "`AsyncWebhookReceiver`), while busy, for as many deliveries as the largest of "
-            "its last 8 transactions held before starting the next (`0`: none, at most "
-            "`1s`); an idle receiver never waits.",
-            check=_linger,
-        ),
+    batch_linger: timedelta = _setting(
+        timedelta(milliseconds=2),
+        "IDIS_WEBHOOK_BATCH_LINGER",
+        _delta,
+        "Longest wait of the receiver's group commit on an event loop (ASGI apps, "
+        "`AsyncWebhookReceiver`), while busy, for as many deliveries as the largest of "
+        "its last 8 transactions held before starting the next (`0`: none, at most "
+        "`1s`); an idle receiver never waits.",
+        check=_linger,
     )
 
 
@@ -1167,39 +1030,21 @@ class WebhookSettings:
 class VaultSettings:
     """Where credentials live in Vault (KV v2)."""
 
-    addr: str = field(
-        default="",
-        metadata=_var("VAULT_ADDR", _url, "Vault/OpenBao address.", shown="unset"),
+    addr: str = _setting("", "VAULT_ADDR", _url, "Vault/OpenBao address.", shown="unset")
+    token: Secret | None = _setting(None, "VAULT_TOKEN", _secret, "Token (or use AppRole below).")
+    role_id: str = _setting(
+        "", "VAULT_ROLE_ID", _text, "AppRole login (with `VAULT_SECRET_ID`).", shown="unset"
     )
-    token: Secret | None = field(
-        default=None,
-        metadata=_var("VAULT_TOKEN", _secret, "Token (or use AppRole below)."),
+    secret_id: Secret | None = _setting(None, "VAULT_SECRET_ID", _secret, "AppRole secret id.")
+    namespace: str = _setting("", "VAULT_NAMESPACE", _text, "Enterprise namespace.", shown="unset")
+    mount: str = _setting("secret", "IDIS_VAULT_MOUNT", _path_part, "KV v2 mount.")
+    path_prefix: str = _setting(
+        "idis/integrations",
+        "IDIS_VAULT_PATH_PREFIX",
+        _path_part,
+        "Credentials live at `<prefix>/<provider>`.",
     )
-    role_id: str = field(
-        default="",
-        metadata=_var(
-            "VAULT_ROLE_ID", _text, "AppRole login (with `VAULT_SECRET_ID`).", shown="unset"
-        ),
-    )
-    secret_id: Secret | None = field(
-        default=None, metadata=_var("VAULT_SECRET_ID", _secret, "AppRole secret id.")
-    )
-    namespace: str = field(
-        default="",
-        metadata=_var("VAULT_NAMESPACE", _text, "Enterprise namespace.", shown="unset"),
-    )
-    mount: str = field(
-        default="secret", metadata=_var("IDIS_VAULT_MOUNT", _path_part, "KV v2 mount.")
-    )
-    path_prefix: str = field(
-        default="idis/integrations",
-        metadata=_var(
-            "IDIS_VAULT_PATH_PREFIX", _path_part, "Credentials live at `<prefix>/<provider>`."
-        ),
-    )
-    timeout: float = field(
-        default=10.0, metadata=_var("IDIS_VAULT_TIMEOUT", _seconds, "Per request.")
-    )
+    timeout: float = _setting(10.0, "IDIS_VAULT_TIMEOUT", _seconds, "Per request.")
 
     __repr__ = _safe_repr
 
@@ -1208,83 +1053,70 @@ class VaultSettings:
 class Settings:
     """Everything the library is configured with."""
 
-    database_url: str = field(
-        default=DEFAULT_DATABASE_URL,
-        metadata=_var(
-            "IDIS_DATABASE_URL",
-            _database_url,
-            "The library's database (SQLite or PostgreSQL), e.g. `postgresql://svc@db/idis`.",
-        ),
+    database_url: str = _setting(
+        DEFAULT_DATABASE_URL,
+        "IDIS_DATABASE_URL",
+        _database_url,
+        "The library's database (SQLite or PostgreSQL), e.g. `postgresql://svc@db/idis`.",
     )
-    redis_url: str | None = field(
-        default=None,
-        metadata=_var(
-            "IDIS_REDIS_URL",
-            _redis_url,
-            "Share breaker state across replicas, e.g. `redis://127.0.0.1:6379/0`.",
-            shown="unset (in-process)",
-        ),
+    redis_url: str | None = _setting(
+        None,
+        "IDIS_REDIS_URL",
+        _redis_url,
+        "Share breaker state across replicas, e.g. `redis://127.0.0.1:6379/0`.",
+        shown="unset (in-process)",
     )
     #: Declared providers by name.
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
     #: True when ``providers`` are the embedded simulator defaults.
     embedded_defaults: bool = False
-    allow_embedded_defaults: bool = field(
-        default=False,
-        metadata=_var(
-            ALLOW_EMBEDDED_DEFAULTS,
-            parse_bool,
-            "Let a webhook receiver or an outbound webhook use the embedded simulator "
-            "providers' published webhook secret. Only where the library talks to the "
-            "simulator alone (the drill, the README tour, tests); elsewhere start-up refuses "
-            "that secret and names the variables to set.",
-        ),
+    allow_embedded_defaults: bool = _setting(
+        False,
+        ALLOW_EMBEDDED_DEFAULTS,
+        parse_bool,
+        "Let a webhook receiver or an outbound webhook use the embedded simulator "
+        "providers' published webhook secret. Only where the library talks to the "
+        "simulator alone (the drill, the README tour, tests); elsewhere start-up refuses "
+        "that secret and names the variables to set.",
     )
     sync: SyncSettings = field(default_factory=SyncSettings)
     enrichment: EnrichmentSettings = field(default_factory=EnrichmentSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     vault: VaultSettings = field(default_factory=VaultSettings)
-    encryption_keys: tuple[Secret, ...] = field(
-        default=(),
-        metadata=_var(
-            "IDIS_ENCRYPTION_KEYS",
-            _fernet_keys,
-            "Fernet keys for tokens at rest, newest first (key rotation; `idis-integrations "
-            "keygen` makes one). Unset: tokens stay in memory, only their metadata is stored; "
-            "refresh-token grants and `import-token` refuse to run. See `auth.md`.",
-            shown="unset",
-            from_file=False,
-        ),
+    encryption_keys: tuple[Secret, ...] = _setting(
+        (),
+        "IDIS_ENCRYPTION_KEYS",
+        _fernet_keys,
+        "Fernet keys for tokens at rest, newest first (key rotation; `idis-integrations "
+        "keygen` makes one). Unset: tokens stay in memory, only their metadata is stored; "
+        "refresh-token grants and `import-token` refuse to run. See `auth.md`.",
+        shown="unset",
+        from_file=False,
     )
-    log_format: Literal["json", "console"] = field(
-        default="json",
-        metadata=_var(
-            "IDIS_LOG_FORMAT",
-            _one_of("json", "console"),
-            "Log rendering for the CLI and the example service: `json` or `console`.",
-        ),
+    log_format: Literal["json", "console"] = _setting(
+        "json",
+        "IDIS_LOG_FORMAT",
+        _one_of("json", "console"),
+        "Log rendering for the CLI and the example service: `json` or `console`.",
     )
-    log_level: str = field(
-        default="INFO",
-        metadata=_var("IDIS_LOG_LEVEL", _log_level, "Log level.", shown="`info`"),
+    log_level: str = _setting("INFO", "IDIS_LOG_LEVEL", _log_level, "Log level.", shown="`info`")
+    host_records: str | None = _setting(
+        None,
+        "IDIS_HOST_RECORDS",
+        _entry_point,
+        "The host's records for `verify-sync` (`package.module:factory`, called with "
+        "`provider`, `engine`, `settings`; returns a `HostRecordSource`), e.g. "
+        "`integrations_service.host_records:deal_records`. Unset: `verify-sync` compares "
+        "the provider with the inbox's version ledger only, which cannot see a row "
+        "changed or created in the host's table (see `reconcile.md`).",
+        shown="unset (the inbox's ledger)",
     )
-    host_records: str | None = field(
-        default=None,
-        metadata=_var(
-            "IDIS_HOST_RECORDS",
-            _entry_point,
-            "The host's records for `verify-sync` (`package.module:factory`, called with "
-            "`provider`, `engine`, `settings`; returns a `HostRecordSource`), e.g. "
-            "`integrations_service.host_records:deal_records`. Unset: `verify-sync` compares "
-            "the provider with the inbox's version ledger only, which cannot see a row "
-            "changed or created in the host's table (see `reconcile.md`).",
-            shown="unset (the inbox's ledger)",
-        ),
-    )
-    simulator_url: str = field(
-        default=DEFAULT_SIMULATOR_URL,
-        metadata=_var("IDIS_SIMULATOR_URL", _url, "Where the embedded default providers point."),
+    simulator_url: str = _setting(
+        DEFAULT_SIMULATOR_URL,
+        "IDIS_SIMULATOR_URL",
+        _url,
+        "Where the embedded default providers point.",
     )
 
     __repr__ = _safe_repr

@@ -351,6 +351,14 @@ def print_json(data: Any) -> None:
     click.echo(redact_text(json.dumps(data, default=_default, indent=2, sort_keys=True)))
 
 
+def print_result(result: Any, as_json: bool, text: Callable[[Any], None]) -> None:
+    """``result.as_dict()`` as JSON with ``--json``; else ``text(result)`` prints it for people."""
+    if as_json:
+        print_json(result.as_dict())
+    else:
+        text(result)
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Print a readable table on stdout."""
     table = Table(title=title, title_justify="left")

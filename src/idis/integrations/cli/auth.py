@@ -22,6 +22,7 @@ from ._common import (
     handle_errors,
     json_option,
     print_json,
+    print_result,
     provider_option,
     stdout,
 )
@@ -44,10 +45,7 @@ def check_token_command(provider: str, as_json: bool) -> None:
     from ..auth._status import token_status
 
     status = token_status(get_settings(), provider)
-    if as_json:
-        print_json(status.as_dict())
-    else:
-        _echo(str(status))
+    print_result(status, as_json, lambda r: _echo(str(r)))
     if status.state == "unknown":
         sys.exit(EXIT_UNAVAILABLE)
     if not status.healthy:
@@ -145,10 +143,7 @@ def rotate_credentials_command(
             f"{type(exc).__name__}: {exc}",
             EXIT_UNAVAILABLE if exc.retry_later else EXIT_CHECK_FAILED,
         )
-    if as_json:
-        print_json(result.as_dict())
-    else:
-        _echo(str(result))
+    print_result(result, as_json, lambda r: _echo(str(r)))
 
 
 @main.command("import-token")
@@ -169,10 +164,7 @@ def import_token_command(provider: str, as_json: bool) -> None:
     except ValueError as exc:
         fail(f"stdin is not JSON (line {getattr(exc, 'lineno', '?')}): expected a token object")
     status = import_token(provider, document, settings=get_settings(), actor=cli_actor())
-    if as_json:
-        print_json(status.as_dict())
-    else:
-        _echo(f"imported; {status}")
+    print_result(status, as_json, lambda s: _echo(f"imported; {s}"))
 
 
 @main.command("keygen")

@@ -31,6 +31,7 @@ from ._common import (
     handlers_option,
     json_option,
     print_json,
+    print_result,
     print_table,
     provider_option,
     since_option,
@@ -145,10 +146,7 @@ def reconcile_command(
                 actor=cli_actor(),
                 progress=advance,
             )
-            if as_json:
-                print_json(result.as_dict())
-            else:
-                _print_resync(result)
+            print_result(result, as_json, _print_resync)
             if not result.ok:
                 sys.exit(EXIT_CHECK_FAILED)
             return
@@ -165,15 +163,9 @@ def reconcile_command(
                 progress=advance,
             )
         except ReconcileInterrupted as exc:
-            if as_json:
-                print_json(exc.summary.as_dict())
-            else:
-                _print_summary(exc.summary)
+            print_result(exc.summary, as_json, _print_summary)
             raise
-    if as_json:
-        print_json(summary.as_dict())
-    else:
-        _print_summary(summary)
+    print_result(summary, as_json, _print_summary)
     if not summary.ok:
         sys.exit(EXIT_CHECK_FAILED)
 
@@ -326,10 +318,7 @@ def verify_sync_command(
             actor=cli_actor(),
             on_checked=advance,
         )
-    if as_json:
-        print_json(report.as_dict())
-    else:
-        _print_verify(report)
+    print_result(report, as_json, _print_verify)
     if not report.ok:
         sys.exit(EXIT_CHECK_FAILED)
 

@@ -78,6 +78,14 @@ class SubjectKey:
     subject_type: str
     subject_id: str
 
+    def log_fields(self) -> dict[str, str]:
+        """The subject in a log line: ``provider``, ``tenant_id`` and ``subject_id``."""
+        return {
+            "provider": self.provider,
+            "tenant_id": self.tenant_id,
+            "subject_id": self.subject_id,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Attempt:

@@ -393,9 +393,7 @@ class EnrichCore:
         _log.info(
             "idis.enrichment.no_match_cached",
             msg="every provider answered no match recently; answering that without asking",
-            provider=key.provider,
-            tenant_id=key.tenant_id,
-            subject_id=key.subject_id,
+            **key.log_fields(),
             no_match_at=answered_at.isoformat(),
         )
         error = ProviderRejected(
@@ -416,9 +414,7 @@ class EnrichCore:
         _log.warning(
             "idis.enrichment.cache_write_failed",
             msg="enrichment served but could not be cached; returning it anyway",
-            provider=key.provider,
-            tenant_id=key.tenant_id,
-            subject_id=key.subject_id,
+            **key.log_fields(),
             error=str(exc),
         )
         return []
@@ -432,19 +428,15 @@ class EnrichCore:
             _log.warning(
                 "idis.enrichment.fallback_served",
                 msg=f"{key.provider} could not serve; {outcome.served_by} did",
-                provider=key.provider,
+                **key.log_fields(),
                 served_by=outcome.served_by,
-                tenant_id=key.tenant_id,
-                subject_id=key.subject_id,
                 attempts=describe_attempts(outcome.attempts),
             )
         if resolved:
             _log.info(
                 "idis.enrichment.refreshed",
                 msg="stale enrichment refreshed; its defects are resolved",
-                provider=key.provider,
-                tenant_id=key.tenant_id,
-                subject_id=key.subject_id,
+                **key.log_fields(),
                 defects_resolved=len(resolved),
             )
         return result
@@ -462,9 +454,7 @@ class EnrichCore:
                 msg="enrichment failed and is not deferred (ENRICHMENT_DEFER_ON_ERROR=false)"
                 if action.mark_stale
                 else "every provider answered without data (no match or invalid request)",
-                provider=key.provider,
-                tenant_id=key.tenant_id,
-                subject_id=key.subject_id,
+                **key.log_fields(),
                 attempts=summary,
             )
             raise error
@@ -488,9 +478,7 @@ class EnrichCore:
             _log.warning(
                 "idis.enrichment.cached_stale",
                 msg="no provider could serve; serving the cached enrichment marked stale",
-                provider=key.provider,
-                tenant_id=key.tenant_id,
-                subject_id=key.subject_id,
+                **key.log_fields(),
                 age_seconds=round(age.total_seconds(), 3),
                 deferred=action.defer,
                 attempts=summary,
@@ -506,9 +494,7 @@ class EnrichCore:
         _log.warning(
             "idis.enrichment.deferred",
             msg="no provider could serve; enrichment deferred and the subject marked stale",
-            provider=key.provider,
-            tenant_id=key.tenant_id,
-            subject_id=key.subject_id,
+            **key.log_fields(),
             request_id=stored.request_id,
             defect_id=stored.defect_id,
             attempts=summary,

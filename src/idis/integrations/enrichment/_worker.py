@@ -241,9 +241,7 @@ class AsyncDeferredEnrichmentWorker:
                     msg="an on_refreshed callback raised; the refresh itself is committed",
                     callback=_callback_name(callback),
                     error_type=type(exc).__name__,
-                    provider=key.provider,
-                    tenant_id=key.tenant_id,
-                    subject_id=key.subject_id,
+                    **key.log_fields(),
                     worker=self.worker_id,
                 )
 
@@ -395,9 +393,7 @@ class AsyncDeferredEnrichmentWorker:
             _log.info(
                 "idis.enrichment.refreshed",
                 msg="deferred enrichment refreshed after provider recovery",
-                provider=key.provider,
-                tenant_id=key.tenant_id,
-                subject_id=key.subject_id,
+                **key.log_fields(),
                 defects_resolved=resolved,
                 worker=self.worker_id,
             )

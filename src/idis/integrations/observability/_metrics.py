@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 from prometheus_client import REGISTRY as _DEFAULT_REGISTRY
@@ -63,203 +64,173 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else _DEFAULT_REGISTRY
-        r = self.registry
+        # Every metric of this set goes in its registry.
+        counter = partial(Counter, registry=self.registry)
+        gauge = partial(Gauge, registry=self.registry)
         # --- provider calls (resilience pipeline)
-        self.requests = Counter(
+        self.requests = counter(
             "integration_requests",
             "Provider calls by final outcome.",
             ["provider", "endpoint", "outcome"],
-            registry=r,
         )
-        self.errors = Counter(
+        self.errors = counter(
             _strip_total(INTEGRATION_ERRORS_TOTAL),
             "Failed provider call attempts, by error type (timeout, server_error, ...).",
             ["provider", "endpoint", "error_type"],
-            registry=r,
         )
         self.latency = Histogram(
             "integration_request_duration_seconds",
             "Duration of one provider call attempt.",
             ["provider", "endpoint"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
+            registry=self.registry,
         )
-        self.retries = Counter(
+        self.retries = counter(
             "integration_retries",
             "Retries scheduled, by the error that caused them.",
             ["provider", "endpoint", "error_type"],
-            registry=r,
         )
-        self.retry_budget_exhausted = Counter(
+        self.retry_budget_exhausted = counter(
             "integration_retry_budget_exhausted",
             "Retries skipped because the provider's retry budget was spent.",
             ["provider"],
-            registry=r,
         )
-        self.rate_limited = Counter(
+        self.rate_limited = counter(
             "integration_rate_limited",
             "Calls answered 429 (source=provider) or held by our own limiter (source=client).",
             ["provider", "endpoint", "source"],
-            registry=r,
         )
-        self.breaker_state = Gauge(
+        self.breaker_state = gauge(
             "integration_circuit_breaker_state",
             "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
             ["provider", "breaker"],
-            registry=r,
         )
-        self.breaker_transitions = Counter(
+        self.breaker_transitions = counter(
             "integration_circuit_breaker_transitions",
             "Circuit breaker state changes.",
             ["provider", "breaker", "to_state"],
-            registry=r,
         )
-        self.in_flight = Gauge(
+        self.in_flight = gauge(
             "integration_in_flight_requests",
             "Provider calls in flight (bulkhead occupancy).",
             ["provider"],
-            registry=r,
         )
-        self.bulkhead_rejected = Counter(
+        self.bulkhead_rejected = counter(
             "integration_bulkhead_rejected",
             "Calls refused because the bulkhead was full.",
             ["provider"],
-            registry=r,
         )
-        self.provider_up = Gauge(
+        self.provider_up = gauge(
             "integration_provider_up",
             "Last health probe: 1 healthy, 0 unhealthy.",
             ["provider"],
-            registry=r,
         )
         # --- outbox and outbound webhooks
-        self.webhook_delivery_failures = Counter(
+        self.webhook_delivery_failures = counter(
             _strip_total(WEBHOOK_DELIVERY_FAILURES_TOTAL),
             "Failed outbound webhook delivery attempts.",
             ["provider"],
-            registry=r,
         )
-        self.outbox_messages = Gauge(
+        self.outbox_messages = gauge(
             "integration_outbox_messages",
             "Outbox messages by status.",
             ["provider", "status"],
-            registry=r,
         )
-        self.outbox_oldest_pending_age = Gauge(
+        self.outbox_oldest_pending_age = gauge(
             "integration_outbox_oldest_pending_age_seconds",
             "Age of the oldest pending outbox message.",
             ["provider"],
-            registry=r,
         )
-        self.outbox_deliveries = Counter(
+        self.outbox_deliveries = counter(
             "integration_outbox_deliveries",
             "Outbox delivery attempts by outcome.",
             ["provider", "kind", "outcome"],
-            registry=r,
         )
-        self.outbox_dead_letters = Counter(
+        self.outbox_dead_letters = counter(
             "integration_outbox_dead_letters",
             "Messages moved to the dead letter state.",
             ["provider", "kind"],
-            registry=r,
         )
-        self.outbox_health_probes = Counter(
+        self.outbox_health_probes = counter(
             "integration_outbox_health_probes",
             "Health probes the outbox worker made to tell a poison message from an outage.",
             ["provider", "result"],
-            registry=r,
         )
         # --- inbound webhooks, polling and mode control
-        self.webhooks_received = Counter(
+        self.webhooks_received = counter(
             "integration_webhooks_received",
             "Inbound webhooks by outcome.",
             ["provider", "outcome"],
-            registry=r,
         )
-        self.sync_mode = Gauge(
+        self.sync_mode = gauge(
             "integration_sync_mode",
             "Current sync mode: 0 webhook, 1 polling.",
             ["provider"],
-            registry=r,
         )
-        self.mode_switches = Counter(
+        self.mode_switches = counter(
             "integration_sync_mode_switches",
             "Sync mode changes by target mode and reason.",
             ["provider", "to_mode", "reason"],
-            registry=r,
         )
-        self.polls = Counter(
-            "integration_polls", "Poll runs by outcome.", ["provider", "outcome"], registry=r
-        )
-        self.events_applied = Counter(
+        self.polls = counter("integration_polls", "Poll runs by outcome.", ["provider", "outcome"])
+        self.events_applied = counter(
             "integration_events_applied",
             "Provider events applied, by the channel that brought them.",
             ["provider", "source"],
-            registry=r,
         )
-        self.last_webhook_age = Gauge(
+        self.last_webhook_age = gauge(
             "integration_last_webhook_age_seconds",
             "Seconds since the last accepted webhook.",
             ["provider"],
-            registry=r,
         )
         # --- OAuth
-        self.token_expiry = Gauge(
+        self.token_expiry = gauge(
             "integration_token_expiry_seconds",
             "Seconds until the provider's access token expires.",
             ["provider"],
-            registry=r,
         )
-        self.token_refreshes = Counter(
+        self.token_refreshes = counter(
             "integration_token_refreshes",
             "Token refreshes by outcome.",
             ["provider", "outcome"],
-            registry=r,
         )
-        self.credential_rotations = Counter(
+        self.credential_rotations = counter(
             "integration_credential_rotations",
             "Credential rotations by outcome.",
             ["provider", "outcome"],
-            registry=r,
         )
-        self.token_reauthorization_required = Gauge(
+        self.token_reauthorization_required = gauge(
             "integration_token_reauthorization_required",
             "1 while automatic token refresh is stopped until someone re-authorizes, by reason "
             "(invalid_grant, invalid_client, outcome_unknown).",
             ["provider", "reason"],
-            registry=r,
         )
         # --- enrichment and defects
-        self.enrichment_requests = Counter(
+        self.enrichment_requests = counter(
             "integration_enrichment_requests",
             "Enrichment requests by result.",
             ["provider", "result"],
-            registry=r,
         )
-        self.enrichment_deferred_pending = Gauge(
+        self.enrichment_deferred_pending = gauge(
             "integration_enrichment_deferred_pending",
             "Deferred enrichments waiting to run.",
             ["provider"],
-            registry=r,
         )
-        self.defects_open = Gauge(
+        self.defects_open = gauge(
             "integration_defects_open",
             "Open defects by provider and type.",
             ["provider", "defect_type"],
-            registry=r,
         )
         # --- reconciliation
-        self.reconcile_events = Counter(
+        self.reconcile_events = counter(
             "integration_reconcile_events",
             "Replayed events by outcome.",
             ["provider", "outcome"],
-            registry=r,
         )
-        self.timeline_gap_seconds = Gauge(
+        self.timeline_gap_seconds = gauge(
             "integration_sync_timeline_gap_seconds",
             "Total uncovered time in the sync timeline over the inspected window.",
             ["provider"],
-            registry=r,
         )
 
     def names(self) -> Iterable[str]:

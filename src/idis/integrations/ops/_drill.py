@@ -153,36 +153,24 @@ class DrillOptions:
     api: str = "generic"
 
     def __post_init__(self) -> None:
+        def invalid(flag: str, value: str, expected: str) -> ConfigError:
+            return ConfigError(f"{flag}={value} is not valid{expected}", variable=flag)
+
         if self.api not in APIS:
-            raise ConfigError(
-                f"--api={self.api!r} is not valid: expected one of {', '.join(APIS)}",
-                variable="--api",
-            )
+            raise invalid("--api", repr(self.api), f": expected one of {', '.join(APIS)}")
         if self.scenario == "webhook-only" and not drill_api(self.api).failover:
-            raise ConfigError(
-                f"--scenario=webhook-only is not valid with --api={self.api}: "
-                f"{drill_api(self.api).no_failover}",
-                variable="--scenario",
-            )
+            why = drill_api(self.api).no_failover
+            raise invalid("--scenario", self.scenario, f" with --api={self.api}: {why}")
         if self.scenario not in SCENARIOS:
-            raise ConfigError(
-                f"--scenario={self.scenario!r} is not valid: expected one of "
-                f"{', '.join(SCENARIOS)}",
-                variable="--scenario",
-            )
+            expected = f": expected one of {', '.join(SCENARIOS)}"
+            raise invalid("--scenario", repr(self.scenario), expected)
         if not 1 <= self.speed <= 120:
-            raise ConfigError(
-                f"--speed={self.speed!r} is not valid: expected simulated seconds per tick "
-                "between 1 and 120",
-                variable="--speed",
-            )
+            expected = ": expected simulated seconds per tick between 1 and 120"
+            raise invalid("--speed", repr(self.speed), expected)
         unknown = set(self.broken) - set(BREAKABLE)
         if unknown:
-            raise ConfigError(
-                f"--break={', '.join(sorted(unknown))} is not valid: expected one of "
-                f"{', '.join(BREAKABLE)}",
-                variable="--break",
-            )
+            expected = f": expected one of {', '.join(BREAKABLE)}"
+            raise invalid("--break", ", ".join(sorted(unknown)), expected)
 
 
 def alert_threshold(speed: float) -> float:
@@ -610,26 +598,22 @@ class _Stage:
                 no_match=[s for n, s in enumerate(subjects, 1) if n % PDL_NO_MATCH_EVERY == 0]
             )
 
-    async def drive_silence(self, on: bool) -> None:
-        """The simulator's Drive channels stop (or resume) notifying, without a word."""
+    async def _sim_post(self, path: str, timeout: float = 5.0, **request: Any) -> Any:
+        """POST to a dialect's own knob at the simulator (not the control API); its JSON, if any."""
         from .._http import httpx
 
-        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
-            answer = await client.post(
-                f"{self.sim.url}/p/{self.provider}/drive/_silence",
-                params={"on": "true" if on else "false"},
-            )
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+            answer = await client.post(f"{self.sim.url}/p/{path}", **request)
             answer.raise_for_status()
+            return answer.json() if answer.content else None
+
+    async def drive_silence(self, on: bool) -> None:
+        """The simulator's Drive channels stop (or resume) notifying, without a word."""
+        await self._sim_post(f"{self.provider}/drive/_silence", params={"on": str(on).lower()})
 
     async def _pdl_control(self, **body: Any) -> None:
         """The simulator's PDL knobs (credits, no-match subjects)."""
-        from .._http import httpx
-
-        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
-            answer = await client.post(
-                f"{self.sim.url}/p/{self.enrich_provider}/v5/_control", json=body
-            )
-            answer.raise_for_status()
+        await self._sim_post(f"{self.enrich_provider}/v5/_control", json=body)
 
     async def _start_service(self, stack: contextlib.AsyncExitStack) -> None:
         """The example service's ``Runtime._start``, on the drill's clock (see the module doc).
@@ -700,17 +684,12 @@ class _Stage:
         if not self.api.webhooks or self.api.notifications:
             return  # Drive: the channel is opened by the first tick's renewal
         secret = self.settings.provider(self.provider).webhook_secrets[0].get_secret_value()
-        if self.api.webhook_format is not None:
-            await self.control(
-                self.sim.control.set_webhook_target,
-                self.provider,
-                f"{url}/{self.provider}",
-                [secret],
-                format=self.api.webhook_format,
-            )
-            return
         await self.control(
-            self.sim.control.set_webhook_target, self.provider, f"{url}/{self.provider}", [secret]
+            self.sim.control.set_webhook_target,
+            self.provider,
+            f"{url}/{self.provider}",
+            [secret],
+            format=self.api.webhook_format,  # None: the simulator's default (Standard Webhooks)
         )
 
     def _start_workers(self) -> None:
@@ -812,7 +791,6 @@ class _Stage:
         """Drive (``--api gdrive``): what Drive pushes to the channel's address arrives at
         the receiver (the simulator's ``_push``, once a tick), and the host renews its watch
         channel on schedule."""
-        from .._http import httpx
         from ..exceptions import AuthError, ProviderError
 
         feed = self.service.feeds[self.provider]
@@ -822,11 +800,9 @@ class _Stage:
         # First what Drive pushed since the last tick (it pushes at once: before any renewal
         # below stops the channel that would have sent it). The simulator POSTs each
         # notification to its channel's address, this receiver, served on this loop.
-        async with httpx.AsyncClient(timeout=60.0, trust_env=False) as client:
-            pushed = await client.post(f"{self.sim.url}/p/{self.provider}/drive/_push")
-            pushed.raise_for_status()
+        pushed = await self._sim_post(f"{self.provider}/drive/_push", timeout=60.0)
         self.notifications_delivered += sum(
-            1 for sent in pushed.json()["pushed"] if sent.get("status") == 200
+            1 for sent in pushed["pushed"] if sent.get("status") == 200
         )
         previous = self.channel
         try:
@@ -1010,17 +986,18 @@ class _Stage:
 
     # ------------------------------------------------------------------ queries
 
+    async def _stats(self) -> dict[str, Any]:
+        return await self.control(self.sim.control.stats, self.provider, detail=False)
+
     async def emitted(self) -> int:
         """Events in the provider's log."""
-        stats = await self.control(self.sim.control.stats, self.provider, detail=False)
-        return int(stats.get("events", 0) or 0)
+        return int((await self._stats()).get("events", 0) or 0)
 
     async def webhooks_delivered(self) -> int:
         """Webhook deliveries the provider made so far."""
         if self.api.notifications:
             return self.notifications_delivered
-        stats = await self.control(self.sim.control.stats, self.provider, detail=False)
-        return int(stats.get("webhooks", {}).get("delivered", 0) or 0)
+        return int((await self._stats()).get("webhooks", {}).get("delivered", 0) or 0)
 
     async def applications(self) -> dict[str, int]:
         """Event id -> how many times the host applied it."""
@@ -1051,16 +1028,7 @@ class _Stage:
 
     async def open_defects(self) -> int:
         """STALE_ENRICHMENT defects still open."""
-        from ..enrichment._models import Defect
-
-        async with self.async_engine.connect() as conn:
-            return int(
-                (
-                    await conn.execute(
-                        select(func.count()).select_from(Defect).where(Defect.status == "OPEN")
-                    )
-                ).scalar_one()
-            )
+        return len(await self.open_defect_subjects())
 
     async def open_defect_subjects(self) -> list[str]:
         """The subjects of the STALE_ENRICHMENT defects still open, sorted."""
@@ -1884,23 +1852,20 @@ async def _check_delivery(stage: _Stage) -> None:
     """Webhooks delivered again since the provider came back; the retry queue empty."""
     found = stage.found
     pending, found.dead_letters = await stage.outbox_counts()
+    drained = f"{pending} pending, {found.dead_letters} dead"
+    empty = pending == 0 and found.dead_letters == 0
     if not stage.api.webhooks:
-        stage.record.not_applicable(
-            "Verification 4: webhooks delivered", f"{stage.api.no_webhooks}"
-        )
+        stage.record.not_applicable("Verification 4: webhooks delivered", stage.api.no_webhooks)
         stage.record.check(
-            "Verification 4: retry queue drained",
-            "0 pending, 0 dead letters",
-            f"{pending} pending, {found.dead_letters} dead",
-            pending == 0 and found.dead_letters == 0,
+            "Verification 4: retry queue drained", "0 pending, 0 dead letters", drained, empty
         )
         return
     delivered = await stage.webhooks_delivered() - found.webhooks_at_recovery
     stage.record.check(
         "Verification 4: webhooks delivered, retry queue drained",
         "webhooks arriving; 0 pending, 0 dead letters",
-        f"{delivered} webhooks since recovery; {pending} pending, {found.dead_letters} dead",
-        delivered > 0 and pending == 0 and found.dead_letters == 0,
+        f"{delivered} webhooks since recovery; {drained}",
+        delivered > 0 and empty,
     )
 
 

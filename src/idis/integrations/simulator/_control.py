@@ -134,6 +134,12 @@ def _provider(sim: SimulatorState, body: Mapping[str, Any]) -> ProviderState:
     return sim.provider(body["provider"])
 
 
+def _rest(body: Mapping[str, Any], *taken: str) -> dict[str, Any]:
+    """The body's fields but ``taken``: the keywords of the state method the route calls
+    (the route's schema allows only those, and a field left out is the method's None)."""
+    return {k: v for k, v in body.items() if k not in taken}
+
+
 def _ping(sim: SimulatorState, _body: dict[str, Any]) -> Any:
     return {"status": "ok", "now": format_time(sim.now()), "providers": sim.providers()}
 
@@ -156,8 +162,7 @@ def _list_faults(sim: SimulatorState, body: dict[str, Any]) -> Any:
 
 
 def _set_fault(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    options = {k: v for k, v in body.items() if k not in ("provider", "kind")}
-    return _provider(sim, body).add_fault(body["kind"], **options).to_json()
+    return _provider(sim, body).add_fault(body["kind"], **_rest(body, "provider", "kind")).to_json()
 
 
 def _clear_faults(sim: SimulatorState, body: dict[str, Any]) -> Any:
@@ -185,27 +190,12 @@ def _emit(sim: SimulatorState, body: dict[str, Any]) -> Any:
 
 
 def _mutate(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    record, _, _ = _provider(sim, body).write_record(
-        body["record_id"],
-        body.get("data", {}),
-        tenant_id=body.get("tenant_id"),
-        event_type="record.deleted" if body.get("delete") else None,
-        emit_event=bool(body.get("event", False)),
-        webhook=bool(body.get("webhook", False)),
-    )
-    return record.to_json()
+    return sim.mutate(**{"data": {}, **body})  # the route's fields are mutate's arguments
 
 
 def _webhook_target(sim: SimulatorState, body: dict[str, Any]) -> Any:
     target = _provider(sim, body)
-    target.set_webhook_target(
-        body.get("url"),
-        body.get("secrets"),
-        max_attempts=body.get("max_attempts"),
-        retry_backoff=body.get("retry_backoff"),
-        timeout=body.get("timeout"),
-        format=body.get("format"),
-    )
+    target.set_webhook_target(body.get("url"), **_rest(body, "provider", "url"))
     return target.webhooks.stats()
 
 
@@ -252,13 +242,7 @@ def _flush(sim: SimulatorState, body: dict[str, Any]) -> Any:
 
 def _inbound(sim: SimulatorState, body: dict[str, Any]) -> Any:
     target = _provider(sim, body)
-    target.configure_receiver(
-        secrets=body.get("secrets"),
-        mode=body.get("mode"),
-        fail_status=body.get("fail_status"),
-        fail_ratio=body.get("fail_ratio"),
-        tolerance=body.get("tolerance"),
-    )
+    target.configure_receiver(**_rest(body, "provider"))
     return target.receiver.stats()
 
 
@@ -268,7 +252,7 @@ def _inbound_deliveries(sim: SimulatorState, body: dict[str, Any]) -> Any:
 
 def _oauth(sim: SimulatorState, body: dict[str, Any]) -> Any:
     target = _provider(sim, body)
-    target.oauth.configure(**{k: v for k, v in body.items() if k != "provider"})
+    target.oauth.configure(**_rest(body, "provider"))
     return target.oauth.stats()
 
 
@@ -527,6 +511,15 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def _fields(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """A client method's ``locals()``, taken first thing, as its control body.
+
+    Each method's parameters are named as the control API's fields, so the
+    signature states the body once (``_call`` leaves out the None values).
+    """
+    return {name: value for name, value in arguments.items() if name != "self"}
+
+
 class SimulatorControl:
     """Sync client of the control API; one method per action.
 
@@ -584,12 +577,7 @@ class SimulatorControl:
         require_auth: bool | None = None,
     ) -> dict[str, Any]:
         """Create a provider (providers are also created on first use)."""
-        return self._post(
-            "/providers",
-            provider=provider,
-            retention_seconds=retention_seconds,
-            require_auth=require_auth,
-        )
+        return self._post("/providers", **_fields(locals()))
 
     def set_retention(self, provider: str, seconds: float) -> None:
         """Set how far back the provider's replay API reaches."""
@@ -655,20 +643,7 @@ class SimulatorControl:
         ``policy``: HubSpot's ``policyName`` of a ``rate_limit`` on its paths (``DAILY``
         or ``TEN_SECONDLY_ROLLING``); ``REQUEST_LIMIT_EXCEEDED`` makes it Salesforce's 403
         on Salesforce's paths."""
-        return self._post(
-            "/faults",
-            provider=provider,
-            kind=kind,
-            endpoint=endpoint,
-            status=status,
-            ratio=ratio,
-            seconds=seconds,
-            retry_after=retry_after,
-            retry_after_format=retry_after_format,
-            duration=duration,
-            count=count,
-            policy=policy,
-        )
+        return self._post("/faults", **_fields(locals()))
 
     def clear_faults(
         self,
@@ -705,16 +680,7 @@ class SimulatorControl:
         webhook: bool = True,
     ) -> list[dict[str, Any]]:
         """Make ``count`` changes; returns their events."""
-        result = self._post(
-            "/emit",
-            provider=provider,
-            count=count,
-            tenant_ids=tenant_ids,
-            record_ids=record_ids,
-            type=type,
-            data=data,
-            webhook=webhook,
-        )
+        result = self._post("/emit", **_fields(locals()))
         return list(result["events"])
 
     def emit_bulk(
@@ -727,15 +693,7 @@ class SimulatorControl:
         webhook: bool = True,
     ) -> tuple[int, int]:
         """Like :meth:`emit` for large counts: returns only (first_seq, last_seq)."""
-        result = self._post(
-            "/emit",
-            provider=provider,
-            count=count,
-            tenant_ids=tenant_ids,
-            record_ids=record_ids,
-            webhook=webhook,
-            summary=True,
-        )
+        result = self._post("/emit", summary=True, **_fields(locals()))
         return int(result["first_seq"]), int(result["last_seq"])
 
     def mutate(
@@ -750,16 +708,7 @@ class SimulatorControl:
         delete: bool = False,
     ) -> dict[str, Any]:
         """Change a record behind the library's back (no event, no webhook by default)."""
-        return self._post(
-            "/mutate",
-            provider=provider,
-            record_id=record_id,
-            data=data,
-            tenant_id=tenant_id,
-            event=event,
-            webhook=webhook,
-            delete=delete,
-        )
+        return self._post("/mutate", **_fields(locals()))
 
     # ------------------------------------------------------------------ outbound webhooks
 
@@ -779,16 +728,7 @@ class SimulatorControl:
         ``format="hubspot"``: batched HubSpot events signed with ``X-HubSpot-Signature-v3``
         (the provider's ``API=hubspot`` pack verifies them); default Standard Webhooks.
         """
-        return self._post(
-            "/webhooks/target",
-            provider=provider,
-            url=url,
-            secrets=secrets,
-            max_attempts=max_attempts,
-            retry_backoff=retry_backoff,
-            timeout=timeout,
-            format=format,
-        )
+        return self._post("/webhooks/target", **_fields(locals()))
 
     def set_webhook_mode(
         self, provider: str, mode: str, *, delay: float | None = None, batch: int | None = None
@@ -839,15 +779,7 @@ class SimulatorControl:
         tolerance: float | None = None,
     ) -> dict[str, Any]:
         """Secrets and behaviour (accept | gone | fail) of the inbound webhook receiver."""
-        return self._post(
-            "/inbound",
-            provider=provider,
-            secrets=secrets,
-            mode=mode,
-            fail_status=fail_status,
-            fail_ratio=fail_ratio,
-            tolerance=tolerance,
-        )
+        return self._post("/inbound", **_fields(locals()))
 
     def inbound_deliveries(self, provider: str) -> list[dict[str, Any]]:
         """Webhooks the receiver accepted (first receipt of each webhook-id), in order."""
@@ -867,16 +799,7 @@ class SimulatorControl:
         revoke_family_on_reuse: bool | None = None,
     ) -> dict[str, Any]:
         """OAuth settings of a provider (token lifetime, scopes, rotation grace...)."""
-        return self._post(
-            "/oauth",
-            provider=provider,
-            access_token_lifetime=access_token_lifetime,
-            scopes=scopes,
-            issue_refresh_token=issue_refresh_token,
-            rotation_grace_seconds=rotation_grace_seconds,
-            rotation_grace_uses=rotation_grace_uses,
-            revoke_family_on_reuse=revoke_family_on_reuse,
-        )
+        return self._post("/oauth", **_fields(locals()))
 
     def set_oauth_client(
         self,
@@ -886,13 +809,7 @@ class SimulatorControl:
         scopes: Sequence[str] | None = None,
     ) -> None:
         """Register or replace an OAuth client."""
-        self._post(
-            "/oauth/client",
-            provider=provider,
-            client_id=client_id,
-            client_secret=client_secret,
-            scopes=scopes,
-        )
+        self._post("/oauth/client", **_fields(locals()))
 
     def issue_tokens(
         self, provider: str, *, client_id: str = "idis-local", scope: str | None = None

@@ -156,6 +156,19 @@ def _choice(value: object, name: str, choices: Sequence[str]) -> str:
     return cast(str, value)
 
 
+def _given(check: Callable[..., Any], value: object, name: str, *args: Any, **limits: Any) -> Any:
+    """``check(value, name, ...)``'s checked value, or None when ``value`` was not given."""
+    return None if value is None else check(value, name, *args, **limits)
+
+
+def _apply(target: object, changes: Mapping[str, object]) -> None:
+    """Set the given (not None) ``changes`` on ``target``: a setter checks every argument
+    first, so a bad one leaves the target as it was."""
+    for name, value in changes.items():
+        if value is not None:
+            setattr(target, name, value)
+
+
 def _whsec_list(secrets: Sequence[str] | None) -> tuple[str, ...] | None:
     """``secrets`` checked (a non-empty list of whsec_ secrets), or None when not given."""
     if secrets is None:
@@ -779,8 +792,7 @@ class ProviderState:
         """
         kind = _FAULT_ALIASES.get(kind, kind)
         _choice(kind, "kind", FAULT_KINDS)
-        if endpoint is not None:
-            _choice(endpoint, "endpoint", ENDPOINTS)
+        _given(_choice, endpoint, "endpoint", ENDPOINTS)
         default_status = {"rate_limit": 429, "timeout": 504}.get(kind, 503)
         resolved_status = default_status if status is None else status
         _integer(resolved_status, "status", minimum=100, maximum=599)
@@ -790,15 +802,13 @@ class ProviderState:
         _number(resolved_seconds, "seconds", minimum=0.0, maximum=3600.0)
         if kind == "rate_limit" and retry_after is None:
             retry_after = 1.0
-        if retry_after is not None:
-            _number(retry_after, "retry_after", minimum=0.0, maximum=86400.0)
+        _given(_number, retry_after, "retry_after", minimum=0.0, maximum=86400.0)
         _choice(retry_after_format, "retry_after_format", ("seconds", "date"))
-        if duration is not None:
-            _number(duration, "duration", minimum=0.0)
-        if count is not None:
-            _integer(count, "count", minimum=1)
-        if policy is not None:
-            _choice(policy, "policy", ("DAILY", "TEN_SECONDLY_ROLLING", "REQUEST_LIMIT_EXCEEDED"))
+        _given(_number, duration, "duration", minimum=0.0)
+        _given(_integer, count, "count", minimum=1)
+        _given(
+            _choice, policy, "policy", ("DAILY", "TEN_SECONDLY_ROLLING", "REQUEST_LIMIT_EXCEEDED")
+        )
         fault_id = self._owner._next_fault_id()
         fault = Fault(
             id=fault_id,
@@ -900,27 +910,15 @@ class ProviderState:
             not isinstance(url, str) or not url.startswith(("http://", "https://"))
         ):
             raise SimulatorInputError(f"url={url!r} is not an http(s) URL", variable="url")
-        checked = _whsec_list(secrets)
-        if max_attempts is not None:
-            _integer(max_attempts, "max_attempts", minimum=1, maximum=20)
-        if retry_backoff is not None:
-            _number(retry_backoff, "retry_backoff", minimum=0.0, maximum=60.0)
-        if timeout is not None:
-            _number(timeout, "timeout", minimum=0.01, maximum=300.0)
-        if format is not None:
-            _choice(format, "format", WEBHOOK_FORMATS)
-        config = self.webhooks
-        config.url = url
-        if format is not None:
-            config.format = format
-        if checked is not None:
-            config.secrets = checked
-        if max_attempts is not None:
-            config.max_attempts = max_attempts
-        if retry_backoff is not None:
-            config.retry_backoff = float(retry_backoff)
-        if timeout is not None:
-            config.timeout = float(timeout)
+        changes = {
+            "secrets": _whsec_list(secrets),
+            "max_attempts": _given(_integer, max_attempts, "max_attempts", minimum=1, maximum=20),
+            "retry_backoff": _given(_number, retry_backoff, "retry_backoff", minimum=0, maximum=60),
+            "timeout": _given(_number, timeout, "timeout", minimum=0.01, maximum=300.0),
+            "format": _given(_choice, format, "format", WEBHOOK_FORMATS),
+        }
+        self.webhooks.url = url
+        _apply(self.webhooks, changes)
 
     def set_webhook_mode(
         self, mode: str, *, delay: float | None = None, batch: int | None = None
@@ -930,18 +928,14 @@ class ProviderState:
         Raises:
             SimulatorInputError: for an unknown mode or bad delay/batch.
         """
-        _choice(mode, "mode", WEBHOOK_MODES)
-        if delay is not None:
-            _number(delay, "delay", minimum=0.0, maximum=3600.0)
-        if batch is not None:
-            _integer(batch, "batch", minimum=2, maximum=1000)
-        self.webhooks.mode = mode
-        if delay is not None:
-            self.webhooks.delay = float(delay)
-        elif mode == "delay" and self.webhooks.delay == 0.0:
-            self.webhooks.delay = 1.0
-        if batch is not None:
-            self.webhooks.reorder_batch = batch
+        changes = {
+            "mode": _choice(mode, "mode", WEBHOOK_MODES),
+            "delay": _given(_number, delay, "delay", minimum=0.0, maximum=3600.0),
+            "reorder_batch": _given(_integer, batch, "batch", minimum=2, maximum=1000),
+        }
+        if mode == "delay" and delay is None and self.webhooks.delay == 0.0:
+            changes["delay"] = 1.0  # a delay mode with no delay yet would not delay
+        _apply(self.webhooks, changes)
 
     def add_stop_window(self, start: datetime, end: datetime) -> None:
         """Drop webhooks of events that occur in ``[start, end)`` (simulated time).
@@ -972,26 +966,17 @@ class ProviderState:
         Raises:
             SimulatorInputError: naming the bad argument.
         """
-        checked = _whsec_list(secrets)
-        if mode is not None:
-            _choice(mode, "mode", RECEIVER_MODES)
-        if fail_status is not None:
-            _integer(fail_status, "fail_status", minimum=400, maximum=599)
-        if fail_ratio is not None:
-            _number(fail_ratio, "fail_ratio", minimum=0.0, maximum=1.0)
+        changes = {
+            "secrets": _whsec_list(secrets),
+            "mode": _given(_choice, mode, "mode", RECEIVER_MODES),
+            "fail_status": _given(_integer, fail_status, "fail_status", minimum=400, maximum=599),
+            "fail_ratio": _given(_number, fail_ratio, "fail_ratio", minimum=0.0, maximum=1.0),
+        }
         if tolerance is not None and tolerance != -1:
             _number(tolerance, "tolerance", minimum=0.0)
-        receiver = self.receiver
-        if checked is not None:
-            receiver.secrets = checked
-        if mode is not None:
-            receiver.mode = mode
-        if fail_status is not None:
-            receiver.fail_status = fail_status
-        if fail_ratio is not None:
-            receiver.fail_ratio = float(fail_ratio)
+        _apply(self.receiver, changes)
         if tolerance is not None:
-            receiver.tolerance = None if tolerance == -1 else float(tolerance)
+            self.receiver.tolerance = None if tolerance == -1 else float(tolerance)
 
     # ------------------------------------------------------------------ settings and stats
 
@@ -1015,11 +1000,8 @@ class ProviderState:
         Raises:
             SimulatorInputError: for a non-positive value.
         """
-        if seconds is None:
-            self.feed_retention_seconds = None
-            return
-        _number(seconds, "seconds", minimum=1.0, maximum=100 * 365 * 86400.0)
-        self.feed_retention_seconds = int(seconds)
+        checked = _given(_number, seconds, "seconds", minimum=1.0, maximum=100 * 365 * 86400.0)
+        self.feed_retention_seconds = None if checked is None else int(checked)
 
     def stats(self, *, detail: bool = True) -> dict[str, Any]:
         """Everything tests assert on, as JSON; ``detail=False`` leaves out per-id/per-key maps."""
