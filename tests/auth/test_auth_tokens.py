@@ -690,3 +690,22 @@ def test_a_caller_waiting_past_lock_timeout_in_process_gets_a_lock_timeout(
         metrics, "integration_token_refreshes_total", provider=P, outcome="lock_timeout"
     )
     assert 1 == token.generation
+
+
+def test_async_token_manager_as_a_context_manager_closes_its_client(
+    sim: RunningSimulator, sqlite_url: str, fernet_key: str
+) -> None:
+    """``async with AsyncTokenManager(...) as manager`` yields the manager, which works inside
+    and has its HTTP client closed on the way out, as the sync ``with`` does."""
+    from idis.integrations.auth._tokens import AsyncTokenManager
+
+    settings = make_settings(sim, sqlite_url, fernet_key)
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        made = AsyncTokenManager(settings)
+        async with made as manager:
+            token = await manager.get_token(P)
+            inside = manager._http.is_closed
+        return manager is made and bool(token), inside, manager._http.is_closed
+
+    assert (True, False, True) == asyncio.run(scenario())

@@ -639,3 +639,82 @@ def test_gateways_of_one_process_share_breakers_through_memory(helpers: Any, met
         assert (OPEN, CLOSED, CLOSED) == asyncio.run(scenario())
     finally:
         failing.close()
+
+
+@pytest.mark.redis
+def test_async_accessors_start_one_exchange_and_none_outside_a_loop(
+    private_redis: PrivateRedis, helpers: Any, metrics: Any
+) -> None:
+    """An AsyncGateway's sync accessor with a due Redis exchange starts it in the background
+    only inside a running loop, one at a time: a second accessor, or a call whose share is
+    not urgent, finds it in flight and starts no other. Outside a loop it starts nothing."""
+    from idis.integrations.resilience import AsyncGateway
+
+    clock = ManualClock()
+    provider = helpers.provider_settings("p", retry=RetryPolicy(max_attempts=1))
+    gateway = AsyncGateway(
+        helpers.settings_for(provider, redis_url=private_redis.url),
+        clock=clock,
+        metrics=metrics,
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={})),
+    )
+
+    async def due_again() -> tuple[int, int, dict[str, Any]]:
+        await gateway.get_json("p", "records")  # the first exchange is urgent: awaited
+        clock.advance(1)
+        gateway.breaker_state("p")  # starts the due exchange in the background
+        gateway.breaker_state("p")  # in flight: starts no other
+        started = len(gateway._tasks)
+        body = await gateway.get_json("p", "records")  # not urgent, in flight: no other
+        during = len(gateway._tasks)
+        await gateway.aclose()
+        return started, during, body
+
+    clock.advance(1)
+    outside = gateway.breaker_state("p")  # no loop runs: nothing can be started
+    assert (CLOSED, 0) == (outside, len(gateway._tasks))
+    assert (1, 1, {}) == asyncio.run(due_again())
+
+
+@pytest.mark.redis
+def test_redis_stores_aclose_on_a_loop_that_never_made_a_client(
+    private_redis: PrivateRedis,
+) -> None:
+    """aclose() on a loop where no async client was made closes nothing and raises nothing;
+    the loop that made one has it closed (a later exchange on it opens a new one)."""
+    clock = ManualClock()
+    breaker, stores = _store_breaker(private_redis.url, clock)
+
+    async def close_only() -> None:
+        await stores.aclose()
+
+    async def exchange_then_close() -> str:
+        await breaker.ashare()
+        await stores.aclose()
+        clock.advance(60)
+        await breaker.ashare()  # a fresh client on this loop
+        await stores.aclose()
+        return breaker.state
+
+    asyncio.run(close_only())
+    assert CLOSED == asyncio.run(exchange_then_close())
+
+
+def test_memory_store_aexchange_keeps_the_newest_like_exchange() -> None:
+    """MemoryBreakerStore.aexchange follows exchange's newest-wins rule (no I/O)."""
+    import threading
+
+    from idis.integrations.resilience._shared import MemoryBreakerStore
+
+    store = MemoryBreakerStore({}, threading.Lock(), "p:p")
+    opened = SharedState(version=2, state=OPEN, opened_at=1.0)
+    stale = SharedState(version=1, state=CLOSED, opened_at=0.0)
+
+    async def scenario() -> list[tuple[bool, SharedState | None]]:
+        return [
+            await store.aexchange(None),
+            await store.aexchange(opened),
+            await store.aexchange(stale),
+        ]
+
+    assert [(True, None), (True, opened), (True, opened)] == asyncio.run(scenario())

@@ -219,11 +219,11 @@ class OAuthAuthFactory:
 
     async def aclose(self) -> None:
         """Close every manager this factory created."""
-        self.close()
+        self.close()  # takes the sync managers: the async ones are left
         for owned in list(self._owned):
-            if isinstance(owned, AsyncTokenManager):
-                await owned.aclose()
-                self._owned.remove(owned)
+            assert isinstance(owned, AsyncTokenManager)
+            await owned.aclose()
+            self._owned.remove(owned)
 
 
 def oauth_auth_factory(
