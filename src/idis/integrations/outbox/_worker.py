@@ -69,6 +69,7 @@ from ._models import DEAD, PENDING, RECEIVER_GONE
 from ._policy import DEFER_DELAY, Action, Disposition, decide, describe_error, probe_decides
 from ._queries import (
     LEASE_EXPIRED,
+    LEASED_COLUMNS,
     Prepared,
     database_now_statement,
     gone_receivers_statement,
@@ -184,9 +185,10 @@ class _Leases:
         left = (self.expires - core.now() - core.lease / 2).total_seconds()
         return core.clock.monotonic() + left
 
-    def renewal_due(self) -> bool:
-        """A renewal may be due (:meth:`_WorkerCore.needs_renewal` decides)."""
-        return bool(self.open) and self._core.clock.monotonic() >= self.renew_at
+    def renewal_due(self, now: float) -> bool:
+        """A renewal may be due at ``now`` (the clock's monotonic time;
+        :meth:`_WorkerCore.needs_renewal` decides)."""
+        return now >= self.renew_at and bool(self.open)
 
     def renewed(self, held: set[int], expires: datetime) -> None:
         """Record a renewal: ``held`` keep their lease to ``expires``; other open ones lost it."""
@@ -392,37 +394,67 @@ class _WorkerCore:
         :meth:`taken_over`.
         """
         default_retries = self.outbox.max_retries
-        sqlite = dialect == "sqlite"
-        load = load_json
-        batch = []
+        make = leased_message
+        batch: list[OutboxMessage] = []
+        append = batch.append
         lapsed = 0
-        for (
-            id_,
-            provider,
-            kind,
-            idempotency_key,
-            raw_payload,
-            ordering_key,
-            tenant_id,
-            attempts,
-            max_retries,
-            raw_created,
-            generation,
-            last_error,
-            *_database_now,
-        ) in rows:
-            if sqlite:
-                payload = load(raw_payload)
-                created_at = _from_iso(raw_created + "+00:00")
-            else:
-                payload = raw_payload
-                created_at = (
-                    raw_created if raw_created.tzinfo is UTC else raw_created.astimezone(UTC)
+        if dialect == "sqlite":
+            # Exactly LEASED_COLUMNS: unpacked without a starred target (a list per row).
+            load = load_json
+            for (
+                id_,
+                provider,
+                kind,
+                idempotency_key,
+                raw_payload,
+                ordering_key,
+                tenant_id,
+                attempts,
+                max_retries,
+                raw_created,
+                generation,
+                last_error,
+            ) in rows:
+                if last_error is not None and last_error == LEASE_EXPIRED:
+                    lapsed += 1
+                append(
+                    make(
+                        id_,
+                        provider,
+                        kind,
+                        idempotency_key,
+                        load(raw_payload),
+                        ordering_key,
+                        tenant_id,
+                        attempts,
+                        default_retries if max_retries is None else max_retries,
+                        _from_iso(raw_created + "+00:00"),
+                        expires,
+                        generation,
+                    )
                 )
+            self.reclaimed += lapsed
+            return batch
+        width = len(LEASED_COLUMNS)
+        for row in rows:
+            (
+                id_,
+                provider,
+                kind,
+                idempotency_key,
+                payload,
+                ordering_key,
+                tenant_id,
+                attempts,
+                max_retries,
+                created_at,
+                generation,
+                last_error,
+            ) = row[:width]
             if last_error is not None and last_error == LEASE_EXPIRED:
                 lapsed += 1
-            batch.append(
-                leased_message(
+            append(
+                make(
                     id_,
                     provider,
                     kind,
@@ -432,7 +464,7 @@ class _WorkerCore:
                     tenant_id,
                     attempts,
                     default_retries if max_retries is None else max_retries,
-                    created_at,
+                    created_at if created_at.tzinfo is UTC else created_at.astimezone(UTC),
                     expires,
                     generation,
                 )
@@ -603,11 +635,12 @@ class _WorkerCore:
                 self._gone.add(receiver)
         return _Settlement(message, disposition, failed_attempt=failed)
 
-    def delivered(self, message: OutboxMessage) -> OutboxMessage:
-        """The provider accepted ``message``: its outcome is the message itself."""
+    def delivered(self, message: OutboxMessage, at: float | None = None) -> OutboxMessage:
+        """The provider accepted ``message`` (at ``at``, the clock's monotonic time,
+        default now): its outcome is the message itself."""
         provider = message.provider
         self._served[provider] += 1
-        self._served_at[provider] = self.clock.monotonic()
+        self._served_at[provider] = self.clock.monotonic() if at is None else at
         if self._excused:
             self._excused.pop(message.id, None)
         if self.config_errors:
@@ -1284,15 +1317,20 @@ class AsyncOutboxWorker:
         queue = iter(enumerate(ready))
         deliver = self.deliver
         delivered = core.delivered
+        monotonic = core.clock.monotonic
 
         async def lane() -> None:
             # ``concurrency`` lanes take the batch's messages in order: at most
             # that many sends at once, a sliding window; distinct ordering keys
             # within a batch, so per-key order holds. No task per message, and
             # the common case (send, delivered) without a coroutine of its own.
+            # ``now``: the monotonic time, read once after each send, for both
+            # the delivery's record and the next message's renewal check (the
+            # lane does not yield between them).
+            now = monotonic()
             for index, message in queue:
                 # A renewal due or running: wait for it (it may lose this lease).
-                if renewing.locked() or leases.renewal_due():
+                if renewing.locked() or leases.renewal_due(now):
                     async with renewing:
                         await self._keep_leases(leases)
                 if (
@@ -1301,27 +1339,39 @@ class AsyncOutboxWorker:
                     or core.gone_receivers
                 ):
                     settled[index] = await self._deliver_one(message, leases)
+                    now = monotonic()
                     continue
                 try:
                     await deliver(message)
                 except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
                     settled[index] = await self._failed(message, exc)
+                    now = monotonic()
                 else:
-                    settled[index] = delivered(message)
+                    now = monotonic()
+                    settled[index] = delivered(message, now)
 
-        async def heartbeat() -> None:
+        async def heartbeat(*, first: bool) -> None:
             # Renews while any send runs, even the only one of a batch of one.
             # Stopped by an event, never cancelled: a cancelled renewal would
             # leave the held connection mid-transaction.
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(finished.wait(), timeout=core.renew_check)
+                if not first:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(finished.wait(), timeout=core.renew_check)
+                first = False
                 if finished.is_set():
                     return
                 async with renewing:
                     await self._keep_leases(leases)
 
-        beat = asyncio.get_running_loop().create_task(heartbeat())
+        # The heartbeat's task starts when its first check falls due (a timer,
+        # not a task and a timeout per batch): a batch that is sent before
+        # then, nearly every one, never needs it.
+        loop = asyncio.get_running_loop()
+        beat: list[asyncio.Task[None]] = []
+        timer = loop.call_later(
+            core.renew_check, lambda: beat.append(loop.create_task(heartbeat(first=True)))
+        )
         try:
             lanes = min(core.concurrency, len(ready))
             if lanes == 1:
@@ -1329,8 +1379,10 @@ class AsyncOutboxWorker:
             elif lanes > 1:
                 await asyncio.gather(*(lane() for _ in range(lanes)))
         finally:
+            timer.cancel()
             finished.set()
-            await beat
+            if beat:
+                await beat[0]
         out.extend(filter(None, settled))
         return out
 
