@@ -992,6 +992,7 @@ class _Direct:
                 values,
                 exc,
                 dialect.loaded_dbapi.Error,
+                hide_parameters=conn.engine.hide_parameters,
                 connection_invalidated=lost,
                 dialect=dialect,
             ) from exc
