@@ -18,6 +18,7 @@ def test_a_leased_message_is_the_constructors_message() -> None:
     fast = leased_message(*values)
     slow = OutboxMessage(*values)
 
+    assert type(fast) is OutboxMessage
     assert fast == slow
     assert repr(fast) == repr(slow)
     assert dataclasses.astuple(fast) == dataclasses.astuple(slow)

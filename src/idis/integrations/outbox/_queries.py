@@ -87,6 +87,7 @@ __all__ = [
     "LEASED_COLUMNS",
     "LEASE_EXPIRED",
     "UNSETTLED",
+    "Prepared",
     "first_pending",
     "id_list",
     "insert_statement",
@@ -417,6 +418,54 @@ def settle_statement() -> Update:
             updated_at=_ts("p_now"),
         )
     )
+
+
+class Prepared:
+    """A statement compiled once for one dialect, to run on the driver's own cursor.
+
+    The worker's two statements per batch (lease, delivered settle) then skip
+    SQLAlchemy's per-execute work (cache key, parameter processing, execution
+    context, result wrapping): about 40 µs per statement, a microsecond per
+    message, the same SQL text as SQLAlchemy sends. Bind values go through the
+    same type processors (``UTCDateTime``), and literal values bound by the
+    statement itself (``attempts + 1``) are fixed once here.
+    """
+
+    __slots__ = ("_fixed", "_given", "_order", "sql")
+
+    def __init__(self, stmt: Any, dialect: Any) -> None:
+        compiled = stmt.compile(dialect=dialect)
+        sql = compiled.string
+        if "POSTCOMPILE" in sql:  # pragma: no cover  # an expanding IN has no fixed text
+            raise ValueError("a prepared statement needs one SQL text for every execution")
+        names = list(compiled.construct_params(dict.fromkeys(compiled.binds)))
+        defaults = compiled.construct_params(
+            {name: None for name in names if name.startswith("p_")}
+        )
+        processors = {
+            name: compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in names
+        }
+        self.sql: str = sql
+        #: Parameters the caller supplies (``p_``), with the type's processor (or None).
+        self._given = tuple((name, processors[name]) for name in names if name.startswith("p_"))
+        #: Values the statement binds itself (``attempts + 1``, ``lease_owner = NULL``).
+        self._fixed = {
+            name: (processors[name](value) if processors[name] else value)
+            for name, value in defaults.items()
+            if not name.startswith("p_")
+        }
+        #: Positional drivers (SQLite's ``?``): the parameters in order; None for named ones.
+        self._order = tuple(compiled.positiontup) if compiled.positional else None
+
+    def params(self, given: dict[str, Any]) -> Any:
+        """The driver's parameters (a tuple, or a dict for a named paramstyle) for ``given``."""
+        values = dict(self._fixed)
+        for name, process in self._given:
+            value = given[name]
+            values[name] = process(value) if process is not None else value
+        order = self._order
+        return values if order is None else tuple([values[name] for name in order])
 
 
 @functools.cache

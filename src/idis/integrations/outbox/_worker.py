@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import random
@@ -68,6 +69,8 @@ from ._models import DEAD, PENDING, RECEIVER_GONE
 from ._policy import DEFER_DELAY, Action, Disposition, decide, describe_error, probe_decides
 from ._queries import (
     LEASE_EXPIRED,
+    LEASED_COLUMNS,
+    Prepared,
     database_now_statement,
     gone_receivers_statement,
     id_list,
@@ -98,6 +101,8 @@ AsyncDeliver = Callable[[OutboxMessage], Awaitable[None]]
 Availability = Callable[[str], bool]
 
 _log = get_logger()
+#: SQLAlchemy's statement log (``echo``'s): while it is on, statements go through SQLAlchemy.
+_SQL_LOG = logging.getLogger("sqlalchemy.engine.Engine")
 _from_iso = datetime.fromisoformat
 
 
@@ -105,7 +110,6 @@ def _by_id(message: OutboxMessage) -> int:
     return message.id
 
 
-_DELIVERED = Disposition(Action.DELIVERED)
 _DB_ERRORS = (OperationalError, DBAPIError, StorageError)
 #: Messages whose excused failures a worker remembers (a bound, not a tuning knob).
 _MAX_EXCUSED = 10_000
@@ -151,6 +155,11 @@ class _Settlement:
     released: bool = False
 
 
+#: One message's outcome: a delivered message stands for its own settlement
+#: (the common case, with nothing else to record: no object per delivery).
+_Outcome = _Settlement | OutboxMessage
+
+
 class _Leases:
     """The leases of one batch being delivered: when they lapse, which are lost."""
 
@@ -176,9 +185,10 @@ class _Leases:
         left = (self.expires - core.now() - core.lease / 2).total_seconds()
         return core.clock.monotonic() + left
 
-    def renewal_due(self) -> bool:
-        """A renewal may be due (:meth:`_WorkerCore.needs_renewal` decides)."""
-        return bool(self.open) and self._core.clock.monotonic() >= self.renew_at
+    def renewal_due(self, now: float) -> bool:
+        """A renewal may be due at ``now`` (the clock's monotonic time;
+        :meth:`_WorkerCore.needs_renewal` decides)."""
+        return now >= self.renew_at and bool(self.open)
 
     def renewed(self, held: set[int], expires: datetime) -> None:
         """Record a renewal: ``held`` keep their lease to ``expires``; other open ones lost it."""
@@ -204,7 +214,7 @@ class _ProbeVerdict:
 class _Pending:
     """Settlements not yet written (the database was unreachable)."""
 
-    items: list[_Settlement] = field(default_factory=list)
+    items: list[_Outcome] = field(default_factory=list)
 
 
 class _WorkerCore:
@@ -384,37 +394,67 @@ class _WorkerCore:
         :meth:`taken_over`.
         """
         default_retries = self.outbox.max_retries
-        sqlite = dialect == "sqlite"
-        load = load_json
-        batch = []
+        make = leased_message
+        batch: list[OutboxMessage] = []
+        append = batch.append
         lapsed = 0
-        for (
-            id_,
-            provider,
-            kind,
-            idempotency_key,
-            raw_payload,
-            ordering_key,
-            tenant_id,
-            attempts,
-            max_retries,
-            raw_created,
-            generation,
-            last_error,
-            *_database_now,
-        ) in rows:
-            if sqlite:
-                payload = load(raw_payload)
-                created_at = _from_iso(raw_created + "+00:00")
-            else:
-                payload = raw_payload
-                created_at = (
-                    raw_created if raw_created.tzinfo is UTC else raw_created.astimezone(UTC)
+        if dialect == "sqlite":
+            # Exactly LEASED_COLUMNS: unpacked without a starred target (a list per row).
+            load = load_json
+            for (
+                id_,
+                provider,
+                kind,
+                idempotency_key,
+                raw_payload,
+                ordering_key,
+                tenant_id,
+                attempts,
+                max_retries,
+                raw_created,
+                generation,
+                last_error,
+            ) in rows:
+                if last_error is not None and last_error == LEASE_EXPIRED:
+                    lapsed += 1
+                append(
+                    make(
+                        id_,
+                        provider,
+                        kind,
+                        idempotency_key,
+                        load(raw_payload),
+                        ordering_key,
+                        tenant_id,
+                        attempts,
+                        default_retries if max_retries is None else max_retries,
+                        _from_iso(raw_created + "+00:00"),
+                        expires,
+                        generation,
+                    )
                 )
+            self.reclaimed += lapsed
+            return batch
+        width = len(LEASED_COLUMNS)
+        for row in rows:
+            (
+                id_,
+                provider,
+                kind,
+                idempotency_key,
+                payload,
+                ordering_key,
+                tenant_id,
+                attempts,
+                max_retries,
+                created_at,
+                generation,
+                last_error,
+            ) = row[:width]
             if last_error is not None and last_error == LEASE_EXPIRED:
                 lapsed += 1
-            batch.append(
-                leased_message(
+            append(
+                make(
                     id_,
                     provider,
                     kind,
@@ -424,7 +464,7 @@ class _WorkerCore:
                     tenant_id,
                     attempts,
                     default_retries if max_retries is None else max_retries,
-                    created_at,
+                    created_at if created_at.tzinfo is UTC else created_at.astimezone(UTC),
                     expires,
                     generation,
                 )
@@ -457,17 +497,17 @@ class _WorkerCore:
         )
         return _Settlement(message, disposition, failed_attempt=False, released=True)
 
-    def split_spent(
-        self, batch: list[OutboxMessage], out: list[_Settlement]
-    ) -> list[OutboxMessage]:
+    def split_spent(self, batch: list[OutboxMessage], out: list[_Outcome]) -> list[OutboxMessage]:
         """Settle into ``out`` the messages whose budget lapsed leases spent; return the rest."""
         ready = []
         for message in batch:
-            spent = self.spent(message)
-            if spent is None:
+            # ``spent``'s test, inline: it holds for all but a poisoned few.
+            if message.attempts <= message.max_retries + 1:
                 ready.append(message)
-            else:
-                out.append(spent)
+                continue
+            spent = self.spent(message)
+            assert spent is not None
+            out.append(spent)
         return ready
 
     def probe_due(self, message: OutboxMessage, error: BaseException | None) -> float | None:
@@ -547,7 +587,7 @@ class _WorkerCore:
         now: datetime,
         *,
         failed_at: float | None = None,
-    ) -> _Settlement:
+    ) -> _Outcome:
         """Decide one attempt's outcome (``failed_at``: when it failed, monotonic)."""
         provider = message.provider
         if error is None:
@@ -595,16 +635,17 @@ class _WorkerCore:
                 self._gone.add(receiver)
         return _Settlement(message, disposition, failed_attempt=failed)
 
-    def delivered(self, message: OutboxMessage) -> _Settlement:
-        """The provider accepted ``message``."""
+    def delivered(self, message: OutboxMessage, at: float | None = None) -> OutboxMessage:
+        """The provider accepted ``message`` (at ``at``, the clock's monotonic time,
+        default now): its outcome is the message itself."""
         provider = message.provider
         self._served[provider] += 1
-        self._served_at[provider] = self.clock.monotonic()
+        self._served_at[provider] = self.clock.monotonic() if at is None else at
         if self._excused:
             self._excused.pop(message.id, None)
         if self.config_errors:
             self.config_errors.pop(provider, None)
-        return _Settlement(message, _DELIVERED)
+        return message
 
     def release(self, message: OutboxMessage, now: datetime) -> _Settlement:
         """Give a leased, unattempted message back (the worker is stopping)."""
@@ -613,20 +654,26 @@ class _WorkerCore:
         )
 
     def write_params(
-        self, items: Sequence[_Settlement], now: datetime, dialect: str
+        self, items: Sequence[_Outcome], now: datetime, dialect: str
     ) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
         """(delivered params, settle rows, receiver rows) for one settle transaction.
 
         Delivered params are None when nothing was delivered, else what
         ``settle_delivered_statement(dialect)`` takes.
         """
-        delivered: list[OutboxMessage] = []
+        ids: list[int] = []
+        generations: list[int] = []
         rows: list[dict[str, Any]] = []
         receivers: list[dict[str, Any]] = []
         for item in items:
+            if not isinstance(item, _Settlement):  # delivered: the message itself
+                ids.append(item.id)
+                generations.append(item.lease_generation)
+                continue
             action = item.disposition.action
             if action is Action.DELIVERED:
-                delivered.append(item.message)
+                ids.append(item.message.id)
+                generations.append(item.message.lease_generation)
                 continue
             giveback = 1 if (action is Action.DEFER or item.released) else 0
             status = DEAD if action in (Action.DEAD, Action.GONE) else PENDING
@@ -656,15 +703,13 @@ class _WorkerCore:
                     }
                 )
         params: Any = None
-        if delivered and dialect == "postgresql":
+        if ids and dialect == "postgresql":
             params = {
-                "p_ids": id_list(dialect, [m.id for m in delivered]),
-                "p_gens": id_list(dialect, [m.lease_generation for m in delivered]),
+                "p_ids": id_list(dialect, ids),
+                "p_gens": id_list(dialect, generations),
                 "p_now": now,
             }
-        elif delivered:
-            ids = [m.id for m in delivered]
-            generations = [m.lease_generation for m in delivered]
+        elif ids:
             params = {"p_ids": id_list(dialect, ids), "p_now": now}
             keys = packed_keys(ids, generations)
             if keys is not None:
@@ -678,7 +723,7 @@ class _WorkerCore:
                 )
         return params, rows, receivers
 
-    def fenced(self, items: Sequence[_Settlement], applied: int) -> int:
+    def fenced(self, items: Sequence[_Outcome], applied: int) -> int:
         """Count and log the settles that found the message re-leased by another worker.
 
         A worker whose lease lapsed (a pause, a partition) settles late: the
@@ -698,26 +743,26 @@ class _WorkerCore:
 
     # ---------------------------------------------------------- observation
 
-    def observe(self, items: Sequence[_Settlement], result: BatchResult) -> None:
+    def observe(self, items: Sequence[_Outcome], result: BatchResult) -> None:
         metrics = self.metrics
         # Counted per batch, not per message: one labelled increment per outcome.
         outcomes: Counter[tuple[str, str, str]] = Counter()
         webhook_failures: Counter[str] = Counter()
         dead: Counter[tuple[str, str]] = Counter()
-        delivered = _DELIVERED
+        delivered = 0
         for item in items:
-            msg = item.message
-            if item.disposition is delivered:  # the common case, first and short
-                outcomes[(msg.provider, msg.kind, "delivered")] += 1
-                result.delivered += 1
+            if not isinstance(item, _Settlement):  # delivered: the common case, first and short
+                outcomes[(item.provider, item.kind, "delivered")] += 1
+                delivered += 1
                 continue
+            msg = item.message
             action = item.disposition.action
             outcome = "released" if item.released and action is Action.DEFER else action.value
             outcomes[(msg.provider, msg.kind, outcome)] += 1
             if item.failed_attempt and msg.kind == KIND_WEBHOOK:
                 webhook_failures[msg.provider] += 1
             if action is Action.DELIVERED:
-                result.delivered += 1
+                delivered += 1
             elif action is Action.RETRY:
                 result.retried += 1
                 self.log.info(
@@ -755,6 +800,7 @@ class _WorkerCore:
                     attempts=msg.attempts,
                     error=item.disposition.error,
                 )
+        result.delivered += delivered
         for labels, count in outcomes.items():
             metrics.outbox_deliveries.labels(*labels).inc(count)
         for provider, count in webhook_failures.items():
@@ -893,6 +939,81 @@ class _ThreadDatabase:
         await asyncio.to_thread(self._release)
 
 
+class _Direct:
+    """The worker's two statements per batch (lease, delivered settle) on the driver's cursor.
+
+    Only while nothing watches SQLAlchemy's execution of them (no
+    ``before_cursor_execute``/``after_cursor_execute`` or ``handle_error``
+    listener, no statement logging): then SQLAlchemy's execute would do
+    nothing for the worker that the driver's cursor does not, at about 40 µs
+    a statement. Errors come out as SQLAlchemy's would (``DBAPIError``
+    subclasses; a lost connection invalidated), so the worker's handling is
+    the same either way.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._prepared: dict[Any, Prepared] = {}
+        self._dialect: Any = None
+
+    def _usable(self, conn: Connection) -> bool:
+        if not self.enabled:
+            return False
+        dispatch = conn.dispatch
+        return not (
+            dispatch.before_cursor_execute
+            or dispatch.after_cursor_execute
+            or conn.dialect.dispatch.handle_error
+            or conn.engine.echo
+            or _SQL_LOG.isEnabledFor(logging.INFO)
+        )
+
+    def _execute(self, conn: Connection, stmt: Any, params: dict[str, Any], fetch: bool) -> Any:
+        dialect = conn.dialect
+        if dialect is not self._dialect:
+            self._prepared.clear()
+            self._dialect = dialect
+        prepared = self._prepared.get(stmt)
+        if prepared is None:
+            prepared = self._prepared[stmt] = Prepared(stmt, dialect)
+        values = prepared.params(params)
+        dbapi_conn = conn.connection.dbapi_connection
+        assert dbapi_conn is not None
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(prepared.sql, values)
+            return cursor.fetchall() if fetch else cursor.rowcount
+        except dialect.loaded_dbapi.Error as exc:
+            lost = dialect.is_disconnect(exc, dbapi_conn, cursor)
+            if lost:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(
+                prepared.sql,
+                values,
+                exc,
+                dialect.loaded_dbapi.Error,
+                hide_parameters=conn.engine.hide_parameters,
+                connection_invalidated=lost,
+                dialect=dialect,
+            ) from exc
+        finally:
+            cursor.close()
+
+    def rows(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Sequence[Any]:
+        """The rows ``stmt`` returns (tuples, or SQLAlchemy rows: both index alike)."""
+        if self._usable(conn):
+            rows: Sequence[Any] = self._execute(conn, stmt, params, True)
+            return rows
+        return conn.execute(stmt, params).all()
+
+    def count(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> int:
+        """How many rows ``stmt`` changed."""
+        if self._usable(conn):
+            count: int = self._execute(conn, stmt, params, False)
+            return count
+        return conn.execute(stmt, params).rowcount
+
+
 class AsyncOutboxWorker:
     """Deliver outbox messages from an ``AsyncEngine``: the library's one outbox worker.
 
@@ -993,6 +1114,7 @@ class AsyncOutboxWorker:
         #: of the engine (one hop per cycle instead of one or more per statement);
         #: on the async engine itself when it has no twin.
         self._db: _Database = _AsyncDatabase(engine) if twin is None else _ThreadDatabase(twin)
+        self._direct = _Direct(enabled=twin is not None)
 
     @property
     def worker_id(self) -> str:
@@ -1142,7 +1264,7 @@ class AsyncOutboxWorker:
             limit = core.batch_size - len(batch)
             if limit <= 0:
                 break
-            rows = conn.execute(stmt, core.lease_params(provider, limit, now)).all()
+            rows = self._direct.rows(conn, stmt, core.lease_params(provider, limit, now))
             if not rows:
                 continue
             if on_statement_clock:
@@ -1185,40 +1307,72 @@ class AsyncOutboxWorker:
             lambda conn: {int(r[0]) for r in conn.execute(stmt, params)}, hold=self._hold
         )
 
-    async def _deliver_batch(self, batch: list[OutboxMessage]) -> list[_Settlement]:
+    async def _deliver_batch(self, batch: list[OutboxMessage]) -> list[_Outcome]:
         core = self._core
-        out: list[_Settlement] = []
+        out: list[_Outcome] = []
         ready = core.split_spent(batch, out)
         leases = _Leases(ready, core)
         renewing = asyncio.Lock()
         finished = asyncio.Event()
-        settled: list[_Settlement | None] = [None] * len(ready)
+        settled: list[_Outcome | None] = [None] * len(ready)
         queue = iter(enumerate(ready))
+        deliver = self.deliver
+        delivered = core.delivered
+        monotonic = core.clock.monotonic
 
         async def lane() -> None:
             # ``concurrency`` lanes take the batch's messages in order: at most
             # that many sends at once, a sliding window; distinct ordering keys
-            # within a batch, so per-key order holds. No task per message.
+            # within a batch, so per-key order holds. No task per message, and
+            # the common case (send, delivered) without a coroutine of its own.
+            # ``now``: the monotonic time, read once after each send, for both
+            # the delivery's record and the next message's renewal check (the
+            # lane does not yield between them).
+            now = monotonic()
             for index, message in queue:
                 # A renewal due or running: wait for it (it may lose this lease).
-                if renewing.locked() or leases.renewal_due():
+                if renewing.locked() or leases.renewal_due(now):
                     async with renewing:
                         await self._keep_leases(leases)
-                settled[index] = await self._deliver_one(message, leases)
+                if (
+                    self._stop_requested
+                    or (leases.lost and message.id in leases.lost)
+                    or core.gone_receivers
+                ):
+                    settled[index] = await self._deliver_one(message, leases)
+                    now = monotonic()
+                    continue
+                try:
+                    await deliver(message)
+                except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
+                    settled[index] = await self._failed(message, exc)
+                    now = monotonic()
+                else:
+                    now = monotonic()
+                    settled[index] = delivered(message, now)
 
-        async def heartbeat() -> None:
+        async def heartbeat(*, first: bool) -> None:
             # Renews while any send runs, even the only one of a batch of one.
             # Stopped by an event, never cancelled: a cancelled renewal would
             # leave the held connection mid-transaction.
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(finished.wait(), timeout=core.renew_check)
+                if not first:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(finished.wait(), timeout=core.renew_check)
+                first = False
                 if finished.is_set():
                     return
                 async with renewing:
                     await self._keep_leases(leases)
 
-        beat = asyncio.get_running_loop().create_task(heartbeat())
+        # The heartbeat's task starts when its first check falls due (a timer,
+        # not a task and a timeout per batch): a batch that is sent before
+        # then, nearly every one, never needs it.
+        loop = asyncio.get_running_loop()
+        beat: list[asyncio.Task[None]] = []
+        timer = loop.call_later(
+            core.renew_check, lambda: beat.append(loop.create_task(heartbeat(first=True)))
+        )
         try:
             lanes = min(core.concurrency, len(ready))
             if lanes == 1:
@@ -1226,12 +1380,14 @@ class AsyncOutboxWorker:
             elif lanes > 1:
                 await asyncio.gather(*(lane() for _ in range(lanes)))
         finally:
+            timer.cancel()
             finished.set()
-            await beat
-        out.extend(item for item in settled if item is not None)
+            if beat:
+                await beat[0]
+        out.extend(filter(None, settled))
         return out
 
-    async def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Settlement:
+    async def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Outcome:
         core = self._core
         if self._stop_requested or (leases.lost and message.id in leases.lost):
             return core.release(message, core.now())
@@ -1242,12 +1398,16 @@ class AsyncOutboxWorker:
         try:
             await self.deliver(message)
         except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
-            failed_at = core.clock.monotonic()
-            started = core.probe_due(message, exc)
-            if started is not None:
-                await self._probe(message.provider, started)
-            return core.settle(message, exc, core.now(), failed_at=failed_at)
+            return await self._failed(message, exc)
         return core.delivered(message)
+
+    async def _failed(self, message: OutboxMessage, exc: Exception) -> _Outcome:
+        core = self._core
+        failed_at = core.clock.monotonic()
+        started = core.probe_due(message, exc)
+        if started is not None:
+            await self._probe(message.provider, started)
+        return core.settle(message, exc, core.now(), failed_at=failed_at)
 
     async def _probe(self, provider: str, started: float) -> None:
         assert self._health is not None
@@ -1288,7 +1448,7 @@ class AsyncOutboxWorker:
         applied = 0
         if delivered:
             stmt = settle_delivered_statement(self._dialect, packed="p_keys" in delivered)
-            applied += conn.execute(stmt, delivered).rowcount
+            applied += self._direct.count(conn, stmt, delivered)
         if rows:
             applied += conn.execute(settle_statement(), rows).rowcount
         for receiver in receivers:
