@@ -18,6 +18,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, event, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -187,3 +188,43 @@ def test_a_cycle_waiting_for_the_sqlite_write_lock_leaves_the_event_loop_free(
         blocker.close()
         asyncio.run(async_engine.dispose())
     assert [0, 1, 2, 3, 4] == ticks
+
+
+def test_the_fallback_runs_a_one_off_cycle_and_drops_a_broken_held_connection(
+    sqlite_url: str,
+) -> None:
+    """Without a twin: ``run_once`` (no held connection) delivers in a transaction of its own;
+    a database error on the held connection drops it, and the next transaction opens a new
+    one and works."""
+    from sqlalchemy.exc import OperationalError
+
+    from idis.integrations.db._engine import create_db_engine
+
+    engine = create_db_engine(sqlite_url)
+    put_messages(engine, 3)
+    elsewhere = create_async_engine(sqlite_url.replace("sqlite://", "sqlite+aiosqlite://"))
+
+    def broken(conn: Any) -> None:
+        conn.execute(text("SELECT * FROM no_such_table"))
+
+    async def scenario() -> tuple[int, bool, bool, int]:
+        worker = AsyncOutboxWorker(
+            elsewhere, outbox_settings(), deliver=_noop, providers=["crm_provider"]
+        )
+        db = worker._db
+        assert isinstance(db, _AsyncDatabase)
+        delivered = (await worker.run_once()).delivered
+        held_after_one_off = db._conn is not None
+        with pytest.raises(OperationalError, match="no_such_table"):
+            await db.run(broken, hold=True)
+        dropped = db._conn is None
+        one = await db.run(lambda conn: conn.execute(text("SELECT 1")).scalar_one(), hold=True)
+        await db.release()
+        return delivered, held_after_one_off, dropped, one
+
+    try:
+        assert (3, False, True, 1) == asyncio.run(scenario())
+    finally:
+        asyncio.run(elsewhere.dispose())
+    assert {"delivered": 3} == statuses(engine)
+    engine.dispose()
