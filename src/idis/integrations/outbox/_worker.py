@@ -106,6 +106,26 @@ _SQL_LOG = logging.getLogger("sqlalchemy.engine.Engine")
 _from_iso = datetime.fromisoformat
 
 
+def _sqlite_time(text: str) -> datetime:
+    return _from_iso(text + "+00:00")
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+#: How a leased row's payload and ``created_at`` are decoded, by "is it SQLite":
+#: SQLite returns them as text (``_queries._leased_columns``), PostgreSQL as values.
+_ROW_DECODERS: dict[bool, tuple[Callable[[Any], Any], Callable[[Any], datetime]]] = {
+    True: (load_json, _sqlite_time),
+    False: (_as_is, _utc),
+}
+
+
 def _by_id(message: OutboxMessage) -> int:
     return message.id
 
@@ -398,43 +418,7 @@ class _WorkerCore:
         batch: list[OutboxMessage] = []
         append = batch.append
         lapsed = 0
-        if dialect == "sqlite":
-            # Exactly LEASED_COLUMNS: unpacked without a starred target (a list per row).
-            load = load_json
-            for (
-                id_,
-                provider,
-                kind,
-                idempotency_key,
-                raw_payload,
-                ordering_key,
-                tenant_id,
-                attempts,
-                max_retries,
-                raw_created,
-                generation,
-                last_error,
-            ) in rows:
-                if last_error is not None and last_error == LEASE_EXPIRED:
-                    lapsed += 1
-                append(
-                    make(
-                        id_,
-                        provider,
-                        kind,
-                        idempotency_key,
-                        load(raw_payload),
-                        ordering_key,
-                        tenant_id,
-                        attempts,
-                        default_retries if max_retries is None else max_retries,
-                        _from_iso(raw_created + "+00:00"),
-                        expires,
-                        generation,
-                    )
-                )
-            self.reclaimed += lapsed
-            return batch
+        payload_of, time_of = _ROW_DECODERS[dialect == "sqlite"]
         width = len(LEASED_COLUMNS)
         for row in rows:
             (
@@ -450,7 +434,7 @@ class _WorkerCore:
                 created_at,
                 generation,
                 last_error,
-            ) = row[:width]
+            ) = row if len(row) == width else row[:width]
             if last_error is not None and last_error == LEASE_EXPIRED:
                 lapsed += 1
             append(
@@ -459,12 +443,12 @@ class _WorkerCore:
                     provider,
                     kind,
                     idempotency_key,
-                    payload,
+                    payload_of(payload),
                     ordering_key,
                     tenant_id,
                     attempts,
                     default_retries if max_retries is None else max_retries,
-                    created_at if created_at.tzinfo is UTC else created_at.astimezone(UTC),
+                    time_of(created_at),
                     expires,
                     generation,
                 )
