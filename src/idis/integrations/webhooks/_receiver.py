@@ -78,6 +78,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import queue
 import re
 import threading
 import time
@@ -141,6 +142,8 @@ RECENT_BATCHES = 8
 SLOW_BATCH = 0.05
 #: Recently committed webhook events remembered per receiver, to answer redeliveries.
 RECENT_EVENTS = 16_384
+#: Seconds a batch thread of an ASGI app waits for work before it ends (see ``_BatchThreads``).
+_IDLE_THREAD = 10.0
 #: The route under the mount point: one provider name, as config.py allows it.
 _ROUTE = re.compile(r"/([a-z][a-z0-9_]{0,62})/?")
 
@@ -452,6 +455,82 @@ class _LoopCommitter:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _BatchThreads:
+    """Threads that run an event loop's batch transactions (``WebhookReceiver.asgi_app``).
+
+    One hand-off each way per batch: a ``SimpleQueue.put`` to a waiting thread and
+    one ``call_soon_threadsafe`` back. ``anyio.to_thread.run_sync`` costs about
+    2.5 times as much CPU per call (a capacity limiter, a ``queue.Queue`` whose
+    ``Condition`` wakes the worker, a cancel scope), paid on the loop once per batch.
+    At most ``limit`` threads (the committer's parallel batches); one idle for
+    :data:`_IDLE_THREAD` seconds ends, so an idle receiver holds no thread.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._tasks: queue.SimpleQueue[
+            tuple[Callable[[list[_Job]], None], list[_Job], asyncio.AbstractEventLoop, Any]
+        ] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    async def run(self, fn: Callable[[list[_Job]], None], jobs: list[_Job]) -> None:
+        """``fn(jobs)`` in one of the threads; raises what it raised."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._tasks.put((fn, jobs, loop, done))
+            if self._idle:
+                self._idle -= 1  # that thread takes it
+            elif self._threads < self._limit:
+                self._threads += 1
+                threading.Thread(
+                    target=self._work, name="idis-webhook-batches", daemon=True
+                ).start()
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # As anyio's run_sync: a cancelled caller (loop shutdown) still waits
+            # for the transaction it started, so its outcome is never unknown.
+            with contextlib.suppress(BaseException):
+                await done
+            raise
+
+    def _work(self) -> None:
+        while True:
+            try:
+                fn, jobs, loop, done = self._tasks.get(timeout=_IDLE_THREAD)
+            except queue.Empty:
+                with self._lock:
+                    if self._tasks.empty():
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
+                continue  # a task arrived as the wait ended: it counted on this thread
+            error: BaseException | None = None
+            try:
+                fn(jobs)
+            except BaseException as exc:  # noqa: BLE001  # handed to the awaiting drain
+                error = exc
+            with self._lock:
+                self._idle += 1
+            try:
+                loop.call_soon_threadsafe(_finish, done, error)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+            del fn, jobs, done, error
+
+
+def _finish(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 # --------------------------------------------------------------------------- flow effects
@@ -1140,8 +1219,10 @@ class WebhookReceiver(_ReceiverBase):
         """
         import anyio.to_thread
 
+        threads = _BatchThreads(self._parallel)
+
         async def apply(jobs: list[_Job]) -> None:
-            await anyio.to_thread.run_sync(self._apply_batch, jobs)
+            await threads.run(self._apply_batch, jobs)
 
         async def save_spike(name: str, at: datetime) -> None:
             await anyio.to_thread.run_sync(self._save_spike, name, at)
