@@ -693,6 +693,8 @@ class _ReceiverBase:
         # events enter, so an answer from here is what the inbox would give.
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._recent_lock = threading.Lock()
+        #: The answers' counter and its children by (provider, outcome) (see ``_count``).
+        self._counted: tuple[Any, dict[tuple[str, str], Any]] | None = None
         #: The group committers of ``handle()`` and of each ASGI app (their batch counts).
         self._committers: list[Any] = []
 
@@ -705,6 +707,21 @@ class _ReceiverBase:
     def metrics(self) -> Metrics:
         """The metrics this component records into."""
         return self._metrics if self._metrics is not None else get_metrics()
+
+    def _count(self, provider: str, outcome: str) -> None:
+        """Count one answer in ``integration_webhooks_received_total``."""
+        counter = self.metrics.webhooks_received
+        children = self._counted
+        if children is None or children[0] is not counter:
+            # The process-wide metrics may be replaced (tests, a reset): start over.
+            children = self._counted = (counter, {})
+        child = children[1].get((provider, outcome))
+        if child is None:
+            # ``labels()`` validates and locks (about 2 µs); its child never changes.
+            child = children[1][(provider, outcome)] = counter.labels(
+                provider=provider, outcome=outcome
+            )
+        child.inc()
 
     def signature_failures(self, provider: str, now: datetime | None = None) -> int:
         """Bad signatures and stale timestamps for ``provider`` in the last minute."""
@@ -800,7 +817,7 @@ class _ReceiverBase:
         message_id: str | None = None,
     ) -> WebhookResult:
         label = provider if provider in self.schemes else "unknown"
-        self.metrics.webhooks_received.labels(provider=label, outcome=outcome).inc()
+        self._count(label, outcome)
         _log.warning(
             "idis.webhooks.rejected",
             msg=f"webhook rejected: {detail}",
@@ -829,7 +846,7 @@ class _ReceiverBase:
         labels = ["accepted" if o is ApplyOutcome.APPLIED else o.value for o in outcomes]
         # A batch is "accepted" when any of its events was applied, else its first outcome.
         label = "accepted" if "accepted" in labels else labels[0]
-        self.metrics.webhooks_received.labels(provider=provider, outcome=label).inc()
+        self._count(provider, label)
         event_id = _first_id(verified)
         counts: dict[str, int] | None = None
         if verified.batch:
@@ -854,7 +871,7 @@ class _ReceiverBase:
         ``unfed``: a notification that asks for a fetch, but the receiver was given no
         feed for the provider (``feeds=``); the poller and the sentinel still catch up.
         """
-        self.metrics.webhooks_received.labels(provider=verified.provider, outcome="ignored").inc()
+        self._count(verified.provider, "ignored")
         if unfed:
             _log.warning(
                 "idis.webhooks.no_feed",
@@ -873,7 +890,7 @@ class _ReceiverBase:
             "ignored": int(polled.ignored),
         }
         label = "fetched"
-        self.metrics.webhooks_received.labels(provider=verified.provider, outcome=label).inc()
+        self._count(verified.provider, label)
         _log.debug(
             "idis.webhooks.fetched",
             provider=verified.provider,
@@ -895,7 +912,7 @@ class _ReceiverBase:
             exc, OperationalError | StorageError | ProviderError | AuthError
         ) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
         outcome, status = ("unavailable", 503) if transient else ("handler_error", 500)
-        self.metrics.webhooks_received.labels(provider=provider, outcome=outcome).inc()
+        self._count(provider, outcome)
         # The exception's type only: its text may quote the host's data.
         _log.error(
             "idis.webhooks.failed",
@@ -917,7 +934,7 @@ class _ReceiverBase:
     def _internal_error(self, provider: str, exc: BaseException) -> WebhookResult:
         # Last resort: a bug must not crash the app, and is counted like any answer.
         label = provider if provider in self.schemes else "unknown"
-        self.metrics.webhooks_received.labels(provider=label, outcome="internal_error").inc()
+        self._count(label, "internal_error")
         _log.error("idis.webhooks.internal_error", provider=label, error_type=type(exc).__name__)
         return WebhookResult(500, "internal_error", detail="internal error")
 
@@ -1410,9 +1427,10 @@ def _make_asgi(
             result = receiver._reject(provider or "", "unknown_provider", 404, "no such route")
             await _send_result(send, result, close=True)
             return
-        headers: list[tuple[bytes, bytes]] = list(scope.get("headers", []))
-        declared = next((v for k, v in headers if k.lower() == b"content-length"), None)
-        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        # Normalized once: verification reads the same dict (see normalize_headers).
+        headers = normalize_headers(scope.get("headers", ()))
+        declared = headers.get("content-length", "").strip()
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
             result = receiver._reject(provider, "too_large", 413, "body too large")
             await _send_result(send, result, close=True)
             return
