@@ -517,10 +517,9 @@ class _BatchThreads:
                 error = exc
             with self._lock:
                 self._idle += 1
-            try:
+            # A closed loop (RuntimeError) has nobody waiting any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_finish, done, error)
-            except RuntimeError:
-                pass  # the loop is closed: nobody waits any more
             del fn, jobs, done, error
 
 
