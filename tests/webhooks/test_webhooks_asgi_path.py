@@ -118,27 +118,34 @@ def test_a_batch_error_reaches_the_loop_and_an_idle_thread_ends(
     assert 0 == threads._threads
 
 
-def test_batch_threads_stay_within_their_limit() -> None:
-    """Three batches at once with a limit of two: two threads, the third batch waits its turn."""
+def test_batch_threads_stay_within_their_limit_and_end_when_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Six batches at once with a limit of two: two threads run them all, then both end."""
+    monkeypatch.setattr(_receiver, "_IDLE_THREAD", 0.05)
     threads = _BatchThreads(limit=2)
     started = threading.Barrier(2, timeout=30)
-    running: set[str] = set()
-    names: set[int] = set()
+    used: dict[int, threading.Thread] = {}
+    ran: list[Any] = []
 
     def batch(jobs: list[Any]) -> None:
-        names.add(threading.get_ident())
-        running.add(str(jobs))
-        if len(running) <= 2:
+        used[threading.get_ident()] = threading.current_thread()
+        ran.extend(jobs)
+        if len(ran) <= 2:
             started.wait()  # the first two overlap: two threads exist
 
-    async def three() -> None:
-        batches: list[list[Any]] = [[n] for n in range(3)]
+    async def six() -> None:
+        batches: list[list[Any]] = [[n] for n in range(6)]
         await asyncio.gather(*(threads.run(batch, jobs) for jobs in batches))
 
-    asyncio.run(three())
+    asyncio.run(six())
 
-    assert 2 == len(names)
-    assert 3 == len(running)
+    assert list(range(6)) == sorted(ran)
+    assert 2 == len(used)
+    for thread in used.values():
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    assert (0, 0, 0) == (threads._threads, threads._waiting, threads._pending)
 
 
 def test_a_non_ascii_digit_content_length_is_no_internal_error(

@@ -474,22 +474,31 @@ class _BatchThreads:
             tuple[Callable[[list[_Job]], None], list[_Job], asyncio.AbstractEventLoop, Any]
         ] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        #: Threads alive, those waiting for a task, and tasks queued but not yet taken.
         self._threads = 0
-        self._idle = 0
+        self._waiting = 0
+        self._pending = 0
 
     async def run(self, fn: Callable[[list[_Job]], None], jobs: list[_Job]) -> None:
         """``fn(jobs)`` in one of the threads; raises what it raised."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         with self._lock:
-            self._tasks.put((fn, jobs, loop, done))
-            if self._idle:
-                self._idle -= 1  # that thread takes it
-            elif self._threads < self._limit:
+            if self._pending >= self._waiting and self._threads < self._limit:
+                # Every waiting thread has a task already: one more thread.
                 self._threads += 1
-                threading.Thread(
-                    target=self._work, name="idis-webhook-batches", daemon=True
-                ).start()
+                self._waiting += 1
+                try:
+                    threading.Thread(
+                        target=self._work, name="idis-webhook-batches", daemon=True
+                    ).start()
+                except BaseException:
+                    # No thread to be had: nothing queued, the drain answers the error.
+                    self._threads -= 1
+                    self._waiting -= 1
+                    raise
+            self._pending += 1
+            self._tasks.put((fn, jobs, loop, done))
         try:
             await asyncio.shield(done)
         except asyncio.CancelledError:
@@ -505,18 +514,22 @@ class _BatchThreads:
                 fn, jobs, loop, done = self._tasks.get(timeout=_IDLE_THREAD)
             except queue.Empty:
                 with self._lock:
-                    if self._tasks.empty():
-                        self._idle -= 1
+                    if not self._pending:
+                        # Idle, and no queued task counts on this thread: end.
+                        self._waiting -= 1
                         self._threads -= 1
                         return
-                continue  # a task arrived as the wait ended: it counted on this thread
+                continue
+            with self._lock:
+                self._waiting -= 1
+                self._pending -= 1
             error: BaseException | None = None
             try:
                 fn(jobs)
             except BaseException as exc:  # noqa: BLE001  # handed to the awaiting drain
                 error = exc
             with self._lock:
-                self._idle += 1
+                self._waiting += 1
             # A closed loop (RuntimeError) has nobody waiting any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_finish, done, error)
