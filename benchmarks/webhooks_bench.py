@@ -2,6 +2,7 @@
 
     python -m benchmarks.webhooks_bench [--events 1000] [--rounds 5] [--db sqlite|postgres|both]
                                         [--concurrency 8] [--skip-http | --http-only]
+                                        [--batches-only | --in-process-only]
 
 In one run, on the same machine and databases:
 
@@ -12,6 +13,11 @@ In one run, on the same machine and databases:
   against ``WebhookReceiver.handle()`` for new events (verify, parse, inbox
   insert, version check, a no-op handler, commit) and for redeliveries of the
   same events (verify, parse, dedupe).
+* **In process** (no HTTP), per database: each receiver's ASGI app, mounted in
+  Starlette as below, driven with ``--concurrency`` requests in flight: process CPU
+  per request for new events and for duplicates (``--in-process-only`` alone). What
+  an HTTP server and client add is left out, and most of what other processes'
+  load does to the HTTP rates: the figure to compare two versions by on a busy machine.
 * **Over loopback HTTP**: uvicorn in a subprocess, an ``httpx.AsyncClient`` with
   ``--concurrency`` requests in flight: a bare ASGI app that answers 200 without
   looking at the request, against the receiver's ASGI app mounted in Starlette,
@@ -513,6 +519,115 @@ def bench_http(kind: str, url: str, count: int, concurrency: int, rounds: int) -
         )
 
 
+# --------------------------------------------------------------------------- in process
+
+
+async def _asgi_post(app: Any, path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """One POST through ``app`` in this process (no HTTP server): its status."""
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+    }
+    await app(scope, receive, send)
+    return int(sent[0]["status"])
+
+
+def bench_in_process(kind: str, url: str, count: int, concurrency: int, rounds: int) -> None:
+    """The receiver's CPU per request without an HTTP server: its ASGI app mounted in
+    Starlette as in the HTTP runs, ``concurrency`` requests in flight, driven in process.
+
+    Process CPU (every thread, SQLite's work included, PostgreSQL's not) per request:
+    what an HTTP server and client add is left out, and so is most of what load from
+    other processes does to the HTTP figures.
+    """
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    path = f"/webhooks/{PROVIDER}"
+    flavours = {"receiver": "WebhookReceiver (thread)", "async-receiver": "AsyncWebhookReceiver"}
+    cpu: dict[str, list[float]] = {f"{n}-{p}": [] for n in flavours for p in ("new", "dup")}
+    #: Deliveries per group-committed transaction, new events (receivers that count them).
+    sizes: dict[str, list[float]] = {name: [] for name in flavours}
+    receivers: dict[str, Any] = {}
+
+    async def run(app: Any, bodies: list[bytes]) -> float:
+        headers = [
+            [(k.encode(), v.encode()) for k, v in h.items()]
+            + [(b"content-length", str(len(b)).encode()), (b"host", b"127.0.0.1")]
+            for h, b in zip(sign_all(bodies), bodies, strict=True)
+        ]
+        pending = iter(range(len(bodies)))
+        statuses: Counter[int] = Counter()
+
+        async def worker() -> None:
+            for i in pending:
+                statuses[await _asgi_post(app, path, bodies[i], headers[i])] += 1
+
+        start = time.process_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        spent = time.process_time() - start
+        assert dict(statuses) == {200: len(bodies)}, statuses
+        return spent / len(bodies) * 1e6
+
+    async def measure() -> None:
+        apps: dict[str, Any] = {}
+        disposers = []
+        for name in flavours:
+            receiver = make_async_receiver(url) if name == "async-receiver" else make_receiver(url)
+            receivers[name] = receiver
+            apps[name] = Starlette(routes=[Mount("/webhooks", app=receiver.asgi_app())])
+            engine = receiver._sessions.kw["bind"]
+            disposers.append(engine.dispose)
+        for index, app in enumerate(apps.values(), start=1):
+            await run(app, make_bodies(100, start=20_000_000 + 1000 * index))  # warm up
+        for round_no in range(rounds):
+            for index, name in enumerate(flavours):
+                bodies = make_bodies(count, start=30_000_000 + (round_no * 2 + index) * count)
+                counts = getattr(receivers[name], "_batch_counts", None)
+                before = counts() if counts is not None else None
+                for phase in ("new", "dup"):
+                    cpu[f"{name}-{phase}"].append(await run(apps[name], bodies))
+                if counts is not None and before is not None:
+                    after = counts()
+                    batches = after[0] - before[0]
+                    sizes[name].append((after[1] - before[1]) / batches if batches else 0.0)
+        for dispose in disposers:
+            result = dispose()
+            if asyncio.iscoroutine(result):
+                await result
+
+    asyncio.run(measure())
+    for name, label in flavours.items():
+        new, dup = (statistics.median(cpu[f"{name}-{p}"]) for p in ("new", "dup"))
+        print(
+            f"  in process {kind:<9} {label:<25} CPU per request: new {new:,.0f} us"
+            f"   duplicates {dup:,.0f} us   (ASGI app in Starlette, {concurrency} in flight)"
+            + (
+                f"   {statistics.median(sizes[name]):.1f} new deliveries per transaction"
+                if sizes[name]
+                else ""
+            )
+        )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -535,6 +650,11 @@ def main(argv: list[str] | None = None) -> None:
         "--batches-only", action="store_true", help="only the group-commit batch measurement"
     )
     parser.add_argument(
+        "--in-process-only",
+        action="store_true",
+        help="only the receivers' CPU per request through their ASGI apps, without HTTP",
+    )
+    parser.add_argument(
         "--serve", choices=["bare", "receiver", "async-receiver"], help=argparse.SUPPRESS
     )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -549,6 +669,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.events} webhooks per measurement, HTTP concurrency {args.concurrency}"
     )
     kinds = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    if args.in_process_only:
+        for kind in kinds:
+            with database(kind) as url:
+                bench_in_process(kind, url, args.events, args.concurrency, args.rounds)
+        return
     if args.batches_only:
         for kind in kinds:
             with database(kind) as url:
@@ -561,6 +686,8 @@ def main(argv: list[str] | None = None) -> None:
             with database(kind) as url:
                 bench_handle(kind, url, args.events, args.rounds)
                 bench_batches(kind, url, args.events, args.rounds)
+            with database(kind) as url:
+                bench_in_process(kind, url, args.events, args.concurrency, args.rounds)
         if not args.skip_http:
             with database(kind) as url:
                 bench_http(kind, url, args.events, args.concurrency, args.rounds)

@@ -130,6 +130,12 @@ class VerificationScheme(Protocol):
         ...
 
 
+class _Normalized(dict[str, str]):
+    """What :func:`normalize_headers` returns: normalizing it again returns it as is."""
+
+    __slots__ = ()
+
+
 def normalize_headers(
     headers: Mapping[str, str] | Iterable[tuple[bytes | str, bytes | str]],
 ) -> dict[str, str]:
@@ -138,10 +144,13 @@ def normalize_headers(
     Accepts a mapping or ASGI's list of ``(name, value)`` byte pairs; bytes are
     decoded as Latin-1, as HTTP/1.1 prescribes, so no header can fail to decode.
     """
+    if type(headers) is _Normalized:
+        # The ASGI app normalizes once (for Content-Length) and verification reuses it.
+        return headers
     items: Iterable[tuple[bytes | str, bytes | str]] = (
         headers.items() if isinstance(headers, Mapping) else headers
     )
-    result: dict[str, str] = {}
+    result = _Normalized()
     for name, value in items:
         key = (name.decode("latin-1") if isinstance(name, bytes) else str(name)).lower()
         text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
@@ -406,11 +415,10 @@ def _reject_constant(name: str) -> Any:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError("an object has a duplicate key")
-        result[key] = value
+    # Built by dict() in C: a repeated key shows as fewer entries than pairs.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("an object has a duplicate key")
     return result
 
 
