@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from tests.sync.conftest import HostTable
 
 from idis.integrations._clock import ManualClock
+from idis.integrations._http import httpx
 from idis.integrations.observability._metrics import Metrics
 from idis.integrations.sync._inbox import HandlerRegistry
 from idis.integrations.webhooks import _receiver
@@ -30,25 +31,10 @@ async def _post(
     app: Any, body: bytes, headers: list[tuple[bytes, bytes]], path: str = f"/{P}"
 ) -> tuple[int, bytes]:
     """One POST through ``app`` (ASGI, in process): its status and body."""
-    sent: list[dict[str, Any]] = []
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop() if messages else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": path,
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers,
-    }
-    await app(scope, receive, send)
-    return int(sent[0]["status"]), bytes(sent[1]["body"])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://receiver") as client:
+        response = await client.post(path, content=body, headers=headers)
+    return response.status_code, response.content
 
 
 def _asgi_headers(body: bytes, n: int, **extra: bytes) -> list[tuple[bytes, bytes]]:
