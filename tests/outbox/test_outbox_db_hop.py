@@ -229,3 +229,23 @@ def test_the_fallback_runs_a_one_off_cycle_and_drops_a_broken_held_connection(
         asyncio.run(elsewhere.dispose())
     assert {"delivered": 3} == statuses(engine)
     engine.dispose()
+
+
+def test_no_twin_when_sqlalchemy_cannot_join_the_engines_events(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The twin shares the async engine's events through SQLAlchemy's private dispatch join;
+    a SQLAlchemy without it gets no twin (the worker runs on the async engine itself), not a
+    twin whose connections would skip the host's listeners."""
+    import sqlalchemy.event.base
+
+    engine = create_async_db_engine(sqlite_url)
+    try:
+        monkeypatch.delattr(sqlalchemy.event.base._Dispatch, "_join")
+        assert blocking_twin(engine) is None
+        worker = AsyncOutboxWorker(
+            engine, outbox_settings(), deliver=_noop, providers=["crm_provider"]
+        )
+        assert isinstance(worker._db, _AsyncDatabase)
+    finally:
+        asyncio.run(engine.dispose())

@@ -167,8 +167,9 @@ def blocking_twin(engine: AsyncEngine) -> Engine | None:
     uses each from one thread at a time.
 
     None when ``engine`` was not made by :func:`create_async_db_engine` (its
-    options are unknown) or is an in-memory SQLite database (a second
-    connection would see another database).
+    options are unknown), is an in-memory SQLite database (a second
+    connection would see another database), or runs on a SQLAlchemy whose
+    private dispatch join (how the events are shared) is gone.
     """
     sync = engine.sync_engine
     connect_args = _MADE_HERE.get(sync)
@@ -194,8 +195,14 @@ def blocking_twin(engine: AsyncEngine) -> Engine | None:
         twin = create_engine(url, poolclass=NullPool, connect_args=connect_args)
         event.listen(twin, "connect", _fast_json)
     # The async engine's connection events, dispatched on the twin's connections
-    # as well (what SQLAlchemy's own Engine.execution_options copies do).
-    twin.dispatch = twin.dispatch._join(sync.dispatch)
+    # as well (what SQLAlchemy's own Engine.execution_options copies do). That join
+    # is SQLAlchemy's private API: a version without it gets no twin (the caller
+    # then runs on the async engine itself), never a twin deaf to the host's events.
+    try:
+        twin.dispatch = twin.dispatch._join(sync.dispatch)
+    except (AttributeError, NotImplementedError):
+        twin.dispose()
+        return None
     twin._has_events = True
     return twin
 
