@@ -1323,9 +1323,10 @@ class AsyncOutboxWorker:
                     or (leases.lost and message.id in leases.lost)
                     or core.gone_receivers
                 ):
-                    settled[index] = await self._deliver_one(message, leases)
-                    now = monotonic()
-                    continue
+                    skipped = self._not_sent(message, leases)
+                    if skipped is not None:
+                        settled[index] = skipped
+                        continue
                 try:
                     await deliver(message)
                 except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
@@ -1371,19 +1372,15 @@ class AsyncOutboxWorker:
         out.extend(filter(None, settled))
         return out
 
-    async def _deliver_one(self, message: OutboxMessage, leases: _Leases) -> _Outcome:
+    def _not_sent(self, message: OutboxMessage, leases: _Leases) -> _Settlement | None:
+        """The outcome of a message not to send (the worker stops, its lease was lost, its
+        receiver is gone), or None: send it."""
         core = self._core
         if self._stop_requested or (leases.lost and message.id in leases.lost):
             return core.release(message, core.now())
         if core.gone_receivers:
-            gone = core.skip_gone(message)
-            if gone is not None:
-                return gone
-        try:
-            await self.deliver(message)
-        except Exception as exc:  # noqa: BLE001  # every failure is settled, none escapes
-            return await self._failed(message, exc)
-        return core.delivered(message)
+            return core.skip_gone(message)
+        return None
 
     async def _failed(self, message: OutboxMessage, exc: Exception) -> _Outcome:
         core = self._core
