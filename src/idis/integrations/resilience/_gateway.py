@@ -303,7 +303,7 @@ class _AsyncIO:
 
 @dataclass(slots=True)
 class _Runtime:
-    """Per-provider state: breakers, limiter, budget, pause, bulkhead, pre-bound metric children."""
+    """Per-provider state: breakers, limiter, budget, pause, bulkhead."""
 
     settings: ProviderSettings
     breaker: Breaker
@@ -320,7 +320,6 @@ class _Runtime:
     map_error: Callable[[ProviderError], ProviderError] | None = None
     paused_until: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    children: dict[tuple[str, ...], Any] = field(default_factory=dict)
     #: Parsed URL per endpoint without path parameters (parsing costs ~6 µs a call).
     urls: dict[str, httpx.URL] = field(default_factory=dict)
 
@@ -444,12 +443,7 @@ class _Pipeline:
         return [runtime.breaker, *runtime.endpoint_breakers.values()]
 
     def child(self, runtime: _Runtime, metric: str, *labels: str) -> Any:
-        key = (metric, *labels)
-        found = runtime.children.get(key)
-        if found is None:
-            found = getattr(self.metrics, metric).labels(runtime.settings.name, *labels)
-            runtime.children[key] = found
-        return found
+        return self.metrics.child(metric, runtime.settings.name, *labels)
 
     # ---------------------------------------------------------------- calls
 

@@ -705,8 +705,6 @@ class _ReceiverBase:
         # events enter, so an answer from here is what the inbox would give.
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._recent_lock = threading.Lock()
-        #: The answers' counter and its children by (provider, outcome) (see ``_count``).
-        self._counted: tuple[Any, dict[tuple[str, str], Any]] | None = None
         #: The group committers of ``handle()`` and of each ASGI app (their batch counts).
         self._committers: list[Any] = []
 
@@ -722,18 +720,7 @@ class _ReceiverBase:
 
     def _count(self, provider: str, outcome: str) -> None:
         """Count one answer in ``integration_webhooks_received_total``."""
-        counter = self.metrics.webhooks_received
-        children = self._counted
-        if children is None or children[0] is not counter:
-            # The process-wide metrics may be replaced (tests, a reset): start over.
-            children = self._counted = (counter, {})
-        child = children[1].get((provider, outcome))
-        if child is None:
-            # ``labels()`` validates and locks (about 2 µs); its child never changes.
-            child = children[1][(provider, outcome)] = counter.labels(
-                provider=provider, outcome=outcome
-            )
-        child.inc()
+        self.metrics.child("webhooks_received", provider, outcome).inc()
 
     def signature_failures(self, provider: str, now: datetime | None = None) -> int:
         """Bad signatures and stale timestamps for ``provider`` in the last minute."""
