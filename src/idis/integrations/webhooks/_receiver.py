@@ -452,9 +452,14 @@ class _LoopCommitter:
                 self._queue.clear()
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
+def _resolve(future: asyncio.Future[None], error: BaseException | None = None) -> None:
+    """Settle ``future`` (with ``error`` raised, if given) unless it already is."""
+    if future.done():
+        return
+    if error is None:
         future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class _BatchThreads:
@@ -532,17 +537,8 @@ class _BatchThreads:
                 self._waiting += 1
             # A closed loop (RuntimeError) has nobody waiting any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_finish, done, error)
+                loop.call_soon_threadsafe(_resolve, done, error)
             del fn, jobs, done, error
-
-
-def _finish(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 # --------------------------------------------------------------------------- flow effects
