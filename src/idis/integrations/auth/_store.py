@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._audit import AuditEvent, audit_row
+from ..db._base import dialect_insert
 from ..exceptions import StorageError, TokenLockTimeout
 from ..observability._logs import redact_text
 from ._models import OAuthTokenRow
@@ -108,23 +109,11 @@ def select_row(provider: str, *, for_update: bool) -> Select[Any]:
 
 def insert_missing(provider: str, now: datetime, dialect: str) -> Any:
     """Create the provider's empty row unless it exists (race-free on both backends)."""
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return (
-            pg_insert(TABLE)
-            .values(**blank_values(provider, now))
-            .on_conflict_do_nothing(index_elements=["provider"])
-        )
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return (
-            sqlite_insert(TABLE)
-            .values(**blank_values(provider, now))
-            .on_conflict_do_nothing(index_elements=["provider"])
-        )
-    return insert(TABLE).values(**blank_values(provider, now))
+    return (
+        dialect_insert(TABLE, dialect)
+        .values(**blank_values(provider, now))
+        .on_conflict_do_nothing(index_elements=["provider"])
+    )
 
 
 def update_row(provider: str, values: Mapping[str, Any], expect_generation: int | None) -> Any:

@@ -10,7 +10,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
 
-__all__ = ["Base", "BigIntPK", "JSONType", "UTCDateTime", "metadata"]
+__all__ = ["Base", "BigIntPK", "JSONType", "UTCDateTime", "dialect_insert", "metadata"]
 
 #: Constraint names are fixed so that alembic migrations are reproducible across databases.
 NAMING_CONVENTION = {
@@ -22,6 +22,21 @@ NAMING_CONVENTION = {
 }
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def dialect_insert(table: Any, dialect: str) -> postgresql.Insert | sqlite.Insert:
+    """``INSERT`` into ``table`` in ``dialect``'s own form, which has ``ON CONFLICT``
+    (``on_conflict_do_nothing`` / ``on_conflict_do_update``).
+
+    Raises:
+        ValueError: a dialect other than the two the library supports.
+    """
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise ValueError(f"unsupported database dialect {dialect!r}: expected postgresql or sqlite")
+
 
 #: 64-bit primary keys on PostgreSQL; SQLite's INTEGER PRIMARY KEY is the rowid.
 BigIntPK = BigInteger().with_variant(Integer(), "sqlite")

@@ -19,10 +19,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, delete, func, insert, or_, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from .._audit import AuditEvent, audit_row
+from ..db._base import dialect_insert
 from ..observability._metrics import Metrics
 from ._decisions import SubjectKey
 from ._models import (
@@ -72,12 +72,7 @@ class LeasedRequest:
 
 def _insert(session: Session, model: Any) -> Any:
     """A dialect-specific INSERT (for ON CONFLICT)."""
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert(model)
-    if name == "sqlite":
-        return sqlite.insert(model)
-    return insert(model)  # pragma: no cover  # config.py admits only these two
+    return dialect_insert(model, session.get_bind().dialect.name)
 
 
 def _subject_filter(model: Any, key: SubjectKey) -> Any:

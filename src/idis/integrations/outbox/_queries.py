@@ -68,11 +68,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import cast as sql_cast
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.sql.expression import FromClause
 
-from ..db._base import UTCDateTime
+from ..db._base import UTCDateTime, dialect_insert
 from ._models import (
     DEAD,
     DELIVERED,
@@ -163,11 +163,7 @@ def not_leased(table: Any, now: Any = None) -> Any:
 
 
 def _insert_for(dialect: str) -> Any:
-    if dialect == "postgresql":
-        return postgresql.insert(messages)
-    if dialect == "sqlite":
-        return sqlite.insert(messages)
-    raise ValueError(f"unsupported database dialect {dialect!r}: expected postgresql or sqlite")
+    return dialect_insert(messages, dialect)
 
 
 @functools.cache
@@ -522,7 +518,7 @@ def mark_receiver_statement(dialect: str) -> Insert:
 
     Parameters: p_provider, p_endpoint, p_status, p_code, p_reason, p_now.
     """
-    base = postgresql.insert(receivers) if dialect == "postgresql" else sqlite.insert(receivers)
+    base = dialect_insert(receivers, dialect)
     stmt = base.values(
         provider=bindparam("p_provider"),
         endpoint=bindparam("p_endpoint"),

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from .._audit import record_audit
 from .._timeparse import utcnow
+from ..db._base import dialect_insert
 from ..exceptions import IntegrationError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
@@ -237,20 +238,11 @@ def claim_cursor(
     inserted with ON CONFLICT DO NOTHING so that two first polls do not fail on the
     unique (provider, stream); a blank row starts a poll as no row does.
     """
-    values = {"provider": provider, "stream": stream, "updated_at": now}
-    dialect = session.get_bind().dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        dialect_insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        session.execute(
-            dialect_insert(SyncCursor)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=["provider", "stream"])
-        )
-    elif get_cursor(session, provider, stream) is None:
-        session.add(SyncCursor(**values))
-        session.flush()
+    session.execute(
+        dialect_insert(SyncCursor.__table__, session.get_bind().dialect.name)
+        .values(provider=provider, stream=stream, updated_at=now)
+        .on_conflict_do_nothing(index_elements=["provider", "stream"])
+    )
     cursor = session.scalar(
         select(SyncCursor)
         .where(SyncCursor.provider == provider, SyncCursor.stream == stream)
