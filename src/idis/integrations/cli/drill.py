@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..ops._drill import APIS, BREAKABLE, DEFAULT_SPEED, SCENARIOS, DrillOptions, run_drill
-from ..ops._drill_api import drill_api
 from . import main
 from ._common import (
     EXIT_CHECK_FAILED,
@@ -71,47 +71,23 @@ from ._common import (
 )
 @no_database  # its own temporary database (or --database-url, which it migrates)
 @handle_errors
-def drill(  # noqa: PLR0917  # one parameter per click option
-    scenario: str,
-    provider: str,
-    api: str,
-    speed: float,
-    seed: int,
-    database_url: str | None,
-    report_path: Path,
-    broken: tuple[str, ...],
-) -> None:
+def drill(broken: tuple[str, ...], **options: Any) -> None:
     """Run RB-09 against the built-in simulator on a compressed clock; exit 1 if a check fails.
 
     Names its database on stderr first, as every command does (a temporary SQLite
     file unless --database-url), prints each phase as it happens, the verification
     table and a summary, and writes the HTML report.
     """
-    options = DrillOptions(
-        scenario=scenario,
-        provider=provider,
-        speed=speed,
-        seed=seed,
-        database_url=database_url,
-        report_path=report_path,
-        broken=frozenset(broken),
-        api=api,
-    )
+    temporary = "" if options["database_url"] else " (temporary: deleted after the drill)"
 
     def name_database(url: str) -> None:
-        where = "" if database_url else " (temporary: deleted after the drill)"
-        stderr.print(f"database: {describe_database(url)}{where}", markup=False)
+        stderr.print(f"database: {describe_database(url)}{temporary}", markup=False)
 
-    title = f"RB-09 drill: {scenario} of {provider}"
-    if api != "generic":
-        title = f"RB-09 drill: {scenario} of {drill_api(api).rehearsed(provider)} ({api} API)"
-    stdout.print(title, markup=False)
     result = run_drill(
-        options, echo=lambda line: stdout.print(line, markup=False), on_database=name_database
+        DrillOptions(broken=frozenset(broken), **options),
+        echo=lambda line: stdout.print(line, markup=False),
+        on_database=name_database,
     )
-    stdout.print("", markup=False)
-    for line in result.summary.lines():
-        stdout.print(line, markup=False)
     verdict = "PASSED" if result.ok else "FAILED"
     stdout.print(f"drill {verdict}; report: {result.report_path}", markup=False)
     if not result.ok:

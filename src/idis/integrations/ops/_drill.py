@@ -44,6 +44,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from itertools import groupby
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -253,17 +254,14 @@ def id_ranges(ids: Sequence[str]) -> str:
             others.append(event_id)
         else:
             numbered.append((match[1], int(match[2])))
-    numbered.sort()
-    runs: list[str] = []
-    index = 0
-    while index < len(numbered):
-        prefix, first = numbered[index]
-        last = first
-        while index + 1 < len(numbered) and numbered[index + 1] == (prefix, last + 1):
-            index += 1
-            last += 1
+    runs = []
+    # In a run, number minus position is one constant: consecutive ids group together.
+    for _, group in groupby(
+        enumerate(sorted(numbered)), lambda i_n: (i_n[1][0], i_n[1][1] - i_n[0])
+    ):
+        run = [id_ for _, id_ in group]
+        (prefix, first), (_, last) = run[0], run[-1]
         runs.append(f"{prefix}{first}" + (f"-{prefix}{last}" if last > first else ""))
-        index += 1
     return ", ".join(runs + sorted(others))
 
 
@@ -798,36 +796,23 @@ class _Stage:
     async def _push_deal(self) -> None:
         """A host change pushed to the CRM through the outbox (a deal's stage)."""
         from ..outbox import NewMessage, enqueue_async
+        from ..providers import pack_for
 
         self.deal_version += 1
         deal = f"deal-{self.deal_version % 7}"
+        # The pack's update call (generic PUT record, HubSpot PATCH properties, Salesforce
+        # PATCH fields, Drive PATCH appProperties): what a host pushes with that API.
+        settings = self.settings.provider(self.provider)
+        call = pack_for(settings).update_call(settings, deal, {"stage": f"v{self.deal_version}"})
         if self.api.sync_api == "generic":
-            message = NewMessage.request(
-                self.provider,
-                "record",
-                method="PUT",
-                path_params={"id": deal},
-                json={"tenant_id": "tenant-a", "data": {"stage": f"v{self.deal_version}"}},
-                idempotency_key=f"{deal}-v{self.deal_version}",
-                ordering_key=deal,
-                tenant_id="tenant-a",
-            )
-        else:
-            # The pack's update call (HubSpot PATCH properties, Salesforce PATCH fields,
-            # Drive PATCH appProperties): what a host pushes with that API.
-            from ..providers import pack_for
-
-            settings = self.settings.provider(self.provider)
-            call = pack_for(settings).update_call(
-                settings, deal, {"stage": f"v{self.deal_version}"}
-            )
-            message = NewMessage.request(
-                self.provider,
-                idempotency_key=f"{deal}-v{self.deal_version}",
-                ordering_key=deal,
-                tenant_id="tenant-a",
-                **call,
-            )
+            call["json"] = {"tenant_id": "tenant-a", **call["json"]}  # the record's tenant
+        message = NewMessage.request(
+            self.provider,
+            idempotency_key=f"{deal}-v{self.deal_version}",
+            ordering_key=deal,
+            tenant_id="tenant-a",
+            **call,
+        )
         async with AsyncSession(self.async_engine) as session, session.begin():
             await enqueue_async(session, message, now=self.clock.now())
 
@@ -961,19 +946,20 @@ class _Stage:
             return self.notifications_delivered
         return int((await self._stats()).get("webhooks", {}).get("delivered", 0) or 0)
 
+    async def rows(self, statement: Any) -> list[Any]:
+        """The rows of a query on the drill's database."""
+        async with self.async_engine.connect() as conn:
+            return list((await conn.execute(statement)).all())
+
     async def applications(self) -> dict[str, int]:
         """Event id -> how many times the host applied it."""
-        async with self.async_engine.connect() as conn:
-            rows = await conn.execute(
-                select(applied_table.c.event_id, func.count()).group_by(applied_table.c.event_id)
-            )
-            return {str(row[0]): int(row[1]) for row in rows}
+        event_id = applied_table.c.event_id
+        rows = await self.rows(select(event_id, func.count()).group_by(event_id))
+        return {str(event): int(count) for event, count in rows}
 
     async def applied_records(self) -> set[str]:
         """Record ids the host applied something for."""
-        async with self.async_engine.connect() as conn:
-            rows = await conn.execute(select(applied_table.c.record_id).distinct())
-            return {str(row[0]) for row in rows}
+        return {str(row[0]) for row in await self.rows(select(applied_table.c.record_id))}
 
     async def outbox_counts(self) -> tuple[int, int]:
         """The provider's undelivered and dead-lettered outbox messages."""
@@ -992,33 +978,24 @@ class _Stage:
         """The subjects of the STALE_ENRICHMENT defects still open, sorted."""
         from ..enrichment._models import Defect
 
-        async with self.async_engine.connect() as conn:
-            rows = await conn.execute(select(Defect.subject_id).where(Defect.status == "OPEN"))
-            return sorted(str(row[0]) for row in rows)
+        rows = await self.rows(select(Defect.subject_id).where(Defect.status == "OPEN"))
+        return sorted(str(row[0]) for row in rows)
 
     async def impact(self) -> str:
         """RB-09 Triage 5: undelivered pushes and open defects, per tenant."""
         from ..enrichment._models import Defect
         from ..outbox import DELIVERED, OutboxMessageRow
 
-        async with self.async_engine.connect() as conn:
-            pushes = (
-                await conn.execute(
-                    select(OutboxMessageRow.tenant_id, func.count())
-                    .where(
-                        OutboxMessageRow.provider == self.provider,
-                        OutboxMessageRow.status != DELIVERED,
-                    )
-                    .group_by(OutboxMessageRow.tenant_id)
-                )
-            ).all()
-            defects = (
-                await conn.execute(
-                    select(Defect.tenant_id, func.count())
-                    .where(Defect.status == "OPEN")
-                    .group_by(Defect.tenant_id)
-                )
-            ).all()
+        pushes = await self.rows(
+            select(OutboxMessageRow.tenant_id, func.count())
+            .where(OutboxMessageRow.provider == self.provider, OutboxMessageRow.status != DELIVERED)
+            .group_by(OutboxMessageRow.tenant_id)
+        )
+        defects = await self.rows(
+            select(Defect.tenant_id, func.count())
+            .where(Defect.status == "OPEN")
+            .group_by(Defect.tenant_id)
+        )
 
         def per_tenant(rows: Sequence[Any]) -> str:
             return ", ".join(f"{tenant or 'none'} {count}" for tenant, count in sorted(rows))
@@ -1306,14 +1283,8 @@ async def _check_no_match(stage: _Stage) -> None:
             "refresh left",
         )
         return
-    async with stage.async_engine.connect() as conn:
-        defects = int(
-            (
-                await conn.execute(
-                    select(func.count()).select_from(Defect).where(Defect.subject_id.in_(subjects))
-                )
-            ).scalar_one()
-        )
+    counted = select(func.count()).select_from(Defect).where(Defect.subject_id.in_(subjects))
+    [(defects,)] = await stage.rows(counted)
     stage.record.check(
         "Verification 2: PDL no-match is an answer, not a defect",
         "404 not_found answered; 0 defects for those subjects",
@@ -1677,17 +1648,10 @@ async def _count_states(stage: _Stage) -> int:
             rid: (rec.deleted, _ms(rec.updated_at))
             for rid, rec in sim.provider(stage.provider).records.items()
         }
-    async with stage.async_engine.connect() as conn:
-        rows = (
-            await conn.execute(
-                select(
-                    applied_table.c.event_id,
-                    applied_table.c.record_id,
-                    applied_table.c.event_type,
-                    applied_table.c.occurred_at,
-                )
-            )
-        ).all()
+    columns = applied_table.c
+    rows = await stage.rows(
+        select(columns.event_id, columns.record_id, columns.event_type, columns.occurred_at)
+    )
     states: Counter[tuple[str, str]] = Counter()
     ids: Counter[str] = Counter()
     channels: dict[tuple[str, str], set[str]] = {}
@@ -1788,8 +1752,7 @@ async def _check_delivery(stage: _Stage) -> None:
 async def _check_audit(stage: _Stage) -> None:
     from .._audit import AuditEvent
 
-    async with stage.async_engine.connect() as conn:
-        actions = set((await conn.execute(select(AuditEvent.action).distinct())).scalars())
+    actions = {row[0] for row in await stage.rows(select(AuditEvent.action).distinct())}
     expect = stage.expect
     wanted: list[tuple[str, str]] = [("reconcile", "reconcile.")]
     if expect.alert:
@@ -1885,6 +1848,7 @@ def run_drill(
 
     from ..observability._metrics import set_default_metrics
 
+    echo(_title(options))
     began, wall = time.monotonic(), datetime.now(UTC).replace(microsecond=0)
     # Simulated time ends before now: the drill's rows then read like a real incident's
     # (postmortem, audit --since) rather than lying in the future.
@@ -1902,7 +1866,7 @@ def run_drill(
         set_default_metrics(previous)
     summary = _summary(stage)
     report = _report(stage, wall, time.monotonic() - began)
-    _echo_table(record)
+    _echo_table(record, summary)
     if options.report_path is not None:
         options.report_path.write_text(render_html(report), encoding="utf-8")
     return DrillResult(report, options.report_path, stage.database_url, summary)
@@ -1941,8 +1905,7 @@ def _report(stage: _Stage, wall: datetime, seconds: float) -> Report:
     end = record.clock.now()
     series = record.series
     return Report(
-        title=f"RB-09 drill: {options.scenario} of {stage.provider}"
-        + ("" if stage.api.generic else f" ({stage.api.name} API)"),
+        title=_title(options),
         subtitle=(
             f"simulated incident {record.start:%H:%M:%S} to {end:%H:%M:%S} UTC "
             f"({options.speed:g} s per tick), rehearsed {wall:%Y-%m-%d %H:%M:%S} UTC "
@@ -1977,12 +1940,22 @@ def _report(stage: _Stage, wall: datetime, seconds: float) -> Report:
     )
 
 
-def _echo_table(record: _Record) -> None:
+def _echo_table(record: _Record, summary: DrillSummary) -> None:
+    """The story's end: the verification table, then the summary."""
     width = max((len(c.name) for c in record.checks), default=0)
     record.echo("")
     for c in record.checks:
         label = "N/A " if not c.applicable else "PASS" if c.ok else "FAIL"
         record.echo(f"  {label}  {c.name:<{width}}  {c.actual}")
+    for line in ["", *summary.lines()]:
+        record.echo(line)
+
+
+def _title(options: DrillOptions) -> str:
+    """``RB-09 drill: full-outage of crm_provider`` (and the API of an ``--api`` drill)."""
+    api = drill_api(options.api)
+    title = f"RB-09 drill: {options.scenario} of {api.rehearsed(options.provider)}"
+    return title if api.generic else f"{title} ({api.name} API)"
 
 
 def _safe_url(url: str) -> str:

@@ -111,14 +111,19 @@ def _outbox(session: Session, provider: str, since: datetime, until: datetime) -
 def _step_series(
     steps: list[tuple[datetime, int]], since: datetime, until: datetime
 ) -> list[tuple[datetime, int]]:
-    # At the same instant an arrival counts before a departure: depth never dips below 0.
+    """A count over time from its arrivals (+1) and departures (-1), from ``since``.
+
+    At the same instant an arrival counts before a departure; a departure of
+    something that arrived before the rows read (a defect created before the
+    search) does not take the count below 0.
+    """
     steps = sorted(
-        ((max(at, since), delta) for at, delta in steps if at < until),
+        ((max(at, since), delta) for at, delta in steps if at <= until),
         key=lambda step: (step[0], -step[1]),
     )
     series, depth = [(since, 0)], 0
     for at, delta in steps:
-        depth += delta
+        depth = max(0, depth + delta)
         series.append((at, depth))
     return series
 
@@ -275,7 +280,12 @@ def build_postmortem(
     def t(at: datetime) -> float:
         return (at - start).total_seconds()
 
+    def points(counts: Sequence[tuple[datetime, int]]) -> list[tuple[float, float]]:
+        return [(t(at), float(count)) for at, count in counts]
+
     pending = _pending_series(messages, start, end)
+    defect_steps = [(row.occurred_at, 1) for row in created]
+    defect_steps += [(row.occurred_at, -1) for row in resolved]
     dead = _dead_series(messages, start, end)
     # A breaker that half-opens and fails its trial is one outage, not several.
     open_spans = _intervals(breaker_changes, frozenset({"open", "half_open"}), start, end)
@@ -328,27 +338,17 @@ def build_postmortem(
             ),
             Series(
                 "breaker",
-                [(0.0, _state_at(breaker_changes, start, _BREAKER_VALUE))]
-                + [
-                    (t(at), _BREAKER_VALUE.get(s, 0.0))
-                    for at, s in breaker_changes
-                    if start < at <= end
-                ],
+                _state_series(breaker_changes, _BREAKER_VALUE, start, end, t),
                 labels={0: "closed", 1: "half", 2: "open"},
             ),
             Series(
                 "sync mode",
-                [(0.0, _state_at(mode_changes, start, {"polling": 1.0}))]
-                + [
-                    (t(at), 1.0 if m == "polling" else 0.0)
-                    for at, m in mode_changes
-                    if start < at <= end
-                ],
+                _state_series(mode_changes, {"polling": 1.0}, start, end, t),
                 labels={0: "webhook", 1: "polling"},
             ),
-            Series("outbox pending", [(t(at), float(depth)) for at, depth in pending], "msgs"),
-            Series("dead letters", [(t(at), float(depth)) for at, depth in dead], "msgs"),
-            Series("open defects", _defect_series(created, resolved, start, end, t)),
+            Series("outbox pending", points(pending), "msgs"),
+            Series("dead letters", points(dead), "msgs"),
+            Series("open defects", points(_step_series(defect_steps, start, end))),
         ],
         checks=_checks(facts, bool(open_spans), pending, dead),
         facts=_fact_rows(facts, drain, window=window, audit=audit, start=start, end=end),
@@ -361,12 +361,18 @@ def build_postmortem(
     return report, facts
 
 
-def _state_at(
-    changes: Sequence[tuple[datetime, str]], at: datetime, values: Mapping[str, float]
-) -> float:
-    """The chart value of the state in force at ``at`` (the last change before it)."""
-    before = [state for when, state in changes if when <= at]
-    return values.get(before[-1], 0.0) if before else 0.0
+def _state_series(
+    changes: Sequence[tuple[datetime, str]],
+    values: Mapping[str, float],
+    start: datetime,
+    end: datetime,
+    t: Any,
+) -> list[tuple[float, float]]:
+    """A state's chart line: the state in force at ``start`` (the last change before it),
+    then each change in the window."""
+    before = [state for when, state in changes if when <= start]
+    first = values.get(before[-1], 0.0) if before else 0.0
+    return [(0.0, first)] + [(t(at), values.get(s, 0.0)) for at, s in changes if start < at <= end]
 
 
 def _subtitle(
@@ -462,23 +468,3 @@ def _error_rate(
             failures = sum(s.failures for s in live)
             points.append((t(at), round(failures / calls, 3) if calls else 0.0))
     return points
-
-
-def _defect_series(
-    created: Sequence[AuditEvent],
-    resolved: Sequence[AuditEvent],
-    start: datetime,
-    end: datetime,
-    t: Any,
-) -> list[tuple[float, float]]:
-    steps = sorted(
-        [(row.occurred_at, 1) for row in created] + [(row.occurred_at, -1) for row in resolved],
-        key=lambda item: item[0],
-    )
-    series, depth = [(0.0, 0.0)], 0
-    for at, delta in steps:
-        depth = max(0, depth + delta)
-        if at > end:
-            break
-        series.append((max(0.0, t(at)), float(depth)) if at >= start else (0.0, float(depth)))
-    return series

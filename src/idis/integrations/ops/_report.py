@@ -200,7 +200,8 @@ def _text_width(text: str, size: float = 11.0) -> float:
 
 
 def _rows(spans: Sequence[tuple[float, float]], gap: float = 4.0) -> list[int]:
-    """A row for each ``(left, right)`` span so that spans in one row never overlap (greedy)."""
+    """A row for each ``(left, right)`` span so that spans in one row never overlap (greedy):
+    labels, or phases in time (a postmortem's overlap, and stack in sub-lanes)."""
     ends: list[float] = []
     rows: list[int] = []
     for left, right in spans:
@@ -224,20 +225,6 @@ class _Frame:
 
     def x(self, t: float) -> float:
         return self.left + (self.right - self.left) * (t / self.end)
-
-
-def _time_lanes(phases: Sequence[Phase]) -> list[int]:
-    """A sub-lane per phase so that phases overlapping in time (a postmortem's) stack."""
-    ends: list[float] = []
-    lanes = []
-    for phase in phases:
-        lane = next((i for i, last in enumerate(ends) if phase.start >= last), len(ends))
-        if lane == len(ends):
-            ends.append(phase.end)
-        else:
-            ends[lane] = max(phase.end, phase.start)
-        lanes.append(lane)
-    return lanes
 
 
 def _phase_blocks(
@@ -283,7 +270,7 @@ class _Lane:
 
 
 def _lane(report: Report, frame: _Frame) -> _Lane:
-    lanes = _time_lanes(report.phases)
+    lanes = _rows([(p.start, max(p.end, p.start)) for p in report.phases], gap=0)
     blocks = _phase_blocks(report.phases, lanes, frame)
     labels = [(phase.short or phase.name) for phase, _, _ in blocks]
     spans: dict[int, tuple[float, float]] = {}

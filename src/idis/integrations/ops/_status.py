@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -109,22 +109,9 @@ class ProviderStatus:
     facts: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready representation."""
-        return {
-            "provider": self.provider,
-            "kind": self.kind,
-            "host": self.host,
-            "breaker_state": self.breaker_state,
-            "breaker_source": self.breaker_source,
-            "error_rate": self.error_rate,
-            "calls": self.calls,
-            "failures": self.failures,
-            "last_transition": self.last_transition,
-            "last_transition_at": self.last_transition_at,
-            "probe": self.probe,
-            "probe_ok": self.probe_ok,
-            **self.facts,
-        }
+        """JSON-ready representation: the fields, then the facts at the same level."""
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "facts"}
+        return {**plain, **self.facts}
 
 
 #: Engines kept between calls, per database URL, least recently used evicted. A fresh
