@@ -52,6 +52,7 @@ from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, func,
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from .._clock import ManualClock
+from .._redact import mask_url
 from ..config import (
     BreakerPolicy,
     OutboxSettings,
@@ -536,7 +537,7 @@ class _Stage:
             await self._seed()
         temporary = "" if options.database_url else " (temporary: deleted after the drill)"
         self.record.facts += [
-            ("database", _safe_url(self.database_url) + temporary),
+            ("database", mask_url(self.database_url) + temporary),
             ("scenario", options.scenario),
             ("provider", self.provider),
             ("simulator", sim.url),
@@ -793,6 +794,11 @@ class _Stage:
             await self.tick()
         return await done()
 
+    async def drained(self) -> bool:
+        """Whether the outbox holds nothing undelivered for the provider."""
+        pending, _ = await self.outbox_counts()
+        return pending == 0
+
     async def _push_deal(self) -> None:
         """A host change pushed to the CRM through the outbox (a deal's stage)."""
         from ..outbox import NewMessage, enqueue_async
@@ -839,18 +845,14 @@ class _Stage:
         record = self.record
         mode = next((str(r.mode) for r in reports if r.mode is not None), self.mode)
         if mode != self.mode:
-            if mode == "polling":
-                record.mark("mode", "failover: polling", "sync mode webhook -> polling")
-            else:
-                record.mark("mode", "back to webhooks", "sync mode polling -> webhook")
+            label = "failover: polling" if mode == "polling" else "back to webhooks"
+            record.mark("mode", label, f"sync mode {self.mode} -> {mode}")
             self.mode = mode
         state = self.gateway.breaker_state(self.provider)
         if state != self.breaker:
             # Half-open trials are on the breaker line; the markers are open and closed.
-            if state == "open" and self.breaker == "closed":
-                record.mark("breaker", "breaker open", "breaker closed -> open")
-            elif state == "closed":
-                record.mark("breaker", "breaker closed", f"breaker {self.breaker} -> closed")
+            if state == "closed" or (state, self.breaker) == ("open", "closed"):
+                record.mark("breaker", f"breaker {state}", f"breaker {self.breaker} -> {state}")
             self.breaker = state
         self._count_errors()
         rates = self.error_rates(alerting=True)
@@ -1338,15 +1340,14 @@ async def _recover_auth(stage: _Stage) -> None:
 
     record = stage.record
     with record.phase("Recovery 1: re-auth", "R1"):
-        manager = TokenManager(
-            stage.settings, engine=stage.engine, metrics=stage.metrics, clock=stage.clock
-        )
-        try:
+        with contextlib.closing(
+            TokenManager(
+                stage.settings, engine=stage.engine, metrics=stage.metrics, clock=stage.clock
+            )
+        ) as manager:
             results = await stage.blocking(
                 refresh_tokens, stage.provider, settings=stage.settings, manager=manager
             )
-        finally:
-            manager.close()
         outcome = ", ".join(f"{r.provider} {r.outcome}" for r in results)
         record.mark("token", "token refreshed", f"refresh_tokens: {outcome}")
         await stage.tick()
@@ -1413,11 +1414,7 @@ async def _caught_up(stage: _Stage) -> None:
     as "replayed" although the next poll reads it anyway.
     """
 
-    async def drained() -> bool:
-        pending, _ = await stage.outbox_counts()
-        return pending == 0
-
-    await stage.ticks_until(drained, limit=8)
+    await stage.ticks_until(stage.drained, limit=8)
     for _ in range(2):  # one poll interval, nothing new emitted or pushed
         await stage.tick(emit=False)
     stage.record.note("outbox drained and polled again before reconcile (the feed is durable)")
@@ -1545,8 +1542,7 @@ async def _recover_mode(stage: _Stage) -> None:
         normal_mode = "webhook" if stage.api.failover else "polling"
 
         async def normal() -> bool:
-            pending, _ = await stage.outbox_counts()
-            return stage.mode == normal_mode and pending == 0
+            return stage.mode == normal_mode and await stage.drained()
 
         await stage.ticks_until(normal, limit=24)
         pending, dead = await stage.outbox_counts()
@@ -1857,7 +1853,7 @@ def run_drill(
     record = _Record(clock, echo)
     metrics = Metrics(CollectorRegistry())
     stage = _Stage(options, record, metrics)
-    announce = on_database or (lambda url: echo(f"database: {_safe_url(url)}"))
+    announce = on_database or (lambda url: echo(f"database: {mask_url(url)}"))
     previous = set_default_metrics(metrics)
     try:
         with _drill_logs(stage.found.log_lines):
@@ -1956,9 +1952,3 @@ def _title(options: DrillOptions) -> str:
     api = drill_api(options.api)
     title = f"RB-09 drill: {options.scenario} of {api.rehearsed(options.provider)}"
     return title if api.generic else f"{title} ({api.name} API)"
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
