@@ -281,11 +281,8 @@ class _Record:
         self.clock = clock
         self.start = clock.now()
         self.echo = echo
-        self.phases: list[Phase] = []
-        self.markers: list[Marker] = []
-        self.events: list[tuple[float, str]] = []
-        self.checks: list[Check] = []
-        self.facts: list[tuple[str, str]] = []
+        #: The report, filled as the drill goes (its title, end and chart come last: _report).
+        self.report = Report(title="", subtitle="", started_at=self.start)
         self.series: dict[str, list[tuple[float, float]]] = {}
         self._notes: list[str] = []
 
@@ -296,14 +293,14 @@ class _Record:
 
     def note(self, text: str, *, echo: bool = True) -> None:
         """A line of the story: printed, listed under the current phase and in the events."""
-        self.events.append((self.t, text))
+        self.report.events.append((self.t, text))
         self._notes.append(text)
         if echo:
             self.echo(f"  [{_clock_label(self.t)}] {text}")
 
     def mark(self, kind: str, label: str, note: str | None = None) -> None:
         """A moment drawn on the chart (and told as a note)."""
-        self.markers.append(Marker(self.t, label, kind))
+        self.report.markers.append(Marker(self.t, label, kind))
         self.note(note or label)
 
     @contextlib.contextmanager
@@ -314,15 +311,15 @@ class _Record:
         try:
             yield
         finally:
-            self.phases.append(Phase(name, start, self.t, tuple(self._notes), short))
+            self.report.phases.append(Phase(name, start, self.t, tuple(self._notes), short))
 
     def check(self, name: str, expected: str, actual: str, ok: bool) -> None:
         """One row of the verification table."""
-        self.checks.append(Check(name, expected, actual, ok))
+        self.report.checks.append(Check(name, expected, actual, ok))
 
     def not_applicable(self, name: str, why: str) -> None:
         """A row for a check this provider API cannot make, saying why (never a silent pass)."""
-        self.checks.append(Check(name, "not applicable", why, True, applicable=False))
+        self.report.checks.append(Check(name, "not applicable", why, True, applicable=False))
 
     def sample(self, name: str, value: float) -> None:
         """One point of a chart series, now."""
@@ -536,7 +533,7 @@ class _Stage:
         if not self.api.generic:
             await self._seed()
         temporary = "" if options.database_url else " (temporary: deleted after the drill)"
-        self.record.facts += [
+        self.record.report.facts += [
             ("database", mask_url(self.database_url) + temporary),
             ("scenario", options.scenario),
             ("provider", self.provider),
@@ -552,7 +549,9 @@ class _Stage:
             ("broken on purpose", ", ".join(sorted(options.broken)) or "nothing"),
         ]
         if not self.api.generic:
-            self.record.facts.append(("provider API (--api)", f"{self.api.name}: {self.api.about}"))
+            self.record.report.facts.append(
+                ("provider API (--api)", f"{self.api.name}: {self.api.about}")
+            )
 
     async def _seed(self) -> None:
         """What a dialect needs at the provider before traffic starts (``--api`` only).
@@ -650,7 +649,7 @@ class _Stage:
         )
         parts = [gateway, self.sampler, self.service, self.service.receiver]
         parts += [self.outbox, self.enricher, self.deferred]
-        self.record.facts.append(
+        self.record.report.facts.append(
             ("service parts (one event loop)", ", ".join(type(p).__name__ for p in parts))
         )
 
@@ -1869,7 +1868,7 @@ def run_drill(
 
 
 def _summary(stage: _Stage) -> DrillSummary:
-    checks, found = stage.record.checks, stage.found
+    checks, found = stage.record.report.checks, stage.found
     return DrillSummary(
         checks_passed=sum(1 for c in checks if c.ok and c.applicable),
         checks_failed=sum(1 for c in checks if not c.ok),
@@ -1897,50 +1896,39 @@ _ROWS: tuple[tuple[str, str, dict[int, str]], ...] = (
 
 
 def _report(stage: _Stage, wall: datetime, seconds: float) -> Report:
-    record, options = stage.record, stage.options
-    end = record.clock.now()
-    series = record.series
-    return Report(
-        title=_title(options),
-        subtitle=(
-            f"simulated incident {record.start:%H:%M:%S} to {end:%H:%M:%S} UTC "
-            f"({options.speed:g} s per tick), rehearsed {wall:%Y-%m-%d %H:%M:%S} UTC "
-            f"in {seconds:.1f} s "
-            + (
-                "on the embedded defaults"
-                if stage.api.generic
-                else f"against the simulator's {stage.api.name} dialect"
-            )
-        ),
-        started_at=record.start,
-        ended_at=end,
-        phases=record.phases,
-        series=[
-            Series(
-                "alert expression",
-                series.get("error rate", []),
-                "errors/s",
-                step=False,
-                threshold=alert_threshold(options.speed),
-                threshold_label=f"alert threshold {alert_threshold(options.speed):g}/s",
-            ),
-            *(
-                Series(name, series.get(name, []), unit, labels=labels)
-                for name, unit, labels in _ROWS
-            ),
-        ],
-        checks=record.checks,
-        facts=record.facts,
-        events=record.events,
-        markers=record.markers,
+    """The record's report, completed: title, subtitle, end and the chart's rows."""
+    record, options, report = stage.record, stage.options, stage.record.report
+    end = report.ended_at = record.clock.now()
+    report.title = _title(options)
+    on = "on the embedded defaults"
+    if not stage.api.generic:
+        on = f"against the simulator's {stage.api.name} dialect"
+    report.subtitle = (
+        f"simulated incident {record.start:%H:%M:%S} to {end:%H:%M:%S} UTC "
+        f"({options.speed:g} s per tick), rehearsed {wall:%Y-%m-%d %H:%M:%S} UTC "
+        f"in {seconds:.1f} s {on}"
     )
+    threshold, series = alert_threshold(options.speed), record.series
+    report.series = [
+        Series(
+            "alert expression",
+            series.get("error rate", []),
+            "errors/s",
+            step=False,
+            threshold=threshold,
+            threshold_label=f"alert threshold {threshold:g}/s",
+        ),
+        *(Series(name, series.get(name, []), unit, labels=labels) for name, unit, labels in _ROWS),
+    ]
+    return report
 
 
 def _echo_table(record: _Record, summary: DrillSummary) -> None:
     """The story's end: the verification table, then the summary."""
-    width = max((len(c.name) for c in record.checks), default=0)
+    checks = record.report.checks
+    width = max((len(c.name) for c in checks), default=0)
     record.echo("")
-    for c in record.checks:
+    for c in checks:
         label = "N/A " if not c.applicable else "PASS" if c.ok else "FAIL"
         record.echo(f"  {label}  {c.name:<{width}}  {c.actual}")
     for line in ["", *summary.lines()]:
