@@ -305,18 +305,15 @@ def _phase_parts(
                 f'<rect x="{x0:.1f}" y="{band_top:.1f}" width="{x1 - x0:.1f}" '
                 f'height="{band_bottom - band_top:.1f}" fill="{fill}"/>'
             )
-        text = html.escape(lane.labels[i])
+        # The label inside its block, or in its row above the lane when it does not fit.
+        lx, ly = (x0 + x1) / 2, y + _LANE_HEIGHT - 7
         if i in lane.outside:
             left, right, row = lane.outside[i]
-            label = (
-                f'<text class="ph" x="{(left + right) / 2:.1f}" '
-                f'y="{lane_top - row * _LABEL_ROW - 3:.1f}" text-anchor="middle">{text}</text>'
-            )
-        else:
-            label = (
-                f'<text class="ph" x="{(x0 + x1) / 2:.1f}" y="{y + _LANE_HEIGHT - 7:.1f}" '
-                f'text-anchor="middle">{text}</text>'
-            )
+            lx, ly = (left + right) / 2, lane_top - row * _LABEL_ROW - 3
+        label = (
+            f'<text class="ph" x="{lx:.1f}" y="{ly:.1f}" text-anchor="middle">'
+            f"{html.escape(lane.labels[i])}</text>"
+        )
         blocks.append(
             f'<g class="phase" data-phase="{title}"><title>{title}</title>'
             f'<rect x="{x0:.1f}" y="{y:.1f}" width="{x1 - x0:.1f}" height="{_LANE_HEIGHT - 3}" '
