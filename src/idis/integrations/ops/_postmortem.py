@@ -351,7 +351,7 @@ def build_postmortem(
             Series("open defects", points(_step_series(defect_steps, start, end))),
         ],
         checks=_checks(facts, bool(open_spans), pending, dead),
-        facts=_fact_rows(facts, drain, window=window, audit=audit, start=start, end=end),
+        facts=_fact_rows(facts, window=window, audit=audit, start=start, end=end),
         events=[
             (t(row.occurred_at), describe_audit_row(row, provider))
             for row in in_window
@@ -426,13 +426,13 @@ def _checks(
 
 def _fact_rows(
     facts: PostmortemFacts,
-    drain: float | None,
     *,
     window: tuple[datetime, datetime] | None,
     audit: Sequence[AuditEvent],
     start: datetime,
     end: datetime,
 ) -> list[tuple[str, str]]:
+    drain = facts.queue_drain_seconds
     rows = [
         ("time with the breaker open", format_duration(facts.breaker_open_seconds)),
         ("time in polling fallback", format_duration(facts.fallback_seconds)),

@@ -224,6 +224,8 @@ def _read(
     notes: list[str],
 ) -> dict[str, Any] | None:
     """Every database fact, on one connection; the token states too (None: unread)."""
+    from ..auth._status import token_statuses
+
     tokens: dict[str, Any] | None = None
     try:
         # One connection, and the catalog read only when a read failed: the
@@ -239,7 +241,10 @@ def _read(
                         notes.append(f"{source.__module__}: {type(exc).__name__}: {exc}")
             # Every provider's token row in one statement on the same connection (each
             # provider opened a connection of its own); on failure each is read alone.
-            tokens = _token_states(session, settings, [s.provider for s in statuses])
+            try:
+                tokens = token_statuses(settings, [s.provider for s in statuses], session)
+            except Exception:  # noqa: BLE001  # token_status, per provider, says what is wrong
+                tokens = None
     except Exception:
         if _LOST.seen or _has_tables(reader):  # a dropped connection: read again instead
             raise
@@ -247,17 +252,6 @@ def _read(
             status.facts.clear()
         notes.append("database has no idis tables yet: run `idis-integrations db upgrade`")
     return tokens
-
-
-def _token_states(
-    session: Session, settings: Settings, providers: list[str]
-) -> dict[str, Any] | None:
-    from ..auth._status import token_statuses
-
-    try:
-        return token_statuses(settings, providers, session)
-    except Exception:  # noqa: BLE001  # token_status, per provider, says what is wrong
-        return None
 
 
 def collect_status(
