@@ -709,6 +709,13 @@ class _Stage:
         must answer) or an operator's command (a sync maintenance function, as a script runs it)."""
         return await asyncio.to_thread(call, *args, **kwargs)
 
+    async def script(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """An operator's script (resync, timeline, verify-sync) on the drill's settings,
+        database and clock."""
+        return await self.blocking(
+            call, *args, settings=self.settings, engine=self.engine, clock=self.clock, **kwargs
+        )
+
     async def maintain(self, call: Callable[..., T], *args: Any) -> T:
         """A maintenance command on the drill's database, audited as ``drill``, at clock time."""
         return await self.blocking(
@@ -1050,13 +1057,10 @@ async def _healthy(stage: _Stage) -> None:
         for _ in range(HEALTHY_TICKS):
             await stage.tick()
         applied = len(await stage.applications())
-        how = (
-            "webhook"
-            if stage.api.failover
-            else "webhook and polling"
-            if stage.api.webhooks
-            else "polling"
-        )
+        # Polling is pinned where the service cannot judge webhooks (it may still get them).
+        how = "webhook" if stage.api.failover else "polling"
+        if stage.api.webhooks and not stage.api.failover:
+            how = "webhook and polling"
         stage.record.note(f"{applied} events applied by {how}; breaker {stage.breaker}")
 
 
@@ -1429,15 +1433,8 @@ async def _resync_by_id(stage: _Stage) -> None:
 
     ids = sorted(await stage.applied_records())
     found = stage.found
-    found.resynced = summary = await stage.blocking(
-        resync,
-        stage.provider,
-        record_ids=ids,
-        settings=stage.settings,
-        handlers=stage.registry,
-        engine=stage.engine,
-        actor="drill",
-        clock=stage.clock,
+    found.resynced = summary = await stage.script(
+        resync, stage.provider, record_ids=ids, handlers=stage.registry, actor="drill"
     )
     stage.record.mark(
         "reconcile",
@@ -1683,16 +1680,13 @@ async def _count_states(stage: _Stage) -> int:
 async def _check_verify_sync(stage: _Stage) -> None:
     from ..reconciliation import verify_sync
 
-    report = await stage.blocking(
+    report = await stage.script(
         verify_sync,
         stage.provider,
         20,
         seed=stage.options.seed,
-        settings=stage.settings,
-        engine=stage.engine,
         handlers=stage.registry,
         actor="drill",
-        clock=stage.clock,
     )
     mismatches = len(report.mismatches)
     stage.record.check(
@@ -1706,15 +1700,8 @@ async def _check_verify_sync(stage: _Stage) -> None:
 async def _check_timeline(stage: _Stage) -> None:
     from ..reconciliation import timeline
 
-    report = await stage.blocking(
-        timeline,
-        stage.provider,
-        stage.record.start,
-        stage.clock.now() - timedelta(seconds=stage.options.speed * 3),
-        settings=stage.settings,
-        engine=stage.engine,
-        clock=stage.clock,
-    )
+    until = stage.clock.now() - timedelta(seconds=stage.options.speed * 3)
+    report = await stage.script(timeline, stage.provider, stage.record.start, until)
     stage.record.check(
         "Verification 2: no gaps in the sync timeline",
         "0 gaps",
@@ -1831,7 +1818,8 @@ def run_drill(
 
     Args:
         options: What to rehearse.
-        echo: Where the story goes, line by line.
+        echo: Where the story goes, line by line: the title, each phase as it happens,
+            the verification table and the summary.
         on_database: Called with the database URL once chosen (default: echoed,
             password hidden); the CLI names it on stderr as every command does.
 
