@@ -746,6 +746,9 @@ class _Stage:
         if self.ticks % 2 == 0 and (emit or self.api.generic):
             await self._push_deal()
         await self.outbox.run_once()
+        # The pushes change records at the provider, whose webhooks would otherwise race the
+        # clock: one applied after it moved is "replayed" by a reconcile that starts first.
+        await self.blocking(control.flush_webhooks, self.provider, timeout=5)
         if self.ticks % 3 == 0:
             await self.enrich_claim()
         await self.deferred.run_once()
@@ -1366,16 +1369,12 @@ async def _recover_rotation(stage: _Stage) -> None:
 
 async def _recover_reconcile(stage: _Stage) -> None:
     """RB-09 Recovery 3: replay the outage (what the feed no longer serves comes back here)."""
-    from ..providers import AsyncProviderClient, async_client_for
+    from ..providers import async_client_for
     from ..reconciliation import reconcile_async
 
     record, found = stage.record, stage.found
     assert found.outage_start is not None
-    client = (
-        AsyncProviderClient(stage.gateway, stage.provider)
-        if stage.api.generic
-        else async_client_for(stage.gateway, stage.provider)
-    )
+    client = async_client_for(stage.gateway, stage.provider)  # the pack's (generic: the default)
     with record.phase("Recovery 3: reconcile", "R3"):
 
         async def breaker_closed() -> bool:
