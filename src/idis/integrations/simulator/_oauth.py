@@ -26,16 +26,16 @@ import hmac
 import json
 import secrets
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-if TYPE_CHECKING:
-    from ._state import SimulatorState
+from ._state import SimulatorInputError, SimulatorState, _apply, _given, _integer, _number
 
 __all__ = [
     "DEFAULT_CLIENT_ID",
@@ -110,6 +110,17 @@ def token_fingerprint(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
 
 
+def _scope_names(scopes: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``scopes`` checked (a list of scope names), or None when not given."""
+    if scopes is not None and (
+        isinstance(scopes, str) or not all(isinstance(s, str) and s for s in scopes)
+    ):
+        raise SimulatorInputError(
+            f"scopes={scopes!r} must be a list of scope names", variable="scopes"
+        )
+    return None if scopes is None else tuple(scopes)
+
+
 class OAuthState:
     """Clients, issued tokens, settings and counters of one provider's OAuth server."""
 
@@ -150,7 +161,7 @@ class OAuthState:
         self,
         *,
         access_token_lifetime: float | None = None,
-        scopes: list[str] | tuple[str, ...] | None = None,
+        scopes: Sequence[str] | None = None,
         issue_refresh_token: bool | None = None,
         rotation_grace_seconds: float | None = None,
         rotation_grace_uses: int | None = None,
@@ -161,61 +172,45 @@ class OAuthState:
         ``rotation_grace_uses=-1`` removes the limit on uses of the previous secret.
 
         Raises:
-            ValueError: naming the bad argument (the caller wraps it).
+            SimulatorInputError: naming the bad argument.
         """
-        if access_token_lifetime is not None and (
-            isinstance(access_token_lifetime, bool)
-            or not isinstance(access_token_lifetime, int | float)
-            or access_token_lifetime <= 0
-        ):
-            raise ValueError(
-                f"access_token_lifetime={access_token_lifetime!r} must be a positive number"
+        lifetime = _given(_number, access_token_lifetime, "access_token_lifetime", minimum=0.0)
+        if lifetime == 0:
+            raise SimulatorInputError(
+                "access_token_lifetime=0 must be a positive number",
+                variable="access_token_lifetime",
             )
-        if scopes is not None and (
-            isinstance(scopes, str) or not all(isinstance(s, str) and s for s in scopes)
-        ):
-            raise ValueError(f"scopes={scopes!r} must be a list of scope names")
-        if rotation_grace_seconds is not None and (
-            isinstance(rotation_grace_seconds, bool)
-            or not isinstance(rotation_grace_seconds, int | float)
-            or rotation_grace_seconds < 0
-        ):
-            raise ValueError(
-                f"rotation_grace_seconds={rotation_grace_seconds!r} must be a number >= 0"
-            )
-        if rotation_grace_uses is not None and (
-            isinstance(rotation_grace_uses, bool)
-            or not isinstance(rotation_grace_uses, int)
-            or rotation_grace_uses < -1
-        ):
-            raise ValueError(
-                f"rotation_grace_uses={rotation_grace_uses!r} must be an integer >= 0 "
-                "(or -1 for unlimited)"
-            )
-        if access_token_lifetime is not None:
-            self.access_token_lifetime = float(access_token_lifetime)
-        if scopes is not None:
-            self.default_scopes = tuple(scopes)
-        if issue_refresh_token is not None:
-            self.issue_refresh_token = bool(issue_refresh_token)
-        if rotation_grace_seconds is not None:
-            self.rotation_grace_seconds = float(rotation_grace_seconds)
-        if rotation_grace_uses is not None:
-            self.rotation_grace_uses = None if rotation_grace_uses == -1 else rotation_grace_uses
-        if revoke_family_on_reuse is not None:
-            self.revoke_family_on_reuse = bool(revoke_family_on_reuse)
+        changes = {
+            "access_token_lifetime": lifetime,
+            "default_scopes": _scope_names(scopes),
+            "issue_refresh_token": None
+            if issue_refresh_token is None
+            else bool(issue_refresh_token),
+            "rotation_grace_seconds": _given(
+                _number, rotation_grace_seconds, "rotation_grace_seconds", minimum=0.0
+            ),
+            "rotation_grace_uses": _given(
+                _integer, rotation_grace_uses, "rotation_grace_uses", minimum=-1
+            ),
+            "revoke_family_on_reuse": (
+                None if revoke_family_on_reuse is None else bool(revoke_family_on_reuse)
+            ),
+        }
+        _apply(self, changes)
+        if rotation_grace_uses == -1:
+            self.rotation_grace_uses = None
 
     def set_client(
-        self, client_id: str, client_secret: str, scopes: tuple[str, ...] | None = None
-    ) -> None:
+        self, client_id: str, client_secret: str, scopes: Sequence[str] | None = None
+    ) -> OAuthClient:
         """Register or replace a client (its old secrets stop working at once)."""
         if not (isinstance(client_id, str) and client_id) or not (
             isinstance(client_secret, str) and client_secret
         ):
             raise ValueError("client_id and client_secret must be non-empty strings")
-        if scopes is not None and not all(isinstance(s, str) and s for s in scopes):
-            raise ValueError(f"scopes={list(scopes)!r} must be a list of scope names")
-        self.clients[client_id] = OAuthClient(client_id, client_secret, scopes)
+        client = OAuthClient(client_id, client_secret, _scope_names(scopes))
+        self.clients[client_id] = client
+        return client
 
     # ------------------------------------------------------------------ grants
 

@@ -27,7 +27,6 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .._timeparse import utcnow
 from ..exceptions import ConfigError
-from ._oauth import OAuthState
 
 __all__ = [
     "DEFAULT_OUTBOUND_WEBHOOK_SECRET",
@@ -402,6 +401,8 @@ class ProviderState:
     """One simulated provider. Call its methods with the owning state's lock held."""
 
     def __init__(self, name: str, owner: SimulatorState) -> None:
+        from ._oauth import OAuthState  # which checks its settings with this module's helpers
+
         self.name = name
         self._owner = owner
         self.retention_seconds = owner.default_retention_seconds
@@ -890,7 +891,7 @@ class ProviderState:
 
     def set_webhook_target(
         self,
-        url: str | None,
+        url: str | None = None,
         secrets: Sequence[str] | None = None,
         *,
         max_attempts: int | None = None,
@@ -989,7 +990,7 @@ class ProviderState:
         _number(seconds, "seconds", minimum=1.0, maximum=100 * 365 * 86400.0)
         self.retention_seconds = int(seconds)
 
-    def set_feed_retention(self, seconds: float | None) -> None:
+    def set_feed_retention(self, seconds: float | None = None) -> None:
         """Set how long ``/changes`` serves events; None: as long as replay does.
 
         The feed never reaches further back than the replay retention. Events it
