@@ -21,11 +21,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from ._dialects import dialect_endpoint, dialect_routes, unauthorized_body
+from ._dialects import dialect_routes, provider_route, unauthorized_body
 from ._faults import apply_fault, send_json
 from ._gdrive import extra_routes
 from ._oauth import revoke_endpoint, rotate_endpoint, salesforce_token_endpoint, token_endpoint
 from ._state import (
+    ENDPOINTS,
     RetentionExceeded,
     SimulatorInputError,
     SimulatorState,
@@ -34,44 +35,10 @@ from ._state import (
 )
 from ._webhooks import WebhookEmitter, inbound_endpoint
 
-__all__ = ["SimulatorApp", "build_app", "classify"]
+__all__ = ["SimulatorApp", "build_app"]
 
-_EXACT = {
-    "health": "health",
-    "records": "records",
-    "changes": "changes",
-    "replay": "replay",
-    "webhooks/inbound": "webhooks_inbound",
-    "oauth/token": "token",
-    "services/oauth2/token": "token",
-    "login/services/oauth2/token": "token",
-    "oauth/revoke": "revoke",
-    "oauth/rotate": "rotate",
-}
 #: Endpoints that need a bearer token while the provider's require_auth is on.
 PROTECTED = frozenset({"records", "record", "changes", "replay", "enrich"})
-
-
-def classify(path: str) -> tuple[str, str] | None:
-    """``(provider, endpoint name)`` of a provider API path, or None for anything else."""
-    if not path.startswith("/p/"):
-        return None
-    provider, _, rest = path[3:].partition("/")
-    if not provider:
-        return None
-    rest = rest.rstrip("/")
-    endpoint = _EXACT.get(rest)
-    if endpoint is None:
-        if rest.startswith("records/") and "/" not in rest[8:]:
-            endpoint = "record"
-        elif rest.startswith("enrich/") and "/" not in rest[7:]:
-            endpoint = "enrich"
-        else:
-            # A provider dialect's path (HubSpot, Salesforce): same faults, same auth.
-            endpoint = dialect_endpoint(rest)
-            if endpoint is None:
-                return None
-    return provider, endpoint
 
 
 class SimulatorApp(Starlette):
@@ -79,6 +46,17 @@ class SimulatorApp(Starlette):
 
     sim: SimulatorState
     emitter: WebhookEmitter
+    #: The provider API's routes, each named by its endpoint (what faults target).
+    endpoints: list[Route]
+
+    def classify(self, path: str) -> tuple[str, str] | None:
+        """``(provider, endpoint name)`` of a provider API path, or None for anything else."""
+        path = path.rstrip("/")
+        for route in self.endpoints:
+            match = route.path_regex.match(path)
+            if match is not None:
+                return match["provider"], route.name
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run faults and auth on the raw ASGI call, then route."""
@@ -89,7 +67,7 @@ class SimulatorApp(Starlette):
             # In-process use (httpx.ASGITransport) runs no lifespan; whoever does
             # that should `await app.emitter.stop()` when done.
             self.emitter.start()
-        target = classify(scope["path"])
+        target = self.classify(scope["path"])
         if target is None:
             await super().__call__(scope, receive, send)
             return
@@ -308,22 +286,18 @@ def build_app(
         )
 
     routes = [
-        Route("/p/{provider}/health", health, methods=["GET"]),
-        Route("/p/{provider}/records", records, methods=["GET"]),
-        Route("/p/{provider}/records/{record_id}", record, methods=["GET", "PUT"]),
-        Route("/p/{provider}/changes", changes, methods=["GET"]),
-        Route("/p/{provider}/replay", replay, methods=["GET"]),
-        Route("/p/{provider}/enrich/{subject_id}", enrich, methods=["GET"]),
-        Route("/p/{provider}/webhooks/inbound", inbound_endpoint, methods=["POST"]),
-        Route("/p/{provider}/oauth/token", token_endpoint, methods=["POST"]),
-        Route("/p/{provider}/services/oauth2/token", salesforce_token_endpoint, methods=["POST"]),
-        Route(
-            "/p/{provider}/login/services/oauth2/token",
-            salesforce_token_endpoint,
-            methods=["POST"],
-        ),
-        Route("/p/{provider}/oauth/revoke", revoke_endpoint, methods=["POST"]),
-        Route("/p/{provider}/oauth/rotate", rotate_endpoint, methods=["POST"]),
+        provider_route("health", "health", health),
+        provider_route("records", "records", records),
+        provider_route("records/{record_id}", "record", record, "GET PUT"),
+        provider_route("changes", "changes", changes),
+        provider_route("replay", "replay", replay),
+        provider_route("enrich/{subject_id}", "enrich", enrich),
+        provider_route("webhooks/inbound", "webhooks_inbound", inbound_endpoint, "POST"),
+        provider_route("oauth/token", "token", token_endpoint, "POST"),
+        provider_route("services/oauth2/token", "token", salesforce_token_endpoint, "POST"),
+        provider_route("login/services/oauth2/token", "token", salesforce_token_endpoint, "POST"),
+        provider_route("oauth/revoke", "revoke", revoke_endpoint, "POST"),
+        provider_route("oauth/rotate", "rotate", rotate_endpoint, "POST"),
         *dialect_routes(sim, provider_of),
         *extra_routes(sim, provider_of),
         *control_routes(sim, allowed_hosts=control_hosts),
@@ -342,6 +316,7 @@ def build_app(
 
     app = SimulatorApp(routes=routes, lifespan=lifespan)
     app.sim = sim
+    app.endpoints = [r for r in routes if isinstance(r, Route) and r.name in ENDPOINTS]
     app.emitter = emitter
     app.state.sim = sim
     return app
