@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -201,19 +201,49 @@ def build_app(
             {"status": "ok", "provider": provider.name, "time": format_time(sim.now())}
         )
 
-    async def records(request: Request) -> Response:
-        try:
-            limit = _int_param(request, "limit", 100, 1000)
-            since = _time_param(request, "updated_since")
-            cursor = request.query_params.get("cursor") or None
-            assert limit is not None
-            with sim.lock:
-                items, next_cursor = provider_of(request).list_records(
-                    updated_since=since, cursor=cursor, limit=limit
+    def paged(read: Callable[[Any, Request], Any]) -> Callable[[Request], Awaitable[Response]]:
+        """A GET route answering ``read(provider, request)``: a page, or the error it raised."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                with sim.lock:
+                    page = read(provider_of(request), request)
+            except SimulatorInputError as exc:
+                return _bad(exc)
+            except RetentionExceeded as exc:
+                return JSONResponse(
+                    {
+                        "error": "retention_exceeded",
+                        "retention_seconds": exc.retention_seconds,
+                        "oldest_available": format_time(exc.oldest) if exc.oldest else None,
+                    },
+                    status_code=422,
                 )
-        except SimulatorInputError as exc:
-            return _bad(exc)
-        return JSONResponse({"items": items, "next_cursor": next_cursor})
+            return JSONResponse(page)
+
+        return endpoint
+
+    def records(provider: Any, request: Request) -> Any:
+        items, next_cursor = provider.list_records(
+            limit=_int_param(request, "limit", 100, 1000),
+            updated_since=_time_param(request, "updated_since"),
+            cursor=request.query_params.get("cursor") or None,
+        )
+        return {"items": items, "next_cursor": next_cursor}
+
+    def changes(provider: Any, request: Request) -> Any:
+        return provider.changes(
+            limit=_int_param(request, "limit", 100, 1000),
+            after=_int_param(request, "after", None, 2**62),
+            since=_time_param(request, "since"),
+        )
+
+    def replay(provider: Any, request: Request) -> Any:
+        return provider.replay(
+            limit=_int_param(request, "limit", 500, 5000),
+            since=_time_param(request, "since"),
+            cursor=request.query_params.get("cursor") or None,
+        )
 
     async def record(request: Request) -> Response:
         record_id = request.path_params["record_id"]
@@ -240,39 +270,6 @@ def build_app(
         headers = {"Idempotent-Replayed": "true"} if replayed else None
         return JSONResponse(result, status_code=status, headers=headers)
 
-    async def changes(request: Request) -> Response:
-        try:
-            limit = _int_param(request, "limit", 100, 1000)
-            after = _int_param(request, "after", None, 2**62)
-            since = _time_param(request, "since")
-            assert limit is not None
-            with sim.lock:
-                page = provider_of(request).changes(after=after, since=since, limit=limit)
-        except SimulatorInputError as exc:
-            return _bad(exc)
-        return JSONResponse(page)
-
-    async def replay(request: Request) -> Response:
-        try:
-            limit = _int_param(request, "limit", 500, 5000)
-            since = _time_param(request, "since")
-            cursor = request.query_params.get("cursor") or None
-            assert limit is not None
-            with sim.lock:
-                page = provider_of(request).replay(since=since, cursor=cursor, limit=limit)
-        except SimulatorInputError as exc:
-            return _bad(exc)
-        except RetentionExceeded as exc:
-            return JSONResponse(
-                {
-                    "error": "retention_exceeded",
-                    "retention_seconds": exc.retention_seconds,
-                    "oldest_available": format_time(exc.oldest) if exc.oldest else None,
-                },
-                status_code=422,
-            )
-        return JSONResponse(page)
-
     async def enrich(request: Request) -> Response:
         subject_id = request.path_params["subject_id"]
         provider = request.path_params["provider"]
@@ -287,10 +284,10 @@ def build_app(
 
     routes = [
         provider_route("health", "health", health),
-        provider_route("records", "records", records),
+        provider_route("records", "records", paged(records)),
         provider_route("records/{record_id}", "record", record, "GET PUT"),
-        provider_route("changes", "changes", changes),
-        provider_route("replay", "replay", replay),
+        provider_route("changes", "changes", paged(changes)),
+        provider_route("replay", "replay", paged(replay)),
         provider_route("enrich/{subject_id}", "enrich", enrich),
         provider_route("webhooks/inbound", "webhooks_inbound", inbound_endpoint, "POST"),
         provider_route("oauth/token", "token", token_endpoint, "POST"),

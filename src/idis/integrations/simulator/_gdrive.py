@@ -268,27 +268,16 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
                     "X-Goog-Resource-ID": channel.resource_id,
                     "X-Goog-Resource-URI": "https://www.googleapis.com/drive/v3/changes",
                 }
-                if channel.messages == 0:
-                    channel.messages = 1
-                    sent.append(
-                        (
-                            channel.address,
-                            {**base, "X-Goog-Resource-State": "sync", "X-Goog-Message-Number": "1"},
-                        )
-                    )
+                # A new channel's first message is "sync"; then one "change" per call with news.
+                kinds = [] if channel.messages else ["sync"]
                 if last > channel.after_seq:
                     channel.after_seq = last
+                    kinds.append("change")
+                for kind in kinds:
                     channel.messages += 1
-                    sent.append(
-                        (
-                            channel.address,
-                            {
-                                **base,
-                                "X-Goog-Resource-State": "change",
-                                "X-Goog-Message-Number": str(channel.messages),
-                            },
-                        )
-                    )
+                    number = str(channel.messages)
+                    headers = {"X-Goog-Resource-State": kind, "X-Goog-Message-Number": number}
+                    sent.append((channel.address, base | headers))
         return sent
 
     async def notifications(request: Request) -> Response:

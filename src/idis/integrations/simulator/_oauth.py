@@ -382,17 +382,14 @@ class OAuthState:
 
     def revoke(self, token: str) -> bool:
         """Revoke a refresh or access token; True if it existed."""
-        stored = self.refresh_tokens.get(token)
-        if stored is not None:
-            stored.status = "revoked"
-            self.revocations += 1
-            return True
-        access = self.access_tokens.get(token)
-        if access is not None:
-            access.revoked = True
-            self.revocations += 1
-            return True
-        return False
+        if token in self.refresh_tokens:
+            self.refresh_tokens[token].status = "revoked"
+        elif token in self.access_tokens:
+            self.access_tokens[token].revoked = True
+        else:
+            return False
+        self.revocations += 1
+        return True
 
     def expire_access_tokens(self, now: datetime) -> int:
         """Make every issued access token expired now; return how many."""

@@ -20,6 +20,7 @@ import re
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from copy import copy
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -324,28 +325,19 @@ class WebhookConfig:
     no_target: int = 0
 
     def stats(self) -> dict[str, Any]:
-        """Counters for the stats API."""
-        return {
+        """Settings and counters for the stats API (never the secrets)."""
+        hidden = ("secrets", "reorder_batch", "max_attempts", "retry_backoff", "timeout", "queue")
+        return _shown(self, hidden) | {
             "url": _masked_url(self.url),
-            "format": self.format,
-            "mode": self.mode,
-            "delay": self.delay,
             "stop_windows": [[format_time(a), format_time(b)] for a, b in self.stop_windows],
             "pending": len(self.queue),
-            "in_flight": self.in_flight,
-            "delivered": self.delivered,
-            "delivered_events": self.delivered_events,
-            "duplicated": self.duplicated,
-            "corrupted": self.corrupted,
-            "reordered_batches": self.reordered_batches,
-            "attempts": self.attempts,
-            "retries": self.retries,
-            "failed": self.failed,
-            "failed_ids": list(self.failed_ids),
-            "dropped": self.dropped,
-            "dropped_ids": list(self.dropped_ids),
-            "no_target": self.no_target,
         }
+
+
+def _shown(config: Any, hidden: Sequence[str]) -> dict[str, Any]:
+    """A config's fields but ``hidden``, for the stats: lists and counters copied."""
+    shown = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in hidden}
+    return {k: dict(v) if isinstance(v, dict) else copy(v) for k, v in shown.items()}
 
 
 def _masked_url(url: str | None) -> str | None:
@@ -383,15 +375,8 @@ class ReceiverConfig:
 
     def stats(self) -> dict[str, Any]:
         """Counters for the stats API."""
-        return {
-            "mode": self.mode,
-            "received": self.received,
-            "accepted": self.accepted,
-            "duplicates": self.duplicates,
-            "rejected": dict(self.rejected),
-            "received_per_id": dict(self.received_per_id),
-            "applied_per_id": dict(self.applied_per_id),
-        }
+        hidden = ("secrets", "fail_status", "fail_ratio", "tolerance", "deliveries")
+        return _shown(self, hidden)
 
 
 # --------------------------------------------------------------------------- provider
