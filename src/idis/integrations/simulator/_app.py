@@ -90,23 +90,21 @@ class SimulatorApp(Starlette):
 
         if decision.latency > 0:
             await asyncio.sleep(decision.latency)
+        rest = scope["path"][3:].partition("/")[2]
         if decision.fault is not None:
             if decision.fault.kind == "drop":
                 with sim.lock:
                     provider.responses[f"{endpoint}:dropped"] += 1
                 await apply_fault(decision.fault, sim, endpoint, send)
             else:
-                rest = scope["path"][3:].partition("/")[2]
                 await apply_fault(decision.fault, sim, endpoint, counting_send, rest)
             return
         if needs_auth and not self._authorized(scope, provider):
-            dialect = unauthorized_body(scope["path"][3:].partition("/")[2])
             await send_json(
                 counting_send,
                 401,
-                {"error": "invalid_token"},
+                unauthorized_body(rest) or {"error": "invalid_token"},
                 [(b"www-authenticate", b'Bearer error="invalid_token"')],
-                raw=None if dialect is None else dialect[0],
             )
             return
         await super().__call__(scope, receive, counting_send)

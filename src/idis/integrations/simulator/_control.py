@@ -40,6 +40,7 @@ from ._state import (
     ProviderState,
     SimulatorInputError,
     SimulatorState,
+    _number,
     format_time,
     parse_time,
 )
@@ -232,15 +233,13 @@ def _stop_window(sim: SimulatorState, body: dict[str, Any]) -> Any:
 
 
 def _flush(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    timeout = body.get("timeout", 10.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise SimulatorInputError(f"timeout={timeout!r} must be seconds >= 0", variable="timeout")
+    timeout = _number(body.get("timeout", 10.0), "timeout", minimum=0.0)
     name = body.get("provider")
     sim.pending_webhooks(name)  # validates the name before the wait starts
 
     async def wait() -> Any:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + float(timeout)
+        deadline = loop.time() + timeout
         pending = sim.pending_webhooks(name)
         while pending and loop.time() < deadline:
             await asyncio.sleep(0.01)

@@ -39,6 +39,7 @@ from ._state import Record, SimulatorState
 __all__ = [
     "HUBSPOT_TIME_ZONE",
     "dialect_routes",
+    "google_error",
     "ms_time",
     "provider_route",
     "unauthorized_body",
@@ -62,21 +63,35 @@ def provider_route(
     return Route("/p/{provider}/" + path, handler, methods=methods.split(), name=endpoint or "")
 
 
-def unauthorized_body(rest: str) -> tuple[bytes, bytes] | None:
-    """A dialect's 401 body and content type for a bad token, or None for the generic one."""
-    if rest.startswith("services/data/"):
-        body = [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]
-        return json.dumps(body).encode(), b"application/json"
-    if rest.startswith("crm/"):
-        body2 = {
+def google_error(status: int, reason: str, message: str) -> dict[str, Any]:
+    """A Google API error body."""
+    error = {"domain": "global", "reason": reason, "message": message}
+    return {"error": {"code": status, "message": message, "errors": [error]}}
+
+
+#: What a dialect answers a request without a valid token (401), by path prefix.
+_UNAUTHORIZED: tuple[tuple[str, Any], ...] = (
+    (
+        "services/data/",
+        [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}],
+    ),
+    (
+        "crm/",
+        {
             "status": "error",
             "message": "Authentication credentials not found.",
             "category": "INVALID_AUTHENTICATION",
-        }
-        return json.dumps(body2).encode(), b"application/json"
-    from ._gdrive import extra_unauthorized_body
+        },
+    ),
+    ("drive/", google_error(401, "authError", "Request had invalid authentication credentials.")),
+    ("v5/", {"status": 401, "error": {"type": "invalid_auth", "message": "Invalid API key"}}),
+)
 
-    return extra_unauthorized_body(rest)
+
+def unauthorized_body(rest: str) -> Any:
+    """A dialect's 401 body for a bad token (``rest``: the path after ``/p/{provider}/``),
+    or None for the generic one."""
+    return next((body for prefix, body in _UNAUTHORIZED if rest.startswith(prefix)), None)
 
 
 def _ms(moment: datetime) -> int:

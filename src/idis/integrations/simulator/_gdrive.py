@@ -34,32 +34,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ._dialects import ms_time, provider_route
+from ._dialects import google_error, ms_time, provider_route
 from ._state import Record, SimulatorState
 
-__all__ = ["extra_routes", "extra_unauthorized_body"]
+__all__ = ["extra_routes"]
 
 _Q_SINCE = re.compile(r"modifiedTime >= '([^']+)'")
-
-
-def extra_unauthorized_body(rest: str) -> tuple[bytes, bytes] | None:
-    """Drive's 401 body (PDL's for a missing key), or None."""
-    if rest.startswith("drive/"):
-        return _google(401, "authError", "Request had invalid authentication credentials."), (
-            b"application/json"
-        )
-    if rest.startswith("v5/"):
-        return bytes(_pdl_error(401, "invalid_auth", "Invalid API key").body), b"application/json"
-    return None
-
-
-def _google(status: int, reason: str, message: str) -> bytes:
-    error = {
-        "code": status,
-        "message": message,
-        "errors": [{"domain": "global", "reason": reason, "message": message}],
-    }
-    return json.dumps({"error": error}).encode()
 
 
 def _pdl_error(
@@ -70,7 +50,7 @@ def _pdl_error(
 
 
 def _gerror(status: int, reason: str, message: str) -> Response:
-    return Response(_google(status, reason, message), status, media_type="application/json")
+    return JSONResponse(google_error(status, reason, message), status)
 
 
 def _file(record: Record) -> dict[str, Any]:

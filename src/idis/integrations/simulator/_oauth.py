@@ -52,6 +52,10 @@ __all__ = [
 DEFAULT_CLIENT_ID = "idis-local"
 DEFAULT_CLIENT_SECRET = "local-simulator-secret"  # noqa: S105  # public simulator default
 DEFAULT_SCOPES: tuple[str, ...] = ("records:read", "records:write", "enrich:read")
+OAUTH_COUNTERS = (
+    *("tokens_issued", "client_credentials_grants", "refreshes", "refresh_failures"),
+    *("reuse_detected", "invalid_client", "revocations", "rotations"),
+)
 
 
 class OAuthError(Exception):  # an OAuth error response, named as RFC 6749 does
@@ -144,14 +148,8 @@ class OAuthState:
         #: Reusing a rotated refresh token revokes every token of its family (OAuth 2.1).
         self.revoke_family_on_reuse = False
         self._families = 0
-        self.tokens_issued = 0
-        self.client_credentials_grants = 0
-        self.refreshes = 0
-        self.refresh_failures = 0
-        self.reuse_detected = 0
-        self.invalid_client = 0
-        self.revocations = 0
-        self.rotations = 0
+        #: What happened, by :data:`OAUTH_COUNTERS` name (each shown in the stats, 0 included).
+        self.counts: Counter[str] = Counter(dict.fromkeys(OAUTH_COUNTERS, 0))
         #: Refresh-grant requests per refresh token sent, keyed by :func:`token_fingerprint`.
         self.refresh_requests: Counter[str] = Counter()
 
@@ -235,7 +233,7 @@ class OAuthState:
                 if old.uses_left is not None:
                     old.uses_left -= 1
                 return client
-        self.invalid_client += 1
+        self.counts["invalid_client"] += 1
         raise OAuthError("invalid_client", "client authentication failed", 401)
 
     def _scopes(self, client: OAuthClient, requested: str | None) -> tuple[str, ...]:
@@ -262,7 +260,7 @@ class OAuthState:
         self.access_tokens[access] = _AccessToken(
             client_id, scopes, now + timedelta(seconds=self.access_token_lifetime)
         )
-        self.tokens_issued += 1
+        self.counts["tokens_issued"] += 1
         body: dict[str, Any] = {
             "access_token": access,
             "token_type": "Bearer",
@@ -290,7 +288,7 @@ class OAuthState:
         """
         client = self.authenticate(client_id, client_secret, now)
         scopes = self._scopes(client, scope)
-        self.client_credentials_grants += 1
+        self.counts["client_credentials_grants"] += 1
         return self._issue(
             client.client_id, scopes, now, refresh=self.issue_refresh_token, family=None
         )
@@ -326,30 +324,30 @@ class OAuthState:
             owner = self.authenticate(client_id, client_secret, now).client_id
         stored = self.refresh_tokens.get(refresh_token)
         if stored is None:
-            self.refresh_failures += 1
+            self.counts["refresh_failures"] += 1
             raise OAuthError("invalid_grant", "refresh token is unknown")
         stored.requests += 1
         if stored.status == "rotated":
-            self.reuse_detected += 1
-            self.refresh_failures += 1
+            self.counts["reuse_detected"] += 1
+            self.counts["refresh_failures"] += 1
             if self.revoke_family_on_reuse:
                 self._revoke_family(stored.family)
             raise OAuthError("invalid_grant", "refresh token was already used")
         if stored.status != "active":
-            self.refresh_failures += 1
+            self.counts["refresh_failures"] += 1
             raise OAuthError("invalid_grant", "refresh token was revoked")
         if owner and owner != stored.client_id:
-            self.refresh_failures += 1
+            self.counts["refresh_failures"] += 1
             raise OAuthError("invalid_grant", "refresh token belongs to another client")
         scopes = stored.scopes
         if scope:
             narrowed = tuple(s for s in scope.split(" ") if s)
             if any(s not in stored.scopes for s in narrowed):
-                self.refresh_failures += 1
+                self.counts["refresh_failures"] += 1
                 raise OAuthError("invalid_scope", "refresh cannot widen the granted scope")
             scopes = narrowed
         stored.status = "rotated"
-        self.refreshes += 1
+        self.counts["refreshes"] += 1
         return self._issue(stored.client_id, scopes, now, refresh=True, family=stored.family)
 
     def grant(
@@ -388,7 +386,7 @@ class OAuthState:
             self.access_tokens[token].revoked = True
         else:
             return False
-        self.revocations += 1
+        self.counts["revocations"] += 1
         return True
 
     def expire_access_tokens(self, now: datetime) -> int:
@@ -413,7 +411,7 @@ class OAuthState:
         )
         client.previous = [old]
         client.secret = "cs_" + secrets.token_urlsafe(24)
-        self.rotations += 1
+        self.counts["rotations"] += 1
         return {
             "client_id": client.client_id,
             "client_secret": client.secret,
@@ -430,15 +428,7 @@ class OAuthState:
 
     def stats(self) -> dict[str, Any]:
         """Counters for the stats API."""
-        return {
-            "tokens_issued": self.tokens_issued,
-            "client_credentials_grants": self.client_credentials_grants,
-            "refreshes": self.refreshes,
-            "refresh_failures": self.refresh_failures,
-            "reuse_detected": self.reuse_detected,
-            "invalid_client": self.invalid_client,
-            "revocations": self.revocations,
-            "rotations": self.rotations,
+        return dict(self.counts) | {
             "refresh_requests": dict(self.refresh_requests),
             "access_token_lifetime": self.access_token_lifetime,
         }

@@ -554,23 +554,18 @@ class ProviderState:
             SimulatorInputError: for a bad count, id list or event type.
         """
         _integer(count, "count", minimum=1, maximum=1_000_000)
-        if tenant_ids is not None and (
-            isinstance(tenant_ids, str)
-            or not tenant_ids
-            or not all(isinstance(t, str) and t for t in tenant_ids)
+        for name, given, valid in (
+            ("tenant_ids", tenant_ids, re.compile(".+", re.DOTALL)),
+            ("record_ids", record_ids, _RECORD_ID),
         ):
-            raise SimulatorInputError(
-                f"tenant_ids={tenant_ids!r} must be a non-empty list of names",
-                variable="tenant_ids",
-            )
-        if record_ids is not None and (isinstance(record_ids, str) or not record_ids):
-            raise SimulatorInputError(
-                f"record_ids={record_ids!r} must be a non-empty list of ids",
-                variable="record_ids",
-            )
-        for rid in record_ids or ():
-            if not isinstance(rid, str) or not _RECORD_ID.fullmatch(rid):
-                raise SimulatorInputError(f"record id {rid!r} is invalid", variable="record_ids")
+            if given is not None and (
+                isinstance(given, str)
+                or not given
+                or not all(isinstance(v, str) and valid.fullmatch(v) for v in given)
+            ):
+                raise SimulatorInputError(
+                    f"{name}={given!r} must be a non-empty list of valid ids", variable=name
+                )
         if event_type is not None:
             _choice(event_type, "type", EVENT_TYPES)
         if data is not None and not isinstance(data, Mapping):
@@ -795,7 +790,8 @@ class ProviderState:
         _given(
             _choice, policy, "policy", ("DAILY", "TEN_SECONDLY_ROLLING", "REQUEST_LIMIT_EXCEEDED")
         )
-        fault_id = self._owner._next_fault_id()
+        self._owner._fault_ids += 1
+        fault_id = self._owner._fault_ids
         fault = Fault(
             id=fault_id,
             kind=kind,
@@ -1138,10 +1134,6 @@ class SimulatorState:
             if require_auth is not None:
                 provider.require_auth = bool(require_auth)
             return provider
-
-    def _next_fault_id(self) -> int:
-        self._fault_ids += 1
-        return self._fault_ids
 
     # ------------------------------------------------------------------ in-process use
 
