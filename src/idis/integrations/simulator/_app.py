@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -76,7 +77,7 @@ class SimulatorApp(Starlette):
         try:
             with sim.lock:
                 provider = sim.provider(name)
-                decision = provider.on_request(endpoint)
+                latency, fault = provider.on_request(endpoint)
                 needs_auth = provider.require_auth and endpoint in PROTECTED
         except SimulatorInputError as exc:
             await send_json(send, 404, {"error": "unknown_provider", "detail": str(exc)})
@@ -88,16 +89,16 @@ class SimulatorApp(Starlette):
                     provider.responses[f"{endpoint}:{message['status']}"] += 1
             await send(message)
 
-        if decision.latency > 0:
-            await asyncio.sleep(decision.latency)
+        if latency > 0:
+            await asyncio.sleep(latency)
         rest = scope["path"][3:].partition("/")[2]
-        if decision.fault is not None:
-            if decision.fault.kind == "drop":
+        if fault is not None:
+            if fault.kind == "drop":
                 with sim.lock:
                     provider.responses[f"{endpoint}:dropped"] += 1
-                await apply_fault(decision.fault, sim, endpoint, send)
+                await apply_fault(fault, sim, endpoint, send)
             else:
-                await apply_fault(decision.fault, sim, endpoint, counting_send, rest)
+                await apply_fault(fault, sim, endpoint, counting_send, rest)
             return
         if needs_auth and not self._authorized(scope, provider):
             await send_json(
@@ -110,12 +111,8 @@ class SimulatorApp(Starlette):
         await super().__call__(scope, receive, counting_send)
 
     def _authorized(self, scope: Scope, provider: Any) -> bool:
-        header = b""
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                header = value
-                break
-        scheme, _, token = header.decode("latin-1").partition(" ")
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, token = header.partition(" ")
         with self.sim.lock:
             ok = scheme.lower() == "bearer" and provider.oauth.validate_bearer(
                 token.strip(), self.sim.now()

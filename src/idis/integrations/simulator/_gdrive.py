@@ -92,13 +92,7 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
     extras: weakref.WeakKeyDictionary[Any, _Extra] = weakref.WeakKeyDictionary()
 
     def extra(provider: Any) -> _Extra:
-        found = extras.get(provider)
-        if found is None:
-            found = extras[provider] = _Extra()
-        return found
-
-    def events_after(provider: Any, after: int, limit: int) -> dict[str, Any]:
-        return dict(provider.changes(after=after, since=None, limit=limit))
+        return extras.setdefault(provider, _Extra())
 
     async def start_token(request: Request) -> Response:
         with sim.lock:
@@ -116,7 +110,7 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
             return _gerror(400, "invalid", "Invalid Value: pageToken or pageSize")
         with sim.lock:
             provider = provider_of(request)
-            page = events_after(provider, int(token), size)
+            page = provider.changes(after=int(token), since=None, limit=size)
             files = {r.id: r for r in provider.records.values()}
         out = []
         for event in page["events"]:

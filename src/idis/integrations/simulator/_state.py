@@ -19,7 +19,7 @@ import random
 import re
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from copy import copy
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
@@ -226,14 +226,6 @@ class Fault:
         """JSON view for the control API."""
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rng"}
         return shown | {"expires_at": format_time(self.expires_at) if self.expires_at else None}
-
-
-@dataclass(slots=True)
-class RequestDecision:
-    """What the fault layer does with one request: extra latency, then maybe a fault."""
-
-    latency: float = 0.0
-    fault: Fault | None = None
 
 
 # --------------------------------------------------------------------------- records
@@ -824,12 +816,13 @@ class ProviderState:
         ]
         return before - len(self.faults)
 
-    def on_request(self, endpoint: str) -> RequestDecision:
-        """Count a request and decide which faults apply to it."""
+    def on_request(self, endpoint: str) -> tuple[float, Fault | None]:
+        """Count a request and decide what the fault layer does with it: extra latency
+        (seconds), then maybe a fault."""
         self.requests[endpoint] += 1
-        decision = RequestDecision()
+        latency, chosen = 0.0, None
         if not self.faults:
-            return decision
+            return latency, chosen
         now = self._owner.now()
         spent: list[Fault] = []
         # Outages win over other faults; otherwise the first installed fault that fires.
@@ -840,14 +833,14 @@ class ProviderState:
                 continue
             if fault.endpoint is not None and fault.endpoint != endpoint:
                 continue
-            if fault.kind != "latency" and decision.fault is not None:
+            if fault.kind != "latency" and chosen is not None:
                 continue
             if fault.ratio < 1.0 and fault.rng.random() >= fault.ratio:
                 continue
             if fault.kind == "latency":
-                decision.latency += fault.seconds
+                latency += fault.seconds
             else:
-                decision.fault = fault
+                chosen = fault
             fault.fired += 1
             self.faults_fired[fault.kind] += 1
             if fault.remaining is not None:
@@ -856,7 +849,7 @@ class ProviderState:
                     spent.append(fault)
         if spent:
             self.faults = [f for f in self.faults if f not in spent]
-        return decision
+        return latency, chosen
 
     def in_outage(self) -> bool:
         """True while a provider-wide outage fault is active."""
@@ -1179,7 +1172,7 @@ class SimulatorState:
     ) -> int:
         """Clear faults of one provider (or all); release hanging requests."""
         with self.lock:
-            targets = [self.provider(provider)] if provider else list(self._providers.values())
+            targets = self.all_providers(provider)
             cleared = sum(p.clear_faults(endpoint=endpoint, fault_id=fault_id) for p in targets)
             self.hang_generation += 1
             return cleared
@@ -1241,16 +1234,14 @@ class SimulatorState:
     def pending_webhooks(self, provider: str | None = None) -> int:
         """Deliveries queued or in flight."""
         with self.lock:
-            targets: Iterable[ProviderState] = (
-                [self.provider(provider)] if provider else self._providers.values()
-            )
+            targets = self.all_providers(provider)
             return sum(len(p.webhooks.queue) + p.webhooks.in_flight for p in targets)
 
     def has_webhook_targets(self) -> bool:
         """True when some provider has an outbound webhook target."""
         return any(p.webhooks.url is not None for p in list(self._providers.values()))
 
-    def all_providers(self) -> list[ProviderState]:
-        """Every provider object (for the emitter)."""
+    def all_providers(self, name: str | None = None) -> list[ProviderState]:
+        """The named provider, or (no name) every provider object."""
         with self.lock:
-            return list(self._providers.values())
+            return [self.provider(name)] if name else list(self._providers.values())
