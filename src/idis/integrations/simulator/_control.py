@@ -152,19 +152,31 @@ def _calls(
     on: Callable[[ProviderState], Any] = lambda provider: provider,
 ) -> ControlAction:
     """A POST row that calls ``method`` of the named provider (or of ``on(provider)``) with
-    the body's other fields and answers ``answer(provider, result)``.
-
-    The schema is the method's signature: every parameter is a field, one without a
-    default is required; so a new keyword of the state method is a control field at once.
-    """
-    params = list(inspect.signature(method).parameters.values())[1:]  # after self
-    required = tuple(p.name for p in params if p.default is inspect.Parameter.empty)
+    the body's other fields and answers ``answer(provider, result)``."""
 
     def handler(sim: SimulatorState, body: dict[str, Any]) -> Any:
         provider = _provider(sim, body)
         return answer(provider, method(on(provider), **_rest(body, *_P)))
 
-    return ControlAction(path, "POST", handler, (*_P, *(p.name for p in params)), (*_P, *required))
+    return ControlAction(path, "POST", handler, *_schema(method, *_P))
+
+
+def _sim_calls(
+    path: str, method: Callable[..., Any], answer: Callable[[Any], Any]
+) -> ControlAction:
+    """A POST row that calls a :class:`SimulatorState` ``method`` with the body's fields."""
+    return ControlAction(
+        path, "POST", lambda sim, body: answer(method(sim, **body)), *_schema(method)
+    )
+
+
+def _schema(method: Callable[..., Any], *first: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(fields, required fields) of a row calling ``method`` (``first`` before them, required):
+    its parameters after ``self``, required without a default. A new keyword of the state
+    method is a control field at once."""
+    params = list(inspect.signature(method).parameters.values())[1:]
+    required = tuple(p.name for p in params if p.default is inspect.Parameter.empty)
+    return (*first, *(p.name for p in params)), (*first, *required)
 
 
 def _switch(path: str, field: str, attribute: str) -> ControlAction:
@@ -197,23 +209,12 @@ def _list_faults(sim: SimulatorState, body: dict[str, Any]) -> Any:
     return {"faults": [f.to_json() for f in _provider(sim, body).faults]}
 
 
-def _clear_faults(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    fault_id = body.get("fault_id")
-    if fault_id is not None and (isinstance(fault_id, bool) or not isinstance(fault_id, int)):
-        raise SimulatorInputError(f"fault_id={fault_id!r} is not an integer", variable="fault_id")
-    return {"cleared": sim.clear_faults(**body)}  # the route's fields are clear_faults' arguments
-
-
 def _emit(sim: SimulatorState, body: dict[str, Any]) -> Any:
     fields = _rest(body, *_P, "type", "summary")
     events = _provider(sim, body).emit(event_type=body.get("type"), **fields)
     if body.get("summary"):
         return {"count": len(events), "first_seq": events[0]["seq"], "last_seq": events[-1]["seq"]}
     return {"events": events}
-
-
-def _mutate(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    return sim.mutate(**{"data": {}, **body})  # the route's fields are mutate's arguments
 
 
 def _stop_window(sim: SimulatorState, body: dict[str, Any]) -> Any:
@@ -295,7 +296,7 @@ CONTROL_ACTIONS: tuple[ControlAction, ...] = (
     ),
     ControlAction("/_control/faults", "GET", _list_faults, _P, _P),
     _calls("/_control/faults", ProviderState.add_fault, lambda _p, fault: fault.to_json()),
-    ControlAction("/_control/faults/clear", "POST", _clear_faults, (*_P, "endpoint", "fault_id")),
+    _sim_calls("/_control/faults/clear", SimulatorState.clear_faults, lambda n: {"cleared": n}),
     ControlAction(
         "/_control/emit",
         "POST",
@@ -303,13 +304,7 @@ CONTROL_ACTIONS: tuple[ControlAction, ...] = (
         (*_P, "count", "tenant_ids", "record_ids", "type", "data", "webhook", "summary"),
         _P,
     ),
-    ControlAction(
-        "/_control/mutate",
-        "POST",
-        _mutate,
-        (*_P, "record_id", "data", "tenant_id", "event", "webhook", "delete"),
-        (*_P, "record_id"),
-    ),
+    _sim_calls("/_control/mutate", SimulatorState.mutate, lambda record: record),
     _calls("/_control/webhooks/target", ProviderState.set_webhook_target, _webhooks),
     _calls("/_control/webhooks/mode", ProviderState.set_webhook_mode, _webhooks),
     ControlAction(

@@ -1139,18 +1139,19 @@ class SimulatorState:
         self,
         provider: str,
         record_id: str,
-        data: Mapping[str, Any],
+        data: Mapping[str, Any] | None = None,
         *,
         tenant_id: str | None = None,
         event: bool = False,
         webhook: bool = False,
         delete: bool = False,
     ) -> dict[str, Any]:
-        """Change a record at the provider, by default silently (no event, no webhook)."""
+        """Change a record at the provider (no ``data``: an empty object), by default
+        silently (no event, no webhook)."""
         with self.lock:
             record, _, _ = self.provider(provider).write_record(
                 record_id,
-                data,
+                {} if data is None else data,
                 tenant_id=tenant_id,
                 event_type="record.deleted" if delete else None,
                 emit_event=event,
@@ -1171,6 +1172,10 @@ class SimulatorState:
         fault_id: int | None = None,
     ) -> int:
         """Clear faults of one provider (or all); release hanging requests."""
+        if fault_id is not None and (isinstance(fault_id, bool) or not isinstance(fault_id, int)):
+            raise SimulatorInputError(
+                f"fault_id={fault_id!r} is not an integer", variable="fault_id"
+            )
         with self.lock:
             targets = self.all_providers(provider)
             cleared = sum(p.clear_faults(endpoint=endpoint, fault_id=fault_id) for p in targets)

@@ -44,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .._http import httpx
+from ._oauth import _sim
 from ._state import Delivery, ProviderState, format_time
 
 if TYPE_CHECKING:
@@ -400,10 +401,6 @@ class WebhookEmitter:
 
 
 # --------------------------------------------------------------------------- inbound
-
-
-def _sim(request: Request) -> SimulatorState:
-    return request.app.state.sim  # type: ignore[no-any-return]  # Starlette's app.state is untyped
 
 
 async def inbound_endpoint(request: Request) -> Response:
