@@ -11,21 +11,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from ._dialects import dialect_endpoint, dialect_routes, unauthorized_body
+from ._dialects import dialect_routes, provider_route, unauthorized_body
 from ._faults import apply_fault, send_json
 from ._gdrive import extra_routes
 from ._oauth import revoke_endpoint, rotate_endpoint, salesforce_token_endpoint, token_endpoint
 from ._state import (
+    ENDPOINTS,
     RetentionExceeded,
     SimulatorInputError,
     SimulatorState,
@@ -34,44 +36,10 @@ from ._state import (
 )
 from ._webhooks import WebhookEmitter, inbound_endpoint
 
-__all__ = ["SimulatorApp", "build_app", "classify"]
+__all__ = ["SimulatorApp", "build_app"]
 
-_EXACT = {
-    "health": "health",
-    "records": "records",
-    "changes": "changes",
-    "replay": "replay",
-    "webhooks/inbound": "webhooks_inbound",
-    "oauth/token": "token",
-    "services/oauth2/token": "token",
-    "login/services/oauth2/token": "token",
-    "oauth/revoke": "revoke",
-    "oauth/rotate": "rotate",
-}
 #: Endpoints that need a bearer token while the provider's require_auth is on.
 PROTECTED = frozenset({"records", "record", "changes", "replay", "enrich"})
-
-
-def classify(path: str) -> tuple[str, str] | None:
-    """``(provider, endpoint name)`` of a provider API path, or None for anything else."""
-    if not path.startswith("/p/"):
-        return None
-    provider, _, rest = path[3:].partition("/")
-    if not provider:
-        return None
-    rest = rest.rstrip("/")
-    endpoint = _EXACT.get(rest)
-    if endpoint is None:
-        if rest.startswith("records/") and "/" not in rest[8:]:
-            endpoint = "record"
-        elif rest.startswith("enrich/") and "/" not in rest[7:]:
-            endpoint = "enrich"
-        else:
-            # A provider dialect's path (HubSpot, Salesforce): same faults, same auth.
-            endpoint = dialect_endpoint(rest)
-            if endpoint is None:
-                return None
-    return provider, endpoint
 
 
 class SimulatorApp(Starlette):
@@ -79,6 +47,17 @@ class SimulatorApp(Starlette):
 
     sim: SimulatorState
     emitter: WebhookEmitter
+    #: The provider API's routes, each named by its endpoint (what faults target).
+    endpoints: list[Route]
+
+    def classify(self, path: str) -> tuple[str, str] | None:
+        """``(provider, endpoint name)`` of a provider API path, or None for anything else."""
+        path = path.rstrip("/")
+        for route in self.endpoints:
+            match = route.path_regex.match(path)
+            if match is not None:
+                return match["provider"], route.name
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run faults and auth on the raw ASGI call, then route."""
@@ -89,7 +68,7 @@ class SimulatorApp(Starlette):
             # In-process use (httpx.ASGITransport) runs no lifespan; whoever does
             # that should `await app.emitter.stop()` when done.
             self.emitter.start()
-        target = classify(scope["path"])
+        target = self.classify(scope["path"])
         if target is None:
             await super().__call__(scope, receive, send)
             return
@@ -98,7 +77,7 @@ class SimulatorApp(Starlette):
         try:
             with sim.lock:
                 provider = sim.provider(name)
-                decision = provider.on_request(endpoint)
+                latency, fault = provider.on_request(endpoint)
                 needs_auth = provider.require_auth and endpoint in PROTECTED
         except SimulatorInputError as exc:
             await send_json(send, 404, {"error": "unknown_provider", "detail": str(exc)})
@@ -110,36 +89,30 @@ class SimulatorApp(Starlette):
                     provider.responses[f"{endpoint}:{message['status']}"] += 1
             await send(message)
 
-        if decision.latency > 0:
-            await asyncio.sleep(decision.latency)
-        if decision.fault is not None:
-            if decision.fault.kind == "drop":
+        if latency > 0:
+            await asyncio.sleep(latency)
+        rest = scope["path"][3:].partition("/")[2]
+        if fault is not None:
+            if fault.kind == "drop":
                 with sim.lock:
                     provider.responses[f"{endpoint}:dropped"] += 1
-                await apply_fault(decision.fault, sim, endpoint, send)
+                await apply_fault(fault, sim, endpoint, send)
             else:
-                rest = scope["path"][3:].partition("/")[2]
-                await apply_fault(decision.fault, sim, endpoint, counting_send, rest)
+                await apply_fault(fault, sim, endpoint, counting_send, rest)
             return
         if needs_auth and not self._authorized(scope, provider):
-            dialect = unauthorized_body(scope["path"][3:].partition("/")[2])
             await send_json(
                 counting_send,
                 401,
-                {"error": "invalid_token"},
+                unauthorized_body(rest) or {"error": "invalid_token"},
                 [(b"www-authenticate", b'Bearer error="invalid_token"')],
-                raw=None if dialect is None else dialect[0],
             )
             return
         await super().__call__(scope, receive, counting_send)
 
     def _authorized(self, scope: Scope, provider: Any) -> bool:
-        header = b""
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                header = value
-                break
-        scheme, _, token = header.decode("latin-1").partition(" ")
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, token = header.partition(" ")
         with self.sim.lock:
             ok = scheme.lower() == "bearer" and provider.oauth.validate_bearer(
                 token.strip(), self.sim.now()
@@ -223,19 +196,49 @@ def build_app(
             {"status": "ok", "provider": provider.name, "time": format_time(sim.now())}
         )
 
-    async def records(request: Request) -> Response:
-        try:
-            limit = _int_param(request, "limit", 100, 1000)
-            since = _time_param(request, "updated_since")
-            cursor = request.query_params.get("cursor") or None
-            assert limit is not None
-            with sim.lock:
-                items, next_cursor = provider_of(request).list_records(
-                    updated_since=since, cursor=cursor, limit=limit
+    def paged(read: Callable[[Any, Request], Any]) -> Callable[[Request], Awaitable[Response]]:
+        """A GET route answering ``read(provider, request)``: a page, or the error it raised."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                with sim.lock:
+                    page = read(provider_of(request), request)
+            except SimulatorInputError as exc:
+                return _bad(exc)
+            except RetentionExceeded as exc:
+                return JSONResponse(
+                    {
+                        "error": "retention_exceeded",
+                        "retention_seconds": exc.retention_seconds,
+                        "oldest_available": format_time(exc.oldest) if exc.oldest else None,
+                    },
+                    status_code=422,
                 )
-        except SimulatorInputError as exc:
-            return _bad(exc)
-        return JSONResponse({"items": items, "next_cursor": next_cursor})
+            return JSONResponse(page)
+
+        return endpoint
+
+    def records(provider: Any, request: Request) -> Any:
+        items, next_cursor = provider.list_records(
+            limit=_int_param(request, "limit", 100, 1000),
+            updated_since=_time_param(request, "updated_since"),
+            cursor=request.query_params.get("cursor") or None,
+        )
+        return {"items": items, "next_cursor": next_cursor}
+
+    def changes(provider: Any, request: Request) -> Any:
+        return provider.changes(
+            limit=_int_param(request, "limit", 100, 1000),
+            after=_int_param(request, "after", None, 2**62),
+            since=_time_param(request, "since"),
+        )
+
+    def replay(provider: Any, request: Request) -> Any:
+        return provider.replay(
+            limit=_int_param(request, "limit", 500, 5000),
+            since=_time_param(request, "since"),
+            cursor=request.query_params.get("cursor") or None,
+        )
 
     async def record(request: Request) -> Response:
         record_id = request.path_params["record_id"]
@@ -262,39 +265,6 @@ def build_app(
         headers = {"Idempotent-Replayed": "true"} if replayed else None
         return JSONResponse(result, status_code=status, headers=headers)
 
-    async def changes(request: Request) -> Response:
-        try:
-            limit = _int_param(request, "limit", 100, 1000)
-            after = _int_param(request, "after", None, 2**62)
-            since = _time_param(request, "since")
-            assert limit is not None
-            with sim.lock:
-                page = provider_of(request).changes(after=after, since=since, limit=limit)
-        except SimulatorInputError as exc:
-            return _bad(exc)
-        return JSONResponse(page)
-
-    async def replay(request: Request) -> Response:
-        try:
-            limit = _int_param(request, "limit", 500, 5000)
-            since = _time_param(request, "since")
-            cursor = request.query_params.get("cursor") or None
-            assert limit is not None
-            with sim.lock:
-                page = provider_of(request).replay(since=since, cursor=cursor, limit=limit)
-        except SimulatorInputError as exc:
-            return _bad(exc)
-        except RetentionExceeded as exc:
-            return JSONResponse(
-                {
-                    "error": "retention_exceeded",
-                    "retention_seconds": exc.retention_seconds,
-                    "oldest_available": format_time(exc.oldest) if exc.oldest else None,
-                },
-                status_code=422,
-            )
-        return JSONResponse(page)
-
     async def enrich(request: Request) -> Response:
         subject_id = request.path_params["subject_id"]
         provider = request.path_params["provider"]
@@ -308,22 +278,18 @@ def build_app(
         )
 
     routes = [
-        Route("/p/{provider}/health", health, methods=["GET"]),
-        Route("/p/{provider}/records", records, methods=["GET"]),
-        Route("/p/{provider}/records/{record_id}", record, methods=["GET", "PUT"]),
-        Route("/p/{provider}/changes", changes, methods=["GET"]),
-        Route("/p/{provider}/replay", replay, methods=["GET"]),
-        Route("/p/{provider}/enrich/{subject_id}", enrich, methods=["GET"]),
-        Route("/p/{provider}/webhooks/inbound", inbound_endpoint, methods=["POST"]),
-        Route("/p/{provider}/oauth/token", token_endpoint, methods=["POST"]),
-        Route("/p/{provider}/services/oauth2/token", salesforce_token_endpoint, methods=["POST"]),
-        Route(
-            "/p/{provider}/login/services/oauth2/token",
-            salesforce_token_endpoint,
-            methods=["POST"],
-        ),
-        Route("/p/{provider}/oauth/revoke", revoke_endpoint, methods=["POST"]),
-        Route("/p/{provider}/oauth/rotate", rotate_endpoint, methods=["POST"]),
+        provider_route("health", "health", health),
+        provider_route("records", "records", paged(records)),
+        provider_route("records/{record_id}", "record", record, "GET PUT"),
+        provider_route("changes", "changes", paged(changes)),
+        provider_route("replay", "replay", paged(replay)),
+        provider_route("enrich/{subject_id}", "enrich", enrich),
+        provider_route("webhooks/inbound", "webhooks_inbound", inbound_endpoint, "POST"),
+        provider_route("oauth/token", "token", token_endpoint, "POST"),
+        provider_route("services/oauth2/token", "token", salesforce_token_endpoint, "POST"),
+        provider_route("login/services/oauth2/token", "token", salesforce_token_endpoint, "POST"),
+        provider_route("oauth/revoke", "revoke", revoke_endpoint, "POST"),
+        provider_route("oauth/rotate", "rotate", rotate_endpoint, "POST"),
         *dialect_routes(sim, provider_of),
         *extra_routes(sim, provider_of),
         *control_routes(sim, allowed_hosts=control_hosts),
@@ -342,6 +308,7 @@ def build_app(
 
     app = SimulatorApp(routes=routes, lifespan=lifespan)
     app.sim = sim
+    app.endpoints = [r for r in routes if isinstance(r, Route) and r.name in ENDPOINTS]
     app.emitter = emitter
     app.state.sim = sim
     return app

@@ -35,10 +35,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .._http import httpx
+from ._oauth import OAuthState
 from ._state import (
     ProviderState,
     SimulatorInputError,
     SimulatorState,
+    _number,
     format_time,
     parse_time,
 )
@@ -140,16 +142,62 @@ def _rest(body: Mapping[str, Any], *taken: str) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in taken}
 
 
+_P = ("provider",)
+
+
+def _calls(
+    path: str,
+    method: Callable[..., Any],
+    answer: Callable[[ProviderState, Any], Any],
+    on: Callable[[ProviderState], Any] = lambda provider: provider,
+) -> ControlAction:
+    """A POST row that calls ``method`` of the named provider (or of ``on(provider)``) with
+    the body's other fields and answers ``answer(provider, result)``."""
+
+    def handler(sim: SimulatorState, body: dict[str, Any]) -> Any:
+        provider = _provider(sim, body)
+        return answer(provider, method(on(provider), **_rest(body, *_P)))
+
+    return ControlAction(path, "POST", handler, *_schema(method, *_P))
+
+
+def _sim_calls(
+    path: str, method: Callable[..., Any], answer: Callable[[Any], Any]
+) -> ControlAction:
+    """A POST row that calls a :class:`SimulatorState` ``method`` with the body's fields."""
+    return ControlAction(
+        path, "POST", lambda sim, body: answer(method(sim, **body)), *_schema(method)
+    )
+
+
+def _schema(method: Callable[..., Any], *first: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(fields, required fields) of a row calling ``method`` (``first`` before them, required):
+    its parameters after ``self``, required without a default. A new keyword of the state
+    method is a control field at once."""
+    params = list(inspect.signature(method).parameters.values())[1:]
+    required = tuple(p.name for p in params if p.default is inspect.Parameter.empty)
+    return (*first, *(p.name for p in params)), (*first, *required)
+
+
+def _switch(path: str, field: str, attribute: str) -> ControlAction:
+    """A POST row that sets a provider's boolean ``attribute`` to ``field`` (default true)."""
+
+    def handler(sim: SimulatorState, body: dict[str, Any]) -> Any:
+        value = body.get(field, True)
+        if not isinstance(value, bool):
+            raise SimulatorInputError(f"{field}={value!r} is not true or false", variable=field)
+        setattr(_provider(sim, body), attribute, value)
+        return {attribute: value}
+
+    return ControlAction(path, "POST", handler, (*_P, field), _P)
+
+
 def _ping(sim: SimulatorState, _body: dict[str, Any]) -> Any:
     return {"status": "ok", "now": format_time(sim.now()), "providers": sim.providers()}
 
 
 def _declare(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    declared = sim.declare_provider(
-        body["provider"],
-        retention_seconds=body.get("retention_seconds"),
-        require_auth=body.get("require_auth"),
-    )
+    declared = sim.declare_provider(body["provider"], **_rest(body, *_P))
     return {
         "provider": declared.name,
         "retention_seconds": declared.retention_seconds,
@@ -161,48 +209,12 @@ def _list_faults(sim: SimulatorState, body: dict[str, Any]) -> Any:
     return {"faults": [f.to_json() for f in _provider(sim, body).faults]}
 
 
-def _set_fault(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    return _provider(sim, body).add_fault(body["kind"], **_rest(body, "provider", "kind")).to_json()
-
-
-def _clear_faults(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    fault_id = body.get("fault_id")
-    if fault_id is not None and (isinstance(fault_id, bool) or not isinstance(fault_id, int)):
-        raise SimulatorInputError(f"fault_id={fault_id!r} is not an integer", variable="fault_id")
-    cleared = sim.clear_faults(
-        body.get("provider"), endpoint=body.get("endpoint"), fault_id=fault_id
-    )
-    return {"cleared": cleared}
-
-
 def _emit(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    events = _provider(sim, body).emit(
-        body.get("count", 1),
-        tenant_ids=body.get("tenant_ids"),
-        record_ids=body.get("record_ids"),
-        event_type=body.get("type"),
-        data=body.get("data"),
-        webhook=bool(body.get("webhook", True)),
-    )
+    fields = _rest(body, *_P, "type", "summary")
+    events = _provider(sim, body).emit(event_type=body.get("type"), **fields)
     if body.get("summary"):
         return {"count": len(events), "first_seq": events[0]["seq"], "last_seq": events[-1]["seq"]}
     return {"events": events}
-
-
-def _mutate(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    return sim.mutate(**{"data": {}, **body})  # the route's fields are mutate's arguments
-
-
-def _webhook_target(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    target = _provider(sim, body)
-    target.set_webhook_target(body.get("url"), **_rest(body, "provider", "url"))
-    return target.webhooks.stats()
-
-
-def _webhook_mode(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    target = _provider(sim, body)
-    target.set_webhook_mode(body["mode"], delay=body.get("delay"), batch=body.get("batch"))
-    return target.webhooks.stats()
 
 
 def _stop_window(sim: SimulatorState, body: dict[str, Any]) -> Any:
@@ -222,15 +234,13 @@ def _stop_window(sim: SimulatorState, body: dict[str, Any]) -> Any:
 
 
 def _flush(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    timeout = body.get("timeout", 10.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise SimulatorInputError(f"timeout={timeout!r} must be seconds >= 0", variable="timeout")
+    timeout = _number(body.get("timeout", 10.0), "timeout", minimum=0.0)
     name = body.get("provider")
     sim.pending_webhooks(name)  # validates the name before the wait starts
 
     async def wait() -> Any:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + float(timeout)
+        deadline = loop.time() + timeout
         pending = sim.pending_webhooks(name)
         while pending and loop.time() < deadline:
             await asyncio.sleep(0.01)
@@ -240,30 +250,8 @@ def _flush(sim: SimulatorState, body: dict[str, Any]) -> Any:
     return wait()
 
 
-def _inbound(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    target = _provider(sim, body)
-    target.configure_receiver(**_rest(body, "provider"))
-    return target.receiver.stats()
-
-
 def _inbound_deliveries(sim: SimulatorState, body: dict[str, Any]) -> Any:
     return {"deliveries": list(_provider(sim, body).receiver.deliveries)}
-
-
-def _oauth(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    target = _provider(sim, body)
-    target.oauth.configure(**_rest(body, "provider"))
-    return target.oauth.stats()
-
-
-def _oauth_client(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    scopes = body.get("scopes")
-    if scopes is not None and (isinstance(scopes, str) or not isinstance(scopes, list)):
-        raise SimulatorInputError(f"scopes={scopes!r} must be a list", variable="scopes")
-    _provider(sim, body).oauth.set_client(
-        body["client_id"], body["client_secret"], tuple(scopes) if scopes is not None else None
-    )
-    return {"client_id": body["client_id"]}
 
 
 def _oauth_issue(sim: SimulatorState, body: dict[str, Any]) -> Any:
@@ -272,40 +260,8 @@ def _oauth_issue(sim: SimulatorState, body: dict[str, Any]) -> Any:
     )
 
 
-def _oauth_revoke(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    return {"revoked": _provider(sim, body).oauth.revoke(str(body["token"]))}
-
-
 def _oauth_expire(sim: SimulatorState, body: dict[str, Any]) -> Any:
     return {"expired": _provider(sim, body).oauth.expire_access_tokens(sim.now())}
-
-
-def _retention(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    target = _provider(sim, body)
-    target.set_retention(body["seconds"])
-    return {"retention_seconds": target.retention_seconds}
-
-
-def _feed_retention(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    target = _provider(sim, body)
-    target.set_feed_retention(body.get("seconds"))
-    return {"feed_retention_seconds": target.feed_retention_seconds}
-
-
-def _require_auth(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    enabled = body.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise SimulatorInputError(f"enabled={enabled!r} is not true or false", variable="enabled")
-    _provider(sim, body).require_auth = enabled
-    return {"require_auth": enabled}
-
-
-def _idempotency(sim: SimulatorState, body: dict[str, Any]) -> Any:
-    honor = body.get("honor", True)
-    if not isinstance(honor, bool):
-        raise SimulatorInputError(f"honor={honor!r} is not true or false", variable="honor")
-    _provider(sim, body).honor_idempotency = honor
-    return {"honor_idempotency": honor}
 
 
 def _clock(sim: SimulatorState, body: dict[str, Any]) -> Any:
@@ -324,15 +280,13 @@ def _reset(sim: SimulatorState, body: dict[str, Any]) -> Any:
     return {"reset": body.get("provider") or "all"}
 
 
-_P = ("provider",)
-_OAUTH = (
-    "access_token_lifetime",
-    "scopes",
-    "issue_refresh_token",
-    "rotation_grace_seconds",
-    "rotation_grace_uses",
-    "revoke_family_on_reuse",
-)
+def _webhooks(provider: ProviderState, _result: None) -> Any:
+    return provider.webhooks.stats()
+
+
+def _oauth(provider: ProviderState) -> OAuthState:
+    return provider.oauth
+
 
 #: The control API: route, method, handler, body schema (allowed fields, required fields).
 CONTROL_ACTIONS: tuple[ControlAction, ...] = (
@@ -341,18 +295,8 @@ CONTROL_ACTIONS: tuple[ControlAction, ...] = (
         "/_control/providers", "POST", _declare, (*_P, "retention_seconds", "require_auth"), _P
     ),
     ControlAction("/_control/faults", "GET", _list_faults, _P, _P),
-    ControlAction(
-        "/_control/faults",
-        "POST",
-        _set_fault,
-        (
-            *_P,
-            *("kind", "endpoint", "status", "ratio", "seconds"),
-            *("retry_after", "retry_after_format", "duration", "count", "policy"),
-        ),
-        (*_P, "kind"),
-    ),
-    ControlAction("/_control/faults/clear", "POST", _clear_faults, (*_P, "endpoint", "fault_id")),
+    _calls("/_control/faults", ProviderState.add_fault, lambda _p, fault: fault.to_json()),
+    _sim_calls("/_control/faults/clear", SimulatorState.clear_faults, lambda n: {"cleared": n}),
     ControlAction(
         "/_control/emit",
         "POST",
@@ -360,27 +304,9 @@ CONTROL_ACTIONS: tuple[ControlAction, ...] = (
         (*_P, "count", "tenant_ids", "record_ids", "type", "data", "webhook", "summary"),
         _P,
     ),
-    ControlAction(
-        "/_control/mutate",
-        "POST",
-        _mutate,
-        (*_P, "record_id", "data", "tenant_id", "event", "webhook", "delete"),
-        (*_P, "record_id"),
-    ),
-    ControlAction(
-        "/_control/webhooks/target",
-        "POST",
-        _webhook_target,
-        (*_P, "url", "secrets", "max_attempts", "retry_backoff", "timeout", "format"),
-        _P,
-    ),
-    ControlAction(
-        "/_control/webhooks/mode",
-        "POST",
-        _webhook_mode,
-        (*_P, "mode", "delay", "batch"),
-        (*_P, "mode"),
-    ),
+    _sim_calls("/_control/mutate", SimulatorState.mutate, lambda record: record),
+    _calls("/_control/webhooks/target", ProviderState.set_webhook_target, _webhooks),
+    _calls("/_control/webhooks/mode", ProviderState.set_webhook_mode, _webhooks),
     ControlAction(
         "/_control/webhooks/stop_window",
         "POST",
@@ -389,29 +315,30 @@ CONTROL_ACTIONS: tuple[ControlAction, ...] = (
         _P,
     ),
     ControlAction("/_control/webhooks/flush", "POST", _flush, (*_P, "timeout")),
-    ControlAction(
-        "/_control/inbound",
-        "POST",
-        _inbound,
-        (*_P, "secrets", "mode", "fail_status", "fail_ratio", "tolerance"),
-        _P,
-    ),
+    _calls("/_control/inbound", ProviderState.configure_receiver, lambda p, _: p.receiver.stats()),
     ControlAction("/_control/inbound", "GET", _inbound_deliveries, _P, _P),
-    ControlAction("/_control/oauth", "POST", _oauth, (*_P, *_OAUTH), _P),
-    ControlAction(
+    _calls("/_control/oauth", OAuthState.configure, lambda p, _: p.oauth.stats(), _oauth),
+    _calls(
         "/_control/oauth/client",
-        "POST",
-        _oauth_client,
-        (*_P, "client_id", "client_secret", "scopes"),
-        (*_P, "client_id", "client_secret"),
+        OAuthState.set_client,
+        lambda _p, client: {"client_id": client.client_id},
+        _oauth,
     ),
     ControlAction("/_control/oauth/issue", "POST", _oauth_issue, (*_P, "client_id", "scope"), _P),
-    ControlAction("/_control/oauth/revoke", "POST", _oauth_revoke, (*_P, "token"), (*_P, "token")),
+    _calls("/_control/oauth/revoke", OAuthState.revoke, lambda _p, r: {"revoked": r}, _oauth),
     ControlAction("/_control/oauth/expire", "POST", _oauth_expire, _P, _P),
-    ControlAction("/_control/retention", "POST", _retention, (*_P, "seconds"), (*_P, "seconds")),
-    ControlAction("/_control/feed_retention", "POST", _feed_retention, (*_P, "seconds"), _P),
-    ControlAction("/_control/require_auth", "POST", _require_auth, (*_P, "enabled"), _P),
-    ControlAction("/_control/idempotency", "POST", _idempotency, (*_P, "honor"), _P),
+    _calls(
+        "/_control/retention",
+        ProviderState.set_retention,
+        lambda p, _: {"retention_seconds": p.retention_seconds},
+    ),
+    _calls(
+        "/_control/feed_retention",
+        ProviderState.set_feed_retention,
+        lambda p, _: {"feed_retention_seconds": p.feed_retention_seconds},
+    ),
+    _switch("/_control/require_auth", "enabled", "require_auth"),
+    _switch("/_control/idempotency", "honor", "honor_idempotency"),
     ControlAction("/_control/clock", "GET", _clock),
     ControlAction("/_control/clock", "POST", _clock, ("advance",)),
     ControlAction("/_control/stats", "GET", _stats, (*_P, "detail")),
@@ -503,7 +430,10 @@ def _invalid(parameter: str | None, detail: str) -> JSONResponse:
 
 
 def _json_value(value: Any) -> Any:
-    """A control body's value as JSON: mappings as objects, sequences (not text) as lists."""
+    """A control body's value as JSON: mappings as objects, sequences (not text) as lists,
+    times as ISO-8601."""
+    if isinstance(value, datetime):
+        return format_time(value)
     if isinstance(value, Mapping):
         return dict(value)
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
@@ -547,12 +477,14 @@ class SimulatorControl:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+    def _call(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None, **options: Any
+    ) -> Any:
         values = {k: _json_value(v) for k, v in (body or {}).items() if v is not None}
         if method == "GET":
-            response = self._client.get(path, params=values)
+            response = self._client.get(path, params=values, **options)
         else:
-            response = self._client.post(path, json=values)
+            response = self._client.post(path, json=values, **options)
         if response.status_code == 400:
             error = response.json()
             raise SimulatorInputError(str(error.get("detail")), variable=error.get("parameter"))
@@ -653,10 +585,7 @@ class SimulatorControl:
         fault_id: int | None = None,
     ) -> int:
         """Remove faults; returns how many."""
-        result = self._post(
-            "/faults/clear", provider=provider, endpoint=endpoint, fault_id=fault_id
-        )
-        return int(result["cleared"])
+        return int(self._post("/faults/clear", **_fields(locals()))["cleared"])
 
     def faults(self, provider: str) -> list[dict[str, Any]]:
         """Active faults of a provider."""
@@ -745,26 +674,13 @@ class SimulatorControl:
         duration: float | None = None,
     ) -> tuple[datetime, datetime]:
         """Drop webhooks of events occurring in [start, end) of simulated time."""
-        result = self._post(
-            "/webhooks/stop_window",
-            provider=provider,
-            start=format_time(start) if start else None,
-            end=format_time(end) if end else None,
-            duration=duration,
-        )
+        result = self._post("/webhooks/stop_window", **_fields(locals()))
         return parse_time(result["start"], "start"), parse_time(result["end"], "end")
 
     def flush_webhooks(self, provider: str | None = None, *, timeout: float = 10.0) -> bool:
         """Wait until no webhook is queued or in flight; False if ``timeout`` passed first."""
-        response = self._client.post(
-            "/webhooks/flush",
-            json={
-                k: v for k, v in {"provider": provider, "timeout": timeout}.items() if v is not None
-            },
-            timeout=timeout + 10.0,
-        )
-        response.raise_for_status()
-        return bool(response.json()["idle"])
+        result = self._call("POST", "/webhooks/flush", _fields(locals()), timeout=timeout + 10)
+        return bool(result["idle"])
 
     # ------------------------------------------------------------------ inbound receiver
 

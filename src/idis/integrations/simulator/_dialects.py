@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -35,10 +37,11 @@ from starlette.routing import Route
 from ._state import Record, SimulatorState
 
 __all__ = [
-    "DIALECT_ENDPOINTS",
     "HUBSPOT_TIME_ZONE",
-    "dialect_endpoint",
     "dialect_routes",
+    "google_error",
+    "ms_time",
+    "provider_route",
     "unauthorized_body",
 ]
 
@@ -51,43 +54,44 @@ SALESFORCE_DAILY = 15_000
 _SF_UPDATED_WINDOW = timedelta(days=30)
 _SF_DELETED_WINDOW = timedelta(days=15)
 
-#: (pattern of the path after ``/p/{provider}/``, endpoint name the fault layer and auth see).
-DIALECT_ENDPOINTS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^account-info/v3/details$"), "account_info"),
-    (re.compile(r"^crm/v3/objects/deals/search$"), "changes"),
-    (re.compile(r"^crm/v3/objects/deals$"), "records"),
-    (re.compile(r"^crm/v3/objects/deals/[^/]+$"), "record"),
-    (re.compile(r"^services/data/v[0-9.]+/query$"), "changes"),
-    (re.compile(r"^services/data/v[0-9.]+/sobjects/Opportunity/(updated|deleted)$"), "replay"),
-    (re.compile(r"^services/data/v[0-9.]+/sobjects/Opportunity/[^/]+$"), "record"),
-)
+
+def provider_route(
+    path: str, endpoint: str | None, handler: Callable[..., Any], methods: str = "GET"
+) -> Route:
+    """A route under ``/p/{provider}/``; ``endpoint`` names it for faults and the bearer check
+    (``ENDPOINTS``; None: neither applies)."""
+    return Route("/p/{provider}/" + path, handler, methods=methods.split(), name=endpoint or "")
 
 
-def dialect_endpoint(rest: str) -> str | None:
-    """The endpoint name of a dialect path (after ``/p/{provider}/``), or None."""
-    from ._gdrive import EXTRA_ENDPOINTS
-
-    for pattern, name in (*DIALECT_ENDPOINTS, *EXTRA_ENDPOINTS):
-        if pattern.match(rest):
-            return name
-    return None
+def google_error(status: int, reason: str, message: str) -> dict[str, Any]:
+    """A Google API error body."""
+    error = {"domain": "global", "reason": reason, "message": message}
+    return {"error": {"code": status, "message": message, "errors": [error]}}
 
 
-def unauthorized_body(rest: str) -> tuple[bytes, bytes] | None:
-    """A dialect's 401 body and content type for a bad token, or None for the generic one."""
-    if rest.startswith("services/data/"):
-        body = [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]
-        return json.dumps(body).encode(), b"application/json"
-    if rest.startswith("crm/"):
-        body2 = {
+#: What a dialect answers a request without a valid token (401), by path prefix.
+_UNAUTHORIZED: tuple[tuple[str, Any], ...] = (
+    (
+        "services/data/",
+        [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}],
+    ),
+    (
+        "crm/",
+        {
             "status": "error",
             "message": "Authentication credentials not found.",
             "category": "INVALID_AUTHENTICATION",
-        }
-        return json.dumps(body2).encode(), b"application/json"
-    from ._gdrive import extra_unauthorized_body
+        },
+    ),
+    ("drive/", google_error(401, "authError", "Request had invalid authentication credentials.")),
+    ("v5/", {"status": 401, "error": {"type": "invalid_auth", "message": "Invalid API key"}}),
+)
 
-    return extra_unauthorized_body(rest)
+
+def unauthorized_body(rest: str) -> Any:
+    """A dialect's 401 body for a bad token (``rest``: the path after ``/p/{provider}/``),
+    or None for the generic one."""
+    return next((body for prefix, body in _UNAUTHORIZED if rest.startswith(prefix)), None)
 
 
 def _ms(moment: datetime) -> int:
@@ -98,26 +102,22 @@ def _ms_floor(moment: datetime) -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
-def _hs_time(moment: datetime) -> str:
+def ms_time(moment: datetime, zone: str = "Z") -> str:
+    """ISO-8601 in UTC to the millisecond, as HubSpot and Drive write it (Salesforce: ``+0000``)."""
     utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
-
-
-def _sf_time(moment: datetime) -> str:
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}+0000"
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}{zone}"
 
 
 def _hs_object(record: Record) -> dict[str, Any]:
     properties = {k: None if v is None else str(v) for k, v in record.data.items()}
     properties.update(
-        {"hs_object_id": record.id, "hs_lastmodifieddate": _hs_time(record.updated_at)}
+        {"hs_object_id": record.id, "hs_lastmodifieddate": ms_time(record.updated_at)}
     )
     return {
         "id": record.id,
         "properties": properties,
-        "createdAt": _hs_time(record.updated_at),
-        "updatedAt": _hs_time(record.updated_at),
+        "createdAt": ms_time(record.updated_at),
+        "updatedAt": ms_time(record.updated_at),
         "archived": False,
     }
 
@@ -130,7 +130,7 @@ def _sf_object(record: Record, version: str) -> dict[str, Any]:
         },
         **record.data,
         "Id": record.id,
-        "SystemModstamp": _sf_time(record.updated_at),
+        "SystemModstamp": ms_time(record.updated_at, "+0000"),
     }
 
 
@@ -249,18 +249,6 @@ def dialect_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -
             answer["paging"] = {"next": {"after": str(offset + limit)}}
         return JSONResponse(answer, headers=headers)
 
-    async def hs_object(request: Request) -> Response:
-        if request.method == "PATCH":
-            return await patch(request, hubspot=True)
-        with sim.lock:
-            provider = provider_of(request)
-            found = provider.records.get(request.path_params["object_id"])
-            body = _hs_object(found) if found is not None and not found.deleted else None
-            headers = hs_headers(provider)
-        if body is None:
-            return _hs_error(404, "OBJECT_NOT_FOUND", "resource not found")
-        return JSONResponse(body, headers=headers)
-
     async def sf_query(request: Request) -> Response:
         version = request.path_params["version"]
         soql = request.query_params.get("q", "")
@@ -268,10 +256,7 @@ def dialect_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -
         limit = int(limit_match.group(1)) if limit_match else 2000
         with sim.lock:
             provider = provider_of(request)
-            records = [
-                r.__class__(**{**_fields(r), "updated_at": _ms_floor(r.updated_at)})
-                for r in live(provider)
-            ]
+            records = [replace(r, updated_at=_ms_floor(r.updated_at)) for r in live(provider)]
             headers = sf_headers(provider)
         records.sort(key=lambda r: (r.updated_at, r.id))
         if (match := _SOQL_AFTER_KEY.search(soql)) is not None:
@@ -295,50 +280,43 @@ def dialect_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -
             headers=headers,
         )
 
-    async def patch(request: Request, *, hubspot: bool) -> Response:
-        """An update of an existing record (HubSpot: ``{"properties"}``; Salesforce: fields)."""
+    async def one(request: Request, *, hubspot: bool) -> Response:
+        """GET or PATCH (an update of an existing record) one object.
+
+        HubSpot answers the object and takes ``{"properties"}``; Salesforce takes the
+        fields themselves and answers a PATCH with 204.
+        """
         record_id = request.path_params["object_id"]
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            body = None
-        fields = body.get("properties") if hubspot and isinstance(body, dict) else body
-        if not isinstance(fields, dict):
-            if hubspot:
-                return _hs_error(400, "VALIDATION_ERROR", "body needs a properties object")
-            return _sf_error(400, "JSON_PARSER_ERROR", "body is not a JSON object")
+        fields = None
+        if request.method == "PATCH":
+            try:
+                body = json.loads(await request.body())
+            except ValueError:
+                body = None
+            fields = body.get("properties") if hubspot and isinstance(body, dict) else body
+            if not isinstance(fields, dict):
+                if hubspot:
+                    return _hs_error(400, "VALIDATION_ERROR", "body needs a properties object")
+                return _sf_error(400, "JSON_PARSER_ERROR", "body is not a JSON object")
         with sim.lock:
             provider = provider_of(request)
             found = provider.records.get(record_id)
-            if found is None or found.deleted:
-                missing = True
-            else:
-                missing = False
-                record, _, _ = provider.write_record(record_id, {**found.data, **fields})
-                answer = _hs_object(record) if hubspot else None
+            if found is not None and not found.deleted and fields is not None:
+                found, _, _ = provider.write_record(record_id, {**found.data, **fields})
             headers = hs_headers(provider) if hubspot else sf_headers(provider)
-        if missing:
+        if found is None or found.deleted:
             if hubspot:
                 return _hs_error(404, "OBJECT_NOT_FOUND", "resource not found")
             return _sf_error(404, "NOT_FOUND", "The requested resource does not exist")
         if hubspot:
-            return JSONResponse(answer, headers=headers)
-        return Response(status_code=204, headers=headers)
+            return JSONResponse(_hs_object(found), headers=headers)
+        if fields is not None:
+            return Response(status_code=204, headers=headers)
+        return JSONResponse(_sf_object(found, request.path_params["version"]), headers=headers)
 
-    async def sf_sobject(request: Request) -> Response:
-        if request.method == "PATCH":
-            return await patch(request, hubspot=False)
-        version = request.path_params["version"]
-        with sim.lock:
-            provider = provider_of(request)
-            found = provider.records.get(request.path_params["object_id"])
-            body = _sf_object(found, version) if found is not None and not found.deleted else None
-            headers = sf_headers(provider)
-        if body is None:
-            return _sf_error(404, "NOT_FOUND", "The requested resource does not exist")
-        return JSONResponse(body, headers=headers)
-
-    def _window(request: Request, reach: timedelta) -> tuple[datetime, datetime] | Response:
+    async def sf_window(request: Request, *, deleted: bool) -> Response:
+        """``sobjects/Opportunity/updated`` (ids, 30 days back) or ``/deleted`` (15 days)."""
+        reach = _SF_DELETED_WINDOW if deleted else _SF_UPDATED_WINDOW
         try:
             start = _parse(request.query_params["start"])
             end = _parse(request.query_params["end"])
@@ -350,66 +328,36 @@ def dialect_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -
                 "INVALID_REPLICATION_DATE",
                 f"startDate cannot be more than {reach.days} days ago",
             )
-        return start, end
-
-    async def sf_updated(request: Request) -> Response:
-        window = _window(request, _SF_UPDATED_WINDOW)
-        if isinstance(window, Response):
-            return window
-        start, end = window
         with sim.lock:
             provider = provider_of(request)
-            ids = [r.id for r in live(provider) if start <= r.updated_at <= end]
-            headers = sf_headers(provider)
-        return JSONResponse(
-            {"ids": ids, "latestDateCovered": _sf_time(min(end, sim.now()))}, headers=headers
-        )
-
-    async def sf_deleted(request: Request) -> Response:
-        window = _window(request, _SF_DELETED_WINDOW)
-        if isinstance(window, Response):
-            return window
-        start, end = window
-        with sim.lock:
-            provider = provider_of(request)
-            gone = [
-                {"id": r.id, "deletedDate": _sf_time(r.updated_at)}
-                for r in provider.records.values()
-                if r.deleted and start <= r.updated_at <= end
+            chosen = [
+                r
+                for r in (provider.records.values() if deleted else live(provider))
+                if r.deleted == deleted and start <= r.updated_at <= end
             ]
             headers = sf_headers(provider)
-        return JSONResponse(
-            {
-                "deletedRecords": gone,
-                "earliestDateAvailable": _sf_time(sim.now() - _SF_DELETED_WINDOW),
-                "latestDateCovered": _sf_time(min(end, sim.now())),
-            },
-            headers=headers,
-        )
+        answer: dict[str, Any] = {"latestDateCovered": ms_time(min(end, sim.now()), "+0000")}
+        if deleted:
+            answer["deletedRecords"] = [
+                {"id": r.id, "deletedDate": ms_time(r.updated_at, "+0000")} for r in chosen
+            ]
+            answer["earliestDateAvailable"] = ms_time(sim.now() - reach, "+0000")
+        else:
+            answer["ids"] = [r.id for r in chosen]
+        return JSONResponse(answer, headers=headers)
 
-    base = "/p/{provider}"
-    sf = base + "/services/data/{version}"
+    sf = "services/data/{version}/"
+    hs_object, sf_object = partial(one, hubspot=True), partial(one, hubspot=False)
+    updated, deleted = partial(sf_window, deleted=False), partial(sf_window, deleted=True)
     return [
-        Route(base + "/account-info/v3/details", hs_account, methods=["GET"]),
-        Route(base + "/crm/v3/objects/deals/search", hs_search, methods=["POST"]),
-        Route(base + "/crm/v3/objects/deals", hs_list, methods=["GET"]),
-        Route(base + "/crm/v3/objects/deals/{object_id}", hs_object, methods=["GET", "PATCH"]),
-        Route(sf + "/query", sf_query, methods=["GET"]),
-        Route(sf + "/sobjects/Opportunity/updated/", sf_updated, methods=["GET"]),
-        Route(sf + "/sobjects/Opportunity/updated", sf_updated, methods=["GET"]),
-        Route(sf + "/sobjects/Opportunity/deleted/", sf_deleted, methods=["GET"]),
-        Route(sf + "/sobjects/Opportunity/deleted", sf_deleted, methods=["GET"]),
-        Route(sf + "/sobjects/Opportunity/{object_id}", sf_sobject, methods=["GET", "PATCH"]),
+        provider_route("account-info/v3/details", "account_info", hs_account),
+        provider_route("crm/v3/objects/deals/search", "changes", hs_search, "POST"),
+        provider_route("crm/v3/objects/deals", "records", hs_list),
+        provider_route("crm/v3/objects/deals/{object_id}", "record", hs_object, "GET PATCH"),
+        provider_route(sf + "query", "changes", sf_query),
+        provider_route(sf + "sobjects/Opportunity/updated/", "replay", updated),
+        provider_route(sf + "sobjects/Opportunity/updated", "replay", updated),
+        provider_route(sf + "sobjects/Opportunity/deleted/", "replay", deleted),
+        provider_route(sf + "sobjects/Opportunity/deleted", "replay", deleted),
+        provider_route(sf + "sobjects/Opportunity/{object_id}", "record", sf_object, "GET PATCH"),
     ]
-
-
-def _fields(record: Record) -> dict[str, Any]:
-    return {
-        "id": record.id,
-        "tenant_id": record.tenant_id,
-        "version": record.version,
-        "updated_at": record.updated_at,
-        "data": record.data,
-        "write_no": record.write_no,
-        "deleted": record.deleted,
-    }

@@ -126,26 +126,16 @@ async def apply_fault(
     headers: list[tuple[bytes, bytes]] = []
     if fault.retry_after is not None:
         headers.append((b"retry-after", _retry_after(fault, state).encode()))
-    if kind == "rate_limit" and (dialect := _dialect_rate_limit(fault, rest)) is not None:
-        await send_json(send, dialect[0], dialect[1], headers)
-        return
+    answer: tuple[int, Any]
     if kind == "rate_limit":
-        await send_json(
-            send,
-            fault.status,
-            {"error": "rate_limited", "retry_after": fault.retry_after},
-            headers,
-        )
-        return
-    if kind == "outage" and endpoint == "health":
-        await send_json(send, fault.status, {"status": "outage"}, headers)
-        return
-    await send_json(
-        send,
-        fault.status,
-        {"error": "outage" if kind == "outage" else "simulated_error", "status": fault.status},
-        headers,
-    )
+        generic = {"error": "rate_limited", "retry_after": fault.retry_after}
+        answer = _dialect_rate_limit(fault, rest) or (fault.status, generic)
+    elif kind == "outage" and endpoint == "health":
+        answer = (fault.status, {"status": "outage"})
+    else:
+        error = "outage" if kind == "outage" else "simulated_error"
+        answer = (fault.status, {"error": error, "status": fault.status})
+    await send_json(send, answer[0], answer[1], headers)
 
 
 def _retry_after(fault: Fault, state: SimulatorState) -> str:

@@ -34,48 +34,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ._dialects import google_error, ms_time, provider_route
 from ._state import Record, SimulatorState
 
-__all__ = ["EXTRA_ENDPOINTS", "extra_routes", "extra_unauthorized_body"]
+__all__ = ["extra_routes"]
 
-EXTRA_ENDPOINTS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^drive/v3/changes(/startPageToken|/watch)?$"), "changes"),
-    (re.compile(r"^drive/v3/channels/stop$"), "changes"),
-    (re.compile(r"^drive/v3/files$"), "records"),
-    (re.compile(r"^drive/v3/files/[^/]+$"), "record"),
-    (re.compile(r"^v5/person/enrich$"), "enrich"),
-)
 _Q_SINCE = re.compile(r"modifiedTime >= '([^']+)'")
 
 
-def extra_unauthorized_body(rest: str) -> tuple[bytes, bytes] | None:
-    """Drive's 401 body (PDL's for a missing key), or None."""
-    if rest.startswith("drive/"):
-        return _google(401, "authError", "Request had invalid authentication credentials."), (
-            b"application/json"
-        )
-    if rest.startswith("v5/"):
-        body = {"status": 401, "error": {"type": "invalid_auth", "message": "Invalid API key"}}
-        return json.dumps(body).encode(), b"application/json"
-    return None
-
-
-def _google(status: int, reason: str, message: str) -> bytes:
-    error = {
-        "code": status,
-        "message": message,
-        "errors": [{"domain": "global", "reason": reason, "message": message}],
-    }
-    return json.dumps({"error": error}).encode()
+def _pdl_error(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"status": status, "error": {"type": kind, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _gerror(status: int, reason: str, message: str) -> Response:
-    return Response(_google(status, reason, message), status, media_type="application/json")
-
-
-def _rfc3339(moment: datetime) -> str:
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return JSONResponse(google_error(status, reason, message), status)
 
 
 def _file(record: Record) -> dict[str, Any]:
@@ -84,7 +59,7 @@ def _file(record: Record) -> dict[str, Any]:
         "id": record.id,
         "name": str(record.data.get("name", record.id)),
         "version": str(record.version),
-        "modifiedTime": _rfc3339(record.updated_at),
+        "modifiedTime": ms_time(record.updated_at),
         "trashed": record.deleted,
         "appProperties": {k: None if v is None else str(v) for k, v in record.data.items()},
     }
@@ -117,13 +92,7 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
     extras: weakref.WeakKeyDictionary[Any, _Extra] = weakref.WeakKeyDictionary()
 
     def extra(provider: Any) -> _Extra:
-        found = extras.get(provider)
-        if found is None:
-            found = extras[provider] = _Extra()
-        return found
-
-    def events_after(provider: Any, after: int, limit: int) -> dict[str, Any]:
-        return dict(provider.changes(after=after, since=None, limit=limit))
+        return extras.setdefault(provider, _Extra())
 
     async def start_token(request: Request) -> Response:
         with sim.lock:
@@ -141,7 +110,7 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
             return _gerror(400, "invalid", "Invalid Value: pageToken or pageSize")
         with sim.lock:
             provider = provider_of(request)
-            page = events_after(provider, int(token), size)
+            page = provider.changes(after=int(token), since=None, limit=size)
             files = {r.id: r for r in provider.records.values()}
         out = []
         for event in page["events"]:
@@ -151,7 +120,7 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
                 # The change as it was: its version and time, not the file's latest.
                 state.update(
                     version=str(event["version"]),
-                    modifiedTime=_rfc3339(datetime.fromisoformat(event["occurred_at"])),
+                    modifiedTime=ms_time(datetime.fromisoformat(event["occurred_at"])),
                     trashed=event["type"] == "record.deleted",
                 )
             out.append(
@@ -160,7 +129,7 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
                     "changeType": "file",
                     "fileId": event["record_id"],
                     "removed": False,
-                    "time": _rfc3339(datetime.fromisoformat(event["occurred_at"])),
+                    "time": ms_time(datetime.fromisoformat(event["occurred_at"])),
                     "file": state,
                 }
             )
@@ -273,27 +242,16 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
                     "X-Goog-Resource-ID": channel.resource_id,
                     "X-Goog-Resource-URI": "https://www.googleapis.com/drive/v3/changes",
                 }
-                if channel.messages == 0:
-                    channel.messages = 1
-                    sent.append(
-                        (
-                            channel.address,
-                            {**base, "X-Goog-Resource-State": "sync", "X-Goog-Message-Number": "1"},
-                        )
-                    )
+                # A new channel's first message is "sync"; then one "change" per call with news.
+                kinds = [] if channel.messages else ["sync"]
                 if last > channel.after_seq:
                     channel.after_seq = last
+                    kinds.append("change")
+                for kind in kinds:
                     channel.messages += 1
-                    sent.append(
-                        (
-                            channel.address,
-                            {
-                                **base,
-                                "X-Goog-Resource-State": "change",
-                                "X-Goog-Message-Number": str(channel.messages),
-                            },
-                        )
-                    )
+                    number = str(channel.messages)
+                    headers = {"X-Goog-Resource-State": kind, "X-Goog-Message-Number": number}
+                    sent.append((channel.address, base | headers))
         return sent
 
     async def notifications(request: Request) -> Response:
@@ -351,14 +309,9 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
         )
         if not request.headers.get("x-api-key", "").strip():
             # PDL refuses every call without its key (X-Api-Key), whatever else it carries.
-            body = {"status": 401, "error": {"type": "invalid_auth", "message": "Invalid API key"}}
-            return JSONResponse(body, status_code=401)
+            return _pdl_error(401, "invalid_auth", "Invalid API key")
         if not subject:
-            body = {
-                "status": 400,
-                "error": {"type": "invalid_request_error", "message": "no identifier"},
-            }
-            return JSONResponse(body, status_code=400)
+            return _pdl_error(400, "invalid_request_error", "no identifier")
         with sim.lock:
             provider = provider_of(request)
             state = extra(provider)
@@ -366,25 +319,13 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
             matched = record is not None and not record.deleted and subject not in state.no_match
             if matched and state.credits is not None:
                 if state.credits <= 0:
-                    body = {
-                        "status": 402,
-                        "error": {
-                            "type": "payment_required",
-                            "message": "You have hit your account maximum",
-                        },
-                    }
-                    return JSONResponse(body, status_code=402, headers=pdl_headers(state))
+                    message = "You have hit your account maximum"
+                    return _pdl_error(402, "payment_required", message, pdl_headers(state))
                 state.credits -= 1
             headers = pdl_headers(state)
         if not matched or record is None:
-            body = {
-                "status": 404,
-                "error": {
-                    "type": "not_found",
-                    "message": "No records were found matching your request",
-                },
-            }
-            return JSONResponse(body, status_code=404, headers=headers)
+            message = "No records were found matching your request"
+            return _pdl_error(404, "not_found", message, headers)
         data = {"id": record.id, **record.data}
         return JSONResponse({"status": 200, "likelihood": 8, "data": data}, headers=headers)
 
@@ -397,18 +338,16 @@ def extra_routes(sim: SimulatorState, provider_of: Callable[[Request], Any]) -> 
             state.no_match.update(str(s) for s in body.get("no_match", ()))
         return Response(status_code=204)
 
-    base = "/p/{provider}"
-    drive = base + "/drive/v3"
     return [
-        Route(drive + "/changes/startPageToken", start_token, methods=["GET"]),
-        Route(drive + "/changes/watch", watch, methods=["POST"]),
-        Route(drive + "/changes", changes, methods=["GET"]),
-        Route(drive + "/channels/stop", stop, methods=["POST"]),
-        Route(drive + "/files", files, methods=["GET"]),
-        Route(drive + "/files/{file_id}", one_file, methods=["GET", "PATCH"]),
-        Route(base + "/drive/_notifications", notifications, methods=["GET"]),
-        Route(base + "/drive/_push", push, methods=["POST"]),
-        Route(base + "/drive/_silence", silence, methods=["POST"]),
-        Route(base + "/v5/person/enrich", pdl_enrich, methods=["GET"]),
-        Route(base + "/v5/_control", pdl_control, methods=["POST"]),
+        provider_route("drive/v3/changes/startPageToken", "changes", start_token),
+        provider_route("drive/v3/changes/watch", "changes", watch, "POST"),
+        provider_route("drive/v3/changes", "changes", changes),
+        provider_route("drive/v3/channels/stop", "changes", stop, "POST"),
+        provider_route("drive/v3/files", "records", files),
+        provider_route("drive/v3/files/{file_id}", "record", one_file, "GET PATCH"),
+        provider_route("drive/_notifications", None, notifications),
+        provider_route("drive/_push", None, push, "POST"),
+        provider_route("drive/_silence", None, silence, "POST"),
+        provider_route("v5/person/enrich", "enrich", pdl_enrich),
+        provider_route("v5/_control", None, pdl_control, "POST"),
     ]

@@ -26,16 +26,16 @@ import hmac
 import json
 import secrets
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-if TYPE_CHECKING:
-    from ._state import SimulatorState
+from ._state import SimulatorInputError, SimulatorState, _apply, _given, _integer, _number
 
 __all__ = [
     "DEFAULT_CLIENT_ID",
@@ -52,6 +52,10 @@ __all__ = [
 DEFAULT_CLIENT_ID = "idis-local"
 DEFAULT_CLIENT_SECRET = "local-simulator-secret"  # noqa: S105  # public simulator default
 DEFAULT_SCOPES: tuple[str, ...] = ("records:read", "records:write", "enrich:read")
+OAUTH_COUNTERS = (
+    *("tokens_issued", "client_credentials_grants", "refreshes", "refresh_failures"),
+    *("reuse_detected", "invalid_client", "revocations", "rotations"),
+)
 
 
 class OAuthError(Exception):  # an OAuth error response, named as RFC 6749 does
@@ -110,6 +114,17 @@ def token_fingerprint(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
 
 
+def _scope_names(scopes: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``scopes`` checked (a list of scope names), or None when not given."""
+    if scopes is not None and (
+        isinstance(scopes, str) or not all(isinstance(s, str) and s for s in scopes)
+    ):
+        raise SimulatorInputError(
+            f"scopes={scopes!r} must be a list of scope names", variable="scopes"
+        )
+    return None if scopes is None else tuple(scopes)
+
+
 class OAuthState:
     """Clients, issued tokens, settings and counters of one provider's OAuth server."""
 
@@ -133,14 +148,8 @@ class OAuthState:
         #: Reusing a rotated refresh token revokes every token of its family (OAuth 2.1).
         self.revoke_family_on_reuse = False
         self._families = 0
-        self.tokens_issued = 0
-        self.client_credentials_grants = 0
-        self.refreshes = 0
-        self.refresh_failures = 0
-        self.reuse_detected = 0
-        self.invalid_client = 0
-        self.revocations = 0
-        self.rotations = 0
+        #: What happened, by :data:`OAUTH_COUNTERS` name (each shown in the stats, 0 included).
+        self.counts: Counter[str] = Counter(dict.fromkeys(OAUTH_COUNTERS, 0))
         #: Refresh-grant requests per refresh token sent, keyed by :func:`token_fingerprint`.
         self.refresh_requests: Counter[str] = Counter()
 
@@ -150,7 +159,7 @@ class OAuthState:
         self,
         *,
         access_token_lifetime: float | None = None,
-        scopes: list[str] | tuple[str, ...] | None = None,
+        scopes: Sequence[str] | None = None,
         issue_refresh_token: bool | None = None,
         rotation_grace_seconds: float | None = None,
         rotation_grace_uses: int | None = None,
@@ -161,61 +170,45 @@ class OAuthState:
         ``rotation_grace_uses=-1`` removes the limit on uses of the previous secret.
 
         Raises:
-            ValueError: naming the bad argument (the caller wraps it).
+            SimulatorInputError: naming the bad argument.
         """
-        if access_token_lifetime is not None and (
-            isinstance(access_token_lifetime, bool)
-            or not isinstance(access_token_lifetime, int | float)
-            or access_token_lifetime <= 0
-        ):
-            raise ValueError(
-                f"access_token_lifetime={access_token_lifetime!r} must be a positive number"
+        lifetime = _given(_number, access_token_lifetime, "access_token_lifetime", minimum=0.0)
+        if lifetime == 0:
+            raise SimulatorInputError(
+                "access_token_lifetime=0 must be a positive number",
+                variable="access_token_lifetime",
             )
-        if scopes is not None and (
-            isinstance(scopes, str) or not all(isinstance(s, str) and s for s in scopes)
-        ):
-            raise ValueError(f"scopes={scopes!r} must be a list of scope names")
-        if rotation_grace_seconds is not None and (
-            isinstance(rotation_grace_seconds, bool)
-            or not isinstance(rotation_grace_seconds, int | float)
-            or rotation_grace_seconds < 0
-        ):
-            raise ValueError(
-                f"rotation_grace_seconds={rotation_grace_seconds!r} must be a number >= 0"
-            )
-        if rotation_grace_uses is not None and (
-            isinstance(rotation_grace_uses, bool)
-            or not isinstance(rotation_grace_uses, int)
-            or rotation_grace_uses < -1
-        ):
-            raise ValueError(
-                f"rotation_grace_uses={rotation_grace_uses!r} must be an integer >= 0 "
-                "(or -1 for unlimited)"
-            )
-        if access_token_lifetime is not None:
-            self.access_token_lifetime = float(access_token_lifetime)
-        if scopes is not None:
-            self.default_scopes = tuple(scopes)
-        if issue_refresh_token is not None:
-            self.issue_refresh_token = bool(issue_refresh_token)
-        if rotation_grace_seconds is not None:
-            self.rotation_grace_seconds = float(rotation_grace_seconds)
-        if rotation_grace_uses is not None:
-            self.rotation_grace_uses = None if rotation_grace_uses == -1 else rotation_grace_uses
-        if revoke_family_on_reuse is not None:
-            self.revoke_family_on_reuse = bool(revoke_family_on_reuse)
+        changes = {
+            "access_token_lifetime": lifetime,
+            "default_scopes": _scope_names(scopes),
+            "issue_refresh_token": None
+            if issue_refresh_token is None
+            else bool(issue_refresh_token),
+            "rotation_grace_seconds": _given(
+                _number, rotation_grace_seconds, "rotation_grace_seconds", minimum=0.0
+            ),
+            "rotation_grace_uses": _given(
+                _integer, rotation_grace_uses, "rotation_grace_uses", minimum=-1
+            ),
+            "revoke_family_on_reuse": (
+                None if revoke_family_on_reuse is None else bool(revoke_family_on_reuse)
+            ),
+        }
+        _apply(self, changes)
+        if rotation_grace_uses == -1:
+            self.rotation_grace_uses = None
 
     def set_client(
-        self, client_id: str, client_secret: str, scopes: tuple[str, ...] | None = None
-    ) -> None:
+        self, client_id: str, client_secret: str, scopes: Sequence[str] | None = None
+    ) -> OAuthClient:
         """Register or replace a client (its old secrets stop working at once)."""
         if not (isinstance(client_id, str) and client_id) or not (
             isinstance(client_secret, str) and client_secret
         ):
             raise ValueError("client_id and client_secret must be non-empty strings")
-        if scopes is not None and not all(isinstance(s, str) and s for s in scopes):
-            raise ValueError(f"scopes={list(scopes)!r} must be a list of scope names")
-        self.clients[client_id] = OAuthClient(client_id, client_secret, scopes)
+        client = OAuthClient(client_id, client_secret, _scope_names(scopes))
+        self.clients[client_id] = client
+        return client
 
     # ------------------------------------------------------------------ grants
 
@@ -240,7 +233,7 @@ class OAuthState:
                 if old.uses_left is not None:
                     old.uses_left -= 1
                 return client
-        self.invalid_client += 1
+        self.counts["invalid_client"] += 1
         raise OAuthError("invalid_client", "client authentication failed", 401)
 
     def _scopes(self, client: OAuthClient, requested: str | None) -> tuple[str, ...]:
@@ -267,7 +260,7 @@ class OAuthState:
         self.access_tokens[access] = _AccessToken(
             client_id, scopes, now + timedelta(seconds=self.access_token_lifetime)
         )
-        self.tokens_issued += 1
+        self.counts["tokens_issued"] += 1
         body: dict[str, Any] = {
             "access_token": access,
             "token_type": "Bearer",
@@ -295,7 +288,7 @@ class OAuthState:
         """
         client = self.authenticate(client_id, client_secret, now)
         scopes = self._scopes(client, scope)
-        self.client_credentials_grants += 1
+        self.counts["client_credentials_grants"] += 1
         return self._issue(
             client.client_id, scopes, now, refresh=self.issue_refresh_token, family=None
         )
@@ -331,30 +324,30 @@ class OAuthState:
             owner = self.authenticate(client_id, client_secret, now).client_id
         stored = self.refresh_tokens.get(refresh_token)
         if stored is None:
-            self.refresh_failures += 1
+            self.counts["refresh_failures"] += 1
             raise OAuthError("invalid_grant", "refresh token is unknown")
         stored.requests += 1
         if stored.status == "rotated":
-            self.reuse_detected += 1
-            self.refresh_failures += 1
+            self.counts["reuse_detected"] += 1
+            self.counts["refresh_failures"] += 1
             if self.revoke_family_on_reuse:
                 self._revoke_family(stored.family)
             raise OAuthError("invalid_grant", "refresh token was already used")
         if stored.status != "active":
-            self.refresh_failures += 1
+            self.counts["refresh_failures"] += 1
             raise OAuthError("invalid_grant", "refresh token was revoked")
         if owner and owner != stored.client_id:
-            self.refresh_failures += 1
+            self.counts["refresh_failures"] += 1
             raise OAuthError("invalid_grant", "refresh token belongs to another client")
         scopes = stored.scopes
         if scope:
             narrowed = tuple(s for s in scope.split(" ") if s)
             if any(s not in stored.scopes for s in narrowed):
-                self.refresh_failures += 1
+                self.counts["refresh_failures"] += 1
                 raise OAuthError("invalid_scope", "refresh cannot widen the granted scope")
             scopes = narrowed
         stored.status = "rotated"
-        self.refreshes += 1
+        self.counts["refreshes"] += 1
         return self._issue(stored.client_id, scopes, now, refresh=True, family=stored.family)
 
     def grant(
@@ -387,17 +380,14 @@ class OAuthState:
 
     def revoke(self, token: str) -> bool:
         """Revoke a refresh or access token; True if it existed."""
-        stored = self.refresh_tokens.get(token)
-        if stored is not None:
-            stored.status = "revoked"
-            self.revocations += 1
-            return True
-        access = self.access_tokens.get(token)
-        if access is not None:
-            access.revoked = True
-            self.revocations += 1
-            return True
-        return False
+        if token in self.refresh_tokens:
+            self.refresh_tokens[token].status = "revoked"
+        elif token in self.access_tokens:
+            self.access_tokens[token].revoked = True
+        else:
+            return False
+        self.counts["revocations"] += 1
+        return True
 
     def expire_access_tokens(self, now: datetime) -> int:
         """Make every issued access token expired now; return how many."""
@@ -421,7 +411,7 @@ class OAuthState:
         )
         client.previous = [old]
         client.secret = "cs_" + secrets.token_urlsafe(24)
-        self.rotations += 1
+        self.counts["rotations"] += 1
         return {
             "client_id": client.client_id,
             "client_secret": client.secret,
@@ -438,15 +428,7 @@ class OAuthState:
 
     def stats(self) -> dict[str, Any]:
         """Counters for the stats API."""
-        return {
-            "tokens_issued": self.tokens_issued,
-            "client_credentials_grants": self.client_credentials_grants,
-            "refreshes": self.refreshes,
-            "refresh_failures": self.refresh_failures,
-            "reuse_detected": self.reuse_detected,
-            "invalid_client": self.invalid_client,
-            "revocations": self.revocations,
-            "rotations": self.rotations,
+        return dict(self.counts) | {
             "refresh_requests": dict(self.refresh_requests),
             "access_token_lifetime": self.access_token_lifetime,
         }

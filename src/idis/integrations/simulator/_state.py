@@ -19,7 +19,8 @@ import random
 import re
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from copy import copy
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -27,7 +28,6 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .._timeparse import utcnow
 from ..exceptions import ConfigError
-from ._oauth import OAuthState
 
 __all__ = [
     "DEFAULT_OUTBOUND_WEBHOOK_SECRET",
@@ -228,14 +228,6 @@ class Fault:
         return shown | {"expires_at": format_time(self.expires_at) if self.expires_at else None}
 
 
-@dataclass(slots=True)
-class RequestDecision:
-    """What the fault layer does with one request: extra latency, then maybe a fault."""
-
-    latency: float = 0.0
-    fault: Fault | None = None
-
-
 # --------------------------------------------------------------------------- records
 
 
@@ -325,28 +317,19 @@ class WebhookConfig:
     no_target: int = 0
 
     def stats(self) -> dict[str, Any]:
-        """Counters for the stats API."""
-        return {
+        """Settings and counters for the stats API (never the secrets)."""
+        hidden = ("secrets", "reorder_batch", "max_attempts", "retry_backoff", "timeout", "queue")
+        return _shown(self, hidden) | {
             "url": _masked_url(self.url),
-            "format": self.format,
-            "mode": self.mode,
-            "delay": self.delay,
             "stop_windows": [[format_time(a), format_time(b)] for a, b in self.stop_windows],
             "pending": len(self.queue),
-            "in_flight": self.in_flight,
-            "delivered": self.delivered,
-            "delivered_events": self.delivered_events,
-            "duplicated": self.duplicated,
-            "corrupted": self.corrupted,
-            "reordered_batches": self.reordered_batches,
-            "attempts": self.attempts,
-            "retries": self.retries,
-            "failed": self.failed,
-            "failed_ids": list(self.failed_ids),
-            "dropped": self.dropped,
-            "dropped_ids": list(self.dropped_ids),
-            "no_target": self.no_target,
         }
+
+
+def _shown(config: Any, hidden: Sequence[str]) -> dict[str, Any]:
+    """A config's fields but ``hidden``, for the stats: lists and counters copied."""
+    shown = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in hidden}
+    return {k: dict(v) if isinstance(v, dict) else copy(v) for k, v in shown.items()}
 
 
 def _masked_url(url: str | None) -> str | None:
@@ -384,15 +367,8 @@ class ReceiverConfig:
 
     def stats(self) -> dict[str, Any]:
         """Counters for the stats API."""
-        return {
-            "mode": self.mode,
-            "received": self.received,
-            "accepted": self.accepted,
-            "duplicates": self.duplicates,
-            "rejected": dict(self.rejected),
-            "received_per_id": dict(self.received_per_id),
-            "applied_per_id": dict(self.applied_per_id),
-        }
+        hidden = ("secrets", "fail_status", "fail_ratio", "tolerance", "deliveries")
+        return _shown(self, hidden)
 
 
 # --------------------------------------------------------------------------- provider
@@ -402,6 +378,8 @@ class ProviderState:
     """One simulated provider. Call its methods with the owning state's lock held."""
 
     def __init__(self, name: str, owner: SimulatorState) -> None:
+        from ._oauth import OAuthState  # which checks its settings with this module's helpers
+
         self.name = name
         self._owner = owner
         self.retention_seconds = owner.default_retention_seconds
@@ -568,23 +546,18 @@ class ProviderState:
             SimulatorInputError: for a bad count, id list or event type.
         """
         _integer(count, "count", minimum=1, maximum=1_000_000)
-        if tenant_ids is not None and (
-            isinstance(tenant_ids, str)
-            or not tenant_ids
-            or not all(isinstance(t, str) and t for t in tenant_ids)
+        for name, given, valid in (
+            ("tenant_ids", tenant_ids, re.compile(".+", re.DOTALL)),
+            ("record_ids", record_ids, _RECORD_ID),
         ):
-            raise SimulatorInputError(
-                f"tenant_ids={tenant_ids!r} must be a non-empty list of names",
-                variable="tenant_ids",
-            )
-        if record_ids is not None and (isinstance(record_ids, str) or not record_ids):
-            raise SimulatorInputError(
-                f"record_ids={record_ids!r} must be a non-empty list of ids",
-                variable="record_ids",
-            )
-        for rid in record_ids or ():
-            if not isinstance(rid, str) or not _RECORD_ID.fullmatch(rid):
-                raise SimulatorInputError(f"record id {rid!r} is invalid", variable="record_ids")
+            if given is not None and (
+                isinstance(given, str)
+                or not given
+                or not all(isinstance(v, str) and valid.fullmatch(v) for v in given)
+            ):
+                raise SimulatorInputError(
+                    f"{name}={given!r} must be a non-empty list of valid ids", variable=name
+                )
         if event_type is not None:
             _choice(event_type, "type", EVENT_TYPES)
         if data is not None and not isinstance(data, Mapping):
@@ -809,7 +782,8 @@ class ProviderState:
         _given(
             _choice, policy, "policy", ("DAILY", "TEN_SECONDLY_ROLLING", "REQUEST_LIMIT_EXCEEDED")
         )
-        fault_id = self._owner._next_fault_id()
+        self._owner._fault_ids += 1
+        fault_id = self._owner._fault_ids
         fault = Fault(
             id=fault_id,
             kind=kind,
@@ -842,12 +816,13 @@ class ProviderState:
         ]
         return before - len(self.faults)
 
-    def on_request(self, endpoint: str) -> RequestDecision:
-        """Count a request and decide which faults apply to it."""
+    def on_request(self, endpoint: str) -> tuple[float, Fault | None]:
+        """Count a request and decide what the fault layer does with it: extra latency
+        (seconds), then maybe a fault."""
         self.requests[endpoint] += 1
-        decision = RequestDecision()
+        latency, chosen = 0.0, None
         if not self.faults:
-            return decision
+            return latency, chosen
         now = self._owner.now()
         spent: list[Fault] = []
         # Outages win over other faults; otherwise the first installed fault that fires.
@@ -858,14 +833,14 @@ class ProviderState:
                 continue
             if fault.endpoint is not None and fault.endpoint != endpoint:
                 continue
-            if fault.kind != "latency" and decision.fault is not None:
+            if fault.kind != "latency" and chosen is not None:
                 continue
             if fault.ratio < 1.0 and fault.rng.random() >= fault.ratio:
                 continue
             if fault.kind == "latency":
-                decision.latency += fault.seconds
+                latency += fault.seconds
             else:
-                decision.fault = fault
+                chosen = fault
             fault.fired += 1
             self.faults_fired[fault.kind] += 1
             if fault.remaining is not None:
@@ -874,7 +849,7 @@ class ProviderState:
                     spent.append(fault)
         if spent:
             self.faults = [f for f in self.faults if f not in spent]
-        return decision
+        return latency, chosen
 
     def in_outage(self) -> bool:
         """True while a provider-wide outage fault is active."""
@@ -890,7 +865,7 @@ class ProviderState:
 
     def set_webhook_target(
         self,
-        url: str | None,
+        url: str | None = None,
         secrets: Sequence[str] | None = None,
         *,
         max_attempts: int | None = None,
@@ -989,7 +964,7 @@ class ProviderState:
         _number(seconds, "seconds", minimum=1.0, maximum=100 * 365 * 86400.0)
         self.retention_seconds = int(seconds)
 
-    def set_feed_retention(self, seconds: float | None) -> None:
+    def set_feed_retention(self, seconds: float | None = None) -> None:
         """Set how long ``/changes`` serves events; None: as long as replay does.
 
         The feed never reaches further back than the replay retention. Events it
@@ -1153,10 +1128,6 @@ class SimulatorState:
                 provider.require_auth = bool(require_auth)
             return provider
 
-    def _next_fault_id(self) -> int:
-        self._fault_ids += 1
-        return self._fault_ids
-
     # ------------------------------------------------------------------ in-process use
 
     def emit(self, provider: str, count: int = 1, **kwargs: Any) -> list[dict[str, Any]]:
@@ -1168,18 +1139,19 @@ class SimulatorState:
         self,
         provider: str,
         record_id: str,
-        data: Mapping[str, Any],
+        data: Mapping[str, Any] | None = None,
         *,
         tenant_id: str | None = None,
         event: bool = False,
         webhook: bool = False,
         delete: bool = False,
     ) -> dict[str, Any]:
-        """Change a record at the provider, by default silently (no event, no webhook)."""
+        """Change a record at the provider (no ``data``: an empty object), by default
+        silently (no event, no webhook)."""
         with self.lock:
             record, _, _ = self.provider(provider).write_record(
                 record_id,
-                data,
+                {} if data is None else data,
                 tenant_id=tenant_id,
                 event_type="record.deleted" if delete else None,
                 emit_event=event,
@@ -1200,8 +1172,12 @@ class SimulatorState:
         fault_id: int | None = None,
     ) -> int:
         """Clear faults of one provider (or all); release hanging requests."""
+        if fault_id is not None and (isinstance(fault_id, bool) or not isinstance(fault_id, int)):
+            raise SimulatorInputError(
+                f"fault_id={fault_id!r} is not an integer", variable="fault_id"
+            )
         with self.lock:
-            targets = [self.provider(provider)] if provider else list(self._providers.values())
+            targets = self.all_providers(provider)
             cleared = sum(p.clear_faults(endpoint=endpoint, fault_id=fault_id) for p in targets)
             self.hang_generation += 1
             return cleared
@@ -1263,16 +1239,14 @@ class SimulatorState:
     def pending_webhooks(self, provider: str | None = None) -> int:
         """Deliveries queued or in flight."""
         with self.lock:
-            targets: Iterable[ProviderState] = (
-                [self.provider(provider)] if provider else self._providers.values()
-            )
+            targets = self.all_providers(provider)
             return sum(len(p.webhooks.queue) + p.webhooks.in_flight for p in targets)
 
     def has_webhook_targets(self) -> bool:
         """True when some provider has an outbound webhook target."""
         return any(p.webhooks.url is not None for p in list(self._providers.values()))
 
-    def all_providers(self) -> list[ProviderState]:
-        """Every provider object (for the emitter)."""
+    def all_providers(self, name: str | None = None) -> list[ProviderState]:
+        """The named provider, or (no name) every provider object."""
         with self.lock:
-            return list(self._providers.values())
+            return [self.provider(name)] if name else list(self._providers.values())

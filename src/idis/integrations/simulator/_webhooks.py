@@ -44,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .._http import httpx
+from ._oauth import _sim
 from ._state import Delivery, ProviderState, format_time
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ __all__ = [
 _REORDER_GATHER = 0.05
 #: Most events in one HubSpot-shaped request (HubSpot sends up to 100).
 HUBSPOT_BATCH = 100
+_CORRUPTED_KEY = "whsec_" + base64.b64encode(b"corrupted-key").decode()
 _HS_SUBSCRIPTIONS = {
     "record.created": "deal.creation",
     "record.updated": "deal.propertyChange",
@@ -171,6 +173,47 @@ def verify(
     return 401, "bad_signature"
 
 
+def _standard_request(
+    batch: list[Delivery], _attempt: int, _url: str, secrets: Sequence[str], now: datetime
+) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of a Standard Webhooks request for one event."""
+    event = batch[0].event
+    msg_id = str(event["id"])
+    body = json.dumps(
+        {"type": event["type"], "timestamp": event["occurred_at"], "data": event},
+        separators=(",", ":"),
+    ).encode()
+    timestamp = int(now.timestamp())
+    if batch[0].mode == "corrupt":
+        # Signed with the right scheme but a key nobody holds.
+        signature = sign(_CORRUPTED_KEY, msg_id, timestamp, body)
+    else:
+        signature = signature_header(secrets, msg_id, timestamp, body)
+    return body, {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature,
+        "user-agent": "idis-simulator-webhooks",
+    }
+
+
+def _hubspot_request(
+    batch: list[Delivery], attempt: int, url: str, secrets: Sequence[str], now: datetime
+) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of one HubSpot request for ``batch`` (its ``attemptNumber`` in it)."""
+    events = [e for d in batch for e in hubspot_events(d.event, attempt)]
+    body = json.dumps(events, separators=(",", ":")).encode()
+    stamp = str(int(now.timestamp() * 1000))
+    key = "not-the-client-secret" if batch[0].mode == "corrupt" else secrets[0]
+    return body, {
+        "content-type": "application/json",
+        "x-hubspot-signature-v3": sign_hubspot_v3(key, "POST", url, body, stamp),
+        "x-hubspot-request-timestamp": stamp,
+        "user-agent": "idis-simulator-webhooks (HubSpot)",
+    }
+
+
 # --------------------------------------------------------------------------- outbound
 
 
@@ -239,7 +282,7 @@ class WebhookEmitter:
                 if busy:
                     self._workers[provider] = asyncio.create_task(self._worker(provider))
 
-    def _take(self, provider: ProviderState) -> list[Delivery]:
+    def _take(self, provider: ProviderState, hubspot: bool) -> list[Delivery]:
         config = provider.webhooks
         first = config.queue.popleft()
         batch = [first]
@@ -254,6 +297,11 @@ class WebhookEmitter:
                 if batch == original:
                     batch.reverse()
                 config.reordered_batches += 1
+        # One HubSpot request carries the queued deliveries of the same mode too.
+        while hubspot and config.queue and len(batch) < HUBSPOT_BATCH:
+            if config.queue[0].mode != first.mode:
+                break
+            batch.append(config.queue.popleft())
         config.in_flight += len(batch)
         return batch
 
@@ -275,79 +323,50 @@ class WebhookEmitter:
                 if gather:
                     await asyncio.sleep(_REORDER_GATHER)
                 with state.lock:
-                    batch = self._take(provider)
                     hubspot = config.format == "hubspot"
-                    if hubspot:
-                        self._take_more(provider, batch)
-                if hubspot:
+                    batch = self._take(provider, hubspot)
+                # A Standard Webhooks request carries one event; a HubSpot one the batch.
+                for request in [batch] if hubspot else [[delivery] for delivery in batch]:
                     try:
-                        wait = max(d.due for d in batch) - time.monotonic()
+                        wait = max(d.due for d in request) - time.monotonic()
                         if wait > 0:
                             await asyncio.sleep(wait)
-                        await self._deliver_hubspot(provider, batch)
+                        await self._deliver(provider, request, hubspot)
                     finally:
                         with state.lock:
-                            config.in_flight -= len(batch)
-                    continue
-                for delivery in batch:
-                    try:
-                        wait = delivery.due - time.monotonic()
-                        if wait > 0:
-                            await asyncio.sleep(wait)
-                        await self._deliver(provider, delivery)
-                    finally:
-                        with state.lock:
-                            config.in_flight -= 1
+                            config.in_flight -= len(request)
         except BaseException:
             if self._workers.get(provider) is asyncio.current_task():
                 del self._workers[provider]
             raise
 
-    @staticmethod
-    def _take_more(provider: ProviderState, batch: list[Delivery]) -> None:
-        """Add the queued deliveries of the same mode to ``batch`` (one HubSpot request)."""
-        config = provider.webhooks
-        mode = batch[0].mode
-        while config.queue and len(batch) < HUBSPOT_BATCH and config.queue[0].mode == mode:
-            batch.append(config.queue.popleft())
-            config.in_flight += 1
-
-    async def _deliver_hubspot(self, provider: ProviderState, batch: list[Delivery]) -> None:
-        """One HubSpot-shaped request for ``batch``, retried as HubSpot retries."""
+    async def _deliver(self, provider: ProviderState, batch: list[Delivery], hubspot: bool) -> None:
+        """One request for ``batch``, sent twice in duplicate mode, retried as the senders retry."""
         state = self._state
         with state.lock:
             config = provider.webhooks
             url = config.url
-            secret = config.secrets[0]
+            secrets = config.secrets
             attempts = config.max_attempts
             backoff = config.retry_backoff
             timeout = config.timeout
-        ids = [str(d.event["id"]) for d in batch]
         if url is None:
             with state.lock:
                 config.no_target += len(batch)
             return
         mode = batch[0].mode
-        sends = 2 if mode == "duplicate" else 1
+        build = _hubspot_request if hubspot else _standard_request
         delivered = False
-        for _ in range(sends):
+        for _ in range(2 if mode == "duplicate" else 1):
             for attempt in range(attempts):
-                events = [e for d in batch for e in hubspot_events(d.event, attempt)]
-                body = json.dumps(events, separators=(",", ":")).encode()
-                stamp = str(int(state.now().timestamp() * 1000))
-                key = "not-the-client-secret" if mode == "corrupt" else secret
-                headers = {
-                    "content-type": "application/json",
-                    "x-hubspot-signature-v3": sign_hubspot_v3(key, "POST", url, body, stamp),
-                    "x-hubspot-request-timestamp": stamp,
-                    "user-agent": "idis-simulator-webhooks (HubSpot)",
-                }
-                delivered, retryable = await self._attempt(config, url, body, headers, timeout)
-                if delivered or not retryable or attempt + 1 >= attempts:
+                body, headers = build(batch, attempt, url, secrets, state.now())
+                ok, retryable = await self._attempt(config, url, body, headers, timeout)
+                if ok or not retryable or attempt + 1 >= attempts:
                     break
                 with state.lock:
                     config.retries += 1
                 await asyncio.sleep(backoff * (2**attempt))
+            delivered = delivered or ok
         with state.lock:
             if mode == "duplicate":
                 config.duplicated += len(batch)
@@ -357,7 +376,7 @@ class WebhookEmitter:
                 config.delivered_events += len(batch)
             else:
                 config.failed += len(batch)
-                config.failed_ids.extend(ids)
+                config.failed_ids.extend(str(d.event["id"]) for d in batch)
 
     async def _attempt(
         self, config: Any, url: str, body: bytes, headers: dict[str, str], timeout: float
@@ -380,98 +399,8 @@ class WebhookEmitter:
             return True, True
         return False, response.status_code >= 500 or response.status_code == 429
 
-    async def _deliver(self, provider: ProviderState, delivery: Delivery) -> None:
-        state = self._state
-        event = delivery.event
-        with state.lock:
-            config = provider.webhooks
-            url = config.url
-            secrets = config.secrets
-            attempts = config.max_attempts
-            backoff = config.retry_backoff
-            timeout = config.timeout
-        msg_id = str(event["id"])
-        if url is None:
-            with state.lock:
-                config.no_target += 1
-            return
-        body = json.dumps(
-            {"type": event["type"], "timestamp": event["occurred_at"], "data": event},
-            separators=(",", ":"),
-        ).encode()
-        sends = 2 if delivery.mode == "duplicate" else 1
-        delivered = False
-        for _ in range(sends):
-            ok = await self._post(
-                provider,
-                url=url,
-                secrets=secrets,
-                msg_id=msg_id,
-                body=body,
-                mode=delivery.mode,
-                attempts=attempts,
-                backoff=backoff,
-                timeout=timeout,
-            )
-            delivered = delivered or ok
-        with state.lock:
-            if delivery.mode == "duplicate":
-                config.duplicated += 1
-            if delivery.mode == "corrupt":
-                config.corrupted += 1
-            if delivered:
-                config.delivered_events += 1
-            else:
-                config.failed += 1
-                config.failed_ids.append(msg_id)
-
-    async def _post(
-        self,
-        provider: ProviderState,
-        *,
-        url: str,
-        secrets: Sequence[str],
-        msg_id: str,
-        body: bytes,
-        mode: str,
-        attempts: int,
-        backoff: float,
-        timeout: float,
-    ) -> bool:
-        state = self._state
-        config = provider.webhooks
-        for attempt in range(attempts):
-            timestamp = int(state.now().timestamp())
-            if mode == "corrupt":
-                # Signed with the right scheme but a key nobody holds.
-                signature = sign(
-                    "whsec_" + base64.b64encode(b"corrupted-key").decode(), msg_id, timestamp, body
-                )
-            else:
-                signature = signature_header(secrets, msg_id, timestamp, body)
-            headers = {
-                "content-type": "application/json",
-                "webhook-id": msg_id,
-                "webhook-timestamp": str(timestamp),
-                "webhook-signature": signature,
-                "user-agent": "idis-simulator-webhooks",
-            }
-            delivered, retryable = await self._attempt(config, url, body, headers, timeout)
-            if delivered:
-                return True
-            if not retryable or attempt + 1 >= attempts:
-                return False
-            with state.lock:
-                config.retries += 1
-            await asyncio.sleep(backoff * (2**attempt))
-        return False
-
 
 # --------------------------------------------------------------------------- inbound
-
-
-def _sim(request: Request) -> SimulatorState:
-    return request.app.state.sim  # type: ignore[no-any-return]  # Starlette's app.state is untyped
 
 
 async def inbound_endpoint(request: Request) -> Response:
