@@ -14,6 +14,7 @@ timeline: gaps; verify-sync: mismatches left); 2 bad input, nothing changed;
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -430,25 +431,8 @@ def audit_command(
             limit=limit,
         )
     if as_json:
-        print_json(
-            [
-                {
-                    "id": r.id,
-                    "occurred_at": r.occurred_at.isoformat(),
-                    "action": r.action,
-                    "actor": r.actor,
-                    "subject_type": r.subject_type,
-                    "subject_id": r.subject_id,
-                    "tenant_id": r.tenant_id,
-                    "source": r.source,
-                    "outcome": r.outcome,
-                    "details": dict(r.details),
-                    "correlation_id": r.correlation_id,
-                    "message": r.message,
-                }
-                for r in records
-            ]
-        )
+        # Every field but the provider (the command names it); times as ISO-8601.
+        print_json([{k: v for k, v in asdict(r).items() if k != "provider"} for r in records])
         return
     print_table(
         f"audit events of {provider} since {_time(since)}",

@@ -10,14 +10,18 @@ calls, the 404-means-absent rules and the error mapping exist once.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._flow import Effect, Flow
 from ..exceptions import MalformedResponse
 
-__all__ = ["HEALTH", "Call", "ClientFlows", "provider_time"]
+if TYPE_CHECKING:
+    from . import ReplayPage
+
+__all__ = ["HEALTH", "AsyncReplayPages", "Call", "ClientFlows", "ReplayPages", "provider_time"]
 
 
 def provider_time(value: Any, what: str, provider: str, form: str = "an ISO-8601 time") -> datetime:
@@ -85,3 +89,31 @@ class ClientFlows:
         """Whether the provider's health endpoint answers 2xx."""
         ok: bool = yield HEALTH
         return ok
+
+
+class ReplayPages:
+    """``iter_replay`` for a sync client: its ``replay`` pages, following each cursor."""
+
+    replay: Any
+
+    def iter_replay(self, since: datetime, *, limit: int = 500) -> Iterator[ReplayPage]:
+        """Every page of the replay since ``since``."""
+        page = self.replay(since, limit=limit)
+        yield page
+        while page.next_cursor:
+            page = self.replay(since, cursor=page.next_cursor, limit=limit)
+            yield page
+
+
+class AsyncReplayPages:
+    """``iter_replay`` for an async client (see :class:`ReplayPages`)."""
+
+    replay: Any
+
+    async def iter_replay(self, since: datetime, *, limit: int = 500) -> AsyncIterator[ReplayPage]:
+        """Every page of the replay since ``since``."""
+        page = await self.replay(since, limit=limit)
+        yield page
+        while page.next_cursor:
+            page = await self.replay(since, cursor=page.next_cursor, limit=limit)
+            yield page

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hmac
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -45,9 +45,9 @@ from ..exceptions import (
     RateLimited,
     WebhookVerificationError,
 )
-from ._client import Call, ClientFlows, provider_time
+from ._client import AsyncReplayPages, Call, ClientFlows, ReplayPages, provider_time
 from ._order import BY_MODIFIED, Ordering
-from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
+from ._pack import Capabilities, PackBase, RateLimitReading, endpoint, register_pack
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings, Secret
@@ -573,7 +573,7 @@ class _DriveFlows(ClientFlows):
         return fresh
 
 
-class DriveClient(_DriveFlows):
+class DriveClient(_DriveFlows, ReplayPages):
     """Sync Drive adapter: the changes feed (opaque page tokens), files, watch channels."""
 
     gateway: Gateway
@@ -589,7 +589,7 @@ class DriveClient(_DriveFlows):
     health = sync_face(_DriveFlows._health)
 
 
-class AsyncDriveClient(_DriveFlows):
+class AsyncDriveClient(_DriveFlows, AsyncReplayPages):
     """Async twin of :class:`DriveClient`."""
 
     gateway: AsyncGateway
@@ -608,7 +608,7 @@ class AsyncDriveClient(_DriveFlows):
 # --------------------------------------------------------------------------- the pack
 
 
-class DrivePack:
+class DrivePack(PackBase):
     """Google Drive (documents)."""
 
     name = "gdrive"
@@ -628,14 +628,8 @@ class DrivePack:
         event_identity="derived: fileId and file version (removal: fileId and time)",
     )
     endpoints: Mapping[str, str] = {}
-
-    def ordering(self, settings: ProviderSettings) -> Ordering:
-        """By modification time."""
-        return BY_MODIFIED
-
-    def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
-        """A static token when set, else OAuth (a refresh token granted by the user)."""
-        return token_or_oauth(settings, oauth)
+    client_class = DriveClient
+    async_client_class = AsyncDriveClient
 
     def webhook_scheme(self, settings: ProviderSettings) -> ChannelToken | None:
         """Channel tokens are ``WEBHOOK_SECRETS`` (several while channels are renewed)."""
@@ -657,15 +651,8 @@ class DrivePack:
         state = {k.lower(): v for k, v in headers.items()}.get("x-goog-resource-state", "")
         return state.strip() != "sync"
 
-    def read_rate_limit(
-        self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None
-    ) -> RateLimitReading | None:
-        """A 429, or a 403 whose reason is a rate limit."""
-        return read_rate_limit(status, headers, details)
-
-    def map_error(self, exc: ProviderError) -> ProviderError:
-        """403 ``rateLimitExceeded``/``userRateLimitExceeded`` is backed off, not a denial."""
-        return map_error(exc)
+    read_rate_limit = staticmethod(read_rate_limit)
+    map_error = staticmethod(map_error)
 
     def update_call(
         self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]
@@ -677,14 +664,6 @@ class DrivePack:
             "path_params": {"id": record_id},
             "json": {"appProperties": {k: None if v is None else str(v) for k, v in data.items()}},
         }
-
-    def client(self, gateway: Gateway, provider: str) -> DriveClient:
-        """:class:`DriveClient`."""
-        return DriveClient(gateway, provider)
-
-    def async_client(self, gateway: AsyncGateway, provider: str) -> AsyncDriveClient:
-        """:class:`AsyncDriveClient`."""
-        return AsyncDriveClient(gateway, provider)
 
 
 GDRIVE = register_pack(DrivePack())

@@ -60,9 +60,9 @@ from ..exceptions import (
     RateLimited,
     WebhookVerificationError,
 )
-from ._client import Call, ClientFlows
+from ._client import AsyncReplayPages, Call, ClientFlows, ReplayPages
 from ._order import BY_MODIFIED, Ordering, micros
-from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
+from ._pack import Capabilities, PackBase, RateLimitReading, endpoint, register_pack
 
 if TYPE_CHECKING:
     from .._clock import Clock
@@ -807,7 +807,7 @@ class _HubSpotFlows(ClientFlows):
         return self._core.replay_page(page)
 
 
-class HubSpotClient(_HubSpotFlows):
+class HubSpotClient(_HubSpotFlows, ReplayPages):
     """Sync HubSpot adapter: deals by CRM search (polling, replay) and by id (resync, verify)."""
 
     gateway: Gateway
@@ -819,7 +819,7 @@ class HubSpotClient(_HubSpotFlows):
     health = sync_face(_HubSpotFlows._health)
 
 
-class AsyncHubSpotClient(_HubSpotFlows):
+class AsyncHubSpotClient(_HubSpotFlows, AsyncReplayPages):
     """Async twin of :class:`HubSpotClient`."""
 
     gateway: AsyncGateway
@@ -834,7 +834,7 @@ class AsyncHubSpotClient(_HubSpotFlows):
 # --------------------------------------------------------------------------- the pack
 
 
-class HubSpotPack:
+class HubSpotPack(PackBase):
     """HubSpot CRM (deals)."""
 
     name = "hubspot"
@@ -857,14 +857,8 @@ class HubSpotPack:
         event_identity="derived: subscriptionType, objectId, occurredAt, propertyName",
     )
     endpoints: Mapping[str, str] = {}
-
-    def ordering(self, settings: ProviderSettings) -> Ordering:
-        """By modification time."""
-        return BY_MODIFIED
-
-    def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
-        """The private-app token when set, else OAuth (refresh tokens)."""
-        return token_or_oauth(settings, oauth)
+    client_class = HubSpotClient
+    async_client_class = AsyncHubSpotClient
 
     def webhook_scheme(self, settings: ProviderSettings) -> HubSpotSignature | None:
         """v3 signatures keyed by ``WEBHOOK_SECRETS``, else the app's ``CLIENT_SECRET``."""
@@ -879,19 +873,10 @@ class HubSpotPack:
             label=f"IDIS_PROVIDER_{settings.name.upper()}_WEBHOOK_SECRETS",
         )
 
-    def webhook_events(self, body: bytes, provider: str) -> list[ProviderEvent]:
-        """Every event of a batched body."""
-        return webhook_events(body, provider)
-
-    def read_rate_limit(
-        self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None
-    ) -> RateLimitReading | None:
-        """``X-HubSpot-RateLimit-*`` and a 429's ``policyName``."""
-        return read_rate_limit(status, headers, details)
-
-    def map_error(self, exc: ProviderError) -> ProviderError:
-        """A ``DAILY`` 429 is not retried before the reset (midnight UTC: no settings here)."""
-        return map_error(exc)
+    webhook_events = staticmethod(webhook_events)
+    read_rate_limit = staticmethod(read_rate_limit)
+    # Without settings here, a DAILY 429's reset is midnight UTC (see error_hook).
+    map_error = staticmethod(map_error)
 
     def error_hook(
         self, settings: ProviderSettings, clock: Clock
@@ -917,14 +902,6 @@ class HubSpotPack:
             "path_params": {"id": record_id},
             "json": {"properties": {k: None if v is None else str(v) for k, v in data.items()}},
         }
-
-    def client(self, gateway: Gateway, provider: str) -> HubSpotClient:
-        """:class:`HubSpotClient`."""
-        return HubSpotClient(gateway, provider)
-
-    def async_client(self, gateway: AsyncGateway, provider: str) -> AsyncHubSpotClient:
-        """:class:`AsyncHubSpotClient`."""
-        return AsyncHubSpotClient(gateway, provider)
 
 
 HUBSPOT = register_pack(HubSpotPack())

@@ -35,7 +35,7 @@ the token endpoint and the API.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ from ..exceptions import (
     QuotaExhausted,
     ReplayWindowExceeded,
 )
-from ._client import Call, ClientFlows, provider_time
+from ._client import AsyncReplayPages, Call, ClientFlows, ReplayPages, provider_time
 from ._order import BY_MODIFIED, Ordering
 from ._pack import (
     Capabilities,
@@ -57,7 +57,6 @@ from ._pack import (
     RateLimitReading,
     endpoint,
     register_pack,
-    token_or_oauth,
 )
 
 if TYPE_CHECKING:
@@ -456,7 +455,7 @@ class _SalesforceFlows(ClientFlows):
         return ReplayPage(events, None)
 
 
-class SalesforceClient(_SalesforceFlows):
+class SalesforceClient(_SalesforceFlows, ReplayPages):
     """Sync Salesforce adapter (Opportunity)."""
 
     gateway: Gateway
@@ -467,12 +466,8 @@ class SalesforceClient(_SalesforceFlows):
     replay = sync_face(_SalesforceFlows._replay)
     health = sync_face(_SalesforceFlows._health)
 
-    def iter_replay(self, since: datetime, *, limit: int = 500) -> Any:
-        """The replay's pages (one)."""
-        yield self.replay(since, limit=limit)
 
-
-class AsyncSalesforceClient(_SalesforceFlows):
+class AsyncSalesforceClient(_SalesforceFlows, AsyncReplayPages):
     """Async twin of :class:`SalesforceClient`."""
 
     gateway: AsyncGateway
@@ -482,10 +477,6 @@ class AsyncSalesforceClient(_SalesforceFlows):
     changes = async_face(_SalesforceFlows._changes)
     replay = async_face(_SalesforceFlows._replay)
     health = async_face(_SalesforceFlows._health)
-
-    async def iter_replay(self, since: datetime, *, limit: int = 500) -> Any:
-        """The replay's pages (one)."""
-        yield await self.replay(since, limit=limit)
 
 
 # --------------------------------------------------------------------------- the pack
@@ -512,14 +503,8 @@ class SalesforcePack(NoWebhooks):
         event_identity="derived: sObject, Id, SystemModstamp (or deletedDate)",
     )
     endpoints: Mapping[str, str] = {}
-
-    def ordering(self, settings: ProviderSettings) -> Ordering:
-        """By ``SystemModstamp``."""
-        return BY_MODIFIED
-
-    def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
-        """OAuth (refresh token), or a static session token."""
-        return token_or_oauth(settings, oauth)
+    client_class = SalesforceClient
+    async_client_class = AsyncSalesforceClient
 
     def read_rate_limit(
         self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None
@@ -529,9 +514,7 @@ class SalesforcePack(NoWebhooks):
             return RateLimitReading(remaining=0, policy="api-usage (rolling 24 h)", exhausted=True)
         return read_limit_info(headers)
 
-    def map_error(self, exc: ProviderError) -> ProviderError:
-        """``REQUEST_LIMIT_EXCEEDED`` → :class:`RateLimited`."""
-        return map_error(exc)
+    map_error = staticmethod(map_error)
 
     def update_call(
         self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]
@@ -545,14 +528,6 @@ class SalesforcePack(NoWebhooks):
             "path_params": {"id": record_id},
             "json": dict(data),
         }
-
-    def client(self, gateway: Gateway, provider: str) -> SalesforceClient:
-        """:class:`SalesforceClient`."""
-        return SalesforceClient(gateway, provider)
-
-    def async_client(self, gateway: AsyncGateway, provider: str) -> AsyncSalesforceClient:
-        """:class:`AsyncSalesforceClient`."""
-        return AsyncSalesforceClient(gateway, provider)
 
 
 SALESFORCE = register_pack(SalesforcePack())
