@@ -50,23 +50,29 @@ def _time(value: datetime | None) -> str:
 # --------------------------------------------------------------------------- reconcile
 
 
-def _print_summary(summary: Any) -> None:
-    title = (
-        f"reconcile {summary.provider} since {_time(summary.since)}"
-        + (" (dry run: nothing changed)" if summary.dry_run else "")
-        + (" (resumed)" if summary.resumed else "")
-    )
-    applied_label = "would apply" if summary.dry_run else "applied"
-    rows = [
-        ("fetched", summary.fetched),
-        ("already applied", summary.already_applied),
-        (applied_label, summary.applied),
-        ("superseded", summary.superseded),
-        ("ignored (no handler)", summary.ignored),
-        ("failed", summary.failed),
-    ]
+def _counts(summary: Any, skipped: tuple[str, int], held: tuple[str, int]) -> list[Any]:
+    """The rows a reconcile and a resync both print, with their own skipped and held rows."""
+    dry = summary.dry_run
+    rows: list[Any] = [("fetched", summary.fetched), skipped]
+    rows += [("would apply" if dry else "applied", summary.applied), held]
+    rows += [("ignored (no handler)", summary.ignored), ("failed", summary.failed)]
     if summary.run_id:
         rows.append(("run id", summary.run_id))
+    return rows
+
+
+def _dry(summary: Any) -> str:
+    return " (dry run: nothing changed)" if summary.dry_run else ""
+
+
+def _print_summary(summary: Any) -> None:
+    resumed = " (resumed)" if summary.resumed else ""
+    title = f"reconcile {summary.provider} since {_time(summary.since)}{_dry(summary)}{resumed}"
+    rows = _counts(
+        summary,
+        ("already applied", summary.already_applied),
+        ("superseded", summary.superseded),
+    )
     if summary.covered_until is not None:
         rows.append(("covered until", _time(summary.covered_until)))
     print_table(title, ["", "events"], rows)
@@ -79,20 +85,8 @@ def _print_summary(summary: Any) -> None:
 
 
 def _print_resync(summary: Any) -> None:
-    title = f"resync {summary.provider}" + (
-        " (dry run: nothing changed)" if summary.dry_run else ""
-    )
-    rows = [
-        ("fetched", summary.fetched),
-        ("unchanged", summary.unchanged),
-        ("would apply" if summary.dry_run else "applied", summary.applied),
-        ("missing", summary.missing),
-        ("ignored (no handler)", summary.ignored),
-        ("failed", summary.failed),
-    ]
-    if summary.run_id:
-        rows.append(("run id", summary.run_id))
-    print_table(title, ["", "records"], rows)
+    rows = _counts(summary, ("unchanged", summary.unchanged), ("missing", summary.missing))
+    print_table(f"resync {summary.provider}{_dry(summary)}", ["", "records"], rows)
 
 
 @main.command("reconcile")

@@ -48,7 +48,6 @@ from ..exceptions import (
 )
 from ..observability._logs import get_logger, redact_text
 from ..observability._metrics import get_metrics
-from ..sync._bulk import bulk_insert
 from ..sync._effects import AsyncFace, ClientCall, SyncFace
 from ..sync._inbox import (
     ApplyOutcome,
@@ -60,9 +59,9 @@ from ..sync._inbox import (
 )
 from ..sync._timeline import record_coverage
 from ._db import (
-    AUDIT_TABLE,
     LOCK_WAIT,
     ReconcileBusy,
+    audit_result,
     commit_flow,
     default_async_client,
     default_client,
@@ -92,6 +91,19 @@ log = get_logger()
 MAX_PAGE_SIZE = 5000
 #: Failures listed individually in the summary (the count is always exact).
 _MAX_LISTED_FAILURES = 100
+#: A run's totals, each named alike on the summary, the checkpoint row, the audit and the log.
+_TOTALS = ("fetched", "already_applied", "applied", "superseded", "ignored", "failed")
+
+
+def _tally(result: ApplyResult) -> dict[str, int]:
+    """A page's events by outcome, under the names of :data:`_TOTALS` (and the metric's)."""
+    return {
+        "already_applied": result.count(ApplyOutcome.DUPLICATE),
+        "applied": result.count(ApplyOutcome.APPLIED),
+        "superseded": result.count(ApplyOutcome.SUPERSEDED),
+        "ignored": result.count(ApplyOutcome.IGNORED),
+        "failed": len(result.failed),
+    }
 
 
 @runtime_checkable
@@ -190,11 +202,8 @@ class _Counts:
 
     def add(self, result: ApplyResult, fetched: int) -> None:
         self.fetched += fetched
-        self.already_applied += result.count(ApplyOutcome.DUPLICATE)
-        self.applied += result.count(ApplyOutcome.APPLIED)
-        self.superseded += result.count(ApplyOutcome.SUPERSEDED)
-        self.ignored += result.count(ApplyOutcome.IGNORED)
-        self.failed += len(result.failed)
+        for name, number in _tally(result).items():
+            setattr(self, name, getattr(self, name) + number)
         self.pages += 1
         for event, error in result.failed:
             if len(self.failures) < _MAX_LISTED_FAILURES:
@@ -235,13 +244,7 @@ class _Run:
             run_id=None if dry_run else self.run_id,
             since=self.since,
             covered_until=covered_until,
-            fetched=c.fetched,
-            already_applied=c.already_applied,
-            applied=c.applied,
-            superseded=c.superseded,
-            ignored=c.ignored,
-            failed=c.failed,
-            pages=c.pages,
+            **{name: getattr(c, name) for name in (*_TOTALS, "pages")},
             dry_run=dry_run,
             resumed=self.resumed,
             completed=completed,
@@ -351,12 +354,7 @@ def _new_checkpoint(run: _Run, now: datetime) -> ReconcileCheckpoint:
         status="running",
         since=run.since,
         pages=0,
-        fetched=0,
-        already_applied=0,
-        applied=0,
-        superseded=0,
-        ignored=0,
-        failed=0,
+        **dict.fromkeys(_TOTALS, 0),
         started_at=now,
         updated_at=now,
     )
@@ -375,12 +373,7 @@ def _save_page(
         "cursor": page.next_cursor,
         "pages": ReconcileCheckpoint.pages + 1,
         "fetched": ReconcileCheckpoint.fetched + len(events),
-        "already_applied": ReconcileCheckpoint.already_applied
-        + result.count(ApplyOutcome.DUPLICATE),
-        "applied": ReconcileCheckpoint.applied + result.count(ApplyOutcome.APPLIED),
-        "superseded": ReconcileCheckpoint.superseded + result.count(ApplyOutcome.SUPERSEDED),
-        "ignored": ReconcileCheckpoint.ignored + result.count(ApplyOutcome.IGNORED),
-        "failed": ReconcileCheckpoint.failed + len(result.failed),
+        **{n: getattr(ReconcileCheckpoint, n) + k for n, k in _tally(result).items()},
         "updated_at": now,
         "error": None,
     }
@@ -408,53 +401,30 @@ def _save_page(
     )
 
 
-def _audit_rows(run: _Run, result: ApplyResult, now: datetime) -> list[dict[str, Any]]:
-    rows = [
-        audit_row(
-            "reconcile.event_applied",
-            provider=run.provider,
-            actor=run.actor,
-            subject_type="record",
-            subject_id=event.record_id,
-            tenant_id=event.tenant_id,
-            source="replay",
-            details={
-                "event_id": event.id,
-                "event_type": event.type,
-                "seq": event.seq,
-                "version": event.version,
-            },
-            correlation_id=run.run_id,
-            occurred_at=now,
-        )
-        for event in result.applied
-    ]
-    rows.extend(
-        audit_row(
-            "reconcile.event_failed",
-            provider=run.provider,
-            actor=run.actor,
-            subject_type="record",
-            subject_id=event.record_id,
-            tenant_id=event.tenant_id,
-            source="replay",
-            outcome="failed",
-            details={"event_id": event.id, "event_type": event.type, "error": type(error).__name__},
-            message=redact_text(str(error))[:500],
-            correlation_id=run.run_id,
-            occurred_at=now,
-        )
-        for event, error in result.failed
-    )
-    return rows
-
-
 def _write_page(run: _Run, page: Any, session: Session, result: ApplyResult, now: datetime) -> None:
     """The rows a committed page writes beside its events: audit rows and the checkpoint."""
-    rows = _audit_rows(run, result, now)
-    if rows:
-        bulk_insert(session, AUDIT_TABLE, rows)
+    audit_result(
+        session,
+        result,
+        _applied_details,
+        applied="reconcile.event_applied",
+        failed="reconcile.event_failed",
+        provider=run.provider,
+        actor=run.actor,
+        source="replay",
+        correlation_id=run.run_id,
+        occurred_at=now,
+    )
     _save_page(session, run, result, page, now)
+
+
+def _applied_details(event: Any) -> dict[str, Any]:
+    return {
+        "event_id": event.id,
+        "event_type": event.type,
+        "seq": event.seq,
+        "version": event.version,
+    }
 
 
 def _finish_in(session: Session, run: _Run, end: datetime) -> datetime:
@@ -473,14 +443,7 @@ def _finish_in(session: Session, run: _Run, end: datetime) -> datetime:
     row.updated_at = now
     if covered_until > run.since:
         record_coverage(session, run.provider, "replay", run.since, covered_until)
-    totals = {
-        "fetched": row.fetched,
-        "already_applied": row.already_applied,
-        "applied": row.applied,
-        "superseded": row.superseded,
-        "ignored": row.ignored,
-        "failed": row.failed,
-    }
+    totals = {name: getattr(row, name) for name in _TOTALS}
     session.add(
         AuditEvent(
             **audit_row(
@@ -596,14 +559,7 @@ def _paged(run: _Run, page: Any, result: ApplyResult) -> bool:
 
 
 def _count(metrics: Any, provider: str, result: ApplyResult) -> None:
-    outcomes = {
-        "applied": result.count(ApplyOutcome.APPLIED),
-        "already_applied": result.count(ApplyOutcome.DUPLICATE),
-        "superseded": result.count(ApplyOutcome.SUPERSEDED),
-        "ignored": result.count(ApplyOutcome.IGNORED),
-        "failed": len(result.failed),
-    }
-    for outcome, number in outcomes.items():
+    for outcome, number in _tally(result).items():
         if number:
             metrics.reconcile_events.labels(provider=provider, outcome=outcome).inc(number)
 
@@ -614,13 +570,9 @@ def _completed(run: _Run, covered_until: datetime, started: float) -> ReconcileS
         "idis.reconcile.completed",
         provider=run.provider,
         run_id=run.run_id,
-        fetched=c.fetched,
-        already_applied=c.already_applied,
-        applied=c.applied,
-        superseded=c.superseded,
-        failed=c.failed,
         seconds=round(run.clock.monotonic() - started, 3),
         msg="reconcile run completed",
+        **{name: getattr(c, name) for name in _TOTALS},
     )
     return run.summary(dry_run=False, completed=True, covered_until=covered_until)
 
