@@ -617,33 +617,37 @@ def map_error(
 # --------------------------------------------------------------------------- clients
 
 
-class _Core:
-    """What both clients share: endpoints, request bodies, decoding (no I/O)."""
+class _HubSpotFlows(ClientFlows):
+    """HubSpot's client methods, each written once as a flow."""
 
-    def __init__(self, settings: ProviderSettings, provider: str) -> None:
-        self.name = provider
-        self.settings = settings
+    def __init__(self, gateway: Any, provider: str) -> None:
+        super().__init__(gateway, provider)
         self.object_type = "deals"
         self.ordering: Ordering = BY_MODIFIED
-        #: The last rate-limit reading (headers of the last response).
+        #: What the last response's ``X-HubSpot-RateLimit-*`` headers said.
         self.rate_limit: RateLimitReading | None = None
 
-    def search(self) -> str:
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is this API's cursor (``hs1:...``)."""
+        return position.startswith("hs1:")
+
+    def _search(self) -> str:
         return endpoint(self.settings, "deals_search", f"/crm/v3/objects/{self.object_type}/search")
 
-    def record(self) -> str:
+    def _record(self) -> str:
         return endpoint(self.settings, "deal", f"/crm/v3/objects/{self.object_type}/{{id}}")
 
-    def records(self) -> str:
+    def _records(self) -> str:
         return endpoint(self.settings, "deals", f"/crm/v3/objects/{self.object_type}")
 
-    def start(self, after: str | int | None, since: datetime | None) -> SearchCursor:
+    def _start(self, after: str | int | None, since: datetime | None) -> SearchCursor:
         if after is not None and not isinstance(after, int):
             return SearchCursor.decode(after)
         moment = since if since is not None else utcnow()
         return SearchCursor(_ms(moment))
 
-    def read(self, response: Any) -> Any:
+    def _read(self, response: Any) -> Any:
         self.rate_limit = read_rate_limit(
             response.status_code, response.headers, None, zone=quota_zone(self.settings)
         )
@@ -654,7 +658,7 @@ class _Core:
                 f"{self.name}: HubSpot response is not JSON", provider=self.name
             ) from None
 
-    def page(self, body: Any, cursor: SearchCursor) -> ChangesPage:
+    def _page(self, body: Any, cursor: SearchCursor) -> ChangesPage:
         from . import ChangesPage
 
         if not isinstance(body, dict) or not isinstance(body.get("results"), list):
@@ -667,7 +671,7 @@ class _Core:
         events = [_poll_event(r, self.object_type) for r in records]
         return ChangesPage(events, None, more, next_cursor=moved.encode())
 
-    def records_page(self, body: Any) -> RecordPage:
+    def _records_page(self, body: Any) -> RecordPage:
         from . import RecordPage
 
         if not isinstance(body, dict) or not isinstance(body.get("results"), list):
@@ -680,29 +684,10 @@ class _Core:
             None if after is None else str(after),
         )
 
-    def replay_page(self, page: ChangesPage) -> ReplayPage:
+    def _replay_page(self, page: ChangesPage) -> ReplayPage:
         from . import ReplayPage
 
         return ReplayPage(page.events, page.next_cursor if page.has_more else None)
-
-
-class _HubSpotFlows(ClientFlows):
-    """HubSpot's client methods, each written once as a flow."""
-
-    def __init__(self, gateway: Any, provider: str) -> None:
-        super().__init__(gateway, provider)
-        self._core = _Core(self.settings, provider)
-        self.ordering = self._core.ordering
-
-    @staticmethod
-    def accepts_cursor(position: str) -> bool:
-        """Whether ``position`` is this API's cursor (``hs1:...``)."""
-        return position.startswith("hs1:")
-
-    @property
-    def rate_limit(self) -> RateLimitReading | None:
-        """What the last response's ``X-HubSpot-RateLimit-*`` headers said."""
-        return self._core.rate_limit
 
     def _call(self, endpoint_name: str, **kwargs: Any) -> Flow[Any]:
         if self._quota_zone_unknown():
@@ -713,7 +698,7 @@ class _HubSpotFlows(ClientFlows):
             raise map_error(
                 exc, now=self.gateway.clock.now(), zone=quota_zone(self.settings)
             ) from exc
-        return self._core.read(response)
+        return self._read(response)
 
     def _quota_zone_unknown(self) -> bool:
         """Whether to ask account-info now: no ``QUOTA_TIMEZONE``, no answer yet, and no
@@ -769,7 +754,7 @@ class _HubSpotFlows(ClientFlows):
         """The object, or None when HubSpot answers 404."""
         try:
             body = yield from self._call(
-                self._core.record(),
+                self._record(),
                 path_params={"id": record_id},
                 params={"properties": MODIFIED},
             )
@@ -786,25 +771,25 @@ class _HubSpotFlows(ClientFlows):
         params: dict[str, Any] = {"limit": min(limit, 100), "properties": MODIFIED}
         if cursor:
             params["after"] = cursor
-        return self._core.records_page((yield from self._call(self._core.records(), params=params)))
+        return self._records_page((yield from self._call(self._records(), params=params)))
 
     def _changes(
         self, *, after: str | int | None = None, since: datetime | None = None, limit: int = 100
     ) -> Flow[ChangesPage]:
         """One CRM-search page after the opaque cursor ``after`` (or modified since ``since``)."""
-        cursor = self._core.start(after, since)
+        cursor = self._start(after, since)
         # A search is a read sent as a POST: safe to repeat, so the gateway retries it.
         body = yield from self._call(
-            self._core.search(), method="POST", json=search_body(cursor, limit), idempotent=True
+            self._search(), method="POST", json=search_body(cursor, limit), idempotent=True
         )
-        return self._core.page(body, cursor)
+        return self._page(body, cursor)
 
     def _replay(
         self, since: datetime, *, cursor: str | None = None, limit: int = 100
     ) -> Flow[ReplayPage]:
         """Objects modified since ``since`` (current states): HubSpot's replay by search."""
         page = yield from self._changes(after=cursor, since=since, limit=limit)
-        return self._core.replay_page(page)
+        return self._replay_page(page)
 
 
 class HubSpotClient(_HubSpotFlows, ReplayPages):
