@@ -632,14 +632,9 @@ class _HubSpotFlows(ClientFlows):
         """Whether ``position`` is this API's cursor (``hs1:...``)."""
         return position.startswith("hs1:")
 
-    def _search(self) -> str:
-        return endpoint(self.settings, "deals_search", f"/crm/v3/objects/{self.object_type}/search")
-
-    def _record(self) -> str:
-        return endpoint(self.settings, "deal", f"/crm/v3/objects/{self.object_type}/{{id}}")
-
-    def _records(self) -> str:
-        return endpoint(self.settings, "deals", f"/crm/v3/objects/{self.object_type}")
+    def _path(self, name: str, tail: str = "") -> str:
+        """The endpoint ``ENDPOINTS`` names ``name``, else the object type's CRM v3 path."""
+        return endpoint(self.settings, name, f"/crm/v3/objects/{self.object_type}{tail}")
 
     def _start(self, after: str | int | None, since: datetime | None) -> SearchCursor:
         if after is not None and not isinstance(after, int):
@@ -658,36 +653,15 @@ class _HubSpotFlows(ClientFlows):
                 f"{self.name}: HubSpot response is not JSON", provider=self.name
             ) from None
 
-    def _page(self, body: Any, cursor: SearchCursor) -> ChangesPage:
-        from . import ChangesPage
-
+    def _results(self, body: Any, what: str) -> tuple[list[ProviderRecord], str | None]:
+        """A search or list answer's objects and its paging token (None on the last page)."""
         if not isinstance(body, dict) or not isinstance(body.get("results"), list):
             raise MalformedResponse(
-                f"{self.name}: HubSpot search answer has no 'results' list", provider=self.name
+                f"{self.name}: HubSpot {what} answer has no 'results' list", provider=self.name
             )
+        after = ((body.get("paging") or {}).get("next") or {}).get("after")
         records = [parse_object(r, self.name) for r in body["results"]]
-        after = ((body.get("paging") or {}).get("next") or {}).get("after")
-        moved, more = next_cursor(cursor, records, None if after is None else str(after))
-        events = [_poll_event(r, self.object_type) for r in records]
-        return ChangesPage(events, None, more, next_cursor=moved.encode())
-
-    def _records_page(self, body: Any) -> RecordPage:
-        from . import RecordPage
-
-        if not isinstance(body, dict) or not isinstance(body.get("results"), list):
-            raise MalformedResponse(
-                f"{self.name}: HubSpot list answer has no 'results' list", provider=self.name
-            )
-        after = ((body.get("paging") or {}).get("next") or {}).get("after")
-        return RecordPage(
-            [parse_object(r, self.name) for r in body["results"]],
-            None if after is None else str(after),
-        )
-
-    def _replay_page(self, page: ChangesPage) -> ReplayPage:
-        from . import ReplayPage
-
-        return ReplayPage(page.events, page.next_cursor if page.has_more else None)
+        return records, None if after is None else str(after)
 
     def _call(self, endpoint_name: str, **kwargs: Any) -> Flow[Any]:
         if self._quota_zone_unknown():
@@ -754,7 +728,7 @@ class _HubSpotFlows(ClientFlows):
         """The object, or None when HubSpot answers 404."""
         try:
             body = yield from self._call(
-                self._record(),
+                self._path("deal", "/{id}"),
                 path_params={"id": record_id},
                 params={"properties": MODIFIED},
             )
@@ -771,25 +745,38 @@ class _HubSpotFlows(ClientFlows):
         params: dict[str, Any] = {"limit": min(limit, 100), "properties": MODIFIED}
         if cursor:
             params["after"] = cursor
-        return self._records_page((yield from self._call(self._records(), params=params)))
+        from . import RecordPage
+
+        body = yield from self._call(self._path("deals"), params=params)
+        return RecordPage(*self._results(body, "list"))
 
     def _changes(
         self, *, after: str | int | None = None, since: datetime | None = None, limit: int = 100
     ) -> Flow[ChangesPage]:
         """One CRM-search page after the opaque cursor ``after`` (or modified since ``since``)."""
+        from . import ChangesPage
+
         cursor = self._start(after, since)
         # A search is a read sent as a POST: safe to repeat, so the gateway retries it.
         body = yield from self._call(
-            self._search(), method="POST", json=search_body(cursor, limit), idempotent=True
+            self._path("deals_search", "/search"),
+            method="POST",
+            json=search_body(cursor, limit),
+            idempotent=True,
         )
-        return self._page(body, cursor)
+        records, token = self._results(body, "search")
+        moved, more = next_cursor(cursor, records, token)
+        events = [_poll_event(r, self.object_type) for r in records]
+        return ChangesPage(events, None, more, next_cursor=moved.encode())
 
     def _replay(
         self, since: datetime, *, cursor: str | None = None, limit: int = 100
     ) -> Flow[ReplayPage]:
         """Objects modified since ``since`` (current states): HubSpot's replay by search."""
+        from . import ReplayPage
+
         page = yield from self._changes(after=cursor, since=since, limit=limit)
-        return self._replay_page(page)
+        return ReplayPage(page.events, page.next_cursor if page.has_more else None)
 
 
 class HubSpotClient(_HubSpotFlows, ReplayPages):
