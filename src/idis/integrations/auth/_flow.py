@@ -42,7 +42,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from .._clock import Clock
-from .._flow import Effect, Flow, Sleep, perform
+from .._flow import Awaited, Effect, Flow, Sleep, perform
 from .._http import httpx
 from ..config import ProviderSettings, Secret, Settings
 from ..exceptions import (
@@ -132,7 +132,7 @@ class TokenIO:
 
 
 @dataclass(frozen=True, slots=True)
-class OnStore(Effect[Any]):
+class OnStore(Awaited[Any]):
     """Call ``method`` of the face's token store: the sync and the async store share names.
 
     ``lock`` (read the row; on PostgreSQL lock it), ``write`` (commit, releasing
@@ -143,13 +143,9 @@ class OnStore(Effect[Any]):
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    def run(self, io: TokenIO) -> Any:
-        """Blocking store."""
+    def call(self, io: TokenIO) -> Any:
+        """On the face's store (blocking, or async and awaited)."""
         return getattr(io.store, self.method)(*self.args, **self.kwargs)
-
-    async def arun(self, io: TokenIO) -> Any:
-        """Async store."""
-        return await getattr(io.store, self.method)(*self.args, **self.kwargs)
 
     def __repr__(self) -> str:
         # The arguments hold row values (ciphertext): noise in a traceback.
@@ -171,31 +167,20 @@ def _write(
 
 
 @dataclass(frozen=True, slots=True)
-class SendTokenRequest(Effect[httpx.Response]):
+class SendTokenRequest(Awaited[httpx.Response]):
     """POST a prepared token request with the provider's timeouts."""
 
     request: PreparedTokenRequest
     timeout: httpx.Timeout
 
-    def run(self, io: TokenIO) -> httpx.Response:
-        """``Client.post``."""
-        response: httpx.Response = io.http.post(
+    def call(self, io: TokenIO) -> Any:
+        """``Client.post`` (``AsyncClient.post``, awaited)."""
+        return io.http.post(
             self.request.url,
             content=self.request.body,
             headers=self.request.headers,
             timeout=self.timeout,
         )
-        return response
-
-    async def arun(self, io: TokenIO) -> httpx.Response:
-        """``await AsyncClient.post``."""
-        response: httpx.Response = await io.http.post(
-            self.request.url,
-            content=self.request.body,
-            headers=self.request.headers,
-            timeout=self.timeout,
-        )
-        return response
 
     def __repr__(self) -> str:
         return f"SendTokenRequest({self.request!r})"

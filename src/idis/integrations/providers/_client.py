@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .._flow import Effect, Flow
+from .._flow import Awaited, Effect, Flow
 from ..exceptions import MalformedResponse
 
 if TYPE_CHECKING:
@@ -36,24 +36,17 @@ def provider_time(value: Any, what: str, provider: str, form: str = "an ISO-8601
 
 
 @dataclass(frozen=True, slots=True)
-class Call(Effect[Any]):
+class Call(Awaited[Any]):
     """``gateway.get_json`` (or, ``raw``, ``gateway.request``) of the client's provider."""
 
     endpoint: str
     options: dict[str, Any] = field(default_factory=dict)
     raw: bool = False
 
-    def run(self, io: ClientFlows) -> Any:
-        """Through the sync gateway."""
-        gateway = io.gateway
-        send = gateway.request if self.raw else gateway.get_json
+    def call(self, io: ClientFlows) -> Any:
+        """Through the client's gateway (sync, or async and awaited)."""
+        send = io.gateway.request if self.raw else io.gateway.get_json
         return send(io.name, self.endpoint, **self.options)
-
-    async def arun(self, io: ClientFlows) -> Any:
-        """Through the async gateway."""
-        gateway = io.gateway
-        send = gateway.request if self.raw else gateway.get_json
-        return await send(io.name, self.endpoint, **self.options)
 
 
 @dataclass(frozen=True, slots=True)
