@@ -14,7 +14,7 @@ timeline: gaps; verify-sync: mismatches left); 2 bad input, nothing changed;
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -280,35 +280,21 @@ def verify_sync_command(
     as_json: bool,
 ) -> None:
     """Compare a random sample of the host's and PROVIDER's records (RB-09 Verification 3)."""
-    from contextlib import ExitStack
-
-    from ..reconciliation._db import default_client, default_engine
-    from ..reconciliation._host import load_host_records
     from ..reconciliation._verify import verify_sync
 
     settings = get_settings()
+    if host_records:  # loaded (and closed) by verify_sync, as IDIS_HOST_RECORDS would be
+        settings = replace(settings, host_records=host_records)
     registry = handler_registry(handlers)
     wanted = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
-    spec = host_records or settings.host_records
-    with ExitStack() as stack, progress(f"verifying {provider}", unit="records") as advance:
-        engine = default_engine(settings, stack)
-        client = default_client(settings, provider, stack, engine)
-        source = None
-        if spec:
-            source = load_host_records(spec, provider=provider, engine=engine, settings=settings)
-            close = getattr(source, "close", None)
-            if callable(close):
-                stack.callback(close)
+    with progress(f"verifying {provider}", unit="records") as advance:
         report = verify_sync(
             provider,
             sample_size,
             seed=seed,
             repair=repair,
-            host_records=source,
             fields=wanted,
             settings=settings,
-            client=client,
-            engine=engine,
             handlers=registry,
             actor=cli_actor(),
             on_checked=advance,
