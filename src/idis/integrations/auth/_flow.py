@@ -226,11 +226,9 @@ class PendingWrite:
     """A token obtained but not yet committed (the database failed right after)."""
 
     token: AccessToken
-    values: dict[str, Any]
+    #: The row's new values (ciphertexts: never in ``repr``).
+    values: dict[str, Any] = field(repr=False)
     base_generation: int
-
-    def __repr__(self) -> str:
-        return f"PendingWrite({self.token!r}, base_generation={self.base_generation})"
 
 
 class TokenCore:
