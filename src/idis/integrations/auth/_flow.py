@@ -140,16 +140,13 @@ class OnStore(Awaited[Any]):
     """
 
     method: str
-    args: tuple[Any, ...] = ()
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # The arguments hold row values (ciphertext): noise in a traceback, so not in ``repr``.
+    args: tuple[Any, ...] = field(default=(), repr=False)
+    kwargs: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def call(self, io: TokenIO) -> Any:
         """On the face's store (blocking, or async and awaited)."""
         return getattr(io.store, self.method)(*self.args, **self.kwargs)
-
-    def __repr__(self) -> str:
-        # The arguments hold row values (ciphertext): noise in a traceback.
-        return f"OnStore({self.method!r})"
 
 
 def _lock(p: ProviderSettings) -> OnStore:
@@ -182,9 +179,6 @@ class SendTokenRequest(Awaited[httpx.Response]):
             timeout=self.timeout,
         )
 
-    def __repr__(self) -> str:
-        return f"SendTokenRequest({self.request!r})"
-
 
 @dataclass(frozen=True, slots=True)
 class ReadVault(Effect[ClientCredentials]):
@@ -209,16 +203,10 @@ class RefreshPlan:
     """A refresh to make: the grant, the refresh token to send, and what to fall back on."""
 
     grant: GrantType
-    refresh_token: str | None
+    #: Never in ``repr``: this object sits in tracebacks and debuggers.
+    refresh_token: str | None = field(repr=False)
     #: The current token if it is still valid (ahead-of-expiry refresh): used if refresh fails.
     fallback: AccessToken | None
-
-    def __repr__(self) -> str:
-        # Never the refresh token itself: this object sits in tracebacks and debuggers.
-        return (
-            f"RefreshPlan(grant={self.grant!r}, refresh_token="
-            f"{'<hidden>' if self.refresh_token else None}, fallback={self.fallback!r})"
-        )
 
 
 @dataclass(frozen=True, slots=True)
