@@ -96,8 +96,9 @@ class AccessToken:
     #: The refresh token that came with it, if any.
     refresh_token: str | None = field(default=None, repr=False)
     #: The API base the token is for, when the token response named one (Salesforce's
-    #: ``instance_url``): calls to the provider's ``BASE_URL`` go there instead. Not a secret.
-    instance_url: str | None = None
+    #: ``instance_url``): calls to the provider's ``BASE_URL`` go there instead. Not a secret,
+    #: but not in ``repr`` either (an org's host names the customer).
+    instance_url: str | None = field(default=None, repr=False)
 
     def seconds_left(self, now: datetime) -> float | None:
         """Seconds until expiry at ``now`` (negative once expired), None if unknown."""
@@ -128,8 +129,9 @@ class IssuedToken:
     refresh_token: str | None = field(repr=False)
     scopes: tuple[str, ...]
     issued_at: datetime
-    #: ``instance_url`` of the token response (Salesforce), when it is an http(s) origin.
-    instance_url: str | None = None
+    #: ``instance_url`` of the token response (Salesforce), when it is an http(s) origin
+    #: (not in ``repr``, like the tokens: an org's host names the customer).
+    instance_url: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

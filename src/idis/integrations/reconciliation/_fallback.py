@@ -230,9 +230,7 @@ class ResyncSummary:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        data = asdict(self)
-        data["ok"] = self.ok
-        return data
+        return asdict(self) | {"ok": self.ok}
 
 
 def _record_batches(

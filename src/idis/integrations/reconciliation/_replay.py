@@ -184,9 +184,7 @@ class ReconcileSummary:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        data = asdict(self)
-        data["ok"] = self.ok
-        return data
+        return asdict(self) | {"ok": self.ok}
 
 
 @dataclass(slots=True)
