@@ -1047,12 +1047,7 @@ class _Face:
 
     _p: _Pipeline
 
-    def __init__(
-        self,
-        settings: Settings,
-        bulkhead: Callable[[int], Any],
-        options: dict[str, Any],
-    ) -> None:
+    def __init__(self, settings: Settings, bulkhead: Callable[[int], Any], **options: Any) -> None:
         self._p = _Pipeline(settings, bulkhead=bulkhead, **options)
 
     @property
@@ -1189,10 +1184,6 @@ def _clock_wait(clock: Clock, name: str, default: Any) -> Any:
     return getattr(clock, name, default)
 
 
-def _options(**options: Any) -> dict[str, Any]:
-    return options
-
-
 class Gateway(_Face):
     """Resilient provider calls for sync code (scripts, worker threads). Thread-safe.
 
@@ -1241,15 +1232,13 @@ class Gateway(_Face):
         super().__init__(
             settings,
             ThreadBulkhead,
-            _options(
-                metrics=metrics,
-                clock=clock,
-                auth=auth,
-                breaker_storage=breaker_storage,
-                on_transition=on_transition,
-                seed=seed,
-                request_id_header=request_id_header,
-            ),
+            metrics=metrics,
+            clock=clock,
+            auth=auth,
+            breaker_storage=breaker_storage,
+            on_transition=on_transition,
+            seed=seed,
+            request_id_header=request_id_header,
         )
         self._owns_client = client is None
         self._client = client or httpx.Client(
@@ -1308,15 +1297,13 @@ class AsyncGateway(_Face):
         super().__init__(
             settings,
             AsyncBulkhead,
-            _options(
-                metrics=metrics,
-                clock=clock,
-                auth=auth,
-                breaker_storage=breaker_storage,
-                on_transition=on_transition,
-                seed=seed,
-                request_id_header=request_id_header,
-            ),
+            metrics=metrics,
+            clock=clock,
+            auth=auth,
+            breaker_storage=breaker_storage,
+            on_transition=on_transition,
+            seed=seed,
+            request_id_header=request_id_header,
         )
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(
