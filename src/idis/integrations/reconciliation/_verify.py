@@ -36,7 +36,7 @@ import random
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -156,23 +156,11 @@ class VerifyReport:
             **self.counts(),
             "ok": self.ok,
             "run_id": self.run_id,
+            # Each comparison and repair with all its fields (a diff list, not a tuple).
             "records": [
-                {
-                    "record_id": c.record_id,
-                    "tenant_id": c.tenant_id,
-                    "status": c.status,
-                    "local_version": c.local_version,
-                    "remote_version": c.remote_version,
-                    "diffs": [
-                        {"field": d.field, "local": d.local, "remote": d.remote} for d in c.diffs
-                    ],
-                }
-                for c in self.comparisons
+                asdict(c) | {"diffs": [asdict(d) for d in c.diffs]} for c in self.comparisons
             ],
-            "repairs": [
-                {"record_id": r.record_id, "side": r.side, "outcome": r.outcome, "reason": r.reason}
-                for r in self.repairs
-            ],
+            "repairs": [asdict(r) for r in self.repairs],
         }
 
 
