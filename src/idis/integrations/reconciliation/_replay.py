@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import asdict, dataclass, field
@@ -188,34 +189,6 @@ class ReconcileSummary:
 
 
 @dataclass(slots=True)
-class _Counts:
-    fetched: int = 0
-    already_applied: int = 0
-    applied: int = 0
-    superseded: int = 0
-    ignored: int = 0
-    failed: int = 0
-    pages: int = 0
-    failures: list[EventFailure] = field(default_factory=list)
-
-    def add(self, result: ApplyResult, fetched: int) -> None:
-        self.fetched += fetched
-        for name, number in _tally(result).items():
-            setattr(self, name, getattr(self, name) + number)
-        self.pages += 1
-        for event, error in result.failed:
-            if len(self.failures) < _MAX_LISTED_FAILURES:
-                self.failures.append(
-                    EventFailure(
-                        event_id=str(event.id),
-                        record_id=event.record_id,
-                        error_type=type(error).__name__,
-                        message=redact_text(str(error))[:300],
-                    )
-                )
-
-
-@dataclass(slots=True)
 class _Run:
     """One run's identity and position, plus what it needs to move on."""
 
@@ -231,22 +204,38 @@ class _Run:
     actor: str
     clock: Clock
     progress: Callable[[int], None] | None
-    counts: _Counts = field(default_factory=_Counts)
+    #: This invocation's totals so far: :data:`_TOTALS` and ``pages``.
+    counts: Counter[str] = field(default_factory=Counter)
+    #: The first failed events, for the summary (the count is always exact).
+    failures: list[EventFailure] = field(default_factory=list)
+
+    def add(self, result: ApplyResult, fetched: int) -> None:
+        """Count one page of ``fetched`` events and keep its first failures."""
+        self.counts.update(_tally(result), fetched=fetched, pages=1)
+        room = max(0, _MAX_LISTED_FAILURES - len(self.failures))
+        self.failures.extend(
+            EventFailure(
+                event_id=str(event.id),
+                record_id=event.record_id,
+                error_type=type(error).__name__,
+                message=redact_text(str(error))[:300],
+            )
+            for event, error in result.failed[:room]
+        )
 
     def summary(
         self, *, dry_run: bool, completed: bool, covered_until: datetime | None
     ) -> ReconcileSummary:
-        c = self.counts
         return ReconcileSummary(
             provider=self.provider,
             run_id=None if dry_run else self.run_id,
             since=self.since,
             covered_until=covered_until,
-            **{name: getattr(c, name) for name in (*_TOTALS, "pages")},
+            **{name: self.counts[name] for name in (*_TOTALS, "pages")},
             dry_run=dry_run,
             resumed=self.resumed,
             completed=completed,
-            failures=tuple(c.failures),
+            failures=tuple(self.failures),
         )
 
     def fetch(self) -> Flow[Any]:
@@ -274,7 +263,7 @@ class _Run:
             self.retention,
             now=self.clock.now(),
             refused_by_provider=exc.status_code is not None,
-            applied_nothing=self.counts.pages == 0 and not self.resumed,
+            applied_nothing=self.counts["pages"] == 0 and not self.resumed,
             stated=exc.retention,
         )
 
@@ -514,7 +503,7 @@ def _adopt(run: _Run, found: ReconcileCheckpoint | None) -> None:
 def _stop_reason(run: _Run, exc: BaseException) -> tuple[bool, bool]:
     """For an error mid-run: (re-raise it as is, abandon the run)."""
     if isinstance(exc, ReplayWindowExceeded):
-        if run.counts.pages == 0 and not run.resumed:
+        if run.counts["pages"] == 0 and not run.resumed:
             return True, False  # nothing was applied: the plain error says it all
         # The provider dropped events after our cursor: resuming cannot help,
         # only a resync can. Close the run so nobody resumes it.
@@ -527,8 +516,8 @@ def _interrupted(run: _Run, exc: IntegrationError, *, resumable: bool) -> Reconc
         "idis.reconcile.interrupted",
         provider=run.provider,
         run_id=run.run_id,
-        pages=run.counts.pages,
-        applied=run.counts.applied,
+        pages=run.counts["pages"],
+        applied=run.counts["applied"],
         error_type=type(exc).__name__,
         msg="reconcile run interrupted; its checkpoint is kept",
     )
@@ -538,8 +527,8 @@ def _interrupted(run: _Run, exc: IntegrationError, *, resumable: bool) -> Reconc
         else " The run cannot resume."
     )
     return ReconcileInterrupted(
-        f"reconcile of {run.provider} (run {run.run_id}) stopped after {run.counts.pages} "
-        f"pages ({run.counts.applied} events applied) because {type(exc).__name__}: "
+        f"reconcile of {run.provider} (run {run.run_id}) stopped after {run.counts['pages']} "
+        f"pages ({run.counts['applied']} events applied) because {type(exc).__name__}: "
         f"{exc}.{advice}",
         summary=run.summary(dry_run=False, completed=False, covered_until=None),
         retryable=exc.retryable,
@@ -548,7 +537,7 @@ def _interrupted(run: _Run, exc: IntegrationError, *, resumable: bool) -> Reconc
 
 def _paged(run: _Run, page: Any, result: ApplyResult) -> bool:
     """Account for a committed page; return whether the replay has more."""
-    run.counts.add(result, len(page.events))
+    run.add(result, len(page.events))
     run.cursor = page.next_cursor
     _count(get_metrics(), run.provider, result)
     if run.progress is not None:
@@ -563,14 +552,13 @@ def _count(metrics: Any, provider: str, result: ApplyResult) -> None:
 
 
 def _completed(run: _Run, covered_until: datetime, started: float) -> ReconcileSummary:
-    c = run.counts
     log.info(
         "idis.reconcile.completed",
         provider=run.provider,
         run_id=run.run_id,
         seconds=round(run.clock.monotonic() - started, 3),
         msg="reconcile run completed",
-        **{name: getattr(c, name) for name in _TOTALS},
+        **{name: run.counts[name] for name in _TOTALS},
     )
     return run.summary(dry_run=False, completed=True, covered_until=covered_until)
 
@@ -704,7 +692,7 @@ def _dry_run_flow(run: _Run) -> Flow[ReconcileSummary]:
             if o is not ApplyOutcome.DUPLICATE
         )
         planned_keys.update({rid: key for rid, (key, _eid) in plan.advance.items()})
-        run.counts.add(ApplyResult(events, list[ApplyOutcome | None](plan.outcomes)), len(events))
+        run.add(ApplyResult(events, list[ApplyOutcome | None](plan.outcomes)), len(events))
         if run.progress is not None:
             run.progress(len(events))
         run.cursor = page.next_cursor
