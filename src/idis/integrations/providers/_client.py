@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .._flow import Awaited, Effect, Flow
+from .._flow import Awaited, Flow
 from ..exceptions import MalformedResponse
 
 if TYPE_CHECKING:
@@ -50,15 +50,12 @@ class Call(Awaited[Any]):
 
 
 @dataclass(frozen=True, slots=True)
-class _Health(Effect[bool]):
-    def run(self, io: ClientFlows) -> bool:
-        return bool(io.gateway.health(io.name).ok)
-
-    async def arun(self, io: ClientFlows) -> bool:
-        return bool((await io.gateway.health(io.name)).ok)
+class _Health(Awaited[Any]):
+    def call(self, io: ClientFlows) -> Any:
+        return io.gateway.health(io.name)
 
 
-#: Whether the provider's health endpoint answers 2xx.
+#: The provider's health report (``ok``: its health endpoint answered 2xx).
 HEALTH = _Health()
 
 
@@ -80,8 +77,8 @@ class ClientFlows:
 
     def _health(self) -> Flow[bool]:
         """Whether the provider's health endpoint answers 2xx."""
-        ok: bool = yield HEALTH
-        return ok
+        report = yield HEALTH
+        return bool(report.ok)
 
 
 class ReplayPages:

@@ -294,15 +294,8 @@ def resync(
     if not dry_run:
         require_handlers(registry, provider)
     run_id = f"rs_{uuid.uuid4().hex[:20]}"
-    counts = {
-        "fetched": 0,
-        "unchanged": 0,
-        "applied": 0,
-        "missing": 0,
-        "ignored": 0,
-        "failed": 0,
-        "unconfirmed": 0,
-    }
+    names = ("fetched", "unchanged", "applied", "missing", "ignored", "failed", "unconfirmed")
+    counts = dict.fromkeys(names, 0)
     failures: list[EventFailure] = []
     with ExitStack() as stack:
         engine = engine if engine is not None else default_engine(settings, stack)
