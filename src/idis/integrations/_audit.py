@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import getpass
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "cli_actor",
     "list_audit_events",
     "record_audit",
+    "row_fields",
 ]
 
 
@@ -75,6 +76,15 @@ class AuditEvent(Base):
     message: Mapped[str | None] = mapped_column(Text)
 
 
+def row_fields(view: Any, row: Any) -> dict[str, Any]:
+    """The values of ``row``'s columns named like the dataclass ``view``'s fields (a
+    ``details`` JSON column copied into a plain dict), to build a read-only view of it."""
+    values = {f.name: getattr(row, f.name) for f in fields(view)}
+    if "details" in values:
+        values["details"] = dict(values["details"] or {})
+    return values
+
+
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
     """A read-only view of one audit row."""
@@ -95,22 +105,8 @@ class AuditRecord:
 
     @classmethod
     def from_row(cls, row: AuditEvent) -> AuditRecord:
-        """Build from an ORM row."""
-        return cls(
-            id=row.id,
-            occurred_at=row.occurred_at,
-            provider=row.provider,
-            action=row.action,
-            actor=row.actor,
-            subject_type=row.subject_type,
-            subject_id=row.subject_id,
-            tenant_id=row.tenant_id,
-            source=row.source,
-            outcome=row.outcome,
-            details=dict(row.details or {}),
-            correlation_id=row.correlation_id,
-            message=row.message,
-        )
+        """Build from an ORM row: each field from the column of its name."""
+        return cls(**row_fields(cls, row))
 
 
 def audit_row(

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncIO",
+    "Awaited",
     "Effect",
     "Flow",
     "InSession",
@@ -79,6 +80,25 @@ class Effect(Generic[R]):
     async def arun(self, io: Any) -> R:
         """Run under asyncio."""
         raise NotImplementedError
+
+
+class Awaited(Effect[R]):
+    """An effect that is one call, written once for both faces: :meth:`call` returns the
+    result with blocking I/O, or an awaitable of it under asyncio (which ``arun`` awaits)."""
+
+    __slots__ = ()
+
+    def call(self, io: Any) -> Any:
+        """The call on ``io``."""
+        raise NotImplementedError
+
+    def run(self, io: Any) -> R:
+        """The call's result."""
+        return self.call(io)  # type: ignore[no-any-return]  # R, as the subclass declares
+
+    async def arun(self, io: Any) -> R:
+        """The call's result, awaited."""
+        return await self.call(io)  # type: ignore[no-any-return]  # R, as the subclass declares
 
 
 #: A flow: yields effects, receives their results, returns ``T``.

@@ -42,7 +42,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from .._clock import Clock
-from .._flow import Effect, Flow, Sleep, perform
+from .._flow import Awaited, Effect, Flow, Sleep, perform
 from .._http import httpx
 from ..config import ProviderSettings, Secret, Settings
 from ..exceptions import (
@@ -132,7 +132,7 @@ class TokenIO:
 
 
 @dataclass(frozen=True, slots=True)
-class OnStore(Effect[Any]):
+class OnStore(Awaited[Any]):
     """Call ``method`` of the face's token store: the sync and the async store share names.
 
     ``lock`` (read the row; on PostgreSQL lock it), ``write`` (commit, releasing
@@ -140,20 +140,13 @@ class OnStore(Effect[Any]):
     """
 
     method: str
-    args: tuple[Any, ...] = ()
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # The arguments hold row values (ciphertext): noise in a traceback, so not in ``repr``.
+    args: tuple[Any, ...] = field(default=(), repr=False)
+    kwargs: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
-    def run(self, io: TokenIO) -> Any:
-        """Blocking store."""
+    def call(self, io: TokenIO) -> Any:
+        """On the face's store (blocking, or async and awaited)."""
         return getattr(io.store, self.method)(*self.args, **self.kwargs)
-
-    async def arun(self, io: TokenIO) -> Any:
-        """Async store."""
-        return await getattr(io.store, self.method)(*self.args, **self.kwargs)
-
-    def __repr__(self) -> str:
-        # The arguments hold row values (ciphertext): noise in a traceback.
-        return f"OnStore({self.method!r})"
 
 
 def _lock(p: ProviderSettings) -> OnStore:
@@ -171,34 +164,20 @@ def _write(
 
 
 @dataclass(frozen=True, slots=True)
-class SendTokenRequest(Effect[httpx.Response]):
+class SendTokenRequest(Awaited[httpx.Response]):
     """POST a prepared token request with the provider's timeouts."""
 
     request: PreparedTokenRequest
     timeout: httpx.Timeout
 
-    def run(self, io: TokenIO) -> httpx.Response:
-        """``Client.post``."""
-        response: httpx.Response = io.http.post(
+    def call(self, io: TokenIO) -> Any:
+        """``Client.post`` (``AsyncClient.post``, awaited)."""
+        return io.http.post(
             self.request.url,
             content=self.request.body,
             headers=self.request.headers,
             timeout=self.timeout,
         )
-        return response
-
-    async def arun(self, io: TokenIO) -> httpx.Response:
-        """``await AsyncClient.post``."""
-        response: httpx.Response = await io.http.post(
-            self.request.url,
-            content=self.request.body,
-            headers=self.request.headers,
-            timeout=self.timeout,
-        )
-        return response
-
-    def __repr__(self) -> str:
-        return f"SendTokenRequest({self.request!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,16 +203,10 @@ class RefreshPlan:
     """A refresh to make: the grant, the refresh token to send, and what to fall back on."""
 
     grant: GrantType
-    refresh_token: str | None
+    #: Never in ``repr``: this object sits in tracebacks and debuggers.
+    refresh_token: str | None = field(repr=False)
     #: The current token if it is still valid (ahead-of-expiry refresh): used if refresh fails.
     fallback: AccessToken | None
-
-    def __repr__(self) -> str:
-        # Never the refresh token itself: this object sits in tracebacks and debuggers.
-        return (
-            f"RefreshPlan(grant={self.grant!r}, refresh_token="
-            f"{'<hidden>' if self.refresh_token else None}, fallback={self.fallback!r})"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,11 +214,9 @@ class PendingWrite:
     """A token obtained but not yet committed (the database failed right after)."""
 
     token: AccessToken
-    values: dict[str, Any]
+    #: The row's new values (ciphertexts: never in ``repr``).
+    values: dict[str, Any] = field(repr=False)
     base_generation: int
-
-    def __repr__(self) -> str:
-        return f"PendingWrite({self.token!r}, base_generation={self.base_generation})"
 
 
 class TokenCore:

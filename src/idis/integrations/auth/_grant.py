@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, Literal
@@ -83,8 +83,8 @@ class AccessToken:
 
     #: Provider name.
     provider: str
-    #: The bearer token itself.
-    access_token: str
+    #: The bearer token itself (like the refresh token, never in ``repr``).
+    access_token: str = field(repr=False)
     #: ``Bearer`` unless the provider said otherwise.
     token_type: str
     #: When it expires (aware UTC), or None if the provider did not say.
@@ -94,10 +94,11 @@ class AccessToken:
     #: Per-provider counter of issued tokens (from the database row).
     generation: int
     #: The refresh token that came with it, if any.
-    refresh_token: str | None = None
+    refresh_token: str | None = field(default=None, repr=False)
     #: The API base the token is for, when the token response named one (Salesforce's
-    #: ``instance_url``): calls to the provider's ``BASE_URL`` go there instead. Not a secret.
-    instance_url: str | None = None
+    #: ``instance_url``): calls to the provider's ``BASE_URL`` go there instead. Not a secret,
+    #: but not in ``repr`` either (an org's host names the customer).
+    instance_url: str | None = field(default=None, repr=False)
 
     def seconds_left(self, now: datetime) -> float | None:
         """Seconds until expiry at ``now`` (negative once expired), None if unknown."""
@@ -117,31 +118,20 @@ class AccessToken:
         kind = "Bearer" if self.token_type.lower() == "bearer" else self.token_type
         return f"{kind} {self.access_token}"
 
-    def __repr__(self) -> str:
-        expires = self.expires_at.isoformat() if self.expires_at else None
-        return (
-            f"AccessToken(provider={self.provider!r}, token_type={self.token_type!r}, "
-            f"expires_at={expires!r}, scopes={self.scopes!r}, generation={self.generation})"
-        )
-
-    __str__ = __repr__
-
 
 @dataclass(frozen=True, slots=True, eq=False)
 class IssuedToken:
     """A successful token response, parsed; ``repr`` hides the tokens."""
 
-    access_token: str
+    access_token: str = field(repr=False)
     token_type: str
     expires_at: datetime | None
-    refresh_token: str | None
+    refresh_token: str | None = field(repr=False)
     scopes: tuple[str, ...]
     issued_at: datetime
-    #: ``instance_url`` of the token response (Salesforce), when it is an http(s) origin.
-    instance_url: str | None = None
-
-    def __repr__(self) -> str:
-        return f"IssuedToken(token_type={self.token_type!r}, expires_at={self.expires_at!r})"
+    #: ``instance_url`` of the token response (Salesforce), when it is an http(s) origin
+    #: (not in ``repr``, like the tokens: an org's host names the customer).
+    instance_url: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +139,8 @@ class PreparedTokenRequest:
     """A token request ready to send (the body holds secrets: never log it)."""
 
     url: str
-    headers: dict[str, str]
-    body: str
-
-    def __repr__(self) -> str:
-        return f"PreparedTokenRequest(url={self.url!r})"
+    headers: dict[str, str] = field(repr=False)
+    body: str = field(repr=False)
 
 
 def instance_url(value: object) -> str | None:

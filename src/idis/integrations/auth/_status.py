@@ -11,7 +11,7 @@ whose message lists the configured providers.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -115,22 +115,16 @@ class TokenStatus:
         return redact_text(" ".join(line.split()))
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (no secret)."""
-        return {
-            "provider": self.provider,
-            "state": self.state,
+        """JSON-ready fields (no secret), the margin left out and ``healthy`` added."""
+        data = asdict(self) | {
             "seconds_left": None if self.seconds_left is None else round(self.seconds_left),
             "expires_at": _iso(self.expires_at),
             "scopes": list(self.scopes),
             "last_refresh": _iso(self.last_refresh),
-            "last_outcome": self.last_outcome,
-            "last_error": self.last_error,
-            "consecutive_failures": self.consecutive_failures,
-            "grant": self.grant,
             "healthy": self.healthy,
-            "hint": self.hint,
-            "stored": self.stored,
         }
+        del data["refresh_margin"]
+        return data
 
 
 def _state_for(

@@ -155,22 +155,9 @@ def defects_cmd(
         limit=limit,
     )
     if as_json:
-        print_json(
-            [
-                {
-                    "id": r.id,
-                    "provider": r.provider,
-                    "tenant_id": r.tenant_id,
-                    "subject_type": r.subject_type,
-                    "subject_id": r.subject_id,
-                    "status": r.status,
-                    "resolution": r.resolution,
-                    "created_at": r.created_at,
-                    "resolved_at": r.resolved_at,
-                }
-                for r in rows
-            ]
-        )
+        # The defect rows as listed: every field but the type (always STALE) and the details.
+        hidden = ("defect_type", "details")
+        print_json([{k: v for k, v in asdict(r).items() if k not in hidden} for r in rows])
         return
     print_table(
         "Stale enrichment defects",

@@ -14,6 +14,7 @@ timeline: gaps; verify-sync: mismatches left); 2 bad input, nothing changed;
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -49,23 +50,29 @@ def _time(value: datetime | None) -> str:
 # --------------------------------------------------------------------------- reconcile
 
 
-def _print_summary(summary: Any) -> None:
-    title = (
-        f"reconcile {summary.provider} since {_time(summary.since)}"
-        + (" (dry run: nothing changed)" if summary.dry_run else "")
-        + (" (resumed)" if summary.resumed else "")
-    )
-    applied_label = "would apply" if summary.dry_run else "applied"
-    rows = [
-        ("fetched", summary.fetched),
-        ("already applied", summary.already_applied),
-        (applied_label, summary.applied),
-        ("superseded", summary.superseded),
-        ("ignored (no handler)", summary.ignored),
-        ("failed", summary.failed),
-    ]
+def _counts(summary: Any, skipped: tuple[str, int], held: tuple[str, int]) -> list[Any]:
+    """The rows a reconcile and a resync both print, with their own skipped and held rows."""
+    dry = summary.dry_run
+    rows: list[Any] = [("fetched", summary.fetched), skipped]
+    rows += [("would apply" if dry else "applied", summary.applied), held]
+    rows += [("ignored (no handler)", summary.ignored), ("failed", summary.failed)]
     if summary.run_id:
         rows.append(("run id", summary.run_id))
+    return rows
+
+
+def _dry(summary: Any) -> str:
+    return " (dry run: nothing changed)" if summary.dry_run else ""
+
+
+def _print_summary(summary: Any) -> None:
+    resumed = " (resumed)" if summary.resumed else ""
+    title = f"reconcile {summary.provider} since {_time(summary.since)}{_dry(summary)}{resumed}"
+    rows = _counts(
+        summary,
+        ("already applied", summary.already_applied),
+        ("superseded", summary.superseded),
+    )
     if summary.covered_until is not None:
         rows.append(("covered until", _time(summary.covered_until)))
     print_table(title, ["", "events"], rows)
@@ -78,20 +85,8 @@ def _print_summary(summary: Any) -> None:
 
 
 def _print_resync(summary: Any) -> None:
-    title = f"resync {summary.provider}" + (
-        " (dry run: nothing changed)" if summary.dry_run else ""
-    )
-    rows = [
-        ("fetched", summary.fetched),
-        ("unchanged", summary.unchanged),
-        ("would apply" if summary.dry_run else "applied", summary.applied),
-        ("missing", summary.missing),
-        ("ignored (no handler)", summary.ignored),
-        ("failed", summary.failed),
-    ]
-    if summary.run_id:
-        rows.append(("run id", summary.run_id))
-    print_table(title, ["", "records"], rows)
+    rows = _counts(summary, ("unchanged", summary.unchanged), ("missing", summary.missing))
+    print_table(f"resync {summary.provider}{_dry(summary)}", ["", "records"], rows)
 
 
 @main.command("reconcile")
@@ -285,35 +280,21 @@ def verify_sync_command(
     as_json: bool,
 ) -> None:
     """Compare a random sample of the host's and PROVIDER's records (RB-09 Verification 3)."""
-    from contextlib import ExitStack
-
-    from ..reconciliation._db import default_client, default_engine
-    from ..reconciliation._host import load_host_records
     from ..reconciliation._verify import verify_sync
 
     settings = get_settings()
+    if host_records:  # loaded (and closed) by verify_sync, as IDIS_HOST_RECORDS would be
+        settings = replace(settings, host_records=host_records)
     registry = handler_registry(handlers)
     wanted = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
-    spec = host_records or settings.host_records
-    with ExitStack() as stack, progress(f"verifying {provider}", unit="records") as advance:
-        engine = default_engine(settings, stack)
-        client = default_client(settings, provider, stack, engine)
-        source = None
-        if spec:
-            source = load_host_records(spec, provider=provider, engine=engine, settings=settings)
-            close = getattr(source, "close", None)
-            if callable(close):
-                stack.callback(close)
+    with progress(f"verifying {provider}", unit="records") as advance:
         report = verify_sync(
             provider,
             sample_size,
             seed=seed,
             repair=repair,
-            host_records=source,
             fields=wanted,
             settings=settings,
-            client=client,
-            engine=engine,
             handlers=registry,
             actor=cli_actor(),
             on_checked=advance,
@@ -430,25 +411,8 @@ def audit_command(
             limit=limit,
         )
     if as_json:
-        print_json(
-            [
-                {
-                    "id": r.id,
-                    "occurred_at": r.occurred_at.isoformat(),
-                    "action": r.action,
-                    "actor": r.actor,
-                    "subject_type": r.subject_type,
-                    "subject_id": r.subject_id,
-                    "tenant_id": r.tenant_id,
-                    "source": r.source,
-                    "outcome": r.outcome,
-                    "details": dict(r.details),
-                    "correlation_id": r.correlation_id,
-                    "message": r.message,
-                }
-                for r in records
-            ]
-        )
+        # Every field but the provider (the command names it); times as ISO-8601.
+        print_json([{k: v for k, v in asdict(r).items() if k != "provider"} for r in records])
         return
     print_table(
         f"audit events of {provider} since {_time(since)}",

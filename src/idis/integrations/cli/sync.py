@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 from contextlib import AsyncExitStack
+from dataclasses import asdict
 from typing import Any
 
 import click
@@ -265,21 +266,9 @@ async def _run_service(settings: Any, providers: list[str] | None, registry: Any
 
 def _print_poll(result: Any, as_json: bool) -> None:
     if as_json:
-        print_json(
-            {
-                "provider": result.provider,
-                "fetched": result.fetched,
-                "applied": result.applied,
-                "duplicates": result.duplicates,
-                "superseded": result.superseded,
-                "ignored": result.ignored,
-                "pages": result.pages,
-                "complete": result.complete,
-                "after_seq": result.after_seq,
-                "position": result.position,
-                "started_at": result.started_at,
-            }
-        )
+        hidden = ("window_start", "feed_gap_until")
+        shown = {k: v for k, v in asdict(result).items() if k not in hidden}
+        print_json(shown | {"after_seq": result.after_seq})
         return
     stdout.print(
         f"{result.provider}: fetched {result.fetched}, applied {result.applied}, "

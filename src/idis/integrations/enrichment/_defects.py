@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from .._audit import cli_actor, record_audit
+from .._audit import cli_actor, record_audit, row_fields
 from .._timeparse import parse_since, utcnow
 from ..config import Settings
 from ..db._engine import create_db_engine, session_scope
@@ -92,20 +92,8 @@ class DefectRecord:
 
     @classmethod
     def from_row(cls, row: Defect) -> DefectRecord:
-        """Build from an ORM row."""
-        return cls(
-            id=row.id,
-            defect_type=row.defect_type,
-            provider=row.provider,
-            tenant_id=row.tenant_id,
-            subject_type=row.subject_type,
-            subject_id=row.subject_id,
-            status=row.status,
-            resolution=row.resolution,
-            created_at=row.created_at,
-            resolved_at=row.resolved_at,
-            details=dict(row.details or {}),
-        )
+        """Build from an ORM row: each field from the column of its name."""
+        return cls(**row_fields(cls, row))
 
 
 def _validated(

@@ -28,7 +28,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .._clock import Clock, system_clock
-from .._flow import Effect, Flow, Transaction, perform
+from .._flow import Awaited, Effect, Flow, Transaction, perform
 from ..config import Settings
 from ..exceptions import (
     AuthError,
@@ -101,25 +101,18 @@ def _payload_data(provider: str, payload: Any) -> Mapping[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class Fetch(Effect[Mapping[str, Any]]):
-    """Ask one provider for a subject's enrichment through the gateway's ``enrich`` endpoint."""
+class Fetch(Awaited[Any]):
+    """Ask one provider for a subject's enrichment through the gateway's ``enrich`` endpoint
+    (the answer as it came: :func:`_payload_data` reads it)."""
 
     provider: str
     subject_id: str
 
-    def run(self, io: FlowIO) -> Mapping[str, Any]:
-        """``Gateway.get_json``."""
-        payload = io.gateway.get_json(
+    def call(self, io: FlowIO) -> Any:
+        """``get_json`` on the face's gateway (awaited on an ``AsyncGateway``)."""
+        return io.gateway.get_json(
             self.provider, ENRICH_ENDPOINT, path_params={"id": self.subject_id}
         )
-        return _payload_data(self.provider, payload)
-
-    async def arun(self, io: FlowIO) -> Mapping[str, Any]:
-        """``await AsyncGateway.get_json``."""
-        payload = await io.gateway.get_json(
-            self.provider, ENRICH_ENDPOINT, path_params={"id": self.subject_id}
-        )
-        return _payload_data(self.provider, payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +191,7 @@ def ask_chain(chain: Sequence[str], subject_id: str) -> Flow[ChainOutcome]:
             outcome.attempts.append(Attempt(name, "skipped", "circuit_open"))
             continue
         try:
-            outcome.data = yield from perform(Fetch(name, subject_id))
+            outcome.data = _payload_data(name, (yield from perform(Fetch(name, subject_id))))
         except (ProviderError, AuthError) as exc:
             outcome.attempts.append(Attempt.from_error(name, exc))
             outcome.errors[name] = exc

@@ -621,36 +621,24 @@ def reschedule(
     now: datetime,
 ) -> None:
     """Count a failed refresh attempt and schedule the next one."""
-    session.execute(
-        update(EnrichmentRequest)
-        .where(EnrichmentRequest.id == request.id, _PENDING_ONLY)
-        .values(
-            attempts=EnrichmentRequest.attempts + 1,
-            next_attempt_at=next_attempt_at,
-            last_error=error,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
+    _attempted(session, request, next_attempt_at=next_attempt_at, last_error=error, updated_at=now)
     record_failure(session, request.key, error=error, now=now)
 
 
 def fail_request(session: Session, request: LeasedRequest, *, error: str, now: datetime) -> None:
     """Give up on a request every provider rejected (4xx); its defect stays OPEN."""
+    _attempted(
+        session, request, status=REQUEST_FAILED, last_error=error, completed_at=now, updated_at=now
+    )
+
+
+def _attempted(session: Session, request: LeasedRequest, **values: Any) -> None:
+    """Count an attempt at a leased request, give its lease back and set ``values``."""
     session.execute(
         update(EnrichmentRequest)
         .where(EnrichmentRequest.id == request.id, _PENDING_ONLY)
-        .values(
-            status=REQUEST_FAILED,
-            attempts=EnrichmentRequest.attempts + 1,
-            last_error=error,
-            lease_owner=None,
-            lease_expires_at=None,
-            completed_at=now,
-            updated_at=now,
-        )
+        .values(attempts=EnrichmentRequest.attempts + 1, lease_owner=None, lease_expires_at=None)
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
 

@@ -14,7 +14,7 @@ on ``_GenericFlows`` that both clients list (``sync_face`` / ``async_face``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
@@ -23,7 +23,7 @@ from .._flow import Flow, async_face, sync_face
 from .._timeparse import format_duration, utcnow
 from ..exceptions import MalformedResponse, ProviderRejected, ReplayWindowExceeded, UsageError
 from ..resilience._gateway import AsyncGateway, Gateway
-from ._client import Call, ClientFlows, provider_time
+from ._client import AsyncReplayPages, Call, ClientFlows, ReplayPages, provider_time
 from ._order import (
     BY_MODIFIED,
     BY_VERSION,
@@ -444,7 +444,7 @@ class _GenericFlows(ClientFlows):
         return body
 
 
-class ProviderClient(_GenericFlows):
+class ProviderClient(_GenericFlows, ReplayPages):
     """Sync adapter for the generic REST provider shape. Thread-safe (the gateway is)."""
 
     gateway: Gateway
@@ -457,16 +457,8 @@ class ProviderClient(_GenericFlows):
     enrich = sync_face(_GenericFlows._enrich)
     health = sync_face(_GenericFlows._health)
 
-    def iter_replay(self, since: datetime, *, limit: int = 500) -> Iterator[ReplayPage]:
-        """Every page of the replay since ``since``."""
-        page = self.replay(since, limit=limit)
-        yield page
-        while page.next_cursor:
-            page = self.replay(since, cursor=page.next_cursor, limit=limit)
-            yield page
 
-
-class AsyncProviderClient(_GenericFlows):
+class AsyncProviderClient(_GenericFlows, AsyncReplayPages):
     """Async twin of :class:`ProviderClient`."""
 
     gateway: AsyncGateway
@@ -478,14 +470,6 @@ class AsyncProviderClient(_GenericFlows):
     replay = async_face(_GenericFlows._replay)
     enrich = async_face(_GenericFlows._enrich)
     health = async_face(_GenericFlows._health)
-
-    async def iter_replay(self, since: datetime, *, limit: int = 500) -> AsyncIterator[ReplayPage]:
-        """Every page of the replay since ``since``."""
-        page = await self.replay(since, limit=limit)
-        yield page
-        while page.next_cursor:
-            page = await self.replay(since, cursor=page.next_cursor, limit=limit)
-            yield page
 
 
 def client_for(gateway: Gateway, provider: str) -> Any:

@@ -10,14 +10,18 @@ calls, the 404-means-absent rules and the error mapping exist once.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._flow import Effect, Flow
+from .._flow import Awaited, Flow
 from ..exceptions import MalformedResponse
 
-__all__ = ["HEALTH", "Call", "ClientFlows", "provider_time"]
+if TYPE_CHECKING:
+    from . import ReplayPage
+
+__all__ = ["HEALTH", "AsyncReplayPages", "Call", "ClientFlows", "ReplayPages", "provider_time"]
 
 
 def provider_time(value: Any, what: str, provider: str, form: str = "an ISO-8601 time") -> datetime:
@@ -32,36 +36,26 @@ def provider_time(value: Any, what: str, provider: str, form: str = "an ISO-8601
 
 
 @dataclass(frozen=True, slots=True)
-class Call(Effect[Any]):
+class Call(Awaited[Any]):
     """``gateway.get_json`` (or, ``raw``, ``gateway.request``) of the client's provider."""
 
     endpoint: str
     options: dict[str, Any] = field(default_factory=dict)
     raw: bool = False
 
-    def run(self, io: ClientFlows) -> Any:
-        """Through the sync gateway."""
-        gateway = io.gateway
-        send = gateway.request if self.raw else gateway.get_json
+    def call(self, io: ClientFlows) -> Any:
+        """Through the client's gateway (sync, or async and awaited)."""
+        send = io.gateway.request if self.raw else io.gateway.get_json
         return send(io.name, self.endpoint, **self.options)
-
-    async def arun(self, io: ClientFlows) -> Any:
-        """Through the async gateway."""
-        gateway = io.gateway
-        send = gateway.request if self.raw else gateway.get_json
-        return await send(io.name, self.endpoint, **self.options)
 
 
 @dataclass(frozen=True, slots=True)
-class _Health(Effect[bool]):
-    def run(self, io: ClientFlows) -> bool:
-        return bool(io.gateway.health(io.name).ok)
-
-    async def arun(self, io: ClientFlows) -> bool:
-        return bool((await io.gateway.health(io.name)).ok)
+class _Health(Awaited[Any]):
+    def call(self, io: ClientFlows) -> Any:
+        return io.gateway.health(io.name)
 
 
-#: Whether the provider's health endpoint answers 2xx.
+#: The provider's health report (``ok``: its health endpoint answered 2xx).
 HEALTH = _Health()
 
 
@@ -83,5 +77,33 @@ class ClientFlows:
 
     def _health(self) -> Flow[bool]:
         """Whether the provider's health endpoint answers 2xx."""
-        ok: bool = yield HEALTH
-        return ok
+        report = yield HEALTH
+        return bool(report.ok)
+
+
+class ReplayPages:
+    """``iter_replay`` for a sync client: its ``replay`` pages, following each cursor."""
+
+    replay: Any
+
+    def iter_replay(self, since: datetime, *, limit: int = 500) -> Iterator[ReplayPage]:
+        """Every page of the replay since ``since``."""
+        page = self.replay(since, limit=limit)
+        yield page
+        while page.next_cursor:
+            page = self.replay(since, cursor=page.next_cursor, limit=limit)
+            yield page
+
+
+class AsyncReplayPages:
+    """``iter_replay`` for an async client (see :class:`ReplayPages`)."""
+
+    replay: Any
+
+    async def iter_replay(self, since: datetime, *, limit: int = 500) -> AsyncIterator[ReplayPage]:
+        """Every page of the replay since ``since``."""
+        page = await self.replay(since, limit=limit)
+        yield page
+        while page.next_cursor:
+            page = await self.replay(since, cursor=page.next_cursor, limit=limit)
+            yield page

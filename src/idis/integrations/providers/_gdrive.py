@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hmac
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -45,9 +45,9 @@ from ..exceptions import (
     RateLimited,
     WebhookVerificationError,
 )
-from ._client import Call, ClientFlows, provider_time
+from ._client import AsyncReplayPages, Call, ClientFlows, ReplayPages, provider_time
 from ._order import BY_MODIFIED, Ordering
-from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
+from ._pack import Capabilities, PackBase, RateLimitReading, endpoint, register_pack
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings, Secret
@@ -315,15 +315,21 @@ class CatchUp:
         raise MalformedResponse(f"cursor {text[:40]!r} is not a Drive catch-up cursor")
 
 
-class _Core:
-    """What both clients share: paths, parameters, decoding (no I/O)."""
+class _DriveFlows(ClientFlows):
+    """Drive's client methods, each written once as a flow."""
 
-    def __init__(self, settings: ProviderSettings, provider: str) -> None:
-        self.name = provider
-        self.settings = settings
+    def __init__(self, gateway: Any, provider: str) -> None:
+        super().__init__(gateway, provider)
+        #: What the last refusal said about Drive's limits (Drive sends no quota headers).
         self.rate_limit: RateLimitReading | None = None
+        self.ordering: Ordering = BY_MODIFIED
 
-    def path(self, name: str) -> str:
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is a Drive cursor (``gd1:`` page token, ``gd1f:`` catch-up)."""
+        return position.startswith(("gd1:", "gd1f:"))
+
+    def _path(self, name: str) -> str:
         paths = {
             "start": "/drive/v3/changes/startPageToken",
             "changes": "/drive/v3/changes",
@@ -334,11 +340,11 @@ class _Core:
         }
         return endpoint(self.settings, f"drive_{name}", paths[name])
 
-    def map(self, exc: ProviderError) -> ProviderError:
+    def _map(self, exc: ProviderError) -> ProviderError:
         self.rate_limit = read_rate_limit(exc.status_code or 0, {}, exc.details)
         return map_error(exc)
 
-    def start_token(self, body: Any) -> str:
+    def _start_token(self, body: Any) -> str:
         token = body.get("startPageToken") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise MalformedResponse(
@@ -346,7 +352,7 @@ class _Core:
             )
         return token
 
-    def changes_params(self, token: str, limit: int) -> dict[str, Any]:
+    def _changes_params(self, token: str, limit: int) -> dict[str, Any]:
         return {
             "pageToken": token,
             "pageSize": max(1, min(limit, 1000)),
@@ -354,7 +360,7 @@ class _Core:
             "fields": _CHANGE_FIELDS,
         }
 
-    def changes_page(self, body: Any) -> ChangesPage:
+    def _changes_page(self, body: Any) -> ChangesPage:
         from . import ChangesPage
 
         if not isinstance(body, dict) or not isinstance(body.get("changes"), list):
@@ -371,7 +377,7 @@ class _Core:
             )
         return ChangesPage(events, None, bool(more), next_cursor=f"gd1:{after}")
 
-    def files_params(
+    def _files_params(
         self, since: datetime | None, cursor: str | None, limit: int
     ) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -385,7 +391,7 @@ class _Core:
             params["pageToken"] = cursor
         return params
 
-    def files_page(self, body: Any) -> RecordPage:
+    def _files_page(self, body: Any) -> RecordPage:
         from . import RecordPage
 
         if not isinstance(body, dict) or not isinstance(body.get("files"), list):
@@ -396,16 +402,16 @@ class _Core:
             [_file_record(f, self.name) for f in body["files"]], body.get("nextPageToken")
         )
 
-    def catch_up_page(self, catch: CatchUp, raw: Any) -> ChangesPage:
+    def _catch_up_page(self, catch: CatchUp, raw: Any) -> ChangesPage:
         from . import ChangesPage
 
-        page = self.replay_page(self.files_page(raw), raw)
+        page = self._replay_page(self._files_page(raw), raw)
         if page.next_cursor:
             moved = CatchUp(catch.since_ms, catch.start, page.next_cursor).encode()
             return ChangesPage(page.events, None, True, next_cursor=moved)
         return ChangesPage(page.events, None, True, next_cursor=f"gd1:{catch.start}")
 
-    def replay_page(self, page: RecordPage, raw: Any) -> ReplayPage:
+    def _replay_page(self, page: RecordPage, raw: Any) -> ReplayPage:
         from . import ReplayPage
 
         trashed = {str(f.get("id")) for f in raw["files"] if f.get("trashed")}
@@ -420,7 +426,9 @@ class _Core:
         ]
         return ReplayPage(events, page.next_cursor)
 
-    def watch_body(self, address: str, token: str, ttl: timedelta, now: datetime) -> dict[str, Any]:
+    def _watch_body(
+        self, address: str, token: str, ttl: timedelta, now: datetime
+    ) -> dict[str, Any]:
         ttl = min(ttl, MAX_CHANNEL_TTL)
         return {
             "id": str(uuid.uuid4()),
@@ -430,7 +438,7 @@ class _Core:
             "expiration": str(int((now + ttl).timestamp() * 1000)),
         }
 
-    def channel(self, body: Any) -> Channel:
+    def _channel(self, body: Any) -> Channel:
         try:
             return Channel(
                 str(body["id"]),
@@ -443,40 +451,21 @@ class _Core:
                 provider=self.name,
             ) from None
 
-
-class _DriveFlows(ClientFlows):
-    """Drive's client methods, each written once as a flow."""
-
-    def __init__(self, gateway: Any, provider: str) -> None:
-        super().__init__(gateway, provider)
-        self._core = _Core(self.settings, provider)
-        self.ordering: Ordering = BY_MODIFIED
-
-    @staticmethod
-    def accepts_cursor(position: str) -> bool:
-        """Whether ``position`` is a Drive cursor (``gd1:`` page token, ``gd1f:`` catch-up)."""
-        return position.startswith(("gd1:", "gd1f:"))
-
-    @property
-    def rate_limit(self) -> RateLimitReading | None:
-        """What the last refusal said about Drive's limits (Drive sends no quota headers)."""
-        return self._core.rate_limit
-
     def _json(self, path: str, raw: bool = False, **kwargs: Any) -> Flow[Any]:
         try:
             return (yield Call(path, kwargs, raw=raw))
         except ProviderError as exc:
-            raise self._core.map(exc) from exc
+            raise self._map(exc) from exc
 
     def _start_page_token(self) -> Flow[str]:
         """``changes.getStartPageToken``: where changes from now on start."""
-        return self._core.start_token((yield from self._json(self._core.path("start"))))
+        return self._start_token((yield from self._json(self._path("start"))))
 
     def _get_record(self, record_id: str) -> Flow[ProviderRecord | None]:
         """The file, or None when Drive answers 404."""
         try:
             body = yield from self._json(
-                self._core.path("file"), path_params={"id": record_id}, params={"fields": _FIELDS}
+                self._path("file"), path_params={"id": record_id}, params={"fields": _FIELDS}
             )
         except ProviderRejected as exc:
             if exc.status_code == 404:
@@ -485,14 +474,14 @@ class _DriveFlows(ClientFlows):
         return _file_record(body, self.name)
 
     def _files(self, since: datetime | None, cursor: str | None, limit: int) -> Flow[Any]:
-        params = self._core.files_params(since, cursor, limit)
-        return (yield from self._json(self._core.path("files"), params=params))
+        params = self._files_params(since, cursor, limit)
+        return (yield from self._json(self._path("files"), params=params))
 
     def _list_records(
         self, *, updated_since: datetime | None = None, cursor: str | None = None, limit: int = 100
     ) -> Flow[RecordPage]:
         """One page of ``files.list`` (modified since ``updated_since``), by modification time."""
-        return self._core.files_page((yield from self._files(updated_since, cursor, limit)))
+        return self._files_page((yield from self._files(updated_since, cursor, limit)))
 
     def _changes(
         self, *, after: str | int | None = None, since: datetime | None = None, limit: int = 100
@@ -511,22 +500,20 @@ class _DriveFlows(ClientFlows):
                 return (yield from self._catch_up(CatchUp(_ms(since), token), limit))
         else:
             token = _token(after)
-        params = self._core.changes_params(token, limit)
-        return self._core.changes_page(
-            (yield from self._json(self._core.path("changes"), params=params))
-        )
+        params = self._changes_params(token, limit)
+        return self._changes_page((yield from self._json(self._path("changes"), params=params)))
 
     def _catch_up(self, catch: CatchUp, limit: int) -> Flow[ChangesPage]:
         since = datetime.fromtimestamp(catch.since_ms / 1000, tz=UTC)
         raw = yield from self._files(since, catch.files_token, limit)
-        return self._core.catch_up_page(catch, raw)
+        return self._catch_up_page(catch, raw)
 
     def _replay(
         self, since: datetime, *, cursor: str | None = None, limit: int = 100
     ) -> Flow[ReplayPage]:
         """Files modified since ``since`` (current states; trashed ones as deletions)."""
         raw = yield from self._files(since, cursor, limit)
-        return self._core.replay_page(self._core.files_page(raw), raw)
+        return self._replay_page(self._files_page(raw), raw)
 
     def _watch(
         self,
@@ -537,17 +524,17 @@ class _DriveFlows(ClientFlows):
         page_token: str | None = None,
     ) -> Flow[Channel]:
         """Open a ``changes.watch`` channel to ``address``, verified by ``token``."""
-        body = self._core.watch_body(address, token, ttl, self.gateway.clock.now())
+        body = self._watch_body(address, token, ttl, self.gateway.clock.now())
         start = page_token or (yield from self._start_page_token())
         answer = yield from self._json(
-            self._core.path("watch"), method="POST", params={"pageToken": start}, json=body
+            self._path("watch"), method="POST", params={"pageToken": start}, json=body
         )
-        return self._core.channel(answer)
+        return self._channel(answer)
 
     def _stop(self, channel: Channel) -> Flow[None]:
         """``channels.stop``: Drive stops notifying the channel."""
         yield from self._json(
-            self._core.path("stop"),
+            self._path("stop"),
             raw=True,
             method="POST",
             json={"id": channel.id, "resourceId": channel.resource_id},
@@ -573,7 +560,7 @@ class _DriveFlows(ClientFlows):
         return fresh
 
 
-class DriveClient(_DriveFlows):
+class DriveClient(_DriveFlows, ReplayPages):
     """Sync Drive adapter: the changes feed (opaque page tokens), files, watch channels."""
 
     gateway: Gateway
@@ -589,7 +576,7 @@ class DriveClient(_DriveFlows):
     health = sync_face(_DriveFlows._health)
 
 
-class AsyncDriveClient(_DriveFlows):
+class AsyncDriveClient(_DriveFlows, AsyncReplayPages):
     """Async twin of :class:`DriveClient`."""
 
     gateway: AsyncGateway
@@ -608,7 +595,7 @@ class AsyncDriveClient(_DriveFlows):
 # --------------------------------------------------------------------------- the pack
 
 
-class DrivePack:
+class DrivePack(PackBase):
     """Google Drive (documents)."""
 
     name = "gdrive"
@@ -628,14 +615,8 @@ class DrivePack:
         event_identity="derived: fileId and file version (removal: fileId and time)",
     )
     endpoints: Mapping[str, str] = {}
-
-    def ordering(self, settings: ProviderSettings) -> Ordering:
-        """By modification time."""
-        return BY_MODIFIED
-
-    def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
-        """A static token when set, else OAuth (a refresh token granted by the user)."""
-        return token_or_oauth(settings, oauth)
+    client_class = DriveClient
+    async_client_class = AsyncDriveClient
 
     def webhook_scheme(self, settings: ProviderSettings) -> ChannelToken | None:
         """Channel tokens are ``WEBHOOK_SECRETS`` (several while channels are renewed)."""
@@ -657,15 +638,8 @@ class DrivePack:
         state = {k.lower(): v for k, v in headers.items()}.get("x-goog-resource-state", "")
         return state.strip() != "sync"
 
-    def read_rate_limit(
-        self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None
-    ) -> RateLimitReading | None:
-        """A 429, or a 403 whose reason is a rate limit."""
-        return read_rate_limit(status, headers, details)
-
-    def map_error(self, exc: ProviderError) -> ProviderError:
-        """403 ``rateLimitExceeded``/``userRateLimitExceeded`` is backed off, not a denial."""
-        return map_error(exc)
+    read_rate_limit = staticmethod(read_rate_limit)
+    map_error = staticmethod(map_error)
 
     def update_call(
         self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]
@@ -677,14 +651,6 @@ class DrivePack:
             "path_params": {"id": record_id},
             "json": {"appProperties": {k: None if v is None else str(v) for k, v in data.items()}},
         }
-
-    def client(self, gateway: Gateway, provider: str) -> DriveClient:
-        """:class:`DriveClient`."""
-        return DriveClient(gateway, provider)
-
-    def async_client(self, gateway: AsyncGateway, provider: str) -> AsyncDriveClient:
-        """:class:`AsyncDriveClient`."""
-        return AsyncDriveClient(gateway, provider)
 
 
 GDRIVE = register_pack(DrivePack())

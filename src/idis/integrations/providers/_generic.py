@@ -8,16 +8,16 @@ replay API whose 410/422 refusal may state ``retention_seconds``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import MalformedResponse, ProviderError
+from . import AsyncProviderClient, ProviderClient
 from ._order import Ordering, ordering_for
-from ._pack import Capabilities, RateLimitReading, register_pack, token_or_oauth
+from ._pack import Capabilities, PackBase, RateLimitReading, register_pack
 
 if TYPE_CHECKING:
     from ..config import ProviderSettings
-    from ..resilience._gateway import AsyncGateway, Gateway
     from ..webhooks._verify import VerificationScheme
     from . import ProviderEvent
 
@@ -29,7 +29,7 @@ def _number(headers: Mapping[str, str], name: str) -> int | None:
     return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
 
 
-class GenericPack:
+class GenericPack(PackBase):
     """The simulator's shape (and any REST API mapped onto it with ``ENDPOINTS``)."""
 
     name = "generic"
@@ -52,14 +52,12 @@ class GenericPack:
         "replay": "/replay",
         "enrich": "/enrich/{id}",
     }
+    client_class = ProviderClient
+    async_client_class = AsyncProviderClient
 
     def ordering(self, settings: ProviderSettings) -> Ordering:
         """``ORDER_BY``: by version (default) or by modification time."""
         return ordering_for(settings.order_by)
-
-    def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
-        """A static token when one is set, else OAuth when a grant is configured."""
-        return token_or_oauth(settings, oauth)
 
     def webhook_scheme(self, settings: ProviderSettings) -> VerificationScheme | None:
         """Standard Webhooks with every configured secret (None without secrets)."""
@@ -116,18 +114,6 @@ class GenericPack:
             "path_params": {"id": record_id},
             "json": {"data": dict(data)},
         }
-
-    def client(self, gateway: Gateway, provider: str) -> Any:
-        """:class:`~idis.integrations.providers.ProviderClient`."""
-        from . import ProviderClient
-
-        return ProviderClient(gateway, provider)
-
-    def async_client(self, gateway: AsyncGateway, provider: str) -> Any:
-        """:class:`~idis.integrations.providers.AsyncProviderClient`."""
-        from . import AsyncProviderClient
-
-        return AsyncProviderClient(gateway, provider)
 
 
 GENERIC = register_pack(GenericPack())

@@ -60,9 +60,9 @@ from ..exceptions import (
     RateLimited,
     WebhookVerificationError,
 )
-from ._client import Call, ClientFlows
+from ._client import AsyncReplayPages, Call, ClientFlows, ReplayPages
 from ._order import BY_MODIFIED, Ordering, micros
-from ._pack import Capabilities, RateLimitReading, endpoint, register_pack, token_or_oauth
+from ._pack import Capabilities, PackBase, RateLimitReading, endpoint, register_pack
 
 if TYPE_CHECKING:
     from .._clock import Clock
@@ -617,33 +617,32 @@ def map_error(
 # --------------------------------------------------------------------------- clients
 
 
-class _Core:
-    """What both clients share: endpoints, request bodies, decoding (no I/O)."""
+class _HubSpotFlows(ClientFlows):
+    """HubSpot's client methods, each written once as a flow."""
 
-    def __init__(self, settings: ProviderSettings, provider: str) -> None:
-        self.name = provider
-        self.settings = settings
+    def __init__(self, gateway: Any, provider: str) -> None:
+        super().__init__(gateway, provider)
         self.object_type = "deals"
         self.ordering: Ordering = BY_MODIFIED
-        #: The last rate-limit reading (headers of the last response).
+        #: What the last response's ``X-HubSpot-RateLimit-*`` headers said.
         self.rate_limit: RateLimitReading | None = None
 
-    def search(self) -> str:
-        return endpoint(self.settings, "deals_search", f"/crm/v3/objects/{self.object_type}/search")
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is this API's cursor (``hs1:...``)."""
+        return position.startswith("hs1:")
 
-    def record(self) -> str:
-        return endpoint(self.settings, "deal", f"/crm/v3/objects/{self.object_type}/{{id}}")
+    def _path(self, name: str, tail: str = "") -> str:
+        """The endpoint ``ENDPOINTS`` names ``name``, else the object type's CRM v3 path."""
+        return endpoint(self.settings, name, f"/crm/v3/objects/{self.object_type}{tail}")
 
-    def records(self) -> str:
-        return endpoint(self.settings, "deals", f"/crm/v3/objects/{self.object_type}")
-
-    def start(self, after: str | int | None, since: datetime | None) -> SearchCursor:
+    def _start(self, after: str | int | None, since: datetime | None) -> SearchCursor:
         if after is not None and not isinstance(after, int):
             return SearchCursor.decode(after)
         moment = since if since is not None else utcnow()
         return SearchCursor(_ms(moment))
 
-    def read(self, response: Any) -> Any:
+    def _read(self, response: Any) -> Any:
         self.rate_limit = read_rate_limit(
             response.status_code, response.headers, None, zone=quota_zone(self.settings)
         )
@@ -654,55 +653,15 @@ class _Core:
                 f"{self.name}: HubSpot response is not JSON", provider=self.name
             ) from None
 
-    def page(self, body: Any, cursor: SearchCursor) -> ChangesPage:
-        from . import ChangesPage
-
+    def _results(self, body: Any, what: str) -> tuple[list[ProviderRecord], str | None]:
+        """A search or list answer's objects and its paging token (None on the last page)."""
         if not isinstance(body, dict) or not isinstance(body.get("results"), list):
             raise MalformedResponse(
-                f"{self.name}: HubSpot search answer has no 'results' list", provider=self.name
+                f"{self.name}: HubSpot {what} answer has no 'results' list", provider=self.name
             )
+        after = ((body.get("paging") or {}).get("next") or {}).get("after")
         records = [parse_object(r, self.name) for r in body["results"]]
-        after = ((body.get("paging") or {}).get("next") or {}).get("after")
-        moved, more = next_cursor(cursor, records, None if after is None else str(after))
-        events = [_poll_event(r, self.object_type) for r in records]
-        return ChangesPage(events, None, more, next_cursor=moved.encode())
-
-    def records_page(self, body: Any) -> RecordPage:
-        from . import RecordPage
-
-        if not isinstance(body, dict) or not isinstance(body.get("results"), list):
-            raise MalformedResponse(
-                f"{self.name}: HubSpot list answer has no 'results' list", provider=self.name
-            )
-        after = ((body.get("paging") or {}).get("next") or {}).get("after")
-        return RecordPage(
-            [parse_object(r, self.name) for r in body["results"]],
-            None if after is None else str(after),
-        )
-
-    def replay_page(self, page: ChangesPage) -> ReplayPage:
-        from . import ReplayPage
-
-        return ReplayPage(page.events, page.next_cursor if page.has_more else None)
-
-
-class _HubSpotFlows(ClientFlows):
-    """HubSpot's client methods, each written once as a flow."""
-
-    def __init__(self, gateway: Any, provider: str) -> None:
-        super().__init__(gateway, provider)
-        self._core = _Core(self.settings, provider)
-        self.ordering = self._core.ordering
-
-    @staticmethod
-    def accepts_cursor(position: str) -> bool:
-        """Whether ``position`` is this API's cursor (``hs1:...``)."""
-        return position.startswith("hs1:")
-
-    @property
-    def rate_limit(self) -> RateLimitReading | None:
-        """What the last response's ``X-HubSpot-RateLimit-*`` headers said."""
-        return self._core.rate_limit
+        return records, None if after is None else str(after)
 
     def _call(self, endpoint_name: str, **kwargs: Any) -> Flow[Any]:
         if self._quota_zone_unknown():
@@ -713,7 +672,7 @@ class _HubSpotFlows(ClientFlows):
             raise map_error(
                 exc, now=self.gateway.clock.now(), zone=quota_zone(self.settings)
             ) from exc
-        return self._core.read(response)
+        return self._read(response)
 
     def _quota_zone_unknown(self) -> bool:
         """Whether to ask account-info now: no ``QUOTA_TIMEZONE``, no answer yet, and no
@@ -769,7 +728,7 @@ class _HubSpotFlows(ClientFlows):
         """The object, or None when HubSpot answers 404."""
         try:
             body = yield from self._call(
-                self._core.record(),
+                self._path("deal", "/{id}"),
                 path_params={"id": record_id},
                 params={"properties": MODIFIED},
             )
@@ -786,28 +745,41 @@ class _HubSpotFlows(ClientFlows):
         params: dict[str, Any] = {"limit": min(limit, 100), "properties": MODIFIED}
         if cursor:
             params["after"] = cursor
-        return self._core.records_page((yield from self._call(self._core.records(), params=params)))
+        from . import RecordPage
+
+        body = yield from self._call(self._path("deals"), params=params)
+        return RecordPage(*self._results(body, "list"))
 
     def _changes(
         self, *, after: str | int | None = None, since: datetime | None = None, limit: int = 100
     ) -> Flow[ChangesPage]:
         """One CRM-search page after the opaque cursor ``after`` (or modified since ``since``)."""
-        cursor = self._core.start(after, since)
+        from . import ChangesPage
+
+        cursor = self._start(after, since)
         # A search is a read sent as a POST: safe to repeat, so the gateway retries it.
         body = yield from self._call(
-            self._core.search(), method="POST", json=search_body(cursor, limit), idempotent=True
+            self._path("deals_search", "/search"),
+            method="POST",
+            json=search_body(cursor, limit),
+            idempotent=True,
         )
-        return self._core.page(body, cursor)
+        records, token = self._results(body, "search")
+        moved, more = next_cursor(cursor, records, token)
+        events = [_poll_event(r, self.object_type) for r in records]
+        return ChangesPage(events, None, more, next_cursor=moved.encode())
 
     def _replay(
         self, since: datetime, *, cursor: str | None = None, limit: int = 100
     ) -> Flow[ReplayPage]:
         """Objects modified since ``since`` (current states): HubSpot's replay by search."""
+        from . import ReplayPage
+
         page = yield from self._changes(after=cursor, since=since, limit=limit)
-        return self._core.replay_page(page)
+        return ReplayPage(page.events, page.next_cursor if page.has_more else None)
 
 
-class HubSpotClient(_HubSpotFlows):
+class HubSpotClient(_HubSpotFlows, ReplayPages):
     """Sync HubSpot adapter: deals by CRM search (polling, replay) and by id (resync, verify)."""
 
     gateway: Gateway
@@ -819,7 +791,7 @@ class HubSpotClient(_HubSpotFlows):
     health = sync_face(_HubSpotFlows._health)
 
 
-class AsyncHubSpotClient(_HubSpotFlows):
+class AsyncHubSpotClient(_HubSpotFlows, AsyncReplayPages):
     """Async twin of :class:`HubSpotClient`."""
 
     gateway: AsyncGateway
@@ -834,7 +806,7 @@ class AsyncHubSpotClient(_HubSpotFlows):
 # --------------------------------------------------------------------------- the pack
 
 
-class HubSpotPack:
+class HubSpotPack(PackBase):
     """HubSpot CRM (deals)."""
 
     name = "hubspot"
@@ -857,14 +829,8 @@ class HubSpotPack:
         event_identity="derived: subscriptionType, objectId, occurredAt, propertyName",
     )
     endpoints: Mapping[str, str] = {}
-
-    def ordering(self, settings: ProviderSettings) -> Ordering:
-        """By modification time."""
-        return BY_MODIFIED
-
-    def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
-        """The private-app token when set, else OAuth (refresh tokens)."""
-        return token_or_oauth(settings, oauth)
+    client_class = HubSpotClient
+    async_client_class = AsyncHubSpotClient
 
     def webhook_scheme(self, settings: ProviderSettings) -> HubSpotSignature | None:
         """v3 signatures keyed by ``WEBHOOK_SECRETS``, else the app's ``CLIENT_SECRET``."""
@@ -879,19 +845,10 @@ class HubSpotPack:
             label=f"IDIS_PROVIDER_{settings.name.upper()}_WEBHOOK_SECRETS",
         )
 
-    def webhook_events(self, body: bytes, provider: str) -> list[ProviderEvent]:
-        """Every event of a batched body."""
-        return webhook_events(body, provider)
-
-    def read_rate_limit(
-        self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None
-    ) -> RateLimitReading | None:
-        """``X-HubSpot-RateLimit-*`` and a 429's ``policyName``."""
-        return read_rate_limit(status, headers, details)
-
-    def map_error(self, exc: ProviderError) -> ProviderError:
-        """A ``DAILY`` 429 is not retried before the reset (midnight UTC: no settings here)."""
-        return map_error(exc)
+    webhook_events = staticmethod(webhook_events)
+    read_rate_limit = staticmethod(read_rate_limit)
+    # Without settings here, a DAILY 429's reset is midnight UTC (see error_hook).
+    map_error = staticmethod(map_error)
 
     def error_hook(
         self, settings: ProviderSettings, clock: Clock
@@ -917,14 +874,6 @@ class HubSpotPack:
             "path_params": {"id": record_id},
             "json": {"properties": {k: None if v is None else str(v) for k, v in data.items()}},
         }
-
-    def client(self, gateway: Gateway, provider: str) -> HubSpotClient:
-        """:class:`HubSpotClient`."""
-        return HubSpotClient(gateway, provider)
-
-    def async_client(self, gateway: AsyncGateway, provider: str) -> AsyncHubSpotClient:
-        """:class:`AsyncHubSpotClient`."""
-        return AsyncHubSpotClient(gateway, provider)
 
 
 HUBSPOT = register_pack(HubSpotPack())

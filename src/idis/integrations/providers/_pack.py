@@ -90,10 +90,38 @@ class RateLimitReading:
     exhausted: bool = False
 
 
-class NoWebhooks:
-    """For a pack whose provider sends no webhooks (it is polled, or only asked)."""
+class PackBase:
+    """What most packs share: ordered by modification time, authenticated by
+    :func:`token_or_oauth`, their two clients named by ``client_class`` and
+    ``async_client_class``. A pack overrides what its API does otherwise."""
 
     name: str
+    #: The sync adapter's class (records, changes, replay), built over a :class:`Gateway`.
+    client_class: Callable[[Gateway, str], Any]
+    #: The async adapter's class, built over an :class:`AsyncGateway`.
+    async_client_class: Callable[[AsyncGateway, str], Any]
+
+    def ordering(self, settings: ProviderSettings) -> Ordering:
+        """By modification time."""
+        from ._order import BY_MODIFIED
+
+        return BY_MODIFIED
+
+    def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
+        """A static token when set, else OAuth when a grant is configured."""
+        return token_or_oauth(settings, oauth)
+
+    def client(self, gateway: Gateway, provider: str) -> Any:
+        """The sync adapter over ``gateway``."""
+        return self.client_class(gateway, provider)
+
+    def async_client(self, gateway: AsyncGateway, provider: str) -> Any:
+        """The async adapter over ``gateway``."""
+        return self.async_client_class(gateway, provider)
+
+
+class NoWebhooks(PackBase):
+    """For a pack whose provider sends no webhooks (it is polled, or only asked)."""
 
     def webhook_scheme(self, settings: ProviderSettings) -> VerificationScheme | None:
         """None: the provider sends no webhooks."""

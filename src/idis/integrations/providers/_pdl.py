@@ -189,10 +189,8 @@ class PDLPack(NoWebhooks):
         event_identity="none (no events)",
     )
     endpoints: Mapping[str, str] = {"enrich": PDL_ENRICH}
-
-    def ordering(self, settings: ProviderSettings) -> Ordering:
-        """Unused (no events); by modification time."""
-        return BY_MODIFIED
+    client_class = PDLClient
+    async_client_class = AsyncPDLClient
 
     def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
         """``X-Api-Key`` from ``API_TOKEN`` (None without one)."""
@@ -200,15 +198,8 @@ class PDLPack(NoWebhooks):
             return None
         return ApiKey(settings.api_token.get_secret_value())
 
-    def read_rate_limit(
-        self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None
-    ) -> RateLimitReading | None:
-        """``x-ratelimit-*``, ``x-totallimit-remaining`` and a 402."""
-        return read_rate_limit(status, headers, details)
-
-    def map_error(self, exc: ProviderError) -> ProviderError:
-        """402 is :class:`QuotaExhausted`."""
-        return map_error(exc)
+    read_rate_limit = staticmethod(read_rate_limit)
+    map_error = staticmethod(map_error)
 
     def update_call(
         self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]
@@ -224,14 +215,6 @@ class PDLPack(NoWebhooks):
             f"{settings.name} uses the pdl pack (People Data Labs), which is read-only: "
             "expected an outbox push to a CRM or documents provider"
         )
-
-    def client(self, gateway: Gateway, provider: str) -> PDLClient:
-        """:class:`PDLClient`."""
-        return PDLClient(gateway, provider)
-
-    def async_client(self, gateway: AsyncGateway, provider: str) -> AsyncPDLClient:
-        """:class:`AsyncPDLClient`."""
-        return AsyncPDLClient(gateway, provider)
 
 
 PDL = register_pack(PDLPack())

@@ -35,7 +35,7 @@ the token endpoint and the API.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ from ..exceptions import (
     QuotaExhausted,
     ReplayWindowExceeded,
 )
-from ._client import Call, ClientFlows, provider_time
+from ._client import AsyncReplayPages, Call, ClientFlows, ReplayPages, provider_time
 from ._order import BY_MODIFIED, Ordering
 from ._pack import (
     Capabilities,
@@ -57,7 +57,6 @@ from ._pack import (
     RateLimitReading,
     endpoint,
     register_pack,
-    token_or_oauth,
 )
 
 if TYPE_CHECKING:
@@ -84,6 +83,21 @@ REPLAY_WINDOW = timedelta(days=30)
 #: How far back ``/deleted/`` answers (vendor limit); older deletions need a resync.
 DELETED_WINDOW = timedelta(days=15)
 _OBJECT = "Opportunity"
+#: Logical endpoint name -> path under ``/services/data/<API_VERSION>/``.
+_PATHS = {
+    "soql": "query",
+    "opportunity": f"sobjects/{_OBJECT}/{{id}}",
+    "opportunity_updated": f"sobjects/{_OBJECT}/updated/",
+    "opportunity_deleted": f"sobjects/{_OBJECT}/deleted/",
+}
+
+
+def path(settings: ProviderSettings, name: str) -> str:
+    """The endpoint to call for ``name`` (see :data:`_PATHS`) at the API version in use."""
+    version = settings.api_version or DEFAULT_API_VERSION
+    return endpoint(settings, name, f"/services/data/{version}/{_PATHS[name]}")
+
+
 # Salesforce ids are 15 or 18 letters and digits; the simulator's ids add ``_.@-``.
 # Never a quote or a space, so an id can be put into SOQL as a literal.
 _ID = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
@@ -279,36 +293,25 @@ def soql_after(cursor: ModstampCursor, limit: int, fields: Sequence[str] = ()) -
 # --------------------------------------------------------------------------- clients
 
 
-class _Core:
-    def __init__(self, settings: ProviderSettings, provider: str) -> None:
-        self.name = provider
-        self.settings = settings
-        self.version = settings.api_version or DEFAULT_API_VERSION
+#: Ids fetched per SOQL ``IN`` during replay (the query string stays well under limits).
+_REPLAY_BATCH = 200
+
+
+class _SalesforceFlows(ClientFlows):
+    """Salesforce's client methods, each written once as a flow."""
+
+    def __init__(self, gateway: Any, provider: str) -> None:
+        super().__init__(gateway, provider)
+        #: What the last ``Sforce-Limit-Info`` said.
         self.rate_limit: RateLimitReading | None = None
+        self.ordering: Ordering = BY_MODIFIED
 
-    def query(self) -> str:
-        return endpoint(self.settings, "soql", f"/services/data/{self.version}/query")
+    @staticmethod
+    def accepts_cursor(position: str) -> bool:
+        """Whether ``position`` is this API's cursor (``sf1:...``)."""
+        return position.startswith("sf1:")
 
-    def record(self) -> str:
-        return endpoint(
-            self.settings, "opportunity", f"/services/data/{self.version}/sobjects/{_OBJECT}/{{id}}"
-        )
-
-    def updated(self) -> str:
-        return endpoint(
-            self.settings,
-            "opportunity_updated",
-            f"/services/data/{self.version}/sobjects/{_OBJECT}/updated/",
-        )
-
-    def deleted(self) -> str:
-        return endpoint(
-            self.settings,
-            "opportunity_deleted",
-            f"/services/data/{self.version}/sobjects/{_OBJECT}/deleted/",
-        )
-
-    def read(self, response: Any) -> Any:
+    def _read(self, response: Any) -> Any:
         self.rate_limit = read_limit_info(response.headers)
         try:
             return response.json()
@@ -317,19 +320,19 @@ class _Core:
                 f"{self.name}: Salesforce response is not JSON", provider=self.name
             ) from None
 
-    def start(self, after: str | int | None, since: datetime | None) -> ModstampCursor:
+    def _start(self, after: str | int | None, since: datetime | None) -> ModstampCursor:
         if after is not None and not isinstance(after, int):
             return ModstampCursor.decode(after)
         return ModstampCursor(since if since is not None else utcnow())
 
-    def records(self, body: Any) -> list[ProviderRecord]:
+    def _records(self, body: Any) -> list[ProviderRecord]:
         if not isinstance(body, dict) or not isinstance(body.get("records"), list):
             raise MalformedResponse(
                 f"{self.name}: Salesforce query answer has no 'records' list", provider=self.name
             )
         return [parse_sobject(r, self.name) for r in body["records"]]
 
-    def page(self, records: list[ProviderRecord], cursor: ModstampCursor, limit: int) -> Any:
+    def _page(self, records: list[ProviderRecord], cursor: ModstampCursor, limit: int) -> Any:
         from . import ChangesPage
 
         more = len(records) >= max(1, min(limit, 2000))
@@ -347,7 +350,7 @@ class _Core:
             moved = ModstampCursor(records[-1].updated_at)
         return ChangesPage([_change(r) for r in records], None, more, next_cursor=moved.encode())
 
-    def ids_in(self, ids: Sequence[str]) -> str:
+    def _ids_in(self, ids: Sequence[str]) -> str:
         safe = [i for i in ids if _ID.fullmatch(i)]
         quoted = ", ".join(f"'{i}'" for i in safe)
         return (
@@ -355,10 +358,10 @@ class _Core:
             "ORDER BY SystemModstamp ASC, Id ASC"
         )
 
-    def window(self, since: datetime, now: datetime) -> dict[str, str]:
+    def _window(self, since: datetime, now: datetime) -> dict[str, str]:
         return {"start": _iso(since), "end": _iso(now)}
 
-    def deletions(self, body: Any, since: datetime) -> list[ProviderEvent]:
+    def _deletions(self, body: Any, since: datetime) -> list[ProviderEvent]:
         if not isinstance(body, dict) or not isinstance(body.get("deletedRecords"), list):
             raise MalformedResponse(
                 f"{self.name}: Salesforce deleted answer has no 'deletedRecords' list",
@@ -369,43 +372,24 @@ class _Core:
             for d in body["deletedRecords"]
         ]
 
-
-#: Ids fetched per SOQL ``IN`` during replay (the query string stays well under limits).
-_REPLAY_BATCH = 200
-
-
-class _SalesforceFlows(ClientFlows):
-    """Salesforce's client methods, each written once as a flow."""
-
-    def __init__(self, gateway: Any, provider: str) -> None:
-        super().__init__(gateway, provider)
-        self._core = _Core(self.settings, provider)
-        self.ordering: Ordering = BY_MODIFIED
-
-    @staticmethod
-    def accepts_cursor(position: str) -> bool:
-        """Whether ``position`` is this API's cursor (``sf1:...``)."""
-        return position.startswith("sf1:")
-
-    @property
-    def rate_limit(self) -> RateLimitReading | None:
-        """What the last ``Sforce-Limit-Info`` said."""
-        return self._core.rate_limit
-
     def _call(self, endpoint_name: str, **kwargs: Any) -> Flow[Any]:
         try:
             response = yield Call(endpoint_name, kwargs, raw=True)
         except ProviderError as exc:
             raise map_error(exc) from exc
-        return self._core.read(response)
+        return self._read(response)
 
     def _query(self, soql: str) -> Flow[list[ProviderRecord]]:
-        return self._core.records((yield from self._call(self._core.query(), params={"q": soql})))
+        return self._records(
+            (yield from self._call(path(self.settings, "soql"), params={"q": soql}))
+        )
 
     def _get_record(self, record_id: str) -> Flow[ProviderRecord | None]:
         """The record, or None on 404 (``NOT_FOUND``)."""
         try:
-            body = yield from self._call(self._core.record(), path_params={"id": record_id})
+            body = yield from self._call(
+                path(self.settings, "opportunity"), path_params={"id": record_id}
+            )
         except ProviderRejected as exc:
             if exc.status_code == 404:
                 return None
@@ -418,18 +402,18 @@ class _SalesforceFlows(ClientFlows):
         """Every record by keyset pages (the cursor is a :class:`ModstampCursor`)."""
         from . import RecordPage
 
-        start = self._core.start(cursor, updated_since or datetime(1970, 1, 1, tzinfo=UTC))
+        start = self._start(cursor, updated_since or datetime(1970, 1, 1, tzinfo=UTC))
         records = yield from self._query(soql_after(start, limit))
-        page = self._core.page(records, start, limit)
+        page = self._page(records, start, limit)
         return RecordPage(records, page.next_cursor if page.has_more else None)
 
     def _changes(
         self, *, after: str | int | None = None, since: datetime | None = None, limit: int = 100
     ) -> Flow[ChangesPage]:
         """Records whose ``SystemModstamp`` is after the cursor (or since ``since``)."""
-        cursor = self._core.start(after, since)
+        cursor = self._start(after, since)
         records = yield from self._query(soql_after(cursor, limit))
-        return self._core.page(records, cursor, limit)  # type: ignore[no-any-return]
+        return self._page(records, cursor, limit)  # type: ignore[no-any-return]
 
     def _replay(
         self, since: datetime, *, cursor: str | None = None, limit: int = 500
@@ -443,20 +427,22 @@ class _SalesforceFlows(ClientFlows):
 
         now = self.gateway.clock.now()
         check_window(self.name, since, now)
-        window = self._core.window(since, now)
-        updated = yield from self._call(self._core.updated(), params=window)
+        window = self._window(since, now)
+        updated = yield from self._call(path(self.settings, "opportunity_updated"), params=window)
         ids = [str(i) for i in (updated or {}).get("ids") or []]
         events: list[ProviderEvent] = []
         for start in range(0, len(ids), _REPLAY_BATCH):
-            query = self._core.ids_in(ids[start : start + _REPLAY_BATCH])
+            query = self._ids_in(ids[start : start + _REPLAY_BATCH])
             events.extend(_change(r) for r in (yield from self._query(query)))
         if since >= now - DELETED_WINDOW:
-            deleted = yield from self._call(self._core.deleted(), params=window)
-            events.extend(self._core.deletions(deleted, since))
+            deleted = yield from self._call(
+                path(self.settings, "opportunity_deleted"), params=window
+            )
+            events.extend(self._deletions(deleted, since))
         return ReplayPage(events, None)
 
 
-class SalesforceClient(_SalesforceFlows):
+class SalesforceClient(_SalesforceFlows, ReplayPages):
     """Sync Salesforce adapter (Opportunity)."""
 
     gateway: Gateway
@@ -467,12 +453,8 @@ class SalesforceClient(_SalesforceFlows):
     replay = sync_face(_SalesforceFlows._replay)
     health = sync_face(_SalesforceFlows._health)
 
-    def iter_replay(self, since: datetime, *, limit: int = 500) -> Any:
-        """The replay's pages (one)."""
-        yield self.replay(since, limit=limit)
 
-
-class AsyncSalesforceClient(_SalesforceFlows):
+class AsyncSalesforceClient(_SalesforceFlows, AsyncReplayPages):
     """Async twin of :class:`SalesforceClient`."""
 
     gateway: AsyncGateway
@@ -482,10 +464,6 @@ class AsyncSalesforceClient(_SalesforceFlows):
     changes = async_face(_SalesforceFlows._changes)
     replay = async_face(_SalesforceFlows._replay)
     health = async_face(_SalesforceFlows._health)
-
-    async def iter_replay(self, since: datetime, *, limit: int = 500) -> Any:
-        """The replay's pages (one)."""
-        yield await self.replay(since, limit=limit)
 
 
 # --------------------------------------------------------------------------- the pack
@@ -512,14 +490,8 @@ class SalesforcePack(NoWebhooks):
         event_identity="derived: sObject, Id, SystemModstamp (or deletedDate)",
     )
     endpoints: Mapping[str, str] = {}
-
-    def ordering(self, settings: ProviderSettings) -> Ordering:
-        """By ``SystemModstamp``."""
-        return BY_MODIFIED
-
-    def auth(self, settings: ProviderSettings, oauth: Callable[[Any], Any] | None) -> Any:
-        """OAuth (refresh token), or a static session token."""
-        return token_or_oauth(settings, oauth)
+    client_class = SalesforceClient
+    async_client_class = AsyncSalesforceClient
 
     def read_rate_limit(
         self, status: int, headers: Mapping[str, str], details: Mapping[str, Any] | None
@@ -529,30 +501,18 @@ class SalesforcePack(NoWebhooks):
             return RateLimitReading(remaining=0, policy="api-usage (rolling 24 h)", exhausted=True)
         return read_limit_info(headers)
 
-    def map_error(self, exc: ProviderError) -> ProviderError:
-        """``REQUEST_LIMIT_EXCEEDED`` → :class:`RateLimited`."""
-        return map_error(exc)
+    map_error = staticmethod(map_error)
 
     def update_call(
         self, settings: ProviderSettings, record_id: str, data: Mapping[str, Any]
     ) -> dict[str, Any]:
         """``PATCH /services/data/<v>/sobjects/Opportunity/{id}`` with the fields (204)."""
-        version = settings.api_version or DEFAULT_API_VERSION
-        path = f"/services/data/{version}/sobjects/{_OBJECT}/{{id}}"
         return {
-            "endpoint": endpoint(settings, "opportunity", path),
+            "endpoint": path(settings, "opportunity"),
             "method": "PATCH",
             "path_params": {"id": record_id},
             "json": dict(data),
         }
-
-    def client(self, gateway: Gateway, provider: str) -> SalesforceClient:
-        """:class:`SalesforceClient`."""
-        return SalesforceClient(gateway, provider)
-
-    def async_client(self, gateway: AsyncGateway, provider: str) -> AsyncSalesforceClient:
-        """:class:`AsyncSalesforceClient`."""
-        return AsyncSalesforceClient(gateway, provider)
 
 
 SALESFORCE = register_pack(SalesforcePack())

@@ -22,13 +22,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
 
-from .._audit import AuditEvent
+from .._audit import AuditEvent, audit_row
 from .._clock import Clock
 from .._flow import Effect, Flow, InSession, Sleep, perform
 from ..config import Settings
 from ..db._engine import create_db_engine, read_only, storage_errors
 from ..exceptions import IntegrationError, StorageError
-from ..observability._logs import get_logger
+from ..observability._logs import get_logger, redact_text
+from ..sync._bulk import bulk_insert
 from ..sync._effects import TransactionFlow
 from ..sync._inbox import ApplyResult, HandlerRegistry, apply_flow
 
@@ -39,6 +40,7 @@ __all__ = [
     "AUDIT_TABLE",
     "LOCK_WAIT",
     "ReconcileBusy",
+    "audit_result",
     "commit_flow",
     "default_async_client",
     "default_client",
@@ -222,6 +224,41 @@ def unlock(provider: str, handle: Any) -> Flow[None]:
 
 
 # --------------------------------------------------------------------------- page commits
+
+
+def audit_result(
+    session: Session,
+    result: ApplyResult,
+    details: Callable[[Any], dict[str, Any]],
+    *,
+    applied: str,
+    failed: str,
+    **common: Any,
+) -> None:
+    """Audit a committed page: a row per applied event (action ``applied``, ``details(event)``)
+    and per failed one (action ``failed``, the error's type and redacted message); ``common``
+    is what every row names (provider, actor, source, correlation id, time)."""
+
+    def row(action: str, **values: Any) -> dict[str, Any]:
+        return audit_row(action, subject_type="record", **common, **values)
+
+    rows = [
+        row(applied, subject_id=e.record_id, tenant_id=e.tenant_id, details=details(e))
+        for e in result.applied
+    ]
+    rows.extend(
+        row(
+            failed,
+            subject_id=event.record_id,
+            tenant_id=event.tenant_id,
+            outcome="failed",
+            details={"event_id": event.id, "event_type": event.type, "error": type(error).__name__},
+            message=redact_text(str(error))[:500],
+        )
+        for event, error in result.failed
+    )
+    if rows:
+        bulk_insert(session, AUDIT_TABLE, rows)
 
 
 def _page_flow(

@@ -21,7 +21,6 @@ applied. ``verify_sync(repair=True)`` applies its repairs the same way.
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
@@ -32,7 +31,6 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from .._audit import audit_row
 from .._clock import Clock, system_clock
 from .._flow import drive
 from .._timeparse import parse_since
@@ -40,10 +38,9 @@ from ..config import Settings
 from ..exceptions import ConfigError
 from ..observability._logs import get_logger, redact_text
 from ..providers._order import Ordering, ordering_for
-from ..sync._bulk import bulk_insert
 from ..sync._effects import SyncFace
 from ..sync._inbox import ApplyOutcome, ApplyResult, HandlerRegistry, get_registry
-from ._db import AUDIT_TABLE, commit_flow, default_client, default_engine, sessions, transaction
+from ._db import audit_result, commit_flow, default_client, default_engine, sessions, transaction
 from ._ledger import LedgerEntry, read_ledger
 from ._replay import EventFailure, require_handlers
 
@@ -168,42 +165,27 @@ def apply_snapshots(
     """
 
     def write_audit(session: Session, result: ApplyResult, now: datetime) -> None:
-        row = functools.partial(
-            audit_row,
-            action,
+        def applied(event: Any) -> dict[str, Any]:
+            return {
+                "event_id": event.id,
+                "event_type": event.type,
+                "version": event.version,
+                "order": str(event.order),
+                **(details(event) if details else {}),
+            }
+
+        audit_result(
+            session,
+            result,
+            applied,
+            applied=action,
+            failed=action,
             provider=provider,
             actor=actor,
-            subject_type="record",
             source=audit_source,
             correlation_id=correlation_id,
             occurred_at=now,
         )
-        rows = [
-            row(
-                subject_id=event.record_id,
-                tenant_id=event.tenant_id,
-                details={
-                    "event_id": event.id,
-                    "event_type": event.type,
-                    "version": event.version,
-                    "order": str(event.order),
-                    **(details(event) if details else {}),
-                },
-            )
-            for event in result.applied
-        ]
-        rows.extend(
-            row(
-                subject_id=event.record_id,
-                tenant_id=event.tenant_id,
-                outcome="failed",
-                details={"event_id": event.id, "error": type(error).__name__},
-                message=redact_text(str(error))[:500],
-            )
-            for event, error in result.failed
-        )
-        if rows:
-            bulk_insert(session, AUDIT_TABLE, rows)
 
     return drive(
         commit_flow(
@@ -248,9 +230,7 @@ class ResyncSummary:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        data = asdict(self)
-        data["ok"] = self.ok
-        return data
+        return asdict(self) | {"ok": self.ok}
 
 
 def _record_batches(
@@ -314,15 +294,8 @@ def resync(
     if not dry_run:
         require_handlers(registry, provider)
     run_id = f"rs_{uuid.uuid4().hex[:20]}"
-    counts = {
-        "fetched": 0,
-        "unchanged": 0,
-        "applied": 0,
-        "missing": 0,
-        "ignored": 0,
-        "failed": 0,
-        "unconfirmed": 0,
-    }
+    names = ("fetched", "unchanged", "applied", "missing", "ignored", "failed", "unconfirmed")
+    counts = dict.fromkeys(names, 0)
     failures: list[EventFailure] = []
     with ExitStack() as stack:
         engine = engine if engine is not None else default_engine(settings, stack)

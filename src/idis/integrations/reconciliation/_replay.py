@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import asdict, dataclass, field
@@ -48,7 +49,6 @@ from ..exceptions import (
 )
 from ..observability._logs import get_logger, redact_text
 from ..observability._metrics import get_metrics
-from ..sync._bulk import bulk_insert
 from ..sync._effects import AsyncFace, ClientCall, SyncFace
 from ..sync._inbox import (
     ApplyOutcome,
@@ -60,9 +60,9 @@ from ..sync._inbox import (
 )
 from ..sync._timeline import record_coverage
 from ._db import (
-    AUDIT_TABLE,
     LOCK_WAIT,
     ReconcileBusy,
+    audit_result,
     commit_flow,
     default_async_client,
     default_client,
@@ -92,6 +92,19 @@ log = get_logger()
 MAX_PAGE_SIZE = 5000
 #: Failures listed individually in the summary (the count is always exact).
 _MAX_LISTED_FAILURES = 100
+#: A run's totals, each named alike on the summary, the checkpoint row, the audit and the log.
+_TOTALS = ("fetched", "already_applied", "applied", "superseded", "ignored", "failed")
+
+
+def _tally(result: ApplyResult) -> dict[str, int]:
+    """A page's events by outcome, under the names of :data:`_TOTALS` (and the metric's)."""
+    return {
+        "already_applied": result.count(ApplyOutcome.DUPLICATE),
+        "applied": result.count(ApplyOutcome.APPLIED),
+        "superseded": result.count(ApplyOutcome.SUPERSEDED),
+        "ignored": result.count(ApplyOutcome.IGNORED),
+        "failed": len(result.failed),
+    }
 
 
 @runtime_checkable
@@ -172,40 +185,7 @@ class ReconcileSummary:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        data = asdict(self)
-        data["ok"] = self.ok
-        return data
-
-
-@dataclass(slots=True)
-class _Counts:
-    fetched: int = 0
-    already_applied: int = 0
-    applied: int = 0
-    superseded: int = 0
-    ignored: int = 0
-    failed: int = 0
-    pages: int = 0
-    failures: list[EventFailure] = field(default_factory=list)
-
-    def add(self, result: ApplyResult, fetched: int) -> None:
-        self.fetched += fetched
-        self.already_applied += result.count(ApplyOutcome.DUPLICATE)
-        self.applied += result.count(ApplyOutcome.APPLIED)
-        self.superseded += result.count(ApplyOutcome.SUPERSEDED)
-        self.ignored += result.count(ApplyOutcome.IGNORED)
-        self.failed += len(result.failed)
-        self.pages += 1
-        for event, error in result.failed:
-            if len(self.failures) < _MAX_LISTED_FAILURES:
-                self.failures.append(
-                    EventFailure(
-                        event_id=str(event.id),
-                        record_id=event.record_id,
-                        error_type=type(error).__name__,
-                        message=redact_text(str(error))[:300],
-                    )
-                )
+        return asdict(self) | {"ok": self.ok}
 
 
 @dataclass(slots=True)
@@ -224,28 +204,38 @@ class _Run:
     actor: str
     clock: Clock
     progress: Callable[[int], None] | None
-    counts: _Counts = field(default_factory=_Counts)
+    #: This invocation's totals so far: :data:`_TOTALS` and ``pages``.
+    counts: Counter[str] = field(default_factory=Counter)
+    #: The first failed events, for the summary (the count is always exact).
+    failures: list[EventFailure] = field(default_factory=list)
+
+    def add(self, result: ApplyResult, fetched: int) -> None:
+        """Count one page of ``fetched`` events and keep its first failures."""
+        self.counts.update(_tally(result), fetched=fetched, pages=1)
+        room = max(0, _MAX_LISTED_FAILURES - len(self.failures))
+        self.failures.extend(
+            EventFailure(
+                event_id=str(event.id),
+                record_id=event.record_id,
+                error_type=type(error).__name__,
+                message=redact_text(str(error))[:300],
+            )
+            for event, error in result.failed[:room]
+        )
 
     def summary(
         self, *, dry_run: bool, completed: bool, covered_until: datetime | None
     ) -> ReconcileSummary:
-        c = self.counts
         return ReconcileSummary(
             provider=self.provider,
             run_id=None if dry_run else self.run_id,
             since=self.since,
             covered_until=covered_until,
-            fetched=c.fetched,
-            already_applied=c.already_applied,
-            applied=c.applied,
-            superseded=c.superseded,
-            ignored=c.ignored,
-            failed=c.failed,
-            pages=c.pages,
+            **{name: self.counts[name] for name in (*_TOTALS, "pages")},
             dry_run=dry_run,
             resumed=self.resumed,
             completed=completed,
-            failures=tuple(c.failures),
+            failures=tuple(self.failures),
         )
 
     def fetch(self) -> Flow[Any]:
@@ -273,7 +263,7 @@ class _Run:
             self.retention,
             now=self.clock.now(),
             refused_by_provider=exc.status_code is not None,
-            applied_nothing=self.counts.pages == 0 and not self.resumed,
+            applied_nothing=self.counts["pages"] == 0 and not self.resumed,
             stated=exc.retention,
         )
 
@@ -351,12 +341,7 @@ def _new_checkpoint(run: _Run, now: datetime) -> ReconcileCheckpoint:
         status="running",
         since=run.since,
         pages=0,
-        fetched=0,
-        already_applied=0,
-        applied=0,
-        superseded=0,
-        ignored=0,
-        failed=0,
+        **dict.fromkeys(_TOTALS, 0),
         started_at=now,
         updated_at=now,
     )
@@ -375,12 +360,7 @@ def _save_page(
         "cursor": page.next_cursor,
         "pages": ReconcileCheckpoint.pages + 1,
         "fetched": ReconcileCheckpoint.fetched + len(events),
-        "already_applied": ReconcileCheckpoint.already_applied
-        + result.count(ApplyOutcome.DUPLICATE),
-        "applied": ReconcileCheckpoint.applied + result.count(ApplyOutcome.APPLIED),
-        "superseded": ReconcileCheckpoint.superseded + result.count(ApplyOutcome.SUPERSEDED),
-        "ignored": ReconcileCheckpoint.ignored + result.count(ApplyOutcome.IGNORED),
-        "failed": ReconcileCheckpoint.failed + len(result.failed),
+        **{n: getattr(ReconcileCheckpoint, n) + k for n, k in _tally(result).items()},
         "updated_at": now,
         "error": None,
     }
@@ -408,53 +388,30 @@ def _save_page(
     )
 
 
-def _audit_rows(run: _Run, result: ApplyResult, now: datetime) -> list[dict[str, Any]]:
-    rows = [
-        audit_row(
-            "reconcile.event_applied",
-            provider=run.provider,
-            actor=run.actor,
-            subject_type="record",
-            subject_id=event.record_id,
-            tenant_id=event.tenant_id,
-            source="replay",
-            details={
-                "event_id": event.id,
-                "event_type": event.type,
-                "seq": event.seq,
-                "version": event.version,
-            },
-            correlation_id=run.run_id,
-            occurred_at=now,
-        )
-        for event in result.applied
-    ]
-    rows.extend(
-        audit_row(
-            "reconcile.event_failed",
-            provider=run.provider,
-            actor=run.actor,
-            subject_type="record",
-            subject_id=event.record_id,
-            tenant_id=event.tenant_id,
-            source="replay",
-            outcome="failed",
-            details={"event_id": event.id, "event_type": event.type, "error": type(error).__name__},
-            message=redact_text(str(error))[:500],
-            correlation_id=run.run_id,
-            occurred_at=now,
-        )
-        for event, error in result.failed
-    )
-    return rows
-
-
 def _write_page(run: _Run, page: Any, session: Session, result: ApplyResult, now: datetime) -> None:
     """The rows a committed page writes beside its events: audit rows and the checkpoint."""
-    rows = _audit_rows(run, result, now)
-    if rows:
-        bulk_insert(session, AUDIT_TABLE, rows)
+    audit_result(
+        session,
+        result,
+        _applied_details,
+        applied="reconcile.event_applied",
+        failed="reconcile.event_failed",
+        provider=run.provider,
+        actor=run.actor,
+        source="replay",
+        correlation_id=run.run_id,
+        occurred_at=now,
+    )
     _save_page(session, run, result, page, now)
+
+
+def _applied_details(event: Any) -> dict[str, Any]:
+    return {
+        "event_id": event.id,
+        "event_type": event.type,
+        "seq": event.seq,
+        "version": event.version,
+    }
 
 
 def _finish_in(session: Session, run: _Run, end: datetime) -> datetime:
@@ -473,14 +430,7 @@ def _finish_in(session: Session, run: _Run, end: datetime) -> datetime:
     row.updated_at = now
     if covered_until > run.since:
         record_coverage(session, run.provider, "replay", run.since, covered_until)
-    totals = {
-        "fetched": row.fetched,
-        "already_applied": row.already_applied,
-        "applied": row.applied,
-        "superseded": row.superseded,
-        "ignored": row.ignored,
-        "failed": row.failed,
-    }
+    totals = {name: getattr(row, name) for name in _TOTALS}
     session.add(
         AuditEvent(
             **audit_row(
@@ -553,7 +503,7 @@ def _adopt(run: _Run, found: ReconcileCheckpoint | None) -> None:
 def _stop_reason(run: _Run, exc: BaseException) -> tuple[bool, bool]:
     """For an error mid-run: (re-raise it as is, abandon the run)."""
     if isinstance(exc, ReplayWindowExceeded):
-        if run.counts.pages == 0 and not run.resumed:
+        if run.counts["pages"] == 0 and not run.resumed:
             return True, False  # nothing was applied: the plain error says it all
         # The provider dropped events after our cursor: resuming cannot help,
         # only a resync can. Close the run so nobody resumes it.
@@ -566,8 +516,8 @@ def _interrupted(run: _Run, exc: IntegrationError, *, resumable: bool) -> Reconc
         "idis.reconcile.interrupted",
         provider=run.provider,
         run_id=run.run_id,
-        pages=run.counts.pages,
-        applied=run.counts.applied,
+        pages=run.counts["pages"],
+        applied=run.counts["applied"],
         error_type=type(exc).__name__,
         msg="reconcile run interrupted; its checkpoint is kept",
     )
@@ -577,8 +527,8 @@ def _interrupted(run: _Run, exc: IntegrationError, *, resumable: bool) -> Reconc
         else " The run cannot resume."
     )
     return ReconcileInterrupted(
-        f"reconcile of {run.provider} (run {run.run_id}) stopped after {run.counts.pages} "
-        f"pages ({run.counts.applied} events applied) because {type(exc).__name__}: "
+        f"reconcile of {run.provider} (run {run.run_id}) stopped after {run.counts['pages']} "
+        f"pages ({run.counts['applied']} events applied) because {type(exc).__name__}: "
         f"{exc}.{advice}",
         summary=run.summary(dry_run=False, completed=False, covered_until=None),
         retryable=exc.retryable,
@@ -587,7 +537,7 @@ def _interrupted(run: _Run, exc: IntegrationError, *, resumable: bool) -> Reconc
 
 def _paged(run: _Run, page: Any, result: ApplyResult) -> bool:
     """Account for a committed page; return whether the replay has more."""
-    run.counts.add(result, len(page.events))
+    run.add(result, len(page.events))
     run.cursor = page.next_cursor
     _count(get_metrics(), run.provider, result)
     if run.progress is not None:
@@ -596,31 +546,19 @@ def _paged(run: _Run, page: Any, result: ApplyResult) -> bool:
 
 
 def _count(metrics: Any, provider: str, result: ApplyResult) -> None:
-    outcomes = {
-        "applied": result.count(ApplyOutcome.APPLIED),
-        "already_applied": result.count(ApplyOutcome.DUPLICATE),
-        "superseded": result.count(ApplyOutcome.SUPERSEDED),
-        "ignored": result.count(ApplyOutcome.IGNORED),
-        "failed": len(result.failed),
-    }
-    for outcome, number in outcomes.items():
+    for outcome, number in _tally(result).items():
         if number:
             metrics.reconcile_events.labels(provider=provider, outcome=outcome).inc(number)
 
 
 def _completed(run: _Run, covered_until: datetime, started: float) -> ReconcileSummary:
-    c = run.counts
     log.info(
         "idis.reconcile.completed",
         provider=run.provider,
         run_id=run.run_id,
-        fetched=c.fetched,
-        already_applied=c.already_applied,
-        applied=c.applied,
-        superseded=c.superseded,
-        failed=c.failed,
         seconds=round(run.clock.monotonic() - started, 3),
         msg="reconcile run completed",
+        **{name: run.counts[name] for name in _TOTALS},
     )
     return run.summary(dry_run=False, completed=True, covered_until=covered_until)
 
@@ -754,7 +692,7 @@ def _dry_run_flow(run: _Run) -> Flow[ReconcileSummary]:
             if o is not ApplyOutcome.DUPLICATE
         )
         planned_keys.update({rid: key for rid, (key, _eid) in plan.advance.items()})
-        run.counts.add(ApplyResult(events, list[ApplyOutcome | None](plan.outcomes)), len(events))
+        run.add(ApplyResult(events, list[ApplyOutcome | None](plan.outcomes)), len(events))
         if run.progress is not None:
             run.progress(len(events))
         run.cursor = page.next_cursor

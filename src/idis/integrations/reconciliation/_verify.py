@@ -36,7 +36,7 @@ import random
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -133,10 +133,9 @@ class VerifyReport:
         """No mismatch is left: none found, or every one repaired (or its push queued)."""
         return len(self.repaired) + len(self.queued) == len(self.mismatches)
 
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
+    def counts(self) -> dict[str, Any]:
+        """The run's figures without the records: what its audit row and log line say."""
         return {
-            "provider": self.provider,
             "seed": self.seed,
             "sample_size": self.sample_size,
             "local_source": self.local_source,
@@ -148,25 +147,20 @@ class VerifyReport:
             "repair_side": self.repair_side,
             "repaired": len(self.repaired),
             "queued": len(self.queued),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "provider": self.provider,
+            **self.counts(),
             "ok": self.ok,
             "run_id": self.run_id,
+            # Each comparison and repair with all its fields (a diff list, not a tuple).
             "records": [
-                {
-                    "record_id": c.record_id,
-                    "tenant_id": c.tenant_id,
-                    "status": c.status,
-                    "local_version": c.local_version,
-                    "remote_version": c.remote_version,
-                    "diffs": [
-                        {"field": d.field, "local": d.local, "remote": d.remote} for d in c.diffs
-                    ],
-                }
-                for c in self.comparisons
+                asdict(c) | {"diffs": [asdict(d) for d in c.diffs]} for c in self.comparisons
             ],
-            "repairs": [
-                {"record_id": r.record_id, "side": r.side, "outcome": r.outcome, "reason": r.reason}
-                for r in self.repairs
-            ],
+            "repairs": [asdict(r) for r in self.repairs],
         }
 
 
@@ -388,19 +382,8 @@ def verify_sync(
                 provider=provider,
                 actor=actor,
                 outcome="ok" if report.ok else "mismatch",
-                details={
-                    "seed": seed,
-                    "sample_size": sample_size,
-                    "local_source": report.local_source,
-                    "host_sampled": report.host_sampled,
-                    "provider_sampled": report.provider_sampled,
-                    "checked": len(comparisons),
-                    "mismatched": len(report.mismatches),
-                    "repair_side": side,
-                    "repaired": len(report.repaired),
-                    "queued": len(report.queued),
-                    "mismatched_ids": [c.record_id for c in report.mismatches][:100],
-                },
+                details=report.counts()
+                | {"mismatched_ids": [c.record_id for c in report.mismatches][:100]},
                 correlation_id=run_id,
                 message=(
                     f"verified {len(comparisons)} {provider} records: "
@@ -413,13 +396,8 @@ def verify_sync(
         "idis.reconcile.verified",
         provider=provider,
         run_id=run_id,
-        seed=seed,
-        local_source=report.local_source,
-        checked=len(comparisons),
-        mismatched=len(report.mismatches),
-        repaired=len(report.repaired),
-        queued=len(report.queued),
         msg="sync verification finished",
+        **report.counts(),
     )
     return report
 

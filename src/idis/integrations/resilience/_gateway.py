@@ -47,7 +47,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .._clock import Clock, system_clock
-from .._flow import Effect, Flow, async_face, sync_face
+from .._flow import Awaited, Effect, Flow, async_face, sync_face
 from .._http import httpx
 from ..config import ProviderSettings, Settings
 from ..exceptions import (
@@ -128,7 +128,7 @@ class _Wait(Effect[None]):
         await io.asleep(self.seconds)
 
 
-class _Slot(Effect[bool]):
+class _Slot(Awaited[bool]):
     """Queue for a bulkhead slot (only yielded when none is free); True once one is ours."""
 
     __slots__ = ("bulkhead", "timeout")
@@ -137,11 +137,8 @@ class _Slot(Effect[bool]):
         self.bulkhead = bulkhead
         self.timeout = timeout
 
-    def run(self, io: Any) -> bool:
-        return bool(self.bulkhead.acquire(self.timeout))
-
-    async def arun(self, io: Any) -> bool:
-        return bool(await self.bulkhead.acquire(self.timeout))
+    def call(self, io: Any) -> Any:
+        return self.bulkhead.acquire(self.timeout)
 
 
 class _Share(Effect[None]):
@@ -174,7 +171,7 @@ class _Share(Effect[None]):
             io.background(work)
 
 
-class _Call(Effect[httpx.Response]):
+class _Call(Awaited[httpx.Response]):
     """One logical call (all its attempts); yielded by the flow, it sends one attempt."""
 
     __slots__ = (
@@ -240,20 +237,9 @@ class _Call(Effect[httpx.Response]):
             self._request_id = os.urandom(8).hex()
         return self._request_id
 
-    def run(self, io: Any) -> httpx.Response:
-        return io.client.request(  # type: ignore[no-any-return]  # httpx.Client
-            self.method,
-            self.url,
-            params=self.params,
-            json=self.json,
-            content=self.content,
-            headers=self.headers,
-            timeout=self.timeout,
-            auth=self.auth,
-        )
-
-    async def arun(self, io: Any) -> httpx.Response:
-        return await io.client.request(  # type: ignore[no-any-return]  # httpx.AsyncClient
+    def call(self, io: Any) -> Any:
+        """``request`` on the face's client (``httpx.Client``, or awaited ``AsyncClient``)."""
+        return io.client.request(
             self.method,
             self.url,
             params=self.params,
@@ -265,7 +251,7 @@ class _Call(Effect[httpx.Response]):
         )
 
 
-class _Probe(Effect[httpx.Response]):
+class _Probe(Awaited[httpx.Response]):
     """One health-endpoint request (no retries, no breaker)."""
 
     __slots__ = ("timeout", "url")
@@ -274,11 +260,8 @@ class _Probe(Effect[httpx.Response]):
         self.url = url
         self.timeout = timeout
 
-    def run(self, io: Any) -> httpx.Response:
-        return io.client.get(self.url, timeout=self.timeout)  # type: ignore[no-any-return]
-
-    async def arun(self, io: Any) -> httpx.Response:
-        return await io.client.get(self.url, timeout=self.timeout)  # type: ignore[no-any-return]
+    def call(self, io: Any) -> Any:
+        return io.client.get(self.url, timeout=self.timeout)
 
 
 @dataclass(slots=True)
@@ -1064,12 +1047,7 @@ class _Face:
 
     _p: _Pipeline
 
-    def __init__(
-        self,
-        settings: Settings,
-        bulkhead: Callable[[int], Any],
-        options: dict[str, Any],
-    ) -> None:
+    def __init__(self, settings: Settings, bulkhead: Callable[[int], Any], **options: Any) -> None:
         self._p = _Pipeline(settings, bulkhead=bulkhead, **options)
 
     @property
@@ -1206,10 +1184,6 @@ def _clock_wait(clock: Clock, name: str, default: Any) -> Any:
     return getattr(clock, name, default)
 
 
-def _options(**options: Any) -> dict[str, Any]:
-    return options
-
-
 class Gateway(_Face):
     """Resilient provider calls for sync code (scripts, worker threads). Thread-safe.
 
@@ -1258,15 +1232,13 @@ class Gateway(_Face):
         super().__init__(
             settings,
             ThreadBulkhead,
-            _options(
-                metrics=metrics,
-                clock=clock,
-                auth=auth,
-                breaker_storage=breaker_storage,
-                on_transition=on_transition,
-                seed=seed,
-                request_id_header=request_id_header,
-            ),
+            metrics=metrics,
+            clock=clock,
+            auth=auth,
+            breaker_storage=breaker_storage,
+            on_transition=on_transition,
+            seed=seed,
+            request_id_header=request_id_header,
         )
         self._owns_client = client is None
         self._client = client or httpx.Client(
@@ -1325,15 +1297,13 @@ class AsyncGateway(_Face):
         super().__init__(
             settings,
             AsyncBulkhead,
-            _options(
-                metrics=metrics,
-                clock=clock,
-                auth=auth,
-                breaker_storage=breaker_storage,
-                on_transition=on_transition,
-                seed=seed,
-                request_id_header=request_id_header,
-            ),
+            metrics=metrics,
+            clock=clock,
+            auth=auth,
+            breaker_storage=breaker_storage,
+            on_transition=on_transition,
+            seed=seed,
+            request_id_header=request_id_header,
         )
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(

@@ -153,25 +153,11 @@ class HealthSampler:
         """Breaker hook: queue one audit row. Never blocks; callable from any thread."""
         if event.observed:
             return  # the replica that made the change audits it
-        self._put(
-            (
-                "audit",
-                self._breaker_row(
-                    event.provider,
-                    event.breaker,
-                    old=event.from_state,
-                    new=event.to_state,
-                    reason=event.reason,
-                    at=self._clock.now(),
-                ),
-            ),
-            keep=True,
-        )
+        self._audit(event.provider, event.breaker, event.from_state, event.to_state, event.reason)
 
-    def _breaker_row(
-        self, provider: str, breaker: str, *, old: str, new: str, reason: str, at: datetime
-    ) -> dict[str, Any]:
-        return audit_row(
+    def _audit(self, provider: str, breaker: str, old: str, new: str, reason: str) -> None:
+        """Queue the audit row of a breaker's change from ``old`` to ``new`` (kept first)."""
+        row = audit_row(
             f"breaker.{new}",
             provider=provider,
             actor=f"replica:{self.replica}",
@@ -179,8 +165,9 @@ class HealthSampler:
             subject_id=breaker,
             details={"from": old, "to": new, "reason": reason},
             message=f"circuit breaker {old} -> {new}: {reason}",
-            occurred_at=at,
+            occurred_at=self._clock.now(),
         )
+        self._put(("audit", row), keep=True)
 
     def sample(self, snapshot: Snapshot, providers: Iterable[str]) -> None:
         """Queue one health sample per provider from a gateway's (non-blocking) ``snapshot``."""
@@ -334,20 +321,7 @@ class HealthSampler:
                     row = await conn.run_sync(self._restart_closing, provider)
                     if row is not None:
                         old, reason = row
-                        self._put(
-                            (
-                                "audit",
-                                self._breaker_row(
-                                    provider,
-                                    provider,
-                                    old=old,
-                                    new="closed",
-                                    reason=reason,
-                                    at=self._clock.now(),
-                                ),
-                            ),
-                            keep=True,
-                        )
+                        self._audit(provider, provider, old, "closed", reason)
         except Exception as exc:  # noqa: BLE001  # a check for the record only; never fatal
             _log.warning(
                 "idis.recorder.check_failed",

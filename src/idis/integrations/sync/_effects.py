@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .._flow import AsyncIO, Effect, Flow, SyncIO, adrive, drive
+from .._flow import AsyncIO, Awaited, Effect, Flow, SyncIO, adrive, drive
 from ..exceptions import UsageError
 
 if TYPE_CHECKING:
@@ -52,38 +52,24 @@ class AsyncFace(AsyncIO):
 
 
 @dataclass(frozen=True, slots=True)
-class Savepoint(Effect[Any]):
+class Savepoint(Awaited[Any]):
     """Begin a nested transaction (SAVEPOINT) in the io's session; returns its handle."""
 
-    def run(self, io: Any) -> Any:
-        """``session.begin_nested()``."""
+    def call(self, io: Any) -> Any:
+        """``session.begin_nested()`` (awaited on an ``AsyncSession``)."""
         return io.session.begin_nested()
-
-    async def arun(self, io: Any) -> Any:
-        """``await session.begin_nested()``."""
-        return await io.session.begin_nested()
 
 
 @dataclass(frozen=True, slots=True)
-class EndSavepoint(Effect[None]):
+class EndSavepoint(Awaited[None]):
     """Release (``commit=True``) or roll back a savepoint from :class:`Savepoint`."""
 
     handle: Any
     commit: bool
 
-    def run(self, io: Any) -> None:
-        """Commit or roll back the nested transaction."""
-        if self.commit:
-            self.handle.commit()
-        else:
-            self.handle.rollback()
-
-    async def arun(self, io: Any) -> None:
-        """Async twin of :meth:`run`."""
-        if self.commit:
-            await self.handle.commit()
-        else:
-            await self.handle.rollback()
+    def call(self, io: Any) -> Any:
+        """Commit or roll back the nested transaction (awaited when async)."""
+        return self.handle.commit() if self.commit else self.handle.rollback()
 
 
 class HandlerFailed(Exception):
@@ -166,17 +152,13 @@ class TransactionFlow(Effect[Any]):
 
 
 @dataclass(frozen=True, slots=True)
-class ClientCall(Effect[Any]):
+class ClientCall(Awaited[Any]):
     """Call ``method`` of the io's provider adapter with ``kwargs`` (awaited when async)."""
 
     method: str
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def run(self, io: Any) -> Any:
-        """``client.method(...)``."""
+    def call(self, io: Any) -> Any:
+        """``client.method(...)`` (awaited when async)."""
         return getattr(io.client, self.method)(*self.args, **self.kwargs)
-
-    async def arun(self, io: Any) -> Any:
-        """``await client.method(...)``."""
-        return await getattr(io.client, self.method)(*self.args, **self.kwargs)

@@ -26,7 +26,7 @@ is never undone by a late page.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -420,21 +420,8 @@ class SyncSummary:
     leader: str | None
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
-        return {
-            "provider": self.provider,
-            "mode": self.mode,
-            "reason": self.reason,
-            "since": self.since.isoformat() if self.since else None,
-            "override": self.override,
-            "last_webhook_at": self.last_webhook_at.isoformat() if self.last_webhook_at else None,
-            "lag_seconds": self.lag_seconds,
-            "sentinel_at": self.sentinel_at.isoformat() if self.sentinel_at else None,
-            "healthy_since": self.healthy_since.isoformat() if self.healthy_since else None,
-            "polled_at": self.polled_at.isoformat() if self.polled_at else None,
-            "cursor_seq": self.cursor_seq,
-            "leader": self.leader,
-        }
+        """JSON-friendly form: every field, times as ISO-8601."""
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(self).items()}
 
 
 def sync_summary(session: Session, providers: list[str] | None = None) -> list[SyncSummary]:
