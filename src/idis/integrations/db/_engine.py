@@ -8,6 +8,7 @@ server costs one failed checkout, not a crashed worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import weakref
@@ -247,14 +248,18 @@ def ping_idle_only(engine: Engine, seconds: float) -> None:
     ping = dialect.do_ping
 
     def do_ping(dbapi_connection: Any) -> bool:
-        at = returned.get(dbapi_connection)
+        # An asyncio driver's connection is SQLAlchemy's adapter around the driver's own.
+        key = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        at = returned.get(key)
         if at is not None and time.monotonic() - at < window[0]:
             return True
         return bool(ping(dbapi_connection))
 
     def checkin(dbapi_connection: Any, _record: Any) -> None:
         if dbapi_connection is not None:
-            returned[dbapi_connection] = time.monotonic()
+            key = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+            with contextlib.suppress(TypeError):  # not weakly referable: always pinged
+                returned[key] = time.monotonic()
 
     dialect.do_ping = do_ping
     event.listen(pool, "checkin", checkin)

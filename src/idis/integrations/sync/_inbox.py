@@ -478,7 +478,6 @@ def _driver(conn: _Executor) -> Any:
 
 def _raw(conn: Connection, dbapi_conn: Any, sql: str, params: Any, *, many: bool = False) -> Any:
     """Run ``sql`` on ``dbapi_conn``'s cursor: its rows (a list of tuples; none for ``many``)."""
-    dialect = conn.dialect
     cursor = dbapi_conn.cursor()
     try:
         if many:
@@ -486,21 +485,74 @@ def _raw(conn: Connection, dbapi_conn: Any, sql: str, params: Any, *, many: bool
             return []
         cursor.execute(sql, params)
         return cursor.fetchall() if cursor.description is not None else []
-    except dialect.loaded_dbapi.Error as exc:
-        lost = dialect.is_disconnect(exc, dbapi_conn, cursor)
-        if lost:
-            conn.invalidate(exc)
-        raise DBAPIError.instance(
-            sql,
-            params,
-            exc,
-            dialect.loaded_dbapi.Error,
-            hide_parameters=conn.engine.hide_parameters,
-            connection_invalidated=lost,
-            dialect=dialect,
-        ) from exc
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _as_sqlalchemy(conn, dbapi_conn, cursor, exc, sql=sql, params=params) from exc
     finally:
         cursor.close()
+
+
+def _as_sqlalchemy(
+    conn: Connection, dbapi_conn: Any, cursor: Any, exc: Any, *, sql: str, params: Any
+) -> Exception:
+    """The error SQLAlchemy's execute would raise for the driver's ``exc`` (a lost
+    connection invalidated, as SQLAlchemy does)."""
+    dialect = conn.dialect
+    lost = dialect.is_disconnect(exc, dbapi_conn, cursor)
+    if lost:
+        conn.invalidate(exc)
+    error: Exception = DBAPIError.instance(
+        sql,
+        params,
+        exc,
+        dialect.loaded_dbapi.Error,
+        hide_parameters=conn.engine.hide_parameters,
+        connection_invalidated=lost,
+        dialect=dialect,
+    )
+    return error
+
+
+def _pg_reads(
+    conn: _Executor, provider: str, records: list[str], event_ids: list[str], now: datetime
+) -> tuple[dict[str, OrderKey], set[str], dict[str, bool]]:
+    """PostgreSQL: :func:`_lock_records` then :func:`inbox_rows`, on the driver in one round
+    trip when it can pipeline (psycopg: the transaction's ``BEGIN``, the lock and the read
+    sent together; the server runs them in that order, so the read still sees what the
+    lock waited for)."""
+    dbapi_conn = _driver(conn)
+    ids = list(dict.fromkeys(event_ids))
+    if (
+        dbapi_conn is None
+        or not isinstance(conn, Connection)
+        or conn.dialect.paramstyle != "pyformat"
+        or not callable(getattr(dbapi_conn, "pipeline", None))
+        or not ids
+    ):
+        current, placeholders = _lock_records(conn, provider, records, now)
+        return current, placeholders, inbox_rows(conn, provider, ids)
+    lock_sql, read_sql = _sql_of(_PG_LOCK, conn), _sql_of(_PG_INBOX_ROWS, conn)
+    lock_params = {"provider": provider, "ids": records, "floor": _MIN_MAJOR, "now": now}
+    read_params = {"ids": ids, "provider": provider}
+    lock, read = dbapi_conn.cursor(), dbapi_conn.cursor()
+    try:
+        with dbapi_conn.pipeline():
+            if records:
+                lock.execute(lock_sql, lock_params)
+            read.execute(read_sql, read_params)
+        locked = lock.fetchall() if records else []
+        known = read.fetchall()
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _as_sqlalchemy(conn, dbapi_conn, None, exc, sql=lock_sql, params=lock_params) from exc
+    finally:
+        lock.close()
+        read.close()
+    current = {
+        rid: OrderKey(int(major), minor)
+        for rid, major, minor, event_id in locked
+        if event_id != _PLACEHOLDER
+    }
+    placeholders = {rid for rid, _major, _minor, event_id in locked if event_id == _PLACEHOLDER}
+    return current, placeholders, {event_id: bool(webhook) for event_id, webhook in known}
 
 
 #: (statement, paramstyle) -> its SQL text for the driver (PostgreSQL's fixed statements).
@@ -697,8 +749,8 @@ def inbox_rows(session: _Executor, provider: str, event_ids: Iterable[str]) -> d
     if not ids:
         return {}
     if _dialect(session) == "postgresql":
-        rows = _run_text(session, _PG_INBOX_ROWS, {"ids": ids, "provider": provider})
-        return {event_id: bool(webhook) for event_id, webhook in rows}
+        pg_rows = _run_text(session, _PG_INBOX_ROWS, {"ids": ids, "provider": provider})
+        return {event_id: bool(webhook) for event_id, webhook in pg_rows}
     found: dict[str, bool] = {}
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
@@ -962,8 +1014,9 @@ def _claim(orm_session: Session, batch: _Batch) -> BatchPlan:
         }
     )
     if _dialect(session) == "postgresql":
-        current, placeholders = _lock_records(session, provider, records, now)
-        rows_known = inbox_rows(session, provider, [e.id for e in events])
+        current, placeholders, rows_known = _pg_reads(
+            session, provider, records, [e.id for e in events], now
+        )
     else:
         # BEGIN IMMEDIATE already holds the database's only write lock: read both at once.
         current, rows_known = _sqlite_reads(session, provider, records, [e.id for e in events])

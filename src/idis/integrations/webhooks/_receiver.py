@@ -82,6 +82,7 @@ import queue
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -1341,6 +1342,8 @@ class AsyncWebhookReceiver(_ReceiverBase):
         )
         if twin is not None:
             ping_idle_only(twin, PING_IDLE)
+            # The twin's pooled connections close with the receiver.
+            weakref.finalize(self, twin.dispose)
         self._blocking: Any = (
             None
             if twin is None
