@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +69,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from .._flow import AsyncIO, Flow, InSession, SyncIO, adrive, drive, perform
 from .._timeparse import utcnow
+from ..db._engine import unwatched
 from ..exceptions import StorageError, UsageError
 from ..observability._metrics import get_metrics
 from ..providers._order import OrderKey, order_key
@@ -449,8 +449,6 @@ _Executor: TypeAlias = Session | Connection
 # The same SQL text and parameter values reach the database either way (the
 # tests compare the rows both write); errors come out as SQLAlchemy's would.
 
-_SQL_LOG = logging.getLogger("sqlalchemy.engine.Engine")
-
 
 def _driver(conn: _Executor) -> Any:
     """The DB-API connection to run the inbox's statements on directly, or None.
@@ -464,14 +462,7 @@ def _driver(conn: _Executor) -> Any:
     dialect = conn.dialect
     if dialect.is_async:
         return None
-    dispatch = conn.dispatch
-    if (
-        dispatch.before_cursor_execute
-        or dispatch.after_cursor_execute
-        or dialect.dispatch.handle_error
-        or conn.engine.echo
-        or _SQL_LOG.isEnabledFor(logging.INFO)
-    ):
+    if not unwatched(conn):
         return None
     return conn.connection.dbapi_connection
 
@@ -638,11 +629,19 @@ def _sqlite_driver(conn: _Executor) -> Any:
     return dbapi_conn
 
 
+#: Dialect -> ``UTCDateTime``'s bind processing on it (the dialects seen: one or two).
+_TIME_PROCESSORS: dict[Any, Callable[[datetime | None], Any]] = {}
+
+
 def _sqlite_time(conn: Connection) -> Callable[[datetime | None], Any]:
     """``UTCDateTime``'s bind processing on SQLite (what SQLAlchemy would send)."""
-    process = _INBOX.c.received_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
-    assert process is not None
-    return cast(Callable[[datetime | None], Any], process)
+    dialect = conn.dialect
+    process = _TIME_PROCESSORS.get(dialect)
+    if process is None:
+        made = _INBOX.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
+        assert made is not None
+        process = _TIME_PROCESSORS[dialect] = cast(Callable[[datetime | None], Any], made)
+    return process
 
 
 def _dialect(session: _Executor) -> str:
