@@ -4,20 +4,23 @@ A batch's statements run on the DB-API cursor when nothing watches SQLAlchemy's
 execution (see ``_inbox._driver``); a ``before_cursor_execute`` listener sends them
 through SQLAlchemy instead. The same script of batches, through each path under
 its own provider on the same database, must leave the same inbox and ledger rows
-and give the same outcomes (SQLite and PostgreSQL).
+and give the same outcomes (SQLite and PostgreSQL), on the blocking drivers and,
+through ``AsyncSession``, on the asyncio ones (whose cursors are SQLAlchemy's adapters).
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session
 
+from idis.integrations.db._engine import async_session_factory, create_async_db_engine
 from idis.integrations.providers import ProviderEvent
 from idis.integrations.sync import _inbox as inbox_module
-from idis.integrations.sync._inbox import HandlerRegistry, apply_events
+from idis.integrations.sync._inbox import HandlerRegistry, apply_events, apply_events_async
 from idis.integrations.sync._models import SyncInbox, SyncRecordVersion
 
 from .conftest import T0, make_event
@@ -142,3 +145,48 @@ def test_the_direct_path_writes_the_rows_sqlalchemy_writes(engine: Engine) -> No
     stamped = {row[0]: row[-1] for row in inbox}
     assert stamped["evt_20"] is not None
     assert stamped["evt_21"] is not None
+
+
+def _apply_async(url: str, provider: str, *, direct: bool) -> list[list[Any]]:
+    async def run() -> list[list[Any]]:
+        engine = create_async_db_engine(url)
+        if not direct:
+            event.listen(engine.sync_engine, "before_cursor_execute", _noop)
+        registry = _registry()
+        sessions = async_session_factory(engine)
+        outcomes = []
+        try:
+            for number, (source, events) in enumerate(_script()):
+                async with sessions() as session, session.begin():
+                    connection = await session.connection()
+                    on_driver = await connection.run_sync(
+                        lambda c: inbox_module._driver(c) is not None
+                    )
+                    assert on_driver is direct
+                    result = await apply_events_async(
+                        session,
+                        provider,
+                        events,
+                        source,
+                        registry=registry,
+                        now=T0 + timedelta(minutes=number),
+                    )
+                outcomes.append(list(result.outcomes))
+        finally:
+            await engine.dispose()
+        return outcomes
+
+    return asyncio.run(run())
+
+
+def test_the_direct_path_on_asyncio_drivers_writes_the_same_rows(engine: Engine) -> None:
+    """aiosqlite and psycopg's async connection: the same outcomes and rows as the
+    blocking driver through SQLAlchemy."""
+    url = engine.url.render_as_string(hide_password=False)
+    direct = _apply_async(url, "async_direct", direct=True)
+    through = _apply_async(url, "async_orm", direct=False)
+    reference = _apply(engine, "orm_provider", direct=False)
+
+    assert reference == direct == through
+    assert _rows(engine, "orm_provider") == _rows(engine, "async_direct")
+    assert _rows(engine, "orm_provider") == _rows(engine, "async_orm")

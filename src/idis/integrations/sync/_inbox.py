@@ -453,16 +453,13 @@ _Executor: TypeAlias = Session | Connection
 def _driver(conn: _Executor) -> Any:
     """The DB-API connection to run the inbox's statements on directly, or None.
 
-    None (statements go through SQLAlchemy) for a ``Session``, an asyncio driver,
-    and whenever something watches execution: ``before_cursor_execute`` /
+    None (statements go through SQLAlchemy) for a ``Session``, and whenever
+    something watches execution: ``before_cursor_execute`` /
     ``after_cursor_execute`` or ``handle_error`` listeners, ``echo``, SQL logging.
+    An asyncio driver's is SQLAlchemy's adapter, whose cursor awaits the driver
+    (the inbox runs inside ``AsyncSession.run_sync``, where that works).
     """
-    if not isinstance(conn, Connection):
-        return None
-    dialect = conn.dialect
-    if dialect.is_async:
-        return None
-    if not unwatched(conn):
+    if not isinstance(conn, Connection) or not unwatched(conn):
         return None
     return conn.connection.dbapi_connection
 
@@ -516,6 +513,7 @@ def _pg_reads(
         dbapi_conn is None
         or not isinstance(conn, Connection)
         or conn.dialect.paramstyle != "pyformat"
+        or conn.dialect.is_async  # the adapter does not pipeline
         or not callable(getattr(dbapi_conn, "pipeline", None))
         or not ids
     ):
