@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from tests.sync.conftest import HostTable
 
 from idis.integrations._clock import ManualClock
-from idis.integrations.db._engine import create_async_db_engine
+from idis.integrations.db._engine import async_session_factory, create_async_db_engine
 from idis.integrations.sync._inbox import HandlerRegistry
 from idis.integrations.webhooks._receiver import AsyncWebhookReceiver
 
@@ -77,8 +77,13 @@ def _deliver_two(url: str, registry: HandlerRegistry) -> None:
 
     async def run() -> list[Any]:
         engine = create_async_db_engine(url)
+        # The factory AsyncSyncService (and so the example service) hands the receiver.
         receiver = AsyncWebhookReceiver(
-            settings_for(url), engine, registry=registry, providers=[P], clock=ManualClock(NOW)
+            settings_for(url),
+            async_session_factory(engine),
+            registry=registry,
+            providers=[P],
+            clock=ManualClock(NOW),
         )
         try:
             return [

@@ -1104,13 +1104,13 @@ def _plain_async_factory(sessions: Any) -> bool:
     """Whether ``sessions`` makes plain ``AsyncSession`` objects on a bound engine and
     nothing else (so a blocking ``Session`` on the same database is the same transaction
     for a sync handler): an ``AsyncEngine``, or ``async_sessionmaker(engine[,
-    expire_on_commit=...])``, as ``AsyncSyncService`` makes."""
+    expire_on_commit=..., autoflush=...])``, as ``AsyncSyncService`` makes."""
     if isinstance(sessions, AsyncEngine):
         return True
     return (
         isinstance(sessions, async_sessionmaker)
         and sessions.class_ is AsyncSession
-        and set(sessions.kw) <= {"bind", "expire_on_commit"}
+        and set(sessions.kw) <= {"bind", "expire_on_commit", "autoflush"}
     )
 
 
@@ -1347,7 +1347,13 @@ class AsyncWebhookReceiver(_ReceiverBase):
         self._blocking: Any = (
             None
             if twin is None
-            else sessionmaker(twin, class_=_CountingSession, expire_on_commit=False)
+            else sessionmaker(
+                twin,
+                class_=_CountingSession,
+                expire_on_commit=False,
+                # As the host's factory: a handler's queries flush its pending writes, or not.
+                autoflush=bool(getattr(sessions, "kw", {}).get("autoflush", True)),
+            )
         )
         self._blocking_lock: threading.Lock | contextlib.nullcontext[None] = (
             threading.Lock() if sqlite else contextlib.nullcontext()
