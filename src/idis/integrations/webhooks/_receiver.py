@@ -61,6 +61,16 @@ harmless for handlers written, as they must be, as upserts of the event's state
 inside the session (see ``docs/sync.md``). A redelivery of an event this
 receiver already committed is answered from memory, without a transaction.
 
+**Where a batch runs.** :class:`WebhookReceiver`: in a thread, on its engine.
+:class:`AsyncWebhookReceiver`: a batch none of whose events has an async handler
+runs whole in one hop to a thread, on a blocking twin of its engine
+(``db._engine.blocking_twin`` with a pool of its own); one with an async handler
+runs on the ``AsyncSession``. Either way the inbox's statements go to the
+driver's cursor when nothing watches SQLAlchemy's execution (see
+``sync._inbox._driver``). The receivers' engines pre-ping only connections idle
+for more than :data:`PING_IDLE` (``db._engine.ping_idle_only``); a delivery
+whose transaction lost its connection (a restarted PostgreSQL) is retried once.
+
 Both faces run the same flow (:meth:`_ReceiverBase._receive`), driven by
 :func:`~idis.integrations._flow.drive` or :func:`~idis.integrations._flow.adrive`.
 
