@@ -1,10 +1,12 @@
 """Where the receiver's transactions run, and what a server dropping its connections costs.
 
-The receiver's engine pre-pings only connections idle for more than ``PING_IDLE``
-(``db._engine.ping_idle_only``): a connection the pool got back a moment ago is
-used without a ``SELECT 1`` first. PostgreSQL dropping every connection (what a
-restart does to them) must still cost no delivery: the first statement on a dead
-connection fails as a disconnect, the pool reconnects, the delivery is retried.
+The async receiver's blocking twin pre-pings only connections idle for more than
+``PING_IDLE`` (``db._engine.ping_idle_only``): a connection the pool got back a
+moment ago is used without a ``SELECT 1`` first. PostgreSQL dropping every
+connection (what a restart does to them) must still cost no delivery: the first
+statement on a dead connection fails as a disconnect, the pool reconnects, the
+delivery is retried. The host's engine (the sync receiver's) keeps its pre-ping;
+no delivery may be lost there either.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def test_dropped_connections_cost_no_delivery(kind: str, pg_url: str, pg_engine:
         first = face.send(receiver, signed(event_body(1), msg="m1"), event_body(1))
         assert (200, "accepted") == (first.status_code, first.outcome)
 
-        # Within the ping window: the pooled connection is reused without a ping.
+        # Within the twin's ping window: its pooled connection is reused without a ping.
         assert _drop_connections(pg_url) >= 1
         one = [
             face.send(receiver, signed(event_body(n), msg=f"m{n}"), event_body(n)) for n in (2, 3)

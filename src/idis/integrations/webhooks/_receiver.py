@@ -67,9 +67,10 @@ runs whole in one hop to a thread, on a blocking twin of its engine
 (``db._engine.blocking_twin`` with a pool of its own); one with an async handler
 runs on the ``AsyncSession``. Either way the inbox's statements go to the
 driver's cursor when nothing watches SQLAlchemy's execution (see
-``sync._inbox._driver``). The receivers' engines pre-ping only connections idle
-for more than :data:`PING_IDLE` (``db._engine.ping_idle_only``); a delivery
-whose transaction lost its connection (a restarted PostgreSQL) is retried once.
+``sync._inbox._driver``). The twin pre-pings only connections idle for more
+than :data:`PING_IDLE` (``db._engine.ping_idle_only``; the host's engine keeps
+its own pre-ping); a delivery whose transaction lost its connection (a
+restarted PostgreSQL) is retried once.
 
 Both faces run the same flow (:meth:`_ReceiverBase._receive`), driven by
 :func:`~idis.integrations._flow.drive` or :func:`~idis.integrations._flow.adrive`.
@@ -1190,8 +1191,6 @@ class WebhookReceiver(_ReceiverBase):
             threading.Lock() if sqlite else contextlib.nullcontext()
         )
         self._parallel = 1 if sqlite else PARALLEL_BATCHES
-        if bind is not None:
-            ping_idle_only(bind, PING_IDLE)
         # A notification's changes fetch runs the (async) poller on a private loop over
         # a pool-less async engine of the same database (see _fetch).
         self._db_url = None if bind is None else bind.url.render_as_string(hide_password=False)
@@ -1343,14 +1342,14 @@ class AsyncWebhookReceiver(_ReceiverBase):
         # would hop to its thread and back for every statement, cursor call and COMMIT,
         # and an AsyncSession adds a greenlet switch per call. Async handlers need the
         # AsyncSession: their batches stay on the engine itself.
-        if bind is not None:
-            ping_idle_only(bind.sync_engine, PING_IDLE)
         twin = (
             blocking_twin(bind, pool_size=parallel)
             if bind is not None and _plain_async_factory(sessions)
             else None
         )
         if twin is not None:
+            # Only the engine the receiver made itself skips pings: the host's engine
+            # keeps its own settings for every other user of it.
             ping_idle_only(twin, PING_IDLE)
             # The twin's pooled connections close with the receiver.
             weakref.finalize(self, twin.dispose)
