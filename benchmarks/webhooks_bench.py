@@ -23,7 +23,8 @@ In one run, on the same machine and databases:
   looking at the request, against the receiver's ASGI app mounted in Starlette,
   both flavours: ``WebhookReceiver`` (verification on the event loop, each
   group-committed batch in a worker thread, sync engine) and
-  ``AsyncWebhookReceiver`` (on the event loop, async engine, async handler). Each
+  ``AsyncWebhookReceiver`` (on the event loop, async engine, async handler; with
+  ``--async-handler sync`` a sync one, as the example service registers). Each
   prints its ratio to the bare app (issue 16's target: >= 0.70, new events and
   duplicates).
 
@@ -62,6 +63,8 @@ from typing import Any
 PROVIDER = "crm_provider"
 SECRET = "whsec_YmVuY2htYXJrLXNpZ25pbmcta2V5LTAxMjM0NTY3ODk="
 POSTGRES_URL = os.environ.get("IDIS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+#: ``sync``: the async receiver's no-op handler is a sync one (``--async-handler``).
+ASYNC_HANDLER_ENV = "IDIS_BENCH_ASYNC_HANDLER"
 #: The receiver's HTTP rate over the bare app's, in the same run (issue 16).
 TARGET_RATIO = 0.70
 
@@ -170,7 +173,11 @@ def make_async_receiver(url: str) -> Any:
         return None
 
     registry = HandlerRegistry()
-    registry.register_async("*", noop)
+    if os.environ.get(ASYNC_HANDLER_ENV) == "sync":
+        # The example service's shape: sync handlers under the async receiver.
+        registry.register("*", lambda session, event: None)
+    else:
+        registry.register_async("*", noop)
     engine = create_async_db_engine(url, **({} if url.startswith("sqlite") else {"pool_size": 32}))
     return AsyncWebhookReceiver(settings_for(url), engine, registry=registry, providers=[PROVIDER])
 
@@ -655,18 +662,28 @@ def main(argv: list[str] | None = None) -> None:
         help="only the receivers' CPU per request through their ASGI apps, without HTTP",
     )
     parser.add_argument(
+        "--async-handler",
+        choices=["async", "sync"],
+        default=os.environ.get(ASYNC_HANDLER_ENV, "async"),
+        help="the AsyncWebhookReceiver's no-op handler: async (default) or sync, as the "
+        "example service registers them (its batches then run on a blocking twin)",
+    )
+    parser.add_argument(
         "--serve", choices=["bare", "receiver", "async-receiver"], help=argparse.SUPPRESS
     )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # Read by make_async_receiver, here and in the servers this process starts.
+    os.environ[ASYNC_HANDLER_ENV] = args.async_handler
     _quiet_logs()
     if args.serve:
         serve(args.serve, args.port, args.url)
         return
     print(
         f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; "
-        f"{args.events} webhooks per measurement, HTTP concurrency {args.concurrency}"
+        f"{args.events} webhooks per measurement, HTTP concurrency {args.concurrency}; "
+        f"AsyncWebhookReceiver's handler: {args.async_handler}"
     )
     kinds = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     if args.in_process_only:

@@ -8,7 +8,10 @@ server costs one failed checkout, not a crashed worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -37,9 +40,11 @@ __all__ = [
     "create_async_db_engine",
     "create_db_engine",
     "normalize_url",
+    "ping_idle_only",
     "read_only",
     "session_scope",
     "storage_errors",
+    "unwatched",
 ]
 
 #: Seconds SQLite waits on a locked database before failing.
@@ -97,7 +102,34 @@ def _sqlite_begin(conn: Any) -> None:
         return
     # BEGIN IMMEDIATE takes the write lock up front, so two writers queue on
     # busy_timeout instead of failing with "database is locked" on upgrade.
+    if not conn.dialect.is_async and unwatched(conn):
+        # Nothing watches execution: straight to pysqlite (SQLAlchemy's
+        # exec_driver_sql would add about 40 µs to every write transaction).
+        dbapi_connection = conn.connection.dbapi_connection
+        try:
+            dbapi_connection.execute("BEGIN IMMEDIATE")
+        except conn.dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance(
+                "BEGIN IMMEDIATE", (), exc, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
+            ) from exc
+        return
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_SQL_LOG = logging.getLogger("sqlalchemy.engine.Engine")
+
+
+def unwatched(conn: Any) -> bool:
+    """Whether nothing watches SQLAlchemy's execution on ``conn`` (no cursor or error
+    listeners, no echo, no SQL logging): a statement may then go to the driver directly."""
+    dispatch = conn.dispatch
+    return not (
+        dispatch.before_cursor_execute
+        or dispatch.after_cursor_execute
+        or conn.dialect.dispatch.handle_error
+        or conn.engine.echo
+        or _SQL_LOG.isEnabledFor(logging.INFO)
+    )
 
 
 def _no_pysqlite_txn(dbapi_connection: Any, _record: Any) -> None:
@@ -152,7 +184,7 @@ def _fast_json(dbapi_connection: Any, _record: Any) -> None:
 _MADE_HERE: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def blocking_twin(engine: AsyncEngine) -> Engine | None:
+def blocking_twin(engine: AsyncEngine, *, pool_size: int = 0) -> Engine | None:
     """A blocking engine on the same database as ``engine``, or None.
 
     For work that runs a whole transaction in one hop to a thread instead of
@@ -166,6 +198,11 @@ def blocking_twin(engine: AsyncEngine) -> Engine | None:
     those added later too. Connections may move between threads; the caller
     uses each from one thread at a time.
 
+    ``pool_size`` > 0 gives the twin a pool of its own instead (that many
+    connections kept, as many again opened under load; pre-ping on PostgreSQL
+    as :func:`create_async_db_engine`): for callers that run many short
+    transactions and hold none (the webhook receiver's batches).
+
     None when ``engine`` was not made by :func:`create_async_db_engine` (its
     options are unknown), is an in-memory SQLite database (a second
     connection would see another database), or runs on a SQLAlchemy whose
@@ -176,6 +213,11 @@ def blocking_twin(engine: AsyncEngine) -> Engine | None:
     if connect_args is None:
         return None
     url = sync.url
+    pooling: dict[str, Any] = (
+        {"pool_size": pool_size, "max_overflow": pool_size}
+        if pool_size > 0
+        else {"poolclass": NullPool}
+    )
     if sync.dialect.name == "sqlite":
         database = url.database or ""
         if (
@@ -186,13 +228,15 @@ def blocking_twin(engine: AsyncEngine) -> Engine | None:
             return None
         twin = create_engine(
             url.set(drivername="sqlite"),
-            poolclass=NullPool,
             connect_args={"check_same_thread": False, **connect_args},
+            **pooling,
         )
         event.listen(twin, "connect", _sqlite_pragmas)
         event.listen(twin, "connect", _no_pysqlite_txn)
     else:
-        twin = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+        if pool_size > 0:
+            pooling["pool_pre_ping"] = True
+        twin = create_engine(url, connect_args=connect_args, **pooling)
         event.listen(twin, "connect", _fast_json)
     # The async engine's connection events, dispatched on the twin's connections
     # as well (what SQLAlchemy's own Engine.execution_options copies do). That join
@@ -205,6 +249,49 @@ def blocking_twin(engine: AsyncEngine) -> Engine | None:
         return None
     twin._has_events = True
     return twin
+
+
+def ping_idle_only(engine: Engine, seconds: float) -> None:
+    """Pre-ping only the pooled connections that came back more than ``seconds`` ago.
+
+    A connection the pool got back a moment ago (its transaction just
+    committed or rolled back on it) is alive in all likelihood, and its ping
+    (a ``SELECT 1`` round trip and two autocommit switches on psycopg) is
+    a large share of a short transaction's cost. Should the server have gone
+    away within ``seconds`` nonetheless, the first statement fails as a
+    disconnect, which invalidates the pool's connections (SQLAlchemy), so the
+    next checkout connects afresh; callers retry as they would any transient
+    fault. An engine without ``pool_pre_ping`` is left alone; a second call
+    changes the window.
+    """
+    pool: Any = engine.pool
+    if not getattr(pool, "_pre_ping", False):
+        return
+    dialect: Any = engine.dialect
+    window = getattr(dialect, "_idis_ping_window", None)
+    if window is not None:
+        window[0] = seconds
+        return
+    window = dialect._idis_ping_window = [seconds]
+    returned: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+    ping = dialect.do_ping
+
+    def do_ping(dbapi_connection: Any) -> bool:
+        # An asyncio driver's connection is SQLAlchemy's adapter around the driver's own.
+        key = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        at = returned.get(key)
+        if at is not None and time.monotonic() - at < window[0]:
+            return True
+        return bool(ping(dbapi_connection))
+
+    def checkin(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection is not None:
+            key = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+            with contextlib.suppress(TypeError):  # not weakly referable: always pinged
+                returned[key] = time.monotonic()
+
+    dialect.do_ping = do_ping
+    event.listen(pool, "checkin", checkin)
 
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:

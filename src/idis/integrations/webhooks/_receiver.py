@@ -61,6 +61,17 @@ harmless for handlers written, as they must be, as upserts of the event's state
 inside the session (see ``docs/sync.md``). A redelivery of an event this
 receiver already committed is answered from memory, without a transaction.
 
+**Where a batch runs.** :class:`WebhookReceiver`: in a thread, on its engine.
+:class:`AsyncWebhookReceiver`: a batch none of whose events has an async handler
+runs whole in one hop to a thread, on a blocking twin of its engine
+(``db._engine.blocking_twin`` with a pool of its own); one with an async handler
+runs on the ``AsyncSession``. Either way the inbox's statements go to the
+driver's cursor when nothing watches SQLAlchemy's execution (see
+``sync._inbox._driver``). The twin pre-pings only connections idle for more
+than :data:`PING_IDLE` (``db._engine.ping_idle_only``; the host's engine keeps
+its own pre-ping); a delivery whose transaction lost its connection (a
+restarted PostgreSQL) is retried once.
+
 Both faces run the same flow (:meth:`_ReceiverBase._receive`), driven by
 :func:`~idis.integrations._flow.drive` or :func:`~idis.integrations._flow.adrive`.
 
@@ -82,6 +93,7 @@ import queue
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -96,6 +108,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .._clock import Clock, system_clock
 from .._flow import Effect, Flow, adrive, drive
 from ..config import Settings
+from ..db._engine import blocking_twin, ping_idle_only
 from ..exceptions import (
     AuthError,
     ConfigError,
@@ -113,6 +126,7 @@ from ..sync._inbox import (
     _CountingSession,
     apply_events,
     apply_events_async,
+    get_registry,
 )
 from ._verify import (
     REASON_STATUS,
@@ -142,6 +156,9 @@ RECENT_BATCHES = 8
 SLOW_BATCH = 0.05
 #: Recently committed webhook events remembered per receiver, to answer redeliveries.
 RECENT_EVENTS = 16_384
+#: Seconds since the pool got a connection back within which the receiver's checkouts skip
+#: the pre-ping (see ``db._engine.ping_idle_only``; a lost connection is retried once).
+PING_IDLE = 1.0
 #: Seconds a batch thread of an ASGI app waits for work before it ends (see ``_BatchThreads``).
 _IDLE_THREAD = 10.0
 #: The route under the mount point: one provider name, as config.py allows it.
@@ -949,10 +966,17 @@ class _ReceiverBase:
             except Exception:  # noqa: BLE001, S110  # rolled back whole: each delivery alone below
                 pass
         for job in jobs:
-            try:
-                yield _Together([job])
-            except Exception as exc:  # noqa: BLE001  # answered by the flow (500 or 503)
-                job.error = exc
+            for attempt in (1, 2):
+                try:
+                    yield _Together([job])
+                except Exception as exc:  # noqa: BLE001  # answered by the flow (500 or 503)
+                    if attempt == 1 and isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                        # A connection the server dropped (a restart): the pool connects
+                        # afresh; nothing of the transaction was kept, or, if its COMMIT
+                        # went through unacknowledged, the inbox answers duplicates.
+                        continue
+                    job.error = exc
+                break
 
     async def _arun(
         self, io: _IO, provider: str, headers: Headers, body: bytes, *, method: str, uri: str | None
@@ -1073,6 +1097,34 @@ def _settle(results: list[tuple[list[_Job], ApplyResult]]) -> None:
             job.outcome = [o for o in taken if o is not None]
 
 
+def _apply_blocking(
+    sessions: Callable[[], Session],
+    lock: threading.Lock | contextlib.nullcontext[None],
+    jobs: list[_Job],
+    registry: HandlerRegistry | None,
+) -> None:
+    """Apply ``jobs`` in one blocking ``Session`` transaction, or raise (nothing of them kept)."""
+    with lock, sessions() as session, session.begin():
+        results = [
+            (group, apply_events(session, **call)) for group, call in _inbox_calls(jobs, registry)
+        ]
+    _settle(results)
+
+
+def _plain_async_factory(sessions: Any) -> bool:
+    """Whether ``sessions`` makes plain ``AsyncSession`` objects on a bound engine and
+    nothing else (so a blocking ``Session`` on the same database is the same transaction
+    for a sync handler): an ``AsyncEngine``, or ``async_sessionmaker(engine[,
+    expire_on_commit=..., autoflush=...])``, as ``AsyncSyncService`` makes."""
+    if isinstance(sessions, AsyncEngine):
+        return True
+    return (
+        isinstance(sessions, async_sessionmaker)
+        and sessions.class_ is AsyncSession
+        and set(sessions.kw) <= {"bind", "expire_on_commit", "autoflush"}
+    )
+
+
 def _as_sessionmaker(target: Engine | sessionmaker[Session] | Callable[[], Session]) -> Any:
     if isinstance(target, Engine):
         return sessionmaker(target, class_=_CountingSession, expire_on_commit=False)
@@ -1184,12 +1236,7 @@ class WebhookReceiver(_ReceiverBase):
 
     def _apply_together(self, jobs: list[_Job]) -> None:
         """Apply ``jobs`` in one transaction, or raise (nothing of them kept)."""
-        with self._write_lock, self._sessions() as session, session.begin():
-            results = [
-                (group, apply_events(session, **call))
-                for group, call in _inbox_calls(jobs, self.registry)
-            ]
-        _settle(results)
+        _apply_blocking(self._sessions, self._write_lock, jobs, self.registry)
 
     def _save_spike(self, provider: str, at: datetime) -> None:
         from ..sync._state import note_signature_spike
@@ -1290,6 +1337,37 @@ class AsyncWebhookReceiver(_ReceiverBase):
             asyncio.Lock() if sqlite else contextlib.nullcontext()
         )
         parallel = 1 if sqlite else PARALLEL_BATCHES
+        # A batch whose handlers are all sync runs whole in one hop to a thread, on a
+        # blocking twin of the engine (pysqlite, psycopg's blocking connection): aiosqlite
+        # would hop to its thread and back for every statement, cursor call and COMMIT,
+        # and an AsyncSession adds a greenlet switch per call. Async handlers need the
+        # AsyncSession: their batches stay on the engine itself.
+        twin = (
+            blocking_twin(bind, pool_size=parallel)
+            if bind is not None and _plain_async_factory(sessions)
+            else None
+        )
+        if twin is not None:
+            # Only the engine the receiver made itself skips pings: the host's engine
+            # keeps its own settings for every other user of it.
+            ping_idle_only(twin, PING_IDLE)
+            # The twin's pooled connections close with the receiver.
+            weakref.finalize(self, twin.dispose)
+        self._blocking: Any = (
+            None
+            if twin is None
+            else sessionmaker(
+                twin,
+                class_=_CountingSession,
+                expire_on_commit=False,
+                # As the host's factory: a handler's queries flush its pending writes, or not.
+                autoflush=bool(getattr(sessions, "kw", {}).get("autoflush", True)),
+            )
+        )
+        self._blocking_lock: threading.Lock | contextlib.nullcontext[None] = (
+            threading.Lock() if sqlite else contextlib.nullcontext()
+        )
+        self._threads = _BatchThreads(parallel)
         self._fetch_locks: dict[str, asyncio.Lock] = {}
         self._io = _IO(
             _LoopCommitter(self._apply_batch, parallel, self.batch_linger),
@@ -1311,8 +1389,31 @@ class AsyncWebhookReceiver(_ReceiverBase):
         return await self._arun(self._io, provider, headers, body, method=method, uri=uri)
 
     async def _apply_batch(self, jobs: list[_Job]) -> None:
-        """Async twin of :meth:`WebhookReceiver._apply_batch` (the same flow)."""
+        """Async twin of :meth:`WebhookReceiver._apply_batch` (the same flow).
+
+        On the blocking twin, in one of the batch threads, when no event of the
+        batch has an async handler (see ``__init__``); on the async engine otherwise.
+        """
+        if self._blocking is not None and self._sync_only(jobs):
+            await self._threads.run(self._apply_batch_blocking, jobs)
+            return
         await adrive(self._batch_flow(jobs), self._apply_together)
+
+    def _sync_only(self, jobs: list[_Job]) -> bool:
+        """Whether no event of ``jobs`` would be handed to an async handler."""
+        registry = self.registry if self.registry is not None else get_registry()
+        return not any(
+            registry.async_handler_for(event.type) is not None
+            for job in jobs
+            for event in job.verified.events
+        )
+
+    def _apply_batch_blocking(self, jobs: list[_Job]) -> None:
+        """:meth:`WebhookReceiver._apply_batch` on the blocking twin (a batch thread)."""
+        drive(self._batch_flow(jobs), self._apply_together_blocking)
+
+    def _apply_together_blocking(self, jobs: list[_Job]) -> None:
+        _apply_blocking(self._blocking, self._blocking_lock, jobs, self.registry)
 
     async def _apply_together(self, jobs: list[_Job]) -> None:
         """Async twin of :meth:`WebhookReceiver._apply_together`."""
