@@ -60,9 +60,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol, TypeAlias, cast, runtime_checkable
 
-from sqlalchemy import Connection, Table, bindparam, func, select, text, tuple_, update
+from sqlalchemy import Connection, Table, bindparam, func, select, text
 from sqlalchemy import event as sa_event
-from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
@@ -619,12 +618,16 @@ def _sqlite_text(kind: str, first: int, second: int = 0) -> str:
     return sql
 
 
-def _sqlite_driver(conn: _Executor) -> Any:
-    """SQLite's DB-API connection for the direct statements (qmark), or None."""
+def _sqlite_run(conn: Connection, sql: str, params: Any, *, many: bool = False) -> list[Any]:
+    """SQLite's ``sql`` (qmark) on the driver's cursor; through SQLAlchemy's
+    ``exec_driver_sql`` when something watches execution, so its listeners, echo
+    and log see the same text and parameters. The rows (none for ``many``)."""
     dbapi_conn = _driver(conn)
-    if dbapi_conn is None or not isinstance(conn, Connection) or conn.dialect.paramstyle != "qmark":
-        return None
-    return dbapi_conn
+    if dbapi_conn is not None and conn.dialect.paramstyle == "qmark":
+        rows: list[Any] = _raw(conn, dbapi_conn, sql, params, many=many)
+        return rows
+    result = conn.exec_driver_sql(sql, list(params) if many else tuple(params))
+    return list(result.all()) if result.returns_rows else []
 
 
 #: Dialect -> ``UTCDateTime``'s bind processing on it (the dialects seen: one or two).
@@ -649,30 +652,6 @@ def _dialect(session: _Executor) -> str:
     return name
 
 
-def _sqlite_insert_inbox() -> Any:
-    return (
-        sqlite.insert(_INBOX)
-        .on_conflict_do_nothing(index_elements=["provider", "event_id"])
-        .returning(_INBOX.c.event_id)
-    )
-
-
-def _sqlite_advance() -> Any:
-    stmt = sqlite.insert(_VERSIONS)
-    return stmt.on_conflict_do_update(
-        index_elements=["provider", "record_id"],
-        set_={
-            "order_major": stmt.excluded.order_major,
-            "order_minor": stmt.excluded.order_minor,
-            "event_id": stmt.excluded.event_id,
-            "updated_at": stmt.excluded.updated_at,
-        },
-        where=tuple_(_VERSIONS.c.order_major, _VERSIONS.c.order_minor)
-        < tuple_(stmt.excluded.order_major, stmt.excluded.order_minor),
-    ).returning(_VERSIONS.c.record_id)
-
-
-_SQLITE_INSERT_INBOX = _sqlite_insert_inbox()
 # Reads with an expanding IN list, built once (not per call): Core, no ORM entities.
 _INBOX_ROWS = select(_INBOX.c.event_id, _INBOX.c.webhook_at).where(
     _INBOX.c.provider == bindparam("provider"),
@@ -685,32 +664,10 @@ _CURRENT_KEYS = select(
     _VERSIONS.c.record_id.in_(bindparam("ids", expanding=True)),
     _VERSIONS.c.event_id != _PLACEHOLDER,
 )
-_SQLITE_ADVANCE = _sqlite_advance()
-_SQLITE_TOUCH = (
-    update(_INBOX)
-    .where(
-        _INBOX.c.provider == bindparam("p"),
-        _INBOX.c.event_id == bindparam("e"),
-        # A redelivery of a webhook-delivered event writes nothing.
-        _INBOX.c.webhook_at.is_(None),
-    )
-    .values(webhook_at=bindparam("w"))
-)
-
-
-# SQLite: a batch's two reads (the ledger keys of its records, the inbox rows of
-# its events) in one statement; each row says which read it answers.
-_SQLITE_READS = text(
-    "SELECT 0, record_id, order_major, order_minor FROM sync_record_versions "
-    "WHERE provider = :provider AND record_id IN :records AND event_id != '' "
-    "UNION ALL "
-    "SELECT 1, event_id, webhook_at IS NOT NULL, NULL FROM sync_inbox "
-    "WHERE provider = :provider AND event_id IN :ids"
-).bindparams(bindparam("records", expanding=True), bindparam("ids", expanding=True))
 
 
 def _sqlite_reads(
-    session: _Executor, provider: str, record_ids: list[str], event_ids: list[str]
+    session: Connection, provider: str, record_ids: list[str], event_ids: list[str]
 ) -> tuple[dict[str, OrderKey], dict[str, bool]]:
     """SQLite: :func:`current_keys` and :func:`inbox_rows` of a batch, in one statement."""
     ids = list(dict.fromkeys(event_ids))
@@ -718,20 +675,11 @@ def _sqlite_reads(
         return current_keys(session, provider, record_ids), inbox_rows(session, provider, ids)
     current: dict[str, OrderKey] = {}
     known: dict[str, bool] = {}
-    dbapi_conn = _sqlite_driver(session)
-    rows: Iterable[Any]
-    if dbapi_conn is not None:
-        assert isinstance(session, Connection)
-        rows = _raw(
-            session,
-            dbapi_conn,
-            _sqlite_text("reads", len(record_ids), len(ids)),
-            (provider, *record_ids, provider, *ids),
-        )
-    else:
-        rows = session.execute(
-            _SQLITE_READS, {"provider": provider, "records": record_ids, "ids": ids}
-        )
+    rows = _sqlite_run(
+        session,
+        _sqlite_text("reads", len(record_ids), len(ids)),
+        (provider, *record_ids, provider, *ids),
+    )
     for which, key, first, second in rows:
         if which == 0:
             current[key] = OrderKey(int(first), second)
@@ -871,69 +819,9 @@ def _pg_write(session: _Executor, batch: _Batch, writes: _Writes) -> tuple[int, 
     return int(row[0]), int(row[1])
 
 
-def _sqlite_write(session: _Executor, batch: _Batch, writes: _Writes) -> tuple[int, int]:
-    """SQLite: the same writes as :func:`_pg_write` (no placeholders), executemany each."""
-    provider, now = batch.provider, batch.now
-    claimed, touch, advance, webhook_at = (
-        writes.claimed,
-        writes.touch,
-        writes.advance,
-        writes.webhook_at,
-    )
-    dbapi_conn = _sqlite_driver(session)
-    if dbapi_conn is not None:
-        assert isinstance(session, Connection)
-        return _sqlite_write_direct(session, dbapi_conn, batch, writes)
-    claimed_count = moved = 0
-    if claimed:
-        result = session.execute(
-            _SQLITE_INSERT_INBOX,
-            [
-                {
-                    "provider": provider,
-                    "event_id": event.id,
-                    "event_type": event.type,
-                    "record_id": event.record_id,
-                    "tenant_id": event.tenant_id,
-                    "seq": event.seq,
-                    "version": event.version,
-                    "occurred_at": event.occurred_at,
-                    "source": batch.source,
-                    "status": outcome.value,
-                    "received_at": now,
-                    "webhook_at": webhook_at,
-                }
-                for event, outcome in claimed
-            ],
-        )
-        claimed_count = len(result.all())
-    if touch:
-        # A redelivery of a webhook-delivered event writes nothing (webhook_at IS NULL).
-        session.execute(_SQLITE_TOUCH, [{"p": provider, "e": i, "w": now} for i in touch])
-    if advance:
-        result = session.execute(
-            _SQLITE_ADVANCE,
-            [
-                {
-                    "provider": provider,
-                    "record_id": rid,
-                    "order_major": key.major,
-                    "order_minor": key.minor,
-                    "event_id": event_id,
-                    "updated_at": now,
-                }
-                for rid, (key, event_id) in advance
-            ],
-        )
-        moved = len(result.all())
-    return claimed_count, moved
-
-
-def _sqlite_write_direct(
-    conn: Connection, dbapi_conn: Any, batch: _Batch, writes: _Writes
-) -> tuple[int, int]:
-    """:func:`_sqlite_write` on the driver's cursor: multi-row ``INSERT``s, as SQLAlchemy's
-    "insertmanyvalues" sends them, in chunks of :data:`_SQLITE_ROWS`."""
+def _sqlite_write(conn: Connection, batch: _Batch, writes: _Writes) -> tuple[int, int]:
+    """SQLite: the same writes as :func:`_pg_write` (no placeholders): multi-row ``INSERT``s
+    in chunks of :data:`_SQLITE_ROWS`, the touches as one executemany."""
     provider, source = batch.provider, batch.source
     time = _sqlite_time(conn)
     now = time(batch.now)
@@ -958,12 +846,11 @@ def _sqlite_write_direct(
                 now,
                 webhook_at,
             )
-        claimed_count += len(_raw(conn, dbapi_conn, _sqlite_text("claim", len(chunk)), params))
+        claimed_count += len(_sqlite_run(conn, _sqlite_text("claim", len(chunk)), params))
     if writes.touch:
         # A redelivery of a webhook-delivered event writes nothing (webhook_at IS NULL).
-        _raw(
+        _sqlite_run(
             conn,
-            dbapi_conn,
             _sqlite_text("touch", 0),
             [(now, provider, event_id) for event_id in writes.touch],
             many=True,
@@ -974,7 +861,7 @@ def _sqlite_write_direct(
         params = []
         for rid, (key, event_id) in part:
             params += (provider, rid, key.major, key.minor, event_id, now)
-        moved += len(_raw(conn, dbapi_conn, _sqlite_text("advance", len(part)), params))
+        moved += len(_sqlite_run(conn, _sqlite_text("advance", len(part)), params))
     return claimed_count, moved
 
 
