@@ -36,7 +36,8 @@ TokenState = Literal[
 ]
 
 
-def _iso(value: datetime | None) -> str | None:
+def utc_seconds(value: datetime | None) -> str | None:
+    """``value`` to the second in ISO-8601 with ``Z`` (None stays None)."""
     if value is None:
         return None
     return value.replace(microsecond=0).isoformat().replace("+00:00", "Z")
@@ -87,21 +88,18 @@ class TokenStatus:
             label += " (in process memory only: IDIS_ENCRYPTION_KEYS is unset)"
         parts = [f"{self.provider}: token {label}"]
         if self.seconds_left is not None:
-            seconds = round(self.seconds_left)
+            seconds, when = round(self.seconds_left), utc_seconds(self.expires_at)
             if seconds >= 0:
-                parts.append(
-                    f"{seconds}s left ({format_duration(seconds)}, expires {_iso(self.expires_at)})"
-                )
+                parts.append(f"{seconds}s left ({format_duration(seconds)}, expires {when})")
             else:
                 parts.append(
-                    f"{seconds}s left (expired {format_duration(-seconds)} ago, at "
-                    f"{_iso(self.expires_at)})"
+                    f"{seconds}s left (expired {format_duration(-seconds)} ago, at {when})"
                 )
         elif self.state not in ("missing", "not_required", "unknown"):
             parts.append("no expiry given")
         if self.state not in ("not_required", "unknown"):
             parts.append(f"scopes: {' '.join(self.scopes) if self.scopes else '-'}")
-            refreshed = _iso(self.last_refresh) or "never"
+            refreshed = utc_seconds(self.last_refresh) or "never"
             outcome = f" (last attempt: {self.last_outcome})" if self.last_outcome else ""
             parts.append(f"last refresh: {refreshed}{outcome}")
             if self.consecutive_failures:
@@ -118,9 +116,9 @@ class TokenStatus:
         """JSON-ready fields (no secret), the margin left out and ``healthy`` added."""
         data = asdict(self) | {
             "seconds_left": None if self.seconds_left is None else round(self.seconds_left),
-            "expires_at": _iso(self.expires_at),
+            "expires_at": utc_seconds(self.expires_at),
             "scopes": list(self.scopes),
-            "last_refresh": _iso(self.last_refresh),
+            "last_refresh": utc_seconds(self.last_refresh),
             "healthy": self.healthy,
         }
         del data["refresh_margin"]

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Engine, Select, Table, insert, select, update
-from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -45,47 +45,9 @@ _LOCK_NOT_AVAILABLE = "55P03"
 _UNDEFINED_TABLE = "42P01"
 
 
-@dataclass(frozen=True, slots=True)
-class RowSnapshot:
-    """The columns of one ``oauth_tokens`` row, read at one moment."""
-
-    provider: str
-    grant_type: str
-    state: str
-    generation: int
-    token_type: str | None
-    access_token_enc: str | None
-    refresh_token_enc: str | None
-    scopes: list[str]
-    issued_at: datetime | None
-    expires_at: datetime | None
-    last_refresh_at: datetime | None
-    last_attempt_at: datetime | None
-    last_outcome: str | None
-    last_error: str | None
-    consecutive_failures: int
-    next_attempt_at: datetime | None
-    client_id: str | None
-    client_secret_enc: str | None
-    credential_source: str | None
-    credential_version: int | None
-    credentials_rotated_at: datetime | None
-    updated_at: datetime
-    #: The token response's ``instance_url`` (Salesforce), not a secret.
-    instance_url: str | None = None
-
-    @classmethod
-    def from_mapping(cls, row: RowMapping | Mapping[str, Any]) -> RowSnapshot:
-        """Build from a result row (Core mapping)."""
-        values = {f.name: row[f.name] for f in fields(cls)}
-        values["scopes"] = list(values["scopes"] or [])
-        return cls(**values)
-
-    def __repr__(self) -> str:
-        return (
-            f"RowSnapshot(provider={self.provider!r}, state={self.state!r}, "
-            f"generation={self.generation})"
-        )
+#: A provider's row as read at one moment: a detached ``OAuthTokenRow`` (its columns are the
+#: fields; never added to a session, so nothing written to it reaches the database).
+RowSnapshot = OAuthTokenRow
 
 
 def blank_values(provider: str, now: datetime) -> dict[str, Any]:
@@ -189,7 +151,7 @@ def fetch(
     if row is None:
         conn.execute(insert_missing(provider, utcnow(), dialect))
         row = conn.execute(select_row(provider, for_update=for_update)).mappings().one()
-    return RowSnapshot.from_mapping(row)
+    return RowSnapshot(**row)
 
 
 def write_values(

@@ -41,6 +41,7 @@ from ._flow import (
     request_token,
 )
 from ._grant import AccessToken, IssuedToken, parse_imported_token
+from ._status import utc_seconds
 from ._store import AsyncTokenStore, RowHandle, RowSnapshot, SyncTokenStore
 from ._vault import ClientCredentials, VaultStore
 
@@ -91,13 +92,8 @@ class RefreshResult:
 
     def __str__(self) -> str:
         if self.outcome == "refreshed":
-            when = (
-                self.expires_at.replace(microsecond=0).isoformat().replace("+00:00", "Z")
-                if self.expires_at
-                else None
-            )
             left = (
-                f"expires in {int(self.seconds_left)}s ({when})"
+                f"expires in {int(self.seconds_left)}s ({utc_seconds(self.expires_at)})"
                 if self.seconds_left is not None
                 else "no expiry given"
             )
