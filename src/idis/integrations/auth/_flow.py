@@ -406,19 +406,11 @@ class TokenCore:
                 (names the variables to set).
         """
         if p.auth.credentials_from_vault:
-            cached = self.vault_credentials.get(p.name)
             wanted = snap.credential_version if snap.credential_source == "vault" else None
-            if cached is None or (wanted is not None and (cached.version or 0) < wanted):
-                self._require_vault(p, snap)
-                return None, True
-            return cached, False
+            return self._from_vault(p, snap, wanted)
         if snap.client_secret_enc:
             if not self.cipher.available:
-                self._require_vault(p, snap, copy_unreadable=True)
-                cached = self.vault_credentials.get(p.name)
-                if cached is None or (cached.version or 0) < (snap.credential_version or 0):
-                    return None, True
-                return cached, False
+                return self._from_vault(p, snap, snap.credential_version, copy_unreadable=True)
             secret = self.decrypt(p, snap, "client_secret_enc")
             return (
                 ClientCredentials(
@@ -430,11 +422,7 @@ class TokenCore:
                 False,
             )
         if snap.credential_source == "vault":
-            cached = self.vault_credentials.get(p.name)
-            if cached is None or (cached.version or 0) < (snap.credential_version or 0):
-                self._require_vault(p, snap)
-                return None, True
-            return cached, False
+            return self._from_vault(p, snap, snap.credential_version)
         if p.auth.client_secret is None and self.grant_for(p) == "client_credentials":
             variable = f"IDIS_PROVIDER_{p.name.upper()}_CLIENT_SECRET"
             raise ConfigError(
@@ -450,6 +438,21 @@ class TokenCore:
             ),
             False,
         )
+
+    def _from_vault(
+        self,
+        p: ProviderSettings,
+        snap: RowSnapshot,
+        version: int | None,
+        *,
+        copy_unreadable: bool = False,
+    ) -> tuple[ClientCredentials | None, bool]:
+        """The cached Vault credentials if at least ``version``; else (None, True): read Vault."""
+        cached = self.vault_credentials.get(p.name)
+        if cached is not None and (cached.version or 0) >= (version or 0):
+            return cached, False
+        self._require_vault(p, snap, copy_unreadable=copy_unreadable)
+        return None, True
 
     def _require_vault(
         self, p: ProviderSettings, snap: RowSnapshot, *, copy_unreadable: bool = False
@@ -809,19 +812,16 @@ class TokenCore:
     ) -> AccessToken | None:
         """Inside the process lock: a token another thread/task just obtained, if usable."""
         token = self.cache.get(p.name)
-        if token is None or mode == "force":
-            return None
-        now = self.now()
-        if mode == "ensure" and token.is_fresh(now, p.auth.refresh_margin):
-            return token
-        if (
-            mode == "rejected"
-            and rejected is not None
-            and token.generation > rejected
-            and not token.is_expired(now)
-        ):
-            return token
-        return None
+        decision = decide(
+            mode=mode,
+            candidate=token,
+            stored_state="ok",
+            next_attempt_at=None,
+            now=self.now(),
+            margin=p.auth.refresh_margin,
+            rejected_generation=rejected,
+        )
+        return token if decision.action is Action.USE else None
 
     def reuse_until(self, p: ProviderSettings, snap: RowSnapshot) -> datetime | None:
         """Until when the refresh token whose answer was lost may be sent again (None: never)."""

@@ -125,42 +125,15 @@ class TokenStatus:
         return data
 
 
-def _state_for(
-    row: Any, now: datetime, margin: float
-) -> tuple[TokenState, float | None, str | None]:
-    """Pure: the state a token row is in at ``now``."""
-    left = (row.expires_at - now).total_seconds() if row.expires_at is not None else None
-    has_token = row.expires_at is not None or row.issued_at is not None
-    provider = row.provider
-    if row.state == "reauthorization_required":
-        return (
-            "reauthorization_required",
-            left,
-            "re-authorize, then `idis-integrations import-token --provider "
-            f"{provider}` (or fix the credentials and run `idis-integrations refresh-tokens "
-            f"--provider {provider}`)",
-        )
-    if row.state == "refresh_outcome_unknown":
-        return (
-            "refresh_outcome_unknown",
-            left,
-            "re-authorize: the provider may have rotated the refresh token in an answer that "
-            "was lost, and resending the old one could revoke the whole token family; then "
-            f"`idis-integrations import-token --provider {provider}`",
-        )
-    if row.state == "refresh_failing":
-        return (
-            "refresh_failing",
-            left,
-            f"`idis-integrations refresh-tokens --provider {provider}` retries now",
-        )
-    if not has_token:
-        return "missing", None, None
-    if left is None or left > margin:
-        return "valid", left, None
-    if left > 0:
-        return "expiring", left, None
-    return "expired", left, None
+#: What to do next in each stopped state a row can store (``{p}``: the provider).
+_STOPPED_HINTS = {
+    "reauthorization_required": "re-authorize, then `idis-integrations import-token --provider "
+    "{p}` (or fix the credentials and run `idis-integrations refresh-tokens --provider {p}`)",
+    "refresh_outcome_unknown": "re-authorize: the provider may have rotated the refresh token in "
+    "an answer that was lost, and resending the old one could revoke the whole token family; "
+    "then `idis-integrations import-token --provider {p}`",
+    "refresh_failing": "`idis-integrations refresh-tokens --provider {p}` retries now",
+}
 
 
 def _missing_hint(provider: str, grant: str) -> str:
@@ -225,9 +198,17 @@ def _from_row(provider: str, grant: str, margin: float, row: Any, now: datetime)
             refresh_margin=margin,
             hint=_missing_hint(provider, grant),
         )
-    state, left, hint = _state_for(row, now, margin)
-    if state == "missing":
-        hint = _missing_hint(provider, grant)
+    left = (row.expires_at - now).total_seconds() if row.expires_at is not None else None
+    state: TokenState
+    hint = None
+    if row.state in _STOPPED_HINTS:
+        state, hint = row.state, _STOPPED_HINTS[row.state].format(p=provider)
+    elif row.expires_at is None and row.issued_at is None:
+        state, hint = "missing", _missing_hint(provider, grant)
+    elif left is None or left > margin:
+        state = "valid"
+    else:
+        state = "expiring" if left > 0 else "expired"
     return TokenStatus(
         provider=provider,
         state=state,

@@ -40,7 +40,7 @@ from ._flow import (
     obtain,
     request_token,
 )
-from ._grant import AccessToken, IssuedToken, parse_imported_token
+from ._grant import AccessToken, IssuedToken, Mode, parse_imported_token
 from ._status import utc_seconds
 from ._store import AsyncTokenStore, RowHandle, RowSnapshot, SyncTokenStore
 from ._vault import ClientCredentials, VaultStore
@@ -189,21 +189,14 @@ class _Face:
             StorageError: the token table is unreachable.
         """
         p = self._core.provider(provider)
-        token = self._core.fast(provider, p.auth.refresh_margin)
-        if token is not None:
-            return token
-        fresh: AccessToken = yield from self._single_flight(
-            p, obtain(self._core, p, "ensure", None)
-        )
-        return fresh
+        fresh = self._core.fast(provider, p.auth.refresh_margin)
+        return fresh or (yield from self._obtain(p, "ensure"))
 
     def _token_rejected(self, provider: str, token: AccessToken) -> Flow[AccessToken]:
         """The provider answered 401 to ``token``: return a newer one (refresh once if needed)."""
-        p = self._core.provider(provider)
-        newer: AccessToken = yield from self._single_flight(
-            p, obtain(self._core, p, "rejected", token.generation)
+        return (
+            yield from self._obtain(self._core.provider(provider), "rejected", token.generation)
         )
-        return newer
 
     def _refresh(self, provider: str) -> Flow[AccessToken]:
         """Refresh now, whatever the cached token's expiry or failure backoff.
@@ -211,9 +204,15 @@ class _Face:
         A refresh whose previous answer was lost (``refresh_outcome_unknown``)
         is still refused: only re-authorizing (``import_token``) clears it.
         """
-        p = self._core.provider(provider)
-        fresh: AccessToken = yield from self._single_flight(p, obtain(self._core, p, "force", None))
-        return fresh
+        return (yield from self._obtain(self._core.provider(provider), "force"))
+
+    def _obtain(
+        self, p: ProviderSettings, mode: Mode, rejected: int | None = None
+    ) -> Flow[AccessToken]:
+        token: AccessToken = yield from self._single_flight(
+            p, obtain(self._core, p, mode, rejected)
+        )
+        return token
 
     def _import_token(
         self, provider: str, document: Mapping[str, Any], *, actor: str = "system"
@@ -295,12 +294,8 @@ class TokenManager(_Face):
             TokenLockTimeout: another refresh held the lock longer than ``lock_timeout``.
         """
         p = self._core.provider(provider)
-        with self._locked(p):
-            handle = self._store.lock(p.name, p.auth.lock_timeout)
-            try:
-                yield TokenHold(self, p, handle)
-            finally:
-                self._store.release(handle)
+        with self._locked(p), self._store.locked(p.name, p.auth.lock_timeout) as handle:
+            yield TokenHold(self, p, handle)
 
     def close(self) -> None:
         """Close the HTTP client (and the engine, if this manager created it)."""
@@ -596,39 +591,32 @@ def refresh_tokens(
         names = sorted(settings.providers)
     owns = manager is None
     manager = manager or TokenManager(settings)
-    results: list[RefreshResult] = []
-    try:
-        for name in names:
-            if settings.provider(name).auth.grant == "none":
-                results.append(
-                    RefreshResult(provider=name, outcome="skipped", error="no OAuth (grant none)")
-                )
-                continue
-            try:
-                token = manager.refresh(name)
-            except IntegrationError as exc:
-                results.append(
-                    RefreshResult(
-                        provider=name,
-                        outcome="failed",
-                        error=redact_text(str(exc)),
-                        error_type=type(exc).__name__,
-                    )
-                )
-                continue
-            results.append(
-                RefreshResult(
-                    provider=name,
-                    outcome="refreshed",
-                    expires_at=token.expires_at,
-                    seconds_left=token.seconds_left(manager.clock.now()),
-                    generation=token.generation,
-                )
+
+    def refresh(name: str) -> RefreshResult:
+        if settings.provider(name).auth.grant == "none":
+            return RefreshResult(provider=name, outcome="skipped", error="no OAuth (grant none)")
+        try:
+            token = manager.refresh(name)
+        except IntegrationError as exc:
+            return RefreshResult(
+                provider=name,
+                outcome="failed",
+                error=redact_text(str(exc)),
+                error_type=type(exc).__name__,
             )
+        return RefreshResult(
+            provider=name,
+            outcome="refreshed",
+            expires_at=token.expires_at,
+            seconds_left=token.seconds_left(manager.clock.now()),
+            generation=token.generation,
+        )
+
+    try:
+        return [refresh(name) for name in names]
     finally:
         if owns:
             manager.close()
-    return results
 
 
 def import_token(

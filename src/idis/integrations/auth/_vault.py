@@ -210,22 +210,16 @@ class VaultStore:
         started = self._clock.monotonic()
         try:
             with self._errors("log in with AppRole to", where):
-                try:
-                    answer = client.auth.approle.login(
-                        role_id=self.settings.role_id,
-                        secret_id=(
-                            self.settings.secret_id.get_secret_value()
-                            if self.settings.secret_id
-                            else None
-                        ),
-                    )
-                except vexc.Forbidden:
-                    raise SecretStoreRefused("AppRole login forbidden", reason="denied") from None
-        except SecretStoreRefused as exc:
+                secret_id = self.settings.secret_id
+                answer = client.auth.approle.login(
+                    role_id=self.settings.role_id,
+                    secret_id=secret_id.get_secret_value() if secret_id else None,
+                )
+        except (SecretStoreRefused, vexc.Forbidden) as exc:  # _errors lets a 403 through
             raise SecretStoreRefused(
-                f"Vault at {self.settings.addr} refused the AppRole login ({exc.reason}): check "
-                "VAULT_ROLE_ID and VAULT_SECRET_ID (the secret id may have expired or been "
-                "used up)",
+                f"Vault at {self.settings.addr} refused the AppRole login "
+                f"({getattr(exc, 'reason', 'denied')}): check VAULT_ROLE_ID and VAULT_SECRET_ID "
+                "(the secret id may have expired or been used up)",
                 reason="login_failed",
             ) from None
         self._set_lease(answer.get("auth") if isinstance(answer, dict) else None, started)
