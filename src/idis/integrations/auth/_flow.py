@@ -107,6 +107,14 @@ OUTCOMES = (
 )
 #: ``token_reauthorization_required{reason}`` values.
 REAUTHORIZATION_REASONS = ("invalid_grant", "invalid_client", "outcome_unknown")
+#: A failed refresh's error class -> its outcome label and the row's new state (first match;
+#: any other failure is ``failed``, ``refresh_failing``).
+_FAILURES = (
+    (RefreshOutcomeUnknown, "outcome_unknown", "refresh_outcome_unknown"),
+    (CredentialsRejected, "invalid_client", "reauthorization_required"),
+    (ReauthorizationRequired, "invalid_grant", "reauthorization_required"),
+    (TokenRequestRejected, "rejected", "refresh_failing"),
+)
 #: Column of the row -> the field name its ciphertext is bound to.
 SECRET_COLUMNS = {
     "access_token_enc": "access_token",
@@ -299,11 +307,8 @@ class TokenCore:
 
     def fast(self, provider: str, margin: float) -> AccessToken | None:
         """The cached token if it is fresh (no lock, no I/O)."""
-        token = self.cache.get(provider)
-        if token is None:
-            return None
-        now = self.now()
-        if not token.is_fresh(now, margin):
+        token, now = self.cache.get(provider), self.now()
+        if token is None or not token.is_fresh(now, margin):
             return None
         self.gauge(token, now)
         return token
@@ -627,20 +632,13 @@ class TokenCore:
     ) -> tuple[str, dict[str, Any], list[dict[str, Any]], Exception]:
         """Outcome label, row values, audit rows and the error to raise for a failed refresh."""
         now = self.now()
-        unknown = isinstance(exc, RefreshOutcomeUnknown)
-        reauthorize = isinstance(exc, ReauthorizationRequired)
-        if unknown:
-            outcome, state = "outcome_unknown", "refresh_outcome_unknown"
-        elif isinstance(exc, CredentialsRejected):
-            outcome, state = "invalid_client", "reauthorization_required"
-        elif reauthorize:
-            outcome, state = "invalid_grant", "reauthorization_required"
-        elif isinstance(exc, TokenRequestRejected):
-            outcome, state = "rejected", "refresh_failing"
-        else:
-            outcome, state = "failed", "refresh_failing"
+        outcome, state = next(
+            ((o, s) for kind, o, s in _FAILURES if isinstance(exc, kind)),
+            ("failed", "refresh_failing"),
+        )
         failures = snap.consecutive_failures + 1
         message = redact_text(str(exc))
+        reauthorize = isinstance(exc, ReauthorizationRequired)
         delay = None if reauthorize else REFRESH_FAILURE_BACKOFF.delay(failures)
         attempted = now
         if isinstance(exc, RefreshOutcomeUnknown) and exc.sent_at is not None:
@@ -657,13 +655,9 @@ class TokenCore:
         }
         audit: list[dict[str, Any]] = []
         if snap.state != state:
-            action = {
-                "refresh_outcome_unknown": "token.refresh_outcome_unknown",
-                "reauthorization_required": "token.reauthorization_required",
-            }.get(state, "token.refresh_failing")
             audit.append(
                 {
-                    "action": action,
+                    "action": f"token.{state}",
                     "provider": p.name,
                     "subject_type": "token",
                     "subject_id": p.name,
@@ -1064,13 +1058,10 @@ def request_token(
             may_resend = lost_since is None or (
                 grace > 0 and (core.now() - lost_since).total_seconds() < grace
             )
-            if not is_retryable(exc) or attempt >= p.auth.refresh_attempts or not may_resend:
+            give_up = not is_retryable(exc) or attempt >= p.auth.refresh_attempts or not may_resend
+            delay = None if give_up else core.retry_delay(p, attempt, exc)
+            if delay is None or core.clock.monotonic() + delay > deadline:
                 if lost is not None and lost_since is not None and is_retryable(exc):
-                    raise _outcome_unknown(p, lost, lost_since) from exc
-                raise
-            delay = core.retry_delay(p, attempt, exc)
-            if core.clock.monotonic() + delay > deadline:
-                if lost is not None and lost_since is not None:
                     raise _outcome_unknown(p, lost, lost_since) from exc
                 raise
             yield Sleep(delay)

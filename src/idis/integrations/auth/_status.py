@@ -175,17 +175,13 @@ def token_status(
     Raises:
         UnknownProviderError: the provider is not configured (lists the known ones).
     """
-    p = settings.provider(provider)
-    grant = p.auth.grant
-    margin = p.auth.refresh_margin
-    if grant == "none":
-        return TokenStatus(provider=provider, state="not_required", grant=grant)
-    url = settings.database_url
-    unknown = _unreadable(provider, grant, url, engine)
-    if isinstance(unknown, TokenStatus):
-        return unknown
-    row = unknown
-    return _from_row(provider, grant, margin, row, (clock or system_clock).now())
+    auth = settings.provider(provider).auth
+    if auth.grant == "none":
+        return TokenStatus(provider=provider, state="not_required", grant=auth.grant)
+    row = _unreadable(provider, auth.grant, settings.database_url, engine)
+    if isinstance(row, TokenStatus):
+        return row
+    return _from_row(provider, auth.grant, auth.refresh_margin, row, (clock or system_clock).now())
 
 
 def _from_row(provider: str, grant: str, margin: float, row: Any, now: datetime) -> TokenStatus:

@@ -294,8 +294,13 @@ class TokenManager(_Face):
             TokenLockTimeout: another refresh held the lock longer than ``lock_timeout``.
         """
         p = self._core.provider(provider)
-        with self._locked(p), self._store.locked(p.name, p.auth.lock_timeout) as handle:
-            yield TokenHold(self, p, handle)
+        lock = self._lock(p)
+        _Acquire(lock, self._core, p).run(self._io)
+        try:
+            with self._store.locked(p.name, p.auth.lock_timeout) as handle:
+                yield TokenHold(self, p, handle)
+        finally:
+            lock.release()
 
     def close(self) -> None:
         """Close the HTTP client (and the engine, if this manager created it)."""
@@ -313,15 +318,6 @@ class TokenManager(_Face):
     def _lock(self, p: ProviderSettings) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(p.name, threading.Lock())
-
-    @contextmanager
-    def _locked(self, p: ProviderSettings) -> Iterator[None]:
-        lock = self._lock(p)
-        _Acquire(lock, self._core, p).run(self._io)
-        try:
-            yield
-        finally:
-            lock.release()
 
 
 class AsyncTokenManager(_Face):

@@ -233,19 +233,25 @@ class VaultStore:
 
     def _learn_lease(self, client: Any) -> None:
         """Read a static token's lease (TTL, renewable) so it can be renewed in time."""
-        import hvac.exceptions as vexc
-        import requests
-
         started = self._clock.monotonic()
-        try:
-            answer = client.auth.token.lookup_self()
-        except (vexc.VaultError, requests.exceptions.RequestException):
-            return  # lookup-self not allowed or Vault down: the operation will say
-        data = answer.get("data") if isinstance(answer, dict) else None
+        # lookup-self not allowed or Vault down: {} and the operation will say.
+        data = self._quietly(client.auth.token.lookup_self).get("data")
         if isinstance(data, dict):
             self._set_lease(
                 {"lease_duration": data.get("ttl"), "renewable": data.get("renewable")}, started
             )
+
+    @staticmethod
+    def _quietly(call: Callable[[], Any]) -> dict[str, Any]:
+        """``call()``'s answer; {} when Vault refused, failed or could not be reached."""
+        import hvac.exceptions as vexc
+        import requests
+
+        try:
+            answer = call()
+        except (vexc.VaultError, requests.exceptions.RequestException):
+            return {}
+        return answer if isinstance(answer, dict) else {}
 
     def _set_lease(self, auth: Mapping[str, Any] | None, started: float) -> None:
         """Remember a lease Vault granted in an answer to a request sent at ``started``."""
@@ -265,15 +271,8 @@ class VaultStore:
         if left > self._lease * _RENEW_WHEN_LEFT:
             return
         if self._renewable and left > 0:
-            import hvac.exceptions as vexc
-            import requests
-
             started = self._clock.monotonic()
-            try:
-                answer = client.auth.token.renew_self()
-            except (vexc.VaultError, requests.exceptions.RequestException):
-                answer = None
-            auth = answer.get("auth") if isinstance(answer, dict) else None
+            auth = self._quietly(client.auth.token.renew_self).get("auth")
             lease = (auth or {}).get("lease_duration")
             # A renewal capped by the token's max TTL buys little: log in again instead.
             if isinstance(lease, int | float) and lease > self._lease * _RENEW_WHEN_LEFT:
