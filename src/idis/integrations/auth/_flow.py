@@ -562,9 +562,9 @@ class TokenCore:
         mode: Mode,
     ) -> tuple[AccessToken, dict[str, Any], list[dict[str, Any]]]:
         """The new token, the row values that persist it, and the audit rows."""
-        refresh = issued.refresh_token or previous_refresh
-        if refresh is not None and grant == "client_credentials" and issued.refresh_token is None:
-            refresh = None  # client_credentials tokens are re-obtained, never refreshed
+        # client_credentials tokens are re-obtained, never refreshed: no refresh token kept.
+        kept = previous_refresh if grant != "client_credentials" else None
+        refresh = issued.refresh_token or kept
         token = AccessToken(
             provider=p.name,
             access_token=issued.access_token,

@@ -241,7 +241,8 @@ def _description(document: Mapping[str, Any]) -> str:
     return ": " + (text[:_DESCRIPTION_LIMIT] + "..." if len(text) > _DESCRIPTION_LIMIT else text)
 
 
-def _json_object(content: bytes) -> dict[str, Any] | None:
+def json_object(content: bytes) -> dict[str, Any] | None:
+    """``content`` as a JSON object; None when it is not one (or not JSON at all)."""
     try:
         document = json.loads(content or b"null")
     except (ValueError, UnicodeDecodeError):
@@ -279,7 +280,7 @@ def parse_token_response(
             status_code=status,
         )
 
-    document = _json_object(content)
+    document = json_object(content)
     if 200 <= status < 300:
         if document is None or not isinstance(document.get("access_token"), str):
             raise malformed(f"answered {status} without an access_token")

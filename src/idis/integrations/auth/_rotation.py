@@ -28,7 +28,6 @@ and counted in ``integration_credential_rotations_total{outcome}``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -48,7 +47,7 @@ from ..exceptions import (
     TokenLockTimeout,
 )
 from ..observability._logs import get_logger, redact_text
-from ._grant import IssuedToken, basic_authorization, resolve_url
+from ._grant import IssuedToken, basic_authorization, json_object, resolve_url
 from ._status import utc_seconds
 from ._tokens import RotatedCredentials, TokenHold, TokenManager
 from ._vault import ClientCredentials, VaultStore
@@ -432,12 +431,9 @@ def _call_rotation_api(
     error = error_for_status(response.status_code, p.name, "rotate")
     if error is not None:
         raise error
-    try:
-        document = json.loads(response.content or b"null")
-    except ValueError:
-        document = None
-    secret = document.get("client_secret") if isinstance(document, dict) else None
-    if not isinstance(secret, str) or not secret or not isinstance(document, dict):
+    document = json_object(response.content)
+    secret = document.get("client_secret") if document is not None else None
+    if not isinstance(secret, str) or not secret or document is None:
         raise AuthError(
             f"{p.name} rotation API answered {response.status_code} without a client_secret",
             provider=p.name,
