@@ -194,19 +194,10 @@ class OAuthAuthFactory:
         """The shared async token manager."""
         with self._lock:
             if self._async_manager is None:
-                # Sync-only options stay out; async_<name> becomes <name>.
-                options = {
-                    k: v
-                    for k, v in self._options.items()
-                    if k not in _SYNC_ONLY and not k.startswith("async_")
-                }
-                options.update(
-                    {
-                        k.removeprefix("async_"): v
-                        for k, v in self._options.items()
-                        if k.startswith("async_")
-                    }
-                )
+                # Sync-only options stay out; async_<name> becomes <name> (and wins over it).
+                options = {k: v for k, v in self._options.items() if k not in _SYNC_ONLY}
+                options = {k: v for k, v in options.items() if f"async_{k}" not in options}
+                options = {k.removeprefix("async_"): v for k, v in options.items()}
                 self._async_manager = AsyncTokenManager(self.settings, **options)
                 self._owned.append(self._async_manager)
             return self._async_manager

@@ -49,7 +49,7 @@ from ..exceptions import (
 from ..observability._logs import get_logger, redact_text
 from ._grant import IssuedToken, basic_authorization, json_object, resolve_url
 from ._status import utc_seconds
-from ._tokens import RotatedCredentials, TokenHold, TokenManager
+from ._tokens import TokenHold, TokenManager
 from ._vault import ClientCredentials, VaultStore
 
 __all__ = ["CredentialRotationError", "RotationResult", "rotate_credentials"]
@@ -319,8 +319,8 @@ class _Rotation:
         )
         hold.commit(
             self.verified,
-            switch_to=RotatedCredentials(
-                r.client_id, self.new.client_secret, stored_in=r.stored_in, version=r.version
+            switch_to=ClientCredentials(
+                r.client_id, self.new.client_secret, source=r.stored_in, version=r.version
             ),
             audit={
                 "action": "credentials.rotated",

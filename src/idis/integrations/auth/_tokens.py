@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from .._clock import Clock, system_clock
 from .._flow import Effect, Flow, async_face, drive, sync_face
 from .._http import httpx
-from ..config import ProviderSettings, Secret, Settings
+from ..config import ProviderSettings, Settings
 from ..exceptions import ConfigError, IntegrationError
 from ..observability._logs import get_logger, redact_text
 from ..observability._metrics import Metrics
@@ -49,7 +49,6 @@ __all__ = [
     "AccessToken",
     "AsyncTokenManager",
     "RefreshResult",
-    "RotatedCredentials",
     "TokenHold",
     "TokenManager",
     "import_token",
@@ -155,15 +154,6 @@ class _Face:
         """The clock this manager reads time from."""
         return self._core.clock
 
-    def _parse_import(
-        self, provider: str, document: Mapping[str, Any]
-    ) -> tuple[ProviderSettings, IssuedToken]:
-        core = self._core
-        p = core.provider(provider)
-        core.cipher.require(f"imported tokens of {provider!r}")
-        issued = parse_imported_token(document, now=core.now(), default_scopes=p.auth.scopes)
-        return p, issued
-
     def _lock(self, p: ProviderSettings) -> Any:
         """The provider's in-process single-flight lock (a thread's or a task's)."""
         raise NotImplementedError
@@ -233,8 +223,11 @@ class _Face:
             ConfigError: a malformed document (naming the field) or no encryption key.
             TokenLockTimeout: another refresh held the token lock too long.
         """
-        p, issued = self._parse_import(provider, document)
-        flow = import_flow(self._core, p, issued, actor=actor)
+        core = self._core
+        p = core.provider(provider)
+        core.cipher.require(f"imported tokens of {provider!r}")
+        issued = parse_imported_token(document, now=core.now(), default_scopes=p.auth.scopes)
+        flow = import_flow(core, p, issued, actor=actor)
         imported: AccessToken | None = yield from self._single_flight(p, flow)
         return imported
 
@@ -382,20 +375,6 @@ class AsyncTokenManager(_Face):
 # --------------------------------------------------------------------------- maintenance
 
 
-@dataclass(frozen=True, slots=True)
-class RotatedCredentials:
-    """New client credentials to switch to (``TokenHold.commit``); the secret never prints."""
-
-    #: Client id.
-    client_id: str
-    #: The new client secret.
-    client_secret: Secret
-    #: Where they live: ``vault`` or ``database``.
-    stored_in: str
-    #: Vault KV version, or the rotation counter in the database.
-    version: int
-
-
 class TokenHold:
     """A provider's token lock, held: the public token API for maintenance (rotation).
 
@@ -473,7 +452,7 @@ class TokenHold:
         self,
         issued: IssuedToken,
         *,
-        switch_to: RotatedCredentials | None = None,
+        switch_to: ClientCredentials | None = None,
         audit: Mapping[str, Any] | None = None,
     ) -> AccessToken:
         """Persist ``issued`` (and, with ``switch_to``, the new credentials) in one transaction.
@@ -483,8 +462,10 @@ class TokenHold:
 
         Args:
             issued: A token obtained with :meth:`request_token`.
-            switch_to: New credentials to record in the row; their secret is kept as an
-                encrypted copy when a key is configured (needed when stored in the database).
+            switch_to: New credentials to record in the row, their ``source`` where they are
+                stored (``vault`` or ``database``) and their ``version`` the KV version or
+                rotation counter; the secret is kept as an encrypted copy when a key is
+                configured (needed when stored in the database).
             audit: An audit entry written with it (besides ``token.refreshed``).
 
         Raises:
@@ -499,7 +480,7 @@ class TokenHold:
         if switch_to is not None:
             secret = switch_to.client_secret.get_secret_value()
             copy: str | None
-            if switch_to.stored_in == "database":
+            if switch_to.source == "database":
                 copy = core.cipher.encrypt(
                     secret, provider=p.name, field="client_secret", what="the rotated client secret"
                 )
@@ -509,20 +490,15 @@ class TokenHold:
             values.update(
                 client_id=switch_to.client_id,
                 client_secret_enc=copy,
-                credential_source=switch_to.stored_in,
+                credential_source=switch_to.source,
                 credential_version=switch_to.version,
                 credentials_rotated_at=issued.issued_at,
             )
         if audit is not None:
             entries.insert(0, dict(audit))
         self._manager._store.write(self._handle, values, expect_generation=None, audit=entries)
-        if switch_to is not None and switch_to.stored_in == "vault":
-            core.vault_credentials[p.name] = ClientCredentials(
-                client_id=switch_to.client_id,
-                client_secret=switch_to.client_secret,
-                source="vault",
-                version=switch_to.version,
-            )
+        if switch_to is not None and switch_to.source == "vault":
+            core.vault_credentials[p.name] = switch_to
         core.after_success(p, token, mode="force", rotated=False)
         return token
 

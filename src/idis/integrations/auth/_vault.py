@@ -393,6 +393,7 @@ class VaultStore:
             ) from None
 
     def _data_path(self, where: str) -> str:
+        """The API path a policy names for ``where`` (``<mount>/data/<path>`` under the mount)."""
         mount = self.settings.mount
         if where.startswith(mount + "/"):
             return f"{mount}/data/{where[len(mount) + 1 :]}"
@@ -445,7 +446,7 @@ class VaultStore:
         Asked before a rotation API hands out a new secret, so that a policy
         without write access fails the rotation before anything changed.
         """
-        data_path = f"{self.settings.mount}/data/{self.path(provider)}"
+        data_path = self._data_path(self.location(provider))
         try:
             answer = self._call(
                 "check capabilities on",
