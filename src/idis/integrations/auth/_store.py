@@ -189,19 +189,14 @@ class SyncTokenStore:
             return RowHandle(provider, self.read(provider))
         with db_errors(provider, lock_timeout):
             conn = self.engine.connect()
-        try:
-            with db_errors(provider, lock_timeout):
+            try:
                 conn.begin()
                 snapshot = fetch(
-                    conn,
-                    provider,
-                    for_update=True,
-                    dialect=self.dialect,
-                    lock_timeout=lock_timeout,
+                    conn, provider, for_update=True, dialect=self.dialect, lock_timeout=lock_timeout
                 )
-        except BaseException:
-            self._close(conn)
-            raise
+            except BaseException:
+                self._close(conn)
+                raise
         return RowHandle(provider, snapshot, conn)
 
     def write(
@@ -286,8 +281,7 @@ class AsyncTokenStore:
             return RowHandle(provider, await self.read(provider))
         with db_errors(provider, lock_timeout):
             conn = await self.engine.connect()
-        try:
-            with db_errors(provider, lock_timeout):
+            try:
                 await conn.begin()
                 snapshot = await conn.run_sync(
                     fetch,
@@ -296,9 +290,9 @@ class AsyncTokenStore:
                     dialect=self.dialect,
                     lock_timeout=lock_timeout,
                 )
-        except BaseException:
-            await self._close(conn)
-            raise
+            except BaseException:
+                await self._close(conn)
+                raise
         return RowHandle(provider, snapshot, conn)
 
     async def write(

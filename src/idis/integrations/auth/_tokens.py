@@ -41,7 +41,7 @@ from ._flow import (
     request_token,
 )
 from ._grant import AccessToken, IssuedToken, Mode, parse_imported_token
-from ._status import utc_seconds
+from ._status import token_status, utc_seconds
 from ._store import AsyncTokenStore, RowHandle, RowSnapshot, SyncTokenStore
 from ._vault import ClientCredentials, VaultStore
 
@@ -613,8 +613,6 @@ def import_token(
     Raises:
         ConfigError: malformed token (names the field), no encryption key, unknown provider.
     """
-    from ._status import token_status
-
     settings = settings or Settings.from_env()
     with TokenManager(settings) as manager:
         manager.import_token(provider, token, actor=actor)
