@@ -278,18 +278,18 @@ def _unreadable(provider: str, grant: str, url: str, engine: Any) -> Any:
     def unknown(why: str) -> TokenStatus:
         return TokenStatus(provider=provider, state="unknown", grant=grant, hint=why)
 
-    own = engine is None
+    own, shown = engine is None, _safe_url(url)
     if own:
         try:
             parsed = make_url(url)
         except Exception:  # noqa: BLE001  # reported as a status line, not a traceback
-            return unknown(f"IDIS_DATABASE_URL is not a database URL ({_safe_url(url)})")
+            return unknown(f"IDIS_DATABASE_URL is not a database URL ({shown})")
         if parsed.get_backend_name() == "sqlite":
             path = parsed.database or ""
             if path and path != ":memory:" and not Path(path).exists():
                 # Opening it would create an empty file; report instead.
                 return unknown(
-                    f"token store {_safe_url(url)} does not exist: run `idis-integrations db "
+                    f"token store {shown} does not exist: run `idis-integrations db "
                     "upgrade` (and check IDIS_DATABASE_URL)"
                 )
             engine = create_db_engine(url)
@@ -301,13 +301,11 @@ def _unreadable(provider: str, grant: str, url: str, engine: Any) -> Any:
     except DBAPIError as exc:
         text = str(exc.orig) if exc.orig is not None else type(exc).__name__
         if getattr(exc.orig, "sqlstate", None) == "42P01" or "no such table" in text:
-            return unknown(
-                f"token table missing in {_safe_url(url)}: run `idis-integrations db upgrade`"
-            )
+            return unknown(f"token table missing in {shown}: run `idis-integrations db upgrade`")
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        return unknown(f"token store {_safe_url(url)} unreachable: {redact_text(first)}")
+        return unknown(f"token store {shown} unreachable: {redact_text(first)}")
     except SQLAlchemyError as exc:
-        return unknown(f"token store {_safe_url(url)} unreadable: {type(exc).__name__}")
+        return unknown(f"token store {shown} unreadable: {type(exc).__name__}")
     finally:
         if own:
             engine.dispose()

@@ -557,10 +557,9 @@ def refresh_tokens(
             variable="provider",
         )
     settings = settings or (manager.settings if manager is not None else Settings.from_env())
-    if provider is not None:
-        names = [settings.provider(provider).name]
-    else:
-        names = sorted(settings.providers)
+    names = (
+        [settings.provider(provider).name] if provider is not None else sorted(settings.providers)
+    )
     owns = manager is None
     manager = manager or TokenManager(settings)
 
