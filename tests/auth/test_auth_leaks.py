@@ -272,6 +272,7 @@ def _auth_dataclasses() -> list[type]:
 def _plain() -> dict[str, Callable[[], Any]]:
     from idis.integrations._clock import system_clock
     from idis.integrations.auth._grant import Action
+    from idis.integrations.auth._store import RowSnapshot
 
     return {
         "GrantType": lambda: "refresh_token",
@@ -283,6 +284,14 @@ def _plain() -> dict[str, Callable[[], Any]]:
         "httpx.Timeout": lambda: httpx.Timeout(1.0),
         "SyncTokenStore | AsyncTokenStore": lambda: None,
         "Callable[[], VaultStore]": lambda: lambda: None,
+        "TokenManager": lambda: None,
+        # A snapshot is a detached row: its ciphertext columns hold secret-looking values.
+        "RowSnapshot": lambda: RowSnapshot(
+            provider="x",
+            access_token_enc=_SECRET,
+            refresh_token_enc=_SECRET,
+            client_secret_enc=_SECRET,
+        ),
     }
 
 
@@ -353,6 +362,7 @@ def test_no_repr_or_str_in_the_auth_package_shows_a_secret(
                 hold.vault() if settings.vault.addr else None,
                 oauth_auth_factory(settings, manager=manager)(settings.provider(P)),
                 hold.cipher,
+                _PLAIN["RowSnapshot"](),
             ]
 
     unbuildable = sorted(name for name, instance in built.items() if instance is None)

@@ -107,6 +107,14 @@ OUTCOMES = (
 )
 #: ``token_reauthorization_required{reason}`` values.
 REAUTHORIZATION_REASONS = ("invalid_grant", "invalid_client", "outcome_unknown")
+#: A failed refresh's error class -> its outcome label and the row's new state (first match;
+#: any other failure is ``failed``, ``refresh_failing``).
+_FAILURES = (
+    (RefreshOutcomeUnknown, "outcome_unknown", "refresh_outcome_unknown"),
+    (CredentialsRejected, "invalid_client", "reauthorization_required"),
+    (ReauthorizationRequired, "invalid_grant", "reauthorization_required"),
+    (TokenRequestRejected, "rejected", "refresh_failing"),
+)
 #: Column of the row -> the field name its ciphertext is bound to.
 SECRET_COLUMNS = {
     "access_token_enc": "access_token",
@@ -299,11 +307,8 @@ class TokenCore:
 
     def fast(self, provider: str, margin: float) -> AccessToken | None:
         """The cached token if it is fresh (no lock, no I/O)."""
-        token = self.cache.get(provider)
-        if token is None:
-            return None
-        now = self.now()
-        if not token.is_fresh(now, margin):
+        token, now = self.cache.get(provider), self.now()
+        if token is None or not token.is_fresh(now, margin):
             return None
         self.gauge(token, now)
         return token
@@ -406,19 +411,11 @@ class TokenCore:
                 (names the variables to set).
         """
         if p.auth.credentials_from_vault:
-            cached = self.vault_credentials.get(p.name)
             wanted = snap.credential_version if snap.credential_source == "vault" else None
-            if cached is None or (wanted is not None and (cached.version or 0) < wanted):
-                self._require_vault(p, snap)
-                return None, True
-            return cached, False
+            return self._from_vault(p, snap, wanted)
         if snap.client_secret_enc:
             if not self.cipher.available:
-                self._require_vault(p, snap, copy_unreadable=True)
-                cached = self.vault_credentials.get(p.name)
-                if cached is None or (cached.version or 0) < (snap.credential_version or 0):
-                    return None, True
-                return cached, False
+                return self._from_vault(p, snap, snap.credential_version, copy_unreadable=True)
             secret = self.decrypt(p, snap, "client_secret_enc")
             return (
                 ClientCredentials(
@@ -430,11 +427,7 @@ class TokenCore:
                 False,
             )
         if snap.credential_source == "vault":
-            cached = self.vault_credentials.get(p.name)
-            if cached is None or (cached.version or 0) < (snap.credential_version or 0):
-                self._require_vault(p, snap)
-                return None, True
-            return cached, False
+            return self._from_vault(p, snap, snap.credential_version)
         if p.auth.client_secret is None and self.grant_for(p) == "client_credentials":
             variable = f"IDIS_PROVIDER_{p.name.upper()}_CLIENT_SECRET"
             raise ConfigError(
@@ -450,6 +443,21 @@ class TokenCore:
             ),
             False,
         )
+
+    def _from_vault(
+        self,
+        p: ProviderSettings,
+        snap: RowSnapshot,
+        version: int | None,
+        *,
+        copy_unreadable: bool = False,
+    ) -> tuple[ClientCredentials | None, bool]:
+        """The cached Vault credentials if at least ``version``; else (None, True): read Vault."""
+        cached = self.vault_credentials.get(p.name)
+        if cached is not None and (cached.version or 0) >= (version or 0):
+            return cached, False
+        self._require_vault(p, snap, copy_unreadable=copy_unreadable)
+        return None, True
 
     def _require_vault(
         self, p: ProviderSettings, snap: RowSnapshot, *, copy_unreadable: bool = False
@@ -554,9 +562,9 @@ class TokenCore:
         mode: Mode,
     ) -> tuple[AccessToken, dict[str, Any], list[dict[str, Any]]]:
         """The new token, the row values that persist it, and the audit rows."""
-        refresh = issued.refresh_token or previous_refresh
-        if refresh is not None and grant == "client_credentials" and issued.refresh_token is None:
-            refresh = None  # client_credentials tokens are re-obtained, never refreshed
+        # client_credentials tokens are re-obtained, never refreshed: no refresh token kept.
+        kept = previous_refresh if grant != "client_credentials" else None
+        refresh = issued.refresh_token or kept
         token = AccessToken(
             provider=p.name,
             access_token=issued.access_token,
@@ -624,20 +632,13 @@ class TokenCore:
     ) -> tuple[str, dict[str, Any], list[dict[str, Any]], Exception]:
         """Outcome label, row values, audit rows and the error to raise for a failed refresh."""
         now = self.now()
-        unknown = isinstance(exc, RefreshOutcomeUnknown)
-        reauthorize = isinstance(exc, ReauthorizationRequired)
-        if unknown:
-            outcome, state = "outcome_unknown", "refresh_outcome_unknown"
-        elif isinstance(exc, CredentialsRejected):
-            outcome, state = "invalid_client", "reauthorization_required"
-        elif reauthorize:
-            outcome, state = "invalid_grant", "reauthorization_required"
-        elif isinstance(exc, TokenRequestRejected):
-            outcome, state = "rejected", "refresh_failing"
-        else:
-            outcome, state = "failed", "refresh_failing"
+        outcome, state = next(
+            ((o, s) for kind, o, s in _FAILURES if isinstance(exc, kind)),
+            ("failed", "refresh_failing"),
+        )
         failures = snap.consecutive_failures + 1
         message = redact_text(str(exc))
+        reauthorize = isinstance(exc, ReauthorizationRequired)
         delay = None if reauthorize else REFRESH_FAILURE_BACKOFF.delay(failures)
         attempted = now
         if isinstance(exc, RefreshOutcomeUnknown) and exc.sent_at is not None:
@@ -654,13 +655,9 @@ class TokenCore:
         }
         audit: list[dict[str, Any]] = []
         if snap.state != state:
-            action = {
-                "refresh_outcome_unknown": "token.refresh_outcome_unknown",
-                "reauthorization_required": "token.reauthorization_required",
-            }.get(state, "token.refresh_failing")
             audit.append(
                 {
-                    "action": action,
+                    "action": f"token.{state}",
                     "provider": p.name,
                     "subject_type": "token",
                     "subject_id": p.name,
@@ -809,19 +806,16 @@ class TokenCore:
     ) -> AccessToken | None:
         """Inside the process lock: a token another thread/task just obtained, if usable."""
         token = self.cache.get(p.name)
-        if token is None or mode == "force":
-            return None
-        now = self.now()
-        if mode == "ensure" and token.is_fresh(now, p.auth.refresh_margin):
-            return token
-        if (
-            mode == "rejected"
-            and rejected is not None
-            and token.generation > rejected
-            and not token.is_expired(now)
-        ):
-            return token
-        return None
+        decision = decide(
+            mode=mode,
+            candidate=token,
+            stored_state="ok",
+            next_attempt_at=None,
+            now=self.now(),
+            margin=p.auth.refresh_margin,
+            rejected_generation=rejected,
+        )
+        return token if decision.action is Action.USE else None
 
     def reuse_until(self, p: ProviderSettings, snap: RowSnapshot) -> datetime | None:
         """Until when the refresh token whose answer was lost may be sent again (None: never)."""
@@ -1064,13 +1058,10 @@ def request_token(
             may_resend = lost_since is None or (
                 grace > 0 and (core.now() - lost_since).total_seconds() < grace
             )
-            if not is_retryable(exc) or attempt >= p.auth.refresh_attempts or not may_resend:
+            give_up = not is_retryable(exc) or attempt >= p.auth.refresh_attempts or not may_resend
+            delay = None if give_up else core.retry_delay(p, attempt, exc)
+            if delay is None or core.clock.monotonic() + delay > deadline:
                 if lost is not None and lost_since is not None and is_retryable(exc):
-                    raise _outcome_unknown(p, lost, lost_since) from exc
-                raise
-            delay = core.retry_delay(p, attempt, exc)
-            if core.clock.monotonic() + delay > deadline:
-                if lost is not None and lost_since is not None:
                     raise _outcome_unknown(p, lost, lost_since) from exc
                 raise
             yield Sleep(delay)

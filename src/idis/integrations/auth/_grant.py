@@ -241,7 +241,8 @@ def _description(document: Mapping[str, Any]) -> str:
     return ": " + (text[:_DESCRIPTION_LIMIT] + "..." if len(text) > _DESCRIPTION_LIMIT else text)
 
 
-def _json_object(content: bytes) -> dict[str, Any] | None:
+def json_object(content: bytes) -> dict[str, Any] | None:
+    """``content`` as a JSON object; None when it is not one (or not JSON at all)."""
     try:
         document = json.loads(content or b"null")
     except (ValueError, UnicodeDecodeError):
@@ -271,15 +272,18 @@ def parse_token_response(
 
     from ..resilience._errors import error_for_status
 
-    document = _json_object(content)
+    def malformed(what: str) -> MalformedResponse:
+        return MalformedResponse(
+            f"{provider} token endpoint {what}",
+            provider=provider,
+            endpoint=TOKEN_ENDPOINT,
+            status_code=status,
+        )
+
+    document = json_object(content)
     if 200 <= status < 300:
         if document is None or not isinstance(document.get("access_token"), str):
-            raise MalformedResponse(
-                f"{provider} token endpoint answered {status} without an access_token",
-                provider=provider,
-                endpoint=TOKEN_ENDPOINT,
-                status_code=status,
-            )
+            raise malformed(f"answered {status} without an access_token")
         params = dict(document)
         expires_in = params.get("expires_in")
         # authlib would compute expires_at from time.time(); give it our clock's.
@@ -288,12 +292,8 @@ def parse_token_response(
             try:
                 params["expires_at"] = int(now.timestamp() + float(expires_in))
             except (TypeError, ValueError):
-                raise MalformedResponse(
-                    f"{provider} token endpoint sent expires_in={expires_in!r}: "
-                    "expected a number of seconds",
-                    provider=provider,
-                    endpoint=TOKEN_ENDPOINT,
-                    status_code=status,
+                raise malformed(
+                    f"sent expires_in={expires_in!r}: expected a number of seconds"
                 ) from None
         token = OAuth2Token(params)
         expires_at = now + timedelta(seconds=float(expires_in)) if expires_in is not None else None
@@ -340,12 +340,7 @@ def parse_token_response(
         )
     error = error_for_status(status, provider, TOKEN_ENDPOINT, retry_after=retry_after)
     if error is None:  # 1xx/3xx: redirects are not followed for token requests
-        raise MalformedResponse(
-            f"{provider} token endpoint answered HTTP {status}",
-            provider=provider,
-            endpoint=TOKEN_ENDPOINT,
-            status_code=status,
-        )
+        raise malformed(f"answered HTTP {status}")
     if not error.retryable or not error.provider_fault:
         raise TokenRequestRejected(
             f"{provider} token endpoint refused the request (HTTP {status})", provider=provider

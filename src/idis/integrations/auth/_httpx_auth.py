@@ -78,12 +78,14 @@ class OAuth2Auth(httpx.Auth):
     def bearer_flow(self, request: httpx.Request) -> Generator[Any, Any, None]:
         """The auth decisions, once for both clients: yields token needs and requests.
 
-        Yields ``("token", None)`` for the current token, ``("rejected", token)``
-        after a 401 (a newer token, refreshed once if needed), and requests to
-        send; receives tokens and responses. A second 401 is returned as it is.
+        Yields ``("get_token", provider)`` for the current token,
+        ``("token_rejected", provider, token)`` after a 401 (a newer token,
+        refreshed once if needed): a manager method and its arguments; and
+        requests to send. Receives tokens and responses. A second 401 is
+        returned as it is.
         """
         original = str(request.url)
-        token = yield ("token", None)
+        token = yield ("get_token", self.provider)
         request.headers["Authorization"] = token.authorization
         self._to_instance(request, original, token)
         response = yield request
@@ -95,7 +97,7 @@ class OAuth2Auth(httpx.Auth):
             provider=self.provider,
             generation=token.generation,
         )
-        newer = yield ("rejected", token)
+        newer = yield ("token_rejected", self.provider, token)
         request.headers["Authorization"] = newer.authorization
         self._to_instance(request, original, newer)
         yield request
@@ -114,10 +116,8 @@ class OAuth2Auth(httpx.Auth):
                 return
             if isinstance(step, httpx.Request):
                 sent = yield step
-            elif step[0] == "token":
-                sent = manager.get_token(self.provider)
             else:
-                sent = manager.token_rejected(self.provider, step[1])
+                sent = getattr(manager, step[0])(*step[1:])
 
     async def async_auth_flow(
         self, request: httpx.Request
@@ -135,24 +135,25 @@ class OAuth2Auth(httpx.Auth):
                 return
             if isinstance(step, httpx.Request):
                 sent = yield step
-            elif step[0] == "token":
-                sent = await manager.get_token(self.provider)
             else:
-                sent = await manager.token_rejected(self.provider, step[1])
+                sent = await getattr(manager, step[0])(*step[1:])
 
 
 class OAuthAuthFactory:
     """Builds one :class:`OAuth2Auth` per OAuth provider, sharing one manager of each kind.
 
-    Call it with a provider's settings (the Gateway does); it returns None for
-    providers whose grant is ``none``. Thread-safe.
+    The ``auth=`` callable for :class:`~idis.integrations.resilience.Gateway`: call it
+    with a provider's settings (the Gateway does); it returns an ``httpx.Auth``, or None
+    for providers whose grant is ``none``. Thread-safe; close it at shutdown.
 
     Args:
-        settings: Library settings.
-        manager: A sync manager to share (default: created on first sync use).
-        async_manager: An async manager to share (default: created on first async use).
-        manager_options: Keyword arguments for managers the factory creates
-            (``metrics``, ``clock``, ``transport``...).
+        settings: Library settings (the same the Gateway gets).
+        manager: A sync :class:`TokenManager` to share (default: created on first sync use).
+        async_manager: An :class:`AsyncTokenManager` to share (default: created on first
+            async use).
+        manager_options: Passed to managers the factory creates (``metrics``, ``clock``,
+            ``vault``; ``engine`` and ``transport`` for the sync manager, ``async_engine``
+            and ``async_transport`` for the async one).
     """
 
     def __init__(
@@ -193,19 +194,10 @@ class OAuthAuthFactory:
         """The shared async token manager."""
         with self._lock:
             if self._async_manager is None:
-                # Sync-only options stay out; async_<name> becomes <name>.
-                options = {
-                    k: v
-                    for k, v in self._options.items()
-                    if k not in _SYNC_ONLY and not k.startswith("async_")
-                }
-                options.update(
-                    {
-                        k.removeprefix("async_"): v
-                        for k, v in self._options.items()
-                        if k.startswith("async_")
-                    }
-                )
+                # Sync-only options stay out; async_<name> becomes <name> (and wins over it).
+                options = {k: v for k, v in self._options.items() if k not in _SYNC_ONLY}
+                options = {k: v for k, v in options.items() if f"async_{k}" not in options}
+                options = {k.removeprefix("async_"): v for k, v in options.items()}
                 self._async_manager = AsyncTokenManager(self.settings, **options)
                 self._owned.append(self._async_manager)
             return self._async_manager
@@ -226,26 +218,6 @@ class OAuthAuthFactory:
             self._owned.remove(owned)
 
 
-def oauth_auth_factory(
-    settings: Settings,
-    *,
-    manager: TokenManager | None = None,
-    async_manager: AsyncTokenManager | None = None,
-    **manager_options: Any,
-) -> OAuthAuthFactory:
-    """The ``auth=`` callable for :class:`~idis.integrations.resilience.Gateway`.
-
-    Args:
-        settings: Library settings (the same the Gateway gets).
-        manager: Share an existing :class:`TokenManager`.
-        async_manager: Share an existing :class:`AsyncTokenManager`.
-        manager_options: Passed to managers the factory creates (``metrics``,
-            ``clock``, ``vault``; ``engine`` and ``transport`` for the sync manager,
-            ``async_engine`` and ``async_transport`` for the async one).
-
-    Returns:
-        A callable ``ProviderSettings -> httpx.Auth | None``; close it at shutdown.
-    """
-    return OAuthAuthFactory(
-        settings, manager=manager, async_manager=async_manager, **manager_options
-    )
+#: The ``auth=`` callable for :class:`~idis.integrations.resilience.Gateway`: the factory's
+#: constructor under the name the docs and RB-09 use (``oauth_auth_factory(settings)``).
+oauth_auth_factory = OAuthAuthFactory

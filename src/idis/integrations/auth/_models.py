@@ -10,7 +10,6 @@ on this row, which is what makes it single-flight across processes.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import CheckConstraint, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
@@ -27,13 +26,7 @@ class OAuthTokenRow(Base):
     """A provider's OAuth token and credential state."""
 
     __tablename__ = "oauth_tokens"
-    __table_args__ = (
-        CheckConstraint(
-            "state IN ('ok', 'refresh_failing', 'reauthorization_required', "
-            "'refresh_outcome_unknown')",
-            name="state",
-        ),
-    )
+    __table_args__ = (CheckConstraint(f"state IN {STORED_STATES!r}", name="state"),)
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     #: Provider name as configured (one row each).
@@ -91,8 +84,3 @@ class OAuthTokenRow(Base):
             f"OAuthTokenRow(provider={self.provider!r}, state={self.state!r}, "
             f"generation={self.generation}, expires_at={self.expires_at!r})"
         )
-
-
-def row_values(row: OAuthTokenRow) -> dict[str, Any]:
-    """Column values of ``row`` (for copying into snapshots)."""
-    return {column.key: getattr(row, column.key) for column in OAuthTokenRow.__table__.columns}

@@ -28,12 +28,11 @@ and counted in ``integration_credential_rotations_total{outcome}``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from ..config import ProviderSettings, Secret, Settings
+from ..config import Secret, Settings
 from ..exceptions import (
     AuthError,
     ConfigError,
@@ -48,23 +47,15 @@ from ..exceptions import (
     TokenLockTimeout,
 )
 from ..observability._logs import get_logger, redact_text
-from ._grant import IssuedToken, basic_authorization, resolve_url
-from ._tokens import RotatedCredentials, TokenHold, TokenManager
+from ._grant import IssuedToken, basic_authorization, json_object, resolve_url
+from ._status import utc_seconds
+from ._tokens import TokenHold, TokenManager
 from ._vault import ClientCredentials, VaultStore
 
 __all__ = ["CredentialRotationError", "RotationResult", "rotate_credentials"]
 
 _log = get_logger()
-#: ``integration_credential_rotations_total{outcome}`` values.
-OUTCOMES = (
-    "ok",
-    "prepare_failed",
-    "obtain_failed",
-    "verify_failed",
-    "store_failed",
-    "switch_failed",
-)
-#: What each step's failure means for the operator.
+#: What each step's failure means for the operator, in the order the steps run.
 _STEP_MEANING = {
     "prepare": "stopped before anything changed",
     "obtain": "could not obtain new credentials",
@@ -73,6 +64,8 @@ _STEP_MEANING = {
     "store": "the new credentials work but could not be stored; nothing was switched",
     "switch": "the new credentials were stored but switching to them failed",
 }
+#: ``integration_credential_rotations_total{outcome}`` values.
+OUTCOMES = ("ok", *(f"{step}_failed" for step in _STEP_MEANING))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +106,7 @@ class RotationResult:
             where = f"stored in Vault {self.location} version {self.version}{kept}"
         else:
             where = f"stored encrypted in the database (rotation {self.version})"
-        expiry = (
-            self.token_expires_at.replace(microsecond=0).isoformat().replace("+00:00", "Z")
-            if self.token_expires_at
-            else "no expiry"
-        )
+        expiry = utc_seconds(self.token_expires_at) or "no expiry"
         grace = (
             f"; the previous secret stays valid until {self.previous_secret_valid_until}"
             if self.previous_secret_valid_until
@@ -132,13 +121,6 @@ class RotationResult:
         """JSON-ready fields (no secret)."""
         expires = self.token_expires_at
         return asdict(self) | {"token_expires_at": expires.isoformat() if expires else None}
-
-
-@dataclass(frozen=True, slots=True)
-class _NewCredentials:
-    credentials: ClientCredentials
-    source: str
-    previous_valid_until: str | None
 
 
 def rotate_credentials(
@@ -198,55 +180,54 @@ def rotate_credentials(
             manager.close()
 
 
+@dataclass(slots=True, repr=False)  # the default repr would show the new secret
 class _Rotation:
     """One rotation, step by step, on the provider's held token lock."""
 
-    def __init__(
-        self,
-        manager: TokenManager,
-        provider: str,
-        *,
-        store_in_vault: bool,
-        new_secret: str | None,
-        new_client_id: str | None,
-        vault: VaultStore | None,
-        actor: str,
-    ) -> None:
-        self.manager = manager
-        self.provider = provider
-        self.store_in_vault = store_in_vault
-        self.new_secret = new_secret
-        self.new_client_id = new_client_id
-        self.vault = vault
-        self.actor = actor
-        self.step = "prepare"
-        self.new: _NewCredentials | None = None
-        self.verified: IssuedToken | None = None
-        self.base: tuple[dict[str, Any], int] | None = None
-        self.previous_version: int | None = None
-        self.version = 0
+    manager: TokenManager
+    provider: str
+    store_in_vault: bool
+    new_secret: str | None
+    new_client_id: str | None
+    vault: VaultStore | None
+    actor: str
+    step: str = "prepare"
+    #: The credentials in use, as the prepare step found them.
+    current: ClientCredentials | None = None
+    #: The new credentials (``source``: ``rotation_api`` or ``operator``).
+    new: ClientCredentials | None = None
+    #: Until when the provider accepts the previous secret, if its rotation API said.
+    previous_valid_until: str | None = None
+    verified: IssuedToken | None = None
+    base: tuple[dict[str, Any], int] | None = None
+    previous_version: int | None = None
+    version: int = 0
+    result: RotationResult | None = None
 
     def run(self) -> RotationResult:
-        """Check the request, hold the lock, run the steps; on failure audit and raise."""
+        """Check the request, hold the lock, run the steps in order; on failure audit and raise."""
         with self.manager.hold(self.provider) as hold:
-            p = hold.provider
             store = self._check(hold)
             try:
-                current = self._prepare(hold, store)
-                self.step = "obtain"
-                self.new = self._obtain(hold, current)
-                self.step = "verify"
-                self.verified = self._verify(hold, self.new)
-                self.step = "store"
-                self.version = self._store(hold, store, self.new)
-                self.step = "switch"
-                token = self._switch(hold, store, self.new, self.verified)
+                for self.step in _STEP_MEANING:  # each step is the method named after it
+                    getattr(self, f"_{self.step}")(hold, store)
             except (IntegrationError, ProviderError) as exc:
                 if self.step == "prepare" and isinstance(exc, ConfigError):
                     raise
                 raise self._failed(hold, exc) from exc
-            hold.metrics.credential_rotations.labels(p.name, "ok").inc()
-        return self._succeeded(p, store, token.expires_at)
+            hold.metrics.credential_rotations.labels(hold.provider.name, "ok").inc()
+        assert self.result is not None
+        _log.info(
+            "idis.auth.credentials_rotated",
+            msg="client credentials rotated and in use",
+            provider=self.provider,
+            client_id=self.result.client_id,
+            source=self.result.source,
+            stored_in=self.result.stored_in,
+            credential_version=self.version,
+            actor=self.actor,
+        )
+        return self.result
 
     def _check(self, hold: TokenHold) -> VaultStore | None:
         """Refuse a rotation that cannot work, before anything happens (ConfigError)."""
@@ -262,7 +243,7 @@ class _Rotation:
             )
         return store
 
-    def _prepare(self, hold: TokenHold, store: VaultStore | None) -> ClientCredentials | None:
+    def _prepare(self, hold: TokenHold, store: VaultStore | None) -> None:
         """Read where the credentials are now, and check that Vault will take the new ones."""
         p = hold.provider
         if store is None:
@@ -277,28 +258,25 @@ class _Rotation:
                     f"{store.path(p.name)}",
                     reason="denied",
                 )
-        return hold.credentials()
+        self.current = hold.credentials()
 
-    def _obtain(self, hold: TokenHold, current: ClientCredentials | None) -> _NewCredentials:
+    def _obtain(self, hold: TokenHold, store: VaultStore | None) -> None:
         """The new secret: the operator's, or one minted by the provider's rotation API."""
-        p = hold.provider
         if self.new_secret is None:
-            return _call_rotation_api(hold, current)
-        client_id = self.new_client_id or (current.client_id if current else "")
-        return _NewCredentials(
-            ClientCredentials(
-                client_id=client_id or p.auth.client_id,
-                client_secret=Secret(self.new_secret),
-                source="operator",
-            ),
-            "operator",
-            None,
+            self.new, self.previous_valid_until = _call_rotation_api(hold, self.current)
+            return
+        client_id = self.new_client_id or (self.current.client_id if self.current else "")
+        self.new = ClientCredentials(
+            client_id=client_id or hold.provider.auth.client_id,
+            client_secret=Secret(self.new_secret),
+            source="operator",
         )
 
-    def _verify(self, hold: TokenHold, new: _NewCredentials) -> IssuedToken:
+    def _verify(self, hold: TokenHold, store: VaultStore | None) -> None:
         """Obtain a token with the new credentials (spends the refresh token, if any)."""
+        assert self.new is not None
         try:
-            return hold.request_token(new.credentials)
+            self.verified = hold.request_token(self.new)
         except ReauthorizationRequired as exc:
             if hold.grant == "refresh_token" and not isinstance(exc, CredentialsRejected):
                 # The refresh token was refused or its fate is unknown: the token row
@@ -306,49 +284,57 @@ class _Rotation:
                 hold.record_failure(exc)
             raise
 
-    def _store(self, hold: TokenHold, store: VaultStore | None, new: _NewCredentials) -> int:
+    def _store(self, hold: TokenHold, store: VaultStore | None) -> None:
         """Write the new credentials to Vault (a new KV version), or count a database rotation."""
+        assert self.new is not None
         if store is None:
-            hold.cipher.require(f"the rotated client secret of {hold.provider.name!r}")
-            return (hold.snapshot.credential_version or 0) + 1
-        return store.write_credentials(
+            self.version = (hold.snapshot.credential_version or 0) + 1
+            return
+        self.version = store.write_credentials(
             hold.provider.name,
-            new.credentials,
+            self.new,
             base=self.base,
             extra={
                 "rotated_at": hold.now().isoformat(),
                 "rotated_by": self.actor,
-                "source": new.source,
+                "source": self.new.source,
             },
         )
 
-    def _switch(
-        self, hold: TokenHold, store: VaultStore | None, new: _NewCredentials, verified: IssuedToken
-    ) -> Any:
+    def _switch(self, hold: TokenHold, store: VaultStore | None) -> None:
         """Record the new credentials and the verified token in the row: in use from now on."""
-        p = hold.provider
-        stored_in = "vault" if store is not None else "database"
-        return hold.commit(
-            verified,
-            switch_to=RotatedCredentials(
-                client_id=new.credentials.client_id,
-                client_secret=new.credentials.client_secret,
-                stored_in=stored_in,
-                version=self.version,
+        assert self.new is not None
+        assert self.verified is not None
+        name = hold.provider.name
+        r = self.result = RotationResult(
+            provider=name,
+            client_id=self.new.client_id,
+            source=self.new.source,
+            stored_in="vault" if store is not None else "database",
+            version=self.version,
+            previous_version=self.previous_version,
+            location=store.location(name) if store is not None else None,
+            token_expires_at=self.verified.expires_at,
+            previous_secret_valid_until=self.previous_valid_until,
+        )
+        hold.commit(
+            self.verified,
+            switch_to=ClientCredentials(
+                r.client_id, self.new.client_secret, source=r.stored_in, version=r.version
             ),
             audit={
                 "action": "credentials.rotated",
-                "provider": p.name,
+                "provider": name,
                 "actor": self.actor,
                 "subject_type": "credentials",
-                "subject_id": p.name,
+                "subject_id": name,
                 "details": {
-                    "client_id": new.credentials.client_id,
-                    "source": new.source,
-                    "stored_in": stored_in,
-                    "location": store.location(p.name) if store is not None else None,
-                    "credential_version": self.version,
-                    "previous_version": self.previous_version,
+                    "client_id": r.client_id,
+                    "source": r.source,
+                    "stored_in": r.stored_in,
+                    "location": r.location,
+                    "credential_version": r.version,
+                    "previous_version": r.previous_version,
                 },
             },
         )
@@ -356,7 +342,7 @@ class _Rotation:
     def _failed(self, hold: TokenHold, exc: BaseException) -> CredentialRotationError:
         """Audit, count and log the failure; keep a token the verification obtained."""
         p = hold.provider
-        message = _failure_message(p.name, self.step, exc, self.new)
+        message = self._failure_message(exc)
         hold.metrics.credential_rotations.labels(p.name, f"{self.step}_failed").inc()
         _log.error(
             "idis.auth.rotation_failed",
@@ -393,32 +379,19 @@ class _Rotation:
             message, provider=p.name, step=self.step, retry_later=_retry_later(exc)
         )
 
-    def _succeeded(
-        self, p: ProviderSettings, store: VaultStore | None, expires_at: datetime | None
-    ) -> RotationResult:
-        assert self.new is not None
-        result = RotationResult(
-            provider=p.name,
-            client_id=self.new.credentials.client_id,
-            source=self.new.source,
-            stored_in="vault" if store is not None else "database",
-            version=self.version,
-            previous_version=self.previous_version,
-            location=store.location(p.name) if store is not None else None,
-            token_expires_at=expires_at,
-            previous_secret_valid_until=self.new.previous_valid_until,
+    def _failure_message(self, exc: BaseException) -> str:
+        grace = ""
+        if self.new is not None and self.new.source == "rotation_api":
+            until = self.previous_valid_until or "the provider's grace period ends"
+            grace = (
+                f" The provider already issued a new secret; the current one stays valid until "
+                f"{until}: run the rotation again before then."
+            )
+        return (
+            f"credential rotation for {self.provider!r} failed at step {self.step!r}: "
+            f"{_STEP_MEANING[self.step]}: {redact_text(str(exc))}. The credentials in use are "
+            f"unchanged.{grace}"
         )
-        _log.info(
-            "idis.auth.credentials_rotated",
-            msg="client credentials rotated and in use",
-            provider=p.name,
-            client_id=result.client_id,
-            source=result.source,
-            stored_in=result.stored_in,
-            credential_version=self.version,
-            actor=self.actor,
-        )
-        return result
 
 
 def _retry_later(exc: BaseException) -> bool:
@@ -427,7 +400,9 @@ def _retry_later(exc: BaseException) -> bool:
     return isinstance(exc, transient) and isinstance(exc, IntegrationError) and exc.retryable
 
 
-def _call_rotation_api(hold: TokenHold, current: ClientCredentials | None) -> _NewCredentials:
+def _call_rotation_api(
+    hold: TokenHold, current: ClientCredentials | None
+) -> tuple[ClientCredentials, str | None]:
     """POST the provider's rotation API once (never retried: each call mints a secret)."""
     from ..resilience._errors import error_for_status
 
@@ -456,41 +431,18 @@ def _call_rotation_api(hold: TokenHold, current: ClientCredentials | None) -> _N
     error = error_for_status(response.status_code, p.name, "rotate")
     if error is not None:
         raise error
-    try:
-        document = json.loads(response.content or b"null")
-    except ValueError:
-        document = None
-    secret = document.get("client_secret") if isinstance(document, dict) else None
-    if not isinstance(secret, str) or not secret or not isinstance(document, dict):
+    document = json_object(response.content)
+    secret = document.get("client_secret") if document is not None else None
+    if not isinstance(secret, str) or not secret or document is None:
         raise AuthError(
             f"{p.name} rotation API answered {response.status_code} without a client_secret",
             provider=p.name,
         )
     client_id = document.get("client_id")
     until = document.get("previous_secret_valid_until")
-    return _NewCredentials(
-        credentials=ClientCredentials(
-            client_id=client_id if isinstance(client_id, str) and client_id else current.client_id,
-            client_secret=Secret(secret),
-            source="rotation_api",
-        ),
+    new = ClientCredentials(
+        client_id=client_id if isinstance(client_id, str) and client_id else current.client_id,
+        client_secret=Secret(secret),
         source="rotation_api",
-        previous_valid_until=until if isinstance(until, str) else None,
     )
-
-
-def _failure_message(
-    provider: str, step: str, exc: BaseException, new: _NewCredentials | None
-) -> str:
-    reason = redact_text(str(exc))
-    grace = ""
-    if new is not None and new.source == "rotation_api":
-        until = new.previous_valid_until or "the provider's grace period ends"
-        grace = (
-            f" The provider already issued a new secret; the current one stays valid until "
-            f"{until}: run the rotation again before then."
-        )
-    return (
-        f"credential rotation for {provider!r} failed at step {step!r}: {_STEP_MEANING[step]}: "
-        f"{reason}. The credentials in use are unchanged.{grace}"
-    )
+    return new, until if isinstance(until, str) else None

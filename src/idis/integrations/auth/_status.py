@@ -36,7 +36,8 @@ TokenState = Literal[
 ]
 
 
-def _iso(value: datetime | None) -> str | None:
+def utc_seconds(value: datetime | None) -> str | None:
+    """``value`` to the second in ISO-8601 with ``Z`` (None stays None)."""
     if value is None:
         return None
     return value.replace(microsecond=0).isoformat().replace("+00:00", "Z")
@@ -87,21 +88,18 @@ class TokenStatus:
             label += " (in process memory only: IDIS_ENCRYPTION_KEYS is unset)"
         parts = [f"{self.provider}: token {label}"]
         if self.seconds_left is not None:
-            seconds = round(self.seconds_left)
+            seconds, when = round(self.seconds_left), utc_seconds(self.expires_at)
             if seconds >= 0:
-                parts.append(
-                    f"{seconds}s left ({format_duration(seconds)}, expires {_iso(self.expires_at)})"
-                )
+                parts.append(f"{seconds}s left ({format_duration(seconds)}, expires {when})")
             else:
                 parts.append(
-                    f"{seconds}s left (expired {format_duration(-seconds)} ago, at "
-                    f"{_iso(self.expires_at)})"
+                    f"{seconds}s left (expired {format_duration(-seconds)} ago, at {when})"
                 )
         elif self.state not in ("missing", "not_required", "unknown"):
             parts.append("no expiry given")
         if self.state not in ("not_required", "unknown"):
             parts.append(f"scopes: {' '.join(self.scopes) if self.scopes else '-'}")
-            refreshed = _iso(self.last_refresh) or "never"
+            refreshed = utc_seconds(self.last_refresh) or "never"
             outcome = f" (last attempt: {self.last_outcome})" if self.last_outcome else ""
             parts.append(f"last refresh: {refreshed}{outcome}")
             if self.consecutive_failures:
@@ -118,51 +116,24 @@ class TokenStatus:
         """JSON-ready fields (no secret), the margin left out and ``healthy`` added."""
         data = asdict(self) | {
             "seconds_left": None if self.seconds_left is None else round(self.seconds_left),
-            "expires_at": _iso(self.expires_at),
+            "expires_at": utc_seconds(self.expires_at),
             "scopes": list(self.scopes),
-            "last_refresh": _iso(self.last_refresh),
+            "last_refresh": utc_seconds(self.last_refresh),
             "healthy": self.healthy,
         }
         del data["refresh_margin"]
         return data
 
 
-def _state_for(
-    row: Any, now: datetime, margin: float
-) -> tuple[TokenState, float | None, str | None]:
-    """Pure: the state a token row is in at ``now``."""
-    left = (row.expires_at - now).total_seconds() if row.expires_at is not None else None
-    has_token = row.expires_at is not None or row.issued_at is not None
-    provider = row.provider
-    if row.state == "reauthorization_required":
-        return (
-            "reauthorization_required",
-            left,
-            "re-authorize, then `idis-integrations import-token --provider "
-            f"{provider}` (or fix the credentials and run `idis-integrations refresh-tokens "
-            f"--provider {provider}`)",
-        )
-    if row.state == "refresh_outcome_unknown":
-        return (
-            "refresh_outcome_unknown",
-            left,
-            "re-authorize: the provider may have rotated the refresh token in an answer that "
-            "was lost, and resending the old one could revoke the whole token family; then "
-            f"`idis-integrations import-token --provider {provider}`",
-        )
-    if row.state == "refresh_failing":
-        return (
-            "refresh_failing",
-            left,
-            f"`idis-integrations refresh-tokens --provider {provider}` retries now",
-        )
-    if not has_token:
-        return "missing", None, None
-    if left is None or left > margin:
-        return "valid", left, None
-    if left > 0:
-        return "expiring", left, None
-    return "expired", left, None
+#: What to do next in each stopped state a row can store (``{p}``: the provider).
+_STOPPED_HINTS = {
+    "reauthorization_required": "re-authorize, then `idis-integrations import-token --provider "
+    "{p}` (or fix the credentials and run `idis-integrations refresh-tokens --provider {p}`)",
+    "refresh_outcome_unknown": "re-authorize: the provider may have rotated the refresh token in "
+    "an answer that was lost, and resending the old one could revoke the whole token family; "
+    "then `idis-integrations import-token --provider {p}`",
+    "refresh_failing": "`idis-integrations refresh-tokens --provider {p}` retries now",
+}
 
 
 def _missing_hint(provider: str, grant: str) -> str:
@@ -204,17 +175,13 @@ def token_status(
     Raises:
         UnknownProviderError: the provider is not configured (lists the known ones).
     """
-    p = settings.provider(provider)
-    grant = p.auth.grant
-    margin = p.auth.refresh_margin
-    if grant == "none":
-        return TokenStatus(provider=provider, state="not_required", grant=grant)
-    url = settings.database_url
-    unknown = _unreadable(provider, grant, url, engine)
-    if isinstance(unknown, TokenStatus):
-        return unknown
-    row = unknown
-    return _from_row(provider, grant, margin, row, (clock or system_clock).now())
+    auth = settings.provider(provider).auth
+    if auth.grant == "none":
+        return TokenStatus(provider=provider, state="not_required", grant=auth.grant)
+    row = _unreadable(provider, auth.grant, settings.database_url, engine)
+    if isinstance(row, TokenStatus):
+        return row
+    return _from_row(provider, auth.grant, auth.refresh_margin, row, (clock or system_clock).now())
 
 
 def _from_row(provider: str, grant: str, margin: float, row: Any, now: datetime) -> TokenStatus:
@@ -227,9 +194,17 @@ def _from_row(provider: str, grant: str, margin: float, row: Any, now: datetime)
             refresh_margin=margin,
             hint=_missing_hint(provider, grant),
         )
-    state, left, hint = _state_for(row, now, margin)
-    if state == "missing":
-        hint = _missing_hint(provider, grant)
+    left = (row.expires_at - now).total_seconds() if row.expires_at is not None else None
+    state: TokenState
+    hint = None
+    if row.state in _STOPPED_HINTS:
+        state, hint = row.state, _STOPPED_HINTS[row.state].format(p=provider)
+    elif row.expires_at is None and row.issued_at is None:
+        state, hint = "missing", _missing_hint(provider, grant)
+    elif left is None or left > margin:
+        state = "valid"
+    else:
+        state = "expiring" if left > 0 else "expired"
     return TokenStatus(
         provider=provider,
         state=state,
@@ -303,18 +278,18 @@ def _unreadable(provider: str, grant: str, url: str, engine: Any) -> Any:
     def unknown(why: str) -> TokenStatus:
         return TokenStatus(provider=provider, state="unknown", grant=grant, hint=why)
 
-    own = engine is None
+    own, shown = engine is None, _safe_url(url)
     if own:
         try:
             parsed = make_url(url)
         except Exception:  # noqa: BLE001  # reported as a status line, not a traceback
-            return unknown(f"IDIS_DATABASE_URL is not a database URL ({_safe_url(url)})")
+            return unknown(f"IDIS_DATABASE_URL is not a database URL ({shown})")
         if parsed.get_backend_name() == "sqlite":
             path = parsed.database or ""
             if path and path != ":memory:" and not Path(path).exists():
                 # Opening it would create an empty file; report instead.
                 return unknown(
-                    f"token store {_safe_url(url)} does not exist: run `idis-integrations db "
+                    f"token store {shown} does not exist: run `idis-integrations db "
                     "upgrade` (and check IDIS_DATABASE_URL)"
                 )
             engine = create_db_engine(url)
@@ -326,13 +301,11 @@ def _unreadable(provider: str, grant: str, url: str, engine: Any) -> Any:
     except DBAPIError as exc:
         text = str(exc.orig) if exc.orig is not None else type(exc).__name__
         if getattr(exc.orig, "sqlstate", None) == "42P01" or "no such table" in text:
-            return unknown(
-                f"token table missing in {_safe_url(url)}: run `idis-integrations db upgrade`"
-            )
+            return unknown(f"token table missing in {shown}: run `idis-integrations db upgrade`")
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        return unknown(f"token store {_safe_url(url)} unreachable: {redact_text(first)}")
+        return unknown(f"token store {shown} unreachable: {redact_text(first)}")
     except SQLAlchemyError as exc:
-        return unknown(f"token store {_safe_url(url)} unreadable: {type(exc).__name__}")
+        return unknown(f"token store {shown} unreadable: {type(exc).__name__}")
     finally:
         if own:
             engine.dispose()

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Engine, Select, Table, insert, select, update
-from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy import Engine, Table, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -45,102 +44,14 @@ _LOCK_NOT_AVAILABLE = "55P03"
 _UNDEFINED_TABLE = "42P01"
 
 
-@dataclass(frozen=True, slots=True)
-class RowSnapshot:
-    """The columns of one ``oauth_tokens`` row, read at one moment."""
-
-    provider: str
-    grant_type: str
-    state: str
-    generation: int
-    token_type: str | None
-    access_token_enc: str | None
-    refresh_token_enc: str | None
-    scopes: list[str]
-    issued_at: datetime | None
-    expires_at: datetime | None
-    last_refresh_at: datetime | None
-    last_attempt_at: datetime | None
-    last_outcome: str | None
-    last_error: str | None
-    consecutive_failures: int
-    next_attempt_at: datetime | None
-    client_id: str | None
-    client_secret_enc: str | None
-    credential_source: str | None
-    credential_version: int | None
-    credentials_rotated_at: datetime | None
-    updated_at: datetime
-    #: The token response's ``instance_url`` (Salesforce), not a secret.
-    instance_url: str | None = None
-
-    @classmethod
-    def from_mapping(cls, row: RowMapping | Mapping[str, Any]) -> RowSnapshot:
-        """Build from a result row (Core mapping)."""
-        values = {f.name: row[f.name] for f in fields(cls)}
-        values["scopes"] = list(values["scopes"] or [])
-        return cls(**values)
-
-    def __repr__(self) -> str:
-        return (
-            f"RowSnapshot(provider={self.provider!r}, state={self.state!r}, "
-            f"generation={self.generation})"
-        )
-
-
-def blank_values(provider: str, now: datetime) -> dict[str, Any]:
-    """Values of a new, empty row (no token yet)."""
-    return {
-        "provider": provider,
-        "grant_type": "",
-        "state": "ok",
-        "generation": 0,
-        "scopes": [],
-        "consecutive_failures": 0,
-        "updated_at": now,
-    }
-
-
-def select_row(provider: str, *, for_update: bool) -> Select[Any]:
-    """The provider's row; with ``FOR UPDATE`` when taking the refresh lock."""
-    query = select(TABLE).where(TABLE.c.provider == provider)
-    return query.with_for_update() if for_update else query
-
-
-def insert_missing(provider: str, now: datetime, dialect: str) -> Any:
-    """Create the provider's empty row unless it exists (race-free on both backends)."""
-    return (
-        dialect_insert(TABLE, dialect)
-        .values(**blank_values(provider, now))
-        .on_conflict_do_nothing(index_elements=["provider"])
-    )
-
-
-def update_row(provider: str, values: Mapping[str, Any], expect_generation: int | None) -> Any:
-    """Write ``values``; with ``expect_generation``, only if nobody wrote a newer token."""
-    statement = update(TABLE).where(TABLE.c.provider == provider)
-    if expect_generation is not None:
-        statement = statement.where(TABLE.c.generation == expect_generation)
-    return statement.values(**values)
-
-
-def audit_insert(entries: list[dict[str, Any]]) -> list[Any]:
-    """Insert statements for audit rows (redacted by ``audit_row``)."""
-    return [insert(_AUDIT).values(**audit_row(**entry)) for entry in entries]
-
-
-def lock_timeout_sql(seconds: float) -> str:
-    """``SET LOCAL lock_timeout`` for the current transaction (PostgreSQL)."""
-    return f"SET LOCAL lock_timeout = '{max(1, int(seconds * 1000))}ms'"
-
-
-def _sqlstate(exc: DBAPIError) -> str | None:
-    return getattr(exc.orig, "sqlstate", None)
+#: A provider's row as read at one moment: a detached ``OAuthTokenRow`` (its columns are the
+#: fields; never added to a session, so nothing written to it reaches the database).
+RowSnapshot = OAuthTokenRow
 
 
 def translate_db_error(exc: DBAPIError, provider: str, lock_timeout: float) -> Exception:
     """The library error a database failure on the token row means."""
-    state = _sqlstate(exc)
+    state = getattr(exc.orig, "sqlstate", None)
     if state == _LOCK_NOT_AVAILABLE:
         return TokenLockTimeout(
             f"waited {lock_timeout:g}s for the token lock of provider {provider!r}: another "
@@ -183,13 +94,30 @@ def fetch(
     """
     from .._timeparse import utcnow
 
-    if for_update and dialect == "postgresql":
-        conn.exec_driver_sql(lock_timeout_sql(lock_timeout))
-    row = conn.execute(select_row(provider, for_update=for_update)).mappings().first()
+    query = select(TABLE).where(TABLE.c.provider == provider)
+    if for_update:
+        query = query.with_for_update()
+        if dialect == "postgresql":
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{max(1, int(lock_timeout * 1000))}ms'")
+    row = conn.execute(query).mappings().first()
     if row is None:
-        conn.execute(insert_missing(provider, utcnow(), dialect))
-        row = conn.execute(select_row(provider, for_update=for_update)).mappings().one()
-    return RowSnapshot.from_mapping(row)
+        blank = {
+            "provider": provider,
+            "grant_type": "",
+            "state": "ok",
+            "generation": 0,
+            "scopes": [],
+            "consecutive_failures": 0,
+            "updated_at": utcnow(),
+        }
+        # Unless another caller created it meanwhile (race-free on both backends).
+        conn.execute(
+            dialect_insert(TABLE, dialect)
+            .values(**blank)
+            .on_conflict_do_nothing(index_elements=["provider"])
+        )
+        row = conn.execute(query).mappings().one()
+    return RowSnapshot(**row)
 
 
 def write_values(
@@ -199,18 +127,23 @@ def write_values(
     expect_generation: int | None,
     audit: list[dict[str, Any]],
 ) -> bool:
-    """UPDATE the row (and insert audit rows if it was written); False if the CAS lost."""
-    written = conn.execute(update_row(provider, values, expect_generation)).rowcount == 1
+    """UPDATE the row (and insert audit rows if it was written); False if the CAS lost.
+
+    With ``expect_generation``, only if nobody wrote a newer token.
+    """
+    statement = update(TABLE).where(TABLE.c.provider == provider)
+    if expect_generation is not None:
+        statement = statement.where(TABLE.c.generation == expect_generation)
+    written = conn.execute(statement.values(**values)).rowcount == 1
     if written:
-        for entry in audit_insert(audit):
-            conn.execute(entry)
+        insert_audit(conn, audit)
     return written
 
 
 def insert_audit(conn: Connection, audit: list[dict[str, Any]]) -> None:
-    """Insert audit rows only."""
-    for entry in audit_insert(audit):
-        conn.execute(entry)
+    """Insert audit rows only (redacted by ``audit_row``)."""
+    for entry in audit:
+        conn.execute(insert(_AUDIT).values(**audit_row(**entry)))
 
 
 @dataclass(slots=True)
@@ -256,19 +189,14 @@ class SyncTokenStore:
             return RowHandle(provider, self.read(provider))
         with db_errors(provider, lock_timeout):
             conn = self.engine.connect()
-        try:
-            with db_errors(provider, lock_timeout):
+            try:
                 conn.begin()
                 snapshot = fetch(
-                    conn,
-                    provider,
-                    for_update=True,
-                    dialect=self.dialect,
-                    lock_timeout=lock_timeout,
+                    conn, provider, for_update=True, dialect=self.dialect, lock_timeout=lock_timeout
                 )
-        except BaseException:
-            self._close(conn)
-            raise
+            except BaseException:
+                self._close(conn)
+                raise
         return RowHandle(provider, snapshot, conn)
 
     def write(
@@ -353,8 +281,7 @@ class AsyncTokenStore:
             return RowHandle(provider, await self.read(provider))
         with db_errors(provider, lock_timeout):
             conn = await self.engine.connect()
-        try:
-            with db_errors(provider, lock_timeout):
+            try:
                 await conn.begin()
                 snapshot = await conn.run_sync(
                     fetch,
@@ -363,9 +290,9 @@ class AsyncTokenStore:
                     dialect=self.dialect,
                     lock_timeout=lock_timeout,
                 )
-        except BaseException:
-            await self._close(conn)
-            raise
+            except BaseException:
+                await self._close(conn)
+                raise
         return RowHandle(provider, snapshot, conn)
 
     async def write(

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from .._clock import Clock, system_clock
 from .._flow import Effect, Flow, async_face, drive, sync_face
 from .._http import httpx
-from ..config import ProviderSettings, Secret, Settings
+from ..config import ProviderSettings, Settings
 from ..exceptions import ConfigError, IntegrationError
 from ..observability._logs import get_logger, redact_text
 from ..observability._metrics import Metrics
@@ -40,7 +40,8 @@ from ._flow import (
     obtain,
     request_token,
 )
-from ._grant import AccessToken, IssuedToken, parse_imported_token
+from ._grant import AccessToken, IssuedToken, Mode, parse_imported_token
+from ._status import token_status, utc_seconds
 from ._store import AsyncTokenStore, RowHandle, RowSnapshot, SyncTokenStore
 from ._vault import ClientCredentials, VaultStore
 
@@ -48,7 +49,6 @@ __all__ = [
     "AccessToken",
     "AsyncTokenManager",
     "RefreshResult",
-    "RotatedCredentials",
     "TokenHold",
     "TokenManager",
     "import_token",
@@ -91,13 +91,8 @@ class RefreshResult:
 
     def __str__(self) -> str:
         if self.outcome == "refreshed":
-            when = (
-                self.expires_at.replace(microsecond=0).isoformat().replace("+00:00", "Z")
-                if self.expires_at
-                else None
-            )
             left = (
-                f"expires in {int(self.seconds_left)}s ({when})"
+                f"expires in {int(self.seconds_left)}s ({utc_seconds(self.expires_at)})"
                 if self.seconds_left is not None
                 else "no expiry given"
             )
@@ -159,15 +154,6 @@ class _Face:
         """The clock this manager reads time from."""
         return self._core.clock
 
-    def _parse_import(
-        self, provider: str, document: Mapping[str, Any]
-    ) -> tuple[ProviderSettings, IssuedToken]:
-        core = self._core
-        p = core.provider(provider)
-        core.cipher.require(f"imported tokens of {provider!r}")
-        issued = parse_imported_token(document, now=core.now(), default_scopes=p.auth.scopes)
-        return p, issued
-
     def _lock(self, p: ProviderSettings) -> Any:
         """The provider's in-process single-flight lock (a thread's or a task's)."""
         raise NotImplementedError
@@ -193,21 +179,14 @@ class _Face:
             StorageError: the token table is unreachable.
         """
         p = self._core.provider(provider)
-        token = self._core.fast(provider, p.auth.refresh_margin)
-        if token is not None:
-            return token
-        fresh: AccessToken = yield from self._single_flight(
-            p, obtain(self._core, p, "ensure", None)
-        )
-        return fresh
+        fresh = self._core.fast(provider, p.auth.refresh_margin)
+        return fresh or (yield from self._obtain(p, "ensure"))
 
     def _token_rejected(self, provider: str, token: AccessToken) -> Flow[AccessToken]:
         """The provider answered 401 to ``token``: return a newer one (refresh once if needed)."""
-        p = self._core.provider(provider)
-        newer: AccessToken = yield from self._single_flight(
-            p, obtain(self._core, p, "rejected", token.generation)
+        return (
+            yield from self._obtain(self._core.provider(provider), "rejected", token.generation)
         )
-        return newer
 
     def _refresh(self, provider: str) -> Flow[AccessToken]:
         """Refresh now, whatever the cached token's expiry or failure backoff.
@@ -215,9 +194,15 @@ class _Face:
         A refresh whose previous answer was lost (``refresh_outcome_unknown``)
         is still refused: only re-authorizing (``import_token``) clears it.
         """
-        p = self._core.provider(provider)
-        fresh: AccessToken = yield from self._single_flight(p, obtain(self._core, p, "force", None))
-        return fresh
+        return (yield from self._obtain(self._core.provider(provider), "force"))
+
+    def _obtain(
+        self, p: ProviderSettings, mode: Mode, rejected: int | None = None
+    ) -> Flow[AccessToken]:
+        token: AccessToken = yield from self._single_flight(
+            p, obtain(self._core, p, mode, rejected)
+        )
+        return token
 
     def _import_token(
         self, provider: str, document: Mapping[str, Any], *, actor: str = "system"
@@ -238,8 +223,11 @@ class _Face:
             ConfigError: a malformed document (naming the field) or no encryption key.
             TokenLockTimeout: another refresh held the token lock too long.
         """
-        p, issued = self._parse_import(provider, document)
-        flow = import_flow(self._core, p, issued, actor=actor)
+        core = self._core
+        p = core.provider(provider)
+        core.cipher.require(f"imported tokens of {provider!r}")
+        issued = parse_imported_token(document, now=core.now(), default_scopes=p.auth.scopes)
+        flow = import_flow(core, p, issued, actor=actor)
         imported: AccessToken | None = yield from self._single_flight(p, flow)
         return imported
 
@@ -299,12 +287,13 @@ class TokenManager(_Face):
             TokenLockTimeout: another refresh held the lock longer than ``lock_timeout``.
         """
         p = self._core.provider(provider)
-        with self._locked(p):
-            handle = self._store.lock(p.name, p.auth.lock_timeout)
-            try:
+        lock = self._lock(p)
+        _Acquire(lock, self._core, p).run(self._io)
+        try:
+            with self._store.locked(p.name, p.auth.lock_timeout) as handle:
                 yield TokenHold(self, p, handle)
-            finally:
-                self._store.release(handle)
+        finally:
+            lock.release()
 
     def close(self) -> None:
         """Close the HTTP client (and the engine, if this manager created it)."""
@@ -322,15 +311,6 @@ class TokenManager(_Face):
     def _lock(self, p: ProviderSettings) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(p.name, threading.Lock())
-
-    @contextmanager
-    def _locked(self, p: ProviderSettings) -> Iterator[None]:
-        lock = self._lock(p)
-        _Acquire(lock, self._core, p).run(self._io)
-        try:
-            yield
-        finally:
-            lock.release()
 
 
 class AsyncTokenManager(_Face):
@@ -393,20 +373,6 @@ class AsyncTokenManager(_Face):
 
 
 # --------------------------------------------------------------------------- maintenance
-
-
-@dataclass(frozen=True, slots=True)
-class RotatedCredentials:
-    """New client credentials to switch to (``TokenHold.commit``); the secret never prints."""
-
-    #: Client id.
-    client_id: str
-    #: The new client secret.
-    client_secret: Secret
-    #: Where they live: ``vault`` or ``database``.
-    stored_in: str
-    #: Vault KV version, or the rotation counter in the database.
-    version: int
 
 
 class TokenHold:
@@ -486,7 +452,7 @@ class TokenHold:
         self,
         issued: IssuedToken,
         *,
-        switch_to: RotatedCredentials | None = None,
+        switch_to: ClientCredentials | None = None,
         audit: Mapping[str, Any] | None = None,
     ) -> AccessToken:
         """Persist ``issued`` (and, with ``switch_to``, the new credentials) in one transaction.
@@ -496,8 +462,10 @@ class TokenHold:
 
         Args:
             issued: A token obtained with :meth:`request_token`.
-            switch_to: New credentials to record in the row; their secret is kept as an
-                encrypted copy when a key is configured (needed when stored in the database).
+            switch_to: New credentials to record in the row, their ``source`` where they are
+                stored (``vault`` or ``database``) and their ``version`` the KV version or
+                rotation counter; the secret is kept as an encrypted copy when a key is
+                configured (needed when stored in the database).
             audit: An audit entry written with it (besides ``token.refreshed``).
 
         Raises:
@@ -512,7 +480,7 @@ class TokenHold:
         if switch_to is not None:
             secret = switch_to.client_secret.get_secret_value()
             copy: str | None
-            if switch_to.stored_in == "database":
+            if switch_to.source == "database":
                 copy = core.cipher.encrypt(
                     secret, provider=p.name, field="client_secret", what="the rotated client secret"
                 )
@@ -522,20 +490,15 @@ class TokenHold:
             values.update(
                 client_id=switch_to.client_id,
                 client_secret_enc=copy,
-                credential_source=switch_to.stored_in,
+                credential_source=switch_to.source,
                 credential_version=switch_to.version,
                 credentials_rotated_at=issued.issued_at,
             )
         if audit is not None:
             entries.insert(0, dict(audit))
         self._manager._store.write(self._handle, values, expect_generation=None, audit=entries)
-        if switch_to is not None and switch_to.stored_in == "vault":
-            core.vault_credentials[p.name] = ClientCredentials(
-                client_id=switch_to.client_id,
-                client_secret=switch_to.client_secret,
-                source="vault",
-                version=switch_to.version,
-            )
+        if switch_to is not None and switch_to.source == "vault":
+            core.vault_credentials[p.name] = switch_to
         core.after_success(p, token, mode="force", rotated=False)
         return token
 
@@ -594,45 +557,37 @@ def refresh_tokens(
             variable="provider",
         )
     settings = settings or (manager.settings if manager is not None else Settings.from_env())
-    if provider is not None:
-        names = [settings.provider(provider).name]
-    else:
-        names = sorted(settings.providers)
+    names = (
+        [settings.provider(provider).name] if provider is not None else sorted(settings.providers)
+    )
     owns = manager is None
     manager = manager or TokenManager(settings)
-    results: list[RefreshResult] = []
-    try:
-        for name in names:
-            if settings.provider(name).auth.grant == "none":
-                results.append(
-                    RefreshResult(provider=name, outcome="skipped", error="no OAuth (grant none)")
-                )
-                continue
-            try:
-                token = manager.refresh(name)
-            except IntegrationError as exc:
-                results.append(
-                    RefreshResult(
-                        provider=name,
-                        outcome="failed",
-                        error=redact_text(str(exc)),
-                        error_type=type(exc).__name__,
-                    )
-                )
-                continue
-            results.append(
-                RefreshResult(
-                    provider=name,
-                    outcome="refreshed",
-                    expires_at=token.expires_at,
-                    seconds_left=token.seconds_left(manager.clock.now()),
-                    generation=token.generation,
-                )
+
+    def refresh(name: str) -> RefreshResult:
+        if settings.provider(name).auth.grant == "none":
+            return RefreshResult(provider=name, outcome="skipped", error="no OAuth (grant none)")
+        try:
+            token = manager.refresh(name)
+        except IntegrationError as exc:
+            return RefreshResult(
+                provider=name,
+                outcome="failed",
+                error=redact_text(str(exc)),
+                error_type=type(exc).__name__,
             )
+        return RefreshResult(
+            provider=name,
+            outcome="refreshed",
+            expires_at=token.expires_at,
+            seconds_left=token.seconds_left(manager.clock.now()),
+            generation=token.generation,
+        )
+
+    try:
+        return [refresh(name) for name in names]
     finally:
         if owns:
             manager.close()
-    return results
 
 
 def import_token(
@@ -657,8 +612,6 @@ def import_token(
     Raises:
         ConfigError: malformed token (names the field), no encryption key, unknown provider.
     """
-    from ._status import token_status
-
     settings = settings or Settings.from_env()
     with TokenManager(settings) as manager:
         manager.import_token(provider, token, actor=actor)

@@ -210,22 +210,16 @@ class VaultStore:
         started = self._clock.monotonic()
         try:
             with self._errors("log in with AppRole to", where):
-                try:
-                    answer = client.auth.approle.login(
-                        role_id=self.settings.role_id,
-                        secret_id=(
-                            self.settings.secret_id.get_secret_value()
-                            if self.settings.secret_id
-                            else None
-                        ),
-                    )
-                except vexc.Forbidden:
-                    raise SecretStoreRefused("AppRole login forbidden", reason="denied") from None
-        except SecretStoreRefused as exc:
+                secret_id = self.settings.secret_id
+                answer = client.auth.approle.login(
+                    role_id=self.settings.role_id,
+                    secret_id=secret_id.get_secret_value() if secret_id else None,
+                )
+        except (SecretStoreRefused, vexc.Forbidden) as exc:  # _errors lets a 403 through
             raise SecretStoreRefused(
-                f"Vault at {self.settings.addr} refused the AppRole login ({exc.reason}): check "
-                "VAULT_ROLE_ID and VAULT_SECRET_ID (the secret id may have expired or been "
-                "used up)",
+                f"Vault at {self.settings.addr} refused the AppRole login "
+                f"({getattr(exc, 'reason', 'denied')}): check VAULT_ROLE_ID and VAULT_SECRET_ID "
+                "(the secret id may have expired or been used up)",
                 reason="login_failed",
             ) from None
         self._set_lease(answer.get("auth") if isinstance(answer, dict) else None, started)
@@ -239,19 +233,25 @@ class VaultStore:
 
     def _learn_lease(self, client: Any) -> None:
         """Read a static token's lease (TTL, renewable) so it can be renewed in time."""
-        import hvac.exceptions as vexc
-        import requests
-
         started = self._clock.monotonic()
-        try:
-            answer = client.auth.token.lookup_self()
-        except (vexc.VaultError, requests.exceptions.RequestException):
-            return  # lookup-self not allowed or Vault down: the operation will say
-        data = answer.get("data") if isinstance(answer, dict) else None
+        # lookup-self not allowed or Vault down: {} and the operation will say.
+        data = self._quietly(client.auth.token.lookup_self).get("data")
         if isinstance(data, dict):
             self._set_lease(
                 {"lease_duration": data.get("ttl"), "renewable": data.get("renewable")}, started
             )
+
+    @staticmethod
+    def _quietly(call: Callable[[], Any]) -> dict[str, Any]:
+        """``call()``'s answer; {} when Vault refused, failed or could not be reached."""
+        import hvac.exceptions as vexc
+        import requests
+
+        try:
+            answer = call()
+        except (vexc.VaultError, requests.exceptions.RequestException):
+            return {}
+        return answer if isinstance(answer, dict) else {}
 
     def _set_lease(self, auth: Mapping[str, Any] | None, started: float) -> None:
         """Remember a lease Vault granted in an answer to a request sent at ``started``."""
@@ -271,15 +271,8 @@ class VaultStore:
         if left > self._lease * _RENEW_WHEN_LEFT:
             return
         if self._renewable and left > 0:
-            import hvac.exceptions as vexc
-            import requests
-
             started = self._clock.monotonic()
-            try:
-                answer = client.auth.token.renew_self()
-            except (vexc.VaultError, requests.exceptions.RequestException):
-                answer = None
-            auth = answer.get("auth") if isinstance(answer, dict) else None
+            auth = self._quietly(client.auth.token.renew_self).get("auth")
             lease = (auth or {}).get("lease_duration")
             # A renewal capped by the token's max TTL buys little: log in again instead.
             if isinstance(lease, int | float) and lease > self._lease * _RENEW_WHEN_LEFT:
@@ -400,6 +393,7 @@ class VaultStore:
             ) from None
 
     def _data_path(self, where: str) -> str:
+        """The API path a policy names for ``where`` (``<mount>/data/<path>`` under the mount)."""
         mount = self.settings.mount
         if where.startswith(mount + "/"):
             return f"{mount}/data/{where[len(mount) + 1 :]}"
@@ -452,7 +446,7 @@ class VaultStore:
         Asked before a rotation API hands out a new secret, so that a policy
         without write access fails the rotation before anything changed.
         """
-        data_path = f"{self.settings.mount}/data/{self.path(provider)}"
+        data_path = self._data_path(self.location(provider))
         try:
             answer = self._call(
                 "check capabilities on",

@@ -125,9 +125,8 @@ def rotate_credentials_command(
 
     settings = get_settings()
     p = settings.provider(provider)
-    new_secret = None
-    if from_stdin or client_id is not None or not p.auth.rotation_url:
-        new_secret = _read_secret_from_stdin()
+    from_api = p.auth.rotation_url and not from_stdin and client_id is None
+    new_secret = None if from_api else _read_secret_from_stdin()
     try:
         result = rotate_credentials(
             provider,
