@@ -39,7 +39,9 @@ __all__ = [
     "blocking_twin",
     "create_async_db_engine",
     "create_db_engine",
+    "driver_error",
     "normalize_url",
+    "on_driver",
     "ping_idle_only",
     "read_only",
     "session_scope",
@@ -105,13 +107,7 @@ def _sqlite_begin(conn: Any) -> None:
     if not conn.dialect.is_async and unwatched(conn):
         # Nothing watches execution: straight to pysqlite (SQLAlchemy's
         # exec_driver_sql would add about 40 µs to every write transaction).
-        dbapi_connection = conn.connection.dbapi_connection
-        try:
-            dbapi_connection.execute("BEGIN IMMEDIATE")
-        except conn.dialect.loaded_dbapi.Error as exc:
-            raise DBAPIError.instance(
-                "BEGIN IMMEDIATE", (), exc, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
-            ) from exc
+        on_driver(conn, "BEGIN IMMEDIATE", ())
         return
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
@@ -130,6 +126,51 @@ def unwatched(conn: Any) -> bool:
         or conn.engine.echo
         or _SQL_LOG.isEnabledFor(logging.INFO)
     )
+
+
+def on_driver(
+    conn: Any, sql: str, params: Any, *, many: bool = False, rowcount: bool = False
+) -> Any:
+    """Run ``sql`` on ``conn``'s DB-API cursor, skipping SQLAlchemy's execute.
+
+    The rows (a list of tuples; none for ``many`` or a statement that returns
+    none), or with ``rowcount`` how many rows it changed. For a caller that
+    checked :func:`unwatched` first. A driver error comes out as SQLAlchemy's
+    execute raises it: a ``DBAPIError`` subclass, a lost connection invalidated.
+    """
+    dbapi_conn = conn.connection.dbapi_connection
+    cursor = dbapi_conn.cursor()
+    try:
+        if many:
+            cursor.executemany(sql, params)
+            return []
+        cursor.execute(sql, params)
+        if rowcount:
+            return cursor.rowcount
+        return cursor.fetchall() if cursor.description is not None else []
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise driver_error(conn, exc, sql, params, cursor) from exc
+    finally:
+        cursor.close()
+
+
+def driver_error(conn: Any, exc: Exception, sql: str, params: Any, cursor: Any = None) -> Exception:
+    """The error SQLAlchemy's execute would raise for the driver's ``exc`` on ``conn``
+    (a lost connection invalidated, as SQLAlchemy does)."""
+    dialect = conn.dialect
+    lost = bool(dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor))
+    if lost:
+        conn.invalidate(exc)
+    error: Exception = DBAPIError.instance(
+        sql,
+        params,
+        exc,
+        dialect.loaded_dbapi.Error,
+        hide_parameters=conn.engine.hide_parameters,
+        connection_invalidated=lost,
+        dialect=dialect,
+    )
+    return error
 
 
 def _no_pysqlite_txn(dbapi_connection: Any, _record: Any) -> None:

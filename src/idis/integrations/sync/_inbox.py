@@ -62,13 +62,12 @@ from typing import Any, Protocol, TypeAlias, cast, runtime_checkable
 
 from sqlalchemy import Connection, Table, bindparam, func, select, text
 from sqlalchemy import event as sa_event
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from .._flow import AsyncIO, Flow, InSession, SyncIO, adrive, drive, perform
 from .._timeparse import utcnow
-from ..db._engine import unwatched
+from ..db._engine import driver_error, on_driver, unwatched
 from ..exceptions import StorageError, UsageError
 from ..observability._metrics import get_metrics
 from ..providers._order import OrderKey, order_key
@@ -463,42 +462,6 @@ def _driver(conn: _Executor) -> Any:
     return conn.connection.dbapi_connection
 
 
-def _raw(conn: Connection, dbapi_conn: Any, sql: str, params: Any, *, many: bool = False) -> Any:
-    """Run ``sql`` on ``dbapi_conn``'s cursor: its rows (a list of tuples; none for ``many``)."""
-    cursor = dbapi_conn.cursor()
-    try:
-        if many:
-            cursor.executemany(sql, params)
-            return []
-        cursor.execute(sql, params)
-        return cursor.fetchall() if cursor.description is not None else []
-    except conn.dialect.loaded_dbapi.Error as exc:
-        raise _as_sqlalchemy(conn, dbapi_conn, cursor, exc, sql=sql, params=params) from exc
-    finally:
-        cursor.close()
-
-
-def _as_sqlalchemy(
-    conn: Connection, dbapi_conn: Any, cursor: Any, exc: Any, *, sql: str, params: Any
-) -> Exception:
-    """The error SQLAlchemy's execute would raise for the driver's ``exc`` (a lost
-    connection invalidated, as SQLAlchemy does)."""
-    dialect = conn.dialect
-    lost = dialect.is_disconnect(exc, dbapi_conn, cursor)
-    if lost:
-        conn.invalidate(exc)
-    error: Exception = DBAPIError.instance(
-        sql,
-        params,
-        exc,
-        dialect.loaded_dbapi.Error,
-        hide_parameters=conn.engine.hide_parameters,
-        connection_invalidated=lost,
-        dialect=dialect,
-    )
-    return error
-
-
 def _pg_reads(
     conn: _Executor, provider: str, records: list[str], event_ids: list[str], now: datetime
 ) -> tuple[dict[str, OrderKey], set[str], dict[str, bool]]:
@@ -530,7 +493,7 @@ def _pg_reads(
         locked = lock.fetchall() if records else []
         known = read.fetchall()
     except conn.dialect.loaded_dbapi.Error as exc:
-        raise _as_sqlalchemy(conn, dbapi_conn, None, exc, sql=lock_sql, params=lock_params) from exc
+        raise driver_error(conn, exc, lock_sql, lock_params) from exc
     finally:
         lock.close()
         read.close()
@@ -565,7 +528,7 @@ def _run_text(conn: _Executor, stmt: Any, params: dict[str, Any]) -> Sequence[An
         or conn.dialect.paramstyle != "pyformat"
     ):
         return conn.execute(stmt, params).all()
-    rows: Sequence[Any] = _raw(conn, dbapi_conn, _sql_of(stmt, conn), params)
+    rows: Sequence[Any] = on_driver(conn, _sql_of(stmt, conn), params)
     return rows
 
 
@@ -624,7 +587,7 @@ def _sqlite_run(conn: Connection, sql: str, params: Any, *, many: bool = False) 
     and log see the same text and parameters. The rows (none for ``many``)."""
     dbapi_conn = _driver(conn)
     if dbapi_conn is not None and conn.dialect.paramstyle == "qmark":
-        rows: list[Any] = _raw(conn, dbapi_conn, sql, params, many=many)
+        rows: list[Any] = on_driver(conn, sql, params, many=many)
         return rows
     result = conn.exec_driver_sql(sql, list(params) if many else tuple(params))
     return list(result.all()) if result.returns_rows else []
