@@ -23,7 +23,6 @@ from sqlalchemy import (
     func,
     literal_column,
     null,
-    or_,
     select,
     update,
 )
@@ -42,6 +41,7 @@ from ._queries import (
     UNSETTLED,
     first_pending,
     messages,
+    not_leased,
     purge_statement,
     reactivate_receivers_statement,
     receivers,
@@ -152,7 +152,7 @@ def outbox_summary(
     # asked, a count of the delivered ones.
     at = bindparam("p_now", type_=UTCDateTime())
     leased = t.c.lease_expires_at > at
-    free = or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at <= at)  # NULL-safe "not leased"
+    free = not_leased(t, at)
     stmt = (
         select(
             t.c.provider,
@@ -574,10 +574,7 @@ def list_messages(
     if status == IN_FLIGHT:
         query = query.where(row_type.status == PENDING, row_type.lease_expires_at > now)
     elif status == PENDING:
-        query = query.where(
-            row_type.status == PENDING,
-            or_(row_type.lease_expires_at.is_(None), row_type.lease_expires_at <= now),
-        )
+        query = query.where(row_type.status == PENDING, not_leased(messages, now))
     elif status is not None:
         query = query.where(row_type.status == status)
     views = []
