@@ -195,16 +195,8 @@ def outbox_summary(
             if first is not None:
                 entry["oldest"] = _aware(first)
     return [
-        _summary(
-            provider,
-            now,
-            entry.get("oldest"),
-            pending=entry.get(PENDING, 0),
-            retrying=entry.get("retrying", 0),
-            in_flight=entry.get(IN_FLIGHT, 0),
-            delivered=entry.get(DELIVERED, 0),
-            dead=entry.get(DEAD, 0),
-        )
+        # An entry's keys are OutboxSummary's count fields (the states' names) and "oldest".
+        _summary(provider, now, entry.pop("oldest", None), **entry)
         for provider, entry in sorted(counts.items())
     ]
 
@@ -237,9 +229,7 @@ def _counts_only(
             head = first_pending_statement(dialect)
             first = session.execute(head, {"p_provider": provider}).scalar()
             oldest = _aware(first) if first is not None else None
-        out.append(
-            _summary(provider, now, oldest, pending=pending, dead=found[provider].get(DEAD, 0))
-        )
+        out.append(_summary(provider, now, oldest, **found[provider]))
     return out
 
 
