@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -17,15 +19,21 @@ from ..config import ProviderSettings
 from ..exceptions import ConfigError
 from . import main
 from ._common import (
+    _validate_provider,
+    database_engine,
     get_settings,
     handle_errors,
     json_option,
     print_json,
+    print_result,
     print_table,
     provider_option,
     since_option,
     stdout,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 def _duration(_ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
@@ -44,14 +52,10 @@ def _max_retries(_ctx: click.Context, _param: click.Parameter, value: int | None
 
 
 def _providers(
-    ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
 ) -> tuple[str, ...]:
-    settings = get_settings(ctx)
     for name in value:
-        try:
-            settings.provider(name)
-        except ConfigError as exc:
-            raise click.BadParameter(str(exc)) from None
+        _validate_provider(ctx, param, name)
     return value
 
 
@@ -152,25 +156,21 @@ async def _work(
     from ..outbox._worker import AsyncOutboxWorker
     from ..resilience import AsyncGateway
 
-    engine = create_async_db_engine(settings.database_url)
-    auth = _auth_factory(settings, engine, [settings.provider(p) for p in served])
-    gateway = AsyncGateway(settings, auth=auth)
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    try:
-        worker = AsyncOutboxWorker(engine, settings, gateway=gateway, providers=served, **options)
-        for sig in signals:
-            loop.add_signal_handler(sig, worker.stop)
-        try:
-            total = await worker.run(until_idle=until_idle)
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
-    finally:
-        await gateway.aclose()
+    # Closed in reverse: signal handlers, gateway, token machinery, engine.
+    async with AsyncExitStack() as stack:
+        engine = create_async_db_engine(settings.database_url)
+        stack.push_async_callback(engine.dispose)
+        auth = _auth_factory(settings, engine, [settings.provider(p) for p in served])
         if auth is not None:
-            await auth.aclose()
-        await engine.dispose()
+            stack.push_async_callback(auth.aclose)
+        gateway = AsyncGateway(settings, auth=auth)
+        stack.push_async_callback(gateway.aclose)
+        worker = AsyncOutboxWorker(engine, settings, gateway=gateway, providers=served, **options)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+            stack.callback(loop.remove_signal_handler, sig)
+        total = await worker.run(until_idle=until_idle)
     return worker.worker_id, total
 
 
@@ -183,23 +183,26 @@ def _auth_factory(settings: Any, engine: Any, providers: list[ProviderSettings])
     return oauth_auth_factory(settings, async_engine=engine)
 
 
+@contextmanager
+def _session(*, write: bool = False) -> Iterator[Session]:
+    """One transaction on the configured database (its engine disposed of afterwards)."""
+    from ..db._engine import session_scope
+
+    with database_engine() as engine, session_scope(engine, write=write) as session:
+        yield session
+
+
 @outbox.command("status")
 @provider_option(required=False)
 @json_option
 @handle_errors
 def status_cmd(provider: str | None, as_json: bool) -> None:
     """The queue per provider: pending, retrying, in flight, delivered, dead, oldest pending age."""
-    from ..db._engine import create_db_engine, session_scope
     from ..outbox._admin import outbox_summary
 
-    settings = get_settings()
-    names = [provider] if provider else list(settings.providers)
-    engine = create_db_engine(settings.database_url)
-    try:
-        with session_scope(engine, write=False) as session:
-            rows = outbox_summary(session, providers=names)
-    finally:
-        engine.dispose()
+    names = [provider] if provider else list(get_settings().providers)
+    with _session() as session:
+        rows = outbox_summary(session, providers=names)
     if as_json:
         print_json([row.as_dict() for row in rows])
         return
@@ -235,15 +238,10 @@ def status_cmd(provider: str | None, as_json: bool) -> None:
 @handle_errors
 def list_cmd(provider: str | None, status: str, limit: int, as_json: bool) -> None:
     """List messages, newest first (dead letters by default). Payloads are not shown."""
-    from ..db._engine import create_db_engine, session_scope
     from ..outbox._admin import list_messages
 
-    engine = create_db_engine(get_settings().database_url)
-    try:
-        with session_scope(engine, write=False) as session:
-            rows = list_messages(session, provider=provider, status=status, limit=limit)
-    finally:
-        engine.dispose()
+    with _session() as session:
+        rows = list_messages(session, provider=provider, status=status, limit=limit)
     if as_json:
         print_json([{k: getattr(r, k) for k in r.__slots__} for r in rows])
         return
@@ -276,17 +274,10 @@ def list_cmd(provider: str | None, status: str, limit: int, as_json: bool) -> No
 @handle_errors
 def purge_cmd(older_than: timedelta, provider: str | None) -> None:
     """Delete delivered messages older than --older-than (keeps pending and dead ones)."""
-    from ..db._engine import create_db_engine, session_scope
     from ..outbox._admin import purge_delivered
 
-    engine = create_db_engine(get_settings().database_url)
-    try:
-        with session_scope(engine) as session:
-            removed = purge_delivered(
-                session, older_than, providers=[provider] if provider else None
-            )
-    finally:
-        engine.dispose()
+    with _session(write=True) as session:
+        removed = purge_delivered(session, older_than, providers=[provider] if provider else None)
     stdout.print(f"purged {removed} delivered outbox message(s)", markup=False)
 
 
@@ -333,13 +324,14 @@ def queue_webhook_retries_cmd(  # noqa: PLR0917  # click passes every option by 
         settings=get_settings(),
         actor=cli_actor(),
     )
-    if as_json:
-        print_json(result.as_dict())
-        return
-    verb = "would re-queue" if dry_run else "re-queued"
+    print_result(result, as_json, _print_requeued)
+
+
+def _print_requeued(result: Any) -> None:
+    verb = "would re-queue" if result.dry_run else "re-queued"
     window = f" since {result.since.isoformat()}" if result.since else ""
     stdout.print(
-        f"{provider}: {verb} {result.total} deliveries{window} "
+        f"{result.provider}: {verb} {result.total} deliveries{window} "
         f"({result.dead} dead-lettered, {result.failed} failed and waiting) "
         f"with max_retries={result.max_retries}; "
         f"{result.receivers_reactivated} webhook receiver(s) re-activated",

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -23,7 +23,6 @@ from sqlalchemy import (
     func,
     literal_column,
     null,
-    or_,
     select,
     update,
 )
@@ -36,11 +35,13 @@ from ..db._base import UTCDateTime
 from ..exceptions import ConfigError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics
+from ._messages import check_aware, check_max_retries
 from ._models import DEAD, DELIVERED, IN_FLIGHT, PENDING, REPORTED_STATES, OutboxMessageRow
 from ._queries import (
     UNSETTLED,
     first_pending,
     messages,
+    not_leased,
     purge_statement,
     reactivate_receivers_statement,
     receivers,
@@ -93,19 +94,24 @@ class OutboxSummary:
         return self.pending + self.in_flight
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (``status --json``)."""
-        return {
-            "provider": self.provider,
-            "pending": self.pending,
-            "retrying": self.retrying,
-            "in_flight": self.in_flight,
-            "delivered": self.delivered,
-            "dead": self.dead,
-            "oldest_pending_at": self.oldest_pending_at.isoformat()
-            if self.oldest_pending_at
-            else None,
-            "oldest_pending_age_seconds": self.oldest_pending_age,
-        }
+        """JSON-friendly form (``status --json``): the fields, the age named in seconds."""
+        data = _fields(self)
+        data["oldest_pending_at"] = _iso(self.oldest_pending_at)
+        data["oldest_pending_age_seconds"] = data.pop("oldest_pending_age")
+        return data
+
+
+def _fields(view: Any) -> dict[str, Any]:
+    return {f.name: getattr(view, f.name) for f in fields(view)}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _summary(provider: str, now: datetime, oldest: datetime | None, **counts: int) -> OutboxSummary:
+    age = max(0.0, (now - oldest).total_seconds()) if oldest else None
+    return OutboxSummary(provider, oldest_pending_at=oldest, oldest_pending_age=age, **counts)
 
 
 def outbox_summary(
@@ -146,7 +152,7 @@ def outbox_summary(
     # asked, a count of the delivered ones.
     at = bindparam("p_now", type_=UTCDateTime())
     leased = t.c.lease_expires_at > at
-    free = or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at <= at)  # NULL-safe "not leased"
+    free = not_leased(t, at)
     stmt = (
         select(
             t.c.provider,
@@ -188,23 +194,11 @@ def outbox_summary(
             entry["retrying"] = int(retrying or 0)
             if first is not None:
                 entry["oldest"] = _aware(first)
-    out = []
-    for provider in sorted(counts):
-        entry = counts[provider]
-        oldest = entry.get("oldest")
-        out.append(
-            OutboxSummary(
-                provider=provider,
-                pending=entry.get(PENDING, 0),
-                retrying=entry.get("retrying", 0),
-                in_flight=entry.get(IN_FLIGHT, 0),
-                delivered=entry.get(DELIVERED, 0),
-                dead=entry.get(DEAD, 0),
-                oldest_pending_at=oldest,
-                oldest_pending_age=max(0.0, (now - oldest).total_seconds()) if oldest else None,
-            )
-        )
-    return out
+    return [
+        # An entry's keys are OutboxSummary's count fields (the states' names) and "oldest".
+        _summary(provider, now, entry.pop("oldest", None), **entry)
+        for provider, entry in sorted(counts.items())
+    ]
 
 
 @functools.cache
@@ -235,15 +229,7 @@ def _counts_only(
             head = first_pending_statement(dialect)
             first = session.execute(head, {"p_provider": provider}).scalar()
             oldest = _aware(first) if first is not None else None
-        out.append(
-            OutboxSummary(
-                provider=provider,
-                pending=pending,
-                dead=found[provider].get(DEAD, 0),
-                oldest_pending_at=oldest,
-                oldest_pending_age=max(0.0, (now - oldest).total_seconds()) if oldest else None,
-            )
-        )
+        out.append(_summary(provider, now, oldest, **found[provider]))
     return out
 
 
@@ -267,8 +253,6 @@ def _aware(value: datetime) -> datetime:
     # Aggregates bypass the column type on SQLite: min() returns the stored text.
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
-    from datetime import UTC
-
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
@@ -286,9 +270,8 @@ def refresh_gauges(
     """
     rows = outbox_summary(session, providers=providers, include_delivered=False, now=now)
     for row in rows:
-        metrics.outbox_messages.labels(row.provider, PENDING).set(row.pending)
-        metrics.outbox_messages.labels(row.provider, IN_FLIGHT).set(row.in_flight)
-        metrics.outbox_messages.labels(row.provider, DEAD).set(row.dead)
+        for state in (PENDING, IN_FLIGHT, DEAD):  # each state is its field's name
+            metrics.outbox_messages.labels(row.provider, state).set(getattr(row, state))
         metrics.outbox_oldest_pending_age.labels(row.provider).set(row.oldest_pending_age or 0.0)
     return rows
 
@@ -350,35 +333,15 @@ class RequeueResult:
         return self.dead + self.failed
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (``--json``)."""
-        return {
-            "provider": self.provider,
-            "requeued": self.total,
-            "dead": self.dead,
-            "failed": self.failed,
-            "receivers_reactivated": self.receivers_reactivated,
-            "max_retries": self.max_retries,
-            "since": self.since.isoformat() if self.since else None,
-            "dry_run": self.dry_run,
-        }
-
-
-def _check_max_retries(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(
-            f"--max-retries={value!r} is invalid: expected an integer >= 0",
-            variable="--max-retries",
-        )
-    return value
+        """JSON-friendly form (``--json``): the fields and ``requeued`` (the total)."""
+        return {**_fields(self), "requeued": self.total, "since": _iso(self.since)}
 
 
 def _check_since(value: datetime | str | None, now: datetime) -> datetime | None:
     if value is None:
         return None
-    if isinstance(value, datetime) and value.tzinfo is None:
-        raise ConfigError(
-            f"--since={value!r} is naive: expected an aware UTC datetime", variable="--since"
-        )
+    if isinstance(value, datetime):
+        check_aware("--since", value)
     return parse_since(value, name="--since", now=lambda: now)
 
 
@@ -429,7 +392,7 @@ def queue_webhook_retries(
     """
     settings = settings or Settings.from_env()
     settings.provider(provider)
-    budget = _check_max_retries(max_retries)
+    budget = check_max_retries(max_retries, "--max-retries")
     now = now or utcnow()
     since_at = _check_since(since, now)
     kind_filter = tuple(kinds) if kinds else None
@@ -466,19 +429,11 @@ def queue_webhook_retries(
                 }
                 # Two statements so each count is exact even if a worker leases
                 # a failed message between the count and the update.
-                dead = _rowcount(
-                    session.execute(
-                        update(messages).where(and_(cond, messages.c.status == DEAD)).values(reset),
-                        at,
+                dead, failed = (
+                    _rowcount(
+                        session.execute(update(messages).where(and_(cond, state)).values(reset), at)
                     )
-                )
-                failed = _rowcount(
-                    session.execute(
-                        update(messages)
-                        .where(and_(cond, messages.c.status == PENDING))
-                        .values(reset),
-                        at,
-                    )
+                    for state in (messages.c.status == DEAD, messages.c.status == PENDING)
                 )
                 if gone:
                     gone = _rowcount(session.execute(reactivate_receivers_statement(provider)))
@@ -555,15 +510,15 @@ def purge_delivered(
         if providers is not None
         else list(session.execute(select(messages.c.provider).distinct()).scalars())
     )
-    total = 0
-    for name in names:
-        total += _rowcount(session.execute(purge_statement(name, before)))
-    return total
+    return sum(_rowcount(session.execute(purge_statement(name, before))) for name in names)
 
 
 @dataclass(frozen=True, slots=True)
 class MessageView:
-    """An outbox message for operators (no payload: it may hold customer data)."""
+    """An outbox message for operators (no payload: it may hold customer data).
+
+    Each field is the ``outbox_messages`` column of its name (read by name from the row).
+    """
 
     id: int
     provider: str
@@ -609,32 +564,12 @@ def list_messages(
     if status == IN_FLIGHT:
         query = query.where(row_type.status == PENDING, row_type.lease_expires_at > now)
     elif status == PENDING:
-        query = query.where(
-            row_type.status == PENDING,
-            or_(row_type.lease_expires_at.is_(None), row_type.lease_expires_at <= now),
-        )
+        query = query.where(row_type.status == PENDING, not_leased(messages, now))
     elif status is not None:
         query = query.where(row_type.status == status)
     views = []
     for row in session.scalars(query):
-        state = row.status
-        if state == PENDING and row.lease_expires_at is not None and row.lease_expires_at > now:
-            state = IN_FLIGHT
-        views.append(
-            MessageView(
-                id=row.id,
-                provider=row.provider,
-                kind=row.kind,
-                status=state,
-                attempts=row.attempts,
-                max_retries=row.max_retries,
-                ordering_key=row.ordering_key,
-                idempotency_key=row.idempotency_key,
-                tenant_id=row.tenant_id,
-                last_error=row.last_error,
-                created_at=row.created_at,
-                updated_at=row.updated_at,
-                next_attempt_at=row.next_attempt_at,
-            )
-        )
+        leased = row.lease_expires_at is not None and row.lease_expires_at > now
+        view = MessageView(*(getattr(row, name) for name in MessageView.__slots__))
+        views.append(replace(view, status=IN_FLIGHT) if view.status == PENDING and leased else view)
     return views

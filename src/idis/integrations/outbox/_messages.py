@@ -44,15 +44,32 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 _LIMITS = {"provider": 64, "idempotency_key": 255, "ordering_key": 255, "tenant_id": 128}
 
 
+def _invalid(name: str, value: object, expected: str) -> ConfigError:
+    return ConfigError(f"{name}={value!r} is invalid: expected {expected}", variable=name)
+
+
+def check_max_retries(value: object, name: str = "max_retries") -> int:
+    """``value`` as a retry budget (an int >= 0, not a bool), else a ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _invalid(name, value, "an integer >= 0")
+    return value
+
+
+def check_aware(name: str, value: datetime) -> None:
+    """Refuse a naive datetime: a time without a zone is a guess."""
+    if value.tzinfo is None:
+        raise ConfigError(
+            f"{name}={value!r} is naive: expected an aware UTC datetime", variable=name
+        )
+
+
 def _check_text(name: str, value: str | None, *, required: bool) -> None:
     if value is None:
         if required:
             raise ConfigError(f"{name} is required", variable=name)
         return
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(
-            f"{name}={value!r} is invalid: expected a non-empty string", variable=name
-        )
+        raise _invalid(name, value, "a non-empty string")
     if len(value) > _LIMITS[name]:
         raise ConfigError(
             f"{name}={value[:40]!r}... is {len(value)} characters: at most {_LIMITS[name]} allowed",
@@ -93,24 +110,11 @@ class NewMessage:
         _check_text("ordering_key", self.ordering_key, required=False)
         _check_text("tenant_id", self.tenant_id, required=False)
         if not isinstance(self.kind, str) or not _KIND.fullmatch(self.kind):
-            raise ConfigError(
-                f"kind={self.kind!r} is invalid: expected lowercase letters, digits, '_', '.', '-'",
-                variable="kind",
-            )
-        if self.max_retries is not None and (
-            isinstance(self.max_retries, bool)
-            or not isinstance(self.max_retries, int)
-            or self.max_retries < 0
-        ):
-            raise ConfigError(
-                f"max_retries={self.max_retries!r} is invalid: expected an integer >= 0",
-                variable="max_retries",
-            )
-        if self.not_before is not None and self.not_before.tzinfo is None:
-            raise ConfigError(
-                f"not_before={self.not_before!r} is naive: expected an aware UTC datetime",
-                variable="not_before",
-            )
+            raise _invalid("kind", self.kind, "lowercase letters, digits, '_', '.', '-'")
+        if self.max_retries is not None:
+            check_max_retries(self.max_retries)
+        if self.not_before is not None:
+            check_aware("not_before", self.not_before)
         if not isinstance(self.payload, Mapping):
             raise ConfigError(
                 f"payload of type {type(self.payload).__name__} is invalid: expected a JSON object",
@@ -159,14 +163,9 @@ class NewMessage:
         """
         upper = str(method).upper()
         if upper not in _METHODS:
-            raise ConfigError(
-                f"method={method!r} is invalid: expected one of {', '.join(sorted(_METHODS))}",
-                variable="method",
-            )
+            raise _invalid("method", method, f"one of {', '.join(sorted(_METHODS))}")
         if not isinstance(endpoint, str) or not endpoint.strip():
-            raise ConfigError(
-                f"endpoint={endpoint!r} is invalid: expected a name", variable="endpoint"
-            )
+            raise _invalid("endpoint", endpoint, "a name")
         payload: dict[str, Any] = {"method": upper, "endpoint": endpoint}
         if path_params:
             payload["path_params"] = {str(k): str(v) for k, v in path_params.items()}
@@ -222,14 +221,9 @@ class NewMessage:
             ConfigError: naming the bad argument.
         """
         if not isinstance(webhook_id, str) or not webhook_id.strip() or len(webhook_id) > 200:
-            raise ConfigError(
-                f"webhook_id={webhook_id!r} is invalid: expected 1-200 characters",
-                variable="webhook_id",
-            )
+            raise _invalid("webhook_id", webhook_id, "1-200 characters")
         if not isinstance(event_type, str) or not event_type.strip():
-            raise ConfigError(
-                f"event_type={event_type!r} is invalid: expected a name", variable="event_type"
-            )
+            raise _invalid("event_type", event_type, "a name")
         when = (occurred_at or datetime.now(UTC)).astimezone(UTC)
         try:
             body = json.dumps(

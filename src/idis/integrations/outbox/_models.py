@@ -81,10 +81,11 @@ RECEIVER_ACTIVE = "active"
 #: The receiver answered 410 Gone: deliveries to it stop.
 RECEIVER_GONE = "gone"
 
-_PENDING_ONLY = text("status = 'pending'")
-_UNSETTLED = text("status IN ('pending', 'dead')")
-_DELIVERED_ONLY = text("status = 'delivered'")
-_PENDING_KEYED = text("status = 'pending' AND ordering_key IS NOT NULL")
+
+def _partial(name: str, where: str, *columns: str) -> Index:
+    """A partial index, with the same predicate on PostgreSQL and SQLite."""
+    predicate = text(where)
+    return Index(name, *columns, postgresql_where=predicate, sqlite_where=predicate)
 
 
 class OutboxMessageRow(Base):
@@ -94,35 +95,21 @@ class OutboxMessageRow(Base):
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'delivered', 'dead')", name="status"),
         UniqueConstraint("idempotency_key"),
-        Index(
-            "ix_outbox_messages_due",
-            "provider",
-            "id",
-            "next_attempt_at",
-            postgresql_where=_PENDING_ONLY,
-            sqlite_where=_PENDING_ONLY,
+        _partial(
+            "ix_outbox_messages_due", "status = 'pending'", "provider", "id", "next_attempt_at"
         ),
-        Index(
+        _partial(
             "ix_outbox_messages_ordering",
+            "status = 'pending' AND ordering_key IS NOT NULL",
             "provider",
             "ordering_key",
             "id",
-            postgresql_where=_PENDING_KEYED,
-            sqlite_where=_PENDING_KEYED,
         ),
-        Index(
-            "ix_outbox_messages_unsettled",
-            "provider",
-            "status",
-            postgresql_where=_UNSETTLED,
-            sqlite_where=_UNSETTLED,
+        _partial(
+            "ix_outbox_messages_unsettled", "status IN ('pending', 'dead')", "provider", "status"
         ),
-        Index(
-            "ix_outbox_messages_delivered",
-            "provider",
-            "delivered_at",
-            postgresql_where=_DELIVERED_ONLY,
-            sqlite_where=_DELIVERED_ONLY,
+        _partial(
+            "ix_outbox_messages_delivered", "status = 'delivered'", "provider", "delivered_at"
         ),
     )
 

@@ -162,10 +162,6 @@ def not_leased(table: Any, now: Any = None) -> Any:
     return or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at <= at)
 
 
-def _insert_for(dialect: str) -> Any:
-    return dialect_insert(messages, dialect)
-
-
 @functools.cache
 def insert_statement(dialect: str, *, returning: bool = False) -> Insert:
     """``INSERT ... ON CONFLICT (idempotency_key) DO NOTHING``: enqueueing a key twice is a no-op.
@@ -173,10 +169,10 @@ def insert_statement(dialect: str, *, returning: bool = False) -> Insert:
     With ``returning``, the ids of rows actually inserted come back, in the same
     round trip: none when the key was already there.
     """
-    stmt = _insert_for(dialect).on_conflict_do_nothing(index_elements=["idempotency_key"])
-    if returning:
-        stmt = stmt.returning(messages.c.id)
-    return stmt  # type: ignore[no-any-return]  # dialect insert constructs are untyped
+    stmt = dialect_insert(messages, dialect).on_conflict_do_nothing(
+        index_elements=["idempotency_key"]
+    )
+    return stmt.returning(messages.c.id) if returning else stmt
 
 
 def first_pending(table: FromClause, provider: Any, dialect: str) -> Select[Any]:
@@ -530,10 +526,7 @@ def mark_receiver_statement(dialect: str) -> Insert:
     return stmt.on_conflict_do_update(
         index_elements=["provider", "endpoint"],
         set_={
-            "status": stmt.excluded.status,
-            "status_code": stmt.excluded.status_code,
-            "reason": stmt.excluded.reason,
-            "changed_at": stmt.excluded.changed_at,
+            name: stmt.excluded[name] for name in ("status", "status_code", "reason", "changed_at")
         },
     )
 

@@ -52,7 +52,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -175,6 +175,11 @@ class _Settlement:
     released: bool = False
 
 
+def _unsent_dead(message: OutboxMessage, why: str) -> _Settlement:
+    """Dead without another attempt (the attempt counted for the lease is given back)."""
+    return _Settlement(message, Disposition(Action.DEAD, None, why), released=True)
+
+
 #: One message's outcome: a delivered message stands for its own settlement
 #: (the common case, with nothing else to record: no object per delivery).
 _Outcome = _Settlement | OutboxMessage
@@ -228,13 +233,6 @@ class _ProbeVerdict:
     running: bool = False
     #: It answered healthy (an unhealthy answer, an error or no endpoint: False).
     healthy: bool = False
-
-
-@dataclass(slots=True)
-class _Pending:
-    """Settlements not yet written (the database was unreachable)."""
-
-    items: list[_Outcome] = field(default_factory=list)
 
 
 class _WorkerCore:
@@ -293,7 +291,7 @@ class _WorkerCore:
                 f"batch_size={self.batch_size} and lease={self.lease} must both be positive"
             )
         self._rotation = 0
-        self._last_gauges: float | None = None
+        self._last_gauges = -math.inf
         self._gone: set[tuple[str, str]] = set()
         #: Deliveries per provider, by this worker: the evidence that a provider
         #: works for others while one message keeps failing.
@@ -324,7 +322,9 @@ class _WorkerCore:
         }
         #: Provider -> when this worker last delivered to it (monotonic).
         self._served_at: dict[str, float] = {}
-        self.unsettled = _Pending()
+        #: Outcomes not yet written (the next cycle's transaction writes them, or
+        #: the database was unreachable).
+        self.unsettled: list[_Outcome] = []
         #: A cycle's transaction failed: its COMMIT may have succeeded unseen,
         #: leaving leases this worker does not know it holds.
         self.unsure_of_leases = False
@@ -350,13 +350,10 @@ class _WorkerCore:
 
     def gauges_due(self) -> bool:
         now = self.clock.monotonic()
-        if (
-            self._last_gauges is None
-            or now - self._last_gauges >= self.metrics_interval.total_seconds()
-        ):
+        due = now - self._last_gauges >= self.metrics_interval.total_seconds()
+        if due:
             self._last_gauges = now
-            return True
-        return False
+        return due
 
     @staticmethod
     def has_webhooks(rows: Sequence[Any]) -> bool:
@@ -476,10 +473,7 @@ class _WorkerCore:
         receiver = self.receiver_of(message)
         if receiver is None or receiver not in self._gone:
             return None
-        disposition = Disposition(
-            Action.DEAD, None, "receiver gone: it answered 410, deliveries to it are stopped"
-        )
-        return _Settlement(message, disposition, failed_attempt=False, released=True)
+        return _unsent_dead(message, "receiver gone: it answered 410, deliveries to it are stopped")
 
     def split_spent(self, batch: list[OutboxMessage], out: list[_Outcome]) -> list[OutboxMessage]:
         """Settle into ``out`` the messages whose budget lapsed leases spent; return the rest."""
@@ -811,17 +805,16 @@ class _WorkerCore:
         """
         if message.attempts <= message.max_retries + 1:
             return None
-        disposition = Disposition(
-            Action.DEAD, None, "retries spent: its last attempts were lost with their workers"
+        return _unsent_dead(
+            message, "retries spent: its last attempts were lost with their workers"
         )
-        return _Settlement(message, disposition, failed_attempt=False, released=True)
 
     def flush_abandoned(self) -> None:
         self.log.warning(
             "idis.outbox.settle_abandoned",
             msg="stopping with unsettled outbox messages; their leases will lapse and they "
             "will be delivered again (idempotently)",
-            count=len(self.unsettled.items),
+            count=len(self.unsettled),
         )
 
     def db_backoff(self, exc: BaseException) -> float:
@@ -1214,7 +1207,7 @@ class AsyncOutboxWorker:
         try:
             batch = await self._db.run(work, hold=self._hold)
             core.unsure_of_leases = False
-            core.unsettled.items.clear()
+            core.unsettled.clear()
             if core.gauges_due():
                 await self._refresh_gauges()
         except _DB_ERRORS as exc:
@@ -1223,7 +1216,7 @@ class AsyncOutboxWorker:
         result.leased = len(batch)
         if batch:
             settlements = await self._deliver_batch(batch)
-            core.unsettled.items.extend(settlements)
+            core.unsettled.extend(settlements)
             core.observe(settlements, result)
         return result
 
@@ -1421,7 +1414,7 @@ class AsyncOutboxWorker:
     def _write_unsettled(self, conn: Connection) -> int:
         """Write the pending settlements; return how many were fenced off."""
         core = self._core
-        items = core.unsettled.items
+        items = core.unsettled
         if not items:
             return 0
         now = core.now()
@@ -1448,13 +1441,13 @@ class AsyncOutboxWorker:
         self._core.flush_abandoned()
 
     async def _settle_now(self) -> int:
-        if not self._core.unsettled.items:
+        if not self._core.unsettled:
             return 0
         try:
             fenced = await self._db.run(self._write_unsettled, hold=self._hold)
         except _DB_ERRORS as exc:
             raise _as_storage_error(exc) from exc
-        self._core.unsettled.items.clear()
+        self._core.unsettled.clear()
         return fenced
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "WEBHOOK_ID",
     "WEBHOOK_SIGNATURE",
     "WEBHOOK_TIMESTAMP",
+    "any_match",
     "decode_secret",
     "generate_secret",
     "new_message_id",
@@ -114,11 +115,24 @@ def _digest(key: bytes, content: bytes) -> bytes:
     return hmac.new(key, content, hashlib.sha256).digest()
 
 
+def any_match(keys: Iterable[bytes], content: bytes, offered: Sequence[bytes]) -> bool:
+    """Whether any ``offered`` HMAC-SHA256 of ``content`` was made with any of ``keys``."""
+    matched = False
+    for key in keys:
+        expected = _digest(key, content)
+        for candidate in offered:
+            # No early exit: every comparison runs whatever matched first.
+            matched |= hmac.compare_digest(expected, candidate)
+    return matched
+
+
+def _signature(key: bytes, content: bytes) -> str:
+    return f"{_VERSION},{base64.b64encode(_digest(key, content)).decode()}"
+
+
 def sign(secret: str | bytes | Secret, msg_id: str, timestamp: int, body: bytes) -> str:
     """The ``webhook-signature`` value (``v1,<base64>``) for one message."""
-    key = decode_secret(secret)
-    mac = _digest(key, signed_content(msg_id, int(timestamp), body))
-    return f"{_VERSION},{base64.b64encode(mac).decode()}"
+    return _signature(decode_secret(secret), signed_content(msg_id, int(timestamp), body))
 
 
 def sign_headers(
@@ -149,10 +163,7 @@ def sign_headers(
         ts = int(timestamp)
     ident = msg_id or new_message_id()
     content = signed_content(ident, ts, body)
-    signature = " ".join(
-        f"{_VERSION},{base64.b64encode(_digest(decode_secret(s), content)).decode()}"
-        for s in chosen
-    )
+    signature = " ".join(_signature(decode_secret(s), content) for s in chosen)
     return {WEBHOOK_ID: ident, WEBHOOK_TIMESTAMP: str(ts), WEBHOOK_SIGNATURE: signature}
 
 
@@ -177,13 +188,4 @@ def signatures_match(
             offered.append(base64.b64decode(value, validate=True))
         except (binascii.Error, ValueError):
             continue
-    if not offered:
-        return False
-    content = signed_content(msg_id, timestamp, body)
-    matched = False
-    for key in keys:
-        expected = _digest(key, content)
-        for candidate in offered:
-            # No early exit: every comparison runs whatever matched first.
-            matched |= hmac.compare_digest(expected, candidate)
-    return matched
+    return bool(offered) and any_match(keys, signed_content(msg_id, timestamp, body), offered)

@@ -36,15 +36,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from ..exceptions import WebhookVerificationError
+from ..exceptions import ConfigError, WebhookVerificationError
 from ._signing import (
     MIN_KEY_BYTES,
     SVIX_ID,
@@ -53,6 +51,7 @@ from ._signing import (
     WEBHOOK_ID,
     WEBHOOK_SIGNATURE,
     WEBHOOK_TIMESTAMP,
+    any_match,
     decode_secret,
     signatures_match,
 )
@@ -232,8 +231,6 @@ class StandardWebhooksScheme:
         tolerance: timedelta = timedelta(minutes=5),
         label: str = "webhook secret",
     ) -> None:
-        from ..exceptions import ConfigError
-
         if not secrets:
             raise ConfigError(f"{label}: no webhook secret configured", variable=label)
         self._keys = tuple(
@@ -309,8 +306,6 @@ class HmacScheme:
         tolerance: timedelta = timedelta(minutes=5),
         label: str = "webhook secret",
     ) -> None:
-        from ..exceptions import ConfigError
-
         if not secrets:
             raise ConfigError(f"{label}: no webhook secret configured", variable=label)
         if signed == "request" and not timestamp_header:
@@ -390,13 +385,7 @@ class HmacScheme:
             timestamp = _header(request, self.timestamp_header)
             _check_timestamp(self.timestamp_header, timestamp, now, self.tolerance)
         offered = [d for d in (self._decode(p) for p in signature.split()) if d is not None]
-        content = self.content(request, timestamp)
-        matched = False
-        for key in self._keys:
-            expected = hmac.new(key, content, hashlib.sha256).digest()
-            for candidate in offered:
-                matched |= hmac.compare_digest(expected, candidate)
-        if not matched:
+        if not any_match(self._keys, self.content(request, timestamp), offered):
             raise WebhookVerificationError(
                 f"webhook {self.header} header does not match any configured secret",
                 reason="bad_signature",
@@ -408,6 +397,10 @@ class HmacScheme:
 
 
 # --------------------------------------------------------------------------- strict JSON
+
+
+def _malformed(message: str) -> WebhookVerificationError:
+    return WebhookVerificationError(message, reason="malformed_json")
 
 
 def _reject_constant(name: str) -> Any:
@@ -473,10 +466,7 @@ def parse_json_strict(body: bytes) -> dict[str, Any]:
     """
     payload = parse_json_value(body)
     if not isinstance(payload, dict):
-        raise WebhookVerificationError(
-            f"webhook body is a JSON {type(payload).__name__}, expected an object",
-            reason="malformed_json",
-        )
+        raise _malformed(f"webhook body is a JSON {type(payload).__name__}, expected an object")
     return payload
 
 
@@ -495,18 +485,12 @@ def parse_json_value(body: bytes) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise WebhookVerificationError(
-            "webhook body is not UTF-8", reason="malformed_json"
-        ) from None
+        raise _malformed("webhook body is not UTF-8") from None
     if text.startswith("\ufeff"):
-        raise WebhookVerificationError(
-            "webhook body starts with a byte-order mark", reason="malformed_json"
-        )
+        raise _malformed("webhook body starts with a byte-order mark")
     # Counting is C-speed; the byte scan only runs when nesting could be too deep.
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nesting_depth(body) > MAX_JSON_DEPTH:
-        raise WebhookVerificationError(
-            f"webhook body nests deeper than {MAX_JSON_DEPTH} levels", reason="malformed_json"
-        )
+        raise _malformed(f"webhook body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         payload = json.loads(
             text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
@@ -515,12 +499,8 @@ def parse_json_value(body: bytes) -> Any:
         # ValueError covers JSONDecodeError, duplicate keys, NaN and huge ints;
         # the message names the position or the key, never the body.
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise WebhookVerificationError(
-            f"webhook body is not valid JSON: {detail}", reason="malformed_json"
-        ) from None
+        raise _malformed(f"webhook body is not valid JSON: {detail}") from None
     # Escapes are the only way to spell NUL or a lone surrogate in valid UTF-8.
     if "\\u" in text and _has_unstorable(payload):
-        raise WebhookVerificationError(
-            "webhook body contains \\u0000 or a lone surrogate", reason="malformed_json"
-        )
+        raise _malformed("webhook body contains \\u0000 or a lone surrogate")
     return payload
