@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 import os
 import random
@@ -60,7 +59,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .._clock import Clock, SystemClock, system_clock
 from ..config import OutboxSettings, Settings
-from ..db._engine import blocking_twin, load_json
+from ..db._engine import blocking_twin, load_json, on_driver, unwatched
 from ..exceptions import BulkheadFull, CircuitOpen, ConfigError, StorageError, UsageError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
@@ -101,8 +100,6 @@ AsyncDeliver = Callable[[OutboxMessage], Awaitable[None]]
 Availability = Callable[[str], bool]
 
 _log = get_logger()
-#: SQLAlchemy's statement log (``echo``'s): while it is on, statements go through SQLAlchemy.
-_SQL_LOG = logging.getLogger("sqlalchemy.engine.Engine")
 _from_iso = datetime.fromisoformat
 
 
@@ -934,16 +931,7 @@ class _Direct:
         self._dialect: Any = None
 
     def _usable(self, conn: Connection) -> bool:
-        if not self.enabled:
-            return False
-        dispatch = conn.dispatch
-        return not (
-            dispatch.before_cursor_execute
-            or dispatch.after_cursor_execute
-            or conn.dialect.dispatch.handle_error
-            or conn.engine.echo
-            or _SQL_LOG.isEnabledFor(logging.INFO)
-        )
+        return self.enabled and unwatched(conn)
 
     def _execute(self, conn: Connection, stmt: Any, params: dict[str, Any], fetch: bool) -> Any:
         dialect = conn.dialect
@@ -953,28 +941,7 @@ class _Direct:
         prepared = self._prepared.get(stmt)
         if prepared is None:
             prepared = self._prepared[stmt] = Prepared(stmt, dialect)
-        values = prepared.params(params)
-        dbapi_conn = conn.connection.dbapi_connection
-        assert dbapi_conn is not None
-        cursor = dbapi_conn.cursor()
-        try:
-            cursor.execute(prepared.sql, values)
-            return cursor.fetchall() if fetch else cursor.rowcount
-        except dialect.loaded_dbapi.Error as exc:
-            lost = dialect.is_disconnect(exc, dbapi_conn, cursor)
-            if lost:
-                conn.invalidate(exc)
-            raise DBAPIError.instance(
-                prepared.sql,
-                values,
-                exc,
-                dialect.loaded_dbapi.Error,
-                hide_parameters=conn.engine.hide_parameters,
-                connection_invalidated=lost,
-                dialect=dialect,
-            ) from exc
-        finally:
-            cursor.close()
+        return on_driver(conn, prepared.sql, prepared.params(params), rowcount=not fetch)
 
     def rows(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Sequence[Any]:
         """The rows ``stmt`` returns (tuples, or SQLAlchemy rows: both index alike)."""
