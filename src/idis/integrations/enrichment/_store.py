@@ -34,6 +34,7 @@ from ._models import (
     REQUEST_FAILED,
     REQUEST_PENDING,
     STALE_ENRICHMENT,
+    SUBJECT_COLUMNS,
     Defect,
     EnrichmentCacheEntry,
     EnrichmentRequest,
@@ -47,8 +48,7 @@ _PENDING_ONLY = EnrichmentRequest.status == REQUEST_PENDING
 # parameter stops matching it once psycopg switches to a prepared statement.
 _OPEN_INDEX_WHERE = text(f"status = '{DEFECT_OPEN}'")
 _PENDING_INDEX_WHERE = text(f"status = '{REQUEST_PENDING}'")
-_SUBJECT_COLUMNS = ("provider", "tenant_id", "subject_type", "subject_id")
-_DEFECT_KEY = ("defect_type", *_SUBJECT_COLUMNS)
+_DEFECT_KEY = ("defect_type", *SUBJECT_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +76,7 @@ def _insert(session: Session, model: Any) -> Any:
 
 
 def _key_values(key: SubjectKey) -> dict[str, str]:
-    return {name: getattr(key, name) for name in _SUBJECT_COLUMNS}
+    return {name: getattr(key, name) for name in SUBJECT_COLUMNS}
 
 
 def _subject_filter(model: Any, key: SubjectKey) -> Any:
@@ -85,11 +85,11 @@ def _subject_filter(model: Any, key: SubjectKey) -> Any:
 
 def _subject(model: Any) -> tuple[Any, ...]:
     """``model``'s subject key columns, to select for :func:`_key`."""
-    return tuple(getattr(model, name) for name in _SUBJECT_COLUMNS)
+    return tuple(getattr(model, name) for name in SUBJECT_COLUMNS)
 
 
 def _key(row: Any) -> SubjectKey:
-    return SubjectKey(*(getattr(row, name) for name in _SUBJECT_COLUMNS))
+    return SubjectKey(*(getattr(row, name) for name in SUBJECT_COLUMNS))
 
 
 def _due(now: datetime) -> tuple[Any, ...]:
@@ -112,7 +112,7 @@ def _upsert_cache(
     stmt = _insert(session, cache).values(**_key_values(key), **values)
     session.execute(
         stmt.on_conflict_do_update(
-            index_elements=[cache.c[n] for n in _SUBJECT_COLUMNS], set_=dict(changes)
+            index_elements=[cache.c[n] for n in SUBJECT_COLUMNS], set_=dict(changes)
         )
     )
 
@@ -299,7 +299,7 @@ def ensure_requests(
     stmt = (
         _insert(session, EnrichmentRequest.__table__)
         .on_conflict_do_nothing(
-            index_elements=list(_SUBJECT_COLUMNS), index_where=_PENDING_INDEX_WHERE
+            index_elements=list(SUBJECT_COLUMNS), index_where=_PENDING_INDEX_WHERE
         )
         .returning(EnrichmentRequest.__table__.c.id)
     )
