@@ -37,6 +37,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
@@ -167,11 +168,7 @@ def _float(value: object, name: str, minimum: float = 0.0) -> float:
 
 def _at_least(minimum: int) -> _Conv:
     """An integer parser with a lower bound."""
-
-    def parse(value: object, name: str) -> int:
-        return _int(value, name, minimum)
-
-    return parse
+    return partial(_int, minimum=minimum)
 
 
 def _seconds(value: object, name: str) -> float:
@@ -346,11 +343,7 @@ def _choice(value: object, name: str, choices: tuple[str, ...]) -> str:
 
 def _one_of(*choices: str) -> _Conv:
     """A parser accepting one of ``choices`` (case-insensitive)."""
-
-    def parse(value: object, name: str) -> str:
-        return _choice(value, name, choices)
-
-    return parse
+    return partial(_choice, choices=choices)
 
 
 def _pack_name(value: object, name: str) -> str:
