@@ -165,7 +165,8 @@ class _Share(Effect[None]):
             io.background(work)
 
 
-@dataclass(slots=True, eq=False)
+# No generated repr: a call holds the caller's headers and body (secrets stay out of output).
+@dataclass(slots=True, eq=False, repr=False)
 class _Call(Awaited[httpx.Response]):
     """One logical call (all its attempts); yielded by the flow, it sends one attempt.
 
@@ -213,7 +214,7 @@ class _Call(Awaited[httpx.Response]):
         )
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, repr=False)  # a base URL may carry credentials
 class _Probe(Awaited[httpx.Response]):
     """One health-endpoint request (no retries, no breaker)."""
 
