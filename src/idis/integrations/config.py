@@ -37,6 +37,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
@@ -167,11 +168,7 @@ def _float(value: object, name: str, minimum: float = 0.0) -> float:
 
 def _at_least(minimum: int) -> _Conv:
     """An integer parser with a lower bound."""
-
-    def parse(value: object, name: str) -> int:
-        return _int(value, name, minimum)
-
-    return parse
+    return partial(_int, minimum=minimum)
 
 
 def _seconds(value: object, name: str) -> float:
@@ -294,25 +291,22 @@ def _endpoints(value: object, name: str) -> dict[str, str]:
     return dict(pairs)
 
 
+#: Seconds per unit of a rate (``10/s``, ``600/min``; none: per second).
+_RATE_UNITS = {
+    **dict.fromkeys(("", "s", "sec", "second"), 1.0),
+    **dict.fromkeys(("m", "min", "minute"), 60.0),
+    **dict.fromkeys(("h", "hour"), 3600.0),
+}
+
+
 def _rate(value: object, name: str) -> float | None:
     text = str(value).strip().lower()
     if text in ("", "none", "off", "0"):
         return None
     number, _, unit = text.partition("/")
-    per = {
-        "": 1.0,
-        "s": 1.0,
-        "sec": 1.0,
-        "second": 1.0,
-        "m": 60.0,
-        "min": 60.0,
-        "minute": 60.0,
-        "h": 3600.0,
-        "hour": 3600.0,
-    }
-    if unit not in per:
+    if unit not in _RATE_UNITS:
         raise _bad(name, value, "is not a rate: expected e.g. 10/s, 600/m or 5")
-    return _float(number, name, minimum=1e-9) / per[unit]
+    return _float(number, name, minimum=1e-9) / _RATE_UNITS[unit]
 
 
 def _secrets(value: object, name: str = "") -> tuple[Secret, ...]:
@@ -349,11 +343,7 @@ def _choice(value: object, name: str, choices: tuple[str, ...]) -> str:
 
 def _one_of(*choices: str) -> _Conv:
     """A parser accepting one of ``choices`` (case-insensitive)."""
-
-    def parse(value: object, name: str) -> str:
-        return _choice(value, name, choices)
-
-    return parse
+    return partial(_choice, choices=choices)
 
 
 def _pack_name(value: object, name: str) -> str:
@@ -394,17 +384,12 @@ def _log_level(value: object, name: str) -> str:
 
 def _positive(value: timedelta, raw: object, name: str) -> None:
     if value <= timedelta(0):
-        raise _bad(name, raw, "must be positive")
+        raise _bad(name, raw, "must be positive: expected a duration like 5s")
 
 
 def _linger(value: timedelta, raw: object, name: str) -> None:
     if not timedelta(0) <= value <= timedelta(seconds=1):
         raise _bad(name, raw, "must be between 0 and 1s: expected a short duration like 2ms")
-
-
-def _positive_duration(value: timedelta, raw: object, name: str) -> None:
-    if value <= timedelta(0):
-        raise _bad(name, raw, "must be positive: expected a duration like 5s")
 
 
 # --------------------------------------------------------------------------- declarations
@@ -428,6 +413,13 @@ class _Var:
     shown: str | None = None
     #: Also read from the config file (the field's name in its table).
     from_file: bool = True
+
+    def read(self, raw: object, blame: str) -> Any:
+        """Parse and check ``raw``; a bad value's error names ``blame``."""
+        value = self.parse(raw, blame)
+        if self.check is not None:
+            self.check(value, raw, blame)
+        return value
 
 
 def _var(
@@ -916,7 +908,7 @@ class EnrichmentSettings:
         "IDIS_ENRICHMENT_POLL_INTERVAL",
         _delta,
         "Idle wait of the deferred worker when nothing is due (±20% jitter).",
-        check=_positive_duration,
+        check=_positive,
     )
     retry_backoff: timedelta = _setting(
         timedelta(seconds=5),
@@ -924,7 +916,7 @@ class EnrichmentSettings:
         _delta,
         "First backoff cap after a failed refresh; doubles per attempt, delay uniform in "
         "[cap/2, cap].",
-        check=_positive_duration,
+        check=_positive,
     )
     retry_max_backoff: timedelta = _setting(
         timedelta(minutes=5),
@@ -937,7 +929,7 @@ class EnrichmentSettings:
         "IDIS_ENRICHMENT_LEASE",
         _delta,
         "How long a worker holds a deferred request; a crashed worker's requests return after it.",
-        check=_positive_duration,
+        check=_positive,
     )
     impact_deals_table: str | None = _setting(
         None,
@@ -1012,7 +1004,7 @@ class WebhookSettings:
         _delta,
         "Longest time the ASGI receiver waits for a request's whole body; a slower "
         "client gets 408 and its connection back.",
-        check=_positive_duration,
+        check=_positive,
     )
     batch_linger: timedelta = _setting(
         timedelta(milliseconds=2),
@@ -1243,10 +1235,7 @@ def _read_fields(
             raw, blame = table[item.name], f"{table_name}.{item.name}"
         else:
             continue
-        value = var.parse(raw, blame)
-        if var.check is not None:
-            var.check(value, raw, blame)
-        values[item.name] = value
+        values[item.name] = var.read(raw, blame)
     readable = {item.name for item, var in _declared(cls) if var.from_file}
     for key in table:
         if key not in readable:
@@ -1333,10 +1322,7 @@ def _build_provider(name: str, values: dict[str, tuple[object, str]]) -> Provide
                 f"{', '.join(sorted(_KEY_TO_SUFFIX))}",
                 variable=blame,
             )
-        var = _PROVIDER_FIELDS[suffix][1]
-        converted = var.parse(raw, blame)
-        if var.check is not None:
-            var.check(converted, raw, blame)
+        converted = _PROVIDER_FIELDS[suffix][1].read(raw, blame)
         head, _, tail = key.partition(".")
         if tail:
             sub[head][tail] = converted

@@ -71,7 +71,6 @@ __all__ = [
     "print_table",
     "progress",
     "provider_option",
-    "resolve_provider",
     "since_option",
     "stdout",
     "until_option",
@@ -234,12 +233,6 @@ def database_engine() -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
-
-
-def resolve_provider(name: str) -> str:
-    """Validate a provider name against the configuration; exit 2 naming it if unknown."""
-    get_settings().provider(name)
-    return name
 
 
 def handle_errors(func: Callable[P, R]) -> Callable[P, R]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
 import click
@@ -21,17 +21,9 @@ def pack_rows() -> list[dict[str, Any]]:
     ]
 
 
-_LABELS = (
-    ("webhooks", "webhooks"),
-    ("polling", "polling"),
-    ("replay", "replay"),
-    ("replay_window", "replay window"),
-    ("resync", "resync"),
-    ("auth", "auth"),
-    ("rate_limit_headers", "rate-limit headers"),
-    ("ordering", "ordering"),
-    ("event_identity", "event identity"),
-)
+def _label(field_name: str) -> str:
+    """A capability as people read it: ``rate_limit_headers`` is "rate-limit headers"."""
+    return field_name.replace("rate_limit", "rate-limit").replace("_", " ")
 
 
 def _shown(value: Any) -> str:
@@ -54,6 +46,7 @@ def providers_command(as_json: bool) -> None:
     Also names the pack each configured provider uses.
     """
     from ..providers import pack_for
+    from ..providers._pack import Capabilities
 
     settings = get_settings()
     rows = pack_rows()
@@ -63,8 +56,8 @@ def providers_command(as_json: bool) -> None:
         return
     for row in rows:
         click.echo(f"{row['name']}: {row['summary']}")
-        for key, label in _LABELS:
-            click.echo(f"  {label + ':':<20}{_shown(row[key])}")
+        for item in fields(Capabilities):
+            click.echo(f"  {_label(item.name) + ':':<20}{_shown(row[item.name])}")
         users = [name for name, pack in using.items() if pack == row["name"]]
         click.echo(f"  {'used by:':<20}{', '.join(users) or 'no configured provider'}")
         click.echo("")

@@ -101,6 +101,12 @@ def _resolve_table(deals_table: Any, engine: Engine, settings: Settings) -> Tabl
     return _checked(table, table.name, "deals_table")
 
 
+def _per_tenant(session: Session, tenant: Any, *where: Any) -> dict[str, int]:
+    """How many rows match ``where``, per value of the ``tenant`` column."""
+    rows = session.execute(select(tenant, func.count()).where(*where).group_by(tenant)).all()
+    return {str(value): int(count) for value, count in rows}
+
+
 def impact_in_session(
     session: Session, provider: str, since: datetime, deals: Table | None
 ) -> list[TenantImpact]:
@@ -110,37 +116,27 @@ def impact_in_session(
         # RB-09 Triage 5's query; the bound time goes through UTCDateTime so a
         # SQLite table stored the library's way compares as text correctly.
         moment = bindparam("since", since, type_=UTCDateTime())
-        rows = session.execute(
-            select(deals.c.tenant_id, func.count())
-            .where(deals.c.crm_sync_status == SYNC_FAILED, deals.c.updated_at > moment)
-            .group_by(deals.c.tenant_id)
-        ).all()
-        failed = {str(tenant): int(count) for tenant, count in rows}
-    deferred = {
-        str(tenant): int(count)
-        for tenant, count in session.execute(
-            select(EnrichmentRequest.tenant_id, func.count())
-            .where(
-                EnrichmentRequest.provider == provider,
-                EnrichmentRequest.status == REQUEST_PENDING,
-                EnrichmentRequest.created_at > since,
-            )
-            .group_by(EnrichmentRequest.tenant_id)
-        ).all()
-    }
-    defects = {
-        str(tenant): int(count)
-        for tenant, count in session.execute(
-            select(Defect.tenant_id, func.count())
-            .where(
-                Defect.defect_type == STALE_ENRICHMENT,
-                Defect.provider == provider,
-                Defect.status == DEFECT_OPEN,
-                Defect.created_at > since,
-            )
-            .group_by(Defect.tenant_id)
-        ).all()
-    }
+        failed = _per_tenant(
+            session,
+            deals.c.tenant_id,
+            deals.c.crm_sync_status == SYNC_FAILED,
+            deals.c.updated_at > moment,
+        )
+    deferred = _per_tenant(
+        session,
+        EnrichmentRequest.tenant_id,
+        EnrichmentRequest.provider == provider,
+        EnrichmentRequest.status == REQUEST_PENDING,
+        EnrichmentRequest.created_at > since,
+    )
+    defects = _per_tenant(
+        session,
+        Defect.tenant_id,
+        Defect.defect_type == STALE_ENRICHMENT,
+        Defect.provider == provider,
+        Defect.status == DEFECT_OPEN,
+        Defect.created_at > since,
+    )
     tenants = set(failed) | set(deferred) | set(defects)
     result = [
         TenantImpact(

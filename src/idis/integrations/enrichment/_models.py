@@ -35,6 +35,7 @@ __all__ = [
     "REQUEST_FAILED",
     "REQUEST_PENDING",
     "STALE_ENRICHMENT",
+    "SUBJECT_COLUMNS",
     "Defect",
     "EnrichmentCacheEntry",
     "EnrichmentRequest",
@@ -57,6 +58,8 @@ REQUEST_FAILED = "failed"
 
 _OPEN_ONLY = text("status = 'OPEN'")
 _PENDING_ONLY = text("status = 'pending'")
+#: The columns naming one subject under its primary provider (``SubjectKey``'s fields).
+SUBJECT_COLUMNS = ("provider", "tenant_id", "subject_type", "subject_id")
 
 
 class Defect(Base):
@@ -73,10 +76,7 @@ class Defect(Base):
         Index(
             "uq_defects_open_subject",
             "defect_type",
-            "provider",
-            "tenant_id",
-            "subject_type",
-            "subject_id",
+            *SUBJECT_COLUMNS,
             unique=True,
             postgresql_where=_OPEN_ONLY,
             sqlite_where=_OPEN_ONLY,
@@ -116,13 +116,7 @@ class EnrichmentCacheEntry(Base):
 
     __tablename__ = "enrichment_cache"
     __table_args__ = (
-        UniqueConstraint(
-            "provider",
-            "tenant_id",
-            "subject_type",
-            "subject_id",
-            name="uq_enrichment_cache_subject",
-        ),
+        UniqueConstraint(*SUBJECT_COLUMNS, name="uq_enrichment_cache_subject"),
         Index(
             "ix_enrichment_cache_provider_stale_last_failure_at",
             "provider",
@@ -166,10 +160,7 @@ class EnrichmentRequest(Base):
         CheckConstraint("status IN ('pending', 'done', 'failed')", name="status"),
         Index(
             "uq_enrichment_requests_pending_subject",
-            "provider",
-            "tenant_id",
-            "subject_type",
-            "subject_id",
+            *SUBJECT_COLUMNS,
             unique=True,
             postgresql_where=_PENDING_ONLY,
             sqlite_where=_PENDING_ONLY,

@@ -34,6 +34,7 @@ from ._models import (
     REQUEST_FAILED,
     REQUEST_PENDING,
     STALE_ENRICHMENT,
+    SUBJECT_COLUMNS,
     Defect,
     EnrichmentCacheEntry,
     EnrichmentRequest,
@@ -47,8 +48,7 @@ _PENDING_ONLY = EnrichmentRequest.status == REQUEST_PENDING
 # parameter stops matching it once psycopg switches to a prepared statement.
 _OPEN_INDEX_WHERE = text(f"status = '{DEFECT_OPEN}'")
 _PENDING_INDEX_WHERE = text(f"status = '{REQUEST_PENDING}'")
-_SUBJECT_COLUMNS = ("provider", "tenant_id", "subject_type", "subject_id")
-_DEFECT_KEY = ("defect_type", *_SUBJECT_COLUMNS)
+_DEFECT_KEY = ("defect_type", *SUBJECT_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,22 +75,46 @@ def _insert(session: Session, model: Any) -> Any:
     return dialect_insert(model, session.get_bind().dialect.name)
 
 
+def _key_values(key: SubjectKey) -> dict[str, str]:
+    return {name: getattr(key, name) for name in SUBJECT_COLUMNS}
+
+
 def _subject_filter(model: Any, key: SubjectKey) -> Any:
-    return and_(
-        model.provider == key.provider,
-        model.tenant_id == key.tenant_id,
-        model.subject_type == key.subject_type,
-        model.subject_id == key.subject_id,
+    return and_(*(getattr(model, name) == value for name, value in _key_values(key).items()))
+
+
+def _subject(model: Any) -> tuple[Any, ...]:
+    """``model``'s subject key columns, to select for :func:`_key`."""
+    return tuple(getattr(model, name) for name in SUBJECT_COLUMNS)
+
+
+def _key(row: Any) -> SubjectKey:
+    return SubjectKey(*(getattr(row, name) for name in SUBJECT_COLUMNS))
+
+
+def _due(now: datetime) -> tuple[Any, ...]:
+    """Pending, due and not leased (or its lease ran out)."""
+    return (
+        _PENDING_ONLY,
+        EnrichmentRequest.next_attempt_at <= now,
+        or_(
+            EnrichmentRequest.lease_expires_at.is_(None),
+            EnrichmentRequest.lease_expires_at <= now,
+        ),
     )
 
 
-def _key_values(key: SubjectKey) -> dict[str, str]:
-    return {
-        "provider": key.provider,
-        "tenant_id": key.tenant_id,
-        "subject_type": key.subject_type,
-        "subject_id": key.subject_id,
-    }
+def _upsert_cache(
+    session: Session, key: SubjectKey, values: Mapping[str, Any], changes: Mapping[str, Any]
+) -> None:
+    """Insert the subject's cache row with ``values``, or set ``changes`` on the existing one."""
+    cache = EnrichmentCacheEntry.__table__
+    stmt = _insert(session, cache).values(**_key_values(key), **values)
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[cache.c[n] for n in SUBJECT_COLUMNS], set_=dict(changes)
+        )
+    )
 
 
 # --------------------------------------------------------------------------- cache
@@ -132,16 +156,8 @@ def record_no_match(session: Session, key: SubjectKey, *, now: datetime, actor: 
     Returns:
         The ids of the defects this resolved.
     """
-    cache = EnrichmentCacheEntry.__table__
-    stmt = _insert(session, cache).values(
-        **_key_values(key), stale=False, no_match_at=now, updated_at=now
-    )
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[cache.c[n] for n in _SUBJECT_COLUMNS],
-            set_={"no_match_at": now, "updated_at": now},
-        )
-    )
+    seen = {"no_match_at": now, "updated_at": now}
+    _upsert_cache(session, key, {"stale": False, **seen}, seen)
     has_data = session.execute(
         select(EnrichmentCacheEntry.fetched_at.is_not(None)).where(
             _subject_filter(EnrichmentCacheEntry, key)
@@ -175,7 +191,6 @@ def record_success(
     Returns:
         The ids of the defects this resolved, and how many pending requests it finished.
     """
-    cache = EnrichmentCacheEntry.__table__
     fresh = {
         "served_by": served_by,
         "data": dict(data),
@@ -186,12 +201,7 @@ def record_success(
         "no_match_at": None,
         "updated_at": now,
     }
-    stmt = _insert(session, cache).values(**_key_values(key), **fresh)
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[cache.c[n] for n in _SUBJECT_COLUMNS], set_=fresh
-        )
-    )
+    _upsert_cache(session, key, fresh, fresh)
     finished = {
         "status": REQUEST_DONE,
         "served_by": served_by,
@@ -242,32 +252,16 @@ def resolve_subject_defects(
 def record_failure(session: Session, key: SubjectKey, *, error: str, now: datetime) -> None:
     """Mark the subject stale (keeping the time it first went stale) and note the failure."""
     cache = EnrichmentCacheEntry.__table__
-    stmt = _insert(session, cache).values(
-        **_key_values(key),
-        stale=True,
-        stale_since=now,
-        last_failure_at=now,
-        last_error=error[:255],
-        updated_at=now,
-    )
+    failed = {"stale": True, "last_failure_at": now, "last_error": error[:255], "updated_at": now}
     keep_since = case(
         (
             and_(cache.c.stale.is_(True), cache.c.stale_since.is_not(None)),
             cache.c.stale_since,
         ),
-        else_=stmt.excluded.stale_since,
+        else_=now,
     )
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[cache.c[n] for n in _SUBJECT_COLUMNS],
-            set_={
-                "stale": True,
-                "stale_since": keep_since,
-                "last_failure_at": now,
-                "last_error": error[:255],
-                "updated_at": now,
-            },
-        )
+    _upsert_cache(
+        session, key, {**failed, "stale_since": now}, {**failed, "stale_since": keep_since}
     )
 
 
@@ -305,7 +299,7 @@ def ensure_requests(
     stmt = (
         _insert(session, EnrichmentRequest.__table__)
         .on_conflict_do_nothing(
-            index_elements=list(_SUBJECT_COLUMNS), index_where=_PENDING_INDEX_WHERE
+            index_elements=list(SUBJECT_COLUMNS), index_where=_PENDING_INDEX_WHERE
         )
         .returning(EnrichmentRequest.__table__.c.id)
     )
@@ -326,16 +320,15 @@ def _ids_by_key(
     """The id of ``model``'s row per subject key, among the rows matching ``where``."""
     found: dict[SubjectKey, int] = {}
     wanted = set(keys)
-    columns = (model.id, model.tenant_id, model.subject_type, model.subject_id)
     for provider in {k.provider for k in keys}:
         ids = [k.subject_id for k in keys if k.provider == provider]
         for start in range(0, len(ids), 500):
             chunk = model.subject_id.in_(ids[start : start + 500])
             rows = session.execute(
-                select(*columns).where(model.provider == provider, chunk, *where)
+                select(model.id, *_subject(model)).where(model.provider == provider, chunk, *where)
             ).all()
             for row in rows:
-                key = SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id)
+                key = _key(row)
                 if key in wanted:
                     found[key] = row.id
     return found
@@ -369,16 +362,12 @@ def open_defects(
     stmt = (
         _insert(session, Defect.__table__)
         .on_conflict_do_nothing(index_elements=list(_DEFECT_KEY), index_where=_OPEN_INDEX_WHERE)
-        .returning(
-            Defect.id, Defect.provider, Defect.tenant_id, Defect.subject_type, Defect.subject_id
-        )
+        .returning(Defect.id, *_subject(Defect))
     )
     created: dict[SubjectKey, int] = {}
     for start in range(0, len(rows), 500):
         for row in session.execute(stmt, rows[start : start + 500]).all():
-            created[SubjectKey(row.provider, row.tenant_id, row.subject_type, row.subject_id)] = (
-                row.id
-            )
+            created[_key(row)] = row.id
     rest = [key for key, _ in items if key not in created]
     already = _open_defect_ids(session, rest) if rest else {}
     if created:
@@ -460,13 +449,8 @@ def stale_subjects(session: Session, provider: str, since: datetime) -> list[Sub
     served from cache, or raised) lies in the window, or when a request for it
     was deferred in the window and is still pending.
     """
-    keys: dict[SubjectKey, None] = {}
     cached = session.execute(
-        select(
-            EnrichmentCacheEntry.tenant_id,
-            EnrichmentCacheEntry.subject_type,
-            EnrichmentCacheEntry.subject_id,
-        )
+        select(*_subject(EnrichmentCacheEntry))
         .where(
             EnrichmentCacheEntry.provider == provider,
             EnrichmentCacheEntry.stale.is_(True),
@@ -474,14 +458,8 @@ def stale_subjects(session: Session, provider: str, since: datetime) -> list[Sub
         )
         .order_by(EnrichmentCacheEntry.id)
     ).all()
-    for row in cached:
-        keys[SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id)] = None
     pending = session.execute(
-        select(
-            EnrichmentRequest.tenant_id,
-            EnrichmentRequest.subject_type,
-            EnrichmentRequest.subject_id,
-        )
+        select(*_subject(EnrichmentRequest))
         .where(
             EnrichmentRequest.provider == provider,
             _PENDING_ONLY,
@@ -489,9 +467,7 @@ def stale_subjects(session: Session, provider: str, since: datetime) -> list[Sub
         )
         .order_by(EnrichmentRequest.id)
     ).all()
-    for row in pending:
-        keys[SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id)] = None
-    return list(keys)
+    return list(dict.fromkeys(_key(row) for row in [*cached, *pending]))
 
 
 def resolve_defects_since(
@@ -507,13 +483,10 @@ def resolve_defects_since(
             _OPEN_ONLY,
         )
         .values(status=DEFECT_RESOLVED, resolution=RECOVERY_RESOLUTION, resolved_at=now)
-        .returning(Defect.id, Defect.tenant_id, Defect.subject_type, Defect.subject_id)
+        .returning(Defect.id, *_subject(Defect))
         .execution_options(synchronize_session=False)
     ).all()
-    pairs = [
-        (row.id, SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id))
-        for row in rows
-    ]
+    pairs = [(row.id, _key(row)) for row in rows]
     _audit_defects(
         session, "defect.resolved", provider, pairs, now=now, actor=actor, details={"manual": True}
     )
@@ -525,18 +498,7 @@ def resolve_defects_since(
 
 def due_providers(session: Session, now: datetime) -> list[str]:
     """Providers with at least one deferred request due and not leased."""
-    rows = session.execute(
-        select(EnrichmentRequest.provider)
-        .where(
-            _PENDING_ONLY,
-            EnrichmentRequest.next_attempt_at <= now,
-            or_(
-                EnrichmentRequest.lease_expires_at.is_(None),
-                EnrichmentRequest.lease_expires_at <= now,
-            ),
-        )
-        .distinct()
-    ).all()
+    rows = session.execute(select(EnrichmentRequest.provider).where(*_due(now)).distinct()).all()
     return sorted(row.provider for row in rows)
 
 
@@ -558,21 +520,11 @@ def lease(
     rows = session.execute(
         select(
             EnrichmentRequest.id,
-            EnrichmentRequest.tenant_id,
-            EnrichmentRequest.subject_type,
-            EnrichmentRequest.subject_id,
+            *_subject(EnrichmentRequest),
             EnrichmentRequest.providers,
             EnrichmentRequest.attempts,
         )
-        .where(
-            EnrichmentRequest.provider == provider,
-            _PENDING_ONLY,
-            EnrichmentRequest.next_attempt_at <= now,
-            or_(
-                EnrichmentRequest.lease_expires_at.is_(None),
-                EnrichmentRequest.lease_expires_at <= now,
-            ),
-        )
+        .where(EnrichmentRequest.provider == provider, *_due(now))
         .order_by(EnrichmentRequest.next_attempt_at, EnrichmentRequest.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -588,7 +540,7 @@ def lease(
     return [
         LeasedRequest(
             id=row.id,
-            key=SubjectKey(provider, row.tenant_id, row.subject_type, row.subject_id),
+            key=_key(row),
             providers=tuple(row.providers or (provider,)),
             attempts=row.attempts,
         )

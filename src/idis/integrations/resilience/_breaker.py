@@ -283,25 +283,26 @@ class Breaker:
     def _transition(self, to_state: str, reason: str) -> None:
         # Caller holds self._lock; hooks run under it so their order is the order of changes.
         old = self._state
-        self._reason = reason
         self._state = to_state
         self._version += 1
-        self._reset_trials()
         if to_state == OPEN:
             self._opened_at = self._clock.time()
         elif to_state == CLOSED:
             self._opened_at = 0.0
-            self._consecutive = 0
-            self._window.clear()
-        self._emit(
-            BreakerTransition(self.provider, self.name, old, to_state, reason, self._clock.time())
-        )
+        self._entered(old, reason)
 
-    def _reset_trials(self) -> None:
+    def _entered(self, old: str, reason: str, *, observed: bool = False) -> None:
+        # Caller holds self._lock and has set the new state: start its counts afresh,
+        # then tell the hooks (under the lock, so their order is the order of changes).
+        self._reason = reason
         self._trials = 0
         self._trial_successes = 0
-
-    def _emit(self, transition: BreakerTransition) -> None:
+        if self._state == CLOSED:
+            self._consecutive = 0
+            self._window.clear()
+        transition = BreakerTransition(
+            self.provider, self.name, old, self._state, reason, self._clock.time(), observed
+        )
         for hook in self._hooks:
             hook(transition)
 
@@ -417,22 +418,7 @@ class Breaker:
         self._opened_at = record.opened_at if state == OPEN else 0.0
         if state == old:
             return  # a newer record of the same state: trials in flight stay counted
-        self._reset_trials()
-        if state == CLOSED:
-            self._consecutive = 0
-            self._window.clear()
-        self._reason = "changed by another replica"
-        self._emit(
-            BreakerTransition(
-                self.provider,
-                self.name,
-                old,
-                state,
-                self._reason,
-                self._clock.time(),
-                observed=True,
-            )
-        )
+        self._entered(old, "changed by another replica", observed=True)
 
     def __repr__(self) -> str:
         return f"<Breaker {self.provider}:{self.name} {self._state} v{self._version}>"

@@ -113,13 +113,11 @@ class HealthReport:
 # --------------------------------------------------------------------------- effects
 
 
+@dataclass(slots=True, eq=False)
 class _Wait(Effect[None]):
     """Wait ``seconds`` (the face's sleep: the clock's by default)."""
 
-    __slots__ = ("seconds",)
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    seconds: float
 
     def run(self, io: Any) -> None:
         io.sleep(self.seconds)
@@ -128,19 +126,18 @@ class _Wait(Effect[None]):
         await io.asleep(self.seconds)
 
 
+@dataclass(slots=True, eq=False)
 class _Slot(Awaited[bool]):
     """Queue for a bulkhead slot (only yielded when none is free); True once one is ours."""
 
-    __slots__ = ("bulkhead", "timeout")
-
-    def __init__(self, bulkhead: Any, timeout: float) -> None:
-        self.bulkhead = bulkhead
-        self.timeout = timeout
+    bulkhead: Any
+    timeout: float
 
     def call(self, io: Any) -> Any:
         return self.bulkhead.acquire(self.timeout)
 
 
+@dataclass(slots=True, eq=False)
 class _Share(Effect[None]):
     """Exchange a breaker's state with the shared store (Redis).
 
@@ -149,11 +146,8 @@ class _Share(Effect[None]):
     shared state read yet), else started in the background so no call waits.
     """
 
-    __slots__ = ("breaker", "urgent")
-
-    def __init__(self, breaker: Breaker, urgent: bool) -> None:
-        self.breaker = breaker
-        self.urgent = urgent
+    breaker: Breaker
+    urgent: bool
 
     def run(self, io: Any) -> None:
         self.breaker.share()
@@ -171,64 +165,33 @@ class _Share(Effect[None]):
             io.background(work)
 
 
+# No generated repr: a call holds the caller's headers and body (secrets stay out of output).
+@dataclass(slots=True, eq=False, repr=False)
 class _Call(Awaited[httpx.Response]):
-    """One logical call (all its attempts); yielded by the flow, it sends one attempt."""
+    """One logical call (all its attempts); yielded by the flow, it sends one attempt.
 
-    __slots__ = (
-        "_request_id",
-        "auth",
-        "content",
-        "deadline",
-        "endpoint",
-        "headers",
-        "idempotency_key",
-        "idempotent",
-        "json",
-        "method",
-        "params",
-        "parse_json",
-        "provider",
-        "sent",
-        "timeout",
-        "url",
-    )
+    Built once per call on the hot path, with positional arguments (cheaper).
+    """
 
-    def __init__(  # noqa: PLR0917  # built once per call on the hot path; positional is cheaper
-        self,
-        provider: str,
-        endpoint: str,
-        method: str,
-        url: httpx.URL | str,
-        params: Any,
-        json: Any,
-        content: Any,
-        headers: dict[str, str] | None,
-        idempotency_key: str | None,
-        deadline: float,
-        parse_json: bool,
-        request_id: str | None,
-        auth: Any,
-        idempotent: bool | None = None,
-    ) -> None:
-        self.provider = provider
-        self.endpoint = endpoint
-        self.method = method
-        self.url = url
-        self.params = params
-        self.json = json
-        self.content = content
-        self.headers = headers
-        self.idempotency_key = idempotency_key
-        self.deadline = deadline
-        self.parse_json = parse_json
-        self._request_id = request_id
-        self.auth = auth
-        #: The caller's word on whether repeating the request is safe (None: by method).
-        self.idempotent = idempotent
-        #: Requests of this call that went out (attempts that reached the send step).
-        self.sent = 0
-        #: Per-attempt httpx timeouts, set before each send.
-        self.timeout: Any = None
+    provider: str
+    endpoint: str
+    method: str
+    url: httpx.URL | str
+    params: Any
+    json: Any
+    content: Any
+    headers: dict[str, str] | None
+    idempotency_key: str | None
+    deadline: float
+    parse_json: bool
+    _request_id: str | None
+    auth: Any
+    #: The caller's word on whether repeating the request is safe (None: by method).
+    idempotent: bool | None = None
+    #: Requests of this call that went out (attempts that reached the send step).
+    sent: int = field(default=0, init=False)
+    #: Per-attempt httpx timeouts, set before each send.
+    timeout: Any = field(default=None, init=False)
 
     @property
     def request_id(self) -> str:
@@ -251,14 +214,12 @@ class _Call(Awaited[httpx.Response]):
         )
 
 
+@dataclass(slots=True, eq=False, repr=False)  # a base URL may carry credentials
 class _Probe(Awaited[httpx.Response]):
     """One health-endpoint request (no retries, no breaker)."""
 
-    __slots__ = ("timeout", "url")
-
-    def __init__(self, url: str, timeout: float) -> None:
-        self.url = url
-        self.timeout = timeout
+    url: str
+    timeout: float
 
     def call(self, io: Any) -> Any:
         return io.client.get(self.url, timeout=self.timeout)

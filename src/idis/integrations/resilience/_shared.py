@@ -127,22 +127,29 @@ class _Clients:
             weakref.WeakKeyDictionary()
         )
 
+    def _connect(self, module: Any, retry: Any) -> tuple[Any, Any]:
+        """A client of ``module`` (``redis`` or ``redis.asyncio``) and its publish script."""
+        from redis.backoff import NoBackoff
+
+        client = module.Redis.from_url(
+            self.url,
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.socket_timeout,
+            # A pooled connection to a Redis that restarted fails once: reconnect
+            # and try again, but never repeat a timeout (a slow Redis stays slow).
+            retry=retry(NoBackoff(), 1, supported_errors=(module.ConnectionError,)),
+        )
+        return client, client.register_script(_PUBLISH)
+
     def sync(self) -> tuple[Any, Any]:
         if self._sync is None:
             import redis
+            from redis.retry import Retry
 
             with self._lock:
                 if self._sync is None:
-                    from redis.backoff import NoBackoff
-                    from redis.retry import Retry
-
-                    client = redis.Redis.from_url(
-                        self.url,
-                        socket_timeout=self.socket_timeout,
-                        socket_connect_timeout=self.socket_timeout,
-                        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-                    )
-                    self._sync_script = client.register_script(_PUBLISH)
+                    # The script first: readers outside the lock go by ``_sync`` alone.
+                    client, self._sync_script = self._connect(redis, Retry)
                     self._sync = client
         return self._sync, self._sync_script
 
@@ -152,17 +159,8 @@ class _Clients:
         if found is None:
             import redis.asyncio as aredis
             from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
 
-            client = aredis.Redis.from_url(
-                self.url,
-                socket_timeout=self.socket_timeout,
-                socket_connect_timeout=self.socket_timeout,
-                # A pooled connection to a Redis that restarted fails once: reconnect
-                # and try again, but never repeat a timeout (a slow Redis stays slow).
-                retry=Retry(NoBackoff(), 1, supported_errors=(aredis.ConnectionError,)),
-            )
-            found = self._async[loop] = (client, client.register_script(_PUBLISH))
+            found = self._async[loop] = self._connect(aredis, Retry)
         return found
 
     def close(self) -> None:

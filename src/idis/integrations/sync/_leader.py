@@ -186,20 +186,17 @@ class LeaderLock:
         assert self._engine is not None
         self.attempts += 1
         self.unavailable = None
+        conn: AsyncConnection | None = None
         try:
             conn = await self._engine.connect()
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            result = await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key})
+            got = bool(result.scalar())
         except Exception as exc:  # noqa: BLE001  # database down: stand by, retry later
             self.unavailable = type(exc).__name__
             _log.warning("idis.sync.lock_unavailable", lock=self.name, error_type=self.unavailable)
-            return None
-        try:
-            result = await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key})
-            got = bool(result.scalar())
-        except Exception as exc:  # noqa: BLE001  # same
-            self.unavailable = type(exc).__name__
-            _log.warning("idis.sync.lock_unavailable", lock=self.name, error_type=self.unavailable)
-            await conn.close()
+            if conn is not None:
+                await conn.close()
             return None
         if not got:
             await conn.close()

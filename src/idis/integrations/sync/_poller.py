@@ -376,16 +376,22 @@ class Poller:
             end = (window or started) if claim else None
             async with self._sessions() as session, session.begin():
                 await session.run_sync(lambda s: self._finish(s, end, started, epoch))
-        return self._result(
-            tally,
+        result = PollResult(
+            provider=self.provider,
             fetched=fetched,
+            applied=tally[ApplyOutcome.APPLIED],
+            duplicates=tally[ApplyOutcome.DUPLICATE],
+            superseded=tally[ApplyOutcome.SUPERSEDED],
+            ignored=tally[ApplyOutcome.IGNORED],
             pages=pages,
             complete=complete,
-            window=window,
-            started=started,
-            after=position,
-            gap_until=gap_until,
+            window_start=window,
+            started_at=started,
+            position=position,
+            feed_gap_until=gap_until,
         )
+        self._polled(result)
+        return result
 
     def _overtaken(self, expected: str | None) -> None:
         _log.info(
@@ -438,44 +444,18 @@ class Poller:
         tally.update(o for o in result.outcomes if o is not None)
         return position
 
-    def _result(
-        self,
-        tally: Counter[ApplyOutcome],
-        *,
-        fetched: int,
-        pages: int,
-        complete: bool,
-        window: datetime | None,
-        started: datetime,
-        after: str | None,
-        gap_until: datetime | None,
-    ) -> PollResult:
-        result = PollResult(
-            provider=self.provider,
-            fetched=fetched,
-            applied=tally[ApplyOutcome.APPLIED],
-            duplicates=tally[ApplyOutcome.DUPLICATE],
-            superseded=tally[ApplyOutcome.SUPERSEDED],
-            ignored=tally[ApplyOutcome.IGNORED],
-            pages=pages,
-            complete=complete,
-            window_start=window,
-            started_at=started,
-            position=after,
-            feed_gap_until=gap_until,
-        )
+    def _polled(self, result: PollResult) -> None:
         self.metrics.polls.labels(provider=self.provider, outcome="ok").inc()
         _log.info(
             "idis.sync.polled",
             provider=self.provider,
-            fetched=fetched,
+            fetched=result.fetched,
             applied=result.applied,
             duplicates=result.duplicates,
-            pages=pages,
-            complete=complete,
-            position=after,
+            pages=result.pages,
+            complete=result.complete,
+            position=result.position,
         )
-        return result
 
     def _failed(self, exc: ProviderError | AuthError) -> None:
         kind = error_type(exc)

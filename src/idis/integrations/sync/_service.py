@@ -162,29 +162,6 @@ def _sentinel_plan(
     return _Plan(None, (snap.sentinel_at or now) - settings.sync.lag_threshold)
 
 
-def _assess(
-    batch: FeedBatch,
-    plan: _Plan,
-    *,
-    snap: _Snapshot,
-    known: set[str],
-    by_webhook: set[str],
-    now: datetime,
-    settings: Settings,
-) -> SentinelReport:
-    return assess(
-        batch.events,
-        by_webhook=by_webhook,
-        known=known,
-        now=now,
-        lag_threshold=settings.sync.lag_threshold,
-        start_seq=plan.after,
-        silent_since=snap.silent_since,
-        next_after=batch.next_after,
-        complete=batch.complete,
-    )
-
-
 def _decide(
     session: Session,
     provider: str,
@@ -433,14 +410,16 @@ class AsyncSyncService:
                     known, by_webhook = await session.run_sync(
                         lambda s: inbox_status(s, provider, events)
                     )
-                report = _assess(
-                    batch,
-                    plan,
-                    snap=snap,
-                    known=known,
+                report = assess(
+                    events,
                     by_webhook=by_webhook,
+                    known=known,
                     now=now,
-                    settings=settings,
+                    lag_threshold=settings.sync.lag_threshold,
+                    start_seq=plan.after,
+                    silent_since=snap.silent_since,
+                    next_after=batch.next_after,
+                    complete=batch.complete,
                 )
         obs = Observation(
             now=now,

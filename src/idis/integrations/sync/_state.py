@@ -307,11 +307,6 @@ def note_signature_spike(session: Session, provider: str, at: datetime) -> None:
     row.updated_at = at
 
 
-def _failover_position(row: SyncProviderState) -> tuple[int | None, datetime | None]:
-    """Where polling must start so that nothing after the last good webhook is missed."""
-    return row.confirmed_seq, row.confirmed_at
-
-
 def carry_out(
     session: Session,
     row: SyncProviderState,
@@ -348,7 +343,8 @@ def carry_out(
                 row.sentinel_seq = cursor.after_seq
         row.silent_since = None
     if transition.to_mode is Mode.POLLING:
-        after_seq, watermark = _failover_position(row)
+        # Polling starts where nothing after the last good webhook can be missed.
+        after_seq, watermark = row.confirmed_seq, row.confirmed_at
         cursor = get_cursor(session, provider)
         if after_seq is not None or watermark is not None or cursor is None:
             move_cursor(
