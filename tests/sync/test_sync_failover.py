@@ -492,3 +492,33 @@ async def test_a_down_database_is_retried_with_backoff(tmp_path: Any, anyio_back
         e for e in logs if e["event"] in ("idis.sync.tick_failed", "idis.sync.lock_unavailable")
     ]
     assert 5 <= len(failures) <= 30  # every 5 s tick interval would be 120
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_wait_after_failed_rounds_grows_and_a_good_round_resets_it(
+    anyio_backend: str,
+) -> None:
+    """``pause_after`` (what ``run`` and ``idis-integrations sync run`` wait between rounds):
+    the tick interval while ticks work, more after each round in which every tick failed."""
+    from idis.integrations._clock import ManualClock
+    from idis.integrations.db._engine import create_async_db_engine
+    from idis.integrations.sync._service import AsyncSyncService
+
+    url = "postgresql://postgres@127.0.0.1:9/idis"  # nothing listens: every tick fails
+    settings = simulator_settings("http://127.0.0.1:9", providers=(P,), database_url=url)
+    engine = create_async_db_engine(url)
+    service = AsyncSyncService(settings, engine=engine, clock=ManualClock(), receiver=False)
+    try:
+        failed = [await service.tick_all() for _ in range(4)]
+        waits = [service.pause_after(reports) for reports in failed]
+        after_good = service.pause_after([])
+    finally:
+        await service.aclose()
+        await engine.dispose()
+
+    assert all(r.failed for reports in failed for r in reports)
+    # Equal jitter: each backoff is at least half its doubling ceiling (1, 2, 4, 8 s).
+    assert all(w >= service.interval + 2**n / 2 for n, w in enumerate(waits)), waits
+    assert waits[-1] > waits[0]
+    assert service.interval == after_good

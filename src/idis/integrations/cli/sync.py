@@ -258,8 +258,8 @@ async def _run_service(settings: Any, providers: list[str] | None, registry: Any
         stop = _stop_on_signals()
         stdout.print(f"syncing {', '.join(service.providers)}; SIGTERM stops", markup=False)
         while not stop.is_set():
-            await service.tick_all()
-            await _wait(stop, service.interval)
+            # The service's own wait: it backs off while every tick fails (a down database).
+            await _wait(stop, service.pause_after(await service.tick_all()))
     finally:
         await service.aclose()
 

@@ -285,6 +285,7 @@ class AsyncSyncService:
         self.policy = ModePolicy.from_settings(settings.sync)
         self.controller = ModeController(self.policy)
         self.interval = tick_interval(settings)
+        self._failed_rounds = 0
         self._last_try: dict[str, float] = {}
         self._own_engine = engine is None
         self.engine = engine or create_async_db_engine(settings.database_url)
@@ -510,13 +511,17 @@ class AsyncSyncService:
         ticks backs off (the library's one ``Backoff``, from the tick interval up
         to a minute), so a down database is not hammered by every replica.
         """
-        failures = 0
         while True:
-            reports = await self.tick_all()
-            broken = bool(reports) and all(r.failed for r in reports)
-            failures = failures + 1 if broken else 0
-            wait = self.interval + (_TICK_BACKOFF.delay(failures) if failures else 0.0)
-            await self.clock.asleep(wait)
+            await self.clock.asleep(self.pause_after(await self.tick_all()))
+
+    def pause_after(self, reports: list[TickReport]) -> float:
+        """Seconds to wait after a round of ticks that gave ``reports``: the tick
+        interval, plus a growing backoff while every tick fails in a row (what
+        :meth:`run` and ``idis-integrations sync run`` wait)."""
+        broken = bool(reports) and all(r.failed for r in reports)
+        self._failed_rounds = self._failed_rounds + 1 if broken else 0
+        failures = self._failed_rounds
+        return self.interval + (_TICK_BACKOFF.delay(failures) if failures else 0.0)
 
     async def start(self) -> None:
         """Run as a task on the current loop."""
