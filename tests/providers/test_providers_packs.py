@@ -129,3 +129,30 @@ def test_a_packs_own_endpoints_apply_unless_endpoints_declares_the_name() -> Non
     assert "/v5/person/enrich?email={id}" == declared.endpoint_path("enrich")
     assert "/enrich" == generic.endpoint_path("enrich")
     assert "/health" == by_pack.endpoint_path("health")
+
+
+@pytest.mark.parametrize("order_by", ["version", "modified"])
+def test_every_packs_clients_order_as_the_pack_says(order_by: str) -> None:
+    """A client's ``ordering`` (what resync and verify-sync key records by) is the rule its
+    pack declares, for both faces: the packs' by modification time, generic's ORDER_BY."""
+    import asyncio
+
+    from idis.integrations.providers import BY_MODIFIED, async_client_for, client_for, ordering_for
+    from idis.integrations.resilience import AsyncGateway
+
+    async def async_ordering(settings: Settings) -> object:
+        async with AsyncGateway(settings) as gateway:
+            return async_client_for(gateway, "crm").ordering
+
+    seen = {}
+    for pack in known_packs():
+        settings = Settings.from_env(_env(API=pack.name, ORDER_BY=order_by, API_TOKEN="t" * 20))
+        with Gateway(settings) as gateway:
+            sync_ordering = client_for(gateway, "crm").ordering
+        declared = pack.ordering(settings.provider("crm"))
+        seen[pack.name] = (sync_ordering, asyncio.run(async_ordering(settings)), declared)
+
+    assert {"generic", "hubspot", "salesforce", "gdrive", "pdl"} <= set(seen)
+    assert all(s is a is declared for s, a, declared in seen.values()), seen
+    assert ordering_for(order_by) is seen["generic"][0]
+    assert {BY_MODIFIED} == {seen[name][0] for name in ("hubspot", "salesforce", "gdrive", "pdl")}

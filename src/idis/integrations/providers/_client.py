@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from .._flow import Awaited, Flow
 from ..exceptions import MalformedResponse
+from ._order import BY_MODIFIED, Ordering
 
 if TYPE_CHECKING:
     from . import ReplayPage
+    from ._pack import RateLimitReading
 
 __all__ = ["HEALTH", "AsyncReplayPages", "Call", "ClientFlows", "ReplayPages", "provider_time"]
 
@@ -64,6 +66,13 @@ class ClientFlows:
 
     #: A :class:`Gateway` for the sync client, an :class:`AsyncGateway` for the async one.
     gateway: Any
+    #: How the provider's events and records are ordered: by modification time for the
+    #: packs; the generic shape reads its ``order_by`` setting.
+    ordering: Ordering = BY_MODIFIED
+    #: What the provider last said about its limits (HubSpot's ``X-HubSpot-RateLimit-*``
+    #: headers, Salesforce's ``Sforce-Limit-Info``, a refusal from Drive or PDL); None until
+    #: it said anything.
+    rate_limit: RateLimitReading | None = None
 
     def __init__(self, gateway: Any, provider: str) -> None:
         self.gateway = gateway

@@ -46,7 +46,7 @@ from ..exceptions import (
     WebhookVerificationError,
 )
 from ._client import AsyncReplayPages, Call, ClientFlows, ReplayPages, provider_time
-from ._order import BY_MODIFIED, Ordering
+from ._order import BY_MODIFIED
 from ._pack import Capabilities, PackBase, RateLimitReading, endpoint, register_pack
 
 if TYPE_CHECKING:
@@ -317,12 +317,6 @@ class CatchUp:
 
 class _DriveFlows(ClientFlows):
     """Drive's client methods, each written once as a flow."""
-
-    def __init__(self, gateway: Any, provider: str) -> None:
-        super().__init__(gateway, provider)
-        #: What the last refusal said about Drive's limits (Drive sends no quota headers).
-        self.rate_limit: RateLimitReading | None = None
-        self.ordering: Ordering = BY_MODIFIED
 
     @staticmethod
     def accepts_cursor(position: str) -> bool:

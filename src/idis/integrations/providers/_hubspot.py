@@ -623,9 +623,6 @@ class _HubSpotFlows(ClientFlows):
     def __init__(self, gateway: Any, provider: str) -> None:
         super().__init__(gateway, provider)
         self.object_type = "deals"
-        self.ordering: Ordering = BY_MODIFIED
-        #: What the last response's ``X-HubSpot-RateLimit-*`` headers said.
-        self.rate_limit: RateLimitReading | None = None
 
     @staticmethod
     def accepts_cursor(position: str) -> bool:

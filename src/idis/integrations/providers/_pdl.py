@@ -38,7 +38,6 @@ from .._flow import Flow, async_face, sync_face
 from .._http import httpx
 from ..exceptions import MalformedResponse, ProviderError, ProviderRejected, QuotaExhausted
 from ._client import Call, ClientFlows
-from ._order import BY_MODIFIED, Ordering
 from ._pack import Capabilities, NoWebhooks, RateLimitReading, register_pack
 
 if TYPE_CHECKING:
@@ -125,11 +124,6 @@ def _data(body: Any, provider: str) -> dict[str, Any]:
 
 class _PDLFlows(ClientFlows):
     """PDL's client methods, each written once as a flow."""
-
-    def __init__(self, gateway: Any, provider: str) -> None:
-        super().__init__(gateway, provider)
-        self.ordering: Ordering = BY_MODIFIED
-        self.rate_limit: RateLimitReading | None = None
 
     def _enrich(self, subject_id: str) -> Flow[dict[str, Any] | None]:
         """The person's data; None when PDL finds no match (an answer, not a failure).

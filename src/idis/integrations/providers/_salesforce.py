@@ -50,7 +50,7 @@ from ..exceptions import (
     ReplayWindowExceeded,
 )
 from ._client import AsyncReplayPages, Call, ClientFlows, ReplayPages, provider_time
-from ._order import BY_MODIFIED, Ordering
+from ._order import BY_MODIFIED
 from ._pack import (
     Capabilities,
     NoWebhooks,
@@ -299,12 +299,6 @@ _REPLAY_BATCH = 200
 
 class _SalesforceFlows(ClientFlows):
     """Salesforce's client methods, each written once as a flow."""
-
-    def __init__(self, gateway: Any, provider: str) -> None:
-        super().__init__(gateway, provider)
-        #: What the last ``Sforce-Limit-Info`` said.
-        self.rate_limit: RateLimitReading | None = None
-        self.ordering: Ordering = BY_MODIFIED
 
     @staticmethod
     def accepts_cursor(position: str) -> bool:
