@@ -155,6 +155,8 @@ crm_poll_interval = "30s"
         ({"IDIS_REDIS_URL": "http://x"}, "IDIS_REDIS_URL", "http://x"),
         ({"IDIS_LOG_FORMAT": "xml"}, "IDIS_LOG_FORMAT", "xml"),
         ({"IDIS_OUTBOX_MAX_RETRIES": "ten"}, "IDIS_OUTBOX_MAX_RETRIES", "ten"),
+        # A lease that lapses at once would let every worker send the same message.
+        ({"IDIS_OUTBOX_LEASE": "0s"}, "IDIS_OUTBOX_LEASE", "0s"),
         ({"IDIS_PROVIDERS": "Bad-Name"}, "IDIS_PROVIDERS", "Bad-Name"),
         ({"IDIS_CONFIG_FILE": "/nonexistent/idis.toml"}, "IDIS_CONFIG_FILE", "/nonexistent"),
     ],

@@ -280,3 +280,17 @@ def test_purge_removes_only_old_delivered_messages(sqlite_url: str, sqlite_engin
     assert 2 == bad.exit_code
     assert "'soon'" in bad.output
     assert {"pending": 2} == statuses(sqlite_engine)
+
+
+@pytest.mark.parametrize("lease", ["0s", "-5s", "soon"])
+def test_outbox_work_refuses_a_lease_that_is_not_a_positive_duration(
+    sqlite_url: str, sqlite_engine: Engine, lease: str
+) -> None:
+    """A zero lease would lapse at once (and used to fall back to the default silently)."""
+    put_messages(sqlite_engine, 1)
+
+    bad = _cli(sqlite_url, "outbox", "work", "--provider", CRM, "--lease", lease, "--until-idle")
+
+    assert 2 == bad.exit_code
+    assert f"'{lease}'" in bad.output
+    assert {"pending": 1} == statuses(sqlite_engine)

@@ -967,6 +967,7 @@ class OutboxSettings:
         "IDIS_OUTBOX_LEASE",
         _delta,
         "Lease length; a crashed worker's messages return after it.",
+        check=_positive,
     )
     poll_interval: timedelta = _setting(
         timedelta(seconds=1),

@@ -45,6 +45,17 @@ def _duration(_ctx: click.Context, param: click.Parameter, value: str | None) ->
         raise click.BadParameter(str(exc)) from None
 
 
+def _lease(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
+    lease = _duration(ctx, param, value)
+    if lease is not None and lease <= timedelta(0):
+        # A lease that lapses at once lets every worker send the same message (and a zero
+        # one would silently fall back to IDIS_OUTBOX_LEASE).
+        raise click.BadParameter(
+            f"--lease={value!r} must be positive: expected a duration like 60s"
+        )
+    return lease
+
+
 def _max_retries(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
     if value is not None and value < 0:
         raise click.BadParameter(f"--max-retries={value} is invalid: expected an integer >= 0")
@@ -99,7 +110,7 @@ def outbox() -> None:
 )
 @click.option(
     "--lease",
-    callback=_duration,
+    callback=_lease,
     default=None,
     help="Lease length, e.g. 60s (default IDIS_OUTBOX_LEASE).",
 )
