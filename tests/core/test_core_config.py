@@ -157,6 +157,10 @@ crm_poll_interval = "30s"
         ({"IDIS_OUTBOX_MAX_RETRIES": "ten"}, "IDIS_OUTBOX_MAX_RETRIES", "ten"),
         # A lease that lapses at once would let every worker send the same message.
         ({"IDIS_OUTBOX_LEASE": "0s"}, "IDIS_OUTBOX_LEASE", "0s"),
+        # An idle worker would poll the database in a busy loop.
+        ({"IDIS_OUTBOX_POLL_INTERVAL": "0s"}, "IDIS_OUTBOX_POLL_INTERVAL", "0s"),
+        # Every delivery's timestamp would be outside a zero window: webhooks silently refused.
+        ({"IDIS_WEBHOOK_TOLERANCE": "0s"}, "IDIS_WEBHOOK_TOLERANCE", "0s"),
         ({"IDIS_PROVIDERS": "Bad-Name"}, "IDIS_PROVIDERS", "Bad-Name"),
         ({"IDIS_CONFIG_FILE": "/nonexistent/idis.toml"}, "IDIS_CONFIG_FILE", "/nonexistent"),
     ],

@@ -282,15 +282,17 @@ def test_purge_removes_only_old_delivered_messages(sqlite_url: str, sqlite_engin
     assert {"pending": 2} == statuses(sqlite_engine)
 
 
-@pytest.mark.parametrize("lease", ["0s", "-5s", "soon"])
-def test_outbox_work_refuses_a_lease_that_is_not_a_positive_duration(
-    sqlite_url: str, sqlite_engine: Engine, lease: str
+@pytest.mark.parametrize("flag", ["--lease", "--poll-interval"])
+@pytest.mark.parametrize("value", ["0s", "-5s", "soon"])
+def test_outbox_work_refuses_a_duration_that_is_not_positive(
+    sqlite_url: str, sqlite_engine: Engine, flag: str, value: str
 ) -> None:
-    """A zero lease would lapse at once (and used to fall back to the default silently)."""
+    """A zero lease would lapse at once (and used to fall back to the default silently); a
+    zero poll interval would spin an idle worker against the database."""
     put_messages(sqlite_engine, 1)
 
-    bad = _cli(sqlite_url, "outbox", "work", "--provider", CRM, "--lease", lease, "--until-idle")
+    bad = _cli(sqlite_url, "outbox", "work", "--provider", CRM, flag, value, "--until-idle")
 
     assert 2 == bad.exit_code
-    assert f"'{lease}'" in bad.output
+    assert f"{flag}='{value}'" in bad.output
     assert {"pending": 1} == statuses(sqlite_engine)

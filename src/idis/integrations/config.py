@@ -974,6 +974,7 @@ class OutboxSettings:
         "IDIS_OUTBOX_POLL_INTERVAL",
         _delta,
         "Idle wait when the queue is empty.",
+        check=_positive,
     )
     initial_backoff: timedelta = _setting(
         timedelta(seconds=1),
@@ -995,6 +996,7 @@ class WebhookSettings:
         "IDIS_WEBHOOK_TOLERANCE",
         _delta,
         "Accepted `webhook-timestamp` skew either way (replay guard).",
+        check=_positive,
     )
     max_body_bytes: int = _setting(
         1_048_576, "IDIS_WEBHOOK_MAX_BODY_BYTES", _at_least(1), "Largest accepted body."

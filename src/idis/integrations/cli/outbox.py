@@ -36,24 +36,28 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 
+def _flag(param: click.Parameter) -> str:
+    return f"--{param.name.replace('_', '-') if param.name else ''}"
+
+
 def _duration(_ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
     if value is None:
         return None
     try:
-        return parse_duration(value, name=f"--{param.name.replace('_', '-') if param.name else ''}")
+        return parse_duration(value, name=_flag(param))
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
-def _lease(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
-    lease = _duration(ctx, param, value)
-    if lease is not None and lease <= timedelta(0):
-        # A lease that lapses at once lets every worker send the same message (and a zero
-        # one would silently fall back to IDIS_OUTBOX_LEASE).
+def _positive(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
+    duration = _duration(ctx, param, value)
+    if duration is not None and duration <= timedelta(0):
+        # A zero lease lapses at once and lets every worker send the same message; a zero
+        # poll interval turns an idle worker into a busy loop against the database.
         raise click.BadParameter(
-            f"--lease={value!r} must be positive: expected a duration like 60s"
+            f"{_flag(param)}={value!r} must be positive: expected a duration like 60s"
         )
-    return lease
+    return duration
 
 
 def _max_retries(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
@@ -110,13 +114,13 @@ def outbox() -> None:
 )
 @click.option(
     "--lease",
-    callback=_lease,
+    callback=_positive,
     default=None,
     help="Lease length, e.g. 60s (default IDIS_OUTBOX_LEASE).",
 )
 @click.option(
     "--poll-interval",
-    callback=_duration,
+    callback=_positive,
     default=None,
     help="Idle wait when nothing is due (default IDIS_OUTBOX_POLL_INTERVAL).",
 )
