@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import re
 import socket
 import tempfile
@@ -619,7 +620,11 @@ class _Stage:
         )
         # What the sync service and the workers share: the engine, the metrics, the clock.
         shared: dict[str, Any] = {"engine": engine, "metrics": metrics, "clock": clock}
-        auth = oauth_auth_factory(settings, async_engine=engine, metrics=metrics, clock=clock)
+        # Seeded like the gateway: the jitter of token retries and of the hold after a failed
+        # refresh would otherwise change how many refreshes a run attempts (token-revocation).
+        auth = oauth_auth_factory(
+            settings, async_engine=engine, metrics=metrics, clock=clock, seed=self.options.seed
+        )
         stack.push_async_callback(auth.aclose)
         gateway_auth: Any = auth
         if not self.api.generic:
@@ -642,7 +647,8 @@ class _Stage:
         await self._start_sync(stack, shared)
         # The library's own delivery (AsyncGatewayDelivery); the example wraps it to keep
         # its deals' crm_sync_status, which the drill's host has no column for.
-        self.outbox = AsyncOutboxWorker(settings=settings, gateway=gateway, **shared)
+        jitter = random.Random(self.options.seed)  # noqa: S311  # jitter, not cryptography
+        self.outbox = AsyncOutboxWorker(settings=settings, gateway=gateway, rng=jitter, **shared)
         self.enricher = AsyncEnricher(settings, gateway, **shared)
         self.deferred = AsyncDeferredEnrichmentWorker(
             settings, gateway, seed=self.options.seed, on_refreshed=[self._refreshed], **shared
@@ -952,10 +958,15 @@ class _Stage:
         return int((await self._stats()).get("events", 0) or 0)
 
     async def webhooks_delivered(self) -> int:
-        """Webhook deliveries the provider made so far."""
+        """Events the provider delivered by webhook so far (Drive: notifications).
+
+        Events, not requests: a HubSpot request carries whatever was queued when its
+        sender took it, so the number of requests depends on thread timing.
+        """
         if self.api.notifications:
             return self.notifications_delivered
-        return int((await self._stats()).get("webhooks", {}).get("delivered", 0) or 0)
+        webhooks = (await self._stats()).get("webhooks", {})
+        return int(webhooks.get("delivered_events", 0) or 0)
 
     async def rows(self, statement: Any) -> list[Any]:
         """The rows of a query on the drill's database."""
@@ -1348,7 +1359,11 @@ async def _recover_auth(stage: _Stage) -> None:
     with record.phase("Recovery 1: re-auth", "R1"):
         with contextlib.closing(
             TokenManager(
-                stage.settings, engine=stage.engine, metrics=stage.metrics, clock=stage.clock
+                stage.settings,
+                engine=stage.engine,
+                metrics=stage.metrics,
+                clock=stage.clock,
+                seed=stage.options.seed,
             )
         ) as manager:
             results = await stage.blocking(
@@ -1725,7 +1740,8 @@ async def _check_delivery(stage: _Stage) -> None:
     stage.record.check(
         "Verification 4: webhooks delivered, retry queue drained",
         "webhooks arriving; 0 pending, 0 dead letters",
-        f"{delivered} webhooks since recovery; {drained}",
+        f"{delivered} {'notifications' if stage.api.notifications else 'events'} by webhook "
+        f"since recovery; {drained}",
         delivered > 0 and empty,
     )
 
