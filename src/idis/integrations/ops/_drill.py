@@ -92,6 +92,15 @@ DEFAULT_SPEED = 15.0
 ALERT_THRESHOLD = 0.05
 ALERT_WINDOW_TICKS = 60
 ALERT_FOR_TICKS = 20
+#: The errors alert's name (RB-09's), and the rate-limit alert's (docs/ops/alerts.yml).
+ERRORS_ALERT = "IDISIntegrationProviderErrors"
+RATE_LIMIT_ALERT = "IDISIntegrationProviderRateLimited"
+#: The rate-limit alert: more than this share of the attempts sent to a provider answered
+#: HTTP 429 over 15m, and at least this many 429s in those 15m (a low-traffic provider's
+#: one 429 is not a storm), for 5m (the same window and ``for`` as the errors alert). A
+#: share and a count of one window do not depend on the drill's speed.
+RATE_LIMIT_ALERT_SHARE = 0.25
+RATE_LIMIT_ALERT_MIN_429S = 5
 #: When the alert does not fire (tokens revoked, webhooks only), how long until someone
 #: notices the missing sync, unless the sync service fails over first.
 QUIET_DETECTION_TICKS = 8
@@ -393,6 +402,9 @@ class _Expect:
     deferral: bool = True
     outbox_hold: bool = True
     token: bool = False
+    #: The provider answers 429 with Retry-After: the rate-limit alert detects it too (the
+    #: library's pauses can hold the errors alert at its threshold: polling alone, Salesforce).
+    rate_limit_alert: bool = False
     #: Nothing reaches the host during the outage (webhooks stopped, every poll fails),
     #: so replay must bring back what the feed no longer serves.
     replay: bool = True
@@ -400,7 +412,7 @@ class _Expect:
 
 _EXPECT = {
     "full-outage": _Expect(),
-    "rate-limit-storm": _Expect(),
+    "rate-limit-storm": _Expect(rate_limit_alert=True),
     "token-revocation": _Expect(alert=False, failover=False, token=True),
     "webhook-only": _Expect(alert=False, deferral=False, outbox_hold=False, replay=False),
 }
@@ -410,12 +422,24 @@ _EXPECT = {
 
 
 @dataclass(slots=True)
+class _Alert:
+    """One alert rule as Prometheus runs it: pending while its expression holds, then firing."""
+
+    #: When the expression last turned true (None: false now, or fired).
+    true_at: float | None = None
+    #: When it fired (the drill keeps the first time).
+    fired_at: float | None = None
+
+
+@dataclass(slots=True)
 class _Findings:
     """What one step learns and a later one checks."""
 
     outage_start: datetime | None = None
-    alert_true_at: float | None = None
-    alert_fired_at: float | None = None
+    #: The alert rules the drill evaluates, by name (errors, rate limits).
+    alerts: dict[str, _Alert] = field(
+        default_factory=lambda: {ERRORS_ALERT: _Alert(), RATE_LIMIT_ALERT: _Alert()}
+    )
     reconciled: Any = None
     emitted: int = 0
     applied_once: int = 0
@@ -457,6 +481,8 @@ class _Stage:
         self.mode = "webhook" if self.api.failover else "polling"
         self.breaker = "closed"
         self._errors: list[tuple[float, dict[tuple[str, str, str], float]]] = []
+        #: Per tick, by provider: 429s the provider answered, and attempts sent.
+        self._limits: list[tuple[float, dict[str, tuple[float, float]]]] = []
         # Set by build().
         self.database_url = ""
         self.engine: Any = None
@@ -872,6 +898,7 @@ class _Stage:
         self._count_errors()
         rates = self.error_rates(alerting=True)
         self._alert_transitions(rates)
+        self._rate_limit_transitions(self.rate_limited_shares())
         emitted = await self.emitted()
         applied = len(await self.applications())
         pending, dead = await self.outbox_counts()
@@ -895,6 +922,15 @@ class _Stage:
             for s in self._samples("integration_errors_total")
         }
         self._errors.append((self.record.t, counts))
+        limits: dict[str, tuple[float, float]] = {}
+        for sample in self._samples("integration_rate_limited_total"):
+            if sample.labels["source"] == "provider":
+                refused, sent = limits.get(sample.labels["provider"], (0.0, 0.0))
+                limits[sample.labels["provider"]] = (refused + sample.value, sent)
+        for sample in self._samples("integration_request_duration_seconds_count"):
+            refused, sent = limits.get(sample.labels["provider"], (0.0, 0.0))
+            limits[sample.labels["provider"]] = (refused, sent + sample.value)
+        self._limits.append((self.record.t, limits))
 
     def calls(self) -> tuple[float, float]:
         """The provider's successful calls and failed attempts so far (its metrics)."""
@@ -928,25 +964,73 @@ class _Stage:
         ranked = sorted(sums.items(), key=lambda item: -item[1])
         return [(p, e, rate) for (p, e), rate in ranked if rate > 0]
 
+    def rate_limited_shares(self) -> list[tuple[str, float, float]]:
+        """The rate-limit alert's terms by provider, highest share first: the share of the
+        attempts sent that the provider answered 429, and the 429s, over the alert's window.
+
+        ``sum by (provider) (rate(integration_rate_limited_total{source="provider"}[15m]))
+        / sum by (provider) (rate(integration_request_duration_seconds_count[15m]))`` and
+        ``sum by (provider) (increase(integration_rate_limited_total{source="provider"}[15m]))``.
+        """
+        if len(self._limits) < 2:
+            return []
+        now, counts = self._limits[-1]
+        window = ALERT_WINDOW_TICKS * self.options.speed
+        t0, before = next(p for p in self._limits if p[0] >= now - window)
+        shares = []
+        for provider, (refused, sent) in counts.items():
+            refused_before, sent_before = before.get(provider, (0.0, 0.0))
+            attempts = sent - sent_before
+            limited = refused - refused_before
+            if now > t0 and attempts > 0 and limited > 0:
+                shares.append((provider, limited / attempts, limited))
+        return sorted(shares, key=lambda share: -share[1])
+
+    def _hold(self, name: str, true: bool, pending: str) -> None:
+        """An alert's expression this tick: pending when it turns true (``pending`` is told),
+        firing once it held 5m (:data:`ALERT_FOR_TICKS`), back to inactive when it turns false."""
+        alert, record = self.found.alerts[name], self.record
+        if not true:
+            alert.true_at = None
+            return
+        if alert.true_at is None:
+            alert.true_at = record.t
+            if alert.fired_at is None:
+                record.note(f"{pending}: pending, fires if it holds 5m")
+        held = record.t - alert.true_at
+        if alert.fired_at is None and held >= ALERT_FOR_TICKS * self.options.speed:
+            alert.fired_at = record.t
+            label = "alert fires" if name == ERRORS_ALERT else "rate-limit alert fires"
+            record.mark("alert", label, f"alert {name} FIRING")
+
     def _alert_transitions(self, rates: Sequence[tuple[str, str, float]]) -> None:
         """``> 0.05`` for 5m: pending when the expression turns true, firing once it held."""
-        found, record = self.found, self.record
         threshold = alert_threshold(self.options.speed)
-        if not rates or rates[0][2] <= threshold:
-            if found.alert_fired_at is None:
-                found.alert_true_at = None
-            return
-        if found.alert_true_at is None:
-            found.alert_true_at = record.t
+        true = bool(rates) and rates[0][2] > threshold
+        told = ""
+        if true:
             provider, endpoint, value = rates[0]
-            record.note(
+            told = (
                 f"alert expression true for {provider}/{endpoint} ({value:.3f} errors/s over "
-                f"15m > {threshold:g}): pending, fires if it holds 5m"
+                f"15m > {threshold:g})"
             )
-        held = record.t - found.alert_true_at
-        if found.alert_fired_at is None and held >= ALERT_FOR_TICKS * self.options.speed:
-            found.alert_fired_at = record.t
-            record.mark("alert", "alert fires", "alert IDISIntegrationProviderErrors FIRING")
+        self._hold(ERRORS_ALERT, true, told)
+
+    def _rate_limit_transitions(self, shares: Sequence[tuple[str, float, float]]) -> None:
+        """The rate-limit alert (docs/ops/alerts.yml): a share of 429s and a least count."""
+        storms = [
+            (provider, share, refused)
+            for provider, share, refused in shares
+            if share > RATE_LIMIT_ALERT_SHARE and refused >= RATE_LIMIT_ALERT_MIN_429S
+        ]
+        told = ""
+        if storms:
+            provider, share, refused = storms[0]
+            told = (
+                f"{RATE_LIMIT_ALERT} expression true for {provider} ({share:.0%} of the attempts "
+                f"sent answered 429 over 15m > {RATE_LIMIT_ALERT_SHARE:.0%}, {refused:.0f} 429s)"
+            )
+        self._hold(RATE_LIMIT_ALERT, bool(storms), told)
 
     # ------------------------------------------------------------------ queries
 
@@ -1087,7 +1171,7 @@ async def _detection(stage: _Stage) -> None:
 
         async def detected() -> bool:
             if expect.alert:
-                return found.alert_fired_at is not None
+                return any(found.alerts[name].fired_at is not None for name in _alerts(stage))
             return stage.mode == "polling" or stage.ticks >= HEALTHY_TICKS + QUIET_DETECTION_TICKS
 
         await stage.ticks_until(detected, limit=ALERT_FOR_TICKS + 16 + stage.api.extra_ticks)
@@ -1101,12 +1185,19 @@ async def _detection(stage: _Stage) -> None:
             )
             record.note(f"alert not firing at this traffic (highest: {highest}); noticed by {how}")
     if expect.alert:
-        fired = found.alert_fired_at
+        names = _alerts(stage)
+        fired = [(at, n) for n in names if (at := found.alerts[n].fired_at) is not None]
+        expected = f"rate > {alert_threshold(stage.options.speed):g}/s for 5m"
+        if RATE_LIMIT_ALERT in names:
+            expected += (
+                f", or > {RATE_LIMIT_ALERT_SHARE:.0%} of attempts answered 429 "
+                f"(at least {RATE_LIMIT_ALERT_MIN_429S}) for 5m"
+            )
         record.check(
-            "Detection: alert IDISIntegrationProviderErrors fired",
-            f"rate > {alert_threshold(stage.options.speed):g}/s for 5m",
-            "never" if fired is None else f"fired at {_clock_label(fired)}",
-            fired is not None,
+            f"Detection: alert {' or '.join(names)} fired",
+            expected,
+            "; ".join(f"{n} fired at {_clock_label(t)}" for t, n in sorted(fired)) or "never",
+            bool(fired),
         )
         opened = any(v == 2 for _, v in record.series.get("breaker", []))
         record.check(
@@ -1115,6 +1206,11 @@ async def _detection(stage: _Stage) -> None:
             "opened" if opened else "never opened",
             opened,
         )
+
+
+def _alerts(stage: _Stage) -> list[str]:
+    """The alerts that detect this scenario's outage (RB-09's, and for 429s the rate-limit one)."""
+    return [ERRORS_ALERT, *([RATE_LIMIT_ALERT] if stage.expect.rate_limit_alert else [])]
 
 
 async def _start_outage(stage: _Stage) -> None:
