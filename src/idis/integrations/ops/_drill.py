@@ -122,6 +122,9 @@ OUTAGE_DELETIONS = 3
 #: channel lapses without a word: the webhook loss RB-09's failover exists for.
 CHANNEL_TTL_TICKS = 8
 CHANNEL_MARGIN_TICKS = 3
+#: Real seconds a tick waits for the simulator's webhooks to be delivered (it returns as
+#: soon as they are; a webhook left in flight would race the clock on a busy machine).
+FLUSH_TIMEOUT = 30.0
 
 _drill_meta = MetaData()
 #: The drill's stand-in for the host's data: every application of every event.
@@ -346,7 +349,11 @@ def _drill_settings(base: Settings, options: DrillOptions) -> Settings:
     for name, provider in base.providers.items():
         providers[name] = replace(
             provider,
-            timeouts=TimeoutPolicy(connect=1.0, read=0.5, write=1.0, pool=1.0, deadline=3.0),
+            # Real seconds (the deadline is the drill's clock's). No fault of the drill hangs a
+            # request (a full outage's 503s come before its timeouts), so a timeout here could
+            # only be the machine's load: at 0.5 s a busy machine timed a push out at the
+            # provider's return, and that run opened the breaker and diverged from the others.
+            timeouts=TimeoutPolicy(connect=2.5, read=2.5, write=2.5, pool=2.5, deadline=3.0),
             retry=RetryPolicy(
                 max_attempts=2,
                 initial_backoff=0.05,
@@ -770,7 +777,7 @@ class _Stage:
                 options.events_per_tick,
                 tenant_ids=["tenant-a", "tenant-b"],
             )
-        await self.blocking(control.flush_webhooks, self.provider, timeout=5)
+        await self.blocking(control.flush_webhooks, self.provider, timeout=FLUSH_TIMEOUT)
         if self.api.notifications:
             await self._drive_push()
         reports = await self.service.tick_all()
@@ -780,7 +787,7 @@ class _Stage:
         await self.outbox.run_once()
         # The pushes change records at the provider, whose webhooks would otherwise race the
         # clock: one applied after it moved is "replayed" by a reconcile that starts first.
-        await self.blocking(control.flush_webhooks, self.provider, timeout=5)
+        await self.blocking(control.flush_webhooks, self.provider, timeout=FLUSH_TIMEOUT)
         if self.ticks % 3 == 0:
             await self.enrich_claim()
         await self.deferred.run_once()
@@ -1317,7 +1324,7 @@ async def _health(stage: _Stage) -> str:
 
     url = f"{stage.sim.url}/p/{stage.provider}/health"
     try:
-        async with httpx.AsyncClient(timeout=1.0) as client:
+        async with httpx.AsyncClient(timeout=5.0) as client:
             response = await client.get(url)
     except httpx.HTTPError as exc:
         return f"unreachable ({type(exc).__name__})"
