@@ -193,6 +193,25 @@ def test_api_pdl_rate_limit_storm_settles_subjects_pdl_does_not_know(tmp_path: P
     }
 
 
+def test_api_salesforce_rate_limit_storm_is_detected_by_the_rate_limit_alert(
+    tmp_path: Path,
+) -> None:
+    """Polled alone, with every call paused on Retry-After, Salesforce's errors sit at the
+    errors alert's 0.050/s and never exceed it: Detection failed. The rate-limit alert
+    (the share of attempts answered 429) detects the storm."""
+    result, _ = _drill(tmp_path, "salesforce", scenario="rate-limit-storm")
+
+    assert [] == _failed(result)
+    detection = _check(
+        result,
+        "Detection: alert IDISIntegrationProviderErrors or IDISIntegrationProviderRateLimited "
+        "fired",
+    )
+    assert detection.startswith("IDISIntegrationProviderRateLimited fired at T+")
+    assert "IDISIntegrationProviderErrors" not in detection
+    assert "alert IDISIntegrationProviderRateLimited FIRING" in [t for _, t in result.report.events]
+
+
 def test_a_bad_api_is_a_config_error_naming_the_value_and_the_choices() -> None:
     with pytest.raises(ConfigError, match="--api") as caught:
         DrillOptions(api="zoho")

@@ -85,6 +85,19 @@ def test_the_alert_in_the_runbook_is_the_rule_and_its_filter_is_explained() -> N
     assert "not a provider outage" in runbook
 
 
+def test_the_rate_limit_alert_is_rb09s_and_the_runbook_explains_it() -> None:
+    """The rate-limit storm alert points to RB-09, and runbook.md quotes its expression and
+    says why the errors alert cannot see a storm the library absorbs by pausing."""
+    rules = yaml.safe_load((DOCS / "ops" / "alerts.yml").read_text())["groups"][0]["rules"]
+    (alert,) = [r for r in rules if r["alert"] == "IDISIntegrationProviderRateLimited"]
+    runbook = " ".join((DOCS / "runbook.md").read_text(encoding="utf-8").split())
+    expr = " ".join(alert["expr"].split()).replace("( ", "(").replace(" )", ")")
+
+    assert "RB-09" == alert["labels"]["runbook"]
+    assert expr in runbook
+    assert "the library pauses every call to that provider" in runbook
+
+
 _ASSIGNMENT = re.compile(r"IDIS_HANDLERS=([^\s`'\"),]+(?:,[^\s`'\"),]+)*)")
 _ONE_FORM = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

@@ -35,6 +35,7 @@ revoke the whole token family. The row's state becomes
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -241,11 +242,15 @@ class TokenCore:
         metrics: Metrics | None,
         clock: Clock,
         vault: VaultStore | None,
+        seed: int | None = None,
     ) -> None:
         self.settings = settings
         self.cipher = TokenCipher(settings.encryption_keys)
         self._metrics = metrics
         self.clock = clock
+        #: Jitter of the waits between token requests and after failed refreshes: one
+        #: seed gives one sequence (a drill, a test); None seeds it from the system.
+        self.rng = random.Random(seed)  # noqa: S311  # jitter, not cryptography
         self._vault = vault
         # A store handed in belongs to the caller; one built here is closed by close().
         self._owns_vault = vault is None
@@ -539,7 +544,7 @@ class TokenCore:
 
     def retry_delay(self, p: ProviderSettings, attempt: int, exc: BaseException) -> float:
         """Seconds before the next token request of this refresh (logged)."""
-        delay = retry_wait(p.retry, attempt, exc)
+        delay = retry_wait(p.retry, attempt, exc, self.rng)
         _log.info(
             "idis.auth.token_retry",
             msg=f"token request failed, retrying in {delay:.2f}s",
@@ -639,7 +644,7 @@ class TokenCore:
         failures = snap.consecutive_failures + 1
         message = redact_text(str(exc))
         reauthorize = isinstance(exc, ReauthorizationRequired)
-        delay = None if reauthorize else REFRESH_FAILURE_BACKOFF.delay(failures)
+        delay = None if reauthorize else REFRESH_FAILURE_BACKOFF.delay(failures, self.rng)
         attempted = now
         if isinstance(exc, RefreshOutcomeUnknown) and exc.sent_at is not None:
             # The reuse grace counts from the request whose answer was lost.

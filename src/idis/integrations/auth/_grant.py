@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -360,16 +361,22 @@ def request_backoff(policy: RetryPolicy) -> Backoff:
     )
 
 
-def retry_wait(policy: RetryPolicy, retry_number: int, exc: BaseException) -> float:
+def retry_wait(
+    policy: RetryPolicy,
+    retry_number: int,
+    exc: BaseException,
+    rng: random.Random | None = None,
+) -> float:
     """Seconds to wait before retry ``retry_number`` of a token request.
 
     A ``Retry-After`` the endpoint sent wins (capped by ``retry_after_cap``);
-    otherwise the provider's backoff, with full jitter.
+    otherwise the provider's backoff, with full jitter (drawn from ``rng``, default
+    the ``random`` module).
     """
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(retry_after, int | float):
         return min(float(retry_after), policy.retry_after_cap)
-    return request_backoff(policy).delay(retry_number)
+    return request_backoff(policy).delay(retry_number, rng)
 
 
 def lost_answer(exc: BaseException) -> str | None:

@@ -152,7 +152,7 @@ class OAuthAuthFactory:
         async_manager: An :class:`AsyncTokenManager` to share (default: created on first
             async use).
         manager_options: Passed to managers the factory creates (``metrics``, ``clock``,
-            ``vault``; ``engine`` and ``transport`` for the sync manager, ``async_engine``
+            ``vault``, ``seed``; ``engine`` and ``transport`` for the sync manager, ``async_engine``
             and ``async_transport`` for the async one).
     """
 

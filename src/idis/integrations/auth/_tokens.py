@@ -140,9 +140,16 @@ class _Face:
     _io: TokenIO
 
     def _start(
-        self, settings: Settings, metrics: Metrics | None, clock: Clock | None, vault: Any
+        self,
+        settings: Settings,
+        metrics: Metrics | None,
+        clock: Clock | None,
+        vault: Any,
+        seed: int | None,
     ) -> None:
-        self._core = TokenCore(settings, metrics=metrics, clock=clock or system_clock, vault=vault)
+        self._core = TokenCore(
+            settings, metrics=metrics, clock=clock or system_clock, vault=vault, seed=seed
+        )
 
     @property
     def settings(self) -> Settings:
@@ -246,6 +253,8 @@ class TokenManager(_Face):
         clock: Time source and waits between token requests (tests pass a ``ManualClock``).
         transport: httpx transport for token requests (tests).
         vault: Vault store (default: built from ``settings.vault`` when needed).
+        seed: Seed for the jitter of the waits between token requests and after failed
+            refreshes (reproducible tests and drills; default: seeded from the system).
     """
 
     def __init__(
@@ -257,10 +266,11 @@ class TokenManager(_Face):
         clock: Clock | None = None,
         transport: httpx.BaseTransport | None = None,
         vault: VaultStore | None = None,
+        seed: int | None = None,
     ) -> None:
         from ..db._engine import create_db_engine
 
-        self._start(settings, metrics, clock, vault)
+        self._start(settings, metrics, clock, vault, seed)
         self._owns_engine = engine is None
         self._engine = engine if engine is not None else create_db_engine(settings.database_url)
         self._store = SyncTokenStore(self._engine)
@@ -330,10 +340,11 @@ class AsyncTokenManager(_Face):
         clock: Clock | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         vault: VaultStore | None = None,
+        seed: int | None = None,
     ) -> None:
         from ..db._engine import create_async_db_engine
 
-        self._start(settings, metrics, clock, vault)
+        self._start(settings, metrics, clock, vault, seed)
         self._owns_engine = engine is None
         self._engine = (
             engine if engine is not None else create_async_db_engine(settings.database_url)

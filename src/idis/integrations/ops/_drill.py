@@ -36,12 +36,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import re
 import socket
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    MutableMapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
@@ -91,6 +99,15 @@ DEFAULT_SPEED = 15.0
 ALERT_THRESHOLD = 0.05
 ALERT_WINDOW_TICKS = 60
 ALERT_FOR_TICKS = 20
+#: The errors alert's name (RB-09's), and the rate-limit alert's (docs/ops/alerts.yml).
+ERRORS_ALERT = "IDISIntegrationProviderErrors"
+RATE_LIMIT_ALERT = "IDISIntegrationProviderRateLimited"
+#: The rate-limit alert: more than this share of the attempts sent to a provider answered
+#: HTTP 429 over 15m, and at least this many 429s in those 15m (a low-traffic provider's
+#: one 429 is not a storm), for 5m (the same window and ``for`` as the errors alert). A
+#: share and a count of one window do not depend on the drill's speed.
+RATE_LIMIT_ALERT_SHARE = 0.25
+RATE_LIMIT_ALERT_MIN_429S = 5
 #: When the alert does not fire (tokens revoked, webhooks only), how long until someone
 #: notices the missing sync, unless the sync service fails over first.
 QUIET_DETECTION_TICKS = 8
@@ -112,6 +129,9 @@ OUTAGE_DELETIONS = 3
 #: channel lapses without a word: the webhook loss RB-09's failover exists for.
 CHANNEL_TTL_TICKS = 8
 CHANNEL_MARGIN_TICKS = 3
+#: Real seconds a tick waits for the simulator's webhooks to be delivered (it returns as
+#: soon as they are; a webhook left in flight would race the clock on a busy machine).
+FLUSH_TIMEOUT = 30.0
 
 _drill_meta = MetaData()
 #: The drill's stand-in for the host's data: every application of every event.
@@ -336,7 +356,11 @@ def _drill_settings(base: Settings, options: DrillOptions) -> Settings:
     for name, provider in base.providers.items():
         providers[name] = replace(
             provider,
-            timeouts=TimeoutPolicy(connect=1.0, read=0.5, write=1.0, pool=1.0, deadline=3.0),
+            # Real seconds (the deadline is the drill's clock's). No fault of the drill hangs a
+            # request (a full outage's 503s come before its timeouts), so a timeout here could
+            # only be the machine's load: at 0.5 s a busy machine timed a push out at the
+            # provider's return, and that run opened the breaker and diverged from the others.
+            timeouts=TimeoutPolicy(connect=2.5, read=2.5, write=2.5, pool=2.5, deadline=3.0),
             retry=RetryPolicy(
                 max_attempts=2,
                 initial_backoff=0.05,
@@ -392,6 +416,9 @@ class _Expect:
     deferral: bool = True
     outbox_hold: bool = True
     token: bool = False
+    #: The provider answers 429 with Retry-After: the rate-limit alert detects it too (the
+    #: library's pauses can hold the errors alert at its threshold: polling alone, Salesforce).
+    rate_limit_alert: bool = False
     #: Nothing reaches the host during the outage (webhooks stopped, every poll fails),
     #: so replay must bring back what the feed no longer serves.
     replay: bool = True
@@ -399,7 +426,7 @@ class _Expect:
 
 _EXPECT = {
     "full-outage": _Expect(),
-    "rate-limit-storm": _Expect(),
+    "rate-limit-storm": _Expect(rate_limit_alert=True),
     "token-revocation": _Expect(alert=False, failover=False, token=True),
     "webhook-only": _Expect(alert=False, deferral=False, outbox_hold=False, replay=False),
 }
@@ -409,12 +436,24 @@ _EXPECT = {
 
 
 @dataclass(slots=True)
+class _Alert:
+    """One alert rule as Prometheus runs it: pending while its expression holds, then firing."""
+
+    #: When the expression last turned true (None: false now, or fired).
+    true_at: float | None = None
+    #: When it fired (the drill keeps the first time).
+    fired_at: float | None = None
+
+
+@dataclass(slots=True)
 class _Findings:
     """What one step learns and a later one checks."""
 
     outage_start: datetime | None = None
-    alert_true_at: float | None = None
-    alert_fired_at: float | None = None
+    #: The alert rules the drill evaluates, by name (errors, rate limits).
+    alerts: dict[str, _Alert] = field(
+        default_factory=lambda: {ERRORS_ALERT: _Alert(), RATE_LIMIT_ALERT: _Alert()}
+    )
     reconciled: Any = None
     emitted: int = 0
     applied_once: int = 0
@@ -456,6 +495,8 @@ class _Stage:
         self.mode = "webhook" if self.api.failover else "polling"
         self.breaker = "closed"
         self._errors: list[tuple[float, dict[tuple[str, str, str], float]]] = []
+        #: Per tick, by provider: 429s the provider answered, and attempts sent.
+        self._limits: list[tuple[float, dict[str, tuple[float, float]]]] = []
         # Set by build().
         self.database_url = ""
         self.engine: Any = None
@@ -619,7 +660,11 @@ class _Stage:
         )
         # What the sync service and the workers share: the engine, the metrics, the clock.
         shared: dict[str, Any] = {"engine": engine, "metrics": metrics, "clock": clock}
-        auth = oauth_auth_factory(settings, async_engine=engine, metrics=metrics, clock=clock)
+        # Seeded like the gateway: the jitter of token retries and of the hold after a failed
+        # refresh would otherwise change how many refreshes a run attempts (token-revocation).
+        auth = oauth_auth_factory(
+            settings, async_engine=engine, metrics=metrics, clock=clock, seed=self.options.seed
+        )
         stack.push_async_callback(auth.aclose)
         gateway_auth: Any = auth
         if not self.api.generic:
@@ -642,7 +687,8 @@ class _Stage:
         await self._start_sync(stack, shared)
         # The library's own delivery (AsyncGatewayDelivery); the example wraps it to keep
         # its deals' crm_sync_status, which the drill's host has no column for.
-        self.outbox = AsyncOutboxWorker(settings=settings, gateway=gateway, **shared)
+        jitter = random.Random(self.options.seed)  # noqa: S311  # jitter, not cryptography
+        self.outbox = AsyncOutboxWorker(settings=settings, gateway=gateway, rng=jitter, **shared)
         self.enricher = AsyncEnricher(settings, gateway, **shared)
         self.deferred = AsyncDeferredEnrichmentWorker(
             settings, gateway, seed=self.options.seed, on_refreshed=[self._refreshed], **shared
@@ -738,7 +784,7 @@ class _Stage:
                 options.events_per_tick,
                 tenant_ids=["tenant-a", "tenant-b"],
             )
-        await self.blocking(control.flush_webhooks, self.provider, timeout=5)
+        await self.blocking(control.flush_webhooks, self.provider, timeout=FLUSH_TIMEOUT)
         if self.api.notifications:
             await self._drive_push()
         reports = await self.service.tick_all()
@@ -748,7 +794,7 @@ class _Stage:
         await self.outbox.run_once()
         # The pushes change records at the provider, whose webhooks would otherwise race the
         # clock: one applied after it moved is "replayed" by a reconcile that starts first.
-        await self.blocking(control.flush_webhooks, self.provider, timeout=5)
+        await self.blocking(control.flush_webhooks, self.provider, timeout=FLUSH_TIMEOUT)
         if self.ticks % 3 == 0:
             await self.enrich_claim()
         await self.deferred.run_once()
@@ -866,6 +912,7 @@ class _Stage:
         self._count_errors()
         rates = self.error_rates(alerting=True)
         self._alert_transitions(rates)
+        self._rate_limit_transitions(self.rate_limited_shares())
         emitted = await self.emitted()
         applied = len(await self.applications())
         pending, dead = await self.outbox_counts()
@@ -889,6 +936,15 @@ class _Stage:
             for s in self._samples("integration_errors_total")
         }
         self._errors.append((self.record.t, counts))
+        limits: dict[str, tuple[float, float]] = {}
+        for sample in self._samples("integration_rate_limited_total"):
+            if sample.labels["source"] == "provider":
+                refused, sent = limits.get(sample.labels["provider"], (0.0, 0.0))
+                limits[sample.labels["provider"]] = (refused + sample.value, sent)
+        for sample in self._samples("integration_request_duration_seconds_count"):
+            refused, sent = limits.get(sample.labels["provider"], (0.0, 0.0))
+            limits[sample.labels["provider"]] = (refused, sent + sample.value)
+        self._limits.append((self.record.t, limits))
 
     def calls(self) -> tuple[float, float]:
         """The provider's successful calls and failed attempts so far (its metrics)."""
@@ -922,25 +978,73 @@ class _Stage:
         ranked = sorted(sums.items(), key=lambda item: -item[1])
         return [(p, e, rate) for (p, e), rate in ranked if rate > 0]
 
+    def rate_limited_shares(self) -> list[tuple[str, float, float]]:
+        """The rate-limit alert's terms by provider, highest share first: the share of the
+        attempts sent that the provider answered 429, and the 429s, over the alert's window.
+
+        ``sum by (provider) (rate(integration_rate_limited_total{source="provider"}[15m]))
+        / sum by (provider) (rate(integration_request_duration_seconds_count[15m]))`` and
+        ``sum by (provider) (increase(integration_rate_limited_total{source="provider"}[15m]))``.
+        """
+        if len(self._limits) < 2:
+            return []
+        now, counts = self._limits[-1]
+        window = ALERT_WINDOW_TICKS * self.options.speed
+        t0, before = next(p for p in self._limits if p[0] >= now - window)
+        shares = []
+        for provider, (refused, sent) in counts.items():
+            refused_before, sent_before = before.get(provider, (0.0, 0.0))
+            attempts = sent - sent_before
+            limited = refused - refused_before
+            if now > t0 and attempts > 0 and limited > 0:
+                shares.append((provider, limited / attempts, limited))
+        return sorted(shares, key=lambda share: -share[1])
+
+    def _hold(self, name: str, true: bool, pending: str) -> None:
+        """An alert's expression this tick: pending when it turns true (``pending`` is told),
+        firing once it held 5m (:data:`ALERT_FOR_TICKS`), back to inactive when it turns false."""
+        alert, record = self.found.alerts[name], self.record
+        if not true:
+            alert.true_at = None
+            return
+        if alert.true_at is None:
+            alert.true_at = record.t
+            if alert.fired_at is None:
+                record.note(f"{pending}: pending, fires if it holds 5m")
+        held = record.t - alert.true_at
+        if alert.fired_at is None and held >= ALERT_FOR_TICKS * self.options.speed:
+            alert.fired_at = record.t
+            label = "alert fires" if name == ERRORS_ALERT else "rate-limit alert fires"
+            record.mark("alert", label, f"alert {name} FIRING")
+
     def _alert_transitions(self, rates: Sequence[tuple[str, str, float]]) -> None:
         """``> 0.05`` for 5m: pending when the expression turns true, firing once it held."""
-        found, record = self.found, self.record
         threshold = alert_threshold(self.options.speed)
-        if not rates or rates[0][2] <= threshold:
-            if found.alert_fired_at is None:
-                found.alert_true_at = None
-            return
-        if found.alert_true_at is None:
-            found.alert_true_at = record.t
+        true = bool(rates) and rates[0][2] > threshold
+        told = ""
+        if true:
             provider, endpoint, value = rates[0]
-            record.note(
+            told = (
                 f"alert expression true for {provider}/{endpoint} ({value:.3f} errors/s over "
-                f"15m > {threshold:g}): pending, fires if it holds 5m"
+                f"15m > {threshold:g})"
             )
-        held = record.t - found.alert_true_at
-        if found.alert_fired_at is None and held >= ALERT_FOR_TICKS * self.options.speed:
-            found.alert_fired_at = record.t
-            record.mark("alert", "alert fires", "alert IDISIntegrationProviderErrors FIRING")
+        self._hold(ERRORS_ALERT, true, told)
+
+    def _rate_limit_transitions(self, shares: Sequence[tuple[str, float, float]]) -> None:
+        """The rate-limit alert (docs/ops/alerts.yml): a share of 429s and a least count."""
+        storms = [
+            (provider, share, refused)
+            for provider, share, refused in shares
+            if share > RATE_LIMIT_ALERT_SHARE and refused >= RATE_LIMIT_ALERT_MIN_429S
+        ]
+        told = ""
+        if storms:
+            provider, share, refused = storms[0]
+            told = (
+                f"{RATE_LIMIT_ALERT} expression true for {provider} ({share:.0%} of the attempts "
+                f"sent answered 429 over 15m > {RATE_LIMIT_ALERT_SHARE:.0%}, {refused:.0f} 429s)"
+            )
+        self._hold(RATE_LIMIT_ALERT, bool(storms), told)
 
     # ------------------------------------------------------------------ queries
 
@@ -952,10 +1056,15 @@ class _Stage:
         return int((await self._stats()).get("events", 0) or 0)
 
     async def webhooks_delivered(self) -> int:
-        """Webhook deliveries the provider made so far."""
+        """Events the provider delivered by webhook so far (Drive: notifications).
+
+        Events, not requests: a HubSpot request carries whatever was queued when its
+        sender took it, so the number of requests depends on thread timing.
+        """
         if self.api.notifications:
             return self.notifications_delivered
-        return int((await self._stats()).get("webhooks", {}).get("delivered", 0) or 0)
+        webhooks = (await self._stats()).get("webhooks", {})
+        return int(webhooks.get("delivered_events", 0) or 0)
 
     async def rows(self, statement: Any) -> list[Any]:
         """The rows of a query on the drill's database."""
@@ -1076,7 +1185,7 @@ async def _detection(stage: _Stage) -> None:
 
         async def detected() -> bool:
             if expect.alert:
-                return found.alert_fired_at is not None
+                return any(found.alerts[name].fired_at is not None for name in _alerts(stage))
             return stage.mode == "polling" or stage.ticks >= HEALTHY_TICKS + QUIET_DETECTION_TICKS
 
         await stage.ticks_until(detected, limit=ALERT_FOR_TICKS + 16 + stage.api.extra_ticks)
@@ -1090,12 +1199,19 @@ async def _detection(stage: _Stage) -> None:
             )
             record.note(f"alert not firing at this traffic (highest: {highest}); noticed by {how}")
     if expect.alert:
-        fired = found.alert_fired_at
+        names = _alerts(stage)
+        fired = [(at, n) for n in names if (at := found.alerts[n].fired_at) is not None]
+        expected = f"rate > {alert_threshold(stage.options.speed):g}/s for 5m"
+        if RATE_LIMIT_ALERT in names:
+            expected += (
+                f", or > {RATE_LIMIT_ALERT_SHARE:.0%} of attempts answered 429 "
+                f"(at least {RATE_LIMIT_ALERT_MIN_429S}) for 5m"
+            )
         record.check(
-            "Detection: alert IDISIntegrationProviderErrors fired",
-            f"rate > {alert_threshold(stage.options.speed):g}/s for 5m",
-            "never" if fired is None else f"fired at {_clock_label(fired)}",
-            fired is not None,
+            f"Detection: alert {' or '.join(names)} fired",
+            expected,
+            "; ".join(f"{n} fired at {_clock_label(t)}" for t, n in sorted(fired)) or "never",
+            bool(fired),
         )
         opened = any(v == 2 for _, v in record.series.get("breaker", []))
         record.check(
@@ -1104,6 +1220,11 @@ async def _detection(stage: _Stage) -> None:
             "opened" if opened else "never opened",
             opened,
         )
+
+
+def _alerts(stage: _Stage) -> list[str]:
+    """The alerts that detect this scenario's outage (RB-09's, and for 429s the rate-limit one)."""
+    return [ERRORS_ALERT, *([RATE_LIMIT_ALERT] if stage.expect.rate_limit_alert else [])]
 
 
 async def _start_outage(stage: _Stage) -> None:
@@ -1210,7 +1331,7 @@ async def _health(stage: _Stage) -> str:
 
     url = f"{stage.sim.url}/p/{stage.provider}/health"
     try:
-        async with httpx.AsyncClient(timeout=1.0) as client:
+        async with httpx.AsyncClient(timeout=5.0) as client:
             response = await client.get(url)
     except httpx.HTTPError as exc:
         return f"unreachable ({type(exc).__name__})"
@@ -1348,7 +1469,11 @@ async def _recover_auth(stage: _Stage) -> None:
     with record.phase("Recovery 1: re-auth", "R1"):
         with contextlib.closing(
             TokenManager(
-                stage.settings, engine=stage.engine, metrics=stage.metrics, clock=stage.clock
+                stage.settings,
+                engine=stage.engine,
+                metrics=stage.metrics,
+                clock=stage.clock,
+                seed=stage.options.seed,
             )
         ) as manager:
             results = await stage.blocking(
@@ -1725,7 +1850,8 @@ async def _check_delivery(stage: _Stage) -> None:
     stage.record.check(
         "Verification 4: webhooks delivered, retry queue drained",
         "webhooks arriving; 0 pending, 0 dead letters",
-        f"{delivered} webhooks since recovery; {drained}",
+        f"{delivered} {'notifications' if stage.api.notifications else 'events'} by webhook "
+        f"since recovery; {drained}",
         delivered > 0 and empty,
     )
 
@@ -1776,12 +1902,35 @@ STEPS: tuple[Callable[[_Stage], Awaitable[None]], ...] = (
 # --------------------------------------------------------------------------- running it
 
 
+#: A gateway's request id: 16 hex digits from ``os.urandom`` (``_gateway``).
+_REQUEST_ID = re.compile(r"[0-9a-f]{16}")
+
+
 @contextlib.contextmanager
-def _drill_logs(counts: Counter[str]) -> Iterator[None]:
-    """The drill prints its own story; library warnings are counted (Triage 2's grep), not shown."""
+def _drill_logs(counts: Counter[str], seed: int) -> Iterator[None]:
+    """The drill prints its own story; library warnings are counted (Triage 2's grep), not shown.
+
+    The gateway's request ids are random (``os.urandom``), and one in about 290 contains
+    "429": the grep's only noise in a scenario without rate limits (timestamps add more in
+    the service's logs; the drill's lines have none). The drill renders each one as an id
+    of the same shape drawn from ``seed``, so a run counts the same lines every time,
+    noise included.
+    """
     import structlog
 
     pattern = re.compile(r"rate limit|429", re.IGNORECASE)
+    ids: dict[str, str] = {}
+    draw = random.Random(f"request-ids:{seed}")  # noqa: S311  # ids for a rehearsal, not secrets
+
+    def seeded_ids(
+        _logger: Any, _name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        request_id = event.get("request_id")
+        if isinstance(request_id, str) and _REQUEST_ID.fullmatch(request_id):
+            if request_id not in ids:
+                ids[request_id] = f"{draw.getrandbits(64):016x}"
+            event["request_id"] = ids[request_id]
+        return event
 
     def grep(_logger: Any, _name: str, line: Any) -> Any:
         if pattern.search(str(line)):
@@ -1790,7 +1939,7 @@ def _drill_logs(counts: Counter[str]) -> Iterator[None]:
 
     previous = structlog.get_config()
     structlog.configure(
-        processors=[structlog.processors.JSONRenderer(), grep],
+        processors=[seeded_ids, structlog.processors.JSONRenderer(), grep],
         logger_factory=structlog.ReturnLoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(30),
     )
@@ -1842,7 +1991,7 @@ def run_drill(
     announce = on_database or (lambda url: echo(f"database: {mask_url(url)}"))
     previous = set_default_metrics(metrics)
     try:
-        with _drill_logs(stage.found.log_lines):
+        with _drill_logs(stage.found.log_lines, options.seed):
             asyncio.run(_rehearse(stage, announce))
     finally:
         set_default_metrics(previous)
