@@ -190,3 +190,44 @@ def test_the_direct_path_on_asyncio_drivers_writes_the_same_rows(engine: Engine)
     assert reference == direct == through
     assert _rows(engine, "orm_provider") == _rows(engine, "async_direct")
     assert _rows(engine, "orm_provider") == _rows(engine, "async_orm")
+
+
+def test_psycopg_async_sends_the_lock_and_the_read_in_one_pipeline(
+    pg_url: str, monkeypatch: Any
+) -> None:
+    """On psycopg's async connection a batch's ledger lock and inbox read go in one pipeline
+    (one round trip with the transaction's BEGIN), as on the blocking connection; nothing
+    watching execution, so the statements are on the driver. The outcomes are the inbox's."""
+    import psycopg
+
+    from idis.integrations.sync._inbox import ApplyOutcome
+
+    entered: list[int] = []
+    pipeline = psycopg.AsyncConnection.pipeline
+
+    def counting(self: Any) -> Any:
+        entered.append(1)
+        return pipeline(self)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "pipeline", counting)
+
+    async def run() -> list[list[Any]]:
+        engine = create_async_db_engine(pg_url)
+        sessions = async_session_factory(engine)
+        outcomes = []
+        try:
+            for batch in ([make_event(1), make_event(2)], [make_event(2), make_event(3)]):
+                async with sessions() as session, session.begin():
+                    result = await apply_events_async(
+                        session, "pipelined", batch, "webhook", registry=_registry(), now=T0
+                    )
+                outcomes.append(list(result.outcomes))
+        finally:
+            await engine.dispose()
+        return outcomes
+
+    outcomes = asyncio.run(run())
+
+    assert [1, 1] == entered
+    applied, duplicate = ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE
+    assert [[applied, applied], [duplicate, applied]] == outcomes

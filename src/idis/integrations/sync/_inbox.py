@@ -65,6 +65,11 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
+try:  # SQLAlchemy >= 2.1 (await_only, the old name, is deprecated there)
+    from sqlalchemy.util import await_ as _await
+except ImportError:  # pragma: no cover  # SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as _await
+
 from .._flow import AsyncIO, Flow, InSession, SyncIO, adrive, drive, perform
 from .._timeparse import utcnow
 from ..db._engine import driver_error, on_driver, unwatched
@@ -471,12 +476,16 @@ def _pg_reads(
     lock waited for)."""
     dbapi_conn = _driver(conn)
     ids = list(dict.fromkeys(event_ids))
+    # An asyncio driver: psycopg's AsyncConnection behind SQLAlchemy's adapter, awaited
+    # from this greenlet (``AsyncSession.run_sync``) as the adapter's own cursor does.
+    driver = dbapi_conn
+    if dbapi_conn is not None and isinstance(conn, Connection) and conn.dialect.is_async:
+        driver = getattr(dbapi_conn, "driver_connection", None)
     if (
-        dbapi_conn is None
+        driver is None
         or not isinstance(conn, Connection)
         or conn.dialect.paramstyle != "pyformat"
-        or conn.dialect.is_async  # the adapter does not pipeline
-        or not callable(getattr(dbapi_conn, "pipeline", None))
+        or not callable(getattr(driver, "pipeline", None))
         or not ids
     ):
         current, placeholders = _lock_records(conn, provider, records, now)
@@ -484,19 +493,14 @@ def _pg_reads(
     lock_sql, read_sql = _sql_of(_PG_LOCK, conn), _sql_of(_PG_INBOX_ROWS, conn)
     lock_params = {"provider": provider, "ids": records, "floor": _MIN_MAJOR, "now": now}
     read_params = {"ids": ids, "provider": provider}
-    lock, read = dbapi_conn.cursor(), dbapi_conn.cursor()
+    lock = (lock_sql, lock_params) if records else None
     try:
-        with dbapi_conn.pipeline():
-            if records:
-                lock.execute(lock_sql, lock_params)
-            read.execute(read_sql, read_params)
-        locked = lock.fetchall() if records else []
-        known = read.fetchall()
+        if conn.dialect.is_async:
+            locked, known = _await(_pipelined_async(driver, lock, (read_sql, read_params)))
+        else:
+            locked, known = _pipelined(driver, lock, (read_sql, read_params))
     except conn.dialect.loaded_dbapi.Error as exc:
         raise driver_error(conn, exc, lock_sql, lock_params) from exc
-    finally:
-        lock.close()
-        read.close()
     current = {
         rid: OrderKey(int(major), minor)
         for rid, major, minor, event_id in locked
@@ -504,6 +508,43 @@ def _pg_reads(
     }
     placeholders = {rid for rid, _major, _minor, event_id in locked if event_id == _PLACEHOLDER}
     return current, placeholders, {event_id: bool(webhook) for event_id, webhook in known}
+
+
+#: One statement for the driver: its SQL text and parameters.
+_Statement: TypeAlias = tuple[str, dict[str, Any]]
+
+
+def _pipelined(driver: Any, lock: _Statement | None, read: _Statement) -> tuple[Any, Any]:
+    """The lock's rows (none without a lock) and the read's, both sent in one psycopg
+    pipeline (one round trip)."""
+    lock_cursor, read_cursor = driver.cursor(), driver.cursor()
+    try:
+        with driver.pipeline():
+            if lock is not None:
+                lock_cursor.execute(*lock)
+            read_cursor.execute(*read)
+        return (lock_cursor.fetchall() if lock is not None else []), read_cursor.fetchall()
+    finally:
+        lock_cursor.close()
+        read_cursor.close()
+
+
+async def _pipelined_async(
+    driver: Any, lock: _Statement | None, read: _Statement
+) -> tuple[Any, Any]:
+    """:func:`_pipelined` on psycopg's ``AsyncConnection``: the transaction's ``BEGIN``, the
+    lock and the read in one round trip, where the adapter's cursor would await three."""
+    lock_cursor, read_cursor = driver.cursor(), driver.cursor()
+    try:
+        async with driver.pipeline():
+            if lock is not None:
+                await lock_cursor.execute(*lock)
+            await read_cursor.execute(*read)
+        locked = await lock_cursor.fetchall() if lock is not None else []
+        return locked, await read_cursor.fetchall()
+    finally:
+        await lock_cursor.close()
+        await read_cursor.close()
 
 
 #: (statement, paramstyle) -> its SQL text for the driver (PostgreSQL's fixed statements).
