@@ -26,7 +26,10 @@ In one run, on the same machine and databases:
   ``AsyncWebhookReceiver`` (on the event loop, async engine, async handler; with
   ``--async-handler sync`` a sync one, as the example service registers). Each
   prints its ratio to the bare app (issue 16's target: >= 0.70, new events and
-  duplicates).
+  duplicates). For new events it also prints its ratio to a bare app that keeps what it
+  acknowledges (``_store_app``: each body inserted, deduplicated by ``webhook-id``, and
+  committed before the 200, with the plain driver): the same durability, none of the
+  receiver's verification, ordering or ledger.
 
 PostgreSQL comes from ``IDIS_TEST_POSTGRES_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``); a scratch database is created and
@@ -333,6 +336,74 @@ async def _bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _store_app(url: str) -> Any:
+    """The bare alternative that keeps what it acknowledges: each webhook's body inserted
+    (deduplicated by its ``webhook-id``) and committed before the 200, one transaction per
+    request on a worker thread, with the plain driver (psycopg, a connection per thread;
+    sqlite3, one connection behind a lock, as SQLite writes one at a time anyway)."""
+    import sqlite3
+    import threading
+
+    import psycopg
+
+    table = "CREATE TABLE IF NOT EXISTS bench_store (event_id VARCHAR(255) PRIMARY KEY, body TEXT)"
+    insert = "INSERT INTO bench_store (event_id, body) VALUES ({p}, {p}) ON CONFLICT DO NOTHING"
+    local = threading.local()
+    if url.startswith("postgres"):
+        dsn = url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(table)
+        sql = insert.format(p="%s")
+
+        def store(event_id: str, body: str) -> None:
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = psycopg.connect(dsn)
+            conn.execute(sql, (event_id, body))
+            conn.commit()
+
+    else:
+        lite = sqlite3.connect(
+            url.split("///", 1)[1], check_same_thread=False, isolation_level=None
+        )
+        lite.execute("PRAGMA journal_mode=WAL")
+        lite.execute("PRAGMA synchronous=NORMAL")  # as the library's engine sets it
+        lite.execute(table)
+        lock = threading.Lock()
+        sql = insert.format(p="?")
+
+        def store(event_id: str, body: str) -> None:
+            with lock:
+                lite.execute("BEGIN IMMEDIATE")
+                lite.execute(sql, (event_id, body))
+                lite.execute("COMMIT")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        event_id = dict(scope["headers"]).get(b"webhook-id", b"").decode()
+        await asyncio.to_thread(store, event_id, b"".join(chunks).decode())
+        body = b'{"status":"ok"}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
 def serve(which: str, port: int, url: str) -> None:
     """Serve the bare app or the receiver with uvicorn on 127.0.0.1:port until killed."""
     import uvicorn
@@ -342,6 +413,8 @@ def serve(which: str, port: int, url: str) -> None:
 
     if which == "bare":
         app: Any = _bare_app
+    elif which == "store":
+        app = _store_app(url)
     else:
         receiver = make_async_receiver(url) if which == "async-receiver" else make_receiver(url)
 
@@ -507,8 +580,10 @@ def bench_http(
     PostgreSQL's tables are analyzed after the warm-up (see :func:`_analyze`)."""
     path = f"/webhooks/{PROVIDER}"
     receivers = {"receiver": "WebhookReceiver (thread)", "async-receiver": "AsyncWebhookReceiver"}
-    rates: dict[str, list[float]] = {"bare": []}
+    rates: dict[str, list[float]] = {"bare": [], "store": []}
     ratios: dict[str, list[float]] = {}
+    #: New events: the receiver's rate over the storing bare app's, paired like the above.
+    stored: dict[str, list[float]] = {name: [] for name in receivers}
     #: Server CPU microseconds per request: what load on the machine does not move.
     cpu: dict[str, list[float]] = {"bare": []}
     #: Client CPU µs/request, PostgreSQL backends' CPU µs/request, the machine's busy share.
@@ -524,6 +599,7 @@ def bench_http(
             side[f"{name}-{phase}"] = []
     with (
         server("bare", url) as bare,
+        server("store", url) as store,
         server("receiver", url) as sync,
         server("async-receiver", url) as asynchronous,
     ):
@@ -555,7 +631,7 @@ def bench_http(
             return len(bodies) / took
 
         for offset, (base, route) in enumerate(
-            ((bare, "/"), (sync, path), (asynchronous, path)), start=1
+            ((bare, "/"), (store, "/"), (sync, path), (asynchronous, path)), start=1
         ):
             blast(base, route, make_bodies(100, start=10_000_000 + 1000 * offset))
         if analyze:
@@ -567,6 +643,8 @@ def bench_http(
                 for phase in ("new", "dup"):  # the same bodies twice: new, then redelivered
                     bare_rate = blast(bare, "/", bodies)
                     cpu["bare"].append(spent[-1])
+                    bare_side = others[-1]
+                    store_rate = blast(store, "/", bodies) if phase == "new" else 0.0
                     counts = _batch_counts(base[0])
                     rate = blast(base, path, bodies)
                     if phase == "new" and counts:
@@ -575,7 +653,10 @@ def bench_http(
                         sizes[name].append((after[1] - counts[1]) / batches if batches else 0.0)
                     cpu[f"{name}-{phase}"].append(spent[-1])
                     side[f"{name}-{phase}"].append(others[-1])
-                    side["bare"].append(others[-2])
+                    side["bare"].append(bare_side)
+                    if phase == "new":
+                        rates["store"].append(store_rate)
+                        stored[name].append(rate / store_rate)
                     rates["bare"].append(bare_rate)
                     rates[f"{name}-{phase}"].append(rate)
                     ratios[f"{name}-{phase}"].append(rate / bare_rate)
@@ -591,6 +672,10 @@ def bench_http(
         f"   server CPU {us['bare']:,.0f} us/request"
         f"   client CPU {by['bare'][0]:,.0f} us/request   machine busy {by['bare'][2]:.0%}"
     )
+    print(
+        f"  HTTP {kind:<9} bare storing app (INSERT + commit, then 200) "
+        f"{statistics.median(rates['store']):>7,.0f}/s"
+    )
     for name, label in receivers.items():
         # Issue 16's target: the receiver keeps >= 0.70 of the bare app's rate.
         new, dup = ratio[f"{name}-new"], ratio[f"{name}-dup"]
@@ -601,6 +686,7 @@ def bench_http(
             f"   {verdict} >= {TARGET_RATIO:.2f}"
             f"   server CPU us/request new {us[f'{name}-new']:,.0f}"
             f" dup {us[f'{name}-dup']:,.0f}"
+            + f"   new vs the storing app {statistics.median(stored[name]):.2f}"
             + f"   client CPU us/request new {by[f'{name}-new'][0]:,.0f}"
             + (
                 f"   PostgreSQL CPU us/request new {by[f'{name}-new'][1]:,.0f}"
@@ -765,7 +851,9 @@ def main(argv: list[str] | None = None) -> None:
         "by default they are analyzed after the warm-up, as autovacuum would)",
     )
     parser.add_argument(
-        "--serve", choices=["bare", "receiver", "async-receiver"], help=argparse.SUPPRESS
+        "--serve",
+        choices=["bare", "store", "receiver", "async-receiver"],
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
