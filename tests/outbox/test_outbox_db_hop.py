@@ -65,6 +65,41 @@ def test_the_twin_sees_the_same_database_and_fires_the_async_engines_events(
         assert statements[0] == "BEGIN IMMEDIATE"
 
 
+def test_the_twin_runs_the_hosts_connect_and_checkout_listeners(engine: Engine) -> None:
+    """A host that sets each connection up (here a session setting it reads back) gets the
+    same setup on the twin's connections: a search_path set this way would otherwise be
+    missing from the outbox's and the receiver's transactions."""
+    async_engine = create_async_db_engine(_url(engine))
+    seen: list[str] = []
+
+    def connect(dbapi_connection: Any, _record: Any) -> None:
+        seen.append("connect")
+        cursor = dbapi_connection.cursor()
+        if engine.dialect.name == "sqlite":
+            cursor.execute("PRAGMA cache_size = -4242")
+        else:
+            cursor.execute("SET application_name = 'host-setup'")
+        cursor.close()
+
+    def checkout(_dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        seen.append("checkout")
+
+    event.listen(async_engine.sync_engine, "connect", connect)
+    event.listen(async_engine.sync_engine, "checkout", checkout)
+    setting = "PRAGMA cache_size" if engine.dialect.name == "sqlite" else "SHOW application_name"
+    try:
+        twin = blocking_twin(async_engine)
+        assert twin is not None
+        with twin.connect() as conn:
+            got = conn.exec_driver_sql(setting).scalar()
+        twin.dispose()
+    finally:
+        asyncio.run(async_engine.dispose())
+
+    assert (-4242 if engine.dialect.name == "sqlite" else "host-setup") == got
+    assert ["connect", "checkout"] == seen
+
+
 def _count_rows(twin: Engine, seen: list[tuple[str, str]]) -> None:
     with twin.begin() as conn:
         count = conn.execute(select(OutboxMessageRow.id)).all()

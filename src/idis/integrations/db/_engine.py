@@ -225,6 +225,10 @@ def _fast_json(dbapi_connection: Any, _record: Any) -> None:
 _MADE_HERE: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
+#: Modules whose pool listeners every engine gets anyway (not the host's own).
+_OWN_LISTENERS = ("sqlalchemy.", "idis.integrations.")
+
+
 def blocking_twin(engine: AsyncEngine, *, pool_size: int = 0) -> Engine | None:
     """A blocking engine on the same database as ``engine``, or None.
 
@@ -234,9 +238,11 @@ def blocking_twin(engine: AsyncEngine, *, pool_size: int = 0) -> Engine | None:
     result through the event loop. The twin (pysqlite, or psycopg's blocking
     connection) opens its own connections with the same URL and
     ``connect_args`` (no pool: whoever uses it holds its connection), with the
-    same SQLite pragmas and ``BEGIN IMMEDIATE``, and fires ``engine``'s
-    connection events (``begin``, ``commit``, ``before_cursor_execute``, ...),
-    those added later too. Connections may move between threads; the caller
+    same SQLite pragmas and ``BEGIN IMMEDIATE``, runs the ``connect`` and
+    ``checkout`` listeners the host added to ``engine``'s pool (on the driver's
+    own connection, not the async adapter), and fires ``engine``'s connection
+    events (``begin``, ``commit``, ``before_cursor_execute``, ...), those added
+    later too. Connections may move between threads; the caller
     uses each from one thread at a time.
 
     ``pool_size`` > 0 gives the twin a pool of its own instead (that many
@@ -279,6 +285,15 @@ def blocking_twin(engine: AsyncEngine, *, pool_size: int = 0) -> Engine | None:
             pooling["pool_pre_ping"] = True
         twin = create_engine(url, connect_args=connect_args, **pooling)
         event.listen(twin, "connect", _fast_json)
+    # The host's own pool listeners (a search_path, a pragma, a SQL function set on
+    # each new or checked-out connection) set up the twin's connections too: without
+    # them its statements could run in another schema. SQLAlchemy's and this
+    # module's are the twin's already. Ones added to ``engine`` later are not copied.
+    for name in ("connect", "checkout"):
+        # ``.listeners``: this pool's own; class-wide ones (``Pool``) reach the twin anyway.
+        for listener in list(getattr(getattr(sync.pool.dispatch, name), "listeners", ())):
+            if not getattr(listener, "__module__", "").startswith(_OWN_LISTENERS):
+                event.listen(twin, name, listener)
     # The async engine's connection events, dispatched on the twin's connections
     # as well (what SQLAlchemy's own Engine.execution_options copies do). That join
     # is SQLAlchemy's private API: a version without it gets no twin (the caller
