@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from idis.integrations.db._engine import load_json
+from idis.integrations.db._engine import create_db_engine, load_json
 from idis.integrations.outbox._messages import OutboxMessage, leased_message
+
+from .conftest import Loop, outbox_settings, put_messages, table
 
 
 def test_a_leased_message_is_the_constructors_message() -> None:
@@ -49,3 +51,42 @@ def test_load_json_rejects_what_json_loads_rejects(text: str) -> None:
     with pytest.raises(json.JSONDecodeError) as slow:
         json.loads(text)
     assert str(fast.value) == str(slow.value)
+
+
+@pytest.mark.postgres
+def test_postgres_leased_messages_carry_the_stored_payload_and_times_in_utc(
+    pg_url: str, loop: Loop
+) -> None:
+    # The lease reads the payload as JSON text and its times as UTC wall
+    # times (_queries.utc_wall); the session's zone must not show through.
+    from sqlalchemy.engine import make_url
+
+    engine = create_db_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            name = make_url(pg_url).database
+            conn.exec_driver_sql(f"ALTER DATABASE \"{name}\" SET TimeZone = 'America/St_Johns'")
+            conn.commit()
+        engine.dispose()  # new connections take the database's zone
+        sent = put_messages(engine, 3)
+        seen: list[OutboxMessage] = []
+        worker = loop.worker(
+            engine,
+            outbox_settings(),
+            deliver=seen.append,
+            worker_id="w-utc",
+            lease=timedelta(minutes=5),
+        )
+        before = datetime.now(UTC)
+        assert worker.run_once().delivered == 3
+        rows = table(engine)
+    finally:
+        engine.dispose()
+    assert [m.payload for m in seen] == [dict(m.payload) for m in sent]
+    assert [m.created_at for m in seen] == [row.created_at for row in rows]
+    for message in seen:
+        assert message.created_at.tzinfo is UTC
+        assert message.lease_expires_at is not None
+        assert message.lease_expires_at.tzinfo is UTC
+        # The lease's end follows the database's clock: about five minutes from now.
+        assert timedelta(minutes=4) < message.lease_expires_at - before < timedelta(minutes=6)

@@ -97,6 +97,7 @@ __all__ = [
     "renew_statement",
     "settle_delivered_statement",
     "settle_statement",
+    "utc_wall",
 ]
 
 # Declarative __table__ is typed as a FromClause; it is a Table.
@@ -139,21 +140,46 @@ def _leased_columns(dialect: str) -> tuple[Any, ...]:
     """:data:`LEASED_COLUMNS`, with no result processing by SQLAlchemy.
 
     The worker converts each leased row itself, in one pass
-    (``_WorkerCore.to_messages``): SQLite's ``payload`` (JSON text) and
-    ``created_at`` (fixed-width UTC text) come back as text, PostgreSQL's
-    ``created_at`` as the driver's aware datetime. SQLAlchemy's processors
-    would cost two Python calls per value, and the SQLite ``DATETIME`` type a
-    regular expression.
+    (``_WorkerCore.to_messages``): ``payload`` comes back as JSON text on
+    both databases, ``created_at`` as fixed-width UTC text on SQLite and as a
+    naive UTC datetime on PostgreSQL (:func:`utc_wall`). SQLAlchemy's
+    processors would cost two Python calls per value, and the SQLite
+    ``DATETIME`` type a regular expression. PostgreSQL's ``jsonb`` as text
+    (``payload::text``, the same text the server would send for the
+    ``jsonb``) is decoded by psycopg in C; as ``jsonb`` psycopg calls its
+    Python JSON loader per value, through two wrappers: 3.5-4.5 against
+    1.5-2.1 µs a row, decoding included.
     """
-    raw: dict[str, Any]
     if dialect == "sqlite":
-        raw = {"payload": Text(), "created_at": String()}
-    else:
-        raw = {"created_at": DateTime(timezone=True)}
+        raw: dict[str, Any] = {"payload": Text(), "created_at": String()}
+        return tuple(
+            type_coerce(column, raw[column.name]).label(column.name)
+            if column.name in raw
+            else column
+            for column in LEASED_COLUMNS
+        )
+    postgres: dict[str, Any] = {
+        "payload": type_coerce(sql_cast(messages.c.payload, Text()), Text()),
+        "created_at": utc_wall(messages.c.created_at),
+    }
     return tuple(
-        type_coerce(column, raw[column.name]).label(column.name) if column.name in raw else column
+        postgres[column.name].label(column.name) if column.name in postgres else column
         for column in LEASED_COLUMNS
     )
+
+
+def utc_wall(moment: Any) -> Any:
+    """PostgreSQL: ``timezone('UTC', moment)``, the UTC wall time of a ``timestamptz``,
+    read back as a naive datetime (the worker attaches UTC).
+
+    The same instant as the aware value, whatever the session's ``TimeZone``;
+    but psycopg decodes a naive timestamp in C, where an aware one in a zone
+    other than plain ``UTC`` (a server's default is often ``Etc/UTC``) goes
+    through ``zoneinfo`` in Python: about 0.4 µs a value, twice per leased row
+    (``created_at`` and the statement's time), and the worker then converted
+    each to UTC once more.
+    """
+    return type_coerce(func.timezone(literal_column("'UTC'"), moment), DateTime(timezone=False))
 
 
 def not_leased(table: Any, now: Any = None) -> Any:
@@ -206,7 +232,8 @@ def lease_statement(dialect: str, *, database_clock: bool = False) -> Update:
     With ``database_clock`` (PostgreSQL only), the statement's own time is
     "now": ``statement_timestamp()`` replaces ``p_now``, the lease lasts
     ``:p_lease`` (an interval) instead of ending at ``p_expires``, and each
-    row returns that time after :data:`LEASED_COLUMNS`, so the worker follows
+    row returns that time (naive, UTC: :func:`utc_wall`) after
+    :data:`LEASED_COLUMNS`, so the worker follows
     the database's clock without a round trip of its own to read it.
     """
     if database_clock and dialect != "postgresql":
@@ -263,7 +290,7 @@ def lease_statement(dialect: str, *, database_clock: bool = False) -> Update:
         stmt = update(messages).where(messages.c.id.in_(picked))
     returned = _leased_columns(dialect)
     if database_clock:
-        returned = (*returned, now.label("database_now"))
+        returned = (*returned, utc_wall(now).label("database_now"))
     return stmt.values(values).returning(*returned)
 
 

@@ -107,19 +107,17 @@ def _sqlite_time(text: str) -> datetime:
     return _from_iso(text + "+00:00")
 
 
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+def _naive_utc(moment: datetime) -> datetime:
+    # PostgreSQL's leased times come back as UTC wall times (``_queries.utc_wall``).
+    return moment.replace(tzinfo=UTC)
 
 
-def _as_is(value: Any) -> Any:
-    return value
-
-
-#: How a leased row's payload and ``created_at`` are decoded, by "is it SQLite":
-#: SQLite returns them as text (``_queries._leased_columns``), PostgreSQL as values.
+#: How a leased row's payload and ``created_at`` are decoded, by "is it SQLite"
+#: (``_queries._leased_columns``): the payload is JSON text on both; ``created_at``
+#: UTC text on SQLite, a naive UTC datetime on PostgreSQL.
 _ROW_DECODERS: dict[bool, tuple[Callable[[Any], Any], Callable[[Any], datetime]]] = {
     True: (load_json, _sqlite_time),
-    False: (_as_is, _utc),
+    False: (load_json, _naive_utc),
 }
 
 
@@ -1212,7 +1210,7 @@ class AsyncOutboxWorker:
             if not rows:
                 continue
             if on_statement_clock:
-                database_now = rows[0][-1].astimezone(UTC)
+                database_now = rows[0][-1].replace(tzinfo=UTC)  # naive UTC: utc_wall
                 core.follow_database(database_now)
                 expires = database_now + core.lease
             else:
