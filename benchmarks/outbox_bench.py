@@ -291,42 +291,44 @@ def _ours_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
     asyncio.run(work())
 
 
-def _plain_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
+_DONE = "UPDATE plain_jobs SET status = 'done', done_at = now() WHERE id = ANY(%s)"
+
+
+def _plain_loop(url: str, barrier: Any, out: Any, cycle: Callable[[Any], int]) -> None:
+    """Run ``cycle`` on one autocommit psycopg connection until it handles no rows."""
     import psycopg
 
     conn = psycopg.connect(_psycopg_url(url), autocommit=True)
     done = 0
     barrier.wait()
     cpu = time.process_time()
-    while True:
+    while handled := cycle(conn):
+        done += handled
+    out.put((done, time.time(), time.process_time() - cpu))
+    conn.close()
+
+
+def _plain_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
+    def cycle(conn: Any) -> int:
         with conn.transaction():
             rows = conn.execute(
                 "SELECT id, payload FROM plain_jobs WHERE status = 'pending' "
                 "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
                 (batch,),
             ).fetchall()
-            if not rows:
-                break
-            conn.execute(
-                "UPDATE plain_jobs SET status = 'done', done_at = now() WHERE id = ANY(%s)",
-                ([r[0] for r in rows],),
-            )
-        done += len(rows)
-    out.put((done, time.time(), time.process_time() - cpu))
-    conn.close()
+            if rows:
+                conn.execute(_DONE, ([r[0] for r in rows],))
+        return len(rows)
+
+    _plain_loop(url, barrier, out, cycle)
 
 
 def _plain_leased_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
     """The plain loop made crash-safe the way the library is: a batch's lease (the attempt
     counted, an expiry) is committed before its sends, and the outcome in a second
     transaction, so a worker that dies mid-send leaves a trace and its rows come back."""
-    import psycopg
 
-    conn = psycopg.connect(_psycopg_url(url), autocommit=True)
-    done = 0
-    barrier.wait()
-    cpu = time.process_time()
-    while True:
+    def cycle(conn: Any) -> int:
         rows = conn.execute(
             "UPDATE plain_jobs SET attempts = attempts + 1, "
             "lease_until = now() + interval '60 seconds' WHERE id IN ("
@@ -334,15 +336,11 @@ def _plain_leased_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
             "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload",
             (batch,),
         ).fetchall()
-        if not rows:
-            break
-        conn.execute(
-            "UPDATE plain_jobs SET status = 'done', done_at = now() WHERE id = ANY(%s)",
-            ([r[0] for r in rows],),
-        )
-        done += len(rows)
-    out.put((done, time.time(), time.process_time() - cpu))
-    conn.close()
+        if rows:
+            conn.execute(_DONE, ([r[0] for r in rows],))
+        return len(rows)
+
+    _plain_loop(url, barrier, out, cycle)
 
 
 def drain(

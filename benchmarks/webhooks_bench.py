@@ -322,6 +322,10 @@ async def _bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     while more:
         message = await receive()
         more = message.get("more_body", False)
+    await _ok(send)
+
+
+async def _ok(send: Any) -> None:
     body = b'{"status":"ok"}'
     await send(
         {
@@ -388,18 +392,7 @@ def _store_app(url: str) -> Any:
             more = message.get("more_body", False)
         event_id = dict(scope["headers"]).get(b"webhook-id", b"").decode()
         await asyncio.to_thread(store, event_id, b"".join(chunks).decode())
-        body = b'{"status":"ok"}'
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _ok(send)
 
     return app
 
