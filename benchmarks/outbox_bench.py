@@ -41,7 +41,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -294,53 +294,47 @@ def _ours_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
 _DONE = "UPDATE plain_jobs SET status = 'done', done_at = now() WHERE id = ANY(%s)"
 
 
-def _plain_loop(url: str, barrier: Any, out: Any, cycle: Callable[[Any], int]) -> None:
-    """Run ``cycle`` on one autocommit psycopg connection until it handles no rows."""
+def _plain_loop(url: str, batch: int, barrier: Any, out: Any, *, lease: str, held: bool) -> None:
+    """Take up to ``batch`` rows with ``lease`` and mark them done, on one autocommit psycopg
+    connection, until none is left: in one transaction (``held``) or in two."""
     import psycopg
 
     conn = psycopg.connect(_psycopg_url(url), autocommit=True)
     done = 0
     barrier.wait()
     cpu = time.process_time()
-    while handled := cycle(conn):
-        done += handled
+    while True:
+        with conn.transaction() if held else nullcontext():
+            rows = conn.execute(lease, (batch,)).fetchall()
+            if rows:
+                conn.execute(_DONE, ([r[0] for r in rows],))
+        if not rows:
+            break
+        done += len(rows)
     out.put((done, time.time(), time.process_time() - cpu))
     conn.close()
 
 
 def _plain_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
-    def cycle(conn: Any) -> int:
-        with conn.transaction():
-            rows = conn.execute(
-                "SELECT id, payload FROM plain_jobs WHERE status = 'pending' "
-                "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-                (batch,),
-            ).fetchall()
-            if rows:
-                conn.execute(_DONE, ([r[0] for r in rows],))
-        return len(rows)
-
-    _plain_loop(url, barrier, out, cycle)
+    """The plain loop: rows locked with ``SKIP LOCKED`` and marked done in one transaction."""
+    lease = (
+        "SELECT id, payload FROM plain_jobs WHERE status = 'pending' "
+        "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+    )
+    _plain_loop(url, batch, barrier, out, lease=lease, held=True)
 
 
 def _plain_leased_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
     """The plain loop made crash-safe the way the library is: a batch's lease (the attempt
     counted, an expiry) is committed before its sends, and the outcome in a second
     transaction, so a worker that dies mid-send leaves a trace and its rows come back."""
-
-    def cycle(conn: Any) -> int:
-        rows = conn.execute(
-            "UPDATE plain_jobs SET attempts = attempts + 1, "
-            "lease_until = now() + interval '60 seconds' WHERE id IN ("
-            "SELECT id FROM plain_jobs WHERE status = 'pending' AND lease_until < now() "
-            "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload",
-            (batch,),
-        ).fetchall()
-        if rows:
-            conn.execute(_DONE, ([r[0] for r in rows],))
-        return len(rows)
-
-    _plain_loop(url, barrier, out, cycle)
+    lease = (
+        "UPDATE plain_jobs SET attempts = attempts + 1, "
+        "lease_until = now() + interval '60 seconds' WHERE id IN ("
+        "SELECT id FROM plain_jobs WHERE status = 'pending' AND lease_until < now() "
+        "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload"
+    )
+    _plain_loop(url, batch, barrier, out, lease=lease, held=False)
 
 
 def drain(
