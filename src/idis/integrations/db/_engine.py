@@ -239,11 +239,11 @@ def blocking_twin(engine: AsyncEngine, *, pool_size: int = 0) -> Engine | None:
     connection) opens its own connections with the same URL and
     ``connect_args`` (no pool: whoever uses it holds its connection), with the
     same SQLite pragmas and ``BEGIN IMMEDIATE``, runs the ``connect`` and
-    ``checkout`` listeners the host added to ``engine``'s pool (on the driver's
-    own connection, not the async adapter), and fires ``engine``'s connection
-    events (``begin``, ``commit``, ``before_cursor_execute``, ...), those added
-    later too. Connections may move between threads; the caller
-    uses each from one thread at a time.
+    ``checkout`` listeners the host added to ``engine``'s pool before the twin
+    was made (on the driver's own connection, not the async adapter), and fires
+    ``engine``'s connection events (``begin``, ``commit``,
+    ``before_cursor_execute``, ...), those added later too. Connections may
+    move between threads; the caller uses each from one thread at a time.
 
     ``pool_size`` > 0 gives the twin a pool of its own instead (that many
     connections kept, as many again opened under load; pre-ping on PostgreSQL
