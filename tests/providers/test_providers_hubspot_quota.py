@@ -19,6 +19,8 @@ from idis.integrations.config import Settings
 from idis.integrations.exceptions import ConfigError, QuotaExhausted, RateLimited
 from idis.integrations.providers import client_for
 from idis.integrations.providers._hubspot import (
+    _ACCOUNT_RETRY_AT,
+    _ACCOUNT_ZONES,
     account_zone,
     map_error,
     quota_zone,
@@ -127,6 +129,12 @@ def test_a_bad_time_zone_is_refused_at_startup(bad: str) -> None:
 @pytest.fixture
 def sim() -> Iterator[RunningSimulator]:
     with run_simulator() as running:
+        # The account's zone is learnt once per process, by provider and base URL. A port
+        # an earlier simulator of this worker process used comes back now and then, and
+        # its zone would be taken as this one's: each test starts without it.
+        for cache in (_ACCOUNT_ZONES, _ACCOUNT_RETRY_AT):
+            for key in [key for key in cache if key[1].startswith(running.url)]:
+                del cache[key]
         running.control.emit(P, 1, record_ids=["deal_1"], webhook=False)
         yield running
 
