@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from email.utils import format_datetime
@@ -193,6 +194,30 @@ def test_every_attempt_of_a_call_shares_one_request_id(make_harness: Any, helper
     ids = [r.headers["x-request-id"] for r in h.requests]
     assert ids[0] == ids[1]
     assert ids[1] != ids[2]
+
+
+def test_request_ids_are_letters_so_rb09s_429_grep_never_matches_them(
+    make_harness: Any, helpers: Any
+) -> None:
+    """RB-09 Triage 2 greps the logs for "rate limit\\|429": one 16-hex-digit id in about 290
+    contained "429". The ids are 64 random bits written as the letters a-p."""
+    from idis.integrations.resilience._gateway import new_request_id
+
+    h = make_harness(
+        helpers.settings_for(helpers.provider_settings()),
+        sequence(*[ok()] * 40),
+        request_id_header="X-Request-ID",
+    )
+    for _ in range(40):
+        h.get_json("crm", "records")
+    sent = [r.headers["x-request-id"] for r in h.requests]
+    made = [new_request_id() for _ in range(20_000)]
+
+    assert all(re.fullmatch(r"[a-p]{16}", i) for i in sent + made)
+    assert len(set(sent)) == 40
+    assert len(set(made)) == 20_000
+    # Every letter turns up in every position: still 4 random bits a character.
+    assert all(len({i[k] for i in made}) == 16 for k in range(16))
 
 
 # --------------------------------------------------------------------------- 4xx

@@ -47,7 +47,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterator,
-    MutableMapping,
     Sequence,
 )
 from dataclasses import dataclass, field, replace
@@ -1902,35 +1901,17 @@ STEPS: tuple[Callable[[_Stage], Awaitable[None]], ...] = (
 # --------------------------------------------------------------------------- running it
 
 
-#: A gateway's request id: 16 hex digits from ``os.urandom`` (``_gateway``).
-_REQUEST_ID = re.compile(r"[0-9a-f]{16}")
-
-
 @contextlib.contextmanager
-def _drill_logs(counts: Counter[str], seed: int) -> Iterator[None]:
+def _drill_logs(counts: Counter[str]) -> Iterator[None]:
     """The drill prints its own story; library warnings are counted (Triage 2's grep), not shown.
 
-    The gateway's request ids are random (``os.urandom``), and one in about 290 contains
-    "429": the grep's only noise in a scenario without rate limits (timestamps add more in
-    the service's logs; the drill's lines have none). The drill renders each one as an id
-    of the same shape drawn from ``seed``, so a run counts the same lines every time,
-    noise included.
+    The gateway's request ids are letters (``new_request_id``), so in a scenario without
+    rate limits the grep matches nothing of theirs; timestamps, which can hold "429" in the
+    service's logs, the drill's lines do not have.
     """
     import structlog
 
     pattern = re.compile(r"rate limit|429", re.IGNORECASE)
-    ids: dict[str, str] = {}
-    draw = random.Random(f"request-ids:{seed}")  # noqa: S311  # ids for a rehearsal, not secrets
-
-    def seeded_ids(
-        _logger: Any, _name: str, event: MutableMapping[str, Any]
-    ) -> MutableMapping[str, Any]:
-        request_id = event.get("request_id")
-        if isinstance(request_id, str) and _REQUEST_ID.fullmatch(request_id):
-            if request_id not in ids:
-                ids[request_id] = f"{draw.getrandbits(64):016x}"
-            event["request_id"] = ids[request_id]
-        return event
 
     def grep(_logger: Any, _name: str, line: Any) -> Any:
         if pattern.search(str(line)):
@@ -1939,7 +1920,7 @@ def _drill_logs(counts: Counter[str], seed: int) -> Iterator[None]:
 
     previous = structlog.get_config()
     structlog.configure(
-        processors=[seeded_ids, structlog.processors.JSONRenderer(), grep],
+        processors=[structlog.processors.JSONRenderer(), grep],
         logger_factory=structlog.ReturnLoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(30),
     )
@@ -1991,7 +1972,7 @@ def run_drill(
     announce = on_database or (lambda url: echo(f"database: {mask_url(url)}"))
     previous = set_default_metrics(metrics)
     try:
-        with _drill_logs(stage.found.log_lines, options.seed):
+        with _drill_logs(stage.found.log_lines):
             asyncio.run(_rehearse(stage, announce))
     finally:
         set_default_metrics(previous)
