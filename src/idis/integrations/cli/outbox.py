@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from datetime import datetime, timedelta
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .._audit import cli_actor
+from .._signals import stop_on_signals
 from .._timeparse import format_duration, parse_duration
 from ..config import ProviderSettings
 from ..exceptions import ConfigError
@@ -165,8 +165,6 @@ async def _work(
     settings: Any, served: tuple[str, ...], until_idle: bool, options: dict[str, Any]
 ) -> tuple[str, Any]:
     """Run the production worker, ``AsyncOutboxWorker``: the one the example service runs."""
-    import asyncio
-
     from ..db._engine import create_async_db_engine
     from ..outbox._worker import AsyncOutboxWorker
     from ..resilience import AsyncGateway
@@ -181,10 +179,7 @@ async def _work(
         gateway = AsyncGateway(settings, auth=auth)
         stack.push_async_callback(gateway.aclose)
         worker = AsyncOutboxWorker(engine, settings, gateway=gateway, providers=served, **options)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
-            stack.callback(loop.remove_signal_handler, sig)
+        stack.enter_context(stop_on_signals(worker.stop))
         total = await worker.run(until_idle=until_idle)
     return worker.worker_id, total
 

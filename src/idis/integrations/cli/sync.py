@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from contextlib import AsyncExitStack
 from dataclasses import asdict
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import click
 
 from .._audit import cli_actor
+from .._signals import stop_on_signals
 from .._timeparse import format_duration, utcnow
 from . import main
 from ._common import (
@@ -164,7 +164,8 @@ async def _poll(settings: Any, provider: str, *, once: bool, as_json: bool) -> N
                 )
             _print_poll(result, as_json)
             return
-        stop = _stop_on_signals()
+        stop = asyncio.Event()
+        stack.enter_context(stop_on_signals(stop.set))
         interval = settings.sync.crm_poll_interval.total_seconds()
         retry = settings.sync.lock_timeout.total_seconds() / 3
         standing_by = False
@@ -213,15 +214,6 @@ async def _poller_and_lock(
     return poller, lock
 
 
-def _stop_on_signals() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT (the loop keeps running until it is seen)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    return stop
-
-
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
@@ -254,12 +246,13 @@ async def _run_service(settings: Any, providers: list[str] | None, registry: Any
     from ..sync._service import AsyncSyncService
 
     service = AsyncSyncService(settings, registry=registry, providers=providers, receiver=False)
+    stop = asyncio.Event()
     try:
-        stop = _stop_on_signals()
-        stdout.print(f"syncing {', '.join(service.providers)}; SIGTERM stops", markup=False)
-        while not stop.is_set():
-            # The service's own wait: it backs off while every tick fails (a down database).
-            await _wait(stop, service.pause_after(await service.tick_all()))
+        with stop_on_signals(stop.set):
+            stdout.print(f"syncing {', '.join(service.providers)}; SIGTERM stops", markup=False)
+            while not stop.is_set():
+                # The service's own wait: it backs off while every tick fails (a down database).
+                await _wait(stop, service.pause_after(await service.tick_all()))
     finally:
         await service.aclose()
 

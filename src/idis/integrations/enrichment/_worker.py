@@ -32,15 +32,12 @@ through the clock, so a ``ManualClock`` advances instead of sleeping.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import os
 import random
-import signal
 import socket
-import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from functools import partial
@@ -50,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._clock import Clock, system_clock
 from .._flow import adrive
+from .._signals import stop_on_signals
 from ..config import Settings
 from ..db._engine import async_session_scope
 from ..exceptions import IntegrationError, UsageError
@@ -512,27 +510,6 @@ class AsyncDeferredEnrichmentWorker:
         await self.aclose()
 
 
-@contextlib.contextmanager
-def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
-    """SIGTERM/SIGINT call ``stop`` (main thread, Unix); the previous handling comes back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover  # Windows event loops
-            continue
-        installed.append(sig)
-    try:
-        yield
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-
-
 def run_deferred(
     settings: Settings | None = None,
     *,
@@ -568,7 +545,7 @@ def run_deferred(
             settings, metrics=metrics, clock=clock, worker_id=worker_id, on_refreshed=on_refreshed
         )
         try:
-            with _stop_on_signals(worker.request_stop):
+            with stop_on_signals(worker.request_stop):
                 return await (worker.drain() if once else worker.run())
         finally:
             await worker.aclose()
