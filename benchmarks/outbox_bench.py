@@ -16,9 +16,7 @@ server) and a fresh SQLite file:
   that leases 100 rows per transaction with ``FOR UPDATE SKIP LOCKED`` and marks
   them done; with 4 workers, also beside the same loop made crash-safe as the library
   is (``_plain_leased_worker``: the lease, counting the attempt, committed before the
-  sends, the outcome in a second transaction), and beside a sketch of a crash-safe loop that
-  writes each message once (``_plain_journal_worker``: rows held locked through the sends, one
-  journal row per batch committed before them). Workers start together behind a
+  sends, the outcome in a second transaction). Workers start together behind a
   barrier; the rate is messages over
   the time until the last one finished. Each round runs ours and the plain loop
   back to back; the median of ``--rounds`` is reported.
@@ -180,10 +178,6 @@ def postgres_database(admin_url: str) -> Iterator[str]:
             conn.execute(
                 "CREATE INDEX plain_jobs_pending ON plain_jobs (id) WHERE status = 'pending'"
             )
-            conn.execute(
-                "CREATE TABLE plain_journal (id bigserial PRIMARY KEY, owner text NOT NULL, "
-                "ids bigint[] NOT NULL)"
-            )
         yield url
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
@@ -232,7 +226,7 @@ def fill_plain(url: str, count: int) -> None:
     import psycopg
 
     with psycopg.connect(_psycopg_url(url), autocommit=True) as conn:
-        conn.execute("TRUNCATE plain_jobs, plain_journal")
+        conn.execute("TRUNCATE plain_jobs")
         conn.execute(
             "INSERT INTO plain_jobs (payload) SELECT jsonb_build_object('method', 'PUT', "
             "'endpoint', 'record', 'path_params', jsonb_build_object('id', 'u' || g), "
@@ -241,7 +235,6 @@ def fill_plain(url: str, count: int) -> None:
             (count,),
         )
         conn.execute("VACUUM ANALYZE plain_jobs")
-        conn.execute("VACUUM ANALYZE plain_journal")
 
 
 def _vacuum(engine: Any, table: str) -> None:
@@ -349,58 +342,6 @@ def _plain_leased_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
         "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload"
     )
     _plain_loop(url, batch, barrier, out, lease=lease, held=False)
-
-
-_JOURNAL_LEASE = (
-    "SELECT id, payload FROM plain_jobs WHERE status = 'pending' "
-    "AND id <> ALL(ARRAY(SELECT unnest(ids) FROM plain_journal)) "
-    "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
-)
-
-
-def _plain_journal_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
-    """The plain loop made crash-safe with each message written once: a sketch of the design
-    the library does not use (yet), for scale.
-
-    The batch's rows stay locked by their open transaction through the sends, so a worker
-    that dies releases them at once. Before the sends a second connection commits one
-    journal row naming the batch: a crash leaves it behind, and the lease takes no row a
-    journal names, so a sweep (not run here: nothing crashes) can count the attempt of a
-    batch whose owner is gone (its session's advisory lock is free) before the rows come
-    back, and a poison message is still dead-lettered. The settle, attempt included, and
-    the journal row's delete commit together. Per message one write; per batch two.
-    """
-    import psycopg
-
-    rows_conn = psycopg.connect(_psycopg_url(url))
-    journal = psycopg.connect(_psycopg_url(url), autocommit=True)
-    journal.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"worker-{os.getpid()}",))
-    done = 0
-    barrier.wait()
-    cpu = time.process_time()
-    while True:
-        rows = rows_conn.execute(_JOURNAL_LEASE, (batch,)).fetchall()
-        if not rows:
-            rows_conn.rollback()
-            break
-        ids = [r[0] for r in rows]
-        entry = journal.execute(
-            "INSERT INTO plain_journal (owner, ids) VALUES (%s, %s) RETURNING id",
-            (f"worker-{os.getpid()}", ids),
-        ).fetchone()
-        assert entry is not None
-        with rows_conn.pipeline():
-            rows_conn.execute(
-                "UPDATE plain_jobs SET status = 'done', attempts = attempts + 1, "
-                "done_at = now() WHERE id = ANY(%s)",
-                (ids,),
-            )
-            rows_conn.execute("DELETE FROM plain_journal WHERE id = %s", (entry[0],))
-        rows_conn.commit()
-        done += len(rows)
-    out.put((done, time.time(), time.process_time() - cpu))
-    rows_conn.close()
-    journal.close()
 
 
 def drain(
@@ -578,7 +519,6 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[Row], list[str], list
                 pair = [("pg", _ours_worker, args.batch), ("plain", _plain_worker, 100)]
                 if workers == 4:
                     pair.append(("leased", _plain_leased_worker, 100))
-                    pair.append(("journal", _plain_journal_worker, 100))
                 for name, target, batch in pair if round_no % 2 == 0 else pair[::-1]:
                     if name == "pg":
                         fill_outbox(pg, n, None)
@@ -588,10 +528,6 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[Row], list[str], list
                 if workers == 4:
                     ours_rate, leased_rate = results["pg-4"][-1], results["leased-4"][-1]
                     results.setdefault("vs-leased", []).append(ours_rate / leased_rate)
-                    plain_rate = results["plain-4"][-1]
-                    results.setdefault("journal-vs-plain", []).append(
-                        results["journal-4"][-1] / plain_rate
-                    )
             fill_outbox(pg, n, 500)
             record("pg-keyed", drain(_ours_worker, pg, 4, args.batch, n))
             fill_outbox(lite, n, None)
@@ -600,7 +536,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[Row], list[str], list
             record("sqlite-keyed", drain(_ours_worker, lite, 1, args.batch, n))
             print(
                 f"round {round_no + 1}: "
-                + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items() if "vs-" not in k),
+                + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items() if k[:3] != "vs-"),
                 file=sys.stderr,
                 flush=True,
             )
@@ -640,7 +576,6 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[Row], list[str], list
             )
     four, ratio4, lite1 = drains[2].ours, drains[2].ratio or 0.0, drains[5].ours
     leased4 = drains[3].ratio or 0.0
-    journal_vs_plain = results["journal-vs-plain"]
     checks.append(
         f"PostgreSQL 4 workers >= 10,000 msgs/s (median): {four:,.0f} -> "
         f"{'met' if four >= 10_000 else 'NOT met'}"
@@ -661,12 +596,6 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[Row], list[str], list
         f"for scale, not a target: PostgreSQL 4 workers against the plain loop that commits "
         f"a lease (attempt counted, expiry) before its sends, as the library must: "
         f"{leased4:.2f}"
-    )
-    checks.append(
-        f"for scale, not a target: the plain loop made crash-safe with one journal row per "
-        f"batch instead of a lease per message (`_plain_journal_worker`, rows held locked "
-        f"through the sends), 4 processes, against the plain loop: "
-        f"{_median(journal_vs_plain):.2f}"
     )
     checks.append(
         f"issue 16, SQLite 1 worker >= 45,000 msgs/s (median): {lite1:,.0f} -> "

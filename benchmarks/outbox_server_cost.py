@@ -19,7 +19,19 @@ divided by the messages. In the same run, on the same server:
   transaction held across the sends. It writes each message once, as the plain loop
   does. What it gives up is why it is not the library's: a worker killed mid-send leaves
   no trace of the attempt, so a message that kills every worker that sends it would never
-  be dead-lettered without some other durable record of the attempt.
+  be dead-lettered without some other durable record of the attempt;
+* **held lock + journal** (a design not in the library): the held lock, plus that durable
+  record: before the sends a second connection commits one journal row naming the batch,
+  which the settle deletes in the rows' transaction. A worker killed mid-send leaves its
+  row behind; the candidate query skips every id a journal row names, so a sweep can count
+  the attempt before the rows are leased again (the sweep is not run here: nothing dies).
+  Both backends' CPU is counted;
+* **lease rows** (a design not in the library): the lease writes one row per batch (owner,
+  expiry, ids) instead of a version of every message; leases of a provider take turns on
+  an advisory transaction lock, so the candidate query (no row locks) sees every committed
+  lease and skips the ids they name; the settle deletes the lease row and marks its
+  messages delivered in one statement (a lapsed lease, already taken over, settles
+  nothing).
 
 Linux only (``/proc``); the backend must run on this machine.
 """
@@ -27,6 +39,7 @@ Linux only (``/proc``); the backend must run on this machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -60,6 +73,21 @@ _HELD_SETTLE = (
 )
 
 
+#: The design sketches' own tables (not the library's).
+_SKETCH_TABLES = (
+    "CREATE TABLE outbox_journal_x (id bigserial PRIMARY KEY, owner text NOT NULL, "
+    "ids bigint[] NOT NULL)",
+    "CREATE TABLE outbox_lease_rows_x (id bigserial PRIMARY KEY, provider text NOT NULL, "
+    "owner text NOT NULL, expires_at timestamptz NOT NULL, ids bigint[] NOT NULL)",
+)
+_LEASE_ROW_SETTLE = (
+    "WITH gone AS (DELETE FROM outbox_lease_rows_x WHERE id = %(lease)s RETURNING ids) "
+    "UPDATE outbox_messages SET status = 'delivered', delivered_at = now(), updated_at = now(), "
+    "attempts = attempts + 1, lease_generation = lease_generation + 1, last_attempt_at = now() "
+    "WHERE id IN (SELECT unnest(ids) FROM gone) AND status = 'pending'"
+)
+
+
 def backend_cpu(pid: int) -> float:
     """User plus system CPU seconds of process ``pid`` so far."""
     with open(f"/proc/{pid}/stat") as f:
@@ -77,16 +105,19 @@ def _compiled(statement: Any) -> tuple[str, dict[str, Any], list[str]]:
 
 
 class Meter:
-    """Backend CPU per message, split by the part of the cycle that spent it."""
+    """Backend CPU per message (every backend the drain uses), split by the part of the cycle."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, *pids: int) -> None:
+        self.pids = pids
         self.parts: dict[str, float] = {}
 
+    def _cpu(self) -> float:
+        return sum(backend_cpu(pid) for pid in self.pids)
+
     def spend(self, part: str, run: Callable[[], Any]) -> Any:
-        before = backend_cpu(self.pid)
+        before = self._cpu()
         result = run()
-        self.parts[part] = self.parts.get(part, 0.0) + backend_cpu(self.pid) - before
+        self.parts[part] = self.parts.get(part, 0.0) + self._cpu() - before
         return result
 
 
@@ -138,26 +169,94 @@ def drain_ours(conn: Any, meter: Meter, batch: int) -> int:
     return done
 
 
-def drain_held(conn: Any, meter: Meter, batch: int) -> int:
+def _candidates(batch: int, *, skip: str | None = None, locking: bool = True) -> tuple[str, Any]:
+    """The lease's own candidate query (its CTE: ``WHERE id = picked.id``) and parameters;
+    ``skip`` names a sketch table whose rows' ``ids`` it must not take."""
     from sqlalchemy.dialects import postgresql
 
     from idis.integrations.outbox._queries import lease_statement
 
-    # The lease's own candidate query (its CTE: ``WHERE id = picked.id``), run on its own.
     cte = lease_statement("postgresql", database_clock=True).whereclause.right.table  # type: ignore[union-attr]
     picked = cte.element.compile(dialect=postgresql.psycopg.dialect())
-    params = dict(picked.params) | {"p_provider": PROVIDER, "p_limit": batch}
+    sql = str(picked)
+    tail = " ORDER BY cand.id \n LIMIT %(p_limit)s FOR UPDATE SKIP LOCKED"
+    if not sql.endswith(tail):
+        raise RuntimeError(f"the lease's candidate query changed shape: {sql[-80:]!r}")
+    where = f" AND cand.id <> ALL(ARRAY(SELECT unnest(ids) FROM {skip}))" if skip else ""
+    ending = tail if locking else tail.replace(" FOR UPDATE SKIP LOCKED", "")
+    return sql[: -len(tail)] + where + ending, dict(picked.params) | {
+        "p_provider": PROVIDER,
+        "p_limit": batch,
+    }
+
+
+def drain_held(conn: Any, meter: Meter, batch: int) -> int:
+    sql, params = _candidates(batch)
     done = 0
 
     def cycle() -> int:
         with conn.transaction():
-            rows = conn.execute(str(picked), params).fetchall()
+            rows = conn.execute(sql, params).fetchall()
             if rows:
                 ids = "{" + ",".join(str(r[0]) for r in rows) + "}"
                 conn.execute(_HELD_SETTLE, {"ids": ids})
         return len(rows)
 
     while n := meter.spend("total", cycle):
+        done += n
+    return done
+
+
+def drain_journal(conn: Any, journal: Any, meter: Meter, batch: int) -> int:
+    sql, params = _candidates(batch, skip="outbox_journal_x")
+    done = 0
+
+    def cycle() -> int:
+        with conn.transaction():
+            rows = conn.execute(sql, params).fetchall()
+            if rows:
+                ids = "{" + ",".join(str(r[0]) for r in rows) + "}"
+                entry = journal.execute(
+                    "INSERT INTO outbox_journal_x (owner, ids) VALUES ('cost-bench', %s) "
+                    "RETURNING id",
+                    (ids,),
+                ).fetchone()
+                conn.execute(_HELD_SETTLE, {"ids": ids})
+                conn.execute("DELETE FROM outbox_journal_x WHERE id = %s", (entry[0],))
+        return len(rows)
+
+    while n := meter.spend("total", cycle):
+        done += n
+    return done
+
+
+def drain_lease_rows(conn: Any, meter: Meter, batch: int) -> int:
+    sql, params = _candidates(batch, skip="outbox_lease_rows_x", locking=False)
+    done = 0
+
+    def lease() -> tuple[int, int]:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('outbox:' || %s))", (PROVIDER,))
+            rows = conn.execute(sql, params).fetchall()
+            if not rows:
+                return 0, 0
+            ids = "{" + ",".join(str(r[0]) for r in rows) + "}"
+            entry = conn.execute(
+                "INSERT INTO outbox_lease_rows_x (provider, owner, expires_at, ids) VALUES "
+                "(%s, 'cost-bench', now() + interval '5 minutes', %s) RETURNING id",
+                (PROVIDER, ids),
+            ).fetchone()
+            return len(rows), entry[0]
+
+    def settle(lease_id: int) -> None:
+        with conn.transaction():
+            conn.execute(_LEASE_ROW_SETTLE, {"lease": lease_id})
+
+    while True:
+        n, lease_id = meter.spend("lease", lease)
+        if not n:
+            break
+        meter.spend("settle", functools.partial(settle, lease_id))
         done += n
     return done
 
@@ -178,24 +277,37 @@ def main(argv: list[str] | None = None) -> None:
         help="what-if: drop this index of outbox_messages first (repeatable)",
     )
     args = parser.parse_args(argv)
-    results: dict[str, list[dict[str, float]]] = {"plain": [], "ours": [], "held": []}
-    drains = {"plain": drain_plain, "ours": drain_ours, "held": drain_held}
+    names = ("plain", "ours", "held", "journal", "lease rows")
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with (
         postgres_database(args.postgres_url) as url,
         psycopg.connect(_psycopg_url(url), autocommit=True) as conn,
+        psycopg.connect(_psycopg_url(url), autocommit=True) as journal,
     ):
         pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+        journal_pid = int(journal.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+        drains: dict[str, Callable[[Meter], int]] = {
+            "plain": lambda meter: drain_plain(conn, meter, args.batch),
+            "ours": lambda meter: drain_ours(conn, meter, args.batch),
+            "held": lambda meter: drain_held(conn, meter, args.batch),
+            "journal": lambda meter: drain_journal(conn, journal, meter, args.batch),
+            "lease rows": lambda meter: drain_lease_rows(conn, meter, args.batch),
+        }
         for index in args.drop_index:
             conn.execute(f'DROP INDEX "{index}"')
+        for table in _SKETCH_TABLES:
+            conn.execute(table)
         for _ in range(args.rounds):
             for name, drain in drains.items():
                 if name == "plain":
                     fill_plain(url, args.messages)
                 else:
                     fill_outbox(url, args.messages, None)
+                    conn.execute("VACUUM ANALYZE outbox_journal_x")
+                    conn.execute("VACUUM ANALYZE outbox_lease_rows_x")
                 conn.execute("CHECKPOINT")
-                meter = Meter(pid)
-                done = drain(conn, meter, args.batch)
+                meter = Meter(pid, journal_pid)
+                done = drain(meter)
                 assert done == args.messages, (name, done)
                 results[name].append({k: v / done * 1e6 for k, v in meter.parts.items()})
     plain = statistics.median(r["total"] for r in results["plain"])
@@ -205,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         f"PostgreSQL backend CPU per message, median of {args.rounds} rounds "
         f"({args.messages} messages, batches of {args.batch}):"
     )
-    for name, label in (("plain", "plain loop"), ("ours", "lease + settle"), ("held", "held lock")):
+    labels = ("plain loop", "lease + settle", "held lock", "held + journal", "lease rows")
+    for name, label in zip(names, labels, strict=True):
         rows = results[name]
         parts = sorted({k for r in rows for k in r})
         total = statistics.median(sum(r.values()) for r in rows)
