@@ -53,13 +53,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol, TypeAlias, TypeVar, cast, runtime_checkable
+from typing import Any, Protocol, TypeAlias, cast, runtime_checkable
 
 from sqlalchemy import Connection, Table, bindparam, func, select, text
 from sqlalchemy import event as sa_event
@@ -73,7 +72,7 @@ except ImportError:  # pragma: no cover  # SQLAlchemy 2.0
 
 from .._flow import AsyncIO, Flow, InSession, SyncIO, adrive, drive, perform
 from .._timeparse import utcnow
-from ..db._engine import driver_error, on_driver, unwatched
+from ..db._engine import aiosqlite_thread, driver_error, on_driver, unwatched
 from ..exceptions import StorageError, UsageError
 from ..observability._metrics import get_metrics
 from ..providers._order import OrderKey, order_key
@@ -962,7 +961,7 @@ def _sqlite_claim(
     and how many inbox rows were inserted and ledger rows moved.
 
     On aiosqlite with nothing watching execution, all of it runs in one hop to the
-    connection's thread (:func:`_aiosqlite_thread`) instead of three or four hops
+    connection's thread (``db._engine.aiosqlite_thread``) instead of three or four hops
     per statement through SQLAlchemy's adapter (cursor, execute, fetch, close).
     """
     ids = list(dict.fromkeys(e.id for e in batch.events))
@@ -972,14 +971,14 @@ def _sqlite_claim(
         known = inbox_rows(conn, batch.provider, ids)
         plan, writes = _decide(batch, current, set(), known)
         return (plan, writes, *_sqlite_write(_through(conn), time, batch, writes))
-    hop = _aiosqlite_thread(conn)
+    hop = aiosqlite_thread(conn)
     if hop is None:
         run = _through(conn)
         current, known = _sqlite_reads(run, batch.provider, records, ids)
         plan, writes = _decide(batch, current, set(), known)
         return (plan, writes, *_sqlite_write(run, time, batch, writes))
 
-    def work(run: _Run) -> tuple[BatchPlan, _Writes, int, int]:
+    def work(run: Callable[[str, Any, bool], list[Any]]) -> tuple[BatchPlan, _Writes, int, int]:
         current, known = _sqlite_reads(run, batch.provider, records, ids)
         plan, writes = _decide(batch, current, set(), known)
         return (plan, writes, *_sqlite_write(run, time, batch, writes))
@@ -994,56 +993,6 @@ def _through(conn: Connection) -> _Run:
         return _sqlite_run(conn, sql, params, many=many)
 
     return run
-
-
-_T = TypeVar("_T")
-
-
-def _aiosqlite_thread(conn: Connection) -> Callable[[Callable[[_Run], _T]], _T] | None:
-    """On aiosqlite, with nothing watching execution: runs ``work`` in one hop on the
-    connection's own thread, its statements on the ``sqlite3`` connection there; else None.
-
-    aiosqlite runs every call (cursor, execute, fetchall, close, commit) as a function
-    queued to its thread and awaits its future: ``Connection._execute(fn, *args)``, the
-    queue SQLAlchemy's aiosqlite dialect also feeds directly. That is private API
-    (aiosqlite 0.17-0.22 have it; a test pins it with the installed version): without
-    ``_execute`` or an open ``sqlite3`` connection behind it, this answers None and the
-    statements go through SQLAlchemy's adapter as before. Called in the greenlet of
-    ``AsyncSession.run_sync``, as the adapter's cursor is. A driver error comes out as
-    SQLAlchemy's execute raises it (:func:`driver_error`).
-    """
-    dialect = conn.dialect
-    if not dialect.is_async or dialect.driver != "aiosqlite" or not unwatched(conn):
-        return None
-    driver = getattr(conn.connection.dbapi_connection, "driver_connection", None)
-    execute = getattr(driver, "_execute", None)
-    raw = getattr(driver, "_connection", None)
-    if not callable(execute) or not isinstance(raw, sqlite3.Connection):
-        return None
-    error = dialect.loaded_dbapi.Error
-
-    def hop(work: Callable[[_Run], _T]) -> _T:
-        last: list[Any] = ["", ()]
-
-        def run(sql: str, params: Any, many: bool) -> list[Any]:
-            last[0], last[1] = sql, params
-            cursor = raw.cursor()
-            try:
-                if many:
-                    cursor.executemany(sql, params)
-                    return []
-                cursor.execute(sql, params)
-                return cursor.fetchall() if cursor.description is not None else []
-            finally:
-                cursor.close()
-
-        try:
-            result: _T = _await(execute(work, run))
-        except error as exc:
-            raise driver_error(conn, exc, last[0], last[1]) from exc
-        return result
-
-    return hop
 
 
 # --------------------------------------------------------------------------- metrics after commit
