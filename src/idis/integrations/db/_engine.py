@@ -189,6 +189,8 @@ def driver_error(conn: Any, exc: Exception, sql: str, params: Any, cursor: Any =
 _Run: TypeAlias = Callable[[str, Any, bool], list[Any]]
 
 _T = TypeVar("_T")
+#: aiosqlite's ``Connection`` method that queues a function to its thread (private API).
+_AIOSQLITE_CALL = "_execute"
 
 
 def aiosqlite_thread(conn: Any) -> Callable[[Callable[[_Run], _T]], _T] | None:
@@ -209,7 +211,7 @@ def aiosqlite_thread(conn: Any) -> Callable[[Callable[[_Run], _T]], _T] | None:
     if not dialect.is_async or dialect.driver != "aiosqlite" or not unwatched(conn):
         return None
     driver = getattr(conn.connection.dbapi_connection, "driver_connection", None)
-    execute = getattr(driver, "_execute", None)
+    execute = getattr(driver, _AIOSQLITE_CALL, None)
     raw = getattr(driver, "_connection", None)
     if not callable(execute) or not isinstance(raw, sqlite3.Connection):
         return None
