@@ -253,3 +253,65 @@ def test_an_async_handler_that_raises_leaves_neither_its_inbox_row_nor_its_write
         inbox = set(session.scalars(select(SyncInbox.event_id).where(SyncInbox.provider == P)))
     assert {"evt_1", "evt_2", "evt_4", "evt_5"} == inbox
     assert ["evt_1", "evt_2", "evt_4", "evt_5"] == sorted(row[0] for row in db_host.rows())
+
+
+# --------------------------------------------------------------------------- the parked connection
+
+
+def test_back_to_back_batches_share_one_checkout_and_return_it(db_url: str) -> None:
+    """A batch that commits while deliveries wait parks its connection for the next batch
+    (no pool checkout: no pre-ping on PostgreSQL, no rollback-on-return); once nothing
+    waits, the connection is back in the pool before the callers are answered."""
+    release = asyncio.Event()
+    calls: list[str] = []
+
+    async def handler(session: AsyncSession, event: Any) -> None:
+        calls.append(event.id)
+        if event.id == "evt_1":
+            await release.wait()  # the first batch holds on while the others queue
+
+    registry = HandlerRegistry()
+    registry.register_async("record.updated", handler)
+    checkouts: list[int] = []
+
+    async def run() -> tuple[list[Any], int, list[int]]:
+        engine = create_async_db_engine(db_url)
+        event.listen(engine.sync_engine, "checkout", lambda *_: checkouts.append(1))
+        receiver = AsyncWebhookReceiver(
+            settings_for(db_url),
+            engine,
+            registry=registry,
+            providers=[P],
+            clock=ManualClock(NOW),
+        )
+        batches: list[int] = []
+        apply = receiver._apply_together
+
+        async def recorded(jobs: list[Any]) -> None:
+            batches.append(len(jobs))
+            await apply(jobs)
+
+        receiver._apply_together = recorded  # type: ignore[method-assign]
+
+        def send(n: int) -> Any:
+            return receiver.handle(P, signed(event_body(n), msg=f"m{n}"), event_body(n))
+
+        try:
+            first = asyncio.ensure_future(send(1))
+            while not calls:
+                await asyncio.sleep(0.001)
+            others = [asyncio.ensure_future(send(n)) for n in range(2, 6)]
+            await asyncio.sleep(0.01)
+            release.set()
+            results = [await first, *await asyncio.gather(*others)]
+            checked_out = engine.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
+            return results, checked_out, batches
+        finally:
+            await engine.dispose()
+
+    results, checked_out, batches = asyncio.run(run())
+
+    assert {(200, "accepted")} == {(r.status_code, r.outcome) for r in results}
+    assert [1, 4] == batches
+    assert [1] == checkouts  # the second batch ran on the first one's connection
+    assert 0 == checked_out
