@@ -1489,16 +1489,10 @@ class AsyncWebhookReceiver(_ReceiverBase):
         return await self._bind.connect()
 
     async def _release_parked(self) -> None:
-        """Every parked connection back to the pool (the pool invalidates one whose
-        reset fails; nothing of a batch is left on it: each committed)."""
+        """Every parked connection back to the pool."""
         parked, self._parked = self._parked, []
         for conn, _at in parked:
-            try:
-                await conn.close()
-            except Exception as exc:  # noqa: BLE001  # a drain's last act: log, never raise
-                _log.warning(
-                    "idis.webhooks.connection_release_failed", error_type=type(exc).__name__
-                )
+            await conn.close()
 
     async def _save_spike(self, provider: str, at: datetime) -> None:
         from ..sync._state import note_signature_spike
