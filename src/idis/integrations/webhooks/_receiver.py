@@ -102,7 +102,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from .._clock import Clock, system_clock
@@ -380,16 +380,9 @@ class _LoopCommitter:
     """
 
     def __init__(
-        self,
-        run: Callable[[list[_Job]], Awaitable[None]],
-        parallel: int,
-        linger: float = 0.0,
-        *,
-        on_idle: Callable[[], Awaitable[None]] | None = None,
+        self, run: Callable[[list[_Job]], Awaitable[None]], parallel: int, linger: float = 0.0
     ) -> None:
         self._run = run
-        #: Awaited when the last drain ends (nothing runs, nothing waits).
-        self._on_idle = on_idle
         self.pace = _Pace(parallel)
         #: Seconds a busy drain waits for company (``IDIS_WEBHOOK_BATCH_LINGER``).
         self._linger = linger
@@ -404,10 +397,6 @@ class _LoopCommitter:
         self._draining = 0
         # Strong references: the loop keeps only weak ones to its tasks.
         self._drainers: set[asyncio.Task[None]] = set()
-
-    def waiting(self) -> bool:
-        """Whether deliveries wait for a batch."""
-        return bool(self._queue)
 
     async def submit(self, job: _Job) -> None:
         """Apply ``job`` in some batch; return once its outcome or error is set."""
@@ -478,8 +467,6 @@ class _LoopCommitter:
                 for _, done in self._queue:
                     done.cancel()
                 self._queue.clear()
-                if self._on_idle is not None:
-                    await self._on_idle()
 
 
 def _resolve(future: asyncio.Future[None], error: BaseException | None = None) -> None:
@@ -1382,16 +1369,8 @@ class AsyncWebhookReceiver(_ReceiverBase):
         )
         self._threads = _BatchThreads(parallel)
         self._fetch_locks: dict[str, asyncio.Lock] = {}
-        # Async-handler batches: a connection of ``bind`` is kept from one batch to the
-        # next while deliveries wait (see _apply_together); a session bound to it is
-        # the factory's session. Only for a plain factory (as for the blocking twin).
-        self._bind: AsyncEngine | None = bind if _plain_async_factory(sessions) else None
-        self._parked: list[tuple[AsyncConnection, float]] = []
-        self._most_parked = parallel
         self._io = _IO(
-            _LoopCommitter(
-                self._apply_batch, parallel, self.batch_linger, on_idle=self._release_parked
-            ),
+            _LoopCommitter(self._apply_batch, parallel, self.batch_linger),
             self._save_spike,
             self._fetch,
         )
@@ -1437,62 +1416,13 @@ class AsyncWebhookReceiver(_ReceiverBase):
         _apply_blocking(self._blocking, self._blocking_lock, jobs, self.registry)
 
     async def _apply_together(self, jobs: list[_Job]) -> None:
-        """Async twin of :meth:`WebhookReceiver._apply_together`.
-
-        Back-to-back batches share a connection: one that committed while deliveries
-        wait is parked for the next batch instead of going back to the pool, which
-        saves the pool's checkout (PostgreSQL's pre-ping round trip) and its
-        rollback-on-return (a hop to aiosqlite's thread). A connection parked longer
-        than :data:`PING_IDLE` goes back to the pool unused (the pool pings the next
-        one); one whose batch failed goes back at once; all go back once no delivery
-        waits (before the batch's callers are answered).
-        """
-        if self._bind is None:
-            async with self._write_lock, self._sessions() as session, session.begin():
-                results = [
-                    (group, await apply_events_async(session, **call))
-                    for group, call in _inbox_calls(jobs, self.registry)
-                ]
-            _settle(results)
-            return
-        async with self._write_lock:
-            conn = await self._connection()
-            kept = False
-            try:
-                async with self._sessions(bind=conn) as session, session.begin():
-                    results = [
-                        (group, await apply_events_async(session, **call))
-                        for group, call in _inbox_calls(jobs, self.registry)
-                    ]
-                kept = (
-                    self._io.committer.waiting()
-                    and not conn.invalidated
-                    and len(self._parked) < self._most_parked
-                )
-                if kept:
-                    self._parked.append((conn, time.monotonic()))
-            finally:
-                if not kept:
-                    await conn.close()
-                    if not self._io.committer.waiting():
-                        await self._release_parked()
+        """Async twin of :meth:`WebhookReceiver._apply_together`."""
+        async with self._write_lock, self._sessions() as session, session.begin():
+            results = [
+                (group, await apply_events_async(session, **call))
+                for group, call in _inbox_calls(jobs, self.registry)
+            ]
         _settle(results)
-
-    async def _connection(self) -> AsyncConnection:
-        """A parked connection parked less than :data:`PING_IDLE` ago, or the pool's."""
-        assert self._bind is not None
-        while self._parked:
-            conn, at = self._parked.pop()
-            if time.monotonic() - at < PING_IDLE and not conn.invalidated:
-                return conn
-            await conn.close()
-        return await self._bind.connect()
-
-    async def _release_parked(self) -> None:
-        """Every parked connection back to the pool."""
-        parked, self._parked = self._parked, []
-        for conn, _at in parked:
-            await conn.close()
 
     async def _save_spike(self, provider: str, at: datetime) -> None:
         from ..sync._state import note_signature_spike
