@@ -199,13 +199,15 @@ def aiosqlite_thread(conn: Any) -> Callable[[Callable[[_Run], _T]], _T] | None:
 
     aiosqlite runs every call (cursor, execute, fetchall, close, commit) as a function
     queued to its thread and awaits its future: ``Connection._execute(fn, *args)``, the
-    queue SQLAlchemy's aiosqlite dialect also feeds directly. That is private API
-    (aiosqlite 0.17-0.22 have it; a test pins it with the installed version): without
-    ``_execute`` or an open ``sqlite3`` connection behind it, this answers None and the
-    statements go through SQLAlchemy's adapter as before. Called in the greenlet of
-    ``AsyncSession.run_sync``, as the adapter's cursor is. A driver error comes out as
-    SQLAlchemy's execute raises it (:func:`driver_error`). ``work`` runs on that thread:
-    it must not touch the event loop or SQLAlchemy's connection, only ``run``.
+    queue SQLAlchemy's aiosqlite dialect also feeds directly (its ``isolation_level``
+    setter). That is private API (a test pins it with the installed aiosqlite, 0.22):
+    without ``_execute``, or without a running worker and an open ``sqlite3``
+    connection behind it, this answers None and the statements go through
+    SQLAlchemy's adapter as before (which raises for a closed connection). Called in
+    the greenlet of ``AsyncSession.run_sync``, as the adapter's cursor is. A driver
+    error comes out as SQLAlchemy's execute raises it (:func:`driver_error`). ``work``
+    runs on that thread: it must not touch the event loop or SQLAlchemy's connection,
+    only ``run``.
     """
     dialect = conn.dialect
     if not dialect.is_async or dialect.driver != "aiosqlite" or not unwatched(conn):
@@ -213,7 +215,8 @@ def aiosqlite_thread(conn: Any) -> Callable[[Callable[[_Run], _T]], _T] | None:
     driver = getattr(conn.connection.dbapi_connection, "driver_connection", None)
     execute = getattr(driver, _AIOSQLITE_CALL, None)
     raw = getattr(driver, "_connection", None)
-    if not callable(execute) or not isinstance(raw, sqlite3.Connection):
+    running = getattr(driver, "_running", False)
+    if not callable(execute) or not running or not isinstance(raw, sqlite3.Connection):
         return None
     error = dialect.loaded_dbapi.Error
 
