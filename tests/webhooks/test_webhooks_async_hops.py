@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,9 +189,9 @@ def test_a_driver_error_in_the_hop_is_sqlalchemys(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def db_host(engine: Engine) -> Iterator[HostTable]:
+def db_host(engine: Engine) -> HostTable:
     """The host table on the test database (SQLite and PostgreSQL)."""
-    yield HostTable(engine)
+    return HostTable(engine)
 
 
 def test_an_async_handler_that_raises_leaves_neither_its_inbox_row_nor_its_write(
