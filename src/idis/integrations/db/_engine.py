@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from json.scanner import make_scanner
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -32,8 +33,14 @@ from sqlalchemy.pool import NullPool
 
 from ..exceptions import ConfigError, StorageError
 
+try:  # SQLAlchemy >= 2.1 (await_only, the old name, is deprecated there)
+    from sqlalchemy.util import await_ as _await
+except ImportError:  # pragma: no cover  # SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as _await
+
 __all__ = [
     "READ_ONLY",
+    "aiosqlite_thread",
     "aread_only",
     "async_session_scope",
     "blocking_twin",
@@ -109,6 +116,11 @@ def _sqlite_begin(conn: Any) -> None:
         # exec_driver_sql would add about 40 µs to every write transaction).
         on_driver(conn, "BEGIN IMMEDIATE", ())
         return
+    hop = aiosqlite_thread(conn)
+    if hop is not None:
+        # aiosqlite: one hop to its thread, not three (cursor, execute, close).
+        hop(_begin_immediate)
+        return
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -171,6 +183,69 @@ def driver_error(conn: Any, exc: Exception, sql: str, params: Any, cursor: Any =
         dialect=dialect,
     )
     return error
+
+
+#: Runs one statement on a ``sqlite3`` connection: (qmark SQL, parameters, executemany) -> rows.
+_Run: TypeAlias = Callable[[str, Any, bool], list[Any]]
+
+_T = TypeVar("_T")
+#: aiosqlite's ``Connection`` method that queues a function to its thread (private API).
+_AIOSQLITE_CALL = "_execute"
+
+
+def aiosqlite_thread(conn: Any) -> Callable[[Callable[[_Run], _T]], _T] | None:
+    """On aiosqlite, with nothing watching execution: runs ``work`` in one hop on the
+    connection's own thread, its statements on the ``sqlite3`` connection there; else None.
+
+    aiosqlite runs every call (cursor, execute, fetchall, close, commit) as a function
+    queued to its thread and awaits its future: ``Connection._execute(fn, *args)``, the
+    queue SQLAlchemy's aiosqlite dialect also feeds directly (its ``isolation_level``
+    setter). That is private API (a test pins it with the installed aiosqlite, 0.22):
+    without ``_execute``, or without a running worker and an open ``sqlite3``
+    connection behind it, this answers None and the statements go through
+    SQLAlchemy's adapter as before (which raises for a closed connection). Called in
+    the greenlet of ``AsyncSession.run_sync``, as the adapter's cursor is. A driver
+    error comes out as SQLAlchemy's execute raises it (:func:`driver_error`). ``work``
+    runs on that thread: it must not touch the event loop or SQLAlchemy's connection,
+    only ``run``.
+    """
+    dialect = conn.dialect
+    if not dialect.is_async or dialect.driver != "aiosqlite" or not unwatched(conn):
+        return None
+    driver = getattr(conn.connection.dbapi_connection, "driver_connection", None)
+    execute = getattr(driver, _AIOSQLITE_CALL, None)
+    raw = getattr(driver, "_connection", None)
+    running = getattr(driver, "_running", False)
+    if not callable(execute) or not running or not isinstance(raw, sqlite3.Connection):
+        return None
+    error = dialect.loaded_dbapi.Error
+
+    def hop(work: Callable[[_Run], _T]) -> _T:
+        last: list[Any] = ["", ()]
+
+        def run(sql: str, params: Any, many: bool) -> list[Any]:
+            last[0], last[1] = sql, params
+            cursor = raw.cursor()
+            try:
+                if many:
+                    cursor.executemany(sql, params)
+                    return []
+                cursor.execute(sql, params)
+                return cursor.fetchall() if cursor.description is not None else []
+            finally:
+                cursor.close()
+
+        try:
+            result: _T = _await(execute(work, run))
+        except error as exc:
+            raise driver_error(conn, exc, last[0], last[1]) from exc
+        return result
+
+    return hop
+
+
+def _begin_immediate(run: _Run) -> None:
+    run("BEGIN IMMEDIATE", (), False)
 
 
 def _no_pysqlite_txn(dbapi_connection: Any, _record: Any) -> None:
