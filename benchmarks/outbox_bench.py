@@ -344,6 +344,25 @@ def _plain_leased_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
     _plain_loop(url, batch, barrier, out, lease=lease, held=False)
 
 
+def _result(out: Any, procs: list[Any], timeout: float = 600.0) -> Any:
+    """The next worker's result; a worker that died without one fails the run at once
+    (instead of the queue's wait running out minutes later)."""
+    import queue
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return out.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(
+                    f"worker process {dead[0].pid} exited with {dead[0].exitcode} before its "
+                    "result (its traceback is above)"
+                ) from None
+    raise RuntimeError(f"no worker result within {timeout:.0f} s")
+
+
 def drain(
     target: Callable[..., None], url: str, processes: int, batch: int, expected: int
 ) -> tuple[float, float]:
@@ -360,7 +379,7 @@ def drain(
         proc.start()
     barrier.wait(timeout=120)
     start = time.time()
-    results = [out.get(timeout=600) for _ in procs]
+    results = [_result(out, procs) for _ in procs]
     for proc in procs:
         proc.join(60)
     done = sum(r[0] for r in results)
