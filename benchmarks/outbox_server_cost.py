@@ -190,8 +190,9 @@ def _candidates(batch: int, *, skip: str | None = None, locking: bool = True) ->
     }
 
 
-def drain_held(conn: Any, meter: Meter, batch: int) -> int:
-    sql, params = _candidates(batch)
+def drain_held(conn: Any, meter: Meter, batch: int, journal: Any = None) -> int:
+    """The held lock; with ``journal`` (a second connection), its journal row per batch."""
+    sql, params = _candidates(batch, skip="outbox_journal_x" if journal else None)
     done = 0
 
     def cycle() -> int:
@@ -199,30 +200,16 @@ def drain_held(conn: Any, meter: Meter, batch: int) -> int:
             rows = conn.execute(sql, params).fetchall()
             if rows:
                 ids = "{" + ",".join(str(r[0]) for r in rows) + "}"
+                entry = None
+                if journal is not None:
+                    entry = journal.execute(
+                        "INSERT INTO outbox_journal_x (owner, ids) VALUES ('cost-bench', %s) "
+                        "RETURNING id",
+                        (ids,),
+                    ).fetchone()
                 conn.execute(_HELD_SETTLE, {"ids": ids})
-        return len(rows)
-
-    while n := meter.spend("total", cycle):
-        done += n
-    return done
-
-
-def drain_journal(conn: Any, journal: Any, meter: Meter, batch: int) -> int:
-    sql, params = _candidates(batch, skip="outbox_journal_x")
-    done = 0
-
-    def cycle() -> int:
-        with conn.transaction():
-            rows = conn.execute(sql, params).fetchall()
-            if rows:
-                ids = "{" + ",".join(str(r[0]) for r in rows) + "}"
-                entry = journal.execute(
-                    "INSERT INTO outbox_journal_x (owner, ids) VALUES ('cost-bench', %s) "
-                    "RETURNING id",
-                    (ids,),
-                ).fetchone()
-                conn.execute(_HELD_SETTLE, {"ids": ids})
-                conn.execute("DELETE FROM outbox_journal_x WHERE id = %s", (entry[0],))
+                if entry is not None:
+                    conn.execute("DELETE FROM outbox_journal_x WHERE id = %s", (entry[0],))
         return len(rows)
 
     while n := meter.spend("total", cycle):
@@ -290,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             "plain": lambda meter: drain_plain(conn, meter, args.batch),
             "ours": lambda meter: drain_ours(conn, meter, args.batch),
             "held": lambda meter: drain_held(conn, meter, args.batch),
-            "journal": lambda meter: drain_journal(conn, journal, meter, args.batch),
+            "journal": lambda meter: drain_held(conn, meter, args.batch, journal),
             "lease rows": lambda meter: drain_lease_rows(conn, meter, args.batch),
         }
         for index in args.drop_index:
