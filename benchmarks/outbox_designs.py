@@ -24,7 +24,7 @@ import os
 import statistics
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,24 +46,16 @@ from benchmarks.outbox_server_cost import (
     _LEASE_ROW_SETTLE,
     _SKETCH_TABLES,
     _candidates,
-    _compiled,
+    library_statements,
 )
 
 
 def _statements_worker(url: str, batch: int, barrier: Any, out: Any) -> None:
     import psycopg
 
-    from idis.integrations.outbox._queries import lease_statement, settle_delivered_statement
-
-    lease_sql, lease_params, columns = _compiled(lease_statement("postgresql", database_clock=True))
-    settle_sql, settle_params, _ = _compiled(settle_delivered_statement("postgresql"))
-    generation = columns.index("lease_generation")
-    lease_params |= {
-        "p_provider": PROVIDER,
-        "p_limit": batch,
-        "p_owner": f"designs-{os.getpid()}",
-        "p_lease": timedelta(minutes=5),
-    }
+    lease_sql, lease_params, settle_sql, settle_params, generation = library_statements(
+        batch, f"designs-{os.getpid()}"
+    )
     conn = psycopg.connect(_psycopg_url(url), autocommit=True)
     done = 0
     settle: dict[str, Any] | None = None

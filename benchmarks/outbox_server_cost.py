@@ -136,18 +136,28 @@ def drain_plain(conn: Any, meter: Meter, batch: int) -> int:
     return done
 
 
-def drain_ours(conn: Any, meter: Meter, batch: int) -> int:
+def library_statements(
+    batch: int, owner: str
+) -> tuple[str, dict[str, Any], str, dict[str, Any], int]:
+    """The worker's lease (with its parameters) and delivered settle, compiled for psycopg,
+    and the position of ``lease_generation`` in the lease's rows."""
     from idis.integrations.outbox._queries import lease_statement, settle_delivered_statement
 
     lease_sql, lease_params, columns = _compiled(lease_statement("postgresql", database_clock=True))
     settle_sql, settle_params, _ = _compiled(settle_delivered_statement("postgresql"))
-    generation = columns.index("lease_generation")
     lease_params |= {
         "p_provider": PROVIDER,
         "p_limit": batch,
-        "p_owner": "cost-bench",
+        "p_owner": owner,
         "p_lease": timedelta(minutes=5),
     }
+    return lease_sql, lease_params, settle_sql, settle_params, columns.index("lease_generation")
+
+
+def drain_ours(conn: Any, meter: Meter, batch: int) -> int:
+    lease_sql, lease_params, settle_sql, settle_params, generation = library_statements(
+        batch, "cost-bench"
+    )
     done = 0
 
     def lease() -> list[Any]:
