@@ -66,24 +66,23 @@ async def _noop(session: AsyncSession, event: Any) -> None:
     return None
 
 
+def _receiver(url: str, engine: Any, registry: HandlerRegistry) -> AsyncWebhookReceiver:
+    return AsyncWebhookReceiver(
+        settings_for(url), engine, registry=registry, providers=[P], clock=ManualClock(NOW)
+    )
+
+
 def _hops_per_batch(sqlite_url: str) -> tuple[int, Counter[str], list[Any]]:
     """Hops of the second delivery's batch (one delivery; the first warmed the pool up)."""
     registry = HandlerRegistry()
     registry.register_async("record.updated", _noop)
     hops: Counter[str] = Counter()
-
     batch: Counter[str] = Counter()
 
     async def run() -> list[Any]:
         engine = create_async_db_engine(sqlite_url)
         _count_hops(engine, hops)
-        receiver = AsyncWebhookReceiver(
-            settings_for(sqlite_url),
-            engine,
-            registry=registry,
-            providers=[P],
-            clock=ManualClock(NOW),
-        )
+        receiver = _receiver(sqlite_url, engine, registry)
         try:
             first = await receiver.handle(P, signed(event_body(1), msg="m1"), event_body(1))
             hops.clear()
@@ -216,13 +215,7 @@ def test_an_async_handler_that_raises_leaves_neither_its_inbox_row_nor_its_write
 
     async def run() -> list[Any]:
         async_engine = create_async_db_engine(db_url)
-        receiver = AsyncWebhookReceiver(
-            settings_for(db_url),
-            async_engine,
-            registry=registry,
-            providers=[P],
-            clock=ManualClock(NOW),
-        )
+        receiver = _receiver(db_url, async_engine, registry)
         apply = receiver._apply_together
 
         async def recorded(jobs: list[Any]) -> None:

@@ -34,15 +34,17 @@ from sqlalchemy.pool import NullPool
 from ..exceptions import ConfigError, StorageError
 
 try:  # SQLAlchemy >= 2.1 (await_only, the old name, is deprecated there)
-    from sqlalchemy.util import await_ as _await
+    from sqlalchemy.util import await_ as await_in_greenlet
 except ImportError:  # pragma: no cover  # SQLAlchemy 2.0
-    from sqlalchemy.util import await_only as _await
+    from sqlalchemy.util import await_only as await_in_greenlet
 
 __all__ = [
     "READ_ONLY",
+    "SqliteRun",
     "aiosqlite_thread",
     "aread_only",
     "async_session_scope",
+    "await_in_greenlet",
     "blocking_twin",
     "create_async_db_engine",
     "create_db_engine",
@@ -186,14 +188,14 @@ def driver_error(conn: Any, exc: Exception, sql: str, params: Any, cursor: Any =
 
 
 #: Runs one statement on a ``sqlite3`` connection: (qmark SQL, parameters, executemany) -> rows.
-_Run: TypeAlias = Callable[[str, Any, bool], list[Any]]
+SqliteRun: TypeAlias = Callable[[str, Any, bool], list[Any]]
 
 _T = TypeVar("_T")
 #: aiosqlite's ``Connection`` method that queues a function to its thread (private API).
 _AIOSQLITE_CALL = "_execute"
 
 
-def aiosqlite_thread(conn: Any) -> Callable[[Callable[[_Run], _T]], _T] | None:
+def aiosqlite_thread(conn: Any) -> Callable[[Callable[[SqliteRun], _T]], _T] | None:
     """On aiosqlite, with nothing watching execution: runs ``work`` in one hop on the
     connection's own thread, its statements on the ``sqlite3`` connection there; else None.
 
@@ -220,7 +222,7 @@ def aiosqlite_thread(conn: Any) -> Callable[[Callable[[_Run], _T]], _T] | None:
         return None
     error = dialect.loaded_dbapi.Error
 
-    def hop(work: Callable[[_Run], _T]) -> _T:
+    def hop(work: Callable[[SqliteRun], _T]) -> _T:
         last: list[Any] = ["", ()]
 
         def run(sql: str, params: Any, many: bool) -> list[Any]:
@@ -236,7 +238,7 @@ def aiosqlite_thread(conn: Any) -> Callable[[Callable[[_Run], _T]], _T] | None:
                 cursor.close()
 
         try:
-            result: _T = _await(execute(work, run))
+            result: _T = await_in_greenlet(execute(work, run))
         except error as exc:
             raise driver_error(conn, exc, last[0], last[1]) from exc
         return result
@@ -244,7 +246,7 @@ def aiosqlite_thread(conn: Any) -> Callable[[Callable[[_Run], _T]], _T] | None:
     return hop
 
 
-def _begin_immediate(run: _Run) -> None:
+def _begin_immediate(run: SqliteRun) -> None:
     run("BEGIN IMMEDIATE", (), False)
 
 

@@ -1210,7 +1210,7 @@ class AsyncOutboxWorker:
             if not rows:
                 continue
             if on_statement_clock:
-                database_now = rows[0][-1].replace(tzinfo=UTC)  # naive UTC: utc_wall
+                database_now = _naive_utc(rows[0][-1])
                 core.follow_database(database_now)
                 expires = database_now + core.lease
             else:

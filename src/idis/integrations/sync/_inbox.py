@@ -65,14 +65,16 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
-try:  # SQLAlchemy >= 2.1 (await_only, the old name, is deprecated there)
-    from sqlalchemy.util import await_ as _await
-except ImportError:  # pragma: no cover  # SQLAlchemy 2.0
-    from sqlalchemy.util import await_only as _await
-
 from .._flow import AsyncIO, Flow, InSession, SyncIO, adrive, drive, perform
 from .._timeparse import utcnow
-from ..db._engine import aiosqlite_thread, driver_error, on_driver, unwatched
+from ..db._engine import (
+    SqliteRun,
+    aiosqlite_thread,
+    await_in_greenlet,
+    driver_error,
+    on_driver,
+    unwatched,
+)
 from ..exceptions import StorageError, UsageError
 from ..observability._metrics import get_metrics
 from ..providers._order import OrderKey, order_key
@@ -496,7 +498,9 @@ def _pg_reads(
     lock = (lock_sql, lock_params) if records else None
     try:
         if conn.dialect.is_async:
-            locked, known = _await(_pipelined_async(driver, lock, (read_sql, read_params)))
+            locked, known = await_in_greenlet(
+                _pipelined_async(driver, lock, (read_sql, read_params))
+            )
         else:
             locked, known = _pipelined(driver, lock, (read_sql, read_params))
     except conn.dialect.loaded_dbapi.Error as exc:
@@ -622,10 +626,6 @@ def _sqlite_text(kind: str, first: int, second: int = 0) -> str:
     return sql
 
 
-#: Runs one of SQLite's direct statements: (qmark SQL, parameters, executemany) -> rows.
-_Run: TypeAlias = Callable[[str, Any, bool], list[Any]]
-
-
 def _sqlite_run(conn: Connection, sql: str, params: Any, *, many: bool = False) -> list[Any]:
     """SQLite's ``sql`` (qmark) on the driver's cursor; through SQLAlchemy's
     ``exec_driver_sql`` when something watches execution, so its listeners, echo
@@ -675,7 +675,7 @@ _CURRENT_KEYS = select(
 
 
 def _sqlite_reads(
-    run: _Run, provider: str, record_ids: list[str], ids: list[str]
+    run: SqliteRun, provider: str, record_ids: list[str], ids: list[str]
 ) -> tuple[dict[str, OrderKey], dict[str, bool]]:
     """SQLite: :func:`current_keys` and :func:`inbox_rows` of a batch, in one statement
     (at most :data:`_CHUNK` of each: see :func:`_sqlite_claim`)."""
@@ -826,7 +826,7 @@ def _pg_write(session: _Executor, batch: _Batch, writes: _Writes) -> tuple[int, 
 
 
 def _sqlite_write(
-    run: _Run, time: Callable[[datetime | None], Any], batch: _Batch, writes: _Writes
+    run: SqliteRun, time: Callable[[datetime | None], Any], batch: _Batch, writes: _Writes
 ) -> tuple[int, int]:
     """SQLite: the same writes as :func:`_pg_write` (no placeholders): multi-row ``INSERT``s
     in chunks of :data:`_SQLITE_ROWS`, the touches as one executemany. ``time`` is
@@ -971,22 +971,17 @@ def _sqlite_claim(
         known = inbox_rows(conn, batch.provider, ids)
         plan, writes = _decide(batch, current, set(), known)
         return (plan, writes, *_sqlite_write(_through(conn), time, batch, writes))
+
+    def work(run: SqliteRun) -> tuple[BatchPlan, _Writes, int, int]:
+        current, known = _sqlite_reads(run, batch.provider, records, ids)
+        plan, writes = _decide(batch, current, set(), known)
+        return (plan, writes, *_sqlite_write(run, time, batch, writes))
+
     hop = aiosqlite_thread(conn)
-    if hop is None:
-        run = _through(conn)
-        current, known = _sqlite_reads(run, batch.provider, records, ids)
-        plan, writes = _decide(batch, current, set(), known)
-        return (plan, writes, *_sqlite_write(run, time, batch, writes))
-
-    def work(run: Callable[[str, Any, bool], list[Any]]) -> tuple[BatchPlan, _Writes, int, int]:
-        current, known = _sqlite_reads(run, batch.provider, records, ids)
-        plan, writes = _decide(batch, current, set(), known)
-        return (plan, writes, *_sqlite_write(run, time, batch, writes))
-
-    return hop(work)
+    return work(_through(conn)) if hop is None else hop(work)
 
 
-def _through(conn: Connection) -> _Run:
+def _through(conn: Connection) -> SqliteRun:
     """SQLite's direct statements on ``conn`` (:func:`_sqlite_run`)."""
 
     def run(sql: str, params: Any, many: bool) -> list[Any]:
