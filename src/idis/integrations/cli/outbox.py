@@ -61,9 +61,14 @@ def _positive(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 def _max_retries(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
-    if value is not None and value < 0:
-        raise click.BadParameter(f"--max-retries={value} is invalid: expected an integer >= 0")
-    return value
+    from ..outbox._messages import check_max_retries
+
+    if value is None:
+        return None
+    try:
+        return check_max_retries(value, "--max-retries")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _providers(
