@@ -364,6 +364,70 @@ def test_repr_and_errors_never_show_database_or_redis_passwords(tmp_path: Path) 
     assert "db-pass-123456" in settings.database_url
 
 
+@pytest.mark.parametrize(
+    ("env", "shown", "why"),
+    [
+        # The ':' after the scheme forgotten: no "://", so no URL pattern masked the password.
+        (
+            {"IDIS_DATABASE_URL": "postgresql//svc:db-pass-123456@db/idis"},
+            "postgresql//svc:***@db/idis",
+            "is not supported",
+        ),
+        (
+            {"IDIS_REDIS_URL": "redis//:redis-pass-123456@cache:6379/0"},
+            "redis//:***@cache:6379/0",
+            "is not a Redis URL",
+        ),
+        # An '@' typed into the password unescaped: the rest of it became the host.
+        (
+            {"IDIS_DATABASE_URL": "postgresql://svc:db@pass-123456@db:5432/idis"},
+            "postgresql://svc:***@db:5432/idis",
+            "percent-encode it as %40",
+        ),
+        (
+            {"IDIS_DATABASE_URL": "mysql://svc:db@pass-123456@db/x"},
+            "mysql://svc:***@db/x",
+            "is not supported",
+        ),
+        # A port that is not a number: SQLAlchemy's ValueError escaped as a traceback.
+        (
+            {"IDIS_DATABASE_URL": "postgresql://svc:db-pass-123456@db:port/idis"},
+            "postgresql://svc:***@db:port/idis",
+            "is not a database URL",
+        ),
+        # Two slashes: SQLite reads "relative.db" as a host, and failed at the first query.
+        ({"IDIS_DATABASE_URL": "sqlite://relative.db"}, "sqlite://relative.db", "sqlite:///"),
+    ],
+)
+def test_malformed_urls_fail_at_start_naming_the_variable_without_the_password(
+    env: dict[str, str], shown: str, why: str
+) -> None:
+    """A mistyped database or Redis URL: a ConfigError naming it, its password masked."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+
+    message = str(info.value)
+    assert next(iter(env)) in message
+    assert shown in message
+    assert why in message
+    assert "pass-123456" not in message
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://svc:db-pass-123456@db:port/idis", "://svc:db-pass-123456@db/idis"]
+)
+def test_an_engine_on_a_malformed_url_is_a_config_error_without_the_password(url: str) -> None:
+    """create_db_engine, called by a host with its own URL: a ConfigError, password masked."""
+    from idis.integrations.db import create_db_engine
+
+    with pytest.raises(ConfigError) as info:
+        create_db_engine(url)
+
+    assert "IDIS_DATABASE_URL=" in str(info.value)
+    assert "svc:***@db" in str(info.value)
+    assert "db-pass-123456" not in str(info.value)
+
+
 # ------------------------------------------------------------------ embedded defaults opt-in
 
 

@@ -237,14 +237,39 @@ def _entry_point(value: object, name: str) -> str:
 
 
 def _database_url(value: object, name: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     url = str(value).strip()
     scheme = urlsplit(url).scheme.split("+")[0]
+    # The URL may carry a password: every error shows it masked.
     if scheme not in ("sqlite", "postgresql", "postgres"):
-        # The URL may carry a password: show it masked.
         raise _bad(
             name,
             mask_url(url),
             "is not supported: expected sqlite:///path.db or postgresql://user@host/db",
+        )
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise _bad(
+            name,
+            mask_url(url),
+            "is not a database URL: expected sqlite:///path.db or postgresql://user@host:5432/db",
+        ) from None
+    if "@" in (parsed.host or ""):
+        # The rest of the password would be taken as the host name, and shown as one.
+        raise _bad(
+            name,
+            mask_url(url),
+            "has an '@' in its user name or password: percent-encode it as %40",
+        )
+    if scheme == "sqlite" and parsed.host:
+        raise _bad(
+            name,
+            url,
+            f"names a host ({parsed.host!r}): expected sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db",
         )
     return url
 
