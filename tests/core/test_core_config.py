@@ -176,6 +176,30 @@ def test_bad_values_name_the_variable_and_the_value(
     assert value in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "why"),
+    [
+        # LIMIT 99999999999999999999 is a DataError on PostgreSQL: the outbox worker logged
+        # "outbox database unreachable; will retry" every few seconds, for ever.
+        ("IDIS_OUTBOX_BATCH_SIZE", "99999999999999999999", "at most 2147483647"),
+        ("IDIS_SYNC_PAGE_SIZE", "99999999999999999999", "at most 2147483647"),
+        ("IDIS_PROVIDER_CRM_RETRY_MAX_ATTEMPTS", "2147483648", "at most 2147483647"),
+        # nan passes every "at least" comparison (all are False for nan).
+        ("IDIS_PROVIDER_CRM_RETRY_MULTIPLIER", "nan", "finite"),
+        ("IDIS_PROVIDER_CRM_RETRY_MULTIPLIER", "inf", "finite"),
+        ("IDIS_PROVIDER_CRM_RATE_LIMIT", "nan/s", "finite"),
+        ("IDIS_PROVIDER_CRM_RATE_LIMIT", "1e400/s", "finite"),
+    ],
+)
+def test_numbers_beyond_any_use_fail_at_start(variable: str, value: str, why: str) -> None:
+    """Huge integers and nan/inf are bad values named at start, not failures at run time."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**BASE, variable: value})
+
+    assert f"{variable}={value!r}" in str(info.value)
+    assert why in str(info.value)
+
+
 def test_missing_required_field_names_the_variable() -> None:
     """A declared provider without a base URL says which variable to set."""
     env = {"IDIS_PROVIDERS": "crm", "IDIS_PROVIDER_CRM_KIND": "crm"}

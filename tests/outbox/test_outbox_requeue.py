@@ -233,6 +233,18 @@ def test_cli_budget_beyond_the_column_exits_2_naming_it(
     assert [] == _audits(engine)
 
 
+@pytest.mark.timeout(30)  # before the check, the worker started and ran until killed
+@pytest.mark.parametrize("flag", ["--batch-size", "--concurrency"])
+def test_outbox_work_refuses_a_size_beyond_any_use(sqlite_url: str, flag: str) -> None:
+    """--batch-size 99999999999999999999 made every lease a DataError on PostgreSQL, logged as
+    "outbox database unreachable; will retry" for ever; it is bad input, exit 2."""
+    result = _cli(sqlite_url, "outbox", "work", flag, "99999999999999999999")
+
+    assert 2 == result.exit_code, result.output
+    assert flag in result.output
+    assert "99999999999999999999" in result.output
+
+
 def test_message_budget_beyond_the_column_is_refused() -> None:
     """NewMessage refuses a max_retries the column cannot store, naming it, before any write."""
     with pytest.raises(ConfigError, match="max_retries=2147483648"):

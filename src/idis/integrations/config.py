@@ -30,6 +30,7 @@ simulator (:meth:`Settings.checked_webhook_secrets`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -147,14 +148,24 @@ def parse_bool(value: object, name: str) -> bool:
     raise _bad(name, value, "is not a boolean: expected true or false")
 
 
+#: Largest integer setting: what a PostgreSQL INTEGER (or LIMIT) takes; far beyond any use.
+INT_SETTING_MAX = 2**31 - 1
+
+
 def _number(value: object, name: str, kind: Callable[[str], _T], *, minimum: float) -> _T:
     try:
         parsed = kind(str(value).strip())
     except ValueError:
         noun = "an integer" if kind is int else "a number"
         raise _bad(name, value, f"is not {noun}") from None
-    if float(parsed) < minimum:  # type: ignore[arg-type]  # _T is int or float here
+    # Compared as they are: float() of a 400-digit integer overflows, and nan passes every
+    # "at least" comparison (each is False), so it and inf are refused first.
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        raise _bad(name, value, "is not a finite number")
+    if parsed < minimum:  # type: ignore[operator]  # _T is int or float here
         raise _bad(name, value, f"must be at least {minimum:g}")
+    if isinstance(parsed, int) and parsed > INT_SETTING_MAX:
+        raise _bad(name, value, f"must be at most {INT_SETTING_MAX}")
     return parsed
 
 
@@ -331,7 +342,11 @@ def _rate(value: object, name: str) -> float | None:
     number, _, unit = text.partition("/")
     if unit not in _RATE_UNITS:
         raise _bad(name, value, "is not a rate: expected e.g. 10/s, 600/m or 5")
-    return _float(number, name, minimum=1e-9) / _RATE_UNITS[unit]
+    try:
+        return _float(number, name, minimum=1e-9) / _RATE_UNITS[unit]
+    except ConfigError as exc:  # name the whole value, not its number alone
+        why = str(exc).partition(f"{number!r} ")[2]
+        raise _bad(name, value, f"{why}: expected e.g. 10/s, 600/m or 5") from None
 
 
 def _secrets(value: object, name: str = "") -> tuple[Secret, ...]:
