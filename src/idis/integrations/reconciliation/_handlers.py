@@ -36,6 +36,7 @@ def load_handlers(spec: str, registry: HandlerRegistry | None = None) -> Handler
         ConfigError: naming ``IDIS_HANDLERS``, the entry and what went wrong.
     """
     target = registry if registry is not None else get_registry()
+    imported_only: dict[str, object] = {}  # module-only entries: their modules
     for raw in spec.split(","):
         entry = raw.strip()
         if not entry:
@@ -62,4 +63,19 @@ def load_handlers(spec: str, registry: HandlerRegistry | None = None) -> Handler
                     variable="IDIS_HANDLERS",
                 )
             register(target)
+        else:
+            imported_only[entry] = module
+    if imported_only and not target.event_types():
+        # Imported fine, registered nothing: the command would only say "no handler is
+        # registered" while IDIS_HANDLERS looks set. Name the entry, and the one to write.
+        entry, module = next(iter(imported_only.items()))
+        hint = (
+            f"write {entry}:register (it has a register function)"
+            if callable(getattr(module, "register", None))
+            else "name the function that registers them: package.module:function"
+        )
+        raise ConfigError(
+            f"IDIS_HANDLERS entry {entry!r} registered no handler on import: {hint}",
+            variable="IDIS_HANDLERS",
+        )
     return target
