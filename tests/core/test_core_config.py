@@ -200,6 +200,22 @@ def test_numbers_beyond_any_use_fail_at_start(variable: str, value: str, why: st
     assert why in str(info.value)
 
 
+def test_a_field_for_an_embedded_provider_says_the_defaults_are_not_tunable() -> None:
+    """With no provider declared, crm_provider exists (the embedded defaults), so "declared
+    are none" read as a contradiction; the error says what to declare instead."""
+    env = {"IDIS_PROVIDER_CRM_PROVIDER_TIMEOUT": "2s"}
+
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+
+    message = str(info.value)
+    assert message.startswith("IDIS_PROVIDER_CRM_PROVIDER_TIMEOUT ")
+    assert "embedded default providers" in message
+    assert "IDIS_PROVIDERS=crm_provider" in message
+    assert "IDIS_PROVIDER_CRM_PROVIDER_KIND" in message
+    assert "IDIS_PROVIDER_CRM_PROVIDER_BASE_URL" in message
+
+
 def test_missing_required_field_names_the_variable() -> None:
     """A declared provider without a base URL says which variable to set."""
     env = {"IDIS_PROVIDERS": "crm", "IDIS_PROVIDER_CRM_KIND": "crm"}

@@ -1413,6 +1413,19 @@ def _load_providers(
         if not env.startswith("IDIS_PROVIDER_") or env == "IDIS_PROVIDERS":
             continue
         matches = [p for p in prefixes if env.startswith(p)]
+        if not matches and not raw:
+            embedded = [n for n in _EMBEDDED_KINDS if env.startswith(f"IDIS_PROVIDER_{n.upper()}_")]
+            if embedded:
+                # crm_provider exists (it is an embedded default), so "declared are none"
+                # reads as a contradiction: say why the field cannot apply, and what can.
+                upper = embedded[0].upper()
+                raise ConfigError(
+                    f"{env} sets a field of {embedded[0]}, one of the embedded default "
+                    "providers, which cannot be changed one field at a time: declare it, "
+                    f"e.g. IDIS_PROVIDERS={embedded[0]} with IDIS_PROVIDER_{upper}_KIND and "
+                    f"IDIS_PROVIDER_{upper}_BASE_URL (docs/configuration.md, Providers)",
+                    variable=env,
+                )
         if not matches:
             raise ConfigError(
                 f"{env} names no declared provider: declared are "
@@ -1465,15 +1478,19 @@ def _simulator_provider(name: str, kind: str, simulator_url: str) -> ProviderSet
     )
 
 
+#: The embedded default providers and their kinds.
+_EMBEDDED_KINDS = {
+    "crm_provider": "crm",
+    "docs_provider": "docs",
+    "enrichment_provider": "enrichment",
+}
+
+
 def _embedded_providers(simulator_url: str) -> dict[str, ProviderSettings]:
     """The three simulator-backed providers every command works against out of the box."""
     return {
         name: _simulator_provider(name, kind, simulator_url)
-        for name, kind in (
-            ("crm_provider", "crm"),
-            ("docs_provider", "docs"),
-            ("enrichment_provider", "enrichment"),
-        )
+        for name, kind in _EMBEDDED_KINDS.items()
     }
 
 
