@@ -437,6 +437,18 @@ def test_repr_and_errors_never_show_database_or_redis_passwords(tmp_path: Path) 
         ),
         # Two slashes: SQLite reads "relative.db" as a host, and failed at the first query.
         ({"IDIS_DATABASE_URL": "sqlite://relative.db"}, "sqlite://relative.db", "sqlite:///"),
+        # A mistyped libpq option, a timeout that is no number: a psycopg ProgrammingError
+        # traceback at the first connection.
+        (
+            {"IDIS_DATABASE_URL": "postgresql://svc:db-pass-123456@db/idis?sslmod=require"},
+            "postgresql://svc:***@db/idis?sslmod=require",
+            'invalid connection option "sslmod"',
+        ),
+        (
+            {"IDIS_DATABASE_URL": "postgresql://svc:db-pass-123456@db/idis?connect_timeout=abc"},
+            "postgresql://svc:***@db/idis?connect_timeout=abc",
+            "connect_timeout",
+        ),
     ],
 )
 def test_malformed_urls_fail_at_start_naming_the_variable_without_the_password(

@@ -44,7 +44,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from ._redact import mask_url
+from ._redact import mask_url, redact_text
 from ._timeparse import format_duration, parse_duration
 from .exceptions import ConfigError, UnknownProviderError
 
@@ -275,6 +275,9 @@ def _database_url(value: object, name: str) -> str:
             mask_url(url),
             "has an '@' in its user name or password: percent-encode it as %40",
         )
+    problem = _libpq_options_problem(parsed.query) if scheme != "sqlite" else None
+    if problem is not None:
+        raise _bad(name, mask_url(url), f"has a bad connection option: {problem}")
     if scheme == "sqlite" and parsed.host:
         raise _bad(
             name,
@@ -283,6 +286,30 @@ def _database_url(value: object, name: str) -> str:
             "or sqlite:////absolute/path.db",
         )
     return url
+
+
+def _libpq_options_problem(query: Mapping[str, str | tuple[str, ...]]) -> str | None:
+    """What libpq would refuse in a PostgreSQL URL's query (``?sslmod=require``), if anything.
+
+    Checked at start: at the first connection psycopg raises a ProgrammingError,
+    which no command turns into a one-line error. None without psycopg installed.
+    """
+    if not query:
+        return None
+    try:
+        from psycopg import Error as PsycopgError
+        from psycopg import conninfo
+    except ImportError:  # pragma: no cover  # the postgres extra is not installed
+        return None
+    options = {k: v if isinstance(v, str) else v[-1] for k, v in query.items()}
+    try:
+        conninfo.make_conninfo("", **options)  # libpq parses it: unknown option names
+        check_timeout = getattr(conninfo, "timeout_from_conninfo", None)
+        if check_timeout is not None:
+            check_timeout(options)  # connect_timeout must be a number
+    except PsycopgError as exc:
+        return redact_text(str(exc).strip().splitlines()[0])
+    return None
 
 
 def _redis_url(value: object, name: str) -> str | None:
