@@ -7,7 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 from cryptography.fernet import Fernet
-from tests.auth.conftest import env_for
+from tests.auth.conftest import CLIENT_SECRET, env_for
+from tests.conftest import free_port
 
 from idis.integrations.cli import main
 from idis.integrations.simulator import token_fingerprint
@@ -99,6 +100,45 @@ def test_refresh_tokens_needs_exactly_one_target(
     assert (2, 2) == (neither.exit_code, both.exit_code)
     assert 1 == failing.exit_code
     assert "crm_provider: FAILED - CredentialsRejected" in failing.output
+
+
+def test_refresh_tokens_exits_3_when_the_token_endpoint_is_unreachable(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A provider that does not answer is a dependency to retry later (3), as every command says.
+
+    It exited 1 ("someone must act"), like credentials the provider refused, while reconcile
+    and verify-sync exit 3 for the same unreachable token endpoint. A refusal next to an
+    unreachable provider still exits 1: the refusal needs a human whatever happens next.
+    """
+    env = env_for(sim, sqlite_url, fernet_key)
+    env["IDIS_PROVIDER_CRM_PROVIDER_BASE_URL"] = f"http://127.0.0.1:{free_port()}"
+    _env(monkeypatch, env)
+
+    unreachable = runner.invoke(main, ["refresh-tokens", "--provider", P])
+    as_json = runner.invoke(main, ["refresh-tokens", "--provider", P, "--json"])
+
+    assert 3 == unreachable.exit_code, unreachable.output
+    assert "crm_provider: FAILED" in unreachable.output
+    assert 3 == as_json.exit_code
+    result = json.loads(as_json.stdout)["results"][0]
+    assert ("failed", True) == (result["outcome"], result["retryable"])
+    assert CLIENT_SECRET not in unreachable.output + as_json.output
+
+    monkeypatch.setenv("IDIS_PROVIDERS", "crm_provider,docs_provider")
+    monkeypatch.setenv("IDIS_PROVIDER_DOCS_PROVIDER_KIND", "docs")
+    monkeypatch.setenv("IDIS_PROVIDER_DOCS_PROVIDER_BASE_URL", sim.provider_url("docs_provider"))
+    monkeypatch.setenv("IDIS_PROVIDER_DOCS_PROVIDER_AUTH_GRANT", "client_credentials")
+    monkeypatch.setenv("IDIS_PROVIDER_DOCS_PROVIDER_CLIENT_ID", "idis-local")
+    monkeypatch.setenv("IDIS_PROVIDER_DOCS_PROVIDER_CLIENT_SECRET", "a-secret-we-do-not-have")
+    mixed = runner.invoke(main, ["refresh-tokens", "--all"])
+
+    assert 1 == mixed.exit_code, mixed.output
+    assert "docs_provider: FAILED - CredentialsRejected" in mixed.output
 
 
 def test_rotate_credentials_reads_the_secret_from_stdin_when_there_is_no_rotation_api(

@@ -176,6 +176,46 @@ def test_bad_values_name_the_variable_and_the_value(
     assert value in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "why"),
+    [
+        # LIMIT 99999999999999999999 is a DataError on PostgreSQL: the outbox worker logged
+        # "outbox database unreachable; will retry" every few seconds, for ever.
+        ("IDIS_OUTBOX_BATCH_SIZE", "99999999999999999999", "at most 2147483647"),
+        ("IDIS_SYNC_PAGE_SIZE", "99999999999999999999", "at most 2147483647"),
+        ("IDIS_PROVIDER_CRM_RETRY_MAX_ATTEMPTS", "2147483648", "at most 2147483647"),
+        # nan passes every "at least" comparison (all are False for nan).
+        ("IDIS_PROVIDER_CRM_RETRY_MULTIPLIER", "nan", "finite"),
+        ("IDIS_PROVIDER_CRM_RETRY_MULTIPLIER", "inf", "finite"),
+        ("IDIS_PROVIDER_CRM_RATE_LIMIT", "nan/s", "finite"),
+        ("IDIS_PROVIDER_CRM_RATE_LIMIT", "1e400/s", "finite"),
+    ],
+)
+def test_numbers_beyond_any_use_fail_at_start(variable: str, value: str, why: str) -> None:
+    """Huge integers and nan/inf are bad values named at start, not failures at run time."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**BASE, variable: value})
+
+    assert f"{variable}={value!r}" in str(info.value)
+    assert why in str(info.value)
+
+
+def test_a_field_for_an_embedded_provider_says_the_defaults_are_not_tunable() -> None:
+    """With no provider declared, crm_provider exists (the embedded defaults), so "declared
+    are none" read as a contradiction; the error says what to declare instead."""
+    env = {"IDIS_PROVIDER_CRM_PROVIDER_TIMEOUT": "2s"}
+
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+
+    message = str(info.value)
+    assert message.startswith("IDIS_PROVIDER_CRM_PROVIDER_TIMEOUT ")
+    assert "embedded default providers" in message
+    assert "IDIS_PROVIDERS=crm_provider" in message
+    assert "IDIS_PROVIDER_CRM_PROVIDER_KIND" in message
+    assert "IDIS_PROVIDER_CRM_PROVIDER_BASE_URL" in message
+
+
 def test_missing_required_field_names_the_variable() -> None:
     """A declared provider without a base URL says which variable to set."""
     env = {"IDIS_PROVIDERS": "crm", "IDIS_PROVIDER_CRM_KIND": "crm"}
@@ -362,6 +402,82 @@ def test_repr_and_errors_never_show_database_or_redis_passwords(tmp_path: Path) 
     assert "mysql://svc:***@db/x" in errors[0]
     # The settings themselves keep the real URLs: only their rendering is masked.
     assert "db-pass-123456" in settings.database_url
+
+
+@pytest.mark.parametrize(
+    ("env", "shown", "why"),
+    [
+        # The ':' after the scheme forgotten: no "://", so no URL pattern masked the password.
+        (
+            {"IDIS_DATABASE_URL": "postgresql//svc:db-pass-123456@db/idis"},
+            "postgresql//svc:***@db/idis",
+            "is not supported",
+        ),
+        (
+            {"IDIS_REDIS_URL": "redis//:redis-pass-123456@cache:6379/0"},
+            "redis//:***@cache:6379/0",
+            "is not a Redis URL",
+        ),
+        # An '@' typed into the password unescaped: the rest of it became the host.
+        (
+            {"IDIS_DATABASE_URL": "postgresql://svc:db@pass-123456@db:5432/idis"},
+            "postgresql://svc:***@db:5432/idis",
+            "percent-encode it as %40",
+        ),
+        (
+            {"IDIS_DATABASE_URL": "mysql://svc:db@pass-123456@db/x"},
+            "mysql://svc:***@db/x",
+            "is not supported",
+        ),
+        # A port that is not a number: SQLAlchemy's ValueError escaped as a traceback.
+        (
+            {"IDIS_DATABASE_URL": "postgresql://svc:db-pass-123456@db:port/idis"},
+            "postgresql://svc:***@db:port/idis",
+            "is not a database URL",
+        ),
+        # Two slashes: SQLite reads "relative.db" as a host, and failed at the first query.
+        ({"IDIS_DATABASE_URL": "sqlite://relative.db"}, "sqlite://relative.db", "sqlite:///"),
+        # A mistyped libpq option, a timeout that is no number: a psycopg ProgrammingError
+        # traceback at the first connection.
+        (
+            {"IDIS_DATABASE_URL": "postgresql://svc:db-pass-123456@db/idis?sslmod=require"},
+            "postgresql://svc:***@db/idis?sslmod=require",
+            'invalid connection option "sslmod"',
+        ),
+        (
+            {"IDIS_DATABASE_URL": "postgresql://svc:db-pass-123456@db/idis?connect_timeout=abc"},
+            "postgresql://svc:***@db/idis?connect_timeout=abc",
+            "connect_timeout",
+        ),
+    ],
+)
+def test_malformed_urls_fail_at_start_naming_the_variable_without_the_password(
+    env: dict[str, str], shown: str, why: str
+) -> None:
+    """A mistyped database or Redis URL: a ConfigError naming it, its password masked."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+
+    message = str(info.value)
+    assert next(iter(env)) in message
+    assert shown in message
+    assert why in message
+    assert "pass-123456" not in message
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://svc:db-pass-123456@db:port/idis", "://svc:db-pass-123456@db/idis"]
+)
+def test_an_engine_on_a_malformed_url_is_a_config_error_without_the_password(url: str) -> None:
+    """create_db_engine, called by a host with its own URL: a ConfigError, password masked."""
+    from idis.integrations.db import create_db_engine
+
+    with pytest.raises(ConfigError) as info:
+        create_db_engine(url)
+
+    assert "IDIS_DATABASE_URL=" in str(info.value)
+    assert "svc:***@db" in str(info.value)
+    assert "db-pass-123456" not in str(info.value)
 
 
 # ------------------------------------------------------------------ embedded defaults opt-in

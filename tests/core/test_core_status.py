@@ -251,3 +251,32 @@ def test_status_through_a_pipe_is_plain_and_100_columns(tmp_path: Path) -> None:
     assert 0 == result.returncode, result.stderr
     assert "\x1b[" not in result.stdout
     _check_fits(result.stdout, 100)
+
+
+def test_status_blocks_have_no_empty_rows_and_no_raw_seconds() -> None:
+    """With the sync service running, status showed 'sync override' and 'webhook signature
+    spike at' with nothing after them, and 'webhook lag seconds 0.0': a row without a value
+    reads as a missing value, and seconds as a float is not how the other rows say ages."""
+    from idis.integrations.cli.status import status_fields
+    from idis.integrations.ops._status import ProviderStatus
+
+    status = ProviderStatus(
+        provider="crm_provider",
+        kind="crm",
+        host="127.0.0.1:8765",
+        facts={
+            "sync_mode": "polling (breaker_open)",
+            "last_webhook_age_seconds": 17.0,
+            "sync_override": None,
+            "webhook_lag_seconds": 95.0,
+            "webhook_signature_spike_at": None,
+        },
+    )
+
+    fields = dict(status_fields(status))
+
+    assert "" not in fields.values()
+    assert "sync override" not in fields
+    assert "webhook signature spike at" not in fields
+    assert "1m35s" == fields["webhook lag"]
+    assert "polling (breaker_open); last webhook 17s ago" == fields["sync"]

@@ -110,6 +110,39 @@ def test_create_stale_defects_prints_a_readable_summary(engine: Engine, url: str
     assert "2 defect(s) created, 0 already open" in result.output
 
 
+@BOTH
+def test_a_provider_without_stale_data_names_the_ones_with_open_defects(
+    engine: Engine, url: str
+) -> None:
+    """RB-09 as written names crm_provider; a service enriching through enrichment_provider
+    keeps its stale defects there. "0 stale subject(s)" alone read as "nothing is stale"
+    while 2 defects were open: a note on stderr names the provider that has them."""
+    _stale(engine, 2, provider="enrichment_provider")
+    opened = run(url, "create-stale-defects", "--provider", "enrichment_provider", "--since", "1h")
+    before = _state(engine)
+
+    created = run(url, "create-stale-defects", "--provider", P, "--since", "1 hour ago")
+    cleared = run(url, "clear-stale-defects", "--provider", P, "--since", "4 hours ago")
+    as_json = run(url, "create-stale-defects", "--provider", P, "--since", "1h", "--json")
+
+    assert (0, 0, 0, 0) == (
+        opened.exit_code,
+        created.exit_code,
+        cleared.exit_code,
+        as_json.exit_code,
+    )
+    assert "0 stale subject(s)" in created.stdout
+    assert "0 stale defect(s) resolved" in cleared.stdout
+    for result in (created, cleared):
+        assert "OPEN STALE_ENRICHMENT defects of other providers" in result.stderr
+        assert "enrichment_provider: 2" in result.stderr
+        assert "--provider enrichment_provider" in result.stderr
+    assert 0 == json.loads(as_json.stdout)["subjects"]
+    # Nothing of enrichment_provider's was touched; only the two runs' audit rows were added.
+    after = _state(engine)
+    assert (before[0], before[1], before[3]) == (after[0], after[1], after[3])
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [

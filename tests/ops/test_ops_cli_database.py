@@ -225,6 +225,33 @@ def test_an_unreachable_postgres_exits_3_without_the_password(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres:hunter2-db@tail-of-it@127.0.0.1:5432/idis",
+        "postgresql://postgres:hunter2-db-password@127.0.0.1:port/idis",
+        "postgresql//postgres:hunter2-db-password@127.0.0.1:5432/idis",
+    ],
+)
+def test_a_mistyped_database_url_exits_2_in_one_line_without_the_password(
+    tmp_path: Path, url: str
+) -> None:
+    """An '@' left unescaped in the password, a port that is no number, a missing ':'.
+
+    Each printed the password (or its tail as a host name) or a traceback; each is bad
+    input: exit 2, one line naming IDIS_DATABASE_URL, nothing of the password.
+    """
+    result = _cli("status", "--no-probe", cwd=tmp_path, env={"IDIS_DATABASE_URL": url})
+
+    assert 2 == result.returncode, result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+    assert "tail-of-it" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: IDIS_DATABASE_URL=")
+    assert 1 == len(result.stderr.strip().splitlines())
+    assert [] == list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
     ("url", "shown"),
     [
         ("postgresql://u:pw@db.example:5432/idis", "postgresql://u@db.example:5432/idis"),

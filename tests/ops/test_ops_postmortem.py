@@ -272,3 +272,38 @@ def test_the_drill_report_keeps_rendering(tmp_path: Path) -> None:
 
     assert "a (x2)" in render_markdown(report)
     assert "<svg" not in render_html(report)  # no series: no chart, no error
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["postmortem", "--provider", "crm_provider", "--since", "6 hours ago"], "--output"),
+        (["drill"], "--report"),
+    ],
+)
+def test_a_report_path_that_cannot_be_written_exits_2_before_any_work(
+    sqlite_url: str, tmp_path: Path, command: list[str], flag: str
+) -> None:
+    """A report into a folder that does not exist: exit 2 naming the flag and the path.
+
+    postmortem ended in a FileNotFoundError traceback (exit 1) after reading the audit
+    trail; the drill would have run its whole incident before failing the same way.
+    """
+    from click.testing import CliRunner
+
+    from idis.integrations.cli import main
+
+    target = tmp_path / "no-such-folder" / "report.html"
+
+    result = CliRunner().invoke(
+        main,
+        [*command, flag, str(target)],
+        env={"IDIS_DATABASE_URL": sqlite_url, "IDIS_ALLOW_EMBEDDED_DEFAULTS": "true"},
+    )
+
+    assert 2 == result.exit_code, result.output
+    assert flag in result.output
+    assert str(target.parent) in result.output
+    assert "Traceback" not in result.output
+    assert "RB-09 drill" not in result.output  # refused before the drill began
+    assert not target.parent.exists()

@@ -211,6 +211,46 @@ def test_cli_bad_input_exits_2_naming_the_value(
     assert before == _snapshot(sqlite_engine)
 
 
+@pytest.mark.parametrize("budget", ["2147483648", "99999999999999999999"])
+def test_cli_budget_beyond_the_column_exits_2_naming_it(
+    db_url: str, engine: Engine, clock: ManualClock, budget: str
+) -> None:
+    """A --max-retries the max_retries column cannot hold is bad input, not a driver traceback.
+
+    PostgreSQL's INTEGER stops at 2**31 - 1 and SQLite's at 2**63 - 1; before the check both
+    ended in a DataError/OverflowError traceback with exit 1, after the UPDATE had been tried.
+    """
+    _shape(engine, clock)
+    before = _snapshot(engine)
+
+    result = _cli(db_url, "queue-webhook-retries", "--provider", CRM, "--max-retries", budget)
+
+    assert 2 == result.exit_code, result.output
+    assert f"--max-retries={budget}" in result.output
+    assert "2147483647" in result.output
+    assert "Traceback" not in result.output
+    assert before == _snapshot(engine)
+    assert [] == _audits(engine)
+
+
+@pytest.mark.timeout(30)  # before the check, the worker started and ran until killed
+@pytest.mark.parametrize("flag", ["--batch-size", "--concurrency"])
+def test_outbox_work_refuses_a_size_beyond_any_use(sqlite_url: str, flag: str) -> None:
+    """--batch-size 99999999999999999999 made every lease a DataError on PostgreSQL, logged as
+    "outbox database unreachable; will retry" for ever; it is bad input, exit 2."""
+    result = _cli(sqlite_url, "outbox", "work", flag, "99999999999999999999")
+
+    assert 2 == result.exit_code, result.output
+    assert flag in result.output
+    assert "99999999999999999999" in result.output
+
+
+def test_message_budget_beyond_the_column_is_refused() -> None:
+    """NewMessage refuses a max_retries the column cannot store, naming it, before any write."""
+    with pytest.raises(ConfigError, match="max_retries=2147483648"):
+        NewMessage.webhook(CRM, "deal.won", {"id": 1}, webhook_id="evt_big", max_retries=2**31)
+
+
 def test_cli_requeues_and_reports_without_secrets(
     sqlite_url: str, sqlite_engine: Engine, clock: ManualClock
 ) -> None:

@@ -165,6 +165,25 @@ def test_unloadable_or_missing_handlers_fail_before_anything_is_fetched(
     assert 0 == sim.control.stats(PROVIDER)["requests"].get("replay", 0)
 
 
+def test_a_module_that_registers_nothing_is_named_with_the_entry_to_write(
+    sim: RunningSimulator, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IDIS_HANDLERS=package.module whose handlers register through a function, not on import.
+
+    The module imported fine and registered nothing; the command then said only that no
+    handler was registered, with IDIS_HANDLERS apparently set right. Exit 2 naming the entry
+    and the one to write instead; no replay call.
+    """
+    monkeypatch.setenv("IDIS_HANDLERS", "reconcile_host")
+
+    result = run("reconcile", "--provider", PROVIDER, "--since", "1 hour ago")
+
+    assert 2 == result.exit_code
+    assert "IDIS_HANDLERS entry 'reconcile_host' registered no handler" in result.stderr
+    assert "reconcile_host:register" in result.stderr
+    assert 0 == sim.control.stats(PROVIDER)["requests"].get("replay", 0)
+
+
 def test_dry_run_and_resync_from_the_command_line(
     sim: RunningSimulator, env: dict[str, str], host: Host
 ) -> None:

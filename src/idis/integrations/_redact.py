@@ -175,13 +175,30 @@ def redact_value(value: Any, key: str = "") -> Any:
     return redact_text(text)
 
 
+#: A scheme with or without its ':' (``postgresql://``, or ``redis//`` as typed in a hurry),
+#: or none (``://svc:pw@db``).
+_SCHEME_SLASHES = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*)?:?//")
+
+
 def mask_url(url: str) -> str:
     """``url`` with the password of its user info masked (``postgresql://svc:***@db/idis``).
 
     Anything that is not a URL with a password comes back unchanged; other
     secrets in it (a token in the query) are masked as in :func:`redact_text`.
+    The user info ends at the *last* ``@`` before the query, so a password with
+    an unescaped ``@`` (``svc:p@ss@db``) or a URL missing the ``:`` after its
+    scheme (``redis//:pw@cache``) is masked whole, not in part.
     """
-    return redact_text(url)
+    text = redact_text(url)
+    scheme = _SCHEME_SLASHES.match(text)
+    start = scheme.end() if scheme else 0
+    query = text.find("?", start)
+    at = text.rfind("@", start, query if query >= 0 else len(text))
+    userinfo = text[start:at] if at >= 0 else ""
+    user, colon, password = userinfo.partition(":")
+    if not colon or "/" in userinfo or password == URL_PASSWORD_MASK:
+        return text
+    return f"{text[:start]}{user}:{URL_PASSWORD_MASK}{text[at:]}"
 
 
 def url_host(url: str) -> str:

@@ -30,6 +30,7 @@ simulator (:meth:`Settings.checked_webhook_secrets`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -43,7 +44,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from ._redact import mask_url
+from ._redact import mask_url, redact_text
 from ._timeparse import format_duration, parse_duration
 from .exceptions import ConfigError, UnknownProviderError
 
@@ -147,14 +148,24 @@ def parse_bool(value: object, name: str) -> bool:
     raise _bad(name, value, "is not a boolean: expected true or false")
 
 
+#: Largest integer setting: what a PostgreSQL INTEGER (or LIMIT) takes; far beyond any use.
+INT_SETTING_MAX = 2**31 - 1
+
+
 def _number(value: object, name: str, kind: Callable[[str], _T], *, minimum: float) -> _T:
     try:
         parsed = kind(str(value).strip())
     except ValueError:
         noun = "an integer" if kind is int else "a number"
         raise _bad(name, value, f"is not {noun}") from None
-    if float(parsed) < minimum:  # type: ignore[arg-type]  # _T is int or float here
+    # Compared as they are: float() of a 400-digit integer overflows, and nan passes every
+    # "at least" comparison (each is False), so it and inf are refused first.
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        raise _bad(name, value, "is not a finite number")
+    if parsed < minimum:  # type: ignore[operator]  # _T is int or float here
         raise _bad(name, value, f"must be at least {minimum:g}")
+    if isinstance(parsed, int) and parsed > INT_SETTING_MAX:
+        raise _bad(name, value, f"must be at most {INT_SETTING_MAX}")
     return parsed
 
 
@@ -237,16 +248,68 @@ def _entry_point(value: object, name: str) -> str:
 
 
 def _database_url(value: object, name: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     url = str(value).strip()
     scheme = urlsplit(url).scheme.split("+")[0]
+    # The URL may carry a password: every error shows it masked.
     if scheme not in ("sqlite", "postgresql", "postgres"):
-        # The URL may carry a password: show it masked.
         raise _bad(
             name,
             mask_url(url),
             "is not supported: expected sqlite:///path.db or postgresql://user@host/db",
         )
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise _bad(
+            name,
+            mask_url(url),
+            "is not a database URL: expected sqlite:///path.db or postgresql://user@host:5432/db",
+        ) from None
+    if "@" in (parsed.host or ""):
+        # The rest of the password would be taken as the host name, and shown as one.
+        raise _bad(
+            name,
+            mask_url(url),
+            "has an '@' in its user name or password: percent-encode it as %40",
+        )
+    problem = _libpq_options_problem(parsed.query) if scheme != "sqlite" else None
+    if problem is not None:
+        raise _bad(name, mask_url(url), f"has a bad connection option: {problem}")
+    if scheme == "sqlite" and parsed.host:
+        raise _bad(
+            name,
+            url,
+            f"names a host ({parsed.host!r}): expected sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db",
+        )
     return url
+
+
+def _libpq_options_problem(query: Mapping[str, str | tuple[str, ...]]) -> str | None:
+    """What libpq would refuse in a PostgreSQL URL's query (``?sslmod=require``), if anything.
+
+    Checked at start: at the first connection psycopg raises a ProgrammingError,
+    which no command turns into a one-line error. None without psycopg installed.
+    """
+    if not query:
+        return None
+    try:
+        from psycopg import Error as PsycopgError
+        from psycopg import conninfo
+    except ImportError:  # pragma: no cover  # the postgres extra is not installed
+        return None
+    options = {k: v if isinstance(v, str) else v[-1] for k, v in query.items()}
+    try:
+        conninfo.make_conninfo("", **options)  # libpq parses it: unknown option names
+        check_timeout = getattr(conninfo, "timeout_from_conninfo", None)
+        if check_timeout is not None:
+            check_timeout(options)  # connect_timeout must be a number
+    except PsycopgError as exc:
+        return redact_text(str(exc).strip().splitlines()[0])
+    return None
 
 
 def _redis_url(value: object, name: str) -> str | None:
@@ -306,7 +369,11 @@ def _rate(value: object, name: str) -> float | None:
     number, _, unit = text.partition("/")
     if unit not in _RATE_UNITS:
         raise _bad(name, value, "is not a rate: expected e.g. 10/s, 600/m or 5")
-    return _float(number, name, minimum=1e-9) / _RATE_UNITS[unit]
+    try:
+        return _float(number, name, minimum=1e-9) / _RATE_UNITS[unit]
+    except ConfigError as exc:  # name the whole value, not its number alone
+        why = str(exc).partition(f"{number!r} ")[2]
+        raise _bad(name, value, f"{why}: expected e.g. 10/s, 600/m or 5") from None
 
 
 def _secrets(value: object, name: str = "") -> tuple[Secret, ...]:
@@ -1373,6 +1440,19 @@ def _load_providers(
         if not env.startswith("IDIS_PROVIDER_") or env == "IDIS_PROVIDERS":
             continue
         matches = [p for p in prefixes if env.startswith(p)]
+        if not matches and not raw:
+            embedded = [n for n in _EMBEDDED_KINDS if env.startswith(f"IDIS_PROVIDER_{n.upper()}_")]
+            if embedded:
+                # crm_provider exists (it is an embedded default), so "declared are none"
+                # reads as a contradiction: say why the field cannot apply, and what can.
+                upper = embedded[0].upper()
+                raise ConfigError(
+                    f"{env} sets a field of {embedded[0]}, one of the embedded default "
+                    "providers, which cannot be changed one field at a time: declare it, "
+                    f"e.g. IDIS_PROVIDERS={embedded[0]} with IDIS_PROVIDER_{upper}_KIND and "
+                    f"IDIS_PROVIDER_{upper}_BASE_URL (docs/configuration.md, Providers)",
+                    variable=env,
+                )
         if not matches:
             raise ConfigError(
                 f"{env} names no declared provider: declared are "
@@ -1425,15 +1505,19 @@ def _simulator_provider(name: str, kind: str, simulator_url: str) -> ProviderSet
     )
 
 
+#: The embedded default providers and their kinds.
+_EMBEDDED_KINDS = {
+    "crm_provider": "crm",
+    "docs_provider": "docs",
+    "enrichment_provider": "enrichment",
+}
+
+
 def _embedded_providers(simulator_url: str) -> dict[str, ProviderSettings]:
     """The three simulator-backed providers every command works against out of the box."""
     return {
         name: _simulator_provider(name, kind, simulator_url)
-        for name, kind in (
-            ("crm_provider", "crm"),
-            ("docs_provider", "docs"),
-            ("enrichment_provider", "enrichment"),
-        )
+        for name, kind in _EMBEDDED_KINDS.items()
     }
 
 

@@ -83,6 +83,9 @@ class RefreshResult:
     error: str | None = None
     #: Exception class name of the failure.
     error_type: str | None = None
+    #: Whether the failure may pass by itself (the provider or the token store unreachable):
+    #: retry later. False for a refusal someone must act on (credentials rejected, invalid_grant).
+    retryable: bool = False
 
     @property
     def ok(self) -> bool:
@@ -585,6 +588,7 @@ def refresh_tokens(
                 outcome="failed",
                 error=redact_text(str(exc)),
                 error_type=type(exc).__name__,
+                retryable=exc.retryable,
             )
         return RefreshResult(
             provider=name,

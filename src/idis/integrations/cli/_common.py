@@ -287,6 +287,23 @@ def _validate_since(
         raise click.BadParameter(str(exc)) from None
 
 
+def writable_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """A click callback: refuse a report path that cannot be written, before any work.
+
+    The file is written last (after a drill's whole incident, or after reading
+    the audit trail): a missing or read-only folder found then would waste the
+    run and end in an OSError traceback.
+    """
+    if value is None:
+        return None
+    folder = value.parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"{value}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (value.exists() and not os.access(value, os.W_OK)):
+        raise click.BadParameter(f"{value}: not writable")
+    return value
+
+
 def provider_option(*, required: bool = True) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """``--provider P``, validated against the configured providers."""
     return click.option(

@@ -61,7 +61,9 @@ def refresh_tokens_command(provider: str | None, all_providers: bool, as_json: b
     """Refresh OAuth tokens now and show the new expiry (RB-09 Recovery 1).
 
     Also clears a "refresh failing" or "reauthorization required" state when
-    the refresh succeeds. Exit status 1 if any refresh failed.
+    the refresh succeeds. Exit status: 0 every refresh succeeded; 1 one was
+    refused (credentials rejected, re-authorization required); 3 the others
+    failed only because the provider or the token store was unreachable (retry later).
     """
     from ..auth._tokens import refresh_tokens
 
@@ -73,8 +75,9 @@ def refresh_tokens_command(provider: str | None, all_providers: bool, as_json: b
     else:
         for result in results:
             _echo(str(result))
-    if any(not r.ok for r in results):
-        sys.exit(EXIT_CHECK_FAILED)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        sys.exit(EXIT_UNAVAILABLE if all(r.retryable for r in failed) else EXIT_CHECK_FAILED)
 
 
 def _read_secret_from_stdin() -> str:

@@ -22,6 +22,7 @@ from ._common import (
     stderr,
     stdout,
     until_option,
+    writable_file,
 )
 
 
@@ -58,6 +59,7 @@ from ._common import (
     "--report",
     "report_path",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=writable_file,
     default=Path("drill-report.html"),
     show_default=True,
     help="Where to write the HTML report.",
@@ -109,6 +111,7 @@ def drill(broken: tuple[str, ...], **options: Any) -> None:
 @click.option(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=writable_file,
     default=None,
     help="Write the report here instead of stdout.",
 )

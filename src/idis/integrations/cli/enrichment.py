@@ -26,8 +26,35 @@ from ._common import (
     print_table,
     provider_option,
     since_option,
+    stderr,
     stdout,
 )
+
+
+def _note_other_providers(provider: str, since: datetime) -> None:
+    """When ``provider`` had nothing stale, name the providers whose stale defects are open.
+
+    Stale data is kept under the provider enrichment was asked of: RB-09 names crm_provider,
+    a service may enrich through enrichment_provider. "0 stale subject(s)" alone reads as
+    "nothing is stale" while other providers' defects are open.
+    """
+    from collections import Counter
+
+    others = Counter(
+        row.provider
+        for row in list_defects(status="OPEN", since=since, settings=get_settings(), limit=None)
+        if row.provider != provider
+    )
+    if not others:
+        return
+    counts = ", ".join(f"{name}: {count}" for name, count in sorted(others.items()))
+    first = sorted(others)[0]
+    stderr.print(
+        f"note: nothing stale is recorded under {provider}; OPEN STALE_ENRICHMENT defects of "
+        f"other providers created since {since.isoformat()}: {counts}. Stale data is kept "
+        f"under the provider enrichment was asked of: run with --provider {first}",
+        markup=False,
+    )
 
 
 @main.command("create-stale-defects")
@@ -42,6 +69,8 @@ def create_stale_defects_cmd(provider: str, since: datetime, as_json: bool) -> N
     subject also gets a deferred refresh, so its defect resolves once the provider recovers.
     """
     result = create_stale_defects(provider, since, settings=get_settings(), actor=cli_actor())
+    if result.subjects == 0:
+        _note_other_providers(provider, result.since)
     if as_json:
         print_json(asdict(result))
         return
@@ -64,6 +93,8 @@ def clear_stale_defects_cmd(provider: str, since: datetime, as_json: bool) -> No
     Sets status RESOLVED, resolution 'Data refreshed after provider recovery' and resolved_at.
     """
     result = clear_stale_defects(provider, since, settings=get_settings(), actor=cli_actor())
+    if result.resolved == 0:
+        _note_other_providers(provider, result.since)
     if as_json:
         print_json(asdict(result))
         return

@@ -15,7 +15,7 @@ import click
 from .._audit import cli_actor
 from .._signals import stop_on_signals
 from .._timeparse import format_duration, parse_duration
-from ..config import ProviderSettings
+from ..config import INT_SETTING_MAX, ProviderSettings
 from ..exceptions import ConfigError
 from . import main
 from ._common import (
@@ -61,9 +61,14 @@ def _positive(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 def _max_retries(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
-    if value is not None and value < 0:
-        raise click.BadParameter(f"--max-retries={value} is invalid: expected an integer >= 0")
-    return value
+    from ..outbox._messages import check_max_retries
+
+    if value is None:
+        return None
+    try:
+        return check_max_retries(value, "--max-retries")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _providers(
@@ -102,13 +107,13 @@ def outbox() -> None:
 )
 @click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=INT_SETTING_MAX),
     default=None,
     help="Messages per lease (default IDIS_OUTBOX_BATCH_SIZE).",
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=INT_SETTING_MAX),
     default=None,
     help="Messages of a batch delivered at once (default IDIS_OUTBOX_CONCURRENCY).",
 )

@@ -74,9 +74,15 @@ def status_fields(status: ProviderStatus) -> list[tuple[str, str]]:
         fields.append(("token", str(facts.pop("token"))))
     if "open_defects" in facts:
         fields.append(("defects", f"{facts.pop('open_defects')} open"))
-    fields += [
-        (key.replace("_", " "), "" if v is None else str(v)) for key, v in sorted(facts.items())
-    ]
+    # The other facts: none that is unset (an empty row reads as a missing value), and
+    # ages in seconds said as the rows above say them (1m35s, not 95.0).
+    for key, value in sorted(facts.items()):
+        if value is None or value == "":
+            continue
+        if key.endswith("_seconds") and isinstance(value, int | float):
+            fields.append((key.removesuffix("_seconds").replace("_", " "), _age(value)))
+        else:
+            fields.append((key.replace("_", " "), str(value)))
     return fields
 
 

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from .._redact import mask_url
 from ..exceptions import ConfigError, StorageError
 
 try:  # SQLAlchemy >= 2.1 (await_only, the old name, is deprecated there)
@@ -70,10 +71,10 @@ def normalize_url(url: str, *, asynchronous: bool = False) -> str:
     """
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError(
-            f"IDIS_DATABASE_URL={url!r} is not a database URL: expected sqlite:///path.db "
-            "or postgresql://user@host/db",
+            f"IDIS_DATABASE_URL={mask_url(url)!r} is not a database URL: expected "
+            "sqlite:///path.db or postgresql://user@host/db",
             variable="IDIS_DATABASE_URL",
         ) from None
     backend = parsed.get_backend_name()
@@ -83,7 +84,7 @@ def normalize_url(url: str, *, asynchronous: bool = False) -> str:
         parsed = parsed.set(drivername="sqlite+aiosqlite" if asynchronous else "sqlite")
     else:
         raise ConfigError(
-            f"IDIS_DATABASE_URL={url!r} is not supported: expected sqlite or postgresql",
+            f"IDIS_DATABASE_URL={mask_url(url)!r} is not supported: expected sqlite or postgresql",
             variable="IDIS_DATABASE_URL",
         )
     return parsed.render_as_string(hide_password=False)

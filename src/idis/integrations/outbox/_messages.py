@@ -48,10 +48,18 @@ def _invalid(name: str, value: object, expected: str) -> ConfigError:
     return ConfigError(f"{name}={value!r} is invalid: expected {expected}", variable=name)
 
 
+#: Largest retry budget the ``max_retries`` column holds (PostgreSQL INTEGER).
+MAX_RETRIES_LIMIT = 2**31 - 1
+
+
 def check_max_retries(value: object, name: str = "max_retries") -> int:
-    """``value`` as a retry budget (an int >= 0, not a bool), else a ConfigError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _invalid(name, value, "an integer >= 0")
+    """``value`` as a retry budget (an int from 0 to MAX_RETRIES_LIMIT, not a bool).
+
+    Anything else is a ConfigError naming ``name``: a budget the column cannot
+    store would otherwise fail as a driver error at the UPDATE or INSERT.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES_LIMIT:
+        raise _invalid(name, value, f"an integer from 0 to {MAX_RETRIES_LIMIT}")
     return value
 
 

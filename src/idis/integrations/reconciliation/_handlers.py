@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from types import ModuleType
 
 from ..exceptions import ConfigError
 from ..sync._inbox import HandlerRegistry, get_registry
@@ -36,6 +37,7 @@ def load_handlers(spec: str, registry: HandlerRegistry | None = None) -> Handler
         ConfigError: naming ``IDIS_HANDLERS``, the entry and what went wrong.
     """
     target = registry if registry is not None else get_registry()
+    imported_only: dict[str, ModuleType] = {}  # module-only entries: their modules
     for raw in spec.split(","):
         entry = raw.strip()
         if not entry:
@@ -62,4 +64,19 @@ def load_handlers(spec: str, registry: HandlerRegistry | None = None) -> Handler
                     variable="IDIS_HANDLERS",
                 )
             register(target)
+        else:
+            imported_only[entry] = module
+    if imported_only and not target.event_types():
+        # Imported fine, registered nothing: the command would only say "no handler is
+        # registered" while IDIS_HANDLERS looks set. Name the entry, and the one to write.
+        first, first_module = next(iter(imported_only.items()))
+        hint = (
+            f"write {first}:register (it has a register function)"
+            if callable(getattr(first_module, "register", None))
+            else "name the function that registers them: package.module:function"
+        )
+        raise ConfigError(
+            f"IDIS_HANDLERS entry {first!r} registered no handler on import: {hint}",
+            variable="IDIS_HANDLERS",
+        )
     return target
