@@ -90,3 +90,24 @@ def test_postgres_leased_messages_carry_the_stored_payload_and_times_in_utc(
         assert message.lease_expires_at.tzinfo is UTC
         # The lease's end follows the database's clock: about five minutes from now.
         assert timedelta(minutes=4) < message.lease_expires_at - before < timedelta(minutes=6)
+
+
+@pytest.mark.parametrize(
+    "naive",
+    [
+        datetime.min,
+        datetime.max,
+        datetime(1970, 1, 1),
+        datetime(2026, 12, 7, 15, 3, 4, 123456),
+        datetime(2024, 2, 29, 23, 59, 59, 999999),
+    ],
+)
+def test_a_naive_utc_wall_time_becomes_the_aware_utc_time(naive: datetime) -> None:
+    from idis.integrations.outbox._worker import _naive_utc
+
+    aware = _naive_utc(naive)
+    expected = naive.replace(tzinfo=UTC)
+    assert aware == expected
+    assert aware.tzinfo is UTC
+    assert repr(aware) == repr(expected)
+    assert aware.fold == expected.fold
