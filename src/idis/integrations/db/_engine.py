@@ -14,8 +14,9 @@ import logging
 import sqlite3
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from itertools import repeat
 from json.scanner import make_scanner
 from typing import Any, TypeAlias, TypeVar
 
@@ -284,6 +285,24 @@ def load_json(text: str) -> Any:
     if end != len(text):
         return _json_decode(text)
     return value
+
+
+def load_json_column(texts: Sequence[str]) -> Sequence[Any]:
+    """``[load_json(t) for t in texts]``, scanned in C with no Python call per document.
+
+    When a document is not one the scanner takes whole (whitespace, trailing
+    text, malformed), every one goes through :func:`load_json`, which
+    behaves as ``json.loads``: the same values, the same errors.
+    """
+    if not texts:
+        return []
+    try:
+        values, ends = zip(*map(_json_scan, texts, repeat(0)), strict=True)
+    except (StopIteration, ValueError):
+        return [load_json(text) for text in texts]
+    if ends != tuple(map(len, texts)):
+        return [load_json(text) for text in texts]
+    return values
 
 
 def _json_loads(data: bytes | str) -> Any:
