@@ -218,3 +218,24 @@ def test_load_json_column_raises_what_json_loads_raises(bad: str) -> None:
     with pytest.raises(json.JSONDecodeError) as slow:
         json.loads(bad)
     assert str(fast.value) == str(slow.value)
+
+
+def test_load_json_values_decodes_each_as_json_loads() -> None:
+    # Each text one JSON value, as PostgreSQL's json/jsonb output is.
+    from idis.integrations.db._engine import load_json_values
+
+    texts = ['{"a": 1, "k": {"a": [2]}}', '{"a": 3, "k": null}', "[1, 2.5]", '"x"', " 7 "]
+    assert list(load_json_values(texts)) == [json.loads(t) for t in texts]
+    assert list(load_json_values(['{"a": 1, "a": 2}'])) == [{"a": 2}]  # the last key wins
+    assert list(load_json_values([])) == []
+
+
+@pytest.mark.parametrize("bad", ['{"a": }', "", "{} x", "[1,]"])
+def test_load_json_values_raises_what_json_loads_raises(bad: str) -> None:
+    from idis.integrations.db._engine import load_json_values
+
+    with pytest.raises(json.JSONDecodeError) as fast:
+        load_json_values(['{"ok": 1}', bad, "[2]"])
+    with pytest.raises(json.JSONDecodeError) as slow:
+        json.loads(bad)
+    assert str(fast.value) == str(slow.value)

@@ -305,6 +305,31 @@ def load_json_column(texts: Sequence[str]) -> Sequence[Any]:
     return values
 
 
+def load_json_values(texts: Sequence[str]) -> Sequence[Any]:
+    """``[load_json(t) for t in texts]`` for texts that are each one JSON value, as
+    PostgreSQL's ``json``/``jsonb`` output always is: scanned at once, as the
+    elements of one array.
+
+    One scanner call for the batch, and the object keys the documents share
+    are made once (the scanner's memo lasts one call): about a quarter less
+    than scanning each. A text that is not one value could merge with its
+    neighbours in the array, so this is for the database's own JSON output
+    only; a batch the array scan does not take whole (a count or an end that
+    does not match, a scanner error) is decoded by :func:`load_json_column`,
+    which raises what ``json.loads`` raises.
+    """
+    if not texts:
+        return []
+    try:
+        text = "[" + ",".join(texts) + "]"
+        values, end = _json_scan(text, 0)
+    except (StopIteration, ValueError, TypeError, RecursionError):
+        return load_json_column(texts)
+    if end != len(text) or len(values) != len(texts):
+        return load_json_column(texts)
+    return values  # type: ignore[no-any-return]  # the scanner's list
+
+
 def _json_loads(data: bytes | str) -> Any:
     # PostgreSQL sends json/jsonb as UTF-8; json.loads(bytes) would first
     # sniff the encoding (twice the cost of the decode for a small payload).

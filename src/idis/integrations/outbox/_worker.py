@@ -60,7 +60,13 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .._clock import Clock, SystemClock, system_clock
 from ..config import OutboxSettings, Settings
-from ..db._engine import blocking_twin, load_json_column, on_driver, unwatched
+from ..db._engine import (
+    blocking_twin,
+    load_json_column,
+    load_json_values,
+    on_driver,
+    unwatched,
+)
 from ..exceptions import BulkheadFull, CircuitOpen, ConfigError, StorageError, UsageError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
@@ -133,12 +139,16 @@ def _sqlite_time_column(times: Sequence[str]) -> Iterable[datetime]:
     return map(_sqlite_time, times)
 
 
-#: How a leased batch's ``created_at`` column is decoded, by "is it SQLite"
-#: (``_queries._leased_columns``): UTC text on SQLite, naive UTC datetimes on
-#: PostgreSQL. The payload is JSON text on both (``load_json_column``).
-_TIME_COLUMN: dict[bool, Callable[[Sequence[Any]], Iterable[datetime]]] = {
-    True: _sqlite_time_column,
-    False: _aware_column,
+#: How a leased batch's payload and ``created_at`` columns are decoded, by "is
+#: it SQLite" (``_queries._leased_columns``): the payload is JSON text on both
+#: (on PostgreSQL the ``jsonb``'s own output, each text one value);
+#: ``created_at`` UTC text on SQLite, naive UTC datetimes on PostgreSQL.
+_COLUMN_DECODERS: dict[
+    bool,
+    tuple[Callable[[Sequence[str]], Sequence[Any]], Callable[[Sequence[Any]], Iterable[datetime]]],
+] = {
+    True: (load_json_column, _sqlite_time_column),
+    False: (load_json_values, _aware_column),
 }
 
 
@@ -446,6 +456,7 @@ class _WorkerCore:
             *_after,
         ) = zip(*rows, strict=True)
         self.reclaimed += last_errors.count(LEASE_EXPIRED)
+        payloads_of, times_of = _COLUMN_DECODERS[dialect == "sqlite"]
         default_retries = self.outbox.max_retries
         if None in max_retries:
             max_retries = tuple(default_retries if m is None else m for m in max_retries)
@@ -456,12 +467,12 @@ class _WorkerCore:
                 providers,
                 kinds,
                 idempotency_keys,
-                load_json_column(payloads),
+                payloads_of(payloads),
                 ordering_keys,
                 tenant_ids,
                 attempts,
                 max_retries,
-                _TIME_COLUMN[dialect == "sqlite"](created_at),
+                times_of(created_at),
                 repeat(expires),
                 generations,
             )
