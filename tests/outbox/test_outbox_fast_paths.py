@@ -239,3 +239,81 @@ def test_load_json_values_raises_what_json_loads_raises(bad: str) -> None:
     with pytest.raises(json.JSONDecodeError) as slow:
         json.loads(bad)
     assert str(fast.value) == str(slow.value)
+
+
+def test_a_delivered_batch_is_counted_and_settled_per_message() -> None:
+    # The all-delivered batch (the messages themselves as outcomes) against the
+    # same batch with one settlement in it, which takes the general path.
+    from prometheus_client import CollectorRegistry
+
+    from idis.integrations.observability._metrics import Metrics
+    from idis.integrations.outbox._policy import Action, Disposition
+    from idis.integrations.outbox._worker import BatchResult, _Settlement, _WorkerCore
+
+    from ..conftest import sample
+
+    now = datetime(2026, 1, 19, 9, 0, tzinfo=UTC)
+    batch = [
+        leased_message(
+            i,
+            ("crm", "erp")[i % 2],
+            ("request", "webhook")[i // 4],
+            f"k{i}",
+            {},
+            None,
+            None,
+            1,
+            5,
+            now,
+            now,
+            10 + i,
+        )
+        for i in range(7)
+    ]
+    metrics = Metrics(CollectorRegistry())
+    core = _WorkerCore(
+        outbox_settings(),
+        providers=None,
+        availability=None,
+        worker_id="w-obs",
+        clock=None,
+        rng=None,
+        metrics=metrics,
+        batch_size=None,
+        concurrency=None,
+        lease=None,
+        poll_interval=None,
+        metrics_interval=None,
+    )
+    result = BatchResult()
+    core.observe(batch, result)
+    assert result.delivered == 7
+    counted = {
+        (provider, kind): sample(
+            metrics,
+            "integration_outbox_deliveries_total",
+            provider=provider,
+            kind=kind,
+            outcome="delivered",
+        )
+        for provider in ("crm", "erp")
+        for kind in ("request", "webhook")
+    }
+    assert counted == {
+        ("crm", "request"): 2,  # ids 0, 2
+        ("erp", "request"): 2,  # 1, 3
+        ("crm", "webhook"): 2,  # 4, 6
+        ("erp", "webhook"): 1,  # 5
+    }
+    params, rows, receivers = core.write_params(batch, now, "postgresql")
+    assert params == {"p_ids": "{0,1,2,3,4,5,6}", "p_gens": "{10,11,12,13,14,15,16}", "p_now": now}
+    assert rows == receivers == []
+    # A delivered settlement among them: the same ids and generations.
+    mixed = [
+        *batch[:3],
+        _Settlement(batch[3], Disposition(Action.DELIVERED, None, None)),
+        *batch[4:],
+    ]
+    assert core.write_params(mixed, now, "postgresql") == (params, [], [])
+    core.observe(mixed, result)
+    assert result.delivered == 14
