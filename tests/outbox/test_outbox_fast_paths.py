@@ -306,7 +306,11 @@ def test_a_delivered_batch_is_counted_and_settled_per_message() -> None:
         ("erp", "webhook"): 1,  # 5
     }
     params, rows, receivers = core.write_params(batch, now, "postgresql")
-    assert params == {"p_ids": "{0,1,2,3,4,5,6}", "p_gens": "{10,11,12,13,14,15,16}", "p_now": now}
+    assert params == {
+        "p_ids": "{0, 1, 2, 3, 4, 5, 6}",
+        "p_gens": "{10, 11, 12, 13, 14, 15, 16}",
+        "p_now": now,
+    }
     assert rows == receivers == []
     # A delivered settlement among them: the same ids and generations.
     mixed = [

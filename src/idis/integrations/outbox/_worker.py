@@ -55,7 +55,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -164,14 +163,20 @@ def _by_id(message: OutboxMessage) -> int:
     return message.id
 
 
-_message_id = attrgetter("id")
-_lease_generation = attrgetter("lease_generation")
-_provider_kind = attrgetter("provider", "kind")
-
-
 def _all_delivered(items: Sequence[_Outcome]) -> bool:
-    """Whether every outcome is a delivered message (none a ``_Settlement``), tested in C."""
-    return not any(map(isinstance, items, repeat(_Settlement)))
+    """Whether every outcome is a delivered message (none a ``_Settlement``, a class
+    without subclasses), tested in C."""
+    return _Settlement not in set(map(type, items))
+
+
+def _delivered_labels(items: Sequence[OutboxMessage]) -> dict[tuple[str, str], int]:
+    """How many delivered messages of each (provider, kind): one pair, nearly always."""
+    providers = {m.provider for m in items}
+    kinds = {m.kind for m in items}
+    if len(providers) == 1 and len(kinds) == 1:
+        [provider], [kind] = providers, kinds
+        return {(provider, kind): len(items)}
+    return Counter([(m.provider, m.kind) for m in items])
 
 
 _DB_ERRORS = (OperationalError, DBAPIError, StorageError)
@@ -686,9 +691,10 @@ class _WorkerCore:
         generations: list[int] = []
         rows: list[dict[str, Any]] = []
         receivers: list[dict[str, Any]] = []
-        if _all_delivered(items):  # the common case: the messages themselves, read in C
-            ids = list(map(_message_id, items))
-            generations = list(map(_lease_generation, items))
+        if _all_delivered(items):  # the common case: the messages themselves
+            messages: Sequence[Any] = items
+            ids = [m.id for m in messages]
+            generations = [m.lease_generation for m in messages]
         else:
             for item in items:
                 if not isinstance(item, _Settlement):  # delivered: the message itself
@@ -770,9 +776,10 @@ class _WorkerCore:
 
     def observe(self, items: Sequence[_Outcome], result: BatchResult) -> None:
         metrics = self.metrics
-        if _all_delivered(items):  # the common case, counted in C
+        if _all_delivered(items):  # the common case
             result.delivered += len(items)
-            for (provider, kind), count in Counter(map(_provider_kind, items)).items():
+            messages: Sequence[Any] = items
+            for (provider, kind), count in _delivered_labels(messages).items():
                 metrics.outbox_deliveries.labels(provider, kind, "delivered").inc(count)
             return
         # Counted per batch, not per message: one labelled increment per outcome.
