@@ -9,6 +9,7 @@ server costs one failed checkout, not a crashed worker.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sqlite3
@@ -52,6 +53,7 @@ __all__ = [
     "driver_error",
     "normalize_url",
     "on_driver",
+    "on_driver_pair",
     "ping_idle_only",
     "read_only",
     "session_scope",
@@ -167,6 +169,53 @@ def on_driver(
         raise driver_error(conn, exc, sql, params, cursor) from exc
     finally:
         cursor.close()
+
+
+def _pipelines(dbapi_conn: Any) -> bool:
+    """Whether ``dbapi_conn`` can pipeline statements (psycopg on libpq 14 or later)."""
+    return getattr(type(dbapi_conn), "pipeline", None) is not None and _psycopg_pipelines()
+
+
+@functools.cache
+def _psycopg_pipelines() -> bool:
+    from psycopg import Pipeline
+
+    return bool(Pipeline.is_supported())
+
+
+def on_driver_pair(
+    conn: Any, first_sql: str, first_params: Any, second_sql: str, second_params: Any
+) -> tuple[int, list[Any]]:
+    """How many rows ``first_sql`` changed and the rows ``second_sql`` returns, run in
+    that order on ``conn``'s DB-API cursors, skipping SQLAlchemy's execute.
+
+    On psycopg both go to the server in one round trip (a pipeline), where
+    :func:`on_driver` twice takes two; elsewhere they run one after the other.
+    The second does not run when the first fails. As with :func:`on_driver`,
+    a driver error comes out as SQLAlchemy's execute raises it, naming the
+    statement that failed; for a caller that checked :func:`unwatched` first.
+    """
+    dbapi_conn = conn.connection.dbapi_connection
+    if not _pipelines(dbapi_conn):
+        count: int = on_driver(conn, first_sql, first_params, rowcount=True)
+        return count, on_driver(conn, second_sql, second_params)
+    first = dbapi_conn.cursor()
+    second = dbapi_conn.cursor()
+    try:
+        with dbapi_conn.pipeline():
+            first.execute(first_sql, first_params)
+            second.execute(second_sql, second_params)
+        rows = second.fetchall() if second.description is not None else []
+        return first.rowcount, rows
+    except conn.dialect.loaded_dbapi.Error as exc:
+        # A failed statement's cursor holds no result (psycopg checks the
+        # results before attaching them): the first's, or else the second's.
+        if first.pgresult is None:
+            raise driver_error(conn, exc, first_sql, first_params, first) from exc
+        raise driver_error(conn, exc, second_sql, second_params, second) from exc
+    finally:
+        first.close()
+        second.close()
 
 
 def driver_error(conn: Any, exc: Exception, sql: str, params: Any, cursor: Any = None) -> Exception:

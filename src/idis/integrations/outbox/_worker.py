@@ -66,6 +66,7 @@ from ..db._engine import (
     load_json_column,
     load_json_values,
     on_driver,
+    on_driver_pair,
     unwatched,
 )
 from ..exceptions import BulkheadFull, CircuitOpen, ConfigError, StorageError, UsageError
@@ -157,6 +158,10 @@ def _monotonic_of(clock: Clock) -> Callable[[], float]:
     """``clock.monotonic``; the system clock's is ``time.monotonic`` itself (read
     after each send: no Python call of its own)."""
     return time.monotonic if type(clock) is SystemClock else clock.monotonic
+
+
+#: ``_write_unsettled``'s plan not made yet.
+_UNPLANNED: Any = object()
 
 
 def _by_id(message: OutboxMessage) -> int:
@@ -995,7 +1000,7 @@ class _Direct:
     def _usable(self, conn: Connection) -> bool:
         return self.enabled and unwatched(conn)
 
-    def _execute(self, conn: Connection, stmt: Any, params: dict[str, Any], fetch: bool) -> Any:
+    def _prepared_for(self, conn: Connection, stmt: Any) -> Prepared:
         dialect = conn.dialect
         if dialect is not self._dialect:
             self._prepared.clear()
@@ -1003,6 +1008,10 @@ class _Direct:
         prepared = self._prepared.get(stmt)
         if prepared is None:
             prepared = self._prepared[stmt] = Prepared(stmt, dialect)
+        return prepared
+
+    def _execute(self, conn: Connection, stmt: Any, params: dict[str, Any], fetch: bool) -> Any:
+        prepared = self._prepared_for(conn, stmt)
         return on_driver(conn, prepared.sql, prepared.params(params), rowcount=not fetch)
 
     def rows(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Sequence[Any]:
@@ -1011,6 +1020,28 @@ class _Direct:
             rows: Sequence[Any] = self._execute(conn, stmt, params, True)
             return rows
         return conn.execute(stmt, params).all()
+
+    def count_then_rows(
+        self,
+        conn: Connection,
+        first: tuple[Any, dict[str, Any]],
+        second: tuple[Any, dict[str, Any]],
+    ) -> tuple[int, Sequence[Any]]:
+        """How many rows the ``first`` statement changed, then the rows the ``second``
+        returns (each a statement and its parameters): in one round trip where the
+        driver pipelines (``on_driver_pair``)."""
+        if self._usable(conn):
+            (stmt1, params1), (stmt2, params2) = first, second
+            prepared1 = self._prepared_for(conn, stmt1)
+            prepared2 = self._prepared_for(conn, stmt2)
+            return on_driver_pair(
+                conn,
+                prepared1.sql,
+                prepared1.params(params1),
+                prepared2.sql,
+                prepared2.params(params2),
+            )
+        return self.count(conn, *first), self.rows(conn, *second)
 
     def count(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> int:
         """How many rows ``stmt`` changed."""
@@ -1228,7 +1259,14 @@ class AsyncOutboxWorker:
         providers = core.providers_to_lease()
 
         def work(conn: Connection) -> list[OutboxMessage]:
-            result.fenced += self._write_unsettled(conn)
+            plan = self._settle_plan()
+            if plan is not None and providers and not core.unsure_of_leases:
+                delivered, rows, receivers = plan
+                if delivered is not None and not rows and not receivers:
+                    # Delivered outcomes only (the common case): their settle goes
+                    # with the first lease, in one round trip (``_Direct.count_then_rows``).
+                    return self._lease(conn, providers, result, settle=self._settle_of(delivered))
+            result.fenced += self._write_unsettled(conn, plan)
             if core.unsure_of_leases:
                 conn.execute(release_own_statement(), core.release_own_params())
             return self._lease(conn, providers, result)
@@ -1250,8 +1288,15 @@ class AsyncOutboxWorker:
         return result
 
     def _lease(
-        self, conn: Connection, providers: list[str], result: BatchResult
+        self,
+        conn: Connection,
+        providers: list[str],
+        result: BatchResult,
+        *,
+        settle: tuple[Any, dict[str, Any]] | None = None,
     ) -> list[OutboxMessage]:
+        """Lease a batch; first, with ``settle`` (the delivered settle's statement and
+        parameters, for ``core.unsettled``), write it with the first lease."""
         core = self._core
         if not providers:
             return []
@@ -1270,7 +1315,13 @@ class AsyncOutboxWorker:
             limit = core.batch_size - len(batch)
             if limit <= 0:
                 break
-            rows = self._direct.rows(conn, stmt, core.lease_params(provider, limit, now))
+            params = core.lease_params(provider, limit, now)
+            if settle is not None:
+                applied, rows = self._direct.count_then_rows(conn, settle, (stmt, params))
+                result.fenced += core.fenced(core.unsettled, applied)
+                settle = None
+            else:
+                rows = self._direct.rows(conn, stmt, params)
             if not rows:
                 continue
             if on_statement_clock:
@@ -1440,18 +1491,30 @@ class AsyncOutboxWorker:
             )
         leases.renewed(held, now + core.lease)
 
-    def _write_unsettled(self, conn: Connection) -> int:
-        """Write the pending settlements; return how many were fenced off."""
+    def _settle_plan(self) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]] | None:
+        """``write_params`` of the pending settlements, as of now; None when there are none."""
+        core = self._core
+        if not core.unsettled:
+            return None
+        return core.write_params(core.unsettled, core.now(), self._dialect)
+
+    def _settle_of(self, delivered: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """The delivered settle's statement, with its parameters."""
+        return settle_delivered_statement(self._dialect, packed="p_keys" in delivered), delivered
+
+    def _write_unsettled(self, conn: Connection, plan: Any = _UNPLANNED) -> int:
+        """Write the pending settlements (``plan``: their ``_settle_plan``, when made);
+        return how many were fenced off."""
         core = self._core
         items = core.unsettled
-        if not items:
+        if plan is _UNPLANNED:
+            plan = self._settle_plan()
+        if plan is None:
             return 0
-        now = core.now()
-        delivered, rows, receivers = core.write_params(items, now, self._dialect)
+        delivered, rows, receivers = plan
         applied = 0
         if delivered:
-            stmt = settle_delivered_statement(self._dialect, packed="p_keys" in delivered)
-            applied += self._direct.count(conn, stmt, delivered)
+            applied += self._direct.count(conn, *self._settle_of(delivered))
         if rows:
             applied += conn.execute(settle_statement(), rows).rowcount
         for receiver in receivers:
