@@ -989,7 +989,10 @@ class _Direct:
     nothing for the worker that the driver's cursor does not, at about 40 µs
     a statement. Errors come out as SQLAlchemy's would (``DBAPIError``
     subclasses; a lost connection invalidated), so the worker's handling is
-    the same either way.
+    the same either way. In ``run``, a batch's delivered settle goes with the
+    next lease (:meth:`count_then_rows`): on psycopg in one round trip, a
+    pipeline inside the cycle's transaction (psycopg's BEGIN still takes its
+    own): a round trip costs the client tens of µs of CPU.
     """
 
     def __init__(self, enabled: bool) -> None:
