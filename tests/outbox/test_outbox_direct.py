@@ -121,3 +121,53 @@ def test_a_driver_error_is_a_storage_error_and_the_worker_recovers(
     assert 5 == len(recorder.delivered)
     assert {"delivered"} == {r.status for r in table(engine)}
     assert [1] * 5 == [r.attempts for r in table(engine)]
+
+
+@pytest.mark.postgres
+def test_a_settle_sent_with_the_next_lease_fails_with_it_and_is_written_again(
+    loop: Loop, pg_url: str
+) -> None:
+    """``run`` sends a batch's delivered settle with the next lease (one round trip on
+    psycopg): the database refusing the settle undoes the lease with it, and the
+    worker recovers: every message delivered once, with one attempt."""
+    from idis.integrations.db._engine import create_db_engine
+
+    engine = create_db_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE SEQUENCE refuse_once"))
+            conn.execute(
+                text(
+                    "CREATE FUNCTION refuse_once() RETURNS trigger AS $$ BEGIN "
+                    "IF nextval('refuse_once') = 1 THEN RAISE EXCEPTION 'settle refused'; END IF; "
+                    "RETURN NEW; END $$ LANGUAGE plpgsql"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_once BEFORE UPDATE ON outbox_messages FOR EACH ROW "
+                    "WHEN (NEW.status = 'delivered') EXECUTE FUNCTION refuse_once()"
+                )
+            )
+        put_messages(engine, 4)
+        recorder = Recorder()
+        worker = loop.worker(
+            engine,
+            outbox_settings(),
+            deliver=recorder,
+            providers=["crm_provider"],
+            batch_size=2,
+            worker_id="w-pair",
+        )
+        result = worker.run(until_idle=True)
+        rows = table(engine)
+        with engine.connect() as conn:
+            refused = conn.execute(text("SELECT last_value FROM refuse_once")).scalar_one()
+    finally:
+        engine.dispose()
+
+    assert refused > 1, "the first delivered settle was refused"
+    assert result.delivered == 4
+    assert sorted(recorder.delivered) == sorted(r.id for r in rows)
+    assert {"delivered"} == {r.status for r in rows}
+    assert [1] * 4 == [r.attempts for r in rows]

@@ -322,8 +322,10 @@ def _bigint_array(name: str) -> Any:
 def id_list(dialect: str, ids: Sequence[int]) -> str:
     """The value of ``:p_ids`` (or ``:p_gens``) for ``ids``: an array literal
     (PostgreSQL) or a JSON array (SQLite), as text."""
-    text = ",".join(map(str, ids))
-    return f"{{{text}}}" if dialect == "postgresql" else f"[{text}]"
+    # A list's repr, written in C: the JSON array itself, and between braces a
+    # PostgreSQL array literal (which allows the spaces after its commas).
+    text = repr(list(ids))
+    return f"{{{text[1:-1]}}}" if dialect == "postgresql" else text
 
 
 #: SQLite packs (id, lease generation) into one integer, ``id * 2**20 +
