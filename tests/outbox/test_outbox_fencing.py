@@ -134,3 +134,41 @@ def test_a_late_settle_does_not_overwrite_the_new_holders_outcome(
     if b_outcome == "retry":
         assert "503" in (row.last_error or "")
         assert row.lease_owner is None
+
+
+def test_a_late_delivered_settle_sent_with_the_next_lease_is_fenced_and_counted(
+    engine: Engine, clock: ManualClock
+) -> None:
+    """In ``run``, a delivered settle goes with the next cycle's lease (on psycopg in one
+    round trip): when A's lease lapsed meanwhile and B settled the message, A's settle
+    changes nothing there either, and A counts it (``fenced``, ``stale_settles``)."""
+    put_messages(engine, 1, keys=1, clock=clock)
+    settings = outbox_settings(lease=LEASE, batch_size=1, concurrency=1)
+    common: dict[str, Any] = {"providers": ["crm_provider"], "clock": clock}
+    b_results: list[Any] = []
+    async_engine = create_async_db_engine(engine.url.render_as_string(hide_password=False))
+
+    async def b_send(message: OutboxMessage) -> None:
+        raise unavailable(message)  # B's outcome (a retry later) must stand
+
+    async def scenario() -> tuple[Any, int]:
+        b = AsyncOutboxWorker(async_engine, settings, deliver=b_send, **common, worker_id="B")
+
+        async def a_send(message: OutboxMessage) -> None:
+            clock.advance(LEASE + timedelta(seconds=1))
+            b_results.append(await b.run_once())
+
+        a = AsyncOutboxWorker(async_engine, settings, deliver=a_send, **common, worker_id="A")
+        result = await a.run(until_idle=True)
+        return result, a.stale_settles
+
+    try:
+        a_result, stale = asyncio.run(scenario())
+    finally:
+        asyncio.run(async_engine.dispose())
+
+    assert [1] == [r.leased for r in b_results]
+    [row] = table(engine)
+    assert ("pending", 2) == (row.status, row.lease_generation), "A's late settle overwrote B's"
+    assert "503" in (row.last_error or "")
+    assert (1, 1, 1) == (a_result.delivered, a_result.fenced, stale)
