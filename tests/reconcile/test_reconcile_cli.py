@@ -292,6 +292,37 @@ def test_audit_lists_events_by_provider_time_and_action(
     assert "reconcile.completed" in everything.stdout
     assert "5 audit events" in everything.stdout
     assert "0 audit events" in other.stdout
+    assert "actions recorded there: reconcile.completed" in other.stderr
+
+
+def test_audit_names_the_recorded_actions_when_an_action_matches_nothing(
+    sim: RunningSimulator, env: dict[str, str]
+) -> None:
+    """A mistyped --action ("0 audit events", exit 0) names what the window holds, on stderr;
+    a filter that matches says nothing more."""
+    since = _since()
+    sim.control.emit(PROVIDER, 2, webhook=False)
+    run("reconcile", "--provider", PROVIDER, "--since", since)
+
+    typo = run("audit", "--provider", PROVIDER, "--since", since, "--action", "reconcile.aplied")
+    as_json = run(
+        "audit", "--provider", PROVIDER, "--since", since, "--action", "recon.*", "--json"
+    )
+    found = run("audit", "--provider", PROVIDER, "--since", since, "--action", "reconcile.*")
+    empty = run(
+        "audit", "--provider", PROVIDER, "--since", since, "--until", since, "--action", "x"
+    )
+
+    assert (0, 0) == (typo.exit_code, as_json.exit_code)
+    assert "0 audit events" in typo.stdout
+    assert (
+        f"no audit event of {PROVIDER} in that window has action 'reconcile.aplied'; "
+        "actions recorded there: reconcile.completed, reconcile.event_applied"
+    ) in " ".join(typo.stderr.split())
+    assert [] == json.loads(as_json.stdout), "the note goes to stderr, never into the JSON"
+    assert "'recon.*'" in as_json.stderr
+    assert "note:" not in found.stderr
+    assert "actions recorded there: none (no audit event at all)" in " ".join(empty.stderr.split())
 
 
 def test_no_secret_reaches_the_output_the_audit_trail_or_the_logs(

@@ -176,3 +176,22 @@ def list_audit_events(
     if limit is not None:
         query = query.limit(limit)
     return [AuditRecord.from_row(row) for row in session.scalars(query)]
+
+
+def recorded_actions(
+    session: Session,
+    *,
+    provider: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[str]:
+    """The distinct actions of the audit rows in this window, sorted: what ``--action`` can
+    match there."""
+    query = select(AuditEvent.action).distinct().order_by(AuditEvent.action)
+    if provider is not None:
+        query = query.where(AuditEvent.provider == provider)
+    if since is not None:
+        query = query.where(AuditEvent.occurred_at >= since)
+    if until is not None:
+        query = query.where(AuditEvent.occurred_at < until)
+    return list(session.scalars(query))

@@ -389,7 +389,7 @@ def audit_command(
     as_json: bool,
 ) -> None:
     """List PROVIDER's audit events since --since, oldest first (RB-09 Verification 2)."""
-    from .._audit import list_audit_events
+    from .._audit import list_audit_events, recorded_actions
     from ..db._engine import session_scope
 
     end = until or utcnow()
@@ -409,6 +409,20 @@ def audit_command(
             actions=actions,
             action_prefix=prefix,
             limit=limit,
+        )
+        # A filter that matched nothing may be a typo ("breaker.opne"): exit 0 and "0
+        # audit events" alone would read as "it never happened". Name what is there.
+        recorded = (
+            recorded_actions(session, provider=provider, since=since, until=end)
+            if action and not records
+            else None
+        )
+    if recorded is not None:
+        there = ", ".join(recorded) if recorded else "none (no audit event at all)"
+        stderr.print(
+            f"note: no audit event of {provider} in that window has action {action!r}; "
+            f"actions recorded there: {there}",
+            markup=False,
         )
     if as_json:
         # Every field but the provider (the command names it); times as ISO-8601.
