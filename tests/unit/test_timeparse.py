@@ -45,6 +45,16 @@ def test_bad_duration_names_value_and_variable(text: str) -> None:
     assert repr(text) in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["-1s", "-5m", "- 90 minutes", "-1h30m", "-0.5", "-2"])
+def test_a_negative_duration_is_said_to_be_negative(text: str) -> None:
+    """A signed duration is a duration: the error says it must not be negative (it said
+    "is not a duration" for "-1s", which sends the reader looking for a typo)."""
+    with pytest.raises(ConfigError) as info:
+        parse_duration(text, name="CRM_POLL_INTERVAL")
+
+    assert f"CRM_POLL_INTERVAL={text!r} must not be negative" == str(info.value)
+
+
 @given(st.integers(min_value=0, max_value=10**7))
 def test_format_then_parse_round_trips(seconds: int) -> None:
     """format_duration's output parses back to the same duration."""

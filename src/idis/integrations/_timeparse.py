@@ -110,6 +110,9 @@ def parse_duration(value: str | float | int | timedelta, *, name: str = "duratio
             parsed = float(text)
         except ValueError:
             parsed = _parse_words(text) if text else None
+        if parsed is None and text.startswith("-") and _parse_words(text[1:].lstrip()):
+            # "-1s" is a duration with a sign: say what is wrong with it, not "not a duration".
+            parsed = -1.0
         if parsed is None:
             raise ConfigError(f"{name}={value!r} is not {_DURATION_HELP}", variable=name)
         seconds = parsed
