@@ -12,14 +12,16 @@ import getpass
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Index, String, Text, select
+from sqlalchemy import Index, Select, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from ._redact import redact_text, redact_value
 from ._timeparse import utcnow
 from .db._base import Base, BigIntPK, JSONType, UTCDateTime
+
+_Query = TypeVar("_Query", bound=Select[Any])
 
 __all__ = [
     "AuditEvent",
@@ -162,13 +164,9 @@ def list_audit_events(
     limit: int | None = 1000,
 ) -> list[AuditRecord]:
     """Audit rows, oldest first, filtered by provider, time window and action."""
-    query = select(AuditEvent).order_by(AuditEvent.occurred_at, AuditEvent.id)
-    if provider is not None:
-        query = query.where(AuditEvent.provider == provider)
-    if since is not None:
-        query = query.where(AuditEvent.occurred_at >= since)
-    if until is not None:
-        query = query.where(AuditEvent.occurred_at < until)
+    query = _in_window(
+        select(AuditEvent).order_by(AuditEvent.occurred_at, AuditEvent.id), provider, since, until
+    )
     if actions:
         query = query.where(AuditEvent.action.in_(list(actions)))
     if action_prefix:
@@ -188,10 +186,17 @@ def recorded_actions(
     """The distinct actions of the audit rows in this window, sorted: what ``--action`` can
     match there."""
     query = select(AuditEvent.action).distinct().order_by(AuditEvent.action)
+    return list(session.scalars(_in_window(query, provider, since, until)))
+
+
+def _in_window(
+    query: _Query, provider: str | None, since: datetime | None, until: datetime | None
+) -> _Query:
+    """``query`` restricted to one provider's rows in [since, until), where given."""
     if provider is not None:
         query = query.where(AuditEvent.provider == provider)
     if since is not None:
         query = query.where(AuditEvent.occurred_at >= since)
     if until is not None:
         query = query.where(AuditEvent.occurred_at < until)
-    return list(session.scalars(query))
+    return query
