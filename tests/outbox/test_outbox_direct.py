@@ -171,3 +171,25 @@ def test_a_settle_sent_with_the_next_lease_fails_with_it_and_is_written_again(
     assert sorted(recorder.delivered) == sorted(r.id for r in rows)
     assert {"delivered"} == {r.status for r in rows}
     assert [1] * 4 == [r.attempts for r in rows]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_pipeline_error_names_the_statement_that_failed(pg_url: str, failing: int) -> None:
+    """``on_driver_pipeline`` (the outbox's settle + lease, the inbox's lock + read): the
+    error is SQLAlchemy's, naming the statement the server refused, first or second."""
+    from sqlalchemy.exc import DBAPIError
+
+    from idis.integrations.db._engine import create_db_engine, on_driver_pipeline
+
+    bad = "SELECT 1 / 0 AS refused"
+    statements = [(bad if i == failing else f"SELECT {i} AS fine", None) for i in range(2)]
+    engine = create_db_engine(pg_url)
+    try:
+        with engine.begin() as conn, pytest.raises(DBAPIError) as info:
+            on_driver_pipeline(conn, statements)
+    finally:
+        engine.dispose()
+
+    assert bad == info.value.statement
+    assert "division by zero" in str(info.value.orig)

@@ -55,6 +55,7 @@ __all__ = [
     "normalize_url",
     "on_driver",
     "on_driver_pair",
+    "on_driver_pipeline",
     "ping_idle_only",
     "read_only",
     "session_scope",
@@ -190,33 +191,46 @@ def on_driver_pair(
     """How many rows ``first_sql`` changed and the rows ``second_sql`` returns, run in
     that order on ``conn``'s DB-API cursors, skipping SQLAlchemy's execute.
 
-    On psycopg both go to the server in one round trip (a pipeline), where
-    :func:`on_driver` twice takes two; elsewhere they run one after the other.
-    The second does not run when the first fails. As with :func:`on_driver`,
-    a driver error comes out as SQLAlchemy's execute raises it, naming the
-    statement that failed; for a caller that checked :func:`unwatched` first.
+    On psycopg both go to the server in one round trip (:func:`on_driver_pipeline`),
+    where :func:`on_driver` twice takes two; elsewhere they run one after the other.
+    The second does not run when the first fails.
     """
-    dbapi_conn = conn.connection.dbapi_connection
-    if not _pipelines(dbapi_conn):
+    if not _pipelines(conn.connection.dbapi_connection):
         count: int = on_driver(conn, first_sql, first_params, rowcount=True)
         return count, on_driver(conn, second_sql, second_params)
-    first = dbapi_conn.cursor()
-    second = dbapi_conn.cursor()
+    (count, _), (_, rows) = on_driver_pipeline(
+        conn, [(first_sql, first_params), (second_sql, second_params)]
+    )
+    return count, rows
+
+
+def on_driver_pipeline(
+    conn: Any, statements: Sequence[tuple[str, Any]], *, driver: Any = None
+) -> list[tuple[int, list[Any]]]:
+    """Each statement's rowcount and rows, all sent in one psycopg pipeline (one round
+    trip) on ``driver`` (default ``conn``'s DB-API connection), skipping SQLAlchemy's execute.
+
+    The server runs them in order, and none after one that fails. A driver error
+    comes out as SQLAlchemy's execute raises it, naming the statement that failed;
+    for a caller that checked :func:`unwatched` first.
+    """
+    if driver is None:
+        driver = conn.connection.dbapi_connection
+    cursors = [driver.cursor() for _ in statements]
     try:
-        with dbapi_conn.pipeline():
-            first.execute(first_sql, first_params)
-            second.execute(second_sql, second_params)
-        rows = second.fetchall() if second.description is not None else []
-        return first.rowcount, rows
+        with driver.pipeline():
+            for cursor, (sql, params) in zip(cursors, statements, strict=True):
+                cursor.execute(sql, params)
+        return [(c.rowcount, c.fetchall() if c.description is not None else []) for c in cursors]
     except conn.dialect.loaded_dbapi.Error as exc:
-        # A failed statement's cursor holds no result (psycopg checks the
-        # results before attaching them): the first's, or else the second's.
-        if first.pgresult is None:
-            raise driver_error(conn, exc, first_sql, first_params, first) from exc
-        raise driver_error(conn, exc, second_sql, second_params, second) from exc
+        # A failed statement's cursor holds no result (psycopg checks the results
+        # before attaching them): the first such one failed.
+        failed = next((i for i, c in enumerate(cursors) if c.pgresult is None), len(cursors) - 1)
+        sql, params = statements[failed]
+        raise driver_error(conn, exc, sql, params, cursors[failed]) from exc
     finally:
-        first.close()
-        second.close()
+        for cursor in cursors:
+            cursor.close()
 
 
 def driver_error(conn: Any, exc: Exception, sql: str, params: Any, cursor: Any = None) -> Exception:

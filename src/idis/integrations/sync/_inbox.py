@@ -73,6 +73,7 @@ from ..db._engine import (
     await_in_greenlet,
     driver_error,
     on_driver,
+    on_driver_pipeline,
     unwatched,
 )
 from ..exceptions import StorageError, UsageError
@@ -502,7 +503,11 @@ def _pg_reads(
                 _pipelined_async(driver, lock, (read_sql, read_params))
             )
         else:
-            locked, known = _pipelined(driver, lock, (read_sql, read_params))
+            statements = (
+                [(read_sql, read_params)] if lock is None else [lock, (read_sql, read_params)]
+            )
+            *locks, (_, known) = on_driver_pipeline(conn, statements, driver=driver)
+            locked = locks[0][1] if locks else []
     except conn.dialect.loaded_dbapi.Error as exc:
         raise driver_error(conn, exc, lock_sql, lock_params) from exc
     current = {
@@ -518,26 +523,13 @@ def _pg_reads(
 _Statement: TypeAlias = tuple[str, dict[str, Any]]
 
 
-def _pipelined(driver: Any, lock: _Statement | None, read: _Statement) -> tuple[Any, Any]:
-    """The lock's rows (none without a lock) and the read's, both sent in one psycopg
-    pipeline (one round trip)."""
-    lock_cursor, read_cursor = driver.cursor(), driver.cursor()
-    try:
-        with driver.pipeline():
-            if lock is not None:
-                lock_cursor.execute(*lock)
-            read_cursor.execute(*read)
-        return (lock_cursor.fetchall() if lock is not None else []), read_cursor.fetchall()
-    finally:
-        lock_cursor.close()
-        read_cursor.close()
-
-
 async def _pipelined_async(
     driver: Any, lock: _Statement | None, read: _Statement
 ) -> tuple[Any, Any]:
-    """:func:`_pipelined` on psycopg's ``AsyncConnection``: the transaction's ``BEGIN``, the
-    lock and the read in one round trip, where the adapter's cursor would await three."""
+    """The lock's rows (none without a lock) and the read's, on psycopg's ``AsyncConnection``
+    (:func:`~idis.integrations.db._engine.on_driver_pipeline` is the blocking one): the
+    transaction's ``BEGIN``, the lock and the read in one round trip, where the adapter's
+    cursor would await three."""
     lock_cursor, read_cursor = driver.cursor(), driver.cursor()
     try:
         async with driver.pipeline():
