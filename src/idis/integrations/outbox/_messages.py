@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ..config import INT_SETTING_MAX
 from ..exceptions import ConfigError
 
 __all__ = [
@@ -49,7 +50,7 @@ def _invalid(name: str, value: object, expected: str) -> ConfigError:
 
 
 #: Largest retry budget the ``max_retries`` column holds (PostgreSQL INTEGER).
-MAX_RETRIES_LIMIT = 2**31 - 1
+MAX_RETRIES_LIMIT = INT_SETTING_MAX
 
 
 def check_max_retries(value: object, name: str = "max_retries") -> int:
