@@ -138,7 +138,7 @@ def test_leased_rows_become_the_constructors_messages(dialect: str) -> None:
     # Rows as each driver returns them (_queries._leased_columns): the payload
     # as JSON text; created_at as a naive UTC datetime on PostgreSQL, followed by
     # the statement's time, as UTC text on SQLite.
-    from idis.integrations.outbox._queries import LEASE_EXPIRED
+    from idis.integrations.outbox._queries import LEASE_EXPIRED, SUSPECT
 
     expires = datetime(2026, 1, 19, 9, 5, tzinfo=UTC)
     created = [datetime(2026, 1, 19, 8, 0, 0, 250 * i, tzinfo=UTC) for i in range(3)]
@@ -194,7 +194,16 @@ def test_leased_rows_become_the_constructors_messages(dialect: str) -> None:
     assert [m.lease_generation for m in messages] == [7, 8, 9]
     assert all(m.created_at.tzinfo is UTC for m in messages)
     assert core.reclaimed == 1  # the lapsed lease's row
+    assert core.suspects == [12]
     assert core.to_messages([], expires, dialect) == []
+
+    # A suspect given back (``give_back_statement``) and leased again is still a
+    # suspect, but its takeover was counted when it happened, not again.
+    suspect = (*rows[2][:11], SUSPECT, *rows[2][12:])
+    core.suspects.clear()
+    core.to_messages([rows[0], suspect], expires, dialect)
+    assert core.reclaimed == 1
+    assert core.suspects == [12]
 
 
 def test_load_json_column_decodes_each_as_load_json() -> None:

@@ -86,9 +86,11 @@ from ._models import (
 __all__ = [
     "LEASED_COLUMNS",
     "LEASE_EXPIRED",
+    "SUSPECT",
     "UNSETTLED",
     "Prepared",
     "first_pending",
+    "give_back_statement",
     "id_list",
     "insert_statement",
     "lease_statement",
@@ -111,6 +113,10 @@ _DEAD: ColumnClause[Any] = literal_column(f"'{DEAD}'")
 UNSETTLED = [_PENDING, _DEAD]
 #: ``last_error`` a lease writes when it takes over a lapsed lease (a worker died).
 LEASE_EXPIRED = "lease expired: the worker holding it stopped without settling it"
+#: ``last_error`` of a message given back untried because it was leased with
+#: others while a worker that held it had died (:data:`LEASE_EXPIRED`): it stays
+#: a suspect, leased alone, until it settles (``give_back_statement``).
+SUSPECT = "suspect: a worker holding it stopped mid-batch; it is sent alone until it settles"
 
 
 def _ts(name: str) -> Any:
@@ -519,6 +525,38 @@ def release_own_statement() -> Update:
             attempts=messages.c.attempts - 1,
             last_error=literal_column(f"'{LEASE_UNACKNOWLEDGED}'"),
             updated_at=_ts("p_now"),
+        )
+    )
+
+
+@functools.cache
+def give_back_statement(dialect: str) -> Update:
+    """Give back messages this transaction just leased, untried (``p_ids``, ``p_owner``).
+
+    Run in the lease's own transaction, before anything is sent (no other
+    worker can have touched the rows since): the attempt the lease counted is
+    given back, the lease cleared, and a message that came back from a worker
+    that died (:data:`LEASE_EXPIRED`) is marked :data:`SUSPECT`, so that it is
+    still told apart when leased again, without being counted as taken over twice.
+    """
+    return (
+        update(messages)
+        .where(
+            _ids(dialect),
+            messages.c.lease_owner == bindparam("p_owner"),
+            messages.c.status == _PENDING,
+        )
+        .values(
+            lease_owner=None,
+            lease_expires_at=None,
+            attempts=messages.c.attempts - 1,
+            last_error=case(
+                (
+                    messages.c.last_error == literal_column(f"'{LEASE_EXPIRED}'"),
+                    literal_column(f"'{SUSPECT}'"),
+                ),
+                else_=messages.c.last_error,
+            ),
         )
     )
 

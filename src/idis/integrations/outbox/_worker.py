@@ -77,8 +77,10 @@ from ._models import DEAD, PENDING, RECEIVER_GONE
 from ._policy import DEFER_DELAY, Action, Disposition, decide, describe_error, probe_decides
 from ._queries import (
     LEASE_EXPIRED,
+    SUSPECT,
     Prepared,
     database_now_statement,
+    give_back_statement,
     gone_receivers_statement,
     id_list,
     lease_statement,
@@ -164,8 +166,16 @@ def _monotonic_of(clock: Clock) -> Callable[[], float]:
 _UNPLANNED: Any = object()
 
 
+#: ``last_error`` of a leased message a worker that died held (see ``_isolate``).
+_SUSPECTS = frozenset({LEASE_EXPIRED, SUSPECT})
+
+
 def _by_id(message: OutboxMessage) -> int:
     return message.id
+
+
+def _by_attempts(message: OutboxMessage) -> tuple[int, int]:
+    return message.attempts, message.id
 
 
 def _all_delivered(items: Sequence[_Outcome]) -> bool:
@@ -387,6 +397,10 @@ class _WorkerCore:
         self.stale_settles = 0
         #: Leases the last batch took over from workers that died (``to_messages``).
         self.reclaimed = 0
+        #: Ids of the last lease's messages that a worker that died held (``to_messages``).
+        self.suspects: list[int] = []
+        #: The last batch was a suspect sent alone (its warning is logged once).
+        self.isolating = False
         self.log = _log.bind(worker=self.worker_id)
 
     @property
@@ -483,7 +497,12 @@ class _WorkerCore:
             last_errors,
             *_after,
         ) = zip(*rows, strict=True)
-        self.reclaimed += last_errors.count(LEASE_EXPIRED)
+        lapsed = last_errors.count(LEASE_EXPIRED)
+        self.reclaimed += lapsed
+        if lapsed or SUSPECT in last_errors:  # rare: a worker died holding some of these
+            self.suspects.extend(
+                [i for i, error in zip(ids, last_errors, strict=True) if error in _SUSPECTS]
+            )
         payloads_of, times_of = _COLUMN_DECODERS[dialect == "sqlite"]
         default_retries = self.outbox.max_retries
         if None in max_retries:
@@ -1314,6 +1333,7 @@ class AsyncOutboxWorker:
         stmt = lease_statement(self._dialect, database_clock=on_statement_clock)
         batch: list[OutboxMessage] = []
         webhooks = False
+        core.suspects.clear()
         for provider in providers:
             limit = core.batch_size - len(batch)
             if limit <= 0:
@@ -1343,7 +1363,49 @@ class AsyncOutboxWorker:
             core.set_gone(conn.execute(gone_receivers_statement()).all())
         batch.sort(key=_by_id)
         core.taken_over(result)
+        if core.suspects or core.isolating:  # rare: see _isolate
+            batch = self._isolate(conn, batch)
         return batch
+
+    def _isolate(self, conn: Connection, batch: list[OutboxMessage]) -> list[OutboxMessage]:
+        """A batch holding suspects (messages a worker that died held) becomes its first
+        suspect alone; the rest is given back untried, in the lease's transaction.
+
+        A message that kills the worker sending it (a crash in the delivery, the
+        process killed for memory) takes down every message leased with it, and
+        every lease counts an attempt: sent in batches again, it would spend its
+        neighbours' retries with its own and dead-letter them all, most never
+        sent. Alone, it spends only its own; a neighbour pays at most the
+        attempt of the batch it was first leased in. Each cycle sends one
+        suspect until none is left (a cycle's lease and give-back write rows
+        that are not sent, but only after a worker died); each leased message is
+        a head of its ordering key, so any of them may go first.
+        """
+        core = self._core
+        suspects = set(core.suspects)
+        core.suspects.clear()
+        # The suspect with the fewest attempts: one that keeps killing its worker
+        # gains one per death and goes last, so the others are not held behind it.
+        kept = min((m for m in batch if m.id in suspects), key=_by_attempts, default=None)
+        was_isolating, core.isolating = core.isolating, kept is not None
+        if kept is None or len(batch) == 1:
+            return batch
+        others = [m.id for m in batch if m is not kept]
+        conn.execute(
+            give_back_statement(self._dialect),
+            {"p_ids": id_list(self._dialect, others), "p_owner": core.worker_id},
+        )
+        if not was_isolating:
+            core.log.warning(
+                "idis.outbox.suspects_isolated",
+                msg="a worker stopped holding some of these messages: they are sent one at "
+                "a time until each settles, so one that kills its worker spends only its "
+                "own retries",
+                suspects=len(suspects),
+                message_id=kept.id,
+                given_back=len(others),
+            )
+        return [kept]
 
     async def _refresh_gauges(self) -> None:
         from ._admin import refresh_gauges
