@@ -134,6 +134,23 @@ def test_bad_input_fails_naming_the_value_and_changes_nothing(
     assert (0, 0) == (_count(engine, SyncInbox), _count(engine, ReconcileCheckpoint))
 
 
+def test_a_bad_since_lists_the_bare_duration_form_and_help_does_too(
+    sim: RunningSimulator, env: dict[str, str], engine: Engine
+) -> None:
+    """`--since "5 minutes"` is accepted, so a bad --since lists that form (exit 2, nothing
+    replayed), and --help names it too."""
+    bad = run("reconcile", "--provider", PROVIDER, "--since", "5 minutez")
+    usage = run("reconcile", "--help")
+
+    assert 2 == bad.exit_code
+    assert "'5 minutez'" in bad.output
+    assert 'without "ago" ("5 minutes", "2h")' in bad.output
+    assert '"now"' in bad.output
+    assert 0 == sim.control.stats(PROVIDER)["requests"].get("replay", 0)
+    assert (0, 0) == (_count(engine, SyncInbox), _count(engine, ReconcileCheckpoint))
+    assert '"5 minutes"' in " ".join(usage.output.split())
+
+
 def test_since_beyond_the_retention_names_the_window_and_applies_nothing(
     sim: RunningSimulator, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, engine: Engine
 ) -> None:
