@@ -281,6 +281,30 @@ def test_verify_sync_exits_1_on_a_mismatch_and_0_after_repair(
     assert ["rec_4"] == [r.subject_id for r in audit_rows(engine, "verify_sync.record_repaired")]
 
 
+def test_verify_sync_counts_records_gone_on_both_sides_without_a_warning_each(
+    sim: RunningSimulator, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records deleted at the provider, deletions applied: their 404s are expected. No
+    warning line per record on stderr, one count in the summary and the JSON, exit 0."""
+    monkeypatch.setenv("IDIS_LOG_FORMAT", "json")
+    since = _since()
+    sim.control.emit(PROVIDER, 8, webhook=False)
+    for record_id in ("rec_2", "rec_4", "rec_6"):
+        sim.control.mutate(PROVIDER, record_id, {}, delete=True, event=True)
+    run("reconcile", "--provider", PROVIDER, "--since", since)
+
+    result = run("verify-sync", "--provider", PROVIDER, "--sample-size", "20", "--seed", "5")
+    as_json = json.loads(
+        run("verify-sync", "--provider", PROVIDER, "--sample-size", "20", "--json").stdout
+    )
+
+    assert 0 == result.exit_code, result.output
+    assert "3 deleted on both sides: crm_provider answered 404, as expected" in result.stdout
+    assert '"level": "warning"' not in result.stderr
+    assert "404" not in result.stderr
+    assert (3, 0, True) == (as_json["gone"], as_json["mismatched"], as_json["ok"])
+
+
 def test_audit_lists_events_by_provider_time_and_action(
     sim: RunningSimulator, env: dict[str, str]
 ) -> None:
