@@ -124,6 +124,25 @@ def test_check_token_for_an_unknown_provider_names_the_known_ones(
     assert "crm_provider" in last
 
 
+def test_rb09s_literal_placeholder_is_named_as_such(
+    sim: RunningSimulator, sqlite_url: str, fernet_key: str
+) -> None:
+    """RB-09 Triage 3 run exactly as written (check_token('provider_name')): one clear line
+    naming the value as the runbook's placeholder and listing the configured providers."""
+    code = "from idis.integrations import check_token; print(check_token('provider_name'))"
+
+    result = run_python(code, env_for(sim, sqlite_url, fernet_key))
+
+    last = result.stderr.strip().splitlines()[-1]
+    assert 1 == result.returncode
+    assert "" == result.stdout
+    assert last == (
+        "idis.integrations.exceptions.UnknownProviderError: unknown provider 'provider_name' "
+        "(RB-09's placeholder: put the affected provider's name there): expected one of "
+        "crm_provider (declare providers in IDIS_PROVIDERS or the IDIS_CONFIG_FILE TOML)"
+    )
+
+
 def test_cli_check_token_json_and_exit_status(
     sim: RunningSimulator, sqlite_url: str, fernet_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,6 +82,102 @@ def test_import_token_rejects_bad_input_and_changes_nothing(
     assert "token MISSING" in status.output
 
 
+def _dump(url: str) -> list[str]:
+    """Every row of the SQLite database, as SQL."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+        return list(conn.iterdump())
+
+
+def _token_columns(url: str) -> list[tuple[str, bool, bool]]:
+    """(grant_type, access token stored, refresh token stored) of each token row."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+        rows = conn.execute(
+            "SELECT grant_type, access_token_enc, refresh_token_enc FROM oauth_tokens"
+        ).fetchall()
+    return [(grant, access is not None, refresh is not None) for grant, access, refresh in rows]
+
+
+@pytest.mark.parametrize(
+    "expiry",
+    [{"expires_in": -60}, {"expires_in": 0}, {"expires_at": "2026-01-01T00:00:00Z"}],
+)
+def test_import_token_refuses_an_expired_access_token_without_a_refresh_token(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+    expiry: dict[str, object],
+) -> None:
+    """An access token already expired, and nothing to refresh it with: exit 2 naming the
+    expiry and what was expected; nothing stored (the database is the same, row for row);
+    the token appears in no output and no log line."""
+    _env(monkeypatch, env_for(sim, sqlite_url, fernet_key, grant="refresh_token"))
+    monkeypatch.setenv("IDIS_LOG_LEVEL", "debug")  # every log line, on stderr
+    secret = sim.control.issue_tokens(P)["access_token"]
+    runner.invoke(main, ["db", "upgrade"])
+    before = _dump(sqlite_url)
+
+    result = runner.invoke(
+        main, ["import-token", "--provider", P], input=json.dumps({"access_token": secret} | expiry)
+    )
+    status = runner.invoke(main, ["check-token", "--provider", P])
+
+    assert 2 == result.exit_code, result.output
+    assert "the access token expired at 20" in result.stderr
+    assert "without a refresh_token" in result.stderr
+    assert "expected an access token that has not expired" in result.stderr
+    assert "nothing was stored" in result.stderr
+    assert "" == result.stdout
+    assert before == _dump(sqlite_url)
+    assert "token MISSING" in status.output
+    assert secret not in result.output + status.output
+    assert not any(secret in line for line in before)
+
+
+def test_import_token_keeps_only_the_refresh_token_of_an_expired_access_token(
+    sim: RunningSimulator,
+    sqlite_url: str,
+    fernet_key: str,
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An expired access token with its refresh token is importable: the note on stderr says
+    it expired and is refreshed at first use; only the refresh token is stored, and
+    refresh-tokens then gets a valid one. No token in any output or log line."""
+    _env(monkeypatch, env_for(sim, sqlite_url, fernet_key, grant="refresh_token"))
+    monkeypatch.setenv("IDIS_LOG_LEVEL", "debug")
+    issued = sim.control.issue_tokens(P)
+    document = {k: issued[k] for k in ("access_token", "refresh_token")} | {"expires_in": -90}
+
+    imported = runner.invoke(main, ["import-token", "--provider", P], input=json.dumps(document))
+    stored = _dump(sqlite_url)
+    columns = _token_columns(sqlite_url)
+    refreshed = runner.invoke(main, ["refresh-tokens", "--provider", P])
+    checked = runner.invoke(main, ["check-token", "--provider", P])
+
+    assert 0 == imported.exit_code, imported.output
+    assert "idis.auth.token_imported" in imported.stderr  # the log lines are in what is searched
+    assert "token EXPIRED" in imported.stdout
+    assert "expired 1m30s ago" in imported.stdout  # the real expiry, not the import time
+    assert "the access token given expired at 20" in imported.stderr
+    assert "only its refresh token was stored" in imported.stderr
+    assert "refreshed at first use" in imported.stderr
+    assert "refresh-tokens --provider crm_provider" in imported.stderr
+    assert [("imported", False, True)] == columns  # no access token stored, even encrypted
+    assert 0 == refreshed.exit_code, refreshed.output
+    assert "token VALID" in checked.stdout
+    for secret in (issued["access_token"], issued["refresh_token"]):
+        assert secret not in imported.output + refreshed.output + checked.output
+        assert not any(secret in line for line in stored)
+
+
 def test_refresh_tokens_needs_exactly_one_target(
     sim: RunningSimulator,
     sqlite_url: str,

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from idis.integrations.config import Secret
 from idis.integrations.providers import OrderKey, async_client_for
@@ -90,6 +91,22 @@ def test_every_polling_pack_passes_the_kit(sim: RunningSimulator, api: str, face
     assert "passed" == report.outcome("order_holds")
     assert "passed" == report.outcome("errors_classified")
     assert "passed" == report.outcome("rate_limits_read")
+
+
+@pytest.mark.parametrize("api", ["generic", "hubspot", "salesforce", "gdrive"])
+def test_get_record_of_a_missing_record_is_an_answer_not_a_warning(
+    sim: RunningSimulator, api: str, face: str
+) -> None:
+    """get_record's 404 means "no such record" (None): the gateway logs it at debug, so
+    verify-sync over deleted records logs no warning per record; a 404 elsewhere still warns."""
+    with simulator_harness(sim, api) as harness, _face(harness, face) as through:
+        client = through.client()
+        with capture_logs() as logs:
+            missing = client.get_record(f"gone-{api}-{face}")
+
+    assert missing is None
+    assert [] == [line for line in logs if line["log_level"] in ("warning", "error")]
+    assert [404] == [line["status"] for line in logs if line["event"] == "idis.gateway.call_failed"]
 
 
 async def _async_replay_pages(harness: AdapterHarness, since: datetime) -> list[Any]:

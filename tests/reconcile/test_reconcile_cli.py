@@ -134,6 +134,23 @@ def test_bad_input_fails_naming_the_value_and_changes_nothing(
     assert (0, 0) == (_count(engine, SyncInbox), _count(engine, ReconcileCheckpoint))
 
 
+def test_a_bad_since_lists_the_bare_duration_form_and_help_does_too(
+    sim: RunningSimulator, env: dict[str, str], engine: Engine
+) -> None:
+    """`--since "5 minutes"` is accepted, so a bad --since lists that form (exit 2, nothing
+    replayed), and --help names it too."""
+    bad = run("reconcile", "--provider", PROVIDER, "--since", "5 minutez")
+    usage = run("reconcile", "--help")
+
+    assert 2 == bad.exit_code
+    assert "'5 minutez'" in bad.output
+    assert 'without "ago" ("5 minutes", "2h")' in bad.output
+    assert '"now"' in bad.output
+    assert 0 == sim.control.stats(PROVIDER)["requests"].get("replay", 0)
+    assert (0, 0) == (_count(engine, SyncInbox), _count(engine, ReconcileCheckpoint))
+    assert '"5 minutes"' in " ".join(usage.output.split())
+
+
 def test_since_beyond_the_retention_names_the_window_and_applies_nothing(
     sim: RunningSimulator, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, engine: Engine
 ) -> None:
@@ -262,6 +279,30 @@ def test_verify_sync_exits_1_on_a_mismatch_and_0_after_repair(
     assert "1 repaired" in fixed.stdout
     assert (20, 0, True) == (clean["checked"], clean["mismatched"], clean["ok"])
     assert ["rec_4"] == [r.subject_id for r in audit_rows(engine, "verify_sync.record_repaired")]
+
+
+def test_verify_sync_counts_records_gone_on_both_sides_without_a_warning_each(
+    sim: RunningSimulator, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records deleted at the provider, deletions applied: their 404s are expected. No
+    warning line per record on stderr, one count in the summary and the JSON, exit 0."""
+    monkeypatch.setenv("IDIS_LOG_FORMAT", "json")
+    since = _since()
+    sim.control.emit(PROVIDER, 8, webhook=False)
+    for record_id in ("rec_2", "rec_4", "rec_6"):
+        sim.control.mutate(PROVIDER, record_id, {}, delete=True, event=True)
+    run("reconcile", "--provider", PROVIDER, "--since", since)
+
+    result = run("verify-sync", "--provider", PROVIDER, "--sample-size", "20", "--seed", "5")
+    as_json = json.loads(
+        run("verify-sync", "--provider", PROVIDER, "--sample-size", "20", "--json").stdout
+    )
+
+    assert 0 == result.exit_code, result.output
+    assert "3 deleted on both sides: crm_provider answered 404, as expected" in result.stdout
+    assert '"level": "warning"' not in result.stderr
+    assert "404" not in result.stderr
+    assert (3, 0, True) == (as_json["gone"], as_json["mismatched"], as_json["ok"])
 
 
 def test_audit_lists_events_by_provider_time_and_action(

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine
+from structlog.testing import capture_logs
 
 from idis.integrations._timeparse import utcnow
 from idis.integrations.exceptions import ConfigError
@@ -108,6 +109,36 @@ def test_a_record_deleted_only_at_the_provider_is_repaired_as_a_deletion(
     assert ["rec_2"] == report.repaired
     assert ("resync:rec_2:deleted:v2", "record.deleted") == host.applied()[-1]
     assert after.ok
+
+
+def test_records_deleted_on_both_sides_are_expected_404s_not_warnings(
+    sim: RunningSimulator, engine: Engine, host: Host, db_url: str
+) -> None:
+    """A record deleted at the provider whose deletion the host applied answers 404: that is
+    a match, logged at debug and counted (``gone``), never a warning per record. A 404 for a
+    record the host still holds (deleted behind our back) stays a warning, naming it."""
+    settings = _synced(sim, db_url, host, 6)
+    since = utcnow() - timedelta(seconds=1)
+    for record_id in ("rec_1", "rec_2", "rec_3"):
+        sim.control.mutate(PROVIDER, record_id, {}, delete=True, event=True)
+    assert reconcile(PROVIDER, since, settings=settings, handlers=host.registry).ok
+    sim.control.mutate(PROVIDER, "rec_5", {}, delete=True)  # no event: the host still has it
+
+    with capture_logs() as logs:
+        report = verify_sync(PROVIDER, 6, seed=1, settings=settings)
+
+    warnings = [line for line in logs if line["log_level"] in ("warning", "error")]
+    debug = [line for line in logs if line["log_level"] == "debug"]
+    assert ["rec_5"] == [c.record_id for c in report.mismatches]
+    assert (3, 3) == (report.gone, report.counts()["gone"])
+    assert [("idis.reconcile.verify_missing_remote", "rec_5")] == [
+        (line["event"], line.get("record_id")) for line in warnings
+    ]
+    assert ["rec_1", "rec_2", "rec_3"] == sorted(
+        line["record_id"] for line in debug if line["event"] == "idis.reconcile.verify_gone"
+    )
+    assert 4 == sum(1 for line in debug if line["event"] == "idis.gateway.call_failed")
+    assert 3 == audit_rows(engine, "verify_sync.completed")[-1].details["gone"]
 
 
 class HostRecords:

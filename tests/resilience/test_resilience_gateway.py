@@ -244,6 +244,23 @@ def test_4xx_is_rejected_not_retried_and_does_not_trip_the_breaker(
     assert 6.0 == read_metric(ERRORS, provider="crm", endpoint="records", error_type="client_error")
 
 
+def test_a_404_the_caller_reads_as_absent_is_logged_at_debug_others_warn(
+    make_harness: Any, helpers: Any, read_metric: Any, logs: Any
+) -> None:
+    """``not_found_ok=True`` (get_record: "no such record"): the 404 is still raised and
+    counted, but logged at debug; without it, and for any other status, it is a warning."""
+    h = make_harness(helpers.settings_for(helpers.provider_settings()), sequence(404, 404, 403))
+
+    for status, quiet in ((404, True), (404, False), (403, True)):
+        with pytest.raises(ProviderRejected) as info:
+            h.get_json("crm", "records", not_found_ok=quiet)
+        assert status == info.value.status_code
+
+    levels = [(e["status"], e["level"]) for e in logs.events("idis.gateway.call_failed")]
+    assert [(404, "debug"), (404, "warning"), (403, "warning")] == levels
+    assert 3.0 == read_metric(ERRORS, provider="crm", endpoint="records", error_type="client_error")
+
+
 # --------------------------------------------------------------------------- 429
 
 

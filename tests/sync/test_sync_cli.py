@@ -95,6 +95,62 @@ def test_bad_input_changes_nothing(env: str) -> None:
     assert 0 == rows
 
 
+def _dump(url: str) -> list[str]:
+    """Every row of the SQLite database, as SQL."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+        return list(conn.iterdump())
+
+
+@pytest.mark.parametrize(
+    ("provider", "kind"), [("docs_provider", "docs"), ("enrichment_provider", "enrichment")]
+)
+@pytest.mark.parametrize("setting", ["polling", "webhook", "auto"])
+def test_mode_set_refuses_a_provider_no_sync_service_syncs(
+    env: str, provider: str, kind: str, setting: str
+) -> None:
+    """The documents and enrichment providers have no webhook/polling sync: `--set` exits 2
+    naming the provider, its kind and the providers a mode applies to; the database is
+    byte for byte the same (no state row, no audit row, no cursor)."""
+    before = _dump(env)
+
+    code, out, err = _run("sync", "mode", "--provider", provider, "--set", setting)
+
+    assert (2, "") == (code, out)
+    assert f"{provider} is a provider of kind {kind}" in err
+    assert "a sync mode applies to providers of kind crm (crm_provider)" in err
+    assert "nothing was changed" in err
+    assert before == _dump(env)
+
+
+def test_mode_set_accepts_a_docs_provider_a_sync_service_runs(env: str) -> None:
+    """A documents provider the sync service syncs (Drive's, passed as providers=[...]) has a
+    mode: once a service led it, `--set polling` pins polling like a crm provider's."""
+    from datetime import timedelta
+
+    from idis.integrations._timeparse import utcnow
+    from idis.integrations.sync._mode import ModePolicy
+    from idis.integrations.sync._state import release_epoch, take_epoch
+
+    engine = create_db_engine(env)
+    with Session(engine) as session, session.begin():
+        epoch = take_epoch(
+            session, "docs_provider", ModePolicy(), utcnow(), "svc", lease=timedelta(minutes=5)
+        )
+        assert epoch is not None
+        row = session.scalars(select(SyncProviderState)).one()
+        row.polled_at = utcnow()
+        release_epoch(session, "docs_provider", "svc", epoch)
+    engine.dispose()
+
+    code, out, err = _run("sync", "mode", "--provider", "docs_provider", "--set", "polling")
+
+    assert 0 == code, err
+    assert "docs_provider: polling (operator, override polling" in out
+
+
 def test_poll_once_applies_the_feed(env: str, sim: RunningSimulator) -> None:
     """`sync poll --once` reads the change feed into the inbox and reports what it did."""
     _run("sync", "poll", "--provider", P, "--once")  # sets the window start

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from idis.integrations._timeparse import format_duration, parse_duration, parse_since
+from idis.integrations._timeparse import (
+    SINCE_FORMS,
+    format_duration,
+    parse_duration,
+    parse_since,
+)
 from idis.integrations.exceptions import ConfigError
 
 NOW = datetime(2026, 1, 19, 12, 0, tzinfo=UTC)
@@ -163,3 +169,38 @@ def test_any_duration_text_parses_or_is_a_config_error(text: str) -> None:
     except ConfigError:
         return
     assert result >= timedelta(0)
+
+
+def test_every_since_form_the_error_lists_parses() -> None:
+    """The forms a bad --since is told to use are all accepted (each quoted example parses),
+    and so is every unit the message names, with and without "ago"."""
+    examples = re.findall(r'"([^"]+)"', SINCE_FORMS)
+    assert {"1 hour ago", "2h ago", "5 minutes", "2h", "now", "2026-01-19"} <= set(examples)
+    for example in examples:
+        if example != "ago":
+            parse_since(example, now=lambda: NOW)
+    units = re.search(r"units: (.*)", SINCE_FORMS)
+    assert units is not None
+    for unit in re.findall(r"[a-z]+", units.group(1).replace("or their words", "")):
+        for text in (f"3 {unit}", f"3{unit} ago"):
+            assert parse_since(text, now=lambda: NOW) < NOW
+
+
+@pytest.mark.parametrize("text", ["5 minutez", "tomorrow", "45", ""])
+def test_a_bad_since_lists_every_accepted_form(text: str) -> None:
+    """The error names the value and lists every form parse_since takes: bare durations
+    ("5 minutes", accepted) included, not only "... ago" and ISO-8601."""
+    with pytest.raises(ConfigError) as info:
+        parse_since(text, name="--since", now=lambda: NOW)
+
+    message = str(info.value)
+    assert f"--since={text!r}" in message
+    assert SINCE_FORMS in message
+    for form in ('"1 hour ago"', 'without "ago" ("5 minutes"', '"now"', "ISO-8601", "units:"):
+        assert form in message
+
+
+def test_a_bare_duration_is_that_long_ago() -> None:
+    """'5 minutes' (no "ago") means five minutes ago, as '5 minutes ago' does."""
+    bare = parse_since("5 minutes", now=lambda: NOW)
+    assert NOW - timedelta(minutes=5) == bare == parse_since("5 minutes ago", now=lambda: NOW)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from .exceptions import ConfigError
 
-__all__ = ["format_duration", "parse_duration", "parse_since", "utcnow"]
+__all__ = ["SINCE_FORMS", "format_duration", "parse_duration", "parse_since", "utcnow"]
 
 _UNIT_SECONDS = {
     "ms": 0.001,
@@ -54,10 +54,15 @@ _WORD_UNITS = {
 }
 _WORDY = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)")
 _DURATION_HELP = "a duration like 30s, 5m, 1h, 1h30m or 250ms"
-_SINCE_HELP = (
-    'a relative time like "1 hour ago", "90 minutes ago", "2h ago" '
-    'or an ISO-8601 time like "2026-01-19T10:00:00Z"'
+#: Every form parse_since accepts, for its errors and the CLI's --help (each quoted example
+#: parses: tests/unit/test_timeparse.py checks).
+SINCE_FORMS = (
+    'a duration ago ("1 hour ago", "90 minutes ago", "2h ago", "1h30m ago"), '
+    'the same duration without "ago" ("5 minutes", "2h"), "now", '
+    'or an ISO-8601 date or time ("2026-01-19", "2026-01-19T10:00:00Z"; UTC without an offset); '
+    "units: ms, s, m, h, d, w or their words (seconds, minutes, hours, days, weeks)"
 )
+_SINCE_HELP = f"one of: {SINCE_FORMS}"
 
 
 def utcnow() -> datetime:
@@ -159,8 +164,9 @@ def parse_since(
     """Parse RB-09's ``--since`` value into an aware UTC datetime.
 
     Accepts ``"1 hour ago"``, ``"2 hours ago"``, ``"90 minutes ago"``, ``"2h ago"``,
-    a bare duration (``"2h"``, meaning that long ago), ``"now"``, or an ISO-8601
-    date or time (naive times are taken as UTC).
+    a bare duration (``"2h"``, ``"5 minutes"``, meaning that long ago), ``"now"``, or an
+    ISO-8601 date or time (naive times are taken as UTC). A bare number (``"45"``) is
+    refused: it has no unit. :data:`SINCE_FORMS` lists the forms for messages.
 
     Args:
         value: The text to parse (or a datetime, which is normalised to UTC).
@@ -194,7 +200,9 @@ def parse_since(
         try:
             result = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
-            raise ConfigError(f"{name}={value!r} is not {_SINCE_HELP}", variable=name) from None
+            raise ConfigError(
+                f"{name}={value!r} is not a time: expected {_SINCE_HELP}", variable=name
+            ) from None
         if result.tzinfo is None:
             result = result.replace(tzinfo=UTC)
     try:

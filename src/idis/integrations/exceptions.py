@@ -102,13 +102,24 @@ class ConfigError(IntegrationError, ValueError):
         self.variable = variable
 
 
+#: The provider placeholders of runbook RB-09's commands.
+_RUNBOOK_PLACEHOLDERS = frozenset({"provider_name", "affected_provider"})
+
+
 class UnknownProviderError(ConfigError):
     """The provider name is not declared in the configuration."""
 
     def __init__(self, name: str, known: list[str] | tuple[str, ...]) -> None:
         listed = ", ".join(sorted(known)) or "none"
+        # RB-09 writes these placeholders where on-call puts the provider's name
+        # (Triage 3's check_token('provider_name')): say so, not only "unknown".
+        placeholder = (
+            " (RB-09's placeholder: put the affected provider's name there)"
+            if name in _RUNBOOK_PLACEHOLDERS
+            else ""
+        )
         super().__init__(
-            f"unknown provider {name!r}: expected one of {listed} "
+            f"unknown provider {name!r}{placeholder}: expected one of {listed} "
             "(declare providers in IDIS_PROVIDERS or the IDIS_CONFIG_FILE TOML)",
             variable="provider",
         )

@@ -1110,10 +1110,13 @@ def import_flow(
         )
         values["grant_type"] = "imported"
         if not issued.access_token:
-            # Only a refresh token: the status shows an expired token, and the
-            # first call refreshes it.
+            # Only a refresh token (or an expired access token was dropped): the status
+            # shows an expired token, since when it expired, and the first call refreshes.
             values["access_token_enc"] = None
-            values["expires_at"] = issued.issued_at
+            expired = issued.expires_at
+            values["expires_at"] = (
+                expired if expired is not None and expired < issued.issued_at else issued.issued_at
+            )
         audit[0].update(
             action="token.imported",
             actor=actor,

@@ -18,13 +18,14 @@ import asyncio
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
 from .._clock import Clock, system_clock
 from .._flow import Effect, Flow, async_face, drive, sync_face
 from .._http import httpx
+from .._timeparse import format_duration
 from ..config import ProviderSettings, Settings
 from ..exceptions import ConfigError, IntegrationError
 from ..observability._logs import get_logger, redact_text
@@ -225,21 +226,53 @@ class _Face:
         the stored token, clears any failure or re-authorization state, and is
         audited as ``token.imported``.
 
+        An access token that has already expired is useless: with a refresh token it is
+        dropped and only the refresh token stored (the first call refreshes, as when only
+        a refresh token is given); without one the import is refused.
+
         Returns:
-            The imported access token, or None when only a refresh token was given
-            (the first call then refreshes).
+            The imported access token, or None when only a refresh token was given or
+            kept (the first call then refreshes).
 
         Raises:
-            ConfigError: a malformed document (naming the field) or no encryption key.
+            ConfigError: a malformed document (naming the field), an expired access token
+                without a refresh token (naming the expiry; nothing stored) or no
+                encryption key.
             TokenLockTimeout: another refresh held the token lock too long.
         """
         core = self._core
         p = core.provider(provider)
         core.cipher.require(f"imported tokens of {provider!r}")
-        issued = parse_imported_token(document, now=core.now(), default_scopes=p.auth.scopes)
+        issued = expired_access_dropped(
+            provider,
+            parse_imported_token(document, now=core.now(), default_scopes=p.auth.scopes),
+        )
         flow = import_flow(core, p, issued, actor=actor)
         imported: AccessToken | None = yield from self._single_flight(p, flow)
         return imported
+
+
+def expired_access_dropped(provider: str, issued: IssuedToken) -> IssuedToken:
+    """``issued`` without its access token if that has already expired (its refresh token
+    gets a new one at first use).
+
+    Raises:
+        ConfigError: the access token has expired and there is no refresh token to replace
+            it; names the expiry, never a token.
+    """
+    expires_at = issued.expires_at
+    if not issued.access_token or expires_at is None or expires_at > issued.issued_at:
+        return issued
+    if issued.refresh_token is None:
+        ago = format_duration((issued.issued_at - expires_at).total_seconds())
+        raise ConfigError(
+            f"{provider}: the access token expired at {utc_seconds(expires_at)} ({ago} ago) "
+            "and comes without a refresh_token: expected an access token that has not "
+            "expired (expires_in > 0, or expires_at in the future), or one with its "
+            "refresh_token; nothing was stored",
+            variable="expires_at",
+        )
+    return replace(issued, access_token="")
 
 
 class TokenManager(_Face):

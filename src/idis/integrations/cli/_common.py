@@ -315,12 +315,16 @@ def provider_option(*, required: bool = True) -> Callable[[Callable[P, R]], Call
 
 
 def since_option(*, required: bool = True) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """``--since "2 hours ago"`` (or ISO-8601), parsed into an aware UTC datetime."""
+    """``--since "2 hours ago"`` (or any form of :func:`parse_since`), an aware UTC datetime."""
     return click.option(
         "--since",
         required=required,
         callback=_validate_since,
-        help='Start of the window: "1 hour ago", "90 minutes ago", "2h", or ISO-8601.',
+        help=(
+            'Start of the window: a duration ago ("1 hour ago", "2h ago"), the same without'
+            ' "ago" ("5 minutes", "2h"), "now", or an ISO-8601 date or time (UTC without'
+            " an offset)."
+        ),
     )
 
 

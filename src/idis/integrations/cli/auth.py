@@ -24,6 +24,7 @@ from ._common import (
     print_json,
     print_result,
     provider_option,
+    stderr,
     stdout,
 )
 
@@ -157,7 +158,10 @@ def import_token_command(provider: str, as_json: bool) -> None:
 
     The JSON is the token endpoint's response: access_token and/or
     refresh_token, expires_in (or expires_at), scope. Needs IDIS_ENCRYPTION_KEYS.
+    An access token that has already expired is stored only through its
+    refresh_token (refreshed at first use); without one it is refused (exit 2).
     """
+    from ..auth._status import utc_seconds
     from ..auth._tokens import import_token
 
     raw = sys.stdin.read()
@@ -167,6 +171,20 @@ def import_token_command(provider: str, as_json: bool) -> None:
         fail(f"stdin is not JSON (line {getattr(exc, 'lineno', '?')}): expected a token object")
     status = import_token(provider, document, settings=get_settings(), actor=cli_actor())
     print_result(status, as_json, lambda s: _echo(f"imported; {s}"))
+    if status.state == "expired":
+        # No usable access token is stored: say why and what happens next.
+        given = isinstance(document, dict) and bool(document.get("access_token"))
+        what = (
+            f"the access token given expired at {utc_seconds(status.expires_at)}, so only "
+            "its refresh token was stored"
+            if given
+            else "only a refresh token was given"
+        )
+        stderr.print(
+            f"note: {provider}: {what}; it is refreshed at first use "
+            f"(or now: idis-integrations refresh-tokens --provider {provider})",
+            markup=False,
+        )
 
 
 @main.command("keygen")

@@ -335,8 +335,13 @@ def _print_verify(report: Any) -> None:
     side = "the host's table" if report.local_source == "host_records" else "the inbox's ledger"
     summary = (
         f"verify-sync {provider} (seed {report.seed}): {len(report.comparisons)} checked, "
-        f"{len(report.comparisons) - len(report.mismatches)} match, "
-        f"{len(report.mismatches)} mismatch"
+        f"{len(report.comparisons) - len(report.mismatches)} match"
+        + (
+            f" ({report.gone} deleted on both sides: {provider} answered 404, as expected)"
+            if report.gone
+            else ""
+        )
+        + f", {len(report.mismatches)} mismatch"
     )
     if report.repair_side is not None:
         summary += f", {len(report.repaired)} repaired"

@@ -289,11 +289,13 @@ def mode(provider: str, setting: str | None, as_json: bool) -> None:
 
     from ..db._engine import read_only
     from ..sync._mode import ModePolicy
-    from ..sync._state import override_mode, sync_summary
+    from ..sync._state import check_mode_target, override_mode, sync_summary
 
     settings = get_settings()
     with database_engine() as engine:
         if setting is not None:
+            with Session(read_only(engine)) as session:
+                check_mode_target(session, settings, provider, setting)
             with sessionmaker(engine).begin() as session:
                 override_mode(
                     session,

@@ -373,7 +373,8 @@ class _GenericFlows(ClientFlows):
     def _get_record(self, record_id: str) -> Flow[ProviderRecord | None]:
         """The record, or None on 404."""
         try:
-            body = yield Call("record", {"path_params": {"id": record_id}})
+            # A 404 is the answer "no such record": no warning (the caller decides).
+            body = yield Call("record", {"path_params": {"id": record_id}, "not_found_ok": True})
         except ProviderRejected as exc:
             if exc.status_code == 404:
                 return None

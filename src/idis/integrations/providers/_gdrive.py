@@ -459,7 +459,10 @@ class _DriveFlows(ClientFlows):
         """The file, or None when Drive answers 404."""
         try:
             body = yield from self._json(
-                self._path("file"), path_params={"id": record_id}, params={"fields": _FIELDS}
+                self._path("file"),
+                path_params={"id": record_id},
+                params={"fields": _FIELDS},
+                not_found_ok=True,
             )
         except ProviderRejected as exc:
             if exc.status_code == 404:

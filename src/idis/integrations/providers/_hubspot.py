@@ -728,6 +728,7 @@ class _HubSpotFlows(ClientFlows):
                 self._path("deal", "/{id}"),
                 path_params={"id": record_id},
                 params={"properties": MODIFIED},
+                not_found_ok=True,
             )
         except ProviderRejected as exc:
             if exc.status_code == 404:

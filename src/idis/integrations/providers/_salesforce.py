@@ -382,7 +382,7 @@ class _SalesforceFlows(ClientFlows):
         """The record, or None on 404 (``NOT_FOUND``)."""
         try:
             body = yield from self._call(
-                path(self.settings, "opportunity"), path_params={"id": record_id}
+                path(self.settings, "opportunity"), path_params={"id": record_id}, not_found_ok=True
             )
         except ProviderRejected as exc:
             if exc.status_code == 404:

@@ -112,6 +112,9 @@ class VerifyReport:
     local_source: str = "ledger"
     #: The side ``repair`` fixed, or None.
     repair_side: str | None = None
+    #: Matches that are deletions on both sides: the provider answered 404 for a record the
+    #: host's side holds as deleted (expected 404s, logged at debug and counted here).
+    gone: int = 0
 
     @property
     def mismatches(self) -> list[RecordComparison]:
@@ -143,6 +146,7 @@ class VerifyReport:
             "provider_sampled": self.provider_sampled,
             "checked": len(self.comparisons),
             "matched": len(self.comparisons) - len(self.mismatches),
+            "gone": self.gone,
             "mismatched": len(self.mismatches),
             "repair_side": self.repair_side,
             "repaired": len(self.repaired),
@@ -322,15 +326,17 @@ def verify_sync(
         wanted = fields if fields is not None else getattr(host, "fields", None)
         remotes: dict[str, Any | None] = {}
         comparisons: list[RecordComparison] = []
+        gone = 0
         host_sample = local.sample(sample_size, seed)
         for item in host_sample:
             if item.record_id in remotes:
                 continue
             remote = client.get_record(item.record_id)
             remotes[item.record_id] = remote
-            comparisons.append(
-                compare_record(item, item.record_id, _as_mapping(remote), fields=wanted)
-            )
+            comparison = compare_record(item, item.record_id, _as_mapping(remote), fields=wanted)
+            comparisons.append(comparison)
+            if remote is None:
+                gone += _log_not_found(provider, item, comparison)
             tick(1)
         provider_sample = (
             _sample_provider(client, sample_size, seed)
@@ -356,6 +362,7 @@ def verify_sync(
             provider_sampled=len(provider_sample),
             local_source="host_records" if host is not None else "ledger",
             repair_side=side,
+            gone=gone,
         )
         if side is not None and report.mismatches:
             context = _RepairContext(
@@ -400,6 +407,35 @@ def verify_sync(
         **report.counts(),
     )
     return report
+
+
+def _log_not_found(provider: str, local: LocalRecord, comparison: RecordComparison) -> int:
+    """Log one 404 of the host's sample; 1 when it was expected (the record is gone on both
+    sides), else 0.
+
+    A record the host's side holds as deleted is legitimately gone at the provider: a debug
+    line (the summary counts them). One the host still holds is ``missing_remote``: a
+    warning per record, the one place that says so in the logs.
+    """
+    if comparison.ok:
+        log.debug(
+            "idis.reconcile.verify_gone",
+            provider=provider,
+            record_id=local.record_id,
+            msg=f"{local.record_id}: deleted on the host's side and gone at {provider} (404)",
+        )
+        return 1
+    log.warning(
+        "idis.reconcile.verify_missing_remote",
+        provider=provider,
+        record_id=local.record_id,
+        local_version=local.version,
+        msg=(
+            f"{local.record_id}: the host holds it (version {local.version}) "
+            f"but {provider} answers 404"
+        ),
+    )
+    return 0
 
 
 @dataclass(slots=True)

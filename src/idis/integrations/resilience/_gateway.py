@@ -201,6 +201,9 @@ class _Call(Awaited[httpx.Response]):
     auth: Any
     #: The caller's word on whether repeating the request is safe (None: by method).
     idempotent: bool | None = None
+    #: The caller reads a 404 as an answer ("no such record"), not a failure: it is
+    #: logged at debug instead of as a warning (still raised, still counted).
+    not_found_ok: bool = False
     #: Requests of this call that went out (attempts that reached the send step).
     sent: int = field(default=0, init=False)
     #: Per-attempt httpx timeouts, set before each send.
@@ -419,6 +422,7 @@ class _Pipeline:
         timeout: float | None,
         parse_json: bool,
         idempotent: bool | None = None,
+        not_found_ok: bool = False,
     ) -> tuple[_Runtime, _Call]:
         runtime = self.runtime(provider)
         settings = runtime.settings
@@ -457,6 +461,7 @@ class _Pipeline:
             request_id,
             runtime.auth,
             idempotent,
+            not_found_ok,
         )
 
     @staticmethod
@@ -760,7 +765,10 @@ class _Pipeline:
                 request_id=call.request_id,
             )
         else:
-            _log.warning(
+            # A 404 the caller asked for as an answer (get_record: "no such record") is
+            # not a failure to warn about: the caller decides whether absence matters.
+            expected = call.not_found_ok and error.status_code == 404
+            (_log.debug if expected else _log.warning)(
                 "idis.gateway.call_failed",
                 msg=str(error),
                 provider=call.provider,
@@ -1056,6 +1064,7 @@ class _Face:
         idempotency_key: str | None = None,
         timeout: float | None = None,
         idempotent: bool | None = None,
+        not_found_ok: bool = False,
     ) -> Flow[httpx.Response]:
         """Call ``endpoint`` of ``provider``; return the (1xx-3xx) response.
 
@@ -1065,6 +1074,9 @@ class _Face:
         request whose method is not idempotent is safe to repeat anyway (a read sent
         as a POST, such as HubSpot's CRM search); ``idempotent=False`` says the
         opposite of a request whose method is (default None: decided by the method).
+        ``not_found_ok=True`` says a 404 is an answer the caller handles ("no such
+        record"): it is still raised as ``ProviderRejected`` and counted, but logged at
+        debug, not as an ``idis.gateway.call_failed`` warning.
 
         Raises:
             UnknownProviderError: the provider is not configured.
@@ -1085,6 +1097,7 @@ class _Face:
             timeout=timeout,
             parse_json=False,
             idempotent=idempotent,
+            not_found_ok=not_found_ok,
         )
 
     def _get_json(
@@ -1100,6 +1113,7 @@ class _Face:
         idempotency_key: str | None = None,
         timeout: float | None = None,
         idempotent: bool | None = None,
+        not_found_ok: bool = False,
     ) -> Flow[Any]:
         """Like :meth:`request`, returning the decoded JSON body.
 
@@ -1119,6 +1133,7 @@ class _Face:
             timeout=timeout,
             parse_json=True,
             idempotent=idempotent,
+            not_found_ok=not_found_ok,
         )
 
     def _health(self, provider: str) -> Flow[HealthReport]:

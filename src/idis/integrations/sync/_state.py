@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 from .._audit import record_audit
 from .._timeparse import utcnow
 from ..db._base import dialect_insert
-from ..exceptions import IntegrationError
+from ..exceptions import ConfigError, IntegrationError
 from ..observability._logs import get_logger
 from ..observability._metrics import Metrics, get_metrics
 from ._mode import Mode, ModePolicy, ModeState, Reason, Transition, initial_state
@@ -49,6 +49,7 @@ __all__ = [
     "Fenced",
     "SyncSummary",
     "carry_out",
+    "check_mode_target",
     "claim_cursor",
     "fence",
     "get_cursor",
@@ -452,6 +453,53 @@ def sync_summary(session: Session, providers: list[str] | None = None) -> list[S
             )
         )
     return result
+
+
+def _synced_by_a_service(row: SyncProviderState | None) -> bool:
+    """Whether a sync service has run for the row's provider (led it, polled it, or ran
+    its sentinel), as opposed to a row an operator's override alone created."""
+    if row is None:
+        return False
+    return any(
+        value is not None
+        for value in (
+            row.leader,
+            row.lease_until,
+            row.sentinel_at,
+            row.polled_at,
+            row.confirmed_seq,
+        )
+    )
+
+
+def check_mode_target(session: Session, settings: Any, provider: str, setting: str) -> None:
+    """Refuse ``sync mode --set`` for a provider that has no webhook/polling sync.
+
+    A sync mode applies to the providers a sync service syncs: every provider of kind
+    ``crm`` (the default), and a provider of another kind once a service runs it (a
+    documents provider on Drive's API passed as ``providers=[...]`` or ``sync run
+    --provider``). Anything else (the documents or enrichment provider no service syncs)
+    would get a mode nothing reads. Reads only: nothing is written.
+
+    Raises:
+        ConfigError: naming the provider, its kind, and the providers that accept a mode.
+        UnknownProviderError: the provider is not configured.
+    """
+    kind = settings.provider(provider).kind
+    if kind == "crm":
+        return
+    row = session.scalar(select(SyncProviderState).where(SyncProviderState.provider == provider))
+    if _synced_by_a_service(row):
+        return
+    crm = sorted(name for name, p in settings.providers.items() if p.kind == "crm")
+    raise ConfigError(
+        f"sync mode --set {setting}: {provider} is a provider of kind {kind}, which no sync "
+        "service syncs (no webhook/polling sync to switch); a sync mode applies to providers "
+        f"of kind crm ({', '.join(crm) if crm else 'none configured'}), and to a provider of "
+        "another kind only once a sync service syncs it (a documents provider on Drive's API "
+        "run by `sync run --provider NAME`); nothing was changed",
+        variable="--provider",
+    )
 
 
 def override_mode(
