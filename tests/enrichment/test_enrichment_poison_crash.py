@@ -56,7 +56,7 @@ def _defer(engine: Engine) -> None:
             )
 
 
-def _run(url: str, asks: Path) -> tuple[int, dict[str, int]]:
+def _run(url: str, asks: Path) -> tuple[int, dict[str, int], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IDIS_", "ENRICHMENT_"))}
     env["IDIS_LOG_LEVEL"] = "warning"
     done = subprocess.run(
@@ -67,8 +67,10 @@ def _run(url: str, asks: Path) -> tuple[int, dict[str, int]]:
         check=False,
     )
     assert done.returncode in (0, -signal.SIGKILL), done.stderr.decode(errors="replace")
-    counts = json.loads(done.stdout) if done.returncode == 0 else {}
-    return done.returncode, counts
+    out = done.stdout.decode(errors="replace")
+    # The counts are the last line; log lines (warnings and up) come before them.
+    counts = json.loads(out.splitlines()[-1]) if done.returncode == 0 else {}
+    return done.returncode, counts, out
 
 
 def _requests(engine: Engine) -> dict[str, EnrichmentRequest]:
@@ -80,7 +82,7 @@ def _requests(engine: Engine) -> dict[str, EnrichmentRequest]:
 
 def _defects(engine: Engine) -> dict[str, str]:
     with session_scope(engine, write=False) as session:
-        return dict(session.execute(select(Defect.subject_id, Defect.status)).tuples().all())
+        return {row.subject_id: row.status for row in session.execute(select(Defect.subject_id, Defect.status))}
 
 
 def _await_lapse(engine: Engine) -> None:
@@ -128,8 +130,9 @@ def test_a_refresh_that_kills_its_worker_is_given_up_alone(
     _await_lapse(engine)
 
     # The third worker it stopped: given up without a fourth ask, its defect left OPEN.
-    code, counts = _run(url, asks)
+    code, counts, out = _run(url, asks)
     assert (0, 1, 0) == (code, counts["given_up"], counts["refreshed"])
+    assert "idis.enrichment.refresh_given_up" in out
     rows = _requests(engine)
     poison = rows[POISON]
     assert ("failed", 3) == (poison.status, poison.takeovers)
