@@ -82,7 +82,10 @@ def _requests(engine: Engine) -> dict[str, EnrichmentRequest]:
 
 def _defects(engine: Engine) -> dict[str, str]:
     with session_scope(engine, write=False) as session:
-        return {row.subject_id: row.status for row in session.execute(select(Defect.subject_id, Defect.status))}
+        return {
+            row.subject_id: row.status
+            for row in session.execute(select(Defect.subject_id, Defect.status))
+        }
 
 
 def _await_lapse(engine: Engine) -> None:

@@ -99,7 +99,8 @@ class Lease:
     taken_over: list[LeasedRequest]
     #: Lapsed leases taken over for the ``max_takeovers``-th time: given up (failed).
     given_up: list[LeasedRequest]
-    #: Due requests were left out of ``requests`` (a suspect goes alone): more is due now.
+    #: Due requests were left out of ``requests`` (lapsed leases taken over, suspects
+    #: left out or leased alone): more may be due now.
     cut: bool = False
 
 
@@ -613,7 +614,8 @@ def lease(
         .execution_options(synchronize_session=False)
     )
     leased = [_leased(row, provider) for row in chosen]
-    return Lease(leased, taken_over, given_up, cut=len(chosen) < len(rows))
+    cut = len(chosen) < len(rows) or bool(taken_over or given_up)
+    return Lease(leased, taken_over, given_up, cut=cut)
 
 
 def _leased(row: Any, provider: str, *, takeovers: int | None = None) -> LeasedRequest:
