@@ -18,7 +18,12 @@ from structlog.testing import capture_logs
 from tests.conftest import sample
 
 from idis.integrations.db._engine import session_scope
-from idis.integrations.enrichment import EnrichmentResult, SubjectKey, _store
+from idis.integrations.enrichment import (
+    EnrichmentResult,
+    SubjectKey,
+    _store,
+    create_stale_defects,
+)
 
 PROVIDER = "enrichment_provider"
 
@@ -177,6 +182,15 @@ def test_a_request_whose_workers_keep_dying_is_given_up_with_its_defect_open(
     assert [("c0", 3, "error")] == [
         (e["subject_id"], e["takeovers"], e["log_level"]) for e in given_up
     ]
+    cache = {r.subject_id: r for r in env.rows(env.Cache)}["c0"]
+    assert (True, _store.given_up_error(3)) == (cache.stale, cache.last_error)
+
+    # Once the cause is fixed, create-stale-defects queues it again (its defect is still OPEN).
+    again = create_stale_defects(
+        PROVIDER, "1 hour ago", settings=settings, engine=env.engine, now=env.clock.now()
+    )
+    assert (0, 1, 1) == (again.created, again.already_open, again.requests_enqueued)
+    assert ["c0"] == [r.subject_id for r in env.rows(env.Request, status="pending")]
 
 
 def test_an_outage_spends_no_takeover_and_retries_for_ever(env: Any) -> None:

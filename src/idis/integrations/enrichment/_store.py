@@ -646,9 +646,11 @@ def _take_over(
         values: dict[str, Any] = {**lost, "takeovers": takeovers}
         if takeovers >= limit:
             given_up.append(request)
-            values.update(
-                status=REQUEST_FAILED, last_error=given_up_error(takeovers), completed_at=now
-            )
+            error = given_up_error(takeovers)
+            values.update(status=REQUEST_FAILED, last_error=error, completed_at=now)
+            # The subject's last failure is now: still stale, and in the window of a
+            # later `create-stale-defects`, which queues it again once the cause is fixed.
+            record_failure(session, request.key, error=error, now=now)
         else:
             suspects.append(request)
             values.update(last_error=SUSPECT, next_attempt_at=now)

@@ -14,7 +14,13 @@ due requests:
    passed counts as available, so the worker's first call is the trial call.
 2. **Lease** a batch (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), oldest due
    first. The batch slow-starts: 1 request after the provider was unavailable
-   or failed, doubling per fully successful batch up to ``batch_size``.
+   or failed, doubling per fully successful batch up to ``batch_size``. A lapsed
+   lease met on the way is a worker that died holding it, perhaps killed by
+   that very refresh: the lease counts the takeover before anything runs, puts
+   the request behind the due ones as a suspect, refreshed alone, and gives it
+   up (``failed``, defect OPEN) at ``max_takeovers``, so a refresh that kills
+   its worker cannot crash-loop it in front of the provider's other requests
+   (:func:`~._store.lease`). An outage never counts: its refreshes settle.
 3. **Refresh** the batch one request at a time through the enricher's own
    chain flow (:func:`~._flow.ask_chain`) and decisions
    (:func:`~._decisions.refresh_verdict`). A success caches the data, clears
@@ -22,7 +28,9 @@ due requests:
    provider recovery', then calls the ``on_refreshed`` callbacks. The first
    outage failure stops the batch: that request is rescheduled after the
    refresh backoff, the rest go back untouched. A chain where every provider
-   answered without data fails the request and leaves its defect OPEN.
+   answered without data fails the request and leaves its defect OPEN. Once
+   half the lease is gone the batch starts no more refreshes and hands the rest
+   back, so its tail never lapses under a live worker.
 
 Between passes the worker waits ``batch_interval`` while work remains, else
 ``poll_interval``, each jittered by ±20% so replicas drift apart. Waits go
