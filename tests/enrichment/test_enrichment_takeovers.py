@@ -37,7 +37,7 @@ def _defer_all(env: Any, settings: Any, n: int) -> None:
         assert "deferred" == enricher.enrich(f"c{i}", tenant_id="t").status
 
 
-def _lease(env: Any, settings: Any, owner: str, limit: int, **kwargs: Any) -> _store.Lease:
+def _lease(env: Any, settings: Any, owner: str, limit: int, **kwargs: Any) -> _store.LeaseResult:
     with session_scope(env.engine) as session:
         return _store.lease(
             session,

@@ -40,7 +40,7 @@ from ._models import (
     EnrichmentRequest,
 )
 
-__all__ = ["SUSPECT", "CachedCopy", "Lease", "LeasedRequest", "given_up_error"]
+__all__ = ["SUSPECT", "CachedCopy", "LeaseResult", "LeasedRequest", "given_up_error"]
 
 _OPEN_ONLY = Defect.status == DEFECT_OPEN
 _PENDING_ONLY = EnrichmentRequest.status == REQUEST_PENDING
@@ -90,7 +90,7 @@ class LeasedRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class Lease:
+class LeaseResult:
     """What one :func:`lease` did."""
 
     #: The requests leased, to refresh in this order.
@@ -545,8 +545,7 @@ def lease(
     now: datetime,
     lease_for: timedelta,
     max_takeovers: int = 3,
-    release_own: bool = False,
-) -> Lease:
+) -> LeaseResult:
     """Lease up to ``limit`` due requests of ``provider``, oldest due first.
 
     ``FOR UPDATE SKIP LOCKED`` lets several workers lease side by side on
@@ -563,18 +562,7 @@ def lease(
     due), so one that kills its worker takes no neighbour down with it and
     spends only its own takeovers. The oldest-due order alone would hand it to
     the first lease after every restart, before anything else of the provider.
-
-    Args:
-        release_own: first give back, untried, every pending request still leased
-            to ``owner`` (after a pass that failed: its leases are not a dead worker's).
     """
-    if release_own:
-        session.execute(
-            update(EnrichmentRequest)
-            .where(EnrichmentRequest.lease_owner == owner, _PENDING_ONLY)
-            .values(lease_owner=None, lease_expires_at=None, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
     taken_over: list[LeasedRequest] = []
     given_up: list[LeasedRequest] = []
     while True:
@@ -602,7 +590,7 @@ def lease(
             break
         # Every candidate was a lapsed lease: look again (none of them is lapsed now).
     if not rows:
-        return Lease([], taken_over, given_up)
+        return LeaseResult([], taken_over, given_up)
     if rows[0].last_error == SUSPECT:
         chosen = rows[:1]
     else:
@@ -615,7 +603,7 @@ def lease(
     )
     leased = [_leased(row, provider) for row in chosen]
     cut = len(chosen) < len(rows) or bool(taken_over or given_up)
-    return Lease(leased, taken_over, given_up, cut=cut)
+    return LeaseResult(leased, taken_over, given_up, cut=cut)
 
 
 def _leased(row: Any, provider: str, *, takeovers: int | None = None) -> LeasedRequest:
@@ -660,6 +648,20 @@ def _take_over(
             .values(values)
             .execution_options(synchronize_session=False)
         )
+
+
+def release_own(session: Session, *, owner: str, now: datetime) -> None:
+    """Give back, untried, every pending request still leased to ``owner``.
+
+    After a pass of ``owner`` failed (database unreachable, task cancelled) its
+    leases are not a dead worker's and must not lapse into takeovers.
+    """
+    session.execute(
+        update(EnrichmentRequest)
+        .where(EnrichmentRequest.lease_owner == owner, _PENDING_ONLY)
+        .values(lease_owner=None, lease_expires_at=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def release(session: Session, ids: Sequence[int], *, owner: str, now: datetime) -> None:

@@ -201,8 +201,8 @@ class AsyncDeferredEnrichmentWorker:
         self._rng = random.Random(seed)  # noqa: S311  # jitter, not cryptography
         self._backoff = refresh_backoff(settings.enrichment)
         self._ramp: dict[str, int] = {}
-        # A pass failed: leases this worker may still hold are given back by the next
-        # lease (they are not a dead worker's, and must not count as its takeovers).
+        # A pass failed: leases this worker may still hold are given back at the start of
+        # the next one (they are not a dead worker's, and must not count as takeovers).
         self._release_own = False
         self._callbacks: list[RefreshedCallback] = []
         for callback in on_refreshed:
@@ -279,6 +279,10 @@ class AsyncDeferredEnrichmentWorker:
         """
         stats = RunStats(passes=1)
         try:
+            if self._release_own:
+                owner = self.worker_id
+                await self._tx(partial(_store.release_own, owner=owner, now=self.clock.now()))
+                self._release_own = False
             providers = await self._tx(
                 partial(_store.due_providers, now=self.clock.now()), write=False
             )
@@ -316,10 +320,8 @@ class AsyncDeferredEnrichmentWorker:
             now=leased_at,
             lease_for=enrichment.lease,
             max_takeovers=enrichment.max_takeovers,
-            release_own=self._release_own,
         )
         taken = await self._tx(lease)
-        self._release_own = False
         self._log_takeovers(provider, taken, stats)
         leased = taken.requests
         stats.leased += len(leased)
@@ -347,7 +349,7 @@ class AsyncDeferredEnrichmentWorker:
             stats.more_due = True
         return "ok"
 
-    def _log_takeovers(self, provider: str, taken: _store.Lease, stats: RunStats) -> None:
+    def _log_takeovers(self, provider: str, taken: _store.LeaseResult, stats: RunStats) -> None:
         """Count and log the lapsed leases a lease took over, and the requests it gave up."""
         if taken.taken_over:
             stats.taken_over += len(taken.taken_over)
