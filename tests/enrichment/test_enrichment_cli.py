@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import Engine, MetaData, String, select
+from sqlalchemy import Engine, MetaData, String, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from idis.integrations._audit import AuditEvent
@@ -303,3 +303,32 @@ def test_rb09_script_path_runs_the_command_verbatim(engine: Engine, url: str) ->
     assert (0, 0) == (first.returncode, second.returncode), first.stderr + second.stderr
     assert "2 defect(s) created, 0 already open" in first.stdout
     assert "0 defect(s) created, 2 already open" in second.stdout
+
+
+def test_run_deferred_says_what_it_gave_up(
+    engine: Engine, url: str, cli_sim: RunningSimulator
+) -> None:
+    """A request whose workers kept dying is given up by the next lease: the summary says so."""
+    _stale(engine, 2, provider="enrichment_provider")
+    run(url, "create-stale-defects", "--provider", "enrichment_provider", "--since", "1h ago")
+    # c0 as three dead workers leave it: leased, twice taken over, its last lease lapsed.
+    with session_scope(engine) as session:
+        session.execute(
+            update(EnrichmentRequest)
+            .where(EnrichmentRequest.subject_id == "c0")
+            .values(
+                takeovers=2,
+                lease_owner="dead-3",
+                lease_expires_at=utcnow() - timedelta(seconds=1),
+            )
+        )
+
+    result = run(url, "enrichment", "run-deferred", "--once", IDIS_SIMULATOR_URL=cli_sim.url)
+
+    assert 0 == result.exit_code, result.output
+    assert "refreshed 1, rescheduled 0, failed 0, given up 1, defects resolved 1" in result.stdout
+    with session_scope(engine) as session:
+        statuses = dict(
+            session.execute(select(EnrichmentRequest.subject_id, EnrichmentRequest.status)).all()
+        )
+    assert {"c0": "failed", "c1": "done"} == statuses

@@ -207,7 +207,7 @@ def test_a_crashed_workers_lease_expires_and_another_worker_finishes(env: Any) -
             owner="dead-worker",
             now=env.clock.now(),
             lease_for=settings.enrichment.lease,
-        )
+        ).requests
     worker = env.worker(settings, clock=env.clock)
 
     during = env.run(worker.run_once())

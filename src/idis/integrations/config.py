@@ -998,6 +998,14 @@ class EnrichmentSettings:
         "How long a worker holds a deferred request; a crashed worker's requests return after it.",
         check=_positive,
     )
+    max_takeovers: int = _setting(
+        3,
+        "IDIS_ENRICHMENT_MAX_TAKEOVERS",
+        _at_least(1),
+        "Times the worker refreshing a deferred request may stop without settling it (its "
+        "lease lapses and is taken over) before the request is given up: `failed`, defect "
+        "left OPEN. Outages never count.",
+    )
     impact_deals_table: str | None = _setting(
         None,
         "IDIS_IMPACT_DEALS_TABLE",

@@ -155,9 +155,11 @@ def run_deferred_cmd(once: bool, as_json: bool) -> None:
     if as_json:
         print_json(stats.as_dict())
         return
+    # Requests given up because their refresh kept stopping the worker: said only when any.
+    given_up = f", given up {stats.given_up}" if stats.given_up else ""
     stdout.print(
-        f"refreshed {stats.refreshed}, rescheduled {stats.rescheduled}, failed {stats.failed}, "
-        f"defects resolved {stats.defects_resolved} ({stats.passes} pass(es))",
+        f"refreshed {stats.refreshed}, rescheduled {stats.rescheduled}, failed {stats.failed}"
+        f"{given_up}, defects resolved {stats.defects_resolved} ({stats.passes} pass(es))",
         markup=False,
     )
 

@@ -186,6 +186,13 @@ class EnrichmentRequest(Base):
     status: Mapped[str] = mapped_column(String(16), nullable=False, default=REQUEST_PENDING)
     #: Refresh attempts actually made (waiting for a provider to recover makes none).
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    #: Leases of it taken over after they lapsed: each time, the worker holding it
+    #: stopped without settling it (killed, crashed). At ``IDIS_ENRICHMENT_MAX_TAKEOVERS``
+    #: the request is given up (``failed``), so one that kills its worker cannot
+    #: crash-loop it for ever (migration 0011_enrichment_takeovers).
+    takeovers: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default=text("0")
+    )
     #: Earliest time the next attempt may run (backoff with jitter).
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     #: Worker holding the lease, if any.

@@ -40,7 +40,7 @@ from ._models import (
     EnrichmentRequest,
 )
 
-__all__ = ["CachedCopy", "LeasedRequest"]
+__all__ = ["SUSPECT", "CachedCopy", "LeaseResult", "LeasedRequest", "given_up_error"]
 
 _OPEN_ONLY = Defect.status == DEFECT_OPEN
 _PENDING_ONLY = EnrichmentRequest.status == REQUEST_PENDING
@@ -60,6 +60,23 @@ class CachedCopy:
     fetched_at: datetime
 
 
+#: ``last_error`` of a pending request whose lapsed lease was taken over: the worker
+#: refreshing it stopped without settling it. It stays a suspect, leased alone, until
+#: a refresh settles it (any settle rewrites ``last_error``).
+SUSPECT = (
+    "suspect: the worker refreshing it stopped without settling it (its lease lapsed); "
+    "refreshed alone until it settles"
+)
+
+
+def given_up_error(takeovers: int) -> str:
+    """``last_error`` of a request given up because its refresh kept stopping the worker."""
+    return (
+        f"its refresh stopped the worker {takeovers} times (each time its lease lapsed and "
+        "was taken over): given up; its defect stays OPEN"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LeasedRequest:
     """A deferred request leased by a worker."""
@@ -68,6 +85,23 @@ class LeasedRequest:
     key: SubjectKey
     providers: tuple[str, ...]
     attempts: int
+    #: Leases of it taken over after they lapsed (see :func:`lease`).
+    takeovers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseResult:
+    """What one :func:`lease` did."""
+
+    #: The requests leased, to refresh in this order.
+    requests: list[LeasedRequest]
+    #: Lapsed leases taken over and put back as suspects (``takeovers`` as counted now).
+    taken_over: list[LeasedRequest]
+    #: Lapsed leases taken over for the ``max_takeovers``-th time: given up (failed).
+    given_up: list[LeasedRequest]
+    #: Due requests were left out of ``requests`` (lapsed leases taken over, suspects
+    #: left out or leased alone): more may be due now.
+    cut: bool = False
 
 
 def _insert(session: Session, model: Any) -> Any:
@@ -510,42 +544,124 @@ def lease(
     owner: str,
     now: datetime,
     lease_for: timedelta,
-) -> list[LeasedRequest]:
+    max_takeovers: int = 3,
+) -> LeaseResult:
     """Lease up to ``limit`` due requests of ``provider``, oldest due first.
 
     ``FOR UPDATE SKIP LOCKED`` lets several workers lease side by side on
     PostgreSQL; SQLite has no row locks, but the engine begins every
     transaction IMMEDIATE, so lessees queue on the write lock instead.
+
+    A due request whose lease lapsed was held by a worker that stopped without
+    settling it: killed, crashed, or killed *by* that refresh (a native crash,
+    memory). Its takeover is written in this transaction, before anything is
+    refreshed: ``takeovers`` + 1, and at ``max_takeovers`` the request is given
+    up (``failed``, :func:`given_up_error`; its defect stays OPEN); otherwise it
+    becomes a :data:`SUSPECT` due now, behind every request already due, and is
+    not leased by this call. A suspect is leased alone (when it is the first
+    due), so one that kills its worker takes no neighbour down with it and
+    spends only its own takeovers. The oldest-due order alone would hand it to
+    the first lease after every restart, before anything else of the provider.
     """
-    rows = session.execute(
-        select(
-            EnrichmentRequest.id,
-            *_subject(EnrichmentRequest),
-            EnrichmentRequest.providers,
-            EnrichmentRequest.attempts,
-        )
-        .where(EnrichmentRequest.provider == provider, *_due(now))
-        .order_by(EnrichmentRequest.next_attempt_at, EnrichmentRequest.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    taken_over: list[LeasedRequest] = []
+    given_up: list[LeasedRequest] = []
+    while True:
+        rows = session.execute(
+            select(
+                EnrichmentRequest.id,
+                *_subject(EnrichmentRequest),
+                EnrichmentRequest.providers,
+                EnrichmentRequest.attempts,
+                EnrichmentRequest.takeovers,
+                EnrichmentRequest.lease_expires_at,
+                EnrichmentRequest.last_error,
+            )
+            .where(EnrichmentRequest.provider == provider, *_due(now))
+            .order_by(EnrichmentRequest.next_attempt_at, EnrichmentRequest.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        lapsed = [row for row in rows if row.lease_expires_at is not None]
+        if not lapsed:
+            break
+        _take_over(session, lapsed, now=now, limit=max_takeovers, into=(taken_over, given_up))
+        rows = [row for row in rows if row.lease_expires_at is None]
+        if rows:
+            break
+        # Every candidate was a lapsed lease: look again (none of them is lapsed now).
     if not rows:
-        return []
+        return LeaseResult([], taken_over, given_up)
+    if rows[0].last_error == SUSPECT:
+        chosen = rows[:1]
+    else:
+        chosen = [row for row in rows if row.last_error != SUSPECT]
     session.execute(
         update(EnrichmentRequest)
-        .where(EnrichmentRequest.id.in_([row.id for row in rows]))
+        .where(EnrichmentRequest.id.in_([row.id for row in chosen]))
         .values(lease_owner=owner, lease_expires_at=now + lease_for, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    return [
-        LeasedRequest(
-            id=row.id,
-            key=_key(row),
-            providers=tuple(row.providers or (provider,)),
-            attempts=row.attempts,
+    leased = [_leased(row, provider) for row in chosen]
+    cut = len(chosen) < len(rows) or bool(taken_over or given_up)
+    return LeaseResult(leased, taken_over, given_up, cut=cut)
+
+
+def _leased(row: Any, provider: str, *, takeovers: int | None = None) -> LeasedRequest:
+    return LeasedRequest(
+        id=row.id,
+        key=_key(row),
+        providers=tuple(row.providers or (provider,)),
+        attempts=row.attempts,
+        takeovers=row.takeovers if takeovers is None else takeovers,
+    )
+
+
+def _take_over(
+    session: Session,
+    rows: Sequence[Any],
+    *,
+    now: datetime,
+    limit: int,
+    into: tuple[list[LeasedRequest], list[LeasedRequest]],
+) -> None:
+    """Count the takeover of lapsed leases ``rows``: give up those at ``limit``, the rest
+    become suspects due now (behind what is due already), not leased."""
+    suspects, given_up = into
+    lost = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
+    for row in rows:
+        takeovers = row.takeovers + 1
+        request = _leased(row, row.provider, takeovers=takeovers)
+        values: dict[str, Any] = {**lost, "takeovers": takeovers}
+        if takeovers >= limit:
+            given_up.append(request)
+            error = given_up_error(takeovers)
+            values.update(status=REQUEST_FAILED, last_error=error, completed_at=now)
+            # The subject's last failure is now: still stale, and in the window of a
+            # later `create-stale-defects`, which queues it again once the cause is fixed.
+            record_failure(session, request.key, error=error, now=now)
+        else:
+            suspects.append(request)
+            values.update(last_error=SUSPECT, next_attempt_at=now)
+        session.execute(
+            update(EnrichmentRequest)
+            .where(EnrichmentRequest.id == row.id, _PENDING_ONLY)
+            .values(values)
+            .execution_options(synchronize_session=False)
         )
-        for row in rows
-    ]
+
+
+def release_own(session: Session, *, owner: str, now: datetime) -> None:
+    """Give back, untried, every pending request still leased to ``owner``.
+
+    After a pass of ``owner`` failed (database unreachable, task cancelled) its
+    leases are not a dead worker's and must not lapse into takeovers.
+    """
+    session.execute(
+        update(EnrichmentRequest)
+        .where(EnrichmentRequest.lease_owner == owner, _PENDING_ONLY)
+        .values(lease_owner=None, lease_expires_at=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def release(session: Session, ids: Sequence[int], *, owner: str, now: datetime) -> None:

@@ -14,7 +14,13 @@ due requests:
    passed counts as available, so the worker's first call is the trial call.
 2. **Lease** a batch (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), oldest due
    first. The batch slow-starts: 1 request after the provider was unavailable
-   or failed, doubling per fully successful batch up to ``batch_size``.
+   or failed, doubling per fully successful batch up to ``batch_size``. A lapsed
+   lease met on the way is a worker that died holding it, perhaps killed by
+   that very refresh: the lease counts the takeover before anything runs, puts
+   the request behind the due ones as a suspect, refreshed alone, and gives it
+   up (``failed``, defect OPEN) at ``max_takeovers``, so a refresh that kills
+   its worker cannot crash-loop it in front of the provider's other requests
+   (:func:`~._store.lease`). An outage never counts: its refreshes settle.
 3. **Refresh** the batch one request at a time through the enricher's own
    chain flow (:func:`~._flow.ask_chain`) and decisions
    (:func:`~._decisions.refresh_verdict`). A success caches the data, clears
@@ -22,7 +28,9 @@ due requests:
    provider recovery', then calls the ``on_refreshed`` callbacks. The first
    outage failure stops the batch: that request is rescheduled after the
    refresh backoff, the rest go back untouched. A chain where every provider
-   answered without data fails the request and leaves its defect OPEN.
+   answered without data fails the request and leaves its defect OPEN. Once
+   half the lease is gone the batch starts no more refreshes and hands the rest
+   back, so its tail never lapses under a live worker.
 
 Between passes the worker waits ``batch_interval`` while work remains, else
 ``poll_interval``, each jittered by ±20% so replicas drift apart. Waits go
@@ -99,6 +107,12 @@ class RunStats:
     failed: int = 0
     #: Leased requests handed back untouched (the batch stopped early).
     released: int = 0
+    #: Lapsed leases taken over (the worker holding them stopped without settling them);
+    #: the requests were put back as suspects, refreshed alone.
+    taken_over: int = 0
+    #: Requests given up because their refresh kept stopping the worker
+    #: (``IDIS_ENRICHMENT_MAX_TAKEOVERS`` takeovers); defects stay OPEN.
+    given_up: int = 0
     #: Provider-passes skipped because no provider of the chain was available.
     gated: int = 0
     #: Defects resolved by refreshes.
@@ -112,8 +126,8 @@ class RunStats:
 
     @property
     def worked(self) -> bool:
-        """Whether the pass refreshed, rescheduled or failed anything."""
-        return bool(self.refreshed or self.rescheduled or self.failed)
+        """Whether the pass refreshed, rescheduled, failed or gave up anything."""
+        return bool(self.refreshed or self.rescheduled or self.failed or self.given_up)
 
     def add(self, other: RunStats) -> None:
         """Accumulate ``other`` into this one."""
@@ -187,6 +201,9 @@ class AsyncDeferredEnrichmentWorker:
         self._rng = random.Random(seed)  # noqa: S311  # jitter, not cryptography
         self._backoff = refresh_backoff(settings.enrichment)
         self._ramp: dict[str, int] = {}
+        # A pass failed: leases this worker may still hold are given back at the start of
+        # the next one (they are not a dead worker's, and must not count as takeovers).
+        self._release_own = False
         self._callbacks: list[RefreshedCallback] = []
         for callback in on_refreshed:
             self.on_refreshed(callback)
@@ -261,17 +278,29 @@ class AsyncDeferredEnrichmentWorker:
             StorageError: the database is unreachable (:meth:`run` logs and retries).
         """
         stats = RunStats(passes=1)
-        providers = await self._tx(partial(_store.due_providers, now=self.clock.now()), write=False)
-        for provider in providers:
-            if self._stop.is_set():
-                break
-            outcome = await self._batch(provider, stats)
-            current = self._ramp.get(provider, 1)
-            maximum = self.settings.enrichment.batch_size
-            self._ramp[provider] = next_batch_size(current, maximum, outcome)
-        await self._tx(
-            partial(_store.refresh_gauges, metrics=self.metrics, providers=self.settings.providers)
-        )
+        try:
+            if self._release_own:
+                owner = self.worker_id
+                await self._tx(partial(_store.release_own, owner=owner, now=self.clock.now()))
+                self._release_own = False
+            providers = await self._tx(
+                partial(_store.due_providers, now=self.clock.now()), write=False
+            )
+            for provider in providers:
+                if self._stop.is_set():
+                    break
+                outcome = await self._batch(provider, stats)
+                current = self._ramp.get(provider, 1)
+                maximum = self.settings.enrichment.batch_size
+                self._ramp[provider] = next_batch_size(current, maximum, outcome)
+            await self._tx(
+                partial(
+                    _store.refresh_gauges, metrics=self.metrics, providers=self.settings.providers
+                )
+            )
+        except BaseException:
+            self._release_own = True
+            raise
         self.totals.add(stats)
         return stats
 
@@ -281,20 +310,33 @@ class AsyncDeferredEnrichmentWorker:
             stats.gated += 1
             return "gated"
         size = self._ramp.get(provider, 1)
+        enrichment = self.settings.enrichment
+        leased_at = self.clock.now()
         lease = partial(
             _store.lease,
             provider=provider,
             limit=size,
             owner=self.worker_id,
-            now=self.clock.now(),
-            lease_for=self.settings.enrichment.lease,
+            now=leased_at,
+            lease_for=enrichment.lease,
+            max_takeovers=enrichment.max_takeovers,
         )
-        leased = await self._tx(lease)
+        taken = await self._tx(lease)
+        self._log_takeovers(provider, taken, stats)
+        leased = taken.requests
         stats.leased += len(leased)
+        # Refreshes start only while at least half of the lease is left, so a slow batch
+        # hands its tail back instead of letting it lapse (a lapsed lease is counted
+        # against its request as a worker that stopped).
+        start_before = leased_at + enrichment.lease / 2
         for index, request in enumerate(leased):
             if self._stop.is_set():
                 # Stopping: the request in hand is done; the rest go back for another worker.
                 await self._release(leased[index:], stats)
+                return "ok"
+            if index and self.clock.now() >= start_before:
+                await self._release(leased[index:], stats)
+                stats.more_due = True
                 return "ok"
             verdict = await self._refresh(request, stats)
             if verdict == "gated":
@@ -303,9 +345,36 @@ class AsyncDeferredEnrichmentWorker:
             if verdict == "rescheduled":
                 await self._release(leased[index + 1 :], stats)
                 return "failed"
-        if len(leased) == size:
+        if len(leased) == size or taken.cut:
             stats.more_due = True
         return "ok"
+
+    def _log_takeovers(self, provider: str, taken: _store.LeaseResult, stats: RunStats) -> None:
+        """Count and log the lapsed leases a lease took over, and the requests it gave up."""
+        if taken.taken_over:
+            stats.taken_over += len(taken.taken_over)
+            _log.warning(
+                "idis.enrichment.leases_taken_over",
+                msg="a worker stopped while refreshing these deferred requests (their leases "
+                "lapsed): each is refreshed alone from now on, so one that kills its worker "
+                "holds no other behind it",
+                provider=provider,
+                requests=len(taken.taken_over),
+                request_ids=[r.id for r in taken.taken_over],
+                worker=self.worker_id,
+            )
+        for request in taken.given_up:
+            stats.given_up += 1
+            self.metrics.enrichment_requests.labels(provider=provider, result="given_up").inc()
+            _log.error(
+                "idis.enrichment.refresh_given_up",
+                msg="the refresh of this deferred request stopped the worker every time it "
+                "ran: given up; its defect stays open for a human",
+                **request.key.log_fields(),
+                request_id=request.id,
+                takeovers=request.takeovers,
+                worker=self.worker_id,
+            )
 
     async def _release(self, rest: list[_store.LeasedRequest], stats: RunStats) -> None:
         if rest:
