@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from idis.integrations.enrichment import NO_MATCH_RESOLUTION
 from idis.integrations.exceptions import ProviderError, ProviderRejected
@@ -68,6 +69,20 @@ def test_a_no_match_is_answered_from_the_cache_until_the_ttl_passes(env_db: Any,
     assert ("enriched", enrichment_for("person-x")) == (served.status, served.data)
     assert 2 == _calls(env, PRIMARY)
     assert [None] == [r.no_match_at for r in env.rows(env.Cache)]
+
+
+def test_a_no_match_is_not_logged_as_a_failed_call(env: Any, mode: str) -> None:
+    # A subject the provider does not know is an answer: no warning per subject.
+    env_settings = env.settings()
+    _no_match(env, PRIMARY)
+    enricher = env.enricher(env_settings, mode)
+
+    with capture_logs() as logs, pytest.raises(ProviderRejected):
+        enricher.enrich("person-unknown", tenant_id="t1")
+
+    failed = [e for e in logs if e["event"] == "idis.gateway.call_failed"]
+    assert ["debug"] == [e["log_level"] for e in failed]
+    assert not [e for e in logs if e["log_level"] in ("warning", "error")]
 
 
 @pytest.mark.parametrize(

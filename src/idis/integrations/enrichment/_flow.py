@@ -110,8 +110,9 @@ class Fetch(Awaited[Any]):
 
     def call(self, io: FlowIO) -> Any:
         """``get_json`` on the face's gateway (awaited on an ``AsyncGateway``)."""
+        # A 404 is "no match", an answer (``ChainOutcome.no_match``): not a warning per subject.
         return io.gateway.get_json(
-            self.provider, ENRICH_ENDPOINT, path_params={"id": self.subject_id}
+            self.provider, ENRICH_ENDPOINT, path_params={"id": self.subject_id}, not_found_ok=True
         )
 
 
@@ -442,6 +443,16 @@ class EnrichCore:
             error = outcome.error_to_raise(outage=action.mark_stale)
             result = "error" if action.mark_stale else "rejected"
             self.metrics.enrichment_requests.labels(provider=key.provider, result=result).inc()
+            if not action.mark_stale and outcome.no_match:
+                # A subject no provider knows is an answer, one per unknown subject: not
+                # an operator's warning (an invalid request, 400/422, is ours: it warns).
+                _log.info(
+                    "idis.enrichment.no_match",
+                    msg="every provider answered no match (404/410)",
+                    **key.log_fields(),
+                    attempts=summary,
+                )
+                raise error
             _log.warning(
                 "idis.enrichment.failed",
                 msg="enrichment failed and is not deferred (ENRICHMENT_DEFER_ON_ERROR=false)"
