@@ -438,10 +438,13 @@ def settle_statement() -> Update:
         .values(
             status=bindparam("p_b_status"),
             next_attempt_at=_ts("p_b_next"),
-            # Given back (deferred, released) a suspect stays one: see _still_suspect.
+            # Given back pending (deferred, released) a suspect stays one: _still_suspect.
             last_error=case(
                 (
-                    bindparam("p_b_giveback") == literal_column("1"),
+                    and_(
+                        bindparam("p_b_giveback") == literal_column("1"),
+                        bindparam("p_b_status") == _PENDING,
+                    ),
                     _still_suspect(bindparam("p_b_error")),
                 ),
                 else_=bindparam("p_b_error"),
