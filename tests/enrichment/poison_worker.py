@@ -26,7 +26,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from idis.integrations.config import AuthSettings, EnrichmentSettings, RetryPolicy
+from idis.integrations.config import AuthSettings, EnrichmentSettings, RetryPolicy, TimeoutPolicy
 from idis.integrations.enrichment import run_deferred
 from idis.integrations.observability._metrics import Metrics
 from idis.integrations.testing import serve_asgi, simulator_settings
@@ -71,6 +71,9 @@ def main(url: str, asks: Path, lease: float, poison: str) -> None:
             database_url=url,
             auth=AuthSettings(),
             retry=RetryPolicy(max_attempts=1),
+            # A refresh's call deadline within half the lease: the worker leases for
+            # IDIS_ENRICHMENT_LEASE itself, not for twice a 30 s default deadline.
+            timeouts=TimeoutPolicy(deadline=lease / 2),
             enrichment=EnrichmentSettings(
                 defer_on_error=True,
                 batch_size=4,

@@ -287,3 +287,68 @@ def test_a_row_inserted_without_takeovers_gets_zero(env_db: Any) -> None:
             {"p": PROVIDER, "chain": f'["{PROVIDER}"]', "now": now},
         )
     assert 0 == env.rows(env.Request)[0].takeovers
+
+
+def test_a_live_refresh_that_outlasts_the_lease_setting_is_not_taken_over(env: Any) -> None:
+    """A refresh may legitimately run as long as its chain's call deadlines (a slow
+    provider answering within its deadline). The lease must cover that, or a second
+    worker takes the live refresh over, counts a takeover against it (and refreshes it
+    twice at once): three slow-but-live refreshes would give the request up."""
+    settings = env.settings(enrichment=replace(env.FAST, lease=timedelta(seconds=1)))
+    deadline = settings.provider(PROVIDER).timeouts.deadline
+    assert deadline > 2  # the refresh below stays well inside its call deadline
+    _defer_all(env, settings, 1)
+    env.recover(PROVIDER)
+    env.sim.control.set_fault(PROVIDER, "latency", seconds=1.5)
+    slow = env.worker(settings, clock=env.clock, seed=1)
+    other = env.worker(settings, clock=env.clock, seed=2)
+
+    async def side_by_side() -> tuple[Any, Any]:
+        first = asyncio.ensure_future(slow.run_once())
+        await asyncio.sleep(0.5)  # `slow` is waiting on the provider
+        env.clock.advance(2)  # its refresh has now run longer than IDIS_ENRICHMENT_LEASE
+        second = await other.run_once()
+        return await first, second
+
+    try:
+        first, second = env.run(side_by_side())
+    finally:
+        env.sim.control.clear_faults(PROVIDER)
+
+    assert (0, 0) == (second.leased, second.taken_over)
+    assert 1 == first.refreshed
+    (request,) = env.rows(env.Request)
+    assert ("done", 0) == (request.status, request.takeovers)
+
+
+def test_a_worker_closed_after_a_failed_pass_gives_its_leases_back(env: Any) -> None:
+    """A failed pass leaves leases only this worker holds; if the worker is then stopped
+    (SIGTERM during the pause, ``run-deferred --once`` failing), they must not be left to
+    lapse into takeovers counted against their requests: closing gives them back."""
+    settings = env.settings()
+    _defer_all(env, settings, 8)
+    env.recover(PROVIDER)
+    blocked = asyncio.Event()
+
+    async def hang(subject: SubjectKey, result: EnrichmentResult) -> None:
+        if subject.subject_id == "c1":
+            blocked.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    worker = env.worker(settings, clock=env.clock, on_refreshed=[hang])
+
+    async def fail_a_pass_then_close() -> None:
+        assert 1 == (await worker.run_once()).refreshed  # c0 (slow start: a batch of 1)
+        task = asyncio.ensure_future(worker.run_once())  # c1, c2: cancelled in c1's callback
+        await blocked.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await worker.aclose()
+
+    env.run(fail_a_pass_then_close())
+    assert [] == [r.subject_id for r in env.rows(env.Request) if r.lease_owner is not None]
+    _lapse(env, settings)
+    stats = env.run(env.worker(settings, clock=env.clock).drain())
+    assert (0, 0) == (stats.taken_over, stats.given_up)
+    assert {0} == {r.takeovers for r in env.rows(env.Request)}

@@ -40,6 +40,7 @@ through the clock, so a ``ManualClock`` advances instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import random
@@ -271,6 +272,19 @@ class AsyncDeferredEnrichmentWorker:
             return ()
         return provider_chain(self.settings, provider)
 
+    def _lease_for(self, provider: str) -> timedelta:
+        """How long a batch of ``provider`` is leased: ``IDIS_ENRICHMENT_LEASE``, and at
+        least twice the longest a refresh of its chain may run (each provider's call
+        deadline, one call each).
+
+        Refreshes start only in the lease's first half, so one that runs to its chain's
+        deadlines still ends before the lease lapses: a live refresh is never taken over
+        by another worker and counted against its request as a worker that stopped.
+        """
+        chain = self._gate_chain(provider)
+        slowest = sum(self.settings.provider(name).timeouts.deadline for name in chain)
+        return max(self.settings.enrichment.lease, timedelta(seconds=2 * slowest))
+
     async def run_once(self) -> RunStats:
         """One pass: at most one (slow-started) batch per provider with due requests.
 
@@ -312,13 +326,14 @@ class AsyncDeferredEnrichmentWorker:
         size = self._ramp.get(provider, 1)
         enrichment = self.settings.enrichment
         leased_at = self.clock.now()
+        lease_for = self._lease_for(provider)
         lease = partial(
             _store.lease,
             provider=provider,
             limit=size,
             owner=self.worker_id,
             now=leased_at,
-            lease_for=enrichment.lease,
+            lease_for=lease_for,
             max_takeovers=enrichment.max_takeovers,
         )
         taken = await self._tx(lease)
@@ -328,7 +343,7 @@ class AsyncDeferredEnrichmentWorker:
         # Refreshes start only while at least half of the lease is left, so a slow batch
         # hands its tail back instead of letting it lapse (a lapsed lease is counted
         # against its request as a worker that stopped).
-        start_before = leased_at + enrichment.lease / 2
+        start_before = leased_at + lease_for / 2
         for index, request in enumerate(leased):
             if self._stop.is_set():
                 # Stopping: the request in hand is done; the rest go back for another worker.
@@ -567,8 +582,18 @@ class AsyncDeferredEnrichmentWorker:
             self._task = None
 
     async def aclose(self) -> None:
-        """Stop, then close the gateway and engine the worker created (not ones passed in)."""
+        """Stop, then close the gateway and engine the worker created (not ones passed in).
+
+        Leases a failed pass left with this worker are given back first (best effort: the
+        database may still be down), so they do not lapse into takeovers counted against
+        their requests as if the worker had died.
+        """
         await self.stop()
+        if self._release_own:
+            with contextlib.suppress(IntegrationError):
+                owner = self.worker_id
+                await self._tx(partial(_store.release_own, owner=owner, now=self.clock.now()))
+                self._release_own = False
         while self._closers:
             await self._closers.pop()()
 

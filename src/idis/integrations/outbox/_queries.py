@@ -438,7 +438,17 @@ def settle_statement() -> Update:
         .values(
             status=bindparam("p_b_status"),
             next_attempt_at=_ts("p_b_next"),
-            last_error=bindparam("p_b_error"),
+            # Given back pending (deferred, released) a suspect stays one: _still_suspect.
+            last_error=case(
+                (
+                    and_(
+                        bindparam("p_b_giveback") == literal_column("1"),
+                        bindparam("p_b_status") == _PENDING,
+                    ),
+                    _still_suspect(bindparam("p_b_error")),
+                ),
+                else_=bindparam("p_b_error"),
+            ),
             attempts=messages.c.attempts - bindparam("p_b_giveback"),
             lease_owner=None,
             lease_expires_at=None,
@@ -523,9 +533,24 @@ def release_own_statement() -> Update:
             lease_owner=None,
             lease_expires_at=None,
             attempts=messages.c.attempts - 1,
-            last_error=literal_column(f"'{LEASE_UNACKNOWLEDGED}'"),
+            last_error=_still_suspect(literal_column(f"'{LEASE_UNACKNOWLEDGED}'")),
             updated_at=_ts("p_now"),
         )
+    )
+
+
+def _still_suspect(otherwise: Any) -> Any:
+    """``last_error`` of a message given back without being tried: :data:`SUSPECT`
+    if a worker that died held it (:data:`LEASE_EXPIRED`, or already a suspect),
+    else ``otherwise``. Nothing was learnt about it, so it is still sent alone."""
+    return case(
+        (
+            messages.c.last_error.in_(
+                [literal_column(f"'{LEASE_EXPIRED}'"), literal_column(f"'{SUSPECT}'")]
+            ),
+            literal_column(f"'{SUSPECT}'"),
+        ),
+        else_=otherwise,
     )
 
 
