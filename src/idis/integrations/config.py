@@ -995,7 +995,9 @@ class EnrichmentSettings:
         timedelta(seconds=60),
         "IDIS_ENRICHMENT_LEASE",
         _delta,
-        "How long a worker holds a deferred request; a crashed worker's requests return after it.",
+        "How long a worker holds a batch of deferred requests (at least twice the sum of the "
+        "chain's call deadlines, so a live refresh never outlasts it); a crashed worker's "
+        "requests return after it.",
         check=_positive,
     )
     max_takeovers: int = _setting(
