@@ -1004,9 +1004,9 @@ _PENDING = "idis_sync_applied"
 def _count_after_commit(session: Session) -> None:
     pending = session.info.pop(_PENDING, None)
     if pending:
-        metric = get_metrics().events_applied
+        metrics = get_metrics()
         for (provider, source), count in pending.items():
-            metric.labels(provider=provider, source=source).inc(count)
+            metrics.child("events_applied", provider, source).inc(count)
 
 
 def _forget_after_rollback(session: Session, transaction: SessionTransaction) -> None:
