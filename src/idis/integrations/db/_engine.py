@@ -182,13 +182,13 @@ def returns_rows(cursor: Any) -> bool:
 
     On psycopg this reads its result as ``description`` does, without building the
     ``Column`` object per column that ``description`` makes on each access."""
-    result = getattr(cursor, "pgresult", _NO_RESULT)
+    result: Any = getattr(cursor, "pgresult", _NO_RESULT)
     if result is _NO_RESULT:
         return cursor.description is not None
     return result is not None and (result.nfields > 0 or result.status == _TUPLES_OK)
 
 
-_NO_RESULT = object()
+_NO_RESULT: Any = object()
 
 
 def _pipelines(dbapi_conn: Any) -> bool:
