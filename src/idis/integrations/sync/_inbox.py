@@ -499,8 +499,8 @@ def _pg_reads(
         current, placeholders = _lock_records(conn, provider, records, now)
         return current, placeholders, inbox_rows(conn, provider, ids)
     lock_sql, read_sql = _sql_of(_PG_LOCK, conn), _sql_of(_PG_INBOX_ROWS, conn)
-    lock_params = {"provider": provider, "ids": _pg_array(records), "floor": _MIN_MAJOR, "now": now}
-    read_params = {"ids": _pg_array(ids), "provider": provider}
+    lock_params = {"provider": provider, "ids": records, "floor": _MIN_MAJOR, "now": now}
+    read_params = {"ids": ids, "provider": provider}
     lock = (lock_sql, lock_params) if records else None
     try:
         if conn.dialect.is_async:
@@ -522,20 +522,6 @@ def _pg_reads(
     }
     placeholders = {rid for rid, _major, _minor, event_id in locked if event_id == _PLACEHOLDER}
     return current, placeholders, {event_id: bool(webhook) for event_id, webhook in known}
-
-
-def _pg_array(items: list[str]) -> str:
-    """``items`` as PostgreSQL's text form of an array (``{"a","b"}``), for a parameter the
-    statement casts to ``VARCHAR[]``: a string costs psycopg a fraction of a list's
-    adaptation (element type lookup, array dumper) per statement. Every element is
-    quoted, with backslash before ``"`` and ``\\``, so any string reads back as itself."""
-    return "{" + ",".join(['"' + _array_escape(item) + '"' for item in items]) + "}"
-
-
-def _array_escape(item: str) -> str:
-    if "\\" in item or '"' in item:
-        return item.replace("\\", "\\\\").replace('"', '\\"')
-    return item
 
 
 #: One statement for the driver: its SQL text and parameters.
