@@ -12,7 +12,11 @@ from sqlalchemy import Engine, event, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, sessionmaker
 
-from idis.integrations.db._engine import async_session_factory, create_async_db_engine
+from idis.integrations.db._engine import (
+    async_session_factory,
+    create_async_db_engine,
+    create_db_engine,
+)
 from idis.integrations.exceptions import UsageError
 from idis.integrations.observability._metrics import Metrics
 from idis.integrations.providers import BY_MODIFIED, OrderKey, ProviderEvent
@@ -577,3 +581,56 @@ def test_a_batch_larger_than_one_in_list_reads_in_chunks(
     assert all(o is ApplyOutcome.APPLIED for o in result.outcomes[600:])
     assert 1201 == len(_inbox(sqlite_faces.engine))
     assert 700 == len(_ledger(sqlite_faces.engine))
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("plan", ["force_custom_plan", "force_generic_plan"])
+def test_a_batch_write_looks_up_the_ledger_by_key_at_any_size(pg_url: str, plan: str) -> None:
+    """PostgreSQL's batch write finds the ledger rows it moves and drops by key.
+
+    The planner takes a JSON set for 100 rows whatever it holds; against a
+    large, analyzed ledger it then joined the moves and the drops to a
+    sequential scan of the provider's whole ledger, twice per batch (its cost
+    grew with the ledger). Each set sits under a LIMIT of its length, so the plan,
+    custom or generic, probes the unique key instead.
+    """
+    import psycopg
+
+    writes = inbox_module._Writes(
+        claimed=[(make_event(1, record_id="rec_1"), ApplyOutcome.APPLIED)],
+        webhook_at=T0,
+        touch=["evt_9"],
+        advance=[("rec_1", (OrderKey(1, ""), "evt_1"))],
+        drop=["rec_2"],
+    )
+    engine = create_db_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            sql = inbox_module._sql_of(inbox_module._PG_WRITE, conn)
+    finally:
+        engine.dispose()
+    captured: list[dict[str, Any]] = []
+
+    class _Capture:
+        def execute(self, _stmt: Any, params: dict[str, Any]) -> Any:
+            captured.append(params)
+            return _Rows()
+
+    class _Rows:
+        def all(self) -> list[tuple[int, int]]:
+            return [(1, 1)]
+
+    batch = inbox_module._Batch("crm_provider", [], [], "webhook", T0, HandlerRegistry())
+    inbox_module._pg_write(_Capture(), batch, writes)  # type: ignore[arg-type]
+    with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://")) as pg:
+        pg.execute(
+            "INSERT INTO sync_record_versions (provider, record_id, order_major, order_minor, "
+            "event_id, updated_at) SELECT 'crm_provider', 'r' || n, n, '', 'e' || n, now() "
+            "FROM generate_series(1, 20000) AS n"
+        )
+        pg.execute("ANALYZE sync_record_versions")
+        pg.execute(f"SET plan_cache_mode = {plan}")
+        plan_rows = pg.execute("EXPLAIN " + sql, captured[0], prepare=True).fetchall()
+    shown = "\n".join(row[0] for row in plan_rows)
+    assert "Seq Scan on sync_record_versions" not in shown, shown
+    assert "uq_sync_record_versions_provider_record_id" in shown, shown

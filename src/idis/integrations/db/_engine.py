@@ -166,11 +166,29 @@ def on_driver(
         cursor.execute(sql, params)
         if rowcount:
             return cursor.rowcount
-        return cursor.fetchall() if cursor.description is not None else []
+        return cursor.fetchall() if returns_rows(cursor) else []
     except conn.dialect.loaded_dbapi.Error as exc:
         raise driver_error(conn, exc, sql, params, cursor) from exc
     finally:
         cursor.close()
+
+
+#: libpq's status of a result that carries rows (``PGRES_TUPLES_OK``).
+_TUPLES_OK = 2
+
+
+def returns_rows(cursor: Any) -> bool:
+    """Whether ``cursor``'s last statement returned rows (``description is not None``).
+
+    On psycopg this reads its result as ``description`` does, without building the
+    ``Column`` object per column that ``description`` makes on each access."""
+    result: Any = getattr(cursor, "pgresult", _NO_RESULT)
+    if result is _NO_RESULT:
+        return cursor.description is not None
+    return result is not None and (result.nfields > 0 or result.status == _TUPLES_OK)
+
+
+_NO_RESULT: Any = object()
 
 
 def _pipelines(dbapi_conn: Any) -> bool:
@@ -221,7 +239,7 @@ def on_driver_pipeline(
         with driver.pipeline():
             for cursor, (sql, params) in zip(cursors, statements, strict=True):
                 cursor.execute(sql, params)
-        return [(c.rowcount, c.fetchall() if c.description is not None else []) for c in cursors]
+        return [(c.rowcount, c.fetchall() if returns_rows(c) else []) for c in cursors]
     except conn.dialect.loaded_dbapi.Error as exc:
         # A failed statement's cursor holds no result (psycopg checks the results
         # before attaching them): the first such one failed.
