@@ -11,8 +11,10 @@ import asyncio
 import os
 import shutil
 import socket
+import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,17 @@ async def dies_whole(coro: Coroutine[Any, Any, Any]) -> Any:
             if task is not current:
                 task.cancel()
         raise
+
+
+def sleep_past(leases: Iterable[datetime | None]) -> None:
+    """Sleep until every lease in ``leases`` (expiry times, naive ones UTC) has lapsed.
+
+    Crash tests start the next worker process once the dead one's leases lapsed,
+    as a restarted worker whose back-off outlasts the lease would.
+    """
+    expiries = [t if t.tzinfo else t.replace(tzinfo=UTC) for t in leases if t is not None]
+    if expiries:
+        time.sleep(max(0.0, (max(expiries) - datetime.now(UTC)).total_seconds()) + 0.2)
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

@@ -18,13 +18,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
+from tests.conftest import sleep_past
 
 from idis.integrations._timeparse import utcnow
 from idis.integrations.db._engine import session_scope
@@ -90,10 +90,7 @@ def _defects(engine: Engine) -> dict[str, str]:
 
 def _await_lapse(engine: Engine) -> None:
     """Wait until every lease has lapsed (they last ``LEASE`` seconds)."""
-    leased = [r.lease_expires_at for r in _requests(engine).values() if r.lease_expires_at]
-    if leased:
-        latest = max(t if t.tzinfo else t.replace(tzinfo=UTC) for t in leased)
-        time.sleep(max(0.0, (latest - datetime.now(UTC)).total_seconds()) + 0.2)
+    sleep_past(r.lease_expires_at for r in _requests(engine).values())
 
 
 @pytest.mark.slow

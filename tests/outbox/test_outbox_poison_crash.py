@@ -13,13 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
+from tests.conftest import sleep_past
 
 from idis.integrations.outbox._queries import SUSPECT
 
@@ -48,10 +47,7 @@ def _run(url: str, sends: Path) -> int:
 
 def _await_lapse(engine: Engine) -> None:
     """Wait until every lease has lapsed (they last ``LEASE`` seconds)."""
-    leased = [row.lease_expires_at for row in table(engine) if row.lease_expires_at is not None]
-    if leased:
-        latest = max(t if t.tzinfo else t.replace(tzinfo=UTC) for t in leased)
-        time.sleep(max(0.0, (latest - datetime.now(UTC)).total_seconds()) + 0.2)
+    sleep_past(row.lease_expires_at for row in table(engine))
 
 
 @pytest.mark.slow

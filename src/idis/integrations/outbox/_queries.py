@@ -575,13 +575,7 @@ def give_back_statement(dialect: str) -> Update:
             lease_owner=None,
             lease_expires_at=None,
             attempts=messages.c.attempts - 1,
-            last_error=case(
-                (
-                    messages.c.last_error == literal_column(f"'{LEASE_EXPIRED}'"),
-                    literal_column(f"'{SUSPECT}'"),
-                ),
-                else_=messages.c.last_error,
-            ),
+            last_error=_still_suspect(messages.c.last_error),
         )
     )
 
