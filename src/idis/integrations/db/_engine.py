@@ -175,6 +175,8 @@ def on_driver(
 
 #: libpq's status of a result that carries rows (``PGRES_TUPLES_OK``).
 _TUPLES_OK = 2
+#: A cursor without psycopg's ``pgresult`` (another driver).
+_NO_RESULT: Any = object()
 
 
 def returns_rows(cursor: Any) -> bool:
@@ -186,9 +188,6 @@ def returns_rows(cursor: Any) -> bool:
     if result is _NO_RESULT:
         return cursor.description is not None
     return result is not None and (result.nfields > 0 or result.status == _TUPLES_OK)
-
-
-_NO_RESULT: Any = object()
 
 
 def _pipelines(dbapi_conn: Any) -> bool:

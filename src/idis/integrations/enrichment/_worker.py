@@ -293,10 +293,7 @@ class AsyncDeferredEnrichmentWorker:
         """
         stats = RunStats(passes=1)
         try:
-            if self._release_own:
-                owner = self.worker_id
-                await self._tx(partial(_store.release_own, owner=owner, now=self.clock.now()))
-                self._release_own = False
+            await self._give_back_own()
             providers = await self._tx(
                 partial(_store.due_providers, now=self.clock.now()), write=False
             )
@@ -390,6 +387,13 @@ class AsyncDeferredEnrichmentWorker:
                 takeovers=request.takeovers,
                 worker=self.worker_id,
             )
+
+    async def _give_back_own(self) -> None:
+        """After a failed pass: give back, uncounted, the leases this worker still holds."""
+        if self._release_own:
+            owner = self.worker_id
+            await self._tx(partial(_store.release_own, owner=owner, now=self.clock.now()))
+            self._release_own = False
 
     async def _release(self, rest: list[_store.LeasedRequest], stats: RunStats) -> None:
         if rest:
@@ -589,11 +593,8 @@ class AsyncDeferredEnrichmentWorker:
         their requests as if the worker had died.
         """
         await self.stop()
-        if self._release_own:
-            with contextlib.suppress(IntegrationError):
-                owner = self.worker_id
-                await self._tx(partial(_store.release_own, owner=owner, now=self.clock.now()))
-                self._release_own = False
+        with contextlib.suppress(IntegrationError):  # best effort: the database may be down
+            await self._give_back_own()
         while self._closers:
             await self._closers.pop()()
 

@@ -1368,8 +1368,9 @@ class AsyncOutboxWorker:
         return batch
 
     def _isolate(self, conn: Connection, batch: list[OutboxMessage]) -> list[OutboxMessage]:
-        """A batch holding suspects (messages a worker that died held) becomes its first
-        suspect alone; the rest is given back untried, in the lease's transaction.
+        """A batch holding suspects (messages a worker that died held) becomes one
+        suspect alone, the one with the fewest attempts; the rest is given back untried,
+        in the lease's transaction.
 
         A message that kills the worker sending it (a crash in the delivery, the
         process killed for memory) takes down every message leased with it, and
@@ -1383,7 +1384,6 @@ class AsyncOutboxWorker:
         """
         core = self._core
         suspects = set(core.suspects)
-        core.suspects.clear()
         # The suspect with the fewest attempts: one that keeps killing its worker
         # gains one per death and goes last, so the others are not held behind it.
         kept = min((m for m in batch if m.id in suspects), key=_by_attempts, default=None)
